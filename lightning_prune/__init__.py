@@ -1,0 +1,54 @@
+"""lightning-prune: PyTorch Lightning callbacks that prune, sparsify and reparameterise any timm model.
+
+Example::
+
+    import lightning.pytorch as pl
+    import lightning_prune as lp
+
+    trainer = pl.Trainer(callbacks=[lp.GradualMagnitudePruning(target_sparsity=0.9)])
+    trainer.fit(lp.ImageClassifier("resnet18"), lp.DigitsDataModule())
+    print(lp.sparsity_report(trainer.lightning_module))
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from lightning_prune.__about__ import __version__
+from lightning_prune._registry import CallbackInfo, create_callback, get_callback, list_callbacks
+from lightning_prune.report import SparsityReport, sparsity_report
+
+# Heavier names are imported on first access, so `import lightning_prune` stays fast.
+_LAZY = {
+    "PruningCallback": "lightning_prune.callbacks.base",
+    "GradualMagnitudePruning": "lightning_prune.callbacks.magnitude",
+    "ImageClassifier": "lightning_prune.models",
+    "DigitsDataModule": "lightning_prune.data",
+    "CIFAR10DataModule": "lightning_prune.data",
+    "MaskSet": "lightning_prune.masks",
+    "resolve_targets": "lightning_prune.targets",
+}
+
+__all__ = [
+    "CallbackInfo",
+    "SparsityReport",
+    "__version__",
+    "create_callback",
+    "get_callback",
+    "list_callbacks",
+    "sparsity_report",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_prune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

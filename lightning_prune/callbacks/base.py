@@ -1,0 +1,216 @@
+"""What every pruning callback shares: target resolution, masks, state, logging, DDP consistency.
+
+Subclass :class:`PruningCallback` to write an algorithm (built-in or plugin). It resolves the targets
+at ``setup``, holds one boolean :class:`~lightning_prune.masks.MaskSet`, re-applies it in place right
+after every optimizer step (a ``torch.optim.Optimizer`` step post-hook, so gradient accumulation, AMP
+skipped steps and manual optimisation are all covered), saves it in the checkpoint and logs sparsity.
+A subclass decides *when* and *which* weights to prune and calls :meth:`update_masks`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars, log_table, mask_image
+from lightning_prune.masks import MaskSet
+from lightning_prune.targets import PRUNABLE_TYPES, Target, as_patterns, resolve_targets
+
+__all__ = ["PruningCallback", "check_fraction", "check_int", "check_choice"]
+
+
+def check_fraction(name: str, value: float, low: float = 0.0, high: float = 1.0, high_inclusive: bool = False,
+                   hint: str = "") -> float:
+    """Validate ``low <= value < high`` (or ``<= high``); raise a MisconfigurationException naming ``name``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value and (
+        value <= high if high_inclusive else value < high)
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise MisconfigurationException(
+            f"`{name}` must be in [{low}, {high}{bracket}, got {value!r}." + (f" HINT: {hint}" if hint else "")
+        )
+    return float(value)
+
+
+def check_int(name: str, value: int, minimum: int, hint: str = "") -> int:
+    """Validate an integer ``>= minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise MisconfigurationException(
+            f"`{name}` must be an integer >= {minimum}, got {value!r}." + (f" HINT: {hint}" if hint else "")
+        )
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    if value not in choices:
+        raise MisconfigurationException(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+    return value
+
+
+class PruningCallback(Callback):
+    """Base class of the pruning callbacks: targets, boolean masks applied after every optimizer step,
+    checkpointed state and sparsity logging.
+
+    Args:
+        include: globs of module names to prune (replaces the default: every Conv/Linear weight except each
+            timm model's ``first_conv`` and ``classifier``).
+        exclude: globs of module names to leave alone.
+        log_masks_every_n_epochs: how often mask images, histograms and the sparsity table go to W&B
+            (``0`` = only at the end of training).
+        verbose: print a summary line when masks change (rank zero).
+
+    Subclass hooks:
+        ``select_targets(pl_module)`` to change what is targeted; ``extra_state_dict()`` and
+        ``load_extra_state_dict(state)`` for the subclass's own state; call ``update_masks(masks)``.
+    """
+
+    #: Module types targeted by default.
+    target_types: tuple[type[torch.nn.Module], ...] = PRUNABLE_TYPES
+
+    def __init__(
+        self,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        log_masks_every_n_epochs: int = 1,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.include = list(as_patterns(include))
+        self.exclude = list(as_patterns(exclude))
+        self.log_masks_every_n_epochs = check_int("log_masks_every_n_epochs", log_masks_every_n_epochs, 0)
+        self.verbose = verbose
+        self.targets: list[Target] = []
+        self.masks: MaskSet | None = None
+        self._pending_masks: dict[str, Tensor] | None = None
+        self._hook_handles: list[Any] = []
+
+    # ------------------------------------------------------------------ identity
+    def state_key_args(self) -> dict[str, Any]:
+        """The arguments that tell two instances of this callback apart (extend in subclasses)."""
+        return {"include": self.include, "exclude": self.exclude}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.state_key_args())
+
+    # ------------------------------------------------------------------ targets and masks
+    def select_targets(self, pl_module: pl.LightningModule) -> list[Target]:
+        """Which parameters this callback masks; raises a clear error when nothing matches."""
+        return resolve_targets(pl_module, self.include, self.exclude, types=self.target_types)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.masks is not None and self.targets and self._targets_belong_to(pl_module):
+            return
+        self.targets = self.select_targets(pl_module)
+        self.masks = MaskSet.for_targets(self.targets)
+        if self._pending_masks is not None:
+            self.masks.load_state_dict(self._pending_masks)
+            self._pending_masks = None
+
+    def _targets_belong_to(self, pl_module: pl.LightningModule) -> bool:
+        modules = {id(m) for m in pl_module.modules()}
+        return all(id(t.module) in modules for t in self.targets)
+
+    def update_masks(self, new_masks: dict[str, Tensor], trainer: pl.Trainer | None = None) -> None:
+        """Install new masks, zero the pruned weights and their optimizer state, and log."""
+        assert self.masks is not None, "update_masks called before setup"
+        self.masks.update(new_masks)
+        if trainer is not None:
+            for optimizer in trainer.optimizers:
+                self.masks.mask_optimizer_state(optimizer)
+            self.log_sparsity(trainer)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.masks is not None
+        self.masks.invalidate()  # the strategy may have moved the model since setup
+        self.masks.apply_()
+        self._remove_hooks()
+        for optimizer in trainer.optimizers:
+            self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.masks is not None:
+            self.masks.apply_()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = self.log_masks_every_n_epochs
+        if n and (trainer.current_epoch + 1) % n == 0:
+            self.log_media(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.log_media(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    # ------------------------------------------------------------------ logging
+    def sparsity_metrics(self) -> dict[str, float]:
+        """Global and per-layer sparsity of the masked weights, keyed ``prune/sparsity[/layer]``."""
+        if self.masks is None:
+            return {}
+        metrics = {f"{PREFIX}/sparsity": self.masks.sparsity()}
+        metrics.update({f"{PREFIX}/sparsity/{name}": s for name, s in self.masks.layer_sparsity().items()})
+        return metrics
+
+    def log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float] | None = None) -> None:
+        metrics = self.sparsity_metrics()
+        metrics.update(extra or {})
+        log_scalars(trainer, metrics)
+        if self.verbose and self.masks is not None:
+            rank_zero_info(f"[{type(self).__name__}] step {trainer.global_step}: "
+                           f"sparsity {self.masks.sparsity():.2%} over {len(self.masks)} tensors")
+
+    def log_media(self, trainer: pl.Trainer) -> None:
+        """W&B mask images, weight histograms and a per-layer sparsity table (no-op without a WandbLogger)."""
+        if self.masks is None or not trainer.loggers:
+            return
+        log_images(trainer, {f"{PREFIX}/mask/{n}": mask_image(m) for n, m in self.masks.items()})
+        log_histograms(trainer, {f"{PREFIX}/weights/{n}": self.masks.param(n)[m] for n, m in self.masks.items()})
+        rows = [[n, total, pruned, pruned / max(total, 1)] for n, (pruned, total) in self.masks.pruned_counts().items()]
+        log_table(trainer, f"{PREFIX}/sparsity_table", ["layer", "params", "pruned", "sparsity"], rows)
+
+    # ------------------------------------------------------------------ state
+    def extra_state_dict(self) -> dict[str, Any]:
+        """The subclass's own state (tensors and Python scalars)."""
+        return {}
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state_dict` returned; use ``.get`` for keys added later."""
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        masks = self.masks.state_dict() if self.masks is not None else (self._pending_masks or {})
+        return {"masks": masks, **self.extra_state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        masks = state_dict.get("masks", {})
+        if self.masks is not None:
+            self.masks.load_state_dict(masks)
+        else:
+            self._pending_masks = dict(masks)
+        self.load_extra_state_dict(state_dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_hook_handles"] = []  # hook handles are process-local (ddp_spawn pickles the callback)
+        return state

@@ -1,0 +1,174 @@
+"""Data modules for the recipes: the embedded digits set (offline) and CIFAR-10 (torchvision download)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+
+__all__ = ["CIFAR10DataModule", "DigitsDataModule", "EpochShuffleSampler"]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation per epoch from ``seed + epoch``: reproducible, and exact after a resume.
+
+    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint sees the
+    same batches as an uninterrupted one.
+    """
+
+    def __init__(self, length: int, seed: int = 0) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _split(n: int, fractions: tuple[float, float], seed: int) -> tuple[list[int], list[int], list[int]]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val, n_test = int(round(n * fractions[0])), int(round(n * fractions[1]))
+    return order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test]
+
+
+class _LoaderMixin:
+    batch_size: int
+    num_workers: int
+    seed: int
+    train_set: Dataset
+    val_set: Dataset
+    test_set: Dataset
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if train else None  # type: ignore[arg-type]
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=False, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+
+class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes) as 3x32x32 tensors.
+
+    No network: the data ships inside scikit-learn. Images are scaled to [0, 1], resized to ``image_size``
+    (bilinear), repeated over 3 channels and standardised; train/val/test come from a fixed seeded split.
+
+    Args:
+        batch_size: samples per batch.
+        image_size: side of the square images fed to the model.
+        val_fraction, test_fraction: parts of the 1,797 images held out (defaults 15% each).
+        seed: seeds the split and the per-epoch shuffling.
+        num_workers: DataLoader workers.
+        limit: use only the first ``limit`` images (tests).
+    """
+
+    num_classes = 10
+
+    def __init__(self, batch_size: int = 64, image_size: int = 32, val_fraction: float = 0.15,
+                 test_fraction: float = 0.15, seed: int = 0, num_workers: int = 0, limit: int | None = None) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise MisconfigurationException(f"`batch_size` must be >= 1, got {batch_size}.")
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise MisconfigurationException(
+                f"`val_fraction` ({val_fraction}) and `test_fraction` ({test_fraction}) must be in (0, 1)"
+                " and leave room for training data.")
+        self.save_hyperparameters()
+        self.batch_size, self.image_size, self.seed, self.num_workers = batch_size, image_size, seed, num_workers
+        self.val_fraction, self.test_fraction, self.limit = val_fraction, test_fraction, limit
+
+    def _tensors(self) -> tuple[Tensor, Tensor]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        if self.limit is not None:
+            images, labels = images[: self.limit], labels[: self.limit]
+        if self.image_size != 8:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False)
+        images = (images - images.mean()) / images.std()
+        return images.repeat(1, 3, 1, 1), labels
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        images, labels = self._tensors()
+        full = TensorDataset(images, labels)
+        train, val, test = _split(len(full), (self.val_fraction, self.test_fraction), self.seed)
+        self.train_set, self.val_set, self.test_set = Subset(full, train), Subset(full, val), Subset(full, test)
+
+
+class CIFAR10DataModule(_LoaderMixin, pl.LightningDataModule):
+    """CIFAR-10 through torchvision (downloaded into ``data_dir`` on first use), with the usual augmentation.
+
+    Training images get a random 32x32 crop from a 4-pixel zero padding and a horizontal flip; all images
+    are normalised with the CIFAR-10 channel statistics. ``val_size`` images of the training set (a fixed
+    seeded choice) form the validation set; the official test set is the test set.
+
+    Args:
+        data_dir: where the data set lives or is downloaded to.
+        batch_size, num_workers, seed: as usual.
+        val_size: training images held out for validation.
+        download: fetch the data when it is missing.
+    """
+
+    num_classes = 10
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+
+    def __init__(self, data_dir: str = "./data", batch_size: int = 128, num_workers: int = 4, val_size: int = 5000,
+                 seed: int = 0, download: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir, self.batch_size, self.num_workers = str(Path(data_dir)), batch_size, num_workers
+        self.val_size, self.seed, self.download = val_size, seed, download
+
+    def _transforms(self, train: bool):
+        from torchvision import transforms as T
+
+        steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def prepare_data(self) -> None:
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(self.data_dir, train=True, download=self.download)
+        CIFAR10(self.data_dir, train=False, download=self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        from torchvision.datasets import CIFAR10
+
+        train_aug = CIFAR10(self.data_dir, train=True, transform=self._transforms(True))
+        train_plain = CIFAR10(self.data_dir, train=True, transform=self._transforms(False))
+        if not 0 < self.val_size < len(train_aug):
+            raise MisconfigurationException(
+                f"`val_size` must be in (0, {len(train_aug)}), got {self.val_size}.")
+        order = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        self.train_set = Subset(train_aug, order[self.val_size:])
+        self.val_set = Subset(train_plain, order[: self.val_size])
+        self.test_set = CIFAR10(self.data_dir, train=False, transform=self._transforms(False))

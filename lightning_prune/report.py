@@ -1,0 +1,106 @@
+"""Sparsity of a model as plain numbers: what the final tables print and what the loggers receive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lightning_prune.targets import PRUNABLE_TYPES
+
+__all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """Zeros of one layer's weight; a channel is an output row (a conv filter, a Linear unit)."""
+
+    name: str
+    shape: tuple[int, ...]
+    params: int
+    zeros: int
+    channels: int
+    zero_channels: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.params if self.params else 0.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Global and per-layer zeros, parameters and channels of a model's Conv and Linear weights."""
+
+    layers: list[LayerSparsity] = field(default_factory=list)
+    total_params: int = 0
+
+    @property
+    def params(self) -> int:
+        """Weights of the Conv and Linear layers."""
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def zeros(self) -> int:
+        return sum(layer.zeros for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of Conv and Linear weights that are zero."""
+        return self.zeros / self.params if self.params else 0.0
+
+    @property
+    def nonzero_params(self) -> int:
+        """Parameters of the whole model that are not zero-weights of Conv/Linear layers."""
+        return self.total_params - self.zeros
+
+    def to_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {"sparsity": self.sparsity, "params": self.total_params,
+                                 "nonzero_params": self.nonzero_params}
+        out.update({f"sparsity/{layer.name}": layer.sparsity for layer in self.layers})
+        return out
+
+    def format_table(self, extra: dict[str, float] | None = None) -> str:
+        """A fixed-width table: one row per layer, then the global numbers and any ``extra`` ones."""
+        width = max([len(layer.name) for layer in self.layers] + [12])
+        head = f"{'layer':<{width}}  {'shape':>20}  {'params':>10}  {'zeros':>10}  {'sparsity':>8}  {'zero ch':>9}"
+        lines = [head, "-" * len(head)]
+        for layer in self.layers:
+            shape = "x".join(map(str, layer.shape))
+            lines.append(
+                f"{layer.name:<{width}}  {shape:>20}  {layer.params:>10,}  {layer.zeros:>10,}  "
+                f"{layer.sparsity:>8.2%}  {layer.zero_channels:>4}/{layer.channels:<4}"
+            )
+        lines.append("-" * len(head))
+        lines.append(f"{'conv/linear weights':<{width}}  {'':>20}  {self.params:>10,}  {self.zeros:>10,}  "
+                     f"{self.sparsity:>8.2%}")
+        lines.append(f"{'all parameters':<{width}}  {'':>20}  {self.total_params:>10,}  "
+                     f"{'nonzero ' + format(self.nonzero_params, ','):>20}")
+        for key, value in (extra or {}).items():
+            lines.append(f"{key:<{width}}  {value:>20.4f}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format_table()
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES) -> SparsityReport:
+    """Count the zeros of every Conv and Linear weight of ``model``.
+
+    Example::
+
+        >>> report = lightning_prune.sparsity_report(model)
+        >>> print(report)            # per-layer table
+        >>> report.sparsity          # global fraction of zero weights
+    """
+    layers = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, types) or not isinstance(weight, torch.Tensor):
+            continue
+        zero = weight == 0
+        per_channel = zero.reshape(weight.shape[0], -1).all(dim=1) if weight.dim() > 1 else zero
+        layers.append(LayerSparsity(name, tuple(weight.shape), weight.numel(), int(zero.sum()),
+                                    int(weight.shape[0]), int(per_channel.sum())))
+    return SparsityReport(layers, sum(p.numel() for p in model.parameters()))

@@ -1,0 +1,148 @@
+"""Which modules and parameters a callback acts on.
+
+By default every ``Conv`` and ``Linear`` weight is a target, except the first convolution and the
+classifier of each timm model found inside the root module, read from the model's own
+``pretrained_cfg["first_conv"]`` and ``pretrained_cfg["classifier"]``; no size heuristics.
+
+``include`` and ``exclude`` are glob patterns over module names. A pattern matches a module when it
+matches its full name (``"model.layer1.0.conv1"``) or any dotted suffix of it (``"layer1.0.conv1"``,
+``"conv1"``), so the attribute under which a LightningModule keeps its timm model does not matter.
+``include`` replaces the default selection (an included classifier *is* pruned); ``exclude`` is applied
+last.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+__all__ = [
+    "PRUNABLE_TYPES",
+    "Target",
+    "as_patterns",
+    "matches",
+    "resolve_targets",
+    "timm_default_exclusions",
+]
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One parameter a callback acts on.
+
+    Attributes:
+        module_name: the module's name inside the root (``"model.layer1.0.conv1"``).
+        module: the module itself.
+        param_name: the parameter's attribute on the module (``"weight"``).
+    """
+
+    module_name: str
+    module: nn.Module
+    param_name: str = "weight"
+
+    @property
+    def name(self) -> str:
+        """The parameter's full name, as in the root's ``state_dict``."""
+        return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.param_name)
+
+
+def as_patterns(patterns: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Normalise a pattern argument: ``None`` -> ``()``, a string -> a 1-tuple."""
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        return (patterns,)
+    return tuple(patterns)
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a module name matches any glob, on its full name or on any dotted suffix."""
+    parts = name.split(".")
+    suffixes = [".".join(parts[i:]) for i in range(len(parts))] or [name]
+    return any(fnmatch.fnmatchcase(s, p) for p in patterns for s in suffixes)
+
+
+def _timm_cfg_names(value: str | Sequence[str] | None) -> list[str]:
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def timm_default_exclusions(root: nn.Module) -> set[str]:
+    """Full names of the first conv and the classifier of every timm model inside ``root``."""
+    excluded: set[str] = set()
+    for prefix, module in root.named_modules():
+        cfg = getattr(module, "pretrained_cfg", None)
+        if not isinstance(cfg, dict):
+            continue
+        for key in ("first_conv", "classifier"):
+            for rel in _timm_cfg_names(cfg.get(key)):
+                full = f"{prefix}.{rel}" if prefix else rel
+                excluded.add(full)
+                if _has_submodule(module, rel):  # a Sequential stem ("conv1.0") or classifier
+                    excluded.update(f"{full}.{sub}" for sub, _ in module.get_submodule(rel).named_modules() if sub)
+    return excluded
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def resolve_targets(
+    root: nn.Module,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES,
+    param_name: str = "weight",
+) -> list[Target]:
+    """The parameters a callback acts on, in module order.
+
+    Args:
+        root: the LightningModule or any ``nn.Module``.
+        include: globs of module names to act on; replaces the default selection.
+        exclude: globs of module names to leave alone; applied last.
+        types: module types eligible by default.
+        param_name: which parameter of each module.
+
+    Raises:
+        MisconfigurationException: nothing matched; names the patterns and some module names that exist.
+    """
+    include_p, exclude_p = as_patterns(include), as_patterns(exclude)
+    defaults_out = set() if include_p else timm_default_exclusions(root)
+    targets = []
+    for name, module in root.named_modules():
+        param = getattr(module, param_name, None)
+        if not isinstance(param, nn.Parameter) or not name:
+            continue
+        if include_p:
+            if not matches(name, include_p):
+                continue
+        elif not isinstance(module, types) or name in defaults_out:
+            continue
+        if exclude_p and matches(name, exclude_p):
+            continue
+        targets.append(Target(name, module, param_name))
+    if not targets:
+        candidates = [n for n, m in root.named_modules() if n and isinstance(m, types)]
+        shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
+        raise MisconfigurationException(
+            f"No module to prune: include={list(include_p) or 'default'} exclude={list(exclude_p)} matched"
+            f" nothing with a `{param_name}` parameter in {type(root).__name__}."
+            f" Modules that exist: {shown or 'none of type ' + ', '.join(t.__name__ for t in types)}."
+            " HINT: patterns are globs over module names, e.g. include=['layer*.conv*'] or exclude=['head*']."
+        )
+    return targets
