@@ -1,0 +1,166 @@
+"""Test helpers for callback authors: a tiny real training run and the conformance check.
+
+A plugin's test suite imports :func:`check_callback_conformance` to prove that its callback behaves like
+the built-ins: constructible, picklable (DDP spawn), fits real Lightning steps on a tiny timm model,
+keeps the model a plain model, and resumes from a mid-training checkpoint to exactly the same result.
+
+Example::
+
+    from lightning_prune.testing import check_callback_conformance
+
+    def test_my_callback(tmp_path):
+        check_callback_conformance(lambda: MyPruning(amount=0.5), tmp_path)
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import timm
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import Tensor
+
+from lightning_prune.data import DigitsDataModule
+from lightning_prune.models import ImageClassifier
+
+__all__ = [
+    "assert_state_equal",
+    "check_callback_conformance",
+    "fit_tiny",
+    "tiny_classifier",
+    "tiny_datamodule",
+]
+
+#: timm's tiny test models, one per family, with the arguments that make them take 32x32 digits.
+TINY_MODELS: dict[str, dict[str, Any]] = {
+    "test_resnet": {},
+    "test_efficientnet": {},
+    "test_convnext": {},
+    "test_vit": {"img_size": 32},
+}
+
+
+def tiny_classifier(model_name: str = "test_resnet", **kwargs: Any) -> ImageClassifier:
+    """An ImageClassifier around one of timm's ``test_*`` models, sized for 32x32 digits."""
+    model_kwargs = {**TINY_MODELS.get(model_name, {}), **kwargs.pop("model_kwargs", {})}
+    defaults = {"optimizer": "sgd", "lr": 0.05, "scheduler": "none", "weight_decay": 0.0}
+    return ImageClassifier(model_name, num_classes=10, model_kwargs=model_kwargs, **{**defaults, **kwargs})
+
+
+def tiny_datamodule(limit: int = 320, batch_size: int = 32, **kwargs: Any) -> DigitsDataModule:
+    """The digits data, cut to ``limit`` images (split 70/15/15)."""
+    return DigitsDataModule(batch_size=batch_size, limit=limit, **kwargs)
+
+
+def fit_tiny(
+    callbacks: Sequence[Callback],
+    root: str | Path,
+    model: pl.LightningModule | None = None,
+    datamodule: pl.LightningDataModule | None = None,
+    ckpt_path: str | Path | None = None,
+    seed: int = 0,
+    **trainer_kwargs: Any,
+) -> tuple[pl.Trainer, pl.LightningModule]:
+    """Seeded ``trainer.fit`` on CPU with the tiny model and data; returns the trainer and the module."""
+    pl.seed_everything(seed, verbose=False)
+    model = model if model is not None else tiny_classifier()
+    datamodule = datamodule if datamodule is not None else tiny_datamodule()
+    options: dict[str, Any] = {
+        "accelerator": "cpu", "devices": 1, "max_epochs": 2, "logger": False, "enable_checkpointing": False,
+        "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(root),
+        "num_sanity_val_steps": 0, "deterministic": True,
+    }
+    options.update(trainer_kwargs)
+    if any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
+        options["enable_checkpointing"] = True
+    trainer = pl.Trainer(callbacks=list(callbacks), **options)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    return trainer, model
+
+
+def assert_state_equal(a: Any, b: Any, path: str = "state") -> None:
+    """Recursive equality of callback states (tensors compared exactly)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        assert isinstance(a, Tensor) and isinstance(b, Tensor), f"{path}: {type(a)} vs {type(b)}"
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{path}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        assert torch.equal(a.cpu(), b.cpu()), f"{path}: tensors differ"
+    elif isinstance(a, Mapping):
+        assert isinstance(b, Mapping) and set(a) == set(b), f"{path}: keys {sorted(a)} vs {sorted(b)}"
+        for key in a:
+            assert_state_equal(a[key], b[key], f"{path}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: {a!r} vs {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_state_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def _assert_plain_state(value: Any, path: str = "state") -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            assert isinstance(k, (str, int)), f"{path}: key {k!r} is not a str or int"
+            _assert_plain_state(v, f"{path}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _assert_plain_state(v, f"{path}[{i}]")
+    else:
+        assert value is None or isinstance(value, (Tensor, bool, int, float, str)), (
+            f"{path}: {type(value).__name__} is not a tensor or Python scalar")
+
+
+def check_callback_conformance(
+    make_callback: Callable[[], Callback],
+    tmp_path: str | Path,
+    model_name: str = "test_resnet",
+    max_epochs: int = 3,
+    resume_epoch: int = 1,
+    limit_train_batches: int = 4,
+    plain_model: bool = True,
+) -> dict[str, Any]:
+    """Check the contract every lightning-prune callback keeps; raises ``AssertionError`` on a breach.
+
+    1. ``make_callback()`` returns a picklable ``Callback`` with a string ``state_key``.
+    2. It fits ``max_epochs`` real epochs on a tiny timm model; its ``state_dict`` holds only tensors and
+       Python scalars.
+    3. With ``plain_model``: the model's ``state_dict`` has exactly the keys of a fresh model and loads into
+       a fresh ``timm.create_model`` (strict).
+    4. Resuming from the checkpoint of epoch ``resume_epoch`` (a fresh model and a fresh callback) ends with
+       the same weights and the same callback state as the uninterrupted run.
+
+    Returns:
+        the uninterrupted run's callback state.
+    """
+    root = Path(tmp_path)
+    callback = make_callback()
+    assert isinstance(callback, Callback), f"{type(callback).__name__} is not a lightning Callback"
+    assert isinstance(callback.state_key, str)
+    pickle.loads(pickle.dumps(callback))  # ddp_spawn pickles callbacks
+
+    common = {"max_epochs": max_epochs, "limit_train_batches": limit_train_batches, "limit_val_batches": 2}
+    saver = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    _, full_model = fit_tiny([callback, saver], root / "full", model=tiny_classifier(model_name), **common)
+    full_state = callback.state_dict()
+    _assert_plain_state(full_state)
+
+    if plain_model:
+        fresh = tiny_classifier(model_name)
+        assert set(full_model.state_dict()) == set(fresh.state_dict()), "the callback changed the model's keys"
+        inner = {k.removeprefix("model."): v for k, v in full_model.state_dict().items() if k.startswith("model.")}
+        timm_model = timm.create_model(model_name, num_classes=10, **TINY_MODELS.get(model_name, {}))
+        timm_model.load_state_dict(inner, strict=True)
+
+    ckpt = root / "ckpt" / f"epoch={resume_epoch - 1}.ckpt"
+    assert ckpt.exists(), f"no checkpoint at {ckpt}"
+    resumed_cb = make_callback()
+    _, resumed_model = fit_tiny([resumed_cb], root / "resumed", model=tiny_classifier(model_name), ckpt_path=ckpt,
+                                **common)
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), f"resumed run differs from the uninterrupted one at {name}"
+    assert_state_equal(full_state, resumed_cb.state_dict())
+    return full_state
