@@ -166,23 +166,12 @@ def check_callback_conformance(
     return full_state
 
 
-def read_wandb_offline_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The history rows (``run.log`` calls) of an offline W&B run, decoded from its ``run-*.wandb`` file.
-
-    The file is a LevelDB-style log of protobuf ``Record`` messages: a 7-byte header (``:W&B``, magic, version),
-    then 32 KiB blocks of chunks, each with a 7-byte header (checksum, length, type: full/first/middle/last).
-    Values are returned as decoded JSON (histograms as ``{"_type": "histogram", ...}``).
-    """
-    import json
+def _wandb_log_records(path: Path) -> list[bytes]:
     import struct
 
-    from wandb.proto import wandb_internal_pb2
-
-    files = sorted(Path(run_dir).glob("**/run-*.wandb"))
-    assert files, f"no run-*.wandb file under {run_dir}"
-    data = files[-1].read_bytes()
+    data = path.read_bytes()
     ident, _magic, _version = struct.unpack("<4sHB", data[:7])
-    assert ident == b":W&B", f"{files[-1]} is not a W&B log"
+    assert ident == b":W&B", f"{path} is not a W&B log"
     block, pos, pending, records = 32768, 7, b"", []
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # the rest of a block too short for a header is padding
@@ -190,18 +179,41 @@ def read_wandb_offline_history(run_dir: str | Path) -> list[dict[str, Any]]:
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0 and length == 0:
-            pos += block - pos % block if pos % block else 0
-            continue
-        pending = chunk if kind in (1, 2) else pending + chunk
+        pending = chunk if kind in (1, 2) else pending + chunk  # full/first start a record, middle/last extend it
         if kind in (1, 4):
             records.append(pending)
             pending = b""
-    rows = []
-    for raw in records:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
-                         for item in record.history.item})
-    return rows
+    return records
+
+
+def read_wandb_offline_history(run_dir: str | Path, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The history rows (``run.log`` calls) of a finished offline W&B run, decoded from its ``run-*.wandb`` file.
+
+    The file is a LevelDB-style log of protobuf ``Record`` messages: a 7-byte header (``:W&B``, magic, version),
+    then 32 KiB blocks of chunks, each with a 7-byte header (checksum, length, type: full/first/middle/last).
+    W&B's service may still be writing after ``wandb.finish()`` returns, so this waits (up to ``timeout``
+    seconds) for the run's ``exit`` record. Values are decoded JSON; a histogram ``h`` logged under ``key``
+    appears as ``key/_type == "histogram"``, ``key/values``, ``key/bins``.
+    """
+    import json
+    import time
+
+    from wandb.proto import wandb_internal_pb2
+
+    files = sorted(Path(run_dir).glob("**/run-*.wandb"))
+    assert files, f"no run-*.wandb file under {run_dir}"
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for raw in _wandb_log_records(files[-1]):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return [
+        {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
