@@ -230,3 +230,11 @@ def test_manual_optimization_two_steps_per_batch(tmp_path):
     trainer, _ = fit_tiny([pruner], tmp_path, model=Manual(), max_epochs=1, limit_train_batches=4, limit_val_batches=1)
     assert trainer.global_step == 8 and pruner.last_update == 8
     assert pruner.masks.sparsity() == pytest.approx(0.8, abs=0.01)
+
+
+def test_endless_training_needs_steps_for_the_schedule(tmp_path):
+    with pytest.raises(MisconfigurationException, match="no end .* HINT: pass sparsity_begin_step and sparsity_end_step"):
+        fit_tiny([GradualMagnitudePruning()], tmp_path, max_epochs=-1, max_steps=-1, limit_train_batches=2)
+    pruner = _pruner(sparsity_end_step=4)
+    fit_tiny([pruner], tmp_path, max_epochs=-1, max_steps=6, limit_train_batches=2, limit_val_batches=0)
+    assert pruner.masks.sparsity() == pytest.approx(0.8, abs=0.01)
