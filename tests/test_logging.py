@@ -63,3 +63,20 @@ def test_mask_image_is_white_where_kept_and_bounded():
     assert image.shape == (4, 18) and image.dtype == torch.uint8
     assert image[1].eq(255).all() and image[0].eq(0).all()
     assert max(mask_image(torch.ones(5000, 3000, dtype=torch.bool), max_side=1000).shape) <= 1000
+
+
+def test_histograms_of_constant_or_empty_values_do_not_break_wandb(tmp_path):
+    import wandb
+    from lightning.pytorch import Trainer
+
+    from lightning_prune.logging import log_histograms
+
+    logger = WandbLogger(save_dir=str(tmp_path), project="lp-test", offline=True)
+    trainer = Trainer(logger=logger, enable_checkpointing=False, enable_progress_bar=False)
+    try:
+        log_histograms(trainer, {"ones": torch.ones(1000), "empty": torch.ones(0), "normal": torch.randn(50)})
+    finally:
+        wandb.finish()
+    rows = read_wandb_offline_history(next((tmp_path / "wandb").glob("offline-run-*")))
+    row = next(r for r in rows if "ones/_type" in r)
+    assert row["ones/_type"] == "histogram" and "empty/_type" not in row and sum(row["ones/values"]) == 1000

@@ -21,8 +21,8 @@ def test_there_are_recipes():
 @pytest.mark.parametrize("recipe", DIGITS, ids=lambda p: p.stem)
 def test_digits_recipe_runs(recipe, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    main(["fit", "--config", str(recipe), "--trainer.limit_train_batches=1", f"--trainer.default_root_dir={tmp_path}",
-          *COMMON])
+    main(["fit", "--config", str(recipe), "--trainer.limit_train_batches=1", "--trainer.max_steps=3",
+          f"--trainer.default_root_dir={tmp_path}", *COMMON])
     assert "test/acc" in capsys.readouterr().out
 
 

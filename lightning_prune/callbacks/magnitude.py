@@ -136,6 +136,8 @@ class GradualMagnitudePruning(PruningCallback):
 
     @staticmethod
     def _check_step_arg(name: str, value: int | float | None) -> int | float | None:
+        if isinstance(value, float) and value > 1.0 and value.is_integer():
+            value = int(value)  # a config parser may hand over `3` as 3.0: above 1 it can only be a step
         if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             return value
         if isinstance(value, float) and 0.0 <= value <= 1.0:
