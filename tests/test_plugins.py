@@ -5,9 +5,11 @@ Makefile's ``setup``) before running these tests; nothing in lightning-prune nam
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import types
 from importlib.metadata import EntryPoint, version
 from pathlib import Path
 
@@ -17,7 +19,8 @@ import lightning_prune as lp
 from lightning_prune import _registry
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.cli import format_callback_list, main
-from lightning_prune.testing import fit_tiny
+from lightning_prune._autoload import callbacks_from_env
+from lightning_prune.testing import check_callback_conformance, fit_tiny
 
 PLUGIN = "lightning-prune-baselines"
 PLUGIN_CALLBACKS = {
@@ -158,3 +161,24 @@ def test_lightning_prune_list_command_in_a_fresh_process(tmp_path):
     assert _row(result.stdout, "zz_good").split()[2:5] == ["broken-prune-plugin", "0.3", "ok"]
     bad = _row(result.stdout, "zz_bad")
     assert bad.split()[2:5] == ["broken-prune-plugin", "0.3", "BROKEN"] and "deliberately broken plugin" in bad
+
+
+def test_plugin_callbacks_attach_through_the_environment(monkeypatch):
+    monkeypatch.setenv("LIGHTNING_PRUNE", "first_k:amount=0.3,prune_step=4;random_channels:seed=3")
+    first_k, random_channels = callbacks_from_env()
+    assert (type(first_k).__name__, first_k.amount, first_k.prune_step) == ("FirstKChannels", 0.3, 4)
+    assert (type(random_channels).__name__, random_channels.seed) == ("RandomChannels", 3)
+
+
+def test_the_contract_s_minimal_example_keeps_the_contract(tmp_path, monkeypatch):
+    readme = (REPO / "plugins" / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    source = next(b for b in blocks if "class OneShotMagnitude" in b)
+    module = types.ModuleType("plugin_readme_example")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # pickling (ddp_spawn) needs an importable class
+    exec(compile(source, "plugins/README.md", "exec"), module.__dict__)
+    state = check_callback_conformance(lambda: module.OneShotMagnitude(amount=0.6, epoch=1, verbose=False),
+                                       tmp_path, max_epochs=2, limit_train_batches=2)
+    assert state["pruned_at_step"] == 2
+    pruned = sum(int((~m).sum()) for m in state["masks"].values())
+    assert pruned / sum(m.numel() for m in state["masks"].values()) == pytest.approx(0.6, abs=0.01)
