@@ -17,9 +17,9 @@ import pytest
 
 import lightning_prune as lp
 from lightning_prune import _registry
+from lightning_prune._autoload import callbacks_from_env
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.cli import format_callback_list, main
-from lightning_prune._autoload import callbacks_from_env
 from lightning_prune.testing import check_callback_conformance, fit_tiny
 
 PLUGIN = "lightning-prune-baselines"
@@ -82,14 +82,18 @@ def test_uninstalled_plugin_is_gone(monkeypatch):
     _registry._reset_cache()
     assert not set(PLUGIN_CALLBACKS) & set(lp.list_callbacks())
     assert "first_k" not in format_callback_list()
-    with pytest.raises(KeyError, match=r"No pruning callback named 'first_k'. Registered callbacks: .*magnitude"):
+    with pytest.raises(
+        KeyError, match=r"No pruning callback named 'first_k'. Registered callbacks: .*magnitude"
+    ):
         lp.create_callback("first_k")
     assert isinstance(lp.create_callback("magnitude"), PruningCallback)
 
 
 def test_broken_fake_entry_point_is_listed_broken_and_the_rest_keep_working(monkeypatch, capsys):
     real = _registry._entry_points()
-    broken = EntryPoint("zz_broken", "lightning_prune_no_such_plugin.algo:Pruner", _registry.ENTRY_POINT_GROUP)
+    broken = EntryPoint(
+        "zz_broken", "lightning_prune_no_such_plugin.algo:Pruner", _registry.ENTRY_POINT_GROUP
+    )
     monkeypatch.setattr(_registry, "_entry_points", lambda: {**real, "zz_broken": broken})
     _registry._reset_cache()
     info = lp.list_callbacks()["zz_broken"]
@@ -113,17 +117,21 @@ def _broken_distribution(root: Path) -> Path:
     (site / "broken_prune_plugin").mkdir(parents=True)
     (site / "broken_prune_plugin" / "__init__.py").write_text("")
     (site / "broken_prune_plugin" / "bad.py").write_text("raise RuntimeError('deliberately broken plugin')\n")
-    (site / "broken_prune_plugin" / "good.py").write_text(textwrap.dedent('''
+    (site / "broken_prune_plugin" / "good.py").write_text(
+        textwrap.dedent('''
         from lightning.pytorch.callbacks import Callback
 
         class Good(Callback):
             """A working callback shipped beside the broken one."""
-    '''))
+    ''')
+    )
     info = site / "broken_prune_plugin-0.3.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-prune-plugin\nVersion: 0.3\n")
     (info / "entry_points.txt").write_text(
-        "[lightning_prune.callbacks]\nzz_bad = broken_prune_plugin.bad:Bad\nzz_good = broken_prune_plugin.good:Good\n"
+        "[lightning_prune.callbacks]\n"
+        "zz_bad = broken_prune_plugin.bad:Bad\n"
+        "zz_good = broken_prune_plugin.good:Good\n"
     )
     return site
 
@@ -135,7 +143,11 @@ def test_real_broken_distribution_on_sys_path(tmp_path, monkeypatch):
     infos = lp.list_callbacks()
     bad, good = infos["zz_bad"], infos["zz_good"]
     assert (bad.distribution, bad.version, good.distribution, good.version) == (
-        "broken-prune-plugin", "0.3", "broken-prune-plugin", "0.3")
+        "broken-prune-plugin",
+        "0.3",
+        "broken-prune-plugin",
+        "0.3",
+    )
     assert bad.broken and "RuntimeError: deliberately broken plugin" in bad.error
     assert not good.broken and good.summary == "A working callback shipped beside the broken one."
     assert not any(infos[name].broken for name in (*PLUGIN_CALLBACKS, "magnitude"))
@@ -151,16 +163,23 @@ def test_real_broken_distribution_on_sys_path(tmp_path, monkeypatch):
 
 def test_lightning_prune_list_command_in_a_fresh_process(tmp_path):
     site = _broken_distribution(tmp_path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     script = Path(sys.executable).with_name("lightning-prune")
-    command = [str(script), "list"] if script.exists() else [sys.executable, "-m", "lightning_prune.cli", "list"]
+    command = (
+        [str(script), "list"] if script.exists() else [sys.executable, "-m", "lightning_prune.cli", "list"]
+    )
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     assert _row(result.stdout, "first_k").split()[2:5] == [PLUGIN, version(PLUGIN), "ok"]
     assert _row(result.stdout, "zz_good").split()[2:5] == ["broken-prune-plugin", "0.3", "ok"]
     bad = _row(result.stdout, "zz_bad")
-    assert bad.split()[2:5] == ["broken-prune-plugin", "0.3", "BROKEN"] and "deliberately broken plugin" in bad
+    assert (
+        bad.split()[2:5] == ["broken-prune-plugin", "0.3", "BROKEN"] and "deliberately broken plugin" in bad
+    )
 
 
 def test_plugin_callbacks_attach_through_the_environment(monkeypatch):
@@ -175,10 +194,16 @@ def test_the_contract_s_minimal_example_keeps_the_contract(tmp_path, monkeypatch
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     source = next(b for b in blocks if "class OneShotMagnitude" in b)
     module = types.ModuleType("plugin_readme_example")
-    monkeypatch.setitem(sys.modules, module.__name__, module)  # pickling (ddp_spawn) needs an importable class
+    monkeypatch.setitem(
+        sys.modules, module.__name__, module
+    )  # pickling (ddp_spawn) needs an importable class
     exec(compile(source, "plugins/README.md", "exec"), module.__dict__)
-    state = check_callback_conformance(lambda: module.OneShotMagnitude(amount=0.6, epoch=1, verbose=False),
-                                       tmp_path, max_epochs=2, limit_train_batches=2)
+    state = check_callback_conformance(
+        lambda: module.OneShotMagnitude(amount=0.6, epoch=1, verbose=False),
+        tmp_path,
+        max_epochs=2,
+        limit_train_batches=2,
+    )
     assert state["pruned_at_step"] == 2
     pruned = sum(int((~m).sum()) for m in state["masks"].values())
     assert pruned / sum(m.numel() for m in state["masks"].values()) == pytest.approx(0.6, abs=0.01)

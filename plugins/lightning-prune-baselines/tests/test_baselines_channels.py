@@ -3,9 +3,6 @@
 import pytest
 import timm
 import torch
-from torch import nn
-
-from lightning_prune.functional import kept_count
 from lightning_prune_baselines import (
     ChannelTracer,
     apply_channel_masks,
@@ -15,11 +12,18 @@ from lightning_prune_baselines import (
     nested_random_keep,
     random_channel_masks,
 )
+from torch import nn
+
+from lightning_prune.functional import kept_count
 
 
 def test_first_k_pruned_keeps_at_least_one_channel():
-    assert [first_k_pruned(48, 0.5), first_k_pruned(10, 0.25), first_k_pruned(3, 0.99), first_k_pruned(7, 0.0)] == [
-        24, 2, 2, 0]
+    assert [
+        first_k_pruned(48, 0.5),
+        first_k_pruned(10, 0.25),
+        first_k_pruned(3, 0.99),
+        first_k_pruned(7, 0.0),
+    ] == [24, 2, 2, 0]
     for channels in (1, 2, 5, 16, 48, 192):
         for amount in (0.0, 0.1, 0.33, 0.5, 0.9, 0.999):
             assert channels - first_k_pruned(channels, amount) == kept_count(channels, amount) >= 1
@@ -60,21 +64,36 @@ def test_tracer_finds_the_batchnorm_after_each_conv():
     assert groups["conv1.3.weight"] == ("conv1.4.weight", "conv1.4.bias")
     assert groups["conv1.6.weight"] == ("bn1.weight", "bn1.bias")
     assert groups["layer3.0.conv3.weight"] == ("layer3.0.bn3.weight", "layer3.0.bn3.bias")
-    assert groups["layer2.0.downsample.1.weight"] == ("layer2.0.downsample.2.weight", "layer2.0.downsample.2.bias")
+    assert groups["layer2.0.downsample.1.weight"] == (
+        "layer2.0.downsample.2.weight",
+        "layer2.0.downsample.2.bias",
+    )
     assert all(len(members) == 2 for members in groups.values())
     # without an input, a group is the layer's own weight and bias
     assert all(g.members == () for g in channel_groups(model))
 
-    eff = {g.weight: g.members for g in channel_groups(_model("test_efficientnet"), torch.randn(2, 3, 32, 32))}
-    assert eff["blocks.3.0.conv_dw.weight"] == ("blocks.3.0.bn2.weight", "blocks.3.0.bn2.bias")  # BatchNormAct2d
-    assert eff["blocks.3.0.se.conv_expand.weight"] == ("blocks.3.0.se.conv_expand.bias",)  # feeds a gate, not a BN
+    eff = {
+        g.weight: g.members for g in channel_groups(_model("test_efficientnet"), torch.randn(2, 3, 32, 32))
+    }
+    assert eff["blocks.3.0.conv_dw.weight"] == (
+        "blocks.3.0.bn2.weight",
+        "blocks.3.0.bn2.bias",
+    )  # BatchNormAct2d
+    assert eff["blocks.3.0.se.conv_expand.weight"] == (
+        "blocks.3.0.se.conv_expand.bias",
+    )  # feeds a gate, not a BN
 
 
 def test_tracer_ignores_a_batchnorm_reached_through_another_op():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv, self.bn, self.conv2, self.bn2 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+            self.conv, self.bn, self.conv2, self.bn2 = (
+                nn.Conv2d(3, 4, 1),
+                nn.BatchNorm2d(4),
+                nn.Conv2d(4, 4, 1),
+                nn.BatchNorm2d(4),
+            )
 
         def forward(self, x):
             return self.bn2(self.conv2(self.bn(self.conv(x))) * 2)
@@ -94,8 +113,13 @@ def test_first_k_masks_make_the_first_k_channel_outputs_exactly_zero(model_name)
     kept = apply_channel_masks(model, masks)
     groups = channel_groups(model, x)
     outputs = {}
-    hooks = [model.get_submodule(g.members[0].rsplit(".", 1)[0]).register_forward_hook(
-        lambda m, a, out, n=g.weight: outputs.__setitem__(n, out)) for g in groups if g.members]
+    hooks = [
+        model.get_submodule(g.members[0].rsplit(".", 1)[0]).register_forward_hook(
+            lambda m, a, out, n=g.weight: outputs.__setitem__(n, out)
+        )
+        for g in groups
+        if g.members
+    ]
     for mode in (False, True):  # eval (running stats) and train (batch stats)
         model.train(mode)
         with torch.no_grad():

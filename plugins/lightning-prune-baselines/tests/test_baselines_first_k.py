@@ -6,10 +6,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_prune_baselines import FirstKChannels, first_k_pruned
 
 import lightning_prune as lp
 from lightning_prune.testing import TINY_MODELS, check_callback_conformance, fit_tiny, tiny_classifier
-from lightning_prune_baselines import FirstKChannels, first_k_pruned
 
 FAST = {"max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 1}
 
@@ -19,8 +19,11 @@ def channel_outputs(pl_module, groups, x, train):
     outputs, hooks = {}, []
     for group in groups:
         module_name = (group.members[-1] if len(group.members) >= 2 else group.weight).rsplit(".", 1)[0]
-        hooks.append(pl_module.get_submodule(module_name).register_forward_hook(
-            lambda m, a, out, n=group.weight: outputs.__setitem__(n, out)))
+        hooks.append(
+            pl_module.get_submodule(module_name).register_forward_hook(
+                lambda m, a, out, n=group.weight: outputs.__setitem__(n, out)
+            )
+        )
     pl_module.train(train)
     with torch.no_grad():
         pl_module(x)
@@ -34,11 +37,13 @@ def test_first_k_channels_output_exactly_zero_after_fine_tuning(tmp_path, model_
     pruner = FirstKChannels(amount=0.4, verbose=False)
     model = tiny_classifier(model_name, optimizer="sgd", momentum=0.9, weight_decay=1e-3, lr=0.05)
     trainer, model = fit_tiny([pruner], tmp_path, model=model, **FAST)
-    assert pruner.last_update == 1 and trainer.global_step == 6  # pruned after the first step, then fine-tuned
+    assert (
+        pruner.last_update == 1 and trainer.global_step == 6
+    )  # pruned after the first step, then fine-tuned
     groups = pruner.groups
     assert len(groups) == len(pruner.weight_names) > 3
     if model_name in ("test_resnet", "test_efficientnet"):
-        # every conv is followed by a BatchNorm, except in squeeze-excitation (conv -> sigmoid gate; conv bias)
+        # every conv is followed by a BatchNorm, except in squeeze-excitation (conv -> sigmoid gate)
         assert all(len(g.members) == (1 if ".se." in g.weight else 2) for g in groups)
     x = next(iter(trainer.datamodule.train_dataloader()))[0][:8]
     for train in (False, True):
@@ -53,19 +58,24 @@ def test_first_k_channels_output_exactly_zero_after_fine_tuning(tmp_path, model_
                 assert param[k:].abs().sum() > 0, name
             out = outputs[group.weight]
             linear = isinstance(model.get_submodule(group.weight.rsplit(".", 1)[0]), torch.nn.Linear)
-            channels = out[..., :k] if linear and len(group.members) < 2 else out[:, :k]  # Linear: features last
+            channels = (
+                out[..., :k] if linear and len(group.members) < 2 else out[:, :k]
+            )  # Linear: features last
             assert torch.all(channels == 0), group.weight
     pruned_rows = sum(first_k_pruned(model.get_parameter(n).shape[0], 0.4) for n in pruner.weight_names)
     rows = sum(model.get_parameter(n).shape[0] for n in pruner.weight_names)
     metrics = pruner.sparsity_metrics()
     assert metrics["prune/channel_sparsity"] == pytest.approx(pruned_rows / rows)
     weights = [model.get_parameter(n) for n in pruner.weight_names]
-    expected = sum(first_k_pruned(w.shape[0], 0.4) * w[0].numel() for w in weights) / sum(w.numel() for w in weights)
+    expected = sum(first_k_pruned(w.shape[0], 0.4) * w[0].numel() for w in weights) / sum(
+        w.numel() for w in weights
+    )
     assert metrics["prune/sparsity"] == pytest.approx(expected)
     report = {layer.name: layer for layer in lp.sparsity_report(model).layers}
     for name in pruner.weight_names:
-        assert report[name.removesuffix(".weight")].zero_channels >= first_k_pruned(report[name.removesuffix(
-            ".weight")].channels, 0.4)
+        assert report[name.removesuffix(".weight")].zero_channels >= first_k_pruned(
+            report[name.removesuffix(".weight")].channels, 0.4
+        )
 
 
 class _Record(Callback):
@@ -73,7 +83,9 @@ class _Record(Callback):
         self.pruner, self.seen = pruner, []
 
     def on_train_batch_end(self, trainer, *args):  # runs after the pruner's own hook (callback order)
-        self.seen.append((trainer.current_epoch, trainer.global_step, self.pruner.sparsity_metrics()["prune/sparsity"]))
+        self.seen.append(
+            (trainer.current_epoch, trainer.global_step, self.pruner.sparsity_metrics()["prune/sparsity"])
+        )
 
 
 def test_prune_epoch_and_prune_step(tmp_path):
@@ -91,9 +103,12 @@ def test_prune_epoch_and_prune_step(tmp_path):
 
 def test_resume_across_the_pruning_epoch_equals_uninterrupted_run(tmp_path):
     # the checkpoint of epoch 0 is dense; the resumed run traces the model again and prunes in epoch 1
-    state = check_callback_conformance(lambda: lp.create_callback("first_k", amount=0.3, prune_epoch=1,
-                                                                  verbose=False), tmp_path, max_epochs=2,
-                                       limit_train_batches=3)
+    state = check_callback_conformance(
+        lambda: lp.create_callback("first_k", amount=0.3, prune_epoch=1, verbose=False),
+        tmp_path,
+        max_epochs=2,
+        limit_train_batches=3,
+    )
     assert state["last_update"] == 4 and state["current_sparsity"] == pytest.approx(0.3)
     assert any(not bool(m.all()) for m in state["masks"].values())
 
@@ -101,7 +116,10 @@ def test_resume_across_the_pruning_epoch_equals_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"amount": 1.0}, r"`amount` must be in \[0.0, 1.0\), got 1.0. HINT: amount is the fraction of channels"),
+        (
+            {"amount": 1.0},
+            r"`amount` must be in \[0.0, 1.0\), got 1.0. HINT: amount is the fraction of channels",
+        ),
         ({"amount": -0.5}, r"`amount` must be in \[0.0, 1.0\), got -0.5"),
         ({"amount": "half"}, r"`amount` must be in \[0.0, 1.0\), got 'half'"),
         ({"prune_epoch": -1}, r"`prune_epoch` must be an integer >= 0, got -1. HINT: 0 prunes at the start"),

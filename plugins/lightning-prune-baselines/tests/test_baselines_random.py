@@ -4,12 +4,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_prune_baselines import RandomChannels, RandomUnstructured
 
 import lightning_prune as lp
 from lightning_prune.functional import kept_count
 from lightning_prune.schedules import polynomial_sparsity
 from lightning_prune.testing import check_callback_conformance, fit_tiny, tiny_classifier
-from lightning_prune_baselines import RandomChannels, RandomUnstructured
 
 
 def _spy(cls):
@@ -27,9 +27,17 @@ def _spy(cls):
 
 @pytest.mark.parametrize("model_name", ["test_efficientnet", "test_vit"])
 def test_random_unstructured_follows_the_schedule_with_exact_nested_counts(tmp_path, model_name):
-    pruner = _spy(RandomUnstructured)(target_sparsity=0.8, begin_step=2, end_step=8, frequency=2, verbose=False)
-    fit_tiny([pruner], tmp_path, model=tiny_classifier(model_name), max_epochs=2, limit_train_batches=6,
-             limit_val_batches=0)
+    pruner = _spy(RandomUnstructured)(
+        target_sparsity=0.8, begin_step=2, end_step=8, frequency=2, verbose=False
+    )
+    fit_tiny(
+        [pruner],
+        tmp_path,
+        model=tiny_classifier(model_name),
+        max_epochs=2,
+        limit_train_batches=6,
+        limit_val_batches=0,
+    )
     steps = [step for step, _, _ in pruner.updates]
     assert steps == [2, 4, 6, 8]  # then the target is reached and the masks stay
     previous = None
@@ -64,7 +72,9 @@ def test_random_channels_schedule_prunes_whole_channels_with_their_batchnorm(tmp
                 assert not torch.any(keep & ~previous[group.weight].reshape(keep.numel(), -1).all(1))
         previous = masks
     keeps = [pruner.channel_keep(g.weight) for g in pruner.groups]
-    assert any(not torch.equal(k, torch.arange(k.numel()) >= int((~k).sum())) for k in keeps)  # not the first k
+    assert any(
+        not torch.equal(k, torch.arange(k.numel()) >= int((~k).sum())) for k in keeps
+    )  # not the first k
     for group in pruner.groups:  # BatchNorm bias did not grow back during training
         keep = pruner.channel_keep(group.weight)
         for name in group.names:
@@ -78,21 +88,34 @@ def test_same_seed_same_masks_other_seed_other_masks(tmp_path):
         return pruner.masks.state_dict(), pruner.state_dict()["rng_state"]
 
     for cls in (RandomChannels, RandomUnstructured):
-        (a, rng_a), (b, _), (c, _) = (masks(cls, 7, f"{cls.__name__}a"), masks(cls, 7, f"{cls.__name__}b"),
-                                       masks(cls, 8, f"{cls.__name__}c"))
+        (a, rng_a), (b, _), (c, _) = (
+            masks(cls, 7, f"{cls.__name__}a"),
+            masks(cls, 7, f"{cls.__name__}b"),
+            masks(cls, 8, f"{cls.__name__}c"),
+        )
         assert all(torch.equal(a[n], b[n]) for n in a)
         assert any(not torch.equal(a[n], c[n]) for n in a)
         assert not torch.equal(rng_a, torch.Generator().manual_seed(7).get_state())  # the state advanced
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [
-    ("random_channels", {"target_sparsity": 0.6, "begin_step": 1, "end_step": 8, "frequency": 2}),
-    ("random_unstructured", {"target_sparsity": 0.7, "initial_sparsity": 0.1, "end_step": 0.75, "frequency": 3}),
-])
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("random_channels", {"target_sparsity": 0.6, "begin_step": 1, "end_step": 8, "frequency": 2}),
+        (
+            "random_unstructured",
+            {"target_sparsity": 0.7, "initial_sparsity": 0.1, "end_step": 0.75, "frequency": 3},
+        ),
+    ],
+)
 def test_resume_mid_schedule_draws_the_same_numbers(tmp_path, name, kwargs):
-    # 3 epochs x 4 steps, resumed from the checkpoint after step 4: later draws must come from the saved generator
-    state = check_callback_conformance(lambda: lp.create_callback(name, verbose=False, **kwargs), tmp_path,
-                                       max_epochs=3, limit_train_batches=4)
+    # 3 epochs x 4 steps, resumed from the checkpoint after step 4: later draws come from the saved generator
+    state = check_callback_conformance(
+        lambda: lp.create_callback(name, verbose=False, **kwargs),
+        tmp_path,
+        max_epochs=3,
+        limit_train_batches=4,
+    )
     assert state["current_sparsity"] == pytest.approx(kwargs["target_sparsity"])
     assert state["last_update"] > 4 and isinstance(state["rng_state"], torch.Tensor)
     assert state["schedule"] == ([1, 8] if name == "random_channels" else [0, 9])
@@ -103,9 +126,14 @@ class _SaveMasks(Callback):
         self.pruner, self.out = pruner, out
 
     def on_train_end(self, trainer, pl_module):
-        torch.save({"masks": self.pruner.masks.state_dict(), "rng": self.pruner.rng_state,
-                    "members": sum(len(g.members) for g in self.pruner.groups)},
-                   self.out / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "masks": self.pruner.masks.state_dict(),
+                "rng": self.pruner.rng_state,
+                "members": sum(len(g.members) for g in self.pruner.groups),
+            },
+            self.out / f"rank{trainer.global_rank}.pt",
+        )
 
 
 @pytest.mark.slow  # about 45 s on 2 busy CPU cores (two spawned processes)
@@ -130,10 +158,15 @@ def test_ddp_spawn_masks_identical_on_both_ranks_and_to_a_single_process_run(tmp
     ("kwargs", "match"),
     [
         ({"target_sparsity": 1.0}, r"`target_sparsity` must be in \[0.0, 1.0\), got 1.0. HINT: 0.75 prunes"),
-        ({"target_sparsity": 0.5, "initial_sparsity": 0.6},
-         r"`initial_sparsity` must be in \[0.0, 0.5\], got 0.6. HINT: the schedule grows"),
+        (
+            {"target_sparsity": 0.5, "initial_sparsity": 0.6},
+            r"`initial_sparsity` must be in \[0.0, 0.5\], got 0.6. HINT: the schedule grows",
+        ),
         ({"begin_step": -1}, r"`begin_step` must be an integer >= 0, got -1"),
-        ({"begin_step": 5, "end_step": 3}, r"`end_step` must be None \(one shot\), an int >= `begin_step` \(5\)"),
+        (
+            {"begin_step": 5, "end_step": 3},
+            r"`end_step` must be None \(one shot\), an int >= `begin_step` \(5\)",
+        ),
         ({"end_step": 1.5}, r"`end_step` must be None .* got 1.5. HINT: end_step=None prunes once"),
         ({"end_step": 0.0}, r"`end_step` must be None .* got 0.0"),
         ({"frequency": 0}, r"`frequency` must be an integer >= 1, got 0. HINT: masks change every"),
@@ -149,4 +182,6 @@ def test_bad_arguments_fail_at_construction(cls, kwargs, match):
 
 def test_state_keys_tell_instances_apart():
     assert RandomChannels(seed=1).state_key != RandomChannels(seed=2).state_key
-    assert RandomUnstructured(target_sparsity=0.5).state_key != RandomUnstructured(target_sparsity=0.9).state_key
+    assert (
+        RandomUnstructured(target_sparsity=0.5).state_key != RandomUnstructured(target_sparsity=0.9).state_key
+    )

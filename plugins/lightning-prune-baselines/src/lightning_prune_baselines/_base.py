@@ -39,8 +39,13 @@ class BaselinePruning(PruningCallback):
     #: Whether masks act on whole output channels (and so on biases and BatchNorms too).
     channel_wise: bool = True
 
-    def __init__(self, include: str | list[str] | None = None, exclude: str | list[str] | None = None,
-                 log_masks_every_n_epochs: int = 1, verbose: bool = True) -> None:
+    def __init__(
+        self,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        log_masks_every_n_epochs: int = 1,
+        verbose: bool = True,
+    ) -> None:
         super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
         self.groups: list[ChannelGroup] | None = None
         self.weight_names: list[str] = []
@@ -69,14 +74,24 @@ class BaselinePruning(PruningCallback):
             return layers
         extra: list[Target] = []
         for target in layers:
-            if isinstance(getattr(target.module, "bias", None), nn.Parameter) and target.param_name == "weight":
+            if (
+                isinstance(getattr(target.module, "bias", None), nn.Parameter)
+                and target.param_name == "weight"
+            ):
                 extra.append(Target(target.module_name, target.module, "bias"))
         for name, module in pl_module.named_modules():
             if isinstance(module, BATCHNORM_TYPES):
-                extra.extend(Target(name, module, attr) for attr in ("weight", "bias")
-                             if isinstance(getattr(module, attr, None), nn.Parameter))
-        known = set(self.weight_names)
-        return layers + [t for t in extra if t.name not in known and not known.add(t.name)]
+                extra.extend(
+                    Target(name, module, attr)
+                    for attr in ("weight", "bias")
+                    if isinstance(getattr(module, attr, None), nn.Parameter)
+                )
+        targets, known = list(layers), set(self.weight_names)
+        for target in extra:  # a BatchNorm the user targets with `include` is not added twice
+            if target.name not in known:
+                known.add(target.name)
+                targets.append(target)
+        return targets
 
     def channel_keep(self, weight_name: str) -> Tensor:
         """Which output channels of a targeted layer are still kept (a row survives if any entry does)."""
@@ -91,15 +106,17 @@ class BaselinePruning(PruningCallback):
         self.groups = None  # traced again on this fit's first batch: the model may differ between fits
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.channel_wise and self.groups is None and self._tracer is None:
             self._tracer = ChannelTracer(pl_module, [t.module_name for t in self._layers])
             self._tracer.start()
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._tracer is not None:
             self._tracer.stop()
             self.groups = groups_from_trace(pl_module, self._layers, self._tracer.followers)
@@ -141,10 +158,16 @@ class BaselinePruning(PruningCallback):
         metrics = {**self.sparsity_metrics(), **(extra or {})}
         log_scalars(trainer, metrics)
         if self.verbose:
-            channels = (f", channel sparsity {metrics[f'{PREFIX}/channel_sparsity']:.2%}"
-                        if f"{PREFIX}/channel_sparsity" in metrics else "")
-            rank_zero_info(f"[{type(self).__name__}] step {trainer.global_step}: weight sparsity"
-                           f" {metrics.get(f'{PREFIX}/sparsity', 0.0):.2%}{channels} over {len(self.weight_names)} layers")
+            channels = (
+                f", channel sparsity {metrics[f'{PREFIX}/channel_sparsity']:.2%}"
+                if f"{PREFIX}/channel_sparsity" in metrics
+                else ""
+            )
+            rank_zero_info(
+                f"[{type(self).__name__}] step {trainer.global_step}: weight sparsity"
+                f" {metrics.get(f'{PREFIX}/sparsity', 0.0):.2%}{channels}"
+                f" over {len(self.weight_names)} layers"
+            )
 
     # ------------------------------------------------------------------ state
     @override
@@ -158,13 +181,13 @@ class BaselinePruning(PruningCallback):
 
 
 class ScheduledBaselinePruning(BaselinePruning):
-    """A baseline that prunes once, or gradually on Zhu & Gupta's polynomial schedule, with a seeded generator.
+    """A baseline that prunes once, or gradually on Zhu & Gupta's schedule, from a seeded generator.
 
     The scheduled sparsity at optimizer step ``t`` is
-    ``lightning_prune.schedules.polynomial_sparsity(t, initial_sparsity, target_sparsity, begin_step, end_step,
-    exponent)``. Masks change at the end of the first training batch at which ``trainer.global_step >=
-    begin_step``, then every ``frequency`` steps until ``target_sparsity`` is reached. ``end_step=None``
-    (the default) prunes to the target in one shot at ``begin_step``.
+    ``lightning_prune.schedules.polynomial_sparsity(t, initial_sparsity, target_sparsity, begin_step,
+    end_step, exponent)``. Masks change at the end of the first training batch at which
+    ``trainer.global_step >= begin_step``, then every ``frequency`` steps until ``target_sparsity`` is
+    reached. ``end_step=None`` (the default) prunes to the target in one shot at ``begin_step``.
 
     Args:
         target_sparsity: final fraction pruned in every targeted layer, in [0, 1).
@@ -178,28 +201,48 @@ class ScheduledBaselinePruning(BaselinePruning):
             uninterrupted runs draw the same numbers, and every DDP rank draws the same masks.
     """
 
-    def __init__(self, target_sparsity: float = 0.5, initial_sparsity: float = 0.0, begin_step: int = 0,
-                 end_step: int | float | None = None, frequency: int = 10, exponent: float = 3.0, seed: int = 0,
-                 include: str | list[str] | None = None, exclude: str | list[str] | None = None,
-                 log_masks_every_n_epochs: int = 1, verbose: bool = True) -> None:
+    def __init__(
+        self,
+        target_sparsity: float = 0.5,
+        initial_sparsity: float = 0.0,
+        begin_step: int = 0,
+        end_step: int | float | None = None,
+        frequency: int = 10,
+        exponent: float = 3.0,
+        seed: int = 0,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        log_masks_every_n_epochs: int = 1,
+        verbose: bool = True,
+    ) -> None:
         super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
-        self.target_sparsity = check_fraction("target_sparsity", target_sparsity,
-                                              hint="0.75 prunes three quarters of every targeted layer.")
-        self.initial_sparsity = check_fraction("initial_sparsity", initial_sparsity, high=self.target_sparsity,
-                                               high_inclusive=True,
-                                               hint="the schedule grows from `initial_sparsity` to `target_sparsity`.")
+        self.target_sparsity = check_fraction(
+            "target_sparsity", target_sparsity, hint="0.75 prunes three quarters of every targeted layer."
+        )
+        self.initial_sparsity = check_fraction(
+            "initial_sparsity",
+            initial_sparsity,
+            high=self.target_sparsity,
+            high_inclusive=True,
+            hint="the schedule grows from `initial_sparsity` to `target_sparsity`.",
+        )
         self.begin_step = check_int("begin_step", begin_step, 0)
-        if not (end_step is None
-                or (isinstance(end_step, int) and not isinstance(end_step, bool) and end_step >= begin_step)
-                or (isinstance(end_step, float) and 0.0 < end_step <= 1.0)):
+        if not (
+            end_step is None
+            or (isinstance(end_step, int) and not isinstance(end_step, bool) and end_step >= begin_step)
+            or (isinstance(end_step, float) and 0.0 < end_step <= 1.0)
+        ):
             raise MisconfigurationException(
-                f"`end_step` must be None (one shot), an int >= `begin_step` ({begin_step}) or a float in (0, 1]"
-                f" (a fraction of training), got {end_step!r}. HINT: end_step=None prunes once at `begin_step`."
+                f"`end_step` must be None (one shot), an int >= `begin_step` ({begin_step}) or a float in"
+                f" (0, 1] (a fraction of training), got {end_step!r}."
+                " HINT: end_step=None prunes once at `begin_step`."
             )
         self.end_step = end_step
         self.frequency = check_int("frequency", frequency, 1, hint="masks change every `frequency` steps.")
         if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or exponent <= 0:
-            raise MisconfigurationException(f"`exponent` must be > 0, got {exponent!r}. HINT: 3 is the cubic schedule.")
+            raise MisconfigurationException(
+                f"`exponent` must be > 0, got {exponent!r}. HINT: 3 is the cubic schedule."
+            )
         self.exponent = float(exponent)
         self.seed = check_int("seed", seed, 0)
         # state
@@ -223,7 +266,9 @@ class ScheduledBaselinePruning(BaselinePruning):
 
     def sparsity_at(self, step: int) -> float:
         begin, end = self.schedule if self.schedule is not None else (self.begin_step, self.begin_step)
-        return polynomial_sparsity(step, self.initial_sparsity, self.target_sparsity, begin, end, self.exponent)
+        return polynomial_sparsity(
+            step, self.initial_sparsity, self.target_sparsity, begin, end, self.exponent
+        )
 
     @override
     def due(self, trainer: pl.Trainer) -> float | None:
@@ -231,8 +276,9 @@ class ScheduledBaselinePruning(BaselinePruning):
         begin, _ = self.resolve_schedule(trainer)
         if step < begin:
             return None
-        if self.last_update >= 0 and (self.current_sparsity >= self.target_sparsity
-                                      or step - self.last_update < self.frequency):
+        if self.last_update >= 0 and (
+            self.current_sparsity >= self.target_sparsity or step - self.last_update < self.frequency
+        ):
             return None
         return self.sparsity_at(step)
 
@@ -247,8 +293,11 @@ class ScheduledBaselinePruning(BaselinePruning):
 
     @override
     def extra_state_dict(self) -> dict[str, Any]:
-        return {**super().extra_state_dict(), "rng_state": self.rng_state.clone(),
-                "schedule": list(self.schedule) if self.schedule is not None else None}
+        return {
+            **super().extra_state_dict(),
+            "rng_state": self.rng_state.clone(),
+            "schedule": list(self.schedule) if self.schedule is not None else None,
+        }
 
     @override
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:

@@ -40,7 +40,12 @@ __all__ = [
 ]
 
 #: Normalisation layers with one affine pair per channel (timm's BatchNormAct2d subclasses BatchNorm2d).
-BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+)
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class ChannelGroup:
         return (self.weight, *self.members)
 
 
-# ---------------------------------------------------------------------------------------------- choosing channels
+# ---------------------------------------------------------------------- choosing channels
 def first_k_pruned(channels: int, amount: float) -> int:
     """How many leading channels the first-k baseline drops: ``channels - kept_count(channels, amount)``.
 
@@ -96,8 +101,9 @@ def nested_random_keep(previous: Tensor, sparsity: float, generator: torch.Gener
     return kept.reshape(previous.shape)
 
 
-def channel_masks(groups: Iterable[ChannelGroup], params: Mapping[str, Tensor],
-                  kept_channels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def channel_masks(
+    groups: Iterable[ChannelGroup], params: Mapping[str, Tensor], kept_channels: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
     """Boolean masks of every parameter of every group from one keep-vector per layer.
 
     Args:
@@ -116,7 +122,7 @@ def channel_masks(groups: Iterable[ChannelGroup], params: Mapping[str, Tensor],
     return masks
 
 
-# ---------------------------------------------------------------------------------------------- finding the groups
+# ---------------------------------------------------------------------- finding the groups
 class ChannelTracer:
     """Records, during real forward passes, which BatchNorm directly consumes each layer's output.
 
@@ -175,7 +181,9 @@ class ChannelTracer:
         return hook
 
 
-def groups_from_trace(root: nn.Module, targets: Sequence[Target], followers: Mapping[str, str]) -> list[ChannelGroup]:
+def groups_from_trace(
+    root: nn.Module, targets: Sequence[Target], followers: Mapping[str, str]
+) -> list[ChannelGroup]:
     """One :class:`ChannelGroup` per target: its bias and its following BatchNorm's affine pair."""
     groups = []
     for target in targets:
@@ -195,8 +203,12 @@ def groups_from_trace(root: nn.Module, targets: Sequence[Target], followers: Map
     return groups
 
 
-def channel_groups(model: nn.Module, example_input: Any = None, include: str | Sequence[str] | None = None,
-                   exclude: str | Sequence[str] | None = None) -> list[ChannelGroup]:
+def channel_groups(
+    model: nn.Module,
+    example_input: Any = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> list[ChannelGroup]:
     """The channel groups of ``model``'s default targets (or ``include``/``exclude``).
 
     Args:
@@ -219,10 +231,14 @@ def channel_groups(model: nn.Module, example_input: Any = None, include: str | S
     return groups_from_trace(model, targets, followers)
 
 
-# ---------------------------------------------------------------------------------------------- one-shot helpers
-def first_k_channel_masks(model: nn.Module, amount: float, example_input: Any = None,
-                          include: str | Sequence[str] | None = None,
-                          exclude: str | Sequence[str] | None = None) -> dict[str, Tensor]:
+# ---------------------------------------------------------------------- one-shot helpers
+def first_k_channel_masks(
+    model: nn.Module,
+    amount: float,
+    example_input: Any = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> dict[str, Tensor]:
     """Masks that drop the first ``first_k_pruned(C, amount)`` output channels of every targeted layer.
 
     The seed article's control: "remove the first k channels of every layer, then fine-tune". Keys are
@@ -242,9 +258,14 @@ def first_k_channel_masks(model: nn.Module, amount: float, example_input: Any = 
     return channel_masks(groups, params, keep)
 
 
-def random_channel_masks(model: nn.Module, amount: float, seed: int = 0, example_input: Any = None,
-                         include: str | Sequence[str] | None = None,
-                         exclude: str | Sequence[str] | None = None) -> dict[str, Tensor]:
+def random_channel_masks(
+    model: nn.Module,
+    amount: float,
+    seed: int = 0,
+    example_input: Any = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> dict[str, Tensor]:
     """Masks that drop ``C - kept_count(C, amount)`` random output channels of every targeted layer.
 
     Layers draw, in module order, from one ``torch.Generator`` seeded with ``seed``: the same seed gives
@@ -253,13 +274,20 @@ def random_channel_masks(model: nn.Module, amount: float, seed: int = 0, example
     params = dict(model.named_parameters())
     generator = torch.Generator().manual_seed(seed)
     groups = channel_groups(model, example_input, include, exclude)
-    keep = {g.weight: nested_random_keep(torch.ones(params[g.weight].shape[0], dtype=torch.bool), amount, generator)
-            for g in groups}
+    keep = {
+        g.weight: nested_random_keep(
+            torch.ones(params[g.weight].shape[0], dtype=torch.bool), amount, generator
+        )
+        for g in groups
+    }
     return channel_masks(groups, params, keep)
 
 
 def apply_channel_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> MaskSet:
-    """Zero the masked entries of ``model`` in place; the returned :class:`MaskSet` re-applies them (``apply_()``)."""
+    """Zero the masked entries of ``model`` in place; the returned :class:`MaskSet` re-applies them.
+
+    Call ``apply_()`` on it after every optimizer step of a fine-tuning loop.
+    """
     mask_set = MaskSet()
     for name, mask in masks.items():
         mask_set.add(name, model.get_parameter(name), mask)

@@ -44,15 +44,26 @@ class FirstKChannels(BaselinePruning):
         trainer = Trainer(callbacks=[lightning_prune.create_callback("first_k", amount=0.5, prune_epoch=5)])
     """
 
-    def __init__(self, amount: float = 0.5, prune_epoch: int = 0, prune_step: int | None = None,
-                 include: str | list[str] | None = None, exclude: str | list[str] | None = None,
-                 log_masks_every_n_epochs: int = 1, verbose: bool = True) -> None:
+    def __init__(
+        self,
+        amount: float = 0.5,
+        prune_epoch: int = 0,
+        prune_step: int | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        log_masks_every_n_epochs: int = 1,
+        verbose: bool = True,
+    ) -> None:
         super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
-        self.amount = check_fraction("amount", amount,
-                                     hint="amount is the fraction of channels dropped; 0.5 halves every layer.")
+        self.amount = check_fraction(
+            "amount", amount, hint="amount is the fraction of channels dropped; 0.5 halves every layer."
+        )
         self.prune_epoch = check_int("prune_epoch", prune_epoch, 0, hint="0 prunes at the start of training.")
-        self.prune_step = None if prune_step is None else check_int(
-            "prune_step", prune_step, 0, hint="leave it None to prune at `prune_epoch`.")
+        self.prune_step = (
+            None
+            if prune_step is None
+            else check_int("prune_step", prune_step, 0, hint="leave it None to prune at `prune_epoch`.")
+        )
 
     @override
     def state_key_args(self) -> dict[str, Any]:

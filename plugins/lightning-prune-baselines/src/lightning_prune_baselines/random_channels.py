@@ -45,6 +45,9 @@ class RandomChannels(ScheduledBaselinePruning):
         assert self.masks is not None and self.groups is not None
         params = {n: self.masks.param(n) for n in self.masks}
         generator = self.generator()
-        keep = {g.weight: nested_random_keep(self.channel_keep(g.weight), sparsity, generator) for g in self.groups}
+        keep = {
+            g.weight: nested_random_keep(self.channel_keep(g.weight), sparsity, generator)
+            for g in self.groups
+        }
         self.save_generator(generator)
         return channel_masks(self.groups, params, keep)
