@@ -142,3 +142,35 @@ def test_include_and_state_key():
     a, b = FirstKChannels(amount=0.5, include="layer1*"), FirstKChannels(amount=0.25, include="layer1*")
     assert a.state_key != b.state_key
     assert pickle.loads(pickle.dumps(a)).state_key == a.state_key
+
+
+def test_bf16_gradient_accumulation_and_logged_metrics(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    pruner = FirstKChannels(amount=0.25, verbose=False)
+    trainer, model = fit_tiny(
+        [pruner],
+        tmp_path,
+        model=tiny_classifier("test_efficientnet"),
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
+        logger=CSVLogger(tmp_path, name="csv"),
+        max_epochs=1,
+        limit_train_batches=6,
+        limit_val_batches=0,
+    )
+    assert trainer.global_step == 3 and pruner.last_update == 0  # pruned after the first micro-batch
+    assert all(len(g.members) >= 1 for g in pruner.groups)
+    for group in pruner.groups:
+        k = first_k_pruned(model.get_parameter(group.weight).shape[0], 0.25)
+        assert all(torch.all(model.get_parameter(n)[:k] == 0) for n in group.names), group.weight
+    trainer.logger.finalize("success")
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("prune/channel_sparsity")]
+    assert rows and float(rows[0]["prune/target_sparsity"]) == 0.25
+    assert float(rows[0]["prune/channel_sparsity"]) == pytest.approx(
+        pruner.sparsity_metrics()["prune/channel_sparsity"]
+    )
+    assert not any(k.startswith("prune/sparsity/") and "bn" in k for k in rows[0])  # weights only, per layer

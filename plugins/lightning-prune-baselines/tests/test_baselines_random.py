@@ -185,3 +185,22 @@ def test_state_keys_tell_instances_apart():
     assert (
         RandomUnstructured(target_sparsity=0.5).state_key != RandomUnstructured(target_sparsity=0.9).state_key
     )
+
+
+def test_wandb_media_for_channel_masks(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pruner = RandomChannels(target_sparsity=0.5, verbose=False)
+    logger = WandbLogger(save_dir=str(tmp_path), project="baselines")
+    trainer, _ = fit_tiny(
+        [pruner], tmp_path, logger=logger, max_epochs=1, limit_train_batches=2, limit_val_batches=0
+    )
+    run_dir = logger.experiment.dir
+    logger.experiment.finish()
+    images = {
+        p.name.rsplit("_", 2)[0] for p in (tmp_path / "wandb").glob("*/files/media/images/prune/mask/*.png")
+    }
+    assert images == set(pruner.weight_names), images  # one image per weight, none for BatchNorms
+    assert run_dir and trainer.global_step == 2

@@ -87,7 +87,7 @@ def nested_random_keep(previous: Tensor, sparsity: float, generator: torch.Gener
     whatever the sparsity, so the generator advances the same way on every rank.
 
     Args:
-        previous: a flat boolean tensor (``True`` = kept).
+        previous: a boolean tensor of any shape (``True`` = kept); the result has its shape.
         sparsity: the fraction of all entries to prune, in [0, 1).
         generator: a CPU ``torch.Generator``.
     """
