@@ -207,3 +207,34 @@ def test_ddp_spawn_masks_identical_on_both_ranks(tmp_path):
         assert torch.equal(rank0[name], rank1[name]), name
     sparsity = sum(int((~m).sum()) for m in rank0.values()) / sum(m.numel() for m in rank0.values())
     assert sparsity == pytest.approx(0.8, abs=0.01)
+
+
+def test_manual_optimization_two_steps_per_batch(tmp_path):
+    class Manual(ImageClassifier):
+        def __init__(self):
+            super().__init__("test_resnet", num_classes=10, scheduler="none")
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            x, y = batch
+            for _ in range(2):  # the second forward must already see the masked weights
+                loss = torch.nn.functional.cross_entropy(self(x), y)
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+                for name, mask in pruner.masks.items():
+                    assert torch.all(pruner.masks.param(name)[~mask] == 0)
+
+    pruner = _pruner(frequency=2, sparsity_end_step=6)
+    trainer, _ = fit_tiny([pruner], tmp_path, model=Manual(), max_epochs=1, limit_train_batches=4, limit_val_batches=1)
+    assert trainer.global_step == 8 and pruner.last_update == 8
+    assert pruner.masks.sparsity() == pytest.approx(0.8, abs=0.01)
+
+
+def test_endless_training_needs_steps_for_the_schedule(tmp_path):
+    with pytest.raises(MisconfigurationException, match="no end .* HINT: pass sparsity_begin_step and sparsity_end_step"):
+        fit_tiny([GradualMagnitudePruning()], tmp_path, max_epochs=-1, max_steps=-1, limit_train_batches=2)
+    pruner = _pruner(sparsity_end_step=4)
+    fit_tiny([pruner], tmp_path, max_epochs=-1, max_steps=6, limit_train_batches=2, limit_val_batches=0)
+    assert pruner.masks.sparsity() == pytest.approx(0.8, abs=0.01)
