@@ -1,5 +1,13 @@
 """Pure functions the callbacks and users share: importance scores, thresholds, gate math."""
 
+from lightning_prune.functional.hard_concrete import (
+    expected_l0,
+    hard_concrete_gate,
+    hard_concrete_mean,
+    hard_concrete_sample,
+    hard_sigmoid_l0,
+    log_alpha_from_droprate,
+)
 from lightning_prune.functional.magnitude import (
     block_magnitude,
     kept_count,
@@ -8,4 +16,16 @@ from lightning_prune.functional.magnitude import (
     threshold_mask,
 )
 
-__all__ = ["block_magnitude", "kept_count", "kth_largest", "magnitude_mask", "threshold_mask"]
+__all__ = [
+    "expected_l0",
+    "hard_concrete_gate",
+    "hard_concrete_mean",
+    "hard_concrete_sample",
+    "hard_sigmoid_l0",
+    "log_alpha_from_droprate",
+    "block_magnitude",
+    "kept_count",
+    "kth_largest",
+    "magnitude_mask",
+    "threshold_mask",
+]
