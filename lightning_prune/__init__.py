@@ -23,6 +23,7 @@ from lightning_prune.report import SparsityReport, sparsity_report
 _LAZY = {
     "PruningCallback": "lightning_prune.callbacks.base",
     "GradualMagnitudePruning": "lightning_prune.callbacks.magnitude",
+    "EvolutionaryMutation": "lightning_prune.callbacks.evolution",
     "ImageClassifier": "lightning_prune.models",
     "DigitsDataModule": "lightning_prune.data",
     "CIFAR10DataModule": "lightning_prune.data",

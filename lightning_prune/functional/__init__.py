@@ -29,3 +29,16 @@ __all__ = [
     "magnitude_mask",
     "threshold_mask",
 ]
+
+from lightning_prune.functional.evolution import (  # noqa: E402
+    add_perturbation_,
+    centered_ranks,
+    es_update_,
+    es_weights,
+    normalized_fitness,
+    offspring_seed,
+    perturbation,
+)
+
+__all__ += ["add_perturbation_", "centered_ranks", "es_update_", "es_weights", "normalized_fitness",
+            "offspring_seed", "perturbation"]

@@ -1,0 +1,500 @@
+"""Evolutionary mutation: SGD interleaved with offspring selection or evolution strategies.
+
+"Spartan training" (seed article 004): every few epochs of SGD, breed offspring of the weights by noise
+(or by gradient-shaped noise) and either keep the fittest offspring when it beats the parent, or move
+the parent along the fitness-weighted noise as in Salimans, Ho, Chen, Sidor, Sutskever, "Evolution
+Strategies as a Scalable Alternative to Reinforcement Learning", 2017, arXiv:1703.03864.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
+
+from lightning_prune.callbacks.base import PruningCallback, check_choice, check_int
+from lightning_prune.functional.evolution import (
+    add_perturbation_,
+    es_update_,
+    es_weights,
+    generation_seed,
+    offspring_direction,
+    offspring_seed,
+)
+from lightning_prune.logging import PREFIX, log_histograms, log_scalars
+from lightning_prune.targets import as_patterns, matches
+
+__all__ = ["EvolutionaryMutation"]
+
+_KEY = f"{PREFIX}/evolution"
+_MUTATIONS = ("uniform", "gaussian", "gradient")
+_STRATEGIES = ("select", "es")
+_METRICS = ("loss", "accuracy")
+_SHAPINGS = ("centered_rank", "normalized")
+_RESPECT = ("callbacks", "zeros", "none")
+_NOISE = {"uniform": "uniform", "gaussian": "gaussian", "gradient": "uniform01"}
+
+FitnessFn = Callable[[pl.LightningModule, Any], Tensor]
+
+
+def _positive(name: str, value: float, hint: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise MisconfigurationException(
+            f"`{name}` must be a finite number > 0, got {value!r}." + (f" HINT: {hint}" if hint else ""))
+    return float(value)
+
+
+class EvolutionaryMutation(Callback):
+    """SGD interleaved with evolutionary mutation ("Spartan training", seed 004; Salimans et al. 2017).
+
+    Every ``every_n_epochs`` epochs (at the last training batch, before validation) or every
+    ``every_n_steps`` optimizer steps, ``population`` offspring ``theta_i = theta + s * eps_i`` of the
+    current weights are evaluated on a fitness set, and then:
+
+    - ``strategy="select"``: the fittest offspring replaces the parent only if it is strictly fitter than
+      the parent on the same batches (the fitness-set loss never goes up);
+    - ``strategy="es"``: ``theta <- theta + es_lr / (n sigma) * sum_i F_i eps_i`` with shaped fitness
+      (centred ranks or z-scores) and antithetic pairs ``(+eps_k, -eps_k)``.
+
+    Mutations: ``"uniform"`` ``eps ~ U(-1, 1)`` (the seed's), ``"gaussian"`` ``eps ~ N(0, 1)``, and
+    ``"gradient"`` (the seed's random-gradient method): ``eps = -g * u`` with ``g`` the gradient of the
+    fitness-set loss at the parent and ``u ~ U(0, 1)`` elementwise, scaled by ``sigma * T`` where the
+    temperature ``T = error_t / error_0`` (clipped to [0, 1]; error = loss, or 1 - accuracy) shrinks the
+    steps as fitness improves. With ``"gradient"``, ``sigma`` is a step size like a learning rate.
+
+    Offspring are never stored: each perturbation is regenerated from a seed (a per-generation seed from a
+    ``torch.Generator`` kept in the callback state, hashed with the offspring's index), so memory is the
+    parent copy plus the model itself whatever the population (plus one gradient copy for ``"gradient"``).
+    Under DDP the ranks split the population, exchange only fitness scalars (one ``all_gather`` of
+    ``population`` floats; the generation seed is broadcast from rank 0) and apply bit-identical updates.
+
+    Fitness: by default the validation set (the dataset behind ``val_dataloader``, read in order with its
+    batch size, the same on every rank), first ``fitness_batches`` batches; or ``fitness_dataloader``.
+    Offspring are evaluated in eval mode under ``torch.no_grad`` (BatchNorm running statistics untouched;
+    train/eval modes restored afterwards). ``metric="loss"`` (default, what worked in the seed): fitness is
+    minus the mean cross-entropy of ``pl_module(x)`` against ``y`` for batches ``(x, y, ...)``;
+    ``metric="accuracy"``: top-1 accuracy. ``fitness_fn(pl_module, batch) -> loss`` replaces the
+    cross-entropy for other models or batch layouts (lower is better; averaged over batches).
+
+    Pruning: weights masked by any :class:`~lightning_prune.callbacks.base.PruningCallback` of the trainer
+    (``respect_masks="callbacks"``, read at every generation) stay exactly zero in every offspring and after
+    the update; ``"zeros"`` also freezes every exact zero of the mutated parameters (for masks this library
+    does not own); ``"none"`` mutates everything.
+
+    Args:
+        population: offspring per generation (>= 2; even with antithetic pairs).
+        sigma: noise scale (> 0); the step size of the ``"gradient"`` mutation.
+        mutation: ``"uniform"``, ``"gaussian"`` or ``"gradient"``.
+        strategy: ``"select"`` or ``"es"``.
+        every_n_epochs: epochs between generations (default 5, the seed's, when ``every_n_steps`` is unset).
+        every_n_steps: optimizer steps between generations (instead of epochs).
+        fitness_batches: how many batches of the fitness set to use (``None`` = all).
+        fitness_dataloader: a DataLoader (or any iterable of batches) to use as the fitness set.
+        fitness_fn: ``fitness_fn(pl_module, batch) -> scalar loss`` (lower is better).
+        metric: ``"loss"`` or ``"accuracy"`` (only without ``fitness_fn``).
+        es_lr: the ES step size ``alpha``.
+        fitness_shaping: ``"centered_rank"`` (ranks / (n - 1) - 0.5) or ``"normalized"`` (z-scores).
+        antithetic: mirrored pairs ``(+eps, -eps)``; default ``True`` for ``"es"``, ``False`` for ``"select"``.
+        respect_masks: ``"callbacks"``, ``"zeros"`` or ``"none"`` (see above).
+        include: globs over parameter or module names to mutate (default: every floating-point parameter
+            that requires grad, BatchNorm affine parameters included; buffers never).
+        exclude: globs of parameters or modules to leave alone.
+        seed: seeds the generator of generation seeds.
+        log_histogram: send a W&B histogram of the fitness of every generation (with a WandbLogger).
+        verbose: one console line per generation (rank zero).
+
+    Raises:
+        MisconfigurationException: bad arguments; no fitness data; nothing to mutate.
+
+    Example::
+
+        trainer = Trainer(callbacks=[EvolutionaryMutation(population=40, sigma=0.01, strategy="select")])
+    """
+
+    def __init__(
+        self,
+        population: int = 40,
+        sigma: float = 0.01,
+        mutation: str = "uniform",
+        strategy: str = "select",
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        fitness_batches: int | None = 8,
+        fitness_dataloader: Iterable[Any] | None = None,
+        fitness_fn: FitnessFn | None = None,
+        metric: str = "loss",
+        es_lr: float = 1e-3,
+        fitness_shaping: str = "centered_rank",
+        antithetic: bool | None = None,
+        respect_masks: str = "callbacks",
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        seed: int = 0,
+        log_histogram: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.mutation = check_choice("mutation", mutation, _MUTATIONS)
+        self.strategy = check_choice("strategy", strategy, _STRATEGIES)
+        self.antithetic = (strategy == "es") if antithetic is None else bool(antithetic)
+        self.population = check_int(
+            "population", population, 2, hint="selection and ES both compare at least two offspring.")
+        if self.antithetic and population % 2:
+            raise MisconfigurationException(
+                f"`population` must be even with antithetic pairs (+eps, -eps), got {population}."
+                f" HINT: use population={population + 1}, or antithetic=False.")
+        self.sigma = _positive("sigma", sigma, hint="sigma scales the noise; try 0.01 for weights near 0.1.")
+        if every_n_steps is not None and every_n_epochs is not None:
+            raise MisconfigurationException(
+                f"Pass either `every_n_epochs` ({every_n_epochs}) or `every_n_steps` ({every_n_steps}), not both.")
+        self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, 1)
+        self.every_n_epochs = None if every_n_steps is not None else check_int(
+            "every_n_epochs", 5 if every_n_epochs is None else every_n_epochs, 1)
+        self.fitness_batches = None if fitness_batches is None else check_int(
+            "fitness_batches", fitness_batches, 1, hint="None uses the whole fitness set.")
+        if fitness_fn is not None and not callable(fitness_fn):
+            raise MisconfigurationException(
+                f"`fitness_fn` must be callable as fitness_fn(pl_module, batch) -> loss, got {type(fitness_fn)}.")
+        self.metric = check_choice("metric", metric, _METRICS)
+        if fitness_fn is not None and metric != "loss":
+            raise MisconfigurationException(
+                f"`metric={metric!r}` cannot be combined with `fitness_fn` (which returns a loss)."
+                " HINT: compute the metric inside fitness_fn and return something lower-is-better.")
+        self.fitness_fn = fitness_fn
+        self.fitness_dataloader = fitness_dataloader
+        self.es_lr = _positive("es_lr", es_lr)
+        self.fitness_shaping = check_choice("fitness_shaping", fitness_shaping, _SHAPINGS)
+        self.respect_masks = check_choice("respect_masks", respect_masks, _RESPECT)
+        self.include = list(as_patterns(include))
+        self.exclude = list(as_patterns(exclude))
+        self.seed = check_int("seed", seed, 0)
+        self.log_histogram = bool(log_histogram)
+        self.verbose = bool(verbose)
+        # state (checkpointed)
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self.generation = 0
+        self.last_step = 0
+        self.initial_error: float | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ identity
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(strategy=self.strategy, mutation=self.mutation,
+                                        population=self.population, sigma=self.sigma,
+                                        include=self.include, exclude=self.exclude)
+
+    # ------------------------------------------------------------------ what mutates
+    def select_parameters(self, pl_module: pl.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
+        """The named parameters that mutate; raises a clear error when nothing matches."""
+        chosen = []
+        for name, param in pl_module.named_parameters():
+            if not (param.is_floating_point() and param.requires_grad):
+                continue
+            module_name = name.rsplit(".", 1)[0] if "." in name else ""
+            hit = lambda patterns: matches(name, patterns) or bool(module_name and matches(module_name, patterns))  # noqa: E731
+            if self.include and not hit(self.include):
+                continue
+            if self.exclude and hit(self.exclude):
+                continue
+            chosen.append((name, param))
+        if not chosen:
+            some = ", ".join(n for n, _ in list(pl_module.named_parameters())[:6])
+            raise MisconfigurationException(
+                f"EvolutionaryMutation found no parameter to mutate: include={self.include or 'all'}"
+                f" exclude={self.exclude}. Parameters that exist: {some or 'none'}."
+                " HINT: patterns are globs over parameter or module names, e.g. include=['*layer4*'].")
+        return chosen
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.select_parameters(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.fitness_dataloader is None and self._val_source(trainer) is None:
+            raise MisconfigurationException(
+                "EvolutionaryMutation has no fitness data: the model and datamodule define no `val_dataloader`"
+                " and no `fitness_dataloader` was given."
+                " HINT: pass EvolutionaryMutation(fitness_dataloader=DataLoader(...)) or a validation set.")
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._due(trainer):
+            self.run_generation(trainer, pl_module)
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        if self.every_n_steps is not None:
+            step = trainer.global_step
+            if step > self.last_step and step % self.every_n_steps == 0:
+                self.last_step = step
+                return True
+            return False
+        assert self.every_n_epochs is not None
+        # the last batch of the epoch, before validation runs (and before the epoch's checkpoint is saved)
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        return bool(last) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    # ------------------------------------------------------------------ fitness
+    @staticmethod
+    def _val_source(trainer: pl.Trainer) -> Any:
+        """Where the fit's validation dataloaders come from (Lightning's ``_DataLoaderSource``), or None."""
+        source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+        if source is None or source.instance is None or not source.is_defined():
+            return None
+        return source
+
+    def _fitness_source(self, trainer: pl.Trainer) -> Iterable[Any]:
+        if self.fitness_dataloader is not None:
+            return self.fitness_dataloader
+        loaders = trainer.val_dataloaders
+        if loaders is None:
+            source = self._val_source(trainer)
+            loaders = source.dataloader() if source is not None else None
+        if isinstance(loaders, dict):
+            loaders = next(iter(loaders.values()), None)
+        elif isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        if loaders is None:
+            raise MisconfigurationException(
+                "EvolutionaryMutation has no fitness data: no validation dataloader."
+                " HINT: pass EvolutionaryMutation(fitness_dataloader=DataLoader(...)).")
+        dataset = getattr(loaders, "dataset", None)
+        if isinstance(loaders, DataLoader) and dataset is not None and not isinstance(dataset, IterableDataset):
+            # the same batches on every rank: bypass the DistributedSampler Lightning may have inserted
+            return DataLoader(dataset, batch_size=loaders.batch_size or 1, shuffle=False,
+                              collate_fn=loaders.collate_fn, num_workers=0, generator=torch.Generator())
+        return loaders
+
+    def fitness_data(self, trainer: pl.Trainer) -> list[Any]:
+        """The batches of this generation's fitness set, on the model's device."""
+        batches = []
+        for i, batch in enumerate(self._fitness_source(trainer)):
+            if self.fitness_batches is not None and i >= self.fitness_batches:
+                break
+            batches.append(trainer.strategy.batch_to_device(batch))
+        if not batches:
+            raise MisconfigurationException(
+                "EvolutionaryMutation's fitness set is empty. HINT: check the validation (or fitness) dataloader.")
+        return batches
+
+    def _batch_loss(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, int]:
+        """(sum of the per-sample values, samples) for one batch; the value is a loss or a correctness."""
+        if self.fitness_fn is not None:
+            loss = torch.as_tensor(self.fitness_fn(pl_module, batch))
+            return loss.reshape(()).to(torch.float64), 1
+        x, y = batch[0], batch[1]
+        logits = pl_module(x)
+        if self.metric == "accuracy":
+            return (logits.argmax(dim=-1) == y).sum().to(torch.float64), y.shape[0]
+        return F.cross_entropy(logits.float(), y, reduction="sum").to(torch.float64), y.shape[0]
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> float:
+        """Fitness of the model's current weights on ``batches`` (higher is better; NaN becomes -inf)."""
+        total, count = None, 0
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            for batch in batches:
+                value, n = self._batch_loss(pl_module, batch)
+                total = value if total is None else total + value
+                count += n
+        mean = float(total.item()) / max(count, 1)  # type: ignore[union-attr]
+        fitness = mean if (self.metric == "accuracy" and self.fitness_fn is None) else -mean
+        return fitness if math.isfinite(fitness) else -math.inf
+
+    def _error(self, fitness: float) -> float:
+        return (1.0 - fitness) if (self.metric == "accuracy" and self.fitness_fn is None) else -fitness
+
+    def _gradient(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[torch.nn.Parameter],
+                  batches: list[Any]) -> list[Tensor]:
+        """Gradient of the fitness-set loss at the parent (eval mode, not touching ``.grad``)."""
+        grads = [torch.zeros_like(p) for p in params]
+        with torch.enable_grad(), trainer.precision_plugin.forward_context():
+            for batch in batches:
+                if self.fitness_fn is not None:
+                    loss = torch.as_tensor(self.fitness_fn(pl_module, batch)).reshape(())
+                else:
+                    x, y = batch[0], batch[1]
+                    loss = F.cross_entropy(pl_module(x).float(), y)
+                parts = torch.autograd.grad(loss / len(batches), params, allow_unused=True)
+                for g, part in zip(grads, parts):
+                    if part is not None:
+                        g.add_(part)
+        return grads
+
+    # ------------------------------------------------------------------ masks
+    def _masks(self, trainer: pl.Trainer, params: list[Tensor]) -> list[Tensor | None]:
+        if self.respect_masks == "none":
+            return [None] * len(params)
+        by_id: dict[int, Tensor] = {}
+        if self.respect_masks in ("callbacks", "zeros"):
+            for callback in trainer.callbacks:  # type: ignore[attr-defined]
+                masks = getattr(callback, "masks", None) if isinstance(callback, PruningCallback) else None
+                if masks is None:
+                    continue
+                for name, mask in masks.items():
+                    key = id(masks.param(name))
+                    by_id[key] = mask if key not in by_id else by_id[key] & mask
+        out: list[Tensor | None] = []
+        for p in params:
+            mask = by_id.get(id(p))
+            if self.respect_masks == "zeros":
+                nonzero = p.detach() != 0
+                mask = nonzero if mask is None else (mask.to(p.device) & nonzero)
+            out.append(None if mask is None else mask.to(device=p.device, dtype=p.dtype))
+        return out
+
+    # ------------------------------------------------------------------ one generation
+    @torch.no_grad()
+    def run_generation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Breed, evaluate and select (or ES-update) once; returns the logged metrics."""
+        named = self.select_parameters(pl_module)
+        params = [p for _, p in named]
+        modes = {m: m.training for m in pl_module.modules()}
+        pl_module.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):  # loaders and models must not consume the global RNG
+                metrics = self._generation(trainer, pl_module, params)
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+        self.last_metrics = metrics
+        self._log(trainer, metrics)
+        return metrics
+
+    def _generation(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                    params: list[Tensor]) -> dict[str, float]:
+        world, rank = max(int(trainer.world_size), 1), int(trainer.global_rank)
+        gen_seed = generation_seed(self._generator)
+        if world > 1:
+            gen_seed = int(trainer.strategy.broadcast(gen_seed, src=0))
+        batches = self.fitness_data(trainer)
+        parent_fitness = self.evaluate(trainer, pl_module, batches)
+        masks = self._masks(trainer, params)
+        kind = _NOISE[self.mutation]
+        shape_by, scale = None, self.sigma
+        if self.mutation == "gradient":
+            if self.initial_error is None:
+                self.initial_error = self._error(parent_fitness)
+            temperature = self._temperature(parent_fitness)
+            scale = self.sigma * temperature
+            shape_by = [g.neg_() for g in self._gradient(trainer, pl_module, params, batches)]
+        parent = [p.detach().clone() for p in params]
+
+        def offspring(index: int) -> None:
+            k, sign = offspring_direction(index, self.antithetic)
+            add_perturbation_(params, parent, offspring_seed(gen_seed, k), sign * scale, kind, shape_by, masks)
+
+        local = torch.zeros(self.population, dtype=torch.float64)
+        for index in range(rank, self.population, world):
+            offspring(index)
+            local[index] = self.evaluate(trainer, pl_module, batches)
+        fitness = self._exchange(trainer, local, world)
+
+        changed = 0.0
+        if self.strategy == "select":
+            safe = torch.where(torch.isfinite(fitness), fitness, torch.full_like(fitness, -math.inf))
+            best = int(torch.argmax(safe).item())  # first of ties
+            if float(safe[best]) > parent_fitness:
+                offspring(best)
+                changed, new_fitness = 1.0, float(safe[best])
+            else:
+                for p, q in zip(params, parent):
+                    p.copy_(q)
+                new_fitness = parent_fitness
+        else:
+            weights = es_weights(fitness, self.antithetic, self.fitness_shaping)
+            seeds = [offspring_seed(gen_seed, k) for k in range(weights.numel())]
+            es_update_(params, parent, seeds, weights, scale, self.es_lr, self.population, kind, shape_by, masks)
+            changed = float(bool((weights != 0).any()))
+            new_fitness = self.evaluate(trainer, pl_module, batches)
+        del parent
+        self.generation += 1
+        finite = fitness[torch.isfinite(fitness)]
+        stats = finite if finite.numel() else fitness
+        metrics = {
+            f"{_KEY}/generation": float(self.generation),
+            f"{_KEY}/fitness_min": float(stats.min()),
+            f"{_KEY}/fitness_median": float(stats.median()),
+            f"{_KEY}/fitness_max": float(stats.max()),
+            f"{_KEY}/parent_fitness": parent_fitness,
+            f"{_KEY}/new_fitness": new_fitness,
+            f"{_KEY}/parent_changed": changed,
+            f"{_KEY}/sigma": scale,
+        }
+        self._fitness_values = fitness
+        return metrics
+
+    def _temperature(self, parent_fitness: float) -> float:
+        e0, et = self.initial_error, self._error(parent_fitness)
+        if e0 is None or not math.isfinite(et) or e0 <= 0:
+            return 1.0
+        return min(max(et / e0, 0.0), 1.0)
+
+    @staticmethod
+    def _exchange(trainer: pl.Trainer, local: Tensor, world: int) -> Tensor:
+        """Every rank's fitness scalars to every rank (offspring ``i`` is evaluated by rank ``i % world``)."""
+        if world == 1:
+            return local
+        gathered = trainer.strategy.all_gather(local.to(trainer.strategy.root_device)).cpu()
+        gathered = gathered.reshape(world, -1)
+        owner = torch.arange(local.numel()) % world
+        return gathered[owner, torch.arange(local.numel())].to(torch.float64)
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        log_scalars(trainer, metrics)
+        if self.log_histogram and getattr(self, "_fitness_values", None) is not None:
+            values = self._fitness_values[torch.isfinite(self._fitness_values)]
+            if values.numel():
+                log_histograms(trainer, {f"{_KEY}/fitness": values})
+        if self.verbose:
+            rank_zero_info(
+                f"[EvolutionaryMutation] generation {self.generation} ({self.strategy}, {self.mutation},"
+                f" {self.population} offspring): fitness {metrics[f'{_KEY}/parent_fitness']:.4f} ->"
+                f" {metrics[f'{_KEY}/new_fitness']:.4f}, offspring max {metrics[f'{_KEY}/fitness_max']:.4f}")
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self._generator.get_state(),
+            "generation": self.generation,
+            "last_step": self.last_step,
+            "initial_error": self.initial_error,
+            "last_metrics": dict(self.last_metrics),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "generator" in state_dict:
+            self._generator.set_state(state_dict["generator"].to(torch.uint8).cpu())
+        self.generation = int(state_dict.get("generation", 0))
+        self.last_step = int(state_dict.get("last_step", 0))
+        initial = state_dict.get("initial_error")
+        self.initial_error = None if initial is None else float(initial)
+        self.last_metrics = dict(state_dict.get("last_metrics", {}))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_generator"] = self._generator.get_state()
+        state["_fitness_values"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(state["_generator"])
+        self.__dict__.update({**state, "_generator": generator})
