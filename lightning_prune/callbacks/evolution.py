@@ -76,7 +76,9 @@ class EvolutionaryMutation(Callback):
     ``torch.Generator`` kept in the callback state, hashed with the offspring's index), so memory is the
     parent copy plus the model itself whatever the population (plus one gradient copy for ``"gradient"``).
     Under DDP the ranks split the population, exchange only fitness scalars (one ``all_gather`` of
-    ``population`` floats; the generation seed is broadcast from rank 0) and apply bit-identical updates.
+    ``population`` floats; the generation seed is broadcast from rank 0) and apply bit-identical updates;
+    rank 0's buffers (BatchNorm running statistics) are broadcast first, as DDP does before every forward,
+    so that every rank scores offspring with the same model.
 
     Fitness: by default the validation set (the dataset behind ``val_dataloader``, read in order with its
     batch size, the same on every rank), first ``fitness_batches`` batches; or ``fitness_dataloader``.
@@ -381,6 +383,7 @@ class EvolutionaryMutation(Callback):
         gen_seed = generation_seed(self._generator)
         if world > 1:
             gen_seed = int(trainer.strategy.broadcast(gen_seed, src=0))
+            self._broadcast_buffers(pl_module)
         batches = self.fitness_data(trainer)
         parent_fitness = self.evaluate(trainer, pl_module, batches)
         masks = self._masks(trainer, params)
@@ -438,6 +441,19 @@ class EvolutionaryMutation(Callback):
         self._fitness_values = fitness
         return metrics
 
+    @staticmethod
+    def _broadcast_buffers(pl_module: pl.LightningModule) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) to every rank, as DDP does before each forward.
+
+        Each rank's last training step updated its running statistics with its own batch; without this the
+        ranks would score the same offspring differently.
+        """
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for buffer in pl_module.buffers():
+                dist.broadcast(buffer.data, src=0)
+
     def _temperature(self, parent_fitness: float) -> float:
         e0, et = self.initial_error, self._error(parent_fitness)
         if e0 is None or not math.isfinite(et) or e0 <= 0:
@@ -490,11 +506,11 @@ class EvolutionaryMutation(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_generator"] = self._generator.get_state()
+        state["_generator"] = bytes(self._generator.get_state().tolist())  # plain bytes: no shared memory
         state["_fitness_values"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         generator = torch.Generator()
-        generator.set_state(state["_generator"])
+        generator.set_state(torch.tensor(list(state["_generator"]), dtype=torch.uint8))
         self.__dict__.update({**state, "_generator": generator})
