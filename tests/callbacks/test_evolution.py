@@ -1,5 +1,6 @@
 import csv
 import pickle
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -114,6 +115,30 @@ def test_es_moves_the_parent_and_logs_fitness(tmp_path):
         assert lo <= mid <= hi < 0  # minus a cross-entropy
         assert float(row[f"{KEY}/sigma"]) == 0.01 and float(row[f"{KEY}/parent_changed"]) == 1.0
     assert -float(rows[-1][f"{KEY}/new_fitness"]) == pytest.approx(generations[-1][1]["loss"], rel=1e-5)
+
+
+def test_wandb_offline_run_gets_a_fitness_histogram_per_generation(tmp_path):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_prune.testing import read_wandb_offline_history
+
+    logger = WandbLogger(save_dir=str(tmp_path), project="lp-test", offline=True)
+    evo = _evo(strategy="select", population=4)
+    try:
+        fit_tiny([evo], tmp_path, logger=logger, **FAST)
+    finally:
+        wandb.finish()
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    for _ in range(50):  # the W&B service may still be flushing the offline log after wandb.finish()
+        history = read_wandb_offline_history(run_dir)
+        hists = [r for r in history if f"{KEY}/fitness/_type" in r]
+        if len(hists) >= 2:
+            break
+        time.sleep(0.2)
+    assert len(hists) == 2 and hists[-1][f"{KEY}/fitness/_type"] == "histogram"
+    changed = [r[f"{KEY}/parent_changed"] for r in history if f"{KEY}/parent_changed" in r]
+    assert len(changed) == 2 and set(changed) <= {0.0, 1.0}
 
 
 def test_gradient_mutation_temperature_shrinks_sigma_as_fitness_improves(tmp_path):
