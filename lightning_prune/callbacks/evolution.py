@@ -81,7 +81,8 @@ class EvolutionaryMutation(Callback):
     so that every rank scores offspring with the same model.
 
     Fitness: by default the validation set (the dataset behind ``val_dataloader``, read in order with its
-    batch size, the same on every rank), first ``fitness_batches`` batches; or ``fitness_dataloader``.
+    batch size, the same on every rank), first ``fitness_batches`` batches (and no more than an integer
+    ``Trainer(limit_val_batches=...)``); or ``fitness_dataloader``.
     Offspring are evaluated in eval mode under ``torch.no_grad`` (BatchNorm running statistics untouched;
     train/eval modes restored afterwards). ``metric="loss"`` (default, what worked in the seed): fitness is
     minus the mean cross-entropy of ``pl_module(x)`` against ``y`` for batches ``(x, y, ...)``;
@@ -284,9 +285,13 @@ class EvolutionaryMutation(Callback):
 
     def fitness_data(self, trainer: pl.Trainer) -> list[Any]:
         """The batches of this generation's fitness set, on the model's device."""
+        cap = self.fitness_batches
+        limit = trainer.limit_val_batches
+        if self.fitness_dataloader is None and isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            cap = limit if cap is None else min(cap, limit)  # the validation data as the trainer limits it
         batches = []
         for i, batch in enumerate(self._fitness_source(trainer)):
-            if self.fitness_batches is not None and i >= self.fitness_batches:
+            if cap is not None and i >= cap:
                 break
             batches.append(trainer.strategy.batch_to_device(batch))
         if not batches:

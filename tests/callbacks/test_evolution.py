@@ -63,7 +63,7 @@ class Probe(Callback):
 def _probed_fit(evo, tmp_path, model=None, n_batches=2, first=(), **kwargs):
     record = []
     callbacks = [*first, Probe(evo, record, "before", n_batches), evo, Probe(evo, record, "after", n_batches)]
-    trainer, module = fit_tiny(callbacks, tmp_path, model=model, **{**FAST, **kwargs})
+    trainer, module = fit_tiny(callbacks, tmp_path, model=model, **{**FAST, "limit_val_batches": n_batches, **kwargs})
     pairs = list(zip(record[0::2], record[1::2]))
     generations = [(b, a) for b, a in pairs if a["generation"] > b["generation"]]
     return trainer, module, generations
@@ -171,6 +171,21 @@ def test_fitness_dataloader_fitness_fn_and_accuracy_metric(tmp_path):
     acc = _evo(metric="accuracy", population=4)
     fit_tiny([acc], tmp_path, **FAST)
     assert 0.0 <= acc.last_metrics[f"{KEY}/fitness_min"] <= acc.last_metrics[f"{KEY}/fitness_max"] <= 1.0
+
+
+def test_default_fitness_set_is_capped_by_fitness_batches_and_limit_val_batches(tmp_path):
+    calls = []
+
+    def fitness_fn(pl_module, batch):
+        calls.append(len(batch[1]))
+        return F.cross_entropy(pl_module(batch[0]), batch[1])
+
+    fit_tiny([_evo(fitness_fn=fitness_fn, fitness_batches=None)], tmp_path, max_epochs=1, limit_train_batches=2,
+             limit_val_batches=2)
+    assert calls == [32, 16] * 5  # parent + 4 offspring, both validation batches (48 images) each
+    calls.clear()
+    fit_tiny([_evo(fitness_fn=fitness_fn, fitness_batches=1)], tmp_path, max_epochs=1, limit_train_batches=2)
+    assert calls == [32] * 5
 
 
 def test_include_exclude_choose_what_mutates(tmp_path):
