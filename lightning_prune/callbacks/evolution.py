@@ -277,9 +277,10 @@ class EvolutionaryMutation(Callback):
                 "EvolutionaryMutation has no fitness data: no validation dataloader."
                 " HINT: pass EvolutionaryMutation(fitness_dataloader=DataLoader(...)).")
         dataset = getattr(loaders, "dataset", None)
-        if isinstance(loaders, DataLoader) and dataset is not None and not isinstance(dataset, IterableDataset):
+        if (isinstance(loaders, DataLoader) and loaders.batch_size is not None and dataset is not None
+                and not isinstance(dataset, IterableDataset)):
             # the same batches on every rank: bypass the DistributedSampler Lightning may have inserted
-            return DataLoader(dataset, batch_size=loaders.batch_size or 1, shuffle=False,
+            return DataLoader(dataset, batch_size=loaders.batch_size, shuffle=False,
                               collate_fn=loaders.collate_fn, num_workers=0, generator=torch.Generator())
         return loaders
 
@@ -304,6 +305,10 @@ class EvolutionaryMutation(Callback):
         if self.fitness_fn is not None:
             loss = torch.as_tensor(self.fitness_fn(pl_module, batch))
             return loss.reshape(()).to(torch.float64), 1
+        if not (isinstance(batch, (list, tuple)) and len(batch) >= 2):
+            raise MisconfigurationException(
+                f"EvolutionaryMutation's default fitness needs batches `(x, y, ...)`, got a {type(batch).__name__}."
+                " HINT: pass fitness_fn=lambda pl_module, batch: <a scalar loss> for other batch layouts.")
         x, y = batch[0], batch[1]
         logits = pl_module(x)
         if self.metric == "accuracy":

@@ -332,6 +332,12 @@ def test_empty_fitness_set_is_a_clear_error(tmp_path):
         fit_tiny([_evo(fitness_dataloader=empty)], tmp_path, max_epochs=1, limit_train_batches=2)
 
 
+def test_batches_that_are_not_pairs_need_a_fitness_fn(tmp_path):
+    loader = DataLoader([{"x": torch.randn(3, 32, 32)} for _ in range(4)], batch_size=2)
+    with pytest.raises(MisconfigurationException, match=r"needs batches `\(x, y, ...\)`, got a dict.*HINT.*fitness_fn"):
+        fit_tiny([_evo(fitness_dataloader=loader)], tmp_path, max_epochs=1, limit_train_batches=2)
+
+
 def test_patterns_matching_nothing_fail_at_setup(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"no parameter to mutate.*HINT"):
         fit_tiny([_evo(include=["nothing*"])], tmp_path, max_epochs=1)
