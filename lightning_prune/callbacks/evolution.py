@@ -48,10 +48,15 @@ FitnessFn = Callable[[pl.LightningModule, Any], Tensor]
 
 
 def _positive(name: str, value: float, hint: str = "") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
         raise MisconfigurationException(
             f"`{name}` must be a finite number > 0, got {value!r}." + (f" HINT: {hint}" if hint else ""))
     return float(value)
+
+
+def _hit(name: str, module_name: str, patterns: list[str]) -> bool:
+    return matches(name, patterns) or bool(module_name and matches(module_name, patterns))
 
 
 class EvolutionaryMutation(Callback):
@@ -107,7 +112,8 @@ class EvolutionaryMutation(Callback):
         metric: ``"loss"`` or ``"accuracy"`` (only without ``fitness_fn``).
         es_lr: the ES step size ``alpha``.
         fitness_shaping: ``"centered_rank"`` (ranks / (n - 1) - 0.5) or ``"normalized"`` (z-scores).
-        antithetic: mirrored pairs ``(+eps, -eps)``; default ``True`` for ``"es"``, ``False`` for ``"select"``.
+        antithetic: mirrored pairs ``(+eps, -eps)``; default ``True`` for ``"es"``, ``False`` for
+            ``"select"``.
         respect_masks: ``"callbacks"``, ``"zeros"`` or ``"none"`` (see above).
         include: globs over parameter or module names to mutate (default: every floating-point parameter
             that requires grad, BatchNorm affine parameters included; buffers never).
@@ -159,7 +165,8 @@ class EvolutionaryMutation(Callback):
         self.sigma = _positive("sigma", sigma, hint="sigma scales the noise; try 0.01 for weights near 0.1.")
         if every_n_steps is not None and every_n_epochs is not None:
             raise MisconfigurationException(
-                f"Pass either `every_n_epochs` ({every_n_epochs}) or `every_n_steps` ({every_n_steps}), not both.")
+                f"Pass either `every_n_epochs` ({every_n_epochs}) or `every_n_steps` ({every_n_steps}),"
+                " not both.")
         self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, 1)
         self.every_n_epochs = None if every_n_steps is not None else check_int(
             "every_n_epochs", 5 if every_n_epochs is None else every_n_epochs, 1)
@@ -167,7 +174,8 @@ class EvolutionaryMutation(Callback):
             "fitness_batches", fitness_batches, 1, hint="None uses the whole fitness set.")
         if fitness_fn is not None and not callable(fitness_fn):
             raise MisconfigurationException(
-                f"`fitness_fn` must be callable as fitness_fn(pl_module, batch) -> loss, got {type(fitness_fn)}.")
+                "`fitness_fn` must be callable as fitness_fn(pl_module, batch) -> loss,"
+                f" got {type(fitness_fn)}.")
         self.metric = check_choice("metric", metric, _METRICS)
         if fitness_fn is not None and metric != "loss":
             raise MisconfigurationException(
@@ -206,10 +214,9 @@ class EvolutionaryMutation(Callback):
             if not (param.is_floating_point() and param.requires_grad):
                 continue
             module_name = name.rsplit(".", 1)[0] if "." in name else ""
-            hit = lambda patterns: matches(name, patterns) or bool(module_name and matches(module_name, patterns))  # noqa: E731
-            if self.include and not hit(self.include):
+            if self.include and not _hit(name, module_name, self.include):
                 continue
-            if self.exclude and hit(self.exclude):
+            if self.exclude and _hit(name, module_name, self.exclude):
                 continue
             chosen.append((name, param))
         if not chosen:
@@ -230,7 +237,8 @@ class EvolutionaryMutation(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.fitness_dataloader is None and self._val_source(trainer) is None:
             raise MisconfigurationException(
-                "EvolutionaryMutation has no fitness data: the model and datamodule define no `val_dataloader`"
+                "EvolutionaryMutation has no fitness data: the model and datamodule define no"
+                " `val_dataloader`"
                 " and no `fitness_dataloader` was given."
                 " HINT: pass EvolutionaryMutation(fitness_dataloader=DataLoader(...)) or a validation set.")
 
@@ -288,7 +296,8 @@ class EvolutionaryMutation(Callback):
         """The batches of this generation's fitness set, on the model's device."""
         cap = self.fitness_batches
         limit = trainer.limit_val_batches
-        if self.fitness_dataloader is None and isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        limited = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
+        if self.fitness_dataloader is None and limited:
             cap = limit if cap is None else min(cap, limit)  # the validation data as the trainer limits it
         batches = []
         for i, batch in enumerate(self._fitness_source(trainer)):
@@ -297,7 +306,8 @@ class EvolutionaryMutation(Callback):
             batches.append(trainer.strategy.batch_to_device(batch))
         if not batches:
             raise MisconfigurationException(
-                "EvolutionaryMutation's fitness set is empty. HINT: check the validation (or fitness) dataloader.")
+                "EvolutionaryMutation's fitness set is empty."
+                " HINT: check the validation (or fitness) dataloader.")
         return batches
 
     def _batch_loss(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, int]:
@@ -307,7 +317,8 @@ class EvolutionaryMutation(Callback):
             return loss.reshape(()).to(torch.float64), 1
         if not (isinstance(batch, (list, tuple)) and len(batch) >= 2):
             raise MisconfigurationException(
-                f"EvolutionaryMutation's default fitness needs batches `(x, y, ...)`, got a {type(batch).__name__}."
+                "EvolutionaryMutation's default fitness needs batches `(x, y, ...)`,"
+                f" got a {type(batch).__name__}."
                 " HINT: pass fitness_fn=lambda pl_module, batch: <a scalar loss> for other batch layouts.")
         x, y = batch[0], batch[1]
         logits = pl_module(x)
@@ -409,7 +420,8 @@ class EvolutionaryMutation(Callback):
 
         def offspring(index: int) -> None:
             k, sign = offspring_direction(index, self.antithetic)
-            add_perturbation_(params, parent, offspring_seed(gen_seed, k), sign * scale, kind, shape_by, masks)
+            seed = offspring_seed(gen_seed, k)
+            add_perturbation_(params, parent, seed, sign * scale, kind, shape_by, masks)
 
         local = torch.zeros(self.population, dtype=torch.float64)
         for index in range(rank, self.population, world):
@@ -431,7 +443,8 @@ class EvolutionaryMutation(Callback):
         else:
             weights = es_weights(fitness, self.antithetic, self.fitness_shaping)
             seeds = [offspring_seed(gen_seed, k) for k in range(weights.numel())]
-            es_update_(params, parent, seeds, weights, scale, self.es_lr, self.population, kind, shape_by, masks)
+            es_update_(params, parent, seeds, weights, scale, self.es_lr, self.population, kind, shape_by,
+                       masks)
             changed = float(bool((weights != 0).any()))
             new_fitness = self.evaluate(trainer, pl_module, batches)
         del parent

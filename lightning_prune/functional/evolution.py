@@ -184,7 +184,8 @@ def es_weights(fitness: Tensor, antithetic: bool = True, shaping: str = "centere
         raise ValueError(f"Unknown fitness shaping {shaping!r}; expected 'centered_rank' or 'normalized'.")
     if antithetic:
         if shaped.numel() % 2:
-            raise ValueError(f"Antithetic pairs need an even population, got {shaped.numel()} fitness values.")
+            raise ValueError(
+                f"Antithetic pairs need an even population, got {shaped.numel()} fitness values.")
         return shaped[0::2] - shaped[1::2]
     return shaped
 
@@ -192,7 +193,8 @@ def es_weights(fitness: Tensor, antithetic: bool = True, shaping: str = "centere
 @torch.no_grad()
 def es_update_(params: Sequence[Tensor], parent: Sequence[Tensor], seeds: Sequence[int], weights: Tensor,
                sigma: float, lr: float, population: int, kind: str = "gaussian",
-               shape_by: Sequence[Tensor] | None = None, masks: Sequence[Tensor | None] | None = None) -> None:
+               shape_by: Sequence[Tensor] | None = None,
+               masks: Sequence[Tensor | None] | None = None) -> None:
     """Salimans et al.'s update ``theta = parent + lr / (n sigma) * sum_k w_k eps_k``, in place.
 
     Every ``eps_k`` is regenerated from ``seeds[k]`` (one tensor at a time), so no perturbation is stored;

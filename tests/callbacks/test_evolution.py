@@ -63,7 +63,8 @@ class Probe(Callback):
 def _probed_fit(evo, tmp_path, model=None, n_batches=2, first=(), **kwargs):
     record = []
     callbacks = [*first, Probe(evo, record, "before", n_batches), evo, Probe(evo, record, "after", n_batches)]
-    trainer, module = fit_tiny(callbacks, tmp_path, model=model, **{**FAST, "limit_val_batches": n_batches, **kwargs})
+    options = {**FAST, "limit_val_batches": n_batches, **kwargs}
+    trainer, module = fit_tiny(callbacks, tmp_path, model=model, **options)
     pairs = list(zip(record[0::2], record[1::2]))
     generations = [(b, a) for b, a in pairs if a["generation"] > b["generation"]]
     return trainer, module, generations
@@ -167,7 +168,7 @@ def test_fitness_dataloader_fitness_fn_and_accuracy_metric(tmp_path):
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     evo = _evo(fitness_dataloader=loader, fitness_fn=fitness_fn, fitness_batches=None, population=4)
     fit_tiny([evo], tmp_path, **FAST)
-    assert calls and set(calls) == {8} and len(calls) == 2 * (1 + 4) * 3  # 2 generations x 5 evals x 3 batches
+    assert set(calls) == {8} and len(calls) == 2 * (1 + 4) * 3  # 2 generations x 5 evaluations x 3 batches
     acc = _evo(metric="accuracy", population=4)
     fit_tiny([acc], tmp_path, **FAST)
     assert 0.0 <= acc.last_metrics[f"{KEY}/fitness_min"] <= acc.last_metrics[f"{KEY}/fitness_max"] <= 1.0
@@ -180,8 +181,8 @@ def test_default_fitness_set_is_capped_by_fitness_batches_and_limit_val_batches(
         calls.append(len(batch[1]))
         return F.cross_entropy(pl_module(batch[0]), batch[1])
 
-    fit_tiny([_evo(fitness_fn=fitness_fn, fitness_batches=None)], tmp_path, max_epochs=1, limit_train_batches=2,
-             limit_val_batches=2)
+    evo = _evo(fitness_fn=fitness_fn, fitness_batches=None)
+    fit_tiny([evo], tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=2)
     assert calls == [32, 16] * 5  # parent + 4 offspring, both validation batches (48 images) each
     calls.clear()
     fit_tiny([_evo(fitness_fn=fitness_fn, fitness_batches=1)], tmp_path, max_epochs=1, limit_train_batches=2)
@@ -222,13 +223,15 @@ class MaskedOffspring(EvolutionaryMutation):
 
 
 @pytest.mark.parametrize(("strategy", "mutation"), [("es", "uniform"), ("select", "gradient")])
-def test_weights_pruned_by_another_callback_stay_zero_in_offspring_and_after_update(tmp_path, strategy, mutation):
+def test_weights_pruned_by_another_callback_stay_zero_in_offspring_and_after_update(tmp_path, strategy,
+                                                                                    mutation):
     pruner = GradualMagnitudePruning(target_sparsity=0.6, frequency=1, sparsity_end_step=2, verbose=False)
     evo = MaskedOffspring(pruner, population=4, sigma=0.05, strategy=strategy, mutation=mutation,
                           every_n_steps=2, fitness_batches=1, verbose=False)
     _, module, generations = _probed_fit(evo, tmp_path, n_batches=1, first=[pruner], max_epochs=1,
                                          limit_train_batches=6)
-    assert evo.generation == 3 and evo.checked == 3 * (6 if strategy == "es" else 5)  # ES re-evaluates the parent
+    assert evo.generation == 3
+    assert evo.checked == 3 * (6 if strategy == "es" else 5)  # ES also scores the updated parent
     assert pruner.masks.sparsity() == pytest.approx(0.6, abs=0.01)
     for name, mask in pruner.masks.items():
         assert torch.all(pruner.masks.param(name)[~mask] == 0)
@@ -327,14 +330,16 @@ def test_no_fitness_data_is_a_clear_error(tmp_path):
 
 
 def test_empty_fitness_set_is_a_clear_error(tmp_path):
-    empty = DataLoader(TensorDataset(torch.randn(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    empty_set = TensorDataset(torch.randn(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))
+    empty = DataLoader(empty_set, batch_size=4)
     with pytest.raises(MisconfigurationException, match="fitness set is empty"):
         fit_tiny([_evo(fitness_dataloader=empty)], tmp_path, max_epochs=1, limit_train_batches=2)
 
 
 def test_batches_that_are_not_pairs_need_a_fitness_fn(tmp_path):
     loader = DataLoader([{"x": torch.randn(3, 32, 32)} for _ in range(4)], batch_size=2)
-    with pytest.raises(MisconfigurationException, match=r"needs batches `\(x, y, ...\)`, got a dict.*HINT.*fitness_fn"):
+    match = r"needs batches `\(x, y, ...\)`, got a dict.*HINT.*fitness_fn"
+    with pytest.raises(MisconfigurationException, match=match):
         fit_tiny([_evo(fitness_dataloader=loader)], tmp_path, max_epochs=1, limit_train_batches=2)
 
 
@@ -352,7 +357,8 @@ class _SaveRank(Callback):
 
     def on_train_end(self, trainer, pl_module):
         torch.save({"params": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
-                    "evaluated": [e.evaluated for e in self.evos], "generation": [e.generation for e in self.evos],
+                    "evaluated": [e.evaluated for e in self.evos],
+                    "generation": [e.generation for e in self.evos],
                     "metrics": [e.last_metrics for e in self.evos]},
                    self.out / f"rank{trainer.global_rank}.pt")
 
@@ -369,8 +375,8 @@ class CountingEvolution(EvolutionaryMutation):
 def test_ddp_spawn_ranks_split_the_population_and_stay_bit_identical(tmp_path):
     es = CountingEvolution(population=6, sigma=0.02, strategy="es", every_n_epochs=1, fitness_batches=2,
                            verbose=False)
-    select = CountingEvolution(population=6, sigma=0.05, strategy="select", mutation="gradient", every_n_epochs=1,
-                               fitness_batches=2, verbose=False)
+    select = CountingEvolution(population=6, sigma=0.05, strategy="select", mutation="gradient",
+                               every_n_epochs=1, fitness_batches=2, verbose=False)
     fit_tiny([es, select, _SaveRank([es, select], tmp_path)], tmp_path, strategy="ddp_spawn", devices=2,
              max_epochs=2, limit_train_batches=3, limit_val_batches=1)
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
