@@ -13,7 +13,7 @@ every millisecond from ``/proc/self/statm`` during the generation; the added pea
 of one copy of the parameters. Offspring are regenerated from seeds, so the goal is population 100 within
 10% of population 10.
 
-    python benchmarks/evolution.py            # full: 3 seeds x 20 epochs, a generation every 5 epochs, 20 offspring
+    python benchmarks/evolution.py            # full: 3 seeds x 20 epochs, every 5 epochs, 20 offspring
     python benchmarks/evolution.py --quick    # 2 seeds x 6 epochs, a generation every 2 epochs, 10 offspring
 """
 
@@ -99,12 +99,14 @@ def run_quality(args) -> dict:
             callbacks: list[Callback] = [recorder]
             evo = None
             if kwargs is not None:
-                evo = TimedEvolution(population=args.population, every_n_epochs=args.every, fitness_batches=None,
-                                     fitness_dataloader=_fitness_loader(dm), seed=seed, verbose=False, **kwargs)
+                evo = TimedEvolution(population=args.population, every_n_epochs=args.every,
+                                     fitness_batches=None, fitness_dataloader=_fitness_loader(dm), seed=seed,
+                                     verbose=False, **kwargs)
                 callbacks.insert(0, evo)
             trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False,
-                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                 num_sanity_val_steps=0, deterministic=True, callbacks=callbacks)
+                                 enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+                                 callbacks=callbacks)
             t0 = time.perf_counter()
             trainer.fit(model, datamodule=dm)
             total = time.perf_counter() - t0
@@ -148,19 +150,27 @@ def plot(runs: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"sgd": "tab:blue", "select": "tab:orange", "es": "tab:green"}
+    low = 1.0
     for method, rs in runs.items():
         accs = torch.tensor([r["val_acc"] for r in rs])
-        epochs = range(1, accs.shape[1] + 1)
-        for row in accs:
-            ax.plot(epochs, row, color=colors[method], alpha=0.25, lw=1)
-        ax.plot(epochs, accs.mean(0), color=colors[method], lw=2.2, label=f"{method} (mean of {len(rs)} seeds)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        epochs = list(range(1, accs.shape[1] + 1))
+        start = len(epochs) // 3  # the zoomed panel: the last two thirds of training
+        low = min(low, float(accs[:, start:].min()))
+        for ax, first in zip(axes, (0, start)):
+            for row in accs:
+                ax.plot(epochs[first:], row[first:], color=colors[method], alpha=0.25, lw=1)
+            label = f"{method} (mean of {len(rs)} seeds)"
+            ax.plot(epochs[first:], accs.mean(0)[first:], color=colors[method], lw=2.2, label=label)
+    axes[1].set_ylim(low - 0.002, 1.001)
+    for ax, name in zip(axes, ("all epochs", "zoom")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation accuracy")
+        zoom = "zoom: last two thirds (generations run at the end of every n-th epoch, before validation)"
+        ax.set_title(zoom if name == "zoom" else title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -191,7 +201,8 @@ class PeakSampler(EvolutionaryMutation):
         finally:
             stop.set()
             thread.join()
-        self.result = {"base_rss": base, "peak_rss": max(peak[0], _rss()), "seconds": time.perf_counter() - t0}
+        seconds = time.perf_counter() - t0
+        self.result = {"base_rss": base, "peak_rss": max(peak[0], _rss()), "seconds": seconds}
         return metrics
 
 
@@ -201,10 +212,11 @@ def memory_child(population: int, strategy: str, model_name: str) -> None:
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(batch_size=16, limit=128)
     model = ImageClassifier(model_name, num_classes=10, optimizer="sgd", lr=0.01, scheduler="none")
-    evo = PeakSampler(population=population, strategy=strategy, mutation="gaussian", sigma=0.01, every_n_epochs=1,
-                      fitness_batches=1, verbose=False, log_histogram=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    evo = PeakSampler(population=population, strategy=strategy, mutation="gaussian", sigma=0.01,
+                      every_n_epochs=1, fitness_batches=1, verbose=False, log_histogram=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1,
+                         limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, callbacks=[evo])
     trainer.fit(model, datamodule=dm)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -222,8 +234,9 @@ def run_memory(args) -> list[dict]:
             row["added_mib"] = (row["peak_rss"] - row["base_rss"]) / 2**20
             row["param_mib"] = row["param_bytes"] / 2**20
             rows.append(row)
-            print(f"[memory] {strategy:6s} population {population:3d}: +{row['added_mib']:.1f} MiB peak during the"
-                  f" generation (parameters {row['param_mib']:.1f} MiB), {row['seconds']:.1f} s", flush=True)
+            print(f"[memory] {strategy:6s} population {population:3d}: +{row['added_mib']:.1f} MiB peak"
+                  f" during the generation (parameters {row['param_mib']:.1f} MiB), {row['seconds']:.1f} s",
+                  flush=True)
     return rows
 
 
@@ -238,7 +251,8 @@ def main() -> None:
     parser.add_argument("--es-lr", type=float, default=0.001)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--memory-child", nargs=3, metavar=("POPULATION", "STRATEGY", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=3, metavar=("POPULATION", "STRATEGY", "MODEL"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(int(args.memory_child[0]), args.memory_child[1], args.memory_child[2])
@@ -252,12 +266,13 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     result: dict = {
         "command": "python benchmarks/evolution.py" + (" --quick" if args.quick else ""),
-        "config": {"model": args.model, "seeds": args.seeds, "epochs": args.epochs, "every_n_epochs": args.every,
-                   "population": args.population, "sigma_select": args.sigma_select, "sigma_es": args.sigma_es,
-                   "es_lr": args.es_lr, "fitness_set": "digits test split (270 images)",
+        "config": {"model": args.model, "seeds": args.seeds, "epochs": args.epochs,
+                   "every_n_epochs": args.every, "population": args.population,
+                   "sigma_select": args.sigma_select, "sigma_es": args.sigma_es, "es_lr": args.es_lr,
+                   "fitness_set": "digits test split (270 images)",
                    "memory_model": args.memory_model},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
-                    "threads": torch.get_num_threads()},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "cpu": platform.processor(), "threads": torch.get_num_threads()},
     }
     if not args.skip_quality:
         runs = run_quality(args)
@@ -270,10 +285,13 @@ def main() -> None:
         rows = run_memory(args)
         result["memory"] = rows
         for strategy in ("select", "es"):
-            small, big = (next(r for r in rows if r["strategy"] == strategy and r["population"] == p) for p in (10, 100))
-            result.setdefault("memory_ratio_100_over_10", {})[strategy] = big["added_mib"] / max(small["added_mib"], 1e-9)
+            small, big = (next(r for r in rows if r["strategy"] == strategy and r["population"] == p)
+                          for p in (10, 100))
+            ratio = big["added_mib"] / max(small["added_mib"], 1e-9)
+            result.setdefault("memory_ratio_100_over_10", {})[strategy] = ratio
     (RESULTS / f"evolution.{tag}.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("quality", "memory_ratio_100_over_10") if k in result}, indent=2))
+    summary = {k: result[k] for k in ("quality", "memory_ratio_100_over_10") if k in result}
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
