@@ -443,8 +443,13 @@ class EvolutionaryMutation(Callback):
         else:
             weights = es_weights(fitness, self.antithetic, self.fitness_shaping)
             seeds = [offspring_seed(gen_seed, k) for k in range(weights.numel())]
-            es_update_(params, parent, seeds, weights, scale, self.es_lr, self.population, kind, shape_by,
-                       masks)
+            if scale > 0:
+                es_update_(params, parent, seeds, weights, scale, self.es_lr, self.population, kind, shape_by,
+                           masks)
+            else:  # temperature 0 (a perfect fitness set): the offspring were the parent, nothing to learn
+                weights = torch.zeros_like(weights)
+                for p, q in zip(params, parent):
+                    p.copy_(q)
             changed = float(bool((weights != 0).any()))
             new_fitness = self.evaluate(trainer, pl_module, batches)
         del parent

@@ -157,6 +157,33 @@ def test_gradient_mutation_temperature_shrinks_sigma_as_fitness_improves(tmp_pat
     assert sigmas[-1] == pytest.approx(0.5 * min(error / evo.initial_error, 1.0))
 
 
+class Freeze(Callback):
+    """No SGD change at all: lr 0 and BatchNorm statistics frozen (eval mode during the training step)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for group in trainer.optimizers[0].param_groups:
+            group["lr"] = 0.0
+        pl_module.eval()
+
+
+def test_gradient_es_at_zero_temperature_keeps_the_parent(tmp_path):
+    # the fitness set is labelled with the model's own predictions: error 0 against an initial error of 0.5
+    model = tiny_classifier()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(-1)
+    model.train()
+    initial = [p.detach().clone() for p in model.parameters()]
+    evo = _evo(strategy="es", mutation="gradient", metric="accuracy", population=4, every_n_steps=1,
+               fitness_dataloader=DataLoader(TensorDataset(x, y), batch_size=8))
+    evo.initial_error = 0.5
+    fit_tiny([Freeze(), evo], tmp_path, model=model, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    assert evo.generation == 2
+    assert evo.last_metrics[f"{KEY}/sigma"] == 0.0 and evo.last_metrics[f"{KEY}/parent_changed"] == 0.0
+    assert evo.last_metrics[f"{KEY}/new_fitness"] == 1.0
+    assert all(torch.equal(p, q) for p, q in zip(initial, model.parameters()))
+
+
 def test_fitness_dataloader_fitness_fn_and_accuracy_metric(tmp_path):
     x, y = torch.randn(24, 3, 32, 32), torch.randint(0, 10, (24,))
     calls = []
@@ -195,11 +222,6 @@ def test_include_exclude_choose_what_mutates(tmp_path):
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     names = [n for n, _ in evo.select_parameters(model)]
     assert names and all("layer1" in n and "bn" not in n for n in names)
-
-    class Freeze(Callback):  # no SGD: only the evolution moves weights
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            for g in trainer.optimizers[0].param_groups:
-                g["lr"] = 0.0
 
     fit_tiny([Freeze(), evo], tmp_path, model=model, **FAST)
     changed = {k for k, v in model.state_dict().items() if k in dict(model.named_parameters())
@@ -243,11 +265,6 @@ def test_respect_masks_zeros_freezes_exact_zeros_and_none_does_not(tmp_path):
         model = tiny_classifier()
         with torch.no_grad():
             model.model.layer1[0].conv1.weight[:4] = 0.0
-
-        class Freeze(Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                for g in trainer.optimizers[0].param_groups:
-                    g["lr"] = 0.0
 
         evo = _evo(strategy="es", respect_masks=respect, population=4)
         fit_tiny([Freeze(), evo], tmp_path, model=model, **FAST)
