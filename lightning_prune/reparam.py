@@ -44,6 +44,7 @@ __all__ = [
     "DecayingActivation",
     "Fusion",
     "ReparamPlan",
+    "count_layers",
     "is_activation",
     "plan_reparameterization",
     "reparameterize",
@@ -131,6 +132,11 @@ def unwrap_activations(model: nn.Module) -> list[str]:
     for name in names:
         model.set_submodule(name, model.get_submodule(name).unwrap())
     return names
+
+
+def count_layers(model: nn.Module) -> int:
+    """Conv and linear modules in ``model`` (the depth that fusion reduces)."""
+    return sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in model.modules())
 
 
 def set_lambda(model: nn.Module, lam: float) -> int:

@@ -8,6 +8,7 @@ which the linear layers around them fuse exactly (:func:`lightning_prune.reparam
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,6 +23,7 @@ from lightning_prune.logging import PREFIX, log_scalars
 from lightning_prune.reparam import (
     DecayingActivation,
     ReparamPlan,
+    count_layers,
     plan_reparameterization,
     reparameterize,
     unwrap_activations,
@@ -131,6 +133,7 @@ class ActivationDecay(Callback):
         self._bounds: tuple[float, float] | None = None  # resolved (start, end) in steps or epochs
         self._wrapped: dict[str, DecayingActivation] = {}
         self._plan: ReparamPlan | None = None
+        self._fused_model: int | None = None  # id() of the module fused at train end
 
     @staticmethod
     def _check_position(name: str, value: int | float) -> int | float:
@@ -158,7 +161,11 @@ class ActivationDecay(Callback):
         modules = {id(m) for m in pl_module.modules()}
         if self._wrapped and all(id(w) in modules for w in self._wrapped.values()):
             return
+        if self._fused_model is not None and self._fused_model in modules:
+            return  # validate/test after fuse_on_train_end: the model is already fused
         plan = plan_reparameterization(pl_module, self.include, self.exclude)
+        if not plan.decay and stage != "fit":
+            return
         if not plan.decay:
             reasons = "; ".join(f"{n}: {why}" for n, why in list(plan.rejected.items())[:6]) or "no activation modules"
             raise MisconfigurationException(
@@ -184,11 +191,20 @@ class ActivationDecay(Callback):
 
     # ------------------------------------------------------------------ schedule
     def _resolve_bounds(self, trainer: pl.Trainer) -> tuple[float, float]:
-        total = max(int(trainer.estimated_stepping_batches), 1)
+        estimated = float(trainer.estimated_stepping_batches)
+        finite = math.isfinite(estimated)
+        if not finite and (isinstance(self.start, float) or isinstance(self.end, float)):
+            raise MisconfigurationException(
+                "`start`/`end` given as fractions of training need a finite training length; got max_epochs=-1"
+                " and no max_steps. HINT: give `start` and `end` as epochs (ints).")
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-        per_epoch = total / max_epochs if max_epochs else max(
-            int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1), 1)
-        epochs = max_epochs or total / per_epoch
+        total = max(int(estimated), 1) if finite else math.inf
+        if finite and max_epochs:
+            per_epoch, epochs = total / max_epochs, float(max_epochs)
+        else:
+            batches = float(trainer.num_training_batches)
+            per_epoch = max(int(batches) // max(trainer.accumulate_grad_batches, 1), 1) if math.isfinite(batches) else 1
+            epochs = total / per_epoch
 
         def resolve(value: int | float) -> float:
             if self.interval == "step":
@@ -248,12 +264,15 @@ class ActivationDecay(Callback):
             rank_zero_warn(f"ActivationDecay: training ended at λ = {self.lam:.4g} < 1; the model is NOT fused"
                            " (fusing would change its outputs). HINT: train longer or set `end` earlier.")
             return
+        before = count_layers(pl_module)
         reparameterize(pl_module)
         self._wrapped = {}
-        fusions = getattr(pl_module, "_lightning_prune_fusions", [])
-        log_scalars(trainer, {f"{PREFIX}/fused_pairs": float(len(fusions))})
+        self._fused_model = id(pl_module)
+        after = count_layers(pl_module)
+        log_scalars(trainer, {f"{PREFIX}/layers_before_fusion": float(before),
+                              f"{PREFIX}/layers_after_fusion": float(after)})
         if self.verbose:
-            rank_zero_info(f"[ActivationDecay] fused {len(fusions)} layer pair(s) and folded conv+BN;"
+            rank_zero_info(f"[ActivationDecay] fused: {before} -> {after} conv/linear layers, conv+BN folded;"
                            " the model is ready for inference (use it in eval mode).")
 
     # ------------------------------------------------------------------ state

@@ -16,7 +16,7 @@ from torch import nn
 import lightning_prune as lp
 from lightning_prune.callbacks.activation_decay import ActivationDecay, decay_lambda
 from lightning_prune.reparam import DecayingActivation
-from lightning_prune.testing import check_callback_conformance, fit_tiny, tiny_classifier
+from lightning_prune.testing import check_callback_conformance, fit_tiny, tiny_classifier, tiny_datamodule
 
 FIT = {"limit_train_batches": 4, "limit_val_batches": 1}
 
@@ -124,7 +124,9 @@ def test_fuse_on_train_end_gives_the_same_outputs(tmp_path, name):
 
     snap = Snapshot()
     decay = ActivationDecay(end=0.5, fuse_on_train_end=True, verbose=False)
-    _, model = fit_tiny([snap, decay], tmp_path, model=tiny_classifier(name), max_epochs=2, **FIT)
+    trainer, model = fit_tiny([snap, decay], tmp_path, model=tiny_classifier(name), max_epochs=2, **FIT)
+    assert not any(isinstance(m, DecayingActivation) for m in model.modules())
+    trainer.test(model, datamodule=tiny_datamodule(), verbose=False)  # the fused model tests, nothing re-wrapped
     assert not any(isinstance(m, DecayingActivation) for m in model.modules())
     convs = lambda m: sum(isinstance(x, nn.Conv2d) for x in m.modules())  # noqa: E731
     assert convs(model) < convs(snap.model)
