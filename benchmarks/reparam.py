@@ -9,14 +9,14 @@ For each architecture, in one run:
   shape (for ReduceNet: ``reducenet_<d>_plain``, one 3×3 conv + ReLU + residual per block, the seed's
   "ResNet29"), and the deep nonlinear network itself.
 
-Architectures: ``reducenet_20`` (ReduceNet blocks, fuses into a plain stack of 3×3 convs) and timm's
-``resnet26`` with narrow channels (Bottleneck blocks: the 3×3 and the last 1×1 fuse). Latency ratios are
+Architectures: ``reducenet_20`` (the seed's ReduceNet blocks: fuses into a stack of 3×3 convs with no
+activation left but the stem's), ``reducenet_20_act`` (a permanent ReLU after each block: fuses into exactly
+the ``reducenet_20_plain`` architecture, so the comparison with it is like for like) and timm's ``resnet26``
+with narrow channels (Bottleneck blocks: the 3×3 and the last 1×1 fuse). Latency ratios are
 measured interleaved in the same process (1 thread), so they compare like with like on a busy machine.
 
-    python benchmarks/reparam.py            # 15 epochs, 2 seeds
-    python benchmarks/reparam.py --quick    # 5 epochs, 1 seed
-
-Writes ``benchmarks/results/reparam.json`` and ``benchmarks/results/reparam.md`` (``--out`` to change).
+    python benchmarks/reparam.py            # 15 epochs, 2 seeds   -> benchmarks/results/reparam.{json,md}
+    python benchmarks/reparam.py --quick    # 5 epochs, 1 seed     -> benchmarks/results/reparam.quick.{json,md}
 """
 
 from __future__ import annotations
@@ -46,9 +46,13 @@ warnings.filterwarnings("ignore")
 
 BOTTLENECK = {"channels": (16, 32, 48, 64), "stem_width": 16}
 ARCHS = {
-    "reducenet_20": {"decay": ("reducenet_20", {}), "deploy-shape baseline": ("reducenet_20_plain", {})},
+    # the seed's design: fused, nothing but the stem's ReLU is left (a linear backbone)
+    "reducenet_20": {"decay": ("reducenet_20", {}), "deploy-depth baseline": ("reducenet_20_plain", {})},
+    # with a permanent ReLU per block, the fused network is exactly the reducenet_20_plain architecture
+    "reducenet_20_act": {"decay": ("reducenet_20_act", {}), "same deployed architecture": ("reducenet_20_plain", {})},
     "resnet26 (bottleneck)": {"decay": ("resnet26", BOTTLENECK)},
 }
+_CACHE: dict = {}
 
 
 def params(model: torch.nn.Module) -> int:
@@ -86,6 +90,13 @@ def accuracy(model: torch.nn.Module, loader) -> float:
 
 
 def train(model_name: str, model_kwargs: dict, epochs: int, seed: int, decay: bool, root: Path):
+    key = (model_name, json.dumps(model_kwargs), epochs, seed, decay)
+    if key not in _CACHE:
+        _CACHE[key] = _train(model_name, model_kwargs, epochs, seed, decay, root)
+    return _CACHE[key]
+
+
+def _train(model_name: str, model_kwargs: dict, epochs: int, seed: int, decay: bool, root: Path):
     pl.seed_everything(seed, verbose=False)
     module = lp.ImageClassifier(model_name, num_classes=10, model_kwargs=model_kwargs, optimizer="sgd", lr=0.05,
                                 weight_decay=5e-4, scheduler="cosine")
@@ -193,9 +204,10 @@ def main() -> None:
     args.repeats = args.repeats or (40 if args.quick else 200)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     res = run(args)
-    Path(args.out, "reparam.json").write_text(json.dumps(res, indent=2))
+    stem = "reparam.quick" if args.quick else "reparam"
+    Path(args.out, f"{stem}.json").write_text(json.dumps(res, indent=2))
     md = to_markdown(res)
-    Path(args.out, "reparam.md").write_text(md + "\n")
+    Path(args.out, f"{stem}.md").write_text(md + "\n")
     print(md)
 
 

@@ -11,8 +11,11 @@ the identity, the block is linear: conv+BN fold, the 3×3 and the 1×1 compose i
 identity residual becomes part of that kernel (RepVGG). ``reducenet_56`` trains with 56 layers
 (stem + 27 × (3×3, 1×1) + classifier) and deploys with 29 (stem + 27 × 3×3 + classifier).
 
-``reducenet_<depth>_plain`` is the baseline of the seed's comparison: the *deployed* shape (one 3×3 conv
-per block, residual) with a permanent nonlinearity, trained directly.
+Fused, the seed's design has no activation left but the stem's: the deployed backbone is linear.
+``reducenet_<depth>_act`` adds a permanent ReLU after each block's residual sum (VanillaNet keeps one
+nonlinearity per block too); it fuses into exactly the architecture of ``reducenet_<depth>_plain``, the
+baseline of the seed's comparison: the *deployed* shape (one 3×3 conv + BN per block, residual, ReLU)
+trained directly.
 
 Models are registered with timm on ``import lightning_prune``::
 
@@ -49,10 +52,12 @@ class ReduceBlock(nn.Module):
         mid_ratio: width of the hidden map relative to ``out_chs`` (wider trains more parameters, deploys the
             same 3×3 conv).
         act_layer: the (decaying) activation.
+        out_act: add a permanent activation after the residual sum (``act_out``), which never decays: the block
+            then fuses into exactly a :class:`PlainBlock` (3×3 conv + residual + activation).
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, mid_ratio: float = 1.0,
-                 act_layer: type[nn.Module] = nn.ReLU) -> None:
+                 act_layer: type[nn.Module] = nn.ReLU, out_act: bool = False) -> None:
         super().__init__()
         mid = max(int(round(out_chs * mid_ratio)), 1)
         self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
@@ -62,13 +67,14 @@ class ReduceBlock(nn.Module):
         self.conv2 = nn.Conv2d(mid, out_chs, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_chs)
         self.has_skip = stride == 1 and in_chs == out_chs
+        self.act_out = act_layer() if out_act else nn.Identity()
         self.reparam_conv: nn.Conv2d | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.reparam_conv is not None:
-            return self.reparam_conv(x)
+            return self.act_out(self.reparam_conv(x))
         y = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
-        return y + x if self.has_skip else y
+        return self.act_out(y + x if self.has_skip else y)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -102,7 +108,7 @@ class PlainBlock(nn.Module):
     """The deployed shape trained directly: ``act(BN(conv3×3(x)) + x)`` (residual when the shape is kept)."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, mid_ratio: float = 1.0,
-                 act_layer: type[nn.Module] = nn.ReLU) -> None:
+                 act_layer: type[nn.Module] = nn.ReLU, out_act: bool = True) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, 3, stride, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_chs)
@@ -124,6 +130,7 @@ class ReduceNet(nn.Module):
         mid_ratio: hidden width of a ReduceBlock relative to its output.
         num_classes, in_chans, drop_rate, global_pool: as in every timm model.
         act_layer: activation (name or class) of the stem and the blocks.
+        out_act: ReduceBlocks also get a permanent activation after their residual sum (``reducenet_<d>_act``).
     """
 
     def __init__(
@@ -137,6 +144,7 @@ class ReduceNet(nn.Module):
         drop_rate: float = 0.0,
         global_pool: str = "avg",
         act_layer: str | type[nn.Module] = "relu",
+        out_act: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -151,7 +159,8 @@ class ReduceNet(nn.Module):
         for stage, width in enumerate(widths):
             for i in range(blocks_per_stage):
                 stride = 2 if stage > 0 and i == 0 else 1
-                layers.append(block_cls(in_chs, width, stride, mid_ratio=mid_ratio, act_layer=act))
+                layers.append(block_cls(in_chs, width, stride, mid_ratio=mid_ratio, act_layer=act,
+                                        **({"out_act": out_act} if block == "reduce" else {})))
                 in_chs = width
         self.blocks = nn.Sequential(*layers)
         self.num_features = self.head_hidden_size = in_chs
@@ -191,7 +200,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 _DEPTHS = {20: 3, 32: 5, 44: 7, 56: 9, 110: 18}
 
 default_cfgs = generate_default_cfgs(
-    {f"reducenet_{d}": _cfg() for d in _DEPTHS} | {f"reducenet_{d}_plain": _cfg() for d in _DEPTHS}
+    {f"reducenet_{d}{suffix}": _cfg() for d in _DEPTHS for suffix in ("", "_act", "_plain")}
 )
 
 
@@ -228,6 +237,18 @@ def reducenet_56(pretrained: bool = False, **kwargs: Any) -> ReduceNet:
 def reducenet_110(pretrained: bool = False, **kwargs: Any) -> ReduceNet:
     """ReduceNet-110: 18 blocks per stage; trains 110 layers, deploys 56."""
     return _create("reducenet_110", 110, "reduce", pretrained, **kwargs)
+
+
+@register_model
+def reducenet_20_act(pretrained: bool = False, **kwargs: Any) -> ReduceNet:
+    """ReduceNet-20 with a permanent ReLU after each block: fuses into exactly ``reducenet_20_plain``."""
+    return _create("reducenet_20_act", 20, "reduce", pretrained, **{"out_act": True, **kwargs})
+
+
+@register_model
+def reducenet_56_act(pretrained: bool = False, **kwargs: Any) -> ReduceNet:
+    """ReduceNet-56 with a permanent ReLU after each block: fuses into exactly ``reducenet_56_plain``."""
+    return _create("reducenet_56_act", 56, "reduce", pretrained, **{"out_act": True, **kwargs})
 
 
 @register_model

@@ -208,6 +208,22 @@ def test_reducenet_fuses_into_a_plain_stack_of_3x3_convs(tmp_path):
         assert torch.equal(loaded(x), out)
 
 
+def test_reducenet_act_fuses_into_the_plain_baseline_architecture():
+    model = _model("reducenet_20_act")
+    plan = plan_reparameterization(model)
+    assert len(plan.decay) == 9 and "blocks.0.act_out" in plan.rejected  # the permanent ReLU stays
+    wrap_activations(model, plan.decay, 1.0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        fused = reparameterize(model).eval()
+        assert _max_rel(fused(x), ref) <= 1e-4
+    plain = timm.create_model("reducenet_20_plain", num_classes=10)
+    shapes = lambda m: [tuple(c.weight.shape) for c in m.modules() if isinstance(c, (nn.Conv2d, nn.Linear))]  # noqa
+    assert shapes(fused) == shapes(plain)
+    assert _count(fused, nn.ReLU) == _count(plain, nn.ReLU) == 10
+
+
 def test_reducenet_block_refuses_to_fuse_before_decay():
     block = ReduceBlock(4, 4)
     with pytest.raises(RuntimeError, match="not the identity"):
@@ -248,7 +264,8 @@ def test_timm_reparameterize_model_is_applied():
 
 
 def test_reducenet_is_registered_with_timm():
-    assert {"reducenet_20", "reducenet_56", "reducenet_20_plain"} <= set(timm.list_models("reducenet_*"))
+    expected = {"reducenet_20", "reducenet_56", "reducenet_20_act", "reducenet_56_act", "reducenet_20_plain"}
+    assert expected <= set(timm.list_models("reducenet_*"))
     model = timm.create_model("reducenet_20_plain", num_classes=10)
     assert model.pretrained_cfg["first_conv"] == "stem.0" and model.pretrained_cfg["classifier"] == "fc"
     assert not plan_reparameterization(model)  # the plain baseline has nothing to decay

@@ -170,6 +170,11 @@ def test_end_before_start_after_resolution(tmp_path):
         fit_tiny([ActivationDecay(start=1, end=0.25, verbose=False)], tmp_path, max_epochs=2, **FIT)
 
 
+def test_fractions_need_a_finite_training_length(tmp_path):
+    with pytest.raises(MisconfigurationException, match="need a finite training length"):
+        fit_tiny([ActivationDecay(verbose=False)], tmp_path, max_epochs=-1, **FIT)
+
+
 def test_model_with_nothing_to_decay_is_an_error(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"found nothing to decay.*not between two fusable linear layers.*HINT"):
         fit_tiny([ActivationDecay()], tmp_path, model=tiny_classifier("reducenet_20_plain"), max_epochs=1, **FIT)
