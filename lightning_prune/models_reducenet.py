@@ -204,9 +204,10 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create(variant: str, depth: int, block: str, pretrained: bool = False, **kwargs: Any) -> ReduceNet:
+def _create(variant: str, depth: int, default_block: str, pretrained: bool = False, **kwargs: Any) -> ReduceNet:
     kwargs.setdefault("blocks_per_stage", _DEPTHS[depth])
-    return build_model_with_cfg(ReduceNet, variant, pretrained, block=block, **kwargs)
+    kwargs.setdefault("block", default_block)
+    return build_model_with_cfg(ReduceNet, variant, pretrained, **kwargs)
 
 
 @register_model

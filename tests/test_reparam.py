@@ -224,6 +224,11 @@ def test_reducenet_act_fuses_into_the_plain_baseline_architecture():
     assert _count(fused, nn.ReLU) == _count(plain, nn.ReLU) == 10
 
 
+def test_reducenet_bad_block_type():
+    with pytest.raises(ValueError, match="`block` must be 'reduce' or 'plain', got 'vgg'"):
+        timm.create_model("reducenet_20", block="vgg")
+
+
 def test_reducenet_block_refuses_to_fuse_before_decay():
     block = ReduceBlock(4, 4)
     with pytest.raises(RuntimeError, match="not the identity"):

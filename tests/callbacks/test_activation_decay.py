@@ -170,6 +170,14 @@ def test_end_before_start_after_resolution(tmp_path):
         fit_tiny([ActivationDecay(start=1, end=0.25, verbose=False)], tmp_path, max_epochs=2, **FIT)
 
 
+def test_checkpoint_with_another_selection_warns():
+    decay = ActivationDecay(verbose=False)
+    decay.decayed = ["model.layer3.0.act2"]
+    with pytest.warns(UserWarning, match="the checkpoint decayed 2 activation"):
+        decay.load_state_dict({"lam": 0.5, "decayed": ["a", "b"], "bounds": [0.0, 8.0]})
+    assert decay.lam == 0.5 and decay._bounds == (0.0, 8.0)
+
+
 def test_fractions_need_a_finite_training_length(tmp_path):
     with pytest.raises(MisconfigurationException, match="need a finite training length"):
         fit_tiny([ActivationDecay(verbose=False)], tmp_path, max_epochs=-1, **FIT)
