@@ -272,7 +272,7 @@ def reducenet_44_plain(pretrained: bool = False, **kwargs: Any) -> ReduceNet:
 
 @register_model
 def reducenet_56_plain(pretrained: bool = False, **kwargs: Any) -> ReduceNet:
-    """Baseline: the 29-layer deployed shape of ReduceNet-56 with ReLUs (the seed's "ResNet29"), trained directly."""
+    """Baseline: the 29-layer deployed shape of ReduceNet-56 with ReLUs (the seed's "ResNet29")."""
     return _create("reducenet_56_plain", 56, "plain", pretrained, **kwargs)
 
 

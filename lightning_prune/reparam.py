@@ -175,7 +175,8 @@ def _trace(model: nn.Module) -> torch.fx.Graph:
         return _Tracer().trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear message
         raise MisconfigurationException(
-            f"Could not trace {type(model).__name__} with torch.fx to find fusable activations ({type(err).__name__}:"
+            f"Could not trace {type(model).__name__} with torch.fx to find fusable activations"
+            f" ({type(err).__name__}:"
             f" {err}). HINT: pass `include=[...]` globs naming the activations to decay explicitly."
         ) from err
 
@@ -306,7 +307,8 @@ class ReparamPlan:
         return bool(self.decay)
 
     def __str__(self) -> str:
-        lines = [f"ActivationDecay plan: {len(self.decay)} activation(s) decay, {len(self.fusions)} exact fusion(s)"]
+        lines = [f"ActivationDecay plan: {len(self.decay)} activation(s) decay,"
+                 f" {len(self.fusions)} exact fusion(s)"]
         for f in self.fusions:
             lines.append(f"  fuse {f.first} + {f.second} ({f.kind}) through {', '.join(f.activations) or '-'}:"
                          f" {f.params_before:,} -> {f.params_after:,} weights")
@@ -456,7 +458,8 @@ def plan_reparameterization(
                 seen.add((fusion.first, fusion.second))
                 plan.fusions.append(fusion)
     plan.decay = selected
-    plan.rejected = {n: reasons.get(n, "not selected by `include`" if include_p else "not on a linear→linear path")
+    default_reason = "not selected by `include`" if include_p else "not on a linear→linear path"
+    plan.rejected = {n: reasons.get(n, default_reason)
                      for n in all_acts if n not in chosen}
     return plan
 
@@ -499,7 +502,8 @@ def _fuse_pair(first: nn.Module, second: nn.Module, kind: str, bns: list[_BatchN
     w1, w2 = expand_groups(w1, first.groups), expand_groups(w2, second.groups)
     if kind == "conv∘1×1":
         w, b = fuse_conv_1x1(w1, b1, w2, b2)
-        return _new_layer(first, w, b, stride=first.stride, padding=first.padding, padding_mode=first.padding_mode)
+        return _new_layer(first, w, b, stride=first.stride, padding=first.padding,
+                          padding_mode=first.padding_mode)
     if kind == "1×1∘k×k":
         w, b = fuse_1x1_kxk(w1, b1, w2, b2)
     else:
@@ -526,12 +530,14 @@ def _fold_conv_bn(model: nn.Module) -> int:
             if node.op == "call_module":
                 calls[node.target] = calls.get(node.target, 0) + 1
         for node in list(graph.nodes):
-            if node.op != "call_module" or type(modules[node.target]) not in _LINEAR_TYPES or calls[node.target] > 1:
+            if (node.op != "call_module" or type(modules[node.target]) not in _LINEAR_TYPES
+                    or calls[node.target] > 1):
                 continue
             cur = node
             while len(cur.users) == 1:
                 nxt = next(iter(cur.users))
-                if nxt.op != "call_module" or len(nxt.args) != 1 or nxt.args[0] is not cur or calls[nxt.target] > 1:
+                if (nxt.op != "call_module" or len(nxt.args) != 1 or nxt.args[0] is not cur
+                        or calls[nxt.target] > 1):
                     break
                 ops = _ops(nxt.target, modules[nxt.target])
                 if ops is None:
@@ -544,7 +550,8 @@ def _fold_conv_bn(model: nn.Module) -> int:
                         stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
                         padding_mode=layer.padding_mode)
                     if isinstance(layer, nn.Conv2d):
-                        new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, bias=True, **kwargs)
+                        new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, bias=True,
+                                        **kwargs)
                     else:
                         new = nn.Linear(layer.in_features, layer.out_features, bias=True)
                     new = new.to(device=w.device, dtype=w.dtype).train(layer.training)
@@ -563,7 +570,7 @@ def _fold_conv_bn(model: nn.Module) -> int:
 
 
 def _fuse_links(model: nn.Module, decayed: set[str]) -> list[Fusion]:
-    """Fuse every exact linear pair whose path contains a decayed (now identity) activation, until none is left."""
+    """Fuse every exact linear pair whose path holds a decayed (now identity) activation, until none is left."""
     done: list[Fusion] = []
     while True:
         progress = False
@@ -574,7 +581,8 @@ def _fuse_links(model: nn.Module, decayed: set[str]) -> list[Fusion]:
                 names = [_join(prefix, n) for _, n in between]
                 if not decayed.intersection(names) or first in used or second in used:
                     continue
-                if any(kind == "act" for kind, _ in between) or calls.get(first, 0) > 1 or calls.get(second, 0) > 1:
+                shared = calls.get(first, 0) > 1 or calls.get(second, 0) > 1
+                if shared or any(kind == "act" for kind, _ in between):
                     continue
                 m1, m2 = root.get_submodule(first), root.get_submodule(second)
                 kind, _ = fusion_kind(m1, m2)

@@ -120,7 +120,8 @@ class ActivationDecay(Callback):
         self.end = self._check_position("end", end)
         if type(self.start) is type(self.end) and self.end < self.start:
             raise MisconfigurationException(
-                f"`end` ({end}) must not come before `start` ({start}). HINT: λ rises from 0 at `start` to 1 at `end`.")
+                f"`end` ({end}) must not come before `start` ({start})."
+                " HINT: λ rises from 0 at `start` to 1 at `end`.")
         self.schedule = check_choice("schedule", schedule, ("linear", "cosine"))
         self.interval = check_choice("interval", interval, ("step", "epoch"))
         self.include = list(as_patterns(include))
@@ -145,7 +146,8 @@ class ActivationDecay(Callback):
             ok = 0.0 <= value <= 1.0
         if not ok:
             raise MisconfigurationException(
-                f"`{name}` must be an epoch (int >= 0) or a fraction of training (float in [0, 1]), got {value!r}."
+                f"`{name}` must be an epoch (int >= 0) or a fraction of training (float in [0, 1]),"
+                f" got {value!r}."
                 " HINT: end=0.5 reaches λ = 1 halfway through training; end=100 at epoch 100.")
         return value
 
@@ -167,7 +169,8 @@ class ActivationDecay(Callback):
         if not plan.decay and stage != "fit":
             return
         if not plan.decay:
-            reasons = "; ".join(f"{n}: {why}" for n, why in list(plan.rejected.items())[:6]) or "no activation modules"
+            shown = list(plan.rejected.items())[:6]
+            reasons = "; ".join(f"{n}: {why}" for n, why in shown) or "no activation modules"
             raise MisconfigurationException(
                 f"ActivationDecay found nothing to decay in {type(pl_module).__name__}"
                 f" (include={self.include or 'automatic'}, exclude={self.exclude}): {reasons}."
@@ -203,7 +206,8 @@ class ActivationDecay(Callback):
             per_epoch, epochs = total / max_epochs, float(max_epochs)
         else:
             batches = float(trainer.num_training_batches)
-            per_epoch = max(int(batches) // max(trainer.accumulate_grad_batches, 1), 1) if math.isfinite(batches) else 1
+            accumulate = max(trainer.accumulate_grad_batches, 1)
+            per_epoch = max(int(batches) // accumulate, 1) if math.isfinite(batches) else 1
             epochs = total / per_epoch
 
         def resolve(value: int | float) -> float:
@@ -214,7 +218,8 @@ class ActivationDecay(Callback):
         start, end = resolve(self.start), resolve(self.end)
         if end < start:
             raise MisconfigurationException(
-                f"`end` ({self.end}) resolves to {end:g} {self.interval}s, before `start` ({self.start}) at {start:g}.")
+                f"`end` ({self.end}) resolves to {end:g} {self.interval}s, before `start` ({self.start})"
+                f" at {start:g}.")
         last = total - 1 if self.interval == "step" else epochs - 1
         if self.fuse_on_train_end and end > last:
             raise MisconfigurationException(
