@@ -218,3 +218,20 @@ def test_ddp_spawn_ranks_agree(tmp_path):
     states = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert states[0] == states[1]
     assert states[0]["lam"] == 1.0 and states[0]["wrappers"] == {"model.layer3.0.act2": 1.0}
+
+
+# ------------------------------------------------------------------ recipes
+@pytest.mark.parametrize("recipe", ["digits", "cifar10"])
+def test_recipes_build(recipe):
+    import timm
+    import yaml
+
+    config = yaml.safe_load(open(Path(__file__).parents[2] / "recipes" / recipe / "activation_decay.yaml"))
+    (cb,) = config["trainer"]["callbacks"]
+    assert cb["class_path"] == "lightning_prune.ActivationDecay"
+    decay = ActivationDecay(**cb["init_args"], verbose=False)
+    assert decay.fuse_on_train_end and decay.schedule == "cosine"
+    name = config["model"]["init_args"]["model_name"]
+    assert timm.is_model(name)
+    fusions = ActivationDecay.plan(timm.create_model(name, num_classes=10)).fusions
+    assert len(fusions) == {"digits": 9, "cifar10": 27}[recipe]
