@@ -53,8 +53,9 @@ def test_conformance_no_arguments(tmp_path):
 
 
 def test_conformance_reducenet_per_epoch_cosine_resumes_mid_schedule(tmp_path):
-    make = lambda: ActivationDecay(end=3, schedule="cosine", interval="epoch", verbose=False)  # noqa: E731
-    state = check_callback_conformance(make, tmp_path, model_name="reducenet_20", max_epochs=4, resume_epoch=2)
+    make = lambda: ActivationDecay(end=2, schedule="cosine", interval="epoch", verbose=False)  # noqa: E731
+    # the checkpoint of epoch 1 holds λ = 0.5; the resumed run must continue to the same weights and λ = 1
+    state = check_callback_conformance(make, tmp_path, model_name="reducenet_20", max_epochs=3, resume_epoch=2)
     assert len(state["decayed"]) == 9 and state["lam"] == 1.0
 
 
