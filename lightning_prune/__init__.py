@@ -19,11 +19,16 @@ from lightning_prune.__about__ import __version__
 from lightning_prune._registry import CallbackInfo, create_callback, get_callback, list_callbacks
 from lightning_prune.report import SparsityReport, sparsity_report
 
+# Registers the ReduceNet-style models with timm (`timm.create_model("reducenet_20")` after this import).
+from lightning_prune import models_reducenet as _models_reducenet  # noqa: E402,F401  isort: skip
+
 # Heavier names are imported on first access, so `import lightning_prune` stays fast.
 _LAZY = {
     "PruningCallback": "lightning_prune.callbacks.base",
     "GradualMagnitudePruning": "lightning_prune.callbacks.magnitude",
     "EvolutionaryMutation": "lightning_prune.callbacks.evolution",
+    "ActivationDecay": "lightning_prune.callbacks.activation_decay",
+    "reparameterize": "lightning_prune.reparam",
     "ImageClassifier": "lightning_prune.models",
     "DigitsDataModule": "lightning_prune.data",
     "CIFAR10DataModule": "lightning_prune.data",

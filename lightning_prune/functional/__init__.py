@@ -1,6 +1,30 @@
-"""Pure functions the callbacks and users share: importance scores, thresholds, gate math."""
+"""Pure functions the callbacks and users share: importance scores, thresholds, gate math, fusion, ES."""
 
+from lightning_prune.functional.evolution import (
+    NOISE_KINDS,
+    add_perturbation_,
+    centered_ranks,
+    es_update_,
+    es_weights,
+    generation_seed,
+    noise_like,
+    normalized_fitness,
+    offspring_direction,
+    offspring_seed,
+    perturbation,
+)
+from lightning_prune.functional.fusion import (
+    expand_groups,
+    fold_bn,
+    fuse_1x1_kxk,
+    fuse_conv_1x1,
+    fuse_kxk_kxk,
+    identity_kernel,
+    pad_kernel,
+)
 from lightning_prune.functional.hard_concrete import (
+    GAMMA,
+    ZETA,
     expected_l0,
     hard_concrete_gate,
     hard_concrete_mean,
@@ -17,28 +41,35 @@ from lightning_prune.functional.magnitude import (
 )
 
 __all__ = [
+    "GAMMA",
+    "NOISE_KINDS",
+    "ZETA",
+    "add_perturbation_",
+    "block_magnitude",
+    "centered_ranks",
+    "es_update_",
+    "es_weights",
+    "expand_groups",
     "expected_l0",
+    "fold_bn",
+    "fuse_1x1_kxk",
+    "fuse_conv_1x1",
+    "fuse_kxk_kxk",
+    "generation_seed",
     "hard_concrete_gate",
     "hard_concrete_mean",
     "hard_concrete_sample",
     "hard_sigmoid_l0",
-    "log_alpha_from_droprate",
-    "block_magnitude",
+    "identity_kernel",
     "kept_count",
     "kth_largest",
+    "log_alpha_from_droprate",
     "magnitude_mask",
+    "noise_like",
+    "normalized_fitness",
+    "offspring_direction",
+    "offspring_seed",
+    "pad_kernel",
+    "perturbation",
     "threshold_mask",
 ]
-
-from lightning_prune.functional.evolution import (  # noqa: E402
-    add_perturbation_,
-    centered_ranks,
-    es_update_,
-    es_weights,
-    normalized_fitness,
-    offspring_seed,
-    perturbation,
-)
-
-__all__ += ["add_perturbation_", "centered_ranks", "es_update_", "es_weights", "normalized_fitness",
-            "offspring_seed", "perturbation"]
