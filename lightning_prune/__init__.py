@@ -23,6 +23,7 @@ from lightning_prune.report import SparsityReport, sparsity_report
 _LAZY = {
     "PruningCallback": "lightning_prune.callbacks.base",
     "GradualMagnitudePruning": "lightning_prune.callbacks.magnitude",
+    "LotteryTicket": "lightning_prune.callbacks.lottery_ticket",
     "ImageClassifier": "lightning_prune.models",
     "DigitsDataModule": "lightning_prune.data",
     "CIFAR10DataModule": "lightning_prune.data",

@@ -9,3 +9,7 @@ from lightning_prune.functional.magnitude import (
 )
 
 __all__ = ["block_magnitude", "kept_count", "kth_largest", "magnitude_mask", "threshold_mask"]
+
+from lightning_prune.functional.lottery import prune_by_percent, prune_count, remaining_fraction, shuffle_like  # noqa: E402
+
+__all__ += ["prune_by_percent", "prune_count", "remaining_fraction", "shuffle_like"]
