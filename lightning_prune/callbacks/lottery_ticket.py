@@ -269,10 +269,12 @@ class LotteryTicket(PruningCallback):
             if self.reinit == "random" and name in params and value.is_floating_point() and value.numel() > 1:
                 value = shuffle_like(value, generator)
             tensor.copy_(value)
+        # load copies: on the CPU `Optimizer.load_state_dict` adopts the given tensors, and the next steps would
+        # update the saved rewind point in place
         for optimizer, state in zip(trainer.optimizers, self.rewind_state["optimizers"]):
-            optimizer.load_state_dict(state)
+            optimizer.load_state_dict(_cpu_clone(state))
         for cfg, state in zip(trainer.lr_scheduler_configs, self.rewind_state["schedulers"]):
-            cfg.scheduler.load_state_dict(state)
+            cfg.scheduler.load_state_dict(_cpu_clone(state))
 
     # ------------------------------------------------------------------ rounds
     def _finish_round_row(self, trainer: pl.Trainer) -> dict[str, Any]:
