@@ -205,6 +205,10 @@ def plot(table: dict[str, list[dict[str, Any]]], path: Path) -> None:
                         capsize=3, label=label)
         ax.axhline(rows[0]["ticket"][0], color="grey", lw=0.8, ls=":", label="dense (round 0)")
         ax.set_xscale("log")
+        ticks = [t for t in (100, 80, 64, 51.2, 41, 32.8, 26.2, 21, 16.8, 13.4, 10.7, 8.6, 6.9, 5.5, 4.4)
+                 if min(x) * 0.99 <= t <= max(x) * 1.01]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.invert_xaxis()
         ax.set_xlabel("weights remaining (%)")
         ax.set_ylabel("test accuracy")
@@ -223,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="epochs per round")
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--replot", action="store_true", help="rewrite the table and plot from the saved json")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (8 if args.quick else 12)
     args.epochs = args.epochs or (3 if args.quick else 6)
@@ -231,6 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / ("lottery.quick" if args.quick else "lottery")
     root = Path(os.environ.get("TMPDIR", "/tmp")) / "lightning_prune_lottery_bench"
+
+    if args.replot:
+        saved = json.loads(Path(f"{stem}.json").read_text())
+        runs, args = saved["runs"], argparse.Namespace(**{**saved["args"], "replot": True})
+        table = summarise(runs)
+        Path(f"{stem}.md").write_text(markdown(table, runs, args))
+        plot(table, Path(f"{stem}.png"))
+        print(Path(f"{stem}.md").read_text())
+        return
 
     runs = []
     for model_name in args.models:
