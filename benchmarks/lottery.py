@@ -2,11 +2,13 @@
 
 For each model and seed, one ``trainer.fit`` with :class:`~lightning_prune.LotteryTicket` runs the whole
 iterative procedure; the test accuracy at the end of every round (the round's final weights) is recorded
-together with the round's best validation accuracy. Two variants per seed:
+together with the round's best validation accuracy. Three variants per seed:
 
 * ``ticket``: survivors rewound to the rewind point (Frankle & Carbin);
-* ``random``: the random re-initialisation control (``reinit="random"``): the same procedure, with the
-  surviving weights re-drawn (seeded) at every round instead of rewound.
+* ``random``: ``reinit="random"``: the same procedure, with the surviving weights re-drawn (seeded) at every
+  round instead of rewound, so its masks come from its own (re-initialised) runs;
+* ``same_mask``: Frankle & Carbin's control: the ticket's mask of every round on a fresh initialisation (the
+  model's own initialiser under another seed), trained for one round's epochs in a separate fit.
 
 Round 0 is the dense network, identical in both variants: the baseline every ratio in the table refers to.
 
@@ -46,11 +48,17 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from torch import nn  # noqa: E402
 from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
+from lightning_prune.callbacks.base import PruningCallback  # noqa: E402
 from lightning_prune.callbacks.lottery_ticket import LotteryTicket  # noqa: E402
 from lightning_prune.data import DigitsDataModule  # noqa: E402
 from lightning_prune.models import ImageClassifier  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {  # name -> (label, plot style)
+    "ticket": ("lottery ticket (rewound)", "o-"),
+    "random": ("random reinit every round (reinit='random')", "s--"),
+    "same_mask": ("ticket's mask, fresh init (Frankle & Carbin's control)", "^:"),
+}
 
 
 class MLP(pl.LightningModule):
@@ -103,20 +111,39 @@ class RoundEnd(Callback):
     def __init__(self, epochs_per_round: int, test_loader) -> None:
         self.epochs_per_round, self.test_loader = epochs_per_round, test_loader
         self.rows: list[dict[str, float]] = []
+        self.masks: list[dict[str, torch.Tensor]] = []  # the masks of every round
 
-    @torch.no_grad()
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.epochs_per_round:
             return
         lt = next(cb for cb in trainer.callbacks if isinstance(cb, LotteryTicket))
-        was_training = pl_module.training
-        pl_module.eval()
-        correct = total = 0
-        for x, y in self.test_loader:
-            correct += int((pl_module(x).argmax(-1) == y).sum())
-            total += y.numel()
-        pl_module.train(was_training)
-        self.rows.append({"round": lt.round, "remaining": lt.weights_remaining, "test_acc": correct / total})
+        self.masks.append(lt.masks.state_dict())
+        self.rows.append({"round": lt.round, "remaining": lt.weights_remaining,
+                          "test_acc": test_accuracy(pl_module, self.test_loader)})
+
+
+@torch.no_grad()
+def test_accuracy(pl_module: pl.LightningModule, loader) -> float:
+    was_training = pl_module.training
+    pl_module.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((pl_module(x).argmax(-1) == y).sum())
+        total += y.numel()
+    pl_module.train(was_training)
+    return correct / total
+
+
+class FixedMasks(PruningCallback):
+    """Trains a freshly initialised network under given masks (Frankle & Carbin's random-reinit control)."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]) -> None:
+        super().__init__(log_masks_every_n_epochs=0, verbose=False)
+        self.fixed = masks
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self.update_masks(self.fixed)
 
 
 def run_one(model_name: str, variant: str, seed: int, rounds: int, epochs: int, root: Path) -> dict[str, Any]:
@@ -138,7 +165,32 @@ def run_one(model_name: str, variant: str, seed: int, rounds: int, epochs: int, 
     seconds = time.perf_counter() - start
     best = {r["round"]: r["best"] for r in [*lt.history, lt._finish_round_row(trainer)]}
     rows = [{**r, "best_val_acc": best.get(r["round"])} for r in probe.rows]
-    return {"model": model_name, "variant": variant, "seed": seed, "seconds": seconds, "rounds": rows}
+    return {"model": model_name, "variant": variant, "seed": seed, "seconds": seconds, "rounds": rows,
+            "masks": probe.masks}
+
+
+def run_same_mask(ticket: dict[str, Any], epochs: int, root: Path) -> dict[str, Any]:
+    """Frankle & Carbin's control: each round's ticket mask on a fresh initialisation (a new seed), trained
+    for one round's epochs. Round 0 (no mask) is the ticket run's dense round."""
+    spec = MODELS[ticket["model"]]
+    rows = [dict(ticket["rounds"][0])]
+    start = time.perf_counter()
+    for k, (masks, ref) in enumerate(zip(ticket["masks"][1:], ticket["rounds"][1:]), start=1):
+        pl.seed_everything(10_000 + 100 * ticket["seed"] + k, verbose=False)
+        model = spec["make"]()
+        data = DigitsDataModule(seed=0, **spec["data"])
+        data.setup("fit")
+        trainer = pl.Trainer(
+            max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+            default_root_dir=str(root), callbacks=[FixedMasks(masks)],
+        )
+        trainer.fit(model, datamodule=data)
+        val = trainer.callback_metrics.get("val/acc")
+        rows.append({"round": k, "remaining": ref["remaining"], "test_acc": test_accuracy(model, data.test_dataloader()),
+                     "best_val_acc": None if val is None else float(val)})
+    return {"model": ticket["model"], "variant": "same_mask", "seed": ticket["seed"],
+            "seconds": time.perf_counter() - start, "rounds": rows}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -151,9 +203,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for model_name in dict.fromkeys(r["model"] for r in runs):
         rows = []
         by_variant = {v: [r for r in runs if r["model"] == model_name and r["variant"] == v]
-                      for v in ("ticket", "random")}
+                      for v in VARIANTS}
         n_rounds = min(len(r["rounds"]) for rs in by_variant.values() for r in rs)
-        dense = statistics.fmean(r["rounds"][0]["test_acc"] for rs in by_variant.values() for r in rs)
+        by_variant = {v: rs for v, rs in by_variant.items() if rs}
+        dense = statistics.fmean(r["rounds"][0]["test_acc"] for r in by_variant["ticket"])
         for k in range(n_rounds):
             row: dict[str, Any] = {"round": k, "remaining": by_variant["ticket"][0]["rounds"][k]["remaining"]}
             for variant, rs in by_variant.items():
@@ -171,21 +224,32 @@ def markdown(table: dict[str, list[dict[str, Any]]], runs: list[dict[str, Any]],
         f"Command: `python benchmarks/lottery.py{' --quick' if args.quick else ''}` "
         f"({args.rounds} rounds of 20%, {args.epochs} epochs per round, seeds {seeds}; CPU, digits data).",
         "",
-        "Test accuracy of the weights at the end of each round, mean ± std over seeds; `/dense` is the ratio to the"
-        " dense network (round 0) of the same runs; best val is the round's best validation accuracy.",
+        "Test accuracy (270 held-out digits) of the weights at the end of each round, mean ± std over seeds;"
+        " `/dense` is the ratio to the dense network (round 0) of the same runs; best val is the round's best"
+        " validation accuracy (for `same_mask`: the last epoch's).",
+        "",
+        "- `ticket`: `LotteryTicket(reinit=\"rewind\")`, survivors rewound to the rewind point every round;",
+        "- `random`: `LotteryTicket(reinit=\"random\")`, the same procedure with the survivors re-drawn (seeded"
+        " permutation of each tensor's rewind values) every round, so its masks come from its own runs;",
+        "- `same_mask`: Frankle & Carbin's control, the ticket's mask of each round on a fresh initialisation"
+        " (the model's own initialiser, another seed), trained for one round's epochs.",
         "",
     ]
     for model_name, rows in table.items():
-        secs = [r["seconds"] for r in runs if r["model"] == model_name]
-        lines += [f"**{model_name}** ({statistics.fmean(secs):.0f} s per fit)", "",
-                  "| round | weights remaining | ticket test acc | ticket /dense | random reinit test acc |"
-                  " random /dense | ticket best val | random best val |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        secs = [r["seconds"] for r in runs if r["model"] == model_name and r["variant"] == "ticket"]
+        present = [v for v in VARIANTS if v in rows[0]]
+        head = ["round", "weights remaining"]
+        for v in present:
+            head += [f"{v} test acc", f"{v} /dense"]
+        head += [f"{v} best val" for v in present]
+        lines += [f"**{model_name}** ({statistics.fmean(secs):.0f} s per ticket fit)", "",
+                  "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
         for r in rows:
-            lines.append(
-                f"| {r['round']} | {r['remaining']:.1%} | {r['ticket'][0]:.4f} ± {r['ticket'][1]:.4f} |"
-                f" {r['ticket_ratio']:.3f} | {r['random'][0]:.4f} ± {r['random'][1]:.4f} | {r['random_ratio']:.3f} |"
-                f" {r['ticket_val'][0]:.4f} | {r['random_val'][0]:.4f} |")
+            cells = [str(r["round"]), f"{r['remaining']:.1%}"]
+            for v in present:
+                cells += [f"{r[v][0]:.4f} ± {r[v][1]:.4f}", f"{r[v + '_ratio']:.3f}"]
+            cells += [f"{r[v + '_val'][0]:.4f}" for v in present]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -199,8 +263,9 @@ def plot(table: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 4.2), squeeze=False)
     for ax, (model_name, rows) in zip(axes[0], table.items()):
         x = [100 * r["remaining"] for r in rows]
-        for variant, label, style in (("ticket", "lottery ticket (rewound)", "o-"),
-                                      ("random", "random reinit control", "s--")):
+        for variant, (label, style) in VARIANTS.items():
+            if variant not in rows[0]:
+                continue
             ax.errorbar(x, [r[variant][0] for r in rows], yerr=[r[variant][1] for r in rows], fmt=style,
                         capsize=3, label=label)
         ax.axhline(rows[0]["ticket"][0], color="grey", lw=0.8, ls=":", label="dense (round 0)")
@@ -249,13 +314,17 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for model_name in args.models:
         for seed in range(n_seeds):
-            for variant in ("ticket", "random"):
-                run = run_one(model_name, variant, seed, args.rounds, args.epochs, root)
+            for variant in ("ticket", "random", "same_mask"):
+                if variant == "same_mask":
+                    run = run_same_mask(ticket, args.epochs, root)
+                else:
+                    run = run_one(model_name, variant, seed, args.rounds, args.epochs, root)
+                    ticket = run if variant == "ticket" else ticket
                 last = run["rounds"][-1]
                 print(f"{model_name:12s} seed {seed} {variant:6s}: {len(run['rounds'])} rounds in {run['seconds']:.0f}s,"
                       f" dense {run['rounds'][0]['test_acc']:.4f} -> {last['remaining']:.1%} remaining"
                       f" {last['test_acc']:.4f}", flush=True)
-                runs.append(run)
+                runs.append({k: v for k, v in run.items() if k != "masks"})
                 Path(f"{stem}.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
     table = summarise(runs)
     text = markdown(table, runs, args)
