@@ -14,8 +14,9 @@ Round 0 is the dense network, identical in both variants: the baseline every rat
 
 Models:
 
-* ``mlp``: a plain LightningModule, LeNet-300-100 on 28x28 digits (784 inputs, as MNIST), Glorot-normal init, Adam
-  1.2e-3, layer-wise 20% per round, output layer 10% (Frankle & Carbin's LeNet setting), rewound to init;
+* ``mlp``: a plain LightningModule, LeNet-300-100 on 28x28 digits (784 inputs, as MNIST), Glorot-normal
+  init, Adam 1.2e-3, layer-wise 20% per round, output layer 10% (Frankle & Carbin's LeNet setting),
+  rewound to init;
 * ``test_resnet``: timm's small ResNet (``ImageClassifier``), SGD 0.05 with Nesterov momentum, global 20% per
   round (first conv and classifier excluded, as timm's metadata says), late rewinding to 10% of round one.
 
@@ -150,20 +151,21 @@ def run_one(model_name: str, variant: str, seed: int, rounds: int, epochs: int, 
     spec = MODELS[model_name]
     pl.seed_everything(seed, verbose=False)
     model = spec["make"]()
-    data = DigitsDataModule(seed=0, **spec["data"])  # the same split for every seed; seeds change init and order
+    data = DigitsDataModule(seed=0, **spec["data"])  # one split for every seed; seeds change init and order
     data.setup("fit")
     lt = LotteryTicket(rounds=rounds, epochs_per_round=epochs, prune_rate=0.2, seed=seed,
                        reinit="random" if variant == "random" else "rewind", verbose=False, **spec["lottery"])
     probe = RoundEnd(epochs, data.test_dataloader())
     trainer = pl.Trainer(
-        max_epochs=(rounds + 1) * epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+        max_epochs=(rounds + 1) * epochs, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, deterministic=True,
         default_root_dir=str(root), callbacks=[lt, probe],
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start
-    best = {r["round"]: r["best"] for r in [*lt.history, lt._finish_round_row(trainer)]}
+    best = {r["round"]: r["best"] for r in lt.round_table}
     rows = [{**r, "best_val_acc": best.get(r["round"])} for r in probe.rows]
     return {"model": model_name, "variant": variant, "seed": seed, "seconds": seconds, "rounds": rows,
             "masks": probe.masks}
@@ -187,7 +189,8 @@ def run_same_mask(ticket: dict[str, Any], epochs: int, root: Path) -> dict[str, 
         )
         trainer.fit(model, datamodule=data)
         val = trainer.callback_metrics.get("val/acc")
-        rows.append({"round": k, "remaining": ref["remaining"], "test_acc": test_accuracy(model, data.test_dataloader()),
+        rows.append({"round": k, "remaining": ref["remaining"],
+                     "test_acc": test_accuracy(model, data.test_dataloader()),
                      "best_val_acc": None if val is None else float(val)})
     return {"model": ticket["model"], "variant": "same_mask", "seed": ticket["seed"],
             "seconds": time.perf_counter() - start, "rounds": rows}
@@ -218,7 +221,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return table
 
 
-def markdown(table: dict[str, list[dict[str, Any]]], runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
+def markdown(table: dict[str, list[dict[str, Any]]], runs: list[dict[str, Any]],
+             args: argparse.Namespace) -> str:
     seeds = sorted({r["seed"] for r in runs})
     lines = [
         f"Command: `python benchmarks/lottery.py{' --quick' if args.quick else ''}` "
@@ -229,8 +233,9 @@ def markdown(table: dict[str, list[dict[str, Any]]], runs: list[dict[str, Any]],
         " validation accuracy (for `same_mask`: the last epoch's).",
         "",
         "- `ticket`: `LotteryTicket(reinit=\"rewind\")`, survivors rewound to the rewind point every round;",
-        "- `random`: `LotteryTicket(reinit=\"random\")`, the same procedure with the survivors re-drawn (seeded"
-        " permutation of each tensor's rewind values) every round, so its masks come from its own runs;",
+        "- `random`: `LotteryTicket(reinit=\"random\")`, the same procedure with the survivors re-drawn"
+        " (seeded permutation of each tensor's rewind values) every round, so its masks come from its own"
+        " runs;",
         "- `same_mask`: Frankle & Carbin's control, the ticket's mask of each round on a fresh initialisation"
         " (the model's own initialiser, another seed), trained for one round's epochs.",
         "",
@@ -292,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="epochs per round")
     parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--replot", action="store_true", help="rewrite the table and plot from the saved json")
+    parser.add_argument("--replot", action="store_true",
+                        help="rewrite the table and plot from the saved json")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (8 if args.quick else 12)
     args.epochs = args.epochs or (3 if args.quick else 6)
@@ -321,8 +327,9 @@ def main(argv: list[str] | None = None) -> None:
                     run = run_one(model_name, variant, seed, args.rounds, args.epochs, root)
                     ticket = run if variant == "ticket" else ticket
                 last = run["rounds"][-1]
-                print(f"{model_name:12s} seed {seed} {variant:6s}: {len(run['rounds'])} rounds in {run['seconds']:.0f}s,"
-                      f" dense {run['rounds'][0]['test_acc']:.4f} -> {last['remaining']:.1%} remaining"
+                print(f"{model_name:12s} seed {seed} {variant:6s}: {len(run['rounds'])} rounds in"
+                      f" {run['seconds']:.0f}s, dense {run['rounds'][0]['test_acc']:.4f} ->"
+                      f" {last['remaining']:.1%} remaining"
                       f" {last['test_acc']:.4f}", flush=True)
                 runs.append({k: v for k, v in run.items() if k != "masks"})
                 Path(f"{stem}.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))

@@ -78,7 +78,8 @@ class LotteryTicket(PruningCallback):
     per-round table (and logs it, with per-round mask images, to W&B when a ``WandbLogger`` is attached).
 
     Args:
-        rounds: pruning rounds (``1`` = one-shot pruning). ``(1 - prune_rate) ** rounds`` of the weights remain.
+        rounds: pruning rounds (``1`` = one-shot pruning); ``(1 - prune_rate) ** rounds`` of the weights
+            remain.
         prune_rate: fraction of the surviving weights pruned each round, in (0, 1).
         epochs_per_round: epochs of each training segment; default ``trainer.max_epochs // (rounds + 1)``.
             Epochs beyond ``(rounds + 1) * epochs_per_round`` keep training the final ticket.
@@ -128,13 +129,14 @@ class LotteryTicket(PruningCallback):
         verbose: bool = True,
     ) -> None:
         super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
-        self.rounds = check_int("rounds", rounds, 1, hint="rounds=1 is one-shot pruning; (1 - prune_rate)**rounds"
-                                " of the weights remain at the end.")
+        self.rounds = check_int("rounds", rounds, 1, hint="rounds=1 is one-shot pruning;"
+                                " (1 - prune_rate)**rounds of the weights remain at the end.")
         if (not isinstance(prune_rate, (int, float)) or isinstance(prune_rate, bool)
                 or not 0.0 < prune_rate < 1.0):
             raise MisconfigurationException(
-                f"`prune_rate` must be in (0, 1), got {prune_rate!r}. HINT: it is the fraction of the surviving"
-                " weights pruned each round; Frankle & Carbin use 0.2, which leaves 0.8**k after k rounds."
+                f"`prune_rate` must be in (0, 1), got {prune_rate!r}. HINT: it is the fraction of the"
+                " surviving weights pruned each round; Frankle & Carbin use 0.2, which leaves 0.8**k after k"
+                " rounds."
             )
         self.prune_rate = float(prune_rate)
         if epochs_per_round is not None:
@@ -142,8 +144,8 @@ class LotteryTicket(PruningCallback):
                       hint="leave it None to split trainer.max_epochs evenly over the rounds + 1 segments.")
         self.epochs_per_round = epochs_per_round
         self.scope = check_choice("scope", scope, ("global", "layer"))
-        if output_rate is not None and (not isinstance(output_rate, (int, float)) or isinstance(output_rate, bool)
-                                        or not 0.0 <= output_rate < 1.0):
+        if output_rate is not None and (not isinstance(output_rate, (int, float))
+                                        or isinstance(output_rate, bool) or not 0.0 <= output_rate < 1.0):
             raise MisconfigurationException(
                 f"`output_rate` must be None (half of `prune_rate`) or in [0, 1), got {output_rate!r}."
                 " HINT: 0 never prunes the output layer (open_lth's default for ResNet/VGG)."
@@ -154,7 +156,8 @@ class LotteryTicket(PruningCallback):
         self.reinit = check_choice("reinit", reinit, ("rewind", "random"))
         self.seed = check_int("seed", seed, 0)
         if not isinstance(monitor, str) or not monitor:
-            raise MisconfigurationException(f"`monitor` must be a metric name such as 'val/acc', got {monitor!r}.")
+            raise MisconfigurationException(
+                f"`monitor` must be a metric name such as 'val/acc', got {monitor!r}.")
         self.monitor = monitor
         self.mode = check_choice("mode", mode, ("max", "min"))
         # state (all of it in `extra_state_dict`)
@@ -167,6 +170,8 @@ class LotteryTicket(PruningCallback):
         self._epochs: int | None = epochs_per_round
         self._output_names: set[str] = set()
         self._warned_monitor = False
+        #: every round of the finished fit (``history`` plus the last round), filled at the end of training
+        self.round_table: list[dict[str, Any]] = []
 
     @staticmethod
     def _check_rewind(rewind: str | int | float) -> str | int | float:
@@ -177,8 +182,9 @@ class LotteryTicket(PruningCallback):
         if isinstance(rewind, float) and 0.0 <= rewind < 1.0:
             return rewind
         raise MisconfigurationException(
-            f"`rewind` must be 'init', an optimizer step (int >= 0) or a fraction of the first round (float in"
-            f" [0, 1)), got {rewind!r}. HINT: late rewinding uses a few percent of training, e.g. rewind=0.05."
+            f"`rewind` must be 'init', an optimizer step (int >= 0) or a fraction of the first round (float"
+            f" in [0, 1)), got {rewind!r}. HINT: late rewinding uses a few percent of training, e.g."
+            " rewind=0.05."
         )
 
     @override
@@ -187,11 +193,6 @@ class LotteryTicket(PruningCallback):
                 "scope": self.scope, "rewind": self.rewind, "reinit": self.reinit}
 
     # ------------------------------------------------------------------ schedule
-    @property
-    def total_epochs(self) -> int | None:
-        """Epochs the whole procedure needs (known after setup)."""
-        return None if self._epochs is None else (self.rounds + 1) * self._epochs
-
     def round_of_epoch(self, epoch: int) -> int:
         """Which round (0 = dense) the epoch belongs to."""
         assert self._epochs is not None
@@ -202,8 +203,10 @@ class LotteryTicket(PruningCallback):
         super().setup(trainer, pl_module, stage)
         patterns = self.output_layer
         classifiers = set() if patterns else _classifier_names(pl_module)
-        self._output_names = {t.name for t in self.targets
-                              if (matches(t.module_name, patterns) if patterns else t.module_name in classifiers)}
+        self._output_names = {
+            t.name for t in self.targets
+            if (matches(t.module_name, patterns) if patterns else t.module_name in classifiers)
+        }
         if stage != "fit":
             return
         segments = self.rounds + 1
@@ -212,16 +215,17 @@ class LotteryTicket(PruningCallback):
         if self._epochs is None:
             if unlimited or max_epochs < segments:
                 raise MisconfigurationException(
-                    f"LotteryTicket with `rounds={self.rounds}` trains {segments} segments (the dense network, then"
-                    f" one per pruning round) and needs `trainer.max_epochs` >= {segments}, got {max_epochs}."
+                    f"LotteryTicket with `rounds={self.rounds}` trains {segments} segments (the dense"
+                    f" network, then one per pruning round) and needs `trainer.max_epochs` >= {segments}, got"
+                    f" {max_epochs}."
                     f" HINT: set Trainer(max_epochs={segments * 2}) or more, or give `epochs_per_round`."
                 )
             self._epochs = max_epochs // segments
         needed = segments * self._epochs
         if not unlimited and max_epochs < needed:
             raise MisconfigurationException(
-                f"LotteryTicket needs `trainer.max_epochs` >= {needed} ({segments} segments of `epochs_per_round`"
-                f"={self._epochs} epochs for `rounds`={self.rounds}), got {max_epochs}."
+                f"LotteryTicket needs `trainer.max_epochs` >= {needed} ({segments} segments of"
+                f" `epochs_per_round`={self._epochs} epochs for `rounds`={self.rounds}), got {max_epochs}."
                 f" HINT: set Trainer(max_epochs={needed}) or lower `rounds`/`epochs_per_round`."
             )
 
@@ -235,13 +239,14 @@ class LotteryTicket(PruningCallback):
                     "`rewind` as a fraction of the first round needs a training dataloader with a length."
                     " HINT: give an optimizer step instead, e.g. rewind=100.")
             return
-        steps = self._epochs * math.ceil(int(batches) / trainer.accumulate_grad_batches)
+        per_epoch = math.ceil(int(batches) / trainer.accumulate_grad_batches)
+        steps = self._epochs * per_epoch
         if self.rewind_step is None:  # a fraction of the first round
             self.rewind_step = int(round(float(self.rewind) * steps))
         if self.rewind_step >= steps:
             raise MisconfigurationException(
-                f"`rewind`={self.rewind!r} is optimizer step {self.rewind_step}, beyond the first round, which has"
-                f" {steps} steps ({self._epochs} epochs of {math.ceil(int(batches) / trainer.accumulate_grad_batches)})."
+                f"`rewind`={self.rewind!r} is optimizer step {self.rewind_step}, beyond the first round,"
+                f" which has {steps} steps ({self._epochs} epochs of {per_epoch})."
                 f" HINT: use a step < {steps}, or a fraction such as rewind=0.05."
             )
 
@@ -269,8 +274,8 @@ class LotteryTicket(PruningCallback):
             if self.reinit == "random" and name in params and value.is_floating_point() and value.numel() > 1:
                 value = shuffle_like(value, generator)
             tensor.copy_(value)
-        # load copies: on the CPU `Optimizer.load_state_dict` adopts the given tensors, and the next steps would
-        # update the saved rewind point in place
+        # load copies: on the CPU `Optimizer.load_state_dict` adopts the given tensors, and the next steps
+        # would update the saved rewind point in place
         for optimizer, state in zip(trainer.optimizers, self.rewind_state["optimizers"]):
             optimizer.load_state_dict(_cpu_clone(state))
         for cfg, state in zip(trainer.lr_scheduler_configs, self.rewind_state["schedulers"]):
@@ -298,7 +303,7 @@ class LotteryTicket(PruningCallback):
         self._rewind(trainer, pl_module)
         self.round += 1
         self.round_best = None
-        self.update_masks(new_masks, trainer)  # applies the masks to the rewound weights, masks optimizer state
+        self.update_masks(new_masks, trainer)  # masks the rewound weights and the restored optimizer state
         best = row["best"]
         scalars = {f"{PREFIX}/best/{self.monitor}": best} if best is not None else {}
         log_scalars(trainer, scalars)
@@ -308,7 +313,8 @@ class LotteryTicket(PruningCallback):
             shown = "n/a" if best is None else f"{best:.4f}"
             rank_zero_info(
                 f"[LotteryTicket] round {row['round']} done (best {self.monitor} {shown}); pruned to"
-                f" {1.0 - self.masks.sparsity():.2%} of the weights, rewound to step {self.rewind_state['step']}"
+                f" {1.0 - self.masks.sparsity():.2%} of the weights, rewound to step"
+                f" {self.rewind_state['step']}"
                 f"{' with random re-initialisation' if self.reinit == 'random' else ''}"
             )
 
@@ -329,8 +335,9 @@ class LotteryTicket(PruningCallback):
             self.log_sparsity(trainer)
         if self.verbose:
             rank_zero_info(
-                f"[LotteryTicket] {len(self.masks or ())} tensors, {self.scope} scope: {self.rounds} round(s) of"
-                f" {self.prune_rate:.0%} every {self._epochs} epoch(s) -> {(1 - self.prune_rate) ** self.rounds:.1%}"
+                f"[LotteryTicket] {len(self.masks or ())} tensors, {self.scope} scope: {self.rounds} round(s)"
+                f" of {self.prune_rate:.0%} every {self._epochs} epoch(s) ->"
+                f" {(1 - self.prune_rate) ** self.rounds:.1%}"
                 f" remaining; rewind to step {self.rewind_step}, reinit={self.reinit!r}"
             )
 
@@ -348,7 +355,8 @@ class LotteryTicket(PruningCallback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.rewind_state is None and self.rewind_step is not None and trainer.global_step >= self.rewind_step:
+        step = self.rewind_step
+        if self.rewind_state is None and step is not None and trainer.global_step >= step:
             self._capture_rewind_point(trainer, pl_module)
 
     @override
@@ -363,13 +371,15 @@ class LotteryTicket(PruningCallback):
                 self._warned_monitor = True
             return
         value = float(value)
-        if self.round_best is None or (value > self.round_best if self.mode == "max" else value < self.round_best):
+        best = self.round_best
+        if best is None or (value > best if self.mode == "max" else value < best):
             self.round_best = value
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rows = [*self.history, self._finish_round_row(trainer)]
-        table = [[r["round"], r["weights_remaining"], r["best"], r["first_epoch"], r["last_epoch"]] for r in rows]
+        rows = self.round_table = [*self.history, self._finish_round_row(trainer)]
+        keys = ("round", "weights_remaining", "best", "first_epoch", "last_epoch")
+        table = [[r[k] for k in keys] for r in rows]
         log_table(trainer, f"{PREFIX}/rounds", ["round", "weights_remaining", f"best {self.monitor}",
                                                 "first_epoch", "last_epoch"], table)
         if self.verbose:
@@ -384,7 +394,8 @@ class LotteryTicket(PruningCallback):
                  f"{'round':>5}  {'remaining':>9}  {'best ' + self.monitor:>14}  epochs"]
         for r in rows:
             best = "n/a" if r["best"] is None else f"{r['best']:.4f}"
-            lines.append(f"{r['round']:>5}  {r['weights_remaining']:>9.2%}  {best:>14}  {r['first_epoch']}-{r['last_epoch']}")
+            lines.append(f"{r['round']:>5}  {r['weights_remaining']:>9.2%}  {best:>14}"
+                         f"  {r['first_epoch']}-{r['last_epoch']}")
         return "\n".join(lines)
 
     @override
@@ -396,9 +407,9 @@ class LotteryTicket(PruningCallback):
     # ------------------------------------------------------------------ state
     @override
     def extra_state_dict(self) -> dict[str, Any]:
-        return {"round": self.round, "history": [dict(r) for r in self.history], "round_best": self.round_best,
-                "epochs_per_round": self._epochs, "rewind_step": self.rewind_step, "seed": self.seed,
-                "rewind_state": self.rewind_state}
+        return {"round": self.round, "history": [dict(r) for r in self.history],
+                "round_best": self.round_best, "epochs_per_round": self._epochs,
+                "rewind_step": self.rewind_step, "seed": self.seed, "rewind_state": self.rewind_state}
 
     @override
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:

@@ -10,6 +10,11 @@ from lightning_prune.functional.magnitude import (
 
 __all__ = ["block_magnitude", "kept_count", "kth_largest", "magnitude_mask", "threshold_mask"]
 
-from lightning_prune.functional.lottery import prune_by_percent, prune_count, remaining_fraction, shuffle_like  # noqa: E402
+from lightning_prune.functional.lottery import (  # noqa: E402
+    prune_by_percent,
+    prune_count,
+    remaining_fraction,
+    shuffle_like,
+)
 
 __all__ += ["prune_by_percent", "prune_count", "remaining_fraction", "shuffle_like"]

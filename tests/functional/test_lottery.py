@@ -60,8 +60,8 @@ def test_global_scope_equals_torch_global_unstructured_repeated():
         module.weight = nn.Parameter(weights[name].clone())
     masks = None
     for _ in range(4):
-        prune.global_unstructured([(m, "weight") for m in modules.values()], pruning_method=prune.L1Unstructured,
-                                  amount=0.2)
+        prune.global_unstructured([(m, "weight") for m in modules.values()],
+                                  pruning_method=prune.L1Unstructured, amount=0.2)
         masks = prune_by_percent({n: m.weight.detach() for n, m in modules.items()}, masks, 0.2, "global")
         for name, module in modules.items():
             assert torch.equal(masks[name], module.weight_mask.bool()), name
