@@ -255,6 +255,38 @@ def test_layer_scope_and_output_layer_at_its_own_rate(tmp_path):
         assert pruned == prune_count(total, rate), name
 
 
+class _PlainMLP(pl.LightningModule):
+    """No timm inside: the output layer is named with `output_layer`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.out = torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc1(x[:, 0].flatten(1))))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc", (self(batch[0]).argmax(-1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_plain_lightning_module_with_named_output_layer(tmp_path):
+    lt = LotteryTicket(rounds=2, epochs_per_round=1, scope="layer", output_layer="out")
+    fit_tiny([lt], tmp_path, model=_PlainMLP(), datamodule=tiny_datamodule(image_size=8), max_epochs=3, **FAST)
+    counts = lt.masks.pruned_counts()
+    assert set(counts) == {"fc1.weight", "out.weight"}
+    for name, rate in (("fc1.weight", 0.2), ("out.weight", 0.1)):
+        kept = counts[name][1]
+        for _ in range(2):
+            kept -= prune_count(kept, rate)
+        assert counts[name][1] - counts[name][0] == kept, name
+
+
 def test_one_shot(tmp_path):
     lt = LotteryTicket(rounds=1, prune_rate=0.9, epochs_per_round=1)
     _, model = fit_tiny([lt], tmp_path, max_epochs=3, **FAST)
