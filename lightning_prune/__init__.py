@@ -29,6 +29,7 @@ _LAZY = {
     "EvolutionaryMutation": "lightning_prune.callbacks.evolution",
     "ActivationDecay": "lightning_prune.callbacks.activation_decay",
     "reparameterize": "lightning_prune.reparam",
+    "LotteryTicket": "lightning_prune.callbacks.lottery_ticket",
     "ImageClassifier": "lightning_prune.models",
     "DigitsDataModule": "lightning_prune.data",
     "CIFAR10DataModule": "lightning_prune.data",

@@ -32,6 +32,12 @@ from lightning_prune.functional.hard_concrete import (
     hard_sigmoid_l0,
     log_alpha_from_droprate,
 )
+from lightning_prune.functional.lottery import (
+    prune_by_percent,
+    prune_count,
+    remaining_fraction,
+    shuffle_like,
+)
 from lightning_prune.functional.magnitude import (
     block_magnitude,
     kept_count,
@@ -71,5 +77,9 @@ __all__ = [
     "offspring_seed",
     "pad_kernel",
     "perturbation",
+    "prune_by_percent",
+    "prune_count",
+    "remaining_fraction",
+    "shuffle_like",
     "threshold_mask",
 ]

@@ -1,0 +1,427 @@
+"""Lottery tickets: iterative magnitude pruning with rewinding, inside one ``trainer.fit``.
+
+Frankle & Carbin, "The Lottery Ticket Hypothesis: Finding Sparse, Trainable Neural Networks", ICLR 2019,
+arXiv:1803.03635; late rewinding from Frankle, Dziugaite, Roy & Carbin, "Stabilizing the Lottery Ticket
+Hypothesis", 2019, arXiv:1903.01611.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_prune.callbacks.base import PruningCallback, check_choice, check_int
+from lightning_prune.functional.lottery import prune_by_percent, remaining_fraction, shuffle_like
+from lightning_prune.logging import PREFIX, log_images, log_scalars, log_table, mask_image
+from lightning_prune.targets import as_patterns, matches
+
+__all__ = ["LotteryTicket"]
+
+
+def _cpu_clone(value: Any) -> Any:
+    """Deep copy of a (nested) state with every tensor detached, cloned and moved to the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        return {k: _cpu_clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cpu_clone(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_cpu_clone(v) for v in value)
+    return value
+
+
+def _classifier_names(root: torch.nn.Module) -> set[str]:
+    """Full module names of the classifier of every timm model inside ``root`` (from ``pretrained_cfg``)."""
+    names: set[str] = set()
+    for prefix, module in root.named_modules():
+        cfg = getattr(module, "pretrained_cfg", None)
+        if not isinstance(cfg, dict) or not cfg.get("classifier"):
+            continue
+        value = cfg["classifier"]
+        for rel in [value] if isinstance(value, str) else list(value):
+            names.add(f"{prefix}.{rel}" if prefix else rel)
+    return names
+
+
+class LotteryTicket(PruningCallback):
+    """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019): the lottery-ticket procedure.
+
+    One ``trainer.fit`` runs ``rounds + 1`` training segments of ``epochs_per_round`` epochs. At the end of
+    each segment but the last (in practice at the start of the next epoch, before any step) the callback
+
+    1. prunes ``prune_rate`` of the *surviving* weights by magnitude (``round(rate * alive)``, so
+       ``(1 - prune_rate) ** k`` remain after ``k`` rounds), globally or layer by layer, the output layer
+       at ``output_rate`` when it is a target;
+    2. resets the whole module (every parameter *and buffer*, BatchNorm running statistics included) to
+       the rewind point: the initial weights (``rewind="init"``), or those after ``k`` optimizer steps
+       (late rewinding); with ``reinit="random"`` the parameters are instead a fresh seeded draw of the
+       rewind point's values (each tensor's values randomly permuted), the random re-initialisation control;
+    3. restores the optimizer state (momentum, Adam moments, learning rates) and the LR scheduler state
+       saved at the rewind point, so every round is a faithful fresh run of the masked network.
+
+    The fit ends with the trained ticket. The rewind point (CPU copies of the module, optimizer and
+    scheduler state), the masks, the round and the per-round history live in the callback's state, so a
+    run resumed from any checkpoint ends with the same ticket; the model keeps its own ``state_dict`` keys.
+    Under DDP the masks and the rewind point are broadcast from rank zero.
+
+    Every round logs ``prune/round``, ``prune/weights_remaining`` and ``prune/best/<monitor>`` (best
+    validation value of the round); the progress bar shows ``prune/round``; the end of training prints a
+    per-round table (and logs it, with per-round mask images, to W&B when a ``WandbLogger`` is attached).
+
+    Args:
+        rounds: pruning rounds (``1`` = one-shot pruning); ``(1 - prune_rate) ** rounds`` of the weights
+            remain.
+        prune_rate: fraction of the surviving weights pruned each round, in (0, 1).
+        epochs_per_round: epochs of each training segment; default ``trainer.max_epochs // (rounds + 1)``.
+            Epochs beyond ``(rounds + 1) * epochs_per_round`` keep training the final ticket.
+        scope: ``"global"`` (one ranking over all targets, as for ResNet/VGG) or ``"layer"`` (each layer at
+            ``prune_rate``, as for LeNet/Conv-*).
+        output_rate: rate for the output layer(s) when they are targets (timm classifiers are excluded by
+            default; add them with ``include``); default ``prune_rate / 2`` as in Frankle & Carbin; ``0``
+            never prunes them. Output layers are always ranked on their own.
+        output_layer: globs naming the output layer(s); default: the ``pretrained_cfg["classifier"]`` of every
+            timm model (give it for a plain ``nn.Module``).
+        rewind: ``"init"`` (the weights before the first step), an ``int`` optimizer step ``k`` of the first
+            round, or a ``float`` fraction of the first round in [0, 1) (late rewinding).
+        reinit: ``"rewind"`` (the ticket) or ``"random"`` (the control: same procedure, parameters re-drawn
+            at every round from a generator seeded with ``seed`` and the round).
+        seed: seed of the random re-initialisation.
+        monitor: validation metric whose best value per round is logged and tabulated.
+        mode: ``"max"`` or ``"min"``: what "best" means for ``monitor``.
+        include, exclude, log_masks_every_n_epochs, verbose: see :class:`PruningCallback`
+            (``log_masks_every_n_epochs`` defaults to 0 here: mask images are logged at every round).
+
+    Raises:
+        MisconfigurationException: on a bad argument, when ``trainer.max_epochs`` is too small for the rounds
+            (at setup) or when the rewind step lies beyond the first round (at the start of training).
+
+    Example::
+
+        trainer = Trainer(max_epochs=60, callbacks=[LotteryTicket(rounds=5, prune_rate=0.2, rewind=0.05)])
+        trainer.fit(ImageClassifier("resnet18"), DigitsDataModule())   # ends with a 0.8**5 = 33% ticket
+    """
+
+    def __init__(
+        self,
+        rounds: int = 2,
+        prune_rate: float = 0.2,
+        epochs_per_round: int | None = None,
+        scope: str = "global",
+        output_rate: float | None = None,
+        output_layer: str | list[str] | None = None,
+        rewind: str | int | float = "init",
+        reinit: str = "rewind",
+        seed: int = 0,
+        monitor: str = "val/acc",
+        mode: str = "max",
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        log_masks_every_n_epochs: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
+        self.rounds = check_int("rounds", rounds, 1, hint="rounds=1 is one-shot pruning;"
+                                " (1 - prune_rate)**rounds of the weights remain at the end.")
+        if (not isinstance(prune_rate, (int, float)) or isinstance(prune_rate, bool)
+                or not 0.0 < prune_rate < 1.0):
+            raise MisconfigurationException(
+                f"`prune_rate` must be in (0, 1), got {prune_rate!r}. HINT: it is the fraction of the"
+                " surviving weights pruned each round; Frankle & Carbin use 0.2, which leaves 0.8**k after k"
+                " rounds."
+            )
+        self.prune_rate = float(prune_rate)
+        if epochs_per_round is not None:
+            check_int("epochs_per_round", epochs_per_round, 1,
+                      hint="leave it None to split trainer.max_epochs evenly over the rounds + 1 segments.")
+        self.epochs_per_round = epochs_per_round
+        self.scope = check_choice("scope", scope, ("global", "layer"))
+        if output_rate is not None and (not isinstance(output_rate, (int, float))
+                                        or isinstance(output_rate, bool) or not 0.0 <= output_rate < 1.0):
+            raise MisconfigurationException(
+                f"`output_rate` must be None (half of `prune_rate`) or in [0, 1), got {output_rate!r}."
+                " HINT: 0 never prunes the output layer (open_lth's default for ResNet/VGG)."
+            )
+        self.output_rate = self.prune_rate / 2 if output_rate is None else float(output_rate)
+        self.output_layer = list(as_patterns(output_layer))
+        self.rewind = self._check_rewind(rewind)
+        self.reinit = check_choice("reinit", reinit, ("rewind", "random"))
+        self.seed = check_int("seed", seed, 0)
+        if not isinstance(monitor, str) or not monitor:
+            raise MisconfigurationException(
+                f"`monitor` must be a metric name such as 'val/acc', got {monitor!r}.")
+        self.monitor = monitor
+        self.mode = check_choice("mode", mode, ("max", "min"))
+        # state (all of it in `extra_state_dict`)
+        self.round = 0
+        self.history: list[dict[str, Any]] = []
+        self.round_best: float | None = None
+        self.rewind_step: int | None = 0 if self.rewind == "init" or self.rewind == 0 else (
+            self.rewind if isinstance(self.rewind, int) else None)
+        self.rewind_state: dict[str, Any] | None = None
+        self._epochs: int | None = epochs_per_round
+        self._output_names: set[str] = set()
+        self._warned_monitor = False
+        #: every round of the finished fit (``history`` plus the last round), filled at the end of training
+        self.round_table: list[dict[str, Any]] = []
+
+    @staticmethod
+    def _check_rewind(rewind: str | int | float) -> str | int | float:
+        if rewind == "init" and isinstance(rewind, str):
+            return rewind
+        if isinstance(rewind, int) and not isinstance(rewind, bool) and rewind >= 0:
+            return rewind
+        if isinstance(rewind, float) and 0.0 <= rewind < 1.0:
+            return rewind
+        raise MisconfigurationException(
+            f"`rewind` must be 'init', an optimizer step (int >= 0) or a fraction of the first round (float"
+            f" in [0, 1)), got {rewind!r}. HINT: late rewinding uses a few percent of training, e.g."
+            " rewind=0.05."
+        )
+
+    @override
+    def state_key_args(self) -> dict[str, Any]:
+        return {**super().state_key_args(), "rounds": self.rounds, "prune_rate": self.prune_rate,
+                "scope": self.scope, "rewind": self.rewind, "reinit": self.reinit}
+
+    # ------------------------------------------------------------------ schedule
+    def round_of_epoch(self, epoch: int) -> int:
+        """Which round (0 = dense) the epoch belongs to."""
+        assert self._epochs is not None
+        return min(epoch // self._epochs, self.rounds)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        patterns = self.output_layer
+        classifiers = set() if patterns else _classifier_names(pl_module)
+        self._output_names = {
+            t.name for t in self.targets
+            if (matches(t.module_name, patterns) if patterns else t.module_name in classifiers)
+        }
+        if stage != "fit":
+            return
+        segments = self.rounds + 1
+        max_epochs = trainer.max_epochs
+        unlimited = max_epochs is None or max_epochs < 0
+        if self._epochs is None:
+            if unlimited or max_epochs < segments:
+                raise MisconfigurationException(
+                    f"LotteryTicket with `rounds={self.rounds}` trains {segments} segments (the dense"
+                    f" network, then one per pruning round) and needs `trainer.max_epochs` >= {segments}, got"
+                    f" {max_epochs}."
+                    f" HINT: set Trainer(max_epochs={segments * 2}) or more, or give `epochs_per_round`."
+                )
+            self._epochs = max_epochs // segments
+        needed = segments * self._epochs
+        if not unlimited and max_epochs < needed:
+            raise MisconfigurationException(
+                f"LotteryTicket needs `trainer.max_epochs` >= {needed} ({segments} segments of"
+                f" `epochs_per_round`={self._epochs} epochs for `rounds`={self.rounds}), got {max_epochs}."
+                f" HINT: set Trainer(max_epochs={needed}) or lower `rounds`/`epochs_per_round`."
+            )
+
+    # ------------------------------------------------------------------ rewind point
+    def _resolve_rewind_step(self, trainer: pl.Trainer) -> None:
+        assert self._epochs is not None
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            if isinstance(self.rewind, float) and self.rewind > 0:
+                raise MisconfigurationException(
+                    "`rewind` as a fraction of the first round needs a training dataloader with a length."
+                    " HINT: give an optimizer step instead, e.g. rewind=100.")
+            return
+        per_epoch = math.ceil(int(batches) / trainer.accumulate_grad_batches)
+        steps = self._epochs * per_epoch
+        if self.rewind_step is None:  # a fraction of the first round
+            self.rewind_step = int(round(float(self.rewind) * steps))
+        if self.rewind_step >= steps:
+            raise MisconfigurationException(
+                f"`rewind`={self.rewind!r} is optimizer step {self.rewind_step}, beyond the first round,"
+                f" which has {steps} steps ({self._epochs} epochs of {per_epoch})."
+                f" HINT: use a step < {steps}, or a fraction such as rewind=0.05."
+            )
+
+    def _capture_rewind_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = {
+            "step": int(trainer.global_step),
+            "module": _cpu_clone(pl_module.state_dict()),
+            "optimizers": [_cpu_clone(opt.state_dict()) for opt in trainer.optimizers],
+            "schedulers": [_cpu_clone(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs],
+        }
+        self.rewind_state = trainer.strategy.broadcast(state, src=0)
+        if self.verbose:
+            rank_zero_info(f"[LotteryTicket] rewind point saved at step {trainer.global_step}")
+
+    @torch.no_grad()
+    def _rewind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.rewind_state is not None
+        saved = self.rewind_state["module"]
+        params = {name for name, _ in pl_module.named_parameters()}
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.round)
+        for name, tensor in pl_module.state_dict().items():
+            if name not in saved:
+                continue
+            value = saved[name]
+            if self.reinit == "random" and name in params and value.is_floating_point() and value.numel() > 1:
+                value = shuffle_like(value, generator)
+            tensor.copy_(value)
+        # load copies: on the CPU `Optimizer.load_state_dict` adopts the given tensors, and the next steps
+        # would update the saved rewind point in place
+        for optimizer, state in zip(trainer.optimizers, self.rewind_state["optimizers"]):
+            optimizer.load_state_dict(_cpu_clone(state))
+        for cfg, state in zip(trainer.lr_scheduler_configs, self.rewind_state["schedulers"]):
+            cfg.scheduler.load_state_dict(_cpu_clone(state))
+
+    # ------------------------------------------------------------------ rounds
+    def _finish_round_row(self, trainer: pl.Trainer) -> dict[str, Any]:
+        assert self.masks is not None and self._epochs is not None
+        first = self.round * self._epochs
+        last = trainer.current_epoch - 1 if self.round == self.rounds else first + self._epochs - 1
+        return {"round": self.round, "weights_remaining": 1.0 - self.masks.sparsity(),
+                "best": self.round_best, "first_epoch": first, "last_epoch": max(last, first)}
+
+    @torch.no_grad()
+    def _advance_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.masks is not None
+        if self.rewind_state is None:
+            raise RuntimeError("LotteryTicket reached a round boundary without a rewind point.")
+        row = self._finish_round_row(trainer)
+        self.history.append(row)
+        weights = {n: self.masks.param(n) for n in self.masks}
+        rates = {n: self.output_rate for n in self._output_names}
+        new_masks = prune_by_percent(weights, dict(self.masks.items()), self.prune_rate, self.scope, rates)
+        new_masks = trainer.strategy.broadcast({n: m.cpu() for n, m in new_masks.items()}, src=0)
+        self._rewind(trainer, pl_module)
+        self.round += 1
+        self.round_best = None
+        self.update_masks(new_masks, trainer)  # masks the rewound weights and the restored optimizer state
+        best = row["best"]
+        scalars = {f"{PREFIX}/best/{self.monitor}": best} if best is not None else {}
+        log_scalars(trainer, scalars)
+        log_images(trainer, {f"{PREFIX}/mask/{n}": mask_image(m) for n, m in self.masks.items()},
+                   caption=f"round {self.round}: {1.0 - self.masks.sparsity():.1%} remaining")
+        if self.verbose:
+            shown = "n/a" if best is None else f"{best:.4f}"
+            rank_zero_info(
+                f"[LotteryTicket] round {row['round']} done (best {self.monitor} {shown}); pruned to"
+                f" {1.0 - self.masks.sparsity():.2%} of the weights, rewound to step"
+                f" {self.rewind_state['step']}"
+                f"{' with random re-initialisation' if self.reinit == 'random' else ''}"
+            )
+
+    def _maybe_advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._epochs is not None and self.round < self.round_of_epoch(trainer.current_epoch):
+            self._advance_round(trainer, pl_module)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resolve_rewind_step(trainer)
+        if self.rewind_state is None and self.rewind_step == 0:
+            if trainer.global_step > 0:
+                rank_zero_warn(f"LotteryTicket: no rewind point in the checkpoint; using the weights at step"
+                               f" {trainer.global_step} instead of the initial ones.")
+            self._capture_rewind_point(trainer, pl_module)
+        if trainer.global_step == 0:
+            self.log_sparsity(trainer)
+        if self.verbose:
+            rank_zero_info(
+                f"[LotteryTicket] {len(self.masks or ())} tensors, {self.scope} scope: {self.rounds} round(s)"
+                f" of {self.prune_rate:.0%} every {self._epochs} epoch(s) ->"
+                f" {(1 - self.prune_rate) ** self.rounds:.1%}"
+                f" remaining; rewind to step {self.rewind_step}, reinit={self.reinit!r}"
+            )
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._maybe_advance(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._maybe_advance(trainer, pl_module)  # also covers resumes that skip on_train_epoch_start
+        pl_module.log(f"{PREFIX}/round", float(self.round), prog_bar=True, logger=False, on_step=True,
+                      on_epoch=False)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = self.rewind_step
+        if self.rewind_state is None and step is not None and trainer.global_step >= step:
+            self._capture_rewind_point(trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            if not self._warned_monitor:
+                rank_zero_warn(f"LotteryTicket: `monitor={self.monitor!r}` was not logged; available:"
+                               f" {sorted(trainer.callback_metrics)}. The per-round best stays empty.")
+                self._warned_monitor = True
+            return
+        value = float(value)
+        best = self.round_best
+        if best is None or (value > best if self.mode == "max" else value < best):
+            self.round_best = value
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows = self.round_table = [*self.history, self._finish_round_row(trainer)]
+        keys = ("round", "weights_remaining", "best", "first_epoch", "last_epoch")
+        table = [[r[k] for k in keys] for r in rows]
+        log_table(trainer, f"{PREFIX}/rounds", ["round", "weights_remaining", f"best {self.monitor}",
+                                                "first_epoch", "last_epoch"], table)
+        if self.verbose:
+            rank_zero_info(self.summary(rows))
+        super().on_train_end(trainer, pl_module)
+
+    def summary(self, rows: list[dict[str, Any]] | None = None) -> str:
+        """The per-round table printed at the end of training."""
+        rows = rows if rows is not None else self.history
+        lines = [f"LotteryTicket ({self.scope}, {self.prune_rate:.0%}/round, rewind={self.rewind!r},"
+                 f" reinit={self.reinit!r})",
+                 f"{'round':>5}  {'remaining':>9}  {'best ' + self.monitor:>14}  epochs"]
+        for r in rows:
+            best = "n/a" if r["best"] is None else f"{r['best']:.4f}"
+            lines.append(f"{r['round']:>5}  {r['weights_remaining']:>9.2%}  {best:>14}"
+                         f"  {r['first_epoch']}-{r['last_epoch']}")
+        return "\n".join(lines)
+
+    @override
+    def log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float] | None = None) -> None:
+        remaining = 1.0 - self.masks.sparsity() if self.masks is not None else 1.0
+        super().log_sparsity(trainer, {f"{PREFIX}/round": float(self.round),
+                                       f"{PREFIX}/weights_remaining": remaining, **(extra or {})})
+
+    # ------------------------------------------------------------------ state
+    @override
+    def extra_state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "history": [dict(r) for r in self.history],
+                "round_best": self.round_best, "epochs_per_round": self._epochs,
+                "rewind_step": self.rewind_step, "seed": self.seed, "rewind_state": self.rewind_state}
+
+    @override
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        self.round = int(state.get("round", 0))
+        self.history = [dict(r) for r in state.get("history", [])]
+        self.round_best = state.get("round_best")
+        self._epochs = state.get("epochs_per_round", self._epochs)
+        self.rewind_step = state.get("rewind_step", self.rewind_step)
+        self.seed = int(state.get("seed", self.seed))
+        self.rewind_state = state.get("rewind_state")
+
+    @property
+    def weights_remaining(self) -> float:
+        """Fraction of the targeted weights still alive."""
+        return remaining_fraction(m for _, m in self.masks.items()) if self.masks is not None else 1.0
