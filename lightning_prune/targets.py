@@ -27,6 +27,7 @@ __all__ = [
     "matches",
     "resolve_targets",
     "timm_default_exclusions",
+    "timm_module_names",
 ]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -78,20 +79,26 @@ def _timm_cfg_names(value: str | Sequence[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def timm_default_exclusions(root: nn.Module) -> set[str]:
-    """Full names of the first conv and the classifier of every timm model inside ``root``."""
-    excluded: set[str] = set()
+def timm_module_names(root: nn.Module, keys: Sequence[str] = ("first_conv", "classifier")) -> set[str]:
+    """Full names of the modules that every timm model inside ``root`` names in ``pretrained_cfg[key]``,
+    with their submodules (a Sequential stem such as ``conv1.0``, or a classifier that is a Sequential)."""
+    names: set[str] = set()
     for prefix, module in root.named_modules():
         cfg = getattr(module, "pretrained_cfg", None)
         if not isinstance(cfg, dict):
             continue
-        for key in ("first_conv", "classifier"):
+        for key in keys:
             for rel in _timm_cfg_names(cfg.get(key)):
                 full = f"{prefix}.{rel}" if prefix else rel
-                excluded.add(full)
-                if _has_submodule(module, rel):  # a Sequential stem ("conv1.0") or classifier
-                    excluded.update(f"{full}.{sub}" for sub, _ in module.get_submodule(rel).named_modules() if sub)
-    return excluded
+                names.add(full)
+                if _has_submodule(module, rel):
+                    names.update(f"{full}.{sub}" for sub, _ in module.get_submodule(rel).named_modules() if sub)
+    return names
+
+
+def timm_default_exclusions(root: nn.Module) -> set[str]:
+    """Full names of the first conv and the classifier of every timm model inside ``root``."""
+    return timm_module_names(root, ("first_conv", "classifier"))
 
 
 def _has_submodule(module: nn.Module, name: str) -> bool:

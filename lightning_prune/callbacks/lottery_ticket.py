@@ -21,7 +21,7 @@ from typing_extensions import override
 from lightning_prune.callbacks.base import PruningCallback, check_choice, check_int
 from lightning_prune.functional.lottery import prune_by_percent, remaining_fraction, shuffle_like
 from lightning_prune.logging import PREFIX, log_images, log_scalars, log_table, mask_image
-from lightning_prune.targets import as_patterns, matches
+from lightning_prune.targets import as_patterns, matches, timm_module_names
 
 __all__ = ["LotteryTicket"]
 
@@ -37,19 +37,6 @@ def _cpu_clone(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_cpu_clone(v) for v in value)
     return value
-
-
-def _classifier_names(root: torch.nn.Module) -> set[str]:
-    """Full module names of the classifier of every timm model inside ``root`` (from ``pretrained_cfg``)."""
-    names: set[str] = set()
-    for prefix, module in root.named_modules():
-        cfg = getattr(module, "pretrained_cfg", None)
-        if not isinstance(cfg, dict) or not cfg.get("classifier"):
-            continue
-        value = cfg["classifier"]
-        for rel in [value] if isinstance(value, str) else list(value):
-            names.add(f"{prefix}.{rel}" if prefix else rel)
-    return names
 
 
 class LotteryTicket(PruningCallback):
@@ -202,7 +189,7 @@ class LotteryTicket(PruningCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         patterns = self.output_layer
-        classifiers = set() if patterns else _classifier_names(pl_module)
+        classifiers = set() if patterns else timm_module_names(pl_module, ("classifier",))
         self._output_names = {
             t.name for t in self.targets
             if (matches(t.module_name, patterns) if patterns else t.module_name in classifiers)
