@@ -23,6 +23,10 @@ from lightning_prune.report import SparsityReport, sparsity_report
 _LAZY = {
     "PruningCallback": "lightning_prune.callbacks.base",
     "GradualMagnitudePruning": "lightning_prune.callbacks.magnitude",
+    "GroupLassoPruning": "lightning_prune.callbacks.group_lasso",
+    "compress": "lightning_prune.compress",
+    "save_compressed": "lightning_prune.compress",
+    "load_compressed": "lightning_prune.compress",
     "ImageClassifier": "lightning_prune.models",
     "DigitsDataModule": "lightning_prune.data",
     "CIFAR10DataModule": "lightning_prune.data",
