@@ -90,6 +90,7 @@ class GateCallbackMixin:
         self._traced_prefix = ""
         self._pending_gates: dict[str, Any] | None = None
         self._last_penalty = 0.0
+        self._before_step: list[Tensor] | None = None
 
     # ------------------------------------------------------------------ to implement
     def make_gate(self, group: ChannelGroup) -> ScaleGate:  # pragma: no cover - abstract
@@ -193,6 +194,7 @@ class GateCallbackMixin:
         ok = self._prepare_gate_grads(trainer, optimizer)
         if ok and phase in ("joint", "gates"):
             self._last_penalty = self.gate_penalty_grad_(step)
+            self._before_step = [p.detach().clone() for p in self.gateset.parameters()]
             for gate in self.gateset.gates:
                 for p in gate.parameters():
                     if p.grad is not None and p.shape == gate.frozen.shape:
@@ -294,13 +296,16 @@ class GroupLassoPruning(GateCallbackMixin, PruningCallback):
     Args:
         lam: weight of the L1 penalty ``lam * sum |g|`` (>= 0).
         gate_lr: learning rate of the gates' optimizer.
-        gate_optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9).
+        gate_optimizer: ``"sgd"`` (momentum 0.9; the penalty then shrinks every gate by about
+            ``gate_lr * lam / 0.1`` per step against its data gradient) or ``"adam"`` (which normalises the update,
+            so with a dominant penalty all gates shrink at the same speed: keep ``lam`` near the data gradient).
         weight_l1: L1 coefficient on the targeted Conv/Linear weights (seed 000 used 5e-5).
         weight_l2: L2 coefficient on them (seed 000 used 2.5e-4).
         group_lam: ``{glob: factor}``: a group whose root, site or producer name matches gets ``lam * factor``
             (seed 000: a different lambda per residual branch).
         prune_coupled: gate coupled channels (residual sums) with one shared gate after every producer.
-        capture_threshold: a gate with ``|g|`` below it is set to zero and frozen (``0`` = never).
+        capture_threshold: a gate with ``|g|`` below it, or whose sign flipped in a step (it crossed zero), is set
+            to zero and frozen (``0`` = never).
         prune_threshold: at finalisation, gates with ``|g|`` below it prune their channel.
         finalize_at: an epoch (int), a fraction of the training steps (float in (0, 1]), or ``None`` (gates are
             folded at the end of training, captured channels pruned).
@@ -325,9 +330,9 @@ class GroupLassoPruning(GateCallbackMixin, PruningCallback):
 
     def __init__(
         self,
-        lam: float = 1e-3,
-        gate_lr: float = 1e-2,
-        gate_optimizer: str = "adam",
+        lam: float = 5e-3,
+        gate_lr: float = 0.1,
+        gate_optimizer: str = "sgd",
         weight_l1: float = 0.0,
         weight_l2: float = 0.0,
         group_lam: Mapping[str, float] | None = None,
@@ -410,9 +415,11 @@ class GroupLassoPruning(GateCallbackMixin, PruningCallback):
     @torch.no_grad()
     def after_gate_step(self, step: int) -> None:
         assert self.gateset is not None and self.gate_opt is not None
-        for gate in self.gateset.gates:
+        previous = getattr(self, "_before_step", None) or [None] * len(self.gateset.gates)
+        for gate, before in zip(self.gateset.gates, previous):
             w = gate.weight
-            new = capture_mask(w, gate.frozen, self.capture_threshold) if self.capture_threshold > 0 else gate.frozen
+            new = (capture_mask(w, gate.frozen, self.capture_threshold, before) if self.capture_threshold > 0
+                   else gate.frozen)
             newly = new & ~gate.frozen
             gate.frozen.copy_(new)
             w[gate.frozen] = 0.0

@@ -50,9 +50,16 @@ def gate_l1_subgradient(gates: Tensor, lam: float | Tensor) -> Tensor:
     return lam * torch.sign(gates)
 
 
-def capture_mask(gates: Tensor, captured: Tensor, threshold: float) -> Tensor:
-    """Seed-000's capture masks: a gate stays captured once ``|g| < threshold``. Returns the new mask."""
-    return captured | (gates.detach().abs() < threshold)
+def capture_mask(gates: Tensor, captured: Tensor, threshold: float, previous: Tensor | None = None) -> Tensor:
+    """Seed-000's capture masks: a gate stays captured once ``|g| < threshold``. Returns the new mask.
+
+    With ``previous`` (the values before the step), a gate whose sign flipped is captured too: it crossed
+    zero during the step (what a proximal L1 step would set to exactly zero), however large the step was.
+    """
+    new = captured | (gates.detach().abs() < threshold)
+    if previous is not None:
+        new |= (torch.sign(gates.detach()) * torch.sign(previous.detach())) < 0
+    return new
 
 
 def keep_mask(gates: Tensor, threshold: float) -> Tensor:
