@@ -1,5 +1,14 @@
 """Pure functions the callbacks and users share: importance scores, thresholds, gate math, fusion, ES."""
 
+from lightning_prune.functional.channels import (
+    capture_mask,
+    channel_view,
+    fold_scale,
+    gate_l1_penalty,
+    gate_l1_subgradient,
+    keep_mask,
+    zero_channels,
+)
 from lightning_prune.functional.evolution import (
     NOISE_KINDS,
     add_perturbation_,
@@ -52,21 +61,27 @@ __all__ = [
     "ZETA",
     "add_perturbation_",
     "block_magnitude",
+    "capture_mask",
     "centered_ranks",
+    "channel_view",
     "es_update_",
     "es_weights",
     "expand_groups",
     "expected_l0",
     "fold_bn",
+    "fold_scale",
     "fuse_1x1_kxk",
     "fuse_conv_1x1",
     "fuse_kxk_kxk",
+    "gate_l1_penalty",
+    "gate_l1_subgradient",
     "generation_seed",
     "hard_concrete_gate",
     "hard_concrete_mean",
     "hard_concrete_sample",
     "hard_sigmoid_l0",
     "identity_kernel",
+    "keep_mask",
     "kept_count",
     "kth_largest",
     "log_alpha_from_droprate",
@@ -82,4 +97,5 @@ __all__ = [
     "remaining_fraction",
     "shuffle_like",
     "threshold_mask",
+    "zero_channels",
 ]

@@ -1,0 +1,428 @@
+"""The base of the channel-gate callbacks: groups, gates, their optimizer, finalisation and state.
+
+:class:`GatePruningCallback` is what group-LASSO (:class:`~lightning_prune.callbacks.group_lasso.GroupLassoPruning`)
+and hard-concrete L0 gates share. At ``setup`` it finds the channel groups of the model with torch-pruning's
+DependencyGraph (:func:`lightning_prune.gates.find_channel_groups`), builds one
+:class:`~lightning_prune.gates.Gate` per group with :meth:`~GatePruningCallback.make_gate` and hooks them into
+the model (the model's ``state_dict`` keeps its keys). In ``on_before_optimizer_step`` -- after AMP has
+unscaled the weights' gradients -- it unscales and all-reduces the gates' gradients, adds the regulariser's
+gradient (:meth:`~GatePruningCallback.gate_penalty_grad_`), and steps the gates' own optimizer (optionally in
+alternation with the weights). At ``finalize_at`` the surviving channels
+(:meth:`~GatePruningCallback.final_keep`) are folded into the weights, the others become channel masks of the
+base :class:`~lightning_prune.callbacks.base.PruningCallback`, the hooks go, and fine-tuning continues; with
+``compress_on_train_end`` the dead channels are removed physically (:func:`lightning_prune.compress`).
+
+A subclass implements ``make_gate``, ``gate_penalty_grad_`` and ``final_keep``, and may override
+``after_gate_step`` (capture, clamping) and ``weight_regularizer_grad_``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_prune.callbacks.base import PruningCallback, check_choice, check_int
+from lightning_prune.gates import ChannelGroup, Gate, GateSet, example_inputs_for, find_channel_groups, traced_root
+from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars
+from lightning_prune.targets import Target
+
+__all__ = ["GatePruningCallback", "check_finalize_at", "check_nonnegative"]
+
+
+def check_nonnegative(name: str, value: float, hint: str = "") -> float:
+    """Validate a finite number ``>= 0``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+        raise MisconfigurationException(
+            f"`{name}` must be a number >= 0, got {value!r}." + (f" HINT: {hint}" if hint else "")
+        )
+    return float(value)
+
+
+def check_finalize_at(value: int | float | None) -> int | float | None:
+    """An epoch (int >= 0), a fraction of the training steps (float in (0, 1]) or None."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, float) and 0.0 < value <= 1.0:
+        return value
+    raise MisconfigurationException(
+        f"`finalize_at` must be an epoch (int >= 0), a fraction of training (float in (0, 1]) or None, got"
+        f" {value!r}. HINT: finalize_at=0.75 prunes after 75% of the training steps and fine-tunes the rest."
+    )
+
+
+class GatePruningCallback(PruningCallback):
+    """Base class of the channel-gate callbacks (group-LASSO, hard-concrete L0).
+
+    Finds the channel groups at ``setup``, builds one :class:`~lightning_prune.gates.Gate` per group with
+    :meth:`make_gate`, hooks them into the model, steps them with their own optimizer in
+    ``on_before_optimizer_step`` (AMP-unscaled, all-reduced under DDP), finalises them (fold + channel
+    masks) and keeps all of it in the callback state. A subclass provides :meth:`make_gate`,
+    :meth:`gate_penalty_grad_` (the regulariser's gradient on the gates), :meth:`final_keep` (which channels
+    survive) and optionally :meth:`after_gate_step`.
+
+    Args:
+        gate_lr: learning rate of the gates' optimizer.
+        gate_optimizer: ``"sgd"`` (momentum 0.9) or ``"adam"``.
+        prune_coupled: gate coupled channels (residual sums) with one shared gate after every producer.
+        finalize_at: an epoch (int), a fraction of the training steps (float in (0, 1]), or ``None`` (the gates
+            are finalised at the end of training).
+        alternate: two-phase training: ``phase_steps`` optimizer steps of the weights with the gates frozen,
+            then ``phase_steps`` of the gates with the weights frozen, and so on.
+        phase_steps: length of each phase.
+        compress_on_train_end: physically remove the pruned channels at the end of training.
+        input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
+            ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
+        include, exclude, log_masks_every_n_epochs, verbose: see :class:`PruningCallback`.
+    """
+
+    def __init__(
+        self,
+        gate_lr: float = 0.1,
+        gate_optimizer: str = "sgd",
+        prune_coupled: bool = False,
+        finalize_at: int | float | None = 0.75,
+        alternate: bool = False,
+        phase_steps: int = 20,
+        compress_on_train_end: bool = False,
+        input_size: Sequence[int] | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        log_masks_every_n_epochs: int = 1,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
+        if not isinstance(gate_lr, (int, float)) or isinstance(gate_lr, bool) or not gate_lr > 0:
+            raise MisconfigurationException(f"`gate_lr` must be > 0, got {gate_lr!r}.")
+        self.gate_lr = float(gate_lr)
+        self.gate_optimizer = check_choice("gate_optimizer", gate_optimizer, ("adam", "sgd"))
+        self.prune_coupled = bool(prune_coupled)
+        self.finalize_at = check_finalize_at(finalize_at)
+        self.alternate = bool(alternate)
+        self.phase_steps = check_int("phase_steps", phase_steps, 1)
+        self.compress_on_train_end = bool(compress_on_train_end)
+        if input_size is not None and (not isinstance(input_size, (list, tuple)) or not all(
+                isinstance(s, int) and s > 0 for s in input_size)):
+            raise MisconfigurationException(f"`input_size` must be a sequence of positive ints (C, H, W), got"
+                                            f" {input_size!r}.")
+        self.input_size = tuple(input_size) if input_size is not None else None
+        # state
+        self.groups: list[ChannelGroup] | None = None
+        self.skipped: dict[str, str] = {}
+        self.gateset: GateSet | None = None
+        self.gate_opt: torch.optim.Optimizer | None = None
+        self.finalized = False
+        self.finalize_step: int | None = None
+        self.weight_targets: list[Target] = []
+        self._traced_prefix = ""
+        self._pending_gates: dict[str, Any] | None = None
+        self._last_penalty = 0.0
+        self._before_step: list[Tensor] | None = None
+
+    # ------------------------------------------------------------------ to implement
+    def make_gate(self, group: ChannelGroup) -> Gate:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def gate_penalty_grad_(self, step: int) -> float:  # pragma: no cover - abstract
+        """Add the regulariser's gradient to the gates' ``.grad``; return the penalty's value (for logging)."""
+        raise NotImplementedError
+
+    def final_keep(self) -> list[Tensor]:  # pragma: no cover - abstract
+        """Per group, the channels that survive finalisation."""
+        raise NotImplementedError
+
+    def after_gate_step(self, step: int) -> None:
+        """Called right after the gate optimizer stepped (capture masks, clamping)."""
+
+    # ------------------------------------------------------------------ groups and gates
+    def find_groups(self, pl_module: pl.LightningModule) -> list[ChannelGroup]:
+        prefix, root = traced_root(pl_module)
+        example = example_inputs_for(root, self.input_size)
+        groups, skipped = find_channel_groups(root, example, self.include, self.exclude, self.prune_coupled,
+                                              prefix=prefix, exclusion_root=pl_module)
+        self._traced_prefix, self.skipped = prefix, skipped
+        if not groups:
+            reasons = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:4]) or "no Conv/Linear output channels"
+            raise MisconfigurationException(
+                f"{type(self).__name__} found no gateable channel group in {type(pl_module).__name__}"
+                f" (include={self.include or 'default'}, exclude={self.exclude}). Left alone: {reasons}."
+                " HINT: `prune_coupled=True` gates residual channels together; `include=[...]` selects other layers."
+            )
+        return groups
+
+    def _build_gates(self) -> None:
+        assert self.groups is not None
+        self.gateset = GateSet(self.groups, [self.make_gate(g) for g in self.groups])
+        params = self.gateset.parameters()
+        if self.gate_optimizer == "adam":
+            self.gate_opt = torch.optim.Adam(params, lr=self.gate_lr)
+        else:
+            self.gate_opt = torch.optim.SGD(params, lr=self.gate_lr, momentum=0.9)
+
+    def _sync_hooks(self, pl_module: pl.LightningModule) -> None:
+        if self.gateset is None:
+            return
+        if self.finalized:
+            self.gateset.detach()
+        elif not self.gateset.attached:
+            self.gateset.to(pl_module.device)
+            self.gateset.attach(pl_module, self._traced_prefix)
+
+    def gate_values(self) -> list[Tensor]:
+        """Each group's deterministic gate values (detached, on the CPU)."""
+        assert self.gateset is not None
+        return [g.deterministic().cpu() for g in self.gateset.gates]
+
+    def channels_alive(self) -> dict[str, int]:
+        """Per group, channels that would survive finalisation now."""
+        if self.gateset is None:
+            return {}
+        return {g.name: int(k.sum()) for g, k in zip(self.gateset.groups, self.final_keep())}
+
+    # ------------------------------------------------------------------ step
+    def _gate_phase(self, step: int) -> str:
+        if not self.alternate:
+            return "joint"
+        return "weights" if (step // self.phase_steps) % 2 == 0 else "gates"
+
+    def _prepare_gate_grads(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+        """Unscale (AMP) and average (DDP) the gates' gradients; False when the step must be skipped."""
+        assert self.gateset is not None
+        params = self.gateset.parameters()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        skip = False
+        if scaler is not None and scaler.is_enabled():
+            flat = flat / float(scaler.get_scale())
+            try:  # the scaler skips the weights' step when their unscaled gradients overflowed
+                found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+                skip = any(bool(v.item()) for v in found.values())
+            except (AttributeError, KeyError):
+                skip = False
+        if trainer.world_size > 1:
+            flat = trainer.strategy.reduce(flat, reduce_op="mean")
+            skip = bool(trainer.strategy.reduce(torch.tensor(float(skip), device=flat.device), reduce_op="sum") > 0)
+        skip = skip or not bool(torch.isfinite(flat).all())
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+        return not skip
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if self.finalized or self.gateset is None or self.gate_opt is None:
+            return
+        if trainer.optimizers and optimizer is not trainer.optimizers[0]:
+            return
+        step = trainer.global_step
+        phase = self._gate_phase(step)
+        ok = self._prepare_gate_grads(trainer, optimizer)
+        if ok and phase in ("joint", "gates"):
+            self._last_penalty = self.gate_penalty_grad_(step)
+            self._before_step = [p.detach().clone() for p in self.gateset.parameters()]
+            for gate in self.gateset.gates:
+                for p in gate.parameters():
+                    if p.grad is not None and p.shape == gate.frozen.shape:
+                        p.grad[gate.frozen] = 0.0
+            self.gate_opt.step()
+            self.after_gate_step(step)
+        self.gate_opt.zero_grad(set_to_none=True)
+        if phase in ("joint", "weights"):
+            self.weight_regularizer_grad_()
+        else:  # gates phase: the weights do not move (their gradients are dropped before the user's step)
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def weight_regularizer_grad_(self) -> None:
+        """Optional L1/L2 on the ordinary weights (seed 000: ReLU nets otherwise compensate by growing them)."""
+
+    # ------------------------------------------------------------------ finalisation
+    @torch.no_grad()
+    def finalize(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
+        """Prune the gates below threshold, fold the others into the weights, remove the hooks."""
+        if self.finalized or self.gateset is None:
+            return
+        keep = self.final_keep()
+        scales = [g.deterministic() * k.to(g.frozen.device) for g, k in zip(self.gateset.gates, keep)]
+        self.gateset.detach()
+        self.gateset.fold_(pl_module, scales)
+        self.finalized = True
+        assert self.masks is not None
+        masks = {n: m & self.masks[n].to(m.device) for n, m in self.gateset.channel_masks(pl_module, keep).items()
+                 if n in self.masks}
+        kept, total = sum(int(k.sum()) for k in keep), sum(k.numel() for k in keep)
+        if trainer is not None:
+            self.update_masks(masks, trainer)
+            log_scalars(trainer, {f"{PREFIX}/channels_remaining": kept / max(total, 1)})
+        else:
+            self.masks.update(masks)
+        if self.verbose:
+            rank_zero_info(f"[{type(self).__name__}] finalised: {kept}/{total} gated channels kept"
+                           f" ({1 - kept / max(total, 1):.1%} pruned) in {len(keep)} groups; fine-tuning continues")
+
+    # ------------------------------------------------------------------ logging
+    def gate_metrics(self) -> dict[str, float]:
+        alive = self.channels_alive()
+        total = sum(g.size for g in self.groups or [])
+        metrics = {f"{PREFIX}/channels_remaining": sum(alive.values()) / max(total, 1),
+                   f"{PREFIX}/gate_penalty": self._last_penalty}
+        metrics.update({f"{PREFIX}/channels_alive/{n}": float(v) for n, v in alive.items()})
+        return metrics
+
+    def log_gate_media(self, trainer: pl.Trainer) -> None:
+        if self.gateset is None or not trainer.loggers:
+            return
+        values = {g.name: v for g, v in zip(self.gateset.groups, self.gate_values())}
+        log_histograms(trainer, {f"{PREFIX}/gates/{n}": v for n, v in values.items()})
+        images = {}
+        for name, v in values.items():
+            row = (v.abs() / v.abs().max().clamp_min(1e-12)).reshape(1, -1)
+            images[f"{PREFIX}/gate_image/{name}"] = (row.repeat(8, 1) * 255).to(torch.uint8)
+        log_images(trainer, images, caption="|gate| per channel (white = 1)")
+
+    # ------------------------------------------------------------------ state
+    def gate_state_dict(self) -> dict[str, Any]:
+        gates = self.gateset.state_dict() if self.gateset is not None else (self._pending_gates or {}).get("gates")
+        opt = self.gate_opt.state_dict() if self.gate_opt is not None else (self._pending_gates or {}).get("opt")
+        return {"finalized": self.finalized, "finalize_step": self.finalize_step, "gates": gates,
+                "gate_optimizer": opt}
+
+    def load_gate_state_dict(self, state: dict[str, Any]) -> None:
+        self.finalized = bool(state.get("finalized", False))
+        self.finalize_step = state.get("finalize_step")
+        pending = {"gates": state.get("gates"), "opt": state.get("gate_optimizer")}
+        if self.gateset is not None:
+            self._load_pending(pending)
+            if self.finalized:
+                self.gateset.detach()
+        else:
+            self._pending_gates = pending
+
+    def _load_pending(self, pending: dict[str, Any]) -> None:
+        assert self.gateset is not None and self.gate_opt is not None
+        if pending.get("gates"):
+            self.gateset.load_state_dict(pending["gates"])
+        if pending.get("opt"):
+            self.gate_opt.load_state_dict(pending["opt"])
+
+    # ------------------------------------------------------------------ targets and setup
+    @override
+    def select_targets(self, pl_module: pl.LightningModule) -> list[Target]:
+        targets = super().select_targets(pl_module)
+        self.weight_targets = list(targets)
+        self.groups = self.find_groups(pl_module)
+        names = {t.name for t in targets}
+        for group in self.groups:
+            for module_name, pname in group.channel_params():
+                module = pl_module.get_submodule(module_name)
+                target = Target(module_name, module, pname)
+                if isinstance(getattr(module, pname, None), nn.Parameter) and target.name not in names:
+                    targets.append(target)
+                    names.add(target.name)
+        return targets
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        rebuilt = not (self.masks is not None and self.targets and self._targets_belong_to(pl_module))
+        if rebuilt and self.gateset is not None:  # a new model: the old gates belong to the old one
+            self.gateset.detach()
+            self.gateset = None
+        super().setup(trainer, pl_module, stage)
+        if self.gateset is None:
+            self._build_gates()
+            if self._pending_gates is not None:
+                self._load_pending(self._pending_gates)
+                self._pending_gates = None
+        self._sync_hooks(pl_module)
+
+    def _resolve_finalize_step(self, trainer: pl.Trainer) -> None:
+        if self.finalize_step is None and isinstance(self.finalize_at, float):
+            self.finalize_step = int(round(self.finalize_at * trainer.estimated_stepping_batches))
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        assert self.gateset is not None and self.gate_opt is not None
+        if trainer.world_size > 1 and not self.finalized:  # every rank starts from rank 0's gates
+            state = trainer.strategy.broadcast(self.gateset.state_dict(), src=0)
+            self.gateset.load_state_dict(state)
+        self.gateset.to(pl_module.device)
+        for state in self.gate_opt.state.values():
+            for key, value in state.items():
+                if isinstance(value, Tensor) and key != "step":
+                    state[key] = value.to(pl_module.device)
+        self._resolve_finalize_step(trainer)
+        self._sync_hooks(pl_module)
+        if self.verbose:
+            total = sum(g.size for g in self.groups or [])
+            rank_zero_info(
+                f"[{type(self).__name__}] {total} channels in {len(self.groups or [])} gated groups"
+                f" ({len(self.skipped)} groups left alone); finalize at "
+                f"{self.finalize_step if self.finalize_step is not None else self.finalize_at}"
+                f"{' (step)' if self.finalize_step is not None else ' (epoch)'}"
+            )
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(self.finalize_at, int) and not self.finalized and trainer.current_epoch >= self.finalize_at:
+            self.finalize(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.finalized:
+            return
+        step = trainer.global_step
+        if self.finalize_step is not None and step >= self.finalize_step:
+            self.finalize(trainer, pl_module)
+        elif trainer.log_every_n_steps and step % trainer.log_every_n_steps == 0:
+            log_scalars(trainer, self.gate_metrics())
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        n = self.log_masks_every_n_epochs
+        if not self.finalized and n and (trainer.current_epoch + 1) % n == 0:
+            log_scalars(trainer, self.gate_metrics())
+            self.log_gate_media(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.finalized:
+            self.log_gate_media(trainer)
+            self.finalize(trainer, pl_module)
+        super().on_train_end(trainer, pl_module)
+        if self.compress_on_train_end:
+            from lightning_prune.compress import compress
+
+            prefix, root = traced_root(pl_module)
+            compress(root, example_inputs_for(root, self.input_size))
+            if self.masks is not None:
+                self.masks.invalidate()
+            self._remove_hooks()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self.gateset is not None:
+            self.gateset.detach()
+
+    # ------------------------------------------------------------------ state
+    @override
+    def extra_state_dict(self) -> dict[str, Any]:
+        return self.gate_state_dict()
+
+    @override
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_gate_state_dict(state)

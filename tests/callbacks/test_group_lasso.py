@@ -1,0 +1,285 @@
+"""GroupLassoPruning: real Lightning fits on timm's tiny models."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+import lightning_prune as lp
+from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+from lightning_prune.gates import ChannelGroup
+from lightning_prune.testing import TINY_MODELS, check_callback_conformance, fit_tiny, tiny_classifier
+
+FAMILIES = list(TINY_MODELS)
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+FAST = {"max_epochs": 3, "limit_train_batches": 4, "limit_val_batches": 1}
+# a strong penalty that captures gates within a few steps, except in the shielded last stage of each family
+SHIELD = {"*layer4*": 0.0, "*blocks.4*": 0.0, "*blocks.5*": 0.0, "*stages.3*": 0.0}
+STRONG = {"lam": 0.3, "gate_lr": 0.2, "gate_optimizer": "sgd", "capture_threshold": 0.02, "prune_threshold": 0.3,
+          "group_lam": SHIELD, "verbose": False}
+
+
+class Spy(Callback):
+    """Calls ``fn(trainer, module, hook_name)`` at the hooks it is given."""
+
+    def __init__(self, fn, hooks=("on_train_batch_end",)):
+        self.fn, self.hooks = fn, hooks
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if "on_train_batch_end" in self.hooks:
+            self.fn(trainer, pl_module, "on_train_batch_end")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if "on_before_optimizer_step" in self.hooks:
+            self.fn(trainer, pl_module, "on_before_optimizer_step")
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if "on_train_epoch_start" in self.hooks:
+            self.fn(trainer, pl_module, "on_train_epoch_start")
+
+    def on_train_end(self, trainer, pl_module):
+        if "on_train_end" in self.hooks:
+            self.fn(trainer, pl_module, "on_train_end")
+
+
+@torch.no_grad()
+def _logits(module: pl.LightningModule) -> torch.Tensor:
+    was = module.training
+    module.eval()
+    out = module(X.to(module.device))
+    module.train(was)
+    return out.cpu()
+
+
+# ------------------------------------------------------------------ conformance and resume
+def test_conformance_defaults(tmp_path):
+    state = check_callback_conformance(lambda: lp.create_callback("group_lasso"), tmp_path)
+    assert state["finalized"] and state["gates"]["names"]
+
+
+def test_resume_mid_training_with_gates_capture_and_phases(tmp_path):
+    """Gates, capture state, gate-optimizer state and the alternating phase resume exactly."""
+    make = lambda: GroupLassoPruning(alternate=True, phase_steps=3, finalize_at=None, **STRONG)  # noqa: E731
+    state = check_callback_conformance(make, tmp_path, model_name="test_efficientnet")
+    assert any(bool(g["frozen"].any()) for g in state["gates"]["gates"])  # some gates were captured
+
+
+# ------------------------------------------------------------------ oracles
+@pytest.mark.parametrize(("name", "coupled"), [(n, False) for n in FAMILIES] + [("test_resnet", True)])
+def test_fold_keeps_outputs_and_compress_equals_masked_model(name, coupled, tmp_path):
+    """Oracles §2 in a real run: finalising folds the gates without changing the eval logits; captured zeros
+    stay zero through fine-tuning; the compressed model's logits equal the masked model's; it reloads."""
+    seen = {}
+
+    def before(trainer, module, hook):
+        seen["gated" if not cb.finalized else "masked"] = _logits(module)
+
+    def after(trainer, module, hook):
+        seen["compressed"] = _logits(module)
+
+    cb = GroupLassoPruning(finalize_at=None, compress_on_train_end=True, prune_coupled=coupled, **STRONG)
+    model = tiny_classifier(name)
+    dense_params = sum(p.numel() for p in model.parameters())
+    fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=model, **FAST)
+    assert cb.finalized and sum(p.numel() for p in model.parameters()) < dense_params
+    assert any(g.coupled for g in cb.groups) == coupled
+    torch.testing.assert_close(seen["compressed"], seen["gated"], atol=1e-4, rtol=1e-4)
+    lp.save_compressed(model.model, tmp_path / "small.pt")
+    fresh = tiny_classifier(name).model
+    lp.load_compressed(tmp_path / "small.pt", fresh)
+    assert torch.equal(fresh.eval()(X), model.model.eval()(X))
+
+
+def test_finalize_prunes_masks_and_captured_zeros_stay_zero(tmp_path):
+    history = []
+
+    def spy(trainer, module, hook):
+        if not cb.finalized:
+            history.append([(g.frozen.clone(), g.weight.detach().clone()) for g in cb.gateset.gates])
+
+    cb = GroupLassoPruning(finalize_at=0.5, **STRONG)
+    _, model = fit_tiny([cb, Spy(spy)], tmp_path, **FAST)
+    assert cb.finalized and not cb.gateset.attached
+    for prev, cur in zip(history, history[1:]):
+        for (f0, _), (f1, w1) in zip(prev, cur):
+            assert (f1 | ~f0).all()  # captured stays captured
+            assert (w1[f1] == 0).all()  # and exactly zero
+    keep = cb.final_keep()
+    assert 0 < sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep)
+    for group, kept in zip(cb.groups, keep):  # pruned channels are zero in the model after fine-tuning
+        for site in group.sites:
+            bn = model.get_submodule(site)
+            assert (bn.weight[~kept] == 0).all() and (bn.bias[~kept] == 0).all()
+            assert (bn.weight[kept] != 0).all()
+    assert set(model.state_dict()) == set(tiny_classifier().state_dict())
+
+
+def test_finalize_at_epoch(tmp_path):
+    flags = []
+    cb = GroupLassoPruning(finalize_at=1, verbose=False)
+    fit_tiny([cb, Spy(lambda t, m, h: flags.append((t.current_epoch, cb.finalized)), ("on_train_epoch_start",))],
+             tmp_path, **FAST)
+    assert flags == [(0, False), (1, True), (2, True)]
+
+
+def test_weight_regularisers_added_to_gradients(tmp_path):
+    grads = {}
+    name = "model.layer1.0.conv1.weight"
+
+    def recorder(key):
+        def record(trainer, module, hook):
+            p = dict(module.named_parameters())[name]
+            grads[key] = (p.grad.clone(), p.detach().clone())
+        return record
+
+    cb = GroupLassoPruning(weight_l1=1e-2, weight_l2=1e-1, verbose=False)
+    fit_tiny([Spy(recorder("before"), ("on_before_optimizer_step",)), cb,
+              Spy(recorder("after"), ("on_before_optimizer_step",))], tmp_path,
+             max_steps=1, max_epochs=1, limit_val_batches=0)
+    (g0, w), (g1, _) = grads["before"], grads["after"]
+    torch.testing.assert_close(g1 - g0, 1e-2 * torch.sign(w) + 1e-1 * w)
+
+
+def test_alternate_phases_freeze_gates_then_weights(tmp_path):
+    snaps = []
+
+    def spy(trainer, module, hook):
+        snaps.append((torch.cat(cb.gate_values()), module.model.layer1[0].conv1.weight.detach().clone()))
+
+    cb = GroupLassoPruning(alternate=True, phase_steps=2, finalize_at=None, lam=0.01, gate_lr=0.05, verbose=False)
+    fit_tiny([cb, Spy(spy)], tmp_path, max_epochs=1, limit_train_batches=6, limit_val_batches=0)
+    start = torch.ones_like(snaps[0][0])
+    gates = [start] + [g for g, _ in snaps]
+    moved_gates = [not torch.equal(a, b) for a, b in zip(gates, gates[1:])]
+    moved_weights = [not torch.equal(a, b) for (_, a), (_, b) in zip(snaps, snaps[1:])]
+    assert moved_gates == [False, False, True, True, False, False]  # steps 0-1 weights, 2-3 gates, 4-5 weights
+    assert moved_weights == [True, False, False, True, True]  # step 1 vs 0, 2 vs 1, ...
+
+
+def test_group_lam_scales_the_penalty():
+    cb = GroupLassoPruning(lam=0.1, group_lam={"layer4.*": 0.0, "conv1.3": 2.0})
+    cb.groups = [ChannelGroup(n, 4, (s,), (n,)) for n, s in [("model.conv1.3", "model.conv1.4"),
+                                                              ("model.layer4.0.conv1", "model.layer4.0.bn1"),
+                                                              ("model.layer1.0.conv1", "model.layer1.0.bn1")]]
+    assert cb.group_lams() == [0.2, 0.0, 0.1]
+
+
+def test_zero_group_lam_shields_a_group(tmp_path):
+    cb = GroupLassoPruning(finalize_at=None, **{**STRONG, "group_lam": {"layer4.*": 0.0}})
+    fit_tiny([cb], tmp_path, **FAST)
+    frozen = {g.name: int(gate.frozen.sum()) for g, gate in zip(cb.groups, cb.gateset.gates)}
+    assert frozen["model.layer4.0.conv1"] == 0 and sum(frozen.values()) > 0
+
+
+def _amp_delta(tmp_path, **kwargs) -> torch.Tensor:
+    cb = GroupLassoPruning(lam=0.0, gate_optimizer="sgd", gate_lr=0.1, finalize_at=None, verbose=False)
+    fit_tiny([cb], tmp_path, max_steps=1, max_epochs=1, limit_val_batches=0, **kwargs)
+    return torch.cat(cb.gate_values()) - 1.0
+
+
+def test_amp_gate_gradients_are_unscaled(tmp_path):
+    """A loss scale of 2**12 must not reach the gates: one SGD step matches full precision."""
+    ref = _amp_delta(tmp_path / "fp32")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    fp16 = _amp_delta(tmp_path / "fp16", plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    bf16 = _amp_delta(tmp_path / "bf16", precision="bf16-mixed")
+    assert ref.abs().sum() > 0
+    for delta in (fp16, bf16):
+        assert torch.isfinite(delta).all()
+        assert delta.abs().sum() / ref.abs().sum() == pytest.approx(1.0, rel=0.1)
+        assert torch.nn.functional.cosine_similarity(delta, ref, dim=0) > 0.95
+
+
+# ------------------------------------------------------------------ logging
+def test_logs_channels_and_wandb_media(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lp-test")
+    cb = GroupLassoPruning(finalize_at=0.5, **STRONG)
+    fit_tiny([cb], tmp_path, logger=[csv_logger, wandb_logger], log_every_n_steps=1, **FAST)
+    wandb_logger.experiment.finish()
+    with open(Path(csv_logger.log_dir) / "metrics.csv") as f:
+        columns = next(csv.reader(f))
+    assert "prune/channels_remaining" in columns and "prune/gate_penalty" in columns
+    assert any(c.startswith("prune/channels_alive/model.layer1.0.conv1") for c in columns)
+    images = glob.glob(os.path.join(str(tmp_path), "wandb", "*run-*", "files", "media", "images", "**", "*.png"),
+                       recursive=True)
+    assert any("gate_image" in p for p in images)
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"lam": -1.0}, r"`lam` must be a number >= 0, got -1.0. HINT"),
+    ({"gate_lr": 0}, r"`gate_lr` must be > 0, got 0"),
+    ({"gate_optimizer": "rmsprop"}, r"`gate_optimizer` must be one of \['adam', 'sgd'\]"),
+    ({"weight_l1": -1e-5}, r"`weight_l1` must be a number >= 0"),
+    ({"weight_l2": float("nan")}, r"`weight_l2` must be a number >= 0"),
+    ({"prune_threshold": 1.5}, r"`prune_threshold` must be in \[0.0, 1.0\), got 1.5. HINT"),
+    ({"capture_threshold": -0.1}, r"`capture_threshold` must be in \[0.0, 1.0\)"),
+    ({"capture_threshold": 0.2, "prune_threshold": 0.1}, r"`capture_threshold` \(0.2\) must not exceed"),
+    ({"finalize_at": 1.5}, r"`finalize_at` must be an epoch .* got 1.5. HINT"),
+    ({"finalize_at": -1}, r"`finalize_at` must be an epoch"),
+    ({"phase_steps": 0}, r"`phase_steps` must be an integer >= 1, got 0"),
+    ({"input_size": (3, -1, 32)}, r"`input_size` must be a sequence of positive ints"),
+    ({"group_lam": {"layer1.*": -2.0}}, r"`group_lam\['layer1.\*'\]` must be a number >= 0"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        GroupLassoPruning(**kwargs)
+
+
+class LinearOnly(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 10)
+        self.example_input_array = torch.zeros(2, 3, 32, 32)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_model_without_gateable_channels(tmp_path):
+    with pytest.raises(MisconfigurationException, match="found no gateable channel group in LinearOnly.*HINT"):
+        fit_tiny([GroupLassoPruning()], tmp_path, model=LinearOnly(), max_steps=1)
+
+
+def test_only_coupled_channels_hint(tmp_path):
+    with pytest.raises(MisconfigurationException, match="coupled channels"):
+        fit_tiny([GroupLassoPruning(include=["layer2.0.conv2", "layer2.0.downsample.1"])], tmp_path, max_steps=1)
+
+
+# ------------------------------------------------------------------ DDP
+def _ddp_record(trainer, module, hook):
+    cb = next(c for c in trainer.callbacks if isinstance(c, GroupLassoPruning))
+    out = Path(os.environ["LP_TEST_DDP_DIR"]) / f"rank{trainer.global_rank}.pt"
+    torch.save({"gates": cb.gate_values(), "frozen": [g.frozen.cpu() for g in cb.gateset.gates]}, out)
+
+
+@pytest.mark.slow
+def test_ddp_gates_identical_across_ranks(tmp_path, monkeypatch):
+    monkeypatch.setenv("LP_TEST_DDP_DIR", str(tmp_path))
+    cb = GroupLassoPruning(finalize_at=None, **STRONG)
+    fit_tiny([Spy(_ddp_record, ("on_train_end",)), cb], tmp_path, strategy="ddp_spawn", devices=2,
+             max_epochs=2, limit_train_batches=3, limit_val_batches=0)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for a, b in zip(r0["gates"] + r0["frozen"], r1["gates"] + r1["frozen"]):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(g, torch.ones_like(g)) for g in r0["gates"])  # they did train
