@@ -10,20 +10,24 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt plugins/lightning-prune-baselines/pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) --editable ".[test]"
+	$(PIP) --no-deps --editable plugins/lightning-prune-baselines
 	touch $(STAMP)
 
 demo: setup
 	$(VENV)/bin/lightning-prune fit --config recipes/digits/magnitude.yaml
 
+# The core's tests and, beside them, those of the plugin distributions installed by `setup`.
+TESTS := tests plugins/lightning-prune-baselines/tests
+
 test: setup
-	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q
+	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q $(TESTS)
 
 test-all: setup
-	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q -m ""
+	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q -m "" $(TESTS)
 
 bench: setup
 	$(VENV)/bin/python benchmarks/overhead.py

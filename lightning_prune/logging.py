@@ -82,10 +82,18 @@ def log_images(trainer: Trainer, images: Mapping[str, Tensor], caption: str = ""
 def log_histograms(trainer: Trainer, values: Mapping[str, Tensor]) -> None:
     """Log tensors as W&B histograms under their keys."""
     wandb = _wandb()
-    if wandb is None:
+    if wandb is None or not wandb_loggers(trainer):
+        return
+    import numpy as np
+
+    payload = {}
+    for key, value in values.items():
+        flat = value.detach().float().cpu().reshape(-1).numpy()
+        if flat.size:  # np.histogram copes with constant values, where wandb's own binning fails
+            payload[key] = wandb.Histogram(np_histogram=np.histogram(flat, bins=64))
+    if not payload:
         return
     for logger in wandb_loggers(trainer):
-        payload = {k: wandb.Histogram(v.detach().float().cpu().reshape(-1).numpy()) for k, v in values.items()}
         logger.experiment.log({**payload, "trainer/global_step": _step(trainer)})
 
 

@@ -97,7 +97,8 @@ class MaskSet:
                     mask = self._masks[name] = mask.to(param.device)
                 params, masks = grouped[(param.device, param.dtype)]
                 params.append(param.data)
-                masks.append(mask)
+                # the same bytes seen as uint8: PyTorch's mixed-dtype multiply is ~2x faster from uint8 than bool
+                masks.append(mask.view(torch.uint8))
             self._groups = list(grouped.values())
         return self._groups
 

@@ -164,3 +164,56 @@ def check_callback_conformance(
         assert torch.equal(a, b), f"resumed run differs from the uninterrupted one at {name}"
     assert_state_equal(full_state, resumed_cb.state_dict())
     return full_state
+
+
+def _wandb_log_records(path: Path) -> list[bytes]:
+    import struct
+
+    data = path.read_bytes()
+    ident, _magic, _version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B", f"{path} is not a W&B log"
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the rest of a block too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # full/first start a record, middle/last extend it
+        if kind in (1, 4):
+            records.append(pending)
+            pending = b""
+    return records
+
+
+def read_wandb_offline_history(run_dir: str | Path, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The history rows (``run.log`` calls) of a finished offline W&B run, decoded from its ``run-*.wandb`` file.
+
+    The file is a LevelDB-style log of protobuf ``Record`` messages: a 7-byte header (``:W&B``, magic, version),
+    then 32 KiB blocks of chunks, each with a 7-byte header (checksum, length, type: full/first/middle/last).
+    W&B's service may still be writing after ``wandb.finish()`` returns, so this waits (up to ``timeout``
+    seconds) for the run's ``exit`` record. Values are decoded JSON; a histogram ``h`` logged under ``key``
+    appears as ``key/_type == "histogram"``, ``key/values``, ``key/bins``.
+    """
+    import json
+    import time
+
+    from wandb.proto import wandb_internal_pb2
+
+    files = sorted(Path(run_dir).glob("**/run-*.wandb"))
+    assert files, f"no run-*.wandb file under {run_dir}"
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for raw in _wandb_log_records(files[-1]):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return [
+        {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]

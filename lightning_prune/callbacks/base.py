@@ -19,7 +19,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars, log_table, mask_image
+from lightning_prune.logging import (
+    PREFIX,
+    log_histograms,
+    log_images,
+    log_scalars,
+    log_table,
+    mask_image,
+    wandb_loggers,
+)
 from lightning_prune.masks import MaskSet
 from lightning_prune.targets import PRUNABLE_TYPES, Target, as_patterns, resolve_targets
 
@@ -181,7 +189,7 @@ class PruningCallback(Callback):
 
     def log_media(self, trainer: pl.Trainer) -> None:
         """W&B mask images, weight histograms and a per-layer sparsity table (no-op without a WandbLogger)."""
-        if self.masks is None or not trainer.loggers:
+        if self.masks is None or not wandb_loggers(trainer):
             return
         log_images(trainer, {f"{PREFIX}/mask/{n}": mask_image(m) for n, m in self.masks.items()})
         log_histograms(trainer, {f"{PREFIX}/weights/{n}": self.masks.param(n)[m] for n, m in self.masks.items()})

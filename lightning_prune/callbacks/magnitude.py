@@ -6,6 +6,7 @@ arXiv:1710.01878, with the semantics and default hyperparameters of TensorFlow's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -135,6 +136,8 @@ class GradualMagnitudePruning(PruningCallback):
 
     @staticmethod
     def _check_step_arg(name: str, value: int | float | None) -> int | float | None:
+        if isinstance(value, float) and value > 1.0 and value.is_integer():
+            value = int(value)  # a config parser may hand over `3` as 3.0: above 1 it can only be a step
         if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             return value
         if isinstance(value, float) and 0.0 <= value <= 1.0:
@@ -150,8 +153,14 @@ class GradualMagnitudePruning(PruningCallback):
     # ------------------------------------------------------------------ schedule
     def _resolve_schedule(self, trainer: pl.Trainer) -> tuple[int, int]:
         if self._schedule is None:
-            total = int(trainer.estimated_stepping_batches)
             end = self.sparsity_end_step if self.sparsity_end_step is not None else 0.75
+            total = trainer.estimated_stepping_batches
+            if math.isinf(total) and (isinstance(end, float) or isinstance(self.sparsity_begin_step, float)):
+                raise MisconfigurationException(
+                    "`sparsity_end_step` defaults to a fraction of training, but this Trainer has no end"
+                    " (max_epochs=-1, max_steps=-1). HINT: pass sparsity_begin_step and sparsity_end_step as steps."
+                )
+            total = 0 if math.isinf(total) else int(total)
             begin = _step_or_fraction("sparsity_begin_step", self.sparsity_begin_step, total)
             self._schedule = (begin, max(_step_or_fraction("sparsity_end_step", end, total), begin))
         return self._schedule

@@ -1,0 +1,144 @@
+"""Training-step overhead of masking: dense vs GradualMagnitudePruning vs Lightning's ModelPruning.
+
+A timm resnet18 at 32x32 on synthetic data, batch 8 and batch 64, each configuration a real Lightning
+``Trainer.fit``; the configurations are interleaved (dense, ours, ModelPruning, dense, ...) and each step is
+timed from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, optimizer step and, for
+ours, the in-place mask multiply after the step). Pruning to 50% happens during the first epoch; only the
+steps of the later epochs are timed. Reports medians and ratios against dense measured in the same run,
+plus mask memory per masked parameter and the one-off cost of a mask update.
+
+    python benchmarks/overhead.py            # full: 5 rounds x 30 timed steps per config and batch size
+    python benchmarks/overhead.py --quick    # 2 rounds x 8 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelPruning
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prune import GradualMagnitudePruning
+from lightning_prune.models import ImageClassifier
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class StepTimer(Callback):
+    """Times steps after the warm-up epoch and measures mask memory while training is under way."""
+
+    def __init__(self, kind: str, skip_epochs: int = 1) -> None:
+        self.kind, self.skip_epochs, self.times, self._t0 = kind, skip_epochs, [], 0.0
+        self.mask_bytes_per_param = 0.0
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.current_epoch >= self.skip_epochs:
+            self.times.append(time.perf_counter() - self._t0)
+            if len(self.times) == 1:
+                self.mask_bytes_per_param = _mask_bytes_per_param(self.kind, pl_module, trainer.callbacks)
+
+
+def _data(batch: int, steps: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch * steps, 3, 32, 32, generator=g), torch.randint(0, 10, (batch * steps,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+
+
+def _callbacks(kind: str, warmup_steps: int) -> list[Callback]:
+    if kind == "ours":
+        # 50% at the first update (step 1), masks refreshed during the warm-up epoch only
+        return [GradualMagnitudePruning(target_sparsity=0.5, initial_sparsity=0.5, frequency=1, end_step=warmup_steps,
+                                        sparsity_end_step=1, verbose=False, log_masks_every_n_epochs=0)]
+    if kind == "model_pruning":
+        return [ModelPruning("l1_unstructured", amount=0.5, use_global_unstructured=True, verbose=0)]
+    return []
+
+
+def _fit(kind: str, batch: int, steps: int) -> tuple[list[float], float]:
+    pl.seed_everything(0, verbose=False)
+    model = ImageClassifier("resnet18", num_classes=10, scheduler="none", weight_decay=0.0)
+    callbacks = _callbacks(kind, steps)
+    timer = StepTimer(kind)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer],
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(model, train_dataloaders=_data(batch, steps))
+    return timer.times, timer.mask_bytes_per_param
+
+
+def _mask_bytes_per_param(kind: str, model: pl.LightningModule, callbacks: list[Callback]) -> float:
+    if kind == "ours":
+        masks = next(cb for cb in callbacks if isinstance(cb, GradualMagnitudePruning)).masks
+        return masks.memory_bytes() / sum(m.numel() for _, m in masks.items())
+    if kind == "model_pruning":  # during training: weight_orig (a full copy) + a float mask per parameter
+        pruned = [(m, n) for m in model.modules() for n, _ in m.named_buffers(recurse=False) if n.endswith("_mask")]
+        nbytes = sum(getattr(m, n).numel() * getattr(m, n).element_size() for m, n in pruned)
+        nbytes += sum(getattr(m, n.replace("_mask", "_orig")).numel() * 4 for m, n in pruned)
+        return nbytes / sum(getattr(m, n).numel() for m, n in pruned)
+    return 0.0
+
+
+def _mask_update_seconds() -> float:
+    model = ImageClassifier("resnet18", num_classes=10)
+    pruner = GradualMagnitudePruning(target_sparsity=0.5, verbose=False)
+    pruner.setup(None, model, "fit")  # type: ignore[arg-type]
+    start = time.perf_counter()
+    for _ in range(5):
+        pruner.masks.update(pruner.compute_masks(0.5))
+    return (time.perf_counter() - start) / 5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args()
+    rounds = args.rounds or (2 if args.quick else 5)
+    steps = args.steps or (8 if args.quick else 30)
+    kinds = ["dense", "ours", "model_pruning"]
+    results: dict[str, dict[str, object]] = {}
+    for batch in (8, 64):
+        times: dict[str, list[float]] = {k: [] for k in kinds}
+        memory: dict[str, float] = {}
+        for _ in range(rounds):
+            for kind in kinds:  # interleaved, so drifts in machine load hit every configuration alike
+                step_times, memory[kind] = _fit(kind, batch, steps)
+                times[kind].extend(step_times)
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        results[str(batch)] = {
+            "median_step_ms": {k: round(v * 1000, 2) for k, v in medians.items()},
+            "ratio_vs_dense": {k: round(v / medians["dense"], 4) for k, v in medians.items()},
+            "mask_bytes_per_masked_param": memory,
+            "timed_steps": {k: len(v) for k, v in times.items()},
+        }
+    results["mask_update_ms"] = round(_mask_update_seconds() * 1000, 1)
+    results["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "rounds": rounds, "steps": steps}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "overhead.json").write_text(json.dumps(results, indent=2))
+    lines = ["| batch | dense ms/step | ours ms/step (ratio) | ModelPruning ms/step (ratio) | mask bytes/param ours / ModelPruning |",
+             "|---|---|---|---|---|"]
+    for batch in ("8", "64"):
+        r = results[batch]
+        ms, ratio, mem = r["median_step_ms"], r["ratio_vs_dense"], r["mask_bytes_per_masked_param"]
+        lines.append(f"| {batch} | {ms['dense']} | {ms['ours']} ({ratio['ours']:.3f}) | {ms['model_pruning']} "
+                     f"({ratio['model_pruning']:.3f}) | {mem['ours']:.1f} / {mem['model_pruning']:.1f} |")
+    lines.append(f"\nOne mask update (global 50%, resnet18, 11.2M weights): {results['mask_update_ms']} ms.")
+    table = "\n".join(lines)
+    (RESULTS / "overhead.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

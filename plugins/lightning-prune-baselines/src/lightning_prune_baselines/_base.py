@@ -1,0 +1,333 @@
+"""What the three baselines share, built on lightning-prune's public base class only.
+
+:class:`~lightning_prune.callbacks.base.PruningCallback` resolves the targets, holds the boolean masks,
+re-applies them after every optimizer step, checkpoints them and logs sparsity. This module adds what the
+baselines have in common: *when* to prune (:meth:`BaselinePruning.due`, asked at the end of every training
+batch), channel groups (a layer's weight rows, its bias and the BatchNorm after it) found by tracing the
+first training batch of each fit, a seeded random generator kept in the callback state, and sparsity
+metrics over the targeted weights only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_prune.callbacks.base import PruningCallback, check_fraction, check_int
+from lightning_prune.logging import (
+    PREFIX,
+    log_histograms,
+    log_images,
+    log_scalars,
+    log_table,
+    mask_image,
+    wandb_loggers,
+)
+from lightning_prune.schedules import polynomial_sparsity
+from lightning_prune.targets import Target
+from lightning_prune_baselines.channels import BATCHNORM_TYPES, ChannelGroup, ChannelTracer, groups_from_trace
+
+__all__ = ["BaselinePruning", "ScheduledBaselinePruning"]
+
+
+class BaselinePruning(PruningCallback):
+    """Base of the baselines: prune when :meth:`due` says so, to the masks :meth:`compute_masks` returns.
+
+    With ``channel_wise = True`` the masks also cover each targeted layer's bias and every BatchNorm's
+    affine parameters (all kept until a channel group zeroes them), so a pruned channel's output is exactly
+    zero and stays so through fine-tuning (BatchNorm's bias would otherwise grow back).
+    """
+
+    #: Whether masks act on whole output channels (and so on biases and BatchNorms too).
+    channel_wise: bool = True
+
+    def __init__(
+        self,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        log_masks_every_n_epochs: int = 1,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
+        self.groups: list[ChannelGroup] | None = None
+        self.weight_names: list[str] = []
+        self._layers: list[Target] = []
+        self._tracer: ChannelTracer | None = None
+        # state
+        self.last_update = -1  # global step of the last mask update; -1 = never
+        self.current_sparsity = 0.0
+
+    # ------------------------------------------------------------------ subclass interface
+    def due(self, trainer: pl.Trainer) -> float | None:
+        """The sparsity to prune to now (end of a training batch), or ``None`` to leave the masks alone."""
+        raise NotImplementedError
+
+    def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
+        """New masks at ``sparsity`` (after :attr:`groups` is known when ``channel_wise``)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ targets
+    @override
+    def select_targets(self, pl_module: pl.LightningModule) -> list[Target]:
+        layers = super().select_targets(pl_module)
+        self._layers = layers
+        self.weight_names = [t.name for t in layers]
+        if not self.channel_wise:
+            return layers
+        extra: list[Target] = []
+        for target in layers:
+            if (
+                isinstance(getattr(target.module, "bias", None), nn.Parameter)
+                and target.param_name == "weight"
+            ):
+                extra.append(Target(target.module_name, target.module, "bias"))
+        for name, module in pl_module.named_modules():
+            if isinstance(module, BATCHNORM_TYPES):
+                extra.extend(
+                    Target(name, module, attr)
+                    for attr in ("weight", "bias")
+                    if isinstance(getattr(module, attr, None), nn.Parameter)
+                )
+        targets, known = list(layers), set(self.weight_names)
+        for target in extra:  # a BatchNorm the user targets with `include` is not added twice
+            if target.name not in known:
+                known.add(target.name)
+                targets.append(target)
+        return targets
+
+    def channel_keep(self, weight_name: str) -> Tensor:
+        """Which output channels of a targeted layer are still kept (a row survives if any entry does)."""
+        assert self.masks is not None
+        mask = self.masks[weight_name]
+        return mask.reshape(mask.shape[0], -1).any(dim=1).cpu()
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self.groups = None  # traced again on this fit's first batch: the model may differ between fits
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.channel_wise and self.groups is None and self._tracer is None:
+            self._tracer = ChannelTracer(pl_module, [t.module_name for t in self._layers])
+            self._tracer.start()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._tracer is not None:
+            self._tracer.stop()
+            self.groups = groups_from_trace(pl_module, self._layers, self._tracer.followers)
+            self._tracer = None
+        sparsity = self.due(trainer)
+        if sparsity is None:
+            return
+        self.last_update = int(trainer.global_step)
+        self.current_sparsity = float(sparsity)
+        self.update_masks(self.compute_masks(sparsity), trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._tracer is not None:
+            self._tracer.stop()
+            self._tracer = None
+        super().teardown(trainer, pl_module, stage)
+
+    # ------------------------------------------------------------------ logging
+    @override
+    def sparsity_metrics(self) -> dict[str, float]:
+        """Sparsity of the targeted weights (biases and BatchNorms left out), and of their output channels."""
+        if self.masks is None:
+            return {}
+        counts = self.masks.pruned_counts()
+        weights = {n: counts[n] for n in self.weight_names if n in counts}
+        total = sum(t for _, t in weights.values())
+        metrics = {f"{PREFIX}/sparsity": sum(p for p, _ in weights.values()) / total if total else 0.0}
+        metrics.update({f"{PREFIX}/sparsity/{n}": p / max(t, 1) for n, (p, t) in weights.items()})
+        if self.channel_wise:
+            keeps = [self.channel_keep(n) for n in weights]
+            channels = sum(k.numel() for k in keeps)
+            metrics[f"{PREFIX}/channel_sparsity"] = sum(int((~k).sum()) for k in keeps) / max(channels, 1)
+        metrics[f"{PREFIX}/target_sparsity"] = self.current_sparsity
+        return metrics
+
+    @override
+    def log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float] | None = None) -> None:
+        metrics = {**self.sparsity_metrics(), **(extra or {})}
+        log_scalars(trainer, metrics)
+        if self.verbose:
+            channels = (
+                f", channel sparsity {metrics[f'{PREFIX}/channel_sparsity']:.2%}"
+                if f"{PREFIX}/channel_sparsity" in metrics
+                else ""
+            )
+            rank_zero_info(
+                f"[{type(self).__name__}] step {trainer.global_step}: weight sparsity"
+                f" {metrics.get(f'{PREFIX}/sparsity', 0.0):.2%}{channels}"
+                f" over {len(self.weight_names)} layers"
+            )
+
+    @override
+    def log_media(self, trainer: pl.Trainer) -> None:
+        """W&B mask images, weight histograms and a per-layer table, for the targeted weights only.
+
+        The biases and BatchNorm parameters that channel masks also cover are left out: their masks repeat
+        the weight's rows, and their kept values can all be equal (BatchNorm weights start at 1), which a
+        histogram cannot bin.
+        """
+        if self.masks is None or not wandb_loggers(trainer):
+            return
+        names = [n for n in self.weight_names if n in self.masks]
+        log_images(trainer, {f"{PREFIX}/mask/{n}": mask_image(self.masks[n]) for n in names})
+        log_histograms(trainer, {f"{PREFIX}/weights/{n}": self.masks.param(n)[self.masks[n]] for n in names})
+        counts = self.masks.pruned_counts()
+        rows = [[n, counts[n][1], counts[n][0], counts[n][0] / max(counts[n][1], 1)] for n in names]
+        log_table(trainer, f"{PREFIX}/sparsity_table", ["layer", "params", "pruned", "sparsity"], rows)
+
+    # ------------------------------------------------------------------ state
+    @override
+    def extra_state_dict(self) -> dict[str, Any]:
+        return {"last_update": self.last_update, "current_sparsity": self.current_sparsity}
+
+    @override
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_update = int(state.get("last_update", -1))
+        self.current_sparsity = float(state.get("current_sparsity", 0.0))
+
+
+class ScheduledBaselinePruning(BaselinePruning):
+    """A baseline that prunes once, or gradually on Zhu & Gupta's schedule, from a seeded generator.
+
+    The scheduled sparsity at optimizer step ``t`` is
+    ``lightning_prune.schedules.polynomial_sparsity(t, initial_sparsity, target_sparsity, begin_step,
+    end_step, exponent)``. Masks change at the end of the first training batch at which
+    ``trainer.global_step >= begin_step``, then every ``frequency`` steps until ``target_sparsity`` is
+    reached. ``end_step=None`` (the default) prunes to the target in one shot at ``begin_step``.
+
+    Args:
+        target_sparsity: final fraction pruned in every targeted layer, in [0, 1).
+        initial_sparsity: the schedule's value at ``begin_step``, in [0, ``target_sparsity``].
+        begin_step: optimizer steps before the first mask update.
+        end_step: step at which the schedule reaches the target; a float in (0, 1] is a fraction of
+            ``trainer.estimated_stepping_batches``; ``None`` = one shot at ``begin_step``.
+        frequency: optimizer steps between mask updates.
+        exponent: the schedule's exponent (3 = cubic).
+        seed: seeds the callback's own ``torch.Generator``; its state is checkpointed, so resumed and
+            uninterrupted runs draw the same numbers, and every DDP rank draws the same masks.
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float = 0.5,
+        initial_sparsity: float = 0.0,
+        begin_step: int = 0,
+        end_step: int | float | None = None,
+        frequency: int = 10,
+        exponent: float = 3.0,
+        seed: int = 0,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        log_masks_every_n_epochs: int = 1,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
+        self.target_sparsity = check_fraction(
+            "target_sparsity", target_sparsity, hint="0.75 prunes three quarters of every targeted layer."
+        )
+        self.initial_sparsity = check_fraction(
+            "initial_sparsity",
+            initial_sparsity,
+            high=self.target_sparsity,
+            high_inclusive=True,
+            hint="the schedule grows from `initial_sparsity` to `target_sparsity`.",
+        )
+        self.begin_step = check_int("begin_step", begin_step, 0)
+        if not (
+            end_step is None
+            or (isinstance(end_step, int) and not isinstance(end_step, bool) and end_step >= begin_step)
+            or (isinstance(end_step, float) and 0.0 < end_step <= 1.0)
+        ):
+            raise MisconfigurationException(
+                f"`end_step` must be None (one shot), an int >= `begin_step` ({begin_step}) or a float in"
+                f" (0, 1] (a fraction of training), got {end_step!r}."
+                " HINT: end_step=None prunes once at `begin_step`."
+            )
+        self.end_step = end_step
+        self.frequency = check_int("frequency", frequency, 1, hint="masks change every `frequency` steps.")
+        if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or exponent <= 0:
+            raise MisconfigurationException(
+                f"`exponent` must be > 0, got {exponent!r}. HINT: 3 is the cubic schedule."
+            )
+        self.exponent = float(exponent)
+        self.seed = check_int("seed", seed, 0)
+        # state
+        self.rng_state: Tensor = torch.Generator().manual_seed(self.seed).get_state()
+        self.schedule: tuple[int, int] | None = None
+
+    @override
+    def state_key_args(self) -> dict[str, Any]:
+        return {**super().state_key_args(), "target_sparsity": self.target_sparsity, "seed": self.seed}
+
+    def resolve_schedule(self, trainer: pl.Trainer) -> tuple[int, int]:
+        """``(begin, end)`` in optimizer steps, fixed on first use and checkpointed."""
+        if self.schedule is None:
+            end = self.end_step
+            if end is None:
+                end = self.begin_step
+            elif isinstance(end, float):
+                end = int(round(end * float(trainer.estimated_stepping_batches)))
+            self.schedule = (self.begin_step, max(int(end), self.begin_step))
+        return self.schedule
+
+    def sparsity_at(self, step: int) -> float:
+        begin, end = self.schedule if self.schedule is not None else (self.begin_step, self.begin_step)
+        return polynomial_sparsity(
+            step, self.initial_sparsity, self.target_sparsity, begin, end, self.exponent
+        )
+
+    @override
+    def due(self, trainer: pl.Trainer) -> float | None:
+        step = int(trainer.global_step)
+        begin, _ = self.resolve_schedule(trainer)
+        if step < begin:
+            return None
+        if self.last_update >= 0 and (
+            self.current_sparsity >= self.target_sparsity or step - self.last_update < self.frequency
+        ):
+            return None
+        return self.sparsity_at(step)
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator at the checkpointed state; call :meth:`save_generator` after drawing."""
+        generator = torch.Generator()
+        generator.set_state(self.rng_state)
+        return generator
+
+    def save_generator(self, generator: torch.Generator) -> None:
+        self.rng_state = generator.get_state()
+
+    @override
+    def extra_state_dict(self) -> dict[str, Any]:
+        return {
+            **super().extra_state_dict(),
+            "rng_state": self.rng_state.clone(),
+            "schedule": list(self.schedule) if self.schedule is not None else None,
+        }
+
+    @override
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_extra_state_dict(state)
+        if state.get("rng_state") is not None:
+            self.rng_state = state["rng_state"].clone()
+        schedule = state.get("schedule")
+        self.schedule = (int(schedule[0]), int(schedule[1])) if schedule is not None else None

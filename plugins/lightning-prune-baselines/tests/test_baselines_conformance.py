@@ -1,0 +1,41 @@
+"""Every callback this plugin registers keeps lightning-prune's callback contract with all defaults.
+
+This is the check a third-party plugin's own test suite runs: the conformance helper from the core
+constructs the callback through its entry point, fits real steps on a tiny timm model, checks that the
+model stays a plain timm model, and resumes from a checkpoint to exactly the uninterrupted result.
+"""
+
+import pytest
+import torch
+
+import lightning_prune as lp
+from lightning_prune.testing import check_callback_conformance
+
+NAMES = ["first_k", "random_channels", "random_unstructured"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_construction_keeps_the_contract(tmp_path, name):
+    state = check_callback_conformance(
+        lambda: lp.create_callback(name), tmp_path, max_epochs=2, limit_train_batches=2
+    )
+    assert state["last_update"] == 1 and state["current_sparsity"] == pytest.approx(0.5)
+    weights = [m for n, m in state["masks"].items() if n.endswith(".weight") and m.dim() > 1]
+    pruned = sum(int((~m).sum()) for m in weights) / sum(m.numel() for m in weights)
+    assert pruned == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize("model_name", ["test_efficientnet", "test_convnext", "test_vit"])
+def test_conformance_on_other_timm_families(tmp_path, model_name):
+    state = check_callback_conformance(
+        lambda: lp.create_callback(
+            "random_channels", target_sparsity=0.3, end_step=5, frequency=2, verbose=False
+        ),
+        tmp_path,
+        model_name=model_name,
+        max_epochs=2,
+        limit_train_batches=3,
+    )
+    # the schedule (updates at steps 1, 3, 5) crosses the resume point (step 3)
+    assert state["last_update"] == 5 and state["current_sparsity"] == pytest.approx(0.3)
+    assert any(isinstance(m, torch.Tensor) and not bool(m.all()) for m in state["masks"].values())

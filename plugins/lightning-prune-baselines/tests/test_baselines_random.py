@@ -1,0 +1,206 @@
+"""RandomChannels and RandomUnstructured: exact counts, the polynomial schedule, seeding, resume and DDP."""
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_prune_baselines import RandomChannels, RandomUnstructured
+
+import lightning_prune as lp
+from lightning_prune.functional import kept_count
+from lightning_prune.schedules import polynomial_sparsity
+from lightning_prune.testing import check_callback_conformance, fit_tiny, tiny_classifier
+
+
+def _spy(cls):
+    class Spy(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.updates = []
+
+        def update_masks(self, new_masks, trainer=None):
+            super().update_masks(new_masks, trainer)
+            self.updates.append((trainer.global_step, self.current_sparsity, self.masks.state_dict()))
+
+    return Spy
+
+
+@pytest.mark.parametrize("model_name", ["test_efficientnet", "test_vit"])
+def test_random_unstructured_follows_the_schedule_with_exact_nested_counts(tmp_path, model_name):
+    pruner = _spy(RandomUnstructured)(
+        target_sparsity=0.8, begin_step=2, end_step=8, frequency=2, verbose=False
+    )
+    fit_tiny(
+        [pruner],
+        tmp_path,
+        model=tiny_classifier(model_name),
+        max_epochs=2,
+        limit_train_batches=6,
+        limit_val_batches=0,
+    )
+    steps = [step for step, _, _ in pruner.updates]
+    assert steps == [2, 4, 6, 8]  # then the target is reached and the masks stay
+    previous = None
+    for step, sparsity, masks in pruner.updates:
+        assert sparsity == pytest.approx(polynomial_sparsity(step, 0.0, 0.8, 2, 8, 3.0))
+        assert set(masks) == set(pruner.weight_names)  # weights only
+        for name, mask in masks.items():
+            assert int(mask.sum()) == kept_count(mask.numel(), sparsity), name
+            if previous is not None:
+                assert not torch.any(mask & ~previous[name]), name  # nested
+        previous = masks
+    assert pruner.sparsity_metrics()["prune/sparsity"] == pytest.approx(0.8, abs=0.01)
+    for name, mask in pruner.masks.items():  # and the model's weights are exact zeros there after training
+        assert torch.all(pruner.masks.param(name)[~mask] == 0)
+
+
+def test_random_channels_schedule_prunes_whole_channels_with_their_batchnorm(tmp_path):
+    pruner = _spy(RandomChannels)(target_sparsity=0.6, end_step=6, frequency=3, verbose=False)
+    _, model = fit_tiny([pruner], tmp_path, max_epochs=2, limit_train_batches=5, limit_val_batches=0)
+    assert [step for step, _, _ in pruner.updates] == [1, 4, 7]
+    previous = None
+    for step, sparsity, masks in pruner.updates:
+        assert sparsity == pytest.approx(polynomial_sparsity(step, 0.0, 0.6, 0, 6, 3.0))
+        for group in pruner.groups:
+            weight = masks[group.weight]
+            rows = weight.reshape(weight.shape[0], -1)
+            keep = rows.all(1)
+            assert torch.all(keep | ~rows.any(1)), group.weight  # whole filters
+            assert int(keep.sum()) == kept_count(keep.numel(), sparsity), group.weight
+            assert len(group.members) == 2 and all(torch.equal(masks[m], keep) for m in group.members)
+            if previous is not None:
+                assert not torch.any(keep & ~previous[group.weight].reshape(keep.numel(), -1).all(1))
+        previous = masks
+    keeps = [pruner.channel_keep(g.weight) for g in pruner.groups]
+    assert any(
+        not torch.equal(k, torch.arange(k.numel()) >= int((~k).sum())) for k in keeps
+    )  # not the first k
+    for group in pruner.groups:  # BatchNorm bias did not grow back during training
+        keep = pruner.channel_keep(group.weight)
+        for name in group.names:
+            assert torch.all(model.get_parameter(name)[~keep] == 0), name
+
+
+def test_same_seed_same_masks_other_seed_other_masks(tmp_path):
+    def masks(cls, seed, root):
+        pruner = cls(target_sparsity=0.5, seed=seed, verbose=False)
+        fit_tiny([pruner], tmp_path / root, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+        return pruner.masks.state_dict(), pruner.state_dict()["rng_state"]
+
+    for cls in (RandomChannels, RandomUnstructured):
+        (a, rng_a), (b, _), (c, _) = (
+            masks(cls, 7, f"{cls.__name__}a"),
+            masks(cls, 7, f"{cls.__name__}b"),
+            masks(cls, 8, f"{cls.__name__}c"),
+        )
+        assert all(torch.equal(a[n], b[n]) for n in a)
+        assert any(not torch.equal(a[n], c[n]) for n in a)
+        assert not torch.equal(rng_a, torch.Generator().manual_seed(7).get_state())  # the state advanced
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("random_channels", {"target_sparsity": 0.6, "begin_step": 1, "end_step": 8, "frequency": 2}),
+        (
+            "random_unstructured",
+            {"target_sparsity": 0.7, "initial_sparsity": 0.1, "end_step": 0.75, "frequency": 3},
+        ),
+    ],
+)
+def test_resume_mid_schedule_draws_the_same_numbers(tmp_path, name, kwargs):
+    # 3 epochs x 4 steps, resumed from the checkpoint after step 4: later draws come from the saved generator
+    state = check_callback_conformance(
+        lambda: lp.create_callback(name, verbose=False, **kwargs),
+        tmp_path,
+        max_epochs=3,
+        limit_train_batches=4,
+    )
+    assert state["current_sparsity"] == pytest.approx(kwargs["target_sparsity"])
+    assert state["last_update"] > 4 and isinstance(state["rng_state"], torch.Tensor)
+    assert state["schedule"] == ([1, 8] if name == "random_channels" else [0, 9])
+
+
+class _SaveMasks(Callback):
+    def __init__(self, pruner, out):
+        self.pruner, self.out = pruner, out
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(
+            {
+                "masks": self.pruner.masks.state_dict(),
+                "rng": self.pruner.rng_state,
+                "members": sum(len(g.members) for g in self.pruner.groups),
+            },
+            self.out / f"rank{trainer.global_rank}.pt",
+        )
+
+
+@pytest.mark.slow  # about 45 s on 2 busy CPU cores (two spawned processes)
+def test_ddp_spawn_masks_identical_on_both_ranks_and_to_a_single_process_run(tmp_path):
+    kwargs = {"target_sparsity": 0.5, "end_step": 4, "frequency": 2, "verbose": False}
+    run = {"max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 0}
+    pruner = RandomChannels(**kwargs)
+    fit_tiny([pruner, _SaveMasks(pruner, tmp_path)], tmp_path, strategy="ddp_spawn", devices=2, **run)
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    single = RandomChannels(**kwargs)
+    fit_tiny([single], tmp_path / "single", **run)
+    assert rank0["members"] > 10 and set(rank0["masks"]) == set(rank1["masks"]) == set(single.masks.names())
+    for name, mask in rank0["masks"].items():
+        assert torch.equal(mask, rank1["masks"][name]), name
+        assert torch.equal(mask, single.masks[name].cpu()), name
+    assert torch.equal(rank0["rng"], rank1["rng"])
+    assert single.sparsity_metrics()["prune/channel_sparsity"] == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize("cls", [RandomChannels, RandomUnstructured])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_sparsity": 1.0}, r"`target_sparsity` must be in \[0.0, 1.0\), got 1.0. HINT: 0.75 prunes"),
+        (
+            {"target_sparsity": 0.5, "initial_sparsity": 0.6},
+            r"`initial_sparsity` must be in \[0.0, 0.5\], got 0.6. HINT: the schedule grows",
+        ),
+        ({"begin_step": -1}, r"`begin_step` must be an integer >= 0, got -1"),
+        (
+            {"begin_step": 5, "end_step": 3},
+            r"`end_step` must be None \(one shot\), an int >= `begin_step` \(5\)",
+        ),
+        ({"end_step": 1.5}, r"`end_step` must be None .* got 1.5. HINT: end_step=None prunes once"),
+        ({"end_step": 0.0}, r"`end_step` must be None .* got 0.0"),
+        ({"frequency": 0}, r"`frequency` must be an integer >= 1, got 0. HINT: masks change every"),
+        ({"exponent": 0}, r"`exponent` must be > 0, got 0. HINT: 3 is the cubic schedule"),
+        ({"seed": -1}, r"`seed` must be an integer >= 0, got -1"),
+        ({"seed": 1.0}, r"`seed` must be an integer >= 0, got 1.0"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(cls, kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        cls(**kwargs)
+
+
+def test_state_keys_tell_instances_apart():
+    assert RandomChannels(seed=1).state_key != RandomChannels(seed=2).state_key
+    assert (
+        RandomUnstructured(target_sparsity=0.5).state_key != RandomUnstructured(target_sparsity=0.9).state_key
+    )
+
+
+def test_wandb_media_for_channel_masks(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pruner = RandomChannels(target_sparsity=0.5, verbose=False)
+    logger = WandbLogger(save_dir=str(tmp_path), project="baselines")
+    trainer, _ = fit_tiny(
+        [pruner], tmp_path, logger=logger, max_epochs=1, limit_train_batches=2, limit_val_batches=0
+    )
+    run_dir = logger.experiment.dir
+    logger.experiment.finish()
+    images = {
+        p.name.rsplit("_", 2)[0] for p in (tmp_path / "wandb").glob("*/files/media/images/prune/mask/*.png")
+    }
+    assert images == set(pruner.weight_names), images  # one image per weight, none for BatchNorms
+    assert run_dir and trainer.global_step == 2

@@ -1,0 +1,95 @@
+import pickle
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_prune import DigitsDataModule, ImageClassifier
+from lightning_prune.data import CIFAR10DataModule, EpochShuffleSampler
+from lightning_prune.testing import fit_tiny
+
+
+def test_digits_are_offline_3x32x32_with_a_fixed_seeded_split():
+    dm = DigitsDataModule(batch_size=16)
+    dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 1797
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and y.dtype == torch.long and 0 <= int(y.min()) and int(y.max()) <= 9
+    again = DigitsDataModule(batch_size=16)
+    again.setup("fit")
+    assert again.test_set.indices == dm.test_set.indices
+    assert set(dm.train_set.indices).isdisjoint(dm.test_set.indices)
+    other_seed = DigitsDataModule(seed=1)
+    other_seed.setup("fit")
+    assert other_seed.test_set.indices != dm.test_set.indices
+
+
+def test_epoch_sampler_is_reproducible_per_epoch():
+    sampler = EpochShuffleSampler(50, seed=3)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    sampler.set_epoch(0)
+    assert list(sampler) == first != second and sorted(second) == list(range(50))
+
+
+def test_bad_data_arguments():
+    with pytest.raises(MisconfigurationException, match="`batch_size` must be >= 1"):
+        DigitsDataModule(batch_size=0)
+    with pytest.raises(MisconfigurationException, match="`val_fraction`"):
+        DigitsDataModule(val_fraction=0.6, test_fraction=0.5)
+
+
+def test_classifier_wraps_any_timm_model_and_trains(tmp_path):
+    model = ImageClassifier("test_efficientnet", num_classes=10, optimizer="adamw", lr=1e-3, scheduler="cosine")
+    trainer, _ = fit_tiny([], tmp_path, model=model, max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+    assert trainer.global_step == 3 and "val/acc" in trainer.callback_metrics
+    assert all(k.startswith(("model.", "val_acc", "test_acc")) for k in model.state_dict())
+    assert pickle.loads(pickle.dumps(model.hparams))["model_name"] == "test_efficientnet"
+    with pytest.raises(MisconfigurationException, match="`optimizer` must be one of"):
+        ImageClassifier("test_resnet", optimizer="lion")
+    with pytest.raises(MisconfigurationException, match="`scheduler` must be one of"):
+        ImageClassifier("test_resnet", scheduler="poly")
+
+
+def _fake_cifar(root, n_train=60, n_test=20):
+    """The torchvision CIFAR-10 layout with a few random images (no network)."""
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        return {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+
+    per = n_train // 5
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(per), f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(batch(n_test), f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+
+
+def test_cifar10_datamodule_on_small_local_data(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    _fake_cifar(tmp_path)
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)  # the fake files' md5s differ
+    monkeypatch.setattr(CIFAR10, "download", lambda self: pytest.fail("must not download when data is present"))
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=8, num_workers=0, val_size=10, download=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50, 10, 20)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 3, 32, 32) and abs(float(x.mean())) < 2
+    model = ImageClassifier("test_resnet", num_classes=10, scheduler="none")
+    trainer, _ = fit_tiny([], tmp_path, model=model, datamodule=dm, max_epochs=1, limit_val_batches=1)
+    assert trainer.global_step == 7
+    with pytest.raises(MisconfigurationException, match="`val_size`"):
+        bad = CIFAR10DataModule(data_dir=str(tmp_path), val_size=0, download=False)
+        bad.setup("fit")

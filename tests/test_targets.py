@@ -1,0 +1,68 @@
+import pytest
+import timm
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_prune.targets import matches, resolve_targets, timm_default_exclusions
+from lightning_prune.testing import TINY_MODELS, tiny_classifier
+
+
+@pytest.mark.parametrize("model_name", list(TINY_MODELS))
+def test_timm_first_conv_and_classifier_are_excluded_by_metadata(model_name):
+    module = tiny_classifier(model_name)
+    cfg = module.model.pretrained_cfg
+    names = {t.module_name for t in resolve_targets(module)}
+    assert names, "nothing targeted"
+    assert f"model.{cfg['first_conv']}" not in names
+    assert f"model.{cfg['classifier']}" not in names
+    assert all(isinstance(t.module, (nn.Conv2d, nn.Linear)) for t in resolve_targets(module))
+
+
+def test_resnet18_defaults_exclude_conv1_and_fc_only():
+    model = timm.create_model("resnet18", num_classes=10)
+    names = [t.module_name for t in resolve_targets(model)]
+    assert "conv1" not in names and "fc" not in names
+    assert len(names) == 19 and "layer1.0.conv1" in names and "layer2.0.downsample.0" in names
+
+
+def test_sequential_stem_is_excluded_whole():
+    # test_resnet's first_conv is "conv1.0" inside a deep stem
+    assert "model.conv1.0" in timm_default_exclusions(tiny_classifier("test_resnet"))
+
+
+def test_nested_attribute_and_plain_module():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.ModuleDict({"net": timm.create_model("test_resnet", num_classes=10)})
+
+    names = {t.module_name for t in resolve_targets(Wrapper())}
+    assert "backbone.net.fc" not in names and "backbone.net.layer1.0.conv1" in names
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert [t.name for t in resolve_targets(mlp)] == ["0.weight", "2.weight"]  # no timm metadata: everything
+
+
+def test_include_replaces_defaults_and_exclude_applies_last():
+    module = tiny_classifier("test_resnet")
+    assert [t.module_name for t in resolve_targets(module, include="fc")] == ["model.fc"]
+    names = {t.module_name for t in resolve_targets(module, include=["layer1.*", "fc"], exclude="*.conv2")}
+    assert "model.fc" in names and not any(n.endswith("conv2") for n in names)
+    assert all(n.startswith("model.layer1") or n == "model.fc" for n in names)
+
+
+def test_patterns_match_full_names_and_dotted_suffixes():
+    assert matches("model.layer1.0.conv1", ["layer1.*"])
+    assert matches("model.layer1.0.conv1", ["model.layer1.0.conv1"])
+    assert matches("model.layer1.0.conv1", ["conv1"])
+    assert not matches("model.layer1.0.conv1", ["layer2.*"])
+
+
+def test_nothing_matched_names_patterns_and_existing_modules():
+    module = tiny_classifier("test_resnet")
+    with pytest.raises(MisconfigurationException, match=r"include=\['nope\*'\].*Modules that exist: model\.conv1\.0"):
+        resolve_targets(module, include="nope*")
+    with pytest.raises(MisconfigurationException, match="HINT"):
+        resolve_targets(module, exclude="*")
+    with pytest.raises(MisconfigurationException, match="none of type"):
+        resolve_targets(nn.Sequential(nn.ReLU()))
