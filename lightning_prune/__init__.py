@@ -24,6 +24,7 @@ _LAZY = {
     "PruningCallback": "lightning_prune.callbacks.base",
     "GradualMagnitudePruning": "lightning_prune.callbacks.magnitude",
     "GroupLassoPruning": "lightning_prune.callbacks.group_lasso",
+    "L0Pruning": "lightning_prune.callbacks.l0",
     "compress": "lightning_prune.compress",
     "save_compressed": "lightning_prune.compress",
     "load_compressed": "lightning_prune.compress",
