@@ -374,6 +374,23 @@ class L0Pruning(GatePruningCallback):
                 gate.binary = True
         super().finalize(trainer, pl_module)
 
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if not self.finalized and self.gateset is not None:
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            if scaler is None or not scaler.is_enabled():  # without a loss scaler a NaN gradient is a real NaN
+                grads = [g.log_alpha.grad for g in self.gateset.gates]
+                checks = [torch.isfinite(x).all() for x in grads if x is not None]
+                if checks and not bool(torch.stack(checks).all()):
+                    group = next(gr for gr, x in zip(self.gateset.groups, grads)
+                                 if x is not None and not bool(torch.isfinite(x).all()))
+                    raise NonFiniteGateError(
+                        f"[L0Pruning] non-finite gradient of log_alpha in layer {group.name!r} at step"
+                        f" {trainer.global_step}. HINT: the loss is NaN/inf; lower the learning rates or use AMP"
+                        " with a loss scaler.")
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
     # ------------------------------------------------------------------ temperature and noise
     def temperature_at(self, step: int) -> float:
         """``beta`` at a global step: fixed, or linear from ``temperature`` to ``temperature_final``."""
