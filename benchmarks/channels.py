@@ -13,7 +13,7 @@ Run from the repository root::
     python benchmarks/channels.py --quick        # 3 lambdas, 6 epochs (~10 min on a busy 2-core CPU)
     python benchmarks/channels.py                # 5 lambdas, 15 epochs
 
-Writes ``benchmarks/results/channels.{json,md,png}``.
+Writes ``benchmarks/results/channels.{json,md,png}`` (``--tag full`` -> ``channels-full.*``).
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--lams", type=float, nargs="*", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="results go to benchmarks/results/channels[-TAG].{json,md,png}")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--gate-lr", type=float, default=None,
                         help="default: 1.2 / (10 * lam_median * steps until finalisation), i.e. the gates could reach 0")
@@ -164,27 +165,31 @@ def main() -> None:
     log(f"dense: acc {dense_acc:.4f}, {dense_params:,.0f} params, {dense_flops / 1e6:.1f} MFLOPs")
     compressed: dict[str, torch.nn.Module] = {"dense": dense_net}
     rows.append({"method": "dense", "lam": None, "removed": 0.0, "acc": dense_acc, "params": dense_params,
-                 "flops": dense_flops})
+                 "flops": dense_flops, "params_r8": dense_params, "flops_r8": dense_flops, "key": "dense"})
+
+    def measure(key: str, method: str, lam: float | None, removed: float, module: pl.LightningModule) -> None:
+        """Accuracy of the masked model; its compressed copies (widths as they fall, and rounded up to 8)."""
+        row = {"method": method, "lam": lam, "removed": removed, "acc": test_accuracy(module, data), "key": key}
+        for r, suffix in ((1, ""), (8, "_r8")):
+            net = lp.compress(copy.deepcopy(module.model), input_size=INPUT, round_to=r).eval()
+            row["flops" + suffix], row["params" + suffix] = cost(net)
+            compressed[key + suffix] = net
+        rows.append(row)
+        log(f"{key}: removed {removed:.1%} of gated channels, acc {row['acc']:.4f},"
+            f" params {row['params'] / dense_params:.2f}x, FLOPs {row['flops'] / dense_flops:.2f}x")
 
     # group lasso
     fractions = []
     for lam in lams:
         pl.seed_everything(args.seed, verbose=False)
         model = classifier(args.lr)
-        cb = lp.GroupLassoPruning(lam=lam, gate_lr=gate_lr, finalize_at=finalize_at, compress_on_train_end=True, input_size=INPUT,
+        cb = lp.GroupLassoPruning(lam=lam, gate_lr=gate_lr, finalize_at=finalize_at, input_size=INPUT,
                                   verbose=False, log_masks_every_n_epochs=0)
         trainer(epochs, [cb]).fit(model, datamodule=data)
         keep = cb.final_keep()
         removed = 1 - sum(int(k.sum()) for k in keep) / sum(k.numel() for k in keep)
         fractions.append(removed)
-        acc = test_accuracy(model, data)
-        flops, params = cost(model.model)
-        key = f"group_lasso lam={lam:g}"
-        compressed[key] = copy.deepcopy(model.model).eval()
-        rows.append({"method": "group_lasso", "lam": lam, "removed": removed, "acc": acc, "params": params,
-                     "flops": flops, "gated_channels": sum(k.numel() for k in keep)})
-        log(f"{key}: removed {removed:.1%} of gated channels, acc {acc:.4f}, params {params / dense_params:.2f}x,"
-            f" FLOPs {flops / dense_flops:.2f}x")
+        measure(f"group_lasso lam={lam:g}", "group_lasso", lam, removed, model)
 
     # baselines at the same fractions, from the dense weights
     for removed in fractions:
@@ -192,49 +197,46 @@ def main() -> None:
             pl.seed_everything(args.seed, verbose=False)
             model = classifier(args.lr * 0.2)
             model.model.load_state_dict(dense.model.state_dict())
-            cb = FixedChannelPruning(removed, mode=mode, seed=args.seed)
-            trainer(finetune, [cb]).fit(model, datamodule=data)
-            lp.compress(model.model, input_size=INPUT)
-            acc = test_accuracy(model, data)
-            flops, params = cost(model.model)
-            key = f"{mode}_k {removed:.0%}"
-            compressed[key] = copy.deepcopy(model.model).eval()
-            rows.append({"method": f"{mode}_k", "lam": None, "removed": removed, "acc": acc, "params": params,
-                         "flops": flops})
-            log(f"{key}: acc {acc:.4f}, FLOPs {flops / dense_flops:.2f}x")
+            trainer(finetune, [FixedChannelPruning(removed, mode=mode, seed=args.seed)]).fit(model, datamodule=data)
+            measure(f"{mode}_k {removed:.0%}", f"{mode}_k", None, removed, model)
 
     lat = latency_ms(compressed, rounds)
-    names = list(compressed)
-    for row, name in zip(rows, names):
-        row["latency_ms"] = lat[name]
-        row["latency_ratio"] = lat[name] / lat["dense"]
+    for row in rows:
+        key = row.pop("key")
+        row["latency_ms"] = lat[key]
+        row["latency_ratio"] = lat[key] / lat["dense"]
+        row["latency_ratio_r8"] = lat.get(key + "_r8", lat[key]) / lat["dense"]
         row["flops_ratio"] = row["flops"] / dense_flops
+        row["flops_ratio_r8"] = row["flops_r8"] / dense_flops
         row["params_ratio"] = row["params"] / dense_params
         row["acc_drop_pts"] = 100 * (dense_acc - row["acc"])
     write(rows, {"epochs": epochs, "lams": lams, "gate_lr": gate_lr, "finetune_epochs": finetune, "finalize_at": finalize_at,
                  "seed": args.seed, "quick": args.quick, "latency_rounds": rounds, "lr": args.lr,
-                 "torch_threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 1)})
+                 "torch_threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 1)},
+          name="channels" + (f"-{args.tag}" if args.tag else ""))
     log("done")
 
 
-def write(rows: list[dict[str, Any]], config: dict[str, Any]) -> None:
+def write(rows: list[dict[str, Any]], config: dict[str, Any], name: str = "channels") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "channels.json").write_text(json.dumps({"config": config, "rows": rows}, indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps({"config": config, "rows": rows}, indent=2))
     lines = [
-        "| method | lam | gated channels removed | test acc | drop (pts) | params | FLOPs | CPU latency | latency / FLOPs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | lam | gated channels removed | test acc | drop (pts) | params | FLOPs | CPU latency |"
+        " latency / FLOPs | widths rounded to 8: FLOPs, latency |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {'' if r['lam'] is None else format(r['lam'], 'g')} | {r['removed']:.1%} |"
             f" {r['acc']:.4f} | {r['acc_drop_pts']:+.2f} | {r['params_ratio']:.2f}x | {r['flops_ratio']:.2f}x |"
             f" {r['latency_ratio']:.2f}x ({r['latency_ms']:.1f} ms) | {r['latency_ratio'] / r['flops_ratio']:.2f} |"
+            f" {r['flops_ratio_r8']:.2f}x, {r['latency_ratio_r8']:.2f}x |"
         )
     header = (f"digits, timm resnet18 at 32x32, {config['epochs']} epochs (group-LASSO finalises at"
               f" {config['finalize_at']:.0%}, gate_lr {config['gate_lr']}; baselines fine-tune the dense model {config['finetune_epochs']} epochs),"
               f" seed {config['seed']}{', --quick' if config['quick'] else ''}. Ratios are against the dense model"
               f" measured in the same run; latency: 1 thread, batch 64, median of {config['latency_rounds']}.\n\n")
-    (RESULTS / "channels.md").write_text(header + "\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text(header + "\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -254,14 +256,16 @@ def write(rows: list[dict[str, Any]], config: dict[str, Any]) -> None:
     ax1.set_ylabel("test accuracy")
     ax1.legend()
     pruned = [r for r in rows if r["method"] != "dense"]
-    ax2.scatter([r["flops_ratio"] for r in pruned], [r["latency_ratio"] for r in pruned])
+    ax2.scatter([r["flops_ratio"] for r in pruned], [r["latency_ratio"] for r in pruned], label="as pruned")
+    ax2.scatter([r["flops_ratio_r8"] for r in pruned], [r["latency_ratio_r8"] for r in pruned], marker="x",
+                label="widths rounded to 8")
     ax2.plot([0, 1], [0, 1], color="gray", ls="--", label="latency = FLOPs")
     ax2.plot([0, 1], [0, 1.25], color="gray", ls=":", label="1.25x FLOPs")
     ax2.set_xlabel("FLOPs / dense")
     ax2.set_ylabel("CPU latency / dense")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "channels.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -47,15 +47,16 @@ def _site_zero(producer: nn.Module, norm: nn.Module | None) -> Tensor:
     return zero_channels(producer.weight, getattr(producer, "bias", None)).cpu()
 
 
-def dead_channels(model: nn.Module, example_inputs: Any) -> list[tuple[str, list[int], int]]:
+def dead_channels(model: nn.Module, example_inputs: Any, round_to: int = 1) -> list[tuple[str, list[int], int]]:
     """The removable dead channels of ``model``: ``(root module name, root channel indices, group size)`` per
-    group (one channel of each group is always kept, as torch-pruning needs)."""
+    group (one channel of each group is always kept, as torch-pruning needs; with ``round_to``, enough dead
+    channels are kept for the remaining width to be a multiple of it)."""
     names = {m: n for n, m in model.named_modules()}
-    return [(names[m], idxs, size) for m, _, idxs, size in _plan(model, example_inputs)[1]]
+    return [(names[m], idxs, size) for m, _, idxs, size in _plan(model, example_inputs, round_to)[1]]
 
 
 @torch.no_grad()
-def _plan(model: nn.Module, example_inputs: Any) -> tuple[tp.DependencyGraph, list[tuple[nn.Module, Any, list[int], int]]]:
+def _plan(model: nn.Module, example_inputs: Any, round_to: int = 1) -> tuple[tp.DependencyGraph, list[tuple[nn.Module, Any, list[int], int]]]:
     graph, analysed = build_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     clone: nn.Module | None = None
@@ -91,6 +92,9 @@ def _plan(model: nn.Module, example_inputs: Any) -> tuple[tp.DependencyGraph, li
         removable = sorted(set(removable))
         if len(removable) >= info.size:
             removable = removable[1:]  # keep one (zero) channel: torch-pruning cannot remove a whole layer
+        if round_to > 1 and removable:  # keep a few dead channels so that the width is a multiple of round_to
+            keep = -(-(info.size - len(removable)) // round_to) * round_to
+            removable = removable[:max(info.size - keep, 0)]
         if removable:
             plan.append((info.root, info.root_fn, removable, info.size))
     return graph, plan
@@ -104,6 +108,7 @@ def compress(
     verify: bool = True,
     atol: float = 1e-4,
     rtol: float = 1e-4,
+    round_to: int = 1,
 ) -> nn.Module:
     """Physically remove every dead channel of ``model``; returns the smaller model.
 
@@ -116,6 +121,8 @@ def compress(
         inplace: modify ``model`` (default) or a deep copy.
         verify: compare eval outputs before and after on ``example_inputs``; raise if they differ.
         atol, rtol: tolerances of that comparison.
+        round_to: keep enough dead channels that every pruned layer's width stays a multiple of ``round_to``
+            (CPU/GPU kernels are faster on widths that are multiples of 8 or 16); outputs are unchanged.
 
     Raises:
         CompressionError: the outputs changed (a dead channel was not really dead).
@@ -135,7 +142,7 @@ def compress(
         before_params = sum(p.numel() for p in root.parameters())
         with torch.no_grad():
             reference = _call(root, example) if verify else None
-        graph, plan = _plan(root, example)
+        graph, plan = _plan(root, example, round_to)
         removed = 0
         for module, fn, idxs, _ in plan:  # groups are disjoint: pruning one leaves the others' indices valid
             graph.get_pruning_group(module, fn, idxs).prune()

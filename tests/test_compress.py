@@ -88,6 +88,17 @@ def test_residual_channel_removed_only_when_every_branch_is_dead():
     torch.testing.assert_close(model(X), before, atol=1e-5, rtol=1e-4)
 
 
+def test_round_to_keeps_widths_multiple():
+    model = _model("test_resnet")
+    groups, _ = find_channel_groups(model, X)
+    _kill(model, groups, every=3)  # e.g. 32 channels -> 11 dead, 21 alive
+    before = model(X)
+    compress(model, X, round_to=8)
+    for group in groups:
+        assert model.get_submodule(group.name).out_channels % 8 == 0
+    torch.testing.assert_close(model(X), before, atol=1e-5, rtol=1e-4)
+
+
 def test_zero_conv_without_bn_and_zero_filter_before_bn():
     model = _model("test_vit")
     fc1 = model.blocks[0].mlp.fc1

@@ -334,8 +334,11 @@ class GatePruningCallback(PruningCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         rebuilt = not (self.masks is not None and self.targets and self._targets_belong_to(pl_module))
+        if rebuilt and self.gateset is not None:  # a new model: the old gates belong to the old one
+            self.gateset.detach()
+            self.gateset = None
         super().setup(trainer, pl_module, stage)
-        if rebuilt or self.gateset is None:
+        if self.gateset is None:
             self._build_gates()
             if self._pending_gates is not None:
                 self._load_pending(self._pending_gates)
