@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 lambdas, 6 epochs")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--lams", type=float, nargs="*", default=None)
+    parser.add_argument("--coupled-lams", type=float, nargs="*", default=None,
+                        help="extra runs with prune_coupled=True (residual channels gated too)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="results go to benchmarks/results/channels[-TAG].{json,md,png}")
     parser.add_argument("--lr", type=float, default=0.05)
@@ -143,6 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     epochs = args.epochs or (6 if args.quick else 15)
     lams = args.lams or ([1e-4, 2e-4, 4e-4] if args.quick else [5e-5, 1e-4, 2e-4, 4e-4, 8e-4])
+    coupled_lams = args.coupled_lams if args.coupled_lams is not None else [2e-4]
     rounds = args.latency_rounds or (15 if args.quick else 40)
     finalize_at = 0.6
     finetune = max(1, int(round(epochs * (1 - finalize_at))))
@@ -178,18 +181,20 @@ def main() -> None:
         log(f"{key}: removed {removed:.1%} of gated channels, acc {row['acc']:.4f},"
             f" params {row['params'] / dense_params:.2f}x, FLOPs {row['flops'] / dense_flops:.2f}x")
 
-    # group lasso
+    # group lasso (and with the residual channels gated too: prune_coupled=True)
     fractions = []
-    for lam in lams:
+    for lam, coupled in [(lam, False) for lam in lams] + [(lam, True) for lam in coupled_lams]:
         pl.seed_everything(args.seed, verbose=False)
         model = classifier(args.lr)
         cb = lp.GroupLassoPruning(lam=lam, gate_lr=gate_lr, finalize_at=finalize_at, input_size=INPUT,
-                                  verbose=False, log_masks_every_n_epochs=0)
+                                  prune_coupled=coupled, verbose=False, log_masks_every_n_epochs=0)
         trainer(epochs, [cb]).fit(model, datamodule=data)
         keep = cb.final_keep()
         removed = 1 - sum(int(k.sum()) for k in keep) / sum(k.numel() for k in keep)
-        fractions.append(removed)
-        measure(f"group_lasso lam={lam:g}", "group_lasso", lam, removed, model)
+        method = "group_lasso_coupled" if coupled else "group_lasso"
+        if not coupled:
+            fractions.append(removed)
+        measure(f"{method} lam={lam:g}", method, lam, removed, model)
 
     # baselines at the same fractions, from the dense weights
     for removed in fractions:
@@ -210,7 +215,7 @@ def main() -> None:
         row["flops_ratio_r8"] = row["flops_r8"] / dense_flops
         row["params_ratio"] = row["params"] / dense_params
         row["acc_drop_pts"] = 100 * (dense_acc - row["acc"])
-    write(rows, {"epochs": epochs, "lams": lams, "gate_lr": gate_lr, "finetune_epochs": finetune, "finalize_at": finalize_at,
+    write(rows, {"epochs": epochs, "lams": lams, "coupled_lams": coupled_lams, "gate_lr": gate_lr, "finetune_epochs": finetune, "finalize_at": finalize_at,
                  "seed": args.seed, "quick": args.quick, "latency_rounds": rounds, "lr": args.lr,
                  "torch_threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 1)},
           name="channels" + (f"-{args.tag}" if args.tag else ""))
@@ -248,7 +253,7 @@ def write(rows: list[dict[str, Any]], config: dict[str, Any], name: str = "chann
     dense_acc = rows[0]["acc"]
     ax1.axhline(dense_acc, color="gray", ls="--", label="dense")
     ax1.axhline(dense_acc - 0.01, color="gray", ls=":", label="dense - 1 pt")
-    for method, marker in (("group_lasso", "o"), ("first_k", "s"), ("random_k", "^")):
+    for method, marker in (("group_lasso", "o"), ("group_lasso_coupled", "D"), ("first_k", "s"), ("random_k", "^")):
         pts = sorted((r["removed"], r["acc"]) for r in rows if r["method"] == method)
         if pts:
             ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method)

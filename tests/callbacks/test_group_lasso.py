@@ -76,8 +76,8 @@ def test_resume_mid_training_with_gates_capture_and_phases(tmp_path):
 
 
 # ------------------------------------------------------------------ oracles
-@pytest.mark.parametrize("name", FAMILIES)
-def test_fold_keeps_outputs_and_compress_equals_masked_model(name, tmp_path):
+@pytest.mark.parametrize(("name", "coupled"), [(n, False) for n in FAMILIES] + [("test_resnet", True)])
+def test_fold_keeps_outputs_and_compress_equals_masked_model(name, coupled, tmp_path):
     """Oracles §2 in a real run: finalising folds the gates without changing the eval logits; captured zeros
     stay zero through fine-tuning; the compressed model's logits equal the masked model's; it reloads."""
     seen = {}
@@ -88,11 +88,12 @@ def test_fold_keeps_outputs_and_compress_equals_masked_model(name, tmp_path):
     def after(trainer, module, hook):
         seen["compressed"] = _logits(module)
 
-    cb = GroupLassoPruning(finalize_at=None, compress_on_train_end=True, **STRONG)
+    cb = GroupLassoPruning(finalize_at=None, compress_on_train_end=True, prune_coupled=coupled, **STRONG)
     model = tiny_classifier(name)
     dense_params = sum(p.numel() for p in model.parameters())
     fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=model, **FAST)
     assert cb.finalized and sum(p.numel() for p in model.parameters()) < dense_params
+    assert any(g.coupled for g in cb.groups) == coupled
     torch.testing.assert_close(seen["compressed"], seen["gated"], atol=1e-4, rtol=1e-4)
     lp.save_compressed(model.model, tmp_path / "small.pt")
     fresh = tiny_classifier(name).model
