@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--lams", type=float, nargs="*", default=None, help="L0 lambdas")
     parser.add_argument("--gl-lam", type=float, default=2e-4, help="group-LASSO lambda")
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--tag", default="", help="results go to benchmarks/results/channels_l0[-TAG].{json,md}")
     args = parser.parse_args()
     epochs = args.epochs or (4 if args.quick else 10)
     seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2])
@@ -98,47 +99,45 @@ def main() -> None:
                                   verbose=False, log_masks_every_n_epochs=0)
         trainer(epochs, [cb]).fit(model, datamodule=data)
         record(seed, "group_lasso", args.gl_lam, removed_fraction(cb), model, data, dense)
-        for removed in fractions:
+        for lam, removed in zip(lams, fractions):
             if removed <= 0:
                 continue
             pl.seed_everything(seed, verbose=False)
             model = classifier(args.lr * 0.2)
             model.model.load_state_dict(dense_model.model.state_dict())
             trainer(finetune, [FixedChannelPruning(removed, mode="first", seed=seed)]).fit(model, datamodule=data)
-            record(seed, "first_k", None, removed, model, data, dense)
+            record(seed, "first_k", lam, removed, model, data, dense)  # lam: the L0 run whose fraction it matches
 
     config = {"epochs": epochs, "seeds": seeds, "lams": lams, "l0_gate_lr": l0_gate_lr, "gl_lam": args.gl_lam,
               "gl_gate_lr": gl_gate_lr, "finalize_at": finalize_at, "finetune_epochs": finetune, "lr": args.lr,
               "quick": args.quick, "wall_s": round(time.time() - started, 1)}
-    name = "channels_l0" + ("-quick" if args.quick else "")
+    write(config, rows, "channels_l0" + (f"-{args.tag}" if args.tag else "-quick" if args.quick else ""))
+
+
+def write(config: dict[str, Any], rows: list[dict[str, Any]], name: str) -> None:
+    """``benchmarks/results/NAME.json`` and a table per (method, lam), averaged over the seeds, in ``NAME.md``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"config": config, "rows": rows}, indent=2))
     lines = ["| method | lam | seeds | gated channels removed (mean) | test acc (mean +- sd) | drop vs dense (pts, mean)"
              " | params | FLOPs |", "|---|---|---|---|---|---|---|---|"]
-    keys = []
-    for r in rows:
-        key = (r["method"], r["lam"]) if r["method"] != "first_k" else ("first_k", None)
-        if r["method"] == "first_k":
-            key = ("first_k", round(r["removed"], 2))
-        if key not in keys:
-            keys.append(key)
-    for key in keys:
-        group = [r for r in rows if (r["method"], r["lam"] if r["method"] != "first_k" else round(r["removed"], 2))
-                 == key]
+    for key in dict.fromkeys((r["method"], r["lam"]) for r in rows):
+        group = [r for r in rows if (r["method"], r["lam"]) == key]
         accs = [r["acc"] for r in group]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         fl = [r.get("flops_ratio", 1.0) for r in group]
         pa = [r.get("params_ratio", 1.0) for r in group]
-        lam = "" if key[0] in ("dense", "first_k") else format(key[1], "g")
+        lam = "" if key[1] is None else format(key[1], "g") + (" (L0's fraction)" if key[0] == "first_k" else "")
         lines.append(f"| {key[0]} | {lam} | {len(group)} | {statistics.mean(r['removed'] for r in group):.1%} |"
-                     f" {statistics.mean(accs):.4f} +- {sd:.4f} | {statistics.mean(r['acc_drop_pts'] for r in group):+.2f}"
-                     f" | {statistics.mean(pa):.2f}x | {statistics.mean(fl):.2f}x |")
-    header = (f"digits, timm resnet18 at 32x32, {epochs} epochs, seeds {seeds}; L0 gate_lr {l0_gate_lr} (Adam),"
-              f" group-LASSO lam {args.gl_lam} gate_lr {gl_gate_lr}; gates finalised at {finalize_at:.0%}; first-k"
-              f" fine-tunes the dense model {finetune} epochs. Wall {config['wall_s']} s.\n\n")
+                     f" {statistics.mean(accs):.4f} +- {sd:.4f} |"
+                     f" {statistics.mean(r['acc_drop_pts'] for r in group):+.2f} | {statistics.mean(pa):.2f}x |"
+                     f" {statistics.mean(fl):.2f}x |")
+    c = config
+    header = (f"digits, timm resnet18 at 32x32, {c['epochs']} epochs, seeds {c['seeds']}; L0 gate_lr {c['l0_gate_lr']}"
+              f" (Adam), group-LASSO lam {c['gl_lam']} gate_lr {c['gl_gate_lr']}; gates finalised at"
+              f" {c['finalize_at']:.0%}; first-k fine-tunes the dense model {c['finetune_epochs']} epochs."
+              f" Wall {c['wall_s']} s.\n\n")
     (RESULTS / f"{name}.md").write_text(header + "\n".join(lines) + "\n")
     print(header + "\n".join(lines))
-
 
 if __name__ == "__main__":
     main()
