@@ -267,21 +267,23 @@ def test_finalize_at_fraction_then_fine_tune_with_fixed_masks(tmp_path):
 def test_seed_rule_binarises_log_alpha_without_folding(tmp_path):
     seen = {}
 
-    def before(trainer, module, hook):
-        if not cb.finalized and trainer.global_step == cb.finalize_step:
-            seen["la"] = [g.log_alpha.detach().clone() for g in cb.gateset.gates]
-            seen["w"] = [module.get_submodule(g.sites[0]).weight.detach().clone() for g in cb.groups]
+    def snapshot(key):
+        def spy(trainer, module, hook):
+            if trainer.global_step == 2 and key not in seen:
+                seen[key] = ([g.log_alpha.detach().clone() for g in cb.gateset.gates],
+                             [module.get_submodule(g.sites[0]).weight.detach().clone() for g in cb.groups])
+        return spy
 
     cb = L0Pruning(final_rule="log_alpha", finalize_at=0.5, **{**STRONG, "log_alpha_init": 0.0})
-    _, model = fit_tiny([Spy(before), cb], tmp_path, max_epochs=1, limit_train_batches=4, limit_val_batches=0)
+    fit_tiny([Spy(snapshot("before")), cb, Spy(snapshot("after"))], tmp_path, max_epochs=1, limit_train_batches=4,
+             limit_val_batches=0)
     assert cb.finalized and cb.finalize_step == 2
     keep = cb.final_keep()
-    for la, k in zip(seen["la"], keep):
-        assert torch.equal(k, la >= 0)
     assert 0 < sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep)
-    # right after finalisation (before the fine-tuning step) the kept weights are unscaled: binary gate
-    g = cb.gateset.gates[0]
-    assert torch.equal(g.deterministic(), (g.log_alpha.detach() >= 0).float())
+    for la, k, w0, w1 in zip(seen["before"][0], keep, seen["before"][1], seen["after"][1]):
+        assert torch.equal(k, la >= 0)  # seed 000: mask = [log_alpha >= 0]
+        assert torch.equal(w1[k], w0[k])  # binary gate: kept channels are not rescaled
+        assert (w1[~k] == 0).all()
 
 
 # ------------------------------------------------------------------ AMP
