@@ -63,8 +63,8 @@ class HardConcreteGate(Gate):
     ``compute(True)`` draws ``z ~ HardConcrete(log_alpha, beta)`` stretched to ``(gamma, zeta)`` and clamped
     (:func:`~lightning_prune.functional.hard_concrete_sample`, differentiable in ``log_alpha``);
     ``compute(False)`` is the test-time gate :func:`~lightning_prune.functional.hard_concrete_gate`. The noise
-    comes from ``generator`` (a CPU ``torch.Generator`` the callback re-seeds every batch), so runs are
-    reproducible and resumable on any device. With ``binary`` set, :meth:`deterministic` returns seed 000's
+    comes from ``generator`` (a ``torch.Generator`` on the gate's device that the callback re-seeds every batch),
+    so runs are reproducible and resumable. With ``binary`` set, :meth:`deterministic` returns seed 000's
     final gate ``1[log_alpha >= 0]`` instead of ``z_hat``.
 
     Args:
@@ -87,9 +87,10 @@ class HardConcreteGate(Gate):
 
     def compute(self, training: bool) -> Tensor:
         if training:
-            gen_device = self.generator.device if self.generator is not None else self.log_alpha.device
-            z = hard_concrete_sample(self.log_alpha.to(gen_device), self.beta, self.gamma, self.zeta,
-                                     generator=self.generator)
+            gen = self.generator
+            if gen is None or gen.device == self.log_alpha.device:
+                return hard_concrete_sample(self.log_alpha, self.beta, self.gamma, self.zeta, generator=gen)
+            z = hard_concrete_sample(self.log_alpha.to(gen.device), self.beta, self.gamma, self.zeta, generator=gen)
             return z.to(self.log_alpha.device)
         return hard_concrete_gate(self.log_alpha, self.gamma, self.zeta)
 
@@ -268,8 +269,12 @@ class L0Pruning(GatePruningCallback):
 
     @property
     def generator(self) -> torch.Generator:
-        if self._generator is None:
-            self._generator = torch.Generator()
+        """The gates' noise generator, on the gates' device (no host round trip per forward)."""
+        device = torch.device("cpu")
+        if self.gateset is not None and len(self.gateset):
+            device = self.gateset.gates[0].log_alpha.device
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self._resolved_seed())
         return self._generator
 
@@ -427,7 +432,8 @@ class L0Pruning(GatePruningCallback):
             self._seed_used = int(trainer.strategy.broadcast(self._resolved_seed(), src=0))
             self._generator = None
             self._attach_generator()
-        super().on_fit_start(trainer, pl_module)
+        super().on_fit_start(trainer, pl_module)  # moves the gates to the module's device
+        self._attach_generator()
         self._resolve_horizon(trainer)
         self._set_temperature(self.temperature_at(trainer.global_step))
 
@@ -469,6 +475,7 @@ class L0Pruning(GatePruningCallback):
         state = super().extra_state_dict()
         state["seed"] = self._resolved_seed() if self.gateset is not None else self._seed_used
         state["generator"] = self.generator.get_state() if self._generator is not None else None
+        state["generator_device"] = self._generator.device.type if self._generator is not None else None
         state["temperature"] = self._beta
         return state
 
@@ -478,8 +485,8 @@ class L0Pruning(GatePruningCallback):
         if state.get("seed") is not None:
             self._seed_used = int(state["seed"])
             self._generator = None
-        if state.get("generator") is not None:
-            self.generator.set_state(state["generator"])
+        if state.get("generator") is not None and state.get("generator_device") == self.generator.device.type:
+            self.generator.set_state(state["generator"])  # (a different device re-seeds at the next batch anyway)
         if state.get("temperature") is not None:
             self._set_temperature(float(state["temperature"]))
         self._attach_generator()
