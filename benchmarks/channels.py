@@ -107,10 +107,10 @@ def test_accuracy(model: pl.LightningModule, data: pl.LightningDataModule) -> fl
 
 
 @torch.no_grad()
-def latency_ms(models: dict[str, torch.nn.Module], rounds: int, batch: int = 64) -> dict[str, float]:
+def latency_ms(models: dict[str, torch.nn.Module], rounds: int, batch: int = 64, size: int = 32) -> dict[str, float]:
     """Median ms per batch, models timed alternately so that contention hits them alike."""
     torch.set_num_threads(1)
-    x = torch.randn(batch, *INPUT)
+    x = torch.randn(batch, INPUT[0], size, size)
     for m in models.values():
         m.eval()
         for _ in range(2):
@@ -206,8 +206,12 @@ def main() -> None:
             measure(f"{mode}_k {removed:.0%}", f"{mode}_k", None, removed, model)
 
     lat = latency_ms(compressed, rounds)
+    lat224 = latency_ms({k: v for k, v in compressed.items() if not k.endswith("_r8")}, max(3, rounds // 3),
+                        batch=8, size=224)
     for row in rows:
         key = row.pop("key")
+        row["latency224_ms"] = lat224[key]
+        row["latency224_ratio"] = lat224[key] / lat224["dense"]
         row["latency_ms"] = lat[key]
         row["latency_ratio"] = lat[key] / lat["dense"]
         row["latency_ratio_r8"] = lat.get(key + "_r8", lat[key]) / lat["dense"]
@@ -227,8 +231,8 @@ def write(rows: list[dict[str, Any]], config: dict[str, Any], name: str = "chann
     (RESULTS / f"{name}.json").write_text(json.dumps({"config": config, "rows": rows}, indent=2))
     lines = [
         "| method | lam | gated channels removed | test acc | drop (pts) | params | FLOPs | CPU latency |"
-        " latency / FLOPs | widths rounded to 8: FLOPs, latency |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " latency / FLOPs | widths rounded to 8: FLOPs, latency | CPU latency at 224x224 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -236,11 +240,13 @@ def write(rows: list[dict[str, Any]], config: dict[str, Any], name: str = "chann
             f" {r['acc']:.4f} | {r['acc_drop_pts']:+.2f} | {r['params_ratio']:.2f}x | {r['flops_ratio']:.2f}x |"
             f" {r['latency_ratio']:.2f}x ({r['latency_ms']:.1f} ms) | {r['latency_ratio'] / r['flops_ratio']:.2f} |"
             f" {r['flops_ratio_r8']:.2f}x, {r['latency_ratio_r8']:.2f}x |"
+            f" {r['latency224_ratio']:.2f}x ({r['latency224_ms']:.0f} ms) |"
         )
     header = (f"digits, timm resnet18 at 32x32, {config['epochs']} epochs (group-LASSO finalises at"
               f" {config['finalize_at']:.0%}, gate_lr {config['gate_lr']}; baselines fine-tune the dense model {config['finetune_epochs']} epochs),"
               f" seed {config['seed']}{', --quick' if config['quick'] else ''}. Ratios are against the dense model"
-              f" measured in the same run; latency: 1 thread, batch 64, median of {config['latency_rounds']}.\n\n")
+              f" measured in the same run; latency: 1 thread, batch 64 at 32x32 (median of {config['latency_rounds']}) and"
+              f" batch 8 at 224x224 (the same models on ImageNet-size inputs).\n\n")
     (RESULTS / f"{name}.md").write_text(header + "\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -264,6 +270,8 @@ def write(rows: list[dict[str, Any]], config: dict[str, Any], name: str = "chann
     ax2.scatter([r["flops_ratio"] for r in pruned], [r["latency_ratio"] for r in pruned], label="as pruned")
     ax2.scatter([r["flops_ratio_r8"] for r in pruned], [r["latency_ratio_r8"] for r in pruned], marker="x",
                 label="widths rounded to 8")
+    ax2.scatter([r["flops_ratio"] for r in pruned], [r["latency224_ratio"] for r in pruned], marker="+",
+                label="at 224x224, batch 8")
     ax2.plot([0, 1], [0, 1], color="gray", ls="--", label="latency = FLOPs")
     ax2.plot([0, 1], [0, 1.25], color="gray", ls=":", label="1.25x FLOPs")
     ax2.set_xlabel("FLOPs / dense")
