@@ -31,6 +31,7 @@ _LAZY = {
     "reparameterize": "lightning_prune.reparam",
     "LotteryTicket": "lightning_prune.callbacks.lottery_ticket",
     "GroupLassoPruning": "lightning_prune.callbacks.group_lasso",
+    "L0Pruning": "lightning_prune.callbacks.l0",
     "compress": "lightning_prune.compress",
     "save_compressed": "lightning_prune.compress",
     "load_compressed": "lightning_prune.compress",

@@ -1,0 +1,505 @@
+"""L0 channel pruning with hard-concrete gates.
+
+Louizos, Welling & Kingma, "Learning Sparse Neural Networks through L0 Regularization", ICLR 2018,
+arXiv:1712.01312 (code: AMLab-Amsterdam/L0_regularization, ``l0_layers.py``), on the channel groups of the
+group-LASSO machinery (:mod:`lightning_prune.gates`, :class:`~lightning_prune.callbacks.gating.GatePruningCallback`),
+with the practical variants of seed 000 (second half, "L0-регуляризация") as options.
+
+One gate ``z_j`` per output channel multiplies the output of the BatchNorm after a conv (or of the layer itself).
+In training ``z`` is a reparameterised hard-concrete sample (stretched to ``(gamma, zeta) = (-0.1, 1.1)`` and
+clamped to [0, 1], so that it is exactly 0 or 1 with finite probability); in validation, test and predict it
+is the deterministic test-time gate ``z_hat = clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)``
+(paper eq. 13). The loss gains ``lam * sum_j P(z_j > 0)``, the expected number of open channels (added as a
+gradient on ``log_alpha``, like the group-LASSO penalty). At ``finalize_at`` the gates are binarised, the kept
+channels' ``z_hat`` is folded into the weights, the others become channel masks, and training continues as
+fine-tuning; :func:`lightning_prune.compress` can remove the dead channels physically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_prune.callbacks.gating import GatePruningCallback, check_nonnegative
+from lightning_prune.functional.hard_concrete import (
+    GAMMA,
+    ZETA,
+    expected_l0,
+    hard_concrete_gate,
+    hard_concrete_sample,
+    hard_sigmoid_l0,
+    log_alpha_from_droprate,
+)
+from lightning_prune.gates import ChannelGroup, Gate
+from lightning_prune.logging import PREFIX, log_histograms, log_scalars
+from lightning_prune.schedules import ramp
+
+__all__ = ["HardConcreteGate", "L0Pruning", "NonFiniteGateError"]
+
+#: the paper's clamp of ``log_alpha`` after every step: [log 1e-2, log 1e2] (``constrain_parameters``)
+PAPER_LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
+#: seed 000's clip for the hard-sigmoid penalty (linear on [-4, 4])
+HARD_LOG_ALPHA_RANGE = (-4.0, 4.0)
+#: seed 000's initial ``log_alpha`` ("large enough that neurons are kept more often than dropped")
+SEED_LOG_ALPHA_INIT = 2.5
+_MIX = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 63) - 1
+
+
+class NonFiniteGateError(FloatingPointError):
+    """A gate's ``log_alpha`` or the L0 penalty became NaN/inf; raised instead of training on silently."""
+
+
+class HardConcreteGate(Gate):
+    """A hard-concrete gate per channel (Louizos et al. 2018): a learnable ``log_alpha``, a temperature ``beta``.
+
+    ``compute(True)`` draws ``z ~ HardConcrete(log_alpha, beta)`` stretched to ``(gamma, zeta)`` and clamped
+    (:func:`~lightning_prune.functional.hard_concrete_sample`, differentiable in ``log_alpha``);
+    ``compute(False)`` is the test-time gate :func:`~lightning_prune.functional.hard_concrete_gate`. The noise
+    comes from ``generator`` (a ``torch.Generator`` on the gate's device that the callback re-seeds every batch),
+    so runs are reproducible and resumable. With ``binary`` set, :meth:`deterministic` returns seed 000's
+    final gate ``1[log_alpha >= 0]`` instead of ``z_hat``.
+
+    Args:
+        size: number of channels.
+        log_alpha: initial values, a float or a ``(size,)`` tensor.
+        beta: temperature of the concrete distribution (paper 2/3).
+        gamma, zeta: the stretch interval (paper -0.1, 1.1).
+    """
+
+    def __init__(self, size: int, log_alpha: float | Tensor = SEED_LOG_ALPHA_INIT, beta: float = 2 / 3,
+                 gamma: float = GAMMA, zeta: float = ZETA) -> None:
+        super().__init__(size)
+        init = log_alpha if isinstance(log_alpha, Tensor) else torch.full((size,), float(log_alpha))
+        if init.shape != (size,):
+            raise ValueError(f"log_alpha of shape {tuple(init.shape)} for a gate of {size} channels")
+        self.log_alpha = nn.Parameter(init.detach().clone().float())
+        self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
+        self.binary = False
+        self.generator: torch.Generator | None = None
+
+    def compute(self, training: bool) -> Tensor:
+        if training:
+            gen = self.generator
+            if gen is None or gen.device == self.log_alpha.device:
+                return hard_concrete_sample(self.log_alpha, self.beta, self.gamma, self.zeta, generator=gen)
+            z = hard_concrete_sample(self.log_alpha.to(gen.device), self.beta, self.gamma, self.zeta, generator=gen)
+            return z.to(self.log_alpha.device)
+        return hard_concrete_gate(self.log_alpha, self.gamma, self.zeta)
+
+    def deterministic(self) -> Tensor:
+        if self.binary:
+            return (self.log_alpha.detach() >= 0).to(self.log_alpha.dtype)
+        return super().deterministic()
+
+    def open_probability(self) -> Tensor:
+        """``P(z > 0)`` per channel at the current temperature (:func:`~lightning_prune.functional.expected_l0`)."""
+        return expected_l0(self.log_alpha.detach(), self.beta, self.gamma, self.zeta)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["generator"] = None  # process-local; the callback re-attaches its own
+        return state
+
+
+def _check_range(name: str, value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+          and value[0] < value[1])
+    if not ok:
+        raise MisconfigurationException(
+            f"`{name}` must be None or a pair (low, high) of finite numbers with low < high, got {value!r}."
+            " HINT: the paper clamps to [log 1e-2, log 1e2] = [-4.605, 4.605]; seed 000's hard penalty to [-4, 4]."
+        )
+    return float(value[0]), float(value[1])
+
+
+class L0Pruning(GatePruningCallback):
+    """L0 channel pruning: a hard-concrete gate per output channel under the expected-L0 penalty.
+
+    Gates sit where :class:`~lightning_prune.GroupLassoPruning` puts its gates (after the BatchNorm that follows
+    each Conv/Linear of every channel group torch-pruning's DependencyGraph finds removable; residual-sum
+    channels only with ``prune_coupled=True``). They are stochastic in training and deterministic in
+    validation, test and predict (they follow the module's ``training`` flag), have their own optimizer, get
+    AMP-unscaled and DDP-averaged gradients, and their noise is re-seeded every batch from ``seed``, the
+    epoch, the batch index and the rank: a resumed run draws the same noise as an uninterrupted one.
+
+    Each option says where it comes from: "paper" is Louizos et al. 2018 and its code, "seed" is seed 000.
+
+    Args:
+        lam: weight of the penalty ``lam * sum_j P(z_j > 0)`` (the expected number of open channels). The paper
+            weighs each gate by its group's parameter count and divides by the training-set size N
+            (``lamba / N``, lamba = 1 for LeNet-5 with N = 60000); here ``lam`` is per channel and absorbs ``1/N``.
+        penalty: ``"expected_l0"`` (paper: ``sigmoid(log_alpha - beta log(-gamma/zeta))``) or ``"hard"`` (seed:
+            the sigmoid replaced by a hard sigmoid linear on [-4, 4], with ``log_alpha`` clipped to [-4, 4]).
+        temperature: ``beta`` of the concrete distribution (paper: 2/3, fixed).
+        temperature_final: if set, ``beta`` goes linearly (:func:`~lightning_prune.schedules.ramp`) from
+            ``temperature`` to it until ``finalize_at`` (seed: start small, e.g. 0.05, and decrease it linearly).
+        log_alpha_init: constant initial ``log_alpha`` (seed: about 2.5, "gates kept more often than dropped, but
+            not so large that the sigmoid of the loss saturates"). The default when ``droprate_init`` is not set.
+        droprate_init: initialise ``log_alpha = log(1 - p) - log(p)`` from a drop rate ``p`` (paper: 0.5 gives 0,
+            0.3 for the Wide-ResNet); exclusive with ``log_alpha_init``.
+        init_std: standard deviation of the Gaussian noise added at initialisation (paper: 0.01).
+        log_alpha_range: ``(low, high)`` clamp of ``log_alpha`` after every gate step (paper's
+            ``constrain_parameters``: [log 1e-2, log 1e2] = +-4.605); default: that for ``"expected_l0"`` and
+            [-4, 4] for ``"hard"`` (seed). ``clamp_log_alpha=False`` disables it.
+        clamp_log_alpha: whether to clamp at all.
+        final_rule: how gates are binarised at finalisation: ``"test_gate"`` (paper eq. 13: keep where
+            ``z_hat > 0``, i.e. ``log_alpha > -log(11)``, and fold ``z_hat`` into the kept channels' weights) or
+            ``"log_alpha"`` (seed: keep where ``log_alpha >= 0``, binary mask, nothing folded).
+        gate_lr: learning rate of the gates' optimizer (paper: Adam 1e-3 for all parameters; the gates of a
+            short run need a larger one).
+        gate_optimizer: ``"adam"`` (paper) or ``"sgd"`` (momentum 0.9).
+        seed: seed of the gates' noise and initialisation (default: ``torch.initial_seed()``, i.e. what
+            ``seed_everything`` set; rank 0's is used on every rank).
+        prune_coupled, finalize_at, alternate, phase_steps, compress_on_train_end, input_size, include, exclude,
+            log_masks_every_n_epochs, verbose: as in :class:`~lightning_prune.GroupLassoPruning`.
+
+    Raises:
+        MisconfigurationException: a bad argument, or (at ``setup``) a model with no gateable channel.
+        NonFiniteGateError: a ``log_alpha`` or the penalty became NaN/inf (the message names the group and step).
+
+    Example::
+
+        trainer = Trainer(callbacks=[L0Pruning(lam=5e-3, finalize_at=0.6, compress_on_train_end=True)])
+    """
+
+    def __init__(
+        self,
+        lam: float = 2e-3,
+        penalty: str = "expected_l0",
+        temperature: float = 2 / 3,
+        temperature_final: float | None = None,
+        log_alpha_init: float | None = None,
+        droprate_init: float | None = None,
+        init_std: float = 0.01,
+        log_alpha_range: Sequence[float] | None = None,
+        clamp_log_alpha: bool = True,
+        final_rule: str = "test_gate",
+        gate_lr: float = 0.05,
+        gate_optimizer: str = "adam",
+        seed: int | None = None,
+        prune_coupled: bool = False,
+        finalize_at: int | float | None = 0.75,
+        alternate: bool = False,
+        phase_steps: int = 20,
+        compress_on_train_end: bool = False,
+        input_size: Sequence[int] | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        log_masks_every_n_epochs: int = 1,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(gate_lr, gate_optimizer, prune_coupled, finalize_at, alternate, phase_steps,
+                         compress_on_train_end, input_size, include, exclude, log_masks_every_n_epochs, verbose)
+        self.lam = check_nonnegative("lam", lam, "lam weighs the expected number of open channels; 0 disables it.")
+        if penalty not in ("expected_l0", "hard"):
+            raise MisconfigurationException(
+                f"`penalty` must be one of ['expected_l0', 'hard'], got {penalty!r}. HINT: 'expected_l0' is the"
+                " paper's P(z > 0); 'hard' is seed 000's hard-sigmoid variant.")
+        self.penalty = penalty
+        self.temperature = self._check_temperature("temperature", temperature)
+        self.temperature_final = (None if temperature_final is None
+                                  else self._check_temperature("temperature_final", temperature_final))
+        if log_alpha_init is not None and droprate_init is not None:
+            raise MisconfigurationException(
+                f"`log_alpha_init` ({log_alpha_init}) and `droprate_init` ({droprate_init}) are exclusive."
+                " HINT: set one: a constant log_alpha (seed: 2.5) or a drop rate (paper: 0.5 gives log_alpha = 0).")
+        if log_alpha_init is not None and (not isinstance(log_alpha_init, (int, float)) or isinstance(
+                log_alpha_init, bool) or not math.isfinite(log_alpha_init)):
+            raise MisconfigurationException(f"`log_alpha_init` must be a finite number, got {log_alpha_init!r}.")
+        if droprate_init is not None and (not isinstance(droprate_init, (int, float)) or isinstance(
+                droprate_init, bool) or not 0.0 < droprate_init < 1.0):
+            raise MisconfigurationException(
+                f"`droprate_init` must be in (0, 1), got {droprate_init!r}. HINT: the paper uses 0.5 (log_alpha 0).")
+        self.log_alpha_init = log_alpha_init
+        self.droprate_init = droprate_init
+        self.init_std = check_nonnegative("init_std", init_std)
+        self.clamp_log_alpha = bool(clamp_log_alpha)
+        self.log_alpha_range = _check_range("log_alpha_range", log_alpha_range)
+        if final_rule not in ("test_gate", "log_alpha"):
+            raise MisconfigurationException(
+                f"`final_rule` must be one of ['test_gate', 'log_alpha'], got {final_rule!r}. HINT: 'test_gate'"
+                " keeps channels with z_hat > 0 (paper); 'log_alpha' keeps log_alpha >= 0 (seed 000).")
+        self.final_rule = final_rule
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise MisconfigurationException(f"`seed` must be None or an integer >= 0, got {seed!r}.")
+        self.seed = seed
+        self._seed_used: int | None = seed
+        self._generator: torch.Generator | None = None
+        self._beta = self.temperature
+        self._horizon: int | None = None
+
+    @staticmethod
+    def _check_temperature(name: str, value: Any) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < float("inf"):
+            raise MisconfigurationException(
+                f"`{name}` must be a number > 0, got {value!r}. HINT: the paper uses 2/3; seed 000 starts at 0.05"
+                " and decreases it linearly (temperature=0.05, temperature_final=0.01).")
+        return float(value)
+
+    @override
+    def state_key_args(self) -> dict[str, Any]:
+        return {**super().state_key_args(), "lam": self.lam, "penalty": self.penalty,
+                "prune_coupled": self.prune_coupled}
+
+    # ------------------------------------------------------------------ gates
+    @property
+    def clamp_range(self) -> tuple[float, float] | None:
+        """The ``(low, high)`` clamp of ``log_alpha`` after every gate step (None = no clamping)."""
+        if not self.clamp_log_alpha:
+            return None
+        if self.log_alpha_range is not None:
+            return self.log_alpha_range
+        return HARD_LOG_ALPHA_RANGE if self.penalty == "hard" else PAPER_LOG_ALPHA_RANGE
+
+    def initial_log_alpha(self) -> float:
+        if self.droprate_init is not None:
+            return log_alpha_from_droprate(self.droprate_init)
+        return SEED_LOG_ALPHA_INIT if self.log_alpha_init is None else float(self.log_alpha_init)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The gates' noise generator, on the gates' device (no host round trip per forward)."""
+        device = torch.device("cpu")
+        if self.gateset is not None and len(self.gateset):
+            device = self.gateset.gates[0].log_alpha.device
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self._resolved_seed())
+        return self._generator
+
+    def _resolved_seed(self) -> int:
+        if self._seed_used is None:
+            self._seed_used = int(torch.initial_seed()) & _MASK64
+        return self._seed_used
+
+    @override
+    def make_gate(self, group: ChannelGroup) -> HardConcreteGate:
+        # paper: log_alpha ~ N(log(1 - p) - log p, 1e-2); the init noise is seeded per group name
+        gen = torch.Generator().manual_seed(self._mix(self._resolved_seed(), *map(ord, group.name)))
+        init = self.initial_log_alpha() + self.init_std * torch.randn(group.size, generator=gen)
+        gate = HardConcreteGate(group.size, init, self._beta)
+        gate.generator = self.generator
+        gate.binary = self.final_rule == "log_alpha" and self.finalized
+        return gate
+
+    @staticmethod
+    def _mix(*values: int) -> int:
+        h = 0
+        for v in values:
+            h = ((h ^ (int(v) & _MASK64)) * _MIX + 0x632BE5AB) & _MASK64
+        return h
+
+    def _attach_generator(self) -> None:
+        if self.gateset is not None:
+            for gate in self.gateset.gates:
+                gate.generator = self.generator
+
+    def penalty_terms(self) -> list[Tensor]:
+        """Per group, the differentiable per-channel penalty ``P(z > 0)`` (or its hard-sigmoid variant)."""
+        assert self.gateset is not None
+        fn = expected_l0 if self.penalty == "expected_l0" else hard_sigmoid_l0
+        return [fn(g.log_alpha, g.beta, g.gamma, g.zeta) for g in self.gateset.gates]
+
+    def expected_active_channels(self) -> float:
+        """``sum_j P(z_j > 0)`` over every gate at the current temperature (the paper's expected L0 norm)."""
+        if self.gateset is None:
+            return 0.0
+        return float(sum(g.open_probability().sum() for g in self.gateset.gates))
+
+    def check_finite(self, step: int, where: str) -> None:
+        """Raise :class:`NonFiniteGateError` naming the first group whose ``log_alpha`` is NaN/inf."""
+        if self.gateset is None:
+            return
+        if bool(torch.stack([torch.isfinite(g.log_alpha.detach()).all() for g in self.gateset.gates]).all()):
+            return  # one device sync in the common case
+        for group, gate in self.gateset:
+            bad = ~torch.isfinite(gate.log_alpha.detach())
+            if bad.any():
+                raise NonFiniteGateError(
+                    f"[L0Pruning] non-finite log_alpha in layer {group.name!r} (channels"
+                    f" {bad.nonzero().flatten().tolist()[:8]}) at step {step} ({where}). HINT: lower `gate_lr`,"
+                    " keep `clamp_log_alpha=True`, or check the model's loss for NaNs."
+                )
+
+    @override
+    def gate_penalty_grad_(self, step: int) -> float:
+        assert self.gateset is not None
+        self.check_finite(step, "before the gate step")
+        total = 0.0
+        with torch.enable_grad():
+            for (group, gate), term in zip(self.gateset, self.penalty_terms()):
+                value = self.lam * term.sum()
+                if not bool(torch.isfinite(value)):
+                    raise NonFiniteGateError(
+                        f"[L0Pruning] non-finite L0 penalty ({float(value)}) in layer {group.name!r} at step {step}."
+                        " HINT: lower `gate_lr` or `lam`, keep `clamp_log_alpha=True`.")
+                (grad,) = torch.autograd.grad(value, gate.log_alpha)
+                if gate.log_alpha.grad is None:
+                    gate.log_alpha.grad = torch.zeros_like(gate.log_alpha)
+                gate.log_alpha.grad.add_(grad)
+                total += float(value.detach())
+        return total
+
+    @override
+    @torch.no_grad()
+    def after_gate_step(self, step: int) -> None:
+        assert self.gateset is not None
+        bounds = self.clamp_range
+        if bounds is not None:
+            for gate in self.gateset.gates:
+                gate.log_alpha.clamp_(*bounds)
+        self.check_finite(step, "after the gate step")
+
+    @override
+    def final_keep(self) -> list[Tensor]:
+        assert self.gateset is not None
+        if self.final_rule == "log_alpha":
+            return [g.log_alpha.detach() >= 0 for g in self.gateset.gates]
+        return [hard_concrete_gate(g.log_alpha.detach(), g.gamma, g.zeta) > 0 for g in self.gateset.gates]
+
+    @override
+    @torch.no_grad()
+    def finalize(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
+        if self.finalized or self.gateset is None:
+            return
+        self.check_finite(trainer.global_step if trainer is not None else -1, "at finalisation")
+        if self.final_rule == "log_alpha":  # seed 000: binary masks, nothing folded
+            for gate in self.gateset.gates:
+                gate.binary = True
+        super().finalize(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if not self.finalized and self.gateset is not None:
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            if scaler is None or not scaler.is_enabled():  # without a loss scaler a NaN gradient is a real NaN
+                grads = [g.log_alpha.grad for g in self.gateset.gates]
+                checks = [torch.isfinite(x).all() for x in grads if x is not None]
+                if checks and not bool(torch.stack(checks).all()):
+                    group = next(gr for gr, x in zip(self.gateset.groups, grads)
+                                 if x is not None and not bool(torch.isfinite(x).all()))
+                    raise NonFiniteGateError(
+                        f"[L0Pruning] non-finite gradient of log_alpha in layer {group.name!r} at step"
+                        f" {trainer.global_step}. HINT: the loss is NaN/inf; lower the learning rates or use AMP"
+                        " with a loss scaler.")
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    # ------------------------------------------------------------------ temperature and noise
+    def temperature_at(self, step: int) -> float:
+        """``beta`` at a global step: fixed, or linear from ``temperature`` to ``temperature_final``."""
+        if self.temperature_final is None or not self._horizon:
+            return self.temperature
+        p = ramp(step / self._horizon, "linear")
+        return self.temperature + (self.temperature_final - self.temperature) * p
+
+    def _set_temperature(self, beta: float) -> None:
+        self._beta = beta
+        if self.gateset is not None:
+            for gate in self.gateset.gates:
+                gate.beta = beta
+
+    def _resolve_horizon(self, trainer: pl.Trainer) -> None:
+        total = int(trainer.estimated_stepping_batches) if trainer.estimated_stepping_batches != float("inf") else 0
+        if self.finalize_step is not None:
+            self._horizon = self.finalize_step
+        elif isinstance(self.finalize_at, int) and trainer.max_epochs and trainer.max_epochs > 0:
+            self._horizon = int(round(total * min(self.finalize_at / trainer.max_epochs, 1.0)))
+        else:
+            self._horizon = total
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._attach_generator()
+        self._set_temperature(self._beta)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1:  # every rank uses rank 0's seed
+            self._seed_used = int(trainer.strategy.broadcast(self._resolved_seed(), src=0))
+            self._generator = None
+            self._attach_generator()
+        super().on_fit_start(trainer, pl_module)  # moves the gates to the module's device
+        self._attach_generator()
+        self._resolve_horizon(trainer)
+        self._set_temperature(self.temperature_at(trainer.global_step))
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.finalized or self.gateset is None:
+            return
+        step = trainer.global_step
+        self.check_finite(step, "before the forward pass")
+        self._set_temperature(self.temperature_at(step))
+        # fresh noise per (epoch, batch, rank): reproducible, identical after a resume, independent across ranks
+        self.generator.manual_seed(self._mix(self._resolved_seed(), trainer.current_epoch, batch_idx,
+                                             trainer.global_rank))
+
+    # ------------------------------------------------------------------ logging
+    @override
+    def gate_metrics(self) -> dict[str, float]:
+        metrics = super().gate_metrics()
+        metrics[f"{PREFIX}/expected_active_channels"] = self.expected_active_channels()
+        metrics[f"{PREFIX}/temperature"] = self._beta
+        return metrics
+
+    @override
+    def log_gate_media(self, trainer: pl.Trainer) -> None:
+        super().log_gate_media(trainer)
+        if self.gateset is None or not trainer.loggers:
+            return
+        hist = {}
+        for group, gate in self.gateset:
+            hist[f"{PREFIX}/open_probability/{group.name}"] = gate.open_probability().cpu()
+            hist[f"{PREFIX}/log_alpha/{group.name}"] = gate.log_alpha.detach().cpu()
+        log_histograms(trainer, hist)
+        log_scalars(trainer, {f"{PREFIX}/expected_active_channels": self.expected_active_channels()})
+
+    # ------------------------------------------------------------------ state
+    @override
+    def extra_state_dict(self) -> dict[str, Any]:
+        state = super().extra_state_dict()
+        state["seed"] = self._resolved_seed() if self.gateset is not None else self._seed_used
+        state["generator"] = self.generator.get_state() if self._generator is not None else None
+        state["generator_device"] = self._generator.device.type if self._generator is not None else None
+        state["temperature"] = self._beta
+        return state
+
+    @override
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_extra_state_dict(state)
+        if state.get("seed") is not None:
+            self._seed_used = int(state["seed"])
+            self._generator = None
+        if state.get("generator") is not None and state.get("generator_device") == self.generator.device.type:
+            self.generator.set_state(state["generator"])  # (a different device re-seeds at the next batch anyway)
+        if state.get("temperature") is not None:
+            self._set_temperature(float(state["temperature"]))
+        self._attach_generator()
+        if self.gateset is not None and self.final_rule == "log_alpha" and self.finalized:
+            for gate in self.gateset.gates:
+                gate.binary = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_generator"] = None  # rebuilt from the seed in the worker
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._generator is None and self.gateset is not None and self._seed_used is not None:
+            self._attach_generator()
