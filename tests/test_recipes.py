@@ -10,12 +10,13 @@ ROOT = Path(__file__).parents[1]
 DIGITS = sorted((ROOT / "recipes" / "digits").glob("*.yaml"))
 CIFAR = sorted((ROOT / "recipes" / "cifar10").glob("*.yaml"))
 COMMON = ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.logger=false",
-          "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false"]
+          "--trainer.enable_progress_bar=false"]
 
 
 def test_there_are_recipes():
-    assert {"magnitude.yaml", "dense.yaml"} <= {p.name for p in DIGITS}
-    assert "magnitude.yaml" in {p.name for p in CIFAR}
+    names = {"magnitude", "lottery_ticket", "group_lasso", "l0", "activation_decay", "evolution"}
+    assert {f"{n}.yaml" for n in names} | {"dense.yaml"} <= {p.name for p in DIGITS}
+    assert {f"{n}.yaml" for n in names} <= {p.name for p in CIFAR}
 
 
 @pytest.mark.parametrize("recipe", DIGITS, ids=lambda p: p.stem)
@@ -35,7 +36,7 @@ def test_cifar10_recipe_runs_on_small_local_data(recipe, tmp_path, monkeypatch, 
     _fake_cifar(tmp_path / "data")
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
     monkeypatch.chdir(ROOT)
-    main(["fit", "--config", str(recipe), "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+    main(["fit", "--config", str(recipe), "--trainer.max_steps=10", "--trainer.accelerator=cpu",
           f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.data_dir={tmp_path / 'data'}",
           "--data.init_args.download=false", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
           "--data.init_args.val_size=10", *COMMON])
