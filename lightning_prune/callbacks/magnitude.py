@@ -17,7 +17,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback, check_choice, check_fraction, check_int
-from lightning_prune.functional.magnitude import block_magnitude, kept_count, kth_largest, threshold_mask
+from lightning_prune.functional.magnitude import (
+    block_magnitude,
+    kept_count,
+    kth_largest,
+    kth_largest_of,
+    threshold_mask,
+)
 from lightning_prune.logging import PREFIX
 from lightning_prune.schedules import is_update_step, polynomial_sparsity
 from lightning_prune.targets import matches
@@ -200,8 +206,8 @@ class GradualMagnitudePruning(PruningCallback):
             else:
                 pooled.append(name)
         if pooled:
-            flat = torch.cat([scores[n].reshape(-1).float() for n in pooled])
-            thr = self._smoothed(_GLOBAL, kth_largest(flat, kept_count(flat.numel(), sparsity)))
+            numel = sum(scores[n].numel() for n in pooled)
+            thr = self._smoothed(_GLOBAL, kth_largest_of([scores[n] for n in pooled], kept_count(numel, sparsity)))
             new.update({n: threshold_mask(scores[n], thr) for n in pooled})
         return new
 

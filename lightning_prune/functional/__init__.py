@@ -51,6 +51,7 @@ from lightning_prune.functional.magnitude import (
     block_magnitude,
     kept_count,
     kth_largest,
+    kth_largest_of,
     magnitude_mask,
     threshold_mask,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "keep_mask",
     "kept_count",
     "kth_largest",
+    "kth_largest_of",
     "log_alpha_from_droprate",
     "magnitude_mask",
     "noise_like",

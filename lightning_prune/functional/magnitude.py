@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["block_magnitude", "kept_count", "kth_largest", "magnitude_mask", "threshold_mask"]
+__all__ = [
+    "block_magnitude",
+    "kept_count",
+    "kth_largest",
+    "kth_largest_of",
+    "magnitude_mask",
+    "threshold_mask",
+]
 
 
 def kept_count(numel: int, sparsity: float) -> int:
@@ -48,6 +55,36 @@ def kth_largest(scores: Tensor, k: int) -> Tensor:
     flat = scores.reshape(-1)
     k = min(max(k, 1), flat.numel())
     return torch.kthvalue(flat.float(), flat.numel() - k + 1).values
+
+
+@torch.no_grad()
+def kth_largest_of(tensors: Sequence[Tensor], k: int, bins: int = 2048) -> Tensor:
+    """The ``k``-th largest value over several tensors, without concatenating them.
+
+    A histogram over all values locates the bin that holds the answer; exact comparisons then count what lies
+    above the bin and collect the (few) values inside it, and only those are sorted. The result equals
+    ``kth_largest(torch.cat([t.flatten() for t in tensors]), k)`` exactly; when the histogram is misleading
+    (rounding at a bin edge) it falls back to that.
+    """
+    flats = [t.reshape(-1).float() for t in tensors if t.numel()]
+    total = sum(f.numel() for f in flats)
+    k = min(max(k, 1), total)
+    low = min(float(f.min()) for f in flats)
+    high = max(float(f.max()) for f in flats)
+    if high <= low or total < 4 * bins:
+        return kth_largest(torch.cat(flats), k)
+    hist = sum(torch.histc(f, bins=bins, min=low, max=high) for f in flats)
+    from_top = torch.flip(hist, [0]).cumsum(0)
+    top_bin = int(torch.searchsorted(from_top, torch.tensor(float(k), dtype=from_top.dtype)))
+    b = bins - 1 - min(top_bin, bins - 1)  # the bin (from the bottom) that holds the k-th largest value
+    width = (high - low) / bins
+    lo = low + b * width
+    hi = low + (b + 1) * width if b < bins - 1 else float("inf")
+    above = sum(int((f >= hi).sum()) for f in flats)
+    inside = torch.cat([f[(f >= lo) & (f < hi)] for f in flats])
+    if not above < k <= above + inside.numel():
+        return kth_largest(torch.cat(flats), k)
+    return kth_largest(inside, k - above)
 
 
 def threshold_mask(scores: Tensor, threshold: Tensor | float) -> Tensor:

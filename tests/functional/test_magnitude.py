@@ -55,3 +55,17 @@ def test_partial_blocks_average_over_real_elements_and_minus_one_is_whole_dim():
 def test_non_2d_weights_are_scored_per_element():
     w = torch.randn(4, 3, 3, 3)
     assert torch.equal(block_magnitude(w, (2, 2)), w.abs())
+
+
+@pytest.mark.parametrize("rounding", [None, 1])
+def test_kth_largest_of_several_tensors_equals_kthvalue_of_the_concatenation(rounding):
+    from lightning_prune.functional import kth_largest_of
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, generator=g).abs() for n in (7000, 3, 12000, 500)]
+    if rounding is not None:  # many ties, and ties at histogram bin edges
+        tensors = [t.round(decimals=rounding) for t in tensors]
+    tensors[0][:1000] = 0
+    flat = torch.cat(tensors)
+    for k in (1, 2, 100, flat.numel() // 3, flat.numel() // 2, flat.numel() - 1, flat.numel()):
+        assert torch.equal(kth_largest_of(tensors, k), kth_largest(flat, k)), k
