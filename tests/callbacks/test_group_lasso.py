@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -20,6 +19,7 @@ import lightning_prune as lp
 from lightning_prune.callbacks.group_lasso import GroupLassoPruning
 from lightning_prune.gates import ChannelGroup
 from lightning_prune.testing import TINY_MODELS, check_callback_conformance, fit_tiny, tiny_classifier
+from tests.helpers import Spy, eval_logits
 
 FAMILIES = list(TINY_MODELS)
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -28,38 +28,6 @@ FAST = {"max_epochs": 3, "limit_train_batches": 4, "limit_val_batches": 1}
 SHIELD = {"*layer4*": 0.0, "*blocks.4*": 0.0, "*blocks.5*": 0.0, "*stages.3*": 0.0}
 STRONG = {"lam": 0.3, "gate_lr": 0.2, "gate_optimizer": "sgd", "capture_threshold": 0.02, "prune_threshold": 0.3,
           "group_lam": SHIELD, "verbose": False}
-
-
-class Spy(Callback):
-    """Calls ``fn(trainer, module, hook_name)`` at the hooks it is given."""
-
-    def __init__(self, fn, hooks=("on_train_batch_end",)):
-        self.fn, self.hooks = fn, hooks
-
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        if "on_train_batch_end" in self.hooks:
-            self.fn(trainer, pl_module, "on_train_batch_end")
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if "on_before_optimizer_step" in self.hooks:
-            self.fn(trainer, pl_module, "on_before_optimizer_step")
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if "on_train_epoch_start" in self.hooks:
-            self.fn(trainer, pl_module, "on_train_epoch_start")
-
-    def on_train_end(self, trainer, pl_module):
-        if "on_train_end" in self.hooks:
-            self.fn(trainer, pl_module, "on_train_end")
-
-
-@torch.no_grad()
-def _logits(module: pl.LightningModule) -> torch.Tensor:
-    was = module.training
-    module.eval()
-    out = module(X.to(module.device))
-    module.train(was)
-    return out.cpu()
 
 
 # ------------------------------------------------------------------ conformance and resume
@@ -83,10 +51,10 @@ def test_fold_keeps_outputs_and_compress_equals_masked_model(name, coupled, tmp_
     seen = {}
 
     def before(trainer, module, hook):
-        seen["gated" if not cb.finalized else "masked"] = _logits(module)
+        seen["gated" if not cb.finalized else "masked"] = eval_logits(module, X)
 
     def after(trainer, module, hook):
-        seen["compressed"] = _logits(module)
+        seen["compressed"] = eval_logits(module, X)
 
     cb = GroupLassoPruning(finalize_at=None, compress_on_train_end=True, prune_coupled=coupled, **STRONG)
     model = tiny_classifier(name)

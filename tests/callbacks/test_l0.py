@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -26,6 +25,7 @@ from lightning_prune.testing import (
     read_wandb_offline_history,
     tiny_classifier,
 )
+from tests.helpers import Spy, eval_logits
 
 FAMILIES = list(TINY_MODELS)
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -33,38 +33,6 @@ FAST = {"max_epochs": 3, "limit_train_batches": 4, "limit_val_batches": 1}
 # gates that start near the test-time threshold (log_alpha = -log 11 = -2.398) under a strong penalty: within a
 # few steps some channels close for good while the data keeps others open
 STRONG = {"lam": 0.05, "gate_lr": 0.3, "log_alpha_init": -1.5, "init_std": 1.0, "verbose": False}
-
-
-class Spy(Callback):
-    """Calls ``fn(trainer, module, hook_name)`` at the hooks it is given."""
-
-    def __init__(self, fn, hooks=("on_train_batch_end",)):
-        self.fn, self.hooks = fn, hooks
-
-    def on_fit_start(self, trainer, pl_module):
-        if "on_fit_start" in self.hooks:
-            self.fn(trainer, pl_module, "on_fit_start")
-
-    def on_train_batch_start(self, trainer, pl_module, *args):
-        if "on_train_batch_start" in self.hooks:
-            self.fn(trainer, pl_module, "on_train_batch_start")
-
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        if "on_train_batch_end" in self.hooks:
-            self.fn(trainer, pl_module, "on_train_batch_end")
-
-    def on_train_end(self, trainer, pl_module):
-        if "on_train_end" in self.hooks:
-            self.fn(trainer, pl_module, "on_train_end")
-
-
-@torch.no_grad()
-def _logits(module: pl.LightningModule) -> torch.Tensor:
-    was = module.training
-    module.eval()
-    out = module(X.to(module.device))
-    module.train(was)
-    return out.cpu()
 
 
 # ------------------------------------------------------------------ conformance and resume
@@ -228,11 +196,11 @@ def test_finalize_folds_prunes_and_compresses(name, tmp_path):
 
     def before(trainer, module, hook):
         if not cb.finalized:
-            seen["gated"] = _logits(module)
+            seen["gated"] = eval_logits(module, X)
             seen["keep"] = cb.final_keep()
 
     def after(trainer, module, hook):
-        seen["compressed"] = _logits(module)
+        seen["compressed"] = eval_logits(module, X)
 
     cb = L0Pruning(finalize_at=None, compress_on_train_end=True, **STRONG)
     model = tiny_classifier(name)
