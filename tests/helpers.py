@@ -43,3 +43,21 @@ def eval_logits(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = module(x.to(next(module.parameters()).device))
     module.train(was)
     return out.cpu()
+
+
+def assert_amp_step_matches_fp32(step_delta: Callable[..., torch.Tensor], root, rel: float, min_cosine: float) -> None:
+    """``step_delta(root, **trainer_kwargs)`` returns what one optimizer step changed (e.g. the gates). Under
+    16-mixed with a 2**12 loss scale and under bf16-mixed it must match the full-precision step: the loss scale
+    must not reach the callback's own parameters."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    ref = step_delta(root / "fp32")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    fp16 = step_delta(root / "fp16", plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    bf16 = step_delta(root / "bf16", precision="bf16-mixed")
+    assert ref.abs().sum() > 0
+    for delta in (fp16, bf16):
+        assert torch.isfinite(delta).all()
+        ratio = float(delta.abs().sum() / ref.abs().sum())
+        assert abs(ratio - 1.0) <= rel, ratio
+        assert torch.nn.functional.cosine_similarity(delta, ref, dim=0) > min_cosine

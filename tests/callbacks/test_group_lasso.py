@@ -11,7 +11,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -19,7 +18,7 @@ import lightning_prune as lp
 from lightning_prune.callbacks.group_lasso import GroupLassoPruning
 from lightning_prune.gates import ChannelGroup
 from lightning_prune.testing import TINY_MODELS, check_callback_conformance, fit_tiny, tiny_classifier
-from tests.helpers import Spy, eval_logits
+from tests.helpers import Spy, assert_amp_step_matches_fp32, eval_logits
 
 FAMILIES = list(TINY_MODELS)
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -158,15 +157,7 @@ def _amp_delta(tmp_path, **kwargs) -> torch.Tensor:
 
 def test_amp_gate_gradients_are_unscaled(tmp_path):
     """A loss scale of 2**12 must not reach the gates: one SGD step matches full precision."""
-    ref = _amp_delta(tmp_path / "fp32")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
-    fp16 = _amp_delta(tmp_path / "fp16", plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
-    bf16 = _amp_delta(tmp_path / "bf16", precision="bf16-mixed")
-    assert ref.abs().sum() > 0
-    for delta in (fp16, bf16):
-        assert torch.isfinite(delta).all()
-        assert delta.abs().sum() / ref.abs().sum() == pytest.approx(1.0, rel=0.1)
-        assert torch.nn.functional.cosine_similarity(delta, ref, dim=0) > 0.95
+    assert_amp_step_matches_fp32(_amp_delta, tmp_path, rel=0.1, min_cosine=0.95)
 
 
 # ------------------------------------------------------------------ logging
