@@ -171,12 +171,23 @@ class PruningCallback(Callback):
         self._remove_hooks()
 
     # ------------------------------------------------------------------ logging
+    def reported_names(self) -> list[str]:
+        """The masked parameters that sparsity metrics and W&B media describe (all of them by default).
+
+        A subclass whose masks also cover helper tensors (biases, BatchNorm affine parameters) narrows this to
+        the weights it actually targets.
+        """
+        return self.masks.names() if self.masks is not None else []
+
     def sparsity_metrics(self) -> dict[str, float]:
-        """Global and per-layer sparsity of the masked weights, keyed ``prune/sparsity[/layer]``."""
+        """Global and per-layer sparsity of the reported weights, keyed ``prune/sparsity[/layer]``."""
         if self.masks is None:
             return {}
-        metrics = {f"{PREFIX}/sparsity": self.masks.sparsity()}
-        metrics.update({f"{PREFIX}/sparsity/{name}": s for name, s in self.masks.layer_sparsity().items()})
+        counts = self.masks.pruned_counts()
+        names = [n for n in self.reported_names() if n in counts]
+        total = sum(counts[n][1] for n in names)
+        metrics = {f"{PREFIX}/sparsity": sum(counts[n][0] for n in names) / total if total else 0.0}
+        metrics.update({f"{PREFIX}/sparsity/{n}": counts[n][0] / max(counts[n][1], 1) for n in names})
         return metrics
 
     def log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float] | None = None) -> None:
@@ -185,15 +196,18 @@ class PruningCallback(Callback):
         log_scalars(trainer, metrics)
         if self.verbose and self.masks is not None:
             rank_zero_info(f"[{type(self).__name__}] step {trainer.global_step}: "
-                           f"sparsity {self.masks.sparsity():.2%} over {len(self.masks)} tensors")
+                           f"sparsity {metrics[f'{PREFIX}/sparsity']:.2%} over {len(self.reported_names())} tensors")
 
     def log_media(self, trainer: pl.Trainer) -> None:
-        """W&B mask images, weight histograms and a per-layer sparsity table (no-op without a WandbLogger)."""
+        """W&B mask images, weight histograms and a per-layer sparsity table of the reported weights
+        (no-op without a WandbLogger)."""
         if self.masks is None or not wandb_loggers(trainer):
             return
-        log_images(trainer, {f"{PREFIX}/mask/{n}": mask_image(m) for n, m in self.masks.items()})
-        log_histograms(trainer, {f"{PREFIX}/weights/{n}": self.masks.param(n)[m] for n, m in self.masks.items()})
-        rows = [[n, total, pruned, pruned / max(total, 1)] for n, (pruned, total) in self.masks.pruned_counts().items()]
+        names = [n for n in self.reported_names() if n in self.masks]
+        log_images(trainer, {f"{PREFIX}/mask/{n}": mask_image(self.masks[n]) for n in names})
+        log_histograms(trainer, {f"{PREFIX}/weights/{n}": self.masks.param(n)[self.masks[n]] for n in names})
+        counts = self.masks.pruned_counts()
+        rows = [[n, counts[n][1], counts[n][0], counts[n][0] / max(counts[n][1], 1)] for n in names]
         log_table(trainer, f"{PREFIX}/sparsity_table", ["layer", "params", "pruned", "sparsity"], rows)
 
     # ------------------------------------------------------------------ state

@@ -20,15 +20,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback, check_fraction, check_int
-from lightning_prune.logging import (
-    PREFIX,
-    log_histograms,
-    log_images,
-    log_scalars,
-    log_table,
-    mask_image,
-    wandb_loggers,
-)
+from lightning_prune.logging import PREFIX, log_scalars
 from lightning_prune.schedules import polynomial_sparsity
 from lightning_prune.targets import Target
 from lightning_prune_baselines.channels import BATCHNORM_TYPES, ChannelGroup, ChannelTracer, groups_from_trace
@@ -145,17 +137,19 @@ class BaselinePruning(PruningCallback):
 
     # ------------------------------------------------------------------ logging
     @override
+    def reported_names(self) -> list[str]:
+        """The targeted weights only: the biases and BatchNorm parameters that channel masks also cover repeat
+        the weight's rows (and BatchNorm weights starting at 1 would skew the metrics)."""
+        return list(self.weight_names)
+
+    @override
     def sparsity_metrics(self) -> dict[str, float]:
         """Sparsity of the targeted weights (biases and BatchNorms left out), and of their output channels."""
-        if self.masks is None:
+        metrics = super().sparsity_metrics()
+        if not metrics:
             return {}
-        counts = self.masks.pruned_counts()
-        weights = {n: counts[n] for n in self.weight_names if n in counts}
-        total = sum(t for _, t in weights.values())
-        metrics = {f"{PREFIX}/sparsity": sum(p for p, _ in weights.values()) / total if total else 0.0}
-        metrics.update({f"{PREFIX}/sparsity/{n}": p / max(t, 1) for n, (p, t) in weights.items()})
         if self.channel_wise:
-            keeps = [self.channel_keep(n) for n in weights]
+            keeps = [self.channel_keep(n) for n in self.weight_names if n in self.masks]
             channels = sum(k.numel() for k in keeps)
             metrics[f"{PREFIX}/channel_sparsity"] = sum(int((~k).sum()) for k in keeps) / max(channels, 1)
         metrics[f"{PREFIX}/target_sparsity"] = self.current_sparsity
@@ -176,23 +170,6 @@ class BaselinePruning(PruningCallback):
                 f" {metrics.get(f'{PREFIX}/sparsity', 0.0):.2%}{channels}"
                 f" over {len(self.weight_names)} layers"
             )
-
-    @override
-    def log_media(self, trainer: pl.Trainer) -> None:
-        """W&B mask images, weight histograms and a per-layer table, for the targeted weights only.
-
-        The biases and BatchNorm parameters that channel masks also cover are left out: their masks repeat
-        the weight's rows, and their kept values can all be equal (BatchNorm weights start at 1), which a
-        histogram cannot bin.
-        """
-        if self.masks is None or not wandb_loggers(trainer):
-            return
-        names = [n for n in self.weight_names if n in self.masks]
-        log_images(trainer, {f"{PREFIX}/mask/{n}": mask_image(self.masks[n]) for n in names})
-        log_histograms(trainer, {f"{PREFIX}/weights/{n}": self.masks.param(n)[self.masks[n]] for n in names})
-        counts = self.masks.pruned_counts()
-        rows = [[n, counts[n][1], counts[n][0], counts[n][0] / max(counts[n][1], 1)] for n in names]
-        log_table(trainer, f"{PREFIX}/sparsity_table", ["layer", "params", "pruned", "sparsity"], rows)
 
     # ------------------------------------------------------------------ state
     @override
