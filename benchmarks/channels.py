@@ -54,7 +54,7 @@ class FixedChannelPruning(PruningCallback):
     """
 
     def __init__(self, fraction: float, mode: str = "first", seed: int = 0) -> None:
-        super().__init__(verbose=False, log_masks_every_n_epochs=0)
+        super().__init__(verbose=False, log_media_every_n_epochs=0)
         self.fraction, self.mode, self.seed = fraction, mode, seed
         self.groups: list[Any] = []
 
@@ -186,8 +186,8 @@ def main() -> None:
     for lam, coupled in [(lam, False) for lam in lams] + [(lam, True) for lam in coupled_lams]:
         pl.seed_everything(args.seed, verbose=False)
         model = classifier(args.lr)
-        cb = lp.GroupLassoPruning(lam=lam, gate_lr=gate_lr, finalize_at=finalize_at, input_size=INPUT,
-                                  prune_coupled=coupled, verbose=False, log_masks_every_n_epochs=0)
+        cb = lp.GroupLassoPruning(lam=lam, gate_lr=gate_lr, finalize_step=finalize_at, input_size=INPUT,
+                                  prune_coupled=coupled, verbose=False, log_media_every_n_epochs=0)
         trainer(epochs, [cb]).fit(model, datamodule=data)
         keep = cb.final_keep()
         removed = 1 - sum(int(k.sum()) for k in keep) / sum(k.numel() for k in keep)

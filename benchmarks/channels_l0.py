@@ -88,15 +88,15 @@ def main() -> None:
         for lam in lams:
             pl.seed_everything(seed, verbose=False)
             model = classifier(args.lr)
-            cb = lp.L0Pruning(lam=lam, gate_lr=l0_gate_lr, finalize_at=finalize_at, input_size=INPUT, verbose=False,
-                              log_masks_every_n_epochs=0)
+            cb = lp.L0Pruning(lam=lam, gate_lr=l0_gate_lr, finalize_step=finalize_at, input_size=INPUT, verbose=False,
+                              log_media_every_n_epochs=0)
             trainer(epochs, [cb]).fit(model, datamodule=data)
             fractions.append(removed_fraction(cb))
             record(seed, "l0", lam, fractions[-1], model, data, dense)
         pl.seed_everything(seed, verbose=False)
         model = classifier(args.lr)
-        cb = lp.GroupLassoPruning(lam=args.gl_lam, gate_lr=gl_gate_lr, finalize_at=finalize_at, input_size=INPUT,
-                                  verbose=False, log_masks_every_n_epochs=0)
+        cb = lp.GroupLassoPruning(lam=args.gl_lam, gate_lr=gl_gate_lr, finalize_step=finalize_at, input_size=INPUT,
+                                  verbose=False, log_media_every_n_epochs=0)
         trainer(epochs, [cb]).fit(model, datamodule=data)
         record(seed, "group_lasso", args.gl_lam, removed_fraction(cb), model, data, dense)
         for lam, removed in zip(lams, fractions):

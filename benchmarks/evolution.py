@@ -213,7 +213,7 @@ def memory_child(population: int, strategy: str, model_name: str) -> None:
     dm = DigitsDataModule(batch_size=16, limit=128)
     model = ImageClassifier(model_name, num_classes=10, optimizer="sgd", lr=0.01, scheduler="none")
     evo = PeakSampler(population=population, strategy=strategy, mutation="gaussian", sigma=0.01,
-                      every_n_epochs=1, fitness_batches=1, verbose=False, log_histogram=False)
+                      every_n_epochs=1, fitness_batches=1, verbose=False, log_media_every_n_epochs=0)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1,
                          limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False,

@@ -139,7 +139,7 @@ class FixedMasks(PruningCallback):
     """Trains a freshly initialised network under given masks (Frankle & Carbin's random-reinit control)."""
 
     def __init__(self, masks: dict[str, torch.Tensor]) -> None:
-        super().__init__(log_masks_every_n_epochs=0, verbose=False)
+        super().__init__(log_media_every_n_epochs=0, verbose=False)
         self.fixed = masks
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -57,8 +57,8 @@ def _data(batch: int, steps: int) -> DataLoader:
 def _callbacks(kind: str, warmup_steps: int) -> list[Callback]:
     if kind == "ours":
         # 50% at the first update (step 1), masks refreshed during the warm-up epoch only
-        return [GradualMagnitudePruning(target_sparsity=0.5, initial_sparsity=0.5, frequency=1, end_step=warmup_steps,
-                                        sparsity_end_step=1, verbose=False, log_masks_every_n_epochs=0)]
+        return [GradualMagnitudePruning(target_sparsity=0.5, initial_sparsity=0.5, every_n_steps=1, end_step=warmup_steps,
+                                        sparsity_end_step=1, verbose=False, log_media_every_n_epochs=0)]
     if kind == "model_pruning":
         return [ModelPruning("l1_unstructured", amount=0.5, use_global_unstructured=True, verbose=0)]
     return []

@@ -22,28 +22,49 @@ from lightning_prune.report import SparsityReport, sparsity_report
 # Registers the ReduceNet-style models with timm (`timm.create_model("reducenet_20")` after this import).
 from lightning_prune import models_reducenet as _models_reducenet  # noqa: E402,F401  isort: skip
 
+from lightning_prune.errors import (
+    CompressionError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    LightningPruneError,
+    NoTargetsError,
+    NonFiniteGateError,
+)
+
 # Heavier names are imported on first access, so `import lightning_prune` stays fast.
 _LAZY = {
+    # callbacks (also importable from `lightning_prune.callbacks`)
     "PruningCallback": "lightning_prune.callbacks.base",
+    "GatePruningCallback": "lightning_prune.callbacks.gating",
     "GradualMagnitudePruning": "lightning_prune.callbacks.magnitude",
-    "EvolutionaryMutation": "lightning_prune.callbacks.evolution",
-    "ActivationDecay": "lightning_prune.callbacks.activation_decay",
-    "reparameterize": "lightning_prune.reparam",
     "LotteryTicket": "lightning_prune.callbacks.lottery_ticket",
     "GroupLassoPruning": "lightning_prune.callbacks.group_lasso",
     "L0Pruning": "lightning_prune.callbacks.l0",
-    "compress": "lightning_prune.compress",
-    "save_compressed": "lightning_prune.compress",
-    "load_compressed": "lightning_prune.compress",
+    "ActivationDecay": "lightning_prune.callbacks.activation_decay",
+    "EvolutionaryMutation": "lightning_prune.callbacks.evolution",
+    # model-level functions
+    "compress": "lightning_prune.compression",
+    "dead_channels": "lightning_prune.compression",
+    "save_compressed": "lightning_prune.compression",
+    "load_compressed": "lightning_prune.compression",
+    "reparameterize": "lightning_prune.reparam",
+    "resolve_targets": "lightning_prune.targets",
+    "find_channel_groups": "lightning_prune.gates",
+    "MaskSet": "lightning_prune.masks",
+    # training helpers
     "ImageClassifier": "lightning_prune.models",
     "DigitsDataModule": "lightning_prune.data",
     "CIFAR10DataModule": "lightning_prune.data",
-    "MaskSet": "lightning_prune.masks",
-    "resolve_targets": "lightning_prune.targets",
 }
 
 __all__ = [
     "CallbackInfo",
+    "CompressionError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
+    "LightningPruneError",
+    "NoTargetsError",
+    "NonFiniteGateError",
     "SparsityReport",
     "__version__",
     "create_callback",

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 import torch_pruning as tp
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.functional.channels import channel_view, fold_scale
 from lightning_prune.targets import as_patterns, matches, timm_default_exclusions
 
@@ -339,7 +339,7 @@ def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = Non
     if input_size is None:
         cfg = getattr(module, "pretrained_cfg", None)
         if not isinstance(cfg, dict) or "input_size" not in cfg:
-            raise MisconfigurationException(
+            raise InvalidArgumentError(
                 f"Cannot tell what {type(module).__name__} takes as input. HINT: pass `input_size=(3, 32, 32)`"
                 " or set `example_input_array` on the LightningModule."
             )

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.fx
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -38,6 +37,7 @@ from lightning_prune.functional.fusion import (
     fuse_conv_1x1,
     fuse_kxk_kxk,
 )
+from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.targets import as_patterns, matches
 
 __all__ = [
@@ -174,10 +174,10 @@ def _trace(model: nn.Module) -> torch.fx.Graph:
     try:
         return _Tracer().trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear message
-        raise MisconfigurationException(
+        raise InvalidArgumentError(
             f"Could not trace {type(model).__name__} with torch.fx to find fusable activations"
             f" ({type(err).__name__}:"
-            f" {err}). HINT: pass `include=[...]` globs naming the activations to decay explicitly."
+            f" {err}). HINT: pass `fusable_only=False` with `include=[...]` globs naming the activations to decay."
         ) from err
 
 
@@ -315,7 +315,7 @@ class ReparamPlan:
         fused = {a for f in self.fusions for a in f.activations}
         for name in self.decay:
             if name not in fused:
-                lines.append(f"  decay {name} (selected by `include`; no exact fusion)")
+                lines.append(f"  decay {name} (fusable_only=False; no exact fusion)")
         for name, why in self.rejected.items():
             lines.append(f"  keep  {name}: {why}")
         return "\n".join(lines)
@@ -389,16 +389,17 @@ def plan_reparameterization(
     model: nn.Module,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
+    fusable_only: bool = True,
 ) -> ReparamPlan:
     """Find the activations whose disappearance lets two linear layers fuse exactly (a dry run).
 
-    An activation is selected when every call of its module sits on a ``linear → (BN | activation |
+    An activation is fusable when every call of its module sits on a ``linear → (BN | activation |
     dropout | identity)* → linear`` path whose intermediates have no other user, and the two layers compose
-    exactly (:func:`fusion_kind`). ``include`` replaces that selection by globs over activation names
-    (any activation matching decays, fusable or not); ``exclude`` removes names from it.
+    exactly (:func:`fusion_kind`). The default set is the fusable activations (every activation module with
+    ``fusable_only=False``); ``include`` globs over activation names narrow it and ``exclude`` removes names.
 
     Raises:
-        MisconfigurationException: the model cannot be traced with torch.fx and no ``include`` was given.
+        InvalidArgumentError: the model cannot be traced with torch.fx and ``fusable_only`` is set.
     """
     include_p, exclude_p = as_patterns(include), as_patterns(exclude)
     plan = ReparamPlan()
@@ -437,14 +438,16 @@ def plan_reparameterization(
                 if act in fusable and count > len(fusable[act]):
                     reasons[act] = f"called at {count} places, only {len(fusable[act])} of them fuse"
                     del fusable[act]
-    except MisconfigurationException:
-        if not include_p:
+    except InvalidArgumentError:
+        if fusable_only:
             raise
     # fusions whose every activation is selected
+    selected = [n for n in all_acts if n in fusable or not fusable_only]
     if include_p:
-        selected = [n for n in all_acts if matches(n, include_p)]
-    else:
-        selected = [n for n in all_acts if n in fusable]
+        for n in selected:
+            if not matches(n, include_p):
+                reasons.setdefault(n, "not selected by `include`")
+        selected = [n for n in selected if matches(n, include_p)]
     if exclude_p:
         for n in selected:
             if matches(n, exclude_p):
@@ -458,7 +461,7 @@ def plan_reparameterization(
                 seen.add((fusion.first, fusion.second))
                 plan.fusions.append(fusion)
     plan.decay = selected
-    default_reason = "not selected by `include`" if include_p else "not on a linear→linear path"
+    default_reason = "not on a linear→linear path"
     plan.rejected = {n: reasons.get(n, default_reason)
                      for n in all_acts if n not in chosen}
     return plan
@@ -632,7 +635,8 @@ def reparameterize(
         strict: raise when nothing was fused.
 
     Raises:
-        MisconfigurationException: an activation has λ < 1; or, with ``strict``, nothing could be fused.
+        CompressionError: an activation has λ < 1 (fusing would change the outputs); or, with ``strict``,
+            nothing could be fused.
 
     Example::
 
@@ -641,9 +645,9 @@ def reparameterize(
     not_done = {n: m.lam for n, m in model.named_modules() if isinstance(m, DecayingActivation) and m.lam != 1.0}
     if not_done:
         shown = ", ".join(f"{n} (λ={v:.4g})" for n, v in list(not_done.items())[:4])
-        raise MisconfigurationException(
+        raise CompressionError(
             f"Cannot fuse: {len(not_done)} decaying activation(s) have λ < 1, so they are not yet the identity:"
-            f" {shown}. HINT: train until λ reaches 1 (ActivationDecay's `end` before the end of training).")
+            f" {shown}. HINT: train until λ reaches 1 (ActivationDecay's `end_step` before the end of training).")
     if not inplace:
         model = copy.deepcopy(model)
     names = as_patterns(decayed)
@@ -664,7 +668,7 @@ def reparameterize(
     folded = _fold_conv_bn(model)
     model._lightning_prune_fusions = fusions  # type: ignore[attr-defined]
     if strict and not (fusions or timm_changed or decayed_names):
-        raise MisconfigurationException(
+        raise CompressionError(
             f"Nothing to fuse in {type(model).__name__}: no decayed activation and no timm re-parameterisable"
             f" module ({folded} conv+BN pair(s) folded). HINT: train with ActivationDecay (see"
             " `ActivationDecay.plan(model)`), or pass `decayed=[...]` for a model loaded from a checkpoint.")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
-__all__ = ["is_update_step", "polynomial_sparsity", "ramp"]
+__all__ = ["is_update_step", "polynomial_sparsity", "ramp", "resolve_step", "steps_per_epoch", "training_steps", "until_the_end"]
 
 
 def polynomial_sparsity(
@@ -48,3 +49,62 @@ def ramp(progress: float, kind: str = "linear") -> float:
     if kind == "cosine":
         return 0.5 * (1.0 - math.cos(math.pi * p))
     raise ValueError(f"Unknown ramp {kind!r}; expected 'linear' or 'cosine'.")
+
+
+# ---------------------------------------------------------------------------------------------- positions
+def training_steps(trainer: Any) -> int | None:
+    """The optimizer steps of the whole fit (``trainer.estimated_stepping_batches``), or None without an end."""
+    total = float(trainer.estimated_stepping_batches)
+    return int(total) if math.isfinite(total) else None
+
+
+def steps_per_epoch(trainer: Any) -> int | None:
+    """Optimizer steps in one training epoch (batches / gradient accumulation, rounded up), or None when the
+    training dataloader has no length."""
+    trainer.estimated_stepping_batches  # noqa: B018  (makes Lightning load the training dataloader)
+    batches = float(trainer.num_training_batches)
+    if not math.isfinite(batches):
+        return None
+    return max(math.ceil(int(batches) / max(int(trainer.accumulate_grad_batches), 1)), 1)
+
+
+def until_the_end(value: int | float | None) -> bool:
+    """Whether a when-argument is the float ``1.0``: the end of training, i.e. "never stop" (a step count
+    estimated from the Trainer would undercount manual optimisation with several steps per batch)."""
+    return isinstance(value, float) and value == 1.0
+
+
+def resolve_step(name: str, value: int | float | None, trainer: Any) -> int | None:
+    """The optimizer step a when-argument means: ``*_step`` ints are steps, ``*_epoch`` ints are epochs (the
+    step at which that epoch starts), and a float in [0, 1] is that fraction of the whole training.
+
+    Raises:
+        MisconfigurationException: a fraction on a Trainer without an end, or epochs without a sized dataloader.
+
+    Example::
+
+        resolve_step("finalize_step", 0.75, trainer)   # 75% of trainer.estimated_stepping_batches
+        resolve_step("finalize_epoch", 3, trainer)     # 3 * steps per epoch
+    """
+    if value is None:
+        return None
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    if isinstance(value, float):
+        if value > 1.0 and value.is_integer():
+            value = int(value)  # a config parser's `3.0`
+        else:
+            total = training_steps(trainer)
+            if total is None:
+                raise MisconfigurationException(
+                    f"`{name}`={value!r} is a fraction of training, but this Trainer has no end (max_epochs=-1 and"
+                    f" max_steps=-1). HINT: give `{name}` as an int, or set max_epochs/max_steps.")
+            return int(round(value * total))
+    if name.endswith("_epoch") or name.endswith("_epochs"):
+        per_epoch = steps_per_epoch(trainer)
+        if per_epoch is None:
+            raise MisconfigurationException(
+                f"`{name}`={value!r} counts epochs, but the training dataloader has no length."
+                f" HINT: give the position in optimizer steps instead (a `*_step` argument).")
+        return int(value) * per_epoch
+    return int(value)

@@ -1,14 +1,14 @@
 """Which modules and parameters a callback acts on.
 
-By default every ``Conv`` and ``Linear`` weight is a target, except the first convolution and the
-classifier of each timm model found inside the root module, read from the model's own
-``pretrained_cfg["first_conv"]`` and ``pretrained_cfg["classifier"]``; no size heuristics.
+The rule, in one sentence: **the targets are the default set -- every module of ``types`` (Conv and Linear
+unless widened) except each timm model's first convolution and classifier -- narrowed to the modules that match
+``include`` (when given) and do not match ``exclude``.** ``include`` and ``exclude`` never add a module the
+default set leaves out; only ``types`` widens it (``types=["Conv2d", "Linear", "BatchNorm2d"]``).
 
-``include`` and ``exclude`` are glob patterns over module names. A pattern matches a module when it
-matches its full name (``"model.layer1.0.conv1"``) or any dotted suffix of it (``"layer1.0.conv1"``,
-``"conv1"``), so the attribute under which a LightningModule keeps its timm model does not matter.
-``include`` replaces the default selection (an included classifier *is* pruned); ``exclude`` is applied
-last.
+The first convolution and the classifier come from each timm model's own ``pretrained_cfg["first_conv"]`` and
+``pretrained_cfg["classifier"]`` (no size heuristics). A pattern matches a module when it matches its full name
+(``"model.layer1.0.conv1"``) or any dotted suffix of it (``"layer1.0.conv1"``, ``"conv1"``), so the attribute
+under which a LightningModule keeps its timm model does not matter.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+
+from lightning_prune.errors import NoTargetsError
 
 __all__ = [
     "PRUNABLE_TYPES",
@@ -113,43 +114,52 @@ def resolve_targets(
     root: nn.Module,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
-    types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES,
+    types: Sequence[type[nn.Module]] | None = None,
     param_name: str = "weight",
 ) -> list[Target]:
     """The parameters a callback acts on, in module order.
 
     Args:
         root: the LightningModule or any ``nn.Module``.
-        include: globs of module names to act on; replaces the default selection.
-        exclude: globs of module names to leave alone; applied last.
-        types: module types eligible by default.
+        include: globs of module names; narrows the default set to the modules that match.
+        exclude: globs of module names to leave alone.
+        types: the module types of the default set (default :data:`PRUNABLE_TYPES`: Conv1d/2d/3d, Linear).
         param_name: which parameter of each module.
 
     Raises:
-        MisconfigurationException: nothing matched; names the patterns and some module names that exist.
+        NoTargetsError: nothing is left; names the patterns and some module names that exist.
+
+    Example::
+
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3))
+        >>> [t.name for t in resolve_targets(net, include=["*"])]   # the BatchNorm is not a Conv/Linear
+        ['0.weight', '2.weight']
     """
     include_p, exclude_p = as_patterns(include), as_patterns(exclude)
-    defaults_out = set() if include_p else timm_default_exclusions(root)
+    types = tuple(types) if types else PRUNABLE_TYPES
+    defaults_out = timm_default_exclusions(root)
     targets = []
     for name, module in root.named_modules():
         param = getattr(module, param_name, None)
-        if not isinstance(param, nn.Parameter) or not name:
+        if not name or not isinstance(param, nn.Parameter) or not isinstance(module, types):
             continue
-        if include_p:
-            if not matches(name, include_p):
-                continue
-        elif not isinstance(module, types) or name in defaults_out:
+        if name in defaults_out:
+            continue
+        if include_p and not matches(name, include_p):
             continue
         if exclude_p and matches(name, exclude_p):
             continue
         targets.append(Target(name, module, param_name))
     if not targets:
-        candidates = [n for n, m in root.named_modules() if n and isinstance(m, types)]
+        candidates = [n for n, m in root.named_modules() if n and isinstance(m, types) and n not in defaults_out]
         shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
-        raise MisconfigurationException(
+        raise NoTargetsError(
             f"No module to prune: include={list(include_p) or 'default'} exclude={list(exclude_p)} matched"
-            f" nothing with a `{param_name}` parameter in {type(root).__name__}."
-            f" Modules that exist: {shown or 'none of type ' + ', '.join(t.__name__ for t in types)}."
-            " HINT: patterns are globs over module names, e.g. include=['layer*.conv*'] or exclude=['head*']."
+            f" nothing of types {', '.join(t.__name__ for t in types)} with a `{param_name}` parameter in"
+            f" {type(root).__name__} (each timm model's first conv and classifier are never targets)."
+            f" Modules that could be: {shown or 'none'}."
+            " HINT: patterns are globs over module names, e.g. include=['layer*.conv*'] or exclude=['head*'];"
+            " `types=[...]` widens the module types."
         )
     return targets

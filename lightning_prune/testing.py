@@ -29,9 +29,11 @@ from lightning_prune.data import DigitsDataModule
 from lightning_prune.models import ImageClassifier
 
 __all__ = [
+    "TINY_MODELS",
     "assert_state_equal",
     "check_callback_conformance",
     "fit_tiny",
+    "read_wandb_offline_history",
     "tiny_classifier",
     "tiny_datamodule",
 ]
@@ -130,7 +132,9 @@ def check_callback_conformance(
        Python scalars.
     3. With ``plain_model``: the model's ``state_dict`` has exactly the keys of a fresh model and loads into
        a fresh ``timm.create_model`` (strict).
-    4. Resuming from the checkpoint of epoch ``resume_epoch`` (a fresh model and a fresh callback) ends with
+    4. It did something: the fitted weights differ from those of the same seeded fit without the callback (a
+       callback that never acts fails here; give ``max_epochs`` long enough for its schedule).
+    5. Resuming from the checkpoint of epoch ``resume_epoch`` (a fresh model and a fresh callback) ends with
        the same weights and the same callback state as the uninterrupted run.
 
     Returns:
@@ -144,7 +148,7 @@ def check_callback_conformance(
 
     common = {"max_epochs": max_epochs, "limit_train_batches": limit_train_batches, "limit_val_batches": 2}
     saver = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    _, full_model = fit_tiny([callback, saver], root / "full", model=tiny_classifier(model_name), **common)
+    _, full_model = fit_tiny([callback, saver], root / "full", model=_seeded_classifier(model_name), **common)
     full_state = callback.state_dict()
     _assert_plain_state(full_state)
 
@@ -155,6 +159,12 @@ def check_callback_conformance(
         timm_model = timm.create_model(model_name, num_classes=10, **TINY_MODELS.get(model_name, {}))
         timm_model.load_state_dict(inner, strict=True)
 
+    reference = _reference_weights(model_name, root / "reference", common)
+    differs = [k for k, v in full_model.state_dict().items() if k in reference and not torch.equal(v, reference[k])]
+    assert differs, (
+        f"{type(callback).__name__} changed nothing: after {max_epochs} epochs the weights equal those of the same fit"
+        " without it. HINT: a schedule that acts later than the fit ends? Pass a longer max_epochs.")
+
     ckpt = root / "ckpt" / f"epoch={resume_epoch - 1}.ckpt"
     assert ckpt.exists(), f"no checkpoint at {ckpt}"
     resumed_cb = make_callback()
@@ -164,6 +174,24 @@ def check_callback_conformance(
         assert torch.equal(a, b), f"resumed run differs from the uninterrupted one at {name}"
     assert_state_equal(full_state, resumed_cb.state_dict())
     return full_state
+
+
+_REFERENCES: dict[tuple[Any, ...], dict[str, Tensor]] = {}
+
+
+def _seeded_classifier(model_name: str, seed: int = 0) -> pl.LightningModule:
+    """The tiny classifier with the same initial weights every time (seeded before it is built)."""
+    pl.seed_everything(seed, verbose=False)
+    return tiny_classifier(model_name)
+
+
+def _reference_weights(model_name: str, root: Path, common: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The weights of the seeded tiny fit without any callback (cached per configuration in this process)."""
+    key = (model_name, *sorted(common.items()))
+    if key not in _REFERENCES:
+        _, model = fit_tiny([], root, model=_seeded_classifier(model_name), **common)
+        _REFERENCES[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return _REFERENCES[key]
 
 
 def _wandb_log_records(path: Path) -> list[bytes]:

@@ -7,9 +7,9 @@ from lightning_prune._autoload import callbacks_from_env, parse_spec
 
 
 def test_parse_spec_values_and_several_callbacks():
-    spec = "magnitude:target_sparsity=0.9,frequency=50,block_size=(1, 4),scope=layer; magnitude"
+    spec = "magnitude:target_sparsity=0.9,every_n_steps=50,block_size=(1, 4),scope=layer; magnitude"
     assert parse_spec(spec) == [
-        ("magnitude", {"target_sparsity": 0.9, "frequency": 50, "block_size": (1, 4), "scope": "layer"}),
+        ("magnitude", {"target_sparsity": 0.9, "every_n_steps": 50, "block_size": (1, 4), "scope": "layer"}),
         ("magnitude", {}),
     ]
 
@@ -21,10 +21,10 @@ def test_unset_adds_nothing(monkeypatch):
 
 
 def test_environment_adds_callbacks_to_every_trainer(monkeypatch):
-    monkeypatch.setenv("LIGHTNING_PRUNE", "magnitude:target_sparsity=0.9,frequency=50")
+    monkeypatch.setenv("LIGHTNING_PRUNE", "magnitude:target_sparsity=0.9,every_n_steps=50")
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     found = [cb for cb in trainer.callbacks if isinstance(cb, GradualMagnitudePruning)]
-    assert len(found) == 1 and found[0].target_sparsity == 0.9 and found[0].frequency == 50
+    assert len(found) == 1 and found[0].target_sparsity == 0.9 and found[0].every_n_steps == 50
 
 
 @pytest.mark.parametrize(
@@ -35,7 +35,7 @@ def test_environment_adds_callbacks_to_every_trainer(monkeypatch):
         (":target_sparsity=0.9", "does not start with a callback name"),
         ("nope:x=1", "No pruning callback named 'nope'"),
         ("magnitude:bogus=1", "'magnitude' rejected its arguments"),
-        ("magnitude:target_sparsity=1.5", r"`target_sparsity` must be in \[0.0, 1.0\), got 1.5"),
+        ("magnitude:target_sparsity=1.5", r"`target_sparsity` must be a number in \[0, 1\), got 1.5"),
     ],
 )
 def test_malformed_value_names_the_bad_part(monkeypatch, value, match):

@@ -10,12 +10,12 @@ from torch import nn
 import importlib
 
 import lightning_prune as lp
-from lightning_prune.compress import CompressionError, compress, dead_channels, load_compressed, save_compressed
+from lightning_prune.compression import CompressionError, compress, dead_channels, load_compressed, save_compressed
 from lightning_prune.gates import find_channel_groups
 from lightning_prune.testing import TINY_MODELS, tiny_classifier
 
 FAMILIES = list(TINY_MODELS)
-compress_mod = importlib.import_module("lightning_prune.compress")
+compress_mod = importlib.import_module("lightning_prune.compression")
 
 
 def _model(name: str, **kwargs) -> nn.Module:

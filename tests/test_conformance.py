@@ -17,4 +17,15 @@ def test_registered_callback_conforms(name, tmp_path):
     info = lp.list_callbacks()[name]
     assert not info.broken, info.error
     assert info.summary, f"{info.object_path} has no docstring summary"
-    check_callback_conformance(lambda: lp.create_callback(name), tmp_path, max_epochs=3, resume_epoch=1)
+    # evolution's default cadence is a generation every 5 epochs (the Spartan-training article's): fit long enough
+    max_epochs = 5 if name == "evolution" else 3
+    check_callback_conformance(lambda: lp.create_callback(name), tmp_path, max_epochs=max_epochs, resume_epoch=1)
+
+
+class Idle(lp.PruningCallback):
+    """Resolves its targets and never prunes."""
+
+
+def test_conformance_fails_for_a_callback_that_does_nothing(tmp_path):
+    with pytest.raises(AssertionError, match="Idle changed nothing"):
+        check_callback_conformance(lambda: Idle(verbose=False), tmp_path, max_epochs=2)

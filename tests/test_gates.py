@@ -7,7 +7,7 @@ import pickle
 import pytest
 import timm
 import torch
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_prune.errors import InvalidArgumentError
 from torch import nn
 
 from lightning_prune.functional.channels import (
@@ -137,7 +137,7 @@ def test_example_inputs_and_traced_root():
     prefix, root = traced_root(classifier)
     assert prefix == "model" and root is classifier.model
     assert example_inputs_for(root).shape == (2, 3, 32, 32)  # the ViT's fixed img_size
-    with pytest.raises(MisconfigurationException, match="pass `input_size"):
+    with pytest.raises(InvalidArgumentError, match="pass `input_size"):
         example_inputs_for(nn.Sequential(nn.Linear(3, 3)))
 
 

@@ -13,7 +13,7 @@ FAST = {"max_epochs": 2, "limit_train_batches": 4, "limit_val_batches": 1}
 
 
 def _pruner(**kwargs):
-    return GradualMagnitudePruning(target_sparsity=0.5, frequency=2, sparsity_end_step=4, verbose=False, **kwargs)
+    return GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=2, sparsity_end_step=4, verbose=False, **kwargs)
 
 
 def test_sparsity_goes_to_any_lightning_logger(tmp_path):
@@ -34,7 +34,7 @@ def test_wandb_offline_run_gets_mask_images_histograms_and_table(tmp_path, every
     import wandb
 
     logger = WandbLogger(save_dir=str(tmp_path), project="lp-test", offline=True)
-    pruner = _pruner(log_masks_every_n_epochs=every)
+    pruner = _pruner(log_media_every_n_epochs=every)
     try:
         fit_tiny([pruner], tmp_path, logger=logger, **FAST)
     finally:

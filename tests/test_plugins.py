@@ -53,8 +53,9 @@ def test_installed_plugin_is_listed_with_its_distribution_and_version():
         assert not info.broken and info.summary, name
     assert infos["first_k"].summary.startswith("Drop the first k output channels")
     assert infos["magnitude"].distribution == "lightning-prune"  # the built-ins are registered the same way
-    cb = lp.create_callback("first_k", amount=0.25, prune_epoch=2)
-    assert isinstance(cb, PruningCallback) and (cb.amount, cb.prune_epoch) == (0.25, 2)
+    cb = lp.create_callback("first_k", target_sparsity=0.25, prune_epoch=2)
+    assert isinstance(cb, PruningCallback)
+    assert (cb.target_sparsity, cb.prune_epoch, cb.prune_step) == (0.25, 2, None)
     assert type(cb).__module__ == "lightning_prune_baselines.first_k"
 
 
@@ -104,7 +105,7 @@ def test_broken_fake_entry_point_is_listed_broken_and_the_rest_keep_working(monk
     with pytest.raises(ImportError, match="lightning_prune_no_such_plugin"):
         lp.create_callback("zz_broken")
     assert not lp.list_callbacks()["first_k"].broken
-    assert lp.create_callback("first_k").amount == 0.5
+    assert lp.create_callback("first_k").target_sparsity == 0.5
 
 
 def _broken_distribution(root: Path) -> Path:
@@ -183,10 +184,15 @@ def test_lightning_prune_list_command_in_a_fresh_process(tmp_path):
 
 
 def test_plugin_callbacks_attach_through_the_environment(monkeypatch):
-    monkeypatch.setenv("LIGHTNING_PRUNE", "first_k:amount=0.3,prune_step=4;random_channels:seed=3")
+    monkeypatch.setenv(
+        "LIGHTNING_PRUNE",
+        "first_k:target_sparsity=0.3,prune_step=4;"
+        "random_channels:seed=3,sparsity_end_step=0.5,every_n_steps=20",
+    )
     first_k, random_channels = callbacks_from_env()
-    assert (type(first_k).__name__, first_k.amount, first_k.prune_step) == ("FirstKChannels", 0.3, 4)
+    assert (type(first_k).__name__, first_k.target_sparsity, first_k.prune_step) == ("FirstKChannels", 0.3, 4)
     assert (type(random_channels).__name__, random_channels.seed) == ("RandomChannels", 3)
+    assert (random_channels.sparsity_end_step, random_channels.every_n_steps) == (0.5, 20)
 
 
 def test_the_contract_s_minimal_example_keeps_the_contract(tmp_path, monkeypatch):
@@ -199,7 +205,7 @@ def test_the_contract_s_minimal_example_keeps_the_contract(tmp_path, monkeypatch
     )  # pickling (ddp_spawn) needs an importable class
     exec(compile(source, "plugins/README.md", "exec"), module.__dict__)
     state = check_callback_conformance(
-        lambda: module.OneShotMagnitude(amount=0.6, epoch=1, verbose=False),
+        lambda: module.OneShotMagnitude(target_sparsity=0.6, prune_epoch=1, verbose=False),
         tmp_path,
         max_epochs=2,
         limit_train_batches=2,
@@ -207,3 +213,50 @@ def test_the_contract_s_minimal_example_keeps_the_contract(tmp_path, monkeypatch
     assert state["pruned_at_step"] == 2
     pruned = sum(int((~m).sum()) for m in state["masks"].values())
     assert pruned / sum(m.numel() for m in state["masks"].values()) == pytest.approx(0.6, abs=0.01)
+
+
+def _documented_plugin_api() -> dict[str, set[str]]:
+    """The table "What a plugin may import" of plugins/README.md: module -> names."""
+    readme = (REPO / "plugins" / "README.md").read_text()
+    section = readme.split("### What a plugin may import", 1)[1].split("\n## ", 1)[0]
+    api: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].startswith("`lightning_prune"):
+            module = cells[0].split("`")[1]
+            api[module] = set(re.findall(r"`(\w+)`", cells[1]))
+    return api
+
+
+def test_the_documented_plugin_api_exists():
+    import importlib
+
+    api = _documented_plugin_api()
+    assert {"lightning_prune", "lightning_prune.callbacks.base", "lightning_prune.validation"} <= set(api)
+    for module_name, names in api.items():
+        module = importlib.import_module(module_name)
+        public = set(getattr(module, "__all__", ()))
+        for name in names:
+            assert hasattr(module, name), f"plugins/README.md names {module_name}.{name}, which does not exist"
+            assert name in public, f"{module_name}.{name} is documented for plugins but not in its __all__"
+
+
+def test_the_baselines_plugin_imports_only_the_documented_api():
+    import ast
+
+    api = _documented_plugin_api()
+    sources = sorted((REPO / "plugins" / "lightning-prune-baselines" / "src").rglob("*.py"))
+    assert len(sources) >= 5
+    used = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lightning_prune":
+                used.extend((path.name, node.module, alias.name) for alias in node.names)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert alias.name.split(".")[0] != "lightning_prune" or alias.name == "lightning_prune", (
+                        f"{path.name} imports the module {alias.name}: import names from the documented modules")
+    assert used, "the plugin imports nothing from lightning_prune?"
+    for filename, module, name in used:
+        assert module in api, f"{filename} imports from {module}, which plugins/README.md does not list"
+        assert name in api[module], f"{filename} imports {module}.{name}, which plugins/README.md does not list"

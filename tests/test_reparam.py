@@ -6,10 +6,10 @@ import sys
 import pytest
 import timm
 import torch
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 import lightning_prune as lp
+from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.models_reducenet import ReduceBlock
 from lightning_prune.reparam import (
     DecayingActivation,
@@ -119,11 +119,15 @@ def test_plan_bottleneck_resnet_and_inverted_residual():
     assert "blocks.1.0.bn2.act" in plan.decay and "blocks.1.0.bn1.act" in plan.rejected
 
 
-def test_plan_include_exclude_override():
+def test_plan_include_narrows_and_fusable_only_false_widens():
     model = _model("test_resnet")
     plan = plan_reparameterization(model, include=["layer1.*.act1", "layer3.0.act2"])
+    assert plan.decay == ["layer3.0.act2"] and len(plan.fusions) == 1  # layer1.0.act1 cannot fuse: not added
+    assert "not exact at the border" in plan.rejected["layer1.0.act1"]
+    plan = plan_reparameterization(model, include=["layer1.*.act1", "layer3.0.act2"], fusable_only=False)
     assert plan.decay == ["layer1.0.act1", "layer3.0.act2"] and len(plan.fusions) == 1
-    assert "include" in str(plan)
+    assert "fusable_only=False; no exact fusion" in str(plan)
+    assert plan_reparameterization(model, include=["layer1.*"]).rejected["layer3.0.act2"] == "not selected by `include`"
     plan = lp.ActivationDecay(exclude="*.mlp.act", verbose=False).plan(_model("test_vit", img_size=32))
     assert plan.decay == [] and all(v == "excluded by `exclude`" for v in plan.rejected.values())
 
@@ -149,7 +153,7 @@ def test_nothing_fusable_is_reported():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
     plan = plan_reparameterization(model)
     assert not plan and "not exact at the border" in plan.rejected["1"]
-    with pytest.raises(MisconfigurationException, match="Nothing to fuse"):
+    with pytest.raises(CompressionError, match="Nothing to fuse"):
         reparameterize(model)
 
 
@@ -162,9 +166,9 @@ def test_untraceable_model_is_a_clear_error():
         def forward(self, x):
             return self.act(self.fc(x)) if x.sum() > 0 else x
 
-    with pytest.raises(MisconfigurationException, match="Could not trace"):
+    with pytest.raises(InvalidArgumentError, match="Could not trace .* HINT: pass `fusable_only=False`"):
         plan_reparameterization(Dynamic())
-    assert plan_reparameterization(Dynamic(), include="act").decay == ["act"]
+    assert plan_reparameterization(Dynamic(), include="act", fusable_only=False).decay == ["act"]
 
 
 # ------------------------------------------------------------------ reparameterize
@@ -240,7 +244,7 @@ def test_reducenet_block_refuses_to_fuse_before_decay():
 def test_fusing_with_lambda_below_one_is_refused():
     model = _model("test_vit", img_size=32)
     wrap_activations(model, plan_reparameterization(model).decay, 0.99)
-    with pytest.raises(MisconfigurationException, match=r"λ < 1.*blocks\.0\.mlp\.act \(λ=0\.99\)"):
+    with pytest.raises(CompressionError, match=r"λ < 1.*blocks\.0\.mlp\.act \(λ=0\.99\)"):
         reparameterize(model)
 
 

@@ -18,7 +18,7 @@ def test_schedule_is_clipped_before_begin_and_independent_of_the_update_window()
 
 
 def test_first_update_is_at_begin_plus_frequency():
-    # last_update starts at 0: with begin=0 and frequency=10 the first mask update is at step 10
+    # last_update starts at 0: with begin=0 and every_n_steps=10 the first mask update is at step 10
     updates, last = [], 0
     for step in range(0, 45):
         if is_update_step(step, 0, -1, 10, last):

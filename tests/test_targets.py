@@ -1,9 +1,9 @@
 import pytest
 import timm
 import torch
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lightning_prune.errors import NoTargetsError
 from lightning_prune.targets import matches, resolve_targets, timm_default_exclusions
 from lightning_prune.testing import TINY_MODELS, tiny_classifier
 
@@ -43,12 +43,28 @@ def test_nested_attribute_and_plain_module():
     assert [t.name for t in resolve_targets(mlp)] == ["0.weight", "2.weight"]  # no timm metadata: everything
 
 
-def test_include_replaces_defaults_and_exclude_applies_last():
+def test_include_narrows_the_default_set_and_exclude_applies_last():
     module = tiny_classifier("test_resnet")
-    assert [t.module_name for t in resolve_targets(module, include="fc")] == ["model.fc"]
     names = {t.module_name for t in resolve_targets(module, include=["layer1.*", "fc"], exclude="*.conv2")}
-    assert "model.fc" in names and not any(n.endswith("conv2") for n in names)
-    assert all(n.startswith("model.layer1") or n == "model.fc" for n in names)
+    assert names and all(n.startswith("model.layer1") for n in names)  # the classifier stays out
+    assert not any(n.endswith("conv2") for n in names)
+    with pytest.raises(NoTargetsError, match="first conv and classifier are never targets"):
+        resolve_targets(module, include="fc")
+
+
+def test_include_keeps_the_type_filter_on_resnet18_layer4():
+    """The new user's trap: `include=['layer4.*']` used to select layer4's BatchNorms too."""
+    model = timm.create_model("resnet18", num_classes=10)
+    targets = resolve_targets(model, include=["layer4.*"])
+    assert len(targets) == 5 and all(isinstance(t.module, nn.Conv2d) for t in targets)
+    assert all(t.module_name.startswith("layer4.") for t in targets)
+
+
+def test_types_widens_the_default_set():
+    model = timm.create_model("resnet18", num_classes=10)
+    targets = resolve_targets(model, include=["layer4.*"], types=(nn.Conv2d, nn.BatchNorm2d))
+    kinds = {type(t.module) for t in targets}
+    assert kinds == {nn.Conv2d, nn.BatchNorm2d} and len(targets) == 10
 
 
 def test_patterns_match_full_names_and_dotted_suffixes():
@@ -60,9 +76,11 @@ def test_patterns_match_full_names_and_dotted_suffixes():
 
 def test_nothing_matched_names_patterns_and_existing_modules():
     module = tiny_classifier("test_resnet")
-    with pytest.raises(MisconfigurationException, match=r"include=\['nope\*'\].*Modules that exist: model\.conv1\.0"):
+    with pytest.raises(NoTargetsError, match=r"include=\['nope\*'\].*Modules that could be: model\.conv1\.3"):
         resolve_targets(module, include="nope*")
-    with pytest.raises(MisconfigurationException, match="HINT"):
+    with pytest.raises(NoTargetsError, match="HINT"):
         resolve_targets(module, exclude="*")
-    with pytest.raises(MisconfigurationException, match="none of type"):
+    with pytest.raises(NoTargetsError, match="Modules that could be: none"):
         resolve_targets(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError):  # our own error is a ValueError: no Lightning exception from a model function
+        resolve_targets(module, include="nope*")

@@ -8,7 +8,6 @@ which the linear layers around them fuse exactly (:func:`lightning_prune.reparam
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,7 +17,6 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_prune.callbacks.base import check_choice
 from lightning_prune.logging import PREFIX, log_scalars
 from lightning_prune.reparam import (
     DecayingActivation,
@@ -29,8 +27,17 @@ from lightning_prune.reparam import (
     unwrap_activations,
     wrap_activations,
 )
-from lightning_prune.schedules import ramp
-from lightning_prune.targets import as_patterns
+from lightning_prune.schedules import ramp, resolve_step, steps_per_epoch, training_steps
+from lightning_prune.validation import (
+    as_misconfiguration,
+    check_bool,
+    check_choice,
+    check_exclusive,
+    check_int,
+    check_optional,
+    check_patterns,
+    check_position,
+)
 
 __all__ = ["ActivationDecay", "decay_lambda"]
 
@@ -61,7 +68,7 @@ class _PlanMethod:
 
         def plan(model: nn.Module) -> ReparamPlan:
             """A dry run: what decays and what fuses in ``model`` (see :func:`plan_reparameterization`)."""
-            return plan_reparameterization(model, target.include, target.exclude)
+            return plan_reparameterization(model, target.include, target.exclude, target.fusable_only)
 
         return plan
 
@@ -70,25 +77,32 @@ class ActivationDecay(Callback):
     """Decay chosen activations to the identity during training, so linear layers fuse afterwards.
 
     Every selected activation module ``A`` is replaced in place by a parameter-free wrapper computing
-    ``A'(x) = (1 - λ) A(x) + λ x`` (any activation: ReLU, GELU, SiLU, ...). λ goes 0 → 1 between ``start``
-    and ``end`` on a ``"linear"`` or ``"cosine"`` schedule, per optimizer step or per epoch, and is logged as
-    ``prune/lambda``. The model's ``state_dict`` keys do not change.
+    ``A'(x) = (1 - λ) A(x) + λ x`` (any activation: ReLU, GELU, SiLU, ...). λ goes 0 → 1 between the begin and
+    end positions on a ``"linear"`` or ``"cosine"`` schedule, updated every optimizer step (ReduceNet) or
+    every epoch (VanillaNet), and is logged as ``prune/lambda``. The model's ``state_dict`` keys do not change.
 
-    By default the selection is exactly the activations whose disappearance lets two linear layers fuse
-    exactly (found by tracing the model with ``torch.fx``: a bottleneck's 3×3 → last 1×1, an inverted
-    residual's depthwise → projection, a transformer MLP's fc1 → fc2, a ReduceNet block); ``include`` and
-    ``exclude`` globs over activation names override it. :meth:`plan` shows the selection without training.
-    Once λ = 1, ``fuse_on_train_end=True`` (or :func:`lightning_prune.reparameterize` on the finished model)
-    fuses the model.
+    The default set of activations is exactly those whose disappearance lets two linear layers fuse exactly
+    (found by tracing the model with ``torch.fx``: a bottleneck's 3×3 → last 1×1, an inverted residual's
+    depthwise → projection, a transformer MLP's fc1 → fc2, a ReduceNet block); ``include`` and ``exclude`` globs
+    over activation names narrow it, and ``fusable_only=False`` widens it to every activation module (for
+    models ``torch.fx`` cannot trace, or to decay activations that will not fuse). :meth:`plan` shows the
+    selection without training. Once λ = 1, ``fuse_on_train_end=True`` (or :func:`lightning_prune.reparameterize`
+    on the finished model) fuses the model.
+
+    Positions follow the unit rule: ``*_step`` in optimizer steps, ``*_epoch`` in epochs, either as a float in
+    [0, 1] a fraction of the whole training; give at most one of each pair.
 
     Args:
-        start: where λ starts rising: an epoch (int) or a fraction of training (float in [0, 1]).
-        end: where λ reaches 1 (same units); default 75% of training, leaving the rest to adapt to the
-            linear network. VanillaNet: 100 of 300 epochs.
+        begin_step: where λ starts rising (default 0).
+        begin_epoch: the same in epochs.
+        end_step: where λ reaches 1 (default 0.75 of training, leaving the rest to adapt to the linear network).
+        end_epoch: the same in epochs (VanillaNet: 100 of 300 epochs).
         schedule: ``"linear"`` or ``"cosine"``.
-        interval: update λ every optimizer ``"step"`` (ReduceNet) or every ``"epoch"`` (VanillaNet).
-        include: globs of activation module names to decay (replaces the automatic selection).
+        every_n_steps: update λ every that many optimizer steps (default 1, ReduceNet).
+        every_n_epochs: update λ at the start of every that many epochs instead (VanillaNet: 1).
+        include: globs of activation module names; narrows the default set.
         exclude: globs of activation module names to leave alone.
+        fusable_only: the default set is the activations that fuse exactly (``True``) or every activation module.
         fuse_on_train_end: fuse the model (:func:`lightning_prune.reparameterize`) when training ends.
         verbose: print the plan at setup (rank zero).
 
@@ -99,63 +113,74 @@ class ActivationDecay(Callback):
     Example::
 
         print(ActivationDecay.plan(timm.create_model("resnet50")))  # dry run
-        trainer = Trainer(callbacks=[ActivationDecay(end=0.5, schedule="cosine", fuse_on_train_end=True)])
+        trainer = Trainer(callbacks=[ActivationDecay(end_step=0.5, schedule="cosine", fuse_on_train_end=True)])
     """
 
     plan = _PlanMethod()
 
     def __init__(
         self,
-        start: int | float = 0,
-        end: int | float = 0.75,
+        begin_step: int | float | None = None,
+        begin_epoch: int | float | None = None,
+        end_step: int | float | None = None,
+        end_epoch: int | float | None = None,
         schedule: str = "linear",
-        interval: str = "step",
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
+        fusable_only: bool = True,
         fuse_on_train_end: bool = False,
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        self.start = self._check_position("start", start)
-        self.end = self._check_position("end", end)
-        if type(self.start) is type(self.end) and self.end < self.start:
+        hint = "end_step=0.5 reaches λ = 1 halfway through training; end_epoch=100 at epoch 100."
+        check_exclusive(begin_step=begin_step, begin_epoch=begin_epoch, hint=hint)
+        check_exclusive(end_step=end_step, end_epoch=end_epoch, hint=hint)
+        check_exclusive(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
+                        hint="λ changes every step (ReduceNet) or every epoch (VanillaNet), not both.")
+        self.begin_step = check_position("begin_step", begin_step, allow_none=True, hint=hint)
+        self.begin_epoch = check_position("begin_epoch", begin_epoch, allow_none=True, hint=hint)
+        self.end_step = check_position("end_step", end_step, allow_none=True, hint=hint)
+        self.end_epoch = check_position("end_epoch", end_epoch, allow_none=True, hint=hint)
+        if self.begin_step is None and self.begin_epoch is None:
+            self.begin_step = 0
+        if self.end_step is None and self.end_epoch is None:
+            self.end_step = 0.75
+        begin, end = self._begin_end()
+        if type(begin[1]) is type(end[1]) and begin[0][-5:] == end[0][-5:] and end[1] < begin[1]:
             raise MisconfigurationException(
-                f"`end` ({end}) must not come before `start` ({start})."
-                " HINT: λ rises from 0 at `start` to 1 at `end`.")
+                f"`{end[0]}` ({end[1]}) must not come before `{begin[0]}` ({begin[1]})."
+                " HINT: λ rises from 0 at the begin position to 1 at the end position.")
         self.schedule = check_choice("schedule", schedule, ("linear", "cosine"))
-        self.interval = check_choice("interval", interval, ("step", "epoch"))
-        self.include = list(as_patterns(include))
-        self.exclude = list(as_patterns(exclude))
-        self.fuse_on_train_end = bool(fuse_on_train_end)
-        self.verbose = verbose
+        self.every_n_steps = check_optional(check_int, "every_n_steps", every_n_steps, 1)
+        self.every_n_epochs = check_optional(check_int, "every_n_epochs", every_n_epochs, 1)
+        if self.every_n_steps is None and self.every_n_epochs is None:
+            self.every_n_steps = 1
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
+        self.fusable_only = check_bool("fusable_only", fusable_only)
+        self.fuse_on_train_end = check_bool("fuse_on_train_end", fuse_on_train_end)
+        self.verbose = check_bool("verbose", verbose)
         # state
         self.lam = 0.0
         self.decayed: list[str] = []
-        self._bounds: tuple[float, float] | None = None  # resolved (start, end) in steps or epochs
+        self._bounds: tuple[int, int] | None = None  # resolved (begin, end) in optimizer steps
         self._wrapped: dict[str, DecayingActivation] = {}
         self._plan: ReparamPlan | None = None
         self._fused_model: int | None = None  # id() of the module fused at train end
 
-    @staticmethod
-    def _check_position(name: str, value: int | float) -> int | float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            ok = False
-        elif isinstance(value, int):
-            ok = value >= 0
-        else:
-            ok = 0.0 <= value <= 1.0
-        if not ok:
-            raise MisconfigurationException(
-                f"`{name}` must be an epoch (int >= 0) or a fraction of training (float in [0, 1]),"
-                f" got {value!r}."
-                " HINT: end=0.5 reaches λ = 1 halfway through training; end=100 at epoch 100.")
-        return value
+    def _begin_end(self) -> tuple[tuple[str, int | float], tuple[str, int | float]]:
+        begin = ("begin_epoch", self.begin_epoch) if self.begin_epoch is not None else ("begin_step", self.begin_step)
+        end = ("end_epoch", self.end_epoch) if self.end_epoch is not None else ("end_step", self.end_step)
+        return begin, end  # type: ignore[return-value]
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(start=self.start, end=self.end, schedule=self.schedule,
-                                        interval=self.interval, include=self.include, exclude=self.exclude)
+        (begin_name, begin), (end_name, end) = self._begin_end()
+        return self._generate_state_key(**{begin_name: begin, end_name: end}, schedule=self.schedule,
+                                        include=self.include, exclude=self.exclude)
 
     # ------------------------------------------------------------------ wrapping
     @override
@@ -165,7 +190,8 @@ class ActivationDecay(Callback):
             return
         if self._fused_model is not None and self._fused_model in modules:
             return  # validate/test after fuse_on_train_end: the model is already fused
-        plan = plan_reparameterization(pl_module, self.include, self.exclude)
+        with as_misconfiguration():
+            plan = plan_reparameterization(pl_module, self.include, self.exclude, self.fusable_only)
         if not plan.decay and stage != "fit":
             return
         if not plan.decay:
@@ -175,7 +201,7 @@ class ActivationDecay(Callback):
                 f"ActivationDecay found nothing to decay in {type(pl_module).__name__}"
                 f" (include={self.include or 'automatic'}, exclude={self.exclude}): {reasons}."
                 " HINT: only an activation between two linear layers that compose exactly can vanish (e.g. a"
-                " bottleneck's 3×3 → 1×1, an MLP's fc1 → fc2); pass `include=[...]` to decay others anyway.")
+                " bottleneck's 3×3 → 1×1, an MLP's fc1 → fc2); `fusable_only=False` decays others anyway.")
         self._plan = plan
         self.decayed = list(plan.decay)
         self._wrapped = wrap_activations(pl_module, self.decayed, self.lam)
@@ -193,72 +219,68 @@ class ActivationDecay(Callback):
             module.lam = self.lam
 
     # ------------------------------------------------------------------ schedule
-    def _resolve_bounds(self, trainer: pl.Trainer) -> tuple[float, float]:
-        estimated = float(trainer.estimated_stepping_batches)
-        finite = math.isfinite(estimated)
-        if not finite and (isinstance(self.start, float) or isinstance(self.end, float)):
+    def _resolve_bounds(self, trainer: pl.Trainer) -> tuple[int, int]:
+        (begin_name, begin), (end_name, end) = self._begin_end()
+        start, stop = resolve_step(begin_name, begin, trainer), resolve_step(end_name, end, trainer)
+        assert start is not None and stop is not None
+        if stop < start:
             raise MisconfigurationException(
-                "`start`/`end` given as fractions of training need a finite training length; got max_epochs=-1"
-                " and no max_steps. HINT: give `start` and `end` as epochs (ints).")
-        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-        total = max(int(estimated), 1) if finite else math.inf
-        if finite and max_epochs:
-            per_epoch, epochs = total / max_epochs, float(max_epochs)
+                f"`{end_name}` ({end}) resolves to step {stop}, before `{begin_name}` ({begin}) at step {start}.")
+        last = self._last_update_step(trainer)
+        if self.fuse_on_train_end and last is not None and stop > last:
+            raise MisconfigurationException(
+                f"`fuse_on_train_end=True` but λ reaches 1 only at step {stop}, after the last update of λ (step"
+                f" {last}). HINT: set `{end_name}` earlier, e.g. end_step=0.75.")
+        return start, stop
+
+    def _last_update_step(self, trainer: pl.Trainer) -> int | None:
+        """The last step at which λ changes during this fit (None for a Trainer without an end)."""
+        total = training_steps(trainer)
+        if total is None:
+            return None
+        if self.every_n_epochs is None:
+            n = int(self.every_n_steps or 1)
+            return (max(total - 1, 0) // n) * n
+        per_epoch, epochs = steps_per_epoch(trainer), trainer.max_epochs
+        if per_epoch is None or not epochs or epochs < 0:
+            return total - 1
+        last_epoch = min(epochs - 1, max(total - 1, 0) // per_epoch)
+        return (last_epoch // self.every_n_epochs) * self.every_n_epochs * per_epoch
+
+    def lambda_at(self, step: float) -> float:
+        """λ at an optimizer step once the schedule is resolved (at train start)."""
+        if self._bounds is not None:
+            start, end = self._bounds
         else:
-            batches = float(trainer.num_training_batches)
-            accumulate = max(trainer.accumulate_grad_batches, 1)
-            per_epoch = max(int(batches) // accumulate, 1) if math.isfinite(batches) else 1
-            epochs = total / per_epoch
-
-        def resolve(value: int | float) -> float:
-            if self.interval == "step":
-                return float(value * per_epoch) if isinstance(value, int) else float(round(value * total))
-            return float(value) if isinstance(value, int) else float(value * epochs)
-
-        start, end = resolve(self.start), resolve(self.end)
-        if end < start:
-            raise MisconfigurationException(
-                f"`end` ({self.end}) resolves to {end:g} {self.interval}s, before `start` ({self.start})"
-                f" at {start:g}.")
-        last = total - 1 if self.interval == "step" else epochs - 1
-        if self.fuse_on_train_end and end > last:
-            raise MisconfigurationException(
-                f"`fuse_on_train_end=True` but λ reaches 1 only at {self.interval} {end:g}, after the last one"
-                f" ({last:g}). HINT: set `end` earlier, e.g. end=0.75.")
-        return start, end
-
-    def lambda_at(self, position: float) -> float:
-        """λ at a step or epoch (per ``interval``) once the schedule is resolved (at train start)."""
-        start, end = self._bounds if self._bounds is not None else (float(self.start), float(self.end))
-        return decay_lambda(position, start, end, self.schedule)
-
-    def _position(self, trainer: pl.Trainer) -> int:
-        return trainer.global_step if self.interval == "step" else trainer.current_epoch
+            start, end = float(self.begin_step or 0), float(self.end_step or 0)
+        return decay_lambda(step, start, end, self.schedule)
 
     def _update(self, trainer: pl.Trainer, force_log: bool = False) -> None:
         old = self.lam
-        self._apply(self.lambda_at(self._position(trainer)))
+        self._apply(self.lambda_at(trainer.global_step))
         every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
-        if force_log or self.interval == "epoch" or trainer.global_step % every == 0 or (self.lam == 1.0 != old):
+        if (force_log or self.every_n_epochs is not None or trainer.global_step % every == 0
+                or (self.lam == 1.0 != old)):
             log_scalars(trainer, {f"{PREFIX}/lambda": self.lam})
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._bounds = self._resolve_bounds(trainer)
+        if self._bounds is None:
+            self._bounds = self._resolve_bounds(trainer)
         self._update(trainer, force_log=True)
         if self.verbose:
             rank_zero_info(f"[ActivationDecay] {len(self._wrapped)} activation(s): λ 0 → 1 ({self.schedule}) over"
-                           f" {self.interval}s {self._bounds[0]:g}-{self._bounds[1]:g}; now λ = {self.lam:.4g}")
+                           f" steps {self._bounds[0]}-{self._bounds[1]}; now λ = {self.lam:.4g}")
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.interval == "step":
+        if self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0:
             self._update(trainer)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.interval == "epoch":
+        if self.every_n_epochs is not None and trainer.current_epoch % self.every_n_epochs == 0:
             self._update(trainer)
 
     @override
@@ -267,7 +289,7 @@ class ActivationDecay(Callback):
             return
         if self.lam != 1.0:
             rank_zero_warn(f"ActivationDecay: training ended at λ = {self.lam:.4g} < 1; the model is NOT fused"
-                           " (fusing would change its outputs). HINT: train longer or set `end` earlier.")
+                           " (fusing would change its outputs). HINT: train longer or set `end_step` earlier.")
             return
         before = count_layers(pl_module)
         reparameterize(pl_module)
@@ -290,7 +312,7 @@ class ActivationDecay(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._apply(float(state_dict.get("lam", 0.0)))
         bounds = state_dict.get("bounds")
-        self._bounds = (float(bounds[0]), float(bounds[1])) if bounds is not None else None
+        self._bounds = (int(bounds[0]), int(bounds[1])) if bounds is not None else None
         saved = list(state_dict.get("decayed", []))
         if saved and self.decayed and saved != self.decayed:
             rank_zero_warn(f"ActivationDecay: the checkpoint decayed {len(saved)} activation(s), this run selects"

@@ -15,7 +15,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
@@ -29,36 +28,24 @@ from lightning_prune.logging import (
     wandb_loggers,
 )
 from lightning_prune.masks import MaskSet
-from lightning_prune.targets import PRUNABLE_TYPES, Target, as_patterns, resolve_targets
+from lightning_prune.targets import PRUNABLE_TYPES, Target, resolve_targets
+from lightning_prune.validation import as_misconfiguration, check_bool, check_int, check_patterns, check_types
 
-__all__ = ["PruningCallback", "check_fraction", "check_int", "check_choice"]
+__all__ = ["PruningCallback", "resolve_seed"]
 
-
-def check_fraction(name: str, value: float, low: float = 0.0, high: float = 1.0, high_inclusive: bool = False,
-                   hint: str = "") -> float:
-    """Validate ``low <= value < high`` (or ``<= high``); raise a MisconfigurationException naming ``name``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value and (
-        value <= high if high_inclusive else value < high)
-    if not ok:
-        bracket = "]" if high_inclusive else ")"
-        raise MisconfigurationException(
-            f"`{name}` must be in [{low}, {high}{bracket}, got {value!r}." + (f" HINT: {hint}" if hint else "")
-        )
-    return float(value)
+_SEED_MASK = (1 << 63) - 1
 
 
-def check_int(name: str, value: int, minimum: int, hint: str = "") -> int:
-    """Validate an integer ``>= minimum``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise MisconfigurationException(
-            f"`{name}` must be an integer >= {minimum}, got {value!r}." + (f" HINT: {hint}" if hint else "")
-        )
-    return value
+def resolve_seed(seed: int | None, trainer: pl.Trainer | None = None) -> int:
+    """The seed a callback uses: ``seed`` itself, or (``None``) ``torch.initial_seed()`` -- what
+    ``seed_everything`` set -- and, under DDP, rank zero's value on every rank.
 
-
-def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
-    if value not in choices:
-        raise MisconfigurationException(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+    Every callback with a ``seed`` argument follows this rule and keeps the resolved value in its state, so a
+    resumed run draws the same numbers.
+    """
+    value = int(torch.initial_seed()) & _SEED_MASK if seed is None else int(seed)
+    if trainer is not None and trainer.world_size > 1:
+        value = int(trainer.strategy.broadcast(value, src=0))
     return value
 
 
@@ -66,11 +53,16 @@ class PruningCallback(Callback):
     """Base class of the pruning callbacks: targets, boolean masks applied after every optimizer step,
     checkpointed state and sparsity logging.
 
+    Targets follow one rule (:mod:`lightning_prune.targets`): the default set -- every module of ``types``
+    (Conv/Linear) except each timm model's first conv and classifier -- narrowed by ``include`` and ``exclude``;
+    only ``types`` widens it.
+
     Args:
-        include: globs of module names to prune (replaces the default: every Conv/Linear weight except each
-            timm model's ``first_conv`` and ``classifier``).
+        include: globs of module names; only the modules of the default set that match are pruned.
         exclude: globs of module names to leave alone.
-        log_masks_every_n_epochs: how often mask images, histograms and the sparsity table go to W&B
+        types: module types of the default set (default Conv1d/2d/3d and Linear): classes, ``torch.nn`` names
+            or dotted paths, e.g. ``["Conv2d", "Linear", "BatchNorm2d"]``.
+        log_media_every_n_epochs: how often mask images, weight histograms and the sparsity table go to W&B
             (``0`` = only at the end of training).
         verbose: print a summary line when masks change (rank zero).
 
@@ -79,22 +71,28 @@ class PruningCallback(Callback):
         ``load_extra_state_dict(state)`` for the subclass's own state; call ``update_masks(masks)``.
     """
 
-    #: Module types targeted by default.
+    #: Module types of the default set when ``types`` is not given.
     target_types: tuple[type[torch.nn.Module], ...] = PRUNABLE_TYPES
 
     def __init__(
         self,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
-        log_masks_every_n_epochs: int = 1,
+        types: list[str | type] | None = None,
+        log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        self.include = list(as_patterns(include))
-        self.exclude = list(as_patterns(exclude))
-        self.log_masks_every_n_epochs = check_int("log_masks_every_n_epochs", log_masks_every_n_epochs, 0)
-        self.verbose = verbose
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
+        self.types = check_types("types", types)
+        self.log_media_every_n_epochs = check_int(
+            "log_media_every_n_epochs", log_media_every_n_epochs, 0, hint="0 logs media only at the end of training.")
+        self.verbose = check_bool("verbose", verbose)
         self.targets: list[Target] = []
+        #: the targeted weights (what :meth:`select_targets` resolved), without the helper tensors
+        #: (biases, BatchNorm parameters) a subclass may mask beside them
+        self.weight_names: list[str] = []
         self.masks: MaskSet | None = None
         self._pending_masks: dict[str, Tensor] | None = None
         self._hook_handles: list[Any] = []
@@ -102,7 +100,10 @@ class PruningCallback(Callback):
     # ------------------------------------------------------------------ identity
     def state_key_args(self) -> dict[str, Any]:
         """The arguments that tell two instances of this callback apart (extend in subclasses)."""
-        return {"include": self.include, "exclude": self.exclude}
+        key: dict[str, Any] = {"include": self.include, "exclude": self.exclude}
+        if self.types:
+            key["types"] = [t.__name__ for t in self.types]
+        return key
 
     @property
     @override
@@ -112,7 +113,10 @@ class PruningCallback(Callback):
     # ------------------------------------------------------------------ targets and masks
     def select_targets(self, pl_module: pl.LightningModule) -> list[Target]:
         """Which parameters this callback masks; raises a clear error when nothing matches."""
-        return resolve_targets(pl_module, self.include, self.exclude, types=self.target_types)
+        with as_misconfiguration():
+            targets = resolve_targets(pl_module, self.include, self.exclude, types=self.types or self.target_types)
+        self.weight_names = [t.name for t in targets]
+        return targets
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -158,7 +162,7 @@ class PruningCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        n = self.log_masks_every_n_epochs
+        n = self.log_media_every_n_epochs
         if n and (trainer.current_epoch + 1) % n == 0:
             self.log_media(trainer)
 
@@ -172,12 +176,13 @@ class PruningCallback(Callback):
 
     # ------------------------------------------------------------------ logging
     def reported_names(self) -> list[str]:
-        """The masked parameters that sparsity metrics and W&B media describe (all of them by default).
-
-        A subclass whose masks also cover helper tensors (biases, BatchNorm affine parameters) narrows this to
-        the weights it actually targets.
+        """The masked parameters that sparsity metrics and W&B media describe: the targeted weights only
+        (:attr:`weight_names`), never the biases and BatchNorm parameters that channel masks also cover, so
+        ``prune/sparsity`` means the same for every callback and agrees with :func:`~lightning_prune.sparsity_report`.
         """
-        return self.masks.names() if self.masks is not None else []
+        if self.masks is None:
+            return []
+        return [n for n in self.weight_names if n in self.masks] or self.masks.names()
 
     def sparsity_metrics(self) -> dict[str, float]:
         """Global and per-layer sparsity of the reported weights, keyed ``prune/sparsity[/layer]``."""

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightning_prune.callbacks.base import PruningCallback, check_choice, check_int
+from lightning_prune.callbacks.base import PruningCallback, resolve_seed
 from lightning_prune.functional.evolution import (
     add_perturbation_,
     es_update_,
@@ -32,7 +32,18 @@ from lightning_prune.functional.evolution import (
     offspring_seed,
 )
 from lightning_prune.logging import PREFIX, log_histograms, log_scalars
-from lightning_prune.targets import as_patterns, matches
+from lightning_prune.schedules import training_steps
+from lightning_prune.targets import matches
+from lightning_prune.validation import (
+    check_bool,
+    check_cadence,
+    check_choice,
+    check_exclusive,
+    check_int,
+    check_optional,
+    check_patterns,
+    check_positive,
+)
 
 __all__ = ["EvolutionaryMutation"]
 
@@ -47,14 +58,6 @@ _NOISE = {"uniform": "uniform", "gaussian": "gaussian", "gradient": "uniform01"}
 FitnessFn = Callable[[pl.LightningModule, Any], Tensor]
 
 
-def _positive(name: str, value: float, hint: str = "") -> float:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or value <= 0:
-        raise MisconfigurationException(
-            f"`{name}` must be a finite number > 0, got {value!r}." + (f" HINT: {hint}" if hint else ""))
-    return float(value)
-
-
 def _hit(name: str, module_name: str, patterns: list[str]) -> bool:
     return matches(name, patterns) or bool(module_name and matches(module_name, patterns))
 
@@ -63,7 +66,8 @@ class EvolutionaryMutation(Callback):
     """SGD interleaved with evolutionary mutation ("Spartan training", seed 004; Salimans et al. 2017).
 
     Every ``every_n_epochs`` epochs (at the last training batch, before validation) or every
-    ``every_n_steps`` optimizer steps, ``population`` offspring ``theta_i = theta + s * eps_i`` of the
+    ``every_n_steps`` optimizer steps (either as a float in (0, 1]: that fraction of the training between two
+    generations), ``population`` offspring ``theta_i = theta + s * eps_i`` of the
     current weights are evaluated on a fitness set, and then:
 
     - ``strategy="select"``: the fittest offspring replaces the parent only if it is strictly fitter than
@@ -104,8 +108,10 @@ class EvolutionaryMutation(Callback):
         sigma: noise scale (> 0); the step size of the ``"gradient"`` mutation.
         mutation: ``"uniform"``, ``"gaussian"`` or ``"gradient"``.
         strategy: ``"select"`` or ``"es"``.
-        every_n_epochs: epochs between generations (default 5, the seed's, when ``every_n_steps`` is unset).
-        every_n_steps: optimizer steps between generations (instead of epochs).
+        every_n_epochs: epochs between generations (default 5, the Spartan article's, when ``every_n_steps`` is
+            unset), or a float in (0, 1]: that fraction of ``max_epochs`` (at least one epoch).
+        every_n_steps: optimizer steps between generations instead, or a float in (0, 1]: that fraction of the
+            training steps (at least one step).
         fitness_batches: how many batches of the fitness set to use (``None`` = all).
         fitness_dataloader: a DataLoader (or any iterable of batches) to use as the fitness set.
         fitness_fn: ``fitness_fn(pl_module, batch) -> scalar loss`` (lower is better).
@@ -118,8 +124,10 @@ class EvolutionaryMutation(Callback):
         include: globs over parameter or module names to mutate (default: every floating-point parameter
             that requires grad, BatchNorm affine parameters included; buffers never).
         exclude: globs of parameters or modules to leave alone.
-        seed: seeds the generator of generation seeds.
-        log_histogram: send a W&B histogram of the fitness of every generation (with a WandbLogger).
+        seed: seeds the generator of generation seeds; ``None`` = ``torch.initial_seed()`` (what
+            ``seed_everything`` set), rank zero's under DDP.
+        log_media_every_n_epochs: a W&B histogram of the offspring's fitness at the generations of every that
+            many epochs (``0`` = only the last generation's, at the end of training; with a WandbLogger).
         verbose: one console line per generation (rank zero).
 
     Raises:
@@ -148,28 +156,26 @@ class EvolutionaryMutation(Callback):
         respect_masks: str = "callbacks",
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
-        seed: int = 0,
-        log_histogram: bool = True,
+        seed: int | None = None,
+        log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
         super().__init__()
         self.mutation = check_choice("mutation", mutation, _MUTATIONS)
         self.strategy = check_choice("strategy", strategy, _STRATEGIES)
-        self.antithetic = (strategy == "es") if antithetic is None else bool(antithetic)
+        self.antithetic = (strategy == "es") if antithetic is None else check_bool("antithetic", antithetic)
         self.population = check_int(
             "population", population, 2, hint="selection and ES both compare at least two offspring.")
         if self.antithetic and population % 2:
             raise MisconfigurationException(
                 f"`population` must be even with antithetic pairs (+eps, -eps), got {population}."
                 f" HINT: use population={population + 1}, or antithetic=False.")
-        self.sigma = _positive("sigma", sigma, hint="sigma scales the noise; try 0.01 for weights near 0.1.")
-        if every_n_steps is not None and every_n_epochs is not None:
-            raise MisconfigurationException(
-                f"Pass either `every_n_epochs` ({every_n_epochs}) or `every_n_steps` ({every_n_steps}),"
-                " not both.")
-        self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, 1)
-        self.every_n_epochs = None if every_n_steps is not None else check_int(
-            "every_n_epochs", 5 if every_n_epochs is None else every_n_epochs, 1)
+        self.sigma = check_positive("sigma", sigma, hint="sigma scales the noise; try 0.01 for weights near 0.1.")
+        check_exclusive(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps,
+                        hint="generations come every few epochs or every few steps.")
+        self.every_n_steps = check_cadence("every_n_steps", every_n_steps, allow_none=True)
+        self.every_n_epochs = None if every_n_steps is not None else check_cadence(
+            "every_n_epochs", 5 if every_n_epochs is None else every_n_epochs)
         self.fitness_batches = None if fitness_batches is None else check_int(
             "fitness_batches", fitness_batches, 1, hint="None uses the whole fitness set.")
         if fitness_fn is not None and not callable(fitness_fn):
@@ -183,16 +189,18 @@ class EvolutionaryMutation(Callback):
                 " HINT: compute the metric inside fitness_fn and return something lower-is-better.")
         self.fitness_fn = fitness_fn
         self.fitness_dataloader = fitness_dataloader
-        self.es_lr = _positive("es_lr", es_lr)
+        self.es_lr = check_positive("es_lr", es_lr)
         self.fitness_shaping = check_choice("fitness_shaping", fitness_shaping, _SHAPINGS)
         self.respect_masks = check_choice("respect_masks", respect_masks, _RESPECT)
-        self.include = list(as_patterns(include))
-        self.exclude = list(as_patterns(exclude))
-        self.seed = check_int("seed", seed, 0)
-        self.log_histogram = bool(log_histogram)
-        self.verbose = bool(verbose)
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
+        self.seed = check_optional(check_int, "seed", seed, 0)
+        self.log_media_every_n_epochs = check_int("log_media_every_n_epochs", log_media_every_n_epochs, 0)
+        self.verbose = check_bool("verbose", verbose)
         # state (checkpointed)
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self._generator = torch.Generator().manual_seed(resolve_seed(self.seed))
+        self._seeded = self.seed is not None  # an explicit seed, or one resolved from the trainer
+        self._period: tuple[str, int] | None = None  # ("steps" | "epochs", n) once resolved
         self.generation = 0
         self.last_step = 0
         self.initial_error: float | None = None
@@ -235,6 +243,10 @@ class EvolutionaryMutation(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._seeded:  # seed=None: what seed_everything set, rank zero's on every rank
+            self._generator = torch.Generator().manual_seed(resolve_seed(None, trainer))
+            self._seeded = True
+        self._period = self._resolve_period(trainer)
         if self.fitness_dataloader is None and self._val_source(trainer) is None:
             raise MisconfigurationException(
                 "EvolutionaryMutation has no fitness data: the model and datamodule define no"
@@ -248,17 +260,39 @@ class EvolutionaryMutation(Callback):
         if self._due(trainer):
             self.run_generation(trainer, pl_module)
 
-    def _due(self, trainer: pl.Trainer) -> bool:
+    def _resolve_period(self, trainer: pl.Trainer) -> tuple[str, int]:
+        """``("steps", n)`` or ``("epochs", n)``: a fraction becomes that share of the training (>= 1)."""
         if self.every_n_steps is not None:
+            n = self.every_n_steps
+            if isinstance(n, float):
+                total = training_steps(trainer)
+                if total is None:
+                    raise MisconfigurationException(
+                        f"`every_n_steps`={n} is a fraction of training, but this Trainer has no end."
+                        " HINT: give an int number of steps.")
+                n = max(int(round(n * total)), 1)
+            return "steps", int(n)
+        n = self.every_n_epochs
+        if isinstance(n, float):
+            epochs = trainer.max_epochs
+            if not epochs or epochs < 0:
+                raise MisconfigurationException(
+                    f"`every_n_epochs`={n} is a fraction of training, but this Trainer has no max_epochs."
+                    " HINT: give an int number of epochs.")
+            n = max(int(round(n * epochs)), 1)
+        return "epochs", int(n)  # type: ignore[arg-type]
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        unit, n = self._period or self._resolve_period(trainer)
+        if unit == "steps":
             step = trainer.global_step
-            if step > self.last_step and step % self.every_n_steps == 0:
+            if step > self.last_step and step % n == 0:
                 self.last_step = step
                 return True
             return False
-        assert self.every_n_epochs is not None
         # the last batch of the epoch, before validation runs (and before the epoch's checkpoint is saved)
         last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        return bool(last) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return bool(last) and (trainer.current_epoch + 1) % n == 0
 
     # ------------------------------------------------------------------ fitness
     @staticmethod
@@ -501,21 +535,33 @@ class EvolutionaryMutation(Callback):
     # ------------------------------------------------------------------ logging
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         log_scalars(trainer, metrics)
-        if self.log_histogram and getattr(self, "_fitness_values", None) is not None:
-            values = self._fitness_values[torch.isfinite(self._fitness_values)]
-            if values.numel():
-                log_histograms(trainer, {f"{_KEY}/fitness": values})
+        n = self.log_media_every_n_epochs
+        if n and (trainer.current_epoch + 1) % n == 0:
+            self._log_fitness_histogram(trainer)
+            self._histogram_logged = self.generation
         if self.verbose:
             rank_zero_info(
                 f"[EvolutionaryMutation] generation {self.generation} ({self.strategy}, {self.mutation},"
                 f" {self.population} offspring): fitness {metrics[f'{_KEY}/parent_fitness']:.4f} ->"
                 f" {metrics[f'{_KEY}/new_fitness']:.4f}, offspring max {metrics[f'{_KEY}/fitness_max']:.4f}")
 
+    def _log_fitness_histogram(self, trainer: pl.Trainer) -> None:
+        if getattr(self, "_fitness_values", None) is not None:
+            values = self._fitness_values[torch.isfinite(self._fitness_values)]
+            if values.numel():
+                log_histograms(trainer, {f"{_KEY}/fitness": values})
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.generation and getattr(self, "_histogram_logged", None) != self.generation:
+            self._log_fitness_histogram(trainer)  # the last generation's, unless its epoch already logged it
+
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "generator": self._generator.get_state(),
+            "seeded": self._seeded,
             "generation": self.generation,
             "last_step": self.last_step,
             "initial_error": self.initial_error,
@@ -526,6 +572,7 @@ class EvolutionaryMutation(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "generator" in state_dict:
             self._generator.set_state(state_dict["generator"].to(torch.uint8).cpu())
+            self._seeded = bool(state_dict.get("seeded", True))
         self.generation = int(state_dict.get("generation", 0))
         self.last_step = int(state_dict.get("last_step", 0))
         initial = state_dict.get("initial_error")

@@ -7,10 +7,10 @@ DependencyGraph (:func:`lightning_prune.gates.find_channel_groups`), builds one
 the model (the model's ``state_dict`` keeps its keys). In ``on_before_optimizer_step`` -- after AMP has
 unscaled the weights' gradients -- it unscales and all-reduces the gates' gradients, adds the regulariser's
 gradient (:meth:`~GatePruningCallback.gate_penalty_grad_`), and steps the gates' own optimizer (optionally in
-alternation with the weights). At ``finalize_at`` the surviving channels
+alternation with the weights). At ``finalize_step`` (or ``finalize_epoch``) the surviving channels
 (:meth:`~GatePruningCallback.final_keep`) are folded into the weights, the others become channel masks of the
 base :class:`~lightning_prune.callbacks.base.PruningCallback`, the hooks go, and fine-tuning continues; with
-``compress_on_train_end`` the dead channels are removed physically (:func:`lightning_prune.compress`).
+``compress=True`` the dead channels are removed physically at the end of training (:func:`lightning_prune.compress`).
 
 A subclass implements ``make_gate``, ``gate_penalty_grad_`` and ``final_keep``, and may override
 ``after_gate_step`` (capture, clamping) and ``weight_regularizer_grad_``.
@@ -28,33 +28,26 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_prune.callbacks.base import PruningCallback, check_choice, check_int
+from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.gates import ChannelGroup, Gate, GateSet, example_inputs_for, find_channel_groups, traced_root
 from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars
+from lightning_prune.schedules import resolve_step, until_the_end
 from lightning_prune.targets import Target
+from lightning_prune.validation import (
+    as_misconfiguration,
+    check_bool,
+    check_cadence,
+    check_choice,
+    check_exclusive,
+    check_input_size,
+    check_position,
+    check_positive,
+)
 
-__all__ = ["GatePruningCallback", "check_finalize_at", "check_nonnegative"]
+__all__ = ["GatePruningCallback"]
 
-
-def check_nonnegative(name: str, value: float, hint: str = "") -> float:
-    """Validate a finite number ``>= 0``."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
-        raise MisconfigurationException(
-            f"`{name}` must be a number >= 0, got {value!r}." + (f" HINT: {hint}" if hint else "")
-        )
-    return float(value)
-
-
-def check_finalize_at(value: int | float | None) -> int | float | None:
-    """An epoch (int >= 0), a fraction of the training steps (float in (0, 1]) or None."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        return value
-    if isinstance(value, float) and 0.0 < value <= 1.0:
-        return value
-    raise MisconfigurationException(
-        f"`finalize_at` must be an epoch (int >= 0), a fraction of training (float in (0, 1]) or None, got"
-        f" {value!r}. HINT: finalize_at=0.75 prunes after 75% of the training steps and fine-tunes the rest."
-    )
+#: where the gates are finalised when neither ``finalize_step`` nor ``finalize_epoch`` is given
+DEFAULT_FINALIZE_FRACTION = 0.75
 
 
 class GatePruningCallback(PruningCallback):
@@ -71,15 +64,15 @@ class GatePruningCallback(PruningCallback):
         gate_lr: learning rate of the gates' optimizer.
         gate_optimizer: ``"sgd"`` (momentum 0.9) or ``"adam"``.
         prune_coupled: gate coupled channels (residual sums) with one shared gate after every producer.
-        finalize_at: an epoch (int), a fraction of the training steps (float in (0, 1]), or ``None`` (the gates
-            are finalised at the end of training).
-        alternate: two-phase training: ``phase_steps`` optimizer steps of the weights with the gates frozen,
-            then ``phase_steps`` of the gates with the weights frozen, and so on.
-        phase_steps: length of each phase.
-        compress_on_train_end: physically remove the pruned channels at the end of training.
+        finalize_step: when the gates are finalised: an optimizer step, or a fraction of training (float in
+            [0, 1]; ``1.0`` = at the end). Default (neither this nor ``finalize_epoch``): 0.75.
+        finalize_epoch: the same as an epoch (finalised at that epoch's start) or a fraction of training.
+        alternate_every_n_steps: two-phase training: that many optimizer steps of the weights with the gates
+            frozen, then as many of the gates with the weights frozen, and so on (``None`` = joint training).
+        compress: physically remove the pruned channels at the end of training (:func:`lightning_prune.compress`).
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
             ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
-        include, exclude, log_masks_every_n_epochs, verbose: see :class:`PruningCallback`.
+        include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
     """
 
     def __init__(
@@ -87,38 +80,42 @@ class GatePruningCallback(PruningCallback):
         gate_lr: float = 0.1,
         gate_optimizer: str = "sgd",
         prune_coupled: bool = False,
-        finalize_at: int | float | None = 0.75,
-        alternate: bool = False,
-        phase_steps: int = 20,
-        compress_on_train_end: bool = False,
+        finalize_step: int | float | None = None,
+        finalize_epoch: int | float | None = None,
+        alternate_every_n_steps: int | None = None,
+        compress: bool = False,
         input_size: Sequence[int] | None = None,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
-        log_masks_every_n_epochs: int = 1,
+        types: list[str | type] | None = None,
+        log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
-        if not isinstance(gate_lr, (int, float)) or isinstance(gate_lr, bool) or not gate_lr > 0:
-            raise MisconfigurationException(f"`gate_lr` must be > 0, got {gate_lr!r}.")
-        self.gate_lr = float(gate_lr)
+        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
+        self.gate_lr = check_positive("gate_lr", gate_lr)
         self.gate_optimizer = check_choice("gate_optimizer", gate_optimizer, ("adam", "sgd"))
-        self.prune_coupled = bool(prune_coupled)
-        self.finalize_at = check_finalize_at(finalize_at)
-        self.alternate = bool(alternate)
-        self.phase_steps = check_int("phase_steps", phase_steps, 1)
-        self.compress_on_train_end = bool(compress_on_train_end)
-        if input_size is not None and (not isinstance(input_size, (list, tuple)) or not all(
-                isinstance(s, int) and s > 0 for s in input_size)):
-            raise MisconfigurationException(f"`input_size` must be a sequence of positive ints (C, H, W), got"
-                                            f" {input_size!r}.")
-        self.input_size = tuple(input_size) if input_size is not None else None
+        self.prune_coupled = check_bool("prune_coupled", prune_coupled)
+        hint = "finalize_step=0.75 prunes after 75% of the training steps and fine-tunes the rest."
+        check_exclusive(finalize_step=finalize_step, finalize_epoch=finalize_epoch, hint=hint)
+        self.finalize_step = check_position("finalize_step", finalize_step, allow_none=True, hint=hint)
+        self.finalize_epoch = check_position("finalize_epoch", finalize_epoch, allow_none=True, hint=hint)
+        if self.finalize_step is None and self.finalize_epoch is None:
+            self.finalize_step = DEFAULT_FINALIZE_FRACTION
+        self.alternate_every_n_steps = check_cadence(
+            "alternate_every_n_steps", alternate_every_n_steps, allow_none=True,
+            hint="None trains weights and gates together; 20 alternates every 20 optimizer steps.")
+        if isinstance(self.alternate_every_n_steps, float):
+            raise MisconfigurationException(
+                f"`alternate_every_n_steps` must be None or an int >= 1, got {alternate_every_n_steps!r}.")
+        self.compress = check_bool("compress", compress)
+        self.input_size = check_input_size("input_size", input_size)
         # state
         self.groups: list[ChannelGroup] | None = None
         self.skipped: dict[str, str] = {}
-        self.gateset: GateSet | None = None
         self.gate_opt: torch.optim.Optimizer | None = None
+        self.gateset: GateSet | None = None
         self.finalized = False
-        self.finalize_step: int | None = None
+        self.finalize_at_step: int | None = None  # finalize_step/finalize_epoch resolved to a step
         self.weight_targets: list[Target] = []
         self._traced_prefix = ""
         self._pending_gates: dict[str, Any] | None = None
@@ -143,9 +140,10 @@ class GatePruningCallback(PruningCallback):
     # ------------------------------------------------------------------ groups and gates
     def find_groups(self, pl_module: pl.LightningModule) -> list[ChannelGroup]:
         prefix, root = traced_root(pl_module)
-        example = example_inputs_for(root, self.input_size)
-        groups, skipped = find_channel_groups(root, example, self.include, self.exclude, self.prune_coupled,
-                                              prefix=prefix, exclusion_root=pl_module)
+        with as_misconfiguration():
+            example = example_inputs_for(root, self.input_size)
+            groups, skipped = find_channel_groups(root, example, self.include, self.exclude, self.prune_coupled,
+                                                  prefix=prefix, exclusion_root=pl_module)
         self._traced_prefix, self.skipped = prefix, skipped
         if not groups:
             reasons = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:4]) or "no Conv/Linear output channels"
@@ -187,9 +185,10 @@ class GatePruningCallback(PruningCallback):
 
     # ------------------------------------------------------------------ step
     def _gate_phase(self, step: int) -> str:
-        if not self.alternate:
+        n = self.alternate_every_n_steps
+        if n is None:
             return "joint"
-        return "weights" if (step // self.phase_steps) % 2 == 0 else "gates"
+        return "weights" if (step // int(n)) % 2 == 0 else "gates"
 
     def _prepare_gate_grads(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
         """Unscale (AMP) and average (DDP) the gates' gradients; False when the step must be skipped."""
@@ -294,12 +293,12 @@ class GatePruningCallback(PruningCallback):
     def gate_state_dict(self) -> dict[str, Any]:
         gates = self.gateset.state_dict() if self.gateset is not None else (self._pending_gates or {}).get("gates")
         opt = self.gate_opt.state_dict() if self.gate_opt is not None else (self._pending_gates or {}).get("opt")
-        return {"finalized": self.finalized, "finalize_step": self.finalize_step, "gates": gates,
+        return {"finalized": self.finalized, "finalize_at_step": self.finalize_at_step, "gates": gates,
                 "gate_optimizer": opt}
 
     def load_gate_state_dict(self, state: dict[str, Any]) -> None:
         self.finalized = bool(state.get("finalized", False))
-        self.finalize_step = state.get("finalize_step")
+        self.finalize_at_step = state.get("finalize_at_step")
         pending = {"gates": state.get("gates"), "opt": state.get("gate_optimizer")}
         if self.gateset is not None:
             self._load_pending(pending)
@@ -346,8 +345,11 @@ class GatePruningCallback(PruningCallback):
         self._sync_hooks(pl_module)
 
     def _resolve_finalize_step(self, trainer: pl.Trainer) -> None:
-        if self.finalize_step is None and isinstance(self.finalize_at, float):
-            self.finalize_step = int(round(self.finalize_at * trainer.estimated_stepping_batches))
+        """``finalize_at_step``: the step at which the gates are finalised; ``None`` for the end of training (1.0),
+        when ``on_train_end`` finalises them (validation during training still sees the gated model)."""
+        if self.finalize_at_step is None and not until_the_end(self.finalize_step):
+            name = "finalize_epoch" if self.finalize_epoch is not None else "finalize_step"
+            self.finalize_at_step = resolve_step(name, getattr(self, name), trainer)
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -369,13 +371,12 @@ class GatePruningCallback(PruningCallback):
             rank_zero_info(
                 f"[{type(self).__name__}] {total} channels in {len(self.groups or [])} gated groups"
                 f" ({len(self.skipped)} groups left alone); finalize at "
-                f"{self.finalize_step if self.finalize_step is not None else self.finalize_at}"
-                f"{' (step)' if self.finalize_step is not None else ' (epoch)'}"
+                f"{'the end of training' if self.finalize_at_step is None else f'step {self.finalize_at_step}'}"
             )
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if isinstance(self.finalize_at, int) and not self.finalized and trainer.current_epoch >= self.finalize_at:
+        if not self.finalized and self.finalize_at_step is not None and trainer.global_step >= self.finalize_at_step:
             self.finalize(trainer, pl_module)
 
     @override
@@ -384,7 +385,7 @@ class GatePruningCallback(PruningCallback):
         if self.finalized:
             return
         step = trainer.global_step
-        if self.finalize_step is not None and step >= self.finalize_step:
+        if self.finalize_at_step is not None and step >= self.finalize_at_step:
             self.finalize(trainer, pl_module)
         elif trainer.log_every_n_steps and step % trainer.log_every_n_steps == 0:
             log_scalars(trainer, self.gate_metrics())
@@ -392,7 +393,7 @@ class GatePruningCallback(PruningCallback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        n = self.log_masks_every_n_epochs
+        n = self.log_media_every_n_epochs
         if not self.finalized and n and (trainer.current_epoch + 1) % n == 0:
             log_scalars(trainer, self.gate_metrics())
             self.log_gate_media(trainer)
@@ -403,8 +404,8 @@ class GatePruningCallback(PruningCallback):
             self.log_gate_media(trainer)
             self.finalize(trainer, pl_module)
         super().on_train_end(trainer, pl_module)
-        if self.compress_on_train_end:
-            from lightning_prune.compress import compress
+        if self.compress:
+            from lightning_prune.compression import compress
 
             prefix, root = traced_root(pl_module)
             compress(root, example_inputs_for(root, self.input_size))

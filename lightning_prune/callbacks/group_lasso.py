@@ -21,11 +21,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.callbacks.base import check_fraction
-from lightning_prune.callbacks.gating import GatePruningCallback, check_nonnegative
+from lightning_prune.callbacks.gating import GatePruningCallback
 from lightning_prune.functional.channels import capture_mask, gate_l1_penalty, gate_l1_subgradient, keep_mask
 from lightning_prune.gates import ChannelGroup, ScaleGate
 from lightning_prune.targets import matches
+from lightning_prune.validation import check_fraction, check_nonnegative
 
 __all__ = ["GroupLassoPruning"]
 
@@ -59,25 +59,27 @@ class GroupLassoPruning(GatePruningCallback):
         capture_threshold: a gate with ``|g|`` below it, or whose sign flipped in a step (it crossed zero), is set
             to zero and frozen (``0`` = never).
         prune_threshold: at finalisation, gates with ``|g|`` below it prune their channel.
-        finalize_at: an epoch (int), a fraction of the training steps (float in (0, 1]), or ``None`` (gates are
-            folded at the end of training, captured channels pruned).
-        alternate: two-phase training: ``phase_steps`` optimizer steps of the weights with the gates frozen,
-            then ``phase_steps`` of the gates with the weights frozen, and so on.
-        phase_steps: length of each phase.
-        compress_on_train_end: physically remove the pruned channels at the end of training
-            (:func:`lightning_prune.compress`); the model's layers then get smaller.
+        finalize_step: when the gates below ``prune_threshold`` prune their channels and the others are folded
+            into the weights: an optimizer step or a fraction of training (float in [0, 1]; ``1.0`` = at the end).
+            Default (neither this nor ``finalize_epoch``): 0.75.
+        finalize_epoch: the same as an epoch (at its start) or a fraction of training.
+        alternate_every_n_steps: two-phase training (the Habr article's): that many optimizer steps of the
+            weights with the gates frozen, then as many of the gates with the weights frozen, and so on
+            (``None`` = joint training).
+        compress: physically remove the pruned channels at the end of training (:func:`lightning_prune.compress`);
+            the model's layers then get smaller.
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
             ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
-        include, exclude: globs over module names; select the gated groups (by their producers) and the weights
+        include, exclude: globs over module names; narrow the gated groups (by their producers) and the weights
             under ``weight_l1``/``weight_l2``.
-        log_masks_every_n_epochs, verbose: see :class:`~lightning_prune.callbacks.base.PruningCallback`.
+        types, log_media_every_n_epochs, verbose: see :class:`~lightning_prune.callbacks.base.PruningCallback`.
 
     Raises:
         MisconfigurationException: a bad argument, or (at ``setup``) a model with no gateable channel.
 
     Example::
 
-        trainer = Trainer(callbacks=[GroupLassoPruning(lam=2e-4, gate_lr=5.0, finalize_at=0.6, compress_on_train_end=True)])
+        trainer = Trainer(callbacks=[GroupLassoPruning(lam=2e-4, gate_lr=5.0, finalize_step=0.6, compress=True)])
     """
 
     def __init__(
@@ -91,21 +93,25 @@ class GroupLassoPruning(GatePruningCallback):
         prune_coupled: bool = False,
         capture_threshold: float = 1e-2,
         prune_threshold: float = 0.05,
-        finalize_at: int | float | None = 0.75,
-        alternate: bool = False,
-        phase_steps: int = 20,
-        compress_on_train_end: bool = False,
+        finalize_step: int | float | None = None,
+        finalize_epoch: int | float | None = None,
+        alternate_every_n_steps: int | None = None,
+        compress: bool = False,
         input_size: Sequence[int] | None = None,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
-        log_masks_every_n_epochs: int = 1,
+        types: list[str | type] | None = None,
+        log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(gate_lr, gate_optimizer, prune_coupled, finalize_at, alternate, phase_steps,
-                         compress_on_train_end, input_size, include, exclude, log_masks_every_n_epochs, verbose)
+        super().__init__(gate_lr, gate_optimizer, prune_coupled, finalize_step, finalize_epoch,
+                         alternate_every_n_steps, compress, input_size, include, exclude, types,
+                         log_media_every_n_epochs, verbose)
         self.lam = check_nonnegative("lam", lam, "lam weighs the L1 penalty on the gates; 0 disables it.")
         self.weight_l1 = check_nonnegative("weight_l1", weight_l1)
         self.weight_l2 = check_nonnegative("weight_l2", weight_l2)
+        if group_lam is not None and not isinstance(group_lam, Mapping):
+            raise MisconfigurationException(f"`group_lam` must be a mapping {{glob: factor}}, got {group_lam!r}.")
         self.group_lam = {str(k): check_nonnegative(f"group_lam[{k!r}]", v) for k, v in dict(group_lam or {}).items()}
         self.prune_threshold = check_fraction(
             "prune_threshold", prune_threshold, hint="gates start at 1; channels with |gate| below it are pruned.")
@@ -169,8 +175,7 @@ class GroupLassoPruning(GatePruningCallback):
     @override
     def final_keep(self) -> list[Tensor]:
         assert self.gateset is not None
-        threshold = self.prune_threshold if self.finalize_at is not None else 0.0
-        return [keep_mask(g.weight, threshold) & ~g.frozen for g in self.gateset.gates]
+        return [keep_mask(g.weight, self.prune_threshold) & ~g.frozen for g in self.gateset.gates]
 
     @override
     @torch.no_grad()

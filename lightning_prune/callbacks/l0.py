@@ -27,7 +27,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_prune.callbacks.gating import GatePruningCallback, check_nonnegative
+from lightning_prune.callbacks.gating import GatePruningCallback
+from lightning_prune.errors import NonFiniteGateError
 from lightning_prune.functional.hard_concrete import (
     GAMMA,
     ZETA,
@@ -39,7 +40,8 @@ from lightning_prune.functional.hard_concrete import (
 )
 from lightning_prune.gates import ChannelGroup, Gate
 from lightning_prune.logging import PREFIX, log_histograms, log_scalars
-from lightning_prune.schedules import ramp
+from lightning_prune.schedules import ramp, training_steps
+from lightning_prune.validation import check_bool, check_int, check_nonnegative, check_optional
 
 __all__ = ["HardConcreteGate", "L0Pruning", "NonFiniteGateError"]
 
@@ -51,10 +53,6 @@ HARD_LOG_ALPHA_RANGE = (-4.0, 4.0)
 SEED_LOG_ALPHA_INIT = 2.5
 _MIX = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 63) - 1
-
-
-class NonFiniteGateError(FloatingPointError):
-    """A gate's ``log_alpha`` or the L0 penalty became NaN/inf; raised instead of training on silently."""
 
 
 class HardConcreteGate(Gate):
@@ -189,18 +187,20 @@ class L0Pruning(GatePruningCallback):
         gate_optimizer: str = "adam",
         seed: int | None = None,
         prune_coupled: bool = False,
-        finalize_at: int | float | None = 0.75,
-        alternate: bool = False,
-        phase_steps: int = 20,
-        compress_on_train_end: bool = False,
+        finalize_step: int | float | None = None,
+        finalize_epoch: int | float | None = None,
+        alternate_every_n_steps: int | None = None,
+        compress: bool = False,
         input_size: Sequence[int] | None = None,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
-        log_masks_every_n_epochs: int = 1,
+        types: list[str | type] | None = None,
+        log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(gate_lr, gate_optimizer, prune_coupled, finalize_at, alternate, phase_steps,
-                         compress_on_train_end, input_size, include, exclude, log_masks_every_n_epochs, verbose)
+        super().__init__(gate_lr, gate_optimizer, prune_coupled, finalize_step, finalize_epoch,
+                         alternate_every_n_steps, compress, input_size, include, exclude, types,
+                         log_media_every_n_epochs, verbose)
         self.lam = check_nonnegative("lam", lam, "lam weighs the expected number of open channels; 0 disables it.")
         if penalty not in ("expected_l0", "hard"):
             raise MisconfigurationException(
@@ -224,16 +224,15 @@ class L0Pruning(GatePruningCallback):
         self.log_alpha_init = log_alpha_init
         self.droprate_init = droprate_init
         self.init_std = check_nonnegative("init_std", init_std)
-        self.clamp_log_alpha = bool(clamp_log_alpha)
+        self.clamp_log_alpha = check_bool("clamp_log_alpha", clamp_log_alpha)
         self.log_alpha_range = _check_range("log_alpha_range", log_alpha_range)
         if final_rule not in ("test_gate", "log_alpha"):
             raise MisconfigurationException(
                 f"`final_rule` must be one of ['test_gate', 'log_alpha'], got {final_rule!r}. HINT: 'test_gate'"
                 " keeps channels with z_hat > 0 (paper); 'log_alpha' keeps log_alpha >= 0 (seed 000).")
         self.final_rule = final_rule
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise MisconfigurationException(f"`seed` must be None or an integer >= 0, got {seed!r}.")
-        self.seed = seed
+        self.seed = check_optional(check_int, "seed", seed, 0, hint="None uses torch.initial_seed(), i.e. what"
+                                   " seed_everything set.")
         self._seed_used: int | None = seed
         self._generator: torch.Generator | None = None
         self._beta = self.temperature
@@ -411,13 +410,12 @@ class L0Pruning(GatePruningCallback):
                 gate.beta = beta
 
     def _resolve_horizon(self, trainer: pl.Trainer) -> None:
-        total = int(trainer.estimated_stepping_batches) if trainer.estimated_stepping_batches != float("inf") else 0
-        if self.finalize_step is not None:
-            self._horizon = self.finalize_step
-        elif isinstance(self.finalize_at, int) and trainer.max_epochs and trainer.max_epochs > 0:
-            self._horizon = int(round(total * min(self.finalize_at / trainer.max_epochs, 1.0)))
+        """The step at which ``temperature_final`` is reached: finalisation, or the end of training."""
+        if self.finalize_at_step is not None:
+            self._horizon = self.finalize_at_step
         else:
-            self._horizon = total
+            total = training_steps(trainer)
+            self._horizon = total if total is not None else None
 
     # ------------------------------------------------------------------ hooks
     @override

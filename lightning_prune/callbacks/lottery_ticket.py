@@ -18,12 +18,34 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.callbacks.base import PruningCallback, check_choice, check_int
+from lightning_prune.callbacks.base import PruningCallback, resolve_seed
 from lightning_prune.functional.lottery import prune_by_percent, remaining_fraction, shuffle_like
 from lightning_prune.logging import PREFIX, log_images, log_scalars, log_table, mask_image
-from lightning_prune.targets import as_patterns, matches, timm_module_names
+from lightning_prune.schedules import resolve_step, steps_per_epoch
+from lightning_prune.targets import matches, timm_module_names
+from lightning_prune.validation import (
+    check_choice,
+    check_fraction,
+    check_int,
+    check_optional,
+    check_patterns,
+    check_position,
+)
 
 __all__ = ["LotteryTicket"]
+
+
+def per_round_rate(target_sparsity: float, rounds: int) -> float:
+    """The fraction of the surviving weights pruned each round so that ``rounds`` rounds reach
+    ``target_sparsity``: ``1 - (1 - target) ** (1 / rounds)`` (rounded to 12 digits, so 0.36 over 2 rounds is
+    exactly 0.2).
+
+    Example::
+
+        >>> per_round_rate(0.36, 2), per_round_rate(0.2, 1)
+        (0.2, 0.2)
+    """
+    return round(1.0 - (1.0 - target_sparsity) ** (1.0 / rounds), 12)
 
 
 def _cpu_clone(value: Any) -> Any:
@@ -45,12 +67,13 @@ class LotteryTicket(PruningCallback):
     One ``trainer.fit`` runs ``rounds + 1`` training segments of ``epochs_per_round`` epochs. At the end of
     each segment but the last (in practice at the start of the next epoch, before any step) the callback
 
-    1. prunes ``prune_rate`` of the *surviving* weights by magnitude (``round(rate * alive)``, so
-       ``(1 - prune_rate) ** k`` remain after ``k`` rounds), globally or layer by layer, the output layer
-       at ``output_rate`` when it is a target;
+    1. prunes the same fraction ``r = 1 - (1 - target_sparsity) ** (1 / rounds)`` of the *surviving* weights
+       by magnitude (``round(r * alive)``, so ``(1 - r) ** k`` remain after ``k`` rounds and
+       ``target_sparsity`` is pruned after the last), globally or layer by layer, the output layer on its own
+       (``output_sparsity``) when it is a target;
     2. resets the whole module (every parameter *and buffer*, BatchNorm running statistics included) to
-       the rewind point: the initial weights (``rewind="init"``), or those after ``k`` optimizer steps
-       (late rewinding); with ``reinit="random"`` the parameters are instead a fresh seeded draw of the
+       the rewind point: the initial weights (``rewind_step=0``), or those after ``rewind_step`` optimizer
+       steps (late rewinding); with ``reinit="random"`` the parameters are instead a fresh seeded draw of the
        rewind point's values (each tensor's values randomly permuted), the random re-initialisation control;
     3. restores the optimizer state (momentum, Adam moments, learning rates) and the LR scheduler state
        saved at the rewind point, so every round is a faithful fresh run of the masked network.
@@ -65,27 +88,29 @@ class LotteryTicket(PruningCallback):
     per-round table (and logs it, with per-round mask images, to W&B when a ``WandbLogger`` is attached).
 
     Args:
-        rounds: pruning rounds (``1`` = one-shot pruning); ``(1 - prune_rate) ** rounds`` of the weights
-            remain.
-        prune_rate: fraction of the surviving weights pruned each round, in (0, 1).
+        rounds: pruning rounds (``1`` = one-shot pruning).
+        target_sparsity: fraction of the targeted weights pruned after the last round, in (0, 1); default
+            0.36, two rounds of Frankle & Carbin's 20%. Ten rounds of 20%: ``1 - 0.8 ** 10 = 0.8926``.
         epochs_per_round: epochs of each training segment; default ``trainer.max_epochs // (rounds + 1)``.
             Epochs beyond ``(rounds + 1) * epochs_per_round`` keep training the final ticket.
         scope: ``"global"`` (one ranking over all targets, as for ResNet/VGG) or ``"layer"`` (each layer at
-            ``prune_rate``, as for LeNet/Conv-*).
-        output_rate: rate for the output layer(s) when they are targets (timm classifiers are excluded by
-            default; add them with ``include``); default ``prune_rate / 2`` as in Frankle & Carbin; ``0``
-            never prunes them. Output layers are always ranked on their own.
+            the same rate, as for LeNet/Conv-*).
+        output_sparsity: final sparsity of the output layer(s) when they are targets (a plain ``nn.Module``'s;
+            a timm model's classifier is never a target), in [0, 1); default: half the per-round rate every
+            round, as in Frankle & Carbin; ``0`` never prunes them. Output layers are always ranked on their own.
         output_layer: globs naming the output layer(s); default: the ``pretrained_cfg["classifier"]`` of every
             timm model (give it for a plain ``nn.Module``).
-        rewind: ``"init"`` (the weights before the first step), an ``int`` optimizer step ``k`` of the first
-            round, or a ``float`` fraction of the first round in [0, 1) (late rewinding).
+        rewind_step: the rewind point: ``0`` (the initial weights, Frankle & Carbin), an optimizer step of the
+            first round, or a fraction of the whole training (float in [0, 1)) that falls in the first round
+            (late rewinding).
         reinit: ``"rewind"`` (the ticket) or ``"random"`` (the control: same procedure, parameters re-drawn
             at every round from a generator seeded with ``seed`` and the round).
-        seed: seed of the random re-initialisation.
+        seed: seed of the random re-initialisation; ``None`` = ``torch.initial_seed()`` (what ``seed_everything``
+            set), rank zero's under DDP.
         monitor: validation metric whose best value per round is logged and tabulated.
         mode: ``"max"`` or ``"min"``: what "best" means for ``monitor``.
-        include, exclude, log_masks_every_n_epochs, verbose: see :class:`PruningCallback`
-            (``log_masks_every_n_epochs`` defaults to 0 here: mask images are logged at every round).
+        include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback` (mask images
+            are also logged at every round).
 
     Raises:
         MisconfigurationException: on a bad argument, when ``trainer.max_epochs`` is too small for the rounds
@@ -93,55 +118,59 @@ class LotteryTicket(PruningCallback):
 
     Example::
 
-        trainer = Trainer(max_epochs=60, callbacks=[LotteryTicket(rounds=5, prune_rate=0.2, rewind=0.05)])
-        trainer.fit(ImageClassifier("resnet18"), DigitsDataModule())   # ends with a 0.8**5 = 33% ticket
+        # 5 rounds of 20% (1 - 0.8**5 = 0.672 pruned), late rewinding to 1% of the fit
+        trainer = Trainer(max_epochs=60, callbacks=[LotteryTicket(rounds=5, target_sparsity=0.672, rewind_step=0.01)])
+        trainer.fit(ImageClassifier("resnet18"), DigitsDataModule())
     """
 
     def __init__(
         self,
         rounds: int = 2,
-        prune_rate: float = 0.2,
+        target_sparsity: float = 0.36,
         epochs_per_round: int | None = None,
         scope: str = "global",
-        output_rate: float | None = None,
+        output_sparsity: float | None = None,
         output_layer: str | list[str] | None = None,
-        rewind: str | int | float = "init",
+        rewind_step: int | float = 0,
         reinit: str = "rewind",
-        seed: int = 0,
+        seed: int | None = None,
         monitor: str = "val/acc",
         mode: str = "max",
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
-        log_masks_every_n_epochs: int = 0,
+        types: list[str | type] | None = None,
+        log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
-        self.rounds = check_int("rounds", rounds, 1, hint="rounds=1 is one-shot pruning;"
-                                " (1 - prune_rate)**rounds of the weights remain at the end.")
-        if (not isinstance(prune_rate, (int, float)) or isinstance(prune_rate, bool)
-                or not 0.0 < prune_rate < 1.0):
+        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
+        self.rounds = check_int("rounds", rounds, 1, hint="rounds=1 is one-shot pruning.")
+        self.target_sparsity = check_fraction(
+            "target_sparsity", target_sparsity, hint="it is the fraction pruned after the last round; k rounds of"
+            " 20% prune 1 - 0.8**k (0.36 for 2, 0.8926 for 10).")
+        if self.target_sparsity == 0.0:
             raise MisconfigurationException(
-                f"`prune_rate` must be in (0, 1), got {prune_rate!r}. HINT: it is the fraction of the"
-                " surviving weights pruned each round; Frankle & Carbin use 0.2, which leaves 0.8**k after k"
-                " rounds."
-            )
-        self.prune_rate = float(prune_rate)
-        if epochs_per_round is not None:
-            check_int("epochs_per_round", epochs_per_round, 1,
-                      hint="leave it None to split trainer.max_epochs evenly over the rounds + 1 segments.")
-        self.epochs_per_round = epochs_per_round
+                "`target_sparsity` must be in (0, 1), got 0.0. HINT: a lottery ticket prunes something each round.")
+        self.prune_rate = per_round_rate(self.target_sparsity, self.rounds)
+        self.epochs_per_round = check_optional(
+            check_int, "epochs_per_round", epochs_per_round, 1,
+            hint="leave it None to split trainer.max_epochs evenly over the rounds + 1 segments.")
         self.scope = check_choice("scope", scope, ("global", "layer"))
-        if output_rate is not None and (not isinstance(output_rate, (int, float))
-                                        or isinstance(output_rate, bool) or not 0.0 <= output_rate < 1.0):
+        self.output_sparsity = check_optional(
+            check_fraction, "output_sparsity", output_sparsity,
+            hint="0 never prunes the output layer (open_lth's default for ResNet/VGG); None prunes it at half"
+            " the per-round rate.")
+        self.output_rate = (self.prune_rate / 2 if self.output_sparsity is None
+                            else per_round_rate(self.output_sparsity, self.rounds))
+        self.output_layer = check_patterns("output_layer", output_layer)
+        self.rewind_step = check_position(
+            "rewind_step", rewind_step, hint="0 rewinds to the initial weights; late rewinding uses a few percent"
+            " of the first round, e.g. rewind_step=100 or a small fraction of the fit such as 0.01.")
+        if isinstance(self.rewind_step, float) and self.rewind_step >= 1.0:
             raise MisconfigurationException(
-                f"`output_rate` must be None (half of `prune_rate`) or in [0, 1), got {output_rate!r}."
-                " HINT: 0 never prunes the output layer (open_lth's default for ResNet/VGG)."
-            )
-        self.output_rate = self.prune_rate / 2 if output_rate is None else float(output_rate)
-        self.output_layer = list(as_patterns(output_layer))
-        self.rewind = self._check_rewind(rewind)
+                f"`rewind_step` as a fraction must be < 1, got {rewind_step!r}. HINT: the rewind point lies in the"
+                " first round.")
         self.reinit = check_choice("reinit", reinit, ("rewind", "random"))
-        self.seed = check_int("seed", seed, 0)
+        self.seed = check_optional(check_int, "seed", seed, 0)
         if not isinstance(monitor, str) or not monitor:
             raise MisconfigurationException(
                 f"`monitor` must be a metric name such as 'val/acc', got {monitor!r}.")
@@ -151,33 +180,19 @@ class LotteryTicket(PruningCallback):
         self.round = 0
         self.history: list[dict[str, Any]] = []
         self.round_best: float | None = None
-        self.rewind_step: int | None = 0 if self.rewind == "init" or self.rewind == 0 else (
-            self.rewind if isinstance(self.rewind, int) else None)
+        self.rewind_at_step: int | None = self.rewind_step if isinstance(self.rewind_step, int) else None
         self.rewind_state: dict[str, Any] | None = None
-        self._epochs: int | None = epochs_per_round
+        self._seed_used: int | None = self.seed
+        self._epochs: int | None = self.epochs_per_round
         self._output_names: set[str] = set()
         self._warned_monitor = False
         #: every round of the finished fit (``history`` plus the last round), filled at the end of training
         self.round_table: list[dict[str, Any]] = []
 
-    @staticmethod
-    def _check_rewind(rewind: str | int | float) -> str | int | float:
-        if rewind == "init" and isinstance(rewind, str):
-            return rewind
-        if isinstance(rewind, int) and not isinstance(rewind, bool) and rewind >= 0:
-            return rewind
-        if isinstance(rewind, float) and 0.0 <= rewind < 1.0:
-            return rewind
-        raise MisconfigurationException(
-            f"`rewind` must be 'init', an optimizer step (int >= 0) or a fraction of the first round (float"
-            f" in [0, 1)), got {rewind!r}. HINT: late rewinding uses a few percent of training, e.g."
-            " rewind=0.05."
-        )
-
     @override
     def state_key_args(self) -> dict[str, Any]:
-        return {**super().state_key_args(), "rounds": self.rounds, "prune_rate": self.prune_rate,
-                "scope": self.scope, "rewind": self.rewind, "reinit": self.reinit}
+        return {**super().state_key_args(), "rounds": self.rounds, "target_sparsity": self.target_sparsity,
+                "scope": self.scope, "rewind_step": self.rewind_step, "reinit": self.reinit}
 
     # ------------------------------------------------------------------ schedule
     def round_of_epoch(self, epoch: int) -> int:
@@ -219,22 +234,17 @@ class LotteryTicket(PruningCallback):
     # ------------------------------------------------------------------ rewind point
     def _resolve_rewind_step(self, trainer: pl.Trainer) -> None:
         assert self._epochs is not None
-        batches = trainer.num_training_batches
-        if not math.isfinite(batches):
-            if isinstance(self.rewind, float) and self.rewind > 0:
-                raise MisconfigurationException(
-                    "`rewind` as a fraction of the first round needs a training dataloader with a length."
-                    " HINT: give an optimizer step instead, e.g. rewind=100.")
+        per_epoch = steps_per_epoch(trainer)
+        if self.rewind_at_step is None:  # a fraction of the training
+            self.rewind_at_step = resolve_step("rewind_step", self.rewind_step, trainer)
+        if per_epoch is None:
             return
-        per_epoch = math.ceil(int(batches) / trainer.accumulate_grad_batches)
         steps = self._epochs * per_epoch
-        if self.rewind_step is None:  # a fraction of the first round
-            self.rewind_step = int(round(float(self.rewind) * steps))
-        if self.rewind_step >= steps:
+        if self.rewind_at_step >= steps:
             raise MisconfigurationException(
-                f"`rewind`={self.rewind!r} is optimizer step {self.rewind_step}, beyond the first round,"
+                f"`rewind_step`={self.rewind_step!r} is optimizer step {self.rewind_at_step}, beyond the first round,"
                 f" which has {steps} steps ({self._epochs} epochs of {per_epoch})."
-                f" HINT: use a step < {steps}, or a fraction such as rewind=0.05."
+                f" HINT: use a step < {steps}, or a smaller fraction of the training."
             )
 
     def _capture_rewind_point(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -253,7 +263,7 @@ class LotteryTicket(PruningCallback):
         assert self.rewind_state is not None
         saved = self.rewind_state["module"]
         params = {name for name, _ in pl_module.named_parameters()}
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.round)
+        generator = torch.Generator().manual_seed(self._resolved_seed() * 1_000_003 + self.round)
         for name, tensor in pl_module.state_dict().items():
             if name not in saved:
                 continue
@@ -310,10 +320,20 @@ class LotteryTicket(PruningCallback):
             self._advance_round(trainer, pl_module)
 
     # ------------------------------------------------------------------ hooks
+    def _resolved_seed(self) -> int:
+        if self._seed_used is None:
+            self._seed_used = resolve_seed(None)
+        return self._seed_used
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._seed_used = resolve_seed(self._seed_used, trainer)
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve_rewind_step(trainer)
-        if self.rewind_state is None and self.rewind_step == 0:
+        if self.rewind_state is None and self.rewind_at_step == 0:
             if trainer.global_step > 0:
                 rank_zero_warn(f"LotteryTicket: no rewind point in the checkpoint; using the weights at step"
                                f" {trainer.global_step} instead of the initial ones.")
@@ -325,7 +345,7 @@ class LotteryTicket(PruningCallback):
                 f"[LotteryTicket] {len(self.masks or ())} tensors, {self.scope} scope: {self.rounds} round(s)"
                 f" of {self.prune_rate:.0%} every {self._epochs} epoch(s) ->"
                 f" {(1 - self.prune_rate) ** self.rounds:.1%}"
-                f" remaining; rewind to step {self.rewind_step}, reinit={self.reinit!r}"
+                f" remaining; rewind to step {self.rewind_at_step}, reinit={self.reinit!r}"
             )
 
     @override
@@ -342,7 +362,7 @@ class LotteryTicket(PruningCallback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = self.rewind_step
+        step = self.rewind_at_step
         if self.rewind_state is None and step is not None and trainer.global_step >= step:
             self._capture_rewind_point(trainer, pl_module)
 
@@ -376,7 +396,7 @@ class LotteryTicket(PruningCallback):
     def summary(self, rows: list[dict[str, Any]] | None = None) -> str:
         """The per-round table printed at the end of training."""
         rows = rows if rows is not None else self.history
-        lines = [f"LotteryTicket ({self.scope}, {self.prune_rate:.0%}/round, rewind={self.rewind!r},"
+        lines = [f"LotteryTicket ({self.scope}, {self.prune_rate:.0%}/round, rewind_step={self.rewind_step!r},"
                  f" reinit={self.reinit!r})",
                  f"{'round':>5}  {'remaining':>9}  {'best ' + self.monitor:>14}  epochs"]
         for r in rows:
@@ -396,7 +416,7 @@ class LotteryTicket(PruningCallback):
     def extra_state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "history": [dict(r) for r in self.history],
                 "round_best": self.round_best, "epochs_per_round": self._epochs,
-                "rewind_step": self.rewind_step, "seed": self.seed, "rewind_state": self.rewind_state}
+                "rewind_at_step": self.rewind_at_step, "seed": self._seed_used, "rewind_state": self.rewind_state}
 
     @override
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
@@ -404,8 +424,9 @@ class LotteryTicket(PruningCallback):
         self.history = [dict(r) for r in state.get("history", [])]
         self.round_best = state.get("round_best")
         self._epochs = state.get("epochs_per_round", self._epochs)
-        self.rewind_step = state.get("rewind_step", self.rewind_step)
-        self.seed = int(state.get("seed", self.seed))
+        self.rewind_at_step = state.get("rewind_at_step", self.rewind_at_step)
+        seed = state.get("seed")
+        self._seed_used = int(seed) if seed is not None else self._seed_used
         self.rewind_state = state.get("rewind_state")
 
     @property

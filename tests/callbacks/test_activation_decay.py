@@ -53,7 +53,7 @@ def test_conformance_no_arguments(tmp_path):
 
 
 def test_conformance_reducenet_per_epoch_cosine_resumes_mid_schedule(tmp_path):
-    make = lambda: ActivationDecay(end=2, schedule="cosine", interval="epoch", verbose=False)  # noqa: E731
+    make = lambda: ActivationDecay(end_epoch=2, schedule="cosine", every_n_epochs=1, verbose=False)  # noqa: E731
     # the checkpoint of epoch 1 holds λ = 0.5; the resumed run must continue to the same weights and λ = 1
     state = check_callback_conformance(make, tmp_path, model_name="reducenet_20", max_epochs=3, resume_epoch=2)
     assert len(state["decayed"]) == 9 and state["lam"] == 1.0
@@ -61,13 +61,13 @@ def test_conformance_reducenet_per_epoch_cosine_resumes_mid_schedule(tmp_path):
 
 def test_resume_restores_lambda_exactly(tmp_path):
     saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    first = ActivationDecay(end=1.0, schedule="cosine", verbose=False)
+    first = ActivationDecay(end_step=1.0, schedule="cosine", verbose=False)
     fit_tiny([first, saver], tmp_path / "a", max_epochs=2, **FIT)
     saved = torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=False)["callbacks"][first.state_key]
     assert 0.0 < saved["lam"] < 1.0
     assert saved["lam"] == decay_lambda(3, 0, 8, "cosine")  # last batch of epoch 0 ran at step 3 of 8
 
-    resumed = ActivationDecay(end=1.0, schedule="cosine", verbose=False)
+    resumed = ActivationDecay(end_step=1.0, schedule="cosine", verbose=False)
     model = tiny_classifier()
     resumed.setup(None, model, "fit")
     resumed.load_state_dict(saved)
@@ -82,7 +82,7 @@ def test_resume_restores_lambda_exactly(tmp_path):
 
 # ------------------------------------------------------------------ schedule in real training
 def test_per_step_schedule_is_applied_and_logged(tmp_path):
-    decay = ActivationDecay(start=0.25, end=0.75, verbose=False)
+    decay = ActivationDecay(begin_step=0.25, end_step=0.75, verbose=False)
     probe = LambdaProbe(decay)
     logger = CSVLogger(tmp_path, name="run")
     fit_tiny([decay, probe], tmp_path, max_epochs=4, logger=logger, log_every_n_steps=1, **FIT)
@@ -96,7 +96,7 @@ def test_per_step_schedule_is_applied_and_logged(tmp_path):
 
 
 def test_per_epoch_schedule_on_vit(tmp_path):
-    decay = ActivationDecay(start=1, end=3, interval="epoch", verbose=False)
+    decay = ActivationDecay(begin_epoch=1, end_epoch=3, every_n_epochs=1, verbose=False)
     probe = LambdaProbe(decay)
     fit_tiny([decay, probe], tmp_path, model=tiny_classifier("test_vit"), max_epochs=4, **FIT)
     by_epoch = {epoch: lam for _, epoch, lam in probe.seen}
@@ -124,7 +124,7 @@ def test_fuse_on_train_end_gives_the_same_outputs(tmp_path, name):
             self.model = copy.deepcopy(pl_module).eval()
 
     snap = Snapshot()
-    decay = ActivationDecay(end=0.5, fuse_on_train_end=True, verbose=False)
+    decay = ActivationDecay(end_step=0.5, fuse_on_train_end=True, verbose=False)
     trainer, model = fit_tiny([snap, decay], tmp_path, model=tiny_classifier(name), max_epochs=2, **FIT)
     assert not any(isinstance(m, DecayingActivation) for m in model.modules())
     trainer.test(model, datamodule=tiny_datamodule(), verbose=False)  # the fused model tests, nothing re-wrapped
@@ -138,8 +138,9 @@ def test_fuse_on_train_end_gives_the_same_outputs(tmp_path, name):
 
 
 def test_fuse_on_train_end_needs_lambda_to_reach_one(tmp_path):
-    with pytest.raises(MisconfigurationException, match="`fuse_on_train_end=True` but λ reaches 1 only at step 8"):
-        fit_tiny([ActivationDecay(end=1.0, fuse_on_train_end=True)], tmp_path, max_epochs=2, **FIT)
+    with pytest.raises(MisconfigurationException, match=r"`fuse_on_train_end=True` but λ reaches 1 only at step 8,"
+                                                        r" after the last update of λ \(step 7\)"):
+        fit_tiny([ActivationDecay(end_step=1.0, fuse_on_train_end=True)], tmp_path, max_epochs=2, **FIT)
 
 
 def test_training_stopped_before_lambda_is_one_is_not_fused():
@@ -154,12 +155,21 @@ def test_training_stopped_before_lambda_is_one_is_not_fused():
 
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("kwargs,match", [
-    ({"start": -1}, r"`start` must be an epoch \(int >= 0\) or a fraction of training \(float in \[0, 1\]\), got -1"),
-    ({"end": 1.5}, r"`end` must be .* got 1.5\. HINT"),
-    ({"end": "half"}, r"`end` must be .* got 'half'"),
-    ({"start": 5, "end": 2}, r"`end` \(2\) must not come before `start` \(5\)"),
+    ({"begin_step": -1}, r"`begin_step` must be optimizer steps \(an int >= 0\) or a fraction of training \(a float in"
+                         r" \[0, 1\]\) or None, got -1"),
+    ({"begin_epoch": -1}, r"`begin_epoch` must be epochs \(an int >= 0\) or a fraction of training"),
+    ({"end_step": 1.5}, r"`end_step` must be .* got 1.5\. HINT"),
+    ({"end_step": "half"}, r"`end_step` must be .* got 'half'"),
+    ({"end_step": True}, r"`end_step` must be .* got True"),
+    ({"end_epoch": float("nan")}, r"`end_epoch` must be .* got nan"),
+    ({"begin_step": 5, "end_step": 2}, r"`end_step` \(2\) must not come before `begin_step` \(5\)"),
+    ({"begin_epoch": 5, "end_epoch": 2}, r"`end_epoch` \(2\) must not come before `begin_epoch` \(5\)"),
+    ({"end_step": 10, "end_epoch": 2}, r"Pass only one of `end_step`, `end_epoch`; got `end_step`=10, `end_epoch`=2"),
+    ({"every_n_steps": 1, "every_n_epochs": 1}, r"Pass only one of `every_n_steps`, `every_n_epochs`"),
+    ({"every_n_epochs": 0}, r"`every_n_epochs` must be an integer >= 1, got 0"),
     ({"schedule": "exp"}, r"`schedule` must be one of \['linear', 'cosine'\], got 'exp'"),
-    ({"interval": "batch"}, r"`interval` must be one of \['step', 'epoch'\], got 'batch'"),
+    ({"fusable_only": "yes"}, r"`fusable_only` must be True or False, got 'yes'"),
+    ({"include": [1]}, r"`include` must be a glob pattern"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
@@ -167,20 +177,22 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_end_before_start_after_resolution(tmp_path):
-    with pytest.raises(MisconfigurationException, match="resolves to 2 steps, before `start`"):
-        fit_tiny([ActivationDecay(start=1, end=0.25, verbose=False)], tmp_path, max_epochs=2, **FIT)
+    with pytest.raises(MisconfigurationException, match=r"`end_step` \(0.25\) resolves to step 2, before `begin_epoch`"
+                                                        r" \(1\) at step 4"):
+        fit_tiny([ActivationDecay(begin_epoch=1, end_step=0.25, verbose=False)], tmp_path, max_epochs=2, **FIT)
 
 
 def test_checkpoint_with_another_selection_warns():
     decay = ActivationDecay(verbose=False)
     decay.decayed = ["model.layer3.0.act2"]
     with pytest.warns(UserWarning, match="the checkpoint decayed 2 activation"):
-        decay.load_state_dict({"lam": 0.5, "decayed": ["a", "b"], "bounds": [0.0, 8.0]})
-    assert decay.lam == 0.5 and decay._bounds == (0.0, 8.0)
+        decay.load_state_dict({"lam": 0.5, "decayed": ["a", "b"], "bounds": [0, 8]})
+    assert decay.lam == 0.5 and decay._bounds == (0, 8)
 
 
 def test_fractions_need_a_finite_training_length(tmp_path):
-    with pytest.raises(MisconfigurationException, match="need a finite training length"):
+    with pytest.raises(MisconfigurationException, match="`end_step`=0.75 is a fraction of training, but this Trainer"
+                                                        " has no end"):
         fit_tiny([ActivationDecay(verbose=False)], tmp_path, max_epochs=-1, **FIT)
 
 
@@ -196,7 +208,9 @@ def test_plan_is_a_dry_run_on_class_and_instance():
     plan = ActivationDecay.plan(model)
     assert plan.decay == ["model.layer3.0.act2"]
     assert not any(isinstance(m, DecayingActivation) for m in model.modules())
-    assert ActivationDecay(include="layer1.0.act1", verbose=False).plan(model).decay == ["model.layer1.0.act1"]
+    assert ActivationDecay(include="layer1.0.act1", verbose=False).plan(model).decay == []  # include only narrows
+    widened = ActivationDecay(include="layer1.0.act1", fusable_only=False, verbose=False)
+    assert widened.plan(model).decay == ["model.layer1.0.act1"]
 
 
 # ------------------------------------------------------------------ DDP
@@ -213,7 +227,7 @@ class _RankRecorder(pl.Callback):
 
 @pytest.mark.slow
 def test_ddp_spawn_ranks_agree(tmp_path):
-    decay = ActivationDecay(end=0.5, verbose=False)
+    decay = ActivationDecay(end_step=0.5, verbose=False)
     fit_tiny([decay, _RankRecorder(decay, tmp_path)], tmp_path, strategy="ddp_spawn", devices=2, max_epochs=2,
              deterministic=False, **FIT)
     states = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -247,7 +247,7 @@ class MaskedOffspring(EvolutionaryMutation):
 @pytest.mark.parametrize(("strategy", "mutation"), [("es", "uniform"), ("select", "gradient")])
 def test_weights_pruned_by_another_callback_stay_zero_in_offspring_and_after_update(tmp_path, strategy,
                                                                                     mutation):
-    pruner = GradualMagnitudePruning(target_sparsity=0.6, frequency=1, sparsity_end_step=2, verbose=False)
+    pruner = GradualMagnitudePruning(target_sparsity=0.6, every_n_steps=1, sparsity_end_step=2, verbose=False)
     evo = MaskedOffspring(pruner, population=4, sigma=0.05, strategy=strategy, mutation=mutation,
                           every_n_steps=2, fitness_batches=1, verbose=False)
     _, module, generations = _probed_fit(evo, tmp_path, n_batches=1, first=[pruner], max_epochs=1,
@@ -287,7 +287,9 @@ def test_timm_families(tmp_path, model_name):
 
 # ---------------------------------------------------------------------------------------------- contract
 def test_conformance_with_defaults(tmp_path):
-    check_callback_conformance(lambda: create_callback("evolution"), tmp_path)
+    # the default cadence is a generation every 5 epochs: fit 5 so that the default really runs one
+    state = check_callback_conformance(lambda: create_callback("evolution"), tmp_path, max_epochs=5)
+    assert state["generation"] == 1
 
 
 @pytest.mark.parametrize("strategy", ["es", "select"])
@@ -319,17 +321,24 @@ def test_state_keys_and_pickling():
     ({"population": 1}, r"`population` must be an integer >= 2, got 1.*HINT"),
     ({"population": 5, "strategy": "es"}, r"`population` must be even with antithetic pairs.*got 5.*HINT"),
     ({"population": 5, "antithetic": True}, r"`population` must be even"),
-    ({"sigma": 0.0}, r"`sigma` must be a finite number > 0, got 0.0.*HINT"),
-    ({"sigma": -1}, r"`sigma` must be a finite number > 0, got -1"),
-    ({"es_lr": 0}, r"`es_lr` must be a finite number > 0"),
+    ({"sigma": 0.0}, r"`sigma` must be a number > 0, got 0.0.*HINT"),
+    ({"sigma": -1}, r"`sigma` must be a number > 0, got -1"),
+    ({"sigma": float("inf")}, r"`sigma` must be a number > 0, got inf"),
+    ({"sigma": True}, r"`sigma` must be a number > 0, got True"),
+    ({"es_lr": 0}, r"`es_lr` must be a number > 0"),
+    ({"seed": -1}, r"`seed` must be an integer >= 0, got -1"),
+    ({"antithetic": "no"}, r"`antithetic` must be True or False, got 'no'"),
+    ({"log_media_every_n_epochs": -1}, r"`log_media_every_n_epochs` must be an integer >= 0, got -1"),
     ({"mutation": "cauchy"}, r"`mutation` must be one of \['uniform', 'gaussian', 'gradient'\]"),
     ({"strategy": "cmaes"}, r"`strategy` must be one of \['select', 'es'\]"),
     ({"metric": "f1"}, r"`metric` must be one of"),
     ({"fitness_shaping": "rank"}, r"`fitness_shaping` must be one of"),
     ({"respect_masks": "yes"}, r"`respect_masks` must be one of"),
-    ({"every_n_epochs": 2, "every_n_steps": 3}, r"either `every_n_epochs` \(2\) or `every_n_steps` \(3\)"),
-    ({"every_n_epochs": 0}, r"`every_n_epochs` must be an integer >= 1"),
-    ({"every_n_steps": 0}, r"`every_n_steps` must be an integer >= 1"),
+    ({"every_n_epochs": 2, "every_n_steps": 3}, r"Pass only one of `every_n_epochs`, `every_n_steps`; got"
+                                                r" `every_n_epochs`=2, `every_n_steps`=3"),
+    ({"every_n_epochs": 0}, r"`every_n_epochs` must be a number of epochs \(an int >= 1\) or a fraction"),
+    ({"every_n_steps": 0}, r"`every_n_steps` must be a number of optimizer steps \(an int >= 1\) or a fraction"),
+    ({"every_n_steps": 1.5}, r"`every_n_steps` must be .* got 1.5"),
     ({"fitness_batches": 0}, r"`fitness_batches` must be an integer >= 1.*HINT"),
     ({"fitness_fn": 3}, r"`fitness_fn` must be callable"),
     ({"fitness_fn": lambda m, b: 0.0, "metric": "accuracy"}, r"cannot be combined with `fitness_fn`.*HINT"),

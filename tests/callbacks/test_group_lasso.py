@@ -37,7 +37,7 @@ def test_conformance_defaults(tmp_path):
 
 def test_resume_mid_training_with_gates_capture_and_phases(tmp_path):
     """Gates, capture state, gate-optimizer state and the alternating phase resume exactly."""
-    make = lambda: GroupLassoPruning(alternate=True, phase_steps=3, finalize_at=None, **STRONG)  # noqa: E731
+    make = lambda: GroupLassoPruning(alternate_every_n_steps=3, finalize_step=1.0, **STRONG)  # noqa: E731
     state = check_callback_conformance(make, tmp_path, model_name="test_efficientnet")
     assert any(bool(g["frozen"].any()) for g in state["gates"]["gates"])  # some gates were captured
 
@@ -55,7 +55,7 @@ def test_fold_keeps_outputs_and_compress_equals_masked_model(name, coupled, tmp_
     def after(trainer, module, hook):
         seen["compressed"] = eval_logits(module, X)
 
-    cb = GroupLassoPruning(finalize_at=None, compress_on_train_end=True, prune_coupled=coupled, **STRONG)
+    cb = GroupLassoPruning(finalize_step=1.0, compress=True, prune_coupled=coupled, **STRONG)
     model = tiny_classifier(name)
     dense_params = sum(p.numel() for p in model.parameters())
     fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=model, **FAST)
@@ -75,7 +75,7 @@ def test_finalize_prunes_masks_and_captured_zeros_stay_zero(tmp_path):
         if not cb.finalized:
             history.append([(g.frozen.clone(), g.weight.detach().clone()) for g in cb.gateset.gates])
 
-    cb = GroupLassoPruning(finalize_at=0.5, **STRONG)
+    cb = GroupLassoPruning(finalize_step=0.5, **STRONG)
     _, model = fit_tiny([cb, Spy(spy)], tmp_path, **FAST)
     assert cb.finalized and not cb.gateset.attached
     for prev, cur in zip(history, history[1:]):
@@ -92,12 +92,17 @@ def test_finalize_prunes_masks_and_captured_zeros_stay_zero(tmp_path):
     assert set(model.state_dict()) == set(tiny_classifier().state_dict())
 
 
-def test_finalize_at_epoch(tmp_path):
+def test_finalize_epoch_and_finalize_step(tmp_path):
     flags = []
-    cb = GroupLassoPruning(finalize_at=1, verbose=False)
+    cb = GroupLassoPruning(finalize_epoch=1, verbose=False)
     fit_tiny([cb, Spy(lambda t, m, h: flags.append((t.current_epoch, cb.finalized)), ("on_train_epoch_start",))],
              tmp_path, **FAST)
-    assert flags == [(0, False), (1, True), (2, True)]
+    assert flags == [(0, False), (1, True), (2, True)] and cb.finalize_at_step == 4  # 4 steps per epoch
+    steps = []
+    cb = GroupLassoPruning(finalize_step=6, verbose=False)
+    fit_tiny([cb, Spy(lambda t, m, h: steps.append((t.global_step, cb.finalized)), ("on_train_batch_end",))],
+             tmp_path, **FAST)
+    assert [f for s, f in steps if s < 6] == [False] * 5 and all(f for s, f in steps if s >= 6)
 
 
 def test_weight_regularisers_added_to_gradients(tmp_path):
@@ -124,7 +129,7 @@ def test_alternate_phases_freeze_gates_then_weights(tmp_path):
     def spy(trainer, module, hook):
         snaps.append((torch.cat(cb.gate_values()), module.model.layer1[0].conv1.weight.detach().clone()))
 
-    cb = GroupLassoPruning(alternate=True, phase_steps=2, finalize_at=None, lam=0.01, gate_lr=0.05, verbose=False)
+    cb = GroupLassoPruning(alternate_every_n_steps=2, finalize_step=1.0, lam=0.01, gate_lr=0.05, verbose=False)
     fit_tiny([cb, Spy(spy)], tmp_path, max_epochs=1, limit_train_batches=6, limit_val_batches=0)
     start = torch.ones_like(snaps[0][0])
     gates = [start] + [g for g, _ in snaps]
@@ -143,14 +148,14 @@ def test_group_lam_scales_the_penalty():
 
 
 def test_zero_group_lam_shields_a_group(tmp_path):
-    cb = GroupLassoPruning(finalize_at=None, **{**STRONG, "group_lam": {"layer4.*": 0.0}})
+    cb = GroupLassoPruning(finalize_step=1.0, **{**STRONG, "group_lam": {"layer4.*": 0.0}})
     fit_tiny([cb], tmp_path, **FAST)
     frozen = {g.name: int(gate.frozen.sum()) for g, gate in zip(cb.groups, cb.gateset.gates)}
     assert frozen["model.layer4.0.conv1"] == 0 and sum(frozen.values()) > 0
 
 
 def _amp_delta(tmp_path, **kwargs) -> torch.Tensor:
-    cb = GroupLassoPruning(lam=0.0, gate_optimizer="sgd", gate_lr=0.1, finalize_at=None, verbose=False)
+    cb = GroupLassoPruning(lam=0.0, gate_optimizer="sgd", gate_lr=0.1, finalize_step=1.0, verbose=False)
     fit_tiny([cb], tmp_path, max_steps=1, max_epochs=1, limit_val_batches=0, **kwargs)
     return torch.cat(cb.gate_values()) - 1.0
 
@@ -166,7 +171,7 @@ def test_logs_channels_and_wandb_media(tmp_path):
 
     csv_logger = CSVLogger(tmp_path, name="csv")
     wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lp-test")
-    cb = GroupLassoPruning(finalize_at=0.5, **STRONG)
+    cb = GroupLassoPruning(finalize_step=0.5, **STRONG)
     fit_tiny([cb], tmp_path, logger=[csv_logger, wandb_logger], log_every_n_steps=1, **FAST)
     wandb_logger.experiment.finish()
     with open(Path(csv_logger.log_dir) / "metrics.csv") as f:
@@ -181,17 +186,25 @@ def test_logs_channels_and_wandb_media(tmp_path):
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"lam": -1.0}, r"`lam` must be a number >= 0, got -1.0. HINT"),
-    ({"gate_lr": 0}, r"`gate_lr` must be > 0, got 0"),
+    ({"gate_lr": 0}, r"`gate_lr` must be a number > 0, got 0"),
+    ({"gate_lr": True}, r"`gate_lr` must be a number > 0, got True"),
+    ({"lam": float("inf")}, r"`lam` must be a number >= 0, got inf"),
     ({"gate_optimizer": "rmsprop"}, r"`gate_optimizer` must be one of \['adam', 'sgd'\]"),
     ({"weight_l1": -1e-5}, r"`weight_l1` must be a number >= 0"),
     ({"weight_l2": float("nan")}, r"`weight_l2` must be a number >= 0"),
-    ({"prune_threshold": 1.5}, r"`prune_threshold` must be in \[0.0, 1.0\), got 1.5. HINT"),
-    ({"capture_threshold": -0.1}, r"`capture_threshold` must be in \[0.0, 1.0\)"),
+    ({"prune_threshold": 1.5}, r"`prune_threshold` must be a number in \[0, 1\), got 1.5. HINT"),
+    ({"capture_threshold": -0.1}, r"`capture_threshold` must be a number in \[0, 1\)"),
     ({"capture_threshold": 0.2, "prune_threshold": 0.1}, r"`capture_threshold` \(0.2\) must not exceed"),
-    ({"finalize_at": 1.5}, r"`finalize_at` must be an epoch .* got 1.5. HINT"),
-    ({"finalize_at": -1}, r"`finalize_at` must be an epoch"),
-    ({"phase_steps": 0}, r"`phase_steps` must be an integer >= 1, got 0"),
-    ({"input_size": (3, -1, 32)}, r"`input_size` must be a sequence of positive ints"),
+    ({"finalize_step": 1.5}, r"`finalize_step` must be optimizer steps .* fraction .* got 1.5. HINT"),
+    ({"finalize_step": -1}, r"`finalize_step` must be optimizer steps"),
+    ({"finalize_epoch": -1}, r"`finalize_epoch` must be epochs \(an int >= 0\)"),
+    ({"finalize_step": 10, "finalize_epoch": 2}, r"Pass only one of `finalize_step`, `finalize_epoch`"),
+    ({"alternate_every_n_steps": 0}, r"`alternate_every_n_steps` must be a number of optimizer steps .* got 0"),
+    ({"alternate_every_n_steps": 0.5}, r"`alternate_every_n_steps` must be None or an int >= 1, got 0.5"),
+    ({"compress": "yes"}, r"`compress` must be True or False, got 'yes'"),
+    ({"prune_coupled": 1}, r"`prune_coupled` must be True or False, got 1"),
+    ({"input_size": (3, -1, 32)}, r"`input_size` must be None or a sequence of positive ints"),
+    ({"group_lam": [1.0]}, r"`group_lam` must be a mapping"),
     ({"group_lam": {"layer1.*": -2.0}}, r"`group_lam\['layer1.\*'\]` must be a number >= 0"),
 ])
 def test_bad_arguments(kwargs, match):
@@ -235,7 +248,7 @@ def _ddp_record(trainer, module, hook):
 @pytest.mark.slow
 def test_ddp_gates_identical_across_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv("LP_TEST_DDP_DIR", str(tmp_path))
-    cb = GroupLassoPruning(finalize_at=None, **STRONG)
+    cb = GroupLassoPruning(finalize_step=1.0, **STRONG)
     fit_tiny([Spy(_ddp_record, ("on_train_end",)), cb], tmp_path, strategy="ddp_spawn", devices=2,
              max_epochs=2, limit_train_batches=3, limit_val_batches=0)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

@@ -44,7 +44,7 @@ def test_conformance_defaults(tmp_path):
 def test_resume_mid_training_with_noise_schedule_and_hard_penalty(tmp_path):
     """log_alpha, the gate optimizer, the noise generator and the scheduled temperature resume exactly."""
     make = lambda: L0Pruning(penalty="hard", temperature=0.05, temperature_final=0.01,  # noqa: E731
-                             finalize_at=None, **STRONG)
+                             finalize_step=1.0, **STRONG)
     state = check_callback_conformance(make, tmp_path, model_name="test_efficientnet")
     assert state["generator"] is not None and state["temperature"] < 0.05
     assert all(float(g["log_alpha"].abs().max()) <= 4.0 for g in state["gates"]["gates"])  # clipped to [-4, 4]
@@ -66,7 +66,7 @@ def test_gates_stochastic_in_training_deterministic_in_validation(tmp_path):
 
         gate.compute = compute
 
-    cb = L0Pruning(log_alpha_init=0.0, lam=0.0, finalize_at=None, verbose=False)
+    cb = L0Pruning(log_alpha_init=0.0, lam=0.0, finalize_step=1.0, verbose=False)
     fit_tiny([cb, Spy(wrap, ("on_fit_start",))], tmp_path, max_epochs=1, limit_train_batches=6, limit_val_batches=2)
     train = [v for t, tt, v, _ in calls if t]
     val = [(v, la) for t, tt, v, la in calls if not t]
@@ -94,7 +94,7 @@ def test_open_fraction_of_training_gates_matches_expected_l0(tmp_path):
 
             gate.compute = compute
 
-    cb = L0Pruning(log_alpha_init=0.0, init_std=0.0, lam=0.0, gate_lr=1e-12, finalize_at=None, verbose=False)
+    cb = L0Pruning(log_alpha_init=0.0, init_std=0.0, lam=0.0, gate_lr=1e-12, finalize_step=1.0, verbose=False)
     fit_tiny([cb, Spy(record, ("on_fit_start",))], tmp_path, max_epochs=1, limit_train_batches=10, limit_val_batches=0)
     z = torch.cat(opened)
     assert z.numel() == 7 * sum(g.size for g in cb.groups)  # one draw per channel and batch: 7 x 288
@@ -102,7 +102,7 @@ def test_open_fraction_of_training_gates_matches_expected_l0(tmp_path):
 
 
 def test_penalty_gradient_equals_autograd_of_expected_l0(tmp_path):
-    cb = L0Pruning(lam=0.3, finalize_at=None, log_alpha_init=-2.0, init_std=1.0, verbose=False)
+    cb = L0Pruning(lam=0.3, finalize_step=1.0, log_alpha_init=-2.0, init_std=1.0, verbose=False)
     fit_tiny([cb], tmp_path, max_steps=1, max_epochs=1, limit_val_batches=0)
     for gate in cb.gateset.gates:
         gate.log_alpha.grad = None
@@ -145,11 +145,11 @@ def test_temperature_schedule_and_clamp(tmp_path):
             betas.append((trainer.global_step, cb.gateset.gates[0].beta))
             ranges.append(torch.cat([g.log_alpha.detach() for g in cb.gateset.gates]))
 
-    cb = L0Pruning(temperature=0.05, temperature_final=0.01, finalize_at=0.5, lam=5.0, gate_lr=1.0,
+    cb = L0Pruning(temperature=0.05, temperature_final=0.01, finalize_step=0.5, lam=5.0, gate_lr=1.0,
                    log_alpha_init=-3.0, verbose=False)
     fit_tiny([cb, Spy(spy, ("on_train_batch_end",))], tmp_path, max_epochs=2, limit_train_batches=5,
              limit_val_batches=0)
-    assert cb.finalize_step == 5 and cb._horizon == 5
+    assert cb.finalize_at_step == 5 and cb._horizon == 5
     for step, beta in betas:  # set at the start of each batch: linear from 0.05 to 0.01 over the 5 gate steps
         assert beta == pytest.approx(0.05 - 0.04 * min(step - 1, 5) / 5)
     la = torch.cat(ranges)
@@ -170,7 +170,7 @@ def test_injected_nan_stops_with_layer_and_step(tmp_path, where, match):
             else:  # what a NaN loss does to the gates
                 gate.log_alpha.register_hook(lambda g: torch.full_like(g, float("nan")))
 
-    cb = L0Pruning(finalize_at=None, verbose=False)
+    cb = L0Pruning(finalize_step=1.0, verbose=False)
     with pytest.raises(NonFiniteGateError, match=match) as info:
         fit_tiny([cb, Spy(inject)], tmp_path, max_epochs=1, limit_train_batches=5, limit_val_batches=0)
     assert repr(cb.groups[1].name) in str(info.value)
@@ -201,7 +201,7 @@ def test_finalize_folds_prunes_and_compresses(name, tmp_path):
     def after(trainer, module, hook):
         seen["compressed"] = eval_logits(module, X)
 
-    cb = L0Pruning(finalize_at=None, compress_on_train_end=True, **STRONG)
+    cb = L0Pruning(finalize_step=1.0, compress=True, **STRONG)
     model = tiny_classifier(name)
     dense = sum(p.numel() for p in model.parameters())
     fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=model, **FAST)
@@ -211,7 +211,7 @@ def test_finalize_folds_prunes_and_compresses(name, tmp_path):
     torch.testing.assert_close(seen["compressed"], seen["gated"], atol=1e-4, rtol=1e-4)
 
 
-def test_finalize_at_fraction_then_fine_tune_with_fixed_masks(tmp_path):
+def test_finalize_step_fraction_then_fine_tune_with_fixed_masks(tmp_path):
     history = []
 
     def spy(trainer, module, hook):
@@ -219,7 +219,7 @@ def test_finalize_at_fraction_then_fine_tune_with_fixed_masks(tmp_path):
             history.append({n: module.get_submodule(s).weight.detach().clone()
                             for g in cb.groups for n, s in [(g.name, g.sites[0])]})
 
-    cb = L0Pruning(finalize_at=0.5, **STRONG)
+    cb = L0Pruning(finalize_step=0.5, **STRONG)
     _, model = fit_tiny([cb, Spy(spy)], tmp_path, **FAST)
     assert cb.finalized and not cb.gateset.attached and len(history) == 7  # from the finalising batch on
     keep = cb.final_keep()
@@ -241,10 +241,10 @@ def test_seed_rule_binarises_log_alpha_without_folding(tmp_path):
                              [module.get_submodule(g.sites[0]).weight.detach().clone() for g in cb.groups])
         return spy
 
-    cb = L0Pruning(final_rule="log_alpha", finalize_at=0.5, **{**STRONG, "log_alpha_init": 0.0})
+    cb = L0Pruning(final_rule="log_alpha", finalize_step=0.5, **{**STRONG, "log_alpha_init": 0.0})
     fit_tiny([Spy(snapshot("before")), cb, Spy(snapshot("after"))], tmp_path, max_epochs=1, limit_train_batches=4,
              limit_val_batches=0)
-    assert cb.finalized and cb.finalize_step == 2
+    assert cb.finalized and cb.finalize_at_step == 2
     keep = cb.final_keep()
     assert 0 < sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep)
     for la, k, w0, w1 in zip(seen["before"][0], keep, seen["before"][1], seen["after"][1]):
@@ -255,7 +255,7 @@ def test_seed_rule_binarises_log_alpha_without_folding(tmp_path):
 
 # ------------------------------------------------------------------ AMP
 def _amp_delta(tmp_path, **kwargs) -> torch.Tensor:
-    cb = L0Pruning(lam=0.0, gate_optimizer="sgd", gate_lr=0.1, finalize_at=None, log_alpha_init=0.0, init_std=0.0,
+    cb = L0Pruning(lam=0.0, gate_optimizer="sgd", gate_lr=0.1, finalize_step=1.0, log_alpha_init=0.0, init_std=0.0,
                    seed=3, verbose=False)
     fit_tiny([cb], tmp_path, max_steps=1, max_epochs=1, limit_val_batches=0, **kwargs)
     return torch.cat([g.log_alpha.detach() for g in cb.gateset.gates])
@@ -272,7 +272,7 @@ def test_logs_expected_active_channels_and_wandb_histograms(tmp_path):
 
     csv_logger = CSVLogger(tmp_path, name="csv")
     wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lp-test")
-    cb = L0Pruning(finalize_at=None, **STRONG)
+    cb = L0Pruning(finalize_step=1.0, **STRONG)
     try:
         fit_tiny([cb], tmp_path, logger=[csv_logger, wandb_logger], log_every_n_steps=1, max_epochs=1,
                  limit_train_batches=3, limit_val_batches=0)
@@ -303,10 +303,12 @@ def test_logs_expected_active_channels_and_wandb_histograms(tmp_path):
     ({"log_alpha_range": (4, -4)}, r"`log_alpha_range` must be None or a pair \(low, high\).*HINT"),
     ({"log_alpha_range": [0.0]}, r"`log_alpha_range` must be None or a pair"),
     ({"final_rule": "threshold"}, r"`final_rule` must be one of \['test_gate', 'log_alpha'\], got 'threshold'. HINT"),
-    ({"seed": -3}, r"`seed` must be None or an integer >= 0, got -3"),
-    ({"gate_lr": 0}, r"`gate_lr` must be > 0, got 0"),
+    ({"seed": -3}, r"`seed` must be an integer >= 0, got -3"),
+    ({"seed": 1.5}, r"`seed` must be an integer >= 0, got 1.5"),
+    ({"gate_lr": 0}, r"`gate_lr` must be a number > 0, got 0"),
     ({"gate_optimizer": "rmsprop"}, r"`gate_optimizer` must be one of \['adam', 'sgd'\]"),
-    ({"finalize_at": 1.5}, r"`finalize_at` must be an epoch .* got 1.5. HINT"),
+    ({"finalize_step": 1.5}, r"`finalize_step` must be optimizer steps .* got 1.5. HINT"),
+    ({"clamp_log_alpha": "no"}, r"`clamp_log_alpha` must be True or False"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
@@ -331,7 +333,7 @@ def _ddp_record(trainer, module, hook):
 @pytest.mark.slow
 def test_ddp_gates_identical_across_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv("LP_TEST_DDP_DIR", str(tmp_path))
-    cb = L0Pruning(finalize_at=None, **STRONG)
+    cb = L0Pruning(finalize_step=1.0, **STRONG)
     fit_tiny([Spy(_ddp_record, ("on_train_end", "on_train_batch_start")), cb], tmp_path, strategy="ddp_spawn",
              devices=2, max_epochs=2, limit_train_batches=3, limit_val_batches=0)
     r0, r1 = torch.load(tmp_path / "on_train_end0.pt"), torch.load(tmp_path / "on_train_end1.pt")

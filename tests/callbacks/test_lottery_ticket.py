@@ -20,6 +20,7 @@ from lightning_prune import create_callback
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.lottery_ticket import LotteryTicket
 from lightning_prune.data import DigitsDataModule
+from lightning_prune.callbacks.lottery_ticket import per_round_rate
 from lightning_prune.functional.lottery import prune_count
 from lightning_prune.testing import (
     TINY_MODELS,
@@ -108,21 +109,26 @@ def _assert_rewound(start: dict[str, Any], reference: dict[str, torch.Tensor],
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"prune_rate": 0.0}, r"`prune_rate` must be in \(0, 1\), got 0.0. HINT"),
-        ({"prune_rate": 1.0}, r"`prune_rate` must be in \(0, 1\), got 1.0"),
-        ({"prune_rate": -0.2}, r"`prune_rate` must be in \(0, 1\), got -0.2"),
-        ({"prune_rate": "20%"}, r"`prune_rate` must be in \(0, 1\), got '20%'"),
+        ({"target_sparsity": 0.0}, r"`target_sparsity` must be in \(0, 1\), got 0.0. HINT"),
+        ({"target_sparsity": 1.0}, r"`target_sparsity` must be a number in \[0, 1\), got 1.0. HINT: it is the"
+                                   r" fraction pruned after the last round"),
+        ({"target_sparsity": -0.2}, r"`target_sparsity` must be a number in \[0, 1\), got -0.2"),
+        ({"target_sparsity": "20%"}, r"`target_sparsity` must be a number in \[0, 1\), got '20%'"),
+        ({"target_sparsity": True}, r"`target_sparsity` must be a number in \[0, 1\), got True"),
         ({"rounds": 0}, r"`rounds` must be an integer >= 1, got 0. HINT: rounds=1 is one-shot"),
         ({"rounds": 2.5}, r"`rounds` must be an integer >= 1, got 2.5"),
         ({"epochs_per_round": 0}, r"`epochs_per_round` must be an integer >= 1, got 0"),
         ({"scope": "channel"}, r"`scope` must be one of \['global', 'layer'\], got 'channel'"),
         ({"reinit": "shuffle"}, r"`reinit` must be one of \['rewind', 'random'\], got 'shuffle'"),
-        ({"rewind": "start"}, r"`rewind` must be 'init', an optimizer step .* got 'start'. HINT"),
-        ({"rewind": -1}, r"`rewind` must be 'init', an optimizer step .* got -1"),
-        ({"rewind": 1.5}, r"`rewind` must be 'init', .* fraction of the first round .* got 1.5"),
-        ({"rewind": True}, r"`rewind` must be .* got True"),
-        ({"output_rate": 1.0},
-         r"`output_rate` must be None \(half of `prune_rate`\) or in \[0, 1\), got 1.0. HINT: 0 never"),
+        ({"rewind_step": "init"}, r"`rewind_step` must be optimizer steps \(an int >= 0\) or a fraction .* got 'init'."
+                                  r" HINT: 0 rewinds to the initial weights"),
+        ({"rewind_step": -1}, r"`rewind_step` must be optimizer steps .* got -1"),
+        ({"rewind_step": 1.5}, r"`rewind_step` must be optimizer steps .* fraction .* got 1.5"),
+        ({"rewind_step": 1.0}, r"`rewind_step` as a fraction must be < 1, got 1.0"),
+        ({"rewind_step": True}, r"`rewind_step` must be .* got True"),
+        ({"output_sparsity": 1.0}, r"`output_sparsity` must be a number in \[0, 1\), got 1.0. HINT: 0 never"),
+        ({"seed": -1}, r"`seed` must be an integer >= 0, got -1"),
+        ({"output_layer": 3}, r"`output_layer` must be a glob pattern"),
         ({"mode": "best"}, r"`mode` must be one of \['max', 'min'\], got 'best'"),
         ({"monitor": ""}, r"`monitor` must be a metric name"),
     ],
@@ -144,9 +150,9 @@ def test_too_few_epochs_fail_at_setup(tmp_path):
 
 def test_rewind_step_beyond_the_first_round_fails_before_training(tmp_path):
     with pytest.raises(MisconfigurationException,
-                       match=r"`rewind`=8 is optimizer step 8, beyond the first round, which has 8 steps"
+                       match=r"`rewind_step`=8 is optimizer step 8, beyond the first round, which has 8 steps"
                              r" \(2 epochs of 4\). HINT: use a step < 8"):
-        fit_tiny([LotteryTicket(rounds=1, epochs_per_round=2, rewind=8)], tmp_path, max_epochs=4, **FAST)
+        fit_tiny([LotteryTicket(rounds=1, epochs_per_round=2, rewind_step=8)], tmp_path, max_epochs=4, **FAST)
 
 
 # ---------------------------------------------------------------------------------------------- the procedure
@@ -194,14 +200,14 @@ def test_a_round_is_a_faithful_fresh_run(tmp_path):
         assert torch.equal(a, b), f"{name}: round 1 differs from a fresh run of the ticket"
 
 
-@pytest.mark.parametrize("rewind", [0.625])  # resolves to step 5 (an int step takes the same path)
+@pytest.mark.parametrize("rewind", [5 / 24, 5])  # a fraction of the 24-step fit resolves to step 5
 def test_late_rewinding_restores_weights_optimizer_and_scheduler(tmp_path, rewind):
     """Rewind to step 5 (of 8 in the first round): weights, momentum (masked) and the cosine scheduler, at
     every round (the saved point must not drift)."""
-    lt, probe = LotteryTicket(rounds=2, epochs_per_round=2, rewind=rewind), RoundProbe(snapshot_step=5)
+    lt, probe = LotteryTicket(rounds=2, epochs_per_round=2, rewind_step=rewind), RoundProbe(snapshot_step=5)
     model = tiny_classifier(momentum=0.9, scheduler="cosine")
     fit_tiny([lt, probe], tmp_path, model=model, max_epochs=6, **FAST)
-    assert lt.rewind_step == 5 and lt.rewind_state["step"] == 5
+    assert lt.rewind_at_step == 5 and lt.rewind_state["step"] == 5
     snap = probe.snapshot
     assert_state_equal(lt.rewind_state["module"], snap["module"])
     index = {id(p): i for i, p in enumerate(model.parameters())}
@@ -245,14 +251,21 @@ def test_random_reinit_control_is_seeded_and_keeps_the_masks(tmp_path):
     assert any(not torch.equal(start["module"][n], other.round_starts[1]["module"][n]) for n in masks)
 
 
-def test_layer_scope_and_output_layer_at_its_own_rate(tmp_path):
-    """The timm classifier, when included, is pruned on its own at output_rate (default prune_rate / 2)."""
-    lt = LotteryTicket(rounds=1, epochs_per_round=1, scope="layer", include=["layer*.conv*", "fc"])
+def test_layer_scope_prunes_every_layer_at_the_rate_and_never_the_timm_classifier(tmp_path):
+    """`include` narrows the default set: naming the timm classifier does not make it a target."""
+    lt = LotteryTicket(rounds=1, target_sparsity=0.2, epochs_per_round=1, scope="layer",
+                       include=["layer*.conv*", "fc"])
     fit_tiny([lt], tmp_path, max_epochs=2, **FAST)
-    assert "model.fc.weight" in lt.masks
+    assert "model.fc.weight" not in lt.masks and len(lt.masks) > 3
     for name, (pruned, total) in lt.masks.pruned_counts().items():
-        rate = 0.1 if name == "model.fc.weight" else 0.2
-        assert pruned == prune_count(total, rate), name
+        assert name.startswith("model.layer") and pruned == prune_count(total, 0.2), name
+
+
+def test_target_sparsity_is_reached_after_the_last_round():
+    assert per_round_rate(0.36, 2) == 0.2 and per_round_rate(1 - 0.8**10, 10) == 0.2
+    lt = LotteryTicket(rounds=3, target_sparsity=0.488)
+    assert lt.prune_rate == 0.2 and lt.output_rate == 0.1
+    assert LotteryTicket(rounds=2, output_sparsity=0.19).output_rate == pytest.approx(1 - 0.81**0.5)
 
 
 class _PlainMLP(pl.LightningModule):
@@ -288,7 +301,7 @@ def test_plain_lightning_module_with_named_output_layer(tmp_path):
 
 
 def test_one_shot(tmp_path):
-    lt = LotteryTicket(rounds=1, prune_rate=0.9, epochs_per_round=1)
+    lt = LotteryTicket(rounds=1, target_sparsity=0.9, epochs_per_round=1)
     _, model = fit_tiny([lt], tmp_path, max_epochs=3, **FAST)
     assert lt.round == 1 and lt.weights_remaining == pytest.approx(0.1, abs=1e-4)
     # the extra epoch keeps training the ticket
@@ -310,7 +323,7 @@ def test_conformance_resume_inside_a_round_after_a_prune(tmp_path, kwargs):
 def test_resume_mid_round_ends_with_the_same_ticket(tmp_path):
     """Late rewinding, momentum and a cosine schedule; resumed before the rewind point and inside round 1."""
     def make() -> tuple[LotteryTicket, pl.LightningModule]:
-        return (LotteryTicket(rounds=2, epochs_per_round=2, rewind=0.75),
+        return (LotteryTicket(rounds=2, epochs_per_round=2, rewind_step=0.25),  # step 6 of the 24-step fit
                 tiny_classifier(momentum=0.9, scheduler="cosine"))
 
     lt, model = make()

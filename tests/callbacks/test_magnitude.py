@@ -1,4 +1,5 @@
 import pickle
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,7 +17,7 @@ FAST = {"max_epochs": 2, "limit_train_batches": 6, "limit_val_batches": 1}
 
 
 def _pruner(**kwargs):
-    defaults = {"target_sparsity": 0.8, "frequency": 2, "sparsity_end_step": 8, "verbose": False}
+    defaults = {"target_sparsity": 0.8, "every_n_steps": 2, "sparsity_end_step": 8, "verbose": False}
     return GradualMagnitudePruning(**{**defaults, **kwargs})
 
 
@@ -73,7 +74,7 @@ def test_mask_updates_follow_the_tensorflow_schedule(tmp_path):
             seen.append((trainer.global_step, round(self.current_target, 4)))
             super().update_masks(new_masks, trainer)
 
-    pruner = Spy(target_sparsity=0.9, frequency=3, sparsity_begin_step=0, sparsity_end_step=9, verbose=False)
+    pruner = Spy(target_sparsity=0.9, every_n_steps=3, sparsity_begin_step=0, sparsity_end_step=9, verbose=False)
     fit_tiny([pruner], tmp_path, max_epochs=2, limit_train_batches=7, limit_val_batches=0)
     expected = [(s, round(0.9 - 0.9 * (1 - min(s / 9, 1)) ** 3, 4)) for s in (3, 6, 9, 12)]
     assert seen == expected
@@ -93,19 +94,30 @@ def test_momentum_and_weight_decay_cannot_revive_pruned_weights(tmp_path):
 
 
 def test_state_dict_keys_stay_those_of_the_plain_model_and_checkpoint_is_zero(tmp_path):
-    check_callback_conformance(lambda: _pruner(sparsity_end_step=10), tmp_path, max_epochs=3, resume_epoch=1)
+    state = check_callback_conformance(lambda: _pruner(sparsity_end_step=10), tmp_path, max_epochs=3, resume_epoch=1)
+    # read the checkpoint file itself: the pruned weights are zeros in the model's own state_dict, same keys
+    checkpoint = torch.load(tmp_path / "ckpt" / "epoch=2.ckpt", map_location="cpu", weights_only=False)
+    weights = checkpoint["state_dict"]
+    assert set(weights) == set(tiny_classifier().state_dict())
+    assert set(state["masks"]) and all(name in weights for name in state["masks"])
+    pruned = 0
+    for name, mask in state["masks"].items():
+        assert torch.all(weights[name][~mask] == 0), name
+        pruned += int((~mask).sum())
+    total = sum(m.numel() for m in state["masks"].values())
+    assert pruned / total == pytest.approx(0.8, abs=0.01)
 
 
 def test_resume_mid_schedule_equals_uninterrupted_with_derived_schedule(tmp_path):
     # default sparsity_end_step: 75% of trainer.estimated_stepping_batches, resolved once and checkpointed
-    state = check_callback_conformance(lambda: GradualMagnitudePruning(target_sparsity=0.6, frequency=1,
+    state = check_callback_conformance(lambda: GradualMagnitudePruning(target_sparsity=0.6, every_n_steps=1,
                                                                        verbose=False), tmp_path, max_epochs=3)
-    assert state["schedule"] == [0, 9] and state["last_update"] == 12
+    assert state["schedule"] == [0, sys.maxsize, 0, 9] and state["last_update"] == 12
     assert state["current_target"] == pytest.approx(0.6)
 
 
 def test_gradient_accumulation_and_bf16_mixed(tmp_path):
-    pruner = _pruner(frequency=1, sparsity_end_step=3)
+    pruner = _pruner(every_n_steps=1, sparsity_end_step=3)
     probe = ZeroProbe(pruner)
     trainer, _ = fit_tiny([pruner, probe], tmp_path, precision="bf16-mixed", accumulate_grad_batches=2,
                           max_epochs=1, limit_train_batches=8, limit_val_batches=1)
@@ -155,20 +167,27 @@ def test_threshold_decay_smooths_thresholds(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"target_sparsity": 1.0}, r"`target_sparsity` must be in \[0.0, 1.0\), got 1.0. HINT"),
-        ({"target_sparsity": -0.1}, r"`target_sparsity` must be in \[0.0, 1.0\), got -0.1"),
-        ({"initial_sparsity": 1.2}, r"`initial_sparsity` must be in"),
-        ({"begin_step": 10, "end_step": 5}, r"`end_step` must be -1 .* or >= `begin_step` \(10\), got 5"),
-        ({"frequency": 0}, r"`frequency` must be an integer >= 1, got 0"),
-        ({"frequency": -3}, r"`frequency` must be an integer >= 1, got -3"),
+        ({"target_sparsity": 1.0}, r"`target_sparsity` must be a number in \[0, 1\), got 1.0. HINT"),
+        ({"target_sparsity": -0.1}, r"`target_sparsity` must be a number in \[0, 1\), got -0.1"),
+        ({"target_sparsity": True}, r"`target_sparsity` must be a number in \[0, 1\), got True"),
+        ({"target_sparsity": float("nan")}, r"`target_sparsity` must be a number in \[0, 1\), got nan"),
+        ({"initial_sparsity": 1.2}, r"`initial_sparsity` must be a number in"),
+        ({"begin_step": 10, "end_step": 5}, r"`end_step` \(5\) must not come before `begin_step` \(10\)"),
+        ({"end_step": -1}, r"`end_step` must be optimizer steps .* got -1. HINT: end_step=1.0 keeps"),
+        ({"every_n_steps": 0}, r"`every_n_steps` must be a number of optimizer steps .* got 0"),
+        ({"every_n_steps": -3}, r"`every_n_steps` must be a number of optimizer steps .* got -3"),
+        ({"every_n_steps": 0.5}, r"`every_n_steps` must be an int >= 1 here, got 0.5"),
         ({"scope": "model"}, r"`scope` must be one of \['global', 'layer'\], got 'model'"),
         ({"sparsity_begin_step": 10, "sparsity_end_step": 5}, r"`sparsity_end_step` \(5\) must not come before"),
-        ({"sparsity_end_step": 1.5}, r"`sparsity_end_step` must be a step .* got 1.5"),
+        ({"sparsity_end_step": 1.5}, r"`sparsity_end_step` must be optimizer steps .* fraction .* got 1.5"),
+        ({"sparsity_end_step": float("inf")}, r"`sparsity_end_step` must be optimizer steps .* got inf"),
         ({"block_size": (2,)}, r"`block_size` must be two integers"),
         ({"block_pooling": "min"}, r"`block_pooling` must be one of"),
         ({"layer_targets": {"*": 0.5}, "initial_sparsity": 0.1}, r"`layer_targets` needs `initial_sparsity=0`"),
-        ({"threshold_decay": 1.0}, r"`threshold_decay` must be in"),
-        ({"exponent": 0}, r"`exponent` must be > 0"),
+        ({"threshold_decay": 1.0}, r"`threshold_decay` must be a number in"),
+        ({"exponent": 0}, r"`exponent` must be a number > 0"),
+        ({"include": 3}, r"`include` must be a glob pattern"),
+        ({"types": ["NoSuchLayer"]}, r"`types` must be a list of nn.Module types"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
@@ -226,14 +245,14 @@ def test_manual_optimization_two_steps_per_batch(tmp_path):
                 for name, mask in pruner.masks.items():
                     assert torch.all(pruner.masks.param(name)[~mask] == 0)
 
-    pruner = _pruner(frequency=2, sparsity_end_step=6)
+    pruner = _pruner(every_n_steps=2, sparsity_end_step=6)
     trainer, _ = fit_tiny([pruner], tmp_path, model=Manual(), max_epochs=1, limit_train_batches=4, limit_val_batches=1)
     assert trainer.global_step == 8 and pruner.last_update == 8
     assert pruner.masks.sparsity() == pytest.approx(0.8, abs=0.01)
 
 
 def test_endless_training_needs_steps_for_the_schedule(tmp_path):
-    with pytest.raises(MisconfigurationException, match="no end .* HINT: pass sparsity_begin_step and sparsity_end_step"):
+    with pytest.raises(MisconfigurationException, match="`sparsity_end_step`=0.75 is a fraction .* no end .* HINT"):
         fit_tiny([GradualMagnitudePruning()], tmp_path, max_epochs=-1, max_steps=-1, limit_train_batches=2)
     pruner = _pruner(sparsity_end_step=4)
     fit_tiny([pruner], tmp_path, max_epochs=-1, max_steps=6, limit_train_batches=2, limit_val_batches=0)

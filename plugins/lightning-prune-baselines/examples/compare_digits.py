@@ -17,7 +17,7 @@ from lightning_prune.testing import fit_tiny, tiny_classifier, tiny_datamodule
 
 CONFIGS = [
     ("dense", None),
-    ("first_k", {"amount": 0.5}),
+    ("first_k", {"target_sparsity": 0.5}),
     ("random_channels", {"target_sparsity": 0.5}),
     ("random_unstructured", {"target_sparsity": 0.5}),
 ]

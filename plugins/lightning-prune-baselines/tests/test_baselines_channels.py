@@ -25,8 +25,9 @@ def test_first_k_pruned_keeps_at_least_one_channel():
         first_k_pruned(7, 0.0),
     ] == [24, 2, 2, 0]
     for channels in (1, 2, 5, 16, 48, 192):
-        for amount in (0.0, 0.1, 0.33, 0.5, 0.9, 0.999):
-            assert channels - first_k_pruned(channels, amount) == kept_count(channels, amount) >= 1
+        for sparsity in (0.0, 0.1, 0.33, 0.5, 0.9, 0.999):
+            assert channels - first_k_pruned(channels, sparsity) == kept_count(channels, sparsity) >= 1
+    assert first_k_pruned(channels=10, sparsity=0.25) == 2  # the keyword is `sparsity` (was `amount`)
 
 
 def test_nested_random_keep_is_exact_nested_and_seeded():
@@ -109,7 +110,7 @@ def test_tracer_ignores_a_batchnorm_reached_through_another_op():
 def test_first_k_masks_make_the_first_k_channel_outputs_exactly_zero(model_name):
     model = _model(model_name)
     x = torch.randn(4, 3, 32, 32)
-    masks = first_k_channel_masks(model, 0.5, example_input=x)
+    masks = first_k_channel_masks(model, sparsity=0.5, example_input=x)
     kept = apply_channel_masks(model, masks)
     groups = channel_groups(model, x)
     outputs = {}
@@ -145,7 +146,7 @@ def test_first_k_masks_make_the_first_k_channel_outputs_exactly_zero(model_name)
 
 def test_random_channel_masks_are_seeded_and_exact():
     model = _model("test_convnext")
-    a, b = random_channel_masks(model, 0.5, seed=3), random_channel_masks(model, 0.5, seed=3)
+    a, b = random_channel_masks(model, sparsity=0.5, seed=3), random_channel_masks(model, 0.5, seed=3)
     c = random_channel_masks(model, 0.5, seed=4)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)

@@ -20,6 +20,10 @@ def test_default_construction_keeps_the_contract(tmp_path, name):
         lambda: lp.create_callback(name), tmp_path, max_epochs=2, limit_train_batches=2
     )
     assert state["last_update"] == 1 and state["current_sparsity"] == pytest.approx(0.5)
+    if name == "first_k":  # neither prune_step nor prune_epoch: step 0, so after the first batch
+        assert state["prune_at_step"] == 0
+    else:  # one shot at the start (sparsity_end_step=0), the window open to the end (end_step=1.0)
+        assert state["schedule"] == [0, 2**62, 0, 0]
     weights = [m for n, m in state["masks"].items() if n.endswith(".weight") and m.dim() > 1]
     pruned = sum(int((~m).sum()) for m in weights) / sum(m.numel() for m in weights)
     assert pruned == pytest.approx(0.5, abs=0.05)
@@ -29,7 +33,7 @@ def test_default_construction_keeps_the_contract(tmp_path, name):
 def test_conformance_on_other_timm_families(tmp_path, model_name):
     state = check_callback_conformance(
         lambda: lp.create_callback(
-            "random_channels", target_sparsity=0.3, end_step=5, frequency=2, verbose=False
+            "random_channels", target_sparsity=0.3, sparsity_end_step=5, every_n_steps=2, verbose=False
         ),
         tmp_path,
         model_name=model_name,
@@ -38,4 +42,5 @@ def test_conformance_on_other_timm_families(tmp_path, model_name):
     )
     # the schedule (updates at steps 1, 3, 5) crosses the resume point (step 3)
     assert state["last_update"] == 5 and state["current_sparsity"] == pytest.approx(0.3)
+    assert state["schedule"] == [0, 2**62, 0, 5]  # the window stays open (end_step=1.0); the ramp ends at 5
     assert any(isinstance(m, torch.Tensor) and not bool(m.all()) for m in state["masks"].values())

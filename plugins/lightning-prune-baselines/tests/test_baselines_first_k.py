@@ -1,6 +1,7 @@
 """FirstKChannels on real timm models and real Lightning training steps."""
 
 import pickle
+import re
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def channel_outputs(pl_module, groups, x, train):
 
 @pytest.mark.parametrize("model_name", list(TINY_MODELS))
 def test_first_k_channels_output_exactly_zero_after_fine_tuning(tmp_path, model_name):
-    pruner = FirstKChannels(amount=0.4, verbose=False)
+    pruner = FirstKChannels(target_sparsity=0.4, verbose=False)
     model = tiny_classifier(model_name, optimizer="sgd", momentum=0.9, weight_decay=1e-3, lr=0.05)
     trainer, model = fit_tiny([pruner], tmp_path, model=model, **FAST)
     assert (
@@ -89,27 +90,50 @@ class _Record(Callback):
 
 
 def test_prune_epoch_and_prune_step(tmp_path):
-    pruner = FirstKChannels(amount=0.5, prune_epoch=1, verbose=False)
+    run = {"max_epochs": 3, "limit_train_batches": 3, "limit_val_batches": 0}
+    # prune_epoch=1 resolves to step 1 * 3 = 3, reached by the end of the LAST batch of epoch 0: the masks
+    # come in there, one batch earlier than under the old API (which pruned in epoch 1's first batch, step 4)
+    pruner = FirstKChannels(target_sparsity=0.5, prune_epoch=1, verbose=False)
     record = _Record(pruner)
-    fit_tiny([pruner, record], tmp_path / "epoch", max_epochs=3, limit_train_batches=3, limit_val_batches=0)
-    assert [s for e, _, s in record.seen if e == 0] == [0.0, 0.0, 0.0]
-    assert pruner.last_update == 4 and all(s > 0.45 for e, _, s in record.seen if e >= 1)
+    fit_tiny([pruner, record], tmp_path / "epoch", **run)
+    assert [s for e, _, s in record.seen if e == 0][:2] == [0.0, 0.0]
+    assert [(e, step) for e, step, s in record.seen if s > 0][0] == (0, 3)
+    assert pruner.last_update == 3 and all(s > 0.45 for _, step, s in record.seen if step >= 3)
 
-    pruner = FirstKChannels(amount=0.5, prune_step=5, verbose=False)
+    pruner = FirstKChannels(target_sparsity=0.5, prune_step=5, verbose=False)
     record = _Record(pruner)
-    fit_tiny([pruner, record], tmp_path / "step", max_epochs=3, limit_train_batches=3, limit_val_batches=0)
+    fit_tiny([pruner, record], tmp_path / "step", **run)
     assert [step for _, step, s in record.seen if s > 0][0] == 5 and pruner.last_update == 5
+    assert all(s == 0.0 for _, step, s in record.seen if step < 5)
+
+    # a float in [0, 1] is a fraction of the whole training: 2/3 of 9 steps = step 6, the end of epoch 1
+    pruner = FirstKChannels(target_sparsity=0.5, prune_epoch=2 / 3, verbose=False)
+    record = _Record(pruner)
+    fit_tiny([pruner, record], tmp_path / "fraction", **run)
+    assert [step for _, step, s in record.seen if s > 0][0] == 6 and pruner.last_update == 6
 
 
-def test_resume_across_the_pruning_epoch_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(
+    ("when", "max_epochs", "pruned_at"),
+    [
+        # prune_epoch=e now prunes at the end of the last batch of epoch e - 1 (step e * 3): prune_epoch=1
+        # would prune before the checkpoint of epoch 0, so epoch 2 (step 6, the end of epoch 1) crosses the
+        # resume point
+        ({"prune_epoch": 2}, 3, 6),
+        # step 4: the resumed run's first batch both traces the model again and prunes (the old prune_epoch=1)
+        ({"prune_step": 4}, 2, 4),
+    ],
+)
+def test_resume_across_the_pruning_epoch_equals_uninterrupted_run(tmp_path, when, max_epochs, pruned_at):
     # the checkpoint of epoch 0 is dense; the resumed run traces the model again and prunes in epoch 1
     state = check_callback_conformance(
-        lambda: lp.create_callback("first_k", amount=0.3, prune_epoch=1, verbose=False),
+        lambda: lp.create_callback("first_k", target_sparsity=0.3, verbose=False, **when),
         tmp_path,
-        max_epochs=2,
+        max_epochs=max_epochs,
         limit_train_batches=3,
     )
-    assert state["last_update"] == 4 and state["current_sparsity"] == pytest.approx(0.3)
+    assert state["last_update"] == pruned_at and state["current_sparsity"] == pytest.approx(0.3)
+    assert state["prune_at_step"] == pruned_at
     assert any(not bool(m.all()) for m in state["masks"].values())
 
 
@@ -117,15 +141,41 @@ def test_resume_across_the_pruning_epoch_equals_uninterrupted_run(tmp_path):
     ("kwargs", "match"),
     [
         (
-            {"amount": 1.0},
-            r"`amount` must be in \[0.0, 1.0\), got 1.0. HINT: amount is the fraction of channels",
+            {"target_sparsity": 1.0},
+            r"`target_sparsity` must be a number in \[0, 1\), got 1.0."
+            r" HINT: the fraction of channels dropped",
         ),
-        ({"amount": -0.5}, r"`amount` must be in \[0.0, 1.0\), got -0.5"),
-        ({"amount": "half"}, r"`amount` must be in \[0.0, 1.0\), got 'half'"),
-        ({"prune_epoch": -1}, r"`prune_epoch` must be an integer >= 0, got -1. HINT: 0 prunes at the start"),
-        ({"prune_epoch": 1.5}, r"`prune_epoch` must be an integer >= 0, got 1.5"),
-        ({"prune_step": -2}, r"`prune_step` must be an integer >= 0, got -2. HINT: leave it None"),
-        ({"log_masks_every_n_epochs": -1}, r"`log_masks_every_n_epochs` must be an integer >= 0"),
+        ({"target_sparsity": 1.5}, r"`target_sparsity` must be a number in \[0, 1\), got 1.5. HINT: "),
+        ({"target_sparsity": -0.5}, r"`target_sparsity` must be a number in \[0, 1\), got -0.5"),
+        ({"target_sparsity": "half"}, r"`target_sparsity` must be a number in \[0, 1\), got 'half'"),
+        ({"target_sparsity": True}, r"`target_sparsity` must be a number in \[0, 1\), got True"),
+        ({"target_sparsity": float("nan")}, r"`target_sparsity` must be a number in \[0, 1\), got nan"),
+        (
+            {"prune_epoch": -1},
+            r"`prune_epoch` must be epochs \(an int >= 0\) or a fraction of training \(a float in \[0, 1\]\)"
+            r" or None, got -1. HINT: 0 prunes at the start",
+        ),
+        ({"prune_epoch": 1.5}, r"`prune_epoch` must be epochs \(an int >= 0\) .* got 1.5. HINT: 0 prunes"),
+        ({"prune_epoch": True}, r"`prune_epoch` must be epochs \(an int >= 0\) .* got True"),
+        ({"prune_epoch": float("inf")}, r"`prune_epoch` must be epochs \(an int >= 0\) .* got inf"),
+        (
+            {"prune_step": -2},
+            r"`prune_step` must be optimizer steps \(an int >= 0\) or a fraction of training"
+            r" \(a float in \[0, 1\]\) or None, got -2. HINT: 0 prunes at the start",
+        ),
+        ({"prune_step": False}, r"`prune_step` must be optimizer steps \(an int >= 0\) .* got False"),
+        ({"prune_step": float("nan")}, r"`prune_step` must be optimizer steps \(an int >= 0\) .* got nan"),
+        (
+            {"prune_step": 4, "prune_epoch": 1},
+            r"Pass only one of `prune_step`, `prune_epoch`; got `prune_step`=4, `prune_epoch`=1."
+            r" HINT: 0 prunes",
+        ),
+        (
+            {"log_media_every_n_epochs": -1},
+            r"`log_media_every_n_epochs` must be an integer >= 0, got -1. HINT: 0 logs media only at the end",
+        ),
+        ({"log_media_every_n_epochs": True}, r"`log_media_every_n_epochs` must be an integer >= 0, got True"),
+        ({"types": ["NoSuchLayer"]}, r"`types` must be a list of nn.Module types .* got \['NoSuchLayer'\]"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
@@ -133,13 +183,17 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
         FirstKChannels(**kwargs)
 
 
-def test_patterns_that_match_nothing_fail_at_setup(tmp_path):
-    with pytest.raises(MisconfigurationException, match=r"No module to prune: include=\['nothing\*'\]"):
-        fit_tiny([FirstKChannels(include="nothing*")], tmp_path, **FAST)
+@pytest.mark.parametrize("pattern", ["nothing*", "*.fc", "*bn1"])
+def test_patterns_that_match_nothing_fail_at_setup(tmp_path, pattern):
+    # `include` only narrows the default set: it never adds the classifier (`fc`) or a BatchNorm
+    match = rf"No module to prune: include=\['{re.escape(pattern)}'\]"
+    with pytest.raises(MisconfigurationException, match=match):
+        fit_tiny([FirstKChannels(include=pattern)], tmp_path, **FAST)
 
 
 def test_include_and_state_key():
-    a, b = FirstKChannels(amount=0.5, include="layer1*"), FirstKChannels(amount=0.25, include="layer1*")
+    a = FirstKChannels(target_sparsity=0.5, include="layer1*")
+    b = FirstKChannels(target_sparsity=0.25, include="layer1*")
     assert a.state_key != b.state_key
     assert pickle.loads(pickle.dumps(a)).state_key == a.state_key
 
@@ -149,7 +203,7 @@ def test_bf16_gradient_accumulation_and_logged_metrics(tmp_path):
 
     from lightning.pytorch.loggers import CSVLogger
 
-    pruner = FirstKChannels(amount=0.25, verbose=False)
+    pruner = FirstKChannels(target_sparsity=0.25, verbose=False)
     trainer, model = fit_tiny(
         [pruner],
         tmp_path,

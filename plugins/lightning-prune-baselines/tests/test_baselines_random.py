@@ -27,8 +27,14 @@ def _spy(cls):
 
 @pytest.mark.parametrize("model_name", ["test_efficientnet", "test_vit"])
 def test_random_unstructured_follows_the_schedule_with_exact_nested_counts(tmp_path, model_name):
+    # the old `begin_step=2, end_step=8` (a ramp over steps 2..8) is now a window opening at step 2 and a ramp
     pruner = _spy(RandomUnstructured)(
-        target_sparsity=0.8, begin_step=2, end_step=8, frequency=2, verbose=False
+        target_sparsity=0.8,
+        begin_step=2,
+        sparsity_begin_step=2,
+        sparsity_end_step=8,
+        every_n_steps=2,
+        verbose=False,
     )
     fit_tiny(
         [pruner],
@@ -55,7 +61,7 @@ def test_random_unstructured_follows_the_schedule_with_exact_nested_counts(tmp_p
 
 
 def test_random_channels_schedule_prunes_whole_channels_with_their_batchnorm(tmp_path):
-    pruner = _spy(RandomChannels)(target_sparsity=0.6, end_step=6, frequency=3, verbose=False)
+    pruner = _spy(RandomChannels)(target_sparsity=0.6, sparsity_end_step=6, every_n_steps=3, verbose=False)
     _, model = fit_tiny([pruner], tmp_path, max_epochs=2, limit_train_batches=5, limit_val_batches=0)
     assert [step for step, _, _ in pruner.updates] == [1, 4, 7]
     previous = None
@@ -81,10 +87,31 @@ def test_random_channels_schedule_prunes_whole_channels_with_their_batchnorm(tmp
             assert torch.all(model.get_parameter(name)[~keep] == 0), name
 
 
+def test_updates_stop_at_the_end_of_the_window(tmp_path):
+    # end_step closes the window (as for GradualMagnitudePruning): no update after step 6, although the ramp
+    # (to step 10, given as the fraction 10/12 of training) has not reached the target
+    pruner = _spy(RandomUnstructured)(
+        target_sparsity=0.8,
+        begin_step=2,
+        end_step=6,
+        every_n_steps=2,
+        sparsity_end_step=10 / 12,
+        verbose=False,
+    )
+    fit_tiny([pruner], tmp_path, max_epochs=2, limit_train_batches=6, limit_val_batches=0)
+    assert [step for step, _, _ in pruner.updates] == [2, 4, 6]
+    assert pruner.schedule == (2, 6, 0, 10)
+    assert pruner.current_sparsity == pytest.approx(polynomial_sparsity(6, 0.0, 0.8, 0, 10, 3.0))
+    assert pruner.current_sparsity < pruner.target_sparsity
+    assert pruner.sparsity_metrics()["prune/sparsity"] == pytest.approx(pruner.current_sparsity, abs=0.01)
+
+
 def test_same_seed_same_masks_other_seed_other_masks(tmp_path):
-    def masks(cls, seed, root):
+    def masks(cls, seed, root, run_seed=0):
         pruner = cls(target_sparsity=0.5, seed=seed, verbose=False)
-        fit_tiny([pruner], tmp_path / root, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+        fit_tiny(
+            [pruner], tmp_path / root, seed=run_seed, max_epochs=1, limit_train_batches=1, limit_val_batches=0
+        )
         return pruner.masks.state_dict(), pruner.state_dict()["rng_state"]
 
     for cls in (RandomChannels, RandomUnstructured):
@@ -96,15 +123,31 @@ def test_same_seed_same_masks_other_seed_other_masks(tmp_path):
         assert all(torch.equal(a[n], b[n]) for n in a)
         assert any(not torch.equal(a[n], c[n]) for n in a)
         assert not torch.equal(rng_a, torch.Generator().manual_seed(7).get_state())  # the state advanced
+        # seed=None (the default) is what seed_everything set, resolved at fit start
+        (d, _), (e, _) = (
+            masks(cls, None, f"{cls.__name__}d", run_seed=7),
+            masks(cls, None, f"{cls.__name__}e"),
+        )
+        assert all(torch.equal(a[n], d[n]) for n in a)
+        assert any(not torch.equal(a[n], e[n]) for n in a)
 
 
 @pytest.mark.parametrize(
     ("name", "kwargs"),
     [
-        ("random_channels", {"target_sparsity": 0.6, "begin_step": 1, "end_step": 8, "frequency": 2}),
+        (
+            "random_channels",
+            {
+                "target_sparsity": 0.6,
+                "begin_step": 1,
+                "sparsity_begin_step": 1,
+                "sparsity_end_step": 8,
+                "every_n_steps": 2,
+            },
+        ),
         (
             "random_unstructured",
-            {"target_sparsity": 0.7, "initial_sparsity": 0.1, "end_step": 0.75, "frequency": 3},
+            {"target_sparsity": 0.7, "initial_sparsity": 0.1, "sparsity_end_step": 0.75, "every_n_steps": 3},
         ),
     ],
 )
@@ -118,7 +161,8 @@ def test_resume_mid_schedule_draws_the_same_numbers(tmp_path, name, kwargs):
     )
     assert state["current_sparsity"] == pytest.approx(kwargs["target_sparsity"])
     assert state["last_update"] > 4 and isinstance(state["rng_state"], torch.Tensor)
-    assert state["schedule"] == ([1, 8] if name == "random_channels" else [0, 9])
+    # (begin, end, sparsity_begin, sparsity_end); end_step=1.0 (the default) is stored as 2**62: never stop
+    assert state["schedule"] == ([1, 2**62, 1, 8] if name == "random_channels" else [0, 2**62, 0, 9])
 
 
 class _SaveMasks(Callback):
@@ -138,7 +182,7 @@ class _SaveMasks(Callback):
 
 @pytest.mark.slow  # about 45 s on 2 busy CPU cores (two spawned processes)
 def test_ddp_spawn_masks_identical_on_both_ranks_and_to_a_single_process_run(tmp_path):
-    kwargs = {"target_sparsity": 0.5, "end_step": 4, "frequency": 2, "verbose": False}
+    kwargs = {"target_sparsity": 0.5, "sparsity_end_step": 4, "every_n_steps": 2, "verbose": False}
     run = {"max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 0}
     pruner = RandomChannels(**kwargs)
     fit_tiny([pruner, _SaveMasks(pruner, tmp_path)], tmp_path, strategy="ddp_spawn", devices=2, **run)
@@ -157,22 +201,59 @@ def test_ddp_spawn_masks_identical_on_both_ranks_and_to_a_single_process_run(tmp
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"target_sparsity": 1.0}, r"`target_sparsity` must be in \[0.0, 1.0\), got 1.0. HINT: 0.75 prunes"),
+        (
+            {"target_sparsity": 1.0},
+            r"`target_sparsity` must be a number in \[0, 1\), got 1.0. HINT: 0.75 prunes",
+        ),
+        ({"target_sparsity": True}, r"`target_sparsity` must be a number in \[0, 1\), got True"),
+        ({"target_sparsity": float("nan")}, r"`target_sparsity` must be a number in \[0, 1\), got nan"),
         (
             {"target_sparsity": 0.5, "initial_sparsity": 0.6},
-            r"`initial_sparsity` must be in \[0.0, 0.5\], got 0.6. HINT: the schedule grows",
+            r"`initial_sparsity` must be a number in \[0, 0.5\], got 0.6. HINT: the schedule grows",
         ),
-        ({"begin_step": -1}, r"`begin_step` must be an integer >= 0, got -1"),
         (
-            {"begin_step": 5, "end_step": 3},
-            r"`end_step` must be None \(one shot\), an int >= `begin_step` \(5\)",
+            {"begin_step": -1},
+            r"`begin_step` must be optimizer steps \(an int >= 0\) or a fraction of training"
+            r" \(a float in \[0, 1\]\), got -1. HINT: a step \(int\) or a fraction",
         ),
-        ({"end_step": 1.5}, r"`end_step` must be None .* got 1.5. HINT: end_step=None prunes once"),
-        ({"end_step": 0.0}, r"`end_step` must be None .* got 0.0"),
-        ({"frequency": 0}, r"`frequency` must be an integer >= 1, got 0. HINT: masks change every"),
-        ({"exponent": 0}, r"`exponent` must be > 0, got 0. HINT: 3 is the cubic schedule"),
+        ({"begin_step": True}, r"`begin_step` must be optimizer steps \(an int >= 0\) .* got True"),
+        ({"begin_step": float("inf")}, r"`begin_step` must be optimizer steps \(an int >= 0\) .* got inf"),
+        # the window and the ramp must not end before they begin (the old `end_step < begin_step` check)
+        ({"begin_step": 5, "end_step": 3}, r"`end_step` \(3\) must not come before `begin_step` \(5\)\."),
+        (
+            {"sparsity_begin_step": 0.5, "sparsity_end_step": 0.25},
+            r"`sparsity_end_step` \(0.25\) must not come before `sparsity_begin_step` \(0.5\)\.",
+        ),
+        (
+            {"end_step": 1.5},
+            r"`end_step` must be optimizer steps \(an int >= 0\) .* got 1.5. HINT: 1.0 keeps the window open",
+        ),
+        ({"end_step": float("nan")}, r"`end_step` must be optimizer steps \(an int >= 0\) .* got nan"),
+        # (the old `end_step=0.0` case is gone: 0.0 is now a valid fraction of training, a window closing
+        # at step 0)
+        (
+            {"sparsity_begin_step": -3},
+            r"`sparsity_begin_step` must be optimizer steps \(an int >= 0\) .* got -3. HINT: a step \(int\)",
+        ),
+        (
+            {"sparsity_end_step": 1.5},
+            r"`sparsity_end_step` must be optimizer steps \(an int >= 0\) .* got 1.5. HINT: 0 prunes to the"
+            r" target at once",
+        ),
+        (
+            {"sparsity_end_step": False},
+            r"`sparsity_end_step` must be optimizer steps \(an int >= 0\) .* got False",
+        ),
+        ({"every_n_steps": 0}, r"`every_n_steps` must be an integer >= 1, got 0. HINT: masks change every"),
+        ({"every_n_steps": True}, r"`every_n_steps` must be an integer >= 1, got True"),
+        ({"every_n_steps": 2.5}, r"`every_n_steps` must be an integer >= 1, got 2.5"),
+        ({"exponent": 0}, r"`exponent` must be a number > 0, got 0. HINT: 3 is the cubic schedule"),
+        ({"exponent": True}, r"`exponent` must be a number > 0, got True"),
+        ({"exponent": float("inf")}, r"`exponent` must be a number > 0, got inf"),
         ({"seed": -1}, r"`seed` must be an integer >= 0, got -1"),
         ({"seed": 1.0}, r"`seed` must be an integer >= 0, got 1.0"),
+        ({"seed": True}, r"`seed` must be an integer >= 0, got True"),
+        ({"log_media_every_n_epochs": -1}, r"`log_media_every_n_epochs` must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_arguments_fail_at_construction(cls, kwargs, match):

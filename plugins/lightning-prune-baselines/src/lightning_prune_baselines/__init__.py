@@ -5,7 +5,7 @@ group; nothing in lightning-prune itself names them::
 
     pip install plugins/lightning-prune-baselines
     lightning-prune list                                   # first_k, random_channels, random_unstructured
-    lightning_prune.create_callback("first_k", amount=0.5)
+    lightning_prune.create_callback("first_k", target_sparsity=0.5)
 
 The one-shot mask helpers (:func:`first_k_channel_masks`, :func:`random_channel_masks`) work on any
 ``nn.Module`` and are what the channel-pruning benchmarks compare against.

@@ -19,10 +19,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_prune.callbacks.base import PruningCallback, check_fraction, check_int
+from lightning_prune.callbacks.base import PruningCallback, resolve_seed
 from lightning_prune.logging import PREFIX, log_scalars
-from lightning_prune.schedules import polynomial_sparsity
+from lightning_prune.schedules import polynomial_sparsity, resolve_step, until_the_end
 from lightning_prune.targets import Target
+from lightning_prune.validation import (
+    check_fraction,
+    check_int,
+    check_optional,
+    check_position,
+    check_positive,
+)
 from lightning_prune_baselines.channels import BATCHNORM_TYPES, ChannelGroup, ChannelTracer, groups_from_trace
 
 __all__ = ["BaselinePruning", "ScheduledBaselinePruning"]
@@ -43,12 +50,12 @@ class BaselinePruning(PruningCallback):
         self,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
-        log_masks_every_n_epochs: int = 1,
+        types: list[str | type] | None = None,
+        log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
+        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
         self.groups: list[ChannelGroup] | None = None
-        self.weight_names: list[str] = []
         self._layers: list[Target] = []
         self._tracer: ChannelTracer | None = None
         # state
@@ -67,9 +74,8 @@ class BaselinePruning(PruningCallback):
     # ------------------------------------------------------------------ targets
     @override
     def select_targets(self, pl_module: pl.LightningModule) -> list[Target]:
-        layers = super().select_targets(pl_module)
+        layers = super().select_targets(pl_module)  # also sets self.weight_names
         self._layers = layers
-        self.weight_names = [t.name for t in layers]
         if not self.channel_wise:
             return layers
         extra: list[Target] = []
@@ -137,12 +143,6 @@ class BaselinePruning(PruningCallback):
 
     # ------------------------------------------------------------------ logging
     @override
-    def reported_names(self) -> list[str]:
-        """The targeted weights only: the biases and BatchNorm parameters that channel masks also cover repeat
-        the weight's rows (and BatchNorm weights starting at 1 would skew the metrics)."""
-        return list(self.weight_names)
-
-    @override
     def sparsity_metrics(self) -> dict[str, float]:
         """Sparsity of the targeted weights (biases and BatchNorms left out), and of their output channels."""
         metrics = super().sparsity_metrics()
@@ -185,39 +185,46 @@ class BaselinePruning(PruningCallback):
 class ScheduledBaselinePruning(BaselinePruning):
     """A baseline that prunes once, or gradually on Zhu & Gupta's schedule, from a seeded generator.
 
-    The scheduled sparsity at optimizer step ``t`` is
-    ``lightning_prune.schedules.polynomial_sparsity(t, initial_sparsity, target_sparsity, begin_step,
-    end_step, exponent)``. Masks change at the end of the first training batch at which
-    ``trainer.global_step >= begin_step``, then every ``frequency`` steps until ``target_sparsity`` is
-    reached. ``end_step=None`` (the default) prunes to the target in one shot at ``begin_step``.
+    The arguments mean what they mean for :class:`~lightning_prune.GradualMagnitudePruning`: masks may change
+    inside ``[begin_step, end_step]``, every ``every_n_steps`` steps, and the scheduled sparsity at optimizer
+    step ``t`` is ``lightning_prune.schedules.polynomial_sparsity(t, initial_sparsity, target_sparsity,
+    sparsity_begin_step, sparsity_end_step, exponent)``. The first update comes at the end of the first
+    training batch at which ``trainer.global_step >= begin_step``, and updates stop once ``target_sparsity`` is
+    reached; with the default ``sparsity_end_step=0`` the target is reached at once (one shot). Every
+    ``*_step`` argument is an optimizer step (int) or a fraction of the whole training (float in [0, 1]).
 
     Args:
         target_sparsity: final fraction pruned in every targeted layer, in [0, 1).
-        initial_sparsity: the schedule's value at ``begin_step``, in [0, ``target_sparsity``].
-        begin_step: optimizer steps before the first mask update.
-        end_step: step at which the schedule reaches the target; a float in (0, 1] is a fraction of
-            ``trainer.estimated_stepping_batches``; ``None`` = one shot at ``begin_step``.
-        frequency: optimizer steps between mask updates.
+        initial_sparsity: the schedule's value at ``sparsity_begin_step``, in [0, ``target_sparsity``].
+        begin_step: first step at which masks may change.
+        end_step: last such step (default 1.0: until the end of training).
+        every_n_steps: optimizer steps between mask updates.
+        sparsity_begin_step: where the ramp starts.
+        sparsity_end_step: where it reaches ``target_sparsity`` (default 0: one shot).
         exponent: the schedule's exponent (3 = cubic).
-        seed: seeds the callback's own ``torch.Generator``; its state is checkpointed, so resumed and
-            uninterrupted runs draw the same numbers, and every DDP rank draws the same masks.
+        seed: seeds the callback's own ``torch.Generator`` (``None`` = ``torch.initial_seed()``, i.e. what
+            ``seed_everything`` set); its state is checkpointed, so resumed and uninterrupted runs draw the same
+            numbers, and every DDP rank draws the same masks.
     """
 
     def __init__(
         self,
         target_sparsity: float = 0.5,
         initial_sparsity: float = 0.0,
-        begin_step: int = 0,
-        end_step: int | float | None = None,
-        frequency: int = 10,
+        begin_step: int | float = 0,
+        end_step: int | float = 1.0,
+        every_n_steps: int = 10,
+        sparsity_begin_step: int | float = 0,
+        sparsity_end_step: int | float = 0,
         exponent: float = 3.0,
-        seed: int = 0,
+        seed: int | None = None,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
-        log_masks_every_n_epochs: int = 1,
+        types: list[str | type] | None = None,
+        log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
+        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
         self.target_sparsity = check_fraction(
             "target_sparsity", target_sparsity, hint="0.75 prunes three quarters of every targeted layer."
         )
@@ -228,46 +235,65 @@ class ScheduledBaselinePruning(BaselinePruning):
             high_inclusive=True,
             hint="the schedule grows from `initial_sparsity` to `target_sparsity`.",
         )
-        self.begin_step = check_int("begin_step", begin_step, 0)
-        if not (
-            end_step is None
-            or (isinstance(end_step, int) and not isinstance(end_step, bool) and end_step >= begin_step)
-            or (isinstance(end_step, float) and 0.0 < end_step <= 1.0)
-        ):
-            raise MisconfigurationException(
-                f"`end_step` must be None (one shot), an int >= `begin_step` ({begin_step}) or a float in"
-                f" (0, 1] (a fraction of training), got {end_step!r}."
-                " HINT: end_step=None prunes once at `begin_step`."
-            )
-        self.end_step = end_step
-        self.frequency = check_int("frequency", frequency, 1, hint="masks change every `frequency` steps.")
-        if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or exponent <= 0:
-            raise MisconfigurationException(
-                f"`exponent` must be > 0, got {exponent!r}. HINT: 3 is the cubic schedule."
-            )
-        self.exponent = float(exponent)
-        self.seed = check_int("seed", seed, 0)
+        when = "a step (int) or a fraction of training (float in [0, 1])."
+        self.begin_step = check_position("begin_step", begin_step, hint=when)
+        self.end_step = check_position("end_step", end_step, hint="1.0 keeps the window open to the end.")
+        self._check_order("begin_step", self.begin_step, "end_step", self.end_step)
+        self.every_n_steps = check_int(
+            "every_n_steps", every_n_steps, 1, hint="masks change every `every_n_steps` optimizer steps."
+        )
+        self.sparsity_begin_step = check_position("sparsity_begin_step", sparsity_begin_step, hint=when)
+        self.sparsity_end_step = check_position(
+            "sparsity_end_step", sparsity_end_step, hint="0 prunes to the target at once (one shot)."
+        )
+        self._check_order(
+            "sparsity_begin_step", self.sparsity_begin_step, "sparsity_end_step", self.sparsity_end_step
+        )
+        self.exponent = check_positive("exponent", exponent, hint="3 is the cubic schedule.")
+        self.seed = check_optional(check_int, "seed", seed, 0)
         # state
-        self.rng_state: Tensor = torch.Generator().manual_seed(self.seed).get_state()
-        self.schedule: tuple[int, int] | None = None
+        self.rng_state: Tensor | None = None if self.seed is None else self._seeded_state(self.seed)
+        self.schedule: tuple[int, int, int, int] | None = None
+
+    @staticmethod
+    def _check_order(first_name: str, first: int | float, second_name: str, second: int | float) -> None:
+        """Reject a window or ramp that ends before it begins, as GradualMagnitudePruning does (positions of the
+        same kind only: a step and a fraction are compared once resolved)."""
+        if type(first) is type(second) and second < first:
+            raise MisconfigurationException(
+                f"`{second_name}` ({second}) must not come before `{first_name}` ({first})."
+            )
+
+    @staticmethod
+    def _seeded_state(seed: int) -> Tensor:
+        return torch.Generator().manual_seed(seed).get_state()
 
     @override
     def state_key_args(self) -> dict[str, Any]:
         return {**super().state_key_args(), "target_sparsity": self.target_sparsity, "seed": self.seed}
 
-    def resolve_schedule(self, trainer: pl.Trainer) -> tuple[int, int]:
-        """``(begin, end)`` in optimizer steps, fixed on first use and checkpointed."""
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.rng_state is None:  # seed=None: what seed_everything set, rank zero's on every rank
+            self.rng_state = self._seeded_state(resolve_seed(None, trainer))
+
+    def resolve_schedule(self, trainer: pl.Trainer) -> tuple[int, int, int, int]:
+        """``(begin, end, sparsity_begin, sparsity_end)`` in optimizer steps, fixed on first use and checkpointed."""
         if self.schedule is None:
-            end = self.end_step
-            if end is None:
-                end = self.begin_step
-            elif isinstance(end, float):
-                end = int(round(end * float(trainer.estimated_stepping_batches)))
-            self.schedule = (self.begin_step, max(int(end), self.begin_step))
+            begin = resolve_step("begin_step", self.begin_step, trainer)
+            end = 2**62 if until_the_end(self.end_step) else resolve_step("end_step", self.end_step, trainer)
+            s_begin = resolve_step("sparsity_begin_step", self.sparsity_begin_step, trainer)
+            s_end = resolve_step("sparsity_end_step", self.sparsity_end_step, trainer)
+            assert begin is not None and end is not None and s_begin is not None and s_end is not None
+            self.schedule = (begin, max(end, begin), s_begin, max(s_end, s_begin))
         return self.schedule
 
     def sparsity_at(self, step: int) -> float:
-        begin, end = self.schedule if self.schedule is not None else (self.begin_step, self.begin_step)
+        if self.schedule is not None:
+            begin, end = self.schedule[2], self.schedule[3]
+        else:
+            begin = end = int(self.sparsity_begin_step)
         return polynomial_sparsity(
             step, self.initial_sparsity, self.target_sparsity, begin, end, self.exponent
         )
@@ -275,17 +301,19 @@ class ScheduledBaselinePruning(BaselinePruning):
     @override
     def due(self, trainer: pl.Trainer) -> float | None:
         step = int(trainer.global_step)
-        begin, _ = self.resolve_schedule(trainer)
-        if step < begin:
+        begin, end, _, _ = self.resolve_schedule(trainer)
+        if step < begin or step > end:
             return None
         if self.last_update >= 0 and (
-            self.current_sparsity >= self.target_sparsity or step - self.last_update < self.frequency
+            self.current_sparsity >= self.target_sparsity or step - self.last_update < self.every_n_steps
         ):
             return None
         return self.sparsity_at(step)
 
     def generator(self) -> torch.Generator:
         """A CPU generator at the checkpointed state; call :meth:`save_generator` after drawing."""
+        if self.rng_state is None:
+            self.rng_state = self._seeded_state(resolve_seed(None))
         generator = torch.Generator()
         generator.set_state(self.rng_state)
         return generator
@@ -297,7 +325,7 @@ class ScheduledBaselinePruning(BaselinePruning):
     def extra_state_dict(self) -> dict[str, Any]:
         return {
             **super().extra_state_dict(),
-            "rng_state": self.rng_state.clone(),
+            "rng_state": self.rng_state.clone() if self.rng_state is not None else None,
             "schedule": list(self.schedule) if self.schedule is not None else None,
         }
 
@@ -307,4 +335,4 @@ class ScheduledBaselinePruning(BaselinePruning):
         if state.get("rng_state") is not None:
             self.rng_state = state["rng_state"].clone()
         schedule = state.get("schedule")
-        self.schedule = (int(schedule[0]), int(schedule[1])) if schedule is not None else None
+        self.schedule = tuple(int(v) for v in schedule) if schedule is not None and len(schedule) == 4 else None

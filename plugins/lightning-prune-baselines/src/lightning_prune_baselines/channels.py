@@ -66,17 +66,17 @@ class ChannelGroup:
 
 
 # ---------------------------------------------------------------------- choosing channels
-def first_k_pruned(channels: int, amount: float) -> int:
-    """How many leading channels the first-k baseline drops: ``channels - kept_count(channels, amount)``.
+def first_k_pruned(channels: int, sparsity: float) -> int:
+    """How many leading channels the first-k baseline drops: ``channels - kept_count(channels, sparsity)``.
 
-    At least one channel always survives (``kept_count`` keeps ``max(round(C (1 - amount)), 1)``).
+    At least one channel always survives (``kept_count`` keeps ``max(round(C (1 - sparsity)), 1)``).
 
     Example::
 
         >>> first_k_pruned(48, 0.5), first_k_pruned(10, 0.25), first_k_pruned(3, 0.99)
         (24, 2, 2)
     """
-    return channels - kept_count(channels, amount)
+    return channels - kept_count(channels, sparsity)
 
 
 def nested_random_keep(previous: Tensor, sparsity: float, generator: torch.Generator) -> Tensor:
@@ -234,12 +234,12 @@ def channel_groups(
 # ---------------------------------------------------------------------- one-shot helpers
 def first_k_channel_masks(
     model: nn.Module,
-    amount: float,
+    sparsity: float,
     example_input: Any = None,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
-    """Masks that drop the first ``first_k_pruned(C, amount)`` output channels of every targeted layer.
+    """Masks that drop the first ``first_k_pruned(C, sparsity)`` output channels of every targeted layer.
 
     The seed article's control: "remove the first k channels of every layer, then fine-tune". Keys are
     ``model``'s parameter names (weights, biases and, with ``example_input``, the following BatchNorms).
@@ -254,19 +254,19 @@ def first_k_channel_masks(
     keep = {}
     for group in groups:
         channels = params[group.weight].shape[0]
-        keep[group.weight] = torch.arange(channels) >= first_k_pruned(channels, amount)
+        keep[group.weight] = torch.arange(channels) >= first_k_pruned(channels, sparsity)
     return channel_masks(groups, params, keep)
 
 
 def random_channel_masks(
     model: nn.Module,
-    amount: float,
+    sparsity: float,
     seed: int = 0,
     example_input: Any = None,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
-    """Masks that drop ``C - kept_count(C, amount)`` random output channels of every targeted layer.
+    """Masks that drop ``C - kept_count(C, sparsity)`` random output channels of every targeted layer.
 
     Layers draw, in module order, from one ``torch.Generator`` seeded with ``seed``: the same seed gives
     the same masks on every machine and rank.
@@ -276,7 +276,7 @@ def random_channel_masks(
     groups = channel_groups(model, example_input, include, exclude)
     keep = {
         g.weight: nested_random_keep(
-            torch.ones(params[g.weight].shape[0], dtype=torch.bool), amount, generator
+            torch.ones(params[g.weight].shape[0], dtype=torch.bool), sparsity, generator
         )
         for g in groups
     }

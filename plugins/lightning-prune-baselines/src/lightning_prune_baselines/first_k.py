@@ -1,8 +1,9 @@
 """The "first k channels" control of channel-pruning experiments.
 
-From the seed article on channel pruning with mask layers (group LASSO and L0 gates on CIFAR): "as a
-trivial reference point, to check that the algorithms do anything at all, drop the first k neurons of
-every layer and fine-tune the resulting network." A learned criterion that cannot beat this is not
+From the Habr article «Редукция нейронных сетей при помощи вариационной оптимизации» ("Reducing neural
+networks with variational optimisation": channel pruning with mask layers, group LASSO and L0 gates on
+CIFAR): "as a trivial reference point, to check that the algorithms do anything at all, drop the first k
+neurons of every layer and fine-tune the resulting network." A learned criterion that cannot beat this is not
 learning which channels matter.
 """
 
@@ -15,7 +16,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.callbacks.base import check_fraction, check_int
+from lightning_prune.schedules import resolve_step
+from lightning_prune.validation import check_exclusive, check_fraction, check_position
 from lightning_prune_baselines._base import BaselinePruning
 from lightning_prune_baselines.channels import channel_masks, first_k_pruned
 
@@ -23,51 +25,61 @@ __all__ = ["FirstKChannels"]
 
 
 class FirstKChannels(BaselinePruning):
-    """Drop the first k output channels of every targeted layer once, then fine-tune (the seed's baseline).
+    """Drop the first k output channels of every targeted layer once, then fine-tune (the Habr article's baseline).
 
     In each targeted Conv/Linear layer with ``C`` output channels the first
-    ``k = C - max(round(C * (1 - amount)), 1)`` channels are pruned: their weight rows (whole filters),
+    ``k = C - max(round(C * (1 - target_sparsity)), 1)`` channels are pruned: their weight rows (whole filters),
     their bias entries and, when a BatchNorm directly follows the layer, its ``weight`` and ``bias``
     entries, so the channel outputs exactly zero. The masks are installed at the end of the first training
-    batch of epoch ``prune_epoch`` (or, when ``prune_step`` is set, of the first batch after which
-    ``trainer.global_step >= prune_step``) and kept for the rest of training: training goes on as
-    fine-tuning of the narrower network.
+    batch after which ``trainer.global_step`` has reached ``prune_step`` (``prune_epoch`` ``e``: the step at
+    which epoch ``e`` starts) and kept for the rest of training: training goes on as fine-tuning of the
+    narrower network.
 
     Args:
-        amount: fraction of each layer's output channels to drop, in [0, 1); at least one channel stays.
-        prune_epoch: the epoch in which to prune (0 = right at the start).
-        prune_step: prune after this many optimizer steps instead (overrides ``prune_epoch``).
-        include, exclude, log_masks_every_n_epochs, verbose: see :class:`~lightning_prune.PruningCallback`.
+        target_sparsity: fraction of each layer's output channels to drop, in [0, 1); at least one channel stays.
+        prune_step: when to prune: an optimizer step or a fraction of training (float in [0, 1]); default
+            (neither this nor ``prune_epoch``): 0, right at the start.
+        prune_epoch: the same as an epoch (at its first batch) or a fraction of training.
+        include, exclude, types, log_media_every_n_epochs, verbose: see :class:`~lightning_prune.PruningCallback`.
 
     Example::
 
-        trainer = Trainer(callbacks=[lightning_prune.create_callback("first_k", amount=0.5, prune_epoch=5)])
+        trainer = Trainer(callbacks=[lightning_prune.create_callback("first_k", target_sparsity=0.5, prune_epoch=5)])
     """
 
     def __init__(
         self,
-        amount: float = 0.5,
-        prune_epoch: int = 0,
-        prune_step: int | None = None,
+        target_sparsity: float = 0.5,
+        prune_step: int | float | None = None,
+        prune_epoch: int | float | None = None,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
-        log_masks_every_n_epochs: int = 1,
+        types: list[str | type] | None = None,
+        log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(include, exclude, log_masks_every_n_epochs, verbose)
-        self.amount = check_fraction(
-            "amount", amount, hint="amount is the fraction of channels dropped; 0.5 halves every layer."
+        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
+        self.target_sparsity = check_fraction(
+            "target_sparsity", target_sparsity, hint="the fraction of channels dropped; 0.5 halves every layer."
         )
-        self.prune_epoch = check_int("prune_epoch", prune_epoch, 0, hint="0 prunes at the start of training.")
-        self.prune_step = (
-            None
-            if prune_step is None
-            else check_int("prune_step", prune_step, 0, hint="leave it None to prune at `prune_epoch`.")
-        )
+        hint = "0 prunes at the start of training; 0.5 halfway through."
+        check_exclusive(prune_step=prune_step, prune_epoch=prune_epoch, hint=hint)
+        self.prune_step = check_position("prune_step", prune_step, allow_none=True, hint=hint)
+        self.prune_epoch = check_position("prune_epoch", prune_epoch, allow_none=True, hint=hint)
+        self._prune_at_step: int | None = None
 
     @override
     def state_key_args(self) -> dict[str, Any]:
-        return {**super().state_key_args(), "amount": self.amount}
+        return {**super().state_key_args(), "target_sparsity": self.target_sparsity}
+
+    @override
+    def extra_state_dict(self) -> dict[str, Any]:
+        return {**super().extra_state_dict(), "prune_at_step": self._prune_at_step}
+
+    @override
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_extra_state_dict(state)
+        self._prune_at_step = state.get("prune_at_step", self._prune_at_step)
 
     @property
     def pruned(self) -> bool:
@@ -77,9 +89,10 @@ class FirstKChannels(BaselinePruning):
     def due(self, trainer: pl.Trainer) -> float | None:
         if self.pruned:
             return None
-        if self.prune_step is not None:
-            return self.amount if trainer.global_step >= self.prune_step else None
-        return self.amount if trainer.current_epoch >= self.prune_epoch else None
+        if self._prune_at_step is None:
+            name = "prune_epoch" if self.prune_epoch is not None else "prune_step"
+            self._prune_at_step = resolve_step(name, getattr(self, name) or 0, trainer)
+        return self.target_sparsity if trainer.global_step >= self._prune_at_step else None
 
     @override
     def compute_masks(self, sparsity: float) -> dict[str, Tensor]:

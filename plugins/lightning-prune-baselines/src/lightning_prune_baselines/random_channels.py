@@ -28,14 +28,15 @@ class RandomChannels(ScheduledBaselinePruning):
 
     Args:
         target_sparsity: final fraction of output channels dropped in every targeted layer, in [0, 1).
-        initial_sparsity, begin_step, end_step, frequency, exponent, seed: the schedule and the generator,
-            see :class:`~lightning_prune_baselines._base.ScheduledBaselinePruning`.
-        include, exclude, log_masks_every_n_epochs, verbose: see :class:`~lightning_prune.PruningCallback`.
+        initial_sparsity, begin_step, end_step, every_n_steps, sparsity_begin_step, sparsity_end_step, exponent,
+            seed: the schedule and the generator, as for :class:`~lightning_prune.GradualMagnitudePruning` (see
+            :class:`~lightning_prune_baselines._base.ScheduledBaselinePruning`).
+        include, exclude, types, log_media_every_n_epochs, verbose: see :class:`~lightning_prune.PruningCallback`.
 
     Example::
 
         RandomChannels(target_sparsity=0.5)                                   # one shot at the start
-        RandomChannels(target_sparsity=0.5, end_step=0.5, frequency=20, seed=3)  # gradually, first half
+        RandomChannels(target_sparsity=0.5, sparsity_end_step=0.5, every_n_steps=20, seed=3)  # first half
     """
 
     channel_wise = True

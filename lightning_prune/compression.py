@@ -18,8 +18,6 @@ of the same architecture in one line::
 from __future__ import annotations
 
 import copy
-import sys
-import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,14 +27,11 @@ import torch_pruning as tp
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.functional.channels import zero_channels
 from lightning_prune.gates import _call, _covers, _readers, _randomised_copy, build_graph, example_inputs_for, traced_root
 
 __all__ = ["CompressionError", "compress", "dead_channels", "load_compressed", "save_compressed"]
-
-
-class CompressionError(RuntimeError):
-    """Removing the channels changed the model's outputs."""
 
 
 def _site_zero(producer: nn.Module, norm: nn.Module | None) -> Tensor:
@@ -207,7 +202,7 @@ def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu
     """
     payload = torch.load(str(path), map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} was not written by lightning_prune.save_compressed.")
+        raise InvalidArgumentError(f"{path} was not written by lightning_prune.save_compressed.")
     state = payload["state_dict"]
     for key, value in state.items():
         module_name, _, attr = key.rpartition(".")
@@ -225,14 +220,3 @@ def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu
             setattr(module, key, value)
     model.load_state_dict(state, strict=True)
     return model
-
-
-class _CallableModule(types.ModuleType):
-    """``import lightning_prune.compress`` makes ``lightning_prune.compress`` this module (Python binds a loaded
-    submodule on its package), which would shadow the function ``lp.compress``; calling the module calls it."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
-        return compress(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,255 @@
+"""Argument checks shared by every callback, the plugins and the model-level functions.
+
+Each helper returns the normalised value or raises with one message of the same shape: the argument in
+backticks, what it must be, the value received, and a ``HINT:`` when there is an obvious fix. Booleans are
+never accepted where a number is expected, and ``nan``/``inf`` are rejected everywhere a finite number is
+meant. Callbacks use the default exception (Lightning's ``MisconfigurationException``); functions that work on a
+plain ``nn.Module`` pass ``error=InvalidArgumentError`` (or ``InvalidArgumentTypeError``).
+
+**When-arguments** follow one rule: a name ending in ``_step`` counts optimizer steps, one ending in ``_epoch``
+counts epochs, and either also takes a float in [0, 1] meaning that fraction of the whole training
+(:func:`check_position`; :func:`lightning_prune.schedules.resolve_step` turns all of them into steps).
+
+Example::
+
+    >>> check_fraction("target_sparsity", 0.9)
+    0.9
+    >>> check_position("begin_step", 3.0)   # a config parser may hand over `3` as 3.0
+    3
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+__all__ = [
+    "as_misconfiguration",
+    "check_bool",
+    "check_cadence",
+    "check_choice",
+    "check_exclusive",
+    "check_fraction",
+    "check_input_size",
+    "check_int",
+    "check_nonnegative",
+    "check_number",
+    "check_optional",
+    "check_patterns",
+    "check_position",
+    "check_positive",
+    "check_types",
+    "is_number",
+]
+
+ErrorType = type[Exception]
+_DEFAULT: ErrorType = MisconfigurationException
+
+
+def _fail(name: str, expected: str, value: Any, hint: str, error: ErrorType) -> Exception:
+    return error(f"`{name}` must be {expected}, got {value!r}." + (f" HINT: {hint}" if hint else ""))
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _interval(low: float | None, high: float | None, low_inclusive: bool, high_inclusive: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+    if low is not None:
+        return f"{'>=' if low_inclusive else '>'} {low:g}"
+    if high is not None:
+        return f"{'<=' if high_inclusive else '<'} {high:g}"
+    return "finite"
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_inclusive: bool = True, high_inclusive: bool = True, hint: str = "",
+                 error: ErrorType = _DEFAULT) -> float:
+    """A finite number within ``[low, high]`` (bounds optional, each inclusive or not); returns a float."""
+    ok = is_number(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high
+    if not ok:
+        raise _fail(name, f"a number {_interval(low, high, low_inclusive, high_inclusive)}", value, hint, error)
+    return float(value)
+
+
+def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0, high_inclusive: bool = False,
+                   hint: str = "", error: ErrorType = _DEFAULT) -> float:
+    """A number in ``[low, high)`` (``[low, high]`` with ``high_inclusive``)."""
+    return check_number(name, value, low, high, True, high_inclusive, hint, error)
+
+
+def check_positive(name: str, value: Any, hint: str = "", error: ErrorType = _DEFAULT) -> float:
+    """A finite number ``> 0``."""
+    return check_number(name, value, low=0.0, low_inclusive=False, hint=hint, error=error)
+
+
+def check_nonnegative(name: str, value: Any, hint: str = "", error: ErrorType = _DEFAULT) -> float:
+    """A finite number ``>= 0``."""
+    return check_number(name, value, low=0.0, hint=hint, error=error)
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None, hint: str = "",
+              error: ErrorType = _DEFAULT) -> int:
+    """An integer (not a bool, not a float) within ``[minimum, maximum]``."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        bounds = _interval(minimum, maximum, True, True)
+        raise _fail(name, "an integer" + ("" if bounds == "finite" else f" {bounds}"), value, hint, error)
+    return int(value)
+
+
+def check_bool(name: str, value: Any, hint: str = "", error: ErrorType = _DEFAULT) -> bool:
+    """``True`` or ``False`` (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise _fail(name, "True or False", value, hint, error)
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any], hint: str = "", error: ErrorType = _DEFAULT) -> Any:
+    """One of ``choices``."""
+    if isinstance(value, bool) or value not in tuple(choices):
+        raise _fail(name, f"one of {list(choices)}", value, hint, error)
+    return value
+
+
+def check_optional(check: Any, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+    """``None``, or what ``check(name, value, ...)`` accepts."""
+    return None if value is None else check(name, value, *args, **kwargs)
+
+
+def check_patterns(name: str, value: Any, error: ErrorType = _DEFAULT) -> list[str]:
+    """Glob patterns: ``None`` (none), a string, or a sequence of strings."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):
+        items = list(value)
+        if all(isinstance(v, str) and v for v in items):
+            return items
+    raise _fail(name, "a glob pattern or a list of them (strings)", value,
+                "patterns match module names, e.g. ['layer4.*'] or '*.downsample.*'.", error)
+
+
+def check_position(name: str, value: Any, allow_none: bool = False, hint: str = "",
+                   error: ErrorType = _DEFAULT) -> int | float | None:
+    """A when-argument: an ``int >= 0`` (steps or epochs, as the name says) or a float in [0, 1] (a fraction of
+    the whole training). An integral float above 1 is read as the count it spells (``3.0`` -> ``3``): config
+    parsers (jsonargparse under LightningCLI) hand ``int | float | None`` arguments over as floats."""
+    if value is None and allow_none:
+        return None
+    unit = "epochs" if name.endswith("_epoch") else "optimizer steps"
+    expected = f"{unit} (an int >= 0) or a fraction of training (a float in [0, 1])" + (" or None" if allow_none
+                                                                                      else "")
+    if isinstance(value, bool) or not is_number(value) or value < 0:
+        raise _fail(name, expected, value, hint, error)
+    if isinstance(value, int):
+        return int(value)
+    if value <= 1.0:
+        return float(value)
+    if float(value).is_integer():
+        return int(value)
+    raise _fail(name, expected, value, hint or "a float counts only as a fraction of training, in [0, 1].", error)
+
+
+def check_cadence(name: str, value: Any, allow_none: bool = False, hint: str = "",
+                  error: ErrorType = _DEFAULT) -> int | float | None:
+    """An ``every_n_*`` argument: an ``int >= 1`` (steps or epochs) or a float in (0, 1] (that fraction of
+    training between two events). Integral floats above 1 are read as counts, as in :func:`check_position`."""
+    if value is None and allow_none:
+        return None
+    unit = "epochs" if name.endswith("epochs") else "optimizer steps"
+    expected = f"a number of {unit} (an int >= 1) or a fraction of training (a float in (0, 1])" + (
+        " or None" if allow_none else "")
+    if isinstance(value, bool) or not is_number(value):
+        raise _fail(name, expected, value, hint, error)
+    if isinstance(value, int):
+        if value < 1:
+            raise _fail(name, expected, value, hint, error)
+        return int(value)
+    if 0.0 < value <= 1.0:
+        return float(value)
+    if value > 1.0 and float(value).is_integer():
+        return int(value)
+    raise _fail(name, expected, value, hint, error)
+
+
+def check_exclusive(error: ErrorType = _DEFAULT, hint: str = "", **values: Any) -> None:
+    """At most one of the named arguments is not ``None``."""
+    given = [k for k, v in values.items() if v is not None]
+    if len(given) > 1:
+        shown = ", ".join(f"`{k}`={values[k]!r}" for k in given)
+        raise error(f"Pass only one of {', '.join(f'`{k}`' for k in values)}; got {shown}."
+                    + (f" HINT: {hint}" if hint else ""))
+
+
+def check_input_size(name: str, value: Any, error: ErrorType = _DEFAULT) -> tuple[int, ...] | None:
+    """``None`` or a sequence of positive ints such as ``(3, 32, 32)``."""
+    if value is None:
+        return None
+    if (isinstance(value, (list, tuple)) and value
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in value)):
+        return tuple(int(s) for s in value)
+    raise _fail(name, "None or a sequence of positive ints such as (3, 32, 32)", value,
+                "it is the shape of one input sample, without the batch dimension.", error)
+
+
+def _module_type(spec: Any) -> type[nn.Module] | None:
+    if isinstance(spec, type):
+        return spec if issubclass(spec, nn.Module) else None
+    if not isinstance(spec, str) or not spec:
+        return None
+    module_name, _, attr = spec.rpartition(".")
+    try:
+        owner = importlib.import_module(module_name) if module_name else nn
+        found = getattr(owner, attr, None)
+    except ImportError:
+        found = None
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+
+
+def check_types(name: str, value: Any, error: ErrorType = _DEFAULT) -> tuple[type[nn.Module], ...] | None:
+    """``None`` or module types: classes, names in ``torch.nn`` (``"BatchNorm2d"``) or dotted paths
+    (``"timm.layers.StdConv2d"``)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, (str, type)) else list(value) if isinstance(value, Iterable) else None
+    resolved = [_module_type(v) for v in items] if items else None
+    if not resolved or any(t is None for t in resolved):
+        raise _fail(name, "a list of nn.Module types (classes, torch.nn names or dotted paths)", value,
+                    "e.g. types=['Conv2d', 'Linear', 'BatchNorm2d'].", error)
+    return tuple(resolved)  # type: ignore[arg-type]
+
+
+class as_misconfiguration:  # noqa: N801  (used as a context manager, like contextlib's)
+    """Re-raise lightning-prune's own ``ValueError``/``TypeError`` subclasses as ``MisconfigurationException``
+    (what a callback raises), keeping the message and the cause.
+
+    Example::
+
+        with as_misconfiguration():
+            targets = resolve_targets(pl_module, include, exclude)
+    """
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> bool:
+        from lightning_prune.errors import InvalidArgumentError, InvalidArgumentTypeError
+
+        if isinstance(value, (InvalidArgumentError, InvalidArgumentTypeError)):
+            raise MisconfigurationException(str(value)) from value
+        return False
