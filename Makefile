@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up .venv, then prune a timm resnet18 to 90% sparsity on the embedded digits data
-#   make test   set up .venv, then run the test suite (what CI runs)
+#   make test   set up .venv, then lint and run the test suite with the docstring examples (what CI runs)
 PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip install --quiet --constraint constraints.txt
@@ -23,11 +23,14 @@ demo: setup
 # The core's tests and, beside them, those of the plugin distributions installed by `setup`.
 TESTS := tests plugins/lightning-prune-baselines/tests
 
+# Lint first (ruff, configured in pyproject.toml), then the tests and the package's docstring examples.
 test: setup
-	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q $(TESTS)
+	$(VENV)/bin/ruff check lightning_prune plugins tests benchmarks
+	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q --doctest-modules lightning_prune $(TESTS)
 
 test-all: setup
-	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q -m "" $(TESTS)
+	$(VENV)/bin/ruff check lightning_prune plugins tests benchmarks
+	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q -m "" --doctest-modules lightning_prune $(TESTS)
 
 bench: setup
 	$(VENV)/bin/python benchmarks/overhead.py

@@ -2,11 +2,13 @@
 
 For each penalty ``lam``, ``GroupLassoPruning`` trains with gates, finalises at 60% of training (gates below
 threshold prune their channels, the rest are folded in), fine-tunes the remaining 40% and compresses the
-model physically. The baselines (seed 000's CIFAR comparison) start from the dense model trained for the
-same number of epochs, remove the same fraction of each gated layer's channels -- the *first k* channels,
-or *random* ones -- and fine-tune for the same 40% of epochs. Every compressed model is measured against the
-dense one in the same run: test accuracy, parameters, FLOPs (torch-pruning's ``count_ops_and_params``) and
-CPU inference latency (one thread, batch 64 at 32x32, dense and pruned timed alternately, median).
+model physically. The baselines (the CIFAR comparison of the Habr article «Редукция нейронных сетей при помощи
+вариационной оптимизации», "Reducing neural networks with variational optimisation", in Russian) start from
+the dense model trained for the same number of epochs, remove the same fraction of each gated layer's channels
+-- the *first k* channels, or *random* ones -- and fine-tune for the same 40% of epochs. Every compressed
+model is measured against the dense one in the same run: test accuracy, parameters, FLOPs (torch-pruning's
+``count_ops_and_params``) and CPU inference latency (one thread, batch 64 at 32x32, dense and pruned timed
+alternately, median).
 
 Run from the repository root::
 
@@ -48,9 +50,9 @@ INPUT = (3, 32, 32)
 class FixedChannelPruning(PruningCallback):
     """Baseline: remove a fraction of each gateable group's channels at the start, then fine-tune.
 
-    ``mode="first"`` removes the first ``k`` channels of every group (seed 000's baseline), ``"random"`` a
-    seeded random ``k``; removal is a mask on every weight/BatchNorm slice of the channel (kept at zero after
-    every step), so :func:`lightning_prune.compress` deletes them at the end.
+    ``mode="first"`` removes the first ``k`` channels of every group (the Habr channel-pruning article's
+    baseline), ``"random"`` a seeded random ``k``; removal is a mask on every weight/BatchNorm slice of the
+    channel (kept at zero after every step), so :func:`lightning_prune.compress` deletes them at the end.
     """
 
     def __init__(self, fraction: float, mode: str = "first", seed: int = 0) -> None:
@@ -91,9 +93,10 @@ class FixedChannelPruning(PruningCallback):
 
 
 def trainer(epochs: int, callbacks=(), root: str = "runs/bench_channels") -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, callbacks=list(callbacks), default_root_dir=root, deterministic=True)
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
+                      default_root_dir=root, deterministic=True)
 
 
 def classifier(lr: float) -> lp.ImageClassifier:
@@ -107,7 +110,8 @@ def test_accuracy(model: pl.LightningModule, data: pl.LightningDataModule) -> fl
 
 
 @torch.no_grad()
-def latency_ms(models: dict[str, torch.nn.Module], rounds: int, batch: int = 64, size: int = 32) -> dict[str, float]:
+def latency_ms(models: dict[str, torch.nn.Module], rounds: int, batch: int = 64,
+               size: int = 32) -> dict[str, float]:
     """Median ms per batch, models timed alternately so that contention hits them alike."""
     torch.set_num_threads(1)
     x = torch.randn(batch, INPUT[0], size, size)
@@ -130,17 +134,20 @@ def cost(model: torch.nn.Module) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 lambdas, 6 epochs")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--lams", type=float, nargs="*", default=None)
     parser.add_argument("--coupled-lams", type=float, nargs="*", default=None,
                         help="extra runs with prune_coupled=True (residual channels gated too)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", default="", help="results go to benchmarks/results/channels[-TAG].{json,md,png}")
+    parser.add_argument("--tag", default="",
+                        help="results go to benchmarks/results/channels[-TAG].{json,md,png}")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--gate-lr", type=float, default=None,
-                        help="default: 1.2 / (10 * lam_median * steps until finalisation), i.e. the gates could reach 0")
+                        help="default: 1.2 / (10 * lam_median * steps until finalisation), i.e. the gates"
+                             " could reach 0")
     parser.add_argument("--latency-rounds", type=int, default=None)
     args = parser.parse_args()
     epochs = args.epochs or (6 if args.quick else 15)
@@ -151,7 +158,8 @@ def main() -> None:
     finetune = max(1, int(round(epochs * (1 - finalize_at))))
     data = lp.DigitsDataModule(batch_size=64, seed=args.seed)
     steps_per_epoch = 20  # 1257 training images / 64
-    gate_lr = args.gate_lr or round(1.2 / (10 * sorted(lams)[len(lams) // 2] * finalize_at * epochs * steps_per_epoch), 2)
+    lam_median = sorted(lams)[len(lams) // 2]
+    gate_lr = args.gate_lr or round(1.2 / (10 * lam_median * finalize_at * epochs * steps_per_epoch), 2)
     started = time.time()
     rows: list[dict[str, Any]] = []
 
@@ -172,7 +180,8 @@ def main() -> None:
 
     def measure(key: str, method: str, lam: float | None, removed: float, module: pl.LightningModule) -> None:
         """Accuracy of the masked model; its compressed copies (widths as they fall, and rounded up to 8)."""
-        row = {"method": method, "lam": lam, "removed": removed, "acc": test_accuracy(module, data), "key": key}
+        row = {"method": method, "lam": lam, "removed": removed, "acc": test_accuracy(module, data),
+               "key": key}
         for r, suffix in ((1, ""), (8, "_r8")):
             net = lp.compress(copy.deepcopy(module.model), input_size=INPUT, round_to=r).eval()
             row["flops" + suffix], row["params" + suffix] = cost(net)
@@ -202,7 +211,8 @@ def main() -> None:
             pl.seed_everything(args.seed, verbose=False)
             model = classifier(args.lr * 0.2)
             model.model.load_state_dict(dense.model.state_dict())
-            trainer(finetune, [FixedChannelPruning(removed, mode=mode, seed=args.seed)]).fit(model, datamodule=data)
+            baseline = FixedChannelPruning(removed, mode=mode, seed=args.seed)
+            trainer(finetune, [baseline]).fit(model, datamodule=data)
             measure(f"{mode}_k {removed:.0%}", f"{mode}_k", None, removed, model)
 
     lat = latency_ms(compressed, rounds)
@@ -219,8 +229,9 @@ def main() -> None:
         row["flops_ratio_r8"] = row["flops_r8"] / dense_flops
         row["params_ratio"] = row["params"] / dense_params
         row["acc_drop_pts"] = 100 * (dense_acc - row["acc"])
-    write(rows, {"epochs": epochs, "lams": lams, "coupled_lams": coupled_lams, "gate_lr": gate_lr, "finetune_epochs": finetune, "finalize_at": finalize_at,
-                 "seed": args.seed, "quick": args.quick, "latency_rounds": rounds, "lr": args.lr,
+    write(rows, {"epochs": epochs, "lams": lams, "coupled_lams": coupled_lams, "gate_lr": gate_lr,
+                 "finetune_epochs": finetune, "finalize_at": finalize_at, "seed": args.seed,
+                 "quick": args.quick, "latency_rounds": rounds, "lr": args.lr,
                  "torch_threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 1)},
           name="channels" + (f"-{args.tag}" if args.tag else ""))
     log("done")
@@ -237,16 +248,18 @@ def write(rows: list[dict[str, Any]], config: dict[str, Any], name: str = "chann
     for r in rows:
         lines.append(
             f"| {r['method']} | {'' if r['lam'] is None else format(r['lam'], 'g')} | {r['removed']:.1%} |"
-            f" {r['acc']:.4f} | {r['acc_drop_pts']:+.2f} | {r['params_ratio']:.2f}x | {r['flops_ratio']:.2f}x |"
-            f" {r['latency_ratio']:.2f}x ({r['latency_ms']:.1f} ms) | {r['latency_ratio'] / r['flops_ratio']:.2f} |"
-            f" {r['flops_ratio_r8']:.2f}x, {r['latency_ratio_r8']:.2f}x |"
-            f" {r['latency224_ratio']:.2f}x ({r['latency224_ms']:.0f} ms) |"
+            f" {r['acc']:.4f} | {r['acc_drop_pts']:+.2f} | {r['params_ratio']:.2f}x | {r['flops_ratio']:.2f}x"
+            f" | {r['latency_ratio']:.2f}x ({r['latency_ms']:.1f} ms) |"
+            f" {r['latency_ratio'] / r['flops_ratio']:.2f} | {r['flops_ratio_r8']:.2f}x,"
+            f" {r['latency_ratio_r8']:.2f}x | {r['latency224_ratio']:.2f}x ({r['latency224_ms']:.0f} ms) |"
         )
     header = (f"digits, timm resnet18 at 32x32, {config['epochs']} epochs (group-LASSO finalises at"
-              f" {config['finalize_at']:.0%}, gate_lr {config['gate_lr']}; baselines fine-tune the dense model {config['finetune_epochs']} epochs),"
-              f" seed {config['seed']}{', --quick' if config['quick'] else ''}. Ratios are against the dense model"
-              f" measured in the same run; latency: 1 thread, batch 64 at 32x32 (median of {config['latency_rounds']}) and"
-              f" batch 8 at 224x224 (the same models on ImageNet-size inputs).\n\n")
+              f" {config['finalize_at']:.0%}, gate_lr {config['gate_lr']}; baselines fine-tune the dense"
+              f" model {config['finetune_epochs']} epochs), seed"
+              f" {config['seed']}{', --quick' if config['quick'] else ''}. Ratios are against the dense model"
+              " measured in the same run; latency: 1 thread, batch 64 at 32x32 (median of"
+              f" {config['latency_rounds']}) and batch 8 at 224x224 (the same models on ImageNet-size"
+              " inputs).\n\n")
     (RESULTS / f"{name}.md").write_text(header + "\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -259,7 +272,8 @@ def write(rows: list[dict[str, Any]], config: dict[str, Any], name: str = "chann
     dense_acc = rows[0]["acc"]
     ax1.axhline(dense_acc, color="gray", ls="--", label="dense")
     ax1.axhline(dense_acc - 0.01, color="gray", ls=":", label="dense - 1 pt")
-    for method, marker in (("group_lasso", "o"), ("group_lasso_coupled", "D"), ("first_k", "s"), ("random_k", "^")):
+    markers = (("group_lasso", "o"), ("group_lasso_coupled", "D"), ("first_k", "s"), ("random_k", "^"))
+    for method, marker in markers:
         pts = sorted((r["removed"], r["acc"]) for r in rows if r["method"] == method)
         if pts:
             ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method)

@@ -4,7 +4,8 @@ Part 1 (quality): the same seeded runs of a timm model trained with SGD alone, w
 ``EvolutionaryMutation(strategy="select")`` and with ``EvolutionaryMutation(strategy="es")``; validation
 accuracy after every epoch (plot), final validation accuracy (mean and spread over seeds), and the wall time
 of one generation against the time of one SGD epoch measured in the same run. The fitness set is the
-datamodule's *test* split (the seed article's "evolution on another part of the data"), so the validation
+datamodule's *test* split (the "evolution on another part of the data" of the Habr article «Спартанское
+обучение нейронных сетей», "Spartan training of neural networks", in Russian), so the validation
 accuracy plotted is never seen by the selection.
 
 Part 2 (memory): the peak resident memory added by one generation of a timm resnet18 (11.7M parameters) at

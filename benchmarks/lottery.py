@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     runs = []
+    ticket = None  # the "ticket" run of the current model and seed (its variant runs first)
     for model_name in args.models:
         for seed in range(n_seeds):
             for variant in ("ticket", "random", "same_mask"):

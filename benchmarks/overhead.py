@@ -50,15 +50,17 @@ class StepTimer(Callback):
 
 def _data(batch: int, steps: int) -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(batch * steps, 3, 32, 32, generator=g), torch.randint(0, 10, (batch * steps,), generator=g)
+    x = torch.randn(batch * steps, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch * steps,), generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
 
 
 def _callbacks(kind: str, warmup_steps: int) -> list[Callback]:
     if kind == "ours":
         # 50% at the first update (step 1), masks refreshed during the warm-up epoch only
-        return [GradualMagnitudePruning(target_sparsity=0.5, initial_sparsity=0.5, every_n_steps=1, end_step=warmup_steps,
-                                        sparsity_end_step=1, verbose=False, log_media_every_n_epochs=0)]
+        return [GradualMagnitudePruning(target_sparsity=0.5, initial_sparsity=0.5, every_n_steps=1,
+                                        end_step=warmup_steps, sparsity_end_step=1, verbose=False,
+                                        log_media_every_n_epochs=0)]
     if kind == "model_pruning":
         return [ModelPruning("l1_unstructured", amount=0.5, use_global_unstructured=True, verbose=0)]
     return []
@@ -81,7 +83,8 @@ def _mask_bytes_per_param(kind: str, model: pl.LightningModule, callbacks: list[
         masks = next(cb for cb in callbacks if isinstance(cb, GradualMagnitudePruning)).masks
         return masks.memory_bytes() / sum(m.numel() for _, m in masks.items())
     if kind == "model_pruning":  # during training: weight_orig (a full copy) + a float mask per parameter
-        pruned = [(m, n) for m in model.modules() for n, _ in m.named_buffers(recurse=False) if n.endswith("_mask")]
+        pruned = [(m, n) for m in model.modules() for n, _ in m.named_buffers(recurse=False)
+                  if n.endswith("_mask")]
         nbytes = sum(getattr(m, n).numel() * getattr(m, n).element_size() for m, n in pruned)
         nbytes += sum(getattr(m, n.replace("_mask", "_orig")).numel() * 4 for m, n in pruned)
         return nbytes / sum(getattr(m, n).numel() for m, n in pruned)
@@ -99,7 +102,8 @@ def _mask_update_seconds() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -123,17 +127,20 @@ def main() -> None:
             "timed_steps": {k: len(v) for k, v in times.items()},
         }
     results["mask_update_ms"] = round(_mask_update_seconds() * 1000, 1)
-    results["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "rounds": rounds, "steps": steps}
+    results["machine"] = {"cpu": platform.processor() or platform.machine(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": rounds,
+                          "steps": steps}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "overhead.json").write_text(json.dumps(results, indent=2))
-    lines = ["| batch | dense ms/step | ours ms/step (ratio) | ModelPruning ms/step (ratio) | mask bytes/param ours / ModelPruning |",
+    lines = ["| batch | dense ms/step | ours ms/step (ratio) | ModelPruning ms/step (ratio)"
+             " | mask bytes/param ours / ModelPruning |",
              "|---|---|---|---|---|"]
     for batch in ("8", "64"):
         r = results[batch]
         ms, ratio, mem = r["median_step_ms"], r["ratio_vs_dense"], r["mask_bytes_per_masked_param"]
-        lines.append(f"| {batch} | {ms['dense']} | {ms['ours']} ({ratio['ours']:.3f}) | {ms['model_pruning']} "
-                     f"({ratio['model_pruning']:.3f}) | {mem['ours']:.1f} / {mem['model_pruning']:.1f} |")
+        lines.append(f"| {batch} | {ms['dense']} | {ms['ours']} ({ratio['ours']:.3f}) |"
+                     f" {ms['model_pruning']} ({ratio['model_pruning']:.3f}) |"
+                     f" {mem['ours']:.1f} / {mem['model_pruning']:.1f} |")
     lines.append(f"\nOne mask update (global 50%, resnet18, 11.2M weights): {results['mask_update_ms']} ms.")
     table = "\n".join(lines)
     (RESULTS / "overhead.md").write_text(table + "\n")

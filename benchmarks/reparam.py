@@ -6,27 +6,28 @@ For each architecture, in one run:
   fused with ``lightning_prune.reparameterize``; layer count, parameters, FLOPs and CPU latency before and
   after fusion, and test accuracy of both (they must agree: fusion is exact);
 * **baselines** trained without decay on the same data, schedule and seed: the network of the *deployed*
-  shape (for ReduceNet: ``reducenet_<d>_plain``, one 3×3 conv + ReLU + residual per block, the seed's
-  "ResNet29"), and the deep nonlinear network itself.
+  shape (for ReduceNet: ``reducenet_<d>_plain``, one 3×3 conv + ReLU + residual per block, the
+  "ResNet29" of the ReduceNet author's blog post (in Chinese) on VanillaNet-style deep training), and the deep
+  nonlinear network itself.
 
-Architectures: ``reducenet_20`` (the seed's ReduceNet blocks: fuses into a stack of 3×3 convs with no
+Architectures: ``reducenet_20`` (the ReduceNet post's blocks: fuses into a stack of 3×3 convs with no
 activation left but the stem's), ``reducenet_20_act`` (a permanent ReLU after each block: fuses into exactly
 the ``reducenet_20_plain`` architecture, so the comparison with it is like for like) and timm's ``resnet26``
 with narrow channels (Bottleneck blocks: the 3×3 and the last 1×1 fuse). Latency ratios are
 measured interleaved in the same process (1 thread), so they compare like with like on a busy machine.
 
-    python benchmarks/reparam.py            # 15 epochs, 2 seeds   -> benchmarks/results/reparam.{json,md}
-    python benchmarks/reparam.py --quick    # 5 epochs, 1 seed     -> benchmarks/results/reparam.quick.{json,md}
+    python benchmarks/reparam.py           # 15 epochs, 2 seeds -> benchmarks/results/reparam.{json,md}
+    python benchmarks/reparam.py --quick   # 5 epochs, 1 seed   -> benchmarks/results/reparam.quick.{json,md}
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,10 +47,11 @@ warnings.filterwarnings("ignore")
 
 BOTTLENECK = {"channels": (16, 32, 48, 64), "stem_width": 16}
 ARCHS = {
-    # the seed's design: fused, nothing but the stem's ReLU is left (a linear backbone)
+    # the ReduceNet post's design: fused, nothing but the stem's ReLU is left (a linear backbone)
     "reducenet_20": {"decay": ("reducenet_20", {}), "deploy-depth baseline": ("reducenet_20_plain", {})},
     # with a permanent ReLU per block, the fused network is exactly the reducenet_20_plain architecture
-    "reducenet_20_act": {"decay": ("reducenet_20_act", {}), "same deployed architecture": ("reducenet_20_plain", {})},
+    "reducenet_20_act": {"decay": ("reducenet_20_act", {}),
+                         "same deployed architecture": ("reducenet_20_plain", {})},
     "resnet26 (bottleneck)": {"decay": ("resnet26", BOTTLENECK)},
 }
 _CACHE: dict = {}
@@ -106,12 +108,14 @@ def train(model_name: str, model_kwargs: dict, epochs: int, seed: int, decay: bo
 
 def _train(model_name: str, model_kwargs: dict, epochs: int, seed: int, decay: bool, root: Path):
     pl.seed_everything(seed, verbose=False)
-    module = lp.ImageClassifier(model_name, num_classes=10, model_kwargs=model_kwargs, optimizer="sgd", lr=0.05,
-                                weight_decay=5e-4, scheduler="cosine")
+    module = lp.ImageClassifier(model_name, num_classes=10, model_kwargs=model_kwargs, optimizer="sgd",
+                                lr=0.05, weight_decay=5e-4, scheduler="cosine")
     data = lp.DigitsDataModule(batch_size=64, seed=0)
-    callbacks = [lp.ActivationDecay(end=0.6, schedule="cosine", interval="step", verbose=False)] if decay else []
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+    callbacks = ([lp.ActivationDecay(end=0.6, schedule="cosine", interval="step", verbose=False)]
+                 if decay else [])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(root),
                          callbacks=callbacks, num_sanity_val_steps=0)
     t = time.perf_counter()
     trainer.fit(module, datamodule=data)
@@ -136,7 +140,8 @@ def run(args: argparse.Namespace) -> dict:
             x1, xb = torch.randn(1, 3, 32, 32), torch.randn(args.batch, 3, 32, 32)
             with torch.no_grad():
                 max_rel = ((fused(xb) - deep(xb)).abs().amax(-1) / deep(xb).abs().amax(-1)).max().item()
-            rec = rows.setdefault("decay", {"acc_unfused": [], "acc_fused": [], "train_s": [], "max_rel_diff": []})
+            rec = rows.setdefault("decay", {"acc_unfused": [], "acc_fused": [], "train_s": [],
+                                            "max_rel_diff": []})
             rec["acc_unfused"].append(acc_deep)
             rec["acc_fused"].append(acc_fused)
             rec["train_s"].append(secs)
@@ -172,19 +177,23 @@ def mean(v: list[float]) -> str:
 def to_markdown(res: dict) -> str:
     a = res["args"]
     b = a["batch"]
-    lines = [f"Digits (sklearn 8×8 upscaled to 32×32), {a['epochs']} epochs, SGD lr 0.05 cosine, {a['seeds']} seed(s);"
-             f" ActivationDecay cosine per step, λ = 1 at 60% of training. CPU latency: 1 thread, denormals"
-             f" flushed, fastest of interleaved runs on a shared 2-core machine. Command: `python benchmarks/reparam.py{' --quick' if a['quick'] else ''}"
-             f"{'' if a['quick'] or a['seeds'] == 2 else ' --seeds ' + str(a['seeds'])}`.", "",
+    seeds_flag = "" if a["quick"] or a["seeds"] == 2 else " --seeds " + str(a["seeds"])
+    lines = [f"Digits (sklearn 8×8 upscaled to 32×32), {a['epochs']} epochs, SGD lr 0.05 cosine,"
+             f" {a['seeds']} seed(s); ActivationDecay cosine per step, λ = 1 at 60% of training. CPU latency:"
+             " 1 thread, denormals"
+             " flushed, fastest of interleaved runs on a shared 2-core machine. Command: `python"
+             f" benchmarks/reparam.py{' --quick' if a['quick'] else ''}{seeds_flag}`.", "",
              f"| model | layers | params | MFLOPs (1 img) | latency b1 (ms) | latency b{b} (ms) | test acc |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for arch, rows in res["archs"].items():
         d = rows["decay"]
         s = d["shape"]
         u, f = s["unfused"], s["fused"]
-        lines.append(f"| {arch}, decay, before fusion | {u['layers']} | {u['params']:,} | {u['flops'] / 1e6:.1f} |"
-                     f" {u['latency_ms_b1']:.2f} | {u[f'latency_ms_b{b}']:.1f} | {mean(d['acc_unfused'])} |")
-        lines.append(f"| {arch}, decay, **fused** | {f['layers']} | {f['params']:,} | {f['flops'] / 1e6:.1f} |"
+        lines.append(f"| {arch}, decay, before fusion | {u['layers']} | {u['params']:,} |"
+                     f" {u['flops'] / 1e6:.1f} | {u['latency_ms_b1']:.2f} | {u[f'latency_ms_b{b}']:.1f} |"
+                     f" {mean(d['acc_unfused'])} |")
+        lines.append(f"| {arch}, decay, **fused** | {f['layers']} | {f['params']:,} |"
+                     f" {f['flops'] / 1e6:.1f} |"
                      f" {f['latency_ms_b1']:.2f} ({f['latency_ms_b1'] / u['latency_ms_b1']:.2f}×) |"
                      f" {f[f'latency_ms_b{b}']:.1f} ({f[f'latency_ms_b{b}'] / u[f'latency_ms_b{b}']:.2f}×) |"
                      f" **{mean(d['acc_fused'])}** |")

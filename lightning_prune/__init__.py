@@ -27,8 +27,8 @@ from lightning_prune.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
     LightningPruneError,
-    NoTargetsError,
     NonFiniteGateError,
+    NoTargetsError,
 )
 
 # Heavier names are imported on first access, so `import lightning_prune` stays fast.

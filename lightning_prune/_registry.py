@@ -98,6 +98,7 @@ def list_callbacks(filter: str | None = None) -> dict[str, CallbackInfo]:  # noq
 
     Example::
 
+        >>> import lightning_prune
         >>> "magnitude" in lightning_prune.list_callbacks()
         True
     """

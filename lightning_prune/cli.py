@@ -31,7 +31,8 @@ def format_callback_list() -> str:
     for info in list_callbacks().values():
         status = "BROKEN" if info.broken else "ok"
         summary = info.error if info.broken else info.summary
-        rows.append((info.name, info.object_path, info.distribution or "?", info.version or "?", status, summary))
+        rows.append((info.name, info.object_path, info.distribution or "?", info.version or "?", status,
+                     summary))
     widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows)
 

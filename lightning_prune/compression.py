@@ -4,9 +4,10 @@ A channel is *dead* when its output is identically zero: the Conv/Linear filter 
 (no BatchNorm after it), or the BatchNorm after it has zero weight and zero bias. Whoever zeroed it (a
 gate callback, a mask, the user) does not matter. :func:`compress` removes a dead channel from every
 layer coupled to it (the reader's input channels, a depthwise conv, a squeeze-excite branch, ...) when the
-zero provably reaches every reader of the channel: the same check as :func:`lightning_prune.gates.find_channel_groups`
-(on a copy with randomised biases and BatchNorm statistics, zeroing the dead sites must give every reader
-exact zeros). A channel of a residual sum is removed only when every branch of the sum is dead.
+zero provably reaches every reader of the channel: the same check as
+:func:`lightning_prune.gates.find_channel_groups` (on a copy with randomised biases and BatchNorm statistics,
+zeroing the dead sites must give every reader exact zeros). A channel of a residual sum is removed only when
+every branch of the sum is dead.
 
 The result is a plain ``nn.Module`` with smaller layers whose eval outputs equal the masked model's
 (checked after removal). Save it with :func:`save_compressed` and load it back onto a freshly created model
@@ -29,7 +30,15 @@ from torch import Tensor, nn
 
 from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.functional.channels import zero_channels
-from lightning_prune.gates import _call, _covers, _readers, _randomised_copy, build_graph, example_inputs_for, traced_root
+from lightning_prune.gates import (
+    _call,
+    _covers,
+    _randomised_copy,
+    _readers,
+    build_graph,
+    example_inputs_for,
+    traced_root,
+)
 
 __all__ = ["CompressionError", "compress", "dead_channels", "load_compressed", "save_compressed"]
 
@@ -42,7 +51,8 @@ def _site_zero(producer: nn.Module, norm: nn.Module | None) -> Tensor:
     return zero_channels(producer.weight, getattr(producer, "bias", None)).cpu()
 
 
-def dead_channels(model: nn.Module, example_inputs: Any, round_to: int = 1) -> list[tuple[str, list[int], int]]:
+def dead_channels(model: nn.Module, example_inputs: Any,
+                  round_to: int = 1) -> list[tuple[str, list[int], int]]:
     """The removable dead channels of ``model``: ``(root module name, root channel indices, group size)`` per
     group (one channel of each group is always kept, as torch-pruning needs; with ``round_to``, enough dead
     channels are kept for the remaining width to be a multiple of it)."""
@@ -51,7 +61,8 @@ def dead_channels(model: nn.Module, example_inputs: Any, round_to: int = 1) -> l
 
 
 @torch.no_grad()
-def _plan(model: nn.Module, example_inputs: Any, round_to: int = 1) -> tuple[tp.DependencyGraph, list[tuple[nn.Module, Any, list[int], int]]]:
+def _plan(model: nn.Module, example_inputs: Any, round_to: int = 1
+          ) -> tuple[tp.DependencyGraph, list[tuple[nn.Module, Any, list[int], int]]]:
     graph, analysed = build_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     clone: nn.Module | None = None
@@ -76,7 +87,7 @@ def _plan(model: nn.Module, example_inputs: Any, round_to: int = 1) -> tuple[tp.
         for root_idx, sites in patterns.items():
             by_sites.setdefault(tuple(sorted(names[s] for s, _ in sites)), []).append(root_idx)
         removable = []
-        for site_names, root_idxs in by_sites.items():
+        for root_idxs in by_sites.values():
             sites = {}
             for root_idx in root_idxs:
                 for site, idx in patterns[root_idx]:

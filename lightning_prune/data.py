@@ -86,7 +86,8 @@ class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
     num_classes = 10
 
     def __init__(self, batch_size: int = 64, image_size: int = 32, val_fraction: float = 0.15,
-                 test_fraction: float = 0.15, seed: int = 0, num_workers: int = 0, limit: int | None = None) -> None:
+                 test_fraction: float = 0.15, seed: int = 0, num_workers: int = 0,
+                 limit: int | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise MisconfigurationException(f"`batch_size` must be >= 1, got {batch_size}.")
@@ -95,7 +96,8 @@ class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
                 f"`val_fraction` ({val_fraction}) and `test_fraction` ({test_fraction}) must be in (0, 1)"
                 " and leave room for training data.")
         self.save_hyperparameters()
-        self.batch_size, self.image_size, self.seed, self.num_workers = batch_size, image_size, seed, num_workers
+        self.batch_size, self.image_size = batch_size, image_size
+        self.seed, self.num_workers = seed, num_workers
         self.val_fraction, self.test_fraction, self.limit = val_fraction, test_fraction, limit
 
     def _tensors(self) -> tuple[Tensor, Tensor]:
@@ -118,7 +120,8 @@ class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
         images, labels = self._tensors()
         full = TensorDataset(images, labels)
         train, val, test = _split(len(full), (self.val_fraction, self.test_fraction), self.seed)
-        self.train_set, self.val_set, self.test_set = Subset(full, train), Subset(full, val), Subset(full, test)
+        self.train_set, self.val_set = Subset(full, train), Subset(full, val)
+        self.test_set = Subset(full, test)
 
 
 class CIFAR10DataModule(_LoaderMixin, pl.LightningDataModule):
@@ -139,8 +142,8 @@ class CIFAR10DataModule(_LoaderMixin, pl.LightningDataModule):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
 
-    def __init__(self, data_dir: str = "./data", batch_size: int = 128, num_workers: int = 4, val_size: int = 5000,
-                 seed: int = 0, download: bool = True) -> None:
+    def __init__(self, data_dir: str = "./data", batch_size: int = 128, num_workers: int = 4,
+                 val_size: int = 5000, seed: int = 0, download: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.data_dir, self.batch_size, self.num_workers = str(Path(data_dir)), batch_size, num_workers

@@ -7,10 +7,13 @@ torch-pruning's ``DependencyGraph`` finds the couplings; :func:`find_channel_gro
 gate per channel can sit so that a zero gate makes every reader of the channel see exact zeros:
 
 * the gate multiplies the output of the BatchNorm that follows a Conv/Linear (its affine output, before the
-  activation of timm's ``BatchNormAct2d``), or the Conv/Linear's output when no BatchNorm follows
-  (seed 000, point 6: masks after BatchNorm, whose statistics break once channels vanish);
+  activation of timm's ``BatchNormAct2d``), or the Conv/Linear's output when no BatchNorm follows (point 6
+  of the Habr article «Редукция нейронных сетей при помощи вариационной оптимизации», "Reducing neural
+  networks with variational optimisation", in Russian: masks after BatchNorm, whose statistics break once
+  channels vanish);
 * a group with several producers (residual additions) is *coupled*: it is left alone unless
-  ``prune_coupled=True``, which puts one shared gate after every producer (seed 000's "buffer layers");
+  ``prune_coupled=True``, which puts one shared gate after every producer (the Habr channel-pruning
+  article's "buffer layers");
 * the choice is *checked*, not assumed: on a copy of the model whose biases and BatchNorm statistics are
   randomised, the candidate gate sites are zeroed and every reader of the group must see exact zeros
   (an activation with f(0) != 0, a BatchNorm between the gate and a reader, or a channel-mixing op fails).
@@ -91,8 +94,9 @@ class _Analysed:
     root: nn.Module
     root_fn: Callable[..., Any]
     size: int
-    producers: list[tuple[nn.Module, list[int], list[int]]] = field(default_factory=list)  # module, idxs, root idxs
-    consumers: list[tuple[nn.Module, list[int], list[int]]] = field(default_factory=list)  # module, idxs, root idxs
+    # (module, idxs, root idxs)
+    producers: list[tuple[nn.Module, list[int], list[int]]] = field(default_factory=list)
+    consumers: list[tuple[nn.Module, list[int], list[int]]] = field(default_factory=list)
     norms: dict[nn.Module, _BatchNorm] = field(default_factory=dict)  # producer -> BatchNorm right after it
     blocked: str | None = None
 
@@ -193,7 +197,8 @@ def _register_site_hook(module: nn.Module, hook_out: Callable[..., Any], hook_pr
 
 
 @torch.no_grad()
-def _covers(clone: nn.Module, names: dict[nn.Module, str], example: Any, sites: Sequence[tuple[nn.Module, list[int]]],
+def _covers(clone: nn.Module, names: dict[nn.Module, str], example: Any,
+            sites: Sequence[tuple[nn.Module, list[int]]],
             consumers: Sequence[tuple[nn.Module, list[int]]]) -> bool:
     """Whether zeroing ``sites`` at their indices makes every consumer read exact zeros at its indices."""
     handles, seen = [], {}
@@ -258,7 +263,8 @@ def find_channel_groups(
         include: globs over module names; a group is considered when one of its producers matches.
             Replaces the default (every group except those of timm's ``first_conv`` and ``classifier``).
         exclude: globs; a group is dropped when one of its producers matches.
-        prune_coupled: also gate coupled groups (residual additions) with one shared gate after every producer.
+        prune_coupled: also gate coupled groups (residual additions) with one shared gate after every
+            producer.
         prefix: prepended to every module name (where ``model`` sits inside the LightningModule).
         exclusion_root: where timm's default exclusions are read (default ``model``).
 
@@ -267,7 +273,10 @@ def find_channel_groups(
     """
     include_p, exclude_p = as_patterns(include), as_patterns(exclude)
     names = {m: n for n, m in model.named_modules()}
-    full = (lambda n: f"{prefix}.{n}" if prefix and n else (prefix or n))
+
+    def full(n: str) -> str:
+        return f"{prefix}.{n}" if prefix and n else (prefix or n)
+
     excluded = set() if include_p else timm_default_exclusions(exclusion_root or model)
     _, analysed = build_graph(model, example_inputs)
     clone = _randomised_copy(model)
@@ -301,8 +310,8 @@ def find_channel_groups(
             if not prune_coupled:
                 skipped[root_name] = "coupled channels (set prune_coupled=True to gate them together)"
                 continue
-            if all(s[2] for s in sites) and _covers(clone, names, example_inputs, [(s[0], s[1]) for s in sites],
-                                                    _readers(info)):
+            if all(s[2] for s in sites) and _covers(clone, names, example_inputs,
+                                                    [(s[0], s[1]) for s in sites], _readers(info)):
                 chosen, coupled = list(dict.fromkeys(s[0] for s in sites)), True
         if chosen is None:
             skipped[root_name] = "no gate position makes the channels' readers see zeros"
@@ -328,7 +337,8 @@ def traced_root(module: nn.Module) -> tuple[str, nn.Module]:
     return "", module
 
 
-def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = None, batch_size: int = 2) -> Any:
+def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = None,
+                       batch_size: int = 2) -> Any:
     """An input to trace ``module`` with: its ``example_input_array``, else a random batch of ``input_size``
     (default: timm's ``pretrained_cfg["input_size"]``, at the ViT's fixed ``img_size`` when it has one)."""
     example = getattr(module, "example_input_array", None)
@@ -340,8 +350,8 @@ def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = Non
         cfg = getattr(module, "pretrained_cfg", None)
         if not isinstance(cfg, dict) or "input_size" not in cfg:
             raise InvalidArgumentError(
-                f"Cannot tell what {type(module).__name__} takes as input. HINT: pass `input_size=(3, 32, 32)`"
-                " or set `example_input_array` on the LightningModule."
+                f"Cannot tell what {type(module).__name__} takes as input. HINT: pass `input_size=(3, 32,"
+                " 32)` or set `example_input_array` on the LightningModule."
             )
         input_size = tuple(cfg["input_size"])
         img_size = getattr(getattr(module, "patch_embed", None), "img_size", None)
@@ -353,7 +363,7 @@ def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = Non
 
 # ---------------------------------------------------------------------------------------------- gates
 class Gate(nn.Module):
-    """One multiplicative value per channel of a :class:`ChannelGroup`; subclass and implement :meth:`compute`.
+    """One multiplicative value per channel of a :class:`ChannelGroup`; subclasses implement :meth:`compute`.
 
     The value is computed once per forward of the traced model (the :class:`GateSet` resets it), so a
     coupled group's sites share one sample even when :meth:`compute` is stochastic (hard-concrete gates).
@@ -393,7 +403,10 @@ class Gate(nn.Module):
 
 
 class ScaleGate(Gate):
-    """A learnable scale per channel (the group-LASSO gate, ``beta`` in He et al. 2017), initialised to ``init``."""
+    """A learnable scale per channel, initialised to ``init``: the group-LASSO gate (``beta`` in He et al.).
+
+    He, Zhang, Sun, "Channel Pruning for Accelerating Very Deep Neural Networks", 2017.
+    """
 
     def __init__(self, size: int, init: float = 1.0) -> None:
         super().__init__(size)
@@ -421,7 +434,8 @@ class GateSet:
             raise ValueError(f"{len(groups)} groups but {len(gates)} gates")
         for group, gate in zip(groups, gates):
             if gate.size != group.size:
-                raise ValueError(f"gate of size {gate.size} for group {group.name!r} of {group.size} channels")
+                raise ValueError(
+                    f"gate of size {gate.size} for group {group.name!r} of {group.size} channels")
         self.groups = list(groups)
         self.gates = nn.ModuleList(gates)
         self._handles: list[Any] = []
@@ -448,8 +462,9 @@ class GateSet:
             gate.reset()
 
     def attach(self, root: nn.Module, traced: str = "") -> None:
-        """Hook every gate into ``root`` (module names are relative to it); ``traced`` names the submodule whose
-        forward starts a new gate sample (default: ``root``)."""
+        """Hook every gate into ``root`` (module names are relative to it).
+
+        ``traced`` names the submodule whose forward starts a new gate sample (default: ``root``)."""
         self.detach()
         model = root.get_submodule(traced) if traced else root
         reset = lambda *args: self.reset()  # noqa: E731
@@ -460,7 +475,8 @@ class GateSet:
                 module = root.get_submodule(site)
                 dim = _channel_dim(module)
 
-                def out_hook(m: nn.Module, args: Any, output: Tensor, gate: Gate = gate, dim: int = dim) -> Tensor:
+                def out_hook(m: nn.Module, args: Any, output: Tensor, gate: Gate = gate,
+                             dim: int = dim) -> Tensor:
                     return gate(output, dim, m.training)
 
                 def pre_hook(m: nn.Module, args: Any, gate: Gate = gate, dim: int = dim) -> tuple[Any, ...]:
@@ -483,7 +499,8 @@ class GateSet:
             for site in group.sites:
                 module = root.get_submodule(site)
                 weight, bias = module.weight, getattr(module, "bias", None)
-                new_w, new_b = fold_scale(weight.data, None if bias is None else bias.data, scale.to(weight.device))
+                new_w, new_b = fold_scale(weight.data, None if bias is None else bias.data,
+                                          scale.to(weight.device))
                 weight.data.copy_(new_w)
                 if bias is not None:
                     bias.data.copy_(new_b)
@@ -497,14 +514,16 @@ class GateSet:
                 if not isinstance(param, nn.Parameter) or param.shape[0] != group.size:
                     continue
                 name = f"{module_name}.{pname}"
-                mask = kept.to(param.device, torch.bool).reshape([-1] + [1] * (param.dim() - 1)).expand_as(param)
+                mask = (kept.to(param.device, torch.bool).reshape([-1] + [1] * (param.dim() - 1))
+                        .expand_as(param))
                 masks[name] = masks[name] & mask if name in masks else mask.clone()
         return masks
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "names": [g.name for g in self.groups],
-            "gates": [{k: v.detach().cpu().clone() for k, v in gate.state_dict().items()} for gate in self.gates],
+            "gates": [{k: v.detach().cpu().clone() for k, v in gate.state_dict().items()}
+                      for gate in self.gates],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -80,7 +80,8 @@ class MaskSet:
                 raise KeyError(f"No parameter named {name!r} is masked. Masked: {', '.join(self._masks)}")
             param = self._params[name]
             if tuple(mask.shape) != tuple(param.shape):
-                raise ValueError(f"Mask for {name!r} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}")
+                raise ValueError(
+                    f"Mask for {name!r} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}")
             self._masks[name] = mask.to(device=param.device, dtype=torch.bool)
         self._groups = None
         if apply:
@@ -97,7 +98,8 @@ class MaskSet:
                     mask = self._masks[name] = mask.to(param.device)
                 params, masks = grouped[(param.device, param.dtype)]
                 params.append(param.data)
-                # the same bytes seen as uint8: PyTorch's mixed-dtype multiply is ~2x faster from uint8 than bool
+                # the same bytes seen as uint8: PyTorch's mixed-dtype multiply is ~2x faster from uint8
+                # than from bool
                 masks.append(mask.view(torch.uint8))
             self._groups = list(grouped.values())
         return self._groups

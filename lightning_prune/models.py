@@ -31,7 +31,8 @@ class ImageClassifier(pl.LightningModule):
         model_kwargs: passed on to ``timm.create_model`` (e.g. ``{"img_size": 32}`` for a ViT).
         optimizer: ``"sgd"`` (Nesterov momentum), ``"adamw"`` or ``"adam"``.
         lr, momentum, weight_decay: optimizer settings.
-        scheduler: ``"cosine"`` over ``trainer.max_epochs``, ``"multistep"`` (x0.1 at ``milestones``), ``"none"``.
+        scheduler: ``"cosine"`` over ``trainer.max_epochs``, ``"multistep"`` (x0.1 at ``milestones``),
+            ``"none"``.
         milestones: epochs of the multistep schedule.
         label_smoothing: for the cross-entropy.
     """
@@ -52,9 +53,11 @@ class ImageClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         if optimizer not in _OPTIMIZERS:
-            raise MisconfigurationException(f"`optimizer` must be one of {list(_OPTIMIZERS)}, got {optimizer!r}.")
+            raise MisconfigurationException(
+                f"`optimizer` must be one of {list(_OPTIMIZERS)}, got {optimizer!r}.")
         if scheduler not in _SCHEDULERS:
-            raise MisconfigurationException(f"`scheduler` must be one of {list(_SCHEDULERS)}, got {scheduler!r}.")
+            raise MisconfigurationException(
+                f"`scheduler` must be one of {list(_SCHEDULERS)}, got {scheduler!r}.")
         if lr <= 0:
             raise MisconfigurationException(f"`lr` must be > 0, got {lr}.")
         self.save_hyperparameters()

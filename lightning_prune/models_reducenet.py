@@ -1,8 +1,8 @@
 """ReduceNet-style networks, registered as timm models: train deep, deploy as a plain stack of 3×3 convs.
 
-ReduceNet (ohmydroid/reducenet, May 2023; seed article 002) applies VanillaNet's deep-training strategy
-(Chen et al., "VanillaNet: the Power of Minimalism in Deep Learning", 2023, arXiv:2305.12972) to a
-CIFAR ResNet layout. A block is
+ReduceNet (ohmydroid/reducenet, May 2023; described in the ReduceNet author's blog post, in Chinese, on
+VanillaNet-style deep training) applies VanillaNet's deep-training strategy (Chen et al., "VanillaNet: the
+Power of Minimalism in Deep Learning", 2023, arXiv:2305.12972) to a CIFAR ResNet layout. A block is
 
     conv3×3(stride) + BN  →  decaying activation  →  conv1×1 + BN  (+ x when the shape is kept)
 
@@ -11,11 +11,11 @@ the identity, the block is linear: conv+BN fold, the 3×3 and the 1×1 compose i
 identity residual becomes part of that kernel (RepVGG). ``reducenet_56`` trains with 56 layers
 (stem + 27 × (3×3, 1×1) + classifier) and deploys with 29 (stem + 27 × 3×3 + classifier).
 
-Fused, the seed's design has no activation left but the stem's: the deployed backbone is linear.
+Fused, the ReduceNet post's design has no activation left but the stem's: the deployed backbone is linear.
 ``reducenet_<depth>_act`` adds a permanent ReLU after each block's residual sum (VanillaNet keeps one
 nonlinearity per block too); it fuses into exactly the architecture of ``reducenet_<depth>_plain``, the
-baseline of the seed's comparison: the *deployed* shape (one 3×3 conv + BN per block, residual, ReLU)
-trained directly.
+baseline of the ReduceNet post's comparison: the *deployed* shape (one 3×3 conv + BN per block, residual,
+ReLU) trained directly.
 
 Models are registered with timm on ``import lightning_prune``::
 
@@ -52,8 +52,8 @@ class ReduceBlock(nn.Module):
         mid_ratio: width of the hidden map relative to ``out_chs`` (wider trains more parameters, deploys the
             same 3×3 conv).
         act_layer: the (decaying) activation.
-        out_act: add a permanent activation after the residual sum (``act_out``), which never decays: the block
-            then fuses into exactly a :class:`PlainBlock` (3×3 conv + residual + activation).
+        out_act: add a permanent activation after the residual sum (``act_out``), which never decays: the
+            block then fuses into exactly a :class:`PlainBlock` (3×3 conv + residual + activation).
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, mid_ratio: float = 1.0,
@@ -89,10 +89,10 @@ class ReduceBlock(nn.Module):
             raise RuntimeError(
                 f"ReduceBlock cannot fuse: its activation {self.act!r} is not the identity. HINT: train with"
                 " lightning_prune.ActivationDecay until λ = 1, or fuse with lightning_prune.reparameterize.")
-        w1, b1 = fold_bn(self.conv1.weight, None, self.bn1.running_mean, self.bn1.running_var, self.bn1.weight,
-                         self.bn1.bias, self.bn1.eps)
-        w2, b2 = fold_bn(self.conv2.weight, None, self.bn2.running_mean, self.bn2.running_var, self.bn2.weight,
-                         self.bn2.bias, self.bn2.eps)
+        w1, b1 = fold_bn(self.conv1.weight, None, self.bn1.running_mean, self.bn1.running_var,
+                         self.bn1.weight, self.bn1.bias, self.bn1.eps)
+        w2, b2 = fold_bn(self.conv2.weight, None, self.bn2.running_mean, self.bn2.running_var,
+                         self.bn2.weight, self.bn2.bias, self.bn2.eps)
         weight, bias = fuse_conv_1x1(w1, b1, w2, b2)
         if self.has_skip:
             weight = weight + identity_kernel(self.out_chs, 3, dtype=weight.dtype, device=weight.device)
@@ -130,7 +130,8 @@ class ReduceNet(nn.Module):
         mid_ratio: hidden width of a ReduceBlock relative to its output.
         num_classes, in_chans, drop_rate, global_pool: as in every timm model.
         act_layer: activation (name or class) of the stem and the blocks.
-        out_act: ReduceBlocks also get a permanent activation after their residual sum (``reducenet_<d>_act``).
+        out_act: ReduceBlocks also get a permanent activation after their residual sum
+            (``reducenet_<d>_act``).
     """
 
     def __init__(
@@ -153,8 +154,8 @@ class ReduceNet(nn.Module):
         act = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
         block_cls = ReduceBlock if block == "reduce" else PlainBlock
         self.num_classes, self.drop_rate, self.global_pool = num_classes, drop_rate, global_pool
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
-                                  act())
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), act())
         layers, in_chs = [], widths[0]
         for stage, width in enumerate(widths):
             for i in range(blocks_per_stage):
@@ -165,7 +166,8 @@ class ReduceNet(nn.Module):
         self.blocks = nn.Sequential(*layers)
         self.num_features = self.head_hidden_size = in_chs
         self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=w, reduction=2 ** i, module=f"blocks.{(i + 1) * blocks_per_stage - 1}")
+        self.feature_info = [dict(num_chs=w, reduction=2 ** i,
+                                  module=f"blocks.{(i + 1) * blocks_per_stage - 1}")
                              for i, w in enumerate(widths)]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -204,7 +206,8 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create(variant: str, depth: int, default_block: str, pretrained: bool = False, **kwargs: Any) -> ReduceNet:
+def _create(variant: str, depth: int, default_block: str, pretrained: bool = False,
+            **kwargs: Any) -> ReduceNet:
     kwargs.setdefault("blocks_per_stage", _DEPTHS[depth])
     kwargs.setdefault("block", default_block)
     return build_model_with_cfg(ReduceNet, variant, pretrained, **kwargs)
@@ -230,7 +233,7 @@ def reducenet_44(pretrained: bool = False, **kwargs: Any) -> ReduceNet:
 
 @register_model
 def reducenet_56(pretrained: bool = False, **kwargs: Any) -> ReduceNet:
-    """ReduceNet-56 (the seed's experiment): 9 blocks per stage; trains 56 layers, deploys 29."""
+    """ReduceNet-56 (the ReduceNet post's experiment): 9 blocks per stage; trains 56 layers, deploys 29."""
     return _create("reducenet_56", 56, "reduce", pretrained, **kwargs)
 
 
@@ -272,7 +275,7 @@ def reducenet_44_plain(pretrained: bool = False, **kwargs: Any) -> ReduceNet:
 
 @register_model
 def reducenet_56_plain(pretrained: bool = False, **kwargs: Any) -> ReduceNet:
-    """Baseline: the 29-layer deployed shape of ReduceNet-56 with ReLUs (the seed's "ResNet29")."""
+    """Baseline: the 29-layer deployed shape of ReduceNet-56 with ReLUs (the ReduceNet post's "ResNet29")."""
     return _create("reducenet_56_plain", 56, "plain", pretrained, **kwargs)
 
 

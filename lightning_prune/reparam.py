@@ -30,6 +30,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.functional.fusion import (
     expand_groups,
     fold_bn,
@@ -37,7 +38,6 @@ from lightning_prune.functional.fusion import (
     fuse_conv_1x1,
     fuse_kxk_kxk,
 )
-from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.targets import as_patterns, matches
 
 __all__ = [
@@ -78,8 +78,8 @@ class DecayingActivation(nn.Module):
     def __init__(self, act: nn.Module, lam: float = 0.0) -> None:
         super().__init__()
         if any(True for _ in act.parameters()) or any(True for _ in act.buffers()):
-            raise ValueError(f"{type(act).__name__} has parameters or buffers; only parameter-free activations"
-                             " can decay without changing the model's state_dict")
+            raise ValueError(f"{type(act).__name__} has parameters or buffers; only parameter-free"
+                             " activations can decay without changing the model's state_dict")
         self.act = act
         self.lam = float(lam)
         self._inplace = getattr(act, "inplace", None)
@@ -113,7 +113,8 @@ def is_activation(module: nn.Module) -> bool:
     return type(module).__module__.startswith("timm.layers.activations")
 
 
-def wrap_activations(model: nn.Module, names: Iterable[str], lam: float = 0.0) -> dict[str, DecayingActivation]:
+def wrap_activations(model: nn.Module, names: Iterable[str],
+                     lam: float = 0.0) -> dict[str, DecayingActivation]:
     """Replace the named activation modules by :class:`DecayingActivation` wrappers, in place."""
     wrapped = {}
     for name in names:
@@ -127,7 +128,7 @@ def wrap_activations(model: nn.Module, names: Iterable[str], lam: float = 0.0) -
 
 
 def unwrap_activations(model: nn.Module) -> list[str]:
-    """Put the original activations back in place of every :class:`DecayingActivation`; returns their names."""
+    """Put the original activations back in place of every :class:`DecayingActivation`; return the names."""
     names = [n for n, m in model.named_modules() if isinstance(m, DecayingActivation)]
     for name in names:
         model.set_submodule(name, model.get_submodule(name).unwrap())
@@ -177,7 +178,8 @@ def _trace(model: nn.Module) -> torch.fx.Graph:
         raise InvalidArgumentError(
             f"Could not trace {type(model).__name__} with torch.fx to find fusable activations"
             f" ({type(err).__name__}:"
-            f" {err}). HINT: pass `fusable_only=False` with `include=[...]` globs naming the activations to decay."
+            f" {err}). HINT: pass `fusable_only=False` with `include=[...]` globs naming the activations to"
+            " decay."
         ) from err
 
 
@@ -202,7 +204,7 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _ops(name: str, module: nn.Module) -> list[tuple[str, str]] | None:
-    """The elementary ops of a leaf module: ``("lin"|"bn"|"act"|"pass", name)``; ``None`` for anything else."""
+    """The elementary ops of a leaf module: ``("lin"|"bn"|"act"|"pass", name)``; ``None`` for the rest."""
     if type(module) in _LINEAR_TYPES:
         return [("lin", name)]
     if isinstance(module, _BatchNorm):
@@ -258,8 +260,7 @@ def fusion_kind(first: nn.Module, second: nn.Module) -> tuple[str | None, str]:
         return "conv∘1×1", ""
     if p2 != (0, 0):
         k1, k2 = "×".join(map(str, first.kernel_size)), "×".join(map(str, second.kernel_size))
-        return None, (f"conv {k1} → conv {k2} with zero padding {p2[0]}: not exact at the border"
-                      " (see algorithms.md §5)")
+        return None, f"conv {k1} → conv {k2} with zero padding {p2[0]}: not exact at the border"
     if first.stride != (1, 1) or p1 != (0, 0) or second.padding_mode != "zeros":
         return None, "the first conv is strided or padded"
     if first.kernel_size == (1, 1):
@@ -310,7 +311,8 @@ class ReparamPlan:
         lines = [f"ActivationDecay plan: {len(self.decay)} activation(s) decay,"
                  f" {len(self.fusions)} exact fusion(s)"]
         for f in self.fusions:
-            lines.append(f"  fuse {f.first} + {f.second} ({f.kind}) through {', '.join(f.activations) or '-'}:"
+            through = ", ".join(f.activations) or "-"
+            lines.append(f"  fuse {f.first} + {f.second} ({f.kind}) through {through}:"
                          f" {f.params_before:,} -> {f.params_after:,} weights")
         fused = {a for f in self.fusions for a in f.activations}
         for name in self.decay:
@@ -470,8 +472,8 @@ def plan_reparameterization(
 # ---------------------------------------------------------------------------------------------- fusion
 def _affine(module: nn.Module) -> tuple[Tensor, Tensor]:
     weight = module.weight.detach()
-    bias = module.bias.detach() if module.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype,
-                                                                            device=weight.device)
+    bias = (module.bias.detach() if module.bias is not None
+            else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
     return weight, bias
 
 
@@ -487,7 +489,8 @@ def _new_layer(template: nn.Module, weight: Tensor, bias: Tensor, **conv_kwargs:
     if isinstance(template, nn.Linear):
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=True)
     else:
-        layer = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[-2:]), bias=True, **conv_kwargs)
+        layer = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[-2:]), bias=True,
+                          **conv_kwargs)
     layer = layer.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         layer.weight.copy_(weight)
@@ -525,7 +528,7 @@ def _bn_replacement(bn: _BatchNorm) -> nn.Module:
 def _fold_conv_bn(model: nn.Module) -> int:
     """Fold every BatchNorm that directly follows a conv/linear layer (through identities) into it."""
     folded = 0
-    for prefix, root in _roots(model):
+    for _, root in _roots(model):
         graph = _trace(root)
         modules = dict(root.named_modules())
         calls: dict[str, int] = {}
@@ -550,8 +553,8 @@ def _fold_conv_bn(model: nn.Module) -> int:
                     layer = modules[node.target]
                     w, b = _fold_bns(*_affine(layer), [bn])
                     kwargs = {} if isinstance(layer, nn.Linear) else dict(
-                        stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                        padding_mode=layer.padding_mode)
+                        stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                        groups=layer.groups, padding_mode=layer.padding_mode)
                     if isinstance(layer, nn.Conv2d):
                         new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, bias=True,
                                         **kwargs)
@@ -573,7 +576,7 @@ def _fold_conv_bn(model: nn.Module) -> int:
 
 
 def _fuse_links(model: nn.Module, decayed: set[str]) -> list[Fusion]:
-    """Fuse every exact linear pair whose path holds a decayed (now identity) activation, until none is left."""
+    """Fuse every exact linear pair whose path holds a decayed (now identity) activation, until none is."""
     done: list[Fusion] = []
     while True:
         progress = False
@@ -642,12 +645,14 @@ def reparameterize(
 
         fused = lp.reparameterize(trainer.lightning_module.model).eval()
     """
-    not_done = {n: m.lam for n, m in model.named_modules() if isinstance(m, DecayingActivation) and m.lam != 1.0}
+    not_done = {n: m.lam for n, m in model.named_modules()
+                if isinstance(m, DecayingActivation) and m.lam != 1.0}
     if not_done:
         shown = ", ".join(f"{n} (λ={v:.4g})" for n, v in list(not_done.items())[:4])
         raise CompressionError(
-            f"Cannot fuse: {len(not_done)} decaying activation(s) have λ < 1, so they are not yet the identity:"
-            f" {shown}. HINT: train until λ reaches 1 (ActivationDecay's `end_step` before the end of training).")
+            f"Cannot fuse: {len(not_done)} decaying activation(s) have λ < 1, so they are not yet the"
+            f" identity: {shown}. HINT: train until λ reaches 1 (ActivationDecay's `end_step` before the end"
+            " of training).")
     if not inplace:
         model = copy.deepcopy(model)
     names = as_patterns(decayed)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from lightning_prune.targets import PRUNABLE_TYPES
+from lightning_prune.errors import NoTargetsError
+from lightning_prune.targets import resolve_targets
 
 __all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
 
@@ -30,14 +32,14 @@ class LayerSparsity:
 
 @dataclass(frozen=True)
 class SparsityReport:
-    """Global and per-layer zeros, parameters and channels of a model's Conv and Linear weights."""
+    """Global and per-layer zeros, parameters and channels of a model's targeted Conv and Linear weights."""
 
     layers: list[LayerSparsity] = field(default_factory=list)
     total_params: int = 0
 
     @property
     def params(self) -> int:
-        """Weights of the Conv and Linear layers."""
+        """Weights of the targeted Conv and Linear layers."""
         return sum(layer.params for layer in self.layers)
 
     @property
@@ -46,12 +48,12 @@ class SparsityReport:
 
     @property
     def sparsity(self) -> float:
-        """Fraction of Conv and Linear weights that are zero."""
+        """Fraction of the targeted Conv and Linear weights that are zero (what ``prune/sparsity`` logs)."""
         return self.zeros / self.params if self.params else 0.0
 
     @property
     def nonzero_params(self) -> int:
-        """Parameters of the whole model that are not zero-weights of Conv/Linear layers."""
+        """Parameters of the whole model that are not zero-weights of the targeted layers."""
         return self.total_params - self.zeros
 
     def to_dict(self) -> dict[str, float]:
@@ -72,7 +74,7 @@ class SparsityReport:
                 f"{layer.sparsity:>8.2%}  {layer.zero_channels:>4}/{layer.channels:<4}"
             )
         lines.append("-" * len(head))
-        lines.append(f"{'conv/linear weights':<{width}}  {'':>20}  {self.params:>10,}  {self.zeros:>10,}  "
+        lines.append(f"{'targeted weights':<{width}}  {'':>20}  {self.params:>10,}  {self.zeros:>10,}  "
                      f"{self.sparsity:>8.2%}")
         lines.append(f"{'all parameters':<{width}}  {'':>20}  {self.total_params:>10,}  "
                      f"{'nonzero ' + format(self.nonzero_params, ','):>20}")
@@ -85,22 +87,31 @@ class SparsityReport:
 
 
 @torch.no_grad()
-def sparsity_report(model: nn.Module, types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES) -> SparsityReport:
-    """Count the zeros of every Conv and Linear weight of ``model``.
+def sparsity_report(
+    model: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    types: Sequence[type[nn.Module]] | None = None,
+) -> SparsityReport:
+    """Count the zeros of the targeted weights of ``model``: by default every Conv and Linear weight except each
+    timm model's first conv and classifier -- the weights the callbacks prune and ``prune/sparsity`` describes
+    (``include``/``exclude``/``types`` as for the callbacks, :func:`~lightning_prune.resolve_targets`).
 
     Example::
 
-        >>> report = lightning_prune.sparsity_report(model)
-        >>> print(report)            # per-layer table
-        >>> report.sparsity          # global fraction of zero weights
+        report = lightning_prune.sparsity_report(model)
+        print(report)            # per-layer table
+        report.sparsity          # fraction of the targeted weights that are zero
     """
+    try:
+        targets = resolve_targets(model, include, exclude, types)
+    except NoTargetsError:
+        targets = []
     layers = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, types) or not isinstance(weight, torch.Tensor):
-            continue
+    for target in targets:
+        weight = target.param
         zero = weight == 0
         per_channel = zero.reshape(weight.shape[0], -1).all(dim=1) if weight.dim() > 1 else zero
-        layers.append(LayerSparsity(name, tuple(weight.shape), weight.numel(), int(zero.sum()),
+        layers.append(LayerSparsity(target.module_name, tuple(weight.shape), weight.numel(), int(zero.sum()),
                                     int(weight.shape[0]), int(per_channel.sum())))
     return SparsityReport(layers, sum(p.numel() for p in model.parameters()))

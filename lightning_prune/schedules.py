@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["is_update_step", "polynomial_sparsity", "ramp", "resolve_step", "steps_per_epoch", "training_steps", "until_the_end"]
+__all__ = ["is_update_step", "polynomial_sparsity", "ramp", "resolve_step", "steps_per_epoch",
+           "training_steps", "until_the_end"]
 
 
 def polynomial_sparsity(
@@ -42,7 +43,8 @@ def is_update_step(step: int, begin_step: int, end_step: int, frequency: int, la
 
 
 def ramp(progress: float, kind: str = "linear") -> float:
-    """A 0 -> 1 ramp of ``progress`` (clipped to [0, 1]): ``"linear"`` or ``"cosine"`` (0.5(1 - cos(pi p)))."""
+    """A 0 -> 1 ramp of ``progress`` (clipped to [0, 1]): ``"linear"`` or ``"cosine"`` (0.5(1 - cos(pi p))).
+    """
     p = min(max(progress, 0.0), 1.0)
     if kind == "linear":
         return p
@@ -53,7 +55,7 @@ def ramp(progress: float, kind: str = "linear") -> float:
 
 # ---------------------------------------------------------------------------------------------- positions
 def training_steps(trainer: Any) -> int | None:
-    """The optimizer steps of the whole fit (``trainer.estimated_stepping_batches``), or None without an end."""
+    """The optimizer steps of the whole fit (``trainer.estimated_stepping_batches``); None without an end."""
     total = float(trainer.estimated_stepping_batches)
     return int(total) if math.isfinite(total) else None
 
@@ -79,7 +81,8 @@ def resolve_step(name: str, value: int | float | None, trainer: Any) -> int | No
     step at which that epoch starts), and a float in [0, 1] is that fraction of the whole training.
 
     Raises:
-        MisconfigurationException: a fraction on a Trainer without an end, or epochs without a sized dataloader.
+        MisconfigurationException: a fraction on a Trainer without an end, or epochs without a sized
+            dataloader.
 
     Example::
 
@@ -97,8 +100,9 @@ def resolve_step(name: str, value: int | float | None, trainer: Any) -> int | No
             total = training_steps(trainer)
             if total is None:
                 raise MisconfigurationException(
-                    f"`{name}`={value!r} is a fraction of training, but this Trainer has no end (max_epochs=-1 and"
-                    f" max_steps=-1). HINT: give `{name}` as an int, or set max_epochs/max_steps.")
+                    f"`{name}`={value!r} is a fraction of training, but this Trainer has no end"
+                    f" (max_epochs=-1 and max_steps=-1). HINT: give `{name}` as an int, or set"
+                    " max_epochs/max_steps.")
             return int(round(value * total))
     if name.endswith("_epoch") or name.endswith("_epochs"):
         per_epoch = steps_per_epoch(trainer)

@@ -1,14 +1,14 @@
 """Which modules and parameters a callback acts on.
 
 The rule, in one sentence: **the targets are the default set -- every module of ``types`` (Conv and Linear
-unless widened) except each timm model's first convolution and classifier -- narrowed to the modules that match
-``include`` (when given) and do not match ``exclude``.** ``include`` and ``exclude`` never add a module the
-default set leaves out; only ``types`` widens it (``types=["Conv2d", "Linear", "BatchNorm2d"]``).
+unless widened) except each timm model's first convolution and classifier -- narrowed to the modules that
+match ``include`` (when given) and do not match ``exclude``.** ``include`` and ``exclude`` never add a module
+the default set leaves out; only ``types`` widens it (``types=["Conv2d", "Linear", "BatchNorm2d"]``).
 
 The first convolution and the classifier come from each timm model's own ``pretrained_cfg["first_conv"]`` and
-``pretrained_cfg["classifier"]`` (no size heuristics). A pattern matches a module when it matches its full name
-(``"model.layer1.0.conv1"``) or any dotted suffix of it (``"layer1.0.conv1"``, ``"conv1"``), so the attribute
-under which a LightningModule keeps its timm model does not matter.
+``pretrained_cfg["classifier"]`` (no size heuristics). A pattern matches a module when it matches its full
+name (``"model.layer1.0.conv1"``) or any dotted suffix of it (``"layer1.0.conv1"``, ``"conv1"``), so the
+attribute under which a LightningModule keeps its timm model does not matter.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def timm_module_names(root: nn.Module, keys: Sequence[str] = ("first_conv", "cla
                 full = f"{prefix}.{rel}" if prefix else rel
                 names.add(full)
                 if _has_submodule(module, rel):
-                    names.update(f"{full}.{sub}" for sub, _ in module.get_submodule(rel).named_modules() if sub)
+                    names.update(f"{full}.{sub}" for sub, _ in module.get_submodule(rel).named_modules()
+                                 if sub)
     return names
 
 
@@ -152,7 +153,8 @@ def resolve_targets(
             continue
         targets.append(Target(name, module, param_name))
     if not targets:
-        candidates = [n for n, m in root.named_modules() if n and isinstance(m, types) and n not in defaults_out]
+        candidates = [n for n, m in root.named_modules()
+                      if n and isinstance(m, types) and n not in defaults_out]
         shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
         raise NoTargetsError(
             f"No module to prune: include={list(include_p) or 'default'} exclude={list(exclude_p)} matched"

@@ -89,7 +89,8 @@ def assert_state_equal(a: Any, b: Any, path: str = "state") -> None:
     """Recursive equality of callback states (tensors compared exactly)."""
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         assert isinstance(a, Tensor) and isinstance(b, Tensor), f"{path}: {type(a)} vs {type(b)}"
-        assert a.shape == b.shape and a.dtype == b.dtype, f"{path}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        assert a.shape == b.shape and a.dtype == b.dtype, (
+            f"{path}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}")
         assert torch.equal(a.cpu(), b.cpu()), f"{path}: tensors differ"
     elif isinstance(a, Mapping):
         assert isinstance(b, Mapping) and set(a) == set(b), f"{path}: keys {sorted(a)} vs {sorted(b)}"
@@ -154,22 +155,25 @@ def check_callback_conformance(
 
     if plain_model:
         fresh = tiny_classifier(model_name)
-        assert set(full_model.state_dict()) == set(fresh.state_dict()), "the callback changed the model's keys"
-        inner = {k.removeprefix("model."): v for k, v in full_model.state_dict().items() if k.startswith("model.")}
+        assert set(full_model.state_dict()) == set(fresh.state_dict()), (
+            "the callback changed the model's keys")
+        inner = {k.removeprefix("model."): v for k, v in full_model.state_dict().items()
+                 if k.startswith("model.")}
         timm_model = timm.create_model(model_name, num_classes=10, **TINY_MODELS.get(model_name, {}))
         timm_model.load_state_dict(inner, strict=True)
 
     reference = _reference_weights(model_name, root / "reference", common)
-    differs = [k for k, v in full_model.state_dict().items() if k in reference and not torch.equal(v, reference[k])]
+    differs = [k for k, v in full_model.state_dict().items()
+               if k in reference and not torch.equal(v, reference[k])]
     assert differs, (
-        f"{type(callback).__name__} changed nothing: after {max_epochs} epochs the weights equal those of the same fit"
-        " without it. HINT: a schedule that acts later than the fit ends? Pass a longer max_epochs.")
+        f"{type(callback).__name__} changed nothing: after {max_epochs} epochs the weights equal those of the"
+        " same fit without it. HINT: a schedule that acts later than the fit ends? Pass a longer max_epochs.")
 
     ckpt = root / "ckpt" / f"epoch={resume_epoch - 1}.ckpt"
     assert ckpt.exists(), f"no checkpoint at {ckpt}"
     resumed_cb = make_callback()
-    _, resumed_model = fit_tiny([resumed_cb], root / "resumed", model=tiny_classifier(model_name), ckpt_path=ckpt,
-                                **common)
+    _, resumed_model = fit_tiny([resumed_cb], root / "resumed", model=tiny_classifier(model_name),
+                                ckpt_path=ckpt, **common)
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), f"resumed run differs from the uninterrupted one at {name}"
     assert_state_equal(full_state, resumed_cb.state_dict())
@@ -207,7 +211,8 @@ def _wandb_log_records(path: Path) -> list[bytes]:
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        pending = chunk if kind in (1, 2) else pending + chunk  # full/first start a record, middle/last extend it
+        # full/first start a record, middle/last extend it
+        pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
             records.append(pending)
             pending = b""
@@ -215,13 +220,13 @@ def _wandb_log_records(path: Path) -> list[bytes]:
 
 
 def read_wandb_offline_history(run_dir: str | Path, timeout: float = 30.0) -> list[dict[str, Any]]:
-    """The history rows (``run.log`` calls) of a finished offline W&B run, decoded from its ``run-*.wandb`` file.
+    """The history rows (``run.log`` calls) of a finished offline W&B run, read from its ``run-*.wandb`` file.
 
-    The file is a LevelDB-style log of protobuf ``Record`` messages: a 7-byte header (``:W&B``, magic, version),
-    then 32 KiB blocks of chunks, each with a 7-byte header (checksum, length, type: full/first/middle/last).
-    W&B's service may still be writing after ``wandb.finish()`` returns, so this waits (up to ``timeout``
-    seconds) for the run's ``exit`` record. Values are decoded JSON; a histogram ``h`` logged under ``key``
-    appears as ``key/_type == "histogram"``, ``key/values``, ``key/bins``.
+    The file is a LevelDB-style log of protobuf ``Record`` messages: a 7-byte header (``:W&B``, magic,
+    version), then 32 KiB blocks of chunks, each with a 7-byte header (checksum, length, type:
+    full/first/middle/last). W&B's service may still be writing after ``wandb.finish()`` returns, so this
+    waits (up to ``timeout`` seconds) for the run's ``exit`` record. Values are decoded JSON; a histogram
+    ``h`` logged under ``key`` appears as ``key/_type == "histogram"``, ``key/values``, ``key/bins``.
     """
     import json
     import time

@@ -3,11 +3,11 @@
 Each helper returns the normalised value or raises with one message of the same shape: the argument in
 backticks, what it must be, the value received, and a ``HINT:`` when there is an obvious fix. Booleans are
 never accepted where a number is expected, and ``nan``/``inf`` are rejected everywhere a finite number is
-meant. Callbacks use the default exception (Lightning's ``MisconfigurationException``); functions that work on a
-plain ``nn.Module`` pass ``error=InvalidArgumentError`` (or ``InvalidArgumentTypeError``).
+meant. Callbacks use the default exception (Lightning's ``MisconfigurationException``); functions that work on
+a plain ``nn.Module`` pass ``error=InvalidArgumentError`` (or ``InvalidArgumentTypeError``).
 
-**When-arguments** follow one rule: a name ending in ``_step`` counts optimizer steps, one ending in ``_epoch``
-counts epochs, and either also takes a float in [0, 1] meaning that fraction of the whole training
+**When-arguments** follow one rule: a name ending in ``_step`` counts optimizer steps, one ending in
+``_epoch`` counts epochs, and either also takes a float in [0, 1] meaning that fraction of the whole training
 (:func:`check_position`; :func:`lightning_prune.schedules.resolve_step` turns all of them into steps).
 
 Example::
@@ -80,7 +80,8 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
     if ok and high is not None:
         ok = value <= high if high_inclusive else value < high
     if not ok:
-        raise _fail(name, f"a number {_interval(low, high, low_inclusive, high_inclusive)}", value, hint, error)
+        raise _fail(name, f"a number {_interval(low, high, low_inclusive, high_inclusive)}", value, hint,
+                    error)
     return float(value)
 
 
@@ -118,7 +119,8 @@ def check_bool(name: str, value: Any, hint: str = "", error: ErrorType = _DEFAUL
     return value
 
 
-def check_choice(name: str, value: Any, choices: Sequence[Any], hint: str = "", error: ErrorType = _DEFAULT) -> Any:
+def check_choice(name: str, value: Any, choices: Sequence[Any], hint: str = "",
+                 error: ErrorType = _DEFAULT) -> Any:
     """One of ``choices``."""
     if isinstance(value, bool) or value not in tuple(choices):
         raise _fail(name, f"one of {list(choices)}", value, hint, error)
@@ -146,14 +148,16 @@ def check_patterns(name: str, value: Any, error: ErrorType = _DEFAULT) -> list[s
 
 def check_position(name: str, value: Any, allow_none: bool = False, hint: str = "",
                    error: ErrorType = _DEFAULT) -> int | float | None:
-    """A when-argument: an ``int >= 0`` (steps or epochs, as the name says) or a float in [0, 1] (a fraction of
-    the whole training). An integral float above 1 is read as the count it spells (``3.0`` -> ``3``): config
-    parsers (jsonargparse under LightningCLI) hand ``int | float | None`` arguments over as floats."""
+    """A when-argument: an ``int >= 0`` (steps or epochs, as the name says) or a float in [0, 1].
+
+    A float in [0, 1] is a fraction of the whole training. An integral float above 1 is read as the count it
+    spells (``3.0`` -> ``3``): config parsers (jsonargparse under LightningCLI) hand ``int | float | None``
+    arguments over as floats."""
     if value is None and allow_none:
         return None
     unit = "epochs" if name.endswith("_epoch") else "optimizer steps"
-    expected = f"{unit} (an int >= 0) or a fraction of training (a float in [0, 1])" + (" or None" if allow_none
-                                                                                      else "")
+    expected = (f"{unit} (an int >= 0) or a fraction of training (a float in [0, 1])"
+                + (" or None" if allow_none else ""))
     if isinstance(value, bool) or not is_number(value) or value < 0:
         raise _fail(name, expected, value, hint, error)
     if isinstance(value, int):
@@ -162,7 +166,8 @@ def check_position(name: str, value: Any, allow_none: bool = False, hint: str = 
         return float(value)
     if float(value).is_integer():
         return int(value)
-    raise _fail(name, expected, value, hint or "a float counts only as a fraction of training, in [0, 1].", error)
+    raise _fail(name, expected, value, hint or "a float counts only as a fraction of training, in [0, 1].",
+                error)
 
 
 def check_cadence(name: str, value: Any, allow_none: bool = False, hint: str = "",
@@ -226,7 +231,8 @@ def check_types(name: str, value: Any, error: ErrorType = _DEFAULT) -> tuple[typ
     (``"timm.layers.StdConv2d"``)."""
     if value is None:
         return None
-    items = [value] if isinstance(value, (str, type)) else list(value) if isinstance(value, Iterable) else None
+    items = ([value] if isinstance(value, (str, type))
+             else list(value) if isinstance(value, Iterable) else None)
     resolved = [_module_type(v) for v in items] if items else None
     if not resolved or any(t is None for t in resolved):
         raise _fail(name, "a list of nn.Module types (classes, torch.nn names or dotted paths)", value,

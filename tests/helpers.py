@@ -45,10 +45,11 @@ def eval_logits(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.cpu()
 
 
-def assert_amp_step_matches_fp32(step_delta: Callable[..., torch.Tensor], root, rel: float, min_cosine: float) -> None:
+def assert_amp_step_matches_fp32(step_delta: Callable[..., torch.Tensor], root, rel: float,
+                                 min_cosine: float) -> None:
     """``step_delta(root, **trainer_kwargs)`` returns what one optimizer step changed (e.g. the gates). Under
-    16-mixed with a 2**12 loss scale and under bf16-mixed it must match the full-precision step: the loss scale
-    must not reach the callback's own parameters."""
+    16-mixed with a 2**12 loss scale and under bf16-mixed it must match the full-precision step: the loss
+    scale must not reach the callback's own parameters."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     ref = step_delta(root / "fp32")

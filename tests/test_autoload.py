@@ -30,7 +30,8 @@ def test_environment_adds_callbacks_to_every_trainer(monkeypatch):
 @pytest.mark.parametrize(
     ("value", "match"),
     [
-        ("magnitude:target_sparsity", r"'target_sparsity' in 'magnitude:target_sparsity' is not a key=value pair"),
+        ("magnitude:target_sparsity",
+         r"'target_sparsity' in 'magnitude:target_sparsity' is not a key=value pair"),
         ("magnitude:=3", r"'=3' .* is not a key=value pair"),
         (":target_sparsity=0.9", "does not start with a callback name"),
         ("nope:x=1", "No pruning callback named 'nope'"),

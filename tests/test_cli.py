@@ -39,8 +39,8 @@ def test_fit_prints_the_final_table_with_test_accuracy(tmp_path, capsys, monkeyp
     monkeypatch.chdir(ROOT)
     main(_tiny_fit_args(tmp_path))
     out = capsys.readouterr().out
-    assert "model.layer1.0.conv1" in out and "conv/linear weights" in out and "test/acc" in out
-    line = next(line for line in out.splitlines() if line.startswith("conv/linear weights"))
+    assert "model.layer1.0.conv1" in out and "targeted weights" in out and "test/acc" in out
+    line = next(line for line in out.splitlines() if line.startswith("targeted weights"))
     assert 0.80 <= float(line.split()[-1].rstrip("%")) / 100 <= 0.90  # 90% of the targeted weights
 
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import timm
 import torch
 from torch import nn
 
-import importlib
-
 import lightning_prune as lp
-from lightning_prune.compression import CompressionError, compress, dead_channels, load_compressed, save_compressed
+from lightning_prune.compression import (
+    CompressionError,
+    compress,
+    dead_channels,
+    load_compressed,
+    save_compressed,
+)
 from lightning_prune.gates import find_channel_groups
 from lightning_prune.testing import TINY_MODELS, tiny_classifier
 
@@ -55,7 +61,7 @@ def _channels(model: nn.Module) -> int:
 
 @pytest.mark.parametrize(("name", "coupled"), [(n, False) for n in FAMILIES] + [("test_resnet", True)])
 def test_compress_equals_masked_model_and_reloads(name, coupled, tmp_path):
-    """Oracle §2: deleting zeroed channels leaves eval logits unchanged; save -> load onto a fresh timm model."""
+    """Deleting zeroed channels leaves eval logits unchanged; save -> load onto a fresh timm model."""
     model = _model(name)
     groups, _ = find_channel_groups(model, X, prune_coupled=coupled)
     _kill(model, groups)
@@ -66,7 +72,8 @@ def test_compress_equals_masked_model_and_reloads(name, coupled, tmp_path):
     assert sum(p.numel() for p in model.parameters()) < params
     torch.testing.assert_close(model(X), masked, atol=1e-5, rtol=1e-4)
     save_compressed(model, tmp_path / "small.pt")
-    fresh = lp.load_compressed(tmp_path / "small.pt", timm.create_model(name, num_classes=10, **TINY_MODELS.get(name, {})))
+    fresh = lp.load_compressed(tmp_path / "small.pt",
+                               timm.create_model(name, num_classes=10, **TINY_MODELS.get(name, {})))
     assert torch.equal(fresh.eval()(X), model(X))
     assert dead_channels(model, X) == []  # nothing left to remove
 
@@ -178,4 +185,5 @@ def test_compress_real_timm_families(name, tmp_path):
     compress(model, X)
     torch.testing.assert_close(model(X), masked, atol=1e-5, rtol=1e-4)
     save_compressed(model, tmp_path / "m.pt")
-    assert torch.equal(load_compressed(tmp_path / "m.pt", timm.create_model(name, num_classes=10)).eval()(X), model(X))
+    assert torch.equal(load_compressed(tmp_path / "m.pt", timm.create_model(name, num_classes=10)).eval()(X),
+                       model(X))

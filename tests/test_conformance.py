@@ -17,9 +17,11 @@ def test_registered_callback_conforms(name, tmp_path):
     info = lp.list_callbacks()[name]
     assert not info.broken, info.error
     assert info.summary, f"{info.object_path} has no docstring summary"
-    # evolution's default cadence is a generation every 5 epochs (the Spartan-training article's): fit long enough
+    # evolution's default cadence is a generation every 5 epochs (the Spartan-training article's):
+    # fit long enough
     max_epochs = 5 if name == "evolution" else 3
-    check_callback_conformance(lambda: lp.create_callback(name), tmp_path, max_epochs=max_epochs, resume_epoch=1)
+    check_callback_conformance(lambda: lp.create_callback(name), tmp_path, max_epochs=max_epochs,
+                               resume_epoch=1)
 
 
 class Idle(lp.PruningCallback):

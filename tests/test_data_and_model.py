@@ -41,7 +41,8 @@ def test_bad_data_arguments():
 
 
 def test_classifier_wraps_any_timm_model_and_trains(tmp_path):
-    model = ImageClassifier("test_efficientnet", num_classes=10, optimizer="adamw", lr=1e-3, scheduler="cosine")
+    model = ImageClassifier("test_efficientnet", num_classes=10, optimizer="adamw", lr=1e-3,
+                            scheduler="cosine")
     trainer, _ = fit_tiny([], tmp_path, model=model, max_epochs=1, limit_train_batches=3, limit_val_batches=1)
     assert trainer.global_step == 3 and "val/acc" in trainer.callback_metrics
     assert all(k.startswith(("model.", "val_acc", "test_acc")) for k in model.state_dict())
@@ -61,7 +62,8 @@ def _fake_cifar(root, n_train=60, n_test=20):
     rng = np.random.default_rng(0)
 
     def batch(n):
-        return {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        return {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                "labels": rng.integers(0, 10, n).tolist()}
 
     per = n_train // 5
     for i in range(1, 6):
@@ -80,7 +82,8 @@ def test_cifar10_datamodule_on_small_local_data(tmp_path, monkeypatch):
     import torchvision.datasets.cifar as cifar
 
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)  # the fake files' md5s differ
-    monkeypatch.setattr(CIFAR10, "download", lambda self: pytest.fail("must not download when data is present"))
+    monkeypatch.setattr(CIFAR10, "download",
+                        lambda self: pytest.fail("must not download when data is present"))
     dm = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=8, num_workers=0, val_size=10, download=False)
     dm.prepare_data()
     dm.setup("fit")

@@ -7,9 +7,9 @@ import pickle
 import pytest
 import timm
 import torch
-from lightning_prune.errors import InvalidArgumentError
 from torch import nn
 
+from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.functional.channels import (
     capture_mask,
     channel_view,
@@ -53,7 +53,7 @@ def _x(name: str) -> torch.Tensor:
 
 # ------------------------------------------------------------------ functional
 def test_fold_scale_keeps_conv_bn_linear_outputs():
-    """Oracle §2: folding beta into W keeps outputs unchanged (conv+bias, BatchNorm affine, Linear)."""
+    """Folding beta into W keeps outputs unchanged (conv+bias, BatchNorm affine, Linear)."""
     torch.manual_seed(0)
     conv, lin, bn = nn.Conv2d(3, 6, 3, bias=True), nn.Linear(5, 4), nn.BatchNorm2d(6).eval()
     bn.bias.data.normal_(), bn.running_mean.normal_()
@@ -187,7 +187,9 @@ class CountingGate(Gate):
 
     def compute(self, training: bool) -> torch.Tensor:
         self.calls += 1
-        return torch.sigmoid(self.log_alpha + torch.randn(self.size)) if training else torch.sigmoid(self.log_alpha)
+        if training:
+            return torch.sigmoid(self.log_alpha + torch.randn(self.size))
+        return torch.sigmoid(self.log_alpha)
 
 
 def test_plug_in_gate_samples_once_per_forward_for_shared_sites():

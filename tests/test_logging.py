@@ -13,7 +13,8 @@ FAST = {"max_epochs": 2, "limit_train_batches": 4, "limit_val_batches": 1}
 
 
 def _pruner(**kwargs):
-    return GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=2, sparsity_end_step=4, verbose=False, **kwargs)
+    return GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=2, sparsity_end_step=4, verbose=False,
+                                   **kwargs)
 
 
 def test_sparsity_goes_to_any_lightning_logger(tmp_path):

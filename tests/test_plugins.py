@@ -237,7 +237,8 @@ def test_the_documented_plugin_api_exists():
         module = importlib.import_module(module_name)
         public = set(getattr(module, "__all__", ()))
         for name in names:
-            assert hasattr(module, name), f"plugins/README.md names {module_name}.{name}, which does not exist"
+            assert hasattr(module, name), (
+                f"plugins/README.md names {module_name}.{name}, which does not exist")
             assert name in public, f"{module_name}.{name} is documented for plugins but not in its __all__"
 
 
@@ -250,13 +251,16 @@ def test_the_baselines_plugin_imports_only_the_documented_api():
     used = []
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lightning_prune":
+            if (isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.split(".")[0] == "lightning_prune"):
                 used.extend((path.name, node.module, alias.name) for alias in node.names)
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     assert alias.name.split(".")[0] != "lightning_prune" or alias.name == "lightning_prune", (
-                        f"{path.name} imports the module {alias.name}: import names from the documented modules")
+                        f"{path.name} imports the module {alias.name}: import names from the documented"
+                        " modules")
     assert used, "the plugin imports nothing from lightning_prune?"
     for filename, module, name in used:
         assert module in api, f"{filename} imports from {module}, which plugins/README.md does not list"
-        assert name in api[module], f"{filename} imports {module}.{name}, which plugins/README.md does not list"
+        assert name in api[module], (
+            f"{filename} imports {module}.{name}, which plugins/README.md does not list")

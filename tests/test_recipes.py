@@ -1,4 +1,4 @@
-"""Every recipe runs: digits recipes for a few real steps, CIFAR-10 recipes on small local data (no download)."""
+"""Every recipe runs: digits recipes for a few real steps, CIFAR-10 ones on small local data (no download)."""
 
 from pathlib import Path
 
@@ -38,6 +38,6 @@ def test_cifar10_recipe_runs_on_small_local_data(recipe, tmp_path, monkeypatch, 
     monkeypatch.chdir(ROOT)
     main(["fit", "--config", str(recipe), "--trainer.max_steps=10", "--trainer.accelerator=cpu",
           f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.data_dir={tmp_path / 'data'}",
-          "--data.init_args.download=false", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
-          "--data.init_args.val_size=10", *COMMON])
+          "--data.init_args.download=false", "--data.init_args.batch_size=8",
+          "--data.init_args.num_workers=0", "--data.init_args.val_size=10", *COMMON])
     assert "test/acc" in capsys.readouterr().out

@@ -13,7 +13,8 @@ BUILTINS = {"magnitude"}
 def fake_entry_points(monkeypatch):
     def install(extra):
         real = _registry._entry_points()
-        eps = {**real, **{name: EntryPoint(name, value, _registry.ENTRY_POINT_GROUP) for name, value in extra.items()}}
+        eps = {**real, **{name: EntryPoint(name, value, _registry.ENTRY_POINT_GROUP)
+                          for name, value in extra.items()}}
         monkeypatch.setattr(_registry, "_entry_points", lambda: eps)
         _registry._reset_cache()
     yield install

@@ -92,7 +92,8 @@ def test_wrapper_refuses_activation_with_parameters():
 def test_plan_test_resnet_basic_blocks_do_not_fuse():
     plan = plan_reparameterization(_model("test_resnet"))
     assert plan.decay == ["layer3.0.act2"]
-    assert [(f.first, f.second, f.kind) for f in plan.fusions] == [("layer3.0.conv2", "layer3.0.conv3", "conv∘1×1")]
+    assert [(f.first, f.second, f.kind) for f in plan.fusions] == [
+        ("layer3.0.conv2", "layer3.0.conv3", "conv∘1×1")]
     # BasicBlock 3x3 -> 3x3 with zero padding, bottleneck 1x1 -> 3x3 padded: not exact, and said so
     assert "not exact at the border" in plan.rejected["layer1.0.act1"]
     assert "not exact at the border" in plan.rejected["layer3.0.act1"]
@@ -127,7 +128,8 @@ def test_plan_include_narrows_and_fusable_only_false_widens():
     plan = plan_reparameterization(model, include=["layer1.*.act1", "layer3.0.act2"], fusable_only=False)
     assert plan.decay == ["layer1.0.act1", "layer3.0.act2"] and len(plan.fusions) == 1
     assert "fusable_only=False; no exact fusion" in str(plan)
-    assert plan_reparameterization(model, include=["layer1.*"]).rejected["layer3.0.act2"] == "not selected by `include`"
+    assert (plan_reparameterization(model, include=["layer1.*"]).rejected["layer3.0.act2"]
+            == "not selected by `include`")
     plan = lp.ActivationDecay(exclude="*.mlp.act", verbose=False).plan(_model("test_vit", img_size=32))
     assert plan.decay == [] and all(v == "excluded by `exclude`" for v in plan.rejected.values())
 
@@ -282,7 +284,8 @@ def test_reducenet_is_registered_with_timm():
 
 @pytest.mark.slow  # a fresh interpreter: ~15 s on 2 busy cores
 def test_reducenet_is_registered_on_import():
-    code = "import lightning_prune, timm; m = timm.create_model('reducenet_56', num_classes=10); print(len(m.blocks))"
+    code = ("import lightning_prune, timm; m = timm.create_model('reducenet_56', num_classes=10);"
+            " print(len(m.blocks))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "27"
     assert "reducenet_20_plain" in timm.list_models("reducenet_*")

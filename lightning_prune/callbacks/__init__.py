@@ -5,8 +5,8 @@
 One module per algorithm (``magnitude``, ``lottery_ticket``, ``group_lasso``, ``l0``, ``activation_decay``,
 ``evolution``), the shared bases in ``base`` (:class:`PruningCallback`) and ``gating``
 (:class:`GatePruningCallback`). Every algorithm is also registered through the ``lightning_prune.callbacks``
-entry-point group in the project's ``pyproject.toml``, exactly as a plugin registers its own. Names are imported
-on first access.
+entry-point group in the project's ``pyproject.toml``, exactly as a plugin registers its own. Names are
+imported on first access.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def decay_lambda(position: float, start: float, end: float, schedule: str = "lin
 
     Example::
 
-        >>> decay_lambda(25, 0, 100), decay_lambda(50, 0, 100, "cosine"), decay_lambda(100, 0, 100)
+        >>> decay_lambda(25, 0, 100), round(decay_lambda(50, 0, 100, "cosine"), 12), decay_lambda(100, 0, 100)
         (0.25, 0.5, 1.0)
     """
     if position >= end:
@@ -79,15 +79,16 @@ class ActivationDecay(Callback):
     Every selected activation module ``A`` is replaced in place by a parameter-free wrapper computing
     ``A'(x) = (1 - λ) A(x) + λ x`` (any activation: ReLU, GELU, SiLU, ...). λ goes 0 → 1 between the begin and
     end positions on a ``"linear"`` or ``"cosine"`` schedule, updated every optimizer step (ReduceNet) or
-    every epoch (VanillaNet), and is logged as ``prune/lambda``. The model's ``state_dict`` keys do not change.
+    every epoch (VanillaNet), and is logged as ``prune/lambda``. The model's ``state_dict`` keys do not
+    change.
 
     The default set of activations is exactly those whose disappearance lets two linear layers fuse exactly
     (found by tracing the model with ``torch.fx``: a bottleneck's 3×3 → last 1×1, an inverted residual's
-    depthwise → projection, a transformer MLP's fc1 → fc2, a ReduceNet block); ``include`` and ``exclude`` globs
-    over activation names narrow it, and ``fusable_only=False`` widens it to every activation module (for
-    models ``torch.fx`` cannot trace, or to decay activations that will not fuse). :meth:`plan` shows the
-    selection without training. Once λ = 1, ``fuse_on_train_end=True`` (or :func:`lightning_prune.reparameterize`
-    on the finished model) fuses the model.
+    depthwise → projection, a transformer MLP's fc1 → fc2, a ReduceNet block); ``include`` and ``exclude``
+    globs over activation names narrow it, and ``fusable_only=False`` widens it to every activation module
+    (for models ``torch.fx`` cannot trace, or to decay activations that will not fuse). :meth:`plan` shows the
+    selection without training. Once λ = 1, ``fuse_on_train_end=True`` (or
+    :func:`lightning_prune.reparameterize` on the finished model) fuses the model.
 
     Positions follow the unit rule: ``*_step`` in optimizer steps, ``*_epoch`` in epochs, either as a float in
     [0, 1] a fraction of the whole training; give at most one of each pair.
@@ -95,14 +96,16 @@ class ActivationDecay(Callback):
     Args:
         begin_step: where λ starts rising (default 0).
         begin_epoch: the same in epochs.
-        end_step: where λ reaches 1 (default 0.75 of training, leaving the rest to adapt to the linear network).
+        end_step: where λ reaches 1 (default 0.75 of training, leaving the rest to adapt to the linear
+            network).
         end_epoch: the same in epochs (VanillaNet: 100 of 300 epochs).
         schedule: ``"linear"`` or ``"cosine"``.
         every_n_steps: update λ every that many optimizer steps (default 1, ReduceNet).
         every_n_epochs: update λ at the start of every that many epochs instead (VanillaNet: 1).
         include: globs of activation module names; narrows the default set.
         exclude: globs of activation module names to leave alone.
-        fusable_only: the default set is the activations that fuse exactly (``True``) or every activation module.
+        fusable_only: the default set is the activations that fuse exactly (``True``) or every activation
+            module.
         fuse_on_train_end: fuse the model (:func:`lightning_prune.reparameterize`) when training ends.
         verbose: print the plan at setup (rank zero).
 
@@ -113,7 +116,8 @@ class ActivationDecay(Callback):
     Example::
 
         print(ActivationDecay.plan(timm.create_model("resnet50")))  # dry run
-        trainer = Trainer(callbacks=[ActivationDecay(end_step=0.5, schedule="cosine", fuse_on_train_end=True)])
+        decay = ActivationDecay(end_step=0.5, schedule="cosine", fuse_on_train_end=True)
+        trainer = Trainer(callbacks=[decay])
     """
 
     plan = _PlanMethod()
@@ -171,7 +175,8 @@ class ActivationDecay(Callback):
         self._fused_model: int | None = None  # id() of the module fused at train end
 
     def _begin_end(self) -> tuple[tuple[str, int | float], tuple[str, int | float]]:
-        begin = ("begin_epoch", self.begin_epoch) if self.begin_epoch is not None else ("begin_step", self.begin_step)
+        begin = (("begin_epoch", self.begin_epoch) if self.begin_epoch is not None
+                 else ("begin_step", self.begin_step))
         end = ("end_epoch", self.end_epoch) if self.end_epoch is not None else ("end_step", self.end_step)
         return begin, end  # type: ignore[return-value]
 
@@ -225,12 +230,13 @@ class ActivationDecay(Callback):
         assert start is not None and stop is not None
         if stop < start:
             raise MisconfigurationException(
-                f"`{end_name}` ({end}) resolves to step {stop}, before `{begin_name}` ({begin}) at step {start}.")
+                f"`{end_name}` ({end}) resolves to step {stop}, before `{begin_name}` ({begin}) at step"
+                f" {start}.")
         last = self._last_update_step(trainer)
         if self.fuse_on_train_end and last is not None and stop > last:
             raise MisconfigurationException(
-                f"`fuse_on_train_end=True` but λ reaches 1 only at step {stop}, after the last update of λ (step"
-                f" {last}). HINT: set `{end_name}` earlier, e.g. end_step=0.75.")
+                f"`fuse_on_train_end=True` but λ reaches 1 only at step {stop}, after the last update of λ"
+                f" (step {last}). HINT: set `{end_name}` earlier, e.g. end_step=0.75.")
         return start, stop
 
     def _last_update_step(self, trainer: pl.Trainer) -> int | None:
@@ -269,8 +275,8 @@ class ActivationDecay(Callback):
             self._bounds = self._resolve_bounds(trainer)
         self._update(trainer, force_log=True)
         if self.verbose:
-            rank_zero_info(f"[ActivationDecay] {len(self._wrapped)} activation(s): λ 0 → 1 ({self.schedule}) over"
-                           f" steps {self._bounds[0]}-{self._bounds[1]}; now λ = {self.lam:.4g}")
+            rank_zero_info(f"[ActivationDecay] {len(self._wrapped)} activation(s): λ 0 → 1 ({self.schedule})"
+                           f" over steps {self._bounds[0]}-{self._bounds[1]}; now λ = {self.lam:.4g}")
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -288,8 +294,9 @@ class ActivationDecay(Callback):
         if not self.fuse_on_train_end:
             return
         if self.lam != 1.0:
-            rank_zero_warn(f"ActivationDecay: training ended at λ = {self.lam:.4g} < 1; the model is NOT fused"
-                           " (fusing would change its outputs). HINT: train longer or set `end_step` earlier.")
+            rank_zero_warn(f"ActivationDecay: training ended at λ = {self.lam:.4g} < 1; the model is NOT"
+                           " fused (fusing would change its outputs). HINT: train longer or set `end_step`"
+                           " earlier.")
             return
         before = count_layers(pl_module)
         reparameterize(pl_module)
@@ -315,8 +322,8 @@ class ActivationDecay(Callback):
         self._bounds = (int(bounds[0]), int(bounds[1])) if bounds is not None else None
         saved = list(state_dict.get("decayed", []))
         if saved and self.decayed and saved != self.decayed:
-            rank_zero_warn(f"ActivationDecay: the checkpoint decayed {len(saved)} activation(s), this run selects"
-                           f" {len(self.decayed)}; continuing with this run's selection.")
+            rank_zero_warn(f"ActivationDecay: the checkpoint decayed {len(saved)} activation(s), this run"
+                           f" selects {len(self.decayed)}; continuing with this run's selection.")
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -54,8 +54,8 @@ class PruningCallback(Callback):
     checkpointed state and sparsity logging.
 
     Targets follow one rule (:mod:`lightning_prune.targets`): the default set -- every module of ``types``
-    (Conv/Linear) except each timm model's first conv and classifier -- narrowed by ``include`` and ``exclude``;
-    only ``types`` widens it.
+    (Conv/Linear) except each timm model's first conv and classifier -- narrowed by ``include`` and
+    ``exclude``; only ``types`` widens it.
 
     Args:
         include: globs of module names; only the modules of the default set that match are pruned.
@@ -87,7 +87,8 @@ class PruningCallback(Callback):
         self.exclude = check_patterns("exclude", exclude)
         self.types = check_types("types", types)
         self.log_media_every_n_epochs = check_int(
-            "log_media_every_n_epochs", log_media_every_n_epochs, 0, hint="0 logs media only at the end of training.")
+            "log_media_every_n_epochs", log_media_every_n_epochs, 0,
+            hint="0 logs media only at the end of training.")
         self.verbose = check_bool("verbose", verbose)
         self.targets: list[Target] = []
         #: the targeted weights (what :meth:`select_targets` resolved), without the helper tensors
@@ -114,7 +115,8 @@ class PruningCallback(Callback):
     def select_targets(self, pl_module: pl.LightningModule) -> list[Target]:
         """Which parameters this callback masks; raises a clear error when nothing matches."""
         with as_misconfiguration():
-            targets = resolve_targets(pl_module, self.include, self.exclude, types=self.types or self.target_types)
+            targets = resolve_targets(pl_module, self.include, self.exclude,
+                                      types=self.types or self.target_types)
         self.weight_names = [t.name for t in targets]
         return targets
 
@@ -178,7 +180,8 @@ class PruningCallback(Callback):
     def reported_names(self) -> list[str]:
         """The masked parameters that sparsity metrics and W&B media describe: the targeted weights only
         (:attr:`weight_names`), never the biases and BatchNorm parameters that channel masks also cover, so
-        ``prune/sparsity`` means the same for every callback and agrees with :func:`~lightning_prune.sparsity_report`.
+        ``prune/sparsity`` means the same for every callback and agrees with
+        :func:`~lightning_prune.sparsity_report`.
         """
         if self.masks is None:
             return []
@@ -201,7 +204,8 @@ class PruningCallback(Callback):
         log_scalars(trainer, metrics)
         if self.verbose and self.masks is not None:
             rank_zero_info(f"[{type(self).__name__}] step {trainer.global_step}: "
-                           f"sparsity {metrics[f'{PREFIX}/sparsity']:.2%} over {len(self.reported_names())} tensors")
+                           f"sparsity {metrics[f'{PREFIX}/sparsity']:.2%} over {len(self.reported_names())}"
+                           " tensors")
 
     def log_media(self, trainer: pl.Trainer) -> None:
         """W&B mask images, weight histograms and a per-layer sparsity table of the reported weights

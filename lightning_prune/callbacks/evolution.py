@@ -1,9 +1,10 @@
 """Evolutionary mutation: SGD interleaved with offspring selection or evolution strategies.
 
-"Spartan training" (seed article 004): every few epochs of SGD, breed offspring of the weights by noise
-(or by gradient-shaped noise) and either keep the fittest offspring when it beats the parent, or move
-the parent along the fitness-weighted noise as in Salimans, Ho, Chen, Sidor, Sutskever, "Evolution
-Strategies as a Scalable Alternative to Reinforcement Learning", 2017, arXiv:1703.03864.
+"Spartan training", from the Habr article «Спартанское обучение нейронных сетей» ("Spartan training of neural
+networks", in Russian): every few epochs of SGD, breed offspring of the weights by noise (or by
+gradient-shaped noise) and either keep the fittest offspring when it beats the parent, or move the parent
+along the fitness-weighted noise as in Salimans, Ho, Chen, Sidor, Sutskever, "Evolution Strategies as a
+Scalable Alternative to Reinforcement Learning", 2017, arXiv:1703.03864.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _hit(name: str, module_name: str, patterns: list[str]) -> bool:
 
 
 class EvolutionaryMutation(Callback):
-    """SGD interleaved with evolutionary mutation ("Spartan training", seed 004; Salimans et al. 2017).
+    """SGD interleaved with evolutionary mutation (Habr's "Spartan training"; Salimans et al. 2017).
 
     Every ``every_n_epochs`` epochs (at the last training batch, before validation) or every
     ``every_n_steps`` optimizer steps (either as a float in (0, 1]: that fraction of the training between two
@@ -75,11 +76,12 @@ class EvolutionaryMutation(Callback):
     - ``strategy="es"``: ``theta <- theta + es_lr / (n sigma) * sum_i F_i eps_i`` with shaped fitness
       (centred ranks or z-scores) and antithetic pairs ``(+eps_k, -eps_k)``.
 
-    Mutations: ``"uniform"`` ``eps ~ U(-1, 1)`` (the seed's), ``"gaussian"`` ``eps ~ N(0, 1)``, and
-    ``"gradient"`` (the seed's random-gradient method): ``eps = -g * u`` with ``g`` the gradient of the
-    fitness-set loss at the parent and ``u ~ U(0, 1)`` elementwise, scaled by ``sigma * T`` where the
-    temperature ``T = error_t / error_0`` (clipped to [0, 1]; error = loss, or 1 - accuracy) shrinks the
-    steps as fitness improves. With ``"gradient"``, ``sigma`` is a step size like a learning rate.
+    Mutations: ``"uniform"`` ``eps ~ U(-1, 1)`` (the Spartan-training article's), ``"gaussian"``
+    ``eps ~ N(0, 1)``, and ``"gradient"`` (the article's random-gradient method): ``eps = -g * u`` with ``g``
+    the gradient of the fitness-set loss at the parent and ``u ~ U(0, 1)`` elementwise, scaled by
+    ``sigma * T`` where the temperature ``T = error_t / error_0`` (clipped to [0, 1]; error = loss, or 1 -
+    accuracy) shrinks the steps as fitness improves. With ``"gradient"``, ``sigma`` is a step size like a
+    learning rate.
 
     Offspring are never stored: each perturbation is regenerated from a seed (a per-generation seed from a
     ``torch.Generator`` kept in the callback state, hashed with the offspring's index), so memory is the
@@ -93,10 +95,10 @@ class EvolutionaryMutation(Callback):
     batch size, the same on every rank), first ``fitness_batches`` batches (and no more than an integer
     ``Trainer(limit_val_batches=...)``); or ``fitness_dataloader``.
     Offspring are evaluated in eval mode under ``torch.no_grad`` (BatchNorm running statistics untouched;
-    train/eval modes restored afterwards). ``metric="loss"`` (default, what worked in the seed): fitness is
-    minus the mean cross-entropy of ``pl_module(x)`` against ``y`` for batches ``(x, y, ...)``;
-    ``metric="accuracy"``: top-1 accuracy. ``fitness_fn(pl_module, batch) -> loss`` replaces the
-    cross-entropy for other models or batch layouts (lower is better; averaged over batches).
+    train/eval modes restored afterwards). ``metric="loss"`` (default, what worked in the Spartan-training
+    article): fitness is minus the mean cross-entropy of ``pl_module(x)`` against ``y`` for batches
+    ``(x, y, ...)``; ``metric="accuracy"``: top-1 accuracy. ``fitness_fn(pl_module, batch) -> loss`` replaces
+    the cross-entropy for other models or batch layouts (lower is better; averaged over batches).
 
     Pruning: weights masked by any :class:`~lightning_prune.callbacks.base.PruningCallback` of the trainer
     (``respect_masks="callbacks"``, read at every generation) stay exactly zero in every offspring and after
@@ -108,8 +110,9 @@ class EvolutionaryMutation(Callback):
         sigma: noise scale (> 0); the step size of the ``"gradient"`` mutation.
         mutation: ``"uniform"``, ``"gaussian"`` or ``"gradient"``.
         strategy: ``"select"`` or ``"es"``.
-        every_n_epochs: epochs between generations (default 5, the Spartan article's, when ``every_n_steps`` is
-            unset), or a float in (0, 1]: that fraction of ``max_epochs`` (at least one epoch).
+        every_n_epochs: epochs between generations (default 5, the Spartan-training article's, when
+            ``every_n_steps`` is unset), or a float in (0, 1]: that fraction of ``max_epochs`` (at least one
+            epoch).
         every_n_steps: optimizer steps between generations instead, or a float in (0, 1]: that fraction of the
             training steps (at least one step).
         fitness_batches: how many batches of the fitness set to use (``None`` = all).
@@ -170,7 +173,8 @@ class EvolutionaryMutation(Callback):
             raise MisconfigurationException(
                 f"`population` must be even with antithetic pairs (+eps, -eps), got {population}."
                 f" HINT: use population={population + 1}, or antithetic=False.")
-        self.sigma = check_positive("sigma", sigma, hint="sigma scales the noise; try 0.01 for weights near 0.1.")
+        self.sigma = check_positive("sigma", sigma,
+                                    hint="sigma scales the noise; try 0.01 for weights near 0.1.")
         check_exclusive(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps,
                         hint="generations come every few epochs or every few steps.")
         self.every_n_steps = check_cadence("every_n_steps", every_n_steps, allow_none=True)
@@ -486,7 +490,7 @@ class EvolutionaryMutation(Callback):
                     p.copy_(q)
             changed = float(bool((weights != 0).any()))
             new_fitness = self.evaluate(trainer, pl_module, batches)
-        del parent
+        parent.clear()  # free the parent copy now (`offspring` above closes over the list)
         self.generation += 1
         finite = fitness[torch.isfinite(fitness)]
         stats = finite if finite.numel() else fitness

@@ -1,16 +1,18 @@
 """The base of the channel-gate callbacks: groups, gates, their optimizer, finalisation and state.
 
-:class:`GatePruningCallback` is what group-LASSO (:class:`~lightning_prune.callbacks.group_lasso.GroupLassoPruning`)
-and hard-concrete L0 gates share. At ``setup`` it finds the channel groups of the model with torch-pruning's
-DependencyGraph (:func:`lightning_prune.gates.find_channel_groups`), builds one
-:class:`~lightning_prune.gates.Gate` per group with :meth:`~GatePruningCallback.make_gate` and hooks them into
-the model (the model's ``state_dict`` keeps its keys). In ``on_before_optimizer_step`` -- after AMP has
-unscaled the weights' gradients -- it unscales and all-reduces the gates' gradients, adds the regulariser's
-gradient (:meth:`~GatePruningCallback.gate_penalty_grad_`), and steps the gates' own optimizer (optionally in
+:class:`GatePruningCallback` is what group-LASSO
+(:class:`~lightning_prune.callbacks.group_lasso.GroupLassoPruning`) and hard-concrete L0 gates share. At
+``setup`` it finds the channel groups of the model with torch-pruning's DependencyGraph
+(:func:`lightning_prune.gates.find_channel_groups`), builds one :class:`~lightning_prune.gates.Gate` per group
+with :meth:`~GatePruningCallback.make_gate` and hooks them into the model (the model's ``state_dict`` keeps
+its keys). In ``on_before_optimizer_step`` -- after AMP has unscaled the weights' gradients -- it unscales and
+all-reduces the gates' gradients, adds the regulariser's gradient
+(:meth:`~GatePruningCallback.gate_penalty_grad_`), and steps the gates' own optimizer (optionally in
 alternation with the weights). At ``finalize_step`` (or ``finalize_epoch``) the surviving channels
 (:meth:`~GatePruningCallback.final_keep`) are folded into the weights, the others become channel masks of the
 base :class:`~lightning_prune.callbacks.base.PruningCallback`, the hooks go, and fine-tuning continues; with
-``compress=True`` the dead channels are removed physically at the end of training (:func:`lightning_prune.compress`).
+``compress=True`` the dead channels are removed physically at the end of training
+(:func:`lightning_prune.compress`).
 
 A subclass implements ``make_gate``, ``gate_penalty_grad_`` and ``final_keep``, and may override
 ``after_gate_step`` (capture, clamping) and ``weight_regularizer_grad_``.
@@ -29,7 +31,14 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.gates import ChannelGroup, Gate, GateSet, example_inputs_for, find_channel_groups, traced_root
+from lightning_prune.gates import (
+    ChannelGroup,
+    Gate,
+    GateSet,
+    example_inputs_for,
+    find_channel_groups,
+    traced_root,
+)
 from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars
 from lightning_prune.schedules import resolve_step, until_the_end
 from lightning_prune.targets import Target
@@ -69,7 +78,8 @@ class GatePruningCallback(PruningCallback):
         finalize_epoch: the same as an epoch (finalised at that epoch's start) or a fraction of training.
         alternate_every_n_steps: two-phase training: that many optimizer steps of the weights with the gates
             frozen, then as many of the gates with the weights frozen, and so on (``None`` = joint training).
-        compress: physically remove the pruned channels at the end of training (:func:`lightning_prune.compress`).
+        compress: physically remove the pruned channels at the end of training
+            (:func:`lightning_prune.compress`).
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
             ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
         include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
@@ -127,7 +137,7 @@ class GatePruningCallback(PruningCallback):
         raise NotImplementedError
 
     def gate_penalty_grad_(self, step: int) -> float:  # pragma: no cover - abstract
-        """Add the regulariser's gradient to the gates' ``.grad``; return the penalty's value (for logging)."""
+        """Add the regulariser's gradient to the gates' ``.grad``; return the penalty's value (to log)."""
         raise NotImplementedError
 
     def final_keep(self) -> list[Tensor]:  # pragma: no cover - abstract
@@ -142,15 +152,17 @@ class GatePruningCallback(PruningCallback):
         prefix, root = traced_root(pl_module)
         with as_misconfiguration():
             example = example_inputs_for(root, self.input_size)
-            groups, skipped = find_channel_groups(root, example, self.include, self.exclude, self.prune_coupled,
-                                                  prefix=prefix, exclusion_root=pl_module)
+            groups, skipped = find_channel_groups(root, example, self.include, self.exclude,
+                                                  self.prune_coupled, prefix=prefix, exclusion_root=pl_module)
         self._traced_prefix, self.skipped = prefix, skipped
         if not groups:
-            reasons = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:4]) or "no Conv/Linear output channels"
+            reasons = ("; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:4])
+                       or "no Conv/Linear output channels")
             raise MisconfigurationException(
                 f"{type(self).__name__} found no gateable channel group in {type(pl_module).__name__}"
                 f" (include={self.include or 'default'}, exclude={self.exclude}). Left alone: {reasons}."
-                " HINT: `prune_coupled=True` gates residual channels together; `include=[...]` selects other layers."
+                " HINT: `prune_coupled=True` gates residual channels together; `include=[...]` selects"
+                " other layers."
             )
         return groups
 
@@ -194,7 +206,8 @@ class GatePruningCallback(PruningCallback):
         """Unscale (AMP) and average (DDP) the gates' gradients; False when the step must be skipped."""
         assert self.gateset is not None
         params = self.gateset.parameters()
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in params])
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         skip = False
         if scaler is not None and scaler.is_enabled():
@@ -206,7 +219,8 @@ class GatePruningCallback(PruningCallback):
                 skip = False
         if trainer.world_size > 1:
             flat = trainer.strategy.reduce(flat, reduce_op="mean")
-            skip = bool(trainer.strategy.reduce(torch.tensor(float(skip), device=flat.device), reduce_op="sum") > 0)
+            skip = bool(trainer.strategy.reduce(torch.tensor(float(skip), device=flat.device),
+                                                reduce_op="sum") > 0)
         skip = skip or not bool(torch.isfinite(flat).all())
         offset = 0
         for p in params:
@@ -243,7 +257,12 @@ class GatePruningCallback(PruningCallback):
                     p.grad = None
 
     def weight_regularizer_grad_(self) -> None:
-        """Optional L1/L2 on the ordinary weights (seed 000: ReLU nets otherwise compensate by growing them)."""
+        """Optional L1/L2 on the ordinary weights.
+
+        As in the Habr article «Редукция нейронных сетей при помощи вариационной оптимизации» ("Reducing
+        neural networks with variational optimisation", in Russian): ReLU nets otherwise compensate for the
+        penalised gates by growing their weights.
+        """
 
     # ------------------------------------------------------------------ finalisation
     @torch.no_grad()
@@ -257,8 +276,8 @@ class GatePruningCallback(PruningCallback):
         self.gateset.fold_(pl_module, scales)
         self.finalized = True
         assert self.masks is not None
-        masks = {n: m & self.masks[n].to(m.device) for n, m in self.gateset.channel_masks(pl_module, keep).items()
-                 if n in self.masks}
+        masks = {n: m & self.masks[n].to(m.device)
+                 for n, m in self.gateset.channel_masks(pl_module, keep).items() if n in self.masks}
         kept, total = sum(int(k.sum()) for k in keep), sum(k.numel() for k in keep)
         if trainer is not None:
             self.update_masks(masks, trainer)
@@ -267,7 +286,8 @@ class GatePruningCallback(PruningCallback):
             self.masks.update(masks)
         if self.verbose:
             rank_zero_info(f"[{type(self).__name__}] finalised: {kept}/{total} gated channels kept"
-                           f" ({1 - kept / max(total, 1):.1%} pruned) in {len(keep)} groups; fine-tuning continues")
+                           f" ({1 - kept / max(total, 1):.1%} pruned) in {len(keep)} groups; fine-tuning"
+                           " continues")
 
     # ------------------------------------------------------------------ logging
     def gate_metrics(self) -> dict[str, float]:
@@ -291,8 +311,9 @@ class GatePruningCallback(PruningCallback):
 
     # ------------------------------------------------------------------ state
     def gate_state_dict(self) -> dict[str, Any]:
-        gates = self.gateset.state_dict() if self.gateset is not None else (self._pending_gates or {}).get("gates")
-        opt = self.gate_opt.state_dict() if self.gate_opt is not None else (self._pending_gates or {}).get("opt")
+        pending = self._pending_gates or {}
+        gates = self.gateset.state_dict() if self.gateset is not None else pending.get("gates")
+        opt = self.gate_opt.state_dict() if self.gate_opt is not None else pending.get("opt")
         return {"finalized": self.finalized, "finalize_at_step": self.finalize_at_step, "gates": gates,
                 "gate_optimizer": opt}
 
@@ -345,8 +366,10 @@ class GatePruningCallback(PruningCallback):
         self._sync_hooks(pl_module)
 
     def _resolve_finalize_step(self, trainer: pl.Trainer) -> None:
-        """``finalize_at_step``: the step at which the gates are finalised; ``None`` for the end of training (1.0),
-        when ``on_train_end`` finalises them (validation during training still sees the gated model)."""
+        """``finalize_at_step``: the step at which the gates are finalised.
+
+        ``None`` for the end of training (1.0), when ``on_train_end`` finalises them (validation during
+        training still sees the gated model)."""
         if self.finalize_at_step is None and not until_the_end(self.finalize_step):
             name = "finalize_epoch" if self.finalize_epoch is not None else "finalize_step"
             self.finalize_at_step = resolve_step(name, getattr(self, name), trainer)
@@ -371,12 +394,14 @@ class GatePruningCallback(PruningCallback):
             rank_zero_info(
                 f"[{type(self).__name__}] {total} channels in {len(self.groups or [])} gated groups"
                 f" ({len(self.skipped)} groups left alone); finalize at "
-                f"{'the end of training' if self.finalize_at_step is None else f'step {self.finalize_at_step}'}"
+                + ("the end of training" if self.finalize_at_step is None
+                   else f"step {self.finalize_at_step}")
             )
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.finalized and self.finalize_at_step is not None and trainer.global_step >= self.finalize_at_step:
+        if (not self.finalized and self.finalize_at_step is not None
+                and trainer.global_step >= self.finalize_at_step):
             self.finalize(trainer, pl_module)
 
     @override

@@ -1,14 +1,15 @@
 """Group-LASSO channel pruning with learnable channel gates.
 
 He, Zhang, Sun, "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, arXiv:1707.06168
-(a scale ``beta`` per channel under an L1 penalty), in the form of seed 000 ("mask layers"): one learnable
-gate per output channel multiplies the output of the BatchNorm after a conv (or of the layer itself), the
-loss gains ``lam * sum |g|`` (added as a gradient, like Network Slimming's ``grad += s * sign(gamma)``,
-Liu et al. 2017, arXiv:1708.06519), optional L1/L2 on the ordinary weights keeps ReLU nets from
-compensating, gates below a *capture* threshold are set to zero and frozen, and at ``finalize_at`` the
-gates below ``prune_threshold`` become pruned channels while the others are folded into the weights;
-training then continues as fine-tuning with fixed channel masks, and :func:`lightning_prune.compress`
-removes the dead channels physically.
+(a scale ``beta`` per channel under an L1 penalty), in the "mask layer" form of the Habr article
+«Редукция нейронных сетей при помощи вариационной оптимизации» ("Reducing neural networks with variational
+optimisation", in Russian): one learnable gate per output channel multiplies the output of the BatchNorm after
+a conv (or of the layer itself), the loss gains ``lam * sum |g|`` (added as a gradient, like Network
+Slimming's ``grad += s * sign(gamma)``, Liu et al. 2017, arXiv:1708.06519), optional L1/L2 on the ordinary
+weights keeps ReLU nets from compensating, gates below a *capture* threshold are set to zero and frozen, and
+at ``finalize_at`` the gates below ``prune_threshold`` become pruned channels while the others are folded into
+the weights; training then continues as fine-tuning with fixed channel masks, and
+:func:`lightning_prune.compress` removes the dead channels physically.
 """
 
 from __future__ import annotations
@@ -43,43 +44,48 @@ class GroupLassoPruning(GatePruningCallback):
 
     Args:
         lam: weight of the L1 penalty ``lam * sum |g|`` (>= 0).
-        gate_lr: learning rate of the gates' optimizer. It is large by default: a BatchNorm after the gated layer
-            makes the loss nearly invariant to scaling all of a layer's gates together, so their gradients are
-            small; with SGD each gate shrinks by about ``10 * gate_lr * lam`` per step minus its data gradient,
-            so pick ``gate_lr * lam`` so that ``10 * gate_lr * lam * steps_until_finalize`` is about 1, and ``lam``
-            near the spread of the gates' data gradients (1e-4 to 1e-3 for a timm ResNet on digits).
+        gate_lr: learning rate of the gates' optimizer. It is large by default: a BatchNorm after the gated
+            layer makes the loss nearly invariant to scaling all of a layer's gates together, so their
+            gradients are small; with SGD each gate shrinks by about ``10 * gate_lr * lam`` per step minus its
+            data gradient, so pick ``gate_lr * lam`` so that ``10 * gate_lr * lam * steps_until_finalize`` is
+            about 1, and ``lam`` near the spread of the gates' data gradients (1e-4 to 1e-3 for a timm ResNet
+            on digits).
         gate_optimizer: ``"sgd"`` (momentum 0.9; the penalty then shrinks every gate by about
-            ``gate_lr * lam / 0.1`` per step against its data gradient) or ``"adam"`` (which normalises the update,
-            so with a dominant penalty all gates shrink at the same speed: keep ``lam`` near the data gradient).
-        weight_l1: L1 coefficient on the targeted Conv/Linear weights (seed 000 used 5e-5).
-        weight_l2: L2 coefficient on them (seed 000 used 2.5e-4).
+            ``gate_lr * lam / 0.1`` per step against its data gradient) or ``"adam"`` (which normalises the
+            update, so with a dominant penalty all gates shrink at the same speed: keep ``lam`` near the data
+            gradient).
+        weight_l1: L1 coefficient on the targeted Conv/Linear weights (the Habr channel-pruning article used
+            5e-5).
+        weight_l2: L2 coefficient on them (the article used 2.5e-4).
         group_lam: ``{glob: factor}``: a group whose root, site or producer name matches gets ``lam * factor``
-            (seed 000: a different lambda per residual branch).
+            (the article: a different lambda per residual branch).
         prune_coupled: gate coupled channels (residual sums) with one shared gate after every producer.
-        capture_threshold: a gate with ``|g|`` below it, or whose sign flipped in a step (it crossed zero), is set
-            to zero and frozen (``0`` = never).
+        capture_threshold: a gate with ``|g|`` below it, or whose sign flipped in a step (it crossed zero), is
+            set to zero and frozen (``0`` = never).
         prune_threshold: at finalisation, gates with ``|g|`` below it prune their channel.
         finalize_step: when the gates below ``prune_threshold`` prune their channels and the others are folded
-            into the weights: an optimizer step or a fraction of training (float in [0, 1]; ``1.0`` = at the end).
-            Default (neither this nor ``finalize_epoch``): 0.75.
+            into the weights: an optimizer step or a fraction of training (float in [0, 1]; ``1.0`` = at the
+            end). Default (neither this nor ``finalize_epoch``): 0.75.
         finalize_epoch: the same as an epoch (at its start) or a fraction of training.
-        alternate_every_n_steps: two-phase training (the Habr article's): that many optimizer steps of the
-            weights with the gates frozen, then as many of the gates with the weights frozen, and so on
-            (``None`` = joint training).
-        compress: physically remove the pruned channels at the end of training (:func:`lightning_prune.compress`);
-            the model's layers then get smaller.
+        alternate_every_n_steps: two-phase training (the Habr channel-pruning article's): that many optimizer
+            steps of the weights with the gates frozen, then as many of the gates with the weights frozen, and
+            so on (``None`` = joint training).
+        compress: physically remove the pruned channels at the end of training
+            (:func:`lightning_prune.compress`); the model's layers then get smaller.
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
             ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
-        include, exclude: globs over module names; narrow the gated groups (by their producers) and the weights
-            under ``weight_l1``/``weight_l2``.
-        types, log_media_every_n_epochs, verbose: see :class:`~lightning_prune.callbacks.base.PruningCallback`.
+        include, exclude: globs over module names; narrow the gated groups (by their producers) and the
+            weights under ``weight_l1``/``weight_l2``.
+        types, log_media_every_n_epochs, verbose: see
+            :class:`~lightning_prune.callbacks.base.PruningCallback`.
 
     Raises:
         MisconfigurationException: a bad argument, or (at ``setup``) a model with no gateable channel.
 
     Example::
 
-        trainer = Trainer(callbacks=[GroupLassoPruning(lam=2e-4, gate_lr=5.0, finalize_step=0.6, compress=True)])
+        pruning = GroupLassoPruning(lam=2e-4, gate_lr=5.0, finalize_step=0.6, compress=True)
+        trainer = Trainer(callbacks=[pruning])
     """
 
     def __init__(
@@ -111,15 +117,19 @@ class GroupLassoPruning(GatePruningCallback):
         self.weight_l1 = check_nonnegative("weight_l1", weight_l1)
         self.weight_l2 = check_nonnegative("weight_l2", weight_l2)
         if group_lam is not None and not isinstance(group_lam, Mapping):
-            raise MisconfigurationException(f"`group_lam` must be a mapping {{glob: factor}}, got {group_lam!r}.")
-        self.group_lam = {str(k): check_nonnegative(f"group_lam[{k!r}]", v) for k, v in dict(group_lam or {}).items()}
+            raise MisconfigurationException(
+                f"`group_lam` must be a mapping {{glob: factor}}, got {group_lam!r}.")
+        self.group_lam = {str(k): check_nonnegative(f"group_lam[{k!r}]", v)
+                          for k, v in dict(group_lam or {}).items()}
         self.prune_threshold = check_fraction(
-            "prune_threshold", prune_threshold, hint="gates start at 1; channels with |gate| below it are pruned.")
+            "prune_threshold", prune_threshold,
+            hint="gates start at 1; channels with |gate| below it are pruned.")
         self.capture_threshold = check_fraction("capture_threshold", capture_threshold)
         if self.capture_threshold > self.prune_threshold:
             raise MisconfigurationException(
-                f"`capture_threshold` ({capture_threshold}) must not exceed `prune_threshold` ({prune_threshold})."
-                " HINT: captured gates are zero and always pruned; capture below the pruning threshold."
+                f"`capture_threshold` ({capture_threshold}) must not exceed `prune_threshold`"
+                f" ({prune_threshold}). HINT: captured gates are zero and always pruned; capture below the"
+                " pruning threshold."
             )
 
     @override
@@ -132,7 +142,7 @@ class GroupLassoPruning(GatePruningCallback):
         return ScaleGate(group.size, init=1.0)
 
     def group_lams(self) -> list[float]:
-        """``lam`` times the first ``group_lam`` factor whose glob matches the group (root, site or producer)."""
+        """``lam`` times the first ``group_lam`` factor whose glob matches the group (root/site/producer)."""
         out = []
         for group in self.groups or []:
             factor = 1.0

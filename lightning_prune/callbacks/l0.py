@@ -2,17 +2,21 @@
 
 Louizos, Welling & Kingma, "Learning Sparse Neural Networks through L0 Regularization", ICLR 2018,
 arXiv:1712.01312 (code: AMLab-Amsterdam/L0_regularization, ``l0_layers.py``), on the channel groups of the
-group-LASSO machinery (:mod:`lightning_prune.gates`, :class:`~lightning_prune.callbacks.gating.GatePruningCallback`),
-with the practical variants of seed 000 (second half, "L0-регуляризация") as options.
+group-LASSO machinery (:mod:`lightning_prune.gates`,
+:class:`~lightning_prune.callbacks.gating.GatePruningCallback`), with the practical variants of the Habr
+article «Редукция нейронных сетей при помощи вариационной оптимизации» ("Reducing neural networks with
+variational optimisation", in Russian; its second half, "L0-регуляризация", i.e. "L0 regularisation") as
+options.
 
-One gate ``z_j`` per output channel multiplies the output of the BatchNorm after a conv (or of the layer itself).
-In training ``z`` is a reparameterised hard-concrete sample (stretched to ``(gamma, zeta) = (-0.1, 1.1)`` and
-clamped to [0, 1], so that it is exactly 0 or 1 with finite probability); in validation, test and predict it
-is the deterministic test-time gate ``z_hat = clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)``
-(paper eq. 13). The loss gains ``lam * sum_j P(z_j > 0)``, the expected number of open channels (added as a
-gradient on ``log_alpha``, like the group-LASSO penalty). At ``finalize_at`` the gates are binarised, the kept
-channels' ``z_hat`` is folded into the weights, the others become channel masks, and training continues as
-fine-tuning; :func:`lightning_prune.compress` can remove the dead channels physically.
+One gate ``z_j`` per output channel multiplies the output of the BatchNorm after a conv (or of the layer
+itself). In training ``z`` is a reparameterised hard-concrete sample (stretched to
+``(gamma, zeta) = (-0.1, 1.1)`` and clamped to [0, 1], so that it is exactly 0 or 1 with finite probability);
+in validation, test and predict it is the deterministic test-time gate
+``z_hat = clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)`` (paper eq. 13). The loss gains
+``lam * sum_j P(z_j > 0)``, the expected number of open channels (added as a gradient on ``log_alpha``, like
+the group-LASSO penalty). At ``finalize_at`` the gates are binarised, the kept channels' ``z_hat`` is folded
+into the weights, the others become channel masks, and training continues as fine-tuning;
+:func:`lightning_prune.compress` can remove the dead channels physically.
 """
 
 from __future__ import annotations
@@ -47,23 +51,24 @@ __all__ = ["HardConcreteGate", "L0Pruning", "NonFiniteGateError"]
 
 #: the paper's clamp of ``log_alpha`` after every step: [log 1e-2, log 1e2] (``constrain_parameters``)
 PAPER_LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
-#: seed 000's clip for the hard-sigmoid penalty (linear on [-4, 4])
+#: the Habr channel-pruning article's clip for the hard-sigmoid penalty (linear on [-4, 4])
 HARD_LOG_ALPHA_RANGE = (-4.0, 4.0)
-#: seed 000's initial ``log_alpha`` ("large enough that neurons are kept more often than dropped")
+#: the Habr channel-pruning article's initial ``log_alpha`` ("large enough that neurons are kept more often
+#: than dropped")
 SEED_LOG_ALPHA_INIT = 2.5
 _MIX = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 63) - 1
 
 
 class HardConcreteGate(Gate):
-    """A hard-concrete gate per channel (Louizos et al. 2018): a learnable ``log_alpha``, a temperature ``beta``.
+    """A hard-concrete gate per channel (Louizos et al. 2018): learnable ``log_alpha``, temperature ``beta``.
 
     ``compute(True)`` draws ``z ~ HardConcrete(log_alpha, beta)`` stretched to ``(gamma, zeta)`` and clamped
     (:func:`~lightning_prune.functional.hard_concrete_sample`, differentiable in ``log_alpha``);
     ``compute(False)`` is the test-time gate :func:`~lightning_prune.functional.hard_concrete_gate`. The noise
-    comes from ``generator`` (a ``torch.Generator`` on the gate's device that the callback re-seeds every batch),
-    so runs are reproducible and resumable. With ``binary`` set, :meth:`deterministic` returns seed 000's
-    final gate ``1[log_alpha >= 0]`` instead of ``z_hat``.
+    comes from ``generator`` (a ``torch.Generator`` on the gate's device that the callback re-seeds every
+    batch), so runs are reproducible and resumable. With ``binary`` set, :meth:`deterministic` returns the
+    Habr channel-pruning article's final gate ``1[log_alpha >= 0]`` instead of ``z_hat``.
 
     Args:
         size: number of channels.
@@ -88,7 +93,8 @@ class HardConcreteGate(Gate):
             gen = self.generator
             if gen is None or gen.device == self.log_alpha.device:
                 return hard_concrete_sample(self.log_alpha, self.beta, self.gamma, self.zeta, generator=gen)
-            z = hard_concrete_sample(self.log_alpha.to(gen.device), self.beta, self.gamma, self.zeta, generator=gen)
+            z = hard_concrete_sample(self.log_alpha.to(gen.device), self.beta, self.gamma, self.zeta,
+                                     generator=gen)
             return z.to(self.log_alpha.device)
         return hard_concrete_gate(self.log_alpha, self.gamma, self.zeta)
 
@@ -98,7 +104,10 @@ class HardConcreteGate(Gate):
         return super().deterministic()
 
     def open_probability(self) -> Tensor:
-        """``P(z > 0)`` per channel at the current temperature (:func:`~lightning_prune.functional.expected_l0`)."""
+        """``P(z > 0)`` per channel at the current temperature.
+
+        See :func:`~lightning_prune.functional.expected_l0`.
+        """
         return expected_l0(self.log_alpha.detach(), self.beta, self.gamma, self.zeta)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -116,7 +125,8 @@ def _check_range(name: str, value: Any) -> tuple[float, float] | None:
     if not ok:
         raise MisconfigurationException(
             f"`{name}` must be None or a pair (low, high) of finite numbers with low < high, got {value!r}."
-            " HINT: the paper clamps to [log 1e-2, log 1e2] = [-4.605, 4.605]; seed 000's hard penalty to [-4, 4]."
+            " HINT: the paper clamps to [log 1e-2, log 1e2] = [-4.605, 4.605]; the Habr channel-pruning"
+            " article's hard penalty to [-4, 4]."
         )
     return float(value[0]), float(value[1])
 
@@ -124,47 +134,53 @@ def _check_range(name: str, value: Any) -> tuple[float, float] | None:
 class L0Pruning(GatePruningCallback):
     """L0 channel pruning: a hard-concrete gate per output channel under the expected-L0 penalty.
 
-    Gates sit where :class:`~lightning_prune.GroupLassoPruning` puts its gates (after the BatchNorm that follows
-    each Conv/Linear of every channel group torch-pruning's DependencyGraph finds removable; residual-sum
-    channels only with ``prune_coupled=True``). They are stochastic in training and deterministic in
-    validation, test and predict (they follow the module's ``training`` flag), have their own optimizer, get
-    AMP-unscaled and DDP-averaged gradients, and their noise is re-seeded every batch from ``seed``, the
+    Gates sit where :class:`~lightning_prune.GroupLassoPruning` puts its gates (after the BatchNorm that
+    follows each Conv/Linear of every channel group torch-pruning's DependencyGraph finds removable;
+    residual-sum channels only with ``prune_coupled=True``). They are stochastic in training and deterministic
+    in validation, test and predict (they follow the module's ``training`` flag), have their own optimizer,
+    get AMP-unscaled and DDP-averaged gradients, and their noise is re-seeded every batch from ``seed``, the
     epoch, the batch index and the rank: a resumed run draws the same noise as an uninterrupted one.
 
-    Each option says where it comes from: "paper" is Louizos et al. 2018 and its code, "seed" is seed 000.
+    Each option says where it comes from: "paper" is Louizos et al. 2018 and its code, "Habr" is the Habr
+    channel-pruning article.
 
     Args:
-        lam: weight of the penalty ``lam * sum_j P(z_j > 0)`` (the expected number of open channels). The paper
-            weighs each gate by its group's parameter count and divides by the training-set size N
-            (``lamba / N``, lamba = 1 for LeNet-5 with N = 60000); here ``lam`` is per channel and absorbs ``1/N``.
-        penalty: ``"expected_l0"`` (paper: ``sigmoid(log_alpha - beta log(-gamma/zeta))``) or ``"hard"`` (seed:
-            the sigmoid replaced by a hard sigmoid linear on [-4, 4], with ``log_alpha`` clipped to [-4, 4]).
+        lam: weight of the penalty ``lam * sum_j P(z_j > 0)`` (the expected number of open channels). The
+            paper weighs each gate by its group's parameter count and divides by the training-set size N
+            (``lamba / N``, lamba = 1 for LeNet-5 with N = 60000); here ``lam`` is per channel and absorbs
+            ``1/N``.
+        penalty: ``"expected_l0"`` (paper: ``sigmoid(log_alpha - beta log(-gamma/zeta))``) or ``"hard"``
+            (Habr: the sigmoid replaced by a hard sigmoid linear on [-4, 4], with ``log_alpha`` clipped to
+            [-4, 4]).
         temperature: ``beta`` of the concrete distribution (paper: 2/3, fixed).
         temperature_final: if set, ``beta`` goes linearly (:func:`~lightning_prune.schedules.ramp`) from
-            ``temperature`` to it until ``finalize_at`` (seed: start small, e.g. 0.05, and decrease it linearly).
-        log_alpha_init: constant initial ``log_alpha`` (seed: about 2.5, "gates kept more often than dropped, but
-            not so large that the sigmoid of the loss saturates"). The default when ``droprate_init`` is not set.
-        droprate_init: initialise ``log_alpha = log(1 - p) - log(p)`` from a drop rate ``p`` (paper: 0.5 gives 0,
-            0.3 for the Wide-ResNet); exclusive with ``log_alpha_init``.
+            ``temperature`` to it until ``finalize_at`` (Habr: start small, e.g. 0.05, and decrease it
+            linearly).
+        log_alpha_init: constant initial ``log_alpha`` (Habr: about 2.5, "gates kept more often than dropped,
+            but not so large that the sigmoid of the loss saturates"). The default when ``droprate_init`` is
+            not set.
+        droprate_init: initialise ``log_alpha = log(1 - p) - log(p)`` from a drop rate ``p`` (paper: 0.5 gives
+            0, 0.3 for the Wide-ResNet); exclusive with ``log_alpha_init``.
         init_std: standard deviation of the Gaussian noise added at initialisation (paper: 0.01).
         log_alpha_range: ``(low, high)`` clamp of ``log_alpha`` after every gate step (paper's
             ``constrain_parameters``: [log 1e-2, log 1e2] = +-4.605); default: that for ``"expected_l0"`` and
-            [-4, 4] for ``"hard"`` (seed). ``clamp_log_alpha=False`` disables it.
+            [-4, 4] for ``"hard"`` (Habr). ``clamp_log_alpha=False`` disables it.
         clamp_log_alpha: whether to clamp at all.
         final_rule: how gates are binarised at finalisation: ``"test_gate"`` (paper eq. 13: keep where
-            ``z_hat > 0``, i.e. ``log_alpha > -log(11)``, and fold ``z_hat`` into the kept channels' weights) or
-            ``"log_alpha"`` (seed: keep where ``log_alpha >= 0``, binary mask, nothing folded).
+            ``z_hat > 0``, i.e. ``log_alpha > -log(11)``, and fold ``z_hat`` into the kept channels' weights)
+            or ``"log_alpha"`` (Habr: keep where ``log_alpha >= 0``, binary mask, nothing folded).
         gate_lr: learning rate of the gates' optimizer (paper: Adam 1e-3 for all parameters; the gates of a
             short run need a larger one).
         gate_optimizer: ``"adam"`` (paper) or ``"sgd"`` (momentum 0.9).
         seed: seed of the gates' noise and initialisation (default: ``torch.initial_seed()``, i.e. what
             ``seed_everything`` set; rank 0's is used on every rank).
-        prune_coupled, finalize_at, alternate, phase_steps, compress_on_train_end, input_size, include, exclude,
-            log_masks_every_n_epochs, verbose: as in :class:`~lightning_prune.GroupLassoPruning`.
+        prune_coupled, finalize_at, alternate, phase_steps, compress_on_train_end, input_size, include,
+            exclude, log_masks_every_n_epochs, verbose: as in :class:`~lightning_prune.GroupLassoPruning`.
 
     Raises:
         MisconfigurationException: a bad argument, or (at ``setup``) a model with no gateable channel.
-        NonFiniteGateError: a ``log_alpha`` or the penalty became NaN/inf (the message names the group and step).
+        NonFiniteGateError: a ``log_alpha`` or the penalty became NaN/inf (the message names the group and
+            step).
 
     Example::
 
@@ -201,11 +217,12 @@ class L0Pruning(GatePruningCallback):
         super().__init__(gate_lr, gate_optimizer, prune_coupled, finalize_step, finalize_epoch,
                          alternate_every_n_steps, compress, input_size, include, exclude, types,
                          log_media_every_n_epochs, verbose)
-        self.lam = check_nonnegative("lam", lam, "lam weighs the expected number of open channels; 0 disables it.")
+        self.lam = check_nonnegative("lam", lam,
+                                     "lam weighs the expected number of open channels; 0 disables it.")
         if penalty not in ("expected_l0", "hard"):
             raise MisconfigurationException(
-                f"`penalty` must be one of ['expected_l0', 'hard'], got {penalty!r}. HINT: 'expected_l0' is the"
-                " paper's P(z > 0); 'hard' is seed 000's hard-sigmoid variant.")
+                f"`penalty` must be one of ['expected_l0', 'hard'], got {penalty!r}. HINT: 'expected_l0' is"
+                " the paper's P(z > 0); 'hard' is the Habr channel-pruning article's hard-sigmoid variant.")
         self.penalty = penalty
         self.temperature = self._check_temperature("temperature", temperature)
         self.temperature_final = (None if temperature_final is None
@@ -213,14 +230,17 @@ class L0Pruning(GatePruningCallback):
         if log_alpha_init is not None and droprate_init is not None:
             raise MisconfigurationException(
                 f"`log_alpha_init` ({log_alpha_init}) and `droprate_init` ({droprate_init}) are exclusive."
-                " HINT: set one: a constant log_alpha (seed: 2.5) or a drop rate (paper: 0.5 gives log_alpha = 0).")
+                " HINT: set one: a constant log_alpha (the Habr channel-pruning article: 2.5) or a drop rate"
+                " (paper: 0.5 gives log_alpha = 0).")
         if log_alpha_init is not None and (not isinstance(log_alpha_init, (int, float)) or isinstance(
                 log_alpha_init, bool) or not math.isfinite(log_alpha_init)):
-            raise MisconfigurationException(f"`log_alpha_init` must be a finite number, got {log_alpha_init!r}.")
+            raise MisconfigurationException(
+                f"`log_alpha_init` must be a finite number, got {log_alpha_init!r}.")
         if droprate_init is not None and (not isinstance(droprate_init, (int, float)) or isinstance(
                 droprate_init, bool) or not 0.0 < droprate_init < 1.0):
             raise MisconfigurationException(
-                f"`droprate_init` must be in (0, 1), got {droprate_init!r}. HINT: the paper uses 0.5 (log_alpha 0).")
+                f"`droprate_init` must be in (0, 1), got {droprate_init!r}. HINT: the paper uses 0.5"
+                " (log_alpha 0).")
         self.log_alpha_init = log_alpha_init
         self.droprate_init = droprate_init
         self.init_std = check_nonnegative("init_std", init_std)
@@ -228,11 +248,12 @@ class L0Pruning(GatePruningCallback):
         self.log_alpha_range = _check_range("log_alpha_range", log_alpha_range)
         if final_rule not in ("test_gate", "log_alpha"):
             raise MisconfigurationException(
-                f"`final_rule` must be one of ['test_gate', 'log_alpha'], got {final_rule!r}. HINT: 'test_gate'"
-                " keeps channels with z_hat > 0 (paper); 'log_alpha' keeps log_alpha >= 0 (seed 000).")
+                f"`final_rule` must be one of ['test_gate', 'log_alpha'], got {final_rule!r}. HINT:"
+                " 'test_gate' keeps channels with z_hat > 0 (paper); 'log_alpha' keeps log_alpha >= 0 (the"
+                " Habr channel-pruning article).")
         self.final_rule = final_rule
-        self.seed = check_optional(check_int, "seed", seed, 0, hint="None uses torch.initial_seed(), i.e. what"
-                                   " seed_everything set.")
+        self.seed = check_optional(check_int, "seed", seed, 0,
+                                   hint="None uses torch.initial_seed(), i.e. what seed_everything set.")
         self._seed_used: int | None = seed
         self._generator: torch.Generator | None = None
         self._beta = self.temperature
@@ -242,8 +263,9 @@ class L0Pruning(GatePruningCallback):
     def _check_temperature(name: str, value: Any) -> float:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < float("inf"):
             raise MisconfigurationException(
-                f"`{name}` must be a number > 0, got {value!r}. HINT: the paper uses 2/3; seed 000 starts at 0.05"
-                " and decreases it linearly (temperature=0.05, temperature_final=0.01).")
+                f"`{name}` must be a number > 0, got {value!r}. HINT: the paper uses 2/3; the Habr"
+                " channel-pruning article starts at 0.05 and decreases it linearly (temperature=0.05,"
+                " temperature_final=0.01).")
         return float(value)
 
     @override
@@ -327,8 +349,8 @@ class L0Pruning(GatePruningCallback):
             if bad.any():
                 raise NonFiniteGateError(
                     f"[L0Pruning] non-finite log_alpha in layer {group.name!r} (channels"
-                    f" {bad.nonzero().flatten().tolist()[:8]}) at step {step} ({where}). HINT: lower `gate_lr`,"
-                    " keep `clamp_log_alpha=True`, or check the model's loss for NaNs."
+                    f" {bad.nonzero().flatten().tolist()[:8]}) at step {step} ({where}). HINT: lower"
+                    " `gate_lr`, keep `clamp_log_alpha=True`, or check the model's loss for NaNs."
                 )
 
     @override
@@ -341,8 +363,8 @@ class L0Pruning(GatePruningCallback):
                 value = self.lam * term.sum()
                 if not bool(torch.isfinite(value)):
                     raise NonFiniteGateError(
-                        f"[L0Pruning] non-finite L0 penalty ({float(value)}) in layer {group.name!r} at step {step}."
-                        " HINT: lower `gate_lr` or `lam`, keep `clamp_log_alpha=True`.")
+                        f"[L0Pruning] non-finite L0 penalty ({float(value)}) in layer {group.name!r} at step"
+                        f" {step}. HINT: lower `gate_lr` or `lam`, keep `clamp_log_alpha=True`.")
                 (grad,) = torch.autograd.grad(value, gate.log_alpha)
                 if gate.log_alpha.grad is None:
                     gate.log_alpha.grad = torch.zeros_like(gate.log_alpha)
@@ -373,7 +395,7 @@ class L0Pruning(GatePruningCallback):
         if self.finalized or self.gateset is None:
             return
         self.check_finite(trainer.global_step if trainer is not None else -1, "at finalisation")
-        if self.final_rule == "log_alpha":  # seed 000: binary masks, nothing folded
+        if self.final_rule == "log_alpha":  # the Habr channel-pruning article: binary masks, nothing folded
             for gate in self.gateset.gates:
                 gate.binary = True
         super().finalize(trainer, pl_module)
@@ -383,7 +405,8 @@ class L0Pruning(GatePruningCallback):
                                  optimizer: torch.optim.Optimizer) -> None:
         if not self.finalized and self.gateset is not None:
             scaler = getattr(trainer.precision_plugin, "scaler", None)
-            if scaler is None or not scaler.is_enabled():  # without a loss scaler a NaN gradient is a real NaN
+            # without a loss scaler a NaN gradient is a real NaN
+            if scaler is None or not scaler.is_enabled():
                 grads = [g.log_alpha.grad for g in self.gateset.gates]
                 checks = [torch.isfinite(x).all() for x in grads if x is not None]
                 if checks and not bool(torch.stack(checks).all()):
@@ -391,8 +414,8 @@ class L0Pruning(GatePruningCallback):
                                  if x is not None and not bool(torch.isfinite(x).all()))
                     raise NonFiniteGateError(
                         f"[L0Pruning] non-finite gradient of log_alpha in layer {group.name!r} at step"
-                        f" {trainer.global_step}. HINT: the loss is NaN/inf; lower the learning rates or use AMP"
-                        " with a loss scaler.")
+                        f" {trainer.global_step}. HINT: the loss is NaN/inf; lower the learning rates or use"
+                        " AMP with a loss scaler.")
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     # ------------------------------------------------------------------ temperature and noise
@@ -443,7 +466,8 @@ class L0Pruning(GatePruningCallback):
         step = trainer.global_step
         self.check_finite(step, "before the forward pass")
         self._set_temperature(self.temperature_at(step))
-        # fresh noise per (epoch, batch, rank): reproducible, identical after a resume, independent across ranks
+        # fresh noise per (epoch, batch, rank): reproducible, identical after a resume, independent
+        # across ranks
         self.generator.manual_seed(self._mix(self._resolved_seed(), trainer.current_epoch, batch_idx,
                                              trainer.global_rank))
 
@@ -484,7 +508,8 @@ class L0Pruning(GatePruningCallback):
             self._seed_used = int(state["seed"])
             self._generator = None
         if state.get("generator") is not None and state.get("generator_device") == self.generator.device.type:
-            self.generator.set_state(state["generator"])  # (a different device re-seeds at the next batch anyway)
+            # (a different device re-seeds at the next batch anyway)
+            self.generator.set_state(state["generator"])
         if state.get("temperature") is not None:
             self._set_temperature(float(state["temperature"]))
         self._attach_generator()

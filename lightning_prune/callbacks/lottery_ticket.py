@@ -7,7 +7,6 @@ Hypothesis", 2019, arXiv:1903.01611.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,7 +96,8 @@ class LotteryTicket(PruningCallback):
             the same rate, as for LeNet/Conv-*).
         output_sparsity: final sparsity of the output layer(s) when they are targets (a plain ``nn.Module``'s;
             a timm model's classifier is never a target), in [0, 1); default: half the per-round rate every
-            round, as in Frankle & Carbin; ``0`` never prunes them. Output layers are always ranked on their own.
+            round, as in Frankle & Carbin; ``0`` never prunes them. Output layers are always ranked on their
+            own.
         output_layer: globs naming the output layer(s); default: the ``pretrained_cfg["classifier"]`` of every
             timm model (give it for a plain ``nn.Module``).
         rewind_step: the rewind point: ``0`` (the initial weights, Frankle & Carbin), an optimizer step of the
@@ -105,8 +105,8 @@ class LotteryTicket(PruningCallback):
             (late rewinding).
         reinit: ``"rewind"`` (the ticket) or ``"random"`` (the control: same procedure, parameters re-drawn
             at every round from a generator seeded with ``seed`` and the round).
-        seed: seed of the random re-initialisation; ``None`` = ``torch.initial_seed()`` (what ``seed_everything``
-            set), rank zero's under DDP.
+        seed: seed of the random re-initialisation; ``None`` = ``torch.initial_seed()`` (what
+            ``seed_everything`` set), rank zero's under DDP.
         monitor: validation metric whose best value per round is logged and tabulated.
         mode: ``"max"`` or ``"min"``: what "best" means for ``monitor``.
         include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback` (mask images
@@ -119,7 +119,8 @@ class LotteryTicket(PruningCallback):
     Example::
 
         # 5 rounds of 20% (1 - 0.8**5 = 0.672 pruned), late rewinding to 1% of the fit
-        trainer = Trainer(max_epochs=60, callbacks=[LotteryTicket(rounds=5, target_sparsity=0.672, rewind_step=0.01)])
+        ticket = LotteryTicket(rounds=5, target_sparsity=0.672, rewind_step=0.01)
+        trainer = Trainer(max_epochs=60, callbacks=[ticket])
         trainer.fit(ImageClassifier("resnet18"), DigitsDataModule())
     """
 
@@ -145,11 +146,13 @@ class LotteryTicket(PruningCallback):
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
         self.rounds = check_int("rounds", rounds, 1, hint="rounds=1 is one-shot pruning.")
         self.target_sparsity = check_fraction(
-            "target_sparsity", target_sparsity, hint="it is the fraction pruned after the last round; k rounds of"
-            " 20% prune 1 - 0.8**k (0.36 for 2, 0.8926 for 10).")
+            "target_sparsity", target_sparsity,
+            hint="it is the fraction pruned after the last round; k rounds of 20% prune 1 - 0.8**k (0.36 for"
+            " 2, 0.8926 for 10).")
         if self.target_sparsity == 0.0:
             raise MisconfigurationException(
-                "`target_sparsity` must be in (0, 1), got 0.0. HINT: a lottery ticket prunes something each round.")
+                "`target_sparsity` must be in (0, 1), got 0.0. HINT: a lottery ticket prunes something each"
+                " round.")
         self.prune_rate = per_round_rate(self.target_sparsity, self.rounds)
         self.epochs_per_round = check_optional(
             check_int, "epochs_per_round", epochs_per_round, 1,
@@ -163,12 +166,13 @@ class LotteryTicket(PruningCallback):
                             else per_round_rate(self.output_sparsity, self.rounds))
         self.output_layer = check_patterns("output_layer", output_layer)
         self.rewind_step = check_position(
-            "rewind_step", rewind_step, hint="0 rewinds to the initial weights; late rewinding uses a few percent"
-            " of the first round, e.g. rewind_step=100 or a small fraction of the fit such as 0.01.")
+            "rewind_step", rewind_step,
+            hint="0 rewinds to the initial weights; late rewinding uses a few percent of the first round,"
+            " e.g. rewind_step=100 or a small fraction of the fit such as 0.01.")
         if isinstance(self.rewind_step, float) and self.rewind_step >= 1.0:
             raise MisconfigurationException(
-                f"`rewind_step` as a fraction must be < 1, got {rewind_step!r}. HINT: the rewind point lies in the"
-                " first round.")
+                f"`rewind_step` as a fraction must be < 1, got {rewind_step!r}. HINT: the rewind point lies"
+                " in the first round.")
         self.reinit = check_choice("reinit", reinit, ("rewind", "random"))
         self.seed = check_optional(check_int, "seed", seed, 0)
         if not isinstance(monitor, str) or not monitor:
@@ -242,8 +246,8 @@ class LotteryTicket(PruningCallback):
         steps = self._epochs * per_epoch
         if self.rewind_at_step >= steps:
             raise MisconfigurationException(
-                f"`rewind_step`={self.rewind_step!r} is optimizer step {self.rewind_at_step}, beyond the first round,"
-                f" which has {steps} steps ({self._epochs} epochs of {per_epoch})."
+                f"`rewind_step`={self.rewind_step!r} is optimizer step {self.rewind_at_step}, beyond the"
+                f" first round, which has {steps} steps ({self._epochs} epochs of {per_epoch})."
                 f" HINT: use a step < {steps}, or a smaller fraction of the training."
             )
 
@@ -396,8 +400,8 @@ class LotteryTicket(PruningCallback):
     def summary(self, rows: list[dict[str, Any]] | None = None) -> str:
         """The per-round table printed at the end of training."""
         rows = rows if rows is not None else self.history
-        lines = [f"LotteryTicket ({self.scope}, {self.prune_rate:.0%}/round, rewind_step={self.rewind_step!r},"
-                 f" reinit={self.reinit!r})",
+        lines = [f"LotteryTicket ({self.scope}, {self.prune_rate:.0%}/round,"
+                 f" rewind_step={self.rewind_step!r}, reinit={self.reinit!r})",
                  f"{'round':>5}  {'remaining':>9}  {'best ' + self.monitor:>14}  epochs"]
         for r in rows:
             best = "n/a" if r["best"] is None else f"{r['best']:.4f}"
@@ -416,7 +420,8 @@ class LotteryTicket(PruningCallback):
     def extra_state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "history": [dict(r) for r in self.history],
                 "round_best": self.round_best, "epochs_per_round": self._epochs,
-                "rewind_at_step": self.rewind_at_step, "seed": self._seed_used, "rewind_state": self.rewind_state}
+                "rewind_at_step": self.rewind_at_step, "seed": self._seed_used,
+                "rewind_state": self.rewind_state}
 
     @override
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:

@@ -28,7 +28,13 @@ from lightning_prune.functional.magnitude import (
 from lightning_prune.logging import PREFIX
 from lightning_prune.schedules import is_update_step, polynomial_sparsity, resolve_step, until_the_end
 from lightning_prune.targets import matches
-from lightning_prune.validation import check_cadence, check_choice, check_fraction, check_position, check_positive
+from lightning_prune.validation import (
+    check_cadence,
+    check_choice,
+    check_fraction,
+    check_position,
+    check_positive,
+)
 
 __all__ = ["GradualMagnitudePruning"]
 
@@ -59,7 +65,8 @@ class GradualMagnitudePruning(PruningCallback):
         scope: ``"global"`` (one threshold over all targets) or ``"layer"`` (each layer to the same sparsity).
         layer_targets: ``{glob: target}``; matching layers are pruned on their own to
             ``s(t) * target / target_sparsity`` (TensorFlow's ``weight_sparsity_map``; needs initial 0).
-        block_size: ``(h, w)`` blocks for 2-D (Linear) weights, scored by ``block_pooling``; ``-1`` = whole dim.
+        block_size: ``(h, w)`` blocks for 2-D (Linear) weights, scored by ``block_pooling``; ``-1`` = whole
+            dim.
         block_pooling: ``"avg"`` or ``"max"``.
         include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
 
@@ -96,13 +103,15 @@ class GradualMagnitudePruning(PruningCallback):
         when = "a step (int) or a fraction of training (float in [0, 1]), e.g. 0.75."
         self.begin_step = check_position("begin_step", begin_step, hint=when)
         self.end_step = check_position(
-            "end_step", end_step, hint="end_step=1.0 keeps updating masks until training ends (TensorFlow's -1).")
+            "end_step", end_step,
+            hint="end_step=1.0 keeps updating masks until training ends (TensorFlow's -1).")
         self._check_order("begin_step", self.begin_step, "end_step", self.end_step)
         self.every_n_steps = check_cadence(
             "every_n_steps", every_n_steps, hint="masks are updated every `every_n_steps` optimizer steps.")
         if isinstance(self.every_n_steps, float):
             raise MisconfigurationException(
-                f"`every_n_steps` must be an int >= 1 here, got {every_n_steps!r}. HINT: TensorFlow's default is 10.")
+                f"`every_n_steps` must be an int >= 1 here, got {every_n_steps!r}. HINT: TensorFlow's default"
+                " is 10.")
         self.sparsity_begin_step = check_position("sparsity_begin_step", sparsity_begin_step, hint=when)
         self.sparsity_end_step = check_position("sparsity_end_step", sparsity_end_step, hint=when)
         self._check_order("sparsity_begin_step", self.sparsity_begin_step, "sparsity_end_step",
@@ -117,15 +126,20 @@ class GradualMagnitudePruning(PruningCallback):
                               for k, v in dict(layer_targets or {}).items()}
         if self.layer_targets and self.initial_sparsity != 0.0:
             raise MisconfigurationException(
-                "`layer_targets` needs `initial_sparsity=0` (layer schedules are s(t) * target / target_sparsity).")
+                "`layer_targets` needs `initial_sparsity=0` (layer schedules are s(t) * target /"
+                " target_sparsity).")
         if self.layer_targets and self.target_sparsity == 0.0:
-            raise MisconfigurationException("`layer_targets` needs `target_sparsity` > 0 to scale layer schedules.")
+            raise MisconfigurationException(
+                "`layer_targets` needs `target_sparsity` > 0 to scale layer schedules.")
         if block_size is not None:
-            ok = isinstance(block_size, Sequence) and not isinstance(block_size, str) and len(block_size) == 2 and all(
-                isinstance(b, int) and not isinstance(b, bool) and (b >= 1 or b == -1) for b in block_size)
+            ok = (isinstance(block_size, Sequence) and not isinstance(block_size, str)
+                  and len(block_size) == 2
+                  and all(isinstance(b, int) and not isinstance(b, bool) and (b >= 1 or b == -1)
+                          for b in block_size))
             if not ok:
                 raise MisconfigurationException(
-                    f"`block_size` must be two integers (h, w), each >= 1 or -1 for the whole dim, got {block_size!r}."
+                    "`block_size` must be two integers (h, w), each >= 1 or -1 for the whole dim, got"
+                    f" {block_size!r}."
                 )
             block_size = tuple(block_size)
         self.block_size = block_size
@@ -152,8 +166,10 @@ class GradualMagnitudePruning(PruningCallback):
         if self._schedule is None:
             begin, s_begin, s_end = (resolve_step(name, getattr(self, name), trainer) for name in (
                 "begin_step", "sparsity_begin_step", "sparsity_end_step"))
-            # the end of training (1.0) is "never stop": estimated_stepping_batches undercounts manual optimisation
-            end = sys.maxsize if until_the_end(self.end_step) else resolve_step("end_step", self.end_step, trainer)
+            # the end of training (1.0) is "never stop":
+            # estimated_stepping_batches undercounts manual optimisation
+            end = (sys.maxsize if until_the_end(self.end_step)
+                   else resolve_step("end_step", self.end_step, trainer))
             self._schedule = (begin, max(end, begin), s_begin, max(s_end, s_begin))  # type: ignore[type-var]
         return self._schedule  # type: ignore[return-value]
 
@@ -163,7 +179,8 @@ class GradualMagnitudePruning(PruningCallback):
             begin, end = self._schedule[2], self._schedule[3]
         else:
             begin, end = int(self.sparsity_begin_step), int(self.sparsity_end_step)
-        return polynomial_sparsity(step, self.initial_sparsity, self.target_sparsity, begin, end, self.exponent)
+        return polynomial_sparsity(step, self.initial_sparsity, self.target_sparsity, begin, end,
+                                   self.exponent)
 
     def _layer_target(self, name: str) -> float | None:
         module_name = name.rsplit(".", 1)[0]
@@ -184,7 +201,8 @@ class GradualMagnitudePruning(PruningCallback):
     def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
         """Masks for every target at global target ``sparsity`` (per-layer targets scaled from it)."""
         assert self.masks is not None
-        scores = {n: block_magnitude(self.masks.param(n), self.block_size, self.block_pooling) for n in self.masks}
+        scores = {n: block_magnitude(self.masks.param(n), self.block_size, self.block_pooling)
+                  for n in self.masks}
         new, pooled = {}, []
         for name, score in scores.items():
             layer_target = self._layer_target(name) if self.layer_targets else None
@@ -196,7 +214,8 @@ class GradualMagnitudePruning(PruningCallback):
                 pooled.append(name)
         if pooled:
             numel = sum(scores[n].numel() for n in pooled)
-            thr = self._smoothed(_GLOBAL, kth_largest_of([scores[n] for n in pooled], kept_count(numel, sparsity)))
+            thr = self._smoothed(_GLOBAL, kth_largest_of([scores[n] for n in pooled],
+                                                         kept_count(numel, sparsity)))
             new.update({n: threshold_mask(scores[n], thr) for n in pooled})
         return new
 
@@ -241,4 +260,5 @@ class GradualMagnitudePruning(PruningCallback):
         self.thresholds = dict(state.get("thresholds", {}))
         self.current_target = float(state.get("current_target", 0.0))
         schedule = state.get("schedule")
-        self._schedule = tuple(int(v) for v in schedule) if schedule is not None and len(schedule) == 4 else None
+        self._schedule = (tuple(int(v) for v in schedule) if schedule is not None and len(schedule) == 4
+                          else None)

@@ -1,10 +1,12 @@
 """Channel-level math shared by the gate callbacks and :func:`lightning_prune.compress`.
 
 Pure functions of tensors: the L1 (group-LASSO) penalty on channel gates and its subgradient, capture
-masks, thresholding, folding a per-channel scale into the weights that produce the channel, and the
-test "is this output channel identically zero". References: He et al., "Channel Pruning for Accelerating
-Very Deep Neural Networks", 2017, arXiv:1707.06168; Liu et al., "Learning Efficient Convolutional
-Networks through Network Slimming", 2017, arXiv:1708.06519 (``grad += s * sign(gamma)``).
+masks (from the Habr article «Редукция нейронных сетей при помощи вариационной оптимизации», "Reducing neural
+networks with variational optimisation", in Russian), thresholding, folding a per-channel scale into the
+weights that produce the channel, and the test "is this output channel identically zero". References: He et
+al., "Channel Pruning for Accelerating Very Deep Neural Networks", 2017, arXiv:1707.06168; Liu et al.,
+"Learning Efficient Convolutional Networks through Network Slimming", 2017, arXiv:1708.06519
+(``grad += s * sign(gamma)``).
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def gate_l1_subgradient(gates: Tensor, lam: float | Tensor) -> Tensor:
 
 
 def capture_mask(gates: Tensor, captured: Tensor, threshold: float, previous: Tensor | None = None) -> Tensor:
-    """Seed-000's capture masks: a gate stays captured once ``|g| < threshold``. Returns the new mask.
+    """The Habr channel-pruning article's capture masks: a gate stays captured once ``|g| < threshold``.
+
+    Returns the new mask.
 
     With ``previous`` (the values before the step), a gate whose sign flipped is captured too: it crossed
     zero during the step (what a proximal L1 step would set to exactly zero), however large the step was.
@@ -63,7 +67,7 @@ def capture_mask(gates: Tensor, captured: Tensor, threshold: float, previous: Te
 
 
 def keep_mask(gates: Tensor, threshold: float) -> Tensor:
-    """Channels that survive finalisation: ``|g| >= threshold`` (a threshold of 0 keeps every nonzero gate)."""
+    """Channels that survive finalisation: ``|g| >= threshold`` (threshold 0 keeps every nonzero gate)."""
     values = gates.detach().abs()
     return values > 0 if threshold <= 0 else values >= threshold
 

@@ -38,7 +38,8 @@ __all__ = [
     "perturbation",
 ]
 
-#: ``"uniform"``: U(-1, 1) (the seed article's noise); ``"gaussian"``: N(0, 1) (Salimans et al.);
+#: ``"uniform"``: U(-1, 1) (the noise of the Habr article «Спартанское обучение нейронных сетей»,
+#: "Spartan training of neural networks", in Russian); ``"gaussian"``: N(0, 1) (Salimans et al.);
 #: ``"uniform01"``: U(0, 1) (the multiplier of the gradient-shaped noise).
 NOISE_KINDS = ("uniform", "gaussian", "uniform01")
 

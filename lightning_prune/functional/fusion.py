@@ -3,7 +3,7 @@
 The formulas of VanillaNet (Chen et al., "VanillaNet: the Power of Minimalism in Deep Learning", 2023,
 arXiv:2305.12972; ``huawei-noah/VanillaNet`` ``models/vanillanet.py``), RepVGG (Ding et al., "RepVGG: Making
 VGG-style ConvNets Great Again", 2021, arXiv:2101.03697) and DiverseBranchBlock (Ding et al., 2021,
-arXiv:2103.13425, ``transIII_1x1_kxk``), as listed in ``reference/algorithms.md`` §5.
+arXiv:2103.13425, ``transIII_1x1_kxk``).
 
 Every function is a pure function of tensors: a weight ``(out, in/groups, kh, kw)`` for a conv or
 ``(out, in)`` for a linear layer, and a bias ``(out,)`` or ``None`` (zero). Which compositions are exact:
@@ -88,7 +88,8 @@ def fuse_conv_1x1(w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) 
     """
     m2 = w2.reshape(w2.shape[0], w2.shape[1])
     if w1.shape[0] != m2.shape[1]:
-        raise ValueError(f"channel mismatch: first layer has {w1.shape[0]} outputs, second expects {m2.shape[1]}")
+        raise ValueError(f"channel mismatch: first layer has {w1.shape[0]} outputs, second expects"
+                         f" {m2.shape[1]}")
     weight = torch.einsum("om,mi...->oi...", m2, w1)
     return weight, m2 @ _bias(b1, w1) + _bias(b2, w2)
 
@@ -121,7 +122,9 @@ def fuse_kxk_kxk(w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -
 
 def identity_kernel(channels: int, kernel_size: int = 3, groups: int = 1, dtype: torch.dtype = torch.float32,
                     device: torch.device | str | None = None) -> Tensor:
-    """The identity map as a ``(channels, channels/groups, k, k)`` kernel: ``K[i, i % (C/g), k//2, k//2] = 1``.
+    """The identity map as a ``(channels, channels/groups, k, k)`` kernel.
+
+    ``K[i, i % (C/g), k//2, k//2] = 1``.
 
     Adding it to a stride-1, "same"-padded conv kernel folds a residual ``+ x`` into the conv (RepVGG).
     """

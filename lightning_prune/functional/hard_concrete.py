@@ -45,15 +45,22 @@ def expected_l0(log_alpha: Tensor, beta: float = 2 / 3, gamma: float = GAMMA, ze
     return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta)).clamp(_EPS, 1 - _EPS)
 
 
-def hard_sigmoid_l0(log_alpha: Tensor, beta: float = 2 / 3, gamma: float = GAMMA, zeta: float = ZETA) -> Tensor:
-    """The seed-000 variant of the penalty: the sigmoid of :func:`expected_l0` replaced by a hard sigmoid,
-    linear on [-4, 4] (``clamp((x + 4) / 8, 0, 1)``); pair it with ``log_alpha`` clipped to [-4, 4]."""
+def hard_sigmoid_l0(log_alpha: Tensor, beta: float = 2 / 3, gamma: float = GAMMA,
+                    zeta: float = ZETA) -> Tensor:
+    """The hard-sigmoid penalty: the sigmoid of :func:`expected_l0` replaced by a hard sigmoid.
+
+    The variant of the Habr article «Редукция нейронных сетей при помощи вариационной оптимизации» ("Reducing
+    neural networks with variational optimisation", in Russian): linear on [-4, 4]
+    (``clamp((x + 4) / 8, 0, 1)``); pair it with ``log_alpha`` clipped to [-4, 4]."""
     x = log_alpha - beta * math.log(-gamma / zeta)
     return torch.clamp((x + 4.0) / 8.0, 0.0, 1.0)
 
 
 def hard_concrete_gate(log_alpha: Tensor, gamma: float = GAMMA, zeta: float = ZETA) -> Tensor:
-    """The deterministic test-time gate (paper eq. 13): ``min(1, max(0, sigmoid(log_alpha)(zeta - gamma) + gamma))``."""
+    """The deterministic test-time gate (paper eq. 13).
+
+    ``min(1, max(0, sigmoid(log_alpha)(zeta - gamma) + gamma))``.
+    """
     return torch.clamp(torch.sigmoid(log_alpha) * (zeta - gamma) + gamma, 0.0, 1.0)
 
 
@@ -65,7 +72,7 @@ def hard_concrete_mean(log_alpha: Tensor, beta: float = 2 / 3, gamma: float = GA
 
 
 def log_alpha_from_droprate(droprate: float) -> float:
-    """The paper's initial ``log_alpha = log(1 - p) - log(p)`` for a drop rate ``p`` (0.5 -> 0, 0.3 -> 0.847)."""
+    """The paper's initial ``log_alpha = log(1 - p) - log(p)`` for drop rate ``p`` (0.5 -> 0, 0.3 -> 0.85)."""
     if not 0.0 < droprate < 1.0:
         raise ValueError(f"droprate must be in (0, 1), got {droprate}")
     return math.log(1 - droprate) - math.log(droprate)

@@ -34,7 +34,8 @@ def block_magnitude(weight: Tensor, block_size: Sequence[int] | None = None, poo
     if block_size is None or weight.dim() != 2 or tuple(block_size) == (1, 1):
         return score
     rows, cols = weight.shape
-    bh, bw = (rows if block_size[0] == -1 else block_size[0]), (cols if block_size[1] == -1 else block_size[1])
+    bh = rows if block_size[0] == -1 else block_size[0]
+    bw = cols if block_size[1] == -1 else block_size[1]
     pad = (0, (-cols) % bw, 0, (-rows) % bh)
     padded = F.pad(score, pad)[None, None]
     if pooling == "avg":

@@ -42,8 +42,10 @@ def test_decay_lambda_oracles():
         assert decay_lambda(epoch, 0, 100, "cosine") == pytest.approx(cos)
     # ReduceNet: a = 0.5 (1 + cos(π iter / total)) multiplies the ReLU, so λ = 1 - a
     for it in range(0, 1000, 37):
-        assert decay_lambda(it, 0, 1000, "cosine") == pytest.approx(1 - 0.5 * (1 + math.cos(math.pi * it / 1000)))
-    assert decay_lambda(5, 10, 20) == 0.0 and decay_lambda(15, 10, 20) == 0.5 and decay_lambda(10, 10, 10) == 1.0
+        assert decay_lambda(it, 0, 1000, "cosine") == pytest.approx(
+            1 - 0.5 * (1 + math.cos(math.pi * it / 1000)))
+    assert (decay_lambda(5, 10, 20) == 0.0 and decay_lambda(15, 10, 20) == 0.5
+            and decay_lambda(10, 10, 10) == 1.0)
 
 
 # ------------------------------------------------------------------ conformance and resume
@@ -55,12 +57,14 @@ def test_conformance_no_arguments(tmp_path):
 def test_conformance_reducenet_per_epoch_cosine_resumes_mid_schedule(tmp_path):
     make = lambda: ActivationDecay(end_epoch=2, schedule="cosine", every_n_epochs=1, verbose=False)  # noqa: E731
     # the checkpoint of epoch 1 holds λ = 0.5; the resumed run must continue to the same weights and λ = 1
-    state = check_callback_conformance(make, tmp_path, model_name="reducenet_20", max_epochs=3, resume_epoch=2)
+    state = check_callback_conformance(make, tmp_path, model_name="reducenet_20", max_epochs=3,
+                                       resume_epoch=2)
     assert len(state["decayed"]) == 9 and state["lam"] == 1.0
 
 
 def test_resume_restores_lambda_exactly(tmp_path):
-    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1,
+                                         filename="{epoch}")
     first = ActivationDecay(end_step=1.0, schedule="cosine", verbose=False)
     fit_tiny([first, saver], tmp_path / "a", max_epochs=2, **FIT)
     saved = torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=False)["callbacks"][first.state_key]
@@ -127,7 +131,8 @@ def test_fuse_on_train_end_gives_the_same_outputs(tmp_path, name):
     decay = ActivationDecay(end_step=0.5, fuse_on_train_end=True, verbose=False)
     trainer, model = fit_tiny([snap, decay], tmp_path, model=tiny_classifier(name), max_epochs=2, **FIT)
     assert not any(isinstance(m, DecayingActivation) for m in model.modules())
-    trainer.test(model, datamodule=tiny_datamodule(), verbose=False)  # the fused model tests, nothing re-wrapped
+    # the fused model tests, nothing re-wrapped
+    trainer.test(model, datamodule=tiny_datamodule(), verbose=False)
     assert not any(isinstance(m, DecayingActivation) for m in model.modules())
     convs = lambda m: sum(isinstance(x, nn.Conv2d) for x in m.modules())  # noqa: E731
     assert convs(model) < convs(snap.model)
@@ -138,8 +143,9 @@ def test_fuse_on_train_end_gives_the_same_outputs(tmp_path, name):
 
 
 def test_fuse_on_train_end_needs_lambda_to_reach_one(tmp_path):
-    with pytest.raises(MisconfigurationException, match=r"`fuse_on_train_end=True` but λ reaches 1 only at step 8,"
-                                                        r" after the last update of λ \(step 7\)"):
+    with pytest.raises(MisconfigurationException,
+                       match=r"`fuse_on_train_end=True` but λ reaches 1 only at step 8,"
+                             r" after the last update of λ \(step 7\)"):
         fit_tiny([ActivationDecay(end_step=1.0, fuse_on_train_end=True)], tmp_path, max_epochs=2, **FIT)
 
 
@@ -155,8 +161,8 @@ def test_training_stopped_before_lambda_is_one_is_not_fused():
 
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("kwargs,match", [
-    ({"begin_step": -1}, r"`begin_step` must be optimizer steps \(an int >= 0\) or a fraction of training \(a float in"
-                         r" \[0, 1\]\) or None, got -1"),
+    ({"begin_step": -1}, r"`begin_step` must be optimizer steps \(an int >= 0\) or a fraction of training"
+                         r" \(a float in \[0, 1\]\) or None, got -1"),
     ({"begin_epoch": -1}, r"`begin_epoch` must be epochs \(an int >= 0\) or a fraction of training"),
     ({"end_step": 1.5}, r"`end_step` must be .* got 1.5\. HINT"),
     ({"end_step": "half"}, r"`end_step` must be .* got 'half'"),
@@ -164,7 +170,8 @@ def test_training_stopped_before_lambda_is_one_is_not_fused():
     ({"end_epoch": float("nan")}, r"`end_epoch` must be .* got nan"),
     ({"begin_step": 5, "end_step": 2}, r"`end_step` \(2\) must not come before `begin_step` \(5\)"),
     ({"begin_epoch": 5, "end_epoch": 2}, r"`end_epoch` \(2\) must not come before `begin_epoch` \(5\)"),
-    ({"end_step": 10, "end_epoch": 2}, r"Pass only one of `end_step`, `end_epoch`; got `end_step`=10, `end_epoch`=2"),
+    ({"end_step": 10, "end_epoch": 2},
+     r"Pass only one of `end_step`, `end_epoch`; got `end_step`=10, `end_epoch`=2"),
     ({"every_n_steps": 1, "every_n_epochs": 1}, r"Pass only one of `every_n_steps`, `every_n_epochs`"),
     ({"every_n_epochs": 0}, r"`every_n_epochs` must be an integer >= 1, got 0"),
     ({"schedule": "exp"}, r"`schedule` must be one of \['linear', 'cosine'\], got 'exp'"),
@@ -177,9 +184,10 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_end_before_start_after_resolution(tmp_path):
-    with pytest.raises(MisconfigurationException, match=r"`end_step` \(0.25\) resolves to step 2, before `begin_epoch`"
-                                                        r" \(1\) at step 4"):
-        fit_tiny([ActivationDecay(begin_epoch=1, end_step=0.25, verbose=False)], tmp_path, max_epochs=2, **FIT)
+    with pytest.raises(MisconfigurationException,
+                       match=r"`end_step` \(0.25\) resolves to step 2, before `begin_epoch` \(1\) at step 4"):
+        fit_tiny([ActivationDecay(begin_epoch=1, end_step=0.25, verbose=False)], tmp_path, max_epochs=2,
+                 **FIT)
 
 
 def test_checkpoint_with_another_selection_warns():
@@ -191,14 +199,16 @@ def test_checkpoint_with_another_selection_warns():
 
 
 def test_fractions_need_a_finite_training_length(tmp_path):
-    with pytest.raises(MisconfigurationException, match="`end_step`=0.75 is a fraction of training, but this Trainer"
-                                                        " has no end"):
+    with pytest.raises(MisconfigurationException,
+                       match="`end_step`=0.75 is a fraction of training, but this Trainer has no end"):
         fit_tiny([ActivationDecay(verbose=False)], tmp_path, max_epochs=-1, **FIT)
 
 
 def test_model_with_nothing_to_decay_is_an_error(tmp_path):
-    with pytest.raises(MisconfigurationException, match=r"found nothing to decay.*not between two fusable linear layers.*HINT"):
-        fit_tiny([ActivationDecay()], tmp_path, model=tiny_classifier("reducenet_20_plain"), max_epochs=1, **FIT)
+    with pytest.raises(MisconfigurationException,
+                       match=r"found nothing to decay.*not between two fusable linear layers.*HINT"):
+        fit_tiny([ActivationDecay()], tmp_path, model=tiny_classifier("reducenet_20_plain"), max_epochs=1,
+                 **FIT)
     with pytest.raises(MisconfigurationException, match="found nothing to decay"):
         fit_tiny([ActivationDecay(include="no_such_act")], tmp_path, max_epochs=1, **FIT)
 
@@ -208,7 +218,8 @@ def test_plan_is_a_dry_run_on_class_and_instance():
     plan = ActivationDecay.plan(model)
     assert plan.decay == ["model.layer3.0.act2"]
     assert not any(isinstance(m, DecayingActivation) for m in model.modules())
-    assert ActivationDecay(include="layer1.0.act1", verbose=False).plan(model).decay == []  # include only narrows
+    # include only narrows
+    assert ActivationDecay(include="layer1.0.act1", verbose=False).plan(model).decay == []
     widened = ActivationDecay(include="layer1.0.act1", fusable_only=False, verbose=False)
     assert widened.plan(model).decay == ["model.layer1.0.act1"]
 

@@ -337,7 +337,8 @@ def test_state_keys_and_pickling():
     ({"every_n_epochs": 2, "every_n_steps": 3}, r"Pass only one of `every_n_epochs`, `every_n_steps`; got"
                                                 r" `every_n_epochs`=2, `every_n_steps`=3"),
     ({"every_n_epochs": 0}, r"`every_n_epochs` must be a number of epochs \(an int >= 1\) or a fraction"),
-    ({"every_n_steps": 0}, r"`every_n_steps` must be a number of optimizer steps \(an int >= 1\) or a fraction"),
+    ({"every_n_steps": 0},
+     r"`every_n_steps` must be a number of optimizer steps \(an int >= 1\) or a fraction"),
     ({"every_n_steps": 1.5}, r"`every_n_steps` must be .* got 1.5"),
     ({"fitness_batches": 0}, r"`fitness_batches` must be an integer >= 1.*HINT"),
     ({"fitness_fn": 3}, r"`fitness_fn` must be callable"),

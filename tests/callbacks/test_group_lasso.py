@@ -25,8 +25,8 @@ X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 FAST = {"max_epochs": 3, "limit_train_batches": 4, "limit_val_batches": 1}
 # a strong penalty that captures gates within a few steps, except in the shielded last stage of each family
 SHIELD = {"*layer4*": 0.0, "*blocks.4*": 0.0, "*blocks.5*": 0.0, "*stages.3*": 0.0}
-STRONG = {"lam": 0.3, "gate_lr": 0.2, "gate_optimizer": "sgd", "capture_threshold": 0.02, "prune_threshold": 0.3,
-          "group_lam": SHIELD, "verbose": False}
+STRONG = {"lam": 0.3, "gate_lr": 0.2, "gate_optimizer": "sgd", "capture_threshold": 0.02,
+          "prune_threshold": 0.3, "group_lam": SHIELD, "verbose": False}
 
 
 # ------------------------------------------------------------------ conformance and resume
@@ -45,7 +45,7 @@ def test_resume_mid_training_with_gates_capture_and_phases(tmp_path):
 # ------------------------------------------------------------------ oracles
 @pytest.mark.parametrize(("name", "coupled"), [(n, False) for n in FAMILIES] + [("test_resnet", True)])
 def test_fold_keeps_outputs_and_compress_equals_masked_model(name, coupled, tmp_path):
-    """Oracles §2 in a real run: finalising folds the gates without changing the eval logits; captured zeros
+    """In a real run: finalising folds the gates without changing the eval logits; captured zeros
     stay zero through fine-tuning; the compressed model's logits equal the masked model's; it reloads."""
     seen = {}
 
@@ -58,7 +58,8 @@ def test_fold_keeps_outputs_and_compress_equals_masked_model(name, coupled, tmp_
     cb = GroupLassoPruning(finalize_step=1.0, compress=True, prune_coupled=coupled, **STRONG)
     model = tiny_classifier(name)
     dense_params = sum(p.numel() for p in model.parameters())
-    fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=model, **FAST)
+    fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=model,
+             **FAST)
     assert cb.finalized and sum(p.numel() for p in model.parameters()) < dense_params
     assert any(g.coupled for g in cb.groups) == coupled
     torch.testing.assert_close(seen["compressed"], seen["gated"], atol=1e-4, rtol=1e-4)
@@ -95,8 +96,8 @@ def test_finalize_prunes_masks_and_captured_zeros_stay_zero(tmp_path):
 def test_finalize_epoch_and_finalize_step(tmp_path):
     flags = []
     cb = GroupLassoPruning(finalize_epoch=1, verbose=False)
-    fit_tiny([cb, Spy(lambda t, m, h: flags.append((t.current_epoch, cb.finalized)), ("on_train_epoch_start",))],
-             tmp_path, **FAST)
+    spy = Spy(lambda t, m, h: flags.append((t.current_epoch, cb.finalized)), ("on_train_epoch_start",))
+    fit_tiny([cb, spy], tmp_path, **FAST)
     assert flags == [(0, False), (1, True), (2, True)] and cb.finalize_at_step == 4  # 4 steps per epoch
     steps = []
     cb = GroupLassoPruning(finalize_step=6, verbose=False)
@@ -129,13 +130,15 @@ def test_alternate_phases_freeze_gates_then_weights(tmp_path):
     def spy(trainer, module, hook):
         snaps.append((torch.cat(cb.gate_values()), module.model.layer1[0].conv1.weight.detach().clone()))
 
-    cb = GroupLassoPruning(alternate_every_n_steps=2, finalize_step=1.0, lam=0.01, gate_lr=0.05, verbose=False)
+    cb = GroupLassoPruning(alternate_every_n_steps=2, finalize_step=1.0, lam=0.01, gate_lr=0.05,
+                           verbose=False)
     fit_tiny([cb, Spy(spy)], tmp_path, max_epochs=1, limit_train_batches=6, limit_val_batches=0)
     start = torch.ones_like(snaps[0][0])
     gates = [start] + [g for g, _ in snaps]
     moved_gates = [not torch.equal(a, b) for a, b in zip(gates, gates[1:])]
     moved_weights = [not torch.equal(a, b) for (_, a), (_, b) in zip(snaps, snaps[1:])]
-    assert moved_gates == [False, False, True, True, False, False]  # steps 0-1 weights, 2-3 gates, 4-5 weights
+    # steps 0-1 weights, 2-3 gates, 4-5 weights
+    assert moved_gates == [False, False, True, True, False, False]
     assert moved_weights == [True, False, False, True, True]  # step 1 vs 0, 2 vs 1, ...
 
 
@@ -178,8 +181,8 @@ def test_logs_channels_and_wandb_media(tmp_path):
         columns = next(csv.reader(f))
     assert "prune/channels_remaining" in columns and "prune/gate_penalty" in columns
     assert any(c.startswith("prune/channels_alive/model.layer1.0.conv1") for c in columns)
-    images = glob.glob(os.path.join(str(tmp_path), "wandb", "*run-*", "files", "media", "images", "**", "*.png"),
-                       recursive=True)
+    images = glob.glob(os.path.join(str(tmp_path), "wandb", "*run-*", "files", "media", "images", "**",
+                                    "*.png"), recursive=True)
     assert any("gate_image" in p for p in images)
 
 
@@ -199,7 +202,8 @@ def test_logs_channels_and_wandb_media(tmp_path):
     ({"finalize_step": -1}, r"`finalize_step` must be optimizer steps"),
     ({"finalize_epoch": -1}, r"`finalize_epoch` must be epochs \(an int >= 0\)"),
     ({"finalize_step": 10, "finalize_epoch": 2}, r"Pass only one of `finalize_step`, `finalize_epoch`"),
-    ({"alternate_every_n_steps": 0}, r"`alternate_every_n_steps` must be a number of optimizer steps .* got 0"),
+    ({"alternate_every_n_steps": 0},
+     r"`alternate_every_n_steps` must be a number of optimizer steps .* got 0"),
     ({"alternate_every_n_steps": 0.5}, r"`alternate_every_n_steps` must be None or an int >= 1, got 0.5"),
     ({"compress": "yes"}, r"`compress` must be True or False, got 'yes'"),
     ({"prune_coupled": 1}, r"`prune_coupled` must be True or False, got 1"),
@@ -229,13 +233,15 @@ class LinearOnly(pl.LightningModule):
 
 
 def test_model_without_gateable_channels(tmp_path):
-    with pytest.raises(MisconfigurationException, match="found no gateable channel group in LinearOnly.*HINT"):
+    with pytest.raises(MisconfigurationException,
+                       match="found no gateable channel group in LinearOnly.*HINT"):
         fit_tiny([GroupLassoPruning()], tmp_path, model=LinearOnly(), max_steps=1)
 
 
 def test_only_coupled_channels_hint(tmp_path):
     with pytest.raises(MisconfigurationException, match="coupled channels"):
-        fit_tiny([GroupLassoPruning(include=["layer2.0.conv2", "layer2.0.downsample.1"])], tmp_path, max_steps=1)
+        fit_tiny([GroupLassoPruning(include=["layer2.0.conv2", "layer2.0.downsample.1"])], tmp_path,
+                 max_steps=1)
 
 
 # ------------------------------------------------------------------ DDP

@@ -7,7 +7,6 @@ import math
 import os
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -29,8 +28,8 @@ from tests.helpers import Spy, assert_amp_step_matches_fp32, eval_logits
 FAMILIES = list(TINY_MODELS)
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 FAST = {"max_epochs": 3, "limit_train_batches": 4, "limit_val_batches": 1}
-# gates that start near the test-time threshold (log_alpha = -log 11 = -2.398) under a strong penalty: within a
-# few steps some channels close for good while the data keeps others open
+# gates that start near the test-time threshold (log_alpha = -log 11 = -2.398) under a strong penalty:
+# within a few steps some channels close for good while the data keeps others open
 STRONG = {"lam": 0.05, "gate_lr": 0.3, "log_alpha_init": -1.5, "init_std": 1.0, "verbose": False}
 
 
@@ -47,10 +46,11 @@ def test_resume_mid_training_with_noise_schedule_and_hard_penalty(tmp_path):
                              finalize_step=1.0, **STRONG)
     state = check_callback_conformance(make, tmp_path, model_name="test_efficientnet")
     assert state["generator"] is not None and state["temperature"] < 0.05
-    assert all(float(g["log_alpha"].abs().max()) <= 4.0 for g in state["gates"]["gates"])  # clipped to [-4, 4]
+    # clipped to [-4, 4]
+    assert all(float(g["log_alpha"].abs().max()) <= 4.0 for g in state["gates"]["gates"])
 
 
-# ------------------------------------------------------------------ gates: stochastic in training, deterministic in eval
+# ------------------------------------------------------- gates: stochastic in training, deterministic in eval
 def test_gates_stochastic_in_training_deterministic_in_validation(tmp_path):
     calls = []
 
@@ -61,13 +61,15 @@ def test_gates_stochastic_in_training_deterministic_in_validation(tmp_path):
         def compute(training):
             value = original(training)
             if training or trainer.validating:  # (not the logging of the gate values at the epoch's end)
-                calls.append((training, trainer.training, value.detach().clone(), gate.log_alpha.detach().clone()))
+                calls.append((training, trainer.training, value.detach().clone(),
+                              gate.log_alpha.detach().clone()))
             return value
 
         gate.compute = compute
 
     cb = L0Pruning(log_alpha_init=0.0, lam=0.0, finalize_step=1.0, verbose=False)
-    fit_tiny([cb, Spy(wrap, ("on_fit_start",))], tmp_path, max_epochs=1, limit_train_batches=6, limit_val_batches=2)
+    fit_tiny([cb, Spy(wrap, ("on_fit_start",))], tmp_path, max_epochs=1, limit_train_batches=6,
+             limit_val_batches=2)
     train = [v for t, tt, v, _ in calls if t]
     val = [(v, la) for t, tt, v, la in calls if not t]
     assert len(train) == 6 and len(val) == 2
@@ -95,10 +97,12 @@ def test_open_fraction_of_training_gates_matches_expected_l0(tmp_path):
             gate.compute = compute
 
     cb = L0Pruning(log_alpha_init=0.0, init_std=0.0, lam=0.0, gate_lr=1e-12, finalize_step=1.0, verbose=False)
-    fit_tiny([cb, Spy(record, ("on_fit_start",))], tmp_path, max_epochs=1, limit_train_batches=10, limit_val_batches=0)
+    fit_tiny([cb, Spy(record, ("on_fit_start",))], tmp_path, max_epochs=1, limit_train_batches=10,
+             limit_val_batches=0)
     z = torch.cat(opened)
     assert z.numel() == 7 * sum(g.size for g in cb.groups)  # one draw per channel and batch: 7 x 288
-    assert z.mean().item() == pytest.approx(0.8318, abs=0.025)  # §1: P(z > 0) at log_alpha = 0; sd of the mean 0.008
+    # P(z > 0) at log_alpha = 0 (Louizos et al.); sd of the mean 0.008
+    assert z.mean().item() == pytest.approx(0.8318, abs=0.025)
 
 
 def test_penalty_gradient_equals_autograd_of_expected_l0(tmp_path):
@@ -110,7 +114,7 @@ def test_penalty_gradient_equals_autograd_of_expected_l0(tmp_path):
     expected_value = 0.0
     for gate in cb.gateset.gates:
         la = gate.log_alpha.detach().double()
-        p = torch.sigmoid(la - (2 / 3) * math.log(0.1 / 1.1))  # §1: P(z > 0), its derivative p (1 - p)
+        p = torch.sigmoid(la - (2 / 3) * math.log(0.1 / 1.1))  # P(z > 0), its derivative p (1 - p)
         torch.testing.assert_close(gate.log_alpha.grad.double(), 0.3 * p * (1 - p), rtol=1e-5, atol=1e-7)
         expected_value += 0.3 * float(expected_l0(gate.log_alpha.detach()).sum())
     assert value == pytest.approx(expected_value, rel=1e-5)
@@ -130,7 +134,8 @@ def test_hard_penalty_gradient_is_the_hard_sigmoid_slope():
 def test_initialisation_from_droprate_or_constant():
     group = ChannelGroup("model.layer1.0.conv1", 2000, ("s",), ("p",))
     paper = L0Pruning(droprate_init=0.3, seed=1).make_gate(group).log_alpha.detach()
-    assert paper.mean().item() == pytest.approx(0.847, abs=2e-3) and paper.std().item() == pytest.approx(0.01, rel=0.1)
+    assert (paper.mean().item() == pytest.approx(0.847, abs=2e-3)
+            and paper.std().item() == pytest.approx(0.01, rel=0.1))
     seed = L0Pruning(init_std=0.0).make_gate(group).log_alpha.detach()
     assert torch.equal(seed, torch.full((2000,), 2.5))
     assert isinstance(L0Pruning().make_gate(group), HardConcreteGate)
@@ -153,11 +158,13 @@ def test_temperature_schedule_and_clamp(tmp_path):
     for step, beta in betas:  # set at the start of each batch: linear from 0.05 to 0.01 over the 5 gate steps
         assert beta == pytest.approx(0.05 - 0.04 * min(step - 1, 5) / 5)
     la = torch.cat(ranges)
-    assert la.min() >= math.log(1e-2) - 1e-6 and la.min() < -4.5  # the paper's clamp was reached, not exceeded
+    # the paper's clamp was reached, not exceeded
+    assert la.min() >= math.log(1e-2) - 1e-6 and la.min() < -4.5
 
 
 @pytest.mark.parametrize(("where", "match"), [
-    ("log_alpha", r"non-finite log_alpha in layer 'model\.[\w.]+' \(channels \[3\]\) at step 2 \(before the forward"),
+    ("log_alpha",
+     r"non-finite log_alpha in layer 'model\.[\w.]+' \(channels \[3\]\) at step 2 \(before the forward"),
     ("gradient", r"non-finite gradient of log_alpha in layer 'model\.[\w.]+' at step 2. HINT"),
 ])
 def test_injected_nan_stops_with_layer_and_step(tmp_path, where, match):
@@ -181,16 +188,17 @@ def test_non_finite_penalty_raises():
     cb.groups = [ChannelGroup("model.block.conv", 2, ("s",), ("p",))]
     cb._build_gates()
     cb.gateset.gates[0].log_alpha.data = torch.tensor([0.0, float("inf")])
-    with pytest.raises(NonFiniteGateError, match=r"non-finite log_alpha in layer 'model.block.conv' \(channels \[1\]\)"
-                                                 r" at step 7 \(before the gate step\)"):
+    with pytest.raises(NonFiniteGateError,
+                       match=r"non-finite log_alpha in layer 'model.block.conv' \(channels \[1\]\)"
+                             r" at step 7 \(before the gate step\)"):
         cb.gate_penalty_grad_(7)
 
 
-# ------------------------------------------------------------------ finalisation and compression on several families
+# ------------------------------------------------------- finalisation and compression on several families
 @pytest.mark.parametrize("name", FAMILIES)
 def test_finalize_folds_prunes_and_compresses(name, tmp_path):
-    """At finalisation the test-time gate is folded (eval logits unchanged), closed channels are masked and stay
-    zero through fine-tuning, and the compressed model computes what the masked one did."""
+    """At finalisation the test-time gate is folded (eval logits unchanged), closed channels are masked and
+    stay zero through fine-tuning, and the compressed model computes what the masked one did."""
     seen = {}
 
     def before(trainer, module, hook):
@@ -204,7 +212,8 @@ def test_finalize_folds_prunes_and_compresses(name, tmp_path):
     cb = L0Pruning(finalize_step=1.0, compress=True, **STRONG)
     model = tiny_classifier(name)
     dense = sum(p.numel() for p in model.parameters())
-    fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=model, **FAST)
+    fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=model,
+             **FAST)
     kept, total = sum(int(k.sum()) for k in seen["keep"]), sum(k.numel() for k in seen["keep"])
     assert cb.finalized and 0 < kept < total
     assert sum(p.numel() for p in model.parameters()) < dense
@@ -242,21 +251,21 @@ def test_seed_rule_binarises_log_alpha_without_folding(tmp_path):
         return spy
 
     cb = L0Pruning(final_rule="log_alpha", finalize_step=0.5, **{**STRONG, "log_alpha_init": 0.0})
-    fit_tiny([Spy(snapshot("before")), cb, Spy(snapshot("after"))], tmp_path, max_epochs=1, limit_train_batches=4,
-             limit_val_batches=0)
+    fit_tiny([Spy(snapshot("before")), cb, Spy(snapshot("after"))], tmp_path, max_epochs=1,
+             limit_train_batches=4, limit_val_batches=0)
     assert cb.finalized and cb.finalize_at_step == 2
     keep = cb.final_keep()
     assert 0 < sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep)
     for la, k, w0, w1 in zip(seen["before"][0], keep, seen["before"][1], seen["after"][1]):
-        assert torch.equal(k, la >= 0)  # seed 000: mask = [log_alpha >= 0]
+        assert torch.equal(k, la >= 0)  # the Habr channel-pruning article: mask = [log_alpha >= 0]
         assert torch.equal(w1[k], w0[k])  # binary gate: kept channels are not rescaled
         assert (w1[~k] == 0).all()
 
 
 # ------------------------------------------------------------------ AMP
 def _amp_delta(tmp_path, **kwargs) -> torch.Tensor:
-    cb = L0Pruning(lam=0.0, gate_optimizer="sgd", gate_lr=0.1, finalize_step=1.0, log_alpha_init=0.0, init_std=0.0,
-                   seed=3, verbose=False)
+    cb = L0Pruning(lam=0.0, gate_optimizer="sgd", gate_lr=0.1, finalize_step=1.0, log_alpha_init=0.0,
+                   init_std=0.0, seed=3, verbose=False)
     fit_tiny([cb], tmp_path, max_steps=1, max_epochs=1, limit_val_batches=0, **kwargs)
     return torch.cat([g.log_alpha.detach() for g in cb.gateset.gates])
 
@@ -280,7 +289,8 @@ def test_logs_expected_active_channels_and_wandb_histograms(tmp_path):
         wandb.finish()
     with open(Path(csv_logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    active = [float(r["prune/expected_active_channels"]) for r in rows if r.get("prune/expected_active_channels")]
+    active = [float(r["prune/expected_active_channels"]) for r in rows
+              if r.get("prune/expected_active_channels")]
     assert active and 0 < active[-1] < sum(g.size for g in cb.groups)
     assert any(r.get("prune/temperature") for r in rows)
     history = read_wandb_offline_history(next((tmp_path / "wandb").glob("offline-run-*")))
@@ -295,14 +305,15 @@ def test_logs_expected_active_channels_and_wandb_histograms(tmp_path):
     ({"penalty": "l1"}, r"`penalty` must be one of \['expected_l0', 'hard'\], got 'l1'. HINT"),
     ({"temperature": 0}, r"`temperature` must be a number > 0, got 0. HINT"),
     ({"temperature_final": -0.1}, r"`temperature_final` must be a number > 0, got -0.1. HINT"),
-    ({"log_alpha_init": 2.5, "droprate_init": 0.5}, r"`log_alpha_init` \(2.5\) and `droprate_init` \(0.5\) are"
-                                                    r" exclusive. HINT"),
+    ({"log_alpha_init": 2.5, "droprate_init": 0.5},
+     r"`log_alpha_init` \(2.5\) and `droprate_init` \(0.5\) are exclusive. HINT"),
     ({"log_alpha_init": float("nan")}, r"`log_alpha_init` must be a finite number, got nan"),
     ({"droprate_init": 1.0}, r"`droprate_init` must be in \(0, 1\), got 1.0. HINT"),
     ({"init_std": -1}, r"`init_std` must be a number >= 0"),
     ({"log_alpha_range": (4, -4)}, r"`log_alpha_range` must be None or a pair \(low, high\).*HINT"),
     ({"log_alpha_range": [0.0]}, r"`log_alpha_range` must be None or a pair"),
-    ({"final_rule": "threshold"}, r"`final_rule` must be one of \['test_gate', 'log_alpha'\], got 'threshold'. HINT"),
+    ({"final_rule": "threshold"},
+     r"`final_rule` must be one of \['test_gate', 'log_alpha'\], got 'threshold'. HINT"),
     ({"seed": -3}, r"`seed` must be an integer >= 0, got -3"),
     ({"seed": 1.5}, r"`seed` must be an integer >= 0, got 1.5"),
     ({"gate_lr": 0}, r"`gate_lr` must be a number > 0, got 0"),

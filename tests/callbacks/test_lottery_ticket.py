@@ -18,9 +18,8 @@ from torch.utils.data import DataLoader
 
 from lightning_prune import create_callback
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.callbacks.lottery_ticket import LotteryTicket
+from lightning_prune.callbacks.lottery_ticket import LotteryTicket, per_round_rate
 from lightning_prune.data import DigitsDataModule
-from lightning_prune.callbacks.lottery_ticket import per_round_rate
 from lightning_prune.functional.lottery import prune_count
 from lightning_prune.testing import (
     TINY_MODELS,
@@ -120,8 +119,9 @@ def _assert_rewound(start: dict[str, Any], reference: dict[str, torch.Tensor],
         ({"epochs_per_round": 0}, r"`epochs_per_round` must be an integer >= 1, got 0"),
         ({"scope": "channel"}, r"`scope` must be one of \['global', 'layer'\], got 'channel'"),
         ({"reinit": "shuffle"}, r"`reinit` must be one of \['rewind', 'random'\], got 'shuffle'"),
-        ({"rewind_step": "init"}, r"`rewind_step` must be optimizer steps \(an int >= 0\) or a fraction .* got 'init'."
-                                  r" HINT: 0 rewinds to the initial weights"),
+        ({"rewind_step": "init"},
+         r"`rewind_step` must be optimizer steps \(an int >= 0\) or a fraction .* got 'init'."
+         r" HINT: 0 rewinds to the initial weights"),
         ({"rewind_step": -1}, r"`rewind_step` must be optimizer steps .* got -1"),
         ({"rewind_step": 1.5}, r"`rewind_step` must be optimizer steps .* fraction .* got 1.5"),
         ({"rewind_step": 1.0}, r"`rewind_step` as a fraction must be < 1, got 1.0"),
@@ -290,7 +290,8 @@ class _PlainMLP(pl.LightningModule):
 
 def test_plain_lightning_module_with_named_output_layer(tmp_path):
     lt = LotteryTicket(rounds=2, epochs_per_round=1, scope="layer", output_layer="out")
-    fit_tiny([lt], tmp_path, model=_PlainMLP(), datamodule=tiny_datamodule(image_size=8), max_epochs=3, **FAST)
+    fit_tiny([lt], tmp_path, model=_PlainMLP(), datamodule=tiny_datamodule(image_size=8), max_epochs=3,
+             **FAST)
     counts = lt.masks.pruned_counts()
     assert set(counts) == {"fc1.weight", "out.weight"}
     for name, rate in (("fc1.weight", 0.2), ("out.weight", 0.1)):

@@ -2,7 +2,6 @@ import pickle
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -47,8 +46,8 @@ class ZeroProbe(Callback):
 def test_reaches_global_target_on_timm_families(tmp_path, model_name):
     pruner = _pruner()
     probe = ZeroProbe(pruner)
-    _, model = fit_tiny([pruner, probe], tmp_path, model=tiny_classifier(model_name, optimizer="adamw", lr=1e-3),
-                        **FAST)
+    _, model = fit_tiny([pruner, probe], tmp_path,
+                        model=tiny_classifier(model_name, optimizer="adamw", lr=1e-3), **FAST)
     counts = pruner.masks.pruned_counts()
     pruned, total = sum(p for p, _ in counts.values()), sum(t for _, t in counts.values())
     # 12 steps, schedule 0 -> 0.8 over steps 0-8, masks every 2 steps: the last update is at s = 0.8 exactly
@@ -74,7 +73,8 @@ def test_mask_updates_follow_the_tensorflow_schedule(tmp_path):
             seen.append((trainer.global_step, round(self.current_target, 4)))
             super().update_masks(new_masks, trainer)
 
-    pruner = Spy(target_sparsity=0.9, every_n_steps=3, sparsity_begin_step=0, sparsity_end_step=9, verbose=False)
+    pruner = Spy(target_sparsity=0.9, every_n_steps=3, sparsity_begin_step=0, sparsity_end_step=9,
+                 verbose=False)
     fit_tiny([pruner], tmp_path, max_epochs=2, limit_train_batches=7, limit_val_batches=0)
     expected = [(s, round(0.9 - 0.9 * (1 - min(s / 9, 1)) ** 3, 4)) for s in (3, 6, 9, 12)]
     assert seen == expected
@@ -86,7 +86,8 @@ def test_momentum_and_weight_decay_cannot_revive_pruned_weights(tmp_path):
     model = tiny_classifier("test_resnet", optimizer="sgd", momentum=0.9, weight_decay=1e-3, lr=0.1)
     trainer, _ = fit_tiny([pruner, probe], tmp_path, model=model, **FAST)
     assert trainer.global_step == 12 and pruner.last_update == 4
-    # the last update (step 4) pruned to s(4) = 0.7 * (1 - 0.5^3); eight more steps with momentum revived nothing
+    # the last update (step 4) pruned to s(4) = 0.7 * (1 - 0.5^3); eight more steps with momentum
+    # revived nothing
     assert pruner.masks.sparsity() == pytest.approx(0.7 * (1 - 0.5**3), abs=0.005)
     for name, mask in pruner.masks.items():
         assert torch.all(pruner.masks.param(name)[~mask] == 0), name
@@ -94,7 +95,8 @@ def test_momentum_and_weight_decay_cannot_revive_pruned_weights(tmp_path):
 
 
 def test_state_dict_keys_stay_those_of_the_plain_model_and_checkpoint_is_zero(tmp_path):
-    state = check_callback_conformance(lambda: _pruner(sparsity_end_step=10), tmp_path, max_epochs=3, resume_epoch=1)
+    state = check_callback_conformance(lambda: _pruner(sparsity_end_step=10), tmp_path, max_epochs=3,
+                                       resume_epoch=1)
     # read the checkpoint file itself: the pruned weights are zeros in the model's own state_dict, same keys
     checkpoint = torch.load(tmp_path / "ckpt" / "epoch=2.ckpt", map_location="cpu", weights_only=False)
     weights = checkpoint["state_dict"]
@@ -154,7 +156,8 @@ def test_layer_targets_scale_the_schedule_and_block_pruning(tmp_path):
     assert qkv and all(sparsity[n] == 0.0 for n in qkv)
     for name in fc1:  # whole 4x4 blocks are pruned
         mask = pruner.masks[name]
-        blocks = mask.reshape(mask.shape[0] // 4, 4, mask.shape[1] // 4, 4).permute(0, 2, 1, 3).reshape(-1, 16)
+        blocks = (mask.reshape(mask.shape[0] // 4, 4, mask.shape[1] // 4, 4).permute(0, 2, 1, 3)
+                  .reshape(-1, 16))
         assert torch.all(blocks.all(dim=1) | (~blocks).all(dim=1))
 
 
@@ -178,12 +181,14 @@ def test_threshold_decay_smooths_thresholds(tmp_path):
         ({"every_n_steps": -3}, r"`every_n_steps` must be a number of optimizer steps .* got -3"),
         ({"every_n_steps": 0.5}, r"`every_n_steps` must be an int >= 1 here, got 0.5"),
         ({"scope": "model"}, r"`scope` must be one of \['global', 'layer'\], got 'model'"),
-        ({"sparsity_begin_step": 10, "sparsity_end_step": 5}, r"`sparsity_end_step` \(5\) must not come before"),
+        ({"sparsity_begin_step": 10, "sparsity_end_step": 5},
+         r"`sparsity_end_step` \(5\) must not come before"),
         ({"sparsity_end_step": 1.5}, r"`sparsity_end_step` must be optimizer steps .* fraction .* got 1.5"),
         ({"sparsity_end_step": float("inf")}, r"`sparsity_end_step` must be optimizer steps .* got inf"),
         ({"block_size": (2,)}, r"`block_size` must be two integers"),
         ({"block_pooling": "min"}, r"`block_pooling` must be one of"),
-        ({"layer_targets": {"*": 0.5}, "initial_sparsity": 0.1}, r"`layer_targets` needs `initial_sparsity=0`"),
+        ({"layer_targets": {"*": 0.5}, "initial_sparsity": 0.1},
+         r"`layer_targets` needs `initial_sparsity=0`"),
         ({"threshold_decay": 1.0}, r"`threshold_decay` must be a number in"),
         ({"exponent": 0}, r"`exponent` must be a number > 0"),
         ({"include": 3}, r"`include` must be a glob pattern"),
@@ -246,14 +251,17 @@ def test_manual_optimization_two_steps_per_batch(tmp_path):
                     assert torch.all(pruner.masks.param(name)[~mask] == 0)
 
     pruner = _pruner(every_n_steps=2, sparsity_end_step=6)
-    trainer, _ = fit_tiny([pruner], tmp_path, model=Manual(), max_epochs=1, limit_train_batches=4, limit_val_batches=1)
+    trainer, _ = fit_tiny([pruner], tmp_path, model=Manual(), max_epochs=1, limit_train_batches=4,
+                          limit_val_batches=1)
     assert trainer.global_step == 8 and pruner.last_update == 8
     assert pruner.masks.sparsity() == pytest.approx(0.8, abs=0.01)
 
 
 def test_endless_training_needs_steps_for_the_schedule(tmp_path):
-    with pytest.raises(MisconfigurationException, match="`sparsity_end_step`=0.75 is a fraction .* no end .* HINT"):
-        fit_tiny([GradualMagnitudePruning()], tmp_path, max_epochs=-1, max_steps=-1, limit_train_batches=2)
+    with pytest.raises(MisconfigurationException,
+                       match="`sparsity_end_step`=0.75 is a fraction .* no end .* HINT"):
+        fit_tiny([GradualMagnitudePruning()], tmp_path, max_epochs=-1, max_steps=-1,
+                 limit_train_batches=2)
     pruner = _pruner(sparsity_end_step=4)
     fit_tiny([pruner], tmp_path, max_epochs=-1, max_steps=6, limit_train_batches=2, limit_val_batches=0)
     assert pruner.masks.sparsity() == pytest.approx(0.8, abs=0.01)

@@ -1,4 +1,4 @@
-"""Oracles of reference/algorithms.md §6 (evolution strategies, Salimans et al. 2017)."""
+"""Oracles for the evolution-strategies functions (Salimans et al. 2017)."""
 
 import pytest
 import torch

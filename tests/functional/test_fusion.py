@@ -1,4 +1,4 @@
-"""The fusion formulas of reference/algorithms.md §5, checked numerically (float64, <= 1e-6)."""
+"""The fusion formulas (VanillaNet, RepVGG, DiverseBranchBlock), checked numerically (float64, <= 1e-6)."""
 
 import pytest
 import torch
@@ -93,7 +93,7 @@ def test_1x1_then_kxk_with_zero_padding_has_border_error_only():
     k, b = fuse_1x1_kxk(w1, b1, w2, b2)
     ref, out = F.conv2d(F.conv2d(x, w1, b1), w2, b2, padding=1), F.conv2d(x, k, b, padding=1)
     assert _max_err(out[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1]) <= TOL
-    assert _max_err(out, ref) > 0.1  # algorithms.md §5: zero padding leaves a border error [0.24]
+    assert _max_err(out, ref) > 0.1  # zero padding leaves a border error [0.24]
 
 
 def test_kxk_then_kxk_exact_for_valid_convs_border_error_when_padded():

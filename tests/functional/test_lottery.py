@@ -1,4 +1,4 @@
-"""Oracles of reference/algorithms.md §4 for the lottery-ticket pruning functions."""
+"""Oracles for the lottery-ticket pruning functions (Frankle & Carbin 2019)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_prune_count_is_torch_rounding():
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_repeated_20_percent_oracle(scope):
-    """torch l1_unstructured(amount=0.2) repeated prunes 0.2, 0.36, 0.488 (§4 [verified]); 0.8**k remain."""
+    """torch l1_unstructured(amount=0.2) repeated prunes 0.2, 0.36, 0.488 (verified); 0.8**k remain."""
     weights = {"a": torch.randn(1000, generator=torch.Generator().manual_seed(1))}
     masks = None
     for k, pruned in enumerate([0.2, 0.36, 0.488], start=1):

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from lightning_prune.functional import block_magnitude, kept_count, kth_largest, magnitude_mask, threshold_mask
+from lightning_prune.functional import (
+    block_magnitude,
+    kept_count,
+    kth_largest,
+    magnitude_mask,
+    threshold_mask,
+)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.9, 0.99])

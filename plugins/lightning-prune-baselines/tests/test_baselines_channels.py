@@ -3,6 +3,9 @@
 import pytest
 import timm
 import torch
+from torch import nn
+
+from lightning_prune.functional import kept_count
 from lightning_prune_baselines import (
     ChannelTracer,
     apply_channel_masks,
@@ -12,9 +15,6 @@ from lightning_prune_baselines import (
     nested_random_keep,
     random_channel_masks,
 )
-from torch import nn
-
-from lightning_prune.functional import kept_count
 
 
 def test_first_k_pruned_keeps_at_least_one_channel():

@@ -7,10 +7,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_prune_baselines import FirstKChannels, first_k_pruned
 
 import lightning_prune as lp
 from lightning_prune.testing import TINY_MODELS, check_callback_conformance, fit_tiny, tiny_classifier
+from lightning_prune_baselines import FirstKChannels, first_k_pruned
 
 FAST = {"max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 1}
 

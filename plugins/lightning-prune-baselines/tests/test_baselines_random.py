@@ -4,12 +4,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_prune_baselines import RandomChannels, RandomUnstructured
 
 import lightning_prune as lp
 from lightning_prune.functional import kept_count
 from lightning_prune.schedules import polynomial_sparsity
 from lightning_prune.testing import check_callback_conformance, fit_tiny, tiny_classifier
+from lightning_prune_baselines import RandomChannels, RandomUnstructured
 
 
 def _spy(cls):

@@ -189,8 +189,8 @@ class ScheduledBaselinePruning(BaselinePruning):
     inside ``[begin_step, end_step]``, every ``every_n_steps`` steps, and the scheduled sparsity at optimizer
     step ``t`` is ``lightning_prune.schedules.polynomial_sparsity(t, initial_sparsity, target_sparsity,
     sparsity_begin_step, sparsity_end_step, exponent)``. The first update comes at the end of the first
-    training batch at which ``trainer.global_step >= begin_step``, and updates stop once ``target_sparsity`` is
-    reached; with the default ``sparsity_end_step=0`` the target is reached at once (one shot). Every
+    training batch at which ``trainer.global_step >= begin_step``, and updates stop once ``target_sparsity``
+    is reached; with the default ``sparsity_end_step=0`` the target is reached at once (one shot). Every
     ``*_step`` argument is an optimizer step (int) or a fraction of the whole training (float in [0, 1]).
 
     Args:
@@ -203,8 +203,8 @@ class ScheduledBaselinePruning(BaselinePruning):
         sparsity_end_step: where it reaches ``target_sparsity`` (default 0: one shot).
         exponent: the schedule's exponent (3 = cubic).
         seed: seeds the callback's own ``torch.Generator`` (``None`` = ``torch.initial_seed()``, i.e. what
-            ``seed_everything`` set); its state is checkpointed, so resumed and uninterrupted runs draw the same
-            numbers, and every DDP rank draws the same masks.
+            ``seed_everything`` set); its state is checkpointed, so resumed and uninterrupted runs draw the
+            same numbers, and every DDP rank draws the same masks.
     """
 
     def __init__(
@@ -257,8 +257,9 @@ class ScheduledBaselinePruning(BaselinePruning):
 
     @staticmethod
     def _check_order(first_name: str, first: int | float, second_name: str, second: int | float) -> None:
-        """Reject a window or ramp that ends before it begins, as GradualMagnitudePruning does (positions of the
-        same kind only: a step and a fraction are compared once resolved)."""
+        """Reject a window or ramp that ends before it begins, as GradualMagnitudePruning does.
+
+        Positions of the same kind only: a step and a fraction are compared once resolved."""
         if type(first) is type(second) and second < first:
             raise MisconfigurationException(
                 f"`{second_name}` ({second}) must not come before `{first_name}` ({first})."
@@ -279,7 +280,10 @@ class ScheduledBaselinePruning(BaselinePruning):
             self.rng_state = self._seeded_state(resolve_seed(None, trainer))
 
     def resolve_schedule(self, trainer: pl.Trainer) -> tuple[int, int, int, int]:
-        """``(begin, end, sparsity_begin, sparsity_end)`` in optimizer steps, fixed on first use and checkpointed."""
+        """``(begin, end, sparsity_begin, sparsity_end)`` in optimizer steps.
+
+        Fixed on first use and checkpointed.
+        """
         if self.schedule is None:
             begin = resolve_step("begin_step", self.begin_step, trainer)
             end = 2**62 if until_the_end(self.end_step) else resolve_step("end_step", self.end_step, trainer)
@@ -335,4 +339,5 @@ class ScheduledBaselinePruning(BaselinePruning):
         if state.get("rng_state") is not None:
             self.rng_state = state["rng_state"].clone()
         schedule = state.get("schedule")
-        self.schedule = tuple(int(v) for v in schedule) if schedule is not None and len(schedule) == 4 else None
+        self.schedule = (tuple(int(v) for v in schedule) if schedule is not None and len(schedule) == 4
+                         else None)

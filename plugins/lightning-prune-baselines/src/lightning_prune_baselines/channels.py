@@ -241,8 +241,10 @@ def first_k_channel_masks(
 ) -> dict[str, Tensor]:
     """Masks that drop the first ``first_k_pruned(C, sparsity)`` output channels of every targeted layer.
 
-    The seed article's control: "remove the first k channels of every layer, then fine-tune". Keys are
-    ``model``'s parameter names (weights, biases and, with ``example_input``, the following BatchNorms).
+    The control of the Habr article «Редукция нейронных сетей при помощи вариационной оптимизации» ("Reducing
+    neural networks with variational optimisation", in Russian): "remove the first k channels of every layer,
+    then fine-tune". Keys are ``model``'s parameter names (weights, biases and, with ``example_input``, the
+    following BatchNorms).
 
     Example::
 

@@ -1,10 +1,10 @@
 """The "first k channels" control of channel-pruning experiments.
 
 From the Habr article «Редукция нейронных сетей при помощи вариационной оптимизации» ("Reducing neural
-networks with variational optimisation": channel pruning with mask layers, group LASSO and L0 gates on
-CIFAR): "as a trivial reference point, to check that the algorithms do anything at all, drop the first k
-neurons of every layer and fine-tune the resulting network." A learned criterion that cannot beat this is not
-learning which channels matter.
+networks with variational optimisation", in Russian: channel pruning with mask layers, group LASSO and L0
+gates on CIFAR): "as a trivial reference point, to check that the algorithms do anything at all, drop the
+first k neurons of every layer and fine-tune the resulting network." A learned criterion that cannot beat this
+is not learning which channels matter.
 """
 
 from __future__ import annotations
@@ -25,26 +25,29 @@ __all__ = ["FirstKChannels"]
 
 
 class FirstKChannels(BaselinePruning):
-    """Drop the first k output channels of every targeted layer once, then fine-tune (the Habr article's baseline).
+    """Drop the first k output channels of each targeted layer, then fine-tune (Habr channel-pruning control).
 
     In each targeted Conv/Linear layer with ``C`` output channels the first
-    ``k = C - max(round(C * (1 - target_sparsity)), 1)`` channels are pruned: their weight rows (whole filters),
-    their bias entries and, when a BatchNorm directly follows the layer, its ``weight`` and ``bias``
+    ``k = C - max(round(C * (1 - target_sparsity)), 1)`` channels are pruned: their weight rows (whole
+    filters), their bias entries and, when a BatchNorm directly follows the layer, its ``weight`` and ``bias``
     entries, so the channel outputs exactly zero. The masks are installed at the end of the first training
     batch after which ``trainer.global_step`` has reached ``prune_step`` (``prune_epoch`` ``e``: the step at
     which epoch ``e`` starts) and kept for the rest of training: training goes on as fine-tuning of the
     narrower network.
 
     Args:
-        target_sparsity: fraction of each layer's output channels to drop, in [0, 1); at least one channel stays.
+        target_sparsity: fraction of each layer's output channels to drop, in [0, 1); at least one channel
+            stays.
         prune_step: when to prune: an optimizer step or a fraction of training (float in [0, 1]); default
             (neither this nor ``prune_epoch``): 0, right at the start.
         prune_epoch: the same as an epoch (at its first batch) or a fraction of training.
-        include, exclude, types, log_media_every_n_epochs, verbose: see :class:`~lightning_prune.PruningCallback`.
+        include, exclude, types, log_media_every_n_epochs, verbose: see
+            :class:`~lightning_prune.PruningCallback`.
 
     Example::
 
-        trainer = Trainer(callbacks=[lightning_prune.create_callback("first_k", target_sparsity=0.5, prune_epoch=5)])
+        first_k = lightning_prune.create_callback("first_k", target_sparsity=0.5, prune_epoch=5)
+        trainer = Trainer(callbacks=[first_k])
     """
 
     def __init__(
@@ -60,7 +63,8 @@ class FirstKChannels(BaselinePruning):
     ) -> None:
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
         self.target_sparsity = check_fraction(
-            "target_sparsity", target_sparsity, hint="the fraction of channels dropped; 0.5 halves every layer."
+            "target_sparsity", target_sparsity,
+            hint="the fraction of channels dropped; 0.5 halves every layer.",
         )
         hint = "0 prunes at the start of training; 0.5 halfway through."
         check_exclusive(prune_step=prune_step, prune_epoch=prune_epoch, hint=hint)

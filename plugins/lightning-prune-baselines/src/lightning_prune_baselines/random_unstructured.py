@@ -26,10 +26,12 @@ class RandomUnstructured(ScheduledBaselinePruning):
 
     Args:
         target_sparsity: final fraction of weights pruned in every targeted layer, in [0, 1).
-        initial_sparsity, begin_step, end_step, every_n_steps, sparsity_begin_step, sparsity_end_step, exponent,
-            seed: the schedule and the generator, as for :class:`~lightning_prune.GradualMagnitudePruning` (see
+        initial_sparsity, begin_step, end_step, every_n_steps, sparsity_begin_step, sparsity_end_step,
+            exponent, seed: the schedule and the generator, as for
+            :class:`~lightning_prune.GradualMagnitudePruning` (see
             :class:`~lightning_prune_baselines._base.ScheduledBaselinePruning`).
-        include, exclude, types, log_media_every_n_epochs, verbose: see :class:`~lightning_prune.PruningCallback`.
+        include, exclude, types, log_media_every_n_epochs, verbose: see
+            :class:`~lightning_prune.PruningCallback`.
 
     Example::
 
