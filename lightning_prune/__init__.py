@@ -44,12 +44,12 @@ _LAZY = {
     "EvolutionaryMutation": "lightning_prune.callbacks.evolution",
     # model-level functions
     "compress": "lightning_prune.compression",
-    "dead_channels": "lightning_prune.compression",
+    "dead_units": "lightning_prune.compression",
     "save_compressed": "lightning_prune.compression",
     "load_compressed": "lightning_prune.compression",
     "reparameterize": "lightning_prune.reparam",
     "resolve_targets": "lightning_prune.targets",
-    "find_channel_groups": "lightning_prune.gates",
+    "analyse_channels": "lightning_prune.graph",
     "MaskSet": "lightning_prune.masks",
     # training helpers
     "ImageClassifier": "lightning_prune.models",

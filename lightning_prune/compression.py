@@ -1,17 +1,16 @@
-"""Physical removal of dead channels through torch-pruning's DependencyGraph, and save/load of the result.
+"""Physical removal of pruned channels, heads and conv groups, and save/load of the result.
 
-A channel is *dead* when its output is identically zero: the Conv/Linear filter and its bias are zero
-(no BatchNorm after it), or the BatchNorm after it has zero weight and zero bias. Whoever zeroed it (a
-gate callback, a mask, the user) does not matter. :func:`compress` removes a dead channel from every
-layer coupled to it (the reader's input channels, a depthwise conv, a squeeze-excite branch, ...) when the
-zero provably reaches every reader of the channel: the same check as
-:func:`lightning_prune.gates.find_channel_groups` (on a copy with randomised biases and BatchNorm statistics,
-zeroing the dead sites must give every reader exact zeros). A channel of a residual sum is removed only when
-every branch of the sum is dead.
+:func:`compress` removes units of the groups that :func:`lightning_prune.graph.analyse_channels` proves
+exactly removable: the units a gate callback pruned (``removed=``), or, on any model, the **dead** units -- those
+no layer reads, because every Conv/Linear reading them has zero weight columns there (what masks leave). The
+result is a plain ``nn.Module`` with smaller layers (``num_heads``, ``groups`` and channel counts updated, no
+hooks, no wrappers) whose eval outputs equal the model's before removal (checked on ``example_inputs``). A dead
+unit of a LayerNorm-normalised stream changes the LayerNorm's statistics unless the model computes them over the
+kept channels already (the gate callbacks do so once they have finalised); if it does not, such groups are left
+as they are.
 
-The result is a plain ``nn.Module`` with smaller layers whose eval outputs equal the masked model's
-(checked after removal). Save it with :func:`save_compressed` and load it back onto a freshly created model
-of the same architecture in one line::
+Save the result with :func:`save_compressed` and load it back onto a freshly created model of the same
+architecture in one line::
 
     model = lp.load_compressed("small.pt", timm.create_model("resnet18", num_classes=10))
 """
@@ -19,91 +18,62 @@ of the same architecture in one line::
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_prune.errors import CompressionError, InvalidArgumentError
-from lightning_prune.functional.channels import zero_channels
-from lightning_prune.gates import (
-    _call,
-    _covers,
-    _randomised_copy,
-    _readers,
-    build_graph,
+from lightning_prune.graph import (
+    ChannelGroup,
+    analyse_channels,
+    call_model,
     example_inputs_for,
+    slice_units,
     traced_root,
 )
+from lightning_prune.validation import check_bool, check_int, check_positive
 
-__all__ = ["CompressionError", "compress", "dead_channels", "load_compressed", "save_compressed"]
-
-
-def _site_zero(producer: nn.Module, norm: nn.Module | None) -> Tensor:
-    if norm is not None:
-        if norm.weight is None:
-            return torch.zeros(norm.num_features, dtype=torch.bool)
-        return zero_channels(norm.weight, norm.bias).cpu()
-    return zero_channels(producer.weight, getattr(producer, "bias", None)).cpu()
-
-
-def dead_channels(model: nn.Module, example_inputs: Any,
-                  round_to: int = 1) -> list[tuple[str, list[int], int]]:
-    """The removable dead channels of ``model``: ``(root module name, root channel indices, group size)`` per
-    group (one channel of each group is always kept, as torch-pruning needs; with ``round_to``, enough dead
-    channels are kept for the remaining width to be a multiple of it)."""
-    names = {m: n for n, m in model.named_modules()}
-    return [(names[m], idxs, size) for m, _, idxs, size in _plan(model, example_inputs, round_to)[1]]
+__all__ = ["CompressionError", "compress", "dead_units", "load_compressed", "round_kept", "save_compressed"]
 
 
 @torch.no_grad()
-def _plan(model: nn.Module, example_inputs: Any, round_to: int = 1
-          ) -> tuple[tp.DependencyGraph, list[tuple[nn.Module, Any, list[int], int]]]:
-    graph, analysed = build_graph(model, example_inputs)
-    names = {m: n for n, m in model.named_modules()}
-    clone: nn.Module | None = None
-    plan = []
-    for info in analysed:
-        if info.blocked:
-            continue
-        patterns: dict[int, list[tuple[nn.Module, list[int]]]] = {}
-        for producer, idxs, root_idxs in info.producers:
-            norm = info.norms.get(producer)
-            zero = _site_zero(producer, norm)
-            site = norm if norm is not None else producer
-            for idx, root_idx in zip(idxs, root_idxs):
-                if idx < zero.numel() and zero[idx]:
-                    patterns.setdefault(root_idx, []).append((site, idx))
-        if not patterns:
-            continue
-        if clone is None:
-            clone = _randomised_copy(model)
-        # channels whose dead sites are the same modules share one check
-        by_sites: dict[tuple[str, ...], list[int]] = {}
-        for root_idx, sites in patterns.items():
-            by_sites.setdefault(tuple(sorted(names[s] for s, _ in sites)), []).append(root_idx)
-        removable = []
-        for root_idxs in by_sites.values():
-            sites = {}
-            for root_idx in root_idxs:
-                for site, idx in patterns[root_idx]:
-                    sites.setdefault(site, []).append(idx)
-            consumer_idx = _readers(info, root_idxs)
-            if consumer_idx and _covers(clone, names, example_inputs, list(sites.items()), consumer_idx):
-                removable.extend(root_idxs)
-        removable = sorted(set(removable))
-        if len(removable) >= info.size:
-            removable = removable[1:]  # keep one (zero) channel: torch-pruning cannot remove a whole layer
-        if round_to > 1 and removable:  # keep a few dead channels so that the width is a multiple of round_to
-            keep = -(-(info.size - len(removable)) // round_to) * round_to
-            removable = removable[:max(info.size - keep, 0)]
-        if removable:
-            plan.append((info.root, info.root_fn, removable, info.size))
-    return graph, plan
+def dead_units(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, list[int]]:
+    """Per group, the units no layer reads: at every input site the reader's weight columns are zero."""
+    dead: dict[str, list[int]] = {}
+    for group in groups:
+        alive = torch.zeros(group.size, dtype=torch.bool)
+        for site in group.input_sites():
+            weight = model.get_submodule(site.module).weight.detach()
+            columns = weight.index_select(1, torch.tensor(site.channels, device=weight.device))
+            used = columns.transpose(0, 1).reshape(len(site.channels), -1).ne(0).any(dim=1).cpu()
+            if used.any():
+                alive.index_fill_(0, torch.tensor(site.units)[used], True)
+        gone = (~alive).nonzero().flatten().tolist()
+        if len(gone) >= group.size:
+            gone = gone[1:]  # keep one (dead) unit: a layer needs at least one channel
+        if gone:
+            dead[group.name] = gone
+    return dead
+
+
+def round_kept(group: ChannelGroup, removed: Sequence[int], round_to: int, order: Sequence[int] | None = None
+               ) -> list[int]:
+    """``removed`` trimmed so that the kept channel count is a multiple of ``round_to`` (channel groups only;
+    heads and conv groups are whole units). Units are put back in ``order`` (default: as given, last first)."""
+    if round_to <= 1 or group.unit != "channel" or not removed:
+        return list(removed)
+    kept = group.size - len(removed)
+    target = min(-(-kept // round_to) * round_to, group.size)
+    back = target - kept
+    if back <= 0:
+        return list(removed)
+    ranked = list(order) if order is not None else list(reversed(removed))
+    restore = set(ranked[:back])
+    return [u for u in removed if u not in restore]
 
 
 def compress(
@@ -115,29 +85,42 @@ def compress(
     atol: float = 1e-4,
     rtol: float = 1e-4,
     round_to: int = 1,
+    groups: Sequence[ChannelGroup] | None = None,
+    removed: Mapping[str, Sequence[int]] | None = None,
 ) -> nn.Module:
-    """Physically remove every dead channel of ``model``; returns the smaller model.
+    """Physically remove pruned units from ``model``; returns the smaller model.
 
     Args:
         model: a timm model, any ``nn.Module``, or a LightningModule holding a timm model (compressed in place
             inside it).
-        example_inputs: what the model is called with; default: ``example_input_array``, or a random batch at
-            timm's ``pretrained_cfg["input_size"]`` (or ``input_size``).
+        example_inputs: what the traced model is called with; default: ``example_input_array``, or a random batch
+            at timm's ``pretrained_cfg["input_size"]`` (or ``input_size``).
         input_size: ``(C, H, W)`` of the random example.
         inplace: modify ``model`` (default) or a deep copy.
         verify: compare eval outputs before and after on ``example_inputs``; raise if they differ.
         atol, rtol: tolerances of that comparison.
-        round_to: keep enough dead channels that every pruned layer's width stays a multiple of ``round_to``
-            (CPU/GPU kernels are faster on widths that are multiples of 8 or 16); outputs are unchanged.
+        round_to: keep enough dead channels that every pruned channel width stays a multiple of ``round_to``
+            (kernels run faster on multiples of 8 or 16); outputs are unchanged.
+        groups, removed: the groups (names relative to ``model``) and, per group name, the units to remove
+            (what a gate callback decided); default: every dead unit of the groups found by
+            :func:`~lightning_prune.graph.analyse_channels`.
 
     Raises:
-        CompressionError: the outputs changed (a dead channel was not really dead).
+        CompressionError: the outputs changed.
+        InvalidArgumentError: a bad argument.
 
     Example::
 
-        small = lp.compress(trained_model, input_size=(3, 32, 32))
+        small = lp.compress(trained_model, input_size=(3, 32, 32), round_to=8)
         lp.save_compressed(small, "small.pt")
     """
+    check_bool("inplace", inplace, error=InvalidArgumentError)
+    check_bool("verify", verify, error=InvalidArgumentError)
+    check_positive("atol", atol, error=InvalidArgumentError)
+    check_positive("rtol", rtol, error=InvalidArgumentError)
+    check_int("round_to", round_to, 1, hint="8 keeps widths multiples of 8.", error=InvalidArgumentError)
+    if (groups is None) != (removed is None):
+        raise InvalidArgumentError("Pass `groups` and `removed` together, or neither.")
     if not inplace:
         model = copy.deepcopy(model)
     prefix, root = traced_root(model)
@@ -147,22 +130,53 @@ def compress(
     try:
         before_params = sum(p.numel() for p in root.parameters())
         with torch.no_grad():
-            reference = _call(root, example) if verify else None
-        graph, plan = _plan(root, example, round_to)
-        removed = 0
-        for module, fn, idxs, _ in plan:  # groups are disjoint: pruning one leaves the others' indices valid
-            graph.get_pruning_group(module, fn, idxs).prune()
-            removed += len(idxs)
-        if verify and plan:
+            reference = call_model(root, example) if verify else None
+        if groups is None:
+            analysed = analyse_channels(root, example).groups
+            target = root
+            plan = dead_units(root, analysed)
+            plan = {g.name: round_kept(g, plan[g.name], round_to) for g in analysed if g.name in plan}
+        else:
+            analysed, target = list(groups), model
+            plan = {g.name: round_kept(g, list(removed.get(g.name, ())), round_to) for g in analysed}  # type: ignore[union-attr]
+        if groups is None and verify:
+            plan = _exact_plan(root, example, analysed, plan, reference, atol, rtol)
+        removed_units = slice_units(target, analysed, plan)
+        if verify and removed_units:
             with torch.no_grad():
-                after = _call(root, example)
+                after = call_model(root, example)
             _check_same(reference, after, atol, rtol)
         after_params = sum(p.numel() for p in root.parameters())
-        rank_zero_info(f"[compress] removed {removed} channels in {len(plan)} groups: parameters"
-                       f" {before_params:,} -> {after_params:,}")
+        rank_zero_info(f"[compress] removed {removed_units} units in {sum(1 for v in plan.values() if v)} groups:"
+                       f" parameters {before_params:,} -> {after_params:,}")
     finally:
         model.train(was_training)
     return model
+
+
+def _exact_plan(root: nn.Module, example: Any, groups: Sequence[ChannelGroup], plan: dict[str, list[int]],
+                reference: Any, atol: float, rtol: float) -> dict[str, list[int]]:
+    """The plan, without the groups whose norm sites would change their statistics (a plain masked model whose
+    LayerNorms still count the removed channels), when removing everything would change the outputs."""
+    trial = copy.deepcopy(root)
+    slice_units(trial, groups, plan)
+    with torch.no_grad():
+        if _same(reference, call_model(trial, example), atol, rtol):
+            return plan
+    safe = {name: units for name, units in plan.items()
+            if not next(g for g in groups if g.name == name).norm_sites()}
+    if len(safe) < len(plan):
+        rank_zero_info(f"[compress] left {len(plan) - len(safe)} LayerNorm-normalised groups as they are: their"
+                       " norms count the dead channels (compress through the callback to remove them).")
+    return safe
+
+
+def _same(reference: Any, after: Any, atol: float, rtol: float) -> bool:
+    try:
+        _check_same(reference, after, atol, rtol)
+    except CompressionError:
+        return False
+    return True
 
 
 def _check_same(reference: Any, after: Any, atol: float, rtol: float) -> None:
@@ -171,8 +185,8 @@ def _check_same(reference: Any, after: Any, atol: float, rtol: float) -> None:
             diff = (reference - after).abs().max().item() if reference.shape == after.shape else float("nan")
             raise CompressionError(
                 f"Removing the dead channels changed the outputs (max abs difference {diff:.3g})."
-                " HINT: an activation with f(0) != 0 or a channel-mixing layer reads a zeroed channel;"
-                " exclude that layer, or call compress(..., verify=False) to keep the result anyway."
+                " HINT: a LayerNorm counts removed channels in its statistics, or a layer outside the analysed"
+                " groups reads them; call compress(..., verify=False) to keep the result anyway."
             )
     elif isinstance(reference, (list, tuple)):
         for a, b in zip(reference, after):
@@ -183,7 +197,7 @@ def _check_same(reference: Any, after: Any, atol: float, rtol: float) -> None:
 
 
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-                "normalized_shape", "num_channels", "num_groups")
+                "normalized_shape", "num_channels", "num_groups", "num_heads", "attn_dim")
 FORMAT = "lightning_prune.compressed/1"
 
 

@@ -1,8 +1,6 @@
-"""Physical channel removal and save/load (lightning_prune.compress)."""
+"""Physical removal of units and save/load (lightning_prune.compress)."""
 
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import timm
@@ -13,15 +11,17 @@ import lightning_prune as lp
 from lightning_prune.compression import (
     CompressionError,
     compress,
-    dead_channels,
+    dead_units,
     load_compressed,
+    round_kept,
     save_compressed,
 )
-from lightning_prune.gates import find_channel_groups
+from lightning_prune.errors import InvalidArgumentError
+from lightning_prune.gates import unit_masks
+from lightning_prune.graph import analyse_channels
 from lightning_prune.testing import TINY_MODELS, tiny_classifier
 
 FAMILIES = list(TINY_MODELS)
-compress_mod = importlib.import_module("lightning_prune.compression")
 
 
 def _model(name: str, **kwargs) -> nn.Module:
@@ -42,31 +42,30 @@ X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 @torch.no_grad()
-def _kill(model: nn.Module, groups, every: int = 2) -> int:
-    """Zero every ``every``-th channel at each group's gate sites (what a zero gate folds into)."""
-    killed = 0
-    for group in groups:
-        for site in group.sites:
-            module = model.get_submodule(site)
-            module.weight[::every] = 0
-            if module.bias is not None:
-                module.bias[::every] = 0
-        killed += len(range(0, group.size, every))
-    return killed
+def _kill(model: nn.Module, groups, every: int = 2, norms: bool = True) -> int:
+    """Mask every ``every``-th unit of each group (what a callback's masks leave); returns how many."""
+    keep = [torch.tensor([u % every != 0 for u in range(g.size)]) for g in groups
+            if norms or not g.norm_sites()]
+    chosen = [g for g in groups if norms or not g.norm_sites()]
+    for name, mask in unit_masks(model, chosen, keep).items():
+        model.get_parameter(name).mul_(mask)
+    return sum(int((~k).sum()) for k in keep)
 
 
 def _channels(model: nn.Module) -> int:
     return sum(m.weight.shape[0] for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
-@pytest.mark.parametrize(("name", "coupled"), [(n, False) for n in FAMILIES] + [("test_resnet", True)])
-def test_compress_equals_masked_model_and_reloads(name, coupled, tmp_path):
-    """Deleting zeroed channels leaves eval logits unchanged; save -> load onto a fresh timm model."""
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])
+def test_compress_removes_dead_units_exactly_and_reloads(name, tmp_path):
+    """Masked units (zero reader columns) are found dead and deleted; eval logits unchanged; save -> load onto
+    a fresh timm model; nothing is left to remove."""
     model = _model(name)
-    groups, _ = find_channel_groups(model, X, prune_coupled=coupled)
-    _kill(model, groups)
+    groups = analyse_channels(model, X).groups
+    killed = _kill(model, groups)
     masked = model(X)
     params = sum(p.numel() for p in model.parameters())
+    assert sum(len(v) for v in dead_units(model, groups).values()) == killed
     out = compress(model, X)
     assert out is model
     assert sum(p.numel() for p in model.parameters()) < params
@@ -75,50 +74,54 @@ def test_compress_equals_masked_model_and_reloads(name, coupled, tmp_path):
     fresh = lp.load_compressed(tmp_path / "small.pt",
                                timm.create_model(name, num_classes=10, **TINY_MODELS.get(name, {})))
     assert torch.equal(fresh.eval()(X), model(X))
-    assert dead_channels(model, X) == []  # nothing left to remove
+    assert dead_units(model, analyse_channels(model, X).groups) == {}  # nothing left to remove
 
 
-def test_residual_channel_removed_only_when_every_branch_is_dead():
+def test_a_unit_still_read_somewhere_is_not_dead():
     model = _model("test_resnet")
-    branches = ("layer2.0.bn2", "layer2.0.downsample.2")
-    with torch.no_grad():
-        model.get_submodule(branches[0]).weight[:5] = 0
-        model.get_submodule(branches[0]).bias[:5] = 0
-    assert dead_channels(model, X) == []  # one branch of the sum still carries channels 0-4
-    with torch.no_grad():
-        model.get_submodule(branches[1]).weight[:3] = 0
-        model.get_submodule(branches[1]).bias[:3] = 0
-    assert dead_channels(model, X) == [("layer2.0.downsample.1", [0, 1, 2], 48)]
+    groups = analyse_channels(model, X).groups
+    stream = next(g for g in groups if g.coupled and len(g.input_sites()) > 1)
+    site = stream.input_sites()[0]
+    with torch.no_grad():  # zero the unit's columns in one reader only: the others still read it
+        weight = model.get_submodule(site.module).weight
+        weight[:, [c for c, u in zip(site.channels, site.units) if u == 0]] = 0
+    assert stream.name not in dead_units(model, groups)
     before = model(X)
     compress(model, X)
-    assert model.layer2[0].conv2.out_channels == 45 and model.layer3[0].conv1.in_channels == 45
-    torch.testing.assert_close(model(X), before, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model(X), before)
 
 
 def test_round_to_keeps_widths_multiple():
     model = _model("test_resnet")
-    groups, _ = find_channel_groups(model, X)
+    groups = analyse_channels(model, X).groups
     _kill(model, groups, every=3)  # e.g. 32 channels -> 11 dead, 21 alive
     before = model(X)
     compress(model, X, round_to=8)
-    for group in groups:
-        assert model.get_submodule(group.name).out_channels % 8 == 0
+    for group in analyse_channels(model, X).groups:
+        assert group.size % 8 == 0, (group.name, group.size)
     torch.testing.assert_close(model(X), before, atol=1e-5, rtol=1e-4)
 
 
-def test_zero_conv_without_bn_and_zero_filter_before_bn():
+def test_round_kept_puts_back_the_best_units_first():
+    from lightning_prune.graph import ChannelGroup
+
+    group = ChannelGroup("g", 20, "channel", 1, (), (), ("g",))
+    assert round_kept(group, [0, 1, 2, 3, 4, 5, 6], 8, order=[6, 5, 4, 3, 2, 1, 0]) == [0, 1, 2, 3]  # 13 -> 16
+    heads = ChannelGroup("h", 4, "head", 16, (), (), ("h",))
+    assert round_kept(heads, [0], 8) == [0]  # whole heads: never rounded
+
+
+def test_layernorm_streams_are_left_alone_without_restricted_statistics():
+    """A plain masked ViT still counts the dead stream channels in its LayerNorms: compress keeps those groups
+    (and removes the others exactly)."""
     model = _model("test_vit")
-    fc1 = model.blocks[0].mlp.fc1
-    with torch.no_grad():
-        fc1.weight[:7] = 0
-        fc1.bias[:7] = 0
-        fc1.bias[7] = 1.0
-        fc1.weight[7] = 0  # zero filter but a nonzero bias: not dead
-    assert dead_channels(model, X) == [("blocks.0.mlp.fc1", list(range(7)), fc1.out_features)]
-    resnet = _model("test_resnet")
-    with torch.no_grad():
-        resnet.layer1[0].conv1.weight[:4] = 0  # the BatchNorm after it still adds beta - gamma*mu/sigma
-    assert dead_channels(resnet, X) == []
+    groups = analyse_channels(model, X).groups
+    _kill(model, groups)
+    before = model(X)
+    compress(model, X)
+    torch.testing.assert_close(model(X), before, atol=1e-5, rtol=1e-4)
+    assert model.blocks[0].norm1.normalized_shape[0] == 64  # the stream kept every channel
+    assert model.blocks[0].mlp.fc1.out_features < 256  # the MLP hidden units went
 
 
 class SigmoidNet(nn.Module):
@@ -131,28 +134,36 @@ class SigmoidNet(nn.Module):
         return self.fc(self.pool(self.conv2(self.act(self.bn(self.conv1(x))))).flatten(1))
 
 
-def test_activation_with_nonzero_at_zero_is_not_removed(monkeypatch):
+def test_zero_producers_are_not_dead_while_a_reader_still_reads_them():
     model = SigmoidNet().eval()
     with torch.no_grad():
         model.bn.weight[:4] = 0
-        model.bn.bias[:4] = 0
+        model.bn.bias[:4] = 0  # sigmoid(0) = 0.5 still reaches conv2
     x = torch.randn(2, 3, 16, 16)
     before = model(x)
-    assert dead_channels(model, x) == []  # sigmoid(0) = 0.5 reaches conv2
+    assert dead_units(model, analyse_channels(model, x).groups) == {}
     compress(model, x)
     assert model.conv1.out_channels == 8
     torch.testing.assert_close(model(x), before)
-    # if the check were fooled, the output comparison still refuses the result
-    monkeypatch.setattr(compress_mod, "_covers", lambda *args, **kwargs: True)
+    with torch.no_grad():
+        model.conv2.weight[:, :4] = 0  # now nothing reads channels 0-3
+    before = model(x)
+    compress(model, x)
+    assert model.conv1.out_channels == 4
+    torch.testing.assert_close(model(x), before)
+
+
+def test_a_plan_that_changes_the_outputs_is_refused():
+    model = _model("test_resnet")
+    groups = analyse_channels(model, X).groups
     with pytest.raises(CompressionError, match="changed the outputs"):
-        compress(model, x)
+        compress(model, X, groups=groups, removed={groups[1].name: [0, 1]})  # live channels
 
 
 def test_compress_lightning_module_copy_and_dense_noop():
     module = tiny_classifier("test_resnet")
     module.eval()
-    groups, _ = find_channel_groups(module.model, X)
-    _kill(module.model, groups, every=3)
+    _kill(module.model, analyse_channels(module.model, X).groups, every=3)
     before = module(X)
     small = compress(module, inplace=False, input_size=(3, 32, 32))
     assert small is not module and _channels(small.model) < _channels(module.model)
@@ -163,9 +174,15 @@ def test_compress_lightning_module_copy_and_dense_noop():
     assert _channels(dense) == n
 
 
-def test_public_name_is_callable_even_after_importing_the_submodule():
-    model = _model("test_resnet")
-    assert callable(lp.compress) and lp.compress(model, X) is model
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"round_to": 0}, r"`round_to` must be an integer >= 1, got 0"),
+    ({"atol": -1.0}, r"`atol` must be a number > 0"),
+    ({"verify": "yes"}, r"`verify` must be True or False"),
+    ({"removed": {}}, r"Pass `groups` and `removed` together"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        compress(_model("test_resnet"), X, **kwargs)
 
 
 def test_load_compressed_rejects_other_files(tmp_path):
@@ -178,7 +195,7 @@ def test_load_compressed_rejects_other_files(tmp_path):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050", "regnety_002", "densenet121"])
 def test_compress_real_timm_families(name, tmp_path):
     model = _model(name)
-    groups, _ = find_channel_groups(model, X, prune_coupled=True)
+    groups = analyse_channels(model, X).groups
     assert groups
     _kill(model, groups)
     masked = model(X)

@@ -1,4 +1,4 @@
-"""Channel groups, gates and folding (lightning_prune.gates, lightning_prune.functional.channels)."""
+"""Gates on channel groups: attaching, folding, masks (lightning_prune.gates), and the channel math they use."""
 
 from __future__ import annotations
 
@@ -12,22 +12,13 @@ from torch import nn
 from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.functional.channels import (
     capture_mask,
-    channel_view,
-    fold_scale,
     gate_l1_penalty,
     gate_l1_subgradient,
     keep_mask,
-    zero_channels,
 )
-from lightning_prune.gates import (
-    Gate,
-    GateSet,
-    ScaleGate,
-    example_inputs_for,
-    find_channel_groups,
-    traced_root,
-)
-from lightning_prune.testing import TINY_MODELS, tiny_classifier
+from lightning_prune.gates import Gate, GateSet, ScaleGate, unit_masks
+from lightning_prune.graph import analyse_channels, restricted_norm_hooks, slice_units
+from lightning_prune.testing import TINY_MODELS
 
 FAMILIES = list(TINY_MODELS)
 
@@ -52,25 +43,6 @@ def _x(name: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ functional
-def test_fold_scale_keeps_conv_bn_linear_outputs():
-    """Folding beta into W keeps outputs unchanged (conv+bias, BatchNorm affine, Linear)."""
-    torch.manual_seed(0)
-    conv, lin, bn = nn.Conv2d(3, 6, 3, bias=True), nn.Linear(5, 4), nn.BatchNorm2d(6).eval()
-    bn.bias.data.normal_(), bn.running_mean.normal_()
-    x, z = torch.randn(2, 3, 8, 8), torch.randn(3, 5)
-    s6, s4 = torch.randn(6), torch.randn(4)
-    gated_conv, gated_lin = conv(x) * channel_view(s6, 4), lin(z) * channel_view(s4, 2, -1)
-    gated_bn = bn(conv(x)) * channel_view(s6, 4)
-    for layer, s in ((conv, s6), (lin, s4)):
-        w, b = fold_scale(layer.weight.data, layer.bias.data, s)
-        layer.weight.data, layer.bias.data = w, b
-    torch.testing.assert_close(conv(x), gated_conv)
-    torch.testing.assert_close(lin(z), gated_lin)
-    conv.weight.data, conv.bias.data = fold_scale(conv.weight.data, conv.bias.data, 1 / s6)  # undo
-    bn.weight.data, bn.bias.data = fold_scale(bn.weight.data, bn.bias.data, s6)
-    torch.testing.assert_close(bn(conv(x)), gated_bn, atol=1e-5, rtol=1e-5)
-
-
 def test_l1_subgradient_matches_autograd_and_capture():
     g = torch.tensor([0.5, -0.2, 0.0, 2.0, -0.005], requires_grad=True)
     lam = torch.tensor([1e-2, 1e-2, 1e-2, 2e-2, 1e-2])
@@ -85,76 +57,25 @@ def test_l1_subgradient_matches_autograd_and_capture():
     assert keep_mask(g, 0.0).tolist() == [True, True, False, True, True]
 
 
-def test_zero_channels():
-    w = torch.randn(4, 3, 3, 3)
-    w[1] = 0
-    w[3] = 0
-    b = torch.tensor([0.0, 0.0, 1.0, 0.5])
-    assert zero_channels(w).tolist() == [False, True, False, True]
-    assert zero_channels(w, b).tolist() == [False, True, False, False]
-
-
-# ------------------------------------------------------------------ groups
-def test_groups_resnet_skip_coupled_and_gate_after_bn():
-    model = _model("test_resnet")
-    groups, skipped = find_channel_groups(model, _x("test_resnet"))
-    by_name = {g.name: g for g in groups}
-    assert by_name["layer1.0.conv1"].sites == ("layer1.0.bn1",)  # after the BatchNorm following the conv
-    assert not any(g.coupled for g in groups)
-    assert "conv1.0" not in by_name and "fc" not in by_name  # timm first_conv / classifier
-    assert "coupled" in skipped["layer2.0.downsample.1"]  # residual sum: left alone by default
-    coupled, _ = find_channel_groups(model, _x("test_resnet"), prune_coupled=True)
-    residual = {g.name: g for g in coupled if g.coupled}["layer2.0.downsample.1"]
-    assert set(residual.sites) == {"layer2.0.downsample.2", "layer2.0.bn2"}  # one shared gate per branch
-
-
-def test_groups_efficientnet_depthwise_chain_gated_after_last_bn():
-    groups, _ = find_channel_groups(_model("test_efficientnet"), _x("test_efficientnet"))
-    by_name = {g.name: g for g in groups}
-    chain = by_name["blocks.4.0.se.conv_expand"]  # conv_pw -> bn1 -> depthwise -> bn2 -> SE -> conv_pwl
-    assert chain.sites == ("blocks.4.0.bn2",)
-    assert {"blocks.4.0.conv_pw", "blocks.4.0.conv_dw", "blocks.4.0.se.conv_expand"} <= set(chain.producers)
-
-
-@pytest.mark.parametrize("name", ["test_convnext", "test_vit"])
-def test_groups_transformer_like_only_mlp_hidden_units(name):
-    groups, skipped = find_channel_groups(_model(name), example_inputs_for(_model(name), (3, 32, 32)))
-    assert groups and all(g.name.endswith("mlp.fc1") and g.sites == (g.name,) for g in groups)
-    if name == "test_vit":
-        assert any("UNBIND" in r for r in skipped.values())  # attention heads are left alone
-
-
-def test_groups_include_exclude():
-    model, x = _model("test_resnet"), _x("test_resnet")
-    only, _ = find_channel_groups(model, x, include=["layer4.*"])
-    assert [g.name for g in only] == ["layer4.0.conv1"]
-    rest, _ = find_channel_groups(model, x, exclude=["layer4.*"])
-    assert rest and "layer4.0.conv1" not in {g.name for g in rest}
-
-
-def test_example_inputs_and_traced_root():
-    classifier = tiny_classifier("test_vit")
-    prefix, root = traced_root(classifier)
-    assert prefix == "model" and root is classifier.model
-    assert example_inputs_for(root).shape == (2, 3, 32, 32)  # the ViT's fixed img_size
-    with pytest.raises(InvalidArgumentError, match="pass `input_size"):
-        example_inputs_for(nn.Sequential(nn.Linear(3, 3)))
-
-
 # ------------------------------------------------------------------ gates
-@pytest.mark.parametrize(("name", "coupled"), [(n, False) for n in FAMILIES] + [("test_resnet", True)])
-def test_gates_fold_keeps_outputs(name, coupled):
-    """With random gates attached, folding them into the weights and removing the hooks keeps eval outputs."""
+def _groups(model, x, **kwargs):
+    return analyse_channels(model, x, **kwargs).groups
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gates_fold_keeps_outputs(name):
+    """With random gates attached (coupled streams too), folding them into the readers and removing the hooks
+    keeps the eval outputs; the model's state_dict keys never change."""
     model, x = _model(name), _x(name)
     plain = model(x)
-    groups, _ = find_channel_groups(model, x, prune_coupled=coupled)
+    groups = _groups(model, x)
     gates = GateSet(groups, [ScaleGate(g.size) for g in groups])
     keys = set(model.state_dict())
     gates.attach(model)
     torch.testing.assert_close(model(x), plain)  # gates start at 1
     with torch.no_grad():
         for gate in gates.gates:
-            gate.weight.uniform_(-1.5, 1.5)
+            gate.weight.uniform_(0.2, 1.5)
     gated = model(x)
     assert not torch.allclose(gated, plain)
     assert set(model.state_dict()) == keys  # gates are not submodules of the model
@@ -163,18 +84,51 @@ def test_gates_fold_keeps_outputs(name, coupled):
     torch.testing.assert_close(model(x), gated, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_closed_gates_masks_and_restricted_norms_equal_the_sliced_model(name):
+    """Zero gates, then folded + masked + restricted norms: the same outputs as the physically sliced model."""
+    model, x = _model(name), _x(name)
+    groups = _groups(model, x)
+    gates = GateSet(groups, [ScaleGate(g.size) for g in groups])
+    gen = torch.Generator().manual_seed(2)
+    keep = []
+    for group, gate in zip(groups, gates.gates):
+        kept = torch.rand(group.size, generator=gen) > 0.4
+        kept[0] = True
+        keep.append(kept)
+        with torch.no_grad():
+            gate.weight.copy_(kept.float() * (0.5 + torch.rand(group.size, generator=gen)))
+    gates.attach(model)
+    gated = model(x)  # closed gates already leave the norms' statistics
+    gates.detach()
+    gates.fold_(model)
+    with torch.no_grad():
+        for name_, mask in unit_masks(model, groups, keep).items():
+            model.get_parameter(name_).mul_(mask)
+    gates.restrict_norms(model, keep)
+    masked = model(x)
+    gates.release_norms()
+    torch.testing.assert_close(masked, gated, atol=1e-5, rtol=1e-4)
+    removed = {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(groups, keep)}
+    slice_units(model, groups, removed)
+    torch.testing.assert_close(model(x), masked, atol=1e-5, rtol=1e-4)
+
+
 def test_zero_gate_zeroes_the_readers_in_training_mode_too():
     model, x = _model("test_efficientnet").train(), _x("test_efficientnet")
-    groups, _ = find_channel_groups(model, x)
-    group = next(g for g in groups if g.name == "blocks.4.0.se.conv_expand")
+    groups = _groups(model, x)
+    group = next(g for g in groups if any(s.module == "blocks.4.0.conv_pwl" for s in g.input_sites()))
+    site = next(s for s in group.input_sites() if s.module == "blocks.4.0.conv_pwl")
     gates = GateSet([group], [ScaleGate(group.size)])
     gates.attach(model)
     with torch.no_grad():
         gates.gates[0].weight[::2] = 0
     seen = {}
-    model.blocks[4][0].conv_pwl.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    model.blocks[4][0].conv_pwl.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]), prepend=False)
     model(x)
-    assert (seen["x"][:, ::2] == 0).all() and (seen["x"][:, 1::2] != 0).any()
+    closed = [c for c, u in zip(site.channels, site.units) if u % 2 == 0]
+    opened = [c for c, u in zip(site.channels, site.units) if u % 2 == 1]
+    assert (seen["x"][:, closed] == 0).all() and (seen["x"][:, opened] != 0).any()
 
 
 class CountingGate(Gate):
@@ -194,12 +148,13 @@ class CountingGate(Gate):
 
 def test_plug_in_gate_samples_once_per_forward_for_shared_sites():
     model, x = _model("test_resnet").train(), _x("test_resnet")
-    groups, _ = find_channel_groups(model, x, prune_coupled=True)
+    groups = _groups(model, x)
+    assert any(len(g.input_sites()) > 1 for g in groups)  # a residual stream: several readers, one gate
     gates = GateSet(groups, [CountingGate(g.size) for g in groups])
     gates.attach(model)
     model(x)
     model(x)
-    assert all(gate.calls == 2 for gate in gates.gates)  # two sites of a coupled group share one sample
+    assert all(gate.calls == 2 for gate in gates.gates)  # every site of a group shares one sample
     gates.detach()
     model(x)
     assert all(gate.calls == 2 for gate in gates.gates)
@@ -208,10 +163,10 @@ def test_plug_in_gate_samples_once_per_forward_for_shared_sites():
 
 def test_gateset_validation_and_state():
     model, x = _model("test_resnet"), _x("test_resnet")
-    groups, _ = find_channel_groups(model, x)
-    with pytest.raises(ValueError, match="gate of size"):
+    groups = _groups(model, x)
+    with pytest.raises(InvalidArgumentError, match="gate of size"):
         GateSet(groups[:1], [ScaleGate(groups[0].size + 1)])
-    with pytest.raises(ValueError, match="groups but"):
+    with pytest.raises(InvalidArgumentError, match="groups but"):
         GateSet(groups, [])
     gates = GateSet(groups, [ScaleGate(g.size, init=0.5) for g in groups])
     other = GateSet(groups, [ScaleGate(g.size) for g in groups])
@@ -219,3 +174,16 @@ def test_gateset_validation_and_state():
     assert all(torch.equal(a.weight, b.weight) for a, b in zip(gates.gates, other.gates))
     with pytest.raises(KeyError, match="same model"):
         GateSet(groups[:1], [ScaleGate(groups[0].size)]).load_state_dict(gates.state_dict())
+
+
+def test_restricted_norm_hooks_turn_themselves_off_once_the_norm_is_sliced():
+    model, x = _model("test_vit"), _x("test_vit")
+    groups = _groups(model, x)
+    stream = next(g for g in groups if g.norm_sites())
+    removed = {stream.name: [0, 3]}
+    handles = restricted_norm_hooks(model, [stream], removed)
+    restricted = model(x)
+    slice_units(model, [stream], removed)  # the hooks are still there, on smaller norms
+    torch.testing.assert_close(model(x), restricted, atol=1e-5, rtol=1e-4)
+    for h in handles:
+        h.remove()

@@ -2,16 +2,17 @@
 
 :class:`GatePruningCallback` is what group-LASSO
 (:class:`~lightning_prune.callbacks.group_lasso.GroupLassoPruning`) and hard-concrete L0 gates share. At
-``setup`` it finds the channel groups of the model with torch-pruning's DependencyGraph
-(:func:`lightning_prune.gates.find_channel_groups`), builds one :class:`~lightning_prune.gates.Gate` per group
-with :meth:`~GatePruningCallback.make_gate` and hooks them into the model (the model's ``state_dict`` keeps
-its keys). In ``on_before_optimizer_step`` -- after AMP has unscaled the weights' gradients -- it unscales and
+``setup`` it finds the exactly removable channel groups of the model -- channels, residual streams, attention
+heads, conv groups (:func:`lightning_prune.graph.analyse_channels`) --, builds one
+:class:`~lightning_prune.gates.Gate` per group with :meth:`~GatePruningCallback.make_gate` and hooks it into every
+layer that reads the group's units (the model's ``state_dict`` keeps its keys). In ``on_before_optimizer_step`` -- after AMP has unscaled the weights' gradients -- it unscales and
 all-reduces the gates' gradients, adds the regulariser's gradient
 (:meth:`~GatePruningCallback.gate_penalty_grad_`), and steps the gates' own optimizer (optionally in
-alternation with the weights). At ``finalize_step`` (or ``finalize_epoch``) the surviving channels
-(:meth:`~GatePruningCallback.final_keep`) are folded into the weights, the others become channel masks of the
-base :class:`~lightning_prune.callbacks.base.PruningCallback`, the hooks go, and fine-tuning continues; with
-``compress=True`` the dead channels are removed physically at the end of training
+alternation with the weights). At ``finalize_step`` (or ``finalize_epoch``) the surviving units -- those of
+:meth:`~GatePruningCallback.final_keep`, or, with ``target_flops``/``target_params``, the largest gates that fit the
+budget, widths rounded to ``round_to`` -- are folded into the weights, the others become masks of the base
+:class:`~lightning_prune.callbacks.base.PruningCallback` (and LayerNorm statistics skip them), the hooks go, and
+fine-tuning continues; with ``compress=True`` they are removed physically at the end of training
 (:func:`lightning_prune.compress`).
 
 A subclass implements ``make_gate``, ``gate_penalty_grad_`` and ``final_keep``, and may override
@@ -31,12 +32,13 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.gates import (
+from lightning_prune.compression import round_kept
+from lightning_prune.gates import Gate, GateSet, unit_masks
+from lightning_prune.graph import (
     ChannelGroup,
-    Gate,
-    GateSet,
+    CostModel,
+    analyse_channels,
     example_inputs_for,
-    find_channel_groups,
     traced_root,
 )
 from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars
@@ -48,7 +50,10 @@ from lightning_prune.validation import (
     check_cadence,
     check_choice,
     check_exclusive,
+    check_fraction,
     check_input_size,
+    check_int,
+    check_optional,
     check_position,
     check_positive,
 )
@@ -72,7 +77,14 @@ class GatePruningCallback(PruningCallback):
     Args:
         gate_lr: learning rate of the gates' optimizer.
         gate_optimizer: ``"sgd"`` (momentum 0.9) or ``"adam"``.
-        prune_coupled: gate coupled channels (residual sums) with one shared gate after every producer.
+        prune_coupled: also gate coupled channels (residual streams, including the stem's output and the
+            downsample branches; LayerNorm-normalised embedding dimensions): one gate per channel shared by every
+            reader. ``False`` leaves them alone.
+        target_flops: ask for the size: at finalisation keep the units with the largest gates such that the
+            compressed model has at most this fraction of the dense FLOPs (counted by torch-pruning's
+            ``count_ops_and_params`` on the traced example input), in (0, 1].
+        target_params: the same for the number of parameters (exclusive with ``target_flops``).
+        round_to: kept channel widths are multiples of it (heads and conv groups stay whole); 1 = no rounding.
         finalize_step: when the gates are finalised: an optimizer step, or a fraction of training (float in
             [0, 1]; ``1.0`` = at the end). Default (neither this nor ``finalize_epoch``): 0.75.
         finalize_epoch: the same as an epoch (finalised at that epoch's start) or a fraction of training.
@@ -89,7 +101,10 @@ class GatePruningCallback(PruningCallback):
         self,
         gate_lr: float = 0.1,
         gate_optimizer: str = "sgd",
-        prune_coupled: bool = False,
+        prune_coupled: bool = True,
+        target_flops: float | None = None,
+        target_params: float | None = None,
+        round_to: int = 8,
         finalize_step: int | float | None = None,
         finalize_epoch: int | float | None = None,
         alternate_every_n_steps: int | None = None,
@@ -105,6 +120,17 @@ class GatePruningCallback(PruningCallback):
         self.gate_lr = check_positive("gate_lr", gate_lr)
         self.gate_optimizer = check_choice("gate_optimizer", gate_optimizer, ("adam", "sgd"))
         self.prune_coupled = check_bool("prune_coupled", prune_coupled)
+        check_exclusive(target_flops=target_flops, target_params=target_params,
+                        hint="ask for one size: a fraction of the dense FLOPs or of the parameters.")
+        budget_hint = "a fraction of the dense model in (0, 1], e.g. 0.5 keeps half."
+        self.target_flops = check_optional(check_fraction, "target_flops", target_flops, 0.0, 1.0, True,
+                                           hint=budget_hint)
+        self.target_params = check_optional(check_fraction, "target_params", target_params, 0.0, 1.0, True,
+                                            hint=budget_hint)
+        for name, value in (("target_flops", self.target_flops), ("target_params", self.target_params)):
+            if value == 0.0:
+                raise MisconfigurationException(f"`{name}` must be a number in (0, 1], got 0.0. HINT: {budget_hint}")
+        self.round_to = check_int("round_to", round_to, 1, hint="8 keeps widths multiples of 8; 1 does not round.")
         hint = "finalize_step=0.75 prunes after 75% of the training steps and fine-tunes the rest."
         check_exclusive(finalize_step=finalize_step, finalize_epoch=finalize_epoch, hint=hint)
         self.finalize_step = check_position("finalize_step", finalize_step, allow_none=True, hint=hint)
@@ -126,7 +152,11 @@ class GatePruningCallback(PruningCallback):
         self.gateset: GateSet | None = None
         self.finalized = False
         self.finalize_at_step: int | None = None  # finalize_step/finalize_epoch resolved to a step
+        self.keep: list[Tensor] | None = None  # per group, the kept units (after finalisation)
         self.weight_targets: list[Target] = []
+        self._cost: CostModel | None = None
+        self._model: pl.LightningModule | None = None
+        self.coverage = 0.0
         self._traced_prefix = ""
         self._pending_gates: dict[str, Any] | None = None
         self._last_penalty = 0.0
@@ -152,19 +182,23 @@ class GatePruningCallback(PruningCallback):
         prefix, root = traced_root(pl_module)
         with as_misconfiguration():
             example = example_inputs_for(root, self.input_size)
-            groups, skipped = find_channel_groups(root, example, self.include, self.exclude,
-                                                  self.prune_coupled, prefix=prefix, exclusion_root=pl_module)
-        self._traced_prefix, self.skipped = prefix, skipped
-        if not groups:
-            reasons = ("; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:4])
-                       or "no Conv/Linear output channels")
+            analysis = analyse_channels(root, example, self.include, self.exclude, self.prune_coupled,
+                                        prefix=prefix)
+        self._traced_prefix, self.skipped, self.coverage = prefix, analysis.skipped, analysis.coverage
+        if not analysis.groups:
+            reasons: dict[str, int] = {}
+            for why in analysis.skipped.values():
+                reasons[why] = reasons.get(why, 0) + 1
+            shown = "; ".join(f"{why} ({n}x)" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:4])
             raise MisconfigurationException(
-                f"{type(self).__name__} found no gateable channel group in {type(pl_module).__name__}"
-                f" (include={self.include or 'default'}, exclude={self.exclude}). Left alone: {reasons}."
-                " HINT: `prune_coupled=True` gates residual channels together; `include=[...]` selects"
-                " other layers."
+                f"{type(self).__name__} found no removable channel group in {type(pl_module).__name__}"
+                f" (include={self.include or 'default'}, exclude={self.exclude}). What blocked them:"
+                f" {shown or 'no Conv/Linear output channels'}."
+                " HINT: `include=[...]` selects other layers; `prune_coupled=True` gates residual streams."
             )
-        return groups
+        if self.target_flops is not None or self.target_params is not None:
+            self._cost = CostModel(root, example, analysis.groups, prefix=prefix)
+        return analysis.groups
 
     def _build_gates(self) -> None:
         assert self.groups is not None
@@ -180,6 +214,8 @@ class GatePruningCallback(PruningCallback):
             return
         if self.finalized:
             self.gateset.detach()
+            if self.keep is not None:
+                self.gateset.restrict_norms(pl_module, self.keep)
         elif not self.gateset.attached:
             self.gateset.to(pl_module.device)
             self.gateset.attach(pl_module, self._traced_prefix)
@@ -265,29 +301,100 @@ class GatePruningCallback(PruningCallback):
         """
 
     # ------------------------------------------------------------------ finalisation
+    def gate_scores(self) -> list[Tensor]:
+        """Per group, how much each unit matters when units are chosen to meet a size target (higher = kept)."""
+        assert self.gateset is not None
+        return [g.score().detach().cpu() for g in self.gateset.gates]
+
+    def budget_keep(self) -> list[Tensor]:
+        """The kept units that meet ``target_flops``/``target_params``: the largest :meth:`gate_scores` across all
+        groups, as many as the budget allows, with channel widths rounded up to ``round_to``."""
+        assert self.groups is not None and self._cost is not None
+        target = self.target_flops if self.target_flops is not None else self.target_params
+        which = 0 if self.target_flops is not None else 1
+        scores = self.gate_scores()
+        order = sorted(((float(s), gi, u) for gi, sc in enumerate(scores) for u, s in enumerate(sc.tolist())),
+                       key=lambda t: (t[0], t[1], t[2]))
+
+        def removed_for(n: int) -> dict[str, list[int]]:
+            chosen: dict[int, list[int]] = {}
+            for _, gi, u in order:
+                if n <= 0:
+                    break
+                if len(chosen.get(gi, [])) < self.groups[gi].size - 1:
+                    chosen.setdefault(gi, []).append(u)
+                    n -= 1
+            out = {}
+            for gi, units in chosen.items():
+                group = self.groups[gi]
+                ranked = sorted(units, key=lambda u: -float(scores[gi][u]))  # the largest gates come back first
+                out[group.name] = round_kept(group, units, self.round_to, ranked)
+            return out
+
+        total = sum(g.size - 1 for g in self.groups)
+        lo, hi = 0, total
+        while lo < hi:  # the fewest removals that meet the budget
+            mid = (lo + hi) // 2
+            if self._cost.ratios(removed_for(mid))[which] <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        removed = removed_for(lo)
+        return [torch.tensor([u not in set(removed.get(g.name, ())) for u in range(g.size)]) for g in self.groups]
+
+    def _rounded(self, keep: list[Tensor]) -> list[Tensor]:
+        """``keep`` with each channel group's kept width rounded up to ``round_to`` (largest gates first)."""
+        assert self.groups is not None
+        scores = self.gate_scores()
+        out = []
+        for group, kept, score in zip(self.groups, keep, scores):
+            removed = (~kept.cpu()).nonzero().flatten().tolist()
+            if len(removed) >= group.size:
+                removed = sorted(removed, key=lambda u: -float(score[u]))[1:]  # a layer keeps one unit
+            ranked = sorted(removed, key=lambda u: -float(score[u]))
+            back = set(removed) - set(round_kept(group, removed, self.round_to, ranked))
+            out.append(torch.tensor([u not in removed or u in back for u in range(group.size)]))
+        return out
+
     @torch.no_grad()
     def finalize(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
-        """Prune the gates below threshold, fold the others into the weights, remove the hooks."""
+        """Choose the kept units, fold the gates into the readers, mask the rest, remove the gate hooks."""
         if self.finalized or self.gateset is None:
             return
-        keep = self.final_keep()
+        if self._cost is not None:
+            keep = self.budget_keep()
+        else:
+            keep = self._rounded([k.cpu() for k in self.final_keep()])
         scales = [g.deterministic() * k.to(g.frozen.device) for g, k in zip(self.gateset.gates, keep)]
         self.gateset.detach()
         self.gateset.fold_(pl_module, scales)
         self.finalized = True
+        self.keep = [k.clone() for k in keep]
+        self.gateset.restrict_norms(pl_module, self.keep)
         assert self.masks is not None
         masks = {n: m & self.masks[n].to(m.device)
-                 for n, m in self.gateset.channel_masks(pl_module, keep).items() if n in self.masks}
+                 for n, m in unit_masks(pl_module, self.gateset.groups, keep).items() if n in self.masks}
         kept, total = sum(int(k.sum()) for k in keep), sum(k.numel() for k in keep)
+        metrics = {f"{PREFIX}/channels_remaining": kept / max(total, 1), **self.size_metrics()}
         if trainer is not None:
             self.update_masks(masks, trainer)
-            log_scalars(trainer, {f"{PREFIX}/channels_remaining": kept / max(total, 1)})
+            log_scalars(trainer, metrics)
         else:
             self.masks.update(masks)
         if self.verbose:
-            rank_zero_info(f"[{type(self).__name__}] finalised: {kept}/{total} gated channels kept"
-                           f" ({1 - kept / max(total, 1):.1%} pruned) in {len(keep)} groups; fine-tuning"
-                           " continues")
+            size = "".join(f", {k.split('/')[-1].replace('_', ' ')} {v:.1%}" for k, v in self.size_metrics().items())
+            rank_zero_info(f"[{type(self).__name__}] finalised: {kept}/{total} units kept"
+                           f" ({1 - kept / max(total, 1):.1%} pruned) in {len(keep)} groups{size};"
+                           " fine-tuning continues")
+
+    def size_metrics(self) -> dict[str, float]:
+        """``prune/flops_remaining`` and ``prune/params_remaining`` of the compressed model (after finalisation,
+        with a size target; the cost model is built only then)."""
+        if self._cost is None or self.keep is None or self.groups is None:
+            return {}
+        removed = {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(self.groups, self.keep)}
+        flops, params = self._cost.ratios(removed)
+        return {f"{PREFIX}/flops_remaining": flops, f"{PREFIX}/params_remaining": params}
 
     # ------------------------------------------------------------------ logging
     def gate_metrics(self) -> dict[str, float]:
@@ -314,17 +421,22 @@ class GatePruningCallback(PruningCallback):
         pending = self._pending_gates or {}
         gates = self.gateset.state_dict() if self.gateset is not None else pending.get("gates")
         opt = self.gate_opt.state_dict() if self.gate_opt is not None else pending.get("opt")
+        keep = [k.clone() for k in self.keep] if self.keep is not None else None
         return {"finalized": self.finalized, "finalize_at_step": self.finalize_at_step, "gates": gates,
-                "gate_optimizer": opt}
+                "gate_optimizer": opt, "keep": keep}
 
     def load_gate_state_dict(self, state: dict[str, Any]) -> None:
         self.finalized = bool(state.get("finalized", False))
         self.finalize_at_step = state.get("finalize_at_step")
+        keep = state.get("keep")
+        self.keep = [k.to(torch.bool).cpu() for k in keep] if keep is not None else None
         pending = {"gates": state.get("gates"), "opt": state.get("gate_optimizer")}
         if self.gateset is not None:
             self._load_pending(pending)
             if self.finalized:
                 self.gateset.detach()
+                if self.keep is not None and self._model is not None:
+                    self.gateset.restrict_norms(self._model, self.keep)
         else:
             self._pending_gates = pending
 
@@ -342,13 +454,14 @@ class GatePruningCallback(PruningCallback):
         self.weight_targets = list(targets)
         self.groups = self.find_groups(pl_module)
         names = {t.name for t in targets}
-        for group in self.groups:
-            for module_name, pname in group.channel_params():
-                module = pl_module.get_submodule(module_name)
-                target = Target(module_name, module, pname)
-                if isinstance(getattr(module, pname, None), nn.Parameter) and target.name not in names:
-                    targets.append(target)
-                    names.add(target.name)
+        params = dict(pl_module.named_parameters())
+        everything = [torch.zeros(g.size, dtype=torch.bool) for g in self.groups]  # what every unit touches
+        for name in unit_masks(pl_module, self.groups, everything):
+            if name in names or name not in params:
+                continue
+            module_name, _, pname = name.rpartition(".")
+            targets.append(Target(module_name, pl_module.get_submodule(module_name), pname))
+            names.add(name)
         return targets
 
     @override
@@ -357,6 +470,7 @@ class GatePruningCallback(PruningCallback):
         if rebuilt and self.gateset is not None:  # a new model: the old gates belong to the old one
             self.gateset.detach()
             self.gateset = None
+        self._model = pl_module
         super().setup(trainer, pl_module, stage)
         if self.gateset is None:
             self._build_gates()
@@ -430,24 +544,39 @@ class GatePruningCallback(PruningCallback):
             self.finalize(trainer, pl_module)
         super().on_train_end(trainer, pl_module)
         if self.compress:
-            from lightning_prune.compression import compress
+            self.compress_model(pl_module)
 
-            prefix, root = traced_root(pl_module)
-            compress(root, example_inputs_for(root, self.input_size))
-            if self.masks is not None:
-                self.masks.invalidate()
-            self._remove_hooks()
+    def compress_model(self, pl_module: pl.LightningModule) -> None:
+        """Remove the pruned units physically (:func:`lightning_prune.compress` with this callback's plan)."""
+        from lightning_prune.compression import compress
+
+        if self.groups is None or self.keep is None:
+            return
+        _, root = traced_root(pl_module)
+        removed = {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(self.groups, self.keep)}
+        compress(pl_module, example_inputs_for(root, self.input_size), groups=self.groups, removed=removed)
+        if self.gateset is not None:
+            self.gateset.release_norms()
+        if self.masks is not None:
+            self.masks.invalidate()
+        self._remove_hooks()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         if self.gateset is not None:
             self.gateset.detach()
+            self.gateset.release_norms()  # the model stays a plain model; setup restricts the norms again
 
     # ------------------------------------------------------------------ state
     @override
     def extra_state_dict(self) -> dict[str, Any]:
         return self.gate_state_dict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_model"] = None  # process-local; ddp_spawn workers run setup again
+        return state
 
     @override
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:

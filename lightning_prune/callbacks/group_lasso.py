@@ -24,7 +24,8 @@ from typing_extensions import override
 
 from lightning_prune.callbacks.gating import GatePruningCallback
 from lightning_prune.functional.channels import capture_mask, gate_l1_penalty, gate_l1_subgradient, keep_mask
-from lightning_prune.gates import ChannelGroup, ScaleGate
+from lightning_prune.gates import ScaleGate
+from lightning_prune.graph import ChannelGroup
 from lightning_prune.targets import matches
 from lightning_prune.validation import check_fraction, check_nonnegative
 
@@ -96,7 +97,10 @@ class GroupLassoPruning(GatePruningCallback):
         weight_l1: float = 0.0,
         weight_l2: float = 0.0,
         group_lam: Mapping[str, float] | None = None,
-        prune_coupled: bool = False,
+        prune_coupled: bool = True,
+        target_flops: float | None = None,
+        target_params: float | None = None,
+        round_to: int = 8,
         capture_threshold: float = 1e-2,
         prune_threshold: float = 0.05,
         finalize_step: int | float | None = None,
@@ -110,7 +114,8 @@ class GroupLassoPruning(GatePruningCallback):
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(gate_lr, gate_optimizer, prune_coupled, finalize_step, finalize_epoch,
+        super().__init__(gate_lr, gate_optimizer, prune_coupled, target_flops, target_params, round_to,
+                         finalize_step, finalize_epoch,
                          alternate_every_n_steps, compress, input_size, include, exclude, types,
                          log_media_every_n_epochs, verbose)
         self.lam = check_nonnegative("lam", lam, "lam weighs the L1 penalty on the gates; 0 disables it.")
@@ -147,7 +152,7 @@ class GroupLassoPruning(GatePruningCallback):
         for group in self.groups or []:
             factor = 1.0
             for pattern, value in self.group_lam.items():
-                if any(matches(n, [pattern]) for n in (group.name, *group.sites, *group.producers)):
+                if any(matches(n, [pattern]) for n in (group.name, *group.producers)):
                     factor = value
                     break
             out.append(self.lam * factor)

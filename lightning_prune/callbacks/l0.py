@@ -42,7 +42,8 @@ from lightning_prune.functional.hard_concrete import (
     hard_sigmoid_l0,
     log_alpha_from_droprate,
 )
-from lightning_prune.gates import ChannelGroup, Gate
+from lightning_prune.gates import Gate
+from lightning_prune.graph import ChannelGroup
 from lightning_prune.logging import PREFIX, log_histograms, log_scalars
 from lightning_prune.schedules import ramp, training_steps
 from lightning_prune.validation import check_bool, check_int, check_nonnegative, check_optional
@@ -102,6 +103,10 @@ class HardConcreteGate(Gate):
         if self.binary:
             return (self.log_alpha.detach() >= 0).to(self.log_alpha.dtype)
         return super().deterministic()
+
+    def score(self) -> Tensor:
+        """``log_alpha``: ranks the units when they are chosen to meet a size target (``z_hat`` saturates at 1)."""
+        return self.log_alpha.detach()
 
     def open_probability(self) -> Tensor:
         """``P(z > 0)`` per channel at the current temperature.
@@ -202,7 +207,10 @@ class L0Pruning(GatePruningCallback):
         gate_lr: float = 0.05,
         gate_optimizer: str = "adam",
         seed: int | None = None,
-        prune_coupled: bool = False,
+        prune_coupled: bool = True,
+        target_flops: float | None = None,
+        target_params: float | None = None,
+        round_to: int = 8,
         finalize_step: int | float | None = None,
         finalize_epoch: int | float | None = None,
         alternate_every_n_steps: int | None = None,
@@ -214,7 +222,8 @@ class L0Pruning(GatePruningCallback):
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(gate_lr, gate_optimizer, prune_coupled, finalize_step, finalize_epoch,
+        super().__init__(gate_lr, gate_optimizer, prune_coupled, target_flops, target_params, round_to,
+                         finalize_step, finalize_epoch,
                          alternate_every_n_steps, compress, input_size, include, exclude, types,
                          log_media_every_n_epochs, verbose)
         self.lam = check_nonnegative("lam", lam,

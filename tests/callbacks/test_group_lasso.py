@@ -16,7 +16,7 @@ from torch import nn
 
 import lightning_prune as lp
 from lightning_prune.callbacks.group_lasso import GroupLassoPruning
-from lightning_prune.gates import ChannelGroup
+from lightning_prune.graph import ChannelGroup
 from lightning_prune.testing import TINY_MODELS, check_callback_conformance, fit_tiny, tiny_classifier
 from tests.helpers import Spy, assert_amp_step_matches_fp32, eval_logits
 
@@ -76,20 +76,27 @@ def test_finalize_prunes_masks_and_captured_zeros_stay_zero(tmp_path):
         if not cb.finalized:
             history.append([(g.frozen.clone(), g.weight.detach().clone()) for g in cb.gateset.gates])
 
-    cb = GroupLassoPruning(finalize_step=0.5, **STRONG)
+    cb = GroupLassoPruning(finalize_step=0.5, round_to=1, **STRONG)
     _, model = fit_tiny([cb, Spy(spy)], tmp_path, **FAST)
     assert cb.finalized and not cb.gateset.attached
     for prev, cur in zip(history, history[1:]):
         for (f0, _), (f1, w1) in zip(prev, cur):
             assert (f1 | ~f0).all()  # captured stays captured
             assert (w1[f1] == 0).all()  # and exactly zero
-    keep = cb.final_keep()
+    keep = cb.keep
     assert 0 < sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep)
-    for group, kept in zip(cb.groups, keep):  # pruned channels are zero in the model after fine-tuning
-        for site in group.sites:
-            bn = model.get_submodule(site)
-            assert (bn.weight[~kept] == 0).all() and (bn.bias[~kept] == 0).all()
-            assert (bn.weight[kept] != 0).all()
+    for group, kept in zip(cb.groups, keep):  # after fine-tuning no reader reads a pruned unit
+        for site in group.input_sites():
+            weight = model.get_submodule(site.module).weight
+            for channel, unit in zip(site.channels, site.units):
+                column = weight[:, channel]
+                assert bool((column == 0).all()) != bool(kept[unit]) or bool(kept[unit]), (site.module, channel)
+        for sl in group.slices:  # producers' rows of pruned units are zero too
+            if sl.role == "out":
+                weight = model.get_submodule(sl.module).weight
+                for channel, unit in zip(sl.channels, sl.units):
+                    if not kept[unit]:
+                        assert (weight[channel] == 0).all()
     assert set(model.state_dict()) == set(tiny_classifier().state_dict())
 
 
@@ -144,9 +151,9 @@ def test_alternate_phases_freeze_gates_then_weights(tmp_path):
 
 def test_group_lam_scales_the_penalty():
     cb = GroupLassoPruning(lam=0.1, group_lam={"layer4.*": 0.0, "conv1.3": 2.0})
-    cb.groups = [ChannelGroup(n, 4, (s,), (n,)) for n, s in [("model.conv1.3", "model.conv1.4"),
-                                                              ("model.layer4.0.conv1", "model.layer4.0.bn1"),
-                                                              ("model.layer1.0.conv1", "model.layer1.0.bn1")]]
+    cb.groups = [ChannelGroup(n, 4, "channel", 1, (), (), (n, extra)) for n, extra in [
+        ("model.conv1.3", "model.conv1.0"), ("model.layer4.0.conv1", "model.layer3.0.conv3"),
+        ("model.layer1.0.conv1", "model.layer1.0.conv1")]]
     assert cb.group_lams() == [0.2, 0.0, 0.1]
 
 
@@ -234,14 +241,15 @@ class LinearOnly(pl.LightningModule):
 
 def test_model_without_gateable_channels(tmp_path):
     with pytest.raises(MisconfigurationException,
-                       match="found no gateable channel group in LinearOnly.*HINT"):
+                       match=r"found no removable channel group in LinearOnly.*What blocked them: no layer reads"
+                             r" these channels \(model output\) \(1x\).*HINT"):
         fit_tiny([GroupLassoPruning()], tmp_path, model=LinearOnly(), max_steps=1)
 
 
 def test_only_coupled_channels_hint(tmp_path):
-    with pytest.raises(MisconfigurationException, match="coupled channels"):
-        fit_tiny([GroupLassoPruning(include=["layer2.0.conv2", "layer2.0.downsample.1"])], tmp_path,
-                 max_steps=1)
+    with pytest.raises(MisconfigurationException, match=r"coupled channels \(set prune_coupled=True"):
+        fit_tiny([GroupLassoPruning(include=["layer2.0.conv2", "layer2.0.downsample.1"], prune_coupled=False)],
+                 tmp_path, max_steps=1)
 
 
 # ------------------------------------------------------------------ DDP

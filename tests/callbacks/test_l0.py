@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import lightning_prune as lp
 from lightning_prune.callbacks.l0 import HardConcreteGate, L0Pruning, NonFiniteGateError
 from lightning_prune.functional import expected_l0, hard_concrete_gate
-from lightning_prune.gates import ChannelGroup
+from lightning_prune.graph import ChannelGroup
 from lightning_prune.testing import (
     TINY_MODELS,
     check_callback_conformance,
@@ -123,7 +123,7 @@ def test_penalty_gradient_equals_autograd_of_expected_l0(tmp_path):
 
 def test_hard_penalty_gradient_is_the_hard_sigmoid_slope():
     cb = L0Pruning(penalty="hard", lam=2.0)
-    cb.groups = [ChannelGroup("g", 3, ("s",), ("g",))]
+    cb.groups = [ChannelGroup("g", 3, "channel", 1, (), (), ("g",))]
     cb._build_gates()
     cb.gateset.gates[0].log_alpha.data = torch.tensor([-6.0, 0.0, 3.0])
     cb.gate_penalty_grad_(0)
@@ -132,7 +132,7 @@ def test_hard_penalty_gradient_is_the_hard_sigmoid_slope():
 
 
 def test_initialisation_from_droprate_or_constant():
-    group = ChannelGroup("model.layer1.0.conv1", 2000, ("s",), ("p",))
+    group = ChannelGroup("model.layer1.0.conv1", 2000, "channel", 1, (), (), ("p",))
     paper = L0Pruning(droprate_init=0.3, seed=1).make_gate(group).log_alpha.detach()
     assert (paper.mean().item() == pytest.approx(0.847, abs=2e-3)
             and paper.std().item() == pytest.approx(0.01, rel=0.1))
@@ -185,7 +185,7 @@ def test_injected_nan_stops_with_layer_and_step(tmp_path, where, match):
 
 def test_non_finite_penalty_raises():
     cb = L0Pruning()
-    cb.groups = [ChannelGroup("model.block.conv", 2, ("s",), ("p",))]
+    cb.groups = [ChannelGroup("model.block.conv", 2, "channel", 1, (), (), ("p",))]
     cb._build_gates()
     cb.gateset.gates[0].log_alpha.data = torch.tensor([0.0, float("inf")])
     with pytest.raises(NonFiniteGateError,
@@ -209,7 +209,7 @@ def test_finalize_folds_prunes_and_compresses(name, tmp_path):
     def after(trainer, module, hook):
         seen["compressed"] = eval_logits(module, X)
 
-    cb = L0Pruning(finalize_step=1.0, compress=True, **STRONG)
+    cb = L0Pruning(finalize_step=1.0, compress=True, round_to=1, **STRONG)  # widths as the gates chose them
     model = tiny_classifier(name)
     dense = sum(p.numel() for p in model.parameters())
     fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=model,
@@ -220,20 +220,32 @@ def test_finalize_folds_prunes_and_compresses(name, tmp_path):
     torch.testing.assert_close(seen["compressed"], seen["gated"], atol=1e-4, rtol=1e-4)
 
 
+def _reader_columns(module, group):
+    """Per unit, the weight columns of the group's first reader (one row per unit: what gates scale)."""
+    return _reader_columns_of(module.get_submodule(group.input_sites()[0].module).weight.detach(), group)
+
+
+def _reader_columns_of(weight, group):
+    site = group.input_sites()[0]
+    first = {}
+    for channel, unit in zip(site.channels, site.units):
+        first.setdefault(unit, channel)
+    return torch.stack([weight[:, first[u]].reshape(-1) for u in range(group.size)])
+
+
 def test_finalize_step_fraction_then_fine_tune_with_fixed_masks(tmp_path):
     history = []
 
     def spy(trainer, module, hook):
         if cb.finalized:
-            history.append({n: module.get_submodule(s).weight.detach().clone()
-                            for g in cb.groups for n, s in [(g.name, g.sites[0])]})
+            history.append({g.name: _reader_columns(module, g) for g in cb.groups})
 
     cb = L0Pruning(finalize_step=0.5, **STRONG)
     _, model = fit_tiny([cb, Spy(spy)], tmp_path, **FAST)
     assert cb.finalized and not cb.gateset.attached and len(history) == 7  # from the finalising batch on
-    keep = cb.final_keep()
+    keep = cb.keep
     assert 0 < sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep)
-    for snap in history:  # pruned channels stay exactly zero while fine-tuning moves the rest
+    for snap in history:  # pruned units stay exactly unread while fine-tuning moves the rest
         for group, kept in zip(cb.groups, keep):
             assert (snap[group.name][~kept] == 0).all()
     assert any(not torch.equal(history[0][n], history[-1][n]) for n in history[0])
@@ -247,18 +259,20 @@ def test_seed_rule_binarises_log_alpha_without_folding(tmp_path):
         def spy(trainer, module, hook):
             if trainer.global_step == 2 and key not in seen:
                 seen[key] = ([g.log_alpha.detach().clone() for g in cb.gateset.gates],
-                             [module.get_submodule(g.sites[0]).weight.detach().clone() for g in cb.groups])
+                             [_reader_columns(module, g) for g in cb.groups])
         return spy
 
-    cb = L0Pruning(final_rule="log_alpha", finalize_step=0.5, **{**STRONG, "log_alpha_init": 0.0})
+    cb = L0Pruning(final_rule="log_alpha", finalize_step=0.5, round_to=1, **{**STRONG, "log_alpha_init": 0.0})
     fit_tiny([Spy(snapshot("before")), cb, Spy(snapshot("after"))], tmp_path, max_epochs=1,
              limit_train_batches=4, limit_val_batches=0)
     assert cb.finalized and cb.finalize_at_step == 2
     keep = cb.final_keep()
     assert 0 < sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep)
-    for la, k, w0, w1 in zip(seen["before"][0], keep, seen["before"][1], seen["after"][1]):
+    for group, la, k, w0, w1 in zip(cb.groups, seen["before"][0], keep, seen["before"][1], seen["after"][1]):
         assert torch.equal(k, la >= 0)  # the Habr channel-pruning article: mask = [log_alpha >= 0]
-        assert torch.equal(w1[k], w0[k])  # binary gate: kept channels are not rescaled
+        reader = f"{group.input_sites()[0].module}.weight"  # its rows may belong to another group's pruned units
+        rows = _reader_columns_of(cb.masks[reader].float(), group)
+        assert torch.equal(w1[k], (w0 * rows)[k])  # binary gate: kept channels are not rescaled
         assert (w1[~k] == 0).all()
 
 

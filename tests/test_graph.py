@@ -1,0 +1,182 @@
+"""Channel-group analysis (lightning_prune.graph): coverage of each structure, exactness, reloading, tracing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import lightning_prune as lp
+from lightning_prune.graph import (
+    CostModel,
+    GraphTimeoutError,
+    analyse_channels,
+    randomised_copy,
+    restricted_norm_hooks,
+    slice_units,
+    zero_unit_hooks,
+)
+
+# one model per structure of the coverage issue: (name, create kwargs, input side, the unit kinds it must show)
+STRUCTURES = {
+    "test_resnet": ({}, 32, {"channel"}),                      # residual stream incl. stem and downsample
+    "test_efficientnet": ({}, 32, {"channel"}),                # depthwise convs, squeeze-excite
+    "test_convnext": ({}, 32, {"channel"}),                    # LayerNorm stream, depthwise, MLP hidden
+    "test_vit": ({"img_size": 32}, 32, {"channel", "head"}),   # pos_embed/cls_token stream, heads, MLP
+    "resnext26ts": ({}, 32, {"channel", "conv group"}),        # grouped convolutions
+    "regnety_002": ({}, 32, {"channel", "conv group"}),        # grouped convs + squeeze-excite
+    "mobilenetv3_small_050": ({}, 32, {"channel"}),            # hard-swish/SE, depthwise
+    "densenet121": ({}, 32, {"channel"}),                      # concatenations read by pre-activation BNs
+    "dla34": ({}, 32, {"channel"}),                            # tree aggregation (concatenations)
+    "convnextv2_atto": ({}, 32, {"channel"}),                  # GRN statistics over channels
+}
+
+
+def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    kwargs, side, _ = STRUCTURES[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs).eval()
+    return model, torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+
+
+def _removed(groups, seed: int = 0, share: float = 0.4) -> dict[str, list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for g in groups:
+        n = max(1, min(g.size - 1, int(g.size * share)))
+        out[g.name] = sorted(torch.randperm(g.size, generator=gen)[:n].tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model, x = _model(name)
+            cache[name] = (model, x, analyse_channels(model, x))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_every_structure_is_covered_and_removal_is_exact(name, analysed, tmp_path):
+    """Coverage near 1; a random share of every group's units masked (zeros at the readers, restricted norms)
+    equals the sliced model (float32, 1e-4 relative); the result reloads onto a fresh timm model and traces."""
+    model, x, analysis = analysed(name)
+    assert analysis.coverage >= 0.95, (analysis.coverage, analysis.skipped)
+    assert {g.unit for g in analysis.groups} >= STRUCTURES[name][2]
+    assert list(analysis.skipped.values()) == ["no layer reads these channels (model output)"]
+    removed = _removed(analysis.groups)
+    masked_model = randomised_copy(model, seed=3, dtype=torch.float32)
+    handles = zero_unit_hooks(masked_model, analysis.groups, removed) + restricted_norm_hooks(
+        masked_model, analysis.groups, removed)
+    with torch.no_grad():
+        masked = masked_model(x)
+    for h in handles:
+        h.remove()
+    small = masked_model
+    slice_units(small, analysis.groups, removed)
+    with torch.no_grad():
+        sliced = small(x)
+    scale = masked.abs().max()
+    assert float((masked - sliced).abs().max() / scale) < 1e-4
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert not small._forward_hooks and not any(m._forward_pre_hooks or m._forward_hooks for m in small.modules())
+    lp.save_compressed(small, tmp_path / "small.pt")
+    fresh = lp.load_compressed(tmp_path / "small.pt", timm.create_model(name, num_classes=10,
+                                                                        **STRUCTURES[name][0]).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), sliced)
+        traced = torch.jit.trace(fresh, x)
+        torch.testing.assert_close(traced(x), sliced, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["test_vit", "regnety_002"])
+def test_compressed_model_is_accepted_by_torch_export(name, analysed):
+    model, x, analysis = analysed(name)
+    small = copy.deepcopy(model)
+    slice_units(small, analysis.groups, _removed(analysis.groups, seed=1))
+    exported = torch.export.export(small, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), small(x))
+
+
+def test_heads_update_num_heads_and_the_attention_still_runs(analysed):
+    model, x, analysis = analysed("test_vit")
+    heads = [g for g in analysis.groups if g.unit == "head"]
+    assert heads and all(g.size == model.blocks[0].attn.num_heads and g.width == model.blocks[0].attn.head_dim
+                         for g in heads)
+    small = copy.deepcopy(model)
+    slice_units(small, heads, {g.name: [0] for g in heads})
+    attn = small.blocks[0].attn
+    assert attn.num_heads == model.blocks[0].attn.num_heads - 1
+    assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim == 3 * attn.attn_dim
+    assert attn.proj.in_features == attn.attn_dim
+    small(x)
+
+
+def test_grouped_convolutions_lose_whole_groups(analysed):
+    model, x, analysis = analysed("resnext26ts")
+    group = next(g for g in analysis.groups if g.unit == "conv group" and g.size > 2)
+    conv = model.get_submodule(group.name)
+    assert group.size == conv.groups
+    small = copy.deepcopy(model)
+    slice_units(small, [group], {group.name: [0, 1]})
+    new = small.get_submodule(group.name)
+    assert new.groups == conv.groups - 2
+    assert new.in_channels == conv.in_channels - 2 * conv.in_channels // conv.groups
+    small(x)
+
+
+def test_include_exclude_and_prune_coupled_narrow_the_groups():
+    model, x = _model("test_resnet")
+    everything = analyse_channels(model, x)
+    assert any(g.coupled for g in everything.groups)
+    uncoupled = analyse_channels(model, x, prune_coupled=False)
+    assert not any(g.coupled for g in uncoupled.groups) and uncoupled.coverage < everything.coverage
+    assert "coupled channels (set prune_coupled=True to gate them together)" in uncoupled.skipped.values()
+    only = analyse_channels(model, x, include=["layer4.*"])
+    assert only.groups and all(any(p.startswith("layer4.") for p in g.producers) for g in only.groups)
+    without = analyse_channels(model, x, exclude=["layer4.*"])
+    assert not any(any(p.startswith("layer4.") for p in g.producers) for g in without.groups)
+
+
+def test_weight_standardised_convs_are_skipped_with_their_reason():
+    model = timm.create_model("nf_resnet26", num_classes=10).eval()
+    analysis = analyse_channels(model, torch.randn(2, 3, 32, 32))
+    assert not analysis.groups
+    assert any("weight-standardised conv" in why for why in analysis.skipped.values())
+
+
+def test_a_split_with_fixed_sizes_is_skipped_and_the_rest_is_kept():
+    model = timm.create_model("res2net50_14w_8s", num_classes=10).eval()
+    analysis = analyse_channels(model, torch.randn(2, 3, 32, 32))
+    assert analysis.groups and 0.5 < analysis.coverage < 0.95
+    assert "a split/chunk with sizes fixed in the model's code" in analysis.skipped.values()
+
+
+def test_analysis_stops_with_a_clear_message_past_its_time_limit():
+    model, x = _model("densenet121")
+    with pytest.raises(GraphTimeoutError, match=r"did not finish within 0.001 s\. HINT"):
+        analyse_channels(model, x, time_limit_s=0.001)
+
+
+def test_cost_model_predicts_torch_pruning_counts(analysed):
+    from torch_pruning.utils import count_ops_and_params
+
+    for name in ("test_resnet", "test_vit", "regnety_002"):
+        model, x, analysis = analysed(name)
+        cost = CostModel(model, x, analysis.groups)
+        removed = _removed(analysis.groups, seed=2)
+        flops, params = cost.cost(removed)
+        small = copy.deepcopy(model)
+        slice_units(small, analysis.groups, removed)
+        true_flops, true_params = count_ops_and_params(small, x)
+        assert params == pytest.approx(true_params, rel=1e-9), name
+        assert flops == pytest.approx(true_flops, rel=0.02), name
