@@ -216,16 +216,24 @@ def save_compressed(model: nn.Module, path: str | Path) -> None:
 
 @torch.no_grad()
 def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu") -> nn.Module:
-    """Load what :func:`save_compressed` wrote onto a fresh model of the same architecture; returns it.
+    """Load a compressed model onto a fresh model of the same architecture; returns it.
 
-    Every parameter and buffer whose saved shape differs is resized, the layers' channel counts are set, and
-    the state is loaded strictly.
+    ``path`` is what :func:`save_compressed` wrote (every resized parameter and buffer takes the saved shape, the
+    layers' channel counts are set, the state is loaded strictly), or a Lightning checkpoint written after a
+    callback compressed the model inside the fit: then ``model`` is a fresh LightningModule, the callback's
+    recorded plan removes the same units from it, and the checkpoint's weights load strictly.
 
     Example::
 
         model = lp.load_compressed("small.pt", timm.create_model("resnet18", num_classes=10))
+        module = lp.load_compressed("last.ckpt", lp.ImageClassifier("resnet18", num_classes=10))
     """
-    payload = torch.load(str(path), map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(str(path), map_location=map_location, weights_only=True)
+    except Exception:  # noqa: BLE001 - a Lightning checkpoint may hold hyperparameter objects: one you trust
+        payload = torch.load(str(path), map_location=map_location, weights_only=False)
+    if isinstance(payload, dict) and "callbacks" in payload and "state_dict" in payload:
+        return _load_lightning_checkpoint(payload, model, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InvalidArgumentError(f"{path} was not written by lightning_prune.save_compressed.")
     state = payload["state_dict"]
@@ -245,3 +253,20 @@ def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu
             setattr(module, key, value)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path: str | Path) -> nn.Module:
+    plans = [state["shrink"]["removed"] for state in payload["callbacks"].values()
+             if isinstance(state, dict) and isinstance(state.get("shrink"), dict) and state["shrink"].get("removed")]
+    if plans:
+        prefix, root = traced_root(module)
+        groups = analyse_channels(root, example_inputs_for(root), prefix=prefix).groups
+        for removed in plans:
+            unknown = sorted(set(removed) - {g.name for g in groups})
+            if unknown:
+                raise InvalidArgumentError(
+                    f"{path} removed units of groups {unknown[:4]} that {type(module).__name__} does not have."
+                    " HINT: pass a fresh instance of the LightningModule the checkpoint was trained with.")
+            slice_units(module, groups, removed)
+    module.load_state_dict(payload["state_dict"], strict=True)
+    return module

@@ -60,6 +60,7 @@ __all__ = [
     "Site",
     "Slice",
     "analyse_channels",
+    "parameter_cuts",
     "call_model",
     "channel_dim",
     "example_inputs_for",
@@ -784,6 +785,46 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
     return count
 
 
+def parameter_cuts(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mapping[str, Iterable[int]],
+                   prefix: str = "") -> dict[str, list[tuple[int, Tensor]]]:
+    """What :func:`slice_units` will do to each parameter and buffer: ``{name: [(dim, kept indices), ...]}`` (names
+    relative to ``model``), so that tensors shaped like a parameter (optimizer state: momentum, Adam moments) can be
+    cut the same way, and a compressed state padded back to the dense shapes."""
+    dead: dict[tuple[str, str, int], set[int]] = {}
+    for group in groups:
+        gone = {int(u) for u in removed.get(group.name, ())}
+        for sl in group.slices if gone else ():
+            dead.setdefault((sl.module, sl.role, sl.dim), set()).update(
+                c for c, u in zip(sl.channels, sl.units) if u in gone)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))  # BatchNorm statistics are cut with the channels too
+    cuts: dict[str, list[tuple[int, Tensor]]] = {}
+
+    def cut(name: str, dim: int, channels: set[int]) -> None:
+        if name in params and params[name].dim() > dim:
+            size = params[name].shape[dim]
+            cuts.setdefault(name, []).append((dim, _keep(size, channels)))
+
+    for (name, role, dim), channels in dead.items():
+        local = _strip(name, prefix)
+        if not channels or role == "free":
+            continue
+        if role == "param":
+            cut(local, dim, channels)
+        elif role == "in":
+            cut(f"{local}.weight", 1, channels)
+        elif role == "group":
+            module = model.get_submodule(local)
+            opg = module.out_channels // module.groups
+            rows = {(c // opg) * opg + j for c in channels for j in range(opg)}
+            for pname in ("weight", "bias", "gain"):
+                cut(f"{local}.{pname}", 0, rows)
+        else:  # out rows; per-channel modules
+            for pname in ("weight", "bias", "gain", "running_mean", "running_var"):
+                cut(f"{local}.{pname}", 0, channels)
+    return cuts
+
+
 # ---------------------------------------------------------------------------------------------- verification
 @torch.no_grad()
 def randomised_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -1017,6 +1058,7 @@ class CostModel:
 
         self.groups = list(groups)
         self.prefix = prefix
+        self._model, self._example = model, example_inputs
         was_training = model.training
         model.eval()
         try:
@@ -1108,9 +1150,23 @@ class CostModel:
         return flops, params
 
     def ratios(self, removed: Mapping[str, Iterable[int]]) -> tuple[float, float]:
-        """``(flops, params)`` remaining as fractions of the dense model's."""
+        """``(flops, params)`` remaining as fractions of the dense model's (predicted)."""
         flops, params = self.cost(removed)
         return flops / max(self.dense_flops, 1.0), params / max(self.dense_params, 1.0)
+
+    @torch.no_grad()
+    def measured_ratios(self, removed: Mapping[str, Iterable[int]]) -> tuple[float, float]:
+        """The same, counted by torch-pruning on a sliced copy of the model (exact, slower)."""
+        from torch_pruning.utils import count_ops_and_params
+
+        small = copy.deepcopy(self._model).eval()
+        for module in small.modules():  # gates and restricted norms of the original would follow the copy
+            module._forward_pre_hooks.clear()
+            module._forward_hooks.clear()
+        local = [_localised(g, self.prefix) for g in self.groups]
+        slice_units(small, local, {_strip(k, self.prefix): v for k, v in removed.items()})
+        flops, params = count_ops_and_params(small, self._example)
+        return float(flops) / max(self.dense_flops, 1.0), float(params) / max(self.dense_params, 1.0)
 
 
 def _batch_size(example: Any) -> int:

@@ -12,8 +12,9 @@ alternation with the weights). At ``finalize_step`` (or ``finalize_epoch``) the 
 :meth:`~GatePruningCallback.final_keep`, or, with ``target_flops``/``target_params``, the largest gates that fit the
 budget, widths rounded to ``round_to`` -- are folded into the weights, the others become masks of the base
 :class:`~lightning_prune.callbacks.base.PruningCallback` (and LayerNorm statistics skip them), the hooks go, and
-fine-tuning continues; with ``compress=True`` they are removed physically at the end of training
-(:func:`lightning_prune.compress`).
+fine-tuning continues; with ``compress=True`` they are removed physically inside the fit -- right after finalisation,
+or at ``compress_step``/``compress_epoch`` -- and the optimizers carry on with the smaller parameters
+(:mod:`lightning_prune.shrink`).
 
 A subclass implements ``make_gate``, ``gate_penalty_grad_`` and ``final_keep``, and may override
 ``after_gate_step`` (capture, clamping) and ``weight_regularizer_grad_``.
@@ -43,6 +44,7 @@ from lightning_prune.graph import (
 )
 from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars
 from lightning_prune.schedules import resolve_step, until_the_end
+from lightning_prune.shrink import ShrinkSchedule, check_strategy, compress_in_fit
 from lightning_prune.targets import Target
 from lightning_prune.validation import (
     as_misconfiguration,
@@ -90,8 +92,12 @@ class GatePruningCallback(PruningCallback):
         finalize_epoch: the same as an epoch (finalised at that epoch's start) or a fraction of training.
         alternate_every_n_steps: two-phase training: that many optimizer steps of the weights with the gates
             frozen, then as many of the gates with the weights frozen, and so on (``None`` = joint training).
-        compress: physically remove the pruned channels at the end of training
-            (:func:`lightning_prune.compress`).
+        compress: physically remove the pruned units inside the fit (:func:`lightning_prune.shrink.compress_in_fit`):
+            the model shrinks and training continues on it, every optimizer carrying its state over; by default
+            right after finalisation.
+        compress_step: when to remove them instead: an optimizer step or a fraction of training (``1.0`` = at the
+            end of training); not before finalisation.
+        compress_epoch: the same as an epoch (at its start) or a fraction of training.
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
             ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
         include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
@@ -109,6 +115,8 @@ class GatePruningCallback(PruningCallback):
         finalize_epoch: int | float | None = None,
         alternate_every_n_steps: int | None = None,
         compress: bool = False,
+        compress_step: int | float | None = None,
+        compress_epoch: int | float | None = None,
         input_size: Sequence[int] | None = None,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
@@ -143,7 +151,8 @@ class GatePruningCallback(PruningCallback):
         if isinstance(self.alternate_every_n_steps, float):
             raise MisconfigurationException(
                 f"`alternate_every_n_steps` must be None or an int >= 1, got {alternate_every_n_steps!r}.")
-        self.compress = check_bool("compress", compress)
+        self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
+        self.compress = self.shrink.enabled
         self.input_size = check_input_size("input_size", input_size)
         # state
         self.groups: list[ChannelGroup] | None = None
@@ -154,7 +163,9 @@ class GatePruningCallback(PruningCallback):
         self.finalize_at_step: int | None = None  # finalize_step/finalize_epoch resolved to a step
         self.keep: list[Tensor] | None = None  # per group, the kept units (after finalisation)
         self.weight_targets: list[Target] = []
+        self._param_count: int | None = None
         self._cost: CostModel | None = None
+        self._measured: tuple[dict[str, list[int]], tuple[float, float]] | None = None
         self._model: pl.LightningModule | None = None
         self.coverage = 0.0
         self._traced_prefix = ""
@@ -196,8 +207,7 @@ class GatePruningCallback(PruningCallback):
                 f" {shown or 'no Conv/Linear output channels'}."
                 " HINT: `include=[...]` selects other layers; `prune_coupled=True` gates residual streams."
             )
-        if self.target_flops is not None or self.target_params is not None:
-            self._cost = CostModel(root, example, analysis.groups, prefix=prefix)
+        self._cost = CostModel(root, example, analysis.groups, prefix=prefix)
         return analysis.groups
 
     def _build_gates(self) -> None:
@@ -214,7 +224,7 @@ class GatePruningCallback(PruningCallback):
             return
         if self.finalized:
             self.gateset.detach()
-            if self.keep is not None:
+            if self.keep is not None and self.shrink.removed is None:
                 self.gateset.restrict_norms(pl_module, self.keep)
         elif not self.gateset.attached:
             self.gateset.to(pl_module.device)
@@ -332,14 +342,20 @@ class GatePruningCallback(PruningCallback):
             return out
 
         total = sum(g.size - 1 for g in self.groups)
-        lo, hi = 0, total
-        while lo < hi:  # the fewest removals that meet the budget
-            mid = (lo + hi) // 2
-            if self._cost.ratios(removed_for(mid))[which] <= target:
-                hi = mid
-            else:
-                lo = mid + 1
-        removed = removed_for(lo)
+        goal = target
+        for _ in range(4):  # the prediction is within ~1% of the count: correct it with a measured count
+            lo, hi = 0, total
+            while lo < hi:  # the fewest removals that meet the budget
+                mid = (lo + hi) // 2
+                if self._cost.ratios(removed_for(mid))[which] <= goal:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            removed = removed_for(lo)
+            measured = self._cost.measured_ratios(removed)[which]
+            if measured <= target or lo == total:
+                break
+            goal *= target / measured
         return [torch.tensor([u not in set(removed.get(g.name, ())) for u in range(g.size)]) for g in self.groups]
 
     def _rounded(self, keep: list[Tensor]) -> list[Tensor]:
@@ -361,7 +377,7 @@ class GatePruningCallback(PruningCallback):
         """Choose the kept units, fold the gates into the readers, mask the rest, remove the gate hooks."""
         if self.finalized or self.gateset is None:
             return
-        if self._cost is not None:
+        if self.target_flops is not None or self.target_params is not None:
             keep = self.budget_keep()
         else:
             keep = self._rounded([k.cpu() for k in self.final_keep()])
@@ -379,6 +395,8 @@ class GatePruningCallback(PruningCallback):
         if trainer is not None:
             self.update_masks(masks, trainer)
             log_scalars(trainer, metrics)
+            if self.shrink.due(trainer.global_step, True) and trainer.training:
+                self.shrink_now(trainer, pl_module)
         else:
             self.masks.update(masks)
         if self.verbose:
@@ -388,12 +406,14 @@ class GatePruningCallback(PruningCallback):
                            " fine-tuning continues")
 
     def size_metrics(self) -> dict[str, float]:
-        """``prune/flops_remaining`` and ``prune/params_remaining`` of the compressed model (after finalisation,
-        with a size target; the cost model is built only then)."""
+        """``prune/flops_remaining`` and ``prune/params_remaining`` of the compressed model after finalisation, as
+        fractions of the dense model (counted by torch-pruning on a sliced copy)."""
         if self._cost is None or self.keep is None or self.groups is None:
             return {}
         removed = {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(self.groups, self.keep)}
-        flops, params = self._cost.ratios(removed)
+        if self._measured is None or self._measured[0] != removed:
+            self._measured = (removed, self._cost.measured_ratios(removed))
+        flops, params = self._measured[1]
         return {f"{PREFIX}/flops_remaining": flops, f"{PREFIX}/params_remaining": params}
 
     # ------------------------------------------------------------------ logging
@@ -423,19 +443,20 @@ class GatePruningCallback(PruningCallback):
         opt = self.gate_opt.state_dict() if self.gate_opt is not None else pending.get("opt")
         keep = [k.clone() for k in self.keep] if self.keep is not None else None
         return {"finalized": self.finalized, "finalize_at_step": self.finalize_at_step, "gates": gates,
-                "gate_optimizer": opt, "keep": keep}
+                "gate_optimizer": opt, "keep": keep, "shrink": self.shrink.state_dict()}
 
     def load_gate_state_dict(self, state: dict[str, Any]) -> None:
         self.finalized = bool(state.get("finalized", False))
         self.finalize_at_step = state.get("finalize_at_step")
         keep = state.get("keep")
         self.keep = [k.to(torch.bool).cpu() for k in keep] if keep is not None else None
+        self.shrink.load_state_dict(state.get("shrink"))
         pending = {"gates": state.get("gates"), "opt": state.get("gate_optimizer")}
         if self.gateset is not None:
             self._load_pending(pending)
             if self.finalized:
                 self.gateset.detach()
-                if self.keep is not None and self._model is not None:
+                if self.keep is not None and self._model is not None and self.shrink.removed is None:
                     self.gateset.restrict_norms(self._model, self.keep)
         else:
             self._pending_gates = pending
@@ -471,6 +492,9 @@ class GatePruningCallback(PruningCallback):
             self.gateset.detach()
             self.gateset = None
         self._model = pl_module
+        if self.shrink.enabled and trainer is not None and stage == "fit":
+            check_strategy(trainer, type(self).__name__)
+            self.shrink.install_resume(trainer, self.state_key, lambda state: self._apply_removed(pl_module, state))
         super().setup(trainer, pl_module, stage)
         if self.gateset is None:
             self._build_gates()
@@ -502,6 +526,13 @@ class GatePruningCallback(PruningCallback):
                 if isinstance(value, Tensor) and key != "step":
                     state[key] = value.to(pl_module.device)
         self._resolve_finalize_step(trainer)
+        self.shrink.resolve(trainer)
+        if (self.shrink.at_step is not None and self.finalize_at_step is not None
+                and self.shrink.at_step < self.finalize_at_step):
+            raise MisconfigurationException(
+                f"`compress_step`/`compress_epoch` resolves to step {self.shrink.at_step}, before finalisation at step"
+                f" {self.finalize_at_step}. HINT: the units are removed once they are decided: compress later, or"
+                " leave the position unset to compress right after finalisation.")
         self._sync_hooks(pl_module)
         if self.verbose:
             total = sum(g.size for g in self.groups or [])
@@ -521,9 +552,11 @@ class GatePruningCallback(PruningCallback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.finalized:
-            return
         step = trainer.global_step
+        if self.finalized:
+            if self.shrink.due(step, True):
+                self.shrink_now(trainer, pl_module)
+            return
         if self.finalize_at_step is not None and step >= self.finalize_at_step:
             self.finalize(trainer, pl_module)
         elif trainer.log_every_n_steps and step % trainer.log_every_n_steps == 0:
@@ -543,23 +576,87 @@ class GatePruningCallback(PruningCallback):
             self.log_gate_media(trainer)
             self.finalize(trainer, pl_module)
         super().on_train_end(trainer, pl_module)
-        if self.compress:
+        if self.shrink.enabled and self.shrink.removed is None:  # at the end of training (or finalised there)
             self.compress_model(pl_module)
 
+    def _removed(self) -> dict[str, list[int]]:
+        assert self.groups is not None and self.keep is not None
+        return {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(self.groups, self.keep)}
+
+    def shrink_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remove the pruned units inside the fit; the optimizers carry on with the smaller parameters."""
+        if self.groups is None or self.keep is None:
+            return
+        _, root = traced_root(pl_module)
+        removed = self._removed()
+        compress_in_fit(trainer, pl_module, self.groups, removed, example_inputs_for(root, self.input_size))
+        if self.gateset is not None:  # (the restricted norms checked the compression; they are idle now)
+            self.gateset.release_norms()
+        self.shrink.removed = removed
+        self._after_compression(pl_module)
+        self.log_size(trainer, pl_module)
+
     def compress_model(self, pl_module: pl.LightningModule) -> None:
-        """Remove the pruned units physically (:func:`lightning_prune.compress` with this callback's plan)."""
+        """Remove the pruned units physically at the end of training (:func:`lightning_prune.compress` with this
+        callback's plan)."""
         from lightning_prune.compression import compress
 
         if self.groups is None or self.keep is None:
             return
         _, root = traced_root(pl_module)
-        removed = {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(self.groups, self.keep)}
+        removed = self._removed()
         compress(pl_module, example_inputs_for(root, self.input_size), groups=self.groups, removed=removed)
         if self.gateset is not None:
             self.gateset.release_norms()
-        if self.masks is not None:
-            self.masks.invalidate()
-        self._remove_hooks()
+        self.shrink.removed = removed
+        self._after_compression(pl_module)
+
+    def _apply_removed(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+        """Resume: the checkpoint holds the smaller model; take its shapes before Lightning loads its weights."""
+        from lightning_prune.graph import slice_units
+
+        if self.shrink.removed is not None or self.groups is None:
+            return
+        removed = {str(k): [int(u) for u in v] for k, v in state["shrink"]["removed"].items()}
+        unknown = sorted(set(removed) - {g.name for g in self.groups})
+        if unknown:
+            raise MisconfigurationException(
+                f"The checkpoint removed units of groups {unknown[:4]} that this model does not have. HINT: resume"
+                " with the same model and the same include/exclude/prune_coupled arguments.")
+        slice_units(pl_module, self.groups, removed)
+        self.shrink.removed = removed
+        self._after_compression(pl_module)
+
+    def _after_compression(self, pl_module: pl.LightningModule) -> None:
+        """The units are gone: the masks cover the smaller weights (all kept), the norm hooks are off."""
+        from lightning_prune.masks import MaskSet
+
+        self.targets = PruningCallback.select_targets(self, pl_module)
+        self.masks = MaskSet.for_targets(self.targets)
+        self._param_count = sum(p.numel() for p in pl_module.parameters())
+
+    def log_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``prune/params`` and ``prune/flops`` of the model as it is now (absolute)."""
+        from torch_pruning.utils import count_ops_and_params
+
+        _, root = traced_root(pl_module)
+        was_training = root.training
+        try:
+            flops, params = count_ops_and_params(root, example_inputs_for(root, self.input_size))
+        finally:
+            root.train(was_training)
+        log_scalars(trainer, {f"{PREFIX}/params": float(params), f"{PREFIX}/flops": float(flops)})
+        if self.verbose:
+            rank_zero_info(f"[{type(self).__name__}] compressed at step {trainer.global_step}: {params:,.0f}"
+                           f" parameters, {flops / 1e6:.1f} MFLOPs; training continues on the smaller model")
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._param_count is None:
+            self._param_count = sum(p.numel() for p in pl_module.parameters())
+        pl_module.log(f"{PREFIX}/params", float(self._param_count), prog_bar=True, logger=False, on_step=True,
+                      on_epoch=False)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -575,7 +672,8 @@ class GatePruningCallback(PruningCallback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_model"] = None  # process-local; ddp_spawn workers run setup again
+        state["_model"] = None  # process-local; ddp_spawn workers run setup again (and rebuild the cost model)
+        state["_cost"] = None
         return state
 
     @override

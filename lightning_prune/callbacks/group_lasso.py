@@ -3,12 +3,12 @@
 He, Zhang, Sun, "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, arXiv:1707.06168
 (a scale ``beta`` per channel under an L1 penalty), in the "mask layer" form of the Habr article
 «Редукция нейронных сетей при помощи вариационной оптимизации» ("Reducing neural networks with variational
-optimisation", in Russian): one learnable gate per output channel multiplies the output of the BatchNorm after
-a conv (or of the layer itself), the loss gains ``lam * sum |g|`` (added as a gradient, like Network
+optimisation", in Russian): one learnable gate per unit of every exactly removable channel group (a channel, a
+residual-stream channel, an attention head, a conv group) scales the unit wherever a layer reads it, the loss gains ``lam * sum |g|`` (added as a gradient, like Network
 Slimming's ``grad += s * sign(gamma)``, Liu et al. 2017, arXiv:1708.06519), optional L1/L2 on the ordinary
 weights keeps ReLU nets from compensating, gates below a *capture* threshold are set to zero and frozen, and
-at ``finalize_at`` the gates below ``prune_threshold`` become pruned channels while the others are folded into
-the weights; training then continues as fine-tuning with fixed channel masks, and
+at ``finalize_step`` the gates below ``prune_threshold`` (or, with ``target_flops``/``target_params``, all but the
+largest gates that fit the budget) become pruned units while the others are folded into the weights; training then continues as fine-tuning with fixed channel masks, and
 :func:`lightning_prune.compress` removes the dead channels physically.
 """
 
@@ -35,13 +35,14 @@ __all__ = ["GroupLassoPruning"]
 class GroupLassoPruning(GatePruningCallback):
     """Group-LASSO channel pruning: a learnable gate per output channel under an L1 penalty.
 
-    Gates sit after the BatchNorm that follows each Conv/Linear (else after the layer) of every channel
-    group that torch-pruning's DependencyGraph finds and that can be removed on its own; coupled channels
-    (residual additions) are left alone unless ``prune_coupled=True``. The regulariser's gradient
-    ``lam * sign(g)`` is added to the gates in ``on_before_optimizer_step`` (after AMP unscaling); the gates
-    have their own optimizer and are averaged across DDP ranks. At ``finalize_at`` the gates with
-    ``|g| < prune_threshold`` prune their channels (masks on every weight and BatchNorm slice of the
-    channel, kept at zero while fine-tuning continues) and the others are folded into the weights.
+    One gate per unit of every channel group :func:`lightning_prune.graph.analyse_channels` proves exactly
+    removable -- channels, residual streams (stem and downsample branches included; LayerNorm-normalised
+    embedding dimensions), whole attention heads, whole conv groups -- multiplies the unit where every layer reads
+    it. The regulariser's gradient ``lam * sign(g)`` is added to the gates in ``on_before_optimizer_step`` (after
+    AMP unscaling); the gates have their own optimizer and are averaged across DDP ranks. At ``finalize_step``
+    the gates with ``|g| < prune_threshold`` prune their units -- or, with ``target_flops``/``target_params``, the
+    largest gates that fit the budget are kept -- (masks on every tensor of the unit, LayerNorm statistics over the
+    kept channels, kept while fine-tuning continues) and the others are folded into the weights.
 
     Args:
         lam: weight of the L1 penalty ``lam * sum |g|`` (>= 0).
@@ -58,9 +59,12 @@ class GroupLassoPruning(GatePruningCallback):
         weight_l1: L1 coefficient on the targeted Conv/Linear weights (the Habr channel-pruning article used
             5e-5).
         weight_l2: L2 coefficient on them (the article used 2.5e-4).
-        group_lam: ``{glob: factor}``: a group whose root, site or producer name matches gets ``lam * factor``
+        group_lam: ``{glob: factor}``: a group whose name or producer name matches gets ``lam * factor``
             (the article: a different lambda per residual branch).
-        prune_coupled: gate coupled channels (residual sums) with one shared gate after every producer.
+        prune_coupled: gate coupled channels (residual streams) with one gate per channel shared by every reader
+            (default); ``False`` leaves them alone.
+        target_flops, target_params, round_to: ask for the size instead of tuning ``lam`` (see
+            :class:`~lightning_prune.callbacks.gating.GatePruningCallback`).
         capture_threshold: a gate with ``|g|`` below it, or whose sign flipped in a step (it crossed zero), is
             set to zero and frozen (``0`` = never).
         prune_threshold: at finalisation, gates with ``|g|`` below it prune their channel.
@@ -71,8 +75,9 @@ class GroupLassoPruning(GatePruningCallback):
         alternate_every_n_steps: two-phase training (the Habr channel-pruning article's): that many optimizer
             steps of the weights with the gates frozen, then as many of the gates with the weights frozen, and
             so on (``None`` = joint training).
-        compress: physically remove the pruned channels at the end of training
-            (:func:`lightning_prune.compress`); the model's layers then get smaller.
+        compress, compress_step, compress_epoch: remove the pruned units physically inside the fit (right after
+            finalisation by default) and train on the smaller model, the optimizer's state carried over (see
+            :class:`~lightning_prune.callbacks.gating.GatePruningCallback`).
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
             ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
         include, exclude: globs over module names; narrow the gated groups (by their producers) and the
@@ -107,6 +112,8 @@ class GroupLassoPruning(GatePruningCallback):
         finalize_epoch: int | float | None = None,
         alternate_every_n_steps: int | None = None,
         compress: bool = False,
+        compress_step: int | float | None = None,
+        compress_epoch: int | float | None = None,
         input_size: Sequence[int] | None = None,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
@@ -116,7 +123,8 @@ class GroupLassoPruning(GatePruningCallback):
     ) -> None:
         super().__init__(gate_lr, gate_optimizer, prune_coupled, target_flops, target_params, round_to,
                          finalize_step, finalize_epoch,
-                         alternate_every_n_steps, compress, input_size, include, exclude, types,
+                         alternate_every_n_steps, compress, compress_step, compress_epoch, input_size,
+                         include, exclude, types,
                          log_media_every_n_epochs, verbose)
         self.lam = check_nonnegative("lam", lam, "lam weighs the L1 penalty on the gates; 0 disables it.")
         self.weight_l1 = check_nonnegative("weight_l1", weight_l1)

@@ -8,13 +8,13 @@ article «Редукция нейронных сетей при помощи в�
 variational optimisation", in Russian; its second half, "L0-регуляризация", i.e. "L0 regularisation") as
 options.
 
-One gate ``z_j`` per output channel multiplies the output of the BatchNorm after a conv (or of the layer
-itself). In training ``z`` is a reparameterised hard-concrete sample (stretched to
+One gate ``z_j`` per unit of every exactly removable channel group (a channel, a residual-stream channel, an
+attention head, a conv group) scales the unit wherever a layer reads it. In training ``z`` is a reparameterised hard-concrete sample (stretched to
 ``(gamma, zeta) = (-0.1, 1.1)`` and clamped to [0, 1], so that it is exactly 0 or 1 with finite probability);
 in validation, test and predict it is the deterministic test-time gate
 ``z_hat = clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)`` (paper eq. 13). The loss gains
 ``lam * sum_j P(z_j > 0)``, the expected number of open channels (added as a gradient on ``log_alpha``, like
-the group-LASSO penalty). At ``finalize_at`` the gates are binarised, the kept channels' ``z_hat`` is folded
+the group-LASSO penalty). At ``finalize_step`` the gates are binarised, the kept channels' ``z_hat`` is folded
 into the weights, the others become channel masks, and training continues as fine-tuning;
 :func:`lightning_prune.compress` can remove the dead channels physically.
 """
@@ -139,9 +139,8 @@ def _check_range(name: str, value: Any) -> tuple[float, float] | None:
 class L0Pruning(GatePruningCallback):
     """L0 channel pruning: a hard-concrete gate per output channel under the expected-L0 penalty.
 
-    Gates sit where :class:`~lightning_prune.GroupLassoPruning` puts its gates (after the BatchNorm that
-    follows each Conv/Linear of every channel group torch-pruning's DependencyGraph finds removable;
-    residual-sum channels only with ``prune_coupled=True``). They are stochastic in training and deterministic
+    Gates sit where :class:`~lightning_prune.GroupLassoPruning` puts its gates (on every unit of every exactly
+    removable channel group, residual streams included unless ``prune_coupled=False``). They are stochastic in training and deterministic
     in validation, test and predict (they follow the module's ``training`` flag), have their own optimizer,
     get AMP-unscaled and DDP-averaged gradients, and their noise is re-seeded every batch from ``seed``, the
     epoch, the batch index and the rank: a resumed run draws the same noise as an uninterrupted one.
@@ -159,7 +158,7 @@ class L0Pruning(GatePruningCallback):
             [-4, 4]).
         temperature: ``beta`` of the concrete distribution (paper: 2/3, fixed).
         temperature_final: if set, ``beta`` goes linearly (:func:`~lightning_prune.schedules.ramp`) from
-            ``temperature`` to it until ``finalize_at`` (Habr: start small, e.g. 0.05, and decrease it
+            ``temperature`` to it until finalisation (Habr: start small, e.g. 0.05, and decrease it
             linearly).
         log_alpha_init: constant initial ``log_alpha`` (Habr: about 2.5, "gates kept more often than dropped,
             but not so large that the sigmoid of the loss saturates"). The default when ``droprate_init`` is
@@ -179,8 +178,10 @@ class L0Pruning(GatePruningCallback):
         gate_optimizer: ``"adam"`` (paper) or ``"sgd"`` (momentum 0.9).
         seed: seed of the gates' noise and initialisation (default: ``torch.initial_seed()``, i.e. what
             ``seed_everything`` set; rank 0's is used on every rank).
-        prune_coupled, finalize_at, alternate, phase_steps, compress_on_train_end, input_size, include,
-            exclude, log_masks_every_n_epochs, verbose: as in :class:`~lightning_prune.GroupLassoPruning`.
+        prune_coupled, target_flops, target_params, round_to, finalize_step, finalize_epoch,
+            alternate_every_n_steps, compress, compress_step, compress_epoch, input_size, include, exclude, types,
+            log_media_every_n_epochs,
+            verbose: as in :class:`~lightning_prune.GroupLassoPruning`.
 
     Raises:
         MisconfigurationException: a bad argument, or (at ``setup``) a model with no gateable channel.
@@ -189,7 +190,7 @@ class L0Pruning(GatePruningCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[L0Pruning(lam=5e-3, finalize_at=0.6, compress_on_train_end=True)])
+        trainer = Trainer(callbacks=[L0Pruning(target_flops=0.5, finalize_step=0.6, compress=True)])
     """
 
     def __init__(
@@ -215,6 +216,8 @@ class L0Pruning(GatePruningCallback):
         finalize_epoch: int | float | None = None,
         alternate_every_n_steps: int | None = None,
         compress: bool = False,
+        compress_step: int | float | None = None,
+        compress_epoch: int | float | None = None,
         input_size: Sequence[int] | None = None,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
@@ -224,7 +227,8 @@ class L0Pruning(GatePruningCallback):
     ) -> None:
         super().__init__(gate_lr, gate_optimizer, prune_coupled, target_flops, target_params, round_to,
                          finalize_step, finalize_epoch,
-                         alternate_every_n_steps, compress, input_size, include, exclude, types,
+                         alternate_every_n_steps, compress, compress_step, compress_epoch, input_size,
+                         include, exclude, types,
                          log_media_every_n_epochs, verbose)
         self.lam = check_nonnegative("lam", lam,
                                      "lam weighs the expected number of open channels; 0 disables it.")
@@ -470,6 +474,7 @@ class L0Pruning(GatePruningCallback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.finalized or self.gateset is None:
             return
         step = trainer.global_step

@@ -269,3 +269,54 @@ def test_ddp_gates_identical_across_ranks(tmp_path, monkeypatch):
     for a, b in zip(r0["gates"] + r0["frozen"], r1["gates"] + r1["frozen"]):
         assert torch.equal(a, b)
     assert any(not torch.equal(g, torch.ones_like(g)) for g in r0["gates"])  # they did train
+
+
+# ------------------------------------------------------------------ size targets
+@pytest.mark.parametrize(("name", "target"), [("test_resnet", 0.5), ("test_vit", 0.25), ("test_convnext", 0.5)])
+def test_target_flops_is_met_by_the_compressed_model(name, target, tmp_path):
+    """The units with the largest gates that fit the budget: the compressed model counts at most `target` of
+    the dense FLOPs (torch-pruning's count), within one `round_to` step of it, and every width is a multiple."""
+    from torch_pruning.utils import count_ops_and_params
+
+    from lightning_prune.graph import example_inputs_for, traced_root
+
+    model = tiny_classifier(name)
+    _, root = traced_root(model)
+    x = example_inputs_for(root)
+    dense_flops, _ = count_ops_and_params(root, x)
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = GroupLassoPruning(target_flops=target, finalize_step=0.5, compress=True, verbose=False)
+    fit_tiny([cb], tmp_path, model=model, logger=logger, **FAST)
+    flops, _ = count_ops_and_params(model.model, x)
+    assert target - 0.1 < flops / dense_flops <= target
+    for group, kept in zip(cb.groups, cb.keep):
+        if group.unit == "channel" and int(kept.sum()) < group.size:
+            assert int(kept.sum()) % 8 == 0 or int(kept.sum()) == group.size, group.name
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("prune/flops_remaining")]
+    assert rows and float(rows[-1]["prune/flops_remaining"]) == pytest.approx(flops / dense_flops, rel=1e-6)
+
+
+def test_target_params_on_l0(tmp_path):
+    from lightning_prune.callbacks.l0 import L0Pruning
+
+    model = tiny_classifier("test_efficientnet")
+    dense = sum(p.numel() for p in model.parameters())
+    cb = L0Pruning(target_params=0.4, finalize_step=0.5, compress=True, verbose=False)
+    fit_tiny([cb], tmp_path, model=model, **FAST)
+    assert sum(p.numel() for p in model.model.parameters()) <= 0.4 * sum(
+        p.numel() for p in tiny_classifier("test_efficientnet").model.parameters())
+    assert sum(p.numel() for p in model.parameters()) < dense
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"target_flops": 0.0}, r"`target_flops` must be a number in \(0, 1\], got 0.0"),
+    ({"target_flops": 1.5}, r"`target_flops` must be a number in \[0, 1\], got 1.5. HINT: a fraction"),
+    ({"target_params": -0.1}, r"`target_params` must be a number in \[0, 1\], got -0.1"),
+    ({"target_flops": 0.5, "target_params": 0.5}, r"Pass only one of `target_flops`, `target_params`"),
+    ({"round_to": 0}, r"`round_to` must be an integer >= 1, got 0"),
+    ({"round_to": 2.0}, r"`round_to` must be an integer >= 1, got 2.0"),
+])
+def test_size_target_bad_arguments(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        GroupLassoPruning(**kwargs)

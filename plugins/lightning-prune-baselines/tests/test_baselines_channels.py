@@ -4,17 +4,27 @@ import pytest
 import timm
 import torch
 from torch import nn
+from unit_checks import (
+    check_masked_equals_sliced,
+    check_pruned_outputs_zero,
+    check_unit_masks,
+    removed_units,
+)
 
 from lightning_prune.functional import kept_count
+from lightning_prune.graph import ChannelGroup, restricted_norm_hooks
+from lightning_prune.testing import tiny_classifier
 from lightning_prune_baselines import (
-    ChannelTracer,
     apply_channel_masks,
     channel_groups,
     first_k_channel_masks,
+    first_k_keep,
     first_k_pruned,
     nested_random_keep,
     random_channel_masks,
 )
+
+MODELS = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
 
 
 def test_first_k_pruned_keeps_at_least_one_channel():
@@ -28,6 +38,18 @@ def test_first_k_pruned_keeps_at_least_one_channel():
         for sparsity in (0.0, 0.1, 0.33, 0.5, 0.9, 0.999):
             assert channels - first_k_pruned(channels, sparsity) == kept_count(channels, sparsity) >= 1
     assert first_k_pruned(channels=10, sparsity=0.25) == 2  # the keyword is `sparsity` (was `amount`)
+
+
+def test_first_k_keep_drops_the_leading_units():
+    assert first_k_keep(5, 0.4).tolist() == [False, False, True, True, True]
+    assert first_k_keep(2, 0.4).tolist() == [False, True]  # two attention heads: one goes
+    assert first_k_keep(size=3, sparsity=0.0).tolist() == [True, True, True]
+    for size in (1, 2, 5, 16, 192):
+        for sparsity in (0.0, 0.25, 0.5, 0.999):
+            keep = first_k_keep(size, sparsity)
+            k = first_k_pruned(size, sparsity)
+            assert keep.dtype == torch.bool and keep.shape == (size,)
+            assert not keep[:k].any() and keep[k:].all() and int(keep.sum()) == kept_count(size, sparsity)
 
 
 def test_nested_random_keep_is_exact_nested_and_seeded():
@@ -58,85 +80,108 @@ def _model(name):
     return timm.create_model(name, num_classes=10, **({"img_size": 32} if name == "test_vit" else {})).eval()
 
 
-def test_tracer_finds_the_batchnorm_after_each_conv():
+def _slices(group):
+    return [(s.module, s.role) for s in group.slices]
+
+
+def test_channel_groups_of_a_resnet_couple_filters_batchnorms_readers_and_residual_streams():
     model = _model("test_resnet")
-    groups = {g.weight: g.members for g in channel_groups(model, torch.randn(2, 3, 32, 32))}
-    assert "fc.weight" not in groups and "conv1.0.weight" not in groups  # timm's classifier and first conv
-    assert groups["conv1.3.weight"] == ("conv1.4.weight", "conv1.4.bias")
-    assert groups["conv1.6.weight"] == ("bn1.weight", "bn1.bias")
-    assert groups["layer3.0.conv3.weight"] == ("layer3.0.bn3.weight", "layer3.0.bn3.bias")
-    assert groups["layer2.0.downsample.1.weight"] == (
-        "layer2.0.downsample.2.weight",
-        "layer2.0.downsample.2.bias",
-    )
-    assert all(len(members) == 2 for members in groups.values())
-    # without an input, a group is the layer's own weight and bias
-    assert all(g.members == () for g in channel_groups(model))
-
-    eff = {
-        g.weight: g.members for g in channel_groups(_model("test_efficientnet"), torch.randn(2, 3, 32, 32))
-    }
-    assert eff["blocks.3.0.conv_dw.weight"] == (
-        "blocks.3.0.bn2.weight",
-        "blocks.3.0.bn2.bias",
-    )  # BatchNormAct2d
-    assert eff["blocks.3.0.se.conv_expand.weight"] == (
-        "blocks.3.0.se.conv_expand.bias",
-    )  # feeds a gate, not a BN
-
-
-def test_tracer_ignores_a_batchnorm_reached_through_another_op():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn, self.conv2, self.bn2 = (
-                nn.Conv2d(3, 4, 1),
-                nn.BatchNorm2d(4),
-                nn.Conv2d(4, 4, 1),
-                nn.BatchNorm2d(4),
-            )
-
-        def forward(self, x):
-            return self.bn2(self.conv2(self.bn(self.conv(x))) * 2)
-
-    net = Net()
-    with ChannelTracer(net, ["conv", "conv2"]) as tracer:
-        net(torch.randn(1, 3, 2, 2))
-    assert tracer.followers == {"conv": "bn"} and tracer.seen == {"conv", "conv2"}
-    assert not net.conv._forward_hooks and not net.bn._forward_hooks  # hooks removed on exit
+    groups = {g.name: g for g in channel_groups(model, torch.randn(2, 3, 32, 32))}
+    assert all(isinstance(g, ChannelGroup) for g in groups.values())
+    # a plain channel: the filter, the BatchNorm after it, the next conv's input columns
+    plain = groups["conv1.3"]
+    assert (plain.size, plain.unit, plain.width, plain.coupled) == (16, "channel", 1, False)
+    assert _slices(plain) == [("conv1.3", "out"), ("conv1.4", "channel"), ("conv1.6", "in")]
+    assert [(s.module, s.kind) for s in plain.sites] == [("conv1.6", "input")]
+    assert _slices(groups["layer3.0.conv1"]) == [
+        ("layer3.0.conv1", "out"), ("layer3.0.bn1", "channel"), ("layer3.0.conv2", "in")]
+    # the stem's last conv and the residual branch that adds to it are one stream, with every BatchNorm on it
+    stem = groups["conv1.6"]
+    assert stem.coupled and set(stem.producers) == {"conv1.6", "layer1.0.conv2"}
+    assert {("bn1", "channel"), ("layer1.0.bn2", "channel"), ("layer1.0.conv1", "in"),
+            ("layer2.0.conv1", "in"), ("layer2.0.downsample.1", "in")} <= set(_slices(stem))
+    down = groups["layer2.0.conv2"]
+    assert set(down.producers) == {"layer2.0.conv2", "layer2.0.downsample.1"}
+    assert {("layer2.0.bn2", "channel"), ("layer2.0.downsample.2", "channel")} <= set(_slices(down))
+    # timm's classifier produces no group, but its columns go with the last stream's channels
+    assert not any("fc" in g.producers for g in groups.values())
+    assert ("fc", "in") in _slices(groups["layer4.0.conv2"])
+    # every conv's output rows belong to exactly one group
+    owners = {}
+    for group in groups.values():
+        for sl in group.slices:
+            if sl.role == "out":
+                assert sl.module not in owners, sl.module
+                owners[sl.module] = group.name
+    assert set(owners) == {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    # on a LightningModule the names are its own ("model." + the timm names), the groups otherwise the same
+    wrapped = channel_groups(tiny_classifier("test_resnet"), torch.randn(2, 3, 32, 32))
+    assert [g.name for g in wrapped] == [f"model.{n}" for n in groups]
+    assert all(_slices(g) == [(f"model.{m}", r) for m, r in _slices(groups[g.name[6:]])] for g in wrapped)
 
 
-@pytest.mark.parametrize("model_name", ["test_resnet", "test_efficientnet"])
-def test_first_k_masks_make_the_first_k_channel_outputs_exactly_zero(model_name):
+def test_channel_groups_of_efficientnet_vit_and_convnext():
+    eff = {g.name: g for g in channel_groups(_model("test_efficientnet"))}
+    expand = eff["blocks.3.0.conv_pw"]  # the depthwise conv and the squeeze-excite gate are sliced along
+    assert _slices(expand) == [
+        ("blocks.3.0.conv_pw", "out"), ("blocks.3.0.bn1", "channel"), ("blocks.3.0.conv_dw", "channel"),
+        ("blocks.3.0.bn2", "channel"), ("blocks.3.0.se.conv_reduce", "in"), ("blocks.3.0.conv_pwl", "in"),
+        ("blocks.3.0.se.conv_expand", "out")]
+    assert _slices(eff["blocks.3.0.se.conv_reduce"]) == [
+        ("blocks.3.0.se.conv_reduce", "out"), ("blocks.3.0.se.conv_expand", "in")]  # feeds a gate, no BN
+    assert not any("conv_dw" in p for g in eff.values() for p in g.producers)
+
+    vit = {g.name: g for g in channel_groups(_model("test_vit"))}
+    heads = vit["blocks.0.attn.qkv"]  # whole heads: q, k and v rows and the projection's columns
+    assert (heads.unit, heads.size, heads.width) == ("head", 2, 32)
+    assert _slices(heads) == [("blocks.0.attn.qkv", "out"), ("blocks.0.attn.proj", "in")]
+    assert len(heads.slices[0].channels) == 3 * 64 and set(heads.slices[0].units) == {0, 1}
+    assert ("blocks.0.attn", "num_heads", 1) in heads.attrs
+    stream = vit["patch_embed.proj"]  # the residual stream: patch embedding, pos_embed, cls_token, every norm
+    assert stream.coupled and stream.size == 64
+    assert {("pos_embed", "param"), ("cls_token", "param"), ("blocks.5.norm2", "channel"),
+            ("norm", "channel"), ("head", "in")} <= set(_slices(stream))
+    assert {s.module for s in stream.norm_sites()} == {
+        *(f"blocks.{i}.norm{j}" for i in range(6) for j in (1, 2)), "norm"}
+    assert sum(g.unit == "head" for g in vit.values()) == 6
+
+    convnext = _model("test_convnext")
+    names = [g.name for g in channel_groups(convnext)]
+    assert [g.name for g in channel_groups(convnext, include="stages.2*")] == [
+        n for n in names if n.startswith("stages.2.")]
+    assert [g.name for g in channel_groups(convnext, exclude="*mlp.fc1")] == [
+        n for n in names if not n.endswith("mlp.fc1")]  # the streams stay
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_first_k_masks_cut_every_tensor_of_the_first_k_units(model_name):
     model = _model(model_name)
     x = torch.randn(4, 3, 32, 32)
     masks = first_k_channel_masks(model, sparsity=0.5, example_input=x)
-    kept = apply_channel_masks(model, masks)
     groups = channel_groups(model, x)
-    outputs = {}
-    hooks = [
-        model.get_submodule(g.members[0].rsplit(".", 1)[0]).register_forward_hook(
-            lambda m, a, out, n=g.weight: outputs.__setitem__(n, out)
-        )
-        for g in groups
-        if g.members
-    ]
-    for mode in (False, True):  # eval (running stats) and train (batch stats)
-        model.train(mode)
-        with torch.no_grad():
-            model(x)
-        for group in groups:
-            weight = model.get_parameter(group.weight)
-            k = first_k_pruned(weight.shape[0], 0.5)
-            assert torch.equal(masks[group.weight][:k], torch.zeros_like(masks[group.weight][:k]))
-            assert masks[group.weight][k:].all()
-            for name in group.members:
-                assert not masks[name][:k].any() and masks[name][k:].all()
-            out = outputs[group.weight]
-            assert torch.all(out[:, :k] == 0), group.weight
-            assert out[:, k:].abs().sum() > 0, group.weight
-    for h in hooks:
-        h.remove()
+    keep = [first_k_keep(g.size, 0.5) for g in groups]
+    assert all(not k[: first_k_pruned(k.numel(), 0.5)].any() for k in keep)
+    check_unit_masks(model, groups, keep, masks)  # producers, norms, readers' columns; nothing else
+    for group in groups:  # explicitly: nothing reads a pruned unit
+        k = first_k_pruned(group.size, 0.5)
+        for sl in group.slices:
+            if sl.role == "in":
+                columns = [c for c, u in zip(sl.channels, sl.units) if u < k]
+                assert not masks[f"{sl.module}.weight"][:, columns].any(), sl.module
+    kept = apply_channel_masks(model, masks)
+    assert all(torch.all(model.get_parameter(n)[~m] == 0) for n, m in masks.items())
+    handles = restricted_norm_hooks(model, groups, removed_units(groups, keep))
+    assert bool(handles) == (model_name in ("test_convnext", "test_vit"))  # LayerNorm-normalised streams
+    check_pruned_outputs_zero(model, groups, keep, x)
+    for handle in handles:
+        handle.remove()
+    small = check_masked_equals_sliced(model, groups, keep, x)
+    for group in groups:  # every producer is narrower by exactly the rows of the pruned units
+        k = first_k_pruned(group.size, 0.5)
+        for sl in group.slices:
+            if sl.role == "out":
+                rows = model.get_submodule(sl.module).weight.shape[0]
+                assert small.get_submodule(sl.module).weight.shape[0] == rows - sum(u < k for u in sl.units)
     with torch.no_grad():  # the MaskSet re-zeroes what an update revived
         for name in masks:
             model.get_parameter(name).add_(1.0)
@@ -144,14 +189,23 @@ def test_first_k_masks_make_the_first_k_channel_outputs_exactly_zero(model_name)
     assert all(torch.all(model.get_parameter(n)[~m] == 0) for n, m in masks.items())
 
 
-def test_random_channel_masks_are_seeded_and_exact():
-    model = _model("test_convnext")
+@pytest.mark.parametrize("model_name", ["test_convnext", "test_vit"])
+def test_random_channel_masks_are_seeded_and_exact(model_name):
+    model = _model(model_name)
     a, b = random_channel_masks(model, sparsity=0.5, seed=3), random_channel_masks(model, 0.5, seed=3)
     c = random_channel_masks(model, 0.5, seed=4)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
-    for group in channel_groups(model):
-        rows = a[group.weight].reshape(a[group.weight].shape[0], -1)
-        assert torch.all(rows.all(1) | ~rows.any(1))  # whole rows
-        assert int(rows.all(1).sum()) == kept_count(rows.shape[0], 0.5)
-        assert torch.equal(a[group.members[0]], rows.all(1))  # convnext layers have biases
+    groups = channel_groups(model)
+    generator = torch.Generator().manual_seed(3)  # the groups draw in order from one generator
+    keep = [nested_random_keep(torch.ones(g.size, dtype=torch.bool), 0.5, generator) for g in groups]
+    assert all(int(k.sum()) == kept_count(k.numel(), 0.5) for k in keep)
+    assert any(not torch.equal(k, first_k_keep(k.numel(), 0.5)) for k in keep)  # not the first k
+    check_unit_masks(model, groups, keep, a)
+    apply_channel_masks(model, a)
+    x = torch.randn(4, 3, 32, 32)
+    # the LayerNorms must take their statistics over the kept channels: without the restriction the masked
+    # model is not the sliced one
+    small = check_masked_equals_sliced(model, groups, keep, x)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), small(x), atol=1e-3)

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 import lightning_prune as lp
-from lightning_prune.testing import check_callback_conformance
+from lightning_prune.functional import kept_count
+from lightning_prune.testing import check_callback_conformance, tiny_classifier
+from lightning_prune_baselines import (
+    channel_groups,
+    first_k_channel_masks,
+    first_k_keep,
+    random_channel_masks,
+)
 
 NAMES = ["first_k", "random_channels", "random_unstructured"]
 
@@ -24,9 +31,24 @@ def test_default_construction_keeps_the_contract(tmp_path, name):
         assert state["prune_at_step"] == 0
     else:  # one shot at the start (sparsity_end_step=0), the window open to the end (end_step=1.0)
         assert state["schedule"] == [0, 2**62, 0, 0]
-    weights = [m for n, m in state["masks"].items() if n.endswith(".weight") and m.dim() > 1]
-    pruned = sum(int((~m).sum()) for m in weights) / sum(m.numel() for m in weights)
-    assert pruned == pytest.approx(0.5, abs=0.05)
+    if name == "random_unstructured":  # weights only, half of each
+        assert state["unit_keep"] is None
+        assert all(int(m.sum()) == kept_count(m.numel(), 0.5) for m in state["masks"].values())
+        return
+    # channel units: half of every group's units, in every tensor they touch; the masks are exactly those of
+    # the one-shot helper on the same LightningModule (seed=None is what seed_everything set: 0)
+    sizes = [g.size for g in channel_groups(tiny_classifier())]
+    assert [k.numel() for k in state["unit_keep"]] == sizes
+    assert all(int(k.sum()) == kept_count(k.numel(), 0.5) for k in state["unit_keep"])
+    if name == "first_k":
+        assert all(torch.equal(k, first_k_keep(k.numel(), 0.5)) for k in state["unit_keep"])
+        expected = first_k_channel_masks(tiny_classifier(), 0.5)
+    else:
+        expected = random_channel_masks(tiny_classifier(), 0.5, seed=0)
+    assert set(expected) <= set(state["masks"])
+    for mask_name, mask in state["masks"].items():  # the targets no unit touches stay whole
+        whole = bool(mask.all())
+        assert torch.equal(mask, expected[mask_name]) if mask_name in expected else whole, mask_name
 
 
 @pytest.mark.parametrize("model_name", ["test_efficientnet", "test_convnext", "test_vit"])
@@ -44,3 +66,6 @@ def test_conformance_on_other_timm_families(tmp_path, model_name):
     assert state["last_update"] == 5 and state["current_sparsity"] == pytest.approx(0.3)
     assert state["schedule"] == [0, 2**62, 0, 5]  # the window stays open (end_step=1.0); the ramp ends at 5
     assert any(isinstance(m, torch.Tensor) and not bool(m.all()) for m in state["masks"].values())
+    sizes = [g.size for g in channel_groups(tiny_classifier(model_name))]
+    assert [k.numel() for k in state["unit_keep"]] == sizes
+    assert all(int(k.sum()) == kept_count(k.numel(), 0.3) for k in state["unit_keep"])

@@ -4,23 +4,26 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from unit_checks import CompressAtFitEnd, check_unit_masks, check_weights_masked
 
 import lightning_prune as lp
 from lightning_prune.functional import kept_count
 from lightning_prune.schedules import polynomial_sparsity
-from lightning_prune.testing import check_callback_conformance, fit_tiny, tiny_classifier
-from lightning_prune_baselines import RandomChannels, RandomUnstructured
+from lightning_prune.testing import TINY_MODELS, check_callback_conformance, fit_tiny, tiny_classifier
+from lightning_prune_baselines import RandomChannels, RandomUnstructured, channel_groups, first_k_keep
 
 
 def _spy(cls):
     class Spy(cls):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.updates = []
+            self.updates, self.keeps = [], []
 
         def update_masks(self, new_masks, trainer=None):
             super().update_masks(new_masks, trainer)
             self.updates.append((trainer.global_step, self.current_sparsity, self.masks.state_dict()))
+            if self.channel_wise:
+                self.keeps.append([k.clone() for k in self.unit_keep])
 
     return Spy
 
@@ -60,31 +63,39 @@ def test_random_unstructured_follows_the_schedule_with_exact_nested_counts(tmp_p
         assert torch.all(pruner.masks.param(name)[~mask] == 0)
 
 
-def test_random_channels_schedule_prunes_whole_channels_with_their_batchnorm(tmp_path):
+@pytest.mark.parametrize("model_name", list(TINY_MODELS))
+def test_random_channels_schedule_prunes_nested_random_units_and_compresses_exactly(tmp_path, model_name):
     pruner = _spy(RandomChannels)(target_sparsity=0.6, sparsity_end_step=6, every_n_steps=3, verbose=False)
-    _, model = fit_tiny([pruner], tmp_path, max_epochs=2, limit_train_batches=5, limit_val_batches=0)
+    at_end = CompressAtFitEnd(pruner, torch.randn(8, 3, 32, 32))
+    _, model = fit_tiny([pruner, at_end], tmp_path, model=tiny_classifier(model_name), max_epochs=2,
+                        limit_train_batches=5, limit_val_batches=0)
     assert [step for step, _, _ in pruner.updates] == [1, 4, 7]
+    groups = pruner.groups
+    assert [g.name for g in groups] == [g.name for g in channel_groups(tiny_classifier(model_name))]
     previous = None
-    for step, sparsity, masks in pruner.updates:
+    for (step, sparsity, masks), keep in zip(pruner.updates, pruner.keeps):
         assert sparsity == pytest.approx(polynomial_sparsity(step, 0.0, 0.6, 0, 6, 3.0))
-        for group in pruner.groups:
-            weight = masks[group.weight]
-            rows = weight.reshape(weight.shape[0], -1)
-            keep = rows.all(1)
-            assert torch.all(keep | ~rows.any(1)), group.weight  # whole filters
-            assert int(keep.sum()) == kept_count(keep.numel(), sparsity), group.weight
-            assert len(group.members) == 2 and all(torch.equal(masks[m], keep) for m in group.members)
-            if previous is not None:
-                assert not torch.any(keep & ~previous[group.weight].reshape(keep.numel(), -1).all(1))
-        previous = masks
-    keeps = [pruner.channel_keep(g.weight) for g in pruner.groups]
-    assert any(
-        not torch.equal(k, torch.arange(k.numel()) >= int((~k).sum())) for k in keeps
-    )  # not the first k
-    for group in pruner.groups:  # BatchNorm bias did not grow back during training
-        keep = pruner.channel_keep(group.weight)
-        for name in group.names:
-            assert torch.all(model.get_parameter(name)[~keep] == 0), name
+        assert len(keep) == len(groups)
+        for group, kept in zip(groups, keep):  # exact counts of units per group, nested
+            assert kept.shape == (group.size,), group.name
+            assert int(kept.sum()) == kept_count(group.size, sparsity), group.name
+        if previous is not None:
+            assert all(not torch.any(k & ~p) for k, p in zip(keep, previous))
+        # every tensor of a pruned unit is masked there (filters, BatchNorm and LayerNorm entries, the
+        # readers' columns, pos_embed, layer scales...), nothing else
+        check_unit_masks(at_end.state, groups, keep, masks)
+        previous = keep
+    assert all(torch.equal(k, p) for k, p in zip(pruner.unit_keep, previous))
+    assert any(not torch.equal(k, first_k_keep(k.numel(), 0.6)) for k in previous)  # not the first k
+    # the BatchNorm and LayerNorm biases did not grow back during training; the kept entries trained
+    check_weights_masked(at_end.state, at_end.masks)
+    units = sum(g.size for g in groups)
+    assert at_end.metrics["prune/channel_sparsity"] == pytest.approx(
+        sum(g.size - kept_count(g.size, 0.6) for g in groups) / units
+    )
+    # with the callback's restricted norms attached, the masked model is the compressed one
+    at_end.check(groups, previous)
+    assert not any(m._forward_hooks for m in model.modules())  # teardown left a plain model
 
 
 def test_updates_stop_at_the_end_of_the_window(tmp_path):
@@ -163,6 +174,11 @@ def test_resume_mid_schedule_draws_the_same_numbers(tmp_path, name, kwargs):
     assert state["last_update"] > 4 and isinstance(state["rng_state"], torch.Tensor)
     # (begin, end, sparsity_begin, sparsity_end); end_step=1.0 (the default) is stored as 2**62: never stop
     assert state["schedule"] == ([1, 2**62, 1, 8] if name == "random_channels" else [0, 2**62, 0, 9])
+    if name == "random_channels":  # the kept units of every group, checkpointed with the masks
+        assert len(state["unit_keep"]) == len(channel_groups(tiny_classifier()))
+        assert all(int(k.sum()) == kept_count(k.numel(), 0.6) for k in state["unit_keep"])
+    else:
+        assert state["unit_keep"] is None
 
 
 class _SaveMasks(Callback):
@@ -174,7 +190,8 @@ class _SaveMasks(Callback):
             {
                 "masks": self.pruner.masks.state_dict(),
                 "rng": self.pruner.rng_state,
-                "members": sum(len(g.members) for g in self.pruner.groups),
+                "unit_keep": self.pruner.unit_keep,
+                "groups": [g.name for g in self.pruner.groups],
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )
@@ -189,7 +206,10 @@ def test_ddp_spawn_masks_identical_on_both_ranks_and_to_a_single_process_run(tmp
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     single = RandomChannels(**kwargs)
     fit_tiny([single], tmp_path / "single", **run)
-    assert rank0["members"] > 10 and set(rank0["masks"]) == set(rank1["masks"]) == set(single.masks.names())
+    assert rank0["groups"] == rank1["groups"] == [g.name for g in single.groups] and len(single.groups) > 10
+    assert set(rank0["masks"]) == set(rank1["masks"]) == set(single.masks.names())
+    for a, b, c in zip(rank0["unit_keep"], rank1["unit_keep"], single.unit_keep):
+        assert torch.equal(a, b) and torch.equal(a, c)
     for name, mask in rank0["masks"].items():
         assert torch.equal(mask, rank1["masks"][name]), name
         assert torch.equal(mask, single.masks[name].cpu()), name
@@ -261,6 +281,19 @@ def test_bad_arguments_fail_at_construction(cls, kwargs, match):
         cls(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [((3, -1, 32), r"\(3, -1, 32\)"), ((3, 32, 0), r"\(3, 32, 0\)"), ("3x32x32", "'3x32x32'"), ((), r"\(\)"),
+     ((3, 32.0, 32), r"\(3, 32.0, 32\)")],
+)
+def test_bad_input_size_fails_at_construction(value, shown):
+    match = (r"`input_size` must be None or a sequence of positive ints such as \(3, 32, 32\), got "
+             rf"{shown}\. HINT: it is the shape of one input sample")
+    with pytest.raises(MisconfigurationException, match=match):
+        RandomChannels(input_size=value)
+    assert RandomChannels(input_size=[3, 32, 32]).input_size == (3, 32, 32)
+
+
 def test_state_keys_tell_instances_apart():
     assert RandomChannels(seed=1).state_key != RandomChannels(seed=2).state_key
     assert (
@@ -284,4 +317,7 @@ def test_wandb_media_for_channel_masks(tmp_path, monkeypatch):
         p.name.rsplit("_", 2)[0] for p in (tmp_path / "wandb").glob("*/files/media/images/prune/mask/*.png")
     }
     assert images == set(pruner.weight_names), images  # one image per weight, none for BatchNorms
+    # the BatchNorms, the first conv's filters, the classifier's columns: masked with the units, not shown
+    extra = {"model.bn1.weight", "model.bn1.bias", "model.conv1.0.weight", "model.fc.weight"}
+    assert extra <= set(pruner.masks.names()) and not extra & images
     assert run_dir and trainer.global_step == 2

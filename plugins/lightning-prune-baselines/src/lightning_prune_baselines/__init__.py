@@ -13,11 +13,10 @@ The one-shot mask helpers (:func:`first_k_channel_masks`, :func:`random_channel_
 
 from lightning_prune_baselines.__about__ import __version__
 from lightning_prune_baselines.channels import (
-    ChannelGroup,
-    ChannelTracer,
     apply_channel_masks,
     channel_groups,
     first_k_channel_masks,
+    first_k_keep,
     first_k_pruned,
     nested_random_keep,
     random_channel_masks,
@@ -27,8 +26,6 @@ from lightning_prune_baselines.random_channels import RandomChannels
 from lightning_prune_baselines.random_unstructured import RandomUnstructured
 
 __all__ = [
-    "ChannelGroup",
-    "ChannelTracer",
     "FirstKChannels",
     "RandomChannels",
     "RandomUnstructured",
@@ -36,6 +33,7 @@ __all__ = [
     "apply_channel_masks",
     "channel_groups",
     "first_k_channel_masks",
+    "first_k_keep",
     "first_k_pruned",
     "nested_random_keep",
     "random_channel_masks",

@@ -1,36 +1,42 @@
-"""What the three baselines share, built on lightning-prune's public base class only.
+"""What the three baselines share, built on lightning-prune's public API only.
 
 :class:`~lightning_prune.callbacks.base.PruningCallback` resolves the targets, holds the boolean masks,
 re-applies them after every optimizer step, checkpoints them and logs sparsity. This module adds what the
 baselines have in common: *when* to prune (:meth:`BaselinePruning.due`, asked at the end of every training
-batch), channel groups (a layer's weight rows, its bias and the BatchNorm after it) found by tracing the
-first training batch of each fit, a seeded random generator kept in the callback state, and sparsity
-metrics over the targeted weights only.
+batch), the channel groups lightning-prune's analysis proves exactly removable
+(:func:`lightning_prune.graph.analyse_channels`: channels, residual streams, attention heads, conv groups) with
+one keep-vector of units per group, a seeded random generator kept in the callback state, and sparsity metrics
+over the targeted weights only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback, resolve_seed
+from lightning_prune.gates import unit_masks
+from lightning_prune.graph import ChannelGroup, restricted_norm_hooks
 from lightning_prune.logging import PREFIX, log_scalars
 from lightning_prune.schedules import polynomial_sparsity, resolve_step, until_the_end
 from lightning_prune.targets import Target
 from lightning_prune.validation import (
+    as_misconfiguration,
     check_fraction,
+    check_input_size,
     check_int,
     check_optional,
     check_position,
     check_positive,
 )
-from lightning_prune_baselines.channels import BATCHNORM_TYPES, ChannelGroup, ChannelTracer, groups_from_trace
+from lightning_prune_baselines.channels import channel_groups
 
 __all__ = ["BaselinePruning", "ScheduledBaselinePruning"]
 
@@ -38,12 +44,18 @@ __all__ = ["BaselinePruning", "ScheduledBaselinePruning"]
 class BaselinePruning(PruningCallback):
     """Base of the baselines: prune when :meth:`due` says so, to the masks :meth:`compute_masks` returns.
 
-    With ``channel_wise = True`` the masks also cover each targeted layer's bias and every BatchNorm's
-    affine parameters (all kept until a channel group zeroes them), so a pruned channel's output is exactly
-    zero and stays so through fine-tuning (BatchNorm's bias would otherwise grow back).
+    With ``channel_wise = True`` the units are those of lightning-prune's channel groups (one keep-vector per
+    group, :attr:`unit_keep`); the masks cover every tensor that loses a pruned unit (producer rows, reader
+    columns, BatchNorm and LayerNorm entries, ``pos_embed``...), so nothing reads a pruned unit, and the
+    LayerNorms that read them compute their statistics over the kept channels: the masked model computes what
+    :func:`lightning_prune.compress` makes of it.
+
+    Args:
+        input_size: ``(C, H, W)`` used to trace the model for its channel groups (default: the LightningModule's
+            ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
     """
 
-    #: Whether masks act on whole output channels (and so on biases and BatchNorms too).
+    #: Whether masks act on whole channel units (and so on every tensor of the unit).
     channel_wise: bool = True
 
     def __init__(
@@ -53,14 +65,17 @@ class BaselinePruning(PruningCallback):
         types: list[str | type] | None = None,
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
+        input_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
+        self.input_size = check_input_size("input_size", input_size)
         self.groups: list[ChannelGroup] | None = None
-        self._layers: list[Target] = []
-        self._tracer: ChannelTracer | None = None
+        self._norm_handles: list[Any] = []
+        self._model: pl.LightningModule | None = None
         # state
         self.last_update = -1  # global step of the last mask update; -1 = never
         self.current_sparsity = 0.0
+        self.unit_keep: list[Tensor] | None = None  # per group, the kept units (channel_wise)
 
     # ------------------------------------------------------------------ subclass interface
     def due(self, trainer: pl.Trainer) -> float | None:
@@ -68,65 +83,59 @@ class BaselinePruning(PruningCallback):
         raise NotImplementedError
 
     def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
-        """New masks at ``sparsity`` (after :attr:`groups` is known when ``channel_wise``)."""
+        """New masks at ``sparsity`` (channel-wise baselines set :attr:`unit_keep` and return
+        :meth:`unit_keep_masks`)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ targets
     @override
     def select_targets(self, pl_module: pl.LightningModule) -> list[Target]:
-        layers = super().select_targets(pl_module)  # also sets self.weight_names
-        self._layers = layers
+        targets = super().select_targets(pl_module)  # also sets self.weight_names
         if not self.channel_wise:
-            return layers
-        extra: list[Target] = []
-        for target in layers:
-            if (
-                isinstance(getattr(target.module, "bias", None), nn.Parameter)
-                and target.param_name == "weight"
-            ):
-                extra.append(Target(target.module_name, target.module, "bias"))
-        for name, module in pl_module.named_modules():
-            if isinstance(module, BATCHNORM_TYPES):
-                extra.extend(
-                    Target(name, module, attr)
-                    for attr in ("weight", "bias")
-                    if isinstance(getattr(module, attr, None), nn.Parameter)
-                )
-        targets, known = list(layers), set(self.weight_names)
-        for target in extra:  # a BatchNorm the user targets with `include` is not added twice
-            if target.name not in known:
-                known.add(target.name)
-                targets.append(target)
+            return targets
+        with as_misconfiguration():
+            self.groups = channel_groups(pl_module, include=self.include or None, exclude=self.exclude or None,
+                                         input_size=self.input_size)
+        if not self.groups:
+            raise MisconfigurationException(
+                f"{type(self).__name__} found no removable channel group in {type(pl_module).__name__}."
+                " HINT: check `include`/`exclude`, or use a weight-level baseline (random_unstructured).")
+        known = {t.name for t in targets}
+        params = dict(pl_module.named_parameters())
+        everything = [torch.zeros(g.size, dtype=torch.bool) for g in self.groups]
+        for name in unit_masks(pl_module, self.groups, everything):  # every tensor a unit touches
+            if name not in known and name in params:
+                module_name, _, pname = name.rpartition(".")
+                targets.append(Target(module_name, pl_module.get_submodule(module_name), pname))
+                known.add(name)
         return targets
 
-    def channel_keep(self, weight_name: str) -> Tensor:
-        """Which output channels of a targeted layer are still kept (a row survives if any entry does)."""
-        assert self.masks is not None
-        mask = self.masks[weight_name]
-        return mask.reshape(mask.shape[0], -1).any(dim=1).cpu()
+    def unit_keep_masks(self, keep: list[Tensor]) -> dict[str, Tensor]:
+        """Install ``keep`` (one boolean vector per group) and return the parameter masks it means."""
+        assert self.groups is not None and self._model is not None
+        self.unit_keep = [k.to(torch.bool).cpu() for k in keep]
+        self._restrict_norms()
+        return unit_masks(self._model, self.groups, self.unit_keep)
+
+    def _restrict_norms(self) -> None:
+        for handle in self._norm_handles:
+            handle.remove()
+        self._norm_handles = []
+        if self.groups is not None and self.unit_keep is not None and self._model is not None:
+            removed = {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(self.groups, self.unit_keep)}
+            self._norm_handles = restricted_norm_hooks(self._model, self.groups, removed)
 
     # ------------------------------------------------------------------ hooks
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        self.groups = None  # traced again on this fit's first batch: the model may differ between fits
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.channel_wise and self.groups is None and self._tracer is None:
-            self._tracer = ChannelTracer(pl_module, [t.module_name for t in self._layers])
-            self._tracer.start()
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._model = pl_module
+        super().setup(trainer, pl_module, stage)
+        self._restrict_norms()
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._tracer is not None:
-            self._tracer.stop()
-            self.groups = groups_from_trace(pl_module, self._layers, self._tracer.followers)
-            self._tracer = None
         sparsity = self.due(trainer)
         if sparsity is None:
             return
@@ -136,10 +145,15 @@ class BaselinePruning(PruningCallback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._tracer is not None:
-            self._tracer.stop()
-            self._tracer = None
+        for handle in self._norm_handles:  # the model stays a plain model; setup restricts the norms again
+            handle.remove()
+        self._norm_handles = []
         super().teardown(trainer, pl_module, stage)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_model"], state["_norm_handles"] = None, []
+        return state
 
     # ------------------------------------------------------------------ logging
     @override
@@ -148,10 +162,9 @@ class BaselinePruning(PruningCallback):
         metrics = super().sparsity_metrics()
         if not metrics:
             return {}
-        if self.channel_wise:
-            keeps = [self.channel_keep(n) for n in self.weight_names if n in self.masks]
-            channels = sum(k.numel() for k in keeps)
-            metrics[f"{PREFIX}/channel_sparsity"] = sum(int((~k).sum()) for k in keeps) / max(channels, 1)
+        if self.channel_wise and self.unit_keep is not None:
+            units = sum(k.numel() for k in self.unit_keep)
+            metrics[f"{PREFIX}/channel_sparsity"] = sum(int((~k).sum()) for k in self.unit_keep) / max(units, 1)
         metrics[f"{PREFIX}/target_sparsity"] = self.current_sparsity
         return metrics
 
@@ -174,12 +187,16 @@ class BaselinePruning(PruningCallback):
     # ------------------------------------------------------------------ state
     @override
     def extra_state_dict(self) -> dict[str, Any]:
-        return {"last_update": self.last_update, "current_sparsity": self.current_sparsity}
+        keep = [k.clone() for k in self.unit_keep] if self.unit_keep is not None else None
+        return {"last_update": self.last_update, "current_sparsity": self.current_sparsity, "unit_keep": keep}
 
     @override
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         self.last_update = int(state.get("last_update", -1))
         self.current_sparsity = float(state.get("current_sparsity", 0.0))
+        keep = state.get("unit_keep")
+        self.unit_keep = [k.to(torch.bool).cpu() for k in keep] if keep is not None else None
+        self._restrict_norms()
 
 
 class ScheduledBaselinePruning(BaselinePruning):

@@ -9,17 +9,17 @@ is not learning which channels matter.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.schedules import resolve_step
 from lightning_prune.validation import check_exclusive, check_fraction, check_position
 from lightning_prune_baselines._base import BaselinePruning
-from lightning_prune_baselines.channels import channel_masks, first_k_pruned
+from lightning_prune_baselines.channels import first_k_keep
 
 __all__ = ["FirstKChannels"]
 
@@ -60,8 +60,9 @@ class FirstKChannels(BaselinePruning):
         types: list[str | type] | None = None,
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
+        input_size: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
+        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose, input_size)
         self.target_sparsity = check_fraction(
             "target_sparsity", target_sparsity,
             hint="the fraction of channels dropped; 0.5 halves every layer.",
@@ -100,10 +101,5 @@ class FirstKChannels(BaselinePruning):
 
     @override
     def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
-        assert self.masks is not None and self.groups is not None
-        params = {n: self.masks.param(n) for n in self.masks}
-        keep = {}
-        for group in self.groups:
-            channels = params[group.weight].shape[0]
-            keep[group.weight] = torch.arange(channels) >= first_k_pruned(channels, sparsity)
-        return channel_masks(self.groups, params, keep)
+        assert self.groups is not None
+        return self.unit_keep_masks([first_k_keep(g.size, sparsity) for g in self.groups])

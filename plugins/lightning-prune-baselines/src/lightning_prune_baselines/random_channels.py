@@ -8,11 +8,15 @@ arXiv:1710.01878.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.validation import check_input_size
 from lightning_prune_baselines._base import ScheduledBaselinePruning
-from lightning_prune_baselines.channels import channel_masks, nested_random_keep
+from lightning_prune_baselines.channels import nested_random_keep
 
 __all__ = ["RandomChannels"]
 
@@ -20,14 +24,14 @@ __all__ = ["RandomChannels"]
 class RandomChannels(ScheduledBaselinePruning):
     """Seeded random pruning of whole output channels, in one shot or on a polynomial schedule.
 
-    At each mask update every targeted layer with ``C`` output channels keeps
-    ``max(round(C * (1 - s)), 1)`` of them, ``s`` the scheduled sparsity; the channels to drop are drawn
-    among the survivors of the previous update (masks are nested) from the callback's own seeded
-    generator. A dropped channel loses its weight row, its bias entry and the following BatchNorm's
-    ``weight`` and ``bias`` entries, so its output is exactly zero.
+    At each mask update every channel group with ``U`` units (lightning-prune's analysis: a layer's channels, a
+    residual stream, attention heads, conv groups) keeps ``max(round(U * (1 - s)), 1)`` of them, ``s`` the
+    scheduled sparsity; the units to drop are drawn among the survivors of the previous update (masks are nested)
+    from the callback's own seeded generator. Every tensor a dropped unit touches is masked (filters, BatchNorm
+    entries, the readers' columns), so nothing reads it.
 
     Args:
-        target_sparsity: final fraction of output channels dropped in every targeted layer, in [0, 1).
+        target_sparsity: final fraction of the units dropped in every channel group, in [0, 1).
         initial_sparsity, begin_step, end_step, every_n_steps, sparsity_begin_step, sparsity_end_step,
             exponent, seed: the schedule and the generator, as for
             :class:`~lightning_prune.GradualMagnitudePruning` (see
@@ -43,14 +47,34 @@ class RandomChannels(ScheduledBaselinePruning):
 
     channel_wise = True
 
+    def __init__(
+        self,
+        target_sparsity: float = 0.5,
+        initial_sparsity: float = 0.0,
+        begin_step: int | float = 0,
+        end_step: int | float = 1.0,
+        every_n_steps: int = 10,
+        sparsity_begin_step: int | float = 0,
+        sparsity_end_step: int | float = 0,
+        exponent: float = 3.0,
+        seed: int | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        types: list[str | type] | None = None,
+        log_media_every_n_epochs: int = 1,
+        verbose: bool = True,
+        input_size: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(target_sparsity, initial_sparsity, begin_step, end_step, every_n_steps, sparsity_begin_step,
+                         sparsity_end_step, exponent, seed, include, exclude, types, log_media_every_n_epochs,
+                         verbose)
+        self.input_size = check_input_size("input_size", input_size)
+
     @override
     def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
-        assert self.masks is not None and self.groups is not None
-        params = {n: self.masks.param(n) for n in self.masks}
+        assert self.groups is not None
         generator = self.generator()
-        keep = {
-            g.weight: nested_random_keep(self.channel_keep(g.weight), sparsity, generator)
-            for g in self.groups
-        }
+        previous = self.unit_keep or [torch.ones(g.size, dtype=torch.bool) for g in self.groups]
+        keep = [nested_random_keep(k, sparsity, generator) for k in previous]
         self.save_generator(generator)
-        return channel_masks(self.groups, params, keep)
+        return self.unit_keep_masks(keep)

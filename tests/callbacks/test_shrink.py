@@ -1,0 +1,164 @@
+"""Shrink while training: compression inside the fit, the optimizer carried over, resume, DDP, logging."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+import lightning_prune as lp
+from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+from lightning_prune.graph import example_inputs_for, slice_units, traced_root
+from lightning_prune.shrink import check_strategy
+from lightning_prune.testing import assert_state_equal, check_callback_conformance, fit_tiny, tiny_classifier
+from tests.helpers import Spy, eval_logits
+
+FAST = {"max_epochs": 4, "limit_train_batches": 4, "limit_val_batches": 1}
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+# gates close within two epochs; the units are decided at step 8 (the end of epoch 1)
+# (the last stage of each family is shielded, so that the model keeps a real width)
+SHIELD = {"*layer4*": 0.0, "*blocks.4*": 0.0, "*blocks.5*": 0.0, "*conv1.*": 0.0}
+STRONG = {"lam": 0.3, "gate_lr": 0.2, "capture_threshold": 0.02, "prune_threshold": 0.3, "finalize_step": 8,
+          "round_to": 1, "group_lam": SHIELD, "verbose": False}
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_training_after_compression_equals_the_masked_model(name, optimizer, tmp_path):
+    """Same seed, same data: the fit that compresses right after finalisation and trains on the small model ends
+    where the masked, uncompressed fit ends (compressed the same way afterwards) -- momentum / Adam moments went
+    with the kept channels."""
+    kwargs = {"optimizer": optimizer, "lr": 0.05 if optimizer == "sgd" else 3e-3, "momentum": 0.9,
+              "weight_decay": 1e-3}
+    sizes = []
+    pl.seed_everything(0, verbose=False)
+    small = tiny_classifier(name, **kwargs)
+    shrinking = GroupLassoPruning(compress=True, **STRONG)
+    fit_tiny([shrinking, Spy(lambda t, m, h: sizes.append(_params(m)), ("on_train_batch_start",))], tmp_path / "a",
+             model=small, **FAST)
+    pl.seed_everything(0, verbose=False)
+    masked = tiny_classifier(name, **kwargs)
+    reference = GroupLassoPruning(**STRONG)
+    fit_tiny([reference], tmp_path / "b", model=masked, **FAST)
+    assert sizes[:8] == [sizes[0]] * 8 and sizes[8] < 0.8 * sizes[0] and sizes[-1] == sizes[8]  # shrank at step 8
+    assert shrinking.shrink.removed == {g.name: (~k).nonzero().flatten().tolist()
+                                        for g, k in zip(reference.groups, reference.keep)}
+    reference.gateset.restrict_norms(masked, reference.keep)
+    expected = eval_logits(masked, X)
+    slice_units(masked, reference.groups, shrinking.shrink.removed)
+    reference.gateset.release_norms()
+    state = small.state_dict()
+    for key, value in masked.state_dict().items():
+        # the k part of a qkv bias has a zero gradient (softmax is shift-invariant): Adam turns its float noise into
+        # lr-sized steps in both runs alike, so it is compared through the outputs only
+        if value.is_floating_point() and not (optimizer == "adamw" and key.endswith("attn.qkv.bias")):
+            torch.testing.assert_close(state[key], value, atol=2e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+    torch.testing.assert_close(eval_logits(small, X), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_compress_step_later_logs_absolute_size_and_shows_params_in_the_progress_bar(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    seen = {}
+    cb = GroupLassoPruning(compress=True, compress_step=11, **STRONG)
+    model = tiny_classifier()
+    dense = _params(model)
+
+    def spy(trainer, module, hook):
+        seen[trainer.global_step] = (_params(module), trainer.progress_bar_metrics.get("prune/params"))
+
+    fit_tiny([cb, Spy(spy, ("on_train_batch_end",))], tmp_path, model=model, logger=logger, log_every_n_steps=1,
+             **FAST)
+    assert all(n == dense for step, (n, _) in seen.items() if step < 11)
+    assert all(n < dense for step, (n, _) in seen.items() if step >= 11)
+    assert seen[12][1] == pytest.approx(float(seen[11][0]))  # the progress bar: the parameter count at that batch
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("prune/params")]
+    assert len(rows) == 1 and int(rows[0]["step"]) == 11
+    assert float(rows[0]["prune/params"]) == pytest.approx(_params(model.model))
+    assert float(rows[0]["prune/flops"]) > 0
+
+
+def test_checkpoint_after_compression_resumes_onto_a_fresh_module(tmp_path):
+    """A checkpoint of the smaller model: a fresh module resumes from it to the uninterrupted run's weights and
+    state (the callback takes the recorded shapes before Lightning loads the weights)."""
+    state = check_callback_conformance(lambda: GroupLassoPruning(compress=True, **STRONG), tmp_path,
+                                       max_epochs=4, resume_epoch=3, plain_model=False)
+    assert state["shrink"]["removed"]
+
+
+def test_a_checkpoint_after_compression_loads_for_inference(tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model = tiny_classifier()
+    fit_tiny([GroupLassoPruning(compress=True, **STRONG), saver], tmp_path, model=model, **FAST)
+    fresh = lp.load_compressed(tmp_path / "ckpt" / "last.ckpt", tiny_classifier())
+    assert _params(fresh) == _params(model) < _params(tiny_classifier())
+    torch.testing.assert_close(eval_logits(fresh, X), eval_logits(model, X))
+
+
+def test_the_optimizer_holds_the_new_parameters(tmp_path):
+    def check(trainer, module, hook):
+        if cb.shrink.removed is not None:
+            held = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+            assert held == {id(p) for p in module.parameters()}
+            for p, st in trainer.optimizers[0].state.items():
+                assert st["momentum_buffer"].shape == p.shape
+
+    cb = GroupLassoPruning(compress=True, **STRONG)
+    model = tiny_classifier(momentum=0.9)
+    fit_tiny([cb, Spy(check, ("on_train_batch_end",))], tmp_path, model=model, **FAST)
+    assert cb.shrink.removed
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"compress_step": 10}, r"`compress_step`/`compress_epoch` of GroupLassoPruning need `compress=True`"),
+    ({"compress": True, "compress_step": 10, "compress_epoch": 1}, r"Pass only one of `compress_step`"),
+    ({"compress": True, "compress_step": -2}, r"`compress_step` must be optimizer steps"),
+    ({"compress": 1}, r"`compress` must be True or False"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        GroupLassoPruning(**kwargs)
+
+
+def test_compressing_before_finalisation_is_refused(tmp_path):
+    with pytest.raises(MisconfigurationException, match=r"resolves to step 2, before finalisation at step 8"):
+        fit_tiny([GroupLassoPruning(compress=True, compress_step=2, **STRONG)], tmp_path, **FAST)
+
+
+def test_sharded_strategies_are_refused_with_their_name():
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    for strategy in (FSDPStrategy, DeepSpeedStrategy):
+        fake = SimpleNamespace(strategy=strategy.__new__(strategy))
+        with pytest.raises(MisconfigurationException, match=f"under {strategy.__name__}"):
+            check_strategy(fake, "GroupLassoPruning")
+
+
+def _rank_dump(trainer, module, hook):
+    out = Path(os.environ["LP_TEST_DDP_DIR"]) / f"rank{trainer.global_rank}.pt"
+    torch.save({k: v.detach().cpu() for k, v in module.named_parameters()}, out)  # (BN statistics are rank-local)
+
+
+@pytest.mark.slow
+def test_ddp_compresses_on_every_rank_and_keeps_synchronising(tmp_path, monkeypatch):
+    monkeypatch.setenv("LP_TEST_DDP_DIR", str(tmp_path))
+    cb = GroupLassoPruning(compress=True, **STRONG)
+    fit_tiny([cb, Spy(_rank_dump, ("on_train_end",))], tmp_path, strategy="ddp_spawn", devices=2,
+             model=tiny_classifier(momentum=0.9), max_epochs=3, limit_train_batches=4, limit_val_batches=0)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    dense = dict(tiny_classifier().named_parameters())
+    assert any(r0[k].shape != dense[k].shape for k in r0)  # compressed
+    assert_state_equal(r0, r1)  # identical after 8 further synchronised steps
+    assert cb.shrink.removed is None  # (the main process's copy of the callback never ran: spawn)
