@@ -26,11 +26,11 @@ TESTS := tests plugins/lightning-prune-baselines/tests
 # Lint first (ruff, configured in pyproject.toml), then the tests and the package's docstring examples.
 test: setup
 	$(VENV)/bin/ruff check lightning_prune plugins tests benchmarks
-	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q --doctest-modules lightning_prune $(TESTS)
+	OMP_NUM_THREADS=1 WANDB_MODE=offline $(VENV)/bin/python -m pytest -q --doctest-modules lightning_prune $(TESTS)
 
 test-all: setup
 	$(VENV)/bin/ruff check lightning_prune plugins tests benchmarks
-	WANDB_MODE=offline $(VENV)/bin/python -m pytest -q -m "" --doctest-modules lightning_prune $(TESTS)
+	OMP_NUM_THREADS=1 WANDB_MODE=offline $(VENV)/bin/python -m pytest -q -m "" --doctest-modules lightning_prune $(TESTS)
 
 bench: setup
 	$(VENV)/bin/python benchmarks/overhead.py

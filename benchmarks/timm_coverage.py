@@ -130,8 +130,8 @@ def measure(name: str, kwargs: dict, side: int, export: bool = True) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | input | coverage | groups | units (kind: count) | skipped groups (why) | exact (max rel. error) |"
-             " reload | trace | export | analysis s |",
+    lines = ["| model | input | coverage | groups | units (kind: count) | skipped groups (why)"
+             " | exact (max rel. error) | reload | trace | export | analysis s |",
              "|---|---:|---:|---:|---|---|---|---|---|---|---:|"]
     for r in rows:
         units = ", ".join(f"{k}: {v}" for k, v in sorted(r["units"].items()))

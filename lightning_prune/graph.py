@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import signal
 import threading
@@ -288,9 +289,9 @@ def _is_std_conv(module: nn.Module) -> bool:
 
 
 def _is_timm_attention(module: nn.Module) -> bool:
-    return (isinstance(getattr(module, "qkv", None), nn.Linear) and isinstance(getattr(module, "proj", None), nn.Linear)
-            and isinstance(getattr(module, "num_heads", None), int) and isinstance(getattr(module, "head_dim", None), int)
-            and isinstance(getattr(module, "attn_dim", None), int))
+    linear = all(isinstance(getattr(module, name, None), nn.Linear) for name in ("qkv", "proj"))
+    sizes = ("num_heads", "head_dim", "attn_dim")
+    return linear and all(isinstance(getattr(module, name, None), int) for name in sizes)
 
 
 # ---------------------------------------------------------------------------------------------- time limit
@@ -424,7 +425,7 @@ def _names(model: nn.Module, graph: tp.DependencyGraph) -> dict[int, str]:
 def _describe(raw: _Raw, graph: tp.DependencyGraph, names: dict[int, str], prefix: str
               ) -> tuple[list[Site], list[Slice], list[str], str | None]:
     """Sites, slices and producers of a raw group, or the reason it cannot be sliced."""
-    full = (lambda n: f"{prefix}.{n}" if prefix and n else (prefix or n))
+    full = functools.partial(_prefixed, prefix)
     sites: list[Site] = []
     slices: list[Slice] = []
     producers: list[str] = []
@@ -605,6 +606,11 @@ def zero_unit_hooks(model: nn.Module, groups: Iterable[ChannelGroup], removed: M
 
             handles.append(module.register_forward_pre_hook(hook))
     return handles
+
+
+def _prefixed(prefix: str, name: str) -> str:
+    """``name`` under ``prefix`` (either may be empty)."""
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
 def _strip(name: str, prefix: str) -> str:
@@ -956,7 +962,7 @@ def analyse_channels(
     include_p, exclude_p = as_patterns(include), as_patterns(exclude)
     start = time.monotonic()
     analysis = ChannelAnalysis()
-    full = (lambda n: f"{prefix}.{n}" if prefix and n else (prefix or n))
+    full = functools.partial(_prefixed, prefix)
     with _deadline(time_limit_s, type(model).__name__) as check:
         graph = _build_graph(model, example_inputs)
         check()
@@ -1017,7 +1023,7 @@ def _localised(group: ChannelGroup, prefix: str) -> ChannelGroup:
 def _grouped_slices(raw: _Raw, graph: tp.DependencyGraph, names: dict[int, str], prefix: str,
                     slices: list[Slice]) -> list[Slice]:
     """Add the grouped conv's own slice: its output rows go conv group by conv group."""
-    full = (lambda n: f"{prefix}.{n}" if prefix and n else (prefix or n))
+    full = functools.partial(_prefixed, prefix)
     conv = graph.model.get_submodule(raw.name)
     rows = tuple(range(conv.out_channels))
     opg = conv.out_channels // conv.groups
@@ -1066,7 +1072,7 @@ class CostModel:
                 flops, params, layer_flops, _ = count_ops_and_params(model, example_inputs, layer_wise=True)
         finally:
             model.train(was_training)
-        full = (lambda n: f"{prefix}.{n}" if prefix and n else (prefix or n))
+        full = functools.partial(_prefixed, prefix)
         self.dense_flops = float(flops)
         self.dense_params = float(sum(p.numel() for p in model.parameters()))
         scale = 1.0 / _batch_size(example_inputs)  # per-layer counts are per batch, the total per sample

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from lightning_prune.graph import ChannelGroup, parameter_cuts
 
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy", "compress_in_fit",
-           "pad_to_dense"]
+           "log_model_size", "pad_to_dense", "recorded_removal"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
@@ -148,6 +148,40 @@ def compress_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, groups: 
     carry_optimizer_state(trainer.optimizers, old, dict(pl_module.named_parameters()), cuts)
     _rewrap_ddp(trainer, pl_module)
     _hand_back_dense_weights(trainer, pl_module, cuts, dense_shapes)
+
+
+def recorded_removal(state: Mapping[str, Any], groups: Sequence[ChannelGroup]) -> dict[str, list[int]]:
+    """The units a checkpointed callback state says were removed (group name -> units), checked against
+    ``groups``: a checkpoint of another model, or of other include/exclude arguments, is refused by name."""
+    removed = {str(k): [int(u) for u in v] for k, v in state["shrink"]["removed"].items()}
+    unknown = sorted(set(removed) - {g.name for g in groups})
+    if unknown:
+        raise MisconfigurationException(
+            f"The checkpoint removed units of groups {unknown[:4]} that this model does not have. HINT: resume with"
+            " the same model and the same include/exclude (and prune_coupled) arguments.")
+    return removed
+
+
+def log_model_size(trainer: pl.Trainer, pl_module: pl.LightningModule, input_size: Sequence[int] | None,
+                   owner: str, verbose: bool) -> None:
+    """Log ``prune/params`` and ``prune/flops`` of the model as it is now (absolute numbers)."""
+    from torch_pruning.utils import count_ops_and_params
+
+    from lightning_prune.graph import example_inputs_for, traced_root
+    from lightning_prune.logging import PREFIX, log_scalars
+
+    _, root = traced_root(pl_module)
+    was_training = root.training
+    try:
+        flops, params = count_ops_and_params(root, example_inputs_for(root, input_size))
+    finally:
+        root.train(was_training)
+    log_scalars(trainer, {f"{PREFIX}/params": float(params), f"{PREFIX}/flops": float(flops)})
+    if verbose:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"[{owner}] compressed at step {trainer.global_step}: {params:,.0f} parameters,"
+                       f" {flops / 1e6:.1f} MFLOPs; training continues on the smaller model")
 
 
 class ShrinkSchedule:

@@ -130,6 +130,11 @@ class PruningCallback(Callback):
             self.masks.load_state_dict(self._pending_masks)
             self._pending_masks = None
 
+    def retarget(self, pl_module: pl.LightningModule) -> None:
+        """The model's parameters were replaced (units removed physically): mask the new ones, everything kept."""
+        self.targets = PruningCallback.select_targets(self, pl_module)
+        self.masks = MaskSet.for_targets(self.targets)
+
     def _targets_belong_to(self, pl_module: pl.LightningModule) -> bool:
         modules = {id(m) for m in pl_module.modules()}
         return all(id(t.module) in modules for t in self.targets)

@@ -1,20 +1,19 @@
 """The base of the channel-gate callbacks: groups, gates, their optimizer, finalisation and state.
 
-:class:`GatePruningCallback` is what group-LASSO
-(:class:`~lightning_prune.callbacks.group_lasso.GroupLassoPruning`) and hard-concrete L0 gates share. At
-``setup`` it finds the exactly removable channel groups of the model -- channels, residual streams, attention
-heads, conv groups (:func:`lightning_prune.graph.analyse_channels`) --, builds one
-:class:`~lightning_prune.gates.Gate` per group with :meth:`~GatePruningCallback.make_gate` and hooks it into every
-layer that reads the group's units (the model's ``state_dict`` keeps its keys). In ``on_before_optimizer_step`` -- after AMP has unscaled the weights' gradients -- it unscales and
-all-reduces the gates' gradients, adds the regulariser's gradient
-(:meth:`~GatePruningCallback.gate_penalty_grad_`), and steps the gates' own optimizer (optionally in
-alternation with the weights). At ``finalize_step`` (or ``finalize_epoch``) the surviving units -- those of
-:meth:`~GatePruningCallback.final_keep`, or, with ``target_flops``/``target_params``, the largest gates that fit the
-budget, widths rounded to ``round_to`` -- are folded into the weights, the others become masks of the base
-:class:`~lightning_prune.callbacks.base.PruningCallback` (and LayerNorm statistics skip them), the hooks go, and
-fine-tuning continues; with ``compress=True`` they are removed physically inside the fit -- right after finalisation,
-or at ``compress_step``/``compress_epoch`` -- and the optimizers carry on with the smaller parameters
-(:mod:`lightning_prune.shrink`).
+:class:`GatePruningCallback` is what group-LASSO (:class:`~lightning_prune.callbacks.group_lasso.GroupLassoPruning`)
+and hard-concrete L0 gates share. At ``setup`` it finds the exactly removable channel groups of the model --
+channels, residual streams, attention heads, conv groups (:func:`lightning_prune.graph.analyse_channels`) --, builds
+one :class:`~lightning_prune.gates.Gate` per group with :meth:`~GatePruningCallback.make_gate` and hooks it into
+every layer that reads the group's units (the model's ``state_dict`` keeps its keys). In
+``on_before_optimizer_step`` -- after AMP has unscaled the weights' gradients -- it unscales and all-reduces the
+gates' gradients, adds the regulariser's gradient (:meth:`~GatePruningCallback.gate_penalty_grad_`), and steps the
+gates' own optimizer (optionally in alternation with the weights). At ``finalize_step`` (or ``finalize_epoch``) the
+surviving units -- those of :meth:`~GatePruningCallback.final_keep`, or, with ``target_flops``/``target_params``,
+the largest gates that fit the budget, widths rounded to ``round_to`` -- are folded into the weights, the others
+become masks of the base :class:`~lightning_prune.callbacks.base.PruningCallback` (and LayerNorm statistics skip
+them), the hooks go, and fine-tuning continues; with ``compress=True`` they are removed physically inside the fit --
+right after finalisation, or at ``compress_step``/``compress_epoch`` -- and the optimizers carry on with the smaller
+parameters (:mod:`lightning_prune.shrink`).
 
 A subclass implements ``make_gate``, ``gate_penalty_grad_`` and ``final_keep``, and may override
 ``after_gate_step`` (capture, clamping) and ``weight_regularizer_grad_``.
@@ -29,7 +28,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback
@@ -44,7 +43,13 @@ from lightning_prune.graph import (
 )
 from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars
 from lightning_prune.schedules import resolve_step, until_the_end
-from lightning_prune.shrink import ShrinkSchedule, check_strategy, compress_in_fit
+from lightning_prune.shrink import (
+    ShrinkSchedule,
+    check_strategy,
+    compress_in_fit,
+    log_model_size,
+    recorded_removal,
+)
 from lightning_prune.targets import Target
 from lightning_prune.validation import (
     as_misconfiguration,
@@ -594,7 +599,7 @@ class GatePruningCallback(PruningCallback):
             self.gateset.release_norms()
         self.shrink.removed = removed
         self._after_compression(pl_module)
-        self.log_size(trainer, pl_module)
+        log_model_size(trainer, pl_module, self.input_size, type(self).__name__, self.verbose)
 
     def compress_model(self, pl_module: pl.LightningModule) -> None:
         """Remove the pruned units physically at the end of training (:func:`lightning_prune.compress` with this
@@ -617,38 +622,15 @@ class GatePruningCallback(PruningCallback):
 
         if self.shrink.removed is not None or self.groups is None:
             return
-        removed = {str(k): [int(u) for u in v] for k, v in state["shrink"]["removed"].items()}
-        unknown = sorted(set(removed) - {g.name for g in self.groups})
-        if unknown:
-            raise MisconfigurationException(
-                f"The checkpoint removed units of groups {unknown[:4]} that this model does not have. HINT: resume"
-                " with the same model and the same include/exclude/prune_coupled arguments.")
+        removed = recorded_removal(state, self.groups)
         slice_units(pl_module, self.groups, removed)
         self.shrink.removed = removed
         self._after_compression(pl_module)
 
     def _after_compression(self, pl_module: pl.LightningModule) -> None:
         """The units are gone: the masks cover the smaller weights (all kept), the norm hooks are off."""
-        from lightning_prune.masks import MaskSet
-
-        self.targets = PruningCallback.select_targets(self, pl_module)
-        self.masks = MaskSet.for_targets(self.targets)
+        self.retarget(pl_module)
         self._param_count = sum(p.numel() for p in pl_module.parameters())
-
-    def log_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """``prune/params`` and ``prune/flops`` of the model as it is now (absolute)."""
-        from torch_pruning.utils import count_ops_and_params
-
-        _, root = traced_root(pl_module)
-        was_training = root.training
-        try:
-            flops, params = count_ops_and_params(root, example_inputs_for(root, self.input_size))
-        finally:
-            root.train(was_training)
-        log_scalars(trainer, {f"{PREFIX}/params": float(params), f"{PREFIX}/flops": float(flops)})
-        if self.verbose:
-            rank_zero_info(f"[{type(self).__name__}] compressed at step {trainer.global_step}: {params:,.0f}"
-                           f" parameters, {flops / 1e6:.1f} MFLOPs; training continues on the smaller model")
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

@@ -1,15 +1,16 @@
 """Group-LASSO channel pruning with learnable channel gates.
 
-He, Zhang, Sun, "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, arXiv:1707.06168
-(a scale ``beta`` per channel under an L1 penalty), in the "mask layer" form of the Habr article
-«Редукция нейронных сетей при помощи вариационной оптимизации» ("Reducing neural networks with variational
-optimisation", in Russian): one learnable gate per unit of every exactly removable channel group (a channel, a
-residual-stream channel, an attention head, a conv group) scales the unit wherever a layer reads it, the loss gains ``lam * sum |g|`` (added as a gradient, like Network
-Slimming's ``grad += s * sign(gamma)``, Liu et al. 2017, arXiv:1708.06519), optional L1/L2 on the ordinary
-weights keeps ReLU nets from compensating, gates below a *capture* threshold are set to zero and frozen, and
-at ``finalize_step`` the gates below ``prune_threshold`` (or, with ``target_flops``/``target_params``, all but the
-largest gates that fit the budget) become pruned units while the others are folded into the weights; training then continues as fine-tuning with fixed channel masks, and
-:func:`lightning_prune.compress` removes the dead channels physically.
+He, Zhang, Sun, "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, arXiv:1707.06168 (a scale
+``beta`` per channel under an L1 penalty), in the "mask layer" form of the Habr article «Редукция нейронных сетей
+при помощи вариационной оптимизации» ("Reducing neural networks with variational optimisation", in Russian): one
+learnable gate per unit of every exactly removable channel group (a channel, a residual-stream channel, an attention
+head, a conv group) scales the unit wherever a layer reads it, the loss gains ``lam * sum |g|`` (added as a
+gradient, like Network Slimming's ``grad += s * sign(gamma)``, Liu et al. 2017, arXiv:1708.06519), optional L1/L2 on
+the ordinary weights keeps ReLU nets from compensating, gates below a *capture* threshold are set to zero and
+frozen, and at ``finalize_step`` the gates below ``prune_threshold`` (or, with ``target_flops``/``target_params``,
+all but the largest gates that fit the budget) become pruned units while the others are folded into the weights;
+training then continues as fine-tuning with fixed channel masks, and ``compress=True`` removes the pruned units
+physically inside the fit (:mod:`lightning_prune.shrink`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_prune as lp
 from lightning_prune.callbacks.group_lasso import GroupLassoPruning
-from lightning_prune.graph import example_inputs_for, slice_units, traced_root
+from lightning_prune.graph import slice_units
 from lightning_prune.shrink import check_strategy
 from lightning_prune.testing import assert_state_equal, check_callback_conformance, fit_tiny, tiny_classifier
 from tests.helpers import Spy, eval_logits

@@ -5,8 +5,9 @@ re-applies them after every optimizer step, checkpoints them and logs sparsity. 
 baselines have in common: *when* to prune (:meth:`BaselinePruning.due`, asked at the end of every training
 batch), the channel groups lightning-prune's analysis proves exactly removable
 (:func:`lightning_prune.graph.analyse_channels`: channels, residual streams, attention heads, conv groups) with
-one keep-vector of units per group, a seeded random generator kept in the callback state, and sparsity metrics
-over the targeted weights only.
+one keep-vector of units per group, physical removal of the pruned units inside the fit
+(:mod:`lightning_prune.shrink`: the optimizers carry their state over, checkpoints of the smaller model resume),
+a seeded random generator kept in the callback state, and sparsity metrics over the targeted weights only.
 """
 
 from __future__ import annotations
@@ -23,9 +24,22 @@ from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback, resolve_seed
 from lightning_prune.gates import unit_masks
-from lightning_prune.graph import ChannelGroup, restricted_norm_hooks
+from lightning_prune.graph import (
+    ChannelGroup,
+    example_inputs_for,
+    restricted_norm_hooks,
+    slice_units,
+    traced_root,
+)
 from lightning_prune.logging import PREFIX, log_scalars
 from lightning_prune.schedules import polynomial_sparsity, resolve_step, until_the_end
+from lightning_prune.shrink import (
+    ShrinkSchedule,
+    check_strategy,
+    compress_in_fit,
+    log_model_size,
+    recorded_removal,
+)
 from lightning_prune.targets import Target
 from lightning_prune.validation import (
     as_misconfiguration,
@@ -50,9 +64,18 @@ class BaselinePruning(PruningCallback):
     LayerNorms that read them compute their statistics over the kept channels: the masked model computes what
     :func:`lightning_prune.compress` makes of it.
 
+    With ``compress=True`` (channel-wise baselines) the pruned units are removed physically once they are decided
+    (:meth:`decided`), or at ``compress_step`` / ``compress_epoch``: training continues on the smaller model, every
+    optimizer holding the new parameters with their state cut to the kept units
+    (:func:`lightning_prune.shrink.compress_in_fit`).
+
     Args:
         input_size: ``(C, H, W)`` used to trace the model for its channel groups (default: the LightningModule's
             ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
+        compress: remove the pruned units inside the fit (default ``False``: masks only).
+        compress_step: when, in optimizer steps or as a fraction of training (``1.0`` = at the end of training);
+            default: right after the units are decided.
+        compress_epoch: the same in epochs.
     """
 
     #: Whether masks act on whole channel units (and so on every tensor of the unit).
@@ -66,9 +89,18 @@ class BaselinePruning(PruningCallback):
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
         input_size: Sequence[int] | None = None,
+        *,
+        compress: bool = False,
+        compress_step: int | float | None = None,
+        compress_epoch: int | float | None = None,
     ) -> None:
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
         self.input_size = check_input_size("input_size", input_size)
+        self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
+        if self.shrink.enabled and not self.channel_wise:
+            raise MisconfigurationException(
+                f"{type(self).__name__} prunes single weights: nothing can be removed physically."
+                " HINT: compress=True needs a channel baseline (first_k_channels, random_channels).")
         self.groups: list[ChannelGroup] | None = None
         self._norm_handles: list[Any] = []
         self._model: pl.LightningModule | None = None
@@ -86,6 +118,15 @@ class BaselinePruning(PruningCallback):
         """New masks at ``sparsity`` (channel-wise baselines set :attr:`unit_keep` and return
         :meth:`unit_keep_masks`)."""
         raise NotImplementedError
+
+    def decided(self, trainer: pl.Trainer) -> bool:
+        """Whether the masks are final (the units to remove are known): by default, once the masks reached
+        ``target_sparsity``."""
+        return self.last_update >= 0 and self.current_sparsity >= getattr(self, "target_sparsity", 0.0)
+
+    def decided_at_step(self, trainer: pl.Trainer) -> int:
+        """The earliest optimizer step at which the masks can be final (``compress_step`` may not come sooner)."""
+        return 0
 
     # ------------------------------------------------------------------ targets
     @override
@@ -121,6 +162,8 @@ class BaselinePruning(PruningCallback):
         for handle in self._norm_handles:
             handle.remove()
         self._norm_handles = []
+        if self.shrink.removed is not None:  # the units are gone: the norms see the kept channels only
+            return
         if self.groups is not None and self.unit_keep is not None and self._model is not None:
             removed = {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(self.groups, self.unit_keep)}
             self._norm_handles = restricted_norm_hooks(self._model, self.groups, removed)
@@ -129,19 +172,75 @@ class BaselinePruning(PruningCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._model = pl_module
+        if self.shrink.enabled and trainer is not None and stage == "fit":
+            check_strategy(trainer, type(self).__name__)
+            self.shrink.install_resume(trainer, self.state_key, lambda state: self._apply_removed(pl_module, state))
         super().setup(trainer, pl_module, stage)
         self._restrict_norms()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self.shrink.resolve(trainer)
+        earliest = self.decided_at_step(trainer) if self.shrink.at_step is not None else 0
+        if self.shrink.at_step is not None and self.shrink.at_step < earliest:
+            raise MisconfigurationException(
+                f"`compress_step`/`compress_epoch` resolves to step {self.shrink.at_step}, before the masks are final"
+                f" (step {earliest}). HINT: the units are removed once they are decided: compress later, or leave"
+                " the position unset to compress right after pruning.")
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        sparsity = self.due(trainer)
-        if sparsity is None:
+        if self.shrink.removed is not None:  # the pruned units are gone: the masks are final
             return
-        self.last_update = int(trainer.global_step)
-        self.current_sparsity = float(sparsity)
-        self.update_masks(self.compute_masks(sparsity), trainer)
+        sparsity = self.due(trainer)
+        if sparsity is not None:
+            self.last_update = int(trainer.global_step)
+            self.current_sparsity = float(sparsity)
+            self.update_masks(self.compute_masks(sparsity), trainer)
+        if self.shrink.due(int(trainer.global_step), self.decided(trainer)):
+            self.shrink_now(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.shrink.enabled and self.shrink.removed is None and self.unit_keep is not None:
+            self.shrink_now(trainer, pl_module, in_fit=False)  # compress_step=1.0, or never decided before the end
+
+    # ------------------------------------------------------------------ shrink
+    def removed_units(self) -> dict[str, list[int]]:
+        """Group name -> the units the masks prune."""
+        assert self.groups is not None and self.unit_keep is not None
+        return {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(self.groups, self.unit_keep)}
+
+    def shrink_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_fit: bool = True) -> None:
+        """Remove the pruned units physically; inside the fit the optimizers carry on with the smaller parameters."""
+        from lightning_prune.compression import compress
+
+        assert self.groups is not None and self.unit_keep is not None
+        _, root = traced_root(pl_module)
+        removed = self.removed_units()
+        example = example_inputs_for(root, self.input_size)
+        if in_fit:  # (the restricted norms let compress prove the masked and the sliced model equal)
+            compress_in_fit(trainer, pl_module, self.groups, removed, example)
+        else:
+            compress(pl_module, example, groups=self.groups, removed=removed)
+        self.shrink.removed = removed
+        self._restrict_norms()  # (removes them: the norms of the smaller model see the kept channels only)
+        self.retarget(pl_module)
+        log_model_size(trainer, pl_module, self.input_size, type(self).__name__, self.verbose)
+
+    def _apply_removed(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+        """Resume: the checkpoint holds the smaller model; take its shapes before Lightning loads its weights."""
+        if self.shrink.removed is not None or self.groups is None:
+            return
+        removed = recorded_removal(state, self.groups)
+        slice_units(pl_module, self.groups, removed)
+        self.shrink.removed = removed
+        self._restrict_norms()
+        self.retarget(pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -188,7 +287,8 @@ class BaselinePruning(PruningCallback):
     @override
     def extra_state_dict(self) -> dict[str, Any]:
         keep = [k.clone() for k in self.unit_keep] if self.unit_keep is not None else None
-        return {"last_update": self.last_update, "current_sparsity": self.current_sparsity, "unit_keep": keep}
+        return {"last_update": self.last_update, "current_sparsity": self.current_sparsity, "unit_keep": keep,
+                "shrink": self.shrink.state_dict()}
 
     @override
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
@@ -196,6 +296,7 @@ class BaselinePruning(PruningCallback):
         self.current_sparsity = float(state.get("current_sparsity", 0.0))
         keep = state.get("unit_keep")
         self.unit_keep = [k.to(torch.bool).cpu() for k in keep] if keep is not None else None
+        self.shrink.load_state_dict(state.get("shrink"))
         self._restrict_norms()
 
 
@@ -330,6 +431,17 @@ class ScheduledBaselinePruning(BaselinePruning):
         ):
             return None
         return self.sparsity_at(step)
+
+    @override
+    def decided(self, trainer: pl.Trainer) -> bool:
+        """Final once ``target_sparsity`` is reached, or once the window closed (``end_step``)."""
+        _, end, _, _ = self.resolve_schedule(trainer)
+        return super().decided(trainer) or (self.last_update >= 0 and trainer.global_step >= end)
+
+    @override
+    def decided_at_step(self, trainer: pl.Trainer) -> int:
+        begin, end, _, sparsity_end = self.resolve_schedule(trainer)
+        return min(max(begin, sparsity_end), end)
 
     def generator(self) -> torch.Generator:
         """A CPU generator at the checkpointed state; call :meth:`save_generator` after drawing."""

@@ -28,12 +28,13 @@ class FirstKChannels(BaselinePruning):
     """Drop the first k output channels of each targeted layer, then fine-tune (Habr channel-pruning control).
 
     In each targeted Conv/Linear layer with ``C`` output channels the first
-    ``k = C - max(round(C * (1 - target_sparsity)), 1)`` channels are pruned: their weight rows (whole
-    filters), their bias entries and, when a BatchNorm directly follows the layer, its ``weight`` and ``bias``
-    entries, so the channel outputs exactly zero. The masks are installed at the end of the first training
-    batch after which ``trainer.global_step`` has reached ``prune_step`` (``prune_epoch`` ``e``: the step at
-    which epoch ``e`` starts) and kept for the rest of training: training goes on as fine-tuning of the
-    narrower network.
+    ``k = C - max(round(C * (1 - target_sparsity)), 1)`` channels are pruned -- in every channel group of
+    lightning-prune's analysis (a layer's channels, a residual stream, attention heads, conv groups), every tensor
+    the unit touches: the producers' filters and biases, the norms after them, the readers' columns -- so nothing
+    reads a pruned unit. The masks are installed at the end of the first training batch after which
+    ``trainer.global_step`` has reached ``prune_step`` (``prune_epoch`` ``e``: the step at which epoch ``e``
+    starts) and kept for the rest of training: training goes on as fine-tuning of the narrower network, which
+    ``compress=True`` removes physically right then (or at ``compress_step`` / ``compress_epoch``).
 
     Args:
         target_sparsity: fraction of each layer's output channels to drop, in [0, 1); at least one channel
@@ -43,10 +44,12 @@ class FirstKChannels(BaselinePruning):
         prune_epoch: the same as an epoch (at its first batch) or a fraction of training.
         include, exclude, types, log_media_every_n_epochs, verbose: see
             :class:`~lightning_prune.PruningCallback`.
+        input_size, compress, compress_step, compress_epoch: see
+            :class:`~lightning_prune_baselines._base.BaselinePruning`.
 
     Example::
 
-        first_k = lightning_prune.create_callback("first_k", target_sparsity=0.5, prune_epoch=5)
+        first_k = lightning_prune.create_callback("first_k", target_sparsity=0.5, prune_epoch=5, compress=True)
         trainer = Trainer(callbacks=[first_k])
     """
 
@@ -61,8 +64,12 @@ class FirstKChannels(BaselinePruning):
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
         input_size: Sequence[int] | None = None,
+        compress: bool = False,
+        compress_step: int | float | None = None,
+        compress_epoch: int | float | None = None,
     ) -> None:
-        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose, input_size)
+        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose, input_size, compress=compress,
+                         compress_step=compress_step, compress_epoch=compress_epoch)
         self.target_sparsity = check_fraction(
             "target_sparsity", target_sparsity,
             hint="the fraction of channels dropped; 0.5 halves every layer.",
@@ -90,14 +97,22 @@ class FirstKChannels(BaselinePruning):
     def pruned(self) -> bool:
         return self.last_update >= 0
 
+    def prune_at_step(self, trainer: pl.Trainer) -> int:
+        """The optimizer step at which the channels go (resolved on first use and checkpointed)."""
+        if self._prune_at_step is None:
+            name = "prune_epoch" if self.prune_epoch is not None else "prune_step"
+            self._prune_at_step = resolve_step(name, getattr(self, name) or 0, trainer)
+        return self._prune_at_step
+
+    @override
+    def decided_at_step(self, trainer: pl.Trainer) -> int:
+        return self.prune_at_step(trainer)
+
     @override
     def due(self, trainer: pl.Trainer) -> float | None:
         if self.pruned:
             return None
-        if self._prune_at_step is None:
-            name = "prune_epoch" if self.prune_epoch is not None else "prune_step"
-            self._prune_at_step = resolve_step(name, getattr(self, name) or 0, trainer)
-        return self.target_sparsity if trainer.global_step >= self._prune_at_step else None
+        return self.target_sparsity if trainer.global_step >= self.prune_at_step(trainer) else None
 
     @override
     def compute_masks(self, sparsity: float) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.shrink import ShrinkSchedule
 from lightning_prune.validation import check_input_size
 from lightning_prune_baselines._base import ScheduledBaselinePruning
 from lightning_prune_baselines.channels import nested_random_keep
@@ -38,10 +39,14 @@ class RandomChannels(ScheduledBaselinePruning):
             :class:`~lightning_prune_baselines._base.ScheduledBaselinePruning`).
         include, exclude, types, log_media_every_n_epochs, verbose: see
             :class:`~lightning_prune.PruningCallback`.
+        input_size, compress, compress_step, compress_epoch: see
+            :class:`~lightning_prune_baselines._base.BaselinePruning` (the units are decided once the schedule
+            reached ``target_sparsity``, or at ``end_step``).
 
     Example::
 
         RandomChannels(target_sparsity=0.5)                                   # one shot at the start
+        RandomChannels(target_sparsity=0.5, compress=True)                    # ... and removed at once
         RandomChannels(target_sparsity=0.5, sparsity_end_step=0.5, every_n_steps=20, seed=3)  # first half
     """
 
@@ -64,11 +69,15 @@ class RandomChannels(ScheduledBaselinePruning):
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
         input_size: Sequence[int] | None = None,
+        compress: bool = False,
+        compress_step: int | float | None = None,
+        compress_epoch: int | float | None = None,
     ) -> None:
         super().__init__(target_sparsity, initial_sparsity, begin_step, end_step, every_n_steps, sparsity_begin_step,
                          sparsity_end_step, exponent, seed, include, exclude, types, log_media_every_n_epochs,
                          verbose)
         self.input_size = check_input_size("input_size", input_size)
+        self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
 
     @override
     def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
