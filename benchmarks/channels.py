@@ -1,20 +1,22 @@
 """Channel pruning to a FLOPs budget on the embedded digits: group-LASSO gates against torch-pruning.
 
-For each model (timm ``resnet18``, ``resnet50``, ``efficientnet_b0``, ``convnext_atto``, ``vit_tiny_patch16_224`` at
-32x32) and each budget (``target_flops`` 0.5 and 0.25 of the dense FLOPs, torch-pruning's ``count_ops_and_params``):
+For each model (timm ``resnet18``, ``resnet50``, ``efficientnet_b0``, ``convnext_atto``,
+``vit_tiny_patch16_224`` at 32x32) and each budget (``target_flops`` 0.5 and 0.25 of the dense FLOPs,
+torch-pruning's ``count_ops_and_params``):
 
 * **dense**: ``E`` epochs of SGD (cosine LR), the reference;
-* **ours**: ``GroupLassoPruning(target_flops=t, finalize_step=0.5, compress=True)``: the same ``E`` epochs; at the
-  middle the units with the largest gates that fit the budget are kept (widths rounded to 8), the rest are
+* **ours**: ``GroupLassoPruning(target_flops=t, finalize_step=0.5, compress=True)``: the same ``E`` epochs; at
+  the middle the units with the largest gates that fit the budget are kept (widths rounded to 8), the rest are
   removed at the end; the second half fine-tunes;
 * **torch-pruning**: the dense run's weights at ``E/2`` epochs, pruned by ``tp.pruner.MetaPruner`` with
-  ``GroupMagnitudeImportance`` (``round_to=8``; whole heads for the ViT, the model's ``num_heads`` updated) to the
-  same FLOPs (its ``pruning_ratio`` found by bisection), then fine-tuned ``E/2`` epochs: the same budget.
+  ``GroupMagnitudeImportance`` (``round_to=8``; whole heads for the ViT, the model's ``num_heads`` updated) to
+  the same FLOPs (its ``pruning_ratio`` found by bisection), then fine-tuned ``E/2`` epochs: the same budget.
 
-Every model is measured in the same process: test accuracy, parameters, FLOPs, and CPU latency at batch 1 and 64
-on one thread -- thread CPU time (``time.thread_time``) per forward, the dense and the pruned models interleaved,
-medians of ``--reps`` repetitions -- as ratios to the dense model's. The goal: latency ratio within 1.25x the FLOPs
-ratio at batch 64. Also: whether kept widths rounded to 8 or to 16 run faster (``--round-to-sweep``).
+Every model is measured in the same process: test accuracy, parameters, FLOPs, and CPU latency at batch 1 and
+64 on one thread -- thread CPU time (``time.thread_time``) per forward, the dense and the pruned models
+interleaved, medians of ``--reps`` repetitions -- as ratios to the dense model's. The goal: latency ratio
+within 1.25x the FLOPs ratio at batch 64. Also: whether kept widths rounded to 8 or to 16 run faster
+(``--round-to-sweep``).
 
 Usage::
 
@@ -58,14 +60,15 @@ SIDE = 32
 
 
 def trainer(epochs: int, callbacks=(), root: str = "runs/bench_channels") -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, callbacks=list(callbacks), default_root_dir=root, deterministic=True)
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
+                      default_root_dir=root, deterministic=True)
 
 
 def classifier(name: str, lr: float) -> lp.ImageClassifier:
-    return lp.ImageClassifier(name, num_classes=10, optimizer="sgd", lr=lr, weight_decay=5e-4, scheduler="cosine",
-                              model_kwargs=MODELS[name])
+    return lp.ImageClassifier(name, num_classes=10, optimizer="sgd", lr=lr, weight_decay=5e-4,
+                              scheduler="cosine", model_kwargs=MODELS[name])
 
 
 def accuracy(model: pl.LightningModule, data: pl.LightningDataModule) -> float:
@@ -96,7 +99,8 @@ def latency(models: dict[str, torch.nn.Module], batch: int, reps: int, inner: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def torch_pruning_at(net: torch.nn.Module, target: float, dense_flops: float) -> tuple[torch.nn.Module, float]:
+def torch_pruning_at(net: torch.nn.Module, target: float,
+                     dense_flops: float) -> tuple[torch.nn.Module, float]:
     """torch-pruning's MetaPruner (GroupMagnitudeImportance, round_to=8) at ``target`` of the FLOPs: the
     ``pruning_ratio`` by bisection on copies; returns the pruned copy and the ratio used."""
     example = torch.randn(1, 3, SIDE, SIDE)
@@ -107,7 +111,8 @@ def torch_pruning_at(net: torch.nn.Module, target: float, dense_flops: float) ->
         pruner = tp.pruner.MetaPruner(
             model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
             ignored_layers=[model.get_classifier()], round_to=8, num_heads=heads,
-            prune_num_heads=bool(heads), prune_head_dims=not heads, head_pruning_ratio=ratio if heads else 0.0)
+            prune_num_heads=bool(heads), prune_head_dims=not heads,
+            head_pruning_ratio=ratio if heads else 0.0)
         pruner.step()
         for m in model.modules():  # MetaPruner updates only its own dict of heads: the model needs them too
             if hasattr(m, "qkv") and m.qkv in pruner.num_heads:
@@ -151,8 +156,8 @@ def run_model(name: str, epochs: int, targets: list[float], lr: float, seed: int
     dense_net = copy.deepcopy(dense.model).eval()
     dense_flops, dense_params = count(dense_net)
     coverage = analyse_channels(dense_net, torch.randn(2, 3, SIDE, SIDE)).coverage
-    log(f"{name}: dense acc {dense_acc:.4f}, {dense_params / 1e6:.2f} M params, {dense_flops / 1e6:.1f} MFLOPs,"
-        f" coverage {coverage:.3f}")
+    log(f"{name}: dense acc {dense_acc:.4f}, {dense_params / 1e6:.2f} M params, {dense_flops / 1e6:.1f}"
+        f" MFLOPs, coverage {coverage:.3f}")
     rows = [{"model": name, "method": "dense", "target": 1.0, "acc": dense_acc, "flops": 1.0, "params": 1.0,
              "coverage": coverage}]
     nets = {"dense": dense_net}
@@ -180,8 +185,9 @@ def run_model(name: str, epochs: int, targets: list[float], lr: float, seed: int
             module.model = pruned.train()
             trainer(epochs - half).fit(module, datamodule=data)
             flops, params = count(module.model)
-            rows.append({"model": name, "method": "torch-pruning", "target": target, "acc": accuracy(module, data),
-                         "flops": flops / dense_flops, "params": params / dense_params, "pruning_ratio": ratio})
+            rows.append({"model": name, "method": "torch-pruning", "target": target,
+                         "acc": accuracy(module, data), "flops": flops / dense_flops,
+                         "params": params / dense_params, "pruning_ratio": ratio})
             nets[f"torch-pruning {target}"] = copy.deepcopy(module.model).eval()
             log(f"{name} torch-pruning @ {target}: acc {rows[-1]['acc']:.4f}, FLOPs {rows[-1]['flops']:.3f}")
         except Exception as err:  # noqa: BLE001 - its failure is a result too
@@ -228,21 +234,22 @@ def round_to_sweep(reps: int, log: Any) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]], rounding: list[dict[str, Any]], config: dict[str, Any]) -> str:
     lines = [f"Digits, 32x32, {config['epochs']} epochs (pruned runs: {config['epochs'] // 2} + "
              f"{config['epochs'] - config['epochs'] // 2}), seed {config['seed']}; latency: thread CPU time,"
-             f" 1 thread, medians of {config['reps']} interleaved repetitions, as ratios to the dense model.", "",
-             "| model | method | target FLOPs | test acc | FLOPs | params | latency b1 | latency b64 |"
+             f" 1 thread, medians of {config['reps']} interleaved repetitions, as ratios to the dense model.",
+             "", "| model | method | target FLOPs | test acc | FLOPs | params | latency b1 | latency b64 |"
              " b64 latency / FLOPs |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| `{r['model']}` | {r['method']} | {r['target']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| `{r['model']}` | {r['method']} | {r['target']} | failed: {r['error']}"
+                         " | | | | | |")
             continue
         ratio = r.get("latency_b64", float("nan")) / r["flops"] if r["method"] != "dense" else 1.0
-        lines.append(f"| `{r['model']}` | {r['method']} | {r['target']:g} | {r['acc']:.4f} | {r['flops']:.3f} |"
-                     f" {r['params']:.3f} | {r.get('latency_b1', float('nan')):.3f} |"
+        lines.append(f"| `{r['model']}` | {r['method']} | {r['target']:g} | {r['acc']:.4f} | {r['flops']:.3f}"
+                     f" | {r['params']:.3f} | {r.get('latency_b1', float('nan')):.3f} |"
                      f" {r.get('latency_b64', float('nan')):.3f} | {ratio:.2f} |")
     if rounding:
-        lines += ["", "Kept widths rounded (resnet18, 45% of every group kept before rounding, batch 64):", "",
-                  "| round_to | FLOPs | latency b64 | ms |", "|---:|---:|---:|---:|"]
+        lines += ["", "Kept widths rounded (resnet18, 45% of every group kept before rounding, batch 64):",
+                  "", "| round_to | FLOPs | latency b64 | ms |", "|---:|---:|---:|---:|"]
         lines += [f"| {r['round_to']} | {r['flops']:.3f} | {r['latency_b64']:.3f} | {r['ms_b64']:.1f} |"
                   for r in rounding]
     return "\n".join(lines) + "\n"
@@ -289,8 +296,8 @@ def main() -> None:
     for name in args.models:
         rows += run_model(name, args.epochs, args.targets, args.lr, args.seed, args.reps, log)
     rounding = [] if args.no_round_to_sweep else round_to_sweep(args.reps, log)
-    config = {"epochs": args.epochs, "targets": args.targets, "lr": args.lr, "seed": args.seed, "reps": args.reps,
-              "side": SIDE, "seconds": round(time.time() - started)}
+    config = {"epochs": args.epochs, "targets": args.targets, "lr": args.lr, "seed": args.seed,
+              "reps": args.reps, "side": SIDE, "seconds": round(time.time() - started)}
     RESULTS.mkdir(exist_ok=True)
     stem = "channels" + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"config": config, "rows": rows, "round_to": rounding},

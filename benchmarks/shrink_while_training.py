@@ -3,17 +3,17 @@
 timm ``resnet18`` on the embedded digits (32x32, batch 64), ``GroupLassoPruning(target_flops=0.25,
 finalize_step=0.5, compress=True)`` for ``E`` epochs, two ways with the same seed:
 
-* **in fit**: the units are removed right after finalisation (the default position): the second half trains the
-  small model, every optimizer carrying its state over;
+* **in fit**: the units are removed right after finalisation (the default position): the second half trains
+  the small model, every optimizer carrying its state over;
 * **at the end**: ``compress_step=1.0``: the second half trains the dense, masked model; the units are removed
   after the last step.
 
-Per run: thread CPU time (``time.thread_time``, one torch thread) of every training step (``on_train_batch_start``
-to ``on_train_batch_end``: forward, backward, optimizer step, the callbacks), medians before and after the
-compression step; the whole fit's wall and thread time; the final test accuracy. The two fits run one after the
-other, so a third measurement interleaves them: the same training step (forward, backward, SGD step) on the masked
-dense model and on the compressed one, alternating, medians of ``--reps`` repetitions. Goal: steps at least 2x
-faster after compression at 0.25 of the FLOPs.
+Per run: thread CPU time (``time.thread_time``, one torch thread) of every training step
+(``on_train_batch_start`` to ``on_train_batch_end``: forward, backward, optimizer step, the callbacks),
+medians before and after the compression step; the whole fit's wall and thread time; the final test accuracy.
+The two fits run one after the other, so a third measurement interleaves them: the same training step
+(forward, backward, SGD step) on the masked dense model and on the compressed one, alternating, medians of
+``--reps`` repetitions. Goal: steps at least 2x faster after compression at 0.25 of the FLOPs.
 
 Usage::
 
@@ -72,24 +72,26 @@ def fit(epochs: int, at_end: bool, seed: int, lr: float) -> dict[str, Any]:
     model = lp.ImageClassifier("resnet18", num_classes=10, optimizer="sgd", lr=lr, weight_decay=5e-4,
                                scheduler="cosine")
     pruner = lp.GroupLassoPruning(target_flops=0.25, finalize_step=0.5, compress=True,
-                                  compress_step=1.0 if at_end else None, verbose=False, log_media_every_n_epochs=0,
-                                  input_size=(3, SIDE, SIDE))
+                                  compress_step=1.0 if at_end else None, verbose=False,
+                                  log_media_every_n_epochs=0, input_size=(3, SIDE, SIDE))
     timer = StepTimer()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, callbacks=[pruner, timer], deterministic=True)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[pruner, timer],
+                         deterministic=True)
     wall, thread = time.perf_counter(), time.thread_time()
     trainer.fit(model, datamodule=data)
     wall, thread = time.perf_counter() - wall, time.thread_time() - thread
     acc = float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
     finalised = pruner.finalize_at_step
     before = [t for step, t, _ in timer.steps if step <= finalised]
-    after = [t for step, t, _ in timer.steps if step > finalised + 1]  # (the compression step itself left out)
+    # (the compression step itself left out)
+    after = [t for step, t, _ in timer.steps if step > finalised + 1]
     flops, params = count_ops_and_params(model.model.eval(), torch.randn(1, 3, SIDE, SIDE))
     return {"run": "at the end" if at_end else "in fit", "acc": acc, "wall_s": wall, "thread_s": thread,
-            "finalize_step": finalised, "steps": len(timer.steps), "ms_before": 1e3 * statistics.median(before),
-            "ms_after": 1e3 * statistics.median(after), "flops": float(flops), "params": float(params),
-            "model": model, "pruner": pruner}
+            "finalize_step": finalised, "steps": len(timer.steps),
+            "ms_before": 1e3 * statistics.median(before), "ms_after": 1e3 * statistics.median(after),
+            "flops": float(flops), "params": float(params), "model": model, "pruner": pruner}
 
 
 def masked_dense(pruner: lp.GroupLassoPruning) -> tuple[lp.ImageClassifier, MaskSet]:
@@ -104,8 +106,8 @@ def masked_dense(pruner: lp.GroupLassoPruning) -> tuple[lp.ImageClassifier, Mask
 
 def interleaved_steps(masked: lp.ImageClassifier, small: lp.ImageClassifier, masks: MaskSet, reps: int,
                       inner: int) -> dict[str, float]:
-    """Median thread-CPU milliseconds of one SGD training step (forward, backward, step, masks re-applied for the
-    masked model) on each model, alternating."""
+    """Median thread-CPU milliseconds of one SGD training step (forward, backward, step, masks re-applied for
+    the masked model) on each model, alternating."""
     torch.set_num_threads(1)
     x = torch.randn(64, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(1))
@@ -133,22 +135,25 @@ def interleaved_steps(masked: lp.ImageClassifier, small: lp.ImageClassifier, mas
 
 
 def markdown(rows: list[dict[str, Any]], steps: dict[str, float], config: dict[str, Any]) -> str:
-    lines = [f"resnet18, digits 32x32, batch 64, {config['epochs']} epochs, GroupLassoPruning(target_flops=0.25,"
-             f" finalize_step=0.5), seed {config['seed']}; thread CPU time at one torch thread.", "",
-             "| compressed | test acc | FLOPs | params | ms/step before | ms/step after | fine-tuning speed-up |"
-             " fit wall s | fit thread s |",
+    lines = [f"resnet18, digits 32x32, batch 64, {config['epochs']} epochs,"
+             f" GroupLassoPruning(target_flops=0.25, finalize_step=0.5), seed {config['seed']}; thread CPU"
+             " time at one torch thread.", "",
+             "| compressed | test acc | FLOPs | params | ms/step before | ms/step after |"
+             " fine-tuning speed-up | fit wall s | fit thread s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['acc']:.4f} | {r['flops'] / 1e6:.1f} M | {r['params'] / 1e6:.2f} M |"
                      f" {r['ms_before']:.0f} | {r['ms_after']:.0f} | {r['ms_before'] / r['ms_after']:.2f}x |"
                      f" {r['wall_s']:.0f} | {r['thread_s']:.0f} |")
     shrunk, at_end = rows
-    lines += ["", f"Fine-tuning steps of the fit that compressed in the fit against those of the fit that compressed at"
-              f" the end: {at_end['ms_after'] / shrunk['ms_after']:.2f}x faster; whole fit"
+    lines += ["",
+              "Fine-tuning steps of the fit that compressed in the fit against those of the fit that"
+              f" compressed at the end: {at_end['ms_after'] / shrunk['ms_after']:.2f}x faster; whole fit"
               f" {at_end['thread_s'] / shrunk['thread_s']:.2f}x faster (thread time); test accuracy"
               f" {shrunk['acc']:.4f} vs {at_end['acc']:.4f}."]
-    lines += ["", f"Interleaved in one process (medians of {config['reps']} repetitions of one SGD step at batch 64):"
-              f" masked dense {steps['masked dense']:.0f} ms, compressed {steps['compressed']:.0f} ms:"
+    lines += ["",
+              f"Interleaved in one process (medians of {config['reps']} repetitions of one SGD step at batch"
+              f" 64): masked dense {steps['masked dense']:.0f} ms, compressed {steps['compressed']:.0f} ms:"
               f" **{steps['masked dense'] / steps['compressed']:.2f}x faster** after compression."]
     return "\n".join(lines) + "\n"
 
@@ -180,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     results = [{k: v for k, v in r.items() if k not in ("model", "pruner")} for r in rows]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"config": config, "runs": results, "interleaved_ms": steps},
+    out.with_suffix(".json").write_text(json.dumps({"config": config, "runs": results,
+                                                    "interleaved_ms": steps},
                                                    indent=2))
     out.with_suffix(".md").write_text(markdown(results, steps, config))
     print(markdown(results, steps, config))

@@ -1,13 +1,15 @@
 """How much of each timm family the channel groups reach, and whether removing them is exact.
 
-For every family (random init, ``num_classes=10``, a small input): :func:`lightning_prune.graph.analyse_channels`
-(its wall time), the **coverage** (the fraction of the conv/linear weight elements, classifier excluded, whose
-output channels sit in a removable group), the number of groups and of units by kind, the skipped groups with
-their reasons; then a random 40% of every group's units is removed and checked:
+For every family (random init, ``num_classes=10``, a small input):
+:func:`lightning_prune.graph.analyse_channels` (its wall time), the **coverage** (the fraction of the
+conv/linear weight elements, classifier excluded, whose output channels sit in a removable group), the number
+of groups and of units by kind, the skipped groups with their reasons; then a random 40% of every group's
+units is removed and checked:
 
 * **exact**: the masked model (zeros at the readers, LayerNorm statistics over the kept channels) equals the
   physically sliced one within 1e-4 relative (float32);
-* **reload**: ``save_compressed`` -> ``load_compressed`` onto a fresh ``timm.create_model`` gives the same outputs;
+* **reload**: ``save_compressed`` -> ``load_compressed`` onto a fresh ``timm.create_model`` gives the same
+  outputs;
 * **trace** / **export**: ``torch.jit.trace`` and ``torch.export.export`` accept the compressed model (a plain
   module: no hooks, no wrappers).
 
@@ -70,8 +72,8 @@ SHORT = [
 
 def _removed(groups, seed: int = 0, share: float = 0.4) -> dict[str, list[int]]:
     gen = torch.Generator().manual_seed(seed)
-    return {g.name: sorted(torch.randperm(g.size, generator=gen)[:max(1, min(g.size - 1, int(g.size * share)))]
-                           .tolist()) for g in groups}
+    return {g.name: sorted(torch.randperm(g.size, generator=gen)
+                           [:max(1, min(g.size - 1, int(g.size * share)))].tolist()) for g in groups}
 
 
 def measure(name: str, kwargs: dict, side: int, export: bool = True) -> dict:
@@ -86,8 +88,9 @@ def measure(name: str, kwargs: dict, side: int, export: bool = True) -> dict:
         if why != "no layer reads these channels (model output)":
             why = re.sub(r"`[^`]*`", "`…`", why)  # one line per kind of reason, not per layer
             reasons[why] = reasons.get(why, 0) + 1
-    row = {"model": name, "input": side, "seconds": round(seconds, 2), "coverage": round(analysis.coverage, 4),
-           "groups": len(analysis.groups), "units": {}, "skipped": reasons}
+    row = {"model": name, "input": side, "seconds": round(seconds, 2),
+           "coverage": round(analysis.coverage, 4), "groups": len(analysis.groups), "units": {},
+           "skipped": reasons}
     for g in analysis.groups:
         row["units"][g.unit] = row["units"].get(g.unit, 0) + g.size
     if not analysis.groups:
@@ -108,7 +111,8 @@ def measure(name: str, kwargs: dict, side: int, export: bool = True) -> dict:
     error = float((masked - sliced).abs().max() / masked.abs().max().clamp_min(1e-12))
     row["max_rel_error"] = error
     row["exact"] = error <= 1e-4
-    row["params_ratio"] = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in model.parameters())
+    row["params_ratio"] = (sum(p.numel() for p in small.parameters())
+                           / sum(p.numel() for p in model.parameters()))
     with tempfile.TemporaryDirectory() as tmp:
         lp.save_compressed(small, Path(tmp) / "small.pt")
         fresh = lp.load_compressed(Path(tmp) / "small.pt",
@@ -136,11 +140,13 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         units = ", ".join(f"{k}: {v}" for k, v in sorted(r["units"].items()))
         skipped = "; ".join(f"{n}× {why}" for why, n in r["skipped"].items()) or "–"
-        exact = "–" if r.get("exact") is None else f"{'yes' if r['exact'] else 'NO'} ({r['max_rel_error']:.1e})"
-        flags = ["–" if r.get(k) is None else ("yes" if r[k] is True else ("no" if r[k] is False else str(r[k])))
+        exact = ("–" if r.get("exact") is None
+                 else f"{'yes' if r['exact'] else 'NO'} ({r['max_rel_error']:.1e})")
+        flags = ["–" if r.get(k) is None
+                 else ("yes" if r[k] is True else ("no" if r[k] is False else str(r[k])))
                  for k in ("reload", "trace", "export")]
-        lines.append(f"| `{r['model']}` | {r['input']} | {r['coverage']:.3f} | {r['groups']} | {units or '–'} |"
-                     f" {skipped} | {exact} | {' | '.join(flags)} | {r['seconds']:.1f} |")
+        lines.append(f"| `{r['model']}` | {r['input']} | {r['coverage']:.3f} | {r['groups']} | {units or '–'}"
+                     f" | {skipped} | {exact} | {' | '.join(flags)} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 

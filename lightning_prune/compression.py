@@ -1,13 +1,13 @@
 """Physical removal of pruned channels, heads and conv groups, and save/load of the result.
 
 :func:`compress` removes units of the groups that :func:`lightning_prune.graph.analyse_channels` proves
-exactly removable: the units a gate callback pruned (``removed=``), or, on any model, the **dead** units -- those
-no layer reads, because every Conv/Linear reading them has zero weight columns there (what masks leave). The
-result is a plain ``nn.Module`` with smaller layers (``num_heads``, ``groups`` and channel counts updated, no
-hooks, no wrappers) whose eval outputs equal the model's before removal (checked on ``example_inputs``). A dead
-unit of a LayerNorm-normalised stream changes the LayerNorm's statistics unless the model computes them over the
-kept channels already (the gate callbacks do so once they have finalised); if it does not, such groups are left
-as they are.
+exactly removable: the units a gate callback pruned (``removed=``), or, on any model, the **dead** units --
+those no layer reads, because every Conv/Linear reading them has zero weight columns there (what masks leave).
+The result is a plain ``nn.Module`` with smaller layers (``num_heads``, ``groups`` and channel counts updated,
+no hooks, no wrappers) whose eval outputs equal the model's before removal (checked on ``example_inputs``). A
+dead unit of a LayerNorm-normalised stream changes the LayerNorm's statistics unless the model computes them
+over the kept channels already (the gate callbacks do so once they have finalised); if it does not, such
+groups are left as they are.
 
 Save the result with :func:`save_compressed` and load it back onto a freshly created model of the same
 architecture in one line::
@@ -63,7 +63,8 @@ def dead_units(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, li
 def round_kept(group: ChannelGroup, removed: Sequence[int], round_to: int, order: Sequence[int] | None = None
                ) -> list[int]:
     """``removed`` trimmed so that the kept channel count is a multiple of ``round_to`` (channel groups only;
-    heads and conv groups are whole units). Units are put back in ``order`` (default: as given, last first)."""
+    heads and conv groups are whole units). Units are put back in ``order`` (default: as given, last
+    first)."""
     if round_to <= 1 or group.unit != "channel" or not removed:
         return list(removed)
     kept = group.size - len(removed)
@@ -93,8 +94,8 @@ def compress(
     Args:
         model: a timm model, any ``nn.Module``, or a LightningModule holding a timm model (compressed in place
             inside it).
-        example_inputs: what the traced model is called with; default: ``example_input_array``, or a random batch
-            at timm's ``pretrained_cfg["input_size"]`` (or ``input_size``).
+        example_inputs: what the traced model is called with; default: ``example_input_array``, or a random
+            batch at timm's ``pretrained_cfg["input_size"]`` (or ``input_size``).
         input_size: ``(C, H, W)`` of the random example.
         inplace: modify ``model`` (default) or a deep copy.
         verify: compare eval outputs before and after on ``example_inputs``; raise if they differ.
@@ -147,8 +148,8 @@ def compress(
                 after = call_model(root, example)
             _check_same(reference, after, atol, rtol)
         after_params = sum(p.numel() for p in root.parameters())
-        rank_zero_info(f"[compress] removed {removed_units} units in {sum(1 for v in plan.values() if v)} groups:"
-                       f" parameters {before_params:,} -> {after_params:,}")
+        rank_zero_info(f"[compress] removed {removed_units} units in {sum(1 for v in plan.values() if v)}"
+                       f" groups: parameters {before_params:,} -> {after_params:,}")
     finally:
         model.train(was_training)
     return model
@@ -166,8 +167,8 @@ def _exact_plan(root: nn.Module, example: Any, groups: Sequence[ChannelGroup], p
     safe = {name: units for name, units in plan.items()
             if not next(g for g in groups if g.name == name).norm_sites()}
     if len(safe) < len(plan):
-        rank_zero_info(f"[compress] left {len(plan) - len(safe)} LayerNorm-normalised groups as they are: their"
-                       " norms count the dead channels (compress through the callback to remove them).")
+        rank_zero_info(f"[compress] left {len(plan) - len(safe)} LayerNorm-normalised groups as they are:"
+                       " their norms count the dead channels (compress through the callback to remove them).")
     return safe
 
 
@@ -185,8 +186,8 @@ def _check_same(reference: Any, after: Any, atol: float, rtol: float) -> None:
             diff = (reference - after).abs().max().item() if reference.shape == after.shape else float("nan")
             raise CompressionError(
                 f"Removing the dead channels changed the outputs (max abs difference {diff:.3g})."
-                " HINT: a LayerNorm counts removed channels in its statistics, or a layer outside the analysed"
-                " groups reads them; call compress(..., verify=False) to keep the result anyway."
+                " HINT: a LayerNorm counts removed channels in its statistics, or a layer outside the"
+                " analysed groups reads them; call compress(..., verify=False) to keep the result anyway."
             )
     elif isinstance(reference, (list, tuple)):
         for a, b in zip(reference, after):
@@ -218,9 +219,9 @@ def save_compressed(model: nn.Module, path: str | Path) -> None:
 def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu") -> nn.Module:
     """Load a compressed model onto a fresh model of the same architecture; returns it.
 
-    ``path`` is what :func:`save_compressed` wrote (every resized parameter and buffer takes the saved shape, the
-    layers' channel counts are set, the state is loaded strictly), or a Lightning checkpoint written after a
-    callback compressed the model inside the fit: then ``model`` is a fresh LightningModule, the callback's
+    ``path`` is what :func:`save_compressed` wrote (every resized parameter and buffer takes the saved shape,
+    the layers' channel counts are set, the state is loaded strictly), or a Lightning checkpoint written after
+    a callback compressed the model inside the fit: then ``model`` is a fresh LightningModule, the callback's
     recorded plan removes the same units from it, and the checkpoint's weights load strictly.
 
     Example::
@@ -257,7 +258,8 @@ def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu
 
 def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path: str | Path) -> nn.Module:
     plans = [state["shrink"]["removed"] for state in payload["callbacks"].values()
-             if isinstance(state, dict) and isinstance(state.get("shrink"), dict) and state["shrink"].get("removed")]
+             if isinstance(state, dict) and isinstance(state.get("shrink"), dict)
+             and state["shrink"].get("removed")]
     if plans:
         prefix, root = traced_root(module)
         groups = analyse_channels(root, example_inputs_for(root), prefix=prefix).groups
@@ -265,8 +267,9 @@ def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path:
             unknown = sorted(set(removed) - {g.name for g in groups})
             if unknown:
                 raise InvalidArgumentError(
-                    f"{path} removed units of groups {unknown[:4]} that {type(module).__name__} does not have."
-                    " HINT: pass a fresh instance of the LightningModule the checkpoint was trained with.")
+                    f"{path} removed units of groups {unknown[:4]} that {type(module).__name__}"
+                    " does not have. HINT: pass a fresh instance of the LightningModule the checkpoint was"
+                    " trained with.")
             slice_units(module, groups, removed)
     module.load_state_dict(payload["state_dict"], strict=True)
     return module

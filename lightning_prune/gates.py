@@ -3,9 +3,10 @@
 The groups and the places where their units are read come from :func:`lightning_prune.graph.analyse_channels`.
 A :class:`GateSet` hooks each group's gate into every **input site** of the group (the input channels of each
 Conv/Linear that reads the units: a zero gate there means nothing reads the unit, so removing it is exact),
-folds the gates into those layers' weight columns, turns kept/pruned units into boolean masks over every tensor
-that loses them, and -- once units are pruned -- makes the group's **norm sites** (LayerNorm, GroupNorm(1), GRN)
-compute their statistics over the kept channels only, which is what the physically smaller model computes.
+folds the gates into those layers' weight columns, turns kept/pruned units into boolean masks over every
+tensor that loses them, and -- once units are pruned -- makes the group's **norm sites** (LayerNorm,
+GroupNorm(1), GRN) compute their statistics over the kept channels only, which is what the physically smaller
+model computes.
 
 Gates are :class:`Gate` modules held *outside* the model (the model's ``state_dict`` keeps its keys).
 :class:`ScaleGate` is the group-LASSO gate (a learnable scale); the L0 callback plugs in a hard-concrete
@@ -153,7 +154,8 @@ class GateSet:
                     d = dim % x.dim()
                     values = gate.value(m.training)
                     scale = torch.ones(x.shape[d], dtype=x.dtype, device=x.device)
-                    scale = scale.index_put((channels.to(x.device),), values.to(x.dtype)[units.to(values.device)]
+                    scale = scale.index_put((channels.to(x.device),),
+                                            values.to(x.dtype)[units.to(values.device)]
                                             .to(x.device))
                     return (x * _channel_view(scale, x.dim(), d), *args[1:])
 
@@ -161,9 +163,9 @@ class GateSet:
         self._attach_norms(root)
 
     def _attach_norms(self, root: nn.Module) -> None:
-        """Norm sites compute their statistics over the channels whose gate is not exactly zero, so that a unit
-        whose gate closed (a hard-concrete zero, a captured group-LASSO gate) is already absent from them, as in
-        the finalised and in the compressed model."""
+        """Norm sites compute their statistics over the channels whose gate is not exactly zero, so that a
+        unit whose gate closed (a hard-concrete zero, a captured group-LASSO gate) is already absent from
+        them, as in the finalised and in the compressed model."""
         by_module: dict[str, list[tuple[Gate, Tensor, Tensor, int]]] = {}
         for group, gate in self:
             for site in group.norm_sites():
@@ -229,7 +231,8 @@ class GateSet:
     def state_dict(self) -> dict[str, Any]:
         return {
             "names": [g.name for g in self.groups],
-            "gates": [{k: v.detach().cpu().clone() for k, v in gate.state_dict().items()} for gate in self.gates],
+            "gates": [{k: v.detach().cpu().clone() for k, v in gate.state_dict().items()}
+                      for gate in self.gates],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -251,11 +254,11 @@ class GateSet:
 
 
 def unit_masks(root: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[Tensor]) -> dict[str, Tensor]:
-    """Boolean masks (``True`` = kept) over every parameter of ``root`` that loses the pruned units of ``groups``
-    (``keep``: one boolean vector per group): output rows, input columns, norm and depthwise entries, free
-    parameters such as ``pos_embed``. A masked model whose readers' columns are zero reads nothing of a pruned
-    unit, so it computes what the sliced model computes (with the norm sites restricted, see
-    :meth:`GateSet.restrict_norms`)."""
+    """Boolean masks (``True`` = kept) over every parameter of ``root`` that loses the pruned units of
+    ``groups`` (``keep``: one boolean vector per group): output rows, input columns, norm and depthwise
+    entries, free parameters such as ``pos_embed``. A masked model whose readers' columns are zero reads
+    nothing of a pruned unit, so it computes what the sliced model computes (with the norm sites restricted,
+    see :meth:`GateSet.restrict_norms`)."""
     params = dict(root.named_parameters())
     masks: dict[str, Tensor] = {}
 

@@ -1,33 +1,35 @@
 """Channel-group analysis: which channel dimensions of a model can be removed exactly, and how.
 
 Shared by the gate callbacks, the channel baselines and :func:`lightning_prune.compress`. torch-pruning's
-``DependencyGraph`` traces the model and maps indices through concatenations, residual sums, depthwise convs and
-reshapes; this module expands its groups itself (a visited-set expansion that stays linear where torch-pruning's
-re-adds every index subset), turns each into a :class:`ChannelGroup`, and keeps only the groups whose removal is
-proven exact.
+``DependencyGraph`` traces the model and maps indices through concatenations, residual sums, depthwise convs
+and reshapes; this module expands its groups itself (a visited-set expansion that stays linear where
+torch-pruning's re-adds every index subset), turns each into a :class:`ChannelGroup`, and keeps only the
+groups whose removal is proven exact.
 
 A group is a set of **units** removed together: a channel (a conv filter, a Linear unit, a residual-stream
-channel with every producer, BatchNorm, LayerNorm entry, ``pos_embed``/``cls_token``/layer-scale entry and reader
-column coupled to it), a whole attention **head** of timm's ``Attention`` (its q, k and v rows and its ``proj``
-columns; ``num_heads`` is updated), or a whole **conv group** of a grouped convolution (ResNeXt, RegNet: the
-channels that feed the group, the group's filters and their readers; ``groups`` is updated).
+channel with every producer, BatchNorm, LayerNorm entry, ``pos_embed``/``cls_token``/layer-scale entry and
+reader column coupled to it), a whole attention **head** of timm's ``Attention`` (its q, k and v rows and its
+``proj`` columns; ``num_heads`` is updated), or a whole **conv group** of a grouped convolution (ResNeXt,
+RegNet: the channels that feed the group, the group's filters and their readers; ``groups`` is updated).
 
 A unit is removed exactly when nothing reads it: every layer that mixes channels -- a Conv/Linear reading them
 (an **input site**: the gate multiplies its input channels, and folds into its weight columns), a LayerNorm,
 GroupNorm(1) or GRN computing statistics over them (a **norm site**: once units are pruned, its statistics are
 taken over the kept channels only) -- must not see it. Depthwise convs, BatchNorms, activations, additions and
 squeeze-excite multiplies act per channel and are sliced along. The claim is **checked, not assumed**: on a
-float64 copy with random BatchNorm statistics, norm affines, biases, gains and layer scales, a random subset of
-every group's units is masked (zero at the input sites, restricted norm sites) and the masked outputs are
-compared with those of a copy from which the units were physically sliced; a group that breaks the equality (or
-the slicing) is left alone with the reason. Groups that cannot be sliced at all (split sizes fixed in the model's
-code, channel-mixing ops, weight-standardised readers) are rejected before that check, each with its reason.
+float64 copy with random BatchNorm statistics, norm affines, biases, gains and layer scales, a random subset
+of every group's units is masked (zero at the input sites, restricted norm sites) and the masked outputs are
+compared with those of a copy from which the units were physically sliced; a group that breaks the equality
+(or the slicing) is left alone with the reason. Groups that cannot be sliced at all (split sizes fixed in the
+model's code, channel-mixing ops, weight-standardised readers) are rejected before that check, each with its
+reason.
 
 Example::
 
     analysis = analyse_channels(timm.create_model("resnet50"), torch.randn(2, 3, 64, 64))
     print(analysis.coverage, len(analysis.groups), analysis.skipped)
-    small = copy.deepcopy(model); slice_units(small, analysis.groups, {g.name: [0, 1] for g in analysis.groups})
+    small = copy.deepcopy(model); slice_units(small, analysis.groups,
+                                              {g.name: [0, 1] for g in analysis.groups})
 """
 
 from __future__ import annotations
@@ -100,11 +102,11 @@ class Slice:
 
     Attributes:
         module: full name of the module (or of the parameter, for ``role="param"``).
-        role: ``"free"`` (a parameter-free module such as an activation: nothing to slice; only its FLOPs shrink),
-            ``"out"`` (Conv/Linear output rows, with bias and a weight-standardised conv's ``gain``), ``"in"``
-            (Conv/Linear input columns), ``"channel"`` (a per-channel module: BatchNorm, LayerNorm, GroupNorm,
-            depthwise conv), ``"param"`` (a free parameter such as ``pos_embed``, along ``dim``) or ``"group"``
-            (whole conv groups of a grouped conv's output).
+        role: ``"free"`` (a parameter-free module such as an activation: nothing to slice; only its FLOPs
+            shrink), ``"out"`` (Conv/Linear output rows, with bias and a weight-standardised conv's ``gain``),
+            ``"in"`` (Conv/Linear input columns), ``"channel"`` (a per-channel module: BatchNorm, LayerNorm,
+            GroupNorm, depthwise conv), ``"param"`` (a free parameter such as ``pos_embed``, along ``dim``) or
+            ``"group"`` (whole conv groups of a grouped conv's output).
         dim: the parameter's dimension (``role="param"`` only).
         channels: the module's index of each of the group's channels.
         units: the unit each of those channels belongs to.
@@ -121,9 +123,9 @@ class Slice:
 class Site:
     """A place where a unit is read by something that mixes channels.
 
-    ``kind="input"``: the input of a Conv/Linear (channel ``dim``); a gate multiplies these channels there (and
-    folds into the weight columns). ``kind="norm"``: a LayerNorm/GroupNorm(1)/GRN; once units are pruned it
-    computes its statistics over the kept channels only.
+    ``kind="input"``: the input of a Conv/Linear (channel ``dim``); a gate multiplies these channels there
+    (and folds into the weight columns). ``kind="norm"``: a LayerNorm/GroupNorm(1)/GRN; once units are pruned
+    it computes its statistics over the kept channels only.
     """
 
     module: str
@@ -146,8 +148,8 @@ class ChannelGroup:
         slices: what loses the units when they are removed.
         producers: Conv/Linear modules whose output channels belong to the group.
         coupled: several producers meet (a residual stream): one gate value per unit shared by all readers.
-        attrs: ``(module, attribute, per_unit)``: integer attributes that drop by ``per_unit`` per removed unit
-            (``num_heads``, ``attn_dim``).
+        attrs: ``(module, attribute, per_unit)``: integer attributes that drop by ``per_unit`` per removed
+            unit (``num_heads``, ``attn_dim``).
     """
 
     name: str
@@ -174,8 +176,8 @@ class ChannelAnalysis:
     Attributes:
         groups: the exactly removable groups.
         skipped: group name -> why it is left alone.
-        weights: conv/linear module name -> weight elements (the coverage denominator: every Conv/Linear but the
-            model's output layers).
+        weights: conv/linear module name -> weight elements (the coverage denominator: every Conv/Linear but
+            the model's output layers).
         seconds: wall time of the analysis.
     """
 
@@ -216,7 +218,8 @@ def traced_root(module: nn.Module) -> tuple[str, nn.Module]:
     return "", module
 
 
-def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = None, batch_size: int = 2) -> Any:
+def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = None,
+                       batch_size: int = 2) -> Any:
     """An input to trace ``module`` with: its ``example_input_array``, else a random batch of ``input_size``
     (default: timm's ``pretrained_cfg["input_size"]``, at the ViT's fixed ``img_size`` when it has one)."""
     example = getattr(module, "example_input_array", None)
@@ -228,8 +231,8 @@ def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = Non
         cfg = getattr(module, "pretrained_cfg", None)
         if not isinstance(cfg, dict) or "input_size" not in cfg:
             raise InvalidArgumentError(
-                f"Cannot tell what {type(module).__name__} takes as input. HINT: pass `input_size=(3, 32, 32)`"
-                " or set `example_input_array` on the LightningModule."
+                f"Cannot tell what {type(module).__name__} takes as input."
+                " HINT: pass `input_size=(3, 32, 32)` or set `example_input_array` on the LightningModule."
             )
         input_size = tuple(cfg["input_size"])
         img_size = getattr(getattr(module, "patch_embed", None), "img_size", None)
@@ -284,7 +287,8 @@ def _is_grouped(module: nn.Module) -> bool:
 
 
 def _is_std_conv(module: nn.Module) -> bool:
-    """timm's weight-standardised convs (StdConv2d, ScaledStdConv2d...): the standardisation runs over the fan-in."""
+    """timm's weight-standardised convs (StdConv2d, ScaledStdConv2d...): the standardisation runs over the
+    fan-in."""
     return isinstance(module, _CONV) and "StdConv" in type(module).__name__
 
 
@@ -297,8 +301,8 @@ def _is_timm_attention(module: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------- time limit
 @contextlib.contextmanager
 def _deadline(seconds: float | None, what: str) -> Iterator[Callable[[], None]]:
-    """A ``check()`` that raises :class:`GraphTimeoutError` past the deadline; in the main thread an alarm also
-    interrupts code that never calls it (torch-pruning's tracing)."""
+    """A ``check()`` that raises :class:`GraphTimeoutError` past the deadline; in the main thread an alarm
+    also interrupts code that never calls it (torch-pruning's tracing)."""
     if seconds is None:
         yield lambda: None
         return
@@ -396,7 +400,7 @@ def _build_graph(model: nn.Module, example: Any) -> tp.DependencyGraph:
         model.train(was_training)
 
 
-# ---------------------------------------------------------------------------------------------- classification
+# --------------------------------------------------------------------------------------------- classification
 @dataclass
 class _Raw:
     """One expanded group before verification."""
@@ -481,7 +485,8 @@ def _describe(raw: _Raw, graph: tp.DependencyGraph, names: dict[int, str], prefi
         elif any(True for _ in module.parameters(recurse=False)):
             return [], [], [], f"{type(module).__name__} `{name}` (no rule to slice it)"
         elif not any(True for _ in module.children()):  # an activation, dropout, pooling: nothing to slice,
-            slices.append(Slice(full(name), "free", channels, units))  # but its FLOPs shrink with the channels
+            # but its FLOPs shrink with the channels
+            slices.append(Slice(full(name), "free", channels, units))
     # GRN reads channels through its own statistics: a norm site where its parameters are sliced
     for sl in list(slices):
         if sl.role == "param":
@@ -521,9 +526,11 @@ def _raw_groups(model: nn.Module, graph: tp.DependencyGraph, check: Callable[[],
     return _merge_grouped_convs(raws, graph, names)
 
 
-def _head_group(attn: nn.Module, graph: tp.DependencyGraph, names: dict[int, str], check: Callable[[], None]) -> _Raw:
+def _head_group(attn: nn.Module, graph: tp.DependencyGraph, names: dict[int, str],
+                check: Callable[[], None]) -> _Raw:
     """Whole heads of a timm ``Attention``: expanding the q rows reaches the k and v rows and the ``proj``
-    columns; ``q_norm``/``k_norm`` (shared by the heads) are left as they are; ``num_heads``/``attn_dim`` drop."""
+    columns; ``q_norm``/``k_norm`` (shared by the heads) are left as they are; ``num_heads``/``attn_dim``
+    drop."""
     fn = graph.get_pruner_of_module(attn.qkv).prune_out_channels
     items = _expand(graph, attn.qkv, fn, list(range(attn.attn_dim)), check)
     hd = attn.head_dim
@@ -553,7 +560,8 @@ def _merge_grouped_convs(raws: list[_Raw], graph: tp.DependencyGraph, names: dic
         feeding, produced = holder(conv, False), holder(conv, True)
         if len(feeding) != 1 or len(produced) != 1 or feeding[0] is produced[0]:
             for r in feeding + produced:
-                r.blocked = f"grouped convolution `{name}` whose input and output channels are not two separate groups"
+                r.blocked = (f"grouped convolution `{name}` whose input and output channels are not two"
+                             " separate groups")
             continue
         a, b = feeding[0], produced[0]
         if id(a) in used or id(b) in used:
@@ -565,10 +573,12 @@ def _merge_grouped_convs(raws: list[_Raw], graph: tp.DependencyGraph, names: dic
         item_out = next(i for i in b.items if _item_module(i) is conv and out_fn(i.handler))
         unit_b = {r: idx // opg for r, idx in zip(item_out.roots, item_out.idxs)}
         if len(unit_a) != a.size or len(unit_b) != b.size:
-            a.blocked = b.blocked = f"grouped convolution `{name}` reads or writes only part of a channel group"
+            a.blocked = b.blocked = (f"grouped convolution `{name}` reads or writes only part of a"
+                                     " channel group")
             continue
         offset = a.size
-        items = [*a.items, *[_Item(i.node, i.handler, i.idxs, [r + offset for r in i.roots]) for i in b.items]]
+        items = [*a.items,
+                 *[_Item(i.node, i.handler, i.idxs, [r + offset for r in i.roots]) for i in b.items]]
 
         def unit_of(r: int, unit_a: dict[int, int] = unit_a, unit_b: dict[int, int] = unit_b,
                     offset: int = offset) -> int:
@@ -635,7 +645,8 @@ def _restricted_forward(module: nn.Module, x: Tensor, keep: Tensor, dim: int) ->
         x_g = x.norm(p=2, dim=module.spatial_dim, keepdim=True)
         mean = x_g.index_select(dim, keep).mean(dim=dim, keepdim=True)
         x_n = x_g / (mean + module.eps)
-        return x + torch.addcmul(module.bias.view(module.wb_shape), module.weight.view(module.wb_shape), x * x_n)
+        return x + torch.addcmul(module.bias.view(module.wb_shape), module.weight.view(module.wb_shape),
+                                 x * x_n)
     moved = x.movedim(dim, -1)
     kept = moved.index_select(-1, keep)
     weight = module.weight.index_select(0, keep) if getattr(module, "weight", None) is not None else None
@@ -649,8 +660,8 @@ def _restricted_forward(module: nn.Module, x: Tensor, keep: Tensor, dim: int) ->
     return out.movedim(-1, dim)
 
 
-def restricted_norm_hooks(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mapping[str, Iterable[int]],
-                          prefix: str = "") -> list[Any]:
+def restricted_norm_hooks(model: nn.Module, groups: Iterable[ChannelGroup],
+                          removed: Mapping[str, Iterable[int]], prefix: str = "") -> list[Any]:
     """Forward hooks that make every norm site compute its statistics over the kept channels (all groups'
     removed units of one norm combined); returns the handles."""
     dead_by_module: dict[str, tuple[int, set[int]]] = {}
@@ -669,9 +680,11 @@ def restricted_norm_hooks(model: nn.Module, groups: Iterable[ChannelGroup], remo
         size = _norm_size(module)
         keep = torch.tensor([i for i in range(size) if i not in dead], dtype=torch.long)
 
-        def hook(m: nn.Module, args: Any, output: Any, keep: Tensor = keep, dim: int = dim, size: int = size) -> Tensor:
+        def hook(m: nn.Module, args: Any, output: Any, keep: Tensor = keep, dim: int = dim,
+                 size: int = size) -> Tensor:
             x = args[0]
-            if x.shape[dim] != size:  # the norm was sliced meanwhile: it computes over the kept channels anyway
+            # the norm was sliced meanwhile: it computes over the kept channels anyway
+            if x.shape[dim] != size:
                 return output
             return _restricted_forward(m, x, keep.to(x.device), dim).to(output.dtype)
 
@@ -755,9 +768,9 @@ def _slice_module(module: nn.Module, role: str, dead: set[int], dim: int = 0) ->
 @torch.no_grad()
 def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mapping[str, Iterable[int]],
                 prefix: str = "") -> int:
-    """Physically remove the ``removed`` units (group name -> unit indices) of ``groups`` from ``model`` in place;
-    returns the number of units removed. ``prefix`` is where ``model`` sits in the names (``"model"`` for an
-    ImageClassifier's timm model when the groups were found on the LightningModule)."""
+    """Physically remove the ``removed`` units (group name -> unit indices) of ``groups`` from ``model`` in
+    place; returns the number of units removed. ``prefix`` is where ``model`` sits in the names (``"model"``
+    for an ImageClassifier's timm model when the groups were found on the LightningModule)."""
     dead: dict[tuple[str, str, int], set[int]] = {}
     attrs: dict[tuple[str, str], int] = {}
     count = 0
@@ -793,9 +806,9 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
 
 def parameter_cuts(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mapping[str, Iterable[int]],
                    prefix: str = "") -> dict[str, list[tuple[int, Tensor]]]:
-    """What :func:`slice_units` will do to each parameter and buffer: ``{name: [(dim, kept indices), ...]}`` (names
-    relative to ``model``), so that tensors shaped like a parameter (optimizer state: momentum, Adam moments) can be
-    cut the same way, and a compressed state padded back to the dense shapes."""
+    """What :func:`slice_units` will do to each parameter and buffer: ``{name: [(dim, kept indices), ...]}``
+    (names relative to ``model``), so that tensors shaped like a parameter (optimizer state: momentum, Adam
+    moments) can be cut the same way, and a compressed state padded back to the dense shapes."""
     dead: dict[tuple[str, str, int], set[int]] = {}
     for group in groups:
         gone = {int(u) for u in removed.get(group.name, ())}
@@ -834,8 +847,8 @@ def parameter_cuts(model: nn.Module, groups: Iterable[ChannelGroup], removed: Ma
 # ---------------------------------------------------------------------------------------------- verification
 @torch.no_grad()
 def randomised_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
-    """A copy in eval mode and ``dtype`` with random biases, BatchNorm statistics, norm affines, gains and layer
-    scales, so that no zero and no negligible branch passes a check by chance."""
+    """A copy in eval mode and ``dtype`` with random biases, BatchNorm statistics, norm affines, gains and
+    layer scales, so that no zero and no negligible branch passes a check by chance."""
     gen = torch.Generator().manual_seed(seed)
     clone = copy.deepcopy(model).eval().to(dtype)
 
@@ -891,7 +904,8 @@ def _sample_removed(groups: Sequence[ChannelGroup], seed: int) -> dict[str, list
 
 
 @torch.no_grad()
-def _exact(model: nn.Module, example: Any, groups: Sequence[ChannelGroup], rtol: float, seed: int = 0) -> bool:
+def _exact(model: nn.Module, example: Any, groups: Sequence[ChannelGroup], rtol: float,
+           seed: int = 0) -> bool:
     """Masked (zeros at input sites, restricted norms) equals physically sliced, on a randomised copy."""
     groups = [g for g in groups if g.size > 1]
     if not groups:
@@ -995,7 +1009,8 @@ def analyse_channels(
                 analysis.skipped[gname] = blocked
                 continue
             candidates.append(ChannelGroup(gname, raw.size, raw.unit, raw.width, tuple(sites), tuple(slices),
-                                           tuple(producers), coupled, tuple((full(m), a, k) for m, a, k in raw.attrs)))
+                                           tuple(producers), coupled,
+                                           tuple((full(m), a, k) for m, a, k in raw.attrs)))
         local = [_localised(g, prefix) for g in candidates]
         good, bad = _exact_subsets(model, example_inputs, local, rtol, check)
         good_names = {g.name for g in good}
@@ -1003,7 +1018,8 @@ def analyse_channels(
             if _strip(group.name, prefix) in good_names or (not prefix and group.name in good_names):
                 analysis.groups.append(group)
             else:
-                analysis.skipped[group.name] = "removing these channels changes the outputs (checked on a copy)"
+                analysis.skipped[group.name] = ("removing these channels changes the outputs"
+                                                " (checked on a copy)")
     analysis.seconds = time.monotonic() - start
     return analysis
 
@@ -1049,8 +1065,8 @@ def _output_modules(model: nn.Module, example: Any) -> set[int]:
 
 # ---------------------------------------------------------------------------------------------- cost
 class CostModel:
-    """FLOPs (as torch-pruning's ``count_ops_and_params`` counts them on ``example_inputs``) and parameters of the
-    model once some units are removed, computed from the groups' slices without touching the model.
+    """FLOPs (as torch-pruning's ``count_ops_and_params`` counts them on ``example_inputs``) and parameters of
+    the model once some units are removed, computed from the groups' slices without touching the model.
 
     Example::
 
@@ -1059,7 +1075,8 @@ class CostModel:
         flops / cost.dense_flops
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any, groups: Sequence[ChannelGroup], prefix: str = "") -> None:
+    def __init__(self, model: nn.Module, example_inputs: Any, groups: Sequence[ChannelGroup],
+                 prefix: str = "") -> None:
         from torch_pruning.utils import count_ops_and_params
 
         self.groups = list(groups)
@@ -1078,12 +1095,14 @@ class CostModel:
         scale = 1.0 / _batch_size(example_inputs)  # per-layer counts are per batch, the total per sample
         # what torch-pruning counts per module: leaves, and containers it counts as a whole (timm's Attention)
         counted = {id(m): float(layer_flops.get(m) or 0.0) * scale for m in model.modules()}
-        own = {full(n): counted[id(m)] - sum(counted[id(c)] for c in m.children()) for n, m in model.named_modules()}
+        own = {full(n): counted[id(m)] - sum(counted[id(c)] for c in m.children())
+               for n, m in model.named_modules()}
         self._flops = {n: v for n, v in own.items() if v > 0.5}  # what each module counts beyond its children
         self._children = {full(n): [full(f"{n}.{c}" if n else c) for c, _ in m.named_modules() if c]
                           for n, m in model.named_modules() if any(True for _ in m.children())}
         self._sizes: dict[tuple[str, str, int], int] = {}
-        self._params: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {}  # module -> (pname, numel, shape)
+        # module -> (pname, numel, shape)
+        self._params: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {}
         for name, module in model.named_modules():
             self._params[full(name)] = [(pname, p.numel(), tuple(p.shape))
                                        for pname, p in module.named_parameters(recurse=False)]
@@ -1130,10 +1149,12 @@ class CostModel:
         params = self.dense_params
         kept_share: dict[str, float] = {}  # module -> share of its weight (and FLOPs) that stays
         for module, fracs in by_module.items():
-            if any(k.startswith("param") for k in fracs):  # a free parameter (pos_embed, gamma): its own entry
+            # a free parameter (pos_embed, gamma): its own entry
+            if any(k.startswith("param") for k in fracs):
                 owner, _, pname = module.rpartition(".")
                 frac = next(v for k, v in fracs.items() if k.startswith("param"))
-                params -= sum(numel for n, numel, _ in self._params.get(owner, []) if n == pname) * (1.0 - frac)
+                params -= sum(numel for n, numel, _ in self._params.get(owner, [])
+                              if n == pname) * (1.0 - frac)
                 continue
             f_out = fracs.get("out", fracs.get("group", fracs.get("channel", fracs.get("free", 1.0))))
             f_in = fracs.get("in", 1.0) if "channel" not in fracs else 1.0

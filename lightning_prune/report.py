@@ -65,7 +65,8 @@ class SparsityReport:
     def format_table(self, extra: dict[str, float] | None = None) -> str:
         """A fixed-width table: one row per layer, then the global numbers and any ``extra`` ones."""
         width = max([len(layer.name) for layer in self.layers] + [12])
-        head = f"{'layer':<{width}}  {'shape':>20}  {'params':>10}  {'zeros':>10}  {'sparsity':>8}  {'zero ch':>9}"
+        head = (f"{'layer':<{width}}  {'shape':>20}  {'params':>10}  {'zeros':>10}  {'sparsity':>8}"
+                f"  {'zero ch':>9}")
         lines = [head, "-" * len(head)]
         for layer in self.layers:
             shape = "x".join(map(str, layer.shape))
@@ -93,9 +94,10 @@ def sparsity_report(
     exclude: str | Sequence[str] | None = None,
     types: Sequence[type[nn.Module]] | None = None,
 ) -> SparsityReport:
-    """Count the zeros of the targeted weights of ``model``: by default every Conv and Linear weight except each
-    timm model's first conv and classifier -- the weights the callbacks prune and ``prune/sparsity`` describes
-    (``include``/``exclude``/``types`` as for the callbacks, :func:`~lightning_prune.resolve_targets`).
+    """Count the zeros of the targeted weights of ``model``: by default every Conv and Linear weight except
+    each timm model's first conv and classifier -- the weights the callbacks prune and ``prune/sparsity``
+    describes (``include``/``exclude``/``types`` as for the callbacks,
+    :func:`~lightning_prune.resolve_targets`).
 
     Example::
 

@@ -1,17 +1,18 @@
 """Shrink while training: remove pruned units inside ``trainer.fit`` and carry the optimizer over.
 
-After :func:`lightning_prune.compress` replaces a layer's parameters by smaller ones, an optimizer still points at
-the old tensors: the layer silently stops learning and its momentum, ``exp_avg`` and ``exp_avg_sq`` are lost (a
-known trap of torch-pruning and NNI). :func:`compress_in_fit` removes the units and then, for every optimizer the
-LightningModule configured, swaps the new parameters in place of the old ones in their param groups and cuts every
-per-parameter state tensor (momentum buffers, Adam moments; ``step`` counts are kept) exactly as the parameter was
-cut. Param groups, learning rates and LR schedulers are untouched. Under DDP the model is wrapped again so that
-gradients keep synchronising; every rank compresses identically at the same step.
+After :func:`lightning_prune.compress` replaces a layer's parameters by smaller ones, an optimizer still
+points at the old tensors: the layer silently stops learning and its momentum, ``exp_avg`` and ``exp_avg_sq``
+are lost (a known trap of torch-pruning and NNI). :func:`compress_in_fit` removes the units and then, for
+every optimizer the LightningModule configured, swaps the new parameters in place of the old ones in their
+param groups and cuts every per-parameter state tensor (momentum buffers, Adam moments; ``step`` counts are
+kept) exactly as the parameter was cut. Param groups, learning rates and LR schedulers are untouched. Under
+DDP the model is wrapped again so that gradients keep synchronising; every rank compresses identically at the
+same step.
 
 A checkpoint written after the compression holds the smaller shapes. :class:`CompressedResume` lets a fresh
 LightningModule take it: the callback's recorded plan (groups and removed units) is applied to the model right
-before Lightning loads the weights. For inference, ``lp.load_compressed(ckpt_path, fresh_module)`` does the same
-from a Lightning checkpoint.
+before Lightning loads the weights. For inference, ``lp.load_compressed(ckpt_path, fresh_module)`` does the
+same from a Lightning checkpoint.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from torch import Tensor, nn
 
 from lightning_prune.graph import ChannelGroup, parameter_cuts
 
-__all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy", "compress_in_fit",
-           "log_model_size", "pad_to_dense", "recorded_removal"]
+__all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
+           "compress_in_fit", "log_model_size", "pad_to_dense", "recorded_removal"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
@@ -39,9 +40,9 @@ def check_strategy(trainer: pl.Trainer, who: str) -> None:
     name = type(trainer.strategy).__name__
     if name in UNSUPPORTED_STRATEGIES:
         raise MisconfigurationException(
-            f"{who} cannot remove channels inside the fit under {name}: its parameters are sharded or wrapped."
-            " HINT: use strategy='ddp' (or a single device), or set compress=False and call lp.compress on the"
-            " trained model.")
+            f"{who} cannot remove channels inside the fit under {name}: its parameters are sharded or"
+            " wrapped. HINT: use strategy='ddp' (or a single device), or set compress=False and call"
+            " lp.compress on the trained model.")
 
 
 def _cut(tensor: Tensor, cuts: Sequence[tuple[int, Tensor]]) -> Tensor:
@@ -52,7 +53,8 @@ def _cut(tensor: Tensor, cuts: Sequence[tuple[int, Tensor]]) -> Tensor:
 
 @torch.no_grad()
 def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapping[int, str],
-                          new: Mapping[str, nn.Parameter], cuts: Mapping[str, Sequence[tuple[int, Tensor]]]) -> None:
+                          new: Mapping[str, nn.Parameter],
+                          cuts: Mapping[str, Sequence[tuple[int, Tensor]]]) -> None:
     """Point ``optimizers`` at the new parameters and cut their per-parameter state like the parameters.
 
     Args:
@@ -72,8 +74,9 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
                 if entry is not None:
                     shape = tuple(param.shape)
                     state[replacement] = {
-                        key: _cut(value, cuts.get(name, ())) if isinstance(value, Tensor) and tuple(value.shape)
-                        == shape and name in cuts else value
+                        key: _cut(value, cuts.get(name, ()))
+                        if isinstance(value, Tensor) and tuple(value.shape) == shape and name in cuts
+                        else value
                         for key, value in entry.items()}
                 params.append(replacement)
             group["params"] = params
@@ -83,7 +86,8 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
 
 def pad_to_dense(state: Mapping[str, Tensor], cuts: Mapping[str, Sequence[tuple[int, Tensor]]],
                  dense_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:
-    """The compressed ``state`` put back into the dense shapes, zeros where units were removed (undoing ``cuts``)."""
+    """The compressed ``state`` put back into the dense shapes, zeros where units were removed (undoing
+    ``cuts``)."""
     out = {}
     for name, tensor in state.items():
         for dim, keep in reversed(list(cuts.get(name, ()))):
@@ -98,12 +102,14 @@ def pad_to_dense(state: Mapping[str, Tensor], cuts: Mapping[str, Sequence[tuple[
 def _hand_back_dense_weights(trainer: pl.Trainer, pl_module: pl.LightningModule,
                              cuts: Mapping[str, Sequence[tuple[int, Tensor]]],
                              dense_shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Under ``ddp_spawn`` the main process loads the workers' final weights into its own, dense module: hand it the
-    compressed weights padded back to the dense shapes (zeros at the removed units) instead of a shape mismatch."""
+    """Under ``ddp_spawn`` the main process loads the workers' final weights into its own, dense module: hand
+    it the compressed weights padded back to the dense shapes (zeros at the removed units) instead of a shape
+    mismatch."""
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
     launcher = getattr(trainer.strategy, "launcher", None)
-    if not isinstance(launcher, _MultiProcessingLauncher) or getattr(launcher, "_lightning_prune_pads", False):
+    if (not isinstance(launcher, _MultiProcessingLauncher)
+            or getattr(launcher, "_lightning_prune_pads", False)):
         return
     original = launcher._collect_rank_zero_results
 
@@ -134,8 +140,8 @@ def _rewrap_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
 def compress_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, groups: Sequence[ChannelGroup],
                     removed: Mapping[str, Sequence[int]], example_inputs: Any,
                     compress: Callable[..., nn.Module] | None = None) -> None:
-    """Remove ``removed`` units (group name -> units; names relative to ``pl_module``) in place inside a running
-    fit: the model shrinks, every optimizer follows (parameters and state cut), DDP is re-wrapped."""
+    """Remove ``removed`` units (group name -> units; names relative to ``pl_module``) in place inside a
+    running fit: the model shrinks, every optimizer follows (parameters and state cut), DDP is re-wrapped."""
     from lightning_prune.compression import compress as compress_fn
 
     compress = compress or compress_fn
@@ -157,8 +163,8 @@ def recorded_removal(state: Mapping[str, Any], groups: Sequence[ChannelGroup]) -
     unknown = sorted(set(removed) - {g.name for g in groups})
     if unknown:
         raise MisconfigurationException(
-            f"The checkpoint removed units of groups {unknown[:4]} that this model does not have. HINT: resume with"
-            " the same model and the same include/exclude (and prune_coupled) arguments.")
+            f"The checkpoint removed units of groups {unknown[:4]} that this model does not have. HINT:"
+            " resume with the same model and the same include/exclude (and prune_coupled) arguments.")
     return removed
 
 
@@ -188,9 +194,10 @@ class ShrinkSchedule:
     """When a callback removes its pruned units inside the fit, and what it removed (for resume).
 
     ``compress=True`` removes them right after the units are decided (the default position), or at
-    ``compress_step`` / ``compress_epoch`` (optimizer steps / epochs, or a fraction of the whole training; ``1.0`` =
-    at the end of training). The removed units are kept (:attr:`removed`) and written to the callback's checkpoint
-    state, so a fresh LightningModule takes a checkpoint of the smaller model (:meth:`install_resume`).
+    ``compress_step`` / ``compress_epoch`` (optimizer steps / epochs, or a fraction of the whole training;
+    ``1.0`` = at the end of training). The removed units are kept (:attr:`removed`) and written to the
+    callback's checkpoint state, so a fresh LightningModule takes a checkpoint of the smaller model
+    (:meth:`install_resume`).
 
     Example::
 
@@ -202,14 +209,15 @@ class ShrinkSchedule:
         from lightning_prune.validation import check_bool, check_exclusive, check_position
 
         self.enabled = check_bool("compress", compress)
-        hint = "compress_step=0.8 removes the pruned units after 80% of training; by default right after pruning."
+        hint = ("compress_step=0.8 removes the pruned units after 80% of training;"
+                " by default right after pruning.")
         check_exclusive(compress_step=compress_step, compress_epoch=compress_epoch, hint=hint)
         self.compress_step = check_position("compress_step", compress_step, allow_none=True, hint=hint)
         self.compress_epoch = check_position("compress_epoch", compress_epoch, allow_none=True, hint=hint)
         if not self.enabled and (self.compress_step is not None or self.compress_epoch is not None):
             raise MisconfigurationException(
-                f"`compress_step`/`compress_epoch` of {owner} need `compress=True`. HINT: compress=True removes the"
-                " pruned units physically; the position says when.")
+                f"`compress_step`/`compress_epoch` of {owner} need `compress=True`. HINT: compress=True"
+                " removes the pruned units physically; the position says when.")
         self.owner = owner
         self.at_step: int | None = None  # resolved position; None = right after pruning (or at the end)
         self.removed: dict[str, list[int]] | None = None  # what was removed, once it was
@@ -244,18 +252,21 @@ class ShrinkSchedule:
         state = state or {}
         self.at_step = state.get("at_step", self.at_step)
         removed = state.get("removed")
-        self.removed = {str(k): [int(u) for u in v] for k, v in removed.items()} if removed is not None else None
+        self.removed = ({str(k): [int(u) for u in v] for k, v in removed.items()}
+                        if removed is not None else None)
 
-    def install_resume(self, trainer: pl.Trainer, state_key: str, apply: Callable[[Mapping[str, Any]], None]) -> None:
-        """Before Lightning loads a checkpoint's weights into the model, ``apply(callback_state)`` (when the state
-        says units were removed): the model takes the smaller shapes first."""
+    def install_resume(self, trainer: pl.Trainer, state_key: str,
+                       apply: Callable[[Mapping[str, Any]], None]) -> None:
+        """Before Lightning loads a checkpoint's weights into the model, ``apply(callback_state)`` (when the
+        state says units were removed): the model takes the smaller shapes first."""
         strategy = trainer.strategy
         registry = getattr(strategy, "_lightning_prune_resume", None)
         if registry is None:
             registry = strategy._lightning_prune_resume = {}
             original = strategy.load_model_state_dict
 
-            def load_model_state_dict(checkpoint: Mapping[str, Any], strict: bool = True, **kwargs: Any) -> Any:
+            def load_model_state_dict(checkpoint: Mapping[str, Any], strict: bool = True,
+                                      **kwargs: Any) -> Any:
                 for key, fn in list(strategy._lightning_prune_resume.items()):
                     state = checkpoint.get("callbacks", {}).get(key)
                     if isinstance(state, Mapping) and (state.get("shrink") or {}).get("removed"):

@@ -19,19 +19,19 @@ def test_list_shows_name_class_distribution_version_status_summary():
 
 
 def test_console_script_list():
-    out = subprocess.run([sys.executable, "-m", "lightning_prune.cli", "list"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "lightning_prune.cli", "list"], capture_output=True,
+                         text=True, check=True).stdout
     assert "magnitude" in out and "GradualMagnitudePruning" in out
 
 
 def _tiny_fit_args(tmp_path, *extra):
     return [
         "fit", "--config", "recipes/digits/magnitude.yaml",
-        "--model.init_args.model_name=test_resnet", "--trainer.max_epochs=2", "--trainer.limit_train_batches=3",
-        "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=2", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks.init_args.every_n_steps=1", "--trainer.callbacks.init_args.sparsity_end_step=3",
-        *extra,
+        "--model.init_args.model_name=test_resnet", "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=2",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", "--trainer.callbacks.init_args.every_n_steps=1",
+        "--trainer.callbacks.init_args.sparsity_end_step=3", *extra,
     ]
 
 

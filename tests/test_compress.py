@@ -106,7 +106,8 @@ def test_round_kept_puts_back_the_best_units_first():
     from lightning_prune.graph import ChannelGroup
 
     group = ChannelGroup("g", 20, "channel", 1, (), (), ("g",))
-    assert round_kept(group, [0, 1, 2, 3, 4, 5, 6], 8, order=[6, 5, 4, 3, 2, 1, 0]) == [0, 1, 2, 3]  # 13 -> 16
+    # 13 -> 16
+    assert round_kept(group, [0, 1, 2, 3, 4, 5, 6], 8, order=[6, 5, 4, 3, 2, 1, 0]) == [0, 1, 2, 3]
     heads = ChannelGroup("h", 4, "head", 16, (), (), ("h",))
     assert round_kept(heads, [0], 8) == [0]  # whole heads: never rounded
 

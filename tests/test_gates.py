@@ -1,4 +1,5 @@
-"""Gates on channel groups: attaching, folding, masks (lightning_prune.gates), and the channel math they use."""
+"""Gates on channel groups: attaching, folding, masks (lightning_prune.gates), and the channel math they
+use."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def test_gates_fold_keeps_outputs(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_closed_gates_masks_and_restricted_norms_equal_the_sliced_model(name):
-    """Zero gates, then folded + masked + restricted norms: the same outputs as the physically sliced model."""
+    """Zero gates, then folded + masked + restricted norms: the same outputs as the physically sliced
+    model."""
     model, x = _model(name), _x(name)
     groups = _groups(model, x)
     gates = GateSet(groups, [ScaleGate(g.size) for g in groups])
@@ -124,7 +126,8 @@ def test_zero_gate_zeroes_the_readers_in_training_mode_too():
     with torch.no_grad():
         gates.gates[0].weight[::2] = 0
     seen = {}
-    model.blocks[4][0].conv_pwl.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]), prepend=False)
+    model.blocks[4][0].conv_pwl.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]),
+                                                          prepend=False)
     model(x)
     closed = [c for c, u in zip(site.channels, site.units) if u % 2 == 0]
     opened = [c for c, u in zip(site.channels, site.units) if u % 2 == 1]

@@ -1,4 +1,5 @@
-"""Channel-group analysis (lightning_prune.graph): coverage of each structure, exactness, reloading, tracing."""
+"""Channel-group analysis (lightning_prune.graph): coverage of each structure, exactness, reloading,
+tracing."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from lightning_prune.graph import (
     zero_unit_hooks,
 )
 
-# one model per structure of the coverage issue: (name, create kwargs, input side, the unit kinds it must show)
+# one model per structure of the coverage issue:
+# (name, create kwargs, input side, the unit kinds it must show)
 STRUCTURES = {
     "test_resnet": ({}, 32, {"channel"}),                      # residual stream incl. stem and downsample
     "test_efficientnet": ({}, 32, {"channel"}),                # depthwise convs, squeeze-excite
@@ -67,7 +69,8 @@ def analysed():
 @pytest.mark.parametrize("name", list(STRUCTURES))
 def test_every_structure_is_covered_and_removal_is_exact(name, analysed, tmp_path):
     """Coverage near 1; a random share of every group's units masked (zeros at the readers, restricted norms)
-    equals the sliced model (float32, 1e-4 relative); the result reloads onto a fresh timm model and traces."""
+    equals the sliced model (float32, 1e-4 relative); the result reloads onto a fresh timm model and
+    traces."""
     model, x, analysis = analysed(name)
     assert analysis.coverage >= 0.95, (analysis.coverage, analysis.skipped)
     assert {g.unit for g in analysis.groups} >= STRUCTURES[name][2]
@@ -87,7 +90,8 @@ def test_every_structure_is_covered_and_removal_is_exact(name, analysed, tmp_pat
     scale = masked.abs().max()
     assert float((masked - sliced).abs().max() / scale) < 1e-4
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
-    assert not small._forward_hooks and not any(m._forward_pre_hooks or m._forward_hooks for m in small.modules())
+    assert not small._forward_hooks and not any(m._forward_pre_hooks or m._forward_hooks
+                                                for m in small.modules())
     lp.save_compressed(small, tmp_path / "small.pt")
     fresh = lp.load_compressed(tmp_path / "small.pt", timm.create_model(name, num_classes=10,
                                                                         **STRUCTURES[name][0]).eval())

@@ -28,7 +28,8 @@ def test_table_lists_every_layer_and_extra_numbers():
     model = timm.create_model("test_vit", num_classes=10, img_size=32)
     table = sparsity_report(model).format_table(extra={"test/acc": 0.5})
     assert "blocks.0.attn.qkv" in table and "test/acc" in table and "all parameters" in table
-    assert "\nhead " not in table and "patch_embed.proj" not in table  # classifier and first conv: not targets
+    # classifier and first conv: not targets
+    assert "\nhead " not in table and "patch_embed.proj" not in table
     assert str(sparsity_report(model)).count("\n") == len(sparsity_report(model).layers) + 4
 
 
@@ -38,8 +39,8 @@ def test_report_and_logged_sparsity_mean_the_same_for_a_gate_callback(tmp_path):
     from lightning_prune import GroupLassoPruning
     from lightning_prune.testing import fit_tiny
 
-    cb = GroupLassoPruning(lam=0.1, gate_lr=0.2, capture_threshold=0.02, prune_threshold=0.3, finalize_step=0.75,
-                           round_to=1, verbose=False)
+    cb = GroupLassoPruning(lam=0.1, gate_lr=0.2, capture_threshold=0.02, prune_threshold=0.3,
+                           finalize_step=0.75, round_to=1, verbose=False)
     _, model = fit_tiny([cb], tmp_path, max_epochs=3, limit_train_batches=4, limit_val_batches=0)
     logged = cb.sparsity_metrics()["prune/sparsity"]
     assert 0.0 < logged < 1.0

@@ -131,7 +131,8 @@ class PruningCallback(Callback):
             self._pending_masks = None
 
     def retarget(self, pl_module: pl.LightningModule) -> None:
-        """The model's parameters were replaced (units removed physically): mask the new ones, everything kept."""
+        """The model's parameters were replaced (units removed physically): mask the new ones, everything
+        kept."""
         self.targets = PruningCallback.select_targets(self, pl_module)
         self.masks = MaskSet.for_targets(self.targets)
 

@@ -1,18 +1,20 @@
 """The base of the channel-gate callbacks: groups, gates, their optimizer, finalisation and state.
 
-:class:`GatePruningCallback` is what group-LASSO (:class:`~lightning_prune.callbacks.group_lasso.GroupLassoPruning`)
-and hard-concrete L0 gates share. At ``setup`` it finds the exactly removable channel groups of the model --
-channels, residual streams, attention heads, conv groups (:func:`lightning_prune.graph.analyse_channels`) --, builds
-one :class:`~lightning_prune.gates.Gate` per group with :meth:`~GatePruningCallback.make_gate` and hooks it into
+:class:`GatePruningCallback` is what group-LASSO
+(:class:`~lightning_prune.callbacks.group_lasso.GroupLassoPruning`) and hard-concrete L0 gates share. At
+``setup`` it finds the exactly removable channel groups of the model -- channels, residual streams, attention
+heads, conv groups (:func:`lightning_prune.graph.analyse_channels`) --, builds one
+:class:`~lightning_prune.gates.Gate` per group with :meth:`~GatePruningCallback.make_gate` and hooks it into
 every layer that reads the group's units (the model's ``state_dict`` keeps its keys). In
-``on_before_optimizer_step`` -- after AMP has unscaled the weights' gradients -- it unscales and all-reduces the
-gates' gradients, adds the regulariser's gradient (:meth:`~GatePruningCallback.gate_penalty_grad_`), and steps the
-gates' own optimizer (optionally in alternation with the weights). At ``finalize_step`` (or ``finalize_epoch``) the
-surviving units -- those of :meth:`~GatePruningCallback.final_keep`, or, with ``target_flops``/``target_params``,
-the largest gates that fit the budget, widths rounded to ``round_to`` -- are folded into the weights, the others
-become masks of the base :class:`~lightning_prune.callbacks.base.PruningCallback` (and LayerNorm statistics skip
-them), the hooks go, and fine-tuning continues; with ``compress=True`` they are removed physically inside the fit --
-right after finalisation, or at ``compress_step``/``compress_epoch`` -- and the optimizers carry on with the smaller
+``on_before_optimizer_step`` -- after AMP has unscaled the weights' gradients -- it unscales and all-reduces
+the gates' gradients, adds the regulariser's gradient (:meth:`~GatePruningCallback.gate_penalty_grad_`), and
+steps the gates' own optimizer (optionally in alternation with the weights). At ``finalize_step`` (or
+``finalize_epoch``) the surviving units -- those of :meth:`~GatePruningCallback.final_keep`, or, with
+``target_flops``/``target_params``, the largest gates that fit the budget, widths rounded to ``round_to`` --
+are folded into the weights, the others become masks of the base
+:class:`~lightning_prune.callbacks.base.PruningCallback` (and LayerNorm statistics skip them), the hooks go,
+and fine-tuning continues; with ``compress=True`` they are removed physically inside the fit -- right after
+finalisation, or at ``compress_step``/``compress_epoch`` -- and the optimizers carry on with the smaller
 parameters (:mod:`lightning_prune.shrink`).
 
 A subclass implements ``make_gate``, ``gate_penalty_grad_`` and ``final_keep``, and may override
@@ -85,8 +87,8 @@ class GatePruningCallback(PruningCallback):
         gate_lr: learning rate of the gates' optimizer.
         gate_optimizer: ``"sgd"`` (momentum 0.9) or ``"adam"``.
         prune_coupled: also gate coupled channels (residual streams, including the stem's output and the
-            downsample branches; LayerNorm-normalised embedding dimensions): one gate per channel shared by every
-            reader. ``False`` leaves them alone.
+            downsample branches; LayerNorm-normalised embedding dimensions): one gate per channel shared by
+            every reader. ``False`` leaves them alone.
         target_flops: ask for the size: at finalisation keep the units with the largest gates such that the
             compressed model has at most this fraction of the dense FLOPs (counted by torch-pruning's
             ``count_ops_and_params`` on the traced example input), in (0, 1].
@@ -97,11 +99,11 @@ class GatePruningCallback(PruningCallback):
         finalize_epoch: the same as an epoch (finalised at that epoch's start) or a fraction of training.
         alternate_every_n_steps: two-phase training: that many optimizer steps of the weights with the gates
             frozen, then as many of the gates with the weights frozen, and so on (``None`` = joint training).
-        compress: physically remove the pruned units inside the fit (:func:`lightning_prune.shrink.compress_in_fit`):
-            the model shrinks and training continues on it, every optimizer carrying its state over; by default
-            right after finalisation.
-        compress_step: when to remove them instead: an optimizer step or a fraction of training (``1.0`` = at the
-            end of training); not before finalisation.
+        compress: physically remove the pruned units inside the fit
+            (:func:`lightning_prune.shrink.compress_in_fit`): the model shrinks and training continues on it,
+            every optimizer carrying its state over; by default right after finalisation.
+        compress_step: when to remove them instead: an optimizer step or a fraction of training (``1.0`` = at
+            the end of training); not before finalisation.
         compress_epoch: the same as an epoch (at its start) or a fraction of training.
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
             ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
@@ -142,8 +144,10 @@ class GatePruningCallback(PruningCallback):
                                             hint=budget_hint)
         for name, value in (("target_flops", self.target_flops), ("target_params", self.target_params)):
             if value == 0.0:
-                raise MisconfigurationException(f"`{name}` must be a number in (0, 1], got 0.0. HINT: {budget_hint}")
-        self.round_to = check_int("round_to", round_to, 1, hint="8 keeps widths multiples of 8; 1 does not round.")
+                raise MisconfigurationException(f"`{name}` must be a number in (0, 1], got 0.0."
+                                                f" HINT: {budget_hint}")
+        self.round_to = check_int("round_to", round_to, 1,
+                                  hint="8 keeps widths multiples of 8; 1 does not round.")
         hint = "finalize_step=0.75 prunes after 75% of the training steps and fine-tunes the rest."
         check_exclusive(finalize_step=finalize_step, finalize_epoch=finalize_epoch, hint=hint)
         self.finalize_step = check_position("finalize_step", finalize_step, allow_none=True, hint=hint)
@@ -205,7 +209,8 @@ class GatePruningCallback(PruningCallback):
             reasons: dict[str, int] = {}
             for why in analysis.skipped.values():
                 reasons[why] = reasons.get(why, 0) + 1
-            shown = "; ".join(f"{why} ({n}x)" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:4])
+            shown = "; ".join(f"{why} ({n}x)"
+                              for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:4])
             raise MisconfigurationException(
                 f"{type(self).__name__} found no removable channel group in {type(pl_module).__name__}"
                 f" (include={self.include or 'default'}, exclude={self.exclude}). What blocked them:"
@@ -317,13 +322,14 @@ class GatePruningCallback(PruningCallback):
 
     # ------------------------------------------------------------------ finalisation
     def gate_scores(self) -> list[Tensor]:
-        """Per group, how much each unit matters when units are chosen to meet a size target (higher = kept)."""
+        """Per group, how much each unit matters when units are chosen to meet a size target (higher =
+        kept)."""
         assert self.gateset is not None
         return [g.score().detach().cpu() for g in self.gateset.gates]
 
     def budget_keep(self) -> list[Tensor]:
-        """The kept units that meet ``target_flops``/``target_params``: the largest :meth:`gate_scores` across all
-        groups, as many as the budget allows, with channel widths rounded up to ``round_to``."""
+        """The kept units that meet ``target_flops``/``target_params``: the largest :meth:`gate_scores` across
+        all groups, as many as the budget allows, with channel widths rounded up to ``round_to``."""
         assert self.groups is not None and self._cost is not None
         target = self.target_flops if self.target_flops is not None else self.target_params
         which = 0 if self.target_flops is not None else 1
@@ -342,7 +348,8 @@ class GatePruningCallback(PruningCallback):
             out = {}
             for gi, units in chosen.items():
                 group = self.groups[gi]
-                ranked = sorted(units, key=lambda u: -float(scores[gi][u]))  # the largest gates come back first
+                # the largest gates come back first
+                ranked = sorted(units, key=lambda u: -float(scores[gi][u]))
                 out[group.name] = round_kept(group, units, self.round_to, ranked)
             return out
 
@@ -361,7 +368,8 @@ class GatePruningCallback(PruningCallback):
             if measured <= target or lo == total:
                 break
             goal *= target / measured
-        return [torch.tensor([u not in set(removed.get(g.name, ())) for u in range(g.size)]) for g in self.groups]
+        return [torch.tensor([u not in set(removed.get(g.name, ())) for u in range(g.size)])
+                for g in self.groups]
 
     def _rounded(self, keep: list[Tensor]) -> list[Tensor]:
         """``keep`` with each channel group's kept width rounded up to ``round_to`` (largest gates first)."""
@@ -405,14 +413,15 @@ class GatePruningCallback(PruningCallback):
         else:
             self.masks.update(masks)
         if self.verbose:
-            size = "".join(f", {k.split('/')[-1].replace('_', ' ')} {v:.1%}" for k, v in self.size_metrics().items())
+            size = "".join(f", {k.split('/')[-1].replace('_', ' ')} {v:.1%}"
+                           for k, v in self.size_metrics().items())
             rank_zero_info(f"[{type(self).__name__}] finalised: {kept}/{total} units kept"
                            f" ({1 - kept / max(total, 1):.1%} pruned) in {len(keep)} groups{size};"
                            " fine-tuning continues")
 
     def size_metrics(self) -> dict[str, float]:
-        """``prune/flops_remaining`` and ``prune/params_remaining`` of the compressed model after finalisation, as
-        fractions of the dense model (counted by torch-pruning on a sliced copy)."""
+        """``prune/flops_remaining`` and ``prune/params_remaining`` of the compressed model after
+        finalisation, as fractions of the dense model (counted by torch-pruning on a sliced copy)."""
         if self._cost is None or self.keep is None or self.groups is None:
             return {}
         removed = {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(self.groups, self.keep)}
@@ -499,7 +508,8 @@ class GatePruningCallback(PruningCallback):
         self._model = pl_module
         if self.shrink.enabled and trainer is not None and stage == "fit":
             check_strategy(trainer, type(self).__name__)
-            self.shrink.install_resume(trainer, self.state_key, lambda state: self._apply_removed(pl_module, state))
+            self.shrink.install_resume(trainer, self.state_key,
+                                       lambda state: self._apply_removed(pl_module, state))
         super().setup(trainer, pl_module, stage)
         if self.gateset is None:
             self._build_gates()
@@ -535,9 +545,9 @@ class GatePruningCallback(PruningCallback):
         if (self.shrink.at_step is not None and self.finalize_at_step is not None
                 and self.shrink.at_step < self.finalize_at_step):
             raise MisconfigurationException(
-                f"`compress_step`/`compress_epoch` resolves to step {self.shrink.at_step}, before finalisation at step"
-                f" {self.finalize_at_step}. HINT: the units are removed once they are decided: compress later, or"
-                " leave the position unset to compress right after finalisation.")
+                f"`compress_step`/`compress_epoch` resolves to step {self.shrink.at_step}, before"
+                f" finalisation at step {self.finalize_at_step}. HINT: the units are removed once they are"
+                " decided: compress later, or leave the position unset to compress right after finalisation.")
         self._sync_hooks(pl_module)
         if self.verbose:
             total = sum(g.size for g in self.groups or [])
@@ -602,8 +612,8 @@ class GatePruningCallback(PruningCallback):
         log_model_size(trainer, pl_module, self.input_size, type(self).__name__, self.verbose)
 
     def compress_model(self, pl_module: pl.LightningModule) -> None:
-        """Remove the pruned units physically at the end of training (:func:`lightning_prune.compress` with this
-        callback's plan)."""
+        """Remove the pruned units physically at the end of training (:func:`lightning_prune.compress` with
+        this callback's plan)."""
         from lightning_prune.compression import compress
 
         if self.groups is None or self.keep is None:
@@ -617,7 +627,8 @@ class GatePruningCallback(PruningCallback):
         self._after_compression(pl_module)
 
     def _apply_removed(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
-        """Resume: the checkpoint holds the smaller model; take its shapes before Lightning loads its weights."""
+        """Resume: the checkpoint holds the smaller model; take its shapes before Lightning loads its
+        weights."""
         from lightning_prune.graph import slice_units
 
         if self.shrink.removed is not None or self.groups is None:
@@ -654,7 +665,8 @@ class GatePruningCallback(PruningCallback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_model"] = None  # process-local; ddp_spawn workers run setup again (and rebuild the cost model)
+        # process-local; ddp_spawn workers run setup again (and rebuild the cost model)
+        state["_model"] = None
         state["_cost"] = None
         return state
 

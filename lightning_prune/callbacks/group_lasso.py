@@ -1,16 +1,17 @@
 """Group-LASSO channel pruning with learnable channel gates.
 
-He, Zhang, Sun, "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, arXiv:1707.06168 (a scale
-``beta`` per channel under an L1 penalty), in the "mask layer" form of the Habr article «Редукция нейронных сетей
-при помощи вариационной оптимизации» ("Reducing neural networks with variational optimisation", in Russian): one
-learnable gate per unit of every exactly removable channel group (a channel, a residual-stream channel, an attention
-head, a conv group) scales the unit wherever a layer reads it, the loss gains ``lam * sum |g|`` (added as a
-gradient, like Network Slimming's ``grad += s * sign(gamma)``, Liu et al. 2017, arXiv:1708.06519), optional L1/L2 on
-the ordinary weights keeps ReLU nets from compensating, gates below a *capture* threshold are set to zero and
-frozen, and at ``finalize_step`` the gates below ``prune_threshold`` (or, with ``target_flops``/``target_params``,
-all but the largest gates that fit the budget) become pruned units while the others are folded into the weights;
-training then continues as fine-tuning with fixed channel masks, and ``compress=True`` removes the pruned units
-physically inside the fit (:mod:`lightning_prune.shrink`).
+He, Zhang, Sun, "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, arXiv:1707.06168 (a
+scale ``beta`` per channel under an L1 penalty), in the "mask layer" form of the Habr article «Редукция
+нейронных сетей при помощи вариационной оптимизации» ("Reducing neural networks with variational
+optimisation", in Russian): one learnable gate per unit of every exactly removable channel group (a channel, a
+residual-stream channel, an attention head, a conv group) scales the unit wherever a layer reads it, the loss
+gains ``lam * sum |g|`` (added as a gradient, like Network Slimming's ``grad += s * sign(gamma)``, Liu et al.
+2017, arXiv:1708.06519), optional L1/L2 on the ordinary weights keeps ReLU nets from compensating, gates below
+a *capture* threshold are set to zero and frozen, and at ``finalize_step`` the gates below ``prune_threshold``
+(or, with ``target_flops``/``target_params``, all but the largest gates that fit the budget) become pruned
+units while the others are folded into the weights; training then continues as fine-tuning with fixed channel
+masks, and ``compress=True`` removes the pruned units physically inside the fit
+(:mod:`lightning_prune.shrink`).
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ class GroupLassoPruning(GatePruningCallback):
 
     One gate per unit of every channel group :func:`lightning_prune.graph.analyse_channels` proves exactly
     removable -- channels, residual streams (stem and downsample branches included; LayerNorm-normalised
-    embedding dimensions), whole attention heads, whole conv groups -- multiplies the unit where every layer reads
-    it. The regulariser's gradient ``lam * sign(g)`` is added to the gates in ``on_before_optimizer_step`` (after
-    AMP unscaling); the gates have their own optimizer and are averaged across DDP ranks. At ``finalize_step``
-    the gates with ``|g| < prune_threshold`` prune their units -- or, with ``target_flops``/``target_params``, the
-    largest gates that fit the budget are kept -- (masks on every tensor of the unit, LayerNorm statistics over the
-    kept channels, kept while fine-tuning continues) and the others are folded into the weights.
+    embedding dimensions), whole attention heads, whole conv groups -- multiplies the unit where every layer
+    reads it. The regulariser's gradient ``lam * sign(g)`` is added to the gates in
+    ``on_before_optimizer_step`` (after AMP unscaling); the gates have their own optimizer and are averaged
+    across DDP ranks. At ``finalize_step`` the gates with ``|g| < prune_threshold`` prune their units -- or,
+    with ``target_flops``/``target_params``, the largest gates that fit the budget are kept -- (masks on every
+    tensor of the unit, LayerNorm statistics over the kept channels, kept while fine-tuning continues) and the
+    others are folded into the weights.
 
     Args:
         lam: weight of the L1 penalty ``lam * sum |g|`` (>= 0).
@@ -62,8 +64,8 @@ class GroupLassoPruning(GatePruningCallback):
         weight_l2: L2 coefficient on them (the article used 2.5e-4).
         group_lam: ``{glob: factor}``: a group whose name or producer name matches gets ``lam * factor``
             (the article: a different lambda per residual branch).
-        prune_coupled: gate coupled channels (residual streams) with one gate per channel shared by every reader
-            (default); ``False`` leaves them alone.
+        prune_coupled: gate coupled channels (residual streams) with one gate per channel shared by every
+            reader (default); ``False`` leaves them alone.
         target_flops, target_params, round_to: ask for the size instead of tuning ``lam`` (see
             :class:`~lightning_prune.callbacks.gating.GatePruningCallback`).
         capture_threshold: a gate with ``|g|`` below it, or whose sign flipped in a step (it crossed zero), is
@@ -76,9 +78,9 @@ class GroupLassoPruning(GatePruningCallback):
         alternate_every_n_steps: two-phase training (the Habr channel-pruning article's): that many optimizer
             steps of the weights with the gates frozen, then as many of the gates with the weights frozen, and
             so on (``None`` = joint training).
-        compress, compress_step, compress_epoch: remove the pruned units physically inside the fit (right after
-            finalisation by default) and train on the smaller model, the optimizer's state carried over (see
-            :class:`~lightning_prune.callbacks.gating.GatePruningCallback`).
+        compress, compress_step, compress_epoch: remove the pruned units physically inside the fit (right
+            after finalisation by default) and train on the smaller model, the optimizer's state carried over
+            (see :class:`~lightning_prune.callbacks.gating.GatePruningCallback`).
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
             ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
         include, exclude: globs over module names; narrow the gated groups (by their producers) and the

@@ -9,14 +9,14 @@ variational optimisation", in Russian; its second half, "L0-регуляриза
 options.
 
 One gate ``z_j`` per unit of every exactly removable channel group (a channel, a residual-stream channel, an
-attention head, a conv group) scales the unit wherever a layer reads it. In training ``z`` is a reparameterised
-hard-concrete sample (stretched to ``(gamma, zeta) = (-0.1, 1.1)`` and clamped to [0, 1], so that it is exactly 0 or
-1 with finite probability); in validation, test and predict it is the deterministic test-time gate ``z_hat =
-clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)`` (paper eq. 13). The loss gains ``lam * sum_j P(z_j > 0)``,
-the expected number of open channels (added as a gradient on ``log_alpha``, like the group-LASSO penalty). At
-``finalize_step`` the gates are binarised, the kept channels' ``z_hat`` is folded into the weights, the others
-become channel masks, and training continues as fine-tuning; ``compress=True`` removes the pruned units physically
-inside the fit (:mod:`lightning_prune.shrink`).
+attention head, a conv group) scales the unit wherever a layer reads it. In training ``z`` is a
+reparameterised hard-concrete sample (stretched to ``(gamma, zeta) = (-0.1, 1.1)`` and clamped to [0, 1], so
+that it is exactly 0 or 1 with finite probability); in validation, test and predict it is the deterministic
+test-time gate ``z_hat = clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)`` (paper eq. 13). The loss
+gains ``lam * sum_j P(z_j > 0)``, the expected number of open channels (added as a gradient on ``log_alpha``,
+like the group-LASSO penalty). At ``finalize_step`` the gates are binarised, the kept channels' ``z_hat`` is
+folded into the weights, the others become channel masks, and training continues as fine-tuning;
+``compress=True`` removes the pruned units physically inside the fit (:mod:`lightning_prune.shrink`).
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ class HardConcreteGate(Gate):
         return super().deterministic()
 
     def score(self) -> Tensor:
-        """``log_alpha``: ranks the units when they are chosen to meet a size target (``z_hat`` saturates at 1)."""
+        """``log_alpha``: ranks the units when they are chosen to meet a size target (``z_hat`` saturates at
+        1)."""
         return self.log_alpha.detach()
 
     def open_probability(self) -> Tensor:
@@ -139,11 +140,12 @@ def _check_range(name: str, value: Any) -> tuple[float, float] | None:
 class L0Pruning(GatePruningCallback):
     """L0 channel pruning: a hard-concrete gate per output channel under the expected-L0 penalty.
 
-    Gates sit where :class:`~lightning_prune.GroupLassoPruning` puts its gates (on every unit of every exactly removable
-    channel group, residual streams included unless ``prune_coupled=False``). They are stochastic in training and
-    deterministic in validation, test and predict (they follow the module's ``training`` flag), have their own
-    optimizer, get AMP-unscaled and DDP-averaged gradients, and their noise is re-seeded every batch from ``seed``,
-    the epoch, the batch index and the rank: a resumed run draws the same noise as an uninterrupted one.
+    Gates sit where :class:`~lightning_prune.GroupLassoPruning` puts its gates (on every unit of every exactly
+    removable channel group, residual streams included unless ``prune_coupled=False``). They are stochastic in
+    training and deterministic in validation, test and predict (they follow the module's ``training`` flag),
+    have their own optimizer, get AMP-unscaled and DDP-averaged gradients, and their noise is re-seeded every
+    batch from ``seed``, the epoch, the batch index and the rank: a resumed run draws the same noise as an
+    uninterrupted one.
 
     Each option says where it comes from: "paper" is Louizos et al. 2018 and its code, "Habr" is the Habr
     channel-pruning article.
@@ -179,8 +181,8 @@ class L0Pruning(GatePruningCallback):
         seed: seed of the gates' noise and initialisation (default: ``torch.initial_seed()``, i.e. what
             ``seed_everything`` set; rank 0's is used on every rank).
         prune_coupled, target_flops, target_params, round_to, finalize_step, finalize_epoch,
-            alternate_every_n_steps, compress, compress_step, compress_epoch, input_size, include, exclude, types,
-            log_media_every_n_epochs,
+            alternate_every_n_steps, compress, compress_step, compress_epoch, input_size, include, exclude,
+            types, log_media_every_n_epochs,
             verbose: as in :class:`~lightning_prune.GroupLassoPruning`.
 
     Raises:

@@ -90,7 +90,8 @@ def test_finalize_prunes_masks_and_captured_zeros_stay_zero(tmp_path):
             weight = model.get_submodule(site.module).weight
             for channel, unit in zip(site.channels, site.units):
                 column = weight[:, channel]
-                assert bool((column == 0).all()) != bool(kept[unit]) or bool(kept[unit]), (site.module, channel)
+                assert (bool((column == 0).all()) != bool(kept[unit])
+                        or bool(kept[unit])), (site.module, channel)
         for sl in group.slices:  # producers' rows of pruned units are zero too
             if sl.role == "out":
                 weight = model.get_submodule(sl.module).weight
@@ -241,14 +242,15 @@ class LinearOnly(pl.LightningModule):
 
 def test_model_without_gateable_channels(tmp_path):
     with pytest.raises(MisconfigurationException,
-                       match=r"found no removable channel group in LinearOnly.*What blocked them: no layer reads"
-                             r" these channels \(model output\) \(1x\).*HINT"):
+                       match=r"found no removable channel group in LinearOnly.*What blocked them: no layer"
+                             r" reads these channels \(model output\) \(1x\).*HINT"):
         fit_tiny([GroupLassoPruning()], tmp_path, model=LinearOnly(), max_steps=1)
 
 
 def test_only_coupled_channels_hint(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"coupled channels \(set prune_coupled=True"):
-        fit_tiny([GroupLassoPruning(include=["layer2.0.conv2", "layer2.0.downsample.1"], prune_coupled=False)],
+        fit_tiny([GroupLassoPruning(include=["layer2.0.conv2", "layer2.0.downsample.1"],
+                                    prune_coupled=False)],
                  tmp_path, max_steps=1)
 
 
@@ -272,10 +274,12 @@ def test_ddp_gates_identical_across_ranks(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ size targets
-@pytest.mark.parametrize(("name", "target"), [("test_resnet", 0.5), ("test_vit", 0.25), ("test_convnext", 0.5)])
+@pytest.mark.parametrize(("name", "target"),
+                         [("test_resnet", 0.5), ("test_vit", 0.25), ("test_convnext", 0.5)])
 def test_target_flops_is_met_by_the_compressed_model(name, target, tmp_path):
     """The units with the largest gates that fit the budget: the compressed model counts at most `target` of
-    the dense FLOPs (torch-pruning's count), within one `round_to` step of it, and every width is a multiple."""
+    the dense FLOPs (torch-pruning's count), within one `round_to` step of it, and every width is a
+    multiple."""
     from torch_pruning.utils import count_ops_and_params
 
     from lightning_prune.graph import example_inputs_for, traced_root

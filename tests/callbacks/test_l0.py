@@ -270,7 +270,8 @@ def test_seed_rule_binarises_log_alpha_without_folding(tmp_path):
     assert 0 < sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep)
     for group, la, k, w0, w1 in zip(cb.groups, seen["before"][0], keep, seen["before"][1], seen["after"][1]):
         assert torch.equal(k, la >= 0)  # the Habr channel-pruning article: mask = [log_alpha >= 0]
-        reader = f"{group.input_sites()[0].module}.weight"  # its rows may belong to another group's pruned units
+        # its rows may belong to another group's pruned units
+        reader = f"{group.input_sites()[0].module}.weight"
         rows = _reader_columns_of(cb.masks[reader].float(), group)
         assert torch.equal(w1[k], (w0 * rows)[k])  # binary gate: kept channels are not rescaled
         assert (w1[~k] == 0).all()

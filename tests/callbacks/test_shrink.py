@@ -37,22 +37,23 @@ def _params(module) -> int:
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
 def test_training_after_compression_equals_the_masked_model(name, optimizer, tmp_path):
-    """Same seed, same data: the fit that compresses right after finalisation and trains on the small model ends
-    where the masked, uncompressed fit ends (compressed the same way afterwards) -- momentum / Adam moments went
-    with the kept channels."""
+    """Same seed, same data: the fit that compresses right after finalisation and trains on the small model
+    ends where the masked, uncompressed fit ends (compressed the same way afterwards) -- momentum / Adam
+    moments went with the kept channels."""
     kwargs = {"optimizer": optimizer, "lr": 0.05 if optimizer == "sgd" else 3e-3, "momentum": 0.9,
               "weight_decay": 1e-3}
     sizes = []
     pl.seed_everything(0, verbose=False)
     small = tiny_classifier(name, **kwargs)
     shrinking = GroupLassoPruning(compress=True, **STRONG)
-    fit_tiny([shrinking, Spy(lambda t, m, h: sizes.append(_params(m)), ("on_train_batch_start",))], tmp_path / "a",
-             model=small, **FAST)
+    fit_tiny([shrinking, Spy(lambda t, m, h: sizes.append(_params(m)), ("on_train_batch_start",))],
+             tmp_path / "a", model=small, **FAST)
     pl.seed_everything(0, verbose=False)
     masked = tiny_classifier(name, **kwargs)
     reference = GroupLassoPruning(**STRONG)
     fit_tiny([reference], tmp_path / "b", model=masked, **FAST)
-    assert sizes[:8] == [sizes[0]] * 8 and sizes[8] < 0.8 * sizes[0] and sizes[-1] == sizes[8]  # shrank at step 8
+    # shrank at step 8
+    assert sizes[:8] == [sizes[0]] * 8 and sizes[8] < 0.8 * sizes[0] and sizes[-1] == sizes[8]
     assert shrinking.shrink.removed == {g.name: (~k).nonzero().flatten().tolist()
                                         for g, k in zip(reference.groups, reference.keep)}
     reference.gateset.restrict_norms(masked, reference.keep)
@@ -61,10 +62,11 @@ def test_training_after_compression_equals_the_masked_model(name, optimizer, tmp
     reference.gateset.release_norms()
     state = small.state_dict()
     for key, value in masked.state_dict().items():
-        # the k part of a qkv bias has a zero gradient (softmax is shift-invariant): Adam turns its float noise into
-        # lr-sized steps in both runs alike, so it is compared through the outputs only
+        # the k part of a qkv bias has a zero gradient (softmax is shift-invariant): Adam turns its float
+        # noise into lr-sized steps in both runs alike, so it is compared through the outputs only
         if value.is_floating_point() and not (optimizer == "adamw" and key.endswith("attn.qkv.bias")):
-            torch.testing.assert_close(state[key], value, atol=2e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+            torch.testing.assert_close(state[key], value, atol=2e-5, rtol=1e-4,
+                                       msg=lambda m, key=key: f"{key}: {m}")
     torch.testing.assert_close(eval_logits(small, X), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -78,11 +80,12 @@ def test_compress_step_later_logs_absolute_size_and_shows_params_in_the_progress
     def spy(trainer, module, hook):
         seen[trainer.global_step] = (_params(module), trainer.progress_bar_metrics.get("prune/params"))
 
-    fit_tiny([cb, Spy(spy, ("on_train_batch_end",))], tmp_path, model=model, logger=logger, log_every_n_steps=1,
-             **FAST)
+    fit_tiny([cb, Spy(spy, ("on_train_batch_end",))], tmp_path, model=model, logger=logger,
+             log_every_n_steps=1, **FAST)
     assert all(n == dense for step, (n, _) in seen.items() if step < 11)
     assert all(n < dense for step, (n, _) in seen.items() if step >= 11)
-    assert seen[12][1] == pytest.approx(float(seen[11][0]))  # the progress bar: the parameter count at that batch
+    # the progress bar: the parameter count at that batch
+    assert seen[12][1] == pytest.approx(float(seen[11][0]))
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("prune/params")]
     assert len(rows) == 1 and int(rows[0]["step"]) == 11
@@ -91,8 +94,8 @@ def test_compress_step_later_logs_absolute_size_and_shows_params_in_the_progress
 
 
 def test_checkpoint_after_compression_resumes_onto_a_fresh_module(tmp_path):
-    """A checkpoint of the smaller model: a fresh module resumes from it to the uninterrupted run's weights and
-    state (the callback takes the recorded shapes before Lightning loads the weights)."""
+    """A checkpoint of the smaller model: a fresh module resumes from it to the uninterrupted run's weights
+    and state (the callback takes the recorded shapes before Lightning loads the weights)."""
     state = check_callback_conformance(lambda: GroupLassoPruning(compress=True, **STRONG), tmp_path,
                                        max_epochs=4, resume_epoch=3, plain_model=False)
     assert state["shrink"]["removed"]
@@ -148,7 +151,8 @@ def test_sharded_strategies_are_refused_with_their_name():
 
 def _rank_dump(trainer, module, hook):
     out = Path(os.environ["LP_TEST_DDP_DIR"]) / f"rank{trainer.global_rank}.pt"
-    torch.save({k: v.detach().cpu() for k, v in module.named_parameters()}, out)  # (BN statistics are rank-local)
+    # (BN statistics are rank-local)
+    torch.save({k: v.detach().cpu() for k, v in module.named_parameters()}, out)
 
 
 @pytest.mark.slow
@@ -168,7 +172,8 @@ OPTIMIZERS = {
     "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
     "adam": lambda p: torch.optim.Adam(p, lr=3e-3),
     "adamw": lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.05),
-    # (centered=True divides by a variance that cancels to ~0 over a few steps: float noise, not a slicing error)
+    # (centered=True divides by a variance that cancels to ~0 over a few steps:
+    # float noise, not a slicing error)
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9),
     "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05),
     "nadam": lambda p: torch.optim.NAdam(p, lr=3e-3),
@@ -177,8 +182,9 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_every_optimizer_state_follows_the_kept_units(optimizer):
-    """Masked for 4 steps vs masked for 2, compressed (carry_optimizer_state), 2 more: the same weights, whatever
-    state the optimizer keeps (momentum, exp_avg/exp_avg_sq, square_avg/grad_avg, sum, step counts)."""
+    """Masked for 4 steps vs masked for 2, compressed (carry_optimizer_state), 2 more: the same weights,
+    whatever state the optimizer keeps (momentum, exp_avg/exp_avg_sq, square_avg/grad_avg, sum, step
+    counts)."""
     import timm
 
     from lightning_prune.gates import unit_masks
@@ -186,7 +192,8 @@ def test_every_optimizer_state_follows_the_kept_units(optimizer):
     from lightning_prune.masks import MaskSet
     from lightning_prune.shrink import carry_optimizer_state
 
-    data = [(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 3]))
+    data = [(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)),
+             torch.tensor([0, 1, 2, 3]))
             for i in range(4)]
 
     def run(compress_after: int | None):
@@ -222,6 +229,7 @@ def test_every_optimizer_state_follows_the_kept_units(optimizer):
                                    msg=lambda m, key=key: f"{key}: {m}")
     held = [p for g in opt.param_groups for p in g["params"]]
     assert {id(p) for p in held} == {id(p) for p in small.parameters()}
-    for p in held:  # every state tensor has the new parameter's shape (step counts and NAdam's mu_product kept)
+    # every state tensor has the new parameter's shape (step counts and NAdam's mu_product kept)
+    for p in held:
         for key, value in opt.state[p].items():
             assert value.ndim == 0 or value.shape == p.shape, (key, tuple(value.shape), tuple(p.shape))

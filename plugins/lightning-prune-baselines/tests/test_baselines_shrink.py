@@ -61,7 +61,8 @@ def test_first_k_trains_the_small_model_as_the_masked_one(name, optimizer, tmp_p
     for key, value in masked.state_dict().items():
         if value.is_floating_point() and not (optimizer == "adamw" and key.endswith("attn.qkv.bias")):
             # (the k part of a qkv bias has a zero gradient: Adam turns float noise into lr-sized steps)
-            torch.testing.assert_close(state[key], value, atol=2e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+            torch.testing.assert_close(state[key], value, atol=2e-5, rtol=1e-4,
+                                       msg=lambda m, key=key: f"{key}: {m}")
     torch.testing.assert_close(_eval(small, X), _eval(masked, X), atol=1e-4, rtol=1e-4)
     held = {id(p) for g in shrinking_optimizer(small).param_groups for p in g["params"]}
     assert held == {id(p) for p in small.parameters()}
@@ -76,7 +77,8 @@ def test_random_channels_remove_the_units_once_the_schedule_reached_the_target(t
     sizes = _Sizes()
     fit_tiny([pruner, sizes], tmp_path, model=tiny_classifier(), **FAST)
     dense = sizes.seen[0]
-    assert all(sizes.seen[s] == dense for s in range(5))  # masks at steps 0, 2, 4 (the end of batches 0, 2, 4)
+    # masks at steps 0, 2, 4 (the end of batches 0, 2, 4)
+    assert all(sizes.seen[s] == dense for s in range(5))
     assert all(sizes.seen[s] < 0.7 * dense for s in range(5, 9))  # the target is reached at step 4: removed
     assert pruner.current_sparsity == 0.5 and pruner.shrink.removed
 
@@ -100,13 +102,15 @@ def test_a_checkpoint_of_the_smaller_model_resumes_onto_a_fresh_module(make, tmp
 def test_compressing_before_the_masks_are_final_is_refused(tmp_path):
     pruner = RandomChannels(0.5, sparsity_end_step=6, every_n_steps=2, compress=True, compress_step=3,
                             verbose=False)
-    with pytest.raises(MisconfigurationException, match=r"resolves to step 3, before the masks are final \(step 6\)"):
+    with pytest.raises(MisconfigurationException,
+                       match=r"resolves to step 3, before the masks are final \(step 6\)"):
         fit_tiny([pruner], tmp_path, model=tiny_classifier(), **FAST)
 
 
 @pytest.mark.parametrize(("make", "match"), [
     (lambda: FirstKChannels(compress_step=3), r"`compress_step`/`compress_epoch` of FirstKChannels need"),
-    (lambda: RandomChannels(compress=True, compress_step=3, compress_epoch=1), r"Pass only one of `compress_step`"),
+    (lambda: RandomChannels(compress=True, compress_step=3, compress_epoch=1),
+     r"Pass only one of `compress_step`"),
     (lambda: FirstKChannels(compress="yes"), r"`compress` must be True or False"),
 ])
 def test_bad_arguments(make, match):

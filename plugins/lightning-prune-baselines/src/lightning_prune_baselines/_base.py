@@ -4,10 +4,11 @@
 re-applies them after every optimizer step, checkpoints them and logs sparsity. This module adds what the
 baselines have in common: *when* to prune (:meth:`BaselinePruning.due`, asked at the end of every training
 batch), the channel groups lightning-prune's analysis proves exactly removable
-(:func:`lightning_prune.graph.analyse_channels`: channels, residual streams, attention heads, conv groups) with
-one keep-vector of units per group, physical removal of the pruned units inside the fit
-(:mod:`lightning_prune.shrink`: the optimizers carry their state over, checkpoints of the smaller model resume),
-a seeded random generator kept in the callback state, and sparsity metrics over the targeted weights only.
+(:func:`lightning_prune.graph.analyse_channels`: channels, residual streams, attention heads, conv groups)
+with one keep-vector of units per group, physical removal of the pruned units inside the fit
+(:mod:`lightning_prune.shrink`: the optimizers carry their state over, checkpoints of the smaller model
+resume), a seeded random generator kept in the callback state, and sparsity metrics over the targeted weights
+only.
 """
 
 from __future__ import annotations
@@ -64,17 +65,17 @@ class BaselinePruning(PruningCallback):
     LayerNorms that read them compute their statistics over the kept channels: the masked model computes what
     :func:`lightning_prune.compress` makes of it.
 
-    With ``compress=True`` (channel-wise baselines) the pruned units are removed physically once they are decided
-    (:meth:`decided`), or at ``compress_step`` / ``compress_epoch``: training continues on the smaller model, every
-    optimizer holding the new parameters with their state cut to the kept units
+    With ``compress=True`` (channel-wise baselines) the pruned units are removed physically once they are
+    decided (:meth:`decided`), or at ``compress_step`` / ``compress_epoch``: training continues on the smaller
+    model, every optimizer holding the new parameters with their state cut to the kept units
     (:func:`lightning_prune.shrink.compress_in_fit`).
 
     Args:
-        input_size: ``(C, H, W)`` used to trace the model for its channel groups (default: the LightningModule's
-            ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
+        input_size: ``(C, H, W)`` used to trace the model for its channel groups (default: the
+            LightningModule's ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
         compress: remove the pruned units inside the fit (default ``False``: masks only).
-        compress_step: when, in optimizer steps or as a fraction of training (``1.0`` = at the end of training);
-            default: right after the units are decided.
+        compress_step: when, in optimizer steps or as a fraction of training (``1.0`` = at the end of
+            training); default: right after the units are decided.
         compress_epoch: the same in epochs.
     """
 
@@ -125,7 +126,8 @@ class BaselinePruning(PruningCallback):
         return self.last_update >= 0 and self.current_sparsity >= getattr(self, "target_sparsity", 0.0)
 
     def decided_at_step(self, trainer: pl.Trainer) -> int:
-        """The earliest optimizer step at which the masks can be final (``compress_step`` may not come sooner)."""
+        """The earliest optimizer step at which the masks can be final (``compress_step`` may not come
+        sooner)."""
         return 0
 
     # ------------------------------------------------------------------ targets
@@ -135,8 +137,8 @@ class BaselinePruning(PruningCallback):
         if not self.channel_wise:
             return targets
         with as_misconfiguration():
-            self.groups = channel_groups(pl_module, include=self.include or None, exclude=self.exclude or None,
-                                         input_size=self.input_size)
+            self.groups = channel_groups(pl_module, include=self.include or None,
+                                         exclude=self.exclude or None, input_size=self.input_size)
         if not self.groups:
             raise MisconfigurationException(
                 f"{type(self).__name__} found no removable channel group in {type(pl_module).__name__}."
@@ -174,7 +176,8 @@ class BaselinePruning(PruningCallback):
         self._model = pl_module
         if self.shrink.enabled and trainer is not None and stage == "fit":
             check_strategy(trainer, type(self).__name__)
-            self.shrink.install_resume(trainer, self.state_key, lambda state: self._apply_removed(pl_module, state))
+            self.shrink.install_resume(trainer, self.state_key,
+                                       lambda state: self._apply_removed(pl_module, state))
         super().setup(trainer, pl_module, stage)
         self._restrict_norms()
 
@@ -185,9 +188,9 @@ class BaselinePruning(PruningCallback):
         earliest = self.decided_at_step(trainer) if self.shrink.at_step is not None else 0
         if self.shrink.at_step is not None and self.shrink.at_step < earliest:
             raise MisconfigurationException(
-                f"`compress_step`/`compress_epoch` resolves to step {self.shrink.at_step}, before the masks are final"
-                f" (step {earliest}). HINT: the units are removed once they are decided: compress later, or leave"
-                " the position unset to compress right after pruning.")
+                f"`compress_step`/`compress_epoch` resolves to step {self.shrink.at_step}, before the masks"
+                f" are final (step {earliest}). HINT: the units are removed once they are decided: compress"
+                " later, or leave the position unset to compress right after pruning.")
 
     @override
     def on_train_batch_end(
@@ -207,7 +210,8 @@ class BaselinePruning(PruningCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if self.shrink.enabled and self.shrink.removed is None and self.unit_keep is not None:
-            self.shrink_now(trainer, pl_module, in_fit=False)  # compress_step=1.0, or never decided before the end
+            # compress_step=1.0, or never decided before the end
+            self.shrink_now(trainer, pl_module, in_fit=False)
 
     # ------------------------------------------------------------------ shrink
     def removed_units(self) -> dict[str, list[int]]:
@@ -216,7 +220,8 @@ class BaselinePruning(PruningCallback):
         return {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(self.groups, self.unit_keep)}
 
     def shrink_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_fit: bool = True) -> None:
-        """Remove the pruned units physically; inside the fit the optimizers carry on with the smaller parameters."""
+        """Remove the pruned units physically; inside the fit the optimizers carry on with the smaller
+        parameters."""
         from lightning_prune.compression import compress
 
         assert self.groups is not None and self.unit_keep is not None
@@ -233,7 +238,8 @@ class BaselinePruning(PruningCallback):
         log_model_size(trainer, pl_module, self.input_size, type(self).__name__, self.verbose)
 
     def _apply_removed(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
-        """Resume: the checkpoint holds the smaller model; take its shapes before Lightning loads its weights."""
+        """Resume: the checkpoint holds the smaller model; take its shapes before Lightning loads its
+        weights."""
         if self.shrink.removed is not None or self.groups is None:
             return
         removed = recorded_removal(state, self.groups)
@@ -263,7 +269,8 @@ class BaselinePruning(PruningCallback):
             return {}
         if self.channel_wise and self.unit_keep is not None:
             units = sum(k.numel() for k in self.unit_keep)
-            metrics[f"{PREFIX}/channel_sparsity"] = sum(int((~k).sum()) for k in self.unit_keep) / max(units, 1)
+            metrics[f"{PREFIX}/channel_sparsity"] = (sum(int((~k).sum()) for k in self.unit_keep)
+                                                     / max(units, 1))
         metrics[f"{PREFIX}/target_sparsity"] = self.current_sparsity
         return metrics
 

@@ -1,9 +1,9 @@
 """Channel units of lightning-prune's groups, and the pure functions that choose which units to drop.
 
 The units are those of :func:`lightning_prune.graph.analyse_channels`: a channel with everything coupled to it
-(a layer's filter, the BatchNorm after it and the columns of every layer that reads it; a whole residual-stream
-channel; an attention head; a conv group), each provably removable. Masks over a unit's tensors come from
-:func:`lightning_prune.gates.unit_masks`.
+(a layer's filter, the BatchNorm after it and the columns of every layer that reads it; a whole
+residual-stream channel; an attention head; a conv group), each provably removable. Masks over a unit's
+tensors come from :func:`lightning_prune.gates.unit_masks`.
 
 Everything here is usable on a plain ``nn.Module`` as well as inside the callbacks; the channel-pruning
 benchmarks compare against :func:`first_k_channel_masks` and :func:`random_channel_masks`.
@@ -91,8 +91,8 @@ def channel_groups(
 
     Args:
         model: any ``nn.Module`` (a timm model, a LightningModule holding one).
-        example_input: what the traced model is called with (default: ``example_input_array``, else a random batch
-            at timm's ``pretrained_cfg["input_size"]`` or ``input_size``).
+        example_input: what the traced model is called with (default: ``example_input_array``, else a random
+            batch at timm's ``pretrained_cfg["input_size"]`` or ``input_size``).
         include, exclude: globs over module names: the groups whose producers match (do not match).
         input_size: ``(C, H, W)`` of the random example.
     """
@@ -136,8 +136,8 @@ def random_channel_masks(
 ) -> dict[str, Tensor]:
     """Masks that drop ``U - kept_count(U, sparsity)`` random units of every channel group.
 
-    Groups draw, in order, from one ``torch.Generator`` seeded with ``seed``: the same seed gives the same masks
-    on every machine and rank.
+    Groups draw, in order, from one ``torch.Generator`` seeded with ``seed``: the same seed gives the same
+    masks on every machine and rank.
     """
     generator = torch.Generator().manual_seed(seed)
     groups = channel_groups(model, example_input, include, exclude)

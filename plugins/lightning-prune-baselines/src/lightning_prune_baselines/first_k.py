@@ -29,9 +29,9 @@ class FirstKChannels(BaselinePruning):
 
     In each targeted Conv/Linear layer with ``C`` output channels the first
     ``k = C - max(round(C * (1 - target_sparsity)), 1)`` channels are pruned -- in every channel group of
-    lightning-prune's analysis (a layer's channels, a residual stream, attention heads, conv groups), every tensor
-    the unit touches: the producers' filters and biases, the norms after them, the readers' columns -- so nothing
-    reads a pruned unit. The masks are installed at the end of the first training batch after which
+    lightning-prune's analysis (a layer's channels, a residual stream, attention heads, conv groups), every
+    tensor the unit touches: the producers' filters and biases, the norms after them, the readers' columns --
+    so nothing reads a pruned unit. The masks are installed at the end of the first training batch after which
     ``trainer.global_step`` has reached ``prune_step`` (``prune_epoch`` ``e``: the step at which epoch ``e``
     starts) and kept for the rest of training: training goes on as fine-tuning of the narrower network, which
     ``compress=True`` removes physically right then (or at ``compress_step`` / ``compress_epoch``).
@@ -49,7 +49,8 @@ class FirstKChannels(BaselinePruning):
 
     Example::
 
-        first_k = lightning_prune.create_callback("first_k", target_sparsity=0.5, prune_epoch=5, compress=True)
+        first_k = lightning_prune.create_callback("first_k", target_sparsity=0.5, prune_epoch=5,
+                                                  compress=True)
         trainer = Trainer(callbacks=[first_k])
     """
 
@@ -68,8 +69,8 @@ class FirstKChannels(BaselinePruning):
         compress_step: int | float | None = None,
         compress_epoch: int | float | None = None,
     ) -> None:
-        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose, input_size, compress=compress,
-                         compress_step=compress_step, compress_epoch=compress_epoch)
+        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose, input_size,
+                         compress=compress, compress_step=compress_step, compress_epoch=compress_epoch)
         self.target_sparsity = check_fraction(
             "target_sparsity", target_sparsity,
             hint="the fraction of channels dropped; 0.5 halves every layer.",

@@ -25,11 +25,11 @@ __all__ = ["RandomChannels"]
 class RandomChannels(ScheduledBaselinePruning):
     """Seeded random pruning of whole output channels, in one shot or on a polynomial schedule.
 
-    At each mask update every channel group with ``U`` units (lightning-prune's analysis: a layer's channels, a
-    residual stream, attention heads, conv groups) keeps ``max(round(U * (1 - s)), 1)`` of them, ``s`` the
-    scheduled sparsity; the units to drop are drawn among the survivors of the previous update (masks are nested)
-    from the callback's own seeded generator. Every tensor a dropped unit touches is masked (filters, BatchNorm
-    entries, the readers' columns), so nothing reads it.
+    At each mask update every channel group with ``U`` units (lightning-prune's analysis: a layer's channels,
+    a residual stream, attention heads, conv groups) keeps ``max(round(U * (1 - s)), 1)`` of them, ``s`` the
+    scheduled sparsity; the units to drop are drawn among the survivors of the previous update (masks are
+    nested) from the callback's own seeded generator. Every tensor a dropped unit touches is masked (filters,
+    BatchNorm entries, the readers' columns), so nothing reads it.
 
     Args:
         target_sparsity: final fraction of the units dropped in every channel group, in [0, 1).
@@ -73,9 +73,9 @@ class RandomChannels(ScheduledBaselinePruning):
         compress_step: int | float | None = None,
         compress_epoch: int | float | None = None,
     ) -> None:
-        super().__init__(target_sparsity, initial_sparsity, begin_step, end_step, every_n_steps, sparsity_begin_step,
-                         sparsity_end_step, exponent, seed, include, exclude, types, log_media_every_n_epochs,
-                         verbose)
+        super().__init__(target_sparsity, initial_sparsity, begin_step, end_step, every_n_steps,
+                         sparsity_begin_step, sparsity_end_step, exponent, seed, include, exclude, types,
+                         log_media_every_n_epochs, verbose)
         self.input_size = check_input_size("input_size", input_size)
         self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
 
