@@ -95,13 +95,14 @@ MODELS: dict[str, dict[str, Any]] = {
     "mlp": {
         "make": lambda: MLP(),
         "data": {"image_size": 28, "batch_size": 60},
-        "lottery": {"scope": "layer", "output_layer": "out", "output_rate": 0.1, "rewind": "init"},
+        "lottery": {"scope": "layer", "output_layer": "out", "output_round_rate": 0.1,
+                    "rewind_round_fraction": 0.0},
     },
     "test_resnet": {
         "make": lambda: ImageClassifier("test_resnet", num_classes=10, optimizer="sgd", lr=0.05, momentum=0.9,
                                         weight_decay=0.0, scheduler="none"),
         "data": {"image_size": 32, "batch_size": 64},
-        "lottery": {"scope": "global", "rewind": 0.1},
+        "lottery": {"scope": "global", "rewind_round_fraction": 0.1},
     },
 }
 
@@ -153,8 +154,16 @@ def run_one(model_name: str, variant: str, seed: int, rounds: int, epochs: int, 
     model = spec["make"]()
     data = DigitsDataModule(seed=0, **spec["data"])  # one split for every seed; seeds change init and order
     data.setup("fit")
-    lt = LotteryTicket(rounds=rounds, epochs_per_round=epochs, prune_rate=0.2, seed=seed,
-                       reinit="random" if variant == "random" else "rewind", verbose=False, **spec["lottery"])
+    options = dict(spec["lottery"])
+    # 20% of the surviving weights per round (and 10% of the output layer's): the final sparsities; the rewind
+    # point as a fraction of the whole fit, from a fraction of the first round
+    fraction = options.pop("rewind_round_fraction")
+    output_rate = options.pop("output_round_rate", None)
+    if output_rate is not None:
+        options["output_sparsity"] = 1 - (1 - output_rate) ** rounds
+    lt = LotteryTicket(rounds=rounds, epochs_per_round=epochs, target_sparsity=1 - 0.8**rounds, seed=seed,
+                       rewind_step=fraction / (rounds + 1) if fraction else 0,
+                       reinit="random" if variant == "random" else "rewind", verbose=False, **options)
     probe = RoundEnd(epochs, data.test_dataloader())
     trainer = pl.Trainer(
         max_epochs=(rounds + 1) * epochs, accelerator="cpu", devices=1, logger=False,

@@ -111,7 +111,7 @@ def _train(model_name: str, model_kwargs: dict, epochs: int, seed: int, decay: b
     module = lp.ImageClassifier(model_name, num_classes=10, model_kwargs=model_kwargs, optimizer="sgd",
                                 lr=0.05, weight_decay=5e-4, scheduler="cosine")
     data = lp.DigitsDataModule(batch_size=64, seed=0)
-    callbacks = ([lp.ActivationDecay(end=0.6, schedule="cosine", interval="step", verbose=False)]
+    callbacks = ([lp.ActivationDecay(end_step=0.6, schedule="cosine", every_n_steps=1, verbose=False)]
                  if decay else [])
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

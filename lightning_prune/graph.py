@@ -225,8 +225,9 @@ def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = Non
     example = getattr(module, "example_input_array", None)
     param = next(iter(module.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    if example is not None and input_size is None:
-        return example.to(device) if isinstance(example, Tensor) else example
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if example is not None and input_size is None:  # (in the model's dtype: "bf16-true", "64-true" precision)
+        return _cast(example.to(device), dtype) if isinstance(example, Tensor) else _cast(example, dtype)
     if input_size is None:
         cfg = getattr(module, "pretrained_cfg", None)
         if not isinstance(cfg, dict) or "input_size" not in cfg:
@@ -239,7 +240,7 @@ def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = Non
         if img_size is not None:
             input_size = (input_size[0], *tuple(img_size))
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch_size, *input_size, generator=generator).to(device)
+    return torch.randn(batch_size, *input_size, generator=generator).to(device=device, dtype=dtype)
 
 
 def call_model(model: nn.Module, example: Any) -> Any:
@@ -249,6 +250,27 @@ def call_model(model: nn.Module, example: Any) -> Any:
     if isinstance(example, (list, tuple)):
         return model(*example)
     return model(example)
+
+
+def like_model(example: Any, model: nn.Module) -> Any:
+    """``example`` on the device of ``model``'s parameters, its floating tensors in their dtype (the strategy
+    may have moved or converted the model since the example was made)."""
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        return example
+    dtype = param.dtype if param.is_floating_point() else None
+
+    def move(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            value = value.to(param.device)
+            return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(v) for v in value)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value
+
+    return move(example)
 
 
 def _cast(example: Any, dtype: torch.dtype) -> Any:
@@ -1192,7 +1214,7 @@ class CostModel:
             module._forward_hooks.clear()
         local = [_localised(g, self.prefix) for g in self.groups]
         slice_units(small, local, {_strip(k, self.prefix): v for k, v in removed.items()})
-        flops, params = count_ops_and_params(small, self._example)
+        flops, params = count_ops_and_params(small, like_model(self._example, small))
         return float(flops) / max(self.dense_flops, 1.0), float(params) / max(self.dense_params, 1.0)
 
 

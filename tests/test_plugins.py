@@ -51,7 +51,7 @@ def test_installed_plugin_is_listed_with_its_distribution_and_version():
         info = infos[name]
         assert (info.object_path, info.distribution, info.version) == (object_path, PLUGIN, plugin_version)
         assert not info.broken and info.summary, name
-    assert infos["first_k"].summary.startswith("Drop the first k output channels")
+    assert infos["first_k"].summary.startswith("Drop the first k units of every channel group")
     assert infos["magnitude"].distribution == "lightning-prune"  # the built-ins are registered the same way
     cb = lp.create_callback("first_k", target_sparsity=0.25, prune_epoch=2)
     assert isinstance(cb, PruningCallback)

@@ -405,6 +405,12 @@ class GatePruningCallback(PruningCallback):
                  for n, m in unit_masks(pl_module, self.gateset.groups, keep).items() if n in self.masks}
         kept, total = sum(int(k.sum()) for k in keep), sum(k.numel() for k in keep)
         metrics = {f"{PREFIX}/channels_remaining": kept / max(total, 1), **self.size_metrics()}
+        if self.verbose:
+            size = "".join(f", {k.split('/')[-1].replace('_', ' ')} {v:.1%}"
+                           for k, v in metrics.items() if k != f"{PREFIX}/channels_remaining")
+            rank_zero_info(f"[{type(self).__name__}] finalised: {kept}/{total} units kept"
+                           f" ({1 - kept / max(total, 1):.1%} pruned) in {len(keep)} groups{size};"
+                           " fine-tuning continues")
         if trainer is not None:
             self.update_masks(masks, trainer)
             log_scalars(trainer, metrics)
@@ -412,12 +418,6 @@ class GatePruningCallback(PruningCallback):
                 self.shrink_now(trainer, pl_module)
         else:
             self.masks.update(masks)
-        if self.verbose:
-            size = "".join(f", {k.split('/')[-1].replace('_', ' ')} {v:.1%}"
-                           for k, v in self.size_metrics().items())
-            rank_zero_info(f"[{type(self).__name__}] finalised: {kept}/{total} units kept"
-                           f" ({1 - kept / max(total, 1):.1%} pruned) in {len(keep)} groups{size};"
-                           " fine-tuning continues")
 
     def size_metrics(self) -> dict[str, float]:
         """``prune/flops_remaining`` and ``prune/params_remaining`` of the compressed model after

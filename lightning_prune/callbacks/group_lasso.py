@@ -35,7 +35,7 @@ __all__ = ["GroupLassoPruning"]
 
 
 class GroupLassoPruning(GatePruningCallback):
-    """Group-LASSO channel pruning: a learnable gate per output channel under an L1 penalty.
+    """Group-LASSO channel pruning: a learnable gate per channel unit under an L1 penalty.
 
     One gate per unit of every channel group :func:`lightning_prune.graph.analyse_channels` proves exactly
     removable -- channels, residual streams (stem and downsample branches included; LayerNorm-normalised

@@ -138,7 +138,7 @@ def _check_range(name: str, value: Any) -> tuple[float, float] | None:
 
 
 class L0Pruning(GatePruningCallback):
-    """L0 channel pruning: a hard-concrete gate per output channel under the expected-L0 penalty.
+    """L0 channel pruning: a hard-concrete gate per channel unit under the expected-L0 penalty.
 
     Gates sit where :class:`~lightning_prune.GroupLassoPruning` puts its gates (on every unit of every exactly
     removable channel group, residual streams included unless ``prune_coupled=False``). They are stochastic in

@@ -153,7 +153,7 @@ class LotteryTicket(PruningCallback):
             raise MisconfigurationException(
                 "`target_sparsity` must be in (0, 1), got 0.0. HINT: a lottery ticket prunes something each"
                 " round.")
-        self.prune_rate = per_round_rate(self.target_sparsity, self.rounds)
+        self.per_round_rate = per_round_rate(self.target_sparsity, self.rounds)
         self.epochs_per_round = check_optional(
             check_int, "epochs_per_round", epochs_per_round, 1,
             hint="leave it None to split trainer.max_epochs evenly over the rounds + 1 segments.")
@@ -162,8 +162,8 @@ class LotteryTicket(PruningCallback):
             check_fraction, "output_sparsity", output_sparsity,
             hint="0 never prunes the output layer (open_lth's default for ResNet/VGG); None prunes it at half"
             " the per-round rate.")
-        self.output_rate = (self.prune_rate / 2 if self.output_sparsity is None
-                            else per_round_rate(self.output_sparsity, self.rounds))
+        self.output_per_round_rate = (self.per_round_rate / 2 if self.output_sparsity is None
+                                      else per_round_rate(self.output_sparsity, self.rounds))
         self.output_layer = check_patterns("output_layer", output_layer)
         self.rewind_step = check_position(
             "rewind_step", rewind_step,
@@ -298,8 +298,9 @@ class LotteryTicket(PruningCallback):
         row = self._finish_round_row(trainer)
         self.history.append(row)
         weights = {n: self.masks.param(n) for n in self.masks}
-        rates = {n: self.output_rate for n in self._output_names}
-        new_masks = prune_by_percent(weights, dict(self.masks.items()), self.prune_rate, self.scope, rates)
+        rates = {n: self.output_per_round_rate for n in self._output_names}
+        new_masks = prune_by_percent(weights, dict(self.masks.items()), self.per_round_rate, self.scope,
+                                     rates)
         new_masks = trainer.strategy.broadcast({n: m.cpu() for n, m in new_masks.items()}, src=0)
         self._rewind(trainer, pl_module)
         self.round += 1
@@ -347,8 +348,8 @@ class LotteryTicket(PruningCallback):
         if self.verbose:
             rank_zero_info(
                 f"[LotteryTicket] {len(self.masks or ())} tensors, {self.scope} scope: {self.rounds} round(s)"
-                f" of {self.prune_rate:.0%} every {self._epochs} epoch(s) ->"
-                f" {(1 - self.prune_rate) ** self.rounds:.1%}"
+                f" of {self.per_round_rate:.0%} every {self._epochs} epoch(s) ->"
+                f" {(1 - self.per_round_rate) ** self.rounds:.1%}"
                 f" remaining; rewind to step {self.rewind_at_step}, reinit={self.reinit!r}"
             )
 
@@ -400,7 +401,7 @@ class LotteryTicket(PruningCallback):
     def summary(self, rows: list[dict[str, Any]] | None = None) -> str:
         """The per-round table printed at the end of training."""
         rows = rows if rows is not None else self.history
-        lines = [f"LotteryTicket ({self.scope}, {self.prune_rate:.0%}/round,"
+        lines = [f"LotteryTicket ({self.scope}, {self.per_round_rate:.0%}/round,"
                  f" rewind_step={self.rewind_step!r}, reinit={self.reinit!r})",
                  f"{'round':>5}  {'remaining':>9}  {'best ' + self.monitor:>14}  epochs"]
         for r in rows:

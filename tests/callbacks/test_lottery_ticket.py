@@ -264,8 +264,8 @@ def test_layer_scope_prunes_every_layer_at_the_rate_and_never_the_timm_classifie
 def test_target_sparsity_is_reached_after_the_last_round():
     assert per_round_rate(0.36, 2) == 0.2 and per_round_rate(1 - 0.8**10, 10) == 0.2
     lt = LotteryTicket(rounds=3, target_sparsity=0.488)
-    assert lt.prune_rate == 0.2 and lt.output_rate == 0.1
-    assert LotteryTicket(rounds=2, output_sparsity=0.19).output_rate == pytest.approx(1 - 0.81**0.5)
+    assert lt.per_round_rate == 0.2 and lt.output_per_round_rate == 0.1
+    assert LotteryTicket(rounds=2, output_sparsity=0.19).output_per_round_rate == pytest.approx(1 - 0.81**0.5)
 
 
 class _PlainMLP(pl.LightningModule):

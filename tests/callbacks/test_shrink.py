@@ -233,3 +233,12 @@ def test_every_optimizer_state_follows_the_kept_units(optimizer):
     for p in held:
         for key, value in opt.state[p].items():
             assert value.ndim == 0 or value.shape == p.shape, (key, tuple(value.shape), tuple(p.shape))
+
+
+def test_a_model_in_another_dtype_is_traced_and_measured_in_its_dtype(tmp_path):
+    """precision="64-true" (like "bf16-true" on a GPU) converts the model after the callbacks' setup: the
+    example inputs of the analysis, the size measurement and the compression follow the model's dtype."""
+    cb = GroupLassoPruning(compress=True, target_flops=0.5, **{k: v for k, v in STRONG.items() if k != "lam"})
+    _, model = fit_tiny([cb], tmp_path, model=tiny_classifier(), precision="64-true", **FAST)
+    assert cb.shrink.removed and next(model.parameters()).dtype == torch.float64
+    assert _params(model) < _params(tiny_classifier())

@@ -101,7 +101,7 @@ class BaselinePruning(PruningCallback):
         if self.shrink.enabled and not self.channel_wise:
             raise MisconfigurationException(
                 f"{type(self).__name__} prunes single weights: nothing can be removed physically."
-                " HINT: compress=True needs a channel baseline (first_k_channels, random_channels).")
+                " HINT: compress=True needs a channel baseline (first_k, random_channels).")
         self.groups: list[ChannelGroup] | None = None
         self._norm_handles: list[Any] = []
         self._model: pl.LightningModule | None = None

@@ -25,7 +25,7 @@ __all__ = ["FirstKChannels"]
 
 
 class FirstKChannels(BaselinePruning):
-    """Drop the first k output channels of each targeted layer, then fine-tune (Habr channel-pruning control).
+    """Drop the first k units of every channel group, then fine-tune (the Habr channel-pruning control).
 
     In each targeted Conv/Linear layer with ``C`` output channels the first
     ``k = C - max(round(C * (1 - target_sparsity)), 1)`` channels are pruned -- in every channel group of

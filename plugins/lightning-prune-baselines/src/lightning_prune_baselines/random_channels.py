@@ -23,7 +23,7 @@ __all__ = ["RandomChannels"]
 
 
 class RandomChannels(ScheduledBaselinePruning):
-    """Seeded random pruning of whole output channels, in one shot or on a polynomial schedule.
+    """Seeded random pruning of whole channel units, in one shot or on a polynomial schedule.
 
     At each mask update every channel group with ``U`` units (lightning-prune's analysis: a layer's channels,
     a residual stream, attention heads, conv groups) keeps ``max(round(U * (1 - s)), 1)`` of them, ``s`` the
