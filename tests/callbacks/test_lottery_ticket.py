@@ -352,7 +352,7 @@ class _DumpState(Callback):
 
 @pytest.mark.slow
 def test_ddp_ranks_agree_on_masks_and_rewind_point(tmp_path):
-    lt = LotteryTicket(rounds=2, epochs_per_round=1, rewind=2, reinit="random")
+    lt = LotteryTicket(rounds=2, epochs_per_round=1, rewind_step=2, reinit="random")
     fit_tiny([lt, _DumpState(tmp_path)], tmp_path, max_epochs=3, strategy="ddp_spawn", devices=2,
              accelerator="cpu", **FAST)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
