@@ -41,10 +41,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import lightning_prune as lp  # noqa: E402
 from lightning_prune.graph import (  # noqa: E402
     analyse_channels,
-    randomised_copy,
-    restricted_norm_hooks,
-    slice_units,
-    zero_unit_hooks,
+    masked_and_sliced,
 )
 
 # (model, create kwargs, input side): the smallest variant of each family at a small input
@@ -97,17 +94,7 @@ def measure(name: str, kwargs: dict, side: int, export: bool = True) -> dict:
         row.update(exact=None, reload=None, trace=None, export=None)
         return row
     removed = _removed(analysis.groups)
-    masked_model = randomised_copy(model, seed=3, dtype=torch.float32)
-    handles = zero_unit_hooks(masked_model, analysis.groups, removed) + restricted_norm_hooks(
-        masked_model, analysis.groups, removed)
-    with torch.no_grad():
-        masked = masked_model(x)
-    for h in handles:
-        h.remove()
-    small = masked_model
-    slice_units(small, analysis.groups, removed)
-    with torch.no_grad():
-        sliced = small(x)
+    masked, small, sliced = masked_and_sliced(model, x, analysis.groups, removed, seed=3, dtype=torch.float32)
     error = float((masked - sliced).abs().max() / masked.abs().max().clamp_min(1e-12))
     row["max_rel_error"] = error
     row["exact"] = error <= 1e-4

@@ -67,6 +67,7 @@ __all__ = [
     "call_model",
     "channel_dim",
     "example_inputs_for",
+    "masked_and_sliced",
     "randomised_copy",
     "restricted_norm_hooks",
     "slice_units",
@@ -926,30 +927,37 @@ def _sample_removed(groups: Sequence[ChannelGroup], seed: int) -> dict[str, list
 
 
 @torch.no_grad()
+def masked_and_sliced(model: nn.Module, example: Any, groups: Sequence[ChannelGroup],
+                      removed: Mapping[str, Iterable[int]], seed: int = 0,
+                      dtype: torch.dtype = torch.float64) -> tuple[Any, nn.Module, Any]:
+    """The proof of a removal, on a copy of ``model`` with randomised weights and statistics in ``dtype``.
+
+    Returns the copy's outputs with the ``removed`` units masked (zeros where they are read, norm statistics
+    over the kept channels), the same copy with the units sliced out (a plain module: the hooks are gone), and
+    its outputs. The removal is exact when the two outputs agree."""
+    clone = randomised_copy(model, seed, dtype)
+    example = _cast(example, dtype)
+    handles = zero_unit_hooks(clone, groups, removed) + restricted_norm_hooks(clone, groups, removed)
+    try:
+        masked = call_model(clone, example)
+    finally:
+        for h in handles:
+            h.remove()
+    slice_units(clone, groups, removed)
+    return masked, clone, call_model(clone, example)
+
+
 def _exact(model: nn.Module, example: Any, groups: Sequence[ChannelGroup], rtol: float,
            seed: int = 0) -> bool:
     """Masked (zeros at input sites, restricted norms) equals physically sliced, on a randomised copy."""
     groups = [g for g in groups if g.size > 1]
     if not groups:
         return True
-    removed = _sample_removed(groups, seed)
-    reference = randomised_copy(model, seed)
-    example64 = _cast(example, torch.float64)
-    handles = zero_unit_hooks(reference, groups, removed) + restricted_norm_hooks(reference, groups, removed)
     try:
-        masked = call_model(reference, example64)
-    except Exception:  # noqa: BLE001 - sites the model's forward does not accept: not removable this way
+        masked, _, sliced = masked_and_sliced(model, example, groups, _sample_removed(groups, seed), seed)
+    except Exception:  # noqa: BLE001 - a masking or slicing the model's code does not accept is not exact
         return False
-    finally:
-        for h in handles:
-            h.remove()
-    sliced = reference  # the hooks are gone: slice this very copy
-    try:
-        slice_units(sliced, groups, removed)
-        after = call_model(sliced, example64)
-    except Exception:  # noqa: BLE001 - a slicing the model's code does not accept is simply not exact
-        return False
-    return _compare(masked, after, rtol) <= rtol
+    return _compare(masked, sliced, rtol) <= rtol
 
 
 def _exact_subsets(model: nn.Module, example: Any, groups: list[ChannelGroup], rtol: float,

@@ -149,7 +149,7 @@ def compress_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, groups: 
     cuts = parameter_cuts(pl_module, groups, removed)
     dense_shapes = {k: tuple(v.shape) for k, v in pl_module.state_dict().items()}
     was_training = pl_module.training
-    compress(pl_module, example_inputs, groups=groups, removed=removed)
+    compress(pl_module, example_inputs, groups=groups, removed=removed, round_to=1)  # (the plan is final)
     pl_module.train(was_training)
     carry_optimizer_state(trainer.optimizers, old, dict(pl_module.named_parameters()), cuts)
     _rewrap_ddp(trainer, pl_module)

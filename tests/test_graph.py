@@ -15,10 +15,8 @@ from lightning_prune.graph import (
     CostModel,
     GraphTimeoutError,
     analyse_channels,
-    randomised_copy,
-    restricted_norm_hooks,
+    masked_and_sliced,
     slice_units,
-    zero_unit_hooks,
 )
 
 # one model per structure of the coverage issue:
@@ -76,17 +74,7 @@ def test_every_structure_is_covered_and_removal_is_exact(name, analysed, tmp_pat
     assert {g.unit for g in analysis.groups} >= STRUCTURES[name][2]
     assert list(analysis.skipped.values()) == ["no layer reads these channels (model output)"]
     removed = _removed(analysis.groups)
-    masked_model = randomised_copy(model, seed=3, dtype=torch.float32)
-    handles = zero_unit_hooks(masked_model, analysis.groups, removed) + restricted_norm_hooks(
-        masked_model, analysis.groups, removed)
-    with torch.no_grad():
-        masked = masked_model(x)
-    for h in handles:
-        h.remove()
-    small = masked_model
-    slice_units(small, analysis.groups, removed)
-    with torch.no_grad():
-        sliced = small(x)
+    masked, small, sliced = masked_and_sliced(model, x, analysis.groups, removed, seed=3, dtype=torch.float32)
     scale = masked.abs().max()
     assert float((masked - sliced).abs().max() / scale) < 1e-4
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())

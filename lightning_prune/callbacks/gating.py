@@ -620,7 +620,8 @@ class GatePruningCallback(PruningCallback):
             return
         _, root = traced_root(pl_module)
         removed = self._removed()
-        compress(pl_module, example_inputs_for(root, self.input_size), groups=self.groups, removed=removed)
+        compress(pl_module, example_inputs_for(root, self.input_size), groups=self.groups, removed=removed,
+                 round_to=1)  # (the plan is rounded already)
         if self.gateset is not None:
             self.gateset.release_norms()
         self.shrink.removed = removed

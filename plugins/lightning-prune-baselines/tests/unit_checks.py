@@ -191,7 +191,8 @@ class CompressAtFitEnd(Callback):
             self.masked = pl_module(self.x)
         self.params_before = sum(p.numel() for p in pl_module.parameters())
         removed = removed_units(pruner.groups, pruner.unit_keep)
-        lp.compress(pl_module, self.x, groups=pruner.groups, removed=removed)  # raises if the outputs change
+        lp.compress(pl_module, self.x, groups=pruner.groups, removed=removed, round_to=1)  # raises if the
+        # outputs change
         with torch.no_grad():
             self.compressed = pl_module(self.x)
         self.params_after = sum(p.numel() for p in pl_module.parameters())

@@ -231,7 +231,7 @@ class BaselinePruning(PruningCallback):
         if in_fit:  # (the restricted norms let compress prove the masked and the sliced model equal)
             compress_in_fit(trainer, pl_module, self.groups, removed, example)
         else:
-            compress(pl_module, example, groups=self.groups, removed=removed)
+            compress(pl_module, example, groups=self.groups, removed=removed, round_to=1)  # (the plan as is)
         self.shrink.removed = removed
         self._restrict_norms()  # (removes them: the norms of the smaller model see the kept channels only)
         self.retarget(pl_module)
