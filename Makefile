@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt plugins/lightning-prune-baselines/pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) --editable ".[test]"
+	$(PIP) --editable ".[test,export]"
 	$(PIP) --no-deps --editable plugins/lightning-prune-baselines
 	touch $(STAMP)
 

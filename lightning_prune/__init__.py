@@ -24,11 +24,14 @@ from lightning_prune import models_reducenet as _models_reducenet  # noqa: E402,
 
 from lightning_prune.errors import (
     CompressionError,
+    ExportError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
     LightningPruneError,
+    MissingDependencyError,
     NonFiniteGateError,
     NoTargetsError,
+    UnsupportedDeviceError,
 )
 
 # Heavier names are imported on first access, so `import lightning_prune` stays fast.
@@ -42,6 +45,7 @@ _LAZY = {
     "L0Pruning": "lightning_prune.callbacks.l0",
     "ActivationDecay": "lightning_prune.callbacks.activation_decay",
     "EvolutionaryMutation": "lightning_prune.callbacks.evolution",
+    "KnowledgeDistillation": "lightning_prune.callbacks.distill",
     # model-level functions
     "compress": "lightning_prune.compression",
     "dead_units": "lightning_prune.compression",
@@ -51,6 +55,17 @@ _LAZY = {
     "resolve_targets": "lightning_prune.targets",
     "analyse_channels": "lightning_prune.graph",
     "MaskSet": "lightning_prune.masks",
+    # deployment: ONNX with proof, sparse checkpoints, 2:4 semi-structured weights
+    "export": "lightning_prune.onnx_export",
+    "ExportReport": "lightning_prune.onnx_export",
+    "restore_run": "lightning_prune.restore",
+    "save_sparse": "lightning_prune.sparse_io",
+    "load_sparse": "lightning_prune.sparse_io",
+    "to_semi_structured": "lightning_prune.semi_structured",
+    "semi_structured_plan": "lightning_prune.semi_structured",
+    "sensitivity": "lightning_prune.sensitivity_scan",
+    "layer_targets_from_sensitivity": "lightning_prune.sensitivity_scan",
+    "SensitivityTable": "lightning_prune.sensitivity_scan",
     # training helpers
     "ImageClassifier": "lightning_prune.models",
     "DigitsDataModule": "lightning_prune.data",
@@ -60,12 +75,15 @@ _LAZY = {
 __all__ = [
     "CallbackInfo",
     "CompressionError",
+    "ExportError",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
     "LightningPruneError",
+    "MissingDependencyError",
     "NoTargetsError",
     "NonFiniteGateError",
     "SparsityReport",
+    "UnsupportedDeviceError",
     "__version__",
     "create_callback",
     "get_callback",

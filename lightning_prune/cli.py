@@ -1,10 +1,12 @@
-"""The ``lightning-prune`` command: ``fit`` / ``validate`` / ``test`` through LightningCLI, and ``list``.
+"""The ``lightning-prune`` command: ``fit`` / ``validate`` / ``test`` through LightningCLI, ``list`` and
+``sensitivity`` (:mod:`lightning_prune.cli_sensitivity`).
 
 Examples::
 
     lightning-prune list
     lightning-prune fit --config recipes/digits/magnitude.yaml
     lightning-prune fit --config recipes/digits/magnitude.yaml --trainer.accelerator gpu
+    lightning-prune export --config recipes/digits/magnitude.yaml --ckpt_path last.ckpt  # (cli_export)
 
 ``fit`` ends, unless ``--test_after_fit false``, with a test of the final (pruned) weights and a table of
 per-layer and global sparsity, parameters and accuracy.
@@ -63,6 +65,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "list":
         print(format_callback_list())
+        return
+    if args and args[0] == "sensitivity":  # the per-layer sensitivity scan (lightning_prune.cli_sensitivity)
+        from lightning_prune.cli_sensitivity import main as sensitivity_main
+
+        sensitivity_main(args[1:])
+        return
+    if args and args[0] == "export":  # checkpoint -> ONNX checked in onnxruntime (lightning_prune.cli_export)
+        from lightning_prune.cli_export import main as export_main
+
+        export_main(args[1:])
         return
     PruneCLI(
         pl.LightningModule,

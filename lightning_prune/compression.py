@@ -37,7 +37,8 @@ from lightning_prune.graph import (
 )
 from lightning_prune.validation import check_bool, check_int, check_positive
 
-__all__ = ["CompressionError", "compress", "dead_units", "load_compressed", "round_kept", "save_compressed"]
+__all__ = ["CompressionError", "compress", "dead_units", "load_compressed", "round_kept", "save_compressed",
+           "shape_attributes", "take_shapes"]
 
 
 @torch.no_grad()
@@ -85,7 +86,7 @@ def compress(
     verify: bool = True,
     atol: float = 1e-4,
     rtol: float = 1e-4,
-    round_to: int = 1,
+    round_to: int = 8,
     groups: Sequence[ChannelGroup] | None = None,
     removed: Mapping[str, Sequence[int]] | None = None,
 ) -> nn.Module:
@@ -101,7 +102,8 @@ def compress(
         verify: compare eval outputs before and after on ``example_inputs``; raise if they differ.
         atol, rtol: tolerances of that comparison.
         round_to: keep enough dead channels that every pruned channel width stays a multiple of ``round_to``
-            (kernels run faster on multiples of 8 or 16); outputs are unchanged.
+            (default 8, as the callbacks; heads and conv groups stay whole; 1 = remove every dead unit);
+            outputs are unchanged. A given plan is rounded too: ``round_to=1`` removes exactly ``removed``.
         groups, removed: the groups (names relative to ``model``) and, per group name, the units to remove
             (what a gate callback decided); default: every dead unit of the groups found by
             :func:`~lightning_prune.graph.analyse_channels`.
@@ -202,17 +204,45 @@ _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_fea
 FORMAT = "lightning_prune.compressed/1"
 
 
-def save_compressed(model: nn.Module, path: str | Path) -> None:
-    """Save a compressed model: its ``state_dict`` plus the channel counts of its resized layers.
-
-    The file holds only tensors and Python scalars (it loads with ``torch.load(weights_only=True)``).
-    """
+def shape_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The channel counts (``in_channels``, ``num_heads``, ...) of every layer, what :func:`take_shapes` needs
+    to give a fresh model the shapes of a compressed one."""
     attributes = {}
     for name, module in model.named_modules():
         found = {k: getattr(module, k) for k in _SHAPE_ATTRS if k in vars(module)}  # instance attributes only
         if found:
             attributes[name] = found
-    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "attributes": attributes}, str(path))
+    return attributes
+
+
+def take_shapes(model: nn.Module, state: Mapping[str, Tensor], attributes: Mapping[str, Mapping[str, Any]]
+                ) -> nn.Module:
+    """Give ``model`` the parameter and buffer shapes of ``state`` and the channel counts of ``attributes``
+    (what :func:`shape_attributes` recorded), so that ``model.load_state_dict(state)`` loads strictly."""
+    for key, value in state.items():
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        current = getattr(module, attr, None)
+        if isinstance(current, Tensor) and current.shape != value.shape:
+            fresh = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+            if isinstance(current, nn.Parameter):
+                setattr(module, attr, nn.Parameter(fresh, requires_grad=current.requires_grad))
+            else:
+                setattr(module, attr, fresh)
+    for name, attrs in attributes.items():
+        module = model.get_submodule(name) if name else model
+        for key, value in attrs.items():
+            setattr(module, key, value)
+    return model
+
+
+def save_compressed(model: nn.Module, path: str | Path) -> None:
+    """Save a compressed model: its ``state_dict`` plus the channel counts of its resized layers.
+
+    The file holds only tensors and Python scalars (it loads with ``torch.load(weights_only=True)``).
+    """
+    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "attributes": shape_attributes(model)},
+               str(path))
 
 
 @torch.no_grad()
@@ -238,20 +268,7 @@ def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InvalidArgumentError(f"{path} was not written by lightning_prune.save_compressed.")
     state = payload["state_dict"]
-    for key, value in state.items():
-        module_name, _, attr = key.rpartition(".")
-        module = model.get_submodule(module_name) if module_name else model
-        current = getattr(module, attr, None)
-        if isinstance(current, Tensor) and current.shape != value.shape:
-            fresh = torch.empty(value.shape, dtype=current.dtype, device=current.device)
-            if isinstance(current, nn.Parameter):
-                setattr(module, attr, nn.Parameter(fresh, requires_grad=current.requires_grad))
-            else:
-                setattr(module, attr, fresh)
-    for name, attrs in payload["attributes"].items():
-        module = model.get_submodule(name) if name else model
-        for key, value in attrs.items():
-            setattr(module, key, value)
+    take_shapes(model, state, payload["attributes"])
     model.load_state_dict(state, strict=True)
     return model
 

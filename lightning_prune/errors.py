@@ -12,11 +12,14 @@ from __future__ import annotations
 
 __all__ = [
     "CompressionError",
+    "ExportError",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
     "LightningPruneError",
+    "MissingDependencyError",
     "NoTargetsError",
     "NonFiniteGateError",
+    "UnsupportedDeviceError",
 ]
 
 
@@ -42,3 +45,18 @@ class CompressionError(LightningPruneError, ValueError):
 
 class NonFiniteGateError(LightningPruneError, FloatingPointError):
     """A gate parameter or a gate penalty became NaN/inf; raised instead of training on silently."""
+
+
+class ExportError(LightningPruneError, ValueError):
+    """An exported model (ONNX) failed to export, or computes outputs that differ from the PyTorch model's
+    beyond the tolerance."""
+
+
+class MissingDependencyError(LightningPruneError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it
+    (``pip install 'lightning-prune[export]'``)."""
+
+
+class UnsupportedDeviceError(LightningPruneError, RuntimeError):
+    """The hardware a function needs is not there (2:4 semi-structured kernels need a CUDA GPU of compute
+    capability 8.0 or newer)."""

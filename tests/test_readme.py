@@ -13,7 +13,7 @@ import lightning_prune as lp
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ["GradualMagnitudePruning", "LotteryTicket", "GroupLassoPruning", "L0Pruning", "ActivationDecay",
-        "EvolutionaryMutation"]
+        "EvolutionaryMutation", "KnowledgeDistillation"]
 BASELINES = ["FirstKChannels", "RandomChannels", "RandomUnstructured"]
 
 

@@ -3,7 +3,7 @@
     from lightning_prune.callbacks import GradualMagnitudePruning, LotteryTicket
 
 One module per algorithm (``magnitude``, ``lottery_ticket``, ``group_lasso``, ``l0``, ``activation_decay``,
-``evolution``), the shared bases in ``base`` (:class:`PruningCallback`) and ``gating``
+``evolution``, ``distill``), the shared bases in ``base`` (:class:`PruningCallback`) and ``gating``
 (:class:`GatePruningCallback`). Every algorithm is also registered through the ``lightning_prune.callbacks``
 entry-point group in the project's ``pyproject.toml``, exactly as a plugin registers its own. Names are
 imported on first access.
@@ -23,6 +23,7 @@ _MODULES = {
     "L0Pruning": "l0",
     "ActivationDecay": "activation_decay",
     "EvolutionaryMutation": "evolution",
+    "KnowledgeDistillation": "distill",
 }
 
 __all__ = list(_MODULES)

@@ -1,7 +1,9 @@
 """Gradual magnitude pruning.
 
 Zhu & Gupta, "To prune, or not to prune: exploring the efficacy of pruning for model compression", 2017,
-arXiv:1710.01878, with the semantics and default hyperparameters of TensorFlow's ``model_pruning``.
+arXiv:1710.01878, with the semantics and default hyperparameters of TensorFlow's ``model_pruning``; with
+``pattern="N:M"``, N:M fine-grained structured sparsity (Mishra et al., "Accelerating Sparse Deep Neural
+Networks", 2021, arXiv:2104.08378) reached on the same schedule (:mod:`lightning_prune.functional.nm`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from lightning_prune.functional.magnitude import (
     kth_largest_of,
     threshold_mask,
 )
+from lightning_prune.functional.nm import NM_RAMPS, nm_schedule_masks, nm_violations, parse_pattern
 from lightning_prune.logging import PREFIX
 from lightning_prune.schedules import is_update_step, polynomial_sparsity, resolve_step, until_the_end
-from lightning_prune.targets import matches
+from lightning_prune.targets import Target, matches
 from lightning_prune.validation import (
     check_cadence,
     check_choice,
@@ -68,11 +71,20 @@ class GradualMagnitudePruning(PruningCallback):
         block_size: ``(h, w)`` blocks for 2-D (Linear) weights, scored by ``block_pooling``; ``-1`` = whole
             dim.
         block_pooling: ``"avg"`` or ``"max"``.
+        pattern: ``"N:M"`` (e.g. ``"2:4"``, NVIDIA's sparse tensor cores): at most N non-zeros in every block
+            of M consecutive weights along the input dimension (dim 1 of every Linear and Conv weight, Apple
+            coremltools' ``n_m_ratio``). ``target_sparsity`` must be at least ``1 - N/M`` (more prunes
+            inside the pattern); the schedule ramps the pattern in as ``pattern_ramp`` says.
+        pattern_ramp: ``"blend"``: on the way to the target only weights outside the final N:M pattern are
+            pruned, by magnitude, and the pattern holds exactly from ``sparsity_end_step`` on; ``"steps"``:
+            the pattern holds at every update, with ``round(M (1 - s(t)))`` weights kept per block
+            (``4:4 -> 3:4 -> 2:4``).
         include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
 
     Example::
 
         trainer = Trainer(callbacks=[GradualMagnitudePruning(target_sparsity=0.9)])
+        trainer = Trainer(callbacks=[GradualMagnitudePruning(pattern="2:4", sparsity_end_step=0.5)])
     """
 
     def __init__(
@@ -90,6 +102,8 @@ class GradualMagnitudePruning(PruningCallback):
         layer_targets: Mapping[str, float] | None = None,
         block_size: Sequence[int] | None = None,
         block_pooling: str = "avg",
+        pattern: str | None = None,
+        pattern_ramp: str = "blend",
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         types: list[str | type] | None = None,
@@ -144,6 +158,31 @@ class GradualMagnitudePruning(PruningCallback):
             block_size = tuple(block_size)
         self.block_size = block_size
         self.block_pooling = check_choice("block_pooling", block_pooling, ("avg", "max"))
+        self.pattern, self.pattern_ramp = pattern, check_choice(
+            "pattern_ramp", pattern_ramp, NM_RAMPS,
+            hint="'blend' prunes outside the pattern first; 'steps' keeps a pattern at every update.")
+        self._nm: tuple[int, int] | None = None
+        if pattern is not None:
+            try:
+                self._nm = parse_pattern(pattern)
+            except ValueError:
+                raise MisconfigurationException(
+                    f"`pattern` must be 'N:M' with integers 1 <= N < M, got {pattern!r}. HINT: '2:4' is what"
+                    " NVIDIA's sparse tensor cores run; None prunes unstructured.") from None
+            n, m = self._nm
+            if self.target_sparsity < 1.0 - n / m - 1e-9:
+                raise MisconfigurationException(
+                    f"`target_sparsity` ({self.target_sparsity:g}) must be at least {1 - n / m:g} with"
+                    f" `pattern`={pattern!r}: {n} of every {m} weights kept is already {1 - n / m:.0%}"
+                    " sparse."
+                    f" HINT: target_sparsity={1 - n / m:g}.")
+            for name, value, off in (("block_size", block_size, None),
+                                     ("layer_targets", self.layer_targets, {}),
+                                     ("threshold_decay", self.threshold_decay, 0.0)):
+                if value != off:
+                    raise MisconfigurationException(
+                        f"`{name}` cannot be combined with `pattern` (got {value!r}): the N:M pattern decides"
+                        f" the structure. HINT: leave `{name}` at its default, or set pattern=None.")
         # state
         self.last_update = 0
         self.thresholds: dict[str, float] = {}
@@ -158,7 +197,21 @@ class GradualMagnitudePruning(PruningCallback):
 
     @override
     def state_key_args(self) -> dict[str, Any]:
-        return {**super().state_key_args(), "target_sparsity": self.target_sparsity, "scope": self.scope}
+        key = {**super().state_key_args(), "target_sparsity": self.target_sparsity, "scope": self.scope}
+        if self.pattern is not None:  # (unstructured instances keep the keys of older checkpoints)
+            key["pattern"] = self.pattern
+        return key
+
+    @override
+    def select_targets(self, pl_module: pl.LightningModule) -> list[Target]:
+        targets = super().select_targets(pl_module)
+        flat = [t.name for t in targets if t.param.dim() < 2]
+        if self._nm is not None and flat:
+            raise MisconfigurationException(
+                f"`pattern`={self.pattern!r} needs weights with an input dimension (Linear, Conv), but"
+                f" {len(flat)} targets are 1-D: {flat[:4]}. HINT: narrow `types`/`include` to Conv/Linear"
+                " layers, or prune those with a second, unstructured GradualMagnitudePruning.")
+        return targets
 
     # ------------------------------------------------------------------ schedule
     def _resolve_schedule(self, trainer: pl.Trainer) -> tuple[int, int, int, int]:
@@ -203,6 +256,12 @@ class GradualMagnitudePruning(PruningCallback):
         assert self.masks is not None
         scores = {n: block_magnitude(self.masks.param(n), self.block_size, self.block_pooling)
                   for n in self.masks}
+        if self._nm is not None:
+            n, m = self._nm
+            if self.scope == "layer":
+                return {name: nm_schedule_masks({name: score}, sparsity, n, m, self.pattern_ramp)[name]
+                        for name, score in scores.items()}
+            return nm_schedule_masks(scores, sparsity, n, m, self.pattern_ramp)
         new, pooled = {}, []
         for name, score in scores.items():
             layer_target = self._layer_target(name) if self.layer_targets else None
@@ -226,10 +285,11 @@ class GradualMagnitudePruning(PruningCallback):
         _, _, begin, end = self._resolve_schedule(trainer)
         self.current_target = self.sparsity_at(trainer.global_step)
         if self.verbose:
+            pattern = f", {self.pattern} pattern ({self.pattern_ramp})" if self.pattern else ""
             rank_zero_info(
                 f"[GradualMagnitudePruning] {len(self.targets)} tensors, {self.scope} scope: sparsity"
                 f" {self.initial_sparsity:.0%} -> {self.target_sparsity:.0%} over steps {begin}-{end},"
-                f" masks every {self.every_n_steps} steps"
+                f" masks every {self.every_n_steps} steps{pattern}"
             )
 
     @override
@@ -245,7 +305,17 @@ class GradualMagnitudePruning(PruningCallback):
 
     @override
     def log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float] | None = None) -> None:
-        super().log_sparsity(trainer, {f"{PREFIX}/target_sparsity": self.current_target, **(extra or {})})
+        metrics = {f"{PREFIX}/target_sparsity": self.current_target}
+        if self._nm is not None:
+            metrics[f"{PREFIX}/pattern_violations"] = float(self.pattern_violations())
+        super().log_sparsity(trainer, {**metrics, **(extra or {})})
+
+    def pattern_violations(self) -> int:
+        """Blocks of the targeted weights that hold more than N non-zeros (0 once the N:M pattern holds)."""
+        if self._nm is None or self.masks is None:
+            return 0
+        n, m = self._nm
+        return sum(nm_violations(self.masks.param(name), n, m) for name in self.masks)
 
     # ------------------------------------------------------------------ state
     @override

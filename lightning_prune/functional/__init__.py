@@ -9,6 +9,13 @@ from lightning_prune.functional.channels import (
     keep_mask,
     zero_channels,
 )
+from lightning_prune.functional.distill import (
+    distillation_loss,
+    feature_matching_loss,
+    logit_rows,
+    output_logits,
+    top1_agreement,
+)
 from lightning_prune.functional.evolution import (
     NOISE_KINDS,
     add_perturbation_,
@@ -55,9 +62,19 @@ from lightning_prune.functional.magnitude import (
     magnitude_mask,
     threshold_mask,
 )
+from lightning_prune.functional.nm import (
+    NM_RAMPS,
+    nm_blocks,
+    nm_mask,
+    nm_schedule_masks,
+    nm_violations,
+    parse_pattern,
+    ramp_kept,
+)
 
 __all__ = [
     "GAMMA",
+    "NM_RAMPS",
     "NOISE_KINDS",
     "ZETA",
     "add_perturbation_",
@@ -65,10 +82,12 @@ __all__ = [
     "capture_mask",
     "centered_ranks",
     "channel_view",
+    "distillation_loss",
     "es_update_",
     "es_weights",
     "expand_groups",
     "expected_l0",
+    "feature_matching_loss",
     "fold_bn",
     "fold_scale",
     "fuse_1x1_kxk",
@@ -87,17 +106,26 @@ __all__ = [
     "kth_largest",
     "kth_largest_of",
     "log_alpha_from_droprate",
+    "logit_rows",
     "magnitude_mask",
+    "nm_blocks",
+    "nm_mask",
+    "nm_schedule_masks",
+    "nm_violations",
     "noise_like",
     "normalized_fitness",
     "offspring_direction",
     "offspring_seed",
+    "output_logits",
     "pad_kernel",
+    "parse_pattern",
     "perturbation",
     "prune_by_percent",
     "prune_count",
+    "ramp_kept",
     "remaining_fraction",
     "shuffle_like",
     "threshold_mask",
+    "top1_agreement",
     "zero_channels",
 ]
