@@ -286,3 +286,14 @@ def test_the_export_command_needs_a_checkpoint(tmp_path):
     config = _config(tmp_path, {"class_path": "lightning_prune.GradualMagnitudePruning"})
     with pytest.raises(SystemExit, match="needs --ckpt_path"):
         main(["export", "--config", config])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path runs for real on a GPU")
+def test_the_semi_structured_gpu_benchmark_says_why_it_skips_and_exits_zero(capsys):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "semi_structured_gpu.py"
+    benchmark = runpy.run_path(str(script))
+    assert benchmark["main"]([]) == 0
+    assert "2:4 semi-structured benchmark skipped: no CUDA GPU" in capsys.readouterr().out
