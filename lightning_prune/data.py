@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -12,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
-__all__ = ["CIFAR10DataModule", "DigitsDataModule", "EpochShuffleSampler"]
+__all__ = ["CIFAR10DataModule", "DigitsDataModule", "EpochShuffleSampler", "ResumableDataLoader"]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -36,6 +37,88 @@ class EpochShuffleSampler(Sampler[int]):
         return self.length
 
 
+class _SkippingIndexSampler:
+    """The loader's index sampler, which skips the batches a resumed pass has already served (indices only:
+    no sample is loaded for them)."""
+
+    def __init__(self, loader: ResumableDataLoader, base: Iterable[Any]) -> None:
+        self.loader, self.base = loader, base
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = self.loader
+        epoch = loader._sampler_epoch()
+        skip = 0
+        if loader._resume is not None:
+            saved_epoch, saved_batches = loader._resume
+            loader._resume = None
+            if saved_epoch is None or saved_epoch == epoch:
+                skip = saved_batches
+        loader._pass_epoch, loader._served = epoch, skip
+        iterator = iter(self.base)
+        for _ in range(skip):
+            if next(iterator, None) is None:
+                break
+        yield from iterator
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that Lightning checkpoints and restores in the middle of an epoch.
+
+    Lightning saves the ``state_dict()`` of a training dataloader that has ``state_dict``/``load_state_dict``
+    (``fit_loop.state_dict()["combined_loader"]``) and loads it before the resumed epoch starts. The state is
+    the epoch of the current pass (the sampler's ``epoch``, which Lightning sets through ``set_epoch``) and
+    the batches already served to the training loop; a resumed pass of the same epoch skips those batches
+    by index (without loading them), so with a sampler whose order depends only on its seed and epoch
+    (:class:`EpochShuffleSampler`, ``DistributedSampler``) the run sees exactly the batches of an
+    uninterrupted one. A state whose epoch differs from the resumed pass (saved at the end of an epoch) is
+    dropped.
+
+    Example::
+
+        sampler = EpochShuffleSampler(len(dataset), seed=0)
+        loader = ResumableDataLoader(dataset, batch_size=32, sampler=sampler)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._pass_epoch: int | None = None
+        self._resume: tuple[int | None, int] | None = None
+
+    def _sampler_epoch(self) -> int | None:
+        epoch = getattr(self.sampler, "epoch", None)
+        if epoch is None and self.batch_sampler is not None:
+            epoch = getattr(getattr(self.batch_sampler, "sampler", None), "epoch", None)
+        return int(epoch) if isinstance(epoch, int) else None
+
+    @property
+    def _index_sampler(self) -> Any:
+        return _SkippingIndexSampler(self, super()._index_sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
+        for batch in batches:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch": epoch of the current pass (or None), "batches": batches served in it}``."""
+        epoch = self._pass_epoch if self._pass_epoch is not None else self._sampler_epoch()
+        return {"epoch": epoch, "batches": int(self._served)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        epoch = state_dict.get("epoch")
+        self._resume = (None if epoch is None else int(epoch), int(state_dict.get("batches", 0)))
+        if epoch is not None and hasattr(self.sampler, "set_epoch"):
+            # workers fetch indices as soon as the iterator exists, before Lightning sets the epoch
+            self.sampler.set_epoch(int(epoch))
+
+
 def _split(n: int, fractions: tuple[float, float], seed: int) -> tuple[list[int], list[int], list[int]]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val, n_test = int(round(n * fractions[0])), int(round(n * fractions[1]))
@@ -51,9 +134,13 @@ class _LoaderMixin:
     test_set: Dataset
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = EpochShuffleSampler(len(dataset), self.seed) if train else None  # type: ignore[arg-type]
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=False, persistent_workers=self.num_workers > 0)
+        if not train:
+            return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                              drop_last=False, persistent_workers=self.num_workers > 0)
+        sampler = EpochShuffleSampler(len(dataset), self.seed)  # type: ignore[arg-type]
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                                   num_workers=self.num_workers, drop_last=False,
+                                   persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -32,6 +32,7 @@ __all__ = [
     "TINY_MODELS",
     "assert_state_equal",
     "check_callback_conformance",
+    "check_mid_epoch_resume",
     "fit_tiny",
     "read_wandb_offline_history",
     "tiny_classifier",
@@ -178,6 +179,53 @@ def check_callback_conformance(
         assert torch.equal(a, b), f"resumed run differs from the uninterrupted one at {name}"
     assert_state_equal(full_state, resumed_cb.state_dict())
     return full_state
+
+
+def check_mid_epoch_resume(
+    make_callback: Callable[[], Callback | Sequence[Callback]],
+    tmp_path: str | Path,
+    model_name: str = "test_resnet",
+    max_epochs: int = 3,
+    limit_train_batches: int = 4,
+    resume_step: int = 6,
+    make_model: Callable[[], pl.LightningModule] | None = None,
+) -> dict[str, Any]:
+    """Resume from a checkpoint taken in the middle of an epoch ends exactly like the uninterrupted run.
+
+    The uninterrupted fit saves checkpoints with ``ModelCheckpoint(every_n_train_steps=resume_step)``; a fresh
+    model and fresh callbacks resume from the one of step ``resume_step`` (which must not be a
+    multiple of ``limit_train_batches``: that would be an epoch boundary) and must end with the same weights
+    and the same state of every callback. ``make_callback`` may return one callback or several.
+
+    Returns:
+        the uninterrupted run's state of the (first) callback.
+    """
+    assert resume_step % limit_train_batches, "resume_step lies on an epoch boundary"
+    root = Path(tmp_path)
+
+    def build() -> tuple[list[Callback], pl.LightningModule]:
+        made = make_callback()
+        callbacks = [made] if isinstance(made, Callback) else list(made)
+        pl.seed_everything(0, verbose=False)
+        return callbacks, make_model() if make_model is not None else tiny_classifier(model_name)
+
+    common = {"max_epochs": max_epochs, "limit_train_batches": limit_train_batches, "limit_val_batches": 2}
+    callbacks, model = build()
+    saver = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_train_steps=resume_step,
+                            filename="{step}")
+    _, full_model = fit_tiny([*callbacks, saver], root / "full", model=model, **common)
+    ckpt = root / "ckpt" / f"step={resume_step}.ckpt"
+    assert ckpt.exists(), f"no checkpoint at {ckpt}"
+    resumed_callbacks, resumed_model = build()
+    _, resumed_model = fit_tiny(resumed_callbacks, root / "resumed", model=resumed_model, ckpt_path=ckpt,
+                                **common)
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert a.shape == b.shape and torch.equal(a, b), (
+            f"resumed from step {resume_step} (mid-epoch), the run differs from the uninterrupted one at"
+            f" {name}")
+    for a_cb, b_cb in zip(callbacks, resumed_callbacks):
+        assert_state_equal(a_cb.state_dict(), b_cb.state_dict(), f"{type(a_cb).__name__}.state")
+    return callbacks[0].state_dict()
 
 
 _REFERENCES: dict[tuple[Any, ...], dict[str, Tensor]] = {}

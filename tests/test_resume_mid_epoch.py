@@ -1,0 +1,78 @@
+"""Resume from a checkpoint taken in the middle of an epoch is exact, for every registered callback."""
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import lightning_prune as lp
+from lightning_prune.data import EpochShuffleSampler, ResumableDataLoader
+from lightning_prune.testing import check_mid_epoch_resume
+
+REGISTERED = sorted(lp.list_callbacks())
+
+#: arguments that make each callback act before and after the resume point (step 6 of a 12-step fit:
+#: 3 epochs of 4 batches)
+ACTIVE = {
+    "magnitude": {"every_n_steps": 2, "sparsity_end_step": 10},
+    "lottery_ticket": {"rounds": 2, "rewind_step": 2},
+    "group_lasso": {"finalize_step": 9, "lam": 0.01},
+    "l0": {"finalize_step": 9},
+    "activation_decay": {"begin_step": 2, "end_step": 10},
+    "evolution": {"every_n_steps": 4, "population": 4, "fitness_batches": 1},
+    "first_k": {"prune_step": 8},
+    "random_channels": {"every_n_steps": 2, "sparsity_end_step": 10},
+    "random_unstructured": {"every_n_steps": 2, "sparsity_end_step": 10},
+}
+
+
+def test_every_registered_callback_has_active_arguments():
+    assert set(REGISTERED) - {"distill"} <= set(ACTIVE), "give the new callback arguments in ACTIVE"
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_mid_epoch_resume_is_exact(name, tmp_path):
+    kwargs = ACTIVE.get(name, {})
+    check_mid_epoch_resume(lambda: lp.create_callback(name, verbose=False, **kwargs), tmp_path, max_epochs=3,
+                           resume_step=6)
+
+
+def _loader(num_workers=0):
+    data = TensorDataset(torch.arange(10))
+    return ResumableDataLoader(data, batch_size=3, sampler=EpochShuffleSampler(10, seed=1),
+                               num_workers=num_workers)
+
+
+def _epoch(loader, epoch):
+    loader.sampler.set_epoch(epoch)
+    return [b[0].tolist() for b in loader]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_resumes_the_same_epoch_after_the_batches_served(num_workers):
+    full = _epoch(_loader(), 1)
+    first = _loader(num_workers)
+    first.sampler.set_epoch(1)
+    it = iter(first)
+    served = [next(it)[0].tolist() for _ in range(2)]
+    assert served == full[:2]
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batches": 2}
+    resumed = _loader(num_workers)
+    resumed.load_state_dict(state)
+    assert _epoch(resumed, 1) == full[2:]
+    assert resumed.state_dict() == {"epoch": 1, "batches": len(full)}
+    assert _epoch(resumed, 1) == full  # the skip applies once
+
+
+def test_loader_state_of_a_finished_epoch_does_not_skip_the_next():
+    loader = _loader()
+    _epoch(loader, 0)
+    resumed = _loader()
+    resumed.load_state_dict(loader.state_dict())  # saved at the end of epoch 0
+    assert _epoch(resumed, 1) == _epoch(_loader(), 1)
+
+
+def test_loader_loads_an_empty_state():
+    loader = _loader()
+    loader.load_state_dict({})
+    assert len(_epoch(loader, 0)) == 4
