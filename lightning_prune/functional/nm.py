@@ -109,12 +109,13 @@ def nm_schedule_masks(scores: Mapping[str, Tensor], sparsity: float, n: int, m: 
     them) on the way to the N:M pattern.
 
     Let ``P`` be each tensor's pattern: the top-``n`` of every block (``"blend"``) or the
-    top-``ramp_kept(s)`` (``"steps"``). While the count allows more weights than ``P`` holds, ``"blend"``
-    keeps all of ``P`` and the largest of the others (so it is unstructured magnitude pruning that removes
-    only weights outside the final pattern) and ``"steps"`` keeps exactly ``P``; once the count is smaller,
-    both keep the largest weights of ``P``. At sparsity ``1 - n/m`` and beyond every block of every tensor
-    holds at most ``n`` non-zeros; with ``"steps"`` every block holds at most ``ramp_kept(s)`` at every
-    sparsity. Zero scores are never kept, so masks are nested, as in
+    top-``ramp_kept(s)`` (``"steps"``). While the count allows more weights than ``P`` holds, below sparsity
+    ``1 - n/m`` ``"blend"`` keeps all of ``P`` and the largest of the others (so it is unstructured magnitude
+    pruning that removes only weights outside the final pattern) and ``"steps"`` keeps exactly ``P``; once
+    the count is smaller, both keep the largest weights of ``P``. At sparsity ``1 - n/m`` and beyond every
+    block of every tensor holds at most ``n`` non-zeros (all of ``P``, fewer weights than the count, where
+    blocks were already sparser than the pattern); with ``"steps"`` every block holds at most
+    ``ramp_kept(s)`` at every sparsity. Zero scores are never kept, so masks are nested, as in
     :func:`~lightning_prune.functional.threshold_mask`.
     """
     if ramp not in NM_RAMPS:
@@ -129,9 +130,10 @@ def nm_schedule_masks(scores: Mapping[str, Tensor], sparsity: float, n: int, m: 
     patterns = {name: nm_mask(s, per_block, m, dim) & (s > 0) for name, s in scores.items()}
     k = kept_count(sum(s.numel() for s in scores.values()), sparsity)
     in_pattern = sum(int(p.sum()) for p in patterns.values())
-    if ramp == "blend" and k > in_pattern:
-        # keep the whole pattern and the largest weights outside it: every weight of the pattern outranks
-        # every weight outside it
+    if ramp == "blend" and k > in_pattern and sparsity < 1.0 - n / m - 1e-9:
+        # on the way: keep the whole pattern and the largest weights outside it (every weight of the pattern
+        # outranks every weight outside it). From 1 - n/m on the pattern holds, even where blocks with fewer
+        # than n non-zeros (weights that were zeros already) leave it holding fewer weights than the count
         top = max(float(s.max()) for s in scores.values() if s.numel())
         keys = {name: torch.where(patterns[name], s.float() + (top + 1.0), s.float())
                 for name, s in scores.items()}

@@ -91,6 +91,28 @@ def test_zeros_are_never_kept_so_masks_are_nested():
             assert not mask[:, :3].any()
 
 
+def test_blend_lands_on_the_pattern_where_blocks_hold_fewer_than_n_non_zeros():
+    scores = torch.rand(4, 8, generator=torch.Generator().manual_seed(3))
+    scores[:, :3] = 0.0  # the first block of every row has one non-zero: the pattern holds 12 of the 16
+    for sparsity in (0.5, 0.6):  # the count is more than the pattern holds, but the pattern must hold
+        mask = nm_schedule_masks({"w": scores}, sparsity, 2, 4, "blend")["w"]
+        assert nm_violations(scores * mask, 2, 4) == 0, sparsity
+    assert int(nm_schedule_masks({"w": scores}, 0.5, 2, 4, "blend")["w"].sum()) == 12
+    assert int(nm_schedule_masks({"w": scores}, 0.45, 2, 4, "blend")["w"].sum()) == 18  # on the way: count
+
+
+def test_a_model_pruned_unstructured_before_is_fine_tuned_into_the_pattern(tmp_path):
+    module = tiny_classifier()
+    with torch.no_grad():  # a 60% unstructured-pruned model: many blocks of 4 hold fewer than 2 weights
+        for p in module.model.parameters():
+            if p.dim() > 1:
+                p.mul_(p.abs() > p.abs().flatten().kthvalue(int(0.6 * p.numel())).values)
+    pruner = _pruner()
+    probe = PatternProbe(pruner)
+    fit_tiny([pruner, probe], tmp_path, model=module, **FAST)
+    assert probe.exact >= 3 and pruner.pattern_violations() == 0
+
+
 @pytest.mark.parametrize("bad", ["2:2", "4:2", "0:4", "a:4", "2-4", "2:4:8", 24, None])
 def test_parse_pattern_rejects_anything_but_n_below_m(bad):
     with pytest.raises(ValueError, match="an N:M pattern is a string 'N:M'"):
