@@ -30,6 +30,7 @@ from lightning_prune.errors import (
     LightningPruneError,
     MissingDependencyError,
     NonFiniteGateError,
+    NonFiniteWeightError,
     NoTargetsError,
     UnsupportedDeviceError,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "MissingDependencyError",
     "NoTargetsError",
     "NonFiniteGateError",
+    "NonFiniteWeightError",
     "SparsityReport",
     "UnsupportedDeviceError",
     "__version__",

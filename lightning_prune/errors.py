@@ -19,6 +19,7 @@ __all__ = [
     "MissingDependencyError",
     "NoTargetsError",
     "NonFiniteGateError",
+    "NonFiniteWeightError",
     "UnsupportedDeviceError",
 ]
 
@@ -45,6 +46,11 @@ class CompressionError(LightningPruneError, ValueError):
 
 class NonFiniteGateError(LightningPruneError, FloatingPointError):
     """A gate parameter or a gate penalty became NaN/inf; raised instead of training on silently."""
+
+
+class NonFiniteWeightError(LightningPruneError, FloatingPointError):
+    """A targeted weight holds NaN/inf when masks are about to be computed from it; raised (naming the layers
+    and the step) instead of ranking NaNs, with the masks left as they were."""
 
 
 class ExportError(LightningPruneError, ValueError):

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.errors import NonFiniteWeightError
 from lightning_prune.logging import (
     PREFIX,
     log_histograms,
@@ -139,6 +140,27 @@ class PruningCallback(Callback):
     def _targets_belong_to(self, pl_module: pl.LightningModule) -> bool:
         modules = {id(m) for m in pl_module.modules()}
         return all(id(t.module) in modules for t in self.targets)
+
+    @torch.no_grad()
+    def check_finite_weights(self, step: int, names: list[str] | None = None) -> None:
+        """Raise :class:`~lightning_prune.errors.NonFiniteWeightError` naming the layers and ``step`` when a
+        masked parameter (``names``, default all) holds NaN/inf; call it before computing masks from the
+        weights, so that the masks stay as they were."""
+        assert self.masks is not None, "check_finite_weights called before setup"
+        names = list(self.masks) if names is None else names
+        params = [self.masks.param(n) for n in names]
+        if not params or bool(torch.stack([p.isfinite().all() for p in params]).all()):
+            return
+        bad = []
+        for name, p in zip(names, params):
+            n_nan, n_inf = int(p.isnan().sum()), int(p.isinf().sum())
+            if n_nan or n_inf:
+                bad.append(f"{name!r} ({n_nan} NaN, {n_inf} inf of {p.numel()})")
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise NonFiniteWeightError(
+            f"[{type(self).__name__}] non-finite weights at the mask update of step {step}: {shown}. The"
+            " masks were left unchanged. HINT: the training diverged; lower the learning rate, clip gradients"
+            " (Trainer(gradient_clip_val=1.0)) or resume from an earlier checkpoint.")
 
     def update_masks(self, new_masks: dict[str, Tensor], trainer: pl.Trainer | None = None) -> None:
         """Install new masks, zero the pruned weights and their optimizer state, and log."""

@@ -295,6 +295,7 @@ class LotteryTicket(PruningCallback):
         assert self.masks is not None
         if self.rewind_state is None:
             raise RuntimeError("LotteryTicket reached a round boundary without a rewind point.")
+        self.check_finite_weights(int(trainer.global_step))
         row = self._finish_round_row(trainer)
         self.history.append(row)
         weights = {n: self.masks.param(n) for n in self.masks}

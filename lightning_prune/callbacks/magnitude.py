@@ -299,6 +299,7 @@ class GradualMagnitudePruning(PruningCallback):
         begin, end, _, _ = self._resolve_schedule(trainer)
         if not is_update_step(step, begin, end, int(self.every_n_steps), self.last_update):
             return
+        self.check_finite_weights(step)
         self.last_update = step
         self.current_target = self.sparsity_at(step)
         self.update_masks(self.compute_masks(self.current_target), trainer)

@@ -200,6 +200,7 @@ class BaselinePruning(PruningCallback):
             return
         sparsity = self.due(trainer)
         if sparsity is not None:
+            self.check_finite_weights(int(trainer.global_step))
             self.last_update = int(trainer.global_step)
             self.current_sparsity = float(sparsity)
             self.update_masks(self.compute_masks(sparsity), trainer)
