@@ -155,6 +155,20 @@ def _batch_of(args: Sequence[Tensor], batch: int, seed: int) -> tuple[Tensor, ..
     return tuple(out)
 
 
+#: what onnxruntime's CPU kernels do not take (bfloat16 not at all, float16 not for most ops)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _in_float32(module: nn.Module) -> tuple[nn.Module, str | None]:
+    """``module``, or a float32 copy of it when it holds half-precision tensors (a "bf16-true" or "16-true"
+    run), and the name of the dtype it was cast from."""
+    half = {str(t.dtype).removeprefix("torch.") for t in (*module.parameters(), *module.buffers())
+            if t.dtype in _HALF}
+    if not half:
+        return module, None
+    return copy.deepcopy(module).float(), "/".join(sorted(half))
+
+
 def _feed(session: Any, args: Sequence[Tensor]) -> dict[str, Any]:
     names = [i.name for i in session.get_inputs()]
     return {name: a.detach().cpu().numpy() for name, a in zip(names, args)}
@@ -322,7 +336,9 @@ def export(
 
     Args:
         model: a timm model, any ``nn.Module``, or a LightningModule (its timm model is exported, or the
-            module itself when it has an ``example_input_array``). Left as it is: changes go to a copy.
+            module itself when it has an ``example_input_array``). Left as it is: changes go to a copy. A
+            float16/bfloat16 model ("16-true", "bf16-true") is exported, checked and timed as a float32 copy
+            (onnxruntime's CPU kernels do not take half precision; ``steps`` says so).
         path: the ``.onnx`` file to write.
         example_inputs: what the model is called with (a tensor or a tuple of tensors); default: the module's
             ``example_input_array``, or a random batch of 2 at ``input_size``.
@@ -381,8 +397,13 @@ def export(
     _, root = traced_root(model)
     example = example_inputs if example_inputs is not None else example_inputs_for(root, input_size)
     args = _as_args(example)
-    work = copy.deepcopy(root).eval()
+    root, half = _in_float32(root)  # the proof compares onnxruntime with this float32 copy
     steps = []
+    if half is not None:
+        args = tuple(a.float() if a.dtype in _HALF else a for a in args)
+        steps.append(f"cast {half} -> float32 (onnxruntime's CPU kernels take float32; the outputs are"
+                     " checked against the float32 copy)")
+    work = copy.deepcopy(root).eval()
     if compress:
         before = sum(p.numel() for p in work.parameters())
         compress_model(work, args if len(args) > 1 else args[0], round_to=round_to)
@@ -425,7 +446,7 @@ def export(
 
     one = _batch_of(args, 1, seed=0)
     dense_model = dense if dense is not None else root
-    _, dense_root = traced_root(dense_model)
+    dense_root = _in_float32(traced_root(dense_model)[1])[0]
     params, flops = _count(work, one)
     dense_params, dense_flops = _count(dense_root, one)
     report = ExportReport(path, _file_bytes(path), exporter, _opset(path), params, flops, dense_params,

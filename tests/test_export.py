@@ -91,6 +91,22 @@ def test_a_lightning_module_exports_its_timm_model(tmp_path):
     assert _rel(_run_onnx(tmp_path / "vit.onnx", x), module.eval()(x)) < 1e-4
 
 
+def test_a_bf16_true_run_and_a_float16_model_export_as_float32_copies(tmp_path):
+    pruner = lp.GradualMagnitudePruning(target_sparsity=0.5, sparsity_end_step=2, verbose=False)
+    _, module = fit_tiny([pruner], tmp_path / "fit", precision="bf16-true", max_epochs=1,
+                         limit_train_batches=3, limit_val_batches=0)
+    half = timm.create_model("test_resnet", num_classes=10).half()
+    for model, dtype in ((module, torch.bfloat16), (half, torch.float16)):
+        assert next(model.parameters()).dtype == dtype
+        report = lp.export(model, tmp_path / "h.onnx", input_size=(3, 32, 32), **QUICK)
+        assert report.steps[0].startswith(f"cast {str(dtype)[6:]} -> float32") and report.max_rel_error < 1e-4
+        assert next(model.parameters()).dtype == dtype  # the model itself is left as it was
+        x = torch.randn(3, 3, 32, 32)
+        with torch.no_grad():
+            own = model.eval()(x.to(dtype)).float()
+        assert _rel(_run_onnx(tmp_path / "h.onnx", x), own) < 0.05  # the half model, up to its rounding
+
+
 def test_latency_is_thread_time_interleaved_and_median(tmp_path):
     lp.export(nn.Sequential(nn.Linear(8, 4)), tmp_path / "l.onnx", torch.randn(2, 8), benchmark=False)
     session = ort.InferenceSession(str(tmp_path / "l.onnx"), providers=["CPUExecutionProvider"])
