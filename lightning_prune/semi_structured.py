@@ -107,7 +107,7 @@ def _check_device(model: nn.Module) -> torch.device:
         raise UnsupportedDeviceError(
             f"The model is on {param.device if param is not None else 'no device'}, not on the GPU."
             " HINT: model.half().cuda().eval() first (semi-structured kernels take float16, bfloat16, int8"
-            " and, with cuSPARSELt, float32).")
+            " and, with CUTLASS, float32).")
     capability = torch.cuda.get_device_capability(param.device)
     if tuple(capability) < MIN_CAPABILITY:
         raise UnsupportedDeviceError(

@@ -222,6 +222,35 @@ def test_ddp_spawn_both_ranks_hold_the_same_pattern(tmp_path):
         assert nm_violations(rank0[name].to(torch.uint8), 2, 4) == 0, name
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU converts for real")
+def test_semi_structured_plan_of_a_2_4_vit_and_clear_errors_without_a_gpu(tmp_path, monkeypatch):
+    import copy
+
+    import lightning_prune as lp
+
+    pruner = _pruner(sparsity_end_step=4)
+    _, module = fit_tiny([pruner], tmp_path, model=tiny_classifier("test_vit"), **FAST)
+    vit = module.model
+    plan = lp.semi_structured_plan(vit, backend="cutlass")
+    eligible = [n for n, why in plan.items() if why is None]
+    assert eligible == [n for n in plan if n.startswith("blocks.")] and len(eligible) == 24
+    assert plan["head"].startswith("shape 10x64: rows must be a multiple of 32")  # the classifier
+    half = lp.semi_structured_plan(copy.deepcopy(vit).half(), backend="cusparselt")
+    assert all(why is None for n, why in half.items() if n != "head")
+    dense = tiny_classifier("test_vit").model
+    fresh = lp.semi_structured_plan(dense, include="blocks.0.*", backend="cutlass")
+    assert len(fresh) == 4 and all(why.startswith("not 2:4 sparse: ") for why in fresh.values())
+    wide = lp.semi_structured_plan(vit.double(), backend="cutlass")
+    assert wide["blocks.0.attn.qkv"].startswith("dtype float64")
+    with pytest.raises(lp.UnsupportedDeviceError,
+                       match=r"needs a CUDA GPU of compute capability >= 8.0 .* has none .*HINT: prune with"):
+        lp.to_semi_structured(vit)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(lp.UnsupportedDeviceError,
+                       match=r"The model is on cpu, not on the GPU. HINT: .* and, with CUTLASS, float32"):
+        lp.to_semi_structured(vit)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
