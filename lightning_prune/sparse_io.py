@@ -9,10 +9,11 @@ model's. :func:`save_sparse` writes each floating-point tensor for which it is s
   one bit per zero, so that :func:`load_sparse` gives back the tensors **bit for bit**;
 
 and every other tensor (dense weights, BatchNorm statistics, integer buffers) as it is. A 90%-sparse float32
-layer takes 1 + 0.9 + 3.2 bits per weight instead of 32. The file holds only tensors, strings and integers:
-it loads with ``torch.load(weights_only=True)``. Models whose channels were removed
-(:func:`~lightning_prune.compress`) save their layers' channel counts too, so a fresh model of the original
-architecture takes the smaller shapes when it loads.
+layer takes 1 + 0.9 + 3.2 bits per weight instead of 32. A tensor that ``state_dict`` lists under several
+names (tied weights) is stored once and loads back shared, as ``torch.save`` does. The file holds only
+tensors, strings and integers: it loads with ``torch.load(weights_only=True)``. Models whose channels were
+removed (:func:`~lightning_prune.compress`) save their layers' channel counts too, so a fresh model of the
+original architecture takes the smaller shapes when it loads.
 
 Example::
 
@@ -153,8 +154,16 @@ def save_sparse(model: nn.Module | Mapping[str, Tensor], path: str | Path) -> Sp
     state, attributes = _state_of(model)
     dense: dict[str, Tensor] = {}
     sparse: dict[str, dict[str, Any]] = {}
+    aliases: dict[str, str] = {}  # a tied tensor's other names -> the name it is stored under
+    seen: dict[tuple[Any, ...], str] = {}
     zeros = elements = dense_bytes = 0
     for key, tensor in state.items():
+        view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype,
+                tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and view in seen:
+            aliases[key] = seen[view]
+            continue
+        seen[view] = key
         dense_bytes += tensor.numel() * tensor.element_size()
         entry = encode_tensor(tensor)
         if entry is None:
@@ -164,7 +173,7 @@ def save_sparse(model: nn.Module | Mapping[str, Tensor], path: str | Path) -> Sp
             elements += tensor.numel()
             zeros += tensor.numel() - entry["values"].numel()
     payload = {"format": FORMAT, "keys": list(state), "dense": dense, "sparse": sparse,
-               "attributes": attributes}
+               "attributes": attributes, "aliases": aliases}
     torch.save(payload, str(path))
     return SparseFile(str(path), Path(path).stat().st_size, dense_bytes, len(sparse), len(dense),
                       zeros / elements if elements else 0.0)
@@ -175,8 +184,9 @@ def load_sparse(path: str | Path, model: nn.Module | None = None, map_location: 
                 strict: bool = True) -> Any:
     """Load what :func:`save_sparse` wrote: into ``model`` (returned), or, without one, as a ``state_dict``.
 
-    The tensors are bit-identical to those saved (signed zeros included). A model whose channels were removed
-    before saving gives a fresh ``model`` of the same architecture its smaller shapes first.
+    The tensors are bit-identical to those saved (signed zeros included); tied ones are one tensor. A model
+    whose channels were removed before saving gives a fresh ``model`` of the same architecture its smaller
+    shapes first.
 
     Raises:
         InvalidArgumentError: ``path`` was not written by :func:`save_sparse`, is damaged, or (``strict``)
@@ -189,7 +199,8 @@ def load_sparse(path: str | Path, model: nn.Module | None = None, map_location: 
             " state_dict loads with torch.load; a compressed model's file with lp.load_compressed.")
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     tensors = {**payload["dense"], **{k: decode_tensor(e, device) for k, e in payload["sparse"].items()}}
-    state = {key: tensors[key] for key in payload["keys"]}
+    aliases = payload.get("aliases") or {}
+    state = {key: tensors[aliases.get(key, key)] for key in payload["keys"]}
     if model is None:
         return state
     expected = set(model.state_dict())

@@ -126,6 +126,32 @@ def test_a_compressed_model_loads_onto_a_fresh_architecture(tmp_path):
     assert torch.equal(small.eval()(x), fresh.eval()(x))
 
 
+class TiedTwin(torch.nn.Module):
+    """A timm model and a second layer that shares one of its weights (tied weights: two state_dict keys)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = timm.create_model("test_resnet", num_classes=10)
+        conv = self.body.layer2[0].conv2
+        self.twin = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, bias=False)
+        self.twin.weight = conv.weight
+
+
+def test_tied_weights_are_stored_once_and_load_back_tied(tmp_path):
+    model = TiedTwin()
+    _prune_(model, 0.9)
+    tied = lp.save_sparse(model, tmp_path / "tied.pt")
+    alone = lp.save_sparse(model.body, tmp_path / "body.pt")
+    assert tied.sparse_tensors == alone.sparse_tensors and tied.dense_bytes == alone.dense_bytes
+    assert tied.file_bytes < alone.file_bytes + 1000  # the twin costs its name, not its values again
+    fresh = lp.load_sparse(tmp_path / "tied.pt", TiedTwin())
+    assert_bit_identical(model.state_dict(), fresh.state_dict())
+    assert fresh.twin.weight is fresh.body.layer2[0].conv2.weight
+    state = lp.load_sparse(tmp_path / "tied.pt")
+    assert state["twin.weight"] is state["body.layer2.0.conv2.weight"]
+    assert state["body.bn1.num_batches_tracked"].dtype == torch.int64  # integer buffers as they are
+
+
 def test_bad_inputs_are_clear(tmp_path):
     with pytest.raises(lp.InvalidArgumentTypeError, match=r"`model` must be an nn.Module .* got list"):
         lp.save_sparse([1, 2], tmp_path / "x.pt")
