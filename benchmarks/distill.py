@@ -27,9 +27,12 @@ Usage::
 
     python benchmarks/distill.py                          # 3 seeds, dense 10 + 10 epochs per arm (~40 min)
     python benchmarks/distill.py --dense-epochs 15 --epochs 15 --tag full
-    python benchmarks/distill.py --seeds 0 --dense-epochs 2 --epochs 2 --tag quick
+    python benchmarks/distill.py --seeds 0 --dense-epochs 1 --epochs 1 --limit-batches 2 --tag quick  # smoke
+    python benchmarks/distill.py --seeds 0 1 --tag s01 & python benchmarks/distill.py --seeds 2 --tag s2
+    python benchmarks/distill.py --merge distill-s01 distill-s2          # one table from both
 
-Writes ``benchmarks/results/distill[-TAG].{json,md}``.
+Writes ``benchmarks/results/distill[-TAG].{json,md}``. ``--limit-batches N`` runs N batches per epoch (train
+and test) and scans on N batches: a smoke test of every arm, not a result.
 """
 
 from __future__ import annotations
@@ -83,8 +86,9 @@ def datamodule(name: str, seed: int) -> lp.DigitsDataModule:
     return lp.DigitsDataModule(batch_size=64, seed=seed)
 
 
-def trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+def trainer(epochs: int, callbacks: list[pl.Callback], limit: int | None = None) -> pl.Trainer:
+    limits = {} if limit is None else {"limit_train_batches": limit, "limit_test_batches": limit}
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, **limits,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0,
                       limit_val_batches=0, callbacks=callbacks, deterministic=True)
@@ -119,7 +123,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     data = datamodule(args.dataset, seed)
     dense = model(0.05)
     start = time.perf_counter()
-    fitted = trainer(args.dense_epochs, [])
+    fitted = trainer(args.dense_epochs, [], args.limit_batches)
     fitted.fit(dense, datamodule=data)
     out["dense"] = {"test_acc": test_accuracy(fitted, dense, data), "seconds": time.perf_counter() - start}
     weights = {k: v.detach().clone() for k, v in dense.state_dict().items()}
@@ -129,7 +133,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     data.setup("validate")
     start = time.perf_counter()
     table = lp.sensitivity(dense.eval(), data.val_dataloader(), sparsities=(0.5, 0.75, 0.9, 0.95, 0.98, 0.99),
-                           progress=False)
+                           max_batches=args.limit_batches, progress=False)
     targets = lp.layer_targets_from_sensitivity(table, 0.95, tolerance=1 / len(data.val_set))
     out["sensitivity"] = {"table": table.to_dict(), "layer_targets": targets,
                           "seconds": time.perf_counter() - start}
@@ -143,7 +147,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
             if distill:
                 callbacks.append(lp.KnowledgeDistillation(verbose=False))
             start = time.perf_counter()
-            fitted = trainer(args.epochs, callbacks)
+            fitted = trainer(args.epochs, callbacks, args.limit_batches)
             fitted.fit(student, datamodule=data)
             seconds = time.perf_counter() - start
             report = lp.sparsity_report(student)
@@ -208,11 +212,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--dataset", choices=("digits", "noisy_digits"), default="digits")
+    parser.add_argument("--limit-batches", type=int, default=None,
+                        help="batches per epoch and scanned (a smoke test)")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--merge", nargs="+", metavar="STEM", default=None,
+                        help="write one result from the runs of these results/STEM.json (same arguments)")
     args = parser.parse_args()
     command = "python benchmarks/distill.py " + " ".join(sys.argv[1:])
-    runs = [run_seed(seed, args) for seed in args.seeds]
-    results = {"command": command.strip(), "seeds": args.seeds, "args": vars(args), "runs": runs}
+    if args.merge:
+        parts = [json.loads((RESULTS / f"{stem}.json").read_text(encoding="utf-8")) for stem in args.merge]
+        keys = ("dense_epochs", "epochs", "lr", "dataset", "limit_batches")
+        first = {k: parts[0]["args"].get(k) for k in keys}
+        if any({k: p["args"].get(k) for k in keys} != first for p in parts):
+            raise SystemExit(f"--merge: the runs differ in {keys}")
+        runs = sorted((run for p in parts for run in p["runs"]), key=lambda r: r["seed"])
+        command = " && ".join(p["command"] for p in parts) + f" && {command}"
+        merged_args = {**parts[0]["args"], "seeds": [r["seed"] for r in runs]}
+        results = {"command": command, "seeds": merged_args["seeds"], "args": merged_args, "runs": runs}
+    else:
+        runs = [run_seed(seed, args) for seed in args.seeds]
+        results = {"command": command.strip(), "seeds": args.seeds, "args": vars(args), "runs": runs}
     RESULTS.mkdir(exist_ok=True)
     stem = "distill" + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
