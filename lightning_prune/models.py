@@ -93,6 +93,12 @@ class ImageClassifier(pl.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(dim=-1)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None:  # warn once when the pruning state of the checkpoint has no callback
+            from lightning_prune.callbacks._resume import warn_ignored_states
+
+            warn_ignored_states(self._trainer, checkpoint)
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]

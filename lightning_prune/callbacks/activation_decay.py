@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from lightning_prune.callbacks._resume import check_resume, config_of
 from lightning_prune.logging import PREFIX, log_scalars
 from lightning_prune.reparam import (
     DecayingActivation,
@@ -313,7 +314,12 @@ class ActivationDecay(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"lam": self.lam, "decayed": list(self.decayed),
-                "bounds": list(self._bounds) if self._bounds is not None else None}
+                "bounds": list(self._bounds) if self._bounds is not None else None, "config": config_of(self)}
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        check_resume(self, trainer, checkpoint)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

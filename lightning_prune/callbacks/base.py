@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.callbacks._resume import check_resume, config_of
 from lightning_prune.errors import NonFiniteWeightError
 from lightning_prune.logging import (
     PREFIX,
@@ -258,11 +259,20 @@ class PruningCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         masks = self.masks.state_dict() if self.masks is not None else (self._pending_masks or {})
-        return {"masks": masks, **self.extra_state_dict()}
+        return {"masks": masks, **self.extra_state_dict(), "config": config_of(self)}
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        check_resume(self, trainer, checkpoint)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        masks = state_dict.get("masks", {})
+        masks = state_dict.get("masks")
+        if masks is None and self.masks is not None:
+            # written without masks (an older version): the restored weights hold the zeros
+            masks = {n: self.masks.param(n).detach() != 0 for n in self.masks}
+        masks = masks or {}
         if self.masks is not None:
             self.masks.load_state_dict(masks)
         else:

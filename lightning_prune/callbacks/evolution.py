@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_prune.callbacks._resume import check_resume, config_of
 from lightning_prune.callbacks.base import PruningCallback, resolve_seed
 from lightning_prune.functional.evolution import (
     add_perturbation_,
@@ -570,7 +571,13 @@ class EvolutionaryMutation(Callback):
             "last_step": self.last_step,
             "initial_error": self.initial_error,
             "last_metrics": dict(self.last_metrics),
+            "config": config_of(self),
         }
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        check_resume(self, trainer, checkpoint)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

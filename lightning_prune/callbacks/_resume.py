@@ -1,0 +1,161 @@
+"""What every callback checks when a fit resumes from a checkpoint: the same configuration, the keys an
+older version did not write, and the pruning state a Trainer without the callback leaves behind.
+
+The rule (README, "Resume, kills and NaNs"):
+
+* **Changed arguments are refused.** A callback saves its configuration (``"config"`` in its state: every
+  constructor argument that is a plain value, except :data:`TOLERANT`); resuming with other values, or with
+  another ``state_key`` (``target_sparsity``, ``rounds``, ...) of the same class, raises a
+  ``MisconfigurationException`` that names the callback and every argument that differs, before any state
+  is loaded. ``verbose`` and ``log_media_every_n_epochs`` may change.
+* **A callback added** to a resumed fit (no state of its class in the checkpoint) starts fresh at the resumed
+  step, with a warning.
+* **A callback removed**: the zeros are in the weights and load; the pruning state is ignored, with one
+  warning (from any lightning-prune callback still attached, or from
+  :class:`~lightning_prune.ImageClassifier`).
+* **Keys an older version did not write** load with their defaults, with a warning naming them; masks missing
+  from a pruning callback's state are rebuilt from the zeros of the restored weights.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+__all__ = ["TOLERANT", "check_resume", "config_of", "warn_ignored_states"]
+
+#: arguments that may change between a checkpoint and the resumed fit
+TOLERANT = frozenset({"verbose", "log_media_every_n_epochs"})
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _normal(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
+
+
+def config_of(callback: Callback) -> dict[str, Any]:
+    """The callback's constructor arguments (as it normalised them) that are plain values, without
+    :data:`TOLERANT`: what a resumed fit must repeat."""
+    import inspect
+
+    names = [p for p in inspect.signature(type(callback).__init__).parameters if p != "self"]
+    config = {}
+    for name in names:
+        if name in TOLERANT or not hasattr(callback, name):
+            continue
+        value = getattr(callback, name)
+        if _plain(value):
+            config[name] = _normal(value)
+    return config
+
+
+def _registered_class_names() -> set[str]:
+    from lightning_prune._registry import list_callbacks
+
+    return {info.object_path.rpartition(":")[2] for info in list_callbacks().values()}
+
+
+def _class_of_key(key: str) -> str:
+    return key.split("{", 1)[0]
+
+
+def _args_of_key(key: str) -> dict[str, Any] | None:
+    _, brace, rest = key.partition("{")
+    if not brace:
+        return {}
+    try:
+        value = ast.literal_eval("{" + rest)
+    except (ValueError, SyntaxError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    out = []
+    for name in sorted(set(saved) | set(current)):
+        old, new = saved.get(name, "<not set>"), current.get(name, "<not set>")
+        if _normal(old) != _normal(new):
+            out.append(f"`{name}` (checkpoint {old!r}, now {new!r})")
+    return out
+
+
+def _refuse(callback: Callback, diffs: list[str]) -> MisconfigurationException:
+    name = type(callback).__name__
+    return MisconfigurationException(
+        f"{name}: the checkpoint was written with other arguments; resuming would mix its state with the new"
+        f" ones. Differs: {', '.join(diffs)}. HINT: resume with the checkpoint's arguments; to continue from"
+        " its weights with new arguments start a new fit (load `checkpoint['state_dict']` into the model and"
+        " call fit without `ckpt_path`).")
+
+
+def warn_ignored_states(trainer: pl.Trainer, checkpoint: Mapping[str, Any]) -> None:
+    """Warn once per checkpoint when it holds the state of a lightning-prune callback that this Trainer does
+    not have (the weights, zeros included, still load)."""
+    states = checkpoint.get("callbacks") or {}
+    if getattr(trainer, "_lightning_prune_checked", None) == id(checkpoint):
+        return
+    trainer._lightning_prune_checked = id(checkpoint)  # type: ignore[attr-defined]
+    ours = _registered_class_names()
+    present = {cb.state_key for cb in trainer.callbacks}
+    ignored = [key for key in states if _class_of_key(key) in ours and key not in present]
+    if ignored:
+        rank_zero_warn(
+            f"The checkpoint holds the pruning state of {', '.join(ignored)}, which this Trainer does not"
+            " have: that state (masks, gates, schedule positions) is ignored; the weights, with their zeros,"
+            " are loaded. HINT: pass the same callback to resume the pruning schedule.")
+
+
+def check_resume(callback: Callback, trainer: pl.Trainer, checkpoint: Mapping[str, Any]) -> None:
+    """Called from the callback's ``on_load_checkpoint`` (before Lightning loads any callback state)."""
+    warn_ignored_states(trainer, checkpoint)
+    states: Mapping[str, Any] = checkpoint.get("callbacks") or {}
+    own = states.get(callback.state_key)
+    name = type(callback).__name__
+    if own is None:
+        claimed = {cb.state_key for cb in trainer.callbacks}
+        others = [k for k in states if _class_of_key(k) == type(callback).__qualname__ and k not in claimed]
+        if others:
+            current = _args_of_key(callback.state_key) or {}
+            saved = _args_of_key(others[0])
+            diffs = _diff(saved, current) if saved is not None else [f"state key {others[0]!r}"]
+            raise _refuse(callback, diffs or [f"state key {others[0]!r}"])
+        if checkpoint.get("global_step", 0):
+            rank_zero_warn(
+                f"{name}: the checkpoint holds no state for this callback (it was added to the resumed fit);"
+                f" it starts fresh at step {checkpoint.get('global_step')}, with its schedule positions as"
+                " configured.")
+        return
+    if not isinstance(own, Mapping):
+        return
+    saved_config = own.get("config")
+    if isinstance(saved_config, Mapping):
+        diffs = _diff(saved_config, config_of(callback))
+        if diffs:
+            raise _refuse(callback, diffs)
+    expected = set(callback.state_dict()) - {"config"}
+    missing = sorted(expected - set(own))
+    if missing:
+        rank_zero_warn(
+            f"{name}: the checkpoint's state lacks {', '.join(repr(k) for k in missing)} (written by an older"
+            " version); loading them with their defaults"
+            + (", the masks rebuilt from the zeros of the weights." if "masks" in missing else "."))
