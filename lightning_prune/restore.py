@@ -59,7 +59,11 @@ class RestoredRun:
 def _load(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a Lightning checkpoint may hold hyperparameter objects: one you trust
+    except Exception as error:  # noqa: BLE001 - a Lightning checkpoint may hold hyperparameter objects
+        rank_zero_warn(
+            f"{path} does not load with torch.load(weights_only=True) ({type(error).__name__}:"
+            f" {str(error).splitlines()[0][:200]}); loading it with weights_only=False, which runs the"
+            " pickled code it holds. HINT: restore only checkpoints you trust.")
         payload = torch.load(str(path), map_location="cpu", weights_only=False)
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise InvalidArgumentError(f"{path} is not a Lightning checkpoint (it has no 'state_dict').")

@@ -83,6 +83,19 @@ def test_compress_and_fuse_on_a_copy_and_time_against_the_dense_model(tmp_path):
     assert not any(n.op_type == "BatchNormalization" for n in graph.node)  # folded into the convs
 
 
+def test_a_reducenet_trained_with_activation_decay_exports_fused(tmp_path):
+    decay = lp.ActivationDecay(end_step=0.5, verbose=False)  # λ reaches 1; fused by export, not by the fit
+    _, module = fit_tiny([decay], tmp_path / "fit", model=tiny_classifier("reducenet_20_act"), max_epochs=1,
+                         limit_train_batches=4, limit_val_batches=0)
+    report = lp.export(module, tmp_path / "r.onnx", input_size=(3, 32, 32), fuse=True, **QUICK)
+    assert report.steps == ["fused: 20 -> 11 conv/linear layers, conv+BN folded"]
+    assert report.max_rel_error < 1e-4 and report.params < 0.9 * report.dense_params
+    graph = onnx.load(str(tmp_path / "r.onnx")).graph
+    assert sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in graph.node) == 11
+    x = torch.randn(3, 3, 32, 32)
+    assert _rel(_run_onnx(tmp_path / "r.onnx", x), module.eval()(x)) < 1e-4
+
+
 def test_a_lightning_module_exports_its_timm_model(tmp_path):
     module = tiny_classifier("test_vit")
     report = lp.export(module, tmp_path / "vit.onnx", input_size=(3, 32, 32), benchmark=False)
@@ -259,6 +272,19 @@ def test_restore_a_magnitude_run_and_bad_inputs(tmp_path):
     torch.save({"weights": 1}, tmp_path / "not.ckpt")
     with pytest.raises(lp.InvalidArgumentError, match=r"is not a Lightning checkpoint"):
         lp.restore_run(tmp_path / "not.ckpt", tiny_classifier())
+
+
+def test_a_checkpoint_that_needs_pickle_loads_with_a_warning(tmp_path):
+    from fractions import Fraction
+
+    module = tiny_classifier()
+    payload = {"state_dict": module.state_dict(), "callbacks": {}, "note": Fraction(1, 2)}  # not a tensor
+    torch.save(payload, tmp_path / "p.ckpt")
+    match = r"does not load with torch.load\(weights_only=True\).*HINT: restore only checkpoints you trust"
+    with pytest.warns(UserWarning, match=match):
+        run = lp.restore_run(tmp_path / "p.ckpt", tiny_classifier())
+    assert _same_outputs(module, run.module)
+    run.close()
 
 
 # ---------------------------------------------------------------------------------------------- the command
