@@ -44,6 +44,7 @@ __all__ = [
     "check_position",
     "check_positive",
     "check_types",
+    "input_size_errors",
     "is_number",
 ]
 
@@ -210,6 +211,27 @@ def check_input_size(name: str, value: Any, error: ErrorType = _DEFAULT) -> tupl
         return tuple(int(s) for s in value)
     raise _fail(name, "None or a sequence of positive ints such as (3, 32, 32)", value,
                 "it is the shape of one input sample, without the batch dimension.", error)
+
+
+class input_size_errors:  # noqa: N801  (a context manager, like as_misconfiguration)
+    """The model failed on a traced input of the user's ``input_size``: re-raise as
+    ``MisconfigurationException`` naming `input_size` (nothing changes when ``input_size`` is ``None``)."""
+
+    def __init__(self, input_size: Sequence[int] | None, name: str = "input_size") -> None:
+        self.input_size, self.name = input_size, name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> bool:
+        failed = isinstance(value, (RuntimeError, TypeError, ValueError, IndexError))
+        if self.input_size is not None and failed and not isinstance(value, MisconfigurationException):
+            raise MisconfigurationException(
+                f"`{self.name}`={tuple(self.input_size)!r}: the model fails on an input of that shape"
+                f" ({type(value).__name__}: {str(value).splitlines()[0] if str(value) else ''})."
+                " HINT: give the shape of one sample the model takes, e.g. (3, 32, 32), or leave it None.") \
+                from value
+        return False
 
 
 def _module_type(spec: Any) -> type[nn.Module] | None:

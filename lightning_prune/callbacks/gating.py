@@ -65,6 +65,7 @@ from lightning_prune.validation import (
     check_optional,
     check_position,
     check_positive,
+    input_size_errors,
 )
 
 __all__ = ["GatePruningCallback"]
@@ -200,7 +201,7 @@ class GatePruningCallback(PruningCallback):
     # ------------------------------------------------------------------ groups and gates
     def find_groups(self, pl_module: pl.LightningModule) -> list[ChannelGroup]:
         prefix, root = traced_root(pl_module)
-        with as_misconfiguration():
+        with as_misconfiguration(), input_size_errors(self.input_size):
             example = example_inputs_for(root, self.input_size)
             analysis = analyse_channels(root, example, self.include, self.exclude, self.prune_coupled,
                                         prefix=prefix)

@@ -50,6 +50,7 @@ from lightning_prune.validation import (
     check_optional,
     check_position,
     check_positive,
+    input_size_errors,
 )
 from lightning_prune_baselines.channels import channel_groups
 
@@ -136,7 +137,7 @@ class BaselinePruning(PruningCallback):
         targets = super().select_targets(pl_module)  # also sets self.weight_names
         if not self.channel_wise:
             return targets
-        with as_misconfiguration():
+        with as_misconfiguration(), input_size_errors(self.input_size):
             self.groups = channel_groups(pl_module, include=self.include or None,
                                          exclude=self.exclude or None, input_size=self.input_size)
         if not self.groups:
