@@ -198,6 +198,18 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, ramp):
     assert_state_equal(state["schedule"], [0, 2**63 - 1, 0, 6])
 
 
+@pytest.mark.parametrize("ramp", ["blend", "steps"])
+def test_the_pattern_holds_at_every_step_after_resume(tmp_path, ramp):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    fit_tiny([_pruner(pattern_ramp=ramp), saver], tmp_path / "first", **{**FAST, "max_epochs": 1})
+    pruner = _pruner(pattern_ramp=ramp)  # fresh, resumed mid-ramp at step 6 of 12
+    probe = PatternProbe(pruner)
+    fit_tiny([pruner, probe], tmp_path / "resumed", ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt", **FAST)
+    assert probe.checked == 6 and probe.exact >= 3 and pruner.pattern_violations() == 0
+
+
 class _RankMasks(Callback):
     def __init__(self, pruner, out):
         self.pruner, self.out = pruner, out
