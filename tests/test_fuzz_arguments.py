@@ -21,7 +21,7 @@ import lightning_prune as lp
 from lightning_prune.testing import fit_tiny, tiny_datamodule
 
 REGISTERED = sorted(lp.list_callbacks())
-DRAWS, SLOW_DRAWS = 12, 150
+DRAWS, SLOW_DRAWS = 10, 150
 #: outcomes per callback in this session: constructed+fitted, refused at construction, refused by the fit
 OUTCOMES: dict[str, Counter] = {}
 
@@ -102,7 +102,7 @@ def test_every_argument_is_validated_many_draws(name, tmp_path_factory):
 
 
 # ------------------------------------------------------------------ failures the fuzzing found, kept as tests
-@pytest.mark.parametrize("name", ["group_lasso", "l0", "first_k", "random_channels"])
+@pytest.mark.parametrize("name", ["group_lasso", "first_k"])  # the gate callbacks' and the baselines' path
 def test_an_input_size_the_model_cannot_take_is_named(name, tmp_path):
     callback = lp.create_callback(name, input_size=(1, 1), verbose=False)
     with pytest.raises(MisconfigurationException, match=r"`input_size`=\(1, 1\): the model fails on an input"
