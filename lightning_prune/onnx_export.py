@@ -417,7 +417,15 @@ def export(
     n_outputs = len(_tensors(reference))
     with torch.no_grad():
         exporter = _onnx_export(work, args, path, n_outputs, dynamic_batch, opset_version, dynamo)
-    session = onnx_session(path)
+    try:
+        session = onnx_session(path)
+    except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
+        dtypes = sorted({str(a.dtype).removeprefix("torch.") for a in (*work.parameters(), *args)})
+        raise ExportError(
+            f"onnxruntime cannot load {path} ({exporter} exporter): {str(error)[:400]} HINT: an op that"
+            f" onnxruntime's CPU provider does not implement for these dtypes ({', '.join(dtypes)}; e.g."
+            " float64 convolutions): export a float32 copy, lp.export(copy.deepcopy(model).float(), ...), or"
+            " try dynamo=False or another opset_version.") from error
 
     checked = {args[0].shape[0]: args}
     if dynamic_batch:

@@ -160,6 +160,13 @@ def test_a_graph_that_lost_the_dynamic_batch_is_a_clear_error(tmp_path):
     assert report.checked_batches == [2] and report.max_rel_error == 0
 
 
+def test_a_file_onnxruntime_cannot_load_is_a_clear_error(tmp_path):
+    model = timm.create_model("test_resnet", num_classes=10).double()  # no float64 Conv on onnxruntime's CPU
+    match = r"(?s)onnxruntime cannot load .*f64.onnx.*NOT_IMPLEMENTED.*HINT: .*float64.*\.float\(\)"
+    with pytest.raises(lp.ExportError, match=match):
+        lp.export(model, tmp_path / "f64.onnx", input_size=(3, 32, 32), benchmark=False)
+
+
 def test_missing_onnxruntime_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(lp.MissingDependencyError,
