@@ -26,8 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_prune.cli_config import add_fit_config_arguments, config_cli
 
 __all__ = ["ExportCLI", "ExportOptions", "main"]
 
@@ -72,12 +73,7 @@ class ExportCLI(LightningCLI):
     """LightningCLI without a subcommand: builds the model, data and callbacks of a config, then exports."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help="The run's Lightning checkpoint to export (required).")
-        parser.add_argument("--test_after_fit", type=bool, default=True,
-                            help="Accepted for configs written for `fit`; unused here.")
-        parser.add_argument("--weights_only", type=bool | None, default=None,
-                            help="Accepted for the config.yaml a `fit` run saved; unused here.")
+        add_fit_config_arguments(parser, "The run's Lightning checkpoint to export (required).")
         parser.add_class_arguments(ExportOptions, "export")
 
     def _example(self, options: ExportOptions) -> Any:
@@ -131,13 +127,4 @@ class ExportCLI(LightningCLI):
 
 
 def main(argv: Sequence[str]) -> None:
-    cli = ExportCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=list(argv),
-        run=False,
-        save_config_callback=None,
-    )
-    cli.export()
+    config_cli(ExportCLI, argv).export()

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_prune.cli_config import add_fit_config_arguments, config_cli
 from lightning_prune.sensitivity_scan import layer_targets_from_sensitivity, sensitivity
 
 __all__ = ["SensitivityCLI", "SensitivityOptions", "main"]
@@ -66,10 +66,8 @@ class SensitivityCLI(LightningCLI):
     """LightningCLI without a subcommand: builds the model, data and Trainer of a config, then scans."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help="Scan the weights of this Lightning checkpoint (default: fit first).")
-        parser.add_argument("--test_after_fit", type=bool, default=True,
-                            help="Accepted for configs written for `fit`; unused here.")
+        add_fit_config_arguments(parser, "Scan the weights of this Lightning checkpoint (default: fit"
+                                         " first).")
         parser.add_class_arguments(SensitivityOptions, "sensitivity")
 
     def scan(self) -> None:
@@ -117,13 +115,4 @@ class SensitivityCLI(LightningCLI):
 
 
 def main(argv: Sequence[str]) -> None:
-    cli = SensitivityCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=list(argv),
-        run=False,
-        save_config_callback=None,
-    )
-    cli.scan()
+    config_cli(SensitivityCLI, argv).scan()
