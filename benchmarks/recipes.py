@@ -24,12 +24,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch_pruning.utils import count_ops_and_params  # noqa: E402
 
 import lightning_prune as lp  # noqa: E402
-from lightning_prune.cli import PruneCLI  # noqa: E402
+from lightning_prune.cli import run as run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "recipes"
@@ -37,9 +36,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "recipes"
 
 def run(recipe: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    cli = PruneCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
-                   subclass_mode_data=True, args=["fit", "--config", str(recipe)],
-                   save_config_kwargs={"overwrite": True})
+    cli = run_cli(["fit", "--config", str(recipe)])
     wall = time.perf_counter() - started
     model = cli.model
     report = lp.sparsity_report(model)

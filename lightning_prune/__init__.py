@@ -17,11 +17,6 @@ from typing import Any
 
 from lightning_prune.__about__ import __version__
 from lightning_prune._registry import CallbackInfo, create_callback, get_callback, list_callbacks
-from lightning_prune.report import SparsityReport, sparsity_report
-
-# Registers the ReduceNet-style models with timm (`timm.create_model("reducenet_20")` after this import).
-from lightning_prune import models_reducenet as _models_reducenet  # noqa: E402,F401  isort: skip
-
 from lightning_prune.errors import (
     CompressionError,
     ExportError,
@@ -35,8 +30,13 @@ from lightning_prune.errors import (
     UnsupportedDeviceError,
 )
 
-# Heavier names are imported on first access, so `import lightning_prune` stays fast.
+# Everything that needs torch is imported on first access, so `import lightning_prune` (and the
+# `lightning-prune list` command) stays fast. The ReduceNet-style timm models
+# (`timm.create_model("reducenet_20")`) are registered by `lp.ImageClassifier`, by the first of these names
+# used, or by `import lightning_prune.models_reducenet`.
 _LAZY = {
+    "SparsityReport": "lightning_prune.report",
+    "sparsity_report": "lightning_prune.report",
     # callbacks (also importable from `lightning_prune.callbacks`)
     "PruningCallback": "lightning_prune.callbacks.base",
     "GatePruningCallback": "lightning_prune.callbacks.gating",
@@ -97,6 +97,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
+        import_module("lightning_prune.models_reducenet")  # registers the ReduceNet models with timm
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value
         return value

@@ -13,6 +13,8 @@ comma-separated ``key=value`` pairs. Values are Python literals (numbers, string
 from __future__ import annotations
 
 import ast
+import difflib
+import inspect
 import os
 import re
 from typing import Any
@@ -90,16 +92,45 @@ def callbacks_from_env() -> list[Callback]:
     spec = os.environ.get(ENV_VAR, "").strip()
     if not spec:
         return []
-    from lightning_prune._registry import get_callback
+    from lightning_prune._registry import get_callback, list_callbacks
 
     callbacks = []
     for name, kwargs in parse_spec(spec):
         try:
             cls = get_callback(name)
         except KeyError as err:
-            raise MisconfigurationException(f"{ENV_VAR}: {err.args[0]}") from None
+            close = difflib.get_close_matches(name, list(list_callbacks(load=False)), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise MisconfigurationException(f"{ENV_VAR}: {err.args[0]}{hint}") from None
+        except ImportError as err:
+            raise MisconfigurationException(f"{ENV_VAR}: {err}") from err
+        unknown = _unknown_arguments(cls, kwargs)
+        if unknown:
+            valid = _arguments(cls)
+            bad = unknown[0]
+            close = difflib.get_close_matches(bad, valid, n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"its arguments are {', '.join(valid)}."
+            raise MisconfigurationException(
+                f"{ENV_VAR}: {name!r} ({cls.__name__}) has no argument `{bad}`; {hint}")
         try:
             callbacks.append(cls(**kwargs))
-        except TypeError as err:
-            raise MisconfigurationException(f"{ENV_VAR}: {name!r} rejected its arguments: {err}") from err
+        except (MisconfigurationException, ValueError, TypeError) as err:
+            message = str(err)
+            raise MisconfigurationException(
+                f"{ENV_VAR}: {name!r} rejected its arguments: {message}"
+                if isinstance(err, TypeError) and not isinstance(err, MisconfigurationException)
+                else f"{ENV_VAR}: {name!r}: {message}") from err
     return callbacks
+
+
+def _arguments(cls: type) -> list[str]:
+    """The keyword arguments ``cls`` accepts (empty when it takes ``**kwargs``: anything goes)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _unknown_arguments(cls: type, kwargs: dict[str, Any]) -> list[str]:
+    valid = _arguments(cls)
+    return [key for key in kwargs if valid and key not in valid]

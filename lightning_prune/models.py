@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,6 +12,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
+
+# Registers the ReduceNet-style models with timm, so `ImageClassifier("reducenet_20")` works.
+from lightning_prune import models_reducenet as _models_reducenet  # noqa: F401
 
 __all__ = ["ImageClassifier"]
 
@@ -60,6 +64,7 @@ class ImageClassifier(pl.LightningModule):
                 f"`scheduler` must be one of {list(_SCHEDULERS)}, got {scheduler!r}.")
         if lr <= 0:
             raise MisconfigurationException(f"`lr` must be > 0, got {lr}.")
+        _check_model_name(model_name)
         self.save_hyperparameters()
         self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes,
                                        **(model_kwargs or {}))
@@ -117,3 +122,20 @@ class ImageClassifier(pl.LightningModule):
         else:
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones or []), gamma=0.1)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def _check_model_name(model_name: Any) -> None:
+    """A name timm does not know fails here, with the closest names of ``timm.list_models()``, instead of
+    deep inside ``timm.create_model``. Hub names (``hf-hub:...``, ``timm/...``) are left to timm."""
+    if not isinstance(model_name, str):
+        raise MisconfigurationException(f"`model_name` must be a timm model name (str), got {model_name!r}.")
+    if ":" in model_name or "/" in model_name or timm.is_model(model_name):
+        return
+    arch = model_name.split(".")[0]
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    if not close:
+        close = timm.list_models(f"{arch[:4]}*")[:5]
+    suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise MisconfigurationException(
+        f"`model_name` must be a model of `timm.list_models()`, got {model_name!r}.{suggestion}"
+        f" HINT: `python -c \"import timm; print(timm.list_models('{arch[:3]}*'))\"` lists the names.")

@@ -1,12 +1,67 @@
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lightning_prune.cli import format_callback_list, main
+from lightning_prune.cli import COMMANDS, format_callback_list, main
 
 ROOT = Path(__file__).parents[1]
+SCRIPT = Path(sys.executable).with_name("lightning-prune")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lightning_prune.cli"]
+TINY = ["--model.init_args.model_name=test_resnet", "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def lightning_prune(*args, env=None, cwd=ROOT, timeout=600):
+    """The real console script in a fresh process."""
+    return subprocess.run([*COMMAND, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                          check=False)
+
+
+def one_error_line(result):
+    """The run failed with one ``lightning-prune: error: ...`` line and no traceback or usage dump."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("lightning-prune: error: "), errors
+    assert len(result.stderr.strip().splitlines()) <= 4, result.stderr  # "Seed set to 0" and the like
+    return errors[0]
+
+
+def test_help_and_a_bare_command_list_every_subcommand_with_one_line():
+    for args in (["--help"], []):
+        result = lightning_prune(*args)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        for name in ("fit", "validate", "test", "list", "export", "sensitivity"):
+            rows = [line for line in lines if re.match(rf"^  {name} +\S", line)]
+            assert len(rows) == 1, (name, result.stdout)
+        assert set(COMMANDS) >= {"fit", "validate", "test", "predict", "list", "export", "sensitivity"}
+        assert result.stderr == "", result.stderr  # no warning, nothing imported that would print one
+
+
+def test_list_help_explains_every_column():
+    result = lightning_prune("list", "--help")
+    assert result.returncode == 0, result.stderr
+    for column in ("name", "class", "distribution", "version", "status", "summary"):
+        assert re.search(rf"^  {column} +\S", result.stdout, re.M), (column, result.stdout)
+    assert "--check" in result.stdout
+
+
+def test_list_imports_neither_torch_nor_lightning():
+    code = ("import sys; from lightning_prune.cli import main; main(['list']); "
+            "print(sorted(m for m in ('torch', 'lightning', 'timm') if m in sys.modules), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=ROOT)
+    assert result.stderr.strip().splitlines()[-1] == "[]", result.stderr
+    assert "magnitude" in result.stdout
 
 
 def test_list_shows_name_class_distribution_version_status_summary():
@@ -19,9 +74,14 @@ def test_list_shows_name_class_distribution_version_status_summary():
 
 
 def test_console_script_list():
-    out = subprocess.run([sys.executable, "-m", "lightning_prune.cli", "list"], capture_output=True,
-                         text=True, check=True).stdout
-    assert "magnitude" in out and "GradualMagnitudePruning" in out
+    result = lightning_prune("list")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "magnitude" in result.stdout and "GradualMagnitudePruning" in result.stdout
+    checked = lightning_prune("list", "--check", "magn")
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.splitlines()[1].split()[:5] == [
+        "magnitude", "lightning_prune.callbacks.magnitude:GradualMagnitudePruning", "lightning-prune",
+        checked.stdout.splitlines()[1].split()[3], "ok"]
 
 
 def _tiny_fit_args(tmp_path, *extra):
@@ -50,7 +110,51 @@ def test_fit_without_test_after_fit(tmp_path, capsys, monkeypatch):
     assert "test/acc" not in capsys.readouterr().out
 
 
-def test_bad_config_value_is_reported(tmp_path, monkeypatch):
+def test_bad_config_value_is_reported_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    with pytest.raises(ValueError, match=r"`target_sparsity` must be a number in \[0, 1\), got 1.5"):
+    with pytest.raises(SystemExit) as exited:
         main(_tiny_fit_args(tmp_path, "--trainer.callbacks.init_args.target_sparsity=1.5"))
+    assert exited.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lightning-prune: error: `target_sparsity` must be a number in [0, 1), got 1.5")
+
+
+def test_the_traceback_is_there_when_asked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("LIGHTNING_PRUNE_TRACEBACK", "1")
+    with pytest.raises(Exception, match=r"`target_sparsity` must be a number in \[0, 1\), got 1.5"):
+        main(_tiny_fit_args(tmp_path, "--trainer.callbacks.init_args.target_sparsity=1.5"))
+
+
+def test_a_typo_in_a_callback_argument_in_yaml_is_one_line(tmp_path):
+    recipe = (ROOT / "recipes" / "digits" / "magnitude.yaml").read_text()
+    config = tmp_path / "typo.yaml"
+    config.write_text(recipe.replace("target_sparsity: 0.9", "target_sparsty: 0.9"))
+    line = one_error_line(lightning_prune("fit", "--config", config, *TINY))
+    assert line == (f"lightning-prune: error: GradualMagnitudePruning (trainer.callbacks) has no argument"
+                    f" `target_sparsty`; did you mean `target_sparsity`? (in {config})")
+
+
+def test_an_unknown_timm_model_is_one_line_with_close_matches():
+    result = lightning_prune("fit", "--config", "recipes/digits/magnitude.yaml", *TINY,
+                             "--model.init_args.model_name=resnt18")
+    line = one_error_line(result)
+    assert re.match(r"lightning-prune: error: `model_name` must be a model of `timm.list_models\(\)`, got"
+                    r" 'resnt18'\. Did you mean 'resnet18'", line), line
+
+
+def test_a_gpu_asked_for_without_one_is_one_line_saying_how_to_use_the_cpu():
+    result = lightning_prune("fit", "--config", "recipes/digits/magnitude.yaml", *TINY,
+                             "--trainer.accelerator", "gpu", env={"CUDA_VISIBLE_DEVICES": ""})
+    line = one_error_line(result)
+    assert "`trainer.accelerator` is 'gpu', but PyTorch sees no CUDA GPU on this machine" in line
+    assert "--trainer.accelerator cpu" in line
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(tmp_path):
+    result = lightning_prune("fit", "--config", "recipes/digits/dense.yaml", *TINY,
+                             f"--trainer.default_root_dir={tmp_path}",
+                             env={"LIGHTNING_PRUNE": "magnitude:target_sparsity=1.5"})
+    line = one_error_line(result)
+    assert line.startswith("lightning-prune: error: LIGHTNING_PRUNE: 'magnitude': `target_sparsity` must be"
+                           " a number in [0, 1), got 1.5."), line

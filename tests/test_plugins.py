@@ -173,7 +173,14 @@ def test_lightning_prune_list_command_in_a_fresh_process(tmp_path):
     command = (
         [str(script), "list"] if script.exists() else [sys.executable, "-m", "lightning_prune.cli", "list"]
     )
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    # `list` reads the sources, nothing imported: both rows are there; `list --check` imports, sees the error
+    static = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert static.returncode == 0, static.stderr
+    assert _row(static.stdout, "zz_good").split()[2:5] == ["broken-prune-plugin", "0.3", "ok"]
+    assert _row(static.stdout, "zz_good").endswith("A working callback shipped beside the broken one.")
+    assert _row(static.stdout, "zz_bad").split()[2:4] == ["broken-prune-plugin", "0.3"]
+    result = subprocess.run([*command, "--check"], env=env, capture_output=True, text=True, timeout=300,
+                            check=False)
     assert result.returncode == 0, result.stderr
     assert _row(result.stdout, "first_k").split()[2:5] == [PLUGIN, version(PLUGIN), "ok"]
     assert _row(result.stdout, "zz_good").split()[2:5] == ["broken-prune-plugin", "0.3", "ok"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -59,3 +60,45 @@ def test_every_built_in_callback_has_a_table():
     registered = {info.object_path.rpartition(":")[2] for info in lp.list_callbacks().values()
                   if info.error is None}
     assert registered <= set(CORE) | set(BASELINES), sorted(registered - set(CORE) - set(BASELINES))
+
+
+def _readme_tables():
+    """``benchmarks/readme_tables.py``, imported from its path (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readme_s_result_tables_are_those_the_result_files_render():
+    tables = _readme_tables()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert not tables.unmarked_tables(text), "a `<!-- results: ... -->` line without its `<!-- /results -->`"
+    blocks = tables.blocks(text)
+    refs = [m["ref"] for m in blocks]
+    for name in ("recipes", "timm_coverage", "channels", "shrink_while_training", "deploy", "lottery",
+                 "reparam", "evolution.full", "overhead", "first_hour"):
+        assert any(ref.startswith(f"benchmarks/results/{name}.md") for ref in refs), f"no table for {name}"
+    try:
+        import lightning_prune_baselines  # noqa: F401  (the list block shows the bundled plugin)
+    except ImportError:
+        blocks = [m for m in blocks if m["kind"] != "output"]
+    stale = [m["ref"] for m in blocks if m["body"].rstrip("\n") != tables.render_block(m["kind"], m["ref"])]
+    assert not stale, f"README tables differ from the result files: {stale}; run benchmarks/readme_tables.py"
+
+
+def test_a_changed_result_file_makes_the_readme_stale(tmp_path, monkeypatch):
+    tables = _readme_tables()
+    for path in (ROOT / "benchmarks" / "results").iterdir():
+        if path.suffix in (".json", ".md"):
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    recipes = json.loads((tmp_path / "recipes.json").read_text())
+    md = (tmp_path / "recipes.md").read_text()
+    first = f"{recipes[0]['test_acc']:.4f}"
+    (tmp_path / "recipes.md").write_text(md.replace(f"| {first} |", "| 0.1234 |", 1))
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert tables.stale_blocks(text) == ["benchmarks/results/recipes.md"]
+    assert "| 0.1234 |" in tables.rendered(text)

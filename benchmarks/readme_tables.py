@@ -1,0 +1,364 @@
+"""The README's result tables, rendered from the benchmark result files, so they cannot go stale.
+
+Every results table in ``README.md`` sits between two marker lines::
+
+    <!-- results: benchmarks/results/NAME.md -->
+    | ... the table ... |
+    <!-- /results -->
+
+The start line names the result file the table comes from. ``NAME.md#2`` takes the second table of that
+file; ``NAME.md#KEY`` (a word) a table this module renders differently from the file. What fills the block:
+
+* a renderer registered in :data:`RENDERERS` under ``NAME`` or ``NAME#KEY``: it reads ``NAME.json`` (the
+  numbers the benchmark wrote) and returns the table — used where the README shows a digest of a larger
+  result (fewer columns, selected rows);
+* otherwise the table (first, or ``#N``) of ``NAME.md`` exactly as the benchmark wrote it (the benchmark
+  renders its ``.md`` from the same numbers as its ``.json``).
+
+One more kind of block holds the output of a command that imports nothing heavy::
+
+    <!-- output: lightning-prune list -->
+
+Usage::
+
+    python benchmarks/readme_tables.py           # rewrite the README's blocks from the result files
+    python benchmarks/readme_tables.py --check   # exit 1 and name the stale blocks (what the test runs)
+
+A benchmark that adds a README table writes ``NAME.json`` and ``NAME.md``; the README gets the two marker
+lines (with nothing or the old table between them) and this script fills them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "benchmarks" / "results"
+
+BLOCK = re.compile(
+    r"^<!-- (?P<kind>results|output): (?P<ref>[^\n]*?) -->\n(?P<body>.*?)^<!-- /(?P=kind) -->$",
+    re.M | re.S)
+
+
+class StaleError(Exception):
+    """A block cannot be rendered: its result file or its table is missing."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _load(name: str) -> Any:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        raise StaleError(f"{path} does not exist")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _table(rows: list[list[str]], align: str) -> str:
+    """A markdown table: ``rows[0]`` is the header, ``align`` one character per column (``l`` or ``r``)."""
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    lines = ["| " + " | ".join(rows[0]) + " |", rule]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def tables_of(markdown: str) -> list[str]:
+    """The tables of a markdown text, in order (consecutive lines starting with ``|``)."""
+    tables, current = [], []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            current.append(line.rstrip())
+        elif current:
+            tables.append("\n".join(current))
+            current = []
+    if current:
+        tables.append("\n".join(current))
+    return tables
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _short_error(value: float) -> str:
+    return f"{value:.0e}"
+
+
+def _units(units: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {count}" for kind, count in units.items()) or "–"
+
+
+def _skipped(skipped: dict[str, int]) -> str:
+    return "; ".join(f"{count}× {why}" for why, count in skipped.items()) or "–"
+
+
+# -------------------------------------------------------------------------------------------- renderers
+
+
+def render_timm_coverage(data: dict[str, Any], in_sweep: bool = True) -> str:
+    rows = [["model", "coverage", "groups", "units", "skipped groups (why)", "exact (max rel. error)"]]
+    for r in data["rows"]:
+        if bool(r.get("in_sweep")) != in_sweep:
+            continue
+        exact = "–" if r.get("exact") is None else (
+            f"{'yes' if r['exact'] else 'NO'} ({_short_error(r['max_rel_error'])})")
+        rows.append([f"`{r['model']}`", f"{r['coverage']:.3f}", str(r["groups"]), _units(r["units"]),
+                     _skipped(r["skipped"]), exact])
+    return _table(rows, "lrrlll")
+
+
+def render_shrink_while_training(data: dict[str, Any]) -> str:
+    names = {"in fit": "inside the fit, at finalisation", "at the end": "at the end"}
+    rows = [["compressed", "ms per step before", "ms per step after", "fit (thread s)", "test acc"]]
+    for r in data["runs"]:
+        rows.append([names.get(r["run"], r["run"]), f"{r['ms_before']:.0f}", f"{r['ms_after']:.0f}",
+                     f"{r['thread_s']:.0f}", f"{r['acc']:.4f}"])
+    return _table(rows, "lrrrr")
+
+
+def render_channels_l0(data: dict[str, Any]) -> str:
+    by: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for r in data["rows"]:
+        by.setdefault((r["method"], r["lam"]), []).append(r)
+    dense = by[("dense", None)]
+    rows = [["method", "channels removed", "test acc", "params", "FLOPs"]]
+
+    def cells(runs: list[dict[str, Any]]) -> list[str]:
+        mean, sd = _mean_sd([r["acc"] for r in runs])
+        acc = f"{mean:.4f} ± {sd:.4f}" if mean > 0.9 else f"{mean:.2f} ± {sd:.2f}"
+        ratio = [f"{statistics.fmean(r[k] for r in runs):.2f}×" if k in runs[0] else "" for k in
+                 ("params_ratio", "flops_ratio")]
+        return [f"{statistics.fmean(r['removed'] for r in runs):.1%}", acc, *ratio]
+
+    rows.append(["dense", "0%", cells(dense)[1], "1.00×", "1.00×"])
+    for lam in data["config"]["lams"]:
+        rows.append([f"L0, λ {lam:.0e}".replace("e-0", "e-"), *cells(by[("l0", lam)])])
+    gl = data["config"]["gl_lam"]
+    rows.append([f"group-LASSO, λ {gl:.0e}".replace("e-0", "e-"), *cells(by[("group_lasso", gl)])])
+    firstk = [lam for lam in data["config"]["lams"] if ("first_k", lam) in by]
+    good = [lam for lam in firstk if statistics.fmean(r["acc"] for r in by[("l0", lam)]) > 0.9]
+    if good:
+        removed = " / ".join(f"{statistics.fmean(r['removed'] for r in by[('first_k', lam)]):.1%}"
+                             for lam in good)
+        accs = " / ".join(f"{statistics.fmean(r['acc'] for r in by[('first_k', lam)]):.4f}"
+                          for lam in good)
+        rows.append([f"first k channels at {removed}", "", accs, "", ""])
+    return _table(rows, "lrrrr")
+
+
+LOTTERY_ROUNDS = {"mlp": (0, 8, 12), "test_resnet": (0, 10, 12)}  # the README's rows: dense, 2 sparse rounds
+LOTTERY_MODELS = {"mlp": "LeNet-300-100 MLP", "test_resnet": "timm `test_resnet`"}
+
+
+def render_lottery(data: dict[str, Any]) -> str:
+    acc: dict[tuple[str, str, int], list[float]] = {}
+    remaining: dict[tuple[str, int], list[float]] = {}
+    for run in data["runs"]:
+        for r in run["rounds"]:
+            acc.setdefault((run["model"], run["variant"], r["round"]), []).append(r["test_acc"])
+            if run["variant"] == "ticket":
+                remaining.setdefault((run["model"], r["round"]), []).append(r["remaining"])
+    rows = [["model", "weights remaining", "ticket (rewound)", "random reinit", "ticket's mask, fresh init"]]
+    for model, rounds in LOTTERY_ROUNDS.items():
+        for i, rnd in enumerate(rounds):
+            cells = [LOTTERY_MODELS.get(model, model) if i == 0 else "",
+                     f"{statistics.fmean(remaining[(model, rnd)]):.1%}".replace("100.0%", "100%")]
+            for variant in ("ticket", "random", "same_mask"):
+                mean = statistics.fmean(acc[(model, variant, rnd)])
+                dense = statistics.fmean(acc[(model, variant, 0)])
+                cells.append(f"{mean:.3f}" if rnd == 0 else f"{mean:.3f} ({mean / dense:.3f})")
+            rows.append(cells)
+    return _table(rows, "lrrrr")
+
+
+REPARAM_ROWS = {  # README row label -> (arch, variant)
+    "`reducenet_20` (ReduceNet's block), decay → fused": ("reducenet_20", "decay"),
+    "`reducenet_20_act` (one ReLU kept per block), decay → fused": ("reducenet_20_act", "decay"),
+    "`reducenet_20_plain`, the deployed shape trained directly": ("reducenet_20", "deploy-depth baseline"),
+    "timm `resnet26` bottlenecks, decay → fused": ("resnet26 (bottleneck)", "decay"),
+}
+
+
+def _k(params: int) -> str:
+    return f"{params / 1e3:.0f}k" if params >= 3e5 else f"{params / 1e3:.1f}k"
+
+
+def render_reparam(data: dict[str, Any]) -> str:
+    rows = [["model", "layers", "params", "latency b32, fused vs unfused", "test acc"]]
+    for label, (arch, variant) in REPARAM_ROWS.items():
+        entry = data["archs"][arch][variant]
+        if "shape" in entry and "fused" in entry["shape"]:
+            unfused, fused = entry["shape"]["unfused"], entry["shape"]["fused"]
+            ratio = fused["latency_ms_b32"] / unfused["latency_ms_b32"]
+            accuracy = f"{statistics.fmean(entry['acc_fused']):.3f}"
+            plain = data["archs"][arch].get("no decay (deep)")
+            if plain is not None and arch.startswith("resnet"):
+                accuracy += f" ({statistics.fmean(plain['acc']):.3f} without decay)"
+            rows.append([label, f"{unfused['layers']} → {fused['layers']}",
+                         f"{_k(unfused['params'])} → {_k(fused['params'])}", f"{ratio:.2f}×", accuracy])
+        else:
+            rows.append([label, str(entry["shape"]["layers"]), _k(entry["shape"]["params"]), "",
+                         f"{statistics.fmean(entry['acc']):.3f}"])
+    return _table(rows, "lrrrr")
+
+
+def render_evolution(data: dict[str, Any]) -> str:
+    memory = {(m["strategy"], m["population"]): m["added_mib"] for m in data["memory"]}
+    pops = sorted({m["population"] for m in data["memory"]})
+    model = data["config"].get("memory_model", "resnet18")
+    rows = [["", "final val acc", "time of one generation",
+             f"peak memory of a generation ({model}), population {pops[0]} → {pops[-1]}"]]
+    for key, label in (("sgd", "SGD"), ("select", "SGD + select"), ("es", "SGD + ES")):
+        q = data["quality"][key]
+        cells = [label, f"{q['final_val_acc_mean']:.4f} ± {q['final_val_acc_std']:.4f}"]
+        if q.get("generation_s_median"):
+            cells.append(f"{q['generation_s_median']:.1f} s ({q['generation_over_sgd_epoch']:.1f} epochs)")
+            cells.append(f"+{memory[(key, pops[0])]:.1f} → +{memory[(key, pops[-1])]:.1f} MiB")
+        else:
+            cells += ["", ""]
+        rows.append(cells)
+    return _table(rows, "lrrr")
+
+
+def _seconds(value: float) -> str:
+    minutes, seconds = divmod(round(value), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{value:.1f} s" if value < 10 else f"{seconds} s"
+
+
+def render_first_hour(data: dict[str, Any]) -> str:
+    rows = [["what", "command", "wall time", "CPU time", "result", "measured"]]
+
+    def when(entry: dict[str, Any]) -> str:
+        machine = entry.get("machine", {})
+        load = machine.get("load_average_1min")
+        return f"{entry.get('measured', '?')}" + (f", load {load:g} on {machine['cpus']} cores"
+                                                  if load is not None and machine.get("cpus") else "")
+    if "setup" in data:
+        s = data["setup"]
+        rows.append(["first set-up", "`make setup` (in a fresh clone)", _seconds(s["wall_s"]),
+                     _seconds(s["cpu_s"]), f"`.venv` {s['venv_bytes'] / 1e9:.1f} GB (torch {s['torch']})",
+                     when(s)])
+    if "demo" in data:
+        d = data["demo"]
+        rows.append(["the demo", "`make demo` after set-up", _seconds(d["wall_s"]), _seconds(d["cpu_s"]),
+                     f"test accuracy {d['test_acc']:.2%} at {d['sparsity']:.0%} sparsity", when(d)])
+    if "test" in data:
+        t = data["test"]
+        rows.append(["the suite", "`make test`", _seconds(t["wall_s"]), "", f"{t['tests']} tests pass",
+                     f"{t.get('measured', '?')}{', ' + t['source'] if t.get('source') else ''}"])
+    if "list" in data:
+        lst = data["list"]
+        for key, label in (("list", "`lightning-prune list`"), ("help", "`lightning-prune --help`"),
+                           ("list --check", "`lightning-prune list --check` (imports every class)")):
+            if key in lst:
+                e = lst[key]
+                result = f"{lst['list']['rows']} callbacks" if key == "list" else ""
+                if key == "list" and not lst["list"].get("imports_torch", True):
+                    result += ", torch not imported"
+                rows.append(["what is installed" if key == "list" else "", label,
+                             _seconds(e["median_wall_s"]), _seconds(e["median_cpu_s"]), result,
+                             f"median of {e['runs']}" + (f", {when(lst)}" if key == "list" else "")])
+    return _table(rows, "llrrll")
+
+
+RENDERERS: dict[str, Callable[[Any], str]] = {
+    "timm_coverage": render_timm_coverage,
+    "timm_coverage#below": lambda data: render_timm_coverage(data, in_sweep=False),
+    "shrink_while_training": render_shrink_while_training,
+    "channels_l0-6ep-3seeds": render_channels_l0,
+    "lottery": render_lottery,
+    "reparam": render_reparam,
+    "evolution.full": render_evolution,
+    "first_hour": render_first_hour,
+}
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+
+
+def render_block(kind: str, ref: str) -> str:
+    """What the block ``<!-- kind: ref -->`` must hold (without a trailing newline)."""
+    if kind == "output":
+        if ref.strip() != "lightning-prune list":
+            raise StaleError(f"no renderer for the output of {ref!r}")
+        sys.path.insert(0, str(ROOT))
+        from lightning_prune.cli import format_callback_list
+
+        return "```console\n$ lightning-prune list\n" + format_callback_list() + "\n```"
+    path, _, key = ref.partition("#")
+    match = re.fullmatch(r"benchmarks/results/(?P<name>[\w.\-]+)\.md", path.strip())
+    if not match:
+        raise StaleError(f"{ref!r} is not benchmarks/results/NAME.md[#N|#KEY]")
+    name = match.group("name")
+    renderer = RENDERERS.get(f"{name}#{key}" if key else name)
+    if renderer is not None:
+        return renderer(_load(name))
+    if key and not key.isdigit():
+        raise StaleError(f"no renderer {name}#{key} in benchmarks/readme_tables.py")
+    md = RESULTS / f"{name}.md"
+    if not md.exists():
+        raise StaleError(f"{md} does not exist")
+    tables = tables_of(md.read_text(encoding="utf-8"))
+    index = int(key or 1) - 1
+    if not 0 <= index < len(tables):
+        raise StaleError(f"{md} has {len(tables)} tables, not a table #{index + 1}")
+    return tables[index]
+
+
+def blocks(text: str) -> list[re.Match[str]]:
+    return list(BLOCK.finditer(text))
+
+
+def rendered(text: str) -> str:
+    """``text`` with every block refilled."""
+    def fill(m: re.Match[str]) -> str:
+        return f"<!-- {m['kind']}: {m['ref']} -->\n{render_block(m['kind'], m['ref'])}\n<!-- /{m['kind']} -->"
+
+    return BLOCK.sub(fill, text)
+
+
+def stale_blocks(text: str) -> list[str]:
+    """The refs of the blocks whose content differs from what the result files render."""
+    return [m["ref"] for m in blocks(text) if m["body"].rstrip("\n") != render_block(m["kind"], m["ref"])]
+
+
+def unmarked_tables(text: str) -> list[str]:
+    """Start markers with no end marker (a block the script would not see)."""
+    starts = re.findall(r"^<!-- (?:results|output): ([^\n]*?) -->$", text, re.M)
+    inside = {m["ref"] for m in blocks(text)}
+    return [s for s in starts if s not in inside]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is stale")
+    parser.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args(argv)
+    text = args.readme.read_text(encoding="utf-8")
+    broken = unmarked_tables(text)
+    if broken:
+        print(f"start markers without `<!-- /results -->`: {broken}", file=sys.stderr)
+        return 1
+    if args.check:
+        stale = stale_blocks(text)
+        for ref in stale:
+            print(f"stale: {ref}", file=sys.stderr)
+        return 1 if stale else 0
+    new = rendered(text)
+    if new != text:
+        args.readme.write_text(new, encoding="utf-8")
+    print(f"{len(blocks(new))} blocks in {args.readme}: {'rewritten' if new != text else 'up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
