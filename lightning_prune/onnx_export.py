@@ -43,7 +43,7 @@ from lightning_prune.errors import (
     InvalidArgumentTypeError,
     MissingDependencyError,
 )
-from lightning_prune.graph import call_model, example_inputs_for, traced_root
+from lightning_prune.graph import call_model, example_inputs_for, like_model, traced_root
 from lightning_prune.validation import check_bool, check_int, check_optional, check_positive
 
 __all__ = ["EXTRA", "ExportReport", "export", "onnx_latency", "onnx_session", "require_export_dependencies"]
@@ -395,12 +395,11 @@ def export(
     from lightning_prune.reparam import count_layers, reparameterize
 
     _, root = traced_root(model)
-    example = example_inputs if example_inputs is not None else example_inputs_for(root, input_size)
-    args = _as_args(example)
     root, half = _in_float32(root)  # the proof compares onnxruntime with this float32 copy
+    example = example_inputs if example_inputs is not None else example_inputs_for(root, input_size)
+    args = _as_args(like_model(example, root))  # on the model's device, floating inputs in its dtype
     steps = []
     if half is not None:
-        args = tuple(a.float() if a.dtype in _HALF else a for a in args)
         steps.append(f"cast {half} -> float32 (onnxruntime's CPU kernels take float32; the outputs are"
                      " checked against the float32 copy)")
     work = copy.deepcopy(root).eval()

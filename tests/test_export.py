@@ -111,7 +111,8 @@ def test_a_bf16_true_run_and_a_float16_model_export_as_float32_copies(tmp_path):
     half = timm.create_model("test_resnet", num_classes=10).half()
     for model, dtype in ((module, torch.bfloat16), (half, torch.float16)):
         assert next(model.parameters()).dtype == dtype
-        report = lp.export(model, tmp_path / "h.onnx", input_size=(3, 32, 32), **QUICK)
+        example = torch.randn(2, 3, 32, 32, dtype=dtype)  # inputs in the model's dtype, as it was trained
+        report = lp.export(model, tmp_path / "h.onnx", example, **QUICK)
         assert report.steps[0].startswith(f"cast {str(dtype)[6:]} -> float32") and report.max_rel_error < 1e-4
         assert next(model.parameters()).dtype == dtype  # the model itself is left as it was
         x = torch.randn(3, 3, 32, 32)
