@@ -49,10 +49,24 @@ def _arguments(name):
             if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
+def _typed(default):
+    """Values of the default's own type, near it: what a user tuning the argument passes."""
+    if isinstance(default, bool):
+        return st.booleans()
+    if isinstance(default, int):
+        return st.integers(min_value=0, max_value=max(12, 2 * default))
+    if isinstance(default, float):
+        wide = st.floats(min_value=0.0, max_value=2 * default + 1.0)
+        return st.one_of(st.floats(min_value=0.0, max_value=1.0), wide)
+    if isinstance(default, str):
+        return st.sampled_from([default, *_WORDS])
+    return WILD
+
+
 def _draw_kwargs(name):
-    params = _arguments(name)
-    return st.lists(st.sampled_from([p.name for p in params]), max_size=3, unique=True).flatmap(
-        lambda names: st.fixed_dictionaries({n: WILD for n in names}))
+    params = {p.name: p.default for p in _arguments(name)}
+    return st.lists(st.sampled_from(sorted(params)), max_size=3, unique=True).flatmap(
+        lambda names: st.fixed_dictionaries({n: st.one_of(WILD, _typed(params[n])) for n in names}))
 
 
 def _named(message, kwargs):

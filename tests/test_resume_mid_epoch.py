@@ -76,3 +76,19 @@ def test_loader_loads_an_empty_state():
     loader = _loader()
     loader.load_state_dict({})
     assert len(_epoch(loader, 0)) == 4
+
+
+#: schedules that are over before the resume point (step 6): nothing may be recomputed from the resumed step
+FINISHED = {
+    "magnitude": {"every_n_steps": 2, "end_step": 4, "sparsity_end_step": 4},
+    "random_unstructured": {"every_n_steps": 2, "end_step": 4, "sparsity_end_step": 4},
+    "lottery_ticket": {"rounds": 1, "epochs_per_round": 1},  # pruned at step 4, the ticket trains on
+    "group_lasso": {"finalize_step": 4, "lam": 0.01},
+    "l0": {"finalize_step": 4, "temperature_final": 0.3},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FINISHED))
+def test_mid_epoch_resume_after_the_schedule_ended_is_exact(name, tmp_path):
+    check_mid_epoch_resume(lambda: lp.create_callback(name, verbose=False, **FINISHED[name]), tmp_path,
+                           max_epochs=3, resume_step=6)

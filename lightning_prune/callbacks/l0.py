@@ -471,7 +471,8 @@ class L0Pruning(GatePruningCallback):
         super().on_fit_start(trainer, pl_module)  # moves the gates to the module's device
         self._attach_generator()
         self._resolve_horizon(trainer)
-        self._set_temperature(self.temperature_at(trainer.global_step))
+        if not self.finalized:  # (finalised: the restored temperature stands; global_step comes later)
+            self._set_temperature(self.temperature_at(trainer.global_step))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
