@@ -107,3 +107,10 @@ def test_old_state_without_keys_loads_with_defaults_and_masks_from_the_weights(m
     for (name, a), b in zip(full_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     assert_state_equal(full_pruner.state_dict()["masks"], pruner.state_dict()["masks"])
+
+
+def test_distillation_refuses_another_alpha(tmp_path):
+    _, ckpt = _fit_with_checkpoints([lp.KnowledgeDistillation(alpha=0.5, verbose=False)], tmp_path)
+    message = r"KnowledgeDistillation: .*`alpha` \(checkpoint 0.5, now 0.7\)"
+    with pytest.raises(MisconfigurationException, match=message):
+        fit_tiny([lp.KnowledgeDistillation(alpha=0.7, verbose=False)], tmp_path / "r", ckpt_path=ckpt, **FIT)

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_prune.callbacks._resume import check_resume, config_of
 from lightning_prune.functional.distill import (
     distillation_loss,
     feature_matching_loss,
@@ -626,7 +627,12 @@ class KnowledgeDistillation(Callback):
             elif self._pending_teacher is not None:
                 teacher = dict(self._pending_teacher)
         return {"bounds": list(self._bounds) if self._bounds is not None else None,
-                "teacher_source": self.teacher_source, "teacher": teacher}
+                "teacher_source": self.teacher_source, "teacher": teacher, "config": config_of(self)}
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        check_resume(self, trainer, checkpoint)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
