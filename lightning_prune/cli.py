@@ -185,6 +185,17 @@ def _explain_parse_error(message: str, args: Sequence[str], parser: Any = None) 
             bad = key.group(1).rpartition(".")[2]
             return (f"{name}{f' ({where})' if where else ''} has no argument `{bad}`"
                     f"{_did_you_mean(bad, _class_arguments(cls))}{_source_of(bad, args)}")
+        rest = message[bad_class.end(2):]
+        inner = re.search(r"Parser key ['\"]([\w.]+)['\"]", reason + rest)
+        subtypes = re.search(r"Subtypes: \[([^\]]*)\]", rest)
+        given = re.search(r"Given value: (.*)", rest)
+        if inner and (subtypes or given):
+            types = " | ".join(re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", t).strip()
+                               for t in subtypes.group(1).split(",")) if subtypes else "of another type"
+            value = given.group(1).strip() if given else "?"
+            arg = inner.group(1)
+            return (f"{name}{f' ({where})' if where else ''}: `{arg}` must be {types}, got {value}"
+                    f"{_source_of(arg, args)}")
         return f"{name}{f' ({where})' if where else ''}: {reason}"
     unknown = re.search(r"(?:Key|Option) ['\"]([\w.]+)['\"] is not (?:accepted|expected)", message)
     unrecognized = re.search(r"Unrecognized arguments:\s*(--[\w.]+)", message)

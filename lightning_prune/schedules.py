@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 __all__ = ["is_update_step", "polynomial_sparsity", "ramp", "resolve_step", "steps_per_epoch",
-           "training_steps", "until_the_end"]
+           "training_steps", "until_the_end", "warn_if_after_training"]
 
 
 def polynomial_sparsity(
@@ -112,3 +112,34 @@ def resolve_step(name: str, value: int | float | None, trainer: Any) -> int | No
                 f" HINT: give the position in optimizer steps instead (a `*_step` argument).")
         return int(value) * per_epoch
     return int(value)
+
+
+def warn_if_after_training(owner: str, trainer: Any, name: str, value: Any, step: int | None,
+                           consequence: str, hint: str | None = None) -> bool:
+    """At setup: warn (rank zero) when a position falls after the last step of this fit, so the callback
+    would never act there -- a recipe shortened with ``--trainer.max_epochs 2`` whose positions are counts.
+
+    Args:
+        owner: the callback's class name, as the message starts.
+        name, value: the argument and its configured value (named in the message, as what to change).
+        step: the 0-based optimizer step at which the action first happens (``None``: not resolved).
+        consequence: what then does not happen, e.g. ``"no mask is ever computed"``.
+        hint: what to do instead (default: give ``name`` as a fraction of training, or train longer).
+
+    Returns:
+        Whether it warned. Nothing is said when the fit has no known end, or ``value`` is ``1.0`` (the end).
+    """
+    total = training_steps(trainer)
+    if total is None or step is None or until_the_end(value) or step < total:
+        return False
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    per_epoch = steps_per_epoch(trainer)
+    epochs = trainer.max_epochs
+    budget = (f" ({epochs} epochs of {per_epoch})"
+              if per_epoch and epochs and epochs > 0 and total == epochs * per_epoch else "")
+    rank_zero_warn(
+        f"{owner}: `{name}`={value!r} is optimizer step {step}, but this fit has {total} steps{budget}:"
+        f" {consequence}. HINT: " + (hint or f"give `{name}` as a fraction of training (a float in (0, 1),"
+                                     " the same share of any run) or train longer."))
+    return True

@@ -41,3 +41,69 @@ def test_cifar10_recipe_runs_on_small_local_data(recipe, tmp_path, monkeypatch, 
           "--data.init_args.download=false", "--data.init_args.batch_size=8",
           "--data.init_args.num_workers=0", "--data.init_args.val_size=10", *COMMON])
     assert "test/acc" in capsys.readouterr().out
+
+
+def _acted(name, cli):
+    """What each digits recipe must have done in a shortened run (so not a plain fit)."""
+    import lightning_prune as lp
+
+    callbacks = [cb for cb in cli.trainer.callbacks if type(cb).__module__.startswith("lightning_prune.")]
+    if name == "dense":
+        return not callbacks
+    (cb,) = callbacks
+    if name == "magnitude":
+        return abs(lp.sparsity_report(cli.model).sparsity - 0.9) < 0.01
+    if name == "lottery_ticket":
+        masks = [m for _, m in cb.masks.items()]
+        pruned = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
+        return cb.round == cb.rounds >= 1 and abs(pruned - cb.target_sparsity) < 0.02
+    if name in ("group_lasso", "l0"):
+        return cb.finalized and cb.shrink.removed is not None and not all(bool(k.all()) for k in cb.keep)
+    if name == "activation_decay":
+        return cb.lam == 1.0 and cb._fused_model is not None
+    if name == "evolution":
+        return cb.generation >= 2
+    raise AssertionError(f"no check for the recipe {name}")
+
+
+@pytest.mark.parametrize("recipe", DIGITS, ids=lambda p: p.stem)
+def test_a_digits_recipe_shortened_to_two_epochs_still_runs_its_algorithm(recipe, tmp_path, monkeypatch):
+    import warnings
+
+    from lightning_prune.cli import run
+
+    monkeypatch.chdir(ROOT)
+    model = [] if recipe.stem == "activation_decay" else ["--model.init_args.model_name=test_resnet"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run(["fit", "--config", str(recipe), "--trainer.max_epochs=2",
+                   "--trainer.limit_train_batches=10", f"--trainer.default_root_dir={tmp_path}",
+                   "--test_after_fit=false", *model, *COMMON])
+    assert _acted(recipe.stem, cli), f"{recipe.name} with --trainer.max_epochs 2 did not run its algorithm"
+    ours = [str(w.message) for w in caught if "but this fit has" in str(w.message)
+            or "LotteryTicket: `rounds=" in str(w.message)]
+    assert len(ours) == (1 if recipe.stem == "lottery_ticket" else 0), ours  # fewer rounds: said once
+
+
+def test_a_schedule_that_cannot_act_warns_at_setup_and_third_party_noise_is_filtered(tmp_path):
+    """The real console script: our warning names the argument; Lightning's LeafSpec deprecation, the
+    litlogger tip and LightningCLI's args warning do not show."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("lightning-prune")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "lightning_prune.cli"]
+    result = subprocess.run(
+        [*command, "fit", "--config", "recipes/digits/evolution.yaml", "--trainer.max_epochs=2",
+         "--trainer.limit_train_batches=2", "--model.init_args.model_name=test_resnet",
+         "--test_after_fit=false", "--trainer.callbacks.init_args.every_n_epochs=5",
+         f"--trainer.default_root_dir={tmp_path}", *COMMON],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("EvolutionaryMutation: `every_n_epochs`=5 is optimizer step 9, but this fit has 4 steps (2 epochs"
+            " of 2): the first generation would come after it, so this is plain SGD. HINT: give"
+            " `every_n_epochs` as a fraction of training") in result.stderr, result.stderr[-3000:]
+    for noise in ("LeafSpec", "litlogger", "LightningCLI's args parameter"):
+        assert noise not in result.stderr + result.stdout, noise

@@ -28,7 +28,13 @@ from lightning_prune.reparam import (
     unwrap_activations,
     wrap_activations,
 )
-from lightning_prune.schedules import ramp, resolve_step, steps_per_epoch, training_steps
+from lightning_prune.schedules import (
+    ramp,
+    resolve_step,
+    steps_per_epoch,
+    training_steps,
+    warn_if_after_training,
+)
 from lightning_prune.validation import (
     as_misconfiguration,
     check_bool,
@@ -229,6 +235,8 @@ class ActivationDecay(Callback):
         (begin_name, begin), (end_name, end) = self._begin_end()
         start, stop = resolve_step(begin_name, begin, trainer), resolve_step(end_name, end, trainer)
         assert start is not None and stop is not None
+        warn_if_after_training("ActivationDecay", trainer, begin_name, begin, start,
+                               "λ would start rising after it, so no activation decays")
         if stop < start:
             raise MisconfigurationException(
                 f"`{end_name}` ({end}) resolves to step {stop}, before `{begin_name}` ({begin}) at step"

@@ -34,7 +34,7 @@ from lightning_prune.functional.evolution import (
     offspring_seed,
 )
 from lightning_prune.logging import PREFIX, log_histograms, log_scalars
-from lightning_prune.schedules import training_steps
+from lightning_prune.schedules import steps_per_epoch, training_steps, warn_if_after_training
 from lightning_prune.targets import matches
 from lightning_prune.validation import (
     check_bool,
@@ -148,8 +148,8 @@ class EvolutionaryMutation(Callback):
         sigma: float = 0.01,
         mutation: str = "uniform",
         strategy: str = "select",
-        every_n_epochs: int | None = None,
-        every_n_steps: int | None = None,
+        every_n_epochs: int | float | None = None,
+        every_n_steps: int | float | None = None,
         fitness_batches: int | None = 8,
         fitness_dataloader: Iterable[Any] | None = None,
         fitness_fn: FitnessFn | None = None,
@@ -252,6 +252,12 @@ class EvolutionaryMutation(Callback):
             self._generator = torch.Generator().manual_seed(resolve_seed(None, trainer))
             self._seeded = True
         self._period = self._resolve_period(trainer)
+        unit, n = self._period
+        per_epoch = steps_per_epoch(trainer) if unit == "epochs" else 1
+        name = "every_n_epochs" if unit == "epochs" else "every_n_steps"
+        warn_if_after_training("EvolutionaryMutation", trainer, name, getattr(self, name),
+                               None if per_epoch is None else n * per_epoch - 1,
+                               "the first generation would come after it, so this is plain SGD")
         if self.fitness_dataloader is None and self._val_source(trainer) is None:
             raise MisconfigurationException(
                 "EvolutionaryMutation has no fitness data: the model and datamodule define no"

@@ -44,7 +44,7 @@ from lightning_prune.graph import (
     traced_root,
 )
 from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars
-from lightning_prune.schedules import resolve_step, until_the_end
+from lightning_prune.schedules import resolve_step, until_the_end, warn_if_after_training
 from lightning_prune.shrink import (
     ShrinkSchedule,
     check_strategy,
@@ -527,6 +527,9 @@ class GatePruningCallback(PruningCallback):
         if self.finalize_at_step is None and not until_the_end(self.finalize_step):
             name = "finalize_epoch" if self.finalize_epoch is not None else "finalize_step"
             self.finalize_at_step = resolve_step(name, getattr(self, name), trainer)
+            warn_if_after_training(type(self).__name__, trainer, name, getattr(self, name),
+                                   self.finalize_at_step,
+                                   "the units are decided only when training ends, with no fine-tuning")
 
     # ------------------------------------------------------------------ hooks
     @override

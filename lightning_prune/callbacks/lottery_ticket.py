@@ -145,6 +145,7 @@ class LotteryTicket(PruningCallback):
     ) -> None:
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
         self.rounds = check_int("rounds", rounds, 1, hint="rounds=1 is one-shot pruning.")
+        self._configured_rounds = self.rounds  # `rounds` as given (a shortened fit runs fewer)
         self.target_sparsity = check_fraction(
             "target_sparsity", target_sparsity,
             hint="it is the fraction pruned after the last round; k rounds of 20% prune 1 - 0.8**k (0.36 for"
@@ -195,7 +196,8 @@ class LotteryTicket(PruningCallback):
 
     @override
     def state_key_args(self) -> dict[str, Any]:
-        return {**super().state_key_args(), "rounds": self.rounds, "target_sparsity": self.target_sparsity,
+        return {**super().state_key_args(), "rounds": self._configured_rounds,
+                "target_sparsity": self.target_sparsity,
                 "scope": self.scope, "rewind_step": self.rewind_step, "reinit": self.reinit}
 
     # ------------------------------------------------------------------ schedule
@@ -219,13 +221,25 @@ class LotteryTicket(PruningCallback):
         max_epochs = trainer.max_epochs
         unlimited = max_epochs is None or max_epochs < 0
         if self._epochs is None:
-            if unlimited or max_epochs < segments:
+            if unlimited or max_epochs < 2:
                 raise MisconfigurationException(
                     f"LotteryTicket with `rounds={self.rounds}` trains {segments} segments (the dense"
                     f" network, then one per pruning round) and needs `trainer.max_epochs` >= {segments}, got"
                     f" {max_epochs}."
                     f" HINT: set Trainer(max_epochs={segments * 2}) or more, or give `epochs_per_round`."
                 )
+            if max_epochs < segments:  # a shortened run: fewer rounds of one epoch, to the same sparsity
+                fitted = max_epochs - 1
+                rate = per_round_rate(self.target_sparsity, fitted)
+                rank_zero_warn(
+                    f"LotteryTicket: `rounds={self.rounds}` needs {segments} segments of at least one epoch,"
+                    f" but trainer.max_epochs={max_epochs}: running {fitted} round(s) of one epoch to the"
+                    f" same `target_sparsity`={self.target_sparsity} ({rate:.0%} pruned per round instead of"
+                    f" {self.per_round_rate:.0%}). HINT: lower `rounds`, or train {segments} epochs or more.")
+                self.rounds, self.per_round_rate = fitted, rate
+                self.output_per_round_rate = (rate / 2 if self.output_sparsity is None
+                                              else per_round_rate(self.output_sparsity, fitted))
+                segments = fitted + 1
             self._epochs = max_epochs // segments
         needed = segments * self._epochs
         if not unlimited and max_epochs < needed:

@@ -29,7 +29,13 @@ from lightning_prune.functional.magnitude import (
 )
 from lightning_prune.functional.nm import NM_RAMPS, nm_schedule_masks, nm_violations, parse_pattern
 from lightning_prune.logging import PREFIX
-from lightning_prune.schedules import is_update_step, polynomial_sparsity, resolve_step, until_the_end
+from lightning_prune.schedules import (
+    is_update_step,
+    polynomial_sparsity,
+    resolve_step,
+    until_the_end,
+    warn_if_after_training,
+)
 from lightning_prune.targets import Target, matches
 from lightning_prune.validation import (
     check_cadence,
@@ -219,6 +225,12 @@ class GradualMagnitudePruning(PruningCallback):
         if self._schedule is None:
             begin, s_begin, s_end = (resolve_step(name, getattr(self, name), trainer) for name in (
                 "begin_step", "sparsity_begin_step", "sparsity_end_step"))
+            # the first update: at or after begin_step, every_n_steps after the last one (TensorFlow's rule)
+            first = max(begin, self.last_update + int(self.every_n_steps))  # type: ignore[type-var]
+            name = "begin_step" if begin >= self.last_update + int(self.every_n_steps) else "every_n_steps"
+            warn_if_after_training("GradualMagnitudePruning", trainer, name, getattr(self, name), first,
+                                   "no mask is ever computed", None if name == "begin_step"
+                                   else "lower `every_n_steps`, or train longer.")
             # the end of training (1.0) is "never stop":
             # estimated_stepping_batches undercounts manual optimisation
             end = (sys.maxsize if until_the_end(self.end_step)

@@ -144,8 +144,19 @@ def test_too_few_epochs_fail_at_setup(tmp_path):
                              r" for `rounds`=2\), got 5. HINT: set Trainer\(max_epochs=6\)"):
         fit_tiny([LotteryTicket(rounds=2, epochs_per_round=2)], tmp_path, max_epochs=5, **FAST)
     with pytest.raises(MisconfigurationException,
-                       match=r"`rounds=3` trains 4 segments .* needs `trainer.max_epochs` >= 4, got 3"):
-        fit_tiny([LotteryTicket(rounds=3)], tmp_path, max_epochs=3, **FAST)
+                       match=r"`rounds=3` trains 4 segments .* needs `trainer.max_epochs` >= 4, got 1"):
+        fit_tiny([LotteryTicket(rounds=3)], tmp_path, max_epochs=1, **FAST)
+
+
+def test_a_shortened_fit_runs_fewer_rounds_to_the_same_sparsity_and_says_so(tmp_path):
+    ticket = LotteryTicket(rounds=3, target_sparsity=0.488, verbose=False)
+    with pytest.warns(UserWarning, match=r"LotteryTicket: `rounds=3` needs 4 segments of at least one epoch,"
+                                         r" but trainer.max_epochs=3: running 2 round\(s\) .* HINT: lower"):
+        fit_tiny([ticket], tmp_path, max_epochs=3, **FAST)
+    assert ticket.round == 2 and len(ticket.round_table) == 3
+    masks = [m for _, m in ticket.masks.items()]
+    pruned = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert pruned == pytest.approx(0.488, abs=0.02)
 
 
 def test_rewind_step_beyond_the_first_round_fails_before_training(tmp_path):
