@@ -196,6 +196,11 @@ def markdown(results: dict[str, Any]) -> str:
                 f" {first['params'] / first['dense_params']:.3f}x" if arm.startswith("group")
                 else f"{statistics.mean(r['arms'][arm]['sparsity'] for r in runs):.3f}")
         lines.append(row + f" {size} |")
+    base = [r["arms"]["magnitude 0.95"]["test_acc"] for r in runs]
+    for arm in ("magnitude 0.95 sensitivity targets", "magnitude 0.95 layer scope"):
+        diff = [r["arms"][arm]["test_acc"] - b for r, b in zip(runs, base)]
+        lines += ["", f"Paired difference, {arm} minus the global threshold (magnitude 0.95):"
+                  f" {'+' if statistics.mean(diff) >= 0 else ''}{mean_sd(diff)}."]
     targets = runs[0]["sensitivity"]["layer_targets"]
     lines += ["", f"Sensitivity targets of seed {seeds[0]} (`layer_targets_from_sensitivity(table, 0.95,"
               " tolerance=1/270)`): " + ", ".join(f"`{k.removeprefix('model.')}` {v:.3f}"
