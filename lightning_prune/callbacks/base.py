@@ -99,6 +99,7 @@ class PruningCallback(Callback):
         self.masks: MaskSet | None = None
         self._pending_masks: dict[str, Tensor] | None = None
         self._hook_handles: list[Any] = []
+        self._media_logged: tuple[Any, ...] | None = None  # (step, pruned counts) of the last W&B media
 
     # ------------------------------------------------------------------ identity
     def state_key_args(self) -> dict[str, Any]:
@@ -242,9 +243,13 @@ class PruningCallback(Callback):
         if self.masks is None or not wandb_loggers(trainer):
             return
         names = [n for n in self.reported_names() if n in self.masks]
+        counts = self.masks.pruned_counts()
+        logged = (int(trainer.global_step), tuple((n, counts[n][0]) for n in names))
+        if logged == self._media_logged:  # the end of training right after the last epoch's media: the same
+            return
+        self._media_logged = logged
         log_images(trainer, {f"{PREFIX}/mask/{n}": mask_image(self.masks[n]) for n in names})
         log_histograms(trainer, {f"{PREFIX}/weights/{n}": self.masks.param(n)[self.masks[n]] for n in names})
-        counts = self.masks.pruned_counts()
         rows = [[n, counts[n][1], counts[n][0], counts[n][0] / max(counts[n][1], 1)] for n in names]
         log_table(trainer, f"{PREFIX}/sparsity_table", ["layer", "params", "pruned", "sparsity"], rows)
 
