@@ -138,9 +138,26 @@ class _LoaderMixin:
             return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                               drop_last=False, persistent_workers=self.num_workers > 0)
         sampler = EpochShuffleSampler(len(dataset), self.seed)  # type: ignore[arg-type]
-        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                                   num_workers=self.num_workers, drop_last=False,
-                                   persistent_workers=self.num_workers > 0)
+        loader = ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                                     num_workers=self.num_workers, drop_last=False,
+                                     persistent_workers=self.num_workers > 0)
+        pending = getattr(self, "_pending_train_state", None)
+        if pending is not None:
+            loader.load_state_dict(pending)
+            self._pending_train_state = None
+        self._train_loader = loader
+        return loader
+
+    # The training loader's position also travels in the data module's own state: Lightning restores the
+    # data module before it builds the loader, whereas its own restore of the loader's state is skipped when
+    # something asked for `trainer.estimated_stepping_batches` before the loops were restored (a schedule
+    # resolved at `on_fit_start`, OneCycleLR in `configure_optimizers`; Lightning issue #20550).
+    def state_dict(self) -> dict[str, Any]:
+        loader = getattr(self, "_train_loader", None)
+        return {"train_loader": loader.state_dict()} if loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_train_state = state_dict.get("train_loader")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -92,3 +92,21 @@ FINISHED = {
 def test_mid_epoch_resume_after_the_schedule_ended_is_exact(name, tmp_path):
     check_mid_epoch_resume(lambda: lp.create_callback(name, verbose=False, **FINISHED[name]), tmp_path,
                            max_epochs=3, resume_step=6)
+
+
+class _OneCycle(lp.ImageClassifier):
+    """Asks for ``trainer.estimated_stepping_batches`` before the loops are restored, as OneCycleLR users do:
+    Lightning then skips its own restore of the loader's position (Lightning issue #20550)."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.05)
+        total = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {
+            "scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=total),
+            "interval": "step"}}
+
+
+def test_mid_epoch_resume_is_exact_when_the_steps_are_estimated_before_the_restore(tmp_path):
+    check_mid_epoch_resume(
+        lambda: lp.GradualMagnitudePruning(every_n_steps=2, sparsity_end_step=10, verbose=False), tmp_path,
+        make_model=lambda: _OneCycle("test_resnet", num_classes=10, optimizer="sgd", scheduler="none"))
