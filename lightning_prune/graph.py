@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.errors import InvalidArgumentError
-from lightning_prune.targets import as_patterns, matches
+from lightning_prune.targets import as_patterns, matches, uncompiled
 
 __all__ = [
     "GRAPH_TIME_LIMIT_S",
@@ -209,14 +209,17 @@ class ChannelAnalysis:
 # ---------------------------------------------------------------------------------------------- inputs
 def traced_root(module: nn.Module) -> tuple[str, nn.Module]:
     """Where to trace: ``module`` itself when it has an ``example_input_array`` or is a timm model, else the
-    first timm model inside it (``("model", ImageClassifier.model)``)."""
+    first timm model inside it (``("model", ImageClassifier.model)``). A network the LightningModule compiled
+    (``self.model = torch.compile(net)``) is traced through its original module
+    (``("model._orig_mod", net)``, :func:`~lightning_prune.targets.uncompiled`)."""
     if getattr(module, "example_input_array", None) is not None or isinstance(
             getattr(module, "pretrained_cfg", None), dict):
-        return "", module
+        return uncompiled("", module)
     for name, sub in module.named_modules():
         if isinstance(getattr(sub, "pretrained_cfg", None), dict):
-            return name, sub
+            return uncompiled(name, sub)
     return "", module
+
 
 
 def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = None,

@@ -3,6 +3,13 @@
 A :class:`MaskSet` holds one ``torch.bool`` mask per parameter (1 byte per parameter, no copy of the
 weights) and multiplies the parameters by their masks in place, so pruned weights are exact zeros in
 the model's own ``state_dict`` and the model keeps its ordinary keys.
+
+Each mask has its parameter's memory layout (a channels-last weight gets a channels-last mask, a transposed
+weight a transposed mask), so the fused multiply walks both in the same order; the ``uint8`` view it
+multiplies by is taken only of a mask with exactly its parameter's strides. The parameters are held as
+themselves, not as ``param.data`` snapshots: when the model is converted after the masks were made
+(``model.to(memory_format=torch.channels_last)``, ``.to(device)``), the next :meth:`MaskSet.apply_` notices
+the new storage, re-lays the masks and zeros the weights the model really uses.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class MaskSet:
         self._params: dict[str, nn.Parameter] = {}
         self._masks: dict[str, Tensor] = {}
         self._groups: list[tuple[list[Tensor], list[Tensor]]] | None = None
+        self._storage: list[int] = []  # data_ptr() of every parameter when the groups were built
 
     @classmethod
     def for_targets(cls, targets: Iterable[Target]) -> MaskSet:
@@ -44,7 +52,7 @@ class MaskSet:
     def add(self, name: str, param: nn.Parameter, mask: Tensor | None = None) -> None:
         """Track ``param`` under ``name``, all kept unless ``mask`` is given."""
         self._params[name] = param
-        self._masks[name] = torch.ones_like(param, dtype=torch.bool)
+        self._masks[name] = torch.ones_like(param, dtype=torch.bool)  # (in the parameter's layout)
         if mask is not None:
             self.update({name: mask})
         self._groups = None
@@ -82,26 +90,28 @@ class MaskSet:
             if tuple(mask.shape) != tuple(param.shape):
                 raise ValueError(
                     f"Mask for {name!r} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}")
-            self._masks[name] = mask.to(device=param.device, dtype=torch.bool)
+            self._masks[name] = _laid_out_like(param, mask)
         self._groups = None
         if apply:
             self.apply_()
 
     def _fused_groups(self) -> list[tuple[list[Tensor], list[Tensor]]]:
+        if self._groups is not None and self._storage != [p.data_ptr() for p in self._params.values()]:
+            self._groups = None  # a parameter got new storage (moved, converted, replaced) since
         if self._groups is None:
             grouped: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = defaultdict(
                 lambda: ([], [])
             )
             for name, param in self._params.items():
                 mask = self._masks[name]
-                if mask.device != param.device:  # the model moved (e.g. to the GPU) after the masks were made
-                    mask = self._masks[name] = mask.to(param.device)
+                if mask.device != param.device or mask.stride() != param.stride():
+                    # the model moved or changed layout after the masks were made
+                    mask = self._masks[name] = _laid_out_like(param, mask)
                 params, masks = grouped[(param.device, param.dtype)]
-                params.append(param.data)
-                # the same bytes seen as uint8: PyTorch's mixed-dtype multiply is ~2x faster from uint8
-                # than from bool
-                masks.append(mask.view(torch.uint8))
+                params.append(param)
+                masks.append(_uint8_view(mask, param))
             self._groups = list(grouped.values())
+            self._storage = [p.data_ptr() for p in self._params.values()]
         return self._groups
 
     @torch.no_grad()
@@ -155,3 +165,20 @@ class MaskSet:
                 " HINT: resume with the same model and the same include/exclude patterns."
             )
         self.update(dict(state), apply=apply)
+
+
+def _laid_out_like(param: Tensor, mask: Tensor) -> Tensor:
+    """A fresh ``bool`` copy of ``mask`` on ``param``'s device, with ``param``'s strides when ``param`` is
+    dense (channels-last, transposed), else contiguous. Never an alias of the caller's tensor."""
+    out = torch.empty_like(param, dtype=torch.bool)  # preserve_format: the same strides for a dense tensor
+    out.copy_(mask)
+    return out
+
+
+def _uint8_view(mask: Tensor, param: Tensor) -> Tensor:
+    """The mask's bytes as ``uint8`` (PyTorch's mixed-dtype multiply is ~2x faster from ``uint8`` than from
+    ``bool``). Taken only of a mask laid out exactly like its parameter; anything else (a broadcast, an
+    overlapping or a differently strided mask) is copied first rather than reinterpreted."""
+    if mask.dtype != torch.bool or mask.shape != param.shape or mask.stride() != param.stride():
+        mask = _laid_out_like(param, mask)
+    return mask.view(torch.uint8)

@@ -38,7 +38,7 @@ from lightning_prune.functional.fusion import (
     fuse_conv_1x1,
     fuse_kxk_kxk,
 )
-from lightning_prune.targets import as_patterns, matches
+from lightning_prune.targets import as_patterns, matches, uncompiled
 
 __all__ = [
     "DecayingActivation",
@@ -66,9 +66,15 @@ _LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 class DecayingActivation(nn.Module):
     """``A'(x) = (1 - λ) A(x) + λ x`` around any activation module (VanillaNet's deep-training activation).
 
-    λ is a plain Python float (``self.lam``), not a buffer: wrapping adds no parameter and no ``state_dict``
-    key. For ReLU this equals ``F.leaky_relu(x, λ)``, VanillaNet's implementation. An in-place activation
-    is switched to out-of-place while wrapped (the blend needs ``x``) and restored by :meth:`unwrap`.
+    λ lives in a 0-dim float32 tensor that is neither a parameter nor a buffer: wrapping adds no
+    ``state_dict`` key, and setting ``lam`` fills that tensor in place, so a ``torch.compile``d model reads
+    the new value without recompiling (a Python float would be baked into the graph as a constant: one
+    recompilation per step, until dynamo's cache limit silently sends the model back to eager). The forward
+    takes one of three paths -- ``A(x)`` at λ = 0, the blend for 0 < λ < 1, ``x`` at λ = 1 -- so a compiled
+    model compiles at most three times over the whole schedule. ``lam`` reads back as a Python float (no
+    device synchronisation).
+    For ReLU the blend equals ``F.leaky_relu(x, λ)``, VanillaNet's implementation. An in-place activation is
+    switched to out-of-place while wrapped (the blend needs ``x``) and restored by :meth:`unwrap`.
 
     Args:
         act: the activation module to wrap (must have no parameters or buffers).
@@ -81,18 +87,45 @@ class DecayingActivation(nn.Module):
             raise ValueError(f"{type(act).__name__} has parameters or buffers; only parameter-free"
                              " activations can decay without changing the model's state_dict")
         self.act = act
-        self.lam = float(lam)
+        self._lam_tensor = torch.zeros((), dtype=torch.float32)
+        # 0: λ = 0, 1: 0 < λ < 1, 2: λ = 1 (a Python int: what a compiled graph branches on)
+        self._phase = 0
+        self._lam_value = 0.0
+        self.lam = lam
         self._inplace = getattr(act, "inplace", None)
         if self._inplace:
             act.inplace = False
 
+    @property
+    def lam(self) -> float:
+        """λ as a Python float."""
+        return self._lam_value
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        value = float(value)
+        self._lam_value = value
+        self._phase = 0 if value == 0.0 else 2 if value == 1.0 else 1
+        self._lam_tensor.fill_(value)
+
     def forward(self, x: Tensor) -> Tensor:
-        lam = self.lam
-        if lam == 0.0:
+        if self._phase == 0:
             return self.act(x)
-        if lam == 1.0:
+        if self._phase == 2:
             return x
-        return torch.lerp(self.act(x), x, lam)
+        lam = self._lam_tensor
+        if lam.device != x.device:  # follows the model once (it is not a buffer, so .to() leaves it)
+            lam = self._lam_tensor = lam.to(x.device)
+        a = self.act(x)
+        return torch.lerp(a, x, lam.to(a.dtype))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DecayingActivation:
+        result = super()._apply(fn, recurse)
+        # follow .to(device) / .cuda() (not the dtype: λ stays float32, cast at use)
+        moved = fn(torch.zeros((), dtype=torch.float32))
+        if moved.device != self._lam_tensor.device:
+            self._lam_tensor = self._lam_tensor.to(moved.device)
+        return result
 
     def unwrap(self) -> nn.Module:
         """The original activation module, with its ``inplace`` flag restored."""
@@ -184,13 +217,14 @@ def _trace(model: nn.Module) -> torch.fx.Graph:
 
 
 def _roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The outermost timm models inside ``model`` (by ``pretrained_cfg``), else ``model`` itself."""
+    """The outermost timm models inside ``model`` (by ``pretrained_cfg``), else ``model`` itself; a compiled
+    network through its original module (:func:`~lightning_prune.targets.uncompiled`)."""
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(getattr(module, "pretrained_cfg", None), dict) and not any(
-                name.startswith(f"{r}.") or r == "" for r, _ in found):
-            found.append((name, module))
-    return found or [("", model)]
+                name == r or name.startswith(f"{r}.") or r == "" for r, _ in found):
+            found.append(uncompiled(name, module))
+    return found or [uncompiled("", model)]
 
 
 def _activation_names(model: nn.Module) -> list[str]:

@@ -17,6 +17,7 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lightning_prune.errors import NoTargetsError
@@ -29,6 +30,7 @@ __all__ = [
     "resolve_targets",
     "timm_default_exclusions",
     "timm_module_names",
+    "uncompiled",
 ]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -103,6 +105,18 @@ def timm_default_exclusions(root: nn.Module) -> set[str]:
     return timm_module_names(root, ("first_conv", "classifier"))
 
 
+def uncompiled(name: str, module: nn.Module) -> tuple[str, nn.Module]:
+    """``(name, torch.compile(net))`` -> ``(f"{name}._orig_mod", net)``; anything else unchanged.
+
+    Analyses that trace a network (``torch.fx``, torch-pruning) must see the eager modules of a network the
+    LightningModule compiled itself (``self.model = torch.compile(net)``); the hooks and masks they lead to
+    sit on those same modules, which the compiled code runs.
+    """
+    while isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        name, module = (f"{name}._orig_mod" if name else "_orig_mod"), module._orig_mod
+    return name, module
+
+
 def _has_submodule(module: nn.Module, name: str) -> bool:
     try:
         module.get_submodule(name)
@@ -132,7 +146,8 @@ def resolve_targets(
 
     Example::
 
-        >>> from torch import nn
+        >>> import torch
+from torch import nn
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3))
         >>> [t.name for t in resolve_targets(net, include=["*"])]   # the BatchNorm is not a Conv/Linear
         ['0.weight', '2.weight']

@@ -321,8 +321,10 @@ class L0Pruning(GatePruningCallback):
 
     @override
     def make_gate(self, group: ChannelGroup) -> HardConcreteGate:
-        # paper: log_alpha ~ N(log(1 - p) - log p, 1e-2); the init noise is seeded per group name
-        gen = torch.Generator().manual_seed(self._mix(self._resolved_seed(), *map(ord, group.name)))
+        # paper: log_alpha ~ N(log(1 - p) - log p, 1e-2); the init noise is seeded per group name (as in the
+        # uncompiled network, so that compiling it, `self.model = torch.compile(net)`, changes nothing)
+        name = group.name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
+        gen = torch.Generator().manual_seed(self._mix(self._resolved_seed(), *map(ord, name)))
         init = self.initial_log_alpha() + self.init_std * torch.randn(group.size, generator=gen)
         gate = HardConcreteGate(group.size, init, self._beta)
         gate.generator = self.generator

@@ -1,0 +1,319 @@
+"""Every callback (built-in and baselines) on a ``torch.compile``d network, on CPU.
+
+Two ways a user compiles: ``trainer.fit(torch.compile(module))`` (Lightning unwraps it and compiles
+``forward``/``training_step``) and a LightningModule that compiles its own network (``self.model =
+torch.compile(net)``). A compiled fit must be the eager fit: the same weights at the end, the same callback
+state, masks exact zeros after every optimizer step, gates acting inside the compiled graph, λ changing every
+step without a recompilation per step, offspring evaluated on their own weights, and an exact resume.
+
+Compiles on 2 CPU cores are slow, so the default suite runs every callback once with dynamo's ``eager``
+backend (dynamo's graph capture -- hooks, guards, recompilations, graph breaks -- without code generation),
+the callbacks whose code runs inside the graph (gates, λ, offspring) also with ``aot_eager`` (AOTAutograd's
+functionalised graph, what inductor compiles) and through ``torch.compile(module)``, and inductor on the two
+hot paths; the ``slow`` tests run every callback in both ways under ``aot_eager`` and ``inductor``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import lightning_prune as lp
+from lightning_prune.callbacks.evolution import EvolutionaryMutation
+from lightning_prune.callbacks.gating import GatePruningCallback
+from lightning_prune.models import ImageClassifier
+from lightning_prune.reparam import DecayingActivation
+from lightning_prune.testing import TINY_MODELS, assert_state_equal, fit_tiny
+from tests.helpers import Spy
+
+BACKEND = "aot_eager"
+STEPS = {"max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 0}
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def fast_callback(name: str):
+    """Each callback configured to act within the 6 steps of :data:`STEPS`."""
+    quiet = {"verbose": False}
+    if name == "magnitude":
+        return lp.GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=1, sparsity_end_step=2, **quiet)
+    if name == "lottery_ticket":
+        return lp.LotteryTicket(rounds=1, epochs_per_round=1, **quiet)
+    if name == "group_lasso":
+        return lp.GroupLassoPruning(lam=0.05, finalize_step=4, **quiet)
+    if name == "l0":
+        return lp.L0Pruning(lam=0.05, finalize_step=4, **quiet)
+    if name == "activation_decay":
+        return lp.ActivationDecay(begin_step=1, end_step=5, **quiet)
+    if name == "evolution":
+        return EvolutionaryMutation(population=3, every_n_steps=2, fitness_batches=1, **quiet)
+    if name == "distill":
+        return lp.create_callback("distill", **quiet)
+    return lp.create_callback(name)  # the baselines act at their first step by default
+
+
+NAMES = sorted(lp.list_callbacks())
+
+
+class SelfCompiled(ImageClassifier):
+    """A LightningModule that compiles its own network (``self.model = torch.compile(net)``)."""
+
+    def __init__(self, *args, backend: str = BACKEND, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.model = torch.compile(self.model, backend=backend)
+
+
+def tiny(mode: str, backend=BACKEND, model_name: str = "test_resnet", seed: int = 0):
+    """(what to pass to ``trainer.fit``, the LightningModule) for ``mode`` in eager/outer/inner."""
+    torch.manual_seed(seed)
+    kwargs = {"model_name": model_name, "num_classes": 10, "model_kwargs": TINY_MODELS.get(model_name, {}),
+              "optimizer": "sgd", "lr": 0.05, "scheduler": "none", "weight_decay": 0.0}
+    if mode == "inner":
+        module = SelfCompiled(backend=backend, **kwargs)
+        return module, module
+    module = ImageClassifier(**kwargs)
+    return (torch.compile(module, backend=backend) if mode == "outer" else module), module
+
+
+def plain_state(module) -> dict[str, torch.Tensor]:
+    """The module's weights under the names of an uncompiled module."""
+    return {k.replace("_orig_mod.", ""): v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def eager_output(module, x=X) -> torch.Tensor:
+    """The module's eval-mode output with every compiled function run eagerly (hooks and all)."""
+    was = module.training
+    module.eval()
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        out = module(x)
+    module.train(was)
+    return out
+
+
+def compiled_output(module, x=X) -> torch.Tensor:
+    was = module.training
+    module.eval()
+    with torch.no_grad():
+        out = module(x)
+    module.train(was)
+    return out
+
+
+class Invariants(Spy):
+    """After every optimizer step: masked weights are exact zeros, masks have their weight's layout, gates are
+    attached until finalisation, and the compiled network computes what the eager one computes."""
+
+    def __init__(self, callback) -> None:
+        super().__init__(self.check)
+        self.callback, self.steps, self.gates_seen, self.outputs_checked = callback, 0, 0, 0
+
+    def check(self, trainer, pl_module, hook) -> None:
+        cb = self.callback
+        self.steps += 1
+        masks = getattr(cb, "masks", None)
+        if isinstance(cb, lp.PruningCallback) and masks is not None:
+            for name, mask in masks.items():
+                param = masks.param(name)
+                assert mask.stride() == param.stride(), name
+                assert not param.detach()[~mask].any(), f"step {trainer.global_step}: {name} not zero"
+        if isinstance(cb, GatePruningCallback) and not cb.finalized:
+            assert cb.gateset is not None and cb.gateset.attached
+            self.gates_seen += 1
+        if isinstance(cb, (GatePruningCallback, lp.ActivationDecay)) or self.steps == 1:
+            torch.testing.assert_close(compiled_output(pl_module), eager_output(pl_module), rtol=1e-4,
+                                       atol=1e-5)
+            self.outputs_checked += 1
+
+
+def _fit(name: str, mode: str, root: Path, backend=BACKEND, **kwargs):
+    fit_model, module = tiny(mode, backend)
+    callback = fast_callback(name)
+    spy = Invariants(callback)
+    fit_tiny([callback, spy], root, model=fit_model, **{**STEPS, **kwargs})
+    return module, callback, spy
+
+
+_EAGER: dict[str, tuple[dict, dict]] = {}
+
+
+def _eager_reference(name: str, root: Path) -> tuple[dict, dict]:
+    if name not in _EAGER:
+        module, callback, _ = _fit(name, "eager", root)
+        _EAGER[name] = (plain_state(module), callback.state_dict())
+    return _EAGER[name]
+
+
+def _uncompiled_names(value):
+    """A callback state with the names of the uncompiled module (``model._orig_mod.x`` -> ``model.x``)."""
+    if isinstance(value, str):
+        return value.replace("_orig_mod.", "")
+    if isinstance(value, dict):
+        return {_uncompiled_names(k): _uncompiled_names(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_uncompiled_names(v) for v in value)
+    return value
+
+
+def _close_states(a, b, path="state") -> None:
+    """Callback states equal: booleans/integers/strings exactly, floating tensors and floats to 1e-4."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype, path
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=path)
+        else:
+            assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), path
+        for key in a:
+            _close_states(a[key], b[key], f"{path}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close_states(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and not isinstance(b, bool):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) or (math.isnan(a) and math.isnan(b)), path
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+IN_GRAPH = ["activation_decay", "evolution", "group_lasso", "l0"]
+CASES = (
+    [pytest.param(n, "inner", "eager", id=f"{n}-inner-eager") for n in NAMES]
+    + [pytest.param(n, "outer", BACKEND, id=f"{n}-outer-{BACKEND}") for n in IN_GRAPH]
+    + [pytest.param(n, "inner", BACKEND, id=f"{n}-inner-{BACKEND}", marks=pytest.mark.slow) for n in NAMES]
+    + [pytest.param(n, "outer", BACKEND, id=f"{n}-outer-{BACKEND}", marks=pytest.mark.slow)
+       for n in NAMES if n not in IN_GRAPH]
+)
+
+
+@pytest.mark.parametrize(("name", "mode", "backend"), CASES)
+def test_compiled_fit_equals_the_eager_fit(name, mode, backend, tmp_path):
+    torch._dynamo.reset()
+    weights, state = _eager_reference(name, tmp_path / "eager")
+    module, callback, spy = _fit(name, mode, tmp_path / mode, backend=backend)
+    assert spy.steps == 6 and spy.outputs_checked >= 1
+    if isinstance(callback, GatePruningCallback):
+        assert spy.gates_seen >= 3 and callback.finalized
+    got = plain_state(module)
+    assert set(got) == set(weights)
+    for key, value in weights.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    _close_states(_uncompiled_names(callback.state_dict()), state)
+    if isinstance(callback, lp.PruningCallback) and not isinstance(callback, GatePruningCallback):
+        assert callback.masks.sparsity() > 0, "the callback never pruned"
+
+
+def test_lambda_changes_every_step_without_recompiling(tmp_path):
+    """λ is a tensor the compiled graph reads: the frame count stays put while λ ramps through (0, 1); a
+    Python float would recompile at every step until dynamo's cache limit (8) sent the model back to eager."""
+    counter = CompileCounterWithBackend(BACKEND)
+    torch._dynamo.reset()
+    fit_model, module = tiny("outer", backend=counter)
+    decay = lp.ActivationDecay(begin_step=0, end_step=6, verbose=False)
+    seen: list[tuple[float, int]] = []
+
+    def record(trainer, pl_module, hook):
+        seen.append((decay.lam, counter.frame_count))
+        wrappers = [m for m in pl_module.modules() if isinstance(m, DecayingActivation)]
+        assert wrappers and {m.lam for m in wrappers} == {decay.lam}
+
+    fit_tiny([decay, Spy(record, hooks=("on_train_batch_end",))], tmp_path, model=fit_model,
+             max_epochs=1, limit_train_batches=7, limit_val_batches=0)
+    ramp = [(lam, frames) for lam, frames in seen if 0.0 < lam < 1.0]
+    lams = [lam for lam, _ in ramp]
+    assert len(ramp) == 5 and lams == sorted(set(lams)), seen  # a new λ at every step
+    assert ramp[-1][1] == ramp[0][1], f"recompiled while λ ramped: {seen}"
+    assert counter.frame_count <= 8, seen
+
+
+class CheckedEvolution(EvolutionaryMutation):
+    """Evaluates every offspring twice: as the compiled model runs it, and eagerly on the same weights."""
+
+    pairs: list[tuple[float, float]]
+
+    def evaluate(self, trainer, pl_module, batches):
+        compiled = super().evaluate(trainer, pl_module, batches)
+        with torch.compiler.set_stance("force_eager"):
+            eager = super().evaluate(trainer, pl_module, batches)
+        self.pairs = [*getattr(self, "pairs", []), (compiled, eager)]
+        return compiled
+
+
+@pytest.mark.parametrize("mode", ["inner", pytest.param("outer", marks=pytest.mark.slow)])
+def test_offspring_are_evaluated_on_their_own_weights(mode, tmp_path):
+    fit_model, module = tiny(mode)
+    evo = CheckedEvolution(population=4, every_n_steps=2, fitness_batches=1, sigma=0.05, verbose=False)
+    fit_tiny([evo], tmp_path, model=fit_model, max_epochs=1, limit_train_batches=4, limit_val_batches=1)
+    assert evo.generation == 2
+    # per generation: the parent, 4 offspring (select) -> 10 evaluations
+    assert len(evo.pairs) == 10
+    fitness = [c for c, _ in evo.pairs]
+    assert len(set(fitness)) > 2, "the offspring all scored alike: the compiled model did not see them"
+    for compiled, eager in evo.pairs:
+        assert math.isclose(compiled, eager, rel_tol=1e-5, abs_tol=1e-6), evo.pairs
+
+
+RESUME = ["magnitude", "activation_decay"]
+
+
+def _resume_check(name: str, mode: str, root: Path, backend=BACKEND) -> None:
+    saver = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    fit_model, full = tiny(mode, backend)
+    callback = fast_callback(name)
+    fit_tiny([callback, saver], root / "full", model=fit_model, **STEPS)
+    fit_model, resumed = tiny(mode, backend, seed=1)  # different initial weights: the checkpoint must win
+    resumed_cb = fast_callback(name)
+    fit_tiny([resumed_cb], root / "resumed", model=fit_model, ckpt_path=root / "ckpt" / "epoch=0.ckpt",
+             **STEPS)
+    a, b = plain_state(full), plain_state(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{name}/{mode}: resumed run differs at {key}"
+    state, resumed_state = callback.state_dict(), resumed_cb.state_dict()
+    state.pop("config", None), resumed_state.pop("config", None)
+    assert_state_equal(state, resumed_state)
+
+
+@pytest.mark.parametrize("name", RESUME)
+def test_compiled_resume_is_exact(name, tmp_path):
+    _resume_check(name, "inner", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["outer", "inner"])
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_resume_is_exact_every_callback(name, mode, tmp_path):
+    _resume_check(name, mode, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["magnitude", "activation_decay", "group_lasso", "l0", "evolution"])
+def test_inductor_fit_equals_the_eager_fit(name, tmp_path):
+    """The real CPU compiler (code generation included): the same invariants, weights to 1e-4."""
+    torch._dynamo.reset()
+    weights, state = _eager_reference(name, tmp_path / "eager")
+    module, callback, spy = _fit(name, "inner", tmp_path / "inductor", backend="inductor")
+    assert spy.steps == 6
+    got = plain_state(module)
+    for key, value in weights.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_inductor_masks_and_lambda(tmp_path):
+    """Inductor on the two hot paths: magnitude masks stay exact zeros at every step and λ ramps without a
+    recompilation per step."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    fit_model, module = tiny("inner", backend=counter)
+    magnitude = lp.GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=1, sparsity_end_step=1,
+                                           verbose=False)
+    decay = lp.ActivationDecay(begin_step=0, end_step=7, verbose=False)
+    spy = Invariants(magnitude)
+    frames: list[int] = []
+    fit_tiny([magnitude, decay, spy, Spy(lambda t, m, h: frames.append(counter.frame_count))], tmp_path,
+             model=fit_model, max_epochs=1, limit_train_batches=6, limit_val_batches=0)
+    assert spy.steps == 6 and magnitude.masks.sparsity() == pytest.approx(0.5, abs=0.01)
+    assert frames[1] == frames[-1], frames  # steps 1..5: λ in (0, 1), no new frame
