@@ -10,6 +10,7 @@ Usage::
     python benchmarks/first_hour.py list     # `lightning-prune list` / `--help` latency, 7 runs each
     python benchmarks/first_hour.py demo     # `make demo` after set-up: time and test accuracy
     python benchmarks/first_hour.py setup    # `make setup` in a fresh clone: time, size of .venv
+    python benchmarks/first_hour.py venv     # the size of this checkout's .venv (what setup installed)
     python benchmarks/first_hour.py test --tests 655 --seconds 243 --source "a fresh clone"
                                              # record a `make test` run measured elsewhere
 """
@@ -112,6 +113,14 @@ def part_setup(python: str) -> dict[str, Any]:
         shutil.rmtree(clone, ignore_errors=True)
 
 
+def part_venv() -> dict[str, Any]:
+    venv = ROOT / ".venv"
+    torch_build = subprocess.run([str(venv / "bin" / "python"), "-c",
+                                  "import torch; print(torch.__version__)"],
+                                 capture_output=True, text=True, check=False).stdout.strip()
+    return {"path": ".venv", "venv_bytes": _du(venv), "torch": torch_build}
+
+
 def markdown(results: dict[str, Any]) -> str:
     from readme_tables import render_first_hour  # the one renderer of this table (also the README's)
 
@@ -122,7 +131,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["list", "demo", "setup", "test"])
+    parser.add_argument("part", choices=["list", "demo", "setup", "venv", "test"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--recipe", default="recipes/digits/magnitude.yaml")
     parser.add_argument("--python", default="python3", help="the interpreter `make setup` builds .venv from")
@@ -132,7 +141,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     path = RESULTS.with_suffix(".json")
-    results = json.loads(path.read_text()) if path.exists() else {}
     machine = _machine()  # the load before the part runs
     if args.part == "list":
         entry = part_list(args.repeats)
@@ -140,12 +148,15 @@ def main(argv: list[str] | None = None) -> None:
         entry = part_demo(args.recipe)
     elif args.part == "setup":
         entry = part_setup(args.python)
+    elif args.part == "venv":
+        entry = part_venv()
     else:
         if args.tests is None or args.seconds is None:
             parser.error("test needs --tests and --seconds")
         entry = {"command": "make test", "tests": args.tests, "wall_s": args.seconds, "source": args.source}
     entry["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     entry["machine"] = machine
+    results = json.loads(path.read_text()) if path.exists() else {}  # read now: parts may run side by side
     results[args.part] = entry
     path.write_text(json.dumps(results, indent=2) + "\n")
     RESULTS.with_suffix(".md").write_text(markdown(results))

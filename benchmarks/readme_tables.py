@@ -246,6 +246,10 @@ def render_first_hour(data: dict[str, Any]) -> str:
         rows.append(["first set-up", "`make setup` (in a fresh clone)", _seconds(s["wall_s"]),
                      _seconds(s["cpu_s"]), f"`.venv` {s['venv_bytes'] / 1e9:.1f} GB (torch {s['torch']})",
                      when(s)])
+    if "venv" in data and "setup" not in data:
+        v = data["venv"]
+        rows.append(["disk of the set-up", "`du -s .venv` after `make setup`", "", "",
+                     f"`.venv` {v['venv_bytes'] / 1e9:.1f} GB (torch {v['torch']})", when(v)])
     if "demo" in data:
         d = data["demo"]
         rows.append(["the demo", "`make demo` after set-up", _seconds(d["wall_s"]), _seconds(d["cpu_s"]),

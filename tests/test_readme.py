@@ -79,7 +79,7 @@ def test_the_readme_s_result_tables_are_those_the_result_files_render():
     blocks = tables.blocks(text)
     refs = [m["ref"] for m in blocks]
     for name in ("recipes", "timm_coverage", "channels", "shrink_while_training", "deploy", "lottery",
-                 "reparam", "evolution.full", "overhead", "first_hour"):
+                 "reparam", "evolution.full", "overhead", "distill", "first_hour"):
         assert any(ref.startswith(f"benchmarks/results/{name}.md") for ref in refs), f"no table for {name}"
     try:
         import lightning_prune_baselines  # noqa: F401  (the list block shows the bundled plugin)
