@@ -255,9 +255,13 @@ class EvolutionaryMutation(Callback):
         unit, n = self._period
         per_epoch = steps_per_epoch(trainer) if unit == "epochs" else 1
         name = "every_n_epochs" if unit == "epochs" else "every_n_steps"
+        fraction_of_epochs = unit == "epochs" and isinstance(self.every_n_epochs, float)
         warn_if_after_training("EvolutionaryMutation", trainer, name, getattr(self, name),
                                None if per_epoch is None else n * per_epoch - 1,
-                               "the first generation would come after it, so this is plain SGD")
+                               "the first generation would come after it, so this is plain SGD",
+                               "a fraction in `every_n_epochs` counts trainer.max_epochs, and this fit stops"
+                               " sooner (max_steps): give `every_n_steps` as a fraction (of the fit's steps),"
+                               " or train longer." if fraction_of_epochs else None)
         if self.fitness_dataloader is None and self._val_source(trainer) is None:
             raise MisconfigurationException(
                 "EvolutionaryMutation has no fitness data: the model and datamodule define no"
