@@ -257,7 +257,7 @@ def render_first_hour(data: dict[str, Any]) -> str:
     if "test" in data:
         t = data["test"]
         rows.append(["the suite", "`make test`", _seconds(t["wall_s"]), "", f"{t['tests']} tests pass",
-                     f"{t.get('measured', '?')}{', ' + t['source'] if t.get('source') else ''}"])
+                     t.get("source") or t.get("measured", "?")])
     if "list" in data:
         lst = data["list"]
         for key, label in (("list", "`lightning-prune list`"), ("help", "`lightning-prune --help`"),
