@@ -100,6 +100,10 @@ class ActivationDecay(Callback):
     Positions follow the unit rule: ``*_step`` in optimizer steps, ``*_epoch`` in epochs, either as a float in
     [0, 1] a fraction of the whole training; give at most one of each pair.
 
+    ``torch.compile``: λ is a tensor the compiled graph reads (filled in place every step), so a compiled
+    model compiles at most three times over the whole schedule (λ = 0, 0 < λ < 1, λ = 1), not once per step;
+    no graph break.
+
     Args:
         begin_step: where λ starts rising (default 0).
         begin_epoch: the same in epochs.

@@ -150,6 +150,13 @@ class L0Pruning(GatePruningCallback):
     Each option says where it comes from: "paper" is Louizos et al. 2018 and its code, "Habr" is the Habr
     channel-pruning article.
 
+    ``torch.compile``: the hard-concrete noise comes from the callback's own ``torch.Generator`` (so that runs
+    are reproducible and resume exactly), and dynamo cannot put a generator into a graph, so a compiled
+    network breaks its graph at every group's sample while the gates are open (test_resnet, 11 groups: 22
+    graphs instead of 2). Measured with ``aot_eager`` on test_resnet, batch 32, one CPU thread (thread CPU
+    time, median of 18 steps): 71 ms per compiled step against 52 ms eager and 42 ms for compiled group-LASSO
+    gates. After finalisation the gates are folded and detached, and the graph is whole again.
+
     Args:
         lam: weight of the penalty ``lam * sum_j P(z_j > 0)`` (the expected number of open channels). The
             paper weighs each gate by its group's parameter count and divides by the training-set size N
