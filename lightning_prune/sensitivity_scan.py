@@ -10,8 +10,9 @@ Filters for Efficient ConvNets", ICLR 2017, arXiv:1608.08710 (the same scan over
 :func:`lightning_prune.graph.analyse_channels` with the smallest L2 norm, or the first ones; every tensor they
 touch masked by :func:`lightning_prune.gates.unit_masks`) pruned at a time; the rest of the model stays dense.
 :func:`layer_targets_from_sensitivity` turns the table into per-layer sparsities that meet a global target --
-the ``layer_targets`` of :class:`~lightning_prune.GradualMagnitudePruning`, or a ratio per channel group
-(:func:`channel_removal` makes that a plan for :func:`lightning_prune.compress`).
+the ``layer_targets`` of :class:`~lightning_prune.GradualMagnitudePruning`, or a ratio per channel group (the
+``group_targets`` of :class:`~lightning_prune.GroupLassoPruning` and :class:`~lightning_prune.L0Pruning`;
+:func:`channel_removal` makes it a plan for :func:`lightning_prune.compress`).
 
 Example::
 
@@ -53,6 +54,7 @@ from lightning_prune.validation import (
     check_bool,
     check_choice,
     check_fraction,
+    check_group_names,
     check_input_size,
     check_int,
     check_nonnegative,
@@ -451,7 +453,9 @@ def layer_targets_from_sensitivity(
 
     The result is the ``layer_targets`` of :class:`~lightning_prune.GradualMagnitudePruning` (module name ->
     sparsity; the most specific names first, since its patterns also match dotted suffixes), or, for a
-    ``"channels"`` table, the fraction of units to prune in each channel group (:func:`channel_removal`).
+    ``"channels"`` table, the fraction of units to prune in each channel group: the ``group_targets`` of
+    :class:`~lightning_prune.GroupLassoPruning` / :class:`~lightning_prune.L0Pruning`, or a plan for
+    :func:`lightning_prune.compress` (:func:`channel_removal`).
 
     Args:
         table: what :func:`sensitivity` returned (or its :meth:`~SensitivityTable.to_dict`).
@@ -542,11 +546,7 @@ def channel_removal(
     prefix, root = traced_root(model)
     example = example_inputs if example_inputs is not None else example_inputs_for(root, input_size)
     groups = analyse_channels(root, example, prefix=prefix).groups
-    known = {g.name for g in groups}
-    unknown = sorted(set(ratios) - known)
-    if unknown:
-        raise error(f"`ratios` names groups {unknown[:4]} that {type(model).__name__} does not have; it has"
-                    f" {sorted(known)[:6]}... HINT: scan the same model with method='channels'.")
+    check_group_names("ratios", ratios, {g.name for g in groups}, type(model).__name__, error=error)
     removed = {}
     for group in groups:
         if group.name in ratios:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -35,6 +35,8 @@ __all__ = [
     "check_choice",
     "check_exclusive",
     "check_fraction",
+    "check_fraction_map",
+    "check_group_names",
     "check_input_size",
     "check_int",
     "check_nonnegative",
@@ -90,6 +92,42 @@ def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0, h
                    hint: str = "", error: ErrorType = _DEFAULT) -> float:
     """A number in ``[low, high)`` (``[low, high]`` with ``high_inclusive``)."""
     return check_number(name, value, low, high, True, high_inclusive, hint, error)
+
+
+def check_fraction_map(name: str, value: Any, hint: str = "",
+                       error: ErrorType = _DEFAULT) -> dict[str, float] | None:
+    """``None`` or a mapping ``{name: fraction in [0, 1)}`` (a value's error names ``name['key']``).
+
+    Example::
+
+        >>> check_fraction_map("group_targets", {"model.layer1.0.conv1": 0.5})
+        {'model.layer1.0.conv1': 0.5}
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k for k in value):
+        raise _fail(name, "None or a mapping {group name: fraction in [0, 1)}", value, hint, error)
+    return {k: check_fraction(f"{name}[{k!r}]", v, hint=hint, error=error) for k, v in value.items()}
+
+
+def check_group_names(name: str, ratios: Mapping[str, float], known: Iterable[str], owner: str,
+                      prefix: str = "", hint: str = "", error: ErrorType = _DEFAULT) -> dict[str, float]:
+    """``ratios`` keyed by channel-group names of ``owner`` (``known``); a name may leave out the module path
+    ``prefix`` (the scan of the model a LightningModule holds names ``layer1.0.conv1``, the LightningModule's
+    ``model.layer1.0.conv1``: ``prefix="model"``). Raises naming the unknown names and a few known ones."""
+    known = set(known)
+    out, unknown = {}, []
+    for key, value in ratios.items():
+        full = key if key in known or not prefix else f"{prefix}.{key}"
+        if full in known:
+            out[full] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise error(f"`{name}` names groups {sorted(unknown)[:4]} that {owner} does not have; it has"
+                    f" {sorted(known)[:6]}... HINT: scan the same model with method='channels'."
+                    + (f" {hint}" if hint else ""))
+    return out
 
 
 def check_positive(name: str, value: Any, hint: str = "", error: ErrorType = _DEFAULT) -> float:

@@ -10,7 +10,8 @@ every layer that reads the group's units (the model's ``state_dict`` keeps its k
 the gates' gradients, adds the regulariser's gradient (:meth:`~GatePruningCallback.gate_penalty_grad_`), and
 steps the gates' own optimizer (optionally in alternation with the weights). At ``finalize_step`` (or
 ``finalize_epoch``) the surviving units -- those of :meth:`~GatePruningCallback.final_keep`, or, with
-``target_flops``/``target_params``, the largest gates that fit the budget, widths rounded to ``round_to`` --
+``target_flops``/``target_params``, the largest gates that fit the budget, or, in the groups of
+``group_targets``, the largest gates of each, widths rounded to ``round_to`` --
 are folded into the weights, the others become masks of the base
 :class:`~lightning_prune.callbacks.base.PruningCallback` (and LayerNorm statistics skip them), the hooks go,
 and fine-tuning continues; with ``compress=True`` they are removed physically inside the fit -- right after
@@ -35,6 +36,7 @@ from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.compression import round_kept
+from lightning_prune.functional.magnitude import kept_count
 from lightning_prune.gates import Gate, GateSet, unit_masks
 from lightning_prune.graph import (
     ChannelGroup,
@@ -60,6 +62,8 @@ from lightning_prune.validation import (
     check_choice,
     check_exclusive,
     check_fraction,
+    check_fraction_map,
+    check_group_names,
     check_input_size,
     check_int,
     check_optional,
@@ -95,6 +99,13 @@ class GatePruningCallback(PruningCallback):
             ``count_ops_and_params`` on the traced example input), in (0, 1].
         target_params: the same for the number of parameters (exclusive with ``target_flops``).
         round_to: kept channel widths are multiples of it (heads and conv groups stay whole); 1 = no rounding.
+        group_targets: ``{group name: fraction}``: at finalisation each named channel group loses that
+            fraction of its units (``size - max(round(size * (1 - fraction)), 1)``), those with the smallest
+            :meth:`gate_scores`, its kept width then rounded up to ``round_to``; the other groups follow the
+            usual rule. What :func:`lightning_prune.layer_targets_from_sensitivity` returns for a
+            ``method="channels"`` table (of the same model; names may leave out the LightningModule's
+            attribute, e.g. ``layer1.0.conv1`` for ``model.layer1.0.conv1``). Exclusive with
+            ``target_flops``/``target_params``.
         finalize_step: when the gates are finalised: an optimizer step, or a fraction of training (float in
             [0, 1]; ``1.0`` = at the end). Default (neither this nor ``finalize_epoch``): 0.75.
         finalize_epoch: the same as an epoch (finalised at that epoch's start) or a fraction of training.
@@ -131,6 +142,7 @@ class GatePruningCallback(PruningCallback):
         types: list[str | type] | None = None,
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
+        group_targets: dict[str, float] | None = None,
     ) -> None:
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
         self.gate_lr = check_positive("gate_lr", gate_lr)
@@ -147,6 +159,14 @@ class GatePruningCallback(PruningCallback):
             if value == 0.0:
                 raise MisconfigurationException(f"`{name}` must be a number in (0, 1], got 0.0."
                                                 f" HINT: {budget_hint}")
+        self.group_targets = check_fraction_map(
+            "group_targets", group_targets,
+            hint="the fraction of each named group's units to prune, e.g. lp.layer_targets_from_sensitivity("
+                 "table, 0.5) of a method='channels' scan.")
+        check_exclusive(group_targets=self.group_targets or None, target_flops=target_flops,
+                        target_params=target_params,
+                        hint="group_targets sets the width of the named groups; target_flops/target_params"
+                             " choose the widths that meet a budget: pass one.")
         self.round_to = check_int("round_to", round_to, 1,
                                   hint="8 keeps widths multiples of 8; 1 does not round.")
         hint = "finalize_step=0.75 prunes after 75% of the training steps and fine-tunes the rest."
@@ -172,6 +192,7 @@ class GatePruningCallback(PruningCallback):
         self.finalized = False
         self.finalize_at_step: int | None = None  # finalize_step/finalize_epoch resolved to a step
         self.keep: list[Tensor] | None = None  # per group, the kept units (after finalisation)
+        self._group_targets: dict[str, float] = {}  # group_targets by the groups' full names (at setup)
         self.weight_targets: list[Target] = []
         self._param_count: int | None = None
         self._cost: CostModel | None = None
@@ -250,7 +271,8 @@ class GatePruningCallback(PruningCallback):
         """Per group, channels that would survive finalisation now."""
         if self.gateset is None:
             return {}
-        return {g.name: int(k.sum()) for g, k in zip(self.gateset.groups, self.final_keep())}
+        keep = self.targeted_keep([k.cpu() for k in self.final_keep()])
+        return {g.name: int(k.sum()) for g, k in zip(self.gateset.groups, keep)}
 
     # ------------------------------------------------------------------ step
     def _gate_phase(self, step: int) -> str:
@@ -372,6 +394,25 @@ class GatePruningCallback(PruningCallback):
         return [torch.tensor([u not in set(removed.get(g.name, ())) for u in range(g.size)])
                 for g in self.groups]
 
+    def targeted_keep(self, keep: list[Tensor]) -> list[Tensor]:
+        """``keep`` with each group of ``group_targets`` keeping ``max(round(size * (1 - fraction)), 1)``
+        units: those with the largest :meth:`gate_scores` (ties: the first units)."""
+        if not self._group_targets:
+            return keep
+        assert self.groups is not None
+        scores = self.gate_scores()
+        out = []
+        for group, kept, score in zip(self.groups, keep, scores):
+            fraction = self._group_targets.get(group.name)
+            if fraction is None:
+                out.append(kept)
+                continue
+            order = sorted(range(group.size), key=lambda u: (-float(score[u]), u))
+            chosen = torch.zeros(group.size, dtype=torch.bool)
+            chosen[order[:kept_count(group.size, fraction)]] = True
+            out.append(chosen)
+        return out
+
     def _rounded(self, keep: list[Tensor]) -> list[Tensor]:
         """``keep`` with each channel group's kept width rounded up to ``round_to`` (largest gates first)."""
         assert self.groups is not None
@@ -394,7 +435,7 @@ class GatePruningCallback(PruningCallback):
         if self.target_flops is not None or self.target_params is not None:
             keep = self.budget_keep()
         else:
-            keep = self._rounded([k.cpu() for k in self.final_keep()])
+            keep = self._rounded(self.targeted_keep([k.cpu() for k in self.final_keep()]))
         scales = [g.deterministic() * k.to(g.frozen.device) for g, k in zip(self.gateset.gates, keep)]
         self.gateset.detach()
         self.gateset.fold_(pl_module, scales)
@@ -489,6 +530,10 @@ class GatePruningCallback(PruningCallback):
         targets = super().select_targets(pl_module)
         self.weight_targets = list(targets)
         self.groups = self.find_groups(pl_module)
+        self._group_targets = check_group_names(
+            "group_targets", self.group_targets or {}, [g.name for g in self.groups],
+            f"{type(self).__name__} (on {type(pl_module).__name__})", prefix=self._traced_prefix,
+            hint="The callback has only the groups its include/exclude/prune_coupled select.")
         names = {t.name for t in targets}
         params = dict(pl_module.named_parameters())
         everything = [torch.zeros(g.size, dtype=torch.bool) for g in self.groups]  # what every unit touches

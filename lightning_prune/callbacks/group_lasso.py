@@ -68,6 +68,10 @@ class GroupLassoPruning(GatePruningCallback):
             reader (default); ``False`` leaves them alone.
         target_flops, target_params, round_to: ask for the size instead of tuning ``lam`` (see
             :class:`~lightning_prune.callbacks.gating.GatePruningCallback`).
+        group_targets: ``{group name: fraction}``: the named channel groups lose that fraction of their units
+            (the smallest gates) at finalisation, the others follow ``prune_threshold``; what
+            :func:`lightning_prune.layer_targets_from_sensitivity` makes of a ``method="channels"`` scan (see
+            :class:`~lightning_prune.callbacks.gating.GatePruningCallback`).
         capture_threshold: a gate with ``|g|`` below it, or whose sign flipped in a step (it crossed zero), is
             set to zero and frozen (``0`` = never).
         prune_threshold: at finalisation, gates with ``|g|`` below it prune their channel.
@@ -108,6 +112,7 @@ class GroupLassoPruning(GatePruningCallback):
         prune_coupled: bool = True,
         target_flops: float | None = None,
         target_params: float | None = None,
+        group_targets: dict[str, float] | None = None,
         round_to: int = 8,
         capture_threshold: float = 1e-2,
         prune_threshold: float = 0.05,
@@ -128,7 +133,7 @@ class GroupLassoPruning(GatePruningCallback):
                          finalize_step, finalize_epoch,
                          alternate_every_n_steps, compress, compress_step, compress_epoch, input_size,
                          include, exclude, types,
-                         log_media_every_n_epochs, verbose)
+                         log_media_every_n_epochs, verbose, group_targets=group_targets)
         self.lam = check_nonnegative("lam", lam, "lam weighs the L1 penalty on the gates; 0 disables it.")
         self.weight_l1 = check_nonnegative("weight_l1", weight_l1)
         self.weight_l2 = check_nonnegative("weight_l2", weight_l2)

@@ -187,7 +187,7 @@ class L0Pruning(GatePruningCallback):
         gate_optimizer: ``"adam"`` (paper) or ``"sgd"`` (momentum 0.9).
         seed: seed of the gates' noise and initialisation (default: ``torch.initial_seed()``, i.e. what
             ``seed_everything`` set; rank 0's is used on every rank).
-        prune_coupled, target_flops, target_params, round_to, finalize_step, finalize_epoch,
+        prune_coupled, target_flops, target_params, group_targets, round_to, finalize_step, finalize_epoch,
             alternate_every_n_steps, compress, compress_step, compress_epoch, input_size, include, exclude,
             types, log_media_every_n_epochs,
             verbose: as in :class:`~lightning_prune.GroupLassoPruning`.
@@ -220,6 +220,7 @@ class L0Pruning(GatePruningCallback):
         prune_coupled: bool = True,
         target_flops: float | None = None,
         target_params: float | None = None,
+        group_targets: dict[str, float] | None = None,
         round_to: int = 8,
         finalize_step: int | float | None = None,
         finalize_epoch: int | float | None = None,
@@ -238,7 +239,7 @@ class L0Pruning(GatePruningCallback):
                          finalize_step, finalize_epoch,
                          alternate_every_n_steps, compress, compress_step, compress_epoch, input_size,
                          include, exclude, types,
-                         log_media_every_n_epochs, verbose)
+                         log_media_every_n_epochs, verbose, group_targets=group_targets)
         self.lam = check_nonnegative("lam", lam,
                                      "lam weighs the expected number of open channels; 0 disables it.")
         if penalty not in ("expected_l0", "hard"):

@@ -45,6 +45,8 @@ from lightning_prune.targets import Target
 from lightning_prune.validation import (
     as_misconfiguration,
     check_fraction,
+    check_fraction_map,
+    check_group_names,
     check_input_size,
     check_int,
     check_optional,
@@ -110,6 +112,8 @@ class BaselinePruning(PruningCallback):
         self.last_update = -1  # global step of the last mask update; -1 = never
         self.current_sparsity = 0.0
         self.unit_keep: list[Tensor] | None = None  # per group, the kept units (channel_wise)
+        self.group_targets: dict[str, float] | None = None  # set by the channel baselines that take it
+        self._group_targets: dict[str, float] = {}  # group_targets by the groups' full names (at setup)
 
     # ------------------------------------------------------------------ subclass interface
     def due(self, trainer: pl.Trainer) -> float | None:
@@ -120,6 +124,19 @@ class BaselinePruning(PruningCallback):
         """New masks at ``sparsity`` (channel-wise baselines set :attr:`unit_keep` and return
         :meth:`unit_keep_masks`)."""
         raise NotImplementedError
+
+    def set_group_targets(self, group_targets: Any) -> None:
+        """Validate ``group_targets`` (``{group name: fraction of its units to drop}``; checked against the
+        model's groups at ``setup``)."""
+        self.group_targets = check_fraction_map(
+            "group_targets", group_targets,
+            hint="the fraction of each named group's units to drop, e.g. lp.layer_targets_from_sensitivity("
+                 "table, 0.5) of a method='channels' scan.")
+
+    def group_sparsity(self, group: ChannelGroup, sparsity: float) -> float:
+        """The fraction of ``group``'s units to drop when the others drop ``sparsity``: its
+        ``group_targets`` entry, else ``sparsity``."""
+        return self._group_targets.get(group.name, sparsity)
 
     def decided(self, trainer: pl.Trainer) -> bool:
         """Whether the masks are final (the units to remove are known): by default, once the masks reached
@@ -144,6 +161,10 @@ class BaselinePruning(PruningCallback):
             raise MisconfigurationException(
                 f"{type(self).__name__} found no removable channel group in {type(pl_module).__name__}."
                 " HINT: check `include`/`exclude`, or use a weight-level baseline (random_unstructured).")
+        self._group_targets = check_group_names(
+            "group_targets", self.group_targets or {}, [g.name for g in self.groups],
+            f"{type(self).__name__} (on {type(pl_module).__name__})", prefix=traced_root(pl_module)[0],
+            hint="The callback has only the groups its include/exclude select.")
         known = {t.name for t in targets}
         params = dict(pl_module.named_parameters())
         everything = [torch.zeros(g.size, dtype=torch.bool) for g in self.groups]

@@ -46,6 +46,9 @@ class FirstKChannels(BaselinePruning):
             :class:`~lightning_prune.PruningCallback`.
         input_size, compress, compress_step, compress_epoch: see
             :class:`~lightning_prune_baselines._base.BaselinePruning`.
+        group_targets: ``{group name: fraction}``: the named channel groups drop that fraction of their
+            units (the first ones) instead of ``target_sparsity``, e.g. what
+            :func:`lightning_prune.layer_targets_from_sensitivity` makes of a ``method="channels"`` scan.
 
     Example::
 
@@ -68,6 +71,7 @@ class FirstKChannels(BaselinePruning):
         compress: bool = False,
         compress_step: int | float | None = None,
         compress_epoch: int | float | None = None,
+        group_targets: dict[str, float] | None = None,
     ) -> None:
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose, input_size,
                          compress=compress, compress_step=compress_step, compress_epoch=compress_epoch)
@@ -79,6 +83,7 @@ class FirstKChannels(BaselinePruning):
         check_exclusive(prune_step=prune_step, prune_epoch=prune_epoch, hint=hint)
         self.prune_step = check_position("prune_step", prune_step, allow_none=True, hint=hint)
         self.prune_epoch = check_position("prune_epoch", prune_epoch, allow_none=True, hint=hint)
+        self.set_group_targets(group_targets)
         self._prune_at_step: int | None = None
 
     @override
@@ -118,4 +123,5 @@ class FirstKChannels(BaselinePruning):
     @override
     def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
         assert self.groups is not None
-        return self.unit_keep_masks([first_k_keep(g.size, sparsity) for g in self.groups])
+        return self.unit_keep_masks([first_k_keep(g.size, self.group_sparsity(g, sparsity))
+                                     for g in self.groups])

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.graph import ChannelGroup
 from lightning_prune.shrink import ShrinkSchedule
 from lightning_prune.validation import check_input_size
 from lightning_prune_baselines._base import ScheduledBaselinePruning
@@ -42,6 +43,10 @@ class RandomChannels(ScheduledBaselinePruning):
         input_size, compress, compress_step, compress_epoch: see
             :class:`~lightning_prune_baselines._base.BaselinePruning` (the units are decided once the schedule
             reached ``target_sparsity``, or at ``end_step``).
+        group_targets: ``{group name: fraction}``: the named channel groups end at that fraction of their
+            units dropped instead of ``target_sparsity``, on the same schedule (at scheduled sparsity ``s`` a
+            named group drops ``fraction * s / target_sparsity``); e.g. what
+            :func:`lightning_prune.layer_targets_from_sensitivity` makes of a ``method="channels"`` scan.
 
     Example::
 
@@ -72,18 +77,29 @@ class RandomChannels(ScheduledBaselinePruning):
         compress: bool = False,
         compress_step: int | float | None = None,
         compress_epoch: int | float | None = None,
+        group_targets: dict[str, float] | None = None,
     ) -> None:
         super().__init__(target_sparsity, initial_sparsity, begin_step, end_step, every_n_steps,
                          sparsity_begin_step, sparsity_end_step, exponent, seed, include, exclude, types,
                          log_media_every_n_epochs, verbose)
         self.input_size = check_input_size("input_size", input_size)
         self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
+        self.set_group_targets(group_targets)
+
+    @override
+    def group_sparsity(self, group: ChannelGroup, sparsity: float) -> float:
+        """A named group follows the schedule scaled to end at its ``group_targets`` fraction."""
+        fraction = self._group_targets.get(group.name)
+        if fraction is None:
+            return sparsity
+        return fraction * (sparsity / self.target_sparsity if self.target_sparsity > 0 else 1.0)
 
     @override
     def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
         assert self.groups is not None
         generator = self.generator()
         previous = self.unit_keep or [torch.ones(g.size, dtype=torch.bool) for g in self.groups]
-        keep = [nested_random_keep(k, sparsity, generator) for k in previous]
+        keep = [nested_random_keep(k, self.group_sparsity(g, sparsity), generator)
+                for g, k in zip(self.groups, previous)]
         self.save_generator(generator)
         return self.unit_keep_masks(keep)
