@@ -18,8 +18,9 @@ of the same precision and compile mode, peak GPU memory, and each check's outcom
 its own ``try``: a failure is a row of the table, not the end of the run. A time budget (default 280 s)
 skips the remaining rows (reported as skipped) so the whole check stays under 6 minutes on one GPU.
 Results also go to ``benchmarks/results/gpu_check.{json,md}``. Then (``--no-semi-structured`` skips it,
-about a minute) ``benchmarks/semi_structured_gpu.py``: a ViT's Linear layers pruned 2:4 and made semi-structured
-against dense, forward and step times, into ``benchmarks/results/semi_structured_gpu.{json,md}``.
+about a minute) ``benchmarks/semi_structured_gpu.py``: a ViT's Linear layers pruned 2:4 and made
+semi-structured against dense, forward and step times, into
+``benchmarks/results/semi_structured_gpu.{json,md}``.
 Exit status: 0 when every row passed (or without CUDA), else 1.
 
     python benchmarks/gpu_check.py               # everything
