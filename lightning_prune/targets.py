@@ -147,7 +147,7 @@ def resolve_targets(
     Example::
 
         >>> import torch
-from torch import nn
+        >>> from torch import nn
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3))
         >>> [t.name for t in resolve_targets(net, include=["*"])]   # the BatchNorm is not a Conv/Linear
         ['0.weight', '2.weight']
