@@ -46,6 +46,7 @@ __all__ = [
     "check_position",
     "check_positive",
     "check_types",
+    "check_window",
     "input_size_errors",
     "is_number",
 ]
@@ -238,6 +239,39 @@ def check_exclusive(error: ErrorType = _DEFAULT, hint: str = "", **values: Any) 
         shown = ", ".join(f"`{k}`={values[k]!r}" for k in given)
         raise error(f"Pass only one of {', '.join(f'`{k}`' for k in values)}; got {shown}."
                     + (f" HINT: {hint}" if hint else ""))
+
+
+def check_window(begin_step: Any, begin_epoch: Any, end_step: Any, end_epoch: Any, default_end: float,
+                 hint: str = "", order_hint: str = ""
+                 ) -> tuple[tuple[str, int | float], tuple[str, int | float]]:
+    """A window by the unit rule: one of ``begin_step``/``begin_epoch`` (default ``begin_step=0``) and one of
+    ``end_step``/``end_epoch`` (default ``end_step=default_end``), each a position (:func:`check_position`);
+    the end must not come before the begin when both are in the same unit and type (``1.0``, the end of
+    training, never does). Returns ``((begin name, value), (end name, value))``.
+
+    Example::
+
+        >>> check_window(None, 2, None, None, 0.75)
+        (('begin_epoch', 2), ('end_step', 0.75))
+    """
+    check_exclusive(begin_step=begin_step, begin_epoch=begin_epoch, hint=hint)
+    check_exclusive(end_step=end_step, end_epoch=end_epoch, hint=hint)
+    begin_step = check_position("begin_step", begin_step, allow_none=True, hint=hint)
+    begin_epoch = check_position("begin_epoch", begin_epoch, allow_none=True, hint=hint)
+    end_step = check_position("end_step", end_step, allow_none=True, hint=hint)
+    end_epoch = check_position("end_epoch", end_epoch, allow_none=True, hint=hint)
+    begin = ("begin_epoch", begin_epoch) if begin_epoch is not None else (
+        "begin_step", 0 if begin_step is None else begin_step)
+    end = ("end_epoch", end_epoch) if end_epoch is not None else (
+        "end_step", default_end if end_step is None else end_step)
+    (begin_name, begin_at), (end_name, end_at) = begin, end
+    at_the_end = isinstance(end_at, float) and end_at == 1.0
+    if (type(begin_at) is type(end_at) and begin_name[-5:] == end_name[-5:] and end_at < begin_at
+            and not at_the_end):
+        raise MisconfigurationException(
+            f"`{end_name}` ({end_at}) must not come before `{begin_name}` ({begin_at})."
+            f" HINT: {order_hint or hint}")
+    return begin, end
 
 
 def check_input_size(name: str, value: Any, error: ErrorType = _DEFAULT) -> tuple[int, ...] | None:

@@ -43,7 +43,7 @@ from lightning_prune.validation import (
     check_int,
     check_optional,
     check_patterns,
-    check_position,
+    check_window,
 )
 
 __all__ = ["ActivationDecay", "decay_lambda"]
@@ -150,23 +150,12 @@ class ActivationDecay(Callback):
     ) -> None:
         super().__init__()
         hint = "end_step=0.5 reaches λ = 1 halfway through training; end_epoch=100 at epoch 100."
-        check_exclusive(begin_step=begin_step, begin_epoch=begin_epoch, hint=hint)
-        check_exclusive(end_step=end_step, end_epoch=end_epoch, hint=hint)
         check_exclusive(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
                         hint="λ changes every step (ReduceNet) or every epoch (VanillaNet), not both.")
-        self.begin_step = check_position("begin_step", begin_step, allow_none=True, hint=hint)
-        self.begin_epoch = check_position("begin_epoch", begin_epoch, allow_none=True, hint=hint)
-        self.end_step = check_position("end_step", end_step, allow_none=True, hint=hint)
-        self.end_epoch = check_position("end_epoch", end_epoch, allow_none=True, hint=hint)
-        if self.begin_step is None and self.begin_epoch is None:
-            self.begin_step = 0
-        if self.end_step is None and self.end_epoch is None:
-            self.end_step = 0.75
-        begin, end = self._begin_end()
-        if type(begin[1]) is type(end[1]) and begin[0][-5:] == end[0][-5:] and end[1] < begin[1]:
-            raise MisconfigurationException(
-                f"`{end[0]}` ({end[1]}) must not come before `{begin[0]}` ({begin[1]})."
-                " HINT: λ rises from 0 at the begin position to 1 at the end position.")
+        self.begin_step = self.begin_epoch = self.end_step = self.end_epoch = None
+        for name, value in check_window(begin_step, begin_epoch, end_step, end_epoch, 0.75, hint,
+                                        "λ rises from 0 at the begin position to 1 at the end position."):
+            setattr(self, name, value)
         self.schedule = check_choice("schedule", schedule, ("linear", "cosine"))
         self.every_n_steps = check_optional(check_int, "every_n_steps", every_n_steps, 1)
         self.every_n_epochs = check_optional(check_int, "every_n_epochs", every_n_epochs, 1)

@@ -36,11 +36,10 @@ from lightning_prune.schedules import resolve_step, until_the_end
 from lightning_prune.targets import matches
 from lightning_prune.validation import (
     check_bool,
-    check_exclusive,
     check_nonnegative,
     check_patterns,
-    check_position,
     check_positive,
+    check_window,
 )
 
 __all__ = ["KnowledgeDistillation"]
@@ -216,21 +215,9 @@ class KnowledgeDistillation(Callback):
         self.temperature = check_positive("temperature", temperature,
                                           hint="T = 1 is the plain softmax; Hinton et al. use 1-20.")
         hint = "end_step=0.5 distils during the first half of training; end_epoch=3 up to epoch 3."
-        check_exclusive(begin_step=begin_step, begin_epoch=begin_epoch, hint=hint)
-        check_exclusive(end_step=end_step, end_epoch=end_epoch, hint=hint)
-        self.begin_step = check_position("begin_step", begin_step, allow_none=True, hint=hint)
-        self.begin_epoch = check_position("begin_epoch", begin_epoch, allow_none=True, hint=hint)
-        self.end_step = check_position("end_step", end_step, allow_none=True, hint=hint)
-        self.end_epoch = check_position("end_epoch", end_epoch, allow_none=True, hint=hint)
-        if self.begin_step is None and self.begin_epoch is None:
-            self.begin_step = 0
-        if self.end_step is None and self.end_epoch is None:
-            self.end_step = 1.0
-        (begin_name, begin), (end_name, end) = self._begin_end()
-        if (type(begin) is type(end) and begin_name[-5:] == end_name[-5:] and end < begin
-                and not until_the_end(end)):
-            raise MisconfigurationException(
-                f"`{end_name}` ({end}) must not come before `{begin_name}` ({begin}). HINT: {hint}")
+        self.begin_step = self.begin_epoch = self.end_step = self.end_epoch = None
+        for name, value in check_window(begin_step, begin_epoch, end_step, end_epoch, 1.0, hint):
+            setattr(self, name, value)
         if student is not None and not isinstance(student, str):
             raise MisconfigurationException(
                 f"`student` must be None or a module name (str), got {student!r}. HINT: 'model' is the timm"
