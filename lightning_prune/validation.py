@@ -47,6 +47,7 @@ __all__ = [
     "check_positive",
     "check_types",
     "check_window",
+    "window_positions",
     "input_size_errors",
     "is_number",
 ]
@@ -241,6 +242,15 @@ def check_exclusive(error: ErrorType = _DEFAULT, hint: str = "", **values: Any) 
                     + (f" HINT: {hint}" if hint else ""))
 
 
+def window_positions(begin_step: Any, begin_epoch: Any, end_step: Any, end_epoch: Any
+                     ) -> tuple[tuple[str, int | float], tuple[str, int | float]]:
+    """The begin and end of a window as ``(name, value)``: the ``*_epoch`` argument where it is set, else the
+    ``*_step`` one."""
+    begin = ("begin_epoch", begin_epoch) if begin_epoch is not None else ("begin_step", begin_step)
+    end = ("end_epoch", end_epoch) if end_epoch is not None else ("end_step", end_step)
+    return begin, end
+
+
 def check_window(begin_step: Any, begin_epoch: Any, end_step: Any, end_epoch: Any, default_end: float,
                  hint: str = "", order_hint: str = ""
                  ) -> tuple[tuple[str, int | float], tuple[str, int | float]]:
@@ -260,10 +270,8 @@ def check_window(begin_step: Any, begin_epoch: Any, end_step: Any, end_epoch: An
     begin_epoch = check_position("begin_epoch", begin_epoch, allow_none=True, hint=hint)
     end_step = check_position("end_step", end_step, allow_none=True, hint=hint)
     end_epoch = check_position("end_epoch", end_epoch, allow_none=True, hint=hint)
-    begin = ("begin_epoch", begin_epoch) if begin_epoch is not None else (
-        "begin_step", 0 if begin_step is None else begin_step)
-    end = ("end_epoch", end_epoch) if end_epoch is not None else (
-        "end_step", default_end if end_step is None else end_step)
+    begin, end = window_positions(0 if begin_step is None else begin_step, begin_epoch,
+                                  default_end if end_step is None else end_step, end_epoch)
     (begin_name, begin_at), (end_name, end_at) = begin, end
     at_the_end = isinstance(end_at, float) and end_at == 1.0
     if (type(begin_at) is type(end_at) and begin_name[-5:] == end_name[-5:] and end_at < begin_at

@@ -40,6 +40,7 @@ from lightning_prune.validation import (
     check_patterns,
     check_positive,
     check_window,
+    window_positions,
 )
 
 __all__ = ["KnowledgeDistillation"]
@@ -252,10 +253,7 @@ class KnowledgeDistillation(Callback):
 
     # ------------------------------------------------------------------ identity
     def _begin_end(self) -> tuple[tuple[str, int | float], tuple[str, int | float]]:
-        begin = (("begin_epoch", self.begin_epoch) if self.begin_epoch is not None
-                 else ("begin_step", self.begin_step))
-        end = ("end_epoch", self.end_epoch) if self.end_epoch is not None else ("end_step", self.end_step)
-        return begin, end  # type: ignore[return-value]
+        return window_positions(self.begin_step, self.begin_epoch, self.end_step, self.end_epoch)
 
     @property
     def teacher_source(self) -> str:
