@@ -27,6 +27,7 @@ from lightning_prune.errors import (
     NonFiniteGateError,
     NonFiniteWeightError,
     NoTargetsError,
+    UnsafeFileError,
     UnsupportedDeviceError,
 )
 
@@ -85,6 +86,7 @@ __all__ = [
     "NonFiniteGateError",
     "NonFiniteWeightError",
     "SparsityReport",
+    "UnsafeFileError",
     "UnsupportedDeviceError",
     "__version__",
     "create_callback",

@@ -263,7 +263,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that report a mistake of the user's (one line), not a bug (a traceback)."""
     from lightning_prune.errors import LightningPruneError
 
-    errors: list[type[BaseException]] = [ConfigError, LightningPruneError]
+    errors: list[type[BaseException]] = [ConfigError, LightningPruneError, FileNotFoundError]
     if "lightning.fabric.utilities.exceptions" in sys.modules or "lightning" in sys.modules:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 

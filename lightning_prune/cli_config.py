@@ -10,7 +10,7 @@ from typing import TypeVar
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-__all__ = ["add_fit_config_arguments", "config_cli"]
+__all__ = ["add_fit_config_arguments", "config_cli", "weights_only_of"]
 
 CLI = TypeVar("CLI", bound=LightningCLI)
 
@@ -22,7 +22,9 @@ def add_fit_config_arguments(parser: LightningArgumentParser, ckpt_help: str) ->
     parser.add_argument("--test_after_fit", type=bool, default=True,
                         help="Accepted for configs written for `fit`; unused here.")
     parser.add_argument("--weights_only", type=bool | None, default=None,
-                        help="Accepted for the config.yaml a `fit` run saved; unused here.")
+                        help="How --ckpt_path is read: true (the default, also for null) refuses a file that"
+                             " holds Python objects other than tensors and plain data; false unpickles them,"
+                             " which runs the code the file holds (only for files you trust).")
 
 
 def config_cli(cli_class: type[CLI], argv: Sequence[str]) -> CLI:
@@ -37,3 +39,10 @@ def config_cli(cli_class: type[CLI], argv: Sequence[str]) -> CLI:
         run=False,
         save_config_callback=None,
     )
+
+
+def weights_only_of(config: object) -> bool:
+    """The ``--weights_only`` of a parsed config; ``null`` (a saved fit config's default) reads as
+    ``True``."""
+    value = config.get("weights_only") if hasattr(config, "get") else None
+    return True if value is None else bool(value)

@@ -28,7 +28,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_prune.cli_config import add_fit_config_arguments, config_cli
+from lightning_prune.cli_config import add_fit_config_arguments, config_cli, weights_only_of
 
 __all__ = ["ExportCLI", "ExportOptions", "main"]
 
@@ -102,7 +102,8 @@ class ExportCLI(LightningCLI):
         require_export_dependencies()  # before anything slow
         dense = copy.deepcopy(self.model)  # the fresh, unpruned architecture: the baseline of the report
         run = restore_run(ckpt_path, self.model, self.trainer.callbacks, finalize=options.finalize,
-                          compress=options.compress, fuse=options.fuse)
+                          compress=options.compress, fuse=options.fuse,
+                          weights_only=weights_only_of(self.config))
         try:
             example = self._example(options)
             report = export(run.module, options.output, example, dense=dense,

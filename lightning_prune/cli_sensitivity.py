@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_prune.cli_config import add_fit_config_arguments, config_cli
+from lightning_prune.cli_config import add_fit_config_arguments, config_cli, weights_only_of
 from lightning_prune.sensitivity_scan import layer_targets_from_sensitivity, sensitivity
 
 __all__ = ["SensitivityCLI", "SensitivityOptions", "main"]
@@ -77,7 +77,8 @@ class SensitivityCLI(LightningCLI):
         if ckpt_path:
             from lightning_prune.compression import load_compressed
 
-            load_compressed(ckpt_path, model)  # a plain checkpoint, or one of a model shrunk inside the fit
+            # a plain checkpoint, or one of a model shrunk inside the fit
+            load_compressed(ckpt_path, model, weights_only=weights_only_of(self.config))
         elif options.fit:
             trainer.fit(model, datamodule=datamodule)
         else:

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_prune.checkpoint_io import load_file
 from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.graph import (
     ChannelGroup,
@@ -246,7 +247,8 @@ def save_compressed(model: nn.Module, path: str | Path) -> None:
 
 
 @torch.no_grad()
-def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu") -> nn.Module:
+def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu", *,
+                    weights_only: bool = True) -> nn.Module:
     """Load a compressed model onto a fresh model of the same architecture; returns it.
 
     ``path`` is what :func:`save_compressed` wrote (every resized parameter and buffer takes the saved shape,
@@ -254,15 +256,16 @@ def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu
     a callback compressed the model inside the fit: then ``model`` is a fresh LightningModule, the callback's
     recorded plan removes the same units from it, and the checkpoint's weights load strictly.
 
+    The file is read with ``torch.load(weights_only=True)``: a file that holds other Python objects (a
+    checkpoint whose hyperparameters are objects) is refused with :class:`~lightning_prune.UnsafeFileError`
+    unless you pass ``weights_only=False``, which runs the code the file holds -- only for files you trust.
+
     Example::
 
         model = lp.load_compressed("small.pt", timm.create_model("resnet18", num_classes=10))
         module = lp.load_compressed("last.ckpt", lp.ImageClassifier("resnet18", num_classes=10))
     """
-    try:
-        payload = torch.load(str(path), map_location=map_location, weights_only=True)
-    except Exception:  # noqa: BLE001 - a Lightning checkpoint may hold hyperparameter objects: one you trust
-        payload = torch.load(str(path), map_location=map_location, weights_only=False)
+    payload = load_file(path, weights_only=weights_only, map_location=map_location)
     if isinstance(payload, dict) and "callbacks" in payload and "state_dict" in payload:
         return _load_lightning_checkpoint(payload, model, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

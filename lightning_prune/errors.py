@@ -10,7 +10,10 @@ clauses catch them.
 
 from __future__ import annotations
 
+import pickle
+
 __all__ = [
+    "UnsafeFileError",
     "CompressionError",
     "ExportError",
     "InvalidArgumentError",
@@ -66,3 +69,8 @@ class MissingDependencyError(LightningPruneError, ImportError):
 class UnsupportedDeviceError(LightningPruneError, RuntimeError):
     """The hardware a function needs is not there (2:4 semi-structured kernels need a CUDA GPU of compute
     capability 8.0 or newer)."""
+
+
+class UnsafeFileError(LightningPruneError, pickle.UnpicklingError):
+    """A file holds pickled Python objects that ``torch.load(weights_only=True)`` refuses to build; loading it
+    would run the code it carries, so it is refused unless the caller passes ``weights_only=False``."""

@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_prune.checkpoint_io import load_file
 from lightning_prune.errors import InvalidArgumentError, InvalidArgumentTypeError
 from lightning_prune.validation import check_bool, check_optional
 
@@ -56,15 +57,8 @@ class RestoredRun:
             callback.teardown(self.trainer, self.module, "fit")
 
 
-def _load(path: str | Path) -> dict[str, Any]:
-    try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - a Lightning checkpoint may hold hyperparameter objects
-        rank_zero_warn(
-            f"{path} does not load with torch.load(weights_only=True) ({type(error).__name__}:"
-            f" {str(error).splitlines()[0][:200]}); loading it with weights_only=False, which runs the"
-            " pickled code it holds. HINT: restore only checkpoints you trust.")
-        payload = torch.load(str(path), map_location="cpu", weights_only=False)
+def _load(path: str | Path, weights_only: bool) -> dict[str, Any]:
+    payload = load_file(path, weights_only=weights_only)
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise InvalidArgumentError(f"{path} is not a Lightning checkpoint (it has no 'state_dict').")
     return payload
@@ -84,6 +78,7 @@ def restore_run(
     finalize: bool = True,
     compress: bool | None = None,
     fuse: bool | None = None,
+    weights_only: bool = True,
 ) -> RestoredRun:
     """Load ``ckpt_path`` onto a fresh ``module`` with ``callbacks`` (the run's, as configured), then
     finalise, compress and fuse as asked.
@@ -99,17 +94,24 @@ def restore_run(
             (``compress=True``).
         fuse: :func:`~lightning_prune.reparameterize` the model (decayed activations must be at λ = 1).
             ``None``: when an ``ActivationDecay(fuse_on_train_end=True)`` is among the callbacks.
+        weights_only: ``True`` (default): the checkpoint is read with ``torch.load(weights_only=True)`` and
+            refused (:class:`~lightning_prune.UnsafeFileError`) if it holds other Python objects (e.g.
+            hyperparameters that are objects). ``False`` runs the code the file holds: only for files you
+            trust.
 
     Returns:
         a :class:`RestoredRun`; ``run.module`` is ``module``, restored and changed in place.
 
     Raises:
+        FileNotFoundError: no file at ``ckpt_path``.
+        UnsafeFileError: the file needs ``weights_only=False`` to load.
         InvalidArgumentError: not a Lightning checkpoint, or a callback it needs is missing.
         CompressionError: compressing or fusing would change the outputs (e.g. λ < 1).
     """
     check_bool("finalize", finalize, error=InvalidArgumentError)
     check_optional(check_bool, "compress", compress, error=InvalidArgumentError)
     check_optional(check_bool, "fuse", fuse, error=InvalidArgumentError)
+    check_bool("weights_only", weights_only, error=InvalidArgumentError)
     if not isinstance(module, pl.LightningModule):
         raise InvalidArgumentTypeError(
             f"`module` must be the run's LightningModule, freshly constructed, got {type(module).__name__}."
@@ -121,7 +123,7 @@ def restore_run(
     from lightning_prune.compression import load_compressed
     from lightning_prune.reparam import count_layers, reparameterize
 
-    payload = _load(ckpt_path)
+    payload = _load(ckpt_path, weights_only)
     ours = [cb for cb in callbacks if _is_ours(cb)]
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=ours)
@@ -135,7 +137,8 @@ def restore_run(
     for callback in ours:
         callback.setup(trainer, module, "fit")
     if missing and not ours:
-        load_compressed(ckpt_path, module)  # the recorded removals, without the callbacks
+        # the recorded removals, without the callbacks
+        load_compressed(ckpt_path, module, weights_only=weights_only)
     elif missing:
         raise InvalidArgumentError(
             f"{ckpt_path} was written after {missing[0].split('{')[0]} removed channels inside the fit, but"

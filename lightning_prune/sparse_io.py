@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.checkpoint_io import load_file
 from lightning_prune.compression import shape_attributes, take_shapes
 from lightning_prune.errors import InvalidArgumentError, InvalidArgumentTypeError
 
@@ -189,10 +190,11 @@ def load_sparse(path: str | Path, model: nn.Module | None = None, map_location: 
     shapes first.
 
     Raises:
+        FileNotFoundError: no file at ``path``.
         InvalidArgumentError: ``path`` was not written by :func:`save_sparse`, is damaged, or (``strict``)
             its keys are not ``model``'s.
     """
-    payload = torch.load(str(path), map_location=map_location, weights_only=True)
+    payload = load_file(path, map_location=map_location)  # save_sparse writes plain data only
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InvalidArgumentError(
             f"{path} was not written by lightning_prune.save_sparse (format {FORMAT!r}). HINT: a plain"

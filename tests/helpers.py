@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).parents[1]
+SCRIPT = Path(sys.executable).with_name("lightning-prune")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lightning_prune.cli"]
+
+
+def lightning_prune_command(*args: object, env: dict[str, str] | None = None, cwd: Path = ROOT,
+                            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """The real console script in a fresh process."""
+    return subprocess.run([*COMMAND, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                          check=False)
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The run failed with one ``lightning-prune: error: ...`` line and no traceback or usage dump."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("lightning-prune: error: "), errors
+    assert len(result.stderr.strip().splitlines()) <= 4, result.stderr  # "Seed set to 0" and the like
+    return errors[0]
 
 
 class Spy(Callback):

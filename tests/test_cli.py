@@ -1,38 +1,17 @@
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from lightning_prune.cli import COMMANDS, format_callback_list, main
+from tests.helpers import ROOT, one_error_line
+from tests.helpers import lightning_prune_command as lightning_prune
 
-ROOT = Path(__file__).parents[1]
-SCRIPT = Path(sys.executable).with_name("lightning-prune")
-COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lightning_prune.cli"]
 TINY = ["--model.init_args.model_name=test_resnet", "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-
-
-def lightning_prune(*args, env=None, cwd=ROOT, timeout=600):
-    """The real console script in a fresh process."""
-    return subprocess.run([*COMMAND, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                          check=False)
-
-
-def one_error_line(result):
-    """The run failed with one ``lightning-prune: error: ...`` line and no traceback or usage dump."""
-    assert result.returncode != 0, result.stdout[-2000:]
-    assert "Traceback" not in result.stderr and "usage:" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, result.stderr[-3000:]
-    assert errors[0].startswith("lightning-prune: error: "), errors
-    assert len(result.stderr.strip().splitlines()) <= 4, result.stderr  # "Seed set to 0" and the like
-    return errors[0]
 
 
 def test_help_and_a_bare_command_list_every_subcommand_with_one_line():

@@ -284,15 +284,15 @@ def test_restore_a_magnitude_run_and_bad_inputs(tmp_path):
         lp.restore_run(tmp_path / "not.ckpt", tiny_classifier())
 
 
-def test_a_checkpoint_that_needs_pickle_loads_with_a_warning(tmp_path):
+def test_a_checkpoint_that_needs_pickle_loads_only_when_asked(tmp_path):
     from fractions import Fraction
 
     module = tiny_classifier()
     payload = {"state_dict": module.state_dict(), "callbacks": {}, "note": Fraction(1, 2)}  # not a tensor
     torch.save(payload, tmp_path / "p.ckpt")
-    match = r"does not load with torch.load\(weights_only=True\).*HINT: restore only checkpoints you trust"
-    with pytest.warns(UserWarning, match=match):
-        run = lp.restore_run(tmp_path / "p.ckpt", tiny_classifier())
+    with pytest.raises(lp.UnsafeFileError, match=r"p.ckpt holds Python objects .*fractions.Fraction"):
+        lp.restore_run(tmp_path / "p.ckpt", tiny_classifier())
+    run = lp.restore_run(tmp_path / "p.ckpt", tiny_classifier(), weights_only=False)
     assert _same_outputs(module, run.module)
     run.close()
 

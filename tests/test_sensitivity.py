@@ -19,7 +19,7 @@ from lightning_prune.errors import InvalidArgumentError, InvalidArgumentTypeErro
 from lightning_prune.functional import magnitude_mask
 from lightning_prune.sensitivity_scan import SensitivityTable, channel_removal
 from lightning_prune.testing import fit_tiny, tiny_classifier, tiny_datamodule
-from tests.test_cli import ROOT
+from tests.helpers import ROOT
 
 FAST = {"max_epochs": 8, "limit_val_batches": 0}  # ~2 s each: accuracy 0.85-0.98 on the validation images
 

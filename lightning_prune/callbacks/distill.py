@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune.callbacks._resume import check_resume, config_of
+from lightning_prune.checkpoint_io import load_file
 from lightning_prune.functional.distill import (
     distillation_loss,
     feature_matching_loss,
@@ -177,6 +178,9 @@ class KnowledgeDistillation(Callback):
             to those of the teacher's modules of the same names (same shapes).
         feature_alpha: weight of the feature term, ``> 0``.
         verbose: print the setup at fit start (rank zero).
+        weights_only: how a teacher file is read: ``True`` (default) refuses a file that holds Python objects
+            other than tensors and plain data; ``False`` unpickles them, which runs the code the file holds
+            (only for files you trust).
 
     Raises:
         MisconfigurationException: bad arguments; at setup, a student or feature layer that does not exist, a
@@ -203,6 +207,7 @@ class KnowledgeDistillation(Callback):
         features: str | list[str] | None = None,
         feature_alpha: float = 1.0,
         verbose: bool = True,
+        weights_only: bool = True,
     ) -> None:
         super().__init__()
         if teacher is not None and not isinstance(teacher, (nn.Module, str, os.PathLike)):
@@ -211,6 +216,9 @@ class KnowledgeDistillation(Callback):
                 f" {type(teacher).__name__}."
                 " HINT: None distils from a copy of the model taken at fit start.")
         self.teacher = os.fspath(teacher) if isinstance(teacher, os.PathLike) else teacher
+        self.weights_only = check_bool("weights_only", weights_only,
+                                       hint="False unpickles a teacher file's Python objects, which runs the"
+                                            " code it holds: only for files you trust.")
         self.alpha = check_nonnegative("alpha", alpha,
                                        hint="1.0 adds T² KL as it is; 0 keeps only the feature hints.")
         self.temperature = check_positive("temperature", temperature,
@@ -313,12 +321,11 @@ class KnowledgeDistillation(Callback):
         self._template = _clean_copy(student, trainer) if not isinstance(self.teacher, nn.Module) else None
 
     def _load_file(self) -> Any:
-        from lightning.fabric.utilities.cloud_io import _load
-
         try:
-            return _load(self.teacher, map_location="cpu", weights_only=False)
+            return load_file(self.teacher, weights_only=self.weights_only)
         except Exception as err:  # noqa: BLE001 - whatever the file is, say which one failed
-            raise MisconfigurationException(f"`teacher`={self.teacher!r} could not be loaded: {err}") from err
+            raise MisconfigurationException(
+                f"`teacher`={self.teacher!r} could not be loaded: {' '.join(str(err).split())}") from None
 
     def _strip_prefix(self, state: Mapping[str, Any], expected: set[str]) -> Mapping[str, Any]:
         """``state`` with the student's prefix removed from its keys when that is what makes them match (a

@@ -246,8 +246,11 @@ def test_teacher_from_a_checkpoint_and_a_state_dict(tmp_path):
     ckpt = tmp_path / "dense" / "dense.ckpt"
     torch.save(dense.model.state_dict(), tmp_path / "plain.pt")
     torch.save(dense.model, tmp_path / "module.pt")
+    refused = KnowledgeDistillation(teacher=tmp_path / "module.pt", verbose=False)  # a pickled nn.Module
+    with pytest.raises(MisconfigurationException, match=r"module.pt.* holds Python objects .*weights_only"):
+        fit_tiny([refused], tmp_path / "refused", **FAST)
     for source in (ckpt, tmp_path / "plain.pt", tmp_path / "module.pt"):
-        kd = KnowledgeDistillation(teacher=source, verbose=False)
+        kd = KnowledgeDistillation(teacher=source, verbose=False, weights_only=source.name != "module.pt")
         fit_tiny([kd], tmp_path / source.stem, **FAST)
         expected = dense.model.state_dict()
         assert all(torch.equal(v, expected[k]) for k, v in kd.teacher_module.state_dict().items())
