@@ -27,6 +27,7 @@ from typing_extensions import override
 from lightning_prune.callbacks._resume import check_resume, config_of
 from lightning_prune.checkpoint_io import load_file
 from lightning_prune.functional.distill import (
+    at_least_float32,
     distillation_loss,
     feature_matching_loss,
     output_logits,
@@ -82,9 +83,9 @@ def _no_autocast(device: torch.device) -> Any:
 
 
 def _loss_and_grad(fn: Callable[[Tensor], Tensor], student: Tensor) -> tuple[Tensor, Tensor]:
-    """``fn(student)`` (float32, outside autocast) and its gradient with respect to ``student``."""
+    """``fn(student)`` (float32 or wider, outside autocast) and its gradient with respect to ``student``."""
     with torch.enable_grad(), _no_autocast(student.device):
-        leaf = student.detach().float().requires_grad_(True)
+        leaf = at_least_float32(student.detach()).requires_grad_(True)
         loss = fn(leaf)
         (grad,) = torch.autograd.grad(loss, leaf)
     return loss.detach(), grad

@@ -18,7 +18,21 @@ from torch import Tensor
 
 from lightning_prune.errors import InvalidArgumentError
 
-__all__ = ["distillation_loss", "feature_matching_loss", "logit_rows", "output_logits", "top1_agreement"]
+__all__ = ["at_least_float32", "distillation_loss", "feature_matching_loss", "logit_rows", "output_logits",
+           "top1_agreement"]
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32, or in its own dtype when that is wider (a float64 model keeps float64 terms).
+
+    Example::
+
+        >>> at_least_float32(torch.ones(1, dtype=torch.bfloat16)).dtype
+        torch.float32
+        >>> at_least_float32(torch.ones(1, dtype=torch.float64)).dtype
+        torch.float64
+    """
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def logit_rows(logits: Tensor) -> Tensor:
@@ -31,7 +45,8 @@ def logit_rows(logits: Tensor) -> Tensor:
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
                       alpha: float = 1.0) -> Tensor:
-    """``alpha * T² * KL(softmax(teacher / T) ‖ softmax(student / T))``, averaged over rows, in float32.
+    """``alpha * T² * KL(softmax(teacher / T) ‖ softmax(student / T))``, averaged over rows, in float32
+    (float64 for float64 logits).
 
     The same value as ``alpha * T**2 * F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1),
     reduction="batchmean")``; its gradient with respect to the student's logits is
@@ -45,21 +60,22 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
         >>> float(distillation_loss(t, t, temperature=4.0))
         0.0
     """
-    s = logit_rows(student_logits).float() / temperature
-    t = logit_rows(teacher_logits).float() / temperature
+    s = at_least_float32(logit_rows(student_logits)) / temperature
+    t = at_least_float32(logit_rows(teacher_logits)) / temperature
     kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean", log_target=True)
     return alpha * temperature**2 * kl
 
 
 def feature_matching_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
-    """Mean squared difference of two feature tensors of the same shape, in float32 (FitNets' hint loss).
+    """Mean squared difference of two feature tensors of the same shape, in float32 or wider (FitNets' hint
+    loss).
 
     Example::
 
         >>> float(feature_matching_loss(torch.ones(2, 3), torch.zeros(2, 3)))
         1.0
     """
-    return F.mse_loss(student_features.float(), teacher_features.float())
+    return F.mse_loss(at_least_float32(student_features), at_least_float32(teacher_features))
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from torch import nn
 
 import lightning_prune as lp
 from lightning_prune.callbacks.distill import KnowledgeDistillation
+from lightning_prune.functional.distill import at_least_float32
 from lightning_prune.models import ImageClassifier
 from lightning_prune.testing import assert_state_equal, check_callback_conformance, fit_tiny, tiny_classifier
 from tests.helpers import Spy
@@ -60,19 +61,23 @@ class HandWritten(ImageClassifier):
         for h in handles:
             h.remove()
         t = self.temperature
+        wide = at_least_float32
         loss = F.cross_entropy(logits, y) + self.alpha * t**2 * F.kl_div(
-            F.log_softmax(logits.float() / t, -1), F.softmax(teacher.float() / t, -1), reduction="batchmean")
+            F.log_softmax(wide(logits) / t, -1), F.softmax(wide(teacher) / t, -1), reduction="batchmean")
         if self.features:
-            hints = [F.mse_loss(seen["s"][n].float(), seen["t"][n].float()) for n in self.features]
+            hints = [F.mse_loss(wide(seen["s"][n]), wide(seen["t"][n])) for n in self.features]
             loss = loss + self.feature_alpha * sum(hints) / len(hints)
         return loss
 
 
 def _oracle_grads(tmp_path, alpha, temperature, features=(), feature_alpha=1.0, fresh=dict, **trainer_kwargs):
     """Gradients of the same seeded fit (a) with the callback, (b) with the hand-written loss, (c) plain;
-    ``fresh()`` gives Trainer arguments that must not be shared between the fits (precision plugins)."""
+    ``fresh()`` gives Trainer arguments that must not be shared between the fits (precision plugins).
+    ``precision="64-true"`` runs the three in float64 (the teacher too)."""
     pl.seed_everything(0)
     model = tiny_classifier()
+    if trainer_kwargs.get("precision") == "64-true":
+        model = model.double()
     initial = copy.deepcopy(model.state_dict())
     teacher = copy.deepcopy(model.model).eval()
     with_cb = GradRecorder()
@@ -82,6 +87,7 @@ def _oracle_grads(tmp_path, alpha, temperature, features=(), feature_alpha=1.0, 
     hand = HandWritten(teacher, alpha, temperature, features, feature_alpha, model_name="test_resnet",
                        num_classes=10, optimizer="sgd", lr=0.05, scheduler="none", weight_decay=0.0)
     hand.load_state_dict(initial)
+    hand.to(model.dtype)
     by_hand = GradRecorder()
     fit_tiny([by_hand], tmp_path / "hand", model=hand, **{**FAST, **trainer_kwargs, **fresh()})
     plain_model = tiny_classifier()
@@ -95,34 +101,41 @@ def _max_rel(a, b):
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b)
 
 
+# Exactness claims over two optimizer steps are checked in float64 (the term is computed in the model's dtype
+# when that is wider than float32): in float32 the second step's gradients part by up to 4e-2 (relative to
+# a parameter's largest gradient) between CPUs' kernels -- rounding, not scaling: 2e-7 in float32's place
+# with the term in float32, 1e-12 in float64.
+EXACT64 = 1e-9
+
+
 # ------------------------------------------------------------------ the gradients are those of the loss
 def test_gradients_equal_the_hand_written_loss(tmp_path):
-    ours, hand, plain = _oracle_grads(tmp_path, alpha=0.7, temperature=3.0)
+    ours, hand, plain = _oracle_grads(tmp_path, alpha=0.7, temperature=3.0, precision="64-true")
     assert len(ours) == len(hand) == 2 and set(ours[0]) == set(hand[0])
     for a, b, c in zip(ours, hand, plain):
-        assert _max_rel(a, b) < 1e-4  # the second step too: the teacher stayed what it was
+        assert _max_rel(a, b) < EXACT64  # the second step too: the teacher stayed what it was
         assert _max_rel(c, b) > 1e-2  # and the term is not negligible: without it the gradients differ
 
 
 def test_gradient_accumulation_scales_the_term_like_the_loss(tmp_path):
     ours, hand, plain = _oracle_grads(tmp_path, alpha=1.0, temperature=2.0, accumulate_grad_batches=2,
-                                      limit_train_batches=4)
+                                      limit_train_batches=4, precision="64-true")
     assert len(ours) == len(hand) == 2
     for a, b, c in zip(ours, hand, plain):
-        assert _max_rel(a, b) < 1e-4 and _max_rel(c, b) > 1e-2
+        assert _max_rel(a, b) < EXACT64 and _max_rel(c, b) > 1e-2
 
 
 def test_feature_hints_equal_the_hand_written_loss(tmp_path):
     ours, hand, _ = _oracle_grads(tmp_path, alpha=0.5, temperature=4.0, features=("layer2", "layer4"),
-                                  feature_alpha=3.0)
-    _, without_hints, _ = _oracle_grads(tmp_path / "nofeat", alpha=0.5, temperature=4.0)
+                                  feature_alpha=3.0, precision="64-true")
+    _, without_hints, _ = _oracle_grads(tmp_path / "nofeat", alpha=0.5, temperature=4.0, precision="64-true")
     for a, b, c in zip(ours, hand, without_hints):
-        assert _max_rel(a, b) < 1e-4 and _max_rel(c, b) > 1e-3
+        assert _max_rel(a, b) < EXACT64 and _max_rel(c, b) > 1e-3
 
 
 def test_bf16_mixed_matches_the_hand_written_loss(tmp_path):
     ours, hand, _ = _oracle_grads(tmp_path, alpha=1.0, temperature=4.0, precision="bf16-mixed")
-    for a, b in zip(ours, hand):
+    for a, b in zip(ours[:1], hand[:1]):  # a per-step claim: the first step (later ones follow bf16 rounding)
         flat = [torch.cat([g[k].flatten() for k in b]) for g in (a, b)]
         cos = F.cosine_similarity(*flat, dim=0)
         assert _max_rel(a, b) < 0.05 and cos > 0.999
@@ -133,7 +146,8 @@ def test_the_amp_loss_scale_reaches_the_term(tmp_path):
     fresh = lambda: {"plugins": [MixedPrecision("16-mixed", "cpu",  # noqa: E731
                                                 torch.amp.GradScaler("cpu", init_scale=2.0**12))]}
     ours, hand, plain = _oracle_grads(tmp_path, alpha=1.0, temperature=4.0, fresh=fresh)
-    for a, b, c in zip(ours, hand, plain):  # a term 4096x too small would leave `ours` near `plain`
+    # a term 4096x too small would leave `ours` near `plain`; a per-step claim: the first step
+    for a, b, c in zip(ours[:1], hand[:1], plain[:1]):
         assert _max_rel(a, b) < 1e-3 and _max_rel(c, b) > 1e-2
 
 
@@ -154,17 +168,19 @@ def test_manual_optimisation(tmp_path):
     pl.seed_everything(0)
     kwargs = {"model_name": "test_resnet", "optimizer": "sgd", "lr": 0.05, "scheduler": "none",
               "weight_decay": 0.0}
-    model = ManualStep(**kwargs)
+    model = ManualStep(**kwargs).double()
     teacher = copy.deepcopy(model.model).eval()
     initial = copy.deepcopy(model.state_dict())
     ours = GradRecorder()
-    fit_tiny([KnowledgeDistillation(verbose=False), ours], tmp_path / "a", model=model, **FAST)
-    hand = HandWritten(teacher, 1.0, 4.0, **kwargs)
+    fit_tiny([KnowledgeDistillation(verbose=False), ours], tmp_path / "a", model=model, precision="64-true",
+             **FAST)
+    hand = HandWritten(teacher, 1.0, 4.0, **kwargs).double()
     hand.load_state_dict(initial)
     by_hand = GradRecorder()
-    fit_tiny([by_hand], tmp_path / "b", model=hand, **FAST)
+    fit_tiny([by_hand], tmp_path / "b", model=hand, precision="64-true", **FAST)
+    assert len(ours.grads) == len(by_hand.grads) == 2
     for a, b in zip(ours.grads, by_hand.grads):
-        assert _max_rel(a, b) < 1e-4
+        assert _max_rel(a, b) < EXACT64
 
 
 # ------------------------------------------------------------------ conformance, resume, state
