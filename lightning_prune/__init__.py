@@ -51,6 +51,7 @@ _LAZY = {
     # model-level functions
     "compress": "lightning_prune.compression",
     "dead_units": "lightning_prune.compression",
+    "silent_units": "lightning_prune.compression",
     "save_compressed": "lightning_prune.compression",
     "load_compressed": "lightning_prune.compression",
     "reparameterize": "lightning_prune.reparam",

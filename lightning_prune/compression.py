@@ -2,7 +2,10 @@
 
 :func:`compress` removes units of the groups that :func:`lightning_prune.graph.analyse_channels` proves
 exactly removable: the units a gate callback pruned (``removed=``), or, on any model, the **dead** units --
-those no layer reads, because every Conv/Linear reading them has zero weight columns there (what masks leave).
+those no layer reads, because every Conv/Linear reading them has zero weight columns there (what masks leave;
+:func:`dead_units`), and those whose output is identically zero, because every BatchNorm on them has zero
+weight and bias (network slimming's L1 on BatchNorm scales) or every Conv/Linear producing them has a zero
+row and bias (:func:`silent_units`).
 The result is a plain ``nn.Module`` with smaller layers (``num_heads``, ``groups`` and channel counts updated,
 no hooks, no wrappers) whose eval outputs equal the model's before removal (checked on ``example_inputs``). A
 dead unit of a LayerNorm-normalised stream changes the LayerNorm's statistics unless the model computes them
@@ -18,6 +21,7 @@ architecture in one line::
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,7 @@ from lightning_prune.graph import (
 from lightning_prune.validation import check_bool, check_int, check_positive
 
 __all__ = ["CompressionError", "compress", "dead_units", "load_compressed", "round_kept", "save_compressed",
-           "shape_attributes", "take_shapes"]
+           "shape_attributes", "silent_units", "take_shapes"]
 
 
 @torch.no_grad()
@@ -54,12 +58,98 @@ def dead_units(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, li
             used = columns.transpose(0, 1).reshape(len(site.channels), -1).ne(0).any(dim=1).cpu()
             if used.any():
                 alive.index_fill_(0, torch.tensor(site.units)[used], True)
-        gone = (~alive).nonzero().flatten().tolist()
-        if len(gone) >= group.size:
-            gone = gone[1:]  # keep one (dead) unit: a layer needs at least one channel
-        if gone:
-            dead[group.name] = gone
+        _add_units(dead, group, (~alive).nonzero().flatten().tolist())
     return dead
+
+
+def _add_units(plan: dict[str, list[int]], group: ChannelGroup, units: Sequence[int]) -> None:
+    """``plan[group.name]`` gains ``units``, keeping at least one unit (a layer needs a channel)."""
+    gone = sorted(set(plan.get(group.name, ())) | set(units))
+    if len(gone) >= group.size:
+        gone = gone[1:]
+    if gone:
+        plan[group.name] = gone
+
+
+@torch.no_grad()
+def silent_units(model: nn.Module, groups: Sequence[ChannelGroup], example_inputs: Any
+                 ) -> dict[str, list[int]]:
+    """Per group, the units whose output is identically zero: every BatchNorm on the unit has zero weight and
+    bias, or every Conv/Linear producing it has a zero row and bias -- and, on ``example_inputs`` (``model``
+    in eval mode), every layer reading the unit sees exactly zero there.
+
+    The first condition makes the unit's value a constant (a BatchNorm with zero affine outputs 0 whatever it
+    is given; a zero row and bias outputs 0); the second shows that the constant reaching the readers is zero
+    (``ReLU(0)``, ``GELU(0)`` and a squeeze-excite product keep it zero; ``sigmoid(0) = 0.5`` or a BatchNorm's
+    shift after a zero conv row do not, and such a unit stays), and that no other path (a residual branch, a
+    concatenation) adds to it. Removing such a unit is what zeroing its reader columns would be.
+
+    Example::
+
+        groups = analyse_channels(model, x).groups
+        silent_units(model.eval(), groups, x)   # {"layer1.0.conv1": [3, 7], ...}
+    """
+    candidates = {g.name: units for g in groups if (units := _constant_units(model, g))}
+    if not candidates:
+        return {}
+    chosen = [g for g in groups if g.name in candidates]
+    seen_nonzero: dict[str, Tensor] = {g.name: torch.zeros(g.size, dtype=torch.bool) for g in chosen}
+    handles = []
+    for group in chosen:
+        for site in group.input_sites() + group.norm_sites():
+            handles.append(model.get_submodule(site.module).register_forward_pre_hook(
+                functools.partial(_record_nonzero, seen_nonzero[group.name], site)))
+    try:
+        call_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    silent: dict[str, list[int]] = {}
+    for group in chosen:
+        _add_units(silent, group, [u for u in candidates[group.name] if not seen_nonzero[group.name][u]])
+    return silent
+
+
+def _constant_units(model: nn.Module, group: ChannelGroup) -> list[int]:
+    """The units of ``group`` that every BatchNorm silences (zero weight and bias) or every producer silences
+    (zero output row and bias)."""
+    norms = [sl for sl in group.slices if sl.role == "channel"
+             and isinstance(model.get_submodule(sl.module), nn.modules.batchnorm._BatchNorm)]
+    producers = [sl for sl in group.slices if sl.role in ("out", "group")]
+    by_norms = _all_zero(model, group, norms, ("weight", "bias")) if norms else None
+    by_producers = _all_zero(model, group, producers, ("weight", "bias")) if producers else None
+    zero = torch.zeros(group.size, dtype=torch.bool)
+    for found in (by_norms, by_producers):
+        if found is not None:
+            zero |= found
+    return zero.nonzero().flatten().tolist()
+
+
+def _all_zero(model: nn.Module, group: ChannelGroup, slices: Sequence[Any], names: Sequence[str]) -> Tensor:
+    """Per unit: at every slice, the named parameters (those the module has) are zero along dim 0 there."""
+    zero = torch.ones(group.size, dtype=torch.bool)
+    for sl in slices:
+        module = model.get_submodule(sl.module)
+        for name in names:
+            param = getattr(module, name, None)
+            if not isinstance(param, Tensor):
+                if name == "weight":  # an affine-free BatchNorm silences nothing
+                    return torch.zeros(group.size, dtype=torch.bool)
+                continue
+            rows = param.detach().index_select(0, torch.tensor(sl.channels, device=param.device))
+            nonzero = rows.reshape(len(sl.channels), -1).ne(0).any(dim=1).cpu()
+            zero.index_fill_(0, torch.tensor(sl.units)[nonzero], False)
+    return zero
+
+
+def _record_nonzero(seen: Tensor, site: Any, module: nn.Module, args: tuple[Any, ...]) -> None:
+    if not args or not isinstance(args[0], Tensor):
+        seen.fill_(True)  # a reader we cannot watch: nothing is shown silent there
+        return
+    x = args[0].detach()
+    columns = x.movedim(site.dim, 0).index_select(0, torch.tensor(site.channels, device=x.device))
+    nonzero = columns.reshape(len(site.channels), -1).ne(0).any(dim=1).cpu()
+    seen.index_fill_(0, torch.tensor(site.units)[nonzero], True)
 
 
 def round_kept(group: ChannelGroup, removed: Sequence[int], round_to: int, order: Sequence[int] | None = None
@@ -139,6 +229,8 @@ def compress(
             analysed = analyse_channels(root, example).groups
             target = root
             plan = dead_units(root, analysed)
+            for name, units in silent_units(root, analysed, example).items():
+                _add_units(plan, next(g for g in analysed if g.name == name), units)
             plan = {g.name: round_kept(g, plan[g.name], round_to) for g in analysed if g.name in plan}
         else:
             analysed, target = list(groups), model

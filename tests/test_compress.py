@@ -205,3 +205,93 @@ def test_compress_real_timm_families(name, tmp_path):
     save_compressed(model, tmp_path / "m.pt")
     assert torch.equal(load_compressed(tmp_path / "m.pt", timm.create_model(name, num_classes=10)).eval()(X),
                        model(X))
+
+
+# ------------------------------------------------------------------ units whose output is identically zero
+def _small_real(name: str) -> nn.Module:
+    """Small real members of the families the first compress was used on, sized for 32x32 inputs."""
+    from timm.models.densenet import DenseNet
+    from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    torch.manual_seed(0)
+    if name == "resnet18-like":
+        return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, channels=(16, 32, 64, 128), stem_width=16)
+    if name == "resnet50-like":
+        return ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, channels=(8, 16, 32, 64), stem_width=16)
+    return DenseNet(growth_rate=8, block_config=(2, 2), num_classes=10, bn_size=2)
+
+
+def _randomise_norms(model: nn.Module) -> nn.Module:
+    """Trained-looking BatchNorms (no zero-initialised scales, shifts and statistics off zero)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@torch.no_grad()
+def _silence(model: nn.Module, groups, by: str) -> dict[str, list[int]]:
+    """Zero every 3rd unit of each group without norm sites: its BatchNorms' weight and bias (``by="norm"``)
+    or its producers' rows and bias (``by="producer"``); the reader columns stay. Returns what was zeroed."""
+    zeroed = {}
+    for g in groups:
+        if g.norm_sites():
+            continue
+        units = set(range(0, g.size, 3))
+        roles = ("channel",) if by == "norm" else ("out",)
+        slices = [sl for sl in g.slices if sl.role in roles
+                  and (by == "producer" or isinstance(model.get_submodule(sl.module), nn.BatchNorm2d))]
+        if not slices:
+            continue
+        for sl in slices:
+            module = model.get_submodule(sl.module)
+            rows = torch.tensor([c for c, u in zip(sl.channels, sl.units) if u in units])
+            for param in (module.weight, module.bias):
+                if param is not None:
+                    param.index_fill_(0, rows, 0.0)
+        zeroed[g.name] = sorted(units)
+    return zeroed
+
+
+@pytest.mark.parametrize(("name", "by"), [
+    ("resnet18-like", "norm"), ("resnet50-like", "norm"), ("densenet-like", "norm"),
+    ("test_efficientnet", "norm"), ("test_vit", "producer"), ("test_convnext", "producer"),
+])
+def test_compress_removes_units_whose_output_is_identically_zero(name, by):
+    """Network slimming (zero BatchNorm scale and shift) and zero Conv/Linear rows: the reader columns are not
+    zero, yet the unit is dead; compress removes it and the outputs stay (its own verification, and here)."""
+    model = _randomise_norms(_small_real(name) if not name.startswith("test_") else _model(name))
+    groups = analyse_channels(model, X).groups
+    zeroed = _silence(model, groups, by)
+    assert zeroed and dead_units(model, groups) == {}  # nothing a reader column shows
+    silent = lp.silent_units(model, groups, X)
+    assert silent and all(set(units) <= set(zeroed[g]) for g, units in silent.items())
+    before, channels = model(X), _channels(model)
+    compress(model, X, round_to=1)
+    assert _channels(model) <= channels - sum(len(u) for u in silent.values())
+    torch.testing.assert_close(model(X), before, atol=1e-5, rtol=1e-4)
+
+
+def test_a_silenced_unit_that_a_shift_or_another_branch_revives_stays():
+    """A zero conv row before a BatchNorm with a positive shift (ReLU passes it to the readers; a negative
+    one would make the unit a constant zero, and dead), and a zero BatchNorm on a residual stream that the
+    shortcut still carries: not dead."""
+    model = _randomise_norms(_small_real("resnet18-like"))
+    groups = analyse_channels(model, X).groups
+    _silence(model, groups, "producer")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.fill_(0.5)
+                m.running_mean.zero_()
+    assert lp.silent_units(model, groups, X) == {}
+    stream = next(g for g in groups if g.coupled)
+    with torch.no_grad():
+        last_bn = [sl for sl in stream.slices if sl.role == "channel"][-1]
+        model.get_submodule(last_bn.module).weight.zero_()
+        model.get_submodule(last_bn.module).bias.zero_()
+    assert stream.name not in lp.silent_units(model, groups, X)
