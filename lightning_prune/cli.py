@@ -170,6 +170,12 @@ def _source_of(key: str, args: Sequence[str]) -> str:
     return ""
 
 
+def _sexagesimal_hint(arg: str, value: str, types: str) -> str:
+    from lightning_prune.validation import sexagesimal_hint
+
+    return sexagesimal_hint(int(value)) if "str" in types.split(" | ") and value.isdigit() else ""
+
+
 def _explain_parse_error(message: str, args: Sequence[str], parser: Any = None) -> str:
     """One line for jsonargparse's many-line error: an unknown argument of a class names the class, the key
     and its closest valid spelling; anything else keeps jsonargparse's innermost reason."""
@@ -195,10 +201,10 @@ def _explain_parse_error(message: str, args: Sequence[str], parser: Any = None) 
             value = given.group(1).strip() if given else "?"
             arg = inner.group(1)
             return (f"{name}{f' ({where})' if where else ''}: `{arg}` must be {types}, got {value}"
-                    f"{_source_of(arg, args)}")
+                    f"{_source_of(arg, args)}{_sexagesimal_hint(arg, value, types)}")
         return f"{name}{f' ({where})' if where else ''}: {reason}"
     unknown = re.search(r"(?:Key|Option) ['\"]([\w.]+)['\"] is not (?:accepted|expected)", message)
-    unrecognized = re.search(r"Unrecognized arguments:\s*(--[\w.]+)", message)
+    unrecognized = re.search(r"(?i)unrecognized arguments:\s*(--[\w.]+)", message)
     if unknown or unrecognized:
         bad = unknown.group(1) if unknown else unrecognized.group(1).lstrip("-")
         keys: list[str] = []

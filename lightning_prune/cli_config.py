@@ -4,15 +4,38 @@ sensitivity``): the ``fit`` arguments they accept, and building a LightningCLI t
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-__all__ = ["add_fit_config_arguments", "config_cli", "weights_only_of"]
+__all__ = ["OneLineParseErrors", "add_fit_config_arguments", "config_cli", "weights_only_of"]
 
 CLI = TypeVar("CLI", bound=LightningCLI)
+
+
+class OneLineParseErrors(LightningCLI):
+    """A LightningCLI whose parse errors come back as one :class:`~lightning_prune.cli.ConfigError` line (the
+    class, the unknown key and its closest valid spelling, or the innermost reason) instead of jsonargparse's
+    usage dump and nested union errors: what ``fit``, ``export`` and ``sensitivity`` share."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("exit_on_error", False)  # errors come back to `parse_arguments`
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        from lightning_prune.cli import ConfigError, _explain_parse_error
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            argv = sys.argv[1:] if args is None else list(args)
+            subparsers = getattr(self, "_subcommand_parsers", {})
+            sub = next((a for a in argv if a in subparsers), None)
+            raise ConfigError(_explain_parse_error(str(err), argv, subparsers.get(sub, parser))) from None
 
 
 def add_fit_config_arguments(parser: LightningArgumentParser, ckpt_help: str) -> None:

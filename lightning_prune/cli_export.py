@@ -26,9 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 
-from lightning_prune.cli_config import add_fit_config_arguments, config_cli, weights_only_of
+from lightning_prune.cli_config import (
+    OneLineParseErrors,
+    add_fit_config_arguments,
+    config_cli,
+    weights_only_of,
+)
 
 __all__ = ["ExportCLI", "ExportOptions", "main"]
 
@@ -69,7 +74,7 @@ class ExportOptions:
     report: str | None = None
 
 
-class ExportCLI(LightningCLI):
+class ExportCLI(OneLineParseErrors):
     """LightningCLI without a subcommand: builds the model, data and callbacks of a config, then exports."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import sys
-from typing import Any
-
-from jsonargparse import ArgumentError
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_prune.cli import ConfigError, _check_accelerator, _explain_parse_error
+from lightning_prune.cli import _check_accelerator
+from lightning_prune.cli_config import OneLineParseErrors
 from lightning_prune.report import sparsity_report
 
 __all__ = ["PruneCLI"]
@@ -18,7 +15,7 @@ __all__ = ["PruneCLI"]
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-class PruneCLI(LightningCLI):
+class PruneCLI(OneLineParseErrors):
     """LightningCLI over any LightningModule / LightningDataModule, that tests and reports after ``fit``.
 
     A parse error comes back as one :class:`~lightning_prune.cli.ConfigError` line (the class, the unknown
@@ -26,22 +23,9 @@ class PruneCLI(LightningCLI):
     accelerator asked for on a machine without one fails before anything is built.
     """
 
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        kwargs.setdefault("exit_on_error", False)  # errors come back to `parse_arguments`
-        return super().init_parser(**kwargs)
-
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the final weights and print the sparsity table.")
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        try:
-            super().parse_arguments(parser, args)
-        except ArgumentError as err:
-            argv = sys.argv[1:] if args is None else list(args)
-            sub = next((a for a in argv if a in _SUBCOMMANDS), None)
-            subparser = getattr(self, "_subcommand_parsers", {}).get(sub, parser)
-            raise ConfigError(_explain_parse_error(str(err), argv, subparser)) from None
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -21,9 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 
-from lightning_prune.cli_config import add_fit_config_arguments, config_cli, weights_only_of
+from lightning_prune.cli_config import (
+    OneLineParseErrors,
+    add_fit_config_arguments,
+    config_cli,
+    weights_only_of,
+)
 from lightning_prune.sensitivity_scan import layer_targets_from_sensitivity, sensitivity
 
 __all__ = ["SensitivityCLI", "SensitivityOptions", "main"]
@@ -62,7 +67,7 @@ class SensitivityOptions:
     fit: bool = True
 
 
-class SensitivityCLI(LightningCLI):
+class SensitivityCLI(OneLineParseErrors):
     """LightningCLI without a subcommand: builds the model, data and Trainer of a config, then scans."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "window_positions",
     "input_size_errors",
     "is_number",
+    "sexagesimal_hint",
 ]
 
 ErrorType = type[Exception]
@@ -361,3 +362,17 @@ class as_misconfiguration:  # noqa: N801  (used as a context manager, like conte
         if isinstance(value, (InvalidArgumentError, InvalidArgumentTypeError)):
             raise MisconfigurationException(str(value)) from value
         return False
+
+
+def sexagesimal_hint(value: object) -> str:
+    """For an integer where text was expected: what YAML 1.1 read as a base-60 number (``2:4`` -> 124), and
+    that quoting keeps it text; ``""`` otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 60:
+        return ""
+    digits, rest = [], value
+    while rest:
+        rest, digit = divmod(rest, 60)
+        digits.append(str(digit))
+    written = ":".join(reversed(digits))
+    return (f". HINT: YAML 1.1 reads an unquoted {written} as the base-60 number {value}; quote it:"
+            f" \"{written}\"")

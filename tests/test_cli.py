@@ -137,3 +137,36 @@ def test_a_bad_value_from_the_environment_names_the_variable(tmp_path):
     line = one_error_line(result)
     assert line.startswith("lightning-prune: error: LIGHTNING_PRUNE: 'magnitude': `target_sparsity` must be"
                            " a number in [0, 1), got 1.5."), line
+
+
+def _in_process_error(capsys, args) -> str:
+    """``main(args)`` ends with one ``lightning-prune: error:`` line on stderr and no usage dump."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" not in err and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("lightning-prune: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("command", "typo", "meant"), [
+    ("export", "--export.outptu=x.onnx", "export.output"),
+    ("sensitivity", "--sensitivity.sparsites=[0.5]", "sensitivity.sparsities"),
+])
+def test_export_and_sensitivity_parse_errors_are_one_line_like_fit(command, typo, meant, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    line = _in_process_error(capsys, [command, "--config", "recipes/digits/magnitude.yaml", typo])
+    assert f"did you mean `{meant}`?" in line, line
+
+
+def test_an_unquoted_nm_pattern_in_yaml_says_to_quote_it(tmp_path, capsys, monkeypatch):
+    """YAML 1.1 reads ``pattern: 2:4`` as the base-60 number 124."""
+    monkeypatch.chdir(ROOT)
+    recipe = (ROOT / "recipes" / "digits" / "magnitude.yaml").read_text()
+    config = tmp_path / "nm.yaml"
+    config.write_text(recipe.replace("        scope: global\n", "        scope: global\n        pattern: 2:4\n"))
+    line = _in_process_error(capsys, ["fit", "--config", str(config), *TINY])
+    assert "`pattern` must be str | NoneType, got 124" in line
+    assert 'reads an unquoted 2:4 as the base-60 number 124; quote it: "2:4"' in line, line

@@ -43,6 +43,7 @@ from lightning_prune.validation import (
     check_fraction,
     check_position,
     check_positive,
+    sexagesimal_hint,
 )
 
 __all__ = ["GradualMagnitudePruning"]
@@ -173,8 +174,9 @@ class GradualMagnitudePruning(PruningCallback):
                 self._nm = parse_pattern(pattern)
             except ValueError:
                 raise MisconfigurationException(
-                    f"`pattern` must be 'N:M' with integers 1 <= N < M, got {pattern!r}. HINT: '2:4' is what"
-                    " NVIDIA's sparse tensor cores run; None prunes unstructured.") from None
+                    f"`pattern` must be 'N:M' with integers 1 <= N < M, got {pattern!r}"
+                    + (sexagesimal_hint(pattern) or ". HINT: '2:4' is what NVIDIA's sparse tensor cores run;"
+                       " None prunes unstructured.")) from None
             n, m = self._nm
             if self.target_sparsity < 1.0 - n / m - 1e-9:
                 raise MisconfigurationException(

@@ -288,3 +288,9 @@ def test_one_dimensional_targets_fail_at_setup(tmp_path):
     match = r"`pattern`='2:4' needs weights with an input dimension .* 15 targets are 1-D: \['model.conv1"
     with pytest.raises(MisconfigurationException, match=match):
         fit_tiny([_pruner(types=["Conv2d", "BatchNorm2d"])], tmp_path, **FAST)
+
+
+def test_a_pattern_read_as_a_base_60_number_says_to_quote_it():
+    with pytest.raises(MisconfigurationException, match=r'got 124\. HINT: YAML 1.1 reads an unquoted 2:4 as the'
+                                                        r' base-60 number 124; quote it: "2:4"'):
+        GradualMagnitudePruning(target_sparsity=0.5, pattern=124)
