@@ -166,7 +166,8 @@ def test_an_unquoted_nm_pattern_in_yaml_says_to_quote_it(tmp_path, capsys, monke
     monkeypatch.chdir(ROOT)
     recipe = (ROOT / "recipes" / "digits" / "magnitude.yaml").read_text()
     config = tmp_path / "nm.yaml"
-    config.write_text(recipe.replace("        scope: global\n", "        scope: global\n        pattern: 2:4\n"))
+    nm = "        scope: global\n        pattern: 2:4\n"
+    config.write_text(recipe.replace("        scope: global\n", nm))
     line = _in_process_error(capsys, ["fit", "--config", str(config), *TINY])
     assert "`pattern` must be str | NoneType, got 124" in line
     assert 'reads an unquoted 2:4 as the base-60 number 124; quote it: "2:4"' in line, line

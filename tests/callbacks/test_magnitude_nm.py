@@ -291,6 +291,6 @@ def test_one_dimensional_targets_fail_at_setup(tmp_path):
 
 
 def test_a_pattern_read_as_a_base_60_number_says_to_quote_it():
-    with pytest.raises(MisconfigurationException, match=r'got 124\. HINT: YAML 1.1 reads an unquoted 2:4 as the'
-                                                        r' base-60 number 124; quote it: "2:4"'):
+    match = r'got 124\. HINT: YAML 1.1 reads an unquoted 2:4 as the base-60 number 124; quote it: "2:4"'
+    with pytest.raises(MisconfigurationException, match=match):
         GradualMagnitudePruning(target_sparsity=0.5, pattern=124)
