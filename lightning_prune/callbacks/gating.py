@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.callbacks._setup_checks import warn_if_cannot_act
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.compression import round_kept
 from lightning_prune.functional.magnitude import kept_count
@@ -556,6 +557,8 @@ class GatePruningCallback(PruningCallback):
             check_strategy(trainer, type(self).__name__)
             self.shrink.install_resume(trainer, self.state_key,
                                        lambda state: self._apply_removed(pl_module, state))
+        if trainer is not None and stage == "fit":
+            warn_if_cannot_act(trainer, pl_module, type(self).__name__, getattr(self, "gates_sampled", False))
         super().setup(trainer, pl_module, stage)
         if self.gateset is None:
             self._build_gates()

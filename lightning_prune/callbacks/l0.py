@@ -202,6 +202,10 @@ class L0Pruning(GatePruningCallback):
         trainer = Trainer(callbacks=[L0Pruning(target_flops=0.5, finalize_step=0.6, compress=True)])
     """
 
+    #: the gates are random in train mode only (what the setup checks warn about for a module left in eval)
+    gates_sampled = True
+
+
     def __init__(
         self,
         lam: float = 2e-3,

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.callbacks._setup_checks import warn_if_cannot_act
 from lightning_prune.callbacks.base import PruningCallback, resolve_seed
 from lightning_prune.gates import unit_masks
 from lightning_prune.graph import (
@@ -200,6 +201,8 @@ class BaselinePruning(PruningCallback):
             check_strategy(trainer, type(self).__name__)
             self.shrink.install_resume(trainer, self.state_key,
                                        lambda state: self._apply_removed(pl_module, state))
+        if trainer is not None and stage == "fit":
+            warn_if_cannot_act(trainer, pl_module, type(self).__name__)
         super().setup(trainer, pl_module, stage)
         self._restrict_norms()
 
