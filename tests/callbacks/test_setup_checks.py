@@ -43,7 +43,8 @@ def test_a_plain_trainer_and_a_module_in_train_mode_give_no_reason():
 
 
 @pytest.mark.parametrize("make", [lambda: lp.GroupLassoPruning(finalize_step=1.0, verbose=False),
-                                  lambda: lp.L0Pruning(finalize_step=1.0, verbose=False)], ids=["group_lasso", "l0"])
+                                  lambda: lp.L0Pruning(finalize_step=1.0, verbose=False)],
+                         ids=["group_lasso", "l0"])
 def test_the_gate_callbacks_warn_at_setup_under_a_sharded_strategy(make, tmp_path):
     with pytest.warns(UserWarning, match=r"Pruning prunes whole weight tensors .* under FSDPStrategy"):
         fit_tiny([make()], tmp_path, strategy=ShardedLookalike(device="cpu"), **ONE_STEP)
@@ -51,4 +52,5 @@ def test_the_gate_callbacks_warn_at_setup_under_a_sharded_strategy(make, tmp_pat
 
 def test_l0_warns_for_a_module_left_in_eval_mode(tmp_path):
     with pytest.warns(UserWarning, match=r"L0Pruning: the LightningModule is in eval mode"):
-        fit_tiny([lp.L0Pruning(finalize_step=1.0, verbose=False)], tmp_path, model=tiny_classifier().eval(), **ONE_STEP)
+        fit_tiny([lp.L0Pruning(finalize_step=1.0, verbose=False)], tmp_path, model=tiny_classifier().eval(),
+                 **ONE_STEP)

@@ -1,4 +1,4 @@
-"""The baselines' callbacks warn at setup when the Trainer keeps them from acting (the core's shared check)."""
+"""The baselines' callbacks warn at setup when the Trainer keeps them from acting (the shared check)."""
 
 from __future__ import annotations
 
