@@ -39,6 +39,7 @@ from lightning_prune.compression import round_kept
 from lightning_prune.functional.magnitude import kept_count
 from lightning_prune.gates import Gate, GateSet, unit_masks
 from lightning_prune.graph import (
+    DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ChannelGroup,
     CostModel,
     analyse_channels,
@@ -119,6 +120,9 @@ class GatePruningCallback(PruningCallback):
         compress_epoch: the same as an epoch (at its start) or a fraction of training.
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
             ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
+        analysis_time_limit_s: CPU seconds (``time.process_time``) the channel analysis at ``setup`` may use;
+            past it the fit stops with a clear error naming this argument (``None``: no limit). Checked
+            cooperatively: no signal handler, no timer.
         include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
     """
 
@@ -143,8 +147,12 @@ class GatePruningCallback(PruningCallback):
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
         group_targets: dict[str, float] | None = None,
+        analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ) -> None:
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
+        self.analysis_time_limit_s = check_optional(
+            check_positive, "analysis_time_limit_s", analysis_time_limit_s,
+            hint="CPU seconds the channel analysis at setup may use, e.g. 300; None for no limit.")
         self.gate_lr = check_positive("gate_lr", gate_lr)
         self.gate_optimizer = check_choice("gate_optimizer", gate_optimizer, ("adam", "sgd"))
         self.prune_coupled = check_bool("prune_coupled", prune_coupled)
@@ -225,7 +233,7 @@ class GatePruningCallback(PruningCallback):
         with as_misconfiguration(), input_size_errors(self.input_size):
             example = example_inputs_for(root, self.input_size)
             analysis = analyse_channels(root, example, self.include, self.exclude, self.prune_coupled,
-                                        prefix=prefix)
+                                        prefix=prefix, analysis_time_limit_s=self.analysis_time_limit_s)
         self._traced_prefix, self.skipped, self.coverage = prefix, analysis.skipped, analysis.coverage
         if not analysis.groups:
             reasons: dict[str, int] = {}

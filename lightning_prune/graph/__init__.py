@@ -39,7 +39,7 @@ Every public name is re-exported here.
 """
 
 from lightning_prune.graph.analysis import analyse_channels
-from lightning_prune.graph.budget import GRAPH_TIME_LIMIT_S
+from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, GRAPH_TIME_LIMIT_S
 from lightning_prune.graph.cost import CostModel
 from lightning_prune.graph.inputs import call_model, example_inputs_for, like_model, traced_root
 from lightning_prune.graph.layers import PRODUCER_TYPES, channel_dim  # noqa: F401 - PRODUCER_TYPES as before
@@ -55,6 +55,7 @@ from lightning_prune.graph.slicing import (  # noqa: F401 - the private two: gat
 from lightning_prune.graph.types import ChannelAnalysis, ChannelGroup, GraphTimeoutError, Site, Slice
 
 __all__ = [
+    "DEFAULT_ANALYSIS_TIME_LIMIT_S",
     "GRAPH_TIME_LIMIT_S",
     "CostModel",
     "ChannelAnalysis",
