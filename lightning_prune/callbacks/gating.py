@@ -29,7 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
@@ -207,6 +207,7 @@ class GatePruningCallback(PruningCallback):
         self._measured: tuple[dict[str, list[int]], tuple[float, float]] | None = None
         self._model: pl.LightningModule | None = None
         self.coverage = 0.0
+        self._analysis_weights: dict[str, int] = {}  # Conv/Linear weight elements per module
         self._traced_prefix = ""
         self._pending_gates: dict[str, Any] | None = None
         self._last_penalty = 0.0
@@ -235,6 +236,7 @@ class GatePruningCallback(PruningCallback):
             analysis = analyse_channels(root, example, self.include, self.exclude, self.prune_coupled,
                                         prefix=prefix, analysis_time_limit_s=self.analysis_time_limit_s)
         self._traced_prefix, self.skipped, self.coverage = prefix, analysis.skipped, analysis.coverage
+        self._analysis_weights = dict(analysis.weights)
         if not analysis.groups:
             reasons: dict[str, int] = {}
             for why in analysis.skipped.values():
@@ -399,8 +401,30 @@ class GatePruningCallback(PruningCallback):
             if measured <= target or lo == total:
                 break
             goal *= target / measured
+        if measured > target:
+            floor = measured if lo == total else self._cost.measured_ratios(removed_for(total))[which]
+            name = "target_flops" if which == 0 else "target_params"
+            self._warn_target_unmet(name, target, measured, floor)
         return [torch.tensor([u not in set(removed.get(g.name, ())) for u in range(g.size)])
                 for g in self.groups]
+
+    def _warn_target_unmet(self, name: str, target: float, reached: float, floor: float) -> None:
+        """Say that ``name`` is not met: what was reached, the most the removable groups allow, and the
+        largest layers no removable group covers, with the reasons."""
+        weights = self._analysis_weights
+        total = sum(weights.values()) or 1
+        blockers = sorted(((weights[n], n, why) for n, why in self.skipped.items() if n in weights),
+                          reverse=True)
+        shown = "; ".join(f"`{n}` ({w / total:.0%} of the weights: {why})" for w, n, why in blockers[:3])
+        what = "FLOPs" if name == "target_flops" else "parameters"
+        rank_zero_warn(
+            f"{type(self).__name__}: `{name}={target:g}` is not reached: the compressed model keeps"
+            f" {reached:.3f} of the dense {what} (removing every removable unit but one per group would keep"
+            f" {floor:.3f})."
+            f" {1 - self.coverage:.0%} of the Conv/Linear weights are in no removable channel group"
+            + (f"; the largest blockers: {shown}." if shown else ".")
+            + " HINT: `pruning.skipped` lists every group left alone with its reason; `include`/`exclude` and"
+              " `prune_coupled=True` widen the selection.", category=UserWarning)
 
     def targeted_keep(self, keep: list[Tensor]) -> list[Tensor]:
         """``keep`` with each group of ``group_targets`` keeping ``max(round(size * (1 - fraction)), 1)``
