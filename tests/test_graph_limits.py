@@ -167,3 +167,17 @@ def test_tiny_classifier_is_unchanged_by_the_fallback():
     module = tiny_classifier("test_resnet")
     analysis = analyse_channels(module.model, X)
     assert analysis.groups and not any("tracing it failed" in why for why in analysis.skipped.values())
+
+
+def test_a_model_torch_pruning_cannot_count_needs_no_size_target(tmp_path, monkeypatch):
+    from lightning_prune.callbacks import gating
+
+    def fails(*args, **kwargs):
+        raise AssertionError("Expected gradient function to be set")  # what torch-pruning raised on cait/pit
+
+    monkeypatch.setattr(gating, "CostModel", fails)
+    with pytest.raises(MisconfigurationException, match=r"cannot count the FLOPs .*AssertionError: Expected"):
+        fit_tiny([lp.GroupLassoPruning(target_flops=0.5, verbose=False)], tmp_path, max_steps=1)
+    pruning = lp.GroupLassoPruning(finalize_step=0.5, verbose=False)
+    trainer, _ = fit_tiny([pruning], tmp_path, max_steps=4, limit_val_batches=0)
+    assert trainer.global_step == 4 and pruning.finalized and pruning.size_metrics() == {}

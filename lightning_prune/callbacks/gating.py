@@ -44,6 +44,7 @@ from lightning_prune.graph import (
     CostModel,
     analyse_channels,
     example_inputs_for,
+    failure_reason,
     traced_root,
 )
 from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars
@@ -249,7 +250,17 @@ class GatePruningCallback(PruningCallback):
                 f" {shown or 'no Conv/Linear output channels'}."
                 " HINT: `include=[...]` selects other layers; `prune_coupled=True` gates residual streams."
             )
-        self._cost = CostModel(root, example, analysis.groups, prefix=prefix)
+        try:
+            self._cost = CostModel(root, example, analysis.groups, prefix=prefix)
+        except Exception as error:  # noqa: BLE001 - torch-pruning's counter on a model it cannot count
+            if self.target_flops is not None or self.target_params is not None:
+                raise MisconfigurationException(
+                    f"{type(self).__name__} cannot count the FLOPs and parameters of"
+                    f" {type(pl_module).__name__}"
+                    f" to meet `target_flops`/`target_params`: {failure_reason('counting them', error)}."
+                    " HINT: use `group_targets` or the gates' own threshold (no size target) on this model."
+                ) from error
+            self._cost = None  # no size target: only the logged sizes go
         return analysis.groups
 
     def _build_gates(self) -> None:

@@ -52,7 +52,14 @@ from lightning_prune.graph.slicing import (  # noqa: F401 - the private two: gat
     slice_units,
     zero_unit_hooks,
 )
-from lightning_prune.graph.types import ChannelAnalysis, ChannelGroup, GraphTimeoutError, Site, Slice
+from lightning_prune.graph.types import (
+    ChannelAnalysis,
+    ChannelGroup,
+    GraphTimeoutError,
+    Site,
+    Slice,
+    failure_reason,
+)
 
 __all__ = [
     "DEFAULT_ANALYSIS_TIME_LIMIT_S",
@@ -68,6 +75,7 @@ __all__ = [
     "call_model",
     "channel_dim",
     "example_inputs_for",
+    "failure_reason",
     "like_model",
     "masked_and_sliced",
     "randomised_copy",
