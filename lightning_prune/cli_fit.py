@@ -1,46 +1,5 @@
-"""The LightningCLI behind ``lightning-prune fit`` / ``validate`` / ``test`` / ``predict``
-(:mod:`lightning_prune.cli` dispatches to it, and keeps the help and ``list`` free of these imports)."""
+"""Moved to :mod:`lightning_prune.cli.fit` (this path warns, and goes in the next release)."""
 
-from __future__ import annotations
+from lightning_prune._moved import moved
 
-from lightning.pytorch.cli import LightningArgumentParser
-from lightning.pytorch.utilities import rank_zero_only
-
-from lightning_prune.cli import _check_accelerator
-from lightning_prune.cli_config import OneLineParseErrors
-from lightning_prune.report import sparsity_report
-
-__all__ = ["PruneCLI"]
-
-_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-class PruneCLI(OneLineParseErrors):
-    """LightningCLI over any LightningModule / LightningDataModule, that tests and reports after ``fit``.
-
-    A parse error comes back as one :class:`~lightning_prune.cli.ConfigError` line (the class, the unknown
-    key and its closest valid spelling) instead of jsonargparse's usage and nested union errors; a GPU
-    accelerator asked for on a machine without one fails before anything is built.
-    """
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--test_after_fit", type=bool, default=True,
-                            help="After fit, test the final weights and print the sparsity table.")
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        _check_accelerator((config.get("trainer") or {}).get("accelerator"))
-
-    def after_fit(self) -> None:
-        if not self.config[self.subcommand].get("test_after_fit", True):
-            return
-        if self.trainer.interrupted:
-            return
-        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-        self._print_summary(results[0] if results else {})
-
-    @rank_zero_only
-    def _print_summary(self, metrics: dict[str, float]) -> None:
-        extra = {k: float(v) for k, v in {**self.trainer.callback_metrics, **metrics}.items()
-                 if k.split("/")[-1] in ("acc", "loss") and not k.startswith("train")}
-        print("\n" + sparsity_report(self.model).format_table(extra=dict(sorted(extra.items()))), flush=True)
+moved(__name__, globals())

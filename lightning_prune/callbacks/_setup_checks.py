@@ -1,10 +1,10 @@
 """What every channel callback checks at setup: can it act under this Trainer at all?
 
-The schedules warn when a position falls after the end of the fit (:func:`~lightning_prune.schedules.
-warn_if_after_training`); these checks warn when the Trainer's strategy, precision plugin or the model's mode
-keep a callback from acting at all, so that nothing is silently a no-op. Compression inside the fit under a
-sharded strategy is refused outright (:func:`~lightning_prune.shrink.check_strategy`); what is left here is
-the pruning itself.
+The schedules warn when a position falls after the end of the fit
+(:func:`~lightning_prune.callbacks.schedules.warn_if_after_training`); these checks warn when the Trainer's
+strategy, precision plugin or the model's mode keep a callback from acting at all, so that nothing is silently
+a no-op. Compression inside the fit under a sharded strategy is refused outright
+(:func:`~lightning_prune.callbacks.shrink.check_strategy`); what is left here is the pruning itself.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_prune.shrink import UNSUPPORTED_STRATEGIES
+from lightning_prune.callbacks.shrink import UNSUPPORTED_STRATEGIES
 
 __all__ = ["LAYER_REPLACING_PRECISIONS", "cannot_act_reasons", "warn_if_cannot_act"]
 

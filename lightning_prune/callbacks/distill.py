@@ -25,7 +25,10 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune.callbacks._resume import check_resume, config_of
+from lightning_prune.callbacks.logging import log_scalars
+from lightning_prune.callbacks.schedules import resolve_step, until_the_end
 from lightning_prune.checkpoint_io import load_file
+from lightning_prune.core.targets import matches
 from lightning_prune.functional.distill import (
     at_least_float32,
     distillation_loss,
@@ -33,9 +36,6 @@ from lightning_prune.functional.distill import (
     output_logits,
     top1_agreement,
 )
-from lightning_prune.logging import log_scalars
-from lightning_prune.schedules import resolve_step, until_the_end
-from lightning_prune.targets import matches
 from lightning_prune.validation import (
     check_bool,
     check_nonnegative,
