@@ -295,3 +295,14 @@ def test_a_silenced_unit_that_a_shift_or_another_branch_revives_stays():
         model.get_submodule(last_bn.module).weight.zero_()
         model.get_submodule(last_bn.module).bias.zero_()
     assert stream.name not in lp.silent_units(model, groups, X)
+
+
+def test_non_finite_outputs_are_named_before_anything_is_removed():
+    """(A model trained in eval mode whose BatchNorm statistics never followed the weights can end with NaN
+    outputs: said as such, not as "removing the dead channels changed the outputs (max abs difference nan)".)"""
+    model = _model("test_resnet")
+    with torch.no_grad():
+        model.fc.bias[0] = float("nan")
+    with pytest.raises(CompressionError, match=r"eval outputs hold 2 NaN/inf values before any channel is"
+                                               r" removed.*model.train\(\) before trainer.fit"):
+        compress(model, X)

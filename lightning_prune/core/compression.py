@@ -232,6 +232,7 @@ def compress(
         before_params = sum(p.numel() for p in root.parameters())
         with torch.no_grad():
             reference = call_model(root, example) if verify else None
+        _check_finite(reference)
         if groups is None:
             analysed = analyse_channels(root, example, analysis_time_limit_s=analysis_time_limit_s).groups
             target = root
@@ -280,6 +281,27 @@ def _same(reference: Any, after: Any, atol: float, rtol: float) -> bool:
     except CompressionError:
         return False
     return True
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _check_finite(reference: Any) -> None:
+    """Outputs with NaN/inf before anything is removed: nothing could be verified, so say why now."""
+    bad = sum(int((~t.isfinite()).sum()) for t in _tensors(reference) if t.is_floating_point())
+    if bad:
+        raise CompressionError(
+            f"The model's eval outputs hold {bad} NaN/inf values before any channel is removed, so the removal"
+            " cannot be verified. HINT: the weights or the BatchNorm statistics diverged (a model left in"
+            " eval mode trains without batch statistics: call model.train() before trainer.fit), or pass"
+            " example_inputs the model maps to finite outputs.")
 
 
 def _check_same(reference: Any, after: Any, atol: float, rtol: float) -> None:
