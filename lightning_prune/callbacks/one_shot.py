@@ -66,7 +66,8 @@ class OneShotPruning(PruningCallback):
         pattern: ``"N:M"`` (e.g. ``"2:4"``): N of every M consecutive input weights kept (weight methods).
         target_flops: ``"channels"``: keep at most this fraction of the dense FLOPs, in (0, 1].
         target_params: the same for the parameters (exclusive with ``target_flops``).
-        calibration_batches: how many training batches the statistics come from.
+        calibration_batches: how many training batches the statistics come from (4 batches of 32 are the 128
+            samples the papers calibrate with).
         compensate: ``"channels"``: refit the readers' weights and bias by least squares on the calibration
             activations (``False``: the ablation, the removed units only cut).
         prune_step: when to prune: an optimizer step, or a fraction of training (0 = at the start of fit).
@@ -90,7 +91,7 @@ class OneShotPruning(PruningCallback):
         pattern: str | None = None,
         target_flops: float | None = None,
         target_params: float | None = None,
-        calibration_batches: int = 8,
+        calibration_batches: int = 4,
         compensate: bool = True,
         prune_step: int | float = 0,
         damping: float = 0.01,
@@ -128,7 +129,7 @@ class OneShotPruning(PruningCallback):
             raise MisconfigurationException(
                 f"`pattern`={pattern!r} prunes weights N:M; it does not go with method='channels'.")
         self.calibration_batches = check_int("calibration_batches", calibration_batches, 1,
-                                             hint="8 batches are usually enough.")
+                                             hint="4 batches of 32: SparseGPT's 128 samples.")
         self.compensate = check_bool("compensate", compensate)
         self.prune_step = check_position("prune_step", prune_step,
                                          hint="0 prunes at the start of fit; 0.5 after half of training.")

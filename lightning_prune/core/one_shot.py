@@ -740,7 +740,7 @@ def prune_one_shot(
     pattern: str | None = None,
     target_flops: float | None = None,
     target_params: float | None = None,
-    calibration_batches: int = 8,
+    calibration_batches: int = 4,
     compensate: bool = True,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
