@@ -50,6 +50,29 @@ from lightning_prune.validation import (
 
 __all__ = ["OneShotPruning"]
 
+def calibration_loader(trainer: pl.Trainer) -> Any:
+    """Where the calibration batches come from: for a map-style ``DataLoader``, a plain, unshuffled loader
+    over the same data set, batch size and collate function -- rank ``r`` of ``W`` taking batches ``r``,
+    ``r + W``, ... -- so that the batches do not depend on the training loader's shuffling, epoch or resume
+    state (and drawing them leaves that state alone); any other loader as it is."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    loader = trainer.train_dataloader
+    if isinstance(loader, (list, tuple)) and loader:
+        loader = loader[0]
+    elif isinstance(loader, dict) and loader:
+        loader = next(iter(loader.values()))
+    if (not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset)
+            or loader.batch_size is None or not hasattr(loader.dataset, "__len__")):
+        return loader
+    size, bs = len(loader.dataset), int(loader.batch_size)  # type: ignore[arg-type]
+    world, rank = max(int(trainer.world_size), 1), int(trainer.global_rank)
+    batches = range(rank, size // bs if loader.drop_last else -(-size // bs), world)
+    indices = [i for b in batches for i in range(b * bs, min((b + 1) * bs, size))]
+    return DataLoader(loader.dataset, batch_size=bs, sampler=indices, collate_fn=loader.collate_fn,
+                      num_workers=0)
+
+
 class OneShotPruning(PruningCallback):
     """One-shot pruning of a trained model from calibration batches (Wanda, SparseGPT, channels with
     least-squares compensation), then fine-tuning.
@@ -208,7 +231,7 @@ class OneShotPruning(PruningCallback):
         # resumed before the pruning step prunes on the same batches as the uninterrupted one
         if self.method != "magnitude":
             with as_misconfiguration():
-                self._batches = draw_batches(trainer.train_dataloader, self.calibration_batches,
+                self._batches = draw_batches(calibration_loader(trainer), self.calibration_batches,
                                              type(self).__name__)
         if trainer.global_step >= (self.prune_at_step or 0):
             self.prune(trainer, pl_module)
@@ -235,7 +258,7 @@ class OneShotPruning(PruningCallback):
         batches, self._batches = self._batches or [], None
         if self.method != "magnitude" and not batches:
             with as_misconfiguration():
-                batches = draw_batches(trainer.train_dataloader, self.calibration_batches,
+                batches = draw_batches(calibration_loader(trainer), self.calibration_batches,
                                        type(self).__name__)
         _, root = traced_root(pl_module)
 
