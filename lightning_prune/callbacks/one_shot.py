@@ -74,8 +74,9 @@ def calibration_loader(trainer: pl.Trainer) -> Any:
 
 
 class OneShotPruning(PruningCallback):
-    """One-shot pruning of a trained model from calibration batches (Wanda, SparseGPT, channels with
-    least-squares compensation), then fine-tuning.
+    """One-shot pruning of a trained model from calibration data (Wanda, SparseGPT, channels), then fine-tune.
+
+    Channels are removed with a least-squares compensation of the layers that read them.
 
     Layer by layer (one layer's input statistics in memory at a time; float64 Hessians), each layer on the
     outputs of the layers pruned before it. Under DDP the statistics are summed over the ranks, so every rank
