@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import torch
 
 import lightning_prune as lp
-from lightning_prune.masks import MaskSet
+from lightning_prune.core.masks import MaskSet
 from lightning_prune.testing import TINY_MODELS
 
 CASES = [

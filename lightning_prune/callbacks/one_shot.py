@@ -6,7 +6,7 @@ training loader and prunes the model once with :mod:`lightning_prune.core.one_sh
 baseline), unstructured or ``pattern="N:M"``, or ``"channels"`` (activation-based unit importance and a
 least-squares refit of the readers, removed physically) -- and the rest of the fit fine-tunes: weight masks
 are re-applied after every optimizer step; removed units stay removed, the optimizers carried over
-(:func:`lightning_prune.shrink.compress_in_fit`).
+(:func:`lightning_prune.callbacks.shrink.compress_in_fit`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.logging import PREFIX, log_scalars
+from lightning_prune.callbacks.schedules import resolve_step, warn_if_after_training
+from lightning_prune.callbacks.shrink import ShrinkSchedule, check_strategy, compress_in_fit, recorded_removal
 from lightning_prune.core.one_shot import (
     check_method,
     check_pattern,
@@ -31,10 +34,7 @@ from lightning_prune.core.one_shot import (
     prune_channels,
     prune_unstructured,
 )
-from lightning_prune.logging import PREFIX, log_scalars
-from lightning_prune.schedules import resolve_step, warn_if_after_training
-from lightning_prune.shrink import ShrinkSchedule, check_strategy, compress_in_fit, recorded_removal
-from lightning_prune.targets import Target
+from lightning_prune.core.targets import Target
 from lightning_prune.validation import (
     as_misconfiguration,
     check_bool,

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_prune.core.targets import PRUNABLE_TYPES, Target, resolve_targets
 from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.functional.nm import nm_mask, parse_pattern
-from lightning_prune.targets import PRUNABLE_TYPES, Target, resolve_targets
 
 __all__ = [
     "METHODS",
@@ -169,6 +169,13 @@ def draw_batches(loader: Iterable[Any] | None, count: int, who: str = "prune_one
             f"`calibration_batches` ({count}) is more than the {len(batches)} batches the loader has."
             f" HINT: calibration_batches={len(batches)}, or a smaller batch size.")
     return batches
+
+
+def _strip(name: str, prefix: str) -> str:
+    """``name`` relative to the module at ``prefix`` (group names are full names in the LightningModule)."""
+    if prefix and name.startswith(prefix + "."):
+        return name[len(prefix) + 1:]
+    return "" if name == prefix else name
 
 
 class _Stop(Exception):
@@ -441,8 +448,6 @@ def _channel_scores(model: nn.Module, root: nn.Module, prefix: str, groups: Sequ
                     reduce: Reduce | None) -> list[Tensor]:
     """Per group, each unit's contribution to the layers that read it: ``sum E[x_c^2] ||W[:, c]||^2``, the
     group's scores divided by their mean (so that groups compare)."""
-    from lightning_prune.graph import _strip
-
     sites: dict[str, tuple[nn.Module, int]] = {}
     for group in groups:
         for site in group.input_sites():
@@ -501,7 +506,7 @@ def channel_plan(groups: Sequence[Any], scores: Sequence[Tensor], cost: Any, tar
     """The units to remove: the lowest ``scores`` across groups (each group keeps a unit), as few as meet
     ``target_flops``/``target_params`` (fractions of the dense model; checked on a sliced copy), or, with
     neither, ``round(sparsity * units)`` of them."""
-    from lightning_prune.compression import round_kept
+    from lightning_prune.core.compression import round_kept
 
     order = sorted(((float(s), gi, u) for gi, sc in enumerate(scores) for u, s in enumerate(sc.tolist())),
                    key=lambda t: (t[0], t[1], t[2]))
@@ -587,8 +592,6 @@ def _compensate(model: nn.Module, root: nn.Module, prefix: str, groups: Sequence
                 progress: Progress | None) -> dict[str, float]:
     """Zero (and, with ``compensate``, refit) every reader of a removed unit, reader by reader in module
     order, each on the inputs of the model as refit so far; returns the readers' reconstruction errors."""
-    from lightning_prune.graph import _strip
-
     dead: dict[str, set[int]] = {}
     for group in groups:
         gone = set(removed.get(group.name, ()))
@@ -719,8 +722,6 @@ def prune_channels(model: nn.Module, batches: Sequence[Any], groups: Sequence[An
 
 def _magnitude_unit_scores(root: nn.Module, prefix: str, group: Any) -> Tensor:
     """Without data: each unit's squared weight norm at its readers."""
-    from lightning_prune.graph import _strip
-
     score = torch.zeros(group.size, dtype=torch.float64)
     for site in group.input_sites():
         w = root.get_submodule(_strip(site.module, prefix)).weight.detach().to(torch.float64)
@@ -768,8 +769,8 @@ def prune_one_shot(
         target_flops, target_params: ``"channels"``: the fraction of the dense FLOPs/parameters to keep.
         calibration_batches: how many batches of ``loader`` are used.
         compensate: ``"channels"``: refit the readers by least squares (``False``: the ablation, only zeroed).
-        include, exclude, types: which layers (the rule of :mod:`lightning_prune.targets`; for ``"channels"``
-            the groups whose producers match).
+        include, exclude, types: which layers (the rule of :mod:`lightning_prune.core.targets`; for
+            ``"channels"`` the groups whose producers match).
         damping: SparseGPT's relative Hessian damping (1% in the paper).
         block_size: SparseGPT's columns per lazy batch and mask selection (128 in the paper).
         round_to: ``"channels"``: kept widths multiples of it.
@@ -819,8 +820,8 @@ def prune_one_shot(
         batches = draw_batches(loader, calibration_batches)
     result = OneShotResult(method)
     if method == "channels":
-        from lightning_prune.compression import compress as compress_fn
-        from lightning_prune.gates import unit_masks
+        from lightning_prune.core.compression import compress as compress_fn
+        from lightning_prune.core.gates import unit_masks
         from lightning_prune.graph import restricted_norm_hooks
 
         example = _to_model(model_input(batches[0]), model) if batches else None
