@@ -113,6 +113,21 @@ def test_sparsegpt_matches_the_paper_and_beats_magnitude(nm):
     assert err_sgpt == pytest.approx(float(direct), rel=1e-9)
 
 
+def test_sparsegpt_prunes_the_weights_of_inputs_that_never_fired_first_and_keeps_the_rest():
+    x = _data()
+    x[:, 5] = 0.0  # a dead input (a channel that is zero on every calibration image)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    w[:, 5] = 10.0  # large: magnitude would keep them
+    h = x.t() @ x
+    new, keep = sparsegpt_prune(w[None], h[None], 0.25, block_size=32)
+    assert not keep[0, :, 5].any() and (new[0, :, 5] == 0).all()
+    assert float((~keep).float().mean()) == 0.25
+    # beyond the budget such weights are kept as they are
+    new, keep = sparsegpt_prune(w[None], h[None], 1 / 64, block_size=32)
+    assert int((~keep).sum()) == 4 and int((new[0, :, 5] == 0).sum()) == 4
+
+
 def test_sparsegpt_through_the_model_reduces_the_output_error_at_least_as_much_as_magnitude():
     x = _data().float()
     model = nn.Sequential(nn.Linear(32, 16))

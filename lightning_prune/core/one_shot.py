@@ -366,6 +366,9 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, nm: tuple[
     diag = torch.diagonal(h, dim1=1, dim2=2)
     dead = diag == 0
     diag[dead] = 1.0
+    # an input that never fired on the calibration data costs nothing to prune there: its weights score 0, so
+    # they are pruned first (the paper's code zeroes them; w^2 / U_jj^2 would rank them above live weights)
+    live = (~dead).to(w.dtype).unsqueeze(1)  # (G, 1, cols)
     diag += damping * diag.mean(dim=1, keepdim=True)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     prune = torch.zeros_like(w, dtype=torch.bool)
@@ -380,7 +383,7 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, nm: tuple[
         d1 = torch.diagonal(u1, dim1=1, dim2=2)  # (G, count)
         mask1 = torch.zeros_like(w1, dtype=torch.bool)
         if nm is None:
-            score = (w1 ** 2 / d1.unsqueeze(1) ** 2).reshape(groups, -1)
+            score = (w1 ** 2 / d1.unsqueeze(1) ** 2 * live[:, :, i1:i2]).reshape(groups, -1)
             k = round(score.shape[1] * sparsity)
             if k > 0:
                 flat = mask1.reshape(groups, -1)
@@ -391,7 +394,8 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, nm: tuple[
                 length = blocks[col]
                 drop = length - min(nm[0], length)
                 if drop > 0:
-                    score = w1[:, :, i:i + length] ** 2 / d1[:, None, i:i + length] ** 2
+                    score = (w1[:, :, i:i + length] ** 2 / d1[:, None, i:i + length] ** 2
+                             * live[:, :, col:col + length])
                     idx = score.topk(drop, dim=2, largest=False).indices + i
                     mask1.scatter_(2, idx, True)
             wcol = w1[:, :, i]
