@@ -150,9 +150,21 @@ def test_least_squares_refit_is_exact_when_removed_channels_are_combinations_of_
     b = torch.randn(3, generator=g, dtype=torch.float64)
     xa = torch.cat([x, torch.ones(200, 1, dtype=torch.float64)], 1)
     keep = torch.tensor([True, True, True, True, False, False])
-    new_w, new_b = refit_least_squares(w, b, xa.t() @ xa, keep)
+    new_w, new_b = refit_least_squares(w, b, xa.t() @ xa, keep, damping=1e-9)
     assert torch.equal(new_w[:, 4:], torch.zeros(3, 2, dtype=torch.float64))
     assert torch.allclose(x @ new_w.t() + new_b, x @ w.t() + b, atol=1e-5)
+
+
+def test_the_refit_is_a_ridge_regression_that_bounds_the_weights_of_collinear_inputs():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    x = torch.cat([base, base[:, :1] + 1e-4 * torch.randn(50, 1, generator=g, dtype=torch.float64),
+                   torch.randn(50, 1, generator=g, dtype=torch.float64)], dim=1)  # column 3 ~ column 0
+    w = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    keep = torch.tensor([True, True, True, True, False])
+    loose, _ = refit_least_squares(w, None, x.t() @ x, keep, damping=1e-12)
+    ridge, _ = refit_least_squares(w, None, x.t() @ x, keep, damping=0.01)
+    assert ridge.abs().max() < 10 < loose.abs().max()
 
 
 @pytest.mark.parametrize("compensate", [True, False])
@@ -166,7 +178,7 @@ def test_channels_with_compensation_keep_the_output_of_a_model_whose_removed_uni
     dense = copy.deepcopy(model)
     x = torch.randn(64, 8, generator=g)
     result = prune_one_shot(model, [x[:32], x[32:]], method="channels", target_sparsity=2 / 6,
-                            calibration_batches=2, compensate=compensate)
+                            calibration_batches=2, compensate=compensate, damping=1e-9)
     assert result.removed == {"0": [4, 5]}
     assert model[0].out_features == 4 and model[1].in_features == 4
     with torch.no_grad():

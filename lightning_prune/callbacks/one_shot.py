@@ -95,7 +95,8 @@ class OneShotPruning(PruningCallback):
         compensate: ``"channels"``: refit the readers' weights and bias by least squares on the calibration
             activations (``False``: the ablation, the removed units only cut).
         prune_step: when to prune: an optimizer step, or a fraction of training (0 = at the start of fit).
-        damping: SparseGPT's relative Hessian damping (``damping * mean(diag H)``; 1% in the paper).
+        damping: relative damping of SparseGPT's Hessian (``damping * mean(diag H)``; 1% in the paper) and
+            of the ``"channels"`` least-squares refit (ridge).
         block_size: SparseGPT's columns per lazy batch and mask selection (128 in the paper).
         round_to: ``"channels"``: kept widths multiples of it (heads and conv groups stay whole).
         input_size: ``(C, H, W)`` to trace the model for ``"channels"`` (default: ``example_input_array``,
@@ -297,7 +298,7 @@ class OneShotPruning(PruningCallback):
         removed, errors = prune_channels(pl_module, batches, self.groups, self._cost, prefix, root,
                                          self.target_flops, self.target_params, self.target_sparsity,
                                          self.compensate, self.round_to, forward, reduce,
-                                         self._progress("reader"))
+                                         self._progress("reader"), self.damping)
         self.errors = {k: float(v) for k, v in errors.items()}
         self.flops_remaining, params = self._cost.measured_ratios(removed)
         handles = restricted_norm_hooks(root, self.groups, removed, prefix=prefix)

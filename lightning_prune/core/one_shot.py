@@ -18,7 +18,7 @@ but that layer's statistics is kept in memory), each layer seeing the outputs of
   read them (``E[x_c^2] * ||W[:, c]||^2`` summed over the reading layers, normalised per group); the lowest
   units across groups go until ``target_flops``/``target_params`` is met (counted by torch-pruning on the
   sliced model). With ``compensate=True`` every reading Linear/Conv is then refit by least squares on the
-  calibration activations: ``[W_K, b] = [W, b] A[:, K] A[K, K]^-1`` with ``A = E[x x^T]`` of its input
+  calibration activations: ``[W_K, b] = [W, b] A[:, K] (A[K, K] + λI)^-1`` with ``A = E[x x^T]`` of its input
   augmented by a constant (FLAP / "least-squares compensation"), so the kept channels (and the bias)
   absorb what the removed ones contributed.
 
@@ -65,8 +65,8 @@ __all__ = [
 ]
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "channels")
-#: relative damping of the least-squares refit (tiny: only against singular kept inputs)
-REFIT_DAMPING = 1e-6
+#: relative damping of the least-squares refit (ridge): ``damping * mean(diag A[K, K])`` on the diagonal
+REFIT_DAMPING = 0.01
 
 Reduce = Callable[[Tensor], Tensor]
 Progress = Callable[[int, int, str, float], None]
@@ -593,7 +593,7 @@ def _site_columns(module: nn.Module, channels: set[int]) -> Tensor:
 def _compensate(model: nn.Module, root: nn.Module, prefix: str, groups: Sequence[Any],
                 removed: Mapping[str, Sequence[int]], batches: Sequence[Any],
                 forward: Callable[[nn.Module, Any], Any], reduce: Reduce | None, compensate: bool,
-                progress: Progress | None) -> dict[str, float]:
+                progress: Progress | None, damping: float = REFIT_DAMPING) -> dict[str, float]:
     """Zero (and, with ``compensate``, refit) every reader of a removed unit, reader by reader in module
     order, each on the inputs of the model as refit so far; returns the readers' reconstruction errors."""
     dead: dict[str, set[int]] = {}
@@ -627,7 +627,7 @@ def _compensate(model: nn.Module, root: nn.Module, prefix: str, groups: Sequence
             hessian = None
         bias = module.bias.detach().to(torch.float64) if has_bias else None
         if fit:
-            new_w, new_b = refit_least_squares(flat, bias, hessian, keep_cols)
+            new_w, new_b = refit_least_squares(flat, bias, hessian, keep_cols, damping)
         else:
             new_w, new_b = flat * keep_cols.to(flat.dtype), bias
         if hessian is not None:
@@ -706,7 +706,8 @@ def prune_channels(model: nn.Module, batches: Sequence[Any], groups: Sequence[An
                    root: nn.Module, target_flops: float | None = None, target_params: float | None = None,
                    sparsity: float = 0.5, compensate: bool = True, round_to: int = 1,
                    forward: Callable[[nn.Module, Any], Any] = default_forward, reduce: Reduce | None = None,
-                   progress: Progress | None = None) -> tuple[dict[str, list[int]], dict[str, float]]:
+                   progress: Progress | None = None, damping: float = REFIT_DAMPING
+                   ) -> tuple[dict[str, list[int]], dict[str, float]]:
     """Choose the units to remove and refit their readers (the model keeps its shapes; the removed units are
     zero at every reader). Returns the plan and the readers' reconstruction errors."""
     from lightning_prune.graph import restricted_norm_hooks
@@ -717,7 +718,7 @@ def prune_channels(model: nn.Module, batches: Sequence[Any], groups: Sequence[An
     handles = restricted_norm_hooks(root, groups, removed, prefix=prefix)
     try:
         errors = _compensate(model, root, prefix, groups, removed, batches, forward, reduce, compensate,
-                             progress)
+                             progress, damping)
     finally:
         for h in handles:
             h.remove()
@@ -775,7 +776,8 @@ def prune_one_shot(
         compensate: ``"channels"``: refit the readers by least squares (``False``: the ablation, only zeroed).
         include, exclude, types: which layers (the rule of :mod:`lightning_prune.core.targets`; for
             ``"channels"`` the groups whose producers match).
-        damping: SparseGPT's relative Hessian damping (1% in the paper).
+        damping: relative damping of SparseGPT's Hessian (1% in the paper) and of the least-squares refit
+            (ridge: ``damping * mean(diag)``; without it nearly collinear kept inputs give huge weights).
         block_size: SparseGPT's columns per lazy batch and mask selection (128 in the paper).
         round_to: ``"channels"``: kept widths multiples of it.
         compress: ``"channels"``: remove the units physically (:func:`lightning_prune.compress`); ``False``
@@ -833,7 +835,7 @@ def prune_one_shot(
                                                                   example)
         removed, errors = prune_channels(model, batches, groups, cost, prefix, root, target_flops,
                                          target_params, sparsity, compensate, round_to, forward, reduce,
-                                         progress)
+                                         progress, damping)
         keep = [torch.tensor([u not in set(removed.get(g.name, ())) for u in range(g.size)]) for g in groups]
         result.masks = unit_masks(model, groups, keep)
         with torch.no_grad():
