@@ -342,7 +342,8 @@ class EvolutionaryMutation(Callback):
         return loaders
 
     def fitness_data(self, trainer: pl.Trainer) -> list[Any]:
-        """The batches of this generation's fitness set, on the model's device."""
+        """The batches of this generation's fitness set, on the model's device, their floating tensors in the
+        precision's input dtype (as Lightning converts training batches: float64 under ``"64-true"``)."""
         cap = self.fitness_batches
         limit = trainer.limit_val_batches
         limited = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
@@ -352,7 +353,7 @@ class EvolutionaryMutation(Callback):
         for i, batch in enumerate(self._fitness_source(trainer)):
             if cap is not None and i >= cap:
                 break
-            batches.append(trainer.strategy.batch_to_device(batch))
+            batches.append(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch)))
         if not batches:
             raise MisconfigurationException(
                 "EvolutionaryMutation's fitness set is empty."

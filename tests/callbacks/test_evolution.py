@@ -413,3 +413,12 @@ def test_ddp_spawn_ranks_split_the_population_and_stay_bit_identical(tmp_path):
     assert rank0["metrics"] == rank1["metrics"]
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name
+
+
+def test_a_float64_fit_scores_its_offspring_in_float64(tmp_path):
+    """precision="64-true" converts the model; the fitness batches are converted like the training batches
+    (they were float32 and the offspring's evaluation failed)."""
+    evo = EvolutionaryMutation(population=2, every_n_steps=1, fitness_batches=1, verbose=False)
+    fit_tiny([evo], tmp_path, model=tiny_classifier(), precision="64-true", max_epochs=1,
+             limit_train_batches=1, limit_val_batches=1)
+    assert evo.generation == 1
