@@ -326,6 +326,17 @@ class GradualMagnitudePruning(PruningCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if not getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            self._start(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            # ModelParallelStrategy restores the callbacks' state after on_fit_start, and a train dataloader
+            # built before the restore (the schedule's fractions need its length) would not resume mid-epoch
+            self._start(trainer)
+
+    def _start(self, trainer: pl.Trainer) -> None:
         _, _, begin, end = self._resolve_schedule(trainer)
         # the target of the last update (a resumed fit restores it; Lightning restores global_step only later)
         self.current_target = self.sparsity_at(self.last_update)

@@ -16,7 +16,6 @@ from lightning_prune.callbacks.distill import KnowledgeDistillation
 from lightning_prune.callbacks.evolution import EvolutionaryMutation
 from lightning_prune.core.masks import MaskSet
 from lightning_prune.core.sharding import local_tensor
-from lightning_prune.core.targets import resolve_targets
 from lightning_prune.testing import tiny_classifier, tiny_datamodule
 from tests.sharded import ShardedClassifier, run_two
 
@@ -77,7 +76,8 @@ def _magnitude(**kwargs) -> lp.GradualMagnitudePruning:
 
 
 _CASES = [{"scope": "global"}, {"scope": "layer"}, {"scope": "global", "pattern": "2:4"},
-          {"scope": "layer", "pattern": "2:4"}, {"scope": "global", "pattern": "2:4", "pattern_ramp": "steps"},
+          {"scope": "layer", "pattern": "2:4"},
+          {"scope": "global", "pattern": "2:4", "pattern_ramp": "steps"},
           {"scope": "global", "layer_targets": {"2": 0.3}}]
 _SPARSITIES = (0.3, 0.6, 0.85)
 
@@ -186,3 +186,49 @@ def test_magnitude_on_a_sharded_vit_prunes_like_ddp():
 ])
 def test_magnitude_variants_on_a_sharded_vit_prune_like_ddp(kwargs):
     _assert_same_as_ddp({"target_sparsity": 0.7, "every_n_steps": 2, "sparsity_end_step": 0.5, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _fit_with_checkpoints(root: str, distributed: bool | None, ckpt_path: str | None, steps: int = 4,
+                          epochs: int = 2):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier()
+    cb = lp.GradualMagnitudePruning(target_sparsity=0.7, every_n_steps=2, sparsity_end_step=0.75,
+                                    verbose=False)
+    callbacks = [cb]
+    if ckpt_path is None:
+        callbacks.append(ModelCheckpoint(dirpath=f"{root}/ckpt", save_top_k=-1, every_n_train_steps=3,
+                                         filename="{step}"))
+    strategy = ("ddp" if distributed is None else
+                ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                      save_distributed_checkpoint=distributed))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs,
+                         limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=ckpt_path is None, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+                         callbacks=callbacks, default_root_dir=root)
+    trainer.fit(model, datamodule=tiny_datamodule(), ckpt_path=ckpt_path)
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    return cb.state_dict(), weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("distributed", [True, False], ids=["sharded-checkpoint", "full-checkpoint"])
+def test_magnitude_resumes_mid_epoch_exactly_from_an_fsdp2_checkpoint(tmp_path, distributed):
+    """The callback's state (masks gathered whole, schedule, thresholds) is in both kinds of checkpoint;
+    resuming at step 3 (mid-epoch: 4 steps per epoch) ends exactly like the uninterrupted run."""
+    full = run_two(_fit_with_checkpoints, str(tmp_path / "full"), distributed, None)
+    ckpt = tmp_path / "full" / "ckpt" / "step=3.ckpt"
+    assert ckpt.is_dir() == distributed and ckpt.exists()
+    resumed = run_two(_fit_with_checkpoints, str(tmp_path / "resumed"), distributed, str(ckpt))
+    (state, weights), (resumed_state, resumed_weights) = full[0], resumed[0]
+    assert state["last_update"] == 8 and set(state["masks"]) and state.keys() == resumed_state.keys()
+    for name, mask in state["masks"].items():
+        assert torch.equal(mask, resumed_state["masks"][name]), name
+    assert state["thresholds"] == resumed_state["thresholds"]
+    for name, w in weights.items():
+        assert torch.equal(w, resumed_weights[name]), name
