@@ -232,3 +232,25 @@ def test_magnitude_resumes_mid_epoch_exactly_from_an_fsdp2_checkpoint(tmp_path, 
     assert state["thresholds"] == resumed_state["thresholds"]
     for name, w in weights.items():
         assert torch.equal(w, resumed_weights[name]), name
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_and_prunes(tmp_path):
+    """The README's 'Sharded training' script, run as the user would (`python sharded.py`: Lightning launches
+    the second process itself)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Sharded training"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "sharded.py").write_text(code, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    done = subprocess.run([sys.executable, "sharded.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sparsity 70.00%" in done.stdout + done.stderr
