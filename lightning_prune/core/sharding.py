@@ -16,10 +16,13 @@ from torch import Tensor
 
 __all__ = [
     "Reduce",
+    "full_copy",
     "gather_full",
     "is_sharded",
     "local_slice",
     "local_tensor",
+    "shard_like",
+    "shard_position",
     "shard_reduce",
     "sharding_problem",
 ]
@@ -137,3 +140,40 @@ def shard_reduce(tensors: Iterable[Tensor]) -> Reduce | None:
         return out.to(value.device)
 
     return reduce
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` as a ``DTensor`` sharded like ``like`` (this rank keeps its part; no communication)."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import DTensor
+
+    local = local_slice(full.to(local_tensor(like).device), like).contiguous()
+    return DTensor.from_local(local, like.device_mesh, like.placements,  # type: ignore[attr-defined]
+                              run_check=False, shape=like.shape, stride=like.stride())
+
+
+def shard_position(like: Tensor) -> tuple[int, int] | None:
+    """``(position, positions)`` of this rank's shard of ``like`` in the full tensor's row order when ``like``
+    is cut along dim 0 on a one-dimensional mesh (FSDP2's default), else ``None``."""
+    if not is_sharded(like):
+        return None
+    placements = like.placements  # type: ignore[attr-defined]
+    if len(placements) != 1 or not placements[0].is_shard(0):
+        return None
+    mesh = like.device_mesh  # type: ignore[attr-defined]
+    return int(mesh.get_coordinate()[0]), int(mesh.size(0))
+
+
+def full_copy(value: object) -> object:
+    """``value`` (nested dicts, lists, tuples) with every ``DTensor`` gathered whole on the CPU (a collective
+    on every rank); other values as they are."""
+    if is_sharded(value):
+        return value.full_tensor().cpu()  # type: ignore[attr-defined]
+    if isinstance(value, dict):
+        return {k: full_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [full_copy(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(full_copy(v) for v in value)
+    return value

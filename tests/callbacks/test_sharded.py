@@ -53,11 +53,12 @@ def test_tensor_parallelism_is_refused_at_setup_by_name(size):
 
 
 def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
-    for cb in _every_callback()[1:]:
+    for cb in _every_callback()[2:]:
         with pytest.raises(MisconfigurationException,
                            match=rf"{type(cb).__name__} cannot act under ModelParallelStrategy"):
             cb.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
     lp.GradualMagnitudePruning().setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
+    lp.LotteryTicket().setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
 
 
 # ---------------------------------------------------------------------------------------------- thresholds
@@ -138,27 +139,31 @@ def test_global_threshold_and_masks_across_ranks_equal_the_single_process_ones()
 
 
 # ---------------------------------------------------------------------------------------------- a fit
-def _fit(kind: str, callback_kwargs: dict, steps: int = 6):
+def _fit(kind: str, callback_kwargs: dict, steps: int = 6, lottery: bool = False):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     pl.seed_everything(0, verbose=False)
     model = ShardedClassifier()
     strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2"
                 else "ddp")
-    cb = lp.GradualMagnitudePruning(verbose=False, **callback_kwargs)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1,
-                         limit_train_batches=steps, limit_val_batches=0, logger=False,
+    cb = (lp.LotteryTicket if lottery else lp.GradualMagnitudePruning)(verbose=False, **callback_kwargs)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=3 if lottery else 1,
+                         limit_train_batches=steps, limit_val_batches=2 if lottery else 0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, deterministic=True, callbacks=[cb])
     trainer.fit(model, datamodule=tiny_datamodule())
     weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                for k, v in model.state_dict().items()}
+    if lottery:
+        state = cb.state_dict()  # the rewind point gathered whole
+        assert state["round"] == 2 and state["rewind_state"]["step"] == 2
+        assert not any(hasattr(v, "full_tensor") for v in state["rewind_state"]["module"].values())
     return cb.masks.state_dict(), weights, cb.masks.memory_bytes(), cb.sparsity_metrics()
 
 
-def _assert_same_as_ddp(callback_kwargs: dict) -> None:
-    fsdp = run_two(_fit, "fsdp2", callback_kwargs)
-    ddp = run_two(_fit, "ddp", callback_kwargs)
+def _assert_same_as_ddp(callback_kwargs: dict, *fit_args) -> None:
+    fsdp = run_two(_fit, "fsdp2", callback_kwargs, *fit_args)
+    ddp = run_two(_fit, "ddp", callback_kwargs, *fit_args)
     masks, weights, mask_bytes, metrics = fsdp[0]
     ddp_masks, ddp_weights, ddp_bytes, ddp_metrics = ddp[0]
     assert masks.keys() == ddp_masks.keys() and len(masks) > 4
@@ -170,6 +175,12 @@ def _assert_same_as_ddp(callback_kwargs: dict) -> None:
     assert mask_bytes <= 0.55 * ddp_bytes  # each rank holds about half of the masks
     for name, w in ddp_weights.items():  # the same trajectory (not asserted bitwise: float32 reductions)
         torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lottery_ticket_on_a_sharded_vit_prunes_and_rewinds_like_ddp():
+    """LotteryTicket, 2 rounds of one epoch, rewound to step 2 (the snapshot held as shards): DDP's masks."""
+    _assert_same_as_ddp({"rounds": 2, "epochs_per_round": 1, "rewind_step": 2}, 4, True)
 
 
 def test_magnitude_on_a_sharded_vit_prunes_like_ddp():
@@ -190,14 +201,15 @@ def test_magnitude_variants_on_a_sharded_vit_prune_like_ddp(kwargs):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def _fit_with_checkpoints(root: str, distributed: bool | None, ckpt_path: str | None, steps: int = 4,
-                          epochs: int = 2):
+                          epochs: int = 2, lottery: bool = False):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     pl.seed_everything(0, verbose=False)
     model = ShardedClassifier()
-    cb = lp.GradualMagnitudePruning(target_sparsity=0.7, every_n_steps=2, sparsity_end_step=0.75,
-                                    verbose=False)
+    cb = (lp.LotteryTicket(rounds=2, epochs_per_round=1, rewind_step=2, verbose=False) if lottery else
+          lp.GradualMagnitudePruning(target_sparsity=0.7, every_n_steps=2, sparsity_end_step=0.75,
+                                     verbose=False))
     callbacks = [cb]
     if ckpt_path is None:
         callbacks.append(ModelCheckpoint(dirpath=f"{root}/ckpt", save_top_k=-1, every_n_train_steps=3,
@@ -206,7 +218,7 @@ def _fit_with_checkpoints(root: str, distributed: bool | None, ckpt_path: str | 
                 ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
                                       save_distributed_checkpoint=distributed))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs,
-                         limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         limit_train_batches=steps, limit_val_batches=2 if lottery else 0, logger=False,
                          enable_checkpointing=ckpt_path is None, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
                          callbacks=callbacks, default_root_dir=root)
@@ -214,6 +226,21 @@ def _fit_with_checkpoints(root: str, distributed: bool | None, ckpt_path: str | 
     weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                for k, v in model.state_dict().items()}
     return cb.state_dict(), weights
+
+
+@pytest.mark.slow
+def test_lottery_ticket_resumes_mid_epoch_from_a_sharded_checkpoint(tmp_path):
+    """The rewind point (captured at step 2 as shards, saved whole) read back from a sharded checkpoint of
+    step 3 and rewound into the shards at the round boundary: the uninterrupted run's masks and weights."""
+    full = run_two(_fit_with_checkpoints, str(tmp_path / "full"), True, None, 4, 3, True)
+    ckpt = tmp_path / "full" / "ckpt" / "step=3.ckpt"
+    resumed = run_two(_fit_with_checkpoints, str(tmp_path / "resumed"), True, str(ckpt), 4, 3, True)
+    (state, weights), (resumed_state, resumed_weights) = full[0], resumed[0]
+    assert state["round"] == resumed_state["round"] == 2
+    for name, mask in state["masks"].items():
+        assert torch.equal(mask, resumed_state["masks"][name]), name
+    for name, w in weights.items():
+        assert torch.equal(w, resumed_weights[name]), name
 
 
 @pytest.mark.slow
@@ -254,3 +281,46 @@ def test_the_readme_example_runs_and_prunes(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sparsity 70.00%" in done.stdout + done.stderr
+
+
+def _lottery_rounds_on_shards():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_prune.core.sharding import gather_full, local_slice, shard_reduce
+    from lightning_prune.functional.lottery import prune_by_percent_across
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,))
+    model = _constructed_model()
+    fully_shard(model, mesh=mesh)
+    params = {n: p for n, p in model.named_parameters() if p.dim() == 2}
+    out = []
+    for scope, rates in (("global", None), ("layer", None), ("global", {"3.weight": 0.1})):
+        masks = {n: torch.ones_like(local_tensor(p), dtype=torch.bool) for n, p in params.items()}
+        rounds = []
+        for _ in range(3):
+            local = {n: local_tensor(p) for n, p in params.items()}
+            masks = prune_by_percent_across(local, masks, 0.3, scope, rates, shard_reduce(params.values()),
+                                            dist.get_rank(), 2)
+            rounds.append({n: gather_full(m, params[n]) for n, m in masks.items()})
+        out.append(rounds)
+    assert local_slice(torch.zeros(7, 12), params["0.weight"]).shape == (4 - dist.get_rank(), 12)
+    return out
+
+
+def test_lottery_rounds_across_ranks_equal_the_single_process_ones():
+    """prune_by_percent on shards (ties broken in the full tensors' order, as a stable sort does) equals
+    prune_by_percent on the whole tensors, round after round, for global, per-layer and output-layer rates."""
+    from lightning_prune.functional.lottery import prune_by_percent
+
+    ranks = run_two(_lottery_rounds_on_shards)
+    weights = {n: p for n, p in _constructed_model().named_parameters() if p.dim() == 2}
+    cases = (("global", None), ("layer", None), ("global", {"3.weight": 0.1}))
+    for (scope, rates), rank0, rank1 in zip(cases, *ranks):
+        masks = None
+        for got0, got1 in zip(rank0, rank1):
+            masks = prune_by_percent(weights, masks, 0.3, scope, rates)
+            for name, mask in masks.items():
+                assert torch.equal(got0[name], mask) and torch.equal(got1[name], mask), (scope, name)
