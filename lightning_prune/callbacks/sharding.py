@@ -2,7 +2,8 @@
 
 Under Lightning's ``ModelParallelStrategy`` (PyTorch's FSDP2: ``fully_shard`` applied in the LightningModule's
 ``configure_model``) every parameter becomes a ``DTensor`` shard. The mask callbacks that say so
-(``supports_sharding = True``: :class:`~lightning_prune.GradualMagnitudePruning`) hold their masks on the
+(``supports_sharding = True``: :class:`~lightning_prune.GradualMagnitudePruning`,
+:class:`~lightning_prune.LotteryTicket`) hold their masks on the
 shards; every other callback refuses the strategy at setup, naming it and what to do. ``FSDPStrategy`` (FSDP1:
 flat parameters) and tensor parallelism (``tensor_parallel_size > 1``) are refused by every callback.
 """
@@ -63,4 +64,4 @@ def check_sharding(trainer: Any, who: str, supported: bool) -> None:
             f"{who} cannot act under {name} (FSDP2) yet: it would not see the sharded weights and would run"
             " without effect. HINT: use strategy='ddp' (or a single device); under ModelParallelStrategy the"
             " supported callbacks are listed in the README's 'Sharded training' section"
-            " (GradualMagnitudePruning).")
+            " (GradualMagnitudePruning, LotteryTicket).")
