@@ -181,3 +181,17 @@ def test_a_model_torch_pruning_cannot_count_needs_no_size_target(tmp_path, monke
     pruning = lp.GroupLassoPruning(finalize_step=0.5, verbose=False)
     trainer, _ = fit_tiny([pruning], tmp_path, max_steps=4, limit_val_batches=0)
     assert trainer.global_step == 4 and pruning.finalized and pruning.size_metrics() == {}
+
+
+def test_dpn_which_torch_pruning_cannot_trace_is_analysed_by_parts_and_every_group_is_exact():
+    """dpn68: torch-pruning's concatenation index mapping raises a TypeError on the whole model (the issue's
+    crash inside the fit); its blocks are analysed one by one instead."""
+    torch.manual_seed(0)
+    model = timm.create_model("dpn68", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    analysis = analyse_channels(model, x)
+    assert "tracing it failed in torch-pruning (TypeError" in analysis.skipped["DPN"]
+    assert len(analysis.groups) > 10 and analysis.coverage > 0.5
+    removed = {g.name: list(range(0, g.size - 1, 3)) for g in analysis.groups}
+    masked, _, sliced = masked_and_sliced(model, x, analysis.groups, removed)
+    assert torch.allclose(masked, sliced, rtol=1e-9, atol=1e-9 * float(masked.abs().max()))
