@@ -58,7 +58,6 @@ def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
                            match=rf"{type(cb).__name__} cannot act under ModelParallelStrategy"):
             cb.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
     lp.GradualMagnitudePruning().setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
-    lp.LotteryTicket().setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
 
 
 # ---------------------------------------------------------------------------------------------- thresholds
