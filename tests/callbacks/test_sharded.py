@@ -33,7 +33,7 @@ def _every_callback():
     teacher = nn.Linear(2, 2)
     return [lp.GradualMagnitudePruning(), lp.LotteryTicket(), lp.GroupLassoPruning(), lp.L0Pruning(),
             ActivationDecay(), EvolutionaryMutation(), KnowledgeDistillation(teacher=teacher),
-            RandomUnstructured()]
+            RandomUnstructured(), lp.OneShotPruning()]
 
 
 @pytest.mark.parametrize("name", ["FSDPStrategy", "XLAFSDPStrategy"])
