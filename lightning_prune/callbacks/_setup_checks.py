@@ -2,9 +2,8 @@
 
 The schedules warn when a position falls after the end of the fit
 (:func:`~lightning_prune.callbacks.schedules.warn_if_after_training`); these checks warn when the Trainer's
-strategy, precision plugin or the model's mode keep a callback from acting at all, so that nothing is silently
-a no-op. Compression inside the fit under a sharded strategy is refused outright
-(:func:`~lightning_prune.callbacks.shrink.check_strategy`); what is left here is the pruning itself.
+precision plugin or the model's mode keep a callback from acting at all, so that nothing is silently a no-op.
+Sharded strategies are refused at setup (:mod:`lightning_prune.callbacks.sharding`).
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
-
-from lightning_prune.callbacks.shrink import UNSUPPORTED_STRATEGIES
 
 __all__ = ["LAYER_REPLACING_PRECISIONS", "cannot_act_reasons", "warn_if_cannot_act"]
 
@@ -27,18 +24,12 @@ def cannot_act_reasons(trainer: Any, pl_module: Any, owner: str, sampled_in_trai
     """Why ``owner`` (a channel callback) cannot act in this fit, one message per reason (empty: it can).
 
     Args:
-        trainer: the Trainer (its ``strategy`` and ``precision_plugin`` are read).
+        trainer: the Trainer (its ``precision_plugin`` is read).
         pl_module: the LightningModule, in the mode the user left it.
         owner: the callback's class name, as the messages start.
         sampled_in_training: the callback's gates are random in train mode only (L0's hard-concrete gates).
     """
     reasons = []
-    strategy = type(getattr(trainer, "strategy", None)).__name__
-    if strategy in UNSUPPORTED_STRATEGIES:
-        reasons.append(
-            f"{owner} prunes whole weight tensors (masks, gates folded into weight columns), but under"
-            f" {strategy} each rank holds a shard of flattened or wrapped parameters: the units are not"
-            " pruned as configured. HINT: use strategy='ddp' or a single device.")
     precision = type(getattr(trainer, "precision_plugin", None)).__name__
     if precision in LAYER_REPLACING_PRECISIONS:
         reasons.append(

@@ -1,5 +1,6 @@
-"""Every channel callback warns at setup when the Trainer's strategy, precision or the model's mode keep it
-from acting (lightning_prune.callbacks._setup_checks), so that nothing is silently a no-op."""
+"""Every channel callback warns at setup when the Trainer's precision or the model's mode keep it from acting
+(lightning_prune.callbacks._setup_checks), so that nothing is silently a no-op (sharded strategies are
+refused: tests/callbacks/test_sharded.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 from lightning.pytorch.plugins.precision import BitsandbytesPrecision, Precision, TransformerEnginePrecision
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 import lightning_prune as lp
 from lightning_prune.callbacks._setup_checks import cannot_act_reasons
 from lightning_prune.testing import fit_tiny, tiny_classifier
 
-#: a single-device strategy that the checks take for a sharded one (FSDP needs several processes or a GPU)
-ShardedLookalike = type("FSDPStrategy", (SingleDeviceStrategy,), {})
+#: a plain precision plugin that the checks take for bitsandbytes (which needs its package and a GPU)
+SwappingLookalike = type("BitsandbytesPrecision", (Precision,), {})
 ONE_STEP = {"max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 0}
 
 
@@ -24,8 +25,6 @@ def _trainer(strategy=SingleDeviceStrategy, precision=Precision):
 
 
 @pytest.mark.parametrize(("trainer", "match"), [
-    (_trainer(FSDPStrategy), r"X prunes whole weight tensors .* under FSDPStrategy each rank holds a shard"),
-    (_trainer(DeepSpeedStrategy), r"under DeepSpeedStrategy .*HINT: use strategy='ddp'"),
     (_trainer(precision=BitsandbytesPrecision), r"X cannot prune under BitsandbytesPrecision: it replaces"),
     (_trainer(precision=TransformerEnginePrecision), r"under TransformerEnginePrecision"),
 ])
@@ -45,9 +44,9 @@ def test_a_plain_trainer_and_a_module_in_train_mode_give_no_reason():
 @pytest.mark.parametrize("make", [lambda: lp.GroupLassoPruning(finalize_step=1.0, verbose=False),
                                   lambda: lp.L0Pruning(finalize_step=1.0, verbose=False)],
                          ids=["group_lasso", "l0"])
-def test_the_gate_callbacks_warn_at_setup_under_a_sharded_strategy(make, tmp_path):
-    with pytest.warns(UserWarning, match=r"Pruning prunes whole weight tensors .* under FSDPStrategy"):
-        fit_tiny([make()], tmp_path, strategy=ShardedLookalike(device="cpu"), **ONE_STEP)
+def test_the_gate_callbacks_warn_at_setup_under_a_layer_swapping_precision(make, tmp_path):
+    with pytest.warns(UserWarning, match=r"Pruning cannot prune under BitsandbytesPrecision"):
+        fit_tiny([make()], tmp_path, plugins=[SwappingLookalike()], **ONE_STEP)
 
 
 def test_l0_warns_for_a_module_left_in_eval_mode(tmp_path):
