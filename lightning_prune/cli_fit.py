@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -33,6 +33,10 @@ class PruneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the final weights and print the sparsity table.")
+        parser.add_argument("--torch_threads", type=Optional[int], default=None,
+                            help="torch's intra-op thread count for the run (torch.set_num_threads; default:"
+                                 " torch's, one per core). A fixed count makes a seeded CPU run give the same"
+                                 " result on every machine and keeps it from stalling on a busy one.")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         try:
@@ -46,6 +50,14 @@ class PruneCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         _check_accelerator((config.get("trainer") or {}).get("accelerator"))
+        threads = config.get("torch_threads")
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError(f"`torch_threads` must be an integer >= 1, got {threads}."
+                                  " HINT: leave it unset (null) for torch's default, one thread per core.")
+            import torch
+
+            torch.set_num_threads(threads)
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):

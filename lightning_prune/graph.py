@@ -53,6 +53,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.targets import as_patterns, matches, uncompiled
+from lightning_prune.threads import analysis_threads
 
 __all__ = [
     "GRAPH_TIME_LIMIT_S",
@@ -1010,7 +1011,7 @@ def analyse_channels(
     start = time.monotonic()
     analysis = ChannelAnalysis()
     full = functools.partial(_prefixed, prefix)
-    with _deadline(time_limit_s, type(model).__name__) as check:
+    with analysis_threads(), _deadline(time_limit_s, type(model).__name__) as check:
         graph = _build_graph(model, example_inputs)
         check()
         names = _names(model, graph)

@@ -45,6 +45,7 @@ from lightning_prune.graph import (
     example_inputs_for,
     traced_root,
 )
+from lightning_prune.input_shape import traced_input_size
 from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars
 from lightning_prune.schedules import resolve_step, until_the_end, warn_if_after_training
 from lightning_prune.shrink import (
@@ -117,8 +118,9 @@ class GatePruningCallback(PruningCallback):
         compress_step: when to remove them instead: an optimizer step or a fraction of training (``1.0`` = at
             the end of training); not before finalisation.
         compress_epoch: the same as an epoch (at its start) or a fraction of training.
-        input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
-            ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
+        input_size: ``(C, H, W)`` used to trace the model and count its FLOPs (default: the LightningModule's
+            ``example_input_array``, else the shape of the first training batch, logged once, else timm's
+            ``pretrained_cfg["input_size"]``).
         include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
     """
 
@@ -184,6 +186,7 @@ class GatePruningCallback(PruningCallback):
         self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
         self.compress = self.shrink.enabled
         self.input_size = check_input_size("input_size", input_size)
+        self.traced_size: tuple[int, ...] | None = self.input_size  # set at setup: see input_shape.py
         # state
         self.groups: list[ChannelGroup] | None = None
         self.skipped: dict[str, str] = {}
@@ -223,7 +226,7 @@ class GatePruningCallback(PruningCallback):
     def find_groups(self, pl_module: pl.LightningModule) -> list[ChannelGroup]:
         prefix, root = traced_root(pl_module)
         with as_misconfiguration(), input_size_errors(self.input_size):
-            example = example_inputs_for(root, self.input_size)
+            example = example_inputs_for(root, self.traced_size)
             analysis = analyse_channels(root, example, self.include, self.exclude, self.prune_coupled,
                                         prefix=prefix)
         self._traced_prefix, self.skipped, self.coverage = prefix, analysis.skipped, analysis.coverage
@@ -552,6 +555,9 @@ class GatePruningCallback(PruningCallback):
             self.gateset.detach()
             self.gateset = None
         self._model = pl_module
+        if rebuilt:
+            self.traced_size = traced_input_size(self.input_size, trainer, pl_module, type(self).__name__,
+                                                 self.verbose)
         if self.shrink.enabled and trainer is not None and stage == "fit":
             check_strategy(trainer, type(self).__name__)
             self.shrink.install_resume(trainer, self.state_key,
@@ -653,12 +659,12 @@ class GatePruningCallback(PruningCallback):
             return
         _, root = traced_root(pl_module)
         removed = self._removed()
-        compress_in_fit(trainer, pl_module, self.groups, removed, example_inputs_for(root, self.input_size))
+        compress_in_fit(trainer, pl_module, self.groups, removed, example_inputs_for(root, self.traced_size))
         if self.gateset is not None:  # (the restricted norms checked the compression; they are idle now)
             self.gateset.release_norms()
         self.shrink.removed = removed
         self._after_compression(pl_module)
-        log_model_size(trainer, pl_module, self.input_size, type(self).__name__, self.verbose)
+        log_model_size(trainer, pl_module, self.traced_size, type(self).__name__, self.verbose)
 
     def compress_model(self, pl_module: pl.LightningModule) -> None:
         """Remove the pruned units physically at the end of training (:func:`lightning_prune.compress` with
@@ -669,7 +675,7 @@ class GatePruningCallback(PruningCallback):
             return
         _, root = traced_root(pl_module)
         removed = self._removed()
-        compress(pl_module, example_inputs_for(root, self.input_size), groups=self.groups, removed=removed,
+        compress(pl_module, example_inputs_for(root, self.traced_size), groups=self.groups, removed=removed,
                  round_to=1)  # (the plan is rounded already)
         if self.gateset is not None:
             self.gateset.release_norms()

@@ -32,6 +32,7 @@ from lightning_prune.graph import (
     slice_units,
     traced_root,
 )
+from lightning_prune.input_shape import traced_input_size
 from lightning_prune.logging import PREFIX, log_scalars
 from lightning_prune.schedules import polynomial_sparsity, resolve_step, until_the_end
 from lightning_prune.shrink import (
@@ -75,7 +76,8 @@ class BaselinePruning(PruningCallback):
 
     Args:
         input_size: ``(C, H, W)`` used to trace the model for its channel groups (default: the
-            LightningModule's ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
+            LightningModule's ``example_input_array``, else the shape of the first training batch, else
+            timm's ``pretrained_cfg["input_size"]``).
         compress: remove the pruned units inside the fit (default ``False``: masks only).
         compress_step: when, in optimizer steps or as a fraction of training (``1.0`` = at the end of
             training); default: right after the units are decided.
@@ -100,6 +102,7 @@ class BaselinePruning(PruningCallback):
     ) -> None:
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
         self.input_size = check_input_size("input_size", input_size)
+        self.traced_size: tuple[int, ...] | None = self.input_size  # set at setup (input_shape.py)
         self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
         if self.shrink.enabled and not self.channel_wise:
             raise MisconfigurationException(
@@ -156,7 +159,7 @@ class BaselinePruning(PruningCallback):
             return targets
         with as_misconfiguration(), input_size_errors(self.input_size):
             self.groups = channel_groups(pl_module, include=self.include or None,
-                                         exclude=self.exclude or None, input_size=self.input_size)
+                                         exclude=self.exclude or None, input_size=self.traced_size)
         if not self.groups:
             raise MisconfigurationException(
                 f"{type(self).__name__} found no removable channel group in {type(pl_module).__name__}."
@@ -196,6 +199,9 @@ class BaselinePruning(PruningCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._model = pl_module
+        if self.channel_wise and (stage == "fit" or self.groups is None):
+            self.traced_size = traced_input_size(self.input_size, trainer, pl_module, type(self).__name__,
+                                                 self.verbose)
         if self.shrink.enabled and trainer is not None and stage == "fit":
             check_strategy(trainer, type(self).__name__)
             self.shrink.install_resume(trainer, self.state_key,
@@ -250,7 +256,7 @@ class BaselinePruning(PruningCallback):
         assert self.groups is not None and self.unit_keep is not None
         _, root = traced_root(pl_module)
         removed = self.removed_units()
-        example = example_inputs_for(root, self.input_size)
+        example = example_inputs_for(root, self.traced_size)
         if in_fit:  # (the restricted norms let compress prove the masked and the sliced model equal)
             compress_in_fit(trainer, pl_module, self.groups, removed, example)
         else:
@@ -258,7 +264,7 @@ class BaselinePruning(PruningCallback):
         self.shrink.removed = removed
         self._restrict_norms()  # (removes them: the norms of the smaller model see the kept channels only)
         self.retarget(pl_module)
-        log_model_size(trainer, pl_module, self.input_size, type(self).__name__, self.verbose)
+        log_model_size(trainer, pl_module, self.traced_size, type(self).__name__, self.verbose)
 
     def _apply_removed(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
         """Resume: the checkpoint holds the smaller model; take its shapes before Lightning loads its
