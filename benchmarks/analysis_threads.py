@@ -38,7 +38,7 @@ def child(model_name: str, size: int, threads: int | None, pin: bool) -> dict[st
     model = timm.create_model(model_name, num_classes=10)
     example = example_inputs_for(model, (3, size, size))
     if not pin:  # measure the analysis as it was: at whatever thread count the caller has
-        from lightning_prune import threads as lp_threads
+        from lightning_prune.core import threads as lp_threads
 
         lp_threads.ANALYSIS_THREADS = None
     usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()

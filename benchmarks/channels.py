@@ -209,7 +209,7 @@ def round_to_sweep(reps: int, log: Any) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     net = classifier("resnet18", 0.05).model.eval()
     analysis = analyse_channels(net, torch.randn(2, 3, SIDE, SIDE))
-    from lightning_prune.compression import round_kept
+    from lightning_prune.core.compression import round_kept
 
     nets = {}
     for r in (1, 8, 16):

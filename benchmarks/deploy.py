@@ -46,8 +46,8 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 import lightning_prune as lp  # noqa: E402
+from lightning_prune.deploy.onnx import onnx_latency, onnx_session  # noqa: E402
 from lightning_prune.functional import nm_violations  # noqa: E402
-from lightning_prune.onnx_export import onnx_latency, onnx_session  # noqa: E402
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).resolve().parent / "results"

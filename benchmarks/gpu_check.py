@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import lightning_prune as lp  # noqa: E402
 from lightning_prune.callbacks.gating import GatePruningCallback  # noqa: E402
-from lightning_prune.models import ImageClassifier  # noqa: E402
+from lightning_prune.training.models import ImageClassifier  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BATCH, SIZE, STEPS_PER_EPOCH, EPOCHS, WARMUP = 64, 64, 8, 2, 4

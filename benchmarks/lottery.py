@@ -51,8 +51,8 @@ from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
 from lightning_prune.callbacks.base import PruningCallback  # noqa: E402
 from lightning_prune.callbacks.lottery_ticket import LotteryTicket  # noqa: E402
-from lightning_prune.data import DigitsDataModule  # noqa: E402
-from lightning_prune.models import ImageClassifier  # noqa: E402
+from lightning_prune.training.data import DigitsDataModule  # noqa: E402
+from lightning_prune.training.models import ImageClassifier  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {  # name -> (label, plot style)

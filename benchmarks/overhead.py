@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import GradualMagnitudePruning
-from lightning_prune.models import ImageClassifier
+from lightning_prune.training.models import ImageClassifier
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import lightning_prune as lp  # noqa: E402
-from lightning_prune.reparam import count_layers  # noqa: E402
+from lightning_prune.core.reparam import count_layers  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

@@ -43,8 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch_pruning.utils import count_ops_and_params  # noqa: E402
 
 import lightning_prune as lp  # noqa: E402
-from lightning_prune.gates import unit_masks  # noqa: E402
-from lightning_prune.masks import MaskSet  # noqa: E402
+from lightning_prune.core.gates import unit_masks  # noqa: E402
+from lightning_prune.core.masks import MaskSet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDE = 32

@@ -34,10 +34,10 @@ from lightning_prune.errors import (
 # Everything that needs torch is imported on first access, so `import lightning_prune` (and the
 # `lightning-prune list` command) stays fast. The ReduceNet-style timm models
 # (`timm.create_model("reducenet_20")`) are registered by `lp.ImageClassifier`, by the first of these names
-# used, or by `import lightning_prune.models_reducenet`.
+# used, or by `import lightning_prune.training.reducenet`.
 _LAZY = {
-    "SparsityReport": "lightning_prune.report",
-    "sparsity_report": "lightning_prune.report",
+    "SparsityReport": "lightning_prune.core.report",
+    "sparsity_report": "lightning_prune.core.report",
     # callbacks (also importable from `lightning_prune.callbacks`)
     "PruningCallback": "lightning_prune.callbacks.base",
     "GatePruningCallback": "lightning_prune.callbacks.gating",
@@ -49,29 +49,29 @@ _LAZY = {
     "EvolutionaryMutation": "lightning_prune.callbacks.evolution",
     "KnowledgeDistillation": "lightning_prune.callbacks.distill",
     # model-level functions
-    "compress": "lightning_prune.compression",
-    "dead_units": "lightning_prune.compression",
-    "save_compressed": "lightning_prune.compression",
-    "load_compressed": "lightning_prune.compression",
-    "reparameterize": "lightning_prune.reparam",
-    "resolve_targets": "lightning_prune.targets",
+    "compress": "lightning_prune.core.compression",
+    "dead_units": "lightning_prune.core.compression",
+    "save_compressed": "lightning_prune.core.compression",
+    "load_compressed": "lightning_prune.core.compression",
+    "reparameterize": "lightning_prune.core.reparam",
+    "resolve_targets": "lightning_prune.core.targets",
     "analyse_channels": "lightning_prune.graph",
-    "MaskSet": "lightning_prune.masks",
+    "MaskSet": "lightning_prune.core.masks",
     # deployment: ONNX with proof, sparse checkpoints, 2:4 semi-structured weights
-    "export": "lightning_prune.onnx_export",
-    "ExportReport": "lightning_prune.onnx_export",
-    "restore_run": "lightning_prune.restore",
-    "save_sparse": "lightning_prune.sparse_io",
-    "load_sparse": "lightning_prune.sparse_io",
-    "to_semi_structured": "lightning_prune.semi_structured",
-    "semi_structured_plan": "lightning_prune.semi_structured",
-    "sensitivity": "lightning_prune.sensitivity_scan",
-    "layer_targets_from_sensitivity": "lightning_prune.sensitivity_scan",
-    "SensitivityTable": "lightning_prune.sensitivity_scan",
+    "export": "lightning_prune.deploy.onnx",
+    "ExportReport": "lightning_prune.deploy.onnx",
+    "restore_run": "lightning_prune.deploy.restore",
+    "save_sparse": "lightning_prune.deploy.sparse_io",
+    "load_sparse": "lightning_prune.deploy.sparse_io",
+    "to_semi_structured": "lightning_prune.core.semi_structured",
+    "semi_structured_plan": "lightning_prune.core.semi_structured",
+    "sensitivity": "lightning_prune.core.sensitivity",
+    "layer_targets_from_sensitivity": "lightning_prune.core.sensitivity",
+    "SensitivityTable": "lightning_prune.core.sensitivity",
     # training helpers
-    "ImageClassifier": "lightning_prune.models",
-    "DigitsDataModule": "lightning_prune.data",
-    "CIFAR10DataModule": "lightning_prune.data",
+    "ImageClassifier": "lightning_prune.training.models",
+    "DigitsDataModule": "lightning_prune.training.data",
+    "CIFAR10DataModule": "lightning_prune.training.data",
 }
 
 __all__ = [
@@ -99,7 +99,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import_module("lightning_prune.models_reducenet")  # registers the ReduceNet models with timm
+        import_module("lightning_prune.training.reducenet")  # registers the ReduceNet models with timm
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value
         return value

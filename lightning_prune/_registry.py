@@ -18,6 +18,7 @@ import inspect
 import re
 import sys
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points
 from importlib.metadata import version as _installed_version
@@ -25,9 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import Callback
 
-__all__ = ["ENTRY_POINT_GROUP", "CallbackInfo", "create_callback", "get_callback", "list_callbacks"]
+__all__ = ["ENTRY_POINT_GROUP", "CallbackInfo", "class_of_key", "create_callback", "get_callback",
+           "list_callbacks", "registered_class_names", "warn_ignored_states"]
 
 ENTRY_POINT_GROUP = "lightning_prune.callbacks"
 
@@ -273,3 +276,35 @@ def _reset_cache() -> None:
     """Forget what was loaded (tests that fake entry points use it)."""
     _loaded.clear()
     _errors.clear()
+
+
+# The pruning state of a registered callback in a checkpoint (read by the callbacks' resume check and by
+# ImageClassifier, which warns when no callback of the Trainer claims it).
+
+def registered_class_names() -> set[str]:
+    """The class names (``Class`` of ``module:Class``) of every registered callback."""
+    return {info.object_path.rpartition(":")[2] for info in list_callbacks().values()}
+
+
+def class_of_key(key: str) -> str:
+    """The class name of a callback's ``state_key`` (``Class{'arg': ...}`` -> ``Class``)."""
+    return key.split("{", 1)[0]
+
+
+def warn_ignored_states(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
+    """Warn once per checkpoint when it holds the state of a lightning-prune callback that this Trainer does
+    not have (the weights, zeros included, still load)."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    states = checkpoint.get("callbacks") or {}
+    if getattr(trainer, "_lightning_prune_checked", None) == id(checkpoint):
+        return
+    trainer._lightning_prune_checked = id(checkpoint)  # type: ignore[attr-defined]
+    ours = registered_class_names()
+    present = {cb.state_key for cb in trainer.callbacks}
+    ignored = [key for key in states if class_of_key(key) in ours and key not in present]
+    if ignored:
+        rank_zero_warn(
+            f"The checkpoint holds the pruning state of {', '.join(ignored)}, which this Trainer does not"
+            " have: that state (masks, gates, schedule positions) is ignored; the weights, with their zeros,"
+            " are loaded. HINT: pass the same callback to resume the pruning schedule.")

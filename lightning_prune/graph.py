@@ -51,9 +51,9 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_prune.core.targets import as_patterns, matches, uncompiled
+from lightning_prune.core.threads import analysis_threads
 from lightning_prune.errors import InvalidArgumentError
-from lightning_prune.targets import as_patterns, matches, uncompiled
-from lightning_prune.threads import analysis_threads
 
 __all__ = [
     "GRAPH_TIME_LIMIT_S",
@@ -212,7 +212,7 @@ def traced_root(module: nn.Module) -> tuple[str, nn.Module]:
     """Where to trace: ``module`` itself when it has an ``example_input_array`` or is a timm model, else the
     first timm model inside it (``("model", ImageClassifier.model)``). A network the LightningModule compiled
     (``self.model = torch.compile(net)``) is traced through its original module
-    (``("model._orig_mod", net)``, :func:`~lightning_prune.targets.uncompiled`)."""
+    (``("model._orig_mod", net)``, :func:`~lightning_prune.core.targets.uncompiled`)."""
     if getattr(module, "example_input_array", None) is not None or isinstance(
             getattr(module, "pretrained_cfg", None), dict):
         return uncompiled("", module)

@@ -25,8 +25,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 
-from lightning_prune.data import DigitsDataModule
-from lightning_prune.models import ImageClassifier
+from lightning_prune.training.data import DigitsDataModule
+from lightning_prune.training.models import ImageClassifier
 
 __all__ = [
     "TINY_MODELS",

@@ -8,7 +8,8 @@ a plain ``nn.Module`` pass ``error=InvalidArgumentError`` (or ``InvalidArgumentT
 
 **When-arguments** follow one rule: a name ending in ``_step`` counts optimizer steps, one ending in
 ``_epoch`` counts epochs, and either also takes a float in [0, 1] meaning that fraction of the whole training
-(:func:`check_position`; :func:`lightning_prune.schedules.resolve_step` turns all of them into steps).
+(:func:`check_position`; :func:`lightning_prune.callbacks.schedules.resolve_step` turns all of them into
+steps).
 
 Example::
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import lightning_prune as lp
-from lightning_prune.masks import MaskSet, _uint8_view
-from lightning_prune.reparam import count_layers, plan_reparameterization, set_lambda, wrap_activations
-from lightning_prune.targets import resolve_targets
+from lightning_prune.core.masks import MaskSet, _uint8_view
+from lightning_prune.core.reparam import count_layers, plan_reparameterization, set_lambda, wrap_activations
+from lightning_prune.core.targets import resolve_targets
 from lightning_prune.testing import fit_tiny, tiny_classifier
 from tests.test_compile import NAMES, Invariants, fast_callback
 

@@ -130,6 +130,20 @@ def test_a_gpu_asked_for_without_one_is_one_line_saying_how_to_use_the_cpu():
     assert "--trainer.accelerator cpu" in line
 
 
+def test_python_m_cli_reports_a_mistake_in_one_line_too():
+    """``python -m lightning_prune.cli`` (the fallback without the console script) runs the command as
+    ``__main__``: the ``ConfigError`` that ``cli.fit`` raises is the one ``cli.app`` recognises (both take it
+    from ``cli.errors``), so the answer is the same one line, not a traceback."""
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "lightning_prune.cli", "fit", "--config",
+                             "recipes/digits/magnitude.yaml", *TINY, "--trainer.accelerator", "gpu"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert "`trainer.accelerator` is 'gpu', but PyTorch sees no CUDA GPU" in one_error_line(result)
+    assert result.returncode == 2
+
+
 def test_a_bad_value_from_the_environment_names_the_variable(tmp_path):
     result = lightning_prune("fit", "--config", "recipes/digits/dense.yaml", *TINY,
                              f"--trainer.default_root_dir={tmp_path}",

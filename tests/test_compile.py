@@ -27,9 +27,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import lightning_prune as lp
 from lightning_prune.callbacks.evolution import EvolutionaryMutation
 from lightning_prune.callbacks.gating import GatePruningCallback
-from lightning_prune.models import ImageClassifier
-from lightning_prune.reparam import DecayingActivation
+from lightning_prune.core.reparam import DecayingActivation
 from lightning_prune.testing import TINY_MODELS, assert_state_equal, fit_tiny
+from lightning_prune.training.models import ImageClassifier
 from tests.helpers import Spy
 
 BACKEND = "aot_eager"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lightning_prune as lp
-from lightning_prune.compression import (
+from lightning_prune.core.compression import (
     CompressionError,
     compress,
     dead_units,
@@ -16,8 +16,8 @@ from lightning_prune.compression import (
     round_kept,
     save_compressed,
 )
+from lightning_prune.core.gates import unit_masks
 from lightning_prune.errors import InvalidArgumentError
-from lightning_prune.gates import unit_masks
 from lightning_prune.graph import analyse_channels
 from lightning_prune.testing import TINY_MODELS, tiny_classifier
 

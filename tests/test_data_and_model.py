@@ -5,8 +5,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_prune import DigitsDataModule, ImageClassifier
-from lightning_prune.data import CIFAR10DataModule, EpochShuffleSampler
 from lightning_prune.testing import fit_tiny
+from lightning_prune.training.data import CIFAR10DataModule, EpochShuffleSampler
 
 
 def test_digits_are_offline_3x32x32_with_a_fixed_seeded_split():

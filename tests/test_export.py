@@ -17,8 +17,8 @@ from torch import nn
 
 import lightning_prune as lp
 from lightning_prune.cli import main
+from lightning_prune.deploy.onnx import onnx_latency
 from lightning_prune.functional import magnitude_mask
-from lightning_prune.onnx_export import onnx_latency
 from lightning_prune.testing import TINY_MODELS, fit_tiny, tiny_classifier
 
 QUICK = {"batch_sizes": (1, 4), "repeats": 1}

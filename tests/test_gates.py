@@ -1,4 +1,4 @@
-"""Gates on channel groups: attaching, folding, masks (lightning_prune.gates), and the channel math they
+"""Gates on channel groups: attaching, folding, masks (lightning_prune.core.gates), and the channel math they
 use."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import timm
 import torch
 from torch import nn
 
+from lightning_prune.core.gates import Gate, GateSet, ScaleGate, unit_masks
 from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.functional.channels import (
     capture_mask,
@@ -17,7 +18,6 @@ from lightning_prune.functional.channels import (
     gate_l1_subgradient,
     keep_mask,
 )
-from lightning_prune.gates import Gate, GateSet, ScaleGate, unit_masks
 from lightning_prune.graph import analyse_channels, restricted_norm_hooks, slice_units
 from lightning_prune.testing import TINY_MODELS
 

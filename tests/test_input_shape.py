@@ -10,9 +10,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch_pruning.utils import count_ops_and_params
 
 import lightning_prune as lp
-from lightning_prune import threads
+from lightning_prune.callbacks.input_shape import batch_input, first_batch_input_size
+from lightning_prune.core import threads
 from lightning_prune.graph import example_inputs_for, traced_root
-from lightning_prune.input_shape import batch_input, first_batch_input_size
 from lightning_prune.testing import fit_tiny, tiny_classifier, tiny_datamodule
 
 FAST = {"max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 1}
@@ -152,7 +152,7 @@ def test_no_training_data_falls_back_to_timm_s_size():
     """A bare Trainer (``lp.restore_run``'s) has no training batch: timm's ``input_size`` as before."""
     import lightning.pytorch as pl
 
-    from lightning_prune.input_shape import traced_input_size
+    from lightning_prune.callbacks.input_shape import traced_input_size
 
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
     assert traced_input_size(None, trainer, tiny_classifier("test_resnet"), "X") is None

@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_prune import GradualMagnitudePruning
-from lightning_prune.logging import mask_image
+from lightning_prune.callbacks.logging import mask_image
 from lightning_prune.testing import fit_tiny, read_wandb_offline_history
 
 FAST = {"max_epochs": 2, "limit_train_batches": 4, "limit_val_batches": 1}
@@ -74,7 +74,7 @@ def test_histograms_of_constant_or_empty_values_do_not_break_wandb(tmp_path):
     import wandb
     from lightning.pytorch import Trainer
 
-    from lightning_prune.logging import log_histograms
+    from lightning_prune.callbacks.logging import log_histograms
 
     logger = WandbLogger(save_dir=str(tmp_path), project="lp-test", offline=True)
     trainer = Trainer(logger=logger, enable_checkpointing=False, enable_progress_bar=False)

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune.masks import MaskSet
-from lightning_prune.targets import resolve_targets
+from lightning_prune.core.masks import MaskSet
+from lightning_prune.core.targets import resolve_targets
 
 
 def _model():

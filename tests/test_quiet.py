@@ -21,9 +21,10 @@ def _action(message: str, category: type[Warning], module: str) -> str:
 def test_the_suite_ignores_third_party_noise_and_shows_our_warnings():
     assert _action("x is deprecated", DeprecationWarning, "torch.nn.modules") == "ignore"
     assert _action(LEAFSPEC, FutureWarning, "lightning.pytorch.utilities._pytree") == "ignore"
-    assert _action("x is deprecated", DeprecationWarning, "lightning_prune.schedules") != "ignore"
+    assert _action("x is deprecated", DeprecationWarning, "lightning_prune.callbacks.schedules") != "ignore"
     assert _action("x is deprecated", DeprecationWarning, "tests.test_quiet") != "ignore"
-    assert _action("`every_n_epochs`=5 is step 9", UserWarning, "lightning_prune.schedules") != "ignore"
+    assert _action("`every_n_epochs`=5 is step 9", UserWarning,
+                   "lightning_prune.callbacks.schedules") != "ignore"
     assert _action("another FutureWarning", FutureWarning, "torch.utils._pytree") != "ignore"
 
 
@@ -38,5 +39,6 @@ def test_the_litlogger_tip_is_dropped_and_other_lightning_lines_are_kept(caplog)
         warnings.simplefilter("always")
         quiet_third_party()
         warnings.warn_explicit(LEAFSPEC, FutureWarning, "_pytree.py", 21, module="lightning.pytorch")
-        warnings.warn_explicit("ours", UserWarning, "schedules.py", 1, module="lightning_prune.schedules")
+        warnings.warn_explicit("ours", UserWarning, "schedules.py", 1,
+                               module="lightning_prune.callbacks.schedules")
     assert [str(w.message) for w in caught] == ["ours"]

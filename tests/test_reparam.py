@@ -9,9 +9,7 @@ import torch
 from torch import nn
 
 import lightning_prune as lp
-from lightning_prune.errors import CompressionError, InvalidArgumentError
-from lightning_prune.models_reducenet import ReduceBlock
-from lightning_prune.reparam import (
+from lightning_prune.core.reparam import (
     DecayingActivation,
     plan_reparameterization,
     reparameterize,
@@ -19,6 +17,8 @@ from lightning_prune.reparam import (
     unwrap_activations,
     wrap_activations,
 )
+from lightning_prune.errors import CompressionError, InvalidArgumentError
+from lightning_prune.training.reducenet import ReduceBlock
 
 # (model name, kwargs, glob every default-selected activation matches, count)
 FAMILIES = {

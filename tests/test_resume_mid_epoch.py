@@ -5,8 +5,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 import lightning_prune as lp
-from lightning_prune.data import EpochShuffleSampler, ResumableDataLoader
 from lightning_prune.testing import check_mid_epoch_resume
+from lightning_prune.training.data import EpochShuffleSampler, ResumableDataLoader
 
 REGISTERED = sorted(lp.list_callbacks())
 

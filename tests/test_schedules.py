@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from lightning_prune.schedules import is_update_step, polynomial_sparsity, ramp
+from lightning_prune.callbacks.schedules import is_update_step, polynomial_sparsity, ramp
 
 
 @pytest.mark.parametrize(("step", "expected"), [(0, 0.0), (25, 0.5203), (50, 0.7875), (100, 0.9), (150, 0.9)])

@@ -15,9 +15,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_prune as lp
 from lightning_prune.cli import main
+from lightning_prune.core.sensitivity import SensitivityTable, channel_removal
 from lightning_prune.errors import InvalidArgumentError, InvalidArgumentTypeError, NoTargetsError
 from lightning_prune.functional import magnitude_mask
-from lightning_prune.sensitivity_scan import SensitivityTable, channel_removal
 from lightning_prune.testing import fit_tiny, tiny_classifier, tiny_datamodule
 from tests.helpers import ROOT
 

@@ -7,8 +7,8 @@ import timm
 import torch
 
 import lightning_prune as lp
+from lightning_prune.deploy.sparse_io import decode_tensor, encode_tensor, pack_bits, unpack_bits
 from lightning_prune.functional import magnitude_mask
-from lightning_prune.sparse_io import decode_tensor, encode_tensor, pack_bits, unpack_bits
 from lightning_prune.testing import TINY_MODELS, fit_tiny, tiny_classifier
 
 

@@ -2,8 +2,8 @@ import pytest
 import timm
 from torch import nn
 
+from lightning_prune.core.targets import matches, resolve_targets, timm_default_exclusions
 from lightning_prune.errors import NoTargetsError
-from lightning_prune.targets import matches, resolve_targets, timm_default_exclusions
 from lightning_prune.testing import TINY_MODELS, tiny_classifier
 
 

@@ -28,7 +28,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-__all__ = ["TOLERANT", "check_resume", "config_of", "warn_ignored_states"]
+from lightning_prune._registry import class_of_key, warn_ignored_states
+
+__all__ = ["TOLERANT", "check_resume", "config_of", "warn_ignored_states"]  # the last from _registry
 
 #: arguments that may change between a checkpoint and the resumed fit
 TOLERANT = frozenset({"verbose", "log_media_every_n_epochs"})
@@ -69,16 +71,6 @@ def config_of(callback: Callback) -> dict[str, Any]:
     return config
 
 
-def _registered_class_names() -> set[str]:
-    from lightning_prune._registry import list_callbacks
-
-    return {info.object_path.rpartition(":")[2] for info in list_callbacks().values()}
-
-
-def _class_of_key(key: str) -> str:
-    return key.split("{", 1)[0]
-
-
 def _args_of_key(key: str) -> dict[str, Any] | None:
     _, brace, rest = key.partition("{")
     if not brace:
@@ -108,23 +100,6 @@ def _refuse(callback: Callback, diffs: list[str]) -> MisconfigurationException:
         " call fit without `ckpt_path`).")
 
 
-def warn_ignored_states(trainer: pl.Trainer, checkpoint: Mapping[str, Any]) -> None:
-    """Warn once per checkpoint when it holds the state of a lightning-prune callback that this Trainer does
-    not have (the weights, zeros included, still load)."""
-    states = checkpoint.get("callbacks") or {}
-    if getattr(trainer, "_lightning_prune_checked", None) == id(checkpoint):
-        return
-    trainer._lightning_prune_checked = id(checkpoint)  # type: ignore[attr-defined]
-    ours = _registered_class_names()
-    present = {cb.state_key for cb in trainer.callbacks}
-    ignored = [key for key in states if _class_of_key(key) in ours and key not in present]
-    if ignored:
-        rank_zero_warn(
-            f"The checkpoint holds the pruning state of {', '.join(ignored)}, which this Trainer does not"
-            " have: that state (masks, gates, schedule positions) is ignored; the weights, with their zeros,"
-            " are loaded. HINT: pass the same callback to resume the pruning schedule.")
-
-
 def check_resume(callback: Callback, trainer: pl.Trainer, checkpoint: Mapping[str, Any]) -> None:
     """Called from the callback's ``on_load_checkpoint`` (before Lightning loads any callback state)."""
     warn_ignored_states(trainer, checkpoint)
@@ -133,7 +108,7 @@ def check_resume(callback: Callback, trainer: pl.Trainer, checkpoint: Mapping[st
     name = type(callback).__name__
     if own is None:
         claimed = {cb.state_key for cb in trainer.callbacks}
-        others = [k for k in states if _class_of_key(k) == type(callback).__qualname__ and k not in claimed]
+        others = [k for k in states if class_of_key(k) == type(callback).__qualname__ and k not in claimed]
         if others:
             current = _args_of_key(callback.state_key) or {}
             saved = _args_of_key(others[0])

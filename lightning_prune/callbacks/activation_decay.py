@@ -18,8 +18,15 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_prune.callbacks._resume import check_resume, config_of
-from lightning_prune.logging import PREFIX, log_scalars
-from lightning_prune.reparam import (
+from lightning_prune.callbacks.logging import PREFIX, log_scalars
+from lightning_prune.callbacks.schedules import (
+    ramp,
+    resolve_step,
+    steps_per_epoch,
+    training_steps,
+    warn_if_after_training,
+)
+from lightning_prune.core.reparam import (
     DecayingActivation,
     ReparamPlan,
     count_layers,
@@ -27,13 +34,6 @@ from lightning_prune.reparam import (
     reparameterize,
     unwrap_activations,
     wrap_activations,
-)
-from lightning_prune.schedules import (
-    ramp,
-    resolve_step,
-    steps_per_epoch,
-    training_steps,
-    warn_if_after_training,
 )
 from lightning_prune.validation import (
     as_misconfiguration,

@@ -1,7 +1,7 @@
 """What every pruning callback shares: target resolution, masks, state, logging, DDP consistency.
 
 Subclass :class:`PruningCallback` to write an algorithm (built-in or plugin). It resolves the targets
-at ``setup``, holds one boolean :class:`~lightning_prune.masks.MaskSet`, re-applies it in place right
+at ``setup``, holds one boolean :class:`~lightning_prune.core.masks.MaskSet`, re-applies it in place right
 after every optimizer step (a ``torch.optim.Optimizer`` step post-hook, so gradient accumulation, AMP
 skipped steps and manual optimisation are all covered), saves it in the checkpoint and logs sparsity.
 A subclass decides *when* and *which* weights to prune and calls :meth:`update_masks`.
@@ -19,8 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.callbacks._resume import check_resume, config_of
-from lightning_prune.errors import NonFiniteWeightError
-from lightning_prune.logging import (
+from lightning_prune.callbacks.logging import (
     PREFIX,
     log_histograms,
     log_images,
@@ -29,8 +28,9 @@ from lightning_prune.logging import (
     mask_image,
     wandb_loggers,
 )
-from lightning_prune.masks import MaskSet
-from lightning_prune.targets import PRUNABLE_TYPES, Target, resolve_targets
+from lightning_prune.core.masks import MaskSet
+from lightning_prune.core.targets import PRUNABLE_TYPES, Target, resolve_targets
+from lightning_prune.errors import NonFiniteWeightError
 from lightning_prune.validation import as_misconfiguration, check_bool, check_int, check_patterns, check_types
 
 __all__ = ["PruningCallback", "resolve_seed"]
@@ -55,8 +55,8 @@ class PruningCallback(Callback):
     """Base class of the pruning callbacks: targets, boolean masks applied after every optimizer step,
     checkpointed state and sparsity logging.
 
-    Targets follow one rule (:mod:`lightning_prune.targets`): the default set -- every module of ``types``
-    (Conv/Linear) except each timm model's first conv and classifier -- narrowed by ``include`` and
+    Targets follow one rule (:mod:`lightning_prune.core.targets`): the default set -- every module of
+    ``types`` (Conv/Linear) except each timm model's first conv and classifier -- narrowed by ``include`` and
     ``exclude``; only ``types`` widens it.
 
     Args:

@@ -25,16 +25,16 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune.callbacks._resume import check_resume, config_of
+from lightning_prune.callbacks.logging import log_scalars
+from lightning_prune.callbacks.schedules import resolve_step, until_the_end
 from lightning_prune.checkpoint_io import load_file
+from lightning_prune.core.targets import matches
 from lightning_prune.functional.distill import (
     distillation_loss,
     feature_matching_loss,
     output_logits,
     top1_agreement,
 )
-from lightning_prune.logging import log_scalars
-from lightning_prune.schedules import resolve_step, until_the_end
-from lightning_prune.targets import matches
 from lightning_prune.validation import (
     check_bool,
     check_nonnegative,

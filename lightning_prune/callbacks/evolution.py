@@ -25,6 +25,9 @@ from typing_extensions import override
 
 from lightning_prune.callbacks._resume import check_resume, config_of
 from lightning_prune.callbacks.base import PruningCallback, resolve_seed
+from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_scalars
+from lightning_prune.callbacks.schedules import steps_per_epoch, training_steps, warn_if_after_training
+from lightning_prune.core.targets import matches
 from lightning_prune.functional.evolution import (
     add_perturbation_,
     es_update_,
@@ -33,9 +36,6 @@ from lightning_prune.functional.evolution import (
     offspring_direction,
     offspring_seed,
 )
-from lightning_prune.logging import PREFIX, log_histograms, log_scalars
-from lightning_prune.schedules import steps_per_epoch, training_steps, warn_if_after_training
-from lightning_prune.targets import matches
 from lightning_prune.validation import (
     check_bool,
     check_cadence,

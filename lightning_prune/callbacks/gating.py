@@ -4,8 +4,8 @@
 (:class:`~lightning_prune.callbacks.group_lasso.GroupLassoPruning`) and hard-concrete L0 gates share. At
 ``setup`` it finds the exactly removable channel groups of the model -- channels, residual streams, attention
 heads, conv groups (:func:`lightning_prune.graph.analyse_channels`) --, builds one
-:class:`~lightning_prune.gates.Gate` per group with :meth:`~GatePruningCallback.make_gate` and hooks it into
-every layer that reads the group's units (the model's ``state_dict`` keeps its keys). In
+:class:`~lightning_prune.core.gates.Gate` per group with :meth:`~GatePruningCallback.make_gate` and hooks it
+into every layer that reads the group's units (the model's ``state_dict`` keeps its keys). In
 ``on_before_optimizer_step`` -- after AMP has unscaled the weights' gradients -- it unscales and all-reduces
 the gates' gradients, adds the regulariser's gradient (:meth:`~GatePruningCallback.gate_penalty_grad_`), and
 steps the gates' own optimizer (optionally in alternation with the weights). At ``finalize_step`` (or
@@ -16,7 +16,7 @@ are folded into the weights, the others become masks of the base
 :class:`~lightning_prune.callbacks.base.PruningCallback` (and LayerNorm statistics skip them), the hooks go,
 and fine-tuning continues; with ``compress=True`` they are removed physically inside the fit -- right after
 finalisation, or at ``compress_step``/``compress_epoch`` -- and the optimizers carry on with the smaller
-parameters (:mod:`lightning_prune.shrink`).
+parameters (:mod:`lightning_prune.callbacks.shrink`).
 
 A subclass implements ``make_gate``, ``gate_penalty_grad_`` and ``final_keep``, and may override
 ``after_gate_step`` (capture, clamping) and ``weight_regularizer_grad_``.
@@ -35,9 +35,20 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.compression import round_kept
+from lightning_prune.callbacks.input_shape import traced_input_size
+from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_images, log_scalars
+from lightning_prune.callbacks.schedules import resolve_step, until_the_end, warn_if_after_training
+from lightning_prune.callbacks.shrink import (
+    ShrinkSchedule,
+    check_strategy,
+    compress_in_fit,
+    log_model_size,
+    recorded_removal,
+)
+from lightning_prune.core.compression import round_kept
+from lightning_prune.core.gates import Gate, GateSet, unit_masks
+from lightning_prune.core.targets import Target
 from lightning_prune.functional.magnitude import kept_count
-from lightning_prune.gates import Gate, GateSet, unit_masks
 from lightning_prune.graph import (
     ChannelGroup,
     CostModel,
@@ -45,17 +56,6 @@ from lightning_prune.graph import (
     example_inputs_for,
     traced_root,
 )
-from lightning_prune.input_shape import traced_input_size
-from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars
-from lightning_prune.schedules import resolve_step, until_the_end, warn_if_after_training
-from lightning_prune.shrink import (
-    ShrinkSchedule,
-    check_strategy,
-    compress_in_fit,
-    log_model_size,
-    recorded_removal,
-)
-from lightning_prune.targets import Target
 from lightning_prune.validation import (
     as_misconfiguration,
     check_bool,
@@ -82,7 +82,7 @@ DEFAULT_FINALIZE_FRACTION = 0.75
 class GatePruningCallback(PruningCallback):
     """Base class of the channel-gate callbacks (group-LASSO, hard-concrete L0).
 
-    Finds the channel groups at ``setup``, builds one :class:`~lightning_prune.gates.Gate` per group with
+    Finds the channel groups at ``setup``, builds one :class:`~lightning_prune.core.gates.Gate` per group with
     :meth:`make_gate`, hooks them into the model, steps them with their own optimizer in
     ``on_before_optimizer_step`` (AMP-unscaled, all-reduced under DDP), finalises them (fold + channel
     masks) and keeps all of it in the callback state. A subclass provides :meth:`make_gate`,
@@ -113,8 +113,8 @@ class GatePruningCallback(PruningCallback):
         alternate_every_n_steps: two-phase training: that many optimizer steps of the weights with the gates
             frozen, then as many of the gates with the weights frozen, and so on (``None`` = joint training).
         compress: physically remove the pruned units inside the fit
-            (:func:`lightning_prune.shrink.compress_in_fit`): the model shrinks and training continues on it,
-            every optimizer carrying its state over; by default right after finalisation.
+            (:func:`lightning_prune.callbacks.shrink.compress_in_fit`): the model shrinks and training
+            continues on it, every optimizer carrying its state over; by default right after finalisation.
         compress_step: when to remove them instead: an optimizer step or a fraction of training (``1.0`` = at
             the end of training); not before finalisation.
         compress_epoch: the same as an epoch (at its start) or a fraction of training.
@@ -669,7 +669,7 @@ class GatePruningCallback(PruningCallback):
     def compress_model(self, pl_module: pl.LightningModule) -> None:
         """Remove the pruned units physically at the end of training (:func:`lightning_prune.compress` with
         this callback's plan)."""
-        from lightning_prune.compression import compress
+        from lightning_prune.core.compression import compress
 
         if self.groups is None or self.keep is None:
             return

@@ -11,7 +11,7 @@ a *capture* threshold are set to zero and frozen, and at ``finalize_step`` the g
 (or, with ``target_flops``/``target_params``, all but the largest gates that fit the budget) become pruned
 units while the others are folded into the weights; training then continues as fine-tuning with fixed channel
 masks, and ``compress=True`` removes the pruned units physically inside the fit
-(:mod:`lightning_prune.shrink`).
+(:mod:`lightning_prune.callbacks.shrink`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.callbacks.gating import GatePruningCallback
+from lightning_prune.core.gates import ScaleGate
+from lightning_prune.core.targets import matches
 from lightning_prune.functional.channels import capture_mask, gate_l1_penalty, gate_l1_subgradient, keep_mask
-from lightning_prune.gates import ScaleGate
 from lightning_prune.graph import ChannelGroup
-from lightning_prune.targets import matches
 from lightning_prune.validation import check_fraction, check_nonnegative
 
 __all__ = ["GroupLassoPruning"]

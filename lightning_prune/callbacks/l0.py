@@ -2,7 +2,7 @@
 
 Louizos, Welling & Kingma, "Learning Sparse Neural Networks through L0 Regularization", ICLR 2018,
 arXiv:1712.01312 (code: AMLab-Amsterdam/L0_regularization, ``l0_layers.py``), on the channel groups of the
-group-LASSO machinery (:mod:`lightning_prune.gates`,
+group-LASSO machinery (:mod:`lightning_prune.core.gates`,
 :class:`~lightning_prune.callbacks.gating.GatePruningCallback`), with the practical variants of the Habr
 article «Редукция нейронных сетей при помощи вариационной оптимизации» ("Reducing neural networks with
 variational optimisation", in Russian; its second half, "L0-регуляризация", i.e. "L0 regularisation") as
@@ -16,7 +16,8 @@ test-time gate ``z_hat = clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)`
 gains ``lam * sum_j P(z_j > 0)``, the expected number of open channels (added as a gradient on ``log_alpha``,
 like the group-LASSO penalty). At ``finalize_step`` the gates are binarised, the kept channels' ``z_hat`` is
 folded into the weights, the others become channel masks, and training continues as fine-tuning;
-``compress=True`` removes the pruned units physically inside the fit (:mod:`lightning_prune.shrink`).
+``compress=True`` removes the pruned units physically inside the fit
+(:mod:`lightning_prune.callbacks.shrink`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune.callbacks.gating import GatePruningCallback
+from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_scalars
+from lightning_prune.callbacks.schedules import ramp, training_steps
+from lightning_prune.core.gates import Gate
 from lightning_prune.errors import NonFiniteGateError
 from lightning_prune.functional.hard_concrete import (
     GAMMA,
@@ -42,10 +46,7 @@ from lightning_prune.functional.hard_concrete import (
     hard_sigmoid_l0,
     log_alpha_from_droprate,
 )
-from lightning_prune.gates import Gate
 from lightning_prune.graph import ChannelGroup
-from lightning_prune.logging import PREFIX, log_histograms, log_scalars
-from lightning_prune.schedules import ramp, training_steps
 from lightning_prune.validation import check_bool, check_int, check_nonnegative, check_optional
 
 __all__ = ["HardConcreteGate", "L0Pruning", "NonFiniteGateError"]
@@ -166,8 +167,8 @@ class L0Pruning(GatePruningCallback):
             (Habr: the sigmoid replaced by a hard sigmoid linear on [-4, 4], with ``log_alpha`` clipped to
             [-4, 4]).
         temperature: ``beta`` of the concrete distribution (paper: 2/3, fixed).
-        temperature_final: if set, ``beta`` goes linearly (:func:`~lightning_prune.schedules.ramp`) from
-            ``temperature`` to it until finalisation (Habr: start small, e.g. 0.05, and decrease it
+        temperature_final: if set, ``beta`` goes linearly (:func:`~lightning_prune.callbacks.schedules.ramp`)
+            from ``temperature`` to it until finalisation (Habr: start small, e.g. 0.05, and decrease it
             linearly).
         log_alpha_init: constant initial ``log_alpha`` (Habr: about 2.5, "gates kept more often than dropped,
             but not so large that the sigmoid of the loss saturates"). The default when ``droprate_init`` is

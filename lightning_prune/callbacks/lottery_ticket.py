@@ -18,10 +18,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback, resolve_seed
+from lightning_prune.callbacks.logging import PREFIX, log_images, log_scalars, log_table, mask_image
+from lightning_prune.callbacks.schedules import resolve_step, steps_per_epoch
+from lightning_prune.core.targets import matches, timm_module_names
 from lightning_prune.functional.lottery import prune_by_percent, remaining_fraction, shuffle_like
-from lightning_prune.logging import PREFIX, log_images, log_scalars, log_table, mask_image
-from lightning_prune.schedules import resolve_step, steps_per_epoch
-from lightning_prune.targets import matches, timm_module_names
 from lightning_prune.validation import (
     check_choice,
     check_fraction,

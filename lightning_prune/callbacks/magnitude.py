@@ -20,6 +20,15 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.logging import PREFIX
+from lightning_prune.callbacks.schedules import (
+    is_update_step,
+    polynomial_sparsity,
+    resolve_step,
+    until_the_end,
+    warn_if_after_training,
+)
+from lightning_prune.core.targets import Target, matches
 from lightning_prune.functional.magnitude import (
     block_magnitude,
     kept_count,
@@ -28,15 +37,6 @@ from lightning_prune.functional.magnitude import (
     threshold_mask,
 )
 from lightning_prune.functional.nm import NM_RAMPS, nm_schedule_masks, nm_violations, parse_pattern
-from lightning_prune.logging import PREFIX
-from lightning_prune.schedules import (
-    is_update_step,
-    polynomial_sparsity,
-    resolve_step,
-    until_the_end,
-    warn_if_after_training,
-)
-from lightning_prune.targets import Target, matches
 from lightning_prune.validation import (
     check_cadence,
     check_choice,

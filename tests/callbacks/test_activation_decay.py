@@ -15,7 +15,7 @@ from torch import nn
 
 import lightning_prune as lp
 from lightning_prune.callbacks.activation_decay import ActivationDecay, decay_lambda
-from lightning_prune.reparam import DecayingActivation
+from lightning_prune.core.reparam import DecayingActivation
 from lightning_prune.testing import check_callback_conformance, fit_tiny, tiny_classifier, tiny_datamodule
 
 FIT = {"limit_train_batches": 4, "limit_val_batches": 1}

@@ -20,8 +20,8 @@ from torch import nn
 
 import lightning_prune as lp
 from lightning_prune.callbacks.distill import KnowledgeDistillation
-from lightning_prune.models import ImageClassifier
 from lightning_prune.testing import assert_state_equal, check_callback_conformance, fit_tiny, tiny_classifier
+from lightning_prune.training.models import ImageClassifier
 from tests.helpers import Spy
 
 FAST = {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 0}

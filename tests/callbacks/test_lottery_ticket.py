@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 from lightning_prune import create_callback
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.lottery_ticket import LotteryTicket, per_round_rate
-from lightning_prune.data import DigitsDataModule
 from lightning_prune.functional.lottery import prune_count
 from lightning_prune.testing import (
     TINY_MODELS,
@@ -29,6 +28,7 @@ from lightning_prune.testing import (
     tiny_classifier,
     tiny_datamodule,
 )
+from lightning_prune.training.data import DigitsDataModule
 
 FAST = {"limit_train_batches": 4, "limit_val_batches": 2}
 

@@ -9,8 +9,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_prune import GradualMagnitudePruning, sparsity_report
-from lightning_prune.models import ImageClassifier
 from lightning_prune.testing import TINY_MODELS, check_callback_conformance, fit_tiny, tiny_classifier
+from lightning_prune.training.models import ImageClassifier
 
 FAST = {"max_epochs": 2, "limit_train_batches": 6, "limit_val_batches": 1}
 

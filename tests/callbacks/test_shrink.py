@@ -16,8 +16,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_prune as lp
 from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+from lightning_prune.callbacks.shrink import check_strategy
 from lightning_prune.graph import slice_units
-from lightning_prune.shrink import check_strategy
 from lightning_prune.testing import assert_state_equal, check_callback_conformance, fit_tiny, tiny_classifier
 from tests.helpers import Spy, eval_logits
 
@@ -187,10 +187,10 @@ def test_every_optimizer_state_follows_the_kept_units(optimizer):
     counts)."""
     import timm
 
-    from lightning_prune.gates import unit_masks
+    from lightning_prune.callbacks.shrink import carry_optimizer_state
+    from lightning_prune.core.gates import unit_masks
+    from lightning_prune.core.masks import MaskSet
     from lightning_prune.graph import analyse_channels, parameter_cuts
-    from lightning_prune.masks import MaskSet
-    from lightning_prune.shrink import carry_optimizer_state
 
     data = [(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)),
              torch.tensor([0, 1, 2, 3]))

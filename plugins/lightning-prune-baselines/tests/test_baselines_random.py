@@ -7,8 +7,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from unit_checks import CompressAtFitEnd, check_unit_masks, check_weights_masked
 
 import lightning_prune as lp
+from lightning_prune.callbacks.schedules import polynomial_sparsity
 from lightning_prune.functional import kept_count
-from lightning_prune.schedules import polynomial_sparsity
 from lightning_prune.testing import TINY_MODELS, check_callback_conformance, fit_tiny, tiny_classifier
 from lightning_prune_baselines import RandomChannels, RandomUnstructured, channel_groups, first_k_keep
 

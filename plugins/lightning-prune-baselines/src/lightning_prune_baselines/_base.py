@@ -6,9 +6,9 @@ baselines have in common: *when* to prune (:meth:`BaselinePruning.due`, asked at
 batch), the channel groups lightning-prune's analysis proves exactly removable
 (:func:`lightning_prune.graph.analyse_channels`: channels, residual streams, attention heads, conv groups)
 with one keep-vector of units per group, physical removal of the pruned units inside the fit
-(:mod:`lightning_prune.shrink`: the optimizers carry their state over, checkpoints of the smaller model
-resume), a seeded random generator kept in the callback state, and sparsity metrics over the targeted weights
-only.
+(:mod:`lightning_prune.callbacks.shrink`: the optimizers carry their state over, checkpoints of the smaller
+model resume), a seeded random generator kept in the callback state, and sparsity metrics over the targeted
+weights only.
 """
 
 from __future__ import annotations
@@ -24,7 +24,18 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback, resolve_seed
-from lightning_prune.gates import unit_masks
+from lightning_prune.callbacks.input_shape import traced_input_size
+from lightning_prune.callbacks.logging import PREFIX, log_scalars
+from lightning_prune.callbacks.schedules import polynomial_sparsity, resolve_step, until_the_end
+from lightning_prune.callbacks.shrink import (
+    ShrinkSchedule,
+    check_strategy,
+    compress_in_fit,
+    log_model_size,
+    recorded_removal,
+)
+from lightning_prune.core.gates import unit_masks
+from lightning_prune.core.targets import Target
 from lightning_prune.graph import (
     ChannelGroup,
     example_inputs_for,
@@ -32,17 +43,6 @@ from lightning_prune.graph import (
     slice_units,
     traced_root,
 )
-from lightning_prune.input_shape import traced_input_size
-from lightning_prune.logging import PREFIX, log_scalars
-from lightning_prune.schedules import polynomial_sparsity, resolve_step, until_the_end
-from lightning_prune.shrink import (
-    ShrinkSchedule,
-    check_strategy,
-    compress_in_fit,
-    log_model_size,
-    recorded_removal,
-)
-from lightning_prune.targets import Target
 from lightning_prune.validation import (
     as_misconfiguration,
     check_fraction,
@@ -72,7 +72,7 @@ class BaselinePruning(PruningCallback):
     With ``compress=True`` (channel-wise baselines) the pruned units are removed physically once they are
     decided (:meth:`decided`), or at ``compress_step`` / ``compress_epoch``: training continues on the smaller
     model, every optimizer holding the new parameters with their state cut to the kept units
-    (:func:`lightning_prune.shrink.compress_in_fit`).
+    (:func:`lightning_prune.callbacks.shrink.compress_in_fit`).
 
     Args:
         input_size: ``(C, H, W)`` used to trace the model for its channel groups (default: the
@@ -251,7 +251,7 @@ class BaselinePruning(PruningCallback):
     def shrink_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_fit: bool = True) -> None:
         """Remove the pruned units physically; inside the fit the optimizers carry on with the smaller
         parameters."""
-        from lightning_prune.compression import compress
+        from lightning_prune.core.compression import compress
 
         assert self.groups is not None and self.unit_keep is not None
         _, root = traced_root(pl_module)
@@ -341,7 +341,8 @@ class ScheduledBaselinePruning(BaselinePruning):
 
     The arguments mean what they mean for :class:`~lightning_prune.GradualMagnitudePruning`: masks may change
     inside ``[begin_step, end_step]``, every ``every_n_steps`` steps, and the scheduled sparsity at optimizer
-    step ``t`` is ``lightning_prune.schedules.polynomial_sparsity(t, initial_sparsity, target_sparsity,
+    step ``t`` is
+    ``lightning_prune.callbacks.schedules.polynomial_sparsity(t, initial_sparsity, target_sparsity,
     sparsity_begin_step, sparsity_end_step, exponent)``. The first update comes at the end of the first
     training batch at which ``trainer.global_step >= begin_step``, and updates stop once ``target_sparsity``
     is reached; with the default ``sparsity_end_step=0`` the target is reached at once (one shot). Every

@@ -3,7 +3,7 @@
 The units are those of :func:`lightning_prune.graph.analyse_channels`: a channel with everything coupled to it
 (a layer's filter, the BatchNorm after it and the columns of every layer that reads it; a whole
 residual-stream channel; an attention head; a conv group), each provably removable. Masks over a unit's
-tensors come from :func:`lightning_prune.gates.unit_masks`.
+tensors come from :func:`lightning_prune.core.gates.unit_masks`.
 
 Everything here is usable on a plain ``nn.Module`` as well as inside the callbacks; the channel-pruning
 benchmarks compare against :func:`first_k_channel_masks` and :func:`random_channel_masks`.
@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.core.gates import unit_masks
+from lightning_prune.core.masks import MaskSet
 from lightning_prune.functional import kept_count
-from lightning_prune.gates import unit_masks
 from lightning_prune.graph import ChannelGroup, analyse_channels, example_inputs_for, traced_root
-from lightning_prune.masks import MaskSet
 
 __all__ = [
     "apply_channel_masks",

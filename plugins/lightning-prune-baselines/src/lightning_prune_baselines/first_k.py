@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.schedules import resolve_step
+from lightning_prune.callbacks.schedules import resolve_step
 from lightning_prune.validation import check_exclusive, check_fraction, check_position
 from lightning_prune_baselines._base import BaselinePruning
 from lightning_prune_baselines.channels import first_k_keep

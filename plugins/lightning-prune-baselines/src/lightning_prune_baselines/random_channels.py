@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.callbacks.shrink import ShrinkSchedule
 from lightning_prune.graph import ChannelGroup
-from lightning_prune.shrink import ShrinkSchedule
 from lightning_prune.validation import check_input_size
 from lightning_prune_baselines._base import ScheduledBaselinePruning
 from lightning_prune_baselines.channels import nested_random_keep

@@ -10,7 +10,7 @@ thread is about as fast as several on a quiet machine (``benchmarks/analysis_thr
 Example::
 
     >>> import torch
-    >>> from lightning_prune.threads import analysis_threads
+    >>> from lightning_prune.core.threads import analysis_threads
     >>> before = torch.get_num_threads()
     >>> with analysis_threads():
     ...     torch.get_num_threads()

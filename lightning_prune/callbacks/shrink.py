@@ -1,0 +1,277 @@
+"""Shrink while training: remove pruned units inside ``trainer.fit`` and carry the optimizer over.
+
+After :func:`lightning_prune.compress` replaces a layer's parameters by smaller ones, an optimizer still
+points at the old tensors: the layer silently stops learning and its momentum, ``exp_avg`` and ``exp_avg_sq``
+are lost (a known trap of torch-pruning and NNI). :func:`compress_in_fit` removes the units and then, for
+every optimizer the LightningModule configured, swaps the new parameters in place of the old ones in their
+param groups and cuts every per-parameter state tensor (momentum buffers, Adam moments; ``step`` counts are
+kept) exactly as the parameter was cut. Param groups, learning rates and LR schedulers are untouched. Under
+DDP the model is wrapped again so that gradients keep synchronising; every rank compresses identically at the
+same step.
+
+A checkpoint written after the compression holds the smaller shapes. :meth:`ShrinkSchedule.install_resume`
+lets a fresh LightningModule take it: the callback's recorded plan (groups and removed units) is applied to
+the model right before Lightning loads the weights. For inference, ``lp.load_compressed(ckpt_path,
+fresh_module)`` does the same from a Lightning checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+
+from lightning_prune.graph import ChannelGroup, parameter_cuts
+
+__all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
+           "compress_in_fit", "log_model_size", "pad_to_dense", "recorded_removal"]
+
+#: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
+UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
+                          "XLAFSDPStrategy")
+
+
+def check_strategy(trainer: pl.Trainer, who: str) -> None:
+    """Raise when the Trainer's strategy cannot take parameters replaced inside the fit."""
+    name = type(trainer.strategy).__name__
+    if name in UNSUPPORTED_STRATEGIES:
+        raise MisconfigurationException(
+            f"{who} cannot remove channels inside the fit under {name}: its parameters are sharded or"
+            " wrapped. HINT: use strategy='ddp' (or a single device), or set compress=False and call"
+            " lp.compress on the trained model.")
+
+
+def _cut(tensor: Tensor, cuts: Sequence[tuple[int, Tensor]]) -> Tensor:
+    for dim, keep in cuts:
+        tensor = tensor.index_select(dim, keep.to(tensor.device))
+    return tensor.clone()
+
+
+@torch.no_grad()
+def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapping[int, str],
+                          new: Mapping[str, nn.Parameter],
+                          cuts: Mapping[str, Sequence[tuple[int, Tensor]]]) -> None:
+    """Point ``optimizers`` at the new parameters and cut their per-parameter state like the parameters.
+
+    Args:
+        optimizers: the optimizers to update in place.
+        old: ``id(old parameter)`` -> its name, taken before the compression.
+        new: name -> the parameter now in the model.
+        cuts: name -> ``[(dim, kept indices), ...]`` (:func:`lightning_prune.graph.parameter_cuts`).
+    """
+    for optimizer in optimizers:
+        state = {}
+        for group in optimizer.param_groups:
+            params = []
+            for param in group["params"]:
+                name = old.get(id(param))
+                replacement = new.get(name, param) if name is not None else param
+                entry = optimizer.state.get(param)
+                if entry is not None:
+                    shape = tuple(param.shape)
+                    state[replacement] = {
+                        key: _cut(value, cuts.get(name, ()))
+                        if isinstance(value, Tensor) and tuple(value.shape) == shape and name in cuts
+                        else value
+                        for key, value in entry.items()}
+                params.append(replacement)
+            group["params"] = params
+        optimizer.state.clear()
+        optimizer.state.update(state)
+
+
+def pad_to_dense(state: Mapping[str, Tensor], cuts: Mapping[str, Sequence[tuple[int, Tensor]]],
+                 dense_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """The compressed ``state`` put back into the dense shapes, zeros where units were removed (undoing
+    ``cuts``)."""
+    out = {}
+    for name, tensor in state.items():
+        for dim, keep in reversed(list(cuts.get(name, ()))):
+            shape = list(tensor.shape)
+            shape[dim] = dense_shapes[name][dim]
+            tensor = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device).index_copy_(
+                dim, keep.to(tensor.device), tensor)
+        out[name] = tensor
+    return out
+
+
+def _hand_back_dense_weights(trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             cuts: Mapping[str, Sequence[tuple[int, Tensor]]],
+                             dense_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Under ``ddp_spawn`` the main process loads the workers' final weights into its own, dense module: hand
+    it the compressed weights padded back to the dense shapes (zeros at the removed units) instead of a shape
+    mismatch."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if (not isinstance(launcher, _MultiProcessingLauncher)
+            or getattr(launcher, "_lightning_prune_pads", False)):
+        return
+    original = launcher._collect_rank_zero_results
+
+    def collect(trainer_: pl.Trainer, results: Any) -> Any:
+        output = original(trainer_, results)
+        if output is not None and output.weights_path is not None:
+            io = trainer_.strategy.checkpoint_io
+            state = io.load_checkpoint(output.weights_path)
+            io.save_checkpoint(pad_to_dense(state, cuts, dense_shapes), output.weights_path)
+        return output
+
+    launcher._collect_rank_zero_results = collect
+    launcher._lightning_prune_pads = True
+
+
+def _rewrap_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = trainer.strategy
+    if isinstance(getattr(strategy, "model", None), DistributedDataParallel):
+        strategy.model = strategy._setup_model(pl_module)
+        register = getattr(strategy, "_register_ddp_hooks", None)
+        if callable(register):
+            register()
+
+
+@torch.no_grad()
+def compress_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, groups: Sequence[ChannelGroup],
+                    removed: Mapping[str, Sequence[int]], example_inputs: Any,
+                    compress: Callable[..., nn.Module] | None = None) -> None:
+    """Remove ``removed`` units (group name -> units; names relative to ``pl_module``) in place inside a
+    running fit: the model shrinks, every optimizer follows (parameters and state cut), DDP is re-wrapped."""
+    from lightning_prune.core.compression import compress as compress_fn
+
+    compress = compress or compress_fn
+    old = {id(p): n for n, p in pl_module.named_parameters()}
+    cuts = parameter_cuts(pl_module, groups, removed)
+    dense_shapes = {k: tuple(v.shape) for k, v in pl_module.state_dict().items()}
+    was_training = pl_module.training
+    compress(pl_module, example_inputs, groups=groups, removed=removed, round_to=1)  # (the plan is final)
+    pl_module.train(was_training)
+    carry_optimizer_state(trainer.optimizers, old, dict(pl_module.named_parameters()), cuts)
+    _rewrap_ddp(trainer, pl_module)
+    _hand_back_dense_weights(trainer, pl_module, cuts, dense_shapes)
+
+
+def recorded_removal(state: Mapping[str, Any], groups: Sequence[ChannelGroup]) -> dict[str, list[int]]:
+    """The units a checkpointed callback state says were removed (group name -> units), checked against
+    ``groups``: a checkpoint of another model, or of other include/exclude arguments, is refused by name."""
+    removed = {str(k): [int(u) for u in v] for k, v in state["shrink"]["removed"].items()}
+    unknown = sorted(set(removed) - {g.name for g in groups})
+    if unknown:
+        raise MisconfigurationException(
+            f"The checkpoint removed units of groups {unknown[:4]} that this model does not have. HINT:"
+            " resume with the same model and the same include/exclude (and prune_coupled) arguments.")
+    return removed
+
+
+def log_model_size(trainer: pl.Trainer, pl_module: pl.LightningModule, input_size: Sequence[int] | None,
+                   owner: str, verbose: bool) -> None:
+    """Log ``prune/params`` and ``prune/flops`` of the model as it is now (absolute numbers)."""
+    from torch_pruning.utils import count_ops_and_params
+
+    from lightning_prune.callbacks.logging import PREFIX, log_scalars
+    from lightning_prune.graph import example_inputs_for, traced_root
+
+    _, root = traced_root(pl_module)
+    was_training = root.training
+    try:
+        flops, params = count_ops_and_params(root, example_inputs_for(root, input_size))
+    finally:
+        root.train(was_training)
+    log_scalars(trainer, {f"{PREFIX}/params": float(params), f"{PREFIX}/flops": float(flops)})
+    if verbose:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"[{owner}] compressed at step {trainer.global_step}: {params:,.0f} parameters,"
+                       f" {flops / 1e6:.1f} MFLOPs; training continues on the smaller model")
+
+
+class ShrinkSchedule:
+    """When a callback removes its pruned units inside the fit, and what it removed (for resume).
+
+    ``compress=True`` removes them right after the units are decided (the default position), or at
+    ``compress_step`` / ``compress_epoch`` (optimizer steps / epochs, or a fraction of the whole training;
+    ``1.0`` = at the end of training). The removed units are kept (:attr:`removed`) and written to the
+    callback's checkpoint state, so a fresh LightningModule takes a checkpoint of the smaller model
+    (:meth:`install_resume`).
+
+    Example::
+
+        self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
+    """
+
+    def __init__(self, compress: bool, compress_step: int | float | None, compress_epoch: int | float | None,
+                 owner: str) -> None:
+        from lightning_prune.validation import check_bool, check_exclusive, check_position
+
+        self.enabled = check_bool("compress", compress)
+        hint = ("compress_step=0.8 removes the pruned units after 80% of training;"
+                " by default right after pruning.")
+        check_exclusive(compress_step=compress_step, compress_epoch=compress_epoch, hint=hint)
+        self.compress_step = check_position("compress_step", compress_step, allow_none=True, hint=hint)
+        self.compress_epoch = check_position("compress_epoch", compress_epoch, allow_none=True, hint=hint)
+        if not self.enabled and (self.compress_step is not None or self.compress_epoch is not None):
+            raise MisconfigurationException(
+                f"`compress_step`/`compress_epoch` of {owner} need `compress=True`. HINT: compress=True"
+                " removes the pruned units physically; the position says when.")
+        self.owner = owner
+        self.at_step: int | None = None  # resolved position; None = right after pruning (or at the end)
+        self.removed: dict[str, list[int]] | None = None  # what was removed, once it was
+
+    @property
+    def at_end(self) -> bool:
+        from lightning_prune.callbacks.schedules import until_the_end
+
+        return until_the_end(self.compress_step) or until_the_end(self.compress_epoch)
+
+    @property
+    def explicit(self) -> bool:
+        return self.compress_step is not None or self.compress_epoch is not None
+
+    def resolve(self, trainer: pl.Trainer) -> None:
+        from lightning_prune.callbacks.schedules import resolve_step
+
+        if self.enabled and self.explicit and not self.at_end and self.at_step is None:
+            name = "compress_epoch" if self.compress_epoch is not None else "compress_step"
+            self.at_step = resolve_step(name, getattr(self, name), trainer)
+
+    def due(self, step: int, decided: bool) -> bool:
+        """Whether to compress now: enabled, not done, the units decided, and the position reached."""
+        if not self.enabled or self.removed is not None or not decided or self.at_end:
+            return False
+        return self.at_step is None or step >= self.at_step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"at_step": self.at_step, "removed": self.removed}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        state = state or {}
+        self.at_step = state.get("at_step", self.at_step)
+        removed = state.get("removed")
+        self.removed = ({str(k): [int(u) for u in v] for k, v in removed.items()}
+                        if removed is not None else None)
+
+    def install_resume(self, trainer: pl.Trainer, state_key: str,
+                       apply: Callable[[Mapping[str, Any]], None]) -> None:
+        """Before Lightning loads a checkpoint's weights into the model, ``apply(callback_state)`` (when the
+        state says units were removed): the model takes the smaller shapes first."""
+        strategy = trainer.strategy
+        registry = getattr(strategy, "_lightning_prune_resume", None)
+        if registry is None:
+            registry = strategy._lightning_prune_resume = {}
+            original = strategy.load_model_state_dict
+
+            def load_model_state_dict(checkpoint: Mapping[str, Any], strict: bool = True,
+                                      **kwargs: Any) -> Any:
+                for key, fn in list(strategy._lightning_prune_resume.items()):
+                    state = checkpoint.get("callbacks", {}).get(key)
+                    if isinstance(state, Mapping) and (state.get("shrink") or {}).get("removed"):
+                        fn(state)
+                return original(checkpoint, strict=strict, **kwargs)
+
+            strategy.load_model_state_dict = load_model_state_dict
+        registry[state_key] = apply

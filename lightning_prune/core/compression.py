@@ -1,0 +1,295 @@
+"""Physical removal of pruned channels, heads and conv groups, and save/load of the result.
+
+:func:`compress` removes units of the groups that :func:`lightning_prune.graph.analyse_channels` proves
+exactly removable: the units a gate callback pruned (``removed=``), or, on any model, the **dead** units --
+those no layer reads, because every Conv/Linear reading them has zero weight columns there (what masks leave).
+The result is a plain ``nn.Module`` with smaller layers (``num_heads``, ``groups`` and channel counts updated,
+no hooks, no wrappers) whose eval outputs equal the model's before removal (checked on ``example_inputs``). A
+dead unit of a LayerNorm-normalised stream changes the LayerNorm's statistics unless the model computes them
+over the kept channels already (the gate callbacks do so once they have finalised); if it does not, such
+groups are left as they are.
+
+Save the result with :func:`save_compressed` and load it back onto a freshly created model of the same
+architecture in one line::
+
+    model = lp.load_compressed("small.pt", timm.create_model("resnet18", num_classes=10))
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_info  # the function lightning.pytorch re-exports
+from torch import Tensor, nn
+
+from lightning_prune.checkpoint_io import load_file
+from lightning_prune.errors import CompressionError, InvalidArgumentError
+from lightning_prune.graph import (
+    ChannelGroup,
+    analyse_channels,
+    call_model,
+    example_inputs_for,
+    slice_units,
+    traced_root,
+)
+from lightning_prune.validation import check_bool, check_int, check_positive
+
+__all__ = ["CompressionError", "compress", "dead_units", "load_compressed", "round_kept", "save_compressed",
+           "shape_attributes", "take_shapes"]
+
+
+@torch.no_grad()
+def dead_units(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, list[int]]:
+    """Per group, the units no layer reads: at every input site the reader's weight columns are zero."""
+    dead: dict[str, list[int]] = {}
+    for group in groups:
+        alive = torch.zeros(group.size, dtype=torch.bool)
+        for site in group.input_sites():
+            weight = model.get_submodule(site.module).weight.detach()
+            columns = weight.index_select(1, torch.tensor(site.channels, device=weight.device))
+            used = columns.transpose(0, 1).reshape(len(site.channels), -1).ne(0).any(dim=1).cpu()
+            if used.any():
+                alive.index_fill_(0, torch.tensor(site.units)[used], True)
+        gone = (~alive).nonzero().flatten().tolist()
+        if len(gone) >= group.size:
+            gone = gone[1:]  # keep one (dead) unit: a layer needs at least one channel
+        if gone:
+            dead[group.name] = gone
+    return dead
+
+
+def round_kept(group: ChannelGroup, removed: Sequence[int], round_to: int, order: Sequence[int] | None = None
+               ) -> list[int]:
+    """``removed`` trimmed so that the kept channel count is a multiple of ``round_to`` (channel groups only;
+    heads and conv groups are whole units). Units are put back in ``order`` (default: as given, last
+    first)."""
+    if round_to <= 1 or group.unit != "channel" or not removed:
+        return list(removed)
+    kept = group.size - len(removed)
+    target = min(-(-kept // round_to) * round_to, group.size)
+    back = target - kept
+    if back <= 0:
+        return list(removed)
+    ranked = list(order) if order is not None else list(reversed(removed))
+    restore = set(ranked[:back])
+    return [u for u in removed if u not in restore]
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: Any = None,
+    input_size: Sequence[int] | None = None,
+    inplace: bool = True,
+    verify: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    round_to: int = 8,
+    groups: Sequence[ChannelGroup] | None = None,
+    removed: Mapping[str, Sequence[int]] | None = None,
+) -> nn.Module:
+    """Physically remove pruned units from ``model``; returns the smaller model.
+
+    Args:
+        model: a timm model, any ``nn.Module``, or a LightningModule holding a timm model (compressed in place
+            inside it).
+        example_inputs: what the traced model is called with; default: ``example_input_array``, or a random
+            batch at timm's ``pretrained_cfg["input_size"]`` (or ``input_size``).
+        input_size: ``(C, H, W)`` of the random example.
+        inplace: modify ``model`` (default) or a deep copy.
+        verify: compare eval outputs before and after on ``example_inputs``; raise if they differ.
+        atol, rtol: tolerances of that comparison.
+        round_to: keep enough dead channels that every pruned channel width stays a multiple of ``round_to``
+            (default 8, as the callbacks; heads and conv groups stay whole; 1 = remove every dead unit);
+            outputs are unchanged. A given plan is rounded too: ``round_to=1`` removes exactly ``removed``.
+        groups, removed: the groups (names relative to ``model``) and, per group name, the units to remove
+            (what a gate callback decided); default: every dead unit of the groups found by
+            :func:`~lightning_prune.graph.analyse_channels`.
+
+    Raises:
+        CompressionError: the outputs changed.
+        InvalidArgumentError: a bad argument.
+
+    Example::
+
+        small = lp.compress(trained_model, input_size=(3, 32, 32), round_to=8)
+        lp.save_compressed(small, "small.pt")
+    """
+    check_bool("inplace", inplace, error=InvalidArgumentError)
+    check_bool("verify", verify, error=InvalidArgumentError)
+    check_positive("atol", atol, error=InvalidArgumentError)
+    check_positive("rtol", rtol, error=InvalidArgumentError)
+    check_int("round_to", round_to, 1, hint="8 keeps widths multiples of 8.", error=InvalidArgumentError)
+    if (groups is None) != (removed is None):
+        raise InvalidArgumentError("Pass `groups` and `removed` together, or neither.")
+    if not inplace:
+        model = copy.deepcopy(model)
+    prefix, root = traced_root(model)
+    example = example_inputs if example_inputs is not None else example_inputs_for(root, input_size)
+    was_training = model.training
+    model.eval()
+    try:
+        before_params = sum(p.numel() for p in root.parameters())
+        with torch.no_grad():
+            reference = call_model(root, example) if verify else None
+        if groups is None:
+            analysed = analyse_channels(root, example).groups
+            target = root
+            plan = dead_units(root, analysed)
+            plan = {g.name: round_kept(g, plan[g.name], round_to) for g in analysed if g.name in plan}
+        else:
+            analysed, target = list(groups), model
+            plan = {g.name: round_kept(g, list(removed.get(g.name, ())), round_to) for g in analysed}  # type: ignore[union-attr]
+        if groups is None and verify:
+            plan = _exact_plan(root, example, analysed, plan, reference, atol, rtol)
+        removed_units = slice_units(target, analysed, plan)
+        if verify and removed_units:
+            with torch.no_grad():
+                after = call_model(root, example)
+            _check_same(reference, after, atol, rtol)
+        after_params = sum(p.numel() for p in root.parameters())
+        rank_zero_info(f"[compress] removed {removed_units} units in {sum(1 for v in plan.values() if v)}"
+                       f" groups: parameters {before_params:,} -> {after_params:,}")
+    finally:
+        model.train(was_training)
+    return model
+
+
+def _exact_plan(root: nn.Module, example: Any, groups: Sequence[ChannelGroup], plan: dict[str, list[int]],
+                reference: Any, atol: float, rtol: float) -> dict[str, list[int]]:
+    """The plan, without the groups whose norm sites would change their statistics (a plain masked model whose
+    LayerNorms still count the removed channels), when removing everything would change the outputs."""
+    trial = copy.deepcopy(root)
+    slice_units(trial, groups, plan)
+    with torch.no_grad():
+        if _same(reference, call_model(trial, example), atol, rtol):
+            return plan
+    safe = {name: units for name, units in plan.items()
+            if not next(g for g in groups if g.name == name).norm_sites()}
+    if len(safe) < len(plan):
+        rank_zero_info(f"[compress] left {len(plan) - len(safe)} LayerNorm-normalised groups as they are:"
+                       " their norms count the dead channels (compress through the callback to remove them).")
+    return safe
+
+
+def _same(reference: Any, after: Any, atol: float, rtol: float) -> bool:
+    try:
+        _check_same(reference, after, atol, rtol)
+    except CompressionError:
+        return False
+    return True
+
+
+def _check_same(reference: Any, after: Any, atol: float, rtol: float) -> None:
+    if isinstance(reference, Tensor):
+        if reference.shape != after.shape or not torch.allclose(reference, after, atol=atol, rtol=rtol):
+            diff = (reference - after).abs().max().item() if reference.shape == after.shape else float("nan")
+            raise CompressionError(
+                f"Removing the dead channels changed the outputs (max abs difference {diff:.3g})."
+                " HINT: a LayerNorm counts removed channels in its statistics, or a layer outside the"
+                " analysed groups reads them; call compress(..., verify=False) to keep the result anyway."
+            )
+    elif isinstance(reference, (list, tuple)):
+        for a, b in zip(reference, after):
+            _check_same(a, b, atol, rtol)
+    elif isinstance(reference, dict):
+        for key in reference:
+            _check_same(reference[key], after[key], atol, rtol)
+
+
+_SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+                "normalized_shape", "num_channels", "num_groups", "num_heads", "attn_dim")
+FORMAT = "lightning_prune.compressed/1"
+
+
+def shape_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The channel counts (``in_channels``, ``num_heads``, ...) of every layer, what :func:`take_shapes` needs
+    to give a fresh model the shapes of a compressed one."""
+    attributes = {}
+    for name, module in model.named_modules():
+        found = {k: getattr(module, k) for k in _SHAPE_ATTRS if k in vars(module)}  # instance attributes only
+        if found:
+            attributes[name] = found
+    return attributes
+
+
+def take_shapes(model: nn.Module, state: Mapping[str, Tensor], attributes: Mapping[str, Mapping[str, Any]]
+                ) -> nn.Module:
+    """Give ``model`` the parameter and buffer shapes of ``state`` and the channel counts of ``attributes``
+    (what :func:`shape_attributes` recorded), so that ``model.load_state_dict(state)`` loads strictly."""
+    for key, value in state.items():
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        current = getattr(module, attr, None)
+        if isinstance(current, Tensor) and current.shape != value.shape:
+            fresh = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+            if isinstance(current, nn.Parameter):
+                setattr(module, attr, nn.Parameter(fresh, requires_grad=current.requires_grad))
+            else:
+                setattr(module, attr, fresh)
+    for name, attrs in attributes.items():
+        module = model.get_submodule(name) if name else model
+        for key, value in attrs.items():
+            setattr(module, key, value)
+    return model
+
+
+def save_compressed(model: nn.Module, path: str | Path) -> None:
+    """Save a compressed model: its ``state_dict`` plus the channel counts of its resized layers.
+
+    The file holds only tensors and Python scalars (it loads with ``torch.load(weights_only=True)``).
+    """
+    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "attributes": shape_attributes(model)},
+               str(path))
+
+
+@torch.no_grad()
+def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu", *,
+                    weights_only: bool = True) -> nn.Module:
+    """Load a compressed model onto a fresh model of the same architecture; returns it.
+
+    ``path`` is what :func:`save_compressed` wrote (every resized parameter and buffer takes the saved shape,
+    the layers' channel counts are set, the state is loaded strictly), or a Lightning checkpoint written after
+    a callback compressed the model inside the fit: then ``model`` is a fresh LightningModule, the callback's
+    recorded plan removes the same units from it, and the checkpoint's weights load strictly.
+
+    The file is read with ``torch.load(weights_only=True)``: a file that holds other Python objects (a
+    checkpoint whose hyperparameters are objects) is refused with :class:`~lightning_prune.UnsafeFileError`
+    unless you pass ``weights_only=False``, which runs the code the file holds -- only for files you trust.
+
+    Example::
+
+        model = lp.load_compressed("small.pt", timm.create_model("resnet18", num_classes=10))
+        module = lp.load_compressed("last.ckpt", lp.ImageClassifier("resnet18", num_classes=10))
+    """
+    payload = load_file(path, weights_only=weights_only, map_location=map_location)
+    if isinstance(payload, dict) and "callbacks" in payload and "state_dict" in payload:
+        return _load_lightning_checkpoint(payload, model, path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InvalidArgumentError(f"{path} was not written by lightning_prune.save_compressed.")
+    state = payload["state_dict"]
+    take_shapes(model, state, payload["attributes"])
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path: str | Path) -> nn.Module:
+    plans = [state["shrink"]["removed"] for state in payload["callbacks"].values()
+             if isinstance(state, dict) and isinstance(state.get("shrink"), dict)
+             and state["shrink"].get("removed")]
+    if plans:
+        prefix, root = traced_root(module)
+        groups = analyse_channels(root, example_inputs_for(root), prefix=prefix).groups
+        for removed in plans:
+            unknown = sorted(set(removed) - {g.name for g in groups})
+            if unknown:
+                raise InvalidArgumentError(
+                    f"{path} removed units of groups {unknown[:4]} that {type(module).__name__}"
+                    " does not have. HINT: pass a fresh instance of the LightningModule the checkpoint was"
+                    " trained with.")
+            slice_units(module, groups, removed)
+    module.load_state_dict(payload["state_dict"], strict=True)
+    return module

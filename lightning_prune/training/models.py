@@ -1,0 +1,141 @@
+"""``ImageClassifier``: a LightningModule around ``timm.create_model`` with torchmetrics accuracy."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import lightning.pytorch as pl
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+# Registers the ReduceNet-style models with timm, so `ImageClassifier("reducenet_20")` works.
+import lightning_prune.training.reducenet  # noqa: F401
+
+__all__ = ["ImageClassifier"]
+
+_OPTIMIZERS = ("sgd", "adamw", "adam")
+_SCHEDULERS = ("cosine", "multistep", "none")
+
+
+class ImageClassifier(pl.LightningModule):
+    """Any timm model as a classifier: cross-entropy, SGD/Adam(W), cosine or step LR, top-1 accuracy.
+
+    The timm model is ``self.model``; its ``state_dict`` (keys prefixed ``model.``) loads into a fresh
+    ``timm.create_model(model_name, num_classes=...)``.
+
+    Args:
+        model_name: any name from ``timm.list_models()``.
+        num_classes: output classes.
+        pretrained: load timm's pretrained weights (needs the network).
+        model_kwargs: passed on to ``timm.create_model`` (e.g. ``{"img_size": 32}`` for a ViT).
+        optimizer: ``"sgd"`` (Nesterov momentum), ``"adamw"`` or ``"adam"``.
+        lr, momentum, weight_decay: optimizer settings.
+        scheduler: ``"cosine"`` over ``trainer.max_epochs``, ``"multistep"`` (x0.1 at ``milestones``),
+            ``"none"``.
+        milestones: epochs of the multistep schedule.
+        label_smoothing: for the cross-entropy.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "resnet18",
+        num_classes: int = 10,
+        pretrained: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        scheduler: str = "cosine",
+        milestones: list[int] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in _OPTIMIZERS:
+            raise MisconfigurationException(
+                f"`optimizer` must be one of {list(_OPTIMIZERS)}, got {optimizer!r}.")
+        if scheduler not in _SCHEDULERS:
+            raise MisconfigurationException(
+                f"`scheduler` must be one of {list(_SCHEDULERS)}, got {scheduler!r}.")
+        if lr <= 0:
+            raise MisconfigurationException(f"`lr` must be > 0, got {lr}.")
+        _check_model_name(model_name)
+        self.save_hyperparameters()
+        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes,
+                                       **(model_kwargs or {}))
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.test_acc(logits, y)
+        self.log("test/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("test/acc", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(dim=-1)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None:  # warn once when the pruning state of the checkpoint has no callback
+            from lightning_prune._registry import warn_ignored_states
+
+            warn_ignored_states(self._trainer, checkpoint)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
+                                  nesterov=hp.momentum > 0)
+        elif hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return opt
+        if hp.scheduler == "cosine":
+            epochs = max(int(self.trainer.max_epochs or 1), 1) if self.trainer.max_epochs != -1 else 1
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        else:
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones or []), gamma=0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def _check_model_name(model_name: Any) -> None:
+    """A name timm does not know fails here, with the closest names of ``timm.list_models()``, instead of
+    deep inside ``timm.create_model``. Hub names (``hf-hub:...``, ``timm/...``) are left to timm."""
+    if not isinstance(model_name, str):
+        raise MisconfigurationException(f"`model_name` must be a timm model name (str), got {model_name!r}.")
+    if ":" in model_name or "/" in model_name or timm.is_model(model_name):
+        return
+    arch = model_name.split(".")[0]
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    if not close:
+        close = timm.list_models(f"{arch[:4]}*")[:5]
+    suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise MisconfigurationException(
+        f"`model_name` must be a model of `timm.list_models()`, got {model_name!r}.{suggestion}"
+        f" HINT: `python -c \"import timm; print(timm.list_models('{arch[:3]}*'))\"` lists the names.")
