@@ -36,7 +36,7 @@ from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.input_shape import traced_input_size
-from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_images, log_scalars
+from lightning_prune.callbacks.logging import PREFIX, counted, log_histograms, log_images, log_scalars
 from lightning_prune.callbacks.schedules import resolve_step, until_the_end, warn_if_after_training
 from lightning_prune.callbacks.shrink import (
     ShrinkSchedule,
@@ -454,7 +454,7 @@ class GatePruningCallback(PruningCallback):
             size = "".join(f", {k.split('/')[-1].replace('_', ' ')} {v:.1%}"
                            for k, v in metrics.items() if k != f"{PREFIX}/channels_remaining")
             rank_zero_info(f"[{type(self).__name__}] finalised: {kept}/{total} units kept"
-                           f" ({1 - kept / max(total, 1):.1%} pruned) in {len(keep)} groups{size};"
+                           f" ({1 - kept / max(total, 1):.1%} pruned) in {counted(len(keep), 'group')}{size};"
                            " fine-tuning continues")
         if trainer is not None:
             self.update_masks(masks, trainer)
@@ -476,6 +476,18 @@ class GatePruningCallback(PruningCallback):
         return {f"{PREFIX}/flops_remaining": flops, f"{PREFIX}/params_remaining": params}
 
     # ------------------------------------------------------------------ logging
+    @override
+    def progress_line(self, step: int, metrics: dict[str, float]) -> str:
+        """Units kept and FLOPs left, not the sparsity of the weights (a channel callback removes units)."""
+        groups = self.groups or []
+        total = sum(g.size for g in groups)
+        kept = (sum(int(k.sum()) for k in self.keep) if self.keep is not None
+                else sum(self.channels_alive().values()))
+        flops = self.size_metrics().get(f"{PREFIX}/flops_remaining")
+        return (f"[{type(self).__name__}] step {step}: {kept:,}/{counted(total, 'unit')} kept"
+                f" ({1 - kept / max(total, 1):.1%} removed) in {counted(len(groups), 'group')}"
+                + (f", FLOPs {flops:.1%} of dense" if flops is not None else ""))
+
     def gate_metrics(self) -> dict[str, float]:
         alive = self.channels_alive()
         total = sum(g.size for g in self.groups or [])
@@ -607,8 +619,9 @@ class GatePruningCallback(PruningCallback):
         if self.verbose:
             total = sum(g.size for g in self.groups or [])
             rank_zero_info(
-                f"[{type(self).__name__}] {total} channels in {len(self.groups or [])} gated groups"
-                f" ({len(self.skipped)} groups left alone); finalize at "
+                f"[{type(self).__name__}] {counted(total, 'unit')} in"
+                f" {counted(len(self.groups or []), 'gated group')}"
+                f" ({counted(len(self.skipped), 'group')} left alone); finalize at "
                 + ("the end of training" if self.finalize_at_step is None
                    else f"step {self.finalize_at_step}")
             )

@@ -4,13 +4,40 @@ sensitivity``): the ``fit`` arguments they accept, and building a LightningCLI t
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-__all__ = ["add_fit_config_arguments", "config_cli", "weights_only_of"]
+from lightning_prune.cli.errors import ConfigError, explain_parse_error
+
+__all__ = ["OneLineParseErrors", "add_fit_config_arguments", "config_cli", "weights_only_of"]
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class OneLineParseErrors:
+    """A LightningCLI mixin: no abbreviated options (``--trainer.max_epoch`` is not ``max_epochs``), and a
+    parse error comes back as one :class:`~lightning_prune.cli.errors.ConfigError` line (the unknown key and
+    its closest valid spelling, for the Trainer's, the model's and the data's arguments as for a callback's)
+    instead of jsonargparse's usage and nested union errors."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("exit_on_error", False)  # errors come back to `parse_arguments`
+        kwargs.setdefault("allow_abbrev", False)  # every parser: the main one and each subcommand's
+        return super().init_parser(**kwargs)  # type: ignore[misc]
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)  # type: ignore[misc]
+        except ArgumentError as err:
+            argv = sys.argv[1:] if args is None else list(args)
+            sub = next((a for a in argv if a in SUBCOMMANDS), None)
+            subparser = getattr(self, "_subcommand_parsers", {}).get(sub, parser)
+            raise ConfigError(explain_parse_error(str(err), argv, subparser)) from None
 
 CLI = TypeVar("CLI", bound=LightningCLI)
 
@@ -20,6 +47,8 @@ def add_fit_config_arguments(parser: LightningArgumentParser, ckpt_help: str) ->
     the ``config.yaml`` a run saved -- that these commands accept and do not use."""
     parser.add_argument("--ckpt_path", type=str | None, default=None, help=ckpt_help)
     parser.add_argument("--test_after_fit", type=bool, default=True,
+                        help="Accepted for configs written for `fit`; unused here.")
+    parser.add_argument("--torch_threads", type=int | None, default=None,
                         help="Accepted for configs written for `fit`; unused here.")
     parser.add_argument("--weights_only", type=bool | None, default=None,
                         help="How --ckpt_path is read: true (the default, also for null) refuses a file that"

@@ -101,7 +101,7 @@ def explain_parse_error(message: str, args: Sequence[str], parser: Any = None) -
                     f"{_source_of(arg, args)}")
         return f"{name}{f' ({where})' if where else ''}: {reason}"
     unknown = re.search(r"(?:Key|Option) ['\"]([\w.]+)['\"] is not (?:accepted|expected)", message)
-    unrecognized = re.search(r"Unrecognized arguments:\s*(--[\w.]+)", message)
+    unrecognized = re.search(r"Unrecognized arguments:\s*(--[\w.]+)", message, flags=re.I)
     if unknown or unrecognized:
         bad = unknown.group(1) if unknown else unrecognized.group(1).lstrip("-")
         keys: list[str] = []

@@ -3,32 +3,25 @@
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Optional
+from typing import Optional
 
-from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_prune.cli.errors import ConfigError, check_accelerator, explain_parse_error
+from lightning_prune.cli.config import OneLineParseErrors
+from lightning_prune.cli.errors import ConfigError, check_accelerator
 from lightning_prune.core.report import sparsity_report
 
 __all__ = ["PruneCLI"]
 
-_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
-
-class PruneCLI(LightningCLI):
+class PruneCLI(OneLineParseErrors, LightningCLI):
     """LightningCLI over any LightningModule / LightningDataModule, that tests and reports after ``fit``.
 
     A parse error comes back as one :class:`~lightning_prune.cli.errors.ConfigError` line (the class, the
     unknown key and its closest valid spelling) instead of jsonargparse's usage and nested union errors; a GPU
     accelerator asked for on a machine without one fails before anything is built.
     """
-
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        kwargs.setdefault("exit_on_error", False)  # errors come back to `parse_arguments`
-        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -37,15 +30,6 @@ class PruneCLI(LightningCLI):
                             help="torch's intra-op thread count for the run (torch.set_num_threads; default:"
                                  " torch's, one per core). A fixed count makes a seeded CPU run give the same"
                                  " result on every machine and keeps it from stalling on a busy one.")
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        try:
-            super().parse_arguments(parser, args)
-        except ArgumentError as err:
-            argv = sys.argv[1:] if args is None else list(args)
-            sub = next((a for a in argv if a in _SUBCOMMANDS), None)
-            subparser = getattr(self, "_subcommand_parsers", {}).get(sub, parser)
-            raise ConfigError(explain_parse_error(str(err), argv, subparser)) from None
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -23,7 +23,12 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_prune.cli.config import add_fit_config_arguments, config_cli, weights_only_of
+from lightning_prune.cli.config import (
+    OneLineParseErrors,
+    add_fit_config_arguments,
+    config_cli,
+    weights_only_of,
+)
 from lightning_prune.core.sensitivity import layer_targets_from_sensitivity, sensitivity
 
 __all__ = ["SensitivityCLI", "SensitivityOptions", "main"]
@@ -62,7 +67,7 @@ class SensitivityOptions:
     fit: bool = True
 
 
-class SensitivityCLI(LightningCLI):
+class SensitivityCLI(OneLineParseErrors, LightningCLI):
     """LightningCLI without a subcommand: builds the model, data and Trainer of a config, then scans."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback, resolve_seed
 from lightning_prune.callbacks.input_shape import traced_input_size
-from lightning_prune.callbacks.logging import PREFIX, log_scalars
+from lightning_prune.callbacks.logging import PREFIX, counted, log_scalars
 from lightning_prune.callbacks.schedules import polynomial_sparsity, resolve_step, until_the_end
 from lightning_prune.callbacks.shrink import (
     ShrinkSchedule,
@@ -38,6 +38,7 @@ from lightning_prune.core.gates import unit_masks
 from lightning_prune.core.targets import Target
 from lightning_prune.graph import (
     ChannelGroup,
+    CostModel,
     example_inputs_for,
     restricted_norm_hooks,
     slice_units,
@@ -103,6 +104,7 @@ class BaselinePruning(PruningCallback):
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
         self.input_size = check_input_size("input_size", input_size)
         self.traced_size: tuple[int, ...] | None = self.input_size  # set at setup (input_shape.py)
+        self._cost: CostModel | None = None  # the FLOPs of the console line, built on first use
         self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
         if self.shrink.enabled and not self.channel_wise:
             raise MisconfigurationException(
@@ -286,7 +288,7 @@ class BaselinePruning(PruningCallback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_model"], state["_norm_handles"] = None, []
+        state["_model"], state["_norm_handles"], state["_cost"] = None, [], None
         return state
 
     # ------------------------------------------------------------------ logging
@@ -308,16 +310,26 @@ class BaselinePruning(PruningCallback):
         metrics = {**self.sparsity_metrics(), **(extra or {})}
         log_scalars(trainer, metrics)
         if self.verbose:
-            channels = (
-                f", channel sparsity {metrics[f'{PREFIX}/channel_sparsity']:.2%}"
-                if f"{PREFIX}/channel_sparsity" in metrics
-                else ""
-            )
-            rank_zero_info(
-                f"[{type(self).__name__}] step {trainer.global_step}: weight sparsity"
-                f" {metrics.get(f'{PREFIX}/sparsity', 0.0):.2%}{channels}"
-                f" over {len(self.weight_names)} layers"
-            )
+            rank_zero_info(self.progress_line(trainer.global_step, metrics))
+
+    @override
+    def progress_line(self, step: int, metrics: dict[str, float]) -> str:
+        """Channel baselines: units kept and FLOPs left; weight baselines: the weight sparsity."""
+        name = type(self).__name__
+        if not self.channel_wise or self.groups is None or self.unit_keep is None:
+            return (f"[{name}] step {step}: weight sparsity {metrics.get(f'{PREFIX}/sparsity', 0.0):.2%}"
+                    f" over {counted(len(self.weight_names), 'layer')}")
+        total = sum(g.size for g in self.groups)
+        kept = sum(int(k.sum()) for k in self.unit_keep)
+        flops = ""
+        if self._model is not None and (self._cost is not None or self.shrink.removed is None):
+            if self._cost is None:  # (built once: torch-pruning's count of the dense model)
+                prefix, root = traced_root(self._model)
+                self._cost = CostModel(root, example_inputs_for(root, self.traced_size), self.groups,
+                                       prefix=prefix)
+            flops = f", FLOPs {self._cost.ratios(self.removed_units())[0]:.1%} of dense"
+        return (f"[{name}] step {step}: {kept:,}/{counted(total, 'unit')} kept"
+                f" ({1 - kept / max(total, 1):.1%} removed) in {counted(len(self.groups), 'group')}{flops}")
 
     # ------------------------------------------------------------------ state
     @override
