@@ -42,7 +42,7 @@ def child(model_name: str, size: int, threads: int | None, pin: bool) -> dict[st
 
         lp_threads.ANALYSIS_THREADS = None
     usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    analysis = lp.analyse_channels(model, example, time_limit_s=None)
+    analysis = lp.analyse_channels(model, example, analysis_time_limit_s=None)
     wall = time.perf_counter() - wall0
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)

@@ -28,7 +28,7 @@ def two_threads():
 
 
 def test_the_analysis_runs_at_one_thread_and_gives_the_caller_s_count_back(two_threads, monkeypatch):
-    import lightning_prune.graph as graph
+    import lightning_prune.graph.analysis as graph
 
     seen = []
     build = graph._build_graph

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.errors import InvalidArgumentError
-from lightning_prune.graph import ChannelGroup, _norm_size, _restricted_forward, restricted_norm_hooks
+from lightning_prune.graph import ChannelGroup, norm_size, restricted_forward, restricted_norm_hooks
 
 __all__ = ["Gate", "GateSet", "ScaleGate", "unit_masks"]
 
@@ -173,7 +173,7 @@ class GateSet:
                     (gate, torch.tensor(site.channels), torch.tensor(site.units), site.dim))
         for name, entries in by_module.items():
             module = root.get_submodule(name)
-            size = _norm_size(module)
+            size = norm_size(module)
 
             def hook(m: nn.Module, args: Any, output: Any, entries: list = entries, size: int = size) -> Any:
                 x = args[0]
@@ -187,7 +187,7 @@ class GateSet:
                     open_[channels.to(x.device)] &= ~closed
                 if bool(open_.all()) or not bool(open_.any()):
                     return output
-                return _restricted_forward(m, x, open_.nonzero().flatten(), dim).to(output.dtype)
+                return restricted_forward(m, x, open_.nonzero().flatten(), dim).to(output.dtype)
 
             self._handles.append(module.register_forward_hook(hook))
 

@@ -1,0 +1,86 @@
+"""Channel-group analysis: which channel dimensions of a model can be removed exactly, and how.
+
+Shared by the gate callbacks, the channel baselines and :func:`lightning_prune.compress`. torch-pruning's
+``DependencyGraph`` traces the model and maps indices through concatenations, residual sums, depthwise convs
+and reshapes; this module expands its groups itself (a visited-set expansion that stays linear where
+torch-pruning's re-adds every index subset), turns each into a :class:`ChannelGroup`, and keeps only the
+groups whose removal is proven exact.
+
+A group is a set of **units** removed together: a channel (a conv filter, a Linear unit, a residual-stream
+channel with every producer, BatchNorm, LayerNorm entry, ``pos_embed``/``cls_token``/layer-scale entry and
+reader column coupled to it), a whole attention **head** of timm's ``Attention`` (its q, k and v rows and its
+``proj`` columns; ``num_heads`` is updated), or a whole **conv group** of a grouped convolution (ResNeXt,
+RegNet: the channels that feed the group, the group's filters and their readers; ``groups`` is updated).
+
+A unit is removed exactly when nothing reads it: every layer that mixes channels -- a Conv/Linear reading them
+(an **input site**: the gate multiplies its input channels, and folds into its weight columns), a LayerNorm,
+GroupNorm(1) or GRN computing statistics over them (a **norm site**: once units are pruned, its statistics are
+taken over the kept channels only) -- must not see it. Depthwise convs, BatchNorms, activations, additions and
+squeeze-excite multiplies act per channel and are sliced along. The claim is **checked, not assumed**: on a
+float64 copy with random BatchNorm statistics, norm affines, biases, gains and layer scales, a random subset
+of every group's units is masked (zero at the input sites, restricted norm sites) and the masked outputs are
+compared with those of a copy from which the units were physically sliced; a group that breaks the equality
+(or the slicing) is left alone with the reason. Groups that cannot be sliced at all (split sizes fixed in the
+model's code, channel-mixing ops, weight-standardised readers) are rejected before that check, each with its
+reason.
+
+Example::
+
+    analysis = analyse_channels(timm.create_model("resnet50"), torch.randn(2, 3, 64, 64))
+    print(analysis.coverage, len(analysis.groups), analysis.skipped)
+    small = copy.deepcopy(model); slice_units(small, analysis.groups,
+                                              {g.name: [0, 1] for g in analysis.groups})
+
+The package, one idea per module: ``types`` (groups, sites, slices, errors), ``inputs`` (what to
+trace and with what), ``layers`` (layer kinds), ``dependencies`` (raw groups from torch-pruning's dependency
+graph), ``slicing`` (masking and slicing units), ``proof`` (the exactness check), ``cost`` (FLOPs and
+parameters), ``budget`` (the time limit) and ``analysis`` (:func:`analyse_channels`, orchestrating them).
+Every public name is re-exported here.
+"""
+
+from lightning_prune.graph.analysis import analyse_channels
+from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, GRAPH_TIME_LIMIT_S
+from lightning_prune.graph.cost import CostModel
+from lightning_prune.graph.inputs import call_model, example_inputs_for, like_model, traced_root
+from lightning_prune.graph.layers import PRODUCER_TYPES, channel_dim  # noqa: F401 - PRODUCER_TYPES as before
+from lightning_prune.graph.proof import masked_and_sliced, randomised_copy
+from lightning_prune.graph.slicing import (  # noqa: F401 - the private two: gates.py imports them from here
+    norm_size,
+    parameter_cuts,
+    restricted_forward,
+    restricted_norm_hooks,
+    slice_units,
+    zero_unit_hooks,
+)
+from lightning_prune.graph.types import (
+    ChannelAnalysis,
+    ChannelGroup,
+    GraphTimeoutError,
+    Site,
+    Slice,
+    failure_reason,
+)
+
+__all__ = [
+    "DEFAULT_ANALYSIS_TIME_LIMIT_S",
+    "GRAPH_TIME_LIMIT_S",
+    "CostModel",
+    "ChannelAnalysis",
+    "ChannelGroup",
+    "GraphTimeoutError",
+    "Site",
+    "Slice",
+    "analyse_channels",
+    "parameter_cuts",
+    "call_model",
+    "channel_dim",
+    "example_inputs_for",
+    "failure_reason",
+    "like_model",
+    "masked_and_sliced",
+    "randomised_copy",
+    "restricted_norm_hooks",
+    "slice_units",
+    "traced_root",
+    "zero_unit_hooks",
+]

@@ -1,0 +1,149 @@
+"""FLOPs and parameters of the model once some units are removed."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.graph.inputs import _batch_size, like_model
+from lightning_prune.graph.slicing import slice_units
+from lightning_prune.graph.types import ChannelGroup, Slice, _localised, _prefixed, _strip
+
+__all__ = ["CostModel"]
+
+
+class CostModel:
+    """FLOPs (as torch-pruning's ``count_ops_and_params`` counts them on ``example_inputs``) and parameters of
+    the model once some units are removed, computed from the groups' slices without touching the model.
+
+    Example::
+
+        cost = CostModel(model, x, analysis.groups)
+        flops, params = cost.cost({"layer1.0.conv1": [0, 1, 2]})
+        flops / cost.dense_flops
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, groups: Sequence[ChannelGroup],
+                 prefix: str = "") -> None:
+        from torch_pruning.utils import count_ops_and_params
+
+        self.groups = list(groups)
+        self.prefix = prefix
+        self._model, self._example = model, example_inputs
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                flops, params, layer_flops, _ = count_ops_and_params(model, example_inputs, layer_wise=True)
+        finally:
+            model.train(was_training)
+        full = functools.partial(_prefixed, prefix)
+        self.dense_flops = float(flops)
+        self.dense_params = float(sum(p.numel() for p in model.parameters()))
+        scale = 1.0 / _batch_size(example_inputs)  # per-layer counts are per batch, the total per sample
+        # what torch-pruning counts per module: leaves, and containers it counts as a whole (timm's Attention)
+        counted = {id(m): float(layer_flops.get(m) or 0.0) * scale for m in model.modules()}
+        own = {full(n): counted[id(m)] - sum(counted[id(c)] for c in m.children())
+               for n, m in model.named_modules()}
+        self._flops = {n: v for n, v in own.items() if v > 0.5}  # what each module counts beyond its children
+        self._children = {full(n): [full(f"{n}.{c}" if n else c) for c, _ in m.named_modules() if c]
+                          for n, m in model.named_modules() if any(True for _ in m.children())}
+        self._sizes: dict[tuple[str, str, int], int] = {}
+        # module -> (pname, numel, shape)
+        self._params: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {}
+        for name, module in model.named_modules():
+            self._params[full(name)] = [(pname, p.numel(), tuple(p.shape))
+                                       for pname, p in module.named_parameters(recurse=False)]
+        free: dict[str, set[int]] = {}
+        for group in self.groups:
+            for sl in group.slices:
+                key = (sl.module, sl.role, sl.dim)
+                if sl.role == "free":  # channels it sees, over every group (its own width is not recorded)
+                    free.setdefault(sl.module, set()).update(sl.channels)
+                elif key not in self._sizes:
+                    self._sizes[key] = self._size(model, sl)
+        for module, channels in free.items():
+            self._sizes[(module, "free", 0)] = len(channels)
+
+    def _size(self, model: nn.Module, sl: Slice) -> int:
+        local = _strip(sl.module, self.prefix)
+        if sl.role == "param":
+            return int(model.get_parameter(local).shape[sl.dim])
+        module = model.get_submodule(local)
+        if sl.role == "in":
+            return int(module.weight.shape[1])
+        if sl.role in ("out", "group"):
+            return int(module.weight.shape[0])
+        for attr in ("num_features", "num_channels", "out_channels"):
+            if isinstance(getattr(module, attr, None), int):
+                return int(getattr(module, attr))
+        return int(module.normalized_shape[0])
+
+    def cost(self, removed: Mapping[str, Iterable[int]]) -> tuple[float, float]:
+        """``(flops, params)`` after removing ``removed`` (group name -> units)."""
+        dead: dict[tuple[str, str, int], set[int]] = {}
+        for group in self.groups:
+            gone = set(removed.get(group.name, ()))
+            if not gone:
+                continue
+            for sl in group.slices:
+                dead.setdefault((sl.module, sl.role, sl.dim), set()).update(
+                    c for c, u in zip(sl.channels, sl.units) if u in gone)
+        keep: dict[tuple[str, str, int], float] = {
+            key: 1.0 - len(chs) / max(self._sizes[key], 1) for key, chs in dead.items()}
+        by_module: dict[str, dict[str, float]] = {}
+        for (module, role, dim), frac in keep.items():
+            by_module.setdefault(module, {})[role if role != "param" else f"param{dim}"] = frac
+        params = self.dense_params
+        kept_share: dict[str, float] = {}  # module -> share of its weight (and FLOPs) that stays
+        for module, fracs in by_module.items():
+            # a free parameter (pos_embed, gamma): its own entry
+            if any(k.startswith("param") for k in fracs):
+                owner, _, pname = module.rpartition(".")
+                frac = next(v for k, v in fracs.items() if k.startswith("param"))
+                params -= sum(numel for n, numel, _ in self._params.get(owner, [])
+                              if n == pname) * (1.0 - frac)
+                continue
+            f_out = fracs.get("out", fracs.get("group", fracs.get("channel", fracs.get("free", 1.0))))
+            f_in = fracs.get("in", 1.0) if "channel" not in fracs else 1.0
+            kept_share[module] = f_out * f_in
+            for pname, numel, shape in self._params.get(module, []):
+                if pname == "weight" and len(shape) >= 2 and "channel" not in fracs:
+                    params -= numel * (1.0 - f_out * f_in)
+                else:
+                    params -= numel * (1.0 - f_out)
+        flops = self.dense_flops
+        for module, base in self._flops.items():
+            if module in kept_share:
+                flops -= base * (1.0 - kept_share[module])
+            elif module in self._children:  # a container counted as a whole: its children's shares, by weight
+                weights = [(sum(n for _, n, _ in self._params.get(c, [])), kept_share.get(c, 1.0))
+                           for c in self._children[module]]
+                total = sum(w for w, _ in weights)
+                if total:
+                    flops -= base * (1.0 - sum(w * f for w, f in weights) / total)
+        return flops, params
+
+    def ratios(self, removed: Mapping[str, Iterable[int]]) -> tuple[float, float]:
+        """``(flops, params)`` remaining as fractions of the dense model's (predicted)."""
+        flops, params = self.cost(removed)
+        return flops / max(self.dense_flops, 1.0), params / max(self.dense_params, 1.0)
+
+    @torch.no_grad()
+    def measured_ratios(self, removed: Mapping[str, Iterable[int]]) -> tuple[float, float]:
+        """The same, counted by torch-pruning on a sliced copy of the model (exact, slower)."""
+        from torch_pruning.utils import count_ops_and_params
+
+        small = copy.deepcopy(self._model).eval()
+        for module in small.modules():  # gates and restricted norms of the original would follow the copy
+            module._forward_pre_hooks.clear()
+            module._forward_hooks.clear()
+        local = [_localised(g, self.prefix) for g in self.groups]
+        slice_units(small, local, {_strip(k, self.prefix): v for k, v in removed.items()})
+        flops, params = count_ops_and_params(small, like_model(self._example, small))
+        return float(flops) / max(self.dense_flops, 1.0), float(params) / max(self.dense_params, 1.0)

@@ -1,0 +1,104 @@
+"""What to trace and with what: the traced root inside a LightningModule, an example input, calling the
+model with it, and moving it to the model's device and dtype."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune.core.targets import uncompiled
+from lightning_prune.errors import InvalidArgumentError
+
+__all__ = ["call_model", "example_inputs_for", "like_model", "traced_root"]
+
+
+def traced_root(module: nn.Module) -> tuple[str, nn.Module]:
+    """Where to trace: ``module`` itself when it has an ``example_input_array`` or is a timm model, else the
+    first timm model inside it (``("model", ImageClassifier.model)``). A network the LightningModule compiled
+    (``self.model = torch.compile(net)``) is traced through its original module
+    (``("model._orig_mod", net)``, :func:`~lightning_prune.core.targets.uncompiled`)."""
+    if getattr(module, "example_input_array", None) is not None or isinstance(
+            getattr(module, "pretrained_cfg", None), dict):
+        return uncompiled("", module)
+    for name, sub in module.named_modules():
+        if isinstance(getattr(sub, "pretrained_cfg", None), dict):
+            return uncompiled(name, sub)
+    return "", module
+
+
+def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = None,
+                       batch_size: int = 2) -> Any:
+    """An input to trace ``module`` with: its ``example_input_array``, else a random batch of ``input_size``
+    (default: timm's ``pretrained_cfg["input_size"]``, at the ViT's fixed ``img_size`` when it has one)."""
+    example = getattr(module, "example_input_array", None)
+    param = next(iter(module.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if example is not None and input_size is None:  # (in the model's dtype: "bf16-true", "64-true" precision)
+        return _cast(example.to(device), dtype) if isinstance(example, Tensor) else _cast(example, dtype)
+    if input_size is None:
+        cfg = getattr(module, "pretrained_cfg", None)
+        if not isinstance(cfg, dict) or "input_size" not in cfg:
+            raise InvalidArgumentError(
+                f"Cannot tell what {type(module).__name__} takes as input."
+                " HINT: pass `input_size=(3, 32, 32)` or set `example_input_array` on the LightningModule."
+            )
+        input_size = tuple(cfg["input_size"])
+        img_size = getattr(getattr(module, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            input_size = (input_size[0], *tuple(img_size))
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch_size, *input_size, generator=generator).to(device=device, dtype=dtype)
+
+
+def call_model(model: nn.Module, example: Any) -> Any:
+    """``model(example)``, unpacking a tuple/list into positional and a dict into keyword arguments."""
+    if isinstance(example, dict):
+        return model(**example)
+    if isinstance(example, (list, tuple)):
+        return model(*example)
+    return model(example)
+
+
+def like_model(example: Any, model: nn.Module) -> Any:
+    """``example`` on the device of ``model``'s parameters, its floating tensors in their dtype (the strategy
+    may have moved or converted the model since the example was made)."""
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        return example
+    dtype = param.dtype if param.is_floating_point() else None
+
+    def move(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            value = value.to(param.device)
+            return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(v) for v in value)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value
+
+    return move(example)
+
+
+def _cast(example: Any, dtype: torch.dtype) -> Any:
+    if isinstance(example, Tensor):
+        return example.to(dtype) if example.is_floating_point() else example
+    if isinstance(example, (list, tuple)):
+        return type(example)(_cast(e, dtype) for e in example)
+    if isinstance(example, dict):
+        return {k: _cast(v, dtype) for k, v in example.items()}
+    return example
+
+
+def _batch_size(example: Any) -> int:
+    if isinstance(example, Tensor):
+        return max(int(example.shape[0]), 1) if example.dim() else 1
+    if isinstance(example, (list, tuple)) and example:
+        return _batch_size(example[0])
+    if isinstance(example, dict) and example:
+        return _batch_size(next(iter(example.values())))
+    return 1

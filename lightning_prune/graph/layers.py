@@ -1,0 +1,48 @@
+"""What kind of layer a module is, as far as channels go: producers (Conv/Linear), depthwise and grouped
+convs, weight-standardised convs, GRN, timm's ``Attention``, and the dimension its channels sit on."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["PRODUCER_TYPES", "channel_dim"]
+
+PRODUCER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def channel_dim(module: nn.Module) -> int:
+    """The channel dimension of the tensors a module reads: last for Linear and plain LayerNorm/GRN
+    (channels-last), 1 for convolutions, BatchNorm, GroupNorm and timm's ``LayerNorm2d``."""
+    if isinstance(module, nn.Linear):
+        return -1
+    if _is_grn(module):
+        return int(module.channel_dim)
+    if isinstance(module, nn.LayerNorm):
+        return 1 if "2d" in type(module).__name__.lower() else -1
+    return 1
+
+
+def _is_grn(module: nn.Module) -> bool:
+    return type(module).__name__ == "GlobalResponseNorm" and hasattr(module, "channel_dim")
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, _CONV) and module.groups > 1 and module.groups == module.in_channels == \
+        module.out_channels
+
+
+def _is_grouped(module: nn.Module) -> bool:
+    return isinstance(module, _CONV) and module.groups > 1 and not _is_depthwise(module)
+
+
+def _is_std_conv(module: nn.Module) -> bool:
+    """timm's weight-standardised convs (StdConv2d, ScaledStdConv2d...): the standardisation runs over the
+    fan-in."""
+    return isinstance(module, _CONV) and "StdConv" in type(module).__name__
+
+
+def _is_timm_attention(module: nn.Module) -> bool:
+    linear = all(isinstance(getattr(module, name, None), nn.Linear) for name in ("qkv", "proj"))
+    sizes = ("num_heads", "head_dim", "attn_dim")
+    return linear and all(isinstance(getattr(module, name, None), int) for name in sizes)

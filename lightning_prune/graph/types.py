@@ -1,0 +1,167 @@
+"""The analysis's vocabulary: a group of units, where they are read (:class:`Site`), what loses them
+(:class:`Slice`), what an analysis found (:class:`ChannelAnalysis`), and its errors; with the naming helpers
+that place module names under the LightningModule's prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lightning_prune.errors import InvalidArgumentError
+
+__all__ = ["ChannelAnalysis", "ChannelGroup", "GraphTimeoutError", "Site", "Slice", "failure_reason"]
+
+
+class GraphTimeoutError(InvalidArgumentError):
+    """The channel-group analysis used more CPU time than its limit (``analysis_time_limit_s``)."""
+
+
+def failure_reason(what: str, error: BaseException) -> str:
+    """Why a group (or a whole module) is left alone when ``what`` raised ``error``: the exception, and the
+    package it came from (torch-pruning, torch, timm, the model's code...), on one short line."""
+    origin = "the model's code"
+    tb = error.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module:
+            top = module.split(".")[0]
+            origin = {"torch_pruning": "torch-pruning", "lightning_prune": "lightning-prune",
+                      "__main__": "the model's code"}.get(top, top)
+        tb = tb.tb_next
+    text = " ".join(str(error).split()) or "no message"
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{what} failed in {origin} ({type(error).__name__}: {text})"
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One tensor dimension that loses the group's removed units.
+
+    Attributes:
+        module: full name of the module (or of the parameter, for ``role="param"``).
+        role: ``"free"`` (a parameter-free module such as an activation: nothing to slice; only its FLOPs
+            shrink), ``"out"`` (Conv/Linear output rows, with bias and a weight-standardised conv's ``gain``),
+            ``"in"`` (Conv/Linear input columns), ``"channel"`` (a per-channel module: BatchNorm, LayerNorm,
+            GroupNorm, depthwise conv), ``"param"`` (a free parameter such as ``pos_embed``, along ``dim``) or
+            ``"group"`` (whole conv groups of a grouped conv's output).
+        dim: the parameter's dimension (``role="param"`` only).
+        channels: the module's index of each of the group's channels.
+        units: the unit each of those channels belongs to.
+    """
+
+    module: str
+    role: str
+    channels: tuple[int, ...]
+    units: tuple[int, ...]
+    dim: int = 0
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place where a unit is read by something that mixes channels.
+
+    ``kind="input"``: the input of a Conv/Linear (channel ``dim``); a gate multiplies these channels there
+    (and folds into the weight columns). ``kind="norm"``: a LayerNorm/GroupNorm(1)/GRN; once units are pruned
+    it computes its statistics over the kept channels only.
+    """
+
+    module: str
+    kind: str
+    dim: int
+    channels: tuple[int, ...]
+    units: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Units removed together (see the module docstring).
+
+    Attributes:
+        name: the group's id (its root producer's module name).
+        size: number of units.
+        unit: ``"channel"``, ``"head"`` or ``"conv group"``.
+        width: channels per unit (1, the head dim, or the conv-group width).
+        sites: where the units are read (gates and restricted norms go there).
+        slices: what loses the units when they are removed.
+        producers: Conv/Linear modules whose output channels belong to the group.
+        coupled: several producers meet (a residual stream): one gate value per unit shared by all readers.
+        attrs: ``(module, attribute, per_unit)``: integer attributes that drop by ``per_unit`` per removed
+            unit (``num_heads``, ``attn_dim``).
+    """
+
+    name: str
+    size: int
+    unit: str
+    width: int
+    sites: tuple[Site, ...]
+    slices: tuple[Slice, ...]
+    producers: tuple[str, ...]
+    coupled: bool = False
+    attrs: tuple[tuple[str, str, int], ...] = ()
+
+    def input_sites(self) -> list[Site]:
+        return [s for s in self.sites if s.kind == "input"]
+
+    def norm_sites(self) -> list[Site]:
+        return [s for s in self.sites if s.kind == "norm"]
+
+
+@dataclass
+class ChannelAnalysis:
+    """What :func:`analyse_channels` found.
+
+    Attributes:
+        groups: the exactly removable groups.
+        skipped: group name -> why it is left alone.
+        weights: conv/linear module name -> weight elements (the coverage denominator: every Conv/Linear but
+            the model's output layers).
+        seconds: wall time of the analysis.
+        cpu_seconds: CPU time of the analysis (what ``analysis_time_limit_s`` limits).
+    """
+
+    groups: list[ChannelGroup] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of the conv/linear weight elements whose output channels sit in a removable group."""
+        covered: dict[str, set[int]] = {}
+        out_sizes: dict[str, int] = {}
+        for group in self.groups:
+            for sl in group.slices:
+                if sl.role in ("out", "group", "channel") and sl.module in self.weights:
+                    covered.setdefault(sl.module, set()).update(sl.channels)
+        total = sum(self.weights.values())
+        if not total:
+            return 0.0
+        for name in covered:
+            out_sizes[name] = self._out_sizes.get(name, max(covered[name]) + 1)
+        return sum(self.weights[n] * len(c) / out_sizes[n] for n, c in covered.items()) / total
+
+    _out_sizes: dict[str, int] = field(default_factory=dict, repr=False)
+
+
+def _prefixed(prefix: str, name: str) -> str:
+    """``name`` under ``prefix`` (either may be empty)."""
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+
+def _strip(name: str, prefix: str) -> str:
+    if prefix and name.startswith(prefix + "."):
+        return name[len(prefix) + 1:]
+    return "" if name == prefix else name
+
+
+def _localised(group: ChannelGroup, prefix: str) -> ChannelGroup:
+    """The group with names relative to the traced module (what the checks on its copies use)."""
+    if not prefix:
+        return group
+    s = lambda n: _strip(n, prefix)  # noqa: E731
+    return ChannelGroup(
+        s(group.name), group.size, group.unit, group.width,
+        tuple(Site(s(x.module), x.kind, x.dim, x.channels, x.units) for x in group.sites),
+        tuple(Slice(s(x.module), x.role, x.channels, x.units, x.dim) for x in group.slices),
+        tuple(s(p) for p in group.producers), group.coupled, tuple((s(m), a, k) for m, a, k in group.attrs))
