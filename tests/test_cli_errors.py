@@ -71,9 +71,28 @@ def test_a_model_name_with_no_close_match_gets_a_useful_hint(capsys):
     assert "list_models('not" not in line and "list_models('*resnet*')" in line
 
 
-def test_torch_threads_is_checked_and_applied(capsys):
+def test_torch_threads_is_checked_applied_and_given_back(capsys, monkeypatch):
+    import torch
+
+    from lightning_prune.cli import fit
+
     code, line = _error(capsys, "fit", "--config", RECIPE, *TINY, "--torch_threads", "0")
     assert code == 2 and "`torch_threads` must be an integer >= 1, got 0" in line
+    seen = []
+
+    def stop(self):  # what the run would train with; then stop before anything is built
+        seen.append(torch.get_num_threads())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit.PruneCLI, "instantiate_classes", stop)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(["fit", "--config", RECIPE, *TINY, "--torch_threads", "1"])
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------ the channel callbacks' console lines
