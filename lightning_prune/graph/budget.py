@@ -64,7 +64,11 @@ def _deadline(seconds: float | None, what: str, model: nn.Module | None = None) 
         def hook(module: nn.Module, args: Any) -> None:
             budget.check()
 
-        handles = [m.register_forward_pre_hook(hook) for m in model.modules()]
+        for m in model.modules():
+            try:
+                handles.append(m.register_forward_pre_hook(hook))
+            except RuntimeError:  # a scripted module takes no Python hook: checked around it
+                pass
     try:
         yield budget
     finally:
