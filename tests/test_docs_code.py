@@ -2,8 +2,9 @@
 
 Each block runs on its own (the names it uses are defined in it), in a fresh temporary directory with the
 repository's ``recipes/`` beside it. Training is shortened by the test, not by the text: every ``Trainer``
-a Python block builds gets ``limit_*_batches=1`` and at most :data:`MAX_EPOCHS` epochs (and must say how
-long it trains: Lightning's default is 1,000 epochs), and every ``lightning-prune fit`` line of a shell
+a Python block builds gets ``limit_*_batches=1`` and at most :data:`MAX_EPOCHS` epochs (all of them with a
+``LotteryTicket``, which needs its rounds; and it must say how long it trains: Lightning's default is 1,000
+epochs), and every ``lightning-prune fit`` line of a shell
 block gets the same through ``--trainer.*`` arguments appended to it.
 
 A block the test cannot run here is marked in the Markdown, on the line right before its fence, with
@@ -118,7 +119,8 @@ def _fast_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
     def fast(self, *args, **kwargs):
         assert "max_epochs" in kwargs or "max_steps" in kwargs, (
             "a Trainer in the docs says how long it trains (Lightning's default is 1,000 epochs)")
-        if "max_epochs" in kwargs:
+        rounds = any(type(cb).__name__ == "LotteryTicket" for cb in kwargs.get("callbacks") or [])
+        if "max_epochs" in kwargs and not rounds:  # (a LotteryTicket needs all its rounds' epochs)
             kwargs["max_epochs"] = min(kwargs["max_epochs"], MAX_EPOCHS)
         kwargs.setdefault("accelerator", "cpu")
         kwargs.update(FAST_TRAINER)
