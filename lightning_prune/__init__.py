@@ -48,8 +48,11 @@ _LAZY = {
     "ActivationDecay": "lightning_prune.callbacks.activation_decay",
     "EvolutionaryMutation": "lightning_prune.callbacks.evolution",
     "KnowledgeDistillation": "lightning_prune.callbacks.distill",
+    "OneShotPruning": "lightning_prune.callbacks.one_shot",
     # model-level functions
     "compress": "lightning_prune.core.compression",
+    "prune_one_shot": "lightning_prune.core.one_shot",
+    "OneShotResult": "lightning_prune.core.one_shot",
     "dead_units": "lightning_prune.core.compression",
     "save_compressed": "lightning_prune.core.compression",
     "load_compressed": "lightning_prune.core.compression",

@@ -42,6 +42,9 @@ CASES = {
     "first_k": {"name": "first_k", "kwargs": {"prune_step": 8}, "every": 3, "kill": (4, 10), "slow": True},
     "random_channels": {"name": "random_channels", "kwargs": {"every_n_steps": 2, "sparsity_end_step": 10},
                         "every": 3, "kill": (4, 10), "slow": True},
+    # pruned at step 5 from batches drawn at the start of fit
+    "one_shot": {"name": "one_shot", "kwargs": {"method": "wanda", "prune_step": 5, "calibration_batches": 2},
+                 "every": 3, "kill": (4, 10), "slow": True},
     "random_unstructured": {"name": "random_unstructured",
                             "kwargs": {"every_n_steps": 2, "sparsity_end_step": 10}, "every": 3,
                             "kill": (4, 10), "slow": True},

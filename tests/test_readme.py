@@ -14,7 +14,7 @@ import lightning_prune as lp
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ["GradualMagnitudePruning", "LotteryTicket", "GroupLassoPruning", "L0Pruning", "ActivationDecay",
-        "EvolutionaryMutation", "KnowledgeDistillation"]
+        "EvolutionaryMutation", "KnowledgeDistillation", "OneShotPruning"]
 BASELINES = ["FirstKChannels", "RandomChannels", "RandomUnstructured"]
 
 

@@ -19,7 +19,12 @@ def test_there_are_recipes():
     assert {f"{n}.yaml" for n in names} <= {p.name for p in CIFAR}
 
 
-@pytest.mark.parametrize("recipe", DIGITS, ids=lambda p: p.stem)
+#: recipes whose few steps take long on a CPU: SparseGPT over resnet18's layers (~100 s on 2 busy cores)
+SLOW_RECIPES = {"one_shot"}
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_RECIPES else p
+                                    for p in DIGITS], ids=lambda p: p.stem)
 def test_digits_recipe_runs(recipe, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     main(["fit", "--config", str(recipe), "--trainer.limit_train_batches=1", "--trainer.max_steps=3",
@@ -63,6 +68,8 @@ def _acted(name, cli):
         return cb.lam == 1.0 and cb._fused_model is not None
     if name == "evolution":
         return cb.generation >= 2
+    if name == "one_shot":
+        return cb.done and bool(cb.errors) and abs(lp.sparsity_report(cli.model).sparsity - 0.5) < 0.02
     raise AssertionError(f"no check for the recipe {name}")
 
 

@@ -20,6 +20,7 @@ ACTIVE = {
     "activation_decay": {"begin_step": 2, "end_step": 10},
     "evolution": {"every_n_steps": 4, "population": 4, "fitness_batches": 1},
     "first_k": {"prune_step": 8},
+    "one_shot": {"method": "wanda", "prune_step": 8, "calibration_batches": 2},
     "random_channels": {"every_n_steps": 2, "sparsity_end_step": 10},
     "random_unstructured": {"every_n_steps": 2, "sparsity_end_step": 10},
 }

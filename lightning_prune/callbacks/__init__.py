@@ -3,7 +3,8 @@
     from lightning_prune.callbacks import GradualMagnitudePruning, LotteryTicket
 
 One module per algorithm (``magnitude``, ``lottery_ticket``, ``group_lasso``, ``l0``, ``activation_decay``,
-``evolution``, ``distill``), the shared bases in ``base`` (:class:`PruningCallback`) and ``gating``
+``evolution``, ``distill``, ``one_shot``),
+the shared bases in ``base`` (:class:`PruningCallback`) and ``gating``
 (:class:`GatePruningCallback`). Every algorithm is also registered through the ``lightning_prune.callbacks``
 entry-point group in the project's ``pyproject.toml``, exactly as a plugin registers its own. Names are
 imported on first access.
@@ -24,6 +25,7 @@ _MODULES = {
     "ActivationDecay": "activation_decay",
     "EvolutionaryMutation": "evolution",
     "KnowledgeDistillation": "distill",
+    "OneShotPruning": "one_shot",
 }
 
 __all__ = list(_MODULES)

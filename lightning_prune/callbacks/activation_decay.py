@@ -26,6 +26,7 @@ from lightning_prune.callbacks.schedules import (
     training_steps,
     warn_if_after_training,
 )
+from lightning_prune.callbacks.sharding import check_sharding
 from lightning_prune.core.reparam import (
     DecayingActivation,
     ReparamPlan,
@@ -188,6 +189,7 @@ class ActivationDecay(Callback):
     # ------------------------------------------------------------------ wrapping
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_sharding(trainer, "ActivationDecay", supported=False)
         modules = {id(m) for m in pl_module.modules()}
         if self._wrapped and all(id(w) in modules for w in self._wrapped.values()):
             return

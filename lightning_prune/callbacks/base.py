@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
@@ -29,7 +30,9 @@ from lightning_prune.callbacks.logging import (
     mask_image,
     wandb_loggers,
 )
+from lightning_prune.callbacks.sharding import check_sharding
 from lightning_prune.core.masks import MaskSet
+from lightning_prune.core.sharding import is_sharded, shard_reduce, sharding_problem
 from lightning_prune.core.targets import PRUNABLE_TYPES, Target, resolve_targets
 from lightning_prune.errors import NonFiniteWeightError
 from lightning_prune.validation import as_misconfiguration, check_bool, check_int, check_patterns, check_types
@@ -76,6 +79,9 @@ class PruningCallback(Callback):
 
     #: Module types of the default set when ``types`` is not given.
     target_types: tuple[type[torch.nn.Module], ...] = PRUNABLE_TYPES
+    #: Whether the callback computes its masks from local shards under ``ModelParallelStrategy`` (FSDP2);
+    #: ``False`` (the default, for every subclass that does not say otherwise) refuses that strategy at setup.
+    supports_sharding: bool = False
 
     def __init__(
         self,
@@ -126,6 +132,7 @@ class PruningCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_sharding(trainer, type(self).__name__, self.supports_sharding)
         if self.masks is not None and self.targets and self._targets_belong_to(pl_module):
             return
         self.targets = self.select_targets(pl_module)
@@ -151,8 +158,12 @@ class PruningCallback(Callback):
         weights, so that the masks stay as they were."""
         assert self.masks is not None, "check_finite_weights called before setup"
         names = list(self.masks) if names is None else names
-        params = [self.masks.param(n) for n in names]
-        if not params or bool(torch.stack([p.isfinite().all() for p in params]).all()):
+        params = [self.masks.local(n) for n in names]  # sharded: this rank's shards, the verdict shared below
+        finite = bool(torch.stack([p.isfinite().all() for p in params]).all()) if params else True
+        reduce = shard_reduce(self.masks.param(n) for n in names)
+        if reduce is not None:
+            finite = not bool(reduce(torch.tensor([0.0 if finite else 1.0]), "max").item())
+        if finite:
             return
         bad = []
         for name, p in zip(names, params):
@@ -175,9 +186,31 @@ class PruningCallback(Callback):
             self.log_sparsity(trainer)
 
     # ------------------------------------------------------------------ hooks
+    def bind_shards(self) -> None:
+        """Follow the parameters ``fully_shard`` replaced after setup (``configure_model`` runs after the
+        callbacks' ``setup``): the masks cover the sharded parameters' local shards from now on."""
+        assert self.masks is not None
+        params = {t.name: t.param for t in self.targets}
+        self.masks.rebind({n: p for n, p in params.items() if n in self.masks})
+        if not self.masks.sharded:
+            return
+        plain = [n for n in self.masks if not is_sharded(self.masks.param(n))]
+        bad = [f"{n!r}: {why}" for n in self.masks if (why := sharding_problem(self.masks.param(n)))]
+        if plain or bad:
+            raise MisconfigurationException(
+                f"[{type(self).__name__}] masks on shards need every targeted weight sharded alike;"
+                + (f" not sharded: {plain[:4]}" if plain else "") + (f" {bad[:4]}" if bad else "")
+                + ". HINT: apply torch.distributed.fsdp.fully_shard to the whole model (the root module last)"
+                " in configure_model, or exclude those layers.")
+        self.check_sharded_masks()
+
+    def check_sharded_masks(self) -> None:
+        """Raise when this callback's options cannot work on the shards (after :meth:`bind_shards`)."""
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.masks is not None
+        self.bind_shards()
         self.masks.invalidate()  # the strategy may have moved the model since setup
         self.masks.apply_()
         self._remove_hooks()
@@ -253,7 +286,7 @@ class PruningCallback(Callback):
             return
         self._media_logged = logged
         log_images(trainer, {f"{PREFIX}/mask/{n}": mask_image(self.masks[n]) for n in names})
-        log_histograms(trainer, {f"{PREFIX}/weights/{n}": self.masks.param(n)[self.masks[n]] for n in names})
+        log_histograms(trainer, {f"{PREFIX}/weights/{n}": self.masks.local(n)[self.masks[n]] for n in names})
         rows = [[n, counts[n][1], counts[n][0], counts[n][0] / max(counts[n][1], 1)] for n in names]
         log_table(trainer, f"{PREFIX}/sparsity_table", ["layer", "params", "pruned", "sparsity"], rows)
 
@@ -280,7 +313,7 @@ class PruningCallback(Callback):
         masks = state_dict.get("masks")
         if masks is None and self.masks is not None:
             # written without masks (an older version): the restored weights hold the zeros
-            masks = {n: self.masks.param(n).detach() != 0 for n in self.masks}
+            masks = {n: self.masks.local(n).detach() != 0 for n in self.masks}
         masks = masks or {}
         if self.masks is not None:
             self.masks.load_state_dict(masks)

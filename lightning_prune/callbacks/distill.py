@@ -27,6 +27,7 @@ from typing_extensions import override
 from lightning_prune.callbacks._resume import check_resume, config_of
 from lightning_prune.callbacks.logging import log_scalars
 from lightning_prune.callbacks.schedules import resolve_step, until_the_end
+from lightning_prune.callbacks.sharding import check_sharding
 from lightning_prune.checkpoint_io import load_file
 from lightning_prune.core.targets import matches
 from lightning_prune.functional.distill import (
@@ -308,6 +309,7 @@ class KnowledgeDistillation(Callback):
                 f"KnowledgeDistillation cannot copy the model under {type(trainer.strategy).__name__}: its"
                 " parameters are sharded. HINT: pass `teacher=` (an nn.Module or a checkpoint path), or use"
                 " strategy='ddp'.")
+        check_sharding(trainer, "KnowledgeDistillation", supported=False)
         if isinstance(self.teacher, str):
             from lightning.fabric.utilities.cloud_io import get_filesystem
 

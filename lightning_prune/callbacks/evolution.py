@@ -27,6 +27,7 @@ from lightning_prune.callbacks._resume import check_resume, config_of
 from lightning_prune.callbacks.base import PruningCallback, resolve_seed
 from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_scalars
 from lightning_prune.callbacks.schedules import steps_per_epoch, training_steps, warn_if_after_training
+from lightning_prune.callbacks.sharding import check_sharding
 from lightning_prune.core.targets import matches
 from lightning_prune.functional.evolution import (
     add_perturbation_,
@@ -243,6 +244,7 @@ class EvolutionaryMutation(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_sharding(trainer, "EvolutionaryMutation", supported=False)
         if stage == "fit":
             self.select_parameters(pl_module)
 

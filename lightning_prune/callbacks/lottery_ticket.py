@@ -20,8 +20,22 @@ from typing_extensions import override
 from lightning_prune.callbacks.base import PruningCallback, resolve_seed
 from lightning_prune.callbacks.logging import PREFIX, log_images, log_scalars, log_table, mask_image
 from lightning_prune.callbacks.schedules import resolve_step, steps_per_epoch
+from lightning_prune.core.sharding import (
+    full_copy,
+    is_sharded,
+    local_slice,
+    local_tensor,
+    shard_like,
+    shard_position,
+    shard_reduce,
+)
 from lightning_prune.core.targets import matches, timm_module_names
-from lightning_prune.functional.lottery import prune_by_percent, remaining_fraction, shuffle_like
+from lightning_prune.functional.lottery import (
+    prune_by_percent,
+    prune_by_percent_across,
+    remaining_fraction,
+    shuffle_like,
+)
 from lightning_prune.validation import (
     check_choice,
     check_fraction,
@@ -48,7 +62,10 @@ def per_round_rate(target_sparsity: float, rounds: int) -> float:
 
 
 def _cpu_clone(value: Any) -> Any:
-    """Deep copy of a (nested) state with every tensor detached, cloned and moved to the CPU."""
+    """Deep copy of a (nested) state with every tensor detached, cloned and moved to the CPU (a sharded tensor
+    is cloned where it is: its shards, sharded like the weights)."""
+    if is_sharded(value):
+        return value.detach().clone()
     if isinstance(value, Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, Mapping):
@@ -58,6 +75,20 @@ def _cpu_clone(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_cpu_clone(v) for v in value)
     return value
+
+
+def _sharded_like(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer state read back whole (a checkpoint's rewind point) sharded like the optimizer's own
+    parameters again; unchanged when nothing is sharded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in state.get("state", {}).items():
+        param = params[index] if isinstance(index, int) and index < len(params) else None
+        if param is None or not is_sharded(param):
+            continue
+        for key, value in entry.items():
+            if isinstance(value, Tensor) and not is_sharded(value) and value.shape == param.shape:
+                entry[key] = shard_like(value, param)
+    return state
 
 
 class LotteryTicket(PruningCallback):
@@ -194,6 +225,22 @@ class LotteryTicket(PruningCallback):
         #: every round of the finished fit (``history`` plus the last round), filled at the end of training
         self.round_table: list[dict[str, Any]] = []
 
+    supports_sharding = True
+
+    @override
+    def check_sharded_masks(self) -> None:
+        assert self.masks is not None
+        if self.reinit == "random":
+            raise MisconfigurationException(
+                "LotteryTicket(reinit='random') cannot shuffle sharded weights (a permutation of the whole"
+                " tensor). HINT: reinit='rewind' under ModelParallelStrategy, or train with strategy='ddp'.")
+        odd = [n for n in self.masks if shard_position(self.masks.param(n)) is None]
+        if odd:
+            raise MisconfigurationException(
+                f"LotteryTicket needs weights sharded along dim 0 on a one-dimensional mesh (fully_shard's"
+                f" default); {odd[:4]} are not. HINT:"
+                " fully_shard(module, mesh=self.device_mesh['data_parallel']).")
+
     @override
     def state_key_args(self) -> dict[str, Any]:
         return {**super().state_key_args(), "rounds": self._configured_rounds,
@@ -272,7 +319,9 @@ class LotteryTicket(PruningCallback):
             "optimizers": [_cpu_clone(opt.state_dict()) for opt in trainer.optimizers],
             "schedulers": [_cpu_clone(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs],
         }
-        self.rewind_state = trainer.strategy.broadcast(state, src=0)
+        # sharded: every rank keeps the snapshot of its own shards (as the weights: 1/world per rank)
+        self.rewind_state = state if self.masks is not None and self.masks.sharded else (
+            trainer.strategy.broadcast(state, src=0))
         if self.verbose:
             rank_zero_info(f"[LotteryTicket] rewind point saved at step {trainer.global_step}")
 
@@ -289,11 +338,14 @@ class LotteryTicket(PruningCallback):
             value = saved[name]
             if self.reinit == "random" and name in params and value.is_floating_point() and value.numel() > 1:
                 value = shuffle_like(value, generator)
-            tensor.copy_(value)
+            if is_sharded(tensor) and not is_sharded(value):  # a snapshot read back whole from a checkpoint
+                local_tensor(tensor).copy_(local_slice(value.to(local_tensor(tensor).device), tensor))
+            else:
+                tensor.copy_(value)
         # load copies: on the CPU `Optimizer.load_state_dict` adopts the given tensors, and the next steps
         # would update the saved rewind point in place
         for optimizer, state in zip(trainer.optimizers, self.rewind_state["optimizers"]):
-            optimizer.load_state_dict(_cpu_clone(state))
+            optimizer.load_state_dict(_sharded_like(_cpu_clone(state), optimizer))
         for cfg, state in zip(trainer.lr_scheduler_configs, self.rewind_state["schedulers"]):
             cfg.scheduler.load_state_dict(_cpu_clone(state))
 
@@ -313,11 +365,20 @@ class LotteryTicket(PruningCallback):
         self.check_finite_weights(int(trainer.global_step))
         row = self._finish_round_row(trainer)
         self.history.append(row)
-        weights = {n: self.masks.param(n) for n in self.masks}
         rates = {n: self.output_per_round_rate for n in self._output_names}
-        new_masks = prune_by_percent(weights, dict(self.masks.items()), self.per_round_rate, self.scope,
-                                     rates)
-        new_masks = trainer.strategy.broadcast({n: m.cpu() for n, m in new_masks.items()}, src=0)
+        if self.masks.sharded:  # the shards' masks, computed on every rank (exact over all shards)
+            weights = {n: self.masks.local(n) for n in self.masks}
+            position = shard_position(self.masks.param(next(iter(self.masks))))
+            assert position is not None
+            reduce = shard_reduce(self.masks.param(n) for n in self.masks)
+            assert reduce is not None
+            new_masks = prune_by_percent_across(weights, dict(self.masks.items()), self.per_round_rate,
+                                                self.scope, rates, reduce, *position)
+        else:
+            weights = {n: self.masks.param(n) for n in self.masks}
+            new_masks = prune_by_percent(weights, dict(self.masks.items()), self.per_round_rate, self.scope,
+                                         rates)
+            new_masks = trainer.strategy.broadcast({n: m.cpu() for n, m in new_masks.items()}, src=0)
         self._rewind(trainer, pl_module)
         self.round += 1
         self.round_best = None
@@ -438,7 +499,8 @@ class LotteryTicket(PruningCallback):
         return {"round": self.round, "history": [dict(r) for r in self.history],
                 "round_best": self.round_best, "epochs_per_round": self._epochs,
                 "rewind_at_step": self.rewind_at_step, "seed": self._seed_used,
-                "rewind_state": self.rewind_state}
+                # sharded: the snapshot gathered whole (a collective), read back into the shards at the rewind
+                "rewind_state": full_copy(self.rewind_state)}
 
     @override
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
@@ -454,4 +516,6 @@ class LotteryTicket(PruningCallback):
     @property
     def weights_remaining(self) -> float:
         """Fraction of the targeted weights still alive."""
+        if self.masks is not None and self.masks.sharded:
+            return 1.0 - self.masks.sparsity()  # (counted over all shards)
         return remaining_fraction(m for _, m in self.masks.items()) if self.masks is not None else 1.0

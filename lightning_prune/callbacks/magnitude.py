@@ -28,11 +28,13 @@ from lightning_prune.callbacks.schedules import (
     until_the_end,
     warn_if_after_training,
 )
+from lightning_prune.core.sharding import shard_reduce
 from lightning_prune.core.targets import Target, matches
 from lightning_prune.functional.magnitude import (
     block_magnitude,
     kept_count,
     kth_largest,
+    kth_largest_across,
     kth_largest_of,
     threshold_mask,
 )
@@ -86,6 +88,10 @@ class GradualMagnitudePruning(PruningCallback):
             the pattern holds at every update, with ``round(M (1 - s(t)))`` weights kept per block
             (``4:4 -> 3:4 -> 2:4``).
         include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
+
+    Sharded training (``ModelParallelStrategy`` with ``fully_shard``): the masks cover each rank's shards,
+    every threshold is computed exactly over all shards (a radix selection on all-reduced histograms, no
+    weight travels), so the masks equal those of the same run under DDP; ``block_size`` is refused there.
 
     Example::
 
@@ -195,6 +201,8 @@ class GradualMagnitudePruning(PruningCallback):
         self.current_target = 0.0
         self._schedule: tuple[int, int, int, int] | None = None  # resolved begin, end, sparsity begin, end
 
+    supports_sharding = True
+
     @staticmethod
     def _check_order(first_name: str, first: int | float, second_name: str, second: int | float) -> None:
         if type(first) is type(second) and second < first:
@@ -218,6 +226,24 @@ class GradualMagnitudePruning(PruningCallback):
                 f" {len(flat)} targets are 1-D: {flat[:4]}. HINT: narrow `types`/`include` to Conv/Linear"
                 " layers, or prune those with a second, unstructured GradualMagnitudePruning.")
         return targets
+
+    @override
+    def check_sharded_masks(self) -> None:
+        assert self.masks is not None
+        if self.block_size is not None:
+            raise MisconfigurationException(
+                f"`block_size`={self.block_size!r} cannot be used on sharded weights: blocks would"
+                " straddle the shards. HINT: leave block_size=None under ModelParallelStrategy, or train with"
+                " strategy='ddp'.")
+        if self._nm is not None:
+            across = [n for n in self.masks
+                      if any(p.is_shard() and p.dim == 1
+                             for p in self.masks.param(n).placements)]
+            if across:
+                raise MisconfigurationException(
+                    f"`pattern`={self.pattern!r} needs whole rows of the input dimension on each rank, but"
+                    f" {across[:4]} are sharded along dim 1. HINT: shard along dim 0 (fully_shard's"
+                    " default).")
 
     # ------------------------------------------------------------------ schedule
     def _resolve_schedule(self, trainer: pl.Trainer) -> tuple[int, int, int, int]:
@@ -266,27 +292,33 @@ class GradualMagnitudePruning(PruningCallback):
     def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
         """Masks for every target at global target ``sparsity`` (per-layer targets scaled from it)."""
         assert self.masks is not None
-        scores = {n: block_magnitude(self.masks.param(n), self.block_size, self.block_pooling)
+        # sharded weights: the local shards, every count and threshold over all shards (reduce)
+        reduce = shard_reduce(self.masks.param(n) for n in self.masks)
+        scores = {n: block_magnitude(self.masks.local(n), self.block_size, self.block_pooling)
                   for n in self.masks}
         if self._nm is not None:
             n, m = self._nm
             if self.scope == "layer":
-                return {name: nm_schedule_masks({name: score}, sparsity, n, m, self.pattern_ramp)[name]
+                return {name: nm_schedule_masks({name: score}, sparsity, n, m, self.pattern_ramp,
+                                                reduce=reduce)[name]
                         for name, score in scores.items()}
-            return nm_schedule_masks(scores, sparsity, n, m, self.pattern_ramp)
+            return nm_schedule_masks(scores, sparsity, n, m, self.pattern_ramp, reduce=reduce)
         new, pooled = {}, []
         for name, score in scores.items():
             layer_target = self._layer_target(name) if self.layer_targets else None
             if layer_target is not None or self.scope == "layer":
                 s = sparsity if layer_target is None else sparsity * layer_target / self.target_sparsity
-                thr = self._smoothed(name, kth_largest(score, kept_count(score.numel(), s)))
+                k = kept_count(self.masks.param(name).numel(), s)
+                thr = self._smoothed(name, kth_largest(score, k) if reduce is None
+                                     else kth_largest_across([score], k, reduce))
                 new[name] = threshold_mask(score, thr)
             else:
                 pooled.append(name)
         if pooled:
-            numel = sum(scores[n].numel() for n in pooled)
-            thr = self._smoothed(_GLOBAL, kth_largest_of([scores[n] for n in pooled],
-                                                         kept_count(numel, sparsity)))
+            numel = sum(self.masks.param(n).numel() for n in pooled)
+            k = kept_count(numel, sparsity)
+            thr = self._smoothed(_GLOBAL, kth_largest_of([scores[n] for n in pooled], k) if reduce is None
+                                 else kth_largest_across([scores[n] for n in pooled], k, reduce))
             new.update({n: threshold_mask(scores[n], thr) for n in pooled})
         return new
 
@@ -294,6 +326,17 @@ class GradualMagnitudePruning(PruningCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if not getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            self._start(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            # ModelParallelStrategy restores the callbacks' state after on_fit_start, and a train dataloader
+            # built before the restore (the schedule's fractions need its length) would not resume mid-epoch
+            self._start(trainer)
+
+    def _start(self, trainer: pl.Trainer) -> None:
         _, _, begin, end = self._resolve_schedule(trainer)
         # the target of the last update (a resumed fit restores it; Lightning restores global_step only later)
         self.current_target = self.sparsity_at(self.last_update)
@@ -329,7 +372,9 @@ class GradualMagnitudePruning(PruningCallback):
         if self._nm is None or self.masks is None:
             return 0
         n, m = self._nm
-        return sum(nm_violations(self.masks.param(name), n, m) for name in self.masks)
+        local = sum(nm_violations(self.masks.local(name), n, m) for name in self.masks)
+        reduce = shard_reduce(self.masks.param(name) for name in self.masks)
+        return local if reduce is None else int(reduce(torch.tensor([local]), "sum").item())
 
     # ------------------------------------------------------------------ state
     @override

@@ -10,6 +10,12 @@ multiplies by is taken only of a mask with exactly its parameter's strides. The 
 themselves, not as ``param.data`` snapshots: when the model is converted after the masks were made
 (``model.to(memory_format=torch.channels_last)``, ``.to(device)``), the next :meth:`MaskSet.apply_` notices
 the new storage, re-lays the masks and zeros the weights the model really uses.
+
+Sharded parameters (``DTensor``, FSDP2's ``fully_shard``) get masks of their local shard only, as plain
+``bool`` tensors aligned with it (mask memory per rank ~ 1/world), applied to the shard in place;
+:meth:`MaskSet.update` and :meth:`MaskSet.load_state_dict` take full masks (sliced to the shard) or local
+ones, :meth:`MaskSet.state_dict` gathers full masks, and the counts are those of the full tensors.
+:meth:`MaskSet.rebind` follows parameters that ``fully_shard`` replaced after the masks were made.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.core.sharding import gather_full, is_sharded, local_slice, local_tensor, shard_reduce
 from lightning_prune.core.targets import Target
 
 __all__ = ["MaskSet"]
@@ -52,7 +59,7 @@ class MaskSet:
     def add(self, name: str, param: nn.Parameter, mask: Tensor | None = None) -> None:
         """Track ``param`` under ``name``, all kept unless ``mask`` is given."""
         self._params[name] = param
-        self._masks[name] = torch.ones_like(param, dtype=torch.bool)  # (in the parameter's layout)
+        self._masks[name] = torch.ones_like(local_tensor(param), dtype=torch.bool)  # (the parameter's layout)
         if mask is not None:
             self.update({name: mask})
         self._groups = None
@@ -76,6 +83,32 @@ class MaskSet:
     def param(self, name: str) -> nn.Parameter:
         return self._params[name]
 
+    def local(self, name: str) -> Tensor:
+        """The parameter's local shard (the parameter itself when it is not sharded): what its mask covers."""
+        return local_tensor(self._params[name])
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any masked parameter is a ``DTensor`` (the masks then cover local shards)."""
+        return any(is_sharded(p) for p in self._params.values())
+
+    def rebind(self, params: dict[str, nn.Parameter]) -> None:
+        """Follow parameters replaced since the masks were made (``fully_shard`` in ``configure_model`` swaps
+        every parameter for a sharded one): a full mask of a now sharded parameter keeps its shard's part."""
+        for name, param in params.items():
+            if name not in self._params or self._params[name] is param:
+                continue
+            mask = self._masks[name]
+            local = local_tensor(param)
+            if is_sharded(param) and tuple(mask.shape) == tuple(param.shape):
+                mask = local_slice(mask.to(local.device), param)
+            elif tuple(mask.shape) != tuple(local.shape):
+                raise ValueError(f"{name!r} was replaced by a parameter of shape {tuple(param.shape)};"
+                                 f" its mask has {tuple(mask.shape)}")
+            self._params[name] = param
+            self._masks[name] = _laid_out_like(local, mask)
+        self._groups = None
+
     def items(self) -> Iterator[tuple[str, Tensor]]:
         return iter(self._masks.items())
 
@@ -87,22 +120,27 @@ class MaskSet:
             if name not in self._params:
                 raise KeyError(f"No parameter named {name!r} is masked. Masked: {', '.join(self._masks)}")
             param = self._params[name]
-            if tuple(mask.shape) != tuple(param.shape):
+            local = local_tensor(param)
+            if is_sharded(param) and tuple(mask.shape) == tuple(param.shape):
+                mask = local_slice(mask.to(local.device), param)  # a full mask: this rank's part
+            elif tuple(mask.shape) != tuple(local.shape):
                 raise ValueError(
                     f"Mask for {name!r} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}")
-            self._masks[name] = _laid_out_like(param, mask)
+            self._masks[name] = _laid_out_like(local, mask)
         self._groups = None
         if apply:
             self.apply_()
 
     def _fused_groups(self) -> list[tuple[list[Tensor], list[Tensor]]]:
-        if self._groups is not None and self._storage != [p.data_ptr() for p in self._params.values()]:
+        storage = [local_tensor(p).data_ptr() for p in self._params.values()]
+        if self._groups is not None and self._storage != storage:
             self._groups = None  # a parameter got new storage (moved, converted, replaced) since
         if self._groups is None:
             grouped: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = defaultdict(
                 lambda: ([], [])
             )
-            for name, param in self._params.items():
+            for name, shared in self._params.items():
+                param = local_tensor(shared)  # a sharded parameter: its local shard, in place
                 mask = self._masks[name]
                 if mask.device != param.device or mask.stride() != param.stride():
                     # the model moved or changed layout after the masks were made
@@ -111,7 +149,7 @@ class MaskSet:
                 params.append(param)
                 masks.append(_uint8_view(mask, param))
             self._groups = list(grouped.values())
-            self._storage = [p.data_ptr() for p in self._params.values()]
+            self._storage = [local_tensor(p).data_ptr() for p in self._params.values()]
         return self._groups
 
     @torch.no_grad()
@@ -133,13 +171,20 @@ class MaskSet:
             if mask is None:
                 continue
             for value in state.values():
+                value = local_tensor(value) if isinstance(value, Tensor) else value  # sharded like the weight
                 if isinstance(value, Tensor) and value.shape == mask.shape:
                     value.mul_(mask.to(value.device))
 
     # ------------------------------------------------------------------ statistics
     def pruned_counts(self) -> dict[str, tuple[int, int]]:
-        """``{name: (pruned, total)}`` per mask."""
-        return {n: (int(m.numel() - m.sum().item()), m.numel()) for n, m in self._masks.items()}
+        """``{name: (pruned, total)}`` per mask (of the full tensors; sharded: a collective on every rank)."""
+        if not self._masks:
+            return {}
+        kept = torch.stack([m.sum().cpu() for m in self._masks.values()]).to(torch.int64)
+        reduce = shard_reduce(self._params.values())
+        if reduce is not None:
+            kept = reduce(kept, "sum")
+        return {n: (int(p.numel() - k), p.numel()) for (n, p), k in zip(self._params.items(), kept.tolist())}
 
     def layer_sparsity(self) -> dict[str, float]:
         return {n: pruned / max(total, 1) for n, (pruned, total) in self.pruned_counts().items()}
@@ -151,11 +196,13 @@ class MaskSet:
         return sum(p for p, _ in counts) / total if total else 0.0
 
     def memory_bytes(self) -> int:
+        """The bytes of the masks this process holds (local shards when sharded)."""
         return sum(m.numel() * m.element_size() for m in self._masks.values())
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Tensor]:
-        return {n: m.detach().cpu().clone() for n, m in self._masks.items()}
+        """Full masks on the CPU (sharded: gathered, a collective on every rank)."""
+        return {n: gather_full(m.detach(), self._params[n]).cpu().clone() for n, m in self._masks.items()}
 
     def load_state_dict(self, state: dict[str, Tensor], apply: bool = True) -> None:
         unknown = sorted(set(state) - set(self._params))

@@ -50,6 +50,7 @@ from lightning_prune.functional.hard_concrete import (
 )
 from lightning_prune.functional.lottery import (
     prune_by_percent,
+    prune_by_percent_across,
     prune_count,
     remaining_fraction,
     shuffle_like,
@@ -58,6 +59,7 @@ from lightning_prune.functional.magnitude import (
     block_magnitude,
     kept_count,
     kth_largest,
+    kth_largest_across,
     kth_largest_of,
     magnitude_mask,
     threshold_mask,
@@ -104,6 +106,7 @@ __all__ = [
     "keep_mask",
     "kept_count",
     "kth_largest",
+    "kth_largest_across",
     "kth_largest_of",
     "log_alpha_from_droprate",
     "logit_rows",
@@ -121,6 +124,7 @@ __all__ = [
     "parse_pattern",
     "perturbation",
     "prune_by_percent",
+    "prune_by_percent_across",
     "prune_count",
     "ramp_kept",
     "remaining_fraction",

@@ -14,12 +14,14 @@ is deterministic on every rank.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
-__all__ = ["prune_by_percent", "prune_count", "remaining_fraction", "shuffle_like"]
+from lightning_prune.functional.magnitude import kth_largest_across
+
+__all__ = ["prune_by_percent", "prune_by_percent_across", "prune_count", "remaining_fraction", "shuffle_like"]
 
 
 def prune_count(alive: int, rate: float) -> int:
@@ -88,6 +90,70 @@ def prune_by_percent(
         flat = _prune_smallest(scores, torch.cat([alive[n].reshape(-1).cpu() for n in pooled]), rate)
         for name, part in zip(pooled, flat.split([weights[n].numel() for n in pooled])):
             new[name] = part.view_as(weights[name]).to(weights[name].device)
+    return {n: new[n] for n in weights}
+
+
+def _prune_smallest_across(scores: list[Tensor], alive: list[Tensor], rate: float,
+                           reduce: Callable[[Tensor, str], Tensor], position: int,
+                           positions: int) -> list[Tensor]:
+    """:func:`_prune_smallest` of the concatenation of ``scores`` over every process, each holding its shards:
+    the ``k``-th smallest alive score by an exact selection across processes, all below it dropped, and of
+    those equal to it the first ones in the concatenation's order (tensor by tensor, shard ``position`` of
+    ``positions`` after the shards before it), as a stable sort does."""
+    flat = [s.reshape(-1).float() for s in scores]
+    live = [a.reshape(-1).to(s.device, torch.bool) for a, s in zip(alive, flat)]
+
+    def total(values: list[int]) -> int:
+        return int(reduce(torch.tensor([sum(values)], dtype=torch.int64), "sum").item())
+
+    n_alive = total([int(a.sum()) for a in live])
+    k = prune_count(n_alive, rate)
+    new = [a.clone() for a in live]
+    if k:
+        value = kth_largest_across([s[a] for s, a in zip(flat, live)], n_alive - k + 1, reduce)
+        below = [a & (s < value) for s, a in zip(flat, live)]
+        ties = [a & (s == value) for s, a in zip(flat, live)]
+        quota = k - total([int(b.sum()) for b in below])
+        counts = torch.zeros(len(flat), positions, dtype=torch.int64)
+        counts[:, position] = torch.tensor([int(t.sum()) for t in ties], dtype=torch.int64)
+        counts = reduce(counts, "sum").cpu()
+        for i, (b, t) in enumerate(zip(below, ties)):
+            before = int(counts[:i].sum()) + int(counts[i, :position].sum())
+            take = max(0, min(quota - before, int(counts[i, position])))
+            new[i][b] = False
+            if take:
+                new[i][t.nonzero().squeeze(1)[:take]] = False
+    return [n.view_as(a) for n, a in zip(new, alive)]
+
+
+@torch.no_grad()
+def prune_by_percent_across(
+    weights: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    rate: float,
+    scope: str,
+    layer_rates: Mapping[str, float] | None,
+    reduce: Callable[[Tensor, str], Tensor],
+    position: int,
+    positions: int,
+) -> dict[str, Tensor]:
+    """:func:`prune_by_percent` on shards: ``weights`` and ``masks`` are this process's shards (row blocks in
+    the order of the processes' ``position`` among ``positions``), ``reduce(tensor, op)`` sums over the
+    processes (each element of the full tensors counted once). The masks are the shards of the masks
+    :func:`prune_by_percent` gives for the full tensors, bit for bit."""
+    if scope not in ("global", "layer"):
+        raise ValueError(f"Unknown scope {scope!r}; expected 'global' or 'layer'.")
+    layer_rates = dict(layer_rates or {})
+    new: dict[str, Tensor] = {}
+    pooled = [n for n in weights if n not in layer_rates and scope != "layer"]
+    for name, weight in weights.items():
+        if name not in pooled:
+            new[name] = _prune_smallest_across([weight.detach().abs()], [masks[name]],
+                                               layer_rates.get(name, rate), reduce, position, positions)[0]
+    if pooled:
+        parts = _prune_smallest_across([weights[n].detach().abs() for n in pooled],
+                                       [masks[n] for n in pooled], rate, reduce, position, positions)
+        new.update(zip(pooled, parts))
     return {n: new[n] for n in weights}
 
 

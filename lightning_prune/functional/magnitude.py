@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ __all__ = [
     "block_magnitude",
     "kept_count",
     "kth_largest",
+    "kth_largest_across",
     "kth_largest_of",
     "magnitude_mask",
     "threshold_mask",
@@ -86,6 +87,40 @@ def kth_largest_of(tensors: Sequence[Tensor], k: int, bins: int = 2048) -> Tenso
     if not above < k <= above + inside.numel():
         return kth_largest(torch.cat(flats), k)
     return kth_largest(inside, k - above)
+
+
+@torch.no_grad()
+def kth_largest_across(tensors: Sequence[Tensor], k: int,
+                       reduce: Callable[[Tensor, str], Tensor] | None = None) -> Tensor:
+    """The ``k``-th largest value of non-negative scores spread over tensors and processes, exactly.
+
+    A radix selection on the bits of the ``float32`` values (for non-negative floats the order of the bits
+    read as ``int32`` is the order of the values): four rounds of a 256-bin histogram of one byte, each
+    combined over processes by ``reduce(hist, "sum")`` (``None``: this process holds everything), fix the
+    answer's bits from the top. Only ``4 x 256`` counts travel, never a weight. The result equals
+    ``kth_largest(torch.cat([t.flatten() for t in all tensors of all processes]), k)`` bit for bit.
+    """
+    bits = [t.detach().reshape(-1).float().view(torch.int32).clamp_min(0) for t in tensors]  # -0.0 -> 0
+    device = bits[0].device if bits else torch.device("cpu")
+    total = torch.tensor([sum(b.numel() for b in bits)], dtype=torch.int64, device=device)
+    if reduce is not None:
+        total = reduce(total, "sum")
+    k = min(max(int(k), 1), int(total.item()))
+    prefix, remaining = 0, k
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(256, dtype=torch.int64, device=device)
+        for b in bits:
+            chosen = b if shift == 24 else b[(b >> (shift + 8)) == prefix]
+            hist += torch.bincount(((chosen >> shift) & 0xFF).long(), minlength=256)
+        if reduce is not None:
+            hist = reduce(hist, "sum")
+        from_top = torch.flip(hist, [0]).cumsum(0)
+        index = int(torch.searchsorted(from_top, torch.tensor(remaining, dtype=from_top.dtype,
+                                                              device=from_top.device)))
+        index = min(index, 255)
+        remaining -= int(from_top[index - 1]) if index > 0 else 0
+        prefix = (prefix << 8) | (255 - index)
+    return torch.tensor([prefix], dtype=torch.int32).view(torch.float32)[0].to(device)
 
 
 def threshold_mask(scores: Tensor, threshold: Tensor | float) -> Tensor:

@@ -23,12 +23,17 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from lightning_prune.functional.magnitude import kept_count, kth_largest_of, threshold_mask
+from lightning_prune.functional.magnitude import (
+    kept_count,
+    kth_largest_across,
+    kth_largest_of,
+    threshold_mask,
+)
 
 __all__ = ["NM_RAMPS", "nm_blocks", "nm_mask", "nm_schedule_masks", "nm_violations", "parse_pattern",
            "ramp_kept"]
@@ -104,7 +109,8 @@ def ramp_kept(sparsity: float, n: int, m: int) -> int:
 
 @torch.no_grad()
 def nm_schedule_masks(scores: Mapping[str, Tensor], sparsity: float, n: int, m: int, ramp: str = "blend",
-                      dim: int = 1) -> dict[str, Tensor]:
+                      dim: int = 1,
+                      reduce: Callable[[Tensor, str], Tensor] | None = None) -> dict[str, Tensor]:
     """Masks that keep ``kept_count(total, sparsity)`` weights of ``scores`` (pooled: one count for all of
     them) on the way to the N:M pattern.
 
@@ -117,29 +123,45 @@ def nm_schedule_masks(scores: Mapping[str, Tensor], sparsity: float, n: int, m: 
     blocks were already sparser than the pattern); with ``"steps"`` every block holds at most
     ``ramp_kept(s)`` at every sparsity. Zero scores are never kept, so masks are nested, as in
     :func:`~lightning_prune.functional.threshold_mask`.
+
+    ``reduce`` (``reduce(tensor, op)``, op "sum" or "max") spans the scores over processes: each holds its
+    shards (whole rows: blocks run along ``dim``, never across the shards' cut) and every count, maximum
+    and threshold is the one of all shards together (:func:`~lightning_prune.functional.kth_largest_across`).
     """
     if ramp not in NM_RAMPS:
         raise ValueError(f"Unknown N:M ramp {ramp!r}; expected one of {list(NM_RAMPS)}.")
     if not scores:
         return {}
     per_block = n if ramp == "blend" else ramp_kept(sparsity, n, m)
+
+    def total(values: list[int]) -> int:
+        count = sum(values)
+        if reduce is None:
+            return count
+        return int(reduce(torch.tensor([count], dtype=torch.int64), "sum").item())
+
+    def kth(tensors: list[Tensor], k: int) -> Tensor:
+        return kth_largest_of(tensors, k) if reduce is None else kth_largest_across(tensors, k, reduce)
+
+    numel = total([s.numel() for s in scores.values()])
     if per_block >= m:  # "steps" at M:M: no pattern yet, plain magnitude pruning
-        threshold = kth_largest_of(list(scores.values()), kept_count(sum(s.numel() for s in scores.values()),
-                                                                      sparsity))
+        threshold = kth(list(scores.values()), kept_count(numel, sparsity))
         return {name: threshold_mask(s, threshold) for name, s in scores.items()}
     patterns = {name: nm_mask(s, per_block, m, dim) & (s > 0) for name, s in scores.items()}
-    k = kept_count(sum(s.numel() for s in scores.values()), sparsity)
-    in_pattern = sum(int(p.sum()) for p in patterns.values())
+    k = kept_count(numel, sparsity)
+    in_pattern = total([int(p.sum()) for p in patterns.values()])
     if ramp == "blend" and k > in_pattern and sparsity < 1.0 - n / m - 1e-9:
         # on the way: keep the whole pattern and the largest weights outside it (every weight of the pattern
         # outranks every weight outside it). From 1 - n/m on the pattern holds, even where blocks with fewer
         # than n non-zeros (weights that were zeros already) leave it holding fewer weights than the count
-        top = max(float(s.max()) for s in scores.values() if s.numel())
+        top = max((float(s.max()) for s in scores.values() if s.numel()), default=float("-inf"))
+        if reduce is not None:
+            top = float(reduce(torch.tensor([top], dtype=torch.float64), "max").item())
         keys = {name: torch.where(patterns[name], s.float() + (top + 1.0), s.float())
                 for name, s in scores.items()}
-        threshold = kth_largest_of(list(keys.values()), k)
+        threshold = kth(list(keys.values()), k)
         return {name: threshold_mask(keys[name], threshold) & (scores[name] > 0) for name in scores}
     # the largest weights of the pattern (all of it when it holds fewer than the count)
     keys = {name: s.float() * patterns[name] for name, s in scores.items()}
-    threshold = kth_largest_of(list(keys.values()), max(min(k, in_pattern), 1))
+    threshold = kth(list(keys.values()), max(min(k, in_pattern), 1))
     return {name: threshold_mask(keys[name], threshold) & patterns[name] for name in scores}

@@ -1,0 +1,366 @@
+"""One-shot pruning of a trained model from calibration batches, then fine-tuning in the same fit.
+
+At the start of ``fit`` (or at ``prune_step``) the callback draws ``calibration_batches`` batches from the
+training loader and prunes the model once with :mod:`lightning_prune.core.one_shot` -- ``"wanda"`` (Sun et al.
+2023, arXiv:2306.11695), ``"sparsegpt"`` (Frantar & Alistarh 2023, arXiv:2301.00774), ``"magnitude"`` (the
+baseline), unstructured or ``pattern="N:M"``, or ``"channels"`` (activation-based unit importance and a
+least-squares refit of the readers, removed physically) -- and the rest of the fit fine-tunes: weight masks
+are re-applied after every optimizer step; removed units stay removed, the optimizers carried over
+(:func:`lightning_prune.callbacks.shrink.compress_in_fit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.logging import PREFIX, log_scalars
+from lightning_prune.callbacks.schedules import resolve_step, warn_if_after_training
+from lightning_prune.callbacks.shrink import ShrinkSchedule, check_strategy, compress_in_fit, recorded_removal
+from lightning_prune.core.one_shot import (
+    check_method,
+    check_pattern,
+    default_forward,
+    draw_batches,
+    find_channel_groups,
+    prune_channels,
+    prune_unstructured,
+)
+from lightning_prune.core.targets import Target
+from lightning_prune.validation import (
+    as_misconfiguration,
+    check_bool,
+    check_exclusive,
+    check_fraction,
+    check_input_size,
+    check_int,
+    check_optional,
+    check_position,
+    check_positive,
+    input_size_errors,
+)
+
+__all__ = ["OneShotPruning"]
+
+def calibration_loader(trainer: pl.Trainer) -> Any:
+    """Where the calibration batches come from: for a map-style ``DataLoader``, a plain, unshuffled loader
+    over the same data set, batch size and collate function -- rank ``r`` of ``W`` taking batches ``r``,
+    ``r + W``, ... -- so that the batches do not depend on the training loader's shuffling, epoch or resume
+    state (and drawing them leaves that state alone); any other loader as it is."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    loader = trainer.train_dataloader
+    if isinstance(loader, (list, tuple)) and loader:
+        loader = loader[0]
+    elif isinstance(loader, dict) and loader:
+        loader = next(iter(loader.values()))
+    if (not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset)
+            or loader.batch_size is None or not hasattr(loader.dataset, "__len__")):
+        return loader
+    size, bs = len(loader.dataset), int(loader.batch_size)  # type: ignore[arg-type]
+    world, rank = max(int(trainer.world_size), 1), int(trainer.global_rank)
+    batches = range(rank, size // bs if loader.drop_last else -(-size // bs), world)
+    indices = [i for b in batches for i in range(b * bs, min((b + 1) * bs, size))]
+    return DataLoader(loader.dataset, batch_size=bs, sampler=indices, collate_fn=loader.collate_fn,
+                      num_workers=0)
+
+
+class OneShotPruning(PruningCallback):
+    """One-shot pruning of a trained model from calibration data (Wanda, SparseGPT, channels), then fine-tune.
+
+    Channels are removed with a least-squares compensation of the layers that read them.
+
+    Layer by layer (one layer's input statistics in memory at a time; float64 Hessians), each layer on the
+    outputs of the layers pruned before it. Under DDP the statistics are summed over the ranks, so every rank
+    prunes identically. The checkpoint after the pruning step holds the masks (and, for ``"channels"``, the
+    removed units): a resumed fit does not prune again.
+
+    Args:
+        method: ``"sparsegpt"``, ``"wanda"``, ``"magnitude"`` (weights) or ``"channels"`` (units removed).
+        target_sparsity: the fraction of every targeted layer's weights pruned (``"channels"`` without a size
+            target: the fraction of units removed).
+        pattern: ``"N:M"`` (e.g. ``"2:4"``): N of every M consecutive input weights kept (weight methods).
+        target_flops: ``"channels"``: keep at most this fraction of the dense FLOPs, in (0, 1].
+        target_params: the same for the parameters (exclusive with ``target_flops``).
+        calibration_batches: how many training batches the statistics come from (4 batches of 32 are the 128
+            samples the papers calibrate with).
+        compensate: ``"channels"``: refit the readers' weights and bias by least squares on the calibration
+            activations (``False``: the ablation, the removed units only cut).
+        prune_step: when to prune: an optimizer step, or a fraction of training (0 = at the start of fit).
+        damping: relative damping of SparseGPT's Hessian (``damping * mean(diag H)``; 1% in the paper) and
+            of the ``"channels"`` least-squares refit (ridge).
+        block_size: SparseGPT's columns per lazy batch and mask selection (128 in the paper).
+        round_to: ``"channels"``: kept widths multiples of it (heads and conv groups stay whole).
+        input_size: ``(C, H, W)`` to trace the model for ``"channels"`` (default: ``example_input_array``,
+            else timm's ``pretrained_cfg["input_size"]``).
+        include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
+
+    Example::
+
+        trainer = Trainer(max_epochs=1, callbacks=[OneShotPruning("sparsegpt", target_sparsity=0.5)])
+        trainer = Trainer(callbacks=[OneShotPruning("channels", target_flops=0.5)])
+    """
+
+    def __init__(
+        self,
+        method: str = "sparsegpt",
+        target_sparsity: float = 0.5,
+        pattern: str | None = None,
+        target_flops: float | None = None,
+        target_params: float | None = None,
+        calibration_batches: int = 4,
+        compensate: bool = True,
+        prune_step: int | float = 0,
+        damping: float = 0.01,
+        block_size: int = 128,
+        round_to: int = 1,
+        input_size: Sequence[int] | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        types: list[str | type] | None = None,
+        log_media_every_n_epochs: int = 1,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
+        self.method = check_method(method, MisconfigurationException)
+        self.target_sparsity = check_fraction("target_sparsity", target_sparsity,
+                                              hint="0.5 prunes half of every layer's weights.")
+        self.pattern = pattern
+        self._nm = check_pattern(pattern, self.target_sparsity, MisconfigurationException)
+        check_exclusive(target_flops=target_flops, target_params=target_params,
+                        hint="ask for one size: a fraction of the dense FLOPs or of the parameters.")
+        budget = "a fraction of the dense model in (0, 1], e.g. 0.5 keeps half."
+        self.target_flops = check_optional(check_fraction, "target_flops", target_flops, 0.0, 1.0, True,
+                                           hint=budget)
+        self.target_params = check_optional(check_fraction, "target_params", target_params, 0.0, 1.0, True,
+                                            hint=budget)
+        for name, value in (("target_flops", self.target_flops), ("target_params", self.target_params)):
+            if value == 0.0:
+                raise MisconfigurationException(
+                    f"`{name}` must be a number in (0, 1], got 0.0. HINT: {budget}")
+            if value is not None and self.method != "channels":
+                raise MisconfigurationException(
+                    f"`{name}` asks for a size: it needs method='channels', got method={self.method!r}."
+                    " HINT: weight methods prune to `target_sparsity`.")
+        if self._nm is not None and self.method == "channels":
+            raise MisconfigurationException(
+                f"`pattern`={pattern!r} prunes weights N:M; it does not go with method='channels'.")
+        self.calibration_batches = check_int("calibration_batches", calibration_batches, 1,
+                                             hint="4 batches of 32: SparseGPT's 128 samples.")
+        self.compensate = check_bool("compensate", compensate)
+        self.prune_step = check_position("prune_step", prune_step,
+                                         hint="0 prunes at the start of fit; 0.5 after half of training.")
+        self.damping = check_positive("damping", damping, hint="0.01 is the papers' 1%.")
+        self.block_size = check_int("block_size", block_size, 1, hint="128 is SparseGPT's.")
+        self.round_to = check_int("round_to", round_to, 1, hint="8 keeps widths multiples of 8.")
+        self.input_size = check_input_size("input_size", input_size)
+        self.shrink = ShrinkSchedule(self.method == "channels", None, None, type(self).__name__)
+        # state
+        self.done = False
+        self.prune_at_step: int | None = None
+        self.errors: dict[str, float] = {}
+        self.flops_remaining: float | None = None
+        self.groups: list[Any] | None = None
+        self._cost: Any = None
+        self._channels: tuple[str, nn.Module, Any] | None = None  # (prefix, traced root, example)
+        self._batches: list[Any] | None = None  # the calibration batches, until the pruning step
+
+    # ------------------------------------------------------------------ identity and targets
+    @override
+    def state_key_args(self) -> dict[str, Any]:
+        key = {**super().state_key_args(), "method": self.method, "target_sparsity": self.target_sparsity}
+        for name in ("pattern", "target_flops", "target_params"):
+            if getattr(self, name) is not None:
+                key[name] = getattr(self, name)
+        return key
+
+    @override
+    def select_targets(self, pl_module: pl.LightningModule) -> list[Target]:
+        targets = super().select_targets(pl_module)
+        if self.method == "channels":
+            return targets
+        bad = [t.name for t in targets if isinstance(t.module, nn.Conv3d)
+               or not isinstance(t.module, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+        if bad and self.method != "magnitude":
+            raise MisconfigurationException(
+                f"method={self.method!r} prunes Linear, Conv1d and Conv2d weights; {bad[:4]} are not. HINT:"
+                " `exclude=[...]` them, or narrow `types`.")
+        return targets
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.method != "channels" or (self.groups is not None and self._channels is not None
+                                         and self._channels[1] in set(pl_module.modules())):
+            return
+        if trainer is not None and stage == "fit":
+            check_strategy(trainer, type(self).__name__)
+        with as_misconfiguration(), input_size_errors(self.input_size):
+            from lightning_prune.graph import example_inputs_for, traced_root
+
+            _, root = traced_root(pl_module)
+            example = example_inputs_for(root, self.input_size)
+            prefix, root, groups, cost, example = find_channel_groups(
+                pl_module, self.include, self.exclude, self.input_size, example)
+        self.groups, self._cost, self._channels = groups, cost, (prefix, root, example)
+        if trainer is not None and stage == "fit":
+            self.shrink.install_resume(trainer, self.state_key,
+                                       lambda state: self._apply_removed(pl_module, state))
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.prune_at_step is None:
+            self.prune_at_step = int(resolve_step("prune_step", self.prune_step, trainer) or 0)
+        if not self.done:
+            warn_if_after_training(type(self).__name__, trainer, "prune_step", self.prune_step,
+                                   self.prune_at_step, "the model is never pruned")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.done:
+            return
+        # drawn at the start of every fit (a resumed one too), the random states left as they were: a fit
+        # resumed before the pruning step prunes on the same batches as the uninterrupted one
+        if self.method != "magnitude":
+            with as_misconfiguration():
+                self._batches = draw_batches(calibration_loader(trainer), self.calibration_batches,
+                                             type(self).__name__)
+        if trainer.global_step >= (self.prune_at_step or 0):
+            self.prune(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self.done and self.prune_at_step is not None and trainer.global_step >= self.prune_at_step:
+            self.prune(trainer, pl_module)
+
+    # ------------------------------------------------------------------ pruning
+    def _progress(self, what: str) -> Any:
+        def report(i: int, n: int, layer: str, error: float) -> None:
+            if self.verbose:
+                shown = "" if error != error else f": relative output error {error:.4g}"
+                rank_zero_info(f"[OneShotPruning] {what} {i}/{n} {layer}{shown}")
+        return report
+
+    @torch.no_grad()
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Draw the calibration batches, prune once, log; the fit then fine-tunes the pruned model."""
+        from lightning_prune.graph import traced_root
+
+        batches, self._batches = self._batches or [], None
+        if self.method != "magnitude" and not batches:
+            with as_misconfiguration():
+                batches = draw_batches(calibration_loader(trainer), self.calibration_batches,
+                                       type(self).__name__)
+        _, root = traced_root(pl_module)
+
+        def forward(model: nn.Module, batch: Any) -> Any:
+            return default_forward(root, batch)
+
+        reduce = None
+        if trainer.world_size > 1:
+            def reduce(t: Tensor) -> Tensor:
+                return trainer.strategy.reduce(t.clone(), reduce_op="sum")
+        with as_misconfiguration():
+            if self.method == "channels":
+                self._prune_channels(trainer, pl_module, batches, forward, reduce)
+            else:
+                self._prune_weights(trainer, pl_module, batches, forward, reduce)
+        self.done = True
+
+    def _prune_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any],
+                       forward: Any, reduce: Any) -> None:
+        assert self.masks is not None
+        targets = [t for t in self.targets if t.name in set(self.weight_names)]
+        masks, errors = prune_unstructured(pl_module, targets, self.method, batches, self.target_sparsity,
+                                           self._nm, forward, reduce, self.damping, self.block_size,
+                                           self._progress("layer"))
+        self.errors = {k: float(v) for k, v in errors.items()}
+        self.update_masks({n: m & self.masks[n].to(m.device) for n, m in masks.items()}, trainer)
+        log_scalars(trainer, self.error_metrics())
+
+    def _prune_channels(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any],
+                        forward: Any, reduce: Any) -> None:
+        from lightning_prune.graph import restricted_norm_hooks
+
+        assert self.groups is not None and self._channels is not None
+        prefix, root, example = self._channels
+        removed, errors = prune_channels(pl_module, batches, self.groups, self._cost, prefix, root,
+                                         self.target_flops, self.target_params, self.target_sparsity,
+                                         self.compensate, self.round_to, forward, reduce,
+                                         self._progress("reader"), self.damping)
+        self.errors = {k: float(v) for k, v in errors.items()}
+        self.flops_remaining, params = self._cost.measured_ratios(removed)
+        handles = restricted_norm_hooks(root, self.groups, removed, prefix=prefix)
+        try:
+            compress_in_fit(trainer, pl_module, self.groups, removed, example)
+        finally:
+            for h in handles:
+                h.remove()
+        self.shrink.removed = removed
+        self.retarget(pl_module)
+        units = sum(len(v) for v in removed.values())
+        metrics = {f"{PREFIX}/flops_remaining": float(self.flops_remaining),
+                   f"{PREFIX}/params_remaining": float(params), **self.error_metrics()}
+        log_scalars(trainer, metrics)
+        if self.verbose:
+            rank_zero_info(f"[OneShotPruning] removed {units} units of {sum(g.size for g in self.groups)}:"
+                           f" {self.flops_remaining:.1%} of the FLOPs, {params:.1%} of the parameters left;"
+                           " fine-tuning continues")
+
+    def error_metrics(self) -> dict[str, float]:
+        """``prune/one_shot/error`` (the mean) and ``prune/one_shot/error/<layer>``: relative reconstruction
+        errors of the layers' outputs on the calibration inputs."""
+        if not self.errors:
+            return {}
+        metrics = {f"{PREFIX}/one_shot/error": sum(self.errors.values()) / len(self.errors)}
+        metrics.update({f"{PREFIX}/one_shot/error/{k}": v for k, v in self.errors.items()})
+        return metrics
+
+    def _apply_removed(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+        """Resume: the checkpoint holds the smaller model; take its shapes before Lightning loads them."""
+        from lightning_prune.graph import slice_units
+
+        if self.shrink.removed is not None or self.groups is None:
+            return
+        removed = recorded_removal(state, self.groups)
+        slice_units(pl_module, self.groups, removed)
+        self.shrink.removed = removed
+        self.retarget(pl_module)
+
+    # ------------------------------------------------------------------ state
+    @override
+    def extra_state_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "prune_at_step": self.prune_at_step, "errors": dict(self.errors),
+                "flops_remaining": self.flops_remaining, "shrink": self.shrink.state_dict()}
+
+    @override
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        self.done = bool(state.get("done", False))
+        at = state.get("prune_at_step")
+        self.prune_at_step = int(at) if at is not None else None
+        self.errors = {str(k): float(v) for k, v in dict(state.get("errors", {})).items()}
+        flops = state.get("flops_remaining")
+        self.flops_remaining = float(flops) if flops is not None else None
+        removed_before = self.shrink.removed
+        self.shrink.load_state_dict(state.get("shrink"))
+        if removed_before is not None:  # (the resume hook sliced the model already)
+            self.shrink.removed = removed_before
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_cost"] = None  # process-local (holds the model); ddp_spawn workers run setup again
+        state["_channels"] = None
+        state["_batches"] = None
+        return state
+

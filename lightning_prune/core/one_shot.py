@@ -1,0 +1,861 @@
+"""One-shot pruning of a trained model from a few calibration batches, without Lightning.
+
+Four methods, each layer by layer (the inputs of one layer at a time are summarised by forward hooks; nothing
+but that layer's statistics is kept in memory), each layer seeing the outputs of the layers pruned before it:
+
+- ``"magnitude"``: the smallest ``|W|`` of every layer (the baseline; needs no data).
+- ``"wanda"``: Sun et al., "A Simple and Effective Pruning Approach for Large Language Models", 2023,
+  arXiv:2306.11695: score ``|W_ij| * ||X_j||_2`` (``X_j``: input feature ``j`` over every calibration token,
+  every spatial position of a conv), compared **per output row**; no weight update.
+- ``"sparsegpt"``: Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+  One-Shot", 2023, arXiv:2301.00774: the layer's Hessian ``H = 2 X X^T / n`` (float64), damped by
+  ``damping * mean(diag H)``, the upper Cholesky factor ``U`` of ``H^-1``; columns are processed left to
+  right, the mask of every block of ``block_size`` columns chosen at the block's start by
+  ``w^2 / U_jj^2`` (N:M: per block of ``M`` at its first column), and every pruned weight's error is spread
+  over the columns to its right (optimal brain surgeon), with lazy batch updates.
+- ``"channels"``: structured. Every exactly removable channel group of the model
+  (:func:`lightning_prune.graph.analyse_channels`) is scored by its units' contribution to the layers that
+  read them (``E[x_c^2] * ||W[:, c]||^2`` summed over the reading layers, normalised per group); the lowest
+  units across groups go until ``target_flops``/``target_params`` is met (counted by torch-pruning on the
+  sliced model). With ``compensate=True`` every reading Linear/Conv is then refit by least squares on the
+  calibration activations: ``[W_K, b] = [W, b] A[:, K] (A[K, K] + λI)^-1`` with ``A = E[x x^T]`` of its input
+  augmented by a constant (FLAP / "least-squares compensation"), so the kept channels (and the bias)
+  absorb what the removed ones contributed.
+
+Unstructured and N:M sparsity are reached **per layer** (every targeted layer at ``target_sparsity``, as the
+papers do). N:M blocks run along the input dimension, as everywhere in lightning-prune
+(:mod:`lightning_prune.functional.nm`).
+
+Example::
+
+    result = prune_one_shot(model, loader, method="sparsegpt", target_sparsity=0.5)
+    result = prune_one_shot(model, loader, method="wanda", pattern="2:4")
+    result = prune_one_shot(model, loader, method="channels", target_flops=0.5)   # units removed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_prune.core.targets import PRUNABLE_TYPES, Target, resolve_targets
+from lightning_prune.errors import InvalidArgumentError
+from lightning_prune.functional.nm import nm_mask, parse_pattern
+
+__all__ = [
+    "METHODS",
+    "OneShotResult",
+    "channel_plan",
+    "layer_hessian",
+    "magnitude_mask",
+    "prune_one_shot",
+    "reconstruction_error",
+    "refit_least_squares",
+    "sparsegpt_prune",
+    "wanda_mask",
+    "wanda_scores",
+]
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "channels")
+#: relative damping of the least-squares refit (ridge): ``damping * mean(diag A[K, K])`` on the diagonal
+REFIT_DAMPING = 0.01
+
+Reduce = Callable[[Tensor], Tensor]
+Progress = Callable[[int, int, str, float], None]
+
+
+@dataclass
+class OneShotResult:
+    """What :func:`prune_one_shot` did.
+
+    Attributes:
+        method: the method.
+        masks: parameter name -> boolean mask (``True`` = kept) of every pruned weight (unstructured, N:M, and
+            the channel masks before compression).
+        removed: channel group name -> removed units (``method="channels"``).
+        groups: the channel groups (``method="channels"``).
+        errors: layer name -> relative reconstruction error of its output on the calibration inputs,
+            ``||(W - W') X||^2 / ||W X||^2``.
+        sparsity: fraction of the targeted weights that are zero (unstructured / N:M).
+        flops_remaining, params_remaining: of the dense model (``method="channels"``; 1.0 otherwise).
+    """
+
+    method: str
+    masks: dict[str, Tensor] = field(default_factory=dict)
+    removed: dict[str, list[int]] = field(default_factory=dict)
+    groups: list[Any] = field(default_factory=list)
+    errors: dict[str, float] = field(default_factory=dict)
+    sparsity: float = 0.0
+    flops_remaining: float = 1.0
+    params_remaining: float = 1.0
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def model_input(batch: Any) -> Any:
+    """What the model is called with for a loader's ``batch``: a tensor itself, the first element of a
+    tuple/list (``(x, y)``), a dict's ``"x"``/``"image"``/``"input"``/``"pixel_values"`` entry."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in ("x", "image", "images", "input", "inputs", "pixel_values"):
+            if key in batch:
+                return batch[key]
+    raise InvalidArgumentError(
+        f"Cannot tell the model's input in a calibration batch of type {type(batch).__name__}."
+        " HINT: the loader yields a tensor, an (x, y) tuple or a dict with an 'x'/'image'/'input' entry;"
+        " otherwise pass `forward=lambda model, batch: model(...)`.")
+
+
+def _to_model(value: Any, model: nn.Module) -> Any:
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        return value
+    if isinstance(value, Tensor):
+        value = value.to(param.device)
+        return value.to(param.dtype) if value.is_floating_point() and param.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_model(v, model) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _to_model(v, model) for k, v in value.items()}
+    return value
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    x = _to_model(model_input(batch), model)
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
+def draw_batches(loader: Iterable[Any] | None, count: int, who: str = "prune_one_shot") -> list[Any]:
+    """The first ``count`` batches of ``loader``, with torch's, Python's and NumPy's random states left as
+    they were (a shuffling sampler draws its seed from them)."""
+    if loader is None:
+        raise InvalidArgumentError(
+            f"{who} needs calibration data: no loader was given. HINT: pass the training DataLoader (a few"
+            " batches of it are enough), or method='magnitude', which needs none.")
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()), None)
+    elif isinstance(loader, (list, tuple)) and loader and not isinstance(loader[0], (Tensor, list, tuple)):
+        loader = loader[0]  # several loaders: the first
+    py_state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        np, np_state = None, None
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            batches = list(itertools.islice(iter(loader), count))  # type: ignore[arg-type]
+    finally:
+        random.setstate(py_state)
+        if np is not None:
+            np.random.set_state(np_state)
+    if not batches:
+        raise InvalidArgumentError(
+            f"{who}: the calibration loader yielded no batch. HINT: check the data set is not empty.")
+    if len(batches) < count:
+        raise InvalidArgumentError(
+            f"`calibration_batches` ({count}) is more than the {len(batches)} batches the loader has."
+            f" HINT: calibration_batches={len(batches)}, or a smaller batch size.")
+    return batches
+
+
+def _strip(name: str, prefix: str) -> str:
+    """``name`` relative to the module at ``prefix`` (group names are full names in the LightningModule)."""
+    if prefix and name.startswith(prefix + "."):
+        return name[len(prefix) + 1:]
+    return "" if name == prefix else name
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer's input was seen: the rest of the forward is not needed."""
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _run(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any]) -> None:
+    with torch.no_grad(), _eval(model):
+        for batch in batches:
+            try:
+                forward(model, batch)
+            except _Stop:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------- layer maths
+def _check_layer(module: nn.Module, name: str) -> None:
+    if isinstance(module, nn.Conv3d) or not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        raise InvalidArgumentError(
+            f"One-shot pruning handles Linear, Conv1d and Conv2d layers; {name!r} is a"
+            f" {type(module).__name__}. HINT: exclude=[{name!r}].")
+
+
+def layer_columns(module: nn.Module, x: Tensor) -> Tensor:
+    """The layer's input as a ``(groups, n, columns)`` matrix whose columns are those of the flattened weight
+    ``(out, in/groups * kernel)`` of each conv group: a Linear's features, a conv's unfolded patches."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1])
+    conv1d = isinstance(module, nn.Conv1d)
+    if conv1d:
+        x = x.unsqueeze(-2)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    pad = module._reversed_padding_repeated_twice
+    if conv1d:
+        pad = [pad[0], pad[1], 0, 0]
+    if any(pad):
+        x = F.pad(x, pad, mode=mode)
+    kernel = (1, *module.kernel_size) if conv1d else module.kernel_size
+    dilation = (1, *module.dilation) if conv1d else module.dilation
+    stride = (1, *module.stride) if conv1d else module.stride
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C * kk, L)
+    groups = module.groups
+    n, d, length = cols.shape
+    cols = cols.reshape(n, groups, d // groups, length).permute(1, 0, 3, 2)  # (G, N, L, d/G)
+    return cols.reshape(groups, n * length, d // groups)
+
+
+class _HessianHook:
+    """Accumulates ``sum_x x x^T`` (float64) of one layer's input columns, then stops the forward."""
+
+    def __init__(self, module: nn.Module, augment: bool = False, stop: bool = True) -> None:
+        self.module, self.augment, self.stop = module, augment, stop
+        self.hessian: Tensor | None = None
+        self.count = 0
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        cols = layer_columns(module, args[0].detach()).to(torch.float64)
+        if self.augment:
+            cols = torch.cat([cols, cols.new_ones(*cols.shape[:-1], 1)], dim=-1)
+        h = cols.transpose(1, 2) @ cols
+        self.hessian = h if self.hessian is None else self.hessian + h
+        self.count += cols.shape[1]
+        if self.stop:
+            raise _Stop
+
+
+def layer_hessian(model: nn.Module, module: nn.Module, batches: Sequence[Any],
+                  forward: Callable[[nn.Module, Any], Any] = default_forward, reduce: Reduce | None = None,
+                  augment: bool = False) -> tuple[Tensor, int]:
+    """``(sum_x x x^T, n)`` of ``module``'s input columns over the calibration ``batches`` (float64, shape
+    ``(groups, d, d)``; with ``augment`` a constant 1 is the last column), summed over ranks by ``reduce``.
+
+    The forward stops right after ``module`` has seen its input."""
+    hook = _HessianHook(module, augment)
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        _run(model, batches, forward)
+    finally:
+        handle.remove()
+    if hook.hessian is None:
+        raise InvalidArgumentError(
+            f"{type(module).__name__} layer was never called by the model's forward on the calibration"
+            " batches. HINT: exclude it, or pass `forward=` calling the model as in training.")
+    hessian, count = hook.hessian, torch.tensor([float(hook.count)], dtype=torch.float64,
+                                                device=hook.hessian.device)
+    if reduce is not None:
+        hessian, count = reduce(hessian), reduce(count)
+    return hessian, int(count.item())
+
+
+def _flat_weight(module: nn.Module) -> Tensor:
+    """The weight as ``(groups, out/groups, columns)`` (float64)."""
+    w = module.weight.detach().to(torch.float64)
+    groups = getattr(module, "groups", 1)
+    return w.reshape(groups, w.shape[0] // groups, -1)
+
+
+def reconstruction_error(w: Tensor, w_new: Tensor, hessian: Tensor) -> float:
+    """``||(W - W') X||^2 / ||W X||^2`` from ``H = X^T X`` (``(G, R, d)`` weights, ``(G, d, d)`` Hessian)."""
+    delta = w - w_new
+    num = torch.einsum("grd,gde,gre->", delta, hessian, delta)
+    den = torch.einsum("grd,gde,gre->", w, hessian, w)
+    return float(num / den.clamp_min(1e-300))
+
+
+def magnitude_mask(weight: Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> Tensor:
+    """Keep the largest ``|W|`` of the layer (``round(numel (1 - s))`` of them), or of every N:M block."""
+    score = weight.detach().abs().float()
+    if nm is not None:
+        return nm_mask(score, nm[0], nm[1])
+    keep = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    k = round(score.numel() * (1.0 - sparsity))
+    if k > 0:
+        keep[score.reshape(-1).topk(k).indices] = True
+    return keep.reshape(score.shape)
+
+
+def wanda_scores(weight: Tensor, column_norms: Tensor) -> Tensor:
+    """``|W_ij| * ||X_j||_2``, the flattened weight's columns (``(G, R, d)`` weight, ``(G, d)`` norms)."""
+    return weight.abs() * column_norms.unsqueeze(1)
+
+
+def wanda_mask(weight: Tensor, column_norms: Tensor, sparsity: float, nm: tuple[int, int] | None = None
+               ) -> Tensor:
+    """Wanda's mask of a module weight (its shape): per output row, the ``round(cols (1 - s))`` largest
+    scores; with ``nm`` the N largest of every block of M inputs. ``column_norms``: ``(groups, columns)``."""
+    groups = column_norms.shape[0]
+    flat = weight.detach().to(column_norms.dtype).reshape(groups, weight.shape[0] // groups, -1)
+    score = wanda_scores(flat, column_norms).reshape(weight.shape[0], -1)
+    if nm is not None:
+        return nm_mask(score.reshape(weight.shape), nm[0], nm[1])
+    cols = score.shape[1]
+    k = round(cols * (1.0 - sparsity))
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(1, score.topk(k, dim=1).indices, True)
+    return keep.reshape(weight.shape)
+
+
+def _nm_blocks(columns: int, kernel: int, m: int) -> dict[int, int]:
+    """Column start -> length of every N:M block, in the column order of :func:`_kernel_major`."""
+    channels = columns // kernel
+    starts = {}
+    for p in range(kernel):
+        for j in range(0, channels, m):
+            starts[p * channels + j] = min(m, channels - j)
+    return starts
+
+
+def _kernel_major(columns: int, kernel: int) -> Tensor:
+    """The permutation that orders a conv's ``(channel, kernel position)`` columns by kernel position first,
+    so that N:M blocks (consecutive input channels at one position) are consecutive columns."""
+    channels = columns // kernel
+    return torch.arange(columns).reshape(channels, kernel).t().reshape(-1)
+
+
+@torch.no_grad()
+def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, nm: tuple[int, int] | None = None,
+                    block_size: int = 128, damping: float = 0.01, kernel: int = 1) -> tuple[Tensor, Tensor]:
+    """SparseGPT on one layer; returns ``(new weight, keep mask)`` (float64, ``(G, R, d)``).
+
+    Args:
+        weight: ``(groups, rows, columns)``.
+        hessian: ``X^T X`` of the input columns, ``(groups, columns, columns)`` (any positive scale).
+        sparsity: the fraction of every block of ``block_size`` columns pruned (unstructured).
+        nm: ``(N, M)``: keep N of every M consecutive input channels instead.
+        block_size: columns per lazy batch (and per mask selection).
+        damping: ``damping * mean(diag H)`` is added to the diagonal.
+        kernel: kernel positions per input channel (a conv's columns are ``(channel, position)``; N:M blocks
+            run along channels at one position).
+    """
+    w = weight.to(torch.float64).clone()
+    h = hessian.to(torch.float64).clone()
+    groups, rows, cols = w.shape
+    perm = _kernel_major(cols, kernel) if (nm is not None and kernel > 1) else None
+    if perm is not None:
+        w, h = w[:, :, perm], h[:, perm][:, :, perm]
+    diag = torch.diagonal(h, dim1=1, dim2=2)
+    dead = diag == 0
+    diag[dead] = 1.0
+    # an input that never fired on the calibration data costs nothing to prune there: its weights score 0, so
+    # they are pruned first (the paper's code zeroes them; w^2 / U_jj^2 would rank them above live weights)
+    live = (~dead).to(w.dtype).unsqueeze(1)  # (G, 1, cols)
+    diag += damping * diag.mean(dim=1, keepdim=True)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    prune = torch.zeros_like(w, dtype=torch.bool)
+    blocks = _nm_blocks(cols, kernel if perm is not None else 1, nm[1]) if nm is not None else {}
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        count = i2 - i1
+        w1 = w[:, :, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        u1 = u[:, i1:i2, i1:i2]
+        d1 = torch.diagonal(u1, dim1=1, dim2=2)  # (G, count)
+        mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        if nm is None:
+            score = (w1 ** 2 / d1.unsqueeze(1) ** 2 * live[:, :, i1:i2]).reshape(groups, -1)
+            k = round(score.shape[1] * sparsity)
+            if k > 0:
+                flat = mask1.reshape(groups, -1)
+                flat.scatter_(1, score.topk(k, dim=1, largest=False).indices, True)
+        for i in range(count):
+            col = i1 + i
+            if nm is not None and col in blocks:
+                length = blocks[col]
+                drop = length - min(nm[0], length)
+                if drop > 0:
+                    score = (w1[:, :, i:i + length] ** 2 / d1[:, None, i:i + length] ** 2
+                             * live[:, :, col:col + length])
+                    idx = score.topk(drop, dim=2, largest=False).indices + i
+                    mask1.scatter_(2, idx, True)
+            wcol = w1[:, :, i]
+            d = d1[:, i].unsqueeze(1)  # (G, 1)
+            q = wcol.masked_fill(mask1[:, :, i], 0.0)
+            q1[:, :, i] = q
+            err = (wcol - q) / d
+            w1[:, :, i:] -= err.unsqueeze(2) * u1[:, i, i:].unsqueeze(1)
+            err1[:, :, i] = err
+        w[:, :, i1:i2] = q1
+        prune[:, :, i1:i2] = mask1
+        w[:, :, i2:] -= err1 @ u[:, i1:i2, i2:]
+    keep = ~prune
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        w, keep = w[:, :, inverse], keep[:, :, inverse]
+    return w, keep
+
+
+# ---------------------------------------------------------------------------------------------- unstructured
+def _prune_layer(model: nn.Module, target: Target, method: str, batches: Sequence[Any], sparsity: float,
+                 nm: tuple[int, int] | None, forward: Callable[[nn.Module, Any], Any], reduce: Reduce | None,
+                 damping: float, block_size: int) -> tuple[Tensor, float]:
+    """Prune one layer in place; returns its keep mask and relative reconstruction error (nan: no data)."""
+    module, param = target.module, target.param
+    if method == "magnitude" and not batches:
+        keep = magnitude_mask(param, sparsity, nm)
+        with torch.no_grad():
+            param.mul_(keep.to(param.dtype))
+        return keep, float("nan")
+    _check_layer(module, target.module_name)
+    hessian, _ = layer_hessian(model, module, batches, forward, reduce)
+    w = _flat_weight(module)
+    if method == "sparsegpt":
+        kernel = w.shape[2] // (module.weight.shape[1])
+        new, keep_flat = sparsegpt_prune(w, hessian, sparsity, nm, block_size, damping, kernel)
+        keep = keep_flat.reshape(param.shape)
+    else:
+        if method == "wanda":
+            norms = torch.diagonal(hessian, dim1=1, dim2=2).clamp_min(0).sqrt()
+            keep = wanda_mask(param, norms, sparsity, nm)
+        else:
+            keep = magnitude_mask(param, sparsity, nm)
+        new = w * keep.reshape(w.shape).to(w.dtype)
+    error = reconstruction_error(w, new, hessian)
+    with torch.no_grad():
+        param.copy_(new.reshape(param.shape).to(param.dtype) * keep.to(param.dtype))
+    return keep.to(param.device), error
+
+
+# ---------------------------------------------------------------------------------------------- channels
+def _channel_scores(model: nn.Module, root: nn.Module, prefix: str, groups: Sequence[Any],
+                    batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any],
+                    reduce: Reduce | None) -> list[Tensor]:
+    """Per group, each unit's contribution to the layers that read it: ``sum E[x_c^2] ||W[:, c]||^2``, the
+    group's scores divided by their mean (so that groups compare)."""
+    sites: dict[str, tuple[nn.Module, int]] = {}
+    for group in groups:
+        for site in group.input_sites():
+            sites.setdefault(site.module, (root.get_submodule(_strip(site.module, prefix)), site.dim))
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    for name, (module, dim) in sites.items():
+        def hook(m: nn.Module, args: Any, name: str = name, dim: int = dim) -> None:
+            x = args[0].detach().to(torch.float64)
+            moved = x.movedim(dim % x.dim(), -1).reshape(-1, x.shape[dim])
+            sq = (moved ** 2).sum(0)
+            sums[name] = sums[name] + sq if name in sums else sq
+            counts[name] = counts.get(name, 0) + moved.shape[0]
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        _run(model, batches, forward)
+    finally:
+        for h in handles:
+            h.remove()
+    energy: dict[str, Tensor] = {}
+    for name, (module, _) in sites.items():
+        if name not in sums:
+            continue
+        total = sums[name]
+        n = torch.tensor([float(counts[name])], dtype=torch.float64, device=total.device)
+        if reduce is not None:
+            total, n = reduce(total), reduce(n)
+        mean_sq = total / n.clamp_min(1.0)
+        w = module.weight.detach().to(torch.float64)
+        groups_m = getattr(module, "groups", 1)
+        col_norm = (w ** 2).transpose(0, 1).reshape(w.shape[1], -1).sum(1)  # per input channel of a group
+        if groups_m > 1:  # a grouped reader: channel c of the input is column c % (C/G) of group c // (C/G)
+            per = w.shape[1]
+            col = torch.stack([(w[g * (w.shape[0] // groups_m):(g + 1) * (w.shape[0] // groups_m)] ** 2)
+                               .transpose(0, 1).reshape(per, -1).sum(1) for g in range(groups_m)]).reshape(-1)
+            col_norm = col
+        energy[name] = (mean_sq * col_norm.to(mean_sq.device)).cpu()
+    scores = []
+    for group in groups:
+        score = torch.zeros(group.size, dtype=torch.float64)
+        for site in group.input_sites():
+            e = energy.get(site.module)
+            if e is None:
+                continue
+            for c, u in zip(site.channels, site.units):
+                if c < e.numel():
+                    score[u] += e[c]
+        mean = score.mean()
+        scores.append(score / mean if mean > 0 else torch.ones_like(score))
+    return scores
+
+
+def channel_plan(groups: Sequence[Any], scores: Sequence[Tensor], cost: Any, target_flops: float | None,
+                 target_params: float | None, sparsity: float, round_to: int = 1) -> dict[str, list[int]]:
+    """The units to remove: the lowest ``scores`` across groups (each group keeps a unit), as few as meet
+    ``target_flops``/``target_params`` (fractions of the dense model; checked on a sliced copy), or, with
+    neither, ``round(sparsity * units)`` of them."""
+    from lightning_prune.core.compression import round_kept
+
+    order = sorted(((float(s), gi, u) for gi, sc in enumerate(scores) for u, s in enumerate(sc.tolist())),
+                   key=lambda t: (t[0], t[1], t[2]))
+
+    def removed_for(n: int) -> dict[str, list[int]]:
+        chosen: dict[int, list[int]] = {}
+        for _, gi, u in order:
+            if n <= 0:
+                break
+            if len(chosen.get(gi, [])) < groups[gi].size - 1:
+                chosen.setdefault(gi, []).append(u)
+                n -= 1
+        out = {}
+        for gi, units in chosen.items():
+            ranked = sorted(units, key=lambda u: -float(scores[gi][u]))
+            out[groups[gi].name] = sorted(round_kept(groups[gi], units, round_to, ranked))
+        return out
+
+    total = sum(g.size - 1 for g in groups)
+    if target_flops is None and target_params is None:
+        return removed_for(min(round(sparsity * sum(g.size for g in groups)), total))
+    target = target_flops if target_flops is not None else target_params
+    which = 0 if target_flops is not None else 1
+    goal = float(target)  # type: ignore[arg-type]
+    removed: dict[str, list[int]] = {}
+    for _ in range(4):  # the predicted count is within ~1% of the measured one: correct it
+        lo, hi = 0, total
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cost.ratios(removed_for(mid))[which] <= goal:
+                hi = mid
+            else:
+                lo = mid + 1
+        removed = removed_for(lo)
+        measured = cost.measured_ratios(removed)[which]
+        if measured <= target or lo == total:  # type: ignore[operator]
+            break
+        goal *= target / measured  # type: ignore[operator]
+    return removed
+
+
+def refit_least_squares(weight: Tensor, bias: Tensor | None, hessian: Tensor, keep_columns: Tensor,
+                        damping: float = REFIT_DAMPING) -> tuple[Tensor, Tensor | None]:
+    """The reader's weight (and bias) refit on its kept input columns, ``[W_K, b] = [W, b] A[:,K] A[K,K]^-1``.
+
+    Args:
+        weight: ``(out, d)`` float64.
+        bias: ``(out,)`` or ``None``; with a bias, ``hessian`` is augmented (its last column the constant).
+        hessian: ``A = sum x x^T`` of the input columns, ``(d, d)`` or ``(d + 1, d + 1)`` with a bias.
+        keep_columns: boolean ``(d,)``.
+
+    Returns:
+        the new weight (zeros at the removed columns) and bias.
+    """
+    full = weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
+    keep = keep_columns if bias is None else torch.cat([keep_columns, keep_columns.new_ones(1)])
+    idx = keep.nonzero().flatten()
+    a_kk = hessian[idx][:, idx]
+    lam = damping * torch.diagonal(a_kk).mean().clamp_min(1e-12)
+    a_kk = a_kk + lam * torch.eye(len(idx), dtype=a_kk.dtype, device=a_kk.device)
+    rhs = full @ hessian[:, idx]  # (out, |K|)
+    solved = torch.linalg.solve(a_kk, rhs.t()).t()
+    new = torch.zeros_like(full)
+    new[:, idx] = solved
+    if bias is None:
+        return new, None
+    return new[:, :-1], new[:, -1]
+
+
+def _site_columns(module: nn.Module, channels: set[int]) -> Tensor:
+    """The flattened weight columns of input ``channels`` (a groups=1 reader)."""
+    width = module.weight.shape[1]
+    kernel = module.weight[0].numel() // width
+    keep = torch.ones(width * kernel, dtype=torch.bool)
+    for c in channels:
+        keep[c * kernel:(c + 1) * kernel] = False
+    return keep
+
+
+def _compensate(model: nn.Module, root: nn.Module, prefix: str, groups: Sequence[Any],
+                removed: Mapping[str, Sequence[int]], batches: Sequence[Any],
+                forward: Callable[[nn.Module, Any], Any], reduce: Reduce | None, compensate: bool,
+                progress: Progress | None, damping: float = REFIT_DAMPING) -> dict[str, float]:
+    """Zero (and, with ``compensate``, refit) every reader of a removed unit, reader by reader in module
+    order, each on the inputs of the model as refit so far; returns the readers' reconstruction errors."""
+    dead: dict[str, set[int]] = {}
+    for group in groups:
+        gone = set(removed.get(group.name, ()))
+        for site in group.input_sites():
+            dead.setdefault(site.module, set()).update(
+                c for c, u in zip(site.channels, site.units) if u in gone)
+    order = {name: i for i, (name, _) in enumerate(root.named_modules())}
+    readers = sorted((n for n, chs in dead.items() if chs), key=lambda n: order.get(_strip(n, prefix), 0))
+    errors: dict[str, float] = {}
+    for i, name in enumerate(readers):
+        module = root.get_submodule(_strip(name, prefix))
+        grouped = getattr(module, "groups", 1) > 1
+        fit = (compensate and batches and not grouped
+               and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)))
+        w = module.weight.detach().to(torch.float64)
+        flat = w.reshape(w.shape[0], -1)
+        if grouped or not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            keep_cols = torch.ones(w.shape[1], dtype=torch.bool)
+            keep_cols[sorted(dead[name])] = False
+            with torch.no_grad():
+                module.weight.mul_(keep_cols.view(1, -1, *([1] * (w.dim() - 2))).to(module.weight))
+            continue
+        keep_cols = _site_columns(module, dead[name]).to(flat.device)
+        has_bias = getattr(module, "bias", None) is not None
+        if batches:
+            hessian, _ = layer_hessian(model, module, batches, forward, reduce, augment=has_bias)
+            hessian = hessian[0]
+        else:
+            hessian = None
+        bias = module.bias.detach().to(torch.float64) if has_bias else None
+        if fit:
+            new_w, new_b = refit_least_squares(flat, bias, hessian, keep_cols, damping)
+        else:
+            new_w, new_b = flat * keep_cols.to(flat.dtype), bias
+        if hessian is not None:
+            full_old = flat if bias is None else torch.cat([flat, bias.unsqueeze(1)], 1)
+            full_new = new_w if new_b is None else torch.cat([new_w, new_b.unsqueeze(1)], 1)
+            errors[name] = reconstruction_error(full_old[None], full_new[None], hessian[None])
+        with torch.no_grad():
+            module.weight.copy_(new_w.reshape(module.weight.shape).to(module.weight.dtype))
+            if new_b is not None:
+                module.bias.copy_(new_b.to(module.bias.dtype))
+        if progress is not None:
+            progress(i + 1, len(readers), name, errors.get(name, float("nan")))
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def check_method(method: Any, error: type[Exception] = InvalidArgumentError) -> str:
+    if method not in METHODS:
+        raise error(f"`method` must be one of {list(METHODS)}, got {method!r}. HINT: 'wanda' and 'sparsegpt'"
+                    " prune weights (unstructured or N:M), 'channels' removes units, 'magnitude' is the"
+                    " baseline.")
+    return str(method)
+
+
+def check_pattern(pattern: Any, sparsity: float, error: type[Exception] = InvalidArgumentError
+                  ) -> tuple[int, int] | None:
+    if pattern is None:
+        return None
+    try:
+        return parse_pattern(pattern)
+    except ValueError:
+        raise error(f"`pattern` must be 'N:M' with integers 1 <= N < M, got {pattern!r}. HINT: '2:4' is what"
+                    " NVIDIA's sparse tensor cores run; None prunes unstructured.") from None
+
+
+def prune_unstructured(model: nn.Module, targets: Sequence[Target], method: str, batches: Sequence[Any],
+                       sparsity: float, nm: tuple[int, int] | None = None,
+                       forward: Callable[[nn.Module, Any], Any] = default_forward,
+                       reduce: Reduce | None = None, damping: float = 0.01, block_size: int = 128,
+                       progress: Progress | None = None
+                       ) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Prune ``targets`` one after the other (each on the inputs of the model pruned so far); returns the
+    masks and the per-layer reconstruction errors."""
+    masks: dict[str, Tensor] = {}
+    errors: dict[str, float] = {}
+    for i, target in enumerate(targets):
+        keep, error = _prune_layer(model, target, method, batches, sparsity, nm, forward, reduce, damping,
+                                   block_size)
+        masks[target.name] = keep
+        if error == error:  # not nan
+            errors[target.module_name] = error
+        if progress is not None:
+            progress(i + 1, len(targets), target.module_name, error)
+    return masks, errors
+
+
+def find_channel_groups(model: nn.Module, include: Any = None, exclude: Any = None,
+                        input_size: Sequence[int] | None = None, example_inputs: Any = None
+                        ) -> tuple[str, nn.Module, list[Any], Any, Any]:
+    """``(prefix, traced root, groups, cost model, example)`` of ``model``'s removable channel groups."""
+    from lightning_prune.graph import CostModel, analyse_channels, example_inputs_for, traced_root
+
+    prefix, root = traced_root(model)
+    example = example_inputs if example_inputs is not None else example_inputs_for(root, input_size)
+    analysis = analyse_channels(root, example, include, exclude, prefix=prefix)
+    if not analysis.groups:
+        reasons = sorted(set(analysis.skipped.values()))[:4]
+        raise InvalidArgumentError(
+            f"method='channels' found no removable channel group in {type(model).__name__}"
+            f" (include={include or 'default'}, exclude={exclude}). What blocked them: {reasons}."
+            " HINT: `include=[...]` selects other layers, or prune weights with method='wanda'.")
+    return prefix, root, analysis.groups, CostModel(root, example, analysis.groups, prefix=prefix), example
+
+
+def prune_channels(model: nn.Module, batches: Sequence[Any], groups: Sequence[Any], cost: Any, prefix: str,
+                   root: nn.Module, target_flops: float | None = None, target_params: float | None = None,
+                   sparsity: float = 0.5, compensate: bool = True, round_to: int = 1,
+                   forward: Callable[[nn.Module, Any], Any] = default_forward, reduce: Reduce | None = None,
+                   progress: Progress | None = None, damping: float = REFIT_DAMPING
+                   ) -> tuple[dict[str, list[int]], dict[str, float]]:
+    """Choose the units to remove and refit their readers (the model keeps its shapes; the removed units are
+    zero at every reader). Returns the plan and the readers' reconstruction errors."""
+    from lightning_prune.graph import restricted_norm_hooks
+
+    scores = (_channel_scores(model, root, prefix, groups, batches, forward, reduce) if batches
+              else [_magnitude_unit_scores(root, prefix, g) for g in groups])
+    removed = channel_plan(groups, scores, cost, target_flops, target_params, sparsity, round_to)
+    handles = restricted_norm_hooks(root, groups, removed, prefix=prefix)
+    try:
+        errors = _compensate(model, root, prefix, groups, removed, batches, forward, reduce, compensate,
+                             progress, damping)
+    finally:
+        for h in handles:
+            h.remove()
+    return removed, errors
+
+
+def _magnitude_unit_scores(root: nn.Module, prefix: str, group: Any) -> Tensor:
+    """Without data: each unit's squared weight norm at its readers."""
+    score = torch.zeros(group.size, dtype=torch.float64)
+    for site in group.input_sites():
+        w = root.get_submodule(_strip(site.module, prefix)).weight.detach().to(torch.float64)
+        per = (w ** 2).transpose(0, 1).reshape(w.shape[1], -1).sum(1).cpu()
+        for c, u in zip(site.channels, site.units):
+            if c < per.numel():
+                score[u] += per[c]
+    mean = score.mean()
+    return score / mean if mean > 0 else torch.ones_like(score)
+
+
+def prune_one_shot(
+    model: nn.Module,
+    loader: Iterable[Any] | None = None,
+    method: str = "sparsegpt",
+    target_sparsity: float = 0.5,
+    pattern: str | None = None,
+    target_flops: float | None = None,
+    target_params: float | None = None,
+    calibration_batches: int = 4,
+    compensate: bool = True,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    types: Sequence[type[nn.Module]] | None = None,
+    damping: float = 0.01,
+    block_size: int = 128,
+    round_to: int = 1,
+    compress: bool = True,
+    input_size: Sequence[int] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    reduce: Reduce | None = None,
+    progress: Progress | None = None,
+) -> OneShotResult:
+    """Prune a trained ``model`` in one shot from ``calibration_batches`` batches of ``loader`` (in place).
+
+    Args:
+        model: any ``nn.Module`` (a timm model, a LightningModule holding one).
+        loader: an iterable of batches (a ``DataLoader``): tensors, ``(x, y)`` tuples or dicts. Optional for
+            ``method="magnitude"``.
+        method: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` (weights: unstructured or ``pattern``) or
+            ``"channels"`` (units removed; see the module docstring).
+        target_sparsity: the fraction of every targeted layer's weights pruned (``"channels"`` without a
+            size target: the fraction of units removed).
+        pattern: ``"N:M"`` (e.g. ``"2:4"``): N of every M consecutive input weights kept instead.
+        target_flops, target_params: ``"channels"``: the fraction of the dense FLOPs/parameters to keep.
+        calibration_batches: how many batches of ``loader`` are used.
+        compensate: ``"channels"``: refit the readers by least squares (``False``: the ablation, only zeroed).
+        include, exclude, types: which layers (the rule of :mod:`lightning_prune.core.targets`; for
+            ``"channels"`` the groups whose producers match).
+        damping: relative damping of SparseGPT's Hessian (1% in the paper) and of the least-squares refit
+            (ridge: ``damping * mean(diag)``; without it nearly collinear kept inputs give huge weights).
+        block_size: SparseGPT's columns per lazy batch and mask selection (128 in the paper).
+        round_to: ``"channels"``: kept widths multiples of it.
+        compress: ``"channels"``: remove the units physically (:func:`lightning_prune.compress`); ``False``
+            leaves them zero (a LayerNorm-normalised stream then still counts them).
+        input_size: ``(C, H, W)`` to trace the model for ``"channels"`` (default: timm's config).
+        forward: ``forward(model, batch)`` runs the model on a batch (default: ``model(x)`` with ``x`` the
+            batch, its first element, or its ``"x"``/``"image"``/``"input"`` entry).
+        reduce: sums a tensor over processes (DDP: every rank gets the same statistics, so the same result).
+        progress: ``progress(i, n, layer, error)`` after every layer.
+
+    Returns:
+        :class:`OneShotResult` (masks to keep during fine-tuning, the removed units, per-layer errors).
+
+    Raises:
+        InvalidArgumentError: an unknown method, no calibration data, fewer batches than asked.
+    """
+    from lightning_prune.validation import (
+        check_bool,
+        check_fraction,
+        check_int,
+        check_optional,
+        check_positive,
+    )
+
+    err = InvalidArgumentError
+    method = check_method(method)
+    sparsity = check_fraction("target_sparsity", target_sparsity, error=err)
+    nm = check_pattern(pattern, sparsity)
+    target_flops = check_optional(check_fraction, "target_flops", target_flops, 0.0, 1.0, True, error=err)
+    target_params = check_optional(check_fraction, "target_params", target_params, 0.0, 1.0, True, error=err)
+    if target_flops is not None and target_params is not None:
+        raise err("Pass `target_flops` or `target_params`, not both.")
+    if (target_flops is not None or target_params is not None) and method != "channels":
+        raise err("`target_flops`/`target_params` ask for a size: they need method='channels'. HINT: weights"
+                  " are pruned to `target_sparsity`.")
+    if nm is not None and method == "channels":
+        raise err("`pattern` prunes weights N:M: it does not go with method='channels'.")
+    calibration_batches = check_int("calibration_batches", calibration_batches, 1, error=err)
+    check_bool("compensate", compensate, error=err)
+    check_positive("damping", damping, error=err)
+    block_size = check_int("block_size", block_size, 1, error=err)
+    round_to = check_int("round_to", round_to, 1, error=err)
+    forward = forward or default_forward
+    batches: list[Any] = []
+    if loader is not None or method != "magnitude":
+        batches = draw_batches(loader, calibration_batches)
+    result = OneShotResult(method)
+    if method == "channels":
+        from lightning_prune.core.compression import compress as compress_fn
+        from lightning_prune.core.gates import unit_masks
+        from lightning_prune.graph import restricted_norm_hooks
+
+        example = _to_model(model_input(batches[0]), model) if batches else None
+        prefix, root, groups, cost, example = find_channel_groups(model, include, exclude, input_size,
+                                                                  example)
+        removed, errors = prune_channels(model, batches, groups, cost, prefix, root, target_flops,
+                                         target_params, sparsity, compensate, round_to, forward, reduce,
+                                         progress, damping)
+        keep = [torch.tensor([u not in set(removed.get(g.name, ())) for u in range(g.size)]) for g in groups]
+        result.masks = unit_masks(model, groups, keep)
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, mask in result.masks.items():
+                params[name].mul_(mask.to(params[name]))
+        result.removed, result.groups, result.errors = removed, list(groups), errors
+        result.flops_remaining, result.params_remaining = cost.measured_ratios(removed)
+        if compress:
+            handles = restricted_norm_hooks(root, groups, removed, prefix=prefix)
+            try:
+                compress_fn(model, example, groups=groups, removed=removed, round_to=1)
+            finally:
+                for h in handles:
+                    h.remove()
+        return result
+    targets = resolve_targets(model, include, exclude, types=tuple(types) if types else PRUNABLE_TYPES)
+    masks, errors = prune_unstructured(model, targets, method, batches, sparsity, nm, forward, reduce,
+                                       damping, block_size, progress)
+    result.masks, result.errors = masks, errors
+    total = sum(m.numel() for m in masks.values())
+    result.sparsity = sum(int((~m).sum()) for m in masks.values()) / max(total, 1)
+    return result

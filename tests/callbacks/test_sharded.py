@@ -1,0 +1,325 @@
+"""Sharded training (FSDP2: Lightning's ModelParallelStrategy with ``fully_shard`` in ``configure_model``), on
+two CPU processes with gloo: masks on the shards equal to DDP's, exact global thresholds across ranks, and
+the strategies a callback cannot act under refused at setup."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+import lightning_prune as lp
+from lightning_prune.callbacks.activation_decay import ActivationDecay
+from lightning_prune.callbacks.distill import KnowledgeDistillation
+from lightning_prune.callbacks.evolution import EvolutionaryMutation
+from lightning_prune.core.masks import MaskSet
+from lightning_prune.core.sharding import local_tensor
+from lightning_prune.testing import tiny_classifier, tiny_datamodule
+from tests.sharded import ShardedClassifier, run_two
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def _fake_trainer(name: str, tensor_parallel_size: int | str = 1, num_processes: int = 2):
+    strategy = type(name, (), {"_tensor_parallel_size": tensor_parallel_size,
+                               "num_processes": num_processes})()  # only the name and sizes matter
+    return type("T", (), {"strategy": strategy})()
+
+
+def _every_callback():
+    from lightning_prune_baselines import RandomUnstructured
+
+    teacher = nn.Linear(2, 2)
+    return [lp.GradualMagnitudePruning(), lp.LotteryTicket(), lp.GroupLassoPruning(), lp.L0Pruning(),
+            ActivationDecay(), EvolutionaryMutation(), KnowledgeDistillation(teacher=teacher),
+            RandomUnstructured(), lp.OneShotPruning()]
+
+
+@pytest.mark.parametrize("name", ["FSDPStrategy", "XLAFSDPStrategy"])
+def test_fsdp1_is_refused_at_setup_by_every_callback(name):
+    for cb in _every_callback():
+        with pytest.raises(MisconfigurationException, match=rf"does not run under {name} \(FSDP1\)"):
+            cb.setup(_fake_trainer(name), tiny_classifier(), "fit")
+    with pytest.raises(MisconfigurationException, match=r"ModelParallelStrategy\(data_parallel_size"):
+        lp.GradualMagnitudePruning().setup(_fake_trainer(name), tiny_classifier(), "fit")
+
+
+@pytest.mark.parametrize("size", [2, "auto"])
+def test_tensor_parallelism_is_refused_at_setup_by_name(size):
+    for cb in _every_callback():
+        with pytest.raises(MisconfigurationException, match=r"tensor parallelism .*tensor_parallel_size=2"):
+            cb.setup(_fake_trainer("ModelParallelStrategy", size), tiny_classifier(), "fit")
+
+
+def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
+    for cb in _every_callback()[2:]:
+        with pytest.raises(MisconfigurationException,
+                           match=rf"{type(cb).__name__} cannot act under ModelParallelStrategy"):
+            cb.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
+    lp.GradualMagnitudePruning().setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
+
+
+# ---------------------------------------------------------------------------------------------- thresholds
+def _constructed_model() -> nn.Module:
+    """Weights with many ties (rounded), zeros and an odd row count (uneven shards)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 16), nn.Linear(16, 5, bias=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_((p * 40).round() / 40)
+    return model
+
+
+def _magnitude(**kwargs) -> lp.GradualMagnitudePruning:
+    return lp.GradualMagnitudePruning(include="*", verbose=False, **kwargs)
+
+
+_CASES = [{"scope": "global"}, {"scope": "layer"}, {"scope": "global", "pattern": "2:4"},
+          {"scope": "layer", "pattern": "2:4"},
+          {"scope": "global", "pattern": "2:4", "pattern_ramp": "steps"},
+          {"scope": "global", "layer_targets": {"2": 0.3}}]
+_SPARSITIES = (0.3, 0.6, 0.85)
+
+
+def _masks_of(cb, model):
+    cb.targets = cb.select_targets(model)
+    cb.masks = MaskSet.for_targets(cb.targets)
+    out = []
+    for s in _SPARSITIES:
+        cb.bind_shards()
+        masks = cb.compute_masks(s)
+        out.append(({n: m.clone() for n, m in masks.items()}, dict(cb.thresholds)))
+    return out
+
+
+def _sharded_masks():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,))
+    results = []
+    for case in _CASES:
+        model = _constructed_model()
+        cb = _magnitude(target_sparsity=0.9, **case)
+        cb.targets = cb.select_targets(model)
+        cb.masks = MaskSet.for_targets(cb.targets)
+        fully_shard(model, mesh=mesh)  # after the masks were made, as configure_model does after setup
+        per_sparsity = []
+        for s in _SPARSITIES:
+            cb.bind_shards()
+            masks = cb.compute_masks(s)
+            local_bytes = sum(m.numel() for m in masks.values())
+            cb.masks.update(masks)
+            full = cb.masks.state_dict()  # gathered
+            per_sparsity.append((full, dict(cb.thresholds), local_bytes,
+                                 {n: local_tensor(cb.masks.param(n)).shape for n in cb.masks}))
+        results.append(per_sparsity)
+    return results
+
+
+def test_global_threshold_and_masks_across_ranks_equal_the_single_process_ones():
+    """Two ranks, each holding half of every weight (uneven where the rows are odd): the thresholds (global,
+    per layer, N:M) equal the single-process ones exactly, and the gathered masks are the same bits."""
+    ranks = run_two(_sharded_masks)
+    for case, rank0, rank1 in zip(_CASES, *ranks):
+        cb = _magnitude(target_sparsity=0.9, **case)
+        single = _masks_of(cb, _constructed_model())
+        for (full0, thr0, bytes0, shapes0), (full1, thr1, bytes1, _), (masks, thresholds) in zip(
+                rank0, rank1, single):
+            assert thr0 == thresholds == thr1, case
+            for name, mask in masks.items():
+                assert torch.equal(full0[name], mask) and torch.equal(full1[name], mask), (case, name)
+            total = sum(m.numel() for m in masks.values())
+            assert bytes0 + bytes1 == total and bytes0 <= total / 2 + 16, case  # each rank: its half
+            assert shapes0["0.weight"] == (4, 12)  # 7 rows: 4 on rank 0, 3 on rank 1
+
+
+# ---------------------------------------------------------------------------------------------- a fit
+def _fit(kind: str, callback_kwargs: dict, steps: int = 6, lottery: bool = False):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier()
+    strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2"
+                else "ddp")
+    cb = (lp.LotteryTicket if lottery else lp.GradualMagnitudePruning)(verbose=False, **callback_kwargs)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=3 if lottery else 1,
+                         limit_train_batches=steps, limit_val_batches=2 if lottery else 0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=[cb])
+    trainer.fit(model, datamodule=tiny_datamodule())
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    if lottery:
+        state = cb.state_dict()  # the rewind point gathered whole
+        assert state["round"] == 2 and state["rewind_state"]["step"] == 2
+        assert not any(hasattr(v, "full_tensor") for v in state["rewind_state"]["module"].values())
+    return cb.masks.state_dict(), weights, cb.masks.memory_bytes(), cb.sparsity_metrics()
+
+
+def _assert_same_as_ddp(callback_kwargs: dict, *fit_args) -> None:
+    fsdp = run_two(_fit, "fsdp2", callback_kwargs, *fit_args)
+    ddp = run_two(_fit, "ddp", callback_kwargs, *fit_args)
+    masks, weights, mask_bytes, metrics = fsdp[0]
+    ddp_masks, ddp_weights, ddp_bytes, ddp_metrics = ddp[0]
+    assert masks.keys() == ddp_masks.keys() and len(masks) > 4
+    for name in masks:
+        assert torch.equal(masks[name], ddp_masks[name]), name  # bit for bit
+        assert torch.equal(fsdp[1][0][name], masks[name]), name  # both ranks hold the same full masks
+        assert torch.all(weights[name][~masks[name]] == 0), name  # applied on the shards
+    assert metrics == ddp_metrics
+    assert mask_bytes <= 0.55 * ddp_bytes  # each rank holds about half of the masks
+    for name, w in ddp_weights.items():  # the same trajectory (not asserted bitwise: float32 reductions)
+        torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lottery_ticket_on_a_sharded_vit_prunes_and_rewinds_like_ddp():
+    """LotteryTicket, 2 rounds of one epoch, rewound to step 2 (the snapshot held as shards): DDP's masks."""
+    _assert_same_as_ddp({"rounds": 2, "epochs_per_round": 1, "rewind_step": 2}, 4, True)
+
+
+def test_magnitude_on_a_sharded_vit_prunes_like_ddp():
+    """GradualMagnitudePruning(target_sparsity=0.7) on timm's test ViT under ModelParallelStrategy with
+    fully_shard (before: the fit ran to the end and pruned nothing): the masks equal DDP's bit for bit."""
+    _assert_same_as_ddp({"target_sparsity": 0.7, "every_n_steps": 2, "sparsity_end_step": 0.5})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", [
+    {"scope": "layer"},
+    {"pattern": "2:4"},
+    {"pattern": "2:4", "scope": "layer", "pattern_ramp": "steps"},
+])
+def test_magnitude_variants_on_a_sharded_vit_prune_like_ddp(kwargs):
+    _assert_same_as_ddp({"target_sparsity": 0.7, "every_n_steps": 2, "sparsity_end_step": 0.5, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _fit_with_checkpoints(root: str, distributed: bool | None, ckpt_path: str | None, steps: int = 4,
+                          epochs: int = 2, lottery: bool = False):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier()
+    cb = (lp.LotteryTicket(rounds=2, epochs_per_round=1, rewind_step=2, verbose=False) if lottery else
+          lp.GradualMagnitudePruning(target_sparsity=0.7, every_n_steps=2, sparsity_end_step=0.75,
+                                     verbose=False))
+    callbacks = [cb]
+    if ckpt_path is None:
+        callbacks.append(ModelCheckpoint(dirpath=f"{root}/ckpt", save_top_k=-1, every_n_train_steps=3,
+                                         filename="{step}"))
+    strategy = ("ddp" if distributed is None else
+                ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                      save_distributed_checkpoint=distributed))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs,
+                         limit_train_batches=steps, limit_val_batches=2 if lottery else 0, logger=False,
+                         enable_checkpointing=ckpt_path is None, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+                         callbacks=callbacks, default_root_dir=root)
+    trainer.fit(model, datamodule=tiny_datamodule(), ckpt_path=ckpt_path)
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    return cb.state_dict(), weights
+
+
+@pytest.mark.slow
+def test_lottery_ticket_resumes_mid_epoch_from_a_sharded_checkpoint(tmp_path):
+    """The rewind point (captured at step 2 as shards, saved whole) read back from a sharded checkpoint of
+    step 3 and rewound into the shards at the round boundary: the uninterrupted run's masks and weights."""
+    full = run_two(_fit_with_checkpoints, str(tmp_path / "full"), True, None, 4, 3, True)
+    ckpt = tmp_path / "full" / "ckpt" / "step=3.ckpt"
+    resumed = run_two(_fit_with_checkpoints, str(tmp_path / "resumed"), True, str(ckpt), 4, 3, True)
+    (state, weights), (resumed_state, resumed_weights) = full[0], resumed[0]
+    assert state["round"] == resumed_state["round"] == 2
+    for name, mask in state["masks"].items():
+        assert torch.equal(mask, resumed_state["masks"][name]), name
+    for name, w in weights.items():
+        assert torch.equal(w, resumed_weights[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("distributed", [True, False], ids=["sharded-checkpoint", "full-checkpoint"])
+def test_magnitude_resumes_mid_epoch_exactly_from_an_fsdp2_checkpoint(tmp_path, distributed):
+    """The callback's state (masks gathered whole, schedule, thresholds) is in both kinds of checkpoint;
+    resuming at step 3 (mid-epoch: 4 steps per epoch) ends exactly like the uninterrupted run."""
+    full = run_two(_fit_with_checkpoints, str(tmp_path / "full"), distributed, None)
+    ckpt = tmp_path / "full" / "ckpt" / "step=3.ckpt"
+    assert ckpt.is_dir() == distributed and ckpt.exists()
+    resumed = run_two(_fit_with_checkpoints, str(tmp_path / "resumed"), distributed, str(ckpt))
+    (state, weights), (resumed_state, resumed_weights) = full[0], resumed[0]
+    assert state["last_update"] == 8 and set(state["masks"]) and state.keys() == resumed_state.keys()
+    for name, mask in state["masks"].items():
+        assert torch.equal(mask, resumed_state["masks"][name]), name
+    assert state["thresholds"] == resumed_state["thresholds"]
+    for name, w in weights.items():
+        assert torch.equal(w, resumed_weights[name]), name
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_and_prunes(tmp_path):
+    """The README's 'Sharded training' script, run as the user would (`python sharded.py`: Lightning launches
+    the second process itself)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Sharded training"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "sharded.py").write_text(code, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    done = subprocess.run([sys.executable, "sharded.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sparsity 70.00%" in done.stdout + done.stderr
+
+
+def _lottery_rounds_on_shards():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_prune.core.sharding import gather_full, local_slice, shard_reduce
+    from lightning_prune.functional.lottery import prune_by_percent_across
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,))
+    model = _constructed_model()
+    fully_shard(model, mesh=mesh)
+    params = {n: p for n, p in model.named_parameters() if p.dim() == 2}
+    out = []
+    for scope, rates in (("global", None), ("layer", None), ("global", {"3.weight": 0.1})):
+        masks = {n: torch.ones_like(local_tensor(p), dtype=torch.bool) for n, p in params.items()}
+        rounds = []
+        for _ in range(3):
+            local = {n: local_tensor(p) for n, p in params.items()}
+            masks = prune_by_percent_across(local, masks, 0.3, scope, rates, shard_reduce(params.values()),
+                                            dist.get_rank(), 2)
+            rounds.append({n: gather_full(m, params[n]) for n, m in masks.items()})
+        out.append(rounds)
+    assert local_slice(torch.zeros(7, 12), params["0.weight"]).shape == (4 - dist.get_rank(), 12)
+    return out
+
+
+def test_lottery_rounds_across_ranks_equal_the_single_process_ones():
+    """prune_by_percent on shards (ties broken in the full tensors' order, as a stable sort does) equals
+    prune_by_percent on the whole tensors, round after round, for global, per-layer and output-layer rates."""
+    from lightning_prune.functional.lottery import prune_by_percent
+
+    ranks = run_two(_lottery_rounds_on_shards)
+    weights = {n: p for n, p in _constructed_model().named_parameters() if p.dim() == 2}
+    cases = (("global", None), ("layer", None), ("global", {"3.weight": 0.1}))
+    for (scope, rates), rank0, rank1 in zip(cases, *ranks):
+        masks = None
+        for got0, got1 in zip(rank0, rank1):
+            masks = prune_by_percent(weights, masks, 0.3, scope, rates)
+            for name, mask in masks.items():
+                assert torch.equal(got0[name], mask) and torch.equal(got1[name], mask), (scope, name)
