@@ -9,6 +9,9 @@ Usage::
 
     python benchmarks/first_hour.py list     # `lightning-prune list` / `--help` latency, 7 runs each
     python benchmarks/first_hour.py demo     # `make demo` after set-up: time and test accuracy
+    python benchmarks/first_hour.py busy     # the same with two CPU-burning processes beside it
+    python benchmarks/first_hour.py demo --default-threads   # either, at torch's default thread count
+                                             # (`--torch_threads null`) instead of the recipe's one thread
     python benchmarks/first_hour.py setup    # `make setup` in a fresh clone: time, size of .venv
     python benchmarks/first_hour.py venv     # the size of this checkout's .venv (what setup installed)
     python benchmarks/first_hour.py test --tests 655 --seconds 243 --source "a fresh clone"
@@ -42,12 +45,19 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(command: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``command`` to the end: wall seconds, CPU seconds of the children, exit status, its output."""
+def timed(command: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None,
+          timeout: float | None = None) -> dict[str, Any]:
+    """Run ``command`` to the end: wall seconds, CPU seconds of the children, exit status, its output (rc
+    ``None`` when it ran past ``timeout`` seconds and was stopped)."""
     cpu0, wall0 = _children_cpu(), time.perf_counter()
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    return {"wall_s": time.perf_counter() - wall0, "cpu_s": _children_cpu() - cpu0, "rc": proc.returncode,
-            "stdout": proc.stdout, "stderr": proc.stderr}
+    try:
+        proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False,
+                              timeout=timeout)
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as stopped:
+        rc, out, err = None, str(stopped.stdout or ""), str(stopped.stderr or "")
+    return {"wall_s": time.perf_counter() - wall0, "cpu_s": _children_cpu() - cpu0, "rc": rc,
+            "stdout": out, "stderr": err}
 
 
 def _script() -> str:
@@ -80,15 +90,45 @@ def part_list(repeats: int) -> dict[str, Any]:
     return out
 
 
-def part_demo(recipe: str) -> dict[str, Any]:
-    run = timed([_script(), "fit", "--config", recipe])
+def _recipe_threads(recipe: str) -> int | None:
+    found = re.findall(r"^torch_threads:\s*(\d+)", (ROOT / recipe).read_text(), flags=re.M)
+    return int(found[0]) if found else None
+
+
+def part_demo(recipe: str, default_threads: bool = False, timeout: float | None = None) -> dict[str, Any]:
+    extra = ["--torch_threads", "null"] if default_threads else []
+    run = timed([_script(), "fit", "--config", recipe, *extra], timeout=timeout)
+    threads = None if default_threads else _recipe_threads(recipe)
+    entry: dict[str, Any] = {"command": " ".join(["lightning-prune fit --config", recipe, *extra]),
+                             "wall_s": run["wall_s"], "cpu_s": run["cpu_s"],
+                             "torch_threads": threads if threads is not None
+                             else f"default ({os.cpu_count()})"}
+    if run["rc"] is None:
+        return {**entry, "test_acc": None, "sparsity": None, "stopped_after_s": timeout}
     if run["rc"] != 0:
         raise SystemExit(f"the demo failed:\n{run['stderr'][-3000:]}")
     acc = re.findall(r"^test/acc\s+([0-9.]+)", run["stdout"], flags=re.M)
     sparsity = re.findall(r"^targeted weights\s.*?([0-9.]+)%\s*$", run["stdout"], flags=re.M)
-    return {"command": f"lightning-prune fit --config {recipe}", "wall_s": run["wall_s"],
-            "cpu_s": run["cpu_s"], "test_acc": float(acc[-1]) if acc else None,
+    return {**entry, "test_acc": float(acc[-1]) if acc else None,
             "sparsity": float(sparsity[-1]) / 100 if sparsity else None}
+
+
+BURNER = "while True:\n    pass\n"
+
+
+def part_busy(recipe: str, burners: int, default_threads: bool = False,
+              timeout: float | None = None) -> dict[str, Any]:
+    """The demo with ``burners`` CPU-bound processes (a Python busy loop each) running beside it."""
+    procs = [subprocess.Popen([sys.executable, "-c", BURNER]) for _ in range(burners)]
+    try:
+        time.sleep(2.0)  # let the load show in the load average a little
+        entry = part_demo(recipe, default_threads, timeout)
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+    return {**entry, "burners": burners, "load_average_1min_after": round(os.getloadavg()[0], 2)}
 
 
 def _du(path: Path) -> int:
@@ -131,9 +171,13 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["list", "demo", "setup", "venv", "test"])
+    parser.add_argument("part", choices=["list", "demo", "busy", "setup", "venv", "test"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--recipe", default="recipes/digits/magnitude.yaml")
+    parser.add_argument("--burners", type=int, default=2, help="busy: CPU-burning processes beside the demo")
+    parser.add_argument("--default-threads", action="store_true",
+                        help="demo/busy: at torch's default thread count, not the recipe's `torch_threads`")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="demo/busy: stop the demo after that")
     parser.add_argument("--python", default="python3", help="the interpreter `make setup` builds .venv from")
     parser.add_argument("--tests", type=int, help="test: how many tests passed")
     parser.add_argument("--seconds", type=float, help="test: wall seconds of `make test`")
@@ -145,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.part == "list":
         entry = part_list(args.repeats)
     elif args.part == "demo":
-        entry = part_demo(args.recipe)
+        entry = part_demo(args.recipe, args.default_threads, args.timeout)
+    elif args.part == "busy":
+        entry = part_busy(args.recipe, args.burners, args.default_threads, args.timeout)
     elif args.part == "setup":
         entry = part_setup(args.python)
     elif args.part == "venv":
@@ -157,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     entry["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     entry["machine"] = machine
     results = json.loads(path.read_text()) if path.exists() else {}  # read now: parts may run side by side
-    results[args.part] = entry
+    results[args.part + ("_default_threads" if args.default_threads else "")] = entry
     path.write_text(json.dumps(results, indent=2) + "\n")
     RESULTS.with_suffix(".md").write_text(markdown(results))
     print(json.dumps(entry, indent=2))

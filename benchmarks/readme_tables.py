@@ -250,10 +250,28 @@ def render_first_hour(data: dict[str, Any]) -> str:
         v = data["venv"]
         rows.append(["disk of the set-up", "`du -s .venv` after `make setup`", "", "",
                      f"`.venv` {v['venv_bytes'] / 1e9:.1f} GB (torch {v['torch']})", when(v)])
-    if "demo" in data:
-        d = data["demo"]
-        rows.append(["the demo", "`make demo` after set-up", _seconds(d["wall_s"]), _seconds(d["cpu_s"]),
-                     f"test accuracy {d['test_acc']:.2%} at {d['sparsity']:.0%} sparsity", when(d)])
+    def demo_result(d: dict[str, Any]) -> str:
+        if d.get("test_acc") is None:
+            return f"stopped after {_seconds(d.get('stopped_after_s') or d['wall_s'])}, unfinished"
+        return f"test accuracy {d['test_acc']:.2%} at {d['sparsity']:.0%} sparsity"
+
+    def threads(d: dict[str, Any]) -> str:
+        t = d.get("torch_threads")
+        if t is None:
+            return ""
+        return f" ({t} thread{'' if t == 1 else 's'})" if isinstance(t, int) else f" ({t} threads)"
+
+    for key, what, command in (
+            ("demo", "the demo", "`make demo` after set-up"),
+            ("busy", "the demo, busy machine", "`make demo` beside two CPU-burning processes"),
+            ("demo_default_threads", "the demo, torch's default threads",
+             "`make demo ... --torch_threads null`"),
+            ("busy_default_threads", "the demo, busy, default threads", "the same, `--torch_threads null`")):
+        if key in data:
+            d = data[key]
+            note = f"; {d['note']}" if d.get("note") else ""
+            rows.append([what, command + threads(d), _seconds(d["wall_s"]), _seconds(d["cpu_s"]),
+                         demo_result(d), when(d) + note])
     if "test" in data:
         t = data["test"]
         rows.append(["the suite", "`make test`", _seconds(t["wall_s"]), "", f"{t['tests']} tests pass",

@@ -334,10 +334,13 @@ def test_the_export_command_restores_finalises_compresses_and_proves(tmp_path, c
     assert _same_outputs(trained.model, small)
 
 
-def test_the_export_command_needs_a_checkpoint(tmp_path):
+def test_the_export_command_needs_a_checkpoint(tmp_path, capsys):
     config = _config(tmp_path, {"class_path": "lightning_prune.GradualMagnitudePruning"})
-    with pytest.raises(SystemExit, match="needs --ckpt_path"):
+    with pytest.raises(SystemExit) as exited:
         main(["export", "--config", config])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "lightning-prune: error: `lightning-prune export` needs `--ckpt_path`")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path runs for real on a GPU")

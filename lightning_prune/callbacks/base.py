@@ -22,6 +22,7 @@ from typing_extensions import override
 from lightning_prune.callbacks._resume import check_resume, config_of
 from lightning_prune.callbacks.logging import (
     PREFIX,
+    counted,
     log_histograms,
     log_images,
     log_scalars,
@@ -266,9 +267,12 @@ class PruningCallback(Callback):
         metrics.update(extra or {})
         log_scalars(trainer, metrics)
         if self.verbose and self.masks is not None:
-            rank_zero_info(f"[{type(self).__name__}] step {trainer.global_step}: "
-                           f"sparsity {metrics[f'{PREFIX}/sparsity']:.2%} over {len(self.reported_names())}"
-                           " tensors")
+            rank_zero_info(self.progress_line(trainer.global_step, metrics))
+
+    def progress_line(self, step: int, metrics: dict[str, float]) -> str:
+        """The console line of a mask update: the weight sparsity (channel callbacks say units and FLOPs)."""
+        return (f"[{type(self).__name__}] step {step}: sparsity {metrics[f'{PREFIX}/sparsity']:.2%} over"
+                f" {counted(len(self.reported_names()), 'tensor')}")
 
     def log_media(self, trainer: pl.Trainer) -> None:
         """W&B mask images, weight histograms and a per-layer sparsity table of the reported weights

@@ -36,7 +36,8 @@ from typing_extensions import override
 
 from lightning_prune.callbacks._setup_checks import warn_if_cannot_act
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_images, log_scalars
+from lightning_prune.callbacks.input_shape import traced_input_size
+from lightning_prune.callbacks.logging import PREFIX, counted, log_histograms, log_images, log_scalars
 from lightning_prune.callbacks.schedules import resolve_step, until_the_end, warn_if_after_training
 from lightning_prune.callbacks.shrink import (
     ShrinkSchedule,
@@ -120,8 +121,9 @@ class GatePruningCallback(PruningCallback):
         compress_step: when to remove them instead: an optimizer step or a fraction of training (``1.0`` = at
             the end of training); not before finalisation.
         compress_epoch: the same as an epoch (at its start) or a fraction of training.
-        input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
-            ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
+        input_size: ``(C, H, W)`` used to trace the model and count its FLOPs (default: the LightningModule's
+            ``example_input_array``, else the shape of the first training batch, logged once, else timm's
+            ``pretrained_cfg["input_size"]``).
         analysis_time_limit_s: CPU seconds (``time.process_time``) the channel analysis at ``setup`` may use;
             past it the fit stops with a clear error naming this argument (``None``: no limit). Checked
             cooperatively: no signal handler, no timer.
@@ -194,6 +196,7 @@ class GatePruningCallback(PruningCallback):
         self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
         self.compress = self.shrink.enabled
         self.input_size = check_input_size("input_size", input_size)
+        self.traced_size: tuple[int, ...] | None = self.input_size  # set at setup: see input_shape.py
         # state
         self.groups: list[ChannelGroup] | None = None
         self.skipped: dict[str, str] = {}
@@ -234,7 +237,7 @@ class GatePruningCallback(PruningCallback):
     def find_groups(self, pl_module: pl.LightningModule) -> list[ChannelGroup]:
         prefix, root = traced_root(pl_module)
         with as_misconfiguration(), input_size_errors(self.input_size):
-            example = example_inputs_for(root, self.input_size)
+            example = example_inputs_for(root, self.traced_size)
             analysis = analyse_channels(root, example, self.include, self.exclude, self.prune_coupled,
                                         prefix=prefix, analysis_time_limit_s=self.analysis_time_limit_s)
         self._traced_prefix, self.skipped, self.coverage = prefix, analysis.skipped, analysis.coverage
@@ -495,7 +498,7 @@ class GatePruningCallback(PruningCallback):
             size = "".join(f", {k.split('/')[-1].replace('_', ' ')} {v:.1%}"
                            for k, v in metrics.items() if k != f"{PREFIX}/channels_remaining")
             rank_zero_info(f"[{type(self).__name__}] finalised: {kept}/{total} units kept"
-                           f" ({1 - kept / max(total, 1):.1%} pruned) in {len(keep)} groups{size};"
+                           f" ({1 - kept / max(total, 1):.1%} pruned) in {counted(len(keep), 'group')}{size};"
                            " fine-tuning continues")
         if trainer is not None:
             self.update_masks(masks, trainer)
@@ -517,6 +520,18 @@ class GatePruningCallback(PruningCallback):
         return {f"{PREFIX}/flops_remaining": flops, f"{PREFIX}/params_remaining": params}
 
     # ------------------------------------------------------------------ logging
+    @override
+    def progress_line(self, step: int, metrics: dict[str, float]) -> str:
+        """Units kept and FLOPs left, not the sparsity of the weights (a channel callback removes units)."""
+        groups = self.groups or []
+        total = sum(g.size for g in groups)
+        kept = (sum(int(k.sum()) for k in self.keep) if self.keep is not None
+                else sum(self.channels_alive().values()))
+        flops = self.size_metrics().get(f"{PREFIX}/flops_remaining")
+        return (f"[{type(self).__name__}] step {step}: {kept:,}/{counted(total, 'unit')} kept"
+                f" ({1 - kept / max(total, 1):.1%} removed) in {counted(len(groups), 'group')}"
+                + (f", FLOPs {flops:.1%} of dense" if flops is not None else ""))
+
     def gate_metrics(self) -> dict[str, float]:
         alive = self.channels_alive()
         total = sum(g.size for g in self.groups or [])
@@ -596,6 +611,9 @@ class GatePruningCallback(PruningCallback):
             self.gateset.detach()
             self.gateset = None
         self._model = pl_module
+        if rebuilt:
+            self.traced_size = traced_input_size(self.input_size, trainer, pl_module, type(self).__name__,
+                                                 self.verbose)
         if self.shrink.enabled and trainer is not None and stage == "fit":
             check_strategy(trainer, type(self).__name__)
             self.shrink.install_resume(trainer, self.state_key,
@@ -647,8 +665,9 @@ class GatePruningCallback(PruningCallback):
         if self.verbose:
             total = sum(g.size for g in self.groups or [])
             rank_zero_info(
-                f"[{type(self).__name__}] {total} channels in {len(self.groups or [])} gated groups"
-                f" ({len(self.skipped)} groups left alone); finalize at "
+                f"[{type(self).__name__}] {counted(total, 'unit')} in"
+                f" {counted(len(self.groups or []), 'gated group')}"
+                f" ({counted(len(self.skipped), 'group')} left alone); finalize at "
                 + ("the end of training" if self.finalize_at_step is None
                    else f"step {self.finalize_at_step}")
             )
@@ -699,12 +718,12 @@ class GatePruningCallback(PruningCallback):
             return
         _, root = traced_root(pl_module)
         removed = self._removed()
-        compress_in_fit(trainer, pl_module, self.groups, removed, example_inputs_for(root, self.input_size))
+        compress_in_fit(trainer, pl_module, self.groups, removed, example_inputs_for(root, self.traced_size))
         if self.gateset is not None:  # (the restricted norms checked the compression; they are idle now)
             self.gateset.release_norms()
         self.shrink.removed = removed
         self._after_compression(pl_module)
-        log_model_size(trainer, pl_module, self.input_size, type(self).__name__, self.verbose)
+        log_model_size(trainer, pl_module, self.traced_size, type(self).__name__, self.verbose)
 
     def compress_model(self, pl_module: pl.LightningModule) -> None:
         """Remove the pruned units physically at the end of training (:func:`lightning_prune.compress` with
@@ -715,7 +734,7 @@ class GatePruningCallback(PruningCallback):
             return
         _, root = traced_root(pl_module)
         removed = self._removed()
-        compress(pl_module, example_inputs_for(root, self.input_size), groups=self.groups, removed=removed,
+        compress(pl_module, example_inputs_for(root, self.traced_size), groups=self.groups, removed=removed,
                  round_to=1)  # (the plan is rounded already)
         if self.gateset is not None:
             self.gateset.release_norms()

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 __all__ = [
+    "counted",
     "PREFIX",
     "log_histograms",
     "log_images",
@@ -25,6 +26,11 @@ __all__ = [
 ]
 
 PREFIX = "prune"
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``"1 group"``, ``"2 groups"``, ``"1,024 units"``: a count with its noun in the right number."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _step(trainer: Trainer) -> int:

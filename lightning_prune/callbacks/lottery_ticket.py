@@ -330,7 +330,8 @@ class LotteryTicket(PruningCallback):
         assert self.rewind_state is not None
         saved = self.rewind_state["module"]
         params = {name for name, _ in pl_module.named_parameters()}
-        generator = torch.Generator().manual_seed(self._resolved_seed() * 1_000_003 + self.round)
+        seed = (self._resolved_seed() * 1_000_003 + self.round) % 2**63  # (unseeded: 64-bit initial_seed)
+        generator = torch.Generator().manual_seed(seed)
         for name, tensor in pl_module.state_dict().items():
             if name not in saved:
                 continue

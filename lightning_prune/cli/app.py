@@ -133,13 +133,16 @@ def run(args: Sequence[str]) -> Any:
 
     # LightningCLI reads the arguments from sys.argv itself: it then has nothing to warn about
     # ("LightningCLI's args parameter is intended to run from within Python ...").
-    saved = sys.argv
+    import torch
+
+    saved, threads = sys.argv, torch.get_num_threads()
     sys.argv = [saved[0] if saved else PROG, *args]
     try:
         return PruneCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
                         subclass_mode_data=True, save_config_kwargs={"overwrite": True})
     finally:
         sys.argv = saved
+        torch.set_num_threads(threads)  # (`--torch_threads` is for the run, not for the caller's process)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

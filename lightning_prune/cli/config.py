@@ -18,12 +18,14 @@ CLI = TypeVar("CLI", bound=LightningCLI)
 
 
 class OneLineParseErrors(LightningCLI):
-    """A LightningCLI whose parse errors come back as one :class:`~lightning_prune.cli.ConfigError` line (the
+    """A LightningCLI with no abbreviated options (``--trainer.max_epoch`` is not ``max_epochs``) whose parse
+    errors come back as one :class:`~lightning_prune.cli.ConfigError` line (the
     class, the unknown key and its closest valid spelling, or the innermost reason) instead of jsonargparse's
     usage dump and nested union errors: what ``fit``, ``export`` and ``sensitivity`` share."""
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("exit_on_error", False)  # errors come back to `parse_arguments`
+        kwargs.setdefault("allow_abbrev", False)  # every parser: the main one and each subcommand's
         return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -43,6 +45,8 @@ def add_fit_config_arguments(parser: LightningArgumentParser, ckpt_help: str) ->
     the ``config.yaml`` a run saved -- that these commands accept and do not use."""
     parser.add_argument("--ckpt_path", type=str | None, default=None, help=ckpt_help)
     parser.add_argument("--test_after_fit", type=bool, default=True,
+                        help="Accepted for configs written for `fit`; unused here.")
+    parser.add_argument("--torch_threads", type=int | None, default=None,
                         help="Accepted for configs written for `fit`; unused here.")
     parser.add_argument("--weights_only", type=bool | None, default=None,
                         help="How --ckpt_path is read: true (the default, also for null) refuses a file that"

@@ -34,6 +34,7 @@ from lightning_prune.cli.config import (
     config_cli,
     weights_only_of,
 )
+from lightning_prune.cli.errors import ConfigError
 
 __all__ = ["ExportCLI", "ExportOptions", "main"]
 
@@ -103,7 +104,9 @@ class ExportCLI(OneLineParseErrors):
         options = ExportOptions(**dict(self.config["export"]))
         ckpt_path = self.config.get("ckpt_path")
         if not ckpt_path:
-            raise SystemExit("lightning-prune export needs --ckpt_path (a checkpoint of the run).")
+            raise ConfigError("`lightning-prune export` needs `--ckpt_path`, the Lightning checkpoint of the"
+                              " run to export. HINT: `--trainer.enable_checkpointing true` on `fit` writes"
+                              " under the logger's `version_<N>/checkpoints/`.")
         require_export_dependencies()  # before anything slow
         dense = copy.deepcopy(self.model)  # the fresh, unpruned architecture: the baseline of the report
         run = restore_run(ckpt_path, self.model, self.trainer.callbacks, finalize=options.finalize,

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.core.targets import as_patterns, matches
+from lightning_prune.core.threads import analysis_threads
 from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, _deadline
 from lightning_prune.graph.dependencies import _build_graph, _describe, _grouped_slices, _names, _raw_groups
@@ -74,7 +75,7 @@ def analyse_channels(
         if isinstance(module, PRODUCER_TYPES) and id(module) not in outputs:
             analysis.weights[full(name)] = module.weight.numel()
             analysis._out_sizes[full(name)] = module.weight.shape[0]
-    with _deadline(analysis_time_limit_s, type(model).__name__, model) as budget:
+    with analysis_threads(), _deadline(analysis_time_limit_s, type(model).__name__, model) as budget:
         _analyse(model, example_inputs, _Options(include_p, exclude_p, prune_coupled, rtol, budget), prefix,
                  analysis)
     analysis.seconds = time.monotonic() - start

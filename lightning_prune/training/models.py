@@ -132,10 +132,17 @@ def _check_model_name(model_name: Any) -> None:
     if ":" in model_name or "/" in model_name or timm.is_model(model_name):
         return
     arch = model_name.split(".")[0]
-    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    names = timm.list_models()
+    close = difflib.get_close_matches(arch, names, n=5, cutoff=0.6)
     if not close:
         close = timm.list_models(f"{arch[:4]}*")[:5]
-    suggestion = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    if close:
+        raise MisconfigurationException(
+            f"`model_name` must be a model of `timm.list_models()`, got {model_name!r}. Did you mean"
+            f" {', '.join(repr(c) for c in close)}? HINT: `python -c \"import timm;"
+            f" print(timm.list_models('{arch[:3]}*'))\"` lists the names that start the same way.")
     raise MisconfigurationException(
-        f"`model_name` must be a model of `timm.list_models()`, got {model_name!r}.{suggestion}"
-        f" HINT: `python -c \"import timm; print(timm.list_models('{arch[:3]}*'))\"` lists the names.")
+        f"`model_name` must be a model of `timm.list_models()`, got {model_name!r}: no timm model has a name"
+        f" like it (timm {timm.__version__} has {len(names)}, e.g. 'resnet18', 'efficientnet_b0',"
+        " 'convnext_tiny', 'vit_tiny_patch16_224'). HINT: `python -c \"import timm;"
+        " print(timm.list_models('*resnet*'))\"` lists the names that match a pattern.")

@@ -286,7 +286,7 @@ def test_target_flops_is_met_by_the_compressed_model(name, target, tmp_path):
 
     model = tiny_classifier(name)
     _, root = traced_root(model)
-    x = example_inputs_for(root)
+    x = example_inputs_for(root, (3, 32, 32))  # the digits' shape, which the callback traces at
     dense_flops, _ = count_ops_and_params(root, x)
     logger = CSVLogger(tmp_path, name="csv")
     cb = GroupLassoPruning(target_flops=target, finalize_step=0.5, compress=True, verbose=False)

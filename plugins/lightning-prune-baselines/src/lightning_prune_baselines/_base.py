@@ -25,7 +25,8 @@ from typing_extensions import override
 
 from lightning_prune.callbacks._setup_checks import warn_if_cannot_act
 from lightning_prune.callbacks.base import PruningCallback, resolve_seed
-from lightning_prune.callbacks.logging import PREFIX, log_scalars
+from lightning_prune.callbacks.input_shape import traced_input_size
+from lightning_prune.callbacks.logging import PREFIX, counted, log_scalars
 from lightning_prune.callbacks.schedules import polynomial_sparsity, resolve_step, until_the_end
 from lightning_prune.callbacks.shrink import (
     ShrinkSchedule,
@@ -39,6 +40,7 @@ from lightning_prune.core.targets import Target
 from lightning_prune.graph import (
     DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ChannelGroup,
+    CostModel,
     example_inputs_for,
     restricted_norm_hooks,
     slice_units,
@@ -77,7 +79,8 @@ class BaselinePruning(PruningCallback):
 
     Args:
         input_size: ``(C, H, W)`` used to trace the model for its channel groups (default: the
-            LightningModule's ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
+            LightningModule's ``example_input_array``, else the shape of the first training batch, else
+            timm's ``pretrained_cfg["input_size"]``).
         compress: remove the pruned units inside the fit (default ``False``: masks only).
         compress_step: when, in optimizer steps or as a fraction of training (``1.0`` = at the end of
             training); default: right after the units are decided.
@@ -105,6 +108,8 @@ class BaselinePruning(PruningCallback):
     ) -> None:
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
         self.input_size = check_input_size("input_size", input_size)
+        self.traced_size: tuple[int, ...] | None = self.input_size  # set at setup (input_shape.py)
+        self._cost: CostModel | None = None  # the FLOPs of the console line, built on first use
         self.analysis_time_limit_s = check_optional(
             check_positive, "analysis_time_limit_s", analysis_time_limit_s,
             hint="CPU seconds the channel analysis at setup may use, e.g. 300; None for no limit.")
@@ -164,7 +169,7 @@ class BaselinePruning(PruningCallback):
             return targets
         with as_misconfiguration(), input_size_errors(self.input_size):
             self.groups = channel_groups(pl_module, include=self.include or None,
-                                         exclude=self.exclude or None, input_size=self.input_size,
+                                         exclude=self.exclude or None, input_size=self.traced_size,
                                          analysis_time_limit_s=self.analysis_time_limit_s)
         if not self.groups:
             raise MisconfigurationException(
@@ -205,6 +210,9 @@ class BaselinePruning(PruningCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._model = pl_module
+        if self.channel_wise and (stage == "fit" or self.groups is None):
+            self.traced_size = traced_input_size(self.input_size, trainer, pl_module, type(self).__name__,
+                                                 self.verbose)
         if self.shrink.enabled and trainer is not None and stage == "fit":
             check_strategy(trainer, type(self).__name__)
             self.shrink.install_resume(trainer, self.state_key,
@@ -261,7 +269,7 @@ class BaselinePruning(PruningCallback):
         assert self.groups is not None and self.unit_keep is not None
         _, root = traced_root(pl_module)
         removed = self.removed_units()
-        example = example_inputs_for(root, self.input_size)
+        example = example_inputs_for(root, self.traced_size)
         if in_fit:  # (the restricted norms let compress prove the masked and the sliced model equal)
             compress_in_fit(trainer, pl_module, self.groups, removed, example)
         else:
@@ -269,7 +277,7 @@ class BaselinePruning(PruningCallback):
         self.shrink.removed = removed
         self._restrict_norms()  # (removes them: the norms of the smaller model see the kept channels only)
         self.retarget(pl_module)
-        log_model_size(trainer, pl_module, self.input_size, type(self).__name__, self.verbose)
+        log_model_size(trainer, pl_module, self.traced_size, type(self).__name__, self.verbose)
 
     def _apply_removed(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
         """Resume: the checkpoint holds the smaller model; take its shapes before Lightning loads its
@@ -291,7 +299,7 @@ class BaselinePruning(PruningCallback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_model"], state["_norm_handles"] = None, []
+        state["_model"], state["_norm_handles"], state["_cost"] = None, [], None
         return state
 
     # ------------------------------------------------------------------ logging
@@ -313,16 +321,26 @@ class BaselinePruning(PruningCallback):
         metrics = {**self.sparsity_metrics(), **(extra or {})}
         log_scalars(trainer, metrics)
         if self.verbose:
-            channels = (
-                f", channel sparsity {metrics[f'{PREFIX}/channel_sparsity']:.2%}"
-                if f"{PREFIX}/channel_sparsity" in metrics
-                else ""
-            )
-            rank_zero_info(
-                f"[{type(self).__name__}] step {trainer.global_step}: weight sparsity"
-                f" {metrics.get(f'{PREFIX}/sparsity', 0.0):.2%}{channels}"
-                f" over {len(self.weight_names)} layers"
-            )
+            rank_zero_info(self.progress_line(trainer.global_step, metrics))
+
+    @override
+    def progress_line(self, step: int, metrics: dict[str, float]) -> str:
+        """Channel baselines: units kept and FLOPs left; weight baselines: the weight sparsity."""
+        name = type(self).__name__
+        if not self.channel_wise or self.groups is None or self.unit_keep is None:
+            return (f"[{name}] step {step}: weight sparsity {metrics.get(f'{PREFIX}/sparsity', 0.0):.2%}"
+                    f" over {counted(len(self.weight_names), 'layer')}")
+        total = sum(g.size for g in self.groups)
+        kept = sum(int(k.sum()) for k in self.unit_keep)
+        flops = ""
+        if self._model is not None and (self._cost is not None or self.shrink.removed is None):
+            if self._cost is None:  # (built once: torch-pruning's count of the dense model)
+                prefix, root = traced_root(self._model)
+                self._cost = CostModel(root, example_inputs_for(root, self.traced_size), self.groups,
+                                       prefix=prefix)
+            flops = f", FLOPs {self._cost.ratios(self.removed_units())[0]:.1%} of dense"
+        return (f"[{name}] step {step}: {kept:,}/{counted(total, 'unit')} kept"
+                f" ({1 - kept / max(total, 1):.1%} removed) in {counted(len(self.groups), 'group')}{flops}")
 
     # ------------------------------------------------------------------ state
     @override
