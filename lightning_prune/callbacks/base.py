@@ -253,6 +253,23 @@ class PruningCallback(Callback):
         rows = [[n, counts[n][1], counts[n][0], counts[n][0] / max(counts[n][1], 1)] for n in names]
         log_table(trainer, f"{PREFIX}/sparsity_table", ["layer", "params", "pruned", "sparsity"], rows)
 
+    # ------------------------------------------------------------------ deployment (restore_run)
+    def finalize_for_deployment(self, module: pl.LightningModule) -> str | None:
+        """:func:`lightning_prune.restore_run` with ``finalize=True``: decide now what the end of training
+        would have decided; return what was done (one line), or ``None`` when there is nothing to do."""
+        return None
+
+    def compress_for_deployment(self, module: pl.LightningModule, compress: bool | None = None) -> bool:
+        """:func:`lightning_prune.restore_run`: compress ``module`` with this callback's plan when asked
+        (``compress``; ``None``: as configured); ``True`` when it did. Masks alone remove nothing."""
+        return False
+
+    def after_restore(self, module: pl.LightningModule) -> None:
+        """:func:`lightning_prune.restore_run`, after the state is loaded: the masks hold on the module."""
+        if self.masks is not None:
+            self.masks.invalidate()
+            self.masks.apply_()
+
     # ------------------------------------------------------------------ state
     def extra_state_dict(self) -> dict[str, Any]:
         """The subclass's own state (tensors and Python scalars)."""

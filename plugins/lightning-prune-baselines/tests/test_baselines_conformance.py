@@ -32,16 +32,16 @@ def test_default_construction_keeps_the_contract(tmp_path, name):
     else:  # one shot at the start (sparsity_end_step=0), the window open to the end (end_step=1.0)
         assert state["schedule"] == [0, 2**62, 0, 0]
     if name == "random_unstructured":  # weights only, half of each
-        assert state["unit_keep"] is None
+        assert state.get("keep") is None
         assert all(int(m.sum()) == kept_count(m.numel(), 0.5) for m in state["masks"].values())
         return
     # channel units: half of every group's units, in every tensor they touch; the masks are exactly those of
     # the one-shot helper on the same LightningModule (seed=None is what seed_everything set: 0)
     sizes = [g.size for g in channel_groups(tiny_classifier())]
-    assert [k.numel() for k in state["unit_keep"]] == sizes
-    assert all(int(k.sum()) == kept_count(k.numel(), 0.5) for k in state["unit_keep"])
+    assert [k.numel() for k in state["keep"]] == sizes
+    assert all(int(k.sum()) == kept_count(k.numel(), 0.5) for k in state["keep"])
     if name == "first_k":
-        assert all(torch.equal(k, first_k_keep(k.numel(), 0.5)) for k in state["unit_keep"])
+        assert all(torch.equal(k, first_k_keep(k.numel(), 0.5)) for k in state["keep"])
         expected = first_k_channel_masks(tiny_classifier(), 0.5)
     else:
         expected = random_channel_masks(tiny_classifier(), 0.5, seed=0)
@@ -67,5 +67,5 @@ def test_conformance_on_other_timm_families(tmp_path, model_name):
     assert state["schedule"] == [0, 2**62, 0, 5]  # the window stays open (end_step=1.0); the ramp ends at 5
     assert any(isinstance(m, torch.Tensor) and not bool(m.all()) for m in state["masks"].values())
     sizes = [g.size for g in channel_groups(tiny_classifier(model_name))]
-    assert [k.numel() for k in state["unit_keep"]] == sizes
-    assert all(int(k.sum()) == kept_count(k.numel(), 0.3) for k in state["unit_keep"])
+    assert [k.numel() for k in state["keep"]] == sizes
+    assert all(int(k.sum()) == kept_count(k.numel(), 0.3) for k in state["keep"])

@@ -54,7 +54,7 @@ def test_first_k_trains_the_small_model_as_the_masked_one(name, optimizer, tmp_p
 
     dense = sizes.seen[0]
     assert sizes.seen[1] == dense and sizes.seen[2] < 0.7 * dense  # removed once global_step reached 2
-    assert shrinking.shrink.removed == removed_units(reference.groups, reference.unit_keep)
+    assert shrinking.shrink.removed == removed_units(reference.groups, reference.keep)
     slice_units(masked, reference.groups, shrinking.shrink.removed)
     state = small.state_dict()
     assert state.keys() == masked.state_dict().keys()
