@@ -13,12 +13,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.callbacks._resume import check_resume, config_of
 from lightning_prune.callbacks.logging import (
     PREFIX,
     log_histograms,
@@ -28,30 +26,15 @@ from lightning_prune.callbacks.logging import (
     mask_image,
     wandb_loggers,
 )
+from lightning_prune.callbacks.state import CallbackState, resolve_seed
 from lightning_prune.core.masks import MaskSet
 from lightning_prune.core.targets import PRUNABLE_TYPES, Target, resolve_targets
 from lightning_prune.errors import NonFiniteWeightError
 from lightning_prune.validation import as_misconfiguration, check_bool, check_int, check_patterns, check_types
 
-__all__ = ["PruningCallback", "resolve_seed"]
+__all__ = ["PruningCallback", "resolve_seed"]  # resolve_seed: from callbacks.state
 
-_SEED_MASK = (1 << 63) - 1
-
-
-def resolve_seed(seed: int | None, trainer: pl.Trainer | None = None) -> int:
-    """The seed a callback uses: ``seed`` itself, or (``None``) ``torch.initial_seed()`` -- what
-    ``seed_everything`` set -- and, under DDP, rank zero's value on every rank.
-
-    Every callback with a ``seed`` argument follows this rule and keeps the resolved value in its state, so a
-    resumed run draws the same numbers.
-    """
-    value = int(torch.initial_seed()) & _SEED_MASK if seed is None else int(seed)
-    if trainer is not None and trainer.world_size > 1:
-        value = int(trainer.strategy.broadcast(value, src=0))
-    return value
-
-
-class PruningCallback(Callback):
+class PruningCallback(CallbackState):
     """Base class of the pruning callbacks: targets, boolean masks applied after every optimizer step,
     checkpointed state and sparsity logging.
 
@@ -134,7 +117,7 @@ class PruningCallback(Callback):
             self._pending_masks = None
 
     def retarget(self, pl_module: pl.LightningModule) -> None:
-        """The model's parameters were replaced (units removed physically): mask the new ones, everything
+        """The model's parameters were replaced (the model was compressed): mask the new ones, everything
         kept."""
         self.targets = PruningCallback.select_targets(self, pl_module)
         self.masks = MaskSet.for_targets(self.targets)
@@ -254,39 +237,18 @@ class PruningCallback(Callback):
         log_table(trainer, f"{PREFIX}/sparsity_table", ["layer", "params", "pruned", "sparsity"], rows)
 
     # ------------------------------------------------------------------ deployment (restore_run)
-    def finalize_for_deployment(self, module: pl.LightningModule) -> str | None:
-        """:func:`lightning_prune.restore_run` with ``finalize=True``: decide now what the end of training
-        would have decided; return what was done (one line), or ``None`` when there is nothing to do."""
-        return None
-
-    def compress_for_deployment(self, module: pl.LightningModule, compress: bool | None = None) -> bool:
-        """:func:`lightning_prune.restore_run`: compress ``module`` with this callback's plan when asked
-        (``compress``; ``None``: as configured); ``True`` when it did. Masks alone remove nothing."""
-        return False
-
+    @override
     def after_restore(self, module: pl.LightningModule) -> None:
-        """:func:`lightning_prune.restore_run`, after the state is loaded: the masks hold on the module."""
+        """The masks hold on the restored module."""
         if self.masks is not None:
             self.masks.invalidate()
             self.masks.apply_()
 
     # ------------------------------------------------------------------ state
-    def extra_state_dict(self) -> dict[str, Any]:
-        """The subclass's own state (tensors and Python scalars)."""
-        return {}
-
-    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state_dict` returned; use ``.get`` for keys added later."""
-
     @override
     def state_dict(self) -> dict[str, Any]:
         masks = self.masks.state_dict() if self.masks is not None else (self._pending_masks or {})
-        return {"masks": masks, **self.extra_state_dict(), "config": config_of(self)}
-
-    @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        check_resume(self, trainer, checkpoint)
+        return {"masks": masks, **super().state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -299,7 +261,7 @@ class PruningCallback(Callback):
             self.masks.load_state_dict(masks)
         else:
             self._pending_masks = dict(masks)
-        self.load_extra_state_dict(state_dict)
+        super().load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

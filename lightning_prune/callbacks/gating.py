@@ -23,7 +23,6 @@ A subclass implements ``make_gate``, ``gate_penalty_grad_`` and ``final_keep``, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,7 +37,7 @@ from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_images
 from lightning_prune.callbacks.schedules import resolve_step, until_the_end, warn_if_after_training
 from lightning_prune.core.gates import Gate, GateSet
 from lightning_prune.functional.magnitude import kept_count
-from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S, ChannelGroup
+from lightning_prune.graph import ChannelGroup
 from lightning_prune.validation import (
     check_cadence,
     check_choice,
@@ -72,10 +71,12 @@ class GatePruningCallback(ChannelPruningCallback):
         alternate_every_n_steps: two-phase training: that many optimizer steps of the weights with the gates
             frozen, then as many of the gates with the weights frozen, and so on (``None`` = joint training).
         round_to: kept channel widths are multiples of it (default 8; heads and conv groups stay whole).
-        prune_coupled, target_flops, target_params, group_targets, compress, compress_step, compress_epoch,
-            input_size, analysis_time_limit_s, include, exclude, types, log_media_every_n_epochs, verbose: see
-            :class:`~lightning_prune.callbacks.channels.ChannelPruningCallback` (the scores are the gates'
-            :meth:`unit_scores`).
+        channel_args: the keyword arguments of
+            :class:`~lightning_prune.callbacks.channels.ChannelPruningCallback` (``prune_coupled``,
+            ``target_flops``, ``target_params``, ``group_targets``, ``compress``, ``compress_step``,
+            ``compress_epoch``, ``input_size``, ``analysis_time_limit_s``, ``include``, ``exclude``,
+            ``types``, ``log_media_every_n_epochs``, ``verbose``); the scores are the gates'
+            :meth:`unit_scores`.
     """
 
     measures_size = True
@@ -90,27 +91,9 @@ class GatePruningCallback(ChannelPruningCallback):
         finalize_epoch: int | float | None = None,
         alternate_every_n_steps: int | None = None,
         round_to: int = 8,
-        prune_coupled: bool = True,
-        target_flops: float | None = None,
-        target_params: float | None = None,
-        group_targets: dict[str, float] | None = None,
-        compress: bool = False,
-        compress_step: int | float | None = None,
-        compress_epoch: int | float | None = None,
-        input_size: Sequence[int] | None = None,
-        analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
-        include: str | list[str] | None = None,
-        exclude: str | list[str] | None = None,
-        types: list[str | type] | None = None,
-        log_media_every_n_epochs: int = 1,
-        verbose: bool = True,
+        **channel_args: Any,
     ) -> None:
-        super().__init__(include=include, exclude=exclude, types=types,
-                         log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose,
-                         input_size=input_size, compress=compress, compress_step=compress_step,
-                         compress_epoch=compress_epoch, analysis_time_limit_s=analysis_time_limit_s,
-                         prune_coupled=prune_coupled, target_flops=target_flops, target_params=target_params,
-                         round_to=round_to, group_targets=group_targets)
+        super().__init__(round_to=round_to, **channel_args)
         self.gate_lr = check_positive("gate_lr", gate_lr)
         self.gate_optimizer = check_choice("gate_optimizer", gate_optimizer, ("adam", "sgd"))
         hint = "finalize_step=0.75 prunes after 75% of the training steps and fine-tunes the rest."

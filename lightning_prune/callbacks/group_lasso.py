@@ -10,7 +10,7 @@ gains ``lam * sum |g|`` (added as a gradient, like Network Slimming's ``grad += 
 a *capture* threshold are set to zero and frozen, and at ``finalize_step`` the gates below ``prune_threshold``
 (or, with ``target_flops``/``target_params``, all but the largest gates that fit the budget) become pruned
 units while the others are folded into the weights; training then continues as fine-tuning with fixed channel
-masks, and ``compress=True`` removes the pruned units physically inside the fit
+masks, and ``compress=True`` compresses the model inside the fit
 (:mod:`lightning_prune.callbacks.shrink`).
 """
 
@@ -82,7 +82,7 @@ class GroupLassoPruning(GatePruningCallback):
         alternate_every_n_steps: two-phase training (the Habr channel-pruning article's): that many optimizer
             steps of the weights with the gates frozen, then as many of the gates with the weights frozen, and
             so on (``None`` = joint training).
-        compress, compress_step, compress_epoch: remove the pruned units physically inside the fit (right
+        compress, compress_step, compress_epoch: compress the model inside the fit (right
             after finalisation by default) and train on the smaller model, the optimizer's state carried over
             (see :class:`~lightning_prune.callbacks.gating.GatePruningCallback`).
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's

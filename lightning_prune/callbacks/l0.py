@@ -16,7 +16,7 @@ test-time gate ``z_hat = clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)`
 gains ``lam * sum_j P(z_j > 0)``, the expected number of open channels (added as a gradient on ``log_alpha``,
 like the group-LASSO penalty). At ``finalize_step`` the gates are binarised, the kept channels' ``z_hat`` is
 folded into the weights, the others become channel masks, and training continues as fine-tuning;
-``compress=True`` removes the pruned units physically inside the fit
+``compress=True`` compresses the model inside the fit
 (:mod:`lightning_prune.callbacks.shrink`).
 """
 
@@ -35,6 +35,7 @@ from typing_extensions import override
 from lightning_prune.callbacks.gating import GatePruningCallback
 from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_scalars
 from lightning_prune.callbacks.schedules import ramp, training_steps
+from lightning_prune.callbacks.state import resolve_seed
 from lightning_prune.core.gates import Gate
 from lightning_prune.errors import NonFiniteGateError
 from lightning_prune.functional.hard_concrete import (
@@ -328,7 +329,7 @@ class L0Pruning(GatePruningCallback):
 
     def _resolved_seed(self) -> int:
         if self._seed_used is None:
-            self._seed_used = int(torch.initial_seed()) & _MASK64
+            self._seed_used = resolve_seed(None)
         return self._seed_used
 
     @override

@@ -126,7 +126,7 @@ def test_resume_across_the_pruning_epoch_equals_uninterrupted_run(tmp_path, when
         max_epochs=max_epochs,
         limit_train_batches=3,
     )
-    assert state["last_update"] == pruned_at and state["current_sparsity"] == pytest.approx(0.3)
+    assert state["last_update"] == pruned_at and state["current_target"] == pytest.approx(0.3)
     assert state["prune_at_step"] == pruned_at
     assert all(torch.equal(k, first_k_keep(k.numel(), 0.3)) for k in state["keep"])
     # the callback's masks are the one-shot helper's on the same LightningModule; the other targets are whole

@@ -39,7 +39,7 @@ class _Keeps(Callback):
         pruner = self.pruner
         if pruner.keep is not None:
             kept = {g.name: int(k.sum()) for g, k in zip(pruner.groups, pruner.keep)}
-            self.seen.append((pruner.current_sparsity, kept))
+            self.seen.append((pruner.current_target, kept))
 
 
 def test_random_channels_scale_the_schedule_to_each_named_group(tmp_path):

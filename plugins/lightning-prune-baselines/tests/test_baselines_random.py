@@ -21,7 +21,7 @@ def _spy(cls):
 
         def update_masks(self, new_masks, trainer=None):
             super().update_masks(new_masks, trainer)
-            self.updates.append((trainer.global_step, self.current_sparsity, self.masks.state_dict()))
+            self.updates.append((trainer.global_step, self.current_target, self.masks.state_dict()))
             if self.channel_wise:
                 self.keeps.append([k.clone() for k in self.keep])
 
@@ -112,9 +112,9 @@ def test_updates_stop_at_the_end_of_the_window(tmp_path):
     fit_tiny([pruner], tmp_path, max_epochs=2, limit_train_batches=6, limit_val_batches=0)
     assert [step for step, _, _ in pruner.updates] == [2, 4, 6]
     assert pruner.schedule == (2, 6, 0, 10)
-    assert pruner.current_sparsity == pytest.approx(polynomial_sparsity(6, 0.0, 0.8, 0, 10, 3.0))
-    assert pruner.current_sparsity < pruner.target_sparsity
-    assert pruner.sparsity_metrics()["prune/sparsity"] == pytest.approx(pruner.current_sparsity, abs=0.01)
+    assert pruner.current_target == pytest.approx(polynomial_sparsity(6, 0.0, 0.8, 0, 10, 3.0))
+    assert pruner.current_target < pruner.target_sparsity
+    assert pruner.sparsity_metrics()["prune/sparsity"] == pytest.approx(pruner.current_target, abs=0.01)
 
 
 def test_same_seed_same_masks_other_seed_other_masks(tmp_path):
@@ -170,7 +170,7 @@ def test_resume_mid_schedule_draws_the_same_numbers(tmp_path, name, kwargs):
         max_epochs=3,
         limit_train_batches=4,
     )
-    assert state["current_sparsity"] == pytest.approx(kwargs["target_sparsity"])
+    assert state["current_target"] == pytest.approx(kwargs["target_sparsity"])
     assert state["last_update"] > 4 and isinstance(state["rng_state"], torch.Tensor)
     # (begin, end, sparsity_begin, sparsity_end); end_step=1.0 (the default) is stored as 2**62: never stop
     assert state["schedule"] == ([1, 2**62, 1, 8] if name == "random_channels" else [0, 2**62, 0, 9])

@@ -80,7 +80,7 @@ def test_random_channels_remove_the_units_once_the_schedule_reached_the_target(t
     # masks at steps 0, 2, 4 (the end of batches 0, 2, 4)
     assert all(sizes.seen[s] == dense for s in range(5))
     assert all(sizes.seen[s] < 0.7 * dense for s in range(5, 9))  # the target is reached at step 4: removed
-    assert pruner.current_sparsity == 0.5 and pruner.shrink.removed
+    assert pruner.current_target == 0.5 and pruner.shrink.removed
 
 
 def test_compress_step_one_removes_the_units_at_the_end_of_training(tmp_path):

@@ -21,10 +21,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.callbacks.base import PruningCallback, resolve_seed
+from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.channels import ChannelPruningCallback
 from lightning_prune.callbacks.logging import PREFIX, log_scalars
 from lightning_prune.callbacks.schedules import polynomial_sparsity, resolve_step, until_the_end
+from lightning_prune.callbacks.state import resolve_seed, seeded_generator
 from lightning_prune.validation import (
     check_fraction,
     check_int,
@@ -38,19 +39,22 @@ __all__ = ["BaselineMixin", "ChannelBaseline", "GradualSchedule", "ScheduledBase
 
 class BaselineMixin:
     """The step of the last mask update (``last_update``, -1 = never) and the sparsity it pruned to
-    (``current_sparsity``): checkpointed, logged as ``prune/target_sparsity``, and what :meth:`decided`
-    reads (final once ``target_sparsity`` is reached)."""
+    (``current_target``): checkpointed, logged as ``prune/target_sparsity``, and what :meth:`decided`
+    reads (final once ``target_sparsity`` is reached). The names are those of
+    :class:`~lightning_prune.GradualMagnitudePruning` (``current_target`` was ``current_sparsity`` before
+    0.2; such checkpoints load); ``last_update`` there starts at 0 instead, the step its first period counts
+    from."""
 
     last_update: int = -1
-    current_sparsity: float = 0.0
+    current_target: float = 0.0
 
     def record_update(self, trainer: pl.Trainer, sparsity: float) -> None:
         self.check_finite_weights(int(trainer.global_step))  # type: ignore[attr-defined]
         self.last_update = int(trainer.global_step)
-        self.current_sparsity = float(sparsity)
+        self.current_target = float(sparsity)
 
     def decided(self, trainer: pl.Trainer) -> bool:
-        return self.last_update >= 0 and self.current_sparsity >= getattr(self, "target_sparsity", 0.0)
+        return self.last_update >= 0 and self.current_target >= getattr(self, "target_sparsity", 0.0)
 
     def sparsity_metrics(self) -> dict[str, float]:
         """Sparsity of the targeted weights (biases and BatchNorms left out), and of the channel units."""
@@ -61,7 +65,7 @@ class BaselineMixin:
         if keep is not None:
             units = sum(k.numel() for k in keep)
             metrics[f"{PREFIX}/channel_sparsity"] = sum(int((~k).sum()) for k in keep) / max(units, 1)
-        metrics[f"{PREFIX}/target_sparsity"] = self.current_sparsity
+        metrics[f"{PREFIX}/target_sparsity"] = self.current_target
         return metrics
 
     def log_sparsity(self, trainer: pl.Trainer, extra: dict[str, float] | None = None) -> None:
@@ -77,12 +81,12 @@ class BaselineMixin:
 
     def extra_state_dict(self) -> dict[str, Any]:
         return {**super().extra_state_dict(), "last_update": self.last_update,  # type: ignore[misc]
-                "current_sparsity": self.current_sparsity}
+                "current_target": self.current_target}
 
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         super().load_extra_state_dict(state)  # type: ignore[misc]
         self.last_update = int(state.get("last_update", -1))
-        self.current_sparsity = float(state.get("current_sparsity", 0.0))
+        self.current_target = float(state.get("current_target", state.get("current_sparsity", 0.0)))
 
 
 class ChannelBaseline(BaselineMixin, ChannelPruningCallback):
@@ -192,7 +196,7 @@ class GradualSchedule(BaselineMixin):
 
     @staticmethod
     def _seeded_state(seed: int) -> Tensor:
-        return torch.Generator().manual_seed(seed).get_state()
+        return seeded_generator(seed).get_state()
 
     @override
     def state_key_args(self) -> dict[str, Any]:
@@ -234,7 +238,7 @@ class GradualSchedule(BaselineMixin):
         if step < begin or step > end:
             return None
         if self.last_update >= 0 and (
-            self.current_sparsity >= self.target_sparsity or step - self.last_update < self.every_n_steps
+            self.current_target >= self.target_sparsity or step - self.last_update < self.every_n_steps
         ):
             return None
         return self.sparsity_at(step)

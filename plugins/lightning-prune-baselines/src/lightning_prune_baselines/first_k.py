@@ -35,7 +35,7 @@ class FirstKChannels(ChannelBaseline):
     so nothing reads a pruned unit. The masks are installed at the end of the first training batch after which
     ``trainer.global_step`` has reached ``prune_step`` (``prune_epoch`` ``e``: the step at which epoch ``e``
     starts) and kept for the rest of training: training goes on as fine-tuning of the narrower network, which
-    ``compress=True`` removes physically right then (or at ``compress_step`` / ``compress_epoch``).
+    ``compress=True`` compresses the model right then (or at ``compress_step`` / ``compress_epoch``).
 
     Args:
         target_sparsity: fraction of each layer's output channels to drop, in [0, 1); at least one channel
