@@ -11,7 +11,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from lightning_prune.testing import fit_tiny  # noqa: E402
-from tests.test_kill_resume import CASES, FIT, make_case  # noqa: E402
+from tests.helpers import KILL_CASES as CASES  # noqa: E402
+from tests.helpers import KILL_FIT as FIT  # noqa: E402
+from tests.helpers import make_kill_case as make_case  # noqa: E402
 
 
 class Announce(Callback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -11,6 +12,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+
+import lightning_prune as lp
+from lightning_prune.callbacks.evolution import EvolutionaryMutation
+from lightning_prune.callbacks.gating import GatePruningCallback
+from lightning_prune.graph import randomised_copy
+from lightning_prune.testing import tiny_classifier
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = Path(sys.executable).with_name("lightning-prune")
@@ -62,6 +69,13 @@ for _name in Spy.HOOKS:
     setattr(Spy, _name, _spy_hook(_name))
 
 
+def trained_looking(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """A float32 copy of ``model`` in eval mode with trained-looking BatchNorm statistics and affines, norm
+    affines, biases and layer scales (:func:`lightning_prune.graph.randomised_copy`), so that no zero and no
+    negligible branch passes a check by chance."""
+    return randomised_copy(model, seed=seed, dtype=torch.float32)
+
+
 @torch.no_grad()
 def eval_logits(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` in eval mode on the module's device, leaving its train/eval mode as it was."""
@@ -89,3 +103,143 @@ def assert_amp_step_matches_fp32(step_delta: Callable[..., torch.Tensor], root, 
         ratio = float(delta.abs().sum() / ref.abs().sum())
         assert abs(ratio - 1.0) <= rel, ratio
         assert torch.nn.functional.cosine_similarity(delta, ref, dim=0) > min_cosine
+
+
+# ---------------------------------------------------------------------------------------------- compiled fits
+#: the input the compiled and eager outputs are compared on
+COMPILE_X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def fast_callback(name: str):
+    """Each callback configured to act within the 6 steps of :data:`STEPS`."""
+    quiet = {"verbose": False}
+    if name == "magnitude":
+        return lp.GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=1, sparsity_end_step=2, **quiet)
+    if name == "lottery_ticket":
+        return lp.LotteryTicket(rounds=1, epochs_per_round=1, **quiet)
+    if name == "group_lasso":
+        return lp.GroupLassoPruning(lam=0.05, finalize_step=4, **quiet)
+    if name == "l0":
+        return lp.L0Pruning(lam=0.05, finalize_step=4, **quiet)
+    if name == "activation_decay":
+        return lp.ActivationDecay(begin_step=1, end_step=5, **quiet)
+    if name == "evolution":
+        return EvolutionaryMutation(population=3, every_n_steps=2, fitness_batches=1, **quiet)
+    if name == "distill":
+        return lp.create_callback("distill", **quiet)
+    return lp.create_callback(name)  # the baselines act at their first step by default
+
+
+def _like(module, x):
+    return x.to(next(module.parameters()).dtype)
+
+
+def eager_output(module, x=COMPILE_X) -> torch.Tensor:
+    """The module's eval-mode output with every compiled function run eagerly (hooks and all)."""
+    x = _like(module, x)
+    was = module.training
+    module.eval()
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        out = module(x)
+    module.train(was)
+    return out
+
+
+def compiled_output(module, x=COMPILE_X) -> torch.Tensor:
+    x = _like(module, x)
+    was = module.training
+    module.eval()
+    with torch.no_grad():
+        out = module(x)
+    module.train(was)
+    return out
+
+
+class Invariants(Spy):
+    """After every optimizer step: masked weights are exact zeros, masks have their weight's layout, gates are
+    attached until finalisation, and the compiled network computes what the eager one computes."""
+
+    def __init__(self, callback) -> None:
+        super().__init__(self.check)
+        self.callback, self.steps, self.gates_seen, self.outputs_checked = callback, 0, 0, 0
+
+    def check(self, trainer, pl_module, hook) -> None:
+        cb = self.callback
+        self.steps += 1
+        masks = getattr(cb, "masks", None)
+        if isinstance(cb, lp.PruningCallback) and masks is not None:
+            for name, mask in masks.items():
+                param = masks.param(name)
+                assert mask.stride() == param.stride(), name
+                assert not param.detach()[~mask].any(), f"step {trainer.global_step}: {name} not zero"
+        if isinstance(cb, GatePruningCallback) and not cb.finalized:
+            assert cb.gateset is not None and cb.gateset.attached
+            self.gates_seen += 1
+        if isinstance(cb, (GatePruningCallback, lp.ActivationDecay)) or self.steps == 1:
+            torch.testing.assert_close(compiled_output(pl_module), eager_output(pl_module), rtol=1e-4,
+                                       atol=1e-5)
+            self.outputs_checked += 1
+
+
+# ------------------------------------------------------------------------------------------- kill and resume
+#: 3 epochs of 4 batches: 12 optimizer steps
+KILL_FIT = {"max_epochs": 3, "limit_train_batches": 4, "limit_val_batches": 1}
+
+#: kill/resume cases (tests/test_kill_resume.py and its child tests/_kill_child.py), per case: the callback's
+#: arguments, the checkpoint cadence and the steps the kill is drawn from
+KILL_CASES = {
+    # masks change every 2 steps until step 10
+    "magnitude": {"name": "magnitude", "kwargs": {"every_n_steps": 2, "sparsity_end_step": 10},
+                  "every": 3, "kill": (4, 10)},
+    # round 1 is epoch 1 (steps 4-7): killed inside it, after its prune and rewind
+    "lottery_ticket": {"name": "lottery_ticket", "kwargs": {"rounds": 2, "rewind_step": 2},
+                       "every": 2, "kill": (5, 7)},
+    # gates are captured from the first steps on, finalised at step 10
+    "group_lasso": {"name": "group_lasso", "kwargs": {"lam": 0.05, "finalize_step": 10}, "every": 2,
+                    "kill": (5, 9)},
+    "l0": {"name": "l0", "kwargs": {"finalize_step": 9}, "every": 2, "kill": (4, 10), "slow": True},
+    "activation_decay": {"name": "activation_decay", "kwargs": {"begin_step": 2, "end_step": 10}, "every": 3,
+                         "kill": (4, 10), "slow": True},
+    "evolution": {"name": "evolution", "kwargs": {"every_n_steps": 4, "population": 4, "fitness_batches": 1},
+                  "every": 3, "kill": (4, 10), "slow": True},
+    "distill": {"name": "distill", "kwargs": {}, "every": 3, "kill": (4, 10), "slow": True},
+    "first_k": {"name": "first_k", "kwargs": {"prune_step": 8}, "every": 3, "kill": (4, 10), "slow": True},
+    "random_channels": {"name": "random_channels", "kwargs": {"every_n_steps": 2, "sparsity_end_step": 10},
+                        "every": 3, "kill": (4, 10), "slow": True},
+    # pruned at step 5 from batches drawn at the start of fit
+    "one_shot": {"name": "one_shot", "kwargs": {"method": "wanda", "prune_step": 5, "calibration_batches": 2},
+                 "every": 3, "kill": (4, 10), "slow": True},
+    "random_unstructured": {"name": "random_unstructured",
+                            "kwargs": {"every_n_steps": 2, "sparsity_end_step": 10}, "every": 3,
+                            "kill": (4, 10), "slow": True},
+}
+
+
+def make_kill_case(case):
+    spec = KILL_CASES[case]
+    callback = lp.create_callback(spec["name"], verbose=False, **spec["kwargs"])
+    pl.seed_everything(0, verbose=False)
+    return [callback], tiny_classifier()
+
+
+# ---------------------------------------------------------------------------------------------- data
+def fake_cifar(root, n_train=60, n_test=20):
+    """The torchvision CIFAR-10 layout with a few random images (no network)."""
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        return {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                "labels": rng.integers(0, 10, n).tolist()}
+
+    per = n_train // 5
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(per), f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(batch(n_test), f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)

@@ -18,9 +18,10 @@ from lightning_prune.core.masks import MaskSet, _uint8_view
 from lightning_prune.core.reparam import count_layers, plan_reparameterization, set_lambda, wrap_activations
 from lightning_prune.core.targets import resolve_targets
 from lightning_prune.testing import fit_tiny, tiny_classifier
-from tests.test_compile import NAMES, Invariants, fast_callback
+from tests.helpers import Invariants, fast_callback
 
 CL = torch.channels_last
+NAMES = sorted(lp.list_callbacks())
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
 
 

@@ -30,31 +30,11 @@ from lightning_prune.callbacks.gating import GatePruningCallback
 from lightning_prune.core.reparam import DecayingActivation
 from lightning_prune.testing import TINY_MODELS, assert_state_equal, fit_tiny
 from lightning_prune.training.models import ImageClassifier
-from tests.helpers import Spy
+from tests.helpers import Invariants, Spy, fast_callback
 
 BACKEND = "aot_eager"
 STEPS = {"max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 0}
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-
-
-def fast_callback(name: str):
-    """Each callback configured to act within the 6 steps of :data:`STEPS`."""
-    quiet = {"verbose": False}
-    if name == "magnitude":
-        return lp.GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=1, sparsity_end_step=2, **quiet)
-    if name == "lottery_ticket":
-        return lp.LotteryTicket(rounds=1, epochs_per_round=1, **quiet)
-    if name == "group_lasso":
-        return lp.GroupLassoPruning(lam=0.05, finalize_step=4, **quiet)
-    if name == "l0":
-        return lp.L0Pruning(lam=0.05, finalize_step=4, **quiet)
-    if name == "activation_decay":
-        return lp.ActivationDecay(begin_step=1, end_step=5, **quiet)
-    if name == "evolution":
-        return EvolutionaryMutation(population=3, every_n_steps=2, fitness_batches=1, **quiet)
-    if name == "distill":
-        return lp.create_callback("distill", **quiet)
-    return lp.create_callback(name)  # the baselines act at their first step by default
 
 
 NAMES = sorted(lp.list_callbacks())
@@ -83,57 +63,6 @@ def tiny(mode: str, backend=BACKEND, model_name: str = "test_resnet", seed: int 
 def plain_state(module) -> dict[str, torch.Tensor]:
     """The module's weights under the names of an uncompiled module."""
     return {k.replace("_orig_mod.", ""): v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _like(module, x):
-    return x.to(next(module.parameters()).dtype)
-
-
-def eager_output(module, x=X) -> torch.Tensor:
-    """The module's eval-mode output with every compiled function run eagerly (hooks and all)."""
-    x = _like(module, x)
-    was = module.training
-    module.eval()
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        out = module(x)
-    module.train(was)
-    return out
-
-
-def compiled_output(module, x=X) -> torch.Tensor:
-    x = _like(module, x)
-    was = module.training
-    module.eval()
-    with torch.no_grad():
-        out = module(x)
-    module.train(was)
-    return out
-
-
-class Invariants(Spy):
-    """After every optimizer step: masked weights are exact zeros, masks have their weight's layout, gates are
-    attached until finalisation, and the compiled network computes what the eager one computes."""
-
-    def __init__(self, callback) -> None:
-        super().__init__(self.check)
-        self.callback, self.steps, self.gates_seen, self.outputs_checked = callback, 0, 0, 0
-
-    def check(self, trainer, pl_module, hook) -> None:
-        cb = self.callback
-        self.steps += 1
-        masks = getattr(cb, "masks", None)
-        if isinstance(cb, lp.PruningCallback) and masks is not None:
-            for name, mask in masks.items():
-                param = masks.param(name)
-                assert mask.stride() == param.stride(), name
-                assert not param.detach()[~mask].any(), f"step {trainer.global_step}: {name} not zero"
-        if isinstance(cb, GatePruningCallback) and not cb.finalized:
-            assert cb.gateset is not None and cb.gateset.attached
-            self.gates_seen += 1
-        if isinstance(cb, (GatePruningCallback, lp.ActivationDecay)) or self.steps == 1:
-            torch.testing.assert_close(compiled_output(pl_module), eager_output(pl_module), rtol=1e-4,
-                                       atol=1e-5)
-            self.outputs_checked += 1
 
 
 def _fit(name: str, mode: str, root: Path, backend=BACKEND, **kwargs):

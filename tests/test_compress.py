@@ -22,22 +22,14 @@ from lightning_prune.core.gates import unit_masks
 from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.graph import analyse_channels
 from lightning_prune.testing import TINY_MODELS, tiny_classifier
+from tests.helpers import trained_looking
 
 FAMILIES = list(TINY_MODELS)
 
 
 def _model(name: str, **kwargs) -> nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10, **{**TINY_MODELS.get(name, {}), **kwargs})
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-        for pname, p in model.named_parameters():
-            if pname.endswith("gamma"):
-                p.fill_(1.0)
-    return model.eval()
+    return trained_looking(timm.create_model(name, num_classes=10, **{**TINY_MODELS.get(name, {}), **kwargs}))
 
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -7,6 +7,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_prune import DigitsDataModule, ImageClassifier
 from lightning_prune.testing import fit_tiny
 from lightning_prune.training.data import CIFAR10DataModule, EpochShuffleSampler
+from tests.helpers import fake_cifar
 
 
 def test_digits_are_offline_3x32x32_with_a_fixed_seeded_split():
@@ -53,32 +54,10 @@ def test_classifier_wraps_any_timm_model_and_trains(tmp_path):
         ImageClassifier("test_resnet", scheduler="poly")
 
 
-def _fake_cifar(root, n_train=60, n_test=20):
-    """The torchvision CIFAR-10 layout with a few random images (no network)."""
-    import numpy as np
-
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def batch(n):
-        return {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
-                "labels": rng.integers(0, 10, n).tolist()}
-
-    per = n_train // 5
-    for i in range(1, 6):
-        with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump(batch(per), f)
-    with open(folder / "test_batch", "wb") as f:
-        pickle.dump(batch(n_test), f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
-
-
 def test_cifar10_datamodule_on_small_local_data(tmp_path, monkeypatch):
     from torchvision.datasets import CIFAR10
 
-    _fake_cifar(tmp_path)
+    fake_cifar(tmp_path)
     import torchvision.datasets.cifar as cifar
 
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)  # the fake files' md5s differ

@@ -20,23 +20,14 @@ from lightning_prune.functional.channels import (
 )
 from lightning_prune.graph import analyse_channels, restricted_norm_hooks, slice_units
 from lightning_prune.testing import TINY_MODELS
+from tests.helpers import trained_looking
 
 FAMILIES = list(TINY_MODELS)
 
 
 def _model(name: str) -> nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10, **TINY_MODELS.get(name, {}))
-    with torch.no_grad():  # trained-looking BatchNorms: nonzero biases and statistics
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-        for pname, p in model.named_parameters():
-            if pname.endswith("gamma"):  # ConvNeXt's layer scale starts at 1e-6: make the blocks matter
-                p.fill_(1.0)
-    return model.eval()
+    return trained_looking(timm.create_model(name, num_classes=10, **TINY_MODELS.get(name, {})))
 
 
 def _x(name: str) -> torch.Tensor:

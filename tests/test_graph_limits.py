@@ -170,12 +170,12 @@ def test_tiny_classifier_is_unchanged_by_the_fallback():
 
 
 def test_a_model_torch_pruning_cannot_count_needs_no_size_target(tmp_path, monkeypatch):
-    from lightning_prune.callbacks import gating
+    from lightning_prune.callbacks import channels
 
     def fails(*args, **kwargs):
         raise AssertionError("Expected gradient function to be set")  # what torch-pruning raised on cait/pit
 
-    monkeypatch.setattr(gating, "CostModel", fails)
+    monkeypatch.setattr(channels, "CostModel", fails)
     with pytest.raises(MisconfigurationException, match=r"cannot count the FLOPs .*AssertionError: Expected"):
         fit_tiny([lp.GroupLassoPruning(target_flops=0.5, verbose=False)], tmp_path, max_steps=1)
     pruning = lp.GroupLassoPruning(finalize_step=0.5, verbose=False)

@@ -11,52 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
 import lightning_prune as lp
-from lightning_prune.testing import assert_state_equal, fit_tiny, tiny_classifier
+from lightning_prune.testing import assert_state_equal, fit_tiny
+from tests.helpers import KILL_CASES as CASES
+from tests.helpers import KILL_FIT as FIT
+from tests.helpers import make_kill_case as make_case
 
-#: 3 epochs of 4 batches: 12 optimizer steps
-FIT = {"max_epochs": 3, "limit_train_batches": 4, "limit_val_batches": 1}
 HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
-
-#: per case: the callback's arguments, the checkpoint cadence and the steps the kill is drawn from
-CASES = {
-    # masks change every 2 steps until step 10
-    "magnitude": {"name": "magnitude", "kwargs": {"every_n_steps": 2, "sparsity_end_step": 10},
-                  "every": 3, "kill": (4, 10)},
-    # round 1 is epoch 1 (steps 4-7): killed inside it, after its prune and rewind
-    "lottery_ticket": {"name": "lottery_ticket", "kwargs": {"rounds": 2, "rewind_step": 2},
-                       "every": 2, "kill": (5, 7)},
-    # gates are captured from the first steps on, finalised at step 10
-    "group_lasso": {"name": "group_lasso", "kwargs": {"lam": 0.05, "finalize_step": 10}, "every": 2,
-                    "kill": (5, 9)},
-    "l0": {"name": "l0", "kwargs": {"finalize_step": 9}, "every": 2, "kill": (4, 10), "slow": True},
-    "activation_decay": {"name": "activation_decay", "kwargs": {"begin_step": 2, "end_step": 10}, "every": 3,
-                         "kill": (4, 10), "slow": True},
-    "evolution": {"name": "evolution", "kwargs": {"every_n_steps": 4, "population": 4, "fitness_batches": 1},
-                  "every": 3, "kill": (4, 10), "slow": True},
-    "distill": {"name": "distill", "kwargs": {}, "every": 3, "kill": (4, 10), "slow": True},
-    "first_k": {"name": "first_k", "kwargs": {"prune_step": 8}, "every": 3, "kill": (4, 10), "slow": True},
-    "random_channels": {"name": "random_channels", "kwargs": {"every_n_steps": 2, "sparsity_end_step": 10},
-                        "every": 3, "kill": (4, 10), "slow": True},
-    # pruned at step 5 from batches drawn at the start of fit
-    "one_shot": {"name": "one_shot", "kwargs": {"method": "wanda", "prune_step": 5, "calibration_batches": 2},
-                 "every": 3, "kill": (4, 10), "slow": True},
-    "random_unstructured": {"name": "random_unstructured",
-                            "kwargs": {"every_n_steps": 2, "sparsity_end_step": 10}, "every": 3,
-                            "kill": (4, 10), "slow": True},
-}
-
-
-def make_case(case):
-    spec = CASES[case]
-    callback = lp.create_callback(spec["name"], verbose=False, **spec["kwargs"])
-    pl.seed_everything(0, verbose=False)
-    return [callback], tiny_classifier()
-
 
 def kill_moment(case, seed=15):
     """The seeded moment: a step in the case's bounds and one of three hooks of that step."""

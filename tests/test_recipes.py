@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lightning_prune.cli import main
+from lightning_prune.cli import run
+from tests.helpers import fake_cifar
 
 ROOT = Path(__file__).parents[1]
 DIGITS = sorted((ROOT / "recipes" / "digits").glob("*.yaml"))
@@ -19,6 +21,20 @@ def test_there_are_recipes():
     assert {f"{n}.yaml" for n in names} <= {p.name for p in CIFAR}
 
 
+def _check_run(recipe, cli, steps, out):
+    """The recipe's fit ran: its callbacks attached (the classes the YAML names), the steps asked for trained,
+    and the test stage after the fit measured an accuracy, which the summary prints."""
+    declared = yaml.safe_load(recipe.read_text())["trainer"].get("callbacks") or []
+    declared = [declared] if isinstance(declared, dict) else declared
+    wanted = sorted(c["class_path"].rsplit(".", 1)[-1] for c in declared)
+    attached = sorted(type(cb).__name__ for cb in cli.trainer.callbacks)
+    assert set(wanted) <= set(attached), (attached, wanted)
+    assert cli.trainer.global_step == steps, cli.trainer.global_step
+    acc = float(cli.trainer.callback_metrics["test/acc"])
+    assert 0.0 <= acc <= 1.0
+    assert "test/acc" in out
+
+
 #: recipes whose few steps take long on a CPU: SparseGPT over resnet18's layers (~100 s on 2 busy cores)
 SLOW_RECIPES = {"one_shot"}
 
@@ -27,25 +43,23 @@ SLOW_RECIPES = {"one_shot"}
                                     for p in DIGITS], ids=lambda p: p.stem)
 def test_digits_recipe_runs(recipe, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    main(["fit", "--config", str(recipe), "--trainer.limit_train_batches=1", "--trainer.max_steps=3",
-          f"--trainer.default_root_dir={tmp_path}", *COMMON])
-    assert "test/acc" in capsys.readouterr().out
+    cli = run(["fit", "--config", str(recipe), "--trainer.limit_train_batches=1", "--trainer.max_steps=3",
+               f"--trainer.default_root_dir={tmp_path}", *COMMON])
+    _check_run(recipe, cli, 3, capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("recipe", CIFAR, ids=lambda p: p.stem)
 def test_cifar10_recipe_runs_on_small_local_data(recipe, tmp_path, monkeypatch, capsys):
     import torchvision.datasets.cifar as cifar
 
-    from tests.test_data_and_model import _fake_cifar
-
-    _fake_cifar(tmp_path / "data")
+    fake_cifar(tmp_path / "data")
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
     monkeypatch.chdir(ROOT)
-    main(["fit", "--config", str(recipe), "--trainer.max_steps=10", "--trainer.accelerator=cpu",
-          f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.data_dir={tmp_path / 'data'}",
-          "--data.init_args.download=false", "--data.init_args.batch_size=8",
-          "--data.init_args.num_workers=0", "--data.init_args.val_size=10", *COMMON])
-    assert "test/acc" in capsys.readouterr().out
+    cli = run(["fit", "--config", str(recipe), "--trainer.max_steps=10", "--trainer.accelerator=cpu",
+               f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.data_dir={tmp_path / 'data'}",
+               "--data.init_args.download=false", "--data.init_args.batch_size=8",
+               "--data.init_args.num_workers=0", "--data.init_args.val_size=10", *COMMON])
+    _check_run(recipe, cli, 10, capsys.readouterr().out)
 
 
 def _acted(name, cli):
@@ -76,8 +90,6 @@ def _acted(name, cli):
 @pytest.mark.parametrize("recipe", DIGITS, ids=lambda p: p.stem)
 def test_a_digits_recipe_shortened_to_two_epochs_still_runs_its_algorithm(recipe, tmp_path, monkeypatch):
     import warnings
-
-    from lightning_prune.cli import run
 
     monkeypatch.chdir(ROOT)
     model = [] if recipe.stem == "activation_decay" else ["--model.init_args.model_name=test_resnet"]

@@ -17,8 +17,10 @@ from lightning_prune.core.reparam import (
     unwrap_activations,
     wrap_activations,
 )
+from lightning_prune.core.targets import matches
 from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.training.reducenet import ReduceBlock
+from tests.helpers import trained_looking
 
 # (model name, kwargs, glob every default-selected activation matches, count)
 FAMILIES = {
@@ -33,20 +35,7 @@ SMALL_BOTTLENECK = {"channels": (8, 16, 24, 32), "stem_width": 8}  # timm resnet
 
 def _model(name, **kwargs):
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10, **kwargs)
-    _randomize_bn(model)
-    return model.eval()
-
-
-def _randomize_bn(model):
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return trained_looking(timm.create_model(name, num_classes=10, **kwargs))
 
 
 def _max_rel(out, ref):
@@ -106,7 +95,7 @@ def test_plan_finds_exact_fusions_on_timm_families(name):
     kwargs, pattern, count = FAMILIES[name]
     plan = lp.ActivationDecay.plan(_model(name, **kwargs))
     assert len(plan.decay) == count and len(plan.fusions) == count
-    assert all(lp.targets.matches(n, [pattern]) for n in plan.decay)
+    assert all(matches(n, [pattern]) for n in plan.decay)
 
 
 def test_plan_bottleneck_resnet_and_inverted_residual():

@@ -11,13 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_prune.callbacks._resume import check_resume, config_of
 from lightning_prune.callbacks.logging import PREFIX, log_scalars
 from lightning_prune.callbacks.schedules import (
     ramp,
@@ -27,6 +25,7 @@ from lightning_prune.callbacks.schedules import (
     warn_if_after_training,
 )
 from lightning_prune.callbacks.sharding import check_sharding
+from lightning_prune.callbacks.state import CallbackState
 from lightning_prune.core.reparam import (
     DecayingActivation,
     ReparamPlan,
@@ -82,7 +81,7 @@ class _PlanMethod:
         return plan
 
 
-class ActivationDecay(Callback):
+class ActivationDecay(CallbackState):
     """Decay chosen activations to the identity during training, so linear layers fuse afterwards.
 
     Every selected activation module ``A`` is replaced in place by a parameter-free wrapper computing
@@ -313,17 +312,12 @@ class ActivationDecay(Callback):
 
     # ------------------------------------------------------------------ state
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state_dict(self) -> dict[str, Any]:
         return {"lam": self.lam, "decayed": list(self.decayed),
-                "bounds": list(self._bounds) if self._bounds is not None else None, "config": config_of(self)}
+                "bounds": list(self._bounds) if self._bounds is not None else None}
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        check_resume(self, trainer, checkpoint)
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_extra_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._apply(float(state_dict.get("lam", 0.0)))
         bounds = state_dict.get("bounds")
         self._bounds = (int(bounds[0]), int(bounds[1])) if bounds is not None else None

@@ -13,13 +13,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.callbacks._resume import check_resume, config_of
+from lightning_prune.callbacks._setup_checks import warn_if_cannot_act
 from lightning_prune.callbacks.logging import (
     PREFIX,
     counted,
@@ -31,31 +30,16 @@ from lightning_prune.callbacks.logging import (
     wandb_loggers,
 )
 from lightning_prune.callbacks.sharding import check_sharding
+from lightning_prune.callbacks.state import CallbackState, resolve_seed
 from lightning_prune.core.masks import MaskSet
 from lightning_prune.core.sharding import is_sharded, shard_reduce, sharding_problem
 from lightning_prune.core.targets import PRUNABLE_TYPES, Target, resolve_targets
 from lightning_prune.errors import NonFiniteWeightError
 from lightning_prune.validation import as_misconfiguration, check_bool, check_int, check_patterns, check_types
 
-__all__ = ["PruningCallback", "resolve_seed"]
+__all__ = ["PruningCallback", "resolve_seed"]  # resolve_seed: from callbacks.state
 
-_SEED_MASK = (1 << 63) - 1
-
-
-def resolve_seed(seed: int | None, trainer: pl.Trainer | None = None) -> int:
-    """The seed a callback uses: ``seed`` itself, or (``None``) ``torch.initial_seed()`` -- what
-    ``seed_everything`` set -- and, under DDP, rank zero's value on every rank.
-
-    Every callback with a ``seed`` argument follows this rule and keeps the resolved value in its state, so a
-    resumed run draws the same numbers.
-    """
-    value = int(torch.initial_seed()) & _SEED_MASK if seed is None else int(seed)
-    if trainer is not None and trainer.world_size > 1:
-        value = int(trainer.strategy.broadcast(value, src=0))
-    return value
-
-
-class PruningCallback(Callback):
+class PruningCallback(CallbackState):
     """Base class of the pruning callbacks: targets, boolean masks applied after every optimizer step,
     checkpointed state and sparsity logging.
 
@@ -133,6 +117,8 @@ class PruningCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_sharding(trainer, type(self).__name__, self.supports_sharding)
+        if trainer is not None and stage == "fit":
+            warn_if_cannot_act(trainer, pl_module, type(self).__name__, getattr(self, "gates_sampled", False))
         if self.masks is not None and self.targets and self._targets_belong_to(pl_module):
             return
         self.targets = self.select_targets(pl_module)
@@ -142,7 +128,7 @@ class PruningCallback(Callback):
             self._pending_masks = None
 
     def retarget(self, pl_module: pl.LightningModule) -> None:
-        """The model's parameters were replaced (units removed physically): mask the new ones, everything
+        """The model's parameters were replaced (the model was compressed): mask the new ones, everything
         kept."""
         self.targets = PruningCallback.select_targets(self, pl_module)
         self.masks = MaskSet.for_targets(self.targets)
@@ -290,23 +276,19 @@ class PruningCallback(Callback):
         rows = [[n, counts[n][1], counts[n][0], counts[n][0] / max(counts[n][1], 1)] for n in names]
         log_table(trainer, f"{PREFIX}/sparsity_table", ["layer", "params", "pruned", "sparsity"], rows)
 
+    # ------------------------------------------------------------------ deployment (restore_run)
+    @override
+    def after_restore(self, module: pl.LightningModule) -> None:
+        """The masks hold on the restored module."""
+        if self.masks is not None:
+            self.masks.invalidate()
+            self.masks.apply_()
+
     # ------------------------------------------------------------------ state
-    def extra_state_dict(self) -> dict[str, Any]:
-        """The subclass's own state (tensors and Python scalars)."""
-        return {}
-
-    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state_dict` returned; use ``.get`` for keys added later."""
-
     @override
     def state_dict(self) -> dict[str, Any]:
         masks = self.masks.state_dict() if self.masks is not None else (self._pending_masks or {})
-        return {"masks": masks, **self.extra_state_dict(), "config": config_of(self)}
-
-    @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        check_resume(self, trainer, checkpoint)
+        return {"masks": masks, **super().state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -319,7 +301,7 @@ class PruningCallback(Callback):
             self.masks.load_state_dict(masks)
         else:
             self._pending_masks = dict(masks)
-        self.load_extra_state_dict(state_dict)
+        super().load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -18,16 +18,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_prune.callbacks._resume import check_resume, config_of
 from lightning_prune.callbacks.logging import log_scalars
 from lightning_prune.callbacks.schedules import resolve_step, until_the_end
 from lightning_prune.callbacks.sharding import check_sharding
+from lightning_prune.callbacks.state import CallbackState
 from lightning_prune.checkpoint_io import load_file
 from lightning_prune.core.targets import matches
 from lightning_prune.functional.distill import (
@@ -127,7 +126,7 @@ def _device(module: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-class KnowledgeDistillation(Callback):
+class KnowledgeDistillation(CallbackState):
     """Knowledge distillation from the dense model into the one being pruned (Hinton et al. 2015).
 
     At every training step inside ``[begin, end)``, the teacher sees the inputs the student's forward sees and
@@ -547,7 +546,7 @@ class KnowledgeDistillation(Callback):
                     raise MisconfigurationException(
                         f"Feature layer {name!r}: the student's output has shape {tuple(value.shape)}, the"
                         f" teacher's {tuple(target.shape)}. HINT: match layers whose width no callback"
-                        " changes (channel pruning with compress=True shrinks them).")
+                        " changes (channel pruning with compress=True compresses the model).")
                 loss, grad = _loss_and_grad(lambda s: weight * feature_matching_loss(s, target), value)
                 this._record("feature_loss", loss)
                 return put(_AddGradient.apply(value, grad, this._grad_factor))
@@ -614,7 +613,7 @@ class KnowledgeDistillation(Callback):
 
     # ------------------------------------------------------------------ state
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state_dict(self) -> dict[str, Any]:
         teacher = None
         if self.teacher is None:
             if self._teacher is not None:
@@ -622,15 +621,10 @@ class KnowledgeDistillation(Callback):
             elif self._pending_teacher is not None:
                 teacher = dict(self._pending_teacher)
         return {"bounds": list(self._bounds) if self._bounds is not None else None,
-                "teacher_source": self.teacher_source, "teacher": teacher, "config": config_of(self)}
+                "teacher_source": self.teacher_source, "teacher": teacher}
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        check_resume(self, trainer, checkpoint)
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_extra_state_dict(self, state_dict: dict[str, Any]) -> None:
         bounds = state_dict.get("bounds")
         self._bounds = ((int(bounds[0]), None if bounds[1] is None else int(bounds[1]))
                         if bounds is not None else None)

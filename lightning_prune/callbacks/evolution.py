@@ -16,18 +16,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightning_prune.callbacks._resume import check_resume, config_of
-from lightning_prune.callbacks.base import PruningCallback, resolve_seed
+from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_scalars
 from lightning_prune.callbacks.schedules import steps_per_epoch, training_steps, warn_if_after_training
 from lightning_prune.callbacks.sharding import check_sharding
+from lightning_prune.callbacks.state import CallbackState, seeded_generator
 from lightning_prune.core.targets import matches
 from lightning_prune.functional.evolution import (
     add_perturbation_,
@@ -65,7 +64,7 @@ def _hit(name: str, module_name: str, patterns: list[str]) -> bool:
     return matches(name, patterns) or bool(module_name and matches(module_name, patterns))
 
 
-class EvolutionaryMutation(Callback):
+class EvolutionaryMutation(CallbackState):
     """SGD interleaved with evolutionary mutation (Habr's "Spartan training"; Salimans et al. 2017).
 
     Every ``every_n_epochs`` epochs (at the last training batch, before validation) or every
@@ -204,7 +203,7 @@ class EvolutionaryMutation(Callback):
         self.log_media_every_n_epochs = check_int("log_media_every_n_epochs", log_media_every_n_epochs, 0)
         self.verbose = check_bool("verbose", verbose)
         # state (checkpointed)
-        self._generator = torch.Generator().manual_seed(resolve_seed(self.seed))
+        self._generator = seeded_generator(self.seed)
         self._seeded = self.seed is not None  # an explicit seed, or one resolved from the trainer
         self._period: tuple[str, int] | None = None  # ("steps" | "epochs", n) once resolved
         self.generation = 0
@@ -251,7 +250,7 @@ class EvolutionaryMutation(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._seeded:  # seed=None: what seed_everything set, rank zero's on every rank
-            self._generator = torch.Generator().manual_seed(resolve_seed(None, trainer))
+            self._generator = seeded_generator(None, trainer)
             self._seeded = True
         self._period = self._resolve_period(trainer)
         unit, n = self._period
@@ -576,7 +575,7 @@ class EvolutionaryMutation(Callback):
 
     # ------------------------------------------------------------------ state
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state_dict(self) -> dict[str, Any]:
         return {
             "generator": self._generator.get_state(),
             "seeded": self._seeded,
@@ -584,16 +583,10 @@ class EvolutionaryMutation(Callback):
             "last_step": self.last_step,
             "initial_error": self.initial_error,
             "last_metrics": dict(self.last_metrics),
-            "config": config_of(self),
         }
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        check_resume(self, trainer, checkpoint)
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_extra_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "generator" in state_dict:
             self._generator.set_state(state_dict["generator"].to(torch.uint8).cpu())
             self._seeded = bool(state_dict.get("seeded", True))

@@ -10,7 +10,7 @@ gains ``lam * sum |g|`` (added as a gradient, like Network Slimming's ``grad += 
 a *capture* threshold are set to zero and frozen, and at ``finalize_step`` the gates below ``prune_threshold``
 (or, with ``target_flops``/``target_params``, all but the largest gates that fit the budget) become pruned
 units while the others are folded into the weights; training then continues as fine-tuning with fixed channel
-masks, and ``compress=True`` removes the pruned units physically inside the fit
+masks, and ``compress=True`` compresses the model inside the fit
 (:mod:`lightning_prune.callbacks.shrink`).
 """
 
@@ -82,7 +82,7 @@ class GroupLassoPruning(GatePruningCallback):
         alternate_every_n_steps: two-phase training (the Habr channel-pruning article's): that many optimizer
             steps of the weights with the gates frozen, then as many of the gates with the weights frozen, and
             so on (``None`` = joint training).
-        compress, compress_step, compress_epoch: remove the pruned units physically inside the fit (right
+        compress, compress_step, compress_epoch: compress the model inside the fit (right
             after finalisation by default) and train on the smaller model, the optimizer's state carried over
             (see :class:`~lightning_prune.callbacks.gating.GatePruningCallback`).
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
@@ -132,12 +132,13 @@ class GroupLassoPruning(GatePruningCallback):
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(gate_lr, gate_optimizer, prune_coupled, target_flops, target_params, round_to,
-                         finalize_step, finalize_epoch,
-                         alternate_every_n_steps, compress, compress_step, compress_epoch, input_size,
-                         include, exclude, types,
-                         log_media_every_n_epochs, verbose, group_targets=group_targets,
-                         analysis_time_limit_s=analysis_time_limit_s)
+        super().__init__(gate_lr=gate_lr, gate_optimizer=gate_optimizer, finalize_step=finalize_step,
+                         finalize_epoch=finalize_epoch, alternate_every_n_steps=alternate_every_n_steps,
+                         round_to=round_to, prune_coupled=prune_coupled, target_flops=target_flops,
+                         target_params=target_params, group_targets=group_targets, compress=compress,
+                         compress_step=compress_step, compress_epoch=compress_epoch, input_size=input_size,
+                         analysis_time_limit_s=analysis_time_limit_s, include=include, exclude=exclude,
+                         types=types, log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose)
         self.lam = check_nonnegative("lam", lam, "lam weighs the L1 penalty on the gates; 0 disables it.")
         self.weight_l1 = check_nonnegative("weight_l1", weight_l1)
         self.weight_l2 = check_nonnegative("weight_l2", weight_l2)

@@ -16,7 +16,7 @@ test-time gate ``z_hat = clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)`
 gains ``lam * sum_j P(z_j > 0)``, the expected number of open channels (added as a gradient on ``log_alpha``,
 like the group-LASSO penalty). At ``finalize_step`` the gates are binarised, the kept channels' ``z_hat`` is
 folded into the weights, the others become channel masks, and training continues as fine-tuning;
-``compress=True`` removes the pruned units physically inside the fit
+``compress=True`` compresses the model inside the fit
 (:mod:`lightning_prune.callbacks.shrink`).
 """
 
@@ -35,6 +35,7 @@ from typing_extensions import override
 from lightning_prune.callbacks.gating import GatePruningCallback
 from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_scalars
 from lightning_prune.callbacks.schedules import ramp, training_steps
+from lightning_prune.callbacks.state import resolve_seed
 from lightning_prune.core.gates import Gate
 from lightning_prune.errors import NonFiniteGateError
 from lightning_prune.functional.hard_concrete import (
@@ -241,12 +242,13 @@ class L0Pruning(GatePruningCallback):
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(gate_lr, gate_optimizer, prune_coupled, target_flops, target_params, round_to,
-                         finalize_step, finalize_epoch,
-                         alternate_every_n_steps, compress, compress_step, compress_epoch, input_size,
-                         include, exclude, types,
-                         log_media_every_n_epochs, verbose, group_targets=group_targets,
-                         analysis_time_limit_s=analysis_time_limit_s)
+        super().__init__(gate_lr=gate_lr, gate_optimizer=gate_optimizer, finalize_step=finalize_step,
+                         finalize_epoch=finalize_epoch, alternate_every_n_steps=alternate_every_n_steps,
+                         round_to=round_to, prune_coupled=prune_coupled, target_flops=target_flops,
+                         target_params=target_params, group_targets=group_targets, compress=compress,
+                         compress_step=compress_step, compress_epoch=compress_epoch, input_size=input_size,
+                         analysis_time_limit_s=analysis_time_limit_s, include=include, exclude=exclude,
+                         types=types, log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose)
         self.lam = check_nonnegative("lam", lam,
                                      "lam weighs the expected number of open channels; 0 disables it.")
         if penalty not in ("expected_l0", "hard"):
@@ -331,7 +333,7 @@ class L0Pruning(GatePruningCallback):
 
     def _resolved_seed(self) -> int:
         if self._seed_used is None:
-            self._seed_used = int(torch.initial_seed()) & _MASK64
+            self._seed_used = resolve_seed(None)
         return self._seed_used
 
     @override

@@ -17,9 +17,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.callbacks.base import PruningCallback, resolve_seed
+from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.logging import PREFIX, log_images, log_scalars, log_table, mask_image
 from lightning_prune.callbacks.schedules import resolve_step, steps_per_epoch
+from lightning_prune.callbacks.state import resolve_seed, seeded_generator
 from lightning_prune.core.sharding import (
     full_copy,
     is_sharded,
@@ -330,8 +331,7 @@ class LotteryTicket(PruningCallback):
         assert self.rewind_state is not None
         saved = self.rewind_state["module"]
         params = {name for name, _ in pl_module.named_parameters()}
-        seed = (self._resolved_seed() * 1_000_003 + self.round) % 2**63  # (unseeded: 64-bit initial_seed)
-        generator = torch.Generator().manual_seed(seed)
+        generator = seeded_generator(self._resolved_seed() * 1_000_003 + self.round)
         for name, tensor in pl_module.state_dict().items():
             if name not in saved:
                 continue

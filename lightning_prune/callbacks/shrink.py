@@ -1,4 +1,4 @@
-"""Shrink while training: remove pruned units inside ``trainer.fit`` and carry the optimizer over.
+"""Compression inside the fit: :func:`lightning_prune.compress` in ``trainer.fit``, optimizers carried over.
 
 After :func:`lightning_prune.compress` replaces a layer's parameters by smaller ones, an optimizer still
 points at the old tensors: the layer silently stops learning and its momentum, ``exp_avg`` and ``exp_avg_sq``

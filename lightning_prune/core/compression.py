@@ -1,4 +1,4 @@
-"""Physical removal of pruned channels, heads and conv groups, and save/load of the result.
+"""``compress``: remove pruned channels, heads and conv groups from a model (checked); save/load the result.
 
 :func:`compress` removes units of the groups that :func:`lightning_prune.graph.analyse_channels` proves
 exactly removable: the units a gate callback pruned (``removed=``), or, on any model, the **dead** units --
@@ -184,7 +184,7 @@ def compress(
     removed: Mapping[str, Sequence[int]] | None = None,
     analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
 ) -> nn.Module:
-    """Physically remove pruned units from ``model``; returns the smaller model.
+    """Compress ``model``: remove its pruned units; returns the smaller model.
 
     Args:
         model: a timm model, any ``nn.Module``, or a LightningModule holding a timm model (compressed in place

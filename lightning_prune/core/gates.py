@@ -5,7 +5,7 @@ A :class:`GateSet` hooks each group's gate into every **input site** of the grou
 Conv/Linear that reads the units: a zero gate there means nothing reads the unit, so removing it is exact),
 folds the gates into those layers' weight columns, turns kept/pruned units into boolean masks over every
 tensor that loses them, and -- once units are pruned -- makes the group's **norm sites** (LayerNorm,
-GroupNorm(1), GRN) compute their statistics over the kept channels only, which is what the physically smaller
+GroupNorm(1), GRN) compute their statistics over the kept channels only, which is what the compressed
 model computes.
 
 Gates are :class:`Gate` modules held *outside* the model (the model's ``state_dict`` keeps its keys).
@@ -213,8 +213,8 @@ class GateSet:
                 weight.data[:, index] *= values.reshape(view)
 
     def restrict_norms(self, root: nn.Module, keep: Sequence[Tensor]) -> None:
-        """Make the norm sites compute their statistics over the kept units only (what the sliced model does);
-        ``keep`` is one boolean vector per group. Replaces the restriction of an earlier call."""
+        """Make the norm sites compute their statistics over the kept units only (what the compressed model
+        does); ``keep`` is one boolean vector per group. Replaces the restriction of an earlier call."""
         self.release_norms()
         removed = {g.name: (~k.cpu()).nonzero().flatten().tolist() for g, k in zip(self.groups, keep)}
         self._norm_handles = restricted_norm_hooks(root, self.groups, removed)
@@ -257,8 +257,8 @@ def unit_masks(root: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[T
     """Boolean masks (``True`` = kept) over every parameter of ``root`` that loses the pruned units of
     ``groups`` (``keep``: one boolean vector per group): output rows, input columns, norm and depthwise
     entries, free parameters such as ``pos_embed``. A masked model whose readers' columns are zero reads
-    nothing of a pruned unit, so it computes what the sliced model computes (with the norm sites restricted,
-    see :meth:`GateSet.restrict_norms`)."""
+    nothing of a pruned unit, so it computes what the compressed model computes (with the norm sites
+    restricted, see :meth:`GateSet.restrict_norms`)."""
     params = dict(root.named_parameters())
     masks: dict[str, Tensor] = {}
 

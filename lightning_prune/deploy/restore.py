@@ -116,9 +116,6 @@ def restore_run(
         raise InvalidArgumentTypeError(
             f"`module` must be the run's LightningModule, freshly constructed, got {type(module).__name__}."
             " HINT: for a plain model use lp.load_compressed(ckpt_path, model) or load_state_dict.")
-    from lightning_prune.callbacks.activation_decay import ActivationDecay
-    from lightning_prune.callbacks.base import PruningCallback
-    from lightning_prune.callbacks.gating import GatePruningCallback
     from lightning_prune.core.compression import compress as compress_dead
     from lightning_prune.core.compression import load_compressed
     from lightning_prune.core.reparam import count_layers, reparameterize
@@ -157,34 +154,32 @@ def restore_run(
                 f"{ckpt_path} holds no state for {callback.state_key}: that callback starts from nothing"
                 f" (the checkpoint has {sorted(states) or 'no callback state'}). HINT: construct it with the"
                 " run's arguments; they are part of its state key.")
-        if isinstance(callback, PruningCallback) and callback.masks is not None:
-            callback.masks.invalidate()
-            callback.masks.apply_()
+        after_restore = getattr(callback, "after_restore", None)
+        if after_restore is not None:
+            after_restore(module)
     steps.append(f"restored {Path(ckpt_path).name} (epoch {payload.get('epoch')}, step"
                  f" {payload.get('global_step')}; callback state: {', '.join(restored) or 'none'})")
 
-    gates = [cb for cb in ours if isinstance(cb, GatePruningCallback)]
+    # each callback prepares the model as the end of training would have (no class is named here: a
+    # plugin's callback takes part through the same methods)
     if finalize:
-        for callback in gates:
-            if not callback.finalized:
-                callback.finalize(None, module)
-                kept = sum(int(k.sum()) for k in callback.keep)
-                steps.append(f"finalised {type(callback).__name__}: {kept} of"
-                             f" {sum(k.numel() for k in callback.keep)} units kept")
+        for callback in ours:
+            done = getattr(callback, "finalize_for_deployment", None)
+            step = done(module) if done is not None else None
+            if step:
+                steps.append(step)
     before = sum(p.numel() for p in module.parameters())
     compressed = False
-    for callback in gates:
-        want = callback.shrink.enabled if compress is None else compress
-        if want and callback.finalized and callback.shrink.removed is None:
-            callback.compress_model(module)
+    for callback in ours:
+        method = getattr(callback, "compress_for_deployment", None)
+        if method is not None and method(module, compress):
             compressed = True
     if compress and not compressed:
         compress_dead(module)
         compressed = True
     if compressed:
         steps.append(f"compressed: parameters {before:,} -> {sum(p.numel() for p in module.parameters()):,}")
-    decays = [cb for cb in ours if isinstance(cb, ActivationDecay)]
-    if fuse if fuse is not None else any(cb.fuse_on_train_end for cb in decays):
+    if fuse if fuse is not None else any(getattr(cb, "fuse_on_train_end", False) for cb in ours):
         layers = count_layers(module)
         reparameterize(module, strict=False)
         steps.append(f"fused: {layers} -> {count_layers(module)} conv/linear layers, conv+BN folded")

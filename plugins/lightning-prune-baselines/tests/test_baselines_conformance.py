@@ -26,22 +26,22 @@ def test_default_construction_keeps_the_contract(tmp_path, name):
     state = check_callback_conformance(
         lambda: lp.create_callback(name), tmp_path, max_epochs=2, limit_train_batches=2
     )
-    assert state["last_update"] == 1 and state["current_sparsity"] == pytest.approx(0.5)
+    assert state["last_update"] == 1 and state["current_target"] == pytest.approx(0.5)
     if name == "first_k":  # neither prune_step nor prune_epoch: step 0, so after the first batch
         assert state["prune_at_step"] == 0
     else:  # one shot at the start (sparsity_end_step=0), the window open to the end (end_step=1.0)
         assert state["schedule"] == [0, 2**62, 0, 0]
     if name == "random_unstructured":  # weights only, half of each
-        assert state["unit_keep"] is None
+        assert state.get("keep") is None
         assert all(int(m.sum()) == kept_count(m.numel(), 0.5) for m in state["masks"].values())
         return
     # channel units: half of every group's units, in every tensor they touch; the masks are exactly those of
     # the one-shot helper on the same LightningModule (seed=None is what seed_everything set: 0)
     sizes = [g.size for g in channel_groups(tiny_classifier())]
-    assert [k.numel() for k in state["unit_keep"]] == sizes
-    assert all(int(k.sum()) == kept_count(k.numel(), 0.5) for k in state["unit_keep"])
+    assert [k.numel() for k in state["keep"]] == sizes
+    assert all(int(k.sum()) == kept_count(k.numel(), 0.5) for k in state["keep"])
     if name == "first_k":
-        assert all(torch.equal(k, first_k_keep(k.numel(), 0.5)) for k in state["unit_keep"])
+        assert all(torch.equal(k, first_k_keep(k.numel(), 0.5)) for k in state["keep"])
         expected = first_k_channel_masks(tiny_classifier(), 0.5)
     else:
         expected = random_channel_masks(tiny_classifier(), 0.5, seed=0)
@@ -63,9 +63,9 @@ def test_conformance_on_other_timm_families(tmp_path, model_name):
         limit_train_batches=3,
     )
     # the schedule (updates at steps 1, 3, 5) crosses the resume point (step 3)
-    assert state["last_update"] == 5 and state["current_sparsity"] == pytest.approx(0.3)
+    assert state["last_update"] == 5 and state["current_target"] == pytest.approx(0.3)
     assert state["schedule"] == [0, 2**62, 0, 5]  # the window stays open (end_step=1.0); the ramp ends at 5
     assert any(isinstance(m, torch.Tensor) and not bool(m.all()) for m in state["masks"].values())
     sizes = [g.size for g in channel_groups(tiny_classifier(model_name))]
-    assert [k.numel() for k in state["unit_keep"]] == sizes
-    assert all(int(k.sum()) == kept_count(k.numel(), 0.3) for k in state["unit_keep"])
+    assert [k.numel() for k in state["keep"]] == sizes
+    assert all(int(k.sum()) == kept_count(k.numel(), 0.3) for k in state["keep"])

@@ -39,7 +39,7 @@ def test_first_k_channels_prune_the_first_units_of_every_group_and_compress_exac
     assert [g.name for g in groups] == [g.name for g in channel_groups(tiny_classifier(model_name))]
     assert len(groups) > 3 and all(g.name.startswith("model.") for g in groups)
     keep = [first_k_keep(g.size, 0.4) for g in groups]
-    assert all(torch.equal(k, e) for k, e in zip(pruner.unit_keep, keep))
+    assert all(torch.equal(k, e) for k, e in zip(pruner.keep, keep))
     assert all(first_k_pruned(g.size, 0.4) >= 1 for g in groups)
     # the first k units of every group are masked in every tensor of the unit (filters, BatchNorm and
     # LayerNorm entries, depthwise filters, the readers' columns, pos_embed...), and nothing else is
@@ -76,7 +76,7 @@ class _Record(Callback):
     def on_train_batch_end(self, trainer, *args):  # runs after the pruner's own hook (callback order)
         metrics = self.pruner.sparsity_metrics()
         units = metrics.get("prune/channel_sparsity", 0.0)
-        assert (units > 0) == (metrics["prune/sparsity"] > 0) == (self.pruner.unit_keep is not None)
+        assert (units > 0) == (metrics["prune/sparsity"] > 0) == (self.pruner.keep is not None)
         self.seen.append((trainer.current_epoch, trainer.global_step, units))
 
 
@@ -126,9 +126,9 @@ def test_resume_across_the_pruning_epoch_equals_uninterrupted_run(tmp_path, when
         max_epochs=max_epochs,
         limit_train_batches=3,
     )
-    assert state["last_update"] == pruned_at and state["current_sparsity"] == pytest.approx(0.3)
+    assert state["last_update"] == pruned_at and state["current_target"] == pytest.approx(0.3)
     assert state["prune_at_step"] == pruned_at
-    assert all(torch.equal(k, first_k_keep(k.numel(), 0.3)) for k in state["unit_keep"])
+    assert all(torch.equal(k, first_k_keep(k.numel(), 0.3)) for k in state["keep"])
     # the callback's masks are the one-shot helper's on the same LightningModule; the other targets are whole
     expected = first_k_channel_masks(tiny_classifier(), 0.3)
     assert set(expected) <= set(state["masks"])
@@ -205,7 +205,8 @@ def test_patterns_that_match_nothing_fail_at_setup(tmp_path, pattern):
 def test_a_selection_without_removable_groups_fails_at_setup(tmp_path):
     # depthwise convs are targets, but no group is produced by one (they are sliced along with their input)
     with pytest.raises(MisconfigurationException, match=r"FirstKChannels found no removable channel group in"
-                       r" ImageClassifier. HINT: check `include`/`exclude`"):
+                       r" ImageClassifier \(include=\['\*conv_dw'\].*What blocked them: .*"
+                       r" HINT: check `include`/`exclude`"):
         fit_tiny([FirstKChannels(include="*conv_dw")], tmp_path, model=tiny_classifier("test_efficientnet"),
                  **FAST)
 
@@ -254,8 +255,9 @@ def _plain_classifier():
 
 
 def test_input_size_traces_a_model_that_does_not_tell_its_input(tmp_path):
-    with pytest.raises(MisconfigurationException, match=r"Cannot tell what ImageClassifier takes as input"):
-        fit_tiny([FirstKChannels(verbose=False)], tmp_path / "none", model=_plain_classifier(), **FAST)
+    first_batch = FirstKChannels(verbose=False)  # no input_size: traced at the first training batch's shape
+    fit_tiny([first_batch], tmp_path / "none", model=_plain_classifier(), **FAST)
+    assert first_batch.traced_size == (3, 32, 32) and first_batch.groups
     pruner = FirstKChannels(target_sparsity=0.5, verbose=False, input_size=(3, 32, 32))
     assert pruner.input_size == (3, 32, 32)
     at_end = CompressAtFitEnd(pruner, torch.randn(4, 3, 32, 32))
@@ -294,7 +296,7 @@ def test_bf16_gradient_accumulation_and_logged_metrics(tmp_path):
     )
     assert trainer.global_step == 3 and pruner.last_update == 0  # pruned after the first micro-batch
     keep = [first_k_keep(g.size, 0.25) for g in pruner.groups]
-    assert all(torch.equal(k, e) for k, e in zip(pruner.unit_keep, keep))
+    assert all(torch.equal(k, e) for k, e in zip(pruner.keep, keep))
     check_unit_masks(model, pruner.groups, keep, pruner.masks.state_dict())
     check_weights_masked(model.state_dict(), pruner.masks.state_dict())  # exact zeros through bf16 steps
     trainer.logger.finalize("success")

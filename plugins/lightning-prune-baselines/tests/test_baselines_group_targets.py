@@ -24,8 +24,8 @@ def test_first_k_drops_the_first_units_of_each_named_group_and_compresses_exactl
     fit_tiny([pruner, at_end], tmp_path, **FAST)
     wanted = {_full(k): v for k, v in TARGETS.items()}
     keep = [first_k_keep(g.size, wanted.get(g.name, 0.4)) for g in pruner.groups]
-    assert all(torch.equal(k, e) for k, e in zip(pruner.unit_keep, keep))
-    sizes = {g.name: int(k.sum()) for g, k in zip(pruner.groups, pruner.unit_keep)}
+    assert all(torch.equal(k, e) for k, e in zip(pruner.keep, keep))
+    sizes = {g.name: int(k.sum()) for g, k in zip(pruner.groups, pruner.keep)}
     assert sizes["model.layer2.0.conv1"] == 12 and sizes["model.layer4.0.conv2"] == kept_count(96, 0.1)
     assert sizes["model.conv1.0"] == 16 and sizes["model.layer1.0.conv1"] == kept_count(32, 0.4)
     at_end.check(pruner.groups, keep)  # the compressed model computes what the masked one computed
@@ -37,9 +37,9 @@ class _Keeps(Callback):
 
     def on_train_batch_end(self, trainer, *args):
         pruner = self.pruner
-        if pruner.unit_keep is not None:
-            kept = {g.name: int(k.sum()) for g, k in zip(pruner.groups, pruner.unit_keep)}
-            self.seen.append((pruner.current_sparsity, kept))
+        if pruner.keep is not None:
+            kept = {g.name: int(k.sum()) for g, k in zip(pruner.groups, pruner.keep)}
+            self.seen.append((pruner.current_target, kept))
 
 
 def test_random_channels_scale_the_schedule_to_each_named_group(tmp_path):

@@ -21,9 +21,9 @@ def _spy(cls):
 
         def update_masks(self, new_masks, trainer=None):
             super().update_masks(new_masks, trainer)
-            self.updates.append((trainer.global_step, self.current_sparsity, self.masks.state_dict()))
+            self.updates.append((trainer.global_step, self.current_target, self.masks.state_dict()))
             if self.channel_wise:
-                self.keeps.append([k.clone() for k in self.unit_keep])
+                self.keeps.append([k.clone() for k in self.keep])
 
     return Spy
 
@@ -85,7 +85,7 @@ def test_random_channels_schedule_prunes_nested_random_units_and_compresses_exac
         # readers' columns, pos_embed, layer scales...), nothing else
         check_unit_masks(at_end.state, groups, keep, masks)
         previous = keep
-    assert all(torch.equal(k, p) for k, p in zip(pruner.unit_keep, previous))
+    assert all(torch.equal(k, p) for k, p in zip(pruner.keep, previous))
     assert any(not torch.equal(k, first_k_keep(k.numel(), 0.6)) for k in previous)  # not the first k
     # the BatchNorm and LayerNorm biases did not grow back during training; the kept entries trained
     check_weights_masked(at_end.state, at_end.masks)
@@ -112,9 +112,9 @@ def test_updates_stop_at_the_end_of_the_window(tmp_path):
     fit_tiny([pruner], tmp_path, max_epochs=2, limit_train_batches=6, limit_val_batches=0)
     assert [step for step, _, _ in pruner.updates] == [2, 4, 6]
     assert pruner.schedule == (2, 6, 0, 10)
-    assert pruner.current_sparsity == pytest.approx(polynomial_sparsity(6, 0.0, 0.8, 0, 10, 3.0))
-    assert pruner.current_sparsity < pruner.target_sparsity
-    assert pruner.sparsity_metrics()["prune/sparsity"] == pytest.approx(pruner.current_sparsity, abs=0.01)
+    assert pruner.current_target == pytest.approx(polynomial_sparsity(6, 0.0, 0.8, 0, 10, 3.0))
+    assert pruner.current_target < pruner.target_sparsity
+    assert pruner.sparsity_metrics()["prune/sparsity"] == pytest.approx(pruner.current_target, abs=0.01)
 
 
 def test_same_seed_same_masks_other_seed_other_masks(tmp_path):
@@ -170,15 +170,15 @@ def test_resume_mid_schedule_draws_the_same_numbers(tmp_path, name, kwargs):
         max_epochs=3,
         limit_train_batches=4,
     )
-    assert state["current_sparsity"] == pytest.approx(kwargs["target_sparsity"])
+    assert state["current_target"] == pytest.approx(kwargs["target_sparsity"])
     assert state["last_update"] > 4 and isinstance(state["rng_state"], torch.Tensor)
     # (begin, end, sparsity_begin, sparsity_end); end_step=1.0 (the default) is stored as 2**62: never stop
     assert state["schedule"] == ([1, 2**62, 1, 8] if name == "random_channels" else [0, 2**62, 0, 9])
     if name == "random_channels":  # the kept units of every group, checkpointed with the masks
-        assert len(state["unit_keep"]) == len(channel_groups(tiny_classifier()))
-        assert all(int(k.sum()) == kept_count(k.numel(), 0.6) for k in state["unit_keep"])
+        assert len(state["keep"]) == len(channel_groups(tiny_classifier()))
+        assert all(int(k.sum()) == kept_count(k.numel(), 0.6) for k in state["keep"])
     else:
-        assert state["unit_keep"] is None
+        assert state.get("keep") is None
 
 
 class _SaveMasks(Callback):
@@ -190,7 +190,7 @@ class _SaveMasks(Callback):
             {
                 "masks": self.pruner.masks.state_dict(),
                 "rng": self.pruner.rng_state,
-                "unit_keep": self.pruner.unit_keep,
+                "keep": self.pruner.keep,
                 "groups": [g.name for g in self.pruner.groups],
             },
             self.out / f"rank{trainer.global_rank}.pt",
@@ -208,7 +208,7 @@ def test_ddp_spawn_masks_identical_on_both_ranks_and_to_a_single_process_run(tmp
     fit_tiny([single], tmp_path / "single", **run)
     assert rank0["groups"] == rank1["groups"] == [g.name for g in single.groups] and len(single.groups) > 10
     assert set(rank0["masks"]) == set(rank1["masks"]) == set(single.masks.names())
-    for a, b, c in zip(rank0["unit_keep"], rank1["unit_keep"], single.unit_keep):
+    for a, b, c in zip(rank0["keep"], rank1["keep"], single.keep):
         assert torch.equal(a, b) and torch.equal(a, c)
     for name, mask in rank0["masks"].items():
         assert torch.equal(mask, rank1["masks"][name]), name

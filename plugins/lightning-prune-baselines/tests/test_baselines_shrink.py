@@ -57,7 +57,7 @@ def test_first_k_trains_the_small_model_as_the_masked_one(name, optimizer, tmp_p
 
     dense = sizes.seen[0]
     assert sizes.seen[1] == dense and sizes.seen[2] < 0.7 * dense  # removed once global_step reached 2
-    assert shrinking.shrink.removed == removed_units(reference.groups, reference.unit_keep)
+    assert shrinking.shrink.removed == removed_units(reference.groups, reference.keep)
     slice_units(masked, reference.groups, shrinking.shrink.removed)
     state = small.state_dict()
     assert state.keys() == masked.state_dict().keys()
@@ -82,7 +82,7 @@ def test_random_channels_remove_the_units_once_the_schedule_reached_the_target(t
     # masks at steps 0, 2, 4 (the end of batches 0, 2, 4)
     assert all(sizes.seen[s] == dense for s in range(5))
     assert all(sizes.seen[s] < 0.7 * dense for s in range(5, 9))  # the target is reached at step 4: removed
-    assert pruner.current_sparsity == 0.5 and pruner.shrink.removed
+    assert pruner.current_target == 0.5 and pruner.shrink.removed
 
 
 def test_compress_step_one_removes_the_units_at_the_end_of_training(tmp_path):

@@ -185,12 +185,12 @@ class CompressAtFitEnd(Callback):
         self.metrics = pruner.sparsity_metrics()
         self.report = {layer.name: layer for layer in lp.sparsity_report(pl_module).layers}
         self.hooked_norms = [n for n, m in pl_module.named_modules() if m._forward_hooks]
-        check_pruned_outputs_zero(pl_module, pruner.groups, pruner.unit_keep, self.x)
+        check_pruned_outputs_zero(pl_module, pruner.groups, pruner.keep, self.x)
         pl_module.eval()
         with torch.no_grad():
             self.masked = pl_module(self.x)
         self.params_before = sum(p.numel() for p in pl_module.parameters())
-        removed = removed_units(pruner.groups, pruner.unit_keep)
+        removed = removed_units(pruner.groups, pruner.keep)
         lp.compress(pl_module, self.x, groups=pruner.groups, removed=removed, round_to=1)  # raises if the
         # outputs change
         with torch.no_grad():

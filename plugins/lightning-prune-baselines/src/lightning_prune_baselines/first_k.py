@@ -13,19 +13,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.callbacks.schedules import resolve_step
 from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S
 from lightning_prune.validation import check_exclusive, check_fraction, check_position
-from lightning_prune_baselines._base import BaselinePruning
-from lightning_prune_baselines.channels import first_k_keep
+from lightning_prune_baselines._base import ChannelBaseline
 
 __all__ = ["FirstKChannels"]
 
 
-class FirstKChannels(BaselinePruning):
+class FirstKChannels(ChannelBaseline):
     """Drop the first k units of every channel group, then fine-tune (the Habr channel-pruning control).
 
     In each targeted Conv/Linear layer with ``C`` output channels the first
@@ -35,7 +35,7 @@ class FirstKChannels(BaselinePruning):
     so nothing reads a pruned unit. The masks are installed at the end of the first training batch after which
     ``trainer.global_step`` has reached ``prune_step`` (``prune_epoch`` ``e``: the step at which epoch ``e``
     starts) and kept for the rest of training: training goes on as fine-tuning of the narrower network, which
-    ``compress=True`` removes physically right then (or at ``compress_step`` / ``compress_epoch``).
+    ``compress=True`` compresses the model right then (or at ``compress_step`` / ``compress_epoch``).
 
     Args:
         target_sparsity: fraction of each layer's output channels to drop, in [0, 1); at least one channel
@@ -46,7 +46,7 @@ class FirstKChannels(BaselinePruning):
         include, exclude, types, log_media_every_n_epochs, verbose: see
             :class:`~lightning_prune.PruningCallback`.
         input_size, compress, compress_step, compress_epoch, analysis_time_limit_s: see
-            :class:`~lightning_prune_baselines._base.BaselinePruning`.
+            :class:`~lightning_prune.callbacks.channels.ChannelPruningCallback`.
         group_targets: ``{group name: fraction}``: the named channel groups drop that fraction of their
             units (the first ones) instead of ``target_sparsity``, e.g. what
             :func:`lightning_prune.layer_targets_from_sensitivity` makes of a ``method="channels"`` scan.
@@ -75,8 +75,10 @@ class FirstKChannels(BaselinePruning):
         group_targets: dict[str, float] | None = None,
         analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ) -> None:
-        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose, input_size,
-                         compress=compress, compress_step=compress_step, compress_epoch=compress_epoch,
+        super().__init__(include=include, exclude=exclude, types=types,
+                         log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose,
+                         input_size=input_size, compress=compress, compress_step=compress_step,
+                         compress_epoch=compress_epoch, group_targets=group_targets,
                          analysis_time_limit_s=analysis_time_limit_s)
         self.target_sparsity = check_fraction(
             "target_sparsity", target_sparsity,
@@ -86,7 +88,6 @@ class FirstKChannels(BaselinePruning):
         check_exclusive(prune_step=prune_step, prune_epoch=prune_epoch, hint=hint)
         self.prune_step = check_position("prune_step", prune_step, allow_none=True, hint=hint)
         self.prune_epoch = check_position("prune_epoch", prune_epoch, allow_none=True, hint=hint)
-        self.set_group_targets(group_targets)
         self._prune_at_step: int | None = None
 
     @override
@@ -124,7 +125,7 @@ class FirstKChannels(BaselinePruning):
         return self.target_sparsity if trainer.global_step >= self.prune_at_step(trainer) else None
 
     @override
-    def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
+    def unit_scores(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """The later a unit, the more it matters: the first units go."""
         assert self.groups is not None
-        return self.unit_keep_masks([first_k_keep(g.size, self.group_sparsity(g, sparsity))
-                                     for g in self.groups])
+        return {g.name: torch.arange(g.size, dtype=torch.float32) for g in self.groups}

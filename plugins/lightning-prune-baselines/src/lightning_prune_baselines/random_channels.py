@@ -10,20 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.callbacks.shrink import ShrinkSchedule
 from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S, ChannelGroup
-from lightning_prune.validation import check_input_size, check_optional, check_positive
-from lightning_prune_baselines._base import ScheduledBaselinePruning
-from lightning_prune_baselines.channels import nested_random_keep
+from lightning_prune_baselines._base import ChannelBaseline, GradualSchedule
 
 __all__ = ["RandomChannels"]
 
 
-class RandomChannels(ScheduledBaselinePruning):
+class RandomChannels(GradualSchedule, ChannelBaseline):
     """Seeded random pruning of whole channel units, in one shot or on a polynomial schedule.
 
     At each mask update every channel group with ``U`` units (lightning-prune's analysis: a layer's channels,
@@ -37,12 +35,12 @@ class RandomChannels(ScheduledBaselinePruning):
         initial_sparsity, begin_step, end_step, every_n_steps, sparsity_begin_step, sparsity_end_step,
             exponent, seed: the schedule and the generator, as for
             :class:`~lightning_prune.GradualMagnitudePruning` (see
-            :class:`~lightning_prune_baselines._base.ScheduledBaselinePruning`).
+            :class:`~lightning_prune_baselines._base.GradualSchedule`).
         include, exclude, types, log_media_every_n_epochs, verbose: see
             :class:`~lightning_prune.PruningCallback`.
         input_size, compress, compress_step, compress_epoch, analysis_time_limit_s: see
-            :class:`~lightning_prune_baselines._base.BaselinePruning` (the units are decided once the schedule
-            reached ``target_sparsity``, or at ``end_step``).
+            :class:`~lightning_prune.callbacks.channels.ChannelPruningCallback` (the units are decided once
+            the schedule reached ``target_sparsity``, or at ``end_step``).
         group_targets: ``{group name: fraction}``: the named channel groups end at that fraction of their
             units dropped instead of ``target_sparsity``, on the same schedule (at scheduled sparsity ``s`` a
             named group drops ``fraction * s / target_sparsity``); e.g. what
@@ -80,15 +78,13 @@ class RandomChannels(ScheduledBaselinePruning):
         group_targets: dict[str, float] | None = None,
         analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ) -> None:
-        super().__init__(target_sparsity, initial_sparsity, begin_step, end_step, every_n_steps,
-                         sparsity_begin_step, sparsity_end_step, exponent, seed, include, exclude, types,
-                         log_media_every_n_epochs, verbose)
-        self.input_size = check_input_size("input_size", input_size)
-        self.analysis_time_limit_s = check_optional(
-            check_positive, "analysis_time_limit_s", analysis_time_limit_s,
-            hint="CPU seconds the channel analysis at setup may use, e.g. 300; None for no limit.")
-        self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
-        self.set_group_targets(group_targets)
+        super().__init__(include=include, exclude=exclude, types=types,
+                         log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose,
+                         input_size=input_size, compress=compress, compress_step=compress_step,
+                         compress_epoch=compress_epoch, group_targets=group_targets,
+                         analysis_time_limit_s=analysis_time_limit_s)
+        self.init_schedule(target_sparsity, initial_sparsity, begin_step, end_step, every_n_steps,
+                           sparsity_begin_step, sparsity_end_step, exponent, seed)
 
     @override
     def group_sparsity(self, group: ChannelGroup, sparsity: float) -> float:
@@ -99,11 +95,15 @@ class RandomChannels(ScheduledBaselinePruning):
         return fraction * (sparsity / self.target_sparsity if self.target_sparsity > 0 else 1.0)
 
     @override
-    def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
+    def unit_scores(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """Uniform draws from the callback's generator; the units dropped before score -1 (nested masks)."""
         assert self.groups is not None
         generator = self.generator()
-        previous = self.unit_keep or [torch.ones(g.size, dtype=torch.bool) for g in self.groups]
-        keep = [nested_random_keep(k, self.group_sparsity(g, sparsity), generator)
-                for g, k in zip(self.groups, previous)]
+        previous = self.keep or [torch.ones(g.size, dtype=torch.bool) for g in self.groups]
+        scores = {}
+        for group, kept in zip(self.groups, previous):
+            score = torch.rand(group.size, generator=generator)  # (as many draws whatever the sparsity)
+            score[~kept] = -1.0
+            scores[group.name] = score
         self.save_generator(generator)
-        return self.unit_keep_masks(keep)
+        return scores
