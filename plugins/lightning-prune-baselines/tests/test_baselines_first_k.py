@@ -254,8 +254,9 @@ def _plain_classifier():
 
 
 def test_input_size_traces_a_model_that_does_not_tell_its_input(tmp_path):
-    with pytest.raises(MisconfigurationException, match=r"Cannot tell what ImageClassifier takes as input"):
-        fit_tiny([FirstKChannels(verbose=False)], tmp_path / "none", model=_plain_classifier(), **FAST)
+    traced = FirstKChannels(verbose=False)  # no input_size: the first training batch's shape (issue 28)
+    fit_tiny([traced], tmp_path / "none", model=_plain_classifier(), **FAST)
+    assert traced.traced_size == (3, 32, 32)
     pruner = FirstKChannels(target_sparsity=0.5, verbose=False, input_size=(3, 32, 32))
     assert pruner.input_size == (3, 32, 32)
     at_end = CompressAtFitEnd(pruner, torch.randn(4, 3, 32, 32))
