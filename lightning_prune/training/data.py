@@ -298,7 +298,7 @@ class ShapesDataModule(_LoaderMixin, pl.LightningDataModule):
     mean, std = 0.5, 0.29
 
     def __init__(self, batch_size: int = 64, train_size: int = 5000, val_size: int = 1000,
-                 test_size: int = 2000, difficulty: float = 0.1, data_seed: int = 0, seed: int = 0,
+                 test_size: int = 2000, difficulty: float = 0.0, data_seed: int = 0, seed: int = 0,
                  image_size: int = 32, num_workers: int = 0) -> None:
         super().__init__()
         if batch_size < 1:

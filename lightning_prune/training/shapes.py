@@ -129,7 +129,7 @@ def _paint(canvas: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
 SHAPES_CHUNK = 512
 
 
-def render_shapes(labels: np.ndarray, seed: int | tuple[int, ...], difficulty: float = 0.1,
+def render_shapes(labels: np.ndarray, seed: int | tuple[int, ...], difficulty: float = 0.0,
                   size: int = 32) -> np.ndarray:
     """Images of the shapes ``labels`` (indices into :data:`SHAPE_CLASSES`), ``uint8`` of shape
     ``(n, 3, size, size)``, a deterministic function of ``(labels, seed, difficulty, size)``. ``seed`` is
