@@ -76,6 +76,7 @@ _LAZY = {
     "ImageClassifier": "lightning_prune.training.models",
     "DigitsDataModule": "lightning_prune.training.data",
     "CIFAR10DataModule": "lightning_prune.training.data",
+    "ShapesDataModule": "lightning_prune.training.data",
 }
 
 __all__ = [

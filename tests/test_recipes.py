@@ -11,6 +11,7 @@ from tests.helpers import fake_cifar
 ROOT = Path(__file__).parents[1]
 DIGITS = sorted((ROOT / "recipes" / "digits").glob("*.yaml"))
 CIFAR = sorted((ROOT / "recipes" / "cifar10").glob("*.yaml"))
+SHAPES = sorted((ROOT / "recipes" / "shapes").glob("*.yaml"))
 COMMON = ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.logger=false",
           "--trainer.enable_progress_bar=false"]
 
@@ -19,6 +20,7 @@ def test_there_are_recipes():
     names = {"magnitude", "lottery_ticket", "group_lasso", "l0", "activation_decay", "evolution"}
     assert {f"{n}.yaml" for n in names} | {"dense.yaml"} <= {p.name for p in DIGITS}
     assert {f"{n}.yaml" for n in names} <= {p.name for p in CIFAR}
+    assert "dense.yaml" in {p.name for p in SHAPES}
 
 
 def _check_run(recipe, cli, steps, out):
@@ -46,6 +48,15 @@ def test_digits_recipe_runs(recipe, tmp_path, monkeypatch, capsys):
     cli = run(["fit", "--config", str(recipe), "--trainer.limit_train_batches=1", "--trainer.max_steps=3",
                f"--trainer.default_root_dir={tmp_path}", *COMMON])
     _check_run(recipe, cli, 3, capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("recipe", SHAPES, ids=lambda p: p.stem)
+def test_shapes_recipe_runs_on_a_small_set(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    main(["fit", "--config", str(recipe), "--trainer.limit_train_batches=1", "--trainer.max_steps=2",
+          f"--trainer.default_root_dir={tmp_path}", "--data.init_args.train_size=64",
+          "--data.init_args.val_size=16", "--data.init_args.test_size=16", *COMMON])
+    assert "test/acc" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("recipe", CIFAR, ids=lambda p: p.stem)

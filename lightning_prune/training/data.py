@@ -1,4 +1,5 @@
-"""Data modules for the recipes: the embedded digits set (offline) and CIFAR-10 (torchvision download)."""
+"""Data modules for the recipes: the embedded digits set and the procedural shapes benchmark (both offline)
+and CIFAR-10 (torchvision download)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
-__all__ = ["CIFAR10DataModule", "DigitsDataModule", "EpochShuffleSampler", "ResumableDataLoader"]
+__all__ = ["CIFAR10DataModule", "DigitsDataModule", "EpochShuffleSampler", "ResumableDataLoader",
+           "ShapesDataModule"]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -226,6 +228,107 @@ class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
         train, val, test = _split(len(full), (self.val_fraction, self.test_fraction), self.seed)
         self.train_set, self.val_set = Subset(full, train), Subset(full, val)
         self.test_set = Subset(full, test)
+
+
+class _ImageTensorDataset(Dataset):
+    """``uint8`` images ``(n, 3, h, w)`` served as standardised ``float32`` tensors, with ``long`` labels."""
+
+    def __init__(self, images: Tensor, labels: Tensor, mean: float, std: float) -> None:
+        self.images, self.labels, self.mean, self.std = images, labels, mean, std
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return (self.images[index].float() / 255.0 - self.mean) / self.std, self.labels[index]
+
+
+#: the splits made so far in this process, by (data_seed, split, size, difficulty, image_size)
+_SHAPES_CACHE: dict[tuple[int, int, int, float, int], tuple[Tensor, Tensor]] = {}
+_SPLITS = ("train", "val", "test")
+
+
+def _shapes_split(data_seed: int, split: int, size: int, difficulty: float,
+                  image_size: int) -> tuple[Tensor, Tensor]:
+    key = (data_seed, split, size, difficulty, image_size)
+    if key not in _SHAPES_CACHE:
+        import numpy as np
+
+        from lightning_prune.training.shapes import SHAPE_CLASSES, SHAPES_CHUNK, render_shapes
+
+        # whole random streams, so that a smaller split is the start of a larger one
+        labels = np.arange(-(-size // SHAPES_CHUNK) * SHAPES_CHUNK, dtype=np.int64) % len(SHAPE_CLASSES)
+        images = render_shapes(labels, (data_seed, split), difficulty, image_size)[:size]
+        _SHAPES_CACHE[key] = (torch.from_numpy(images).clone(), torch.from_numpy(labels[:size]).clone())
+    return _SHAPES_CACHE[key]
+
+
+class ShapesDataModule(_LoaderMixin, pl.LightningDataModule):
+    """A procedural 10-class benchmark of 32x32 RGB images, made from a seed in seconds (no download).
+
+    Each image shows one shape whose kind is the label (disk, ring, square, frame, triangle, plus, star, pair
+    of disks, crescent, three bars; :data:`~lightning_prune.training.shapes.SHAPE_CLASSES`), at a random
+    position, scale and rotation, in random colours (a minimum contrast with the background, no link to the
+    label), with a random stripe texture, on a background with a gradient and a grating, among smaller
+    distractor shapes of every kind (some occluding it), thin lines and pixel noise. ``difficulty`` scales
+    all these nuisances together. It is a test bench on which a few CPU minutes of training leave dense
+    ``resnet18`` well short of 100% (``benchmarks/results/shapes.md``), so that pruning methods can differ; it
+    is not a substitute for CIFAR-10 or ImageNet.
+
+    The three splits come from independent random streams of ``data_seed`` (so the test set does not change
+    with ``train_size``, and a smaller split is the start of a larger one), each with the classes in equal
+    numbers (``i % 10`` for image ``i``); images are made with NumPy on one thread and kept as ``uint8``,
+    identical on every run, rank and thread count, and kept in memory for the process (a second data module
+    with the same arguments reuses them). Images are scaled to
+    [0, 1] and standardised with fixed statistics (mean 0.5, sd 0.29); there is no augmentation (fresh data is
+    cheap: raise ``train_size``). The training loader resumes mid-epoch like :class:`DigitsDataModule`'s.
+
+    Args:
+        batch_size: samples per batch.
+        train_size, val_size, test_size: images per split.
+        difficulty: in [0, 1]; 0 is one large high-contrast shape on a plain background, 1 adds smaller
+            shapes, lower contrast, textures, up to five distractors and four lines and more noise.
+        data_seed: seeds the images (the same for every training seed of a benchmark).
+        seed: seeds the per-epoch shuffling of the training set.
+        image_size: side of the square images.
+        num_workers: DataLoader workers.
+    """
+
+    num_classes = 10
+    mean, std = 0.5, 0.29
+
+    def __init__(self, batch_size: int = 64, train_size: int = 5000, val_size: int = 1000,
+                 test_size: int = 2000, difficulty: float = 0.0, data_seed: int = 0, seed: int = 0,
+                 image_size: int = 32, num_workers: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise MisconfigurationException(f"`batch_size` must be >= 1, got {batch_size}.")
+        for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MisconfigurationException(f"`{name}` must be an int >= 1, got {value!r}.")
+        number = isinstance(difficulty, (int, float)) and not isinstance(difficulty, bool)
+        if not number or not 0 <= difficulty <= 1:
+            raise MisconfigurationException(f"`difficulty` must be a number in [0, 1], got {difficulty!r}.")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+            raise MisconfigurationException(f"`image_size` must be an int >= 8, got {image_size!r}.")
+        self.save_hyperparameters()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.seed, self.data_seed = seed, data_seed
+        self.sizes = (train_size, val_size, test_size)
+        self.difficulty, self.image_size = float(difficulty), image_size
+
+    def split_tensors(self, split: str) -> tuple[Tensor, Tensor]:
+        """The ``uint8`` images ``(n, 3, s, s)`` and ``long`` labels of ``split`` (``"train"``, ``"val"``,
+        ``"test"``), before standardisation."""
+        index = _SPLITS.index(split)
+        return _shapes_split(self.data_seed, index, self.sizes[index], self.difficulty, self.image_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        train, val, test = (_ImageTensorDataset(*self.split_tensors(split), self.mean, self.std)
+                            for split in _SPLITS)
+        self.train_set, self.val_set, self.test_set = train, val, test
 
 
 class CIFAR10DataModule(_LoaderMixin, pl.LightningDataModule):
