@@ -124,7 +124,7 @@ class _Lab:
     shape: tuple[int, ...]
     blocks: list[tuple[tuple[int, ...], np.ndarray]] = field(default_factory=list)
     origins: list[tuple[str, dict[int, tuple[int, int]]]] = field(default_factory=list)
-    derived: bool = False
+    derived: frozenset[int] = frozenset()  # dims along which values vary with parameter data
 
 
 def _plain(shape: Iterable[int]) -> _Lab:
@@ -196,36 +196,60 @@ class LabelGraph:
         self.producer_atoms: dict[str, np.ndarray] = {}
         self.producer_order: list[str] = []
         self.passes = 0
+        # optimistic passes (parameters along a unit dim do not fix it yet) until no atoms merge, then one
+        # strict pass that records sites, slices and fixes
+        self.strict = False
         for _ in range(max_passes):
             self.atoms.changed = False
             self.records = _Records()
-            self._pass_index = 0
             self._run()
             self.passes += 1
             if not self.atoms.changed:
                 break
+        self.strict = True
+        self.records = _Records()
+        self._run()
+        self.passes += 1
         for arr, _why in self.records.fixes:
             self.atoms.union_all(np.concatenate([arr.ravel(), [FIXED]]))
 
     # ------------------------------------------------------------------------------------------ walking
     def _run(self) -> None:
-        labs: dict[Any, Any] = {}
         self._producer_seen = 0
-        for i, node in enumerate(self.program.graph.nodes):
+        self._walk(self.program.graph, None)
+
+    def _walk(self, graph: Any, inputs: list[Any] | None) -> Any:
+        """Labels through ``graph``; ``inputs``: the labels of a subgraph's placeholders (None: the
+        exported program's own). Returns the labels of the subgraph's outputs."""
+        labs: dict[Any, Any] = {}
+        k = 0
+        for i, node in enumerate(graph.nodes):
             if i % 64 == 0:
                 self.check()
             if node.op == "placeholder":
-                labs[node] = self._placeholder(node)
+                if inputs is None:
+                    labs[node] = self._placeholder(node)
+                else:
+                    labs[node] = inputs[k] if k < len(inputs) else None
+                    k += 1
             elif node.op == "call_function":
                 try:
-                    labs[node] = self._call(node, labs)
+                    sub = self._subgraph(node)
+                    if sub is not None:
+                        out = self._walk(sub[0], [labs.get(a) for a in sub[1]])
+                        labs[node] = out if isinstance(out, list) else [out]
+                    else:
+                        labs[node] = self._call(node, labs)
                 except _Fix as why:
                     self._fix_inputs(node, labs, str(why))
-                    labs[node] = self._unlabelled_output(node)
+                    labs[node] = self._opaque_output(node, labs)
                 except Exception as err:  # noqa: BLE001 - an operator we mis-handle: conservative
                     self._fix_inputs(node, labs, f"{_op_name(node.target)} ({type(err).__name__})")
-                    labs[node] = self._unlabelled_output(node)
+                    labs[node] = self._opaque_output(node, labs)
             elif node.op == "output":
+                if inputs is not None:
+                    args = node.args[0]
+                    return [labs.get(a) for a in args] if isinstance(args, (list, tuple)) else labs.get(args)
                 for arg in _flatten_args(node.args):
                     lab = labs.get(arg)
                     for lab_ in (lab if isinstance(lab, list) else [lab]):
@@ -234,6 +258,18 @@ class LabelGraph:
                                 self.records.fixes.append((arr, "model output"))
             else:  # get_attr (submodules of higher-order ops): unlabelled
                 labs[node] = None
+        return None
+
+    def _subgraph(self, node: Any) -> tuple[Any, list[Any]] | None:
+        """A higher-order op (autocast, grad-mode regions): its body graph and the nodes it is called with."""
+        if not isinstance(node.target, torch._ops.HigherOrderOperator):
+            return None
+        for i, arg in enumerate(node.args):
+            if getattr(arg, "op", None) == "get_attr":
+                body = getattr(self.program.graph_module, arg.target, None)
+                if isinstance(body, torch.fx.GraphModule):
+                    return body.graph, list(node.args[i + 1:])
+        raise _Fix(f"{getattr(node.target, '__name__', node.target)}")
 
     def _placeholder(self, node: Any) -> _Lab | None:
         shape = _shape_of(node.meta.get("val"))
@@ -242,7 +278,7 @@ class LabelGraph:
         lab = _plain(shape)
         kind = self.placeholders.get(node.name)
         if kind is not None:
-            lab.derived = True
+            lab.derived = frozenset(d for d in range(len(shape)) if shape[d] > 1)
             if kind[0] in ("param", "buffer"):
                 lab.origins = [(kind[1], {d: (d, 0) for d in range(len(shape))})]
         return lab
@@ -253,6 +289,18 @@ class LabelGraph:
             return [_plain(s) if (s := _shape_of(v)) is not None else None for v in val]
         shape = _shape_of(val)
         return _plain(shape) if shape is not None else None
+
+    def _opaque_output(self, node: Any, labs: dict) -> Any:
+        """The output of an operator not followed: if it read parameters, its values vary with them."""
+        out = self._unlabelled_output(node)
+        derived = any(isinstance(x, _Lab) and x.derived
+                      for a in _flatten_args((node.args, tuple(node.kwargs.values())))
+                      for x in (labs.get(a) if isinstance(labs.get(a), list) else [labs.get(a)]))
+        if derived:
+            for lab in (out if isinstance(out, list) else [out]):
+                if isinstance(lab, _Lab):
+                    lab.derived = frozenset(d for d, s in enumerate(lab.shape) if s > 1)
+        return out
 
     def _fix_inputs(self, node: Any, labs: dict, why: str) -> None:
         for arg in _flatten_args((node.args, tuple(node.kwargs.values()))):
@@ -351,17 +399,17 @@ class LabelGraph:
             result.append((letters, arr))
         labelled = {x for ls, _ in result for x in ls}
         # parameters along labelled letters: sliced with them (or, if not followed, the letter is fixed)
-        derived_any = False
         origins_out: list[tuple[str, dict[int, tuple[int, int]]]] = []
         for lab, letters in operands:
             if not lab.derived:
                 continue
-            derived_any = True
             for d, x in enumerate(letters):
-                if x not in labelled or lab.shape[d] == 1:
+                if x not in labelled or lab.shape[d] == 1 or d not in lab.derived:
                     continue
                 followed = [(name, m[d]) for name, m in lab.origins if d in m]
                 if not lab.origins or len(followed) != len(lab.origins):
+                    if not self.strict:
+                        continue
                     raise _Fix(f"{what}: a tensor computed from parameters along a unit dim")
                 block = next((ls, a) for ls, a in result if x in ls)
                 atoms = self._project(block[0], block[1], x)
@@ -379,8 +427,10 @@ class LabelGraph:
                 mapped = {out_index[letters[d]]: v for d, v in m.items()
                           if letters[d] in out_index and lab.shape[d] == sizes[letters[d]]}
                 origins_out.append((name, mapped))
+        derived_out = frozenset(out_index[letters[d]] for lab, letters in operands for d in lab.derived
+                                if letters[d] in out_index)
         shape = tuple(sizes[x] for x in out_letters)
-        return self.canon(_Lab(shape, blocks_out, origins_out, derived_any))
+        return self.canon(_Lab(shape, blocks_out, origins_out, derived_out))
 
     def _psize(self, name: str, dim: int) -> int:
         tensor = self.params.get(name)
@@ -431,7 +481,7 @@ class LabelGraph:
         if not any(isinstance(x, _Lab) and (x.blocks or x.derived) for x in in_labs) and name not in (
                 "linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose2d", "_convolution"):
             return self._unlabelled_output(node)  # nothing followed: nothing to do
-        if name in _NEW:
+        if name in _NEW or val is None:
             return self._unlabelled_output(node)
         args = node.args
         get = lambda i, key, default=None: (args[i] if len(args) > i  # noqa: E731
@@ -525,9 +575,7 @@ class LabelGraph:
                 blocks.append((letters, arr2))
             else:
                 blocks.append((bdims, arr))
-        origins = [(n, m) for n, m in lab.origins if not (set(m) & dims)]
-        if lab.derived and len(origins) != len(lab.origins):
-            origins = []
+        origins = [(n, {d: v for d, v in m.items() if d not in dims}) for n, m in lab.origins]
         return self.canon(_Lab(lab.shape, blocks, origins, lab.derived))
 
     def _positional(self, node: Any, name: str, lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
@@ -755,6 +803,8 @@ class LabelGraph:
             return
         followed = [(name, m[pdim_in_tensor]) for name, m in lab.origins if pdim_in_tensor in m]
         if not lab.origins or len(followed) != len(lab.origins):
+            if not self.strict:
+                return
             raise _Fix(f"{what}: a tensor computed from parameters along a unit dim")
         for name, (pdim, offset) in followed:
             self.records.slices.append((name, "param", pdim, atoms[offset:offset + self._psize(name, pdim)]))
@@ -764,8 +814,8 @@ class LabelGraph:
         n = len(lab.shape)
         val = node.meta["val"]
         dims_arg = args[1] if len(args) > 1 else node.kwargs.get("dim")
-        if name in ("norm",) and len(args) > 2:
-            dims_arg = args[2]
+        if name in ("norm", "linalg_vector_norm"):
+            dims_arg = args[2] if len(args) > 2 else node.kwargs.get("dim")
         if isinstance(dims_arg, bool) or (name in ("var", "std") and dims_arg is None):
             dims_arg = None
         if dims_arg is None or (isinstance(dims_arg, (list, tuple)) and len(dims_arg) == 0):
@@ -835,8 +885,9 @@ class LabelGraph:
                 else:
                     lost = True
             origins.append((pname, mm))
-        out = self.canon(_Lab(tuple(out_shape), blocks, origins if not lost else
-                              [(p, m) for p, m in origins], lab.derived))
+        derived = frozenset(o for ins, outs in groups if set(ins) & lab.derived for o in outs
+                            if out_shape[o] > 1)
+        out = self.canon(_Lab(tuple(out_shape), blocks, origins, derived))
         self._size_constants(node, out)
         return out
 
@@ -881,7 +932,7 @@ class LabelGraph:
             order = sorted(range(len(dims)), key=lambda i: new_dims[i])
             blocks.append((tuple(new_dims[i] for i in order), np.transpose(arr, order) if order else arr))
         origins = [(p, {inv[d]: v for d, v in m.items()}) for p, m in lab.origins]
-        return _Lab(tuple(out_shape), blocks, origins, lab.derived)
+        return _Lab(tuple(out_shape), blocks, origins, frozenset(inv[d] for d in lab.derived))
 
     def _slicing(self, node: Any, name: str, lab: _Lab, labs: dict) -> Any:
         args = node.args
@@ -907,7 +958,10 @@ class LabelGraph:
             remap = {d: (d if d < dim else d + k - 1) for d in range(n) if d != dim}
             blocks = [(tuple(remap[d] for d in dims), arr) for dims, arr in lab.blocks]
             origins = [(p, {remap[d]: v for d, v in m.items() if d != dim}) for p, m in lab.origins]
-            return _Lab(_shape_of(val), blocks, origins, lab.derived)
+            derived = {remap[d] for d in lab.derived if d != dim}
+            if dim in lab.derived:
+                derived |= set(range(dim, dim + k))
+            return _Lab(_shape_of(val), blocks, origins, frozenset(derived))
         dim_arg = {"slice": (1, 0), "narrow": (1, 0), "select": (1, 0), "split": (2, 0),
                    "split_with_sizes": (2, 0), "chunk": (2, 0), "unbind": (1, 0), "tensor_split": (2, 0)}
         pos, default = dim_arg[name]
@@ -997,7 +1051,8 @@ class LabelGraph:
             rest = [(dims, arr) for dims, arr in lab.blocks if dim not in dims]
             letters = [d for d in range(n)]
             trimmed = _Lab(tuple(1 if d == dim else s for d, s in enumerate(lab.shape)), rest,
-                           [(p, {d: v for d, v in m.items() if d != dim}) for p, m in lab.origins], lab.derived)
+                           [(p, {d: v for d, v in m.items() if d != dim}) for p, m in lab.origins],
+                           frozenset(d for d in lab.derived if d != dim))
             operands.append((trimmed, letters))
             for p, m in lab.origins:
                 if dim in m and m[dim][1] == 0:
@@ -1012,8 +1067,9 @@ class LabelGraph:
         by_name = {p: m for p, m in origins}
         for p, m in origins_out:
             by_name.setdefault(p, {}).update(m)
+        derived = combined.derived | ({dim} if any(dim in lab.derived for lab in ins) else set())
         return self.canon(_Lab(out_shape, blocks, list(by_name.items()) if origins_out else origins,
-                               combined.derived))
+                               frozenset(derived)))
 
     def _contract(self, node: Any, name: str, labs: dict) -> _Lab:
         args = node.args
@@ -1208,8 +1264,8 @@ class LabelGraph:
                 items = sorted(chans.items())
                 group_sites.append(Site(full(module), kind, dim, tuple(c for c, _ in items),
                                         tuple(u for _, u in items)))
-            out_slices = [s for s in group_slices if s.role in ("out", "group")]
-            width = max((len(s.channels) // max(len(set(s.units)), 1) for s in out_slices), default=1)
+            io_slices = [s for s in group_slices if s.role in ("out", "group", "in")]
+            width = min((len(s.channels) // max(len(set(s.units)), 1) for s in io_slices), default=1)
             kind = ("conv group" if any(s.role == "group" for s in group_slices)
                     else "head" if width > 1 else "channel")
             if not group_sites:
@@ -1286,7 +1342,7 @@ def _shift(lab: _Lab, offset: int, out_shape: tuple[int, ...]) -> _Lab:
     blocks = [(tuple(d + offset for d in dims), arr) for dims, arr in lab.blocks]
     origins = [(p, {d + offset: v for d, v in m.items() if out_shape[d + offset] == lab.shape[d]})
                for p, m in lab.origins]
-    return _Lab(tuple(out_shape), blocks, origins, lab.derived)
+    return _Lab(tuple(out_shape), blocks, origins, frozenset(d + offset for d in lab.derived))
 
 
 def _resize(lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
@@ -1317,7 +1373,7 @@ def _drop_dims(lab: _Lab, dims: set[int], out_shape: tuple[int, ...]) -> _Lab:
             bdims = tuple(bdims[i] for i in keep)
         blocks.append((tuple(remap[d] for d in bdims), arr))
     origins = [(p, {remap[d]: v for d, v in m.items() if d in remap}) for p, m in lab.origins]
-    return _Lab(tuple(out_shape), blocks, origins, lab.derived)
+    return _Lab(tuple(out_shape), blocks, origins, frozenset(remap[d] for d in lab.derived if d in remap))
 
 
 def _insert_dim(lab: _Lab, dim: int) -> _Lab:
@@ -1325,7 +1381,8 @@ def _insert_dim(lab: _Lab, dim: int) -> _Lab:
     shape = list(lab.shape)
     shape.insert(dim, 1)
     return _Lab(tuple(shape), [(tuple(remap[d] for d in dims), arr) for dims, arr in lab.blocks],
-                [(p, {remap[d]: v for d, v in m.items()}) for p, m in lab.origins], lab.derived)
+                [(p, {remap[d]: v for d, v in m.items()}) for p, m in lab.origins],
+                frozenset(remap[d] for d in lab.derived))
 
 
 def _flatten_args(args: Any) -> list[Any]:
