@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.graph import (
+    DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ChannelGroup,
     analyse_channels,
     call_model,
@@ -35,7 +36,7 @@ from lightning_prune.graph import (
     slice_units,
     traced_root,
 )
-from lightning_prune.validation import check_bool, check_int, check_positive
+from lightning_prune.validation import check_bool, check_int, check_optional, check_positive
 
 __all__ = ["CompressionError", "compress", "dead_units", "load_compressed", "round_kept", "save_compressed",
            "shape_attributes", "take_shapes"]
@@ -89,6 +90,7 @@ def compress(
     round_to: int = 8,
     groups: Sequence[ChannelGroup] | None = None,
     removed: Mapping[str, Sequence[int]] | None = None,
+    analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
 ) -> nn.Module:
     """Physically remove pruned units from ``model``; returns the smaller model.
 
@@ -107,9 +109,12 @@ def compress(
         groups, removed: the groups (names relative to ``model``) and, per group name, the units to remove
             (what a gate callback decided); default: every dead unit of the groups found by
             :func:`~lightning_prune.graph.analyse_channels`.
+        analysis_time_limit_s: CPU seconds the channel analysis may use (``None``: no limit); past it,
+            :class:`~lightning_prune.graph.GraphTimeoutError`.
 
     Raises:
         CompressionError: the outputs changed.
+        GraphTimeoutError: the channel analysis used more than ``analysis_time_limit_s`` of CPU time.
         InvalidArgumentError: a bad argument.
 
     Example::
@@ -122,6 +127,8 @@ def compress(
     check_positive("atol", atol, error=InvalidArgumentError)
     check_positive("rtol", rtol, error=InvalidArgumentError)
     check_int("round_to", round_to, 1, hint="8 keeps widths multiples of 8.", error=InvalidArgumentError)
+    check_optional(check_positive, "analysis_time_limit_s", analysis_time_limit_s, error=InvalidArgumentError,
+                   hint="CPU seconds the channel analysis may use, e.g. 300; None for no limit.")
     if (groups is None) != (removed is None):
         raise InvalidArgumentError("Pass `groups` and `removed` together, or neither.")
     if not inplace:
@@ -135,7 +142,7 @@ def compress(
         with torch.no_grad():
             reference = call_model(root, example) if verify else None
         if groups is None:
-            analysed = analyse_channels(root, example).groups
+            analysed = analyse_channels(root, example, analysis_time_limit_s=analysis_time_limit_s).groups
             target = root
             plan = dead_units(root, analysed)
             plan = {g.name: round_kept(g, plan[g.name], round_to) for g in analysed if g.name in plan}

@@ -29,7 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
@@ -39,10 +39,12 @@ from lightning_prune.compression import round_kept
 from lightning_prune.functional.magnitude import kept_count
 from lightning_prune.gates import Gate, GateSet, unit_masks
 from lightning_prune.graph import (
+    DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ChannelGroup,
     CostModel,
     analyse_channels,
     example_inputs_for,
+    failure_reason,
     traced_root,
 )
 from lightning_prune.logging import PREFIX, log_histograms, log_images, log_scalars
@@ -119,6 +121,9 @@ class GatePruningCallback(PruningCallback):
         compress_epoch: the same as an epoch (at its start) or a fraction of training.
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
             ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
+        analysis_time_limit_s: CPU seconds (``time.process_time``) the channel analysis at ``setup`` may use;
+            past it the fit stops with a clear error naming this argument (``None``: no limit). Checked
+            cooperatively: no signal handler, no timer.
         include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
     """
 
@@ -143,8 +148,12 @@ class GatePruningCallback(PruningCallback):
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
         group_targets: dict[str, float] | None = None,
+        analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ) -> None:
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
+        self.analysis_time_limit_s = check_optional(
+            check_positive, "analysis_time_limit_s", analysis_time_limit_s,
+            hint="CPU seconds the channel analysis at setup may use, e.g. 300; None for no limit.")
         self.gate_lr = check_positive("gate_lr", gate_lr)
         self.gate_optimizer = check_choice("gate_optimizer", gate_optimizer, ("adam", "sgd"))
         self.prune_coupled = check_bool("prune_coupled", prune_coupled)
@@ -199,6 +208,7 @@ class GatePruningCallback(PruningCallback):
         self._measured: tuple[dict[str, list[int]], tuple[float, float]] | None = None
         self._model: pl.LightningModule | None = None
         self.coverage = 0.0
+        self._analysis_weights: dict[str, int] = {}  # Conv/Linear weight elements per module
         self._traced_prefix = ""
         self._pending_gates: dict[str, Any] | None = None
         self._last_penalty = 0.0
@@ -225,8 +235,9 @@ class GatePruningCallback(PruningCallback):
         with as_misconfiguration(), input_size_errors(self.input_size):
             example = example_inputs_for(root, self.input_size)
             analysis = analyse_channels(root, example, self.include, self.exclude, self.prune_coupled,
-                                        prefix=prefix)
+                                        prefix=prefix, analysis_time_limit_s=self.analysis_time_limit_s)
         self._traced_prefix, self.skipped, self.coverage = prefix, analysis.skipped, analysis.coverage
+        self._analysis_weights = dict(analysis.weights)
         if not analysis.groups:
             reasons: dict[str, int] = {}
             for why in analysis.skipped.values():
@@ -239,7 +250,17 @@ class GatePruningCallback(PruningCallback):
                 f" {shown or 'no Conv/Linear output channels'}."
                 " HINT: `include=[...]` selects other layers; `prune_coupled=True` gates residual streams."
             )
-        self._cost = CostModel(root, example, analysis.groups, prefix=prefix)
+        try:
+            self._cost = CostModel(root, example, analysis.groups, prefix=prefix)
+        except Exception as error:  # noqa: BLE001 - torch-pruning's counter on a model it cannot count
+            if self.target_flops is not None or self.target_params is not None:
+                raise MisconfigurationException(
+                    f"{type(self).__name__} cannot count the FLOPs and parameters of"
+                    f" {type(pl_module).__name__}"
+                    f" to meet `target_flops`/`target_params`: {failure_reason('counting them', error)}."
+                    " HINT: use `group_targets` or the gates' own threshold (no size target) on this model."
+                ) from error
+            self._cost = None  # no size target: only the logged sizes go
         return analysis.groups
 
     def _build_gates(self) -> None:
@@ -391,8 +412,30 @@ class GatePruningCallback(PruningCallback):
             if measured <= target or lo == total:
                 break
             goal *= target / measured
+        if measured > target:
+            floor = measured if lo == total else self._cost.measured_ratios(removed_for(total))[which]
+            name = "target_flops" if which == 0 else "target_params"
+            self._warn_target_unmet(name, target, measured, floor)
         return [torch.tensor([u not in set(removed.get(g.name, ())) for u in range(g.size)])
                 for g in self.groups]
+
+    def _warn_target_unmet(self, name: str, target: float, reached: float, floor: float) -> None:
+        """Say that ``name`` is not met: what was reached, the most the removable groups allow, and the
+        largest layers no removable group covers, with the reasons."""
+        weights = self._analysis_weights
+        total = sum(weights.values()) or 1
+        blockers = sorted(((weights[n], n, why) for n, why in self.skipped.items() if n in weights),
+                          reverse=True)
+        shown = "; ".join(f"`{n}` ({w / total:.0%} of the weights: {why})" for w, n, why in blockers[:3])
+        what = "FLOPs" if name == "target_flops" else "parameters"
+        rank_zero_warn(
+            f"{type(self).__name__}: `{name}={target:g}` is not reached: the compressed model keeps"
+            f" {reached:.3f} of the dense {what} (removing every removable unit but one per group would keep"
+            f" {floor:.3f})."
+            f" {1 - self.coverage:.0%} of the Conv/Linear weights are in no removable channel group"
+            + (f"; the largest blockers: {shown}." if shown else ".")
+            + " HINT: `pruning.skipped` lists every group left alone with its reason; `include`/`exclude` and"
+              " `prune_coupled=True` widen the selection.", category=UserWarning)
 
     def targeted_keep(self, keep: list[Tensor]) -> list[Tensor]:
         """``keep`` with each group of ``group_targets`` keeping ``max(round(size * (1 - fraction)), 1)``

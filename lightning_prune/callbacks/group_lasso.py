@@ -27,7 +27,7 @@ from typing_extensions import override
 from lightning_prune.callbacks.gating import GatePruningCallback
 from lightning_prune.functional.channels import capture_mask, gate_l1_penalty, gate_l1_subgradient, keep_mask
 from lightning_prune.gates import ScaleGate
-from lightning_prune.graph import ChannelGroup
+from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S, ChannelGroup
 from lightning_prune.targets import matches
 from lightning_prune.validation import check_fraction, check_nonnegative
 
@@ -87,6 +87,8 @@ class GroupLassoPruning(GatePruningCallback):
             (see :class:`~lightning_prune.callbacks.gating.GatePruningCallback`).
         input_size: ``(C, H, W)`` used to trace the model (default: the LightningModule's
             ``example_input_array``, else timm's ``pretrained_cfg["input_size"]``).
+        analysis_time_limit_s: CPU seconds the channel analysis at ``setup`` may use (``None``: no limit);
+            past it the fit stops with an error naming this argument. No signal or timer is used.
         include, exclude: globs over module names; narrow the gated groups (by their producers) and the
             weights under ``weight_l1``/``weight_l2``.
         types, log_media_every_n_epochs, verbose: see
@@ -123,6 +125,7 @@ class GroupLassoPruning(GatePruningCallback):
         compress_step: int | float | None = None,
         compress_epoch: int | float | None = None,
         input_size: Sequence[int] | None = None,
+        analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         types: list[str | type] | None = None,
@@ -133,7 +136,8 @@ class GroupLassoPruning(GatePruningCallback):
                          finalize_step, finalize_epoch,
                          alternate_every_n_steps, compress, compress_step, compress_epoch, input_size,
                          include, exclude, types,
-                         log_media_every_n_epochs, verbose, group_targets=group_targets)
+                         log_media_every_n_epochs, verbose, group_targets=group_targets,
+                         analysis_time_limit_s=analysis_time_limit_s)
         self.lam = check_nonnegative("lam", lam, "lam weighs the L1 penalty on the gates; 0 disables it.")
         self.weight_l1 = check_nonnegative("weight_l1", weight_l1)
         self.weight_l2 = check_nonnegative("weight_l2", weight_l2)

@@ -43,7 +43,7 @@ from lightning_prune.functional.hard_concrete import (
     log_alpha_from_droprate,
 )
 from lightning_prune.gates import Gate
-from lightning_prune.graph import ChannelGroup
+from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S, ChannelGroup
 from lightning_prune.logging import PREFIX, log_histograms, log_scalars
 from lightning_prune.schedules import ramp, training_steps
 from lightning_prune.validation import check_bool, check_int, check_nonnegative, check_optional
@@ -188,8 +188,8 @@ class L0Pruning(GatePruningCallback):
         seed: seed of the gates' noise and initialisation (default: ``torch.initial_seed()``, i.e. what
             ``seed_everything`` set; rank 0's is used on every rank).
         prune_coupled, target_flops, target_params, group_targets, round_to, finalize_step, finalize_epoch,
-            alternate_every_n_steps, compress, compress_step, compress_epoch, input_size, include, exclude,
-            types, log_media_every_n_epochs,
+            alternate_every_n_steps, compress, compress_step, compress_epoch, input_size,
+            analysis_time_limit_s, include, exclude, types, log_media_every_n_epochs,
             verbose: as in :class:`~lightning_prune.GroupLassoPruning`.
 
     Raises:
@@ -229,6 +229,7 @@ class L0Pruning(GatePruningCallback):
         compress_step: int | float | None = None,
         compress_epoch: int | float | None = None,
         input_size: Sequence[int] | None = None,
+        analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         types: list[str | type] | None = None,
@@ -239,7 +240,8 @@ class L0Pruning(GatePruningCallback):
                          finalize_step, finalize_epoch,
                          alternate_every_n_steps, compress, compress_step, compress_epoch, input_size,
                          include, exclude, types,
-                         log_media_every_n_epochs, verbose, group_targets=group_targets)
+                         log_media_every_n_epochs, verbose, group_targets=group_targets,
+                         analysis_time_limit_s=analysis_time_limit_s)
         self.lam = check_nonnegative("lam", lam,
                                      "lam weighs the expected number of open channels; 0 disables it.")
         if penalty not in ("expected_l0", "hard"):

@@ -39,7 +39,7 @@ Every public name is re-exported here.
 """
 
 from lightning_prune.graph.analysis import analyse_channels
-from lightning_prune.graph.budget import GRAPH_TIME_LIMIT_S
+from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, GRAPH_TIME_LIMIT_S
 from lightning_prune.graph.cost import CostModel
 from lightning_prune.graph.inputs import call_model, example_inputs_for, like_model, traced_root
 from lightning_prune.graph.layers import PRODUCER_TYPES, channel_dim  # noqa: F401 - PRODUCER_TYPES as before
@@ -52,9 +52,17 @@ from lightning_prune.graph.slicing import (  # noqa: F401 - the private two: gat
     slice_units,
     zero_unit_hooks,
 )
-from lightning_prune.graph.types import ChannelAnalysis, ChannelGroup, GraphTimeoutError, Site, Slice
+from lightning_prune.graph.types import (
+    ChannelAnalysis,
+    ChannelGroup,
+    GraphTimeoutError,
+    Site,
+    Slice,
+    failure_reason,
+)
 
 __all__ = [
+    "DEFAULT_ANALYSIS_TIME_LIMIT_S",
     "GRAPH_TIME_LIMIT_S",
     "CostModel",
     "ChannelAnalysis",
@@ -67,6 +75,7 @@ __all__ = [
     "call_model",
     "channel_dim",
     "example_inputs_for",
+    "failure_reason",
     "like_model",
     "masked_and_sliced",
     "randomised_copy",

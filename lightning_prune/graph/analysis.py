@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from lightning_prune.graph.budget import GRAPH_TIME_LIMIT_S, _deadline
+from lightning_prune.errors import InvalidArgumentError
+from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, _deadline
 from lightning_prune.graph.dependencies import _build_graph, _describe, _grouped_slices, _names, _raw_groups
+from lightning_prune.graph.inputs import call_model
 from lightning_prune.graph.layers import PRODUCER_TYPES
 from lightning_prune.graph.proof import _exact_subsets
-from lightning_prune.graph.types import ChannelAnalysis, ChannelGroup, _localised, _prefixed, _strip
+from lightning_prune.graph.types import (
+    ChannelAnalysis,
+    ChannelGroup,
+    GraphTimeoutError,
+    _localised,
+    _prefixed,
+    _strip,
+    failure_reason,
+)
 from lightning_prune.targets import as_patterns, matches
+from lightning_prune.validation import check_optional, check_positive
 
 __all__ = ["analyse_channels"]
 
@@ -26,10 +39,14 @@ def analyse_channels(
     exclude: str | Iterable[str] | None = None,
     prune_coupled: bool = True,
     prefix: str = "",
-    time_limit_s: float | None = GRAPH_TIME_LIMIT_S,
+    analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
     rtol: float = 1e-6,
 ) -> ChannelAnalysis:
     """The exactly removable channel groups of ``model``, and why the others are left alone.
+
+    Never raises for what the model or the dependency graph does: a producer whose channels cannot be followed
+    is skipped with the reason; a model that cannot be traced at all is analysed submodule by submodule (each
+    proven on its own inputs), the model's own entry in :attr:`ChannelAnalysis.skipped` saying why.
 
     Args:
         model: the module to trace (a timm model, or a LightningModule with ``example_input_array``).
@@ -38,61 +55,151 @@ def analyse_channels(
         exclude: globs; a group with a producer that matches is left alone.
         prune_coupled: also the coupled groups (residual streams: several producers, one gate per channel).
         prefix: prepended to every module name (where ``model`` sits inside the LightningModule).
-        time_limit_s: stop with :class:`GraphTimeoutError` after that long (``None``: no limit).
+        analysis_time_limit_s: CPU seconds (:func:`time.process_time`) the analysis may use before it stops
+            with :class:`GraphTimeoutError` (``None``: no limit). Checked cooperatively: no signal, no timer.
         rtol: the largest relative difference between masked and sliced outputs a group may cause.
 
     Raises:
-        GraphTimeoutError: the analysis took longer than ``time_limit_s``.
+        GraphTimeoutError: the analysis used more than ``analysis_time_limit_s`` of CPU time.
+        InvalidArgumentError: a bad ``analysis_time_limit_s``.
     """
+    check_optional(check_positive, "analysis_time_limit_s", analysis_time_limit_s, error=InvalidArgumentError,
+                   hint="CPU seconds the channel analysis may use, e.g. 300; None for no limit.")
     include_p, exclude_p = as_patterns(include), as_patterns(exclude)
     start = time.monotonic()
     analysis = ChannelAnalysis()
     full = functools.partial(_prefixed, prefix)
-    with _deadline(time_limit_s, type(model).__name__) as check:
-        graph = _build_graph(model, example_inputs)
+    outputs = _output_modules(model, example_inputs)
+    for name, module in model.named_modules():
+        if isinstance(module, PRODUCER_TYPES) and id(module) not in outputs:
+            analysis.weights[full(name)] = module.weight.numel()
+            analysis._out_sizes[full(name)] = module.weight.shape[0]
+    with _deadline(analysis_time_limit_s, type(model).__name__, model) as budget:
+        _analyse(model, example_inputs, _Options(include_p, exclude_p, prune_coupled, rtol, budget), prefix,
+                 analysis)
+    analysis.seconds = time.monotonic() - start
+    analysis.cpu_seconds = budget.used()
+    return analysis
+
+
+@dataclass
+class _Options:
+    include: list[str]
+    exclude: list[str]
+    prune_coupled: bool
+    rtol: float
+    check: Callable[[], None]
+
+
+def _analyse(model: nn.Module, example: Any, opts: _Options, prefix: str, analysis: ChannelAnalysis,
+             top: bool = True) -> None:
+    """Add the groups of ``model`` (called with ``example``; names under ``prefix``; ``top``: the model the
+    caller passed) to ``analysis``."""
+    full = functools.partial(_prefixed, prefix)
+    check = opts.check
+    try:
+        graph = _build_graph(model, example)
         check()
         names = _names(model, graph)
-        raws = _raw_groups(model, graph, check)
-        outputs = _output_modules(model, example_inputs)
-        for name, module in model.named_modules():
-            if isinstance(module, PRODUCER_TYPES) and id(module) not in outputs:
-                analysis.weights[full(name)] = module.weight.numel()
-                analysis._out_sizes[full(name)] = module.weight.shape[0]
-        candidates: list[ChannelGroup] = []
-        for raw in raws:
-            gname = full(raw.name)
+        raws, failed = _raw_groups(model, graph, check)
+    except GraphTimeoutError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever tracing raises: analyse the parts
+        _analyse_children(model, example, opts, prefix, analysis, failure_reason("tracing it", error), top)
+        return
+    for name, why in failed.items():
+        analysis.skipped[full(name)] = why
+    candidates: list[ChannelGroup] = []
+    for raw in raws:
+        gname = full(raw.name)
+        try:
             sites, slices, producers, blocked = _describe(raw, graph, names, prefix)
             blocked = raw.blocked or blocked
             if raw.unit == "conv group" and blocked is None:
                 slices = _grouped_slices(raw, graph, names, prefix, slices)
-            if include_p and not any(matches(p, include_p) for p in producers):
-                continue
-            if exclude_p and any(matches(p, exclude_p) for p in producers):
-                continue
-            if blocked is None and not sites:
-                blocked = "no layer reads these channels (model output)"
-            if blocked is None and raw.size < 2:
-                blocked = "a single unit"
-            coupled = len(producers) > 1
-            if blocked is None and coupled and not prune_coupled:
-                blocked = "coupled channels (set prune_coupled=True to gate them together)"
-            if blocked is not None:
-                analysis.skipped[gname] = blocked
-                continue
-            candidates.append(ChannelGroup(gname, raw.size, raw.unit, raw.width, tuple(sites), tuple(slices),
-                                           tuple(producers), coupled,
-                                           tuple((full(m), a, k) for m, a, k in raw.attrs)))
-        local = [_localised(g, prefix) for g in candidates]
-        good, bad = _exact_subsets(model, example_inputs, local, rtol, check)
-        good_names = {g.name for g in good}
-        for group in candidates:
-            if _strip(group.name, prefix) in good_names or (not prefix and group.name in good_names):
-                analysis.groups.append(group)
-            else:
-                analysis.skipped[group.name] = ("removing these channels changes the outputs"
-                                                " (checked on a copy)")
-    analysis.seconds = time.monotonic() - start
-    return analysis
+        except GraphTimeoutError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a group the dependency graph cannot describe is skipped
+            analysis.skipped[gname] = failure_reason("describing the group", error)
+            continue
+        if opts.include and not any(matches(p, opts.include) for p in producers):
+            continue
+        if opts.exclude and any(matches(p, opts.exclude) for p in producers):
+            continue
+        if blocked is None and not sites:
+            blocked = "no layer reads these channels (model output)"
+        if blocked is None and raw.size < 2:
+            blocked = "a single unit"
+        coupled = len(producers) > 1
+        if blocked is None and coupled and not opts.prune_coupled:
+            blocked = "coupled channels (set prune_coupled=True to gate them together)"
+        if blocked is not None:
+            analysis.skipped[gname] = blocked
+            continue
+        candidates.append(ChannelGroup(gname, raw.size, raw.unit, raw.width, tuple(sites), tuple(slices),
+                                       tuple(producers), coupled,
+                                       tuple((full(m), a, k) for m, a, k in raw.attrs)))
+    local = [_localised(g, prefix) for g in candidates]
+    good, bad = _exact_subsets(model, example, local, opts.rtol, check)
+    good_names = {g.name for g in good}
+    for group in candidates:
+        if _strip(group.name, prefix) in good_names or (not prefix and group.name in good_names):
+            analysis.groups.append(group)
+        else:
+            analysis.skipped[group.name] = ("removing these channels changes the outputs"
+                                            " (checked on a copy)")
+
+
+def _analyse_children(model: nn.Module, example: Any, opts: _Options, prefix: str, analysis: ChannelAnalysis,
+                      reason: str, top: bool) -> None:
+    """``model`` cannot be traced: analyse each child holding a Conv/Linear on the inputs it receives in one
+    forward of ``model`` (a group inside a child is proven on the child's outputs; what leaves the child is
+    left alone). A child called more than once per forward is left alone."""
+    key = prefix or type(model).__name__
+    children = [(n, c) for n, c in model.named_children()
+                if any(isinstance(m, PRODUCER_TYPES) for m in c.modules())]
+    if not children:
+        analysis.skipped[key] = reason
+        return
+    calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
+
+    def record(name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.setdefault(name, []).append((args, kwargs))
+
+    handles = [c.register_forward_pre_hook(functools.partial(record, n), with_kwargs=True)
+               for n, c in children]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, example)
+    except GraphTimeoutError:
+        raise
+    except Exception as error:
+        if top:  # the model does not run on its example: the caller's input, not the analysis
+            raise
+        analysis.skipped[key] = f"{reason}; {failure_reason('running it', error)}"
+        return
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    analysis.skipped[key] = f"{reason}; its submodules were analysed one by one"
+    for name, child in children:
+        opts.check()
+        got = calls.get(name, [])
+        where = _prefixed(prefix, name)
+        if len(got) != 1:
+            if got:
+                analysis.skipped[where] = f"{reason}; and `{where}` runs {len(got)} times per forward"
+            continue
+        args, kwargs = got[0]
+        if args and kwargs:
+            analysis.skipped[where] = f"{reason}; and `{where}` takes keyword arguments"
+            continue
+        child_example = kwargs if kwargs else (args[0] if len(args) == 1 and isinstance(args[0], Tensor)
+                                               else args)
+        _analyse(child, child_example, opts, where, analysis, top=False)
 
 
 def _output_modules(model: nn.Module, example: Any) -> set[int]:

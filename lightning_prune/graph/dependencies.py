@@ -8,13 +8,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_prune.graph.inputs import call_model
 from lightning_prune.graph.layers import (
     PRODUCER_TYPES,
     _is_depthwise,
@@ -24,7 +25,7 @@ from lightning_prune.graph.layers import (
     _is_timm_attention,
     channel_dim,
 )
-from lightning_prune.graph.types import Site, Slice, _prefixed
+from lightning_prune.graph.types import GraphTimeoutError, Site, Slice, _prefixed, failure_reason
 
 _OP = tp.ops.OPTYPE
 
@@ -40,6 +41,14 @@ _BLOCKING = {
 }
 
 
+class _Index(NamedTuple):
+    """A unit index as torch-pruning's index mappings take and return it: where it is now, and the root
+    channel it came from."""
+
+    idx: int
+    root_idx: int
+
+
 @dataclass
 class _Item:
     node: Any
@@ -52,25 +61,24 @@ def _expand(graph: tp.DependencyGraph, module: nn.Module, fn: Callable[..., Any]
             check: Callable[[], None]) -> list[_Item]:
     """The items coupled to ``fn`` on ``idxs`` of ``module``: torch-pruning's dependency walk, but each
     (node, handler) only propagates indices it has not seen, so models with many paths to one node (ReXNet's
-    partial residuals) stay linear; one merged item per (node, handler)."""
-    from torch_pruning import _helpers
-    from torch_pruning.dependency.dependency import Dependency
-
+    partial residuals) stay linear; one merged item per (node, handler). (torch-pruning's index mappings read
+    and return ``(idx, root_idx)`` pairs: :class:`_Index` is ours, nothing private of torch-pruning is
+    imported.)"""
     if _is_depthwise(module) and module.out_channels > 1:
         fn = tp.pruner.function.prune_depthwise_conv_out_channels
-    start = [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]
+    start = [_Index(idx=i, root_idx=i) for i in idxs]
     root = graph.module2node[module]
     seen: dict[tuple[Any, Any], dict[int, Any]] = {(root, fn): {i.idx: i for i in start}}
     order = [(root, fn)]
-    stack = [(Dependency(fn, fn, source=root, target=root), start)]
+    stack: list[tuple[Any, Callable[..., Any], list[Any]]] = [(root, fn, start)]
     steps = 0
     while stack:
-        dep, current = stack.pop()
+        node, handler, current = stack.pop()
         steps += 1
         if steps % 256 == 0:
             check()
-        for new_dep in dep.target.dependencies:
-            if not new_dep.is_triggered_by(dep.handler):
+        for new_dep in node.dependencies:
+            if not new_dep.is_triggered_by(handler):
                 continue
             mapped = current
             for mapping in new_dep.index_mapping:
@@ -87,7 +95,7 @@ def _expand(graph: tp.DependencyGraph, module: nn.Module, fn: Callable[..., Any]
                 continue
             for i in fresh:
                 known[i.idx] = i
-            stack.append((new_dep, fresh))
+            stack.append((new_dep.target, new_dep.handler, fresh))
     items = []
     for node, handler in order:
         found = seen[(node, handler)]
@@ -98,13 +106,21 @@ def _expand(graph: tp.DependencyGraph, module: nn.Module, fn: Callable[..., Any]
 
 
 def _build_graph(model: nn.Module, example: Any) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of ``model`` traced on ``example`` (in eval mode, one forward: through
+    :func:`call_model`). Whatever happens, the model keeps its mode and no hook torch-pruning registered
+    stays behind (it leaves them when the forward raises)."""
     was_training = model.training
+    before = {id(m): set(m._forward_hooks) for m in model.modules()}
     model.eval()
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                         forward_fn=call_model)
     finally:
         model.train(was_training)
+        for m in model.modules():
+            for key in set(m._forward_hooks) - before.get(id(m), set()):
+                del m._forward_hooks[key]
 
 
 # --------------------------------------------------------------------------------------------- classification
@@ -207,30 +223,42 @@ def _describe(raw: _Raw, graph: tp.DependencyGraph, names: dict[int, str], prefi
     return sites, slices, producers, None
 
 
-def _raw_groups(model: nn.Module, graph: tp.DependencyGraph, check: Callable[[], None]) -> list[_Raw]:
-    """Every group rooted at a Conv/Linear's output channels (a timm Attention's inner dim as heads)."""
+def _raw_groups(model: nn.Module, graph: tp.DependencyGraph, check: Callable[[], None]
+                ) -> tuple[list[_Raw], dict[str, str]]:
+    """Every group rooted at a Conv/Linear's output channels (a timm Attention's inner dim as heads), and
+    ``{producer name: reason}`` for the producers whose expansion failed (what torch-pruning raised: the
+    producer is left alone, the others go on)."""
     names = _names(model, graph)
     covered: set[tuple[int, str]] = set()
     raws: list[_Raw] = []
+    failed: dict[str, str] = {}
     attention_of = {id(a.qkv): a for a in model.modules() if _is_timm_attention(a)}
     for module in [m for m in model.modules() if m in graph.module2node]:  # module order: stable group names
         if not isinstance(module, PRODUCER_TYPES) or (id(module), "out") in covered:
             continue
         check()
-        if id(module) in attention_of:
-            raws.append(_head_group(attention_of[id(module)], graph, names, check))
+        name = names.get(id(module), "?")
+        try:
+            if id(module) in attention_of:
+                raws.append(_head_group(attention_of[id(module)], graph, names, check))
+                covered.add((id(module), "out"))
+                continue
+            fn = graph.get_pruner_of_module(module).prune_out_channels
+            n = graph.get_out_channels(module)
+            if not n:
+                continue
+            items = _expand(graph, module, fn, list(range(n)), check)
+        except GraphTimeoutError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever the dependency graph raises skips this group
+            failed[name] = failure_reason("following its channels through the graph", error)
             covered.add((id(module), "out"))
             continue
-        fn = graph.get_pruner_of_module(module).prune_out_channels
-        n = graph.get_out_channels(module)
-        if not n:
-            continue
-        items = _expand(graph, module, fn, list(range(n)), check)
         for item in items:
             if isinstance(item.node.module, PRODUCER_TYPES) and graph.is_out_channel_pruning_fn(item.handler):
                 covered.add((id(item.node.module), "out"))
-        raws.append(_Raw(names.get(id(module), "?"), items, n, lambda r: r))
-    return _merge_grouped_convs(raws, graph, names)
+        raws.append(_Raw(name, items, n, lambda r: r))
+    return _merge_grouped_convs(raws, graph, names), failed
 
 
 def _head_group(attn: nn.Module, graph: tp.DependencyGraph, names: dict[int, str],

@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_prune.graph.inputs import _cast, call_model
 from lightning_prune.graph.layers import _is_grn
 from lightning_prune.graph.slicing import restricted_norm_hooks, slice_units, zero_unit_hooks
-from lightning_prune.graph.types import ChannelGroup
+from lightning_prune.graph.types import ChannelGroup, GraphTimeoutError
 
 __all__ = ["masked_and_sliced", "randomised_copy"]
 
@@ -108,6 +108,8 @@ def _exact(model: nn.Module, example: Any, groups: Sequence[ChannelGroup], rtol:
         return True
     try:
         masked, _, sliced = masked_and_sliced(model, example, groups, _sample_removed(groups, seed), seed)
+    except GraphTimeoutError:
+        raise
     except Exception:  # noqa: BLE001 - a masking or slicing the model's code does not accept is not exact
         return False
     return _compare(masked, sliced, rtol) <= rtol

@@ -8,11 +8,29 @@ from dataclasses import dataclass, field
 
 from lightning_prune.errors import InvalidArgumentError
 
-__all__ = ["ChannelAnalysis", "ChannelGroup", "GraphTimeoutError", "Site", "Slice"]
+__all__ = ["ChannelAnalysis", "ChannelGroup", "GraphTimeoutError", "Site", "Slice", "failure_reason"]
 
 
 class GraphTimeoutError(InvalidArgumentError):
-    """The channel-group analysis did not finish within its time limit."""
+    """The channel-group analysis used more CPU time than its limit (``analysis_time_limit_s``)."""
+
+
+def failure_reason(what: str, error: BaseException) -> str:
+    """Why a group (or a whole module) is left alone when ``what`` raised ``error``: the exception, and the
+    package it came from (torch-pruning, torch, timm, the model's code...), on one short line."""
+    origin = "the model's code"
+    tb = error.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module:
+            top = module.split(".")[0]
+            origin = {"torch_pruning": "torch-pruning", "lightning_prune": "lightning-prune",
+                      "__main__": "the model's code"}.get(top, top)
+        tb = tb.tb_next
+    text = " ".join(str(error).split()) or "no message"
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{what} failed in {origin} ({type(error).__name__}: {text})"
 
 
 @dataclass(frozen=True)
@@ -98,12 +116,14 @@ class ChannelAnalysis:
         weights: conv/linear module name -> weight elements (the coverage denominator: every Conv/Linear but
             the model's output layers).
         seconds: wall time of the analysis.
+        cpu_seconds: CPU time of the analysis (what ``analysis_time_limit_s`` limits).
     """
 
     groups: list[ChannelGroup] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     weights: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
     @property
     def coverage(self) -> float:

@@ -26,6 +26,7 @@ from typing_extensions import override
 from lightning_prune.callbacks.base import PruningCallback, resolve_seed
 from lightning_prune.gates import unit_masks
 from lightning_prune.graph import (
+    DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ChannelGroup,
     example_inputs_for,
     restricted_norm_hooks,
@@ -80,6 +81,8 @@ class BaselinePruning(PruningCallback):
         compress_step: when, in optimizer steps or as a fraction of training (``1.0`` = at the end of
             training); default: right after the units are decided.
         compress_epoch: the same in epochs.
+        analysis_time_limit_s: CPU seconds the channel analysis at ``setup`` may use (``None``: no limit);
+            past it the fit stops with an error naming this argument. No signal or timer is used.
     """
 
     #: Whether masks act on whole channel units (and so on every tensor of the unit).
@@ -97,9 +100,13 @@ class BaselinePruning(PruningCallback):
         compress: bool = False,
         compress_step: int | float | None = None,
         compress_epoch: int | float | None = None,
+        analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ) -> None:
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
         self.input_size = check_input_size("input_size", input_size)
+        self.analysis_time_limit_s = check_optional(
+            check_positive, "analysis_time_limit_s", analysis_time_limit_s,
+            hint="CPU seconds the channel analysis at setup may use, e.g. 300; None for no limit.")
         self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
         if self.shrink.enabled and not self.channel_wise:
             raise MisconfigurationException(
@@ -156,7 +163,8 @@ class BaselinePruning(PruningCallback):
             return targets
         with as_misconfiguration(), input_size_errors(self.input_size):
             self.groups = channel_groups(pl_module, include=self.include or None,
-                                         exclude=self.exclude or None, input_size=self.input_size)
+                                         exclude=self.exclude or None, input_size=self.input_size,
+                                         analysis_time_limit_s=self.analysis_time_limit_s)
         if not self.groups:
             raise MisconfigurationException(
                 f"{type(self).__name__} found no removable channel group in {type(pl_module).__name__}."

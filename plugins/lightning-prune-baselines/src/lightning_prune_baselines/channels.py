@@ -19,7 +19,13 @@ from torch import Tensor, nn
 
 from lightning_prune.functional import kept_count
 from lightning_prune.gates import unit_masks
-from lightning_prune.graph import ChannelGroup, analyse_channels, example_inputs_for, traced_root
+from lightning_prune.graph import (
+    DEFAULT_ANALYSIS_TIME_LIMIT_S,
+    ChannelGroup,
+    analyse_channels,
+    example_inputs_for,
+    traced_root,
+)
 from lightning_prune.masks import MaskSet
 
 __all__ = [
@@ -86,6 +92,7 @@ def channel_groups(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     input_size: Sequence[int] | None = None,
+    analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
 ) -> list[ChannelGroup]:
     """The exactly removable channel groups of ``model`` (names relative to ``model``).
 
@@ -95,10 +102,12 @@ def channel_groups(
             batch at timm's ``pretrained_cfg["input_size"]`` or ``input_size``).
         include, exclude: globs over module names: the groups whose producers match (do not match).
         input_size: ``(C, H, W)`` of the random example.
+        analysis_time_limit_s: CPU seconds the analysis may use (``None``: no limit).
     """
     prefix, root = traced_root(model)
     example = example_input if example_input is not None else example_inputs_for(root, input_size)
-    return analyse_channels(root, example, include, exclude, prefix=prefix).groups
+    return analyse_channels(root, example, include, exclude, prefix=prefix,
+                            analysis_time_limit_s=analysis_time_limit_s).groups
 
 
 # ---------------------------------------------------------------------- one-shot helpers

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S
 from lightning_prune.schedules import resolve_step
 from lightning_prune.validation import check_exclusive, check_fraction, check_position
 from lightning_prune_baselines._base import BaselinePruning
@@ -44,7 +45,7 @@ class FirstKChannels(BaselinePruning):
         prune_epoch: the same as an epoch (at its first batch) or a fraction of training.
         include, exclude, types, log_media_every_n_epochs, verbose: see
             :class:`~lightning_prune.PruningCallback`.
-        input_size, compress, compress_step, compress_epoch: see
+        input_size, compress, compress_step, compress_epoch, analysis_time_limit_s: see
             :class:`~lightning_prune_baselines._base.BaselinePruning`.
         group_targets: ``{group name: fraction}``: the named channel groups drop that fraction of their
             units (the first ones) instead of ``target_sparsity``, e.g. what
@@ -72,9 +73,11 @@ class FirstKChannels(BaselinePruning):
         compress_step: int | float | None = None,
         compress_epoch: int | float | None = None,
         group_targets: dict[str, float] | None = None,
+        analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ) -> None:
         super().__init__(include, exclude, types, log_media_every_n_epochs, verbose, input_size,
-                         compress=compress, compress_step=compress_step, compress_epoch=compress_epoch)
+                         compress=compress, compress_step=compress_step, compress_epoch=compress_epoch,
+                         analysis_time_limit_s=analysis_time_limit_s)
         self.target_sparsity = check_fraction(
             "target_sparsity", target_sparsity,
             hint="the fraction of channels dropped; 0.5 halves every layer.",

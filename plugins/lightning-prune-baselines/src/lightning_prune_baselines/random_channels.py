@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.graph import ChannelGroup
+from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S, ChannelGroup
 from lightning_prune.shrink import ShrinkSchedule
-from lightning_prune.validation import check_input_size
+from lightning_prune.validation import check_input_size, check_optional, check_positive
 from lightning_prune_baselines._base import ScheduledBaselinePruning
 from lightning_prune_baselines.channels import nested_random_keep
 
@@ -40,7 +40,7 @@ class RandomChannels(ScheduledBaselinePruning):
             :class:`~lightning_prune_baselines._base.ScheduledBaselinePruning`).
         include, exclude, types, log_media_every_n_epochs, verbose: see
             :class:`~lightning_prune.PruningCallback`.
-        input_size, compress, compress_step, compress_epoch: see
+        input_size, compress, compress_step, compress_epoch, analysis_time_limit_s: see
             :class:`~lightning_prune_baselines._base.BaselinePruning` (the units are decided once the schedule
             reached ``target_sparsity``, or at ``end_step``).
         group_targets: ``{group name: fraction}``: the named channel groups end at that fraction of their
@@ -78,11 +78,15 @@ class RandomChannels(ScheduledBaselinePruning):
         compress_step: int | float | None = None,
         compress_epoch: int | float | None = None,
         group_targets: dict[str, float] | None = None,
+        analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ) -> None:
         super().__init__(target_sparsity, initial_sparsity, begin_step, end_step, every_n_steps,
                          sparsity_begin_step, sparsity_end_step, exponent, seed, include, exclude, types,
                          log_media_every_n_epochs, verbose)
         self.input_size = check_input_size("input_size", input_size)
+        self.analysis_time_limit_s = check_optional(
+            check_positive, "analysis_time_limit_s", analysis_time_limit_s,
+            hint="CPU seconds the channel analysis at setup may use, e.g. 300; None for no limit.")
         self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
         self.set_group_targets(group_targets)
 
