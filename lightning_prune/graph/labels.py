@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import math
 import operator
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,13 +38,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_prune.graph.layers import PRODUCER_TYPES, _is_grn, channel_dim
-from lightning_prune.graph.types import ChannelAnalysis, ChannelGroup, Site, Slice, _prefixed
+from lightning_prune.graph.layers import _is_grn, channel_dim
+from lightning_prune.graph.types import ChannelGroup, Site, Slice, _prefixed
 
 __all__ = ["LabelGraph", "trace_labels"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 FIXED = 0
+_OUTPUT = "no layer reads these channels (model output)"
 _MAX_BLOCK = 4_000_000
 
 
@@ -255,7 +255,7 @@ class LabelGraph:
                     for lab_ in (lab if isinstance(lab, list) else [lab]):
                         if isinstance(lab_, _Lab):
                             for _, arr in lab_.blocks:
-                                self.records.fixes.append((arr, "model output"))
+                                self.records.fixes.append((arr, _OUTPUT))
             else:  # get_attr (submodules of higher-order ops): unlabelled
                 labs[node] = None
         return None
@@ -407,9 +407,9 @@ class LabelGraph:
                 if x not in labelled or lab.shape[d] == 1 or d not in lab.derived:
                     continue
                 followed = [(name, m[d]) for name, m in lab.origins if d in m]
+                if not self.strict:  # a parameter along a dim that may not stay a unit dim: no merging yet
+                    continue
                 if not lab.origins or len(followed) != len(lab.origins):
-                    if not self.strict:
-                        continue
                     raise _Fix(f"{what}: a tensor computed from parameters along a unit dim")
                 block = next((ls, a) for ls, a in result if x in ls)
                 atoms = self._project(block[0], block[1], x)
@@ -631,6 +631,13 @@ class LabelGraph:
                 rest.append((dims, arr))
                 continue
             called = module is not None and self._owner(node) == module_name
+            outer = None if called or module is None else self._outer_site(node)
+            if outer is not None:
+                atoms = self._project(dims, arr, dim)
+                self.records.sites.append((outer, "input", -1 if isinstance(module, nn.Linear) else 1, atoms,
+                                           f"{module_name}.weight"))
+                self.records.slices.append((module_name, "in", 1, atoms))
+                continue
             if not called:
                 letters, arr2 = self._collapse(dims, arr, {dim})
                 self.records.notes.append((arr, f"{_op_name(node.target)} with a weight outside a module"
@@ -642,6 +649,19 @@ class LabelGraph:
                 self.records.sites.append((module_name, "input", channel_dim(module), atoms))
                 self.records.slices.append((module_name, "in", 1, atoms))
         return rest
+
+    def _outer_site(self, node: Any) -> str | None:
+        """A Conv/Linear weight used by the forward of the module ``node`` runs in, on that module's own
+        input: the module whose input a gate can multiply (its only readers of that input are such layers)."""
+        owner = self._owner(node)
+        x = node.args[0]
+        if owner is None or owner in self._owners(x) or getattr(x, "op", None) != "call_function" and \
+                getattr(x, "op", None) != "placeholder":
+            return None
+        for user in x.users:
+            if owner in self._owners(user) and _op_name(user.target) not in ("linear", "conv1d", "conv2d"):
+                return None
+        return owner
 
     def _linear(self, node: Any, labs: dict) -> _Lab:
         x, w = node.args[0], node.args[1]
@@ -799,7 +819,7 @@ class LabelGraph:
 
     def _param_along(self, labs: dict, pnode: Any, pdim_in_tensor: int, atoms: np.ndarray, what: str) -> None:
         lab = labs.get(pnode)
-        if not isinstance(lab, _Lab) or not lab.derived:
+        if not isinstance(lab, _Lab) or not lab.derived or not self.strict:
             return
         followed = [(name, m[pdim_in_tensor]) for name, m in lab.origins if pdim_in_tensor in m]
         if not lab.origins or len(followed) != len(lab.origins):
@@ -1013,15 +1033,10 @@ class LabelGraph:
             origins = []
             for p, m in lab.origins:
                 mm = dict(m)
-                if dim in mm:
-                    pdim, off = mm[dim]
-                    if s == 1 and off == 0:
-                        mm[dim] = (pdim, -a) if a else (pdim, 0)
-                    else:
-                        del mm[dim]
+                if dim in mm and (a, b, s) != (0, lab.shape[dim], 1):  # part of the dim: not followed
+                    del mm[dim]
                 origins.append((p, mm))
-            piece = _Lab(tuple(shape), blocks, [(p, {d: v for d, v in m.items() if v[1] <= 0})
-                                                for p, m in origins], lab.derived)
+            piece = _Lab(tuple(shape), blocks, origins, lab.derived)
             if name in ("select", "unbind"):
                 piece = _drop_dims(piece, {dim}, tuple(shape[:dim] + shape[dim + 1:]))
             outs.append(self.canon(piece))
@@ -1182,7 +1197,7 @@ class LabelGraph:
             owners = {atoms.owner[int(a)] for a in np.unique(np.asarray(arr).ravel()).tolist() if a != FIXED}
             for o in owners:
                 g = gfind(o)
-                if why != "model output" or g not in reasons:
+                if why != _OUTPUT or g not in reasons:
                     reasons.setdefault(g, why)
         units: dict[str, dict[int, int]] = {}
         for root, g in sorted(group_of_root.items(), key=lambda kv: kv[0]):
@@ -1204,12 +1219,14 @@ class LabelGraph:
         for module, role, dim, arr in self.records.slices:
             for g, (chans, us) in entries(arr).items():
                 slices.setdefault(g, {}).setdefault((module, role, dim), {}).update(zip(chans, us))
-        sites: dict[str, dict[tuple[str, str, int], dict[int, int]]] = {}
-        for module, kind, dim, arr in self.records.sites:
+        sites: dict[str, dict[tuple[str, str, int, str], dict[int, int]]] = {}
+        for module, kind, dim, arr, *weight in self.records.sites:
             for g, (chans, us) in entries(arr).items():
-                sites.setdefault(g, {}).setdefault((module, kind, dim), {}).update(zip(chans, us))
+                key = (module, kind, dim, weight[0] if weight else "")
+                sites.setdefault(g, {}).setdefault(key, {}).update(zip(chans, us))
         attrs: dict[str, set[tuple[str, str, int]]] = {}
-        for owners, value, per_pos, _what in self.records.sizes:
+        self.hints: dict[str, str] = {}
+        for owners, value, per_pos, what in self.records.sizes:
             roots = atoms.roots(per_pos)
             counts: dict[int, int] = {}
             ok = True
@@ -1237,6 +1254,10 @@ class LabelGraph:
                         for a in found:
                             attrs.setdefault(g, set()).add((owner, a, k))
                     break
+            else:
+                for g in gs:
+                    self.hints.setdefault(full(g), f"{what} with the size {value} written in the model's code"
+                                                   f" (no attribute of `{owners[0] if owners else ''}` holds it)")
         groups: list[ChannelGroup] = []
         skipped: dict[str, str] = {}
         for g in sorted(members, key=lambda x: order[x]):
@@ -1260,10 +1281,10 @@ class LabelGraph:
                 group_slices.append(Slice(full(module), role, tuple(c for c, _ in items),
                                           tuple(u for _, u in items), dim=dim))
             group_sites = []
-            for (module, kind, dim), chans in sorted(sites.get(g, {}).items()):
+            for (module, kind, dim, weight), chans in sorted(sites.get(g, {}).items()):
                 items = sorted(chans.items())
                 group_sites.append(Site(full(module), kind, dim, tuple(c for c, _ in items),
-                                        tuple(u for _, u in items)))
+                                        tuple(u for _, u in items), full(weight) if weight else ""))
             io_slices = [s for s in group_slices if s.role in ("out", "group", "in")]
             width = min((len(s.channels) // max(len(set(s.units)), 1) for s in io_slices), default=1)
             kind = ("conv group" if any(s.role == "group" for s in group_slices)
@@ -1274,7 +1295,9 @@ class LabelGraph:
             if n_units < 2:
                 skipped[full(g)] = reasons.get(g, "a single unit")
                 continue
-            groups.append(ChannelGroup(full(g), n_units, kind, width, tuple(group_sites), tuple(group_slices),
+            grouped = [s.module for s in group_slices if s.role == "group"]
+            gname = grouped[0] if grouped else full(g)  # a grouped conv names its group (as before)
+            groups.append(ChannelGroup(gname, n_units, kind, width, tuple(group_sites), tuple(group_slices),
                                        tuple(full(p) for p in producers if any(
                                            s.module == full(p) and s.role in ("out", "group")
                                            for s in group_slices)),
@@ -1431,91 +1454,10 @@ def _export(model: nn.Module, example: Any) -> Any:
 
 
 def trace_labels(model: nn.Module, example: Any, prefix: str = "", outputs: Iterable[str] = (),
-                 check: Callable[[], None] = lambda: None) -> tuple[list[ChannelGroup], dict[str, str], float]:
-    """Candidate groups of ``model`` (not yet proven), the skipped producers with reasons, and the CPU
-    seconds the tracing and labelling took."""
-    start = time.process_time()
+                 check: Callable[[], None] = lambda: None
+                 ) -> tuple[list[ChannelGroup], dict[str, str], dict[str, str]]:
+    """Candidate groups of ``model`` (not yet proven), the skipped producers with reasons, and per group a
+    hint of what may make it fail the proof (a size written in the model's code)."""
     graph = LabelGraph(model, example, check)
     groups, skipped = graph.groups(prefix, frozenset(outputs))
-    return groups, skipped, time.process_time() - start
-
-
-def analyse_traced(model: nn.Module, example: Any, analysis: ChannelAnalysis, prefix: str = "",
-                   outputs: Iterable[str] = (), check: Callable[[], None] = lambda: None
-                   ) -> list[ChannelGroup]:
-    """Fill ``analysis.skipped`` and return the candidate groups (helper of ``analyse_channels``)."""
-    groups, skipped, _ = trace_labels(model, example, prefix, outputs, check)
-    analysis.skipped.update(skipped)
-    return groups
-
-
-def analyse_channels_traced(
-    model: nn.Module,
-    example_inputs: Any,
-    include: str | Iterable[str] | None = None,
-    exclude: str | Iterable[str] | None = None,
-    prune_coupled: bool = True,
-    prefix: str = "",
-    time_limit_s: float | None = None,
-    rtol: float = 1e-6,
-) -> ChannelAnalysis:
-    """:func:`~lightning_prune.graph.analyse_channels` on the traced operator graph (same arguments, same
-    result type); whatever the tracer raises becomes one skipped entry (``"<trace>"``), never an error."""
-    from lightning_prune.graph.analysis import _output_modules
-    from lightning_prune.graph.proof import _exact_subsets
-    from lightning_prune.graph.types import _localised, _strip
-    from lightning_prune.targets import as_patterns, matches
-
-    include_p, exclude_p = as_patterns(include), as_patterns(exclude)
-    start = time.process_time()
-    full = functools.partial(_prefixed, prefix)
-    analysis = ChannelAnalysis()
-
-    def check() -> None:
-        if time_limit_s is not None and time.process_time() - start > time_limit_s:
-            from lightning_prune.graph.types import GraphTimeoutError
-            raise GraphTimeoutError(
-                f"The channel-group analysis of {type(model).__name__} did not finish within {time_limit_s:g} s"
-                " of CPU time. HINT: pass `include=[...]` to analyse fewer layers, or a larger limit.")
-
-    outputs = _output_modules(model, example_inputs)
-    names = {id(m): n for n, m in model.named_modules()}
-    for name, module in model.named_modules():
-        if isinstance(module, PRODUCER_TYPES) and id(module) not in outputs:
-            analysis.weights[full(name)] = module.weight.numel()
-            analysis._out_sizes[full(name)] = module.weight.shape[0]
-    try:
-        candidates, skipped, _ = trace_labels(model, example_inputs, prefix,
-                                              {names[i] for i in outputs if i in names}, check)
-    except Exception as err:  # noqa: BLE001 - never a crash from analysis: nothing is gated
-        if type(err).__name__ == "GraphTimeoutError":
-            raise
-        analysis.skipped["<trace>"] = f"the model could not be traced ({type(err).__name__}: {str(err)[:200]})"
-        analysis.seconds = time.process_time() - start
-        return analysis
-    analysis.skipped.update(skipped)
-    kept = []
-    for group in candidates:
-        if include_p and not any(matches(p, include_p) for p in group.producers):
-            continue
-        if exclude_p and any(matches(p, exclude_p) for p in group.producers):
-            continue
-        if group.coupled and not prune_coupled:
-            analysis.skipped[group.name] = "coupled channels (set prune_coupled=True to gate them together)"
-            continue
-        kept.append(group)
-    local = [_localised(g, prefix) for g in kept]
-    try:
-        good, _bad = _exact_subsets(model, example_inputs, local, rtol, check)
-    except Exception as err:  # noqa: BLE001
-        if type(err).__name__ == "GraphTimeoutError":
-            raise
-        good = []
-    good_names = {g.name for g in good}
-    for group in kept:
-        if _strip(group.name, prefix) in good_names or (not prefix and group.name in good_names):
-            analysis.groups.append(group)
-        else:
-            analysis.skipped[group.name] = "removing these channels changes the outputs (checked on a copy)"
-    analysis.seconds = time.process_time() - start
-    return analysis
+    return groups, skipped, graph.hints
