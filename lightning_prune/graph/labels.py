@@ -427,8 +427,9 @@ class LabelGraph:
                 mapped = {out_index[letters[d]]: v for d, v in m.items()
                           if letters[d] in out_index and lab.shape[d] == sizes[letters[d]]}
                 origins_out.append((name, mapped))
+        # along a unit dim the parameters were sliced (recorded above): the values vary with units only
         derived_out = frozenset(out_index[letters[d]] for lab, letters in operands for d in lab.derived
-                                if letters[d] in out_index)
+                                if letters[d] in out_index and letters[d] not in labelled)
         shape = tuple(sizes[x] for x in out_letters)
         return self.canon(_Lab(shape, blocks_out, origins_out, derived_out))
 
