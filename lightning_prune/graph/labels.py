@@ -924,7 +924,8 @@ class LabelGraph:
                 if d in dims:
                     axis = dims.index(d)
                     per_pos = np.moveaxis(arr, axis, 0).reshape(arr.shape[axis], -1)
-                    self.records.sizes.append((self._owners(node), value, per_pos, f"aten.{_op_name(node.target)}"))
+                    self.records.sizes.append((self._owners(node), [(value, per_pos)],
+                                               f"aten.{_op_name(node.target)}"))
 
     def _permute(self, node: Any, lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
         n = len(lab.shape)
@@ -1013,9 +1014,12 @@ class LabelGraph:
                 parts = [np.take(labelled[1], range(a, b, s), axis=axis) for a, b, s in pieces]
                 for p in parts[1:]:
                     self.atoms.union_arrays(parts[0], p)
-                if name == "split" and isinstance(args[1], int):
+                if name in ("split", "split_with_sizes"):  # the piece size, or the whole, in an attribute
                     per_pos = np.moveaxis(parts[0], axis, 0).reshape(parts[0].shape[axis], -1)
-                    self.records.sizes.append((self._owners(node), int(args[1]), per_pos, "aten.split"))
+                    whole = np.moveaxis(labelled[1], axis, 0).reshape(labelled[1].shape[axis], -1)
+                    piece = pieces[0][1] - pieces[0][0]
+                    self.records.sizes.append((self._owners(node), [(piece, per_pos), (lab.shape[dim], whole)],
+                                               f"aten.{name}"))
         elif labelled is not None and name in ("slice", "narrow"):
             a, b, s = pieces[0]
             if (a, b, s) != (0, lab.shape[dim], 1):
@@ -1227,7 +1231,16 @@ class LabelGraph:
                 sites.setdefault(g, {}).setdefault(key, {}).update(zip(chans, us))
         attrs: dict[str, set[tuple[str, str, int]]] = {}
         self.hints: dict[str, str] = {}
-        for owners, value, per_pos, what in self.records.sizes:
+        for owners, alternatives, what in self.records.sizes:
+            self._attr_event(owners, alternatives, what, atoms, group_of_root, attrs, full)
+        return self._finish_groups(members, order, units, slices, sites, attrs, reasons, outputs, full)
+
+    def _attr_event(self, owners: list[str], alternatives: list[tuple[int, np.ndarray]], what: str, atoms: _Atoms,
+                    group_of_root: dict[int, str], attrs: dict[str, set[tuple[str, str, int]]],
+                    full: Callable[[str], str]) -> bool:
+        """Integer attributes of the owning modules equal to a size that shrinks with the units."""
+        gs_seen: set[str] = set()
+        for value, per_pos in alternatives:
             roots = atoms.roots(per_pos)
             counts: dict[int, int] = {}
             ok = True
@@ -1245,6 +1258,7 @@ class LabelGraph:
             per = set(counts.values())
             if len(per) != 1 or None in gs:
                 continue
+            gs_seen |= gs
             k = per.pop()
             for owner in owners:
                 module = self.modules.get(owner)
@@ -1254,11 +1268,15 @@ class LabelGraph:
                     for g in gs:
                         for a in found:
                             attrs.setdefault(g, set()).add((owner, a, k))
-                    break
-            else:
-                for g in gs:
-                    self.hints.setdefault(full(g), f"{what} with the size {value} written in the model's code"
-                                                   f" (no attribute of `{owners[0] if owners else ''}` holds it)")
+                    return True
+        for g in gs_seen:
+            self.hints.setdefault(full(g), f"{what} with the size {alternatives[0][0]} written in the model's"
+                                           f" code (no attribute of `{owners[0] if owners else ''}` holds it)")
+        return False
+
+    def _finish_groups(self, members: dict, order: dict, units: dict, slices: dict, sites: dict, attrs: dict,
+                       reasons: dict, outputs: frozenset[str] | set[str], full: Callable[[str], str]
+                       ) -> tuple[list[ChannelGroup], dict[str, str]]:
         groups: list[ChannelGroup] = []
         skipped: dict[str, str] = {}
         for g in sorted(members, key=lambda x: order[x]):
