@@ -63,15 +63,17 @@ SWEEP = [
 # a second list, chosen (before any tuning) from timm families outside SWEEP and SHORT: CNNs, NAS nets,
 # hybrids, pure transformers and MLP-mixers; the smallest variant, at a small input where the model allows
 SECOND = [
-    ("dpn68", {}, 64), ("skresnet18", {}, 64), ("tf_efficientnet_lite0", {}, 64), ("efficientnetv2_rw_t", {}, 64),
-    ("ecaresnet26t", {}, 64), ("gcresnet33ts", {}, 64), ("resnest14d", {}, 64), ("nf_regnet_b0", {}, 64),
-    ("rexnetr_100", {}, 64), ("inception_v3", {}, 96), ("spnasnet_100", {}, 64), ("semnasnet_075", {}, 64),
-    ("ghostnetv2_100", {}, 64), ("repvit_m1", {}, 64), ("inception_next_tiny", {}, 64), ("cs3darknet_s", {}, 64),
-    ("halonet26t", {}, 64), ("botnet26t_256", {"img_size": 64}, 64), ("lambda_resnet26t", {}, 64),
-    ("coat_lite_tiny", {"img_size": 64}, 64), ("crossvit_tiny_240", {}, 240), ("pit_ti_224", {"img_size": 64}, 64),
-    ("gcvit_xxtiny", {"img_size": 64}, 64), ("tiny_vit_5m_224", {"img_size": 64}, 64),
-    ("efficientformerv2_s0", {"img_size": 64}, 64), ("mixer_s16_224", {"img_size": 64}, 64),
-    ("resmlp_12_224", {"img_size": 64}, 64), ("gmlp_ti16_224", {"img_size": 64}, 64), ("visformer_tiny", {}, 64),
+    ("dpn68", {}, 64), ("skresnet18", {}, 64), ("tf_efficientnet_lite0", {}, 64),
+    ("efficientnetv2_rw_t", {}, 64), ("ecaresnet26t", {}, 64), ("gcresnet33ts", {}, 64),
+    ("resnest14d", {}, 64), ("nf_regnet_b0", {}, 64), ("rexnetr_100", {}, 64), ("inception_v3", {}, 96),
+    ("spnasnet_100", {}, 64), ("semnasnet_075", {}, 64), ("ghostnetv2_100", {}, 64), ("repvit_m1", {}, 64),
+    ("inception_next_tiny", {}, 64), ("cs3darknet_s", {}, 64), ("halonet26t", {}, 64),
+    ("botnet26t_256", {"img_size": 64}, 64), ("lambda_resnet26t", {}, 64),
+    ("coat_lite_tiny", {"img_size": 64}, 64), ("crossvit_tiny_240", {}, 240),
+    ("pit_ti_224", {"img_size": 64}, 64), ("gcvit_xxtiny", {"img_size": 64}, 64),
+    ("tiny_vit_5m_224", {"img_size": 64}, 64), ("efficientformerv2_s0", {"img_size": 64}, 64),
+    ("mixer_s16_224", {"img_size": 64}, 64), ("resmlp_12_224", {"img_size": 64}, 64),
+    ("gmlp_ti16_224", {"img_size": 64}, 64), ("visformer_tiny", {}, 64),
     ("twins_pcpvt_small", {"img_size": 64}, 64), ("convit_tiny", {"img_size": 64}, 64),
     ("maxvit_nano_rw_256", {"img_size": 128}, 128), ("coatnet_nano_rw_224", {"img_size": 64}, 64),
     ("nest_tiny", {"img_size": 64}, 64), ("sequencer2d_s", {}, 64), ("volo_d1_224", {"img_size": 64}, 64),
@@ -218,9 +220,30 @@ def table(rows: list[dict]) -> str:
                  for k in ("reload", "trace", "export")]
         lines.append(f"| `{r['model']}` | {r['input']} | {r['coverage']:.3f} | {r['groups']} | {units or '–'}"
                      f" | {skipped} | {exact} | {' | '.join(flags)} | {r.get('cpu_s', r['seconds']):.1f}"
-                     f" | {r.get('min_flops', '–')} | {_yes(r.get('reaches_half'))} | {r.get('tp_coverage', '–')}"
-                     f" | {_yes(r.get('tp_step_runs'))} |")
+                     f" | {r.get('min_flops', '–')} | {_yes(r.get('reaches_half'))}"
+                     f" | {r.get('tp_coverage', '–')} | {_yes(r.get('tp_step_runs'))} |")
     return "\n".join(lines)
+
+
+def summarise(rows: list[dict], engine: str) -> dict:
+    summary = {"engine": engine}
+    for which in ("first", "second"):
+        ok = [r for r in rows if r.get("list") == which and "coverage" in r]
+        if not ok:
+            continue
+        summary[which] = {
+            "families": len(ok),
+            "mean_coverage": round(sum(r["coverage"] for r in ok) / max(len(ok), 1), 4),
+            "min_coverage": min((r["coverage"] for r in ok), default=0.0),
+            "all_exact": all(r.get("exact") for r in ok),
+            "max_analysis_s": max((r["seconds"] for r in ok), default=0.0),
+            "max_analysis_cpu_s": max((r.get("cpu_s", 0.0) for r in ok), default=0.0),
+            "below_0.70": [r["model"] for r in ok if r["coverage"] < 0.70],
+            "not_exact": [r["model"] for r in ok if not r.get("exact")],
+            "not_reaching_half": [r["model"] for r in ok if r.get("reaches_half") is not True],
+            "errors": [r["model"] for r in rows if r.get("list") == which and "error" in r],
+        }
+    return summary
 
 
 def _yes(value) -> str:
@@ -237,6 +260,7 @@ def main() -> None:
                         help="which families (first: SWEEP + SHORT as before; second: SECOND)")
     parser.add_argument("--engine", choices=["traced", "torch-pruning"], default="traced")
     parser.add_argument("--peers", action="store_true", help="also torch-pruning's coverage and 50% step")
+    parser.add_argument("--merge", nargs="*", help="tags of partial runs to merge into the --tag files")
     args = parser.parse_args()
     stem = f"timm_coverage{'-' + args.tag if args.tag else ''}"
     if args.render:
@@ -249,6 +273,16 @@ def main() -> None:
             row["skipped"] = merged
         (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
         (RESULTS / f"{stem}.md").write_text(render(payload["summary"], payload["rows"]))
+        return
+    if args.merge:
+        parts = [json.loads((RESULTS / f"timm_coverage-{t}.json").read_text()) for t in args.merge]
+        rows = [r for part in parts for r in part["rows"]]
+        order = {n: i for i, (n, _, _) in enumerate(SWEEP + SECOND + SHORT)}
+        rows.sort(key=lambda r: order.get(r["model"], len(order)))
+        summary = summarise(rows, args.engine)
+        (RESULTS / f"{stem}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+        (RESULTS / f"{stem}.md").write_text(render(summary, rows))
+        print(json.dumps(summary))
         return
     torch.set_num_threads(1)
     known = {n: (n, k, s) for n, k, s in SWEEP + SHORT + SECOND}
@@ -267,23 +301,7 @@ def main() -> None:
         row["list"] = "first" if name in first else "second" if name in second else "short"
         rows.append(row)
         print(json.dumps(row), flush=True)
-    summary = {"engine": args.engine}
-    for which in ("first", "second"):
-        ok = [r for r in rows if r.get("list") == which and "coverage" in r]
-        if not ok:
-            continue
-        summary[which] = {
-            "families": len(ok),
-            "mean_coverage": round(sum(r["coverage"] for r in ok) / max(len(ok), 1), 4),
-            "min_coverage": min((r["coverage"] for r in ok), default=0.0),
-            "all_exact": all(r.get("exact") for r in ok),
-            "max_analysis_s": max((r["seconds"] for r in ok), default=0.0),
-            "max_analysis_cpu_s": max((r.get("cpu_s", 0.0) for r in ok), default=0.0),
-            "below_0.70": [r["model"] for r in ok if r["coverage"] < 0.70],
-            "not_exact": [r["model"] for r in ok if not r.get("exact")],
-            "not_reaching_half": [r["model"] for r in ok if r.get("reaches_half") is not True],
-            "errors": [r["model"] for r in rows if r.get("list") == which and "error" in r],
-        }
+    summary = summarise(rows, args.engine)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     (RESULTS / f"{stem}.md").write_text(render(summary, rows))

@@ -107,8 +107,8 @@ def _analyse_traced(model: nn.Module, example: Any, opts: _Options, prefix: str,
 
     names = {id(m): n for n, m in model.named_modules()}
     try:
-        candidates, skipped, hints = trace_labels(model, example, prefix, {names[i] for i in outputs if i in names},
-                                              opts.check)
+        output_names = {names[i] for i in outputs if i in names}
+        candidates, skipped, hints = trace_labels(model, example, prefix, output_names, opts.check)
     except GraphTimeoutError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever export raises: the dependency graph instead

@@ -159,7 +159,8 @@ _PASS = {"clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", 
          "feature_dropout", "alpha_dropout", "_assert_tensor_metadata", "copy", "clamp", "clamp_min",
          "clamp_max", "hardtanh", "leaky_relu", "elu", "celu", "gelu", "silu", "mish", "relu", "relu6",
          "sigmoid", "tanh", "hardswish", "hardsigmoid", "softplus", "logit", "prelu_scalar"}
-_REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "norm", "linalg_vector_norm", "logsumexp", "max", "min",
+_REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "norm", "linalg_vector_norm", "logsumexp", "max",
+           "min",
            "prod", "var_mean", "std_mean", "any", "all", "argmax", "argmin"}
 _POOL = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
          "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
@@ -329,7 +330,7 @@ class LabelGraph:
         for dims, arr in lab.blocks:
             arr = self.atoms.roots(arr)
             keep_dims = []
-            for axis, d in enumerate(dims):
+            for axis in range(len(dims)):
                 first = arr.take([0], axis=axis)
                 if arr.shape[axis] > 1 and not np.array_equal(np.broadcast_to(first, arr.shape), arr):
                     keep_dims.append(axis)
@@ -580,7 +581,8 @@ class LabelGraph:
         return self.canon(_Lab(lab.shape, blocks, origins, lab.derived))
 
     def _positional(self, node: Any, name: str, lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
-        """Ops that move positions along some dims (padding, rolls, flips, repeats): fine on unlabelled dims."""
+        """Ops that move positions along some dims (padding, rolls, flips, repeats): fine on unlabelled
+        dims."""
         n = len(lab.shape)
         args = node.args
         if name in ("constant_pad_nd", "pad", "reflection_pad2d", "replication_pad2d"):
@@ -677,7 +679,7 @@ class LabelGraph:
                 # a functional linear with a computed weight: the input dim is mixed, the output unlabelled
                 rest = [(d, a) for d, a in x_lab.blocks if n - 1 not in d]
                 mixed = [(d, a) for d, a in x_lab.blocks if n - 1 in d]
-                for d, a in mixed:
+                for _, a in mixed:
                     self.records.fixes.append((a, "aten.linear with a weight computed from parameters"))
                 return self.canon(_Lab(out_shape, rest))
             raise _Fix("aten.linear with an input weight")
@@ -724,15 +726,16 @@ class LabelGraph:
         cin = x_lab.shape[1]
         cout = out_shape[1]
         other = [(d, a) for d, a in x_lab.blocks if not (set(d) & ({1} | spatial))]
-        for d, a in x_lab.blocks:
+        for d, _ in x_lab.blocks:
             if set(d) & spatial:
                 raise _Fix("a convolution over labelled spatial dims")
         chan = self.dim_atoms(x_lab, 1)
         if groups == 1:
             if chan is not None:
                 if computed:
-                    self.records.fixes.append((chan, f"weight-standardised conv `{mname}` reads these channels"
-                                                     " (its standardisation over the fan-in changes)"))
+                    why = (f"weight-standardised conv `{mname}` reads these channels (its standardisation"
+                           " over the fan-in changes)")
+                    self.records.fixes.append((chan, why))
                 elif self._owner(node) != mname:
                     self._collapse((1,), chan, {1})
                     self.records.notes.append((chan, "a conv weight used outside its module"))
@@ -763,7 +766,6 @@ class LabelGraph:
         args = node.args
         x_lab = self.canon(labs[args[0]])
         val = node.meta["val"]
-        out_shape = _shape_of(val[0] if isinstance(val, (list, tuple)) else val)
         n = len(x_lab.shape)
         owner_name = self._owner(node)
         owner = self.modules.get(owner_name) if owner_name is not None else None
@@ -879,7 +881,7 @@ class LabelGraph:
         if groups is None:
             raise _Fix(f"aten.{name} (shapes not matched)")
         group_of = {}
-        for gi, (ins, outs) in enumerate(groups):
+        for gi, (ins, _) in enumerate(groups):
             for d in ins:
                 group_of[d] = gi
         blocks = []
@@ -891,8 +893,7 @@ class LabelGraph:
             new = np.ascontiguousarray(full).reshape(tuple(out_shape[d] for d in out_axes))
             blocks.append((tuple(out_axes), new))
         # parameter views: a dim kept whole keeps its mapping
-        origins = []
-        lost = False
+        origins = []  # a merged or split dim of a parameter is no longer followed (its mapping dropped)
         for pname, m in lab.origins:
             mm = {}
             for d, v in m.items():
@@ -901,10 +902,6 @@ class LabelGraph:
                 real_out = [o for o in outs if out_shape[o] != 1]
                 if real_in == [d] and len(real_out) == 1:
                     mm[real_out[0]] = v
-                elif in_shape[d] == 1:
-                    continue
-                else:
-                    lost = True
             origins.append((pname, mm))
         derived = frozenset(o for ins, outs in groups if set(ins) & lab.derived for o in outs
                             if out_shape[o] > 1)
@@ -1018,8 +1015,8 @@ class LabelGraph:
                     per_pos = np.moveaxis(parts[0], axis, 0).reshape(parts[0].shape[axis], -1)
                     whole = np.moveaxis(labelled[1], axis, 0).reshape(labelled[1].shape[axis], -1)
                     piece = pieces[0][1] - pieces[0][0]
-                    self.records.sizes.append((self._owners(node), [(piece, per_pos), (lab.shape[dim], whole)],
-                                               f"aten.{name}"))
+                    self.records.sizes.append((self._owners(node),
+                                               [(piece, per_pos), (lab.shape[dim], whole)], f"aten.{name}"))
         elif labelled is not None and name in ("slice", "narrow"):
             a, b, s = pieces[0]
             if (a, b, s) != (0, lab.shape[dim], 1):
@@ -1235,8 +1232,8 @@ class LabelGraph:
             self._attr_event(owners, alternatives, what, atoms, group_of_root, attrs, full)
         return self._finish_groups(members, order, units, slices, sites, attrs, reasons, outputs, full)
 
-    def _attr_event(self, owners: list[str], alternatives: list[tuple[int, np.ndarray]], what: str, atoms: _Atoms,
-                    group_of_root: dict[int, str], attrs: dict[str, set[tuple[str, str, int]]],
+    def _attr_event(self, owners: list[str], alternatives: list[tuple[int, np.ndarray]], what: str,
+                    atoms: _Atoms, group_of_root: dict[int, str], attrs: dict[str, set[tuple[str, str, int]]],
                     full: Callable[[str], str]) -> bool:
         """Integer attributes of the owning modules equal to a size that shrinks with the units."""
         gs_seen: set[str] = set()
@@ -1270,8 +1267,9 @@ class LabelGraph:
                             attrs.setdefault(g, set()).add((owner, a, k))
                     return True
         for g in gs_seen:
+            owner = owners[0] if owners else ""
             self.hints.setdefault(full(g), f"{what} with the size {alternatives[0][0]} written in the model's"
-                                           f" code (no attribute of `{owners[0] if owners else ''}` holds it)")
+                                           f" code (no attribute of `{owner}` holds it)")
         return False
 
     def _finish_groups(self, members: dict, order: dict, units: dict, slices: dict, sites: dict, attrs: dict,
