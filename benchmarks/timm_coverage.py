@@ -276,7 +276,8 @@ def main() -> None:
         return
     if args.merge:
         parts = [json.loads((RESULTS / f"timm_coverage-{t}.json").read_text()) for t in args.merge]
-        rows = [r for part in parts for r in part["rows"]]
+        latest = {r["model"]: r for part in parts for r in part["rows"]}  # a later tag's row wins
+        rows = list(latest.values())
         order = {n: i for i, (n, _, _) in enumerate(SWEEP + SECOND + SHORT)}
         rows.sort(key=lambda r: order.get(r["model"], len(order)))
         summary = summarise(rows, args.engine)
