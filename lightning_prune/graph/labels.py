@@ -24,10 +24,10 @@ more (a later contraction can make an earlier dim unlabelled), then the last pas
 The exactness proof of :mod:`lightning_prune.graph.proof` stays the final judge.
 
 Known limits: a size the model's code takes from a tensor's shape is a constant in the exported graph, so a
-coupling made only through a shape (``x.reshape(B, N, C)`` with ``C`` the residual stream's width after the
-attention, as in MetaFormer's and PVT's attention) is not seen: the proof rejects those groups. When two integer
-attributes hold the same value (``num_heads == head_dim``), both are updated and the proof decides. Unequal
-splits whose sizes sit in a list attribute (MixNet's ``splits``) are left to the proof (rejected).
+coupling made only through a shape (``x.reshape(B, N, C)`` with ``C`` the residual stream's width after
+the attention, as in MetaFormer's and PVT's attention) is not seen: the proof rejects those groups. When two
+integer attributes hold the same value (``num_heads == head_dim``), both are updated and the proof decides.
+Unequal splits whose sizes sit in a list attribute (MixNet's ``splits``) are left to the proof (rejected).
 """
 
 from __future__ import annotations
