@@ -148,9 +148,13 @@ def test_weight_standardised_convs_are_skipped_with_their_reason():
 
 def test_a_split_with_fixed_sizes_is_skipped_and_the_rest_is_kept():
     model = timm.create_model("res2net50_14w_8s", num_classes=10).eval()
-    analysis = analyse_channels(model, torch.randn(2, 3, 32, 32))
+    analysis = analyse_channels(model, torch.randn(2, 3, 32, 32), engine="torch-pruning")
     assert analysis.groups and 0.5 < analysis.coverage < 0.95
     assert "a split/chunk with sizes fixed in the model's code" in analysis.skipped.values()
+    # on the operator graph the split's width is an attribute of the block, found and updated
+    analysis = analyse_channels(model, torch.randn(2, 3, 32, 32))
+    assert analysis.coverage == 1.0
+    assert any(attr == "width" for g in analysis.groups for _, attr, _ in g.attrs)
 
 
 def test_analysis_stops_with_a_clear_message_past_its_time_limit():

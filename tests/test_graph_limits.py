@@ -112,7 +112,18 @@ class PartlyTraceable(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def test_a_model_the_tracer_cannot_trace_is_analysed_by_parts_with_the_reason():
+def _no_export(monkeypatch):
+    """torch.export raises too (the operator-graph engine falls back to torch-pruning's dependency graph)."""
+    from lightning_prune.graph import labels
+
+    def refuse(model, example):
+        raise RuntimeError("no autograd formula (export refused)")
+
+    monkeypatch.setattr(labels, "_export", refuse)
+
+
+def test_a_model_the_tracer_cannot_trace_is_analysed_by_parts_with_the_reason(monkeypatch):
+    _no_export(monkeypatch)
     torch.manual_seed(0)
     model = PartlyTraceable().eval()
     analysis = analyse_channels(model, model.example_input_array)
@@ -127,7 +138,8 @@ def test_a_model_the_tracer_cannot_trace_is_analysed_by_parts_with_the_reason():
     assert _hooks(model) == 0
 
 
-def test_the_fit_goes_on_when_the_tracer_raises(tmp_path):
+def test_the_fit_goes_on_when_the_tracer_raises(tmp_path, monkeypatch):
+    _no_export(monkeypatch)
     pruning = lp.GroupLassoPruning(finalize_step=0.5, compress=True, verbose=False)
     trainer, module = fit_tiny([pruning], tmp_path, model=PartlyTraceable(), max_steps=6,
                                limit_val_batches=0)
@@ -147,8 +159,9 @@ def test_what_torch_pruning_raises_for_one_producer_skips_that_group_only(monkey
         return real(graph, module, fn, idxs, check)
 
     model = timm.create_model("test_resnet", num_classes=10).eval()
-    dense = analyse_channels(model, X)
+    dense = analyse_channels(model, X, engine="torch-pruning")
     monkeypatch.setattr(dependencies, "_expand", expand)
+    _no_export(monkeypatch)
     analysis = analyse_channels(model, X)
     why = analysis.skipped["layer1.0.conv1"]
     assert why.startswith("following its channels through the graph failed in ")  # in <the raising package>

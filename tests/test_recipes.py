@@ -53,10 +53,10 @@ def test_digits_recipe_runs(recipe, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("recipe", SHAPES, ids=lambda p: p.stem)
 def test_shapes_recipe_runs_on_a_small_set(recipe, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    main(["fit", "--config", str(recipe), "--trainer.limit_train_batches=1", "--trainer.max_steps=2",
-          f"--trainer.default_root_dir={tmp_path}", "--data.init_args.train_size=64",
-          "--data.init_args.val_size=16", "--data.init_args.test_size=16", *COMMON])
-    assert "test/acc" in capsys.readouterr().out
+    cli = run(["fit", "--config", str(recipe), "--trainer.limit_train_batches=1", "--trainer.max_steps=2",
+               f"--trainer.default_root_dir={tmp_path}", "--data.init_args.train_size=64",
+               "--data.init_args.val_size=16", "--data.init_args.test_size=16", *COMMON])
+    _check_run(recipe, cli, 2, capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("recipe", CIFAR, ids=lambda p: p.stem)

@@ -55,7 +55,7 @@ def dead_units(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, li
     for group in groups:
         alive = torch.zeros(group.size, dtype=torch.bool)
         for site in group.input_sites():
-            weight = model.get_submodule(site.module).weight.detach()
+            weight = model.get_parameter(site.weight_name).detach()
             columns = weight.index_select(1, torch.tensor(site.channels, device=weight.device))
             used = columns.transpose(0, 1).reshape(len(site.channels), -1).ne(0).any(dim=1).cpu()
             if used.any():

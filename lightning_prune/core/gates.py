@@ -204,8 +204,7 @@ class GateSet:
         scales = [g.deterministic() for g in self.gates] if scales is None else scales
         for group, scale in zip(self.groups, scales):
             for site in group.input_sites():
-                module = root.get_submodule(site.module)
-                weight = module.weight
+                weight = root.get_parameter(site.weight_name)
                 values = scale.to(weight.device, weight.dtype)[torch.tensor(site.units, device=weight.device)]
                 index = torch.tensor(site.channels, device=weight.device)
                 view = [1] * weight.dim()

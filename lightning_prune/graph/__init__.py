@@ -1,5 +1,11 @@
 """Channel-group analysis: which channel dimensions of a model can be removed exactly, and how.
 
+Two engines find the candidate groups. The default (``engine="traced"``, :mod:`.labels`) exports the model
+with ``torch.export`` and follows a unit label for every dimension of every tensor through every ATen
+operator (views into heads, splits and chunks, concatenations, contractions, normalisations), with no list of
+module classes; when the model cannot be exported, or with ``engine="torch-pruning"``, torch-pruning's
+``DependencyGraph`` and the expansions below are used, as before. Either way every group is proven exact.
+
 Shared by the gate callbacks, the channel baselines and :func:`lightning_prune.compress`. torch-pruning's
 ``DependencyGraph`` traces the model and maps indices through concatenations, residual sums, depthwise convs
 and reshapes; this module expands its groups itself (a visited-set expansion that stays linear where

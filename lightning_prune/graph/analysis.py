@@ -42,6 +42,7 @@ def analyse_channels(
     prefix: str = "",
     analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
     rtol: float = 1e-6,
+    engine: str = "traced",
 ) -> ChannelAnalysis:
     """The exactly removable channel groups of ``model``, and why the others are left alone.
 
@@ -59,11 +60,16 @@ def analyse_channels(
         analysis_time_limit_s: CPU seconds (:func:`time.process_time`) the analysis may use before it stops
             with :class:`GraphTimeoutError` (``None``: no limit). Checked cooperatively: no signal, no timer.
         rtol: the largest relative difference between masked and sliced outputs a group may cause.
+        engine: ``"traced"`` (default): unit labels on the operator graph of ``torch.export``
+            (:mod:`lightning_prune.graph.labels`), falling back to torch-pruning's dependency graph when the
+            model cannot be exported; ``"torch-pruning"``: the dependency graph only.
 
     Raises:
         GraphTimeoutError: the analysis used more than ``analysis_time_limit_s`` of CPU time.
         InvalidArgumentError: a bad ``analysis_time_limit_s``.
     """
+    if engine not in ("traced", "torch-pruning"):
+        raise InvalidArgumentError(f"`engine` must be 'traced' or 'torch-pruning', got {engine!r}.")
     check_optional(check_positive, "analysis_time_limit_s", analysis_time_limit_s, error=InvalidArgumentError,
                    hint="CPU seconds the channel analysis may use, e.g. 300; None for no limit.")
     include_p, exclude_p = as_patterns(include), as_patterns(exclude)
@@ -76,8 +82,9 @@ def analyse_channels(
             analysis.weights[full(name)] = module.weight.numel()
             analysis._out_sizes[full(name)] = module.weight.shape[0]
     with analysis_threads(), _deadline(analysis_time_limit_s, type(model).__name__, model) as budget:
-        _analyse(model, example_inputs, _Options(include_p, exclude_p, prune_coupled, rtol, budget), prefix,
-                 analysis)
+        opts = _Options(include_p, exclude_p, prune_coupled, rtol, budget, engine)
+        if engine != "traced" or not _analyse_traced(model, example_inputs, opts, prefix, analysis, outputs):
+            _analyse(model, example_inputs, opts, prefix, analysis)
     analysis.seconds = time.monotonic() - start
     analysis.cpu_seconds = budget.used()
     return analysis
@@ -90,6 +97,46 @@ class _Options:
     prune_coupled: bool
     rtol: float
     check: Callable[[], None]
+    engine: str = "traced"
+
+
+def _analyse_traced(model: nn.Module, example: Any, opts: _Options, prefix: str, analysis: ChannelAnalysis,
+                    outputs: set[int]) -> bool:
+    """Add the groups found on the traced operator graph; False (nothing added) when the model cannot be
+    exported, so that the dependency graph is tried instead."""
+    from lightning_prune.graph.labels import trace_labels
+
+    names = {id(m): n for n, m in model.named_modules()}
+    try:
+        output_names = {names[i] for i in outputs if i in names}
+        candidates, skipped, hints = trace_labels(model, example, prefix, output_names, opts.check)
+    except GraphTimeoutError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever export raises: the dependency graph instead
+        analysis.skipped[f"{prefix or type(model).__name__} (operator graph)"] = failure_reason(
+            "exporting it with torch.export", error)
+        return False
+    analysis.skipped.update(skipped)
+    kept = []
+    for group in candidates:
+        if opts.include and not any(matches(p, opts.include) for p in group.producers):
+            continue
+        if opts.exclude and any(matches(p, opts.exclude) for p in group.producers):
+            continue
+        if group.coupled and not opts.prune_coupled:
+            analysis.skipped[group.name] = "coupled channels (set prune_coupled=True to gate them together)"
+            continue
+        kept.append(group)
+    local = [_localised(g, prefix) for g in kept]
+    good, _bad = _exact_subsets(model, example, local, opts.rtol, opts.check)
+    good_names = {g.name for g in good}
+    for group in kept:
+        if _strip(group.name, prefix) in good_names or (not prefix and group.name in good_names):
+            analysis.groups.append(group)
+        else:
+            why = "removing these channels changes the outputs (checked on a copy)"
+            analysis.skipped[group.name] = f"{why}: {hints[group.name]}" if group.name in hints else why
+    return True
 
 
 def _analyse(model: nn.Module, example: Any, opts: _Options, prefix: str, analysis: ChannelAnalysis,

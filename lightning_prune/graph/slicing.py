@@ -219,6 +219,12 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
     for (name, attr), drop in attrs.items():
         module = model.get_submodule(_strip(name, prefix))
         setattr(module, attr, getattr(module, attr) - drop)
+    if count:  # tensors a model caches from its parameters in eval mode are dropped by train() (LeViT's
+        # attention biases): refresh them now that the shapes changed, the modes left as they were
+        modes = [(m, m.training) for m in model.modules()]
+        model.train(True)
+        for m, mode in modes:
+            m.training = mode
     return count
 
 

@@ -62,7 +62,9 @@ class Site:
 
     ``kind="input"``: the input of a Conv/Linear (channel ``dim``); a gate multiplies these channels there
     (and folds into the weight columns). ``kind="norm"``: a LayerNorm/GroupNorm(1)/GRN; once units are pruned
-    it computes its statistics over the kept channels only.
+    it computes its statistics over the kept channels only. ``weight``: the Conv/Linear weight that reads the
+    channels when ``module`` is not that layer itself (a module whose forward calls ``F.linear`` with a
+    child's weight: the gate goes on the module's input, and folds into that weight's columns).
     """
 
     module: str
@@ -70,6 +72,12 @@ class Site:
     dim: int
     channels: tuple[int, ...]
     units: tuple[int, ...]
+    weight: str = ""
+
+    @property
+    def weight_name(self) -> str:
+        """The full name of the weight whose columns read the channels."""
+        return self.weight or f"{self.module}.weight"
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,7 @@ def _localised(group: ChannelGroup, prefix: str) -> ChannelGroup:
     s = lambda n: _strip(n, prefix)  # noqa: E731
     return ChannelGroup(
         s(group.name), group.size, group.unit, group.width,
-        tuple(Site(s(x.module), x.kind, x.dim, x.channels, x.units) for x in group.sites),
+        tuple(Site(s(x.module), x.kind, x.dim, x.channels, x.units, s(x.weight) if x.weight else "")
+              for x in group.sites),
         tuple(Slice(s(x.module), x.role, x.channels, x.units, x.dim) for x in group.slices),
         tuple(s(p) for p in group.producers), group.coupled, tuple((s(m), a, k) for m, a, k in group.attrs))

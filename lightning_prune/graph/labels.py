@@ -1,0 +1,1498 @@
+"""Channel groups from the traced operator graph: unit labels for every tensor dimension.
+
+The model is traced with PyTorch's own tracer (``torch.export.export(..., strict=False)`` in eval mode) and
+every dimension of every tensor is followed through every ATen operator. A **producer** (the output channels
+of a Conv/Linear) creates one *atom* per channel; an operator's output carries the atoms its inputs carried
+at the positions it reads. Atoms that must be removed together are merged (a union-find): an addition or a
+multiplication couples the atoms at each position (residual streams, gates), a contraction (``q @ k^T``, a
+softmax, a reduction) merges everything along the dimension it mixes (whole attention heads), an equal
+``chunk``/``split``/``unbind`` of a labelled dimension pairs the pieces (q/k/v, GLU and SwiGLU gates, Res2Net
+splits), ``cat`` concatenates labels, views and permutes move them (a channel dimension split into heads x
+head dim keeps one label per element). A label lives in a *block*: the dims it varies along and an array of
+atoms; a dim along which the array is constant carries no label.
+
+Readers cut the dependency: a Conv/Linear module reading a labelled dim is an **input site** (a gate there
+masks the units), a LayerNorm / GroupNorm(1) / GRN computing statistics over it is a **norm site**
+(restricted statistics). Parameters and buffers combined with a labelled dim (norm affines, biases,
+layer-scale gammas, ``pos_embed``/``cls_token``, relative-position bias tables along heads, BatchNorm
+statistics) are sliced with it; integer attributes of the module that reshapes or splits with a size that
+shrinks with the units (``num_heads``, ``attn_dim``, split widths) are found by their value and updated.
+An operator this module does not know that touches a labelled dim fixes those atoms (never removed) with the
+reason ``"aten.X on dim d"``; the model's outputs fix theirs. Labels are propagated until no atoms merge any
+more (a later contraction can make an earlier dim unlabelled), then the last pass records sites and slices.
+
+The exactness proof of :mod:`lightning_prune.graph.proof` stays the final judge.
+
+Known limits: a size the model's code takes from a tensor's shape is a constant in the exported graph, so a
+coupling made only through a shape (``x.reshape(B, N, C)`` with ``C`` the residual stream's width after
+the attention, as in MetaFormer's and PVT's attention) is not seen: the proof rejects those groups. When two
+integer attributes hold the same value (``num_heads == head_dim``), both are updated and the proof decides.
+Unequal splits whose sizes sit in a list attribute (MixNet's ``splits``) are left to the proof (rejected).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_prune.graph.layers import _is_grn, channel_dim
+from lightning_prune.graph.types import ChannelGroup, Site, Slice, _prefixed
+
+__all__ = ["LabelGraph", "trace_labels"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: ops whose size arguments the analysis does not update (see `_attr_event`)
+_SPLITS_NOT_UPDATED = ("aten.split", "aten.split_with_sizes")
+FIXED = 0
+_OUTPUT = "no layer reads these channels (model output)"
+_MAX_BLOCK = 4_000_000
+
+
+class _Fix(Exception):
+    """Internal: an operator whose labelled dims cannot be followed."""
+
+
+# ---------------------------------------------------------------------------------------------- union-find
+class _Atoms:
+    """Atoms (one per producer channel) in a union-find; atom 0 is FIXED (never removed)."""
+
+    def __init__(self) -> None:
+        self.parent = np.zeros(1024, dtype=np.int64)
+        self.n = 1
+        self.owner: list[str] = [""]
+        self.changed = False
+
+    def new(self, count: int, owner: str) -> np.ndarray:
+        while self.n + count > len(self.parent):
+            self.parent = np.concatenate([self.parent, np.arange(len(self.parent), 2 * len(self.parent))])
+        ids = np.arange(self.n, self.n + count, dtype=np.int64)
+        self.parent[ids] = ids
+        self.n += count
+        self.owner.extend([owner] * count)
+        return ids
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:
+            parent[a], a = root, parent[a]
+        return int(root)
+
+    def roots(self, arr: np.ndarray) -> np.ndarray:
+        arr = np.asarray(arr, dtype=np.int64)
+        while True:
+            p = self.parent[arr]
+            if np.array_equal(p, arr):
+                return arr
+            arr = p
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if rb == FIXED or (ra != FIXED and rb < ra):
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.changed = True
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = np.broadcast_arrays(self.roots(a), self.roots(b))
+        differ = a != b
+        if not differ.any():
+            return
+        pairs = np.unique(np.stack([a[differ], b[differ]], 1), axis=0)
+        for x, y in pairs.tolist():
+            self.union(x, y)
+
+    def union_all(self, arr: np.ndarray) -> int:
+        flat = np.unique(self.roots(arr).ravel())
+        for x in flat[1:].tolist():
+            self.union(int(flat[0]), x)
+        return self.find(int(flat[0])) if len(flat) else FIXED
+
+
+# ---------------------------------------------------------------------------------------------- labels
+@dataclass
+class _Lab:
+    """The labels of one tensor: blocks ``(dims, atoms)`` (``atoms.shape`` = sizes of those dims), the
+    parameters it is a view of (``(name, {dim: (param dim, offset)})``) and whether it was computed from
+    parameters in a way not followed (``derived``)."""
+
+    shape: tuple[int, ...]
+    blocks: list[tuple[tuple[int, ...], np.ndarray]] = field(default_factory=list)
+    origins: list[tuple[str, dict[int, tuple[int, int]]]] = field(default_factory=list)
+    derived: frozenset[int] = frozenset()  # dims along which values vary with parameter data
+
+
+def _plain(shape: Iterable[int]) -> _Lab:
+    return _Lab(tuple(int(s) for s in shape))
+
+
+def _shape_of(val: Any) -> tuple[int, ...] | None:
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(s) for s in val.shape)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+@dataclass
+class _Records:
+    slices: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
+    sites: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
+    fixes: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    sizes: list[tuple[list[str], int, np.ndarray, str]] = field(default_factory=list)  # (modules, value,
+    # atoms per position of the dim, what) for attribute search
+    notes: list[tuple[np.ndarray, str]] = field(default_factory=list)
+
+
+def _op_name(target: Any) -> str:
+    name = getattr(target, "__name__", None) or str(target)
+    return name.split(".")[0] if isinstance(target, torch._ops.OpOverload) else name
+
+
+_PASS = {"clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "dropout", "lift_fresh_copy",
+         "feature_dropout", "alpha_dropout", "_assert_tensor_metadata", "copy", "clamp", "clamp_min",
+         "clamp_max", "hardtanh", "leaky_relu", "elu", "celu", "gelu", "silu", "mish", "relu", "relu6",
+         "sigmoid", "tanh", "hardswish", "hardsigmoid", "softplus", "logit", "prelu_scalar"}
+_REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "norm", "linalg_vector_norm", "logsumexp", "max",
+           "min",
+           "prod", "var_mean", "std_mean", "any", "all", "argmax", "argmin"}
+_POOL = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+         "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+         "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+         "_adaptive_avg_pool2d", "upsample_nearest1d", "upsample_nearest2d", "upsample_bilinear2d",
+         "upsample_bicubic2d", "_upsample_nearest_exact2d", "upsample_linear1d", "lp_pool2d"}
+_VIEW = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+         "reshape_as", "_reshape_alias"}
+_NEW = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros",
+        "new_ones", "new_empty", "new_full", "arange", "zeros", "ones", "full", "empty", "scalar_tensor",
+        "linspace", "tensor", "randn", "rand", "bernoulli", "empty_strided", "eye", "new_tensor"}
+
+
+class LabelGraph:
+    """Unit labels of a traced model; :meth:`groups` turns them into :class:`ChannelGroup` candidates."""
+
+    def __init__(self, model: nn.Module, example: Any, check: Callable[[], None] = lambda: None,
+                 max_passes: int = 6) -> None:
+        self.model = model
+        self.check = check
+        self.modules = dict(model.named_modules())
+        self.params = dict(model.named_parameters())
+        self.buffers = dict(model.named_buffers())
+        self.program = _export(model, example)
+        sig = self.program.graph_signature
+        self.placeholders: dict[str, tuple[str, str]] = {}
+        for name, fqn in sig.inputs_to_parameters.items():
+            self.placeholders[name] = ("param", fqn)
+        for name, fqn in sig.inputs_to_buffers.items():
+            self.placeholders[name] = ("buffer", fqn)
+        for name, fqn in getattr(sig, "inputs_to_lifted_tensor_constants", {}).items():
+            self.placeholders[name] = ("constant", fqn)
+        self.atoms = _Atoms()
+        self.producer_atoms: dict[str, np.ndarray] = {}
+        self.producer_order: list[str] = []
+        self.passes = 0
+        # optimistic passes (parameters along a unit dim do not fix it yet) until no atoms merge, then one
+        # strict pass that records sites, slices and fixes
+        self.strict = False
+        for _ in range(max_passes):
+            self.atoms.changed = False
+            self.records = _Records()
+            self._run()
+            self.passes += 1
+            if not self.atoms.changed:
+                break
+        self.strict = True
+        self.records = _Records()
+        self._run()
+        self.passes += 1
+        for arr, _why in self.records.fixes:
+            self.atoms.union_all(np.concatenate([arr.ravel(), [FIXED]]))
+
+    # ------------------------------------------------------------------------------------------ walking
+    def _run(self) -> None:
+        self._producer_seen = 0
+        self._walk(self.program.graph, None)
+
+    def _walk(self, graph: Any, inputs: list[Any] | None) -> Any:
+        """Labels through ``graph``; ``inputs``: the labels of a subgraph's placeholders (None: the
+        exported program's own). Returns the labels of the subgraph's outputs."""
+        labs: dict[Any, Any] = {}
+        k = 0
+        for i, node in enumerate(graph.nodes):
+            if i % 64 == 0:
+                self.check()
+            if node.op == "placeholder":
+                if inputs is None:
+                    labs[node] = self._placeholder(node)
+                else:
+                    labs[node] = inputs[k] if k < len(inputs) else None
+                    k += 1
+            elif node.op == "call_function":
+                try:
+                    sub = self._subgraph(node)
+                    if sub is not None:
+                        out = self._walk(sub[0], [labs.get(a) for a in sub[1]])
+                        labs[node] = out if isinstance(out, list) else [out]
+                    else:
+                        labs[node] = self._call(node, labs)
+                except _Fix as why:
+                    self._fix_inputs(node, labs, str(why))
+                    labs[node] = self._opaque_output(node, labs)
+                except Exception as err:  # noqa: BLE001 - an operator we mis-handle: conservative
+                    self._fix_inputs(node, labs, f"{_op_name(node.target)} ({type(err).__name__})")
+                    labs[node] = self._opaque_output(node, labs)
+            elif node.op == "output":
+                if inputs is not None:
+                    args = node.args[0]
+                    return [labs.get(a) for a in args] if isinstance(args, (list, tuple)) else labs.get(args)
+                for arg in _flatten_args(node.args):
+                    lab = labs.get(arg)
+                    for lab_ in (lab if isinstance(lab, list) else [lab]):
+                        if isinstance(lab_, _Lab):
+                            for _, arr in lab_.blocks:
+                                self.records.fixes.append((arr, _OUTPUT))
+            else:  # get_attr (submodules of higher-order ops): unlabelled
+                labs[node] = None
+        return None
+
+    def _subgraph(self, node: Any) -> tuple[Any, list[Any]] | None:
+        """A higher-order op (autocast, grad-mode regions): its body graph and the nodes it is called with."""
+        if not isinstance(node.target, torch._ops.HigherOrderOperator):
+            return None
+        for i, arg in enumerate(node.args):
+            if getattr(arg, "op", None) == "get_attr":
+                body = getattr(self.program.graph_module, arg.target, None)
+                if isinstance(body, torch.fx.GraphModule):
+                    return body.graph, list(node.args[i + 1:])
+        raise _Fix(f"{getattr(node.target, '__name__', node.target)}")
+
+    def _placeholder(self, node: Any) -> _Lab | None:
+        shape = _shape_of(node.meta.get("val"))
+        if shape is None:
+            return None
+        lab = _plain(shape)
+        kind = self.placeholders.get(node.name)
+        if kind is not None:
+            lab.derived = frozenset(d for d in range(len(shape)) if shape[d] > 1)
+            if kind[0] in ("param", "buffer"):
+                lab.origins = [(kind[1], {d: (d, 0) for d in range(len(shape))})]
+        return lab
+
+    def _unlabelled_output(self, node: Any) -> Any:
+        val = node.meta.get("val")
+        if isinstance(val, (list, tuple)):
+            return [_plain(s) if (s := _shape_of(v)) is not None else None for v in val]
+        shape = _shape_of(val)
+        return _plain(shape) if shape is not None else None
+
+    def _opaque_output(self, node: Any, labs: dict) -> Any:
+        """The output of an operator not followed: if it read parameters, its values vary with them."""
+        out = self._unlabelled_output(node)
+        derived = any(isinstance(x, _Lab) and x.derived
+                      for a in _flatten_args((node.args, tuple(node.kwargs.values())))
+                      for x in (labs.get(a) if isinstance(labs.get(a), list) else [labs.get(a)]))
+        if derived:
+            for lab in (out if isinstance(out, list) else [out]):
+                if isinstance(lab, _Lab):
+                    lab.derived = frozenset(d for d, s in enumerate(lab.shape) if s > 1)
+        return out
+
+    def _fix_inputs(self, node: Any, labs: dict, why: str) -> None:
+        for arg in _flatten_args((node.args, tuple(node.kwargs.values()))):
+            lab = labs.get(arg)
+            for lab_ in (lab if isinstance(lab, list) else [lab]):
+                if isinstance(lab_, _Lab):
+                    for dims, arr in lab_.blocks:
+                        self.records.fixes.append((arr, f"{why} on dim(s) {', '.join(map(str, dims))}"
+                                                   if dims else why))
+
+    def _owner(self, node: Any) -> str | None:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return None
+        path = list(stack.values())[-1][0]
+        return _clean_path(path)
+
+    def _owners(self, node: Any) -> list[str]:
+        stack = node.meta.get("nn_module_stack") or {}
+        return [_clean_path(v[0]) for v in reversed(list(stack.values()))]
+
+    # ------------------------------------------------------------------------------------------ labels
+    def canon(self, lab: _Lab) -> _Lab:
+        """Blocks with current roots, constant dims dropped, fixed-only blocks dropped."""
+        blocks = []
+        for dims, arr in lab.blocks:
+            arr = self.atoms.roots(arr)
+            keep_dims = []
+            for axis in range(len(dims)):
+                first = arr.take([0], axis=axis)
+                if arr.shape[axis] > 1 and not np.array_equal(np.broadcast_to(first, arr.shape), arr):
+                    keep_dims.append(axis)
+            drop = tuple(a for a in range(arr.ndim) if a not in keep_dims)
+            if drop:
+                arr = arr[tuple(0 if a in drop else slice(None) for a in range(arr.ndim))]
+            if (arr == FIXED).all():
+                continue
+            blocks.append((tuple(dims[a] for a in keep_dims), arr))
+        return _Lab(lab.shape, blocks, lab.origins, lab.derived)
+
+    def _merge(self, blocks: list[tuple[tuple[Any, ...], np.ndarray]], sizes: dict[Any, int]
+               ) -> list[tuple[tuple[Any, ...], np.ndarray]]:
+        """Blocks over shared letters merged, atoms at each position coupled."""
+        out: list[tuple[tuple[Any, ...], np.ndarray]] = []
+        for letters, arr in blocks:
+            joined = [(letters, arr)]
+            rest = []
+            for other in out:
+                if set(other[0]) & set(letters) or (not other[0] and not letters):
+                    joined.append(other)
+                else:
+                    rest.append(other)
+            if len(joined) == 1:
+                out.append((letters, arr))
+                continue
+            union = sorted({x for ls, _ in joined for x in ls}, key=_letter_key)
+            shape = tuple(sizes[x] for x in union)
+            if math.prod(shape) > _MAX_BLOCK:
+                raise _Fix("a label block too large to follow")
+            expanded = [np.broadcast_to(_expand_to(a, ls, union), shape) for ls, a in joined]
+            for e in expanded[1:]:
+                self.atoms.union_arrays(expanded[0], e)
+            rest.append((tuple(union), np.ascontiguousarray(expanded[0])))
+            out = rest
+        return out
+
+    def _collapse(self, letters: tuple[Any, ...], arr: np.ndarray, along: set[Any]
+                  ) -> tuple[tuple[Any, ...], np.ndarray]:
+        """Merge the atoms along the ``along`` letters (a contraction mixes them); drop those letters."""
+        axes = [i for i, x in enumerate(letters) if x in along]
+        if not axes:
+            return letters, arr
+        keep = [i for i in range(len(letters)) if i not in axes]
+        moved = np.moveaxis(arr, axes, list(range(len(letters) - len(axes), len(letters))))
+        flat = moved.reshape(*[arr.shape[i] for i in keep], -1)
+        for j in range(1, flat.shape[-1]):
+            self.atoms.union_arrays(flat[..., 0], flat[..., j])
+        return tuple(letters[i] for i in keep), np.ascontiguousarray(flat[..., 0])
+
+    def combine(self, operands: list[tuple[_Lab, list[Any]]], out_letters: list[Any], sizes: dict[Any, int],
+                what: str) -> _Lab:
+        """The einsum-like rule: operands' dims named by letters (same letter = same index), letters not in
+        ``out_letters`` contracted. Parameters along a labelled letter are sliced with it."""
+        blocks = []
+        for lab, letters in operands:
+            for dims, arr in lab.blocks:
+                ls = tuple(letters[d] for d in dims)
+                # a broadcast (size-1) dim of this operand: its atoms stretch over the letter
+                blocks.append((ls, arr))
+        merged = self._merge(blocks, sizes)
+        contracted = {x for x in sizes if x not in out_letters}
+        result = []
+        for letters, arr in merged:
+            if set(letters) & contracted:
+                letters, arr = self._collapse(letters, arr, contracted)
+            result.append((letters, arr))
+        labelled = {x for ls, _ in result for x in ls}
+        # parameters along labelled letters: sliced with them (or, if not followed, the letter is fixed)
+        origins_out: list[tuple[str, dict[int, tuple[int, int]]]] = []
+        for lab, letters in operands:
+            if not lab.derived:
+                continue
+            for d, x in enumerate(letters):
+                if x not in labelled or lab.shape[d] == 1 or d not in lab.derived:
+                    continue
+                followed = [(name, m[d]) for name, m in lab.origins if d in m]
+                if not self.strict:  # a parameter along a dim that may not stay a unit dim: no merging yet
+                    continue
+                if not lab.origins or len(followed) != len(lab.origins):
+                    raise _Fix(f"{what}: a tensor computed from parameters along a unit dim")
+                block = next((ls, a) for ls, a in result if x in ls)
+                atoms = self._project(block[0], block[1], x)
+                for name, (pdim, offset) in followed:
+                    self.records.slices.append((name, "param", pdim, atoms[offset:offset + self._psize(name,
+                                                                                                     pdim)]))
+        out_index = {x: i for i, x in enumerate(out_letters)}
+        blocks_out = []
+        for letters, arr in result:
+            order = sorted(range(len(letters)), key=lambda i: out_index[letters[i]])
+            arr = np.transpose(arr, order) if order else arr
+            blocks_out.append((tuple(out_index[letters[i]] for i in order), arr))
+        for lab, letters in operands:  # a view of parameters stays one through elementwise ops
+            for name, m in lab.origins:
+                mapped = {out_index[letters[d]]: v for d, v in m.items()
+                          if letters[d] in out_index and lab.shape[d] == sizes[letters[d]]}
+                origins_out.append((name, mapped))
+        # along a unit dim the parameters were sliced (recorded above): the values vary with units only
+        derived_out = frozenset(out_index[letters[d]] for lab, letters in operands for d in lab.derived
+                                if letters[d] in out_index and letters[d] not in labelled)
+        shape = tuple(sizes[x] for x in out_letters)
+        return self.canon(_Lab(shape, blocks_out, origins_out, derived_out))
+
+    def _psize(self, name: str, dim: int) -> int:
+        tensor = self.params.get(name)
+        if tensor is None:
+            tensor = self.buffers.get(name)
+        return int(tensor.shape[dim]) if tensor is not None else 0
+
+    def _project(self, letters: tuple[Any, ...], arr: np.ndarray, x: Any) -> np.ndarray:
+        """One atom per position along letter ``x``: atoms along the other letters are merged."""
+        axis = letters.index(x)
+        moved = np.moveaxis(arr, axis, 0).reshape(arr.shape[axis], -1)
+        for j in range(1, moved.shape[1]):
+            self.atoms.union_arrays(moved[:, 0], moved[:, j])
+        return self.atoms.roots(moved[:, 0].copy())
+
+    def dim_atoms(self, lab: _Lab, dim: int) -> np.ndarray | None:
+        """Atoms per position of ``dim`` (merged along the block's other dims), or None if unlabelled."""
+        for dims, arr in lab.blocks:
+            if dim in dims:
+                return self._project(dims, arr, dim)
+        return None
+
+    def elementwise(self, node: Any, labs: dict, tensors: list[Any]) -> _Lab:
+        out_shape = _shape_of(node.meta.get("val"))
+        n = len(out_shape)
+        operands = []
+        for t in tensors:
+            lab = labs.get(t) if hasattr(t, "op") else None
+            if not isinstance(lab, _Lab):
+                continue
+            lab = self.canon(lab)
+            offset = n - len(lab.shape)
+            operands.append((lab, [offset + d for d in range(len(lab.shape))]))
+        sizes = {d: out_shape[d] for d in range(n)}
+        return self.combine(operands, list(range(n)), sizes, _op_name(node.target))
+
+    # ------------------------------------------------------------------------------------------ operators
+    def _call(self, node: Any, labs: dict) -> Any:
+        target = node.target
+        if target is operator.getitem:
+            src, index = node.args
+            value = labs.get(src)
+            return value[index] if isinstance(value, list) else None
+        name = _op_name(target)
+        val = node.meta.get("val")
+        tensors_in = [a for a in _flatten_args((node.args, tuple(node.kwargs.values()))) if hasattr(a, "op")]
+        in_labs = [labs.get(a) for a in tensors_in]
+        if not any(isinstance(x, _Lab) and (x.blocks or x.derived) for x in in_labs) and name not in (
+                "linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose2d", "_convolution"):
+            return self._unlabelled_output(node)  # nothing followed: nothing to do
+        if name in _NEW or val is None:
+            return self._unlabelled_output(node)
+        args = node.args
+        get = lambda i, key, default=None: (args[i] if len(args) > i  # noqa: E731
+                                             else node.kwargs.get(key, default))
+        x_lab = self.canon(labs[args[0]]) if args and isinstance(labs.get(args[0]), _Lab) else None
+        if name in ("linear",):
+            return self._linear(node, labs)
+        if name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution"):
+            return self._conv(node, labs)
+        if name in _PASS or name.rstrip("_") in _PASS or _pointwise(target) or name in (
+                "add", "sub", "mul", "div", "where", "maximum", "minimum", "addcmul", "addcdiv", "lerp",
+                "masked_fill", "pow", "rsub", "true_divide", "floor_divide", "remainder", "fmod", "eq", "ne",
+                "lt", "le", "gt", "ge", "neg", "exp", "log", "sqrt", "rsqrt", "abs", "erf", "reciprocal",
+                "square", "sign", "cos", "sin", "expm1", "log1p", "sgn", "bitwise_and", "logical_and"):
+            if name.endswith("_") and name not in ("relu_",) and False:  # pragma: no cover
+                pass
+            if name in ("dropout", "native_dropout", "feature_dropout", "alpha_dropout"):
+                tensors = [args[0]]
+            else:
+                tensors = [a for a in _flatten_args((args, tuple(node.kwargs.values()))) if hasattr(a, "op")]
+            if isinstance(val, (list, tuple)):
+                first = self.elementwise_like(node, labs, tensors, _shape_of(val[0]))
+                return [first] + [_plain(_shape_of(v) or ()) for v in val[1:]]
+            return self.elementwise(node, labs, tensors)
+        if name == "native_dropout":
+            return [self._same(x_lab), _plain(x_lab.shape)]
+        if name in _VIEW or name in ("expand", "expand_as", "broadcast_to", "view_copy", "_unsafe_view"):
+            return self._view(node, x_lab, _shape_of(val))
+        if name in ("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "swapdims", "mT",
+                    "adjoint"):
+            return self._permute(node, x_lab, _shape_of(val))
+        if name in ("slice", "narrow", "select", "index_select", "index", "split", "split_with_sizes",
+                    "chunk", "unbind", "tensor_split"):
+            return self._slicing(node, name, x_lab, labs)
+        if name in ("cat", "concat", "concatenate", "stack", "hstack", "vstack"):
+            return self._cat(node, name, labs)
+        if name in ("matmul", "bmm", "mm", "einsum", "scaled_dot_product_attention", "baddbmm", "addmm",
+                    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention"):
+            return self._contract(node, name, labs)
+        if name in ("layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "batch_norm",
+                    "_native_batch_norm_legit_no_training", "native_batch_norm", "rms_norm",
+                    "instance_norm", "_batch_norm_impl_index", "_native_batch_norm_legit"):
+            return self._norm(node, name, labs)
+        if name in _REDUCE:
+            return self._reduce(node, name, x_lab, labs)
+        if name in ("softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod", "sort",
+                    "topk", "argsort"):
+            dim = get(1, "dim")
+            dim = dim % len(x_lab.shape)
+            lab = self._mix_dims(x_lab, {dim}, name)
+            if isinstance(val, (list, tuple)):
+                return [lab] + [_plain(_shape_of(v) or ()) for v in val[1:]]
+            return lab
+        if name in _POOL:
+            spatial = set(range(2 if len(x_lab.shape) > 2 else 1, len(x_lab.shape)))
+            if "adaptive" not in name and len(x_lab.shape) == 3 and name.endswith(("2d",)):
+                spatial = {1, 2}
+            lab = self._mix_dims(x_lab, spatial, name)
+            out_shape = _shape_of(val[0] if isinstance(val, (list, tuple)) else val)
+            lab = _resize(lab, out_shape)
+            if isinstance(val, (list, tuple)):
+                return [lab] + [_plain(_shape_of(v) or ()) for v in val[1:]]
+            return lab
+        if name in ("constant_pad_nd", "pad", "reflection_pad2d", "replication_pad2d", "roll", "flip",
+                    "rot90", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "repeat",
+                    "repeat_interleave", "tile"):
+            return self._positional(node, name, x_lab, _shape_of(val))
+        raise _Fix(f"aten.{name}")
+
+    def elementwise_like(self, node: Any, labs: dict, tensors: list[Any], shape: tuple[int, ...]) -> _Lab:
+        n = len(shape)
+        operands = []
+        for t in tensors:
+            lab = labs.get(t)
+            if isinstance(lab, _Lab):
+                lab = self.canon(lab)
+                offset = n - len(lab.shape)
+                operands.append((lab, [offset + d for d in range(len(lab.shape))]))
+        return self.combine(operands, list(range(n)), {d: shape[d] for d in range(n)}, _op_name(node.target))
+
+    def _same(self, lab: _Lab) -> _Lab:
+        return _Lab(lab.shape, list(lab.blocks), list(lab.origins), lab.derived)
+
+    def _mix_dims(self, lab: _Lab, dims: set[int], what: str) -> _Lab:
+        """Every position along ``dims`` depends on all of them: atoms merged along them (labels kept)."""
+        blocks = []
+        for bdims, arr in lab.blocks:
+            if set(bdims) & dims:
+                letters, arr2 = self._collapse(bdims, arr, dims)
+                # keep the (now constant) dims out; broadcast back is implicit
+                blocks.append((letters, arr2))
+            else:
+                blocks.append((bdims, arr))
+        origins = [(n, {d: v for d, v in m.items() if d not in dims}) for n, m in lab.origins]
+        return self.canon(_Lab(lab.shape, blocks, origins, lab.derived))
+
+    def _positional(self, node: Any, name: str, lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
+        """Ops that move positions along some dims (padding, rolls, flips, repeats): fine on unlabelled
+        dims."""
+        n = len(lab.shape)
+        args = node.args
+        if name in ("constant_pad_nd", "pad", "reflection_pad2d", "replication_pad2d"):
+            pads = list(args[1])
+            touched = {n - 1 - i // 2 for i in range(len(pads)) if pads[i]}
+        elif name in ("roll", "flip"):
+            dims = args[2] if name == "roll" and len(args) > 2 else (args[1] if name == "flip" else [])
+            dims = [dims] if isinstance(dims, int) else list(dims or range(n))
+            touched = {d % n for d in dims}
+        elif name in ("repeat", "tile"):
+            reps = list(args[1])
+            offset = len(out_shape) - n
+            touched = {d for d in range(n) if reps[offset + d] != 1}
+            if offset:
+                lab = _Lab(lab.shape, lab.blocks, [], lab.derived)
+                lab = _shift(lab, offset, out_shape)
+        else:
+            touched = set(range(n))
+        for dims, _ in lab.blocks:
+            if set(dims) & touched:
+                raise _Fix(f"aten.{name} along a unit dim")
+        origins = [(o, m) for o, m in lab.origins if not (set(m) & touched)]
+        return _Lab(tuple(out_shape), list(lab.blocks), origins, lab.derived)
+
+    # ---- producers and readers
+    def _module_of(self, weight_node: Any) -> tuple[str, nn.Module] | tuple[None, None]:
+        kind = self.placeholders.get(getattr(weight_node, "name", ""))
+        if kind is None or kind[0] != "param" or not kind[1].endswith(".weight"):
+            return None, None
+        mname = kind[1][: -len(".weight")]
+        return mname, self.modules.get(mname)
+
+    def _new_producer(self, name: str, count: int) -> np.ndarray:
+        """The same atoms on every pass (producers are met in the same order)."""
+        key = f"{name}#{self._producer_seen}"
+        self._producer_seen += 1
+        if key not in self.producer_atoms:
+            self.producer_atoms[key] = self.atoms.new(count, name)
+            self.producer_order.append(key)
+        return self.producer_atoms[key]
+
+    def _read(self, node: Any, lab: _Lab, dim: int, module_name: str | None, module: nn.Module | None,
+              role_in: bool = True) -> list[tuple[tuple[int, ...], np.ndarray]]:
+        """A Conv/Linear reads ``dim`` of ``lab``: an input site (or, without a module called here, a
+        contraction that merges the dim). Returns the blocks that pass through (other dims)."""
+        rest = []
+        for dims, arr in lab.blocks:
+            if dim not in dims:
+                rest.append((dims, arr))
+                continue
+            called = module is not None and self._owner(node) == module_name
+            outer = None if called or module is None else self._outer_site(node)
+            if outer is not None:
+                atoms = self._project(dims, arr, dim)
+                self.records.sites.append((outer, "input", -1 if isinstance(module, nn.Linear) else 1, atoms,
+                                           f"{module_name}.weight"))
+                self.records.slices.append((module_name, "in", 1, atoms))
+                continue
+            if not called:
+                letters, arr2 = self._collapse(dims, arr, {dim})
+                self.records.notes.append((arr, f"{_op_name(node.target)} with a weight outside a module"
+                                                " called here"))
+                rest.append((letters, arr2))
+                continue
+            atoms = self._project(dims, arr, dim)
+            if role_in:
+                self.records.sites.append((module_name, "input", channel_dim(module), atoms))
+                self.records.slices.append((module_name, "in", 1, atoms))
+        return rest
+
+    def _outer_site(self, node: Any) -> str | None:
+        """A Conv/Linear weight used by the forward of the module ``node`` runs in, on that module's own
+        input: the module whose input a gate can multiply (its only readers of that input are such layers)."""
+        owner = self._owner(node)
+        x = node.args[0]
+        if owner is None or owner in self._owners(x) or getattr(x, "op", None) != "call_function" and \
+                getattr(x, "op", None) != "placeholder":
+            return None
+        for user in x.users:
+            if owner in self._owners(user) and _op_name(user.target) not in ("linear", "conv1d", "conv2d"):
+                return None
+        return owner
+
+    def _linear(self, node: Any, labs: dict) -> _Lab:
+        x, w = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        out_shape = _shape_of(node.meta["val"])
+        x_lab = self.canon(labs[x])
+        mname, module = self._module_of(w)
+        n = len(x_lab.shape)
+        if not isinstance(module, nn.Linear):
+            w_lab = labs.get(w)
+            if isinstance(w_lab, _Lab) and w_lab.derived:
+                # a functional linear with a computed weight: the input dim is mixed, the output unlabelled
+                rest = [(d, a) for d, a in x_lab.blocks if n - 1 not in d]
+                mixed = [(d, a) for d, a in x_lab.blocks if n - 1 in d]
+                for _, a in mixed:
+                    self.records.fixes.append((a, "aten.linear with a weight computed from parameters"))
+                return self.canon(_Lab(out_shape, rest))
+            raise _Fix("aten.linear with an input weight")
+        rest = self._read(node, x_lab, n - 1, mname, module)
+        atoms = self._new_producer(mname, out_shape[-1])
+        self.records.slices.append((mname, "out", 0, atoms))
+        blocks = rest + [((n - 1,), atoms)]
+        lab = self.canon(_Lab(out_shape, blocks))
+        if bias is not None and self.placeholders.get(bias.name, ("", ""))[1] != f"{mname}.bias":
+            lab = self.combine([(lab, list(range(n))), (self.canon(labs[bias]), [n - 1])], list(range(n)),
+                               {d: out_shape[d] for d in range(n)}, "linear bias")
+        return lab
+
+    def _conv(self, node: Any, labs: dict) -> _Lab:
+        args = node.args
+        name = _op_name(node.target)
+        x, w = args[0], args[1]
+        bias = args[2] if len(args) > 2 else None
+        if name in ("convolution", "_convolution"):
+            if args[6]:
+                raise _Fix("a transposed convolution")
+            groups = args[8]
+        else:
+            groups = args[6] if len(args) > 6 else node.kwargs.get("groups", 1)
+        out_shape = _shape_of(node.meta["val"])
+        x_lab = self.canon(labs[x])
+        mname, module = self._module_of(w)
+        w_lab = labs.get(w)
+        if not isinstance(module, _CONV):
+            std = None
+            if isinstance(w_lab, _Lab) and w_lab.derived:
+                # a computed weight (weight standardisation): which module's weight is it?
+                owner = self._owner(node)
+                if owner is not None and isinstance(self.modules.get(owner), _CONV):
+                    std = owner
+            if std is None:
+                raise _Fix("a convolution whose weight is not a Conv module's")
+            mname, module = std, self.modules[std]
+            computed = True
+        else:
+            computed = False
+        n = len(x_lab.shape)
+        spatial = set(range(2, n))
+        cin = x_lab.shape[1]
+        cout = out_shape[1]
+        other = [(d, a) for d, a in x_lab.blocks if not (set(d) & ({1} | spatial))]
+        for d, _ in x_lab.blocks:
+            if set(d) & spatial:
+                raise _Fix("a convolution over labelled spatial dims")
+        chan = self.dim_atoms(x_lab, 1)
+        if groups == 1:
+            if chan is not None:
+                if computed:
+                    why = (f"weight-standardised conv `{mname}` reads these channels (its standardisation"
+                           " over the fan-in changes)")
+                    self.records.fixes.append((chan, why))
+                elif self._owner(node) != mname:
+                    self._collapse((1,), chan, {1})
+                    self.records.notes.append((chan, "a conv weight used outside its module"))
+                else:
+                    self.records.sites.append((mname, "input", 1, chan))
+                    self.records.slices.append((mname, "in", 1, chan))
+            atoms = self._new_producer(mname, cout)
+            self.records.slices.append((mname, "out", 0, atoms))
+            return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
+        if groups == cin == cout:  # depthwise: channel by channel
+            if chan is None:
+                return self.canon(_Lab(out_shape, other))
+            self.records.slices.append((mname, "channel", 0, chan))
+            if bias is not None and self.placeholders.get(bias.name, ("", ""))[1] != f"{mname}.bias":
+                raise _Fix("a depthwise conv with a computed bias")
+            return self.canon(_Lab(out_shape, other + [((1,), chan)]))
+        # grouped: whole conv groups (input channels of group g, its filters) are one unit
+        atoms = self._new_producer(mname, cout)
+        ipg, opg = cin // groups, cout // groups
+        if chan is None:
+            chan = np.zeros(cin, dtype=np.int64)  # fixed input: the groups cannot go
+        for g in range(groups):
+            self.atoms.union_all(np.concatenate([chan[g * ipg:(g + 1) * ipg], atoms[g * opg:(g + 1) * opg]]))
+        self.records.slices.append((mname, "group", 0, atoms))
+        return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
+
+    def _norm(self, node: Any, name: str, labs: dict) -> Any:
+        args = node.args
+        x_lab = self.canon(labs[args[0]])
+        val = node.meta["val"]
+        n = len(x_lab.shape)
+        owner_name = self._owner(node)
+        owner = self.modules.get(owner_name) if owner_name is not None else None
+
+        def wrap(lab: _Lab) -> Any:
+            if isinstance(val, (list, tuple)):
+                return [lab] + [_plain(_shape_of(v) or ()) for v in val[1:]]
+            return lab
+
+        def own(param_node: Any, pname: str) -> bool:
+            return param_node is None or self.placeholders.get(getattr(param_node, "name", ""),
+                                                               ("", ""))[1] == f"{owner_name}.{pname}"
+
+        if "batch_norm" in name:
+            chan = self.dim_atoms(x_lab, 1)
+            if chan is not None:
+                params = [args[i] for i in range(1, 5)]
+                if isinstance(owner, _BatchNorm) and own(params[0], "weight") and own(params[1], "bias"):
+                    self.records.slices.append((owner_name, "channel", 0, chan))
+                else:
+                    for p in params:
+                        if p is not None:
+                            self._param_along(labs, p, 0, chan, name)
+            return wrap(self._same(x_lab))
+        if "group_norm" in name:
+            groups = args[1]
+            chan = self.dim_atoms(x_lab, 1)
+            if chan is None:
+                return wrap(self._same(x_lab))
+            if groups == 1 and isinstance(owner, nn.GroupNorm) and own(args[2], "weight"):
+                self.records.sites.append((owner_name, "norm", 1, chan))
+                self.records.slices.append((owner_name, "channel", 0, chan))
+                return wrap(self._same(x_lab))
+            size = x_lab.shape[1] // groups
+            for g in range(groups):
+                self.atoms.union_all(chan[g * size:(g + 1) * size])
+            return wrap(self._mix_dims(x_lab, set(range(2, n)), name))
+        if name in ("layer_norm", "native_layer_norm", "rms_norm"):
+            k = len(args[1])
+            dims = set(range(n - k, n))
+            labelled = [d for d in dims if any(d in bd for bd, _ in x_lab.blocks)]
+            if not labelled:
+                return wrap(self._same(x_lab))
+            weight = args[2] if len(args) > 2 else None
+            block = next(b for b in x_lab.blocks if n - 1 in b[0]) if k == 1 and labelled == [n - 1] else None
+            if (block is not None and name != "rms_norm" and isinstance(owner, nn.LayerNorm)
+                    and own(weight, "weight")):
+                chan = self._project(block[0], block[1], n - 1)
+                self.records.sites.append((owner_name, "norm", channel_dim(owner), chan))
+                self.records.slices.append((owner_name, "channel", 0, chan))
+                return wrap(self._same(x_lab))
+            return wrap(self._mix_dims(x_lab, dims, name))
+        raise _Fix(f"aten.{name}")
+
+    def _param_along(self, labs: dict, pnode: Any, pdim_in_tensor: int, atoms: np.ndarray, what: str) -> None:
+        lab = labs.get(pnode)
+        if not isinstance(lab, _Lab) or not lab.derived or not self.strict:
+            return
+        followed = [(name, m[pdim_in_tensor]) for name, m in lab.origins if pdim_in_tensor in m]
+        if not lab.origins or len(followed) != len(lab.origins):
+            if not self.strict:
+                return
+            raise _Fix(f"{what}: a tensor computed from parameters along a unit dim")
+        for name, (pdim, offset) in followed:
+            self.records.slices.append((name, "param", pdim, atoms[offset:offset + self._psize(name, pdim)]))
+
+    def _reduce(self, node: Any, name: str, lab: _Lab, labs: dict) -> Any:
+        args = node.args
+        n = len(lab.shape)
+        val = node.meta["val"]
+        dims_arg = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        if name in ("norm", "linalg_vector_norm"):
+            dims_arg = args[2] if len(args) > 2 else node.kwargs.get("dim")
+        if isinstance(dims_arg, bool) or (name in ("var", "std") and dims_arg is None):
+            dims_arg = None
+        if dims_arg is None or (isinstance(dims_arg, (list, tuple)) and len(dims_arg) == 0):
+            dims = set(range(n))
+        elif isinstance(dims_arg, int):
+            dims = {dims_arg % n}
+        elif isinstance(dims_arg, (list, tuple)) and all(isinstance(d, int) for d in dims_arg):
+            dims = {d % n for d in dims_arg}
+        else:
+            raise _Fix(f"aten.{name}")
+        out_shape = _shape_of(val[0] if isinstance(val, (list, tuple)) else val)
+        labelled = {d for bd, _ in lab.blocks for d in bd} & dims
+        owner_name = self._owner(node)
+        owner = self.modules.get(owner_name) if owner_name else None
+        if labelled and owner is not None and _is_grn(owner) and labelled == {int(owner.channel_dim) % n}:
+            chan = self.dim_atoms(lab, next(iter(labelled)))
+            if not any(s[0] == owner_name for s in self.records.sites):
+                self.records.sites.append((owner_name, "norm", int(owner.channel_dim), chan))
+            kept = [(bd, a) for bd, a in lab.blocks if not (set(bd) & dims)]
+            lab = _Lab(lab.shape, kept, [], lab.derived)
+        else:
+            lab = self._mix_dims(lab, dims, name)
+        keepdim = len(out_shape) == n
+        if not keepdim:
+            lab = _drop_dims(lab, dims, out_shape)
+        else:
+            lab = _resize(lab, out_shape)
+        if isinstance(val, (list, tuple)):
+            return [lab] + [_plain(_shape_of(v) or ()) for v in val[1:]]
+        return lab
+
+    # ---- shapes
+    def _view(self, node: Any, lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
+        in_shape = lab.shape
+        name = _op_name(node.target)
+        if name in ("expand", "expand_as", "broadcast_to"):
+            offset = len(out_shape) - len(in_shape)
+            return _shift(lab, offset, out_shape)
+        groups = _view_groups(in_shape, out_shape)
+        if groups is None:
+            raise _Fix(f"aten.{name} (shapes not matched)")
+        group_of = {}
+        for gi, (ins, _) in enumerate(groups):
+            for d in ins:
+                group_of[d] = gi
+        blocks = []
+        for dims, arr in lab.blocks:
+            touched = sorted({group_of[d] for d in dims})
+            in_axes = [d for g in touched for d in groups[g][0]]
+            out_axes = [d for g in touched for d in groups[g][1]]
+            full = np.broadcast_to(_expand_to(arr, dims, in_axes), tuple(in_shape[d] for d in in_axes))
+            new = np.ascontiguousarray(full).reshape(tuple(out_shape[d] for d in out_axes))
+            blocks.append((tuple(out_axes), new))
+        # parameter views: a dim kept whole keeps its mapping
+        origins = []  # a merged or split dim of a parameter is no longer followed (its mapping dropped)
+        for pname, m in lab.origins:
+            mm = {}
+            for d, v in m.items():
+                ins, outs = groups[group_of[d]]
+                real_in = [i for i in ins if in_shape[i] != 1]
+                real_out = [o for o in outs if out_shape[o] != 1]
+                if real_in == [d] and len(real_out) == 1:
+                    mm[real_out[0]] = v
+            origins.append((pname, mm))
+        derived = frozenset(o for ins, outs in groups if set(ins) & lab.derived for o in outs
+                            if out_shape[o] > 1)
+        out = self.canon(_Lab(tuple(out_shape), blocks, origins, derived))
+        self._size_constants(node, out)
+        return out
+
+    def _size_constants(self, node: Any, lab: _Lab) -> None:
+        """Literal sizes in a reshape that shrink with the units: attributes of the module to update."""
+        shape_arg = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(shape_arg, (list, tuple)) or len(shape_arg) != len(lab.shape):
+            return
+        for d, value in enumerate(shape_arg):
+            if not isinstance(value, int) or value <= 1:
+                continue
+            for dims, arr in lab.blocks:
+                if d in dims:
+                    axis = dims.index(d)
+                    per_pos = np.moveaxis(arr, axis, 0).reshape(arr.shape[axis], -1)
+                    self.records.sizes.append((self._owners(node), [(value, per_pos)],
+                                               f"aten.{_op_name(node.target)}"))
+
+    def _permute(self, node: Any, lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
+        n = len(lab.shape)
+        name = _op_name(node.target)
+        args = node.args
+        if name == "permute":
+            perm = [d % n for d in args[1]]
+        elif name in ("transpose", "swapaxes", "swapdims"):
+            a, b = args[1] % n, args[2] % n
+            perm = list(range(n))
+            perm[a], perm[b] = perm[b], perm[a]
+        elif name in ("t", "numpy_T", "mT", "adjoint"):
+            perm = list(range(n))
+            if n >= 2:
+                perm[-1], perm[-2] = perm[-2], perm[-1]
+        elif name == "movedim":
+            src = [args[1]] if isinstance(args[1], int) else list(args[1])
+            dst = [args[2]] if isinstance(args[2], int) else list(args[2])
+            perm = [int(i) for i in np.moveaxis(np.arange(n), [s % n for s in src], [d % n for d in dst])]
+        else:
+            raise _Fix(f"aten.{name}")
+        inv = {old: new for new, old in enumerate(perm)}
+        blocks = []
+        for dims, arr in lab.blocks:
+            new_dims = [inv[d] for d in dims]
+            order = sorted(range(len(dims)), key=lambda i: new_dims[i])
+            blocks.append((tuple(new_dims[i] for i in order), np.transpose(arr, order) if order else arr))
+        origins = [(p, {inv[d]: v for d, v in m.items()}) for p, m in lab.origins]
+        return _Lab(tuple(out_shape), blocks, origins, frozenset(inv[d] for d in lab.derived))
+
+    def _slicing(self, node: Any, name: str, lab: _Lab, labs: dict) -> Any:
+        args = node.args
+        n = len(lab.shape)
+        val = node.meta["val"]
+        if name in ("index", "index_select"):
+            if name == "index_select":
+                dim, index = args[1] % n, args[2]
+                indices = [None] * dim + [index]
+            else:
+                indices = list(args[1])
+            real = [i for i, t in enumerate(indices) if t is not None]
+            if len(real) != 1:
+                raise _Fix(f"aten.{name} with several index tensors")
+            dim = real[0]
+            idx_shape = _shape_of(indices[dim].meta.get("val")) or ()
+            if name == "index_select":
+                idx_shape = (idx_shape[0],) if idx_shape else (1,)
+            for dims, _ in lab.blocks:
+                if dim in dims:
+                    raise _Fix(f"aten.{name} along a unit dim")
+            k = len(idx_shape)
+            remap = {d: (d if d < dim else d + k - 1) for d in range(n) if d != dim}
+            blocks = [(tuple(remap[d] for d in dims), arr) for dims, arr in lab.blocks]
+            origins = [(p, {remap[d]: v for d, v in m.items() if d != dim}) for p, m in lab.origins]
+            derived = {remap[d] for d in lab.derived if d != dim}
+            if dim in lab.derived:
+                derived |= set(range(dim, dim + k))
+            return _Lab(_shape_of(val), blocks, origins, frozenset(derived))
+        dim_arg = {"slice": (1, 0), "narrow": (1, 0), "select": (1, 0), "split": (2, 0),
+                   "split_with_sizes": (2, 0), "chunk": (2, 0), "unbind": (1, 0), "tensor_split": (2, 0)}
+        pos, default = dim_arg[name]
+        dim = args[pos] if len(args) > pos else node.kwargs.get("dim", default)
+        dim = dim % n
+        # the pieces: (start, stop, step) along dim
+        if name == "slice":
+            start = args[2] if len(args) > 2 and args[2] is not None else 0
+            stop = args[3] if len(args) > 3 and args[3] is not None else lab.shape[dim]
+            step = args[4] if len(args) > 4 else 1
+            start, stop, _ = slice(start, stop, step).indices(lab.shape[dim])
+            pieces = [(start, stop, step)]
+        elif name == "narrow":
+            pieces = [(args[2], args[2] + args[3], 1)]
+        elif name == "select":
+            i = args[2] % lab.shape[dim]
+            pieces = [(i, i + 1, 1)]
+        else:
+            sizes = [_shape_of(v)[dim] for v in val]
+            starts = np.cumsum([0] + sizes[:-1]).tolist()
+            pieces = [(s, s + z, 1) for s, z in zip(starts, sizes)] if name != "unbind" else [
+                (i, i + 1, 1) for i in range(lab.shape[dim])]
+        labelled = next(((dims, arr) for dims, arr in lab.blocks if dim in dims), None)
+        if labelled is not None and len(pieces) > 1:
+            sizes = {b - a for a, b, _ in pieces}
+            if len(sizes) == 1:  # equal pieces stay equal: their positions are paired
+                axis = labelled[0].index(dim)
+                parts = [np.take(labelled[1], range(a, b, s), axis=axis) for a, b, s in pieces]
+                for p in parts[1:]:
+                    self.atoms.union_arrays(parts[0], p)
+                if name in ("split", "split_with_sizes"):  # the piece size, or the whole, in an attribute
+                    per_pos = np.moveaxis(parts[0], axis, 0).reshape(parts[0].shape[axis], -1)
+                    whole = np.moveaxis(labelled[1], axis, 0).reshape(labelled[1].shape[axis], -1)
+                    piece = pieces[0][1] - pieces[0][0]
+                    self.records.sizes.append((self._owners(node),
+                                               [(piece, per_pos), (lab.shape[dim], whole)], f"aten.{name}"))
+        elif labelled is not None and name in ("slice", "narrow"):
+            a, b, s = pieces[0]
+            if (a, b, s) != (0, lab.shape[dim], 1):
+                self.records.notes.append((labelled[1], f"aten.{name} [{a}:{b}] of a unit dim"))
+        outs = []
+        for a, b, s in pieces:
+            blocks = []
+            for dims, arr in lab.blocks:
+                if dim in dims:
+                    axis = dims.index(dim)
+                    arr = np.take(arr, range(a, b, s), axis=axis)
+                blocks.append((dims, arr))
+            size = len(range(a, b, s))
+            shape = list(lab.shape)
+            shape[dim] = size
+            origins = []
+            for p, m in lab.origins:
+                mm = dict(m)
+                if dim in mm and (a, b, s) != (0, lab.shape[dim], 1):  # part of the dim: not followed
+                    del mm[dim]
+                origins.append((p, mm))
+            piece = _Lab(tuple(shape), blocks, origins, lab.derived)
+            if name in ("select", "unbind"):
+                piece = _drop_dims(piece, {dim}, tuple(shape[:dim] + shape[dim + 1:]))
+            outs.append(self.canon(piece))
+        return outs if isinstance(val, (list, tuple)) else outs[0]
+
+    def _cat(self, node: Any, name: str, labs: dict) -> _Lab:
+        tensors = list(node.args[0])
+        out_shape = _shape_of(node.meta["val"])
+        n = len(out_shape)
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % n
+        ins = [self.canon(labs[t]) if isinstance(labs.get(t), _Lab) else _plain(_shape_of(t.meta["val"]))
+               for t in tensors]
+        if name == "stack":  # a new dim of size 1 in each, then cat
+            ins = [_insert_dim(lab, dim) for lab in ins]
+        sizes = {d: out_shape[d] for d in range(n) if d != dim}
+        cat_atoms = []
+        labelled_cat = any(dim in dims for lab in ins for dims, _ in lab.blocks)
+        operands = []
+        origins_out: list[tuple[str, dict[int, tuple[int, int]]]] = []
+        offset = 0
+        for lab in ins:
+            size = lab.shape[dim]
+            if labelled_cat:
+                atoms = self.dim_atoms(lab, dim)
+                cat_atoms.append(atoms if atoms is not None else np.zeros(size, dtype=np.int64))
+                lab = self.canon(lab)
+            rest = [(dims, arr) for dims, arr in lab.blocks if dim not in dims]
+            letters = [d for d in range(n)]
+            trimmed = _Lab(tuple(1 if d == dim else s for d, s in enumerate(lab.shape)), rest,
+                           [(p, {d: v for d, v in m.items() if d != dim}) for p, m in lab.origins],
+                           frozenset(d for d in lab.derived if d != dim))
+            operands.append((trimmed, letters))
+            for p, m in lab.origins:
+                if dim in m and m[dim][1] == 0:
+                    origins_out.append((p, {dim: (m[dim][0], offset)}))
+            offset += size
+        sizes[dim] = 1
+        combined = self.combine(operands, list(range(n)), sizes, f"aten.{name}")
+        blocks = [(dims, arr) for dims, arr in combined.blocks if dim not in dims]
+        if labelled_cat:
+            blocks.append(((dim,), np.concatenate(cat_atoms)))
+        origins = [(p, dict(m)) for p, m in combined.origins]
+        by_name = {p: m for p, m in origins}
+        for p, m in origins_out:
+            by_name.setdefault(p, {}).update(m)
+        derived = combined.derived | ({dim} if any(dim in lab.derived for lab in ins) else set())
+        return self.canon(_Lab(out_shape, blocks, list(by_name.items()) if origins_out else origins,
+                               frozenset(derived)))
+
+    def _contract(self, node: Any, name: str, labs: dict) -> _Lab:
+        args = node.args
+        out_val = node.meta["val"]
+        out_shape = _shape_of(out_val[0] if isinstance(out_val, (list, tuple)) else out_val)
+
+        def lab_of(t: Any) -> _Lab:
+            lab = labs.get(t)
+            return self.canon(lab) if isinstance(lab, _Lab) else _plain(_shape_of(t.meta["val"]))
+
+        if name in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                    "_scaled_dot_product_efficient_attention"):
+            q, k, v = (lab_of(t) for t in args[:3])
+            mask = args[3] if len(args) > 3 else node.kwargs.get("attn_mask")
+            nb = len(q.shape) - 2
+            if k.shape[:nb] != q.shape[:nb] or v.shape[:nb] != q.shape[:nb]:
+                raise _Fix("grouped-query attention")
+            b = [("b", i) for i in range(nb)]
+            sizes = {("b", i): q.shape[i] for i in range(nb)}
+            sizes.update({"n": q.shape[-2], "s": k.shape[-2], "e": q.shape[-1], "f": v.shape[-1]})
+            scores = self.combine([(q, b + ["n", "e"]), (k, b + ["s", "e"])], b + ["n", "s"], sizes, name)
+            ops = [(scores, b + ["n", "s"])]
+            if hasattr(mask, "op"):
+                m = lab_of(mask)
+                off = nb + 2 - len(m.shape)
+                ops.append((m, (b + ["n", "s"])[off:]))
+            scores = self.combine(ops, b + ["n", "s"], sizes, name)
+            scores = self._mix_dims(scores, {nb + 1}, "softmax")
+            out = self.combine([(scores, b + ["n", "s"]), (v, b + ["s", "f"])], b + ["n", "f"], sizes, name)
+            if isinstance(out_val, (list, tuple)):
+                return [out] + [_plain(_shape_of(x) or ()) for x in out_val[1:]]
+            return out
+        if name == "einsum":
+            eq = args[0].replace(" ", "")
+            ins_s, out_s = eq.split("->") if "->" in eq else (eq, None)
+            parts = ins_s.split(",")
+            if "." in eq or out_s is None:
+                raise _Fix("aten.einsum with ellipsis or implicit output")
+            ops = [(lab_of(t), list(p)) for t, p in zip(args[1], parts)]
+            sizes = {}
+            for lab, letters in ops:
+                for d, x in enumerate(letters):
+                    sizes[x] = max(sizes.get(x, 1), lab.shape[d])
+            return self.combine(ops, list(out_s), sizes, name)
+        if name in ("baddbmm", "addmm"):
+            bias, a, bb = args[0], args[1], args[2]
+        else:
+            bias, a, bb = None, args[0], args[1]
+        A, B = lab_of(a), lab_of(bb)
+        if len(A.shape) == 1 or len(B.shape) == 1:
+            la = ["k"] if len(A.shape) == 1 else [("a", i) for i in range(len(A.shape) - 2)] + ["n", "k"]
+            lb = ["k"] if len(B.shape) == 1 else [("bb", i) for i in range(len(B.shape) - 2)] + ["k", "m"]
+            sizes = {}
+            for lab, ls in ((A, la), (B, lb)):
+                for d, x in enumerate(ls):
+                    sizes[x] = lab.shape[d]
+            out_letters = [x for x in la if x != "k"] + [x for x in lb if x != "k"]
+            return self.combine([(A, la), (B, lb)], out_letters, sizes, name)
+        nbatch = len(out_shape) - 2
+        batch = [("b", i) for i in range(nbatch)]
+        la = batch[nbatch - (len(A.shape) - 2):] + ["n", "k"]
+        lb = batch[nbatch - (len(B.shape) - 2):] + ["k", "m"]
+        sizes = {("b", i): out_shape[i] for i in range(nbatch)}
+        sizes.update({"n": A.shape[-2], "k": A.shape[-1], "m": B.shape[-1]})
+        ops = [(A, la), (B, lb)]
+        if bias is not None:
+            C = lab_of(bias)
+            full = batch + ["n", "m"]
+            ops.append((C, full[len(full) - len(C.shape):]))
+        return self.combine(ops, batch + ["n", "m"], sizes, name)
+
+    # ------------------------------------------------------------------------------------------ groups
+    def groups(self, prefix: str = "", outputs: set[str] | frozenset[str] = frozenset()
+               ) -> tuple[list[ChannelGroup], dict[str, str]]:
+        """Candidate groups (before the proof) and the reasons the other producers' channels stay."""
+        full = functools.partial(_prefixed, prefix)
+        atoms = self.atoms
+        # atoms -> unit roots; groups: units connected through a producer
+        gparent: dict[str, str] = {}
+
+        def gfind(x: str) -> str:
+            while gparent.setdefault(x, x) != x:
+                gparent[x] = gparent[gparent[x]]
+                x = gparent[x]
+            return x
+
+        first_of_root: dict[int, str] = {}
+        for key in self.producer_order:
+            ids = self.producer_atoms[key]
+            owner = atoms.owner[int(ids[0])]
+            gfind(owner)
+            for root in np.unique(atoms.roots(ids)).tolist():
+                if root == FIXED:
+                    continue
+                if root in first_of_root:
+                    a, b = gfind(first_of_root[root]), gfind(owner)
+                    if a != b:
+                        gparent[b] = a
+                else:
+                    first_of_root[root] = owner
+        order = {}
+        for key in self.producer_order:
+            order.setdefault(atoms.owner[int(self.producer_atoms[key][0])], len(order))
+        members: dict[str, list[str]] = {}
+        for owner in order:
+            members.setdefault(gfind(owner), []).append(owner)
+        group_of_root = {root: gfind(owner) for root, owner in first_of_root.items()}
+        reasons: dict[str, str] = {}
+        for arr, why in self.records.fixes + self.records.notes:
+            owners = {atoms.owner[int(a)] for a in np.unique(np.asarray(arr).ravel()).tolist() if a != FIXED}
+            for o in owners:
+                g = gfind(o)
+                if why != _OUTPUT or g not in reasons:
+                    reasons.setdefault(g, why)
+        units: dict[str, dict[int, int]] = {}
+        for root, g in sorted(group_of_root.items(), key=lambda kv: kv[0]):
+            units.setdefault(g, {})[root] = len(units.get(g, {}))
+
+        def entries(arr: np.ndarray) -> dict[str, tuple[list[int], list[int]]]:
+            roots = atoms.roots(np.asarray(arr))
+            by_group: dict[str, tuple[list[int], list[int]]] = {}
+            for c, r in enumerate(roots.tolist()):
+                g = group_of_root.get(r)
+                if g is None:
+                    continue
+                chans, us = by_group.setdefault(g, ([], []))
+                chans.append(c)
+                us.append(units[g][r])
+            return by_group
+
+        slices: dict[str, dict[tuple[str, str, int], dict[int, int]]] = {}
+        for module, role, dim, arr in self.records.slices:
+            for g, (chans, us) in entries(arr).items():
+                slices.setdefault(g, {}).setdefault((module, role, dim), {}).update(zip(chans, us))
+        sites: dict[str, dict[tuple[str, str, int, str], dict[int, int]]] = {}
+        for module, kind, dim, arr, *weight in self.records.sites:
+            for g, (chans, us) in entries(arr).items():
+                key = (module, kind, dim, weight[0] if weight else "")
+                sites.setdefault(g, {}).setdefault(key, {}).update(zip(chans, us))
+        attrs: dict[str, set[tuple[str, str, int]]] = {}
+        self.hints: dict[str, str] = {}
+        for owners, alternatives, what in self.records.sizes:
+            self._attr_event(owners, alternatives, what, atoms, group_of_root, attrs, full)
+        return self._finish_groups(members, order, units, slices, sites, attrs, reasons, outputs, full)
+
+    def _attr_event(self, owners: list[str], alternatives: list[tuple[int, np.ndarray]], what: str,
+                    atoms: _Atoms, group_of_root: dict[int, str], attrs: dict[str, set[tuple[str, str, int]]],
+                    full: Callable[[str], str]) -> bool:
+        """Integer attributes of the owning modules equal to a size that shrinks with the units.
+
+        Split sizes are not updated: on Res2Net and CSPResNet a split-size attribute passed the proof's sample
+        removal yet gave a wrongly shaped model at a larger one, so a split of a unit dim blocks its group."""
+        gs_seen: set[str] = set()
+        if what in _SPLITS_NOT_UPDATED:
+            for _, per_pos in alternatives:
+                gs_seen |= {group_of_root[r] for r in np.unique(atoms.roots(per_pos)) if r in group_of_root}
+            for g in gs_seen:
+                self.hints.setdefault(full(g), f"{what} of these channels with the size {alternatives[0][0]}"
+                                               " (split sizes are not updated)")
+            return False
+        for value, per_pos in alternatives:
+            roots = atoms.roots(per_pos)
+            counts: dict[int, int] = {}
+            ok = True
+            for row in roots:
+                distinct = set(row.tolist())
+                if len(distinct) != 1:
+                    ok = False
+                    break
+                r = distinct.pop()
+                counts[r] = counts.get(r, 0) + 1
+            counts.pop(FIXED, None)
+            if not ok or not counts:
+                continue
+            gs = {group_of_root.get(r) for r in counts}
+            per = set(counts.values())
+            if len(per) != 1 or None in gs:
+                continue
+            gs_seen |= gs
+            k = per.pop()
+            for owner in owners:
+                module = self.modules.get(owner)
+                found = [a for a, v in vars(module).items() if type(v) is int and v == value
+                         and not a.startswith("_") and a not in ("training",)] if module is not None else []
+                if found:
+                    for g in gs:
+                        for a in found:
+                            attrs.setdefault(g, set()).add((owner, a, k))
+                    return True
+        for g in gs_seen:
+            owner = owners[0] if owners else ""
+            self.hints.setdefault(full(g), f"{what} with the size {alternatives[0][0]} written in the model's"
+                                           f" code (no attribute of `{owner}` holds it)")
+        return False
+
+    def _finish_groups(self, members: dict, order: dict, units: dict, slices: dict, sites: dict, attrs: dict,
+                       reasons: dict, outputs: frozenset[str] | set[str], full: Callable[[str], str]
+                       ) -> tuple[list[ChannelGroup], dict[str, str]]:
+        groups: list[ChannelGroup] = []
+        skipped: dict[str, str] = {}
+        for g in sorted(members, key=lambda x: order[x]):
+            producers = [m for m in members[g] if m not in outputs]
+            if not units.get(g):
+                skipped[full(g)] = reasons.get(g, "no layer reads these channels (model output)")
+                continue
+            n_units = len(units[g])
+            group_slices = []
+            # a parameter sliced by its module's own role is not sliced twice
+            module_roles = {(m, r) for (m, r, _d) in slices.get(g, {})}
+            for (module, role, dim), chans in sorted(slices.get(g, {}).items()):
+                if role == "param":
+                    owner, _, pname = module.rpartition(".")
+                    if pname in ("weight", "bias", "running_mean", "running_var", "gain") and any(
+                            (owner, r) in module_roles for r in ("out", "channel", "group")) and dim == 0:
+                        continue
+                    if pname == "weight" and (owner, "in") in module_roles and dim == 1:
+                        continue
+                items = sorted(chans.items())
+                group_slices.append(Slice(full(module), role, tuple(c for c, _ in items),
+                                          tuple(u for _, u in items), dim=dim))
+            group_sites = []
+            for (module, kind, dim, weight), chans in sorted(sites.get(g, {}).items()):
+                items = sorted(chans.items())
+                group_sites.append(Site(full(module), kind, dim, tuple(c for c, _ in items),
+                                        tuple(u for _, u in items), full(weight) if weight else ""))
+            io_slices = [s for s in group_slices if s.role in ("out", "group", "in")]
+            width = min((len(s.channels) // max(len(set(s.units)), 1) for s in io_slices), default=1)
+            kind = ("conv group" if any(s.role == "group" for s in group_slices)
+                    else "head" if width > 1 else "channel")
+            if not group_sites:
+                skipped[full(g)] = reasons.get(g, "no layer reads these channels (model output)")
+                continue
+            if n_units < 2:
+                skipped[full(g)] = reasons.get(g, "a single unit")
+                continue
+            grouped = [s.module for s in group_slices if s.role == "group"]
+            gname = grouped[0] if grouped else full(g)  # a grouped conv names its group (as before)
+            groups.append(ChannelGroup(gname, n_units, kind, width, tuple(group_sites), tuple(group_slices),
+                                       tuple(full(p) for p in producers if any(
+                                           s.module == full(p) and s.role in ("out", "group")
+                                           for s in group_slices)),
+                                       len(producers) > 1,
+                                       tuple(sorted((full(m), a, k) for m, a, k in attrs.get(g, ())))))
+        return groups, skipped
+
+    def reason(self, group: ChannelGroup) -> str | None:
+        """A note on what the exactness proof may have caught (a slice with fixed bounds...)."""
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _letter_key(x: Any) -> tuple[str, str]:
+    return (type(x).__name__, str(x))
+
+
+def _expand_to(arr: np.ndarray, letters: tuple[Any, ...], union: list[Any]) -> np.ndarray:
+    """``arr`` (axes = ``letters``) with axes in ``union`` order, size 1 where it has none."""
+    order = [letters.index(x) for x in union if x in letters]
+    arr = np.transpose(arr, order) if order else arr
+    shape = []
+    it = iter(arr.shape)
+    for x in union:
+        shape.append(next(it) if x in letters else 1)
+    return arr.reshape(shape)
+
+
+def _view_groups(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    n, m = len(ins), len(outs)
+    while i < n or j < m:
+        if i < n and ins[i] == 1 and (j >= m or outs[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < m and outs[j] == 1 and (i >= n or ins[i] != 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= n or j >= m:
+            return None
+        gi, gj, pi, pj = [i], [j], ins[i], outs[j]
+        i += 1
+        j += 1
+        while pi != pj:
+            if pi < pj:
+                if i >= n:
+                    return None
+                gi.append(i)
+                pi *= ins[i]
+                i += 1
+            else:
+                if j >= m:
+                    return None
+                gj.append(j)
+                pj *= outs[j]
+                j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def _shift(lab: _Lab, offset: int, out_shape: tuple[int, ...]) -> _Lab:
+    blocks = [(tuple(d + offset for d in dims), arr) for dims, arr in lab.blocks]
+    origins = [(p, {d + offset: v for d, v in m.items() if out_shape[d + offset] == lab.shape[d]})
+               for p, m in lab.origins]
+    return _Lab(tuple(out_shape), blocks, origins, frozenset(d + offset for d in lab.derived))
+
+
+def _resize(lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
+    """Same dims, some sizes changed (pooling): labels of unchanged dims kept, others must be constant."""
+    blocks = []
+    for dims, arr in lab.blocks:
+        if any(lab.shape[d] != out_shape[d] for d in dims):
+            raise _Fix("a resized unit dim")
+        blocks.append((dims, arr))
+    origins = [(p, {d: v for d, v in m.items() if lab.shape[d] == out_shape[d]}) for p, m in lab.origins]
+    return _Lab(tuple(out_shape), blocks, origins, lab.derived)
+
+
+def _drop_dims(lab: _Lab, dims: set[int], out_shape: tuple[int, ...]) -> _Lab:
+    remap = {}
+    k = 0
+    for d in range(len(lab.shape)):
+        if d in dims:
+            continue
+        remap[d] = k
+        k += 1
+    blocks = []
+    for bdims, arr in lab.blocks:
+        if set(bdims) & dims:
+            keep = [i for i, d in enumerate(bdims) if d not in dims]
+            index = tuple(slice(None) if i in keep else 0 for i in range(len(bdims)))
+            arr = arr[index]
+            bdims = tuple(bdims[i] for i in keep)
+        blocks.append((tuple(remap[d] for d in bdims), arr))
+    origins = [(p, {remap[d]: v for d, v in m.items() if d in remap}) for p, m in lab.origins]
+    return _Lab(tuple(out_shape), blocks, origins, frozenset(remap[d] for d in lab.derived if d in remap))
+
+
+def _insert_dim(lab: _Lab, dim: int) -> _Lab:
+    remap = {d: (d if d < dim else d + 1) for d in range(len(lab.shape))}
+    shape = list(lab.shape)
+    shape.insert(dim, 1)
+    return _Lab(tuple(shape), [(tuple(remap[d] for d in dims), arr) for dims, arr in lab.blocks],
+                [(p, {remap[d]: v for d, v in m.items()}) for p, m in lab.origins],
+                frozenset(remap[d] for d in lab.derived))
+
+
+def _flatten_args(args: Any) -> list[Any]:
+    out = []
+    if isinstance(args, (list, tuple)):
+        for a in args:
+            out.extend(_flatten_args(a))
+    elif isinstance(args, dict):
+        for a in args.values():
+            out.extend(_flatten_args(a))
+    elif hasattr(args, "op"):
+        out.append(args)
+    return out
+
+
+def _pointwise(target: Any) -> bool:
+    tags = getattr(target, "tags", ())
+    return torch.Tag.pointwise in tags
+
+
+def _clean_path(path: str) -> str:
+    """``nn_module_stack`` paths look like ``L['self'].blocks[0].attn`` or ``blocks.0.attn``."""
+    path = path.replace("L['self']", "").replace("L__self__", "")
+    out = []
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        part = part.strip("'\"")
+        if part:
+            out.append(part)
+    return ".".join(out)
+
+
+def _export(model: nn.Module, example: Any) -> Any:
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(example, dict):
+            args, kwargs = (), example
+        elif isinstance(example, (list, tuple)):
+            args, kwargs = tuple(example), {}
+        else:
+            args, kwargs = (example,), {}
+        with torch.no_grad():
+            return torch.export.export(model, args, kwargs, strict=False)
+    finally:
+        model.train(was_training)
+
+
+def trace_labels(model: nn.Module, example: Any, prefix: str = "", outputs: Iterable[str] = (),
+                 check: Callable[[], None] = lambda: None
+                 ) -> tuple[list[ChannelGroup], dict[str, str], dict[str, str]]:
+    """Candidate groups of ``model`` (not yet proven), the skipped producers with reasons, and per group a
+    hint of what may make it fail the proof (a size written in the model's code)."""
+    graph = LabelGraph(model, example, check)
+    groups, skipped = graph.groups(prefix, frozenset(outputs))
+    return groups, skipped, graph.hints

@@ -1,0 +1,255 @@
+"""The traced operator-graph analysis (lightning_prune.graph.labels): one hand-written module per operator
+pattern, each group proven exact by the masked-vs-sliced proof; a gate-callback fit on a transformer whose
+heads and residual stream are gated."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_prune.graph import analyse_channels, masked_and_sliced
+from lightning_prune.graph.proof import _compare
+
+torch.manual_seed(0)
+X = torch.randn(2, 5, 16)
+
+
+def _analyse(model: nn.Module, x: torch.Tensor = X):
+    analysis = analyse_channels(model.eval(), x, engine="traced")
+    for group in analysis.groups:  # every group, alone: masked == sliced (float64, random statistics)
+        removed = {group.name: list(range(0, group.size, 2))[: group.size - 1]}
+        masked, _, sliced = masked_and_sliced(model, x, [group], removed, seed=1)
+        assert _compare(masked, sliced, 1e-6) <= 1e-6, group.name
+    return analysis
+
+
+def _group(analysis, name):
+    return next(g for g in analysis.groups if g.name == name)
+
+
+class _Heads(nn.Module):
+    """q/k/v from one Linear, heads via reshape + permute, unbind, softmax(q k^T) v, merged back."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 2, fused: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.attn_dim = dim
+        self.fused = fused
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, self.attn_dim))
+
+
+class _Head(nn.Module):
+    def __init__(self, block: nn.Module, dim: int = 16) -> None:
+        super().__init__()
+        self.block, self.out = block, nn.Linear(dim, 3)
+
+    def forward(self, x):
+        return self.out(self.block(x))
+
+
+def test_qkv_unbind_heads_reshape_permute():
+    for fused in (False, True):
+        analysis = _analyse(_Head(_Heads(fused=fused)))
+        heads = _group(analysis, "block.qkv")
+        assert (heads.unit, heads.size, heads.width) == ("head", 2, 8)
+        assert {("block", "num_heads", 1), ("block", "attn_dim", 8)} <= set(heads.attrs)
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self, dim: int = 16, hidden: int = 12) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(a) * b)
+
+
+class _GLUConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 16, 1), nn.Conv2d(8, 8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        a, b = self.conv1(x).chunk(2, 1)
+        return self.fc(self.conv2(a * b.sigmoid()).mean((2, 3)))
+
+
+def test_swiglu_and_glu_chunk_pair_the_halves():
+    analysis = _analyse(_Head(_SwiGLU()))
+    gate = _group(analysis, "block.fc1")
+    assert gate.size == 12  # one unit = a row of each half
+    out = next(s for s in gate.slices if s.role == "out")
+    assert len(out.channels) == 24 and sorted(set(out.units)) == list(range(12))
+    analysis = _analyse(_GLUConv(), torch.randn(2, 3, 8, 8))
+    assert _group(analysis, "conv1").size == 8
+
+
+class _ClassAttention(nn.Module):
+    """CaiT-style: the query of the class token only, keys and values of every token."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 2) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q(x[:, 0]).unsqueeze(1).reshape(b, 1, h, d).permute(0, 2, 1, 3)
+        k = self.k(x).reshape(b, n, h, d).permute(0, 2, 1, 3)
+        v = self.v(x).reshape(b, n, h, d).permute(0, 2, 1, 3)
+        attn = ((q * d ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+        cls = (attn @ v).transpose(1, 2).reshape(b, 1, h * d)
+        return torch.cat([self.proj(cls), x[:, 1:]], dim=1)
+
+
+def test_class_attention_heads():
+    analysis = _analyse(_Head(_ClassAttention()))
+    heads = next(g for g in analysis.groups if g.unit == "head")
+    assert heads.size == 2 and {s.module for s in heads.slices if s.role == "out"} == {
+        "block.q", "block.k", "block.v"}
+    assert ("block", "num_heads", 1) in heads.attrs
+
+
+class _RelPosAttention(_Heads):
+    """A relative-position bias table (positions x heads) indexed by a buffer, added to the scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(9, self.num_heads))
+        self.register_buffer("index", torch.randint(0, 9, (5, 5)))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        attn = (q @ k.transpose(-2, -1) + bias.unsqueeze(0)).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.attn_dim))
+
+
+def test_relative_position_bias_table_is_sliced_along_heads():
+    analysis = _analyse(_Head(_RelPosAttention()))
+    heads = _group(analysis, "block.qkv")
+    table = next(s for s in heads.slices if s.module == "block.table")
+    assert (table.role, table.dim, table.channels, table.units) == ("param", 1, (0, 1), (0, 1))
+
+
+class _LayerScaleNet(nn.Module):
+    """A residual stream with a LayerNorm, a layer-scale gamma, a position embedding and a class token."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 6, dim))
+        self.norm1, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 32), nn.Linear(32, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = x + self.gamma * self.fc2(F.gelu(self.fc1(self.norm1(x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+def test_layer_scale_pos_embed_cls_token_follow_the_stream():
+    analysis = _analyse(_LayerScaleNet(), torch.randn(2, 5, 8))
+    stream = _group(analysis, "embed")
+    assert stream.coupled and stream.size == 16
+    params = {(s.module, s.dim) for s in stream.slices if s.role == "param"}
+    assert {("gamma", 0), ("pos_embed", 2), ("cls_token", 2)} <= params
+    assert {s.module for s in stream.sites if s.kind == "norm"} == {"norm1", "norm"}
+    assert analysis.coverage > 0.95  # all but the output layer
+
+
+class _FixedSplit(nn.Module):
+    """A split whose size is written in the code (no attribute holds it): its units cannot go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 16), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        a, b = self.fc1(x).split(8, dim=-1)
+        return self.fc2(a) + self.fc3(b)
+
+
+class _AttributeSplit(_FixedSplit):
+    """The same split with its size in an attribute: found and updated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.width = 8
+
+    def forward(self, x):
+        a, b = self.fc1(x).split(self.width, dim=-1)
+        return self.fc2(a) + self.fc3(b)
+
+
+def test_fixed_size_split_is_skipped_with_its_reason_and_an_attribute_split_is_updated():
+    analysis = _analyse(_FixedSplit())
+    assert not analysis.groups
+    why = analysis.skipped["fc1"]
+    assert "changes the outputs" in why and "aten.split with the size 8" in why, why
+    analysis = _analyse(_AttributeSplit())
+    group = _group(analysis, "fc1")
+    assert group.size == 8 and ("", "width", 1) in group.attrs
+
+
+def test_untraceable_model_falls_back_and_names_why():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            y = self.fc1(x)
+            if y.abs().sum() >= 0:  # data-dependent control flow: torch.export refuses it
+                y = y * 2
+            return self.fc2(y)
+
+    analysis = analyse_channels(Branchy(), X, engine="traced")
+    assert any("operator graph" in k for k in analysis.skipped)
+    assert [g.name for g in analysis.groups] == ["fc1"]  # torch-pruning's dependency graph instead
+
+
+def test_gate_fit_gates_heads_and_residual_stream(tmp_path):
+    """GroupLassoPruning(compress=True) on timm's test_vit: heads and the residual stream are gated, the
+    fit shrinks the model and the compressed logits equal the gated ones."""
+    from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+    from lightning_prune.testing import fit_tiny, tiny_classifier
+    from tests.helpers import Spy, eval_logits
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    seen = {}
+
+    def before(trainer, module, hook):
+        seen["gated"] = eval_logits(module, x)
+
+    def after(trainer, module, hook):
+        seen["compressed"] = eval_logits(module, x)
+
+    cb = GroupLassoPruning(finalize_step=1.0, compress=True, prune_coupled=True, lam=0.3, gate_lr=0.2,
+                           gate_optimizer="sgd", capture_threshold=0.02, prune_threshold=0.3, verbose=False)
+    model = tiny_classifier("test_vit")
+    dense = sum(p.numel() for p in model.parameters())
+    fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=model,
+             max_epochs=2, limit_train_batches=3, limit_val_batches=1)
+    kinds = {g.unit for g in cb.groups}
+    assert "head" in kinds and any(g.coupled for g in cb.groups)
+    assert cb.finalized and sum(p.numel() for p in model.parameters()) < dense
+    torch.testing.assert_close(seen["compressed"], seen["gated"], atol=1e-4, rtol=1e-4)
