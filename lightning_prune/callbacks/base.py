@@ -69,6 +69,7 @@ class PruningCallback(CallbackState):
 
     def __init__(
         self,
+        *,
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         types: list[str | type] | None = None,

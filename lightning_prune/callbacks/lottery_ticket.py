@@ -175,7 +175,8 @@ class LotteryTicket(PruningCallback):
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
+        super().__init__(include=include, exclude=exclude, types=types,
+                         log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose)
         self.rounds = check_int("rounds", rounds, 1, hint="rounds=1 is one-shot pruning.")
         self._configured_rounds = self.rounds  # `rounds` as given (a shortened fit runs fewer)
         self.target_sparsity = check_fraction(

@@ -123,7 +123,8 @@ class GradualMagnitudePruning(PruningCallback):
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
+        super().__init__(include=include, exclude=exclude, types=types,
+                         log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose)
         hint = "sparsity is the fraction of weights removed; 0.9 keeps one weight in ten."
         self.target_sparsity = check_fraction("target_sparsity", target_sparsity, hint=hint)
         self.initial_sparsity = check_fraction("initial_sparsity", initial_sparsity, hint=hint)

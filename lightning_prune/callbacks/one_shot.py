@@ -129,7 +129,8 @@ class OneShotPruning(PruningCallback):
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
     ) -> None:
-        super().__init__(include, exclude, types, log_media_every_n_epochs, verbose)
+        super().__init__(include=include, exclude=exclude, types=types,
+                         log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose)
         self.method = check_method(method, MisconfigurationException)
         self.target_sparsity = check_fraction("target_sparsity", target_sparsity,
                                               hint="0.5 prunes half of every layer's weights.")
