@@ -90,7 +90,6 @@ SKIPPED = [
     ("README.md", "a plugin's own test: it imports the package being written"),
     ("docs/deploy.md", "a GPU"),
     # added by the one-shot and sharded branches; the first is open (see the marker)
-    ("README.md", "not self-contained yet: model and loader come from the text; SparseGPT takes minutes"),
     ("README.md", "two processes under torch.distributed; run as python sharded.py"),
     ("docs/one_shot.md", "the network: pretrained weights from the hub"),
 ]

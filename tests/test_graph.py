@@ -151,10 +151,12 @@ def test_a_split_with_fixed_sizes_is_skipped_and_the_rest_is_kept():
     analysis = analyse_channels(model, torch.randn(2, 3, 32, 32), engine="torch-pruning")
     assert analysis.groups and 0.5 < analysis.coverage < 0.95
     assert "a split/chunk with sizes fixed in the model's code" in analysis.skipped.values()
-    # on the operator graph the split's width is an attribute of the block, found and updated
+    # on the operator graph the split's width is found in an attribute of the block but not updated (a removal
+    # larger than the proof's sample mis-shaped the model): those groups are skipped, saying why
     analysis = analyse_channels(model, torch.randn(2, 3, 32, 32))
-    assert analysis.coverage == 1.0
-    assert any(attr == "width" for g in analysis.groups for _, attr, _ in g.attrs)
+    assert analysis.groups and 0.5 < analysis.coverage < 0.95
+    assert any("split sizes are not updated" in why for why in analysis.skipped.values())
+    assert not any(attr == "width" for g in analysis.groups for _, attr, _ in g.attrs)
 
 
 def test_analysis_stops_with_a_clear_message_past_its_time_limit():

@@ -56,11 +56,6 @@ LIGHTNING_FREE = {"functional", "core"}
 
 # (importer, module, name): private names imported across modules, each with its reason
 PRIVATE_ALLOWED: dict[tuple[str, str, str], str] = {}
-# packages whose modules still share private helpers among themselves, each with its reason
-PRIVATE_INSIDE_ALLOWED: dict[str, str] = {
-    "lightning_prune.graph": "split from one module into graph/ while the operator-graph engine is built"
-                             " on it; its helpers become public names when the engine lands",
-}
 
 
 def _module_name(path: Path) -> str:
@@ -176,9 +171,6 @@ def test_no_private_name_imported_across_modules():
         for imported, name, line in _imports(module, path):
             if (imported.split(".")[0] != "lightning_prune" or name is None or not name.startswith("_")
                     or name.startswith("__") or f"{imported}.{name}" in MODULES or imported == module):
-                continue
-            if any(module.startswith(f"{p}.") and imported.startswith(f"{p}.")
-                   for p in PRIVATE_INSIDE_ALLOWED):
                 continue
             if (module, imported, name) in PRIVATE_ALLOWED:
                 used.add((module, imported, name))

@@ -14,19 +14,25 @@ from torch import Tensor, nn
 from lightning_prune.core.targets import as_patterns, matches
 from lightning_prune.core.threads import analysis_threads
 from lightning_prune.errors import InvalidArgumentError
-from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, _deadline
-from lightning_prune.graph.dependencies import _build_graph, _describe, _grouped_slices, _names, _raw_groups
+from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, analysis_deadline
+from lightning_prune.graph.dependencies import (
+    build_dependency_graph,
+    describe_raw_group,
+    grouped_slices,
+    module_names_by_id,
+    raw_groups,
+)
 from lightning_prune.graph.inputs import call_model
 from lightning_prune.graph.layers import PRODUCER_TYPES
-from lightning_prune.graph.proof import _exact_subsets
+from lightning_prune.graph.proof import exact_subsets
 from lightning_prune.graph.types import (
     ChannelAnalysis,
     ChannelGroup,
     GraphTimeoutError,
-    _localised,
-    _prefixed,
-    _strip,
     failure_reason,
+    localised_group,
+    prefixed_name,
+    strip_prefix,
 )
 from lightning_prune.validation import check_optional, check_positive
 
@@ -75,13 +81,13 @@ def analyse_channels(
     include_p, exclude_p = as_patterns(include), as_patterns(exclude)
     start = time.monotonic()
     analysis = ChannelAnalysis()
-    full = functools.partial(_prefixed, prefix)
+    full = functools.partial(prefixed_name, prefix)
     outputs = _output_modules(model, example_inputs)
     for name, module in model.named_modules():
         if isinstance(module, PRODUCER_TYPES) and id(module) not in outputs:
             analysis.weights[full(name)] = module.weight.numel()
             analysis._out_sizes[full(name)] = module.weight.shape[0]
-    with analysis_threads(), _deadline(analysis_time_limit_s, type(model).__name__, model) as budget:
+    with analysis_threads(), analysis_deadline(analysis_time_limit_s, type(model).__name__, model) as budget:
         opts = _Options(include_p, exclude_p, prune_coupled, rtol, budget, engine)
         if engine != "traced" or not _analyse_traced(model, example_inputs, opts, prefix, analysis, outputs):
             _analyse(model, example_inputs, opts, prefix, analysis)
@@ -127,11 +133,11 @@ def _analyse_traced(model: nn.Module, example: Any, opts: _Options, prefix: str,
             analysis.skipped[group.name] = "coupled channels (set prune_coupled=True to gate them together)"
             continue
         kept.append(group)
-    local = [_localised(g, prefix) for g in kept]
-    good, _bad = _exact_subsets(model, example, local, opts.rtol, opts.check)
+    local = [localised_group(g, prefix) for g in kept]
+    good, _bad = exact_subsets(model, example, local, opts.rtol, opts.check)
     good_names = {g.name for g in good}
     for group in kept:
-        if _strip(group.name, prefix) in good_names or (not prefix and group.name in good_names):
+        if strip_prefix(group.name, prefix) in good_names or (not prefix and group.name in good_names):
             analysis.groups.append(group)
         else:
             why = "removing these channels changes the outputs (checked on a copy)"
@@ -143,13 +149,13 @@ def _analyse(model: nn.Module, example: Any, opts: _Options, prefix: str, analys
              top: bool = True) -> None:
     """Add the groups of ``model`` (called with ``example``; names under ``prefix``; ``top``: the model the
     caller passed) to ``analysis``."""
-    full = functools.partial(_prefixed, prefix)
+    full = functools.partial(prefixed_name, prefix)
     check = opts.check
     try:
-        graph = _build_graph(model, example)
+        graph = build_dependency_graph(model, example)
         check()
-        names = _names(model, graph)
-        raws, failed = _raw_groups(model, graph, check)
+        names = module_names_by_id(model, graph)
+        raws, failed = raw_groups(model, graph, check)
     except GraphTimeoutError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever tracing raises: analyse the parts
@@ -161,10 +167,10 @@ def _analyse(model: nn.Module, example: Any, opts: _Options, prefix: str, analys
     for raw in raws:
         gname = full(raw.name)
         try:
-            sites, slices, producers, blocked = _describe(raw, graph, names, prefix)
+            sites, slices, producers, blocked = describe_raw_group(raw, graph, names, prefix)
             blocked = raw.blocked or blocked
             if raw.unit == "conv group" and blocked is None:
-                slices = _grouped_slices(raw, graph, names, prefix, slices)
+                slices = grouped_slices(raw, graph, names, prefix, slices)
         except GraphTimeoutError:
             raise
         except Exception as error:  # noqa: BLE001 - a group the dependency graph cannot describe is skipped
@@ -187,11 +193,11 @@ def _analyse(model: nn.Module, example: Any, opts: _Options, prefix: str, analys
         candidates.append(ChannelGroup(gname, raw.size, raw.unit, raw.width, tuple(sites), tuple(slices),
                                        tuple(producers), coupled,
                                        tuple((full(m), a, k) for m, a, k in raw.attrs)))
-    local = [_localised(g, prefix) for g in candidates]
-    good, bad = _exact_subsets(model, example, local, opts.rtol, check)
+    local = [localised_group(g, prefix) for g in candidates]
+    good, bad = exact_subsets(model, example, local, opts.rtol, check)
     good_names = {g.name for g in good}
     for group in candidates:
-        if _strip(group.name, prefix) in good_names or (not prefix and group.name in good_names):
+        if strip_prefix(group.name, prefix) in good_names or (not prefix and group.name in good_names):
             analysis.groups.append(group)
         else:
             analysis.skipped[group.name] = ("removing these channels changes the outputs"
@@ -236,7 +242,7 @@ def _analyse_children(model: nn.Module, example: Any, opts: _Options, prefix: st
     for name, child in children:
         opts.check()
         got = calls.get(name, [])
-        where = _prefixed(prefix, name)
+        where = prefixed_name(prefix, name)
         if len(got) != 1:
             if got:
                 analysis.skipped[where] = f"{reason}; and `{where}` runs {len(got)} times per forward"

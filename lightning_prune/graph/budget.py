@@ -55,7 +55,7 @@ class Budget:
 
 
 @contextlib.contextmanager
-def _deadline(seconds: float | None, what: str, model: nn.Module | None = None) -> Iterator[Budget]:
+def analysis_deadline(seconds: float | None, what: str, model: nn.Module | None = None) -> Iterator[Budget]:
     """A :class:`Budget` for the time of the block; with ``model``, every forward of one of its modules checks
     it too (the hooks are removed on exit; the proof's copies of the model carry them, and are dropped)."""
     budget = Budget(seconds, what)

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.graph.inputs import _batch_size, like_model
+from lightning_prune.graph.inputs import example_batch_size, like_model
 from lightning_prune.graph.slicing import slice_units
-from lightning_prune.graph.types import ChannelGroup, Slice, _localised, _prefixed, _strip
+from lightning_prune.graph.types import ChannelGroup, Slice, localised_group, prefixed_name, strip_prefix
 
 __all__ = ["CostModel"]
 
@@ -42,10 +42,11 @@ class CostModel:
                 flops, params, layer_flops, _ = count_ops_and_params(model, example_inputs, layer_wise=True)
         finally:
             model.train(was_training)
-        full = functools.partial(_prefixed, prefix)
+        full = functools.partial(prefixed_name, prefix)
         self.dense_flops = float(flops)
         self.dense_params = float(sum(p.numel() for p in model.parameters()))
-        scale = 1.0 / _batch_size(example_inputs)  # per-layer counts are per batch, the total per sample
+        # per-layer counts are per batch, the total per sample
+        scale = 1.0 / example_batch_size(example_inputs)
         # what torch-pruning counts per module: leaves, and containers it counts as a whole (timm's Attention)
         counted = {id(m): float(layer_flops.get(m) or 0.0) * scale for m in model.modules()}
         own = {full(n): counted[id(m)] - sum(counted[id(c)] for c in m.children())
@@ -71,7 +72,7 @@ class CostModel:
             self._sizes[(module, "free", 0)] = len(channels)
 
     def _size(self, model: nn.Module, sl: Slice) -> int:
-        local = _strip(sl.module, self.prefix)
+        local = strip_prefix(sl.module, self.prefix)
         if sl.role == "param":
             return int(model.get_parameter(local).shape[sl.dim])
         module = model.get_submodule(local)
@@ -143,7 +144,7 @@ class CostModel:
         for module in small.modules():  # gates and restricted norms of the original would follow the copy
             module._forward_pre_hooks.clear()
             module._forward_hooks.clear()
-        local = [_localised(g, self.prefix) for g in self.groups]
-        slice_units(small, local, {_strip(k, self.prefix): v for k, v in removed.items()})
+        local = [localised_group(g, self.prefix) for g in self.groups]
+        slice_units(small, local, {strip_prefix(k, self.prefix): v for k, v in removed.items()})
         flops, params = count_ops_and_params(small, like_model(self._example, small))
         return float(flops) / max(self.dense_flops, 1.0), float(params) / max(self.dense_params, 1.0)

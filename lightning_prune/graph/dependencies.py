@@ -18,14 +18,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_prune.graph.inputs import call_model
 from lightning_prune.graph.layers import (
     PRODUCER_TYPES,
-    _is_depthwise,
-    _is_grn,
-    _is_grouped,
-    _is_std_conv,
-    _is_timm_attention,
     channel_dim,
+    is_depthwise,
+    is_grn,
+    is_grouped,
+    is_std_conv,
+    is_timm_attention,
 )
-from lightning_prune.graph.types import GraphTimeoutError, Site, Slice, _prefixed, failure_reason
+from lightning_prune.graph.types import GraphTimeoutError, Site, Slice, failure_reason, prefixed_name
 
 _OP = tp.ops.OPTYPE
 
@@ -64,7 +64,7 @@ def _expand(graph: tp.DependencyGraph, module: nn.Module, fn: Callable[..., Any]
     partial residuals) stay linear; one merged item per (node, handler). (torch-pruning's index mappings read
     and return ``(idx, root_idx)`` pairs: :class:`_Index` is ours, nothing private of torch-pruning is
     imported.)"""
-    if _is_depthwise(module) and module.out_channels > 1:
+    if is_depthwise(module) and module.out_channels > 1:
         fn = tp.pruner.function.prune_depthwise_conv_out_channels
     start = [_Index(idx=i, root_idx=i) for i in idxs]
     root = graph.module2node[module]
@@ -105,7 +105,7 @@ def _expand(graph: tp.DependencyGraph, module: nn.Module, fn: Callable[..., Any]
     return items
 
 
-def _build_graph(model: nn.Module, example: Any) -> tp.DependencyGraph:
+def build_dependency_graph(model: nn.Module, example: Any) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of ``model`` traced on ``example`` (in eval mode, one forward: through
     :func:`call_model`). Whatever happens, the model keeps its mode and no hook torch-pruning registered
     stays behind (it leaves them when the forward raises)."""
@@ -143,16 +143,16 @@ def _item_module(item: _Item) -> Any:
     return item.node.module
 
 
-def _names(model: nn.Module, graph: tp.DependencyGraph) -> dict[int, str]:
+def module_names_by_id(model: nn.Module, graph: tp.DependencyGraph) -> dict[int, str]:
     names = {id(m): n for n, m in model.named_modules()}
     names.update({id(p): n for n, p in model.named_parameters()})
     return names
 
 
-def _describe(raw: _Raw, graph: tp.DependencyGraph, names: dict[int, str], prefix: str
+def describe_raw_group(raw: _Raw, graph: tp.DependencyGraph, names: dict[int, str], prefix: str
               ) -> tuple[list[Site], list[Slice], list[str], str | None]:
     """Sites, slices and producers of a raw group, or the reason it cannot be sliced."""
-    full = functools.partial(_prefixed, prefix)
+    full = functools.partial(prefixed_name, prefix)
     sites: list[Site] = []
     slices: list[Slice] = []
     producers: list[str] = []
@@ -180,15 +180,15 @@ def _describe(raw: _Raw, graph: tp.DependencyGraph, names: dict[int, str], prefi
         if name is None:
             continue
         if isinstance(module, PRODUCER_TYPES):
-            if _is_depthwise(module):
+            if is_depthwise(module):
                 slices.append(Slice(full(name), "channel", channels, units))
-            elif _is_grouped(module):
+            elif is_grouped(module):
                 return [], [], [], f"grouped convolution `{name}` (its groups must go whole)"
             elif is_out:
                 slices.append(Slice(full(name), "out", channels, units))
                 producers.append(full(name))
             else:
-                if _is_std_conv(module):
+                if is_std_conv(module):
                     return [], [], [], (f"weight-standardised conv `{name}` reads these channels (its"
                                         " standardisation over the fan-in changes when inputs go)")
                 slices.append(Slice(full(name), "in", channels, units))
@@ -218,21 +218,21 @@ def _describe(raw: _Raw, graph: tp.DependencyGraph, names: dict[int, str], prefi
                 owner = graph.model.get_submodule(owner_name[len(prefix) + 1:] if prefix else owner_name)
             except AttributeError:
                 continue
-            if _is_grn(owner) and not any(s.module == owner_name for s in sites):
+            if is_grn(owner) and not any(s.module == owner_name for s in sites):
                 sites.append(Site(owner_name, "norm", int(owner.channel_dim), sl.channels, sl.units))
     return sites, slices, producers, None
 
 
-def _raw_groups(model: nn.Module, graph: tp.DependencyGraph, check: Callable[[], None]
+def raw_groups(model: nn.Module, graph: tp.DependencyGraph, check: Callable[[], None]
                 ) -> tuple[list[_Raw], dict[str, str]]:
     """Every group rooted at a Conv/Linear's output channels (a timm Attention's inner dim as heads), and
     ``{producer name: reason}`` for the producers whose expansion failed (what torch-pruning raised: the
     producer is left alone, the others go on)."""
-    names = _names(model, graph)
+    names = module_names_by_id(model, graph)
     covered: set[tuple[int, str]] = set()
     raws: list[_Raw] = []
     failed: dict[str, str] = {}
-    attention_of = {id(a.qkv): a for a in model.modules() if _is_timm_attention(a)}
+    attention_of = {id(a.qkv): a for a in model.modules() if is_timm_attention(a)}
     for module in [m for m in model.modules() if m in graph.module2node]:  # module order: stable group names
         if not isinstance(module, PRODUCER_TYPES) or (id(module), "out") in covered:
             continue
@@ -289,7 +289,7 @@ def _merge_grouped_convs(raws: list[_Raw], graph: tp.DependencyGraph, names: dic
     used: set[int] = set()
     merged: list[_Raw] = []
     for conv in graph.model.modules():
-        if not _is_grouped(conv) or conv not in graph.module2node:
+        if not is_grouped(conv) or conv not in graph.module2node:
             continue
         name = names.get(id(conv), "?")
         feeding, produced = holder(conv, False), holder(conv, True)
@@ -325,10 +325,10 @@ def _merge_grouped_convs(raws: list[_Raw], graph: tp.DependencyGraph, names: dic
     return [r for r in raws if id(r) not in used] + merged
 
 
-def _grouped_slices(raw: _Raw, graph: tp.DependencyGraph, names: dict[int, str], prefix: str,
+def grouped_slices(raw: _Raw, graph: tp.DependencyGraph, names: dict[int, str], prefix: str,
                     slices: list[Slice]) -> list[Slice]:
     """Add the grouped conv's own slice: its output rows go conv group by conv group."""
-    full = functools.partial(_prefixed, prefix)
+    full = functools.partial(prefixed_name, prefix)
     conv = graph.model.get_submodule(raw.name)
     rows = tuple(range(conv.out_channels))
     opg = conv.out_channels // conv.groups

@@ -38,7 +38,8 @@ def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = Non
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     if example is not None and input_size is None:  # (in the model's dtype: "bf16-true", "64-true" precision)
-        return _cast(example.to(device), dtype) if isinstance(example, Tensor) else _cast(example, dtype)
+        moved = example.to(device) if isinstance(example, Tensor) else example
+        return cast_example(moved, dtype)
     if input_size is None:
         cfg = getattr(module, "pretrained_cfg", None)
         if not isinstance(cfg, dict) or "input_size" not in cfg:
@@ -84,21 +85,21 @@ def like_model(example: Any, model: nn.Module) -> Any:
     return move(example)
 
 
-def _cast(example: Any, dtype: torch.dtype) -> Any:
+def cast_example(example: Any, dtype: torch.dtype) -> Any:
     if isinstance(example, Tensor):
         return example.to(dtype) if example.is_floating_point() else example
     if isinstance(example, (list, tuple)):
-        return type(example)(_cast(e, dtype) for e in example)
+        return type(example)(cast_example(e, dtype) for e in example)
     if isinstance(example, dict):
-        return {k: _cast(v, dtype) for k, v in example.items()}
+        return {k: cast_example(v, dtype) for k, v in example.items()}
     return example
 
 
-def _batch_size(example: Any) -> int:
+def example_batch_size(example: Any) -> int:
     if isinstance(example, Tensor):
         return max(int(example.shape[0]), 1) if example.dim() else 1
     if isinstance(example, (list, tuple)) and example:
-        return _batch_size(example[0])
+        return example_batch_size(example[0])
     if isinstance(example, dict) and example:
-        return _batch_size(next(iter(example.values())))
+        return example_batch_size(next(iter(example.values())))
     return 1

@@ -44,12 +44,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_prune.graph.layers import _is_grn, channel_dim
-from lightning_prune.graph.types import ChannelGroup, Site, Slice, _prefixed
+from lightning_prune.graph.layers import channel_dim, is_grn
+from lightning_prune.graph.types import ChannelGroup, Site, Slice, prefixed_name
 
 __all__ = ["LabelGraph", "trace_labels"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: ops whose size arguments the analysis does not update (see `_attr_event`)
 _SPLITS_NOT_UPDATED = ("aten.split", "aten.split_with_sizes")
 FIXED = 0
@@ -716,12 +716,12 @@ class LabelGraph:
         x_lab = self.canon(labs[x])
         mname, module = self._module_of(w)
         w_lab = labs.get(w)
-        if not isinstance(module, _CONV):
+        if not isinstance(module, CONV_TYPES):
             std = None
             if isinstance(w_lab, _Lab) and w_lab.derived:
                 # a computed weight (weight standardisation): which module's weight is it?
                 owner = self._owner(node)
-                if owner is not None and isinstance(self.modules.get(owner), _CONV):
+                if owner is not None and isinstance(self.modules.get(owner), CONV_TYPES):
                     std = owner
             if std is None:
                 raise _Fix("a convolution whose weight is not a Conv module's")
@@ -861,7 +861,7 @@ class LabelGraph:
         labelled = {d for bd, _ in lab.blocks for d in bd} & dims
         owner_name = self._owner(node)
         owner = self.modules.get(owner_name) if owner_name else None
-        if labelled and owner is not None and _is_grn(owner) and labelled == {int(owner.channel_dim) % n}:
+        if labelled and owner is not None and is_grn(owner) and labelled == {int(owner.channel_dim) % n}:
             chan = self.dim_atoms(lab, next(iter(labelled)))
             if not any(s[0] == owner_name for s in self.records.sites):
                 self.records.sites.append((owner_name, "norm", int(owner.channel_dim), chan))
@@ -1170,7 +1170,7 @@ class LabelGraph:
     def groups(self, prefix: str = "", outputs: set[str] | frozenset[str] = frozenset()
                ) -> tuple[list[ChannelGroup], dict[str, str]]:
         """Candidate groups (before the proof) and the reasons the other producers' channels stay."""
-        full = functools.partial(_prefixed, prefix)
+        full = functools.partial(prefixed_name, prefix)
         atoms = self.atoms
         # atoms -> unit roots; groups: units connected through a producer
         gparent: dict[str, str] = {}

@@ -8,7 +8,7 @@ from torch import nn
 __all__ = ["PRODUCER_TYPES", "channel_dim"]
 
 PRODUCER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def channel_dim(module: nn.Module) -> int:
@@ -16,33 +16,33 @@ def channel_dim(module: nn.Module) -> int:
     (channels-last), 1 for convolutions, BatchNorm, GroupNorm and timm's ``LayerNorm2d``."""
     if isinstance(module, nn.Linear):
         return -1
-    if _is_grn(module):
+    if is_grn(module):
         return int(module.channel_dim)
     if isinstance(module, nn.LayerNorm):
         return 1 if "2d" in type(module).__name__.lower() else -1
     return 1
 
 
-def _is_grn(module: nn.Module) -> bool:
+def is_grn(module: nn.Module) -> bool:
     return type(module).__name__ == "GlobalResponseNorm" and hasattr(module, "channel_dim")
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, _CONV) and module.groups > 1 and module.groups == module.in_channels == \
+def is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, CONV_TYPES) and module.groups > 1 and module.groups == module.in_channels == \
         module.out_channels
 
 
-def _is_grouped(module: nn.Module) -> bool:
-    return isinstance(module, _CONV) and module.groups > 1 and not _is_depthwise(module)
+def is_grouped(module: nn.Module) -> bool:
+    return isinstance(module, CONV_TYPES) and module.groups > 1 and not is_depthwise(module)
 
 
-def _is_std_conv(module: nn.Module) -> bool:
+def is_std_conv(module: nn.Module) -> bool:
     """timm's weight-standardised convs (StdConv2d, ScaledStdConv2d...): the standardisation runs over the
     fan-in."""
-    return isinstance(module, _CONV) and "StdConv" in type(module).__name__
+    return isinstance(module, CONV_TYPES) and "StdConv" in type(module).__name__
 
 
-def _is_timm_attention(module: nn.Module) -> bool:
+def is_timm_attention(module: nn.Module) -> bool:
     linear = all(isinstance(getattr(module, name, None), nn.Linear) for name in ("qkv", "proj"))
     sizes = ("num_heads", "head_dim", "attn_dim")
     return linear and all(isinstance(getattr(module, name, None), int) for name in sizes)

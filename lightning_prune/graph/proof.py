@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_prune.graph.inputs import _cast, call_model
-from lightning_prune.graph.layers import _is_grn
+from lightning_prune.graph.inputs import call_model, cast_example
+from lightning_prune.graph.layers import is_grn
 from lightning_prune.graph.slicing import restricted_norm_hooks, slice_units, zero_unit_hooks
 from lightning_prune.graph.types import ChannelGroup, GraphTimeoutError
 
@@ -51,12 +51,12 @@ def randomised_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.
                 rand(p, -0.5, 0.5)
             elif pname in ("gamma", "gain", "layer_scale", "scale") or pname.endswith("gamma"):
                 rand(p, 0.5, 1.5)
-            elif _is_grn(module):
+            elif is_grn(module):
                 rand(p, -0.5, 0.5)
     return clone
 
 
-def _compare(reference: Any, other: Any, rtol: float) -> float:
+def compare_outputs(reference: Any, other: Any, rtol: float) -> float:
     """The largest relative difference (max |a - b| / max |a|) over matching output tensors."""
     if isinstance(reference, Tensor):
         if not isinstance(other, Tensor) or reference.shape != other.shape:
@@ -64,9 +64,9 @@ def _compare(reference: Any, other: Any, rtol: float) -> float:
         scale = reference.abs().max().clamp_min(1e-12)
         return float((reference - other).abs().max() / scale)
     if isinstance(reference, (list, tuple)):
-        return max((_compare(a, b, rtol) for a, b in zip(reference, other)), default=0.0)
+        return max((compare_outputs(a, b, rtol) for a, b in zip(reference, other)), default=0.0)
     if isinstance(reference, dict):
-        return max((_compare(reference[k], other[k], rtol) for k in reference), default=0.0)
+        return max((compare_outputs(reference[k], other[k], rtol) for k in reference), default=0.0)
     return 0.0
 
 
@@ -89,7 +89,7 @@ def masked_and_sliced(model: nn.Module, example: Any, groups: Sequence[ChannelGr
     over the kept channels), the same copy with the units sliced out (a plain module: the hooks are gone), and
     its outputs. The removal is exact when the two outputs agree."""
     clone = randomised_copy(model, seed, dtype)
-    example = _cast(example, dtype)
+    example = cast_example(example, dtype)
     handles = zero_unit_hooks(clone, groups, removed) + restricted_norm_hooks(clone, groups, removed)
     try:
         masked = call_model(clone, example)
@@ -112,10 +112,10 @@ def _exact(model: nn.Module, example: Any, groups: Sequence[ChannelGroup], rtol:
         raise
     except Exception:  # noqa: BLE001 - a masking or slicing the model's code does not accept is not exact
         return False
-    return _compare(masked, sliced, rtol) <= rtol
+    return compare_outputs(masked, sliced, rtol) <= rtol
 
 
-def _exact_subsets(model: nn.Module, example: Any, groups: list[ChannelGroup], rtol: float,
+def exact_subsets(model: nn.Module, example: Any, groups: list[ChannelGroup], rtol: float,
                    check: Callable[[], None]) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
     """(exact, not exact): one joint check, then halves of a failing set until single groups remain."""
     check()
@@ -124,8 +124,8 @@ def _exact_subsets(model: nn.Module, example: Any, groups: list[ChannelGroup], r
     if len(groups) == 1:
         return [], groups
     half = len(groups) // 2
-    good_a, bad_a = _exact_subsets(model, example, groups[:half], rtol, check)
-    good_b, bad_b = _exact_subsets(model, example, groups[half:], rtol, check)
+    good_a, bad_a = exact_subsets(model, example, groups[:half], rtol, check)
+    good_b, bad_b = exact_subsets(model, example, groups[half:], rtol, check)
     good = good_a + good_b
     if good and len(good_a) and len(good_b) and not _exact(model, example, good, rtol):  # pragma: no cover
         return good_a, bad_a + good_b + bad_b  # interacting groups: keep the first half only

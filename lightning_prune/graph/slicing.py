@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.errors import InvalidArgumentError
-from lightning_prune.graph.layers import _CONV, _is_depthwise, _is_grn
-from lightning_prune.graph.types import ChannelGroup, _strip
+from lightning_prune.graph.layers import CONV_TYPES, is_depthwise, is_grn
+from lightning_prune.graph.types import ChannelGroup, strip_prefix
 
 __all__ = ["norm_size", "parameter_cuts", "restricted_forward", "restricted_norm_hooks", "slice_units",
            "zero_unit_hooks"]
@@ -36,7 +36,7 @@ def zero_unit_hooks(model: nn.Module, groups: Iterable[ChannelGroup], removed: M
             dead = [c for c, u in zip(site.channels, site.units) if u in gone]
             if not dead:
                 continue
-            module = model.get_submodule(_strip(site.module, prefix))
+            module = model.get_submodule(strip_prefix(site.module, prefix))
             index = torch.tensor(dead, dtype=torch.long)
 
             def hook(m: nn.Module, args: Any, index: Tensor = index, dim: int = site.dim) -> Any:
@@ -59,7 +59,7 @@ def norm_size(module: nn.Module) -> int:
 def restricted_forward(module: nn.Module, x: Tensor, keep: Tensor, dim: int) -> Tensor:
     """The norm's output with its statistics over the kept channels only (zeros at the others)."""
     dim = dim % x.dim()
-    if _is_grn(module):
+    if is_grn(module):
         x_g = x.norm(p=2, dim=module.spatial_dim, keepdim=True)
         mean = x_g.index_select(dim, keep).mean(dim=dim, keepdim=True)
         x_n = x_g / (mean + module.eps)
@@ -94,7 +94,7 @@ def restricted_norm_hooks(model: nn.Module, groups: Iterable[ChannelGroup],
     for name, (dim, dead) in dead_by_module.items():
         if not dead:
             continue
-        module = model.get_submodule(_strip(name, prefix))
+        module = model.get_submodule(strip_prefix(name, prefix))
         size = norm_size(module)
         keep = torch.tensor([i for i in range(size) if i not in dead], dtype=torch.long)
 
@@ -136,7 +136,7 @@ def _slice_module(module: nn.Module, role: str, dead: set[int], dim: int = 0) ->
         keep = _keep(size, dead)
         for pname in ("weight", "bias", "gain"):
             _take(module, pname, 0, keep)
-        if isinstance(module, _CONV):
+        if isinstance(module, CONV_TYPES):
             module.out_channels = len(keep)
         else:
             module.out_features = len(keep)
@@ -144,7 +144,7 @@ def _slice_module(module: nn.Module, role: str, dead: set[int], dim: int = 0) ->
         size = module.weight.shape[1]
         keep = _keep(size, dead)
         _take(module, "weight", 1, keep)
-        if isinstance(module, _CONV):
+        if isinstance(module, CONV_TYPES):
             module.in_channels = len(keep)
         else:
             module.in_features = len(keep)
@@ -159,7 +159,7 @@ def _slice_module(module: nn.Module, role: str, dead: set[int], dim: int = 0) ->
         module.out_channels = module.groups * opg
         module.in_channels = module.groups * ipg
     elif role == "channel":
-        if _is_depthwise(module):
+        if is_depthwise(module):
             keep = _keep(module.out_channels, dead)
             for pname in ("weight", "bias", "gain"):
                 _take(module, pname, 0, keep)
@@ -179,7 +179,7 @@ def _slice_module(module: nn.Module, role: str, dead: set[int], dim: int = 0) ->
             for pname in ("weight", "bias"):
                 _take(module, pname, 0, keep)
             module.num_channels = len(keep)
-        else:  # pragma: no cover - _describe lets no other module through
+        else:  # pragma: no cover - describe_raw_group lets no other module through
             raise InvalidArgumentError(f"cannot slice {type(module).__name__}")
 
 
@@ -208,7 +208,7 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
     for (name, role, dim), channels in dead.items():
         if not channels or role == "free":
             continue
-        local = _strip(name, prefix)
+        local = strip_prefix(name, prefix)
         if role == "param":
             owner_name, _, pname = local.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
@@ -217,7 +217,7 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
         else:
             _slice_module(model.get_submodule(local), role, channels, dim)
     for (name, attr), drop in attrs.items():
-        module = model.get_submodule(_strip(name, prefix))
+        module = model.get_submodule(strip_prefix(name, prefix))
         setattr(module, attr, getattr(module, attr) - drop)
     if count:  # tensors a model caches from its parameters in eval mode are dropped by train() (LeViT's
         # attention biases): refresh them now that the shapes changed, the modes left as they were
@@ -249,7 +249,7 @@ def parameter_cuts(model: nn.Module, groups: Iterable[ChannelGroup], removed: Ma
             cuts.setdefault(name, []).append((dim, _keep(size, channels)))
 
     for (name, role, dim), channels in dead.items():
-        local = _strip(name, prefix)
+        local = strip_prefix(name, prefix)
         if not channels or role == "free":
             continue
         if role == "param":

@@ -152,22 +152,22 @@ class ChannelAnalysis:
     _out_sizes: dict[str, int] = field(default_factory=dict, repr=False)
 
 
-def _prefixed(prefix: str, name: str) -> str:
+def prefixed_name(prefix: str, name: str) -> str:
     """``name`` under ``prefix`` (either may be empty)."""
     return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
-def _strip(name: str, prefix: str) -> str:
+def strip_prefix(name: str, prefix: str) -> str:
     if prefix and name.startswith(prefix + "."):
         return name[len(prefix) + 1:]
     return "" if name == prefix else name
 
 
-def _localised(group: ChannelGroup, prefix: str) -> ChannelGroup:
+def localised_group(group: ChannelGroup, prefix: str) -> ChannelGroup:
     """The group with names relative to the traced module (what the checks on its copies use)."""
     if not prefix:
         return group
-    s = lambda n: _strip(n, prefix)  # noqa: E731
+    s = lambda n: strip_prefix(n, prefix)  # noqa: E731
     return ChannelGroup(
         s(group.name), group.size, group.unit, group.width,
         tuple(Site(s(x.module), x.kind, x.dim, x.channels, x.units, s(x.weight) if x.weight else "")
