@@ -26,7 +26,7 @@ def test_default_construction_keeps_the_contract(tmp_path, name):
     state = check_callback_conformance(
         lambda: lp.create_callback(name), tmp_path, max_epochs=2, limit_train_batches=2
     )
-    assert state["last_update"] == 1 and state["current_target"] == pytest.approx(0.5)
+    assert state["updated_at_step"] == 1 and state["current_target"] == pytest.approx(0.5)
     if name == "first_k":  # neither prune_step nor prune_epoch: step 0, so after the first batch
         assert state["prune_at_step"] == 0
     else:  # one shot at the start (sparsity_end_step=0), the window open to the end (end_step=1.0)
@@ -63,7 +63,7 @@ def test_conformance_on_other_timm_families(tmp_path, model_name):
         limit_train_batches=3,
     )
     # the schedule (updates at steps 1, 3, 5) crosses the resume point (step 3)
-    assert state["last_update"] == 5 and state["current_target"] == pytest.approx(0.3)
+    assert state["updated_at_step"] == 5 and state["current_target"] == pytest.approx(0.3)
     assert state["schedule"] == [0, 2**62, 0, 5]  # the window stays open (end_step=1.0); the ramp ends at 5
     assert any(isinstance(m, torch.Tensor) and not bool(m.all()) for m in state["masks"].values())
     sizes = [g.size for g in channel_groups(tiny_classifier(model_name))]

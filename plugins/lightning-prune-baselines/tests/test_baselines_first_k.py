@@ -32,7 +32,7 @@ def test_first_k_channels_prune_the_first_units_of_every_group_and_compress_exac
     at_end = CompressAtFitEnd(pruner, x)
     trainer, model = fit_tiny([pruner, at_end], tmp_path, model=model, **FAST)
     assert (
-        pruner.last_update == 1 and trainer.global_step == 6
+        pruner.updated_at_step == 1 and trainer.global_step == 6
     )  # pruned after the first step, then fine-tuned
     # the groups are lightning-prune's analysis of the LightningModule (names from the module: "model.")
     groups = pruner.groups
@@ -91,20 +91,20 @@ def test_prune_epoch_and_prune_step(tmp_path):
     fit_tiny([pruner, record], tmp_path / "epoch", **run)
     assert [s for e, _, s in record.seen if e == 0][:2] == [0.0, 0.0]
     assert [(e, step) for e, step, s in record.seen if s > 0][0] == (0, 3)
-    assert pruner.last_update == 3
+    assert pruner.updated_at_step == 3
     assert all(s == pytest.approx(half) for _, step, s in record.seen if step >= 3)
 
     pruner = FirstKChannels(target_sparsity=0.5, prune_step=5, verbose=False)
     record = _Record(pruner)
     fit_tiny([pruner, record], tmp_path / "step", **run)
-    assert [step for _, step, s in record.seen if s > 0][0] == 5 and pruner.last_update == 5
+    assert [step for _, step, s in record.seen if s > 0][0] == 5 and pruner.updated_at_step == 5
     assert all(s == 0.0 for _, step, s in record.seen if step < 5)
 
     # a float in [0, 1] is a fraction of the whole training: 2/3 of 9 steps = step 6, the end of epoch 1
     pruner = FirstKChannels(target_sparsity=0.5, prune_epoch=2 / 3, verbose=False)
     record = _Record(pruner)
     fit_tiny([pruner, record], tmp_path / "fraction", **run)
-    assert [step for _, step, s in record.seen if s > 0][0] == 6 and pruner.last_update == 6
+    assert [step for _, step, s in record.seen if s > 0][0] == 6 and pruner.updated_at_step == 6
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_resume_across_the_pruning_epoch_equals_uninterrupted_run(tmp_path, when
         max_epochs=max_epochs,
         limit_train_batches=3,
     )
-    assert state["last_update"] == pruned_at and state["current_target"] == pytest.approx(0.3)
+    assert state["updated_at_step"] == pruned_at and state["current_target"] == pytest.approx(0.3)
     assert state["prune_at_step"] == pruned_at
     assert all(torch.equal(k, first_k_keep(k.numel(), 0.3)) for k in state["keep"])
     # the callback's masks are the one-shot helper's on the same LightningModule; the other targets are whole
@@ -294,7 +294,7 @@ def test_bf16_gradient_accumulation_and_logged_metrics(tmp_path):
         limit_train_batches=6,
         limit_val_batches=0,
     )
-    assert trainer.global_step == 3 and pruner.last_update == 0  # pruned after the first micro-batch
+    assert trainer.global_step == 3 and pruner.updated_at_step == 0  # pruned after the first micro-batch
     keep = [first_k_keep(g.size, 0.25) for g in pruner.groups]
     assert all(torch.equal(k, e) for k, e in zip(pruner.keep, keep))
     check_unit_masks(model, pruner.groups, keep, pruner.masks.state_dict())

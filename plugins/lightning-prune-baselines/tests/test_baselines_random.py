@@ -171,7 +171,7 @@ def test_resume_mid_schedule_draws_the_same_numbers(tmp_path, name, kwargs):
         limit_train_batches=4,
     )
     assert state["current_target"] == pytest.approx(kwargs["target_sparsity"])
-    assert state["last_update"] > 4 and isinstance(state["rng_state"], torch.Tensor)
+    assert state["updated_at_step"] > 4 and isinstance(state["rng_state"], torch.Tensor)
     # (begin, end, sparsity_begin, sparsity_end); end_step=1.0 (the default) is stored as 2**62: never stop
     assert state["schedule"] == ([1, 2**62, 1, 8] if name == "random_channels" else [0, 2**62, 0, 9])
     if name == "random_channels":  # the kept units of every group, checkpointed with the masks

@@ -38,23 +38,23 @@ __all__ = ["BaselineMixin", "ChannelBaseline", "GradualSchedule", "ScheduledBase
 
 
 class BaselineMixin:
-    """The step of the last mask update (``last_update``, -1 = never) and the sparsity it pruned to
-    (``current_target``): checkpointed, logged as ``prune/target_sparsity``, and what :meth:`decided`
-    reads (final once ``target_sparsity`` is reached). The names are those of
-    :class:`~lightning_prune.GradualMagnitudePruning` (``current_target`` was ``current_sparsity`` before
-    0.2; such checkpoints load); ``last_update`` there starts at 0 instead, the step its first period counts
-    from."""
+    """The step of the last mask update (``updated_at_step``, ``None`` = never) and the sparsity it pruned to
+    (``current_target``, the name :class:`~lightning_prune.GradualMagnitudePruning` uses): checkpointed,
+    logged as ``prune/target_sparsity``, and what :meth:`decided` reads (final once ``target_sparsity`` is
+    reached). Checkpoints of before 0.2 load (``current_sparsity``, and ``last_update`` with -1 = never: the
+    magnitude schedule's ``last_update`` is another state, the step its next period counts from)."""
 
-    last_update: int = -1
+    updated_at_step: int | None = None
     current_target: float = 0.0
 
     def record_update(self, trainer: pl.Trainer, sparsity: float) -> None:
         self.check_finite_weights(int(trainer.global_step))  # type: ignore[attr-defined]
-        self.last_update = int(trainer.global_step)
+        self.updated_at_step = int(trainer.global_step)
         self.current_target = float(sparsity)
 
     def decided(self, trainer: pl.Trainer) -> bool:
-        return self.last_update >= 0 and self.current_target >= getattr(self, "target_sparsity", 0.0)
+        reached = self.current_target >= getattr(self, "target_sparsity", 0.0)
+        return self.updated_at_step is not None and reached
 
     def sparsity_metrics(self) -> dict[str, float]:
         """Sparsity of the targeted weights (biases and BatchNorms left out), and of the channel units."""
@@ -75,12 +75,13 @@ class BaselineMixin:
             rank_zero_info(self.progress_line(trainer.global_step, metrics))  # type: ignore[attr-defined]
 
     def extra_state_dict(self) -> dict[str, Any]:
-        return {**super().extra_state_dict(), "last_update": self.last_update,  # type: ignore[misc]
+        return {**super().extra_state_dict(), "updated_at_step": self.updated_at_step,  # type: ignore[misc]
                 "current_target": self.current_target}
 
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         super().load_extra_state_dict(state)  # type: ignore[misc]
-        self.last_update = int(state.get("last_update", -1))
+        step = state.get("updated_at_step", state.get("last_update"))
+        self.updated_at_step = None if step is None or int(step) < 0 else int(step)
         self.current_target = float(state.get("current_target", state.get("current_sparsity", 0.0)))
 
 
@@ -232,8 +233,8 @@ class GradualSchedule(BaselineMixin):
         begin, end, _, _ = self.resolve_schedule(trainer)
         if step < begin or step > end:
             return None
-        if self.last_update >= 0 and (
-            self.current_target >= self.target_sparsity or step - self.last_update < self.every_n_steps
+        if self.updated_at_step is not None and (
+            self.current_target >= self.target_sparsity or step - self.updated_at_step < self.every_n_steps
         ):
             return None
         return self.sparsity_at(step)
@@ -242,7 +243,7 @@ class GradualSchedule(BaselineMixin):
     def decided(self, trainer: pl.Trainer) -> bool:
         """Final once ``target_sparsity`` is reached, or once the window closed (``end_step``)."""
         _, end, _, _ = self.resolve_schedule(trainer)
-        return super().decided(trainer) or (self.last_update >= 0 and trainer.global_step >= end)
+        return super().decided(trainer) or (self.updated_at_step is not None and trainer.global_step >= end)
 
     @override
     def decided_at_step(self, trainer: pl.Trainer) -> int:

@@ -105,7 +105,7 @@ class FirstKChannels(ChannelBaseline):
 
     @property
     def pruned(self) -> bool:
-        return self.last_update >= 0
+        return self.updated_at_step is not None
 
     def prune_at_step(self, trainer: pl.Trainer) -> int:
         """The optimizer step at which the channels go (resolved on first use and checkpointed)."""
