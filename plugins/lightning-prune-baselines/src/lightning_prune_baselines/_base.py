@@ -91,6 +91,8 @@ class ChannelBaseline(BaselineMixin, ChannelPruningCallback):
 
     #: masks act on whole channel units
     channel_wise = True
+    #: FLOPs and parameters of the kept units are counted (logged, and said in the console line)
+    measures_size = True
     no_group_hint = "check `include`/`exclude`, or use a weight-level baseline (random_unstructured)."
 
     @override
