@@ -146,6 +146,7 @@ def test_weight_standardised_convs_are_skipped_with_their_reason():
     assert any("weight-standardised conv" in why for why in analysis.skipped.values())
 
 
+@pytest.mark.slow  # two analyses of res2net50 (47 s on a quiet machine)
 def test_a_split_with_fixed_sizes_is_skipped_and_the_rest_is_kept():
     model = timm.create_model("res2net50_14w_8s", num_classes=10).eval()
     analysis = analyse_channels(model, torch.randn(2, 3, 32, 32), engine="torch-pruning")
