@@ -30,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 __all__ = [
+    "check_size_targets",
     "as_misconfiguration",
     "check_bool",
     "check_cadence",
@@ -377,3 +378,16 @@ def sexagesimal_hint(value: object) -> str:
     written = ":".join(reversed(digits))
     return (f". HINT: YAML 1.1 reads an unquoted {written} as the base-60 number {value}; quote it:"
             f" \"{written}\"")
+
+
+def check_size_targets(target_flops: Any, target_params: Any) -> tuple[float | None, float | None]:
+    """``target_flops`` / ``target_params``: at most one of them, a fraction of the dense model in (0, 1]."""
+    check_exclusive(target_flops=target_flops, target_params=target_params,
+                    hint="ask for one size: a fraction of the dense FLOPs or of the parameters.")
+    hint = "a fraction of the dense model in (0, 1], e.g. 0.5 keeps half."
+    flops = check_optional(check_fraction, "target_flops", target_flops, 0.0, 1.0, True, hint=hint)
+    params = check_optional(check_fraction, "target_params", target_params, 0.0, 1.0, True, hint=hint)
+    for name, value in (("target_flops", flops), ("target_params", params)):
+        if value == 0.0:
+            raise MisconfigurationException(f"`{name}` must be a number in (0, 1], got 0.0. HINT: {hint}")
+    return flops, params

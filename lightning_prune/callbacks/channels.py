@@ -71,13 +71,13 @@ from lightning_prune.validation import (
     as_misconfiguration,
     check_bool,
     check_exclusive,
-    check_fraction,
     check_fraction_map,
     check_group_names,
     check_input_size,
     check_int,
     check_optional,
     check_positive,
+    check_size_targets,
     input_size_errors,
 )
 
@@ -155,17 +155,7 @@ class ChannelPruningCallback(PruningCallback):
             check_positive, "analysis_time_limit_s", analysis_time_limit_s,
             hint="CPU seconds the channel analysis at setup may use, e.g. 300; None for no limit.")
         self.prune_coupled = check_bool("prune_coupled", prune_coupled)
-        check_exclusive(target_flops=target_flops, target_params=target_params,
-                        hint="ask for one size: a fraction of the dense FLOPs or of the parameters.")
-        budget_hint = "a fraction of the dense model in (0, 1], e.g. 0.5 keeps half."
-        self.target_flops = check_optional(check_fraction, "target_flops", target_flops, 0.0, 1.0, True,
-                                           hint=budget_hint)
-        self.target_params = check_optional(check_fraction, "target_params", target_params, 0.0, 1.0, True,
-                                            hint=budget_hint)
-        for name, value in (("target_flops", self.target_flops), ("target_params", self.target_params)):
-            if value == 0.0:
-                raise MisconfigurationException(f"`{name}` must be a number in (0, 1], got 0.0."
-                                                f" HINT: {budget_hint}")
+        self.target_flops, self.target_params = check_size_targets(target_flops, target_params)
         self.group_targets = check_fraction_map(
             "group_targets", group_targets,
             hint="the fraction of each named group's units to prune, e.g. lp.layer_targets_from_sensitivity("

@@ -38,13 +38,12 @@ from lightning_prune.core.targets import Target
 from lightning_prune.validation import (
     as_misconfiguration,
     check_bool,
-    check_exclusive,
     check_fraction,
     check_input_size,
     check_int,
-    check_optional,
     check_position,
     check_positive,
+    check_size_targets,
     input_size_errors,
 )
 
@@ -136,17 +135,8 @@ class OneShotPruning(PruningCallback):
                                               hint="0.5 prunes half of every layer's weights.")
         self.pattern = pattern
         self._nm = check_pattern(pattern, self.target_sparsity, MisconfigurationException)
-        check_exclusive(target_flops=target_flops, target_params=target_params,
-                        hint="ask for one size: a fraction of the dense FLOPs or of the parameters.")
-        budget = "a fraction of the dense model in (0, 1], e.g. 0.5 keeps half."
-        self.target_flops = check_optional(check_fraction, "target_flops", target_flops, 0.0, 1.0, True,
-                                           hint=budget)
-        self.target_params = check_optional(check_fraction, "target_params", target_params, 0.0, 1.0, True,
-                                            hint=budget)
+        self.target_flops, self.target_params = check_size_targets(target_flops, target_params)
         for name, value in (("target_flops", self.target_flops), ("target_params", self.target_params)):
-            if value == 0.0:
-                raise MisconfigurationException(
-                    f"`{name}` must be a number in (0, 1], got 0.0. HINT: {budget}")
             if value is not None and self.method != "channels":
                 raise MisconfigurationException(
                     f"`{name}` asks for a size: it needs method='channels', got method={self.method!r}."
