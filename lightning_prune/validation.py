@@ -31,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "check_size_targets",
+    "size_targets",
     "as_misconfiguration",
     "check_bool",
     "check_cadence",
@@ -382,12 +383,27 @@ def sexagesimal_hint(value: object) -> str:
 
 def check_size_targets(target_flops: Any, target_params: Any) -> tuple[float | None, float | None]:
     """``target_flops`` / ``target_params``: at most one of them, a fraction of the dense model in (0, 1]."""
-    check_exclusive(target_flops=target_flops, target_params=target_params,
-                    hint="ask for one size: a fraction of the dense FLOPs or of the parameters.")
-    hint = "a fraction of the dense model in (0, 1], e.g. 0.5 keeps half."
-    flops = check_optional(check_fraction, "target_flops", target_flops, 0.0, 1.0, True, hint=hint)
-    params = check_optional(check_fraction, "target_params", target_params, 0.0, 1.0, True, hint=hint)
-    for name, value in (("target_flops", flops), ("target_params", params)):
-        if value == 0.0:
-            raise MisconfigurationException(f"`{name}` must be a number in (0, 1], got 0.0. HINT: {hint}")
+    flops, params, _ = size_targets(target_flops, target_params, None)
     return flops, params
+
+
+def size_targets(target_flops: Any, target_params: Any, target_latency: Any
+                 ) -> tuple[float | None, float | None, float | None]:
+    """``target_flops`` / ``target_params`` / ``target_latency``: at most one of them, a fraction of the
+    dense model (its FLOPs, parameters, measured latency) in (0, 1]."""
+    if target_latency is None:
+        check_exclusive(target_flops=target_flops, target_params=target_params,
+                        hint="ask for one size: a fraction of the dense FLOPs or of the parameters.")
+    else:
+        check_exclusive(target_flops=target_flops, target_params=target_params, target_latency=target_latency,
+                        hint="ask for one target: a fraction of the dense FLOPs, of the parameters or of the"
+                             " measured latency.")
+    hint = "a fraction of the dense model in (0, 1], e.g. 0.5 keeps half."
+    values = {}
+    for name, value in (("target_flops", target_flops), ("target_params", target_params),
+                        ("target_latency", target_latency)):
+        checked = check_optional(check_fraction, name, value, 0.0, 1.0, True, hint=hint)
+        if checked == 0.0:
+            raise MisconfigurationException(f"`{name}` must be a number in (0, 1], got 0.0. HINT: {hint}")
+        values[name] = checked
+    return values["target_flops"], values["target_params"], values["target_latency"]

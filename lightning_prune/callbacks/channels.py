@@ -37,13 +37,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.callbacks.input_shape import traced_input_size
+from lightning_prune.callbacks.input_shape import traced_input_size, train_batch_size
 from lightning_prune.callbacks.logging import PREFIX, counted
 from lightning_prune.callbacks.shrink import (
     ShrinkSchedule,
@@ -60,6 +60,7 @@ from lightning_prune.graph import (
     DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ChannelGroup,
     CostModel,
+    LatencyPredictor,
     analyse_channels,
     example_inputs_for,
     failure_reason,
@@ -67,6 +68,7 @@ from lightning_prune.graph import (
     slice_units,
     traced_root,
 )
+from lightning_prune.graph.latency import latency_plan, measure_latency_model
 from lightning_prune.validation import (
     as_misconfiguration,
     check_bool,
@@ -77,11 +79,21 @@ from lightning_prune.validation import (
     check_int,
     check_optional,
     check_positive,
-    check_size_targets,
     input_size_errors,
+    size_targets,
 )
 
-__all__ = ["ChannelPruningCallback", "top_units"]
+__all__ = ["ChannelPruningCallback", "check_latency_device", "top_units"]
+
+
+def check_latency_device(device: Any) -> torch.device:
+    """``latency_device``: anything ``torch.device`` accepts."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise MisconfigurationException(
+            f"`latency_device` must be a device, got {device!r} ({error}). HINT: 'cpu', 'cuda', 'cuda:1';"
+            " None times on the training device.") from None
 
 
 def top_units(scores: Tensor, count: int) -> Tensor:
@@ -117,6 +129,16 @@ class ChannelPruningCallback(PruningCallback):
         target_flops: keep the units with the largest scores such that the compressed model has at most this
             fraction of the dense FLOPs (torch-pruning's ``count_ops_and_params``), in (0, 1].
         target_params: the same for the number of parameters (exclusive with ``target_flops``).
+        target_latency: the same for the inference latency measured on ``latency_device`` at
+            ``latency_batch_size`` (exclusive with the two above): a per-layer latency table is measured
+            when the fit starts (:func:`lightning_prune.graph.latency.measure_latency_model`, its size and
+            seconds logged), the units chosen with its prediction, the compressed copy then timed and the
+            choice corrected; ``prune/latency_remaining`` (measured) and ``prune/latency_predicted`` are
+            logged.
+        latency_device: where to time for ``target_latency`` (default: the training device).
+        latency_batch_size: the batch to time at (default: the training batch size).
+        latency_model: a :class:`~lightning_prune.graph.latency.LatencyPredictor` to use instead of the
+            measured table (``predict(removed)``, ``measure(removed)``: fractions of the dense latency).
         round_to: kept channel widths are multiples of it (heads and conv groups stay whole); 1 = no rounding.
         group_targets: ``{group name: fraction}``: each named group loses that fraction of its units, those
             with the smallest scores (exclusive with ``target_flops``/``target_params``).
@@ -148,6 +170,10 @@ class ChannelPruningCallback(PruningCallback):
         target_params: float | None = None,
         round_to: int = 1,
         group_targets: dict[str, float] | None = None,
+        target_latency: float | None = None,
+        latency_device: str | torch.device | None = None,
+        latency_batch_size: int | None = None,
+        latency_model: LatencyPredictor | None = None,
     ) -> None:
         super().__init__(include=include, exclude=exclude, types=types,
                          log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose)
@@ -155,13 +181,23 @@ class ChannelPruningCallback(PruningCallback):
             check_positive, "analysis_time_limit_s", analysis_time_limit_s,
             hint="CPU seconds the channel analysis at setup may use, e.g. 300; None for no limit.")
         self.prune_coupled = check_bool("prune_coupled", prune_coupled)
-        self.target_flops, self.target_params = check_size_targets(target_flops, target_params)
+        self.target_flops, self.target_params, self.target_latency = size_targets(
+            target_flops, target_params, target_latency)
+        self.latency_device = None if latency_device is None else str(check_latency_device(latency_device))
+        self.latency_batch_size = check_optional(check_int, "latency_batch_size", latency_batch_size, 1,
+                                                 hint="the batch the latency is measured at, e.g. 64.")
+        if latency_model is not None and not callable(getattr(latency_model, "predict", None)):
+            raise MisconfigurationException(
+                f"`latency_model` must have a `predict(removed)` method, got {type(latency_model).__name__}."
+                " HINT: see lightning_prune.graph.latency.LatencyPredictor.")
+        self.latency_model = latency_model
         self.group_targets = check_fraction_map(
             "group_targets", group_targets,
             hint="the fraction of each named group's units to prune, e.g. lp.layer_targets_from_sensitivity("
                  "table, 0.5) of a method='channels' scan.")
         check_exclusive(group_targets=self.group_targets or None, target_flops=target_flops,
-                        target_params=target_params,
+                        target_params=target_params, **({"target_latency": target_latency}
+                                                        if target_latency is not None else {}),
                         hint="group_targets sets the width of the named groups; target_flops/target_params"
                              " choose the widths that meet a budget: pass one.")
         self.round_to = check_int("round_to", round_to, 1,
@@ -181,6 +217,7 @@ class ChannelPruningCallback(PruningCallback):
         self._analysis_weights: dict[str, int] = {}  # Conv/Linear weight elements per module
         self._cost: CostModel | None = None
         self._measured: tuple[dict[str, list[int]], tuple[float, float]] | None = None
+        self._latency: LatencyPredictor | None = latency_model  # the measured table, at the fit's start
         self._model: pl.LightningModule | None = None
         self._norm_handles: list[Any] = []
         self._param_count: int | None = None
@@ -233,7 +270,7 @@ class ChannelPruningCallback(PruningCallback):
         their fraction, or, without ``keep``, the ``kept_count(size, group_sparsity(group, sparsity))`` units
         with the largest scores in every group; widths rounded up to ``round_to`` (largest scores first)."""
         assert self.groups is not None
-        if self.target_flops is not None or self.target_params is not None:
+        if self.target_flops is not None or self.target_params is not None or self.target_latency is not None:
             return self.budget_keep(scores)
         if keep is None:
             assert sparsity is not None
@@ -264,7 +301,7 @@ class ChannelPruningCallback(PruningCallback):
         groups, as many as the budget allows, with channel widths rounded up to ``round_to``; a target the
         removable groups cannot reach is said to be unmet (what was reached, the most removal allows, the
         largest layers no group covers)."""
-        assert self.groups is not None and self._cost is not None
+        assert self.groups is not None and (self._cost is not None or self.target_latency is not None)
         target = self.target_flops if self.target_flops is not None else self.target_params
         which = 0 if self.target_flops is not None else 1
         order = sorted(((float(s), gi, u) for gi, sc in enumerate(scores) for u, s in enumerate(sc.tolist())),
@@ -286,6 +323,13 @@ class ChannelPruningCallback(PruningCallback):
             return out
 
         total = sum(g.size - 1 for g in self.groups)
+        if self.target_latency is not None:
+            plan = latency_plan(removed_for, total, self.latency_predictor(None), self.target_latency)
+            if plan.floor is not None and plan.measured is not None:
+                self.warn_target_unmet("target_latency", self.target_latency, plan.measured, plan.floor)
+            return [torch.tensor([u not in set(plan.removed.get(g.name, ())) for u in range(g.size)])
+                    for g in self.groups]
+        assert self._cost is not None and target is not None
         goal = target
         for _ in range(4):  # the prediction is within ~1% of the count: correct it with a measured count
             lo, hi = 0, total
@@ -314,7 +358,7 @@ class ChannelPruningCallback(PruningCallback):
         blockers = sorted(((weights[n], n, why) for n, why in self.skipped.items() if n in weights),
                           reverse=True)
         shown = "; ".join(f"`{n}` ({w / total:.0%} of the weights: {why})" for w, n, why in blockers[:3])
-        what = "FLOPs" if name == "target_flops" else "parameters"
+        what = {"target_flops": "FLOPs", "target_latency": "measured latency"}.get(name, "parameters")
         rank_zero_warn(
             f"{type(self).__name__}: `{name}={target:g}` is not reached: the compressed model keeps"
             f" {reached:.3f} of the dense {what} (removing every removable unit but one per group would keep"
@@ -372,13 +416,22 @@ class ChannelPruningCallback(PruningCallback):
         """``prune/flops_remaining`` and ``prune/params_remaining`` of the compressed model with the kept
         units, as fractions of the dense model (counted by torch-pruning on a compressed copy); ``{}`` without
         a cost model."""
-        if self._cost is None or self.keep is None or self.groups is None:
+        if self.keep is None or self.groups is None:
             return {}
         removed = self.removed_units()
-        if self._measured is None or self._measured[0] != removed:
-            self._measured = (removed, self._cost.measured_ratios(removed))
-        flops, params = self._measured[1]
-        return {f"{PREFIX}/flops_remaining": flops, f"{PREFIX}/params_remaining": params}
+        metrics = {}
+        if self._cost is not None:
+            if self._measured is None or self._measured[0] != removed:
+                self._measured = (removed, self._cost.measured_ratios(removed))
+            flops, params = self._measured[1]
+            metrics = {f"{PREFIX}/flops_remaining": flops, f"{PREFIX}/params_remaining": params}
+        if self.target_latency is not None and self._latency is not None:
+            predicted = float(self._latency.predict(removed))
+            measure = getattr(self._latency, "measure", None)
+            measured = measure(removed) if measure is not None else None
+            metrics[f"{PREFIX}/latency_remaining"] = float(measured) if measured is not None else predicted
+            metrics[f"{PREFIX}/latency_predicted"] = predicted
+        return metrics
 
     # ------------------------------------------------------------------ logging
     @override
@@ -416,6 +469,7 @@ class ChannelPruningCallback(PruningCallback):
                 f" HINT: {self.no_group_hint}")
         sized = self.target_flops is not None or self.target_params is not None
         self._cost = None
+        self._latency = self.latency_model  # (a measured one is measured again where the fit runs)
         if sized or self.measures_size:
             try:
                 self._cost = CostModel(root, example, analysis.groups, prefix=prefix)
@@ -514,9 +568,34 @@ class ChannelPruningCallback(PruningCallback):
         super().setup(trainer, pl_module, stage)
         self.restrict_norms()
 
+    def latency_predictor(self, trainer: pl.Trainer | None) -> LatencyPredictor:
+        """The latency model of ``target_latency``: ``latency_model`` when given, else the table measured on
+        ``latency_device`` (default: the trainer's device) at ``latency_batch_size`` (default: the training
+        batch size), measured once (every DDP rank uses rank 0's numbers)."""
+        if self._latency is not None:
+            return self._latency
+        assert self._model is not None and self.groups is not None
+        prefix, root = traced_root(self._model)
+        device = self.latency_device or (trainer.strategy.root_device if trainer is not None else None)
+        batch = self.latency_batch_size or train_batch_size(trainer)
+        example = example_inputs_for(root, self.traced_size)
+        share = None
+        if trainer is not None and trainer.world_size > 1:
+            share = lambda obj: trainer.strategy.broadcast(obj, src=0)  # noqa: E731
+        with as_misconfiguration():
+            latency = measure_latency_model(root, example, self.groups, prefix=prefix, device=device,
+                                            batch_size=batch, share=share)
+        if self.verbose:
+            rank_zero_info(f"[{type(self).__name__}] {latency.describe()}"
+                           + ("" if batch else "; no training batch size found: pass `latency_batch_size`"))
+        self._latency = latency
+        return latency
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self.target_latency is not None and self.shrink.removed is None and self.groups is not None:
+            self.latency_predictor(trainer)
         self.shrink.resolve(trainer)
         earliest = self.decided_at_step(trainer) if self.shrink.at_step is not None else 0
         if self.shrink.at_step is not None and self.shrink.at_step < earliest:
@@ -572,4 +651,5 @@ class ChannelPruningCallback(PruningCallback):
         state = super().__getstate__()
         # process-local; ddp_spawn workers run setup again (and rebuild the cost model)
         state["_model"], state["_cost"], state["_norm_handles"] = None, None, []
+        state["_latency"] = self.latency_model
         return state

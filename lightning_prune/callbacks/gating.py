@@ -73,8 +73,9 @@ class GatePruningCallback(ChannelPruningCallback):
         round_to: kept channel widths are multiples of it (default 8; heads and conv groups stay whole).
         channel_args: the keyword arguments of
             :class:`~lightning_prune.callbacks.channels.ChannelPruningCallback` (``prune_coupled``,
-            ``target_flops``, ``target_params``, ``group_targets``, ``compress``, ``compress_step``,
-            ``compress_epoch``, ``input_size``, ``analysis_time_limit_s``, ``include``, ``exclude``,
+            ``target_flops``, ``target_params``, ``target_latency`` (and its ``latency_*``),
+            ``group_targets``, ``compress``, ``compress_step``, ``compress_epoch``, ``input_size``,
+            ``analysis_time_limit_s``, ``include``, ``exclude``,
             ``types``, ``log_media_every_n_epochs``, ``verbose``); the scores are the gates'
             :meth:`unit_scores`.
     """

@@ -68,6 +68,9 @@ class GroupLassoPruning(GatePruningCallback):
             reader (default); ``False`` leaves them alone.
         target_flops, target_params, round_to: ask for the size instead of tuning ``lam`` (see
             :class:`~lightning_prune.callbacks.gating.GatePruningCallback`).
+        target_latency, latency_device, latency_batch_size, latency_model: ask for a fraction of the dense
+            model's measured latency instead (see
+            :class:`~lightning_prune.callbacks.channels.ChannelPruningCallback`).
         group_targets: ``{group name: fraction}``: the named channel groups lose that fraction of their units
             (the smallest gates) at finalisation, the others follow ``prune_threshold``; what
             :func:`lightning_prune.layer_targets_from_sensitivity` makes of a ``method="channels"`` scan (see
@@ -131,6 +134,10 @@ class GroupLassoPruning(GatePruningCallback):
         types: list[str | type] | None = None,
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
+        target_latency: float | None = None,
+        latency_device: str | None = None,
+        latency_batch_size: int | None = None,
+        latency_model: Any = None,
     ) -> None:
         super().__init__(gate_lr=gate_lr, gate_optimizer=gate_optimizer, finalize_step=finalize_step,
                          finalize_epoch=finalize_epoch, alternate_every_n_steps=alternate_every_n_steps,
@@ -138,7 +145,9 @@ class GroupLassoPruning(GatePruningCallback):
                          target_params=target_params, group_targets=group_targets, compress=compress,
                          compress_step=compress_step, compress_epoch=compress_epoch, input_size=input_size,
                          analysis_time_limit_s=analysis_time_limit_s, include=include, exclude=exclude,
-                         types=types, log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose)
+                         types=types, log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose,
+                         target_latency=target_latency, latency_device=latency_device,
+                         latency_batch_size=latency_batch_size, latency_model=latency_model)
         self.lam = check_nonnegative("lam", lam, "lam weighs the L1 penalty on the gates; 0 disables it.")
         self.weight_l1 = check_nonnegative("weight_l1", weight_l1)
         self.weight_l2 = check_nonnegative("weight_l2", weight_l2)

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-__all__ = ["batch_input", "first_batch_input_size", "traced_input_size"]
+__all__ = ["batch_input", "first_batch_input_size", "traced_input_size", "train_batch_size"]
 
 _INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
 
@@ -85,6 +85,25 @@ def first_batch_input_size(trainer: pl.Trainer | None) -> tuple[int, ...] | None
     if x is None or x.dim() < 2 or x.is_complex() or not x.is_floating_point():
         return None
     return tuple(int(s) for s in x.shape[1:])
+
+
+def train_batch_size(trainer: pl.Trainer | None) -> int | None:
+    """The batch size of the ``trainer``'s training loader (its ``batch_size``, or its batch sampler's),
+    ``None`` when it has none."""
+    if trainer is None:
+        return None
+    try:
+        loader = _train_loader(trainer)
+        if isinstance(loader, Mapping):
+            loader = next(iter(loader.values()))
+        elif isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        size = getattr(loader, "batch_size", None)
+        if size is None:
+            size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    except Exception:  # noqa: BLE001 - a convenience: the caller falls back
+        return None
+    return int(size) if isinstance(size, int) and size > 0 else None
 
 
 def _numpy_state() -> Any:

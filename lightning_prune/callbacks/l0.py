@@ -192,7 +192,8 @@ class L0Pruning(GatePruningCallback):
         prune_coupled, target_flops, target_params, group_targets, round_to, finalize_step, finalize_epoch,
             alternate_every_n_steps, compress, compress_step, compress_epoch, input_size,
             analysis_time_limit_s, include, exclude, types, log_media_every_n_epochs,
-            verbose: as in :class:`~lightning_prune.GroupLassoPruning`.
+            verbose, target_latency, latency_device, latency_batch_size, latency_model: as in
+            :class:`~lightning_prune.GroupLassoPruning`.
 
     Raises:
         MisconfigurationException: a bad argument, or (at ``setup``) a model with no gateable channel.
@@ -241,6 +242,10 @@ class L0Pruning(GatePruningCallback):
         types: list[str | type] | None = None,
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
+        target_latency: float | None = None,
+        latency_device: str | None = None,
+        latency_batch_size: int | None = None,
+        latency_model: Any = None,
     ) -> None:
         super().__init__(gate_lr=gate_lr, gate_optimizer=gate_optimizer, finalize_step=finalize_step,
                          finalize_epoch=finalize_epoch, alternate_every_n_steps=alternate_every_n_steps,
@@ -248,7 +253,9 @@ class L0Pruning(GatePruningCallback):
                          target_params=target_params, group_targets=group_targets, compress=compress,
                          compress_step=compress_step, compress_epoch=compress_epoch, input_size=input_size,
                          analysis_time_limit_s=analysis_time_limit_s, include=include, exclude=exclude,
-                         types=types, log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose)
+                         types=types, log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose,
+                         target_latency=target_latency, latency_device=latency_device,
+                         latency_batch_size=latency_batch_size, latency_model=latency_model)
         self.lam = check_nonnegative("lam", lam,
                                      "lam weighs the expected number of open channels; 0 disables it.")
         if penalty not in ("expected_l0", "hard"):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.channels import check_latency_device
 from lightning_prune.callbacks.logging import PREFIX, log_scalars
 from lightning_prune.callbacks.schedules import resolve_step, warn_if_after_training
 from lightning_prune.callbacks.shrink import ShrinkSchedule, check_strategy, compress_in_fit, recorded_removal
@@ -41,10 +42,11 @@ from lightning_prune.validation import (
     check_fraction,
     check_input_size,
     check_int,
+    check_optional,
     check_position,
     check_positive,
-    check_size_targets,
     input_size_errors,
+    size_targets,
 )
 
 __all__ = ["OneShotPruning"]
@@ -89,6 +91,11 @@ class OneShotPruning(PruningCallback):
         pattern: ``"N:M"`` (e.g. ``"2:4"``): N of every M consecutive input weights kept (weight methods).
         target_flops: ``"channels"``: keep at most this fraction of the dense FLOPs, in (0, 1].
         target_params: the same for the parameters (exclusive with ``target_flops``).
+        target_latency: ``"channels"``: the same for the inference latency measured on ``latency_device``
+            (default: the training device) at ``latency_batch_size`` (default: the calibration batch size),
+            with a per-layer latency table measured at the pruning step, or ``latency_model``'s prediction
+            (see :class:`~lightning_prune.callbacks.channels.ChannelPruningCallback`); exclusive with the two
+            above.
         calibration_batches: how many training batches the statistics come from (4 batches of 32 are the 128
             samples the papers calibrate with).
         compensate: ``"channels"``: refit the readers' weights and bias by least squares on the calibration
@@ -127,6 +134,10 @@ class OneShotPruning(PruningCallback):
         types: list[str | type] | None = None,
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
+        target_latency: float | None = None,
+        latency_device: str | None = None,
+        latency_batch_size: int | None = None,
+        latency_model: Any = None,
     ) -> None:
         super().__init__(include=include, exclude=exclude, types=types,
                          log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose)
@@ -135,8 +146,18 @@ class OneShotPruning(PruningCallback):
                                               hint="0.5 prunes half of every layer's weights.")
         self.pattern = pattern
         self._nm = check_pattern(pattern, self.target_sparsity, MisconfigurationException)
-        self.target_flops, self.target_params = check_size_targets(target_flops, target_params)
-        for name, value in (("target_flops", self.target_flops), ("target_params", self.target_params)):
+        self.target_flops, self.target_params, self.target_latency = size_targets(
+            target_flops, target_params, target_latency)
+        self.latency_device = None if latency_device is None else str(check_latency_device(latency_device))
+        self.latency_batch_size = check_optional(check_int, "latency_batch_size", latency_batch_size, 1,
+                                                 hint="the batch the latency is measured at, e.g. 64.")
+        if latency_model is not None and not callable(getattr(latency_model, "predict", None)):
+            raise MisconfigurationException(
+                f"`latency_model` must have a `predict(removed)` method, got {type(latency_model).__name__}."
+                " HINT: see lightning_prune.graph.latency.LatencyPredictor.")
+        self.latency_model = latency_model
+        for name, value in (("target_flops", self.target_flops), ("target_params", self.target_params),
+                            ("target_latency", self.target_latency)):
             if value is not None and self.method != "channels":
                 raise MisconfigurationException(
                     f"`{name}` asks for a size: it needs method='channels', got method={self.method!r}."
@@ -168,7 +189,7 @@ class OneShotPruning(PruningCallback):
     @override
     def state_key_args(self) -> dict[str, Any]:
         key = {**super().state_key_args(), "method": self.method, "target_sparsity": self.target_sparsity}
-        for name in ("pattern", "target_flops", "target_params"):
+        for name in ("pattern", "target_flops", "target_params", "target_latency"):
             if getattr(self, name) is not None:
                 key[name] = getattr(self, name)
         return key
@@ -286,10 +307,28 @@ class OneShotPruning(PruningCallback):
 
         assert self.groups is not None and self._channels is not None
         prefix, root, example = self._channels
+        latency = None
+        if self.target_latency is not None:
+            latency = self.latency_model
+            if latency is None:
+                from lightning_prune.core.one_shot import one_shot_latency_model
+
+                latency = one_shot_latency_model(root, example, self.groups, prefix, batches,
+                                                 self.latency_device or trainer.strategy.root_device,
+                                                 self.latency_batch_size, reduce)
+                if self.verbose:
+                    rank_zero_info(f"[OneShotPruning] {latency.describe()}")
         removed, errors = prune_channels(pl_module, batches, self.groups, self._cost, prefix, root,
                                          self.target_flops, self.target_params, self.target_sparsity,
                                          self.compensate, self.round_to, forward, reduce,
-                                         self._progress("reader"), self.damping)
+                                         self._progress("reader"), self.damping, self.target_latency, latency)
+        latency_metrics = {}
+        if latency is not None:
+            predicted = float(latency.predict(removed))
+            measure = getattr(latency, "measure", None)
+            measured = measure(removed) if measure is not None else None
+            latency_metrics = {f"{PREFIX}/latency_remaining": float(measured) if measured is not None
+                               else predicted, f"{PREFIX}/latency_predicted": predicted}
         self.errors = {k: float(v) for k, v in errors.items()}
         self.flops_remaining, params = self._cost.measured_ratios(removed)
         handles = restricted_norm_hooks(root, self.groups, removed, prefix=prefix)
@@ -302,7 +341,7 @@ class OneShotPruning(PruningCallback):
         self.retarget(pl_module)
         units = sum(len(v) for v in removed.values())
         metrics = {f"{PREFIX}/flops_remaining": float(self.flops_remaining),
-                   f"{PREFIX}/params_remaining": float(params), **self.error_metrics()}
+                   f"{PREFIX}/params_remaining": float(params), **latency_metrics, **self.error_metrics()}
         log_scalars(trainer, metrics)
         if self.verbose:
             rank_zero_info(f"[OneShotPruning] removed {units} units of {sum(g.size for g in self.groups)}:"

@@ -56,6 +56,7 @@ __all__ = [
     "channel_plan",
     "layer_hessian",
     "magnitude_mask",
+    "one_shot_latency_model",
     "prune_one_shot",
     "reconstruction_error",
     "refit_least_squares",
@@ -86,6 +87,9 @@ class OneShotResult:
             ``||(W - W') X||^2 / ||W X||^2``.
         sparsity: fraction of the targeted weights that are zero (unstructured / N:M).
         flops_remaining, params_remaining: of the dense model (``method="channels"``; 1.0 otherwise).
+        latency_remaining, latency_predicted: with ``target_latency``, the latency of the compressed model as
+            a fraction of the dense one's, measured (``None`` when the latency model does not measure) and
+            predicted by the latency table.
     """
 
     method: str
@@ -96,6 +100,8 @@ class OneShotResult:
     sparsity: float = 0.0
     flops_remaining: float = 1.0
     params_remaining: float = 1.0
+    latency_remaining: float | None = None
+    latency_predicted: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -506,10 +512,13 @@ def _channel_scores(model: nn.Module, root: nn.Module, prefix: str, groups: Sequ
 
 
 def channel_plan(groups: Sequence[Any], scores: Sequence[Tensor], cost: Any, target_flops: float | None,
-                 target_params: float | None, sparsity: float, round_to: int = 1) -> dict[str, list[int]]:
+                 target_params: float | None, sparsity: float, round_to: int = 1,
+                 target_latency: float | None = None, latency: Any = None) -> dict[str, list[int]]:
     """The units to remove: the lowest ``scores`` across groups (each group keeps a unit), as few as meet
-    ``target_flops``/``target_params`` (fractions of the dense model; checked on a sliced copy), or, with
-    neither, ``round(sparsity * units)`` of them."""
+    ``target_flops``/``target_params`` (fractions of the dense model; checked on a sliced copy) or
+    ``target_latency`` (with ``latency``, a :class:`~lightning_prune.graph.latency.LatencyPredictor`:
+    :func:`~lightning_prune.graph.latency.latency_plan`), or, with none, ``round(sparsity * units)`` of
+    them."""
     from lightning_prune.core.compression import round_kept
 
     order = sorted(((float(s), gi, u) for gi, sc in enumerate(scores) for u, s in enumerate(sc.tolist())),
@@ -530,6 +539,10 @@ def channel_plan(groups: Sequence[Any], scores: Sequence[Tensor], cost: Any, tar
         return out
 
     total = sum(g.size - 1 for g in groups)
+    if target_latency is not None:
+        from lightning_prune.graph.latency import latency_plan
+
+        return latency_plan(removed_for, total, latency, target_latency).removed
     if target_flops is None and target_params is None:
         return removed_for(min(round(sparsity * sum(g.size for g in groups)), total))
     target = target_flops if target_flops is not None else target_params
@@ -702,11 +715,43 @@ def find_channel_groups(model: nn.Module, include: Any = None, exclude: Any = No
     return prefix, root, analysis.groups, CostModel(root, example, analysis.groups, prefix=prefix), example
 
 
+def one_shot_latency_model(root: nn.Module, example: Any, groups: Sequence[Any], prefix: str,
+                           batches: Sequence[Any], device: str | torch.device | None = None,
+                           batch_size: int | None = None, reduce: Reduce | None = None) -> Any:
+    """The measured latency model of ``target_latency``: on ``device`` (default: where ``root`` is), at
+    ``batch_size`` (default: the first calibration batch's); under ``reduce`` (DDP) every timing is the mean
+    over the processes, so every rank plans the same."""
+    from lightning_prune.graph.inputs import example_batch_size
+    from lightning_prune.graph.latency import measure_latency_model
+
+    if batch_size is None and batches:
+        batch_size = example_batch_size(model_input(batches[0]))
+    share = None
+    if reduce is not None:
+        def share(obj: Any) -> Any:
+            world = float(reduce(torch.ones(1, dtype=torch.float64)).item())
+            if isinstance(obj, float):
+                return float(reduce(torch.tensor([obj], dtype=torch.float64)).item()) / world
+            dense, tables = obj
+            flat = torch.tensor([dense] + [t for table in tables for t in table.seconds], dtype=torch.float64)
+            flat = (reduce(flat) / world).tolist()
+            out, i = [], 1
+            for table in tables:
+                n = len(table.seconds)
+                out.append(type(table)(table.module, table.roles, table.sizes, table.widths,
+                                       tuple(flat[i:i + n])))
+                i += n
+            return flat[0], out
+    return measure_latency_model(root, example, groups, prefix=prefix, device=device, batch_size=batch_size,
+                                 share=share)
+
+
 def prune_channels(model: nn.Module, batches: Sequence[Any], groups: Sequence[Any], cost: Any, prefix: str,
                    root: nn.Module, target_flops: float | None = None, target_params: float | None = None,
                    sparsity: float = 0.5, compensate: bool = True, round_to: int = 1,
                    forward: Callable[[nn.Module, Any], Any] = default_forward, reduce: Reduce | None = None,
-                   progress: Progress | None = None, damping: float = REFIT_DAMPING
+                   progress: Progress | None = None, damping: float = REFIT_DAMPING,
+                   target_latency: float | None = None, latency: Any = None
                    ) -> tuple[dict[str, list[int]], dict[str, float]]:
     """Choose the units to remove and refit their readers (the model keeps its shapes; the removed units are
     zero at every reader). Returns the plan and the readers' reconstruction errors."""
@@ -714,7 +759,8 @@ def prune_channels(model: nn.Module, batches: Sequence[Any], groups: Sequence[An
 
     scores = (_channel_scores(model, root, prefix, groups, batches, forward, reduce) if batches
               else [_magnitude_unit_scores(root, prefix, g) for g in groups])
-    removed = channel_plan(groups, scores, cost, target_flops, target_params, sparsity, round_to)
+    removed = channel_plan(groups, scores, cost, target_flops, target_params, sparsity, round_to,
+                           target_latency, latency)
     handles = restricted_norm_hooks(root, groups, removed, prefix=prefix)
     try:
         errors = _compensate(model, root, prefix, groups, removed, batches, forward, reduce, compensate,
@@ -759,6 +805,10 @@ def prune_one_shot(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     reduce: Reduce | None = None,
     progress: Progress | None = None,
+    target_latency: float | None = None,
+    latency_device: str | torch.device | None = None,
+    latency_batch_size: int | None = None,
+    latency_model: Any = None,
 ) -> OneShotResult:
     """Prune a trained ``model`` in one shot from ``calibration_batches`` batches of ``loader`` (in place).
 
@@ -772,6 +822,11 @@ def prune_one_shot(
             size target: the fraction of units removed).
         pattern: ``"N:M"`` (e.g. ``"2:4"``): N of every M consecutive input weights kept instead.
         target_flops, target_params: ``"channels"``: the fraction of the dense FLOPs/parameters to keep.
+        target_latency: ``"channels"``: the fraction of the dense model's inference latency to keep, measured
+            on ``latency_device`` (default: where the model is) at ``latency_batch_size`` (default: the
+            calibration batch size) with a per-layer latency table
+            (:func:`lightning_prune.graph.latency.measure_latency_model`), or predicted by ``latency_model``
+            (a :class:`~lightning_prune.graph.latency.LatencyPredictor`); exclusive with the two above.
         calibration_batches: how many batches of ``loader`` are used.
         compensate: ``"channels"``: refit the readers by least squares (``False``: the ablation, only zeroed).
         include, exclude, types: which layers (the rule of :mod:`lightning_prune.core.targets`; for
@@ -808,11 +863,27 @@ def prune_one_shot(
     nm = check_pattern(pattern, sparsity)
     target_flops = check_optional(check_fraction, "target_flops", target_flops, 0.0, 1.0, True, error=err)
     target_params = check_optional(check_fraction, "target_params", target_params, 0.0, 1.0, True, error=err)
-    if target_flops is not None and target_params is not None:
-        raise err("Pass `target_flops` or `target_params`, not both.")
-    if (target_flops is not None or target_params is not None) and method != "channels":
-        raise err("`target_flops`/`target_params` ask for a size: they need method='channels'. HINT: weights"
-                  " are pruned to `target_sparsity`.")
+    target_latency = check_optional(check_fraction, "target_latency", target_latency, 0.0, 1.0, True,
+                                    error=err)
+    for name, value in (("target_flops", target_flops), ("target_params", target_params),
+                        ("target_latency", target_latency)):
+        if value == 0.0:
+            raise err(f"`{name}` must be a number in (0, 1], got 0.0. HINT: a fraction of the dense model.")
+    if sum(t is not None for t in (target_flops, target_params, target_latency)) > 1:
+        raise err("Pass one of `target_flops`, `target_params`, `target_latency`, not several.")
+    if (target_flops is not None or target_params is not None or target_latency is not None) \
+            and method != "channels":
+        raise err("`target_flops`/`target_params`/`target_latency` ask for a size: they need"
+                  " method='channels'. HINT: weights are pruned to `target_sparsity`.")
+    latency_batch_size = check_optional(check_int, "latency_batch_size", latency_batch_size, 1, error=err)
+    if latency_model is not None and not callable(getattr(latency_model, "predict", None)):
+        raise err(f"`latency_model` must have a `predict(removed)` method, got"
+                  f" {type(latency_model).__name__}. HINT: lightning_prune.graph.latency.LatencyPredictor.")
+    if latency_device is not None:
+        try:
+            latency_device = torch.device(latency_device)
+        except (RuntimeError, TypeError) as error:
+            raise err(f"`latency_device` must be a device, got {latency_device!r} ({error}).") from None
     if nm is not None and method == "channels":
         raise err("`pattern` prunes weights N:M: it does not go with method='channels'.")
     calibration_batches = check_int("calibration_batches", calibration_batches, 1, error=err)
@@ -833,9 +904,18 @@ def prune_one_shot(
         example = _to_model(model_input(batches[0]), model) if batches else None
         prefix, root, groups, cost, example = find_channel_groups(model, include, exclude, input_size,
                                                                   example)
+        latency = None
+        if target_latency is not None:
+            latency = latency_model or one_shot_latency_model(root, example, groups, prefix, batches,
+                                                              latency_device, latency_batch_size, reduce)
         removed, errors = prune_channels(model, batches, groups, cost, prefix, root, target_flops,
                                          target_params, sparsity, compensate, round_to, forward, reduce,
-                                         progress, damping)
+                                         progress, damping, target_latency, latency)
+        if latency is not None:
+            result.latency_predicted = float(latency.predict(removed))
+            measure = getattr(latency, "measure", None)
+            measured = measure(removed) if measure is not None else None
+            result.latency_remaining = float(measured) if measured is not None else None
         keep = [torch.tensor([u not in set(removed.get(g.name, ())) for u in range(g.size)]) for g in groups]
         result.masks = unit_masks(model, groups, keep)
         with torch.no_grad():

@@ -40,7 +40,8 @@ Example::
 The package, one idea per module: ``types`` (groups, sites, slices, errors), ``inputs`` (what to
 trace and with what), ``layers`` (layer kinds), ``dependencies`` (raw groups from torch-pruning's dependency
 graph), ``slicing`` (masking and slicing units), ``proof`` (the exactness check), ``cost`` (FLOPs and
-parameters), ``budget`` (the time limit) and ``analysis`` (:func:`analyse_channels`, orchestrating them).
+parameters), ``latency`` (the measured latency table),
+``budget`` (the time limit) and ``analysis`` (:func:`analyse_channels`, orchestrating them).
 Every public name is re-exported here.
 """
 
@@ -48,6 +49,7 @@ from lightning_prune.graph.analysis import analyse_channels
 from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, GRAPH_TIME_LIMIT_S
 from lightning_prune.graph.cost import CostModel
 from lightning_prune.graph.inputs import call_model, example_inputs_for, like_model, traced_root
+from lightning_prune.graph.latency import LatencyModel, LatencyPredictor, LayerTable, measure_latency_model
 from lightning_prune.graph.layers import PRODUCER_TYPES, channel_dim  # noqa: F401 - PRODUCER_TYPES as before
 from lightning_prune.graph.proof import masked_and_sliced, randomised_copy
 from lightning_prune.graph.slicing import (  # noqa: F401 - the private two: gates.py imports them from here
@@ -74,6 +76,9 @@ __all__ = [
     "ChannelAnalysis",
     "ChannelGroup",
     "GraphTimeoutError",
+    "LatencyModel",
+    "LatencyPredictor",
+    "LayerTable",
     "Site",
     "Slice",
     "analyse_channels",
@@ -84,6 +89,7 @@ __all__ = [
     "failure_reason",
     "like_model",
     "masked_and_sliced",
+    "measure_latency_model",
     "randomised_copy",
     "restricted_norm_hooks",
     "slice_units",
