@@ -133,8 +133,8 @@ class ChannelPruningCallback(PruningCallback):
             ``latency_batch_size`` (exclusive with the two above): a per-layer latency table is measured
             when the fit starts (:func:`lightning_prune.graph.latency.measure_latency_model`, its size and
             seconds logged), the units chosen with its prediction, the compressed copy then timed and the
-            choice corrected; ``prune/latency_remaining`` (measured) and ``prune/latency_predicted`` are
-            logged.
+            choice corrected; ``prune/latency_remaining`` (measured, else predicted) and
+            ``prune/latency_predicted`` are logged.
         latency_device: where to time for ``target_latency`` (default: the training device).
         latency_batch_size: the batch to time at (default: the training batch size).
         latency_model: a :class:`~lightning_prune.graph.latency.LatencyPredictor` to use instead of the
@@ -427,7 +427,9 @@ class ChannelPruningCallback(PruningCallback):
             metrics = {f"{PREFIX}/flops_remaining": flops, f"{PREFIX}/params_remaining": params}
         if self.target_latency is not None and self._latency is not None:
             predicted = float(self._latency.predict(removed))
-            measure = getattr(self._latency, "measure", None)
+            # what the allocation measured (a new timing here could run on one rank only: DDP would hang)
+            cached = getattr(self._latency, "cached", None)
+            measure = cached if cached is not None else getattr(self._latency, "measure", None)
             measured = measure(removed) if measure is not None else None
             metrics[f"{PREFIX}/latency_remaining"] = float(measured) if measured is not None else predicted
             metrics[f"{PREFIX}/latency_predicted"] = predicted

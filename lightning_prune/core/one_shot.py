@@ -542,7 +542,14 @@ def channel_plan(groups: Sequence[Any], scores: Sequence[Tensor], cost: Any, tar
     if target_latency is not None:
         from lightning_prune.graph.latency import latency_plan
 
-        return latency_plan(removed_for, total, latency, target_latency).removed
+        plan = latency_plan(removed_for, total, latency, target_latency)
+        if plan.floor is not None and plan.measured is not None:
+            import warnings
+
+            warnings.warn(f"`target_latency={target_latency:g}` is not reached: the compressed model keeps"
+                          f" {plan.measured:.3f} of the dense measured latency (removing every removable unit"
+                          f" but one per group would keep {plan.floor:.3f}).", UserWarning, stacklevel=2)
+        return plan.removed
     if target_flops is None and target_params is None:
         return removed_for(min(round(sparsity * sum(g.size for g in groups)), total))
     target = target_flops if target_flops is not None else target_params

@@ -246,6 +246,10 @@ class LatencyModel:
             self._measured[key] = float(self.measure_fn(removed))
         return self._measured[key]
 
+    def cached(self, removed: Mapping[str, Iterable[int]]) -> float | None:
+        """The measurement of ``removed`` if :meth:`measure` took it already, else ``None`` (never times)."""
+        return self._measured.get(self._key(removed))
+
     def describe(self) -> str:
         """One line: what was measured, where, and what it cost."""
         points = sum(len(t.seconds) for t in self.tables)

@@ -85,11 +85,11 @@ def test_an_injected_table_selects_the_units_it_implies(tmp_path):
     net.0, 3 of net.2) save 32.5."""
     order = sorted((s, g, u) for g, values in SCORES.items() for u, s in enumerate(values))
     counts = {"net.0": 0, "net.2": 0}
-    for n, (_, g, _) in enumerate(order, 1):
+    for _, g, _ in order:
         counts[g] += 1
         if saved(counts["net.0"], counts["net.2"]) >= 30:
             break
-    assert n == 8 and counts == {"net.0": 5, "net.2": 3}
+    assert counts == {"net.0": 5, "net.2": 3}
     model = MLP()
     holder = {}
 
@@ -109,6 +109,33 @@ def test_an_injected_table_selects_the_units_it_implies(tmp_path):
     metrics = cb.size_metrics()
     assert metrics["prune/latency_predicted"] == pytest.approx(1 - 32.5 / 100)
     assert metrics["prune/latency_remaining"] == metrics["prune/latency_predicted"]  # no measurement
+
+
+def measuring(latency: LatencyModel) -> LatencyModel:
+    """The same table, its "measurement" the prediction."""
+    latency.measure_fn = latency.predict
+    return latency
+
+
+def test_an_unreachable_latency_target_warns_with_what_was_reached(tmp_path):
+    """Removing all but one unit of each group saves 14 + 23.5 + 5 = 42.5 s of 100: 0.3 is out of reach."""
+    assert saved(7, 5) == 42.5
+
+    class Injected(FixedScores):
+        def find_groups(self, pl_module):
+            groups = super().find_groups(pl_module)
+            self._latency = self.latency_model = measuring(hand_table(groups))
+            return groups
+
+    cb = Injected(target_latency=0.3, verbose=False)
+    trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"`target_latency=0.3` is not reached: the compressed model keeps"
+                                         r" 0.575 of the dense measured latency \(removing every removable"
+                                         r" unit but one per group would keep 0.575\)"):
+        trainer.fit(MLP())
+    assert [int(k.sum()) for k in cb.keep] == [1, 1]
+    assert cb.size_metrics()["prune/latency_remaining"] == pytest.approx(0.575)
 
 
 class Scaled:
@@ -187,6 +214,12 @@ def test_one_shot_channels_with_an_injected_latency_model():
     assert result.latency_predicted == pytest.approx(1 - saved(removed.get("net.0", 0),
                                                                removed.get("net.2", 0)) / 100)
     assert result.latency_remaining is None  # a table by hand does not measure
+    groups = analyse_channels(model, model.example_input_array).groups
+    with pytest.warns(UserWarning, match=r"`target_latency=0.3` is not reached: the compressed model keeps"
+                                         r" 0.575"):
+        result = prune_one_shot(MLP(), [torch.randn(4, 4)] * 2, method="channels", target_latency=0.3,
+                                latency_model=measuring(hand_table(groups)), calibration_batches=2)
+    assert result.latency_remaining == pytest.approx(0.575)
 
 
 # ------------------------------------------------------------------ bad arguments
@@ -220,3 +253,32 @@ def test_bad_latency_arguments_one_shot():
         prune_one_shot(model, [torch.randn(2, 4)], method="wanda", target_latency=0.5)
     with pytest.raises(InvalidArgumentError, match=r"Pass one of `target_flops`, `target_params`"):
         prune_one_shot(model, [torch.randn(2, 4)], method="channels", target_latency=0.5, target_flops=0.5)
+
+
+# ------------------------------------------------------------------ the whole path, measured
+@pytest.mark.slow
+def test_group_lasso_meets_a_measured_latency_target(tmp_path):
+    """The real table at the training batch size, the units chosen and checked by timing: the compressed
+    model's measured latency is logged and at most the target (or said to be unmet)."""
+    import csv
+    import warnings
+    from pathlib import Path
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_prune.testing import fit_tiny, tiny_classifier
+
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = GroupLassoPruning(target_latency=0.6, finalize_step=0.5, compress=True, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_tiny([cb], tmp_path, model=tiny_classifier("test_resnet"), logger=logger, max_epochs=1,
+                 limit_train_batches=2, limit_val_batches=1)
+    assert cb._latency is not None and cb._latency.batch_size == 32  # the training batch size
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("prune/latency_remaining")]
+    assert rows
+    measured = float(rows[-1]["prune/latency_remaining"])
+    unmet = [w for w in caught if "`target_latency=0.6` is not reached" in str(w.message)]
+    assert measured <= 0.6 or unmet
+    assert 0 < float(rows[-1]["prune/latency_predicted"]) < 1
