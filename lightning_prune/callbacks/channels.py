@@ -6,7 +6,8 @@ the choice of the units. A subclass says *when* the units are (re)chosen (:meth:
 and *which* units matter (:meth:`~ChannelPruningCallback.unit_scores`: one score per unit per group, higher =
 kept); the base turns the scores into kept units with one shared allocation
 (:meth:`~ChannelPruningCallback.allocate`: a uniform sparsity per group, ``group_targets`` per named group, or
-the units with the largest scores across all groups that meet ``target_flops``/``target_params``, widths
+the units with the largest scores across all groups that meet ``target_flops``/``target_params`` or the
+measured ``target_latency`` (:mod:`lightning_prune.graph.latency`), widths
 rounded to ``round_to``), masks every tensor a dropped unit touches, restricts the LayerNorm statistics to the
 kept channels (so that the masked model computes what the compressed one does), and, with ``compress=True``,
 compresses the model inside the fit once the units are decided (or at ``compress_step``/``compress_epoch``),
