@@ -275,10 +275,12 @@ def latency_plan(removed_for: Callable[[int], dict[str, list[int]]], total: int,
                  target: float, attempts: int = 4, tolerance: float = 0.02) -> LatencyPlan:
     """The fewest removals (in the caller's ranking: ``removed_for(n)`` removes the ``n`` first units) whose
     latency meets ``target``: a bisection on ``latency.predict``, then a measurement of that plan; while the
-    measurement is off by more than ``tolerance`` (or above the target) the predicted goal is scaled by
-    ``target / measured`` and the plan chosen again (at most ``attempts`` measurements). The plan kept is the
-    measured one closest to the target from below; with none below, the one measured fastest (the target is
-    unmet: ``floor`` says what removing everything gives)."""
+    measurement is off by more than ``tolerance`` (or above the target) the predicted goal is corrected
+    (scaled by ``aim / measured``, ``aim = target - tolerance / 2``; once plans on both sides are measured,
+    the secant between the closest two) and the plan chosen again (at most ``attempts`` measurements), a
+    later plan staying between the plans measured too slow and those measured fast enough. The plan kept is
+    the measured one closest to the target from below; with none below, the one measured fastest (the target
+    is unmet: ``floor`` says what removing everything gives)."""
 
     def fewest(goal: float) -> int:
         lo, hi = 0, total
@@ -291,9 +293,15 @@ def latency_plan(removed_for: Callable[[int], dict[str, list[int]]], total: int,
         return lo
 
     measure = getattr(latency, "measure", None)
-    goal, tried = float(target), {}
+    goal, tried, predicted = float(target), {}, {}
     for _ in range(max(int(attempts), 1)):
         n = fewest(goal)
+        # inside the bracket the measurements so far give (more removed than any plan measured too slow,
+        # fewer than any measured fast enough): noise in a timing cannot send the search back out
+        slow = [k for k, m in tried.items() if m > target]
+        fast = [k for k, m in tried.items() if m <= target]
+        low, high = (max(slow) + 1 if slow else 0), (min(fast) - 1 if fast else total)
+        n = min(max(n, low), high) if low <= high else n
         if n in tried:
             break
         removed = removed_for(n)
@@ -301,9 +309,18 @@ def latency_plan(removed_for: Callable[[int], dict[str, list[int]]], total: int,
         if measured is None:
             return LatencyPlan(removed, float(latency.predict(removed)), None)
         tried[n] = float(measured)
+        predicted[n] = float(latency.predict(removed))
         if target - tolerance <= measured <= target or (n == total and measured > target):
             break
-        goal = min(goal * target / max(measured, 1e-9), 1.0)
+        aim = target - tolerance / 2  # the middle of the window accepted
+        slow = [k for k, m in tried.items() if m > target]
+        fast = [k for k, m in tried.items() if m <= target]
+        if slow and fast and tried[min(fast)] != tried[max(slow)]:  # the secant between the two closest plans
+            a, b = max(slow), min(fast)
+            goal = predicted[a] + (aim - tried[a]) * (predicted[b] - predicted[a]) / (tried[b] - tried[a])
+        else:  # the prediction scaled to what was measured at this plan
+            goal = predicted[n] * aim / max(measured, 1e-9)
+        goal = min(max(goal, 0.0), 1.0)
     below = [(m, n) for n, m in tried.items() if m <= target]
     m, n = max(below) if below else min((m, n) for n, m in tried.items())
     removed = removed_for(n)
@@ -505,7 +522,7 @@ def measure_latency_model(model: nn.Module, example: Any, groups: Sequence[Chann
         full, small = full.to(device), small.to(device)
         x = like_model(example, full)
         pruned, whole = interleaved_medians([lambda: call_model(small, x), lambda: call_model(full, x)],
-                                            device, max(repeats, 5))
+                                            device, max(repeats, 7))
         ratio = pruned / whole
         return float(share(ratio)) if share is not None else ratio
 

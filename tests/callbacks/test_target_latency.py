@@ -164,6 +164,24 @@ def test_the_measurement_corrects_the_prediction(factor, units):
     assert plan.measured <= 0.5 and plan.floor is None
 
 
+class Squared:
+    """Predicts ``1 - 0.05 n``; measures the square of that (far from proportional)."""
+
+    def predict(self, removed):
+        return 1.0 - 0.05 * len(removed.get("g", ()))
+
+    def measure(self, removed):
+        return self.predict(removed) ** 2
+
+
+def test_the_correction_brackets_and_takes_the_secant():
+    """Target 0.5: n=10 (predicted 0.5) measures 0.25, too fast; scaled, the goal asks for n=1, 0.9025, too
+    slow; the secant between the two gives n=7 (0.4225), then between n=1 and n=7 n=6: 0.49, in the window."""
+    plan = latency_plan(lambda n: {"g": list(range(n))} if n else {}, 19, Squared(), 0.5)
+    assert len(plan.removed["g"]) == 6 and plan.measured == pytest.approx(0.49)
+    assert plan.predicted == pytest.approx(0.7)
+
+
 def test_an_unreachable_latency_is_said_to_be_unmet():
     plan = latency_plan(lambda n: {"g": list(range(n))} if n else {}, 3, Scaled(1.0), 0.5)
     assert plan.removed == {"g": [0, 1, 2]} and plan.measured == pytest.approx(0.7)
