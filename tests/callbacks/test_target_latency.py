@@ -300,3 +300,28 @@ def test_group_lasso_meets_a_measured_latency_target(tmp_path):
     unmet = [w for w in caught if "`target_latency=0.6` is not reached" in str(w.message)]
     assert measured <= 0.6 or unmet
     assert 0 < float(rows[-1]["prune/latency_predicted"]) < 1
+
+
+def _ddp_keep(trainer, module, hook):
+    import os
+    from pathlib import Path
+
+    cb = next(c for c in trainer.callbacks if isinstance(c, GroupLassoPruning))
+    out = Path(os.environ["LP_TEST_DDP_DIR"]) / f"rank{trainer.global_rank}.pt"
+    torch.save({"keep": [k.clone() for k in cb.keep], "metrics": cb.size_metrics()}, out)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_keep_the_same_units(tmp_path, monkeypatch):
+    """Each rank times on its own; rank 0's table and measurements are broadcast, so both keep the same
+    units (a timing differs between processes)."""
+    from lightning_prune.testing import fit_tiny
+    from tests.helpers import Spy
+
+    monkeypatch.setenv("LP_TEST_DDP_DIR", str(tmp_path))
+    cb = GroupLassoPruning(target_latency=0.6, finalize_step=0.5, verbose=False)
+    fit_tiny([Spy(_ddp_keep, ("on_train_end",)), cb], tmp_path, strategy="ddp_spawn", devices=2,
+             max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(a, b) for a, b in zip(r0["keep"], r1["keep"]))
+    assert r0["metrics"]["prune/latency_remaining"] == r1["metrics"]["prune/latency_remaining"]
