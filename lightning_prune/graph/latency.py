@@ -36,7 +36,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -59,6 +59,7 @@ __all__ = [
     "interleaved_medians",
     "latency_plan",
     "measure_latency_model",
+    "monotone",
 ]
 
 #: widths measured per axis of a layer (from one unit to all of them)
@@ -258,21 +259,33 @@ class LatencyModel:
                 f" {self.setup_seconds:.1f} s)")
 
 
+def monotone(seconds: Sequence[float], shape: Sequence[int]) -> list[float]:
+    """A grid of timings (row-major, ``shape``) made non-decreasing along every axis (the running maximum
+    from the narrowest width up): a layer is never faster with more channels, and a timing that says so is
+    noise. Without it the predicted latency would not fall monotonically as units go, and the search for the
+    fewest removals that meet a target could stop anywhere."""
+    grid = torch.tensor(list(seconds), dtype=torch.float64).reshape(*shape)
+    for axis in range(grid.dim()):
+        grid = torch.cummax(grid, dim=axis).values
+    return grid.flatten().tolist()
+
+
 # ---------------------------------------------------------------------------------------------- planning
 @dataclass
 class LatencyPlan:
     """What :func:`latency_plan` chose: the units to remove, the predicted latency (fraction of the dense),
     the measured one (``None`` when the predictor does not measure), and the measured latency of removing
-    everything the ranking allows (``None`` unless the target was unmet)."""
+    everything the ranking allows (``None`` unless the target was unmet), and every plan measured."""
 
     removed: dict[str, list[int]]
     predicted: float
     measured: float | None
     floor: float | None = None
+    tried: dict[int, tuple[float, float]] = field(default_factory=dict)  # removals -> (predicted, measured)
 
 
 def latency_plan(removed_for: Callable[[int], dict[str, list[int]]], total: int, latency: LatencyPredictor,
-                 target: float, attempts: int = 4, tolerance: float = 0.02) -> LatencyPlan:
+                 target: float, attempts: int = 6, tolerance: float = 0.02) -> LatencyPlan:
     """The fewest removals (in the caller's ranking: ``removed_for(n)`` removes the ``n`` first units) whose
     latency meets ``target``: a bisection on ``latency.predict``, then a measurement of that plan; while the
     measurement is off by more than ``tolerance`` (or above the target) the predicted goal is corrected
@@ -327,7 +340,8 @@ def latency_plan(removed_for: Callable[[int], dict[str, list[int]]], total: int,
     floor = None
     if m > target:
         floor = m if n == total else measure(removed_for(total))  # type: ignore[misc]
-    return LatencyPlan(removed, float(latency.predict(removed)), m, floor)
+    return LatencyPlan(removed, float(latency.predict(removed)), m, floor,
+                       {k: (predicted[k], tried[k]) for k in sorted(tried)})
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -504,7 +518,7 @@ def measure_latency_model(model: nn.Module, example: Any, groups: Sequence[Chann
                 fns.append(lambda small=small, x=x: small(x))
         except Exception:  # noqa: BLE001 - a layer that cannot run alone is left out (it counts as it is)
             continue
-        seconds = interleaved_medians(fns, device, repeats)
+        seconds = monotone(interleaved_medians(fns, device, repeats), [len(w) for w in grid])
         tables.append(LayerTable(prefixed_name(prefix, name), roles, sizes, grid,  # type: ignore[arg-type]
                                  tuple(seconds)))
         del fns
