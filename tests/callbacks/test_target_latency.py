@@ -18,7 +18,13 @@ from lightning_prune.callbacks.one_shot import OneShotPruning
 from lightning_prune.core.one_shot import prune_one_shot
 from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.graph import analyse_channels
-from lightning_prune.graph.latency import LatencyModel, LayerTable, latency_plan, measure_latency_model
+from lightning_prune.graph.latency import (
+    LatencyModel,
+    LayerTable,
+    latency_plan,
+    measure_latency_model,
+    monotone,
+)
 
 # ------------------------------------------------------------------ a model whose table is written by hand
 SCORES = {"net.0": [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6], "net.2": [0.15, 0.95, 0.25, 0.85, 0.35, 0.75]}
@@ -162,6 +168,12 @@ def test_the_measurement_corrects_the_prediction(factor, units):
     assert len(plan.removed.get("g", [])) == units
     assert plan.measured == pytest.approx(factor * (1 - 0.1 * units))
     assert plan.measured <= 0.5 and plan.floor is None
+
+
+def test_a_table_never_says_fewer_channels_are_slower():
+    """Noise (a narrower layer timed slower) is flattened by the running maximum along every axis."""
+    assert monotone([1.0, 3.0, 2.0, 4.0], [4]) == [1.0, 3.0, 3.0, 4.0]
+    assert monotone([3.0, 1.0, 2.0, 5.0], [2, 2]) == [3.0, 3.0, 3.0, 5.0]
 
 
 class Squared:
