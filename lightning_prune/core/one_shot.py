@@ -746,7 +746,7 @@ def one_shot_latency_model(root: nn.Module, example: Any, groups: Sequence[Any],
             for table in tables:
                 n = len(table.seconds)
                 out.append(type(table)(table.module, table.roles, table.sizes, table.widths,
-                                       tuple(flat[i:i + n])))
+                                       tuple(flat[i:i + n]), table.follows))
                 i += n
             return flat[0], out
     return measure_latency_model(root, example, groups, prefix=prefix, device=device, batch_size=batch_size,

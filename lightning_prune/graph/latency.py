@@ -134,6 +134,8 @@ class LayerTable:
         sizes: the dense width (channels) of each axis.
         widths: per axis, the measured widths, ascending, the last one ``sizes[i]``.
         seconds: the measured seconds, one per point of ``itertools.product(*widths)`` (row-major).
+        follows: a parameter-free layer (an activation) that reads the output of ``follows`` (a full module
+            name): its axis is that module's (``roles``: the role there), ``""`` for a layer of its own.
     """
 
     module: str
@@ -141,6 +143,7 @@ class LayerTable:
     sizes: tuple[int, ...]
     widths: tuple[tuple[int, ...], ...]
     seconds: tuple[float, ...]
+    follows: str = ""
 
     def __post_init__(self) -> None:
         if not (len(self.roles) == len(self.sizes) == len(self.widths)):
@@ -220,7 +223,7 @@ class LatencyModel:
                 if sl.role in AXIS_ROLES:
                     dead.setdefault((sl.module, sl.role), set()).update(
                         c for c, u in zip(sl.channels, sl.units) if u in gone)
-        sizes = {(t.module, r): s for t in self.tables for r, s in zip(t.roles, t.sizes)}
+        sizes = {(t.follows or t.module, r): s for t in self.tables for r, s in zip(t.roles, t.sizes)}
         return {key: sizes[key] - len(chs) for key, chs in dead.items() if key in sizes}
 
     def predicted_seconds(self, removed: Mapping[str, Iterable[int]]) -> float:
@@ -228,7 +231,8 @@ class LatencyModel:
         kept = self.kept_widths(removed)
         saved = 0.0
         for table in self.tables:
-            widths = [kept.get((table.module, r), s) for r, s in zip(table.roles, table.sizes)]
+            key = table.follows or table.module
+            widths = [kept.get((key, r), s) for r, s in zip(table.roles, table.sizes)]
             if widths != list(table.sizes):
                 saved += table.full - table.at(widths)
         return max(self.dense_seconds - saved, 0.0)
@@ -455,18 +459,30 @@ def measure_latency_model(model: nn.Module, example: Any, groups: Sequence[Chann
                 if sl.role == "free" and sl.channels:
                     free[name] = max(free.get(name, 0), max(sl.channels) + 1)
     inputs: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    followers: dict[str, tuple[str, str]] = {}  # activation -> (the narrowed layer it reads, that role)
+    last_out: dict[int, tuple[str, tuple[int, ...]]] = {}  # storage -> the leaf that wrote it last (in order)
     handles = []
-    for name in axes:
-        try:
-            module = dense.get_submodule(name)
-        except AttributeError:
+    for name, module in dense.named_modules():
+        if any(True for _ in module.children()):
             continue
 
-        def grab(m: nn.Module, args: Any, name: str = name) -> None:
-            if args and isinstance(args[0], Tensor) and name not in inputs:
-                inputs[name] = (args[0].shape, args[0].dtype)
+        def grab(m: nn.Module, args: Any, out: Any, name: str = name) -> None:
+            x = args[0] if args and isinstance(args[0], Tensor) else None
+            if x is not None and name not in inputs:
+                inputs[name] = (x.shape, x.dtype)
+            source = name
+            if x is not None and name not in axes and next(m.parameters(), None) is None \
+                    and not isinstance(m, (nn.Identity, nn.Dropout)) and "Drop" not in type(m).__name__:
+                writer = last_out.get(x.data_ptr())
+                roles = axes.get(writer[0], {}) if writer is not None and writer[1] == tuple(x.shape) else {}
+                role = next((r for r in ("out", "channel", "group") if r in roles), None)
+                if role is not None and writer is not None:
+                    followers.setdefault(name, (writer[0], role))
+                    source = writer[0]
+            if isinstance(out, Tensor):
+                last_out[out.data_ptr()] = (source, tuple(out.shape))
 
-        handles.append(module.register_forward_pre_hook(grab))
+        handles.append(module.register_forward_hook(grab))
     try:
         call_model(dense, example)
     finally:
@@ -521,6 +537,30 @@ def measure_latency_model(model: nn.Module, example: Any, groups: Sequence[Chann
         seconds = monotone(interleaved_medians(fns, device, repeats), [len(w) for w in grid])
         tables.append(LayerTable(prefixed_name(prefix, name), roles, sizes, grid,  # type: ignore[arg-type]
                                  tuple(seconds)))
+        del fns
+    tabled = {t.module: t for t in tables}
+    for name, (source, role) in followers.items():  # activations: timed on the widths of what they read
+        table = tabled.get(prefixed_name(prefix, source))
+        if table is None or role not in table.roles or name not in inputs:
+            continue
+        axis = table.roles.index(role)
+        shape, dtype = inputs[name]
+        dim = channel_dim(dense.get_submodule(source)) % len(shape)
+        if shape[dim] != table.sizes[axis]:
+            continue
+        module = dense.get_submodule(name)
+        try:
+            fns = []
+            for width in table.widths[axis]:
+                x = torch.randn([width if d == dim else n for d, n in enumerate(shape)], dtype=dtype,
+                                device=device)
+                module(x)
+                fns.append(lambda module=module, x=x: module(x))
+        except Exception:  # noqa: BLE001 - as above
+            continue
+        seconds = monotone(interleaved_medians(fns, device, repeats), [len(table.widths[axis])])
+        tables.append(LayerTable(prefixed_name(prefix, name), (role,), (table.sizes[axis],),
+                                 (table.widths[axis],), tuple(seconds), follows=table.module))
         del fns
     if share is not None:
         dense_seconds, tables = share((dense_seconds, tables))

@@ -214,8 +214,10 @@ def test_the_measured_table_on_a_tiny_timm_model():
     latency = measure_latency_model(model, x, groups, batch_size=4, widths=3, repeats=3)
     assert latency.batch_size == 4 and latency.dense_seconds > 0 and latency.setup_seconds > 0
     narrowed = {sl.module for g in groups for sl in g.slices if sl.role in ("in", "out", "channel")}
-    tabled = {t.module for t in latency.tables}
+    tabled = {t.module for t in latency.tables if not t.follows}
     assert tabled and tabled <= narrowed and len(tabled) >= len(narrowed) // 2
+    followers = [t for t in latency.tables if t.follows]  # the activations after a narrowed layer
+    assert followers and all(t.follows in tabled for t in followers)
     for table in latency.tables:
         assert all(w[-1] == s and w[0] >= 1 for w, s in zip(table.widths, table.sizes))
         assert all(t > 0 for t in table.seconds)
@@ -224,7 +226,8 @@ def test_the_measured_table_on_a_tiny_timm_model():
     removed = {g.name: list(range(g.size // 2)) for g in groups}
     kept = latency.kept_widths(removed)
     by_hand = latency.dense_seconds - sum(
-        t.full - t.at([kept.get((t.module, r), s) for r, s in zip(t.roles, t.sizes)]) for t in latency.tables)
+        t.full - t.at([kept.get((t.follows or t.module, r), s) for r, s in zip(t.roles, t.sizes)])
+        for t in latency.tables)
     assert latency.predict(removed) == pytest.approx(by_hand / latency.dense_seconds, rel=1e-9)
     assert latency.predict(removed) > 0  # (not "< 1": on tiny layers call overhead and noise dominate)
     measured = latency.measure(removed)
