@@ -289,7 +289,7 @@ class ChannelPruningCallback(PruningCallback):
         """What the criterion reads: the module, the seeded generator, the callback's own scores, the
         reduction across ranks."""
         generator = None
-        if self.criterion is not None and self.criterion.name == "random":
+        if self.criterion is not None and self.criterion.needs_generator:
             if self._importance_rng is None:
                 self._importance_rng = seeded_generator(None, trainer).get_state()
             generator = torch.Generator()
@@ -466,8 +466,11 @@ class ChannelPruningCallback(PruningCallback):
         if not self.recalibrate_bn_batches or not norms:
             return
         try:
-            batches = draw_batches(calibration_loader(trainer), self.recalibrate_bn_batches,
-                                   who=type(self).__name__)
+            loader = calibration_loader(trainer)
+            count = self.recalibrate_bn_batches
+            if hasattr(loader, "__len__"):  # a small training set: all its batches
+                count = max(min(count, len(loader)), 1)
+            batches = draw_batches(loader, count, who=type(self).__name__)
         except Exception as error:  # noqa: BLE001 - no training loader to draw from: say so, go on
             self.warn_once(f"the BatchNorm statistics are not recalibrated (recalibrate_bn_batches="
                            f"{self.recalibrate_bn_batches}): no training batch could be drawn ({error}).")
@@ -650,7 +653,7 @@ class ChannelPruningCallback(PruningCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self.criterion is not None and self.criterion.name == "random" and self._importance_rng is None:
+        if self.criterion is not None and self.criterion.needs_generator and self._importance_rng is None:
             self._importance_rng = seeded_generator(None, trainer).get_state()  # rank zero's seed everywhere
         self.shrink.resolve(trainer)
         earliest = self.decided_at_step(trainer) if self.shrink.at_step is not None else 0

@@ -112,6 +112,8 @@ class Importance:
     normalize: ClassVar[bool] = True
     #: :meth:`accumulate` needs the gradients after each backward
     needs_gradients: ClassVar[bool] = False
+    #: draws from the callback's seeded generator (``context.generator``)
+    needs_generator: ClassVar[bool] = False
 
     def group_scores(self, group: ChannelGroup, context: ImportanceContext) -> Tensor | None:
         """One raw score per unit of ``group`` (float, CPU), or ``None`` to fall back to ``"weight_norm"``."""
@@ -378,6 +380,7 @@ class RandomImportance(Importance):
     """Uniform draws from the callback's seeded generator (one per unit, groups in order)."""
 
     normalize = False
+    needs_generator = True
 
     def group_scores(self, group: ChannelGroup, context: ImportanceContext) -> Tensor | None:
         if context.generator is None:
