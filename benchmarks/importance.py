@@ -6,7 +6,7 @@ test accuracy right after the decision (before any fine-tuning step: what the cr
 recalibration alone leave) and at the end. This is the evidence for the defaults, not the benchmark
 (``benchmarks/channels.py`` compares methods and peers on several models and seeds)::
 
-    nice -n 10 python benchmarks/importance.py --model resnet18 --epochs 6 --train-size 3000
+    nice -n 10 python benchmarks/importance.py --model resnet18 --epochs 4 --train-size 2000
 """
 
 from __future__ import annotations
@@ -76,10 +76,10 @@ def run(importance: str, recalibrate: int, args: argparse.Namespace) -> dict[str
 def render(rows: list[dict[str, Any]]) -> str:
     lines = ["`GroupLassoPruning(target_flops=t, finalize_step=0.5, compress=True, importance=..., "
              "recalibrate_bn_batches=...)` from scratch on `lp.ShapesDataModule`, one seed, one thread; "
-             "`python benchmarks/importance.py`. *after decision*: test accuracy of the masked model right after "
-             "the units are chosen (and the BatchNorms recalibrated), before any fine-tuning step.", "",
-             "| model | epochs | train images | target FLOPs | importance | BN recalibration batches | FLOPs kept "
-             "| acc. after decision | test acc. | CPU min |",
+             "`python benchmarks/importance.py`. *after decision*: test accuracy of the masked model right "
+             "after the units are chosen (and the BatchNorms recalibrated), before any fine-tuning step.", "",
+             "| model | epochs | train images | target FLOPs | importance | BN recalibration batches "
+             "| FLOPs kept | acc. after decision | test acc. | CPU min |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| `{r['model']}` | {r['epochs']} | {r['train_size']} | {r['target_flops']} | "
@@ -89,10 +89,11 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--train-size", type=int, default=3000)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--difficulty", type=float, default=0.0)
     parser.add_argument("--target", type=float, default=0.5)
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         importance, _, recalibrate = spec.partition(":")
         row = run(importance, int(recalibrate or 8), args)
         print(json.dumps(row), flush=True)
-        key = ("model", "target_flops", "importance", "recalibrate_bn_batches", "epochs", "train_size", "seed")
+        key = ("model", "target_flops", "importance", "recalibrate_bn_batches", "epochs", "train_size",
+               "seed")
         rows = [r for r in rows if tuple(r[k] for k in key) != tuple(row[k] for k in key)] + [row]
         path.write_text(json.dumps(rows, indent=1) + "\n")
         path.with_suffix(".md").write_text(render(rows))
