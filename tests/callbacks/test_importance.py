@@ -244,6 +244,22 @@ def test_uniform_sparsity_and_a_rule_of_its_own_respect_the_floor():
     assert keep[0].tolist() == [False] * 7 + [True] * 3
 
 
+def test_random_is_seeded_by_the_rule_and_resumes_with_its_generator():
+    torch.manual_seed(3)  # what seed_everything sets: the seed when none is given
+    cb = _Fixed(importance="random")
+    cb.groups = _groups(5, 3)
+    first = cb.scores_list(None, nn.Module())
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(first[0], torch.rand(5, generator=g, dtype=torch.float64).float())
+    state = cb.state_dict()
+    second = cb.scores_list(None, nn.Module())
+    resumed = _Fixed(importance="random")
+    resumed.groups = cb.groups
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.scores_list(None, nn.Module()), second))
+    assert not torch.equal(first[0], second[0])
+
+
 # ------------------------------------------------------------------ BatchNorm recalibration
 def test_recalibration_equals_a_fresh_pass_and_leaves_weights_and_modes_alone():
     torch.manual_seed(0)
