@@ -349,6 +349,8 @@ class Taylor(Importance):
         step = self.step_scores(groups, context)
         flat = torch.cat([step[g.name] for g in groups]) if groups else torch.zeros(0, dtype=torch.float64)
         flat = context.reduce(flat).double().cpu().abs()
+        if not bool(torch.isfinite(flat).all()):  # an AMP step with overflowed gradients (skipped): left out
+            return
         offset = 0
         for group in groups:
             part = flat[offset:offset + group.size]

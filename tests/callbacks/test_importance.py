@@ -122,6 +122,8 @@ def test_taylor_sums_the_per_step_absolute_first_order_terms():
     scores = criterion.scores([CONV, HEADS], _context(net))
     torch.testing.assert_close(scores["conv1"].double(), conv / conv.mean(), rtol=1e-5, atol=0)
     torch.testing.assert_close(scores["fc1"].double(), heads / heads.mean(), rtol=1e-5, atol=0)
+    net.conv1.weight.grad[0, 0] = float("inf")  # an overflowed AMP step: left out
+    criterion.accumulate([CONV, HEADS], _context(net))
     state = criterion.state_dict()
     assert state["steps"] == 2
     fresh = get_importance("taylor")
