@@ -15,8 +15,16 @@ compressed model resumes onto a fresh module (the smaller shapes are rebuilt bef
 weights), and :func:`lightning_prune.restore_run` compresses a restored model through
 :meth:`~ChannelPruningCallback.compress_for_deployment`.
 
-A new importance criterion is a subclass with :meth:`~ChannelPruningCallback.due` and
-:meth:`~ChannelPruningCallback.unit_scores`::
+``importance=`` replaces :meth:`~ChannelPruningCallback.unit_scores` by a criterion of
+:mod:`lightning_prune.core.importance` (``"weight_norm"``, ``"taylor"``, ``"bn_scale"``, ``"random"``, or one
+a plugin registered: a new criterion for every channel callback is an
+:class:`~lightning_prune.core.importance.Importance` subclass and one
+:func:`~lightning_prune.core.importance.register_importance` line);
+``min_group_keep``/``max_group_sparsity`` bound what the allocation takes from each group, and after each
+decision the BatchNorm statistics are recalibrated on ``recalibrate_bn_batches`` training batches.
+
+A new callback (a new *when*, or a criterion of its own) is a subclass with
+:meth:`~ChannelPruningCallback.due` and :meth:`~ChannelPruningCallback.unit_scores`::
 
     class SmallestBiasFirst(ChannelPruningCallback):
         def __init__(self, target_sparsity=0.5, **kwargs):
