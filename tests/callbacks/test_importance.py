@@ -170,7 +170,11 @@ def test_a_plugin_adds_a_criterion_in_a_few_lines():
     (lambda: L0Pruning(max_group_sparsity=1.5), r"max_group_sparsity"),
     (lambda: RandomChannels(min_group_keep=1.0), r"min_group_keep"),
     (lambda: GroupLassoPruning(recalibrate_bn_batches=-1), r"recalibrate_bn_batches"),
-], ids=["unknown", "gate-without-gates", "cap-0", "cap-1.5", "floor-1", "recalibrate-negative"])
+    (lambda: lp.OneShotPruning("wanda", importance="weight_norm"), r"needs method='channels'"),
+    (lambda: lp.OneShotPruning("channels", importance="taylor"), r"accumulates gradients over training"),
+    (lambda: lp.OneShotPruning("channels", importance="nope"), r"must be one of .*'weight_norm'"),
+], ids=["unknown", "gate-without-gates", "cap-0", "cap-1.5", "floor-1", "recalibrate-negative",
+        "one-shot-weights", "one-shot-taylor", "one-shot-unknown"])
 def test_bad_arguments_fail_at_construction(make, match):
     with pytest.raises(MisconfigurationException, match=match):
         make()
@@ -349,3 +353,20 @@ def test_ddp_taylor_statistics_identical_on_both_ranks(tmp_path, monkeypatch):
     for name, value in r0["state"]["sums"].items():
         assert torch.equal(value, r1["state"]["sums"][name]), name
         assert float(value.sum()) > 0
+
+
+# ------------------------------------------------------------------ one-shot channels
+def test_one_shot_channels_rank_by_the_chosen_criterion(tmp_path):
+    from lightning_prune.testing import tiny_classifier
+
+    model = tiny_classifier("test_resnet")
+    dense = copy.deepcopy(model)
+    cb = lp.OneShotPruning("channels", target_sparsity=0.5, importance="weight_norm", calibration_batches=1,
+                           verbose=False)
+    fit_tiny([cb], tmp_path, model=model, max_steps=1, limit_val_batches=0)
+    scores = get_importance("weight_norm").scores(cb.groups, _context(dense.model, prefix="model"))
+    for group in cb.groups:
+        removed = sorted(cb.shrink.removed.get(group.name, []))
+        if removed:  # the lowest weight norms went
+            lowest = sorted(range(group.size), key=lambda u: (float(scores[group.name][u]), u))[:len(removed)]
+            assert removed == sorted(lowest), group.name
