@@ -125,12 +125,13 @@ class Importance:
         fallback: list[str] = []
         for group in groups:
             score = self.group_scores(group, context)
+            fell_back = score is None
             if score is None:
                 fallback.append(group.name)
                 score = WeightNorm().group_scores(group, context)
                 assert score is not None
             score = score.detach().double().cpu().reshape(-1)
-            if self.normalize:
+            if self.normalize or fell_back:
                 score = _mean_normalised(score)
             out[group.name] = score.float()
         if fallback:
