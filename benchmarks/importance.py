@@ -102,9 +102,20 @@ def main(argv: list[str] | None = None) -> None:
                                                       "random:8", "gate:0", "taylor:0"],
                         help="importance:recalibrate_bn_batches pairs")
     parser.add_argument("--out", default="importance")
+    parser.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                        help="result files of runs made apart (in parallel) to merge into --out")
     args = parser.parse_args(argv)
     path = ROOT / "benchmarks" / "results" / f"{args.out}.json"
     rows = json.loads(path.read_text()) if path.exists() else []
+    if args.merge:
+        order = {name: i for i, name in enumerate(["gate", "weight_norm", "taylor", "bn_scale", "random"])}
+        for other in args.merge:
+            rows += json.loads(Path(other).read_text())
+        rows.sort(key=lambda r: (r["model"], r["target_flops"], -r["recalibrate_bn_batches"],
+                                 order.get(r["importance"], 9)))
+        path.write_text(json.dumps(rows, indent=1) + "\n")
+        path.with_suffix(".md").write_text(render(rows))
+        return
     for spec in args.runs:
         importance, _, recalibrate = spec.partition(":")
         row = run(importance, int(recalibrate or 8), args)
