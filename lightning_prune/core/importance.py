@@ -389,17 +389,3 @@ class RandomImportance(Importance):
         if context.generator is None:
             raise InvalidArgumentError("importance='random' needs the callback's seeded generator")
         return torch.rand(group.size, generator=context.generator, dtype=torch.float64)
-
-
-class GateImportance(Importance):
-    """The callback's own scores (the gates' magnitudes), as they are."""
-
-    normalize = False
-
-    def scores(self, groups: Iterable[ChannelGroup], context: ImportanceContext) -> dict[str, Tensor]:
-        assert context.native is not None
-        return dict(context.native())
-
-    def group_scores(self, group: ChannelGroup, context: ImportanceContext) -> Tensor | None:
-        assert context.native is not None
-        return context.native().get(group.name)
