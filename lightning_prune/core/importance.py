@@ -334,14 +334,16 @@ class Taylor(Importance):
     def step_scores(self, groups: Iterable[ChannelGroup], context: ImportanceContext) -> dict[str, Tensor]:
         """This step's signed ``sum w * dL/dw`` per unit (before the absolute value)."""
         out = {}
+        # summed on the parameters' device: one copy to the CPU a step
+        device = next(iter(context.model.parameters()), torch.zeros(())).device
         for group in groups:
-            total = torch.zeros(group.size, dtype=torch.float64)
+            total = torch.zeros(group.size, dtype=torch.float64, device=device)
             for piece in unit_slices(context.model, group, context.prefix, params=("weight", "bias")):
                 grad = piece.tensor.grad
                 if grad is None or grad.shape != piece.tensor.shape:
                     continue
                 product = piece.rows().double() * piece.rows(grad).double()
-                total.index_add_(0, piece.units, product.sum(1).cpu())
+                total.index_add_(0, piece.units.to(device), product.sum(1).to(device))
             out[group.name] = total
         return out
 
