@@ -336,6 +336,7 @@ class Taylor(Importance):
         out = {}
         # summed on the parameters' device: one copy to the CPU a step
         device = next(iter(context.model.parameters()), torch.zeros(())).device
+        device = torch.device("cpu") if device.type == "mps" else device  # (no float64 on MPS)
         for group in groups:
             total = torch.zeros(group.size, dtype=torch.float64, device=device)
             for piece in unit_slices(context.model, group, context.prefix, params=("weight", "bias")):
