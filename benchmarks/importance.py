@@ -1,12 +1,17 @@
 """A quick comparison of the channel callbacks' ``importance=`` criteria and of BatchNorm recalibration.
 
-One model, one seed, a few epochs on ``lp.ShapesDataModule``: ``GroupLassoPruning(target_flops=t,
+One small model, a seed per call, a few epochs on ``lp.ShapesDataModule``: ``GroupLassoPruning(target_flops=t,
 finalize_step=0.5, compress=True, importance=..., recalibrate_bn_batches=...)``; for each configuration the
 test accuracy right after the decision (before any fine-tuning step: what the criterion and the
 recalibration alone leave) and at the end. This is the evidence for the defaults, not the benchmark
 (``benchmarks/channels.py`` compares methods and peers on several models and seeds)::
 
-    nice -n 10 python benchmarks/importance.py --model resnet18 --epochs 4 --train-size 2000
+    nice -n 10 python benchmarks/importance.py --seed 0      # test_resnet, 4 epochs, 2,000 images
+    nice -n 10 python benchmarks/importance.py --seed 1
+    python benchmarks/importance.py --merge A.json B.json    # runs made apart, into importance.json/md
+
+(``resnet18`` at this budget stays at chance on the shapes: it needs ~8 epochs of 5,000 images,
+``benchmarks/results/shapes.md``.)
 """
 
 from __future__ import annotations
@@ -75,15 +80,18 @@ def run(importance: str, recalibrate: int, args: argparse.Namespace) -> dict[str
 
 def render(rows: list[dict[str, Any]]) -> str:
     lines = ["`GroupLassoPruning(target_flops=t, finalize_step=0.5, compress=True, importance=..., "
-             "recalibrate_bn_batches=...)` from scratch on `lp.ShapesDataModule`, one seed, one thread; "
-             "`python benchmarks/importance.py`. *after decision*: test accuracy of the masked model right "
-             "after the units are chosen (and the BatchNorms recalibrated), before any fine-tuning step.", "",
-             "| model | epochs | train images | target FLOPs | importance | BN recalibration batches "
+             "recalibrate_bn_batches=...)` from scratch on `lp.ShapesDataModule`, one thread; "
+             "`python benchmarks/importance.py` (`--seed`). *after decision*: test accuracy of the masked "
+             "model right after the units are chosen (and the BatchNorms recalibrated), before any "
+             "fine-tuning step.",
+             "",
+             "| model | epochs | train images | target FLOPs | seed | importance | BN recalibration batches "
              "| FLOPs kept | acc. after decision | test acc. | CPU min |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| `{r['model']}` | {r['epochs']} | {r['train_size']} | {r['target_flops']} | "
-                     f"`{r['importance']}` | {r['recalibrate_bn_batches']} | {r['flops_remaining']:.3f} | "
+                     f"{r['seed']} | `{r['importance']}` | {r['recalibrate_bn_batches']} | "
+                     f"{r['flops_remaining']:.3f} | "
                      f"{r['acc_after_decision']:.4f} | {r['test_acc']:.4f} | {r['cpu_min']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -91,7 +99,7 @@ def render(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--model", default="test_resnet")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=1000)
@@ -102,16 +110,16 @@ def main(argv: list[str] | None = None) -> None:
                                                       "random:8", "gate:0", "taylor:0"],
                         help="importance:recalibrate_bn_batches pairs")
     parser.add_argument("--out", default="importance")
-    parser.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+    parser.add_argument("--merge", nargs="*", default=None, metavar="JSON",
                         help="result files of runs made apart (in parallel) to merge into --out")
     args = parser.parse_args(argv)
     path = ROOT / "benchmarks" / "results" / f"{args.out}.json"
     rows = json.loads(path.read_text()) if path.exists() else []
-    if args.merge:
+    if args.merge is not None:  # (with no file: re-render --out)
         order = {name: i for i, name in enumerate(["gate", "weight_norm", "taylor", "bn_scale", "random"])}
         for other in args.merge:
             rows += json.loads(Path(other).read_text())
-        rows.sort(key=lambda r: (r["model"], r["target_flops"], -r["recalibrate_bn_batches"],
+        rows.sort(key=lambda r: (r["model"], r["target_flops"], r["seed"], -r["recalibrate_bn_batches"],
                                  order.get(r["importance"], 9)))
         path.write_text(json.dumps(rows, indent=1) + "\n")
         path.with_suffix(".md").write_text(render(rows))
