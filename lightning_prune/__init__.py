@@ -61,6 +61,13 @@ _LAZY = {
     "resolve_targets": "lightning_prune.core.targets",
     "analyse_channels": "lightning_prune.graph",
     "MaskSet": "lightning_prune.core.masks",
+    # channel importance criteria (importance= of the channel callbacks) and BatchNorm recalibration
+    "Importance": "lightning_prune.core.importance",
+    "ImportanceContext": "lightning_prune.core.importance",
+    "register_importance": "lightning_prune.core.importance",
+    "importance_names": "lightning_prune.core.importance",
+    "unit_reduce": "lightning_prune.core.importance",
+    "recalibrate_batchnorm": "lightning_prune.core.batchnorm",
     # deployment: ONNX with proof, sparse checkpoints, 2:4 semi-structured weights
     "export": "lightning_prune.deploy.onnx",
     "ExportReport": "lightning_prune.deploy.onnx",

@@ -26,10 +26,12 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 __all__ = [
+    "check_latency_device",
     "check_size_targets",
     "size_targets",
     "as_misconfiguration",
@@ -407,3 +409,13 @@ def size_targets(target_flops: Any, target_params: Any, target_latency: Any
             raise MisconfigurationException(f"`{name}` must be a number in (0, 1], got 0.0. HINT: {hint}")
         values[name] = checked
     return values["target_flops"], values["target_params"], values["target_latency"]
+
+
+def check_latency_device(device: Any) -> torch.device:
+    """``latency_device``: anything ``torch.device`` accepts."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise MisconfigurationException(
+            f"`latency_device` must be a device, got {device!r} ({error}). HINT: 'cpu', 'cuda', 'cuda:1';"
+            " None times on the training device.") from None

@@ -16,8 +16,16 @@ compressed model resumes onto a fresh module (the smaller shapes are rebuilt bef
 weights), and :func:`lightning_prune.restore_run` compresses a restored model through
 :meth:`~ChannelPruningCallback.compress_for_deployment`.
 
-A new importance criterion is a subclass with :meth:`~ChannelPruningCallback.due` and
-:meth:`~ChannelPruningCallback.unit_scores`::
+``importance=`` replaces :meth:`~ChannelPruningCallback.unit_scores` by a criterion of
+:mod:`lightning_prune.core.importance` (``"weight_norm"``, ``"taylor"``, ``"bn_scale"``, ``"random"``, or one
+a plugin registered: a new criterion for every channel callback is an
+:class:`~lightning_prune.core.importance.Importance` subclass and one
+:func:`~lightning_prune.core.importance.register_importance` line);
+``min_group_keep``/``max_group_sparsity`` bound what the allocation takes from each group, and after each
+decision the BatchNorm statistics are recalibrated on ``recalibrate_bn_batches`` training batches.
+
+A new callback (a new *when*, or a criterion of its own) is a subclass with
+:meth:`~ChannelPruningCallback.due` and :meth:`~ChannelPruningCallback.unit_scores`::
 
     class SmallestBiasFirst(ChannelPruningCallback):
         def __init__(self, target_sparsity=0.5, **kwargs):
@@ -33,6 +41,7 @@ A new importance criterion is a subclass with :meth:`~ChannelPruningCallback.due
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,8 +62,11 @@ from lightning_prune.callbacks.shrink import (
     log_model_size,
     recorded_removal,
 )
+from lightning_prune.callbacks.state import seeded_generator
+from lightning_prune.core.batchnorm import batch_norms, recalibrate_batchnorm
 from lightning_prune.core.compression import round_kept
 from lightning_prune.core.gates import unit_masks
+from lightning_prune.core.importance import Importance, ImportanceContext, get_importance
 from lightning_prune.core.targets import Target
 from lightning_prune.functional.magnitude import kept_count
 from lightning_prune.graph import (
@@ -74,27 +86,20 @@ from lightning_prune.validation import (
     as_misconfiguration,
     check_bool,
     check_exclusive,
+    check_fraction,
     check_fraction_map,
     check_group_names,
     check_input_size,
     check_int,
+    check_latency_device,
+    check_number,
     check_optional,
     check_positive,
     input_size_errors,
     size_targets,
 )
 
-__all__ = ["ChannelPruningCallback", "check_latency_device", "top_units"]
-
-
-def check_latency_device(device: Any) -> torch.device:
-    """``latency_device``: anything ``torch.device`` accepts."""
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise MisconfigurationException(
-            f"`latency_device` must be a device, got {device!r} ({error}). HINT: 'cpu', 'cuda', 'cuda:1';"
-            " None times on the training device.") from None
+__all__ = ["ChannelPruningCallback", "top_units"]
 
 
 def top_units(scores: Tensor, count: int) -> Tensor:
@@ -143,7 +148,25 @@ class ChannelPruningCallback(PruningCallback):
         round_to: kept channel widths are multiples of it (heads and conv groups stay whole); 1 = no rounding.
         group_targets: ``{group name: fraction}``: each named group loses that fraction of its units, those
             with the smallest scores (exclusive with ``target_flops``/``target_params``).
+        importance: what ranks the units (:mod:`lightning_prune.core.importance`): ``"gate"`` (the gate
+            callbacks' gates), ``"weight_norm"`` (torch-pruning's group L2 norm), ``"taylor"`` (first-order
+            Taylor accumulated over the training steps since the last decision), ``"bn_scale"`` (|gamma| of
+            the BatchNorm after the units), ``"random"`` (the callback's seeded generator), a name a plugin
+            registered, or an :class:`~lightning_prune.core.importance.Importance`; ``None``: the callback's
+            own criterion (:attr:`native_importance`).
+        min_group_keep: the floor of the allocation: every group keeps at least this fraction of its units
+            (rounded up), and always at least one unit (``0``: one unit, the rule before this argument); in
+            [0, 1).
+        max_group_sparsity: the cap: no group loses more than this fraction of its units (``None``: no cap,
+            only the floor); in (0, 1].
+        recalibrate_bn_batches: after each decision, the running statistics of every BatchNorm are recomputed
+            on that many training batches (an unshuffled loader over the training set, the model's weights
+            and modes left as they were; averaged across ranks); ``0`` = off.
     """
+
+    #: the name of what :meth:`unit_scores` computes (``"gate"`` for the gate callbacks); ``importance=None``
+    #: or this name use :meth:`unit_scores`, any other name the registered criterion
+    native_importance: str | None = None
 
     #: build the cost model even without a size target, to log ``prune/flops_remaining`` and
     #: ``prune/params_remaining`` when the units are decided
@@ -175,9 +198,25 @@ class ChannelPruningCallback(PruningCallback):
         latency_device: str | torch.device | None = None,
         latency_batch_size: int | None = None,
         latency_model: LatencyPredictor | None = None,
+        importance: str | Importance | None = None,
+        min_group_keep: float = 0.0,
+        max_group_sparsity: float | None = None,
+        recalibrate_bn_batches: int = 8,
     ) -> None:
         super().__init__(include=include, exclude=exclude, types=types,
                          log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose)
+        self.criterion = self.make_criterion(importance)
+        self.importance = importance.name if isinstance(importance, Importance) else importance
+        self.min_group_keep = check_fraction(
+            "min_group_keep", min_group_keep,
+            hint="the fraction of its units every group keeps at least, e.g. 0.1; 0 keeps one unit.")
+        self.max_group_sparsity = check_optional(
+            check_number, "max_group_sparsity", max_group_sparsity, 0.0, 1.0, False, True,
+            hint="the most of its units a group may lose, in (0, 1], e.g. 0.8; None for no cap.")
+        self.recalibrate_bn_batches = check_int(
+            "recalibrate_bn_batches", recalibrate_bn_batches, 0,
+            hint="the training batches the BatchNorm statistics are recomputed on after each decision;"
+                 " 0 = off.")
         self.analysis_time_limit_s = check_optional(
             check_positive, "analysis_time_limit_s", analysis_time_limit_s,
             hint="CPU seconds the channel analysis at setup may use, e.g. 300; None for no limit.")
@@ -222,6 +261,18 @@ class ChannelPruningCallback(PruningCallback):
         self._model: pl.LightningModule | None = None
         self._norm_handles: list[Any] = []
         self._param_count: int | None = None
+        self._importance_rng: Tensor | None = None  # the seeded generator's state (importance="random")
+        self._warned: set[str] = set()
+
+    def make_criterion(self, importance: str | Importance | None) -> Importance | None:
+        """The criterion object of ``importance`` (``None``: :meth:`unit_scores`); a clear error for an
+        unknown name."""
+        if importance is None or (isinstance(importance, str) and importance == self.native_importance):
+            return None
+        try:
+            return get_importance(importance, self.native_importance, type(self).__name__)
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from error
 
     # ------------------------------------------------------------------ the protocol
     def due(self, trainer: pl.Trainer) -> float | None:
@@ -253,7 +304,13 @@ class ChannelPruningCallback(PruningCallback):
     def scores_list(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> list[Tensor]:
         """:meth:`unit_scores` as one CPU tensor per group, in the order of :attr:`groups`."""
         assert self.groups is not None
-        scores = self.unit_scores(trainer, pl_module)
+        if self.criterion is None:
+            scores = self.unit_scores(trainer, pl_module)
+        else:
+            context = self.importance_context(trainer, pl_module)
+            scores = self.criterion.scores(self.groups, context)
+            if context.generator is not None:
+                self._importance_rng = context.generator.get_state()
         out = []
         for group in self.groups:
             score = scores.get(group.name)
@@ -263,6 +320,51 @@ class ChannelPruningCallback(PruningCallback):
                                  f" {group.name!r} of {group.size} units")
             out.append(score)
         return out
+
+    def importance_context(self, trainer: pl.Trainer | None,
+                           pl_module: pl.LightningModule) -> ImportanceContext:
+        """What the criterion reads: the module, the seeded generator, the callback's own scores, the
+        reduction across ranks."""
+        generator = None
+        if self.criterion is not None and self.criterion.needs_generator:
+            if self._importance_rng is None:
+                self._importance_rng = seeded_generator(None, trainer).get_state()
+            generator = torch.Generator()
+            generator.set_state(self._importance_rng)
+
+        def reduce(t: Tensor) -> Tensor:
+            if trainer is None or trainer.world_size <= 1:
+                return t
+            return trainer.strategy.reduce(t.to(pl_module.device), reduce_op="mean").cpu()
+
+        return ImportanceContext(model=pl_module, generator=generator,
+                                 native=lambda: self.unit_scores(trainer, pl_module), reduce=reduce,
+                                 warn=self.warn_once)
+
+    def warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            rank_zero_warn(f"{type(self).__name__}: {message}", category=UserWarning)
+
+    def accumulate_importance(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                              optimizer: torch.optim.Optimizer) -> None:
+        """A data-driven criterion (``"taylor"``) folds in this step's gradients (first optimizer only; not
+        once the units are final)."""
+        if self.criterion is None or not self.criterion.needs_gradients or self.groups is None:
+            return
+        if trainer.optimizers and optimizer is not trainer.optimizers[0]:
+            return
+        if self.shrink.removed is not None or self.decided(trainer):
+            return
+        self.criterion.accumulate(self.groups, self.importance_context(trainer, pl_module))
+
+    def group_floor(self, group: ChannelGroup) -> int:
+        """The fewest units ``group`` keeps: ``min_group_keep`` of them (rounded up), at most
+        ``max_group_sparsity`` removed, and at least one."""
+        floor = max(1, math.ceil(self.min_group_keep * group.size - 1e-9))
+        if self.max_group_sparsity is not None:
+            floor = max(floor, group.size - math.floor(self.max_group_sparsity * group.size + 1e-9))
+        return min(floor, group.size)
 
     def allocate(self, scores: list[Tensor], sparsity: float | None = None,
                  keep: list[Tensor] | None = None) -> list[Tensor]:
@@ -285,13 +387,14 @@ class ChannelPruningCallback(PruningCallback):
 
     def rounded(self, keep: list[Tensor], scores: list[Tensor]) -> list[Tensor]:
         """``keep`` with each channel group's kept width rounded up to ``round_to`` (largest scores first);
-        a group keeps at least one unit."""
+        a group keeps at least :meth:`group_floor` units (those with the largest scores come back)."""
         assert self.groups is not None
         out = []
         for group, kept, score in zip(self.groups, keep, scores):
             removed = (~kept.cpu()).nonzero().flatten().tolist()
-            if len(removed) >= group.size:
-                removed = sorted(removed, key=lambda u: -float(score[u]))[1:]  # a layer keeps one unit
+            back_needed = self.group_floor(group) - (group.size - len(removed))
+            if back_needed > 0:
+                removed = sorted(removed, key=lambda u: -float(score[u]))[back_needed:]
             ranked = sorted(removed, key=lambda u: -float(score[u]))
             back = set(removed) - set(round_kept(group, removed, self.round_to, ranked))
             out.append(torch.tensor([u not in removed or u in back for u in range(group.size)]))
@@ -299,7 +402,8 @@ class ChannelPruningCallback(PruningCallback):
 
     def budget_keep(self, scores: list[Tensor]) -> list[Tensor]:
         """The kept units that meet ``target_flops``/``target_params``: the largest ``scores`` across all
-        groups, as many as the budget allows, with channel widths rounded up to ``round_to``; a target the
+        groups (each keeping :meth:`group_floor` units), as many as the budget allows, with channel widths
+        rounded up to ``round_to``; a target the
         removable groups cannot reach is said to be unmet (what was reached, the most removal allows, the
         largest layers no group covers)."""
         assert self.groups is not None and (self._cost is not None or self.target_latency is not None)
@@ -308,12 +412,14 @@ class ChannelPruningCallback(PruningCallback):
         order = sorted(((float(s), gi, u) for gi, sc in enumerate(scores) for u, s in enumerate(sc.tolist())),
                        key=lambda t: (t[0], t[1], t[2]))
 
+        floors = [self.group_floor(g) for g in self.groups]
+
         def removed_for(n: int) -> dict[str, list[int]]:
             chosen: dict[int, list[int]] = {}
             for _, gi, u in order:
                 if n <= 0:
                     break
-                if len(chosen.get(gi, [])) < self.groups[gi].size - 1:
+                if len(chosen.get(gi, [])) < self.groups[gi].size - floors[gi]:
                     chosen.setdefault(gi, []).append(u)
                     n -= 1
             out = {}
@@ -323,7 +429,7 @@ class ChannelPruningCallback(PruningCallback):
                 out[group.name] = round_kept(group, units, self.round_to, ranked)
             return out
 
-        total = sum(g.size - 1 for g in self.groups)
+        total = sum(g.size - f for g, f in zip(self.groups, floors))
         if self.target_latency is not None:
             plan = latency_plan(removed_for, total, self.latency_predictor(None), self.target_latency)
             if plan.floor is not None and plan.measured is not None:
@@ -389,6 +495,35 @@ class ChannelPruningCallback(PruningCallback):
             self.update_masks(masks, trainer)
         else:
             self.masks.update(masks)
+        if self.criterion is not None:
+            self.criterion.reset()  # statistics since the last decision
+        if trainer is not None:
+            self.recalibrate(trainer, pl_module)
+
+    def recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Recompute every BatchNorm's running statistics on ``recalibrate_bn_batches`` training batches
+        (:func:`lightning_prune.core.batchnorm.recalibrate_batchnorm`), averaged across ranks."""
+        from lightning_prune.callbacks.one_shot import calibration_loader
+        from lightning_prune.core.one_shot import default_forward, draw_batches
+
+        norms = batch_norms(pl_module)
+        if not self.recalibrate_bn_batches or not norms:
+            return
+        try:
+            loader = calibration_loader(trainer)
+            count = self.recalibrate_bn_batches
+            if hasattr(loader, "__len__"):  # a small training set: all its batches
+                count = max(min(count, len(loader)), 1)
+            batches = draw_batches(loader, count, who=type(self).__name__)
+        except Exception as error:  # noqa: BLE001 - no training loader to draw from: say so, go on
+            self.warn_once(f"the BatchNorm statistics are not recalibrated (recalibrate_bn_batches="
+                           f"{self.recalibrate_bn_batches}): no training batch could be drawn ({error}).")
+            return
+        recalibrate_batchnorm(pl_module, batches, default_forward, norms)
+        if trainer.world_size > 1:
+            for norm in norms:
+                for buffer in (norm.running_mean, norm.running_var):
+                    buffer.copy_(trainer.strategy.reduce(buffer.clone(), reduce_op="mean"))
 
     def decide(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule,
                sparsity: float | None) -> None:
@@ -599,6 +734,8 @@ class ChannelPruningCallback(PruningCallback):
         super().on_fit_start(trainer, pl_module)
         if self.target_latency is not None and self.shrink.removed is None and self.groups is not None:
             self.latency_predictor(trainer)
+        if self.criterion is not None and self.criterion.needs_generator and self._importance_rng is None:
+            self._importance_rng = seeded_generator(None, trainer).get_state()  # rank zero's seed everywhere
         self.shrink.resolve(trainer)
         earliest = self.decided_at_step(trainer) if self.shrink.at_step is not None else 0
         if self.shrink.at_step is not None and self.shrink.at_step < earliest:
@@ -606,6 +743,11 @@ class ChannelPruningCallback(PruningCallback):
                 f"`compress_step`/`compress_epoch` resolves to step {self.shrink.at_step}, before"
                 f" {self.decision_phrase.format(step=earliest)}. HINT: the units are removed once they are"
                 " decided: compress later, or leave the position unset to compress right after.")
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        self.accumulate_importance(trainer, pl_module, optimizer)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -641,13 +783,19 @@ class ChannelPruningCallback(PruningCallback):
     @override
     def extra_state_dict(self) -> dict[str, Any]:
         keep = [k.clone() for k in self.keep] if self.keep is not None else None
-        return {"keep": keep, "shrink": self.shrink.state_dict()}
+        return {"keep": keep, "shrink": self.shrink.state_dict(),
+                "importance": self.criterion.state_dict() if self.criterion is not None else None,
+                "importance_rng": self._importance_rng.clone() if self._importance_rng is not None else None}
 
     @override
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         keep = state.get("keep", state.get("unit_keep"))  # (the baselines' name before 0.2)
         self.keep = [k.to(torch.bool).cpu() for k in keep] if keep is not None else None
         self.shrink.load_state_dict(state.get("shrink"))
+        if self.criterion is not None and state.get("importance") is not None:
+            self.criterion.load_state_dict(state["importance"])
+        rng = state.get("importance_rng")
+        self._importance_rng = rng.clone() if rng is not None else self._importance_rng
         self.restrict_norms()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -75,13 +75,16 @@ class GatePruningCallback(ChannelPruningCallback):
             :class:`~lightning_prune.callbacks.channels.ChannelPruningCallback` (``prune_coupled``,
             ``target_flops``, ``target_params``, ``target_latency`` (and its ``latency_*``),
             ``group_targets``, ``compress``, ``compress_step``, ``compress_epoch``, ``input_size``,
-            ``analysis_time_limit_s``, ``include``, ``exclude``,
-            ``types``, ``log_media_every_n_epochs``, ``verbose``); the scores are the gates'
-            :meth:`unit_scores`.
+            ``analysis_time_limit_s``, ``importance``, ``min_group_keep``, ``max_group_sparsity``,
+            ``recalibrate_bn_batches``, ``include``, ``exclude``, ``types``, ``log_media_every_n_epochs``,
+            ``verbose``); the scores are the gates' :meth:`unit_scores` unless ``importance`` names another
+            criterion (which then ranks the units where a size target or ``group_targets`` decides; without
+            one the gates' own rule decides how many units go).
     """
 
     measures_size = True
     decision_phrase = "finalisation at step {step}"
+    native_importance = "gate"
 
     def __init__(
         self,
@@ -141,15 +144,17 @@ class GatePruningCallback(ChannelPruningCallback):
         return {g.name: gate.score().detach().cpu() for g, gate in self.gateset}
 
     def gate_scores(self) -> list[Tensor]:
-        """Per group (in the order of :attr:`groups`), how much each unit matters (higher = kept)."""
-        return self.scores_list(None, self._model)  # type: ignore[arg-type]
+        """Per group (in the order of :attr:`groups`), the gates' scores (higher = kept)."""
+        assert self.groups is not None
+        scores = self.unit_scores(None, self._model)  # type: ignore[arg-type]
+        return [scores[g.name].detach().float().cpu().reshape(-1) for g in self.groups]
 
     @override
     def choose_keep(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule,
                     sparsity: float | None) -> list[Tensor]:
-        """The base's allocation of the gate scores, the gates' own rule (:meth:`final_keep`) where no size
-        target decides."""
-        return self.allocate(self.gate_scores(), keep=[k.cpu() for k in self.final_keep()])
+        """The base's allocation of the ``importance`` scores (default: the gates'), the gates' own rule
+        (:meth:`final_keep`) where no size target decides."""
+        return self.allocate(self.scores_list(trainer, pl_module), keep=[k.cpu() for k in self.final_keep()])
 
     @override
     def due(self, trainer: pl.Trainer) -> float | None:
@@ -249,6 +254,7 @@ class GatePruningCallback(ChannelPruningCallback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        self.accumulate_importance(trainer, pl_module, optimizer)  # (before a gates phase drops the grads)
         if self.finalized or self.gateset is None or self.gate_opt is None:
             return
         if trainer.optimizers and optimizer is not trainer.optimizers[0]:

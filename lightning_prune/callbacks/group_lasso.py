@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from lightning_prune.callbacks.gating import GatePruningCallback
 from lightning_prune.core.gates import ScaleGate
+from lightning_prune.core.importance import Importance
 from lightning_prune.core.targets import matches
 from lightning_prune.functional.channels import capture_mask, gate_l1_penalty, gate_l1_subgradient, keep_mask
 from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S, ChannelGroup
@@ -134,10 +135,15 @@ class GroupLassoPruning(GatePruningCallback):
         types: list[str | type] | None = None,
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
+        *,
         target_latency: float | None = None,
         latency_device: str | None = None,
         latency_batch_size: int | None = None,
         latency_model: Any = None,
+        importance: str | Importance | None = None,
+        min_group_keep: float = 0.0,
+        max_group_sparsity: float | None = None,
+        recalibrate_bn_batches: int = 8,
     ) -> None:
         super().__init__(gate_lr=gate_lr, gate_optimizer=gate_optimizer, finalize_step=finalize_step,
                          finalize_epoch=finalize_epoch, alternate_every_n_steps=alternate_every_n_steps,
@@ -145,6 +151,8 @@ class GroupLassoPruning(GatePruningCallback):
                          target_params=target_params, group_targets=group_targets, compress=compress,
                          compress_step=compress_step, compress_epoch=compress_epoch, input_size=input_size,
                          analysis_time_limit_s=analysis_time_limit_s, include=include, exclude=exclude,
+                         importance=importance, min_group_keep=min_group_keep,
+                         max_group_sparsity=max_group_sparsity, recalibrate_bn_batches=recalibrate_bn_batches,
                          types=types, log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose,
                          target_latency=target_latency, latency_device=latency_device,
                          latency_batch_size=latency_batch_size, latency_model=latency_model)

@@ -37,6 +37,7 @@ from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_scalar
 from lightning_prune.callbacks.schedules import ramp, training_steps
 from lightning_prune.callbacks.state import resolve_seed
 from lightning_prune.core.gates import Gate
+from lightning_prune.core.importance import Importance
 from lightning_prune.errors import NonFiniteGateError
 from lightning_prune.functional.hard_concrete import (
     GAMMA,
@@ -242,10 +243,15 @@ class L0Pruning(GatePruningCallback):
         types: list[str | type] | None = None,
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
+        *,
         target_latency: float | None = None,
         latency_device: str | None = None,
         latency_batch_size: int | None = None,
         latency_model: Any = None,
+        importance: str | Importance | None = None,
+        min_group_keep: float = 0.0,
+        max_group_sparsity: float | None = None,
+        recalibrate_bn_batches: int = 8,
     ) -> None:
         super().__init__(gate_lr=gate_lr, gate_optimizer=gate_optimizer, finalize_step=finalize_step,
                          finalize_epoch=finalize_epoch, alternate_every_n_steps=alternate_every_n_steps,
@@ -253,6 +259,8 @@ class L0Pruning(GatePruningCallback):
                          target_params=target_params, group_targets=group_targets, compress=compress,
                          compress_step=compress_step, compress_epoch=compress_epoch, input_size=input_size,
                          analysis_time_limit_s=analysis_time_limit_s, include=include, exclude=exclude,
+                         importance=importance, min_group_keep=min_group_keep,
+                         max_group_sparsity=max_group_sparsity, recalibrate_bn_batches=recalibrate_bn_batches,
                          types=types, log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose,
                          target_latency=target_latency, latency_device=latency_device,
                          latency_batch_size=latency_batch_size, latency_model=latency_model)

@@ -22,10 +22,11 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.callbacks.channels import check_latency_device
 from lightning_prune.callbacks.logging import PREFIX, log_scalars
 from lightning_prune.callbacks.schedules import resolve_step, warn_if_after_training
 from lightning_prune.callbacks.shrink import ShrinkSchedule, check_strategy, compress_in_fit, recorded_removal
+from lightning_prune.callbacks.state import seeded_generator
+from lightning_prune.core.importance import get_importance
 from lightning_prune.core.one_shot import (
     check_method,
     check_pattern,
@@ -42,6 +43,7 @@ from lightning_prune.validation import (
     check_fraction,
     check_input_size,
     check_int,
+    check_latency_device,
     check_optional,
     check_position,
     check_positive,
@@ -105,6 +107,10 @@ class OneShotPruning(PruningCallback):
             of the ``"channels"`` least-squares refit (ridge).
         block_size: SparseGPT's columns per lazy batch and mask selection (128 in the paper).
         round_to: ``"channels"``: kept widths multiples of it (heads and conv groups stay whole).
+        importance: ``"channels"``: what ranks the units instead of the calibration activations
+            (``None``): ``"weight_norm"``, ``"bn_scale"``, ``"random"`` (seeded by ``seed_everything``), or a
+            plugin's criterion (:mod:`lightning_prune.core.importance`); ``"taylor"`` is refused (no training
+            steps to accumulate over).
         input_size: ``(C, H, W)`` to trace the model for ``"channels"`` (default: ``example_input_array``,
             else timm's ``pretrained_cfg["input_size"]``).
         include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
@@ -134,14 +140,18 @@ class OneShotPruning(PruningCallback):
         types: list[str | type] | None = None,
         log_media_every_n_epochs: int = 1,
         verbose: bool = True,
+        *,
         target_latency: float | None = None,
         latency_device: str | None = None,
         latency_batch_size: int | None = None,
         latency_model: Any = None,
+        importance: str | None = None,
     ) -> None:
         super().__init__(include=include, exclude=exclude, types=types,
                          log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose)
         self.method = check_method(method, MisconfigurationException)
+        self.importance = importance
+        self.criterion = self._criterion(importance)
         self.target_sparsity = check_fraction("target_sparsity", target_sparsity,
                                               hint="0.5 prunes half of every layer's weights.")
         self.pattern = pattern
@@ -184,6 +194,27 @@ class OneShotPruning(PruningCallback):
         self._cost: Any = None
         self._channels: tuple[str, nn.Module, Any] | None = None  # (prefix, traced root, example)
         self._batches: list[Any] | None = None  # the calibration batches, until the pruning step
+
+    def _criterion(self, importance: Any) -> Any:
+        """The ``importance`` criterion (``None``: the calibration activations); refused for weight methods
+        and for criteria that need the gradients of training steps."""
+        if importance is None:
+            return None
+        if self.method != "channels":
+            raise MisconfigurationException(
+                f"`importance`={importance!r} ranks channel units: it needs method='channels', got"
+                f" method={self.method!r}. HINT: leave importance=None for the weight methods.")
+        try:
+            criterion = get_importance(importance, None, type(self).__name__)
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from error
+        if criterion.needs_gradients:
+            raise MisconfigurationException(
+                f"`importance`={importance!r} accumulates gradients over training steps; OneShotPruning"
+                " prunes once from calibration batches. HINT: importance=None (the calibration activations),"
+                " 'weight_norm' or 'bn_scale'; or a training callback, e.g."
+                f" GroupLassoPruning(importance={importance!r}, target_flops=...).")
+        return criterion
 
     # ------------------------------------------------------------------ identity and targets
     @override
@@ -318,10 +349,14 @@ class OneShotPruning(PruningCallback):
                                                  self.latency_batch_size, reduce)
                 if self.verbose:
                     rank_zero_info(f"[OneShotPruning] {latency.describe()}")
+        generator = (seeded_generator(None, trainer) if self.criterion is not None
+                     and self.criterion.needs_generator else None)
         removed, errors = prune_channels(pl_module, batches, self.groups, self._cost, prefix, root,
                                          self.target_flops, self.target_params, self.target_sparsity,
                                          self.compensate, self.round_to, forward, reduce,
-                                         self._progress("reader"), self.damping, self.target_latency, latency)
+                                         self._progress("reader"), self.damping,
+                                         target_latency=self.target_latency, latency=latency,
+                                         importance=self.criterion, generator=generator)
         latency_metrics = {}
         if latency is not None:
             predicted = float(latency.predict(removed))

@@ -758,14 +758,23 @@ def prune_channels(model: nn.Module, batches: Sequence[Any], groups: Sequence[An
                    sparsity: float = 0.5, compensate: bool = True, round_to: int = 1,
                    forward: Callable[[nn.Module, Any], Any] = default_forward, reduce: Reduce | None = None,
                    progress: Progress | None = None, damping: float = REFIT_DAMPING,
-                   target_latency: float | None = None, latency: Any = None
+                   target_latency: float | None = None, latency: Any = None,
+                   importance: Any = None, generator: torch.Generator | None = None,
                    ) -> tuple[dict[str, list[int]], dict[str, float]]:
     """Choose the units to remove and refit their readers (the model keeps its shapes; the removed units are
-    zero at every reader). Returns the plan and the readers' reconstruction errors."""
+    zero at every reader). Returns the plan and the readers' reconstruction errors. ``importance``: an
+    :class:`~lightning_prune.core.importance.Importance` that ranks the units instead of the calibration
+    activations (``generator``: the seeded generator a random criterion draws from)."""
+    from lightning_prune.core.importance import ImportanceContext
     from lightning_prune.graph import restricted_norm_hooks
 
-    scores = (_channel_scores(model, root, prefix, groups, batches, forward, reduce) if batches
-              else [_magnitude_unit_scores(root, prefix, g) for g in groups])
+    if importance is not None:
+        ranked = importance.scores(groups, ImportanceContext(model=root, prefix=prefix, generator=generator))
+        scores = [ranked[g.name].double() for g in groups]
+    elif batches:
+        scores = _channel_scores(model, root, prefix, groups, batches, forward, reduce)
+    else:
+        scores = [_magnitude_unit_scores(root, prefix, g) for g in groups]
     removed = channel_plan(groups, scores, cost, target_flops, target_params, sparsity, round_to,
                            target_latency, latency)
     handles = restricted_norm_hooks(root, groups, removed, prefix=prefix)

@@ -21,12 +21,13 @@ from lightning_prune_baselines.channels import (
     nested_random_keep,
     random_channel_masks,
 )
-from lightning_prune_baselines.first_k import FirstKChannels
+from lightning_prune_baselines.first_k import FirstKChannels, FirstKImportance
 from lightning_prune_baselines.random_channels import RandomChannels
 from lightning_prune_baselines.random_unstructured import RandomUnstructured
 
 __all__ = [
     "FirstKChannels",
+    "FirstKImportance",
     "RandomChannels",
     "RandomUnstructured",
     "__version__",

@@ -18,11 +18,23 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.callbacks.schedules import resolve_step
-from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S
+from lightning_prune.core.importance import Importance, ImportanceContext, register_importance
+from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S, ChannelGroup
 from lightning_prune.validation import check_exclusive, check_fraction, check_position
 from lightning_prune_baselines._base import ChannelBaseline
 
-__all__ = ["FirstKChannels"]
+__all__ = ["FirstKChannels", "FirstKImportance"]
+
+
+@register_importance("first_k")
+class FirstKImportance(Importance):
+    """``importance="first_k"`` on any channel callback: the later a unit, the more it matters (the first
+    units go); a control, as the Habr article's."""
+
+    normalize = False
+
+    def group_scores(self, group: ChannelGroup, context: ImportanceContext) -> Tensor | None:
+        return torch.arange(group.size, dtype=torch.float64)
 
 
 class FirstKChannels(ChannelBaseline):
@@ -47,6 +59,10 @@ class FirstKChannels(ChannelBaseline):
             :class:`~lightning_prune.PruningCallback`.
         input_size, compress, compress_step, compress_epoch, analysis_time_limit_s: see
             :class:`~lightning_prune.callbacks.channels.ChannelPruningCallback`.
+        importance, min_group_keep, max_group_sparsity, recalibrate_bn_batches: see
+            :class:`~lightning_prune.callbacks.channels.ChannelPruningCallback` (default importance:
+            ``"first_k"``, this control's own criterion, also registered for every channel callback once this
+            plugin is imported).
         group_targets: ``{group name: fraction}``: the named channel groups drop that fraction of their
             units (the first ones) instead of ``target_sparsity``, e.g. what
             :func:`lightning_prune.layer_targets_from_sensitivity` makes of a ``method="channels"`` scan.
@@ -57,6 +73,8 @@ class FirstKChannels(ChannelBaseline):
                                                   compress=True)
         trainer = Trainer(callbacks=[first_k])
     """
+
+    native_importance = "first_k"
 
     def __init__(
         self,
@@ -74,11 +92,18 @@ class FirstKChannels(ChannelBaseline):
         compress_epoch: int | float | None = None,
         group_targets: dict[str, float] | None = None,
         analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
+        *,
+        importance: str | Importance | None = None,
+        min_group_keep: float = 0.0,
+        max_group_sparsity: float | None = None,
+        recalibrate_bn_batches: int = 8,
     ) -> None:
         super().__init__(include=include, exclude=exclude, types=types,
                          log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose,
                          input_size=input_size, compress=compress, compress_step=compress_step,
                          compress_epoch=compress_epoch, group_targets=group_targets,
+                         importance=importance, min_group_keep=min_group_keep,
+                         max_group_sparsity=max_group_sparsity, recalibrate_bn_batches=recalibrate_bn_batches,
                          analysis_time_limit_s=analysis_time_limit_s)
         self.target_sparsity = check_fraction(
             "target_sparsity", target_sparsity,

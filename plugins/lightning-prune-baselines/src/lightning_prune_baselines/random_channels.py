@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.core.importance import Importance
 from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S, ChannelGroup
 from lightning_prune_baselines._base import ChannelBaseline, GradualSchedule
 
@@ -45,6 +46,10 @@ class RandomChannels(GradualSchedule, ChannelBaseline):
             units dropped instead of ``target_sparsity``, on the same schedule (at scheduled sparsity ``s`` a
             named group drops ``fraction * s / target_sparsity``); e.g. what
             :func:`lightning_prune.layer_targets_from_sensitivity` makes of a ``method="channels"`` scan.
+        importance, min_group_keep, max_group_sparsity, recalibrate_bn_batches: see
+            :class:`~lightning_prune.callbacks.channels.ChannelPruningCallback` (default ``"random"``: this
+            baseline's own nested draws from its schedule's generator; another criterion makes it a gradual
+            schedule of that criterion).
 
     Example::
 
@@ -54,6 +59,7 @@ class RandomChannels(GradualSchedule, ChannelBaseline):
     """
 
     channel_wise = True
+    native_importance = "random"  # (its own draws: nested masks, the schedule's generator)
 
     def __init__(
         self,
@@ -77,11 +83,18 @@ class RandomChannels(GradualSchedule, ChannelBaseline):
         compress_epoch: int | float | None = None,
         group_targets: dict[str, float] | None = None,
         analysis_time_limit_s: float | None = DEFAULT_ANALYSIS_TIME_LIMIT_S,
+        *,
+        importance: str | Importance | None = None,
+        min_group_keep: float = 0.0,
+        max_group_sparsity: float | None = None,
+        recalibrate_bn_batches: int = 8,
     ) -> None:
         super().__init__(include=include, exclude=exclude, types=types,
                          log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose,
                          input_size=input_size, compress=compress, compress_step=compress_step,
                          compress_epoch=compress_epoch, group_targets=group_targets,
+                         importance=importance, min_group_keep=min_group_keep,
+                         max_group_sparsity=max_group_sparsity, recalibrate_bn_batches=recalibrate_bn_batches,
                          analysis_time_limit_s=analysis_time_limit_s)
         self.init_schedule(target_sparsity, initial_sparsity, begin_step, end_step, every_n_steps,
                            sparsity_begin_step, sparsity_end_step, exponent, seed)
