@@ -1,10 +1,11 @@
 """Which callbacks act under which sharded strategy, checked at setup so that none is silently a no-op.
 
 Under Lightning's ``ModelParallelStrategy`` (PyTorch's FSDP2: ``fully_shard`` applied in the LightningModule's
-``configure_model``) every parameter becomes a ``DTensor`` shard. The mask callbacks that say so
+``configure_model``) every parameter becomes a ``DTensor`` shard. The callbacks that say so
 (``supports_sharding = True``: :class:`~lightning_prune.GradualMagnitudePruning`,
-:class:`~lightning_prune.LotteryTicket`) hold their masks on the
-shards; every other callback refuses the strategy at setup, naming it and what to do. ``FSDPStrategy`` (FSDP1:
+:class:`~lightning_prune.LotteryTicket`, and the gate callbacks :class:`~lightning_prune.GroupLassoPruning`
+and :class:`~lightning_prune.L0Pruning`, whose gates are replicated) hold their masks on the shards; every
+other callback refuses the strategy at setup, naming it and what to do. ``FSDPStrategy`` (FSDP1:
 flat parameters) and tensor parallelism (``tensor_parallel_size > 1``) are refused by every callback.
 """
 
@@ -14,12 +15,16 @@ from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-__all__ = ["FSDP1_STRATEGIES", "SHARDED_STRATEGY", "check_sharding", "tensor_parallel_size"]
+__all__ = ["FSDP1_STRATEGIES", "SHARDED_STRATEGY", "SUPPORTED", "check_sharding", "tensor_parallel_size"]
 
 #: strategies that flatten parameters into FSDP1 ``FlatParameter`` shards: refused by every callback
 FSDP1_STRATEGIES = ("FSDPStrategy", "XLAFSDPStrategy")
 #: Lightning's FSDP2 strategy (``fully_shard`` in ``configure_model``)
 SHARDED_STRATEGY = "ModelParallelStrategy"
+
+#: the callbacks that act under ModelParallelStrategy (FSDP2), for the messages
+SUPPORTED = ("GradualMagnitudePruning", "LotteryTicket", "GroupLassoPruning", "L0Pruning",
+             "KnowledgeDistillation")
 
 _FSDP2_HINT = ("ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with"
                " torch.distributed.fsdp.fully_shard applied in the LightningModule's configure_model (FSDP2)")
@@ -64,4 +69,4 @@ def check_sharding(trainer: Any, who: str, supported: bool) -> None:
             f"{who} cannot act under {name} (FSDP2) yet: it would not see the sharded weights and would run"
             " without effect. HINT: use strategy='ddp' (or a single device); under ModelParallelStrategy the"
             " supported callbacks are listed in the README's 'Sharded training' section"
-            " (GradualMagnitudePruning, LotteryTicket).")
+            f" ({', '.join(SUPPORTED)}).")
