@@ -53,7 +53,7 @@ def test_tensor_parallelism_is_refused_at_setup_by_name(size):
 
 
 def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
-    for cb in _every_callback()[4:6] + _every_callback()[7:]:
+    for cb in _every_callback()[5:6] + _every_callback()[7:]:
         with pytest.raises(MisconfigurationException,
                            match=rf"{type(cb).__name__} cannot act under ModelParallelStrategy"):
             cb.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
@@ -619,3 +619,38 @@ def test_distillation_refuses_a_compressing_callback_under_fsdp2():
     trainer.callbacks = [lp.GroupLassoPruning(compress=True), KnowledgeDistillation(teacher=teacher)]
     with pytest.raises(MisconfigurationException, match=r"cannot follow GroupLassoPruning\(compress=True\)"):
         trainer.callbacks[1].setup(trainer, tiny_classifier(), "fit")
+
+
+# ------------------------------------------------------------------------------------------- activation decay
+def _decay_fit(kind: str, steps: int = 4):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_prune.core.reparam import count_layers
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier()
+    strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2"
+                else "ddp")
+    decay = ActivationDecay(end_step=2, fuse_on_train_end=True, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1,
+                         limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=[decay])
+    trainer.fit(model, datamodule=tiny_datamodule())
+    state = model.state_dict()
+    sharded = any(hasattr(v, "full_tensor") for v in state.values())
+    return {k: v.detach().clone() for k, v in state.items()}, count_layers(model), sharded, decay.lam
+
+
+@pytest.mark.slow
+def test_activation_decay_on_a_sharded_vit_fuses_a_gathered_model_like_ddp():
+    """ActivationDecay(fuse_on_train_end=True) under ModelParallelStrategy: λ rises on the sharded model, and
+    at the end of training every rank gathers the network into a plain copy and fuses it: the DDP run's fused
+    model (float32: within a tolerance), whole on every rank."""
+    fsdp = run_two(_decay_fit, "fsdp2")
+    ddp = run_two(_decay_fit, "ddp")
+    (state, layers, sharded, lam), (ddp_state, ddp_layers, _, _) = fsdp[0], ddp[0]
+    assert lam == 1.0 and not sharded and layers == ddp_layers and state.keys() == ddp_state.keys()
+    for name, value in ddp_state.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fsdp[1][0][name], value, rtol=1e-4, atol=1e-5)
