@@ -53,7 +53,8 @@ def test_tensor_parallelism_is_refused_at_setup_by_name(size):
 
 
 def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
-    for cb in _every_callback()[5:6] + _every_callback()[7:]:
+    callbacks = _every_callback()
+    for cb in (callbacks[5], callbacks[8]):  # EvolutionaryMutation, OneShotPruning
         with pytest.raises(MisconfigurationException,
                            match=rf"{type(cb).__name__} cannot act under ModelParallelStrategy"):
             cb.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
@@ -654,3 +655,49 @@ def test_activation_decay_on_a_sharded_vit_fuses_a_gathered_model_like_ddp():
     for name, value in ddp_state.items():
         torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fsdp[1][0][name], value, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def _baseline_fit(kind: str, name: str, kwargs: dict, steps: int = 4):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    import lightning_prune_baselines as baselines
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier()
+    strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2"
+                else "ddp")
+    cb = getattr(baselines, name)(verbose=False, seed=3, **kwargs) if name != "FirstKChannels" else \
+        baselines.FirstKChannels(verbose=False, **kwargs)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=2,
+                         limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=[cb])
+    trainer.fit(model, datamodule=tiny_datamodule())
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    return cb.masks.state_dict(), weights, cb.masks.memory_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kwargs", [
+    ("RandomUnstructured", {"target_sparsity": 0.6, "every_n_steps": 2, "sparsity_end_step": 0.5}),
+    ("RandomChannels", {"target_sparsity": 0.5, "every_n_steps": 2, "sparsity_end_step": 0.5}),
+    ("FirstKChannels", {"target_sparsity": 0.5, "prune_step": 2, "compress": True}),
+])
+def test_baselines_on_a_sharded_vit_prune_like_ddp(name, kwargs):
+    """The baselines plugin under ModelParallelStrategy: random masks drawn over the full tensors from the
+    shared generator (RandomUnstructured), random and first-k channel units (FirstKChannels compressing inside
+    the sharded fit): the DDP run's masks bit for bit, its weights within a tolerance."""
+    fsdp = run_two(_baseline_fit, "fsdp2", name, kwargs)
+    ddp = run_two(_baseline_fit, "ddp", name, kwargs)
+    (masks, weights, mask_bytes), (ddp_masks, ddp_weights, ddp_bytes) = fsdp[0], ddp[0]
+    assert masks.keys() == ddp_masks.keys() and len(masks) > 4
+    pruned = 0
+    for key in masks:
+        assert torch.equal(masks[key], ddp_masks[key]) and torch.equal(fsdp[1][0][key], masks[key]), key
+        pruned += int((~masks[key]).sum())
+    assert pruned > 0 or kwargs.get("compress")
+    assert mask_bytes <= 0.55 * ddp_bytes
+    for key, w in ddp_weights.items():
+        torch.testing.assert_close(weights[key], w, rtol=1e-4, atol=1e-5)
