@@ -11,11 +11,13 @@ flat parameters) and tensor parallelism (``tensor_parallel_size > 1``) are refus
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-__all__ = ["FSDP1_STRATEGIES", "SHARDED_STRATEGY", "SUPPORTED", "check_sharding", "tensor_parallel_size"]
+__all__ = ["FSDP1_STRATEGIES", "SHARDED_STRATEGY", "SUPPORTED", "check_sharding",
+           "guard_distributed_checkpoints", "tensor_parallel_size"]
 
 #: strategies that flatten parameters into FSDP1 ``FlatParameter`` shards: refused by every callback
 FSDP1_STRATEGIES = ("FSDPStrategy", "XLAFSDPStrategy")
@@ -40,6 +42,29 @@ def tensor_parallel_size(strategy: Any) -> int:
     return int(size)
 
 
+def guard_distributed_checkpoints(strategy: Any) -> None:
+    """Make ``strategy`` (not ModelParallelStrategy) refuse a sharded checkpoint of ModelParallelStrategy (a
+    directory of ``torch.distributed.checkpoint`` shards) with the reason and what to do, instead of failing
+    to open a directory. A full-state checkpoint (one file) of either strategy resumes under the other."""
+    load = getattr(strategy, "load_checkpoint", None)
+    if load is None or getattr(strategy, "_lightning_prune_guards_dcp", False):
+        return
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        path = Path(str(checkpoint_path))
+        if path.is_dir() and (path / ".metadata").exists():
+            raise MisconfigurationException(
+                f"{str(checkpoint_path)!r} is a sharded (distributed) checkpoint of {SHARDED_STRATEGY}"
+                f" (FSDP2), a directory of shards: {type(strategy).__name__} reads one-file checkpoints"
+                f" only. HINT: resume it under {SHARDED_STRATEGY}, or write full-state checkpoints"
+                f" ({SHARDED_STRATEGY}(save_distributed_checkpoint=False)), which resume under DDP and a"
+                f" single device (and a DDP checkpoint resumes under {SHARDED_STRATEGY}).")
+        return load(checkpoint_path, *args, **kwargs)
+
+    strategy.load_checkpoint = load_checkpoint
+    strategy._lightning_prune_guards_dcp = True
+
+
 def check_sharding(trainer: Any, who: str, supported: bool) -> None:
     """Raise a ``MisconfigurationException`` at setup when ``who`` cannot act under the Trainer's strategy.
 
@@ -50,6 +75,8 @@ def check_sharding(trainer: Any, who: str, supported: bool) -> None:
     """
     strategy = getattr(trainer, "strategy", None)
     name = type(strategy).__name__
+    if name != SHARDED_STRATEGY:
+        guard_distributed_checkpoints(strategy)
     if name in FSDP1_STRATEGIES:
         hint = (f"use {_FSDP2_HINT}, or strategy='ddp'." if supported else
                  f"use strategy='ddp' (or a single device): {who} does not run on sharded weights yet.")

@@ -201,12 +201,12 @@ def test_magnitude_variants_on_a_sharded_vit_prune_like_ddp(kwargs):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def _fit_with_checkpoints(root: str, distributed: bool | None, ckpt_path: str | None, steps: int = 4,
-                          epochs: int = 2, lottery: bool = False):
+                          epochs: int = 2, lottery: bool = False, model_kwargs: dict | None = None):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     pl.seed_everything(0, verbose=False)
-    model = ShardedClassifier()
+    model = ShardedClassifier(**(model_kwargs or {}))
     cb = (lp.LotteryTicket(rounds=2, epochs_per_round=1, rewind_step=2, verbose=False) if lottery else
           lp.GradualMagnitudePruning(target_sparsity=0.7, every_n_steps=2, sparsity_end_step=0.75,
                                      verbose=False))
@@ -701,3 +701,42 @@ def test_baselines_on_a_sharded_vit_prune_like_ddp(name, kwargs):
     assert mask_bytes <= 0.55 * ddp_bytes
     for key, w in ddp_weights.items():
         torch.testing.assert_close(weights[key], w, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2 <-> DDP
+@pytest.mark.slow
+@pytest.mark.parametrize("written, resumed", [(False, None), (None, False)],
+                         ids=["fsdp2-full-to-ddp", "ddp-to-fsdp2"])
+def test_a_full_state_checkpoint_resumes_across_fsdp2_and_ddp(tmp_path, written, resumed):
+    """A full-state checkpoint of ModelParallelStrategy (save_distributed_checkpoint=False) resumes mid-epoch
+    under DDP, and a DDP checkpoint under ModelParallelStrategy (AdamW's moments included): the uninterrupted
+    run's masks and weights."""
+    adam = {"optimizer": "adamw", "lr": 1e-3}
+    full = run_two(_fit_with_checkpoints, str(tmp_path / "full"), written, None, 4, 2, False, adam)
+    ckpt = tmp_path / "full" / "ckpt" / "step=3.ckpt"
+    assert ckpt.is_file()
+    again = run_two(_fit_with_checkpoints, str(tmp_path / "resumed"), resumed, str(ckpt), 4, 2, False, adam)
+    (state, weights), (resumed_state, resumed_weights) = full[0], again[0]
+    assert state["last_update"] == 8 and state["masks"]
+    for name, mask in state["masks"].items():
+        assert torch.equal(mask, resumed_state["masks"][name]), name
+    for name, w in weights.items():  # (the same reductions on 2 CPU ranks: equal; a tolerance for others)
+        torch.testing.assert_close(resumed_weights[name], w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sharded_checkpoint_is_refused_outside_fsdp2_with_the_reason(tmp_path):
+    """A directory of torch.distributed.checkpoint shards under DDP: the reason and what to do, not
+    IsADirectoryError."""
+    (tmp_path / "step=3.ckpt").mkdir()
+    (tmp_path / "step=3.ckpt" / ".metadata").write_bytes(b"")
+    loaded = []
+    strategy = type("DDPStrategy", (), {"load_checkpoint": lambda self, path, *a, **k: loaded.append(path)})()
+    trainer = type("T", (), {"strategy": strategy})()
+    lp.GradualMagnitudePruning().setup(trainer, tiny_classifier(), "fit")
+    lp.GradualMagnitudePruning(scope="layer").setup(trainer, tiny_classifier(), "fit")  # (guarded once)
+    with pytest.raises(MisconfigurationException, match=r"sharded \(distributed\) checkpoint of"
+                       r" ModelParallelStrategy .*DDPStrategy reads one-file checkpoints only. HINT:"
+                       r" resume it under ModelParallelStrategy, or write full-state checkpoints"):
+        strategy.load_checkpoint(tmp_path / "step=3.ckpt")
+    strategy.load_checkpoint(tmp_path / "one-file.ckpt")
+    assert loaded == [tmp_path / "one-file.ckpt"]
