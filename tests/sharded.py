@@ -2,8 +2,8 @@
 processes with the environment Lightning reads when processes are created externally, and returns what each
 rank returned (rank order). The processes come from a fork server (``fn`` and ``args`` are pickled:
 module-level functions), never from the test process itself: a process forked after autograd ran (any
-earlier test's ``backward``) cannot run ``backward`` again ("Unable to handle autograd's threading in combination with
-fork-based multiprocessing"). ``ShardedClassifier`` is the tiny ImageClassifier with
+earlier test's ``backward``) cannot run ``backward`` again ("Unable to handle autograd's threading in
+combination with fork-based multiprocessing"). ``ShardedClassifier`` is the tiny ImageClassifier with
 ``fully_shard`` applied in ``configure_model``."""
 
 from __future__ import annotations
