@@ -65,13 +65,14 @@ def guard_distributed_checkpoints(strategy: Any) -> None:
     strategy._lightning_prune_guards_dcp = True
 
 
-def check_sharding(trainer: Any, who: str, supported: bool) -> None:
+def check_sharding(trainer: Any, who: str, supported: bool, why: str | None = None) -> None:
     """Raise a ``MisconfigurationException`` at setup when ``who`` cannot act under the Trainer's strategy.
 
     Args:
         trainer: the Trainer (``None``: nothing to check).
         who: the callback's name, for the message.
         supported: whether ``who`` works on FSDP2 shards (``ModelParallelStrategy`` with data parallelism).
+        why: what ``who`` needs that shards do not give (said when it refuses FSDP2).
     """
     strategy = getattr(trainer, "strategy", None)
     name = type(strategy).__name__
@@ -94,7 +95,8 @@ def check_sharding(trainer: Any, who: str, supported: bool) -> None:
             " tensor-parallel, so set data_parallel_size to the number of devices.")
     if not supported:
         raise MisconfigurationException(
-            f"{who} cannot act under {name} (FSDP2) yet: it would not see the sharded weights and would run"
-            " without effect. HINT: use strategy='ddp' (or a single device); under ModelParallelStrategy the"
+            f"{who} cannot act under {name} (FSDP2) yet: "
+            + (why or "it would not see the sharded weights and would run without effect") + ". HINT:"
+            " use strategy='ddp' (or a single device); under ModelParallelStrategy the"
             " supported callbacks are listed in the README's 'Sharded training' section"
             f" ({', '.join(SUPPORTED)}).")

@@ -54,9 +54,13 @@ def test_tensor_parallelism_is_refused_at_setup_by_name(size):
 
 def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
     callbacks = _every_callback()
+    reasons = {"EvolutionaryMutation": "offspring are the whole weights plus noise",
+               "OneShotPruning": "a calibration batch's activations"}
     for cb in (callbacks[5], callbacks[8]):  # EvolutionaryMutation, OneShotPruning
+        name = type(cb).__name__
         with pytest.raises(MisconfigurationException,
-                           match=rf"{type(cb).__name__} cannot act under ModelParallelStrategy"):
+                           match=rf"{name} cannot act under ModelParallelStrategy \(FSDP2\) yet: .*"
+                                 rf"{reasons[name]}.*HINT: use strategy='ddp'.*GroupLassoPruning"):
             cb.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
     lp.GradualMagnitudePruning().setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
 
