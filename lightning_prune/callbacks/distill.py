@@ -310,6 +310,8 @@ class KnowledgeDistillation(CallbackState):
             raise MisconfigurationException(
                 f"KnowledgeDistillation cannot copy the model under {type(trainer.strategy).__name__}: its"
                 " parameters are sharded. HINT: pass `teacher=` (an nn.Module or a checkpoint path), or use"
+                " ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with"
+                " fully_shard in configure_model (FSDP2: the snapshot is gathered from the shards), or"
                 " strategy='ddp'.")
         check_sharding(trainer, "KnowledgeDistillation", supported=True)
         if type(trainer.strategy).__name__ == SHARDED_STRATEGY:
