@@ -1,6 +1,9 @@
 """Two CPU processes (gloo) for the sharded-training tests: ``run_two(fn, *args)`` runs ``fn(*args)`` in two
-forked processes with the environment Lightning reads when processes are created externally, and returns
-what each rank returned (rank order). ``ShardedClassifier`` is the tiny ImageClassifier with
+processes with the environment Lightning reads when processes are created externally, and returns what each
+rank returned (rank order). The processes come from a fork server (``fn`` and ``args`` are pickled:
+module-level functions), never from the test process itself: a process forked after autograd ran (any
+earlier test's ``backward``) cannot run ``backward`` again ("Unable to handle autograd's threading in
+combination with fork-based multiprocessing"). ``ShardedClassifier`` is the tiny ImageClassifier with
 ``fully_shard`` applied in ``configure_model``."""
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def _child(rank: int, world: int, port: int, out: str, fn: Callable[..., Any], a
 
 def run_two(fn: Callable[..., Any], *args: Any, timeout: float = 240.0) -> list[Any]:
     """``fn(*args)`` on ranks 0 and 1; what each returned, or an AssertionError with each rank's error."""
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "lightning.pytorch", "timm", "lightning_prune", "tests.sharded"])
     with tempfile.TemporaryDirectory() as out:
         port = _free_port()
         procs = [ctx.Process(target=_child, args=(rank, 2, port, out, fn, args)) for rank in range(2)]

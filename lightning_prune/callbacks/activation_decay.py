@@ -24,7 +24,8 @@ from lightning_prune.callbacks.schedules import (
     training_steps,
     warn_if_after_training,
 )
-from lightning_prune.callbacks.sharding import check_sharding
+from lightning_prune.callbacks.sharding import SHARDED_STRATEGY, check_sharding
+from lightning_prune.callbacks.shrink import gather_network, sharded_compression_problem
 from lightning_prune.callbacks.state import CallbackState
 from lightning_prune.core.reparam import (
     DecayingActivation,
@@ -35,6 +36,8 @@ from lightning_prune.core.reparam import (
     unwrap_activations,
     wrap_activations,
 )
+from lightning_prune.core.sharding import is_sharded
+from lightning_prune.graph import meta_copy, traced_root
 from lightning_prune.validation import (
     as_misconfiguration,
     check_bool,
@@ -171,6 +174,7 @@ class ActivationDecay(CallbackState):
         self.lam = 0.0
         self.decayed: list[str] = []
         self._bounds: tuple[int, int] | None = None  # resolved (begin, end) in optimizer steps
+        self._skeleton: nn.Module | None = None  # under FSDP2 with fuse_on_train_end: see setup
         self._wrapped: dict[str, DecayingActivation] = {}
         self._plan: ReparamPlan | None = None
         self._fused_model: int | None = None  # id() of the module fused at train end
@@ -188,7 +192,7 @@ class ActivationDecay(CallbackState):
     # ------------------------------------------------------------------ wrapping
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_sharding(trainer, "ActivationDecay", supported=False)
+        check_sharding(trainer, "ActivationDecay", supported=True)  # (λ only; the fusion on a gathered model)
         modules = {id(m) for m in pl_module.modules()}
         if self._wrapped and all(id(w) in modules for w in self._wrapped.values()):
             return
@@ -209,6 +213,11 @@ class ActivationDecay(CallbackState):
         self._plan = plan
         self.decayed = list(plan.decay)
         self._wrapped = wrap_activations(pl_module, self.decayed, self.lam)
+        self._skeleton = None
+        if (self.fuse_on_train_end and trainer is not None and stage == "fit"
+                and type(trainer.strategy).__name__ == SHARDED_STRATEGY):
+            # fully_shard runs after setup: the (wrapped) network's structure, gathered into for the fusion
+            self._skeleton = meta_copy(traced_root(pl_module)[1])
         if self.verbose:
             rank_zero_info(str(plan))
 
@@ -271,6 +280,17 @@ class ActivationDecay(CallbackState):
             log_scalars(trainer, {f"{PREFIX}/lambda": self.lam})
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.fuse_on_train_end and any(is_sharded(p) for p in pl_module.parameters()):
+            problem = sharded_compression_problem(pl_module, traced_root(pl_module)[0])
+            if problem is not None or self._skeleton is None:
+                raise MisconfigurationException(
+                    "ActivationDecay(fuse_on_train_end=True) cannot gather this sharded model to fuse it"
+                    f" after the fit: {problem or 'it was sharded outside ModelParallelStrategy'}. HINT: fix"
+                    " configure_model so, or set fuse_on_train_end=False and call lp.reparameterize on the"
+                    " trained model's gathered weights (a full-state checkpoint).")
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._bounds is None:
             self._bounds = self._resolve_bounds(trainer)
@@ -299,6 +319,14 @@ class ActivationDecay(CallbackState):
                            " fused (fusing would change its outputs). HINT: train longer or set `end_step`"
                            " earlier.")
             return
+        if any(is_sharded(p) for p in pl_module.parameters()):
+            # FSDP2: every rank gathers the network into a plain copy (the fused model is whole on every rank)
+            assert self._skeleton is not None
+            network = gather_network(pl_module, traced_root(pl_module)[0], self._skeleton)
+            for module in network.modules():
+                if isinstance(module, DecayingActivation):
+                    module.lam = self.lam
+            self._skeleton = None
         before = count_layers(pl_module)
         reparameterize(pl_module)
         self._wrapped = {}
@@ -329,4 +357,5 @@ class ActivationDecay(CallbackState):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_wrapped"] = {}  # modules of this process's model; ddp_spawn workers wrap their own copy
+        state["_skeleton"] = None
         return state

@@ -66,6 +66,8 @@ class PruningCallback(CallbackState):
     #: Whether the callback computes its masks from local shards under ``ModelParallelStrategy`` (FSDP2);
     #: ``False`` (the default, for every subclass that does not say otherwise) refuses that strategy at setup.
     supports_sharding: bool = False
+    #: what the callback needs that shards do not give, said when it refuses ModelParallelStrategy
+    sharding_refusal: str | None = None
 
     def __init__(
         self,
@@ -117,7 +119,7 @@ class PruningCallback(CallbackState):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_sharding(trainer, type(self).__name__, self.supports_sharding)
+        check_sharding(trainer, type(self).__name__, self.supports_sharding, self.sharding_refusal)
         if trainer is not None and stage == "fit":
             warn_if_cannot_act(trainer, pl_module, type(self).__name__, getattr(self, "gates_sampled", False))
         if self.masks is not None and self.targets and self._targets_belong_to(pl_module):

@@ -55,18 +55,22 @@ from typing_extensions import override
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.input_shape import traced_input_size, train_batch_size
 from lightning_prune.callbacks.logging import PREFIX, counted
+from lightning_prune.callbacks.sharding import SHARDED_STRATEGY
 from lightning_prune.callbacks.shrink import (
     ShrinkSchedule,
     check_strategy,
     compress_in_fit,
+    compress_sharded_in_fit,
     log_model_size,
     recorded_removal,
+    sharded_compression_problem,
 )
 from lightning_prune.callbacks.state import seeded_generator
 from lightning_prune.core.batchnorm import batch_norms, recalibrate_batchnorm
 from lightning_prune.core.compression import round_kept
 from lightning_prune.core.gates import unit_masks
 from lightning_prune.core.importance import Importance, ImportanceContext, get_importance
+from lightning_prune.core.sharding import is_sharded, local_slice
 from lightning_prune.core.targets import Target
 from lightning_prune.functional.magnitude import kept_count
 from lightning_prune.graph import (
@@ -77,6 +81,7 @@ from lightning_prune.graph import (
     analyse_channels,
     example_inputs_for,
     failure_reason,
+    meta_copy,
     restricted_norm_hooks,
     slice_units,
     traced_root,
@@ -242,6 +247,9 @@ class ChannelPruningCallback(PruningCallback):
                              " choose the widths that meet a budget: pass one.")
         self.round_to = check_int("round_to", round_to, 1,
                                   hint="8 keeps widths multiples of 8; 1 does not round.")
+        if self.supports_sharding and self.sharding_refusal is None:
+            self.sharding_refusal = self.unsharded_choice()
+            self.supports_sharding = self.sharding_refusal is None
         self.shrink = ShrinkSchedule(compress, compress_step, compress_epoch, type(self).__name__)
         self.compress = self.shrink.enabled
         self.input_size = check_input_size("input_size", input_size)
@@ -264,6 +272,17 @@ class ChannelPruningCallback(PruningCallback):
         self._importance_rng: Tensor | None = None  # the seeded generator's state (importance="random")
         self._warned: set[str] = set()
 
+    def unsharded_choice(self) -> str | None:
+        """Why this callback's choice of units needs whole tensors (then it refuses FSDP2 at setup), or
+        ``None``: a criterion that reads the weights sees only a rank's shards, and ``target_latency`` times
+        whole-model copies."""
+        if self.criterion is not None and self.criterion.reads_weights:
+            return (f"importance={self.importance!r} ranks the units from the parameters, of which each rank"
+                    " holds only its shards (use the callback's own criterion, importance=None, or 'random')")
+        if self.target_latency is not None:
+            return "target_latency times copies of the whole model (use target_flops or target_params)"
+        return None
+
     def make_criterion(self, importance: str | Importance | None) -> Importance | None:
         """The criterion object of ``importance`` (``None``: :meth:`unit_scores`); a clear error for an
         unknown name."""
@@ -273,6 +292,9 @@ class ChannelPruningCallback(PruningCallback):
             return get_importance(importance, self.native_importance, type(self).__name__)
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
+        #: the traced network's structure on the meta device, taken at setup under ModelParallelStrategy with
+        #: compress=True: what the compressed network is rebuilt from once fully_shard has sharded it
+        self._skeleton: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------ the protocol
     def due(self, trainer: pl.Trainer) -> float | None:
@@ -489,7 +511,8 @@ class ChannelPruningCallback(PruningCallback):
         assert self.groups is not None and self.masks is not None
         self.keep = [k.to(torch.bool).cpu().clone() for k in keep]
         self.restrict_norms()
-        masks = {n: m & self.masks[n].to(m.device)
+        # (sharded parameters: the full unit masks cut to this rank's shard, as the current masks are)
+        masks = {n: local_slice(m, self.masks.param(n)) & self.masks[n].to(m.device)
                  for n, m in unit_masks(pl_module, self.groups, self.keep).items() if n in self.masks}
         if trainer is not None:
             self.update_masks(masks, trainer)
@@ -650,8 +673,24 @@ class ChannelPruningCallback(PruningCallback):
 
         if self.groups is None or self.keep is None:
             return
-        _, root = traced_root(pl_module)
+        prefix, root = traced_root(pl_module)
         removed = self.removed_units()
+        sharded = any(is_sharded(p) for p in root.parameters())
+        if sharded:  # FSDP2: gathered into a plain copy, compressed, sharded again (in the fit or at its end)
+            if trainer is None or self._skeleton is None:
+                raise MisconfigurationException(
+                    f"{type(self).__name__} cannot compress a sharded model outside a fit under"
+                    f" {SHARDED_STRATEGY}. HINT: gather the weights (a full-state checkpoint) and call"
+                    " lp.compress on an unsharded model.")
+
+            def size() -> None:
+                log_model_size(trainer, pl_module, self.traced_size, type(self).__name__, self.verbose)
+
+            compress_sharded_in_fit(trainer, pl_module, prefix, self._skeleton, self.groups, removed,
+                                    self.traced_size, before=self.restrict_norms, after=size)
+            self.shrink.removed = removed
+            self.after_compression(pl_module)
+            return
         example = example_inputs_for(root, self.traced_size)
         if in_fit and trainer is not None:  # (the restricted norms let compress prove both models equal)
             compress_in_fit(trainer, pl_module, self.groups, removed, example)
@@ -678,6 +717,13 @@ class ChannelPruningCallback(PruningCallback):
         if self.shrink.removed is not None or self.groups is None:
             return
         removed = recorded_removal(state, self.groups)
+        if any(is_sharded(p) for p in pl_module.parameters()):
+            raise MisconfigurationException(
+                f"{type(self).__name__} cannot resume this checkpoint under {SHARDED_STRATEGY}: it was"
+                " written after the units were removed inside the fit, and the sharded model (fully_shard ran"
+                " in configure_model, before the checkpoint is read) cannot take the smaller shapes. HINT:"
+                " resume it under strategy='ddp' from a full-state checkpoint (ModelParallelStrategy("
+                "save_distributed_checkpoint=False)), or compress after the fit (compress_step=1.0).")
         slice_units(pl_module, self.groups, removed)
         self.shrink.removed = removed
         self.after_compression(pl_module)
@@ -701,6 +747,9 @@ class ChannelPruningCallback(PruningCallback):
                                                  self.verbose)
         if self.shrink.enabled and trainer is not None and stage == "fit":
             check_strategy(trainer, type(self).__name__)
+            if type(trainer.strategy).__name__ == SHARDED_STRATEGY and self._skeleton is None:
+                # fully_shard runs after setup: the structure to rebuild the compressed network from
+                self._skeleton = meta_copy(traced_root(pl_module)[1])
             self.shrink.install_resume(trainer, self.state_key,
                                        lambda state: self._apply_recorded_removal(pl_module, state))
         super().setup(trainer, pl_module, stage)
@@ -736,6 +785,14 @@ class ChannelPruningCallback(PruningCallback):
             self.latency_predictor(trainer)
         if self.criterion is not None and self.criterion.needs_generator and self._importance_rng is None:
             self._importance_rng = seeded_generator(None, trainer).get_state()  # rank zero's seed everywhere
+        if self.shrink.enabled and self.shrink.removed is None and any(
+                is_sharded(p) for p in pl_module.parameters()):
+            problem = sharded_compression_problem(pl_module, traced_root(pl_module)[0])
+            if problem is not None:
+                raise MisconfigurationException(
+                    f"{type(self).__name__}(compress=True) cannot remove units from this sharded model inside"
+                    f" the fit: {problem}. HINT: fix configure_model so, or set compress=False and compress"
+                    " the trained model (lp.compress on a full-state checkpoint's weights).")
         self.shrink.resolve(trainer)
         earliest = self.decided_at_step(trainer) if self.shrink.at_step is not None else 0
         if self.shrink.at_step is not None and self.shrink.at_step < earliest:
@@ -803,4 +860,5 @@ class ChannelPruningCallback(PruningCallback):
         # process-local; ddp_spawn workers run setup again (and rebuild the cost model)
         state["_model"], state["_cost"], state["_norm_handles"] = None, None, []
         state["_latency"] = self.latency_model
+        state["_skeleton"] = None
         return state

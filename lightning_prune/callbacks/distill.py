@@ -25,9 +25,10 @@ from typing_extensions import override
 
 from lightning_prune.callbacks.logging import log_scalars
 from lightning_prune.callbacks.schedules import resolve_step, until_the_end
-from lightning_prune.callbacks.sharding import check_sharding
+from lightning_prune.callbacks.sharding import SHARDED_STRATEGY, check_sharding
 from lightning_prune.callbacks.state import CallbackState
 from lightning_prune.checkpoint_io import load_file
+from lightning_prune.core.sharding import full_copy
 from lightning_prune.core.targets import matches
 from lightning_prune.functional.distill import (
     at_least_float32,
@@ -49,8 +50,9 @@ __all__ = ["KnowledgeDistillation"]
 
 #: where the logged scalars go
 DISTILL_PREFIX = "distill"
-#: strategies whose model cannot be copied whole on every rank (the default teacher is such a copy)
-SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+#: strategies whose model cannot be copied whole on every rank (the default teacher is such a copy; under
+#: ModelParallelStrategy, FSDP2, the student's shards are gathered into a replicated teacher)
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                "_backward_pre_hooks")
@@ -308,8 +310,19 @@ class KnowledgeDistillation(CallbackState):
             raise MisconfigurationException(
                 f"KnowledgeDistillation cannot copy the model under {type(trainer.strategy).__name__}: its"
                 " parameters are sharded. HINT: pass `teacher=` (an nn.Module or a checkpoint path), or use"
+                " ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with"
+                " fully_shard in configure_model (FSDP2: the snapshot is gathered from the shards), or"
                 " strategy='ddp'.")
-        check_sharding(trainer, "KnowledgeDistillation", supported=False)
+        check_sharding(trainer, "KnowledgeDistillation", supported=True)
+        if type(trainer.strategy).__name__ == SHARDED_STRATEGY:
+            compressing = [type(cb).__name__ for cb in getattr(trainer, "callbacks", [])
+                           if getattr(getattr(cb, "shrink", None), "enabled", False)]
+            if compressing:
+                raise MisconfigurationException(
+                    f"KnowledgeDistillation cannot follow {compressing[0]}(compress=True) under"
+                    f" {SHARDED_STRATEGY}: the compression inside the fit replaces the sharded network with a"
+                    " new module tree, which the distillation hooks would no longer see. HINT: compress=False"
+                    " (the units stay masked; compress after the fit), or strategy='ddp'.")
         if isinstance(self.teacher, str):
             from lightning.fabric.utilities.cloud_io import get_filesystem
 
@@ -391,7 +404,9 @@ class KnowledgeDistillation(CallbackState):
         elif isinstance(source, nn.Module):
             teacher = self._own_part(source)
         else:
-            state = self._pending_teacher if self._pending_teacher is not None else student.state_dict()
+            # (a sharded student, FSDP2: its shards gathered whole; the teacher is replicated on every rank)
+            state = (self._pending_teacher if self._pending_teacher is not None
+                     else full_copy(student.state_dict()))
             teacher = self._architecture(student, trainer, state)
             self._load_weights(teacher, state, "the checkpoint" if self._pending_teacher is not None
                                else "the student")

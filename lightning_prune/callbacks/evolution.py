@@ -243,7 +243,10 @@ class EvolutionaryMutation(CallbackState):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_sharding(trainer, "EvolutionaryMutation", supported=False)
+        check_sharding(trainer, "EvolutionaryMutation", supported=False,
+                       why="its offspring are the whole weights plus noise, evaluated and selected on every"
+                           " rank; drawing that noise per shard from the shared seeds (so that every rank"
+                           " perturbs its part of DDP's offspring) is not implemented")
         if stage == "fit":
             self.select_parameters(pl_module)
 

@@ -85,6 +85,10 @@ class GatePruningCallback(ChannelPruningCallback):
     measures_size = True
     decision_phrase = "finalisation at step {step}"
     native_importance = "gate"
+    #: under ModelParallelStrategy (FSDP2) the gates are replicated (every rank holds all of them, their
+    #: gradients averaged as under DDP), the unit masks cut to each rank's shards and the gates folded into
+    #: the readers' shards
+    supports_sharding = True
 
     def __init__(
         self,

@@ -121,6 +121,10 @@ class OneShotPruning(PruningCallback):
         trainer = Trainer(callbacks=[OneShotPruning("channels", target_flops=0.5)])
     """
 
+    sharding_refusal = ("it prunes the whole model at one step from the weights and a calibration batch's"
+                        " activations (Wanda, SparseGPT, channels), which a rank holding shards lacks;"
+                        " gathering the model for it is not implemented")
+
     def __init__(
         self,
         method: str = "sparsegpt",

@@ -17,6 +17,7 @@ fresh_module)`` does the same from a Lightning checkpoint.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,14 +26,16 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_prune.graph import ChannelGroup, parameter_cuts
+from lightning_prune.graph import ChannelGroup, example_inputs_for, parameter_cuts
 
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
-           "compress_in_fit", "log_model_size", "pad_to_dense", "recorded_removal"]
+           "compress_in_fit", "compress_sharded_in_fit", "gather_network", "log_model_size", "pad_to_dense",
+           "recorded_removal", "sharded_compression_problem"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
-UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
-                          "XLAFSDPStrategy")
+#: (ModelParallelStrategy, FSDP2, is supported by compress_sharded_in_fit; tensor parallelism is refused by
+#: callbacks.sharding.check_sharding)
+UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "XLAStrategy", "XLAFSDPStrategy")
 
 
 def check_strategy(trainer: pl.Trainer, who: str) -> None:
@@ -41,8 +44,9 @@ def check_strategy(trainer: pl.Trainer, who: str) -> None:
     if name in UNSUPPORTED_STRATEGIES:
         raise MisconfigurationException(
             f"{who} cannot remove channels inside the fit under {name}: its parameters are sharded or"
-            " wrapped. HINT: use strategy='ddp' (or a single device), or set compress=False and call"
-            " lp.compress on the trained model.")
+            " wrapped. HINT: use strategy='ddp' (or a single device) or ModelParallelStrategy("
+            "data_parallel_size=<devices>, tensor_parallel_size=1) with fully_shard in configure_model"
+            " (FSDP2), or set compress=False and call lp.compress on the trained model.")
 
 
 def _cut(tensor: Tensor, cuts: Sequence[tuple[int, Tensor]]) -> Tensor:
@@ -154,6 +158,124 @@ def compress_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, groups: 
     carry_optimizer_state(trainer.optimizers, old, dict(pl_module.named_parameters()), cuts)
     _rewrap_ddp(trainer, pl_module)
     _hand_back_dense_weights(trainer, pl_module, cuts, dense_shapes)
+
+
+def _fsdp_units(root: nn.Module) -> list[tuple[str, dict[str, Any]]]:
+    """The submodules of ``root`` that ``fully_shard`` made FSDP units (names relative to ``root``, ``""`` =
+    itself), innermost first (the order to shard them again), each with the ``fully_shard`` arguments to
+    repeat (its mesh and mixed-precision policy)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = []
+    for name, module in root.named_modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        kwargs: dict[str, Any] = {}
+        param = next((p for p in module.parameters() if hasattr(p, "device_mesh")), None)
+        if param is not None:
+            kwargs["mesh"] = param.device_mesh
+        state = getattr(module, "_get_fsdp_state", lambda: None)()
+        policy = getattr(state, "_mp_policy", None)
+        if policy is not None:
+            kwargs["mp_policy"] = policy
+        units.append((name, kwargs))
+    return sorted(units, key=lambda u: -(u[0].count(".") + 1 if u[0] else 0))
+
+
+def sharded_compression_problem(pl_module: pl.LightningModule, prefix: str) -> str | None:
+    """Why the FSDP2 model cannot be compressed inside the fit by :func:`compress_sharded_in_fit`, or
+    ``None``: the traced network must be a submodule (``pl_module.model``) that ``fully_shard`` made an FSDP
+    unit, and no FSDP unit may lie outside it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not prefix:
+        return ("the network to compress is the LightningModule itself; hold it as a submodule (self.model)"
+                " and apply fully_shard to it (and its blocks) in configure_model")
+    root = pl_module.get_submodule(prefix)
+    if not isinstance(root, FSDPModule):
+        return (f"{prefix!r} is not an FSDP unit: apply fully_shard to it (after its blocks) in"
+                " configure_model")
+    outside = [n for n, m in pl_module.named_modules() if isinstance(m, FSDPModule)
+               and not (n == prefix or n.startswith(prefix + "."))]
+    if outside:
+        return f"FSDP units outside {prefix!r} ({outside[:3]}): shard only the network"
+    return None
+
+
+@torch.no_grad()
+def gather_network(pl_module: nn.Module, prefix: str, skeleton: nn.Module) -> nn.Module:
+    """Put an unsharded copy of the FSDP2-sharded network ``pl_module.<prefix>`` in its place and return it:
+    ``skeleton`` (the network's structure on the meta device, :func:`lightning_prune.graph.meta_copy` taken
+    before ``fully_shard``) materialised with the gathered parameters (``DTensor.full_tensor``, a collective:
+    call it on every rank) and the network's buffers. Every rank then holds the whole network."""
+    from lightning_prune.core.sharding import is_sharded
+
+    old_root = pl_module.get_submodule(prefix)
+    full = {n: (p.full_tensor() if is_sharded(p) else p.detach()) for n, p in old_root.named_parameters()}
+    buffers = dict(old_root.named_buffers())
+    device = next(iter(full.values())).device if full else torch.device("cpu")
+    new_root = copy.deepcopy(skeleton).to_empty(device=device)
+    for name, param in new_root.named_parameters():
+        param.copy_(full[name])
+    for name, buffer in new_root.named_buffers():
+        buffer.copy_(buffers[name])
+    new_root.train(old_root.training)
+    parent_name, _, attr = prefix.rpartition(".")
+    setattr(pl_module.get_submodule(parent_name) if parent_name else pl_module, attr, new_root)
+    return new_root
+
+
+@torch.no_grad()
+def compress_sharded_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str,
+                            skeleton: nn.Module, groups: Sequence[ChannelGroup],
+                            removed: Mapping[str, Sequence[int]], input_size: Sequence[int] | None,
+                            before: Callable[[], None] | None = None,
+                            after: Callable[[], None] | None = None) -> None:
+    """:func:`compress_in_fit` for a network sharded by FSDP2 (``fully_shard``) under ModelParallelStrategy.
+
+    Every rank gathers the network's parameters whole (``DTensor.full_tensor``), loads them into a fresh
+    unsharded copy of the network (``skeleton``: its structure on the meta device, taken at setup), puts it in
+    place of ``pl_module.<prefix>``, compresses it (proved on a batch of ``input_size``; ``before()`` first,
+    e.g. the restricted norms that let compress prove the outputs unchanged; ``after()`` on the compressed
+    plain network), shards it again with ``fully_shard`` (the same FSDP units, meshes and mixed-precision
+    policies) and carries every optimizer's state over: gathered, cut like its parameter, sharded like the new
+    parameter. Call it on every rank at the same step (it is a sequence of collectives). Peak memory per rank:
+    one dense copy of the network and of the optimizer state, for the duration of the call. Other callbacks
+    that hold the network's old modules lose them (the network is a new module tree).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_prune.core.compression import compress as compress_fn
+    from lightning_prune.core.sharding import full_copy, is_sharded, shard_like
+
+    units = _fsdp_units(pl_module.get_submodule(prefix))
+    old = {id(p): n for n, p in pl_module.named_parameters()}
+    new_root = gather_network(pl_module, prefix, skeleton)
+    device = next(new_root.parameters()).device
+    example_inputs = example_inputs_for(new_root, input_size)  # (what compress proves the outputs on)
+    for optimizer in trainer.optimizers:  # the state whole, like the parameters
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if is_sharded(value):
+                    state[key] = full_copy(value).to(device)  # type: ignore[union-attr]
+    if before is not None:
+        before()
+    cuts = parameter_cuts(pl_module, groups, removed)
+    was_training = pl_module.training
+    compress_fn(pl_module, example_inputs, groups=groups, removed=removed, round_to=1)
+    pl_module.train(was_training)
+    if after is not None:
+        after()
+    for name, kwargs in units:
+        fully_shard(new_root.get_submodule(name) if name else new_root, **kwargs)
+    new = dict(pl_module.named_parameters())
+    carry_optimizer_state(trainer.optimizers, old, new, cuts)
+    for optimizer in trainer.optimizers:  # sharded like the new parameters again
+        for param, state in optimizer.state.items():
+            for key, value in state.items():
+                same = isinstance(value, Tensor) and tuple(value.shape) == tuple(param.shape)
+                if same and is_sharded(param):
+                    state[key] = shard_like(value, param)
 
 
 def recorded_removal(state: Mapping[str, Any], groups: Sequence[ChannelGroup]) -> dict[str, list[int]]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.core.sharding import edit_full_, local_tensor
 from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.graph import ChannelGroup, norm_size, restricted_forward, restricted_norm_hooks
 
@@ -205,11 +206,17 @@ class GateSet:
         for group, scale in zip(self.groups, scales):
             for site in group.input_sites():
                 weight = root.get_parameter(site.weight_name)
-                values = scale.to(weight.device, weight.dtype)[torch.tensor(site.units, device=weight.device)]
-                index = torch.tensor(site.channels, device=weight.device)
+                device = local_tensor(weight).device
+                values = scale.to(device, weight.dtype)[torch.tensor(site.units, device=device)]
+                index = torch.tensor(site.channels, device=device)
                 view = [1] * weight.dim()
                 view[1] = -1
-                weight.data[:, index] *= values.reshape(view)
+
+                def fold(w: Tensor, index: Tensor = index, values: Tensor = values,
+                         view: list = view) -> None:
+                    w[:, index] *= values.reshape(view)
+
+                edit_full_(weight, fold, dims=(1,))  # sharded (FSDP2: rows): each rank folds its rows
 
     def restrict_norms(self, root: nn.Module, keep: Sequence[Tensor]) -> None:
         """Make the norm sites compute their statistics over the kept units only (what the compressed model
@@ -265,7 +272,9 @@ def unit_masks(root: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[T
         param = params.get(name)
         if param is None or not index:
             return
-        mask = masks.setdefault(name, torch.ones_like(param, dtype=torch.bool))
+        # full masks (a sharded parameter's whole shape; MaskSet.update keeps each rank's part)
+        mask = masks.setdefault(name, torch.ones(param.shape, dtype=torch.bool,
+                                                 device=local_tensor(param).device))
         mask.index_fill_(dim % param.dim(), torch.tensor(index, device=mask.device), False)
 
     for group, kept in zip(groups, keep):

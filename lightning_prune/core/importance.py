@@ -114,6 +114,9 @@ class Importance:
     needs_gradients: ClassVar[bool] = False
     #: draws from the callback's seeded generator (``context.generator``)
     needs_generator: ClassVar[bool] = False
+    #: reads the model's parameters (or their gradients): a sharded (FSDP2) model holds only shards of them,
+    #: so a channel callback refuses such a criterion under ``ModelParallelStrategy``
+    reads_weights: ClassVar[bool] = True
 
     def group_scores(self, group: ChannelGroup, context: ImportanceContext) -> Tensor | None:
         """One raw score per unit of ``group`` (float, CPU), or ``None`` to fall back to ``"weight_norm"``."""
@@ -387,6 +390,7 @@ class RandomImportance(Importance):
 
     normalize = False
     needs_generator = True
+    reads_weights = False
 
     def group_scores(self, group: ChannelGroup, context: ImportanceContext) -> Tensor | None:
         if context.generator is None:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "Reduce",
+    "edit_full_",
     "full_copy",
     "gather_full",
     "is_sharded",
@@ -163,6 +164,27 @@ def shard_position(like: Tensor) -> tuple[int, int] | None:
         return None
     mesh = like.device_mesh  # type: ignore[attr-defined]
     return int(mesh.get_coordinate()[0]), int(mesh.size(0))
+
+
+@torch.no_grad()
+def edit_full_(param: Tensor, fn: Callable[[Tensor], None], dims: Iterable[int] | None = None) -> None:
+    """Apply the in-place edit ``fn`` to ``param``'s full tensor, keeping this rank's part of the result.
+
+    ``dims`` (when given) are the dimensions ``fn`` indexes: a shard cut along none of them is edited where it
+    lies (no communication, ``fn`` sees the local shard); otherwise the full tensor is gathered (a collective
+    on every rank: call it on every rank in the same order), edited, and this rank's part written back."""
+    if not is_sharded(param):
+        fn(param.data)
+        return
+    local = local_tensor(param)
+    if dims is not None:
+        cut = {p.dim % param.dim() for p in param.placements if p.is_shard()}  # type: ignore[attr-defined]
+        if not cut & {d % param.dim() for d in dims}:
+            fn(local)
+            return
+    full = param.full_tensor()  # type: ignore[attr-defined]
+    fn(full)
+    local.copy_(local_slice(full, param))
 
 
 def full_copy(value: object) -> object:

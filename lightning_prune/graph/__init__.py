@@ -47,7 +47,7 @@ Every public name is re-exported here.
 
 from lightning_prune.graph.analysis import analyse_channels
 from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, GRAPH_TIME_LIMIT_S
-from lightning_prune.graph.cost import CostModel
+from lightning_prune.graph.cost import CostModel, meta_copy
 from lightning_prune.graph.inputs import call_model, example_inputs_for, like_model, traced_root
 from lightning_prune.graph.latency import LatencyModel, LatencyPredictor, LayerTable, measure_latency_model
 from lightning_prune.graph.layers import PRODUCER_TYPES, channel_dim  # noqa: F401 - PRODUCER_TYPES as before
@@ -73,6 +73,7 @@ __all__ = [
     "DEFAULT_ANALYSIS_TIME_LIMIT_S",
     "GRAPH_TIME_LIMIT_S",
     "CostModel",
+    "meta_copy",
     "ChannelAnalysis",
     "ChannelGroup",
     "GraphTimeoutError",

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.core.sharding import is_sharded
 from lightning_prune.graph.inputs import example_batch_size, like_model
 from lightning_prune.graph.slicing import slice_units
 from lightning_prune.graph.types import ChannelGroup, Slice, localised_group, prefixed_name, strip_prefix
 
-__all__ = ["CostModel"]
+__all__ = ["CostModel", "meta_copy"]
 
 
 class CostModel:
@@ -35,6 +36,11 @@ class CostModel:
         self.groups = list(groups)
         self.prefix = prefix
         self._model, self._example = model, example_inputs
+        # what is measured once the live model is sharded (fully_shard runs after the callbacks' setup)
+        try:
+            self._skeleton: nn.Module | None = meta_copy(model)
+        except Exception:  # noqa: BLE001 - a model deepcopy cannot copy: measured on the live model only
+            self._skeleton = None
         was_training = model.training
         model.eval()
         try:
@@ -140,7 +146,9 @@ class CostModel:
         """The same, counted by torch-pruning on a sliced copy of the model (exact, slower)."""
         from torch_pruning.utils import count_ops_and_params
 
-        small = copy.deepcopy(self._model).eval()
+        # a sharded model (FSDP2) cannot be copied and run on one rank: its shapes, on the meta device
+        sharded = self._skeleton is not None and any(is_sharded(p) for p in self._model.parameters())
+        small = copy.deepcopy(self._skeleton if sharded else self._model).eval()
         for module in small.modules():  # gates and restricted norms of the original would follow the copy
             module._forward_pre_hooks.clear()
             module._forward_hooks.clear()
@@ -148,3 +156,13 @@ class CostModel:
         slice_units(small, local, {strip_prefix(k, self.prefix): v for k, v in removed.items()})
         flops, params = count_ops_and_params(small, like_model(self._example, small))
         return float(flops) / max(self.dense_flops, 1.0), float(params) / max(self.dense_params, 1.0)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its parameters and buffers on the ``meta`` device (shapes only)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        empty = torch.empty_like(t, device="meta")
+        is_param = isinstance(t, nn.Parameter)
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if is_param else empty
+    return copy.deepcopy(model, memo)

@@ -53,11 +53,32 @@ def test_tensor_parallelism_is_refused_at_setup_by_name(size):
 
 
 def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
-    for cb in _every_callback()[2:]:
+    callbacks = _every_callback()
+    reasons = {"EvolutionaryMutation": "offspring are the whole weights plus noise",
+               "OneShotPruning": "a calibration batch's activations"}
+    for cb in (callbacks[5], callbacks[8]):  # EvolutionaryMutation, OneShotPruning
+        name = type(cb).__name__
         with pytest.raises(MisconfigurationException,
-                           match=rf"{type(cb).__name__} cannot act under ModelParallelStrategy"):
+                           match=rf"{name} cannot act under ModelParallelStrategy \(FSDP2\) yet: .*"
+                                 rf"{reasons[name]}.*HINT: use strategy='ddp'.*GroupLassoPruning"):
             cb.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
     lp.GradualMagnitudePruning().setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
+
+
+@pytest.mark.parametrize(("kwargs", "why"), [
+    ({"importance": "weight_norm"}, r"importance='weight_norm' ranks the units from the parameters"),
+    ({"importance": "taylor"}, r"importance='taylor' ranks the units from the parameters"),
+    ({"target_latency": 0.5}, r"target_latency times copies of the whole model"),
+])
+def test_a_gate_callback_refuses_fsdp2_when_its_choice_needs_whole_tensors(kwargs, why):
+    """The gates themselves are replicated, but a weight criterion would rank each rank's shards and a latency
+    target times whole-model copies: refused at setup, by name; the gates' own criterion and 'random' are
+    not."""
+    cb = lp.GroupLassoPruning(**kwargs)
+    with pytest.raises(MisconfigurationException, match=rf"GroupLassoPruning cannot act under .*{why}"):
+        cb.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
+    for fine in ({}, {"importance": "random"}, {"importance": "gate"}):
+        assert lp.L0Pruning(**fine).supports_sharding, fine
 
 
 # ---------------------------------------------------------------------------------------------- thresholds
@@ -200,12 +221,12 @@ def test_magnitude_variants_on_a_sharded_vit_prune_like_ddp(kwargs):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def _fit_with_checkpoints(root: str, distributed: bool | None, ckpt_path: str | None, steps: int = 4,
-                          epochs: int = 2, lottery: bool = False):
+                          epochs: int = 2, lottery: bool = False, model_kwargs: dict | None = None):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     pl.seed_everything(0, verbose=False)
-    model = ShardedClassifier()
+    model = ShardedClassifier(**(model_kwargs or {}))
     cb = (lp.LotteryTicket(rounds=2, epochs_per_round=1, rewind_step=2, verbose=False) if lottery else
           lp.GradualMagnitudePruning(target_sparsity=0.7, every_n_steps=2, sparsity_end_step=0.75,
                                      verbose=False))
@@ -323,3 +344,419 @@ def test_lottery_rounds_across_ranks_equal_the_single_process_ones():
             masks = prune_by_percent(weights, masks, 0.3, scope, rates)
             for name, mask in masks.items():
                 assert torch.equal(got0[name], mask) and torch.equal(got1[name], mask), (scope, name)
+
+
+# ---------------------------------------------------------------------------------------------- gates
+def _gate_model() -> nn.Module:
+    """A constructed MLP: two channel groups (7 and 16 units), rows uneven over 2 ranks (7 = 4 + 3)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+def _gate_plan():
+    """The groups, gate values and kept units of :func:`_gate_model` (the same on every rank)."""
+    from lightning_prune.core.gates import GateSet, ScaleGate
+    from lightning_prune.graph import CostModel, analyse_channels
+
+    model, example = _gate_model(), torch.randn(2, 12)
+    groups = analyse_channels(model, example).groups
+    gates = GateSet(groups, [ScaleGate(g.size) for g in groups])
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for gate in gates.gates:
+            gate.weight.copy_(torch.rand(gate.size, generator=generator) + 0.5)
+    keep = [torch.arange(g.size) % 3 != 1 for g in groups]
+    return model, example, groups, gates, keep, CostModel(model, example, groups)
+
+
+def _gates_on_shards():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_prune.core.gates import unit_masks
+
+    dist.init_process_group("gloo")
+    model, _, groups, gates, keep, cost = _gate_plan()
+    masks = MaskSet.for_targets([])
+    for name, p in model.named_parameters():
+        masks.add(name, p)
+    fully_shard(model, mesh=init_device_mesh("cpu", (2,)))  # after the plan, as configure_model after setup
+    masks.rebind(dict(model.named_parameters()))
+    gates.fold_(model)  # every rank folds its rows (no gather: the gates scale columns)
+    masks.update(unit_masks(model, groups, keep))  # full masks, each rank keeps its part
+    local_bytes = masks.memory_bytes()
+    weights = {n: p.full_tensor() for n, p in model.named_parameters()}
+    return weights, masks.state_dict(), local_bytes, cost.measured_ratios(
+        {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(groups, keep)})
+
+
+def test_gates_fold_and_unit_masks_on_shards_equal_the_single_process_ones():
+    """The gates folded into the readers' shards and the unit masks cut to each rank's shards (two ranks,
+    uneven rows) gather into the single-process weights and masks; the FLOPs measured on the meta skeleton
+    of the sharded model equal those measured on the model."""
+    from lightning_prune.core.gates import unit_masks
+
+    ranks = run_two(_gates_on_shards)
+    model, _, groups, gates, keep, cost = _gate_plan()
+    gates.fold_(model)
+    masks = unit_masks(model, groups, keep)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            model.get_parameter(name).mul_(mask)
+    ratios = cost.measured_ratios({g.name: (~k).nonzero().flatten().tolist() for g, k in zip(groups, keep)})
+    for weights, sharded_masks, local_bytes, sharded_ratios in ranks:
+        for name, p in model.named_parameters():
+            assert torch.equal(weights[name], p.detach()), name
+            expected = masks.get(name, torch.ones_like(p, dtype=torch.bool))
+            assert torch.equal(sharded_masks[name], expected), name
+        assert local_bytes <= sum(p.numel() for p in model.parameters()) / 2 + 16
+        assert sharded_ratios == ratios and ratios[0] < 1
+
+
+def _gate_fit(kind: str, cls: str, callback_kwargs: dict, steps: int = 6):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier()
+    strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2"
+                else "ddp")
+    cb = getattr(lp, cls)(verbose=False, finalize_step=3, round_to=1, **callback_kwargs)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1,
+                         limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=[cb])
+    trainer.fit(model, datamodule=tiny_datamodule())
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    return (cb.masks.state_dict(), weights, cb.keep, cb.gateset.state_dict()["gates"], cb.size_metrics(),
+            cb.masks.memory_bytes(), cb.finalized)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls, kwargs", [
+    ("GroupLassoPruning", {"lam": 0.05, "gate_lr": 1.0, "target_flops": 0.5}),
+    ("L0Pruning", {"lam": 0.5, "gate_lr": 0.5, "target_flops": 0.5}),
+    ("GroupLassoPruning", {"lam": 0.05, "gate_lr": 1.0, "prune_threshold": 0.72, "capture_threshold": 0.0}),
+], ids=["group-lasso-flops", "l0-flops", "group-lasso-threshold"])
+def test_gates_on_a_sharded_vit_train_and_finalise_like_ddp(cls, kwargs):
+    """GroupLassoPruning and L0Pruning under ModelParallelStrategy with fully_shard (timm's test ViT): the
+    replicated gates trained on the sharded model (gradients averaged as under DDP) finalise at step 3 into
+    the DDP run's kept units and masks on every rank, the gates folded into the shards; 3 more steps of
+    fine-tuning keep the DDP run's weights (float32: compared within a tolerance)."""
+    fsdp = run_two(_gate_fit, "fsdp2", cls, kwargs)
+    ddp = run_two(_gate_fit, "ddp", cls, kwargs)
+    masks, weights, keep, gates, size, mask_bytes, finalized = fsdp[0]
+    ddp_masks, ddp_weights, ddp_keep, ddp_gates, ddp_size, ddp_bytes, _ = ddp[0]
+    assert finalized and 0 < sum(int(k.sum()) for k in keep) < sum(k.numel() for k in keep)
+    for rank in fsdp:  # every rank finalised alike
+        assert all(torch.equal(a, b) for a, b in zip(rank[2], ddp_keep))
+        assert rank[1].keys() == ddp_weights.keys()
+    assert masks.keys() == ddp_masks.keys() and len(masks) > 4
+    for name in masks:
+        assert torch.equal(masks[name], ddp_masks[name]) and torch.equal(fsdp[1][0][name], masks[name]), name
+        assert torch.all(weights[name][~masks[name]] == 0), name
+    assert size == ddp_size and size["prune/flops_remaining"] < 0.75  # measured on the meta skeleton
+    assert mask_bytes <= 0.55 * ddp_bytes
+    for gate, ddp_gate in zip(gates, ddp_gates):
+        for key in gate:
+            torch.testing.assert_close(gate[key], ddp_gate[key], rtol=1e-4, atol=1e-5)
+    for name, w in ddp_weights.items():
+        torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- compression
+class _Net(nn.Module):
+    """A container holding the network as ``.model`` (what compress_sharded_in_fit swaps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _gate_model()
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def _compressed(sharded: bool):
+    """Momentum SGD for 2 steps, the MLP's units 1, 4 (and 1, 4, 7, ...) removed, 2 more steps: the gathered
+    weights, momentum buffers and local shapes."""
+    from types import SimpleNamespace
+
+    from lightning_prune.callbacks.shrink import compress_in_fit, compress_sharded_in_fit
+    from lightning_prune.core.gates import unit_masks
+    from lightning_prune.core.sharding import local_slice
+    from lightning_prune.graph import analyse_channels, meta_copy
+
+    net = _Net().double()
+    groups = analyse_channels(net, torch.randn(2, 12, dtype=torch.float64)).groups
+    removed = {g.name: list(range(1, g.size, 3)) for g in groups}
+    skeleton = meta_copy(net.model)
+    if sharded:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (2,))
+        fully_shard(net.model[2], mesh=mesh)
+        fully_shard(net.model, mesh=mesh)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    trainer = SimpleNamespace(optimizers=[optimizer], strategy=None)
+    data = torch.randn(4, 2, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def step(x):
+        optimizer.zero_grad()
+        net(x).square().mean().backward()
+        optimizer.step()
+
+    for x in data[:2]:
+        step(x)
+    keep = [~torch.isin(torch.arange(g.size), torch.tensor(removed[g.name])) for g in groups]
+    with torch.no_grad():  # the removed units dead (as a callback's masks leave them)
+        for name, mask in unit_masks(net, groups, keep).items():
+            param = net.get_parameter(name)
+            local_tensor(param).mul_(local_slice(mask, param))
+    problems = None
+    if sharded:
+        from lightning_prune.callbacks.shrink import sharded_compression_problem
+
+        problems = [sharded_compression_problem(net, prefix) for prefix in ("model", "", "model.0")]
+        compress_sharded_in_fit(trainer, net, "model", skeleton, groups, removed, (12,))
+    else:
+        compress_in_fit(trainer, net, groups, removed, torch.randn(2, 12, dtype=torch.float64))
+    for x in data[2:]:
+        step(x)
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t.detach()  # noqa: E731
+    return ({n: full(p) for n, p in net.named_parameters()},
+            {n: full(optimizer.state[p]["momentum_buffer"]) for n, p in net.named_parameters()},
+            {n: tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
+             for n, p in net.named_parameters()}, problems)
+
+
+def test_in_fit_removal_on_shards_equals_the_dense_removal():
+    """compress_sharded_in_fit (gather, compress a plain copy, fully_shard it again, the momentum gathered,
+    cut and sharded again) then 2 more steps, in float64: the weights and momentum of compress_in_fit on the
+    unsharded network, each rank holding half of the smaller tensors."""
+    ranks = run_two(_compressed, True)
+    weights, momentum, shapes, _ = _compressed(False)
+    assert shapes["model.0.weight"] == (5, 12)  # 7 units, 2 removed
+    for got_weights, got_momentum, _, problems in ranks:
+        assert problems[0] is None  # (what the callback checks at fit start)
+        assert "the LightningModule itself" in problems[1] and "'model.0' is not an FSDP unit" in problems[2]
+        for name, w in weights.items():
+            torch.testing.assert_close(got_weights[name], w, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got_momentum[name], momentum[name], rtol=1e-12, atol=1e-12)
+    assert ranks[0][2]["model.0.weight"] == (3, 12) and ranks[1][2]["model.0.weight"] == (2, 12)
+    assert ranks[0][2]["model.2.weight"][0] + ranks[1][2]["model.2.weight"][0] == shapes["model.2.weight"][0]
+
+
+def _compress_fit(kind: str, steps: int = 4, epochs: int = 2):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier(optimizer="adamw", lr=1e-3)
+    strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2"
+                else "ddp")
+    cb = lp.GroupLassoPruning(verbose=False, finalize_step=3, round_to=1, compress=True, lam=0.05,
+                              gate_lr=1.0, target_flops=0.5)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs,
+                         limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=[cb])
+    trainer.fit(model, datamodule=tiny_datamodule())
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t.detach()  # noqa: E731
+    opt = trainer.optimizers[0]
+    return ({n: full(p).clone() for n, p in model.named_parameters()},
+            {n: {k: full(v).clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()},
+            {n: tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
+             for n, p in model.named_parameters()},
+            cb.keep, cb.shrink.removed, trainer.global_step, len(opt.param_groups[0]["params"]))
+
+
+@pytest.mark.slow
+def test_in_fit_removal_on_a_sharded_vit_continues_like_ddp():
+    """GroupLassoPruning(compress=True, target_flops=0.5) under ModelParallelStrategy with fully_shard: the
+    units are removed at step 3 inside the fit (the network gathered, compressed, sharded again, AdamW's
+    moments carried), and 5 more steps train the smaller sharded network as DDP trains its compressed one
+    (float32: within a tolerance); each rank holds about half of every smaller tensor."""
+    fsdp = run_two(_compress_fit, "fsdp2")
+    ddp = run_two(_compress_fit, "ddp")
+    weights, state, shapes, keep, removed, step, n_params = fsdp[0]
+    ddp_weights, ddp_state, ddp_shapes, ddp_keep, ddp_removed, ddp_step, ddp_n = ddp[0]
+    assert step == ddp_step == 8 and removed == ddp_removed and any(removed.values())
+    assert all(torch.equal(a, b) for a, b in zip(keep, ddp_keep)) and n_params == ddp_n
+    assert weights.keys() == ddp_weights.keys()
+    for name, w in ddp_weights.items():
+        assert weights[name].shape == w.shape, name  # the compressed shapes
+        torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5)
+        for key, value in ddp_state[name].items():
+            torch.testing.assert_close(state[name][key], value, rtol=1e-4, atol=1e-5)
+        if w.dim() and w.shape[0] > 1:
+            assert shapes[name][0] + fsdp[1][2][name][0] == w.shape[0] and shapes[name][1:] == w.shape[1:]
+    assert ddp_shapes["model.patch_embed.proj.weight"][0] < 64  # the residual stream lost channels too
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+def _distill_fit(kind: str, steps: int = 4):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier()
+    strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2"
+                else "ddp")
+    kd = KnowledgeDistillation(alpha=1.0, temperature=2.0, features=["blocks.1"], verbose=False)
+    pruning = lp.GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=1, sparsity_end_step=2,
+                                         verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1,
+                         limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=[pruning, kd])
+    trainer.fit(model, datamodule=tiny_datamodule())
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    teacher = {k: v.detach().clone() for k, v in kd.teacher_module.state_dict().items()}
+    return weights, teacher, any(hasattr(v, "full_tensor") for v in kd.teacher_module.state_dict().values())
+
+
+@pytest.mark.slow
+def test_distillation_on_a_sharded_vit_trains_like_ddp():
+    """KnowledgeDistillation (the default teacher: the student's shards gathered at fit start into a frozen,
+    replicated copy; logits and FitNets hints) beside GradualMagnitudePruning under ModelParallelStrategy:
+    the DDP run's teacher and weights (float32: within a tolerance)."""
+    fsdp = run_two(_distill_fit, "fsdp2")
+    ddp = run_two(_distill_fit, "ddp")
+    (weights, teacher, sharded_teacher), (ddp_weights, ddp_teacher, _) = fsdp[0], ddp[0]
+    assert not sharded_teacher  # replicated
+    for name, w in ddp_teacher.items():
+        assert torch.equal(teacher[name], w), name  # the dense initial student on both
+    for name, w in ddp_weights.items():
+        torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(ddp_weights["model.head.weight"], ddp_teacher["head.weight"])
+
+
+def test_distillation_refuses_a_compressing_callback_under_fsdp2():
+    teacher = nn.Linear(2, 2)
+    trainer = _fake_trainer("ModelParallelStrategy")
+    trainer.callbacks = [lp.GroupLassoPruning(compress=True), KnowledgeDistillation(teacher=teacher)]
+    with pytest.raises(MisconfigurationException, match=r"cannot follow GroupLassoPruning\(compress=True\)"):
+        trainer.callbacks[1].setup(trainer, tiny_classifier(), "fit")
+
+
+# ------------------------------------------------------------------------------------------- activation decay
+def _decay_fit(kind: str, steps: int = 4):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_prune.core.reparam import count_layers
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier()
+    strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2"
+                else "ddp")
+    decay = ActivationDecay(end_step=2, fuse_on_train_end=True, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1,
+                         limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=[decay])
+    trainer.fit(model, datamodule=tiny_datamodule())
+    state = model.state_dict()
+    sharded = any(hasattr(v, "full_tensor") for v in state.values())
+    return {k: v.detach().clone() for k, v in state.items()}, count_layers(model), sharded, decay.lam
+
+
+@pytest.mark.slow
+def test_activation_decay_on_a_sharded_vit_fuses_a_gathered_model_like_ddp():
+    """ActivationDecay(fuse_on_train_end=True) under ModelParallelStrategy: λ rises on the sharded model, and
+    at the end of training every rank gathers the network into a plain copy and fuses it: the DDP run's fused
+    model (float32: within a tolerance), whole on every rank."""
+    fsdp = run_two(_decay_fit, "fsdp2")
+    ddp = run_two(_decay_fit, "ddp")
+    (state, layers, sharded, lam), (ddp_state, ddp_layers, _, _) = fsdp[0], ddp[0]
+    assert lam == 1.0 and not sharded and layers == ddp_layers and state.keys() == ddp_state.keys()
+    for name, value in ddp_state.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fsdp[1][0][name], value, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def _baseline_fit(kind: str, name: str, kwargs: dict, steps: int = 4):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    import lightning_prune_baselines as baselines
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier()
+    strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2"
+                else "ddp")
+    cb = getattr(baselines, name)(verbose=False, seed=3, **kwargs) if name != "FirstKChannels" else \
+        baselines.FirstKChannels(verbose=False, **kwargs)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=2,
+                         limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=[cb])
+    trainer.fit(model, datamodule=tiny_datamodule())
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    return cb.masks.state_dict(), weights, cb.masks.memory_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kwargs", [
+    ("RandomUnstructured", {"target_sparsity": 0.6, "every_n_steps": 2, "sparsity_end_step": 0.5}),
+    ("RandomChannels", {"target_sparsity": 0.5, "every_n_steps": 2, "sparsity_end_step": 0.5}),
+    ("FirstKChannels", {"target_sparsity": 0.5, "prune_step": 2, "compress": True}),
+])
+def test_baselines_on_a_sharded_vit_prune_like_ddp(name, kwargs):
+    """The baselines plugin under ModelParallelStrategy: random masks drawn over the full tensors from the
+    shared generator (RandomUnstructured), random and first-k channel units (FirstKChannels compressing inside
+    the sharded fit): the DDP run's masks bit for bit, its weights within a tolerance."""
+    fsdp = run_two(_baseline_fit, "fsdp2", name, kwargs)
+    ddp = run_two(_baseline_fit, "ddp", name, kwargs)
+    (masks, weights, mask_bytes), (ddp_masks, ddp_weights, ddp_bytes) = fsdp[0], ddp[0]
+    assert masks.keys() == ddp_masks.keys() and len(masks) > 4
+    pruned = 0
+    for key in masks:
+        assert torch.equal(masks[key], ddp_masks[key]) and torch.equal(fsdp[1][0][key], masks[key]), key
+        pruned += int((~masks[key]).sum())
+    assert pruned > 0 or kwargs.get("compress")
+    assert mask_bytes <= 0.55 * ddp_bytes
+    for key, w in ddp_weights.items():
+        torch.testing.assert_close(weights[key], w, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2 <-> DDP
+@pytest.mark.slow
+@pytest.mark.parametrize("written, resumed", [(False, None), (None, False)],
+                         ids=["fsdp2-full-to-ddp", "ddp-to-fsdp2"])
+def test_a_full_state_checkpoint_resumes_across_fsdp2_and_ddp(tmp_path, written, resumed):
+    """A full-state checkpoint of ModelParallelStrategy (save_distributed_checkpoint=False) resumes mid-epoch
+    under DDP, and a DDP checkpoint under ModelParallelStrategy (AdamW's moments included): the uninterrupted
+    run's masks and weights."""
+    adam = {"optimizer": "adamw", "lr": 1e-3}
+    full = run_two(_fit_with_checkpoints, str(tmp_path / "full"), written, None, 4, 2, False, adam)
+    ckpt = tmp_path / "full" / "ckpt" / "step=3.ckpt"
+    assert ckpt.is_file()
+    again = run_two(_fit_with_checkpoints, str(tmp_path / "resumed"), resumed, str(ckpt), 4, 2, False, adam)
+    (state, weights), (resumed_state, resumed_weights) = full[0], again[0]
+    assert state["last_update"] == 8 and state["masks"]
+    for name, mask in state["masks"].items():
+        assert torch.equal(mask, resumed_state["masks"][name]), name
+    for name, w in weights.items():  # (the same reductions on 2 CPU ranks: equal; a tolerance for others)
+        torch.testing.assert_close(resumed_weights[name], w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sharded_checkpoint_is_refused_outside_fsdp2_with_the_reason(tmp_path):
+    """A directory of torch.distributed.checkpoint shards under DDP: the reason and what to do, not
+    IsADirectoryError."""
+    (tmp_path / "step=3.ckpt").mkdir()
+    (tmp_path / "step=3.ckpt" / ".metadata").write_bytes(b"")
+    loaded = []
+    strategy = type("DDPStrategy", (), {"load_checkpoint": lambda self, path, *a, **k: loaded.append(path)})()
+    trainer = type("T", (), {"strategy": strategy})()
+    lp.GradualMagnitudePruning().setup(trainer, tiny_classifier(), "fit")
+    lp.GradualMagnitudePruning(scope="layer").setup(trainer, tiny_classifier(), "fit")  # (guarded once)
+    with pytest.raises(MisconfigurationException, match=r"sharded \(distributed\) checkpoint of"
+                       r" ModelParallelStrategy .*DDPStrategy reads one-file checkpoints only. HINT:"
+                       r" resume it under ModelParallelStrategy, or write full-state checkpoints"):
+        strategy.load_checkpoint(tmp_path / "step=3.ckpt")
+    strategy.load_checkpoint(tmp_path / "one-file.ckpt")
+    assert loaded == [tmp_path / "one-file.ckpt"]

@@ -94,6 +94,10 @@ class ChannelBaseline(BaselineMixin, ChannelPruningCallback):
     #: FLOPs and parameters of the kept units are counted (logged, and said in the console line)
     measures_size = True
     no_group_hint = "check `include`/`exclude`, or use a weight-level baseline (random_unstructured)."
+    #: the units are chosen without reading the weights (positions, the shared generator), so under
+    #: ModelParallelStrategy (FSDP2) the base cuts the unit masks to each rank's shards and compresses in the
+    #: fit (lightning_prune.callbacks.shrink.compress_sharded_in_fit)
+    supports_sharding = True
 
     @override
     def decide(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule,

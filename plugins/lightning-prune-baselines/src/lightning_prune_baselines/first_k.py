@@ -32,6 +32,7 @@ class FirstKImportance(Importance):
     units go); a control, as the Habr article's."""
 
     normalize = False
+    reads_weights = False
 
     def group_scores(self, group: ChannelGroup, context: ImportanceContext) -> Tensor | None:
         return torch.arange(group.size, dtype=torch.float64)

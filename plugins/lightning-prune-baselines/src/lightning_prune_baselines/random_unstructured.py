@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.core.sharding import gather_full
 from lightning_prune_baselines._base import ScheduledBaselinePruning
 from lightning_prune_baselines.channels import nested_random_keep
 
@@ -39,11 +40,15 @@ class RandomUnstructured(ScheduledBaselinePruning):
     """
 
     channel_wise = False
+    #: under ModelParallelStrategy (FSDP2) the draws are made over each weight's full mask (gathered, 1 byte
+    #: per weight, one tensor at a time) from the shared generator, so every rank keeps its part of DDP's mask
+    supports_sharding = True
 
     @override
     def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
         assert self.masks is not None
         generator = self.generator()
-        new = {n: nested_random_keep(self.masks[n], sparsity, generator) for n in self.weight_names}
+        new = {n: nested_random_keep(gather_full(self.masks[n], self.masks.param(n)), sparsity, generator)
+               for n in self.weight_names}
         self.save_generator(generator)
         return new
