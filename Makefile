@@ -23,14 +23,19 @@ demo: setup
 # The core's tests and, beside them, those of the plugin distributions installed by `setup`.
 TESTS := tests plugins/lightning-prune-baselines/tests
 
+# Each test runs at one torch thread, so the suite runs on every core (pytest-xdist: one worker per logical
+# CPU, at most 4); PYTEST_WORKERS=0 runs it in this process.
+PYTEST_WORKERS ?= logical
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --maxprocesses 4
+
 # Lint first (ruff, configured in pyproject.toml), then the tests and the package's docstring examples.
 test: setup
 	$(VENV)/bin/ruff check lightning_prune plugins tests benchmarks
-	OMP_NUM_THREADS=1 WANDB_MODE=offline $(VENV)/bin/python -m pytest -q --doctest-modules lightning_prune $(TESTS)
+	OMP_NUM_THREADS=1 WANDB_MODE=offline $(VENV)/bin/python -m pytest -q $(PYTEST_PARALLEL) --doctest-modules lightning_prune $(TESTS)
 
 test-all: setup
 	$(VENV)/bin/ruff check lightning_prune plugins tests benchmarks
-	OMP_NUM_THREADS=1 WANDB_MODE=offline $(VENV)/bin/python -m pytest -q -m "" --doctest-modules lightning_prune $(TESTS)
+	OMP_NUM_THREADS=1 WANDB_MODE=offline $(VENV)/bin/python -m pytest -q $(PYTEST_PARALLEL) -m "" --doctest-modules lightning_prune $(TESTS)
 
 bench: setup
 	$(VENV)/bin/python benchmarks/overhead.py
