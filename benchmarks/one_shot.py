@@ -211,7 +211,8 @@ def run_seed(args: argparse.Namespace, seed: int, save: Any = None) -> list[dict
                flops: float | None) -> None:
         acc = accuracy(model, evaluate)
         tuned = None
-        if args.finetune_epochs:
+        if args.finetune_epochs and (not args.finetune_methods
+                                     or any(method.startswith(m) for m in args.finetune_methods)):
             pl.seed_everything(seed, verbose=False)
             finetune(model, masks, data.train_dataloader(), args.finetune_epochs, args.finetune_lr)
             tuned = accuracy(model, evaluate)
@@ -300,15 +301,15 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | method | setting | seeds | FLOPs left | acc, no fine-tune | Δ vs dense | acc after"
-             " fine-tune | Δ vs dense |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| data | model | method | setting | seeds | FLOPs left | acc, no fine-tune | Δ vs dense | acc"
+             " after fine-tune | Δ vs dense |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for a in aggregate(rows):
+        head = f"| {a['data']} | {a['model']} | {a['method']} | {a['setting']} | {len(a['seeds'])}"
         flops = f"{a['flops_remaining']:.3f}" if a["flops_remaining"] is not None else "-"
         if a["errors"]:
-            lines.append(f"| {a['model']} | {a['method']} | {a['setting']} | {len(a['seeds'])} | - |"
-                         f" failed: {'; '.join(a['errors'])[:100]} | - | - | - |")
+            lines.append(f"{head} | - | failed: {'; '.join(a['errors'])[:100]} | - | - | - |")
             continue
-        lines.append(f"| {a['model']} | {a['method']} | {a['setting']} | {len(a['seeds'])} | {flops}"
+        lines.append(f"{head} | {flops}"
                      f" | {_stat(a['acc'])} | {'-' if a['method'] == 'dense' else _stat(a['delta'])}"
                      f" | {_stat(a['acc_finetuned'])}"
                      f" | {'-' if a['method'] == 'dense' else _stat(a['delta_finetuned'])} |")
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-batches", type=int, default=4)
     parser.add_argument("--finetune-epochs", type=int, default=0)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--finetune-methods", nargs="*", default=None,
+                        help="fine-tune only the methods starting with these (default: all)")
     parser.add_argument("--methods", nargs="*", default=None, help="only these methods (default: all)")
     parser.add_argument("--tp-importance", nargs="*", default=["l2", "taylor"], choices=["l2", "taylor"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
