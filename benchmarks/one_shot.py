@@ -5,13 +5,14 @@ reused by every later run with the same model, data, recipe and seed), then prun
 :func:`lightning_prune.prune_one_shot` from ``--calibration-batches`` training batches and reports the
 evaluation accuracy without fine-tuning and after ``--finetune-epochs`` epochs of SGD (masks kept).
 
-    # the issue's runs: the shapes data (issue 24), 3 seeds, one epoch of fine-tuning
-    python benchmarks/one_shot.py --data shapes --model convnext_atto --epochs 8 --seeds 0 1 2 \\
-        --finetune-epochs 1 --out one_shot
-    python benchmarks/one_shot.py --data shapes --model vit_tiny_patch16_224 \\
-        --model-kwargs '{"img_size": 32}' --optimizer adamw --lr 0.001 --seeds 0 1 2 --finetune-epochs 1 \\
-        --out one_shot
-    python benchmarks/one_shot.py --out one_shot --merge runs/*.json    # merge runs; the mean +- std table
+    # the runs of benchmarks/results/one_shot.md (one file per run, then merged)
+    python benchmarks/one_shot.py --data digits --batch-size 32 --model resnet50 --epochs 8 --seeds 0 \\
+        --finetune-epochs 1 --finetune-methods channels torch-pruning --out /tmp/r50.json
+    python benchmarks/one_shot.py --data digits --batch-size 32 --model vit_tiny_patch16_224 \\
+        --model-kwargs '{"img_size": 32}' --epochs 10 --seeds 0 1 2 --finetune-epochs 1 --out /tmp/vit.json
+    python benchmarks/one_shot.py --data shapes --train-size 4000 --test-size 1000 --batch-size 64 \\
+        --model convnext_atto --optimizer adamw --lr 0.002 --epochs 8 --finetune-epochs 1 --out /tmp/cnx.json
+    python benchmarks/one_shot.py --out one_shot --merge /tmp/r50.json /tmp/vit.json /tmp/cnx.json  # table
     # the first, digits-only runs
     python benchmarks/one_shot.py --model test_resnet --epochs 4 --finetune-epochs 1
 
