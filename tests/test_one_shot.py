@@ -55,6 +55,38 @@ def test_wanda_scores_against_a_hand_computation():
     assert torch.equal(model[0].weight, w * result.masks["0.weight"])
 
 
+def test_wanda_on_a_conv_scores_each_input_channel_at_each_kernel_position():
+    """A conv's Wanda norm is ``||X_j||`` of column j of the unfolded input (an input channel at one kernel
+    position, zero padding included), computed here by a loop over output positions, not ``F.unfold``: so a
+    tap that only ever reads padding scores 0 and is pruned first. (The reference implementation,
+    locuslab/wanda, prunes Linear layers only; one norm per input channel, expanded over the kernel, would
+    rank those taps like the live ones.)"""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=False)
+    x = torch.randn(3, 4, 5, 5)
+    padded = nn.functional.pad(x, (1, 1, 1, 1)).double()
+    norms = torch.zeros(2, 2, 3, 3, dtype=torch.float64)  # (group, channel in group, ky, kx)
+    for oy in range(3):
+        for ox in range(3):
+            patch = padded[:, :, 2 * oy:2 * oy + 3, 2 * ox:2 * ox + 3]  # (n, 4, 3, 3)
+            norms += (patch ** 2).sum(0).reshape(2, 2, 3, 3)
+    norms = norms.sqrt().reshape(2, 18)
+    w = conv.weight.detach().double().reshape(2, 3, 18)
+    score = (w.abs() * norms[:, None]).reshape(6, 18)
+    expected = torch.zeros(6, 18, dtype=torch.bool).scatter_(1, score.topk(9, dim=1).indices, True)
+    result = prune_one_shot(nn.Sequential(conv), [x], method="wanda", target_sparsity=0.5,
+                            calibration_batches=1)
+    assert torch.equal(result.masks["0.weight"], expected.reshape(6, 2, 3, 3))
+    # a 1x1 map: the 8 outer taps of a padded 3x3 conv read only zeros; Wanda prunes them, the output is exact
+    conv = nn.Conv2d(4, 3, 3, padding=1, bias=False)
+    x = torch.randn(8, 4, 1, 1)
+    dense = conv(x).detach()
+    result = prune_one_shot(nn.Sequential(conv), [x], method="wanda", target_sparsity=0.5,
+                            calibration_batches=1)
+    assert result.masks["0.weight"][:, :, 1, 1].all()
+    assert torch.allclose(conv(x), dense) and result.errors["0"] == 0.0
+
+
 def _reference_sparsegpt(w, h, sparsity, block, damping, nm=None):
     """SparseGPT from the paper's equations, without lazy batches or Cholesky: at column i the inverse Hessian
     of the remaining columns F = {i, ..} is computed afresh, the weight is pruned or kept, and the error is
