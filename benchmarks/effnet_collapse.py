@@ -53,11 +53,17 @@ def main() -> None:
     parser.add_argument("--reinit", type=int, default=1, help="1: head_init='fan_in' (default), 0: 'timm'")
     parser.add_argument("--kw", default="{}", help="more GroupLassoPruning arguments, as JSON")
     parser.add_argument("--stop", type=int, default=0, help="1: stop right after finalisation")
+    parser.add_argument("--data", default="shapes", choices=["shapes", "digits"],
+                        help="digits: lp.DigitsDataModule (where the collapse was first measured)")
+    parser.add_argument("--dense", type=int, default=0, help="1: no pruning (the dense reference)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    data = lp.ShapesDataModule(batch_size=64, train_size=args.train_size, difficulty=args.difficulty,
-                               test_size=1000)
+    if args.data == "digits":
+        data = lp.DigitsDataModule(batch_size=64, seed=0)
+    else:
+        data = lp.ShapesDataModule(batch_size=64, train_size=args.train_size, difficulty=args.difficulty,
+                                   test_size=1000)
     data.setup("fit")
     model = lp.ImageClassifier(args.model, num_classes=10, lr=args.lr,
                                head_init="fan_in" if args.reinit else "timm")
@@ -148,10 +154,10 @@ def main() -> None:
     started = time.process_time()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, callbacks=[cb, Probe()])
+                         limit_val_batches=0, callbacks=[] if args.dense else [cb, Probe()])
     trainer.fit(model, datamodule=data)
     out["final"], out["final_recal"] = acc(model), recalibrated_acc(model)
-    out["size"] = cb.size_metrics()
+    out["size"] = {} if args.dense else cb.size_metrics()
     out["cpu_min"] = (time.process_time() - started) / 60
     print("RESULT", json.dumps(out), flush=True)
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
