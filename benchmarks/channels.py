@@ -1,29 +1,34 @@
-"""Channel pruning to a FLOPs budget on the embedded digits: group-LASSO gates against torch-pruning.
+"""Channel pruning to a FLOPs budget on ``lp.ShapesDataModule``: group-LASSO gates against torch-pruning.
 
-For each model (timm ``resnet18``, ``resnet50``, ``efficientnet_b0``, ``convnext_atto``,
-``vit_tiny_patch16_224`` at 32x32) and each budget (``target_flops`` 0.5 and 0.25 of the dense FLOPs,
-torch-pruning's ``count_ops_and_params``):
+For each model (timm ``resnet18``, ``resnet50``, ``efficientnet_b0``, ``mobilenetv3_large_100``,
+``regnety_002``, ``convnext_atto``, ``vit_tiny_patch16_224`` at 32x32), each seed (``--seeds``) and each
+budget (``target_flops`` 0.5 and 0.25 of the dense FLOPs, torch-pruning's ``count_ops_and_params``):
 
-* **dense**: ``E`` epochs of SGD (cosine LR), the reference;
+* **dense**: ``E`` epochs of SGD (cosine LR) from scratch, the reference;
 * **ours**: ``GroupLassoPruning(target_flops=t, finalize_step=0.5, compress=True)``: the same ``E`` epochs; at
   the middle the units with the largest gates that fit the budget are kept (widths rounded to 8), the rest are
-  removed at the end; the second half fine-tunes;
-* **torch-pruning**: the dense run's weights at ``E/2`` epochs, pruned by ``tp.pruner.MetaPruner`` with
-  ``GroupMagnitudeImportance`` (``round_to=8``; whole heads for the ViT, the model's ``num_heads`` updated) to
-  the same FLOPs (its ``pruning_ratio`` found by bisection), then fine-tuned ``E/2`` epochs: the same budget.
+  removed; the second half fine-tunes the compressed model;
+* **torch-pruning**: the dense run's weights at ``E/2`` epochs, pruned by ``tp.pruner.MetaPruner`` with its
+  best settings -- ``TaylorImportance`` (first-order Taylor, gradients of the loss summed over
+  ``--taylor-batches`` training batches), ``global_pruning=True``, ``round_to=8``; whole heads for the ViT,
+  the model's ``num_heads`` updated -- to the same FLOPs (its ``pruning_ratio`` found by bisection), then
+  fine-tuned ``E/2`` epochs with a fresh optimizer and cosine schedule: the same training budget.
 
-Every model is measured in the same process: test accuracy, parameters, FLOPs, and CPU latency at batch 1 and
-64 on one thread -- thread CPU time (``time.thread_time``) per forward, the dense and the pruned models
-interleaved, medians of ``--reps`` repetitions -- as ratios to the dense model's. The goal: latency ratio
-within 1.25x the FLOPs ratio at batch 64. Also: whether kept widths rounded to 8 or to 16 run faster
-(``--round-to-sweep``).
+All in one process, on the same data (``data_seed`` 0; ``--train-size`` training images, 2,000 test images,
+``--difficulty``), each seed seeding the weights and the shuffling of all three methods. Per row: test
+accuracy, parameters, FLOPs, and CPU latency at batch 1 and 64 on one thread -- thread CPU time
+(``time.thread_time``) per forward, the dense and the pruned models interleaved, medians of ``--reps``
+repetitions -- as ratios to the dense model's. The summary gives, per model and budget, the mean and
+standard deviation over seeds and the *paired* differences (ours - torch-pruning, ours - dense; the same seed
+on both sides).
 
 Usage::
 
-    python benchmarks/channels.py                     # all five models, E=6 (about 40 minutes on 2 CPU cores)
-    python benchmarks/channels.py --models resnet18 --epochs 4
+    python benchmarks/channels.py --models resnet18 efficientnet_b0 --targets 0.5 --seeds 0 1 2
+    python benchmarks/channels.py --merge a.json b.json --out channels-shapes   # nothing is trained
 
-Writes ``benchmarks/results/channels.{json,md,png}``.
+Writes ``benchmarks/results/<out>.{json,md}`` (default ``channels-shapes``; rows of the same model, seed,
+method and target already there are replaced).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch_pruning as tp  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 import lightning_prune as lp  # noqa: E402
 from lightning_prune.graph import analyse_channels, slice_units  # noqa: E402
@@ -53,6 +59,8 @@ MODELS = {
     "resnet18": {},
     "resnet50": {},
     "efficientnet_b0": {},
+    "mobilenetv3_large_100": {},
+    "regnety_002": {},
     "convnext_atto": {},
     "vit_tiny_patch16_224": {"img_size": 32},
 }
@@ -67,6 +75,8 @@ def trainer(epochs: int, callbacks=(), root: str = "runs/bench_channels") -> pl.
 
 
 def classifier(name: str, lr: float) -> lp.ImageClassifier:
+    """(``ImageClassifier``'s default ``head_init="fan_in"``: timm's EfficientNet/MobileNet classifier init
+    left ``mobilenetv3_large_100`` at chance here.)"""
     return lp.ImageClassifier(name, num_classes=10, optimizer="sgd", lr=lr, weight_decay=5e-4,
                               scheduler="cosine", model_kwargs=MODELS[name])
 
@@ -99,21 +109,36 @@ def latency(models: dict[str, torch.nn.Module], batch: int, reps: int, inner: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def torch_pruning_at(net: torch.nn.Module, target: float,
-                     dense_flops: float) -> tuple[torch.nn.Module, float]:
-    """torch-pruning's MetaPruner (GroupMagnitudeImportance, round_to=8) at ``target`` of the FLOPs: the
-    ``pruning_ratio`` by bisection on copies; returns the pruned copy and the ratio used."""
+def taylor_gradients(net: torch.nn.Module, data: pl.LightningDataModule, batches: int) -> dict[str, Tensor]:
+    """The gradient of the cross-entropy summed over the first ``batches`` training batches (train mode, as
+    torch-pruning's examples compute Taylor importance), by parameter name."""
+    net = copy.deepcopy(net).train()
+    net.zero_grad()
+    for i, (x, y) in enumerate(data.train_dataloader()):
+        if i >= batches:
+            break
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    return {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def torch_pruning_at(net: torch.nn.Module, target: float, dense_flops: float,
+                     grads: dict[str, Tensor]) -> tuple[torch.nn.Module, float]:
+    """torch-pruning's MetaPruner (TaylorImportance on ``grads``, global pruning, round_to=8) at ``target`` of
+    the FLOPs: the ``pruning_ratio`` by bisection on copies; returns the pruned copy and the ratio used."""
     example = torch.randn(1, 3, SIDE, SIDE)
 
     def prune(ratio: float) -> torch.nn.Module:
         model = copy.deepcopy(net).eval()
+        for name, p in model.named_parameters():
+            p.grad = grads[name].clone() if name in grads else None
         heads = {m.qkv: m.num_heads for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")}
         pruner = tp.pruner.MetaPruner(
-            model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
-            ignored_layers=[model.get_classifier()], round_to=8, num_heads=heads,
+            model, example, importance=tp.importance.TaylorImportance(), pruning_ratio=ratio,
+            global_pruning=True, ignored_layers=[model.get_classifier()], round_to=8, num_heads=heads,
             prune_num_heads=bool(heads), prune_head_dims=not heads,
             head_pruning_ratio=ratio if heads else 0.0)
         pruner.step()
+        model.zero_grad(set_to_none=True)
         for m in model.modules():  # MetaPruner updates only its own dict of heads: the model needs them too
             if hasattr(m, "qkv") and m.qkv in pruner.num_heads:
                 m.num_heads = pruner.num_heads[m.qkv]
@@ -137,9 +162,11 @@ def torch_pruning_at(net: torch.nn.Module, target: float,
     return best
 
 
-def run_model(name: str, epochs: int, targets: list[float], lr: float, seed: int, reps: int,
-              log: Any) -> list[dict[str, Any]]:
-    data = lp.DigitsDataModule(batch_size=64, seed=seed)
+def run_model(name: str, seed: int, args: argparse.Namespace, log: Any) -> list[dict[str, Any]]:
+    epochs, targets, lr, reps = args.epochs, args.targets, args.lr, args.reps
+    data = lp.ShapesDataModule(batch_size=64, train_size=args.train_size, test_size=2000,
+                               difficulty=args.difficulty, data_seed=0, seed=seed)
+    data.setup("fit")
     half = max(1, epochs // 2)
     # dense, with its weights at the half kept for torch-pruning
     pl.seed_everything(seed, verbose=False)
@@ -156,10 +183,11 @@ def run_model(name: str, epochs: int, targets: list[float], lr: float, seed: int
     dense_net = copy.deepcopy(dense.model).eval()
     dense_flops, dense_params = count(dense_net)
     coverage = analyse_channels(dense_net, torch.randn(2, 3, SIDE, SIDE)).coverage
-    log(f"{name}: dense acc {dense_acc:.4f}, {dense_params / 1e6:.2f} M params, {dense_flops / 1e6:.1f}"
-        f" MFLOPs, coverage {coverage:.3f}")
-    rows = [{"model": name, "method": "dense", "target": 1.0, "acc": dense_acc, "flops": 1.0, "params": 1.0,
-             "coverage": coverage}]
+    log(f"{name} seed {seed}: dense acc {dense_acc:.4f}, {dense_params / 1e6:.2f} M params,"
+        f" {dense_flops / 1e6:.1f} MFLOPs, coverage {coverage:.3f}")
+    rows = [{"model": name, "seed": seed, "method": "dense", "target": 1.0, "acc": dense_acc, "flops": 1.0,
+             "params": 1.0, "coverage": coverage}]
+    grads: dict[str, Tensor] | None = None
     nets = {"dense": dense_net}
     for target in targets:
         # ours
@@ -170,7 +198,8 @@ def run_model(name: str, epochs: int, targets: list[float], lr: float, seed: int
         trainer(epochs, [cb]).fit(model, datamodule=data)
         ours = copy.deepcopy(model.model).eval()
         flops, params = count(ours)
-        rows.append({"model": name, "method": "ours", "target": target, "acc": accuracy(model, data),
+        rows.append({"model": name, "seed": seed, "method": "ours", "target": target,
+                     "acc": accuracy(model, data),
                      "flops": flops / dense_flops, "params": params / dense_params})
         nets[f"ours {target}"] = ours
         log(f"{name} ours @ {target}: acc {rows[-1]['acc']:.4f}, FLOPs {rows[-1]['flops']:.3f},"
@@ -179,19 +208,21 @@ def run_model(name: str, epochs: int, targets: list[float], lr: float, seed: int
         try:
             base = classifier(name, lr).model
             base.load_state_dict(snapshot["weights"])
-            pruned, ratio = torch_pruning_at(base.eval(), target, dense_flops)
+            if grads is None:
+                grads = taylor_gradients(base, data, args.taylor_batches)
+            pruned, ratio = torch_pruning_at(base.eval(), target, dense_flops, grads)
             pl.seed_everything(seed, verbose=False)
             module = classifier(name, lr)
             module.model = pruned.train()
             trainer(epochs - half).fit(module, datamodule=data)
             flops, params = count(module.model)
-            rows.append({"model": name, "method": "torch-pruning", "target": target,
+            rows.append({"model": name, "seed": seed, "method": "torch-pruning", "target": target,
                          "acc": accuracy(module, data), "flops": flops / dense_flops,
                          "params": params / dense_params, "pruning_ratio": ratio})
             nets[f"torch-pruning {target}"] = copy.deepcopy(module.model).eval()
             log(f"{name} torch-pruning @ {target}: acc {rows[-1]['acc']:.4f}, FLOPs {rows[-1]['flops']:.3f}")
         except Exception as err:  # noqa: BLE001 - its failure is a result too
-            rows.append({"model": name, "method": "torch-pruning", "target": target,
+            rows.append({"model": name, "seed": seed, "method": "torch-pruning", "target": target,
                          "error": f"{type(err).__name__}: {str(err)[:160]}"})
             log(f"{name} torch-pruning @ {target}: {rows[-1]['error']}")
     for batch, inner in ((1, 20), (64, 2)):
@@ -231,21 +262,72 @@ def round_to_sweep(reps: int, log: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model, method and target: mean and sd of the accuracy over seeds; for ours and torch-pruning the
+    paired differences to each other and to dense (the same seed on both sides)."""
+    def by(model: str, method: str, target: float) -> dict[int, dict[str, Any]]:
+        return {r["seed"]: r for r in rows if r["model"] == model and r["method"] == method
+                and r["target"] == target and "acc" in r}
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
+
+    out = []
+    keys = dict.fromkeys((r["model"], r["method"], r["target"]) for r in rows)
+    for model, method, target in keys:
+        these = by(model, method, target)
+        if not these:
+            continue
+        mean, sd = stats([r["acc"] for r in these.values()])
+        entry = {"model": model, "method": method, "target": target, "seeds": sorted(these), "acc": mean,
+                 "acc_sd": sd, "flops": statistics.fmean(r["flops"] for r in these.values())}
+        for other, key in (("dense", "minus_dense"), ("torch-pruning", "minus_tp")):
+            if method in (other, "dense"):
+                continue
+            ref = by(model, other, 1.0 if other == "dense" else target)
+            pairs = [these[k]["acc"] - ref[k]["acc"] for k in these if k in ref]
+            if pairs:
+                entry[key], entry[key + "_sd"] = stats(pairs)
+                entry[key + "_n"] = len(pairs)
+        out.append(entry)
+    return out
+
+
 def markdown(rows: list[dict[str, Any]], rounding: list[dict[str, Any]], config: dict[str, Any]) -> str:
-    lines = [f"Digits, 32x32, {config['epochs']} epochs (pruned runs: {config['epochs'] // 2} + "
-             f"{config['epochs'] - config['epochs'] // 2}), seed {config['seed']}; latency: thread CPU time,"
-             f" 1 thread, medians of {config['reps']} interleaved repetitions, as ratios to the dense model.",
-             "", "| model | method | target FLOPs | test acc | FLOPs | params | latency b1 | latency b64 |"
-             " b64 latency / FLOPs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def pm(mean: float | None, sd: float | None) -> str:
+        if mean is None:
+            return ""
+        return f"{mean:+.4f}" + (f" ± {sd:.4f}" if sd is not None and sd == sd else "")
+
+    lines = [f"`lp.ShapesDataModule` (difficulty {config['difficulty']}, {config['train_size']} training"
+             f" images, 2,000 test images, data seed 0), 32x32, {config['epochs']} epochs (pruned runs:"
+             f" {config['epochs'] // 2} + {config['epochs'] - config['epochs'] // 2}), SGD lr {config['lr']}"
+             f" cosine, batch 64, one thread; torch-pruning: TaylorImportance ({config['taylor_batches']}"
+             " batches), global pruning, round_to=8, the same fine-tuning budget. Latency: thread CPU time,"
+             f" 1 thread, medians of {config['reps']} interleaved repetitions, as ratios to the dense model."
+             f" `{config['command']}`", "",
+             "Mean over seeds; paired differences (same seed) with their standard deviation:", "",
+             "| model | method | target FLOPs | seeds | test acc (mean ± sd) | FLOPs | - dense"
+             " | - torch-pruning |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    for e in summary(rows):
+        sd = f" ± {e['acc_sd']:.4f}" if e["acc_sd"] == e["acc_sd"] else ""
+        lines.append(f"| `{e['model']}` | {e['method']} | {e['target']:g} | {','.join(map(str, e['seeds']))}"
+                     f" | {e['acc']:.4f}{sd} | {e['flops']:.3f}"
+                     f" | {pm(e.get('minus_dense'), e.get('minus_dense_sd'))}"
+                     f" | {pm(e.get('minus_tp'), e.get('minus_tp_sd'))} |")
+    lines += ["", "Every run:", "",
+              "| model | seed | method | target FLOPs | test acc | FLOPs | params | latency b1"
+              " | latency b64 | b64 latency / FLOPs |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| `{r['model']}` | {r['method']} | {r['target']} | failed: {r['error']}"
-                         " | | | | | |")
+            lines.append(f"| `{r['model']}` | {r['seed']} | {r['method']} | {r['target']}"
+                         f" | failed: {r['error']} | | | | | |")
             continue
         ratio = r.get("latency_b64", float("nan")) / r["flops"] if r["method"] != "dense" else 1.0
-        lines.append(f"| `{r['model']}` | {r['method']} | {r['target']:g} | {r['acc']:.4f} | {r['flops']:.3f}"
-                     f" | {r['params']:.3f} | {r.get('latency_b1', float('nan')):.3f} |"
+        lines.append(f"| `{r['model']}` | {r['seed']} | {r['method']} | {r['target']:g} | {r['acc']:.4f}"
+                     f" | {r['flops']:.3f} | {r['params']:.3f} | {r.get('latency_b1', float('nan')):.3f} |"
                      f" {r.get('latency_b64', float('nan')):.3f} | {ratio:.2f} |")
     if rounding:
         lines += ["", "Kept widths rounded (resnet18, 45% of every group kept before rounding, batch 64):",
@@ -255,56 +337,60 @@ def markdown(rows: list[dict[str, Any]], rounding: list[dict[str, Any]], config:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], models):
-        for method, style in (("ours", "o-"), ("torch-pruning", "s--")):
-            pts = sorted((r["flops"], r["acc"]) for r in rows if r["model"] == name and r["method"] in
-                         (method, "dense") and "acc" in r)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("FLOPs (fraction of dense)")
-        ax.set_ylabel("test accuracy")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def _key(row: dict[str, Any]) -> tuple:
+    return row["model"], row["seed"], row["method"], row["target"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--targets", nargs="*", type=float, default=[0.5, 0.25])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--train-size", type=int, default=5000)
+    parser.add_argument("--difficulty", type=float, default=0.0)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--taylor-batches", type=int, default=8)
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--no-round-to-sweep", action="store_true")
-    parser.add_argument("--tag", default="")
+    parser.add_argument("--round-to-sweep", action="store_true")
+    parser.add_argument("--out", default="channels-shapes")
+    parser.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                        help="result files of separate runs to merge into --out (nothing is trained)")
     args = parser.parse_args()
     started = time.time()
 
     def log(msg: str) -> None:
         print(f"[{time.time() - started:7.1f}s] {msg}", flush=True)
 
-    rows: list[dict[str, Any]] = []
-    for name in args.models:
-        rows += run_model(name, args.epochs, args.targets, args.lr, args.seed, args.reps, log)
-    rounding = [] if args.no_round_to_sweep else round_to_sweep(args.reps, log)
-    config = {"epochs": args.epochs, "targets": args.targets, "lr": args.lr, "seed": args.seed,
-              "reps": args.reps, "side": SIDE, "seconds": round(time.time() - started)}
+    path = RESULTS / f"{args.out}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    rows: list[dict[str, Any]] = old.get("rows", [])
+    rounding: list[dict[str, Any]] = old.get("round_to", [])
+    config = old.get("config") or {}
+    new: list[dict[str, Any]] = []
+    for other in args.merge:
+        loaded = json.loads(Path(other).read_text())
+        new += loaded["rows"]
+        config = loaded["config"]
+    if not args.merge:
+        for seed in args.seeds:
+            for name in args.models:
+                new += run_model(name, seed, args, log)
+        if args.round_to_sweep:
+            rounding = round_to_sweep(args.reps, log)
+        config = {"epochs": args.epochs, "train_size": args.train_size, "difficulty": args.difficulty,
+                  "targets": args.targets, "lr": args.lr, "taylor_batches": args.taylor_batches,
+                  "reps": args.reps, "side": SIDE, "seconds": round(time.time() - started),
+                  "command": "python benchmarks/channels.py " + " ".join(sys.argv[1:])}
+    keys = {_key(r) for r in new}
+    rows = [r for r in rows if _key(r) not in keys] + new
+    rows.sort(key=lambda r: (list(MODELS).index(r["model"]) if r["model"] in MODELS else 99, r["seed"],
+                             -r["target"], r["method"]))
     RESULTS.mkdir(exist_ok=True)
-    stem = "channels" + (f"-{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"config": config, "rows": rows, "round_to": rounding},
-                                                     indent=1))
-    (RESULTS / f"{stem}.md").write_text(markdown(rows, rounding, config))
-    plot(rows, RESULTS / f"{stem}.png")
-    log(f"wrote {RESULTS / stem}.*")
+    path.write_text(json.dumps({"config": config, "rows": rows, "summary": summary(rows),
+                                "round_to": rounding}, indent=1))
+    path.with_suffix(".md").write_text(markdown(rows, rounding, config))
+    log(f"wrote {path.with_suffix('')}.{{json,md}}")
 
 
 if __name__ == "__main__":

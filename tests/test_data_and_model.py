@@ -1,6 +1,7 @@
 import pickle
 
 import pytest
+import timm
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -52,6 +53,25 @@ def test_classifier_wraps_any_timm_model_and_trains(tmp_path):
         ImageClassifier("test_resnet", optimizer="lion")
     with pytest.raises(MisconfigurationException, match="`scheduler` must be one of"):
         ImageClassifier("test_resnet", scheduler="poly")
+
+
+def test_classifier_head_starts_at_the_fan_in_scale():
+    """timm's EfficientNet/MobileNet init scales the classifier by 1/sqrt(num_classes): with 10 classes the
+    logits start ~10x too large (mobilenetv3 stayed at chance on ShapesDataModule); the default re-draws
+    it."""
+    torch.manual_seed(0)
+    timm_head = ImageClassifier("test_efficientnet", num_classes=10, head_init="timm").model.get_classifier()
+    head = ImageClassifier("test_efficientnet", num_classes=10).model.get_classifier()
+    bound = head.in_features ** -0.5
+    assert float(timm_head.weight.std()) > 2.5 * bound  # timm's: U(+-1/sqrt(10)), std 0.18
+    assert float(head.weight.abs().max()) <= bound and float(head.weight.std()) > bound / 4
+    torch.manual_seed(0)
+    resnet = timm.create_model("test_resnet", num_classes=10).get_classifier().weight
+    torch.manual_seed(0)
+    ours = ImageClassifier("test_resnet", num_classes=10).model.get_classifier().weight
+    assert torch.equal(resnet, ours)  # already at the fan-in scale: untouched
+    with pytest.raises(MisconfigurationException, match="`head_init` must be one of"):
+        ImageClassifier("test_resnet", head_init="zeros")
 
 
 def test_cifar10_datamodule_on_small_local_data(tmp_path, monkeypatch):

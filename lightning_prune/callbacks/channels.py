@@ -473,6 +473,12 @@ class ChannelPruningCallback(PruningCallback):
             if measured <= target or lo == total:
                 break
             goal *= target / measured
+        step = 1
+        while measured > target and lo < total:  # still above: remove more, with growing strides, until met
+            lo = min(lo + step, total)
+            step *= 2
+            removed = removed_for(lo)
+            measured = self._cost.measured_ratios(removed)[which]
         if measured > target:
             floor = measured if lo == total else self._cost.measured_ratios(removed_for(total))[which]
             self.warn_target_unmet("target_flops" if which == 0 else "target_params", target, measured, floor)

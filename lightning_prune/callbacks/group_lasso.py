@@ -30,7 +30,7 @@ from lightning_prune.core.importance import Importance
 from lightning_prune.core.targets import matches
 from lightning_prune.functional.channels import capture_mask, gate_l1_penalty, gate_l1_subgradient, keep_mask
 from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S, ChannelGroup
-from lightning_prune.validation import check_fraction, check_nonnegative
+from lightning_prune.validation import check_fraction, check_nonnegative, check_optional, check_positive
 
 __all__ = ["GroupLassoPruning"]
 
@@ -78,6 +78,15 @@ class GroupLassoPruning(GatePruningCallback):
             :class:`~lightning_prune.callbacks.gating.GatePruningCallback`).
         capture_threshold: a gate with ``|g|`` below it, or whose sign flipped in a step (it crossed zero), is
             set to zero and frozen (``0`` = never).
+        max_gate_step: the most a gate moves in one step: ``"auto"`` (default) is twice the drift the
+            penalty alone gives it (``2 * gate_lr * lam_group / (1 - 0.9)`` with SGD; no limit with Adam,
+            whose steps are at most about ``gate_lr``, or where the group's ``lam`` is 0), a number, or
+            ``None`` (no limit).
+            The data gradient must not move a gate faster than the penalty does: on ``efficientnet_b0`` (gates
+            read by squeeze-excitation and depthwise blocks) the gates' data gradients are ~10x a ResNet's,
+            and at ``gate_lr=5`` with momentum a gate moved by O(1) per step, crossed zero and was captured
+            -- 52% of the residual-stream gates by step 50, 77% at finalisation, the gated network at chance
+            before anything was removed (``benchmarks/results/effnet_collapse.md``).
         prune_threshold: at finalisation, gates with ``|g|`` below it prune their channel.
         finalize_step: when the gates below ``prune_threshold`` prune their channels and the others are folded
             into the weights: an optimizer step or a fraction of training (float in [0, 1]; ``1.0`` = at the
@@ -121,6 +130,7 @@ class GroupLassoPruning(GatePruningCallback):
         group_targets: dict[str, float] | None = None,
         round_to: int = 8,
         capture_threshold: float = 1e-2,
+        max_gate_step: float | str | None = "auto",
         prune_threshold: float = 0.05,
         finalize_step: int | float | None = None,
         finalize_epoch: int | float | None = None,
@@ -168,6 +178,10 @@ class GroupLassoPruning(GatePruningCallback):
             "prune_threshold", prune_threshold,
             hint="gates start at 1; channels with |gate| below it are pruned.")
         self.capture_threshold = check_fraction("capture_threshold", capture_threshold)
+        self.max_gate_step = max_gate_step if max_gate_step == "auto" else check_optional(
+            check_positive, "max_gate_step", max_gate_step,
+            hint="the most a gate may move in one step: 'auto' (twice the penalty's drift), e.g. 0.02, or"
+                 " None for no limit.")
         if self.capture_threshold > self.prune_threshold:
             raise MisconfigurationException(
                 f"`capture_threshold` ({capture_threshold}) must not exceed `prune_threshold`"
@@ -196,10 +210,24 @@ class GroupLassoPruning(GatePruningCallback):
             out.append(self.lam * factor)
         return out
 
+    def alive_units_fit_the_budget(self) -> bool:
+        """With ``target_flops``/``target_params``: whether the units whose gates survive
+        (:meth:`final_keep`) already fit the budget (predicted by the cost model); then the penalty rests, so
+        that it does not drive more gates to zero than the budget needs (units the budget keeps with a zero
+        gate would be folded in dead)."""
+        target = self.target_flops if self.target_flops is not None else self.target_params
+        if target is None or self._cost is None or self.groups is None:
+            return False
+        removed = {g.name: (~k.cpu()).nonzero().flatten().tolist()
+                   for g, k in zip(self.groups, self.final_keep())}
+        return self._cost.ratios(removed)[0 if self.target_flops is not None else 1] <= target
+
     @override
     def gate_penalty_grad_(self, step: int) -> float:
         assert self.gateset is not None
         total = 0.0
+        if self.alive_units_fit_the_budget():
+            return total
         for gate, lam in zip(self.gateset.gates, self.group_lams()):
             w = gate.weight
             if w.grad is None:
@@ -208,13 +236,23 @@ class GroupLassoPruning(GatePruningCallback):
             total += float(gate_l1_penalty(w.detach(), lam))
         return total
 
+    def gate_step_limits(self) -> list[float | None]:
+        """Per group, the most a gate moves in one step (``max_gate_step``), ``None`` for no limit."""
+        if self.max_gate_step != "auto":
+            return [self.max_gate_step] * len(self.groups or [])  # type: ignore[list-item]
+        if self.gate_optimizer != "sgd":
+            return [None] * len(self.groups or [])
+        return [2 * self.gate_lr * lam / (1 - 0.9) if lam > 0 else None for lam in self.group_lams()]
+
     @override
     @torch.no_grad()
     def after_gate_step(self, step: int) -> None:
         assert self.gateset is not None and self.gate_opt is not None
         previous = getattr(self, "_before_step", None) or [None] * len(self.gateset.gates)
-        for gate, before in zip(self.gateset.gates, previous):
+        for gate, before, limit in zip(self.gateset.gates, previous, self.gate_step_limits()):
             w = gate.weight
+            if limit is not None and before is not None:
+                w.copy_(before + (w - before).clamp(-limit, limit))
             new = (capture_mask(w, gate.frozen, self.capture_threshold, before) if self.capture_threshold > 0
                    else gate.frozen)
             newly = new & ~gate.frozen

@@ -165,6 +165,54 @@ def test_zero_group_lam_shields_a_group(tmp_path):
     assert frozen["model.layer4.0.conv1"] == 0 and sum(frozen.values()) > 0
 
 
+class LoudClassifier(lp.ImageClassifier):
+    """Gate gradients 300x the usual: what efficientnet_b0's SE/depthwise gates see relative to a ResNet's."""
+
+    def training_step(self, batch, batch_idx):
+        return 300.0 * super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("limit", ["auto", None])
+def test_max_gate_step_keeps_a_large_data_gradient_from_capturing_gates(limit, tmp_path):
+    """The EfficientNet collapse: at the defaults (gate_lr=5, SGD) large data gradients moved gates by O(1)
+    per step, across zero, into capture (77% of efficientnet_b0's residual-stream gates at finalisation, the
+    gated net at chance). ``max_gate_step="auto"`` bounds a step at twice the penalty's drift (0.02 here)."""
+    model = LoudClassifier("test_resnet", num_classes=10, optimizer="sgd", lr=1e-6, scheduler="none",
+                           weight_decay=0.0)
+    cb = GroupLassoPruning(finalize_step=1.0, max_gate_step=limit, verbose=False)
+    fit_tiny([cb], tmp_path, model=model, max_steps=3, max_epochs=1, limit_val_batches=0)
+    moved = torch.cat([(v - 1.0).abs() for v in cb.gate_values()])
+    frozen = sum(int(g.frozen.sum()) for g in cb.gateset.gates)
+    if limit == "auto":
+        assert cb.gate_step_limits()[0] == pytest.approx(0.02)
+        assert float(moved.max()) <= 3 * 0.02 + 1e-6 and frozen == 0
+    else:  # the mechanism: without the limit the same gradients capture gates
+        assert frozen > 0
+
+
+def test_penalty_rests_once_the_alive_units_fit_the_budget(tmp_path):
+    """The other half of the EfficientNet collapse: while the network had not learned (efficientnet_b0 from
+    scratch, loss at chance at finalisation) the penalty drove 68% of the residual-stream gates to zero,
+    far more than target_flops=0.5 needs, and the budget kept them, folded in dead. With a size target the
+    penalty stops once the units with live gates fit the budget."""
+    cb = GroupLassoPruning(target_flops=0.5, finalize_step=1.0, verbose=False)
+    fit_tiny([cb], tmp_path, max_steps=1, max_epochs=1, limit_val_batches=0)
+    gates = cb.gateset.gates
+    with torch.no_grad():
+        for gate in gates:
+            gate.weight.fill_(1.0)
+            gate.weight.grad = torch.zeros_like(gate.weight)
+    assert not cb.alive_units_fit_the_budget() and cb.gate_penalty_grad_(0) > 0
+    assert all(bool((g.weight.grad > 0).all()) for g in gates)  # d(lam |g|)/dg = lam
+    with torch.no_grad():
+        for gate in gates:  # every unit but one per group dead: far below the budget
+            gate.weight[1:] = 0.0
+            gate.frozen[1:] = True
+            gate.weight.grad = torch.zeros_like(gate.weight)
+    assert cb.alive_units_fit_the_budget() and cb.gate_penalty_grad_(0) == 0.0
+    assert all(not bool(g.weight.grad.any()) for g in gates)
+
+
 def _amp_delta(tmp_path, **kwargs) -> torch.Tensor:
     cb = GroupLassoPruning(lam=0.0, gate_optimizer="sgd", gate_lr=0.1, finalize_step=1.0, verbose=False)
     fit_tiny([cb], tmp_path, max_steps=1, max_epochs=1, limit_val_batches=0, **kwargs)
@@ -217,6 +265,7 @@ def test_logs_channels_and_wandb_media(tmp_path):
     ({"prune_coupled": 1}, r"`prune_coupled` must be True or False, got 1"),
     ({"input_size": (3, -1, 32)}, r"`input_size` must be None or a sequence of positive ints"),
     ({"group_lam": [1.0]}, r"`group_lam` must be a mapping"),
+    ({"max_gate_step": 0}, r"`max_gate_step` must be a number > 0, got 0"),
     ({"group_lam": {"layer1.*": -2.0}}, r"`group_lam\['layer1.\*'\]` must be a number >= 0"),
 ])
 def test_bad_arguments(kwargs, match):
