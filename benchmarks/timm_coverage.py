@@ -100,7 +100,14 @@ def create(name: str, kwargs: dict, side: int) -> tuple[torch.nn.Module, torch.T
     except TypeError:  # no img_size argument: its own input size
         model = timm.create_model(name, pretrained=False, num_classes=10).eval()
         side = model.pretrained_cfg["input_size"][-1]
-    return model, torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    except Exception:  # noqa: BLE001 - too small for the model (halonet's blocks): its own input size
+        side = model.pretrained_cfg["input_size"][-1]
+        x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    return model, x
 
 
 def peers(name: str, kwargs: dict, side: int) -> dict:

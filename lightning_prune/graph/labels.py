@@ -50,8 +50,6 @@ from lightning_prune.graph.types import ChannelGroup, Site, Slice, prefixed_name
 __all__ = ["LabelGraph", "trace_labels"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: ops whose size arguments the analysis does not update (see `_attr_event`)
-_SPLITS_NOT_UPDATED = ("aten.split", "aten.split_with_sizes")
 FIXED = 0
 _OUTPUT = "no layer reads these channels (model output)"
 _MAX_BLOCK = 4_000_000
@@ -153,8 +151,9 @@ class _Records:
     slices: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
     sites: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
     fixes: list[tuple[np.ndarray, str]] = field(default_factory=list)
-    sizes: list[tuple[list[str], int, np.ndarray, str]] = field(default_factory=list)  # (modules, value,
-    # atoms per position of the dim, what) for attribute search
+    sizes: list[tuple[list[str], list[tuple[Any, Any]], str]] = field(default_factory=list)  # (modules,
+    # [(size, atoms per position of it) or (sizes of the pieces, [atoms per position of each])], what):
+    # attributes that hold a size which shrinks with the units
     notes: list[tuple[np.ndarray, str]] = field(default_factory=list)
 
 
@@ -1012,23 +1011,43 @@ class LabelGraph:
             pieces = [(s, s + z, 1) for s, z in zip(starts, sizes)] if name != "unbind" else [
                 (i, i + 1, 1) for i in range(lab.shape[dim])]
         labelled = next(((dims, arr) for dims, arr in lab.blocks if dim in dims), None)
-        if labelled is not None and len(pieces) > 1:
-            sizes = {b - a for a, b, _ in pieces}
-            if len(sizes) == 1:  # equal pieces stay equal: their positions are paired
-                axis = labelled[0].index(dim)
-                parts = [np.take(labelled[1], range(a, b, s), axis=axis) for a, b, s in pieces]
-                for p in parts[1:]:
-                    self.atoms.union_arrays(parts[0], p)
-                if name in ("split", "split_with_sizes"):  # the piece size, or the whole, in an attribute
-                    per_pos = np.moveaxis(parts[0], axis, 0).reshape(parts[0].shape[axis], -1)
-                    whole = np.moveaxis(labelled[1], axis, 0).reshape(labelled[1].shape[axis], -1)
-                    piece = pieces[0][1] - pieces[0][0]
-                    self.records.sizes.append((self._owners(node),
-                                               [(piece, per_pos), (lab.shape[dim], whole)], f"aten.{name}"))
+        if labelled is not None and len(pieces) > 1 and len({b - a for a, b, _ in pieces}) == 1:
+            # equal pieces stay equal: their positions are paired
+            axis = labelled[0].index(dim)
+            parts = [np.take(labelled[1], range(a, b, s), axis=axis) for a, b, s in pieces]
+            for p in parts[1:]:
+                self.atoms.union_arrays(parts[0], p)
+            if name in ("split", "split_with_sizes"):  # the piece size, or the whole, in an attribute
+                per_pos = np.moveaxis(parts[0], axis, 0).reshape(parts[0].shape[axis], -1)
+                whole = np.moveaxis(labelled[1], axis, 0).reshape(labelled[1].shape[axis], -1)
+                piece = pieces[0][1] - pieces[0][0]
+                alternatives: list[tuple[Any, Any]] = [(piece, per_pos), (lab.shape[dim], whole)]
+                if name == "split_with_sizes":  # the sizes may be a list attribute (MixNet's splits)
+                    alternatives.insert(0, (tuple(b - a for a, b, _ in pieces),
+                                            [np.moveaxis(p, axis, 0).reshape(p.shape[axis], -1)
+                                             for p in parts]))
+                self.records.sizes.append((self._owners(node), alternatives, f"aten.{name}"))
+        elif labelled is not None and len(pieces) > 1:  # unequal pieces: a list of sizes (MixNet's splits)
+            axis = labelled[0].index(dim)
+            per_piece = [np.moveaxis(np.take(labelled[1], range(a, b, s), axis=axis), axis, 0)
+                         .reshape(len(range(a, b, s)), -1) for a, b, s in pieces]
+            self.records.sizes.append((self._owners(node), [(tuple(b - a for a, b, _ in pieces), per_piece)],
+                                       f"aten.{name}"))
         elif labelled is not None and name in ("slice", "narrow"):
             a, b, s = pieces[0]
             if (a, b, s) != (0, lab.shape[dim], 1):
                 self.records.notes.append((labelled[1], f"aten.{name} [{a}:{b}] of a unit dim"))
+                # its bounds shrink by the removed positions before them (DPN's and ReXNet's partial
+                # residuals: ``x[:, :self.num_1x1_c]``, ``x[:, 0:self.in_channels] += shortcut``)
+                axis = labelled[0].index(dim)
+                whole = np.moveaxis(labelled[1], axis, 0).reshape(labelled[1].shape[axis], -1)
+                # (a start or stop: the positions before it; a narrow's length: the positions it keeps)
+                bounds = [(a, whole[:a]), (b, whole[:b])] if name == "slice" else [(a, whole[:a]),
+                                                                                    (b - a, whole[a:b])]
+                for value, positions in bounds:
+                    if 0 < value < lab.shape[dim] and s == 1:
+                        self.records.sizes.append((self._owners(node), [(value, positions)],
+                                                   f"aten.{name} bound"))
         outs = []
         for a, b, s in pieces:
             blocks = []
@@ -1234,59 +1253,86 @@ class LabelGraph:
             for g, (chans, us) in entries(arr).items():
                 key = (module, kind, dim, weight[0] if weight else "")
                 sites.setdefault(g, {}).setdefault(key, {}).update(zip(chans, us))
-        attrs: dict[str, set[tuple[str, str, int]]] = {}
+        attrs: dict[str, set[tuple[str, str, Any]]] = {}
         self.hints: dict[str, str] = {}
         for owners, alternatives, what in self.records.sizes:
-            self._attr_event(owners, alternatives, what, atoms, group_of_root, attrs, full)
+            self._attr_event(owners, alternatives, what, group_of_root, units, attrs, full)
         return self._finish_groups(members, order, units, slices, sites, attrs, reasons, outputs, full)
 
-    def _attr_event(self, owners: list[str], alternatives: list[tuple[int, np.ndarray]], what: str,
-                    atoms: _Atoms, group_of_root: dict[int, str], attrs: dict[str, set[tuple[str, str, int]]],
-                    full: Callable[[str], str]) -> bool:
-        """Integer attributes of the owning modules equal to a size that shrinks with the units.
+    def _unit_weights(self, per_pos: np.ndarray, group_of_root: dict[int, str],
+                      units: dict[str, dict[int, int]]) -> dict[str, int | tuple[int, ...]] | None:
+        """Per group, how many positions of a size each of its units holds (``per_pos``: one row per position;
+        a row must carry one atom): an int when every unit holds the same number, else one count per unit.
+        None when a position mixes atoms. Groups holding no position are absent."""
+        roots = self.atoms.roots(per_pos)
+        roots = roots.reshape(roots.shape[0], -1) if roots.ndim != 2 else roots
+        if roots.shape[0] == 0:
+            return {}
+        first = roots[:, 0]
+        if roots.shape[1] and not (roots == first[:, None]).all():
+            return None
+        held: dict[str, dict[int, int]] = {}
+        for r, n in zip(*np.unique(first, return_counts=True)):
+            g = group_of_root.get(int(r))
+            if int(r) == FIXED or g is None:
+                continue
+            held.setdefault(g, {})[units[g][int(r)]] = int(n)
+        weights: dict[str, int | tuple[int, ...]] = {}
+        for g, per in held.items():
+            counts = [per.get(u, 0) for u in range(len(units[g]))]
+            weights[g] = counts[0] if len(set(counts)) == 1 else tuple(counts)
+        return weights
 
-        Split sizes are not updated: on Res2Net and CSPResNet a split-size attribute passed the proof's sample
-        removal yet gave a wrongly shaped model at a larger one, so a split of a unit dim blocks its group."""
+    def _attr_event(self, owners: list[str], alternatives: list[tuple[Any, Any]], what: str,
+                    group_of_root: dict[int, str], units: dict[str, dict[int, int]],
+                    attrs: dict[str, set[tuple[str, str, Any]]], full: Callable[[str], str]) -> bool:
+        """Integer attributes of the owning modules (innermost first) equal to a size that shrinks with the
+        units: ``num_heads`` of a reshape, a split width, a slice bound; or an attribute holding a list of
+        split sizes (``value`` a tuple, ``per_pos`` one array per piece: ``name[i]`` is updated). Each is
+        recorded with how many positions of the size each unit holds (see :meth:`_unit_weights`).
+
+        Only the module whose own code runs the operator is searched: a size the code takes from a tensor's
+        shape (SKNet's ``C // self.num_paths``) is a constant in the traced graph that needs no update, and an
+        enclosing module's attribute of the same value (its ``in_channels``) is another size."""
+        owners = owners[:1]
         gs_seen: set[str] = set()
-        if what in _SPLITS_NOT_UPDATED:
-            for _, per_pos in alternatives:
-                gs_seen |= {group_of_root[r] for r in np.unique(atoms.roots(per_pos)) if r in group_of_root}
-            for g in gs_seen:
-                self.hints.setdefault(full(g), f"{what} of these channels with the size {alternatives[0][0]}"
-                                               " (split sizes are not updated)")
-            return False
         for value, per_pos in alternatives:
-            roots = atoms.roots(per_pos)
-            counts: dict[int, int] = {}
-            ok = True
-            for row in roots:
-                distinct = set(row.tolist())
-                if len(distinct) != 1:
-                    ok = False
-                    break
-                r = distinct.pop()
-                counts[r] = counts.get(r, 0) + 1
-            counts.pop(FIXED, None)
-            if not ok or not counts:
+            if isinstance(value, tuple):  # a list of sizes: one event per piece, the attribute is the list
+                pieces = [self._unit_weights(p, group_of_root, units) for p in per_pos]
+                if any(w is None for w in pieces):
+                    continue
+                gs = {g for w in pieces for g in w}
+                gs_seen |= gs
+                for owner in owners:
+                    module = self.modules.get(owner)
+                    found = [a for a, v in vars(module).items() if isinstance(v, (list, tuple))
+                             and len(v) == len(value) and all(type(x) is int for x in v)
+                             and tuple(v) == value and not a.startswith("_")] if module is not None else []
+                    if found:
+                        for i, w in enumerate(pieces):
+                            for g, k in w.items():
+                                for a in found:
+                                    attrs.setdefault(g, set()).add((owner, f"{a}[{i}]", k))
+                        return True
                 continue
-            gs = {group_of_root.get(r) for r in counts}
-            per = set(counts.values())
-            if len(per) != 1 or None in gs:
+            weights = self._unit_weights(per_pos, group_of_root, units)
+            if not weights:
                 continue
-            gs_seen |= gs
-            k = per.pop()
+            gs_seen |= set(weights)
             for owner in owners:
                 module = self.modules.get(owner)
                 found = [a for a, v in vars(module).items() if type(v) is int and v == value
                          and not a.startswith("_") and a not in ("training",)] if module is not None else []
                 if found:
-                    for g in gs:
+                    for g, k in weights.items():
                         for a in found:
                             attrs.setdefault(g, set()).add((owner, a, k))
                     return True
         for g in gs_seen:
             owner = owners[0] if owners else ""
-            self.hints.setdefault(full(g), f"{what} with the size {alternatives[0][0]} written in the model's"
+            value = alternatives[0][0]
+            shown = list(value) if isinstance(value, tuple) else value
+            self.hints.setdefault(full(g), f"{what} with the size {shown} written in the model's"
                                            f" code (no attribute of `{owner}` holds it)")
         return False
 
@@ -1337,7 +1383,8 @@ class LabelGraph:
                                            s.module == full(p) and s.role in ("out", "group")
                                            for s in group_slices)),
                                        len(producers) > 1,
-                                       tuple(sorted((full(m), a, k) for m, a, k in attrs.get(g, ())))))
+                                       tuple(sorted(((full(m), a, k) for m, a, k in attrs.get(g, ())),
+                                                    key=lambda t: (t[0], t[1], str(t[2]))))))
         return groups, skipped
 
     def reason(self, group: ChannelGroup) -> str | None:
