@@ -289,6 +289,50 @@ def test_only_the_module_running_an_operator_is_searched_for_its_sizes():
     assert any("inner.fc" in g.producers for g in analysis.groups), analysis.skipped
 
 
+class _ViewedScale(nn.Module):
+    """MetaFormer's layer scale: a parameter viewed with a shape held in a tuple attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+        self.scale = nn.Parameter(torch.rand(8))
+        self.shape = (8, 1, 1)
+
+    def forward(self, x):
+        return self.out(self.conv(x) * self.scale.view(self.shape))
+
+
+def test_a_parameter_viewed_with_a_shape_attribute_updates_it():
+    analysis = _analyse(_ViewedScale(), torch.randn(2, 3, 4, 4))
+    group = _group(analysis, "conv")
+    assert ("", "shape[0]", 1) in group.attrs
+    assert ("scale", "param") in {(s.module, s.role) for s in group.slices}
+
+
+class _SameValue(nn.Module):
+    """LeViT: ``num_heads == key_dim`` (both 4); the heads reshape's size is the first, the split's the
+    second: updating both is wrong, the variant updating ``num_heads`` only is proven exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = 4, 4, 2
+        self.kv, self.proj = nn.Linear(16, 4 * 6), nn.Linear(4 * 2, 3)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        k, v = self.kv(x).view(b, n, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
+        k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        attn = (k @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.val_dim))
+
+
+def test_one_size_in_two_attributes_tries_each_and_keeps_the_exact_one():
+    analysis = _analyse(_SameValue())
+    group = _group(analysis, "kv")
+    assert group.unit == "head" and ("", "num_heads", 1) in group.attrs
+    assert not any(a == "key_dim" for _, a, _ in group.attrs)
+
+
 def test_updated_sizes_survive_save_and_load_compressed(tmp_path):
     """``save_compressed`` keeps every integer (and list of integers) attribute: a fresh model loads them."""
     import lightning_prune as lp

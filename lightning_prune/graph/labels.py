@@ -32,7 +32,9 @@ Unequal splits whose sizes sit in a list attribute (MixNet's ``splits``) are lef
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable
@@ -53,6 +55,7 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 FIXED = 0
 _OUTPUT = "no layer reads these channels (model output)"
 _MAX_BLOCK = 4_000_000
+_MAX_VARIANTS = 8  # attribute choices tried for a group that fails its proof
 
 
 class _Fix(Exception):
@@ -203,6 +206,8 @@ class LabelGraph:
         self.atoms = _Atoms()
         self.producer_atoms: dict[str, np.ndarray] = {}
         self.producer_order: list[str] = []
+        # (parameter, dim) -> {view node: (owners, its shape argument, the dim, offset)}
+        self._param_views: dict[tuple[str, int], dict[str, tuple[list[str], tuple[Any, ...], int, int]]] = {}
         self.passes = 0
         # optimistic passes (parameters along a unit dim do not fix it yet) until no atoms merge, then one
         # strict pass that records sites, slices and fixes
@@ -422,8 +427,7 @@ class LabelGraph:
                 block = next((ls, a) for ls, a in result if x in ls)
                 atoms = self._project(block[0], block[1], x)
                 for name, (pdim, offset) in followed:
-                    self.records.slices.append((name, "param", pdim, atoms[offset:offset + self._psize(name,
-                                                                                                     pdim)]))
+                    self._slice_param(name, pdim, atoms[offset:offset + self._psize(name, pdim)])
         out_index = {x: i for i, x in enumerate(out_letters)}
         blocks_out = []
         for letters, arr in result:
@@ -440,6 +444,17 @@ class LabelGraph:
                                 if letters[d] in out_index and letters[d] not in labelled)
         shape = tuple(sizes[x] for x in out_letters)
         return self.canon(_Lab(shape, blocks_out, origins_out, derived_out))
+
+    def _slice_param(self, name: str, pdim: int, atoms: np.ndarray) -> None:
+        """Parameter ``name`` loses the units along ``pdim``; so do the sizes its views were written with."""
+        self.records.slices.append((name, "param", pdim, atoms))
+        for owners, shape_arg, d, offset in self._param_views.get((name, pdim), {}).values():
+            if offset or not isinstance(shape_arg[d], int) or shape_arg[d] != len(atoms):
+                continue
+            per_pos = atoms.reshape(-1, 1)
+            pieces = [per_pos if i == d else per_pos[:0] for i in range(len(shape_arg))]
+            self.records.sizes.append((owners, [(shape_arg[d], per_pos), (tuple(shape_arg), pieces)],
+                                       "aten.view of a parameter"))
 
     def _psize(self, name: str, dim: int) -> int:
         tensor = self.params.get(name)
@@ -837,7 +852,7 @@ class LabelGraph:
                 return
             raise _Fix(f"{what}: a tensor computed from parameters along a unit dim")
         for name, (pdim, offset) in followed:
-            self.records.slices.append((name, "param", pdim, atoms[offset:offset + self._psize(name, pdim)]))
+            self._slice_param(name, pdim, atoms[offset:offset + self._psize(name, pdim)])
 
     def _reduce(self, node: Any, name: str, lab: _Lab, labs: dict) -> Any:
         args = node.args
@@ -909,6 +924,12 @@ class LabelGraph:
                 real_out = [o for o in outs if out_shape[o] != 1]
                 if real_in == [d] and len(real_out) == 1:
                     mm[real_out[0]] = v
+                    shape_arg = node.args[1] if len(node.args) > 1 else None
+                    if isinstance(shape_arg, (list, tuple)) and len(shape_arg) == len(out_shape):
+                        # a view of a parameter with its size in the code (MetaFormer's layer scale:
+                        # ``self.scale.view(self.shape)``): an event when the parameter is sliced
+                        self._param_views.setdefault((pname, v[0]), {})[node.name] = (
+                            self._owners(node), tuple(shape_arg), real_out[0], v[1])
             origins.append((pname, mm))
         derived = frozenset(o for ins, outs in groups if set(ins) & lab.derived for o in outs
                             if out_shape[o] > 1)
@@ -1255,6 +1276,7 @@ class LabelGraph:
                 sites.setdefault(g, {}).setdefault(key, {}).update(zip(chans, us))
         attrs: dict[str, set[tuple[str, str, Any]]] = {}
         self.hints: dict[str, str] = {}
+        self.choices: dict[str, list[list[tuple[str, str, Any]]]] = {}
         for owners, alternatives, what in self.records.sizes:
             self._attr_event(owners, alternatives, what, group_of_root, units, attrs, full)
         return self._finish_groups(members, order, units, slices, sites, attrs, reasons, outputs, full)
@@ -1327,6 +1349,9 @@ class LabelGraph:
                     for g, k in weights.items():
                         for a in found:
                             attrs.setdefault(g, set()).add((owner, a, k))
+                        if len(found) > 1:  # the same value in several attributes: all, or one of them
+                            self.choices.setdefault(full(g), []).append(
+                                [(full(owner), a, k) for a in found])
                     return True
         for g in gs_seen:
             owner = owners[0] if owners else ""
@@ -1537,9 +1562,21 @@ def _export(model: nn.Module, example: Any) -> Any:
 
 def trace_labels(model: nn.Module, example: Any, prefix: str = "", outputs: Iterable[str] = (),
                  check: Callable[[], None] = lambda: None
-                 ) -> tuple[list[ChannelGroup], dict[str, str], dict[str, str]]:
-    """Candidate groups of ``model`` (not yet proven), the skipped producers with reasons, and per group a
-    hint of what may make it fail the proof (a size written in the model's code)."""
+                 ) -> tuple[list[ChannelGroup], dict[str, str], dict[str, str],
+                            dict[str, list[ChannelGroup]]]:
+    """Candidate groups of ``model`` (not yet proven), the skipped producers with reasons, per group a hint
+    of what may make it fail the proof (a size written in the model's code), and per group the variants to
+    try when it fails: where one size sits in several attributes of the module (LeViT's ``num_heads ==
+    key_dim``), each variant updates one of them only."""
     graph = LabelGraph(model, example, check)
     groups, skipped = graph.groups(prefix, frozenset(outputs))
-    return groups, skipped, graph.hints
+    variants: dict[str, list[ChannelGroup]] = {}
+    for group in groups:
+        events = graph.choices.get(group.name)
+        if not events:
+            continue
+        for picks in itertools.islice(itertools.product(*events), _MAX_VARIANTS):
+            dropped = {t for event, pick in zip(events, picks) for t in event if t != pick}
+            attrs = tuple(t for t in group.attrs if t not in dropped)
+            variants.setdefault(group.name, []).append(dataclasses.replace(group, attrs=attrs))
+    return groups, skipped, graph.hints, variants
