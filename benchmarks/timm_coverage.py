@@ -267,7 +267,9 @@ def main() -> None:
                         help="which families (first: SWEEP + SHORT as before; second: SECOND)")
     parser.add_argument("--engine", choices=["traced", "torch-pruning"], default="traced")
     parser.add_argument("--peers", action="store_true", help="also torch-pruning's coverage and 50% step")
-    parser.add_argument("--merge", nargs="*", help="tags of partial runs to merge into the --tag files")
+    parser.add_argument("--merge", nargs="*", help="tags of partial runs to merge into the --tag files (a"
+                        " later tag's row wins): run a subset with --models ... --tag part, then merge")
+    parser.add_argument("--note", default="", help="a line written above the tables (with --merge)")
     args = parser.parse_args()
     stem = f"timm_coverage{'-' + args.tag if args.tag else ''}"
     if args.render:
@@ -288,6 +290,8 @@ def main() -> None:
         order = {n: i for i, (n, _, _) in enumerate(SWEEP + SECOND + SHORT)}
         rows.sort(key=lambda r: order.get(r["model"], len(order)))
         summary = summarise(rows, args.engine)
+        if args.note:
+            summary["note"] = args.note
         (RESULTS / f"{stem}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
         (RESULTS / f"{stem}.md").write_text(render(summary, rows))
         print(json.dumps(summary))
@@ -318,6 +322,8 @@ def main() -> None:
 
 def render(summary: dict, rows: list[dict]) -> str:
     body = [f"Analysis engine: {summary.get('engine', 'torch-pruning')}.", ""]
+    if summary.get("note"):
+        body += [summary["note"], ""]
     titles = {"first": "First list (the families the coverage work was built on)",
               "second": "Second list (chosen before tuning, outside the first)"}
     for which in ("first", "second"):
