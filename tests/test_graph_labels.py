@@ -208,6 +208,9 @@ def test_a_split_size_in_an_attribute_is_updated_and_one_written_in_the_code_is_
     analysis = _analyse(_AttributeSplit())
     group = _group(analysis, "fc1")
     assert group.size == 8 and ("", "width", 1) in group.attrs
+    small = _AttributeSplit().eval()  # a larger removal than the proof's sample (all but one unit) runs
+    slice_units(small, [group], {"fc1": list(range(1, 8))})
+    assert small.width == 1 and small(X).shape == (2, 5, 3)
     analysis = _analyse(_FixedSplit())
     assert not analysis.groups
     why = analysis.skipped["fc1"]
