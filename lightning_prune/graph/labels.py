@@ -15,8 +15,12 @@ Readers cut the dependency: a Conv/Linear module reading a labelled dim is an **
 masks the units), a LayerNorm / GroupNorm(1) / GRN computing statistics over it is a **norm site**
 (restricted statistics). Parameters and buffers combined with a labelled dim (norm affines, biases,
 layer-scale gammas, ``pos_embed``/``cls_token``, relative-position bias tables along heads, BatchNorm
-statistics) are sliced with it; integer attributes of the module that reshapes or splits with a size that
-shrinks with the units (``num_heads``, ``attn_dim``, split widths) are found by their value and updated.
+statistics) are sliced with it; integer attributes of the module that reshapes, splits or slices with a size
+that shrinks with the units (``num_heads``, ``attn_dim``, split widths, a list of split sizes, a slice bound
+such as DPN's ``num_1x1_c``, the shape a parameter is viewed with) are found by their value on the module
+running the operator and updated, by the number of removed units' positions the size holds (a slice bound:
+those before it). A size held by several attributes of that module is tried one attribute at a time when
+updating all of them fails the proof.
 An operator this module does not know that touches a labelled dim fixes those atoms (never removed) with the
 reason ``"aten.X on dim d"``; the model's outputs fix theirs. Labels are propagated until no atoms merge any
 more (a later contraction can make an earlier dim unlabelled), then the last pass records sites and slices.
@@ -25,9 +29,9 @@ The exactness proof of :mod:`lightning_prune.graph.proof` stays the final judge.
 
 Known limits: a size the model's code takes from a tensor's shape is a constant in the exported graph, so a
 coupling made only through a shape (``x.reshape(B, N, C)`` with ``C`` the residual stream's width after
-the attention, as in MetaFormer's and PVT's attention) is not seen: the proof rejects those groups. When two
-integer attributes hold the same value (``num_heads == head_dim``), both are updated and the proof decides.
-Unequal splits whose sizes sit in a list attribute (MixNet's ``splits``) are left to the proof (rejected).
+the attention, as in EdgeNeXt's, MetaFormer's and PVT's attention) is not seen: the proof rejects those
+groups, and the skip reason names the line of the model that raised. A grouped convolution's groups are whole
+units, so a radix split summed over its groups (ResNeSt's split attention) leaves a single unit.
 """
 
 from __future__ import annotations
