@@ -199,8 +199,7 @@ def measure(name: str, kwargs: dict, side: int, export: bool = True, engine: str
                            / sum(p.numel() for p in model.parameters()))
     with tempfile.TemporaryDirectory() as tmp:
         lp.save_compressed(small, Path(tmp) / "small.pt")
-        fresh = lp.load_compressed(Path(tmp) / "small.pt",
-                                   timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval())
+        fresh = lp.load_compressed(Path(tmp) / "small.pt", create(name, kwargs, side)[0])
     with torch.no_grad():
         row["reload"] = bool(torch.allclose(fresh(x), sliced, atol=1e-5, rtol=1e-5))
         try:

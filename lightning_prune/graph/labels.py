@@ -754,8 +754,8 @@ class LabelGraph:
         other = [(d, a) for d, a in x_lab.blocks if not (set(d) & ({1} | spatial))]
         for d, _ in x_lab.blocks:
             if set(d) & spatial:
-                raise _Fix("a convolution slides along these channels (its kernel mixes neighbouring units:"
-                           " ECA's conv1d over the channel dim)")
+                raise _Fix("a convolution slides along these channels (its kernel mixes neighbouring units,"
+                           " as ECA's conv1d over the channel dim)")
         chan = self.dim_atoms(x_lab, 1)
         if groups == 1:
             if chan is not None:
