@@ -4,11 +4,13 @@ heads and residual stream are gated."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_prune.graph import analyse_channels, masked_and_sliced
+from lightning_prune.graph import analyse_channels, masked_and_sliced, slice_units
 from lightning_prune.graph.proof import compare_outputs
 
 torch.manual_seed(0)
@@ -200,15 +202,178 @@ class _AttributeSplit(_FixedSplit):
         return self.fc2(a) + self.fc3(b)
 
 
-def test_a_split_of_a_unit_dim_is_skipped_with_its_reason_whether_or_not_an_attribute_holds_its_size():
-    """Split sizes are not updated (on Res2Net and CSPResNet an updated split-size attribute passed the
-    proof's sample removal yet mis-shaped the model at a larger one): both splits block their group."""
-    for model in (_FixedSplit(), _AttributeSplit()):
-        analysis = _analyse(model)
-        assert not analysis.groups
-        why = analysis.skipped["fc1"]
-        assert "changes the outputs" in why and "aten.split of these channels with the size" in why, why
-        assert "split sizes are not updated" in why
+def test_a_split_size_in_an_attribute_is_updated_and_one_written_in_the_code_is_skipped_with_the_line():
+    """The attribute holding a split's size drops with the units (Res2Net's ``width``, SKNet's); a size
+    written in the code cannot, and the reason names the line that raised and the size."""
+    analysis = _analyse(_AttributeSplit())
+    group = _group(analysis, "fc1")
+    assert group.size == 8 and ("", "width", 1) in group.attrs
+    small = _AttributeSplit().eval()  # a larger removal than the proof's sample (all but one unit) runs
+    slice_units(small, [group], {"fc1": list(range(1, 8))})
+    assert small.width == 1 and small(X).shape == (2, 5, 3)
+    analysis = _analyse(_FixedSplit())
+    assert not analysis.groups
+    why = analysis.skipped["fc1"]
+    assert "changes the outputs" in why and "test_graph_labels.py" in why, why  # where the model raised
+    assert "aten.split with the size 8 written in the model's code" in why, why
+
+
+class _PartialResidual(nn.Module):
+    """DPN / ReXNet: a residual added to the first ``self.width`` channels only (a slice bound in an
+    attribute), the rest concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.width = 6
+        self.fc1, self.fc2, self.out = nn.Linear(16, 10), nn.Linear(16, 6), nn.Linear(10, 3)
+
+    def forward(self, x):
+        y = self.fc1(x)
+        y = torch.cat([y[..., :self.width] + self.fc2(x), y[..., self.width:]], dim=-1)
+        return self.out(y)
+
+
+def test_a_slice_bound_in_an_attribute_drops_by_the_units_removed_before_it():
+    analysis = _analyse(_PartialResidual())
+    group = _group(analysis, "fc1")  # fc1's first 6 channels coupled with fc2's: one group of 10 units
+    assert group.size == 10 and set(group.producers) == {"fc1", "fc2"}
+    (module, attr, weights), = group.attrs
+    assert (module, attr) == ("", "width") and sorted(weights) == [0] * 4 + [1] * 6
+
+
+class _ListSplit(nn.Module):
+    """MixNet: a split by a list attribute of (here unequal) sizes, each piece to its own layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.splits = [4, 12]
+        self.fc1, self.a, self.b = nn.Linear(16, 16), nn.Linear(4, 3), nn.Linear(12, 3)
+
+    def forward(self, x):
+        a, b = torch.split(self.fc1(x), self.splits, -1)
+        return self.a(a) + self.b(b)
+
+
+def test_a_list_of_split_sizes_drops_per_piece():
+    analysis = _analyse(_ListSplit())
+    group = _group(analysis, "fc1")
+    assert {(m, a) for m, a, _ in group.attrs} == {("", "splits[0]"), ("", "splits[1]")}
+    small = copy.deepcopy(_ListSplit().eval())
+    slice_units(small, analysis.groups, {"fc1": [0, 1, 5]})  # units 0, 1 in the first piece, 5 in the second
+    assert small.splits == [2, 11] and small(X).shape == (2, 5, 3)
+
+
+class _ShapeSize(nn.Module):
+    """SKNet: a reshape whose size comes from the tensor's shape (a constant in the traced graph) inside a
+    module whose parent holds an unrelated attribute of the same value: nothing to update, the group stays."""
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            y = self.fc(x).reshape(b, n, 2, c // 2).softmax(2).reshape(b, n, c)
+            return x * y
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_channels = 8  # = c // 2 above, but the parent's: not the size the reshape uses
+        self.fc0, self.inner, self.out = nn.Linear(16, 16), self.Inner(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.inner(self.fc0(x)))
+
+
+def test_only_the_module_running_an_operator_is_searched_for_its_sizes():
+    analysis = _analyse(_ShapeSize())
+    assert all(not g.attrs for g in analysis.groups)
+    assert any("inner.fc" in g.producers for g in analysis.groups), analysis.skipped
+
+
+class _ViewedScale(nn.Module):
+    """MetaFormer's layer scale: a parameter viewed with a shape held in a tuple attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+        self.scale = nn.Parameter(torch.rand(8))
+        self.shape = (8, 1, 1)
+
+    def forward(self, x):
+        return self.out(self.conv(x) * self.scale.view(self.shape))
+
+
+def test_a_parameter_viewed_with_a_shape_attribute_updates_it():
+    analysis = _analyse(_ViewedScale(), torch.randn(2, 3, 4, 4))
+    group = _group(analysis, "conv")
+    assert ("", "shape[0]", 1) in group.attrs
+    assert ("scale", "param") in {(s.module, s.role) for s in group.slices}
+
+
+class _SameValue(nn.Module):
+    """LeViT: ``num_heads == key_dim`` (both 4); the heads reshape's size is the first, the split's the
+    second: updating both is wrong, the variant updating ``num_heads`` only is proven exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = 4, 4, 2
+        self.kv, self.proj = nn.Linear(16, 4 * 6), nn.Linear(4 * 2, 3)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        k, v = self.kv(x).view(b, n, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
+        k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        attn = (k @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.val_dim))
+
+
+def test_one_size_in_two_attributes_tries_each_and_keeps_the_exact_one():
+    analysis = _analyse(_SameValue())
+    group = _group(analysis, "kv")
+    assert group.unit == "head" and ("", "num_heads", 1) in group.attrs
+    assert not any(a == "key_dim" for _, a, _ in group.attrs)
+
+
+class _CoincidentHeads(nn.Module):
+    """CrossViT: the head width taken from the stream's shape (``C // self.num_heads``). Cutting a third of
+    both the stream (12 -> 8) and the heads (3 -> 2) keeps it at 4 by coincidence; other removals do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 3
+        self.fc0, self.wq, self.proj, self.out = (nn.Linear(16, 12), nn.Linear(12, 12), nn.Linear(12, 12),
+                                                  nn.Linear(12, 3))
+
+    def forward(self, x):
+        s = self.fc0(x)
+        b, n, c = s.shape
+        q = self.wq(s).reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+        o = ((q @ q.transpose(-2, -1)).softmax(-1) @ q).transpose(1, 2).reshape(b, n, -1)
+        return self.out(self.proj(o) + s)
+
+
+def test_the_proof_takes_two_samples_so_a_coincidence_of_sizes_does_not_pass():
+    model = _CoincidentHeads().eval()
+    analysis = analyse_channels(model, X)
+    for share in (0.25, 0.5, 0.75):  # whatever was accepted is exact at other removals too
+        removed = {g.name: list(range(max(1, min(g.size - 1, int(g.size * share))))) for g in analysis.groups}
+        masked, _, sliced = masked_and_sliced(model, X, analysis.groups, removed, seed=1)
+        assert compare_outputs(masked, sliced, 1e-6) <= 1e-6, share
+
+
+def test_updated_sizes_survive_save_and_load_compressed(tmp_path):
+    """``save_compressed`` keeps every integer (and list of integers) attribute: a fresh model loads them."""
+    import lightning_prune as lp
+
+    model = _ListSplit().eval()
+    analysis = _analyse(model)
+    slice_units(model, analysis.groups, {"fc1": [0, 5, 6]})
+    lp.save_compressed(model, tmp_path / "small.pt")
+    fresh = lp.load_compressed(tmp_path / "small.pt", _ListSplit().eval())
+    assert fresh.splits == model.splits == [3, 10]
+    torch.testing.assert_close(fresh(X), model(X))
 
 
 def test_untraceable_model_falls_back_and_names_why():

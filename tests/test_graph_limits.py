@@ -169,10 +169,28 @@ def test_what_torch_pruning_raises_for_one_producer_skips_that_group_only(monkey
     assert {g.name for g in analysis.groups} == {g.name for g in dense.groups} - {"layer1.0.conv1"}
 
 
-def test_a_model_that_does_not_run_on_its_input_still_raises_the_model_s_error():
+def test_a_model_that_does_not_run_on_its_input_raises_one_clear_error_naming_the_model_s():
+    """The model's own exception (an empty AssertionError on halonet26t at 64 px) is not what reaches the
+    user: one InvalidArgumentError naming it and the line that raised it, chained to it."""
+    from lightning_prune.graph import ModelInputError
+
     model = timm.create_model("test_resnet", num_classes=10).eval()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ModelInputError, match=r"ResNet raised RuntimeError on the example input at .*\.py:\d+"
+                       ) as info:
         analyse_channels(model, torch.randn(2, 5, 32, 32))
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+    class Asserts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            assert x.shape[-1] % 8 == 0
+            return self.conv(x)
+
+    with pytest.raises(ModelInputError, match=r"Asserts raised AssertionError .*assert x.shape\[-1\] % 8"):
+        analyse_channels(Asserts(), torch.randn(1, 3, 12, 12))
 
 
 def test_tiny_classifier_is_unchanged_by_the_fallback():

@@ -325,12 +325,21 @@ _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_fea
 FORMAT = "lightning_prune.compressed/1"
 
 
+def _sizes(value: Any) -> bool:
+    """An int, or a non-empty list/tuple of ints (a size or a list of sizes the model's code uses)."""
+    return type(value) is int or (isinstance(value, (list, tuple)) and len(value) > 0
+                                  and all(type(x) is int for x in value))
+
+
 def shape_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The channel counts (``in_channels``, ``num_heads``, ...) of every layer, what :func:`take_shapes` needs
-    to give a fresh model the shapes of a compressed one."""
+    to give a fresh model the shapes of a compressed one: besides the layers' own, every integer (or list of
+    integers) instance attribute, since the channel analysis updates the sizes a model's code splits, slices
+    and reshapes with (``width``, ``num_1x1_c``, ``splits``) wherever it finds them."""
     attributes = {}
     for name, module in model.named_modules():
-        found = {k: getattr(module, k) for k in _SHAPE_ATTRS if k in vars(module)}  # instance attributes only
+        found = {k: v for k, v in vars(module).items()  # instance attributes only
+                 if k in _SHAPE_ATTRS or (not k.startswith("_") and _sizes(v))}
         if found:
             attributes[name] = found
     return attributes

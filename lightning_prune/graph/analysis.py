@@ -24,11 +24,13 @@ from lightning_prune.graph.dependencies import (
 )
 from lightning_prune.graph.inputs import call_model
 from lightning_prune.graph.layers import PRODUCER_TYPES
-from lightning_prune.graph.proof import exact_subsets
+from lightning_prune.graph.proof import check_removal, exact_subsets
 from lightning_prune.graph.types import (
     ChannelAnalysis,
     ChannelGroup,
     GraphTimeoutError,
+    ModelInputError,
+    code_location,
     failure_reason,
     localised_group,
     prefixed_name,
@@ -73,6 +75,8 @@ def analyse_channels(
     Raises:
         GraphTimeoutError: the analysis used more than ``analysis_time_limit_s`` of CPU time.
         InvalidArgumentError: a bad ``analysis_time_limit_s``.
+        ModelInputError: ``model`` raises when called on ``example_inputs`` (an ``InvalidArgumentError``
+            naming the model's exception and the line that raised it).
     """
     if engine not in ("traced", "torch-pruning"):
         raise InvalidArgumentError(f"`engine` must be 'traced' or 'torch-pruning', got {engine!r}.")
@@ -115,7 +119,7 @@ def _analyse_traced(model: nn.Module, example: Any, opts: _Options, prefix: str,
     names = {id(m): n for n, m in model.named_modules()}
     try:
         output_names = {names[i] for i in outputs if i in names}
-        candidates, skipped, hints = trace_labels(model, example, prefix, output_names, opts.check)
+        candidates, skipped, hints, variants = trace_labels(model, example, prefix, output_names, opts.check)
     except GraphTimeoutError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever export raises: the dependency graph instead
@@ -134,14 +138,30 @@ def _analyse_traced(model: nn.Module, example: Any, opts: _Options, prefix: str,
             continue
         kept.append(group)
     local = [localised_group(g, prefix) for g in kept]
-    good, _bad = exact_subsets(model, example, local, opts.rtol, opts.check)
+    failures: dict[str, str] = {}
+    good, _bad = exact_subsets(model, example, local, opts.rtol, opts.check, failures)
     good_names = {g.name for g in good}
+    chosen: list[ChannelGroup] = []
     for group in kept:
         if strip_prefix(group.name, prefix) in good_names or (not prefix and group.name in good_names):
             analysis.groups.append(group)
+            continue
+        for variant in variants.get(group.name, ()):  # one size in several attributes: update one of them
+            if exact_subsets(model, example, [localised_group(variant, prefix)], opts.rtol, opts.check)[0]:
+                chosen.append(variant)
+                break
         else:
             why = "removing these channels changes the outputs (checked on a copy)"
-            analysis.skipped[group.name] = f"{why}: {hints[group.name]}" if group.name in hints else why
+            detail = failures.get(strip_prefix(group.name, prefix)) or failures.get(group.name)
+            why = f"{why}: {detail}" if detail else why
+            analysis.skipped[group.name] = f"{why}; {hints[group.name]}" if group.name in hints else why
+    together = [localised_group(g, prefix) for g in analysis.groups + chosen]
+    if chosen and check_removal(model, example, together, opts.rtol) is not None:
+        for group in chosen:
+            analysis.skipped[group.name] = ("removing these channels changes the outputs (checked on a copy):"
+                                            " exact alone, not together with the other groups")
+        chosen = []
+    analysis.groups.extend(chosen)
     return True
 
 
@@ -231,7 +251,12 @@ def _analyse_children(model: nn.Module, example: Any, opts: _Options, prefix: st
         raise
     except Exception as error:
         if top:  # the model does not run on its example: the caller's input, not the analysis
-            raise
+            where = code_location(error)
+            raise ModelInputError(
+                f"{type(model).__name__} raised {type(error).__name__} on the example input"
+                f"{' at ' + where if where else ''}: {' '.join(str(error).split())[:200] or 'no message'}."
+                " HINT: analyse the model with an input it accepts (its own input size: timm's"
+                " `pretrained_cfg['input_size']`).") from error
         analysis.skipped[key] = f"{reason}; {failure_reason('running it', error)}"
         return
     finally:

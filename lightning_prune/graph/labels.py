@@ -15,8 +15,12 @@ Readers cut the dependency: a Conv/Linear module reading a labelled dim is an **
 masks the units), a LayerNorm / GroupNorm(1) / GRN computing statistics over it is a **norm site**
 (restricted statistics). Parameters and buffers combined with a labelled dim (norm affines, biases,
 layer-scale gammas, ``pos_embed``/``cls_token``, relative-position bias tables along heads, BatchNorm
-statistics) are sliced with it; integer attributes of the module that reshapes or splits with a size that
-shrinks with the units (``num_heads``, ``attn_dim``, split widths) are found by their value and updated.
+statistics) are sliced with it; integer attributes of the module that reshapes, splits or slices with a size
+that shrinks with the units (``num_heads``, ``attn_dim``, split widths, a list of split sizes, a slice bound
+such as DPN's ``num_1x1_c``, the shape a parameter is viewed with) are found by their value on the module
+running the operator and updated, by the number of removed units' positions the size holds (a slice bound:
+those before it). A size held by several attributes of that module is tried one attribute at a time when
+updating all of them fails the proof.
 An operator this module does not know that touches a labelled dim fixes those atoms (never removed) with the
 reason ``"aten.X on dim d"``; the model's outputs fix theirs. Labels are propagated until no atoms merge any
 more (a later contraction can make an earlier dim unlabelled), then the last pass records sites and slices.
@@ -25,14 +29,16 @@ The exactness proof of :mod:`lightning_prune.graph.proof` stays the final judge.
 
 Known limits: a size the model's code takes from a tensor's shape is a constant in the exported graph, so a
 coupling made only through a shape (``x.reshape(B, N, C)`` with ``C`` the residual stream's width after
-the attention, as in MetaFormer's and PVT's attention) is not seen: the proof rejects those groups. When two
-integer attributes hold the same value (``num_heads == head_dim``), both are updated and the proof decides.
-Unequal splits whose sizes sit in a list attribute (MixNet's ``splits``) are left to the proof (rejected).
+the attention, as in EdgeNeXt's, MetaFormer's and PVT's attention) is not seen: the proof rejects those
+groups, and the skip reason names the line of the model that raised. A grouped convolution's groups are whole
+units, so a radix split summed over its groups (ResNeSt's split attention) leaves a single unit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable
@@ -50,11 +56,10 @@ from lightning_prune.graph.types import ChannelGroup, Site, Slice, prefixed_name
 __all__ = ["LabelGraph", "trace_labels"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: ops whose size arguments the analysis does not update (see `_attr_event`)
-_SPLITS_NOT_UPDATED = ("aten.split", "aten.split_with_sizes")
 FIXED = 0
 _OUTPUT = "no layer reads these channels (model output)"
 _MAX_BLOCK = 4_000_000
+_MAX_VARIANTS = 8  # attribute choices tried for a group that fails its proof
 
 
 class _Fix(Exception):
@@ -153,8 +158,9 @@ class _Records:
     slices: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
     sites: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
     fixes: list[tuple[np.ndarray, str]] = field(default_factory=list)
-    sizes: list[tuple[list[str], int, np.ndarray, str]] = field(default_factory=list)  # (modules, value,
-    # atoms per position of the dim, what) for attribute search
+    sizes: list[tuple[list[str], list[tuple[Any, Any]], str]] = field(default_factory=list)  # (modules,
+    # [(size, atoms per position of it) or (sizes of the pieces, [atoms per position of each])], what):
+    # attributes that hold a size which shrinks with the units
     notes: list[tuple[np.ndarray, str]] = field(default_factory=list)
 
 
@@ -204,6 +210,8 @@ class LabelGraph:
         self.atoms = _Atoms()
         self.producer_atoms: dict[str, np.ndarray] = {}
         self.producer_order: list[str] = []
+        # (parameter, dim) -> {view node: (owners, its shape argument, the dim, offset)}
+        self._param_views: dict[tuple[str, int], dict[str, tuple[list[str], tuple[Any, ...], int, int]]] = {}
         self.passes = 0
         # optimistic passes (parameters along a unit dim do not fix it yet) until no atoms merge, then one
         # strict pass that records sites, slices and fixes
@@ -423,8 +431,7 @@ class LabelGraph:
                 block = next((ls, a) for ls, a in result if x in ls)
                 atoms = self._project(block[0], block[1], x)
                 for name, (pdim, offset) in followed:
-                    self.records.slices.append((name, "param", pdim, atoms[offset:offset + self._psize(name,
-                                                                                                     pdim)]))
+                    self._slice_param(name, pdim, atoms[offset:offset + self._psize(name, pdim)])
         out_index = {x: i for i, x in enumerate(out_letters)}
         blocks_out = []
         for letters, arr in result:
@@ -441,6 +448,17 @@ class LabelGraph:
                                 if letters[d] in out_index and letters[d] not in labelled)
         shape = tuple(sizes[x] for x in out_letters)
         return self.canon(_Lab(shape, blocks_out, origins_out, derived_out))
+
+    def _slice_param(self, name: str, pdim: int, atoms: np.ndarray) -> None:
+        """Parameter ``name`` loses the units along ``pdim``; so do the sizes its views were written with."""
+        self.records.slices.append((name, "param", pdim, atoms))
+        for owners, shape_arg, d, offset in self._param_views.get((name, pdim), {}).values():
+            if offset or not isinstance(shape_arg[d], int) or shape_arg[d] != len(atoms):
+                continue
+            per_pos = atoms.reshape(-1, 1)
+            pieces = [per_pos if i == d else per_pos[:0] for i in range(len(shape_arg))]
+            self.records.sizes.append((owners, [(shape_arg[d], per_pos), (tuple(shape_arg), pieces)],
+                                       "aten.view of a parameter"))
 
     def _psize(self, name: str, dim: int) -> int:
         tensor = self.params.get(name)
@@ -736,7 +754,8 @@ class LabelGraph:
         other = [(d, a) for d, a in x_lab.blocks if not (set(d) & ({1} | spatial))]
         for d, _ in x_lab.blocks:
             if set(d) & spatial:
-                raise _Fix("a convolution over labelled spatial dims")
+                raise _Fix("a convolution slides along these channels (its kernel mixes neighbouring units,"
+                           " as ECA's conv1d over the channel dim)")
         chan = self.dim_atoms(x_lab, 1)
         if groups == 1:
             if chan is not None:
@@ -838,7 +857,7 @@ class LabelGraph:
                 return
             raise _Fix(f"{what}: a tensor computed from parameters along a unit dim")
         for name, (pdim, offset) in followed:
-            self.records.slices.append((name, "param", pdim, atoms[offset:offset + self._psize(name, pdim)]))
+            self._slice_param(name, pdim, atoms[offset:offset + self._psize(name, pdim)])
 
     def _reduce(self, node: Any, name: str, lab: _Lab, labs: dict) -> Any:
         args = node.args
@@ -910,6 +929,12 @@ class LabelGraph:
                 real_out = [o for o in outs if out_shape[o] != 1]
                 if real_in == [d] and len(real_out) == 1:
                     mm[real_out[0]] = v
+                    shape_arg = node.args[1] if len(node.args) > 1 else None
+                    if isinstance(shape_arg, (list, tuple)) and len(shape_arg) == len(out_shape):
+                        # a view of a parameter with its size in the code (MetaFormer's layer scale:
+                        # ``self.scale.view(self.shape)``): an event when the parameter is sliced
+                        self._param_views.setdefault((pname, v[0]), {})[node.name] = (
+                            self._owners(node), tuple(shape_arg), real_out[0], v[1])
             origins.append((pname, mm))
         derived = frozenset(o for ins, outs in groups if set(ins) & lab.derived for o in outs
                             if out_shape[o] > 1)
@@ -1012,23 +1037,43 @@ class LabelGraph:
             pieces = [(s, s + z, 1) for s, z in zip(starts, sizes)] if name != "unbind" else [
                 (i, i + 1, 1) for i in range(lab.shape[dim])]
         labelled = next(((dims, arr) for dims, arr in lab.blocks if dim in dims), None)
-        if labelled is not None and len(pieces) > 1:
-            sizes = {b - a for a, b, _ in pieces}
-            if len(sizes) == 1:  # equal pieces stay equal: their positions are paired
-                axis = labelled[0].index(dim)
-                parts = [np.take(labelled[1], range(a, b, s), axis=axis) for a, b, s in pieces]
-                for p in parts[1:]:
-                    self.atoms.union_arrays(parts[0], p)
-                if name in ("split", "split_with_sizes"):  # the piece size, or the whole, in an attribute
-                    per_pos = np.moveaxis(parts[0], axis, 0).reshape(parts[0].shape[axis], -1)
-                    whole = np.moveaxis(labelled[1], axis, 0).reshape(labelled[1].shape[axis], -1)
-                    piece = pieces[0][1] - pieces[0][0]
-                    self.records.sizes.append((self._owners(node),
-                                               [(piece, per_pos), (lab.shape[dim], whole)], f"aten.{name}"))
+        if labelled is not None and len(pieces) > 1 and len({b - a for a, b, _ in pieces}) == 1:
+            # equal pieces stay equal: their positions are paired
+            axis = labelled[0].index(dim)
+            parts = [np.take(labelled[1], range(a, b, s), axis=axis) for a, b, s in pieces]
+            for p in parts[1:]:
+                self.atoms.union_arrays(parts[0], p)
+            if name in ("split", "split_with_sizes"):  # the piece size, or the whole, in an attribute
+                per_pos = np.moveaxis(parts[0], axis, 0).reshape(parts[0].shape[axis], -1)
+                whole = np.moveaxis(labelled[1], axis, 0).reshape(labelled[1].shape[axis], -1)
+                piece = pieces[0][1] - pieces[0][0]
+                alternatives: list[tuple[Any, Any]] = [(piece, per_pos), (lab.shape[dim], whole)]
+                if name == "split_with_sizes":  # the sizes may be a list attribute (MixNet's splits)
+                    alternatives.insert(0, (tuple(b - a for a, b, _ in pieces),
+                                            [np.moveaxis(p, axis, 0).reshape(p.shape[axis], -1)
+                                             for p in parts]))
+                self.records.sizes.append((self._owners(node), alternatives, f"aten.{name}"))
+        elif labelled is not None and len(pieces) > 1:  # unequal pieces: a list of sizes (MixNet's splits)
+            axis = labelled[0].index(dim)
+            per_piece = [np.moveaxis(np.take(labelled[1], range(a, b, s), axis=axis), axis, 0)
+                         .reshape(len(range(a, b, s)), -1) for a, b, s in pieces]
+            self.records.sizes.append((self._owners(node), [(tuple(b - a for a, b, _ in pieces), per_piece)],
+                                       f"aten.{name}"))
         elif labelled is not None and name in ("slice", "narrow"):
             a, b, s = pieces[0]
             if (a, b, s) != (0, lab.shape[dim], 1):
                 self.records.notes.append((labelled[1], f"aten.{name} [{a}:{b}] of a unit dim"))
+                # its bounds shrink by the removed positions before them (DPN's and ReXNet's partial
+                # residuals: ``x[:, :self.num_1x1_c]``, ``x[:, 0:self.in_channels] += shortcut``)
+                axis = labelled[0].index(dim)
+                whole = np.moveaxis(labelled[1], axis, 0).reshape(labelled[1].shape[axis], -1)
+                # (a start or stop: the positions before it; a narrow's length: the positions it keeps)
+                bounds = [(a, whole[:a]), (b, whole[:b])] if name == "slice" else [(a, whole[:a]),
+                                                                                    (b - a, whole[a:b])]
+                for value, positions in bounds:
+                    if 0 < value < lab.shape[dim] and s == 1:
+                        self.records.sizes.append((self._owners(node), [(value, positions)],
+                                                   f"aten.{name} bound"))
         outs = []
         for a, b, s in pieces:
             blocks = []
@@ -1234,59 +1279,90 @@ class LabelGraph:
             for g, (chans, us) in entries(arr).items():
                 key = (module, kind, dim, weight[0] if weight else "")
                 sites.setdefault(g, {}).setdefault(key, {}).update(zip(chans, us))
-        attrs: dict[str, set[tuple[str, str, int]]] = {}
+        attrs: dict[str, set[tuple[str, str, Any]]] = {}
         self.hints: dict[str, str] = {}
+        self.choices: dict[str, list[list[tuple[str, str, Any]]]] = {}
         for owners, alternatives, what in self.records.sizes:
-            self._attr_event(owners, alternatives, what, atoms, group_of_root, attrs, full)
+            self._attr_event(owners, alternatives, what, group_of_root, units, attrs, full)
         return self._finish_groups(members, order, units, slices, sites, attrs, reasons, outputs, full)
 
-    def _attr_event(self, owners: list[str], alternatives: list[tuple[int, np.ndarray]], what: str,
-                    atoms: _Atoms, group_of_root: dict[int, str], attrs: dict[str, set[tuple[str, str, int]]],
-                    full: Callable[[str], str]) -> bool:
-        """Integer attributes of the owning modules equal to a size that shrinks with the units.
+    def _unit_weights(self, per_pos: np.ndarray, group_of_root: dict[int, str],
+                      units: dict[str, dict[int, int]]) -> dict[str, int | tuple[int, ...]] | None:
+        """Per group, how many positions of a size each of its units holds (``per_pos``: one row per position;
+        a row must carry one atom): an int when every unit holds the same number, else one count per unit.
+        None when a position mixes atoms. Groups holding no position are absent."""
+        roots = self.atoms.roots(per_pos)
+        roots = roots.reshape(roots.shape[0], -1) if roots.ndim != 2 else roots
+        if roots.shape[0] == 0:
+            return {}
+        first = roots[:, 0]
+        if roots.shape[1] and not (roots == first[:, None]).all():
+            return None
+        held: dict[str, dict[int, int]] = {}
+        for r, n in zip(*np.unique(first, return_counts=True)):
+            g = group_of_root.get(int(r))
+            if int(r) == FIXED or g is None:
+                continue
+            held.setdefault(g, {})[units[g][int(r)]] = int(n)
+        weights: dict[str, int | tuple[int, ...]] = {}
+        for g, per in held.items():
+            counts = [per.get(u, 0) for u in range(len(units[g]))]
+            weights[g] = counts[0] if len(set(counts)) == 1 else tuple(counts)
+        return weights
 
-        Split sizes are not updated: on Res2Net and CSPResNet a split-size attribute passed the proof's sample
-        removal yet gave a wrongly shaped model at a larger one, so a split of a unit dim blocks its group."""
+    def _attr_event(self, owners: list[str], alternatives: list[tuple[Any, Any]], what: str,
+                    group_of_root: dict[int, str], units: dict[str, dict[int, int]],
+                    attrs: dict[str, set[tuple[str, str, Any]]], full: Callable[[str], str]) -> bool:
+        """Integer attributes of the owning modules (innermost first) equal to a size that shrinks with the
+        units: ``num_heads`` of a reshape, a split width, a slice bound; or an attribute holding a list of
+        split sizes (``value`` a tuple, ``per_pos`` one array per piece: ``name[i]`` is updated). Each is
+        recorded with how many positions of the size each unit holds (see :meth:`_unit_weights`).
+
+        Only the module whose own code runs the operator is searched: a size the code takes from a tensor's
+        shape (SKNet's ``C // self.num_paths``) is a constant in the traced graph that needs no update, and an
+        enclosing module's attribute of the same value (its ``in_channels``) is another size."""
+        owners = owners[:1]
         gs_seen: set[str] = set()
-        if what in _SPLITS_NOT_UPDATED:
-            for _, per_pos in alternatives:
-                gs_seen |= {group_of_root[r] for r in np.unique(atoms.roots(per_pos)) if r in group_of_root}
-            for g in gs_seen:
-                self.hints.setdefault(full(g), f"{what} of these channels with the size {alternatives[0][0]}"
-                                               " (split sizes are not updated)")
-            return False
         for value, per_pos in alternatives:
-            roots = atoms.roots(per_pos)
-            counts: dict[int, int] = {}
-            ok = True
-            for row in roots:
-                distinct = set(row.tolist())
-                if len(distinct) != 1:
-                    ok = False
-                    break
-                r = distinct.pop()
-                counts[r] = counts.get(r, 0) + 1
-            counts.pop(FIXED, None)
-            if not ok or not counts:
+            if isinstance(value, tuple):  # a list of sizes: one event per piece, the attribute is the list
+                pieces = [self._unit_weights(p, group_of_root, units) for p in per_pos]
+                if any(w is None for w in pieces):
+                    continue
+                gs = {g for w in pieces for g in w}
+                gs_seen |= gs
+                for owner in owners:
+                    module = self.modules.get(owner)
+                    found = [a for a, v in vars(module).items() if isinstance(v, (list, tuple))
+                             and len(v) == len(value) and all(type(x) is int for x in v)
+                             and tuple(v) == value and not a.startswith("_")] if module is not None else []
+                    if found:
+                        for i, w in enumerate(pieces):
+                            for g, k in w.items():
+                                for a in found:
+                                    attrs.setdefault(g, set()).add((owner, f"{a}[{i}]", k))
+                        return True
                 continue
-            gs = {group_of_root.get(r) for r in counts}
-            per = set(counts.values())
-            if len(per) != 1 or None in gs:
+            weights = self._unit_weights(per_pos, group_of_root, units)
+            if not weights:
                 continue
-            gs_seen |= gs
-            k = per.pop()
+            gs_seen |= set(weights)
             for owner in owners:
                 module = self.modules.get(owner)
                 found = [a for a, v in vars(module).items() if type(v) is int and v == value
                          and not a.startswith("_") and a not in ("training",)] if module is not None else []
                 if found:
-                    for g in gs:
+                    for g, k in weights.items():
                         for a in found:
                             attrs.setdefault(g, set()).add((owner, a, k))
+                        if len(found) > 1:  # the same value in several attributes: all, or one of them
+                            self.choices.setdefault(full(g), []).append(
+                                [(full(owner), a, k) for a in found])
                     return True
         for g in gs_seen:
             owner = owners[0] if owners else ""
-            self.hints.setdefault(full(g), f"{what} with the size {alternatives[0][0]} written in the model's"
+            value = alternatives[0][0]
+            shown = list(value) if isinstance(value, tuple) else value
+            self.hints.setdefault(full(g), f"{what} with the size {shown} written in the model's"
                                            f" code (no attribute of `{owner}` holds it)")
         return False
 
@@ -1337,7 +1413,8 @@ class LabelGraph:
                                            s.module == full(p) and s.role in ("out", "group")
                                            for s in group_slices)),
                                        len(producers) > 1,
-                                       tuple(sorted((full(m), a, k) for m, a, k in attrs.get(g, ())))))
+                                       tuple(sorted(((full(m), a, k) for m, a, k in attrs.get(g, ())),
+                                                    key=lambda t: (t[0], t[1], str(t[2]))))))
         return groups, skipped
 
     def reason(self, group: ChannelGroup) -> str | None:
@@ -1490,9 +1567,21 @@ def _export(model: nn.Module, example: Any) -> Any:
 
 def trace_labels(model: nn.Module, example: Any, prefix: str = "", outputs: Iterable[str] = (),
                  check: Callable[[], None] = lambda: None
-                 ) -> tuple[list[ChannelGroup], dict[str, str], dict[str, str]]:
-    """Candidate groups of ``model`` (not yet proven), the skipped producers with reasons, and per group a
-    hint of what may make it fail the proof (a size written in the model's code)."""
+                 ) -> tuple[list[ChannelGroup], dict[str, str], dict[str, str],
+                            dict[str, list[ChannelGroup]]]:
+    """Candidate groups of ``model`` (not yet proven), the skipped producers with reasons, per group a hint
+    of what may make it fail the proof (a size written in the model's code), and per group the variants to
+    try when it fails: where one size sits in several attributes of the module (LeViT's ``num_heads ==
+    key_dim``), each variant updates one of them only."""
     graph = LabelGraph(model, example, check)
     groups, skipped = graph.groups(prefix, frozenset(outputs))
-    return groups, skipped, graph.hints
+    variants: dict[str, list[ChannelGroup]] = {}
+    for group in groups:
+        events = graph.choices.get(group.name)
+        if not events:
+            continue
+        for picks in itertools.islice(itertools.product(*events), _MAX_VARIANTS):
+            dropped = {t for event, pick in zip(events, picks) for t in event if t != pick}
+            attrs = tuple(t for t in group.attrs if t not in dropped)
+            variants.setdefault(group.name, []).append(dataclasses.replace(group, attrs=attrs))
+    return groups, skipped, graph.hints, variants

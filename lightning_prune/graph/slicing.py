@@ -203,7 +203,9 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
             key = (sl.module, sl.role, sl.dim)
             dead.setdefault(key, set()).update(c for c, u in zip(sl.channels, sl.units) if u in gone)
         for module_name, attr, per_unit in group.attrs:
-            attrs[(module_name, attr)] = attrs.get((module_name, attr), 0) + per_unit * len(gone)
+            drop = (per_unit * len(gone) if isinstance(per_unit, int)
+                    else sum(per_unit[u] for u in gone if u < len(per_unit)))
+            attrs[(module_name, attr)] = attrs.get((module_name, attr), 0) + drop
     params = dict(model.named_parameters())
     for (name, role, dim), channels in dead.items():
         if not channels or role == "free":
@@ -218,7 +220,14 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
             _slice_module(model.get_submodule(local), role, channels, dim)
     for (name, attr), drop in attrs.items():
         module = model.get_submodule(strip_prefix(name, prefix))
-        setattr(module, attr, getattr(module, attr) - drop)
+        if attr.endswith("]"):  # an element of a list of sizes: ``splits[1]``
+            attr, _, index = attr[:-1].partition("[")
+            sizes = list(getattr(module, attr))
+            sizes[int(index)] -= drop
+            old = getattr(module, attr)
+            setattr(module, attr, type(old)(sizes) if isinstance(old, (list, tuple)) else sizes)
+        else:
+            setattr(module, attr, getattr(module, attr) - drop)
     if count:  # tensors a model caches from its parameters in eval mode are dropped by train() (LeViT's
         # attention biases): refresh them now that the shapes changed, the modes left as they were
         modes = [(m, m.training) for m in model.modules()]

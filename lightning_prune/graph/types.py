@@ -4,15 +4,38 @@ that place module names under the LightningModule's prefix."""
 
 from __future__ import annotations
 
+import linecache
 from dataclasses import dataclass, field
 
 from lightning_prune.errors import InvalidArgumentError
 
-__all__ = ["ChannelAnalysis", "ChannelGroup", "GraphTimeoutError", "Site", "Slice", "failure_reason"]
+__all__ = ["ChannelAnalysis", "ChannelGroup", "GraphTimeoutError", "ModelInputError", "Site", "Slice",
+           "code_location", "failure_reason"]
 
 
 class GraphTimeoutError(InvalidArgumentError):
     """The channel-group analysis used more CPU time than its limit (``analysis_time_limit_s``)."""
+
+
+class ModelInputError(InvalidArgumentError):
+    """The model raised when called on the example input the analysis was given (the input, not the
+    analysis, is at fault: the message names the model's exception and the line that raised it)."""
+
+
+def code_location(error: BaseException) -> str:
+    """Where ``error`` was raised outside torch and lightning-prune: ``"halo_attn.py:208
+    (`_assert(H % self.block_size == 0, '')`)"``, or ``""``."""
+    where = ""
+    tb = error.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module.split(".")[0] not in ("torch", "lightning_prune", "numpy", "functools", "contextlib"):
+            code = tb.tb_frame.f_code
+            line = linecache.getline(code.co_filename, tb.tb_lineno).strip()
+            where = f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+            where += f" (`{line[:100]}`)" if line else ""
+        tb = tb.tb_next
+    return where
 
 
 def failure_reason(what: str, error: BaseException) -> str:
@@ -94,7 +117,9 @@ class ChannelGroup:
         producers: Conv/Linear modules whose output channels belong to the group.
         coupled: several producers meet (a residual stream): one gate value per unit shared by all readers.
         attrs: ``(module, attribute, per_unit)``: integer attributes that drop by ``per_unit`` per removed
-            unit (``num_heads``, ``attn_dim``).
+            unit (``num_heads``, ``attn_dim``), or by ``per_unit[u]`` for unit ``u`` when the units hold
+            different shares of the size (a slice bound drops by the removed channels before it);
+            ``attribute`` may name an element of a list of sizes (``"splits[1]"``).
     """
 
     name: str
@@ -105,7 +130,7 @@ class ChannelGroup:
     slices: tuple[Slice, ...]
     producers: tuple[str, ...]
     coupled: bool = False
-    attrs: tuple[tuple[str, str, int], ...] = ()
+    attrs: tuple[tuple[str, str, int | tuple[int, ...]], ...] = ()
 
     def input_sites(self) -> list[Site]:
         return [s for s in self.sites if s.kind == "input"]
