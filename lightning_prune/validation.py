@@ -310,11 +310,15 @@ class input_size_errors:  # noqa: N801  (a context manager, like as_misconfigura
         return None
 
     def __exit__(self, kind: Any, value: Any, traceback: Any) -> bool:
+        from lightning_prune.errors import InvalidArgumentError
+
         failed = isinstance(value, (RuntimeError, TypeError, ValueError, IndexError))
         if self.input_size is not None and failed and not isinstance(value, MisconfigurationException):
+            # graph.ModelInputError ("the model raised on its example input"): show the model's own error
+            shown = value.__cause__ if isinstance(value, InvalidArgumentError) and value.__cause__ else value
             raise MisconfigurationException(
                 f"`{self.name}`={tuple(self.input_size)!r}: the model fails on an input of that shape"
-                f" ({type(value).__name__}: {str(value).splitlines()[0] if str(value) else ''})."
+                f" ({type(shown).__name__}: {str(shown).splitlines()[0] if str(shown) else ''})."
                 " HINT: give the shape of one sample the model takes, e.g. (3, 32, 32), or leave it None.") \
                 from value
         return False

@@ -222,8 +222,10 @@ def _same_outputs(a, b):
 
 
 def test_restore_a_gate_run_finalises_and_compresses_as_the_end_of_training_does(tmp_path):
-    def make():  # finalised and compressed at the end: the last checkpoint is from before
-        return lp.GroupLassoPruning(target_flops=0.5, finalize_step=1.0, compress=True, verbose=False)
+    def make():  # finalised and compressed at the end: the last checkpoint is from before; restore_run has no
+        # training data to recalibrate the BatchNorms with, so the fit does not either (docs/deploy.md)
+        return lp.GroupLassoPruning(target_flops=0.5, finalize_step=1.0, compress=True, verbose=False,
+                                    recalibrate_bn_batches=0)
 
     trained, ckpt = _fit_with_checkpoint(tmp_path, make)
     state = torch.load(ckpt, weights_only=False)["callbacks"]
@@ -315,7 +317,8 @@ def _config(tmp_path, callback: dict) -> str:
 
 
 def test_the_export_command_restores_finalises_compresses_and_proves(tmp_path, capsys):
-    args = {"target_flops": 0.5, "finalize_step": 1.0, "compress": True, "verbose": False}
+    args = {"target_flops": 0.5, "finalize_step": 1.0, "compress": True, "verbose": False,
+            "recalibrate_bn_batches": 0}  # restore_run cannot recalibrate: no training data (docs/deploy.md)
     trained, ckpt = _fit_with_checkpoint(tmp_path, lambda: lp.GroupLassoPruning(**args))
     config = _config(tmp_path, {"class_path": "lightning_prune.GroupLassoPruning", "init_args": args})
     out = tmp_path / "out"

@@ -12,7 +12,7 @@ from torch_pruning.utils import count_ops_and_params
 import lightning_prune as lp
 from lightning_prune.callbacks.input_shape import batch_input, first_batch_input_size
 from lightning_prune.core import threads
-from lightning_prune.graph import example_inputs_for, traced_root
+from lightning_prune.graph import ModelInputError, example_inputs_for, traced_root
 from lightning_prune.testing import fit_tiny, tiny_classifier, tiny_datamodule
 
 FAST = {"max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 1}
@@ -46,7 +46,7 @@ def test_the_analysis_runs_at_one_thread_and_gives_the_caller_s_count_back(two_t
 
 def test_the_thread_count_is_restored_when_the_analysis_fails(two_threads):
     model = tiny_classifier("test_resnet").model
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ModelInputError, match="ResNet raised RuntimeError on the example input"):
         lp.analyse_channels(model, torch.randn(2, 5, 32, 32))  # 5 channels into a 3-channel stem
     assert torch.get_num_threads() == 2
     with pytest.raises(KeyError), threads.limited_threads(1):
