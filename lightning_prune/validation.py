@@ -32,6 +32,7 @@ from torch import nn
 
 __all__ = [
     "check_latency_device",
+    "check_latency_options",
     "check_size_targets",
     "size_targets",
     "as_misconfiguration",
@@ -423,3 +424,16 @@ def check_latency_device(device: Any) -> torch.device:
         raise MisconfigurationException(
             f"`latency_device` must be a device, got {device!r} ({error}). HINT: 'cpu', 'cuda', 'cuda:1';"
             " None times on the training device.") from None
+
+
+def check_latency_options(device: Any, batch_size: Any, model: Any) -> tuple[str | None, int | None, Any]:
+    """``latency_device`` (as a string), ``latency_batch_size`` and ``latency_model`` of a callback with
+    ``target_latency``, each ``None`` or checked."""
+    checked_device = None if device is None else str(check_latency_device(device))
+    checked_batch = check_optional(check_int, "latency_batch_size", batch_size, 1,
+                                   hint="the batch the latency is measured at, e.g. 64.")
+    if model is not None and not callable(getattr(model, "predict", None)):
+        raise MisconfigurationException(
+            f"`latency_model` must have a `predict(removed)` method, got {type(model).__name__}."
+            " HINT: see lightning_prune.graph.latency.LatencyPredictor.")
+    return checked_device, checked_batch, model

@@ -96,7 +96,7 @@ from lightning_prune.validation import (
     check_group_names,
     check_input_size,
     check_int,
-    check_latency_device,
+    check_latency_options,
     check_number,
     check_optional,
     check_positive,
@@ -228,14 +228,8 @@ class ChannelPruningCallback(PruningCallback):
         self.prune_coupled = check_bool("prune_coupled", prune_coupled)
         self.target_flops, self.target_params, self.target_latency = size_targets(
             target_flops, target_params, target_latency)
-        self.latency_device = None if latency_device is None else str(check_latency_device(latency_device))
-        self.latency_batch_size = check_optional(check_int, "latency_batch_size", latency_batch_size, 1,
-                                                 hint="the batch the latency is measured at, e.g. 64.")
-        if latency_model is not None and not callable(getattr(latency_model, "predict", None)):
-            raise MisconfigurationException(
-                f"`latency_model` must have a `predict(removed)` method, got {type(latency_model).__name__}."
-                " HINT: see lightning_prune.graph.latency.LatencyPredictor.")
-        self.latency_model = latency_model
+        self.latency_device, self.latency_batch_size, self.latency_model = check_latency_options(
+            latency_device, latency_batch_size, latency_model)
         self.group_targets = check_fraction_map(
             "group_targets", group_targets,
             hint="the fraction of each named group's units to prune, e.g. lp.layer_targets_from_sensitivity("

@@ -43,8 +43,7 @@ from lightning_prune.validation import (
     check_fraction,
     check_input_size,
     check_int,
-    check_latency_device,
-    check_optional,
+    check_latency_options,
     check_position,
     check_positive,
     input_size_errors,
@@ -162,14 +161,8 @@ class OneShotPruning(PruningCallback):
         self._nm = check_pattern(pattern, self.target_sparsity, MisconfigurationException)
         self.target_flops, self.target_params, self.target_latency = size_targets(
             target_flops, target_params, target_latency)
-        self.latency_device = None if latency_device is None else str(check_latency_device(latency_device))
-        self.latency_batch_size = check_optional(check_int, "latency_batch_size", latency_batch_size, 1,
-                                                 hint="the batch the latency is measured at, e.g. 64.")
-        if latency_model is not None and not callable(getattr(latency_model, "predict", None)):
-            raise MisconfigurationException(
-                f"`latency_model` must have a `predict(removed)` method, got {type(latency_model).__name__}."
-                " HINT: see lightning_prune.graph.latency.LatencyPredictor.")
-        self.latency_model = latency_model
+        self.latency_device, self.latency_batch_size, self.latency_model = check_latency_options(
+            latency_device, latency_batch_size, latency_model)
         for name, value in (("target_flops", self.target_flops), ("target_params", self.target_params),
                             ("target_latency", self.target_latency)):
             if value is not None and self.method != "channels":
