@@ -147,17 +147,16 @@ def test_weight_standardised_convs_are_skipped_with_their_reason():
 
 
 @pytest.mark.slow  # two analyses of res2net50 (47 s on a quiet machine)
-def test_a_split_with_fixed_sizes_is_skipped_and_the_rest_is_kept():
+def test_res2net_split_widths_skipped_by_torch_pruning_and_updated_on_the_operator_graph():
     model = timm.create_model("res2net50_14w_8s", num_classes=10).eval()
     analysis = analyse_channels(model, torch.randn(2, 3, 32, 32), engine="torch-pruning")
     assert analysis.groups and 0.5 < analysis.coverage < 0.95
     assert "a split/chunk with sizes fixed in the model's code" in analysis.skipped.values()
-    # on the operator graph the split's width is found in an attribute of the block but not updated (a removal
-    # larger than the proof's sample mis-shaped the model): those groups are skipped, saying why
+    # on the operator graph the split's width is found in the block's `width` attribute and updated by the
+    # removed units (proven at two removal sizes): every group is kept
     analysis = analyse_channels(model, torch.randn(2, 3, 32, 32))
-    assert analysis.groups and 0.5 < analysis.coverage < 0.95
-    assert any("split sizes are not updated" in why for why in analysis.skipped.values())
-    assert not any(attr == "width" for g in analysis.groups for _, attr, _ in g.attrs)
+    assert analysis.coverage >= 0.99, analysis.skipped
+    assert any(attr == "width" for g in analysis.groups for _, attr, _ in g.attrs)
 
 
 def test_analysis_stops_with_a_clear_message_past_its_time_limit():

@@ -265,6 +265,9 @@ class ChannelPruningCallback(PruningCallback):
         self._param_count: int | None = None
         self._importance_rng: Tensor | None = None  # the seeded generator's state (importance="random")
         self._warned: set[str] = set()
+        #: the traced network's structure on the meta device, taken at setup under ModelParallelStrategy with
+        #: compress=True: what the compressed network is rebuilt from once fully_shard has sharded it
+        self._skeleton: torch.nn.Module | None = None
 
     def unsharded_choice(self) -> str | None:
         """Why this callback's choice of units needs whole tensors (then it refuses FSDP2 at setup), or
@@ -286,9 +289,6 @@ class ChannelPruningCallback(PruningCallback):
             return get_importance(importance, self.native_importance, type(self).__name__)
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
-        #: the traced network's structure on the meta device, taken at setup under ModelParallelStrategy with
-        #: compress=True: what the compressed network is rebuilt from once fully_shard has sharded it
-        self._skeleton: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------ the protocol
     def due(self, trainer: pl.Trainer) -> float | None:
