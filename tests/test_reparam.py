@@ -272,9 +272,12 @@ def test_reducenet_is_registered_with_timm():
 
 
 @pytest.mark.slow  # a fresh interpreter: ~15 s on 2 busy cores
-def test_reducenet_is_registered_on_import():
-    code = ("import lightning_prune, timm; m = timm.create_model('reducenet_56', num_classes=10);"
-            " print(len(m.blocks))")
+def test_reducenet_is_registered_by_importing_its_module():
+    """As lightning_prune/__init__.py says: ``import lightning_prune`` stays light (lazy); the ReduceNet
+    models are registered by ``lp.ImageClassifier``, by the first lazy name used, or by importing their
+    module."""
+    code = ("import lightning_prune.training.reducenet, timm;"
+            " m = timm.create_model('reducenet_56', num_classes=10); print(len(m.blocks))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "27"
     assert "reducenet_20_plain" in timm.list_models("reducenet_*")

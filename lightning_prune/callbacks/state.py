@@ -40,8 +40,9 @@ def resolve_seed(seed: int | None, trainer: pl.Trainer | None = None) -> int:
 
 def seeded_generator(seed: int | None, trainer: pl.Trainer | None = None,
                      device: torch.device | str = "cpu") -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` seeded by the rule of :func:`resolve_seed`."""
-    return torch.Generator(device=device).manual_seed(resolve_seed(seed, trainer))
+    """A ``torch.Generator`` on ``device`` seeded by the rule of :func:`resolve_seed` (taken modulo 2**64, the
+    generator's range: a seed derived from ``torch.initial_seed()`` by arithmetic may exceed it)."""
+    return torch.Generator(device=device).manual_seed(resolve_seed(seed, trainer) % 2**64)
 
 
 class CallbackState(Callback):
