@@ -34,7 +34,6 @@ __all__ = [
     "check_latency_device",
     "check_latency_options",
     "check_size_targets",
-    "size_targets",
     "as_misconfiguration",
     "check_bool",
     "check_cadence",
@@ -388,14 +387,8 @@ def sexagesimal_hint(value: object) -> str:
             f" \"{written}\"")
 
 
-def check_size_targets(target_flops: Any, target_params: Any) -> tuple[float | None, float | None]:
-    """``target_flops`` / ``target_params``: at most one of them, a fraction of the dense model in (0, 1]."""
-    flops, params, _ = size_targets(target_flops, target_params, None)
-    return flops, params
-
-
-def size_targets(target_flops: Any, target_params: Any, target_latency: Any
-                 ) -> tuple[float | None, float | None, float | None]:
+def check_size_targets(target_flops: Any, target_params: Any, target_latency: Any
+                       ) -> tuple[float | None, float | None, float | None]:
     """``target_flops`` / ``target_params`` / ``target_latency``: at most one of them, a fraction of the
     dense model (its FLOPs, parameters, measured latency) in (0, 1]."""
     if target_latency is None:

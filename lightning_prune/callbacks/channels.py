@@ -100,8 +100,8 @@ from lightning_prune.validation import (
     check_number,
     check_optional,
     check_positive,
+    check_size_targets,
     input_size_errors,
-    size_targets,
 )
 
 __all__ = ["ChannelPruningCallback", "top_units"]
@@ -226,7 +226,7 @@ class ChannelPruningCallback(PruningCallback):
             check_positive, "analysis_time_limit_s", analysis_time_limit_s,
             hint="CPU seconds the channel analysis at setup may use, e.g. 300; None for no limit.")
         self.prune_coupled = check_bool("prune_coupled", prune_coupled)
-        self.target_flops, self.target_params, self.target_latency = size_targets(
+        self.target_flops, self.target_params, self.target_latency = check_size_targets(
             target_flops, target_params, target_latency)
         self.latency_device, self.latency_batch_size, self.latency_model = check_latency_options(
             latency_device, latency_batch_size, latency_model)

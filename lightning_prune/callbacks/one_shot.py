@@ -46,8 +46,8 @@ from lightning_prune.validation import (
     check_latency_options,
     check_position,
     check_positive,
+    check_size_targets,
     input_size_errors,
-    size_targets,
 )
 
 __all__ = ["OneShotPruning"]
@@ -159,7 +159,7 @@ class OneShotPruning(PruningCallback):
                                               hint="0.5 prunes half of every layer's weights.")
         self.pattern = pattern
         self._nm = check_pattern(pattern, self.target_sparsity, MisconfigurationException)
-        self.target_flops, self.target_params, self.target_latency = size_targets(
+        self.target_flops, self.target_params, self.target_latency = check_size_targets(
             target_flops, target_params, target_latency)
         self.latency_device, self.latency_batch_size, self.latency_model = check_latency_options(
             latency_device, latency_batch_size, latency_model)
