@@ -285,10 +285,8 @@ class ChannelPruningCallback(PruningCallback):
         unknown name."""
         if importance is None or (isinstance(importance, str) and importance == self.native_importance):
             return None
-        try:
+        with as_misconfiguration():
             return get_importance(importance, self.native_importance, type(self).__name__)
-        except ValueError as error:
-            raise MisconfigurationException(str(error)) from error
 
     # ------------------------------------------------------------------ the protocol
     def due(self, trainer: pl.Trainer) -> float | None:

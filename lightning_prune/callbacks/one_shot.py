@@ -201,10 +201,8 @@ class OneShotPruning(PruningCallback):
             raise MisconfigurationException(
                 f"`importance`={importance!r} ranks channel units: it needs method='channels', got"
                 f" method={self.method!r}. HINT: leave importance=None for the weight methods.")
-        try:
+        with as_misconfiguration():
             criterion = get_importance(importance, None, type(self).__name__)
-        except ValueError as error:
-            raise MisconfigurationException(str(error)) from error
         if criterion.needs_gradients:
             raise MisconfigurationException(
                 f"`importance`={importance!r} accumulates gradients over training steps; OneShotPruning"
