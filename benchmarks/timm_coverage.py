@@ -270,7 +270,7 @@ def main() -> None:
     parser.add_argument("--list", choices=["first", "second", "short", "all"], default="first",
                         help="which families (first: SWEEP + SHORT as before; second: SECOND)")
     parser.add_argument("--engine", choices=["traced", "torch-pruning"], default="traced")
-    parser.add_argument("--peers", action="store_true", help="also torch-pruning's coverage and 50% step")
+    parser.add_argument("--peers", action="store_true", help="also torch-pruning's coverage and 50%% step")
     parser.add_argument("--merge", nargs="*", help="tags of partial runs to merge into the --tag files (a"
                         " later tag's row wins): run a subset with --models ... --tag part, then merge")
     parser.add_argument("--note", default="", help="a line written above the tables (with --merge)")
