@@ -311,3 +311,25 @@ def test_compress_verifies_against_the_output_scale_on_a_model_whose_activations
     live = {g.name: [0] for g in groups if g.size > 1}  # units the model uses
     with pytest.raises(CompressionError, match="changed the outputs"):
         compress(wrong, x, groups=groups, removed=live, round_to=1)
+
+
+def test_a_fresh_model_that_already_ran_in_eval_mode_loads_without_its_stale_bias_cache(tmp_path):
+    """EfficientFormer caches its attention biases (heads x tokens) on the first eval forward; a fresh model
+    that ran once before load_compressed held the dense cache, and its first forward after the load failed."""
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model("efficientformer_l1", num_classes=10, depths=(1, 1, 1, 1),
+                                 embed_dims=(8, 8, 16, 32), num_vit=1).eval()
+
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    model = make()
+    groups = analyse_channels(model, x).groups
+    heads = [g for g in groups if g.unit == "head"]
+    assert heads, [g.unit for g in groups]
+    small = compress(model, x, groups=groups, removed={heads[0].name: [0]}, round_to=1, inplace=False)
+    save_compressed(small, tmp_path / "small.pt")
+    fresh = make()
+    with torch.no_grad():
+        fresh(x)  # fills its cache with the dense model's 8 heads
+        loaded = load_compressed(tmp_path / "small.pt", fresh)
+        torch.testing.assert_close(loaded(x), small(x))

@@ -38,6 +38,7 @@ from lightning_prune.graph import (
     ChannelGroup,
     analyse_channels,
     call_model,
+    drop_cached_tensors,
     example_inputs_for,
     slice_units,
     traced_root,
@@ -363,6 +364,7 @@ def take_shapes(model: nn.Module, state: Mapping[str, Tensor], attributes: Mappi
         module = model.get_submodule(name) if name else model
         for key, value in attrs.items():
             setattr(module, key, value)
+    drop_cached_tensors(model)  # a fresh model that already ran in eval mode cached its old shapes
     return model
 
 

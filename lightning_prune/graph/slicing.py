@@ -228,13 +228,18 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
             setattr(module, attr, type(old)(sizes) if isinstance(old, (list, tuple)) else sizes)
         else:
             setattr(module, attr, getattr(module, attr) - drop)
-    if count:  # tensors a model caches from its parameters in eval mode are dropped by train() (LeViT's
-        # attention biases): refresh them now that the shapes changed, the modes left as they were
-        modes = [(m, m.training) for m in model.modules()]
-        model.train(True)
-        for m, mode in modes:
-            m.training = mode
+    if count:
+        drop_cached_tensors(model)
     return count
+
+
+def drop_cached_tensors(model: nn.Module) -> None:
+    """Drop the tensors a model caches from its parameters in eval mode (LeViT's and EfficientFormer's
+    attention biases, which ``train()`` clears) after their shapes changed; every module keeps its mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(True)
+    for m, mode in modes:
+        m.training = mode
 
 
 def parameter_cuts(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mapping[str, Iterable[int]],
