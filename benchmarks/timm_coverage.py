@@ -271,6 +271,8 @@ def main() -> None:
                         help="which families (first: SWEEP + SHORT as before; second: SECOND)")
     parser.add_argument("--engine", choices=["traced", "torch-pruning"], default="traced")
     parser.add_argument("--peers", action="store_true", help="also torch-pruning's coverage and 50%% step")
+    parser.add_argument("--peers-only", action="store_true",
+                        help="only torch-pruning's columns (--merge keeps them under a later run of ours)")
     parser.add_argument("--merge", nargs="*", help="tags of partial runs to merge into the --tag files (a"
                         " later tag's row wins): run a subset with --models ... --tag part, then merge")
     parser.add_argument("--note", default="", help="a line written above the tables (with --merge)")
@@ -289,7 +291,12 @@ def main() -> None:
         return
     if args.merge:
         parts = [json.loads((RESULTS / f"timm_coverage-{t}.json").read_text()) for t in args.merge]
-        latest = {r["model"]: r for part in parts for r in part["rows"]}  # a later tag's row wins
+        latest: dict[str, dict] = {}
+        for part in parts:  # a later tag's row wins; torch-pruning's columns (independent of our engine) are
+            for r in part["rows"]:  # kept from an earlier tag when the later row did not measure them
+                peer = {k: v for k, v in latest.get(r["model"], {}).items() if k.startswith("tp_")}
+                latest[r["model"]] = {**peer, **r} if "coverage" in r or "error" in r else {**latest.get(
+                    r["model"], {}), **r}
         rows = list(latest.values())
         order = {n: i for i, (n, _, _) in enumerate(SWEEP + SECOND + SHORT)}
         rows.sort(key=lambda r: order.get(r["model"], len(order)))
@@ -309,8 +316,9 @@ def main() -> None:
     rows = []
     for name, kwargs, side in chosen:
         try:
-            row = measure(name, kwargs, side, export=not args.no_export, engine=args.engine,
-                          with_peers=args.peers)
+            row = ({"model": name, "input": side, **peers(name, kwargs, side)} if args.peers_only else
+                   measure(name, kwargs, side, export=not args.no_export, engine=args.engine,
+                           with_peers=args.peers))
         except Exception as err:  # noqa: BLE001
             row = {"model": name, "input": side, "error": f"{type(err).__name__}: {err}"[:200]}
         row["in_sweep"] = name in sweep
