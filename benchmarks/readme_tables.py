@@ -115,6 +115,49 @@ def render_timm_coverage(data: dict[str, Any], in_sweep: bool = True) -> str:
     return _table(rows, "lrrlll")
 
 
+def _flag(value: Any) -> str:
+    return "–" if value is None else "yes" if value is True else "NO" if value is False else str(value)
+
+
+def _peer(value: Any) -> str:
+    """torch-pruning's column: a number, yes, or the exception's type (its message is in the .md)."""
+    if isinstance(value, str) and ":" in value:
+        return value.split(":")[0]
+    return _flag(value)
+
+
+def _short_reasons(skipped: dict[str, int], width: int = 140) -> str:
+    """Skip reasons for a table cell: numbers and quoted shapes elided so that one kind of reason is one
+    entry, each cut to ``width`` characters (the result file keeps them whole)."""
+    merged: dict[str, int] = {}
+    for why, count in skipped.items():
+        why = re.sub(r"'\[[^\]]*\]'", "'[…]'", why)
+        why = re.sub(r"\b\d+(\.\d+)?(e[-+]\d+)?\b", "N", why)
+        why = why if len(why) <= width else why[:width - 1] + "…"
+        merged[why] = merged.get(why, 0) + count
+    return _skipped(merged)
+
+
+def render_coverage_list(data: dict[str, Any], which: str) -> str:
+    """One list of the operator-graph sweep: reach, skip reasons, exactness, analysis CPU time, the peer."""
+    rows = [["model", "input", "coverage", "units", "skipped groups (why)", "exact", "analysis CPU s",
+             "0.5 reached", "export", "torch-pruning coverage", "its 50% step runs"]]
+    for r in data["rows"]:
+        if r.get("list") != which:
+            continue
+        if "coverage" not in r:
+            rows.append([f"`{r['model']}`", str(r["input"]), "–", "–", r.get("error", "–")] + ["–"] * 4
+                        + [_peer(r.get("tp_coverage")), _peer(r.get("tp_step_runs"))])
+            continue
+        exact = "–" if r.get("exact") is None else (
+            f"{'yes' if r['exact'] else 'NO'} ({_short_error(r['max_rel_error'])})")
+        rows.append([f"`{r['model']}`", str(r["input"]), f"{r['coverage']:.3f}", _units(r["units"]),
+                     _short_reasons(r["skipped"]), exact, f"{r.get('cpu_s', r['seconds']):.1f}",
+                     _flag(r.get("reaches_half")), _flag(r.get("export")), _peer(r.get("tp_coverage")),
+                     _peer(r.get("tp_step_runs"))])
+    return _table(rows, "lrrlllrllll")
+
+
 def render_shrink_while_training(data: dict[str, Any]) -> str:
     names = {"in fit": "inside the fit, at finalisation", "at the end": "at the end"}
     rows = [["compressed", "ms per step before", "ms per step after", "fit (thread s)", "test acc"]]
@@ -294,6 +337,8 @@ def render_first_hour(data: dict[str, Any]) -> str:
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "timm_coverage": render_timm_coverage,
     "timm_coverage#below": lambda data: render_timm_coverage(data, in_sweep=False),
+    "timm_coverage-traced#first": lambda data: render_coverage_list(data, "first"),
+    "timm_coverage-traced#second": lambda data: render_coverage_list(data, "second"),
     "shrink_while_training": render_shrink_while_training,
     "channels_l0-6ep-3seeds": render_channels_l0,
     "lottery": render_lottery,
