@@ -24,9 +24,11 @@ Writes ``benchmarks/results/timm_coverage.json`` (and ``.md``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -110,9 +112,28 @@ def create(name: str, kwargs: dict, side: int) -> tuple[torch.nn.Module, torch.T
     return model, x
 
 
+PEER_CPU_LIMIT_S = 120.0  # torch-pruning's graph took 356 s CPU on ecaresnet26t and grew past 7 GB on another
+
+
+@contextlib.contextmanager
+def _cpu_limit(seconds: float):
+    """Raise TimeoutError in the peer's code after ``seconds`` of process CPU time (a benchmark script may
+    own the process's signals; the library never does)."""
+    def stop(signum, frame):
+        raise TimeoutError(f"over {seconds:.0f} s CPU")
+
+    previous = signal.signal(signal.SIGPROF, stop)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
 def peers(name: str, kwargs: dict, side: int) -> dict:
     """torch-pruning's DependencyGraph: the share of conv/linear weight (classifier excluded) in its groups,
-    and whether a default 50% MetaPruner step leaves a model that runs."""
+    and whether a default 50% MetaPruner step leaves a model that runs (each given PEER_CPU_LIMIT_S)."""
     import torch_pruning as tp
 
     row: dict = {}
@@ -124,21 +145,23 @@ def peers(name: str, kwargs: dict, side: int) -> dict:
               and not any(m is c for i in ignored for c in i.modules())}
     start = time.process_time()
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
         covered = set()
-        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[torch.nn.Conv2d,
-                                                                                       torch.nn.Linear]):
-            for dep, _ in group:
-                if dep.target.module in layers and graph.is_out_channel_pruning_fn(dep.handler):
-                    covered.add(dep.target.module)
+        with _cpu_limit(PEER_CPU_LIMIT_S):
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+            for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[torch.nn.Conv2d,
+                                                                                           torch.nn.Linear]):
+                for dep, _ in group:
+                    if dep.target.module in layers and graph.is_out_channel_pruning_fn(dep.handler):
+                        covered.add(dep.target.module)
         row["tp_coverage"] = round(sum(layers[m] for m in covered) / max(sum(layers.values()), 1), 4)
     except Exception as err:  # noqa: BLE001 - the peer's failure is the measurement
         row["tp_coverage"] = f"{type(err).__name__}: {str(err)[:60]}"
     try:
         model, x = create(name, kwargs, side)
-        pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
-                                      pruning_ratio=0.5, ignored_layers=ignored)
-        pruner.step()
+        with _cpu_limit(PEER_CPU_LIMIT_S):
+            pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                          pruning_ratio=0.5, ignored_layers=ignored)
+            pruner.step()
         with torch.no_grad():
             model(x)
         row["tp_step_runs"] = True
