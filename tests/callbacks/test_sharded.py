@@ -32,7 +32,8 @@ def _every_callback():
 
     teacher = nn.Linear(2, 2)
     return [lp.GradualMagnitudePruning(), lp.LotteryTicket(), lp.GroupLassoPruning(), lp.L0Pruning(),
-            ActivationDecay(), EvolutionaryMutation(), KnowledgeDistillation(teacher=teacher),
+            ActivationDecay(), EvolutionaryMutation(mutation="gradient"),
+            KnowledgeDistillation(teacher=teacher),
             RandomUnstructured(), lp.OneShotPruning()]
 
 
@@ -54,7 +55,7 @@ def test_tensor_parallelism_is_refused_at_setup_by_name(size):
 
 def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
     callbacks = _every_callback()
-    reasons = {"EvolutionaryMutation": "offspring are the whole weights plus noise",
+    reasons = {"EvolutionaryMutation": "mutation='gradient' differentiates the fitness loss outside",
                "OneShotPruning": "a calibration batch's activations"}
     for cb in (callbacks[5], callbacks[8]):  # EvolutionaryMutation, OneShotPruning
         name = type(cb).__name__
@@ -63,6 +64,9 @@ def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
                                  rf"{reasons[name]}.*HINT: use strategy='ddp'.*GroupLassoPruning"):
             cb.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
     lp.GradualMagnitudePruning().setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
+    for mutation in ("uniform", "gaussian"):
+        evo = EvolutionaryMutation(mutation=mutation)
+        evo.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
 
 
 @pytest.mark.parametrize(("kwargs", "why"), [
@@ -760,3 +764,131 @@ def test_a_sharded_checkpoint_is_refused_outside_fsdp2_with_the_reason(tmp_path)
         strategy.load_checkpoint(tmp_path / "step=3.ckpt")
     strategy.load_checkpoint(tmp_path / "one-file.ckpt")
     assert loaded == [tmp_path / "one-file.ckpt"]
+
+
+# ---------------------------------------------------------------------------------------------- evolution
+def _offspring_on_shards(sharded: bool):
+    """Offspring of the constructed model (uniform noise from one seed, a masked weight) written into the
+    shards (FSDP2, uneven rows) after a forward, then scored: the gathered offspring and its output."""
+    from lightning_prune.core.sharding import local_slice, reshard
+    from lightning_prune.functional.evolution import add_perturbation_
+
+    model = _constructed_model()
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(2))
+    params = list(model.parameters())
+    mask = torch.rand(params[0].shape, generator=torch.Generator().manual_seed(3)) > 0.5
+    if sharded:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (2,))
+        fully_shard(model[2], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        params = list(model.parameters())
+    with torch.no_grad():
+        before = model(x)  # (FSDP2 keeps the root unit's parameters gathered after this forward)
+        tensors = [local_tensor(p) for p in params]
+        parent = [t.clone() for t in tensors]
+        masks = [local_slice(mask, params[0]).float()] + [None] * (len(params) - 1)
+        shapes = [tuple(p.shape) for p in params] if sharded else None
+        cut = (lambda i, noise: local_slice(noise, params[i])) if sharded else None  # noqa: E731
+        add_perturbation_(tensors, parent, 11, 0.1, "uniform", None, masks, shapes, cut)
+        stale = model(x)  # (sharded: the root unit still gathered from before the write)
+        if sharded:
+            reshard(model)
+        after = model(x)
+    full = [p.full_tensor() if sharded else p.detach().clone() for p in params]
+    return full, after, torch.equal(before, after), tuple(tensors[0].shape), stale
+
+
+def test_offspring_written_into_shards_equal_the_unsharded_offspring():
+    """Each rank's part of every noise tensor is the whole tensor's noise (drawn whole from the seed, cut to
+    the shard), so the gathered offspring, masked zeros included, and its output are the single-process ones
+    bit for bit; without re-gathering after the write, FSDP2's root unit scores its stale gathered parent."""
+    ranks = run_two(_offspring_on_shards, True)
+    weights, output, _, _, _ = _offspring_on_shards(False)
+    for got, got_output, unchanged, _, stale in ranks:
+        assert not unchanged and torch.equal(got_output, output)
+        assert not torch.equal(stale, output)  # what the callback's reshard avoids
+        for w, g in zip(weights, got):
+            assert torch.equal(w, g)
+    assert ranks[0][3] == (4, 12) and ranks[1][3] == (3, 12)
+
+
+class _FrozenClassifier(ShardedClassifier):
+    """SGD at lr 0: the training steps leave the weights exactly as they are, so that only the generations
+    change them and runs under different strategies can be compared bit for bit."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _evolution_fit(kind: str, evo_kwargs: dict, frozen: bool = True, steps: int = 4):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = _FrozenClassifier() if frozen else ShardedClassifier()
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    strategy = {"fsdp2": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                "ddp": lambda: "ddp", "single": lambda: "auto"}[kind]()
+    pruning = lp.GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=1, sparsity_end_step=1,
+                                         verbose=False)
+    evo = EvolutionaryMutation(**{"population": 4, "sigma": 0.05, "every_n_steps": 2, "fitness_batches": 3,
+                                  "seed": 7, "verbose": False, **evo_kwargs})
+    trainer = pl.Trainer(accelerator="cpu", devices=1 if kind == "single" else 2, strategy=strategy,
+                         max_epochs=1, limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=[pruning, evo])
+    trainer.fit(model, datamodule=tiny_datamodule())
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    masks = pruning.masks.state_dict()
+    moved = any(not torch.equal(w, initial[k] * masks[k] if k in masks else initial[k])
+                for k, w in weights.items())
+    return weights, masks, evo.generation, dict(evo.last_metrics), moved
+
+
+def _assert_evolution_equal(fsdp: list, other: tuple, exact: bool = True) -> None:
+    weights, masks, generation, metrics, moved = fsdp[0]
+    other_weights, other_masks, other_generation, other_metrics, _ = other
+    assert generation == other_generation == fsdp[1][2] == 2 and moved  # the generations moved the weights
+    for name, mask in other_masks.items():
+        assert torch.equal(masks[name], mask), name
+        assert torch.all(weights[name][~mask] == 0), name  # the offspring kept the pruned zeros
+    for name, w in other_weights.items():
+        assert torch.equal(fsdp[1][0][name], weights[name]), name  # every rank holds the same model
+        if exact:
+            assert torch.equal(weights[name], w), name
+        else:
+            torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5)
+    if exact:
+        assert metrics == other_metrics == fsdp[1][3]  # the same fitness values, bit for bit
+
+
+@pytest.mark.slow
+def test_evolution_on_a_sharded_vit_equals_the_unsharded_run_bit_for_bit():
+    """EvolutionaryMutation(strategy="select") beside GradualMagnitudePruning under ModelParallelStrategy
+    (before: refused at setup): each rank perturbs its shards with its part of the noise drawn from the
+    shared seeds, the ranks score every offspring together (3 fitness batches: uneven turns), and after 2
+    generations the weights, masks and fitness are the single-process run's bit for bit (training at lr 0, so
+    that only the generations move the weights; the DDP run equals the single-process one, see
+    test_evolution's DDP test and the slow DDP comparisons here). Before the shards were re-gathered after
+    each write, the FSDP2 root's stale gathered copy scored every offspring as the parent's."""
+    fsdp = run_two(_evolution_fit, "fsdp2", {"strategy": "select"})
+    _assert_evolution_equal(fsdp, _evolution_fit("single", {"strategy": "select"}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("evo_kwargs, exact, frozen", [
+    ({"strategy": "select", "mutation": "uniform"}, True, True),
+    ({"strategy": "es", "mutation": "gaussian", "es_lr": 0.05}, True, True),
+    ({"strategy": "es", "mutation": "uniform", "es_lr": 0.05}, False, False),
+], ids=["select-uniform", "es-gaussian", "es-training"])
+def test_evolution_on_a_sharded_vit_equals_ddp(evo_kwargs, exact, frozen):
+    """Under FSDP2 and DDP: the same weights, masks and fitness after 2 generations, bit for bit at lr 0;
+    with training between the generations within a tolerance (float32 gradient reductions)."""
+    fsdp = run_two(_evolution_fit, "fsdp2", evo_kwargs, frozen)
+    ddp = run_two(_evolution_fit, "ddp", evo_kwargs, frozen)
+    _assert_evolution_equal(fsdp, ddp[0], exact)
