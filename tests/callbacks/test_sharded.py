@@ -34,7 +34,7 @@ def _every_callback():
     return [lp.GradualMagnitudePruning(), lp.LotteryTicket(), lp.GroupLassoPruning(), lp.L0Pruning(),
             ActivationDecay(), EvolutionaryMutation(mutation="gradient"),
             KnowledgeDistillation(teacher=teacher),
-            RandomUnstructured(), lp.OneShotPruning()]
+            RandomUnstructured(), lp.OneShotPruning("channels", target_flops=0.5)]
 
 
 @pytest.mark.parametrize("name", ["FSDPStrategy", "XLAFSDPStrategy"])
@@ -56,7 +56,8 @@ def test_tensor_parallelism_is_refused_at_setup_by_name(size):
 def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
     callbacks = _every_callback()
     reasons = {"EvolutionaryMutation": "mutation='gradient' differentiates the fitness loss outside",
-               "OneShotPruning": "a calibration batch's activations"}
+               "OneShotPruning": "method='channels' removes units physically .*Alternatives: prune"
+                                 " channels with OneShotPruning under DDP .*GroupLassoPruning/L0Pruning"}
     for cb in (callbacks[5], callbacks[8]):  # EvolutionaryMutation, OneShotPruning
         name = type(cb).__name__
         with pytest.raises(MisconfigurationException,
@@ -64,6 +65,8 @@ def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
                                  rf"{reasons[name]}.*HINT: use strategy='ddp'.*GroupLassoPruning"):
             cb.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
     lp.GradualMagnitudePruning().setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
+    for method in ("sparsegpt", "wanda", "magnitude"):
+        lp.OneShotPruning(method).setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
     for mutation in ("uniform", "gaussian"):
         evo = EvolutionaryMutation(mutation=mutation)
         evo.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
@@ -892,3 +895,104 @@ def test_evolution_on_a_sharded_vit_equals_ddp(evo_kwargs, exact, frozen):
     fsdp = run_two(_evolution_fit, "fsdp2", evo_kwargs, frozen)
     ddp = run_two(_evolution_fit, "ddp", evo_kwargs, frozen)
     _assert_evolution_equal(fsdp, ddp[0], exact)
+
+
+# ---------------------------------------------------------------------------------------------- one-shot
+_ONE_SHOT = [("sparsegpt", None), ("wanda", None), ("magnitude", None), ("sparsegpt", (2, 4)),
+             ("wanda", (2, 4))]
+
+
+def _one_shot_on_shards(sharded: bool):
+    """prune_unstructured on the constructed model (the root unit holding layers 0 and 3, layer 2 a unit of
+    its own; 7 rows: uneven shards), every rank on the same calibration batches (reduce: their sum)."""
+    from lightning_prune.core.one_shot import prune_unstructured
+    from lightning_prune.core.sharding import gather_full
+    from lightning_prune.core.targets import Target
+
+    batches = [(torch.randn(6, 12, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    mesh = None
+    if sharded:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (2,))
+
+        def reduce(t):
+            dist.all_reduce(t)
+            return t
+    else:
+        def reduce(t):
+            return t + t  # (what the sum of two ranks' identical statistics is, exactly)
+    out = []
+    for method, nm in _ONE_SHOT:
+        model = _constructed_model()
+        targets = [Target(str(i), model[i]) for i in (0, 2, 3)]
+        if sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model[2], mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        masks, errors = prune_unstructured(model, targets, method, batches, 0.5, nm, reduce=reduce,
+                                           block_size=4)
+        local_shapes = {n: tuple(m.shape) for n, m in masks.items()}
+        full_masks = {t.name: gather_full(masks[t.name], t.param) for t in targets}
+        weights = {n: p.full_tensor() if sharded else p.detach().clone() for n, p in model.named_parameters()}
+        out.append((full_masks, weights, errors, local_shapes))
+    return out
+
+
+def test_one_shot_on_shards_equals_the_unsharded_pruning():
+    """SparseGPT, Wanda and magnitude (unstructured and 2:4) on an FSDP2-sharded model: the statistics summed
+    over the ranks, each layer gathered for its choice, each rank keeping its shard of the updated weight and
+    of the mask: the gathered masks, weights (SparseGPT's updates included) and errors equal the unsharded
+    pruning's bit for bit, each rank's masks its shard's part."""
+    ranks = run_two(_one_shot_on_shards, True)
+    single = _one_shot_on_shards(False)
+    for case, (masks, weights, errors, _), rank0, rank1 in zip(_ONE_SHOT, single, *ranks):
+        for got in (rank0, rank1):
+            assert got[2] == errors, case
+            for name, mask in masks.items():
+                assert torch.equal(got[0][name], mask), (case, name)
+            for name, w in weights.items():
+                assert torch.equal(got[1][name], w), (case, name)
+        assert rank0[3]["0.weight"] == (4, 12) and rank1[3]["0.weight"] == (3, 12)
+        assert 0 < sum(int((~m).sum()) for m in masks.values())
+
+
+def _one_shot_fit(kind: str, kwargs: dict, steps: int = 3):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier()
+    strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2"
+                else "ddp")
+    cb = lp.OneShotPruning(verbose=False, calibration_batches=3, block_size=16, **kwargs)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1,
+                         limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=[cb])
+    trainer.fit(model, datamodule=tiny_datamodule())
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    return cb.masks.state_dict(), weights, cb.masks.memory_bytes(), cb.errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", [{"method": "sparsegpt", "target_sparsity": 0.5},
+                                    {"method": "wanda", "pattern": "2:4"}], ids=["sparsegpt", "wanda-2:4"])
+def test_one_shot_on_a_sharded_vit_prunes_like_ddp(kwargs):
+    """OneShotPruning at the start of the fit under ModelParallelStrategy (before: refused at setup), each
+    rank on its own calibration batches (the statistics summed over the ranks): the DDP run's masks and
+    reconstruction errors bit for bit on every rank, each rank holding about half of the masks; 3 steps of
+    fine-tuning keep the DDP run's weights (float32: within a tolerance)."""
+    fsdp = run_two(_one_shot_fit, "fsdp2", kwargs)
+    ddp = run_two(_one_shot_fit, "ddp", kwargs)
+    (masks, weights, mask_bytes, errors), (ddp_masks, ddp_weights, ddp_bytes, ddp_errors) = fsdp[0], ddp[0]
+    assert masks.keys() == ddp_masks.keys() and len(masks) > 4 and errors == ddp_errors == fsdp[1][3]
+    for name in masks:
+        assert torch.equal(masks[name], ddp_masks[name]) and torch.equal(fsdp[1][0][name], masks[name]), name
+        assert torch.all(weights[name][~masks[name]] == 0), name
+    assert mask_bytes <= 0.55 * ddp_bytes
+    for name, w in ddp_weights.items():
+        torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5)
