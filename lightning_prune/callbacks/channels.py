@@ -63,6 +63,7 @@ from lightning_prune.callbacks.shrink import (
     compress_sharded_in_fit,
     log_model_size,
     recorded_removal,
+    resize_sharded,
     sharded_compression_problem,
 )
 from lightning_prune.callbacks.state import seeded_generator
@@ -709,20 +710,27 @@ class ChannelPruningCallback(PruningCallback):
         self.retarget(pl_module)
         self._param_count = sum(p.numel() for p in pl_module.parameters())
 
-    def _apply_recorded_removal(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+    def _apply_recorded_removal(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                state: dict[str, Any]) -> None:
         """Resume: the checkpoint holds the compressed model; take its shapes before Lightning loads its
-        weights."""
+        weights (under FSDP2: the sharded network gathered, sliced and sharded again, the optimizers pointed
+        at the new parameters, before ModelParallelStrategy loads the checkpoint into them)."""
         if self.shrink.removed is not None or self.groups is None:
             return
         removed = recorded_removal(state, self.groups)
         if any(is_sharded(p) for p in pl_module.parameters()):
-            raise MisconfigurationException(
-                f"{type(self).__name__} cannot resume this checkpoint under {SHARDED_STRATEGY}: it was"
-                " written after the units were removed inside the fit, and the sharded model (fully_shard ran"
-                " in configure_model, before the checkpoint is read) cannot take the smaller shapes. HINT:"
-                " resume it under strategy='ddp' from a full-state checkpoint (ModelParallelStrategy("
-                "save_distributed_checkpoint=False)), or compress after the fit (compress_step=1.0).")
-        slice_units(pl_module, self.groups, removed)
+            prefix = traced_root(pl_module)[0]
+            problem = (sharded_compression_problem(pl_module, prefix) if self._skeleton is not None else
+                       "the network's structure was not recorded at setup")
+            if problem is not None:
+                raise MisconfigurationException(
+                    f"{type(self).__name__} cannot resume this checkpoint under {SHARDED_STRATEGY}: it was"
+                    f" written after the units were removed inside the fit, and {problem}. HINT: resume it"
+                    " under strategy='ddp' from a full-state checkpoint (ModelParallelStrategy("
+                    "save_distributed_checkpoint=False)).")
+            resize_sharded(trainer, pl_module, prefix, self._skeleton, self.groups, removed)
+        else:
+            slice_units(pl_module, self.groups, removed)
         self.shrink.removed = removed
         self.after_compression(pl_module)
 
@@ -749,7 +757,7 @@ class ChannelPruningCallback(PruningCallback):
                 # fully_shard runs after setup: the structure to rebuild the compressed network from
                 self._skeleton = meta_copy(traced_root(pl_module)[1])
             self.shrink.install_resume(trainer, self.state_key,
-                                       lambda state: self._apply_recorded_removal(pl_module, state))
+                                       lambda state: self._apply_recorded_removal(trainer, pl_module, state))
         super().setup(trainer, pl_module, stage)
         self.restrict_norms()
 

@@ -996,3 +996,78 @@ def test_one_shot_on_a_sharded_vit_prunes_like_ddp(kwargs):
     assert mask_bytes <= 0.55 * ddp_bytes
     for name, w in ddp_weights.items():
         torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5)
+
+
+# -------------------------------------------------------------------------- resume after an in-fit removal
+class _StateAtStart(pl.Callback):
+    """The gathered weights and optimizer state when the (resumed) training starts."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.state = _gathered_state(trainer, pl_module)
+
+
+def _gathered_state(trainer, model):
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t.detach()  # noqa: E731
+    opt = trainer.optimizers[0]
+    return ({n: full(p).clone() for n, p in model.named_parameters()},
+            {n: {k: full(v).clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()},
+            {n: tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
+             for n, p in model.named_parameters()})
+
+
+def _compress_fit_with_checkpoints(root: str, distributed: bool | None, ckpt_path: str | None,
+                                   max_steps: int = -1):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier(optimizer="adamw", lr=1e-3)
+    cb = lp.GroupLassoPruning(verbose=False, finalize_step=3, round_to=1, compress=True, lam=0.05,
+                              gate_lr=1.0, target_flops=0.5)
+    at_start = _StateAtStart()
+    callbacks = [cb, at_start]
+    if ckpt_path is None:
+        callbacks.append(ModelCheckpoint(dirpath=f"{root}/ckpt", save_top_k=-1, every_n_train_steps=5,
+                                         filename="{step}"))
+    strategy = ("ddp" if distributed is None else
+                ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                      save_distributed_checkpoint=distributed))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, max_steps=max_steps,
+                         limit_train_batches=7, limit_val_batches=0, logger=False,
+                         enable_checkpointing=ckpt_path is None, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+                         callbacks=callbacks, default_root_dir=root)
+    trainer.fit(model, datamodule=tiny_datamodule(batch_size=16), ckpt_path=ckpt_path)
+    return at_start.state, _gathered_state(trainer, model), cb.shrink.removed, trainer.global_step, \
+        cb.masks.state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("distributed, resumed", [(True, True), (False, False), (False, None)],
+                         ids=["sharded-checkpoint", "full-checkpoint", "fsdp2-full-to-ddp"])
+def test_resume_after_an_in_fit_removal_under_fsdp2(tmp_path, distributed, resumed):
+    """GroupLassoPruning(compress=True) removes units at step 3 under ModelParallelStrategy; its checkpoint of
+    step 5 (mid-epoch, the smaller model) resumes under ModelParallelStrategy (before: refused) -- the sharded
+    network gathered, sliced to the recorded shapes and sharded again, the optimizer pointed at the new
+    parameters, before ModelParallelStrategy loads the checkpoint into them -- with the weights and AdamW
+    moments of the run at step 5 bit for bit, each rank holding its half of the smaller tensors, the masks
+    and removed units of the checkpoint, and trains on to the end; the full-state checkpoint also resumes
+    under DDP. (The steps after a mid-epoch resume are not compared: GroupLassoPruning's resume under FSDP2
+    sees other batches than the uninterrupted run, without any removal too -- see the report.)"""
+    written = run_two(_compress_fit_with_checkpoints, str(tmp_path / "full"), distributed, None, 5)
+    ckpt = tmp_path / "full" / "ckpt" / "step=5.ckpt"
+    assert ckpt.is_dir() == distributed and ckpt.exists()
+    again = run_two(_compress_fit_with_checkpoints, str(tmp_path / "resumed"), resumed, str(ckpt))
+    _, (weights, state, shapes), removed, step, masks = written[0]
+    (loaded, loaded_state, loaded_shapes), end, removed2, step2, masks2 = again[0]
+    assert step == 5 and step2 == 7 and removed == removed2 and any(removed.values())
+    assert masks.keys() == masks2.keys() and weights.keys() == loaded.keys() == end[0].keys()
+    for name, w in weights.items():
+        assert torch.equal(loaded[name], w), name
+        assert end[0][name].shape == w.shape, name  # trained on with the smaller shapes
+        for key, value in state[name].items():
+            assert torch.equal(loaded_state[name][key], value), (name, key)
+        if resumed is not None and w.dim() and w.shape[0] > 1:  # each rank its half of the smaller tensor
+            assert loaded_shapes[name][0] + again[1][0][2][name][0] == w.shape[0], name
+    rows = loaded_shapes["model.patch_embed.proj.weight"][0]  # 64 dense channels; FSDP2: half per rank
+    assert rows == weights["model.patch_embed.proj.weight"].shape[0] < 64 if resumed is None else rows < 32
