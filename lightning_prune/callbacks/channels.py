@@ -107,6 +107,9 @@ from lightning_prune.validation import (
 
 __all__ = ["ChannelPruningCallback", "top_units"]
 
+#: callbacks (by class name) that keep references into the network's module tree
+_HOLD_MODULES = ("ActivationDecay",)
+
 
 def top_units(scores: Tensor, count: int) -> Tensor:
     """The boolean keep-vector of the ``count`` units with the largest ``scores`` (ties: the first units)."""
@@ -753,6 +756,7 @@ class ChannelPruningCallback(PruningCallback):
                                                  self.verbose)
         if self.shrink.enabled and trainer is not None and stage == "fit":
             check_strategy(trainer, type(self).__name__)
+            self._refuse_stale_holders(trainer)
             if type(trainer.strategy).__name__ == SHARDED_STRATEGY and self._skeleton is None:
                 # fully_shard runs after setup: the structure to rebuild the compressed network from
                 self._skeleton = meta_copy(traced_root(pl_module)[1])
@@ -760,6 +764,22 @@ class ChannelPruningCallback(PruningCallback):
                                        lambda state: self._apply_recorded_removal(trainer, pl_module, state))
         super().setup(trainer, pl_module, stage)
         self.restrict_norms()
+
+    def _refuse_stale_holders(self, trainer: pl.Trainer) -> None:
+        """Under FSDP2 the in-fit removal replaces the sharded network with a new module tree: a callback that
+        holds the network's parameters or modules (another pruning callback's masks, ActivationDecay's
+        wrappers) would act on the old tree from then on, silently. Refused at setup, by name."""
+        if type(trainer.strategy).__name__ != SHARDED_STRATEGY:
+            return
+        holders = [type(cb).__name__ for cb in getattr(trainer, "callbacks", []) if cb is not self
+                   and (isinstance(cb, PruningCallback) or type(cb).__name__ in _HOLD_MODULES)]
+        if holders:
+            raise MisconfigurationException(
+                f"{type(self).__name__}(compress=True) cannot share a fit under {SHARDED_STRATEGY} with"
+                f" {', '.join(holders)}: the removal inside the sharded fit replaces the network with a new"
+                f" module tree, and {holders[0]} holds the old tree's parameters or modules (masks, wrapped"
+                " activations) that it would go on acting on. HINT: compress=False (the units stay masked;"
+                " compress after the fit), or strategy='ddp', or run them in separate fits.")
 
     def latency_predictor(self, trainer: pl.Trainer | None) -> LatencyPredictor:
         """The latency model of ``target_latency``: ``latency_model`` when given, else the table measured on

@@ -1071,3 +1071,23 @@ def test_resume_after_an_in_fit_removal_under_fsdp2(tmp_path, distributed, resum
             assert loaded_shapes[name][0] + again[1][0][2][name][0] == w.shape[0], name
     rows = loaded_shapes["model.patch_embed.proj.weight"][0]  # 64 dense channels; FSDP2: half per rank
     assert rows == weights["model.patch_embed.proj.weight"].shape[0] < 64 if resumed is None else rows < 32
+
+
+@pytest.mark.parametrize("other", ["ActivationDecay", "GradualMagnitudePruning", "LotteryTicket"])
+def test_compress_under_fsdp2_refuses_callbacks_holding_the_old_network(other):
+    """The in-fit removal under FSDP2 replaces the network with a new module tree: a callback holding its
+    parameters or modules (masks, wrapped activations) is refused at setup by name, not left acting on the
+    old tree (KnowledgeDistillation refuses the same from its side, above)."""
+    others = {"ActivationDecay": ActivationDecay, "GradualMagnitudePruning": lp.GradualMagnitudePruning,
+              "LotteryTicket": lp.LotteryTicket}
+    trainer = _fake_trainer("ModelParallelStrategy")
+    cb = lp.GroupLassoPruning(compress=True, target_flops=0.5)
+    trainer.callbacks = [others[other](), cb]
+    with pytest.raises(MisconfigurationException, match=rf"GroupLassoPruning\(compress=True\) cannot share a"
+                       rf" fit under ModelParallelStrategy with {other}: .*HINT: compress=False"):
+        cb._refuse_stale_holders(trainer)
+    ddp = _fake_trainer("DDPStrategy")
+    ddp.callbacks = trainer.callbacks
+    cb._refuse_stale_holders(ddp)  # (not checked: under DDP the module tree stays)
+    trainer.callbacks = [cb, EvolutionaryMutation()]  # (re-selects the parameters at every generation)
+    cb._refuse_stale_holders(trainer)
