@@ -17,8 +17,8 @@ FSDP2 rows (``--no-fsdp2`` skips them): the callbacks that act on sharded weight
 magnitude, group lasso with the in-fit removal, one-shot SparseGPT, evolutionary mutation) under
 Lightning's ``ModelParallelStrategy`` with ``fully_shard`` applied to the timm model in ``configure_model``,
 ``bf16-mixed``, eager, on one GPU (a one-rank mesh: the ``DTensor`` code paths on CUDA with NCCL; that two
-ranks equal DDP is what the CPU tests prove with gloo), with the same checks (masked weights zero in every local
-shard).
+ranks equal DDP is what the CPU tests prove with gloo), with the same checks (masked weights zero in every
+local shard).
 
 It prints one table: median step time (CUDA-synchronised, warm-up steps excluded), its ratio to the dense step
 of the same precision and compile mode, peak GPU memory, and each check's outcome. Every combination runs in
