@@ -13,6 +13,13 @@ CPU tests check:
 - resume (eager, ``bf16-mixed``): a fit resumed from its epoch-1 checkpoint ends with the same masks and
   weights (to 1e-3: cuDNN is not bitwise reproducible) as the uninterrupted one.
 
+FSDP2 rows (``--no-fsdp2`` skips them): the callbacks that act on sharded weights (:data:`FSDP2_ROWS`:
+magnitude, group lasso with the in-fit removal, one-shot SparseGPT, evolutionary mutation) under
+Lightning's ``ModelParallelStrategy`` with ``fully_shard`` applied to the timm model in ``configure_model``,
+``bf16-mixed``, eager, on one GPU (a one-rank mesh: the ``DTensor`` code paths on CUDA with NCCL; that two
+ranks equal DDP is what the CPU tests prove with gloo), with the same checks (masked weights zero in every
+local shard).
+
 It prints one table: median step time (CUDA-synchronised, warm-up steps excluded), its ratio to the dense step
 of the same precision and compile mode, peak GPU memory, and each check's outcome. Every combination runs in
 its own ``try``: a failure is a row of the table, not the end of the run. A time budget (default 280 s)
@@ -26,6 +33,7 @@ Exit status: 0 when every row passed (or without CUDA), else 1.
     python benchmarks/gpu_check.py               # everything
     python benchmarks/gpu_check.py --no-compile  # eager only
     python benchmarks/gpu_check.py --only magnitude,l0
+    python benchmarks/gpu_check.py --fsdp2-only  # the ModelParallelStrategy rows only
 """
 
 from __future__ import annotations
@@ -68,6 +76,8 @@ def _sync() -> None:
     if SETTINGS["accelerator"] == "gpu":
         torch.cuda.synchronize()
 PRECISIONS = ("bf16-mixed", "16-mixed")
+#: the callbacks run under ModelParallelStrategy (FSDP2) when a GPU is there
+FSDP2_ROWS = ("magnitude", "group_lasso", "one_shot", "evolution")
 
 
 def _callback(name: str):
@@ -88,6 +98,56 @@ def _callback(name: str):
     if name == "distill":
         return lp.create_callback("distill", **quiet)
     return lp.create_callback(name)
+
+
+def _fsdp2_callback(name: str):
+    """The FSDP2 rows' callbacks, configured to act within the check's 16 steps."""
+    quiet = {"verbose": False}
+    if name == "group_lasso":
+        return lp.GroupLassoPruning(lam=0.05, finalize_step=6, compress=True, target_flops=0.5, **quiet)
+    if name == "one_shot":
+        return lp.OneShotPruning("sparsegpt", target_sparsity=0.5, calibration_batches=2, **quiet)
+    return _callback(name)
+
+
+class ShardedClassifier(ImageClassifier):
+    """The check's classifier with FSDP2 applied in ``configure_model``: every stage (``blocks``/``layerN``/
+    ``stages`` children) an FSDP unit, then the network."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for name, child in self.model.named_children():
+            if name.startswith(("layer", "blocks", "stages")):
+                for unit in (child if isinstance(child, torch.nn.Sequential) else [child]):
+                    fully_shard(unit, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+
+def _fit_fsdp2(name: str, root: Path) -> dict[str, Any]:
+    """One FSDP2 row: ``ModelParallelStrategy`` on one device, ``bf16-mixed``, eager."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    module = ShardedClassifier(SETTINGS["model"], num_classes=10, scheduler="none", weight_decay=0.0, lr=0.02)
+    callback = None if name == "dense" else _fsdp2_callback(name)
+    checks = Checks(callback)
+    gpu = SETTINGS["accelerator"] == "gpu"
+    trainer = pl.Trainer(accelerator=SETTINGS["accelerator"], devices=1, precision="bf16-mixed",
+                         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+                         max_epochs=EPOCHS, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[c for c in (callback, checks) if c is not None], limit_val_batches=2,
+                         num_sanity_val_steps=0, default_root_dir=str(root))
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, train_dataloaders=_data(STEPS_PER_EPOCH), val_dataloaders=_data(2, seed=1))
+    sharded = any(hasattr(p, "device_mesh") for p in module.parameters())
+    if not sharded:
+        checks.errors.append("the parameters are not DTensor shards")
+    return {"module": module, "callback": callback, "checks": checks,
+            "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if gpu else float("nan")}
 
 
 def _data(steps: int, seed: int = 0) -> DataLoader:
@@ -125,7 +185,7 @@ class Checks(pl.Callback):
         masks = getattr(cb, "masks", None)
         if isinstance(cb, lp.PruningCallback) and masks is not None:
             for name, mask in masks.items():
-                param = masks.param(name).detach()
+                param = masks.local(name).detach()  # (a sharded weight: its local shard, the mask's layout)
                 if param[~mask.to(param.device)].any():
                     self.errors.append(f"step {trainer.global_step}: {name} has non-zero pruned weights")
             self.zeros_checked += 1
@@ -201,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerator", choices=("gpu", "cpu"), default="gpu",
                         help="cpu: a dry run of the code paths (no timings worth reading)")
     parser.add_argument("--model", default="resnet18", help="timm model name")
+    parser.add_argument("--no-fsdp2", action="store_true",
+                        help="skip the ModelParallelStrategy (FSDP2) rows")
+    parser.add_argument("--fsdp2-only", action="store_true",
+                        help="only the ModelParallelStrategy (FSDP2) rows")
     parser.add_argument("--no-semi-structured", action="store_true",
                         help="skip the 2:4 ViT Linear timings (benchmarks/semi_structured_gpu.py)")
     args = parser.parse_args(argv)
@@ -219,12 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if n in args.only.split(",")]
     modes = [False] if args.no_compile else [False, True]
     rows: list[dict[str, Any]] = []
-    dense_ms: dict[tuple[str, bool], float] = {}
+    dense_ms: dict[Any, float] = {}
     gate_steps: dict[tuple[str, str, bool], float] = {}
     root = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     print(f"gpu_check on {device}, torch {torch.__version__}: {args.model} {SIZE}x{SIZE},"
           f" batch {BATCH}, {EPOCHS}x{STEPS_PER_EPOCH} steps per fit", flush=True)
-    for compiled in modes:  # eager first: the cheap rows land even when compiles eat the budget
+    for compiled in ([] if args.fsdp2_only else modes):  # eager first: the cheap rows land before compiles
         for precision in PRECISIONS:
             for name in ["dense", *names]:
                 row: dict[str, Any] = {"callback": name, "precision": precision,
@@ -252,7 +316,36 @@ def main(argv: list[str] | None = None) -> int:
                         torch.cuda.empty_cache()
                 print(f"  {name:>20} {precision:>10} compiled={compiled!s:5} {row.get('status')}"
                       f" ({time.monotonic() - start:.0f} s)", flush=True)
+    if not args.no_fsdp2:
+        fsdp2 = [n for n in FSDP2_ROWS if not args.only or n in args.only.split(",")]
+        for name in ["dense", *fsdp2]:
+            row = {"callback": f"{name} (FSDP2)", "precision": "bf16-mixed", "compiled": "no"}
+            rows.append(row)
+            if time.monotonic() - start > args.budget:
+                row["status"] = "skipped (time budget)"
+                continue
+            try:
+                out = _fit_fsdp2(name, root / f"fsdp2-{name}")
+                checks = out["checks"]
+                ms = statistics.median(checks.times) * 1000 if checks.times else float("nan")
+                row.update(ms=round(ms, 2), peak_mib=round(out["peak_mib"], 1), zeros=checks.zeros_checked,
+                           gates=checks.gates_checked)
+                if name == "dense":
+                    dense_ms["fsdp2"] = ms
+                elif dense_ms.get("fsdp2"):
+                    row["ratio"] = round(ms / dense_ms["fsdp2"], 3)
+                row["status"] = "FAIL: " + "; ".join(checks.errors[:3]) if checks.errors else "ok"
+            except Exception as err:  # noqa: BLE001 - a failure is a row of the table
+                row["status"] = "FAIL: " + _error(err)
+                traceback.print_exc()
+            finally:
+                if args.accelerator == "gpu":
+                    torch.cuda.empty_cache()
+            print(f"  {row['callback']:>20} bf16-mixed FSDP2 {row.get('status')}"
+                  f" ({time.monotonic() - start:.0f} s)", flush=True)
     for row in rows:
+        if row["callback"].endswith("(FSDP2)"):
+            continue
         dense = dense_ms.get((row["precision"], row["compiled"] == "inductor"))
         if "ms" in row and dense:
             row["ratio"] = round(row["ms"] / dense, 3)
@@ -264,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             if not 0.1 <= ratio <= 10 and row.get("status") == "ok":
                 row["status"] = f"FAIL: gates moved {ratio:.3g}x as far under 16-mixed (loss scale leaked?)"
     resume: dict[str, str] = {}
-    if not args.no_resume:
+    if not args.no_resume and not args.fsdp2_only:
         for name in names:
             if time.monotonic() - start > args.budget:
                 resume[name] = "skipped (time budget)"

@@ -24,3 +24,14 @@ def test_gpu_check_on_a_gpu():
     done = subprocess.run([sys.executable, str(SCRIPT), "--only", "magnitude,l0", "--budget", "200"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_gpu_check_fsdp2_rows_dry_run_on_cpu(tmp_path):
+    """The FSDP2 rows (ModelParallelStrategy with fully_shard, one rank) run their code paths on the CPU."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--accelerator", "cpu", "--fsdp2-only", "--only",
+                           "magnitude,evolution", "--budget", "500"], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    for name in ("dense", "magnitude", "evolution"):
+        assert f"| {name} (FSDP2) | bf16-mixed | no |" in done.stdout and "FAIL" not in done.stdout

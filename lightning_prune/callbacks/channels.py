@@ -63,6 +63,7 @@ from lightning_prune.callbacks.shrink import (
     compress_sharded_in_fit,
     log_model_size,
     recorded_removal,
+    resize_sharded,
     sharded_compression_problem,
 )
 from lightning_prune.callbacks.state import seeded_generator
@@ -105,6 +106,9 @@ from lightning_prune.validation import (
 )
 
 __all__ = ["ChannelPruningCallback", "top_units"]
+
+#: callbacks (by class name) that keep references into the network's module tree
+_HOLD_MODULES = ("ActivationDecay",)
 
 
 def top_units(scores: Tensor, count: int) -> Tensor:
@@ -709,20 +713,27 @@ class ChannelPruningCallback(PruningCallback):
         self.retarget(pl_module)
         self._param_count = sum(p.numel() for p in pl_module.parameters())
 
-    def _apply_recorded_removal(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+    def _apply_recorded_removal(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                state: dict[str, Any]) -> None:
         """Resume: the checkpoint holds the compressed model; take its shapes before Lightning loads its
-        weights."""
+        weights (under FSDP2: the sharded network gathered, sliced and sharded again, the optimizers pointed
+        at the new parameters, before ModelParallelStrategy loads the checkpoint into them)."""
         if self.shrink.removed is not None or self.groups is None:
             return
         removed = recorded_removal(state, self.groups)
         if any(is_sharded(p) for p in pl_module.parameters()):
-            raise MisconfigurationException(
-                f"{type(self).__name__} cannot resume this checkpoint under {SHARDED_STRATEGY}: it was"
-                " written after the units were removed inside the fit, and the sharded model (fully_shard ran"
-                " in configure_model, before the checkpoint is read) cannot take the smaller shapes. HINT:"
-                " resume it under strategy='ddp' from a full-state checkpoint (ModelParallelStrategy("
-                "save_distributed_checkpoint=False)), or compress after the fit (compress_step=1.0).")
-        slice_units(pl_module, self.groups, removed)
+            prefix = traced_root(pl_module)[0]
+            problem = (sharded_compression_problem(pl_module, prefix) if self._skeleton is not None else
+                       "the network's structure was not recorded at setup")
+            if problem is not None:
+                raise MisconfigurationException(
+                    f"{type(self).__name__} cannot resume this checkpoint under {SHARDED_STRATEGY}: it was"
+                    f" written after the units were removed inside the fit, and {problem}. HINT: resume it"
+                    " under strategy='ddp' from a full-state checkpoint (ModelParallelStrategy("
+                    "save_distributed_checkpoint=False)).")
+            resize_sharded(trainer, pl_module, prefix, self._skeleton, self.groups, removed)
+        else:
+            slice_units(pl_module, self.groups, removed)
         self.shrink.removed = removed
         self.after_compression(pl_module)
 
@@ -745,13 +756,30 @@ class ChannelPruningCallback(PruningCallback):
                                                  self.verbose)
         if self.shrink.enabled and trainer is not None and stage == "fit":
             check_strategy(trainer, type(self).__name__)
+            self._refuse_stale_holders(trainer)
             if type(trainer.strategy).__name__ == SHARDED_STRATEGY and self._skeleton is None:
                 # fully_shard runs after setup: the structure to rebuild the compressed network from
                 self._skeleton = meta_copy(traced_root(pl_module)[1])
             self.shrink.install_resume(trainer, self.state_key,
-                                       lambda state: self._apply_recorded_removal(pl_module, state))
+                                       lambda state: self._apply_recorded_removal(trainer, pl_module, state))
         super().setup(trainer, pl_module, stage)
         self.restrict_norms()
+
+    def _refuse_stale_holders(self, trainer: pl.Trainer) -> None:
+        """Under FSDP2 the in-fit removal replaces the sharded network with a new module tree: a callback that
+        holds the network's parameters or modules (another pruning callback's masks, ActivationDecay's
+        wrappers) would act on the old tree from then on, silently. Refused at setup, by name."""
+        if type(trainer.strategy).__name__ != SHARDED_STRATEGY:
+            return
+        holders = [type(cb).__name__ for cb in getattr(trainer, "callbacks", []) if cb is not self
+                   and (isinstance(cb, PruningCallback) or type(cb).__name__ in _HOLD_MODULES)]
+        if holders:
+            raise MisconfigurationException(
+                f"{type(self).__name__}(compress=True) cannot share a fit under {SHARDED_STRATEGY} with"
+                f" {', '.join(holders)}: the removal inside the sharded fit replaces the network with a new"
+                f" module tree, and {holders[0]} holds the old tree's parameters or modules (masks, wrapped"
+                " activations) that it would go on acting on. HINT: compress=False (the units stay masked;"
+                " compress after the fit), or strategy='ddp', or run them in separate fits.")
 
     def latency_predictor(self, trainer: pl.Trainer | None) -> LatencyPredictor:
         """The latency model of ``target_latency``: ``latency_model`` when given, else the table measured on

@@ -27,6 +27,7 @@ from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_scalar
 from lightning_prune.callbacks.schedules import steps_per_epoch, training_steps, warn_if_after_training
 from lightning_prune.callbacks.sharding import check_sharding
 from lightning_prune.callbacks.state import CallbackState, seeded_generator
+from lightning_prune.core.sharding import is_sharded, local_slice, local_tensor, reshard
 from lightning_prune.core.targets import matches
 from lightning_prune.functional.evolution import (
     add_perturbation_,
@@ -91,6 +92,15 @@ class EvolutionaryMutation(CallbackState):
     ``population`` floats; the generation seed is broadcast from rank 0) and apply bit-identical updates;
     rank 0's buffers (BatchNorm running statistics) are broadcast first, as DDP does before every forward,
     so that every rank scores offspring with the same model.
+
+    Under ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2) every rank holds shards of the weights and
+    every forward needs all ranks: each rank writes its part of every offspring (the noise of each tensor
+    drawn whole from the shared seed, one tensor at a time, and cut to the rank's shard: exactly its part of
+    the unsharded offspring), and the ranks score every offspring together, taking the fitness batches in
+    turns and summing the per-batch values in batch order. Fitness, selection and the updated weights are
+    those of the DDP run bit for bit. Memory: the parent's shards, plus one whole tensor of noise at a time.
+    ``mutation="gradient"`` is refused there at setup (it differentiates the fitness loss outside the
+    training step, which FSDP2's hooks do not reduce correctly): use ``"uniform"`` or ``"gaussian"``.
 
     Fitness: by default the validation set (the dataset behind ``val_dataloader``, read in order with its
     batch size, the same on every rank), first ``fitness_batches`` batches (and no more than an integer
@@ -243,10 +253,11 @@ class EvolutionaryMutation(CallbackState):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_sharding(trainer, "EvolutionaryMutation", supported=False,
-                       why="its offspring are the whole weights plus noise, evaluated and selected on every"
-                           " rank; drawing that noise per shard from the shared seeds (so that every rank"
-                           " perturbs its part of DDP's offspring) is not implemented")
+        check_sharding(trainer, "EvolutionaryMutation", supported=self.mutation != "gradient",
+                       why="mutation='gradient' differentiates the fitness loss outside the training step,"
+                           " and FSDP2 reaches the sharded parameters only through its own backward hooks"
+                           " (tried: the root unit's parameters got wrong gradients); mutation='uniform' or"
+                           " 'gaussian' act under ModelParallelStrategy")
         if stage == "fit":
             self.select_parameters(pl_module)
 
@@ -381,14 +392,38 @@ class EvolutionaryMutation(CallbackState):
         return F.cross_entropy(logits.float(), y, reduction="sum").to(torch.float64), y.shape[0]
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]) -> float:
-        """Fitness of the model's current weights on ``batches`` (higher is better; NaN becomes -inf)."""
-        total, count = None, 0
+        """Fitness of the model's current weights on ``batches`` (higher is better; NaN becomes -inf).
+
+        Sharded (FSDP2: every forward is a collective of all ranks): the ranks score the batches in turns
+        (batch ``j`` on rank ``j % world``, a rank short of batches repeating a forward whose value is
+        dropped), then exchange the per-batch values and sum them in batch order, as one process does: every
+        rank gets the same fitness, bit for bit the unsharded one.
+        """
+        world = max(int(getattr(trainer, "world_size", 1)), 1)
+        sharded = world > 1 and any(is_sharded(p) for p in pl_module.parameters())
+        rank = int(trainer.global_rank) if sharded else 0
+        step = world if sharded else 1
+        rounds = -(-len(batches) // step)
+        values = torch.zeros(rounds * step, 2, dtype=torch.float64)
+        if sharded:
+            reshard(pl_module)  # the next forward gathers the shards as written (not the root's stale copy)
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            for batch in batches:
-                value, n = self._batch_loss(pl_module, batch)
-                total = value if total is None else total + value
-                count += n
-        mean = float(total.item()) / max(count, 1)  # type: ignore[union-attr]
+            for j in range(rounds):
+                index = j * step + rank
+                value, n = self._batch_loss(pl_module, batches[index if index < len(batches) else 0])
+                if index < len(batches):
+                    values[index, 0], values[index, 1] = value.detach().cpu(), n
+        if sharded:  # each batch's value is on exactly one rank (the others add zeros: exact)
+            import torch.distributed as dist
+
+            values = values.to(trainer.strategy.root_device)
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            values = values.cpu()
+        total, count = values[0, 0], 0
+        for index in range(len(batches)):  # in batch order, as the unsharded sum
+            total = total if index == 0 else total + values[index, 0]
+            count += int(values[index, 1])
+        mean = float(total.item()) / max(count, 1)
         fitness = mean if (self.metric == "accuracy" and self.fitness_fn is None) else -mean
         return fitness if math.isfinite(fitness) else -math.inf
 
@@ -401,16 +436,18 @@ class EvolutionaryMutation(CallbackState):
         grads = [torch.zeros_like(p) for p in params]
         with torch.enable_grad(), trainer.precision_plugin.forward_context():
             for batch in batches:
-                if self.fitness_fn is not None:
-                    loss = torch.as_tensor(self.fitness_fn(pl_module, batch)).reshape(())
-                else:
-                    x, y = batch[0], batch[1]
-                    loss = F.cross_entropy(pl_module(x).float(), y)
-                parts = torch.autograd.grad(loss / len(batches), params, allow_unused=True)
+                parts = torch.autograd.grad(self._grad_loss(pl_module, batch) / len(batches), params,
+                                            allow_unused=True)
                 for g, part in zip(grads, parts):
                     if part is not None:
                         g.add_(part)
         return grads
+
+    def _grad_loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
+        if self.fitness_fn is not None:
+            return torch.as_tensor(self.fitness_fn(pl_module, batch)).reshape(())
+        x, y = batch[0], batch[1]
+        return F.cross_entropy(pl_module(x).float(), y)
 
     # ------------------------------------------------------------------ masks
     def _masks(self, trainer: pl.Trainer, params: list[Tensor]) -> list[Tensor | None]:
@@ -427,11 +464,12 @@ class EvolutionaryMutation(CallbackState):
                     by_id[key] = mask if key not in by_id else by_id[key] & mask
         out: list[Tensor | None] = []
         for p in params:
-            mask = by_id.get(id(p))
+            mask = by_id.get(id(p))  # (a sharded parameter's mask covers its local shard)
             if self.respect_masks == "zeros":
-                nonzero = p.detach() != 0
+                nonzero = local_tensor(p).detach() != 0
                 mask = nonzero if mask is None else (mask.to(p.device) & nonzero)
-            out.append(None if mask is None else mask.to(device=p.device, dtype=p.dtype))
+            local = local_tensor(p)
+            out.append(None if mask is None else mask.to(device=local.device, dtype=local.dtype))
         return out
 
     # ------------------------------------------------------------------ one generation
@@ -446,6 +484,8 @@ class EvolutionaryMutation(CallbackState):
             with torch.random.fork_rng(devices=[]):  # loaders and models must not consume the global RNG
                 metrics = self._generation(trainer, pl_module, params)
         finally:
+            if any(is_sharded(p) for p in params):
+                reshard(pl_module)  # training's next forward gathers the new shards
             for module, training in modes.items():
                 module.train(training)
         self.last_metrics = metrics
@@ -470,18 +510,30 @@ class EvolutionaryMutation(CallbackState):
             temperature = self._temperature(parent_fitness)
             scale = self.sigma * temperature
             shape_by = [g.neg_() for g in self._gradient(trainer, pl_module, params, batches)]
-        parent = [p.detach().clone() for p in params]
+        # sharded (FSDP2): every rank writes its shards (the local tensors are the parameters' storage), the
+        # noise drawn whole from the shared seed and cut to the shard: its part of the unsharded offspring
+        sharded = any(is_sharded(p) for p in params)
+        tensors = [local_tensor(p) for p in params]
+        shapes = [tuple(p.shape) for p in params] if sharded else None
+        cut = (lambda i, noise: local_slice(noise, params[i])) if sharded else None  # noqa: E731
+        parent = [t.detach().clone() for t in tensors]
 
         def offspring(index: int) -> None:
             k, sign = offspring_direction(index, self.antithetic)
             seed = offspring_seed(gen_seed, k)
-            add_perturbation_(params, parent, seed, sign * scale, kind, shape_by, masks)
+            add_perturbation_(tensors, parent, seed, sign * scale, kind, shape_by, masks, shapes, cut)
 
-        local = torch.zeros(self.population, dtype=torch.float64)
-        for index in range(rank, self.population, world):
-            offspring(index)
-            local[index] = self.evaluate(trainer, pl_module, batches)
-        fitness = self._exchange(trainer, local, world)
+        if sharded:  # every forward needs every rank: all score every offspring, splitting the batches
+            fitness = torch.zeros(self.population, dtype=torch.float64)
+            for index in range(self.population):
+                offspring(index)
+                fitness[index] = self.evaluate(trainer, pl_module, batches)
+        else:  # the ranks split the population and exchange the fitness scalars
+            local = torch.zeros(self.population, dtype=torch.float64)
+            for index in range(rank, self.population, world):
+                offspring(index)
+                local[index] = self.evaluate(trainer, pl_module, batches)
+            fitness = self._exchange(trainer, local, world)
 
         changed = 0.0
         if self.strategy == "select":
@@ -491,18 +543,18 @@ class EvolutionaryMutation(CallbackState):
                 offspring(best)
                 changed, new_fitness = 1.0, float(safe[best])
             else:
-                for p, q in zip(params, parent):
+                for p, q in zip(tensors, parent):
                     p.copy_(q)
                 new_fitness = parent_fitness
         else:
             weights = es_weights(fitness, self.antithetic, self.fitness_shaping)
             seeds = [offspring_seed(gen_seed, k) for k in range(weights.numel())]
             if scale > 0:
-                es_update_(params, parent, seeds, weights, scale, self.es_lr, self.population, kind, shape_by,
-                           masks)
+                es_update_(tensors, parent, seeds, weights, scale, self.es_lr, self.population, kind,
+                           shape_by, masks, shapes, cut)
             else:  # temperature 0 (a perfect fitness set): the offspring were the parent, nothing to learn
                 weights = torch.zeros_like(weights)
-                for p, q in zip(params, parent):
+                for p, q in zip(tensors, parent):
                     p.copy_(q)
             changed = float(bool((weights != 0).any()))
             new_fitness = self.evaluate(trainer, pl_module, batches)

@@ -35,6 +35,7 @@ from lightning_prune.core.one_shot import (
     find_channel_groups,
     prune_channels,
     prune_unstructured,
+    sharded_model,
 )
 from lightning_prune.core.targets import Target
 from lightning_prune.validation import (
@@ -82,7 +83,14 @@ class OneShotPruning(PruningCallback):
 
     Layer by layer (one layer's input statistics in memory at a time; float64 Hessians), each layer on the
     outputs of the layers pruned before it. Under DDP the statistics are summed over the ranks, so every rank
-    prunes identically. The checkpoint after the pruning step holds the masks (and, for ``"channels"``, the
+    prunes identically. Under ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2) the weight methods
+    (unstructured and N:M) do the same on shards: the statistics summed over the ranks, each layer's weight
+    gathered whole for its mask and update (one layer at a time), every rank keeping its shard of the weight
+    and of the mask (the DDP run's masks and weights, bit for bit); the calibration forwards run to the end
+    (a forward is a collective), every rank on as many batches as the rank with the fewest.
+    ``method="channels"`` is refused under FSDP2 at setup (the message says what to use instead).
+
+    The checkpoint after the pruning step holds the masks (and, for ``"channels"``, the
     removed units): a resumed fit does not prune again.
 
     Args:
@@ -120,9 +128,15 @@ class OneShotPruning(PruningCallback):
         trainer = Trainer(callbacks=[OneShotPruning("channels", target_flops=0.5)])
     """
 
-    sharding_refusal = ("it prunes the whole model at one step from the weights and a calibration batch's"
-                        " activations (Wanda, SparseGPT, channels), which a rank holding shards lacks;"
-                        " gathering the model for it is not implemented")
+    #: ``"channels"`` under ModelParallelStrategy (FSDP2): refused at setup, with what to use instead
+    sharding_refusal = ("method='channels' removes units physically at the pruning step with a"
+                        " least-squares refit of their readers, and neither the unit scores and refit"
+                        " (whole-layer reads and writes through the traced graph) nor OneShotPruning's"
+                        " removal run on shards; the weight methods ('sparsegpt', 'wanda', 'magnitude',"
+                        " unstructured or N:M) do."
+                        " Alternatives: prune channels with OneShotPruning under DDP or one device and"
+                        " fine-tune the smaller model under ModelParallelStrategy, or remove units inside the"
+                        " sharded fit with GroupLassoPruning/L0Pruning(compress=True)")
 
     def __init__(
         self,
@@ -153,6 +167,8 @@ class OneShotPruning(PruningCallback):
         super().__init__(include=include, exclude=exclude, types=types,
                          log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose)
         self.method = check_method(method, MisconfigurationException)
+        # the weight methods act on FSDP2 shards (statistics summed over ranks, a layer gathered at a time)
+        self.supports_sharding = self.method != "channels"
         self.importance = importance
         self.criterion = self._criterion(importance)
         self.target_sparsity = check_fraction("target_sparsity", target_sparsity,
@@ -300,6 +316,8 @@ class OneShotPruning(PruningCallback):
             with as_misconfiguration():
                 batches = draw_batches(calibration_loader(trainer), self.calibration_batches,
                                        type(self).__name__)
+        if self.method != "magnitude" and sharded_model(pl_module):
+            batches = batches[:self._fewest(trainer, len(batches))]
         _, root = traced_root(pl_module)
 
         def forward(model: nn.Module, batch: Any) -> Any:
@@ -315,6 +333,17 @@ class OneShotPruning(PruningCallback):
             else:
                 self._prune_weights(trainer, pl_module, batches, forward, reduce)
         self.done = True
+
+    @staticmethod
+    def _fewest(trainer: pl.Trainer, count: int) -> int:
+        """The fewest calibration batches any rank drew: under FSDP2 every forward needs every rank."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return count
+        fewest = torch.tensor([count], dtype=torch.int64, device=trainer.strategy.root_device)
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+        return int(fewest.item())
 
     def _prune_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any],
                        forward: Any, reduce: Any) -> None:

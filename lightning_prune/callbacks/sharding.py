@@ -26,8 +26,8 @@ SHARDED_STRATEGY = "ModelParallelStrategy"
 
 #: the callbacks that act under ModelParallelStrategy (FSDP2), for the messages
 SUPPORTED = ("GradualMagnitudePruning", "LotteryTicket", "GroupLassoPruning", "L0Pruning",
-             "KnowledgeDistillation", "ActivationDecay", "the baselines plugin's RandomUnstructured,"
-             " RandomChannels and FirstKChannels")
+             "KnowledgeDistillation", "ActivationDecay", "EvolutionaryMutation (uniform and gaussian noise)",
+             "the baselines plugin's RandomUnstructured, RandomChannels and FirstKChannels")
 
 _FSDP2_HINT = ("ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with"
                " torch.distributed.fsdp.fully_shard applied in the LightningModule's configure_model (FSDP2)")

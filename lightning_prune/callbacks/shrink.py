@@ -30,7 +30,7 @@ from lightning_prune.graph import ChannelGroup, example_inputs_for, parameter_cu
 
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
            "compress_in_fit", "compress_sharded_in_fit", "gather_network", "log_model_size", "pad_to_dense",
-           "recorded_removal", "sharded_compression_problem"]
+           "recorded_removal", "resize_sharded", "sharded_compression_problem"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
 #: (ModelParallelStrategy, FSDP2, is supported by compress_sharded_in_fit; tensor parallelism is refused by
@@ -278,6 +278,43 @@ def compress_sharded_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, 
                     state[key] = shard_like(value, param)
 
 
+@torch.no_grad()
+def resize_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str, skeleton: nn.Module,
+                   groups: Sequence[ChannelGroup], removed: Mapping[str, Sequence[int]]) -> None:
+    """Resume under FSDP2 after an in-fit removal: give the sharded network ``pl_module.<prefix>`` the smaller
+    shapes a checkpoint holds, before the checkpoint is loaded into it. Every rank gathers the network into a
+    plain copy (``skeleton``, as :func:`compress_sharded_in_fit`), slices the removed units out (no proof:
+    the checkpoint's values replace the weights), shards it again with ``fully_shard`` (the same FSDP units)
+    and puts the new parameters in the optimizers' param groups (their state is still empty: the checkpoint
+    fills it). A sequence of collectives: call it on every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_prune.graph import slice_units
+
+    units = _fsdp_units(pl_module.get_submodule(prefix))
+    old = {id(p): n for n, p in pl_module.named_parameters()}
+    new_root = gather_network(pl_module, prefix, skeleton)
+    cuts = parameter_cuts(pl_module, groups, removed)
+    slice_units(pl_module, groups, removed)
+    for name, kwargs in units:
+        fully_shard(new_root.get_submodule(name) if name else new_root, **kwargs)
+    carry_optimizer_state(trainer.optimizers, old, dict(pl_module.named_parameters()), cuts)
+
+
+def _checkpoint_callbacks(path: Any) -> Mapping[str, Any]:
+    """The callbacks' states of a Lightning checkpoint without loading its weights into anything: a
+    distributed checkpoint's metadata file (``meta.pt``), or a one-file checkpoint (memory-mapped)."""
+    from pathlib import Path
+
+    path = Path(str(path))
+    if path.is_dir():
+        meta = path / "meta.pt"
+        state = torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return state.get("callbacks", {}) if isinstance(state, Mapping) else {}
+
+
 def recorded_removal(state: Mapping[str, Any], groups: Sequence[ChannelGroup]) -> dict[str, list[int]]:
     """The units a checkpointed callback state says were removed (group name -> units), checked against
     ``groups``: a checkpoint of another model, or of other include/exclude arguments, is refused by name."""
@@ -380,20 +417,35 @@ class ShrinkSchedule:
     def install_resume(self, trainer: pl.Trainer, state_key: str,
                        apply: Callable[[Mapping[str, Any]], None]) -> None:
         """Before Lightning loads a checkpoint's weights into the model, ``apply(callback_state)`` (when the
-        state says units were removed): the model takes the smaller shapes first."""
+        state says units were removed): the model takes the smaller shapes first. Under ModelParallelStrategy
+        (FSDP2), whose ``load_checkpoint`` loads the weights and optimizer states itself (into the model
+        sharded in ``configure_model``), the callbacks' states are read from the checkpoint first (a
+        distributed checkpoint's metadata file, a full-state file memory-mapped) and applied before it."""
         strategy = trainer.strategy
         registry = getattr(strategy, "_lightning_prune_resume", None)
         if registry is None:
             registry = strategy._lightning_prune_resume = {}
             original = strategy.load_model_state_dict
 
-            def load_model_state_dict(checkpoint: Mapping[str, Any], strict: bool = True,
-                                      **kwargs: Any) -> Any:
+            def apply_all(callbacks: Mapping[str, Any]) -> None:
                 for key, fn in list(strategy._lightning_prune_resume.items()):
-                    state = checkpoint.get("callbacks", {}).get(key)
+                    state = callbacks.get(key)
                     if isinstance(state, Mapping) and (state.get("shrink") or {}).get("removed"):
                         fn(state)
+
+            def load_model_state_dict(checkpoint: Mapping[str, Any], strict: bool = True,
+                                      **kwargs: Any) -> Any:
+                apply_all(checkpoint.get("callbacks", {}))
                 return original(checkpoint, strict=strict, **kwargs)
 
             strategy.load_model_state_dict = load_model_state_dict
+            if type(strategy).__name__ == "ModelParallelStrategy":
+                original_load = strategy.load_checkpoint
+
+                def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+                    path = strategy.broadcast(checkpoint_path)  # (rank 0's path, as Lightning reads it)
+                    apply_all(_checkpoint_callbacks(path))
+                    return original_load(checkpoint_path, *args, **kwargs)
+
+                strategy.load_checkpoint = load_checkpoint
         registry[state_key] = apply

@@ -22,6 +22,11 @@ but that layer's statistics is kept in memory), each layer seeing the outputs of
   augmented by a constant (FLAP / "least-squares compensation"), so the kept channels (and the bias)
   absorb what the removed ones contributed.
 
+Sharded models (FSDP2's ``fully_shard``: ``DTensor`` parameters; the weight methods only): every forward runs
+to the end on every rank (a forward is a collective), the statistics are summed over the ranks by ``reduce``
+as under DDP, each layer's weight is gathered whole (one layer at a time) for its mask and update, and every
+rank keeps its shard of the result and of the mask: the unsharded result, bit for bit.
+
 Unstructured and N:M sparsity are reached **per layer** (every targeted layer at ``target_sparsity``, as the
 papers do). N:M blocks run along the input dimension, as everywhere in lightning-prune
 (:mod:`lightning_prune.functional.nm`).
@@ -46,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_prune.core.sharding import is_sharded, local_slice, local_tensor, reshard
 from lightning_prune.core.targets import PRUNABLE_TYPES, Target, resolve_targets
 from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.functional.nm import nm_mask, parse_pattern
@@ -60,6 +66,7 @@ __all__ = [
     "prune_one_shot",
     "reconstruction_error",
     "refit_least_squares",
+    "sharded_model",
     "sparsegpt_prune",
     "wanda_mask",
     "wanda_scores",
@@ -198,13 +205,35 @@ def _eval(model: nn.Module) -> Iterator[None]:
         model.train(was)
 
 
+def sharded_model(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a ``DTensor`` shard (FSDP2)."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
 def _run(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any]) -> None:
+    sharded = sharded_model(model)
+    if sharded:  # gather the shards as written now, not a unit's copy still gathered from before
+        reshard(model)
     with torch.no_grad(), _eval(model):
         for batch in batches:
             try:
                 forward(model, batch)
             except _Stop:
                 pass
+    if sharded:  # (FSDP2 keeps the root unit gathered after a forward: its parameters back to the shards)
+        reshard(model)
+
+
+def _whole(param: Tensor) -> Tensor:
+    """``param`` whole (a ``DTensor`` gathered: a collective on every rank), detached."""
+    return (param.full_tensor() if is_sharded(param) else param).detach()  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def _write(param: Tensor, value: Tensor) -> None:
+    """``param = value`` (the whole tensor); a sharded parameter keeps its part."""
+    local = local_tensor(param)
+    local.copy_(local_slice(value.to(device=local.device, dtype=local.dtype), param))
 
 
 # ---------------------------------------------------------------------------------------------- layer maths
@@ -264,8 +293,9 @@ def layer_hessian(model: nn.Module, module: nn.Module, batches: Sequence[Any],
     """``(sum_x x x^T, n)`` of ``module``'s input columns over the calibration ``batches`` (float64, shape
     ``(groups, d, d)``; with ``augment`` a constant 1 is the last column), summed over ranks by ``reduce``.
 
-    The forward stops right after ``module`` has seen its input."""
-    hook = _HessianHook(module, augment)
+    The forward stops right after ``module`` has seen its input (sharded models: it runs to the end, every
+    rank's forward being a collective of all ranks)."""
+    hook = _HessianHook(module, augment, stop=not sharded_model(model))
     handle = module.register_forward_pre_hook(hook)
     try:
         _run(model, batches, forward)
@@ -284,7 +314,7 @@ def layer_hessian(model: nn.Module, module: nn.Module, batches: Sequence[Any],
 
 def _flat_weight(module: nn.Module) -> Tensor:
     """The weight as ``(groups, out/groups, columns)`` (float64)."""
-    w = module.weight.detach().to(torch.float64)
+    w = _whole(module.weight).to(torch.float64)
     groups = getattr(module, "groups", 1)
     return w.reshape(groups, w.shape[0] // groups, -1)
 
@@ -425,31 +455,33 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, nm: tuple[
 def _prune_layer(model: nn.Module, target: Target, method: str, batches: Sequence[Any], sparsity: float,
                  nm: tuple[int, int] | None, forward: Callable[[nn.Module, Any], Any], reduce: Reduce | None,
                  damping: float, block_size: int) -> tuple[Tensor, float]:
-    """Prune one layer in place; returns its keep mask and relative reconstruction error (nan: no data)."""
+    """Prune one layer in place; returns its keep mask and relative reconstruction error (nan: no data).
+    A sharded weight is gathered whole for the choice and keeps its part of the result; its mask is the
+    local shard's part."""
     module, param = target.module, target.param
     if method == "magnitude" and not batches:
-        keep = magnitude_mask(param, sparsity, nm)
-        with torch.no_grad():
-            param.mul_(keep.to(param.dtype))
-        return keep, float("nan")
+        keep = magnitude_mask(_whole(param), sparsity, nm)
+        _write(param, _whole(param) * keep.to(param.dtype))
+        return local_slice(keep, param), float("nan")
     _check_layer(module, target.module_name)
     hessian, _ = layer_hessian(model, module, batches, forward, reduce)
+    param = target.param  # (after the forwards: the sharded parameter again)
     w = _flat_weight(module)
     if method == "sparsegpt":
-        kernel = w.shape[2] // (module.weight.shape[1])
+        kernel = w.shape[2] // (param.shape[1])
         new, keep_flat = sparsegpt_prune(w, hessian, sparsity, nm, block_size, damping, kernel)
         keep = keep_flat.reshape(param.shape)
     else:
         if method == "wanda":
             norms = torch.diagonal(hessian, dim1=1, dim2=2).clamp_min(0).sqrt()
-            keep = wanda_mask(param, norms, sparsity, nm)
+            keep = wanda_mask(w.reshape(param.shape), norms, sparsity, nm)
         else:
-            keep = magnitude_mask(param, sparsity, nm)
+            keep = magnitude_mask(w.reshape(param.shape), sparsity, nm)
         new = w * keep.reshape(w.shape).to(w.dtype)
     error = reconstruction_error(w, new, hessian)
-    with torch.no_grad():
-        param.copy_(new.reshape(param.shape).to(param.dtype) * keep.to(param.dtype))
-    return keep.to(param.device), error
+    keep = keep.to(local_tensor(param).device)
+    _write(param, new.reshape(param.shape).to(param.dtype) * keep.to(param.dtype))
+    return local_slice(keep, param), error
 
 
 # ---------------------------------------------------------------------------------------------- channels

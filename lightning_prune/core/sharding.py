@@ -22,6 +22,7 @@ __all__ = [
     "is_sharded",
     "local_slice",
     "local_tensor",
+    "reshard",
     "shard_like",
     "shard_position",
     "shard_reduce",
@@ -199,3 +200,17 @@ def full_copy(value: object) -> object:
     if isinstance(value, tuple):
         return tuple(full_copy(v) for v in value)
     return value
+
+
+def reshard(module: torch.nn.Module) -> None:
+    """Free the all-gathered parameters of every FSDP2 unit in ``module``, so that the next forward gathers
+    the shards again. Needed after writing shards in place outside a training step: FSDP2 keeps the root
+    unit's parameters gathered after a forward (its backward would need them at once), and a later forward
+    would run on that stale copy instead of the written shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()

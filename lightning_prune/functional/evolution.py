@@ -19,7 +19,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -37,6 +37,9 @@ __all__ = [
     "offspring_seed",
     "perturbation",
 ]
+
+#: ``cut(i, noise)``: the part of tensor ``i``'s noise (drawn at its full shape) that this process holds
+Cut = Callable[[int, Tensor], Tensor]
 
 #: ``"uniform"``: U(-1, 1) (the noise of the Habr article «Спартанское обучение нейронных сетей»,
 #: "Spartan training of neural networks", in Russian); ``"gaussian"``: N(0, 1) (Salimans et al.);
@@ -74,27 +77,41 @@ def offspring_direction(index: int, antithetic: bool) -> tuple[int, float]:
     return (index // 2, 1.0 if index % 2 == 0 else -1.0) if antithetic else (index, 1.0)
 
 
-def noise_like(tensors: Sequence[Tensor], seed: int, kind: str = "gaussian") -> Iterator[Tensor]:
+def noise_like(tensors: Sequence[Tensor], seed: int, kind: str = "gaussian",
+               shapes: Sequence[Sequence[int]] | None = None, cut: Cut | None = None) -> Iterator[Tensor]:
     """Yield one noise tensor per tensor of ``tensors`` (same shape, dtype, device), drawn from ``seed``.
 
     The noise is generated lazily, in order, from one ``torch.Generator`` per device seeded with ``seed``:
     the same seed and the same tensors give bit-identical noise, and only one noise tensor is alive at a
     time when the caller consumes them one by one.
+
+    Shards: when ``tensors`` are the local shards of larger tensors (FSDP2), ``shapes`` are the full tensors'
+    shapes and ``cut(i, noise)`` keeps this process's part: every noise tensor is drawn whole from the shared
+    seed (one at a time) and cut, so each process perturbs its part of exactly the noise an unsharded
+    process draws (the generator's stream cannot skip to a shard's first element).
     """
     if kind not in NOISE_KINDS:
         raise ValueError(f"Unknown noise kind {kind!r}; expected one of {list(NOISE_KINDS)}.")
+    if (shapes is None) != (cut is None):
+        raise ValueError("`shapes` and `cut` go together (the full shapes of sharded tensors and their cut).")
     generators: dict[torch.device, torch.Generator] = {}
-    for tensor in tensors:
+    for i, tensor in enumerate(tensors):
         gen = generators.get(tensor.device)
         if gen is None:
             gen = generators[tensor.device] = torch.Generator(device=tensor.device).manual_seed(int(seed))
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        shape = tensor.shape if shapes is None else tuple(shapes[i])
+        out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
         if kind == "gaussian":
             out.normal_(0.0, 1.0, generator=gen)
         elif kind == "uniform":
             out.uniform_(-1.0, 1.0, generator=gen)
         else:
             out.uniform_(0.0, 1.0, generator=gen)
+        if cut is not None:
+            out = cut(i, out)
+            if out.shape != tensor.shape:
+                raise ValueError(
+                    f"cut({i}, noise) has shape {tuple(out.shape)}, the tensor {tuple(tensor.shape)}")
         yield out
 
 
@@ -128,12 +145,14 @@ def _shape(noise: Tensor, i: int, shape_by: Sequence[Tensor] | None,
 @torch.no_grad()
 def add_perturbation_(params: Sequence[Tensor], parent: Sequence[Tensor], seed: int, scale: float,
                       kind: str = "gaussian", shape_by: Sequence[Tensor] | None = None,
-                      masks: Sequence[Tensor | None] | None = None) -> None:
+                      masks: Sequence[Tensor | None] | None = None,
+                      shapes: Sequence[Sequence[int]] | None = None, cut: Cut | None = None) -> None:
     """Set ``params[i] = parent[i] + scale * eps_i(seed)`` in place, one noise tensor at a time.
 
     Masked positions (``masks[i] == False``) keep their parent value exactly (a pruned zero stays zero).
+    ``shapes`` and ``cut``: ``params`` are local shards (see :func:`noise_like`).
     """
-    for i, noise in enumerate(noise_like(parent, seed, kind)):
+    for i, noise in enumerate(noise_like(parent, seed, kind, shapes, cut)):
         noise = _shape(noise, i, shape_by, masks)
         params[i].copy_(parent[i]).add_(noise, alpha=float(scale))
 
@@ -195,7 +214,8 @@ def es_weights(fitness: Tensor, antithetic: bool = True, shaping: str = "centere
 def es_update_(params: Sequence[Tensor], parent: Sequence[Tensor], seeds: Sequence[int], weights: Tensor,
                sigma: float, lr: float, population: int, kind: str = "gaussian",
                shape_by: Sequence[Tensor] | None = None,
-               masks: Sequence[Tensor | None] | None = None) -> None:
+               masks: Sequence[Tensor | None] | None = None, shapes: Sequence[Sequence[int]] | None = None,
+               cut: Cut | None = None) -> None:
     """Salimans et al.'s update ``theta = parent + lr / (n sigma) * sum_k w_k eps_k``, in place.
 
     Every ``eps_k`` is regenerated from ``seeds[k]`` (one tensor at a time), so no perturbation is stored;
@@ -210,6 +230,7 @@ def es_update_(params: Sequence[Tensor], parent: Sequence[Tensor], seeds: Sequen
         sigma: the perturbation scale the offspring were evaluated at.
         lr: the ES step size (``alpha``).
         population: ``n``, the number of offspring evaluated.
+        shapes, cut: ``params`` are local shards of tensors of these shapes (see :func:`noise_like`).
     """
     if len(seeds) != weights.numel():
         raise ValueError(f"{len(seeds)} seeds for {weights.numel()} weights.")
@@ -220,6 +241,6 @@ def es_update_(params: Sequence[Tensor], parent: Sequence[Tensor], seeds: Sequen
     for seed, w in zip(seeds, weights.tolist()):
         if w == 0.0:
             continue
-        for i, noise in enumerate(noise_like(parent, seed, kind)):
+        for i, noise in enumerate(noise_like(parent, seed, kind, shapes, cut)):
             noise = _shape(noise, i, shape_by, masks)
             params[i].add_(noise, alpha=coef * w)

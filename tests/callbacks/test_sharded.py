@@ -32,8 +32,9 @@ def _every_callback():
 
     teacher = nn.Linear(2, 2)
     return [lp.GradualMagnitudePruning(), lp.LotteryTicket(), lp.GroupLassoPruning(), lp.L0Pruning(),
-            ActivationDecay(), EvolutionaryMutation(), KnowledgeDistillation(teacher=teacher),
-            RandomUnstructured(), lp.OneShotPruning()]
+            ActivationDecay(), EvolutionaryMutation(mutation="gradient"),
+            KnowledgeDistillation(teacher=teacher),
+            RandomUnstructured(), lp.OneShotPruning("channels", target_flops=0.5)]
 
 
 @pytest.mark.parametrize("name", ["FSDPStrategy", "XLAFSDPStrategy"])
@@ -54,8 +55,9 @@ def test_tensor_parallelism_is_refused_at_setup_by_name(size):
 
 def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
     callbacks = _every_callback()
-    reasons = {"EvolutionaryMutation": "offspring are the whole weights plus noise",
-               "OneShotPruning": "a calibration batch's activations"}
+    reasons = {"EvolutionaryMutation": "mutation='gradient' differentiates the fitness loss outside",
+               "OneShotPruning": "method='channels' removes units physically .*Alternatives: prune"
+                                 " channels with OneShotPruning under DDP .*GroupLassoPruning/L0Pruning"}
     for cb in (callbacks[5], callbacks[8]):  # EvolutionaryMutation, OneShotPruning
         name = type(cb).__name__
         with pytest.raises(MisconfigurationException,
@@ -63,6 +65,11 @@ def test_callbacks_without_shard_support_refuse_fsdp2_at_setup():
                                  rf"{reasons[name]}.*HINT: use strategy='ddp'.*GroupLassoPruning"):
             cb.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
     lp.GradualMagnitudePruning().setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
+    for method in ("sparsegpt", "wanda", "magnitude"):
+        lp.OneShotPruning(method).setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
+    for mutation in ("uniform", "gaussian"):
+        evo = EvolutionaryMutation(mutation=mutation)
+        evo.setup(_fake_trainer("ModelParallelStrategy"), tiny_classifier(), "fit")
 
 
 @pytest.mark.parametrize(("kwargs", "why"), [
@@ -760,3 +767,327 @@ def test_a_sharded_checkpoint_is_refused_outside_fsdp2_with_the_reason(tmp_path)
         strategy.load_checkpoint(tmp_path / "step=3.ckpt")
     strategy.load_checkpoint(tmp_path / "one-file.ckpt")
     assert loaded == [tmp_path / "one-file.ckpt"]
+
+
+# ---------------------------------------------------------------------------------------------- evolution
+def _offspring_on_shards(sharded: bool):
+    """Offspring of the constructed model (uniform noise from one seed, a masked weight) written into the
+    shards (FSDP2, uneven rows) after a forward, then scored: the gathered offspring and its output."""
+    from lightning_prune.core.sharding import local_slice, reshard
+    from lightning_prune.functional.evolution import add_perturbation_
+
+    model = _constructed_model()
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(2))
+    params = list(model.parameters())
+    mask = torch.rand(params[0].shape, generator=torch.Generator().manual_seed(3)) > 0.5
+    if sharded:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (2,))
+        fully_shard(model[2], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        params = list(model.parameters())
+    with torch.no_grad():
+        before = model(x)  # (FSDP2 keeps the root unit's parameters gathered after this forward)
+        tensors = [local_tensor(p) for p in params]
+        parent = [t.clone() for t in tensors]
+        masks = [local_slice(mask, params[0]).float()] + [None] * (len(params) - 1)
+        shapes = [tuple(p.shape) for p in params] if sharded else None
+        cut = (lambda i, noise: local_slice(noise, params[i])) if sharded else None  # noqa: E731
+        add_perturbation_(tensors, parent, 11, 0.1, "uniform", None, masks, shapes, cut)
+        stale = model(x)  # (sharded: the root unit still gathered from before the write)
+        if sharded:
+            reshard(model)
+        after = model(x)
+    full = [p.full_tensor() if sharded else p.detach().clone() for p in params]
+    return full, after, torch.equal(before, after), tuple(tensors[0].shape), stale
+
+
+def test_offspring_written_into_shards_equal_the_unsharded_offspring():
+    """Each rank's part of every noise tensor is the whole tensor's noise (drawn whole from the seed, cut to
+    the shard), so the gathered offspring, masked zeros included, and its output are the single-process ones
+    bit for bit; without re-gathering after the write, FSDP2's root unit scores its stale gathered parent."""
+    ranks = run_two(_offspring_on_shards, True)
+    weights, output, _, _, _ = _offspring_on_shards(False)
+    for got, got_output, unchanged, _, stale in ranks:
+        assert not unchanged and torch.equal(got_output, output)
+        assert not torch.equal(stale, output)  # what the callback's reshard avoids
+        for w, g in zip(weights, got):
+            assert torch.equal(w, g)
+    assert ranks[0][3] == (4, 12) and ranks[1][3] == (3, 12)
+
+
+class _FrozenClassifier(ShardedClassifier):
+    """SGD at lr 0: the training steps leave the weights exactly as they are, so that only the generations
+    change them and runs under different strategies can be compared bit for bit."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _evolution_fit(kind: str, evo_kwargs: dict, frozen: bool = True, steps: int = 4):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = _FrozenClassifier() if frozen else ShardedClassifier()
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    strategy = {"fsdp2": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                "ddp": lambda: "ddp", "single": lambda: "auto"}[kind]()
+    pruning = lp.GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=1, sparsity_end_step=1,
+                                         verbose=False)
+    evo = EvolutionaryMutation(**{"population": 4, "sigma": 0.05, "every_n_steps": 2, "fitness_batches": 3,
+                                  "seed": 7, "verbose": False, **evo_kwargs})
+    trainer = pl.Trainer(accelerator="cpu", devices=1 if kind == "single" else 2, strategy=strategy,
+                         max_epochs=1, limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=[pruning, evo])
+    trainer.fit(model, datamodule=tiny_datamodule())
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    masks = pruning.masks.state_dict()
+    moved = any(not torch.equal(w, initial[k] * masks[k] if k in masks else initial[k])
+                for k, w in weights.items())
+    return weights, masks, evo.generation, dict(evo.last_metrics), moved
+
+
+def _assert_evolution_equal(fsdp: list, other: tuple, exact: bool = True) -> None:
+    weights, masks, generation, metrics, moved = fsdp[0]
+    other_weights, other_masks, other_generation, other_metrics, _ = other
+    assert generation == other_generation == fsdp[1][2] == 2 and moved  # the generations moved the weights
+    for name, mask in other_masks.items():
+        assert torch.equal(masks[name], mask), name
+        assert torch.all(weights[name][~mask] == 0), name  # the offspring kept the pruned zeros
+    for name, w in other_weights.items():
+        assert torch.equal(fsdp[1][0][name], weights[name]), name  # every rank holds the same model
+        if exact:
+            assert torch.equal(weights[name], w), name
+        else:
+            torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5)
+    if exact:
+        assert metrics == other_metrics == fsdp[1][3]  # the same fitness values, bit for bit
+
+
+@pytest.mark.slow
+def test_evolution_on_a_sharded_vit_equals_the_unsharded_run_bit_for_bit():
+    """EvolutionaryMutation(strategy="select") beside GradualMagnitudePruning under ModelParallelStrategy
+    (before: refused at setup): each rank perturbs its shards with its part of the noise drawn from the
+    shared seeds, the ranks score every offspring together (3 fitness batches: uneven turns), and after 2
+    generations the weights, masks and fitness are the single-process run's bit for bit (training at lr 0, so
+    that only the generations move the weights; the DDP run equals the single-process one, see
+    test_evolution's DDP test and the slow DDP comparisons here). Before the shards were re-gathered after
+    each write, the FSDP2 root's stale gathered copy scored every offspring as the parent's."""
+    fsdp = run_two(_evolution_fit, "fsdp2", {"strategy": "select"})
+    _assert_evolution_equal(fsdp, _evolution_fit("single", {"strategy": "select"}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("evo_kwargs, exact, frozen", [
+    ({"strategy": "select", "mutation": "uniform"}, True, True),
+    ({"strategy": "es", "mutation": "gaussian", "es_lr": 0.05}, True, True),
+    ({"strategy": "es", "mutation": "uniform", "es_lr": 0.05}, False, False),
+], ids=["select-uniform", "es-gaussian", "es-training"])
+def test_evolution_on_a_sharded_vit_equals_ddp(evo_kwargs, exact, frozen):
+    """Under FSDP2 and DDP: the same weights, masks and fitness after 2 generations, bit for bit at lr 0;
+    with training between the generations within a tolerance (float32 gradient reductions)."""
+    fsdp = run_two(_evolution_fit, "fsdp2", evo_kwargs, frozen)
+    ddp = run_two(_evolution_fit, "ddp", evo_kwargs, frozen)
+    _assert_evolution_equal(fsdp, ddp[0], exact)
+
+
+# ---------------------------------------------------------------------------------------------- one-shot
+_ONE_SHOT = [("sparsegpt", None), ("wanda", None), ("magnitude", None), ("sparsegpt", (2, 4)),
+             ("wanda", (2, 4))]
+
+
+def _one_shot_on_shards(sharded: bool):
+    """prune_unstructured on the constructed model (the root unit holding layers 0 and 3, layer 2 a unit of
+    its own; 7 rows: uneven shards), every rank on the same calibration batches (reduce: their sum)."""
+    from lightning_prune.core.one_shot import prune_unstructured
+    from lightning_prune.core.sharding import gather_full
+    from lightning_prune.core.targets import Target
+
+    batches = [(torch.randn(6, 12, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    mesh = None
+    if sharded:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (2,))
+
+        def reduce(t):
+            dist.all_reduce(t)
+            return t
+    else:
+        def reduce(t):
+            return t + t  # (what the sum of two ranks' identical statistics is, exactly)
+    out = []
+    for method, nm in _ONE_SHOT:
+        model = _constructed_model()
+        targets = [Target(str(i), model[i]) for i in (0, 2, 3)]
+        if sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model[2], mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        masks, errors = prune_unstructured(model, targets, method, batches, 0.5, nm, reduce=reduce,
+                                           block_size=4)
+        local_shapes = {n: tuple(m.shape) for n, m in masks.items()}
+        full_masks = {t.name: gather_full(masks[t.name], t.param) for t in targets}
+        weights = {n: p.full_tensor() if sharded else p.detach().clone() for n, p in model.named_parameters()}
+        out.append((full_masks, weights, errors, local_shapes))
+    return out
+
+
+def test_one_shot_on_shards_equals_the_unsharded_pruning():
+    """SparseGPT, Wanda and magnitude (unstructured and 2:4) on an FSDP2-sharded model: the statistics summed
+    over the ranks, each layer gathered for its choice, each rank keeping its shard of the updated weight and
+    of the mask: the gathered masks, weights (SparseGPT's updates included) and errors equal the unsharded
+    pruning's bit for bit, each rank's masks its shard's part."""
+    ranks = run_two(_one_shot_on_shards, True)
+    single = _one_shot_on_shards(False)
+    for case, (masks, weights, errors, _), rank0, rank1 in zip(_ONE_SHOT, single, *ranks):
+        for got in (rank0, rank1):
+            assert got[2] == errors, case
+            for name, mask in masks.items():
+                assert torch.equal(got[0][name], mask), (case, name)
+            for name, w in weights.items():
+                assert torch.equal(got[1][name], w), (case, name)
+        assert rank0[3]["0.weight"] == (4, 12) and rank1[3]["0.weight"] == (3, 12)
+        assert 0 < sum(int((~m).sum()) for m in masks.values())
+
+
+def _one_shot_fit(kind: str, kwargs: dict, steps: int = 3):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier()
+    strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2"
+                else "ddp")
+    cb = lp.OneShotPruning(verbose=False, calibration_batches=3, block_size=16, **kwargs)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1,
+                         limit_train_batches=steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=[cb])
+    trainer.fit(model, datamodule=tiny_datamodule())
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    return cb.masks.state_dict(), weights, cb.masks.memory_bytes(), cb.errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", [{"method": "sparsegpt", "target_sparsity": 0.5},
+                                    {"method": "wanda", "pattern": "2:4"}], ids=["sparsegpt", "wanda-2:4"])
+def test_one_shot_on_a_sharded_vit_prunes_like_ddp(kwargs):
+    """OneShotPruning at the start of the fit under ModelParallelStrategy (before: refused at setup), each
+    rank on its own calibration batches (the statistics summed over the ranks): the DDP run's masks and
+    reconstruction errors bit for bit on every rank, each rank holding about half of the masks; 3 steps of
+    fine-tuning keep the DDP run's weights (float32: within a tolerance)."""
+    fsdp = run_two(_one_shot_fit, "fsdp2", kwargs)
+    ddp = run_two(_one_shot_fit, "ddp", kwargs)
+    (masks, weights, mask_bytes, errors), (ddp_masks, ddp_weights, ddp_bytes, ddp_errors) = fsdp[0], ddp[0]
+    assert masks.keys() == ddp_masks.keys() and len(masks) > 4 and errors == ddp_errors == fsdp[1][3]
+    for name in masks:
+        assert torch.equal(masks[name], ddp_masks[name]) and torch.equal(fsdp[1][0][name], masks[name]), name
+        assert torch.all(weights[name][~masks[name]] == 0), name
+    assert mask_bytes <= 0.55 * ddp_bytes
+    for name, w in ddp_weights.items():
+        torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5)
+
+
+# -------------------------------------------------------------------------- resume after an in-fit removal
+class _StateAtStart(pl.Callback):
+    """The gathered weights and optimizer state when the (resumed) training starts."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.state = _gathered_state(trainer, pl_module)
+
+
+def _gathered_state(trainer, model):
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t.detach()  # noqa: E731
+    opt = trainer.optimizers[0]
+    return ({n: full(p).clone() for n, p in model.named_parameters()},
+            {n: {k: full(v).clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()},
+            {n: tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
+             for n, p in model.named_parameters()})
+
+
+def _compress_fit_with_checkpoints(root: str, distributed: bool | None, ckpt_path: str | None,
+                                   max_steps: int = -1):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = ShardedClassifier(optimizer="adamw", lr=1e-3)
+    cb = lp.GroupLassoPruning(verbose=False, finalize_step=3, round_to=1, compress=True, lam=0.05,
+                              gate_lr=1.0, target_flops=0.5)
+    at_start = _StateAtStart()
+    callbacks = [cb, at_start]
+    if ckpt_path is None:
+        callbacks.append(ModelCheckpoint(dirpath=f"{root}/ckpt", save_top_k=-1, every_n_train_steps=5,
+                                         filename="{step}"))
+    strategy = ("ddp" if distributed is None else
+                ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                      save_distributed_checkpoint=distributed))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, max_steps=max_steps,
+                         limit_train_batches=7, limit_val_batches=0, logger=False,
+                         enable_checkpointing=ckpt_path is None, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+                         callbacks=callbacks, default_root_dir=root)
+    trainer.fit(model, datamodule=tiny_datamodule(batch_size=16), ckpt_path=ckpt_path)
+    return at_start.state, _gathered_state(trainer, model), cb.shrink.removed, trainer.global_step, \
+        cb.masks.state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("distributed, resumed", [(True, True), (False, False), (False, None)],
+                         ids=["sharded-checkpoint", "full-checkpoint", "fsdp2-full-to-ddp"])
+def test_resume_after_an_in_fit_removal_under_fsdp2(tmp_path, distributed, resumed):
+    """GroupLassoPruning(compress=True) removes units at step 3 under ModelParallelStrategy; its checkpoint of
+    step 5 (mid-epoch, the smaller model) resumes under ModelParallelStrategy (before: refused) -- the sharded
+    network gathered, sliced to the recorded shapes and sharded again, the optimizer pointed at the new
+    parameters, before ModelParallelStrategy loads the checkpoint into them -- with the weights and AdamW
+    moments of the run at step 5 bit for bit, each rank holding its half of the smaller tensors, the masks
+    and removed units of the checkpoint, and trains on to the end; the full-state checkpoint also resumes
+    under DDP. (The steps after a mid-epoch resume are not compared: GroupLassoPruning's resume under FSDP2
+    sees other batches than the uninterrupted run, without any removal too -- see the report.)"""
+    written = run_two(_compress_fit_with_checkpoints, str(tmp_path / "full"), distributed, None, 5)
+    ckpt = tmp_path / "full" / "ckpt" / "step=5.ckpt"
+    assert ckpt.is_dir() == distributed and ckpt.exists()
+    again = run_two(_compress_fit_with_checkpoints, str(tmp_path / "resumed"), resumed, str(ckpt))
+    _, (weights, state, shapes), removed, step, masks = written[0]
+    (loaded, loaded_state, loaded_shapes), end, removed2, step2, masks2 = again[0]
+    assert step == 5 and step2 == 7 and removed == removed2 and any(removed.values())
+    assert masks.keys() == masks2.keys() and weights.keys() == loaded.keys() == end[0].keys()
+    for name, w in weights.items():
+        assert torch.equal(loaded[name], w), name
+        assert end[0][name].shape == w.shape, name  # trained on with the smaller shapes
+        for key, value in state[name].items():
+            assert torch.equal(loaded_state[name][key], value), (name, key)
+        if resumed is not None and w.dim() and w.shape[0] > 1:  # each rank its half of the smaller tensor
+            assert loaded_shapes[name][0] + again[1][0][2][name][0] == w.shape[0], name
+    rows = loaded_shapes["model.patch_embed.proj.weight"][0]  # 64 dense channels; FSDP2: half per rank
+    assert rows == weights["model.patch_embed.proj.weight"].shape[0] < 64 if resumed is None else rows < 32
+
+
+@pytest.mark.parametrize("other", ["ActivationDecay", "GradualMagnitudePruning", "LotteryTicket"])
+def test_compress_under_fsdp2_refuses_callbacks_holding_the_old_network(other):
+    """The in-fit removal under FSDP2 replaces the network with a new module tree: a callback holding its
+    parameters or modules (masks, wrapped activations) is refused at setup by name, not left acting on the
+    old tree (KnowledgeDistillation refuses the same from its side, above)."""
+    others = {"ActivationDecay": ActivationDecay, "GradualMagnitudePruning": lp.GradualMagnitudePruning,
+              "LotteryTicket": lp.LotteryTicket}
+    trainer = _fake_trainer("ModelParallelStrategy")
+    cb = lp.GroupLassoPruning(compress=True, target_flops=0.5)
+    trainer.callbacks = [others[other](), cb]
+    with pytest.raises(MisconfigurationException, match=rf"GroupLassoPruning\(compress=True\) cannot share a"
+                       rf" fit under ModelParallelStrategy with {other}: .*HINT: compress=False"):
+        cb._refuse_stale_holders(trainer)
+    ddp = _fake_trainer("DDPStrategy")
+    ddp.callbacks = trainer.callbacks
+    cb._refuse_stale_holders(ddp)  # (not checked: under DDP the module tree stays)
+    trainer.callbacks = [cb, EvolutionaryMutation()]  # (re-selects the parameters at every generation)
+    cb._refuse_stale_holders(trainer)
