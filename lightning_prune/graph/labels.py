@@ -51,7 +51,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.graph.layers import channel_dim, is_grn
-from lightning_prune.graph.types import ChannelGroup, Site, Slice, prefixed_name
+from lightning_prune.graph.shapes import shape_provenance
+from lightning_prune.graph.types import ChannelGroup, GraphTimeoutError, Site, Slice, prefixed_name
 
 __all__ = ["LabelGraph", "trace_labels"]
 
@@ -199,6 +200,13 @@ class LabelGraph:
         self.params = dict(model.named_parameters())
         self.buffers = dict(model.named_buffers())
         self.program = _export(model, example)
+        try:  # sizes the model's code takes from a tensor's shape (a constant in the exported graph)
+            self.derived_sizes = shape_provenance(model, example, self.program, check)
+        except GraphTimeoutError:
+            raise
+        except Exception:  # noqa: BLE001 - a hint only: without it such couplings are left to the proof
+            self.derived_sizes = {}
+        self._node_by_name = {n.name: n for n in self.program.graph.nodes}
         sig = self.program.graph_signature
         self.placeholders: dict[str, tuple[str, str]] = {}
         for name, fqn in sig.inputs_to_parameters.items():
@@ -537,7 +545,7 @@ class LabelGraph:
         if name == "native_dropout":
             return [self._same(x_lab), _plain(x_lab.shape)]
         if name in _VIEW or name in ("expand", "expand_as", "broadcast_to", "view_copy", "_unsafe_view"):
-            return self._view(node, x_lab, _shape_of(val))
+            return self._view(node, x_lab, _shape_of(val), labs)
         if name in ("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "swapdims", "mT",
                     "adjoint"):
             return self._permute(node, x_lab, _shape_of(val))
@@ -898,7 +906,7 @@ class LabelGraph:
         return lab
 
     # ---- shapes
-    def _view(self, node: Any, lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
+    def _view(self, node: Any, lab: _Lab, out_shape: tuple[int, ...], labs: dict | None = None) -> _Lab:
         in_shape = lab.shape
         name = _op_name(node.target)
         if name in ("expand", "expand_as", "broadcast_to"):
@@ -939,16 +947,81 @@ class LabelGraph:
         derived = frozenset(o for ins, outs in groups if set(ins) & lab.derived for o in outs
                             if out_shape[o] > 1)
         out = self.canon(_Lab(tuple(out_shape), blocks, origins, derived))
-        self._size_constants(node, out)
+        taken = self._shape_couplings(node, out, labs) if labs is not None else set()
+        if taken:
+            out = self.canon(out)
+        self._size_constants(node, out, taken)
         return out
 
-    def _size_constants(self, node: Any, lab: _Lab) -> None:
-        """Literal sizes in a reshape that shrink with the units: attributes of the module to update."""
+    def _shape_couplings(self, node: Any, out: _Lab, labs: dict) -> set[int]:
+        """Couple the output dims whose size the model's code took from a tensor's shape
+        (:mod:`lightning_prune.graph.shapes`) with that tensor's dim, so that both keep the same number of
+        positions: ``C`` of ``reshape(B, N, C)`` with the width ``C`` it was read from; ``C // h`` of
+        ``reshape(B, N, h, C // h)`` through the dims it closes (the ``h x C // h`` positions with the ``C``:
+        a removed head takes ``C // h`` positions of ``C`` with it); a multiple ``k * C`` with ``k``
+        positions per position. Positions are paired in the order of their units (each unit must hold as
+        many on both sides). A source whose dim carries no units fixes the output dim's units (the code's
+        size cannot shrink). Returns the output dims so derived (no attribute holds them)."""
+        taken: set[int] = set()
+        derived = self.derived_sizes.get(node.name, ())
+        x = node.args[0]
+        in_shape = _shape_of(x.meta.get("val")) if derived and hasattr(x, "meta") else None
+        groups = _view_groups(in_shape, out.shape) if in_shape is not None else None
+        for ds in derived:
+            src_lab = labs.get(self._node_by_name.get(ds.source))
+            if (not isinstance(src_lab, _Lab) or ds.dim >= len(out.shape)
+                    or ds.source_dim >= len(src_lab.shape)):
+                continue
+            size, extent = src_lab.shape[ds.source_dim], out.shape[ds.dim]
+            if size * ds.num != extent * ds.den or size < 2:
+                continue
+            # the dims of this reshape's piece ending at this one whose positions number the source's (or
+            # a multiple of it, on this dim alone)
+            piece = next((outs for _, outs in groups if ds.dim in outs), [ds.dim]) if groups else [ds.dim]
+            run, count = [ds.dim], extent
+            while count < size and run[0] - 1 in piece:
+                run.insert(0, run[0] - 1)
+                count *= out.shape[run[0]]
+            if count % size or (len(run) > 1 and count != size):
+                continue
+            taken.add(ds.dim)
+            src_atoms = self.dim_atoms(self.canon(src_lab), ds.source_dim)
+            out_atoms = self._run_atoms(out, run)
+            if out_atoms is None:
+                continue
+            if src_atoms is None:
+                if ds.source_dim not in src_lab.derived:  # a parameter's dim is sliced with its units
+                    why = f"aten.{_op_name(node.target)} with a size taken from the shape of a tensor whose"
+                    self.records.fixes.append((out_atoms, f"{why} channels stay"))
+                continue
+            # each unit must hold as many positions (times the multiple) on both sides: the positions are
+            # paired in the order of their units, a no-op where that holds already (a head-major and a
+            # head-minor layout of the same heads)
+            src_sorted = np.sort(self.atoms.roots(src_atoms))
+            out_sorted = np.sort(self.atoms.roots(out_atoms)).reshape(size, -1)
+            for j in range(out_sorted.shape[1]):
+                self.atoms.union_arrays(src_sorted, out_sorted[:, j])
+        return taken
+
+    def _run_atoms(self, lab: _Lab, run: list[int]) -> np.ndarray | None:
+        """The atoms over the positions of the consecutive dims ``run`` (flattened), merged along the other
+        dims of their block; None when no block varies along them or two blocks share them."""
+        blocks = [(dims, arr) for dims, arr in lab.blocks if set(dims) & set(run)]
+        if len(blocks) != 1:
+            return None
+        dims, arr = blocks[0]
+        letters, arr = self._collapse(dims, arr, set(dims) - set(run))
+        full = np.broadcast_to(_expand_to(arr, letters, run), tuple(lab.shape[d] for d in run))
+        return self.atoms.roots(np.ascontiguousarray(full).ravel())
+
+    def _size_constants(self, node: Any, lab: _Lab, taken: set[int] = frozenset()) -> None:
+        """Literal sizes in a reshape that shrink with the units: attributes of the module to update (not
+        the sizes ``taken`` from a tensor's shape: the code computes them)."""
         shape_arg = node.args[1] if len(node.args) > 1 else None
         if not isinstance(shape_arg, (list, tuple)) or len(shape_arg) != len(lab.shape):
             return
         for d, value in enumerate(shape_arg):
-            if not isinstance(value, int) or value <= 1:
+            if not isinstance(value, int) or value <= 1 or d in taken:
                 continue
             for dims, arr in lab.blocks:
                 if d in dims:

@@ -1,0 +1,67 @@
+"""Couplings made through a tensor's shape (lightning_prune.graph.shapes): a size the model's code reads from
+``x.shape`` is a constant in the exported graph; the eager provenance pass ties it to the dim it was read
+from, so that the residual stream and the tensors reshaped with its width are removed together."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_prune.graph import analyse_channels, masked_and_sliced
+from lightning_prune.graph.proof import compare_outputs
+
+torch.manual_seed(0)
+X = torch.randn(2, 5, 12)
+
+
+def _analyse(model: nn.Module, x: torch.Tensor = X):
+    analysis = analyse_channels(model.eval(), x, engine="traced")
+    for group in analysis.groups:  # every group, alone: masked == sliced (float64, random statistics)
+        removed = {group.name: list(range(0, group.size, 2))[: group.size - 1]}
+        masked, _, sliced = masked_and_sliced(model, x, [group], removed, seed=1)
+        assert compare_outputs(masked, sliced, 1e-6) <= 1e-6, group.name
+    return analysis
+
+
+class _ShapeAttention(nn.Module):
+    """CrossViT's / ConViT's / Twins' attention: the head size ``C // self.num_heads`` and the merged width
+    ``C`` are taken from the input's shape."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        kv = self.kv(x).reshape(B, N, 2, self.num_heads, C // self.num_heads)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class _Blocks(nn.Module):
+    def __init__(self, dim: int = 24, num_heads: int = 3, depth: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.attns = nn.ModuleList(_ShapeAttention(dim, num_heads) for _ in range(depth))
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for norm, attn in zip(self.norms, self.attns):
+            x = x + attn(norm(x))
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_a_head_size_and_a_width_taken_from_the_input_shape_follow_the_stream():
+    analysis = _analyse(_Blocks())
+    gated = {p for g in analysis.groups for p in g.producers}
+    print(analysis.skipped)
+    assert {"embed", "attns.0.q", "attns.0.kv", "attns.0.proj", "attns.1.q", "attns.1.proj", "fc2"} <= gated
+    assert "fc1" in gated
