@@ -65,3 +65,20 @@ def test_a_head_size_and_a_width_taken_from_the_input_shape_follow_the_stream():
     print(analysis.skipped)
     assert {"embed", "attns.0.q", "attns.0.kv", "attns.0.proj", "attns.1.q", "attns.1.proj", "fc2"} <= gated
     assert "fc1" in gated
+
+
+def test_convit_heads_and_stream_taken_from_shapes_are_gated():
+    """timm's ConViT (small): ``C // self.num_heads`` in its gated positional self-attention and
+    ``reshape(B, N, C)`` after it; before the shape couplings only the MLP hidden units were exact."""
+    timm = __import__("pytest").importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("convit_tiny", img_size=32, patch_size=8, embed_dim=8, num_heads=2, depth=2,
+                              local_up_to_layer=1, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    analysis = _analyse(model, x)
+    gated = {p for g in analysis.groups for p in g.producers}
+    assert {"patch_embed.proj", "blocks.0.attn.qk", "blocks.0.attn.v", "blocks.0.attn.proj",
+            "blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc2"} <= gated
+    total = sum(analysis.weights.values())
+    assert sum(w for name, w in analysis.weights.items() if name in gated) / total == 1.0
+

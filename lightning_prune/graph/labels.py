@@ -633,6 +633,9 @@ class LabelGraph:
             if offset:
                 lab = _Lab(lab.shape, lab.blocks, [], lab.derived)
                 lab = _shift(lab, offset, out_shape)
+        elif name == "repeat_interleave" and isinstance(rdim := args[2] if len(args) > 2 else node.kwargs.get(
+                "dim"), int):
+            touched = {rdim % n}  # along one dim (GCViT's global query along the batch)
         else:
             touched = set(range(n))
         for dims, _ in lab.blocks:
@@ -989,8 +992,8 @@ class LabelGraph:
             out_atoms = self._run_atoms(out, run)
             if out_atoms is None:
                 continue
-            if src_atoms is None:
-                if ds.source_dim not in src_lab.derived:  # a parameter's dim is sliced with its units
+            if src_atoms is None:  # (not a multiple ``B * self.num_heads``, nor a parameter's dim: sliced)
+                if ds.num == 1 and ds.source_dim not in src_lab.derived:
                     why = f"aten.{_op_name(node.target)} with a size taken from the shape of a tensor whose"
                     self.records.fixes.append((out_atoms, f"{why} channels stay"))
                 continue
