@@ -82,3 +82,22 @@ def test_convit_heads_and_stream_taken_from_shapes_are_gated():
     total = sum(analysis.weights.values())
     assert sum(w for name, w in analysis.weights.items() if name in gated) / total == 1.0
 
+
+
+class _GlobalQuery(nn.Module):
+    """GCViT's global query: one per image, repeated along the batch (``repeat_interleave(B, dim=0)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.q, self.out = nn.Linear(12, 8), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        B = x.shape[0]
+        q = self.q(x[:1]).repeat_interleave(B // 1, dim=0)
+        return self.out(self.fc(x) * q)
+
+
+def test_repeat_interleave_along_the_batch_keeps_the_channels():
+    analysis = _analyse(_GlobalQuery())
+    group = next(g for g in analysis.groups if "fc" in g.producers)
+    assert set(group.producers) == {"fc", "q"} and group.size == 8

@@ -27,11 +27,17 @@ more (a later contraction can make an earlier dim unlabelled), then the last pas
 
 The exactness proof of :mod:`lightning_prune.graph.proof` stays the final judge.
 
-Known limits: a size the model's code takes from a tensor's shape is a constant in the exported graph, so a
-coupling made only through a shape (``x.reshape(B, N, C)`` with ``C`` the residual stream's width after
-the attention, as in EdgeNeXt's, MetaFormer's and PVT's attention) is not seen: the proof rejects those
-groups, and the skip reason names the line of the model that raised. A grouped convolution's groups are whole
-units, so a radix split summed over its groups (ResNeSt's split attention) leaves a single unit.
+A size the model's code takes from a tensor's shape (``B, N, C = x.shape`` then ``reshape(B, N, h, C // h)``
+or ``reshape(B, N, C)``) is a constant in the exported graph; one eager forward with tagged ints
+(:mod:`lightning_prune.graph.shapes`) finds which output dims of a reshape derive from which tensor dim, and
+the two are coupled so that they keep the same number of positions (the residual stream with the q/k/v and
+attention outputs of CrossViT's, Twins', ConViT's, NesT's, VOLO's, GCViT's and EdgeNeXt's attention).
+
+Known limits: only ``* k`` and ``// k`` with a plain integer ``k`` keep a size's origin (a sum, a product of
+two sizes, ``int(math.sqrt(T))`` give a constant again, left to the proof); the coupling pairs positions in
+the order of their units, which may merge more than needed where two layouts disagree. A grouped
+convolution's groups are whole units, so a radix split summed over its groups (ResNeSt's split attention)
+leaves a single unit.
 """
 
 from __future__ import annotations
