@@ -101,3 +101,27 @@ def test_repeat_interleave_along_the_batch_keeps_the_channels():
     analysis = _analyse(_GlobalQuery())
     group = next(g for g in analysis.groups if "fc" in g.producers)
     assert set(group.producers) == {"fc", "q"} and group.size == 8
+
+
+class _EvalCache(nn.Module):
+    """EfficientFormerV2's attention-bias cache: filled by a forward in eval mode, emptied by ``train()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(12, 8), nn.Linear(8, 3)
+        self.bias = nn.Parameter(torch.randn(8))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        if self.training:
+            bias = self.bias
+        else:
+            bias = self.cache.setdefault("cpu", self.bias * 1.0)
+        B, N, C = x.shape
+        return self.out(self.fc(x.reshape(B, N, C)) + bias)
+
+
+def test_the_eager_pass_leaves_no_state_in_the_model():
+    model = _EvalCache().eval()
+    analyse_channels(model, X)
+    assert model.cache == {}  # (a stale bias there broke EfficientFormerV2 after its heads were removed)

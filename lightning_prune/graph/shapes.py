@@ -19,6 +19,7 @@ judge of every group.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,14 +164,12 @@ def shape_provenance(model: nn.Module, example: Any, program: Any,
                      check: Callable[[], None] = lambda: None) -> dict[str, list[DerivedSize]]:
     """Per reshape-like node of ``program`` (``torch.export`` of ``model`` on ``example``, eval mode), the
     output dims whose size the model's code took from a tensor's shape, with the node that tensor is."""
-    was_training = model.training
-    model.eval()
+    # on a copy: an eval forward may leave state behind (EfficientFormerV2's attention-bias cache, kept
+    # across the removal of heads)
+    clone = copy.deepcopy(model).eval()
     recorder = _Recorder(check)
-    try:
-        with recorder:
-            call_model(model, example)
-    finally:
-        model.train(was_training)
+    with recorder:
+        call_model(clone, example)
     if not recorder.views:
         return {}
     # fingerprints of what is to be found: the reshapes' outputs and the sources read
