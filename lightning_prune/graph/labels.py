@@ -471,7 +471,11 @@ class LabelGraph:
                 continue
             per_pos = atoms.reshape(-1, 1)
             pieces = [per_pos if i == d else per_pos[:0] for i in range(len(shape_arg))]
-            self.records.sizes.append((owners, [(shape_arg[d], per_pos), (tuple(shape_arg), pieces)],
+            # the module holding the parameter holds its view shape (MaxViT's ``rel_pos.bias_shape``, read by
+            # ``self.rel_pos.get_bias()`` in the attention's own forward)
+            owner = name.rpartition(".")[0]
+            self.records.sizes.append(([owner] + [o for o in owners if o != owner],
+                                       [(shape_arg[d], per_pos), (tuple(shape_arg), pieces)],
                                        "aten.view of a parameter"))
 
     def _psize(self, name: str, dim: int) -> int:
