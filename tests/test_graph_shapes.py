@@ -125,3 +125,42 @@ def test_the_eager_pass_leaves_no_state_in_the_model():
     model = _EvalCache().eval()
     analyse_channels(model, X)
     assert model.cache == {}  # (a stale bias there broke EfficientFormerV2 after its heads were removed)
+
+
+class _RelPosBias(nn.Module):
+    """timm's RelPosBias: a bias table per head, viewed with the shape tuple ``bias_shape``."""
+
+    def __init__(self, n: int, num_heads: int) -> None:
+        super().__init__()
+        self.bias_shape = (n, n, num_heads)
+        self.relative_position_bias_table = nn.Parameter(torch.randn(2 * n - 1, num_heads))
+        index = (torch.arange(n)[:, None] - torch.arange(n)[None, :] + n - 1).flatten()
+        self.register_buffer("relative_position_index", index, persistent=False)
+
+    def get_bias(self):
+        bias = self.relative_position_bias_table[self.relative_position_index]
+        return bias.view(self.bias_shape).permute(2, 0, 1).unsqueeze(0)
+
+
+class _GetBiasAttention(nn.Module):
+    """MaxViT's / CoAtNet's attention: ``attn + self.rel_pos.get_bias()`` (the bias module's forward is not
+    called, its ``bias_shape`` must still follow the heads)."""
+
+    def __init__(self, dim: int = 12, num_heads: int = 3, n: int = 5) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.proj, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.rel_pos = _RelPosBias(n, num_heads)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) + self.rel_pos.get_bias()).softmax(-1)
+        return self.out(self.proj((attn @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)))
+
+
+def test_a_bias_shape_read_through_get_bias_follows_the_heads():
+    analysis = _analyse(_GetBiasAttention())
+    heads = next(g for g in analysis.groups if "qkv" in g.producers)
+    assert heads.unit == "head" and heads.size == 3
+    assert ("rel_pos", "bias_shape[2]", 1) in heads.attrs
