@@ -20,7 +20,7 @@ from lightning_prune.core.compression import (
 )
 from lightning_prune.core.gates import unit_masks
 from lightning_prune.errors import InvalidArgumentError
-from lightning_prune.graph import analyse_channels
+from lightning_prune.graph import analyse_channels, slice_units
 from lightning_prune.testing import TINY_MODELS, tiny_classifier
 from tests.helpers import trained_looking
 
@@ -311,3 +311,39 @@ def test_compress_verifies_against_the_output_scale_on_a_model_whose_activations
     live = {g.name: [0] for g in groups if g.size > 1}  # units the model uses
     with pytest.raises(CompressionError, match="changed the outputs"):
         compress(wrong, x, groups=groups, removed=live, round_to=1)
+
+
+class _EvalCached(nn.Module):
+    """EfficientFormer's pattern: a tensor cached from a parameter in eval mode, dropped by ``train()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 8), nn.Linear(8, 3)
+        self.scale = nn.Parameter(torch.rand(8) + 0.5)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            self.cache = {}
+        return self
+
+    def forward(self, x):
+        scale = self.scale if self.training else self.cache.setdefault("cpu", self.scale * 1.0)
+        return self.fc2(torch.relu(self.fc1(x)) * scale)
+
+
+def test_load_compressed_refreshes_what_a_fresh_model_cached_in_eval_mode(tmp_path):
+    x = torch.randn(2, 12)
+    model = _EvalCached().eval()
+    group = next(g for g in analyse_channels(model, x).groups if "fc1" in g.producers)
+    slice_units(model, [group], {group.name: [0, 3, 5]})
+    with torch.no_grad():
+        expected = model(x)
+    lp.save_compressed(model, tmp_path / "small.pt")
+    fresh = _EvalCached().eval()
+    with torch.no_grad():
+        fresh(x)  # fills its cache with the dense shapes
+    fresh = lp.load_compressed(tmp_path / "small.pt", fresh)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), expected)

@@ -42,6 +42,7 @@ from lightning_prune.graph import (
     slice_units,
     traced_root,
 )
+from lightning_prune.graph.slicing import refresh_caches
 from lightning_prune.validation import check_bool, check_int, check_optional, check_positive
 
 __all__ = ["CompressionError", "compress", "dead_units", "load_compressed", "round_kept", "save_compressed",
@@ -363,6 +364,7 @@ def take_shapes(model: nn.Module, state: Mapping[str, Tensor], attributes: Mappi
         module = model.get_submodule(name) if name else model
         for key, value in attrs.items():
             setattr(module, key, value)
+    refresh_caches(model)  # (a fresh model run once in eval mode holds caches of the dense shapes)
     return model
 
 
