@@ -472,10 +472,11 @@ class LabelGraph:
             per_pos = atoms.reshape(-1, 1)
             pieces = [per_pos if i == d else per_pos[:0] for i in range(len(shape_arg))]
             # the module holding the parameter holds its view shape (MaxViT's ``rel_pos.bias_shape``, read by
-            # ``self.rel_pos.get_bias()`` in the attention's own forward)
+            # ``self.rel_pos.get_bias()`` in the attention's own forward); a whole shape in an attribute
+            # before an int of the same value (its ``window_area`` equals the 16 heads)
             owner = name.rpartition(".")[0]
             self.records.sizes.append(([owner] + [o for o in owners if o != owner],
-                                       [(shape_arg[d], per_pos), (tuple(shape_arg), pieces)],
+                                       [(tuple(shape_arg), pieces), (shape_arg[d], per_pos)],
                                        "aten.view of a parameter"))
 
     def _psize(self, name: str, dim: int) -> int:
