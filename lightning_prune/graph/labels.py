@@ -27,11 +27,17 @@ more (a later contraction can make an earlier dim unlabelled), then the last pas
 
 The exactness proof of :mod:`lightning_prune.graph.proof` stays the final judge.
 
-Known limits: a size the model's code takes from a tensor's shape is a constant in the exported graph, so a
-coupling made only through a shape (``x.reshape(B, N, C)`` with ``C`` the residual stream's width after
-the attention, as in EdgeNeXt's, MetaFormer's and PVT's attention) is not seen: the proof rejects those
-groups, and the skip reason names the line of the model that raised. A grouped convolution's groups are whole
-units, so a radix split summed over its groups (ResNeSt's split attention) leaves a single unit.
+A size the model's code takes from a tensor's shape (``B, N, C = x.shape`` then ``reshape(B, N, h, C // h)``
+or ``reshape(B, N, C)``) is a constant in the exported graph; one eager forward with tagged ints
+(:mod:`lightning_prune.graph.shapes`) finds which output dims of a reshape derive from which tensor dim, and
+the two are coupled so that they keep the same number of positions (the residual stream with the q/k/v and
+attention outputs of CrossViT's, Twins', ConViT's, NesT's, VOLO's, GCViT's and EdgeNeXt's attention).
+
+Known limits: only ``* k`` and ``// k`` with a plain integer ``k`` keep a size's origin (a sum, a product of
+two sizes, ``int(math.sqrt(T))`` give a constant again, left to the proof); the coupling pairs positions in
+the order of their units, which may merge more than needed where two layouts disagree. A grouped
+convolution's groups are whole units, so a radix split summed over its groups (ResNeSt's split attention)
+leaves a single unit.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.graph.layers import channel_dim, is_grn
-from lightning_prune.graph.types import ChannelGroup, Site, Slice, prefixed_name
+from lightning_prune.graph.shapes import shape_provenance
+from lightning_prune.graph.types import ChannelGroup, GraphTimeoutError, Site, Slice, prefixed_name
 
 __all__ = ["LabelGraph", "trace_labels"]
 
@@ -199,6 +206,13 @@ class LabelGraph:
         self.params = dict(model.named_parameters())
         self.buffers = dict(model.named_buffers())
         self.program = _export(model, example)
+        try:  # sizes the model's code takes from a tensor's shape (a constant in the exported graph)
+            self.derived_sizes = shape_provenance(model, example, self.program, check)
+        except GraphTimeoutError:
+            raise
+        except Exception:  # noqa: BLE001 - a hint only: without it such couplings are left to the proof
+            self.derived_sizes = {}
+        self._node_by_name = {n.name: n for n in self.program.graph.nodes}
         sig = self.program.graph_signature
         self.placeholders: dict[str, tuple[str, str]] = {}
         for name, fqn in sig.inputs_to_parameters.items():
@@ -457,7 +471,12 @@ class LabelGraph:
                 continue
             per_pos = atoms.reshape(-1, 1)
             pieces = [per_pos if i == d else per_pos[:0] for i in range(len(shape_arg))]
-            self.records.sizes.append((owners, [(shape_arg[d], per_pos), (tuple(shape_arg), pieces)],
+            # the module holding the parameter holds its view shape (MaxViT's ``rel_pos.bias_shape``, read by
+            # ``self.rel_pos.get_bias()`` in the attention's own forward); a whole shape in an attribute
+            # before an int of the same value (its ``window_area`` equals the 16 heads)
+            owner = name.rpartition(".")[0]
+            self.records.sizes.append(([owner] + [o for o in owners if o != owner],
+                                       [(tuple(shape_arg), pieces), (shape_arg[d], per_pos)],
                                        "aten.view of a parameter"))
 
     def _psize(self, name: str, dim: int) -> int:
@@ -537,7 +556,7 @@ class LabelGraph:
         if name == "native_dropout":
             return [self._same(x_lab), _plain(x_lab.shape)]
         if name in _VIEW or name in ("expand", "expand_as", "broadcast_to", "view_copy", "_unsafe_view"):
-            return self._view(node, x_lab, _shape_of(val))
+            return self._view(node, x_lab, _shape_of(val), labs)
         if name in ("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "swapdims", "mT",
                     "adjoint"):
             return self._permute(node, x_lab, _shape_of(val))
@@ -625,6 +644,9 @@ class LabelGraph:
             if offset:
                 lab = _Lab(lab.shape, lab.blocks, [], lab.derived)
                 lab = _shift(lab, offset, out_shape)
+        elif name == "repeat_interleave" and isinstance(rdim := args[2] if len(args) > 2 else node.kwargs.get(
+                "dim"), int):
+            touched = {rdim % n}  # along one dim (GCViT's global query along the batch)
         else:
             touched = set(range(n))
         for dims, _ in lab.blocks:
@@ -898,7 +920,7 @@ class LabelGraph:
         return lab
 
     # ---- shapes
-    def _view(self, node: Any, lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
+    def _view(self, node: Any, lab: _Lab, out_shape: tuple[int, ...], labs: dict | None = None) -> _Lab:
         in_shape = lab.shape
         name = _op_name(node.target)
         if name in ("expand", "expand_as", "broadcast_to"):
@@ -939,16 +961,81 @@ class LabelGraph:
         derived = frozenset(o for ins, outs in groups if set(ins) & lab.derived for o in outs
                             if out_shape[o] > 1)
         out = self.canon(_Lab(tuple(out_shape), blocks, origins, derived))
-        self._size_constants(node, out)
+        taken = self._shape_couplings(node, out, labs) if labs is not None else set()
+        if taken:
+            out = self.canon(out)
+        self._size_constants(node, out, taken)
         return out
 
-    def _size_constants(self, node: Any, lab: _Lab) -> None:
-        """Literal sizes in a reshape that shrink with the units: attributes of the module to update."""
+    def _shape_couplings(self, node: Any, out: _Lab, labs: dict) -> set[int]:
+        """Couple the output dims whose size the model's code took from a tensor's shape
+        (:mod:`lightning_prune.graph.shapes`) with that tensor's dim, so that both keep the same number of
+        positions: ``C`` of ``reshape(B, N, C)`` with the width ``C`` it was read from; ``C // h`` of
+        ``reshape(B, N, h, C // h)`` through the dims it closes (the ``h x C // h`` positions with the ``C``:
+        a removed head takes ``C // h`` positions of ``C`` with it); a multiple ``k * C`` with ``k``
+        positions per position. Positions are paired in the order of their units (each unit must hold as
+        many on both sides). A source whose dim carries no units fixes the output dim's units (the code's
+        size cannot shrink). Returns the output dims so derived (no attribute holds them)."""
+        taken: set[int] = set()
+        derived = self.derived_sizes.get(node.name, ())
+        x = node.args[0]
+        in_shape = _shape_of(x.meta.get("val")) if derived and hasattr(x, "meta") else None
+        groups = _view_groups(in_shape, out.shape) if in_shape is not None else None
+        for ds in derived:
+            src_lab = labs.get(self._node_by_name.get(ds.source))
+            if (not isinstance(src_lab, _Lab) or ds.dim >= len(out.shape)
+                    or ds.source_dim >= len(src_lab.shape)):
+                continue
+            size, extent = src_lab.shape[ds.source_dim], out.shape[ds.dim]
+            if size * ds.num != extent * ds.den or size < 2:
+                continue
+            # the dims of this reshape's piece ending at this one whose positions number the source's (or
+            # a multiple of it, on this dim alone)
+            piece = next((outs for _, outs in groups if ds.dim in outs), [ds.dim]) if groups else [ds.dim]
+            run, count = [ds.dim], extent
+            while count < size and run[0] - 1 in piece:
+                run.insert(0, run[0] - 1)
+                count *= out.shape[run[0]]
+            if count % size or (len(run) > 1 and count != size):
+                continue
+            taken.add(ds.dim)
+            src_atoms = self.dim_atoms(self.canon(src_lab), ds.source_dim)
+            out_atoms = self._run_atoms(out, run)
+            if out_atoms is None:
+                continue
+            if src_atoms is None:  # (not a multiple ``B * self.num_heads``, nor a parameter's dim: sliced)
+                if ds.num == 1 and ds.source_dim not in src_lab.derived:
+                    why = f"aten.{_op_name(node.target)} with a size taken from the shape of a tensor whose"
+                    self.records.fixes.append((out_atoms, f"{why} channels stay"))
+                continue
+            # each unit must hold as many positions (times the multiple) on both sides: the positions are
+            # paired in the order of their units, a no-op where that holds already (a head-major and a
+            # head-minor layout of the same heads)
+            src_sorted = np.sort(self.atoms.roots(src_atoms))
+            out_sorted = np.sort(self.atoms.roots(out_atoms)).reshape(size, -1)
+            for j in range(out_sorted.shape[1]):
+                self.atoms.union_arrays(src_sorted, out_sorted[:, j])
+        return taken
+
+    def _run_atoms(self, lab: _Lab, run: list[int]) -> np.ndarray | None:
+        """The atoms over the positions of the consecutive dims ``run`` (flattened), merged along the other
+        dims of their block; None when no block varies along them or two blocks share them."""
+        blocks = [(dims, arr) for dims, arr in lab.blocks if set(dims) & set(run)]
+        if len(blocks) != 1:
+            return None
+        dims, arr = blocks[0]
+        letters, arr = self._collapse(dims, arr, set(dims) - set(run))
+        full = np.broadcast_to(_expand_to(arr, letters, run), tuple(lab.shape[d] for d in run))
+        return self.atoms.roots(np.ascontiguousarray(full).ravel())
+
+    def _size_constants(self, node: Any, lab: _Lab, taken: set[int] = frozenset()) -> None:
+        """Literal sizes in a reshape that shrink with the units: attributes of the module to update (not
+        the sizes ``taken`` from a tensor's shape: the code computes them)."""
         shape_arg = node.args[1] if len(node.args) > 1 else None
         if not isinstance(shape_arg, (list, tuple)) or len(shape_arg) != len(lab.shape):
             return
         for d, value in enumerate(shape_arg):
-            if not isinstance(value, int) or value <= 1:
+            if not isinstance(value, int) or value <= 1 or d in taken:
                 continue
             for dims, arr in lab.blocks:
                 if d in dims:

@@ -1,0 +1,166 @@
+"""Couplings made through a tensor's shape (lightning_prune.graph.shapes): a size the model's code reads from
+``x.shape`` is a constant in the exported graph; the eager provenance pass ties it to the dim it was read
+from, so that the residual stream and the tensors reshaped with its width are removed together."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_prune.graph import analyse_channels, masked_and_sliced
+from lightning_prune.graph.proof import compare_outputs
+
+torch.manual_seed(0)
+X = torch.randn(2, 5, 12)
+
+
+def _analyse(model: nn.Module, x: torch.Tensor = X):
+    analysis = analyse_channels(model.eval(), x, engine="traced")
+    for group in analysis.groups:  # every group, alone: masked == sliced (float64, random statistics)
+        removed = {group.name: list(range(0, group.size, 2))[: group.size - 1]}
+        masked, _, sliced = masked_and_sliced(model, x, [group], removed, seed=1)
+        assert compare_outputs(masked, sliced, 1e-6) <= 1e-6, group.name
+    return analysis
+
+
+class _ShapeAttention(nn.Module):
+    """CrossViT's / ConViT's / Twins' attention: the head size ``C // self.num_heads`` and the merged width
+    ``C`` are taken from the input's shape."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        kv = self.kv(x).reshape(B, N, 2, self.num_heads, C // self.num_heads)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class _Blocks(nn.Module):
+    def __init__(self, dim: int = 24, num_heads: int = 3, depth: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.attns = nn.ModuleList(_ShapeAttention(dim, num_heads) for _ in range(depth))
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for norm, attn in zip(self.norms, self.attns):
+            x = x + attn(norm(x))
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_a_head_size_and_a_width_taken_from_the_input_shape_follow_the_stream():
+    analysis = _analyse(_Blocks())
+    gated = {p for g in analysis.groups for p in g.producers}
+    print(analysis.skipped)
+    assert {"embed", "attns.0.q", "attns.0.kv", "attns.0.proj", "attns.1.q", "attns.1.proj", "fc2"} <= gated
+    assert "fc1" in gated
+
+
+def test_convit_heads_and_stream_taken_from_shapes_are_gated():
+    """timm's ConViT (small): ``C // self.num_heads`` in its gated positional self-attention and
+    ``reshape(B, N, C)`` after it; before the shape couplings only the MLP hidden units were exact."""
+    timm = __import__("pytest").importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("convit_tiny", img_size=32, patch_size=8, embed_dim=8, num_heads=2, depth=2,
+                              local_up_to_layer=1, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    analysis = _analyse(model, x)
+    gated = {p for g in analysis.groups for p in g.producers}
+    assert {"patch_embed.proj", "blocks.0.attn.qk", "blocks.0.attn.v", "blocks.0.attn.proj",
+            "blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc2"} <= gated
+    total = sum(analysis.weights.values())
+    assert sum(w for name, w in analysis.weights.items() if name in gated) / total == 1.0
+
+
+
+class _GlobalQuery(nn.Module):
+    """GCViT's global query: one per image, repeated along the batch (``repeat_interleave(B, dim=0)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.q, self.out = nn.Linear(12, 8), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        B = x.shape[0]
+        q = self.q(x[:1]).repeat_interleave(B // 1, dim=0)
+        return self.out(self.fc(x) * q)
+
+
+def test_repeat_interleave_along_the_batch_keeps_the_channels():
+    analysis = _analyse(_GlobalQuery())
+    group = next(g for g in analysis.groups if "fc" in g.producers)
+    assert set(group.producers) == {"fc", "q"} and group.size == 8
+
+
+class _EvalCache(nn.Module):
+    """EfficientFormerV2's attention-bias cache: filled by a forward in eval mode, emptied by ``train()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(12, 8), nn.Linear(8, 3)
+        self.bias = nn.Parameter(torch.randn(8))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        if self.training:
+            bias = self.bias
+        else:
+            bias = self.cache.setdefault("cpu", self.bias * 1.0)
+        B, N, C = x.shape
+        return self.out(self.fc(x.reshape(B, N, C)) + bias)
+
+
+def test_the_eager_pass_leaves_no_state_in_the_model():
+    model = _EvalCache().eval()
+    analyse_channels(model, X)
+    assert model.cache == {}  # (a stale bias there broke EfficientFormerV2 after its heads were removed)
+
+
+class _RelPosBias(nn.Module):
+    """timm's RelPosBias: a bias table per head, viewed with the shape tuple ``bias_shape``."""
+
+    def __init__(self, n: int, num_heads: int) -> None:
+        super().__init__()
+        self.bias_shape = (n, n, num_heads)
+        self.relative_position_bias_table = nn.Parameter(torch.randn(2 * n - 1, num_heads))
+        index = (torch.arange(n)[:, None] - torch.arange(n)[None, :] + n - 1).flatten()
+        self.register_buffer("relative_position_index", index, persistent=False)
+
+    def get_bias(self):
+        bias = self.relative_position_bias_table[self.relative_position_index]
+        return bias.view(self.bias_shape).permute(2, 0, 1).unsqueeze(0)
+
+
+class _GetBiasAttention(nn.Module):
+    """MaxViT's / CoAtNet's attention: ``attn + self.rel_pos.get_bias()`` (the bias module's forward is not
+    called, its ``bias_shape`` must still follow the heads)."""
+
+    def __init__(self, dim: int = 12, num_heads: int = 3, n: int = 5) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.proj, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.rel_pos = _RelPosBias(n, num_heads)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) + self.rel_pos.get_bias()).softmax(-1)
+        return self.out(self.proj((attn @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)))
+
+
+def test_a_bias_shape_read_through_get_bias_follows_the_heads():
+    analysis = _analyse(_GetBiasAttention())
+    heads = next(g for g in analysis.groups if "qkv" in g.producers)
+    assert heads.unit == "head" and heads.size == 3
+    assert ("rel_pos", "bias_shape[2]", 1) in heads.attrs
