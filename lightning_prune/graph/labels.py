@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_prune.graph.layers import channel_dim, is_grn
+from lightning_prune.graph.layers import VIEW_OPS, channel_dim, is_grn, op_name
 from lightning_prune.graph.shapes import shape_provenance
 from lightning_prune.graph.types import ChannelGroup, GraphTimeoutError, Site, Slice, prefixed_name
 
@@ -171,11 +171,6 @@ class _Records:
     notes: list[tuple[np.ndarray, str]] = field(default_factory=list)
 
 
-def _op_name(target: Any) -> str:
-    name = getattr(target, "__name__", None) or str(target)
-    return name.split(".")[0] if isinstance(target, torch._ops.OpOverload) else name
-
-
 _PASS = {"clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "dropout", "lift_fresh_copy",
          "feature_dropout", "alpha_dropout", "_assert_tensor_metadata", "copy", "clamp", "clamp_min",
          "clamp_max", "hardtanh", "leaky_relu", "elu", "celu", "gelu", "silu", "mish", "relu", "relu6",
@@ -188,8 +183,6 @@ _POOL = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "
          "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
          "_adaptive_avg_pool2d", "upsample_nearest1d", "upsample_nearest2d", "upsample_bilinear2d",
          "upsample_bicubic2d", "_upsample_nearest_exact2d", "upsample_linear1d", "lp_pool2d"}
-_VIEW = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
-         "reshape_as", "_reshape_alias"}
 _NEW = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros",
         "new_ones", "new_empty", "new_full", "arange", "zeros", "ones", "full", "empty", "scalar_tensor",
         "linspace", "tensor", "randn", "rand", "bernoulli", "empty_strided", "eye", "new_tensor"}
@@ -275,7 +268,7 @@ class LabelGraph:
                     self._fix_inputs(node, labs, str(why))
                     labs[node] = self._opaque_output(node, labs)
                 except Exception as err:  # noqa: BLE001 - an operator we mis-handle: conservative
-                    self._fix_inputs(node, labs, f"{_op_name(node.target)} ({type(err).__name__})")
+                    self._fix_inputs(node, labs, f"{op_name(node.target)} ({type(err).__name__})")
                     labs[node] = self._opaque_output(node, labs)
             elif node.op == "output":
                 if inputs is not None:
@@ -512,7 +505,7 @@ class LabelGraph:
             offset = n - len(lab.shape)
             operands.append((lab, [offset + d for d in range(len(lab.shape))]))
         sizes = {d: out_shape[d] for d in range(n)}
-        return self.combine(operands, list(range(n)), sizes, _op_name(node.target))
+        return self.combine(operands, list(range(n)), sizes, op_name(node.target))
 
     # ------------------------------------------------------------------------------------------ operators
     def _call(self, node: Any, labs: dict) -> Any:
@@ -521,7 +514,7 @@ class LabelGraph:
             src, index = node.args
             value = labs.get(src)
             return value[index] if isinstance(value, list) else None
-        name = _op_name(target)
+        name = op_name(target)
         val = node.meta.get("val")
         tensors_in = [a for a in _flatten_args((node.args, tuple(node.kwargs.values()))) if hasattr(a, "op")]
         in_labs = [labs.get(a) for a in tensors_in]
@@ -555,7 +548,7 @@ class LabelGraph:
             return self.elementwise(node, labs, tensors)
         if name == "native_dropout":
             return [self._same(x_lab), _plain(x_lab.shape)]
-        if name in _VIEW or name in ("expand", "expand_as", "broadcast_to", "view_copy", "_unsafe_view"):
+        if name in VIEW_OPS or name in ("expand", "expand_as", "broadcast_to", "view_copy", "_unsafe_view"):
             return self._view(node, x_lab, _shape_of(val), labs)
         if name in ("permute", "transpose", "t", "movedim", "swapaxes", "numpy_T", "swapdims", "mT",
                     "adjoint"):
@@ -607,7 +600,7 @@ class LabelGraph:
                 lab = self.canon(lab)
                 offset = n - len(lab.shape)
                 operands.append((lab, [offset + d for d in range(len(lab.shape))]))
-        return self.combine(operands, list(range(n)), {d: shape[d] for d in range(n)}, _op_name(node.target))
+        return self.combine(operands, list(range(n)), {d: shape[d] for d in range(n)}, op_name(node.target))
 
     def _same(self, lab: _Lab) -> _Lab:
         return _Lab(lab.shape, list(lab.blocks), list(lab.origins), lab.derived)
@@ -691,7 +684,7 @@ class LabelGraph:
                 continue
             if not called:
                 letters, arr2 = self._collapse(dims, arr, {dim})
-                self.records.notes.append((arr, f"{_op_name(node.target)} with a weight outside a module"
+                self.records.notes.append((arr, f"{op_name(node.target)} with a weight outside a module"
                                                 " called here"))
                 rest.append((letters, arr2))
                 continue
@@ -710,7 +703,7 @@ class LabelGraph:
                 getattr(x, "op", None) != "placeholder":
             return None
         for user in x.users:
-            if owner in self._owners(user) and _op_name(user.target) not in ("linear", "conv1d", "conv2d"):
+            if owner in self._owners(user) and op_name(user.target) not in ("linear", "conv1d", "conv2d"):
                 return None
         return owner
 
@@ -743,7 +736,7 @@ class LabelGraph:
 
     def _conv(self, node: Any, labs: dict) -> _Lab:
         args = node.args
-        name = _op_name(node.target)
+        name = op_name(node.target)
         x, w = args[0], args[1]
         bias = args[2] if len(args) > 2 else None
         if name in ("convolution", "_convolution"):
@@ -922,7 +915,7 @@ class LabelGraph:
     # ---- shapes
     def _view(self, node: Any, lab: _Lab, out_shape: tuple[int, ...], labs: dict | None = None) -> _Lab:
         in_shape = lab.shape
-        name = _op_name(node.target)
+        name = op_name(node.target)
         if name in ("expand", "expand_as", "broadcast_to"):
             offset = len(out_shape) - len(in_shape)
             return _shift(lab, offset, out_shape)
@@ -1005,7 +998,7 @@ class LabelGraph:
                 continue
             if src_atoms is None:  # (not a multiple ``B * self.num_heads``, nor a parameter's dim: sliced)
                 if ds.num == 1 and ds.source_dim not in src_lab.derived:
-                    why = f"aten.{_op_name(node.target)} with a size taken from the shape of a tensor whose"
+                    why = f"aten.{op_name(node.target)} with a size taken from the shape of a tensor whose"
                     self.records.fixes.append((out_atoms, f"{why} channels stay"))
                 continue
             # each unit must hold as many positions (times the multiple) on both sides: the positions are
@@ -1042,11 +1035,11 @@ class LabelGraph:
                     axis = dims.index(d)
                     per_pos = np.moveaxis(arr, axis, 0).reshape(arr.shape[axis], -1)
                     self.records.sizes.append((self._owners(node), [(value, per_pos)],
-                                               f"aten.{_op_name(node.target)}"))
+                                               f"aten.{op_name(node.target)}"))
 
     def _permute(self, node: Any, lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
         n = len(lab.shape)
-        name = _op_name(node.target)
+        name = op_name(node.target)
         args = node.args
         if name == "permute":
             perm = [d % n for d in args[1]]

@@ -1,11 +1,25 @@
 """What kind of layer a module is, as far as channels go: producers (Conv/Linear), depthwise and grouped
-convs, weight-standardised convs, GRN, timm's ``Attention``, and the dimension its channels sit on."""
+convs, weight-standardised convs, GRN, timm's ``Attention``, and the dimension its channels sit on; and the
+name of a traced ATen operator (``op_name``, ``VIEW_OPS``), which the label propagation and the shape pass
+share."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
-__all__ = ["PRODUCER_TYPES", "channel_dim"]
+__all__ = ["PRODUCER_TYPES", "VIEW_OPS", "channel_dim", "op_name"]
+
+VIEW_OPS = frozenset({"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
+                      "view_as", "reshape_as", "_reshape_alias"})
+
+
+def op_name(target: Any) -> str:
+    """``aten.reshape.default`` -> ``"reshape"``; a Python callable's own name otherwise."""
+    name = getattr(target, "__name__", None) or str(target)
+    return name.split(".")[0] if isinstance(target, torch._ops.OpOverload) else name
 
 PRODUCER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

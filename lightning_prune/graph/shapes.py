@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_prune.graph.inputs import call_model
+from lightning_prune.graph.layers import VIEW_OPS, op_name
 
 __all__ = ["DerivedSize", "shape_provenance"]
 
@@ -213,8 +214,6 @@ def _node_fingerprints(program: Any, example: Any, shapes: set[tuple[int, ...]],
                        ) -> dict[str, tuple[tuple[int, ...], tuple[float, float, float], bool]]:
     """Run the exported graph on ``example``: per node whose output has one of ``shapes``, (shape,
     fingerprint, whether the node is a reshape-like op), in graph order."""
-    from lightning_prune.graph.labels import _VIEW, _op_name
-
     gm = program.module()
     found: dict[str, tuple[tuple[int, ...], tuple[float, float, float], bool]] = {}
 
@@ -224,8 +223,8 @@ def _node_fingerprints(program: Any, example: Any, shapes: set[tuple[int, ...]],
             if isinstance(out, Tensor) and tuple(out.shape) in shapes:
                 fp = _fingerprint(out)
                 if fp is not None:
-                    is_view = n.op == "call_function" and (_op_name(n.target) in _VIEW
-                                                           or _op_name(n.target) in ("expand",))
+                    is_view = n.op == "call_function" and (op_name(n.target) in VIEW_OPS
+                                                           or op_name(n.target) in ("expand",))
                     found[n.name] = (tuple(out.shape), fp, is_view)
             if len(found) % 64 == 0:
                 check()
