@@ -186,6 +186,38 @@ def test_load_compressed_rejects_other_files(tmp_path):
         load_compressed(tmp_path / "x.pt", _model("test_resnet"))
 
 
+class _CachedBias(nn.Module):
+    """Caches a tensor made from a parameter in eval mode, dropped by ``train()`` (TinyViT's and LeViT's
+    attention biases)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, hidden), nn.Linear(hidden, 4)
+        self.table = nn.Parameter(torch.randn(hidden))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> _CachedBias:
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.table if self.training else self.cache.setdefault(str(x.device), self.table * 2)
+        return self.fc2(torch.relu(self.fc1(x) + bias))
+
+
+def test_load_compressed_drops_what_a_forward_of_the_fresh_model_cached(tmp_path):
+    """The fresh model ran a forward in eval mode before loading (TinyViT cached its attention biases): the
+    cache is made again from the loaded parameters, not reused with the dense shape."""
+    torch.manual_seed(0)
+    small, x = _CachedBias(5).eval(), torch.randn(3, 8)
+    save_compressed(small, tmp_path / "small.pt")
+    fresh = _CachedBias(16).eval()
+    fresh(x)
+    loaded = load_compressed(tmp_path / "small.pt", fresh)
+    assert not loaded.training and torch.equal(loaded(x), small(x))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050", "regnety_002", "densenet121"])
 def test_compress_real_timm_families(name, tmp_path):

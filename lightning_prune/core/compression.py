@@ -38,6 +38,7 @@ from lightning_prune.graph import (
     ChannelGroup,
     analyse_channels,
     call_model,
+    drop_cached_tensors,
     example_inputs_for,
     slice_units,
     traced_root,
@@ -348,7 +349,9 @@ def shape_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
 def take_shapes(model: nn.Module, state: Mapping[str, Tensor], attributes: Mapping[str, Mapping[str, Any]]
                 ) -> nn.Module:
     """Give ``model`` the parameter and buffer shapes of ``state`` and the channel counts of ``attributes``
-    (what :func:`shape_attributes` recorded), so that ``model.load_state_dict(state)`` loads strictly."""
+    (what :func:`shape_attributes` recorded), so that ``model.load_state_dict(state)`` loads strictly; the
+    tensors it cached from its parameters in eval mode (TinyViT's attention biases, made by a forward of the
+    fresh model before) are dropped, to be made again from the loaded ones."""
     for key, value in state.items():
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
@@ -363,6 +366,7 @@ def take_shapes(model: nn.Module, state: Mapping[str, Tensor], attributes: Mappi
         module = model.get_submodule(name) if name else model
         for key, value in attrs.items():
             setattr(module, key, value)
+    drop_cached_tensors(model)
     return model
 
 

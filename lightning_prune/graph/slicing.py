@@ -16,8 +16,8 @@ from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.graph.layers import CONV_TYPES, is_depthwise, is_grn
 from lightning_prune.graph.types import ChannelGroup, strip_prefix
 
-__all__ = ["norm_size", "parameter_cuts", "restricted_forward", "restricted_norm_hooks", "slice_units",
-           "zero_unit_hooks"]
+__all__ = ["drop_cached_tensors", "norm_size", "parameter_cuts", "restricted_forward",
+           "restricted_norm_hooks", "slice_units", "zero_unit_hooks"]
 
 
 def _unit_tensor(units: Sequence[int], removed: set[int]) -> Tensor:
@@ -228,13 +228,19 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
             setattr(module, attr, type(old)(sizes) if isinstance(old, (list, tuple)) else sizes)
         else:
             setattr(module, attr, getattr(module, attr) - drop)
-    if count:  # tensors a model caches from its parameters in eval mode are dropped by train() (LeViT's
-        # attention biases): refresh them now that the shapes changed, the modes left as they were
-        modes = [(m, m.training) for m in model.modules()]
-        model.train(True)
-        for m, mode in modes:
-            m.training = mode
+    if count:
+        drop_cached_tensors(model)
     return count
+
+
+def drop_cached_tensors(model: nn.Module) -> None:
+    """Drop the tensors ``model`` caches from its parameters in eval mode (LeViT's, EfficientFormer's and
+    TinyViT's attention biases, dropped by their ``train()``), so that they are made again from the parameters
+    after these were sliced or loaded; every module's mode is left as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(True)
+    for m, mode in modes:
+        m.training = mode
 
 
 def parameter_cuts(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mapping[str, Iterable[int]],
