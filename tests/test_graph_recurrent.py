@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_prune.core.gates import GateSet, ScaleGate
+from lightning_prune.core.one_shot import prune_one_shot
 from lightning_prune.graph import analyse_channels, masked_and_sliced, slice_units
 from lightning_prune.graph.proof import compare_outputs
 
@@ -75,7 +76,7 @@ def test_a_bidirectional_lstm_is_gated_once_and_folded_into_both_directions():
 def test_sequencer2d_built_small_gates_its_stream_through_the_lstms():
     torch.manual_seed(0)
     model = timm.create_model("sequencer2d_s", num_classes=4, layers=[1, 1, 1], patch_sizes=[4, 2, 1],
-                              embed_dims=[16, 24, 24], hidden_sizes=[8, 8, 8], mlp_ratios=[2.0, 2.0, 2.0]).eval()
+                              embed_dims=[16, 24, 24], hidden_sizes=[8, 8, 8], mlp_ratios=[2.0] * 3).eval()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     analysis = analyse_channels(model, x)
     assert analysis.coverage == 1.0, analysis.skipped
@@ -85,3 +86,12 @@ def test_sequencer2d_built_small_gates_its_stream_through_the_lstms():
     smaller = copy.deepcopy(model)
     slice_units(smaller, analysis.groups, removed)
     assert sum(p.numel() for p in smaller.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_one_shot_channel_pruning_scores_and_zeroes_the_lstm_s_input_weights():
+    torch.manual_seed(0)
+    model = _Recurrent().eval()
+    prune_one_shot(model, [X] * 4, method="channels", target_flops=0.7)
+    assert model.rnn.input_size == model.embed.out_features < 8
+    assert model.rnn.weight_ih_l0_reverse.shape[1] == model.rnn.input_size
+    assert model(X).shape == (2, 5, 3)
