@@ -122,7 +122,7 @@ def _set(module: nn.Module, name: str, value: Tensor) -> None:
 def _take(module: nn.Module, name: str, dim: int, keep: Tensor) -> None:
     tensor = getattr(module, name, None)
     if isinstance(tensor, Tensor):
-        _set(module, name, tensor.detach().index_select(dim, keep.to(tensor.device)).clone())
+        _set(module, name, tensor.detach().index_select(dim, keep.to(tensor.device)))
 
 
 def _keep(size: int, dead: set[int]) -> Tensor:
@@ -215,7 +215,7 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
             owner_name, _, pname = local.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             tensor = params[local] if local in params else getattr(owner, pname)
-            _set(owner, pname, tensor.detach().index_select(dim, _keep(tensor.shape[dim], channels)).clone())
+            _set(owner, pname, tensor.detach().index_select(dim, _keep(tensor.shape[dim], channels)))
         else:
             _slice_module(model.get_submodule(local), role, channels, dim)
     for (name, attr), drop in attrs.items():
