@@ -64,12 +64,17 @@ _COPIES: contextvars.ContextVar[dict[tuple[int, int, torch.dtype], tuple[nn.Modu
     contextvars.ContextVar("proof_copies", default=None))
 
 
+#: the largest model (its parameters in the proof's dtype) whose randomised copies :func:`proof_copies` keeps
+_MAX_CACHED_BYTES = 1 << 30
+
+
 @contextlib.contextmanager
 def proof_copies() -> Iterator[None]:
     """Within the block, each proof starts from one randomised copy of the model per seed, made once and never
-    run (each proof runs and slices a copy of it that shares its parameters: slicing replaces tensors, never
-    writes into them), instead of randomising a fresh deep copy every time. The model must not change inside
-    the block (one analysis)."""
+    run (each proof runs and slices copies of it that share its parameters), instead of randomising a fresh
+    deep copy every time. The model must not change inside
+    the block (one analysis). A model over 1 GiB (in float64) is copied afresh each time instead, so that no
+    two copies are held at once."""
     token = _COPIES.set({})
     try:
         yield
@@ -77,18 +82,24 @@ def proof_copies() -> Iterator[None]:
         _COPIES.reset(token)
 
 
-def _proof_copy(model: nn.Module, seed: int, dtype: torch.dtype) -> nn.Module:
-    """A randomised copy of ``model`` to run and slice: fresh from :func:`randomised_copy`, or (inside
-    :func:`proof_copies`) a copy of the block's one randomised copy with its parameters shared."""
+def _proof_base(model: nn.Module, seed: int, dtype: torch.dtype) -> tuple[nn.Module, bool]:
+    """A randomised copy of ``model`` and whether the caller may run it: inside :func:`proof_copies` the
+    block's one copy per seed (never run: copy it with :func:`_sharing_copy`), else a fresh one."""
     cache = _COPIES.get()
-    if cache is None:
-        return randomised_copy(model, seed, dtype)
+    size = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    if cache is None or size > _MAX_CACHED_BYTES:  # a large model: one copy at a time, not one per seed held
+        return randomised_copy(model, seed, dtype), True
     key = (id(model), seed, dtype)
     hit = cache.get(key)
     if hit is None or hit[0] is not model:
         hit = cache[key] = (model, randomised_copy(model, seed, dtype))
-    master = hit[1]
-    return copy.deepcopy(master, {id(p): p for p in master.parameters()})
+    return hit[1], False
+
+
+def _sharing_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that shares its parameters (slicing a copy replaces its tensors, never writes
+    into them; a forward in eval mode without grad does not write into parameters)."""
+    return copy.deepcopy(model, {id(p): p for p in model.parameters()})
 
 
 def compare_outputs(reference: Any, other: Any, rtol: float) -> float:
@@ -214,7 +225,8 @@ def _check_sample(model: nn.Module, example: Any, groups: Sequence[ChannelGroup]
     x = cast_example(example, torch.float64)
     seen_masked: list[tuple[str, Tensor]] = []
     seen_sliced: list[tuple[str, Tensor]] = []
-    clone = _proof_copy(model, seed, torch.float64)
+    base, runnable = _proof_base(model, seed, torch.float64)
+    clone = _sharing_copy(base)
     stage = "slicing"
     try:
         with torch.no_grad():  # the sliced model first: most failing sets raise there (no masked forward)
@@ -227,7 +239,7 @@ def _check_sample(model: nn.Module, example: Any, groups: Sequence[ChannelGroup]
                 for h in handles:
                     h.remove()
             stage = "masking"
-            clone = _proof_copy(model, seed, torch.float64)
+            clone = base if runnable else _sharing_copy(base)
             handles = zero_unit_hooks(clone, groups, removed) + restricted_norm_hooks(clone, groups, removed)
             handles += _outputs_by_module(clone, seen_masked) if locate else []
             try:
