@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_prune.core.gates import GateSet, ScaleGate
 from lightning_prune.core.one_shot import prune_one_shot
-from lightning_prune.graph import analyse_channels, masked_and_sliced, slice_units
+from lightning_prune.graph import CostModel, analyse_channels, masked_and_sliced, slice_units
 from lightning_prune.graph.proof import compare_outputs
 
 X = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
@@ -95,3 +95,16 @@ def test_one_shot_channel_pruning_scores_and_zeroes_the_lstm_s_input_weights():
     assert model.rnn.input_size == model.embed.out_features < 8
     assert model.rnn.weight_ih_l0_reverse.shape[1] == model.rnn.input_size
     assert model(X).shape == (2, 5, 3)
+
+
+def test_the_cost_model_counts_an_lstm_s_flops_down_with_its_input_weights():
+    torch.manual_seed(0)
+    model = _Recurrent().eval()
+    groups = analyse_channels(model, X).groups
+    stream = next(g for g in groups if "embed" in g.producers)
+    cost = CostModel(model, X, [stream])
+    flops, _ = cost.cost({stream.name: list(range(6))})
+    rnn = cost._flops["rnn"]
+    lost = sum(getattr(model.rnn, f"weight_ih_l0{d}").numel() for d in ("", "_reverse")) * 6 / 8
+    share = lost / sum(p.numel() for p in model.rnn.parameters())
+    assert flops <= cost.dense_flops - rnn * share + 1e-6
