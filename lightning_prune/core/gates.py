@@ -144,7 +144,11 @@ class GateSet:
         self._handles.append(model.register_forward_pre_hook(reset))
         self._handles.append(model.register_forward_hook(reset))
         for group, gate in self:
+            seen = set()
             for site in group.input_sites():
+                if (site.module, site.dim, site.channels) in seen:  # one input read by several weights (the
+                    continue  # two directions of a bidirectional LSTM): gated once, folded into each weight
+                seen.add((site.module, site.dim, site.channels))
                 module = root.get_submodule(site.module)
                 channels = torch.tensor(site.channels, dtype=torch.long)
                 units = torch.tensor(site.units, dtype=torch.long)

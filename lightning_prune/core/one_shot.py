@@ -184,6 +184,12 @@ def draw_batches(loader: Iterable[Any] | None, count: int, who: str = "prune_one
     return batches
 
 
+def _column_norms(weight: Tensor) -> Tensor:
+    """Per input column (dim 1) of a reader's weight, its squared norm in float64."""
+    w = weight.detach().to(torch.float64)
+    return (w ** 2).transpose(0, 1).reshape(w.shape[1], -1).sum(1)
+
+
 def _strip(name: str, prefix: str) -> str:
     """``name`` relative to the module at ``prefix`` (group names are full names in the LightningModule)."""
     if prefix and name.startswith(prefix + "."):
@@ -491,9 +497,11 @@ def _channel_scores(model: nn.Module, root: nn.Module, prefix: str, groups: Sequ
     """Per group, each unit's contribution to the layers that read it: ``sum E[x_c^2] ||W[:, c]||^2``, the
     group's scores divided by their mean (so that groups compare)."""
     sites: dict[str, tuple[nn.Module, int]] = {}
+    readers: dict[str, set[str]] = {}  # the weights that read a site's input (an LSTM's two directions)
     for group in groups:
         for site in group.input_sites():
             sites.setdefault(site.module, (root.get_submodule(_strip(site.module, prefix)), site.dim))
+            readers.setdefault(site.module, set()).add(_strip(site.weight_name, prefix))
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     handles = []
@@ -519,10 +527,11 @@ def _channel_scores(model: nn.Module, root: nn.Module, prefix: str, groups: Sequ
         if reduce is not None:
             total, n = reduce(total), reduce(n)
         mean_sq = total / n.clamp_min(1.0)
-        w = module.weight.detach().to(torch.float64)
         groups_m = getattr(module, "groups", 1)
-        col_norm = (w ** 2).transpose(0, 1).reshape(w.shape[1], -1).sum(1)  # per input channel of a group
+        col_norm = sum((_column_norms(root.get_parameter(r)) for r in sorted(readers[name])),
+                       torch.zeros((), dtype=torch.float64))
         if groups_m > 1:  # a grouped reader: channel c of the input is column c % (C/G) of group c // (C/G)
+            w = module.weight.detach().to(torch.float64)
             per = w.shape[1]
             col = torch.stack([(w[g * (w.shape[0] // groups_m):(g + 1) * (w.shape[0] // groups_m)] ** 2)
                                .transpose(0, 1).reshape(per, -1).sum(1) for g in range(groups_m)]).reshape(-1)
@@ -649,16 +658,26 @@ def _compensate(model: nn.Module, root: nn.Module, prefix: str, groups: Sequence
     """Zero (and, with ``compensate``, refit) every reader of a removed unit, reader by reader in module
     order, each on the inputs of the model as refit so far; returns the readers' reconstruction errors."""
     dead: dict[str, set[int]] = {}
+    weights: dict[str, set[str]] = {}  # the weights that read a site's input (an LSTM's two directions)
     for group in groups:
         gone = set(removed.get(group.name, ()))
         for site in group.input_sites():
             dead.setdefault(site.module, set()).update(
                 c for c, u in zip(site.channels, site.units) if u in gone)
+            weights.setdefault(site.module, set()).add(_strip(site.weight_name, prefix))
     order = {name: i for i, (name, _) in enumerate(root.named_modules())}
     readers = sorted((n for n, chs in dead.items() if chs), key=lambda n: order.get(_strip(n, prefix), 0))
     errors: dict[str, float] = {}
     for i, name in enumerate(readers):
         module = root.get_submodule(_strip(name, prefix))
+        if weights[name] != {_strip(f"{name}.weight", prefix)}:  # read by other weights: their columns zeroed
+            for reader in sorted(weights[name]):
+                weight = root.get_parameter(reader)
+                keep_cols = torch.ones(weight.shape[1], dtype=torch.bool)
+                keep_cols[sorted(dead[name])] = False
+                with torch.no_grad():
+                    weight.mul_(keep_cols.view(1, -1, *([1] * (weight.dim() - 2))).to(weight))
+            continue
         grouped = getattr(module, "groups", 1) > 1
         fit = (compensate and batches and not grouped
                and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)))
@@ -823,8 +842,7 @@ def _magnitude_unit_scores(root: nn.Module, prefix: str, group: Any) -> Tensor:
     """Without data: each unit's squared weight norm at its readers."""
     score = torch.zeros(group.size, dtype=torch.float64)
     for site in group.input_sites():
-        w = root.get_submodule(_strip(site.module, prefix)).weight.detach().to(torch.float64)
-        per = (w ** 2).transpose(0, 1).reshape(w.shape[1], -1).sum(1).cpu()
+        per = _column_norms(root.get_parameter(_strip(site.weight_name, prefix))).cpu()
         for c, u in zip(site.channels, site.units):
             if c < per.numel():
                 score[u] += per[c]

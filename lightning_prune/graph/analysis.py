@@ -24,7 +24,7 @@ from lightning_prune.graph.dependencies import (
 )
 from lightning_prune.graph.inputs import call_model
 from lightning_prune.graph.layers import PRODUCER_TYPES
-from lightning_prune.graph.proof import check_removal, exact_subsets
+from lightning_prune.graph.proof import check_removal, exact_subsets, proof_copies
 from lightning_prune.graph.types import (
     ChannelAnalysis,
     ChannelGroup,
@@ -91,7 +91,8 @@ def analyse_channels(
         if isinstance(module, PRODUCER_TYPES) and id(module) not in outputs:
             analysis.weights[full(name)] = module.weight.numel()
             analysis._out_sizes[full(name)] = module.weight.shape[0]
-    with analysis_threads(), analysis_deadline(analysis_time_limit_s, type(model).__name__, model) as budget:
+    with analysis_threads(), proof_copies(), \
+            analysis_deadline(analysis_time_limit_s, type(model).__name__, model) as budget:
         opts = _Options(include_p, exclude_p, prune_coupled, rtol, budget, engine)
         if engine != "traced" or not _analyse_traced(model, example_inputs, opts, prefix, analysis, outputs):
             _analyse(model, example_inputs, opts, prefix, analysis)
@@ -139,7 +140,8 @@ def _analyse_traced(model: nn.Module, example: Any, opts: _Options, prefix: str,
         kept.append(group)
     local = [localised_group(g, prefix) for g in kept]
     failures: dict[str, str] = {}
-    good, _bad = exact_subsets(model, example, local, opts.rtol, opts.check, failures)
+    suspects = {mine.name for g, mine in zip(kept, local) if g.name in hints or g.name in variants}
+    good, _bad = exact_subsets(model, example, local, opts.rtol, opts.check, failures, suspects)
     good_names = {g.name for g in good}
     chosen: list[ChannelGroup] = []
     for group in kept:

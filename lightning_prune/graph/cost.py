@@ -60,6 +60,8 @@ class CostModel:
         self._flops = {n: v for n, v in own.items() if v > 0.5}  # what each module counts beyond its children
         self._children = {full(n): [full(f"{n}.{c}" if n else c) for c, _ in m.named_modules() if c]
                           for n, m in model.named_modules() if any(True for _ in m.children())}
+        # recurrent modules: their FLOPs scale with their weights (each used once per step)
+        self._recurrent = {full(n) for n, m in model.named_modules() if isinstance(m, nn.RNNBase)}
         self._sizes: dict[tuple[str, str, int], int] = {}
         # module -> (pname, numel, shape)
         self._params: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {}
@@ -108,13 +110,16 @@ class CostModel:
             by_module.setdefault(module, {})[role if role != "param" else f"param{dim}"] = frac
         params = self.dense_params
         kept_share: dict[str, float] = {}  # module -> share of its weight (and FLOPs) that stays
+        recurrent_cut: dict[str, float] = {}  # an RNN module -> the weight its sliced parameters lose
         for module, fracs in by_module.items():
-            # a free parameter (pos_embed, gamma): its own entry
+            # a free parameter (pos_embed, gamma, an LSTM's input weights): its own entry
             if any(k.startswith("param") for k in fracs):
                 owner, _, pname = module.rpartition(".")
                 frac = next(v for k, v in fracs.items() if k.startswith("param"))
-                params -= sum(numel for n, numel, _ in self._params.get(owner, [])
-                              if n == pname) * (1.0 - frac)
+                cut = sum(numel for n, numel, _ in self._params.get(owner, []) if n == pname) * (1.0 - frac)
+                params -= cut
+                if owner in self._recurrent:
+                    recurrent_cut[owner] = recurrent_cut.get(owner, 0.0) + cut
                 continue
             f_out = fracs.get("out", fracs.get("group", fracs.get("channel", fracs.get("free", 1.0))))
             f_in = fracs.get("in", 1.0) if "channel" not in fracs else 1.0
@@ -124,6 +129,8 @@ class CostModel:
                     params -= numel * (1.0 - f_out * f_in)
                 else:
                     params -= numel * (1.0 - f_out)
+        for module, cut in recurrent_cut.items():
+            kept_share[module] = 1.0 - cut / max(sum(n for _, n, _ in self._params.get(module, [])), 1)
         flops = self.dense_flops
         for module, base in self._flops.items():
             if module in kept_share:

@@ -169,6 +169,8 @@ class _Records:
     # [(size, atoms per position of it) or (sizes of the pieces, [atoms per position of each])], what):
     # attributes that hold a size which shrinks with the units
     notes: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    attrs: list[tuple[str, str, np.ndarray]] = field(default_factory=list)  # (module, attribute, atoms per
+    # position of the size it holds): an attribute known to hold the size (an RNN's ``input_size``)
 
 
 _PASS = {"clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "dropout", "lift_fresh_copy",
@@ -531,6 +533,8 @@ class LabelGraph:
             return self._linear(node, labs)
         if name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution"):
             return self._conv(node, labs)
+        if name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+            return self._recurrent(node, name, labs)
         if name in _PASS or name.rstrip("_") in _PASS or _pointwise(target) or name in (
                 "add", "sub", "mul", "div", "where", "maximum", "minimum", "addcmul", "addcdiv", "lerp",
                 "masked_fill", "pow", "rsub", "true_divide", "floor_divide", "remainder", "fmod", "eq", "ne",
@@ -733,6 +737,34 @@ class LabelGraph:
             lab = self.combine([(lab, list(range(n))), (self.canon(labs[bias]), [n - 1])], list(range(n)),
                                {d: out_shape[d] for d in range(n)}, "linear bias")
         return lab
+
+    def _recurrent(self, node: Any, name: str, labs: dict) -> list[_Lab]:
+        """An LSTM/GRU/RNN module reading a labelled feature dim: an input site (one per direction) whose
+        first layer's input weights (every gate) lose the units' columns, its ``input_size`` with them. Its
+        hidden units are no producer (a unit taken out of the recurrence is not a zero at its readers)."""
+        x, hx, params = node.args[0], node.args[1], node.args[2]
+        x_lab = self.canon(labs[x])
+        n = len(x_lab.shape)
+        outs = [_plain(_shape_of(v) or ()) for v in node.meta["val"]]
+        if any(isinstance(labs.get(h), _Lab) and self.canon(labs[h]).blocks for h in _flatten_args(hx)):
+            raise _Fix(f"aten.{name} with a labelled initial state")
+        if not x_lab.blocks:
+            return outs
+        kind = self.placeholders.get(getattr(params[0], "name", ""), ("", ""))
+        mname = kind[1][: -len(".weight_ih_l0")] if kind[0] == "param" and kind[1].endswith(
+            ".weight_ih_l0") else None
+        module = self.modules.get(mname) if mname is not None else None
+        if not isinstance(module, nn.RNNBase) or self._owner(node) != mname:
+            raise _Fix(f"aten.{name} outside an RNN module called here")
+        if any(set(dims) != {n - 1} for dims, _ in x_lab.blocks):
+            raise _Fix(f"aten.{name} along the sequence")
+        atoms = self.dim_atoms(x_lab, n - 1)
+        for suffix in ("", "_reverse") if module.bidirectional else ("",):
+            weight = f"{mname}.weight_ih_l0{suffix}"
+            self.records.sites.append((mname, "input", -1, atoms, weight))
+            self.records.slices.append((weight, "param", 1, atoms))
+        self.records.attrs.append((mname, "input_size", atoms.reshape(-1, 1)))
+        return outs
 
     def _conv(self, node: Any, labs: dict) -> _Lab:
         args = node.args
@@ -1364,6 +1396,9 @@ class LabelGraph:
         self.choices: dict[str, list[list[tuple[str, str, Any]]]] = {}
         for owners, alternatives, what in self.records.sizes:
             self._attr_event(owners, alternatives, what, group_of_root, units, attrs, full)
+        for module, attr, per_pos in self.records.attrs:
+            for g, k in (self._unit_weights(per_pos, group_of_root, units) or {}).items():
+                attrs.setdefault(g, set()).add((module, attr, k))
         return self._finish_groups(members, order, units, slices, sites, attrs, reasons, outputs, full)
 
     def _unit_weights(self, per_pos: np.ndarray, group_of_root: dict[int, str],

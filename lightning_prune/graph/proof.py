@@ -4,9 +4,11 @@ break it."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from lightning_prune.graph.layers import is_grn
 from lightning_prune.graph.slicing import restricted_norm_hooks, slice_units, zero_unit_hooks
 from lightning_prune.graph.types import ChannelGroup, GraphTimeoutError, code_location
 
-__all__ = ["check_removal", "masked_and_sliced", "randomised_copy"]
+__all__ = ["check_removal", "masked_and_sliced", "proof_copies", "randomised_copy"]
 
 
 @torch.no_grad()
@@ -54,6 +56,50 @@ def randomised_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.
             elif is_grn(module):
                 rand(p, -0.5, 0.5)
     return clone
+
+
+#: the randomised copies of the models under analysis, one per (model, seed, dtype), while
+#: :func:`proof_copies` is active: ``{(id(model), seed, dtype): (model, copy)}``
+_COPIES: contextvars.ContextVar[dict[tuple[int, int, torch.dtype], tuple[nn.Module, nn.Module]] | None] = (
+    contextvars.ContextVar("proof_copies", default=None))
+
+
+#: the largest model (its parameters in the proof's dtype) whose randomised copies :func:`proof_copies` keeps
+_MAX_CACHED_BYTES = 1 << 30
+
+
+@contextlib.contextmanager
+def proof_copies() -> Iterator[None]:
+    """Within the block, each proof starts from one randomised copy of the model per seed, made once and never
+    run (each proof runs and slices copies of it that share its parameters), instead of randomising a fresh
+    deep copy every time. The model must not change inside
+    the block (one analysis). A model over 1 GiB (in float64) is copied afresh each time instead, so that no
+    two copies are held at once."""
+    token = _COPIES.set({})
+    try:
+        yield
+    finally:
+        _COPIES.reset(token)
+
+
+def _proof_base(model: nn.Module, seed: int, dtype: torch.dtype) -> tuple[nn.Module, bool]:
+    """A randomised copy of ``model`` and whether the caller may run it: inside :func:`proof_copies` the
+    block's one copy per seed (never run: copy it with :func:`_sharing_copy`), else a fresh one."""
+    cache = _COPIES.get()
+    size = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    if cache is None or size > _MAX_CACHED_BYTES:  # a large model: one copy at a time, not one per seed held
+        return randomised_copy(model, seed, dtype), True
+    key = (id(model), seed, dtype)
+    hit = cache.get(key)
+    if hit is None or hit[0] is not model:
+        hit = cache[key] = (model, randomised_copy(model, seed, dtype))
+    return hit[1], False
+
+
+def _sharing_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that shares its parameters (slicing a copy replaces its tensors, never writes
+    into them; a forward in eval mode without grad does not write into parameters)."""
+    return copy.deepcopy(model, {id(p): p for p in model.parameters()})
 
 
 def compare_outputs(reference: Any, other: Any, rtol: float) -> float:
@@ -136,34 +182,54 @@ def check_removal(model: nn.Module, example: Any, groups: Sequence[ChannelGroup]
     them out, on a randomised float64 copy, for each share of :data:`PROOF_SHARES`; else why not: the
     exception slicing or the sliced model raised (with the model's line), or the difference (``locate``: and
     the first module whose output differs)."""
+    return _check(model, example, groups, rtol, seed, locate)[0]
+
+
+def _check(model: nn.Module, example: Any, groups: Sequence[ChannelGroup], rtol: float, seed: int = 0,
+           locate: bool = False) -> tuple[str | None, list[str]]:
+    """:func:`check_removal`, and the modules (innermost first) that were running when the masked or the
+    sliced model raised (empty when none did). With ``locate``, outputs that differ are checked again with
+    each module's output recorded (only then: the records hold every activation)."""
     for i, share in enumerate(PROOF_SHARES):
-        why = _check_sample(model, example, groups, rtol, seed + i, share, locate)
+        why, where = _check_sample(model, example, groups, rtol, seed + i, share, False)
+        if why is not None and locate and why.startswith(_DIFFER):  # again, recording each module's output
+            why, where = _check_sample(model, example, groups, rtol, seed + i, share, True)
         if why is not None:
-            return why
-    return None
+            return why, where
+    return None, []
+
+
+_DIFFER = "the outputs differ by"
+
+
+def _raising_modules(clone: nn.Module, error: BaseException) -> list[str]:
+    """The names of ``clone``'s modules whose code was running when ``error`` was raised, innermost first."""
+    names = {id(m): n for n, m in clone.named_modules()}
+    found: list[str] = []
+    tb = error.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        name = names.get(id(owner)) if isinstance(owner, nn.Module) else None
+        if name is not None and name not in found:
+            found.append(name)
+        tb = tb.tb_next
+    return found[::-1]
 
 
 def _check_sample(model: nn.Module, example: Any, groups: Sequence[ChannelGroup], rtol: float, seed: int,
-                  share: float, locate: bool) -> str | None:
+                  share: float, locate: bool) -> tuple[str | None, list[str]]:
     groups = [g for g in groups if g.size > 1]
     if not groups:
-        return None
+        return None, []
     removed = _sample_removed(groups, seed, share)
-    clone = randomised_copy(model, seed, torch.float64)
     x = cast_example(example, torch.float64)
     seen_masked: list[tuple[str, Tensor]] = []
     seen_sliced: list[tuple[str, Tensor]] = []
-    stage = "masking"
+    base, runnable = _proof_base(model, seed, torch.float64)
+    clone = _sharing_copy(base)
+    stage = "slicing"
     try:
-        with torch.no_grad():
-            handles = zero_unit_hooks(clone, groups, removed) + restricted_norm_hooks(clone, groups, removed)
-            handles += _outputs_by_module(clone, seen_masked) if locate else []
-            try:
-                masked = call_model(clone, x)
-            finally:
-                for h in handles:
-                    h.remove()
-            stage = "slicing"
+        with torch.no_grad():  # the sliced model first: most failing sets raise there (no masked forward)
             slice_units(clone, groups, removed)
             stage = "the sliced model"
             handles = _outputs_by_module(clone, seen_sliced) if locate else []
@@ -172,17 +238,27 @@ def _check_sample(model: nn.Module, example: Any, groups: Sequence[ChannelGroup]
             finally:
                 for h in handles:
                     h.remove()
+            stage = "masking"
+            clone = base if runnable else _sharing_copy(base)
+            handles = zero_unit_hooks(clone, groups, removed) + restricted_norm_hooks(clone, groups, removed)
+            handles += _outputs_by_module(clone, seen_masked) if locate else []
+            try:
+                masked = call_model(clone, x)
+            finally:
+                for h in handles:
+                    h.remove()
     except GraphTimeoutError:
         raise
     except Exception as error:  # noqa: BLE001 - a masking or slicing the model's code does not accept
         where = code_location(error)
         text = " ".join(str(error).split())[:140] or "no message"
-        return f"{stage} raised {type(error).__name__}{' at ' + where if where else ''}: {text}"
+        return (f"{stage} raised {type(error).__name__}{' at ' + where if where else ''}: {text}",
+                _raising_modules(clone, error) if stage != "slicing" else [])
     diff = compare_outputs(masked, sliced, rtol)
     if diff <= rtol:
-        return None
-    return (f"the outputs differ by {diff:.1e} (relative)"
-            + (_first_difference(clone, seen_masked, seen_sliced, rtol) if locate else ""))
+        return None, []
+    return (f"{_DIFFER} {diff:.1e} (relative)"
+            + (_first_difference(clone, seen_masked, seen_sliced, rtol) if locate else "")), []
 
 
 def _exact(model: nn.Module, example: Any, groups: Sequence[ChannelGroup], rtol: float,
@@ -191,30 +267,78 @@ def _exact(model: nn.Module, example: Any, groups: Sequence[ChannelGroup], rtol:
     return check_removal(model, example, groups, rtol, seed) is None
 
 
-def exact_subsets(model: nn.Module, example: Any, groups: list[ChannelGroup], rtol: float,
-                  check: Callable[[], None], reasons: dict[str, str] | None = None
-                  ) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
-    """(exact, not exact): one joint check, then halves of a failing set until single groups remain;
-    ``reasons`` (if given) receives why each single group failed (:func:`check_removal`)."""
+def _touches(group: ChannelGroup, module: str) -> bool:
+    """Whether ``group`` reads, slices or resizes ``module`` or anything inside it."""
+    inside = module + "."
+    names = [x.module for x in (*group.sites, *group.slices)] + [m for m, _, _ in group.attrs]
+    return any(n == module or n.startswith(inside) for n in names)
+
+
+def _split(groups: list[ChannelGroup], raised_in: list[str], suspects: Collection[str]
+           ) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
+    """Two parts of a failing set, the likely culprits second: the groups that touch the innermost module that
+    raised, else the ``suspects`` (groups the labels found a size written in the model's code for), when they
+    are some but not all of the set; else two halves. Any split is sound: each part is proven on its own, and
+    the exact groups of all parts together again."""
+    for module in raised_in:
+        culprits = [g for g in groups if _touches(g, module)]
+        if 0 < len(culprits) < len(groups):
+            return [g for g in groups if not _touches(g, module)], culprits
+    culprits = [g for g in groups if g.name in suspects]
+    if 0 < len(culprits) < len(groups):
+        return [g for g in groups if g.name not in suspects], culprits
+    half = len(groups) // 2
+    return groups[:half], groups[half:]
+
+
+def _bisect(model: nn.Module, example: Any, groups: list[ChannelGroup], rtol: float,
+            check: Callable[[], None], reasons: dict[str, str] | None, suspects: Collection[str], merge: bool
+            ) -> tuple[list[ChannelGroup], list[ChannelGroup], bool]:
+    """(exact, not exact, whether the exact ones were proven together) of ``groups``; ``merge``: prove the
+    exact groups of the two parts of a failing set together (keeping the first part's alone if they fail)."""
     check()
     if not groups:
-        return groups, []
+        return [], [], True
     if len(groups) == 1:
         why = check_removal(model, example, groups, rtol, locate=reasons is not None)
         if why is None:
-            return groups, []
+            return groups, [], True
         if reasons is not None:
             reasons[groups[0].name] = why
-        return [], groups
-    if _exact(model, example, groups, rtol):
-        return groups, []
-    half = len(groups) // 2
-    good_a, bad_a = exact_subsets(model, example, groups[:half], rtol, check, reasons)
-    good_b, bad_b = exact_subsets(model, example, groups[half:], rtol, check, reasons)
-    good = good_a + good_b
-    if good and len(good_a) and len(good_b) and not _exact(model, example, good, rtol):  # pragma: no cover
-        if reasons is not None:
-            for g in good_b:
-                reasons[g.name] = "exact alone, not together with other groups"
-        return good_a, bad_a + good_b + bad_b  # interacting groups: keep the first half only
-    return good, bad_a + bad_b
+        return [], groups, True
+    why, raised_in = _check(model, example, groups, rtol)
+    if why is None:
+        return groups, [], True
+    part_a, part_b = _split(groups, raised_in, suspects)
+    good_a, bad_a, whole_a = _bisect(model, example, part_a, rtol, check, reasons, suspects, merge)
+    good_b, bad_b, whole_b = _bisect(model, example, part_b, rtol, check, reasons, suspects, merge)
+    if not good_a or not good_b:
+        return good_a + good_b, bad_a + bad_b, whole_a if good_a else whole_b
+    if not merge:
+        return good_a + good_b, bad_a + bad_b, False
+    if _exact(model, example, good_a + good_b, rtol):
+        return good_a + good_b, bad_a + bad_b, True
+    if reasons is not None:
+        for g in good_b:
+            reasons[g.name] = "exact alone, not together with other groups"
+    return good_a, bad_a + good_b + bad_b, whole_a  # interacting groups: keep the first part only
+
+
+def exact_subsets(model: nn.Module, example: Any, groups: list[ChannelGroup], rtol: float,
+                  check: Callable[[], None], reasons: dict[str, str] | None = None,
+                  suspects: Collection[str] = ()) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
+    """(exact, not exact), the exact groups always proven together: one joint check, then parts of a failing
+    set (:func:`_split`) until single groups remain, then the exact ones together once more (should that fail,
+    groups that are exact alone interact: the parts again, each merge proven). ``reasons`` (if given)
+    receives why each single group failed (:func:`check_removal`); ``suspects``: names of groups likely to
+    fail, kept apart from the others when a set fails."""
+    good, bad, whole = _bisect(model, example, groups, rtol, check, reasons, suspects, merge=False)
+    if whole or _exact(model, example, good, rtol):
+        return _in_order(good, groups), _in_order(bad, groups)
+    good, more, _ = _bisect(model, example, good, rtol, check, reasons, suspects, merge=True)
+    return _in_order(good, groups), _in_order(bad + more, groups)
+
+
+def _in_order(some: list[ChannelGroup], groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    order = {id(g): i for i, g in enumerate(groups)}
+    return sorted(some, key=lambda g: order[id(g)])

@@ -16,8 +16,8 @@ from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.graph.layers import CONV_TYPES, is_depthwise, is_grn
 from lightning_prune.graph.types import ChannelGroup, strip_prefix
 
-__all__ = ["norm_size", "parameter_cuts", "restricted_forward", "restricted_norm_hooks", "slice_units",
-           "zero_unit_hooks"]
+__all__ = ["drop_cached_tensors", "norm_size", "parameter_cuts", "restricted_forward",
+           "restricted_norm_hooks", "slice_units", "zero_unit_hooks"]
 
 
 def _unit_tensor(units: Sequence[int], removed: set[int]) -> Tensor:
@@ -122,7 +122,7 @@ def _set(module: nn.Module, name: str, value: Tensor) -> None:
 def _take(module: nn.Module, name: str, dim: int, keep: Tensor) -> None:
     tensor = getattr(module, name, None)
     if isinstance(tensor, Tensor):
-        _set(module, name, tensor.detach().index_select(dim, keep.to(tensor.device)).clone())
+        _set(module, name, tensor.detach().index_select(dim, keep.to(tensor.device)))
 
 
 def _keep(size: int, dead: set[int]) -> Tensor:
@@ -215,7 +215,7 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
             owner_name, _, pname = local.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             tensor = params[local] if local in params else getattr(owner, pname)
-            _set(owner, pname, tensor.detach().index_select(dim, _keep(tensor.shape[dim], channels)).clone())
+            _set(owner, pname, tensor.detach().index_select(dim, _keep(tensor.shape[dim], channels)))
         else:
             _slice_module(model.get_submodule(local), role, channels, dim)
     for (name, attr), drop in attrs.items():
@@ -234,8 +234,9 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
 
 
 def drop_cached_tensors(model: nn.Module) -> None:
-    """Drop the tensors a model caches from its parameters in eval mode (LeViT's and EfficientFormer's
-    attention biases, which ``train()`` clears) after their shapes changed; every module keeps its mode."""
+    """Drop the tensors ``model`` caches from its parameters in eval mode (LeViT's, EfficientFormer's and
+    TinyViT's attention biases, dropped by their ``train()``), so that they are made again from the parameters
+    after these were sliced or loaded; every module's mode is left as it was."""
     modes = [(m, m.training) for m in model.modules()]
     model.train(True)
     for m, mode in modes:
