@@ -103,18 +103,6 @@ def _skipped(skipped: dict[str, int]) -> str:
 # -------------------------------------------------------------------------------------------- renderers
 
 
-def render_timm_coverage(data: dict[str, Any], in_sweep: bool = True) -> str:
-    rows = [["model", "coverage", "groups", "units", "skipped groups (why)", "exact (max rel. error)"]]
-    for r in data["rows"]:
-        if bool(r.get("in_sweep")) != in_sweep:
-            continue
-        exact = "–" if r.get("exact") is None else (
-            f"{'yes' if r['exact'] else 'NO'} ({_short_error(r['max_rel_error'])})")
-        rows.append([f"`{r['model']}`", f"{r['coverage']:.3f}", str(r["groups"]), _units(r["units"]),
-                     _skipped(r["skipped"]), exact])
-    return _table(rows, "lrrlll")
-
-
 def _flag(value: Any) -> str:
     return "–" if value is None else "yes" if value is True else "NO" if value is False else str(value)
 
@@ -335,8 +323,6 @@ def render_first_hour(data: dict[str, Any]) -> str:
 
 
 RENDERERS: dict[str, Callable[[Any], str]] = {
-    "timm_coverage": render_timm_coverage,
-    "timm_coverage#below": lambda data: render_timm_coverage(data, in_sweep=False),
     "timm_coverage-traced#first": lambda data: render_coverage_list(data, "first"),
     "timm_coverage-traced#second": lambda data: render_coverage_list(data, "second"),
     "shrink_while_training": render_shrink_while_training,

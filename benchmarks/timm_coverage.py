@@ -15,10 +15,13 @@ units is removed and checked:
 
 Usage::
 
-    python benchmarks/timm_coverage.py                 # the sweep (about 10 minutes on 2 CPU cores)
+    python benchmarks/timm_coverage.py --list first --tag first     # 40 families, ~5 minutes on 2 CPU cores
+    python benchmarks/timm_coverage.py --list second --tag second   # 38 families, ~15 minutes
+    python benchmarks/timm_coverage.py --list second --peers-only --tag peers   # torch-pruning's columns
+    python benchmarks/timm_coverage.py --merge peers first second --tag traced  # the README's tables
     python benchmarks/timm_coverage.py --models resnet18 vit_tiny_patch16_224
 
-Writes ``benchmarks/results/timm_coverage.json`` (and ``.md``).
+Writes ``benchmarks/results/timm_coverage-<tag>.json`` (and ``.md``); the README shows ``-traced``.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def test_the_readme_s_result_tables_are_those_the_result_files_render():
     assert not tables.unmarked_tables(text), "a `<!-- results: ... -->` line without its `<!-- /results -->`"
     blocks = tables.blocks(text)
     refs = [m["ref"] for m in blocks]
-    for name in ("recipes", "timm_coverage", "channels", "shrink_while_training", "deploy", "lottery",
+    for name in ("recipes", "timm_coverage-traced", "channels", "shrink_while_training", "deploy", "lottery",
                  "reparam", "evolution.full", "overhead", "distill", "first_hour"):
         assert any(ref.startswith(f"benchmarks/results/{name}.md") for ref in refs), f"no table for {name}"
     try:
