@@ -16,7 +16,8 @@ from lightning.pytorch.callbacks import Callback
 import lightning_prune as lp
 from lightning_prune.callbacks.evolution import EvolutionaryMutation
 from lightning_prune.callbacks.gating import GatePruningCallback
-from lightning_prune.graph import randomised_copy
+from lightning_prune.graph import analyse_channels, masked_and_sliced, randomised_copy
+from lightning_prune.graph.proof import compare_outputs
 from lightning_prune.testing import tiny_classifier
 
 ROOT = Path(__file__).parents[1]
@@ -243,3 +244,14 @@ def fake_cifar(root, n_train=60, n_test=20):
         pickle.dump(batch(n_test), f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+
+
+def analyse_and_prove_each_group(model: torch.nn.Module, x: torch.Tensor):
+    """``analyse_channels`` with the traced engine, then every group alone: masked == sliced (float64, random
+    statistics) with every other unit removed; returns the analysis."""
+    analysis = analyse_channels(model.eval(), x, engine="traced")
+    for group in analysis.groups:
+        removed = {group.name: list(range(0, group.size, 2))[: group.size - 1]}
+        masked, _, sliced = masked_and_sliced(model, x, [group], removed, seed=1)
+        assert compare_outputs(masked, sliced, 1e-6) <= 1e-6, group.name
+    return analysis

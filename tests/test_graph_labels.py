@@ -12,18 +12,14 @@ from torch import nn
 
 from lightning_prune.graph import analyse_channels, masked_and_sliced, slice_units
 from lightning_prune.graph.proof import compare_outputs
+from tests.helpers import analyse_and_prove_each_group
 
 torch.manual_seed(0)
 X = torch.randn(2, 5, 16)
 
 
 def _analyse(model: nn.Module, x: torch.Tensor = X):
-    analysis = analyse_channels(model.eval(), x, engine="traced")
-    for group in analysis.groups:  # every group, alone: masked == sliced (float64, random statistics)
-        removed = {group.name: list(range(0, group.size, 2))[: group.size - 1]}
-        masked, _, sliced = masked_and_sliced(model, x, [group], removed, seed=1)
-        assert compare_outputs(masked, sliced, 1e-6) <= 1e-6, group.name
-    return analysis
+    return analyse_and_prove_each_group(model, x)
 
 
 def _group(analysis, name):

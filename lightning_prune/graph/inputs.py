@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lightning_prune.core.targets import uncompiled
 from lightning_prune.errors import InvalidArgumentError
 
-__all__ = ["call_model", "example_inputs_for", "like_model", "traced_root"]
+__all__ = ["call_model", "example_arguments", "example_inputs_for", "like_model", "traced_root"]
 
 
 def traced_root(module: nn.Module) -> tuple[str, nn.Module]:
@@ -55,13 +55,20 @@ def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = Non
     return torch.randn(batch_size, *input_size, generator=generator).to(device=device, dtype=dtype)
 
 
+def example_arguments(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments ``example`` stands for: a dict is keywords, a tuple/list the
+    positional arguments, anything else the one positional argument."""
+    if isinstance(example, dict):
+        return (), dict(example)
+    if isinstance(example, (list, tuple)):
+        return tuple(example), {}
+    return (example,), {}
+
+
 def call_model(model: nn.Module, example: Any) -> Any:
     """``model(example)``, unpacking a tuple/list into positional and a dict into keyword arguments."""
-    if isinstance(example, dict):
-        return model(**example)
-    if isinstance(example, (list, tuple)):
-        return model(*example)
-    return model(example)
+    args, kwargs = example_arguments(example)
+    return model(*args, **kwargs)
 
 
 def like_model(example: Any, model: nn.Module) -> Any:

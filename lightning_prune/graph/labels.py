@@ -56,6 +56,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_prune.graph.inputs import example_arguments
 from lightning_prune.graph.layers import VIEW_OPS, channel_dim, is_grn, op_name
 from lightning_prune.graph.shapes import shape_provenance
 from lightning_prune.graph.types import ChannelGroup, GraphTimeoutError, Site, Slice, prefixed_name
@@ -1668,12 +1669,7 @@ def _export(model: nn.Module, example: Any) -> Any:
     was_training = model.training
     model.eval()
     try:
-        if isinstance(example, dict):
-            args, kwargs = (), example
-        elif isinstance(example, (list, tuple)):
-            args, kwargs = tuple(example), {}
-        else:
-            args, kwargs = (example,), {}
+        args, kwargs = example_arguments(example)
         with torch.no_grad():
             return torch.export.export(model, args, kwargs, strict=False)
     finally:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_prune.graph.inputs import call_model
+from lightning_prune.graph.inputs import call_model, example_arguments
 from lightning_prune.graph.layers import VIEW_OPS, op_name
 
 __all__ = ["DerivedSize", "shape_provenance"]
@@ -230,12 +230,7 @@ def _node_fingerprints(program: Any, example: Any, shapes: set[tuple[int, ...]],
                 check()
             return out
 
-    if isinstance(example, dict):
-        args, kwargs = (), example
-    elif isinstance(example, (list, tuple)):
-        args, kwargs = tuple(example), {}
-    else:
-        args, kwargs = (example,), {}
+    args, kwargs = example_arguments(example)
     flat = _flat_inputs(program, args, kwargs)
     _Run(gm).run(*flat)
     return found
