@@ -126,7 +126,7 @@ def _cpu_limit(seconds: float):
         raise TimeoutError(f"over {seconds:.0f} s CPU")
 
     previous = signal.signal(signal.SIGPROF, stop)
-    signal.setitimer(signal.ITIMER_PROF, seconds)
+    signal.setitimer(signal.ITIMER_PROF, seconds, 1.0)  # again every second: the peer may catch the first
     try:
         yield
     finally:
