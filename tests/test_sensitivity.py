@@ -255,7 +255,7 @@ def test_channel_ratios_become_a_compression_plan(trained, data):
     ({"metric": "loss", "higher_is_better": True}, InvalidArgumentError, r"contradicts metric 'loss'"),
     ({"channel_criterion": "l1"}, InvalidArgumentError, r"`channel_criterion` must be one of \['l2', 'first"),
     ({"max_batches": 0}, InvalidArgumentError, r"`max_batches` must be an integer >= 1"),
-    ({"include": ["nothing*"]}, NoTargetsError, r"No module to prune: include=\['nothing\*'\]"),
+    ({"include": ["nothing*"]}, NoTargetsError, r"No module to prune: `include=\['nothing\*'\]`"),
 ])
 def test_bad_arguments(kwargs, error, match, trained, data):
     with pytest.raises(error, match=match):

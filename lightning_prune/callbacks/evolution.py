@@ -245,8 +245,8 @@ class EvolutionaryMutation(CallbackState):
         if not chosen:
             some = ", ".join(n for n, _ in list(pl_module.named_parameters())[:6])
             raise MisconfigurationException(
-                f"EvolutionaryMutation found no parameter to mutate: include={self.include or 'all'}"
-                f" exclude={self.exclude}. Parameters that exist: {some or 'none'}."
+                f"EvolutionaryMutation found no parameter to mutate: `include={self.include or 'all'}`"
+                f" `exclude={self.exclude}`. Parameters that exist: {some or 'none'}."
                 " HINT: patterns are globs over parameter or module names, e.g. include=['*layer4*'].")
         return chosen
 

@@ -172,9 +172,9 @@ def resolve_targets(
                       if n and isinstance(m, types) and n not in defaults_out]
         shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
         raise NoTargetsError(
-            f"No module to prune: include={list(include_p) or 'default'} exclude={list(exclude_p)} matched"
-            f" nothing of types {', '.join(t.__name__ for t in types)} with a `{param_name}` parameter in"
-            f" {type(root).__name__} (each timm model's first conv and classifier are never targets)."
+            f"No module to prune: `include={list(include_p) or 'default'}` `exclude={list(exclude_p)}`"
+            f" matched nothing of types {', '.join(t.__name__ for t in types)}"
+            f" with a `{param_name}` parameter in {type(root).__name__} (each timm model's first conv and classifier are never targets)."
             f" Modules that could be: {shown or 'none'}."
             " HINT: patterns are globs over module names, e.g. include=['layer*.conv*'] or exclude=['head*'];"
             " `types=[...]` widens the module types."

@@ -203,7 +203,7 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 def test_patterns_that_match_nothing_fail_at_setup_with_nothing_applied(tmp_path):
     model = tiny_classifier()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(MisconfigurationException, match=r"No module to prune: include=\['nothing\*'\]"):
+    with pytest.raises(MisconfigurationException, match=r"No module to prune: `include=\['nothing\*'\]`"):
         fit_tiny([GradualMagnitudePruning(include="nothing*")], tmp_path, model=model, **FAST)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

@@ -197,7 +197,7 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 @pytest.mark.parametrize("pattern", ["nothing*", "*.fc", "*bn1"])
 def test_patterns_that_match_nothing_fail_at_setup(tmp_path, pattern):
     # `include` only narrows the default set: it never adds the classifier (`fc`) or a BatchNorm
-    match = rf"No module to prune: include=\['{re.escape(pattern)}'\]"
+    match = rf"No module to prune: `include=\['{re.escape(pattern)}'\]`"
     with pytest.raises(MisconfigurationException, match=match):
         fit_tiny([FirstKChannels(include=pattern)], tmp_path, **FAST)
 
