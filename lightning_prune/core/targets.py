@@ -174,7 +174,8 @@ def resolve_targets(
         raise NoTargetsError(
             f"No module to prune: `include={list(include_p) or 'default'}` `exclude={list(exclude_p)}`"
             f" matched nothing of types {', '.join(t.__name__ for t in types)}"
-            f" with a `{param_name}` parameter in {type(root).__name__} (each timm model's first conv and classifier are never targets)."
+            f" with a `{param_name}` parameter in {type(root).__name__}"
+            " (each timm model's first conv and classifier are never targets)."
             f" Modules that could be: {shown or 'none'}."
             " HINT: patterns are globs over module names, e.g. include=['layer*.conv*'] or exclude=['head*'];"
             " `types=[...]` widens the module types."
