@@ -189,13 +189,15 @@ def check_mid_epoch_resume(
     limit_train_batches: int = 4,
     resume_step: int = 6,
     make_model: Callable[[], pl.LightningModule] | None = None,
+    make_strategy: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Resume from a checkpoint taken in the middle of an epoch ends exactly like the uninterrupted run.
 
     The uninterrupted fit saves checkpoints with ``ModelCheckpoint(every_n_train_steps=resume_step)``; a fresh
     model and fresh callbacks resume from the one of step ``resume_step`` (which must not be a
     multiple of ``limit_train_batches``: that would be an epoch boundary) and must end with the same weights
-    and the same state of every callback. ``make_callback`` may return one callback or several.
+    and the same state of every callback. ``make_callback`` may return one callback or several;
+    ``make_strategy`` makes each fit's Trainer strategy (default: one CPU device).
 
     Returns:
         the uninterrupted run's state of the (first) callback.
@@ -210,15 +212,16 @@ def check_mid_epoch_resume(
         return callbacks, make_model() if make_model is not None else tiny_classifier(model_name)
 
     common = {"max_epochs": max_epochs, "limit_train_batches": limit_train_batches, "limit_val_batches": 2}
+    strategy = (lambda: {"strategy": make_strategy()}) if make_strategy is not None else dict
     callbacks, model = build()
     saver = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_train_steps=resume_step,
                             filename="{step}")
-    _, full_model = fit_tiny([*callbacks, saver], root / "full", model=model, **common)
+    _, full_model = fit_tiny([*callbacks, saver], root / "full", model=model, **common, **strategy())
     ckpt = root / "ckpt" / f"step={resume_step}.ckpt"
     assert ckpt.exists(), f"no checkpoint at {ckpt}"
     resumed_callbacks, resumed_model = build()
     _, resumed_model = fit_tiny(resumed_callbacks, root / "resumed", model=resumed_model, ckpt_path=ckpt,
-                                **common)
+                                **common, **strategy())
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert a.shape == b.shape and torch.equal(a, b), (
             f"resumed from step {resume_step} (mid-epoch), the run differs from the uninterrupted one at"

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import TensorDataset
 
 import lightning_prune as lp
@@ -111,3 +112,22 @@ def test_mid_epoch_resume_is_exact_when_the_steps_are_estimated_before_the_resto
     check_mid_epoch_resume(
         lambda: lp.GradualMagnitudePruning(every_n_steps=2, sparsity_end_step=10, verbose=False), tmp_path,
         make_model=lambda: _OneCycle("test_resnet", num_classes=10, optimizer="sgd", scheduler="none"))
+
+
+class _RestoresAfterSetup(SingleDeviceStrategy):
+    """One CPU device that restores the checkpoint after ``on_fit_start``, as ModelParallelStrategy (FSDP2)
+    does: the callbacks resolve their schedules there from the training loader's length, so the loader is
+    built before the loops (and its saved position) are restored."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("name", ["group_lasso", "l0", "magnitude"])
+def test_mid_epoch_resume_is_exact_when_the_strategy_restores_after_on_fit_start(name, tmp_path):
+    """Before: GroupLassoPruning and L0Pruning resumed under ModelParallelStrategy trained the resumed steps
+    on the first batches of the epoch again (the loader's saved position never loaded; the 2-rank FSDP2
+    case is test_sharded's test_gates_resume_mid_epoch_exactly_under_fsdp2)."""
+    check_mid_epoch_resume(lambda: lp.create_callback(name, verbose=False, **ACTIVE[name]), tmp_path,
+                           max_epochs=2, resume_step=6, make_strategy=lambda: _RestoresAfterSetup("cpu"))

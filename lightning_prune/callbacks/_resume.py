@@ -30,7 +30,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_prune._registry import class_of_key, warn_ignored_states
 
-__all__ = ["TOLERANT", "check_resume", "config_of", "warn_ignored_states"]  # the last from _registry
+__all__ = ["TOLERANT", "check_resume", "config_of", "resume_loader_position",
+           "warn_ignored_states"]  # the last from _registry
 
 #: arguments that may change between a checkpoint and the resumed fit
 TOLERANT = frozenset({"verbose", "log_media_every_n_epochs"})
@@ -134,3 +135,37 @@ def check_resume(callback: Callback, trainer: pl.Trainer, checkpoint: Mapping[st
             f"{name}: the checkpoint's state lacks {', '.join(repr(k) for k in missing)} (written by an older"
             " version); loading them with their defaults"
             + (", the masks rebuilt from the zeros of the weights." if "masks" in missing else "."))
+
+
+def resume_loader_position(trainer: Any) -> None:
+    """Make a resumed fit's training loader continue from its saved position also when the loader was built
+    before Lightning restored the loops (called at every callback's ``setup``; idempotent).
+
+    Lightning saves a stateful training loader's position (``fit_loop.state_dict()["combined_loader"]``) and
+    hands it to the loader in ``FitLoop.setup_data``, only when that builds the loader *after* the loops were
+    restored. Anything that asks for ``trainer.estimated_stepping_batches`` (or ``num_training_batches``)
+    earlier makes ``setup_data`` build the loader then, and the saved position is never loaded: the resumed
+    epoch starts again from its first batch while the step count goes on (Lightning #20550). Under
+    ``ModelParallelStrategy`` (``restore_checkpoint_after_setup``) "earlier" includes every ``on_fit_start``
+    -- where the callbacks resolve their schedules from the loader's length -- so every callback's mid-epoch
+    resume under FSDP2 trained on other batches; under DDP and one device, a ``configure_optimizers`` asking
+    for the total steps (``OneCycleLR``). This wraps the Trainer's fit loop so that, once its state is
+    loaded, a loader that already exists receives the saved position at once, and the loop's batch fetcher
+    starts a fresh iterator over it (one made before may have drawn indices already: loader workers)."""
+    loop = getattr(trainer, "fit_loop", None)
+    load = getattr(loop, "load_state_dict", None)
+    if load is None or getattr(loop, "_lightning_prune_resumes_loader", False):
+        return
+
+    def load_state_dict(*args: Any, **kwargs: Any) -> Any:
+        out = load(*args, **kwargs)
+        if getattr(loop, "_combined_loader", None) is not None and getattr(
+                loop, "_combined_loader_states_to_load", None):
+            loop._load_combined_loader_states()
+            fetcher = getattr(loop, "_data_fetcher", None)
+            if fetcher is not None:
+                iter(fetcher)
+        return out
+
+    loop.load_state_dict = load_state_dict
+    loop._lightning_prune_resumes_loader = True
