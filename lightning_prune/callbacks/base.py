@@ -130,6 +130,33 @@ class PruningCallback(CallbackState):
             self.masks.load_state_dict(self._pending_masks)
             self._pending_masks = None
 
+    #: why this callback cannot go on beside a channel callback that removes units inside the fit
+    #: (``compress=True``; refused at that callback's setup), or ``None``: it follows the removal
+    #: (:meth:`follow_removal`)
+    removal_refusal: str | None = None
+
+    @torch.no_grad()
+    def follow_removal(self, pl_module: pl.LightningModule,
+                       cuts: dict[str, list[tuple[int, Tensor]]]) -> None:
+        """Another callback removed units inside the fit (the same modules, smaller parameters; under DDP the
+        same units on every rank): cut this callback's masks like their parameters (``cuts``: parameter name
+        -> ``[(dim, kept indices)]``, :func:`lightning_prune.graph.parameter_cuts`) and mask the new
+        parameters, so that the pruned weights stay pruned and the next mask update sees the live weights."""
+        if self.masks is None:
+            return
+        old = self.masks
+        self.targets = [Target(t.module_name, pl_module.get_submodule(t.module_name) if t.module_name
+                               else pl_module, t.param_name) for t in self.targets]
+        masks, cut = MaskSet(), {}
+        for target in self.targets:
+            mask = old[target.name]
+            for dim, keep in cuts.get(target.name, ()):
+                mask = mask.index_select(dim, keep.to(mask.device))
+            masks.add(target.name, target.param)
+            cut[target.name] = mask
+        masks.update(cut)  # (applied: the kept zeros stay zero)
+        self.masks = masks
+
     def retarget(self, pl_module: pl.LightningModule) -> None:
         """The model's parameters were replaced (the model was compressed): mask the new ones, everything
         kept."""

@@ -83,6 +83,7 @@ from lightning_prune.graph import (
     example_inputs_for,
     failure_reason,
     meta_copy,
+    parameter_cuts,
     restricted_norm_hooks,
     slice_units,
     traced_root,
@@ -694,18 +695,25 @@ class ChannelPruningCallback(PruningCallback):
             self.after_compression(pl_module)
             return
         example = example_inputs_for(root, self.traced_size)
+        cuts = parameter_cuts(pl_module, self.groups, removed)
         if in_fit and trainer is not None:  # (the restricted norms let compress prove both models equal)
             compress_in_fit(trainer, pl_module, self.groups, removed, example)
         else:
             compress(pl_module, example, groups=self.groups, removed=removed, round_to=1)  # (the plan as is)
         self.shrink.removed = removed
         self.after_compression(pl_module)
+        self._others_follow(trainer, pl_module, cuts)
         if trainer is not None:
             log_model_size(trainer, pl_module, self.traced_size, type(self).__name__, self.verbose)
 
     def compress_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.training and self.shrink.due(int(trainer.global_step), self.decided(trainer)):
             self.compress_now(trainer, pl_module)
+
+    @property
+    def removal_refusal(self) -> str | None:  # type: ignore[override]
+        return ("its channel groups and kept units describe the network before the removal (one channel"
+                " callback removes units per fit)")
 
     def after_compression(self, pl_module: pl.LightningModule) -> None:
         """The units are gone: the norms see the kept channels only, the masks cover the smaller weights."""
@@ -732,10 +740,22 @@ class ChannelPruningCallback(PruningCallback):
                     " under strategy='ddp' from a full-state checkpoint (ModelParallelStrategy("
                     "save_distributed_checkpoint=False)).")
             resize_sharded(trainer, pl_module, prefix, self._skeleton, self.groups, removed)
+            cuts = None
         else:
+            cuts = parameter_cuts(pl_module, self.groups, removed)
             slice_units(pl_module, self.groups, removed)
         self.shrink.removed = removed
         self.after_compression(pl_module)
+        if cuts is not None:  # (before Lightning loads their states: the checkpoint's masks, the new shapes)
+            self._others_follow(trainer, pl_module, cuts)
+
+    def _others_follow(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule,
+                       cuts: dict[str, list[tuple[int, Tensor]]]) -> None:
+        """The other pruning callbacks of the fit cut their masks like the parameters (the refused ones were
+        refused at setup: :meth:`_refuse_stale_holders`)."""
+        for cb in getattr(trainer, "callbacks", None) or []:
+            if cb is not self and isinstance(cb, PruningCallback) and cb.removal_refusal is None:
+                cb.follow_removal(pl_module, cuts)
 
     @override
     def compress_for_deployment(self, module: pl.LightningModule, compress: bool | None = None) -> bool:
@@ -768,8 +788,19 @@ class ChannelPruningCallback(PruningCallback):
     def _refuse_stale_holders(self, trainer: pl.Trainer) -> None:
         """Under FSDP2 the in-fit removal replaces the sharded network with a new module tree: a callback that
         holds the network's parameters or modules (another pruning callback's masks, ActivationDecay's
-        wrappers) would act on the old tree from then on, silently. Refused at setup, by name."""
+        wrappers) would act on the old tree from then on, silently. Refused at setup, by name. Under every
+        other strategy the modules stay and the other mask callbacks cut their masks with the parameters
+        (:meth:`PruningCallback.follow_removal`); those that cannot (``removal_refusal``: another channel
+        callback's groups, LotteryTicket's dense rewind snapshot) are refused at setup, by name."""
         if type(trainer.strategy).__name__ != SHARDED_STRATEGY:
+            for cb in getattr(trainer, "callbacks", None) or []:
+                why = getattr(cb, "removal_refusal", None) if cb is not self else None
+                if why:
+                    raise MisconfigurationException(
+                        f"{type(self).__name__}(compress=True) cannot share a fit with {type(cb).__name__}:"
+                        f" the units removed inside the fit change the parameters' shapes, and {why}."
+                        " HINT: compress=False (the units stay masked; compress after the fit), or run them"
+                        " in separate fits.")
             return
         holders = [type(cb).__name__ for cb in getattr(trainer, "callbacks", []) if cb is not self
                    and (isinstance(cb, PruningCallback) or type(cb).__name__ in _HOLD_MODULES)]

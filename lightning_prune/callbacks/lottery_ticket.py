@@ -228,6 +228,8 @@ class LotteryTicket(PruningCallback):
         self.round_table: list[dict[str, Any]] = []
 
     supports_sharding = True
+    removal_refusal = ("its rewind snapshot and round masks hold the weights before the removal (rewinding"
+                       " would load the old shapes)")
 
     @override
     def check_sharded_masks(self) -> None:

@@ -169,6 +169,8 @@ class OneShotPruning(PruningCallback):
         self.method = check_method(method, MisconfigurationException)
         # the weight methods act on FSDP2 shards (statistics summed over ranks, a layer gathered at a time)
         self.supports_sharding = self.method != "channels"
+        if self.method == "channels":
+            self.removal_refusal = "method='channels' removes units too (one callback removes units per fit)"
         self.importance = importance
         self.criterion = self._criterion(importance)
         self.target_sparsity = check_fraction("target_sparsity", target_sparsity,

@@ -18,7 +18,13 @@ import lightning_prune as lp
 from lightning_prune.callbacks.group_lasso import GroupLassoPruning
 from lightning_prune.callbacks.shrink import check_strategy
 from lightning_prune.graph import slice_units
-from lightning_prune.testing import assert_state_equal, check_callback_conformance, fit_tiny, tiny_classifier
+from lightning_prune.testing import (
+    assert_state_equal,
+    check_callback_conformance,
+    check_mid_epoch_resume,
+    fit_tiny,
+    tiny_classifier,
+)
 from tests.helpers import Spy, eval_logits
 
 FAST = {"max_epochs": 4, "limit_train_batches": 4, "limit_val_batches": 1}
@@ -246,3 +252,99 @@ def test_a_model_in_another_dtype_is_traced_and_measured_in_its_dtype(tmp_path):
     _, model = fit_tiny([cb], tmp_path, model=tiny_classifier(), precision="64-true", **FAST)
     assert cb.shrink.removed and next(model.parameters()).dtype == torch.float64
     assert _params(model) < _params(tiny_classifier())
+
+
+# ------------------------------------------------------------------------ a mask callback beside the removal
+def _beside(compress_at: int = 4):
+    """GradualMagnitudePruning (masks final at step 2) beside GroupLassoPruning removing units at step 4."""
+    gmp = lp.GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=1, sparsity_end_step=2, verbose=False)
+    gl = GroupLassoPruning(compress=True, lam=0.05, gate_lr=1.0, target_flops=0.5, round_to=1,
+                           finalize_step=compress_at, verbose=False)
+    return gmp, gl
+
+
+class _MasksBefore(pl.Callback):
+    """The other callback's masks after step 3 (the last step before the removal)."""
+
+    def __init__(self, gmp):
+        self.gmp, self.before = gmp, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3:
+            self.before = self.gmp.masks.state_dict()
+
+
+def _assert_masks_follow(gmp, module, before, after=None):
+    after = after if after is not None else gmp.masks.state_dict()
+    params = dict(module.named_parameters())
+    shrunk = 0
+    for name, mask in after.items():
+        live = params[name]
+        assert gmp.masks.param(name) is live and mask.shape == live.shape, name  # bound to the live weights
+        assert torch.all(live.detach()[~mask] == 0), name  # the pruned weights stay pruned
+        shrunk += mask.shape != before[name].shape
+        assert 0 < int((~mask).sum()) <= int((~before[name]).sum()), name  # cut, not reset
+    assert shrunk > 3
+
+
+def test_a_mask_callback_beside_an_in_fit_removal_cuts_its_masks(tmp_path):
+    """GradualMagnitudePruning beside GroupLassoPruning(compress=True): after the removal at step 4 its masks
+    are its step-3 masks cut like the parameters, bound to the compressed weights and applied (before: they
+    kept the dense shapes on the old parameters, and the compressed weights trained on unmasked: 0% zeros)."""
+    gmp, gl = _beside()
+    probe = _MasksBefore(gmp)
+    _, model = fit_tiny([gmp, gl, probe], tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=0)
+    assert gl.shrink.removed and any(gl.shrink.removed.values())
+    _assert_masks_follow(gmp, model, probe.before)
+
+
+def test_a_mask_callback_resumes_mid_epoch_after_an_in_fit_removal(tmp_path):
+    """The checkpoint of step 6 (after the removal at step 4) holds the cut masks; the resumed fit takes the
+    smaller shapes first, the other callback follows them, then loads its masks: the uninterrupted run."""
+    check_mid_epoch_resume(lambda: _beside(), tmp_path, max_epochs=2, resume_step=6)
+
+
+@pytest.mark.parametrize("other, why", [
+    ("LotteryTicket", r"its rewind snapshot"),
+    ("RandomChannels", r"its channel groups and kept units"),
+    ("OneShotPruning", r"method='channels' removes units too"),
+])
+def test_callbacks_that_cannot_follow_a_removal_are_refused_at_setup(other, why):
+    from lightning_prune_baselines import RandomChannels
+
+    made = {"LotteryTicket": lambda: lp.LotteryTicket(), "RandomChannels": lambda: RandomChannels(),
+            "OneShotPruning": lambda: lp.OneShotPruning("channels", target_flops=0.5)}[other]()
+    cb = GroupLassoPruning(compress=True, target_flops=0.5)
+    trainer = SimpleNamespace(strategy=type("DDPStrategy", (), {})(), callbacks=[made, cb])
+    with pytest.raises(MisconfigurationException, match=rf"GroupLassoPruning\(compress=True\) cannot share a"
+                       rf" fit with {other}: the units removed inside the fit .*{why}.*HINT: compress=False"):
+        cb._refuse_stale_holders(trainer)
+    trainer.callbacks = [lp.GradualMagnitudePruning(), lp.OneShotPruning("wanda"), cb]
+    cb._refuse_stale_holders(trainer)  # (they cut their masks)
+
+
+def _masks_dump(trainer, module, hook):
+    gmp = trainer.callbacks[0]
+    out = Path(os.environ["LP_TEST_DDP_DIR"]) / f"rank{trainer.global_rank}.pt"
+    torch.save({"masks": gmp.masks.state_dict(), "bound": all(gmp.masks.param(n) is module.get_parameter(n)
+                                                                for n in gmp.masks),
+                "params": {k: v.detach().cpu() for k, v in module.named_parameters()}}, out)
+
+
+@pytest.mark.slow
+def test_a_mask_callback_beside_an_in_fit_removal_under_ddp_agrees_on_every_rank(tmp_path, monkeypatch):
+    """ddp_spawn on 2 ranks: after the removal, GradualMagnitudePruning's masks have the compressed shapes,
+    are bound to the live weights and applied, and are the same on both ranks."""
+    monkeypatch.setenv("LP_TEST_DDP_DIR", str(tmp_path))
+    gmp, gl = _beside()
+    fit_tiny([gmp, gl, Spy(_masks_dump, ("on_train_end",))], tmp_path, strategy="ddp_spawn", devices=2,
+             max_epochs=2, limit_train_batches=4, limit_val_batches=0)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["bound"] and r1["bound"]
+    assert_state_equal(r0["masks"], r1["masks"])
+    dense = dict(tiny_classifier().named_parameters())
+    assert sum(r0["params"][n].shape != dense[n].shape for n in r0["masks"]) > 3  # compressed
+    for name, mask in r0["masks"].items():
+        assert mask.shape == r0["params"][name].shape, name
+        assert torch.all(r0["params"][name][~mask] == 0) and torch.all(r1["params"][name][~mask] == 0), name
+        assert int((~mask).sum()) > 0, name
