@@ -46,6 +46,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +252,32 @@ def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}{where}"
 
 
+
+def _run_row(row: dict[str, Any], fit: Callable[[], dict[str, Any]], args: argparse.Namespace,
+             start: float) -> tuple[Any, float] | None:
+    """Run one row of the table: ``fit()`` (returning ``{"checks", "peak_mib"}``), its median step time, peak
+    memory, the checks' counts and status (``"ok"`` or the first errors) written into ``row``; a failure is a
+    ``FAIL`` row. Returns ``(checks, median ms)`` (``(None, nan)`` when it failed), or None when the time
+    budget is spent (the row then says so)."""
+    if time.monotonic() - start > args.budget:
+        row["status"] = "skipped (time budget)"
+        return None
+    try:
+        out = fit()
+        checks = out["checks"]
+        ms = statistics.median(checks.times) * 1000 if checks.times else float("nan")
+        row.update(ms=round(ms, 2), peak_mib=round(out["peak_mib"], 1), zeros=checks.zeros_checked,
+                   gates=checks.gates_checked)
+        row["status"] = "FAIL: " + "; ".join(checks.errors[:3]) if checks.errors else "ok"
+        return checks, ms
+    except Exception as err:  # noqa: BLE001 - a failure is a row of the table
+        row["status"] = "FAIL: " + _error(err)
+        traceback.print_exc()
+        return None, float("nan")
+    finally:
+        if args.accelerator == "gpu":
+            torch.cuda.empty_cache()
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,26 +322,15 @@ def main(argv: list[str] | None = None) -> int:
                 row: dict[str, Any] = {"callback": name, "precision": precision,
                                        "compiled": "inductor" if compiled else "no"}
                 rows.append(row)
-                if time.monotonic() - start > args.budget:
-                    row["status"] = "skipped (time budget)"
+                ran = _run_row(row, partial(_fit, name, precision, compiled,
+                                            root / f"{name}-{precision}-{compiled}"), args, start)
+                if ran is None:
                     continue
-                try:
-                    out = _fit(name, precision, compiled, root / f"{name}-{precision}-{compiled}")
-                    checks = out["checks"]
-                    ms = statistics.median(checks.times) * 1000 if checks.times else float("nan")
-                    row.update(ms=round(ms, 2), peak_mib=round(out["peak_mib"], 1),
-                               zeros=checks.zeros_checked, gates=checks.gates_checked)
-                    if name == "dense":
-                        dense_ms[precision, compiled] = ms
-                    if checks.gate_steps:
-                        gate_steps[name, precision, compiled] = statistics.mean(checks.gate_steps)
-                    row["status"] = "FAIL: " + "; ".join(checks.errors[:3]) if checks.errors else "ok"
-                except Exception as err:  # noqa: BLE001 - a failure is a row of the table
-                    row["status"] = "FAIL: " + _error(err)
-                    traceback.print_exc()
-                finally:
-                    if args.accelerator == "gpu":
-                        torch.cuda.empty_cache()
+                checks, ms = ran
+                if checks is not None and name == "dense":
+                    dense_ms[precision, compiled] = ms
+                if checks is not None and checks.gate_steps:
+                    gate_steps[name, precision, compiled] = statistics.mean(checks.gate_steps)
                 print(f"  {name:>20} {precision:>10} compiled={compiled!s:5} {row.get('status')}"
                       f" ({time.monotonic() - start:.0f} s)", flush=True)
     if not args.no_fsdp2:
@@ -321,26 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in ["dense", *fsdp2]:
             row = {"callback": f"{name} (FSDP2)", "precision": "bf16-mixed", "compiled": "no"}
             rows.append(row)
-            if time.monotonic() - start > args.budget:
-                row["status"] = "skipped (time budget)"
+            ran = _run_row(row, partial(_fit_fsdp2, name, root / f"fsdp2-{name}"), args, start)
+            if ran is None:
                 continue
-            try:
-                out = _fit_fsdp2(name, root / f"fsdp2-{name}")
-                checks = out["checks"]
-                ms = statistics.median(checks.times) * 1000 if checks.times else float("nan")
-                row.update(ms=round(ms, 2), peak_mib=round(out["peak_mib"], 1), zeros=checks.zeros_checked,
-                           gates=checks.gates_checked)
-                if name == "dense":
-                    dense_ms["fsdp2"] = ms
-                elif dense_ms.get("fsdp2"):
-                    row["ratio"] = round(ms / dense_ms["fsdp2"], 3)
-                row["status"] = "FAIL: " + "; ".join(checks.errors[:3]) if checks.errors else "ok"
-            except Exception as err:  # noqa: BLE001 - a failure is a row of the table
-                row["status"] = "FAIL: " + _error(err)
-                traceback.print_exc()
-            finally:
-                if args.accelerator == "gpu":
-                    torch.cuda.empty_cache()
+            checks, ms = ran
+            if checks is not None and name == "dense":
+                dense_ms["fsdp2"] = ms
+            elif checks is not None and dense_ms.get("fsdp2"):
+                row["ratio"] = round(ms / dense_ms["fsdp2"], 3)
             print(f"  {row['callback']:>20} bf16-mixed FSDP2 {row.get('status')}"
                   f" ({time.monotonic() - start:.0f} s)", flush=True)
     for row in rows:
