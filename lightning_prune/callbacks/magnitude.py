@@ -335,8 +335,8 @@ class GradualMagnitudePruning(PruningCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
-            # ModelParallelStrategy restores the callbacks' state after on_fit_start, and a train dataloader
-            # built before the restore (the schedule's fractions need its length) would not resume mid-epoch
+            # ModelParallelStrategy restores the callbacks' state after on_fit_start: the target of the last
+            # update (last_update) is known only now (the loader's position: _resume.resume_loader_position)
             self._start(trainer)
 
     def _start(self, trainer: pl.Trainer) -> None:
