@@ -1074,6 +1074,10 @@ def test_compress_under_fsdp2_refuses_callbacks_holding_the_old_network(other):
         cb._refuse_stale_holders(trainer)
     ddp = _fake_trainer("DDPStrategy")
     ddp.callbacks = trainer.callbacks
-    cb._refuse_stale_holders(ddp)  # (not checked: under DDP the module tree stays)
+    if other == "LotteryTicket":  # (its rewind snapshot: refused under every strategy, see test_shrink)
+        with pytest.raises(MisconfigurationException, match=r"cannot share a fit with LotteryTicket"):
+            cb._refuse_stale_holders(ddp)
+    else:
+        cb._refuse_stale_holders(ddp)  # (under DDP the module tree stays; masks follow the removal)
     trainer.callbacks = [cb, EvolutionaryMutation()]  # (re-selects the parameters at every generation)
     cb._refuse_stale_holders(trainer)
