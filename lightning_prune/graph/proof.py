@@ -8,6 +8,7 @@ import contextlib
 import contextvars
 import copy
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -96,10 +97,22 @@ def _proof_base(model: nn.Module, seed: int, dtype: torch.dtype) -> tuple[nn.Mod
     return hit[1], False
 
 
+_FRESH = (dict, OrderedDict, set, list)
+
+
 def _sharing_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` that shares its parameters (slicing a copy replaces its tensors, never writes
-    into them; a forward in eval mode without grad does not write into parameters)."""
-    return copy.deepcopy(model, {id(p): p for p in model.parameters()})
+    into them; a forward in eval mode without grad does not write into parameters).
+
+    The empty containers among the modules' attributes (a dozen hook dicts per module) are handed to
+    ``deepcopy`` as fresh empty ones: what it would make of them, without its generic reduce path (a third
+    of the CPU time of the copies, which were a quarter of the analysis of EfficientFormerV2)."""
+    memo: dict[int, Any] = {id(p): p for p in model.parameters()}
+    for module in model.modules():
+        for value in module.__dict__.values():
+            if type(value) in _FRESH and not value:
+                memo[id(value)] = type(value)()
+    return copy.deepcopy(model, memo)
 
 
 def _max_abs(t: Tensor) -> Tensor:
