@@ -447,10 +447,18 @@ class LabelGraph:
         """The einsum-like rule: operands' dims named by letters (same letter = same index), letters not in
         ``out_letters`` contracted. Parameters along a labelled letter are sliced with it."""
         blocks = []
-        for lab, letters in operands:
+        varying = [{letters[d] for dims, _ in lab.blocks for d in dims} for lab, letters in operands]
+        for i, (lab, letters) in enumerate(operands):
+            others = set().union(*(v for j, v in enumerate(varying) if j != i))
             for dims, arr in lab.blocks:
                 ls = tuple(letters[d] for d in dims)
-                # a broadcast (size-1) dim of this operand: its atoms stretch over the letter
+                # a broadcast (size-1) dim of this operand: its atoms stretch over the letter. A real dim
+                # along which its atoms are constant (a stream merged into one unit) where another operand's
+                # units vary: its atoms sit at every position of that dim, coupled with each of those units
+                extra = tuple(dict.fromkeys(letters[d] for d in range(len(lab.shape)) if d not in dims
+                                            and lab.shape[d] > 1 and letters[d] in others))
+                if extra:
+                    ls, arr = ls + extra, np.asarray(arr).reshape(np.shape(arr) + (1,) * len(extra))
                 blocks.append((ls, arr))
         merged = self._merge(blocks, sizes)
         contracted = {x for x in sizes if x not in out_letters}
@@ -711,6 +719,8 @@ class LabelGraph:
         contraction that merges the dim). Returns the blocks that pass through (other dims)."""
         rest = []
         for dims, arr in lab.blocks:
+            if not dims:  # atoms at every position (a stream merged into one unit): read here, not passed on
+                continue
             if dim not in dims:
                 rest.append((dims, arr))
                 continue
@@ -834,7 +844,8 @@ class LabelGraph:
         spatial = set(range(2, n))
         cin = x_lab.shape[1]
         cout = out_shape[1]
-        other = [(d, a) for d, a in x_lab.blocks if not (set(d) & ({1} | spatial))]
+        # (a block constant along every dim, a stream merged into one unit, is read here: not passed on)
+        other = [(d, a) for d, a in x_lab.blocks if d and not (set(d) & ({1} | spatial))]
         for d, _ in x_lab.blocks:
             if set(d) & spatial:
                 raise _Fix("a convolution slides along these channels (its kernel mixes neighbouring units,"
