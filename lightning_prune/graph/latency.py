@@ -216,7 +216,7 @@ class LatencyModel:
         """``(module, role) -> channels kept`` on every axis a removal in ``removed`` narrows."""
         dead: dict[tuple[str, str], set[int]] = {}
         for group in self.groups:
-            gone = set(int(u) for u in removed.get(group.name, ()))
+            gone = group.feasible(removed.get(group.name, ()))
             if not gone:
                 continue
             for sl in group.slices:
