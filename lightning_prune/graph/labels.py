@@ -386,15 +386,14 @@ class LabelGraph:
 
     # ------------------------------------------------------------------------------------------ labels
     def canon(self, lab: _Lab) -> _Lab:
-        """Blocks with current roots, constant dims dropped, fixed-only blocks dropped."""
+        """Blocks with current roots, fixed-only blocks dropped, size-1 dims dropped. A dim along which the
+        atoms became constant (its units merged into one: a stream whose q/k channels are contracted in a
+        one-head attention) stays a unit dim of the block: its positions are that unit's, so what is added to
+        them is coupled with it."""
         blocks = []
         for dims, arr in lab.blocks:
             arr = self.atoms.roots(arr)
-            keep_dims = []
-            for axis in range(len(dims)):
-                first = arr.take([0], axis=axis)
-                if arr.shape[axis] > 1 and not np.array_equal(np.broadcast_to(first, arr.shape), arr):
-                    keep_dims.append(axis)
+            keep_dims = [axis for axis in range(len(dims)) if arr.shape[axis] > 1]
             drop = tuple(a for a in range(arr.ndim) if a not in keep_dims)
             if drop:
                 arr = arr[tuple(0 if a in drop else slice(None) for a in range(arr.ndim))]
@@ -447,18 +446,10 @@ class LabelGraph:
         """The einsum-like rule: operands' dims named by letters (same letter = same index), letters not in
         ``out_letters`` contracted. Parameters along a labelled letter are sliced with it."""
         blocks = []
-        varying = [{letters[d] for dims, _ in lab.blocks for d in dims} for lab, letters in operands]
-        for i, (lab, letters) in enumerate(operands):
-            others = set().union(*(v for j, v in enumerate(varying) if j != i))
+        for lab, letters in operands:
             for dims, arr in lab.blocks:
                 ls = tuple(letters[d] for d in dims)
-                # a broadcast (size-1) dim of this operand: its atoms stretch over the letter. A real dim
-                # along which its atoms are constant (a stream merged into one unit) where another operand's
-                # units vary: its atoms sit at every position of that dim, coupled with each of those units
-                extra = tuple(dict.fromkeys(letters[d] for d in range(len(lab.shape)) if d not in dims
-                                            and lab.shape[d] > 1 and letters[d] in others))
-                if extra:
-                    ls, arr = ls + extra, np.asarray(arr).reshape(np.shape(arr) + (1,) * len(extra))
+                # a broadcast (size-1) dim of this operand: its atoms stretch over the letter
                 blocks.append((ls, arr))
         merged = self._merge(blocks, sizes)
         contracted = {x for x in sizes if x not in out_letters}
