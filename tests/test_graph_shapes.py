@@ -171,3 +171,29 @@ def test_a_stream_merged_into_one_unit_still_couples_the_branches_added_to_it():
     assert "fc1" in gated
     # left alone by the labels (with their reason), not found out by the proof
     assert not [why for why in analysis.skipped.values() if "changes the outputs" in why], analysis.skipped
+
+
+class _MixerBlock(nn.Module):
+    """MLP-Mixer: a token-mixing MLP along the tokens (its hidden units are units of the token dim), then a
+    channel MLP; both added to the stream."""
+
+    def __init__(self, tokens: int = 5, dim: int = 12) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.tok1, self.tok2 = nn.Linear(tokens, 8), nn.Linear(8, tokens)
+        self.ch1, self.ch2 = nn.Linear(dim, 16), nn.Linear(16, dim)
+        self.embed, self.head = nn.Linear(12, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.tok2(torch.relu(self.tok1(self.norm1(x).transpose(1, 2)))).transpose(1, 2)
+        x = x + self.ch2(torch.relu(self.ch1(self.norm2(x))))
+        return self.head(x.mean(1))
+
+
+def test_a_token_mixing_mlp_keeps_the_channels_and_its_hidden_units_apart():
+    analysis = _analyse(_MixerBlock())
+    gated = {p for g in analysis.groups for p in g.producers}
+    assert {"embed", "ch2", "ch1", "tok1"} <= gated, analysis.skipped
+    stream = next(g for g in analysis.groups if "embed" in g.producers)
+    assert stream.size == 12 and "tok1" not in stream.producers
