@@ -264,6 +264,21 @@ class LabelGraph:
         self.records = _Records()
         self._run()
         self.passes += 1
+        # why each producer's channels stay: the fix that reached its units (a unit merged with those a fix
+        # names before the fixes apply), a reason other than the model's output first
+        by_root: dict[int, str] = {}
+        for arr, why in sorted(self.records.fixes, key=lambda f: f[1] == _OUTPUT):
+            for r in np.unique(self.atoms.roots(np.asarray(arr).ravel())).tolist():
+                if r != FIXED:
+                    by_root.setdefault(int(r), why)
+        self._stay_reason: dict[str, str] = {}
+        for key in self.producer_order:
+            ids = self.producer_atoms[key]
+            whys = [by_root[r] for r in np.unique(self.atoms.roots(ids)).tolist() if r in by_root]
+            if whys:
+                owner = self.atoms.owner[int(ids[0])]
+                if self._stay_reason.get(owner, _OUTPUT) == _OUTPUT:
+                    self._stay_reason[owner] = next((w for w in whys if w != _OUTPUT), whys[0])
         for arr, _why in self.records.fixes:
             self.atoms.union_all(np.concatenate([arr.ravel(), [FIXED]]))
 
@@ -1424,8 +1439,12 @@ class LabelGraph:
             owners = {atoms.owner[int(a)] for a in np.unique(np.asarray(arr).ravel()).tolist() if a != FIXED}
             for o in owners:
                 g = gfind(o)
-                if why != _OUTPUT or g not in reasons:
-                    reasons.setdefault(g, why)
+                if reasons.get(g, _OUTPUT) == _OUTPUT:
+                    reasons[g] = why
+        for owner, why in self._stay_reason.items():  # (a producer whose units a fix reached through others)
+            g = gfind(owner)
+            if reasons.get(g, _OUTPUT) == _OUTPUT:
+                reasons[g] = why
         units: dict[str, dict[int, int]] = {}
         for root, g in sorted(group_of_root.items(), key=lambda kv: kv[0]):
             units.setdefault(g, {})[root] = len(units.get(g, {}))
