@@ -161,18 +161,6 @@ def test_a_bias_shape_read_through_get_bias_follows_the_heads():
     assert ("rel_pos", "bias_shape[2]", 1) in heads.attrs
 
 
-def test_a_stream_merged_into_one_unit_still_couples_the_branches_added_to_it():
-    """Twins' first stage: one head, so the head width ``C // 1`` is the stream's width and the stream, whose
-    q/k channels are contracted, is one unit; every branch added to it (an attention's ``proj``) must stay
-    with it instead of forming a group of its own (whose removal changed the sum's width)."""
-    analysis = _analyse(_Blocks(num_heads=1, depth=3))
-    gated = {p for g in analysis.groups for p in g.producers}
-    assert not gated & {"embed", "attns.0.proj", "attns.1.proj", "attns.2.proj", "fc2"}, analysis.skipped
-    assert "fc1" in gated
-    # left alone by the labels (with their reason), not found out by the proof
-    assert not [why for why in analysis.skipped.values() if "changes the outputs" in why], analysis.skipped
-
-
 class _MixerBlock(nn.Module):
     """MLP-Mixer: a token-mixing MLP along the tokens (its hidden units are units of the token dim), then a
     channel MLP; both added to the stream."""

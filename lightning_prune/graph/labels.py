@@ -401,14 +401,15 @@ class LabelGraph:
 
     # ------------------------------------------------------------------------------------------ labels
     def canon(self, lab: _Lab) -> _Lab:
-        """Blocks with current roots, fixed-only blocks dropped, size-1 dims dropped. A dim along which the
-        atoms became constant (its units merged into one: a stream whose q/k channels are contracted in a
-        one-head attention) stays a unit dim of the block: its positions are that unit's, so what is added to
-        them is coupled with it."""
+        """Blocks with current roots, constant dims dropped, fixed-only blocks dropped."""
         blocks = []
         for dims, arr in lab.blocks:
             arr = self.atoms.roots(arr)
-            keep_dims = [axis for axis in range(len(dims)) if arr.shape[axis] > 1]
+            keep_dims = []
+            for axis in range(len(dims)):
+                first = arr.take([0], axis=axis)
+                if arr.shape[axis] > 1 and not np.array_equal(np.broadcast_to(first, arr.shape), arr):
+                    keep_dims.append(axis)
             drop = tuple(a for a in range(arr.ndim) if a not in keep_dims)
             if drop:
                 arr = arr[tuple(0 if a in drop else slice(None) for a in range(arr.ndim))]
@@ -725,8 +726,6 @@ class LabelGraph:
         contraction that merges the dim). Returns the blocks that pass through (other dims)."""
         rest = []
         for dims, arr in lab.blocks:
-            if not dims:  # atoms at every position (a stream merged into one unit): read here, not passed on
-                continue
             if dim not in dims:
                 rest.append((dims, arr))
                 continue
@@ -850,8 +849,7 @@ class LabelGraph:
         spatial = set(range(2, n))
         cin = x_lab.shape[1]
         cout = out_shape[1]
-        # (a block constant along every dim, a stream merged into one unit, is read here: not passed on)
-        other = [(d, a) for d, a in x_lab.blocks if d and not (set(d) & ({1} | spatial))]
+        other = [(d, a) for d, a in x_lab.blocks if not (set(d) & ({1} | spatial))]
         for d, _ in x_lab.blocks:
             if set(d) & spatial:
                 raise _Fix("a convolution slides along these channels (its kernel mixes neighbouring units,"
