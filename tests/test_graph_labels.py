@@ -415,3 +415,122 @@ def test_gate_fit_gates_heads_and_residual_stream(tmp_path):
     assert "head" in kinds and any(g.coupled for g in cb.groups)
     assert cb.finalized and sum(p.numel() for p in model.parameters()) < dense
     torch.testing.assert_close(seen["compressed"], seen["gated"], atol=1e-4, rtol=1e-4)
+
+
+class _SplitAttention(nn.Module):
+    """ResNeSt-style split attention: one conv gives ``radix x C`` channels (a grouped conv, one conv group
+    per radix piece, or a plain one), reshaped to ``(B, radix, C, H, W)`` and summed over the pieces; an
+    attention over the ``radix x C`` logits, softmax over the pieces, weights the pieces before they are
+    summed again."""
+
+    def __init__(self, c: int = 8, radix: int = 2, grouped: bool = True) -> None:
+        super().__init__()
+        self.radix = radix
+        self.conv1, self.bn1 = nn.Conv2d(3, c, 1), nn.BatchNorm2d(c)
+        self.conv = nn.Conv2d(c, c * radix, 3, padding=1, groups=radix if grouped else 1)
+        self.bn0 = nn.BatchNorm2d(c * radix)
+        self.fc1, self.fc2 = nn.Conv2d(c, 16, 1), nn.Conv2d(16, c * radix, 1)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.conv(torch.relu(self.bn1(self.conv1(x))))))
+        b, rc, h, w = x.shape
+        x = x.reshape(b, self.radix, rc // self.radix, h, w)
+        attn = self.fc2(torch.relu(self.fc1(x.sum(1).mean((2, 3), keepdim=True))))
+        attn = attn.view(b, 1, self.radix, -1).transpose(1, 2).softmax(1).reshape(b, -1).view(b, -1, 1, 1)
+        out = (x * attn.reshape(b, self.radix, rc // self.radix, 1, 1)).sum(1)
+        return self.head(out.mean((2, 3)))
+
+
+def test_a_radix_split_summed_over_its_pieces_pairs_the_channels_across_the_pieces():
+    x = torch.randn(2, 3, 6, 6)
+    for grouped in (True, False):
+        analysis = _analyse(_SplitAttention(grouped=grouped), x)
+        split = next(g for g in analysis.groups if "conv" in g.producers)
+        assert split.size == 8 and set(split.producers) == {"conv", "fc2"}, split  # c of every radix piece
+        out = next(s for s in split.slices if s.module == "conv" and s.role == "out")
+        assert len(out.channels) == 16 and sorted(set(out.units)) == list(range(8))
+        assert "fc1" in {p for g in analysis.groups for p in g.producers}
+        first = next(g for g in analysis.groups if "conv1" in g.producers)
+        # a grouped conv: the i-th input of each group is one unit (4 per group); a plain one reads all 8
+        assert first.size == (4 if grouped else 8)
+
+
+class _PosEnc(nn.Module):
+    """A depthwise conv over the tokens laid out as an image, added to them (CoaT's ConvPosEnc)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        return x + self.proj(x.transpose(1, 2).reshape(b, c, 4, 4)).flatten(2).transpose(1, 2)
+
+
+class _SharedBlock(nn.Module):
+    def __init__(self, dim: int, pos: nn.Module) -> None:
+        super().__init__()
+        self.pos = pos  # the same module in every block (a second name for it)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        x = self.pos(x)
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _SharedPosEncBlocks(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.pos = _PosEnc(dim)
+        self.embed = nn.Linear(12, dim)
+        self.blocks = nn.ModuleList(_SharedBlock(dim, self.pos) for _ in range(2))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(1))
+
+
+def test_a_module_shared_by_blocks_is_followed_under_its_first_name():
+    analysis = _analyse(_SharedPosEncBlocks(), torch.randn(2, 16, 12))
+    stream = _group(analysis, "embed")
+    assert set(stream.producers) == {"embed", "blocks.0.fc2", "blocks.1.fc2"} and stream.size == 8
+    assert ("pos.proj", "channel") in {(s.module, s.role) for s in stream.slices}
+    assert list(analysis.skipped) == ["head"], analysis.skipped  # (the model's output)
+    assert {p for g in analysis.groups for p in g.producers} == {"embed", "blocks.0.fc1", "blocks.0.fc2",
+                                                                 "blocks.1.fc1", "blocks.1.fc2"}
+
+
+class _SplitDepthwise(nn.Module):
+    """Channels split into pieces of unequal sizes, each read by a depthwise conv of its own kernel (CoaT's
+    ConvRelPosEnc, MixNet): a piece must keep a channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.splits = [2, 4]
+        self.conv1 = nn.Conv2d(3, 6, 1)
+        self.convs = nn.ModuleList([nn.Conv2d(2, 2, 1, groups=2), nn.Conv2d(4, 4, 3, padding=1, groups=4)])
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        pieces = torch.split(self.conv1(x), self.splits, dim=1)
+        x = torch.cat([conv(p) for conv, p in zip(self.convs, pieces)], dim=1)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_removal_that_would_empty_a_piece_keeps_one_of_its_units():
+    x = torch.randn(2, 3, 6, 6)
+    model = _SplitDepthwise().eval()
+    group = _group(_analyse(model, x), "conv1")
+    piece = tuple(sorted(u for s in group.slices if s.module == "convs.0" for u in s.units))
+    assert piece in group.floors and len(group.floors) == 2  # (each piece keeps one)
+    removed = {"conv1": [*piece, 5]}  # the whole first piece: its first unit stays
+    assert group.feasible(removed["conv1"]) == {piece[1], 5}
+    masked, _, sliced = masked_and_sliced(model, x, [group], removed, seed=1)
+    assert compare_outputs(masked, sliced, 1e-6) <= 1e-6
+    small = copy.deepcopy(model)
+    assert slice_units(small, [group], removed) == 2
+    assert small.splits == [1, 3] and small.convs[0].groups == 1

@@ -159,3 +159,29 @@ def test_a_bias_shape_read_through_get_bias_follows_the_heads():
     heads = next(g for g in analysis.groups if "qkv" in g.producers)
     assert heads.unit == "head" and heads.size == 3
     assert ("rel_pos", "bias_shape[2]", 1) in heads.attrs
+
+
+class _MixerBlock(nn.Module):
+    """MLP-Mixer: a token-mixing MLP along the tokens (its hidden units are units of the token dim), then a
+    channel MLP; both added to the stream."""
+
+    def __init__(self, tokens: int = 5, dim: int = 12) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.tok1, self.tok2 = nn.Linear(tokens, 8), nn.Linear(8, tokens)
+        self.ch1, self.ch2 = nn.Linear(dim, 16), nn.Linear(16, dim)
+        self.embed, self.head = nn.Linear(12, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.tok2(torch.relu(self.tok1(self.norm1(x).transpose(1, 2)))).transpose(1, 2)
+        x = x + self.ch2(torch.relu(self.ch1(self.norm2(x))))
+        return self.head(x.mean(1))
+
+
+def test_a_token_mixing_mlp_keeps_the_channels_and_its_hidden_units_apart():
+    analysis = _analyse(_MixerBlock())
+    gated = {p for g in analysis.groups for p in g.producers}
+    assert {"embed", "ch2", "ch1", "tok1"} <= gated, analysis.skipped
+    stream = next(g for g in analysis.groups if "embed" in g.producers)
+    assert stream.size == 12 and "tok1" not in stream.producers

@@ -97,7 +97,7 @@ class CostModel:
         """``(flops, params)`` after removing ``removed`` (group name -> units)."""
         dead: dict[tuple[str, str, int], set[int]] = {}
         for group in self.groups:
-            gone = set(removed.get(group.name, ()))
+            gone = group.feasible(removed.get(group.name, ()))
             if not gone:
                 continue
             for sl in group.slices:

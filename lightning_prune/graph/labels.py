@@ -35,9 +35,17 @@ attention outputs of CrossViT's, Twins', ConViT's, NesT's, VOLO's, GCViT's and E
 
 Known limits: only ``* k`` and ``// k`` with a plain integer ``k`` keep a size's origin (a sum, a product of
 two sizes, ``int(math.sqrt(T))`` give a constant again, left to the proof); the coupling pairs positions in
-the order of their units, which may merge more than needed where two layouts disagree. A grouped
-convolution's groups are whole units, so a radix split summed over its groups (ResNeSt's split attention)
-leaves a single unit.
+the order of their units, which may merge more than needed where two layouts disagree.
+
+A grouped convolution's groups are whole units (input channels of a group with its filters). Where those
+units all end up merged (a radix split summed over its groups: ResNeSt's split attention reshapes the
+``radix x C`` outputs to ``(radix, C)`` and sums or softmaxes over the radix) the labels are propagated
+again with that conv's units paired across its groups instead: the j-th filter of every group is one unit,
+the i-th input channel of every group another (the conv keeps its groups, each loses the same positions).
+A module reached under several names (a position encoding shared by the blocks of a stage) goes by its first
+name, and every use of one module or parameter loses the same positions (their atoms are coupled). Units that
+hold every channel of some module dim (a piece of an unequal split read by a conv of its own) form a
+*floor* of the group: a removal never takes a whole floor.
 """
 
 from __future__ import annotations
@@ -201,6 +209,11 @@ class LabelGraph:
         self.modules = dict(model.named_modules())
         self.params = dict(model.named_parameters())
         self.buffers = dict(model.named_buffers())
+        # a module or parameter reached under several names (CoaT's position encodings shared by the blocks
+        # of a stage) goes by its first name, the one ``named_modules``/``named_parameters`` give
+        self._canon = _first_names(model.named_modules(remove_duplicate=False))
+        self._canon_tensor = _first_names(itertools.chain(model.named_parameters(remove_duplicate=False),
+                                                          model.named_buffers(remove_duplicate=False)))
         self.program = _export(model, example)
         try:  # sizes the model's code takes from a tensor's shape (a constant in the exported graph)
             self.derived_sizes = shape_provenance(model, example, self.program, check)
@@ -212,17 +225,31 @@ class LabelGraph:
         sig = self.program.graph_signature
         self.placeholders: dict[str, tuple[str, str]] = {}
         for name, fqn in sig.inputs_to_parameters.items():
-            self.placeholders[name] = ("param", fqn)
+            self.placeholders[name] = ("param", self._canon_tensor.get(fqn, fqn))
         for name, fqn in sig.inputs_to_buffers.items():
-            self.placeholders[name] = ("buffer", fqn)
+            self.placeholders[name] = ("buffer", self._canon_tensor.get(fqn, fqn))
         for name, fqn in getattr(sig, "inputs_to_lifted_tensor_constants", {}).items():
             self.placeholders[name] = ("constant", fqn)
+        self.passes = 0
+        # grouped convs whose units are positions paired across the conv groups (not whole groups): those
+        # whose whole-group units all end up merged (a radix split summed over its groups, ResNeSt's split
+        # attention), found by a first propagation and given a second one
+        self.paired: set[str] = set()
+        for _ in range(3):
+            self._propagate(max_passes)
+            collapsed = {m for m, ids in self._grouped.items()
+                         if len(np.unique(self.atoms.roots(ids))) <= 1} - self.paired
+            if not collapsed:
+                break
+            self.paired |= collapsed
+
+    def _propagate(self, max_passes: int) -> None:
         self.atoms = _Atoms()
         self.producer_atoms: dict[str, np.ndarray] = {}
         self.producer_order: list[str] = []
+        self._grouped: dict[str, np.ndarray] = {}  # grouped convs (whole groups as units): their atoms
         # (parameter, dim) -> {view node: (owners, its shape argument, the dim, offset)}
         self._param_views: dict[tuple[str, int], dict[str, tuple[list[str], tuple[Any, ...], int, int]]] = {}
-        self.passes = 0
         # optimistic passes (parameters along a unit dim do not fix it yet) until no atoms merge, then one
         # strict pass that records sites, slices and fixes
         self.strict = False
@@ -237,6 +264,21 @@ class LabelGraph:
         self.records = _Records()
         self._run()
         self.passes += 1
+        # why each producer's channels stay: the fix that reached its units (a unit merged with those a fix
+        # names before the fixes apply), a reason other than the model's output first
+        by_root: dict[int, str] = {}
+        for arr, why in sorted(self.records.fixes, key=lambda f: f[1] == _OUTPUT):
+            for r in np.unique(self.atoms.roots(np.asarray(arr).ravel())).tolist():
+                if r != FIXED:
+                    by_root.setdefault(int(r), why)
+        self._stay_reason: dict[str, str] = {}
+        for key in self.producer_order:
+            ids = self.producer_atoms[key]
+            whys = [by_root[r] for r in np.unique(self.atoms.roots(ids)).tolist() if r in by_root]
+            if whys:
+                owner = self.atoms.owner[int(ids[0])]
+                if self._stay_reason.get(owner, _OUTPUT) == _OUTPUT:
+                    self._stay_reason[owner] = next((w for w in whys if w != _OUTPUT), whys[0])
         for arr, _why in self.records.fixes:
             self.atoms.union_all(np.concatenate([arr.ravel(), [FIXED]]))
 
@@ -244,6 +286,13 @@ class LabelGraph:
     def _run(self) -> None:
         self._producer_seen = 0
         self._walk(self.program.graph, None)
+        # one parameter, one set of positions: a module (or parameter) used by several calls loses the same
+        # positions in all of them (a shared conv's channels, a shared norm's entries)
+        first: dict[tuple[str, str, int], np.ndarray] = {}
+        for module, role, dim, arr in self.records.slices:
+            seen = first.setdefault((module, role, dim), arr)
+            if seen is not arr and seen.shape == arr.shape:
+                self.atoms.union_arrays(seen, arr)
 
     def _walk(self, graph: Any, inputs: list[Any] | None) -> Any:
         """Labels through ``graph``; ``inputs``: the labels of a subgraph's placeholders (None: the
@@ -342,12 +391,13 @@ class LabelGraph:
         stack = node.meta.get("nn_module_stack") or {}
         if not stack:
             return None
-        path = list(stack.values())[-1][0]
-        return _clean_path(path)
+        path = _clean_path(list(stack.values())[-1][0])
+        return self._canon.get(path, path)
 
     def _owners(self, node: Any) -> list[str]:
         stack = node.meta.get("nn_module_stack") or {}
-        return [_clean_path(v[0]) for v in reversed(list(stack.values()))]
+        paths = [_clean_path(v[0]) for v in reversed(list(stack.values()))]
+        return [self._canon.get(p, p) for p in paths]
 
     # ------------------------------------------------------------------------------------------ labels
     def canon(self, lab: _Lab) -> _Lab:
@@ -827,9 +877,31 @@ class LabelGraph:
             if bias is not None and self.placeholders.get(bias.name, ("", ""))[1] != f"{mname}.bias":
                 raise _Fix("a depthwise conv with a computed bias")
             return self.canon(_Lab(out_shape, other + [((1,), chan)]))
-        # grouped: whole conv groups (input channels of group g, its filters) are one unit
-        atoms = self._new_producer(mname, cout)
         ipg, opg = cin // groups, cout // groups
+        atoms = self._new_producer(mname, cout)
+        if mname in self.paired:  # the j-th filter of every group is one unit, the i-th input of each another
+            grid = atoms.reshape(groups, opg)
+            for g in range(1, groups):
+                self.atoms.union_arrays(grid[0], grid[g])
+            self.records.slices.append((mname, "out", 0, atoms))
+            if chan is not None:
+                cgrid = chan.reshape(groups, ipg)
+                for g in range(1, groups):
+                    self.atoms.union_arrays(cgrid[0], cgrid[g])
+                if computed:
+                    why = (f"weight-standardised conv `{mname}` reads these channels (its standardisation"
+                           " over the fan-in changes)")
+                    self.records.fixes.append((chan, why))
+                elif self._owner(node) != mname:
+                    self._collapse((1,), chan, {1})
+                    self.records.notes.append((chan, "a conv weight used outside its module"))
+                else:
+                    self.records.sites.append((mname, "input", 1, chan))
+                    self.records.slices.append((mname, "in", 1, cgrid[0]))
+            return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
+        # grouped: whole conv groups (input channels of group g, its filters) are one unit
+        if opg > 1 or ipg > 1:
+            self._grouped[mname] = atoms
         if chan is None:
             chan = np.zeros(cin, dtype=np.int64)  # fixed input: the groups cannot go
         for g in range(groups):
@@ -1365,8 +1437,12 @@ class LabelGraph:
             owners = {atoms.owner[int(a)] for a in np.unique(np.asarray(arr).ravel()).tolist() if a != FIXED}
             for o in owners:
                 g = gfind(o)
-                if why != _OUTPUT or g not in reasons:
-                    reasons.setdefault(g, why)
+                if reasons.get(g, _OUTPUT) == _OUTPUT:
+                    reasons[g] = why
+        for owner, why in self._stay_reason.items():  # (a producer whose units a fix reached through others)
+            g = gfind(owner)
+            if reasons.get(g, _OUTPUT) == _OUTPUT:
+                reasons[g] = why
         units: dict[str, dict[int, int]] = {}
         for root, g in sorted(group_of_root.items(), key=lambda kv: kv[0]):
             units.setdefault(g, {})[root] = len(units.get(g, {}))
@@ -1524,14 +1600,34 @@ class LabelGraph:
                 continue
             grouped = [s.module for s in group_slices if s.role == "group"]
             gname = grouped[0] if grouped else full(g)  # a grouped conv names its group (as before)
+            # units that hold every channel of a module dim (not all the group's): one of them must stay
+            floors: set[tuple[int, ...]] = set()
+            for (module, role, dim), chans in slices.get(g, {}).items():
+                held = tuple(sorted(set(chans.values())))
+                if len(held) < n_units and len(chans) == self._extent(module, role, dim):
+                    floors.add(held)
+            floors = {f for f in floors if not any(set(o) < set(f) for o in floors)}
             groups.append(ChannelGroup(gname, n_units, kind, width, tuple(group_sites), tuple(group_slices),
                                        tuple(full(p) for p in producers if any(
                                            s.module == full(p) and s.role in ("out", "group")
                                            for s in group_slices)),
                                        len(producers) > 1,
                                        tuple(sorted(((full(m), a, k) for m, a, k in attrs.get(g, ())),
-                                                    key=lambda t: (t[0], t[1], str(t[2]))))))
+                                                    key=lambda t: (t[0], t[1], str(t[2])))),
+                                       tuple(sorted(floors))))
         return groups, skipped
+
+    def _extent(self, module: str, role: str, dim: int) -> int | None:
+        """The size of the dim a slice cuts (None where it is not one dim of one tensor)."""
+        tensor = None
+        if role == "param":
+            tensor = self.params.get(module, self.buffers.get(module))
+        elif role in ("out", "in", "channel"):
+            tensor = getattr(self.modules.get(module), "weight", None)
+            dim = 1 if role == "in" else 0
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() <= dim:
+            return None
+        return int(tensor.shape[dim])
 
     def reason(self, group: ChannelGroup) -> str | None:
         """A note on what the exactness proof may have caught (a slice with fixed bounds...)."""
@@ -1652,6 +1748,12 @@ def _flatten_args(args: Any) -> list[Any]:
 def _pointwise(target: Any) -> bool:
     tags = getattr(target, "tags", ())
     return torch.Tag.pointwise in tags
+
+
+def _first_names(named: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """Every name of each object -> the first name it was met under."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(obj), name) for name, obj in named}
 
 
 def _clean_path(path: str) -> str:

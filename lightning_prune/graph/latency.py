@@ -216,7 +216,7 @@ class LatencyModel:
         """``(module, role) -> channels kept`` on every axis a removal in ``removed`` narrows."""
         dead: dict[tuple[str, str], set[int]] = {}
         for group in self.groups:
-            gone = set(int(u) for u in removed.get(group.name, ()))
+            gone = group.feasible(removed.get(group.name, ()))
             if not gone:
                 continue
             for sl in group.slices:
@@ -365,8 +365,9 @@ def batched_example(example: Any, batch_size: int) -> Any:
 
 
 def _axis_size(module: nn.Module, role: str) -> int | None:
-    if role == "in":
-        return int(getattr(module, "in_channels", getattr(module, "in_features", 0))) or None
+    if role == "in":  # (a grouped conv's inputs: the positions within a group, the same in every group)
+        return int(getattr(module, "in_channels", getattr(module, "in_features", 0))
+                   // getattr(module, "groups", 1)) or None
     if role in ("out", "group"):
         return int(getattr(module, "out_channels", getattr(module, "out_features", 0))) or None
     for attr in ("num_features", "num_channels", "out_channels"):

@@ -29,7 +29,7 @@ def zero_unit_hooks(model: nn.Module, groups: Iterable[ChannelGroup], removed: M
     """Forward pre-hooks that zero the removed units at every input site; returns the handles."""
     handles = []
     for group in groups:
-        gone = set(removed.get(group.name, ()))
+        gone = group.feasible(removed.get(group.name, ()))
         if not gone:
             continue
         for site in group.input_sites():
@@ -84,7 +84,7 @@ def restricted_norm_hooks(model: nn.Module, groups: Iterable[ChannelGroup],
     removed units of one norm combined); returns the handles."""
     dead_by_module: dict[str, tuple[int, set[int]]] = {}
     for group in groups:
-        gone = set(removed.get(group.name, ()))
+        gone = group.feasible(removed.get(group.name, ()))
         if not gone:
             continue
         for site in group.norm_sites():
@@ -144,8 +144,8 @@ def _slice_module(module: nn.Module, role: str, dead: set[int], dim: int = 0) ->
         size = module.weight.shape[1]
         keep = _keep(size, dead)
         _take(module, "weight", 1, keep)
-        if isinstance(module, CONV_TYPES):
-            module.in_channels = len(keep)
+        if isinstance(module, CONV_TYPES):  # (a grouped conv: the same positions of every group)
+            module.in_channels = len(keep) * module.groups
         else:
             module.in_features = len(keep)
     elif role == "group":  # whole conv groups of a grouped conv's output rows
@@ -193,7 +193,7 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
     attrs: dict[tuple[str, str], int] = {}
     count = 0
     for group in groups:
-        gone = {int(u) for u in removed.get(group.name, ())}
+        gone = group.feasible(removed.get(group.name, ()))
         if not gone:
             continue
         if len(gone) >= group.size:
@@ -250,7 +250,7 @@ def parameter_cuts(model: nn.Module, groups: Iterable[ChannelGroup], removed: Ma
     moments) can be cut the same way, and a compressed state padded back to the dense shapes."""
     dead: dict[tuple[str, str, int], set[int]] = {}
     for group in groups:
-        gone = {int(u) for u in removed.get(group.name, ())}
+        gone = group.feasible(removed.get(group.name, ()))
         for sl in group.slices if gone else ():
             dead.setdefault((sl.module, sl.role, sl.dim), set()).update(
                 c for c, u in zip(sl.channels, sl.units) if u in gone)

@@ -5,6 +5,7 @@ that place module names under the LightningModule's prefix."""
 from __future__ import annotations
 
 import linecache
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lightning_prune.errors import InvalidArgumentError
@@ -120,6 +121,9 @@ class ChannelGroup:
             unit (``num_heads``, ``attn_dim``), or by ``per_unit[u]`` for unit ``u`` when the units hold
             different shares of the size (a slice bound drops by the removed channels before it);
             ``attribute`` may name an element of a list of sizes (``"splits[1]"``).
+        floors: sets of units of which one always stays: the units that hold every channel of some module
+            (a piece of a split read by a conv of its own, CoaT's heads per window size), which would be left
+            with none. A removal that takes a whole floor keeps its first unit (see :meth:`feasible`).
     """
 
     name: str
@@ -131,6 +135,15 @@ class ChannelGroup:
     producers: tuple[str, ...]
     coupled: bool = False
     attrs: tuple[tuple[str, str, int | tuple[int, ...]], ...] = ()
+    floors: tuple[tuple[int, ...], ...] = ()
+
+    def feasible(self, gone: Iterable[int]) -> set[int]:
+        """``gone`` without the first unit of each floor it would take whole (no module left empty)."""
+        gone = {int(u) for u in gone}
+        for floor in getattr(self, "floors", ()):  # (a group pickled before floors existed has none)
+            if floor and gone.issuperset(floor):
+                gone.discard(floor[0])
+        return gone
 
     def input_sites(self) -> list[Site]:
         return [s for s in self.sites if s.kind == "input"]
@@ -198,4 +211,5 @@ def localised_group(group: ChannelGroup, prefix: str) -> ChannelGroup:
         tuple(Site(s(x.module), x.kind, x.dim, x.channels, x.units, s(x.weight) if x.weight else "")
               for x in group.sites),
         tuple(Slice(s(x.module), x.role, x.channels, x.units, x.dim) for x in group.slices),
-        tuple(s(p) for p in group.producers), group.coupled, tuple((s(m), a, k) for m, a, k in group.attrs))
+        tuple(s(p) for p in group.producers), group.coupled, tuple((s(m), a, k) for m, a, k in group.attrs),
+        group.floors)
