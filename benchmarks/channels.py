@@ -12,7 +12,11 @@ budget (``target_flops`` 0.5 and 0.25 of the dense FLOPs, torch-pruning's ``coun
   best settings -- ``TaylorImportance`` (first-order Taylor, gradients of the loss summed over
   ``--taylor-batches`` training batches), ``global_pruning=True``, ``round_to=8``; whole heads for the ViT,
   the model's ``num_heads`` updated -- to the same FLOPs (its ``pruning_ratio`` found by bisection), then
-  fine-tuned ``E/2`` epochs with a fresh optimizer and cosine schedule: the same training budget.
+  fine-tuned ``E/2`` epochs with a fresh optimizer and cosine schedule: the same training budget;
+* **ours one-shot**: torch-pruning's protocol with our criterion: the same weights at ``E/2`` epochs,
+  ``OneShotPruning("channels", target_flops=t, round_to=8)`` at the first step of an ``E/2``-epoch fit with a
+  fresh optimizer and cosine schedule (units ranked by their calibration activations, the readers refitted by
+  least squares), so that the two rows differ only in which units go and how the rest is repaired.
 
 All in one process, on the same data (``data_seed`` 0; ``--train-size`` training images, 2,000 test images,
 ``--difficulty``), each seed seeding the weights and the shuffling of all three methods. Per row: test
@@ -225,6 +229,19 @@ def run_model(name: str, seed: int, args: argparse.Namespace, log: Any) -> list[
             rows.append({"model": name, "seed": seed, "method": "torch-pruning", "target": target,
                          "error": f"{type(err).__name__}: {str(err)[:160]}"})
             log(f"{name} torch-pruning @ {target}: {rows[-1]['error']}")
+        # ours, one-shot on torch-pruning's protocol (the same snapshot, the same fresh fine-tuning)
+        pl.seed_everything(seed, verbose=False)
+        module = classifier(name, lr)
+        module.model.load_state_dict(snapshot["weights"])
+        one_shot = lp.OneShotPruning("channels", target_flops=target, prune_step=0, round_to=8, verbose=False,
+                                     log_media_every_n_epochs=0, input_size=(3, SIDE, SIDE))
+        trainer(epochs - half, [one_shot]).fit(module, datamodule=data)
+        flops, params = count(module.model)
+        rows.append({"model": name, "seed": seed, "method": "ours one-shot", "target": target,
+                     "acc": accuracy(module, data), "flops": flops / dense_flops,
+                     "params": params / dense_params})
+        nets[f"ours one-shot {target}"] = copy.deepcopy(module.model).eval()
+        log(f"{name} ours one-shot @ {target}: acc {rows[-1]['acc']:.4f}, FLOPs {rows[-1]['flops']:.3f}")
     for batch, inner in ((1, 20), (64, 2)):
         times = latency(nets, batch, reps, inner)
         for row in rows:
