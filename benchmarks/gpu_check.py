@@ -252,7 +252,6 @@ def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}{where}"
 
 
-
 def _run_row(row: dict[str, Any], fit: Callable[[], dict[str, Any]], args: argparse.Namespace,
              start: float) -> tuple[Any, float] | None:
     """Run one row of the table: ``fit()`` (returning ``{"checks", "peak_mib"}``), its median step time, peak
@@ -277,6 +276,7 @@ def _run_row(row: dict[str, Any], fit: Callable[[], dict[str, Any]], args: argpa
     finally:
         if args.accelerator == "gpu":
             torch.cuda.empty_cache()
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,

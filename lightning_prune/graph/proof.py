@@ -97,7 +97,7 @@ def _proof_base(model: nn.Module, seed: int, dtype: torch.dtype) -> tuple[nn.Mod
     return hit[1], False
 
 
-_FRESH = (dict, OrderedDict, set, list)
+_EMPTY_CONTAINER_TYPES = (dict, OrderedDict, set, list)
 
 
 def _sharing_copy(model: nn.Module) -> nn.Module:
@@ -110,7 +110,7 @@ def _sharing_copy(model: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {id(p): p for p in model.parameters()}
     for module in model.modules():
         for value in module.__dict__.values():
-            if type(value) in _FRESH and not value:
+            if type(value) in _EMPTY_CONTAINER_TYPES and not value:
                 memo[id(value)] = type(value)()
     return copy.deepcopy(model, memo)
 
@@ -131,7 +131,6 @@ def compare_outputs(reference: Any, other: Any, rtol: float) -> float:
             return math.inf
         if reference.numel() == 0:
             return 0.0
-        # max |x| as max(-min, max): one pass and no |x| temporary (NaN propagates as through abs().max())
         scale = _max_abs(reference).clamp_min(1e-12)
         return float(_max_abs(reference - other) / scale)
     if isinstance(reference, (list, tuple)):

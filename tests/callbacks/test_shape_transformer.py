@@ -4,7 +4,8 @@
 inside the fit, resumes from checkpoints taken before and after the removal to the uninterrupted run's
 weights, and under ``ddp_spawn`` (2 CPU processes) both ranks remove the same heads and end with the
 single-process weights. In float64: the claims are exactness, float32 trajectories part by 1e-4 on other
-CPUs' kernels."""
+CPUs' kernels. (It tests :mod:`lightning_prune.graph.shapes` through a callback's fit, so it sits with the
+callback tests rather than mirroring one module.)"""
 
 from __future__ import annotations
 
