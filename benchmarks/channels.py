@@ -235,7 +235,8 @@ def run_model(name: str, seed: int, args: argparse.Namespace, log: Any) -> list[
             module = classifier(name, lr)
             module.model.load_state_dict(snapshot["weights"])
             one_shot = lp.OneShotPruning("channels", target_flops=target, prune_step=0, round_to=8,
-                                         verbose=False, log_media_every_n_epochs=0, input_size=(3, SIDE, SIDE))
+                                         verbose=False, log_media_every_n_epochs=0,
+                                         input_size=(3, SIDE, SIDE))
             trainer(epochs - half, [one_shot]).fit(module, datamodule=data)
             flops, params = count(module.model)
             rows.append({"model": name, "seed": seed, "method": "ours one-shot", "target": target,
