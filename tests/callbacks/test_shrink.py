@@ -367,3 +367,32 @@ def test_a_mask_callback_beside_an_in_fit_removal_under_ddp_agrees_on_every_rank
         assert mask.shape == r0["params"][name].shape, name
         assert torch.all(r0["params"][name][~mask] == 0) and torch.all(r1["params"][name][~mask] == 0), name
         assert int((~mask).sum()) > 0, name
+
+
+def test_the_in_fit_compression_returns_the_cuts_it_made_and_refuses_a_plan_it_did_not_make():
+    """The masks and the optimizer state are cut with the cuts of the plan the compression applied
+    (compress_exactly, round_to=1), checked against the new shapes: a compression that rounds the plan is a
+    clear error at the removal, not a shape ValueError in a mask callback afterwards."""
+    from lightning_prune.callbacks.shrink import compress_exactly
+    from lightning_prune.core.compression import compress
+    from lightning_prune.graph import analyse_channels
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        with torch.no_grad():  # the units to remove dead (as the callback's masks leave them)
+            net[0].weight[[1, 4, 9]] = 0
+            net[0].bias[[1, 4, 9]] = 0
+        return net
+
+    x = torch.randn(2, 6)
+    model = make()
+    groups = analyse_channels(model, x).groups
+    removed = {groups[0].name: [1, 4, 9]}
+    cuts = compress_exactly(model, groups, removed, x)
+    assert model[0].weight.shape == (13, 6) and model[2].weight.shape == (3, 13)
+    kept = [u for u in range(16) if u not in (1, 4, 9)]
+    assert [(d, k.tolist()) for d, k in cuts["2.weight"]] == [(1, kept)]
+    rounding = lambda *args, **kwargs: compress(*args, **{**kwargs, "round_to": 8})  # noqa: E731 - keeps 16
+    with pytest.raises(RuntimeError, match=r"cut '0.weight' from \(16, 6\) to \(16, 6\), not to \(13, 6\)"):
+        compress_exactly(make(), groups, removed, x, compress=rounding)
