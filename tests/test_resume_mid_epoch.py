@@ -131,3 +131,23 @@ def test_mid_epoch_resume_is_exact_when_the_strategy_restores_after_on_fit_start
     case is test_sharded's test_gates_resume_mid_epoch_exactly_under_fsdp2)."""
     check_mid_epoch_resume(lambda: lp.create_callback(name, verbose=False, **ACTIVE[name]), tmp_path,
                            max_epochs=2, resume_step=6, make_strategy=lambda: _RestoresAfterSetup("cpu"))
+
+
+def test_the_loader_position_fix_warns_when_the_fit_loop_lacks_an_attribute_it_uses(monkeypatch):
+    """The fix above relies on private attributes of Lightning's fit loop: a Lightning without one of them
+    gets a warning (a mid-epoch resume may restart the epoch's batches) and an unwrapped loop, not a silent
+    no-op."""
+    import lightning.pytorch as pl
+
+    from lightning_prune.callbacks._resume import LOADER_STATE_ATTRIBUTES, resume_loader_position
+
+    loop = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False).fit_loop
+    monkeypatch.delattr(loop, "_data_fetcher")
+    with pytest.warns(UserWarning, match=r"fit loop has no _data_fetcher\. A mid-epoch resume may restart the"
+                      r" epoch's batches \(Lightning #20550\)"):
+        resume_loader_position(loop.trainer)
+    assert "load_state_dict" not in vars(loop)  # (nothing wrapped)
+    fresh = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert all(hasattr(fresh.fit_loop, name) for name in LOADER_STATE_ATTRIBUTES)  # (this Lightning: wrapped)
+    resume_loader_position(fresh)
+    assert "load_state_dict" in vars(fresh.fit_loop)

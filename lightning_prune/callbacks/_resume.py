@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_prune._registry import class_of_key, warn_ignored_states
 
-__all__ = ["TOLERANT", "check_resume", "config_of", "resume_loader_position",
+__all__ = ["LOADER_STATE_ATTRIBUTES", "TOLERANT", "check_resume", "config_of", "resume_loader_position",
            "warn_ignored_states"]  # the last from _registry
 
 #: arguments that may change between a checkpoint and the resumed fit
@@ -137,9 +137,14 @@ def check_resume(callback: Callback, trainer: pl.Trainer, checkpoint: Mapping[st
             + (", the masks rebuilt from the zeros of the weights." if "masks" in missing else "."))
 
 
+#: the fit loop's private attributes (Lightning 2.x) :func:`resume_loader_position` relies on
+LOADER_STATE_ATTRIBUTES = ("_combined_loader", "_combined_loader_states_to_load",
+                           "_load_combined_loader_states", "_data_fetcher")
+
+
 def resume_loader_position(trainer: Any) -> None:
     """Make a resumed fit's training loader continue from its saved position also when the loader was built
-    before Lightning restored the loops (called at every callback's ``setup``; idempotent).
+    before Lightning restored the loops (called from every callback's ``setup``; idempotent).
 
     Lightning saves a stateful training loader's position (``fit_loop.state_dict()["combined_loader"]``) and
     hands it to the loader in ``FitLoop.setup_data``, only when that builds the loader *after* the loops were
@@ -151,21 +156,31 @@ def resume_loader_position(trainer: Any) -> None:
     resume under FSDP2 trained on other batches; under DDP and one device, a ``configure_optimizers`` asking
     for the total steps (``OneCycleLR``). This wraps the Trainer's fit loop so that, once its state is
     loaded, a loader that already exists receives the saved position at once, and the loop's batch fetcher
-    starts a fresh iterator over it (one made before may have drawn indices already: loader workers)."""
+    starts a fresh iterator over it (one made before may have drawn indices already: loader workers).
+
+    It uses the fit loop's private :data:`LOADER_STATE_ATTRIBUTES`; where this Lightning's loop lacks one of
+    them it warns once (a mid-epoch resume may then restart the epoch's batches) and wraps nothing."""
     loop = getattr(trainer, "fit_loop", None)
     load = getattr(loop, "load_state_dict", None)
     if load is None or getattr(loop, "_lightning_prune_resumes_loader", False):
         return
+    missing = [name for name in LOADER_STATE_ATTRIBUTES if not hasattr(loop, name)]
+    loop._lightning_prune_resumes_loader = True  # (checked once per loop, warned once)
+    if missing:
+        rank_zero_warn(
+            "lightning-prune cannot hand a resumed fit's training loader its saved position when the"
+            " loader is built before the checkpoint is restored: this Lightning's fit loop has no"
+            f" {', '.join(missing)}. A mid-epoch resume may restart the epoch's batches (Lightning #20550)"
+            " while the step count goes on. HINT: resume from end-of-epoch checkpoints, or use a Lightning"
+            " version this release supports (pyproject.toml).")
+        return
 
     def load_state_dict(*args: Any, **kwargs: Any) -> Any:
         out = load(*args, **kwargs)
-        if getattr(loop, "_combined_loader", None) is not None and getattr(
-                loop, "_combined_loader_states_to_load", None):
+        if loop._combined_loader is not None and loop._combined_loader_states_to_load:
             loop._load_combined_loader_states()
-            fetcher = getattr(loop, "_data_fetcher", None)
-            if fetcher is not None:
-                iter(fetcher)
+            if loop._data_fetcher is not None:
+                iter(loop._data_fetcher)
         return out
 
     loop.load_state_dict = load_state_dict
-    loop._lightning_prune_resumes_loader = True

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from lightning_prune.callbacks._resume import resume_loader_position
 from lightning_prune.callbacks.logging import PREFIX, log_scalars
 from lightning_prune.callbacks.schedules import (
     ramp,
@@ -193,6 +194,7 @@ class ActivationDecay(CallbackState):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_sharding(trainer, "ActivationDecay", supported=True)  # (λ only; the fusion on a gathered model)
+        resume_loader_position(trainer)
         modules = {id(m) for m in pl_module.modules()}
         if self._wrapped and all(id(w) in modules for w in self._wrapped.values()):
             return

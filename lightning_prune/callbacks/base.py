@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.callbacks._resume import resume_loader_position
 from lightning_prune.callbacks._setup_checks import warn_if_cannot_act
 from lightning_prune.callbacks.logging import (
     PREFIX,
@@ -35,6 +36,7 @@ from lightning_prune.core.masks import MaskSet
 from lightning_prune.core.sharding import is_sharded, shard_reduce, sharding_problem
 from lightning_prune.core.targets import PRUNABLE_TYPES, Target, resolve_targets
 from lightning_prune.errors import NonFiniteWeightError
+from lightning_prune.graph import cut_like
 from lightning_prune.validation import as_misconfiguration, check_bool, check_int, check_patterns, check_types
 
 __all__ = ["PruningCallback", "resolve_seed"]  # resolve_seed: from callbacks.state
@@ -120,6 +122,7 @@ class PruningCallback(CallbackState):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_sharding(trainer, type(self).__name__, self.supports_sharding, self.sharding_refusal)
+        resume_loader_position(trainer)
         if trainer is not None and stage == "fit":
             warn_if_cannot_act(trainer, pl_module, type(self).__name__, getattr(self, "gates_sampled", False))
         if self.masks is not None and self.targets and self._targets_belong_to(pl_module):
@@ -130,9 +133,14 @@ class PruningCallback(CallbackState):
             self.masks.load_state_dict(self._pending_masks)
             self._pending_masks = None
 
-    #: why this callback cannot go on beside a channel callback that removes units inside the fit
-    #: (``compress=True``; refused at that callback's setup), or ``None``: it follows the removal
-    #: (:meth:`follow_removal`)
+    #: Whether this callback follows a removal of units by another callback inside the fit (a channel
+    #: callback's ``compress=True``): :meth:`follow_removal` cuts its masks like the parameters. Opt-in: a
+    #: callback with state that depends on the parameters' shapes or positions beyond plain per-weight masks
+    #: (N:M or block masks, a rewind snapshot, channel groups, a plugin's own tensors) cannot follow, and the
+    #: removing callback refuses it at setup, by name, with :attr:`removal_refusal`. Set it ``True`` only
+    #: where cutting the masks like the parameters leaves exactly the masks the callback would hold.
+    follows_removal: bool = False
+    #: why this callback cannot follow such a removal, said when it is refused (``None``: a generic reason)
     removal_refusal: str | None = None
 
     @torch.no_grad()
@@ -141,20 +149,16 @@ class PruningCallback(CallbackState):
         """Another callback removed units inside the fit (the same modules, smaller parameters; under DDP the
         same units on every rank): cut this callback's masks like their parameters (``cuts``: parameter name
         -> ``[(dim, kept indices)]``, :func:`lightning_prune.graph.parameter_cuts`) and mask the new
-        parameters, so that the pruned weights stay pruned and the next mask update sees the live weights."""
+        parameters, so that the pruned weights stay pruned and the next mask update sees the live weights.
+        Called only when :attr:`follows_removal` is ``True``."""
         if self.masks is None:
             return
         old = self.masks
         self.targets = [Target(t.module_name, pl_module.get_submodule(t.module_name) if t.module_name
                                else pl_module, t.param_name) for t in self.targets]
-        masks, cut = MaskSet(), {}
-        for target in self.targets:
-            mask = old[target.name]
-            for dim, keep in cuts.get(target.name, ()):
-                mask = mask.index_select(dim, keep.to(mask.device))
-            masks.add(target.name, target.param)
-            cut[target.name] = mask
-        masks.update(cut)  # (applied: the kept zeros stay zero)
+        masks = MaskSet()
+        for target in self.targets:  # (applied: the kept zeros stay zero)
+            masks.add(target.name, target.param, cut_like(old[target.name], cuts.get(target.name, ())))
         self.masks = masks
 
     def retarget(self, pl_module: pl.LightningModule) -> None:

@@ -59,6 +59,7 @@ from lightning_prune.callbacks.sharding import SHARDED_STRATEGY
 from lightning_prune.callbacks.shrink import (
     ShrinkSchedule,
     check_strategy,
+    compress_exactly,
     compress_in_fit,
     compress_sharded_in_fit,
     log_model_size,
@@ -185,6 +186,9 @@ class ChannelPruningCallback(PruningCallback):
     decision_phrase: str = "the masks are final (step {step})"
     #: the HINT of the error when the model has no removable channel group
     no_group_hint: str = "`include=[...]` selects other layers; `prune_coupled=True` prunes residual streams."
+    #: (PruningCallback.removal_refusal: another channel callback beside compress=True)
+    removal_refusal = ("its channel groups and kept units describe the network before the removal (one"
+                       " channel callback removes units per fit)")
 
     def __init__(
         self,
@@ -672,8 +676,6 @@ class ChannelPruningCallback(PruningCallback):
                      in_fit: bool = True) -> None:
         """Compress the model: remove the dropped units. Inside the fit (``in_fit``) every optimizer carries
         on with the smaller parameters; otherwise :func:`lightning_prune.compress` with this plan."""
-        from lightning_prune.core.compression import compress
-
         if self.groups is None or self.keep is None:
             return
         prefix, root = traced_root(pl_module)
@@ -695,11 +697,11 @@ class ChannelPruningCallback(PruningCallback):
             self.after_compression(pl_module)
             return
         example = example_inputs_for(root, self.traced_size)
-        cuts = parameter_cuts(pl_module, self.groups, removed)
-        if in_fit and trainer is not None:  # (the restricted norms let compress prove both models equal)
-            compress_in_fit(trainer, pl_module, self.groups, removed, example)
+        # (the restricted norms let compress prove both models equal; the cuts: the plan the compression made)
+        if in_fit and trainer is not None:
+            cuts = compress_in_fit(trainer, pl_module, self.groups, removed, example)
         else:
-            compress(pl_module, example, groups=self.groups, removed=removed, round_to=1)  # (the plan as is)
+            cuts = compress_exactly(pl_module, self.groups, removed, example)
         self.shrink.removed = removed
         self.after_compression(pl_module)
         self._others_follow(trainer, pl_module, cuts)
@@ -709,11 +711,6 @@ class ChannelPruningCallback(PruningCallback):
     def compress_if_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.training and self.shrink.due(int(trainer.global_step), self.decided(trainer)):
             self.compress_now(trainer, pl_module)
-
-    @property
-    def removal_refusal(self) -> str | None:  # type: ignore[override]
-        return ("its channel groups and kept units describe the network before the removal (one channel"
-                " callback removes units per fit)")
 
     def after_compression(self, pl_module: pl.LightningModule) -> None:
         """The units are gone: the norms see the kept channels only, the masks cover the smaller weights."""
@@ -754,7 +751,7 @@ class ChannelPruningCallback(PruningCallback):
         """The other pruning callbacks of the fit cut their masks like the parameters (the refused ones were
         refused at setup: :meth:`_refuse_stale_holders`)."""
         for cb in getattr(trainer, "callbacks", None) or []:
-            if cb is not self and isinstance(cb, PruningCallback) and cb.removal_refusal is None:
+            if cb is not self and isinstance(cb, PruningCallback) and cb.follows_removal:
                 cb.follow_removal(pl_module, cuts)
 
     @override
@@ -790,17 +787,26 @@ class ChannelPruningCallback(PruningCallback):
         holds the network's parameters or modules (another pruning callback's masks, ActivationDecay's
         wrappers) would act on the old tree from then on, silently. Refused at setup, by name. Under every
         other strategy the modules stay and the other mask callbacks cut their masks with the parameters
-        (:meth:`PruningCallback.follow_removal`); those that cannot (``removal_refusal``: another channel
-        callback's groups, LotteryTicket's dense rewind snapshot) are refused at setup, by name."""
+        (:meth:`PruningCallback.follow_removal`) -- the pruning callbacks that say they can
+        (``follows_removal = True``); every other pruning callback, and any callback giving a
+        ``removal_refusal``, is refused at setup, by name, with the reason and what to do."""
         if type(trainer.strategy).__name__ != SHARDED_STRATEGY:
             for cb in getattr(trainer, "callbacks", None) or []:
-                why = getattr(cb, "removal_refusal", None) if cb is not self else None
+                pruning = isinstance(cb, PruningCallback)
+                if cb is self or (pruning and cb.follows_removal):
+                    continue
+                why, hint = getattr(cb, "removal_refusal", None), ""
+                if pruning and why is None:
+                    why = ("it does not say that it can follow the removal (its masks or other state may"
+                           " depend on the old shapes)")
+                    hint = (f"; if {type(cb).__name__}'s masks stay right when cut like the parameters"
+                            " (PruningCallback.follow_removal), set `follows_removal = True` on it")
                 if why:
                     raise MisconfigurationException(
                         f"{type(self).__name__}(compress=True) cannot share a fit with {type(cb).__name__}:"
                         f" the units removed inside the fit change the parameters' shapes, and {why}."
                         " HINT: compress=False (the units stay masked; compress after the fit), or run them"
-                        " in separate fits.")
+                        f" in separate fits{hint}.")
             return
         holders = [type(cb).__name__ for cb in getattr(trainer, "callbacks", []) if cb is not self
                    and (isinstance(cb, PruningCallback) or type(cb).__name__ in _HOLD_MODULES)]

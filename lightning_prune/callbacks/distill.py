@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_prune.callbacks._resume import resume_loader_position
 from lightning_prune.callbacks.logging import log_scalars
 from lightning_prune.callbacks.schedules import resolve_step, until_the_end
 from lightning_prune.callbacks.sharding import SHARDED_STRATEGY, check_sharding
@@ -314,6 +315,7 @@ class KnowledgeDistillation(CallbackState):
                 " fully_shard in configure_model (FSDP2: the snapshot is gathered from the shards), or"
                 " strategy='ddp'.")
         check_sharding(trainer, "KnowledgeDistillation", supported=True)
+        resume_loader_position(trainer)
         if type(trainer.strategy).__name__ == SHARDED_STRATEGY:
             compressing = [type(cb).__name__ for cb in getattr(trainer, "callbacks", [])
                            if getattr(getattr(cb, "shrink", None), "enabled", False)]

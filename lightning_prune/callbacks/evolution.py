@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_prune.callbacks._resume import resume_loader_position
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.logging import PREFIX, log_histograms, log_scalars
 from lightning_prune.callbacks.schedules import steps_per_epoch, training_steps, warn_if_after_training
@@ -258,6 +259,7 @@ class EvolutionaryMutation(CallbackState):
                            " and FSDP2 reaches the sharded parameters only through its own backward hooks"
                            " (tried: the root unit's parameters got wrong gradients); mutation='uniform' or"
                            " 'gaussian' act under ModelParallelStrategy")
+        resume_loader_position(trainer)
         if stage == "fit":
             self.select_parameters(pl_module)
 

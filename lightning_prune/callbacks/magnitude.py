@@ -198,6 +198,16 @@ class GradualMagnitudePruning(PruningCallback):
                     raise MisconfigurationException(
                         f"`{name}` cannot be combined with `pattern` (got {value!r}): the N:M pattern decides"
                         f" the structure. HINT: leave `{name}` at its default, or set pattern=None.")
+        # another callback's in-fit removal (compress=True): plain masks are cut with the weights; N:M groups
+        # and blocks run along the weights' dims, which a cut shifts (PruningCallback.follows_removal)
+        self.follows_removal = pattern is None and block_size is None
+        if pattern is not None:
+            self.removal_refusal = (f"pattern={pattern!r} groups every {self._nm[1]} consecutive weights"
+                                    " along the input dimension, which the cut shifts (the cut masks would no"
+                                    " longer be N:M)")
+        elif block_size is not None:
+            self.removal_refusal = (f"block_size={block_size!r} masks whole blocks, which the cut shifts (the"
+                                    " cut masks would no longer be block-aligned)")
         # state
         self.last_update = 0
         self.thresholds: dict[str, float] = {}

@@ -171,6 +171,12 @@ class OneShotPruning(PruningCallback):
         self.supports_sharding = self.method != "channels"
         if self.method == "channels":
             self.removal_refusal = "method='channels' removes units too (one callback removes units per fit)"
+        # (its unstructured masks are cut with the weights; N:M groups run along the input dim, which a cut
+        # shifts: PruningCallback.follows_removal)
+        self.follows_removal = self.method != "channels" and pattern is None
+        if self.method != "channels" and pattern is not None:
+            self.removal_refusal = (f"pattern={pattern!r} groups consecutive weights along the input"
+                                    " dimension, which the cut shifts (the cut masks would no longer be N:M)")
         self.importance = importance
         self.criterion = self._criterion(importance)
         self.target_sparsity = check_fraction("target_sparsity", target_sparsity,

@@ -16,8 +16,6 @@ from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_prune.callbacks._resume import resume_loader_position
-
 __all__ = ["FSDP1_STRATEGIES", "SHARDED_STRATEGY", "SUPPORTED", "check_sharding",
            "guard_distributed_checkpoints", "tensor_parallel_size"]
 
@@ -78,7 +76,6 @@ def check_sharding(trainer: Any, who: str, supported: bool, why: str | None = No
     """
     strategy = getattr(trainer, "strategy", None)
     name = type(strategy).__name__
-    resume_loader_position(trainer)  # (ModelParallelStrategy restores the loops after on_fit_start)
     if name != SHARDED_STRATEGY:
         guard_distributed_checkpoints(strategy)
     if name in FSDP1_STRATEGIES:

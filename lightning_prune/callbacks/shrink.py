@@ -26,11 +26,12 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_prune.graph import ChannelGroup, example_inputs_for, parameter_cuts
+from lightning_prune.graph import ChannelGroup, cut_like, example_inputs_for, parameter_cuts
 
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
-           "compress_in_fit", "compress_sharded_in_fit", "gather_network", "log_model_size", "pad_to_dense",
-           "recorded_removal", "resize_sharded", "sharded_compression_problem"]
+           "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "gather_network",
+           "log_model_size", "pad_to_dense", "recorded_removal", "resize_sharded",
+           "sharded_compression_problem"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
 #: (ModelParallelStrategy, FSDP2, is supported by compress_sharded_in_fit; tensor parallelism is refused by
@@ -47,12 +48,6 @@ def check_strategy(trainer: pl.Trainer, who: str) -> None:
             " wrapped. HINT: use strategy='ddp' (or a single device) or ModelParallelStrategy("
             "data_parallel_size=<devices>, tensor_parallel_size=1) with fully_shard in configure_model"
             " (FSDP2), or set compress=False and call lp.compress on the trained model.")
-
-
-def _cut(tensor: Tensor, cuts: Sequence[tuple[int, Tensor]]) -> Tensor:
-    for dim, keep in cuts:
-        tensor = tensor.index_select(dim, keep.to(tensor.device))
-    return tensor.clone()
 
 
 @torch.no_grad()
@@ -78,7 +73,7 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
                 if entry is not None:
                     shape = tuple(param.shape)
                     state[replacement] = {
-                        key: _cut(value, cuts.get(name, ()))
+                        key: cut_like(value, cuts.get(name, ()))
                         if isinstance(value, Tensor) and tuple(value.shape) == shape and name in cuts
                         else value
                         for key, value in entry.items()}
@@ -141,23 +136,52 @@ def _rewrap_ddp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
 
 
 @torch.no_grad()
-def compress_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, groups: Sequence[ChannelGroup],
-                    removed: Mapping[str, Sequence[int]], example_inputs: Any,
-                    compress: Callable[..., nn.Module] | None = None) -> None:
-    """Remove ``removed`` units (group name -> units; names relative to ``pl_module``) in place inside a
-    running fit: the model shrinks, every optimizer follows (parameters and state cut), DDP is re-wrapped."""
+def compress_exactly(pl_module: nn.Module, groups: Sequence[ChannelGroup],
+                     removed: Mapping[str, Sequence[int]], example_inputs: Any,
+                     compress: Callable[..., nn.Module] | None = None) -> dict[str, list[tuple[int, Tensor]]]:
+    """Remove exactly ``removed`` units (group name -> units; names relative to ``pl_module``) in place and
+    return the cuts made to each parameter and buffer (name -> ``[(dim, kept indices)]``,
+    :func:`~lightning_prune.graph.parameter_cuts`), computed from the plan handed to the compression
+    (``round_to=1``: nothing rounded back, nothing skipped) and checked against the new shapes: what the
+    optimizer state and the other callbacks' masks are cut with."""
     from lightning_prune.core.compression import compress as compress_fn
 
     compress = compress or compress_fn
-    old = {id(p): n for n, p in pl_module.named_parameters()}
-    cuts = parameter_cuts(pl_module, groups, removed)
-    dense_shapes = {k: tuple(v.shape) for k, v in pl_module.state_dict().items()}
+    plan = {g.name: list(removed.get(g.name, ())) for g in groups}
+    cuts = parameter_cuts(pl_module, groups, plan)
+    before = {k: tuple(v.shape) for k, v in pl_module.state_dict().items()}
     was_training = pl_module.training
-    compress(pl_module, example_inputs, groups=groups, removed=removed, round_to=1)  # (the plan is final)
+    compress(pl_module, example_inputs, groups=groups, removed=plan, round_to=1)  # (the plan is final)
     pl_module.train(was_training)
+    after = pl_module.state_dict()
+    for name, name_cuts in cuts.items():
+        if name not in before or name not in after:
+            continue
+        expected = list(before[name])
+        for dim, keep in name_cuts:
+            expected[dim] = len(keep)
+        if tuple(after[name].shape) != tuple(expected):
+            raise RuntimeError(
+                f"The in-fit compression cut {name!r} from {before[name]} to {tuple(after[name].shape)},"
+                f" not to {tuple(expected)} as planned; the optimizer state and the masks cannot follow it."
+                " Please report this with the model.")
+    return cuts
+
+
+@torch.no_grad()
+def compress_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, groups: Sequence[ChannelGroup],
+                    removed: Mapping[str, Sequence[int]], example_inputs: Any,
+                    compress: Callable[..., nn.Module] | None = None) -> dict[str, list[tuple[int, Tensor]]]:
+    """Remove ``removed`` units (group name -> units; names relative to ``pl_module``) in place inside a
+    running fit: the model shrinks, every optimizer follows (parameters and state cut), DDP is re-wrapped.
+    Returns the cuts made (:func:`compress_exactly`), for the other callbacks' masks."""
+    old = {id(p): n for n, p in pl_module.named_parameters()}
+    dense_shapes = {k: tuple(v.shape) for k, v in pl_module.state_dict().items()}
+    cuts = compress_exactly(pl_module, groups, removed, example_inputs, compress)
     carry_optimizer_state(trainer.optimizers, old, dict(pl_module.named_parameters()), cuts)
     _rewrap_ddp(trainer, pl_module)
     _hand_back_dense_weights(trainer, pl_module, cuts, dense_shapes)
+    return cuts
 
 
 def _fsdp_units(root: nn.Module) -> list[tuple[str, dict[str, Any]]]:

@@ -53,6 +53,7 @@ from lightning_prune.graph.latency import LatencyModel, LatencyPredictor, LayerT
 from lightning_prune.graph.layers import PRODUCER_TYPES, channel_dim  # noqa: F401 - PRODUCER_TYPES as before
 from lightning_prune.graph.proof import masked_and_sliced, randomised_copy
 from lightning_prune.graph.slicing import (  # noqa: F401 - the private two: gates.py imports them from here
+    cut_like,
     drop_cached_tensors,
     norm_size,
     parameter_cuts,
@@ -87,6 +88,7 @@ __all__ = [
     "Slice",
     "analyse_channels",
     "parameter_cuts",
+    "cut_like",
     "call_model",
     "channel_dim",
     "drop_cached_tensors",

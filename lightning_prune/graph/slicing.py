@@ -16,7 +16,7 @@ from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.graph.layers import CONV_TYPES, is_depthwise, is_grn
 from lightning_prune.graph.types import ChannelGroup, strip_prefix
 
-__all__ = ["drop_cached_tensors", "norm_size", "parameter_cuts", "restricted_forward",
+__all__ = ["cut_like", "drop_cached_tensors", "norm_size", "parameter_cuts", "restricted_forward",
            "restricted_norm_hooks", "slice_units", "zero_unit_hooks"]
 
 
@@ -241,6 +241,15 @@ def drop_cached_tensors(model: nn.Module) -> None:
     model.train(True)
     for m, mode in modes:
         m.training = mode
+
+
+def cut_like(tensor: Tensor, cuts: Iterable[tuple[int, Tensor]]) -> Tensor:
+    """``tensor`` cut like the parameter it is shaped like (``cuts``: that parameter's ``[(dim, kept indices),
+    ...]`` from :func:`parameter_cuts`), as a new tensor (a copy also when nothing is cut): the parameter's
+    optimizer state, a mask callback's mask."""
+    for dim, keep in cuts:
+        tensor = tensor.index_select(dim, keep.to(tensor.device))
+    return tensor.clone()
 
 
 def parameter_cuts(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mapping[str, Iterable[int]],

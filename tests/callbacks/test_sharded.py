@@ -15,7 +15,7 @@ from lightning_prune.callbacks.activation_decay import ActivationDecay
 from lightning_prune.callbacks.distill import KnowledgeDistillation
 from lightning_prune.callbacks.evolution import EvolutionaryMutation
 from lightning_prune.core.masks import MaskSet
-from lightning_prune.core.sharding import local_tensor
+from lightning_prune.core.sharding import full_copy, local_tensor
 from lightning_prune.testing import assert_state_equal, tiny_classifier, tiny_datamodule
 from tests.sharded import ShardedClassifier, run_two
 
@@ -178,8 +178,8 @@ def _strategy(kind: str):
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t``, gathered whole when it is a shard (``DTensor.full_tensor``)."""
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+    """A copy of ``t`` (:func:`full_copy` gathers a shard, and hands a plain tensor back as it is)."""
+    return full_copy(t.detach()).clone()
 
 
 def _fit_on_two_ranks(kind: str, callbacks: list, steps: int, *, model=ShardedClassifier, epochs: int = 1,

@@ -304,22 +304,41 @@ def test_a_mask_callback_resumes_mid_epoch_after_an_in_fit_removal(tmp_path):
     check_mid_epoch_resume(lambda: _beside(), tmp_path, max_epochs=2, resume_step=6)
 
 
-@pytest.mark.parametrize("other, why", [
-    ("LotteryTicket", r"its rewind snapshot"),
-    ("RandomChannels", r"its channel groups and kept units"),
-    ("OneShotPruning", r"method='channels' removes units too"),
-])
-def test_callbacks_that_cannot_follow_a_removal_are_refused_at_setup(other, why):
-    from lightning_prune_baselines import RandomChannels
+class _PluginMasks(lp.PruningCallback):
+    """A third-party pruning callback: it has not said that its state survives a cut (follows_removal)."""
 
-    made = {"LotteryTicket": lambda: lp.LotteryTicket(), "RandomChannels": lambda: RandomChannels(),
-            "OneShotPruning": lambda: lp.OneShotPruning("channels", target_flops=0.5)}[other]()
+
+@pytest.mark.parametrize("case, other, why", [
+    ("lottery", "LotteryTicket", r"its rewind snapshot"),
+    ("random_channels", "RandomChannels", r"its channel groups and kept units"),
+    ("one_shot_channels", "OneShotPruning", r"method='channels' removes units too"),
+    ("magnitude_nm", "GradualMagnitudePruning",
+     r"pattern='2:4' groups every 4 consecutive weights along the input dimension, which the cut shifts \(the"
+     r" cut masks would no longer be N:M\)"),
+    ("magnitude_block", "GradualMagnitudePruning", r"block_size=\(2, 2\) masks whole blocks, which the cut"
+     r" shifts"),
+    ("one_shot_nm", "OneShotPruning", r"pattern='2:4' groups consecutive weights .*no longer be N:M"),
+    ("plugin", "_PluginMasks", r"it does not say that it can follow the removal .*HINT: compress=False .*"
+     r"if _PluginMasks's masks stay right when cut like the parameters .*set `follows_removal = True` on it"),
+])
+def test_callbacks_that_cannot_follow_a_removal_are_refused_at_setup(case, other, why):
+    """Following a removal is opt-in (PruningCallback.follows_removal): the callbacks whose state the cut
+    would break (N:M groups and blocks shift along the cut dims) and every callback that has not said so
+    (a plugin) are refused by name, with the reason and what to do."""
+    from lightning_prune_baselines import RandomChannels, RandomUnstructured
+
+    made = {"lottery": lambda: lp.LotteryTicket(), "random_channels": lambda: RandomChannels(),
+            "one_shot_channels": lambda: lp.OneShotPruning("channels", target_flops=0.5),
+            "magnitude_nm": lambda: lp.GradualMagnitudePruning(pattern="2:4"),
+            "magnitude_block": lambda: lp.GradualMagnitudePruning(block_size=(2, 2)),
+            "one_shot_nm": lambda: lp.OneShotPruning("wanda", pattern="2:4"),
+            "plugin": lambda: _PluginMasks()}[case]()
     cb = GroupLassoPruning(compress=True, target_flops=0.5)
     trainer = SimpleNamespace(strategy=type("DDPStrategy", (), {})(), callbacks=[made, cb])
     with pytest.raises(MisconfigurationException, match=rf"GroupLassoPruning\(compress=True\) cannot share a"
-                       rf" fit with {other}: the units removed inside the fit .*{why}.*HINT: compress=False"):
+                       rf" fit with {other}: the units removed inside the fit .*{why}"):
         cb._refuse_stale_holders(trainer)
-    trainer.callbacks = [lp.GradualMagnitudePruning(), lp.OneShotPruning("wanda"), cb]
+    trainer.callbacks = [lp.GradualMagnitudePruning(), lp.OneShotPruning("wanda"), RandomUnstructured(), cb]
     cb._refuse_stale_holders(trainer)  # (they cut their masks)
 
 
@@ -348,3 +367,32 @@ def test_a_mask_callback_beside_an_in_fit_removal_under_ddp_agrees_on_every_rank
         assert mask.shape == r0["params"][name].shape, name
         assert torch.all(r0["params"][name][~mask] == 0) and torch.all(r1["params"][name][~mask] == 0), name
         assert int((~mask).sum()) > 0, name
+
+
+def test_the_in_fit_compression_returns_the_cuts_it_made_and_refuses_a_plan_it_did_not_make():
+    """The masks and the optimizer state are cut with the cuts of the plan the compression applied
+    (compress_exactly, round_to=1), checked against the new shapes: a compression that rounds the plan is a
+    clear error at the removal, not a shape ValueError in a mask callback afterwards."""
+    from lightning_prune.callbacks.shrink import compress_exactly
+    from lightning_prune.core.compression import compress
+    from lightning_prune.graph import analyse_channels
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        with torch.no_grad():  # the units to remove dead (as the callback's masks leave them)
+            net[0].weight[[1, 4, 9]] = 0
+            net[0].bias[[1, 4, 9]] = 0
+        return net
+
+    x = torch.randn(2, 6)
+    model = make()
+    groups = analyse_channels(model, x).groups
+    removed = {groups[0].name: [1, 4, 9]}
+    cuts = compress_exactly(model, groups, removed, x)
+    assert model[0].weight.shape == (13, 6) and model[2].weight.shape == (3, 13)
+    kept = [u for u in range(16) if u not in (1, 4, 9)]
+    assert [(d, k.tolist()) for d, k in cuts["2.weight"]] == [(1, kept)]
+    rounding = lambda *args, **kwargs: compress(*args, **{**kwargs, "round_to": 8})  # noqa: E731 - keeps 16
+    with pytest.raises(RuntimeError, match=r"cut '0.weight' from \(16, 6\) to \(16, 6\), not to \(13, 6\)"):
+        compress_exactly(make(), groups, removed, x, compress=rounding)

@@ -43,6 +43,9 @@ class RandomUnstructured(ScheduledBaselinePruning):
     #: under ModelParallelStrategy (FSDP2) the draws are made over each weight's full mask (gathered, 1 byte
     #: per weight, one tensor at a time) from the shared generator, so every rank keeps its part of DDP's mask
     supports_sharding = True
+    #: beside a channel callback's in-fit removal (``compress=True``) the masks are cut with the weights and
+    #: the next draws keep their share of the smaller tensors (``PruningCallback.follows_removal``)
+    follows_removal = True
 
     @override
     def compute_masks(self, sparsity: float) -> dict[str, Tensor]:
