@@ -172,7 +172,8 @@ def _shape_of(val: Any) -> tuple[int, ...] | None:
 @dataclass
 class _Records:
     slices: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
-    sites: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
+    sites: list[tuple[Any, ...]] = field(default_factory=list)  # (module, kind, dim, atoms[, weight[, the
+    # weight column of each channel]])
     fixes: list[tuple[np.ndarray, str]] = field(default_factory=list)
     sizes: list[tuple[list[str], list[tuple[Any, Any]], str]] = field(default_factory=list)  # (modules,
     # [(size, atoms per position of it) or (sizes of the pieces, [atoms per position of each])], what):
@@ -857,16 +858,7 @@ class LabelGraph:
         chan = self.dim_atoms(x_lab, 1)
         if groups == 1:
             if chan is not None:
-                if computed:
-                    why = (f"weight-standardised conv `{mname}` reads these channels (its standardisation"
-                           " over the fan-in changes)")
-                    self.records.fixes.append((chan, why))
-                elif self._owner(node) != mname:
-                    self._collapse((1,), chan, {1})
-                    self.records.notes.append((chan, "a conv weight used outside its module"))
-                else:
-                    self.records.sites.append((mname, "input", 1, chan))
-                    self.records.slices.append((mname, "in", 1, chan))
+                self._conv_input(node, mname, chan, computed)
             atoms = self._new_producer(mname, cout)
             self.records.slices.append((mname, "out", 0, atoms))
             return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
@@ -888,16 +880,8 @@ class LabelGraph:
                 cgrid = chan.reshape(groups, ipg)
                 for g in range(1, groups):
                     self.atoms.union_arrays(cgrid[0], cgrid[g])
-                if computed:
-                    why = (f"weight-standardised conv `{mname}` reads these channels (its standardisation"
-                           " over the fan-in changes)")
-                    self.records.fixes.append((chan, why))
-                elif self._owner(node) != mname:
-                    self._collapse((1,), chan, {1})
-                    self.records.notes.append((chan, "a conv weight used outside its module"))
-                else:
-                    self.records.sites.append((mname, "input", 1, chan))
-                    self.records.slices.append((mname, "in", 1, cgrid[0]))
+                # input channel c is weight column c % ipg: the site keeps both (hooks index the tensor)
+                self._conv_input(node, mname, chan, computed, np.tile(np.arange(ipg), groups))
             return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
         # grouped: whole conv groups (input channels of group g, its filters) are one unit
         if opg > 1 or ipg > 1:
@@ -908,6 +892,27 @@ class LabelGraph:
             self.atoms.union_all(np.concatenate([chan[g * ipg:(g + 1) * ipg], atoms[g * opg:(g + 1) * opg]]))
         self.records.slices.append((mname, "group", 0, atoms))
         return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
+
+    def _conv_input(self, node: Any, mname: str, chan: np.ndarray, computed: bool,
+                    columns: np.ndarray | None = None) -> None:
+        """The input side of conv ``mname`` reading the labelled channels ``chan``: a fix (a
+        weight-standardised conv), a collapse (its weight used outside its module), else an input site and
+        the slice of its weight columns; ``columns``: the weight column of each channel where it is not the
+        channel itself (a grouped conv paired across its groups: channel ``c`` is column ``c % ipg``)."""
+        if computed:
+            why = (f"weight-standardised conv `{mname}` reads these channels (its standardisation over the"
+                   " fan-in changes)")
+            self.records.fixes.append((chan, why))
+        elif self._owner(node) != mname:
+            self._collapse((1,), chan, {1})
+            self.records.notes.append((chan, "a conv weight used outside its module"))
+        elif columns is None:
+            self.records.sites.append((mname, "input", 1, chan))
+            self.records.slices.append((mname, "in", 1, chan))
+        else:
+            self.records.sites.append((mname, "input", 1, chan, "", columns))
+            _, first = np.unique(columns, return_index=True)  # each column's atoms: its first channel's
+            self.records.slices.append((mname, "in", 1, chan[first]))
 
     def _norm(self, node: Any, name: str, labs: dict) -> Any:
         args = node.args
@@ -1463,11 +1468,14 @@ class LabelGraph:
         for module, role, dim, arr in self.records.slices:
             for g, (chans, us) in entries(arr).items():
                 slices.setdefault(g, {}).setdefault((module, role, dim), {}).update(zip(chans, us))
-        sites: dict[str, dict[tuple[str, str, int, str], dict[int, int]]] = {}
-        for module, kind, dim, arr, *weight in self.records.sites:
+        sites: dict[str, dict[tuple[str, str, int, str], dict[int, tuple[int, int]]]] = {}  # channel: unit, column
+        for module, kind, dim, arr, *extra in self.records.sites:
+            weight = extra[0] if extra else ""
+            columns = extra[1].tolist() if len(extra) > 1 else None  # (the weight column of each channel)
             for g, (chans, us) in entries(arr).items():
-                key = (module, kind, dim, weight[0] if weight else "")
-                sites.setdefault(g, {}).setdefault(key, {}).update(zip(chans, us))
+                cols = [columns[c] for c in chans] if columns is not None else chans
+                sites.setdefault(g, {}).setdefault((module, kind, dim, weight), {}).update(
+                    zip(chans, zip(us, cols)))
         attrs: dict[str, set[tuple[str, str, Any]]] = {}
         self.hints: dict[str, str] = {}
         self.choices: dict[str, list[list[tuple[str, str, Any]]]] = {}
@@ -1586,8 +1594,10 @@ class LabelGraph:
             group_sites = []
             for (module, kind, dim, weight), chans in sorted(sites.get(g, {}).items()):
                 items = sorted(chans.items())
+                columns = tuple(col for _, (_, col) in items)
                 group_sites.append(Site(full(module), kind, dim, tuple(c for c, _ in items),
-                                        tuple(u for _, u in items), full(weight) if weight else ""))
+                                        tuple(u for _, (u, _) in items), full(weight) if weight else "",
+                                        columns if columns != tuple(c for c, _ in items) else ()))
             io_slices = [s for s in group_slices if s.role in ("out", "group", "in")]
             width = min((len(s.channels) // max(len(set(s.units)), 1) for s in io_slices), default=1)
             kind = ("conv group" if any(s.role == "group" for s in group_slices)
