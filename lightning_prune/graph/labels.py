@@ -1468,7 +1468,8 @@ class LabelGraph:
         for module, role, dim, arr in self.records.slices:
             for g, (chans, us) in entries(arr).items():
                 slices.setdefault(g, {}).setdefault((module, role, dim), {}).update(zip(chans, us))
-        sites: dict[str, dict[tuple[str, str, int, str], dict[int, tuple[int, int]]]] = {}  # channel: unit, column
+        # channel -> (unit, weight column)
+        sites: dict[str, dict[tuple[str, str, int, str], dict[int, tuple[int, int]]]] = {}
         for module, kind, dim, arr, *extra in self.records.sites:
             weight = extra[0] if extra else ""
             columns = extra[1].tolist() if len(extra) > 1 else None  # (the weight column of each channel)
