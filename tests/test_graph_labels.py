@@ -457,6 +457,18 @@ def test_a_radix_split_summed_over_its_pieces_pairs_the_channels_across_the_piec
         assert first.size == (4 if grouped else 8)
 
 
+def test_a_grouped_conv_kept_only_by_a_fix_is_not_paired():
+    """A grouped conv whose units only the model's output keeps (not merged by any operator) is not paired
+    across its groups: no second propagation; the split attention's conv is paired."""
+    from lightning_prune.graph.labels import LabelGraph
+
+    x = torch.randn(2, 3, 6, 6)
+    last = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=2)).eval()
+    graph = LabelGraph(last, (x,))
+    assert graph.paired == set()  # ({"2"} before, from a second propagation)
+    assert LabelGraph(_SplitAttention(grouped=True).eval(), (x,)).paired == {"conv"}
+
+
 def _split_attention_classifier(model_name: str = ""):
     """An ImageClassifier around ``_SplitAttention(grouped=True)`` (10 classes), or around timm's
     ``model_name``."""

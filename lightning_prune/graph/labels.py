@@ -67,6 +67,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_prune.graph.inputs import example_arguments
 from lightning_prune.graph.layers import VIEW_OPS, channel_dim, is_grn, op_name
 from lightning_prune.graph.shapes import shape_provenance
+from lightning_prune.graph.slicing import slice_extent
 from lightning_prune.graph.types import ChannelGroup, GraphTimeoutError, Site, Slice, prefixed_name
 
 __all__ = ["LabelGraph", "trace_labels"]
@@ -76,6 +77,7 @@ FIXED = 0
 _OUTPUT = "no layer reads these channels (model output)"
 _MAX_BLOCK = 4_000_000
 _MAX_VARIANTS = 8  # attribute choices tried for a group that fails its proof
+_MAX_PAIRING_PROPAGATIONS = 3  # propagations that pair more grouped convs across their groups (ResNeSt)
 
 
 class _Fix(Exception):
@@ -235,11 +237,14 @@ class LabelGraph:
         # grouped convs whose units are positions paired across the conv groups (not whole groups): those
         # whose whole-group units all end up merged (a radix split summed over its groups, ResNeSt's split
         # attention), found by a first propagation and given a second one
+        # (merged by the operators themselves, before the fixes apply: units that a fix alone keeps, such as
+        # the model's outputs, do not count, as pairing them would gain nothing)
         self.paired: set[str] = set()
-        for _ in range(3):
+        for attempt in range(_MAX_PAIRING_PROPAGATIONS):
             self._propagate(max_passes)
-            collapsed = {m for m, ids in self._grouped.items()
-                         if len(np.unique(self.atoms.roots(ids))) <= 1} - self.paired
+            if attempt == _MAX_PAIRING_PROPAGATIONS - 1:
+                break  # (the groups describe this propagation's pairing: none is added after it)
+            collapsed = self._collapsed - self.paired
             if not collapsed:
                 break
             self.paired |= collapsed
@@ -265,6 +270,9 @@ class LabelGraph:
         self.records = _Records()
         self._run()
         self.passes += 1
+        # grouped convs whose units the operators merged into one (before the fixes apply)
+        self._collapsed = {m for m, ids in self._grouped.items()
+                           if len(np.unique(self.atoms.roots(ids))) <= 1}
         # why each producer's channels stay: the fix that reached its units (a unit merged with those a fix
         # names before the fixes apply), a reason other than the model's output first
         by_root: dict[int, str] = {}
@@ -1630,15 +1638,8 @@ class LabelGraph:
 
     def _extent(self, module: str, role: str, dim: int) -> int | None:
         """The size of the dim a slice cuts (None where it is not one dim of one tensor)."""
-        tensor = None
-        if role == "param":
-            tensor = self.params.get(module, self.buffers.get(module))
-        elif role in ("out", "in", "channel"):
-            tensor = getattr(self.modules.get(module), "weight", None)
-            dim = 1 if role == "in" else 0
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() <= dim:
-            return None
-        return int(tensor.shape[dim])
+        tensor = self.params.get(module, self.buffers.get(module))
+        return slice_extent(tensor if role == "param" else self.modules.get(module), role, dim)
 
     def reason(self, group: ChannelGroup) -> str | None:
         """A note on what the exactness proof may have caught (a slice with fixed bounds...)."""
