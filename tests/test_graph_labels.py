@@ -674,6 +674,20 @@ def test_a_removal_that_would_empty_a_piece_keeps_one_of_its_units():
     assert small.splits == [1, 3] and small.convs[0].groups == 1
 
 
+def test_the_size_a_slice_cuts_is_one_function_with_or_without_affine_weights():
+    """The labels' floors, the cost model and the latency model take the size of a sliced dim from one
+    function: a norm without affine weights has one (the labels' copy gave None, so no floor)."""
+    from lightning_prune.graph.slicing import slice_extent
+
+    assert slice_extent(nn.LayerNorm(8, elementwise_affine=False), "channel") == 8
+    assert slice_extent(nn.BatchNorm2d(6, affine=False), "channel") == 6
+    assert slice_extent(nn.GroupNorm(1, 4, affine=False), "channel") == 4
+    conv = nn.Conv2d(8, 12, 3, groups=4)
+    assert (slice_extent(conv, "in"), slice_extent(conv, "out"), slice_extent(conv, "group")) == (2, 12, 12)
+    assert slice_extent(conv.weight, "param", 1) == 2 and slice_extent(conv, "free") is None
+    assert slice_extent(nn.Linear(5, 7), "in") == 5
+
+
 def test_a_plan_that_would_empty_a_piece_is_made_feasible_where_it_is_made():
     """Every plan goes through ``round_kept``, which puts a floor's first unit back before rounding: the
     kept count is rounded after it (one off before), and the masks, the slicing and the FLOPs then describe

@@ -544,7 +544,7 @@ def _channel_scores(model: nn.Module, root: nn.Module, prefix: str, groups: Sequ
             e = energy.get(site.module)
             if e is None:
                 continue
-            for c, u in zip(site.channels, site.units):
+            for c, u in zip(site.channels, site.units):  # (energy: per input channel, grouped readers' too)
                 if c < e.numel():
                     score[u] += e[c]
         mean = score.mean()

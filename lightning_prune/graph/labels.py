@@ -41,7 +41,9 @@ A grouped convolution's groups are whole units (input channels of a group with i
 units all end up merged (a radix split summed over its groups: ResNeSt's split attention reshapes the
 ``radix x C`` outputs to ``(radix, C)`` and sums or softmaxes over the radix) the labels are propagated
 again with that conv's units paired across its groups instead: the j-th filter of every group is one unit,
-the i-th input channel of every group another (the conv keeps its groups, each loses the same positions).
+the i-th input channel of every group another (the conv keeps its groups, each loses the same positions);
+its input site holds every input channel with the weight column that reads it (``Site.columns``: ``c % (cin
+/ groups)``).
 A module reached under several names (a position encoding shared by the blocks of a stage) goes by its first
 name, and every use of one module or parameter loses the same positions (their atoms are coupled). Units that
 hold every channel of some module dim (a piece of an unequal split read by a conv of its own) form a
