@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -456,6 +457,143 @@ def test_a_radix_split_summed_over_its_pieces_pairs_the_channels_across_the_piec
         assert first.size == (4 if grouped else 8)
 
 
+def test_a_grouped_conv_kept_only_by_a_fix_is_not_paired():
+    """A grouped conv whose units only the model's output keeps (not merged by any operator) is not paired
+    across its groups: no second propagation; the split attention's conv is paired."""
+    from lightning_prune.graph.labels import LabelGraph
+
+    x = torch.randn(2, 3, 6, 6)
+    last = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=2)).eval()
+    graph = LabelGraph(last, (x,))
+    assert graph.paired == set()  # ({"2"} before, from a second propagation)
+    assert LabelGraph(_SplitAttention(grouped=True).eval(), (x,)).paired == {"conv"}
+
+
+def _split_attention_classifier(model_name: str = ""):
+    """An ImageClassifier around ``_SplitAttention(grouped=True)`` (10 classes), or around timm's
+    ``model_name``."""
+    from lightning_prune.testing import tiny_classifier
+
+    if model_name:
+        return tiny_classifier(model_name)
+    module = tiny_classifier("test_resnet")
+    torch.manual_seed(0)
+    module.model = _SplitAttention(grouped=True)
+    module.model.head = nn.Linear(8, 10)
+    module.example_input_array = torch.zeros(2, 3, 32, 32)  # (the model is not timm's: say its input)
+    return module
+
+
+def _paired_site(groups):
+    """The input site of a grouped conv whose units are paired across its groups."""
+    return next(s for g in groups for s in g.input_sites() if s.columns)
+
+
+def _group_lasso_fold_and_compress(module, tmp_path, **target):
+    """GroupLassoPruning(compress=True) fit a few steps: without a target the compressed logits equal the
+    gated ones (the gates folded into the weight columns); with one, the budget is met."""
+    from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+    from lightning_prune.testing import fit_tiny
+    from tests.helpers import Spy, eval_logits
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    seen = {}
+
+    def before(trainer, m, hook):
+        seen["gated"] = eval_logits(m, x)
+
+    def after(trainer, m, hook):
+        seen["compressed"] = eval_logits(m, x)
+
+    cb = GroupLassoPruning(finalize_step=1.0, compress=True, recalibrate_bn_batches=0, round_to=1, lam=0.3,
+                           gate_lr=0.2, gate_optimizer="sgd", capture_threshold=0.02, prune_threshold=0.3,
+                           verbose=False, **target)
+    dense = sum(p.numel() for p in module.parameters())
+    fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=module,
+             max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    site = _paired_site(cb.groups)
+    assert len(site.channels) == 2 * len(set(site.columns))  # every tensor channel, half as many columns
+    assert cb.finalized
+    if target:
+        assert sum(p.numel() for p in module.parameters()) < dense
+        flops = next(v for k, v in cb.size_metrics().items() if k.endswith("flops_remaining"))
+        assert flops <= target["target_flops"] + 1e-6
+    else:
+        torch.testing.assert_close(seen["compressed"], seen["gated"], atol=1e-4, rtol=1e-4)
+
+
+def _one_shot_channels(module, tmp_path):
+    from lightning_prune.callbacks.one_shot import OneShotPruning
+    from lightning_prune.testing import fit_tiny
+
+    cb = OneShotPruning("channels", target_flops=0.5, calibration_batches=2, verbose=False)
+    dense = sum(p.numel() for p in module.parameters())
+    trainer, _ = fit_tiny([cb], tmp_path, model=module, max_epochs=1, limit_train_batches=2,
+                          limit_val_batches=0)
+    assert cb.flops_remaining <= 0.5 and trainer.global_step == 2
+    assert sum(p.numel() for p in module.parameters()) < dense
+    site = _paired_site(cb.groups)
+    conv = module.get_submodule(site.module)
+    assert conv.weight.shape[1] * conv.groups == conv.in_channels  # (the conv keeps its groups)
+
+
+def test_a_grouped_conv_paired_across_its_groups_folds_and_masks_its_weight_columns():
+    """The paired conv's input site reads all ``cin`` input channels but its weight has ``cin / groups``
+    columns (the site's ``columns``): random gates fold into those columns (IndexError before) without
+    changing the outputs; closed gates, folded and masked, equal the sliced model; the units whose columns
+    are zero are dead (index out of range before)."""
+    from lightning_prune.core.compression import dead_units
+    from lightning_prune.core.gates import GateSet, ScaleGate, unit_masks
+
+    x = torch.randn(2, 3, 6, 6)
+    model = _SplitAttention(grouped=True).eval()
+    groups = analyse_channels(model, x).groups
+    site = _paired_site(groups)
+    assert site.module == "conv" and len(site.channels) == 8 and site.columns == (0, 1, 2, 3) * 2
+    assert site.column_units() == ((0, 1, 2, 3), site.units[:4])
+    gates = GateSet(groups, [ScaleGate(g.size) for g in groups])
+    gen = torch.Generator().manual_seed(2)
+    keep = []
+    for group, gate in zip(groups, gates.gates):
+        kept = torch.rand(group.size, generator=gen) > 0.4
+        kept[0] = True
+        keep.append(kept)
+        with torch.no_grad():
+            gate.weight.copy_(kept.float() * (0.5 + torch.rand(group.size, generator=gen)))
+    gates.attach(model)
+    gated = model(x)
+    gates.detach()
+    gates.fold_(model)
+    torch.testing.assert_close(model(x), gated, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        for name, mask in unit_masks(model, groups, keep).items():
+            model.get_parameter(name).mul_(mask)
+    removed = {g.name: (~k).nonzero().flatten().tolist() for g, k in zip(groups, keep)}
+    paired = next(g for g in groups if site in g.sites)
+    assert removed[paired.name] and set(dead_units(model, [paired])[paired.name]) == set(removed[paired.name])
+    slice_units(model, groups, removed)
+    assert model.conv.groups == 2 and model.conv.in_channels == 2 * len(site.columns) // 2 - 2 * len(
+        removed[paired.name])
+    torch.testing.assert_close(model(x), gated, atol=1e-5, rtol=1e-4)
+
+
+def test_a_resnest_like_model_prunes_its_paired_grouped_conv_in_lightning_fits(tmp_path):
+    """GroupLassoPruning(target_flops=0.5, compress=True) folds and compresses, OneShotPruning('channels')
+    scores, refits and removes: both through the paired conv (IndexErrors before)."""
+    _group_lasso_fold_and_compress(_split_attention_classifier(), tmp_path / "gl", target_flops=0.5)
+    _one_shot_channels(_split_attention_classifier(), tmp_path / "os")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["group_lasso", "group_lasso_target", "one_shot"])
+def test_resnest_split_attention_prunes_through_its_paired_grouped_convs(run, tmp_path):
+    module = _split_attention_classifier("resnest14d")
+    if run == "one_shot":
+        _one_shot_channels(module, tmp_path)
+    else:
+        _group_lasso_fold_and_compress(module, tmp_path, **({"target_flops": 0.5} if "target" in run else {}))
+
+
 class _PosEnc(nn.Module):
     """A depthwise conv over the tokens laid out as an image, added to them (CoaT's ConvPosEnc)."""
 
@@ -534,3 +672,48 @@ def test_a_removal_that_would_empty_a_piece_keeps_one_of_its_units():
     small = copy.deepcopy(model)
     assert slice_units(small, [group], removed) == 2
     assert small.splits == [1, 3] and small.convs[0].groups == 1
+
+
+def test_the_size_a_slice_cuts_is_one_function_with_or_without_affine_weights():
+    """The labels' floors, the cost model and the latency model take the size of a sliced dim from one
+    function: a norm without affine weights has one (the labels' copy gave None, so no floor)."""
+    from lightning_prune.graph.slicing import slice_extent
+
+    assert slice_extent(nn.LayerNorm(8, elementwise_affine=False), "channel") == 8
+    assert slice_extent(nn.BatchNorm2d(6, affine=False), "channel") == 6
+    assert slice_extent(nn.GroupNorm(1, 4, affine=False), "channel") == 4
+    conv = nn.Conv2d(8, 12, 3, groups=4)
+    assert (slice_extent(conv, "in"), slice_extent(conv, "out"), slice_extent(conv, "group")) == (2, 12, 12)
+    assert slice_extent(conv.weight, "param", 1) == 2 and slice_extent(conv, "free") is None
+    assert slice_extent(nn.Linear(5, 7), "in") == 5
+
+
+def test_a_plan_that_would_empty_a_piece_is_made_feasible_where_it_is_made():
+    """Every plan goes through ``round_kept``, which puts a floor's first unit back before rounding: the
+    kept count is rounded after it (one off before), and the masks, the slicing and the FLOPs then describe
+    the same removal."""
+    from lightning_prune.core.compression import round_kept
+    from lightning_prune.core.gates import unit_masks
+    from lightning_prune.core.one_shot import channel_plan
+    from lightning_prune.graph.cost import CostModel
+
+    x = torch.randn(2, 3, 6, 6)
+    model = _SplitDepthwise().eval()
+    group = _group(_analyse(model, x), "conv1")
+    piece = next(f for f in group.floors if len(f) == 2)
+    assert round_kept(group, [*piece, 5], 1) == [piece[1], 5]
+    assert round_kept(group, [*piece, 5], 2) == [piece[1], 5]  # 4 kept (before: 3 rounded to 4, then 5)
+    scores = torch.ones(6, dtype=torch.float64)
+    scores[[*piece, 5]] = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    cost = CostModel(model, x, [group])
+    plan = channel_plan([group], [scores], cost, None, None, 0.5)  # the 3 lowest: the piece and unit 5
+    assert plan == {"conv1": [piece[1], 5]}
+    keep = [torch.tensor([u not in plan["conv1"] for u in range(6)])]
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mask in unit_masks(masked, [group], keep).items():
+            masked.get_parameter(name).mul_(mask)
+    small = copy.deepcopy(model)
+    assert slice_units(small, [group], plan) == 2
+    torch.testing.assert_close(small(x), masked(x), atol=1e-6, rtol=1e-6)
+    assert cost.ratios(plan) == pytest.approx(cost.measured_ratios(plan), rel=1e-3)  # (one unit: 5%)

@@ -57,10 +57,11 @@ def dead_units(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, li
         alive = torch.zeros(group.size, dtype=torch.bool)
         for site in group.input_sites():
             weight = model.get_parameter(site.weight_name).detach()
-            columns = weight.index_select(1, torch.tensor(site.channels, device=weight.device))
-            used = columns.transpose(0, 1).reshape(len(site.channels), -1).ne(0).any(dim=1).cpu()
+            index, units = site.column_units()
+            columns = weight.index_select(1, torch.tensor(index, device=weight.device))
+            used = columns.transpose(0, 1).reshape(len(index), -1).ne(0).any(dim=1).cpu()
             if used.any():
-                alive.index_fill_(0, torch.tensor(site.units)[used], True)
+                alive.index_fill_(0, torch.tensor(units)[used], True)
         _add_units(dead, group, (~alive).nonzero().flatten().tolist())
     return dead
 
@@ -157,11 +158,14 @@ def _record_nonzero(seen: Tensor, site: Any, module: nn.Module, args: tuple[Any,
 
 def round_kept(group: ChannelGroup, removed: Sequence[int], round_to: int, order: Sequence[int] | None = None
                ) -> list[int]:
-    """``removed`` trimmed so that the kept channel count is a multiple of ``round_to`` (channel groups only;
-    heads and conv groups are whole units). Units are put back in ``order`` (default: as given, last
-    first)."""
+    """``removed`` made feasible (:meth:`~lightning_prune.graph.ChannelGroup.feasible`: a removal never takes
+    a whole floor) and trimmed so that the kept channel count is a multiple of ``round_to`` (channel groups
+    only; heads and conv groups are whole units). Units are put back in ``order`` (default: as given, last
+    first). Every plan goes through here, so that its masks, refit and FLOPs describe the same removal."""
+    feasible = group.feasible(removed)
+    removed = [u for u in removed if u in feasible]
     if round_to <= 1 or group.unit != "channel" or not removed:
-        return list(removed)
+        return removed
     kept = group.size - len(removed)
     target = min(-(-kept // round_to) * round_to, group.size)
     back = target - kept

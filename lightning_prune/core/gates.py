@@ -211,8 +211,9 @@ class GateSet:
             for site in group.input_sites():
                 weight = root.get_parameter(site.weight_name)
                 device = local_tensor(weight).device
-                values = scale.to(device, weight.dtype)[torch.tensor(site.units, device=device)]
-                index = torch.tensor(site.channels, device=device)
+                columns, units = site.column_units()  # (a paired grouped conv: one column, many channels)
+                values = scale.to(device, weight.dtype)[torch.tensor(units, device=device)]
+                index = torch.tensor(columns, device=device)
                 view = [1] * weight.dim()
                 view[1] = -1
 

@@ -544,7 +544,7 @@ def _channel_scores(model: nn.Module, root: nn.Module, prefix: str, groups: Sequ
             e = energy.get(site.module)
             if e is None:
                 continue
-            for c, u in zip(site.channels, site.units):
+            for c, u in zip(site.channels, site.units):  # (energy: per input channel, grouped readers' too)
                 if c < e.numel():
                     score[u] += e[c]
         mean = score.mean()
@@ -662,8 +662,8 @@ def _compensate(model: nn.Module, root: nn.Module, prefix: str, groups: Sequence
     for group in groups:
         gone = set(removed.get(group.name, ()))
         for site in group.input_sites():
-            dead.setdefault(site.module, set()).update(
-                c for c, u in zip(site.channels, site.units) if u in gone)
+            dead.setdefault(site.module, set()).update(  # weight columns (a paired grouped conv's: c % ipg)
+                c for c, u in zip(site.weight_columns, site.units) if u in gone)
             weights.setdefault(site.module, set()).add(_strip(site.weight_name, prefix))
     order = {name: i for i, (name, _) in enumerate(root.named_modules())}
     readers = sorted((n for n, chs in dead.items() if chs), key=lambda n: order.get(_strip(n, prefix), 0))
@@ -843,9 +843,8 @@ def _magnitude_unit_scores(root: nn.Module, prefix: str, group: Any) -> Tensor:
     score = torch.zeros(group.size, dtype=torch.float64)
     for site in group.input_sites():
         per = _column_norms(root.get_parameter(_strip(site.weight_name, prefix))).cpu()
-        for c, u in zip(site.channels, site.units):
-            if c < per.numel():
-                score[u] += per[c]
+        for c, u in zip(*site.column_units()):
+            score[u] += per[c]
     mean = score.mean()
     return score / mean if mean > 0 else torch.ones_like(score)
 

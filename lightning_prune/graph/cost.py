@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -11,8 +12,9 @@ import torch
 from torch import nn
 
 from lightning_prune.core.sharding import is_sharded
+from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.graph.inputs import example_batch_size, like_model
-from lightning_prune.graph.slicing import slice_units
+from lightning_prune.graph.slicing import slice_extent, slice_units
 from lightning_prune.graph.types import ChannelGroup, Slice, localised_group, prefixed_name, strip_prefix
 
 __all__ = ["CostModel", "meta_copy"]
@@ -82,16 +84,13 @@ class CostModel:
     def _size(self, model: nn.Module, sl: Slice) -> int:
         local = strip_prefix(sl.module, self.prefix)
         if sl.role == "param":
-            return int(model.get_parameter(local).shape[sl.dim])
-        module = model.get_submodule(local)
-        if sl.role == "in":
-            return int(module.weight.shape[1])
-        if sl.role in ("out", "group"):
-            return int(module.weight.shape[0])
-        for attr in ("num_features", "num_channels", "out_channels"):
-            if isinstance(getattr(module, attr, None), int):
-                return int(getattr(module, attr))
-        return int(module.normalized_shape[0])
+            target = dict(itertools.chain(model.named_parameters(), model.named_buffers())).get(local)
+        else:
+            target = model.get_submodule(local)
+        size = slice_extent(target, sl.role, sl.dim)
+        if size is None:
+            raise InvalidArgumentError(f"Cannot tell the size of `{sl.module}` ({sl.role} slice).")
+        return size
 
     def cost(self, removed: Mapping[str, Iterable[int]]) -> tuple[float, float]:
         """``(flops, params)`` after removing ``removed`` (group name -> units)."""

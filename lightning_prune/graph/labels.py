@@ -41,7 +41,9 @@ A grouped convolution's groups are whole units (input channels of a group with i
 units all end up merged (a radix split summed over its groups: ResNeSt's split attention reshapes the
 ``radix x C`` outputs to ``(radix, C)`` and sums or softmaxes over the radix) the labels are propagated
 again with that conv's units paired across its groups instead: the j-th filter of every group is one unit,
-the i-th input channel of every group another (the conv keeps its groups, each loses the same positions).
+the i-th input channel of every group another (the conv keeps its groups, each loses the same positions);
+its input site holds every input channel with the weight column that reads it (``Site.columns``: ``c % (cin
+/ groups)``).
 A module reached under several names (a position encoding shared by the blocks of a stage) goes by its first
 name, and every use of one module or parameter loses the same positions (their atoms are coupled). Units that
 hold every channel of some module dim (a piece of an unequal split read by a conv of its own) form a
@@ -67,6 +69,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_prune.graph.inputs import example_arguments
 from lightning_prune.graph.layers import VIEW_OPS, channel_dim, is_grn, op_name
 from lightning_prune.graph.shapes import shape_provenance
+from lightning_prune.graph.slicing import slice_extent
 from lightning_prune.graph.types import ChannelGroup, GraphTimeoutError, Site, Slice, prefixed_name
 
 __all__ = ["LabelGraph", "trace_labels"]
@@ -76,6 +79,7 @@ FIXED = 0
 _OUTPUT = "no layer reads these channels (model output)"
 _MAX_BLOCK = 4_000_000
 _MAX_VARIANTS = 8  # attribute choices tried for a group that fails its proof
+_MAX_PAIRING_PROPAGATIONS = 3  # propagations that pair more grouped convs across their groups (ResNeSt)
 
 
 class _Fix(Exception):
@@ -172,7 +176,8 @@ def _shape_of(val: Any) -> tuple[int, ...] | None:
 @dataclass
 class _Records:
     slices: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
-    sites: list[tuple[str, str, int, np.ndarray]] = field(default_factory=list)
+    sites: list[tuple[Any, ...]] = field(default_factory=list)  # (module, kind, dim, atoms[, weight[, the
+    # weight column of each channel]])
     fixes: list[tuple[np.ndarray, str]] = field(default_factory=list)
     sizes: list[tuple[list[str], list[tuple[Any, Any]], str]] = field(default_factory=list)  # (modules,
     # [(size, atoms per position of it) or (sizes of the pieces, [atoms per position of each])], what):
@@ -234,11 +239,14 @@ class LabelGraph:
         # grouped convs whose units are positions paired across the conv groups (not whole groups): those
         # whose whole-group units all end up merged (a radix split summed over its groups, ResNeSt's split
         # attention), found by a first propagation and given a second one
+        # (merged by the operators themselves, before the fixes apply: units that a fix alone keeps, such as
+        # the model's outputs, do not count, as pairing them would gain nothing)
         self.paired: set[str] = set()
-        for _ in range(3):
+        for attempt in range(_MAX_PAIRING_PROPAGATIONS):
             self._propagate(max_passes)
-            collapsed = {m for m, ids in self._grouped.items()
-                         if len(np.unique(self.atoms.roots(ids))) <= 1} - self.paired
+            if attempt == _MAX_PAIRING_PROPAGATIONS - 1:
+                break  # (the groups describe this propagation's pairing: none is added after it)
+            collapsed = self._collapsed - self.paired
             if not collapsed:
                 break
             self.paired |= collapsed
@@ -264,6 +272,9 @@ class LabelGraph:
         self.records = _Records()
         self._run()
         self.passes += 1
+        # grouped convs whose units the operators merged into one (before the fixes apply)
+        self._collapsed = {m for m, ids in self._grouped.items()
+                           if len(np.unique(self.atoms.roots(ids))) <= 1}
         # why each producer's channels stay: the fix that reached its units (a unit merged with those a fix
         # names before the fixes apply), a reason other than the model's output first
         by_root: dict[int, str] = {}
@@ -857,16 +868,7 @@ class LabelGraph:
         chan = self.dim_atoms(x_lab, 1)
         if groups == 1:
             if chan is not None:
-                if computed:
-                    why = (f"weight-standardised conv `{mname}` reads these channels (its standardisation"
-                           " over the fan-in changes)")
-                    self.records.fixes.append((chan, why))
-                elif self._owner(node) != mname:
-                    self._collapse((1,), chan, {1})
-                    self.records.notes.append((chan, "a conv weight used outside its module"))
-                else:
-                    self.records.sites.append((mname, "input", 1, chan))
-                    self.records.slices.append((mname, "in", 1, chan))
+                self._conv_input(node, mname, chan, computed)
             atoms = self._new_producer(mname, cout)
             self.records.slices.append((mname, "out", 0, atoms))
             return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
@@ -888,16 +890,8 @@ class LabelGraph:
                 cgrid = chan.reshape(groups, ipg)
                 for g in range(1, groups):
                     self.atoms.union_arrays(cgrid[0], cgrid[g])
-                if computed:
-                    why = (f"weight-standardised conv `{mname}` reads these channels (its standardisation"
-                           " over the fan-in changes)")
-                    self.records.fixes.append((chan, why))
-                elif self._owner(node) != mname:
-                    self._collapse((1,), chan, {1})
-                    self.records.notes.append((chan, "a conv weight used outside its module"))
-                else:
-                    self.records.sites.append((mname, "input", 1, chan))
-                    self.records.slices.append((mname, "in", 1, cgrid[0]))
+                # input channel c is weight column c % ipg: the site keeps both (hooks index the tensor)
+                self._conv_input(node, mname, chan, computed, np.tile(np.arange(ipg), groups))
             return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
         # grouped: whole conv groups (input channels of group g, its filters) are one unit
         if opg > 1 or ipg > 1:
@@ -908,6 +902,27 @@ class LabelGraph:
             self.atoms.union_all(np.concatenate([chan[g * ipg:(g + 1) * ipg], atoms[g * opg:(g + 1) * opg]]))
         self.records.slices.append((mname, "group", 0, atoms))
         return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
+
+    def _conv_input(self, node: Any, mname: str, chan: np.ndarray, computed: bool,
+                    columns: np.ndarray | None = None) -> None:
+        """The input side of conv ``mname`` reading the labelled channels ``chan``: a fix (a
+        weight-standardised conv), a collapse (its weight used outside its module), else an input site and
+        the slice of its weight columns; ``columns``: the weight column of each channel where it is not the
+        channel itself (a grouped conv paired across its groups: channel ``c`` is column ``c % ipg``)."""
+        if computed:
+            why = (f"weight-standardised conv `{mname}` reads these channels (its standardisation over the"
+                   " fan-in changes)")
+            self.records.fixes.append((chan, why))
+        elif self._owner(node) != mname:
+            self._collapse((1,), chan, {1})
+            self.records.notes.append((chan, "a conv weight used outside its module"))
+        elif columns is None:
+            self.records.sites.append((mname, "input", 1, chan))
+            self.records.slices.append((mname, "in", 1, chan))
+        else:
+            self.records.sites.append((mname, "input", 1, chan, "", columns))
+            _, first = np.unique(columns, return_index=True)  # each column's atoms: its first channel's
+            self.records.slices.append((mname, "in", 1, chan[first]))
 
     def _norm(self, node: Any, name: str, labs: dict) -> Any:
         args = node.args
@@ -1463,11 +1478,15 @@ class LabelGraph:
         for module, role, dim, arr in self.records.slices:
             for g, (chans, us) in entries(arr).items():
                 slices.setdefault(g, {}).setdefault((module, role, dim), {}).update(zip(chans, us))
-        sites: dict[str, dict[tuple[str, str, int, str], dict[int, int]]] = {}
-        for module, kind, dim, arr, *weight in self.records.sites:
+        # channel -> (unit, weight column)
+        sites: dict[str, dict[tuple[str, str, int, str], dict[int, tuple[int, int]]]] = {}
+        for module, kind, dim, arr, *extra in self.records.sites:
+            weight = extra[0] if extra else ""
+            columns = extra[1].tolist() if len(extra) > 1 else None  # (the weight column of each channel)
             for g, (chans, us) in entries(arr).items():
-                key = (module, kind, dim, weight[0] if weight else "")
-                sites.setdefault(g, {}).setdefault(key, {}).update(zip(chans, us))
+                cols = [columns[c] for c in chans] if columns is not None else chans
+                sites.setdefault(g, {}).setdefault((module, kind, dim, weight), {}).update(
+                    zip(chans, zip(us, cols)))
         attrs: dict[str, set[tuple[str, str, Any]]] = {}
         self.hints: dict[str, str] = {}
         self.choices: dict[str, list[list[tuple[str, str, Any]]]] = {}
@@ -1586,8 +1605,10 @@ class LabelGraph:
             group_sites = []
             for (module, kind, dim, weight), chans in sorted(sites.get(g, {}).items()):
                 items = sorted(chans.items())
+                columns = tuple(col for _, (_, col) in items)
                 group_sites.append(Site(full(module), kind, dim, tuple(c for c, _ in items),
-                                        tuple(u for _, u in items), full(weight) if weight else ""))
+                                        tuple(u for _, (u, _) in items), full(weight) if weight else "",
+                                        columns if columns != tuple(c for c, _ in items) else ()))
             io_slices = [s for s in group_slices if s.role in ("out", "group", "in")]
             width = min((len(s.channels) // max(len(set(s.units)), 1) for s in io_slices), default=1)
             kind = ("conv group" if any(s.role == "group" for s in group_slices)
@@ -1619,15 +1640,8 @@ class LabelGraph:
 
     def _extent(self, module: str, role: str, dim: int) -> int | None:
         """The size of the dim a slice cuts (None where it is not one dim of one tensor)."""
-        tensor = None
-        if role == "param":
-            tensor = self.params.get(module, self.buffers.get(module))
-        elif role in ("out", "in", "channel"):
-            tensor = getattr(self.modules.get(module), "weight", None)
-            dim = 1 if role == "in" else 0
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() <= dim:
-            return None
-        return int(tensor.shape[dim])
+        tensor = self.params.get(module, self.buffers.get(module))
+        return slice_extent(tensor if role == "param" else self.modules.get(module), role, dim)
 
     def reason(self, group: ChannelGroup) -> str | None:
         """A note on what the exactness proof may have caught (a slice with fixed bounds...)."""

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from lightning_prune.core.threads import limited_threads
 from lightning_prune.graph.inputs import call_model, example_batch_size, like_model
 from lightning_prune.graph.layers import CONV_TYPES, channel_dim
-from lightning_prune.graph.slicing import slice_units
+from lightning_prune.graph.slicing import slice_extent, slice_units
 from lightning_prune.graph.types import ChannelGroup, Slice, localised_group, prefixed_name, strip_prefix
 
 __all__ = [
@@ -364,19 +364,6 @@ def batched_example(example: Any, batch_size: int) -> Any:
     return example
 
 
-def _axis_size(module: nn.Module, role: str) -> int | None:
-    if role == "in":  # (a grouped conv's inputs: the positions within a group, the same in every group)
-        return int(getattr(module, "in_channels", getattr(module, "in_features", 0))
-                   // getattr(module, "groups", 1)) or None
-    if role in ("out", "group"):
-        return int(getattr(module, "out_channels", getattr(module, "out_features", 0))) or None
-    for attr in ("num_features", "num_channels", "out_channels"):
-        if isinstance(getattr(module, attr, None), int):
-            return int(getattr(module, attr))
-    shape = getattr(module, "normalized_shape", None)
-    return int(shape[0]) if shape else None
-
-
 def _in_width(module: nn.Module) -> int | None:
     for attr in ("in_channels", "in_features", "num_features", "num_channels"):
         if isinstance(getattr(module, attr, None), int):
@@ -510,7 +497,7 @@ def measure_latency_model(model: nn.Module, example: Any, groups: Sequence[Chann
             dim = fits[0] % len(shape)
             sizes: tuple[int | None, ...] = (int(shape[dim]),)
         else:
-            sizes = tuple(_axis_size(module, r) for r in roles)
+            sizes = tuple(slice_extent(module, r) for r in roles)
         if any(s is None for s in sizes) or (set(roles) & {"group", "channel"} and len(roles) > 1):
             continue
         steps = []

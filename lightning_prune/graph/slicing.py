@@ -17,7 +17,40 @@ from lightning_prune.graph.layers import CONV_TYPES, is_depthwise, is_grn
 from lightning_prune.graph.types import ChannelGroup, strip_prefix
 
 __all__ = ["cut_like", "drop_cached_tensors", "norm_size", "parameter_cuts", "restricted_forward",
-           "restricted_norm_hooks", "slice_units", "zero_unit_hooks"]
+           "restricted_norm_hooks", "slice_extent", "slice_units", "zero_unit_hooks"]
+
+
+def slice_extent(target: nn.Module | Tensor | None, role: str, dim: int = 0) -> int | None:
+    """The size of the dim a :class:`~lightning_prune.graph.Slice` of ``role`` cuts (None where it is not one
+    dim of one tensor: a ``"free"`` slice, an unknown module).
+
+    ``target``: the module (for ``role="param"``, the parameter or buffer, cut along ``dim``). ``"in"``: the
+    weight's columns (a grouped conv's: the positions within a group); ``"out"``/``"group"``: its rows;
+    ``"channel"``: the channels of a per-channel module, affine weights or not (BatchNorm's ``num_features``,
+    GroupNorm's ``num_channels``, a depthwise conv's ``out_channels``, LayerNorm's ``normalized_shape``)."""
+    if role == "param":
+        return int(target.shape[dim]) if isinstance(target, Tensor) and target.dim() > dim else None
+    if not isinstance(target, nn.Module) or role == "free":
+        return None
+    weight = getattr(target, "weight", None)
+    weight = weight if isinstance(weight, Tensor) else None
+    if role == "in":
+        if weight is not None and weight.dim() > 1:
+            return int(weight.shape[1])
+        width = getattr(target, "in_channels", getattr(target, "in_features", None))
+        return int(width) // int(getattr(target, "groups", 1)) if isinstance(width, int) else None
+    if role in ("out", "group"):
+        if weight is not None and weight.dim() > 0:
+            return int(weight.shape[0])
+        width = getattr(target, "out_channels", getattr(target, "out_features", None))
+        return int(width) if isinstance(width, int) else None
+    for attr in ("num_features", "num_channels", "out_channels"):
+        if isinstance(getattr(target, attr, None), int):
+            return int(getattr(target, attr))
+    shape = getattr(target, "normalized_shape", None)
+    if shape:
+        return int(shape[0])
+    return int(weight.shape[0]) if weight is not None and weight.dim() > 0 else None
 
 
 def _unit_tensor(units: Sequence[int], removed: set[int]) -> Tensor:

@@ -4,6 +4,7 @@ that place module names under the LightningModule's prefix."""
 
 from __future__ import annotations
 
+import dataclasses
 import linecache
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -89,6 +90,11 @@ class Site:
     it computes its statistics over the kept channels only. ``weight``: the Conv/Linear weight that reads the
     channels when ``module`` is not that layer itself (a module whose forward calls ``F.linear`` with a
     child's weight: the gate goes on the module's input, and folds into that weight's columns).
+
+    ``channels`` index the input tensor (what hooks on the module's input use); ``columns``, where not empty,
+    the weight's dim 1 at each of them: a grouped conv whose units are paired across its groups reads input
+    channel ``c`` with column ``c % (cin // groups)``, so several channels (one per conv group, all of one
+    unit) share a column. Whatever indexes the weight uses :attr:`weight_columns` or :meth:`column_units`.
     """
 
     module: str
@@ -97,11 +103,24 @@ class Site:
     channels: tuple[int, ...]
     units: tuple[int, ...]
     weight: str = ""
+    columns: tuple[int, ...] = ()
 
     @property
     def weight_name(self) -> str:
         """The full name of the weight whose columns read the channels."""
         return self.weight or f"{self.module}.weight"
+
+    @property
+    def weight_columns(self) -> tuple[int, ...]:
+        """The weight column (dim 1) of each of :attr:`channels` (aligned with :attr:`units`)."""
+        return getattr(self, "columns", ()) or self.channels  # (a site pickled before columns existed)
+
+    def column_units(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(columns, units)``: each weight column the site reads once, with its unit."""
+        seen: dict[int, int] = {}
+        for c, u in zip(self.weight_columns, self.units):
+            seen.setdefault(c, u)
+        return tuple(seen), tuple(seen.values())
 
 
 @dataclass(frozen=True)
@@ -208,7 +227,7 @@ def localised_group(group: ChannelGroup, prefix: str) -> ChannelGroup:
     s = lambda n: strip_prefix(n, prefix)  # noqa: E731
     return ChannelGroup(
         s(group.name), group.size, group.unit, group.width,
-        tuple(Site(s(x.module), x.kind, x.dim, x.channels, x.units, s(x.weight) if x.weight else "")
+        tuple(dataclasses.replace(x, module=s(x.module), weight=s(x.weight) if x.weight else "")
               for x in group.sites),
         tuple(Slice(s(x.module), x.role, x.channels, x.units, x.dim) for x in group.slices),
         tuple(s(p) for p in group.producers), group.coupled, tuple((s(m), a, k) for m, a, k in group.attrs),
