@@ -32,7 +32,12 @@ from lightning_prune.functional.channels import capture_mask, gate_l1_penalty, g
 from lightning_prune.graph import DEFAULT_ANALYSIS_TIME_LIMIT_S, ChannelGroup
 from lightning_prune.validation import check_fraction, check_nonnegative, check_optional, check_positive
 
-__all__ = ["GroupLassoPruning"]
+__all__ = ["LAM", "LAM_WITH_TARGET", "GroupLassoPruning"]
+
+#: the penalty's default weight without a size target (gates below ``prune_threshold`` decide what goes)
+LAM = 2e-4
+#: the default with ``target_flops``/``target_params``/``target_latency`` (the budget decides how many go)
+LAM_WITH_TARGET = 2e-5
 
 
 class GroupLassoPruning(GatePruningCallback):
@@ -49,7 +54,12 @@ class GroupLassoPruning(GatePruningCallback):
     others are folded into the weights.
 
     Args:
-        lam: weight of the L1 penalty ``lam * sum |g|`` (>= 0).
+        lam: weight of the L1 penalty ``lam * sum |g|`` (>= 0). Default (``None``): ``2e-4`` (:data:`LAM`), or
+            ``2e-5`` (:data:`LAM_WITH_TARGET`) with ``target_flops``/``target_params``/``target_latency``: the
+            budget then decides how many units go and the penalty only has to rank them; at ``2e-4`` it drove
+            whole early stages of resnet18 on ``lp.ShapesDataModule`` to a few channels before the decision
+            (0.67 test accuracy at 0.5 of the FLOPs against 0.81 at ``2e-5``, dense 0.82;
+            ``benchmarks/results/lasso_strength.md``).
         gate_lr: learning rate of the gates' optimizer. It is large by default: a BatchNorm after the gated
             layer makes the loss nearly invariant to scaling all of a layer's gates together, so their
             gradients are small; with SGD each gate shrinks by about ``10 * gate_lr * lam`` per step minus its
@@ -118,7 +128,7 @@ class GroupLassoPruning(GatePruningCallback):
 
     def __init__(
         self,
-        lam: float = 2e-4,
+        lam: float | None = None,
         gate_lr: float = 5.0,
         gate_optimizer: str = "sgd",
         weight_l1: float = 0.0,
@@ -166,6 +176,9 @@ class GroupLassoPruning(GatePruningCallback):
                          types=types, log_media_every_n_epochs=log_media_every_n_epochs, verbose=verbose,
                          target_latency=target_latency, latency_device=latency_device,
                          latency_batch_size=latency_batch_size, latency_model=latency_model)
+        if lam is None:
+            sized = target_flops is not None or target_params is not None or target_latency is not None
+            lam = LAM_WITH_TARGET if sized else LAM
         self.lam = check_nonnegative("lam", lam, "lam weighs the L1 penalty on the gates; 0 disables it.")
         self.weight_l1 = check_nonnegative("weight_l1", weight_l1)
         self.weight_l2 = check_nonnegative("weight_l2", weight_l2)
