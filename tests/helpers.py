@@ -255,3 +255,20 @@ def analyse_and_prove_each_group(model: torch.nn.Module, x: torch.Tensor):
         masked, _, sliced = masked_and_sliced(model, x, [group], removed, seed=1)
         assert compare_outputs(masked, sliced, 1e-6) <= 1e-6, group.name
     return analysis
+
+
+def random_gates(groups, seed: int = 2):
+    """A :class:`~lightning_prune.core.gates.GateSet` over ``groups`` with ~40% of every group's gates closed
+    (the first unit always open) and the open ones drawn in [0.5, 1.5); returns ``(gates, keep)``."""
+    from lightning_prune.core.gates import GateSet, ScaleGate
+
+    gates = GateSet(groups, [ScaleGate(g.size) for g in groups])
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for group, gate in zip(groups, gates.gates):
+        kept = torch.rand(group.size, generator=gen) > 0.4
+        kept[0] = True
+        keep.append(kept)
+        with torch.no_grad():
+            gate.weight.copy_(kept.float() * (0.5 + torch.rand(group.size, generator=gen)))
+    return gates, keep

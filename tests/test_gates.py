@@ -20,7 +20,7 @@ from lightning_prune.functional.channels import (
 )
 from lightning_prune.graph import analyse_channels, restricted_norm_hooks, slice_units
 from lightning_prune.testing import TINY_MODELS
-from tests.helpers import trained_looking
+from tests.helpers import random_gates, trained_looking
 
 FAMILIES = list(TINY_MODELS)
 
@@ -82,15 +82,7 @@ def test_closed_gates_masks_and_restricted_norms_equal_the_sliced_model(name):
     model."""
     model, x = _model(name), _x(name)
     groups = _groups(model, x)
-    gates = GateSet(groups, [ScaleGate(g.size) for g in groups])
-    gen = torch.Generator().manual_seed(2)
-    keep = []
-    for group, gate in zip(groups, gates.gates):
-        kept = torch.rand(group.size, generator=gen) > 0.4
-        kept[0] = True
-        keep.append(kept)
-        with torch.no_grad():
-            gate.weight.copy_(kept.float() * (0.5 + torch.rand(group.size, generator=gen)))
+    gates, keep = random_gates(groups)
     gates.attach(model)
     gated = model(x)  # closed gates already leave the norms' statistics
     gates.detach()

@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_prune.graph import analyse_channels, masked_and_sliced, slice_units
 from lightning_prune.graph.proof import compare_outputs
-from tests.helpers import analyse_and_prove_each_group
+from tests.helpers import analyse_and_prove_each_group, random_gates
 
 torch.manual_seed(0)
 X = torch.randn(2, 5, 16)
@@ -543,7 +543,7 @@ def test_a_grouped_conv_paired_across_its_groups_folds_and_masks_its_weight_colu
     changing the outputs; closed gates, folded and masked, equal the sliced model; the units whose columns
     are zero are dead (index out of range before)."""
     from lightning_prune.core.compression import dead_units
-    from lightning_prune.core.gates import GateSet, ScaleGate, unit_masks
+    from lightning_prune.core.gates import unit_masks
 
     x = torch.randn(2, 3, 6, 6)
     model = _SplitAttention(grouped=True).eval()
@@ -551,15 +551,7 @@ def test_a_grouped_conv_paired_across_its_groups_folds_and_masks_its_weight_colu
     site = _paired_site(groups)
     assert site.module == "conv" and len(site.channels) == 8 and site.columns == (0, 1, 2, 3) * 2
     assert site.column_units() == ((0, 1, 2, 3), site.units[:4])
-    gates = GateSet(groups, [ScaleGate(g.size) for g in groups])
-    gen = torch.Generator().manual_seed(2)
-    keep = []
-    for group, gate in zip(groups, gates.gates):
-        kept = torch.rand(group.size, generator=gen) > 0.4
-        kept[0] = True
-        keep.append(kept)
-        with torch.no_grad():
-            gate.weight.copy_(kept.float() * (0.5 + torch.rand(group.size, generator=gen)))
+    gates, keep = random_gates(groups)
     gates.attach(model)
     gated = model(x)
     gates.detach()
