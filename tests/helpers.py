@@ -272,3 +272,17 @@ def random_gates(groups, seed: int = 2):
         with torch.no_grad():
             gate.weight.copy_(kept.float() * (0.5 + torch.rand(group.size, generator=gen)))
     return gates, keep
+
+
+def logits_around_train_end(callback, x: torch.Tensor):
+    """``[Spy, callback, Spy]`` recording the eval logits on ``x`` at ``on_train_end`` before the callback's
+    own (``seen["gated"]``) and after it (``seen["compressed"]``); returns ``(callbacks, seen)``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(key: str):
+        def store(trainer, module, hook):
+            seen[key] = eval_logits(module, x)
+
+        return Spy(store, ("on_train_end",))
+
+    return [record("gated"), callback, record("compressed")], seen

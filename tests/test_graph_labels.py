@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_prune.graph import analyse_channels, masked_and_sliced, slice_units
 from lightning_prune.graph.proof import compare_outputs
-from tests.helpers import analyse_and_prove_each_group, random_gates
+from tests.helpers import analyse_and_prove_each_group, logits_around_train_end, random_gates
 
 torch.manual_seed(0)
 X = torch.randn(2, 5, 16)
@@ -395,23 +395,14 @@ def test_gate_fit_gates_heads_and_residual_stream(tmp_path):
     fit shrinks the model and the compressed logits equal the gated ones."""
     from lightning_prune.callbacks.group_lasso import GroupLassoPruning
     from lightning_prune.testing import fit_tiny, tiny_classifier
-    from tests.helpers import Spy, eval_logits
 
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    seen = {}
-
-    def before(trainer, module, hook):
-        seen["gated"] = eval_logits(module, x)
-
-    def after(trainer, module, hook):
-        seen["compressed"] = eval_logits(module, x)
-
     cb = GroupLassoPruning(finalize_step=1.0, compress=True, prune_coupled=True, lam=0.3, gate_lr=0.2,
                            gate_optimizer="sgd", capture_threshold=0.02, prune_threshold=0.3, verbose=False)
     model = tiny_classifier("test_vit")
     dense = sum(p.numel() for p in model.parameters())
-    fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=model,
-             max_epochs=2, limit_train_batches=3, limit_val_batches=1)
+    callbacks, seen = logits_around_train_end(cb, x)
+    fit_tiny(callbacks, tmp_path, model=model, max_epochs=2, limit_train_batches=3, limit_val_batches=1)
     kinds = {g.unit for g in cb.groups}
     assert "head" in kinds and any(g.coupled for g in cb.groups)
     assert cb.finalized and sum(p.numel() for p in model.parameters()) < dense
@@ -494,23 +485,14 @@ def _group_lasso_fold_and_compress(module, tmp_path, **target):
     gated ones (the gates folded into the weight columns); with one, the budget is met."""
     from lightning_prune.callbacks.group_lasso import GroupLassoPruning
     from lightning_prune.testing import fit_tiny
-    from tests.helpers import Spy, eval_logits
 
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    seen = {}
-
-    def before(trainer, m, hook):
-        seen["gated"] = eval_logits(m, x)
-
-    def after(trainer, m, hook):
-        seen["compressed"] = eval_logits(m, x)
-
     cb = GroupLassoPruning(finalize_step=1.0, compress=True, recalibrate_bn_batches=0, round_to=1, lam=0.3,
                            gate_lr=0.2, gate_optimizer="sgd", capture_threshold=0.02, prune_threshold=0.3,
                            verbose=False, **target)
     dense = sum(p.numel() for p in module.parameters())
-    fit_tiny([Spy(before, ("on_train_end",)), cb, Spy(after, ("on_train_end",))], tmp_path, model=module,
-             max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    callbacks, seen = logits_around_train_end(cb, x)
+    fit_tiny(callbacks, tmp_path, model=module, max_epochs=1, limit_train_batches=3, limit_val_batches=0)
     site = _paired_site(cb.groups)
     assert len(site.channels) == 2 * len(set(site.columns))  # every tensor channel, half as many columns
     assert cb.finalized
