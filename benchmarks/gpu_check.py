@@ -253,11 +253,11 @@ def _error(err: BaseException) -> str:
 
 
 def _run_row(row: dict[str, Any], fit: Callable[[], dict[str, Any]], args: argparse.Namespace,
-             start: float) -> tuple[Any, float] | None:
-    """Run one row of the table: ``fit()`` (returning ``{"checks", "peak_mib"}``), its median step time, peak
-    memory, the checks' counts and status (``"ok"`` or the first errors) written into ``row``; a failure is a
-    ``FAIL`` row. Returns ``(checks, median ms)`` (``(None, nan)`` when it failed), or None when the time
-    budget is spent (the row then says so)."""
+             start: float) -> Any:
+    """Run one row of the table: ``fit()`` (returning ``{"checks", "peak_mib"}``), its median step time
+    (``row["ms"]``), peak memory, the checks' counts and status (``"ok"`` or the first errors) written into
+    ``row``. Returns the checks when the fit ran, None when it failed (a ``FAIL`` row) or the time budget was
+    spent (the row says so)."""
     if time.monotonic() - start > args.budget:
         row["status"] = "skipped (time budget)"
         return None
@@ -268,11 +268,11 @@ def _run_row(row: dict[str, Any], fit: Callable[[], dict[str, Any]], args: argpa
         row.update(ms=round(ms, 2), peak_mib=round(out["peak_mib"], 1), zeros=checks.zeros_checked,
                    gates=checks.gates_checked)
         row["status"] = "FAIL: " + "; ".join(checks.errors[:3]) if checks.errors else "ok"
-        return checks, ms
+        return checks
     except Exception as err:  # noqa: BLE001 - a failure is a row of the table
         row["status"] = "FAIL: " + _error(err)
         traceback.print_exc()
-        return None, float("nan")
+        return None
     finally:
         if args.accelerator == "gpu":
             torch.cuda.empty_cache()
@@ -322,13 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                 row: dict[str, Any] = {"callback": name, "precision": precision,
                                        "compiled": "inductor" if compiled else "no"}
                 rows.append(row)
-                ran = _run_row(row, partial(_fit, name, precision, compiled,
-                                            root / f"{name}-{precision}-{compiled}"), args, start)
-                if ran is None:
-                    continue
-                checks, ms = ran
+                checks = _run_row(row, partial(_fit, name, precision, compiled,
+                                               root / f"{name}-{precision}-{compiled}"), args, start)
                 if checks is not None and name == "dense":
-                    dense_ms[precision, compiled] = ms
+                    dense_ms[precision, compiled] = row["ms"]
                 if checks is not None and checks.gate_steps:
                     gate_steps[name, precision, compiled] = statistics.mean(checks.gate_steps)
                 print(f"  {name:>20} {precision:>10} compiled={compiled!s:5} {row.get('status')}"
@@ -338,14 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in ["dense", *fsdp2]:
             row = {"callback": f"{name} (FSDP2)", "precision": "bf16-mixed", "compiled": "no"}
             rows.append(row)
-            ran = _run_row(row, partial(_fit_fsdp2, name, root / f"fsdp2-{name}"), args, start)
-            if ran is None:
-                continue
-            checks, ms = ran
+            checks = _run_row(row, partial(_fit_fsdp2, name, root / f"fsdp2-{name}"), args, start)
             if checks is not None and name == "dense":
-                dense_ms["fsdp2"] = ms
+                dense_ms["fsdp2"] = row["ms"]
             elif checks is not None and dense_ms.get("fsdp2"):
-                row["ratio"] = round(ms / dense_ms["fsdp2"], 3)
+                row["ratio"] = round(row["ms"] / dense_ms["fsdp2"], 3)
             print(f"  {row['callback']:>20} bf16-mixed FSDP2 {row.get('status')}"
                   f" ({time.monotonic() - start:.0f} s)", flush=True)
     for row in rows:
