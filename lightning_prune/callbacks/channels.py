@@ -63,7 +63,9 @@ from lightning_prune.callbacks.shrink import (
     compress_in_fit,
     compress_sharded_in_fit,
     log_model_size,
+    others_follow_removal,
     recorded_removal,
+    refuse_removal_conflicts,
     resize_sharded,
     sharded_compression_problem,
 )
@@ -704,7 +706,7 @@ class ChannelPruningCallback(PruningCallback):
             cuts = compress_exactly(pl_module, self.groups, removed, example)
         self.shrink.removed = removed
         self.after_compression(pl_module)
-        self._others_follow(trainer, pl_module, cuts)
+        others_follow_removal(trainer, self, pl_module, cuts)
         if trainer is not None:
             log_model_size(trainer, pl_module, self.traced_size, type(self).__name__, self.verbose)
 
@@ -744,15 +746,7 @@ class ChannelPruningCallback(PruningCallback):
         self.shrink.removed = removed
         self.after_compression(pl_module)
         if cuts is not None:  # (before Lightning loads their states: the checkpoint's masks, the new shapes)
-            self._others_follow(trainer, pl_module, cuts)
-
-    def _others_follow(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule,
-                       cuts: dict[str, list[tuple[int, Tensor]]]) -> None:
-        """The other pruning callbacks of the fit cut their masks like the parameters (the refused ones were
-        refused at setup: :meth:`_refuse_stale_holders`)."""
-        for cb in getattr(trainer, "callbacks", None) or []:
-            if cb is not self and isinstance(cb, PruningCallback) and cb.follows_removal:
-                cb.follow_removal(pl_module, cuts)
+            others_follow_removal(trainer, self, pl_module, cuts)
 
     @override
     def compress_for_deployment(self, module: pl.LightningModule, compress: bool | None = None) -> bool:
@@ -791,22 +785,8 @@ class ChannelPruningCallback(PruningCallback):
         (``follows_removal = True``); every other pruning callback, and any callback giving a
         ``removal_refusal``, is refused at setup, by name, with the reason and what to do."""
         if type(trainer.strategy).__name__ != SHARDED_STRATEGY:
-            for cb in getattr(trainer, "callbacks", None) or []:
-                pruning = isinstance(cb, PruningCallback)
-                if cb is self or (pruning and cb.follows_removal):
-                    continue
-                why, hint = getattr(cb, "removal_refusal", None), ""
-                if pruning and why is None:
-                    why = ("it does not say that it can follow the removal (its masks or other state may"
-                           " depend on the old shapes)")
-                    hint = (f"; if {type(cb).__name__}'s masks stay right when cut like the parameters"
-                            " (PruningCallback.follow_removal), set `follows_removal = True` on it")
-                if why:
-                    raise MisconfigurationException(
-                        f"{type(self).__name__}(compress=True) cannot share a fit with {type(cb).__name__}:"
-                        f" the units removed inside the fit change the parameters' shapes, and {why}."
-                        " HINT: compress=False (the units stay masked; compress after the fit), or run them"
-                        f" in separate fits{hint}.")
+            refuse_removal_conflicts(trainer, self, f"{type(self).__name__}(compress=True)",
+                                     "compress=False (the units stay masked; compress after the fit)")
             return
         holders = [type(cb).__name__ for cb in getattr(trainer, "callbacks", []) if cb is not self
                    and (isinstance(cb, PruningCallback) or type(cb).__name__ in _HOLD_MODULES)]

@@ -24,7 +24,14 @@ from typing_extensions import override
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.logging import PREFIX, log_scalars
 from lightning_prune.callbacks.schedules import resolve_step, warn_if_after_training
-from lightning_prune.callbacks.shrink import ShrinkSchedule, check_strategy, compress_in_fit, recorded_removal
+from lightning_prune.callbacks.shrink import (
+    ShrinkSchedule,
+    check_strategy,
+    compress_in_fit,
+    others_follow_removal,
+    recorded_removal,
+    refuse_removal_conflicts,
+)
 from lightning_prune.callbacks.state import seeded_generator
 from lightning_prune.core.importance import get_importance
 from lightning_prune.core.one_shot import (
@@ -265,6 +272,7 @@ class OneShotPruning(PruningCallback):
             return
         if trainer is not None and stage == "fit":
             check_strategy(trainer, type(self).__name__)
+            refuse_removal_conflicts(trainer, self, f"{type(self).__name__}(method='channels')")
         with as_misconfiguration(), input_size_errors(self.input_size):
             from lightning_prune.graph import example_inputs_for, traced_root
 
@@ -275,7 +283,7 @@ class OneShotPruning(PruningCallback):
         self.groups, self._cost, self._channels = groups, cost, (prefix, root, example)
         if trainer is not None and stage == "fit":
             self.shrink.install_resume(trainer, self.state_key,
-                                       lambda state: self._apply_removed(pl_module, state))
+                                       lambda state: self._apply_removed(trainer, pl_module, state))
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -400,12 +408,13 @@ class OneShotPruning(PruningCallback):
         self.flops_remaining, params = self._cost.measured_ratios(removed)
         handles = restricted_norm_hooks(root, self.groups, removed, prefix=prefix)
         try:
-            compress_in_fit(trainer, pl_module, self.groups, removed, example)
+            cuts = compress_in_fit(trainer, pl_module, self.groups, removed, example)
         finally:
             for h in handles:
                 h.remove()
         self.shrink.removed = removed
         self.retarget(pl_module)
+        others_follow_removal(trainer, self, pl_module, cuts)
         units = sum(len(v) for v in removed.values())
         metrics = {f"{PREFIX}/flops_remaining": float(self.flops_remaining),
                    f"{PREFIX}/params_remaining": float(params), **latency_metrics, **self.error_metrics()}
@@ -424,16 +433,20 @@ class OneShotPruning(PruningCallback):
         metrics.update({f"{PREFIX}/one_shot/error/{k}": v for k, v in self.errors.items()})
         return metrics
 
-    def _apply_removed(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
-        """Resume: the checkpoint holds the smaller model; take its shapes before Lightning loads them."""
-        from lightning_prune.graph import slice_units
+    def _apply_removed(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                       state: dict[str, Any]) -> None:
+        """Resume: the checkpoint holds the smaller model; take its shapes (and the other callbacks' masks
+        theirs) before Lightning loads them."""
+        from lightning_prune.graph import parameter_cuts, slice_units
 
         if self.shrink.removed is not None or self.groups is None:
             return
         removed = recorded_removal(state, self.groups)
+        cuts = parameter_cuts(pl_module, self.groups, removed)
         slice_units(pl_module, self.groups, removed)
         self.shrink.removed = removed
         self.retarget(pl_module)
+        others_follow_removal(trainer, self, pl_module, cuts)
 
     # ------------------------------------------------------------------ state
     @override

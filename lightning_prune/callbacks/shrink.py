@@ -30,8 +30,8 @@ from lightning_prune.graph import ChannelGroup, cut_like, example_inputs_for, pa
 
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
            "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "gather_network",
-           "log_model_size", "pad_to_dense", "recorded_removal", "resize_sharded",
-           "sharded_compression_problem"]
+           "log_model_size", "others_follow_removal", "pad_to_dense", "recorded_removal",
+           "refuse_removal_conflicts", "resize_sharded", "sharded_compression_problem"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
 #: (ModelParallelStrategy, FSDP2, is supported by compress_sharded_in_fit; tensor parallelism is refused by
@@ -166,6 +166,42 @@ def compress_exactly(pl_module: nn.Module, groups: Sequence[ChannelGroup],
                 f" not to {tuple(expected)} as planned; the optimizer state and the masks cannot follow it."
                 " Please report this with the model.")
     return cuts
+
+
+def refuse_removal_conflicts(trainer: pl.Trainer, owner: Any, who: str,
+                             alternative: str | None = None) -> None:
+    """Refuse, at setup and by name, every callback of the fit that cannot live through ``owner``'s in-fit
+    removal of units: a pruning callback that does not say it follows the removal
+    (``PruningCallback.follows_removal``), and any callback that gives a ``removal_refusal`` (its reason).
+    ``who`` names the removing callback in the message, ``alternative`` what else to do."""
+    from lightning_prune.callbacks.base import PruningCallback
+
+    for cb in getattr(trainer, "callbacks", None) or []:
+        pruning = isinstance(cb, PruningCallback)
+        if cb is owner or (pruning and cb.follows_removal):
+            continue
+        why, hint = getattr(cb, "removal_refusal", None), ""
+        if pruning and why is None:
+            why = ("it does not say that it can follow the removal (its masks or other state may depend on"
+                   " the old shapes)")
+            hint = (f"; if {type(cb).__name__}'s masks stay right when cut like the parameters"
+                    " (PruningCallback.follow_removal), set `follows_removal = True` on it")
+        if why:
+            todo = f"{alternative}, or run them" if alternative else "Run them"
+            raise MisconfigurationException(
+                f"{who} cannot share a fit with {type(cb).__name__}: the units removed inside the fit change"
+                f" the parameters' shapes, and {why}. HINT: {todo} in separate fits{hint}.")
+
+
+def others_follow_removal(trainer: pl.Trainer | None, owner: Any, pl_module: pl.LightningModule,
+                          cuts: Mapping[str, Sequence[tuple[int, Tensor]]]) -> None:
+    """After ``owner`` removed units: the other pruning callbacks of the fit that follow a removal cut their
+    masks like the parameters (the others were refused at setup: :func:`refuse_removal_conflicts`)."""
+    from lightning_prune.callbacks.base import PruningCallback
+
+    for cb in getattr(trainer, "callbacks", None) or []:
+        if cb is not owner and isinstance(cb, PruningCallback) and cb.follows_removal:
+            cb.follow_removal(pl_module, cuts)
 
 
 @torch.no_grad()

@@ -304,6 +304,39 @@ def test_a_mask_callback_resumes_mid_epoch_after_an_in_fit_removal(tmp_path):
     check_mid_epoch_resume(lambda: _beside(), tmp_path, max_epochs=2, resume_step=6)
 
 
+def _beside_one_shot():
+    """GradualMagnitudePruning (masks final at step 2) beside OneShotPruning('channels') removing units at
+    step 4."""
+    gmp = lp.GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=1, sparsity_end_step=2, verbose=False)
+    one_shot = lp.OneShotPruning("channels", target_flops=0.5, prune_step=4, calibration_batches=1,
+                                 verbose=False)
+    return gmp, one_shot
+
+
+def test_a_mask_callback_beside_a_one_shot_channel_removal_cuts_its_masks(tmp_path):
+    """OneShotPruning('channels') removes units inside the fit as GroupLassoPruning(compress=True) does: the
+    other mask callbacks cut their masks like the parameters (before: they kept the dense masks,
+    unapplied)."""
+    gmp, one_shot = _beside_one_shot()
+    probe = _MasksBefore(gmp)
+    _, model = fit_tiny([gmp, one_shot, probe], tmp_path, max_epochs=2, limit_train_batches=4,
+                        limit_val_batches=0)
+    assert one_shot.shrink.removed and any(one_shot.shrink.removed.values())
+    _assert_masks_follow(gmp, model, probe.before)
+
+
+def test_a_mask_callback_resumes_mid_epoch_after_a_one_shot_channel_removal(tmp_path):
+    check_mid_epoch_resume(_beside_one_shot, tmp_path, max_epochs=2, resume_step=6)
+
+
+def test_a_one_shot_channel_removal_refuses_what_cannot_follow_it(tmp_path):
+    """The same refusals as GroupLassoPruning(compress=True)'s, at the one-shot callback's setup, by name."""
+    with pytest.raises(MisconfigurationException, match=r"OneShotPruning\(method='channels'\) cannot share a"
+                       r" fit with LotteryTicket: .*its rewind snapshot.*HINT: Run them in separate fits"):
+        fit_tiny([lp.LotteryTicket(), lp.OneShotPruning("channels", target_flops=0.5)], tmp_path,
+                 max_epochs=3, limit_train_batches=1, limit_val_batches=0)
+
+
 class _PluginMasks(lp.PruningCallback):
     """A third-party pruning callback: it has not said that its state survives a cut (follows_removal)."""
 
