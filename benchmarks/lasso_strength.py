@@ -99,7 +99,8 @@ def summary() -> None:
               " library at cce10e0-860eea8, before `lam`'s default changed: every run's `kwargs` in the"
               " JSON name `lam`), `OMP_NUM_THREADS=1`, on the shared 2-core machine (3-8 CPU minutes"
               " each). The default row's seeds 1 and 2 are the *ours* rows of `channels-shapes-r18b.md`"
-              " (0.7245, 0.7380).", "",
+              " (0.7245, 0.7380). The `lam=2e-5, restart` run was made later with this script at 6071118"
+              " (`--variant 'lam=2e-5, restart' --kwargs '{\"lam\": 2e-5}' --restart --seed 0`).", "",
               "Kept widths (Conv/Linear that lost channels), per run:", ""]
     lines += [f"- {r['variant']} seed {r['seed']}: acc {r['acc']:.4f}; "
               + ", ".join(f"`{n}` {w}" for n, w in r["widths"].items()) for r in rows]
