@@ -66,6 +66,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_prune.graph.frozen import freeze_reason
 from lightning_prune.graph.inputs import example_arguments
 from lightning_prune.graph.layers import VIEW_OPS, channel_dim, is_grn, op_name
 from lightning_prune.graph.shapes import shape_provenance
@@ -185,6 +186,8 @@ class _Records:
     notes: list[tuple[np.ndarray, str]] = field(default_factory=list)
     attrs: list[tuple[str, str, np.ndarray]] = field(default_factory=list)  # (module, attribute, atoms per
     # position of the size it holds): an attribute known to hold the size (an RNN's ``input_size``)
+    frozen: dict[str, set[str]] = field(default_factory=dict)  # layer computing its weight -> the roles
+    # ("in", "out") whose removal freezes it (lightning_prune.graph.frozen)
 
 
 _PASS = {"clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "dropout", "lift_fresh_copy",
@@ -782,14 +785,22 @@ class LabelGraph:
         n = len(x_lab.shape)
         if not isinstance(module, nn.Linear):
             w_lab = labs.get(w)
-            if isinstance(w_lab, _Lab) and w_lab.derived:
+            owner = self._owner(node)
+            if (isinstance(w_lab, _Lab) and w_lab.derived and owner is not None
+                    and isinstance(self.modules.get(owner), nn.Linear)
+                    and self._freeze_reason(owner) is None):
+                # a Linear computing its weight (weight_norm): frozen into a plain Linear before a removal
+                mname, module = owner, self.modules[owner]
+                self.records.frozen[mname] = {"in", "out"}
+            elif isinstance(w_lab, _Lab) and w_lab.derived:
                 # a functional linear with a computed weight: the input dim is mixed, the output unlabelled
                 rest = [(d, a) for d, a in x_lab.blocks if n - 1 not in d]
                 mixed = [(d, a) for d, a in x_lab.blocks if n - 1 in d]
                 for _, a in mixed:
                     self.records.fixes.append((a, "aten.linear with a weight computed from parameters"))
                 return self.canon(_Lab(out_shape, rest))
-            raise _Fix("aten.linear with an input weight")
+            else:
+                raise _Fix("aten.linear with an input weight")
         rest = self._read(node, x_lab, n - 1, mname, module)
         atoms = self._new_producer(mname, out_shape[-1])
         self.records.slices.append((mname, "out", 0, atoms))
@@ -903,23 +914,35 @@ class LabelGraph:
         self.records.slices.append((mname, "group", 0, atoms))
         return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
 
+    def _freeze_reason(self, mname: str) -> str | None:
+        """Why layer ``mname``, which computes its weight, cannot be frozen (None: it can), once per layer."""
+        cache = self.__dict__.setdefault("_freeze_reasons", {})
+        if mname not in cache:
+            cache[mname] = freeze_reason(self.modules[mname])
+        return cache[mname]
+
     def _conv_input(self, node: Any, mname: str, chan: np.ndarray, computed: bool,
                     columns: np.ndarray | None = None) -> None:
         """The input side of conv ``mname`` reading the labelled channels ``chan``: a fix (a
         weight-standardised conv), a collapse (its weight used outside its module), else an input site and
         the slice of its weight columns; ``columns``: the weight column of each channel where it is not the
         channel itself (a grouped conv paired across its groups: channel ``c`` is column ``c % ipg``)."""
-        if computed:
+        why = self._freeze_reason(mname) if computed else None
+        if why is not None:
             why = (f"weight-standardised conv `{mname}` reads these channels (its standardisation over the"
-                   " fan-in changes)")
+                   f" fan-in changes, and it cannot be frozen: {why})")
             self.records.fixes.append((chan, why))
         elif self._owner(node) != mname:
             self._collapse((1,), chan, {1})
             self.records.notes.append((chan, "a conv weight used outside its module"))
         elif columns is None:
+            if computed:  # frozen into a plain conv before its input channels go
+                self.records.frozen.setdefault(mname, set()).add("in")
             self.records.sites.append((mname, "input", 1, chan))
             self.records.slices.append((mname, "in", 1, chan))
         else:
+            if computed:
+                self.records.frozen.setdefault(mname, set()).add("in")
             self.records.sites.append((mname, "input", 1, chan, "", columns))
             _, first = np.unique(columns, return_index=True)  # each column's atoms: its first channel's
             self.records.slices.append((mname, "in", 1, chan[first]))
@@ -964,6 +987,11 @@ class LabelGraph:
             size = x_lab.shape[1] // groups
             for g in range(groups):
                 self.atoms.union_all(chan[g * size:(g + 1) * size])
+            if (isinstance(owner, nn.GroupNorm) and owner.num_groups == groups and own(args[2], "weight")
+                    and own(args[3] if len(args) > 3 else None, "bias")):
+                # whole norm groups are units (statistics per group): the affine loses them, num_groups drops
+                self.records.slices.append((owner_name, "channel", 0, chan))
+                self.records.attrs.append((owner_name, "num_groups", chan.reshape(groups, size)))
             return wrap(self._mix_dims(x_lab, set(range(2, n)), name))
         if name in ("layer_norm", "native_layer_norm", "rms_norm"):
             k = len(args[1])
@@ -1635,7 +1663,9 @@ class LabelGraph:
                                        len(producers) > 1,
                                        tuple(sorted(((full(m), a, k) for m, a, k in attrs.get(g, ())),
                                                     key=lambda t: (t[0], t[1], str(t[2])))),
-                                       tuple(sorted(floors))))
+                                       tuple(sorted(floors)),
+                                       tuple(sorted(full(m) for m, roles in self.records.frozen.items()
+                                                    if any((m, r) in module_roles for r in roles)))))
         return groups, skipped
 
     def _extent(self, module: str, role: str, dim: int) -> int | None:
