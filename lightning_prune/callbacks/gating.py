@@ -301,7 +301,8 @@ class GatePruningCallback(ChannelPruningCallback):
         keep = self.choose_keep(trainer, pl_module, None)
         scales = [g.deterministic() * k.to(g.frozen.device) for g, k in zip(self.gateset.gates, keep)]
         self.gateset.detach()
-        self.gateset.fold_(pl_module, scales)
+        self.freeze_readers(trainer, pl_module, None)  # (weight-standardised readers: the gates fold into
+        self.gateset.fold_(pl_module, scales)  # the weight they compute, frozen)
         self.finalized = True
         self.apply_keep(keep, trainer, pl_module)
         kept, total = sum(int(k.sum()) for k in keep), sum(k.numel() for k in keep)

@@ -169,7 +169,7 @@ def _probe(module: nn.Module, side: int) -> Tensor:
 
 
 @torch.no_grad()
-def _record(module: nn.Module, x: Tensor) -> tuple[list[_Call], Any]:
+def _record(module: Any, x: Tensor) -> tuple[list[_Call], Any]:
     with _Record() as rec:
         out = module(x)
     return rec.calls, out
@@ -178,18 +178,22 @@ def _record(module: nn.Module, x: Tensor) -> tuple[list[_Call], Any]:
 def computed_weight(module: nn.Module) -> Computed | str | None:
     """``None`` when ``module`` is no Conv/Linear or uses its weight parameter as it is; else what its forward
     computes (:class:`Computed`), or why it cannot be frozen (a string)."""
-    if not isinstance(module, _LAYERS) or isinstance(module, FROZEN_TYPES) or (
-            type(module) in _LAYERS and not module._forward_pre_hooks and not module._forward_hooks):
-        return None  # (a torch layer without hooks uses its parameter as it is; a parametrised one is another
-        # class)
+    if not isinstance(module, _LAYERS) or isinstance(module, FROZEN_TYPES):
+        return None
+    own = module.__dict__.get("_parameters", {}).get("weight")
+    if type(module) in _LAYERS and isinstance(own, Tensor):
+        return None  # a torch layer uses its parameter as it is (a parametrised one is another class)
     weight = _parameter_weight(module)
     if weight is None:
         return None
+    # the layer's own forward, without the hooks others put on it (gates), unless its weight is made by a
+    # hook (the old ``torch.nn.utils.weight_norm``: no weight parameter)
+    run = module if own is None else module.forward
     found = []
     for side in (3, 4):  # two sizes of different parity: a dynamic padding shows itself
         try:
             x = _probe(module, side)
-            calls, out = _record(module, x)
+            calls, out = _record(run, x)
         except Exception as error:  # noqa: BLE001 - a layer that does not run on the probe
             return f"its forward did not run on a probe input ({type(error).__name__})"
         layers = [c for c in calls if c.func in _CONVS or c.func is F.linear]
@@ -204,7 +208,6 @@ def computed_weight(module: nn.Module) -> Computed | str | None:
         found.append((x, calls, call))
     x0, _, call0 = found[0]
     w = _arg(call0, 1, "weight", None)
-    own = module.__dict__.get("_parameters", {}).get("weight")
     if w is own:
         return None  # the parameter as it is (a plain layer, perhaps with a custom forward)
     bias = _arg(call0, 2, "bias", None)
