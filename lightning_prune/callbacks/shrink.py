@@ -385,10 +385,8 @@ def recorded_removal(state: Mapping[str, Any], groups: Sequence[ChannelGroup]) -
 def log_model_size(trainer: pl.Trainer, pl_module: pl.LightningModule, input_size: Sequence[int] | None,
                    owner: str, verbose: bool) -> None:
     """Log ``prune/params`` and ``prune/flops`` of the model as it is now (absolute numbers)."""
-    from torch_pruning.utils import count_ops_and_params
-
     from lightning_prune.callbacks.logging import PREFIX, log_scalars
-    from lightning_prune.graph import example_inputs_for, traced_root
+    from lightning_prune.graph import count_ops_and_params, example_inputs_for, traced_root
 
     _, root = traced_root(pl_module)
     was_training = root.training

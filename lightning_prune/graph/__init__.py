@@ -50,7 +50,7 @@ Every public name is re-exported here.
 
 from lightning_prune.graph.analysis import analyse_channels
 from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, GRAPH_TIME_LIMIT_S
-from lightning_prune.graph.cost import CostModel, meta_copy
+from lightning_prune.graph.cost import CostModel, count_ops_and_params, meta_copy
 from lightning_prune.graph.frozen import (
     FROZEN_TYPES,
     FrozenConv1d,
@@ -90,6 +90,7 @@ __all__ = [
     "DEFAULT_ANALYSIS_TIME_LIMIT_S",
     "GRAPH_TIME_LIMIT_S",
     "CostModel",
+    "count_ops_and_params",
     "meta_copy",
     "FROZEN_TYPES",
     "FrozenConv1d",
