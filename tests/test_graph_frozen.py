@@ -134,16 +134,43 @@ def test_dead_units_of_a_ws_reader_are_read_from_its_computed_weight():
     assert dead_units(model, groups) == {"c2": [2]}
 
 
+def test_flops_count_ws_and_frozen_convs_as_convs():
+    """torch-pruning's counter looks layers up by exact type: a StdConv2d (and a frozen conv) counted nothing.
+    count_ops_and_params counts them as the convs they are."""
+    from lightning_prune.graph import count_ops_and_params
+
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False))
+    ws = nn.Sequential(StdConv2d(3, 8, 3, padding=1))
+    flops = count_ops_and_params(plain, X)[0]
+    assert flops > 0 and count_ops_and_params(ws, X)[0] == flops
+    freeze(ws, "0")
+    assert count_ops_and_params(ws, X)[0] == flops
+
+
+def test_timm_test_nfnet_is_covered():
+    """timm's test_nfnet (ScaledStdConv2d readers everywhere; nothing was gateable before): every
+    conv's output channels sit in an exact group."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_nfnet", num_classes=10).eval()
+    analysis = analyse_channels(model, torch.randn(2, 3, 32, 32))
+    assert analysis.coverage > 0.99 and sum(bool(g.frozen) for g in analysis.groups) >= 10, analysis.skipped
+
+
 def _ws_classifier():
     from lightning_prune.testing import tiny_classifier
 
     return tiny_classifier("test_nfnet")
 
 
-def test_group_lasso_compress_on_a_ws_net(tmp_path):
-    """GroupLassoPruning(compress=True) on timm's test_nfnet (ScaledStdConv2d everywhere): its groups are
-    found through the weight-standardised readers, a few steps remove units, and the compressed logits equal
-    the gated ones; the Lightning checkpoint of the compressed fit reloads onto a fresh module."""
+@pytest.mark.parametrize("make", [pytest.param("ws_net", id="ws_net"),
+                                  pytest.param("test_nfnet", id="test_nfnet", marks=pytest.mark.slow)])
+def test_group_lasso_compress_on_a_ws_net(tmp_path, make):
+    """GroupLassoPruning(compress=True) on the WS net and on timm's test_nfnet (ScaledStdConv2d everywhere):
+    its groups are found through the weight-standardised readers, a few steps remove units, and the
+    compressed logits equal the gated ones; the Lightning checkpoint of the compressed fit reloads onto a
+    fresh module."""
     import lightning_prune as lp
     from lightning_prune.callbacks.group_lasso import GroupLassoPruning
     from lightning_prune.testing import fit_tiny
@@ -153,7 +180,8 @@ def test_group_lasso_compress_on_a_ws_net(tmp_path):
     cb = GroupLassoPruning(finalize_step=1.0, compress=True, recalibrate_bn_batches=0, round_to=1, lam=0.3,
                            gate_lr=0.2, gate_optimizer="sgd", capture_threshold=0.02, prune_threshold=0.3,
                            verbose=False)
-    module = _ws_classifier()
+    create = _ws_net_classifier if make == "ws_net" else _ws_classifier
+    module = create()
     dense = sum(p.numel() for p in module.parameters())
     callbacks, seen = logits_around_train_end(cb, x)
     trainer, _ = fit_tiny(callbacks, tmp_path, model=module, max_epochs=1, limit_train_batches=2,
@@ -167,11 +195,45 @@ def test_group_lasso_compress_on_a_ws_net(tmp_path):
     assert all(id(p) in held for p in module.parameters())  # the frozen layers train on
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
-    fresh = lp.load_compressed(path, _ws_classifier())
+    fresh = lp.load_compressed(path, create())
     assert set(frozen_names(fresh)) == set(frozen_names(module))
     fresh.eval(), module.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), module(x), atol=1e-6, rtol=1e-6)
+
+
+def _ws_net_classifier():
+    from lightning_prune.testing import tiny_classifier
+
+    module = tiny_classifier("test_resnet")
+    torch.manual_seed(0)
+    module.model = _WSNet(10)
+    module.example_input_array = torch.zeros(2, 3, 32, 32)  # (the model is not timm's: say its input)
+    return module
+
+
+def test_resume_after_the_readers_were_frozen(tmp_path):
+    """GroupLassoPruning(compress=False) finalises (its readers frozen, the units masked): a checkpoint of
+    that fit resumes onto a fresh module, whose readers are frozen again before the weights load."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+    from lightning_prune.testing import fit_tiny
+
+    def callback():
+        return GroupLassoPruning(finalize_step=1, compress=False, recalibrate_bn_batches=0, round_to=1,
+                                 lam=0.3, gate_lr=0.2, gate_optimizer="sgd", verbose=False)
+
+    first = callback()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    module = _ws_net_classifier()
+    fit_tiny([first, ckpt], tmp_path, model=module, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    assert first.finalized and first.shrink.frozen
+    second = callback()
+    fresh = _ws_net_classifier()
+    fit_tiny([second], tmp_path, model=fresh, ckpt_path=tmp_path / "last.ckpt", max_epochs=2,
+             limit_train_batches=1, limit_val_batches=0)
+    assert set(frozen_names(fresh)) == set(frozen_names(module)) and second.shrink.frozen
 
 
 @pytest.mark.slow

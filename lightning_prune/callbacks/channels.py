@@ -829,6 +829,10 @@ class ChannelPruningCallback(PruningCallback):
                 self._skeleton = meta_copy(traced_root(pl_module)[1])
             self.shrink.install_resume(trainer, self.state_key,
                                        lambda state: self._apply_recorded_removal(trainer, pl_module, state))
+        elif trainer is not None and stage == "fit" and type(trainer.strategy).__name__ != SHARDED_STRATEGY:
+            # layers frozen before a checkpoint (lightning_prune.graph.frozen) are frozen again on resume
+            self.shrink.install_resume(trainer, self.state_key,
+                                       lambda state: self._apply_recorded_removal(trainer, pl_module, state))
         super().setup(trainer, pl_module, stage)
         self.restrict_norms()
 

@@ -59,7 +59,8 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
     """Point ``optimizers`` at the new parameters and cut their per-parameter state like the parameters.
 
     A parameter that is gone (a frozen weight-standardised conv's ``gain``) leaves its optimizer; a new one
-    (a frozen ``weight_norm`` Linear's ``weight``) joins the param group of its module's old parameters.
+    (a frozen ``weight_norm`` Linear's ``weight``) joins the param group of its module's old parameters,
+    whose parameters then follow the model's order.
 
     Args:
         optimizers: the optimizers to update in place.
@@ -99,6 +100,10 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
             group = next((g for m, g in held.items() if m == owner or m.startswith(owner + ".")), None)
             if group is not None and not any(p is param for p in group["params"]):
                 group["params"].append(param)
+                # in the model's order, as an optimizer made afresh on the model lists them (a checkpoint's
+                # optimizer state loads by position)
+                order = {id(p): i for i, p in enumerate(new.values())}
+                group["params"].sort(key=lambda p: order.get(id(p), len(order)))
         optimizer.state.clear()
         optimizer.state.update(state)
 

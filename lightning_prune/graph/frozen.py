@@ -24,6 +24,7 @@ with ``pad_same``: the frozen conv pads the same way) can be frozen; any other i
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -168,6 +169,17 @@ def _probe(module: nn.Module, side: int) -> Tensor:
     return torch.zeros(1, module.in_channels, *spatial, dtype=dtype, device=device)
 
 
+def _own_forward(module: nn.Module, x: Tensor) -> Any:
+    """The layer's own forward, without the hooks others put on it (gates), but with the hooks that make its
+    weight (the old ``torch.nn.utils.weight_norm``'s, which sets ``module.weight`` before every forward)."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):
+            hook(module, (x,))
+    return module.forward(x)
+
+
 @torch.no_grad()
 def _record(module: Any, x: Tensor) -> tuple[list[_Call], Any]:
     with _Record() as rec:
@@ -186,9 +198,7 @@ def computed_weight(module: nn.Module) -> Computed | str | None:
     weight = _parameter_weight(module)
     if weight is None:
         return None
-    # the layer's own forward, without the hooks others put on it (gates), unless its weight is made by a
-    # hook (the old ``torch.nn.utils.weight_norm``: no weight parameter)
-    run = module if own is None else module.forward
+    run = functools.partial(_own_forward, module)
     found = []
     for side in (3, 4):  # two sizes of different parity: a dynamic padding shows itself
         try:
@@ -256,8 +266,9 @@ def frozen_layer(module: nn.Module) -> nn.Module | None:
     if not isinstance(found, Computed):
         return None
     weight = found.weight.detach().clone()
-    param = _parameter_weight(module)
-    grad = bool(param.requires_grad) if param is not None else True
+    own = module.__dict__.get("_parameters", {}).get("weight")
+    grad = (bool(own.requires_grad) if isinstance(own, Tensor)  # (a parametrised weight: its originals')
+            else any(p.requires_grad for p in module.parameters()))
     bias = found.bias
     if isinstance(module, nn.Linear):
         new: nn.Module = FrozenLinear(module.in_features, module.out_features, bias=bias is not None,
