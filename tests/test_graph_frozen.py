@@ -73,6 +73,24 @@ def test_ws_readers_are_frozen_and_the_groups_proven_exact():
     assert sliced.c3.same_pad and sliced.n1.num_groups == 1 and sliced.c3.in_channels == 7
 
 
+def test_weight_norm_convs_are_frozen_on_both_sides():
+    """A weight_norm conv has no weight parameter to slice: it is frozen whichever side loses units, and its
+    groups are exact."""
+    norm = nn.utils.parametrizations.weight_norm
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = norm(nn.Conv2d(3, 8, 3, padding=1)), norm(nn.Conv2d(8, 8, 3, padding=1))
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+    analysis = analyse_channels(Net().eval(), X)
+    assert {g.name: g.frozen for g in analysis.groups} == {"a": ("a", "b"), "b": ("b",)}, analysis.skipped
+
+
 def test_one_shot_channels_on_a_ws_net():
     """prune_one_shot(method="channels") refits the frozen readers' computed weights: the masked model (not
     compressed) and the compressed one agree, and the readers that lost inputs are plain convs."""

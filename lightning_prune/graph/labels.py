@@ -865,6 +865,9 @@ class LabelGraph:
                 raise _Fix("a convolution whose weight is not a Conv module's")
             mname, module = std, self.modules[std]
             computed = True
+            if not isinstance(module.__dict__.get("_parameters", {}).get("weight"), torch.Tensor) and \
+                    self._freeze_reason(mname) is None:  # no weight parameter to slice (weight_norm): frozen
+                self.records.frozen.setdefault(mname, set()).update(("in", "out", "group", "channel"))
         else:
             computed = False
         n = len(x_lab.shape)
