@@ -242,7 +242,8 @@ def computed_weight(module: nn.Module) -> Computed | str | None:
             continue
         pads = [c for c in calls if c.func is F.pad and c.args and c.args[0] is x and c.out is call.args[0]]
         want = pad_same(x, kernel, stride, dilation)
-        if (any(padding) or len(pads) != 1 or float(_arg(pads[0], 3, "value", 0) or 0) != 0
+        if (any(padding) or len(pads) != 1 or _arg(pads[0], 2, "mode", "constant") != "constant"
+                or float(_arg(pads[0], 3, "value", 0) or 0) != 0
                 or tuple(call.args[0].shape) != tuple(want.shape)
                 or [int(p) for p in _arg(pads[0], 1, "pad", ())] != _same_pads(x, kernel, stride, dilation)):
             return "its forward pads its input in a way not followed (only TensorFlow's SAME is)"
