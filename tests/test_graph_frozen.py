@@ -63,7 +63,7 @@ def test_ws_readers_are_frozen_and_the_groups_proven_exact():
     groups = {g.name: g for g in analysis.groups}
     assert set(groups) == {"c1", "c2", "c3", "l1"}, analysis.skipped
     assert groups["c2"].frozen == ("c3",) and groups["c3"].frozen == ("l1",)
-    assert groups["c1"].unit == "head" and groups["c1"].width == 4  # whole GroupNorm groups
+    assert groups["c1"].unit == "norm group" and groups["c1"].width == 4  # whole GroupNorm groups
     assert analysis.coverage > 0.9
     removed = {name: [0] for name in groups}
     masked, sliced, out = masked_and_sliced(model, X, analysis.groups, removed)

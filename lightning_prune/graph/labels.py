@@ -1643,6 +1643,7 @@ class LabelGraph:
             io_slices = [s for s in group_slices if s.role in ("out", "group", "in")]
             width = min((len(s.channels) // max(len(set(s.units)), 1) for s in io_slices), default=1)
             kind = ("conv group" if any(s.role == "group" for s in group_slices)
+                    else "norm group" if width > 1 and any(a == "num_groups" for _, a, _ in attrs.get(g, ()))
                     else "head" if width > 1 else "channel")
             if not group_sites:
                 skipped[full(g)] = reasons.get(g, "no layer reads these channels (model output)")

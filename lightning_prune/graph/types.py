@@ -131,7 +131,8 @@ class ChannelGroup:
     Attributes:
         name: the group's id (its root producer's module name).
         size: number of units.
-        unit: ``"channel"``, ``"head"`` or ``"conv group"``.
+        unit: ``"channel"``, ``"head"``, ``"conv group"`` or ``"norm group"`` (the channels of one group of a
+            GroupNorm: its statistics are per group).
         width: channels per unit (1, the head dim, or the conv-group width).
         sites: where the units are read (gates and restricted norms go there).
         slices: what loses the units when they are removed.
