@@ -214,7 +214,8 @@ class GateSet:
         gates computes what it computed with them."""
         scales = [g.deterministic() for g in self.gates] if scales is None else scales
         # a reader computing its weight (weight standardisation) is frozen first: the gates fold into it
-        freeze_modules(root, self.groups, {}, everywhere=True)
+        freeze_modules(root, self.groups, {g.name: s.detach().cpu().ne(1).nonzero().flatten().tolist()
+                                           for g, s in zip(self.groups, scales)})
         for group, scale in zip(self.groups, scales):
             for site in group.input_sites():
                 weight = root.get_parameter(site.weight_name)
