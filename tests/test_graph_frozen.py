@@ -252,6 +252,16 @@ def test_resume_after_the_readers_were_frozen(tmp_path):
     fit_tiny([second], tmp_path, model=fresh, ckpt_path=tmp_path / "last.ckpt", max_epochs=2,
              limit_train_batches=1, limit_val_batches=0)
     assert set(frozen_names(fresh)) == set(frozen_names(module)) and second.shrink.frozen
+    # restored for deployment, with the run's callback (compressed) and without it: the readers frozen again
+    import lightning_prune as lp
+
+    run = lp.restore_run(tmp_path / "last.ckpt", _ws_net_classifier(), [callback()], compress=True)
+    try:
+        assert set(frozen_names(run.module)) >= set(frozen_names(module))
+    finally:
+        run.close()
+    bare = lp.restore_run(tmp_path / "last.ckpt", _ws_net_classifier(), compress=False)
+    assert set(frozen_names(bare.module)) == set(frozen_names(module))
 
 
 @pytest.mark.slow
