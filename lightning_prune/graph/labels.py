@@ -13,7 +13,11 @@ atoms; a dim along which the array is constant carries no label.
 
 Readers cut the dependency: a Conv/Linear module reading a labelled dim is an **input site** (a gate there
 masks the units), a LayerNorm / GroupNorm(1) / GRN computing statistics over it is a **norm site**
-(restricted statistics). Parameters and buffers combined with a labelled dim (norm affines, biases,
+(restricted statistics). A Conv/Linear module whose forward computes the weight it uses from its parameters
+(weight standardisation, ``weight_norm``) is an input site too: the group names it in ``frozen``, and it is
+replaced by a plain layer holding that weight before its input channels go
+(:mod:`lightning_prune.graph.frozen`). A GroupNorm with several groups makes each of its groups one unit
+(``num_groups`` drops with them). Parameters and buffers combined with a labelled dim (norm affines, biases,
 layer-scale gammas, ``pos_embed``/``cls_token``, relative-position bias tables along heads, BatchNorm
 statistics) are sliced with it; integer attributes of the module that reshapes, splits or slices with a size
 that shrinks with the units (``num_heads``, ``attn_dim``, split widths, a list of split sizes, a slice bound
@@ -926,10 +930,10 @@ class LabelGraph:
 
     def _conv_input(self, node: Any, mname: str, chan: np.ndarray, computed: bool,
                     columns: np.ndarray | None = None) -> None:
-        """The input side of conv ``mname`` reading the labelled channels ``chan``: a fix (a
-        weight-standardised conv), a collapse (its weight used outside its module), else an input site and
-        the slice of its weight columns; ``columns``: the weight column of each channel where it is not the
-        channel itself (a grouped conv paired across its groups: channel ``c`` is column ``c % ipg``)."""
+        """The input side of conv ``mname`` reading the labelled channels ``chan``: a fix (a conv computing
+        its weight that cannot be frozen), a collapse (its weight used outside its module), else an input site
+        and the slice of its weight columns; ``columns``: the weight column of each channel where it is not
+        the channel itself (a grouped conv paired across its groups: channel ``c`` is column ``c % ipg``)."""
         why = self._freeze_reason(mname) if computed else None
         if why is not None:
             why = (f"weight-standardised conv `{mname}` reads these channels (its standardisation over the"
