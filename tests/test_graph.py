@@ -139,11 +139,13 @@ def test_include_exclude_and_prune_coupled_narrow_the_groups():
     assert not any(any(p.startswith("layer4.") for p in g.producers) for g in without.groups)
 
 
-def test_weight_standardised_convs_are_skipped_with_their_reason():
+def test_weight_standardised_readers_are_frozen():
+    """nf_resnet26's ScaledStdConv2d readers (no group before): frozen into plain convs before their input
+    channels go (lightning_prune.graph.frozen), every group exact."""
     model = timm.create_model("nf_resnet26", num_classes=10).eval()
     analysis = analyse_channels(model, torch.randn(2, 3, 32, 32))
-    assert not analysis.groups
-    assert any("weight-standardised conv" in why for why in analysis.skipped.values())
+    assert analysis.coverage > 0.99, analysis.skipped
+    assert any(g.frozen for g in analysis.groups)
 
 
 @pytest.mark.slow  # two analyses of res2net50 (47 s on a quiet machine)

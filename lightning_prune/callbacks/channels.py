@@ -62,6 +62,7 @@ from lightning_prune.callbacks.shrink import (
     compress_exactly,
     compress_in_fit,
     compress_sharded_in_fit,
+    follow_replaced_parameters,
     log_model_size,
     others_follow_removal,
     recorded_removal,
@@ -74,6 +75,7 @@ from lightning_prune.core.batchnorm import batch_norms, recalibrate_batchnorm
 from lightning_prune.core.compression import round_kept
 from lightning_prune.core.gates import unit_masks
 from lightning_prune.core.importance import Importance, ImportanceContext, get_importance
+from lightning_prune.core.masks import MaskSet
 from lightning_prune.core.sharding import is_sharded, local_slice
 from lightning_prune.core.targets import Target
 from lightning_prune.functional.magnitude import kept_count
@@ -85,6 +87,8 @@ from lightning_prune.graph import (
     analyse_channels,
     example_inputs_for,
     failure_reason,
+    freeze,
+    freeze_modules,
     meta_copy,
     parameter_cuts,
     restricted_norm_hooks,
@@ -519,6 +523,8 @@ class ChannelPruningCallback(PruningCallback):
         the norms to the kept channels, log (with a trainer)."""
         assert self.groups is not None and self.masks is not None
         self.keep = [k.to(torch.bool).cpu().clone() for k in keep]
+        self.freeze_readers(trainer, pl_module, {g.name: (~k).nonzero().flatten().tolist()
+                                                 for g, k in zip(self.groups, self.keep)})
         self.restrict_norms()
         # (sharded parameters: the full unit masks cut to this rank's shard, as the current masks are)
         masks = {n: local_slice(m, self.masks.param(n)) & self.masks[n].to(m.device)
@@ -531,6 +537,45 @@ class ChannelPruningCallback(PruningCallback):
             self.criterion.reset()  # statistics since the last decision
         if trainer is not None:
             self.recalibrate(trainer, pl_module)
+
+    @torch.no_grad()
+    def freeze_readers(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule,
+                       removed: dict[str, list[int]] | None) -> list[str]:
+        """Freeze the layers that compute their weight from their parameters (weight-standardised convs, a
+        ``weight_norm`` Linear: ``ChannelGroup.frozen``) of the groups losing units (``removed``; ``None``:
+        of every group) into plain layers holding that weight, before masks, folded gates or the removal act
+        on it (:mod:`lightning_prune.graph.frozen`). The targets and masks follow the new parameters, and
+        every optimizer (a frozen weight's state starts afresh); from then on such a layer trains as a plain
+        layer (no longer re-standardised). Returns the names frozen."""
+        if not self.groups or any(is_sharded(p) for p in pl_module.parameters()):
+            return []
+        old = {id(p): n for n, p in pl_module.named_parameters()}
+        names = freeze_modules(pl_module, self.groups, removed or {}, everywhere=removed is None)
+        if names:
+            self._follow_frozen(pl_module, names)
+            if trainer is not None:
+                follow_replaced_parameters(trainer, pl_module, old, {f"{n}.weight" for n in names})
+        return names
+
+    def _follow_frozen(self, pl_module: pl.LightningModule, names: Sequence[str]) -> None:
+        """Layers ``names`` of ``pl_module`` were frozen: record them, point the targets and masks at their
+        parameters (a parameter gone with its layer, a ``gain``, leaves them)."""
+        self.shrink.frozen = sorted(set(self.shrink.frozen) | set(names))
+        params = dict(pl_module.named_parameters())
+
+        def follow(targets: Sequence[Target]) -> list[Target]:
+            return [Target(t.module_name, pl_module.get_submodule(t.module_name), t.param_name)
+                    for t in targets if t.name in params]
+
+        self.targets = follow(self.targets)
+        self.weight_targets = follow(self.weight_targets)
+        self.weight_names = [n for n in self.weight_names if n in params]
+        if self.masks is not None:
+            masks = MaskSet()
+            for t in self.targets:
+                mask = self.masks[t.name] if t.name in self.masks else None
+                masks.add(t.name, t.param, mask if mask is not None and mask.shape == t.param.shape else None)
+            self.masks = masks
 
     def recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Recompute every BatchNorm's running statistics on ``recalibrate_bn_batches`` training batches
@@ -727,6 +772,11 @@ class ChannelPruningCallback(PruningCallback):
         at the new parameters, before ModelParallelStrategy loads the checkpoint into them)."""
         if self.shrink.removed is not None or self.groups is None:
             return
+        frozen = [str(n) for n in (state.get("shrink") or {}).get("frozen") or ()]
+        if frozen and not any(is_sharded(p) for p in pl_module.parameters()):  # layers frozen before it
+            self._follow_frozen(pl_module, [n for n in frozen if freeze(pl_module, n)])
+        if not (state.get("shrink") or {}).get("removed"):
+            return
         removed = recorded_removal(state, self.groups)
         if any(is_sharded(p) for p in pl_module.parameters()):
             prefix = traced_root(pl_module)[0]
@@ -771,6 +821,10 @@ class ChannelPruningCallback(PruningCallback):
             if type(trainer.strategy).__name__ == SHARDED_STRATEGY and self._skeleton is None:
                 # fully_shard runs after setup: the structure to rebuild the compressed network from
                 self._skeleton = meta_copy(traced_root(pl_module)[1])
+            self.shrink.install_resume(trainer, self.state_key,
+                                       lambda state: self._apply_recorded_removal(trainer, pl_module, state))
+        elif trainer is not None and stage == "fit" and type(trainer.strategy).__name__ != SHARDED_STRATEGY:
+            # layers frozen before a checkpoint (lightning_prune.graph.frozen) are frozen again on resume
             self.shrink.install_resume(trainer, self.state_key,
                                        lambda state: self._apply_recorded_removal(trainer, pl_module, state))
         super().setup(trainer, pl_module, stage)

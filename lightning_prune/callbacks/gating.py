@@ -301,6 +301,10 @@ class GatePruningCallback(ChannelPruningCallback):
         keep = self.choose_keep(trainer, pl_module, None)
         scales = [g.deterministic() * k.to(g.frozen.device) for g, k in zip(self.gateset.gates, keep)]
         self.gateset.detach()
+        # weight-standardised readers of the units whose scale is not 1 are frozen: the gates fold into the
+        # weight they compute
+        self.freeze_readers(trainer, pl_module, {g.name: s.detach().cpu().ne(1).nonzero().flatten().tolist()
+                                                 for g, s in zip(self.gateset.groups, scales)})
         self.gateset.fold_(pl_module, scales)
         self.finalized = True
         self.apply_keep(keep, trainer, pl_module)

@@ -28,6 +28,7 @@ from lightning_prune.callbacks.shrink import (
     ShrinkSchedule,
     check_strategy,
     compress_in_fit,
+    follow_replaced_parameters,
     others_follow_removal,
     recorded_removal,
     refuse_removal_conflicts,
@@ -374,7 +375,7 @@ class OneShotPruning(PruningCallback):
 
     def _prune_channels(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any],
                         forward: Any, reduce: Any) -> None:
-        from lightning_prune.graph import restricted_norm_hooks
+        from lightning_prune.graph import frozen_names, restricted_norm_hooks
 
         assert self.groups is not None and self._channels is not None
         prefix, root, example = self._channels
@@ -391,6 +392,8 @@ class OneShotPruning(PruningCallback):
                     rank_zero_info(f"[OneShotPruning] {latency.describe()}")
         generator = (seeded_generator(None, trainer) if self.criterion is not None
                      and self.criterion.needs_generator else None)
+        old = {id(p): n for n, p in pl_module.named_parameters()}
+        before = set(frozen_names(pl_module))
         removed, errors = prune_channels(pl_module, batches, self.groups, self._cost, prefix, root,
                                          self.target_flops, self.target_params, self.target_sparsity,
                                          self.compensate, self.round_to, forward, reduce,
@@ -404,6 +407,10 @@ class OneShotPruning(PruningCallback):
             measured = measure(removed) if measure is not None else None
             latency_metrics = {f"{PREFIX}/latency_remaining": float(measured) if measured is not None
                                else predicted, f"{PREFIX}/latency_predicted": predicted}
+        frozen = set(frozen_names(pl_module)) - before  # (weight-standardised readers, now plain layers)
+        if frozen:
+            self.shrink.frozen = sorted(set(self.shrink.frozen) | frozen)
+            follow_replaced_parameters(trainer, pl_module, old, {f"{n}.weight" for n in frozen})
         self.errors = {k: float(v) for k, v in errors.items()}
         self.flops_remaining, params = self._cost.measured_ratios(removed)
         handles = restricted_norm_hooks(root, self.groups, removed, prefix=prefix)

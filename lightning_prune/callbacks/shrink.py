@@ -18,7 +18,7 @@ fresh_module)`` does the same from a Lightning checkpoint.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,11 +26,11 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_prune.graph import ChannelGroup, cut_like, example_inputs_for, parameter_cuts
+from lightning_prune.graph import ChannelGroup, cut_like, example_inputs_for, frozen_names, parameter_cuts
 
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
-           "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "gather_network",
-           "log_model_size", "others_follow_removal", "pad_to_dense", "recorded_removal",
+           "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "follow_replaced_parameters",
+           "gather_network", "log_model_size", "others_follow_removal", "pad_to_dense", "recorded_removal",
            "refuse_removal_conflicts", "resize_sharded", "sharded_compression_problem"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
@@ -53,23 +53,36 @@ def check_strategy(trainer: pl.Trainer, who: str) -> None:
 @torch.no_grad()
 def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapping[int, str],
                           new: Mapping[str, nn.Parameter],
-                          cuts: Mapping[str, Sequence[tuple[int, Tensor]]]) -> None:
+                          cuts: Mapping[str, Sequence[tuple[int, Tensor]]],
+                          fresh: Collection[str] = ()) -> None:
     """Point ``optimizers`` at the new parameters and cut their per-parameter state like the parameters.
+
+    A parameter that is gone (a frozen weight-standardised conv's ``gain``) leaves its optimizer; a new one
+    (a frozen ``weight_norm`` Linear's ``weight``) joins the param group of its module's old parameters,
+    whose parameters then follow the model's order.
 
     Args:
         optimizers: the optimizers to update in place.
         old: ``id(old parameter)`` -> its name, taken before the compression.
         new: name -> the parameter now in the model.
         cuts: name -> ``[(dim, kept indices), ...]`` (:func:`lightning_prune.graph.parameter_cuts`).
+        fresh: names whose state starts afresh (a frozen layer's weight: another quantity than before).
     """
+    old_names = set(old.values())
     for optimizer in optimizers:
         state = {}
+        held: dict[str, dict[str, Any]] = {}  # module name -> the param group that held its parameters
         for group in optimizer.param_groups:
             params = []
             for param in group["params"]:
                 name = old.get(id(param))
+                if name is not None and name not in new:  # gone with its layer
+                    held.setdefault(name.rpartition(".")[0], group)
+                    continue
                 replacement = new.get(name, param) if name is not None else param
-                entry = optimizer.state.get(param)
+                if name is not None:
+                    held.setdefault(name.rpartition(".")[0], group)
+                entry = optimizer.state.get(param) if name not in fresh else None
                 if entry is not None:
                     shape = tuple(param.shape)
                     state[replacement] = {
@@ -79,8 +92,28 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
                         for key, value in entry.items()}
                 params.append(replacement)
             group["params"] = params
+        for name, param in new.items():
+            if name in old_names:
+                continue
+            owner = name.rpartition(".")[0]
+            group = next((g for m, g in held.items() if m == owner or m.startswith(owner + ".")), None)
+            if group is not None and not any(p is param for p in group["params"]):
+                group["params"].append(param)
+                # in the model's order, as an optimizer made afresh on the model lists them (a checkpoint's
+                # optimizer state loads by position)
+                order = {id(p): i for i, p in enumerate(new.values())}
+                group["params"].sort(key=lambda p: order.get(id(p), len(order)))
         optimizer.state.clear()
         optimizer.state.update(state)
+
+
+def follow_replaced_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule, old: Mapping[int, str],
+                               fresh: Collection[str] = ()) -> None:
+    """Layers of ``pl_module`` were replaced inside the fit (frozen, see
+    :mod:`lightning_prune.graph.frozen`): every optimizer follows the new parameters (``fresh``: names whose
+    state starts afresh), DDP is wrapped again. ``old``: ``id(parameter)`` -> name, taken before."""
+    carry_optimizer_state(trainer.optimizers, old, dict(pl_module.named_parameters()), {}, fresh)
+    _rewrap_ddp(trainer, pl_module)
 
 
 def pad_to_dense(state: Mapping[str, Tensor], cuts: Mapping[str, Sequence[tuple[int, Tensor]]],
@@ -213,8 +246,10 @@ def compress_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, groups: 
     Returns the cuts made (:func:`compress_exactly`), for the other callbacks' masks."""
     old = {id(p): n for n, p in pl_module.named_parameters()}
     dense_shapes = {k: tuple(v.shape) for k, v in pl_module.state_dict().items()}
+    before = set(frozen_names(pl_module))
     cuts = compress_exactly(pl_module, groups, removed, example_inputs, compress)
-    carry_optimizer_state(trainer.optimizers, old, dict(pl_module.named_parameters()), cuts)
+    fresh = {f"{n}.weight" for n in set(frozen_names(pl_module)) - before}  # frozen now: another weight
+    carry_optimizer_state(trainer.optimizers, old, dict(pl_module.named_parameters()), cuts, fresh)
     _rewrap_ddp(trainer, pl_module)
     _hand_back_dense_weights(trainer, pl_module, cuts, dense_shapes)
     return cuts
@@ -390,10 +425,8 @@ def recorded_removal(state: Mapping[str, Any], groups: Sequence[ChannelGroup]) -
 def log_model_size(trainer: pl.Trainer, pl_module: pl.LightningModule, input_size: Sequence[int] | None,
                    owner: str, verbose: bool) -> None:
     """Log ``prune/params`` and ``prune/flops`` of the model as it is now (absolute numbers)."""
-    from torch_pruning.utils import count_ops_and_params
-
     from lightning_prune.callbacks.logging import PREFIX, log_scalars
-    from lightning_prune.graph import example_inputs_for, traced_root
+    from lightning_prune.graph import count_ops_and_params, example_inputs_for, traced_root
 
     _, root = traced_root(pl_module)
     was_training = root.training
@@ -440,6 +473,7 @@ class ShrinkSchedule:
         self.owner = owner
         self.at_step: int | None = None  # resolved position; None = right after pruning (or at the end)
         self.removed: dict[str, list[int]] | None = None  # what was removed, once it was
+        self.frozen: list[str] = []  # layers frozen into plain ones (lightning_prune.graph.frozen)
 
     @property
     def at_end(self) -> bool:
@@ -465,7 +499,7 @@ class ShrinkSchedule:
         return self.at_step is None or step >= self.at_step
 
     def state_dict(self) -> dict[str, Any]:
-        return {"at_step": self.at_step, "removed": self.removed}
+        return {"at_step": self.at_step, "removed": self.removed, "frozen": list(self.frozen)}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         state = state or {}
@@ -473,6 +507,7 @@ class ShrinkSchedule:
         removed = state.get("removed")
         self.removed = ({str(k): [int(u) for u in v] for k, v in removed.items()}
                         if removed is not None else None)
+        self.frozen = [str(n) for n in state.get("frozen") or ()]
 
     def install_resume(self, trainer: pl.Trainer, state_key: str,
                        apply: Callable[[Mapping[str, Any]], None]) -> None:
@@ -490,7 +525,8 @@ class ShrinkSchedule:
             def apply_all(callbacks: Mapping[str, Any]) -> None:
                 for key, fn in list(strategy._lightning_prune_resume.items()):
                     state = callbacks.get(key)
-                    if isinstance(state, Mapping) and (state.get("shrink") or {}).get("removed"):
+                    shrink = state.get("shrink") if isinstance(state, Mapping) else None
+                    if isinstance(shrink, Mapping) and (shrink.get("removed") or shrink.get("frozen")):
                         fn(state)
 
             def load_model_state_dict(checkpoint: Mapping[str, Any], strict: bool = True,

@@ -35,11 +35,15 @@ from lightning_prune.checkpoint_io import load_file
 from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.graph import (
     DEFAULT_ANALYSIS_TIME_LIMIT_S,
+    FROZEN_TYPES,
     ChannelGroup,
     analyse_channels,
     call_model,
     drop_cached_tensors,
+    effective_weight,
     example_inputs_for,
+    freeze,
+    frozen_names,
     slice_units,
     traced_root,
 )
@@ -56,7 +60,10 @@ def dead_units(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, li
     for group in groups:
         alive = torch.zeros(group.size, dtype=torch.bool)
         for site in group.input_sites():
-            weight = model.get_parameter(site.weight_name).detach()
+            if site.module in getattr(group, "frozen", ()):  # a layer computing its weight: that weight
+                weight = effective_weight(model.get_submodule(site.module)).detach()
+            else:
+                weight = model.get_parameter(site.weight_name).detach()
             index, units = site.column_units()
             columns = weight.index_select(1, torch.tensor(index, device=weight.device))
             used = columns.transpose(0, 1).reshape(len(index), -1).ne(0).any(dim=1).cpu()
@@ -375,10 +382,12 @@ def take_shapes(model: nn.Module, state: Mapping[str, Tensor], attributes: Mappi
 def save_compressed(model: nn.Module, path: str | Path) -> None:
     """Save a compressed model: its ``state_dict`` plus the channel counts of its resized layers.
 
-    The file holds only tensors and Python scalars (it loads with ``torch.load(weights_only=True)``).
+    The file holds only tensors and Python scalars (it loads with ``torch.load(weights_only=True)``). Layers
+    that were frozen (a weight-standardised conv whose input channels went, see
+    :mod:`lightning_prune.graph.frozen`) are listed under ``"frozen"``: loading freezes them again.
     """
-    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "attributes": shape_attributes(model)},
-               str(path))
+    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "attributes": shape_attributes(model),
+                "frozen": frozen_names(model)}, str(path))
 
 
 @torch.no_grad()
@@ -406,6 +415,11 @@ def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InvalidArgumentError(f"{path} was not written by lightning_prune.save_compressed.")
     state = payload["state_dict"]
+    for name in payload.get("frozen", ()):  # the plain layers that replaced weight-computing ones
+        if not freeze(model, name) and not isinstance(model.get_submodule(name), FROZEN_TYPES):
+            raise InvalidArgumentError(
+                f"{path} holds `{name}` frozen into a plain layer, but this model's `{name}` does not compute"
+                " its weight. HINT: pass a fresh model of the architecture that was compressed.")
     take_shapes(model, state, payload["attributes"])
     model.load_state_dict(state, strict=True)
     return model
@@ -415,6 +429,10 @@ def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path:
     plans = [state["shrink"]["removed"] for state in payload["callbacks"].values()
              if isinstance(state, dict) and isinstance(state.get("shrink"), dict)
              and state["shrink"].get("removed")]
+    for state in payload["callbacks"].values():  # layers frozen into plain ones (weight standardisation)
+        shrink = state.get("shrink") if isinstance(state, dict) else None
+        for name in (shrink.get("frozen") or ()) if isinstance(shrink, dict) else ():
+            freeze(module, name)
     if plans:
         prefix, root = traced_root(module)
         groups = analyse_channels(root, example_inputs_for(root), prefix=prefix).groups

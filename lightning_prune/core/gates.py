@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from lightning_prune.core.sharding import edit_full_, local_tensor
 from lightning_prune.errors import InvalidArgumentError
-from lightning_prune.graph import ChannelGroup, norm_size, restricted_forward, restricted_norm_hooks
+from lightning_prune.graph import (
+    ChannelGroup,
+    freeze_modules,
+    norm_size,
+    restricted_forward,
+    restricted_norm_hooks,
+)
 
 __all__ = ["Gate", "GateSet", "ScaleGate", "unit_masks"]
 
@@ -207,6 +213,9 @@ class GateSet:
         """Multiply the readers' weight columns by the gate values (or ``scales``), so that the model without
         gates computes what it computed with them."""
         scales = [g.deterministic() for g in self.gates] if scales is None else scales
+        # a reader computing its weight (weight standardisation) is frozen first: the gates fold into it
+        freeze_modules(root, self.groups, {g.name: s.detach().cpu().ne(1).nonzero().flatten().tolist()
+                                           for g, s in zip(self.groups, scales)})
         for group, scale in zip(self.groups, scales):
             for site in group.input_sites():
                 weight = root.get_parameter(site.weight_name)

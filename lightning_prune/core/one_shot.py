@@ -190,6 +190,17 @@ def _column_norms(weight: Tensor) -> Tensor:
     return (w ** 2).transpose(0, 1).reshape(w.shape[1], -1).sum(1)
 
 
+def _reader_weight(root: nn.Module, name: str) -> Tensor:
+    """The weight ``name`` of ``root`` as its layer uses it: the weight a weight-standardised conv or a
+    ``weight_norm`` Linear computes from its parameters (:func:`lightning_prune.graph.effective_weight`)."""
+    from lightning_prune.graph import effective_weight
+
+    owner, _, pname = name.rpartition(".")
+    if pname == "weight":
+        return effective_weight(root.get_submodule(owner))
+    return root.get_parameter(name)
+
+
 def _strip(name: str, prefix: str) -> str:
     """``name`` relative to the module at ``prefix`` (group names are full names in the LightningModule)."""
     if prefix and name.startswith(prefix + "."):
@@ -528,7 +539,7 @@ def _channel_scores(model: nn.Module, root: nn.Module, prefix: str, groups: Sequ
             total, n = reduce(total), reduce(n)
         mean_sq = total / n.clamp_min(1.0)
         groups_m = getattr(module, "groups", 1)
-        col_norm = sum((_column_norms(root.get_parameter(r)) for r in sorted(readers[name])),
+        col_norm = sum((_column_norms(_reader_weight(root, r)) for r in sorted(readers[name])),
                        torch.zeros((), dtype=torch.float64))
         if groups_m > 1:  # a grouped reader: channel c of the input is column c % (C/G) of group c // (C/G)
             w = module.weight.detach().to(torch.float64)
@@ -817,7 +828,7 @@ def prune_channels(model: nn.Module, batches: Sequence[Any], groups: Sequence[An
     :class:`~lightning_prune.core.importance.Importance` that ranks the units instead of the calibration
     activations (``generator``: the seeded generator a random criterion draws from)."""
     from lightning_prune.core.importance import ImportanceContext
-    from lightning_prune.graph import restricted_norm_hooks
+    from lightning_prune.graph import freeze_modules, restricted_norm_hooks
 
     if importance is not None:
         ranked = importance.scores(groups, ImportanceContext(model=root, prefix=prefix, generator=generator))
@@ -828,6 +839,9 @@ def prune_channels(model: nn.Module, batches: Sequence[Any], groups: Sequence[An
         scores = [_magnitude_unit_scores(root, prefix, g) for g in groups]
     removed = channel_plan(groups, scores, cost, target_flops, target_params, sparsity, round_to,
                            target_latency, latency)
+    # readers that compute their weight (weight standardisation) become plain layers holding it: the refit
+    # and the masks act on that weight (lightning_prune.graph.frozen)
+    freeze_modules(root, groups, removed, prefix)
     handles = restricted_norm_hooks(root, groups, removed, prefix=prefix)
     try:
         errors = _compensate(model, root, prefix, groups, removed, batches, forward, reduce, compensate,
@@ -842,7 +856,7 @@ def _magnitude_unit_scores(root: nn.Module, prefix: str, group: Any) -> Tensor:
     """Without data: each unit's squared weight norm at its readers."""
     score = torch.zeros(group.size, dtype=torch.float64)
     for site in group.input_sites():
-        per = _column_norms(root.get_parameter(_strip(site.weight_name, prefix))).cpu()
+        per = _column_norms(_reader_weight(root, _strip(site.weight_name, prefix))).cpu()
         for c, u in zip(*site.column_units()):
             score[u] += per[c]
     mean = score.mean()

@@ -306,10 +306,10 @@ def onnx_latency(sessions: dict[str, Any], inputs: dict[int, tuple[Tensor, ...]]
 
 
 def _count(model: nn.Module, args: tuple[Tensor, ...]) -> tuple[int, float]:
-    import torch_pruning as tp
+    from lightning_prune.graph import count_ops_and_params
 
     with _eval(model), torch.no_grad(), _quiet():
-        flops, params = tp.utils.count_ops_and_params(model, args[0] if len(args) == 1 else args)
+        flops, params = count_ops_and_params(model, args[0] if len(args) == 1 else args)
     return int(params), float(flops)
 
 

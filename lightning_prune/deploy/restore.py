@@ -129,7 +129,8 @@ def restore_run(
     steps: list[str] = []
     states = payload.get("callbacks", {}) or {}
     missing = [key for key, state in states.items()
-               if isinstance(state, dict) and (state.get("shrink") or {}).get("removed")
+               if isinstance(state, dict) and ((state.get("shrink") or {}).get("removed")
+                                               or (state.get("shrink") or {}).get("frozen"))
                and not any(cb.state_key == key for cb in ours)]
     for callback in ours:
         callback.setup(trainer, module, "fit")

@@ -27,8 +27,10 @@ float64 copy with random BatchNorm statistics, norm affines, biases, gains and l
 of every group's units is masked (zero at the input sites, restricted norm sites) and the masked outputs are
 compared with those of a copy from which the units were physically sliced; a group that breaks the equality
 (or the slicing) is left alone with the reason. Groups that cannot be sliced at all (split sizes fixed in the
-model's code, channel-mixing ops, weight-standardised readers) are rejected before that check, each with its
-reason.
+model's code, channel-mixing ops) are rejected before that check, each with its reason. A reader that computes
+its weight from its parameters (a weight-standardised conv, a ``weight_norm`` Linear) is **frozen** into a
+plain layer holding the computed weight before its input channels go (``frozen``,
+:attr:`ChannelGroup.frozen`).
 
 Example::
 
@@ -41,13 +43,25 @@ The package, one idea per module: ``types`` (groups, sites, slices, errors), ``i
 trace and with what), ``layers`` (layer kinds), ``dependencies`` (raw groups from torch-pruning's dependency
 graph), ``slicing`` (masking and slicing units), ``proof`` (the exactness check), ``cost`` (FLOPs and
 parameters), ``latency`` (the measured latency table),
-``budget`` (the time limit) and ``analysis`` (:func:`analyse_channels`, orchestrating them).
+``frozen`` (readers that compute their weight, frozen into plain layers), ``budget`` (the time limit) and
+``analysis`` (:func:`analyse_channels`, orchestrating them).
 Every public name is re-exported here.
 """
 
 from lightning_prune.graph.analysis import analyse_channels
 from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, GRAPH_TIME_LIMIT_S
-from lightning_prune.graph.cost import CostModel, meta_copy
+from lightning_prune.graph.cost import CostModel, count_ops_and_params, meta_copy
+from lightning_prune.graph.frozen import (
+    FROZEN_TYPES,
+    FrozenConv1d,
+    FrozenConv2d,
+    FrozenConv3d,
+    FrozenLinear,
+    effective_weight,
+    freeze,
+    freeze_modules,
+    frozen_names,
+)
 from lightning_prune.graph.inputs import call_model, example_inputs_for, like_model, traced_root
 from lightning_prune.graph.latency import LatencyModel, LatencyPredictor, LayerTable, measure_latency_model
 from lightning_prune.graph.layers import PRODUCER_TYPES, channel_dim  # noqa: F401 - PRODUCER_TYPES as before
@@ -76,7 +90,17 @@ __all__ = [
     "DEFAULT_ANALYSIS_TIME_LIMIT_S",
     "GRAPH_TIME_LIMIT_S",
     "CostModel",
+    "count_ops_and_params",
     "meta_copy",
+    "FROZEN_TYPES",
+    "FrozenConv1d",
+    "FrozenConv2d",
+    "FrozenConv3d",
+    "FrozenLinear",
+    "effective_weight",
+    "freeze",
+    "freeze_modules",
+    "frozen_names",
     "ChannelAnalysis",
     "ChannelGroup",
     "GraphTimeoutError",

@@ -14,10 +14,31 @@ from torch import nn
 from lightning_prune.core.sharding import is_sharded
 from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.graph.inputs import example_batch_size, like_model
+from lightning_prune.graph.layers import CONV_TYPES
 from lightning_prune.graph.slicing import slice_extent, slice_units
 from lightning_prune.graph.types import ChannelGroup, Slice, localised_group, prefixed_name, strip_prefix
 
-__all__ = ["CostModel", "meta_copy"]
+__all__ = ["CostModel", "count_ops_and_params", "meta_copy"]
+
+
+def count_ops_and_params(model: nn.Module, example_inputs: Any, layer_wise: bool = False) -> Any:
+    """torch-pruning's ``count_ops_and_params``, with subclasses of the convs and Linear it counts (timm's
+    ``StdConv2d``, ``ScaledStdConv2d``, ``Conv2dSame``, a frozen layer of
+    :mod:`lightning_prune.graph.frozen`) counted as those layers: it looks their exact type up, and would
+    count them as nothing."""
+    from torch_pruning.utils import op_counter
+
+    known = op_counter.MODULES_MAPPING
+    extra = {}
+    for module in model.modules():
+        kind = type(module)
+        if kind in known or kind in extra or not isinstance(module, (*CONV_TYPES, nn.Linear)):
+            continue
+        base = next((b for b in kind.__mro__[1:] if b in known), None)
+        if base is not None:
+            extra[kind] = known[base]
+    op_counter.CUSTOM_MODULES_MAPPING = extra  # (read by its hooks; it empties the mapping when done)
+    return op_counter.count_ops_and_params(model, example_inputs, layer_wise=layer_wise)
 
 
 class CostModel:
@@ -33,8 +54,6 @@ class CostModel:
 
     def __init__(self, model: nn.Module, example_inputs: Any, groups: Sequence[ChannelGroup],
                  prefix: str = "") -> None:
-        from torch_pruning.utils import count_ops_and_params
-
         self.groups = list(groups)
         self.prefix = prefix
         self._model, self._example = model, example_inputs
@@ -150,8 +169,6 @@ class CostModel:
     @torch.no_grad()
     def measured_ratios(self, removed: Mapping[str, Iterable[int]]) -> tuple[float, float]:
         """The same, counted by torch-pruning on a sliced copy of the model (exact, slower)."""
-        from torch_pruning.utils import count_ops_and_params
-
         # a sharded model (FSDP2) cannot be copied and run on one rank: its shapes, on the meta device
         sharded = self._skeleton is not None and any(is_sharded(p) for p in self._model.parameters())
         small = copy.deepcopy(self._skeleton if sharded else self._model).eval()

@@ -13,7 +13,11 @@ atoms; a dim along which the array is constant carries no label.
 
 Readers cut the dependency: a Conv/Linear module reading a labelled dim is an **input site** (a gate there
 masks the units), a LayerNorm / GroupNorm(1) / GRN computing statistics over it is a **norm site**
-(restricted statistics). Parameters and buffers combined with a labelled dim (norm affines, biases,
+(restricted statistics). A Conv/Linear module whose forward computes the weight it uses from its parameters
+(weight standardisation, ``weight_norm``) is an input site too: the group names it in ``frozen``, and it is
+replaced by a plain layer holding that weight before its input channels go
+(:mod:`lightning_prune.graph.frozen`). A GroupNorm with several groups makes each of its groups one unit
+(``num_groups`` drops with them). Parameters and buffers combined with a labelled dim (norm affines, biases,
 layer-scale gammas, ``pos_embed``/``cls_token``, relative-position bias tables along heads, BatchNorm
 statistics) are sliced with it; integer attributes of the module that reshapes, splits or slices with a size
 that shrinks with the units (``num_heads``, ``attn_dim``, split widths, a list of split sizes, a slice bound
@@ -66,6 +70,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_prune.graph.frozen import freeze_reason
 from lightning_prune.graph.inputs import example_arguments
 from lightning_prune.graph.layers import VIEW_OPS, channel_dim, is_grn, op_name
 from lightning_prune.graph.shapes import shape_provenance
@@ -185,6 +190,8 @@ class _Records:
     notes: list[tuple[np.ndarray, str]] = field(default_factory=list)
     attrs: list[tuple[str, str, np.ndarray]] = field(default_factory=list)  # (module, attribute, atoms per
     # position of the size it holds): an attribute known to hold the size (an RNN's ``input_size``)
+    frozen: dict[str, set[str]] = field(default_factory=dict)  # layer computing its weight -> the roles
+    # ("in", "out") whose removal freezes it (lightning_prune.graph.frozen)
 
 
 _PASS = {"clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "dropout", "lift_fresh_copy",
@@ -782,14 +789,22 @@ class LabelGraph:
         n = len(x_lab.shape)
         if not isinstance(module, nn.Linear):
             w_lab = labs.get(w)
-            if isinstance(w_lab, _Lab) and w_lab.derived:
+            owner = self._owner(node)
+            if (isinstance(w_lab, _Lab) and w_lab.derived and owner is not None
+                    and isinstance(self.modules.get(owner), nn.Linear)
+                    and self._freeze_reason(owner) is None):
+                # a Linear computing its weight (weight_norm): frozen into a plain Linear before a removal
+                mname, module = owner, self.modules[owner]
+                self.records.frozen[mname] = {"in", "out"}
+            elif isinstance(w_lab, _Lab) and w_lab.derived:
                 # a functional linear with a computed weight: the input dim is mixed, the output unlabelled
                 rest = [(d, a) for d, a in x_lab.blocks if n - 1 not in d]
                 mixed = [(d, a) for d, a in x_lab.blocks if n - 1 in d]
                 for _, a in mixed:
                     self.records.fixes.append((a, "aten.linear with a weight computed from parameters"))
                 return self.canon(_Lab(out_shape, rest))
-            raise _Fix("aten.linear with an input weight")
+            else:
+                raise _Fix("aten.linear with an input weight")
         rest = self._read(node, x_lab, n - 1, mname, module)
         atoms = self._new_producer(mname, out_shape[-1])
         self.records.slices.append((mname, "out", 0, atoms))
@@ -854,6 +869,9 @@ class LabelGraph:
                 raise _Fix("a convolution whose weight is not a Conv module's")
             mname, module = std, self.modules[std]
             computed = True
+            if not isinstance(module.__dict__.get("_parameters", {}).get("weight"), torch.Tensor) and \
+                    self._freeze_reason(mname) is None:  # no weight parameter to slice (weight_norm): frozen
+                self.records.frozen.setdefault(mname, set()).update(("in", "out", "group", "channel"))
         else:
             computed = False
         n = len(x_lab.shape)
@@ -903,23 +921,35 @@ class LabelGraph:
         self.records.slices.append((mname, "group", 0, atoms))
         return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
 
+    def _freeze_reason(self, mname: str) -> str | None:
+        """Why layer ``mname``, which computes its weight, cannot be frozen (None: it can), once per layer."""
+        cache = self.__dict__.setdefault("_freeze_reasons", {})
+        if mname not in cache:
+            cache[mname] = freeze_reason(self.modules[mname])
+        return cache[mname]
+
     def _conv_input(self, node: Any, mname: str, chan: np.ndarray, computed: bool,
                     columns: np.ndarray | None = None) -> None:
-        """The input side of conv ``mname`` reading the labelled channels ``chan``: a fix (a
-        weight-standardised conv), a collapse (its weight used outside its module), else an input site and
-        the slice of its weight columns; ``columns``: the weight column of each channel where it is not the
-        channel itself (a grouped conv paired across its groups: channel ``c`` is column ``c % ipg``)."""
-        if computed:
+        """The input side of conv ``mname`` reading the labelled channels ``chan``: a fix (a conv computing
+        its weight that cannot be frozen), a collapse (its weight used outside its module), else an input site
+        and the slice of its weight columns; ``columns``: the weight column of each channel where it is not
+        the channel itself (a grouped conv paired across its groups: channel ``c`` is column ``c % ipg``)."""
+        why = self._freeze_reason(mname) if computed else None
+        if why is not None:
             why = (f"weight-standardised conv `{mname}` reads these channels (its standardisation over the"
-                   " fan-in changes)")
+                   f" fan-in changes, and it cannot be frozen: {why})")
             self.records.fixes.append((chan, why))
         elif self._owner(node) != mname:
             self._collapse((1,), chan, {1})
             self.records.notes.append((chan, "a conv weight used outside its module"))
         elif columns is None:
+            if computed:  # frozen into a plain conv before its input channels go
+                self.records.frozen.setdefault(mname, set()).add("in")
             self.records.sites.append((mname, "input", 1, chan))
             self.records.slices.append((mname, "in", 1, chan))
         else:
+            if computed:
+                self.records.frozen.setdefault(mname, set()).add("in")
             self.records.sites.append((mname, "input", 1, chan, "", columns))
             _, first = np.unique(columns, return_index=True)  # each column's atoms: its first channel's
             self.records.slices.append((mname, "in", 1, chan[first]))
@@ -964,6 +994,11 @@ class LabelGraph:
             size = x_lab.shape[1] // groups
             for g in range(groups):
                 self.atoms.union_all(chan[g * size:(g + 1) * size])
+            if (isinstance(owner, nn.GroupNorm) and owner.num_groups == groups and own(args[2], "weight")
+                    and own(args[3] if len(args) > 3 else None, "bias")):
+                # whole norm groups are units (statistics per group): the affine loses them, num_groups drops
+                self.records.slices.append((owner_name, "channel", 0, chan))
+                self.records.attrs.append((owner_name, "num_groups", chan.reshape(groups, size)))
             return wrap(self._mix_dims(x_lab, set(range(2, n)), name))
         if name in ("layer_norm", "native_layer_norm", "rms_norm"):
             k = len(args[1])
@@ -1612,6 +1647,7 @@ class LabelGraph:
             io_slices = [s for s in group_slices if s.role in ("out", "group", "in")]
             width = min((len(s.channels) // max(len(set(s.units)), 1) for s in io_slices), default=1)
             kind = ("conv group" if any(s.role == "group" for s in group_slices)
+                    else "norm group" if width > 1 and any(a == "num_groups" for _, a, _ in attrs.get(g, ()))
                     else "head" if width > 1 else "channel")
             if not group_sites:
                 skipped[full(g)] = reasons.get(g, "no layer reads these channels (model output)")
@@ -1635,7 +1671,9 @@ class LabelGraph:
                                        len(producers) > 1,
                                        tuple(sorted(((full(m), a, k) for m, a, k in attrs.get(g, ())),
                                                     key=lambda t: (t[0], t[1], str(t[2])))),
-                                       tuple(sorted(floors))))
+                                       tuple(sorted(floors)),
+                                       tuple(sorted(full(m) for m, roles in self.records.frozen.items()
+                                                    if any((m, r) in module_roles for r in roles)))))
         return groups, skipped
 
     def _extent(self, module: str, role: str, dim: int) -> int | None:

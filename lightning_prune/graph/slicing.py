@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.errors import InvalidArgumentError
+from lightning_prune.graph.frozen import freeze_modules
 from lightning_prune.graph.layers import CONV_TYPES, is_depthwise, is_grn
 from lightning_prune.graph.types import ChannelGroup, strip_prefix
 
@@ -221,7 +222,11 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
                 prefix: str = "") -> int:
     """Physically remove the ``removed`` units (group name -> unit indices) of ``groups`` from ``model`` in
     place; returns the number of units removed. ``prefix`` is where ``model`` sits in the names (``"model"``
-    for an ImageClassifier's timm model when the groups were found on the LightningModule)."""
+    for an ImageClassifier's timm model when the groups were found on the LightningModule). The layers of a
+    group losing units that compute their weight from their parameters (``ChannelGroup.frozen``) are first
+    replaced by plain layers holding that weight (:func:`lightning_prune.graph.frozen.freeze_modules`)."""
+    groups = list(groups)
+    freeze_modules(model, groups, removed, prefix)
     dead: dict[tuple[str, str, int], set[int]] = {}
     attrs: dict[tuple[str, str], int] = {}
     count = 0

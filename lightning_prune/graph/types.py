@@ -66,7 +66,8 @@ class Slice:
         module: full name of the module (or of the parameter, for ``role="param"``).
         role: ``"free"`` (a parameter-free module such as an activation: nothing to slice; only its FLOPs
             shrink), ``"out"`` (Conv/Linear output rows, with bias and a weight-standardised conv's ``gain``),
-            ``"in"`` (Conv/Linear input columns), ``"channel"`` (a per-channel module: BatchNorm, LayerNorm,
+            ``"in"`` (Conv/Linear input columns; a layer that computes its weight is frozen first, see
+            :attr:`ChannelGroup.frozen`), ``"channel"`` (a per-channel module: BatchNorm, LayerNorm,
             GroupNorm, depthwise conv), ``"param"`` (a free parameter such as ``pos_embed``, along ``dim``) or
             ``"group"`` (whole conv groups of a grouped conv's output).
         dim: the parameter's dimension (``role="param"`` only).
@@ -130,7 +131,8 @@ class ChannelGroup:
     Attributes:
         name: the group's id (its root producer's module name).
         size: number of units.
-        unit: ``"channel"``, ``"head"`` or ``"conv group"``.
+        unit: ``"channel"``, ``"head"``, ``"conv group"`` or ``"norm group"`` (the channels of one group of a
+            GroupNorm: its statistics are per group).
         width: channels per unit (1, the head dim, or the conv-group width).
         sites: where the units are read (gates and restricted norms go there).
         slices: what loses the units when they are removed.
@@ -143,6 +145,10 @@ class ChannelGroup:
         floors: sets of units of which one always stays: the units that hold every channel of some module
             (a piece of a split read by a conv of its own, CoaT's heads per window size), which would be left
             with none. A removal that takes a whole floor keeps its first unit (see :meth:`feasible`).
+        frozen: layers that compute their weight from their parameters (weight-standardised convs, a
+            ``weight_norm`` Linear) and are frozen into plain layers (:mod:`lightning_prune.graph.frozen`)
+            before any unit of the group goes: every removal (slicing, masks, folded gates, a refit) acts on
+            the weight they computed at that moment.
     """
 
     name: str
@@ -155,6 +161,7 @@ class ChannelGroup:
     coupled: bool = False
     attrs: tuple[tuple[str, str, int | tuple[int, ...]], ...] = ()
     floors: tuple[tuple[int, ...], ...] = ()
+    frozen: tuple[str, ...] = ()
 
     def feasible(self, gone: Iterable[int]) -> set[int]:
         """``gone`` without the first unit of each floor it would take whole (no module left empty)."""
@@ -231,4 +238,4 @@ def localised_group(group: ChannelGroup, prefix: str) -> ChannelGroup:
               for x in group.sites),
         tuple(Slice(s(x.module), x.role, x.channels, x.units, x.dim) for x in group.slices),
         tuple(s(p) for p in group.producers), group.coupled, tuple((s(m), a, k) for m, a, k in group.attrs),
-        group.floors)
+        group.floors, tuple(s(m) for m in getattr(group, "frozen", ())))

@@ -1,0 +1,276 @@
+"""Readers that compute their weight from their parameters (weight-standardised convs, ``weight_norm``):
+frozen into plain layers before their input channels go (lightning_prune.graph.frozen), so that their groups
+are exact -- in the analysis, the one-shot removal, the gate fits' in-fit compression and the reload."""
+
+import pytest
+import torch
+from timm.layers import ScaledStdConv2d, StdConv2d, StdConv2dSame
+from torch import nn
+
+from lightning_prune.graph import (
+    FrozenConv2d,
+    FrozenLinear,
+    analyse_channels,
+    freeze,
+    frozen_names,
+    masked_and_sliced,
+)
+from lightning_prune.graph.frozen import computed_weight, freeze_reason
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+class _WSNet(nn.Module):
+    """Weight-standardised convs (a StdConv2d under a GroupNorm of 2 groups, a ScaledStdConv2d, a
+    StdConv2dSame padding dynamically at stride 2) and a ``weight_norm`` Linear reading each other."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.c1, self.n1 = StdConv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.c2 = ScaledStdConv2d(8, 8, 3, padding=1)
+        self.c3 = StdConv2dSame(8, 12, 3, stride=2)
+        self.l1 = nn.utils.parametrizations.weight_norm(nn.Linear(12, 16))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.n1(self.c1(x)))
+        x = torch.relu(self.c2(x))
+        x = torch.relu(self.c3(x)).mean((2, 3))
+        return self.head(torch.relu(self.l1(x)))
+
+
+def test_computed_weight_is_found_by_running_the_layer():
+    """The weight a layer's forward computes is recorded (no list of classes); a plain layer has none; the
+    frozen layer computes what the layer computed (timm's dynamic SAME padding too, at an odd size)."""
+    assert computed_weight(nn.Conv2d(3, 4, 3)) is None and computed_weight(nn.Linear(3, 4)) is None
+    x = torch.randn(2, 4, 9, 11)
+    for layer in (StdConv2d(4, 6, 3), ScaledStdConv2d(4, 6, 3, stride=2), StdConv2dSame(4, 6, 3, stride=2),
+                  nn.utils.parametrizations.weight_norm(nn.Linear(11, 3))):
+        holder = nn.Sequential(layer)
+        before = holder(x)
+        assert freeze_reason(layer) is None and freeze(holder, "0")
+        assert type(holder[0]) in (FrozenConv2d, FrozenLinear)
+        torch.testing.assert_close(holder(x), before, atol=1e-6, rtol=1e-6)
+    assert StdConv2dSame(4, 6, 3, stride=2).same_pad and freeze(holder := nn.Sequential(
+        StdConv2dSame(4, 6, 3, stride=2)), "0") and holder[0].same_pad
+
+
+def test_ws_readers_are_frozen_and_the_groups_proven_exact():
+    """Every group read by a weight-standardised conv or a weight_norm Linear is found, names those readers
+    as frozen, and the masked model equals the sliced one, whose readers became plain layers."""
+    model = _WSNet().eval()
+    analysis = analyse_channels(model, X)
+    groups = {g.name: g for g in analysis.groups}
+    assert set(groups) == {"c1", "c2", "c3", "l1"}, analysis.skipped
+    assert groups["c2"].frozen == ("c3",) and groups["c3"].frozen == ("l1",)
+    assert groups["c1"].unit == "norm group" and groups["c1"].width == 4  # whole GroupNorm groups
+    assert analysis.coverage > 0.9
+    removed = {name: [0] for name in groups}
+    masked, sliced, out = masked_and_sliced(model, X, analysis.groups, removed)
+    torch.testing.assert_close(out, masked, atol=1e-10, rtol=1e-10)
+    assert set(frozen_names(sliced)) == {"c2", "c3", "l1"}
+    assert isinstance(model.c3, StdConv2dSame)  # the model itself is untouched
+    assert sliced.c3.same_pad and sliced.n1.num_groups == 1 and sliced.c3.in_channels == 7
+
+
+def test_weight_norm_convs_are_frozen_on_both_sides():
+    """A weight_norm conv has no weight parameter to slice: it is frozen whichever side loses units, and its
+    groups are exact."""
+    norm = nn.utils.parametrizations.weight_norm
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = norm(nn.Conv2d(3, 8, 3, padding=1)), norm(nn.Conv2d(8, 8, 3, padding=1))
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+    analysis = analyse_channels(Net().eval(), X)
+    assert {g.name: g.frozen for g in analysis.groups} == {"a": ("a", "b"), "b": ("b",)}, analysis.skipped
+
+
+def test_one_shot_channels_on_a_ws_net():
+    """prune_one_shot(method="channels") refits the frozen readers' computed weights: the masked model (not
+    compressed) and the compressed one agree, and the readers that lost inputs are plain convs."""
+    import copy
+
+    from lightning_prune.core.one_shot import prune_one_shot
+
+    torch.manual_seed(0)
+    model = _WSNet().double().eval()
+    batches = [torch.randn(4, 3, 16, 16, dtype=torch.float64) for _ in range(2)]
+    masked = copy.deepcopy(model)
+    result = prune_one_shot(masked, batches, method="channels", target_flops=0.6, calibration_batches=2,
+                            compress=False)
+    small = copy.deepcopy(model)
+    again = prune_one_shot(small, batches, method="channels", target_flops=0.6, calibration_batches=2)
+    assert result.removed == again.removed and any(result.removed.values())
+    assert frozen_names(small) and all(isinstance(small.get_submodule(n), (FrozenConv2d, FrozenLinear))
+                                       for n in frozen_names(small))
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(small(batches[0]), masked(batches[0]), atol=1e-9, rtol=1e-9)
+
+
+def test_compressed_ws_model_saves_and_reloads(tmp_path):
+    """lp.compress of units read by weight-standardised convs and a weight_norm Linear, save_compressed,
+    load_compressed onto a fresh model: the frozen plain layers are rebuilt, the outputs are the same."""
+    import lightning_prune as lp
+
+    torch.manual_seed(0)
+    model = _WSNet().double().eval()
+    groups = analyse_channels(model, X.double()).groups
+    with torch.no_grad():
+        reference = model(X.double())
+    lp.compress(model, X.double(), groups=groups, removed={"c2": [1, 4], "c3": [0]}, round_to=1, verify=False)
+    assert {"c3", "l1"} <= set(frozen_names(model))
+    path = tmp_path / "small.pt"
+    lp.save_compressed(model, path)
+    torch.manual_seed(1)
+    fresh = lp.load_compressed(path, _WSNet().double().eval())
+    assert isinstance(fresh.c3, FrozenConv2d) and fresh.c3.same_pad and fresh.c3.in_channels == 6
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X.double()), model(X.double()), atol=0, rtol=0)
+        assert not torch.allclose(fresh(X.double()), reference)  # units of a live model went: not a no-op
+
+
+def test_dead_units_of_a_ws_reader_are_read_from_its_computed_weight():
+    """A zero column of a weight-standardised conv's parameter is no zero column of the weight it computes:
+    not dead. Zero columns of the computed weight (a frozen conv) are."""
+    from lightning_prune.core.compression import dead_units
+
+    model = _WSNet().eval()
+    groups = [g for g in analyse_channels(model, X).groups if g.name == "c2"]
+    with torch.no_grad():
+        model.c3.weight[:, 2] = 0
+    assert dead_units(model, groups) == {}
+    freeze(model, "c3")
+    with torch.no_grad():
+        model.c3.weight[:, 2] = 0
+    assert dead_units(model, groups) == {"c2": [2]}
+
+
+def test_flops_count_ws_and_frozen_convs_as_convs():
+    """torch-pruning's counter looks layers up by exact type: a StdConv2d (and a frozen conv) counted nothing.
+    count_ops_and_params counts them as the convs they are."""
+    from lightning_prune.graph import count_ops_and_params
+
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False))
+    ws = nn.Sequential(StdConv2d(3, 8, 3, padding=1))
+    flops = count_ops_and_params(plain, X)[0]
+    assert flops > 0 and count_ops_and_params(ws, X)[0] == flops
+    freeze(ws, "0")
+    assert count_ops_and_params(ws, X)[0] == flops
+
+
+def test_timm_test_nfnet_is_covered():
+    """timm's test_nfnet (ScaledStdConv2d readers everywhere; nothing was gateable before): every
+    conv's output channels sit in an exact group."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_nfnet", num_classes=10).eval()
+    analysis = analyse_channels(model, torch.randn(2, 3, 32, 32))
+    assert analysis.coverage > 0.99 and sum(bool(g.frozen) for g in analysis.groups) >= 10, analysis.skipped
+
+
+def _ws_classifier():
+    from lightning_prune.testing import tiny_classifier
+
+    return tiny_classifier("test_nfnet")
+
+
+@pytest.mark.parametrize("make", [pytest.param("ws_net", id="ws_net"),
+                                  pytest.param("test_nfnet", id="test_nfnet", marks=pytest.mark.slow)])
+def test_group_lasso_compress_on_a_ws_net(tmp_path, make):
+    """GroupLassoPruning(compress=True) on the WS net and on timm's test_nfnet (ScaledStdConv2d everywhere):
+    its groups are found through the weight-standardised readers, a few steps remove units, and the
+    compressed logits equal the gated ones; the Lightning checkpoint of the compressed fit reloads onto a
+    fresh module."""
+    import lightning_prune as lp
+    from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+    from lightning_prune.testing import fit_tiny
+    from tests.helpers import logits_around_train_end
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    cb = GroupLassoPruning(finalize_step=1.0, compress=True, recalibrate_bn_batches=0, round_to=1, lam=0.3,
+                           gate_lr=0.2, gate_optimizer="sgd", capture_threshold=0.02, prune_threshold=0.3,
+                           verbose=False)
+    create = _ws_net_classifier if make == "ws_net" else _ws_classifier
+    module = create()
+    dense = sum(p.numel() for p in module.parameters())
+    callbacks, seen = logits_around_train_end(cb, x)
+    trainer, _ = fit_tiny(callbacks, tmp_path, model=module, max_epochs=1, limit_train_batches=2,
+                          limit_val_batches=0)
+    assert cb.finalized and any(g.frozen for g in cb.groups)
+    assert sum(p.numel() for p in module.parameters()) < dense
+    assert cb.shrink.frozen and set(cb.shrink.frozen) <= set(frozen_names(module))
+    torch.testing.assert_close(seen["compressed"], seen["gated"], atol=1e-4, rtol=1e-4)
+    optimizer = trainer.optimizers[0]
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in held for p in module.parameters())  # the frozen layers train on
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    fresh = lp.load_compressed(path, create())
+    assert set(frozen_names(fresh)) == set(frozen_names(module))
+    fresh.eval(), module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), module(x), atol=1e-6, rtol=1e-6)
+
+
+def _ws_net_classifier():
+    from lightning_prune.testing import tiny_classifier
+
+    module = tiny_classifier("test_resnet")
+    torch.manual_seed(0)
+    module.model = _WSNet(10)
+    module.example_input_array = torch.zeros(2, 3, 32, 32)  # (the model is not timm's: say its input)
+    return module
+
+
+def test_resume_after_the_readers_were_frozen(tmp_path):
+    """GroupLassoPruning(compress=False) finalises (its readers frozen, the units masked): a checkpoint of
+    that fit resumes onto a fresh module, whose readers are frozen again before the weights load."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+    from lightning_prune.testing import fit_tiny
+
+    def callback():
+        return GroupLassoPruning(finalize_step=1, compress=False, recalibrate_bn_batches=0, round_to=1,
+                                 lam=0.3, gate_lr=0.2, gate_optimizer="sgd", verbose=False)
+
+    first = callback()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    module = _ws_net_classifier()
+    fit_tiny([first, ckpt], tmp_path, model=module, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    assert first.finalized and first.shrink.frozen
+    second = callback()
+    fresh = _ws_net_classifier()
+    fit_tiny([second], tmp_path, model=fresh, ckpt_path=tmp_path / "last.ckpt", max_epochs=2,
+             limit_train_batches=1, limit_val_batches=0)
+    assert set(frozen_names(fresh)) == set(frozen_names(module)) and second.shrink.frozen
+    # restored for deployment, with the run's callback (compressed) and without it: the readers frozen again
+    import lightning_prune as lp
+
+    run = lp.restore_run(tmp_path / "last.ckpt", _ws_net_classifier(), [callback()], compress=True)
+    try:
+        assert set(frozen_names(run.module)) >= set(frozen_names(module))
+    finally:
+        run.close()
+    bare = lp.restore_run(tmp_path / "last.ckpt", _ws_net_classifier(), compress=False)
+    assert set(frozen_names(bare.module)) == set(frozen_names(module))
+
+
+@pytest.mark.slow
+def test_nf_regnet_b0_coverage():
+    """nf_regnet_b0 (ScaledStdConv2d readers everywhere): nearly all of it is prunable, every group exact
+    (0.27 before the readers were frozen)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("nf_regnet_b0", num_classes=10).eval()
+    analysis = analyse_channels(model, torch.randn(2, 3, 64, 64))
+    assert analysis.coverage >= 0.7, analysis.skipped
