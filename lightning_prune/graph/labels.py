@@ -261,13 +261,21 @@ class LabelGraph:
         # optimistic passes (parameters along a unit dim do not fix it yet) until no atoms merge, then one
         # strict pass that records sites, slices and fixes
         self.strict = False
+        # couplings of a size with a dim of a block over several dims wait until no other atoms merge (their
+        # projection merges along the other dims, which a later contraction may make constant anyway: a
+        # rotary embedding's pairs within a head before ``q @ k`` merges the head)
+        self._defer = True
         for _ in range(max_passes):
             self.atoms.changed = False
+            self._deferred = 0
             self.records = _Records()
             self._run()
             self.passes += 1
             if not self.atoms.changed:
-                break
+                if not (self._defer and self._deferred):
+                    break
+                self._defer = False
+        self._defer = False
         self.strict = True
         self.records = _Records()
         self._run()
@@ -473,10 +481,17 @@ class LabelGraph:
         """The einsum-like rule: operands' dims named by letters (same letter = same index), letters not in
         ``out_letters`` contracted. Parameters along a labelled letter are sliced with it."""
         blocks = []
+        labelled_letters = {letters[d] for lab, letters in operands for dims, _ in lab.blocks for d in dims}
         for lab, letters in operands:
+            covered = {letters[d] for dims, _ in lab.blocks for d in dims}
             for dims, arr in lab.blocks:
                 ls = tuple(letters[d] for d in dims)
                 # a broadcast (size-1) dim of this operand: its atoms stretch over the letter
+                if not dims:  # one atom at every position of the operand's real dims (a single head's
+                    # output): each position of another operand's units there is coupled with it
+                    ls = tuple(dict.fromkeys(letters[d] for d in range(len(letters)) if lab.shape[d] > 1
+                                             and letters[d] in labelled_letters and letters[d] not in covered))
+                    arr = np.broadcast_to(arr, tuple(sizes[x] for x in ls))
                 blocks.append((ls, arr))
         merged = self._merge(blocks, sizes)
         contracted = {x for x in sizes if x not in out_letters}
@@ -1090,6 +1105,9 @@ class LabelGraph:
         many on both sides). A source whose dim carries no units fixes the output dim's units (the code's
         size cannot shrink). Returns the output dims so derived (no attribute holds them)."""
         taken: set[int] = set()
+        fixes: dict[int, np.ndarray] = {}  # dims whose source carries no units: they stay
+        labelled: set[int] = set()  # dims with a source that carries units (a size matched to several
+        # tensors of equal shape and values, PVT-v2's ``x`` and its transpose when N == C: the one with units)
         derived = self.derived_sizes.get(node.name, ())
         x = node.args[0]
         in_shape = _shape_of(x.meta.get("val")) if derived and hasattr(x, "meta") else None
@@ -1112,15 +1130,21 @@ class LabelGraph:
             if count % size or (len(run) > 1 and count != size):
                 continue
             taken.add(ds.dim)
-            src_atoms = self.dim_atoms(self.canon(src_lab), ds.source_dim)
+            src_canon = self.canon(src_lab)
+            if self._defer and (any(ds.source_dim in dims and len(dims) > 1 for dims, _ in src_canon.blocks)
+                                or any(set(dims) & set(run) and not set(dims) <= set(run)
+                                       for dims, _ in out.blocks)):
+                self._deferred += 1
+                continue
+            src_atoms = self._run_atoms(src_canon, [ds.source_dim])
             out_atoms = self._run_atoms(out, run)
             if out_atoms is None:
                 continue
             if src_atoms is None:  # (not a multiple ``B * self.num_heads``, nor a parameter's dim: sliced)
                 if ds.num == 1 and ds.source_dim not in src_lab.derived:
-                    why = f"aten.{op_name(node.target)} with a size taken from the shape of a tensor whose"
-                    self.records.fixes.append((out_atoms, f"{why} channels stay"))
+                    fixes.setdefault(ds.dim, out_atoms)
                 continue
+            labelled.add(ds.dim)
             # each unit must hold as many positions (times the multiple) on both sides: the positions are
             # paired in the order of their units, a no-op where that holds already (a head-major and a
             # head-minor layout of the same heads)
@@ -1128,12 +1152,20 @@ class LabelGraph:
             out_sorted = np.sort(self.atoms.roots(out_atoms)).reshape(size, -1)
             for j in range(out_sorted.shape[1]):
                 self.atoms.union_arrays(src_sorted, out_sorted[:, j])
+        why = f"aten.{op_name(node.target)} with a size taken from the shape of a tensor whose channels stay"
+        for dim, out_atoms in fixes.items():
+            if dim not in labelled:
+                self.records.fixes.append((out_atoms, why))
         return taken
 
     def _run_atoms(self, lab: _Lab, run: list[int]) -> np.ndarray | None:
         """The atoms over the positions of the consecutive dims ``run`` (flattened), merged along the other
-        dims of their block; None when no block varies along them or two blocks share them."""
+        dims of their block (the one atom of a block over no dim where no block varies along them); None when
+        no block holds them or two blocks share them."""
         blocks = [(dims, arr) for dims, arr in lab.blocks if set(dims) & set(run)]
+        scalar = [arr for dims, arr in lab.blocks if not dims]
+        if not blocks and len(scalar) == 1:  # one atom at every position (a single attention head)
+            return self.atoms.roots(np.full(math.prod(lab.shape[d] for d in run), int(scalar[0])))
         if len(blocks) != 1:
             return None
         dims, arr = blocks[0]
