@@ -242,14 +242,19 @@ class LabelGraph:
         # (merged by the operators themselves, before the fixes apply: units that a fix alone keeps, such as
         # the model's outputs, do not count, as pairing them would gain nothing)
         self.paired: set[str] = set()
+        # positions of the sizes that one integer attribute holds, coupled (found after a propagation, made
+        # in the next): one attribute, one size, every use of it loses the same number of positions
+        self._attr_pairs: list[tuple[np.ndarray, np.ndarray]] = []
         for attempt in range(_MAX_PAIRING_PROPAGATIONS):
             self._propagate(max_passes)
             if attempt == _MAX_PAIRING_PROPAGATIONS - 1:
                 break  # (the groups describe this propagation's pairing: none is added after it)
             collapsed = self._collapsed - self.paired
-            if not collapsed:
+            pairs = self._attribute_couplings()
+            if not collapsed and not pairs:
                 break
             self.paired |= collapsed
+            self._attr_pairs += pairs
 
     def _propagate(self, max_passes: int) -> None:
         self.atoms = _Atoms()
@@ -312,6 +317,40 @@ class LabelGraph:
             seen = first.setdefault((module, role, dim), arr)
             if seen is not arr and seen.shape == arr.shape:
                 self.atoms.union_arrays(seen, arr)
+        for a, b in self._attr_pairs:
+            self.atoms.union_arrays(a, b)
+
+    def _attribute_couplings(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Sizes held by the same integer attribute of the module running the operators (the only attribute
+        of that value there) whose positions carry different units: their positions paired in the order of
+        their units, as for a size taken from a shape (SHViT's ``pdim``: the width of the attended piece of
+        the stream, of ``v`` in the split of ``qkv`` and of the reshape after ``attn @ v``; EfficientViT-M's
+        ``val_dim`` shared by the cascaded heads)."""
+        uses: dict[tuple[str, str], list[np.ndarray]] = {}
+        for owners, alternatives, _what in self.records.sizes:
+            module = self.modules.get(owners[0]) if owners else None
+            if module is None:
+                continue
+            ints = {a: v for a, v in vars(module).items()
+                    if type(v) is int and v > 1 and not a.startswith("_")}
+            for value, per_pos in alternatives:
+                pairs = zip(value, per_pos) if isinstance(value, tuple) else [(value, per_pos)]
+                found_any = False
+                for size, positions in pairs:
+                    found = [a for a, v in ints.items() if v == size]
+                    if isinstance(size, int) and len(found) == 1:
+                        rows = self.atoms.roots(np.asarray(positions).reshape(size, -1))
+                        if rows.shape[1] and (rows == rows[:, :1]).all():
+                            uses.setdefault((owners[0], found[0]), []).append(np.sort(rows[:, 0]))
+                            found_any = True
+                if found_any:
+                    break
+        pairs_out = []
+        for arrays in uses.values():
+            for other in arrays[1:]:
+                if len(other) == len(arrays[0]) and not np.array_equal(other, arrays[0]):
+                    pairs_out.append((arrays[0], other))
+        return pairs_out
 
     def _walk(self, graph: Any, inputs: list[Any] | None) -> Any:
         """Labels through ``graph``; ``inputs``: the labels of a subgraph's placeholders (None: the
@@ -489,8 +528,9 @@ class LabelGraph:
                 # a broadcast (size-1) dim of this operand: its atoms stretch over the letter
                 if not dims:  # one atom at every position of the operand's real dims (a single head's
                     # output): each position of another operand's units there is coupled with it
-                    ls = tuple(dict.fromkeys(letters[d] for d in range(len(letters)) if lab.shape[d] > 1
-                                             and letters[d] in labelled_letters and letters[d] not in covered))
+                    ls = tuple(dict.fromkeys(
+                        letters[d] for d in range(len(letters))
+                        if lab.shape[d] > 1 and letters[d] in labelled_letters and letters[d] not in covered))
                     arr = np.broadcast_to(arr, tuple(sizes[x] for x in ls))
                 blocks.append((ls, arr))
         merged = self._merge(blocks, sizes)
@@ -1584,6 +1624,9 @@ class LabelGraph:
                                 for a in found:
                                     attrs.setdefault(g, set()).add((owner, f"{a}[{i}]", k))
                         return True
+                if owners and self._piece_attributes(owners[0], value, per_pos, pieces, group_of_root, units,
+                                                     attrs, full):
+                    return True
                 continue
             weights = self._unit_weights(per_pos, group_of_root, units)
             if not weights:
@@ -1608,6 +1651,46 @@ class LabelGraph:
             self.hints.setdefault(full(g), f"{what} with the size {shown} written in the model's"
                                            f" code (no attribute of `{owner}` holds it)")
         return False
+
+    def _piece_attributes(self, owner: str, sizes: tuple[int, ...], per_pos: list[np.ndarray],
+                          pieces: list[dict[str, Any]], group_of_root: dict[int, str],
+                          units: dict[str, dict[int, int]], attrs: dict[str, set[tuple[str, str, Any]]],
+                          full: Callable[[str], str]) -> bool:
+        """Split sizes held by integer attributes of ``owner``, one per piece (FasterNet's ``[self.dim_conv3,
+        self.dim_untouched]``, EfficientViT-M's ``[self.key_dim, self.key_dim, self.val_dim]``), one piece at
+        most computed from the whole (SHViT's ``[self.pdim, self.dim - self.pdim]``: the attribute holding
+        the whole is updated by all the removed positions instead). Only the pieces that hold units' positions
+        need one; a size of 1 is no attribute's. False (nothing recorded) where a piece has none."""
+        module = self.modules.get(owner)
+        if module is None:
+            return False
+        ints = {a: v for a, v in vars(module).items() if type(v) is int and v > 1 and not a.startswith("_")}
+        picks: list[tuple[list[str], dict[str, Any]]] = []
+        rest = False
+        for size, weights in zip(sizes, pieces):
+            if not weights:
+                continue
+            found = [a for a, v in ints.items() if v == size]
+            if found:
+                picks.append((found, weights))
+            elif rest:
+                return False
+            else:
+                rest = True
+        if rest:
+            found = [a for a, v in ints.items() if v == sum(sizes)]
+            whole = self._unit_weights(np.concatenate([np.asarray(p).reshape(len(p), -1) for p in per_pos]),
+                                       group_of_root, units)
+            if not found or not whole:
+                return False
+            picks.append((found, whole))
+        for found, weights in picks:
+            for g, k in weights.items():
+                for a in found:
+                    attrs.setdefault(g, set()).add((owner, a, k))
+                if len(found) > 1:  # the same value in several attributes: all, or one of them
+                    self.choices.setdefault(full(g), []).append([(full(owner), a, k) for a in found])
+        return bool(picks)
 
     def _finish_groups(self, members: dict, order: dict, units: dict, slices: dict, sites: dict, attrs: dict,
                        reasons: dict, outputs: frozenset[str] | set[str], full: Callable[[str], str]
