@@ -367,6 +367,26 @@ def test_a_parameter_viewed_with_a_shape_attribute_updates_it():
     assert ("scale", "param") in {(s.module, s.role) for s in group.slices}
 
 
+class _LiteralView(_ViewedScale):
+    """A parameter viewed with a shape written in the code (``view(8, 1, 1)``): no attribute holds the size;
+    looking for one attribute per entry met the entries that hold no unit positions (it raised on XCiT,
+    CAFormer and TNT, and their whole operator graph was given up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.shape
+
+    def forward(self, x):
+        return self.out(self.conv(x) * self.scale.view(8, 1, 1))
+
+
+def test_a_parameter_viewed_with_a_literal_shape_is_skipped_with_the_reason_not_the_graph():
+    analysis = _analyse(_LiteralView(), torch.randn(2, 3, 4, 4))
+    assert not any("operator graph" in name for name in analysis.skipped), analysis.skipped
+    assert "aten.view of a parameter with the size [8, 1, 1] written in the model's code" in \
+        analysis.skipped["conv"], analysis.skipped
+
+
 class _SameValue(nn.Module):
     """LeViT: ``num_heads == key_dim`` (both 4); the heads reshape's size is the first, the split's the
     second: updating both is wrong, the variant updating ``num_heads`` only is proven exact."""

@@ -250,7 +250,12 @@ class LabelGraph:
             if attempt == _MAX_PAIRING_PROPAGATIONS - 1:
                 break  # (the groups describe this propagation's pairing: none is added after it)
             collapsed = self._collapsed - self.paired
-            pairs = self._attribute_couplings()
+            try:
+                pairs = self._attribute_couplings()
+            except GraphTimeoutError:
+                raise
+            except Exception:  # noqa: BLE001 - a hint only: without it such sizes are left to the proof
+                pairs = []
             if not collapsed and not pairs:
                 break
             self.paired |= collapsed
@@ -337,9 +342,12 @@ class LabelGraph:
                 pairs = zip(value, per_pos) if isinstance(value, tuple) else [(value, per_pos)]
                 found_any = False
                 for size, positions in pairs:
+                    positions = np.asarray(positions)
+                    if not isinstance(size, int) or positions.size == 0 or positions.shape[0] != size:
+                        continue  # (a shape tuple's other dims: no positions)
                     found = [a for a, v in ints.items() if v == size]
-                    if isinstance(size, int) and len(found) == 1:
-                        rows = self.atoms.roots(np.asarray(positions).reshape(size, -1))
+                    if len(found) == 1:
+                        rows = self.atoms.roots(positions.reshape(size, -1))
                         if rows.shape[1] and (rows == rows[:, :1]).all():
                             uses.setdefault((owners[0], found[0]), []).append(np.sort(rows[:, 0]))
                             found_any = True
@@ -1679,8 +1687,8 @@ class LabelGraph:
                 rest = True
         if rest:
             found = [a for a, v in ints.items() if v == sum(sizes)]
-            whole = self._unit_weights(np.concatenate([np.asarray(p).reshape(len(p), -1) for p in per_pos]),
-                                       group_of_root, units)
+            rows = [np.asarray(p).reshape(len(p), -1) for p in per_pos if np.asarray(p).size]
+            whole = self._unit_weights(np.concatenate(rows), group_of_root, units) if rows else None
             if not found or not whole:
                 return False
             picks.append((found, whole))
