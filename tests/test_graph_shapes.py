@@ -227,16 +227,6 @@ def test_a_rotary_embedding_within_the_heads_keeps_heads_and_stream_apart():
     assert {"attns.0.proj", "attns.1.proj", "fc2"} <= set(stream.producers)
 
 
-def test_a_single_head_takes_the_stream_whose_width_it_is_reshaped_with():
-    """One head (PVT-v2's first stage): the attention's output is one unit, and ``reshape(B, N, C)`` couples
-    it with the whole stream; before, the coupling was skipped (no dim varies along one atom) and the stream
-    group failed its proof (the sliced model raised in the reshape)."""
-    analysis = _analyse(_Blocks(num_heads=1))
-    assert not any("changes the outputs" in why for why in analysis.skipped.values()), analysis.skipped
-    assert not any("embed" in g.producers for g in analysis.groups)
-    assert any("fc1" in g.producers for g in analysis.groups)
-
-
 def test_a_fingerprint_tells_a_square_tensor_from_its_transpose():
     """PVT-v2 at 64 tokens of 64 channels: the strided partial sum alone gave ``x`` and ``x.transpose`` the
     same fingerprint (64 = 1 modulo the stride 7), the tokens' size was tied to the channels and the stream

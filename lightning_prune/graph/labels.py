@@ -528,18 +528,10 @@ class LabelGraph:
         """The einsum-like rule: operands' dims named by letters (same letter = same index), letters not in
         ``out_letters`` contracted. Parameters along a labelled letter are sliced with it."""
         blocks = []
-        labelled_letters = {letters[d] for lab, letters in operands for dims, _ in lab.blocks for d in dims}
         for lab, letters in operands:
-            covered = {letters[d] for dims, _ in lab.blocks for d in dims}
             for dims, arr in lab.blocks:
                 ls = tuple(letters[d] for d in dims)
                 # a broadcast (size-1) dim of this operand: its atoms stretch over the letter
-                if not dims:  # one atom at every position of the operand's real dims (a single head's
-                    # output): each position of another operand's units there is coupled with it
-                    ls = tuple(dict.fromkeys(
-                        letters[d] for d in range(len(letters))
-                        if lab.shape[d] > 1 and letters[d] in labelled_letters and letters[d] not in covered))
-                    arr = np.broadcast_to(arr, tuple(sizes[x] for x in ls))
                 blocks.append((ls, arr))
         merged = self._merge(blocks, sizes)
         contracted = {x for x in sizes if x not in out_letters}
@@ -1184,7 +1176,7 @@ class LabelGraph:
                                        for dims, _ in out.blocks)):
                 self._deferred += 1
                 continue
-            src_atoms = self._run_atoms(src_canon, [ds.source_dim])
+            src_atoms = self.dim_atoms(src_canon, ds.source_dim)
             out_atoms = self._run_atoms(out, run)
             if out_atoms is None:
                 continue
@@ -1208,12 +1200,8 @@ class LabelGraph:
 
     def _run_atoms(self, lab: _Lab, run: list[int]) -> np.ndarray | None:
         """The atoms over the positions of the consecutive dims ``run`` (flattened), merged along the other
-        dims of their block (the one atom of a block over no dim where no block varies along them); None when
-        no block holds them or two blocks share them."""
+        dims of their block; None when no block varies along them or two blocks share them."""
         blocks = [(dims, arr) for dims, arr in lab.blocks if set(dims) & set(run)]
-        scalar = [arr for dims, arr in lab.blocks if not dims]
-        if not blocks and len(scalar) == 1:  # one atom at every position (a single attention head)
-            return self.atoms.roots(np.full(math.prod(lab.shape[d] for d in run), int(scalar[0])))
         if len(blocks) != 1:
             return None
         dims, arr = blocks[0]
