@@ -20,7 +20,11 @@ that shrinks with the units (``num_heads``, ``attn_dim``, split widths, a list o
 such as DPN's ``num_1x1_c``, the shape a parameter is viewed with) are found by their value on the module
 running the operator and updated, by the number of removed units' positions the size holds (a slice bound:
 those before it). A size held by several attributes of that module is tried one attribute at a time when
-updating all of them fails the proof.
+updating all of them fails the proof. Split sizes that no list attribute holds are looked for one per piece
+(``[self.dim_conv3, self.dim_untouched]``), one piece at most computed from the whole (``[self.pdim, self.dim
+- self.pdim]``: the attribute holding the whole is updated). One attribute holds one size: where its uses
+carry different units (SHViT's ``pdim`` sizing a piece of the stream and ``v``), their positions are paired in
+the order of their units and the labels are propagated again.
 An operator this module does not know that touches a labelled dim fixes those atoms (never removed) with the
 reason ``"aten.X on dim d"``; the model's outputs fix theirs. Labels are propagated until no atoms merge any
 more (a later contraction can make an earlier dim unlabelled), then the last pass records sites and slices.
