@@ -20,7 +20,7 @@ from lightning_prune.core.compression import (
 )
 from lightning_prune.core.gates import unit_masks
 from lightning_prune.errors import InvalidArgumentError
-from lightning_prune.graph import analyse_channels
+from lightning_prune.graph import analyse_channels, slice_units
 from lightning_prune.testing import TINY_MODELS, tiny_classifier
 from tests.helpers import trained_looking
 
@@ -216,6 +216,39 @@ def test_load_compressed_drops_what_a_forward_of_the_fresh_model_cached(tmp_path
     fresh(x)
     loaded = load_compressed(tmp_path / "small.pt", fresh)
     assert not loaded.training and torch.equal(loaded(x), small(x))
+
+
+class _ZeroKeyBias(nn.Module):
+    """BEiT's and EVA's q/k/v bias: ``cat(q_bias, k_bias, v_bias)`` with ``k_bias`` a non-persistent zero
+    buffer (left out of ``state_dict``), sliced with the attention's channels all the same."""
+
+    def __init__(self, dim: int = 8, inner: int = 12, num_heads: int = 3) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(inner)), nn.Parameter(torch.randn(inner))
+        self.register_buffer("k_bias", torch.zeros(inner), persistent=False)
+        self.proj = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = nn.functional.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(*x.shape[:2], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj((torch.softmax(q @ k.transpose(-2, -1), -1) @ v).transpose(1, 2).flatten(2))
+
+
+def test_load_compressed_gives_a_fresh_model_the_sliced_non_persistent_buffers(tmp_path):
+    """A buffer registered with ``persistent=False`` that the removal sliced (BEiT's ``k_bias``) is saved and
+    set on the fresh model: the reload no longer breaks on the dense buffer's shape."""
+    torch.manual_seed(0)
+    model, x = _ZeroKeyBias().eval(), torch.randn(2, 5, 8)
+    analysis = analyse_channels(model, x)
+    assert any(s.module == "k_bias" for g in analysis.groups for s in g.slices), analysis.skipped
+    small = copy.deepcopy(model)
+    slice_units(small, analysis.groups, {g.name: [0, 1] for g in analysis.groups})
+    assert small.k_bias.shape[0] < 12
+    save_compressed(small, tmp_path / "small.pt")
+    loaded = load_compressed(tmp_path / "small.pt", _ZeroKeyBias().eval())
+    assert loaded.k_bias.shape == small.k_bias.shape and torch.equal(loaded(x), small(x))
 
 
 @pytest.mark.slow

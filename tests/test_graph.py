@@ -180,3 +180,45 @@ def test_cost_model_predicts_torch_pruning_counts(analysed):
         true_flops, true_params = count_ops_and_params(small, x)
         assert params == pytest.approx(true_params, rel=1e-9), name
         assert flops == pytest.approx(true_flops, rel=0.02), name
+
+
+@pytest.mark.slow  # six real timm families of benchmarks/timm_coverage.py's THIRD list, ~5-10 s CPU each
+@pytest.mark.parametrize("name, kwargs, side, least", [
+    ("eva02_tiny_patch14_224", {"img_size": 56}, 56, 0.99),  # rotary pairs within the heads (was 0.44)
+    ("pvt_v2_b0", {}, 64, 0.95),  # one head, N == C == 64 (was 0.88)
+    ("fasternet_t0", {}, 64, 0.99),  # split sizes in one attribute per piece (was 0.57)
+    ("shvit_s1", {}, 64, 0.99),  # [pdim, dim - pdim] and one attribute for several sizes (was 0.49)
+    ("efficientvit_m0", {"img_size": 64}, 64, 0.95),  # val_dim shared by the cascaded heads (was 0.47)
+    ("xcit_nano_12_p16_224", {"img_size": 64}, 64, 0.99),  # a parameter viewed with literal sizes
+])
+def test_third_list_families_keep_their_operator_graph_groups(name, kwargs, side, least, tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs).eval()
+    x = torch.randn(2, 3, side, side)
+    analysis = analyse_channels(model, x)
+    assert analysis.coverage >= least, analysis.skipped
+    assert not any("operator graph" in key for key in analysis.skipped), analysis.skipped
+    small = copy.deepcopy(model)
+    slice_units(small, analysis.groups, {g.name: [0] for g in analysis.groups})
+    lp.save_compressed(small, tmp_path / "small.pt")
+    fresh = timm.create_model(name, num_classes=10, **kwargs).eval()
+    fresh = lp.load_compressed(tmp_path / "small.pt", fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), small(x))
+
+
+@pytest.mark.slow  # beit_base (86M parameters)
+def test_beit_reloads_with_its_sliced_non_persistent_k_bias(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", img_size=32, depth=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    analysis = analyse_channels(model, x)
+    heads = [g for g in analysis.groups if g.unit == "head"]
+    assert heads, analysis.skipped
+    small = copy.deepcopy(model)
+    slice_units(small, heads, {g.name: [0] for g in heads})
+    lp.save_compressed(small, tmp_path / "small.pt")
+    fresh = timm.create_model("beit_base_patch16_224", img_size=32, depth=2, num_classes=10).eval()
+    fresh = lp.load_compressed(tmp_path / "small.pt", fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), small(x))

@@ -260,6 +260,64 @@ def test_a_list_of_split_sizes_drops_per_piece():
     assert small.splits == [2, 11] and small(X).shape == (2, 5, 3)
 
 
+class _PieceAttributes(nn.Module):
+    """FasterNet's partial conv: ``split(x, [self.dim_conv3, self.dim_untouched])``, one attribute per piece
+    (no list attribute holds the sizes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dim_conv3, self.dim_untouched = 4, 12
+        self.fc1, self.a, self.b = nn.Linear(16, 16), nn.Linear(4, 3), nn.Linear(12, 3)
+
+    def forward(self, x):
+        a, b = torch.split(self.fc1(x), [self.dim_conv3, self.dim_untouched], -1)
+        return self.a(a) + self.b(b)
+
+
+def test_split_sizes_in_one_attribute_per_piece_drop_per_piece():
+    analysis = _analyse(_PieceAttributes())
+    group = _group(analysis, "fc1")
+    assert {(m, a) for m, a, _ in group.attrs} == {("", "dim_conv3"), ("", "dim_untouched")}, analysis.skipped
+    small = copy.deepcopy(_PieceAttributes().eval())
+    slice_units(small, analysis.groups, {"fc1": [0, 1, 5]})
+    assert (small.dim_conv3, small.dim_untouched) == (2, 11) and small(X).shape == (2, 5, 3)
+
+
+class _SingleHeadPart(nn.Module):
+    """SHViT's single-head attention on a part of the stream: ``split(x, [self.pdim, self.dim -
+    self.pdim])`` (the second size computed from the whole), ``split(qkv, [self.qk_dim, self.qk_dim,
+    self.pdim])`` and ``reshape(B, N, self.pdim)``: one attribute, ``pdim``, for the attended piece of the
+    stream and for ``v``."""
+
+    def __init__(self, dim: int = 16, pdim: int = 6, qk_dim: int = 4) -> None:
+        super().__init__()
+        self.dim, self.pdim, self.qk_dim = dim, pdim, qk_dim
+        self.embed, self.norm = nn.Linear(16, dim), nn.LayerNorm(pdim)
+        self.qkv, self.proj = nn.Linear(pdim, 2 * qk_dim + pdim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, N, _ = x.shape
+        x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], dim=-1)
+        q, k, v = torch.split(self.qkv(self.norm(x1)), [self.qk_dim, self.qk_dim, self.pdim], dim=-1)
+        x1 = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).reshape(B, N, self.pdim)
+        return self.out(x + self.proj(torch.relu(torch.cat([x1, x2], -1))))
+
+
+def test_one_attribute_used_by_several_sizes_couples_their_positions():
+    """``pdim`` sizes the attended piece of the stream and ``v``: the two lose the same number of positions
+    (paired), ``dim`` (the whole) drops by all the stream's removed positions; before, each group changed
+    ``pdim`` alone and failed its proof (SHViT at 0.49, EfficientViT-M's ``val_dim`` at 0.47)."""
+    analysis = _analyse(_SingleHeadPart())
+    stream = _group(analysis, "embed")
+    assert {"embed", "proj", "qkv"} <= set(stream.producers), analysis.skipped
+    assert {(m, a) for m, a, _ in stream.attrs} >= {("", "pdim"), ("", "dim")}
+    small = copy.deepcopy(_SingleHeadPart().eval())
+    slice_units(small, analysis.groups, {g.name: [1, 2] for g in analysis.groups})
+    assert small.pdim + small.qk_dim * 2 == small.qkv.out_features and small(X).shape == (2, 5, 3)
+
+
 class _ShapeSize(nn.Module):
     """SKNet: a reshape whose size comes from the tensor's shape (a constant in the traced graph) inside a
     module whose parent holds an unrelated attribute of the same value: nothing to update, the group stays."""
@@ -307,6 +365,26 @@ def test_a_parameter_viewed_with_a_shape_attribute_updates_it():
     group = _group(analysis, "conv")
     assert ("", "shape[0]", 1) in group.attrs
     assert ("scale", "param") in {(s.module, s.role) for s in group.slices}
+
+
+class _LiteralView(_ViewedScale):
+    """A parameter viewed with a shape written in the code (``view(8, 1, 1)``): no attribute holds the size;
+    looking for one attribute per entry met the entries that hold no unit positions (it raised on XCiT,
+    CAFormer and TNT, and their whole operator graph was given up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.shape
+
+    def forward(self, x):
+        return self.out(self.conv(x) * self.scale.view(8, 1, 1))
+
+
+def test_a_parameter_viewed_with_a_literal_shape_is_skipped_with_the_reason_not_the_graph():
+    analysis = _analyse(_LiteralView(), torch.randn(2, 3, 4, 4))
+    assert not any("operator graph" in name for name in analysis.skipped), analysis.skipped
+    assert "aten.view of a parameter with the size [8, 1, 1] written in the model's code" in \
+        analysis.skipped["conv"], analysis.skipped
 
 
 class _SameValue(nn.Module):

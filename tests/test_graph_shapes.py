@@ -185,3 +185,54 @@ def test_a_token_mixing_mlp_keeps_the_channels_and_its_hidden_units_apart():
     assert {"embed", "ch2", "ch1", "tok1"} <= gated, analysis.skipped
     stream = next(g for g in analysis.groups if "embed" in g.producers)
     assert stream.size == 12 and "tok1" not in stream.producers
+
+
+class _RotaryAttention(nn.Module):
+    """EVA-02's attention: a rotary embedding rotates pairs of each head's channels
+    (``stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)``) before ``q @ k`` merges the head, and the
+    merged width is ``C`` of the input's shape."""
+
+    def __init__(self, dim: int, num_heads: int, tokens: int = 5) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.register_buffer("rope", torch.randn(tokens, dim // num_heads), persistent=False)
+
+    @staticmethod
+    def _rot(x):
+        return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = q * self.rope.cos() + self._rot(q) * self.rope.sin(), k * self.rope.cos() + self._rot(k)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class _RotaryBlocks(_Blocks):
+    def __init__(self, dim: int = 24, num_heads: int = 3, depth: int = 2) -> None:
+        super().__init__(dim, num_heads, depth)
+        self.attns = nn.ModuleList(_RotaryAttention(dim, num_heads) for _ in range(depth))
+
+
+def test_a_rotary_embedding_within_the_heads_keeps_heads_and_stream_apart():
+    """The rotation's pairs lie in one head: coupling the pairs' size (``reshape(x.shape)``) with the dim it
+    was read from must not merge the heads (it did before ``q @ k`` merged each head: one unit, the heads
+    and the stream left alone, EVA-02 at 0.44)."""
+    analysis = _analyse(_RotaryBlocks())
+    heads = [g for g in analysis.groups if "attns.0.qkv" in g.producers]
+    assert heads and heads[0].unit == "head" and heads[0].size == 3, analysis.skipped
+    stream = next(g for g in analysis.groups if "embed" in g.producers)
+    assert {"attns.0.proj", "attns.1.proj", "fc2"} <= set(stream.producers)
+
+
+def test_a_fingerprint_tells_a_square_tensor_from_its_transpose():
+    """PVT-v2 at 64 tokens of 64 channels: the strided partial sum alone gave ``x`` and ``x.transpose`` the
+    same fingerprint (64 = 1 modulo the stride 7), the tokens' size was tied to the channels and the stream
+    fixed."""
+    from lightning_prune.graph.shapes import _close, _fingerprint
+
+    x = torch.randn(2, 64, 64)
+    assert not _close(_fingerprint(x), _fingerprint(x.transpose(1, 2)))
+    assert _close(_fingerprint(x), _fingerprint(x.clone()))

@@ -357,10 +357,25 @@ def shape_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
     return attributes
 
 
-def take_shapes(model: nn.Module, state: Mapping[str, Tensor], attributes: Mapping[str, Mapping[str, Any]]
-                ) -> nn.Module:
+def non_persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """The buffers ``state_dict`` leaves out (registered with ``persistent=False``), by full name: the
+    analysis slices them with the units (BEiT's and EVA's zero ``k_bias``), so a fresh model needs their
+    values too."""
+    return {f"{name}.{key}" if name else key: buffer for name, module in model.named_modules()
+            for key, buffer in module._buffers.items()
+            if key in module._non_persistent_buffers_set and isinstance(buffer, Tensor)}
+
+
+def take_shapes(model: nn.Module, state: Mapping[str, Tensor], attributes: Mapping[str, Mapping[str, Any]],
+                buffers: Mapping[str, Tensor] | None = None) -> nn.Module:
     """Give ``model`` the parameter and buffer shapes of ``state`` and the channel counts of ``attributes``
-    (what :func:`shape_attributes` recorded), so that ``model.load_state_dict(state)`` loads strictly."""
+    (what :func:`shape_attributes` recorded), so that ``model.load_state_dict(state)`` loads strictly;
+    ``buffers``: the non-persistent buffers (:func:`non_persistent_buffers`) to set as they are."""
+    for key, value in (buffers or {}).items():
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if attr in module._buffers:
+            module._buffers[attr] = value
     for key, value in state.items():
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
@@ -387,7 +402,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> None:
     :mod:`lightning_prune.graph.frozen`) are listed under ``"frozen"``: loading freezes them again.
     """
     torch.save({"format": FORMAT, "state_dict": model.state_dict(), "attributes": shape_attributes(model),
-                "frozen": frozen_names(model)}, str(path))
+                "frozen": frozen_names(model), "buffers": non_persistent_buffers(model)}, str(path))
 
 
 @torch.no_grad()
@@ -420,7 +435,7 @@ def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu
             raise InvalidArgumentError(
                 f"{path} holds `{name}` frozen into a plain layer, but this model's `{name}` does not compute"
                 " its weight. HINT: pass a fresh model of the architecture that was compressed.")
-    take_shapes(model, state, payload["attributes"])
+    take_shapes(model, state, payload["attributes"], payload.get("buffers"))
     model.load_state_dict(state, strict=True)
     return model
 

@@ -24,7 +24,11 @@ that shrinks with the units (``num_heads``, ``attn_dim``, split widths, a list o
 such as DPN's ``num_1x1_c``, the shape a parameter is viewed with) are found by their value on the module
 running the operator and updated, by the number of removed units' positions the size holds (a slice bound:
 those before it). A size held by several attributes of that module is tried one attribute at a time when
-updating all of them fails the proof.
+updating all of them fails the proof. Split sizes that no list attribute holds are looked for one per piece
+(``[self.dim_conv3, self.dim_untouched]``), one piece at most computed from the whole (``[self.pdim, self.dim
+- self.pdim]``: the attribute holding the whole is updated). One attribute holds one size: where its uses
+carry different units (SHViT's ``pdim`` sizing a piece of the stream and ``v``), their positions are paired in
+the order of their units and the labels are propagated again.
 An operator this module does not know that touches a labelled dim fixes those atoms (never removed) with the
 reason ``"aten.X on dim d"``; the model's outputs fix theirs. Labels are propagated until no atoms merge any
 more (a later contraction can make an earlier dim unlabelled), then the last pass records sites and slices.
@@ -249,14 +253,24 @@ class LabelGraph:
         # (merged by the operators themselves, before the fixes apply: units that a fix alone keeps, such as
         # the model's outputs, do not count, as pairing them would gain nothing)
         self.paired: set[str] = set()
+        # positions of the sizes that one integer attribute holds, coupled (found after a propagation, made
+        # in the next): one attribute, one size, every use of it loses the same number of positions
+        self._attr_pairs: list[tuple[np.ndarray, np.ndarray]] = []
         for attempt in range(_MAX_PAIRING_PROPAGATIONS):
             self._propagate(max_passes)
             if attempt == _MAX_PAIRING_PROPAGATIONS - 1:
                 break  # (the groups describe this propagation's pairing: none is added after it)
             collapsed = self._collapsed - self.paired
-            if not collapsed:
+            try:
+                pairs = self._attribute_couplings()
+            except GraphTimeoutError:
+                raise
+            except Exception:  # noqa: BLE001 - a hint only: without it such sizes are left to the proof
+                pairs = []
+            if not collapsed and not pairs:
                 break
             self.paired |= collapsed
+            self._attr_pairs += pairs
 
     def _propagate(self, max_passes: int) -> None:
         self.atoms = _Atoms()
@@ -268,13 +282,21 @@ class LabelGraph:
         # optimistic passes (parameters along a unit dim do not fix it yet) until no atoms merge, then one
         # strict pass that records sites, slices and fixes
         self.strict = False
+        # couplings of a size with a dim of a block over several dims wait until no other atoms merge (their
+        # projection merges along the other dims, which a later contraction may make constant anyway: a
+        # rotary embedding's pairs within a head before ``q @ k`` merges the head)
+        self._defer = True
         for _ in range(max_passes):
             self.atoms.changed = False
+            self._deferred = 0
             self.records = _Records()
             self._run()
             self.passes += 1
             if not self.atoms.changed:
-                break
+                if not (self._defer and self._deferred):
+                    break
+                self._defer = False
+        self._defer = False
         self.strict = True
         self.records = _Records()
         self._run()
@@ -311,6 +333,43 @@ class LabelGraph:
             seen = first.setdefault((module, role, dim), arr)
             if seen is not arr and seen.shape == arr.shape:
                 self.atoms.union_arrays(seen, arr)
+        for a, b in self._attr_pairs:
+            self.atoms.union_arrays(a, b)
+
+    def _attribute_couplings(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Sizes held by the same integer attribute of the module running the operators (the only attribute
+        of that value there) whose positions carry different units: their positions paired in the order of
+        their units, as for a size taken from a shape (SHViT's ``pdim``: the width of the attended piece of
+        the stream, of ``v`` in the split of ``qkv`` and of the reshape after ``attn @ v``; EfficientViT-M's
+        ``val_dim`` shared by the cascaded heads)."""
+        uses: dict[tuple[str, str], list[np.ndarray]] = {}
+        for owners, alternatives, _what in self.records.sizes:
+            module = self.modules.get(owners[0]) if owners else None
+            if module is None:
+                continue
+            ints = {a: v for a, v in vars(module).items()
+                    if type(v) is int and v > 1 and not a.startswith("_")}
+            for value, per_pos in alternatives:
+                pairs = zip(value, per_pos) if isinstance(value, tuple) else [(value, per_pos)]
+                found_any = False
+                for size, positions in pairs:
+                    positions = np.asarray(positions)
+                    if not isinstance(size, int) or positions.size == 0 or positions.shape[0] != size:
+                        continue  # (a shape tuple's other dims: no positions)
+                    found = [a for a, v in ints.items() if v == size]
+                    if len(found) == 1:
+                        rows = self.atoms.roots(positions.reshape(size, -1))
+                        if rows.shape[1] and (rows == rows[:, :1]).all():
+                            uses.setdefault((owners[0], found[0]), []).append(np.sort(rows[:, 0]))
+                            found_any = True
+                if found_any:
+                    break
+        pairs_out = []
+        for arrays in uses.values():
+            for other in arrays[1:]:
+                if len(other) == len(arrays[0]) and not np.array_equal(other, arrays[0]):
+                    pairs_out.append((arrays[0], other))
+        return pairs_out
 
     def _walk(self, graph: Any, inputs: list[Any] | None) -> Any:
         """Labels through ``graph``; ``inputs``: the labels of a subgraph's placeholders (None: the
@@ -1125,6 +1184,9 @@ class LabelGraph:
         many on both sides). A source whose dim carries no units fixes the output dim's units (the code's
         size cannot shrink). Returns the output dims so derived (no attribute holds them)."""
         taken: set[int] = set()
+        fixes: dict[int, np.ndarray] = {}  # dims whose source carries no units: they stay
+        labelled: set[int] = set()  # dims with a source that carries units (a size matched to several
+        # tensors of equal shape and values, PVT-v2's ``x`` and its transpose when N == C: the one with units)
         derived = self.derived_sizes.get(node.name, ())
         x = node.args[0]
         in_shape = _shape_of(x.meta.get("val")) if derived and hasattr(x, "meta") else None
@@ -1147,15 +1209,21 @@ class LabelGraph:
             if count % size or (len(run) > 1 and count != size):
                 continue
             taken.add(ds.dim)
-            src_atoms = self.dim_atoms(self.canon(src_lab), ds.source_dim)
+            src_canon = self.canon(src_lab)
+            if self._defer and (any(ds.source_dim in dims and len(dims) > 1 for dims, _ in src_canon.blocks)
+                                or any(set(dims) & set(run) and not set(dims) <= set(run)
+                                       for dims, _ in out.blocks)):
+                self._deferred += 1
+                continue
+            src_atoms = self.dim_atoms(src_canon, ds.source_dim)
             out_atoms = self._run_atoms(out, run)
             if out_atoms is None:
                 continue
             if src_atoms is None:  # (not a multiple ``B * self.num_heads``, nor a parameter's dim: sliced)
                 if ds.num == 1 and ds.source_dim not in src_lab.derived:
-                    why = f"aten.{op_name(node.target)} with a size taken from the shape of a tensor whose"
-                    self.records.fixes.append((out_atoms, f"{why} channels stay"))
+                    fixes.setdefault(ds.dim, out_atoms)
                 continue
+            labelled.add(ds.dim)
             # each unit must hold as many positions (times the multiple) on both sides: the positions are
             # paired in the order of their units, a no-op where that holds already (a head-major and a
             # head-minor layout of the same heads)
@@ -1163,6 +1231,10 @@ class LabelGraph:
             out_sorted = np.sort(self.atoms.roots(out_atoms)).reshape(size, -1)
             for j in range(out_sorted.shape[1]):
                 self.atoms.union_arrays(src_sorted, out_sorted[:, j])
+        why = f"aten.{op_name(node.target)} with a size taken from the shape of a tensor whose channels stay"
+        for dim, out_atoms in fixes.items():
+            if dim not in labelled:
+                self.records.fixes.append((out_atoms, why))
         return taken
 
     def _run_atoms(self, lab: _Lab, run: list[int]) -> np.ndarray | None:
@@ -1587,6 +1659,9 @@ class LabelGraph:
                                 for a in found:
                                     attrs.setdefault(g, set()).add((owner, f"{a}[{i}]", k))
                         return True
+                if owners and self._piece_attributes(owners[0], value, per_pos, pieces, group_of_root, units,
+                                                     attrs, full):
+                    return True
                 continue
             weights = self._unit_weights(per_pos, group_of_root, units)
             if not weights:
@@ -1611,6 +1686,46 @@ class LabelGraph:
             self.hints.setdefault(full(g), f"{what} with the size {shown} written in the model's"
                                            f" code (no attribute of `{owner}` holds it)")
         return False
+
+    def _piece_attributes(self, owner: str, sizes: tuple[int, ...], per_pos: list[np.ndarray],
+                          pieces: list[dict[str, Any]], group_of_root: dict[int, str],
+                          units: dict[str, dict[int, int]], attrs: dict[str, set[tuple[str, str, Any]]],
+                          full: Callable[[str], str]) -> bool:
+        """Split sizes held by integer attributes of ``owner``, one per piece (FasterNet's ``[self.dim_conv3,
+        self.dim_untouched]``, EfficientViT-M's ``[self.key_dim, self.key_dim, self.val_dim]``), one piece at
+        most computed from the whole (SHViT's ``[self.pdim, self.dim - self.pdim]``: the attribute holding
+        the whole is updated by all the removed positions instead). Only the pieces that hold units' positions
+        need one; a size of 1 is no attribute's. False (nothing recorded) where a piece has none."""
+        module = self.modules.get(owner)
+        if module is None:
+            return False
+        ints = {a: v for a, v in vars(module).items() if type(v) is int and v > 1 and not a.startswith("_")}
+        picks: list[tuple[list[str], dict[str, Any]]] = []
+        rest = False
+        for size, weights in zip(sizes, pieces):
+            if not weights:
+                continue
+            found = [a for a, v in ints.items() if v == size]
+            if found:
+                picks.append((found, weights))
+            elif rest:
+                return False
+            else:
+                rest = True
+        if rest:
+            found = [a for a, v in ints.items() if v == sum(sizes)]
+            rows = [np.asarray(p).reshape(len(p), -1) for p in per_pos if np.asarray(p).size]
+            whole = self._unit_weights(np.concatenate(rows), group_of_root, units) if rows else None
+            if not found or not whole:
+                return False
+            picks.append((found, whole))
+        for found, weights in picks:
+            for g, k in weights.items():
+                for a in found:
+                    attrs.setdefault(g, set()).add((owner, a, k))
+                if len(found) > 1:  # the same value in several attributes: all, or one of them
+                    self.choices.setdefault(full(g), []).append([(full(owner), a, k) for a in found])
+        return bool(picks)
 
     def _finish_groups(self, members: dict, order: dict, units: dict, slices: dict, sites: dict, attrs: dict,
                        reasons: dict, outputs: frozenset[str] | set[str], full: Callable[[str], str]

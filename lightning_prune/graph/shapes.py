@@ -144,18 +144,21 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
-def _fingerprint(t: Any) -> tuple[float, float, float] | None:
-    """(sum, sum of |x|, a strided partial sum) of a tensor's values; None where it cannot tell tensors
-    apart (not floating point, all equal)."""
+def _fingerprint(t: Any) -> tuple[float, ...] | None:
+    """(sum, sum of |x|, a strided partial sum, a sum weighted by ``sin`` of the position) of a tensor's
+    values; None where it cannot tell tensors apart (not floating point, all equal). (The strided sum alone
+    is blind to a transpose of two dims whose sizes are 1 modulo the stride: PVT-v2's ``x`` and
+    ``x.permute(0, 2, 1)`` at 64 tokens of 64 channels.)"""
     if not isinstance(t, Tensor) or not t.is_floating_point() or t.numel() < 2:
         return None
     d = t.detach().double().flatten()
     if bool(d.max() == d.min()):
         return None
-    return float(d.sum()), float(d.abs().sum()), float(d[::7].sum())
+    weights = torch.arange(d.numel(), dtype=torch.float64, device=d.device).sin_()
+    return float(d.sum()), float(d.abs().sum()), float(d[::7].sum()), float((d * weights).sum())
 
 
-def _close(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
+def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     scale = max(a[1], b[1], 1e-30)
     return all(abs(x - y) <= _RTOL * scale for x, y in zip(a, b))
 
@@ -179,7 +182,7 @@ def shape_provenance(model: nn.Module, example: Any, program: Any,
         fp = _fingerprint(out)
         if fp is not None:
             wanted_views.append((tuple(out.shape), fp, found))
-    source_fp: dict[int, tuple[tuple[int, ...], tuple[float, float, float]]] = {}
+    source_fp: dict[int, tuple[tuple[int, ...], tuple[float, ...]]] = {}
     for _, _, found in wanted_views:
         for _, src, _, _, _ in found:
             if src not in source_fp:
@@ -190,7 +193,7 @@ def shape_provenance(model: nn.Module, example: Any, program: Any,
     values = _node_fingerprints(program, example, shapes, check)
     view_nodes = {name for name, (_, _, is_view) in values.items() if is_view}
     order = {name: i for i, name in enumerate(values)}
-    by_shape: dict[tuple[int, ...], list[tuple[str, tuple[float, float, float]]]] = {}
+    by_shape: dict[tuple[int, ...], list[tuple[str, tuple[float, ...]]]] = {}
     for name, (shape, fp, _) in values.items():
         by_shape.setdefault(shape, []).append((name, fp))
     result: dict[str, list[DerivedSize]] = {}
@@ -211,11 +214,11 @@ def shape_provenance(model: nn.Module, example: Any, program: Any,
 
 
 def _node_fingerprints(program: Any, example: Any, shapes: set[tuple[int, ...]], check: Callable[[], None]
-                       ) -> dict[str, tuple[tuple[int, ...], tuple[float, float, float], bool]]:
+                       ) -> dict[str, tuple[tuple[int, ...], tuple[float, ...], bool]]:
     """Run the exported graph on ``example``: per node whose output has one of ``shapes``, (shape,
     fingerprint, whether the node is a reshape-like op), in graph order."""
     gm = program.module()
-    found: dict[str, tuple[tuple[int, ...], tuple[float, float, float], bool]] = {}
+    found: dict[str, tuple[tuple[int, ...], tuple[float, ...], bool]] = {}
 
     class _Run(torch.fx.Interpreter):
         def run_node(self, n: Any) -> Any:
