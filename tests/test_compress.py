@@ -249,6 +249,9 @@ def test_load_compressed_gives_a_fresh_model_the_sliced_non_persistent_buffers(t
     save_compressed(small, tmp_path / "small.pt")
     loaded = load_compressed(tmp_path / "small.pt", _ZeroKeyBias().eval())
     assert loaded.k_bias.shape == small.k_bias.shape and torch.equal(loaded(x), small(x))
+    lp.save_sparse(small, tmp_path / "small.sparse.pt")  # and the sparse file
+    sparse = lp.load_sparse(tmp_path / "small.sparse.pt", _ZeroKeyBias().eval())
+    assert sparse.k_bias.shape == small.k_bias.shape and torch.equal(sparse(x), small(x))
 
 
 @pytest.mark.slow

@@ -134,6 +134,11 @@ def test_compressed_ws_model_saves_and_reloads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(X.double()), model(X.double()), atol=0, rtol=0)
         assert not torch.allclose(fresh(X.double()), reference)  # units of a live model went: not a no-op
+    lp.save_sparse(model, tmp_path / "small.sparse.pt")  # the sparse file rebuilds the same structure
+    sparse = lp.load_sparse(tmp_path / "small.sparse.pt", _WSNet().double().eval())
+    assert isinstance(sparse.c3, FrozenConv2d) and isinstance(sparse.l1, FrozenLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(X.double()), model(X.double()), atol=0, rtol=0)
 
 
 def test_dead_units_of_a_ws_reader_are_read_from_its_computed_weight():

@@ -49,8 +49,9 @@ from lightning_prune.graph import (
 )
 from lightning_prune.validation import check_bool, check_int, check_optional, check_positive
 
-__all__ = ["CompressionError", "compress", "dead_units", "load_compressed", "round_kept", "save_compressed",
-           "shape_attributes", "silent_units", "take_shapes"]
+__all__ = ["CompressionError", "compress", "compressed_structure", "dead_units", "load_compressed",
+           "round_kept", "save_compressed", "shape_attributes", "silent_units", "take_shapes",
+           "take_structure"]
 
 
 @torch.no_grad()
@@ -401,8 +402,29 @@ def save_compressed(model: nn.Module, path: str | Path) -> None:
     that were frozen (a weight-standardised conv whose input channels went, see
     :mod:`lightning_prune.graph.frozen`) are listed under ``"frozen"``: loading freezes them again.
     """
-    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "attributes": shape_attributes(model),
-                "frozen": frozen_names(model), "buffers": non_persistent_buffers(model)}, str(path))
+    torch.save({"format": FORMAT, "state_dict": model.state_dict(), **compressed_structure(model)}, str(path))
+
+
+def compressed_structure(model: nn.Module) -> dict[str, Any]:
+    """What a fresh model of the same architecture needs, beside the ``state_dict``, to take a compressed
+    model's structure (:func:`take_structure`): the channel counts of its resized layers (``"attributes"``),
+    the layers frozen into plain ones (``"frozen"``, :mod:`lightning_prune.graph.frozen`) and the buffers
+    ``state_dict`` leaves out (``"buffers"``). Plain data and tensors only."""
+    return {"attributes": shape_attributes(model), "frozen": frozen_names(model),
+            "buffers": non_persistent_buffers(model)}
+
+
+def take_structure(model: nn.Module, state: Mapping[str, Tensor], structure: Mapping[str, Any],
+                   path: str | Path) -> nn.Module:
+    """Give a fresh ``model`` the structure :func:`compressed_structure` recorded (files written before a
+    key existed lack it): the frozen layers frozen again, then the shapes of ``state`` and the recorded
+    channel counts and buffers, so that ``model.load_state_dict(state)`` loads strictly."""
+    for name in structure.get("frozen") or ():  # the plain layers that replaced weight-computing ones
+        if not freeze(model, name) and not isinstance(model.get_submodule(name), FROZEN_TYPES):
+            raise InvalidArgumentError(
+                f"{path} holds `{name}` frozen into a plain layer, but this model's `{name}` does not compute"
+                " its weight. HINT: pass a fresh model of the architecture that was compressed.")
+    return take_shapes(model, state, structure.get("attributes") or {}, structure.get("buffers"))
 
 
 @torch.no_grad()
@@ -430,12 +452,7 @@ def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InvalidArgumentError(f"{path} was not written by lightning_prune.save_compressed.")
     state = payload["state_dict"]
-    for name in payload.get("frozen", ()):  # the plain layers that replaced weight-computing ones
-        if not freeze(model, name) and not isinstance(model.get_submodule(name), FROZEN_TYPES):
-            raise InvalidArgumentError(
-                f"{path} holds `{name}` frozen into a plain layer, but this model's `{name}` does not compute"
-                " its weight. HINT: pass a fresh model of the architecture that was compressed.")
-    take_shapes(model, state, payload["attributes"], payload.get("buffers"))
+    take_structure(model, state, payload, path)
     model.load_state_dict(state, strict=True)
     return model
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.checkpoint_io import load_file
-from lightning_prune.core.compression import shape_attributes, take_shapes
+from lightning_prune.core.compression import compressed_structure, take_structure
 from lightning_prune.errors import InvalidArgumentError, InvalidArgumentTypeError
 
 __all__ = ["FORMAT", "SparseFile", "decode_tensor", "encode_tensor", "load_sparse", "pack_bits",
@@ -125,9 +125,9 @@ def decode_tensor(entry: Mapping[str, Any], device: Any = "cpu") -> Tensor:
 
 def _state_of(model: nn.Module | Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if isinstance(model, nn.Module):
-        return dict(model.state_dict()), shape_attributes(model)
+        return dict(model.state_dict()), compressed_structure(model)
     if isinstance(model, Mapping) and all(isinstance(v, Tensor) for v in model.values()):
-        return dict(model), {}
+        return dict(model), {"attributes": {}}
     raise InvalidArgumentTypeError(
         f"`model` must be an nn.Module (a timm model, a LightningModule) or a state_dict of tensors, got"
         f" {type(model).__name__}. HINT: for a Lightning checkpoint pass torch.load(path)['state_dict'].")
@@ -152,7 +152,7 @@ def save_sparse(model: nn.Module | Mapping[str, Tensor], path: str | Path) -> Sp
         info = lp.save_sparse(pruned, "pruned.sparse.pt")
         print(f"{info.file_bytes / 1e6:.1f} MB, {info.ratio:.1f}x smaller than dense")
     """
-    state, attributes = _state_of(model)
+    state, structure = _state_of(model)
     dense: dict[str, Tensor] = {}
     sparse: dict[str, dict[str, Any]] = {}
     aliases: dict[str, str] = {}  # a tied tensor's other names -> the name it is stored under
@@ -173,8 +173,8 @@ def save_sparse(model: nn.Module | Mapping[str, Tensor], path: str | Path) -> Sp
             sparse[key] = entry
             elements += tensor.numel()
             zeros += tensor.numel() - entry["values"].numel()
-    payload = {"format": FORMAT, "keys": list(state), "dense": dense, "sparse": sparse,
-               "attributes": attributes, "aliases": aliases}
+    payload = {"format": FORMAT, "keys": list(state), "dense": dense, "sparse": sparse, "aliases": aliases,
+               **structure}
     torch.save(payload, str(path))
     return SparseFile(str(path), Path(path).stat().st_size, dense_bytes, len(sparse), len(dense),
                       zeros / elements if elements else 0.0)
@@ -205,14 +205,23 @@ def load_sparse(path: str | Path, model: nn.Module | None = None, map_location: 
     state = {key: tensors[aliases.get(key, key)] for key in payload["keys"]}
     if model is None:
         return state
+    hint = "HINT: load it into a fresh model of the architecture that was saved"
+
+    def take() -> None:
+        try:
+            take_structure(model, state, payload, path)
+        except (AttributeError, KeyError, ValueError, RuntimeError) as err:
+            raise InvalidArgumentError(f"{path} does not fit {type(model).__name__}: {err}. {hint}.") from err
+
+    if payload.get("frozen"):  # (before the keys are compared: a frozen layer has other keys)
+        take()
     expected = set(model.state_dict())
     if strict and set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         raise InvalidArgumentError(
             f"{path} does not fit {type(model).__name__}: missing keys {missing[:4]}, unexpected keys"
-            f" {unexpected[:4]}. HINT: load it into a fresh model of the architecture that was saved (or pass"
-            " strict=False).")
-    if payload.get("attributes"):
-        take_shapes(model, state, payload["attributes"])
+            f" {unexpected[:4]}. {hint} (or pass strict=False).")
+    if not payload.get("frozen") and (payload.get("attributes") or payload.get("buffers")):
+        take()
     model.load_state_dict(state, strict=strict)
     return model
