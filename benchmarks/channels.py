@@ -232,7 +232,8 @@ def run_model(name: str, seed: int, args: argparse.Namespace, log: Any) -> list[
                 module.model.load_state_dict(snapshot["weights"])
                 one_shot = lp.OneShotPruning("channels", target_flops=target, prune_step=0, round_to=8,
                                              verbose=False, log_media_every_n_epochs=0,
-                                             input_size=(3, SIDE, SIDE), importance=importance_of(criterion))
+                                             input_size=(3, SIDE, SIDE), importance=importance_of(criterion),
+                                             compensate=_split(criterion)[1])
                 trainer(epochs - half, [one_shot]).fit(module, datamodule=data)
                 flops, params = count(module.model)
                 rows.append({"model": name, "seed": seed, "method": method, "target": target,
@@ -274,8 +275,10 @@ def ours_row(name: str, seed: int, target: float, data: pl.LightningDataModule, 
 
 #: ``--one-shot-importance`` names: ``activations`` is OneShotPruning's own ranking (``importance=None``, the
 #: "ours one-shot" row); ``taylor_elementwise`` is ``Taylor(elementwise=True)`` (torch-pruning's form,
-#: ``sum |w * dL/dw|``); any other name is passed as ``importance=``
+#: ``sum |w * dL/dw|``); any other name is passed as ``importance=``; a name ending in ``-nocomp`` is the
+#: same without the least-squares refit (``compensate=False``: the ablation)
 ONE_SHOT_DEFAULT = ["activations"]
+NO_COMPENSATION = "-nocomp"
 
 
 def one_shot_criteria(args: argparse.Namespace) -> list[str]:
@@ -283,7 +286,16 @@ def one_shot_criteria(args: argparse.Namespace) -> list[str]:
 
 
 def one_shot_method(criterion: str) -> str:
-    return "ours one-shot" if criterion == "activations" else f"ours one-shot ({criterion})"
+    base, compensate = _split(criterion)
+    details = ([] if base == "activations" else [base]) + ([] if compensate else ["compensate=False"])
+    return "ours one-shot" + (f" ({', '.join(details)})" if details else "")
+
+
+def _split(criterion: str) -> tuple[str, bool]:
+    """``(criterion, compensate)`` of a ``--one-shot-importance`` name."""
+    if criterion.endswith(NO_COMPENSATION):
+        return criterion[:-len(NO_COMPENSATION)], False
+    return criterion, True
 
 
 def one_shot_key(criterion: str) -> str:
@@ -292,6 +304,7 @@ def one_shot_key(criterion: str) -> str:
 
 
 def importance_of(criterion: str) -> Any:
+    criterion = _split(criterion)[0]
     if criterion == "activations":
         return None
     if criterion == "taylor_elementwise":
@@ -349,7 +362,8 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                  "acc_sd": sd, "flops": statistics.fmean(r["flops"] for r in these.values())}
         for other, key in (("dense", "minus_dense"), ("torch-pruning", "minus_tp"),
                            ("ours one-shot", "minus_one_shot")):
-            if method in (other, "dense") or (key == "minus_one_shot" and not method.startswith(other)):
+            if method in (other, "dense") or (key == "minus_one_shot"
+                                              and not method.startswith(other + " (")):
                 continue
             ref = by(model, other, 1.0 if other == "dense" else target)
             pairs = [these[k]["acc"] - ref[k]["acc"] for k in these if k in ref]
@@ -425,8 +439,9 @@ def main() -> None:
     parser.add_argument("--round-to-sweep", action="store_true")
     parser.add_argument("--one-shot-importance", nargs="+", default=[], metavar="NAME",
                         help="adds an 'ours one-shot (NAME)' row per criterion (OneShotPruning"
-                             " importance=NAME; 'taylor_elementwise': sum |w * dL/dw|); 'activations' is the"
-                             " 'ours one-shot' row, which always runs")
+                             " importance=NAME; 'taylor_elementwise': sum |w * dL/dw|; NAME-nocomp: with"
+                             " compensate=False); 'activations' is the 'ours one-shot' row, which always"
+                             " runs")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="run only these rows: ours, torch-pruning, one-shot, one-shot-NAME (a"
                              " --one-shot-importance row); dense always runs (the snapshot). Default: all")
