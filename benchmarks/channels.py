@@ -16,7 +16,11 @@ budget (``target_flops`` 0.5 and 0.25 of the dense FLOPs, torch-pruning's ``coun
 * **ours one-shot**: torch-pruning's protocol with our criterion: the same weights at ``E/2`` epochs,
   ``OneShotPruning("channels", target_flops=t, round_to=8)`` at the first step of an ``E/2``-epoch fit with a
   fresh optimizer and cosine schedule (units ranked by their calibration activations, the readers refitted by
-  least squares), so that the two rows differ only in which units go and how the rest is repaired.
+  least squares), so that the two rows differ only in which units go and how the rest is repaired;
+* **ours one-shot (NAME)**, one row per ``--one-shot-importance NAME``: the same, the units ranked by
+  ``importance=NAME`` (``taylor``: first-order Taylor from the gradients of the training step's loss on the
+  calibration batches; ``taylor_elementwise``: ``sum |w * dL/dw|``, torch-pruning's form; ``NAME-nocomp``:
+  without the least-squares refit, ``compensate=False``).
 
 All in one process, on the same data (``data_seed`` 0; ``--train-size`` training images, 2,000 test images,
 ``--difficulty``), each seed seeding the weights and the shuffling of all four methods. Per row: test
@@ -29,6 +33,8 @@ on both sides).
 Usage::
 
     python benchmarks/channels.py --models resnet18 efficientnet_b0 --targets 0.5 --seeds 0 1 2
+    # only some rows (dense always runs: it gives the snapshot), one of them ranked by Taylor
+    python benchmarks/channels.py --models resnet18 --one-shot-importance taylor --methods one-shot-taylor
     python benchmarks/channels.py --merge a.json b.json --out channels-shapes   # nothing is trained
 
 Writes ``benchmarks/results/<out>.{json,md}`` (default ``channels-shapes``; rows of the same model, seed,
@@ -481,6 +487,7 @@ def main() -> None:
                   "methods": args.methods, "one_shot_importance": args.one_shot_importance,
                   "reps": args.reps, "side": SIDE, "seconds": round(time.time() - started),
                   "command": "python benchmarks/channels.py " + " ".join(sys.argv[1:])}
+    new = list({_key(r): r for r in new}.values())  # (merged files may share rows, e.g. dense: the last wins)
     keys = {_key(r) for r in new}
     rows = [r for r in rows if _key(r) not in keys] + new
     rows.sort(key=lambda r: (list(MODELS).index(r["model"]) if r["model"] in MODELS else 99, r["seed"],
