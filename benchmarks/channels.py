@@ -231,7 +231,7 @@ def run_model(name: str, seed: int, args: argparse.Namespace, log: Any) -> list[
         for criterion in one_shot_criteria(args):
             if one_shot_key(criterion) not in wanted:
                 continue
-            method = one_shot_method(criterion)
+            method = one_shot_method(criterion, args.calibration_batches)
             try:
                 pl.seed_everything(seed, verbose=False)
                 module = classifier(name, lr)
@@ -239,7 +239,8 @@ def run_model(name: str, seed: int, args: argparse.Namespace, log: Any) -> list[
                 one_shot = lp.OneShotPruning("channels", target_flops=target, prune_step=0, round_to=8,
                                              verbose=False, log_media_every_n_epochs=0,
                                              input_size=(3, SIDE, SIDE), importance=importance_of(criterion),
-                                             compensate=_split(criterion)[1])
+                                             compensate=_split(criterion)[1],
+                                             calibration_batches=args.calibration_batches)
                 trainer(epochs - half, [one_shot]).fit(module, datamodule=data)
                 flops, params = count(module.model)
                 rows.append({"model": name, "seed": seed, "method": method, "target": target,
@@ -291,9 +292,10 @@ def one_shot_criteria(args: argparse.Namespace) -> list[str]:
     return ONE_SHOT_DEFAULT + [c for c in args.one_shot_importance if c not in ONE_SHOT_DEFAULT]
 
 
-def one_shot_method(criterion: str) -> str:
+def one_shot_method(criterion: str, batches: int = 4) -> str:
     base, compensate = _split(criterion)
-    details = ([] if base == "activations" else [base]) + ([] if compensate else ["compensate=False"])
+    details = ([] if base == "activations" else [base]) + ([] if compensate else ["compensate=False"]) \
+        + ([] if batches == 4 else [f"{batches} batches"])
     return "ours one-shot" + (f" ({', '.join(details)})" if details else "")
 
 
@@ -448,6 +450,9 @@ def main() -> None:
                              " importance=NAME; 'taylor_elementwise': sum |w * dL/dw|; NAME-nocomp: with"
                              " compensate=False); 'activations' is the 'ours one-shot' row, which always"
                              " runs")
+    parser.add_argument("--calibration-batches", type=int, default=4,
+                        help="OneShotPruning's calibration_batches (4, its default; another number is named"
+                             " in the one-shot rows' method)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="run only these rows: ours, torch-pruning, one-shot, one-shot-NAME (a"
                              " --one-shot-importance row); dense always runs (the snapshot). Default: all")
@@ -485,6 +490,7 @@ def main() -> None:
         config = {"epochs": args.epochs, "train_size": args.train_size, "difficulty": args.difficulty,
                   "targets": args.targets, "lr": args.lr, "taylor_batches": args.taylor_batches,
                   "methods": args.methods, "one_shot_importance": args.one_shot_importance,
+                  "calibration_batches": args.calibration_batches,
                   "reps": args.reps, "side": SIDE, "seconds": round(time.time() - started),
                   "command": "python benchmarks/channels.py " + " ".join(sys.argv[1:])}
     new = list({_key(r): r for r in new}.values())  # (merged files may share rows, e.g. dense: the last wins)
