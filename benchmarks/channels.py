@@ -390,13 +390,15 @@ def markdown(rows: list[dict[str, Any]], rounding: list[dict[str, Any]], config:
 
     entries = summary(rows)
     criteria = any("minus_one_shot" in e for e in entries)  # rows of --one-shot-importance: their pairs too
+    sources = config.get("sources") or []
+    merged = "; merged from: " + "; ".join(f"`{c}`" for c in sources) if sources else ""
     lines = [f"`lp.ShapesDataModule` (difficulty {config['difficulty']}, {config['train_size']} training"
              f" images, 2,000 test images, data seed 0), 32x32, {config['epochs']} epochs (pruned runs:"
              f" {config['epochs'] // 2} + {config['epochs'] - config['epochs'] // 2}), SGD lr {config['lr']}"
              f" cosine, batch 64, one thread; torch-pruning: TaylorImportance ({config['taylor_batches']}"
              " batches), global pruning, round_to=8, the same fine-tuning budget. Latency: thread CPU time,"
              f" 1 thread, medians of {config['reps']} interleaved repetitions, as ratios to the dense model."
-             f" `{config['command']}`", "",
+             f" `{config['command']}`" + merged, "",
              "Mean over seeds; paired differences (same seed) with their standard deviation:", "",
              "| model | method | target FLOPs | seeds | test acc (mean ± sd) | FLOPs | - dense"
              " | - torch-pruning |" + (" - ours one-shot |" if criteria else ""),
@@ -477,10 +479,15 @@ def main() -> None:
     rounding: list[dict[str, Any]] = old.get("round_to", [])
     config = old.get("config") or {}
     new: list[dict[str, Any]] = []
+    sources = []
     for other in args.merge:
         loaded = json.loads(Path(other).read_text())
         new += loaded["rows"]
-        config = loaded["config"]
+        config = dict(loaded["config"])
+        sources += config.pop("sources", None) or [config["command"]]
+    if args.merge:  # (the protocol of the last file; every run's command kept)
+        config["sources"] = sources
+        config["command"] = "python benchmarks/channels.py " + " ".join(sys.argv[1:])
     if not args.merge:
         for seed in args.seeds:
             for name in args.models:
