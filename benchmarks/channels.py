@@ -16,7 +16,11 @@ budget (``target_flops`` 0.5 and 0.25 of the dense FLOPs, torch-pruning's ``coun
 * **ours one-shot**: torch-pruning's protocol with our criterion: the same weights at ``E/2`` epochs,
   ``OneShotPruning("channels", target_flops=t, round_to=8)`` at the first step of an ``E/2``-epoch fit with a
   fresh optimizer and cosine schedule (units ranked by their calibration activations, the readers refitted by
-  least squares), so that the two rows differ only in which units go and how the rest is repaired.
+  least squares), so that the two rows differ only in which units go and how the rest is repaired;
+* **ours one-shot (NAME)**, one row per ``--one-shot-importance NAME``: the same, the units ranked by
+  ``importance=NAME`` (``taylor``: first-order Taylor from the gradients of the training step's loss on the
+  calibration batches; ``taylor_elementwise``: ``sum |w * dL/dw|``, torch-pruning's form; ``NAME-nocomp``:
+  without the least-squares refit, ``compensate=False``).
 
 All in one process, on the same data (``data_seed`` 0; ``--train-size`` training images, 2,000 test images,
 ``--difficulty``), each seed seeding the weights and the shuffling of all four methods. Per row: test
@@ -29,6 +33,8 @@ on both sides).
 Usage::
 
     python benchmarks/channels.py --models resnet18 efficientnet_b0 --targets 0.5 --seeds 0 1 2
+    # only some rows (dense always runs: it gives the snapshot), one of them ranked by Taylor
+    python benchmarks/channels.py --models resnet18 --one-shot-importance taylor --methods one-shot-taylor
     python benchmarks/channels.py --merge a.json b.json --out channels-shapes   # nothing is trained
 
 Writes ``benchmarks/results/<out>.{json,md}`` (default ``channels-shapes``; rows of the same model, seed,
@@ -193,61 +199,59 @@ def run_model(name: str, seed: int, args: argparse.Namespace, log: Any) -> list[
              "params": 1.0, "coverage": coverage}]
     grads: dict[str, Tensor] | None = None
     nets = {"dense": dense_net}
+    wanted = set(args.methods)
     for target in targets:
-        # ours
-        pl.seed_everything(seed, verbose=False)
-        model = classifier(name, lr)
-        cb = lp.GroupLassoPruning(target_flops=target, finalize_step=0.5, compress=True, verbose=False,
-                                  log_media_every_n_epochs=0, input_size=(3, SIDE, SIDE))
-        trainer(epochs, [cb]).fit(model, datamodule=data)
-        ours = copy.deepcopy(model.model).eval()
-        flops, params = count(ours)
-        rows.append({"model": name, "seed": seed, "method": "ours", "target": target,
-                     "acc": accuracy(model, data),
-                     "flops": flops / dense_flops, "params": params / dense_params})
-        nets[f"ours {target}"] = ours
-        log(f"{name} ours @ {target}: acc {rows[-1]['acc']:.4f}, FLOPs {rows[-1]['flops']:.3f},"
-            f" params {rows[-1]['params']:.3f}")
+        if "ours" in wanted:
+            rows.append(ours_row(name, seed, target, data, args, dense_flops, dense_params, nets, log))
         # torch-pruning
-        try:
-            base = classifier(name, lr).model
-            base.load_state_dict(snapshot["weights"])
-            if grads is None:
-                grads = taylor_gradients(base, data, args.taylor_batches)
-            pruned, ratio = torch_pruning_at(base.eval(), target, dense_flops, grads)
-            pl.seed_everything(seed, verbose=False)
-            module = classifier(name, lr)
-            module.model = pruned.train()
-            trainer(epochs - half).fit(module, datamodule=data)
-            flops, params = count(module.model)
-            rows.append({"model": name, "seed": seed, "method": "torch-pruning", "target": target,
-                         "acc": accuracy(module, data), "flops": flops / dense_flops,
-                         "params": params / dense_params, "pruning_ratio": ratio})
-            nets[f"torch-pruning {target}"] = copy.deepcopy(module.model).eval()
-            log(f"{name} torch-pruning @ {target}: acc {rows[-1]['acc']:.4f}, FLOPs {rows[-1]['flops']:.3f}")
-        except Exception as err:  # noqa: BLE001 - its failure is a result too
-            rows.append({"model": name, "seed": seed, "method": "torch-pruning", "target": target,
-                         "error": f"{type(err).__name__}: {str(err)[:160]}"})
-            log(f"{name} torch-pruning @ {target}: {rows[-1]['error']}")
-        # ours, one-shot on torch-pruning's protocol (the same snapshot, the same fresh fine-tuning)
-        try:
-            pl.seed_everything(seed, verbose=False)
-            module = classifier(name, lr)
-            module.model.load_state_dict(snapshot["weights"])
-            one_shot = lp.OneShotPruning("channels", target_flops=target, prune_step=0, round_to=8,
-                                         verbose=False, log_media_every_n_epochs=0,
-                                         input_size=(3, SIDE, SIDE))
-            trainer(epochs - half, [one_shot]).fit(module, datamodule=data)
-            flops, params = count(module.model)
-            rows.append({"model": name, "seed": seed, "method": "ours one-shot", "target": target,
-                         "acc": accuracy(module, data), "flops": flops / dense_flops,
-                         "params": params / dense_params})
-            nets[f"ours one-shot {target}"] = copy.deepcopy(module.model).eval()
-            log(f"{name} ours one-shot @ {target}: acc {rows[-1]['acc']:.4f}, FLOPs {rows[-1]['flops']:.3f}")
-        except Exception as err:  # noqa: BLE001 - a failure is a row of the table
-            rows.append({"model": name, "seed": seed, "method": "ours one-shot", "target": target,
-                         "error": f"{type(err).__name__}: {str(err)[:160]}"})
-            log(f"{name} ours one-shot @ {target}: {rows[-1]['error']}")
+        if "torch-pruning" in wanted:
+            try:
+                base = classifier(name, lr).model
+                base.load_state_dict(snapshot["weights"])
+                if grads is None:
+                    grads = taylor_gradients(base, data, args.taylor_batches)
+                pruned, ratio = torch_pruning_at(base.eval(), target, dense_flops, grads)
+                pl.seed_everything(seed, verbose=False)
+                module = classifier(name, lr)
+                module.model = pruned.train()
+                trainer(epochs - half).fit(module, datamodule=data)
+                flops, params = count(module.model)
+                rows.append({"model": name, "seed": seed, "method": "torch-pruning", "target": target,
+                             "acc": accuracy(module, data), "flops": flops / dense_flops,
+                             "params": params / dense_params, "pruning_ratio": ratio})
+                nets[f"torch-pruning {target}"] = copy.deepcopy(module.model).eval()
+                log(f"{name} torch-pruning @ {target}: acc {rows[-1]['acc']:.4f},"
+                    f" FLOPs {rows[-1]['flops']:.3f}")
+            except Exception as err:  # noqa: BLE001 - its failure is a result too
+                rows.append({"model": name, "seed": seed, "method": "torch-pruning", "target": target,
+                             "error": f"{type(err).__name__}: {str(err)[:160]}"})
+                log(f"{name} torch-pruning @ {target}: {rows[-1]['error']}")
+        # ours, one-shot on torch-pruning's protocol (the same snapshot, the same fresh fine-tuning), ranked
+        # by the calibration activations ("ours one-shot") and by each --one-shot-importance criterion
+        for criterion in one_shot_criteria(args):
+            if one_shot_key(criterion) not in wanted:
+                continue
+            method = one_shot_method(criterion, args.calibration_batches)
+            try:
+                pl.seed_everything(seed, verbose=False)
+                module = classifier(name, lr)
+                module.model.load_state_dict(snapshot["weights"])
+                one_shot = lp.OneShotPruning("channels", target_flops=target, prune_step=0, round_to=8,
+                                             verbose=False, log_media_every_n_epochs=0,
+                                             input_size=(3, SIDE, SIDE), importance=importance_of(criterion),
+                                             compensate=_split(criterion)[1],
+                                             calibration_batches=args.calibration_batches)
+                trainer(epochs - half, [one_shot]).fit(module, datamodule=data)
+                flops, params = count(module.model)
+                rows.append({"model": name, "seed": seed, "method": method, "target": target,
+                             "acc": accuracy(module, data), "flops": flops / dense_flops,
+                             "params": params / dense_params})
+                nets[f"{method} {target}"] = copy.deepcopy(module.model).eval()
+                log(f"{name} {method} @ {target}: acc {rows[-1]['acc']:.4f}, FLOPs {rows[-1]['flops']:.3f}")
+            except Exception as err:  # noqa: BLE001 - a failure is a row of the table
+                rows.append({"model": name, "seed": seed, "method": method, "target": target,
+                             "error": f"{type(err).__name__}: {str(err)[:160]}"})
+                log(f"{name} {method} @ {target}: {rows[-1]['error']}")
     for batch, inner in ((1, 20), (64, 2)):
         times = latency(nets, batch, reps, inner)
         for row in rows:
@@ -256,6 +260,66 @@ def run_model(name: str, seed: int, args: argparse.Namespace, log: Any) -> list[
                 row[f"latency_b{batch}"] = times[key] / times["dense"]
                 row[f"ms_b{batch}"] = times[key]
     return rows
+
+
+def ours_row(name: str, seed: int, target: float, data: pl.LightningDataModule, args: argparse.Namespace,
+             dense_flops: float, dense_params: float, nets: dict[str, torch.nn.Module], log: Any
+             ) -> dict[str, Any]:
+    """GroupLassoPruning over the whole ``E`` epochs, the units chosen at the middle."""
+    pl.seed_everything(seed, verbose=False)
+    model = classifier(name, args.lr)
+    cb = lp.GroupLassoPruning(target_flops=target, finalize_step=0.5, compress=True, verbose=False,
+                              log_media_every_n_epochs=0, input_size=(3, SIDE, SIDE))
+    trainer(args.epochs, [cb]).fit(model, datamodule=data)
+    ours = copy.deepcopy(model.model).eval()
+    flops, params = count(ours)
+    row = {"model": name, "seed": seed, "method": "ours", "target": target, "acc": accuracy(model, data),
+           "flops": flops / dense_flops, "params": params / dense_params}
+    nets[f"ours {target}"] = ours
+    log(f"{name} ours @ {target}: acc {row['acc']:.4f}, FLOPs {row['flops']:.3f}, params {row['params']:.3f}")
+    return row
+
+
+#: ``--one-shot-importance`` names: ``activations`` is OneShotPruning's own ranking (``importance=None``, the
+#: "ours one-shot" row); ``taylor_elementwise`` is ``Taylor(elementwise=True)`` (torch-pruning's form,
+#: ``sum |w * dL/dw|``); any other name is passed as ``importance=``; a name ending in ``-nocomp`` is the
+#: same without the least-squares refit (``compensate=False``: the ablation)
+ONE_SHOT_DEFAULT = ["activations"]
+NO_COMPENSATION = "-nocomp"
+
+
+def one_shot_criteria(args: argparse.Namespace) -> list[str]:
+    return ONE_SHOT_DEFAULT + [c for c in args.one_shot_importance if c not in ONE_SHOT_DEFAULT]
+
+
+def one_shot_method(criterion: str, batches: int = 4) -> str:
+    base, compensate = _split(criterion)
+    details = ([] if base == "activations" else [base]) + ([] if compensate else ["compensate=False"]) \
+        + ([] if batches == 4 else [f"{batches} batches"])
+    return "ours one-shot" + (f" ({', '.join(details)})" if details else "")
+
+
+def _split(criterion: str) -> tuple[str, bool]:
+    """``(criterion, compensate)`` of a ``--one-shot-importance`` name."""
+    if criterion.endswith(NO_COMPENSATION):
+        return criterion[:-len(NO_COMPENSATION)], False
+    return criterion, True
+
+
+def one_shot_key(criterion: str) -> str:
+    """The ``--methods`` name of a one-shot row: ``one-shot``, ``one-shot-<criterion>``."""
+    return "one-shot" if criterion == "activations" else f"one-shot-{criterion}"
+
+
+def importance_of(criterion: str) -> Any:
+    criterion = _split(criterion)[0]
+    if criterion == "activations":
+        return None
+    if criterion == "taylor_elementwise":
+        from lightning_prune.core.importance import Taylor
+
+        return Taylor(elementwise=True)
+    return criterion
 
 
 def round_to_sweep(reps: int, log: Any) -> list[dict[str, Any]]:
@@ -304,8 +368,10 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mean, sd = stats([r["acc"] for r in these.values()])
         entry = {"model": model, "method": method, "target": target, "seeds": sorted(these), "acc": mean,
                  "acc_sd": sd, "flops": statistics.fmean(r["flops"] for r in these.values())}
-        for other, key in (("dense", "minus_dense"), ("torch-pruning", "minus_tp")):
-            if method in (other, "dense"):
+        for other, key in (("dense", "minus_dense"), ("torch-pruning", "minus_tp"),
+                           ("ours one-shot", "minus_one_shot")):
+            if method in (other, "dense") or (key == "minus_one_shot"
+                                              and not method.startswith(other + " (")):
                 continue
             ref = by(model, other, 1.0 if other == "dense" else target)
             pairs = [these[k]["acc"] - ref[k]["acc"] for k in these if k in ref]
@@ -322,23 +388,28 @@ def markdown(rows: list[dict[str, Any]], rounding: list[dict[str, Any]], config:
             return ""
         return f"{mean:+.4f}" + (f" ± {sd:.4f}" if sd is not None and sd == sd else "")
 
+    entries = summary(rows)
+    criteria = any("minus_one_shot" in e for e in entries)  # rows of --one-shot-importance: their pairs too
+    sources = config.get("sources") or []
+    merged = "; merged from: " + "; ".join(f"`{c}`" for c in sources) if sources else ""
     lines = [f"`lp.ShapesDataModule` (difficulty {config['difficulty']}, {config['train_size']} training"
              f" images, 2,000 test images, data seed 0), 32x32, {config['epochs']} epochs (pruned runs:"
              f" {config['epochs'] // 2} + {config['epochs'] - config['epochs'] // 2}), SGD lr {config['lr']}"
              f" cosine, batch 64, one thread; torch-pruning: TaylorImportance ({config['taylor_batches']}"
              " batches), global pruning, round_to=8, the same fine-tuning budget. Latency: thread CPU time,"
              f" 1 thread, medians of {config['reps']} interleaved repetitions, as ratios to the dense model."
-             f" `{config['command']}`", "",
+             f" `{config['command']}`" + merged, "",
              "Mean over seeds; paired differences (same seed) with their standard deviation:", "",
              "| model | method | target FLOPs | seeds | test acc (mean ± sd) | FLOPs | - dense"
-             " | - torch-pruning |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
-    for e in summary(rows):
+             " | - torch-pruning |" + (" - ours one-shot |" if criteria else ""),
+             "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|" if criteria else "")]
+    for e in entries:
         sd = f" ± {e['acc_sd']:.4f}" if e["acc_sd"] == e["acc_sd"] else ""
         lines.append(f"| `{e['model']}` | {e['method']} | {e['target']:g} | {','.join(map(str, e['seeds']))}"
                      f" | {e['acc']:.4f}{sd} | {e['flops']:.3f}"
                      f" | {pm(e.get('minus_dense'), e.get('minus_dense_sd'))}"
-                     f" | {pm(e.get('minus_tp'), e.get('minus_tp_sd'))} |")
+                     f" | {pm(e.get('minus_tp'), e.get('minus_tp_sd'))} |"
+                     + (f" {pm(e.get('minus_one_shot'), e.get('minus_one_shot_sd'))} |" if criteria else ""))
     lines += ["", "Every run:", "",
               "| model | seed | method | target FLOPs | test acc | FLOPs | params | latency b1"
               " | latency b64 | b64 latency / FLOPs |",
@@ -376,10 +447,27 @@ def main() -> None:
     parser.add_argument("--taylor-batches", type=int, default=8)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--round-to-sweep", action="store_true")
+    parser.add_argument("--one-shot-importance", nargs="+", default=[], metavar="NAME",
+                        help="adds an 'ours one-shot (NAME)' row per criterion (OneShotPruning"
+                             " importance=NAME; 'taylor_elementwise': sum |w * dL/dw|; NAME-nocomp: with"
+                             " compensate=False); 'activations' is the 'ours one-shot' row, which always"
+                             " runs")
+    parser.add_argument("--calibration-batches", type=int, default=4,
+                        help="OneShotPruning's calibration_batches (4, its default; another number is named"
+                             " in the one-shot rows' method)")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="run only these rows: ours, torch-pruning, one-shot, one-shot-NAME (a"
+                             " --one-shot-importance row); dense always runs (the snapshot). Default: all")
     parser.add_argument("--out", default="channels-shapes")
     parser.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                         help="result files of separate runs to merge into --out (nothing is trained)")
     args = parser.parse_args()
+    known = ["dense", "ours", "torch-pruning"] + [one_shot_key(c) for c in one_shot_criteria(args)]
+    if args.methods is None:
+        args.methods = known
+    unknown = sorted(set(args.methods) - set(known))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {known}")
     started = time.time()
 
     def log(msg: str) -> None:
@@ -391,10 +479,15 @@ def main() -> None:
     rounding: list[dict[str, Any]] = old.get("round_to", [])
     config = old.get("config") or {}
     new: list[dict[str, Any]] = []
+    sources = []
     for other in args.merge:
         loaded = json.loads(Path(other).read_text())
         new += loaded["rows"]
-        config = loaded["config"]
+        config = dict(loaded["config"])
+        sources += config.pop("sources", None) or [config["command"]]
+    if args.merge:  # (the protocol of the last file; every run's command kept)
+        config["sources"] = sources
+        config["command"] = "python benchmarks/channels.py " + " ".join(sys.argv[1:])
     if not args.merge:
         for seed in args.seeds:
             for name in args.models:
@@ -403,8 +496,11 @@ def main() -> None:
             rounding = round_to_sweep(args.reps, log)
         config = {"epochs": args.epochs, "train_size": args.train_size, "difficulty": args.difficulty,
                   "targets": args.targets, "lr": args.lr, "taylor_batches": args.taylor_batches,
+                  "methods": args.methods, "one_shot_importance": args.one_shot_importance,
+                  "calibration_batches": args.calibration_batches,
                   "reps": args.reps, "side": SIDE, "seconds": round(time.time() - started),
                   "command": "python benchmarks/channels.py " + " ".join(sys.argv[1:])}
+    new = list({_key(r): r for r in new}.values())  # (merged files may share rows, e.g. dense: the last wins)
     keys = {_key(r) for r in new}
     rows = [r for r in rows if _key(r) not in keys] + new
     rows.sort(key=lambda r: (list(MODELS).index(r["model"]) if r["model"] in MODELS else 99, r["seed"],

@@ -3,7 +3,8 @@
 At the start of ``fit`` (or at ``prune_step``) the callback draws ``calibration_batches`` batches from the
 training loader and prunes the model once with :mod:`lightning_prune.core.one_shot` -- ``"wanda"`` (Sun et al.
 2023, arXiv:2306.11695), ``"sparsegpt"`` (Frantar & Alistarh 2023, arXiv:2301.00774), ``"magnitude"`` (the
-baseline), unstructured or ``pattern="N:M"``, or ``"channels"`` (activation-based unit importance and a
+baseline), unstructured or ``pattern="N:M"``, or ``"channels"`` (activation-based unit importance, or
+``importance=``, e.g. first-order Taylor from the training step's gradients on the calibration batches, and a
 least-squares refit of the readers, removed physically) -- and the rest of the fit fine-tunes: weight masks
 are re-applied after every optimizer step; removed units stay removed, the optimizers carried over
 (:func:`lightning_prune.callbacks.shrink.compress_in_fit`).
@@ -123,9 +124,13 @@ class OneShotPruning(PruningCallback):
         block_size: SparseGPT's columns per lazy batch and mask selection (128 in the paper).
         round_to: ``"channels"``: kept widths multiples of it (heads and conv groups stay whole).
         importance: ``"channels"``: what ranks the units instead of the calibration activations
-            (``None``): ``"weight_norm"``, ``"bn_scale"``, ``"random"`` (seeded by ``seed_everything``), or a
-            plugin's criterion (:mod:`lightning_prune.core.importance`); ``"taylor"`` is refused (no training
-            steps to accumulate over).
+            (``None``): ``"taylor"`` (first-order Taylor, ``|sum w * dL/dw|`` per unit, the gradients of the
+            LightningModule's own ``training_step`` loss summed over the calibration batches; the model in
+            training mode, its gradients, modes, ``requires_grad`` flags, buffers and random state restored
+            afterwards, so the fit's first step is unaffected; under DDP the per-unit statistics averaged
+            over the ranks), ``"weight_norm"``, ``"bn_scale"``, ``"random"`` (seeded by ``seed_everything``),
+            or a plugin's criterion (:mod:`lightning_prune.core.importance`); each group's scores divided by
+            their mean. The least-squares refit (``compensate``) runs whichever criterion ranked.
         input_size: ``(C, H, W)`` to trace the model for ``"channels"`` (default: ``example_input_array``,
             else timm's ``pretrained_cfg["input_size"]``).
         include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
@@ -225,8 +230,9 @@ class OneShotPruning(PruningCallback):
         self._batches: list[Any] | None = None  # the calibration batches, until the pruning step
 
     def _criterion(self, importance: Any) -> Any:
-        """The ``importance`` criterion (``None``: the calibration activations); refused for weight methods
-        and for criteria that need the gradients of training steps."""
+        """The ``importance`` criterion (``None``: the calibration activations); refused for weight methods.
+        A gradient criterion (``"taylor"``) is fed the gradients of the training step's loss on the
+        calibration batches (:meth:`calibration_loss`)."""
         if importance is None:
             return None
         if self.method != "channels":
@@ -235,12 +241,6 @@ class OneShotPruning(PruningCallback):
                 f" method={self.method!r}. HINT: leave importance=None for the weight methods.")
         with as_misconfiguration():
             criterion = get_importance(importance, None, type(self).__name__)
-        if criterion.needs_gradients:
-            raise MisconfigurationException(
-                f"`importance`={importance!r} accumulates gradients over training steps; OneShotPruning"
-                " prunes once from calibration batches. HINT: importance=None (the calibration activations),"
-                " 'weight_norm' or 'bn_scale'; or a training callback, e.g."
-                f" GroupLassoPruning(importance={importance!r}, target_flops=...).")
         return criterion
 
     # ------------------------------------------------------------------ identity and targets
@@ -392,6 +392,11 @@ class OneShotPruning(PruningCallback):
                     rank_zero_info(f"[OneShotPruning] {latency.describe()}")
         generator = (seeded_generator(None, trainer) if self.criterion is not None
                      and self.criterion.needs_generator else None)
+        loss_fn = None
+        if self.criterion is not None and self.criterion.needs_gradients:
+            def loss_fn(model: nn.Module, batch: Any) -> Any:
+                index = next((i for i, b in enumerate(batches) if b is batch), 0)
+                return self.calibration_loss(trainer, pl_module, batch, index)
         old = {id(p): n for n, p in pl_module.named_parameters()}
         before = set(frozen_names(pl_module))
         removed, errors = prune_channels(pl_module, batches, self.groups, self._cost, prefix, root,
@@ -399,7 +404,7 @@ class OneShotPruning(PruningCallback):
                                          self.compensate, self.round_to, forward, reduce,
                                          self._progress("reader"), self.damping,
                                          target_latency=self.target_latency, latency=latency,
-                                         importance=self.criterion, generator=generator)
+                                         importance=self.criterion, generator=generator, loss_fn=loss_fn)
         latency_metrics = {}
         if latency is not None:
             predicted = float(latency.predict(removed))
@@ -430,6 +435,38 @@ class OneShotPruning(PruningCallback):
             rank_zero_info(f"[OneShotPruning] removed {units} units of {sum(g.size for g in self.groups)}:"
                            f" {self.flops_remaining:.1%} of the FLOPs, {params:.1%} of the parameters left;"
                            " fine-tuning continues")
+
+    def calibration_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                         batch_idx: int) -> Any:
+        """The loss of ``pl_module.training_step(batch, batch_idx)`` on a calibration batch (moved to the
+        device by the strategy; a dict's ``"loss"``), with ``self.log`` silenced: the ranking's backward is
+        not a training step. Manual optimization is refused (its training_step steps the optimizers)."""
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                f"importance={self.importance!r} ranks units by the gradients of the training_step loss on"
+                " the calibration batches, but the LightningModule uses manual optimization (its"
+                " training_step steps the optimizers itself). HINT: importance=None (the calibration"
+                " activations), or lp.prune_one_shot(model, loader, method='channels', importance='taylor',"
+                " loss_fn=...).")
+        batch = trainer.strategy.batch_to_device(batch)
+        silenced = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
+        pl_module.__dict__["log"] = pl_module.__dict__["log_dict"] = lambda *args, **kwargs: None
+        try:
+            out = pl_module.training_step(batch, batch_idx)
+        finally:
+            for name, value in silenced.items():
+                if value is None:
+                    pl_module.__dict__.pop(name, None)
+                else:
+                    pl_module.__dict__[name] = value
+        if isinstance(out, dict):
+            out = out.get("loss")
+        if out is None:
+            raise MisconfigurationException(
+                f"importance={self.importance!r} needs the loss of training_step on the calibration batches,"
+                " but it returned None (or a dict without 'loss'). HINT: importance=None (the calibration"
+                " activations).")
+        return out
 
     def error_metrics(self) -> dict[str, float]:
         """``prune/one_shot/error`` (the mean) and ``prune/one_shot/error/<layer>``: relative reconstruction

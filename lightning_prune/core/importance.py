@@ -326,16 +326,21 @@ class BatchNormScale(Importance):
 @register_importance("taylor")
 class Taylor(Importance):
     """First-order Taylor: per step ``|sum w * dL/dw|`` over every parameter entry a unit owns, summed over
-    the steps since the last decision (averaged across ranks each step); the group divided by its mean."""
+    the steps since the last decision (averaged across ranks each step); the group divided by its mean.
+
+    ``elementwise=True`` takes the absolute value of every entry's product before the sum instead,
+    ``sum |w * dL/dw|`` (torch-pruning's ``TaylorImportance`` default, ``multivariable=False``)."""
 
     needs_gradients = True
 
-    def __init__(self) -> None:
+    def __init__(self, elementwise: bool = False) -> None:
+        self.elementwise = bool(elementwise)
         self.sums: dict[str, Tensor] = {}
         self.steps = 0
 
     def step_scores(self, groups: Iterable[ChannelGroup], context: ImportanceContext) -> dict[str, Tensor]:
-        """This step's signed ``sum w * dL/dw`` per unit (before the absolute value)."""
+        """This step's signed ``sum w * dL/dw`` per unit (before the absolute value; ``elementwise``:
+        ``sum |w * dL/dw|``)."""
         out = {}
         # summed on the parameters' device: one copy to the CPU a step
         device = next(iter(context.model.parameters()), torch.zeros(())).device
@@ -347,6 +352,8 @@ class Taylor(Importance):
                 if grad is None or grad.shape != piece.tensor.shape:
                     continue
                 product = piece.rows().double() * piece.rows(grad).double()
+                if self.elementwise:
+                    product = product.abs()
                 total.index_add_(0, piece.units.to(device), product.sum(1).to(device))
             out[group.name] = total
         return out

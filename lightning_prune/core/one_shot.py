@@ -17,10 +17,12 @@ but that layer's statistics is kept in memory), each layer seeing the outputs of
   (:func:`lightning_prune.graph.analyse_channels`) is scored by its units' contribution to the layers that
   read them (``E[x_c^2] * ||W[:, c]||^2`` summed over the reading layers, normalised per group); the lowest
   units across groups go until ``target_flops``/``target_params`` is met (counted by torch-pruning on the
-  sliced model). With ``compensate=True`` every reading Linear/Conv is then refit by least squares on the
-  calibration activations: ``[W_K, b] = [W, b] A[:, K] (A[K, K] + λI)^-1`` with ``A = E[x x^T]`` of its input
-  augmented by a constant (FLAP / "least-squares compensation"), so the kept channels (and the bias)
-  absorb what the removed ones contributed.
+  sliced model). ``importance=`` ranks by another criterion instead, e.g. ``"taylor"`` (``|sum w * dL/dw|``
+  per unit, the gradients of ``loss_fn`` summed over the calibration batches). With ``compensate=True``
+  every reading Linear/Conv is then refit by least squares on the calibration activations:
+  ``[W_K, b] = [W, b] A[:, K] (A[K, K] + λI)^-1`` with ``A = E[x x^T]`` of its input augmented by a constant
+  (FLAP / "least-squares compensation"), so the kept channels (and the bias) absorb what the removed ones
+  contributed.
 
 Sharded models (FSDP2's ``fully_shard``: ``DTensor`` parameters; the weight methods only): every forward runs
 to the end on every rank (a forward is a collective), the statistics are summed over the ranks by ``reduce``
@@ -77,6 +79,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "channels")
 REFIT_DAMPING = 0.01
 
 Reduce = Callable[[Tensor], Tensor]
+LossFn = Callable[[nn.Module, Any], Any]
 Progress = Callable[[int, int, str, float], None]
 
 
@@ -815,6 +818,88 @@ def one_shot_latency_model(root: nn.Module, example: Any, groups: Sequence[Any],
                                  share=share)
 
 
+@contextlib.contextmanager
+def _calibration_backward(model: nn.Module) -> Iterator[None]:
+    """Gradients on for every parameter (their ``.grad`` cleared), every module in training mode; afterwards
+    the ``.grad`` tensors, ``requires_grad`` flags, each module's mode, the buffers (BatchNorm statistics) and
+    torch's random state (dropout) are as they were: the fit's next optimizer step does not see this."""
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    flags = [p.requires_grad for p in params]
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            for p in params:
+                p.grad = None
+                p.requires_grad_(True)
+            model.train()
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+        for p, grad, flag in zip(params, grads, flags):
+            p.grad = grad
+            p.requires_grad_(flag)
+
+
+def calibration_gradient_scores(importance: Any, model: nn.Module, root: nn.Module, prefix: str,
+                                groups: Sequence[Any], batches: Sequence[Any], loss_fn: LossFn,
+                                reduce: Reduce | None = None) -> None:
+    """Feed a gradient criterion (``importance.needs_gradients``, e.g. ``"taylor"``) the gradients of
+    ``loss_fn(model, batch)`` summed over the calibration ``batches``: one :meth:`~Importance.accumulate`
+    after the backwards (the model in training mode, as torch-pruning computes Taylor importance; see
+    :func:`_calibration_backward` for what is restored). Under ``reduce`` (DDP: a sum over the ranks) the
+    per-unit statistics are averaged over the ranks (an elementwise Taylor's gradients, before the absolute
+    value), so every rank ranks alike."""
+    from lightning_prune.core.importance import ImportanceContext
+
+    if not batches:
+        raise InvalidArgumentError(
+            f"importance={importance.name or type(importance).__name__!r} needs calibration batches: the"
+            " gradients of the loss on them rank the units.")
+    mean = None
+    if reduce is not None:
+        world = float(reduce(torch.ones(1, dtype=torch.float64)).item())
+
+        def mean(t: Tensor) -> Tensor:
+            return reduce(t) / world
+
+    with _calibration_backward(model):
+        for i, batch in enumerate(batches):
+            loss = loss_fn(model, batch)
+            if isinstance(loss, Mapping):
+                loss = loss.get("loss")
+            if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                raise InvalidArgumentError(
+                    f"importance={importance.name!r} needs the loss of calibration batch {i} as a scalar"
+                    f" tensor that requires grad, got {type(loss).__name__}"
+                    f"{'' if not isinstance(loss, Tensor) else f' of shape {tuple(loss.shape)}'}. HINT: the"
+                    " loss function (the LightningModule's training_step) returns the loss, or a dict with"
+                    " its 'loss'.")
+            loss.reshape(()).backward()
+        context = ImportanceContext(model=root, prefix=prefix)
+        if mean is not None:
+            if getattr(importance, "elementwise", False):  # |w * g| needs the whole gradient reduced first
+                with torch.no_grad():
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p.grad.copy_(mean(p.grad.double()).to(p.grad.dtype))
+            else:
+                context.reduce = mean
+        importance.reset()
+        importance.accumulate(groups, context)
+    if getattr(importance, "steps", 1) == 0:
+        raise InvalidArgumentError(
+            f"importance={importance.name!r}: the gradients of the calibration loss are not finite (nan or"
+            " inf), so no unit could be ranked. HINT: check the loss on the training batches, or rank by the"
+            " calibration activations (importance=None).")
+
+
 def prune_channels(model: nn.Module, batches: Sequence[Any], groups: Sequence[Any], cost: Any, prefix: str,
                    root: nn.Module, target_flops: float | None = None, target_params: float | None = None,
                    sparsity: float = 0.5, compensate: bool = True, round_to: int = 1,
@@ -822,14 +907,24 @@ def prune_channels(model: nn.Module, batches: Sequence[Any], groups: Sequence[An
                    progress: Progress | None = None, damping: float = REFIT_DAMPING,
                    target_latency: float | None = None, latency: Any = None,
                    importance: Any = None, generator: torch.Generator | None = None,
+                   loss_fn: LossFn | None = None,
                    ) -> tuple[dict[str, list[int]], dict[str, float]]:
     """Choose the units to remove and refit their readers (the model keeps its shapes; the removed units are
     zero at every reader). Returns the plan and the readers' reconstruction errors. ``importance``: an
     :class:`~lightning_prune.core.importance.Importance` that ranks the units instead of the calibration
-    activations (``generator``: the seeded generator a random criterion draws from)."""
+    activations (``generator``: the seeded generator a random criterion draws from; a gradient criterion,
+    ``"taylor"``, is fed the gradients of ``loss_fn(model, batch)`` summed over ``batches`` first:
+    :func:`calibration_gradient_scores`). The ranking and the refit are independent: the readers are refit
+    whatever ranked the units."""
     from lightning_prune.core.importance import ImportanceContext
     from lightning_prune.graph import freeze_modules, restricted_norm_hooks
 
+    if importance is not None and importance.needs_gradients:
+        if loss_fn is None:
+            raise InvalidArgumentError(
+                f"importance={importance.name!r} ranks units by the gradients of the loss on the calibration"
+                " batches: pass `loss_fn(model, batch) -> loss`.")
+        calibration_gradient_scores(importance, model, root, prefix, groups, batches, loss_fn, reduce)
     if importance is not None:
         ranked = importance.scores(groups, ImportanceContext(model=root, prefix=prefix, generator=generator))
         scores = [ranked[g.name].double() for g in groups]
@@ -888,6 +983,8 @@ def prune_one_shot(
     latency_device: str | torch.device | None = None,
     latency_batch_size: int | None = None,
     latency_model: Any = None,
+    importance: Any = None,
+    loss_fn: LossFn | None = None,
 ) -> OneShotResult:
     """Prune a trained ``model`` in one shot from ``calibration_batches`` batches of ``loader`` (in place).
 
@@ -921,12 +1018,22 @@ def prune_one_shot(
             batch, its first element, or its ``"x"``/``"image"``/``"input"`` entry).
         reduce: sums a tensor over processes (DDP: every rank gets the same statistics, so the same result).
         progress: ``progress(i, n, layer, error)`` after every layer.
+        importance: ``"channels"``: what ranks the units instead of the calibration activations (``None``):
+            ``"taylor"`` (first-order Taylor, ``|sum w * dL/dw|`` per unit with the gradients of ``loss_fn``
+            summed over the calibration batches, the model in training mode and restored after),
+            ``"weight_norm"``, ``"bn_scale"``, ``"random"`` (seeded by ``torch.initial_seed()``), a plugin's
+            criterion or an :class:`~lightning_prune.core.importance.Importance` object
+            (:mod:`lightning_prune.core.importance`); each group's scores divided by their mean. The
+            least-squares refit (``compensate``) runs whatever ranked the units.
+        loss_fn: ``loss_fn(model, batch) -> loss`` (a scalar tensor, or a dict with ``"loss"``): the loss
+            whose gradients a gradient criterion (``importance="taylor"``) ranks by; required by it.
 
     Returns:
         :class:`OneShotResult` (masks to keep during fine-tuning, the removed units, per-layer errors).
 
     Raises:
-        InvalidArgumentError: an unknown method, no calibration data, fewer batches than asked.
+        InvalidArgumentError: an unknown method, no calibration data, fewer batches than asked, an unknown
+            ``importance`` or one that needs gradients without ``loss_fn``.
     """
     from lightning_prune.validation import (
         check_bool,
@@ -970,6 +1077,21 @@ def prune_one_shot(
     check_positive("damping", damping, error=err)
     block_size = check_int("block_size", block_size, 1, error=err)
     round_to = check_int("round_to", round_to, 1, error=err)
+    criterion = None
+    if importance is not None:
+        from lightning_prune.core.importance import get_importance
+
+        if method != "channels":
+            raise err(f"`importance`={importance!r} ranks channel units: it needs method='channels', got"
+                      f" method={method!r}.")
+        criterion = get_importance(importance, None, "prune_one_shot")
+        if criterion.needs_gradients and loss_fn is None:
+            raise err(f"importance={importance!r} ranks the units by the gradients of the loss on the"
+                      " calibration batches: pass `loss_fn(model, batch) -> loss`, e.g."
+                      " `loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])`.")
+    if loss_fn is not None and not callable(loss_fn):
+        raise err(f"`loss_fn` must be a callable `loss_fn(model, batch) -> loss`, got"
+                  f" {type(loss_fn).__name__}.")
     forward = forward or default_forward
     batches: list[Any] = []
     if loader is not None or method != "magnitude":
@@ -987,9 +1109,13 @@ def prune_one_shot(
         if target_latency is not None:
             latency = latency_model or one_shot_latency_model(root, example, groups, prefix, batches,
                                                               latency_device, latency_batch_size, reduce)
+        generator = None
+        if criterion is not None and criterion.needs_generator:
+            generator = torch.Generator().manual_seed(torch.initial_seed() % 2 ** 63)
         removed, errors = prune_channels(model, batches, groups, cost, prefix, root, target_flops,
                                          target_params, sparsity, compensate, round_to, forward, reduce,
-                                         progress, damping, target_latency, latency)
+                                         progress, damping, target_latency, latency, importance=criterion,
+                                         generator=generator, loss_fn=loss_fn)
         if latency is not None:
             result.latency_predicted = float(latency.predict(removed))
             measure = getattr(latency, "measure", None)

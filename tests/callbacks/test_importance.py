@@ -171,10 +171,9 @@ def test_a_plugin_adds_a_criterion_in_a_few_lines():
     (lambda: RandomChannels(min_group_keep=1.0), r"min_group_keep"),
     (lambda: GroupLassoPruning(recalibrate_bn_batches=-1), r"recalibrate_bn_batches"),
     (lambda: lp.OneShotPruning("wanda", importance="weight_norm"), r"needs method='channels'"),
-    (lambda: lp.OneShotPruning("channels", importance="taylor"), r"accumulates gradients over training"),
     (lambda: lp.OneShotPruning("channels", importance="nope"), r"must be one of .*'weight_norm'"),
 ], ids=["unknown", "gate-without-gates", "cap-0", "cap-1.5", "floor-1", "recalibrate-negative",
-        "one-shot-weights", "one-shot-taylor", "one-shot-unknown"])
+        "one-shot-weights", "one-shot-unknown"])
 def test_bad_arguments_fail_at_construction(make, match):
     with pytest.raises(MisconfigurationException, match=match):
         make()

@@ -1,0 +1,224 @@
+"""One-shot channels ranked by first-order Taylor from the calibration batches (``importance="taylor"`` of
+``prune_one_shot`` and ``OneShotPruning``): the scores against a hand computation, the least-squares refit
+after a Taylor ranking, a real fit (the units the scores imply go; the first optimizer step's gradients do not
+see the calibration backward), the error without a loss, DDP."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_prune as lp
+from lightning_prune.callbacks.one_shot import OneShotPruning, calibration_loader
+from lightning_prune.core.importance import Taylor, get_importance
+from lightning_prune.core.one_shot import (
+    calibration_gradient_scores,
+    draw_batches,
+    find_channel_groups,
+    prune_one_shot,
+)
+from lightning_prune.errors import InvalidArgumentError
+from lightning_prune.testing import fit_tiny
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+
+
+def _batches(seed=0, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(n)]
+
+
+def _loss(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _hand_products(net, batches):
+    """Per unit of the hidden layer, ``w * sum_batches dL/dw`` of every entry it owns: its row of the first
+    weight, its bias, its column of the second weight."""
+    net = copy.deepcopy(net)
+    for batch in batches:
+        _loss(net, batch).backward()
+    w0, b0, w1 = net[0].weight, net[0].bias, net[2].weight
+    return [torch.cat([w0[u] * w0.grad[u], (b0[u] * b0.grad[u]).reshape(1), w1[:, u] * w1.grad[:, u]])
+            .detach() for u in range(6)]
+
+
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_taylor_scores_are_the_first_order_terms_summed_over_the_calibration_batches(elementwise):
+    net, batches = _net(), _batches()
+    products = _hand_products(net, batches)
+    raw = torch.stack([p.abs().sum() if elementwise else p.sum().abs() for p in products])
+    prefix, root, groups, _, _ = find_channel_groups(net, example_inputs=batches[0][0])
+    assert [g.name for g in groups] == ["0"]
+    criterion = Taylor(elementwise=elementwise)
+    calibration_gradient_scores(criterion, net, root, prefix, groups, batches, _loss)
+    scores = criterion.scores(groups, lp.ImportanceContext(model=root, prefix=prefix))["0"]
+    torch.testing.assert_close(scores.double(), raw / raw.mean(), rtol=1e-6, atol=0)
+    # the model as it was: no gradients, its mode
+    assert all(p.grad is None for p in net.parameters()) and net.training
+    # prune_one_shot removes the lowest
+    result = prune_one_shot(net, batches, method="channels", target_sparsity=0.5, calibration_batches=3,
+                            importance=criterion if elementwise else "taylor", loss_fn=_loss)
+    assert result.removed == {"0": sorted(raw.argsort()[:3].tolist())}
+
+
+def test_the_least_squares_refit_runs_after_a_taylor_ranking():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4)).double()
+    with torch.no_grad():  # units 4 and 5 are small combinations of units 0..3
+        w1, b1 = model[0].weight, model[0].bias
+        w1[4], b1[4] = 0.05 * (w1[0] - w1[2]), 0.05 * (b1[0] - b1[2])
+        w1[5], b1[5] = 0.05 * (2 * w1[1] + w1[3]), 0.05 * (2 * b1[1] + b1[3])
+    x = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (64,), generator=g)
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    outputs = {}
+    for compensate in (True, False):
+        net = copy.deepcopy(model)
+        result = prune_one_shot(net, batches, method="channels", target_sparsity=2 / 6, calibration_batches=2,
+                                compensate=compensate, damping=1e-9, importance="taylor", loss_fn=_loss)
+        assert result.removed == {"0": [4, 5]}  # Taylor's choice (the small units), the same either way
+        with torch.no_grad():
+            outputs[compensate] = net(x)
+        assert (result.errors["1"] < 1e-12) is compensate
+    with torch.no_grad():
+        dense = model(x)
+    torch.testing.assert_close(outputs[True], dense, rtol=0, atol=1e-8)  # refit: the dense output
+    assert not torch.allclose(outputs[False], dense, atol=1e-4)
+
+
+def test_taylor_without_a_loss_function_is_a_clear_error():
+    with pytest.raises(InvalidArgumentError, match=r"importance='taylor' ranks the units by the gradients.*"
+                                                   r"pass `loss_fn\(model, batch\) -> loss`"):
+        prune_one_shot(_net(), _batches(), method="channels", importance="taylor")
+    with pytest.raises(InvalidArgumentError, match=r"needs method='channels'"):
+        prune_one_shot(_net(), _batches(), method="wanda", importance="taylor", loss_fn=_loss)
+    with pytest.raises(InvalidArgumentError, match=r"must be one of"):
+        prune_one_shot(_net(), _batches(), method="channels", importance="nope")
+
+
+def test_the_calibration_backward_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+    example = torch.zeros(2, 5, dtype=torch.float64)
+    prefix, root, groups, _, _ = find_channel_groups(net, example_inputs=example)
+    net.eval()
+    net[1].train()  # mixed modes come back per module
+    net[3].weight.requires_grad_(False)
+    sentinel = torch.full_like(net[0].weight, 7.0)
+    net[0].weight.grad = sentinel
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+    rng = torch.get_rng_state()
+    criterion = get_importance("taylor")
+    calibration_gradient_scores(criterion, net, root, prefix, groups, _batches(), _loss)
+    assert criterion.steps == 1 and all(float(v.sum()) > 0 for v in criterion.sums.values())
+    assert net[0].weight.grad is sentinel and float(sentinel.min()) == 7.0
+    assert all(p.grad is None for n, p in net.named_parameters() if n != "0.weight")
+    assert not net[3].weight.requires_grad and net[0].weight.requires_grad
+    assert [m.training for m in net] == [False, True, False, False]
+    for k, v in net.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    assert torch.equal(torch.get_rng_state(), rng)
+    with pytest.raises(InvalidArgumentError, match=r"scalar tensor that requires grad"):
+        calibration_gradient_scores(criterion, net, root, prefix, groups, _batches(),
+                                    lambda m, b: m(b[0]))  # not a scalar
+
+
+class _DictLoss(lp.ImageClassifier):
+    """training_step returns a dict with the loss (and logs it)."""
+
+    def training_step(self, batch, batch_idx):
+        return {"loss": super().training_step(batch, batch_idx)}
+
+
+class _FirstStep(pl.Callback):
+    """At the first step: the module before it (after the pruning) and the batch; at its optimizer step the
+    gradients Lightning computed."""
+
+    def __init__(self):
+        self.model = self.batch = self.grads = self.had_grads = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0:
+            self.model, self.batch = copy.deepcopy(pl_module.model), copy.deepcopy(batch)
+            self.had_grads = any(p.grad is not None for p in pl_module.parameters())
+            self.training = pl_module.training and all(m.training for m in pl_module.modules())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 0:
+            self.grads = {n.removeprefix("model."): p.grad.clone() for n, p in pl_module.named_parameters()
+                          if p.grad is not None}
+
+
+def test_a_fit_removes_the_units_the_taylor_scores_imply_and_its_first_step_is_untouched(tmp_path):
+    model = _DictLoss("test_resnet", num_classes=10, optimizer="sgd", lr=0.05, scheduler="none",
+                      weight_decay=0.0)
+    dense = copy.deepcopy(model)
+    cb = OneShotPruning("channels", target_sparsity=0.4, importance="taylor", calibration_batches=2,
+                        verbose=False)
+    first = _FirstStep()
+    trainer, _ = fit_tiny([cb, first], tmp_path, model=model, max_steps=1, limit_val_batches=0)
+    # the scores: the same Taylor on the dense copy, the loss summed over the calibration batches
+    batches = draw_batches(calibration_loader(trainer), 2)
+    dense.train()
+    for x, y in batches:
+        F.cross_entropy(dense(x), y).backward()
+    expected = Taylor()
+    expected.accumulate(cb.groups, lp.ImportanceContext(model=dense))
+    scores = expected.scores(cb.groups, lp.ImportanceContext(model=dense))
+    assert cb.shrink.removed
+    for group in cb.groups:
+        removed = sorted(cb.shrink.removed.get(group.name, []))
+        lowest = sorted(range(group.size), key=lambda u: (float(scores[group.name][u]), u))[:len(removed)]
+        assert removed == sorted(lowest), group.name
+    # the pruned model as the fit left it: no gradients, training mode, the BatchNorm statistics not
+    # advanced by the calibration forwards
+    assert first.had_grads is False and first.training
+    norms = [m for m in first.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) == 0 for m in norms)
+    # the first optimizer step's gradients: those of its own batch alone, on the pruned model
+    pruned = first.model
+    pruned.zero_grad(set_to_none=True)
+    x, y = first.batch
+    F.cross_entropy(pruned(x), y).backward()
+    assert first.grads
+    assert first.grads.keys() == {n for n, p in pruned.named_parameters() if p.grad is not None}
+    for name, grad in first.grads.items():
+        torch.testing.assert_close(grad, dict(pruned.named_parameters())[name].grad, rtol=1e-5, atol=1e-6)
+
+
+class _RankRemoved(pl.Callback):
+    def __init__(self, root):
+        self.root = root
+
+    def on_train_start(self, trainer, pl_module):
+        cb = next(c for c in trainer.callbacks if isinstance(c, OneShotPruning))
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save({"removed": cb.shrink.removed, "sums": cb.criterion.sums, "state": state},
+                   Path(self.root) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_remove_the_same_units_by_taylor(tmp_path):
+    cb = OneShotPruning("channels", target_flops=0.6, importance="taylor", calibration_batches=1,
+                        verbose=False)
+    fit_tiny([cb, _RankRemoved(tmp_path)], tmp_path, max_epochs=1, limit_train_batches=2,
+             limit_val_batches=0, strategy="ddp_spawn", devices=2, accelerator="cpu")
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert a["removed"] and a["removed"] == b["removed"]
+    assert a["sums"].keys() == b["sums"].keys()
+    for name in a["sums"]:
+        assert torch.equal(a["sums"][name], b["sums"][name]), name
+    for key in a["state"]:
+        assert torch.equal(a["state"][key], b["state"][key]), key
