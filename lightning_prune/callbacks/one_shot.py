@@ -268,12 +268,19 @@ class OneShotPruning(PruningCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.method != "channels" or (self.groups is not None and self._channels is not None
-                                         and self._channels[1] in set(pl_module.modules())):
+        if self.method != "channels":
             return
-        if trainer is not None and stage == "fit":
+        fit = trainer is not None and stage == "fit"
+        if fit:  # every fit, also one after a validate/test that already found the groups
             check_strategy(trainer, type(self).__name__)
             refuse_removal_conflicts(trainer, self, f"{type(self).__name__}(method='channels')")
+            if self.criterion is not None and self.criterion.needs_gradients:
+                self._refuse_manual_optimization(pl_module)
+            self.shrink.install_resume(trainer, self.state_key,
+                                       lambda state: self._apply_removed(trainer, pl_module, state))
+        if (self.groups is not None and self._channels is not None
+                and self._channels[1] in set(pl_module.modules())):
+            return
         with as_misconfiguration(), input_size_errors(self.input_size):
             from lightning_prune.graph import example_inputs_for, traced_root
 
@@ -282,9 +289,6 @@ class OneShotPruning(PruningCallback):
             prefix, root, groups, cost, example = find_channel_groups(
                 pl_module, self.include, self.exclude, self.input_size, example)
         self.groups, self._cost, self._channels = groups, cost, (prefix, root, example)
-        if trainer is not None and stage == "fit":
-            self.shrink.install_resume(trainer, self.state_key,
-                                       lambda state: self._apply_removed(trainer, pl_module, state))
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -436,11 +440,9 @@ class OneShotPruning(PruningCallback):
                            f" {self.flops_remaining:.1%} of the FLOPs, {params:.1%} of the parameters left;"
                            " fine-tuning continues")
 
-    def calibration_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                         batch_idx: int) -> Any:
-        """The loss of ``pl_module.training_step(batch, batch_idx)`` on a calibration batch (moved to the
-        device by the strategy; a dict's ``"loss"``), with ``self.log`` silenced: the ranking's backward is
-        not a training step. Manual optimization is refused (its training_step steps the optimizers)."""
+    def _refuse_manual_optimization(self, pl_module: pl.LightningModule) -> None:
+        """A gradient criterion runs the training_step on the calibration batches: refused (at setup) under
+        manual optimization, whose training_step steps the optimizers itself."""
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 f"importance={self.importance!r} ranks units by the gradients of the training_step loss on"
@@ -448,6 +450,14 @@ class OneShotPruning(PruningCallback):
                 " training_step steps the optimizers itself). HINT: importance=None (the calibration"
                 " activations), or lp.prune_one_shot(model, loader, method='channels', importance='taylor',"
                 " loss_fn=...).")
+
+    def calibration_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                         batch_idx: int) -> Any:
+        """The loss of ``pl_module.training_step(batch, batch_idx)`` on a calibration batch (moved to the
+        device by the strategy; a dict's ``"loss"``), with ``self.log`` silenced: the ranking's backward is
+        not a training step. Manual optimization is refused (at setup too: its training_step steps the
+        optimizers)."""
+        self._refuse_manual_optimization(pl_module)
         batch = trainer.strategy.batch_to_device(batch)
         silenced = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
         pl_module.__dict__["log"] = pl_module.__dict__["log_dict"] = lambda *args, **kwargs: None

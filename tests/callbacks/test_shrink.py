@@ -24,6 +24,7 @@ from lightning_prune.testing import (
     check_mid_epoch_resume,
     fit_tiny,
     tiny_classifier,
+    tiny_datamodule,
 )
 from tests.helpers import Spy, eval_logits
 
@@ -335,6 +336,35 @@ def test_a_one_shot_channel_removal_refuses_what_cannot_follow_it(tmp_path):
                        r" fit with LotteryTicket: .*its rewind snapshot.*HINT: Run them in separate fits"):
         fit_tiny([lp.LotteryTicket(), lp.OneShotPruning("channels", target_flops=0.5)], tmp_path,
                  max_epochs=3, limit_train_batches=1, limit_val_batches=0)
+
+
+def _validate_then_fit(callbacks, root, max_epochs=1):
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(callbacks=callbacks, accelerator="cpu", devices=1, max_epochs=max_epochs,
+                         limit_train_batches=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                         num_sanity_val_steps=0)
+    model, data = tiny_classifier(), tiny_datamodule(limit=160)
+    trainer.validate(model, datamodule=data, verbose=False)
+    trainer.fit(model, datamodule=data)
+    return trainer
+
+
+def test_a_fit_after_a_validate_still_refuses_what_cannot_follow_the_one_shot_removal(tmp_path):
+    """The groups found at setup('validate') are kept; the fit's setup still runs the fit-only checks (before:
+    it returned early on the cached groups, and the fit failed later with a raw shape error)."""
+    with pytest.raises(MisconfigurationException, match=r"OneShotPruning\(method='channels'\) cannot share a"
+                       r" fit with LotteryTicket"):
+        _validate_then_fit([lp.LotteryTicket(), lp.OneShotPruning("channels", target_flops=0.5,
+                                                                  calibration_batches=1, verbose=False)],
+                           tmp_path, max_epochs=3)
+
+
+def test_a_fit_after_a_validate_prunes_and_installs_its_resume(tmp_path):
+    one_shot = lp.OneShotPruning("channels", target_flops=0.5, calibration_batches=1, verbose=False)
+    trainer = _validate_then_fit([one_shot], tmp_path)
+    assert one_shot.shrink.removed and any(one_shot.shrink.removed.values())
+    assert one_shot.state_key in getattr(trainer.strategy, "_lightning_prune_resume", {})
 
 
 class _PluginMasks(lp.PruningCallback):
