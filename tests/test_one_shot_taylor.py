@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 import lightning_prune as lp
@@ -21,6 +22,7 @@ from lightning_prune.core.one_shot import (
     calibration_gradient_scores,
     draw_batches,
     find_channel_groups,
+    prune_channels,
     prune_one_shot,
 )
 from lightning_prune.errors import InvalidArgumentError
@@ -222,3 +224,70 @@ def test_ddp_ranks_remove_the_same_units_by_taylor(tmp_path):
         assert torch.equal(a["sums"][name], b["sums"][name]), name
     for key in a["state"]:
         assert torch.equal(a["state"][key], b["state"][key]), key
+
+
+class _ManualOptimization(lp.ImageClassifier):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+
+class _NoneLoss(lp.ImageClassifier):
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        return None
+
+
+class _Started(pl.Callback):
+    def __init__(self):
+        self.started = False
+
+    def on_fit_start(self, trainer, pl_module):
+        self.started = True
+
+
+def _tiny(cls):
+    return cls("test_resnet", num_classes=10, optimizer="sgd", lr=0.05, scheduler="none", weight_decay=0.0)
+
+
+def test_taylor_under_manual_optimization_is_refused_before_the_fit_starts(tmp_path):
+    """Refused at setup('fit'), not at the pruning step mid-fit (prune_step=2 here)."""
+    started = _Started()
+    cb = OneShotPruning("channels", target_flops=0.5, importance="taylor", prune_step=2,
+                        calibration_batches=1, verbose=False)
+    with pytest.raises(MisconfigurationException, match=r"importance='taylor' ranks units by the gradients"
+                       r" of the training_step loss .*uses manual optimization.*HINT: importance=None"):
+        fit_tiny([cb, started], tmp_path, model=_tiny(_ManualOptimization), max_steps=4,
+                 limit_val_batches=0)
+    assert not started.started
+
+
+def test_taylor_refuses_a_training_step_that_returns_none(tmp_path):
+    cb = OneShotPruning("channels", target_flops=0.5, importance="taylor", calibration_batches=1,
+                        verbose=False)
+    with pytest.raises(MisconfigurationException, match=r"needs the loss of training_step on the calibration"
+                       r" batches, but it returned None"):
+        fit_tiny([cb], tmp_path, model=_tiny(_NoneLoss), max_steps=1, limit_val_batches=0)
+
+
+def _groups(net):
+    example = torch.zeros(2, 5, dtype=torch.float64)
+    prefix, root, groups, cost, _ = find_channel_groups(net, example_inputs=example)
+    return prefix, root, groups, cost
+
+
+def test_the_calibration_gradient_error_paths():
+    net = _net()
+    prefix, root, groups, cost = _groups(net)
+    taylor = get_importance("taylor")
+    with pytest.raises(InvalidArgumentError, match=r"importance='taylor' needs calibration batches"):
+        calibration_gradient_scores(taylor, net, root, prefix, groups, [], _loss)
+    with pytest.raises(InvalidArgumentError, match=r"gradients of the calibration loss are not finite"):
+        calibration_gradient_scores(taylor, net, root, prefix, groups, _batches(),
+                                    lambda m, b: _loss(m, b) * float("nan"))
+    with pytest.raises(InvalidArgumentError, match=r"importance='taylor' ranks units by the gradients of the"
+                       r" loss on the calibration batches: pass `loss_fn\(model, batch\) -> loss`"):
+        prune_channels(net, _batches(), groups, cost, prefix, root, importance=taylor)
+    with pytest.raises(InvalidArgumentError, match=r"`loss_fn` must be a callable `loss_fn\(model, batch\)"
+                                                   r" -> loss`, got str"):
+        prune_one_shot(_net(), _batches(), method="channels", loss_fn="cross_entropy")
