@@ -291,3 +291,26 @@ def test_the_calibration_gradient_error_paths():
     with pytest.raises(InvalidArgumentError, match=r"`loss_fn` must be a callable `loss_fn\(model, batch\)"
                                                    r" -> loss`, got str"):
         prune_one_shot(_net(), _batches(), method="channels", loss_fn="cross_entropy")
+
+
+def test_the_calibration_rng_forks_only_the_model_devices(monkeypatch):
+    """The random state is restored, and on CPU no CUDA generator is forked even where GPUs are visible
+    (before: every visible GPU, a CUDA context on each of them on every DDP rank)."""
+    forked, real = [], torch.random.fork_rng
+
+    def recording(devices=None, **kwargs):
+        forked.append(list(devices) if devices is not None else None)
+        return real(devices=[], **kwargs)
+
+    monkeypatch.setattr(torch.random, "fork_rng", recording)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.5), nn.ReLU(), nn.Linear(6, 3)).double()
+    example = torch.zeros(2, 5, dtype=torch.float64)
+    prefix, root, groups, _, _ = find_channel_groups(net, example_inputs=example)
+    rng = torch.get_rng_state()
+    batches = draw_batches(torch.utils.data.DataLoader(list(range(8)), batch_size=2, shuffle=True), 2)
+    calibration_gradient_scores(get_importance("taylor"), net, root, prefix, groups, _batches(), _loss)
+    assert torch.equal(torch.get_rng_state(), rng) and len(batches) == 2
+    assert forked == [[], []]

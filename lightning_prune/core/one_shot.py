@@ -169,7 +169,9 @@ def draw_batches(loader: Iterable[Any] | None, count: int, who: str = "prune_one
         np_state = np.random.get_state()
     except ImportError:  # pragma: no cover
         np, np_state = None, None
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    # the CUDA generator of the current device only where CUDA is already in use: forking every visible GPU
+    # would create a context on each of them on every DDP rank
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     try:
         with torch.random.fork_rng(devices=devices):
             batches = list(itertools.islice(iter(loader), count))  # type: ignore[arg-type]
@@ -828,7 +830,10 @@ def _calibration_backward(model: nn.Module) -> Iterator[None]:
     flags = [p.requires_grad for p in params]
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    # the CUDA generators of the model's devices only (none on CPU): forking every visible GPU would create a
+    # context on each of them on every DDP rank
+    devices = sorted({t.device.index if t.device.index is not None else torch.cuda.current_device()
+                      for t in itertools.chain(params, model.buffers()) if t.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             for p in params:
