@@ -314,3 +314,32 @@ def test_the_calibration_rng_forks_only_the_model_devices(monkeypatch):
     calibration_gradient_scores(get_importance("taylor"), net, root, prefix, groups, _batches(), _loss)
     assert torch.equal(torch.get_rng_state(), rng) and len(batches) == 2
     assert forked == [[], []]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_taylor_says_once_that_it_leaves_out_a_weight_norm_reader(legacy, recwarn):
+    """The reader's weight is computed from its parametrization's parameters: it has no gradient of its own,
+    so Taylor leaves it out of the units' scores -- said once (before: silently)."""
+    import warnings
+
+    norm = torch.nn.utils.weight_norm if legacy else torch.nn.utils.parametrizations.weight_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the legacy weight_norm's deprecation)
+        net = _net()
+        net[2] = norm(net[2])
+    prefix, root, groups, _ = _groups(net)
+    taylor = get_importance("taylor")
+    with pytest.warns(UserWarning, match=r"importance='taylor' leaves the weights of 1 layer\(s\) \(`2`\) out"
+                                         r" of the scores.*weight_norm"):
+        calibration_gradient_scores(taylor, net, root, prefix, groups, _batches(), _loss)
+    assert taylor.steps == 1
+    recwarn.clear()
+    calibration_gradient_scores(taylor, net, root, prefix, groups, _batches(), _loss)
+    assert not [w for w in recwarn if "leaves the weights" in str(w.message)]  # once
+
+
+def test_taylor_does_not_warn_about_plain_layers(recwarn):
+    net = _net()
+    prefix, root, groups, _ = _groups(net)
+    calibration_gradient_scores(get_importance("taylor"), net, root, prefix, groups, _batches(), _loss)
+    assert not [w for w in recwarn if "leaves the weights" in str(w.message)]

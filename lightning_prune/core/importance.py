@@ -358,8 +358,37 @@ class Taylor(Importance):
             out[group.name] = total
         return out
 
+    def warn_reparametrised(self, groups: Iterable[ChannelGroup], context: ImportanceContext) -> None:
+        """Say (once per criterion object) which layers' weights are left out of the scores: a weight computed
+        from other parameters (``weight_norm``, another parametrization) has no ``.grad`` of its own."""
+        if getattr(self, "_warned_reparametrised", False):
+            return
+        from torch.nn.utils import parametrize
+
+        names = set()
+        for group in groups:
+            for sl in group.slices:
+                if sl.role in ("free", "param"):
+                    continue
+                local = strip_prefix(sl.module, context.prefix)
+                try:
+                    module = context.model.get_submodule(local)
+                except AttributeError:
+                    continue
+                if parametrize.is_parametrized(module, "weight") or hasattr(module, "weight_g"):
+                    names.add(sl.module)
+        if names:
+            self._warned_reparametrised = True
+            more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+            shown = ", ".join(f"`{n}`" for n in sorted(names)[:4]) + more
+            context.warn(f"importance={self.name!r} leaves the weights of {len(names)} layer(s) ({shown}) out"
+                         " of the scores: they are computed from other parameters (weight_norm or another"
+                         " parametrization), which hold the gradients. The units are ranked by their other"
+                         " layers. HINT: remove the parametrization before pruning, or another importance.")
+
     def accumulate(self, groups: Iterable[ChannelGroup], context: ImportanceContext) -> None:
         groups = list(groups)
+        self.warn_reparametrised(groups, context)
         step = self.step_scores(groups, context)
         flat = torch.cat([step[g.name] for g in groups]) if groups else torch.zeros(0, dtype=torch.float64)
         flat = context.reduce(flat).double().cpu().abs()

@@ -820,6 +820,12 @@ def one_shot_latency_model(root: nn.Module, example: Any, groups: Sequence[Any],
                                  share=share)
 
 
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
 @contextlib.contextmanager
 def _calibration_backward(model: nn.Module) -> Iterator[None]:
     """Gradients on for every parameter (their ``.grad`` cleared), every module in training mode; afterwards
@@ -887,7 +893,7 @@ def calibration_gradient_scores(importance: Any, model: nn.Module, root: nn.Modu
                     " loss function (the LightningModule's training_step) returns the loss, or a dict with"
                     " its 'loss'.")
             loss.reshape(()).backward()
-        context = ImportanceContext(model=root, prefix=prefix)
+        context = ImportanceContext(model=root, prefix=prefix, warn=_warn)
         if mean is not None:
             if getattr(importance, "elementwise", False):  # |w * g| needs the whole gradient reduced first
                 with torch.no_grad():
