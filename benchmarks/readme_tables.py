@@ -325,6 +325,7 @@ def render_first_hour(data: dict[str, Any]) -> str:
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "timm_coverage-traced#first": lambda data: render_coverage_list(data, "first"),
     "timm_coverage-traced#second": lambda data: render_coverage_list(data, "second"),
+    "timm_coverage-traced#third": lambda data: render_coverage_list(data, "third"),
     "shrink_while_training": render_shrink_while_training,
     "channels_l0-6ep-3seeds": render_channels_l0,
     "lottery": render_lottery,
