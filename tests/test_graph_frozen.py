@@ -235,6 +235,27 @@ def _ws_net_classifier():
     return module
 
 
+@pytest.mark.parametrize("owner", ["group_lasso", "one_shot"])
+def test_a_mask_callback_on_a_frozen_reader_is_refused(tmp_path, owner):
+    """Freezing replaces a WS reader by a plain layer: another pruning callback targeting it (its masks of
+    the raw weight) is refused at fit start, by name."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    import lightning_prune as lp
+    from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+    from lightning_prune.testing import fit_tiny
+
+    if owner == "group_lasso":
+        cb = GroupLassoPruning(finalize_step=1, compress=False, recalibrate_bn_batches=0, round_to=1, lam=0.3,
+                               gate_lr=0.2, gate_optimizer="sgd", verbose=False)
+    else:
+        cb = lp.OneShotPruning(method="channels", target_sparsity=0.25, prune_step=1, verbose=False)
+    gmp = lp.GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=1, sparsity_end_step=3, verbose=False)
+    with pytest.raises(MisconfigurationException, match="GradualMagnitudePruning.*HINT"):
+        fit_tiny([cb, gmp], tmp_path, model=_ws_net_classifier(), max_epochs=1, limit_train_batches=2,
+                 limit_val_batches=0)
+
+
 def test_resume_after_the_readers_were_frozen(tmp_path):
     """GroupLassoPruning(compress=False) finalises (its readers frozen, the units masked): a checkpoint of
     that fit resumes onto a fresh module, whose readers are frozen again before the weights load."""

@@ -66,6 +66,7 @@ from lightning_prune.callbacks.shrink import (
     log_model_size,
     others_follow_removal,
     recorded_removal,
+    refuse_frozen_conflicts,
     refuse_removal_conflicts,
     resize_sharded,
     sharded_compression_problem,
@@ -878,6 +879,7 @@ class ChannelPruningCallback(PruningCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        refuse_frozen_conflicts(trainer, self, self.groups, type(self).__name__)  # (every target is known)
         if self.target_latency is not None and self.shrink.removed is None and self.groups is not None:
             self.latency_predictor(trainer)
         if self.criterion is not None and self.criterion.needs_generator and self._importance_rng is None:

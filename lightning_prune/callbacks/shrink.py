@@ -31,7 +31,8 @@ from lightning_prune.graph import ChannelGroup, cut_like, example_inputs_for, fr
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
            "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "follow_replaced_parameters",
            "gather_network", "log_model_size", "others_follow_removal", "pad_to_dense", "recorded_removal",
-           "refuse_removal_conflicts", "resize_sharded", "sharded_compression_problem"]
+           "refuse_frozen_conflicts", "refuse_removal_conflicts", "resize_sharded",
+           "sharded_compression_problem"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
 #: (ModelParallelStrategy, FSDP2, is supported by compress_sharded_in_fit; tensor parallelism is refused by
@@ -224,6 +225,31 @@ def refuse_removal_conflicts(trainer: pl.Trainer, owner: Any, who: str,
             raise MisconfigurationException(
                 f"{who} cannot share a fit with {type(cb).__name__}: the units removed inside the fit change"
                 f" the parameters' shapes, and {why}. HINT: {todo} in separate fits{hint}.")
+
+
+def refuse_frozen_conflicts(trainer: pl.Trainer | None, owner: Any, groups: Sequence[ChannelGroup] | None,
+                            who: str) -> None:
+    """Refuse, at fit start and by name, another pruning callback whose targets include a layer that
+    ``owner``'s groups would freeze (:attr:`ChannelGroup.frozen`): frozen, the layer is replaced by a plain
+    one holding its computed weight, so the other callback's masks would act on detached parameters (and a
+    mask of the raw weight does not describe the computed one)."""
+    from lightning_prune.callbacks.base import PruningCallback
+
+    frozen = {name for g in groups or () for name in getattr(g, "frozen", ())}
+    if not frozen:
+        return
+    for cb in getattr(trainer, "callbacks", None) or []:
+        if cb is owner or not isinstance(cb, PruningCallback):
+            continue
+        hit = sorted({t.module_name for t in getattr(cb, "targets", None) or ()
+                      if any(t.module_name == f or t.module_name.startswith(f + ".") for f in frozen)})
+        if hit:
+            raise MisconfigurationException(
+                f"{who} cannot share a fit with {type(cb).__name__}: it targets {hit[:4]}, whose weight is"
+                " computed in forward (weight standardisation, weight_norm); removing their input channels"
+                " freezes them into plain layers holding the computed weight, which leaves"
+                f" {type(cb).__name__}'s masks (of the raw weight) on parameters no longer in the model."
+                f" HINT: `exclude` those layers from {type(cb).__name__}, or run the two in separate fits.")
 
 
 def others_follow_removal(trainer: pl.Trainer | None, owner: Any, pl_module: pl.LightningModule,
