@@ -223,6 +223,19 @@ def test_group_lasso_compress_on_a_ws_net(tmp_path, make):
     fresh.eval(), module.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), module(x), atol=1e-6, rtol=1e-6)
+    if make != "ws_net":
+        return
+    # a recorded frozen layer the fresh model cannot freeze (a plain layer, a missing one): the clear error
+    from lightning_prune.errors import InvalidArgumentError
+
+    payload = torch.load(path, weights_only=False)
+    for bad, match in (("model.head", "does not compute its weight"), ("model.nope", "has no layer")):
+        for state in payload["callbacks"].values():
+            if isinstance(state, dict) and isinstance(state.get("shrink"), dict):
+                state["shrink"]["frozen"] = [*cb.shrink.frozen, bad]
+        torch.save(payload, tmp_path / "bad.ckpt")
+        with pytest.raises(InvalidArgumentError, match=f"`{bad}`.*{match}"):
+            lp.load_compressed(tmp_path / "bad.ckpt", create())
 
 
 def _ws_net_classifier():

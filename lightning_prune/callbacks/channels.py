@@ -88,10 +88,10 @@ from lightning_prune.graph import (
     analyse_channels,
     example_inputs_for,
     failure_reason,
-    freeze,
     freeze_modules,
     meta_copy,
     parameter_cuts,
+    refreeze,
     restricted_norm_hooks,
     slice_units,
     traced_root,
@@ -775,7 +775,7 @@ class ChannelPruningCallback(PruningCallback):
             return
         frozen = [str(n) for n in (state.get("shrink") or {}).get("frozen") or ()]
         if frozen and not any(is_sharded(p) for p in pl_module.parameters()):  # layers frozen before it
-            self._follow_frozen(pl_module, [n for n in frozen if freeze(pl_module, n)])
+            self._follow_frozen(pl_module, refreeze(pl_module, frozen, "the checkpoint"))
         if not (state.get("shrink") or {}).get("removed"):
             return
         removed = recorded_removal(state, self.groups)

@@ -38,7 +38,8 @@ from torch.overrides import TorchFunctionMode
 from lightning_prune.graph.types import strip_prefix
 
 __all__ = ["FROZEN_TYPES", "FrozenConv1d", "FrozenConv2d", "FrozenConv3d", "FrozenLinear", "computed_weight",
-           "effective_weight", "freeze", "freeze_modules", "freeze_reason", "frozen_names", "pad_same"]
+           "effective_weight", "freeze", "freeze_modules", "freeze_reason", "frozen_names", "pad_same",
+           "refreeze"]
 
 
 def pad_same(x: Tensor, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
@@ -304,6 +305,37 @@ def freeze(model: nn.Module, name: str) -> bool:
             if child is module:
                 parent._modules[child_name] = new
     return True
+
+
+def refreeze(model: nn.Module, names: Iterable[str], source: str) -> list[str]:
+    """Freeze again the layers ``names`` that ``source`` (a file, a checkpoint) recorded frozen
+    (:func:`frozen_names`); a layer already frozen is left as it is. Returns the names frozen now.
+
+    Raises:
+        InvalidArgumentError: a name is no layer of ``model``, or a layer that does not compute its weight.
+    """
+    from lightning_prune.errors import InvalidArgumentError
+
+    done = []
+    for name in names:
+        name = str(name)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if module is None or not name:
+            raise InvalidArgumentError(
+                f"{source} holds `{name}` frozen into a plain layer, but {type(model).__name__} has no layer"
+                f" `{name}`. HINT: pass a fresh model of the architecture that was compressed.")
+        if isinstance(module, FROZEN_TYPES):
+            continue
+        if not freeze(model, name):
+            raise InvalidArgumentError(
+                f"{source} holds `{name}` frozen into a plain layer, but this model's `{name}` does not"
+                f" compute its weight ({freeze_reason(module)}). HINT: pass a fresh model of the architecture"
+                " that was compressed.")
+        done.append(name)
+    return done
 
 
 def freeze_modules(model: nn.Module, groups: Iterable[Any], removed: Mapping[str, Iterable[int]],
