@@ -370,11 +370,16 @@ def take_shapes(model: nn.Module, state: Mapping[str, Tensor], attributes: Mappi
                 buffers: Mapping[str, Tensor] | None = None) -> nn.Module:
     """Give ``model`` the parameter and buffer shapes of ``state`` and the channel counts of ``attributes``
     (what :func:`shape_attributes` recorded), so that ``model.load_state_dict(state)`` loads strictly;
-    ``buffers``: the non-persistent buffers (:func:`non_persistent_buffers`) to set as they are."""
+    ``buffers``: the non-persistent buffers (:func:`non_persistent_buffers`) to set (on the device of the
+    buffer they replace, in its dtype when both are floating)."""
     for key, value in (buffers or {}).items():
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
         if attr in module._buffers:
+            current = module._buffers[attr]
+            if isinstance(current, Tensor):  # the model's device, and its dtype when floating (a .double())
+                dtype = current.dtype if current.is_floating_point() and value.is_floating_point() else None
+                value = value.to(device=current.device, dtype=dtype)
             module._buffers[attr] = value
     for key, value in state.items():
         module_name, _, attr = key.rpartition(".")
