@@ -55,6 +55,22 @@ def test_computed_weight_is_found_by_running_the_layer():
         StdConv2dSame(4, 6, 3, stride=2)), "0") and holder[0].same_pad
 
 
+def test_a_weight_computation_with_state_is_left_alone():
+    """A spectral-norm Linear in train mode advances its ``_u`` at every forward: the probe leaves its buffers
+    as they were and the layer is not frozen (its computed weight is not a function of its parameters)."""
+    torch.manual_seed(0)
+    for norm in (nn.utils.spectral_norm, nn.utils.parametrizations.spectral_norm):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), norm(nn.Linear(8, 6)), nn.ReLU(),
+                              nn.Linear(6, 3)).train()
+        before = {k: v.clone() for k, v in model.named_buffers()}
+        assert "has state" in freeze_reason(model[2])
+        assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+        if norm is nn.utils.spectral_norm:  # (the parametrised one's trace in train mode advances it)
+            groups = analyse_channels(model, torch.randn(2, 4)).groups
+            assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+            assert not any(g.frozen for g in groups)
+
+
 def test_ws_readers_are_frozen_and_the_groups_proven_exact():
     """Every group read by a weight-standardised conv or a weight_norm Linear is found, names those readers
     as frozen, and the masked model equals the sliced one, whose readers became plain layers."""

@@ -19,7 +19,9 @@ The computation is found by running the layer once on a small zero input and rec
 (``conv1d/2d/3d``, ``linear``) its forward makes, with a ``TorchFunctionMode``: no list of classes. A
 forward that makes one such call on its own input, with a weight of the parameter's shape, returns what that
 call returns and pads nothing (or pads dynamically like TensorFlow's ``SAME``, as timm's ``*Same`` convs do
-with ``pad_same``: the frozen conv pads the same way) can be frozen; any other is left alone with the reason.
+with ``pad_same``: the frozen conv pads the same way) can be frozen; any other is left alone with the reason. The probe leaves the layer's buffers as they were; a
+layer whose forward changes them (a spectral norm in train mode, a QAT observer) has a weight computation with
+state and is left alone too.
 """
 
 from __future__ import annotations
@@ -173,10 +175,11 @@ def _probe(module: nn.Module, side: int) -> Tensor:
 def _own_forward(module: nn.Module, x: Tensor) -> Any:
     """The layer's own forward, without the hooks others put on it (gates), but with the hooks that make its
     weight (the old ``torch.nn.utils.weight_norm``'s, which sets ``module.weight`` before every forward)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, WeightNorm):
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
             hook(module, (x,))
     return module.forward(x)
 
@@ -196,9 +199,28 @@ def computed_weight(module: nn.Module) -> Computed | str | None:
     own = module.__dict__.get("_parameters", {}).get("weight")
     if type(module) in _LAYERS and isinstance(own, Tensor):
         return None  # a torch layer uses its parameter as it is (a parametrised one is another class)
-    weight = _parameter_weight(module)
-    if weight is None:
-        return None
+    saved = [(owner, key, buffer, buffer.detach().clone()) for owner in module.modules()
+             for key, buffer in owner._buffers.items() if isinstance(buffer, Tensor)]
+    try:
+        weight = _parameter_weight(module)  # (a parametrised weight is computed here already)
+        found = _probe_calls(module, weight) if weight is not None else None
+    finally:  # the probe leaves the module as it was (a spectral norm's _u, a QAT observer's ranges)
+        changed = False
+        with torch.no_grad():
+            for owner, key, buffer, value in saved:
+                now = owner._buffers.get(key)
+                changed = changed or now is not buffer or not torch.equal(buffer, value)
+                owner._buffers[key] = buffer
+                buffer.copy_(value)
+    if changed:
+        return "its weight computation has state (buffers its forward changes)"
+    if found is None or isinstance(found, str):
+        return found
+    assert weight is not None
+    return _computed(module, own, weight, found)
+
+
+def _probe_calls(module: nn.Module, weight: Tensor) -> list[tuple[Tensor, list[_Call], _Call]] | str:
     run = functools.partial(_own_forward, module)
     found = []
     for side in (3, 4):  # two sizes of different parity: a dynamic padding shows itself
@@ -217,6 +239,11 @@ def computed_weight(module: nn.Module) -> Computed | str | None:
         if not isinstance(w, Tensor) or tuple(w.shape) != tuple(weight.shape):
             return "its forward uses a weight of another shape"
         found.append((x, calls, call))
+    return found
+
+
+def _computed(module: nn.Module, own: Tensor | None, weight: Tensor,
+              found: list[tuple[Tensor, list[_Call], _Call]]) -> Computed | str | None:
     x0, _, call0 = found[0]
     w = _arg(call0, 1, "weight", None)
     if w is own:
