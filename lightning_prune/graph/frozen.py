@@ -19,9 +19,9 @@ The computation is found by running the layer once on a small zero input and rec
 (``conv1d/2d/3d``, ``linear``) its forward makes, with a ``TorchFunctionMode``: no list of classes. A
 forward that makes one such call on its own input, with a weight of the parameter's shape, returns what that
 call returns and pads nothing (or pads dynamically like TensorFlow's ``SAME``, as timm's ``*Same`` convs do
-with ``pad_same``: the frozen conv pads the same way) can be frozen; any other is left alone with the reason. The probe leaves the layer's buffers as they were; a
-layer whose forward changes them (a spectral norm in train mode, a QAT observer) has a weight computation with
-state and is left alone too.
+with ``pad_same``: the frozen conv pads the same way) can be frozen; any other is left alone with the reason.
+The probe leaves the layer's buffers as they were; a layer whose forward changes them (a spectral norm in
+train mode, a QAT observer) has a weight computation with state and is left alone too.
 """
 
 from __future__ import annotations
