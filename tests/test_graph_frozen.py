@@ -71,6 +71,29 @@ def test_a_weight_computation_with_state_is_left_alone():
             assert not any(g.frozen for g in groups)
 
 
+def test_a_frozen_weight_joins_the_param_group_of_the_weight_it_replaces():
+    """timm's decay/no-decay groups (no-decay first, holding the weight_norm Linear's bias): the frozen
+    Linear's new ``weight`` joins the decay group of its ``parametrizations.weight.original*``, as an
+    optimizer made afresh puts it, so that a resume's ``load_state_dict`` loads."""
+    from timm.optim import param_groups_weight_decay
+
+    from lightning_prune.callbacks.shrink import carry_optimizer_state
+
+    model = _WSNet()
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, 0.05))
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0
+    model(X).sum().backward()
+    optimizer.step()
+    old = {id(p): n for n, p in model.named_parameters()}
+    assert freeze(model, "l1") and freeze(model, "c2")
+    carry_optimizer_state([optimizer], old, dict(model.named_parameters()), {}, {"l1.weight", "c2.weight"})
+    names = {id(p): n for n, p in model.named_parameters()}
+    fresh = torch.optim.AdamW(param_groups_weight_decay(model, 0.05))
+    assert ([[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+            == [[names[id(p)] for p in g["params"]] for g in fresh.param_groups])
+    fresh.load_state_dict(optimizer.state_dict())
+
+
 def test_ws_readers_are_frozen_and_the_groups_proven_exact():
     """Every group read by a weight-standardised conv or a weight_norm Linear is found, names those readers
     as frozen, and the masked model equals the sliced one, whose readers became plain layers."""

@@ -59,8 +59,9 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
     """Point ``optimizers`` at the new parameters and cut their per-parameter state like the parameters.
 
     A parameter that is gone (a frozen weight-standardised conv's ``gain``) leaves its optimizer; a new one
-    (a frozen ``weight_norm`` Linear's ``weight``) joins the param group of its module's old parameters,
-    whose parameters then follow the model's order.
+    (a frozen ``weight_norm`` Linear's ``weight``) joins the param group of the parameter it replaces (its
+    ``parametrizations.weight.original*``; else of its module's old parameters), whose parameters then follow
+    the model's order.
 
     Args:
         optimizers: the optimizers to update in place.
@@ -73,12 +74,14 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
     for optimizer in optimizers:
         state = {}
         held: dict[str, dict[str, Any]] = {}  # module name -> the param group that held its parameters
+        replaced: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {}  # a parameter gone -> its group
         for group in optimizer.param_groups:
             params = []
             for param in group["params"]:
                 name = old.get(id(param))
                 if name is not None and name not in new:  # gone with its layer
                     held.setdefault(name.rpartition(".")[0], group)
+                    replaced[name] = (group, tuple(param.shape))
                     continue
                 replacement = new.get(name, param) if name is not None else param
                 if name is not None:
@@ -96,8 +99,10 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
         for name, param in new.items():
             if name in old_names:
                 continue
-            owner = name.rpartition(".")[0]
-            group = next((g for m, g in held.items() if m == owner or m.startswith(owner + ".")), None)
+            owner, _, attr = name.rpartition(".")
+            group = _group_of_replaced(replaced, owner, attr, tuple(param.shape))
+            if group is None:
+                group = next((g for m, g in held.items() if m == owner or m.startswith(owner + ".")), None)
             if group is not None and not any(p is param for p in group["params"]):
                 group["params"].append(param)
                 # in the model's order, as an optimizer made afresh on the model lists them (a checkpoint's
@@ -106,6 +111,18 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
                 group["params"].sort(key=lambda p: order.get(id(p), len(order)))
         optimizer.state.clear()
         optimizer.state.update(state)
+
+
+def _group_of_replaced(replaced: Mapping[str, tuple[dict[str, Any], tuple[int, ...]]], owner: str, attr: str,
+                       shape: tuple[int, ...]) -> dict[str, Any] | None:
+    """The param group of the parameters a new ``owner.attr`` replaces: the originals of a parametrised
+    ``attr`` (``parametrizations.<attr>.original*``; the old hooks' ``<attr>_orig``, ``<attr>_g``/``_v``),
+    the one of ``shape`` first (a weight_norm's direction, not its magnitude)."""
+    base = f"{owner}." if owner else ""
+    found = [(g, s) for n, (g, s) in replaced.items()
+             if n.startswith(f"{base}parametrizations.{attr}.original")
+             or n in (f"{base}{attr}_orig", f"{base}{attr}_g", f"{base}{attr}_v")]
+    return next((g for g, s in found if s == shape), found[0][0] if found else None)
 
 
 def follow_replaced_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule, old: Mapping[int, str],
