@@ -207,6 +207,15 @@ def test_flops_count_ws_and_frozen_convs_as_convs():
     assert flops > 0 and count_ops_and_params(ws, X)[0] == flops
     freeze(ws, "0")
     assert count_ops_and_params(ws, X)[0] == flops
+    from torch_pruning.utils import op_counter  # torch-pruning's global mapping: the user's kept, restored
+
+    mine = {nn.Identity: lambda module, inputs, output: None}
+    op_counter.CUSTOM_MODULES_MAPPING = mine
+    try:
+        assert count_ops_and_params(ws, X)[0] == flops
+        assert op_counter.CUSTOM_MODULES_MAPPING is mine
+    finally:
+        op_counter.CUSTOM_MODULES_MAPPING = {}
 
 
 def test_timm_test_nfnet_is_covered():
