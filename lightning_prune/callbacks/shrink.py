@@ -389,6 +389,7 @@ def compress_sharded_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, 
     units = _fsdp_units(pl_module.get_submodule(prefix))
     old = {id(p): n for n, p in pl_module.named_parameters()}
     new_root = gather_network(pl_module, prefix, skeleton)
+    was_frozen = set(frozen_names(pl_module))
     device = next(new_root.parameters()).device
     example_inputs = example_inputs_for(new_root, input_size)  # (what compress proves the outputs on)
     for optimizer in trainer.optimizers:  # the state whole, like the parameters
@@ -407,7 +408,8 @@ def compress_sharded_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, 
     for name, kwargs in units:
         fully_shard(new_root.get_submodule(name) if name else new_root, **kwargs)
     new = dict(pl_module.named_parameters())
-    carry_optimizer_state(trainer.optimizers, old, new, cuts)
+    fresh = {f"{n}.weight" for n in set(frozen_names(pl_module)) - was_frozen}  # as compress_in_fit
+    carry_optimizer_state(trainer.optimizers, old, new, cuts, fresh)
     for optimizer in trainer.optimizers:  # sharded like the new parameters again
         for param, state in optimizer.state.items():
             for key, value in state.items():
