@@ -252,6 +252,9 @@ def test_load_compressed_gives_a_fresh_model_the_sliced_non_persistent_buffers(t
     lp.save_sparse(small, tmp_path / "small.sparse.pt")  # and the sparse file
     sparse = lp.load_sparse(tmp_path / "small.sparse.pt", _ZeroKeyBias().eval())
     assert sparse.k_bias.shape == small.k_bias.shape and torch.equal(sparse(x), small(x))
+    double = load_compressed(tmp_path / "small.pt", _ZeroKeyBias().eval().double())  # the model's dtype
+    assert double.k_bias.dtype == torch.float64 and double.k_bias.shape == small.k_bias.shape
+    torch.testing.assert_close(double(x.double()), small(x).double(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

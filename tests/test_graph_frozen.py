@@ -55,6 +55,45 @@ def test_computed_weight_is_found_by_running_the_layer():
         StdConv2dSame(4, 6, 3, stride=2)), "0") and holder[0].same_pad
 
 
+def test_a_weight_computation_with_state_is_left_alone():
+    """A spectral-norm Linear in train mode advances its ``_u`` at every forward: the probe leaves its buffers
+    as they were and the layer is not frozen (its computed weight is not a function of its parameters)."""
+    torch.manual_seed(0)
+    for norm in (nn.utils.spectral_norm, nn.utils.parametrizations.spectral_norm):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), norm(nn.Linear(8, 6)), nn.ReLU(),
+                              nn.Linear(6, 3)).train()
+        before = {k: v.clone() for k, v in model.named_buffers()}
+        assert "has state" in freeze_reason(model[2])
+        assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+        if norm is nn.utils.spectral_norm:  # (the parametrised one's trace in train mode advances it)
+            groups = analyse_channels(model, torch.randn(2, 4)).groups
+            assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+            assert not any(g.frozen for g in groups)
+
+
+def test_a_frozen_weight_joins_the_param_group_of_the_weight_it_replaces():
+    """timm's decay/no-decay groups (no-decay first, holding the weight_norm Linear's bias): the frozen
+    Linear's new ``weight`` joins the decay group of its ``parametrizations.weight.original*``, as an
+    optimizer made afresh puts it, so that a resume's ``load_state_dict`` loads."""
+    from timm.optim import param_groups_weight_decay
+
+    from lightning_prune.callbacks.shrink import carry_optimizer_state
+
+    model = _WSNet()
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, 0.05))
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0
+    model(X).sum().backward()
+    optimizer.step()
+    old = {id(p): n for n, p in model.named_parameters()}
+    assert freeze(model, "l1") and freeze(model, "c2")
+    carry_optimizer_state([optimizer], old, dict(model.named_parameters()), {}, {"l1.weight", "c2.weight"})
+    names = {id(p): n for n, p in model.named_parameters()}
+    fresh = torch.optim.AdamW(param_groups_weight_decay(model, 0.05))
+    assert ([[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+            == [[names[id(p)] for p in g["params"]] for g in fresh.param_groups])
+    fresh.load_state_dict(optimizer.state_dict())
+
+
 def test_ws_readers_are_frozen_and_the_groups_proven_exact():
     """Every group read by a weight-standardised conv or a weight_norm Linear is found, names those readers
     as frozen, and the masked model equals the sliced one, whose readers became plain layers."""
@@ -168,6 +207,15 @@ def test_flops_count_ws_and_frozen_convs_as_convs():
     assert flops > 0 and count_ops_and_params(ws, X)[0] == flops
     freeze(ws, "0")
     assert count_ops_and_params(ws, X)[0] == flops
+    from torch_pruning.utils import op_counter  # torch-pruning's global mapping: the user's kept, restored
+
+    mine = {nn.Identity: lambda module, inputs, output: None}
+    op_counter.CUSTOM_MODULES_MAPPING = mine
+    try:
+        assert count_ops_and_params(ws, X)[0] == flops
+        assert op_counter.CUSTOM_MODULES_MAPPING is mine
+    finally:
+        op_counter.CUSTOM_MODULES_MAPPING = {}
 
 
 def test_timm_test_nfnet_is_covered():
@@ -223,6 +271,19 @@ def test_group_lasso_compress_on_a_ws_net(tmp_path, make):
     fresh.eval(), module.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), module(x), atol=1e-6, rtol=1e-6)
+    if make != "ws_net":
+        return
+    # a recorded frozen layer the fresh model cannot freeze (a plain layer, a missing one): the clear error
+    from lightning_prune.errors import InvalidArgumentError
+
+    payload = torch.load(path, weights_only=False)
+    for bad, match in (("model.head", "does not compute its weight"), ("model.nope", "has no layer")):
+        for state in payload["callbacks"].values():
+            if isinstance(state, dict) and isinstance(state.get("shrink"), dict):
+                state["shrink"]["frozen"] = [*cb.shrink.frozen, bad]
+        torch.save(payload, tmp_path / "bad.ckpt")
+        with pytest.raises(InvalidArgumentError, match=f"`{bad}`.*{match}"):
+            lp.load_compressed(tmp_path / "bad.ckpt", create())
 
 
 def _ws_net_classifier():
@@ -233,6 +294,27 @@ def _ws_net_classifier():
     module.model = _WSNet(10)
     module.example_input_array = torch.zeros(2, 3, 32, 32)  # (the model is not timm's: say its input)
     return module
+
+
+@pytest.mark.parametrize("owner", ["group_lasso", "one_shot"])
+def test_a_mask_callback_on_a_frozen_reader_is_refused(tmp_path, owner):
+    """Freezing replaces a WS reader by a plain layer: another pruning callback targeting it (its masks of
+    the raw weight) is refused at fit start, by name."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    import lightning_prune as lp
+    from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+    from lightning_prune.testing import fit_tiny
+
+    if owner == "group_lasso":
+        cb = GroupLassoPruning(finalize_step=1, compress=False, recalibrate_bn_batches=0, round_to=1, lam=0.3,
+                               gate_lr=0.2, gate_optimizer="sgd", verbose=False)
+    else:
+        cb = lp.OneShotPruning(method="channels", target_sparsity=0.25, prune_step=1, verbose=False)
+    gmp = lp.GradualMagnitudePruning(target_sparsity=0.5, every_n_steps=1, sparsity_end_step=3, verbose=False)
+    with pytest.raises(MisconfigurationException, match="GradualMagnitudePruning.*HINT"):
+        fit_tiny([cb, gmp], tmp_path, model=_ws_net_classifier(), max_epochs=1, limit_train_batches=2,
+                 limit_val_batches=0)
 
 
 def test_resume_after_the_readers_were_frozen(tmp_path):

@@ -66,6 +66,7 @@ from lightning_prune.callbacks.shrink import (
     log_model_size,
     others_follow_removal,
     recorded_removal,
+    refuse_frozen_conflicts,
     refuse_removal_conflicts,
     resize_sharded,
     sharded_compression_problem,
@@ -87,10 +88,10 @@ from lightning_prune.graph import (
     analyse_channels,
     example_inputs_for,
     failure_reason,
-    freeze,
     freeze_modules,
     meta_copy,
     parameter_cuts,
+    refreeze,
     restricted_norm_hooks,
     slice_units,
     traced_root,
@@ -774,7 +775,7 @@ class ChannelPruningCallback(PruningCallback):
             return
         frozen = [str(n) for n in (state.get("shrink") or {}).get("frozen") or ()]
         if frozen and not any(is_sharded(p) for p in pl_module.parameters()):  # layers frozen before it
-            self._follow_frozen(pl_module, [n for n in frozen if freeze(pl_module, n)])
+            self._follow_frozen(pl_module, refreeze(pl_module, frozen, "the checkpoint"))
         if not (state.get("shrink") or {}).get("removed"):
             return
         removed = recorded_removal(state, self.groups)
@@ -878,6 +879,7 @@ class ChannelPruningCallback(PruningCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        refuse_frozen_conflicts(trainer, self, self.groups, type(self).__name__)  # (every target is known)
         if self.target_latency is not None and self.shrink.removed is None and self.groups is not None:
             self.latency_predictor(trainer)
         if self.criterion is not None and self.criterion.needs_generator and self._importance_rng is None:

@@ -294,6 +294,10 @@ class OneShotPruning(PruningCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self.method == "channels":  # frozen readers vs the other callbacks' masks (every target is known)
+            from lightning_prune.callbacks.shrink import refuse_frozen_conflicts
+
+            refuse_frozen_conflicts(trainer, self, self.groups, f"{type(self).__name__}(method='channels')")
         if self.prune_at_step is None:
             self.prune_at_step = int(resolve_step("prune_step", self.prune_step, trainer) or 0)
         if not self.done:

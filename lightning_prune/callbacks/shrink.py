@@ -31,7 +31,8 @@ from lightning_prune.graph import ChannelGroup, cut_like, example_inputs_for, fr
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
            "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "follow_replaced_parameters",
            "gather_network", "log_model_size", "others_follow_removal", "pad_to_dense", "recorded_removal",
-           "refuse_removal_conflicts", "resize_sharded", "sharded_compression_problem"]
+           "refuse_frozen_conflicts", "refuse_removal_conflicts", "resize_sharded",
+           "sharded_compression_problem"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
 #: (ModelParallelStrategy, FSDP2, is supported by compress_sharded_in_fit; tensor parallelism is refused by
@@ -58,8 +59,9 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
     """Point ``optimizers`` at the new parameters and cut their per-parameter state like the parameters.
 
     A parameter that is gone (a frozen weight-standardised conv's ``gain``) leaves its optimizer; a new one
-    (a frozen ``weight_norm`` Linear's ``weight``) joins the param group of its module's old parameters,
-    whose parameters then follow the model's order.
+    (a frozen ``weight_norm`` Linear's ``weight``) joins the param group of the parameter it replaces (its
+    ``parametrizations.weight.original*``; else of its module's old parameters), whose parameters then follow
+    the model's order.
 
     Args:
         optimizers: the optimizers to update in place.
@@ -72,12 +74,14 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
     for optimizer in optimizers:
         state = {}
         held: dict[str, dict[str, Any]] = {}  # module name -> the param group that held its parameters
+        replaced: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {}  # a parameter gone -> its group
         for group in optimizer.param_groups:
             params = []
             for param in group["params"]:
                 name = old.get(id(param))
                 if name is not None and name not in new:  # gone with its layer
                     held.setdefault(name.rpartition(".")[0], group)
+                    replaced[name] = (group, tuple(param.shape))
                     continue
                 replacement = new.get(name, param) if name is not None else param
                 if name is not None:
@@ -95,8 +99,10 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
         for name, param in new.items():
             if name in old_names:
                 continue
-            owner = name.rpartition(".")[0]
-            group = next((g for m, g in held.items() if m == owner or m.startswith(owner + ".")), None)
+            owner, _, attr = name.rpartition(".")
+            group = _group_of_replaced(replaced, owner, attr, tuple(param.shape))
+            if group is None:
+                group = next((g for m, g in held.items() if m == owner or m.startswith(owner + ".")), None)
             if group is not None and not any(p is param for p in group["params"]):
                 group["params"].append(param)
                 # in the model's order, as an optimizer made afresh on the model lists them (a checkpoint's
@@ -105,6 +111,18 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
                 group["params"].sort(key=lambda p: order.get(id(p), len(order)))
         optimizer.state.clear()
         optimizer.state.update(state)
+
+
+def _group_of_replaced(replaced: Mapping[str, tuple[dict[str, Any], tuple[int, ...]]], owner: str, attr: str,
+                       shape: tuple[int, ...]) -> dict[str, Any] | None:
+    """The param group of the parameters a new ``owner.attr`` replaces: the originals of a parametrised
+    ``attr`` (``parametrizations.<attr>.original*``; the old hooks' ``<attr>_orig``, ``<attr>_g``/``_v``),
+    the one of ``shape`` first (a weight_norm's direction, not its magnitude)."""
+    base = f"{owner}." if owner else ""
+    found = [(g, s) for n, (g, s) in replaced.items()
+             if n.startswith(f"{base}parametrizations.{attr}.original")
+             or n in (f"{base}{attr}_orig", f"{base}{attr}_g", f"{base}{attr}_v")]
+    return next((g for g, s in found if s == shape), found[0][0] if found else None)
 
 
 def follow_replaced_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule, old: Mapping[int, str],
@@ -224,6 +242,31 @@ def refuse_removal_conflicts(trainer: pl.Trainer, owner: Any, who: str,
             raise MisconfigurationException(
                 f"{who} cannot share a fit with {type(cb).__name__}: the units removed inside the fit change"
                 f" the parameters' shapes, and {why}. HINT: {todo} in separate fits{hint}.")
+
+
+def refuse_frozen_conflicts(trainer: pl.Trainer | None, owner: Any, groups: Sequence[ChannelGroup] | None,
+                            who: str) -> None:
+    """Refuse, at fit start and by name, another pruning callback whose targets include a layer that
+    ``owner``'s groups would freeze (:attr:`ChannelGroup.frozen`): frozen, the layer is replaced by a plain
+    one holding its computed weight, so the other callback's masks would act on detached parameters (and a
+    mask of the raw weight does not describe the computed one)."""
+    from lightning_prune.callbacks.base import PruningCallback
+
+    frozen = {name for g in groups or () for name in getattr(g, "frozen", ())}
+    if not frozen:
+        return
+    for cb in getattr(trainer, "callbacks", None) or []:
+        if cb is owner or not isinstance(cb, PruningCallback):
+            continue
+        hit = sorted({t.module_name for t in getattr(cb, "targets", None) or ()
+                      if any(t.module_name == f or t.module_name.startswith(f + ".") for f in frozen)})
+        if hit:
+            raise MisconfigurationException(
+                f"{who} cannot share a fit with {type(cb).__name__}: it targets {hit[:4]}, whose weight is"
+                " computed in forward (weight standardisation, weight_norm); removing their input channels"
+                " freezes them into plain layers holding the computed weight, which leaves"
+                f" {type(cb).__name__}'s masks (of the raw weight) on parameters no longer in the model."
+                f" HINT: `exclude` those layers from {type(cb).__name__}, or run the two in separate fits.")
 
 
 def others_follow_removal(trainer: pl.Trainer | None, owner: Any, pl_module: pl.LightningModule,
@@ -346,6 +389,7 @@ def compress_sharded_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, 
     units = _fsdp_units(pl_module.get_submodule(prefix))
     old = {id(p): n for n, p in pl_module.named_parameters()}
     new_root = gather_network(pl_module, prefix, skeleton)
+    was_frozen = set(frozen_names(pl_module))
     device = next(new_root.parameters()).device
     example_inputs = example_inputs_for(new_root, input_size)  # (what compress proves the outputs on)
     for optimizer in trainer.optimizers:  # the state whole, like the parameters
@@ -364,7 +408,8 @@ def compress_sharded_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, 
     for name, kwargs in units:
         fully_shard(new_root.get_submodule(name) if name else new_root, **kwargs)
     new = dict(pl_module.named_parameters())
-    carry_optimizer_state(trainer.optimizers, old, new, cuts)
+    fresh = {f"{n}.weight" for n in set(frozen_names(pl_module)) - was_frozen}  # as compress_in_fit
+    carry_optimizer_state(trainer.optimizers, old, new, cuts, fresh)
     for optimizer in trainer.optimizers:  # sharded like the new parameters again
         for param, state in optimizer.state.items():
             for key, value in state.items():

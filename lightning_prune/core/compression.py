@@ -35,15 +35,14 @@ from lightning_prune.checkpoint_io import load_file
 from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.graph import (
     DEFAULT_ANALYSIS_TIME_LIMIT_S,
-    FROZEN_TYPES,
     ChannelGroup,
     analyse_channels,
     call_model,
     drop_cached_tensors,
     effective_weight,
     example_inputs_for,
-    freeze,
     frozen_names,
+    refreeze,
     slice_units,
     traced_root,
 )
@@ -371,11 +370,16 @@ def take_shapes(model: nn.Module, state: Mapping[str, Tensor], attributes: Mappi
                 buffers: Mapping[str, Tensor] | None = None) -> nn.Module:
     """Give ``model`` the parameter and buffer shapes of ``state`` and the channel counts of ``attributes``
     (what :func:`shape_attributes` recorded), so that ``model.load_state_dict(state)`` loads strictly;
-    ``buffers``: the non-persistent buffers (:func:`non_persistent_buffers`) to set as they are."""
+    ``buffers``: the non-persistent buffers (:func:`non_persistent_buffers`) to set (on the device of the
+    buffer they replace, in its dtype when both are floating)."""
     for key, value in (buffers or {}).items():
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
         if attr in module._buffers:
+            current = module._buffers[attr]
+            if isinstance(current, Tensor):  # the model's device, and its dtype when floating (a .double())
+                dtype = current.dtype if current.is_floating_point() and value.is_floating_point() else None
+                value = value.to(device=current.device, dtype=dtype)
             module._buffers[attr] = value
     for key, value in state.items():
         module_name, _, attr = key.rpartition(".")
@@ -419,11 +423,7 @@ def take_structure(model: nn.Module, state: Mapping[str, Tensor], structure: Map
     """Give a fresh ``model`` the structure :func:`compressed_structure` recorded (files written before a
     key existed lack it): the frozen layers frozen again, then the shapes of ``state`` and the recorded
     channel counts and buffers, so that ``model.load_state_dict(state)`` loads strictly."""
-    for name in structure.get("frozen") or ():  # the plain layers that replaced weight-computing ones
-        if not freeze(model, name) and not isinstance(model.get_submodule(name), FROZEN_TYPES):
-            raise InvalidArgumentError(
-                f"{path} holds `{name}` frozen into a plain layer, but this model's `{name}` does not compute"
-                " its weight. HINT: pass a fresh model of the architecture that was compressed.")
+    refreeze(model, structure.get("frozen") or (), str(path))  # the plain layers of weight-computing ones
     return take_shapes(model, state, structure.get("attributes") or {}, structure.get("buffers"))
 
 
@@ -463,8 +463,8 @@ def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path:
              and state["shrink"].get("removed")]
     for state in payload["callbacks"].values():  # layers frozen into plain ones (weight standardisation)
         shrink = state.get("shrink") if isinstance(state, dict) else None
-        for name in (shrink.get("frozen") or ()) if isinstance(shrink, dict) else ():
-            freeze(module, name)
+        if isinstance(shrink, dict):
+            refreeze(module, shrink.get("frozen") or (), str(path))
     if plans:
         prefix, root = traced_root(module)
         groups = analyse_channels(root, example_inputs_for(root), prefix=prefix).groups

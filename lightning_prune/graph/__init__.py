@@ -61,6 +61,7 @@ from lightning_prune.graph.frozen import (
     freeze,
     freeze_modules,
     frozen_names,
+    refreeze,
 )
 from lightning_prune.graph.inputs import call_model, example_inputs_for, like_model, traced_root
 from lightning_prune.graph.latency import LatencyModel, LatencyPredictor, LayerTable, measure_latency_model
@@ -101,6 +102,7 @@ __all__ = [
     "freeze",
     "freeze_modules",
     "frozen_names",
+    "refreeze",
     "ChannelAnalysis",
     "ChannelGroup",
     "GraphTimeoutError",

@@ -37,8 +37,12 @@ def count_ops_and_params(model: nn.Module, example_inputs: Any, layer_wise: bool
         base = next((b for b in kind.__mro__[1:] if b in known), None)
         if base is not None:
             extra[kind] = known[base]
-    op_counter.CUSTOM_MODULES_MAPPING = extra  # (read by its hooks; it empties the mapping when done)
-    return op_counter.count_ops_and_params(model, example_inputs, layer_wise=layer_wise)
+    before = op_counter.CUSTOM_MODULES_MAPPING  # (read by its hooks; it empties the mapping when done)
+    op_counter.CUSTOM_MODULES_MAPPING = {**extra, **before}  # (a mapping the user set wins)
+    try:
+        return op_counter.count_ops_and_params(model, example_inputs, layer_wise=layer_wise)
+    finally:
+        op_counter.CUSTOM_MODULES_MAPPING = before
 
 
 class CostModel:

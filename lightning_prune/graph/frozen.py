@@ -20,6 +20,8 @@ The computation is found by running the layer once on a small zero input and rec
 forward that makes one such call on its own input, with a weight of the parameter's shape, returns what that
 call returns and pads nothing (or pads dynamically like TensorFlow's ``SAME``, as timm's ``*Same`` convs do
 with ``pad_same``: the frozen conv pads the same way) can be frozen; any other is left alone with the reason.
+The probe leaves the layer's buffers as they were; a layer whose forward changes them (a spectral norm in
+train mode, a QAT observer) has a weight computation with state and is left alone too.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from torch.overrides import TorchFunctionMode
 from lightning_prune.graph.types import strip_prefix
 
 __all__ = ["FROZEN_TYPES", "FrozenConv1d", "FrozenConv2d", "FrozenConv3d", "FrozenLinear", "computed_weight",
-           "effective_weight", "freeze", "freeze_modules", "freeze_reason", "frozen_names", "pad_same"]
+           "effective_weight", "freeze", "freeze_modules", "freeze_reason", "frozen_names", "pad_same",
+           "refreeze"]
 
 
 def pad_same(x: Tensor, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
@@ -172,10 +175,11 @@ def _probe(module: nn.Module, side: int) -> Tensor:
 def _own_forward(module: nn.Module, x: Tensor) -> Any:
     """The layer's own forward, without the hooks others put on it (gates), but with the hooks that make its
     weight (the old ``torch.nn.utils.weight_norm``'s, which sets ``module.weight`` before every forward)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, WeightNorm):
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
             hook(module, (x,))
     return module.forward(x)
 
@@ -195,9 +199,28 @@ def computed_weight(module: nn.Module) -> Computed | str | None:
     own = module.__dict__.get("_parameters", {}).get("weight")
     if type(module) in _LAYERS and isinstance(own, Tensor):
         return None  # a torch layer uses its parameter as it is (a parametrised one is another class)
-    weight = _parameter_weight(module)
-    if weight is None:
-        return None
+    saved = [(owner, key, buffer, buffer.detach().clone()) for owner in module.modules()
+             for key, buffer in owner._buffers.items() if isinstance(buffer, Tensor)]
+    try:
+        weight = _parameter_weight(module)  # (a parametrised weight is computed here already)
+        found = _probe_calls(module, weight) if weight is not None else None
+    finally:  # the probe leaves the module as it was (a spectral norm's _u, a QAT observer's ranges)
+        changed = False
+        with torch.no_grad():
+            for owner, key, buffer, value in saved:
+                now = owner._buffers.get(key)
+                changed = changed or now is not buffer or not torch.equal(buffer, value)
+                owner._buffers[key] = buffer
+                buffer.copy_(value)
+    if changed:
+        return "its weight computation has state (buffers its forward changes)"
+    if found is None or isinstance(found, str):
+        return found
+    assert weight is not None
+    return _computed(module, own, weight, found)
+
+
+def _probe_calls(module: nn.Module, weight: Tensor) -> list[tuple[Tensor, list[_Call], _Call]] | str:
     run = functools.partial(_own_forward, module)
     found = []
     for side in (3, 4):  # two sizes of different parity: a dynamic padding shows itself
@@ -216,6 +239,11 @@ def computed_weight(module: nn.Module) -> Computed | str | None:
         if not isinstance(w, Tensor) or tuple(w.shape) != tuple(weight.shape):
             return "its forward uses a weight of another shape"
         found.append((x, calls, call))
+    return found
+
+
+def _computed(module: nn.Module, own: Tensor | None, weight: Tensor,
+              found: list[tuple[Tensor, list[_Call], _Call]]) -> Computed | str | None:
     x0, _, call0 = found[0]
     w = _arg(call0, 1, "weight", None)
     if w is own:
@@ -304,6 +332,37 @@ def freeze(model: nn.Module, name: str) -> bool:
             if child is module:
                 parent._modules[child_name] = new
     return True
+
+
+def refreeze(model: nn.Module, names: Iterable[str], source: str) -> list[str]:
+    """Freeze again the layers ``names`` that ``source`` (a file, a checkpoint) recorded frozen
+    (:func:`frozen_names`); a layer already frozen is left as it is. Returns the names frozen now.
+
+    Raises:
+        InvalidArgumentError: a name is no layer of ``model``, or a layer that does not compute its weight.
+    """
+    from lightning_prune.errors import InvalidArgumentError
+
+    done = []
+    for name in names:
+        name = str(name)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if module is None or not name:
+            raise InvalidArgumentError(
+                f"{source} holds `{name}` frozen into a plain layer, but {type(model).__name__} has no layer"
+                f" `{name}`. HINT: pass a fresh model of the architecture that was compressed.")
+        if isinstance(module, FROZEN_TYPES):
+            continue
+        if not freeze(model, name):
+            raise InvalidArgumentError(
+                f"{source} holds `{name}` frozen into a plain layer, but this model's `{name}` does not"
+                f" compute its weight ({freeze_reason(module)}). HINT: pass a fresh model of the architecture"
+                " that was compressed.")
+        done.append(name)
+    return done
 
 
 def freeze_modules(model: nn.Module, groups: Iterable[Any], removed: Mapping[str, Iterable[int]],

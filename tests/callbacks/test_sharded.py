@@ -529,15 +529,27 @@ def test_gates_resume_mid_epoch_exactly_under_fsdp2(tmp_path, cls):
 class _Net(nn.Module):
     """A container holding the network as ``.model`` (what compress_sharded_in_fit swaps)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ws: bool = False) -> None:
         super().__init__()
         self.model = _gate_model()
+        if ws:  # a reader standardising its weight: frozen when its input units go
+            plain, self.model[2] = self.model[2], _WSLinear(7, 16)
+            self.model[2].load_state_dict(plain.state_dict())
 
     def forward(self, x):
         return self.model(x)
 
 
-def _compressed(sharded: bool):
+class _WSLinear(nn.Linear):
+    """A weight-standardised Linear (every row over its fan-in)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(1, keepdim=True)) / (w.var(1, keepdim=True, unbiased=False) + 1e-5).sqrt()
+        return nn.functional.linear(x, w, self.bias)
+
+
+def _compressed(sharded: bool, ws: bool = False):
     """Momentum SGD for 2 steps, the MLP's units 1, 4 (and 1, 4, 7, ...) removed, 2 more steps: the gathered
     weights, momentum buffers and local shapes."""
     from types import SimpleNamespace
@@ -547,7 +559,7 @@ def _compressed(sharded: bool):
     from lightning_prune.core.sharding import local_slice
     from lightning_prune.graph import analyse_channels, meta_copy
 
-    net = _Net().double()
+    net = _Net(ws).double()
     groups = analyse_channels(net, torch.randn(2, 12, dtype=torch.float64)).groups
     removed = {g.name: list(range(1, g.size, 3)) for g in groups}
     skeleton = meta_copy(net.model)
@@ -607,6 +619,17 @@ def test_in_fit_removal_on_shards_equals_the_dense_removal():
             torch.testing.assert_close(got_momentum[name], momentum[name], rtol=1e-12, atol=1e-12)
     assert ranks[0][2]["model.0.weight"] == (3, 12) and ranks[1][2]["model.0.weight"] == (2, 12)
     assert ranks[0][2]["model.2.weight"][0] + ranks[1][2]["model.2.weight"][0] == shapes["model.2.weight"][0]
+
+
+def test_in_fit_removal_on_shards_starts_a_frozen_weight_afresh_like_the_dense_removal():
+    """A weight-standardised reader frozen by the removal keeps its weight's name but holds another quantity:
+    its momentum starts afresh under FSDP2 as without it (the raw weight's was carried before)."""
+    ranks = run_two(_compressed, True, True)
+    weights, momentum, _, _ = _compressed(False, True)
+    for got_weights, got_momentum, _, _ in ranks:
+        for name, w in weights.items():
+            torch.testing.assert_close(got_weights[name], w, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got_momentum[name], momentum[name], rtol=1e-12, atol=1e-12)
 
 
 def _compress_fit(kind: str, steps: int = 4, epochs: int = 2):
