@@ -824,11 +824,12 @@ class ChannelPruningCallback(PruningCallback):
                 self._skeleton = meta_copy(traced_root(pl_module)[1])
             self.shrink.install_resume(trainer, self.state_key,
                                        lambda state: self._apply_recorded_removal(trainer, pl_module, state))
-        elif trainer is not None and stage == "fit" and type(trainer.strategy).__name__ != SHARDED_STRATEGY:
+        super().setup(trainer, pl_module, stage)  # (refuses the strategies it cannot act under)
+        if (not self.shrink.enabled and trainer is not None and stage == "fit"
+                and type(trainer.strategy).__name__ != SHARDED_STRATEGY):
             # layers frozen before a checkpoint (lightning_prune.graph.frozen) are frozen again on resume
             self.shrink.install_resume(trainer, self.state_key,
                                        lambda state: self._apply_recorded_removal(trainer, pl_module, state))
-        super().setup(trainer, pl_module, stage)
         self.restrict_norms()
 
     def _refuse_stale_holders(self, trainer: pl.Trainer) -> None:
