@@ -32,6 +32,7 @@ from lightning_prune.callbacks.shrink import (
     follow_replaced_parameters,
     others_follow_removal,
     recorded_removal,
+    refuse_frozen_conflicts,
     refuse_removal_conflicts,
 )
 from lightning_prune.callbacks.state import seeded_generator
@@ -295,8 +296,6 @@ class OneShotPruning(PruningCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self.method == "channels":  # frozen readers vs the other callbacks' masks (every target is known)
-            from lightning_prune.callbacks.shrink import refuse_frozen_conflicts
-
             refuse_frozen_conflicts(trainer, self, self.groups, f"{type(self).__name__}(method='channels')")
         if self.prune_at_step is None:
             self.prune_at_step = int(resolve_step("prune_step", self.prune_step, trainer) or 0)
