@@ -36,8 +36,8 @@ from lightning_prune.callbacks.shrink import (
     refuse_removal_conflicts,
 )
 from lightning_prune.callbacks.state import seeded_generator
-from lightning_prune.core.importance import get_importance
 from lightning_prune.core.one_shot import (
+    check_importance,
     check_method,
     check_pattern,
     default_forward,
@@ -234,15 +234,8 @@ class OneShotPruning(PruningCallback):
         """The ``importance`` criterion (``None``: the calibration activations); refused for weight methods.
         A gradient criterion (``"taylor"``) is fed the gradients of the training step's loss on the
         calibration batches (:meth:`calibration_loss`)."""
-        if importance is None:
-            return None
-        if self.method != "channels":
-            raise MisconfigurationException(
-                f"`importance`={importance!r} ranks channel units: it needs method='channels', got"
-                f" method={self.method!r}. HINT: leave importance=None for the weight methods.")
         with as_misconfiguration():
-            criterion = get_importance(importance, None, type(self).__name__)
-        return criterion
+            return check_importance(importance, self.method, type(self).__name__, MisconfigurationException)
 
     # ------------------------------------------------------------------ identity and targets
     @override

@@ -750,6 +750,20 @@ def check_pattern(pattern: Any, sparsity: float, error: type[Exception] = Invali
                     " NVIDIA's sparse tensor cores run; None prunes unstructured.") from None
 
 
+def check_importance(importance: Any, method: str, who: str, error: type[Exception] = InvalidArgumentError
+                     ) -> Any:
+    """The ``importance`` criterion of a one-shot pruning (``None``: the calibration activations rank the
+    units); it ranks channel units, so only ``method="channels"`` takes one."""
+    if importance is None:
+        return None
+    if method != "channels":
+        raise error(f"`importance`={importance!r} ranks channel units: it needs method='channels', got"
+                    f" method={method!r}. HINT: leave importance=None for the weight methods.")
+    from lightning_prune.core.importance import get_importance
+
+    return get_importance(importance, None, who)
+
+
 def prune_unstructured(model: nn.Module, targets: Sequence[Target], method: str, batches: Sequence[Any],
                        sparsity: float, nm: tuple[int, int] | None = None,
                        forward: Callable[[nn.Module, Any], Any] = default_forward,
@@ -1088,18 +1102,11 @@ def prune_one_shot(
     check_positive("damping", damping, error=err)
     block_size = check_int("block_size", block_size, 1, error=err)
     round_to = check_int("round_to", round_to, 1, error=err)
-    criterion = None
-    if importance is not None:
-        from lightning_prune.core.importance import get_importance
-
-        if method != "channels":
-            raise err(f"`importance`={importance!r} ranks channel units: it needs method='channels', got"
-                      f" method={method!r}.")
-        criterion = get_importance(importance, None, "prune_one_shot")
-        if criterion.needs_gradients and loss_fn is None:
-            raise err(f"importance={importance!r} ranks the units by the gradients of the loss on the"
-                      " calibration batches: pass `loss_fn(model, batch) -> loss`, e.g."
-                      " `loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])`.")
+    criterion = check_importance(importance, method, "prune_one_shot", err)
+    if criterion is not None and criterion.needs_gradients and loss_fn is None:
+        raise err(f"importance={importance!r} ranks the units by the gradients of the loss on the"
+                  " calibration batches: pass `loss_fn(model, batch) -> loss`, e.g."
+                  " `loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])`.")
     if loss_fn is not None and not callable(loss_fn):
         raise err(f"`loss_fn` must be a callable `loss_fn(model, batch) -> loss`, got"
                   f" {type(loss_fn).__name__}.")
