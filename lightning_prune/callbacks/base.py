@@ -9,6 +9,7 @@ A subclass decides *when* and *which* weights to prune and calls :meth:`update_m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -153,12 +154,25 @@ class PruningCallback(CallbackState):
         Called only when :attr:`follows_removal` is ``True``."""
         if self.masks is None:
             return
+        # (applied: the kept zeros stay zero)
+        self.rebind_targets(pl_module, lambda target, mask: cut_like(mask, cuts.get(target.name, ())))
+
+    def rebind_targets(self, pl_module: pl.LightningModule,
+                       new_mask: Callable[[Target, Tensor], Tensor | None]) -> None:
+        """The layers or parameters of ``pl_module`` were replaced inside the fit (cut, frozen): point the
+        targets at the parameters now under the same names (a target whose parameter is gone leaves) and the
+        masks (when there are any) at them, each ``new_mask(target, its old mask)`` (``None``: mask
+        nothing)."""
+        params = dict(pl_module.named_parameters())
         old = self.masks
         self.targets = [Target(t.module_name, pl_module.get_submodule(t.module_name) if t.module_name
-                               else pl_module, t.param_name) for t in self.targets]
+                               else pl_module, t.param_name) for t in self.targets if t.name in params]
+        if old is None:
+            return
         masks = MaskSet()
-        for target in self.targets:  # (applied: the kept zeros stay zero)
-            masks.add(target.name, target.param, cut_like(old[target.name], cuts.get(target.name, ())))
+        for target in self.targets:
+            mask = old[target.name] if target.name in old else None
+            masks.add(target.name, target.param, new_mask(target, mask) if mask is not None else None)
         self.masks = masks
 
     def retarget(self, pl_module: pl.LightningModule) -> None:

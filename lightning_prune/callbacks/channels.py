@@ -76,7 +76,6 @@ from lightning_prune.core.batchnorm import batch_norms, recalibrate_batchnorm
 from lightning_prune.core.compression import round_kept
 from lightning_prune.core.gates import unit_masks
 from lightning_prune.core.importance import Importance, ImportanceContext, get_importance
-from lightning_prune.core.masks import MaskSet
 from lightning_prune.core.sharding import is_sharded, local_slice
 from lightning_prune.core.targets import Target
 from lightning_prune.functional.magnitude import kept_count
@@ -562,21 +561,12 @@ class ChannelPruningCallback(PruningCallback):
         """Layers ``names`` of ``pl_module`` were frozen: record them, point the targets and masks at their
         parameters (a parameter gone with its layer, a ``gain``, leaves them)."""
         self.shrink.frozen = sorted(set(self.shrink.frozen) | set(names))
+        self.rebind_targets(pl_module,
+                            lambda target, mask: mask if mask.shape == target.param.shape else None)
         params = dict(pl_module.named_parameters())
-
-        def follow(targets: Sequence[Target]) -> list[Target]:
-            return [Target(t.module_name, pl_module.get_submodule(t.module_name), t.param_name)
-                    for t in targets if t.name in params]
-
-        self.targets = follow(self.targets)
-        self.weight_targets = follow(self.weight_targets)
+        self.weight_targets = [Target(t.module_name, pl_module.get_submodule(t.module_name), t.param_name)
+                               for t in self.weight_targets if t.name in params]
         self.weight_names = [n for n in self.weight_names if n in params]
-        if self.masks is not None:
-            masks = MaskSet()
-            for t in self.targets:
-                mask = self.masks[t.name] if t.name in self.masks else None
-                masks.add(t.name, t.param, mask if mask is not None and mask.shape == t.param.shape else None)
-            self.masks = masks
 
     def recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Recompute every BatchNorm's running statistics on ``recalibrate_bn_batches`` training batches
