@@ -71,6 +71,7 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
         fresh: names whose state starts afresh (a frozen layer's weight: another quantity than before).
     """
     old_names = set(old.values())
+    order = {id(p): i for i, p in enumerate(new.values())}  # the model's order of its parameters
     for optimizer in optimizers:
         state = {}
         held: dict[str, dict[str, Any]] = {}  # module name -> the param group that held its parameters
@@ -107,7 +108,6 @@ def carry_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], old: Mapp
                 group["params"].append(param)
                 # in the model's order, as an optimizer made afresh on the model lists them (a checkpoint's
                 # optimizer state loads by position)
-                order = {id(p): i for i, p in enumerate(new.values())}
                 group["params"].sort(key=lambda p: order.get(id(p), len(order)))
         optimizer.state.clear()
         optimizer.state.update(state)
