@@ -1001,17 +1001,16 @@ class LabelGraph:
         elif self._owner(node) != mname:
             self._collapse((1,), chan, {1})
             self.records.notes.append((chan, "a conv weight used outside its module"))
-        elif columns is None:
+        else:
             if computed:  # frozen into a plain conv before its input channels go
                 self.records.frozen.setdefault(mname, set()).add("in")
-            self.records.sites.append((mname, "input", 1, chan))
-            self.records.slices.append((mname, "in", 1, chan))
-        else:
-            if computed:
-                self.records.frozen.setdefault(mname, set()).add("in")
-            self.records.sites.append((mname, "input", 1, chan, "", columns))
-            _, first = np.unique(columns, return_index=True)  # each column's atoms: its first channel's
-            self.records.slices.append((mname, "in", 1, chan[first]))
+            if columns is None:
+                self.records.sites.append((mname, "input", 1, chan))
+                self.records.slices.append((mname, "in", 1, chan))
+            else:
+                self.records.sites.append((mname, "input", 1, chan, "", columns))
+                _, first = np.unique(columns, return_index=True)  # each column's atoms: its first channel's
+                self.records.slices.append((mname, "in", 1, chan[first]))
 
     def _norm(self, node: Any, name: str, labs: dict) -> Any:
         args = node.args
