@@ -36,6 +36,7 @@ from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.graph import (
     DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ChannelGroup,
+    along_units_layers,
     analyse_channels,
     call_model,
     drop_cached_tensors,
@@ -43,6 +44,7 @@ from lightning_prune.graph import (
     example_inputs_for,
     frozen_names,
     refreeze,
+    rewrap_along_units,
     slice_units,
     traced_root,
 )
@@ -412,18 +414,23 @@ def save_compressed(model: nn.Module, path: str | Path) -> None:
 def compressed_structure(model: nn.Module) -> dict[str, Any]:
     """What a fresh model of the same architecture needs, beside the ``state_dict``, to take a compressed
     model's structure (:func:`take_structure`): the channel counts of its resized layers (``"attributes"``),
-    the layers frozen into plain ones (``"frozen"``, :mod:`lightning_prune.graph.frozen`) and the buffers
+    the layers frozen into plain ones (``"frozen"``, :mod:`lightning_prune.graph.frozen`), the convs run at
+    the dense width along their units (``"along_units"``: ``{name: [dim, dense size]}``,
+    :mod:`lightning_prune.graph.along`) and the buffers
     ``state_dict`` leaves out (``"buffers"``). Plain data and tensors only."""
     return {"attributes": shape_attributes(model), "frozen": frozen_names(model),
-            "buffers": non_persistent_buffers(model)}
+            "along_units": along_units_layers(model), "buffers": non_persistent_buffers(model)}
 
 
 def take_structure(model: nn.Module, state: Mapping[str, Tensor], structure: Mapping[str, Any],
                    path: str | Path) -> nn.Module:
     """Give a fresh ``model`` the structure :func:`compressed_structure` recorded (files written before a
-    key existed lack it): the frozen layers frozen again, then the shapes of ``state`` and the recorded
+    key existed lack it): the frozen layers frozen again, the convs run at the dense width along their
+    units made so again, then the shapes of ``state`` and the recorded
     channel counts and buffers, so that ``model.load_state_dict(state)`` loads strictly."""
     refreeze(model, structure.get("frozen") or (), str(path))  # the plain layers of weight-computing ones
+    # convs sliding along units that lost some: run at the dense width (their kept positions: a buffer)
+    rewrap_along_units(model, structure.get("along_units") or {}, str(path))
     return take_shapes(model, state, structure.get("attributes") or {}, structure.get("buffers"))
 
 

@@ -43,11 +43,20 @@ The package, one idea per module: ``types`` (groups, sites, slices, errors), ``i
 trace and with what), ``layers`` (layer kinds), ``dependencies`` (raw groups from torch-pruning's dependency
 graph), ``slicing`` (masking and slicing units), ``proof`` (the exactness check), ``cost`` (FLOPs and
 parameters), ``latency`` (the measured latency table),
-``frozen`` (readers that compute their weight, frozen into plain layers), ``budget`` (the time limit) and
+``frozen`` (readers that compute their weight, frozen into plain layers), ``along`` (convs sliding along
+the units, run at the dense width once some are gone), ``budget`` (the time limit) and
 ``analysis`` (:func:`analyse_channels`, orchestrating them).
 Every public name is re-exported here.
 """
 
+from lightning_prune.graph.along import (
+    ALONG_TYPES,
+    AlongUnitsConv1d,
+    AlongUnitsConv2d,
+    AlongUnitsConv3d,
+    along_units_layers,
+    rewrap_along_units,
+)
 from lightning_prune.graph.analysis import analyse_channels
 from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, GRAPH_TIME_LIMIT_S
 from lightning_prune.graph.cost import CostModel, count_ops_and_params, meta_copy
@@ -72,6 +81,7 @@ from lightning_prune.graph.slicing import (  # noqa: F401 - the private two: gat
     drop_cached_tensors,
     norm_size,
     parameter_cuts,
+    reads_now,
     restricted_forward,
     restricted_norm_hooks,
     slice_units,
@@ -88,6 +98,13 @@ from lightning_prune.graph.types import (
 )
 
 __all__ = [
+    "ALONG_TYPES",
+    "AlongUnitsConv1d",
+    "AlongUnitsConv2d",
+    "AlongUnitsConv3d",
+    "along_units_layers",
+    "rewrap_along_units",
+    "reads_now",
     "DEFAULT_ANALYSIS_TIME_LIMIT_S",
     "GRAPH_TIME_LIMIT_S",
     "CostModel",

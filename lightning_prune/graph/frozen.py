@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_prune.graph.along import ALONG_TYPES
 from lightning_prune.graph.types import strip_prefix
 
 __all__ = ["FROZEN_TYPES", "FrozenConv1d", "FrozenConv2d", "FrozenConv3d", "FrozenLinear", "computed_weight",
@@ -194,7 +195,7 @@ def _record(module: Any, x: Tensor) -> tuple[list[_Call], Any]:
 def computed_weight(module: nn.Module) -> Computed | str | None:
     """``None`` when ``module`` is no Conv/Linear or uses its weight parameter as it is; else what its forward
     computes (:class:`Computed`), or why it cannot be frozen (a string)."""
-    if not isinstance(module, _LAYERS) or isinstance(module, FROZEN_TYPES):
+    if not isinstance(module, _LAYERS) or isinstance(module, (*FROZEN_TYPES, *ALONG_TYPES)):
         return None
     own = module.__dict__.get("_parameters", {}).get("weight")
     if type(module) in _LAYERS and isinstance(own, Tensor):
