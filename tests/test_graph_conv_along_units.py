@@ -142,6 +142,23 @@ def test_save_load_trace_export_and_a_second_removal(tmp_path):
     assert torch.equal(twice.eca.conv.kept_index, sliced.eca.conv.kept_index)
 
 
+def test_compress_of_a_masked_model_leaves_the_eca_read_dead_units():
+    """lp.compress on a model whose units are dead only at the weight columns (a masked model without the
+    callback's hooks): the ECA conv still sees those channels, so their removal would change the outputs;
+    the group is left as it is (as LayerNorm-read ones), the others go, the outputs are unchanged."""
+    torch.manual_seed(0)
+    model = _EcaNet().eval()
+    with torch.no_grad():
+        model.c2.weight[:, [1, 2]] = 0.0  # c1's units 1, 2: no weight column reads them
+        model.head.weight[:, [3, 5]] = 0.0  # c2's units 3, 5: only the head reads them
+        reference = model(X)
+    lp.compress(model, X, round_to=1)
+    assert model.c1.out_channels == 16 and not along_units_layers(model)
+    assert model.c2.out_channels == 14
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), reference, atol=1e-5, rtol=1e-5)
+
+
 def _eca_classifier():
     from lightning_prune.testing import tiny_classifier
 

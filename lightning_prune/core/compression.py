@@ -109,7 +109,7 @@ def silent_units(model: nn.Module, groups: Sequence[ChannelGroup], example_input
     seen_nonzero: dict[str, Tensor] = {g.name: torch.zeros(g.size, dtype=torch.bool) for g in chosen}
     handles = []
     for group in chosen:
-        for site in group.input_sites() + group.norm_sites():
+        for site in group.input_sites() + group.norm_sites() + group.slide_sites():
             handles.append(model.get_submodule(site.module).register_forward_pre_hook(
                 functools.partial(_record_nonzero, seen_nonzero[group.name], site)))
     try:
@@ -275,17 +275,20 @@ def compress(
 def _exact_plan(root: nn.Module, example: Any, groups: Sequence[ChannelGroup], plan: dict[str, list[int]],
                 reference: Any, atol: float, rtol: float) -> dict[str, list[int]]:
     """The plan, without the groups whose norm sites would change their statistics (a plain masked model whose
-    LayerNorms still count the removed channels), when removing everything would change the outputs."""
+    LayerNorms still count the removed channels) or whose slide sites would see zeros where they saw the dead
+    channels (a conv sliding along them, ECA's), when removing everything would change the outputs."""
     trial = copy.deepcopy(root)
     slice_units(trial, groups, plan)
     with torch.no_grad():
         if _same(reference, call_model(trial, example), atol, rtol):
             return plan
+    by_name = {g.name: g for g in groups}
     safe = {name: units for name, units in plan.items()
-            if not next(g for g in groups if g.name == name).norm_sites()}
+            if not (by_name[name].norm_sites() or by_name[name].slide_sites())}
     if len(safe) < len(plan):
-        rank_zero_info(f"[compress] left {len(plan) - len(safe)} LayerNorm-normalised groups as they are:"
-                       " their norms count the dead channels (compress through the callback to remove them).")
+        rank_zero_info(f"[compress] left {len(plan) - len(safe)} LayerNorm-normalised (or ECA-read) groups as"
+                       " they are: their norms (or a conv sliding along them) read the dead channels"
+                       " (compress through the callback to remove them).")
     return safe
 
 
