@@ -91,6 +91,31 @@ def test_eca_channels_are_a_slide_site_proven_exact():
     assert not torch.allclose(naive(X.double()), masked, atol=1e-6)
 
 
+def test_gates_closed_at_zero_are_zeros_at_the_slide_site():
+    """A gate set on the ECA net: the ECA conv sees zeros at the units whose gate is exactly zero and the
+    others ungated; folded (the other values into the weight columns) and sliced, the model computes what
+    the gated one computed."""
+    from lightning_prune.core.gates import GateSet, ScaleGate
+
+    torch.manual_seed(0)
+    model = _EcaNet().double().eval()
+    x = X.double()
+    groups = [_group(analyse_channels(model, x).groups, "c1")]
+    gate = ScaleGate(16).double()
+    with torch.no_grad():
+        gate.weight.copy_(torch.rand(16, dtype=torch.float64) + 0.5)
+        gate.weight[[2, 3, 11]] = 0.0
+    gates = GateSet(groups, [gate])
+    gates.attach(model)
+    with torch.no_grad():
+        gated = model(x)
+        gates.fold_(model)
+    gates.detach()
+    slice_units(model, groups, {"c1": [2, 3, 11]})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), gated, atol=1e-12, rtol=0)
+
+
 def test_a_kernel_of_one_along_the_units_passes_them_through():
     """LambdaLayer's conv3d with a kernel of 1 (no padding) along the value channels mixes nothing there: the
     channels of ``v`` form one group read by ``out``, no slide site, the conv3d untouched after slicing."""
