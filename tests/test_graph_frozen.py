@@ -361,3 +361,45 @@ def test_nf_regnet_b0_coverage():
     model = timm.create_model("nf_regnet_b0", num_classes=10).eval()
     analysis = analyse_channels(model, torch.randn(2, 3, 64, 64))
     assert analysis.coverage >= 0.7, analysis.skipped
+
+
+def test_a_frozen_state_does_not_load_silently_into_the_unfrozen_model():
+    """A frozen layer's computed weight loaded as the raw weight of the layer that computes it would be
+    standardised once more (other outputs, no error): the frozen layer's marker buffer makes a strict plain
+    load of such a state fail by name; refreezing first (what lightning-prune's loaders do) loads it."""
+    from lightning_prune.graph import FROZEN_MARKER, frozen_in_state, refreeze
+
+    torch.manual_seed(0)
+    model = _WSNet().eval()
+    assert freeze(model, "c1") and freeze(model, "l1")  # (frozen as compress=False leaves them: same shapes)
+    model.double()
+    assert model.c1.get_buffer(FROZEN_MARKER).dtype == torch.long  # (a dtype cast leaves the marker alone)
+    state = model.state_dict()
+    assert frozen_in_state(state) == ["c1", "l1"]
+    with pytest.raises(RuntimeError, match=f"Unexpected key.*c1.{FROZEN_MARKER}"):
+        _WSNet().double().load_state_dict(state)
+    fresh = _WSNet().double().eval()
+    assert refreeze(fresh, frozen_in_state(state), "the state") == ["c1", "l1"]
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X.double()), model(X.double()), atol=0, rtol=0)
+
+
+def test_frozen_layers_script_and_keep_dynamic_same_padding():
+    """The frozen layers are TorchScript-able; a frozen SAME conv scripted pads from the input's size at every
+    call (traced, it keeps the traced size's padding, as timm's own Conv2dSame does)."""
+    import warnings
+
+    holder = nn.Sequential(StdConv2dSame(4, 6, 3, stride=2), nn.ReLU(), StdConv2d(6, 6, 1),
+                           nn.Flatten(), nn.LazyLinear(3))
+    holder(torch.randn(1, 4, 9, 9))
+    holder[4] = nn.utils.parametrizations.weight_norm(nn.Linear(holder[4].in_features, 3))
+    assert freeze(holder, "0") and freeze(holder, "2") and freeze(holder, "4") and holder[0].same_pad
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.jit.script is deprecated, still used)
+        scripted, conv = torch.jit.script(holder), torch.jit.script(holder[0])
+    for x in (torch.randn(2, 4, 9, 9), torch.randn(2, 4, 10, 10)):
+        torch.testing.assert_close(scripted(x), holder(x), atol=0, rtol=0)
+    for size in ((9, 11), (10, 7)):
+        x = torch.randn(1, 4, *size)
+        torch.testing.assert_close(conv(x), holder[0](x), atol=0, rtol=0)

@@ -41,6 +41,7 @@ from lightning_prune.graph import (
     drop_cached_tensors,
     effective_weight,
     example_inputs_for,
+    frozen_in_state,
     frozen_names,
     refreeze,
     slice_units,
@@ -423,7 +424,8 @@ def take_structure(model: nn.Module, state: Mapping[str, Tensor], structure: Map
     """Give a fresh ``model`` the structure :func:`compressed_structure` recorded (files written before a
     key existed lack it): the frozen layers frozen again, then the shapes of ``state`` and the recorded
     channel counts and buffers, so that ``model.load_state_dict(state)`` loads strictly."""
-    refreeze(model, structure.get("frozen") or (), str(path))  # the plain layers of weight-computing ones
+    frozen = [*(structure.get("frozen") or ()), *frozen_in_state(state)]  # (a frozen layer's key marks it)
+    refreeze(model, dict.fromkeys(frozen), str(path))  # the plain layers of weight-computing ones
     return take_shapes(model, state, structure.get("attributes") or {}, structure.get("buffers"))
 
 
@@ -465,6 +467,7 @@ def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path:
         shrink = state.get("shrink") if isinstance(state, dict) else None
         if isinstance(shrink, dict):
             refreeze(module, shrink.get("frozen") or (), str(path))
+    refreeze(module, frozen_in_state(payload["state_dict"]), str(path))  # (frozen by anything else)
     if plans:
         prefix, root = traced_root(module)
         groups = analyse_channels(root, example_inputs_for(root), prefix=prefix).groups

@@ -52,6 +52,7 @@ from lightning_prune.graph.analysis import analyse_channels
 from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, GRAPH_TIME_LIMIT_S
 from lightning_prune.graph.cost import CostModel, count_ops_and_params, meta_copy
 from lightning_prune.graph.frozen import (
+    FROZEN_MARKER,
     FROZEN_TYPES,
     FrozenConv1d,
     FrozenConv2d,
@@ -60,6 +61,7 @@ from lightning_prune.graph.frozen import (
     effective_weight,
     freeze,
     freeze_modules,
+    frozen_in_state,
     frozen_names,
     refreeze,
 )
@@ -93,6 +95,7 @@ __all__ = [
     "CostModel",
     "count_ops_and_params",
     "meta_copy",
+    "FROZEN_MARKER",
     "FROZEN_TYPES",
     "FrozenConv1d",
     "FrozenConv2d",
@@ -101,6 +104,7 @@ __all__ = [
     "effective_weight",
     "freeze",
     "freeze_modules",
+    "frozen_in_state",
     "frozen_names",
     "refreeze",
     "ChannelAnalysis",
