@@ -403,3 +403,54 @@ def test_frozen_layers_script_and_keep_dynamic_same_padding():
     for size in ((9, 11), (10, 7)):
         x = torch.randn(1, 4, *size)
         torch.testing.assert_close(conv(x), holder[0](x), atol=0, rtol=0)
+
+
+def test_a_frozen_layer_takes_over_the_hooks_on_the_layer():
+    """Freezing replaces the layer: the forward (pre-)hooks and backward hooks others put on it act on the
+    frozen layer, and their handles still remove them; the old weight_norm's own pre-hook stays behind."""
+    torch.manual_seed(0)
+    holder = nn.Sequential(StdConv2d(3, 4, 3), nn.ReLU(), nn.utils.weight_norm(nn.Linear(4, 2)))
+    seen, grads = [], []
+    handles = [holder[0].register_forward_hook(lambda m, a, o: seen.append(o.shape)),
+               holder[0].register_forward_pre_hook(lambda m, a: (a[0] * 2,)),
+               holder[0].register_full_backward_hook(lambda m, gi, go: grads.append(go[0].shape)),
+               holder[2].register_forward_hook(lambda m, a, o: o + 1)]
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+
+    def run():
+        return holder[2](holder[1](holder[0](x)).mean((2, 3)))
+
+    before = run()
+    assert freeze(holder, "0") and freeze(holder, "2") and isinstance(holder[2], FrozenLinear)
+    after = run()
+    after.sum().backward()
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    assert len(seen) == 2 and len(grads) == 1
+    for handle in handles:
+        handle.remove()
+    assert not any(getattr(m, d) for m in holder for d in ("_forward_hooks", "_backward_hooks"))
+    assert not holder[0]._forward_pre_hooks
+
+
+def test_distillation_feature_hints_follow_a_frozen_layer(tmp_path):
+    """KnowledgeDistillation's feature hint on a weight-standardised conv that GroupLassoPruning freezes at
+    finalisation (its readers frozen before the gates fold): the hint goes on acting on the frozen layer."""
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_prune.callbacks.distill import KnowledgeDistillation
+    from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+    from lightning_prune.testing import fit_tiny
+
+    kd = KnowledgeDistillation(student="model", features="c2", alpha=0.0, verbose=False)
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((type(pl_module.model.c2).__name__, bool(kd._batch.get("feature_loss"))))
+
+    gl = GroupLassoPruning(finalize_step=1, compress=False, recalibrate_bn_batches=0, round_to=1, lam=0.3,
+                           gate_lr=0.2, gate_optimizer="sgd", verbose=False)
+    fit_tiny([gl, Probe(), kd], tmp_path, model=_ws_net_classifier(), max_epochs=1, limit_train_batches=3,
+             limit_val_batches=0)
+    assert "c2" in gl.shrink.frozen or "model.c2" in gl.shrink.frozen
+    assert seen[-1] == ("FrozenConv2d", True), seen

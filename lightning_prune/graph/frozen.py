@@ -342,15 +342,45 @@ def frozen_layer(module: nn.Module) -> nn.Module | None:
     return new
 
 
+#: the hook dicts of a module that the frozen layer takes over (what others hooked on the layer: a
+#: distillation's feature hints, gates on its input, ...)
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new`` takes ``old``'s forward and backward hooks: the very dicts, so that the handles their owners
+    hold still remove them. The hooks of the weight computation itself (the old ``weight_norm``'s and
+    ``spectral_norm``'s pre-hooks, which set ``weight`` from parameters the frozen layer does not have) stay
+    behind: a dict holding one is copied without it (its other hooks then follow without their handles)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    own = (WeightNorm, SpectralNorm)
+    for attr in _HOOK_DICTS:
+        hooks = old.__dict__.get(attr)
+        if hooks is None:
+            continue
+        if any(isinstance(h, own) for h in hooks.values()):
+            hooks = type(hooks)((k, h) for k, h in hooks.items() if not isinstance(h, own))
+        setattr(new, attr, hooks)
+    if "_is_full_backward_hook" in old.__dict__:  # (how the backward hooks were registered)
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
 def freeze(model: nn.Module, name: str) -> bool:
     """Replace the submodule ``name`` of ``model`` (every place it is registered) by its frozen layer when it
-    computes its weight; returns whether it was replaced."""
+    computes its weight; returns whether it was replaced. The frozen layer computes what the layer computed
+    and takes over the hooks others put on it (:func:`_carry_hooks`): a forward hook on the layer (a
+    distillation's feature hint, a gate on its input) goes on acting, and its handle still removes it."""
     module = model.get_submodule(name)
     new = frozen_layer(module)
     if new is None:
         return False
     if not name:  # pragma: no cover - the model itself is the layer
         raise ValueError("cannot freeze the root module in place")
+    _carry_hooks(module, new)
     for parent in model.modules():
         for child_name, child in list(parent._modules.items()):
             if child is module:
