@@ -26,7 +26,14 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_prune.graph import ChannelGroup, cut_like, example_inputs_for, frozen_names, parameter_cuts
+from lightning_prune.graph import (
+    ChannelGroup,
+    cut_like,
+    example_inputs_for,
+    frozen_names,
+    parameter_cuts,
+    restore_modes,
+)
 
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
            "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "follow_replaced_parameters",
@@ -201,9 +208,9 @@ def compress_exactly(pl_module: nn.Module, groups: Sequence[ChannelGroup],
     plan = {g.name: list(removed.get(g.name, ())) for g in groups}
     cuts = parameter_cuts(pl_module, groups, plan)
     before = {k: tuple(v.shape) for k, v in pl_module.state_dict().items()}
-    was_training = pl_module.training
+    modes = {name: m.training for name, m in pl_module.named_modules(remove_duplicate=False)}
     compress(pl_module, example_inputs, groups=groups, removed=plan, round_to=1)  # (the plan is final)
-    pl_module.train(was_training)
+    restore_modes(pl_module, modes)  # (a custom `compress` too)
     after = pl_module.state_dict()
     for name, name_cuts in cuts.items():
         if name not in before or name not in after:
@@ -357,7 +364,7 @@ def gather_network(pl_module: nn.Module, prefix: str, skeleton: nn.Module) -> nn
         param.copy_(full[name])
     for name, buffer in new_root.named_buffers():
         buffer.copy_(buffers[name])
-    new_root.train(old_root.training)
+    restore_modes(new_root, {n: m.training for n, m in old_root.named_modules(remove_duplicate=False)})
     parent_name, _, attr = prefix.rpartition(".")
     setattr(pl_module.get_submodule(parent_name) if parent_name else pl_module, attr, new_root)
     return new_root
@@ -400,9 +407,7 @@ def compress_sharded_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, 
     if before is not None:
         before()
     cuts = parameter_cuts(pl_module, groups, removed)
-    was_training = pl_module.training
-    compress_fn(pl_module, example_inputs, groups=groups, removed=removed, round_to=1)
-    pl_module.train(was_training)
+    compress_fn(pl_module, example_inputs, groups=groups, removed=removed, round_to=1)  # (modes kept)
     if after is not None:
         after()
     for name, kwargs in units:
@@ -474,11 +479,7 @@ def log_model_size(trainer: pl.Trainer, pl_module: pl.LightningModule, input_siz
     from lightning_prune.graph import count_ops_and_params, example_inputs_for, traced_root
 
     _, root = traced_root(pl_module)
-    was_training = root.training
-    try:
-        flops, params = count_ops_and_params(root, example_inputs_for(root, input_size))
-    finally:
-        root.train(was_training)
+    flops, params = count_ops_and_params(root, example_inputs_for(root, input_size))  # (modes kept)
     log_scalars(trainer, {f"{PREFIX}/params": float(params), f"{PREFIX}/flops": float(flops)})
     if verbose:
         from lightning.pytorch.utilities import rank_zero_info

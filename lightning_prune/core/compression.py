@@ -44,6 +44,7 @@ from lightning_prune.graph import (
     frozen_in_state,
     frozen_names,
     refreeze,
+    restore_modes,
     slice_units,
     traced_root,
 )
@@ -240,7 +241,7 @@ def compress(
         model = copy.deepcopy(model)
     prefix, root = traced_root(model)
     example = example_inputs if example_inputs is not None else example_inputs_for(root, input_size)
-    was_training = model.training
+    modes = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
     model.eval()
     try:
         before_params = sum(p.numel() for p in root.parameters())
@@ -267,7 +268,7 @@ def compress(
         rank_zero_info(f"[compress] removed {removed_units} units in {sum(1 for v in plan.values() if v)}"
                        f" groups: parameters {before_params:,} -> {after_params:,}")
     finally:
-        model.train(was_training)
+        restore_modes(model, modes)  # (every module's, a frozen layer's as the layer's it replaced)
     return model
 
 

@@ -65,7 +65,14 @@ from lightning_prune.graph.frozen import (
     frozen_names,
     refreeze,
 )
-from lightning_prune.graph.inputs import call_model, example_inputs_for, like_model, traced_root
+from lightning_prune.graph.inputs import (
+    call_model,
+    evaluating,
+    example_inputs_for,
+    like_model,
+    restore_modes,
+    traced_root,
+)
 from lightning_prune.graph.latency import LatencyModel, LatencyPredictor, LayerTable, measure_latency_model
 from lightning_prune.graph.layers import PRODUCER_TYPES, channel_dim  # noqa: F401 - PRODUCER_TYPES as before
 from lightning_prune.graph.proof import masked_and_sliced, randomised_copy
@@ -120,6 +127,7 @@ __all__ = [
     "parameter_cuts",
     "cut_like",
     "call_model",
+    "evaluating",
     "channel_dim",
     "drop_cached_tensors",
     "example_inputs_for",
@@ -128,6 +136,7 @@ __all__ = [
     "masked_and_sliced",
     "measure_latency_model",
     "randomised_copy",
+    "restore_modes",
     "restricted_norm_hooks",
     "slice_units",
     "traced_root",
