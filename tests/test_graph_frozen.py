@@ -454,3 +454,44 @@ def test_distillation_feature_hints_follow_a_frozen_layer(tmp_path):
              limit_val_batches=0)
     assert "c2" in gl.shrink.frozen or "model.c2" in gl.shrink.frozen
     assert seen[-1] == ("FrozenConv2d", True), seen
+
+
+def test_the_fsdp2_resize_freezes_the_readers_the_checkpoint_holds_frozen(monkeypatch):
+    """resize_sharded (the FSDP2 resume after an in-fit removal) freezes the readers the checkpoint recorded
+    frozen (a gate fold froze them under DDP, though their group lost no unit) on the gathered network, as the
+    single-process resume does, so the checkpoint loads strictly; run here on an unsharded network (no FSDP
+    unit: the same code without the collectives). And under FSDP2 the groups read by such layers are refused
+    by name before anything is masked, gated or removed on shards (the 2-process fit: test_sharded)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    import lightning_prune.core.sharding as sharding
+    from lightning_prune.callbacks.shrink import refuse_sharded_freezing, resize_sharded
+    from lightning_prune.graph import meta_copy, slice_units
+
+    def net():
+        module = _ws_net_classifier()
+        module.example_input_array = None
+        return module
+
+    module = net()
+    groups = analyse_channels(module.model, X, prefix="model").groups
+    removed = {"model.c3": [0, 5]}  # (only the readers of c3's group, l1, are frozen by the slicing)
+    recorded = ["model.c2", "model.c3", "model.l1"]
+    written = net()
+    for name in recorded:
+        freeze(written, name)
+    slice_units(written, groups, removed)
+    trainer = SimpleNamespace(optimizers=[torch.optim.SGD(module.parameters(), lr=0.1)])
+    resize_sharded(trainer, module, "model", meta_copy(module.model), groups, removed, recorded)
+    assert frozen_names(module) == recorded
+    module.load_state_dict(written.state_dict())  # (strict)
+    held = {id(p) for p in trainer.optimizers[0].param_groups[0]["params"]}
+    assert all(id(p) in held for p in module.parameters())
+    monkeypatch.setattr(sharding, "is_sharded", lambda p: True)
+    with pytest.raises(MisconfigurationException, match=r"GroupLassoPruning cannot act under"
+                       r" ModelParallelStrategy \(FSDP2\) on the groups read by \['model.c2', 'model.c3',"
+                       r" 'model.l1'\].*HINT: strategy='ddp', or `exclude`"):
+        refuse_sharded_freezing(net(), groups, "GroupLassoPruning")
+    refuse_sharded_freezing(net(), [g for g in groups if not g.frozen], "GroupLassoPruning")

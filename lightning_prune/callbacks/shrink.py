@@ -38,7 +38,7 @@ from lightning_prune.graph import (
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
            "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "follow_replaced_parameters",
            "gather_network", "log_model_size", "others_follow_removal", "pad_to_dense", "recorded_removal",
-           "refuse_frozen_conflicts", "refuse_removal_conflicts", "resize_sharded",
+           "refuse_frozen_conflicts", "refuse_removal_conflicts", "refuse_sharded_freezing", "resize_sharded",
            "sharded_compression_problem"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
@@ -276,6 +276,28 @@ def refuse_frozen_conflicts(trainer: pl.Trainer | None, owner: Any, groups: Sequ
                 f" HINT: `exclude` those layers from {type(cb).__name__}, or run the two in separate fits.")
 
 
+def refuse_sharded_freezing(pl_module: nn.Module, groups: Sequence[ChannelGroup] | None, who: str) -> None:
+    """Refuse, by name, groups read by layers that compute their weight (:attr:`ChannelGroup.frozen`) when
+    ``pl_module``'s parameters are sharded (FSDP2): such a layer is frozen into a plain one holding the
+    computed weight before its input channels are masked, gated or removed, which is not done on shards
+    (masks or gates on the raw weight of a weight-standardised conv would be standardised away: another
+    model, silently). The removal itself (gathered, :func:`compress_sharded_in_fit`) and a resume after it
+    (:func:`resize_sharded`) freeze on the gathered network."""
+    from lightning_prune.core.sharding import is_sharded
+
+    hit = [g for g in groups or () if getattr(g, "frozen", ())]
+    if not hit or not any(is_sharded(p) for p in pl_module.parameters()):
+        return
+    frozen = sorted({n for g in hit for n in g.frozen})
+    producers = sorted({p for g in hit for p in g.producers})
+    raise MisconfigurationException(
+        f"{who} cannot act under ModelParallelStrategy (FSDP2) on the groups read by {frozen[:4]}, which"
+        " compute their weight in forward (weight standardisation, weight_norm): their input channels can"
+        " only be masked, gated or removed once they are frozen into plain layers holding the computed"
+        " weight, which is not done on sharded parameters. HINT: strategy='ddp', or `exclude` the groups"
+        f" they read ({producers[:4]}).")
+
+
 def others_follow_removal(trainer: pl.Trainer | None, owner: Any, pl_module: pl.LightningModule,
                           cuts: Mapping[str, Sequence[tuple[int, Tensor]]]) -> None:
     """After ``owner`` removed units: the other pruning callbacks of the fit that follow a removal cut their
@@ -425,20 +447,25 @@ def compress_sharded_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, 
 
 @torch.no_grad()
 def resize_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str, skeleton: nn.Module,
-                   groups: Sequence[ChannelGroup], removed: Mapping[str, Sequence[int]]) -> None:
+                   groups: Sequence[ChannelGroup], removed: Mapping[str, Sequence[int]],
+                   frozen: Sequence[str] = ()) -> None:
     """Resume under FSDP2 after an in-fit removal: give the sharded network ``pl_module.<prefix>`` the smaller
     shapes a checkpoint holds, before the checkpoint is loaded into it. Every rank gathers the network into a
-    plain copy (``skeleton``, as :func:`compress_sharded_in_fit`), slices the removed units out (no proof:
-    the checkpoint's values replace the weights), shards it again with ``fully_shard`` (the same FSDP units)
-    and puts the new parameters in the optimizers' param groups (their state is still empty: the checkpoint
-    fills it). A sequence of collectives: call it on every rank."""
+    plain copy (``skeleton``, as :func:`compress_sharded_in_fit`), freezes the layers the checkpoint holds
+    frozen (``frozen``, names relative to ``pl_module``: the readers that compute their weight, frozen before
+    the removal by a run under DDP, :func:`lightning_prune.graph.refreeze`), slices the removed units out (no
+    proof: the checkpoint's values replace the weights; the readers of the groups losing units are frozen
+    there too), shards it again with ``fully_shard`` (the same FSDP units) and puts the new parameters in the
+    optimizers' param groups (their state is still empty: the checkpoint fills it). A sequence of
+    collectives: call it on every rank."""
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_prune.graph import slice_units
+    from lightning_prune.graph import refreeze, slice_units
 
     units = _fsdp_units(pl_module.get_submodule(prefix))
     old = {id(p): n for n, p in pl_module.named_parameters()}
     new_root = gather_network(pl_module, prefix, skeleton)
+    refreeze(pl_module, frozen, "the checkpoint")  # (as the single-process resume does, before the slicing)
     cuts = parameter_cuts(pl_module, groups, removed)
     slice_units(pl_module, groups, removed)
     for name, kwargs in units:
