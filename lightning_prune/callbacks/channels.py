@@ -68,6 +68,7 @@ from lightning_prune.callbacks.shrink import (
     recorded_removal,
     refuse_frozen_conflicts,
     refuse_removal_conflicts,
+    refuse_sharded_freezing,
     resize_sharded,
     sharded_compression_problem,
 )
@@ -547,7 +548,11 @@ class ChannelPruningCallback(PruningCallback):
         on it (:mod:`lightning_prune.graph.frozen`). The targets and masks follow the new parameters, and
         every optimizer (a frozen weight's state starts afresh); from then on such a layer trains as a plain
         layer (no longer re-standardised). Returns the names frozen."""
-        if not self.groups or any(is_sharded(p) for p in pl_module.parameters()):
+        if not self.groups:
+            return []
+        if any(is_sharded(p) for p in pl_module.parameters()):  # (refused at train start: never silently)
+            refuse_sharded_freezing(pl_module, [g for g in self.groups if removed is None
+                                                or g.feasible(removed.get(g.name, ()))], type(self).__name__)
             return []
         old = {id(p): n for n, p in pl_module.named_parameters()}
         names = freeze_modules(pl_module, self.groups, removed or {}, everywhere=removed is None)
@@ -779,7 +784,8 @@ class ChannelPruningCallback(PruningCallback):
                     f" written after the units were removed inside the fit, and {problem}. HINT: resume it"
                     " under strategy='ddp' from a full-state checkpoint (ModelParallelStrategy("
                     "save_distributed_checkpoint=False)).")
-            resize_sharded(trainer, pl_module, prefix, self._skeleton, self.groups, removed)
+            resize_sharded(trainer, pl_module, prefix, self._skeleton, self.groups, removed, frozen)
+            self.shrink.frozen = sorted(set(self.shrink.frozen) | set(frozen))
             cuts = None
         else:
             cuts = parameter_cuts(pl_module, self.groups, removed)
@@ -890,6 +896,14 @@ class ChannelPruningCallback(PruningCallback):
                 f"`compress_step`/`compress_epoch` resolves to step {self.shrink.at_step}, before"
                 f" {self.decision_phrase.format(step=earliest)}. HINT: the units are removed once they are"
                 " decided: compress later, or leave the position unset to compress right after.")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # (after ModelParallelStrategy restored a checkpoint, which it does after on_fit_start: past the
+        # removal nothing more is frozen, and a resume goes on)
+        if self.shrink.removed is None:
+            refuse_sharded_freezing(pl_module, self.groups, type(self).__name__)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -26,12 +26,19 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_prune.graph import ChannelGroup, cut_like, example_inputs_for, frozen_names, parameter_cuts
+from lightning_prune.graph import (
+    ChannelGroup,
+    cut_like,
+    example_inputs_for,
+    frozen_names,
+    parameter_cuts,
+    restore_modes,
+)
 
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
            "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "follow_replaced_parameters",
            "gather_network", "log_model_size", "others_follow_removal", "pad_to_dense", "recorded_removal",
-           "refuse_frozen_conflicts", "refuse_removal_conflicts", "resize_sharded",
+           "refuse_frozen_conflicts", "refuse_removal_conflicts", "refuse_sharded_freezing", "resize_sharded",
            "sharded_compression_problem"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
@@ -201,9 +208,9 @@ def compress_exactly(pl_module: nn.Module, groups: Sequence[ChannelGroup],
     plan = {g.name: list(removed.get(g.name, ())) for g in groups}
     cuts = parameter_cuts(pl_module, groups, plan)
     before = {k: tuple(v.shape) for k, v in pl_module.state_dict().items()}
-    was_training = pl_module.training
+    modes = {name: m.training for name, m in pl_module.named_modules(remove_duplicate=False)}
     compress(pl_module, example_inputs, groups=groups, removed=plan, round_to=1)  # (the plan is final)
-    pl_module.train(was_training)
+    restore_modes(pl_module, modes)  # (a custom `compress` too)
     after = pl_module.state_dict()
     for name, name_cuts in cuts.items():
         if name not in before or name not in after:
@@ -267,6 +274,28 @@ def refuse_frozen_conflicts(trainer: pl.Trainer | None, owner: Any, groups: Sequ
                 " freezes them into plain layers holding the computed weight, which leaves"
                 f" {type(cb).__name__}'s masks (of the raw weight) on parameters no longer in the model."
                 f" HINT: `exclude` those layers from {type(cb).__name__}, or run the two in separate fits.")
+
+
+def refuse_sharded_freezing(pl_module: nn.Module, groups: Sequence[ChannelGroup] | None, who: str) -> None:
+    """Refuse, by name, groups read by layers that compute their weight (:attr:`ChannelGroup.frozen`) when
+    ``pl_module``'s parameters are sharded (FSDP2): such a layer is frozen into a plain one holding the
+    computed weight before its input channels are masked, gated or removed, which is not done on shards
+    (masks or gates on the raw weight of a weight-standardised conv would be standardised away: another
+    model, silently). The removal itself (gathered, :func:`compress_sharded_in_fit`) and a resume after it
+    (:func:`resize_sharded`) freeze on the gathered network."""
+    from lightning_prune.core.sharding import is_sharded
+
+    hit = [g for g in groups or () if getattr(g, "frozen", ())]
+    if not hit or not any(is_sharded(p) for p in pl_module.parameters()):
+        return
+    frozen = sorted({n for g in hit for n in g.frozen})
+    producers = sorted({p for g in hit for p in g.producers})
+    raise MisconfigurationException(
+        f"{who} cannot act under ModelParallelStrategy (FSDP2) on the groups read by {frozen[:4]}, which"
+        " compute their weight in forward (weight standardisation, weight_norm): their input channels can"
+        " only be masked, gated or removed once they are frozen into plain layers holding the computed"
+        " weight, which is not done on sharded parameters. HINT: strategy='ddp', or `exclude` the groups"
+        f" they read ({producers[:4]}).")
 
 
 def others_follow_removal(trainer: pl.Trainer | None, owner: Any, pl_module: pl.LightningModule,
@@ -357,7 +386,7 @@ def gather_network(pl_module: nn.Module, prefix: str, skeleton: nn.Module) -> nn
         param.copy_(full[name])
     for name, buffer in new_root.named_buffers():
         buffer.copy_(buffers[name])
-    new_root.train(old_root.training)
+    restore_modes(new_root, {n: m.training for n, m in old_root.named_modules(remove_duplicate=False)})
     parent_name, _, attr = prefix.rpartition(".")
     setattr(pl_module.get_submodule(parent_name) if parent_name else pl_module, attr, new_root)
     return new_root
@@ -400,9 +429,7 @@ def compress_sharded_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, 
     if before is not None:
         before()
     cuts = parameter_cuts(pl_module, groups, removed)
-    was_training = pl_module.training
-    compress_fn(pl_module, example_inputs, groups=groups, removed=removed, round_to=1)
-    pl_module.train(was_training)
+    compress_fn(pl_module, example_inputs, groups=groups, removed=removed, round_to=1)  # (modes kept)
     if after is not None:
         after()
     for name, kwargs in units:
@@ -420,20 +447,25 @@ def compress_sharded_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, 
 
 @torch.no_grad()
 def resize_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str, skeleton: nn.Module,
-                   groups: Sequence[ChannelGroup], removed: Mapping[str, Sequence[int]]) -> None:
+                   groups: Sequence[ChannelGroup], removed: Mapping[str, Sequence[int]],
+                   frozen: Sequence[str] = ()) -> None:
     """Resume under FSDP2 after an in-fit removal: give the sharded network ``pl_module.<prefix>`` the smaller
     shapes a checkpoint holds, before the checkpoint is loaded into it. Every rank gathers the network into a
-    plain copy (``skeleton``, as :func:`compress_sharded_in_fit`), slices the removed units out (no proof:
-    the checkpoint's values replace the weights), shards it again with ``fully_shard`` (the same FSDP units)
-    and puts the new parameters in the optimizers' param groups (their state is still empty: the checkpoint
-    fills it). A sequence of collectives: call it on every rank."""
+    plain copy (``skeleton``, as :func:`compress_sharded_in_fit`), freezes the layers the checkpoint holds
+    frozen (``frozen``, names relative to ``pl_module``: the readers that compute their weight, frozen before
+    the removal by a run under DDP, :func:`lightning_prune.graph.refreeze`), slices the removed units out (no
+    proof: the checkpoint's values replace the weights; the readers of the groups losing units are frozen
+    there too), shards it again with ``fully_shard`` (the same FSDP units) and puts the new parameters in the
+    optimizers' param groups (their state is still empty: the checkpoint fills it). A sequence of
+    collectives: call it on every rank."""
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_prune.graph import slice_units
+    from lightning_prune.graph import refreeze, slice_units
 
     units = _fsdp_units(pl_module.get_submodule(prefix))
     old = {id(p): n for n, p in pl_module.named_parameters()}
     new_root = gather_network(pl_module, prefix, skeleton)
+    refreeze(pl_module, frozen, "the checkpoint")  # (as the single-process resume does, before the slicing)
     cuts = parameter_cuts(pl_module, groups, removed)
     slice_units(pl_module, groups, removed)
     for name, kwargs in units:
@@ -474,11 +506,7 @@ def log_model_size(trainer: pl.Trainer, pl_module: pl.LightningModule, input_siz
     from lightning_prune.graph import count_ops_and_params, example_inputs_for, traced_root
 
     _, root = traced_root(pl_module)
-    was_training = root.training
-    try:
-        flops, params = count_ops_and_params(root, example_inputs_for(root, input_size))
-    finally:
-        root.train(was_training)
+    flops, params = count_ops_and_params(root, example_inputs_for(root, input_size))  # (modes kept)
     log_scalars(trainer, {f"{PREFIX}/params": float(params), f"{PREFIX}/flops": float(flops)})
     if verbose:
         from lightning.pytorch.utilities import rank_zero_info

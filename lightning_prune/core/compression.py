@@ -42,8 +42,10 @@ from lightning_prune.graph import (
     drop_cached_tensors,
     effective_weight,
     example_inputs_for,
+    frozen_in_state,
     frozen_names,
     refreeze,
+    restore_modes,
     rewrap_along_units,
     slice_units,
     traced_root,
@@ -241,7 +243,7 @@ def compress(
         model = copy.deepcopy(model)
     prefix, root = traced_root(model)
     example = example_inputs if example_inputs is not None else example_inputs_for(root, input_size)
-    was_training = model.training
+    modes = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
     model.eval()
     try:
         before_params = sum(p.numel() for p in root.parameters())
@@ -268,7 +270,7 @@ def compress(
         rank_zero_info(f"[compress] removed {removed_units} units in {sum(1 for v in plan.values() if v)}"
                        f" groups: parameters {before_params:,} -> {after_params:,}")
     finally:
-        model.train(was_training)
+        restore_modes(model, modes)  # (every module's, a frozen layer's as the layer's it replaced)
     return model
 
 
@@ -431,7 +433,8 @@ def take_structure(model: nn.Module, state: Mapping[str, Tensor], structure: Map
     key existed lack it): the frozen layers frozen again, the convs run at the dense width along their
     units made so again, then the shapes of ``state`` and the recorded
     channel counts and buffers, so that ``model.load_state_dict(state)`` loads strictly."""
-    refreeze(model, structure.get("frozen") or (), str(path))  # the plain layers of weight-computing ones
+    frozen = [*(structure.get("frozen") or ()), *frozen_in_state(state)]  # (a frozen layer's key marks it)
+    refreeze(model, dict.fromkeys(frozen), str(path))  # the plain layers of weight-computing ones
     # convs sliding along units that lost some: run at the dense width (their kept positions: a buffer)
     rewrap_along_units(model, structure.get("along_units") or {}, str(path))
     return take_shapes(model, state, structure.get("attributes") or {}, structure.get("buffers"))
@@ -475,6 +478,7 @@ def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path:
         shrink = state.get("shrink") if isinstance(state, dict) else None
         if isinstance(shrink, dict):
             refreeze(module, shrink.get("frozen") or (), str(path))
+    refreeze(module, frozen_in_state(payload["state_dict"]), str(path))  # (frozen by anything else)
     if plans:
         prefix, root = traced_root(module)
         groups = analyse_channels(root, example_inputs_for(root), prefix=prefix).groups

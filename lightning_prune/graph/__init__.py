@@ -61,6 +61,7 @@ from lightning_prune.graph.analysis import analyse_channels
 from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, GRAPH_TIME_LIMIT_S
 from lightning_prune.graph.cost import CostModel, count_ops_and_params, meta_copy
 from lightning_prune.graph.frozen import (
+    FROZEN_MARKER,
     FROZEN_TYPES,
     FrozenConv1d,
     FrozenConv2d,
@@ -69,10 +70,18 @@ from lightning_prune.graph.frozen import (
     effective_weight,
     freeze,
     freeze_modules,
+    frozen_in_state,
     frozen_names,
     refreeze,
 )
-from lightning_prune.graph.inputs import call_model, example_inputs_for, like_model, traced_root
+from lightning_prune.graph.inputs import (
+    call_model,
+    evaluating,
+    example_inputs_for,
+    like_model,
+    restore_modes,
+    traced_root,
+)
 from lightning_prune.graph.latency import LatencyModel, LatencyPredictor, LayerTable, measure_latency_model
 from lightning_prune.graph.layers import PRODUCER_TYPES, channel_dim  # noqa: F401 - PRODUCER_TYPES as before
 from lightning_prune.graph.proof import masked_and_sliced, randomised_copy
@@ -110,6 +119,7 @@ __all__ = [
     "CostModel",
     "count_ops_and_params",
     "meta_copy",
+    "FROZEN_MARKER",
     "FROZEN_TYPES",
     "FrozenConv1d",
     "FrozenConv2d",
@@ -118,6 +128,7 @@ __all__ = [
     "effective_weight",
     "freeze",
     "freeze_modules",
+    "frozen_in_state",
     "frozen_names",
     "refreeze",
     "ChannelAnalysis",
@@ -133,6 +144,7 @@ __all__ = [
     "parameter_cuts",
     "cut_like",
     "call_model",
+    "evaluating",
     "channel_dim",
     "drop_cached_tensors",
     "example_inputs_for",
@@ -141,6 +153,7 @@ __all__ = [
     "masked_and_sliced",
     "measure_latency_model",
     "randomised_copy",
+    "restore_modes",
     "restricted_norm_hooks",
     "slice_units",
     "traced_root",

@@ -79,11 +79,18 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.graph.along import ALONG_TYPES, along_units_reason
 from lightning_prune.graph.frozen import freeze_reason
-from lightning_prune.graph.inputs import example_arguments
+from lightning_prune.graph.inputs import evaluating, example_arguments
 from lightning_prune.graph.layers import VIEW_OPS, channel_dim, is_grn, op_name
 from lightning_prune.graph.shapes import shape_provenance
 from lightning_prune.graph.slicing import slice_extent
-from lightning_prune.graph.types import ChannelGroup, GraphTimeoutError, Site, Slice, prefixed_name
+from lightning_prune.graph.types import (
+    ChannelGroup,
+    GraphTimeoutError,
+    Site,
+    Slice,
+    failure_reason,
+    prefixed_name,
+)
 
 __all__ = ["LabelGraph", "trace_labels"]
 
@@ -235,12 +242,16 @@ class LabelGraph:
         self._canon_tensor = _first_names(itertools.chain(model.named_parameters(remove_duplicate=False),
                                                           model.named_buffers(remove_duplicate=False)))
         self.program = _export(model, example)
+        # what failed in a step that only helps the proof (named in the skip reason of every group that then
+        # fails it: trace_labels gives them as hints)
+        self.notes: list[str] = []
         try:  # sizes the model's code takes from a tensor's shape (a constant in the exported graph)
             self.derived_sizes = shape_provenance(model, example, self.program, check)
         except GraphTimeoutError:
             raise
-        except Exception:  # noqa: BLE001 - a hint only: without it such couplings are left to the proof
+        except Exception as error:  # noqa: BLE001 - a hint only: without it such couplings are left to the proof
             self.derived_sizes = {}
+            self.notes.append(failure_reason("finding the sizes taken from a tensor's shape", error))
         self._node_by_name = {n.name: n for n in self.program.graph.nodes}
         sig = self.program.graph_signature
         self.placeholders: dict[str, tuple[str, str]] = {}
@@ -269,8 +280,9 @@ class LabelGraph:
                 pairs = self._attribute_couplings()
             except GraphTimeoutError:
                 raise
-            except Exception:  # noqa: BLE001 - a hint only: without it such sizes are left to the proof
+            except Exception as error:  # noqa: BLE001 - a hint only: without it such sizes are left to the proof
                 pairs = []
+                self.notes.append(failure_reason("coupling the sizes one integer attribute holds", error))
             if not collapsed and not pairs:
                 break
             self.paired |= collapsed
@@ -2022,14 +2034,9 @@ def _clean_path(path: str) -> str:
 
 
 def _export(model: nn.Module, example: Any) -> Any:
-    was_training = model.training
-    model.eval()
-    try:
-        args, kwargs = example_arguments(example)
-        with torch.no_grad():
-            return torch.export.export(model, args, kwargs, strict=False)
-    finally:
-        model.train(was_training)
+    args, kwargs = example_arguments(example)
+    with torch.no_grad(), evaluating(model):
+        return torch.export.export(model, args, kwargs, strict=False)
 
 
 def trace_labels(model: nn.Module, example: Any, prefix: str = "", outputs: Iterable[str] = (),
@@ -2042,6 +2049,10 @@ def trace_labels(model: nn.Module, example: Any, prefix: str = "", outputs: Iter
     key_dim``), each variant updates one of them only."""
     graph = LabelGraph(model, example, check)
     groups, skipped = graph.groups(prefix, frozenset(outputs))
+    for note in dict.fromkeys(graph.notes):  # (a step that failed: every group failing the proof names it)
+        for group in groups:
+            hint = graph.hints.get(group.name)
+            graph.hints[group.name] = f"{hint}; {note}" if hint else note
     variants: dict[str, list[ChannelGroup]] = {}
     for group in groups:
         events = graph.choices.get(group.name)
