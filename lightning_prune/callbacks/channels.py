@@ -918,8 +918,11 @@ class ChannelPruningCallback(PruningCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if self.shrink.enabled and self.shrink.removed is None and self.keep is not None:
-            # compress_step=1.0, or decided only at the end
-            self.compress_now(trainer, pl_module, in_fit=False)
+            # compress_step=1.0 (or decided only at the end): the optimizers follow as inside the fit, since
+            # a checkpoint written after this (trainer.save_checkpoint after the fit, ModelCheckpoint's own
+            # on_train_end -- Lightning runs it after every other callback's) holds the compressed weights
+            # and must hold optimizer state of their shapes for a resumed fit
+            self.compress_now(trainer, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
