@@ -757,17 +757,19 @@ class ChannelPruningCallback(PruningCallback):
         self._param_count = sum(p.numel() for p in pl_module.parameters())
 
     def _apply_recorded_removal(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                state: dict[str, Any]) -> None:
+                                state: dict[str, Any]) -> dict[str, list[tuple[int, Tensor]]] | None:
         """Resume: the checkpoint holds the compressed model; take its shapes before Lightning loads its
         weights (under FSDP2: the sharded network gathered, sliced and sharded again, the optimizers pointed
-        at the new parameters, before ModelParallelStrategy loads the checkpoint into them)."""
+        at the new parameters, before ModelParallelStrategy loads the checkpoint into them). Returns the cuts
+        made (unsharded), which the checkpoint's optimizer state is checked against
+        (:meth:`ShrinkSchedule.install_resume`)."""
         if self.shrink.removed is not None or self.groups is None:
-            return
+            return None
         frozen = [str(n) for n in (state.get("shrink") or {}).get("frozen") or ()]
         if frozen and not any(is_sharded(p) for p in pl_module.parameters()):  # layers frozen before it
             self._follow_frozen(pl_module, refreeze(pl_module, frozen, "the checkpoint"))
         if not (state.get("shrink") or {}).get("removed"):
-            return
+            return None
         removed = recorded_removal(state, self.groups)
         if any(is_sharded(p) for p in pl_module.parameters()):
             prefix = traced_root(pl_module)[0]
@@ -788,6 +790,7 @@ class ChannelPruningCallback(PruningCallback):
         self.after_compression(pl_module)
         if cuts is not None:  # (before Lightning loads their states: the checkpoint's masks, the new shapes)
             others_follow_removal(trainer, self, pl_module, cuts)
+        return cuts
 
     @override
     def compress_for_deployment(self, module: pl.LightningModule, compress: bool | None = None) -> bool:

@@ -117,3 +117,39 @@ def test_model_checkpoint_last_written_at_the_end_resumes_with_last(tmp_path):
     trainer2, model2 = fit_tiny([resumed, saver2, Spy(_optimizer_follows, ("on_train_batch_end",))], tmp_path,
                                 model=_module(), ckpt_path="last", **{**ONE_EPOCH, "max_epochs": 2})
     assert trainer2.global_step == 4 and _params(model2) == small
+
+
+def test_an_older_checkpoint_with_the_dense_optimizer_state_resumes_with_it_cut(tmp_path):
+    """A checkpoint an older version wrote after the end removal (the optimizers left behind: momentum of the
+    dense shapes beside the compressed weights): on resume the saved state is cut like the parameters, with a
+    warning -- the resumed fit starts from the momentum the removal carries now."""
+    make = CALLBACKS["first_k-compress_step=1.0"]
+    torch.manual_seed(0)
+    trainer, model = fit_tiny([make()], tmp_path / "new", model=_module(), **ONE_EPOCH)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    old = make()
+    compress_now = old.compress_now
+    old.compress_now = lambda trainer, module, in_fit=True: compress_now(trainer, module, in_fit=False)
+    torch.manual_seed(0)  # (the same initial weights: the same training)
+    trainer, model = fit_tiny([old], tmp_path / "old", model=_module(), **ONE_EPOCH)
+    trainer.save_checkpoint(tmp_path / "old.ckpt")
+    saved = torch.load(tmp_path / "old.ckpt", weights_only=False)
+    dense = [tuple(s["momentum_buffer"].shape) for s in saved["optimizer_states"][0]["state"].values()]
+    assert dense != [tuple(p.shape) for p in model.parameters()]  # what the older version wrote
+
+    loaded = []
+
+    def momentum(trainer, module, hook):
+        if not loaded:
+            loaded.extend(s["momentum_buffer"].clone() for s in trainer.optimizers[0].state.values())
+
+    with pytest.warns(UserWarning, match=r"optimizer state of the shapes before the removal"):
+        trainer2, model2 = fit_tiny([make(), Spy(momentum, ("on_train_batch_start",))], tmp_path / "b",
+                                    model=_module(), ckpt_path=tmp_path / "old.ckpt",
+                                    **{**ONE_EPOCH, "max_epochs": 2})
+    assert trainer2.global_step == 4 and _params(model2) == _params(model)
+    _optimizer_follows(trainer2, model2)
+    carried = torch.load(tmp_path / "new.ckpt", weights_only=False)["optimizer_states"][0]["state"]
+    assert len(loaded) == len(carried)
+    for buffer, state in zip(loaded, carried.values()):
+        torch.testing.assert_close(buffer, state["momentum_buffer"])
