@@ -153,3 +153,26 @@ def test_an_older_checkpoint_with_the_dense_optimizer_state_resumes_with_it_cut(
     assert len(loaded) == len(carried)
     for buffer, state in zip(loaded, carried.values()):
         torch.testing.assert_close(buffer, state["momentum_buffer"])
+
+
+def test_inference_loads_get_the_compressed_model_or_are_told_why_not(tmp_path):
+    """``ImageClassifier.load_from_checkpoint`` of a checkpoint written after the removal gives the compressed
+    model (its outputs); ``last.ckpt`` of the epochs' ModelCheckpoint saves, written before the end removal,
+    loads dense with a warning that names the callback and ``lp.restore_run``, which compresses it."""
+    make = CALLBACKS["first_k-compress_step=1.0"]
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer, model = fit_tiny([make(), saver], tmp_path, model=tiny_classifier(),
+                              **{**ONE_EPOCH, "limit_val_batches": 1})
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    small, dense = _params(model), _params(tiny_classifier())
+    assert small < dense
+
+    loaded = lp.ImageClassifier.load_from_checkpoint(tmp_path / "after.ckpt", weights_only=False)
+    assert _params(loaded) == small
+    torch.testing.assert_close(eval_logits(loaded, X), eval_logits(model, X))
+
+    with pytest.warns(UserWarning, match=r"FirstKChannels had chosen its units .* lp.restore_run"):
+        before = lp.load_compressed(tmp_path / "ckpt" / "last.ckpt", tiny_classifier(), weights_only=False)
+    assert _params(before) == dense
+    run = lp.restore_run(tmp_path / "ckpt" / "last.ckpt", tiny_classifier(), [make()], weights_only=False)
+    assert _params(run.module) == small
