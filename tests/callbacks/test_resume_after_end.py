@@ -176,3 +176,16 @@ def test_inference_loads_get_the_compressed_model_or_are_told_why_not(tmp_path):
     assert _params(before) == dense
     run = lp.restore_run(tmp_path / "ckpt" / "last.ckpt", tiny_classifier(), [make()], weights_only=False)
     assert _params(run.module) == small
+
+
+@pytest.mark.slow
+def test_the_end_removal_under_ddp_spawn_hands_the_main_process_the_dense_shapes(tmp_path):
+    """``ddp_spawn``: the main process loads the workers' final weights into its own dense module; after the
+    end removal they come back padded to the dense shapes, zeros at the removed units (as after an in-fit
+    removal), instead of failing to load."""
+    cb = CALLBACKS["first_k-compress_step=1.0"]()
+    _, model = fit_tiny([cb], tmp_path, model=_module(), strategy="ddp_spawn", devices=2,
+                        use_distributed_sampler=False, **ONE_EPOCH)
+    assert _params(model) == _params(_module())
+    rows = model.model.features[0].weight.flatten(1).abs().sum(1)
+    assert int((rows == 0).sum()) == 8  # half of the first conv's 16 channels
