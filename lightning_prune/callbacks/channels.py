@@ -762,17 +762,19 @@ class ChannelPruningCallback(PruningCallback):
         self._param_count = sum(p.numel() for p in pl_module.parameters())
 
     def _apply_recorded_removal(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                state: dict[str, Any]) -> None:
+                                state: dict[str, Any]) -> dict[str, list[tuple[int, Tensor]]] | None:
         """Resume: the checkpoint holds the compressed model; take its shapes before Lightning loads its
         weights (under FSDP2: the sharded network gathered, sliced and sharded again, the optimizers pointed
-        at the new parameters, before ModelParallelStrategy loads the checkpoint into them)."""
+        at the new parameters, before ModelParallelStrategy loads the checkpoint into them). Returns the cuts
+        made (unsharded), which the checkpoint's optimizer state is checked against
+        (:meth:`ShrinkSchedule.install_resume`)."""
         if self.shrink.removed is not None or self.groups is None:
-            return
+            return None
         frozen = [str(n) for n in (state.get("shrink") or {}).get("frozen") or ()]
         if frozen and not any(is_sharded(p) for p in pl_module.parameters()):  # layers frozen before it
             self._follow_frozen(pl_module, refreeze(pl_module, frozen, "the checkpoint"))
         if not (state.get("shrink") or {}).get("removed"):
-            return
+            return None
         removed = recorded_removal(state, self.groups)
         if any(is_sharded(p) for p in pl_module.parameters()):
             prefix = traced_root(pl_module)[0]
@@ -794,6 +796,7 @@ class ChannelPruningCallback(PruningCallback):
         self.after_compression(pl_module)
         if cuts is not None:  # (before Lightning loads their states: the checkpoint's masks, the new shapes)
             others_follow_removal(trainer, self, pl_module, cuts)
+        return cuts
 
     @override
     def compress_for_deployment(self, module: pl.LightningModule, compress: bool | None = None) -> bool:
@@ -932,8 +935,11 @@ class ChannelPruningCallback(PruningCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if self.shrink.enabled and self.shrink.removed is None and self.keep is not None:
-            # compress_step=1.0, or decided only at the end
-            self.compress_now(trainer, pl_module, in_fit=False)
+            # compress_step=1.0 (or decided only at the end): the optimizers follow as inside the fit, since
+            # a checkpoint written after this (trainer.save_checkpoint after the fit, ModelCheckpoint's own
+            # on_train_end -- Lightning runs it after every other callback's) holds the compressed weights
+            # and must hold optimizer state of their shapes for a resumed fit
+            self.compress_now(trainer, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

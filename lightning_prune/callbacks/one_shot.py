@@ -484,19 +484,20 @@ class OneShotPruning(PruningCallback):
         return metrics
 
     def _apply_removed(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                       state: dict[str, Any]) -> None:
+                       state: dict[str, Any]) -> dict[str, list[tuple[int, Tensor]]] | None:
         """Resume: the checkpoint holds the smaller model; take its shapes (and the other callbacks' masks
-        theirs) before Lightning loads them."""
+        theirs) before Lightning loads them. Returns the cuts made."""
         from lightning_prune.graph import parameter_cuts, slice_units
 
         if self.shrink.removed is not None or self.groups is None:
-            return
+            return None
         removed = recorded_removal(state, self.groups)
         cuts = parameter_cuts(pl_module, self.groups, removed)
         slice_units(pl_module, self.groups, removed)
         self.shrink.removed = removed
         self.retarget(pl_module)
         others_follow_removal(trainer, self, pl_module, cuts)
+        return cuts
 
     # ------------------------------------------------------------------ state
     @override

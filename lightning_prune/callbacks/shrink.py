@@ -36,7 +36,8 @@ from lightning_prune.graph import (
 )
 
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
-           "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "follow_replaced_parameters",
+           "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "cut_saved_optimizer_states",
+           "follow_replaced_parameters",
            "gather_network", "log_model_size", "others_follow_removal", "pad_to_dense", "recorded_removal",
            "refuse_frozen_conflicts", "refuse_removal_conflicts", "refuse_sharded_freezing", "resize_sharded",
            "sharded_compression_problem"]
@@ -499,6 +500,47 @@ def recorded_removal(state: Mapping[str, Any], groups: Sequence[ChannelGroup]) -
     return removed
 
 
+@torch.no_grad()
+def cut_saved_optimizer_states(states: Sequence[Mapping[str, Any]],
+                               optimizers: Sequence[torch.optim.Optimizer], names: Mapping[int, str],
+                               cuts: Sequence[Mapping[str, Sequence[tuple[int, Tensor]]]]) -> list[str]:
+    """Resume: cut, in place, the per-parameter tensors of a checkpoint's optimizer states (``states``, as
+    ``optimizer.state_dict()`` wrote them) that still have a parameter's shape from before the recorded
+    removal, like the parameter was cut (``cuts``, one mapping per removal applied, in order); returns the
+    names of the parameters whose state was cut.
+
+    A checkpoint holds compressed weights with such state when it was written after a removal that left the
+    optimizers behind (older versions' removal at the end of training, ``compress_step=1.0``): its resume
+    failed in the optimizer's step (momentum of 16 channels, gradient of 9). The saved state of each index
+    belongs to the parameter at that position of ``optimizers`` (built by ``configure_optimizers`` on the
+    model already cut: ``names`` maps ``id(parameter)`` to its name); a tensor already of the parameter's
+    shape, or one the cuts do not bring to it, is left alone."""
+    from lightning_prune.graph import cut_like
+
+    done = []
+    for optimizer, saved in zip(optimizers, states):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        indices = [i for group in saved.get("param_groups") or () for i in group.get("params", ())]
+        entries = saved.get("state") or {}
+        for index, param in zip(indices, params):
+            entry, name = entries.get(index), names.get(id(param))
+            if not isinstance(entry, dict) or name is None or not any(name in c for c in cuts):
+                continue
+            for key, value in list(entry.items()):
+                if not isinstance(value, Tensor) or value.dim() == 0 or value.shape == param.shape:
+                    continue
+                cut = value
+                try:
+                    for removal in cuts:
+                        cut = cut_like(cut, removal.get(name, ()))
+                except (IndexError, RuntimeError):  # not the parameter's dense shape: left to fail as it is
+                    continue
+                if cut.shape == param.shape:
+                    entry[key] = cut
+                    done.append(name)
+    return sorted(set(done))
+
+
 def log_model_size(trainer: pl.Trainer, pl_module: pl.LightningModule, input_size: Sequence[int] | None,
                    owner: str, verbose: bool) -> None:
     """Log ``prune/params`` and ``prune/flops`` of the model as it is now (absolute numbers)."""
@@ -583,24 +625,33 @@ class ShrinkSchedule:
         self.frozen = [str(n) for n in state.get("frozen") or ()]
 
     def install_resume(self, trainer: pl.Trainer, state_key: str,
-                       apply: Callable[[Mapping[str, Any]], None]) -> None:
+                       apply: Callable[[Mapping[str, Any]], Mapping[str, Any] | None]) -> None:
         """Before Lightning loads a checkpoint's weights into the model, ``apply(callback_state)`` (when the
         state says units were removed): the model takes the smaller shapes first. Under ModelParallelStrategy
         (FSDP2), whose ``load_checkpoint`` loads the weights and optimizer states itself (into the model
         sharded in ``configure_model``), the callbacks' states are read from the checkpoint first (a
-        distributed checkpoint's metadata file, a full-state file memory-mapped) and applied before it."""
+        distributed checkpoint's metadata file, a full-state file memory-mapped) and applied before it.
+
+        ``apply`` returns the cuts it made (:func:`~lightning_prune.graph.parameter_cuts`), or ``None``:
+        before Lightning loads the optimizer states, a saved state tensor that still has a parameter's shape
+        from before the removal is cut like the parameter (:func:`cut_saved_optimizer_states`, with a
+        warning): a checkpoint written after a removal that left the optimizers behind resumes."""
         strategy = trainer.strategy
         registry = getattr(strategy, "_lightning_prune_resume", None)
         if registry is None:
             registry = strategy._lightning_prune_resume = {}
+            strategy._lightning_prune_resume_cuts = []
             original = strategy.load_model_state_dict
 
             def apply_all(callbacks: Mapping[str, Any]) -> None:
+                strategy._lightning_prune_resume_cuts = []
                 for key, fn in list(strategy._lightning_prune_resume.items()):
                     state = callbacks.get(key)
                     shrink = state.get("shrink") if isinstance(state, Mapping) else None
                     if isinstance(shrink, Mapping) and (shrink.get("removed") or shrink.get("frozen")):
-                        fn(state)
+                        cuts = fn(state)
+                        if cuts:
+                            strategy._lightning_prune_resume_cuts.append(cuts)
 
             def load_model_state_dict(checkpoint: Mapping[str, Any], strict: bool = True,
                                       **kwargs: Any) -> Any:
@@ -608,6 +659,26 @@ class ShrinkSchedule:
                 return original(checkpoint, strict=strict, **kwargs)
 
             strategy.load_model_state_dict = load_model_state_dict
+            original_optimizers = strategy.load_optimizer_state_dict
+
+            def load_optimizer_state_dict(checkpoint: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+                cuts = strategy._lightning_prune_resume_cuts
+                module = strategy.lightning_module
+                if cuts and module is not None and checkpoint.get("optimizer_states"):
+                    names = {id(p): n for n, p in module.named_parameters()}
+                    done = cut_saved_optimizer_states(checkpoint["optimizer_states"], strategy.optimizers,
+                                                      names, cuts)
+                    if done:
+                        from lightning.pytorch.utilities import rank_zero_warn
+
+                        rank_zero_warn(
+                            f"The checkpoint holds the compressed model but optimizer state of the shapes"
+                            f" before the removal ({len(done)} parameters, e.g. {done[0]!r}); it was cut like"
+                            " the parameters (written after a removal at the end of training by an older"
+                            " lightning-prune).")
+                return original_optimizers(checkpoint, *args, **kwargs)
+
+            strategy.load_optimizer_state_dict = load_optimizer_state_dict
             if type(strategy).__name__ == "ModelParallelStrategy":
                 original_load = strategy.load_checkpoint
 

@@ -53,8 +53,8 @@ from lightning_prune.graph import (
 from lightning_prune.validation import check_bool, check_int, check_optional, check_positive
 
 __all__ = ["CompressionError", "compress", "compressed_structure", "dead_units", "load_compressed",
-           "round_kept", "save_compressed", "shape_attributes", "silent_units", "take_shapes",
-           "take_structure"]
+           "round_kept", "save_compressed", "shape_attributes", "silent_units", "take_recorded_removal",
+           "take_shapes", "take_structure"]
 
 
 @torch.no_grad()
@@ -471,14 +471,30 @@ def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu
 
 
 def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path: str | Path) -> nn.Module:
-    plans = [state["shrink"]["removed"] for state in payload["callbacks"].values()
-             if isinstance(state, dict) and isinstance(state.get("shrink"), dict)
-             and state["shrink"].get("removed")]
-    for state in payload["callbacks"].values():  # layers frozen into plain ones (weight standardisation)
-        shrink = state.get("shrink") if isinstance(state, dict) else None
-        if isinstance(shrink, dict):
+    take_recorded_removal(module, payload, path)
+    module.load_state_dict(payload["state_dict"], strict=True)
+    return module
+
+
+def take_recorded_removal(module: nn.Module, checkpoint: Mapping[str, Any], path: str | Path) -> bool:
+    """Give a fresh ``module`` the structure a Lightning checkpoint's callbacks recorded (``"shrink"`` in
+    their states): the layers they froze into plain ones frozen again, the units they removed inside the fit
+    sliced out, so that ``module.load_state_dict(checkpoint["state_dict"])`` loads strictly. Returns whether
+    anything was recorded. A callback that had chosen its units with ``compress=True`` but not removed them
+    when the checkpoint was written (a removal later in the fit, or at its end: ``compress_step=1.0``) is
+    named in a warning: the module stays dense."""
+    states = [s for s in (checkpoint.get("callbacks") or {}).items() if isinstance(s[1], Mapping)]
+    plans = [state["shrink"]["removed"] for _, state in states
+             if isinstance(state.get("shrink"), Mapping) and state["shrink"].get("removed")]
+    recorded = bool(plans)
+    for _, state in states:  # layers frozen into plain ones (weight standardisation)
+        shrink = state.get("shrink")
+        if isinstance(shrink, Mapping) and shrink.get("frozen"):
             refreeze(module, shrink.get("frozen") or (), str(path))
-    refreeze(module, frozen_in_state(payload["state_dict"]), str(path))  # (frozen by anything else)
+            recorded = True
+    marked = frozen_in_state(checkpoint.get("state_dict") or {})
+    refreeze(module, marked, str(path))  # (frozen by anything else)
+    recorded = recorded or bool(marked)
     if plans:
         prefix, root = traced_root(module)
         groups = analyse_channels(root, example_inputs_for(root), prefix=prefix).groups
@@ -490,5 +506,25 @@ def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path:
                     " does not have. HINT: pass a fresh instance of the LightningModule the checkpoint was"
                     " trained with.")
             slice_units(module, groups, removed)
-    module.load_state_dict(payload["state_dict"], strict=True)
-    return module
+    _warn_not_yet_removed(states, path)
+    return recorded
+
+
+def _warn_not_yet_removed(states: Sequence[tuple[str, Mapping[str, Any]]], path: str | Path) -> None:
+    from lightning_utilities.core.rank_zero import rank_zero_warn
+
+    from lightning_prune._registry import class_of_key
+
+    for key, state in states:
+        shrink, keep = state.get("shrink"), state.get("keep")
+        if (not isinstance(shrink, Mapping) or shrink.get("removed") is not None
+                or not (state.get("config") or {}).get("compress") or not keep
+                or all(bool(torch.as_tensor(k).all()) for k in keep)):
+            continue
+        rank_zero_warn(
+            f"{path}: {class_of_key(key)} had chosen its units (compress=True) but had not removed them when"
+            " the checkpoint was written (its compress_step/compress_epoch came later: with 1.0, at the end"
+            " of training, after the last ModelCheckpoint save of the epochs): the model loads with all its"
+            " units. HINT: lp.restore_run(ckpt, fresh_module, [the callback as configured]) removes them with"
+            " its plan; a checkpoint written after the fit (trainer.save_checkpoint, or ModelCheckpoint("
+            "save_last=True, save_top_k=0)) holds the compressed model.")
