@@ -495,3 +495,39 @@ def test_the_fsdp2_resize_freezes_the_readers_the_checkpoint_holds_frozen(monkey
                        r" 'model.l1'\].*HINT: strategy='ddp', or `exclude`"):
         refuse_sharded_freezing(net(), groups, "GroupLassoPruning")
     refuse_sharded_freezing(net(), [g for g in groups if not g.frozen], "GroupLassoPruning")
+
+
+def test_a_spawning_strategy_is_refused_for_groups_read_by_frozen_layers():
+    """Under ``ddp_spawn`` the main process takes the workers' weights into its own, unfrozen layers at the
+    end of the fit (no callback hook runs there): groups whose readers compute their weight are refused at
+    the start, by name, with the way out; other groups and other strategies go on."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_prune.callbacks.shrink import refuse_spawn_freezing
+
+    groups = analyse_channels(_WSNet(10), X).groups
+    spawn = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False)
+    with pytest.raises(MisconfigurationException, match=r"GroupLassoPruning cannot act under a spawning"
+                       r" strategy \(DDPStrategy, start method 'spawn'\) on the groups read by \['c2', 'c3',"
+                       r" 'l1'\].*HINT: strategy='ddp'.*or `exclude`"):
+        refuse_spawn_freezing(spawn, groups, "GroupLassoPruning")
+    refuse_spawn_freezing(spawn, [g for g in groups if not g.frozen], "GroupLassoPruning")
+    refuse_spawn_freezing(pl.Trainer(accelerator="cpu", devices=1, logger=False), groups, "GroupLassoPruning")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("owner", ["group_lasso", "one_shot"])
+def test_a_ddp_spawn_fit_on_a_ws_net_is_refused_at_its_start(tmp_path, owner):
+    from torch.multiprocessing.spawn import ProcessRaisedException
+
+    import lightning_prune as lp
+    from lightning_prune.testing import fit_tiny
+
+    cb = (lp.GroupLassoPruning(target_flops=0.5, compress=True, verbose=False) if owner == "group_lasso"
+          else lp.OneShotPruning("channels", target_flops=0.5, verbose=False))
+    # (the worker's MisconfigurationException reaches the main process as torch's ProcessRaisedException)
+    with pytest.raises(ProcessRaisedException, match="MisconfigurationException: .*cannot act under a"
+                       " spawning strategy.*HINT: strategy='ddp'"):
+        fit_tiny([cb], tmp_path, model=_ws_classifier(), strategy="ddp_spawn", devices=2, max_steps=2,
+                 deterministic=False)

@@ -69,6 +69,7 @@ from lightning_prune.callbacks.shrink import (
     refuse_frozen_conflicts,
     refuse_removal_conflicts,
     refuse_sharded_freezing,
+    refuse_spawn_freezing,
     resize_sharded,
     sharded_compression_problem,
 )
@@ -907,6 +908,7 @@ class ChannelPruningCallback(PruningCallback):
         # removal nothing more is frozen, and a resume goes on)
         if self.shrink.removed is None:
             refuse_sharded_freezing(pl_module, self.groups, type(self).__name__)
+            refuse_spawn_freezing(trainer, self.groups, type(self).__name__)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -34,6 +34,7 @@ from lightning_prune.callbacks.shrink import (
     recorded_removal,
     refuse_frozen_conflicts,
     refuse_removal_conflicts,
+    refuse_spawn_freezing,
 )
 from lightning_prune.callbacks.state import seeded_generator
 from lightning_prune.core.one_shot import (
@@ -290,6 +291,8 @@ class OneShotPruning(PruningCallback):
         super().on_fit_start(trainer, pl_module)
         if self.method == "channels":  # frozen readers vs the other callbacks' masks (every target is known)
             refuse_frozen_conflicts(trainer, self, self.groups, f"{type(self).__name__}(method='channels')")
+            if not self.done:
+                refuse_spawn_freezing(trainer, self.groups, f"{type(self).__name__}(method='channels')")
         if self.prune_at_step is None:
             self.prune_at_step = int(resolve_step("prune_step", self.prune_step, trainer) or 0)
         if not self.done:

@@ -37,9 +37,9 @@ from lightning_prune.graph import (
 
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
            "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "cut_saved_optimizer_states",
-           "follow_replaced_parameters",
-           "gather_network", "log_model_size", "others_follow_removal", "pad_to_dense", "recorded_removal",
-           "refuse_frozen_conflicts", "refuse_removal_conflicts", "refuse_sharded_freezing", "resize_sharded",
+           "follow_replaced_parameters", "gather_network", "log_model_size", "others_follow_removal",
+           "pad_to_dense", "recorded_removal", "refuse_frozen_conflicts", "refuse_removal_conflicts",
+           "refuse_sharded_freezing", "refuse_spawn_freezing", "resize_sharded",
            "sharded_compression_problem"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
@@ -297,6 +297,28 @@ def refuse_sharded_freezing(pl_module: nn.Module, groups: Sequence[ChannelGroup]
         " only be masked, gated or removed once they are frozen into plain layers holding the computed"
         " weight, which is not done on sharded parameters. HINT: strategy='ddp', or `exclude` the groups"
         f" they read ({producers[:4]}).")
+
+
+def refuse_spawn_freezing(trainer: pl.Trainer, groups: Sequence[ChannelGroup] | None, who: str) -> None:
+    """Refuse, by name, groups read by layers that compute their weight (:attr:`ChannelGroup.frozen`) under a
+    launcher that hands the workers' weights back to the main process (``ddp_spawn``, ``ddp_fork``,
+    ``ddp_notebook``): the workers freeze such layers into plain ones, and the main process, where no hook of
+    a callback runs, would load their state into its own unfrozen layers -- refused by the frozen layers'
+    marker key at the end of the fit (silently another model without it). Refused at the start instead."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    hit = [g for g in groups or () if getattr(g, "frozen", ())]
+    if not hit or not isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        return
+    frozen = sorted({n for g in hit for n in g.frozen})
+    producers = sorted({p for g in hit for p in g.producers})
+    raise MisconfigurationException(
+        f"{who} cannot act under a spawning strategy ({type(trainer.strategy).__name__}, start method"
+        f" {trainer.strategy.launcher._start_method!r}) on the groups read by {frozen[:4]}, which compute"
+        " their weight in forward (weight standardisation, weight_norm): the worker processes freeze them"
+        " into plain layers holding the computed weight, which the main process's model cannot take back"
+        " at the end of the fit. HINT: strategy='ddp' (one process per rank, launched from the script), or"
+        f" `exclude` the groups they read ({producers[:4]}).")
 
 
 def others_follow_removal(trainer: pl.Trainer | None, owner: Any, pl_module: pl.LightningModule,
