@@ -277,6 +277,20 @@ def refuse_frozen_conflicts(trainer: pl.Trainer | None, owner: Any, groups: Sequ
                 f" HINT: `exclude` those layers from {type(cb).__name__}, or run the two in separate fits.")
 
 
+def _frozen_readers(groups: Sequence[ChannelGroup] | None) -> tuple[list[str], list[str]] | None:
+    """``(layers, producers)`` of the groups read by layers that compute their weight
+    (:attr:`ChannelGroup.frozen`), sorted; ``None`` when no group is."""
+    hit = [g for g in groups or () if getattr(g, "frozen", ())]
+    if not hit:
+        return None
+    return sorted({n for g in hit for n in g.frozen}), sorted({p for g in hit for p in g.producers})
+
+
+_FROZEN_WHY = ("which compute their weight in forward (weight standardisation, weight_norm): their input"
+               " channels can only be masked, gated or removed once they are frozen into plain layers holding"
+               " the computed weight")
+
+
 def refuse_sharded_freezing(pl_module: nn.Module, groups: Sequence[ChannelGroup] | None, who: str) -> None:
     """Refuse, by name, groups read by layers that compute their weight (:attr:`ChannelGroup.frozen`) when
     ``pl_module``'s parameters are sharded (FSDP2): such a layer is frozen into a plain one holding the
@@ -286,39 +300,34 @@ def refuse_sharded_freezing(pl_module: nn.Module, groups: Sequence[ChannelGroup]
     (:func:`resize_sharded`) freeze on the gathered network."""
     from lightning_prune.core.sharding import is_sharded
 
-    hit = [g for g in groups or () if getattr(g, "frozen", ())]
-    if not hit or not any(is_sharded(p) for p in pl_module.parameters()):
+    readers = _frozen_readers(groups)
+    if readers is None or not any(is_sharded(p) for p in pl_module.parameters()):
         return
-    frozen = sorted({n for g in hit for n in g.frozen})
-    producers = sorted({p for g in hit for p in g.producers})
+    frozen, producers = readers
     raise MisconfigurationException(
-        f"{who} cannot act under ModelParallelStrategy (FSDP2) on the groups read by {frozen[:4]}, which"
-        " compute their weight in forward (weight standardisation, weight_norm): their input channels can"
-        " only be masked, gated or removed once they are frozen into plain layers holding the computed"
-        " weight, which is not done on sharded parameters. HINT: strategy='ddp', or `exclude` the groups"
-        f" they read ({producers[:4]}).")
+        f"{who} cannot act under ModelParallelStrategy (FSDP2) on the groups read by {frozen[:4]},"
+        f" {_FROZEN_WHY}, which is not done on sharded parameters. HINT: strategy='ddp', or `exclude` the"
+        f" groups they read ({producers[:4]}).")
 
 
 def refuse_spawn_freezing(trainer: pl.Trainer, groups: Sequence[ChannelGroup] | None, who: str) -> None:
     """Refuse, by name, groups read by layers that compute their weight (:attr:`ChannelGroup.frozen`) under a
     launcher that hands the workers' weights back to the main process (``ddp_spawn``, ``ddp_fork``,
     ``ddp_notebook``): the workers freeze such layers into plain ones, and the main process, where no hook of
-    a callback runs, would load their state into its own unfrozen layers -- refused by the frozen layers'
-    marker key at the end of the fit (silently another model without it). Refused at the start instead."""
+    a callback runs, loads their state non-strictly into its own unfrozen layers -- the computed weights
+    taken as raw ones, another model, silently. Refused at the start instead."""
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
-    hit = [g for g in groups or () if getattr(g, "frozen", ())]
-    if not hit or not isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+    readers = _frozen_readers(groups)
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if readers is None or not isinstance(launcher, _MultiProcessingLauncher):
         return
-    frozen = sorted({n for g in hit for n in g.frozen})
-    producers = sorted({p for g in hit for p in g.producers})
+    frozen, producers = readers
     raise MisconfigurationException(
         f"{who} cannot act under a spawning strategy ({type(trainer.strategy).__name__}, start method"
-        f" {trainer.strategy.launcher._start_method!r}) on the groups read by {frozen[:4]}, which compute"
-        " their weight in forward (weight standardisation, weight_norm): the worker processes freeze them"
-        " into plain layers holding the computed weight, which the main process's model cannot take back"
-        " at the end of the fit. HINT: strategy='ddp' (one process per rank, launched from the script), or"
-        f" `exclude` the groups they read ({producers[:4]}).")
+        f" {launcher._start_method!r}) on the groups read by {frozen[:4]}, {_FROZEN_WHY}, which the main"
+        " process's model cannot take back at the end of the fit. HINT: strategy='ddp' (one process per rank,"
+        f" launched from the script), or `exclude` the groups they read ({producers[:4]}).")
 
 
 def others_follow_removal(trainer: pl.Trainer | None, owner: Any, pl_module: pl.LightningModule,
