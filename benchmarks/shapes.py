@@ -8,7 +8,7 @@ the machine before and after (the CPU is shared: wall time is not a measure here
 Usage::
 
     python benchmarks/shapes.py --models resnet18 --epochs 8 --train-size 4000
-    python benchmarks/shapes.py --models efficientnet_b0 mobilenetv3_large_100 --epochs 8 --out shapes-mobile
+    python benchmarks/shapes.py --models efficientnet_b0 --stem-stride 1 --zero-init-last  # mobile recipe
     python benchmarks/shapes.py --gallery benchmarks/results/shapes.png   # sample images, nothing trained
 
 Writes ``benchmarks/results/<out>.{json,md}`` (merged with the rows already there, by model and settings).

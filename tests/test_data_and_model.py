@@ -101,6 +101,8 @@ def test_classifier_stem_stride_and_zero_init_last_adapt_mobile_nets_to_small_im
         ImageClassifier("test_resnet", stem_stride=1)
     with pytest.raises(MisconfigurationException, match="found no residual block"):
         ImageClassifier("test_resnet", zero_init_last=True)
+    with pytest.raises(MisconfigurationException, match="would zero trained weights"):
+        ImageClassifier("mobilenetv3_small_050", pretrained=True, zero_init_last=True)
     with pytest.raises(MisconfigurationException, match="`stem_stride` must be None or an int >= 1"):
         ImageClassifier("test_efficientnet", stem_stride=0)
 

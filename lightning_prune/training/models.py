@@ -107,10 +107,12 @@ class ImageClassifier(pl.LightningModule):
             :func:`~lightning_prune.load_compressed`) needs ``model.conv_stem.stride = (1, 1)`` too.
         zero_init_last: zero the scale of the last BatchNorm of each residual block of timm's EfficientNet
             and MobileNet families, so that every block starts as the identity (timm's ResNets do this
-            already, their ``zero_init_last``); a model without such a block is an error.
-            ``benchmarks/results/shapes-mobile.md``: with ``stem_stride=1`` and ``zero_init_last=True``,
-            ``mobilenetv3_large_100`` and ``efficientnet_b0`` train from scratch on ``ShapesDataModule``
-            within a few CPU minutes, where timm's architecture and init barely leave chance.
+            already, their ``zero_init_last``); a model without such a block, or ``pretrained=True``, is an
+            error.
+            With ``stem_stride=1`` and ``zero_init_last=True``, ``mobilenetv3_large_100`` and
+            ``efficientnet_b0`` reach 0.99 from scratch on ``ShapesDataModule`` in 6 and 11 CPU minutes
+            (``benchmarks/results/shapes.md``, with each change alone), where timm's architecture and init
+            left ``efficientnet_b0`` at 0.31 (``channels-shapes-effb0-s0.md``).
     """
 
     def __init__(
@@ -146,6 +148,11 @@ class ImageClassifier(pl.LightningModule):
                                         or stem_stride < 1):
             raise MisconfigurationException(
                 f"`stem_stride` must be None or an int >= 1, got {stem_stride!r}.")
+        if zero_init_last and pretrained:
+            raise MisconfigurationException(
+                "`zero_init_last=True` is an initialisation for training from scratch: with"
+                " `pretrained=True` it would zero trained weights. HINT: leave `zero_init_last=False` for"
+                " pretrained weights.")
         _check_model_name(model_name)
         self.save_hyperparameters()
         self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes,
