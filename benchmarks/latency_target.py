@@ -12,7 +12,7 @@ together: thread CPU time (``time.thread_time``) at one intra-op thread, batch `
 Usage::
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/latency_target.py
-    python benchmarks/latency_target.py --models resnet18 --reps 7
+    python benchmarks/latency_target.py --models resnet18 --reps 7   # the other models' rows are kept
     python benchmarks/latency_target.py --render        # the .md again from the .json
 """
 
@@ -30,7 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "latency_target"
-MODELS = {"resnet18": {}, "mobilenetv3_large_100": {}, "vit_tiny_patch16_224": {"img_size": 32}}
+MODELS = {"resnet18": {}, "resnet50": {}, "efficientnet_b0": {}, "mobilenetv3_large_100": {},
+          "regnety_002": {}, "convnext_atto": {}, "vit_tiny_patch16_224": {"img_size": 32}}  # issue 24's
 SIDE = 32
 
 
@@ -116,6 +117,10 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     rows = [run(name, args.target, args.batch, args.reps) for name in args.models]
+    if RESULTS.with_suffix(".json").exists():  # the rows of the models not run this time are kept
+        previous = json.loads(RESULTS.with_suffix(".json").read_text())["rows"]
+        rows = [r for r in previous if r["model"] not in args.models] + rows
+        rows.sort(key=lambda r: list(MODELS).index(r["model"]) if r["model"] in MODELS else len(MODELS))
     config = {"target": args.target, "batch": args.batch, "reps": args.reps, "threads": 1,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "load": " ".join(f"{v:.1f}" for v in os.getloadavg()), "torch": torch.__version__}

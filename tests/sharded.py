@@ -87,3 +87,18 @@ class ShardedClassifier(ImageClassifier):
         for block in getattr(self.model, "blocks", []):
             fully_shard(block, mesh=mesh["data_parallel"])
         fully_shard(self.model, mesh=mesh["data_parallel"])
+
+
+class ShardedWSClassifier(ShardedClassifier):
+    """:class:`ShardedClassifier` whose network reads its channels through layers that compute their weight
+    (weight-standardised convs, a ``weight_norm`` Linear: ``tests.test_graph_frozen._WSNet``), sharded as one
+    FSDP unit."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        from tests.test_graph_frozen import _WSNet
+
+        super().__init__("test_resnet", **kwargs)
+        torch.manual_seed(0)
+        self.model = _WSNet(10)
+        self.model.pretrained_cfg = {"input_size": (3, 32, 32)}  # (traced as the network, as timm's are)
+        self.example_input_array = None

@@ -222,3 +222,38 @@ def test_beit_reloads_with_its_sliced_non_persistent_k_bias(tmp_path):
     fresh = lp.load_compressed(tmp_path / "small.pt", fresh)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), small(x))
+
+
+def test_every_module_keeps_its_mode_through_analysis_cost_and_compression():
+    """A model in train mode with submodules the user keeps in eval mode (a frozen BatchNorm; a
+    weight-standardised conv that the compression freezes): the analysis (both engines), the FLOPs count, the
+    cost model and lp.compress leave every module's ``training`` flag as it was (they used to push the
+    model's own flag down to every submodule); a frozen layer keeps the flag of the layer it replaced."""
+    from timm.layers import StdConv2d
+
+    from lightning_prune.graph import CostModel, count_ops_and_params, frozen_names
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Sequential(StdConv2d(8, 8, 3, padding=1), nn.ReLU()), nn.Conv2d(8, 6, 1),
+                          nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 3))
+    model.train()
+    model[1].eval()
+    model[3].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    x = torch.randn(2, 3, 8, 8)
+
+    def same():
+        return {n: m.training for n, m in model.named_modules()} == modes
+
+    groups = analyse_channels(model, x).groups
+    assert same() and groups
+    analyse_channels(model, x, engine="torch-pruning")
+    assert same()
+    count_ops_and_params(model, x)
+    assert same()
+    CostModel(model, x, groups)
+    assert same()
+    lp.compress(model, x, groups=groups, removed={g.name: [0, 1] for g in groups}, round_to=1, verify=False)
+    assert frozen_names(model) == ["3.0"] and same()

@@ -361,3 +361,173 @@ def test_nf_regnet_b0_coverage():
     model = timm.create_model("nf_regnet_b0", num_classes=10).eval()
     analysis = analyse_channels(model, torch.randn(2, 3, 64, 64))
     assert analysis.coverage >= 0.7, analysis.skipped
+
+
+def test_a_frozen_state_does_not_load_silently_into_the_unfrozen_model():
+    """A frozen layer's computed weight loaded as the raw weight of the layer that computes it would be
+    standardised once more (other outputs, no error): the frozen layer's marker buffer makes a strict plain
+    load of such a state fail by name; refreezing first (what lightning-prune's loaders do) loads it."""
+    from lightning_prune.graph import FROZEN_MARKER, frozen_in_state, refreeze
+
+    torch.manual_seed(0)
+    model = _WSNet().eval()
+    assert freeze(model, "c1") and freeze(model, "l1")  # (frozen as compress=False leaves them: same shapes)
+    model.double()
+    assert model.c1.get_buffer(FROZEN_MARKER).dtype == torch.long  # (a dtype cast leaves the marker alone)
+    state = model.state_dict()
+    assert frozen_in_state(state) == ["c1", "l1"]
+    with pytest.raises(RuntimeError, match=f"Unexpected key.*c1.{FROZEN_MARKER}"):
+        _WSNet().double().load_state_dict(state)
+    fresh = _WSNet().double().eval()
+    assert refreeze(fresh, frozen_in_state(state), "the state") == ["c1", "l1"]
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X.double()), model(X.double()), atol=0, rtol=0)
+
+
+def test_frozen_layers_script_and_keep_dynamic_same_padding():
+    """The frozen layers are TorchScript-able; a frozen SAME conv scripted pads from the input's size at every
+    call (traced, it keeps the traced size's padding, as timm's own Conv2dSame does)."""
+    import warnings
+
+    holder = nn.Sequential(StdConv2dSame(4, 6, 3, stride=2), nn.ReLU(), StdConv2d(6, 6, 1),
+                           nn.Flatten(), nn.LazyLinear(3))
+    holder(torch.randn(1, 4, 9, 9))
+    holder[4] = nn.utils.parametrizations.weight_norm(nn.Linear(holder[4].in_features, 3))
+    assert freeze(holder, "0") and freeze(holder, "2") and freeze(holder, "4") and holder[0].same_pad
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.jit.script is deprecated, still used)
+        scripted, conv = torch.jit.script(holder), torch.jit.script(holder[0])
+    for x in (torch.randn(2, 4, 9, 9), torch.randn(2, 4, 10, 10)):
+        torch.testing.assert_close(scripted(x), holder(x), atol=0, rtol=0)
+    for size in ((9, 11), (10, 7)):
+        x = torch.randn(1, 4, *size)
+        torch.testing.assert_close(conv(x), holder[0](x), atol=0, rtol=0)
+
+
+def test_a_frozen_layer_takes_over_the_hooks_on_the_layer():
+    """Freezing replaces the layer: the forward (pre-)hooks and backward hooks others put on it act on the
+    frozen layer, and their handles still remove them; the old weight_norm's own pre-hook stays behind."""
+    torch.manual_seed(0)
+    holder = nn.Sequential(StdConv2d(3, 4, 3), nn.ReLU(), nn.utils.weight_norm(nn.Linear(4, 2)))
+    seen, grads = [], []
+    handles = [holder[0].register_forward_hook(lambda m, a, o: seen.append(o.shape)),
+               holder[0].register_forward_pre_hook(lambda m, a: (a[0] * 2,)),
+               holder[0].register_full_backward_hook(lambda m, gi, go: grads.append(go[0].shape)),
+               holder[2].register_forward_hook(lambda m, a, o: o + 1)]
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+
+    def run():
+        return holder[2](holder[1](holder[0](x)).mean((2, 3)))
+
+    before = run()
+    assert freeze(holder, "0") and freeze(holder, "2") and isinstance(holder[2], FrozenLinear)
+    after = run()
+    after.sum().backward()
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    assert len(seen) == 2 and len(grads) == 1
+    for handle in handles:
+        handle.remove()
+    assert not any(getattr(m, d) for m in holder for d in ("_forward_hooks", "_backward_hooks"))
+    assert not holder[0]._forward_pre_hooks
+
+
+def test_distillation_feature_hints_follow_a_frozen_layer(tmp_path):
+    """KnowledgeDistillation's feature hint on a weight-standardised conv that GroupLassoPruning freezes at
+    finalisation (its readers frozen before the gates fold): the hint goes on acting on the frozen layer."""
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_prune.callbacks.distill import KnowledgeDistillation
+    from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+    from lightning_prune.testing import fit_tiny
+
+    kd = KnowledgeDistillation(student="model", features="c2", alpha=0.0, verbose=False)
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((type(pl_module.model.c2).__name__, bool(kd._batch.get("feature_loss"))))
+
+    gl = GroupLassoPruning(finalize_step=1, compress=False, recalibrate_bn_batches=0, round_to=1, lam=0.3,
+                           gate_lr=0.2, gate_optimizer="sgd", verbose=False)
+    fit_tiny([gl, Probe(), kd], tmp_path, model=_ws_net_classifier(), max_epochs=1, limit_train_batches=3,
+             limit_val_batches=0)
+    assert "c2" in gl.shrink.frozen or "model.c2" in gl.shrink.frozen
+    assert seen[-1] == ("FrozenConv2d", True), seen
+
+
+def test_the_fsdp2_resize_freezes_the_readers_the_checkpoint_holds_frozen(monkeypatch):
+    """resize_sharded (the FSDP2 resume after an in-fit removal) freezes the readers the checkpoint recorded
+    frozen (a gate fold froze them under DDP, though their group lost no unit) on the gathered network, as the
+    single-process resume does, so the checkpoint loads strictly; run here on an unsharded network (no FSDP
+    unit: the same code without the collectives). And under FSDP2 the groups read by such layers are refused
+    by name before anything is masked, gated or removed on shards (the 2-process fit: test_sharded)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    import lightning_prune.core.sharding as sharding
+    from lightning_prune.callbacks.shrink import refuse_sharded_freezing, resize_sharded
+    from lightning_prune.graph import meta_copy, slice_units
+
+    def net():
+        module = _ws_net_classifier()
+        module.example_input_array = None
+        return module
+
+    module = net()
+    groups = analyse_channels(module.model, X, prefix="model").groups
+    removed = {"model.c3": [0, 5]}  # (only the readers of c3's group, l1, are frozen by the slicing)
+    recorded = ["model.c2", "model.c3", "model.l1"]
+    written = net()
+    for name in recorded:
+        freeze(written, name)
+    slice_units(written, groups, removed)
+    trainer = SimpleNamespace(optimizers=[torch.optim.SGD(module.parameters(), lr=0.1)])
+    resize_sharded(trainer, module, "model", meta_copy(module.model), groups, removed, recorded)
+    assert frozen_names(module) == recorded
+    module.load_state_dict(written.state_dict())  # (strict)
+    held = {id(p) for p in trainer.optimizers[0].param_groups[0]["params"]}
+    assert all(id(p) in held for p in module.parameters())
+    monkeypatch.setattr(sharding, "is_sharded", lambda p: True)
+    with pytest.raises(MisconfigurationException, match=r"GroupLassoPruning cannot act under"
+                       r" ModelParallelStrategy \(FSDP2\) on the groups read by \['model.c2', 'model.c3',"
+                       r" 'model.l1'\].*HINT: strategy='ddp', or `exclude`"):
+        refuse_sharded_freezing(net(), groups, "GroupLassoPruning")
+    refuse_sharded_freezing(net(), [g for g in groups if not g.frozen], "GroupLassoPruning")
+
+
+def test_a_spawning_strategy_is_refused_for_groups_read_by_frozen_layers():
+    """Under ``ddp_spawn`` the main process takes the workers' weights into its own, unfrozen layers at the
+    end of the fit (no callback hook runs there): groups whose readers compute their weight are refused at
+    the start, by name, with the way out; other groups and other strategies go on."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_prune.callbacks.shrink import refuse_spawn_freezing
+
+    groups = analyse_channels(_WSNet(10), X).groups
+    spawn = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False)
+    with pytest.raises(MisconfigurationException, match=r"GroupLassoPruning cannot act under a spawning"
+                       r" strategy \(DDPStrategy, start method 'spawn'\) on the groups read by \['c2', 'c3',"
+                       r" 'l1'\].*HINT: strategy='ddp'.*or `exclude`"):
+        refuse_spawn_freezing(spawn, groups, "GroupLassoPruning")
+    refuse_spawn_freezing(spawn, [g for g in groups if not g.frozen], "GroupLassoPruning")
+    refuse_spawn_freezing(pl.Trainer(accelerator="cpu", devices=1, logger=False), groups, "GroupLassoPruning")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("owner", ["group_lasso", "one_shot"])
+def test_a_ddp_spawn_fit_on_a_ws_net_is_refused_at_its_start(tmp_path, owner):
+    from torch.multiprocessing.spawn import ProcessRaisedException
+
+    import lightning_prune as lp
+    from lightning_prune.testing import fit_tiny
+
+    cb = (lp.GroupLassoPruning(target_flops=0.5, compress=True, verbose=False) if owner == "group_lasso"
+          else lp.OneShotPruning("channels", target_flops=0.5, verbose=False))
+    # (the worker's MisconfigurationException reaches the main process as torch's ProcessRaisedException)
+    with pytest.raises(ProcessRaisedException, match="MisconfigurationException: .*cannot act under a"
+                       " spawning strategy.*HINT: strategy='ddp'"):
+        fit_tiny([cb], tmp_path, model=_ws_classifier(), strategy="ddp_spawn", devices=2, max_steps=2,
+                 deterministic=False)

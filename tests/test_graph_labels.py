@@ -769,3 +769,27 @@ def test_a_plan_that_would_empty_a_piece_is_made_feasible_where_it_is_made():
     assert slice_units(small, [group], plan) == 2
     torch.testing.assert_close(small(x), masked(x), atol=1e-6, rtol=1e-6)
     assert cost.ratios(plan) == pytest.approx(cost.measured_ratios(plan), rel=1e-3)  # (one unit: 5%)
+
+
+@pytest.mark.parametrize("step", ["_attribute_couplings", "shape_provenance"])
+def test_a_failing_coupling_step_is_named_in_the_skip_reasons(monkeypatch, step):
+    """The coupling of the sizes one integer attribute holds (and the eager pass finding sizes taken from
+    shapes) only help the proof; when either raises, the groups that then fail the proof say so in their
+    skip reason (it used to be swallowed without a word)."""
+    import lightning_prune.graph.labels as labels
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom in the coupling")
+
+    if step == "shape_provenance":  # (a width taken from the input's shape: the stream needs the pass)
+        from tests.test_graph_shapes import _Blocks
+
+        monkeypatch.setattr(labels, "shape_provenance", boom)
+        model, x = _Blocks(), torch.randn(2, 5, 12)
+    else:
+        monkeypatch.setattr(labels.LabelGraph, "_attribute_couplings", boom)
+        model, x = _SingleHeadPart(), X
+    analysis = analyse_channels(model.eval(), x)
+    reasons = [why for why in analysis.skipped.values() if "boom in the coupling" in why]
+    assert reasons, analysis.skipped
+    assert all("RuntimeError" in why for why in reasons)

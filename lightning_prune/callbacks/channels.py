@@ -68,6 +68,8 @@ from lightning_prune.callbacks.shrink import (
     recorded_removal,
     refuse_frozen_conflicts,
     refuse_removal_conflicts,
+    refuse_sharded_freezing,
+    refuse_spawn_freezing,
     resize_sharded,
     sharded_compression_problem,
 )
@@ -547,7 +549,11 @@ class ChannelPruningCallback(PruningCallback):
         on it (:mod:`lightning_prune.graph.frozen`). The targets and masks follow the new parameters, and
         every optimizer (a frozen weight's state starts afresh); from then on such a layer trains as a plain
         layer (no longer re-standardised). Returns the names frozen."""
-        if not self.groups or any(is_sharded(p) for p in pl_module.parameters()):
+        if not self.groups:
+            return []
+        if any(is_sharded(p) for p in pl_module.parameters()):  # (refused at train start: never silently)
+            refuse_sharded_freezing(pl_module, [g for g in self.groups if removed is None
+                                                or g.feasible(removed.get(g.name, ()))], type(self).__name__)
             return []
         old = {id(p): n for n, p in pl_module.named_parameters()}
         names = freeze_modules(pl_module, self.groups, removed or {}, everywhere=removed is None)
@@ -757,17 +763,19 @@ class ChannelPruningCallback(PruningCallback):
         self._param_count = sum(p.numel() for p in pl_module.parameters())
 
     def _apply_recorded_removal(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                state: dict[str, Any]) -> None:
+                                state: dict[str, Any]) -> dict[str, list[tuple[int, Tensor]]] | None:
         """Resume: the checkpoint holds the compressed model; take its shapes before Lightning loads its
         weights (under FSDP2: the sharded network gathered, sliced and sharded again, the optimizers pointed
-        at the new parameters, before ModelParallelStrategy loads the checkpoint into them)."""
+        at the new parameters, before ModelParallelStrategy loads the checkpoint into them). Returns the cuts
+        made (unsharded), which the checkpoint's optimizer state is checked against
+        (:meth:`ShrinkSchedule.install_resume`)."""
         if self.shrink.removed is not None or self.groups is None:
-            return
+            return None
         frozen = [str(n) for n in (state.get("shrink") or {}).get("frozen") or ()]
         if frozen and not any(is_sharded(p) for p in pl_module.parameters()):  # layers frozen before it
             self._follow_frozen(pl_module, refreeze(pl_module, frozen, "the checkpoint"))
         if not (state.get("shrink") or {}).get("removed"):
-            return
+            return None
         removed = recorded_removal(state, self.groups)
         if any(is_sharded(p) for p in pl_module.parameters()):
             prefix = traced_root(pl_module)[0]
@@ -779,7 +787,8 @@ class ChannelPruningCallback(PruningCallback):
                     f" written after the units were removed inside the fit, and {problem}. HINT: resume it"
                     " under strategy='ddp' from a full-state checkpoint (ModelParallelStrategy("
                     "save_distributed_checkpoint=False)).")
-            resize_sharded(trainer, pl_module, prefix, self._skeleton, self.groups, removed)
+            resize_sharded(trainer, pl_module, prefix, self._skeleton, self.groups, removed, frozen)
+            self.shrink.frozen = sorted(set(self.shrink.frozen) | set(frozen))
             cuts = None
         else:
             cuts = parameter_cuts(pl_module, self.groups, removed)
@@ -788,6 +797,7 @@ class ChannelPruningCallback(PruningCallback):
         self.after_compression(pl_module)
         if cuts is not None:  # (before Lightning loads their states: the checkpoint's masks, the new shapes)
             others_follow_removal(trainer, self, pl_module, cuts)
+        return cuts
 
     @override
     def compress_for_deployment(self, module: pl.LightningModule, compress: bool | None = None) -> bool:
@@ -892,6 +902,15 @@ class ChannelPruningCallback(PruningCallback):
                 " decided: compress later, or leave the position unset to compress right after.")
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # (after ModelParallelStrategy restored a checkpoint, which it does after on_fit_start: past the
+        # removal nothing more is frozen, and a resume goes on)
+        if self.shrink.removed is None:
+            refuse_sharded_freezing(pl_module, self.groups, type(self).__name__)
+            refuse_spawn_freezing(trainer, self.groups, type(self).__name__)
+
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         self.accumulate_importance(trainer, pl_module, optimizer)
@@ -918,8 +937,11 @@ class ChannelPruningCallback(PruningCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if self.shrink.enabled and self.shrink.removed is None and self.keep is not None:
-            # compress_step=1.0, or decided only at the end
-            self.compress_now(trainer, pl_module, in_fit=False)
+            # compress_step=1.0 (or decided only at the end): the optimizers follow as inside the fit, since
+            # a checkpoint written after this (trainer.save_checkpoint after the fit, ModelCheckpoint's own
+            # on_train_end -- Lightning runs it after every other callback's) holds the compressed weights
+            # and must hold optimizer state of their shapes for a resumed fit
+            self.compress_now(trainer, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -34,6 +34,7 @@ from lightning_prune.callbacks.shrink import (
     recorded_removal,
     refuse_frozen_conflicts,
     refuse_removal_conflicts,
+    refuse_spawn_freezing,
 )
 from lightning_prune.callbacks.state import seeded_generator
 from lightning_prune.core.one_shot import (
@@ -290,6 +291,8 @@ class OneShotPruning(PruningCallback):
         super().on_fit_start(trainer, pl_module)
         if self.method == "channels":  # frozen readers vs the other callbacks' masks (every target is known)
             refuse_frozen_conflicts(trainer, self, self.groups, f"{type(self).__name__}(method='channels')")
+            if not self.done:
+                refuse_spawn_freezing(trainer, self.groups, f"{type(self).__name__}(method='channels')")
         if self.prune_at_step is None:
             self.prune_at_step = int(resolve_step("prune_step", self.prune_step, trainer) or 0)
         if not self.done:
@@ -484,19 +487,20 @@ class OneShotPruning(PruningCallback):
         return metrics
 
     def _apply_removed(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                       state: dict[str, Any]) -> None:
+                       state: dict[str, Any]) -> dict[str, list[tuple[int, Tensor]]] | None:
         """Resume: the checkpoint holds the smaller model; take its shapes (and the other callbacks' masks
-        theirs) before Lightning loads them."""
+        theirs) before Lightning loads them. Returns the cuts made."""
         from lightning_prune.graph import parameter_cuts, slice_units
 
         if self.shrink.removed is not None or self.groups is None:
-            return
+            return None
         removed = recorded_removal(state, self.groups)
         cuts = parameter_cuts(pl_module, self.groups, removed)
         slice_units(pl_module, self.groups, removed)
         self.shrink.removed = removed
         self.retarget(pl_module)
         others_follow_removal(trainer, self, pl_module, cuts)
+        return cuts
 
     # ------------------------------------------------------------------ state
     @override

@@ -26,12 +26,20 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_prune.graph import ChannelGroup, cut_like, example_inputs_for, frozen_names, parameter_cuts
+from lightning_prune.graph import (
+    ChannelGroup,
+    cut_like,
+    example_inputs_for,
+    frozen_names,
+    parameter_cuts,
+    restore_modes,
+)
 
 __all__ = ["UNSUPPORTED_STRATEGIES", "ShrinkSchedule", "carry_optimizer_state", "check_strategy",
-           "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "follow_replaced_parameters",
-           "gather_network", "log_model_size", "others_follow_removal", "pad_to_dense", "recorded_removal",
-           "refuse_frozen_conflicts", "refuse_removal_conflicts", "resize_sharded",
+           "compress_exactly", "compress_in_fit", "compress_sharded_in_fit", "cut_saved_optimizer_states",
+           "follow_replaced_parameters", "gather_network", "log_model_size", "others_follow_removal",
+           "pad_to_dense", "recorded_removal", "refuse_frozen_conflicts", "refuse_removal_conflicts",
+           "refuse_sharded_freezing", "refuse_spawn_freezing", "resize_sharded",
            "sharded_compression_problem"]
 
 #: strategies whose sharded or wrapped parameters cannot be replaced inside a fit
@@ -201,9 +209,9 @@ def compress_exactly(pl_module: nn.Module, groups: Sequence[ChannelGroup],
     plan = {g.name: list(removed.get(g.name, ())) for g in groups}
     cuts = parameter_cuts(pl_module, groups, plan)
     before = {k: tuple(v.shape) for k, v in pl_module.state_dict().items()}
-    was_training = pl_module.training
+    modes = {name: m.training for name, m in pl_module.named_modules(remove_duplicate=False)}
     compress(pl_module, example_inputs, groups=groups, removed=plan, round_to=1)  # (the plan is final)
-    pl_module.train(was_training)
+    restore_modes(pl_module, modes)  # (a custom `compress` too)
     after = pl_module.state_dict()
     for name, name_cuts in cuts.items():
         if name not in before or name not in after:
@@ -267,6 +275,59 @@ def refuse_frozen_conflicts(trainer: pl.Trainer | None, owner: Any, groups: Sequ
                 " freezes them into plain layers holding the computed weight, which leaves"
                 f" {type(cb).__name__}'s masks (of the raw weight) on parameters no longer in the model."
                 f" HINT: `exclude` those layers from {type(cb).__name__}, or run the two in separate fits.")
+
+
+def _frozen_readers(groups: Sequence[ChannelGroup] | None) -> tuple[list[str], list[str]] | None:
+    """``(layers, producers)`` of the groups read by layers that compute their weight
+    (:attr:`ChannelGroup.frozen`), sorted; ``None`` when no group is."""
+    hit = [g for g in groups or () if getattr(g, "frozen", ())]
+    if not hit:
+        return None
+    return sorted({n for g in hit for n in g.frozen}), sorted({p for g in hit for p in g.producers})
+
+
+_FROZEN_WHY = ("which compute their weight in forward (weight standardisation, weight_norm): their input"
+               " channels can only be masked, gated or removed once they are frozen into plain layers holding"
+               " the computed weight")
+
+
+def refuse_sharded_freezing(pl_module: nn.Module, groups: Sequence[ChannelGroup] | None, who: str) -> None:
+    """Refuse, by name, groups read by layers that compute their weight (:attr:`ChannelGroup.frozen`) when
+    ``pl_module``'s parameters are sharded (FSDP2): such a layer is frozen into a plain one holding the
+    computed weight before its input channels are masked, gated or removed, which is not done on shards
+    (masks or gates on the raw weight of a weight-standardised conv would be standardised away: another
+    model, silently). The removal itself (gathered, :func:`compress_sharded_in_fit`) and a resume after it
+    (:func:`resize_sharded`) freeze on the gathered network."""
+    from lightning_prune.core.sharding import is_sharded
+
+    readers = _frozen_readers(groups)
+    if readers is None or not any(is_sharded(p) for p in pl_module.parameters()):
+        return
+    frozen, producers = readers
+    raise MisconfigurationException(
+        f"{who} cannot act under ModelParallelStrategy (FSDP2) on the groups read by {frozen[:4]},"
+        f" {_FROZEN_WHY}, which is not done on sharded parameters. HINT: strategy='ddp', or `exclude` the"
+        f" groups they read ({producers[:4]}).")
+
+
+def refuse_spawn_freezing(trainer: pl.Trainer, groups: Sequence[ChannelGroup] | None, who: str) -> None:
+    """Refuse, by name, groups read by layers that compute their weight (:attr:`ChannelGroup.frozen`) under a
+    launcher that hands the workers' weights back to the main process (``ddp_spawn``, ``ddp_fork``,
+    ``ddp_notebook``): the workers freeze such layers into plain ones, and the main process, where no hook of
+    a callback runs, loads their state non-strictly into its own unfrozen layers -- the computed weights
+    taken as raw ones, another model, silently. Refused at the start instead."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    readers = _frozen_readers(groups)
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if readers is None or not isinstance(launcher, _MultiProcessingLauncher):
+        return
+    frozen, producers = readers
+    raise MisconfigurationException(
+        f"{who} cannot act under a spawning strategy ({type(trainer.strategy).__name__}, start method"
+        f" {launcher._start_method!r}) on the groups read by {frozen[:4]}, {_FROZEN_WHY}, which the main"
+        " process's model cannot take back at the end of the fit. HINT: strategy='ddp' (one process per rank,"
+        f" launched from the script), or `exclude` the groups they read ({producers[:4]}).")
 
 
 def others_follow_removal(trainer: pl.Trainer | None, owner: Any, pl_module: pl.LightningModule,
@@ -357,7 +418,7 @@ def gather_network(pl_module: nn.Module, prefix: str, skeleton: nn.Module) -> nn
         param.copy_(full[name])
     for name, buffer in new_root.named_buffers():
         buffer.copy_(buffers[name])
-    new_root.train(old_root.training)
+    restore_modes(new_root, {n: m.training for n, m in old_root.named_modules(remove_duplicate=False)})
     parent_name, _, attr = prefix.rpartition(".")
     setattr(pl_module.get_submodule(parent_name) if parent_name else pl_module, attr, new_root)
     return new_root
@@ -400,9 +461,7 @@ def compress_sharded_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, 
     if before is not None:
         before()
     cuts = parameter_cuts(pl_module, groups, removed)
-    was_training = pl_module.training
-    compress_fn(pl_module, example_inputs, groups=groups, removed=removed, round_to=1)
-    pl_module.train(was_training)
+    compress_fn(pl_module, example_inputs, groups=groups, removed=removed, round_to=1)  # (modes kept)
     if after is not None:
         after()
     for name, kwargs in units:
@@ -420,20 +479,25 @@ def compress_sharded_in_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, 
 
 @torch.no_grad()
 def resize_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str, skeleton: nn.Module,
-                   groups: Sequence[ChannelGroup], removed: Mapping[str, Sequence[int]]) -> None:
+                   groups: Sequence[ChannelGroup], removed: Mapping[str, Sequence[int]],
+                   frozen: Sequence[str] = ()) -> None:
     """Resume under FSDP2 after an in-fit removal: give the sharded network ``pl_module.<prefix>`` the smaller
     shapes a checkpoint holds, before the checkpoint is loaded into it. Every rank gathers the network into a
-    plain copy (``skeleton``, as :func:`compress_sharded_in_fit`), slices the removed units out (no proof:
-    the checkpoint's values replace the weights), shards it again with ``fully_shard`` (the same FSDP units)
-    and puts the new parameters in the optimizers' param groups (their state is still empty: the checkpoint
-    fills it). A sequence of collectives: call it on every rank."""
+    plain copy (``skeleton``, as :func:`compress_sharded_in_fit`), freezes the layers the checkpoint holds
+    frozen (``frozen``, names relative to ``pl_module``: the readers that compute their weight, frozen before
+    the removal by a run under DDP, :func:`lightning_prune.graph.refreeze`), slices the removed units out (no
+    proof: the checkpoint's values replace the weights; the readers of the groups losing units are frozen
+    there too), shards it again with ``fully_shard`` (the same FSDP units) and puts the new parameters in the
+    optimizers' param groups (their state is still empty: the checkpoint fills it). A sequence of
+    collectives: call it on every rank."""
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_prune.graph import slice_units
+    from lightning_prune.graph import refreeze, slice_units
 
     units = _fsdp_units(pl_module.get_submodule(prefix))
     old = {id(p): n for n, p in pl_module.named_parameters()}
     new_root = gather_network(pl_module, prefix, skeleton)
+    refreeze(pl_module, frozen, "the checkpoint")  # (as the single-process resume does, before the slicing)
     cuts = parameter_cuts(pl_module, groups, removed)
     slice_units(pl_module, groups, removed)
     for name, kwargs in units:
@@ -467,6 +531,47 @@ def recorded_removal(state: Mapping[str, Any], groups: Sequence[ChannelGroup]) -
     return removed
 
 
+@torch.no_grad()
+def cut_saved_optimizer_states(states: Sequence[Mapping[str, Any]],
+                               optimizers: Sequence[torch.optim.Optimizer], names: Mapping[int, str],
+                               cuts: Sequence[Mapping[str, Sequence[tuple[int, Tensor]]]]) -> list[str]:
+    """Resume: cut, in place, the per-parameter tensors of a checkpoint's optimizer states (``states``, as
+    ``optimizer.state_dict()`` wrote them) that still have a parameter's shape from before the recorded
+    removal, like the parameter was cut (``cuts``, one mapping per removal applied, in order); returns the
+    names of the parameters whose state was cut.
+
+    A checkpoint holds compressed weights with such state when it was written after a removal that left the
+    optimizers behind (older versions' removal at the end of training, ``compress_step=1.0``): its resume
+    failed in the optimizer's step (momentum of 16 channels, gradient of 9). The saved state of each index
+    belongs to the parameter at that position of ``optimizers`` (built by ``configure_optimizers`` on the
+    model already cut: ``names`` maps ``id(parameter)`` to its name); a tensor already of the parameter's
+    shape, or one the cuts do not bring to it, is left alone."""
+    from lightning_prune.graph import cut_like
+
+    done = []
+    for optimizer, saved in zip(optimizers, states):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        indices = [i for group in saved.get("param_groups") or () for i in group.get("params", ())]
+        entries = saved.get("state") or {}
+        for index, param in zip(indices, params):
+            entry, name = entries.get(index), names.get(id(param))
+            if not isinstance(entry, dict) or name is None or not any(name in c for c in cuts):
+                continue
+            for key, value in list(entry.items()):
+                if not isinstance(value, Tensor) or value.dim() == 0 or value.shape == param.shape:
+                    continue
+                cut = value
+                try:
+                    for removal in cuts:
+                        cut = cut_like(cut, removal.get(name, ()))
+                except (IndexError, RuntimeError):  # not the parameter's dense shape: left to fail as it is
+                    continue
+                if cut.shape == param.shape:
+                    entry[key] = cut
+                    done.append(name)
+    return sorted(set(done))
+
+
 def log_model_size(trainer: pl.Trainer, pl_module: pl.LightningModule, input_size: Sequence[int] | None,
                    owner: str, verbose: bool) -> None:
     """Log ``prune/params`` and ``prune/flops`` of the model as it is now (absolute numbers)."""
@@ -474,11 +579,7 @@ def log_model_size(trainer: pl.Trainer, pl_module: pl.LightningModule, input_siz
     from lightning_prune.graph import count_ops_and_params, example_inputs_for, traced_root
 
     _, root = traced_root(pl_module)
-    was_training = root.training
-    try:
-        flops, params = count_ops_and_params(root, example_inputs_for(root, input_size))
-    finally:
-        root.train(was_training)
+    flops, params = count_ops_and_params(root, example_inputs_for(root, input_size))  # (modes kept)
     log_scalars(trainer, {f"{PREFIX}/params": float(params), f"{PREFIX}/flops": float(flops)})
     if verbose:
         from lightning.pytorch.utilities import rank_zero_info
@@ -555,24 +656,33 @@ class ShrinkSchedule:
         self.frozen = [str(n) for n in state.get("frozen") or ()]
 
     def install_resume(self, trainer: pl.Trainer, state_key: str,
-                       apply: Callable[[Mapping[str, Any]], None]) -> None:
+                       apply: Callable[[Mapping[str, Any]], Mapping[str, Any] | None]) -> None:
         """Before Lightning loads a checkpoint's weights into the model, ``apply(callback_state)`` (when the
         state says units were removed): the model takes the smaller shapes first. Under ModelParallelStrategy
         (FSDP2), whose ``load_checkpoint`` loads the weights and optimizer states itself (into the model
         sharded in ``configure_model``), the callbacks' states are read from the checkpoint first (a
-        distributed checkpoint's metadata file, a full-state file memory-mapped) and applied before it."""
+        distributed checkpoint's metadata file, a full-state file memory-mapped) and applied before it.
+
+        ``apply`` returns the cuts it made (:func:`~lightning_prune.graph.parameter_cuts`), or ``None``:
+        before Lightning loads the optimizer states, a saved state tensor that still has a parameter's shape
+        from before the removal is cut like the parameter (:func:`cut_saved_optimizer_states`, with a
+        warning): a checkpoint written after a removal that left the optimizers behind resumes."""
         strategy = trainer.strategy
         registry = getattr(strategy, "_lightning_prune_resume", None)
         if registry is None:
             registry = strategy._lightning_prune_resume = {}
+            strategy._lightning_prune_resume_cuts = []
             original = strategy.load_model_state_dict
 
             def apply_all(callbacks: Mapping[str, Any]) -> None:
+                strategy._lightning_prune_resume_cuts = []
                 for key, fn in list(strategy._lightning_prune_resume.items()):
                     state = callbacks.get(key)
                     shrink = state.get("shrink") if isinstance(state, Mapping) else None
                     if isinstance(shrink, Mapping) and (shrink.get("removed") or shrink.get("frozen")):
-                        fn(state)
+                        cuts = fn(state)
+                        if cuts:
+                            strategy._lightning_prune_resume_cuts.append(cuts)
 
             def load_model_state_dict(checkpoint: Mapping[str, Any], strict: bool = True,
                                       **kwargs: Any) -> Any:
@@ -580,6 +690,26 @@ class ShrinkSchedule:
                 return original(checkpoint, strict=strict, **kwargs)
 
             strategy.load_model_state_dict = load_model_state_dict
+            original_optimizers = strategy.load_optimizer_state_dict
+
+            def load_optimizer_state_dict(checkpoint: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+                cuts = strategy._lightning_prune_resume_cuts
+                module = strategy.lightning_module
+                if cuts and module is not None and checkpoint.get("optimizer_states"):
+                    names = {id(p): n for n, p in module.named_parameters()}
+                    done = cut_saved_optimizer_states(checkpoint["optimizer_states"], strategy.optimizers,
+                                                      names, cuts)
+                    if done:
+                        from lightning.pytorch.utilities import rank_zero_warn
+
+                        rank_zero_warn(
+                            f"The checkpoint holds the compressed model but optimizer state of the shapes"
+                            f" before the removal ({len(done)} parameters, e.g. {done[0]!r}); it was cut like"
+                            " the parameters (written after a removal at the end of training by an older"
+                            " lightning-prune).")
+                return original_optimizers(checkpoint, *args, **kwargs)
+
+            strategy.load_optimizer_state_dict = load_optimizer_state_dict
             if type(strategy).__name__ == "ModelParallelStrategy":
                 original_load = strategy.load_checkpoint
 

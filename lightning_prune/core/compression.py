@@ -36,21 +36,25 @@ from lightning_prune.errors import CompressionError, InvalidArgumentError
 from lightning_prune.graph import (
     DEFAULT_ANALYSIS_TIME_LIMIT_S,
     ChannelGroup,
+    along_units_layers,
     analyse_channels,
     call_model,
     drop_cached_tensors,
     effective_weight,
     example_inputs_for,
+    frozen_in_state,
     frozen_names,
     refreeze,
+    restore_modes,
+    rewrap_along_units,
     slice_units,
     traced_root,
 )
 from lightning_prune.validation import check_bool, check_int, check_optional, check_positive
 
 __all__ = ["CompressionError", "compress", "compressed_structure", "dead_units", "load_compressed",
-           "round_kept", "save_compressed", "shape_attributes", "silent_units", "take_shapes",
-           "take_structure"]
+           "round_kept", "save_compressed", "shape_attributes", "silent_units", "take_recorded_removal",
+           "take_shapes", "take_structure"]
 
 
 @torch.no_grad()
@@ -107,7 +111,7 @@ def silent_units(model: nn.Module, groups: Sequence[ChannelGroup], example_input
     seen_nonzero: dict[str, Tensor] = {g.name: torch.zeros(g.size, dtype=torch.bool) for g in chosen}
     handles = []
     for group in chosen:
-        for site in group.input_sites() + group.norm_sites():
+        for site in group.input_sites() + group.norm_sites() + group.slide_sites():
             handles.append(model.get_submodule(site.module).register_forward_pre_hook(
                 functools.partial(_record_nonzero, seen_nonzero[group.name], site)))
     try:
@@ -239,7 +243,7 @@ def compress(
         model = copy.deepcopy(model)
     prefix, root = traced_root(model)
     example = example_inputs if example_inputs is not None else example_inputs_for(root, input_size)
-    was_training = model.training
+    modes = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
     model.eval()
     try:
         before_params = sum(p.numel() for p in root.parameters())
@@ -266,24 +270,27 @@ def compress(
         rank_zero_info(f"[compress] removed {removed_units} units in {sum(1 for v in plan.values() if v)}"
                        f" groups: parameters {before_params:,} -> {after_params:,}")
     finally:
-        model.train(was_training)
+        restore_modes(model, modes)  # (every module's, a frozen layer's as the layer's it replaced)
     return model
 
 
 def _exact_plan(root: nn.Module, example: Any, groups: Sequence[ChannelGroup], plan: dict[str, list[int]],
                 reference: Any, atol: float, rtol: float) -> dict[str, list[int]]:
     """The plan, without the groups whose norm sites would change their statistics (a plain masked model whose
-    LayerNorms still count the removed channels), when removing everything would change the outputs."""
+    LayerNorms still count the removed channels) or whose slide sites would see zeros where they saw the dead
+    channels (a conv sliding along them, ECA's), when removing everything would change the outputs."""
     trial = copy.deepcopy(root)
     slice_units(trial, groups, plan)
     with torch.no_grad():
         if _same(reference, call_model(trial, example), atol, rtol):
             return plan
+    by_name = {g.name: g for g in groups}
     safe = {name: units for name, units in plan.items()
-            if not next(g for g in groups if g.name == name).norm_sites()}
+            if not (by_name[name].norm_sites() or by_name[name].slide_sites())}
     if len(safe) < len(plan):
-        rank_zero_info(f"[compress] left {len(plan) - len(safe)} LayerNorm-normalised groups as they are:"
-                       " their norms count the dead channels (compress through the callback to remove them).")
+        rank_zero_info(f"[compress] left {len(plan) - len(safe)} LayerNorm-normalised (or ECA-read) groups as"
+                       " they are: their norms (or a conv sliding along them) read the dead channels"
+                       " (compress through the callback to remove them).")
     return safe
 
 
@@ -412,18 +419,24 @@ def save_compressed(model: nn.Module, path: str | Path) -> None:
 def compressed_structure(model: nn.Module) -> dict[str, Any]:
     """What a fresh model of the same architecture needs, beside the ``state_dict``, to take a compressed
     model's structure (:func:`take_structure`): the channel counts of its resized layers (``"attributes"``),
-    the layers frozen into plain ones (``"frozen"``, :mod:`lightning_prune.graph.frozen`) and the buffers
+    the layers frozen into plain ones (``"frozen"``, :mod:`lightning_prune.graph.frozen`), the convs run at
+    the dense width along their units (``"along_units"``: ``{name: [dim, dense size]}``,
+    :mod:`lightning_prune.graph.along`) and the buffers
     ``state_dict`` leaves out (``"buffers"``). Plain data and tensors only."""
     return {"attributes": shape_attributes(model), "frozen": frozen_names(model),
-            "buffers": non_persistent_buffers(model)}
+            "along_units": along_units_layers(model), "buffers": non_persistent_buffers(model)}
 
 
 def take_structure(model: nn.Module, state: Mapping[str, Tensor], structure: Mapping[str, Any],
                    path: str | Path) -> nn.Module:
     """Give a fresh ``model`` the structure :func:`compressed_structure` recorded (files written before a
-    key existed lack it): the frozen layers frozen again, then the shapes of ``state`` and the recorded
+    key existed lack it): the frozen layers frozen again, the convs run at the dense width along their
+    units made so again, then the shapes of ``state`` and the recorded
     channel counts and buffers, so that ``model.load_state_dict(state)`` loads strictly."""
-    refreeze(model, structure.get("frozen") or (), str(path))  # the plain layers of weight-computing ones
+    frozen = [*(structure.get("frozen") or ()), *frozen_in_state(state)]  # (a frozen layer's key marks it)
+    refreeze(model, dict.fromkeys(frozen), str(path))  # the plain layers of weight-computing ones
+    # convs sliding along units that lost some: run at the dense width (their kept positions: a buffer)
+    rewrap_along_units(model, structure.get("along_units") or {}, str(path))
     return take_shapes(model, state, structure.get("attributes") or {}, structure.get("buffers"))
 
 
@@ -458,13 +471,30 @@ def load_compressed(path: str | Path, model: nn.Module, map_location: Any = "cpu
 
 
 def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path: str | Path) -> nn.Module:
-    plans = [state["shrink"]["removed"] for state in payload["callbacks"].values()
-             if isinstance(state, dict) and isinstance(state.get("shrink"), dict)
-             and state["shrink"].get("removed")]
-    for state in payload["callbacks"].values():  # layers frozen into plain ones (weight standardisation)
-        shrink = state.get("shrink") if isinstance(state, dict) else None
-        if isinstance(shrink, dict):
+    take_recorded_removal(module, payload, path)
+    module.load_state_dict(payload["state_dict"], strict=True)
+    return module
+
+
+def take_recorded_removal(module: nn.Module, checkpoint: Mapping[str, Any], path: str | Path) -> bool:
+    """Give a fresh ``module`` the structure a Lightning checkpoint's callbacks recorded (``"shrink"`` in
+    their states): the layers they froze into plain ones frozen again, the units they removed inside the fit
+    sliced out, so that ``module.load_state_dict(checkpoint["state_dict"])`` loads strictly. Returns whether
+    anything was recorded. A callback that had chosen its units with ``compress=True`` but not removed them
+    when the checkpoint was written (a removal later in the fit, or at its end: ``compress_step=1.0``) is
+    named in a warning: the module stays dense."""
+    states = [s for s in (checkpoint.get("callbacks") or {}).items() if isinstance(s[1], Mapping)]
+    plans = [state["shrink"]["removed"] for _, state in states
+             if isinstance(state.get("shrink"), Mapping) and state["shrink"].get("removed")]
+    recorded = bool(plans)
+    for _, state in states:  # layers frozen into plain ones (weight standardisation)
+        shrink = state.get("shrink")
+        if isinstance(shrink, Mapping) and shrink.get("frozen"):
             refreeze(module, shrink.get("frozen") or (), str(path))
+            recorded = True
+    marked = frozen_in_state(checkpoint.get("state_dict") or {})
+    refreeze(module, marked, str(path))  # (frozen by anything else)
+    recorded = recorded or bool(marked)
     if plans:
         prefix, root = traced_root(module)
         groups = analyse_channels(root, example_inputs_for(root), prefix=prefix).groups
@@ -476,5 +506,25 @@ def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path:
                     " does not have. HINT: pass a fresh instance of the LightningModule the checkpoint was"
                     " trained with.")
             slice_units(module, groups, removed)
-    module.load_state_dict(payload["state_dict"], strict=True)
-    return module
+    _warn_not_yet_removed(states, path)
+    return recorded
+
+
+def _warn_not_yet_removed(states: Sequence[tuple[str, Mapping[str, Any]]], path: str | Path) -> None:
+    from lightning_utilities.core.rank_zero import rank_zero_warn
+
+    from lightning_prune._registry import class_of_key
+
+    for key, state in states:
+        shrink, keep = state.get("shrink"), state.get("keep")
+        if (not isinstance(shrink, Mapping) or shrink.get("removed") is not None
+                or not (state.get("config") or {}).get("compress") or not keep
+                or all(bool(torch.as_tensor(k).all()) for k in keep)):
+            continue
+        rank_zero_warn(
+            f"{path}: {class_of_key(key)} had chosen its units (compress=True) but had not removed them when"
+            " the checkpoint was written (its compress_step/compress_epoch came later: with 1.0, at the end"
+            " of training, after the last ModelCheckpoint save of the epochs): the model loads with all its"
+            " units. HINT: lp.restore_run(ckpt, fresh_module, [the callback as configured]) removes them with"
+            " its plan; a checkpoint written after the fit (trainer.save_checkpoint, or ModelCheckpoint("
+            "save_last=True, save_top_k=0)) holds the compressed model.")

@@ -27,6 +27,7 @@ from lightning_prune.graph import (
     ChannelGroup,
     freeze_modules,
     norm_size,
+    reads_now,
     restricted_forward,
     restricted_norm_hooks,
 )
@@ -201,6 +202,35 @@ class GateSet:
                 return restricted_forward(m, x, open_.nonzero().flatten(), dim).to(output.dtype)
 
             self._handles.append(module.register_forward_hook(hook))
+        self._attach_slides(root)
+
+    def _attach_slides(self, root: nn.Module) -> None:
+        """Slide sites (a conv sliding along the units, ECA's) see zeros at the units whose gate is exactly
+        zero, as in the finalised and in the compressed model; the others as they are (a gate's value does
+        not fold into such a conv: it reads them ungated before and after)."""
+        by_module: dict[tuple[str, int], list[tuple[Gate, Tensor, Tensor]]] = {}
+        for group, gate in self:
+            for site in group.slide_sites():
+                by_module.setdefault((site.module, site.dim), []).append(
+                    (gate, torch.tensor(site.channels), torch.tensor(site.units)))
+        for (name, dim), entries in by_module.items():
+            module = root.get_submodule(name)
+            reads = reads_now(module)
+
+            def hook(m: nn.Module, args: Any, entries: list = entries, dim: int = dim,
+                     reads: int | None = reads) -> Any:
+                if reads_now(m) != reads:
+                    return None
+                x = args[0]
+                d = dim % x.dim()
+                open_ = torch.ones(x.shape[d], dtype=x.dtype, device=x.device)
+                for gate, channels, units in entries:
+                    values = gate.value(m.training).detach()
+                    closed = values[units.to(values.device)].to(x.device) == 0
+                    open_[channels.to(x.device)[closed]] = 0
+                return (x * _channel_view(open_, x.dim(), d), *args[1:])
+
+            self._handles.append(module.register_forward_pre_hook(hook))
 
     def detach(self) -> None:
         for handle in self._handles:

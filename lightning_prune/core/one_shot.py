@@ -219,12 +219,10 @@ class _Stop(Exception):
 
 @contextlib.contextmanager
 def _eval(model: nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
+    from lightning_prune.graph import evaluating
+
+    with evaluating(model):  # (every module's mode kept)
         yield
-    finally:
-        model.train(was)
 
 
 def sharded_model(model: nn.Module) -> bool:

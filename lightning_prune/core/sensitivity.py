@@ -48,6 +48,7 @@ from lightning_prune.graph import (
     call_model,
     example_inputs_for,
     like_model,
+    restore_modes,
     restricted_norm_hooks,
     traced_root,
 )
@@ -362,7 +363,7 @@ def sensitivity(
 
     from tqdm import tqdm
 
-    was_training = model.training
+    modes = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
     model.eval()
     try:
         batches = _batches(dataloader, max_batches, model)
@@ -400,7 +401,7 @@ def sensitivity(
                 table.sizes[group.name] = _group_size(model, group)
                 table.units[group.name] = group.unit
     finally:
-        model.train(was_training)
+        restore_modes(model, modes)
     if heatmap is not None:
         table.plot(heatmap)
     return table

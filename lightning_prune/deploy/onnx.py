@@ -43,7 +43,7 @@ from lightning_prune.errors import (
     InvalidArgumentTypeError,
     MissingDependencyError,
 )
-from lightning_prune.graph import call_model, example_inputs_for, like_model, traced_root
+from lightning_prune.graph import call_model, evaluating, example_inputs_for, like_model, traced_root
 from lightning_prune.validation import check_bool, check_int, check_optional, check_positive
 
 __all__ = ["EXTRA", "ExportReport", "export", "onnx_latency", "onnx_session", "require_export_dependencies"]
@@ -176,12 +176,8 @@ def _feed(session: Any, args: Sequence[Tensor]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _eval(module: nn.Module) -> Iterator[nn.Module]:
-    was = module.training
-    module.eval()
-    try:
+    with evaluating(module):  # (every module's mode kept)
         yield module
-    finally:
-        module.train(was)
 
 
 def _errors(reference: Any, outputs: Sequence[Any]) -> tuple[float, float]:

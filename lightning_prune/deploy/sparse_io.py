@@ -213,7 +213,8 @@ def load_sparse(path: str | Path, model: nn.Module | None = None, map_location: 
         except (AttributeError, KeyError, ValueError, RuntimeError) as err:
             raise InvalidArgumentError(f"{path} does not fit {type(model).__name__}: {err}. {hint}.") from err
 
-    if payload.get("frozen"):  # (before the keys are compared: a frozen layer has other keys)
+    replaced = payload.get("frozen") or payload.get("along_units")
+    if replaced:  # (before the keys are compared: a frozen layer, a conv at the dense width have other keys)
         take()
     expected = set(model.state_dict())
     if strict and set(state) != expected:
@@ -221,7 +222,7 @@ def load_sparse(path: str | Path, model: nn.Module | None = None, map_location: 
         raise InvalidArgumentError(
             f"{path} does not fit {type(model).__name__}: missing keys {missing[:4]}, unexpected keys"
             f" {unexpected[:4]}. {hint} (or pass strict=False).")
-    if not payload.get("frozen") and (payload.get("attributes") or payload.get("buffers")):
+    if not replaced and (payload.get("attributes") or payload.get("buffers")):
         take()
     model.load_state_dict(state, strict=strict)
     return model

@@ -43,15 +43,25 @@ The package, one idea per module: ``types`` (groups, sites, slices, errors), ``i
 trace and with what), ``layers`` (layer kinds), ``dependencies`` (raw groups from torch-pruning's dependency
 graph), ``slicing`` (masking and slicing units), ``proof`` (the exactness check), ``cost`` (FLOPs and
 parameters), ``latency`` (the measured latency table),
-``frozen`` (readers that compute their weight, frozen into plain layers), ``budget`` (the time limit) and
+``frozen`` (readers that compute their weight, frozen into plain layers), ``along`` (convs sliding along
+the units, run at the dense width once some are gone), ``budget`` (the time limit) and
 ``analysis`` (:func:`analyse_channels`, orchestrating them).
 Every public name is re-exported here.
 """
 
+from lightning_prune.graph.along import (
+    ALONG_TYPES,
+    AlongUnitsConv1d,
+    AlongUnitsConv2d,
+    AlongUnitsConv3d,
+    along_units_layers,
+    rewrap_along_units,
+)
 from lightning_prune.graph.analysis import analyse_channels
 from lightning_prune.graph.budget import DEFAULT_ANALYSIS_TIME_LIMIT_S, GRAPH_TIME_LIMIT_S
 from lightning_prune.graph.cost import CostModel, count_ops_and_params, meta_copy
 from lightning_prune.graph.frozen import (
+    FROZEN_MARKER,
     FROZEN_TYPES,
     FrozenConv1d,
     FrozenConv2d,
@@ -60,10 +70,18 @@ from lightning_prune.graph.frozen import (
     effective_weight,
     freeze,
     freeze_modules,
+    frozen_in_state,
     frozen_names,
     refreeze,
 )
-from lightning_prune.graph.inputs import call_model, example_inputs_for, like_model, traced_root
+from lightning_prune.graph.inputs import (
+    call_model,
+    evaluating,
+    example_inputs_for,
+    like_model,
+    restore_modes,
+    traced_root,
+)
 from lightning_prune.graph.latency import LatencyModel, LatencyPredictor, LayerTable, measure_latency_model
 from lightning_prune.graph.layers import PRODUCER_TYPES, channel_dim  # noqa: F401 - PRODUCER_TYPES as before
 from lightning_prune.graph.proof import masked_and_sliced, randomised_copy
@@ -72,6 +90,7 @@ from lightning_prune.graph.slicing import (  # noqa: F401 - the private two: gat
     drop_cached_tensors,
     norm_size,
     parameter_cuts,
+    reads_now,
     restricted_forward,
     restricted_norm_hooks,
     slice_units,
@@ -88,11 +107,19 @@ from lightning_prune.graph.types import (
 )
 
 __all__ = [
+    "ALONG_TYPES",
+    "AlongUnitsConv1d",
+    "AlongUnitsConv2d",
+    "AlongUnitsConv3d",
+    "along_units_layers",
+    "rewrap_along_units",
+    "reads_now",
     "DEFAULT_ANALYSIS_TIME_LIMIT_S",
     "GRAPH_TIME_LIMIT_S",
     "CostModel",
     "count_ops_and_params",
     "meta_copy",
+    "FROZEN_MARKER",
     "FROZEN_TYPES",
     "FrozenConv1d",
     "FrozenConv2d",
@@ -101,6 +128,7 @@ __all__ = [
     "effective_weight",
     "freeze",
     "freeze_modules",
+    "frozen_in_state",
     "frozen_names",
     "refreeze",
     "ChannelAnalysis",
@@ -116,6 +144,7 @@ __all__ = [
     "parameter_cuts",
     "cut_like",
     "call_model",
+    "evaluating",
     "channel_dim",
     "drop_cached_tensors",
     "example_inputs_for",
@@ -124,6 +153,7 @@ __all__ = [
     "masked_and_sliced",
     "measure_latency_model",
     "randomised_copy",
+    "restore_modes",
     "restricted_norm_hooks",
     "slice_units",
     "traced_root",

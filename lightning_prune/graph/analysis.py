@@ -22,7 +22,7 @@ from lightning_prune.graph.dependencies import (
     module_names_by_id,
     raw_groups,
 )
-from lightning_prune.graph.inputs import call_model
+from lightning_prune.graph.inputs import call_model, evaluating
 from lightning_prune.graph.layers import PRODUCER_TYPES
 from lightning_prune.graph.proof import check_removal, exact_subsets, proof_copies
 from lightning_prune.graph.types import (
@@ -244,10 +244,8 @@ def _analyse_children(model: nn.Module, example: Any, opts: _Options, prefix: st
 
     handles = [c.register_forward_pre_hook(functools.partial(record, n), with_kwargs=True)
                for n, c in children]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             call_model(model, example)
     except GraphTimeoutError:
         raise
@@ -264,7 +262,6 @@ def _analyse_children(model: nn.Module, example: Any, opts: _Options, prefix: st
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     analysis.skipped[key] = f"{reason}; its submodules were analysed one by one"
     for name, child in children:
         opts.check()

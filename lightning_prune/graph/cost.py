@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_prune.core.sharding import is_sharded
 from lightning_prune.errors import InvalidArgumentError
-from lightning_prune.graph.inputs import example_batch_size, like_model
+from lightning_prune.graph.inputs import evaluating, example_batch_size, like_model
 from lightning_prune.graph.layers import CONV_TYPES
 from lightning_prune.graph.slicing import slice_extent, slice_units
 from lightning_prune.graph.types import ChannelGroup, Slice, localised_group, prefixed_name, strip_prefix
@@ -40,7 +40,8 @@ def count_ops_and_params(model: nn.Module, example_inputs: Any, layer_wise: bool
     before = op_counter.CUSTOM_MODULES_MAPPING  # (read by its hooks; it empties the mapping when done)
     op_counter.CUSTOM_MODULES_MAPPING = {**extra, **before}  # (a mapping the user set wins)
     try:
-        return op_counter.count_ops_and_params(model, example_inputs, layer_wise=layer_wise)
+        with evaluating(model):  # (it puts the model in eval mode and leaves it so)
+            return op_counter.count_ops_and_params(model, example_inputs, layer_wise=layer_wise)
     finally:
         op_counter.CUSTOM_MODULES_MAPPING = before
 
@@ -66,13 +67,8 @@ class CostModel:
             self._skeleton: nn.Module | None = meta_copy(model)
         except Exception:  # noqa: BLE001 - a model deepcopy cannot copy: measured on the live model only
             self._skeleton = None
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                flops, params, layer_flops, _ = count_ops_and_params(model, example_inputs, layer_wise=True)
-        finally:
-            model.train(was_training)
+        with torch.no_grad():  # (in eval mode; every module's mode kept)
+            flops, params, layer_flops, _ = count_ops_and_params(model, example_inputs, layer_wise=True)
         full = functools.partial(prefixed_name, prefix)
         self.dense_flops = float(flops)
         self.dense_params = float(sum(p.numel() for p in model.parameters()))

@@ -15,7 +15,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_prune.graph.inputs import call_model
+from lightning_prune.graph.inputs import call_model, evaluating
 from lightning_prune.graph.layers import (
     PRODUCER_TYPES,
     channel_dim,
@@ -109,15 +109,12 @@ def build_dependency_graph(model: nn.Module, example: Any) -> tp.DependencyGraph
     """torch-pruning's dependency graph of ``model`` traced on ``example`` (in eval mode, one forward: through
     :func:`call_model`). Whatever happens, the model keeps its mode and no hook torch-pruning registered
     stays behind (it leaves them when the forward raises)."""
-    was_training = model.training
     before = {id(m): set(m._forward_hooks) for m in model.modules()}
-    model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), evaluating(model):
             return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
                                                          forward_fn=call_model)
     finally:
-        model.train(was_training)
         for m in model.modules():
             for key in set(m._forward_hooks) - before.get(id(m), set()):
                 del m._forward_hooks[key]

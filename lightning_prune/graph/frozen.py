@@ -27,8 +27,7 @@ train mode, a QAT observer) has a weight computation with state and is left alon
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,42 +36,62 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_prune.graph.along import ALONG_TYPES
 from lightning_prune.graph.types import strip_prefix
 
-__all__ = ["FROZEN_TYPES", "FrozenConv1d", "FrozenConv2d", "FrozenConv3d", "FrozenLinear", "computed_weight",
-           "effective_weight", "freeze", "freeze_modules", "freeze_reason", "frozen_names", "pad_same",
-           "refreeze"]
+__all__ = ["FROZEN_MARKER", "FROZEN_TYPES", "FrozenConv1d", "FrozenConv2d", "FrozenConv3d", "FrozenLinear",
+           "computed_weight", "effective_weight", "freeze", "freeze_modules", "freeze_reason",
+           "frozen_in_state", "frozen_names", "pad_same", "refreeze"]
 
 
-def pad_same(x: Tensor, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
-             ) -> Tensor:
+#: the persistent buffer every frozen layer holds (a 0-dim ``int64`` one). Its key in a ``state_dict``
+#: (``<layer>.frozen_by_lightning_prune``) marks the layer frozen: a strict ``load_state_dict`` of such a
+#: state into the architecture whose layer still computes its weight fails with an unexpected key, by name,
+#: instead of loading the computed weight as the raw one (which the layer would standardise once more,
+#: silently computing something else). lightning-prune's loaders freeze the layers first (:func:`refreeze`,
+#: :func:`frozen_in_state`).
+FROZEN_MARKER = "frozen_by_lightning_prune"
+
+
+def pad_same(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> Tensor:
     """``x`` zero-padded like TensorFlow's ``SAME`` (the output has ``ceil(size / stride)`` positions; an odd
     padding puts the extra zero after): what timm's ``pad_same`` does, for any number of spatial dims."""
-    return F.pad(x, _same_pads(x, kernel_size, stride, dilation))
+    return F.pad(x, _same_pads(x, list(kernel_size), list(stride), list(dilation)))
 
 
-def _same_pads(x: Tensor, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
-               ) -> list[int]:
+def _same_pads(x: Tensor, kernel_size: list[int], stride: list[int], dilation: list[int]) -> list[int]:
+    """The ``F.pad`` amounts of :func:`pad_same` (TorchScript-able: the frozen convs' forward calls it)."""
     pads: list[int] = []
     n = len(kernel_size)
-    for i in reversed(range(n)):  # F.pad takes the last dim first
-        size = int(x.shape[x.dim() - n + i])
-        total = max((math.ceil(size / stride[i]) - 1) * stride[i] + (kernel_size[i] - 1) * dilation[i] + 1
-                    - size, 0)
+    for j in range(n):  # F.pad takes the last dim first
+        i = n - 1 - j
+        size = x.shape[x.dim() - n + i]
+        total = max(((size + stride[i] - 1) // stride[i] - 1) * stride[i] + (kernel_size[i] - 1) * dilation[i]
+                    + 1 - size, 0)
         pads += [total // 2, total - total // 2]
     return pads
 
 
+def _mark(module: nn.Module, device: Any = None) -> None:
+    module.register_buffer(FROZEN_MARKER, torch.ones((), dtype=torch.long, device=device), persistent=True)
+
+
 class _FrozenConv:
     """A plain conv whose weight was computed by another layer's forward and frozen at a removal; with
-    ``same_pad`` it pads its input like TensorFlow's ``SAME`` first (its own ``padding`` is then 0)."""
+    ``same_pad`` it pads its input like TensorFlow's ``SAME`` first (its own ``padding`` is then 0), from the
+    input's size at every call -- ``torch.jit.script`` keeps that; ``torch.jit.trace`` records the padding of
+    the traced size, as it does for timm's own ``Conv2dSame``: trace at the size it will run at, or script."""
 
-    same_pad = False
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.same_pad = False
+        _mark(self, kwargs.get("device"))  # type: ignore[arg-type]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.same_pad:
-            x = pad_same(x, self.kernel_size, self.stride, self.dilation)  # type: ignore[attr-defined]
-        return super().forward(x)  # type: ignore[misc]
+            x = F.pad(x, _same_pads(x, list(self.kernel_size), list(self.stride),  # type: ignore[attr-defined]
+                                    list(self.dilation)))  # type: ignore[attr-defined]
+        return self._conv_forward(x, self.weight, self.bias)  # type: ignore[attr-defined]
 
 
 class FrozenConv1d(_FrozenConv, nn.Conv1d):
@@ -89,6 +108,10 @@ class FrozenConv3d(_FrozenConv, nn.Conv3d):
 
 class FrozenLinear(nn.Linear):
     """``nn.Linear`` holding a frozen computed weight (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _mark(self, kwargs.get("device"))
 
 
 FROZEN_TYPES = (FrozenConv1d, FrozenConv2d, FrozenConv3d, FrozenLinear)
@@ -194,7 +217,7 @@ def _record(module: Any, x: Tensor) -> tuple[list[_Call], Any]:
 def computed_weight(module: nn.Module) -> Computed | str | None:
     """``None`` when ``module`` is no Conv/Linear or uses its weight parameter as it is; else what its forward
     computes (:class:`Computed`), or why it cannot be frozen (a string)."""
-    if not isinstance(module, _LAYERS) or isinstance(module, FROZEN_TYPES):
+    if not isinstance(module, _LAYERS) or isinstance(module, (*FROZEN_TYPES, *ALONG_TYPES)):
         return None
     own = module.__dict__.get("_parameters", {}).get("weight")
     if type(module) in _LAYERS and isinstance(own, Tensor):
@@ -273,7 +296,8 @@ def _computed(module: nn.Module, own: Tensor | None, weight: Tensor,
         if (any(padding) or len(pads) != 1 or _arg(pads[0], 2, "mode", "constant") != "constant"
                 or float(_arg(pads[0], 3, "value", 0) or 0) != 0
                 or tuple(call.args[0].shape) != tuple(want.shape)
-                or [int(p) for p in _arg(pads[0], 1, "pad", ())] != _same_pads(x, kernel, stride, dilation)):
+                or [int(p) for p in _arg(pads[0], 1, "pad", ())] != _same_pads(x, list(kernel), list(stride),
+                                                                               list(dilation))):
             return "its forward pads its input in a way not followed (only TensorFlow's SAME is)"
         same = True
     return Computed(w, bias, stride, padding, dilation, groups, same)
@@ -309,6 +333,7 @@ def frozen_layer(module: nn.Module) -> nn.Module | None:
                   padding=found.padding, dilation=found.dilation, groups=found.groups,
                   bias=bias is not None, device="meta")
         new.same_pad = found.same_pad
+    _mark(new, weight.device)
     new.weight = nn.Parameter(weight, requires_grad=grad)
     if bias is not None:
         own_bias = module.__dict__.get("_parameters", {}).get("bias")
@@ -318,15 +343,45 @@ def frozen_layer(module: nn.Module) -> nn.Module | None:
     return new
 
 
+#: the hook dicts of a module that the frozen layer takes over (what others hooked on the layer: a
+#: distillation's feature hints, gates on its input, ...)
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new`` takes ``old``'s forward and backward hooks: the very dicts, so that the handles their owners
+    hold still remove them. The hooks of the weight computation itself (the old ``weight_norm``'s and
+    ``spectral_norm``'s pre-hooks, which set ``weight`` from parameters the frozen layer does not have) stay
+    behind: a dict holding one is copied without it (its other hooks then follow without their handles)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    own = (WeightNorm, SpectralNorm)
+    for attr in _HOOK_DICTS:
+        hooks = old.__dict__.get(attr)
+        if hooks is None:
+            continue
+        if any(isinstance(h, own) for h in hooks.values()):
+            hooks = type(hooks)((k, h) for k, h in hooks.items() if not isinstance(h, own))
+        setattr(new, attr, hooks)
+    if "_is_full_backward_hook" in old.__dict__:  # (how the backward hooks were registered)
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
 def freeze(model: nn.Module, name: str) -> bool:
     """Replace the submodule ``name`` of ``model`` (every place it is registered) by its frozen layer when it
-    computes its weight; returns whether it was replaced."""
+    computes its weight; returns whether it was replaced. The frozen layer computes what the layer computed
+    and takes over the hooks others put on it (:func:`_carry_hooks`): a forward hook on the layer (a
+    distillation's feature hint, a gate on its input) goes on acting, and its handle still removes it."""
     module = model.get_submodule(name)
     new = frozen_layer(module)
     if new is None:
         return False
     if not name:  # pragma: no cover - the model itself is the layer
         raise ValueError("cannot freeze the root module in place")
+    _carry_hooks(module, new)
     for parent in model.modules():
         for child_name, child in list(parent._modules.items()):
             if child is module:
@@ -393,3 +448,10 @@ def effective_weight(module: nn.Module) -> Tensor:
 def frozen_names(model: nn.Module) -> list[str]:
     """The names of ``model``'s frozen layers (what :func:`lightning_prune.save_compressed` records)."""
     return [n for n, m in model.named_modules() if isinstance(m, FROZEN_TYPES)]
+
+
+def frozen_in_state(state: Iterable[str]) -> list[str]:
+    """The names of the layers a ``state_dict`` (its keys) holds frozen: those whose :data:`FROZEN_MARKER`
+    it holds. ``refreeze(model, frozen_in_state(state), ...)`` makes a fresh model take it strictly."""
+    tail = "." + FROZEN_MARKER
+    return [key[: -len(tail)] for key in state if isinstance(key, str) and key.endswith(tail)]

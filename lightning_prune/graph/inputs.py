@@ -3,7 +3,8 @@ model with it, and moving it to the model's device and dtype."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +13,8 @@ from torch import Tensor, nn
 from lightning_prune.core.targets import uncompiled
 from lightning_prune.errors import InvalidArgumentError
 
-__all__ = ["call_model", "example_arguments", "example_inputs_for", "like_model", "traced_root"]
+__all__ = ["call_model", "evaluating", "example_arguments", "example_inputs_for", "like_model",
+           "restore_modes", "traced_root"]
 
 
 def traced_root(module: nn.Module) -> tuple[str, nn.Module]:
@@ -110,3 +112,32 @@ def example_batch_size(example: Any) -> int:
     if isinstance(example, dict) and example:
         return example_batch_size(next(iter(example.values())))
     return 1
+
+
+def restore_modes(model: nn.Module, modes: Mapping[str, bool]) -> None:
+    """Give every module of ``model`` the ``training`` flag ``modes`` recorded under its name
+    (``{name: m.training for name, m in model.named_modules(remove_duplicate=False)}``); a module put there
+    since (a layer frozen or replaced under the same name keeps the recorded flag, a new name takes its
+    parent's). ``model.train(<its own flag>)`` runs first, so that what the modules' own ``train`` does
+    (timm's LeViT drops its cached attention biases) happens as before; then the flags that differ (a
+    submodule the user keeps in eval mode, a frozen BatchNorm, under a model in train mode) are set back."""
+    model.train(modes.get("", model.training))
+    restored: dict[str, bool] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        mode = modes.get(name)
+        if mode is None:
+            mode = restored.get(name.rpartition(".")[0], module.training) if name else module.training
+        restored[name] = module.training = mode
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside; after, every module's ``training`` flag as it was
+    (:func:`restore_modes`), not the model's own flag pushed down to all of them (which would put a
+    submodule the user keeps in eval mode back in train mode)."""
+    modes = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
+    model.eval()
+    try:
+        yield model
+    finally:
+        restore_modes(model, modes)

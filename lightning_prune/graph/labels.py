@@ -13,7 +13,10 @@ atoms; a dim along which the array is constant carries no label.
 
 Readers cut the dependency: a Conv/Linear module reading a labelled dim is an **input site** (a gate there
 masks the units), a LayerNorm / GroupNorm(1) / GRN computing statistics over it is a **norm site**
-(restricted statistics). A Conv/Linear module whose forward computes the weight it uses from its parameters
+(restricted statistics), a convolution sliding along it (ECA's conv1d over the channel vector) is a **slide
+site** (zeros at the removed units; sliced, it runs at the dense width: :mod:`lightning_prune.graph.along`),
+and a convolution whose kernel is 1 along it (stride 1, no padding: timm's ``LambdaLayer``) passes it
+through. A Conv/Linear module whose forward computes the weight it uses from its parameters
 (weight standardisation, ``weight_norm``) is an input site too: the group names it in ``frozen``, and it is
 replaced by a plain layer holding that weight before its input channels go
 (:mod:`lightning_prune.graph.frozen`). A GroupNorm with several groups makes each of its groups one unit
@@ -74,12 +77,20 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_prune.graph.along import ALONG_TYPES, along_units_reason
 from lightning_prune.graph.frozen import freeze_reason
-from lightning_prune.graph.inputs import example_arguments
+from lightning_prune.graph.inputs import evaluating, example_arguments
 from lightning_prune.graph.layers import VIEW_OPS, channel_dim, is_grn, op_name
 from lightning_prune.graph.shapes import shape_provenance
 from lightning_prune.graph.slicing import slice_extent
-from lightning_prune.graph.types import ChannelGroup, GraphTimeoutError, Site, Slice, prefixed_name
+from lightning_prune.graph.types import (
+    ChannelGroup,
+    GraphTimeoutError,
+    Site,
+    Slice,
+    failure_reason,
+    prefixed_name,
+)
 
 __all__ = ["LabelGraph", "trace_labels"]
 
@@ -231,12 +242,16 @@ class LabelGraph:
         self._canon_tensor = _first_names(itertools.chain(model.named_parameters(remove_duplicate=False),
                                                           model.named_buffers(remove_duplicate=False)))
         self.program = _export(model, example)
+        # what failed in a step that only helps the proof (named in the skip reason of every group that then
+        # fails it: trace_labels gives them as hints)
+        self.notes: list[str] = []
         try:  # sizes the model's code takes from a tensor's shape (a constant in the exported graph)
             self.derived_sizes = shape_provenance(model, example, self.program, check)
         except GraphTimeoutError:
             raise
-        except Exception:  # noqa: BLE001 - a hint only: without it such couplings are left to the proof
+        except Exception as error:  # noqa: BLE001 - a hint only: without it such couplings are left to the proof
             self.derived_sizes = {}
+            self.notes.append(failure_reason("finding the sizes taken from a tensor's shape", error))
         self._node_by_name = {n.name: n for n in self.program.graph.nodes}
         sig = self.program.graph_signature
         self.placeholders: dict[str, tuple[str, str]] = {}
@@ -265,8 +280,9 @@ class LabelGraph:
                 pairs = self._attribute_couplings()
             except GraphTimeoutError:
                 raise
-            except Exception:  # noqa: BLE001 - a hint only: without it such sizes are left to the proof
+            except Exception as error:  # noqa: BLE001 - a hint only: without it such sizes are left to the proof
                 pairs = []
+                self.notes.append(failure_reason("coupling the sizes one integer attribute holds", error))
             if not collapsed and not pairs:
                 break
             self.paired |= collapsed
@@ -274,6 +290,7 @@ class LabelGraph:
 
     def _propagate(self, max_passes: int) -> None:
         self.atoms = _Atoms()
+        self._slide_extent: dict[tuple[str, int], int] = {}  # (conv, dim) of a slide site -> its width
         self.producer_atoms: dict[str, np.ndarray] = {}
         self.producer_order: list[str] = []
         self._grouped: dict[str, np.ndarray] = {}  # grouped convs (whole groups as units): their atoms
@@ -661,6 +678,9 @@ class LabelGraph:
             return self._linear(node, labs)
         if name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution"):
             return self._conv(node, labs)
+        along = self.modules.get(self._owner(node) or "")
+        if name == "index_copy" and isinstance(along, ALONG_TYPES):
+            return self._along_scatter(node, labs, along)
         if name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
             return self._recurrent(node, name, labs)
         if name in _PASS or name.rstrip("_") in _PASS or _pointwise(target) or name in (
@@ -938,10 +958,7 @@ class LabelGraph:
         cin = x_lab.shape[1]
         cout = out_shape[1]
         other = [(d, a) for d, a in x_lab.blocks if not (set(d) & ({1} | spatial))]
-        for d, _ in x_lab.blocks:
-            if set(d) & spatial:
-                raise _Fix("a convolution slides along these channels (its kernel mixes neighbouring units,"
-                           " as ECA's conv1d over the channel dim)")
+        other += self._conv_along(node, x_lab, out_shape, mname, module, computed)
         chan = self.dim_atoms(x_lab, 1)
         if groups == 1:
             if chan is not None:
@@ -979,6 +996,76 @@ class LabelGraph:
             self.atoms.union_all(np.concatenate([chan[g * ipg:(g + 1) * ipg], atoms[g * opg:(g + 1) * opg]]))
         self.records.slices.append((mname, "group", 0, atoms))
         return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
+
+    def _conv_along(self, node: Any, x_lab: _Lab, out_shape: tuple[int, ...], mname: str, module: nn.Module,
+                    computed: bool) -> list[tuple[tuple[int, ...], np.ndarray]]:
+        """The labelled spatial dims of a convolution's input (a unit dim the conv slides along): the blocks
+        its output carries there. A kernel of 1 with stride 1 and no padding along the dim mixes nothing: the
+        units pass through. A kernel sliding along them with stride 1 and the same size out is a **slide
+        site**: the removed units are zeros in its input, and once sliced it runs at the dense width
+        (:mod:`lightning_prune.graph.along`); its output keeps the positions (and units) of its input."""
+        n = len(x_lab.shape)
+        blocks = [(d, a) for d, a in x_lab.blocks if set(d) & set(range(2, n))]
+        if not blocks:
+            return []
+        args = node.args
+        name = op_name(node.target)
+        stride_arg = args[3] if len(args) > 3 else node.kwargs.get("stride", 1)
+        stride = [stride_arg] * (n - 2) if isinstance(stride_arg, int) else list(stride_arg)
+        if len(stride) == 1:
+            stride = stride * (n - 2)
+        kernel = _shape_of(args[1].meta.get("val"))
+        if name in ("convolution", "_convolution") and args[6]:  # pragma: no cover - refused before
+            raise _Fix("a transposed convolution")
+        out = []
+        for dims, arr in blocks:
+            if len(dims) != 1:
+                raise _Fix("a convolution slides along these channels, spread over several of its dims")
+            d = dims[0]
+            k = kernel[d] if kernel is not None else None
+            same = int(stride[d - 2]) == 1 and out_shape[d] == x_lab.shape[d]
+            if k == 1 and same:  # (the same size with a kernel of 1: no padding)
+                out.append((dims, arr))
+                continue
+            if not same:
+                raise _Fix("a convolution slides along these channels with a stride or a padding that"
+                           " changes their number")
+            why = along_units_reason(module) if not computed else "it computes its weight"
+            if why is None and self._owner(node) != mname:
+                why = "its weight is used outside its module"
+            if why is not None:
+                raise _Fix(f"a convolution slides along these channels (its kernel mixes neighbouring units)"
+                           f" and cannot run at the dense width: {why}")
+            local = arr
+            if isinstance(module, ALONG_TYPES):  # (already at the dense width: its input positions)
+                if module.unit_dim % n != d or module.dense_size != arr.shape[0]:
+                    raise _Fix("a convolution run at the dense width along another dim")
+                local = arr[module.kept_index.cpu().numpy()]
+            self.records.sites.append((mname, "slide", d, local))
+            self._slide_extent[(mname, d)] = int(local.shape[0])
+            out.append((dims, arr))
+        return out
+
+    def _along_scatter(self, node: Any, labs: dict, module: nn.Module) -> _Lab:
+        """``index_copy`` of a conv run at the dense width (:mod:`lightning_prune.graph.along`): its input
+        scattered to the dense positions (the removed ones hold zeros: fixed)."""
+        out_shape = _shape_of(node.meta["val"])
+        n = len(out_shape)
+        d = node.args[1] % n
+        if isinstance(labs.get(node.args[0]), _Lab) and self.canon(labs[node.args[0]]).blocks:
+            raise _Fix("aten.index_copy into a labelled tensor")
+        src = self.canon(labs[node.args[3]])
+        kept = module.kept_index.cpu().numpy()
+        blocks = []
+        for dims, arr in src.blocks:
+            if d in dims:
+                if dims != (d,):
+                    raise _Fix("aten.index_copy along a unit dim spread over several dims")
+                dense = np.full(out_shape[d], FIXED, dtype=np.int64)
+                dense[kept] = arr
+                arr = dense
+            blocks.append((dims, arr))
+        return self.canon(_Lab(out_shape, blocks, [], src.derived - {d}))
 
     def _freeze_reason(self, mname: str) -> str | None:
         """Why layer ``mname``, which computes its weight, cannot be frozen (None: it can), once per layer."""
@@ -1309,6 +1396,18 @@ class LabelGraph:
             idx_shape = _shape_of(indices[dim].meta.get("val")) or ()
             if name == "index_select":
                 idx_shape = (idx_shape[0],) if idx_shape else (1,)
+            along = self.modules.get(self._owner(node) or "")
+            if name == "index_select" and isinstance(along, ALONG_TYPES) and along.unit_dim % n == dim:
+                # a conv run at the dense width gathers its kept positions (lightning_prune.graph.along)
+                kept = along.kept_index.cpu().numpy()
+                blocks = []
+                for dims, arr in lab.blocks:
+                    if dim in dims:
+                        if dims != (dim,):
+                            raise _Fix(f"aten.{name} along a unit dim spread over several dims")
+                        arr = arr[kept]
+                    blocks.append((dims, arr))
+                return self.canon(_Lab(_shape_of(val), blocks, [], lab.derived - {dim}))
             for dims, _ in lab.blocks:
                 if dim in dims:
                     raise _Fix(f"aten.{name} along a unit dim")
@@ -1757,7 +1856,8 @@ class LabelGraph:
                 columns = tuple(col for _, (_, col) in items)
                 group_sites.append(Site(full(module), kind, dim, tuple(c for c, _ in items),
                                         tuple(u for _, (u, _) in items), full(weight) if weight else "",
-                                        columns if columns != tuple(c for c, _ in items) else ()))
+                                        columns if columns != tuple(c for c, _ in items) else (),
+                                        self._slide_extent.get((module, dim), 0) if kind == "slide" else 0))
             io_slices = [s for s in group_slices if s.role in ("out", "group", "in")]
             width = min((len(s.channels) // max(len(set(s.units)), 1) for s in io_slices), default=1)
             kind = ("conv group" if any(s.role == "group" for s in group_slices)
@@ -1934,14 +2034,9 @@ def _clean_path(path: str) -> str:
 
 
 def _export(model: nn.Module, example: Any) -> Any:
-    was_training = model.training
-    model.eval()
-    try:
-        args, kwargs = example_arguments(example)
-        with torch.no_grad():
-            return torch.export.export(model, args, kwargs, strict=False)
-    finally:
-        model.train(was_training)
+    args, kwargs = example_arguments(example)
+    with torch.no_grad(), evaluating(model):
+        return torch.export.export(model, args, kwargs, strict=False)
 
 
 def trace_labels(model: nn.Module, example: Any, prefix: str = "", outputs: Iterable[str] = (),
@@ -1954,6 +2049,10 @@ def trace_labels(model: nn.Module, example: Any, prefix: str = "", outputs: Iter
     key_dim``), each variant updates one of them only."""
     graph = LabelGraph(model, example, check)
     groups, skipped = graph.groups(prefix, frozenset(outputs))
+    for note in dict.fromkeys(graph.notes):  # (a step that failed: every group failing the proof names it)
+        for group in groups:
+            hint = graph.hints.get(group.name)
+            graph.hints[group.name] = f"{hint}; {note}" if hint else note
     variants: dict[str, list[ChannelGroup]] = {}
     for group in groups:
         events = graph.choices.get(group.name)

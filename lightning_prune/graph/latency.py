@@ -288,16 +288,38 @@ class LatencyPlan:
     tried: dict[int, tuple[float, float]] = field(default_factory=dict)  # removals -> (predicted, measured)
 
 
+def _next_removals(tried: dict[int, float], predicted: dict[int, float], last: int, aim: float, target: float,
+                   fewest: Callable[[float], int]) -> int:
+    """The next number of units to remove (:func:`latency_plan`): after one measurement, the fewest whose
+    prediction meets the predicted goal scaled by ``aim / measured``; after more, the secant of the measured
+    latency over the removals through the closest plans on both sides of ``target`` (or the two closest to
+    ``aim`` when all lie on one side), towards ``aim``."""
+    if len(tried) < 2:
+        return fewest(min(max(predicted[last] * aim / max(tried[last], 1e-9), 0.0), 1.0))
+    slow = [k for k, m in tried.items() if m > target]
+    fast = [k for k, m in tried.items() if m <= target]
+    if slow and fast:
+        a, b = max(slow), min(fast)
+    else:
+        a, b = sorted(sorted(tried, key=lambda k: abs(tried[k] - aim))[:2])
+    if tried[a] == tried[b]:  # flat: no slope to follow, the prediction scaled instead
+        return fewest(min(max(predicted[last] * aim / max(tried[last], 1e-9), 0.0), 1.0))
+    return max(round(a + (aim - tried[a]) * (b - a) / (tried[b] - tried[a])), 0)
+
+
 def latency_plan(removed_for: Callable[[int], dict[str, list[int]]], total: int, latency: LatencyPredictor,
                  target: float, attempts: int = 6, tolerance: float = 0.02) -> LatencyPlan:
     """The fewest removals (in the caller's ranking: ``removed_for(n)`` removes the ``n`` first units) whose
     latency meets ``target``: a bisection on ``latency.predict``, then a measurement of that plan; while the
-    measurement is off by more than ``tolerance`` (or above the target) the predicted goal is corrected
-    (scaled by ``aim / measured``, ``aim = target - tolerance / 2``; once plans on both sides are measured,
-    the secant between the closest two) and the plan chosen again (at most ``attempts`` measurements), a
-    later plan staying between the plans measured too slow and those measured fast enough. The plan kept is
-    the measured one closest to the target from below; with none below, the one measured fastest (the target
-    is unmet: ``floor`` says what removing everything gives)."""
+    measurement is off by more than ``tolerance`` (or above the target) the next plan is chosen again (at
+    most ``attempts`` measurements), aiming at ``aim = target - tolerance / 2``: after the first measurement
+    by the predicted goal scaled by ``aim / measured``; from the second on by the secant of the *measured*
+    latency over the number of units removed, between the closest plans on both sides of the target or, with
+    all on one side, through the two closest to it (a prediction that is off in shape -- it saturates long
+    before the measurement does -- cannot stall the search), the midpoint where a secant repeats a plan. A
+    later plan stays between the plans measured too slow and those measured fast enough. The plan kept is the
+    measured one closest to the target from below; with none below, the one measured fastest (the target is
+    unmet: ``floor`` says what removing everything gives)."""
 
     def fewest(goal: float) -> int:
         lo, hi = 0, total
@@ -310,15 +332,20 @@ def latency_plan(removed_for: Callable[[int], dict[str, list[int]]], total: int,
         return lo
 
     measure = getattr(latency, "measure", None)
-    goal, tried, predicted = float(target), {}, {}
+    aim = target - tolerance / 2  # the middle of the window accepted
+    tried: dict[int, float] = {}
+    predicted: dict[int, float] = {}
+    n = fewest(float(target))
     for _ in range(max(int(attempts), 1)):
-        n = fewest(goal)
         # inside the bracket the measurements so far give (more removed than any plan measured too slow,
         # fewer than any measured fast enough): noise in a timing cannot send the search back out
         slow = [k for k, m in tried.items() if m > target]
         fast = [k for k, m in tried.items() if m <= target]
         low, high = (max(slow) + 1 if slow else 0), (min(fast) - 1 if fast else total)
-        n = min(max(n, low), high) if low <= high else n
+        if low <= high:
+            n = min(max(n, low), high)
+            if n in tried:
+                n = (low + high) // 2
         if n in tried:
             break
         removed = removed_for(n)
@@ -329,15 +356,7 @@ def latency_plan(removed_for: Callable[[int], dict[str, list[int]]], total: int,
         predicted[n] = float(latency.predict(removed))
         if target - tolerance <= measured <= target or (n == total and measured > target):
             break
-        aim = target - tolerance / 2  # the middle of the window accepted
-        slow = [k for k, m in tried.items() if m > target]
-        fast = [k for k, m in tried.items() if m <= target]
-        if slow and fast and tried[min(fast)] != tried[max(slow)]:  # the secant between the two closest plans
-            a, b = max(slow), min(fast)
-            goal = predicted[a] + (aim - tried[a]) * (predicted[b] - predicted[a]) / (tried[b] - tried[a])
-        else:  # the prediction scaled to what was measured at this plan
-            goal = predicted[n] * aim / max(measured, 1e-9)
-        goal = min(max(goal, 0.0), 1.0)
+        n = _next_removals(tried, predicted, n, aim, target, fewest)
     below = [(m, n) for n, m in tried.items() if m <= target]
     m, n = max(below) if below else min((m, n) for n, m in tried.items())
     removed = removed_for(n)

@@ -13,12 +13,14 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.errors import InvalidArgumentError
+from lightning_prune.graph.along import ALONG_TYPES, keep_positions
 from lightning_prune.graph.frozen import freeze_modules
 from lightning_prune.graph.layers import CONV_TYPES, is_depthwise, is_grn
 from lightning_prune.graph.types import ChannelGroup, strip_prefix
 
-__all__ = ["cut_like", "drop_cached_tensors", "norm_size", "parameter_cuts", "restricted_forward",
-           "restricted_norm_hooks", "slice_extent", "slice_units", "zero_unit_hooks"]
+__all__ = ["cut_like", "drop_cached_tensors", "norm_size", "parameter_cuts", "reads_now",
+           "restricted_forward", "restricted_norm_hooks", "slice_extent", "slice_units", "slide_zero_hooks",
+           "zero_input_hook", "zero_unit_hooks"]
 
 
 def slice_extent(target: nn.Module | Tensor | None, role: str, dim: int = 0) -> int | None:
@@ -115,7 +117,9 @@ def restricted_forward(module: nn.Module, x: Tensor, keep: Tensor, dim: int) -> 
 def restricted_norm_hooks(model: nn.Module, groups: Iterable[ChannelGroup],
                           removed: Mapping[str, Iterable[int]], prefix: str = "") -> list[Any]:
     """Forward hooks that make every norm site compute its statistics over the kept channels (all groups'
-    removed units of one norm combined); returns the handles."""
+    removed units of one norm combined), and every slide site see zeros at the removed units
+    (:func:`slide_zero_hooks`): what the removal does to the readers that have no weight columns; returns
+    the handles."""
     dead_by_module: dict[str, tuple[int, set[int]]] = {}
     for group in groups:
         gone = group.feasible(removed.get(group.name, ()))
@@ -141,6 +145,43 @@ def restricted_norm_hooks(model: nn.Module, groups: Iterable[ChannelGroup],
             return restricted_forward(m, x, keep.to(x.device), dim).to(output.dtype)
 
         handles.append(module.register_forward_hook(hook))
+    return handles + slide_zero_hooks(model, groups, removed, prefix)
+
+
+def reads_now(module: nn.Module) -> int | None:
+    """What a slide site's conv reads along its unit dim now: the kept count of one that runs at the dense
+    width (:mod:`lightning_prune.graph.along`), None for a plain conv (its input as traced)."""
+    return int(module.kept_index.numel()) if isinstance(module, ALONG_TYPES) else None
+
+
+def zero_input_hook(channels: Tensor, dim: int, reads: int | None) -> Any:
+    """A forward pre-hook zeroing ``channels`` along ``dim`` of a module's input, as long as the module reads
+    what it read when the hook was made (``reads``: :func:`reads_now`; once it was sliced, nothing)."""
+    def hook(m: nn.Module, args: Any) -> Any:
+        if reads_now(m) != reads:
+            return None
+        x = args[0]
+        return (x.index_fill(dim % x.dim(), channels.to(x.device), 0.0), *args[1:])
+
+    return hook
+
+
+def slide_zero_hooks(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mapping[str, Iterable[int]],
+                     prefix: str = "") -> list[Any]:
+    """Forward pre-hooks that zero the removed units in the input of every slide site (a conv sliding along
+    them, which sees zeros there once they are sliced: :mod:`lightning_prune.graph.along`)."""
+    dead_by_module: dict[tuple[str, int], set[int]] = {}
+    for group in groups:
+        gone = group.feasible(removed.get(group.name, ()))
+        for site in group.slide_sites() if gone else ():
+            dead_by_module.setdefault((site.module, site.dim), set()).update(
+                c for c, u in zip(site.channels, site.units) if u in gone)
+    handles = []
+    for (name, dim), dead in dead_by_module.items():
+        if dead:
+            module = model.get_submodule(strip_prefix(name, prefix))
+            handles.append(module.register_forward_pre_hook(
+                zero_input_hook(torch.tensor(sorted(dead), dtype=torch.long), dim, reads_now(module))))
     return handles
 
 
@@ -229,6 +270,7 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
     freeze_modules(model, groups, removed, prefix)
     dead: dict[tuple[str, str, int], set[int]] = {}
     attrs: dict[tuple[str, str], int] = {}
+    slides: dict[tuple[str, int], tuple[int, set[int]]] = {}
     count = 0
     for group in groups:
         gone = group.feasible(removed.get(group.name, ()))
@@ -240,6 +282,9 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
         for sl in group.slices:
             key = (sl.module, sl.role, sl.dim)
             dead.setdefault(key, set()).update(c for c, u in zip(sl.channels, sl.units) if u in gone)
+        for site in group.slide_sites():  # a conv sliding along the units: run at the dense width
+            _, dead_slide = slides.setdefault((site.module, site.dim), (site.extent, set()))
+            dead_slide.update(c for c, u in zip(site.channels, site.units) if u in gone)
         for module_name, attr, per_unit in group.attrs:
             drop = (per_unit * len(gone) if isinstance(per_unit, int)
                     else sum(per_unit[u] for u in gone if u < len(per_unit)))
@@ -256,6 +301,9 @@ def slice_units(model: nn.Module, groups: Iterable[ChannelGroup], removed: Mappi
             _set(owner, pname, tensor.detach().index_select(dim, _keep(tensor.shape[dim], channels)))
         else:
             _slice_module(model.get_submodule(local), role, channels, dim)
+    for (name, dim), (size, channels) in slides.items():
+        module = model.get_submodule(strip_prefix(name, prefix))
+        keep_positions(module, dim, size, channels)
     for (name, attr), drop in attrs.items():
         module = model.get_submodule(strip_prefix(name, prefix))
         if attr.endswith("]"):  # an element of a list of sizes: ``splits[1]``

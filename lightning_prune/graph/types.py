@@ -88,14 +88,18 @@ class Site:
 
     ``kind="input"``: the input of a Conv/Linear (channel ``dim``); a gate multiplies these channels there
     (and folds into the weight columns). ``kind="norm"``: a LayerNorm/GroupNorm(1)/GRN; once units are pruned
-    it computes its statistics over the kept channels only. ``weight``: the Conv/Linear weight that reads the
-    channels when ``module`` is not that layer itself (a module whose forward calls ``F.linear`` with a
+    it computes its statistics over the kept channels only. ``kind="slide"``: a convolution sliding along
+    the units (``dim`` is one of its spatial dims: ECA's conv1d over the channel vector); the removed units
+    are zeros in its input, and once they are sliced it runs at the dense width
+    (:mod:`lightning_prune.graph.along`), its weight untouched. ``weight``: the Conv/Linear weight that reads
+    the channels when ``module`` is not that layer itself (a module whose forward calls ``F.linear`` with a
     child's weight: the gate goes on the module's input, and folds into that weight's columns).
 
     ``channels`` index the input tensor (what hooks on the module's input use); ``columns``, where not empty,
     the weight's dim 1 at each of them: a grouped conv whose units are paired across its groups reads input
     channel ``c`` with column ``c % (cin // groups)``, so several channels (one per conv group, all of one
     unit) share a column. Whatever indexes the weight uses :attr:`weight_columns` or :meth:`column_units`.
+    ``extent``: a slide site's width along ``dim`` (what its conv reads there, all groups together).
     """
 
     module: str
@@ -105,6 +109,7 @@ class Site:
     units: tuple[int, ...]
     weight: str = ""
     columns: tuple[int, ...] = ()
+    extent: int = 0
 
     @property
     def weight_name(self) -> str:
@@ -176,6 +181,9 @@ class ChannelGroup:
 
     def norm_sites(self) -> list[Site]:
         return [s for s in self.sites if s.kind == "norm"]
+
+    def slide_sites(self) -> list[Site]:
+        return [s for s in self.sites if s.kind == "slide"]
 
 
 @dataclass

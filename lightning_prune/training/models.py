@@ -200,6 +200,12 @@ class ImageClassifier(pl.LightningModule):
             from lightning_prune._registry import warn_ignored_states
 
             warn_ignored_states(self._trainer, checkpoint)
+            return
+        # ImageClassifier.load_from_checkpoint (no Trainer, no callbacks): a checkpoint written after a
+        # callback removed units inside the fit loads as the compressed model (as lp.load_compressed)
+        from lightning_prune.core.compression import take_recorded_removal
+
+        take_recorded_removal(self, checkpoint, "the checkpoint")
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -1104,3 +1104,35 @@ def test_compress_under_fsdp2_refuses_callbacks_holding_the_old_network(other):
         cb._refuse_stale_holders(ddp)  # (under DDP the module tree stays; masks follow the removal)
     trainer.callbacks = [cb, EvolutionaryMutation()]  # (re-selects the parameters at every generation)
     cb._refuse_stale_holders(trainer)
+
+
+def _ws_compress_fit(root: str, kind: str, ckpt_path: str | None):
+    from lightning_prune.graph import frozen_names
+    from tests.sharded import ShardedWSClassifier
+
+    cb = lp.GroupLassoPruning(verbose=False, finalize_step=2, round_to=1, compress=True,
+                              recalibrate_bn_batches=0, lam=0.05, gate_lr=1.0, target_flops=0.5)
+    every = 3 if ckpt_path is None else None
+    trainer, weights = _fit_on_two_ranks(kind, [cb], 5, model=ShardedWSClassifier, root=root,
+                                         ckpt_path=ckpt_path, checkpoint_every=every)
+    return sorted(cb.shrink.frozen), frozen_names(trainer.lightning_module), cb.shrink.removed, weights
+
+
+@pytest.mark.slow
+def test_readers_computing_their_weight_under_fsdp2(tmp_path):
+    """Readers that compute their weight (weight standardisation) are frozen before their input channels are
+    gated or removed, which is not done on shards: a gate fit on them under FSDP2 is refused at fit start by
+    name (before, the gates folded into the raw weights, standardised away); a DDP checkpoint written after
+    the in-fit removal resumes under FSDP2 with its readers frozen again on the gathered network (as the
+    single-process resume does), to the DDP run's end."""
+    with pytest.raises(RuntimeError, match=r"GroupLassoPruning cannot act under ModelParallelStrategy"
+                       r" \(FSDP2\) on the groups read by .*compute their weight.*HINT: strategy='ddp'"):
+        run_two(_ws_compress_fit, str(tmp_path / "fsdp2"), "fsdp2-full", None)
+    written = run_two(_ws_compress_fit, str(tmp_path / "ddp"), "ddp", None)
+    ckpt = tmp_path / "ddp" / "ckpt" / "step=3.ckpt"
+    again = run_two(_ws_compress_fit, str(tmp_path / "resumed"), "fsdp2-full", str(ckpt))
+    (frozen, names, removed, weights), (frozen2, names2, removed2, weights2) = written[0], again[0]
+    assert frozen and frozen2 == frozen and names2 == names and removed2 == removed and any(removed.values())
+    assert weights.keys() == weights2.keys()
+    for name, w in weights.items():
+        torch.testing.assert_close(weights2[name], w, rtol=1e-4, atol=1e-5)

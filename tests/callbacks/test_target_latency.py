@@ -194,6 +194,31 @@ def test_the_correction_brackets_and_takes_the_secant():
     assert plan.predicted == pytest.approx(0.7)
 
 
+class Saturating:
+    """Predicts ``max(1 - 0.05 n, 0.05)`` (flat from 19 removals on); measures ``1 - 0.0085 n``: a table that
+    is off in shape, as convnext_atto's was (predicted 0.06 where 0.69 was measured)."""
+
+    def __init__(self) -> None:
+        self.measured: list[int] = []
+
+    def predict(self, removed):
+        return max(1.0 - 0.05 * len(removed.get("g", ())), 0.05)
+
+    def measure(self, removed):
+        self.measured.append(len(removed.get("g", ())))
+        return 1.0 - 0.0085 * len(removed.get("g", ()))
+
+
+def test_a_prediction_off_in_shape_does_not_stall_the_search():
+    """Target 0.5: the prediction removes 10 units (measured 0.915); scaled, 15 (0.8725); the secant of the
+    measurements then gives 60 (0.49), in the window -- the scaled predicted goal alone went on to 18, 19,
+    100 (0.15) and 20, and ended at 0.15 for a target of 0.5."""
+    latency = Saturating()
+    plan = latency_plan(lambda n: {"g": list(range(n))} if n else {}, 100, latency, 0.5)
+    assert latency.measured == [10, 15, 60]
+    assert len(plan.removed["g"]) == 60 and plan.measured == pytest.approx(0.49) and plan.floor is None
+
+
 def test_an_unreachable_latency_is_said_to_be_unmet():
     plan = latency_plan(lambda n: {"g": list(range(n))} if n else {}, 3, Scaled(1.0), 0.5)
     assert plan.removed == {"g": [0, 1, 2]} and plan.measured == pytest.approx(0.7)
