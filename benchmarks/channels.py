@@ -1,8 +1,11 @@
 """Channel pruning to a FLOPs budget on ``lp.ShapesDataModule``: group-LASSO gates against torch-pruning.
 
 For each model (timm ``resnet18``, ``resnet50``, ``efficientnet_b0``, ``mobilenetv3_large_100``,
-``regnety_002``, ``convnext_atto``, ``vit_tiny_patch16_224`` at 32x32), each seed (``--seeds``) and each
-budget (``target_flops`` 0.5 and 0.25 of the dense FLOPs, torch-pruning's ``count_ops_and_params``):
+``regnety_002``, ``convnext_atto``, ``vit_tiny_patch16_224`` at 32x32, each with its recipe,
+:data:`MODELS`: ``efficientnet_b0`` and ``mobilenetv3_large_100`` with ``ImageClassifier(stem_stride=1,
+zero_init_last=True)``, without which they barely train here, ``results/shapes-mobile.md``), each seed
+(``--seeds``) and each budget (``target_flops`` 0.5 and 0.25 of the dense FLOPs, torch-pruning's
+``count_ops_and_params``):
 
 * **dense**: ``E`` epochs of SGD (cosine LR) from scratch, the reference;
 * **ours**: ``GroupLassoPruning(target_flops=t, finalize_step=0.5, compress=True)``: the same ``E`` epochs; at
@@ -65,14 +68,20 @@ import lightning_prune as lp  # noqa: E402
 from lightning_prune.graph import analyse_channels, slice_units  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = {
+#: the per-model recipe: ``lp.ImageClassifier`` arguments on top of the common ones (SGD, lr, weight decay,
+#: cosine), the same for every method (dense, ours, torch-pruning's base model and its fine-tuning). The
+#: mobile families get a stride-1 stem and residual blocks that start as the identity: with timm's
+#: architecture and init, dense efficientnet_b0 reached 0.31 here (``results/channels-shapes-effb0-s0.md``;
+#: the cause and the ablation: ``benchmarks/mobile_from_scratch.py``, ``results/shapes-mobile.md``)
+MOBILE = {"stem_stride": 1, "zero_init_last": True}
+MODELS: dict[str, dict[str, Any]] = {
     "resnet18": {},
     "resnet50": {},
-    "efficientnet_b0": {},
-    "mobilenetv3_large_100": {},
+    "efficientnet_b0": MOBILE,
+    "mobilenetv3_large_100": MOBILE,
     "regnety_002": {},
     "convnext_atto": {},
-    "vit_tiny_patch16_224": {"img_size": 32},
+    "vit_tiny_patch16_224": {"model_kwargs": {"img_size": 32}},
 }
 SIDE = 32
 
@@ -85,10 +94,10 @@ def trainer(epochs: int, callbacks=(), root: str = "runs/bench_channels") -> pl.
 
 
 def classifier(name: str, lr: float) -> lp.ImageClassifier:
-    """(``ImageClassifier``'s default ``head_init="fan_in"``: timm's EfficientNet/MobileNet classifier init
-    left ``mobilenetv3_large_100`` at chance here.)"""
+    """The model with its recipe (:data:`MODELS`; ``ImageClassifier``'s default ``head_init="fan_in"``:
+    timm's EfficientNet/MobileNet classifier init left ``mobilenetv3_large_100`` at chance here.)"""
     return lp.ImageClassifier(name, num_classes=10, optimizer="sgd", lr=lr, weight_decay=5e-4,
-                              scheduler="cosine", model_kwargs=MODELS[name])
+                              scheduler="cosine", **MODELS.get(name, {}))
 
 
 def accuracy(model: pl.LightningModule, data: pl.LightningDataModule) -> float:
@@ -382,6 +391,16 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def recipes(rows: list[dict[str, Any]]) -> str:
+    """The per-model recipes the rows were run with (rows written before recipes were recorded: none)."""
+    found = {r["model"]: r["recipe"] for r in rows if r.get("recipe")}
+    if not found:
+        return ""
+    return (". Per-model recipe (`ImageClassifier` arguments, every method): " + "; ".join(
+        f"`{model}`: `{', '.join(f'{k}={v}' for k, v in recipe.items())}`"
+        for model, recipe in found.items()))
+
+
 def markdown(rows: list[dict[str, Any]], rounding: list[dict[str, Any]], config: dict[str, Any]) -> str:
     def pm(mean: float | None, sd: float | None) -> str:
         if mean is None:
@@ -398,7 +417,7 @@ def markdown(rows: list[dict[str, Any]], rounding: list[dict[str, Any]], config:
              f" cosine, batch 64, one thread; torch-pruning: TaylorImportance ({config['taylor_batches']}"
              " batches), global pruning, round_to=8, the same fine-tuning budget. Latency: thread CPU time,"
              f" 1 thread, medians of {config['reps']} interleaved repetitions, as ratios to the dense model."
-             f" `{config['command']}`" + merged, "",
+             f" `{config['command']}`" + merged + recipes(rows), "",
              "Mean over seeds; paired differences (same seed) with their standard deviation:", "",
              "| model | method | target FLOPs | seeds | test acc (mean ± sd) | FLOPs | - dense"
              " | - torch-pruning |" + (" - ours one-shot |" if criteria else ""),
@@ -491,7 +510,8 @@ def main() -> None:
     if not args.merge:
         for seed in args.seeds:
             for name in args.models:
-                new += run_model(name, seed, args, log)
+                for row in run_model(name, seed, args, log):
+                    new.append({**row, "recipe": MODELS.get(name, {})})
         if args.round_to_sweep:
             rounding = round_to_sweep(args.reps, log)
         config = {"epochs": args.epochs, "train_size": args.train_size, "difficulty": args.difficulty,

@@ -8,7 +8,7 @@ the machine before and after (the CPU is shared: wall time is not a measure here
 Usage::
 
     python benchmarks/shapes.py --models resnet18 --epochs 8 --train-size 4000
-    python benchmarks/shapes.py --models efficientnet_b0 mobilenetv3_large_100 --epochs 8 --out shapes-mobile
+    python benchmarks/shapes.py --models efficientnet_b0 --stem-stride 1 --zero-init-last  # mobile recipe
     python benchmarks/shapes.py --gallery benchmarks/results/shapes.png   # sample images, nothing trained
 
 Writes ``benchmarks/results/<out>.{json,md}`` (merged with the rows already there, by model and settings).
@@ -44,7 +44,8 @@ def run(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
                                seed=args.seed)
     data.setup("fit")
     data_cpu = time.process_time() - started_cpu
-    model = lp.ImageClassifier(model_name, num_classes=10, optimizer=args.optimizer, lr=args.lr)
+    model = lp.ImageClassifier(model_name, num_classes=10, optimizer=args.optimizer, lr=args.lr,
+                               stem_stride=args.stem_stride, zero_init_last=args.zero_init_last)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, check_val_every_n_epoch=max(args.epochs, 1))
@@ -53,7 +54,8 @@ def run(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
     test_acc = float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
     return {"model": model_name, "difficulty": args.difficulty, "epochs": args.epochs,
             "train_size": args.train_size, "test_size": args.test_size, "batch_size": args.batch_size,
-            "optimizer": args.optimizer, "lr": args.lr, "seed": args.seed, "data_seed": args.data_seed,
+            "optimizer": args.optimizer, "lr": args.lr, "stem_stride": args.stem_stride,
+            "zero_init_last": args.zero_init_last, "seed": args.seed, "data_seed": args.data_seed,
             "threads": args.threads,
             "images_seen": args.epochs * args.train_size, "val_acc": val_acc, "test_acc": test_acc,
             "data_cpu_s": data_cpu, "cpu_min": (time.process_time() - started_cpu) / 60,
@@ -61,9 +63,20 @@ def run(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
             "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
+#: the settings a row is known by, with the value of rows written before the setting existed
+_KEYS = {"model": None, "difficulty": None, "epochs": None, "train_size": None, "optimizer": "sgd",
+         "lr": None, "stem_stride": None, "zero_init_last": False, "seed": None, "data_seed": None}
+
+
 def _key(row: dict[str, Any]) -> tuple:
-    keys = ("model", "difficulty", "epochs", "train_size", "optimizer", "lr", "seed", "data_seed")
-    return tuple(row.get(k, "sgd") if k == "optimizer" else row[k] for k in keys)
+    return tuple(row.get(k, default) for k, default in _KEYS.items())
+
+
+def _recipe(row: dict[str, Any]) -> str:
+    """The model's changes to timm's architecture and init, in ``ImageClassifier`` arguments."""
+    changes = ([f"stem_stride={row['stem_stride']}"] if row.get("stem_stride") else []) \
+        + (["zero_init_last"] if row.get("zero_init_last") else [])
+    return ", ".join(changes) or "–"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,6 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--stem-stride", type=int, default=None,
+                        help="ImageClassifier(stem_stride=...): 1 adapts the mobile families to 32x32")
+    parser.add_argument("--zero-init-last", action="store_true",
+                        help="ImageClassifier(zero_init_last=True): residual blocks start as the identity")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -99,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         row = run(name, args)
         print(json.dumps(row), flush=True)
         rows = [r for r in rows if _key(r) != _key(row)] + [row]
-    rows.sort(key=lambda r: (r["model"], r["difficulty"], r["epochs"], r["train_size"], r["seed"]))
+    rows.sort(key=lambda r: (r["model"], r["difficulty"], _recipe(r), r["epochs"], r["train_size"],
+                             r["seed"]))
     path.write_text(json.dumps(rows, indent=1) + "\n")
     path.with_suffix(".md").write_text(render(rows))
 
@@ -116,18 +134,21 @@ def gallery(path: Path, scale: int = 3) -> None:
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | difficulty | optimizer, lr | epochs | train images | images seen | test acc"
+    lines = ["| model | recipe | difficulty | optimizer, lr | epochs | train images | images seen | test acc"
              " | val acc | CPU min | load avg (start/end) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| `{r['model']}` | {r['difficulty']} | {r.get('optimizer', 'sgd')}, {r['lr']}"
+        lines.append(f"| `{r['model']}` | {_recipe(r)} | {r['difficulty']}"
+                     f" | {r.get('optimizer', 'sgd')}, {r['lr']}"
                      f" | {r['epochs']} | {r['train_size']}"
                      f" | {r['images_seen']} | {r['test_acc']:.4f} | {r['val_acc']:.4f} | {r['cpu_min']:.1f}"
                      f" | {r['load_before']:.1f} / {r['load_after']:.1f} |")
     return ("Dense timm models from scratch on `lp.ShapesDataModule` (2,000 test images, 1,000 validation),"
             " `lp.ImageClassifier` (SGD: Nesterov 0.9; weight decay 5e-4; cosine) at batch 64, one thread,"
             " seed 0,"
-            " data seed 0; `python benchmarks/shapes.py`. CPU minutes: process CPU time of data, fit and test"
+            " data seed 0; `python benchmarks/shapes.py` (recipe: `--stem-stride 1 --zero-init-last`, the"
+            " `ImageClassifier` arguments the mobile families need here,"
+            " `benchmarks/results/shapes-mobile.md`). CPU minutes: process CPU time of data, fit and test"
             " on a shared 2-core machine; the load average is the machine's (1 minute) at start and end.\n\n"
             + "\n".join(lines) + "\n")
 

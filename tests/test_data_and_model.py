@@ -74,6 +74,39 @@ def test_classifier_head_starts_at_the_fan_in_scale():
         ImageClassifier("test_resnet", head_init="zeros")
 
 
+def test_classifier_stem_stride_and_zero_init_last_adapt_mobile_nets_to_small_images():
+    """The recipe that makes mobilenetv3/efficientnet train from scratch on 32x32 shapes
+    (benchmarks/results/shapes-mobile.md): a stride-1 stem, and every residual block the identity at init."""
+    torch.manual_seed(0)
+    plain = ImageClassifier("mobilenetv3_small_050").model
+    model = ImageClassifier("mobilenetv3_small_050", stem_stride=1, zero_init_last=True)
+    net = model.model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert net.conv_stem.stride == (1, 1) and plain.conv_stem.stride == (2, 2)
+    assert net.forward_features(x).shape[-1] == 2 * plain.eval().forward_features(x).shape[-1]
+    lasts = {b: getattr(b, "bn3", None) or b.bn2 for b in net.modules() if getattr(b, "has_skip", False)}
+    assert lasts and all(float(bn.weight.abs().max()) == 0 for bn in lasts.values())
+    for block, bn in lasts.items():
+        inp = torch.randn(2, bn.num_features, 4, 4)
+        assert torch.equal(block(inp), inp)  # every residual block starts as the identity
+    rebuilt = ImageClassifier(**model.hparams).model  # what load_from_checkpoint builds
+    assert rebuilt.conv_stem.stride == (1, 1)
+    # channel slicing keeps the stride (the pruning callbacks' compression)
+    from lightning_prune.graph import analyse_channels, slice_units
+
+    group = next(g for g in analyse_channels(net, x).groups if g.size > 8)
+    slice_units(net, [group], {group.name: [0, 1]})
+    assert net.conv_stem.stride == (1, 1) and net(x).shape == (2, 10)
+    with pytest.raises(MisconfigurationException, match="needs a model with a stem convolution `conv_stem`"):
+        ImageClassifier("test_resnet", stem_stride=1)
+    with pytest.raises(MisconfigurationException, match="found no residual block"):
+        ImageClassifier("test_resnet", zero_init_last=True)
+    with pytest.raises(MisconfigurationException, match="would zero trained weights"):
+        ImageClassifier("mobilenetv3_small_050", pretrained=True, zero_init_last=True)
+    with pytest.raises(MisconfigurationException, match="`stem_stride` must be None or an int >= 1"):
+        ImageClassifier("test_efficientnet", stem_stride=0)
+
+
 def test_cifar10_datamodule_on_small_local_data(tmp_path, monkeypatch):
     from torchvision.datasets import CIFAR10
 
