@@ -385,6 +385,37 @@ def test_a_frozen_state_does_not_load_silently_into_the_unfrozen_model():
         torch.testing.assert_close(fresh(X.double()), model(X.double()), atol=0, rtol=0)
 
 
+def test_a_state_written_before_the_marker_existed_still_loads(tmp_path):
+    """Files and checkpoints written before the frozen layers held FROZEN_MARKER lack its key: a frozen layer
+    takes such a state strictly (lp.load_compressed, a plain load into the refrozen model); a state holding
+    the marker still fails on a model whose layer computes its weight."""
+    import lightning_prune as lp
+    from lightning_prune.graph import FROZEN_MARKER, refreeze
+
+    torch.manual_seed(0)
+    model = _WSNet().double().eval()
+    groups = analyse_channels(model, X.double()).groups
+    lp.compress(model, X.double(), groups=groups, removed={"c2": [1, 4]}, round_to=1, verify=False)
+    assert "c3" in frozen_names(model)
+    path = tmp_path / "old.pt"
+    lp.save_compressed(model, path)
+    saved = torch.load(path, weights_only=False)
+    state = saved["state_dict"]
+    for key in [k for k in state if k.endswith(FROZEN_MARKER)]:
+        del state[key]
+    torch.save(saved, path)
+    fresh = lp.load_compressed(path, _WSNet().double().eval())
+    assert isinstance(fresh.c3, FrozenConv2d)
+    plain = _WSNet().double().eval()
+    refreeze(plain, ["c1", "l1"], "the state")
+    old = {k: v for k, v in plain.state_dict().items() if not k.endswith(FROZEN_MARKER)}
+    plain.load_state_dict(old)  # (strict: no missing marker)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X.double()), model(X.double()), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match=f"Unexpected key.*c1.{FROZEN_MARKER}"):
+        _WSNet().double().load_state_dict(plain.state_dict())
+
+
 def test_frozen_layers_script_and_keep_dynamic_same_padding():
     """The frozen layers are TorchScript-able; a frozen SAME conv scripted pads from the input's size at every
     call (traced, it keeps the traced size's padding, as timm's own Conv2dSame does)."""

@@ -76,7 +76,22 @@ def _mark(module: nn.Module, device: Any = None) -> None:
     module.register_buffer(FROZEN_MARKER, torch.ones((), dtype=torch.long, device=device), persistent=True)
 
 
-class _FrozenConv:
+class _Marked:
+    """A frozen layer takes a state lacking its :data:`FROZEN_MARKER` (a file or checkpoint written before the
+    marker existed; the marker holds nothing to load): a strict load reports no missing key for it. A frozen
+    state loaded into the layer that still computes its weight fails as before, on the unexpected key."""
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        key = prefix + FROZEN_MARKER
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
+
+
+class _FrozenConv(_Marked):
     """A plain conv whose weight was computed by another layer's forward and frozen at a removal; with
     ``same_pad`` it pads its input like TensorFlow's ``SAME`` first (its own ``padding`` is then 0), from the
     input's size at every call -- ``torch.jit.script`` keeps that; ``torch.jit.trace`` records the padding of
@@ -106,7 +121,7 @@ class FrozenConv3d(_FrozenConv, nn.Conv3d):
     """``nn.Conv3d`` holding a frozen computed weight (see the module docstring)."""
 
 
-class FrozenLinear(nn.Linear):
+class FrozenLinear(_Marked, nn.Linear):
     """``nn.Linear`` holding a frozen computed weight (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
