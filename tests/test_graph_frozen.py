@@ -463,6 +463,23 @@ def test_a_frozen_layer_takes_over_the_hooks_on_the_layer():
     assert not holder[0]._forward_pre_hooks
 
 
+def test_a_torch_prune_hook_stays_behind_and_its_mask_is_frozen_in():
+    """torch.nn.utils.prune's pre-hook (weight = weight_orig * weight_mask) is part of the weight computation:
+    the probe runs it (the frozen weight is the masked one, even when weight_orig changed since the last
+    forward) and the frozen layer leaves it behind (carried, it failed on the missing weight_mask)."""
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), StdConv2d(4, 6, 3))
+    nn.utils.prune.l1_unstructured(holder[2], "weight", 0.5)
+    with torch.no_grad():
+        holder[2].weight_orig.mul_(2).add_(0.1)  # (the weight attribute is stale until the next forward)
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        before = holder(x)
+    assert freeze(holder, "2") and isinstance(holder[2], FrozenConv2d) and not holder[2]._forward_pre_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(holder(x), before, atol=1e-6, rtol=1e-6)
+
+
 def test_distillation_feature_hints_follow_a_frozen_layer(tmp_path):
     """KnowledgeDistillation's feature hint on a weight-standardised conv that GroupLassoPruning freezes at
     finalisation (its readers frozen before the gates fold): the hint goes on acting on the frozen layer."""

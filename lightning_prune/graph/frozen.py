@@ -212,14 +212,24 @@ def _probe(module: nn.Module, side: int) -> Tensor:
 
 def _own_forward(module: nn.Module, x: Tensor) -> Any:
     """The layer's own forward, without the hooks others put on it (gates), but with the hooks that make its
-    weight (the old ``torch.nn.utils.weight_norm``'s, which sets ``module.weight`` before every forward)."""
+    weight (the old ``torch.nn.utils.weight_norm``'s, which sets ``module.weight`` before every forward;
+    ``torch.nn.utils.prune``'s, which sets it to ``weight_orig * weight_mask``)."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, _weight_hooks()):
+            hook(module, (x,))
+    return module.forward(x)
+
+
+def _weight_hooks() -> tuple[type, ...]:
+    """The classes of the forward pre-hooks that set a layer's weight from other tensors of the layer (the old
+    ``weight_norm``, ``spectral_norm``, ``torch.nn.utils.prune``'s methods): part of the weight computation,
+    run by the probe, and left behind by a frozen layer (which holds the computed weight and none of those
+    tensors)."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, (WeightNorm, SpectralNorm)):
-            hook(module, (x,))
-    return module.forward(x)
+    return WeightNorm, SpectralNorm, BasePruningMethod
 
 
 @torch.no_grad()
@@ -367,13 +377,11 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 
 def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
     """``new`` takes ``old``'s forward and backward hooks: the very dicts, so that the handles their owners
-    hold still remove them. The hooks of the weight computation itself (the old ``weight_norm``'s and
-    ``spectral_norm``'s pre-hooks, which set ``weight`` from parameters the frozen layer does not have) stay
-    behind: a dict holding one is copied without it (its other hooks then follow without their handles)."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    own = (WeightNorm, SpectralNorm)
+    hold still remove them. The hooks of the weight computation itself (:func:`_weight_hooks`: the old
+    ``weight_norm``'s and ``spectral_norm``'s pre-hooks, ``torch.nn.utils.prune``'s, which set ``weight`` from
+    tensors the frozen layer does not have) stay behind: a dict holding one is copied without it (its other
+    hooks then follow without their handles)."""
+    own = _weight_hooks()
     for attr in _HOOK_DICTS:
         hooks = old.__dict__.get(attr)
         if hooks is None:
