@@ -167,6 +167,23 @@ def test_save_load_trace_export_and_a_second_removal(tmp_path):
     assert torch.equal(twice.eca.conv.kept_index, sliced.eca.conv.kept_index)
 
 
+def test_a_compressed_eca_net_scripts():
+    """torch.jit.script takes the conv run at the dense width (real annotations, the conv called directly)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _EcaNet().double().eval()
+    x = X.double()
+    lp.compress(model, x, groups=analyse_channels(model, x).groups, removed={"c1": [1, 4, 5, 9]}, round_to=1,
+                verify=False)
+    assert along_units_layers(model) == {"eca.conv": [2, 16]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.jit.script is deprecated, still used)
+        scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), atol=0, rtol=0)
+
+
 def test_compress_of_a_masked_model_leaves_the_eca_read_dead_units():
     """lp.compress on a model whose units are dead only at the weight columns (a masked model without the
     callback's hooks): the ECA conv still sees those channels, so their removal would change the outputs;

@@ -22,8 +22,7 @@ A convolution whose kernel is 1 along the unit dim (stride 1, no padding there: 
 pass through to the same dim of its output, and nothing is replaced.
 """
 
-from __future__ import annotations
-
+# (no ``from __future__ import annotations``: torch.jit.script reads the forward's annotations as objects)
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -47,7 +46,8 @@ class _AlongUnits:
         shape = list(x.shape)
         shape[d] = self.dense_size
         full = x.new_zeros(shape).index_copy(d, self.kept_index, x)
-        y = super().forward(full)  # type: ignore[misc]
+        # (zero padding_mode only, see along_units_reason: the conv itself; TorchScript takes no super())
+        y = self._conv_forward(full, self.weight, self.bias)  # type: ignore[attr-defined]
         return y.index_select(d, self.kept_index)
 
     def extra_repr(self) -> str:
