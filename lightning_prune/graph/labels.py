@@ -1017,6 +1017,11 @@ class LabelGraph:
         kernel = _shape_of(args[1].meta.get("val"))
         if name in ("convolution", "_convolution") and args[6]:  # pragma: no cover - refused before
             raise _Fix("a transposed convolution")
+        slid = {dims[0] for dims, _ in blocks if len(dims) == 1
+                and not (kernel is not None and kernel[dims[0]] == 1 and int(stride[dims[0] - 2]) == 1
+                         and out_shape[dims[0]] == x_lab.shape[dims[0]])}
+        if len(slid) > 1:  # (a conv run at the dense width holds the positions of one dim)
+            raise _Fix(f"a convolution slides along units in {len(slid)} of its dims at once")
         out = []
         for dims, arr in blocks:
             if len(dims) != 1:
