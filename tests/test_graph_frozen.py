@@ -545,6 +545,29 @@ def test_the_fsdp2_resize_freezes_the_readers_the_checkpoint_holds_frozen(monkey
     refuse_sharded_freezing(net(), [g for g in groups if not g.frozen], "GroupLassoPruning")
 
 
+def test_an_fsdp2_resume_of_frozen_readers_without_a_removal_is_refused_by_name(monkeypatch):
+    """A checkpoint whose readers were frozen but lost no unit (compress=False under DDP) resumed under FSDP2:
+    refused by name when the callback state is restored (it failed later, on the frozen layers' unexpected
+    marker keys, as nothing is frozen on shards); run on an unsharded network, is_sharded patched."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    import lightning_prune.callbacks.channels as channels
+    import lightning_prune.core.sharding as sharding
+    from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+
+    module = _ws_net_classifier()
+    callback = GroupLassoPruning(compress=False, verbose=False)
+    callback.groups = analyse_channels(module.model, X, prefix="model").groups
+    state = {"shrink": {"frozen": ["model.c3", "model.l1"], "removed": None}}
+    monkeypatch.setattr(sharding, "is_sharded", lambda p: True)
+    monkeypatch.setattr(channels, "is_sharded", lambda p: True)
+    with pytest.raises(MisconfigurationException, match=r"GroupLassoPruning cannot act under"
+                       r" ModelParallelStrategy \(FSDP2\) on the groups read by \['model.c3', 'model.l1'\]"):
+        callback._apply_recorded_removal(None, module, state)
+    assert not frozen_names(module)
+    assert callback._apply_recorded_removal(None, module, {"shrink": {"frozen": [], "removed": None}}) is None
+
+
 def test_a_spawning_strategy_is_refused_for_groups_read_by_frozen_layers():
     """Under ``ddp_spawn`` the main process takes the workers' weights into its own, unfrozen layers at the
     end of the fit (no callback hook runs there): groups whose readers compute their weight are refused at
