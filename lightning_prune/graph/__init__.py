@@ -94,6 +94,7 @@ from lightning_prune.graph.slicing import (  # noqa: F401 - the private two: gat
     restricted_forward,
     restricted_norm_hooks,
     slice_units,
+    zero_input_hook,
     zero_unit_hooks,
 )
 from lightning_prune.graph.types import (
