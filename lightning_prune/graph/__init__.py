@@ -79,6 +79,7 @@ from lightning_prune.graph.inputs import (
     evaluating,
     example_inputs_for,
     like_model,
+    module_modes,
     restore_modes,
     traced_root,
 )
@@ -154,6 +155,7 @@ __all__ = [
     "masked_and_sliced",
     "measure_latency_model",
     "randomised_copy",
+    "module_modes",
     "restore_modes",
     "restricted_norm_hooks",
     "slice_units",
