@@ -1060,16 +1060,7 @@ class LabelGraph:
         if isinstance(labs.get(node.args[0]), _Lab) and self.canon(labs[node.args[0]]).blocks:
             raise _Fix("aten.index_copy into a labelled tensor")
         src = self.canon(labs[node.args[3]])
-        kept = module.kept_index.cpu().numpy()
-        blocks = []
-        for dims, arr in src.blocks:
-            if d in dims:
-                if dims != (d,):
-                    raise _Fix("aten.index_copy along a unit dim spread over several dims")
-                dense = np.full(out_shape[d], FIXED, dtype=np.int64)
-                dense[kept] = arr
-                arr = dense
-            blocks.append((dims, arr))
+        blocks = _remap_blocks(src.blocks, d, module.kept_index, "index_copy", dense=out_shape[d])
         return self.canon(_Lab(out_shape, blocks, [], src.derived - {d}))
 
     def _freeze_reason(self, mname: str) -> str | None:
@@ -1404,14 +1395,7 @@ class LabelGraph:
             along = self.modules.get(self._owner(node) or "")
             if name == "index_select" and isinstance(along, ALONG_TYPES) and along.unit_dim % n == dim:
                 # a conv run at the dense width gathers its kept positions (lightning_prune.graph.along)
-                kept = along.kept_index.cpu().numpy()
-                blocks = []
-                for dims, arr in lab.blocks:
-                    if dim in dims:
-                        if dims != (dim,):
-                            raise _Fix(f"aten.{name} along a unit dim spread over several dims")
-                        arr = arr[kept]
-                    blocks.append((dims, arr))
+                blocks = _remap_blocks(lab.blocks, dim, along.kept_index, name)
                 return self.canon(_Lab(_shape_of(val), blocks, [], lab.derived - {dim}))
             for dims, _ in lab.blocks:
                 if dim in dims:
@@ -1954,6 +1938,27 @@ def _view_groups(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list
                 j += 1
         groups.append((gi, gj))
     return groups
+
+
+def _remap_blocks(blocks: Iterable[tuple[tuple[int, ...], np.ndarray]], dim: int, kept_index: torch.Tensor,
+                  op: str, dense: int | None = None) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """The blocks of a tensor around a conv run at the dense width (:mod:`lightning_prune.graph.along`),
+    their unit dim ``dim`` remapped through its ``kept_index``: gathered (its ``index_select``), or scattered
+    to the ``dense`` positions (its ``index_copy``: the removed ones hold zeros, fixed)."""
+    kept = kept_index.cpu().numpy()
+    out = []
+    for dims, arr in blocks:
+        if dim in dims:
+            if dims != (dim,):
+                raise _Fix(f"aten.{op} along a unit dim spread over several dims")
+            if dense is None:
+                arr = arr[kept]
+            else:
+                full = np.full(dense, FIXED, dtype=np.int64)
+                full[kept] = arr
+                arr = full
+        out.append((dims, arr))
+    return out
 
 
 def _shift(lab: _Lab, offset: int, out_shape: tuple[int, ...]) -> _Lab:
