@@ -387,8 +387,8 @@ def test_a_frozen_state_does_not_load_silently_into_the_unfrozen_model():
 
 def test_a_state_written_before_the_marker_existed_still_loads(tmp_path):
     """Files and checkpoints written before the frozen layers held FROZEN_MARKER lack its key: a frozen layer
-    takes such a state strictly (lp.load_compressed, a plain load into the refrozen model); a state holding
-    the marker still fails on a model whose layer computes its weight."""
+    takes such a state strictly (lp.load_compressed, lp.load_sparse, a plain load into the refrozen model); a
+    state holding the marker still fails on a model whose layer computes its weight."""
     import lightning_prune as lp
     from lightning_prune.graph import FROZEN_MARKER, refreeze
 
@@ -406,12 +406,19 @@ def test_a_state_written_before_the_marker_existed_still_loads(tmp_path):
     torch.save(saved, path)
     fresh = lp.load_compressed(path, _WSNet().double().eval())
     assert isinstance(fresh.c3, FrozenConv2d)
+    lp.save_sparse(model, tmp_path / "old.sparse.pt")  # (its own key list names the marker too)
+    sparse = torch.load(tmp_path / "old.sparse.pt", weights_only=False)
+    sparse["keys"] = [k for k in sparse["keys"] if not k.endswith(FROZEN_MARKER)]
+    sparse["dense"] = {k: v for k, v in sparse["dense"].items() if not k.endswith(FROZEN_MARKER)}
+    torch.save(sparse, tmp_path / "old.sparse.pt")
+    loaded = lp.load_sparse(tmp_path / "old.sparse.pt", _WSNet().double().eval())
     plain = _WSNet().double().eval()
     refreeze(plain, ["c1", "l1"], "the state")
     old = {k: v for k, v in plain.state_dict().items() if not k.endswith(FROZEN_MARKER)}
     plain.load_state_dict(old)  # (strict: no missing marker)
     with torch.no_grad():
         torch.testing.assert_close(fresh(X.double()), model(X.double()), atol=0, rtol=0)
+        torch.testing.assert_close(loaded(X.double()), model(X.double()), atol=0, rtol=0)
     with pytest.raises(RuntimeError, match=f"Unexpected key.*c1.{FROZEN_MARKER}"):
         _WSNet().double().load_state_dict(plain.state_dict())
 
