@@ -167,6 +167,57 @@ def test_save_load_trace_export_and_a_second_removal(tmp_path):
     assert torch.equal(twice.eca.conv.kept_index, sliced.eca.conv.kept_index)
 
 
+def test_a_compressed_eca_net_scripts():
+    """torch.jit.script takes the conv run at the dense width (real annotations, the conv called directly)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _EcaNet().double().eval()
+    x = X.double()
+    lp.compress(model, x, groups=analyse_channels(model, x).groups, removed={"c1": [1, 4, 5, 9]}, round_to=1,
+                verify=False)
+    assert along_units_layers(model) == {"eca.conv": [2, 16]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.jit.script is deprecated, still used)
+        scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), atol=0, rtol=0)
+
+
+class _TwoDims(nn.Module):
+    """A conv2d sliding along the units of two groups at once: ``a``'s in its dim 2, ``b``'s in its dim 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 5, 1)
+        self.conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        self.lb, self.la = nn.Linear(5, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        a, b = self.a(x).mean((2, 3)), self.b(x).mean((2, 3))
+        y = self.lb(self.conv(a[:, None, :, None] * b[:, None, None, :]))
+        return self.la(y.transpose(2, 3)).flatten(1)
+
+
+def test_a_conv_sliding_along_two_unit_dims_is_refused():
+    """A conv runs at the dense width along one dim: one sliding along units in two of its dims is refused
+    (both groups, with the reason; before, each was a slide site on its own dim), and a layer run at the
+    dense width along one dim is not silently taken for another."""
+    from lightning_prune.graph.along import along_units, keep_positions
+
+    analysis = analyse_channels(_TwoDims().eval(), X)
+    assert not analysis.groups
+    assert all("slides along units in 2 of its dims" in analysis.skipped[g] for g in ("a", "b"))
+    conv = along_units(nn.Conv2d(1, 1, 3, padding=1), 2, 6)
+    assert along_units(conv, -2, 6) is conv
+    with pytest.raises(ValueError, match="along its dim 2 already, not along 3"):
+        keep_positions(conv, 3, 6, [1])
+    with pytest.raises(ValueError, match="along its dim 2 already, not along 3"):
+        along_units(conv, 3, 6)
+    keep_positions(conv, 2, 6, [1])
+    assert conv.kept_index.tolist() == [0, 2, 3, 4, 5]
+
+
 def test_compress_of_a_masked_model_leaves_the_eca_read_dead_units():
     """lp.compress on a model whose units are dead only at the weight columns (a masked model without the
     callback's hooks): the ECA conv still sees those channels, so their removal would change the outputs;

@@ -385,6 +385,44 @@ def test_a_frozen_state_does_not_load_silently_into_the_unfrozen_model():
         torch.testing.assert_close(fresh(X.double()), model(X.double()), atol=0, rtol=0)
 
 
+def test_a_state_written_before_the_marker_existed_still_loads(tmp_path):
+    """Files and checkpoints written before the frozen layers held FROZEN_MARKER lack its key: a frozen layer
+    takes such a state strictly (lp.load_compressed, lp.load_sparse, a plain load into the refrozen model); a
+    state holding the marker still fails on a model whose layer computes its weight."""
+    import lightning_prune as lp
+    from lightning_prune.graph import FROZEN_MARKER, refreeze
+
+    torch.manual_seed(0)
+    model = _WSNet().double().eval()
+    groups = analyse_channels(model, X.double()).groups
+    lp.compress(model, X.double(), groups=groups, removed={"c2": [1, 4]}, round_to=1, verify=False)
+    assert "c3" in frozen_names(model)
+    path = tmp_path / "old.pt"
+    lp.save_compressed(model, path)
+    saved = torch.load(path, weights_only=False)
+    state = saved["state_dict"]
+    for key in [k for k in state if k.endswith(FROZEN_MARKER)]:
+        del state[key]
+    torch.save(saved, path)
+    fresh = lp.load_compressed(path, _WSNet().double().eval())
+    assert isinstance(fresh.c3, FrozenConv2d)
+    lp.save_sparse(model, tmp_path / "old.sparse.pt")  # (its own key list names the marker too)
+    sparse = torch.load(tmp_path / "old.sparse.pt", weights_only=False)
+    sparse["keys"] = [k for k in sparse["keys"] if not k.endswith(FROZEN_MARKER)]
+    sparse["dense"] = {k: v for k, v in sparse["dense"].items() if not k.endswith(FROZEN_MARKER)}
+    torch.save(sparse, tmp_path / "old.sparse.pt")
+    loaded = lp.load_sparse(tmp_path / "old.sparse.pt", _WSNet().double().eval())
+    plain = _WSNet().double().eval()
+    refreeze(plain, ["c1", "l1"], "the state")
+    old = {k: v for k, v in plain.state_dict().items() if not k.endswith(FROZEN_MARKER)}
+    plain.load_state_dict(old)  # (strict: no missing marker)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X.double()), model(X.double()), atol=0, rtol=0)
+        torch.testing.assert_close(loaded(X.double()), model(X.double()), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match=f"Unexpected key.*c1.{FROZEN_MARKER}"):
+        _WSNet().double().load_state_dict(plain.state_dict())
+
+
 def test_frozen_layers_script_and_keep_dynamic_same_padding():
     """The frozen layers are TorchScript-able; a frozen SAME conv scripted pads from the input's size at every
     call (traced, it keeps the traced size's padding, as timm's own Conv2dSame does)."""
@@ -430,6 +468,23 @@ def test_a_frozen_layer_takes_over_the_hooks_on_the_layer():
         handle.remove()
     assert not any(getattr(m, d) for m in holder for d in ("_forward_hooks", "_backward_hooks"))
     assert not holder[0]._forward_pre_hooks
+
+
+def test_a_torch_prune_hook_stays_behind_and_its_mask_is_frozen_in():
+    """torch.nn.utils.prune's pre-hook (weight = weight_orig * weight_mask) is part of the weight computation:
+    the probe runs it (the frozen weight is the masked one, even when weight_orig changed since the last
+    forward) and the frozen layer leaves it behind (carried, it failed on the missing weight_mask)."""
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), StdConv2d(4, 6, 3))
+    nn.utils.prune.l1_unstructured(holder[2], "weight", 0.5)
+    with torch.no_grad():
+        holder[2].weight_orig.mul_(2).add_(0.1)  # (the weight attribute is stale until the next forward)
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        before = holder(x)
+    assert freeze(holder, "2") and isinstance(holder[2], FrozenConv2d) and not holder[2]._forward_pre_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(holder(x), before, atol=1e-6, rtol=1e-6)
 
 
 def test_distillation_feature_hints_follow_a_frozen_layer(tmp_path):
@@ -495,6 +550,29 @@ def test_the_fsdp2_resize_freezes_the_readers_the_checkpoint_holds_frozen(monkey
                        r" 'model.l1'\].*HINT: strategy='ddp', or `exclude`"):
         refuse_sharded_freezing(net(), groups, "GroupLassoPruning")
     refuse_sharded_freezing(net(), [g for g in groups if not g.frozen], "GroupLassoPruning")
+
+
+def test_an_fsdp2_resume_of_frozen_readers_without_a_removal_is_refused_by_name(monkeypatch):
+    """A checkpoint whose readers were frozen but lost no unit (compress=False under DDP) resumed under FSDP2:
+    refused by name when the callback state is restored (it failed later, on the frozen layers' unexpected
+    marker keys, as nothing is frozen on shards); run on an unsharded network, is_sharded patched."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    import lightning_prune.callbacks.channels as channels
+    import lightning_prune.core.sharding as sharding
+    from lightning_prune.callbacks.group_lasso import GroupLassoPruning
+
+    module = _ws_net_classifier()
+    callback = GroupLassoPruning(compress=False, verbose=False)
+    callback.groups = analyse_channels(module.model, X, prefix="model").groups
+    state = {"shrink": {"frozen": ["model.c3", "model.l1"], "removed": None}}
+    monkeypatch.setattr(sharding, "is_sharded", lambda p: True)
+    monkeypatch.setattr(channels, "is_sharded", lambda p: True)
+    with pytest.raises(MisconfigurationException, match=r"GroupLassoPruning cannot act under"
+                       r" ModelParallelStrategy \(FSDP2\) on the groups read by \['model.c3', 'model.l1'\]"):
+        callback._apply_recorded_removal(None, module, state)
+    assert not frozen_names(module)
+    assert callback._apply_recorded_removal(None, module, {"shrink": {"frozen": [], "removed": None}}) is None
 
 
 def test_a_spawning_strategy_is_refused_for_groups_read_by_frozen_layers():

@@ -772,12 +772,16 @@ class ChannelPruningCallback(PruningCallback):
         if self.shrink.removed is not None or self.groups is None:
             return None
         frozen = [str(n) for n in (state.get("shrink") or {}).get("frozen") or ()]
-        if frozen and not any(is_sharded(p) for p in pl_module.parameters()):  # layers frozen before it
+        sharded = any(is_sharded(p) for p in pl_module.parameters())
+        if frozen and not sharded:  # layers frozen before it
             self._follow_frozen(pl_module, refreeze(pl_module, frozen, "the checkpoint"))
         if not (state.get("shrink") or {}).get("removed"):
+            if frozen and sharded:  # (frozen under DDP, no unit removed: nothing is frozen on shards)
+                refuse_sharded_freezing(pl_module, [g for g in self.groups if set(g.frozen) & set(frozen)]
+                                        or self.groups, type(self).__name__)
             return None
         removed = recorded_removal(state, self.groups)
-        if any(is_sharded(p) for p in pl_module.parameters()):
+        if sharded:
             prefix = traced_root(pl_module)[0]
             problem = (sharded_compression_problem(pl_module, prefix) if self._skeleton is not None else
                        "the network's structure was not recorded at setup")

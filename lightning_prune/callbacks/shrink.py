@@ -31,6 +31,7 @@ from lightning_prune.graph import (
     cut_like,
     example_inputs_for,
     frozen_names,
+    module_modes,
     parameter_cuts,
     restore_modes,
 )
@@ -209,7 +210,7 @@ def compress_exactly(pl_module: nn.Module, groups: Sequence[ChannelGroup],
     plan = {g.name: list(removed.get(g.name, ())) for g in groups}
     cuts = parameter_cuts(pl_module, groups, plan)
     before = {k: tuple(v.shape) for k, v in pl_module.state_dict().items()}
-    modes = {name: m.training for name, m in pl_module.named_modules(remove_duplicate=False)}
+    modes = module_modes(pl_module)
     compress(pl_module, example_inputs, groups=groups, removed=plan, round_to=1)  # (the plan is final)
     restore_modes(pl_module, modes)  # (a custom `compress` too)
     after = pl_module.state_dict()
@@ -418,7 +419,7 @@ def gather_network(pl_module: nn.Module, prefix: str, skeleton: nn.Module) -> nn
         param.copy_(full[name])
     for name, buffer in new_root.named_buffers():
         buffer.copy_(buffers[name])
-    restore_modes(new_root, {n: m.training for n, m in old_root.named_modules(remove_duplicate=False)})
+    restore_modes(new_root, module_modes(old_root))
     parent_name, _, attr = prefix.rpartition(".")
     setattr(pl_module.get_submodule(parent_name) if parent_name else pl_module, attr, new_root)
     return new_root

@@ -44,6 +44,7 @@ from lightning_prune.graph import (
     example_inputs_for,
     frozen_in_state,
     frozen_names,
+    module_modes,
     refreeze,
     restore_modes,
     rewrap_along_units,
@@ -243,7 +244,7 @@ def compress(
         model = copy.deepcopy(model)
     prefix, root = traced_root(model)
     example = example_inputs if example_inputs is not None else example_inputs_for(root, input_size)
-    modes = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
+    modes = module_modes(model)
     model.eval()
     try:
         before_params = sum(p.numel() for p in root.parameters())

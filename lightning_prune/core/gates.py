@@ -30,6 +30,7 @@ from lightning_prune.graph import (
     reads_now,
     restricted_forward,
     restricted_norm_hooks,
+    zero_input_hook,
 )
 
 __all__ = ["Gate", "GateSet", "ScaleGate", "unit_masks"]
@@ -215,22 +216,16 @@ class GateSet:
                     (gate, torch.tensor(site.channels), torch.tensor(site.units)))
         for (name, dim), entries in by_module.items():
             module = root.get_submodule(name)
-            reads = reads_now(module)
 
-            def hook(m: nn.Module, args: Any, entries: list = entries, dim: int = dim,
-                     reads: int | None = reads) -> Any:
-                if reads_now(m) != reads:
-                    return None
-                x = args[0]
-                d = dim % x.dim()
-                open_ = torch.ones(x.shape[d], dtype=x.dtype, device=x.device)
+            def closed(m: nn.Module, entries: list = entries) -> Tensor:
+                dead = []
                 for gate, channels, units in entries:
                     values = gate.value(m.training).detach()
-                    closed = values[units.to(values.device)].to(x.device) == 0
-                    open_[channels.to(x.device)[closed]] = 0
-                return (x * _channel_view(open_, x.dim(), d), *args[1:])
+                    dead.append(channels.to(values.device)[values[units.to(values.device)] == 0])
+                return torch.cat(dead)
 
-            self._handles.append(module.register_forward_pre_hook(hook))
+            self._handles.append(module.register_forward_pre_hook(
+                zero_input_hook(closed, dim, reads_now(module))))
 
     def detach(self) -> None:
         for handle in self._handles:

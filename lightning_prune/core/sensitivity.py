@@ -48,6 +48,7 @@ from lightning_prune.graph import (
     call_model,
     example_inputs_for,
     like_model,
+    module_modes,
     restore_modes,
     restricted_norm_hooks,
     traced_root,
@@ -363,7 +364,7 @@ def sensitivity(
 
     from tqdm import tqdm
 
-    modes = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
+    modes = module_modes(model)
     model.eval()
     try:
         batches = _batches(dataloader, max_batches, model)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lightning_prune.checkpoint_io import load_file
 from lightning_prune.core.compression import compressed_structure, take_structure
 from lightning_prune.errors import InvalidArgumentError, InvalidArgumentTypeError
+from lightning_prune.graph import FROZEN_MARKER
 
 __all__ = ["FORMAT", "SparseFile", "decode_tensor", "encode_tensor", "load_sparse", "pack_bits",
            "save_sparse", "unpack_bits"]
@@ -216,7 +217,8 @@ def load_sparse(path: str | Path, model: nn.Module | None = None, map_location: 
     replaced = payload.get("frozen") or payload.get("along_units")
     if replaced:  # (before the keys are compared: a frozen layer, a conv at the dense width have other keys)
         take()
-    expected = set(model.state_dict())
+    # (a frozen layer takes a state without its marker: a file written before the marker existed)
+    expected = {k for k in model.state_dict() if k in state or not k.endswith("." + FROZEN_MARKER)}
     if strict and set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         raise InvalidArgumentError(

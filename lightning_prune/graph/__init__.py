@@ -79,6 +79,7 @@ from lightning_prune.graph.inputs import (
     evaluating,
     example_inputs_for,
     like_model,
+    module_modes,
     restore_modes,
     traced_root,
 )
@@ -94,6 +95,7 @@ from lightning_prune.graph.slicing import (  # noqa: F401 - the private two: gat
     restricted_forward,
     restricted_norm_hooks,
     slice_units,
+    zero_input_hook,
     zero_unit_hooks,
 )
 from lightning_prune.graph.types import (
@@ -153,6 +155,7 @@ __all__ = [
     "masked_and_sliced",
     "measure_latency_model",
     "randomised_copy",
+    "module_modes",
     "restore_modes",
     "restricted_norm_hooks",
     "slice_units",

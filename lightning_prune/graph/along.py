@@ -22,8 +22,7 @@ A convolution whose kernel is 1 along the unit dim (stride 1, no padding there: 
 pass through to the same dim of its output, and nothing is replaced.
 """
 
-from __future__ import annotations
-
+# (no ``from __future__ import annotations``: torch.jit.script reads the forward's annotations as objects)
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -47,7 +46,8 @@ class _AlongUnits:
         shape = list(x.shape)
         shape[d] = self.dense_size
         full = x.new_zeros(shape).index_copy(d, self.kept_index, x)
-        y = super().forward(full)  # type: ignore[misc]
+        # (zero padding_mode only, see along_units_reason: the conv itself; TorchScript takes no super())
+        y = self._conv_forward(full, self.weight, self.bias)  # type: ignore[attr-defined]
         return y.index_select(d, self.kept_index)
 
     def extra_repr(self) -> str:
@@ -85,8 +85,15 @@ def along_units_reason(module: nn.Module) -> str | None:
 
 def along_units(module: nn.Module, dim: int, size: int) -> nn.Module:
     """Turn the conv ``module`` (in place) into its along-units class at dense width ``size`` along ``dim``
-    (every position kept); a module already of that class is left as it is. Returns it."""
+    (every position kept); a module already of that class is left as it is. Returns it.
+
+    Raises:
+        ValueError: ``module`` runs at the dense width along another dim already.
+    """
     if isinstance(module, ALONG_TYPES):
+        if _dim(module, module.unit_dim) != _dim(module, dim):
+            raise ValueError(f"{type(module).__name__} runs at the dense width along its dim"
+                             f" {module.unit_dim} already, not along {dim}")
         return module
     why = along_units_reason(module)
     if why is not None:
@@ -99,10 +106,19 @@ def along_units(module: nn.Module, dim: int, size: int) -> nn.Module:
     return module
 
 
+def _dim(module: nn.Module, dim: int) -> int:
+    """``dim`` of the conv's input counted from 0 (its input has as many dims as its weight)."""
+    return int(dim) % module.weight.dim()
+
+
 def keep_positions(module: nn.Module, dim: int, size: int, dead: Iterable[int]) -> None:
     """Remove the input positions ``dead`` (indices of what the module reads now) along ``dim`` of the conv
     ``module``, which reads ``size`` positions there: it runs at the dense width from now on (a second
-    removal composes the kept positions)."""
+    removal composes the kept positions).
+
+    Raises:
+        ValueError: ``module`` runs at the dense width along another dim already.
+    """
     dead = {int(c) for c in dead}
     along_units(module, dim, size)
     current = module.kept_index

@@ -76,7 +76,22 @@ def _mark(module: nn.Module, device: Any = None) -> None:
     module.register_buffer(FROZEN_MARKER, torch.ones((), dtype=torch.long, device=device), persistent=True)
 
 
-class _FrozenConv:
+class _Marked:
+    """A frozen layer takes a state lacking its :data:`FROZEN_MARKER` (a file or checkpoint written before the
+    marker existed; the marker holds nothing to load): a strict load reports no missing key for it. A frozen
+    state loaded into the layer that still computes its weight fails as before, on the unexpected key."""
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        key = prefix + FROZEN_MARKER
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
+
+
+class _FrozenConv(_Marked):
     """A plain conv whose weight was computed by another layer's forward and frozen at a removal; with
     ``same_pad`` it pads its input like TensorFlow's ``SAME`` first (its own ``padding`` is then 0), from the
     input's size at every call -- ``torch.jit.script`` keeps that; ``torch.jit.trace`` records the padding of
@@ -106,7 +121,7 @@ class FrozenConv3d(_FrozenConv, nn.Conv3d):
     """``nn.Conv3d`` holding a frozen computed weight (see the module docstring)."""
 
 
-class FrozenLinear(nn.Linear):
+class FrozenLinear(_Marked, nn.Linear):
     """``nn.Linear`` holding a frozen computed weight (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -197,14 +212,24 @@ def _probe(module: nn.Module, side: int) -> Tensor:
 
 def _own_forward(module: nn.Module, x: Tensor) -> Any:
     """The layer's own forward, without the hooks others put on it (gates), but with the hooks that make its
-    weight (the old ``torch.nn.utils.weight_norm``'s, which sets ``module.weight`` before every forward)."""
+    weight (the old ``torch.nn.utils.weight_norm``'s, which sets ``module.weight`` before every forward;
+    ``torch.nn.utils.prune``'s, which sets it to ``weight_orig * weight_mask``)."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, _weight_hooks()):
+            hook(module, (x,))
+    return module.forward(x)
+
+
+def _weight_hooks() -> tuple[type, ...]:
+    """The classes of the forward pre-hooks that set a layer's weight from other tensors of the layer (the old
+    ``weight_norm``, ``spectral_norm``, ``torch.nn.utils.prune``'s methods): part of the weight computation,
+    run by the probe, and left behind by a frozen layer (which holds the computed weight and none of those
+    tensors)."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, (WeightNorm, SpectralNorm)):
-            hook(module, (x,))
-    return module.forward(x)
+    return WeightNorm, SpectralNorm, BasePruningMethod
 
 
 @torch.no_grad()
@@ -352,13 +377,11 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 
 def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
     """``new`` takes ``old``'s forward and backward hooks: the very dicts, so that the handles their owners
-    hold still remove them. The hooks of the weight computation itself (the old ``weight_norm``'s and
-    ``spectral_norm``'s pre-hooks, which set ``weight`` from parameters the frozen layer does not have) stay
-    behind: a dict holding one is copied without it (its other hooks then follow without their handles)."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    own = (WeightNorm, SpectralNorm)
+    hold still remove them. The hooks of the weight computation itself (:func:`_weight_hooks`: the old
+    ``weight_norm``'s and ``spectral_norm``'s pre-hooks, ``torch.nn.utils.prune``'s, which set ``weight`` from
+    tensors the frozen layer does not have) stay behind: a dict holding one is copied without it (its other
+    hooks then follow without their handles)."""
+    own = _weight_hooks()
     for attr in _HOOK_DICTS:
         hooks = old.__dict__.get(attr)
         if hooks is None:

@@ -14,7 +14,7 @@ from lightning_prune.core.targets import uncompiled
 from lightning_prune.errors import InvalidArgumentError
 
 __all__ = ["call_model", "evaluating", "example_arguments", "example_inputs_for", "like_model",
-           "restore_modes", "traced_root"]
+           "module_modes", "restore_modes", "traced_root"]
 
 
 def traced_root(module: nn.Module) -> tuple[str, nn.Module]:
@@ -114,9 +114,15 @@ def example_batch_size(example: Any) -> int:
     return 1
 
 
+def module_modes(model: nn.Module) -> dict[str, bool]:
+    """Every module's ``training`` flag under its name (each place a module is registered): what
+    :func:`restore_modes` gives back."""
+    return {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
+
+
 def restore_modes(model: nn.Module, modes: Mapping[str, bool]) -> None:
     """Give every module of ``model`` the ``training`` flag ``modes`` recorded under its name
-    (``{name: m.training for name, m in model.named_modules(remove_duplicate=False)}``); a module put there
+    (:func:`module_modes`); a module put there
     since (a layer frozen or replaced under the same name keeps the recorded flag, a new name takes its
     parent's). ``model.train(<its own flag>)`` runs first, so that what the modules' own ``train`` does
     (timm's LeViT drops its cached attention biases) happens as before; then the flags that differ (a
@@ -135,7 +141,7 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode inside; after, every module's ``training`` flag as it was
     (:func:`restore_modes`), not the model's own flag pushed down to all of them (which would put a
     submodule the user keeps in eval mode back in train mode)."""
-    modes = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
+    modes = module_modes(model)
     model.eval()
     try:
         yield model

@@ -1017,6 +1017,11 @@ class LabelGraph:
         kernel = _shape_of(args[1].meta.get("val"))
         if name in ("convolution", "_convolution") and args[6]:  # pragma: no cover - refused before
             raise _Fix("a transposed convolution")
+        slid = {dims[0] for dims, _ in blocks if len(dims) == 1
+                and not (kernel is not None and kernel[dims[0]] == 1 and int(stride[dims[0] - 2]) == 1
+                         and out_shape[dims[0]] == x_lab.shape[dims[0]])}
+        if len(slid) > 1:  # (a conv run at the dense width holds the positions of one dim)
+            raise _Fix(f"a convolution slides along units in {len(slid)} of its dims at once")
         out = []
         for dims, arr in blocks:
             if len(dims) != 1:
@@ -1055,16 +1060,7 @@ class LabelGraph:
         if isinstance(labs.get(node.args[0]), _Lab) and self.canon(labs[node.args[0]]).blocks:
             raise _Fix("aten.index_copy into a labelled tensor")
         src = self.canon(labs[node.args[3]])
-        kept = module.kept_index.cpu().numpy()
-        blocks = []
-        for dims, arr in src.blocks:
-            if d in dims:
-                if dims != (d,):
-                    raise _Fix("aten.index_copy along a unit dim spread over several dims")
-                dense = np.full(out_shape[d], FIXED, dtype=np.int64)
-                dense[kept] = arr
-                arr = dense
-            blocks.append((dims, arr))
+        blocks = _remap_blocks(src.blocks, d, module.kept_index, "index_copy", dense=out_shape[d])
         return self.canon(_Lab(out_shape, blocks, [], src.derived - {d}))
 
     def _freeze_reason(self, mname: str) -> str | None:
@@ -1399,14 +1395,7 @@ class LabelGraph:
             along = self.modules.get(self._owner(node) or "")
             if name == "index_select" and isinstance(along, ALONG_TYPES) and along.unit_dim % n == dim:
                 # a conv run at the dense width gathers its kept positions (lightning_prune.graph.along)
-                kept = along.kept_index.cpu().numpy()
-                blocks = []
-                for dims, arr in lab.blocks:
-                    if dim in dims:
-                        if dims != (dim,):
-                            raise _Fix(f"aten.{name} along a unit dim spread over several dims")
-                        arr = arr[kept]
-                    blocks.append((dims, arr))
+                blocks = _remap_blocks(lab.blocks, dim, along.kept_index, name)
                 return self.canon(_Lab(_shape_of(val), blocks, [], lab.derived - {dim}))
             for dims, _ in lab.blocks:
                 if dim in dims:
@@ -1949,6 +1938,27 @@ def _view_groups(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list
                 j += 1
         groups.append((gi, gj))
     return groups
+
+
+def _remap_blocks(blocks: Iterable[tuple[tuple[int, ...], np.ndarray]], dim: int, kept_index: torch.Tensor,
+                  op: str, dense: int | None = None) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """The blocks of a tensor around a conv run at the dense width (:mod:`lightning_prune.graph.along`),
+    their unit dim ``dim`` remapped through its ``kept_index``: gathered (its ``index_select``), or scattered
+    to the ``dense`` positions (its ``index_copy``: the removed ones hold zeros, fixed)."""
+    kept = kept_index.cpu().numpy()
+    out = []
+    for dims, arr in blocks:
+        if dim in dims:
+            if dims != (dim,):
+                raise _Fix(f"aten.{op} along a unit dim spread over several dims")
+            if dense is None:
+                arr = arr[kept]
+            else:
+                full = np.full(dense, FIXED, dtype=np.int64)
+                full[kept] = arr
+                arr = full
+        out.append((dims, arr))
+    return out
 
 
 def _shift(lab: _Lab, offset: int, out_shape: tuple[int, ...]) -> _Lab:

@@ -4,7 +4,7 @@ the cuts the slicing makes to each parameter (for optimizer state)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -154,14 +154,17 @@ def reads_now(module: nn.Module) -> int | None:
     return int(module.kept_index.numel()) if isinstance(module, ALONG_TYPES) else None
 
 
-def zero_input_hook(channels: Tensor, dim: int, reads: int | None) -> Any:
+def zero_input_hook(channels: Tensor | Callable[[nn.Module], Tensor], dim: int, reads: int | None) -> Any:
     """A forward pre-hook zeroing ``channels`` along ``dim`` of a module's input, as long as the module reads
-    what it read when the hook was made (``reads``: :func:`reads_now`; once it was sliced, nothing)."""
+    what it read when the hook was made (``reads``: :func:`reads_now`; once it was sliced, nothing).
+    ``channels``: the indices, or a callable giving them from the module at every call (the units whose gate
+    is closed now: :meth:`lightning_prune.core.gates.GateSet.attach`)."""
     def hook(m: nn.Module, args: Any) -> Any:
         if reads_now(m) != reads:
             return None
         x = args[0]
-        return (x.index_fill(dim % x.dim(), channels.to(x.device), 0.0), *args[1:])
+        dead = channels(m) if callable(channels) else channels
+        return (x.index_fill(dim % x.dim(), dead.to(x.device), 0.0), *args[1:])
 
     return hook
 
