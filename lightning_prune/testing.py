@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import timm
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_prune.training.data import DigitsDataModule
 from lightning_prune.training.models import ImageClassifier
@@ -33,6 +33,7 @@ __all__ = [
     "assert_state_equal",
     "check_callback_conformance",
     "check_mid_epoch_resume",
+    "classifier_around",
     "fit_tiny",
     "read_wandb_offline_history",
     "tiny_classifier",
@@ -53,6 +54,17 @@ def tiny_classifier(model_name: str = "test_resnet", **kwargs: Any) -> ImageClas
     model_kwargs = {**TINY_MODELS.get(model_name, {}), **kwargs.pop("model_kwargs", {})}
     defaults = {"optimizer": "sgd", "lr": 0.05, "scheduler": "none", "weight_decay": 0.0}
     return ImageClassifier(model_name, num_classes=10, model_kwargs=model_kwargs, **{**defaults, **kwargs})
+
+
+def classifier_around(net: nn.Module, input_size: Sequence[int] = (3, 32, 32), **kwargs: Any
+                      ) -> ImageClassifier:
+    """:func:`tiny_classifier`'s LightningModule holding ``net`` (a hand-written model) instead of a timm one;
+    its ``example_input_array`` (a batch of 2 zeros of ``input_size``) says the input, which timm's config
+    says for timm's models."""
+    module = tiny_classifier("test_resnet", **kwargs)
+    module.model = net
+    module.example_input_array = torch.zeros(2, *input_size)
+    return module
 
 
 def tiny_datamodule(limit: int = 320, batch_size: int = 32, **kwargs: Any) -> DigitsDataModule:

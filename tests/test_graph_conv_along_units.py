@@ -236,13 +236,10 @@ def test_compress_of_a_masked_model_leaves_the_eca_read_dead_units():
 
 
 def _eca_classifier():
-    from lightning_prune.testing import tiny_classifier
+    from lightning_prune.testing import classifier_around
 
-    module = tiny_classifier("test_resnet")
     torch.manual_seed(0)
-    module.model = _EcaNet(10)
-    module.example_input_array = torch.zeros(2, 3, 32, 32)  # (the model is not timm's: say its input)
-    return module
+    return classifier_around(_EcaNet(10))
 
 
 def test_group_lasso_compress_through_eca(tmp_path):

@@ -287,13 +287,10 @@ def test_group_lasso_compress_on_a_ws_net(tmp_path, make):
 
 
 def _ws_net_classifier():
-    from lightning_prune.testing import tiny_classifier
+    from lightning_prune.testing import classifier_around
 
-    module = tiny_classifier("test_resnet")
     torch.manual_seed(0)
-    module.model = _WSNet(10)
-    module.example_input_array = torch.zeros(2, 3, 32, 32)  # (the model is not timm's: say its input)
-    return module
+    return classifier_around(_WSNet(10))
 
 
 @pytest.mark.parametrize("owner", ["group_lasso", "one_shot"])

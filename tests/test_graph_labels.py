@@ -541,16 +541,14 @@ def test_a_grouped_conv_kept_only_by_a_fix_is_not_paired():
 def _split_attention_classifier(model_name: str = ""):
     """An ImageClassifier around ``_SplitAttention(grouped=True)`` (10 classes), or around timm's
     ``model_name``."""
-    from lightning_prune.testing import tiny_classifier
+    from lightning_prune.testing import classifier_around, tiny_classifier
 
     if model_name:
         return tiny_classifier(model_name)
-    module = tiny_classifier("test_resnet")
     torch.manual_seed(0)
-    module.model = _SplitAttention(grouped=True)
-    module.model.head = nn.Linear(8, 10)
-    module.example_input_array = torch.zeros(2, 3, 32, 32)  # (the model is not timm's: say its input)
-    return module
+    net = _SplitAttention(grouped=True)
+    net.head = nn.Linear(8, 10)
+    return classifier_around(net)
 
 
 def _paired_site(groups):
