@@ -3,19 +3,30 @@
 The comparison of the Habr article «Редукция нейронных сетей при помощи вариационной оптимизации» ("Reducing
 neural networks with variational optimisation", in Russian), on the digits data.
 
-Reuses ``benchmarks/channels.py`` (same model, data, trainer, baseline and accuracy measurement). For each
+Self-contained (``benchmarks/channels.py`` has since moved to other data and a recipe table): timm
+``resnet18`` at 32x32 (SGD, cosine LR, weight decay 5e-4), the embedded digits (batch 64, seeded split),
+accuracy on the test split, FLOPs and parameters by torch-pruning's ``count_ops_and_params``. For each
 seed: the dense resnet18 on digits; ``L0Pruning`` at each ``lam`` (gates trained for the first 60% of the
 epochs, finalised with the paper's test-time gate, fine-tuned for the rest, compressed); ``GroupLassoPruning``
 at one ``lam`` (the group-LASSO engineer's default, for reference); and the *first-k* baseline (dense weights,
 the same fraction of each gated group's channels removed, fine-tuned for the same 40% of epochs) at every
 fraction L0 reached. Accuracies are compared with the dense model of the same seed.
 
+The first-k baseline is the baselines plugin's ``FirstKChannels`` (``plugins/lightning-prune-baselines``) on
+the same channel groups the gates use: in every group ``max(round(size * (1 - f)), 1)`` units kept, the first
+ones removed, every tensor a removed unit touches masked for the rest of the fine-tuning. Its masks go in
+before the first optimizer step (:class:`FirstKFromStart`; the plugin's own ``prune_step=0`` waits for the end
+of the first batch) and the BatchNorm statistics are not recalibrated (``recalibrate_bn_batches=0``), as in
+the published runs.
+
 Run from the repository root::
 
     python benchmarks/channels_l0.py --quick      # 2 seeds, 4 epochs, 2 L0 lambdas
     python benchmarks/channels_l0.py              # 3 seeds, 10 epochs, 3 L0 lambdas
+    python benchmarks/channels_l0.py --epochs 6 --lams 0.003 0.01 0.03 --tag 6ep-3seeds   # the published run
+    python benchmarks/channels_l0.py --epochs 1 --seeds 0 --lams 0.1 --limit 400 --out /tmp/l0 --tag smoke
 
-Writes ``benchmarks/results/channels_l0[-quick].{json,md}``.
+Writes ``benchmarks/results/channels_l0[-quick|-TAG].{json,md}`` (``--out`` for another folder).
 """
 
 from __future__ import annotations
@@ -23,19 +34,68 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "plugins" / "lightning-prune-baselines" / "src"))  # (when not pip-installed)
 
 import lightning.pytorch as pl  # noqa: E402
-from channels import INPUT, RESULTS, FixedChannelPruning, classifier, cost, test_accuracy, trainer  # noqa: E402
+import torch  # noqa: E402
+import torch_pruning as tp  # noqa: E402
+from typing_extensions import override  # noqa: E402
 
 import lightning_prune as lp  # noqa: E402
+from lightning_prune_baselines import FirstKChannels  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+INPUT = (3, 32, 32)
+BATCH = 64
+
+
+class FirstKFromStart(FirstKChannels):
+    """The plugin's first-k control with its masks installed before the first optimizer step: the fine-tuning
+    starts from the dense weights with the first ``fraction`` of every channel group's units removed."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(target_sparsity=fraction, input_size=INPUT, recalibrate_bn_batches=0, verbose=False,
+                         log_media_every_n_epochs=0)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not self.pruned:
+            self.decide(trainer, pl_module, self.target_sparsity)
+
+
+def trainer(epochs: int, callbacks=(), root: str = "runs/bench_channels") -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
+                      default_root_dir=root, deterministic=True)
+
+
+def classifier(lr: float) -> lp.ImageClassifier:
+    # head_init="timm": timm's own classifier init, as when the published runs were made (for resnet18 the
+    # default "fan_in" leaves it as it is anyway)
+    return lp.ImageClassifier("resnet18", num_classes=10, optimizer="sgd", lr=lr, weight_decay=5e-4,
+                              scheduler="cosine", head_init="timm")
+
+
+def test_accuracy(model: pl.LightningModule, data: pl.LightningDataModule) -> float:
+    return float(trainer(1).test(model, datamodule=data, verbose=False)[0]["test/acc"])
+
+
+def cost(model: torch.nn.Module) -> tuple[float, float]:
+    """FLOPs and parameters (torch-pruning's ``count_ops_and_params`` at batch 1)."""
+    flops, params = tp.utils.count_ops_and_params(model.eval(), torch.randn(1, *INPUT))
+    return float(flops), float(params)
 
 
 def removed_fraction(cb: Any) -> float:
@@ -52,15 +112,20 @@ def main() -> None:
     parser.add_argument("--lams", type=float, nargs="*", default=None, help="L0 lambdas")
     parser.add_argument("--gl-lam", type=float, default=2e-4, help="group-LASSO lambda")
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use only the first LIMIT digits images (all 1797 by default; smoke runs)")
     parser.add_argument("--tag", default="",
                         help="results go to benchmarks/results/channels_l0[-TAG].{json,md}")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results folder")
     args = parser.parse_args()
     epochs = args.epochs or (4 if args.quick else 10)
     seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2])
     lams = args.lams or ([3e-3, 3e-2] if args.quick else [1e-3, 5e-3, 3e-2])
     finalize_at = 0.6
     finetune = max(1, int(round(epochs * (1 - finalize_at))))
-    gate_steps = finalize_at * epochs * 20  # 1257 training images / 64 per batch
+    probe = lp.DigitsDataModule(batch_size=BATCH, seed=0, limit=args.limit)
+    probe.setup("fit")
+    gate_steps = finalize_at * epochs * len(probe.train_dataloader())  # all digits: 1257 images, 20 batches
     # Adam moves log_alpha ~gate_lr per step: enough to go from 2.5 to < -2.4
     l0_gate_lr = round(8.0 / gate_steps, 3)
     gl_gate_lr = round(1.2 / (10 * args.gl_lam * gate_steps), 2)  # benchmarks/channels.py's rule
@@ -83,7 +148,7 @@ def main() -> None:
             f" ({row['acc_drop_pts']:+.2f} pts)")
 
     for seed in seeds:
-        data = lp.DigitsDataModule(batch_size=64, seed=seed)
+        data = lp.DigitsDataModule(batch_size=BATCH, seed=seed, limit=args.limit)
         pl.seed_everything(seed, verbose=False)
         dense_model = classifier(args.lr)
         trainer(epochs).fit(dense_model, datamodule=data)
@@ -112,21 +177,22 @@ def main() -> None:
             pl.seed_everything(seed, verbose=False)
             model = classifier(args.lr * 0.2)
             model.model.load_state_dict(dense_model.model.state_dict())
-            baseline = FixedChannelPruning(removed, mode="first", seed=seed)
-            trainer(finetune, [baseline]).fit(model, datamodule=data)
+            trainer(finetune, [FirstKFromStart(removed)]).fit(model, datamodule=data)
             # lam: the L0 run whose fraction it matches
             record(seed, "first_k", lam, removed, model, data, dense)
 
     config = {"epochs": epochs, "seeds": seeds, "lams": lams, "l0_gate_lr": l0_gate_lr, "gl_lam": args.gl_lam,
               "gl_gate_lr": gl_gate_lr, "finalize_at": finalize_at, "finetune_epochs": finetune,
-              "lr": args.lr, "quick": args.quick, "wall_s": round(time.time() - started, 1)}
-    write(config, rows, "channels_l0" + (f"-{args.tag}" if args.tag else "-quick" if args.quick else ""))
+              "lr": args.lr, "quick": args.quick, "limit": args.limit,
+              "wall_s": round(time.time() - started, 1)}
+    write(config, rows, "channels_l0" + (f"-{args.tag}" if args.tag else "-quick" if args.quick else ""),
+          args.out)
 
 
-def write(config: dict[str, Any], rows: list[dict[str, Any]], name: str) -> None:
-    """Write ``benchmarks/results/NAME.json`` and ``NAME.md`` (a table per method and lam, over seeds)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"config": config, "rows": rows}, indent=2))
+def write(config: dict[str, Any], rows: list[dict[str, Any]], name: str, out: Path = RESULTS) -> None:
+    """Write ``OUT/NAME.json`` and ``NAME.md`` (a table per method and lam, over seeds)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"config": config, "rows": rows}, indent=2))
     lines = ["| method | lam | seeds | gated channels removed (mean) | test acc (mean +- sd)"
              " | drop vs dense (pts, mean) | params | FLOPs |", "|---|---|---|---|---|---|---|---|"]
     for key in dict.fromkeys((r["method"], r["lam"]) for r in rows):
@@ -147,9 +213,11 @@ def write(config: dict[str, Any], rows: list[dict[str, Any]], name: str) -> None
               f" L0 gate_lr {c['l0_gate_lr']} (Adam), group-LASSO lam {c['gl_lam']}"
               f" gate_lr {c['gl_gate_lr']}; gates finalised at"
               f" {c['finalize_at']:.0%}; first-k fine-tunes the dense model {c['finetune_epochs']} epochs."
-              f" Wall {c['wall_s']} s.\n\n")
-    (RESULTS / f"{name}.md").write_text(header + "\n".join(lines) + "\n")
+              + (f" First {c['limit']} images only." if c.get("limit") else "")
+              + f" Wall {c['wall_s']} s.\n\n")
+    (out / f"{name}.md").write_text(header + "\n".join(lines) + "\n")
     print(header + "\n".join(lines))
+
 
 if __name__ == "__main__":
     main()
