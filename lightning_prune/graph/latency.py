@@ -415,14 +415,25 @@ def _narrowed(module: nn.Module, roles: Sequence[str], sizes: Sequence[int], wid
     return small
 
 
-def _input_like(shape: torch.Size, dtype: torch.dtype, device: torch.device, module: nn.Module,
-                dense_width: int) -> Tensor:
+def _random_in_layout(shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype,
+                      device: torch.device) -> Tensor:
+    """A random tensor of ``shape`` laid out in memory as a tensor of strides ``stride`` is (its dims ordered
+    by decreasing stride): a layer timed alone must see the layout it sees in the model -- ConvNeXt's
+    depthwise convs read channels-last strides (the permute back from its NHWC MLP), for which a 7x7
+    depthwise conv at a 1x1 map runs 160x faster on this CPU than on contiguous NCHW."""
+    order = sorted(range(len(shape)), key=lambda d: -stride[d])
+    inverse = sorted(range(len(order)), key=lambda i: order[i])
+    return torch.randn([shape[d] for d in order], dtype=dtype, device=device).permute(inverse)
+
+
+def _input_like(shape: torch.Size, stride: Sequence[int], dtype: torch.dtype, device: torch.device,
+                module: nn.Module, dense_width: int) -> Tensor:
     shape = list(shape)
     width = _in_width(module)
     if width is not None and width != dense_width:
         dim = channel_dim(module) % len(shape)
         shape[dim] = width
-    return torch.randn(shape, dtype=dtype, device=device)
+    return _random_in_layout(shape, stride, dtype, device)
 
 
 @torch.no_grad()
@@ -465,7 +476,7 @@ def measure_latency_model(model: nn.Module, example: Any, groups: Sequence[Chann
                 axes.setdefault(name, {}).setdefault(sl.role, step)
                 if sl.role == "free" and sl.channels:
                     free[name] = max(free.get(name, 0), max(sl.channels) + 1)
-    inputs: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    inputs: dict[str, tuple[torch.Size, tuple[int, ...], torch.dtype]] = {}  # shape, strides, dtype
     followers: dict[str, tuple[str, str]] = {}  # activation -> (the narrowed layer it reads, that role)
     last_out: dict[int, tuple[str, tuple[int, ...]]] = {}  # storage -> the leaf that wrote it last (in order)
     handles = []
@@ -476,7 +487,7 @@ def measure_latency_model(model: nn.Module, example: Any, groups: Sequence[Chann
         def grab(m: nn.Module, args: Any, out: Any, name: str = name) -> None:
             x = args[0] if args and isinstance(args[0], Tensor) else None
             if x is not None and name not in inputs:
-                inputs[name] = (x.shape, x.dtype)
+                inputs[name] = (x.shape, x.stride(), x.dtype)
             source = name
             if x is not None and name not in axes and next(m.parameters(), None) is None \
                     and not isinstance(m, (nn.Identity, nn.Dropout)) and "Drop" not in type(m).__name__:
@@ -504,7 +515,7 @@ def measure_latency_model(model: nn.Module, example: Any, groups: Sequence[Chann
         module = dense.get_submodule(name)
         if any(True for _ in module.children()):
             continue  # containers: their leaves are timed
-        shape, dtype = inputs[name]
+        shape, stride, dtype = inputs[name]
         roles = tuple(sorted(roles_steps))
         dim = None
         if "free" in roles:  # the channels sit where the input is wide enough (ambiguous: NCHW or tokens)
@@ -532,11 +543,11 @@ def measure_latency_model(model: nn.Module, example: Any, groups: Sequence[Chann
             for point in itertools.product(*grid):
                 if dim is not None:  # nothing to slice: the same module on fewer channels
                     small = module
-                    x = torch.randn([point[0] if d == dim else s for d, s in enumerate(shape)], dtype=dtype,
-                                    device=device)
+                    x = _random_in_layout([point[0] if d == dim else s for d, s in enumerate(shape)], stride,
+                                          dtype, device)
                 else:
                     small = _narrowed(module, roles, sizes, point).eval()  # type: ignore[arg-type]
-                    x = _input_like(shape, dtype, device, small, dense_width or 0)
+                    x = _input_like(shape, stride, dtype, device, small, dense_width or 0)
                 small(x)
                 fns.append(lambda small=small, x=x: small(x))
         except Exception:  # noqa: BLE001 - a layer that cannot run alone is left out (it counts as it is)
@@ -551,7 +562,7 @@ def measure_latency_model(model: nn.Module, example: Any, groups: Sequence[Chann
         if table is None or role not in table.roles or name not in inputs:
             continue
         axis = table.roles.index(role)
-        shape, dtype = inputs[name]
+        shape, stride, dtype = inputs[name]
         dim = channel_dim(dense.get_submodule(source)) % len(shape)
         if shape[dim] != table.sizes[axis]:
             continue
@@ -559,8 +570,8 @@ def measure_latency_model(model: nn.Module, example: Any, groups: Sequence[Chann
         try:
             fns = []
             for width in table.widths[axis]:
-                x = torch.randn([width if d == dim else n for d, n in enumerate(shape)], dtype=dtype,
-                                device=device)
+                x = _random_in_layout([width if d == dim else n for d, n in enumerate(shape)], stride, dtype,
+                                      device)
                 module(x)
                 fns.append(lambda module=module, x=x: module(x))
         except Exception:  # noqa: BLE001 - as above

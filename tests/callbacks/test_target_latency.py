@@ -219,6 +219,20 @@ def test_a_prediction_off_in_shape_does_not_stall_the_search():
     assert len(plan.removed["g"]) == 60 and plan.measured == pytest.approx(0.49) and plan.floor is None
 
 
+def test_a_layer_is_timed_on_the_memory_layout_it_reads_in_the_model():
+    """ConvNeXt's depthwise convs read channels-last strides (the permute back from its NHWC MLP): timed on
+    contiguous NCHW instead, a 7x7 depthwise conv at a 1x1 map was ~160x slower here, and the table said
+    removing its channels saves more than the whole model costs. The random input keeps the dims' order in
+    memory, also at a narrowed width."""
+    from lightning_prune.graph.latency import _random_in_layout
+
+    seen = torch.randn(4, 1, 1, 16).permute(0, 3, 1, 2)  # NCHW view of NHWC memory, as in the model
+    x = _random_in_layout([4, 8, 1, 1], seen.stride(), torch.float32, torch.device("cpu"))
+    assert x.shape == (4, 8, 1, 1) and x.stride() == (8, 1, 8, 8)
+    y = _random_in_layout([4, 8, 3, 5], torch.randn(4, 16, 3, 5).stride(), torch.float32, torch.device("cpu"))
+    assert y.is_contiguous() and y.shape == (4, 8, 3, 5)
+
+
 def test_an_unreachable_latency_is_said_to_be_unmet():
     plan = latency_plan(lambda n: {"g": list(range(n))} if n else {}, 3, Scaled(1.0), 0.5)
     assert plan.removed == {"g": [0, 1, 2]} and plan.measured == pytest.approx(0.7)
