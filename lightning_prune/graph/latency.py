@@ -294,17 +294,16 @@ def _next_removals(tried: dict[int, float], predicted: dict[int, float], last: i
     prediction meets the predicted goal scaled by ``aim / measured``; after more, the secant of the measured
     latency over the removals through the closest plans on both sides of ``target`` (or the two closest to
     ``aim`` when all lie on one side), towards ``aim``."""
-    if len(tried) < 2:
-        return fewest(min(max(predicted[last] * aim / max(tried[last], 1e-9), 0.0), 1.0))
-    slow = [k for k, m in tried.items() if m > target]
-    fast = [k for k, m in tried.items() if m <= target]
-    if slow and fast:
-        a, b = max(slow), min(fast)
-    else:
-        a, b = sorted(sorted(tried, key=lambda k: abs(tried[k] - aim))[:2])
-    if tried[a] == tried[b]:  # flat: no slope to follow, the prediction scaled instead
-        return fewest(min(max(predicted[last] * aim / max(tried[last], 1e-9), 0.0), 1.0))
-    return max(round(a + (aim - tried[a]) * (b - a) / (tried[b] - tried[a])), 0)
+    if len(tried) >= 2:
+        slow = [k for k, m in tried.items() if m > target]
+        fast = [k for k, m in tried.items() if m <= target]
+        if slow and fast:
+            a, b = max(slow), min(fast)
+        else:
+            a, b = sorted(sorted(tried, key=lambda k: abs(tried[k] - aim))[:2])
+        if tried[a] != tried[b]:  # (flat: no slope to follow, the prediction scaled instead)
+            return max(round(a + (aim - tried[a]) * (b - a) / (tried[b] - tried[a])), 0)
+    return fewest(min(max(predicted[last] * aim / max(tried[last], 1e-9), 0.0), 1.0))
 
 
 def latency_plan(removed_for: Callable[[int], dict[str, list[int]]], total: int, latency: LatencyPredictor,
