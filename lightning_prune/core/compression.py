@@ -487,15 +487,13 @@ def take_recorded_removal(module: nn.Module, checkpoint: Mapping[str, Any], path
     states = [s for s in (checkpoint.get("callbacks") or {}).items() if isinstance(s[1], Mapping)]
     plans = [state["shrink"]["removed"] for _, state in states
              if isinstance(state.get("shrink"), Mapping) and state["shrink"].get("removed")]
-    recorded = bool(plans)
-    for _, state in states:  # layers frozen into plain ones (weight standardisation)
-        shrink = state.get("shrink")
-        if isinstance(shrink, Mapping) and shrink.get("frozen"):
-            refreeze(module, shrink.get("frozen") or (), str(path))
-            recorded = True
-    marked = frozen_in_state(checkpoint.get("state_dict") or {})
-    refreeze(module, marked, str(path))  # (frozen by anything else)
-    recorded = recorded or bool(marked)
+    # layers frozen into plain ones (weight standardisation): recorded by a callback, or by anything else
+    # (a frozen layer's key marks it), frozen again as take_structure does
+    frozen = [n for _, state in states if isinstance(state.get("shrink"), Mapping)
+              for n in state["shrink"].get("frozen") or ()]
+    frozen += frozen_in_state(checkpoint.get("state_dict") or {})
+    refreeze(module, dict.fromkeys(frozen), str(path))
+    recorded = bool(plans or frozen)
     if plans:
         prefix, root = traced_root(module)
         groups = analyse_channels(root, example_inputs_for(root), prefix=prefix).groups
