@@ -40,9 +40,11 @@ Usage::
     # only some rows (dense always runs: it gives the snapshot), one of them ranked by Taylor
     python benchmarks/channels.py --models resnet18 --one-shot-importance taylor --methods one-shot-taylor
     python benchmarks/channels.py --merge a.json b.json --out channels-shapes   # nothing is trained
+    # --plot: also <out>.png, accuracy against measured latency (channels_plot.py, whose docstring has the
+    # merge command of the README's shapes tables and plot)
 
 Writes ``benchmarks/results/<out>.{json,md}`` (default ``channels-shapes``; rows of the same model, seed,
-method and target already there are replaced).
+method and target already there are replaced), with ``--plot`` also ``<out>.png``.
 """
 
 from __future__ import annotations
@@ -362,8 +364,9 @@ def round_to_sweep(reps: int, log: Any) -> list[dict[str, Any]]:
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model, method and target: mean and sd of the accuracy over seeds; for ours and torch-pruning the
-    paired differences to each other and to dense (the same seed on both sides)."""
+    """Per model, method and target: mean and sd of the accuracy (and of the batch-64 latency ratio) over
+    seeds; for ours and torch-pruning the paired differences to each other and to dense (the same seed on
+    both sides)."""
     def by(model: str, method: str, target: float) -> dict[int, dict[str, Any]]:
         return {r["seed"]: r for r in rows if r["model"] == model and r["method"] == method
                 and r["target"] == target and "acc" in r}
@@ -380,6 +383,9 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mean, sd = stats([r["acc"] for r in these.values()])
         entry = {"model": model, "method": method, "target": target, "seeds": sorted(these), "acc": mean,
                  "acc_sd": sd, "flops": statistics.fmean(r["flops"] for r in these.values())}
+        timed = [r["latency_b64"] for r in these.values() if "latency_b64" in r]
+        if timed:
+            entry["latency_b64"], entry["latency_b64_sd"] = stats(timed)
         for other, key in (("dense", "minus_dense"), ("torch-pruning", "minus_tp"),
                            ("ours one-shot", "minus_one_shot")):
             if method in (other, "dense") or (key == "minus_one_shot"
@@ -483,6 +489,9 @@ def main() -> None:
     parser.add_argument("--out", default="channels-shapes")
     parser.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                         help="result files of separate runs to merge into --out (nothing is trained)")
+    parser.add_argument("--plot", action="store_true",
+                        help="also write <out>.png: accuracy against measured batch-64 latency, one panel"
+                             " per model, one line per method (channels_plot.py)")
     args = parser.parse_args()
     known = ["dense", "ours", "torch-pruning"] + [one_shot_key(c) for c in one_shot_criteria(args)]
     if args.methods is None:
@@ -533,6 +542,11 @@ def main() -> None:
                                 "round_to": rounding}, indent=1))
     path.with_suffix(".md").write_text(markdown(rows, rounding, config))
     log(f"wrote {path.with_suffix('')}.{{json,md}}")
+    if args.plot:
+        from channels_plot import plot
+
+        plot(summary(rows), path.with_suffix(".png"))
+        log(f"wrote {path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

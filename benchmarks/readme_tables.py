@@ -322,6 +322,84 @@ def render_first_hour(data: dict[str, Any]) -> str:
     return _table(rows, "llrrll")
 
 
+CHANNELS_DENSE, CHANNELS_PEER = "dense", "torch-pruning"
+
+
+def _seed_list(seeds: list[int] | tuple[int, ...]) -> str:
+    return ",".join(map(str, seeds))
+
+
+def _other_seeds(these: list[int], seeds: list[int]) -> str:
+    """`` (seed 0)``, `` (seeds 0,1)``: ``these`` named where they are not the row's ``seeds``."""
+    return "" if these == seeds else f" (seed{'s' if len(these) > 1 else ''} {_seed_list(these)})"
+
+
+def _accuracy(entry: dict[str, Any], seeds: list[int]) -> str:
+    """``mean ± sd`` of a ``channels.summary`` entry; its seeds named where they are not ``seeds``."""
+    sd = entry.get("acc_sd")
+    text = f"{entry['acc']:.4f}" + (f" ± {sd:.4f}" if sd is not None and sd == sd else "")
+    return text + _other_seeds(entry["seeds"], seeds)
+
+
+def _channels_entries(data: dict[str, Any]) -> tuple[list[str], dict[str, list[int]], dict[tuple, Any]]:
+    """The models (in the file's order), each model's dense seeds, the summary by (model, method, target)."""
+    entries = {(e["model"], e["method"], e["target"]): e for e in data["summary"]}
+    models = list(dict.fromkeys(e["model"] for e in data["summary"]))
+    seeds = {m: (entries.get((m, CHANNELS_DENSE, 1.0)) or {}).get("seeds", []) for m in models}
+    return models, seeds, entries
+
+
+def _ours(method: str) -> bool:
+    return method not in (CHANNELS_DENSE, CHANNELS_PEER)
+
+
+def render_channels_headline(data: dict[str, Any]) -> str:
+    """Per model and target: dense, torch-pruning, the best of our methods (highest mean test accuracy) and
+    its paired difference to torch-pruning (the same seeds on both sides), from ``channels.py``'s summary."""
+    models, seeds, entries = _channels_entries(data)
+    rows = [["model", "target FLOPs", "seeds", "dense", "torch-pruning", "best of ours", "its method",
+             "best of ours - torch-pruning (paired)"]]
+    for model in models:
+        dense = entries.get((model, CHANNELS_DENSE, 1.0))
+        targets = sorted({t for (m, _, t) in entries if m == model and t != 1.0}, reverse=True)
+        for target in targets:
+            mine = [e for (m, _, t), e in entries.items() if m == model and t == target]
+            ours = [e for e in mine if _ours(e["method"])]
+            peer = entries.get((model, CHANNELS_PEER, target))
+            best = max(ours, key=lambda e: e["acc"]) if ours else None
+            paired = "–"
+            if best is not None and best.get("minus_tp") is not None:
+                n, sd = best.get("minus_tp_n", 1), best.get("minus_tp_sd")
+                both = sorted(set(best["seeds"]) & set(peer["seeds"])) if peer else []
+                paired = (f"{best['minus_tp']:+.4f}" + (f" ± {sd:.4f}" if n > 1 and sd == sd else "")
+                          + _other_seeds(both, seeds[model]))
+            rows.append([f"`{model}`", f"{target:g}", _seed_list(seeds[model]),
+                         _accuracy(dense, seeds[model]) if dense else "–",
+                         _accuracy(peer, seeds[model]) if peer else "–",
+                         _accuracy(best, seeds[model]) if best else "–", best["method"] if best else "–",
+                         paired])
+    return _table(rows, "lrlrrrlr")
+
+
+def render_channels_methods(data: dict[str, Any]) -> str:
+    """Every method (rows) on every model (columns): mean ± sd of the test accuracy over seeds and the mean
+    batch-64 latency as a fraction of dense, from ``channels.py``'s summary."""
+    models, seeds, entries = _channels_entries(data)
+    methods = sorted({(method, target) for (_, method, target) in entries},
+                     key=lambda k: (-k[1], k[0] != CHANNELS_DENSE, k[0] != CHANNELS_PEER, k[0]))
+    header = ["method", "target FLOPs"] + [
+        f"`{m}` (seed{'s' if len(seeds[m]) > 1 else ''} {_seed_list(seeds[m])})" for m in models]
+    rows = [header]
+    for method, target in methods:
+        cells = [method, f"{target:g}"]
+        for model in models:
+            e = entries.get((model, method, target))
+            latency = "" if e is None or e.get("latency_b64") is None else f" · {e['latency_b64']:.2f}"
+            cells.append("" if e is None else _accuracy(e, seeds[model]) + latency)
+        rows.append(cells)
+    return _table(rows, "lr" + "r" * len(models))
+
+
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "timm_coverage-traced#first": lambda data: render_coverage_list(data, "first"),
     "timm_coverage-traced#second": lambda data: render_coverage_list(data, "second"),
@@ -332,6 +410,8 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "reparam": render_reparam,
     "evolution.full": render_evolution,
     "first_hour": render_first_hour,
+    "channels-shapes#readme": render_channels_headline,
+    "channels-shapes#methods": render_channels_methods,
 }
 
 

@@ -1,0 +1,125 @@
+"""Accuracy against measured latency from a channels result file: one panel per model, one line per method.
+
+Reads the ``summary`` that ``benchmarks/channels.py`` writes into its result JSON (per model, method and
+target: the mean and sd over seeds of the test accuracy and of the batch-64 latency as a fraction of the
+dense model's) and draws, per model, x = that latency, y = that accuracy with the sd over seeds as error
+bars (both axes), one line per method joining its budgets (a single budget is a marker), dense as a marker
+at (1, acc) and a dotted horizontal line. Every number comes from the file; methods are whatever the rows
+hold (a new method gets a new colour; the same method has the same colour in every panel).
+
+The README's shapes table and plot (``benchmarks/results/channels-shapes.{json,md,png}``) are the merge of
+the per-run files of the same protocol (8 epochs, 5,000 training images, difficulty 0); rerun after adding
+new per-run files to the list (a row of the same model, seed, method and target in two files: the later
+file's wins; the dense rows of one model and seed agree across these files except in absolute ms)::
+
+    python benchmarks/channels.py --out channels-shapes --plot --merge \\
+        benchmarks/results/channels-shapes-r18c-s{0,1,2}.json \\
+        benchmarks/results/channels-shapes-r18-taylor-s{0,1,2}.json \\
+        benchmarks/results/channels-shapes-r18-taylor-s0-nocomp.json \\
+        benchmarks/results/channels-shapes-r18-nocomp-s{0,1,2}.json \\
+        benchmarks/results/channels-shapes-mbv3-s0.json \\
+        benchmarks/results/channels-shapes-effb0-zi-s0.json
+    python benchmarks/readme_tables.py   # the README's blocks from the new file
+
+(not ``channels-shapes-effb0-s0.json``: timm's init, before the mobile recipe; not ``channels-shapes-r18b-*``:
+GroupLasso's old ``lam``; not the already merged ``channels-shapes-r18c.json``/``-r18-taylor.json``.)
+
+Usage, for a result file written without ``--plot``::
+
+    python benchmarks/channels_plot.py benchmarks/results/channels-shapes.json   # writes channels-shapes.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+DENSE, PEER = "dense", "torch-pruning"
+MARKERS = "o^vP<>X*hdp"  # (no square: torch-pruning's)
+
+
+def _sd(value: Any) -> float:
+    """An sd from the summary (NaN, or absent, with one seed) as an error-bar length."""
+    return 0.0 if value is None or value != value else float(value)
+
+
+def _seeds(entries: list[dict[str, Any]]) -> str:
+    sets = {tuple(e["seeds"]) for e in entries}
+    every = sorted({s for e in entries for s in e["seeds"]})
+    text = ("seed " if len(every) == 1 else "seeds ") + ",".join(map(str, every))
+    return text + (" (fewer for some methods)" if len(sets) > 1 else "")
+
+
+def plot(entries: list[dict[str, Any]], path: Path | str) -> Path:
+    """Write the figure of ``entries`` (``channels.summary`` rows) to ``path`` (PNG); returns the path.
+
+    Entries without ``latency_b64`` (failed or untimed runs) are left out: they have no x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [e for e in entries if e.get("latency_b64") is not None]
+    models = list(dict.fromkeys(e["model"] for e in timed))
+    if not models:
+        raise ValueError("no entry with a measured latency_b64 to plot")
+    methods = sorted({e["method"] for e in timed} - {DENSE, PEER})
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i not in (3, 7)]  # not red, grey
+    style = {PEER: {"color": "tab:red", "marker": "s", "linestyle": "--"}}
+    style.update({m: {"color": palette[i % len(palette)], "marker": MARKERS[i % len(MARKERS)],
+                      "linestyle": "-"} for i, m in enumerate(methods)})
+    cols = min(len(models), 3)
+    rows = math.ceil(len(models) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.9 * rows), squeeze=False)
+    for ax, model in zip(axes.flat, models):
+        mine = [e for e in timed if e["model"] == model]
+        for e in (e for e in mine if e["method"] == DENSE):
+            ax.axhline(e["acc"], color="0.5", linestyle=":", linewidth=1)
+            ax.errorbar([e["latency_b64"]], [e["acc"]], yerr=[_sd(e.get("acc_sd"))], color="0.3", marker="D",
+                        linestyle="none", capsize=3, label=DENSE)
+        for method in [PEER, *methods]:
+            points = sorted((e for e in mine if e["method"] == method), key=lambda e: e["latency_b64"])
+            if not points:
+                continue
+            ax.errorbar([e["latency_b64"] for e in points], [e["acc"] for e in points],
+                        xerr=[_sd(e.get("latency_b64_sd")) for e in points],
+                        yerr=[_sd(e.get("acc_sd")) for e in points], capsize=3, markersize=6,
+                        elinewidth=0.8, label=method, **style[method])
+        budgets = sorted({e["target"] for e in mine if e["method"] != DENSE}, reverse=True)
+        ax.set_title(f"{model}\n{_seeds(mine)}; FLOPs target{'s' if len(budgets) > 1 else ''}"
+                     f" {', '.join(f'{t:g}' for t in budgets)}", fontsize=9)
+        ax.set_xlabel("batch-64 latency / dense (1 CPU thread)")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 3), fontsize=8,
+               frameon=False)
+    fig.suptitle("Channel pruning on lp.ShapesDataModule: accuracy against measured latency"
+                 " (mean ± sd over seeds)", fontsize=10)
+    legend_rows = math.ceil(len(handles) / 3)
+    fig.tight_layout(rect=(0, 0.045 * legend_rows / rows + 0.01, 1, 0.97))
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("result", type=Path, help="a result JSON of benchmarks/channels.py")
+    parser.add_argument("--out", type=Path, default=None, help="default: the result's path with .png")
+    args = parser.parse_args(argv)
+    data = json.loads(args.result.read_text(encoding="utf-8"))
+    print(f"wrote {plot(data['summary'], args.out or args.result.with_suffix('.png'))}")
+
+
+if __name__ == "__main__":
+    main()

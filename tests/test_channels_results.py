@@ -1,0 +1,106 @@
+"""The shapes benchmark's README tables and plot, from hand-made result rows (nothing is trained).
+
+``benchmarks/channels.py``'s ``summary`` (means, sds, paired differences over seeds) feeds
+``benchmarks/readme_tables.py``'s two ``channels-shapes`` renderers and ``benchmarks/channels_plot.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch  # noqa: F401  (channels.py's imports, loaded at collection as the suite's other
+import pytest
+import torch_pruning  # noqa: F401  test modules load theirs: the tests themselves train nothing)
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str, monkeypatch: pytest.MonkeyPatch):
+    """A benchmark script imported from its path (benchmarks/ is not a package), its sys.path and
+    environment changes undone after the test."""
+    monkeypatch.setattr(sys, "path", [str(BENCHMARKS), *sys.path])
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    spec = importlib.util.spec_from_file_location(f"_test_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(model, seed, method, target, acc, latency=None):
+    row = {"model": model, "seed": seed, "method": method, "target": target, "acc": acc,
+           "flops": target, "params": target}
+    if latency is not None:
+        row["latency_b64"] = latency
+    return row
+
+
+ROWS = [
+    # model m, seeds 0 and 1 (ours B only seed 0)
+    _row("m", 0, "dense", 1.0, 0.80, 1.0), _row("m", 1, "dense", 1.0, 0.82, 1.0),
+    _row("m", 0, "torch-pruning", 0.5, 0.85, 0.6), _row("m", 1, "torch-pruning", 0.5, 0.87, 0.7),
+    _row("m", 0, "ours A", 0.5, 0.86, 0.5), _row("m", 1, "ours A", 0.5, 0.90, 0.5),
+    _row("m", 0, "ours B", 0.5, 0.87, 0.55),
+    # model n, seed 0 only, two budgets
+    _row("n", 0, "dense", 1.0, 0.70, 1.0),
+    _row("n", 0, "torch-pruning", 0.5, 0.72, 0.8), _row("n", 0, "ours A", 0.5, 0.75, 0.7),
+    _row("n", 0, "torch-pruning", 0.25, 0.66, 0.6), _row("n", 0, "ours A", 0.25, 0.64, 0.4),
+]
+
+
+@pytest.fixture
+def result(monkeypatch):
+    """A result file's content as ``channels.py`` writes it (JSON round trip: NaN sds of one seed)."""
+    channels = _script("channels", monkeypatch)
+    return json.loads(json.dumps({"config": {}, "rows": ROWS, "summary": channels.summary(ROWS)}))
+
+
+def test_the_summary_has_the_mean_latency(result):
+    entry = next(e for e in result["summary"] if e["model"] == "m" and e["method"] == "torch-pruning")
+    assert entry["latency_b64"] == pytest.approx(0.65)
+    assert entry["latency_b64_sd"] == pytest.approx(0.0707107, rel=1e-5)
+
+
+def test_the_headline_table(result, monkeypatch):
+    tables = _script("readme_tables", monkeypatch)
+    lines = tables.RENDERERS["channels-shapes#readme"](result).splitlines()
+    assert lines[0] == ("| model | target FLOPs | seeds | dense | torch-pruning | best of ours | its method"
+                        " | best of ours - torch-pruning (paired) |")
+    # means and sds over seeds 0,1; the best of ours by mean (A: 0.88 > B: 0.87), paired 0.01, 0.03
+    assert lines[2] == ("| `m` | 0.5 | 0,1 | 0.8100 ± 0.0141 | 0.8600 ± 0.0141 | 0.8800 ± 0.0283 | ours A"
+                        " | +0.0200 ± 0.0141 |")
+    # one seed: no sd, the seeds column says so; budgets in decreasing order
+    assert lines[3] == "| `n` | 0.5 | 0 | 0.7000 | 0.7200 | 0.7500 | ours A | +0.0300 |"
+    assert lines[4] == "| `n` | 0.25 | 0 | 0.7000 | 0.6600 | 0.6400 | ours A | -0.0200 |"
+    assert len(lines) == 5
+
+
+def test_the_methods_table(result, monkeypatch):
+    tables = _script("readme_tables", monkeypatch)
+    lines = tables.RENDERERS["channels-shapes#methods"](result).splitlines()
+    assert lines[0] == "| method | target FLOPs | `m` (seeds 0,1) | `n` (seed 0) |"
+    assert lines[2:] == [
+        "| dense | 1 | 0.8100 ± 0.0141 · 1.00 | 0.7000 · 1.00 |",
+        "| torch-pruning | 0.5 | 0.8600 ± 0.0141 · 0.65 | 0.7200 · 0.80 |",
+        "| ours A | 0.5 | 0.8800 ± 0.0283 · 0.50 | 0.7500 · 0.70 |",
+        "| ours B | 0.5 | 0.8700 (seed 0) · 0.55 |  |",  # fewer seeds than the model's dense: named
+        "| torch-pruning | 0.25 |  | 0.6600 · 0.60 |",
+        "| ours A | 0.25 |  | 0.6400 · 0.40 |",
+    ]
+
+
+def test_the_plot_writes_a_png(result, tmp_path, monkeypatch):
+    plot = _script("channels_plot", monkeypatch)
+    failed = {"model": "n", "method": "failed", "target": 0.5, "seeds": [0], "acc": 0.1}
+    entries = [*result["summary"], failed]
+    out = plot.plot(entries, tmp_path / "shapes.png")  # (an entry without a latency has no x: left out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result))
+    plot.main([str(path)])
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no entry"):
+        plot.plot([e for e in entries if "latency_b64" not in e], tmp_path / "none.png")
