@@ -7,11 +7,13 @@ bars (both axes), one line per method joining its budgets (a single budget is a 
 at (1, acc) and a dotted horizontal line. Every number comes from the file; methods are whatever the rows
 hold (a new method gets a new colour; the same method has the same colour in every panel).
 
-The README's shapes table and plot (``benchmarks/results/channels-shapes.{json,md,png}``) are the merge of
-the per-run files of the same protocol (8 epochs, 5,000 training images, difficulty 0); rerun after adding
-new per-run files to the list (a row of the same model, seed, method and target in two files: the later
-file's wins; the dense rows of one model and seed agree across these files except in absolute ms)::
+The README's shapes tables and plot (``benchmarks/results/channels-shapes.{json,md,png}``) are the merge of
+the per-run files of the same protocol (8 epochs, 5,000 training images, difficulty 0); add new per-run files
+to the list and rerun (the ``rm``: the merge keeps rows already in ``--out``; a row of the same model, seed,
+method and target in two files: the later file's wins; the dense rows of one model and seed agree across
+these files but for the absolute ms, which the ratios divide out)::
 
+    rm -f benchmarks/results/channels-shapes.json
     python benchmarks/channels.py --out channels-shapes --plot --merge \\
         benchmarks/results/channels-shapes-r18c-s{0,1,2}.json \\
         benchmarks/results/channels-shapes-r18-taylor-s{0,1,2}.json \\
@@ -22,7 +24,9 @@ file's wins; the dense rows of one model and seed agree across these files excep
     python benchmarks/readme_tables.py   # the README's blocks from the new file
 
 (not ``channels-shapes-effb0-s0.json``: timm's init, before the mobile recipe; not ``channels-shapes-r18b-*``:
-GroupLasso's old ``lam``; not the already merged ``channels-shapes-r18c.json``/``-r18-taylor.json``.)
+GroupLasso's old ``lam``; not ``channels-shapes-r18-taylor8-*``: an ablation of 8 calibration batches on seeds
+0-1, in ``channels-shapes-r18-taylor.md``; not the already merged ``channels-shapes-r18c.json`` and
+``-r18-taylor.json``.)
 
 Usage, for a result file written without ``--plot``::
 

@@ -349,6 +349,15 @@ def _channels_entries(data: dict[str, Any]) -> tuple[list[str], dict[str, list[i
     return models, seeds, entries
 
 
+def _target(target: Any) -> str:
+    return f"{target:g}" if isinstance(target, (int, float)) else str(target)
+
+
+def _by_target(target: Any) -> tuple:
+    """Budgets in decreasing order (a non-numeric target, should a benchmark write one, after them)."""
+    return (0, -target) if isinstance(target, (int, float)) else (1, str(target))
+
+
 def _ours(method: str) -> bool:
     return method not in (CHANNELS_DENSE, CHANNELS_PEER)
 
@@ -361,7 +370,7 @@ def render_channels_headline(data: dict[str, Any]) -> str:
              "best of ours - torch-pruning (paired)"]]
     for model in models:
         dense = entries.get((model, CHANNELS_DENSE, 1.0))
-        targets = sorted({t for (m, _, t) in entries if m == model and t != 1.0}, reverse=True)
+        targets = sorted({t for (m, _, t) in entries if m == model and t != 1.0}, key=_by_target)
         for target in targets:
             mine = [e for (m, _, t), e in entries.items() if m == model and t == target]
             ours = [e for e in mine if _ours(e["method"])]
@@ -373,7 +382,7 @@ def render_channels_headline(data: dict[str, Any]) -> str:
                 both = sorted(set(best["seeds"]) & set(peer["seeds"])) if peer else []
                 paired = (f"{best['minus_tp']:+.4f}" + (f" ± {sd:.4f}" if n > 1 and sd == sd else "")
                           + _other_seeds(both, seeds[model]))
-            rows.append([f"`{model}`", f"{target:g}", _seed_list(seeds[model]),
+            rows.append([f"`{model}`", _target(target), _seed_list(seeds[model]),
                          _accuracy(dense, seeds[model]) if dense else "–",
                          _accuracy(peer, seeds[model]) if peer else "–",
                          _accuracy(best, seeds[model]) if best else "–", best["method"] if best else "–",
@@ -386,12 +395,12 @@ def render_channels_methods(data: dict[str, Any]) -> str:
     batch-64 latency as a fraction of dense, from ``channels.py``'s summary."""
     models, seeds, entries = _channels_entries(data)
     methods = sorted({(method, target) for (_, method, target) in entries},
-                     key=lambda k: (-k[1], k[0] != CHANNELS_DENSE, k[0] != CHANNELS_PEER, k[0]))
+                     key=lambda k: (_by_target(k[1]), k[0] != CHANNELS_DENSE, k[0] != CHANNELS_PEER, k[0]))
     header = ["method", "target FLOPs"] + [
         f"`{m}` (seed{'s' if len(seeds[m]) > 1 else ''} {_seed_list(seeds[m])})" for m in models]
     rows = [header]
     for method, target in methods:
-        cells = [method, f"{target:g}"]
+        cells = [method, _target(target)]
         for model in models:
             e = entries.get((model, method, target))
             latency = "" if e is None or e.get("latency_b64") is None else f" · {e['latency_b64']:.2f}"
