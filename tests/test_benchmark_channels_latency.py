@@ -102,7 +102,7 @@ def test_summary_pairs_latency_rows_with_torch_pruning_at_equal_latency(channels
     for seed, (a, b, c, d) in enumerate([(0.80, 0.78, 0.70, 0.60), (0.82, 0.79, 0.74, 0.70)]):
         rows += [row("dense", seed, 0.9, 1.0, latency_b64=1.0),
                  row("torch-pruning", seed, 0.5),  # FLOPs rows at the same number: never paired with those
-                 row(ours, seed, a, kind="latency", latency_b64=0.50 + seed / 100),
+                 row(ours, seed, a, kind="latency", latency_b64=0.50 + seed / 100, latency_callback=0.49),
                  row(channels.LATENCY_TP, seed, b, kind="latency", matched=ours, latency_b64=0.49),
                  row(channels.LATENCY_OURS, seed, c, kind="latency", latency_b64=0.6),
                  row(channels.LATENCY_TP, seed, d, target=0.25, kind="latency", matched=ours)]
@@ -114,7 +114,7 @@ def test_summary_pairs_latency_rows_with_torch_pruning_at_equal_latency(channels
     assert one_shot["latency_b64"] == pytest.approx(0.505)
     assert one_shot["tp_latency_b64"] == pytest.approx(0.49)
     assert one_shot["minus_tp_latency_b64"] == pytest.approx(0.015)
-    assert "minus_one_shot" not in one_shot
+    assert "minus_one_shot" not in one_shot and one_shot["latency_callback"] == pytest.approx(0.49)
     # GroupLasso at the latency target: torch-pruning was matched to the one-shot model, not to it
     assert "minus_tp" not in entries[(channels.LATENCY_OURS, 0.5, "latency")]
     tp = entries[(channels.LATENCY_TP, 0.5, "latency")]
@@ -130,5 +130,7 @@ def test_summary_pairs_latency_rows_with_torch_pruning_at_equal_latency(channels
               "command": "x"}
     text = channels.markdown(rows, [], config)
     assert "| target latency |" in text and "| latency 0.5 |" in text and "| FLOPs 0.5 |" in text
+    assert (f"| {ours} | 0.5 | 0,1 | 0.8100 ± 0.0141 | 0.505 | 0.490 | 0.400 | -0.0900 ± 0.0141"
+            " | +0.0250 ± 0.0071 | 0.490 | +0.0150 ± 0.0071 |") in text
     flops_only = channels.markdown([r for r in rows if "target_kind" not in r], [], config)
     assert "| target FLOPs |" in flops_only and "latency 0.5" not in flops_only
