@@ -26,6 +26,25 @@ For each model (timm ``resnet18``, ``resnet50``, ``efficientnet_b0``, ``mobilene
   calibration batches; ``taylor_elementwise``: ``sum |w * dL/dw|``, torch-pruning's form; ``NAME-nocomp``:
   without the least-squares refit, ``compensate=False``).
 
+At each ``--latency-targets`` fraction ``T`` of the dense model's latency (batch 64; none by default), after
+the FLOPs rows:
+
+* **ours one-shot (taylor, compensate=False, target_latency)** (``--methods latency-one-shot``): the one-shot
+  protocol above, ``OneShotPruning("channels", target_latency=T, latency_batch_size=64, round_to=8,
+  importance="taylor", compensate=False)`` (our best one-shot setting at a FLOPs target): the units chosen
+  with a per-layer latency table and the compressed copy timed against the dense model (thread CPU time,
+  one thread; what it measured is recorded, ``latency_callback``, beside the final timing);
+* **ours (target_latency)** (``latency-ours``): ``GroupLassoPruning(target_latency=T, latency_batch_size=64,
+  finalize_step=0.5, compress=True)``, as the ``ours`` row;
+* **torch-pruning (equal latency)** (``latency-torch-pruning``): its MetaPruner as above, its
+  ``pruning_ratio`` found by bisection on the *measured* batch-64 latency -- each probe timed with the dense
+  model and ours in one interleaved call -- until its model runs as fast as the one ours reached (the
+  one-shot row's, else ours'; what ours measured, not ``T``); the probe closest to equal latency, within 2%,
+  then ``E/2`` epochs of fine-tuning as above. Its row records the ratio and both latencies at the match.
+
+The latency-target rows carry ``target_kind: "latency"`` (their ``target`` is ``T``): the summary pairs each
+with torch-pruning at equal latency (same seed), never with a FLOPs row of the same number.
+
 All in one process, on the same data (``data_seed`` 0; ``--train-size`` training images, 2,000 test images,
 ``--difficulty``), each seed seeding the weights and the shuffling of all four methods. Per row: test
 accuracy, parameters, FLOPs, and CPU latency at batch 1 and 64 on one thread -- thread CPU time
@@ -42,9 +61,12 @@ Usage::
     python benchmarks/channels.py --merge a.json b.json --out channels-shapes   # nothing is trained
     # --plot: also <out>.png, accuracy against measured latency (channels_plot.py, whose docstring has the
     # merge command of the README's shapes tables and plot)
+    # accuracy at equal measured latency: ours at target_latency=0.5 against torch-pruning at its latency
+    python benchmarks/channels.py --models resnet18 --latency-targets 0.5 \\
+        --methods latency-one-shot latency-torch-pruning
 
 Writes ``benchmarks/results/<out>.{json,md}`` (default ``channels-shapes``; rows of the same model, seed,
-method and target already there are replaced), with ``--plot`` also ``<out>.png``.
+method and target (of the same kind) already there are replaced), with ``--plot`` also ``<out>.png``.
 """
 
 from __future__ import annotations
@@ -57,7 +79,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -91,11 +113,40 @@ MODELS: dict[str, dict[str, Any]] = {
 SIDE = 32
 
 
-def trainer(epochs: int, callbacks=(), root: str = "runs/bench_channels") -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+def trainer(epochs: int, callbacks=(), root: str = "runs/bench_channels", logger: Any = False) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=logger,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
                       default_root_dir=root, deterministic=True)
+
+
+class Metrics(pl.loggers.Logger):
+    """The last value of each metric logged: what a latency-target callback measured
+    (``prune/latency_remaining``: its own timing of the compressed copy against the dense model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return "metrics"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.update(metrics)
+
+
+def callback_latency(metrics: Metrics) -> dict[str, float]:
+    """``latency_callback`` (measured by the callback) and ``latency_predicted`` (its table's prediction)."""
+    names = {"latency_callback": "prune/latency_remaining", "latency_predicted": "prune/latency_predicted"}
+    return {key: float(metrics.metrics[name]) for key, name in names.items() if name in metrics.metrics}
 
 
 def classifier(name: str, lr: float) -> lp.ImageClassifier:
@@ -145,10 +196,10 @@ def taylor_gradients(net: torch.nn.Module, data: pl.LightningDataModule, batches
     return {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
 
 
-def torch_pruning_at(net: torch.nn.Module, target: float, dense_flops: float,
-                     grads: dict[str, Tensor]) -> tuple[torch.nn.Module, float]:
-    """torch-pruning's MetaPruner (TaylorImportance on ``grads``, global pruning, round_to=8) at ``target`` of
-    the FLOPs: the ``pruning_ratio`` by bisection on copies; returns the pruned copy and the ratio used."""
+def torch_pruning_pruner(net: torch.nn.Module, grads: dict[str, Tensor]
+                         ) -> Callable[[float], torch.nn.Module]:
+    """``prune(ratio)``: a copy of ``net`` pruned by torch-pruning's MetaPruner (TaylorImportance on
+    ``grads``, global pruning, round_to=8; whole heads for a ViT) at ``pruning_ratio=ratio``."""
     example = torch.randn(1, 3, SIDE, SIDE)
 
     def prune(ratio: float) -> torch.nn.Module:
@@ -169,21 +220,86 @@ def torch_pruning_at(net: torch.nn.Module, target: float, dense_flops: float,
                 m.attn_dim = m.num_heads * m.head_dim
         return model
 
-    lo, hi = 0.0, 0.95
-    best = None
-    for _ in range(12):
+    return prune
+
+
+def bisect_ratio(prune: Callable[[float], Any], measure: Callable[[Any], float], target: float, *,
+                 tol: float = 0.01, steps: int = 12, hi: float = 0.95, closest: bool = False
+                 ) -> tuple[Any, float, float]:
+    """The ``pruning_ratio`` in ``[0, hi]`` at which ``measure(prune(ratio))`` -- a fraction that falls as the
+    ratio grows (FLOPs, a measured latency) -- reaches ``target``, by bisection (at most ``steps`` probes).
+
+    By default the last probe at most ``target`` (the largest value below it), stopping at the first one
+    within ``tol`` below (torch-pruning at a FLOPs budget); if none is below, ``prune(hi)``. ``closest=True``:
+    the probe closest to ``target`` on either side, stopping at the first one within ``tol`` of it (a noisy
+    measured latency matched to another model's: neither side favoured). Returns ``(model, ratio, value)``.
+    """
+    lo = 0.0
+    best: tuple[Any, float, float] | None = None
+    for _ in range(steps):
         mid = (lo + hi) / 2
         pruned = prune(mid)
-        ratio = count(pruned)[0] / dense_flops
-        if ratio <= target:
-            best, hi = (pruned, mid), mid
+        value = measure(pruned)
+        if closest:
+            if best is None or abs(value - target) < abs(best[2] - target):
+                best = (pruned, mid, value)
+            if abs(value - target) < tol:
+                break
+        elif value <= target:
+            best = (pruned, mid, value)
+            if target - value < tol:
+                break
+        if value <= target:
+            hi = mid
         else:
             lo = mid
-        if best is not None and target - ratio < 0.01 and ratio <= target:
-            break
     if best is None:
-        best = (prune(hi), hi)
+        pruned = prune(hi)
+        best = (pruned, hi, measure(pruned))
     return best
+
+
+def torch_pruning_at(net: torch.nn.Module, target: float, dense_flops: float,
+                     grads: dict[str, Tensor]) -> tuple[torch.nn.Module, float]:
+    """torch-pruning's MetaPruner (TaylorImportance on ``grads``, global pruning, round_to=8) at ``target`` of
+    the FLOPs: the ``pruning_ratio`` by bisection on copies; returns the pruned copy and the ratio used."""
+    pruned, ratio, _ = bisect_ratio(torch_pruning_pruner(net, grads), lambda m: count(m)[0] / dense_flops,
+                                    target)
+    return pruned, ratio
+
+
+def latency_to(reference: torch.nn.Module, dense: torch.nn.Module, reps: int,
+               timing: Callable[..., dict[str, float]] = latency) -> tuple[Callable[[Any], float], list]:
+    """``measure(model)``: ``model``'s batch-64 latency over ``reference``'s, the two and ``dense`` timed in
+    one interleaved call of ``timing`` (:func:`latency`: thread CPU time, one thread, medians), so that a
+    drift of the shared machine's load between probes cancels; 1.0 is equal latency. Each call appends
+    ``(that value, model's latency, reference's latency)``, the latencies as fractions of the dense model's,
+    to the returned list."""
+    probes: list[tuple[float, float, float]] = []
+
+    def measure(model: Any) -> float:
+        times = timing({"dense": dense, "reference": reference, "candidate": model}, 64, reps, 2)
+        value = times["candidate"] / times["reference"]
+        probes.append((value, times["candidate"] / times["dense"], times["reference"] / times["dense"]))
+        return value
+
+    return measure, probes
+
+
+def torch_pruning_at_latency(net: torch.nn.Module, grads: dict[str, Tensor], reference: torch.nn.Module,
+                             dense: torch.nn.Module, reps: int,
+                             timing: Callable[..., dict[str, float]] = latency
+                             ) -> tuple[torch.nn.Module, float, dict[str, float]]:
+    """torch-pruning's MetaPruner as in :func:`torch_pruning_at`, its ``pruning_ratio`` bisected on the
+    *measured* batch-64 latency until its model runs as fast as ``reference`` (ours at a latency target):
+    the probe closest to equal latency, within 2%. Returns the pruned copy, the ratio, and at that probe
+    its latency and the reference's as fractions of the dense model's (the same timing call)."""
+    measure, probes = latency_to(reference, dense, reps, timing)
+    pruned, ratio, value = bisect_ratio(torch_pruning_pruner(net, grads), measure, 1.0, tol=0.02, steps=10,
+                                        closest=True)
+    at = next(p for p in probes if p[0] == value)
+    return pruned, ratio, {"latency_matched": at[1], "matched_to": at[2], "latency_to_ours": value,
+                           "probes": len(probes)}
 
 
 def run_model(name: str, seed: int, args: argparse.Namespace, log: Any) -> list[dict[str, Any]]:
@@ -266,10 +382,52 @@ def run_model(name: str, seed: int, args: argparse.Namespace, log: Any) -> list[
                 rows.append({"model": name, "seed": seed, "method": method, "target": target,
                              "error": f"{type(err).__name__}: {str(err)[:160]}"})
                 log(f"{name} {method} @ {target}: {rows[-1]['error']}")
+    for target in args.latency_targets:
+        # at a latency target: ours, then torch-pruning at the latency ours measured (its one-shot row first)
+        reference: tuple[str, torch.nn.Module] | None = None
+        if "latency-ours" in wanted:
+            rows.append(ours_row(name, seed, target, data, args, dense_flops, dense_params, nets, log,
+                                 kind="latency"))
+            reference = rows[-1]["method"], nets[_net_key(rows[-1])]
+        if "latency-one-shot" in wanted:
+            rows.append(latency_one_shot_row(name, seed, target, data, snapshot["weights"], args, dense_flops,
+                                             dense_params, nets, log))
+            if "error" not in rows[-1]:
+                reference = rows[-1]["method"], nets[_net_key(rows[-1])]
+        if "latency-torch-pruning" in wanted:
+            method = LATENCY_TP
+            try:
+                if reference is None:
+                    raise RuntimeError("no model of ours at this latency target to match (--methods"
+                                       " latency-one-shot or latency-ours)")
+                base = classifier(name, lr).model
+                base.load_state_dict(snapshot["weights"])
+                if grads is None:
+                    grads = taylor_gradients(base, data, args.taylor_batches)
+                pruned, ratio, match = torch_pruning_at_latency(base.eval(), grads, reference[1], dense_net,
+                                                                reps)
+                pl.seed_everything(seed, verbose=False)
+                module = classifier(name, lr)
+                module.model = pruned.train()
+                trainer(epochs - half).fit(module, datamodule=data)
+                flops, params = count(module.model)
+                rows.append({"model": name, "seed": seed, "method": method, "target": target,
+                             "target_kind": "latency", "acc": accuracy(module, data),
+                             "flops": flops / dense_flops, "params": params / dense_params,
+                             "pruning_ratio": ratio, "matched": reference[0], **match})
+                nets[_net_key(rows[-1])] = copy.deepcopy(module.model).eval()
+                log(f"{name} {method} @ latency {target}: pruning_ratio {ratio:.3f}, latency"
+                    f" {match['latency_matched']:.3f} where ours measured {match['matched_to']:.3f} (the"
+                    f" same timing, {match['probes']} probes); acc {rows[-1]['acc']:.4f},"
+                    f" FLOPs {rows[-1]['flops']:.3f}")
+            except Exception as err:  # noqa: BLE001 - its failure is a result too
+                rows.append({"model": name, "seed": seed, "method": method, "target": target,
+                             "target_kind": "latency", "error": f"{type(err).__name__}: {str(err)[:160]}"})
+                log(f"{name} {method} @ latency {target}: {rows[-1]['error']}")
     for batch, inner in ((1, 20), (64, 2)):
         times = latency(nets, batch, reps, inner)
         for row in rows:
-            key = "dense" if row["method"] == "dense" else f"{row['method']} {row['target']}"
+            key = _net_key(row)
             if key in times:
                 row[f"latency_b{batch}"] = times[key] / times["dense"]
                 row[f"ms_b{batch}"] = times[key]
@@ -277,20 +435,75 @@ def run_model(name: str, seed: int, args: argparse.Namespace, log: Any) -> list[
 
 
 def ours_row(name: str, seed: int, target: float, data: pl.LightningDataModule, args: argparse.Namespace,
-             dense_flops: float, dense_params: float, nets: dict[str, torch.nn.Module], log: Any
-             ) -> dict[str, Any]:
-    """GroupLassoPruning over the whole ``E`` epochs, the units chosen at the middle."""
+             dense_flops: float, dense_params: float, nets: dict[str, torch.nn.Module], log: Any,
+             kind: str = "flops") -> dict[str, Any]:
+    """GroupLassoPruning over the whole ``E`` epochs, the units chosen at the middle (``kind="latency"``: to
+    ``target_latency`` at batch 64, the row ``ours (target_latency)``)."""
     pl.seed_everything(seed, verbose=False)
     model = classifier(name, args.lr)
-    cb = lp.GroupLassoPruning(target_flops=target, finalize_step=0.5, compress=True, verbose=False,
+    budget = {"target_latency": target, "latency_batch_size": 64} if kind == "latency" else \
+        {"target_flops": target}
+    cb = lp.GroupLassoPruning(**budget, finalize_step=0.5, compress=True, verbose=False,
                               log_media_every_n_epochs=0, input_size=(3, SIDE, SIDE))
-    trainer(args.epochs, [cb]).fit(model, datamodule=data)
+    metrics = Metrics() if kind == "latency" else False
+    trainer(args.epochs, [cb], logger=metrics).fit(model, datamodule=data)
     ours = copy.deepcopy(model.model).eval()
     flops, params = count(ours)
     row = {"model": name, "seed": seed, "method": "ours", "target": target, "acc": accuracy(model, data),
            "flops": flops / dense_flops, "params": params / dense_params}
-    nets[f"ours {target}"] = ours
-    log(f"{name} ours @ {target}: acc {row['acc']:.4f}, FLOPs {row['flops']:.3f}, params {row['params']:.3f}")
+    if kind == "latency":
+        row.update(method=LATENCY_OURS, target_kind="latency", **callback_latency(metrics))
+    nets[_net_key(row)] = ours
+    log(f"{name} {row['method']} @ {kind} {target}: acc {row['acc']:.4f}, FLOPs {row['flops']:.3f},"
+        f" params {row['params']:.3f}")
+    return row
+
+
+#: the rows at a latency target (``--latency-targets``): their methods, and the one-shot criterion (Taylor
+#: without the least-squares refit: our best one-shot setting on this benchmark at a FLOPs target)
+LATENCY_OURS = "ours (target_latency)"
+LATENCY_TP = "torch-pruning (equal latency)"
+LATENCY_ONE_SHOT = "taylor-nocomp"
+#: their ``--methods`` names
+LATENCY_METHODS = ["latency-one-shot", "latency-ours", "latency-torch-pruning"]
+
+
+def latency_one_shot_method(batches: int = 4) -> str:
+    """``ours one-shot (taylor, compensate=False, target_latency)``."""
+    return one_shot_method(LATENCY_ONE_SHOT, batches)[:-1] + ", target_latency)"
+
+
+def latency_one_shot_row(name: str, seed: int, target: float, data: pl.LightningDataModule,
+                         weights: dict[str, Any], args: argparse.Namespace, dense_flops: float,
+                         dense_params: float, nets: dict[str, torch.nn.Module], log: Any) -> dict[str, Any]:
+    """OneShotPruning to ``target_latency`` (batch 64: the thread CPU time of the compressed copy against the
+    dense model's, one thread) on torch-pruning's protocol: the half-trained ``weights``, then ``E - E/2``
+    epochs of fine-tuning with a fresh optimizer and schedule; a failure is a row too."""
+    method = latency_one_shot_method(args.calibration_batches)
+    row: dict[str, Any] = {"model": name, "seed": seed, "method": method, "target": target,
+                           "target_kind": "latency"}
+    try:
+        pl.seed_everything(seed, verbose=False)
+        module = classifier(name, args.lr)
+        module.model.load_state_dict(weights)
+        one_shot = lp.OneShotPruning("channels", target_latency=target, latency_batch_size=64, prune_step=0,
+                                     round_to=8, importance=importance_of(LATENCY_ONE_SHOT),
+                                     compensate=_split(LATENCY_ONE_SHOT)[1],
+                                     calibration_batches=args.calibration_batches, input_size=(3, SIDE, SIDE),
+                                     verbose=False, log_media_every_n_epochs=0)
+        metrics = Metrics()
+        fit = trainer(args.epochs - max(1, args.epochs // 2), [one_shot], logger=metrics)
+        fit.fit(module, datamodule=data)
+        flops, params = count(module.model)
+        row.update(acc=accuracy(module, data), flops=flops / dense_flops, params=params / dense_params,
+                   **callback_latency(metrics))
+        nets[_net_key(row)] = copy.deepcopy(module.model).eval()
+        log(f"{name} {method} @ latency {target}: acc {row['acc']:.4f}, FLOPs {row['flops']:.3f}, latency"
+            f" {row.get('latency_callback', float('nan')):.3f} measured by the callback"
+            f" ({row.get('latency_predicted', float('nan')):.3f} predicted)")
+    except Exception as err:  # noqa: BLE001 - a failure is a row of the table
+        row["error"] = f"{type(err).__name__}: {str(err)[:160]}"
+        log(f"{name} {method} @ latency {target}: {row['error']}")
     return row
 
 
@@ -364,38 +577,61 @@ def round_to_sweep(reps: int, log: Any) -> list[dict[str, Any]]:
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model, method and target: mean and sd of the accuracy (and of the batch-64 latency ratio) over
-    seeds; for ours and torch-pruning the paired differences to each other and to dense (the same seed on
-    both sides)."""
-    def by(model: str, method: str, target: float) -> dict[int, dict[str, Any]]:
+    """Per model, method and target: mean and sd of the accuracy over seeds (and of the batch-64 latency
+    where measured); for ours and torch-pruning the paired differences to each other and to dense (the same
+    seed on both sides). A latency-target row (``target_kind`` ``"latency"``) is paired with torch-pruning at
+    equal latency -- the row matched to its model -- never with a FLOPs row of the same number: ``minus_tp``
+    is ours minus that row, ``tp_latency_b64`` its measured latency, ``minus_tp_latency_b64`` the paired
+    difference of the two latencies (0: equal)."""
+    def by(model: str, method: str, target: float, kind: str = "flops") -> dict[int, dict[str, Any]]:
         return {r["seed"]: r for r in rows if r["model"] == model and r["method"] == method
-                and r["target"] == target and "acc" in r}
+                and r["target"] == target and _kind(r) == kind and "acc" in r}
 
     def stats(values: list[float]) -> tuple[float, float]:
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
     out = []
-    keys = dict.fromkeys((r["model"], r["method"], r["target"]) for r in rows)
-    for model, method, target in keys:
-        these = by(model, method, target)
+    keys = dict.fromkeys((r["model"], r["method"], r["target"], _kind(r)) for r in rows)
+    for model, method, target, kind in keys:
+        these = by(model, method, target, kind)
         if not these:
             continue
         mean, sd = stats([r["acc"] for r in these.values()])
         entry = {"model": model, "method": method, "target": target, "seeds": sorted(these), "acc": mean,
                  "acc_sd": sd, "flops": statistics.fmean(r["flops"] for r in these.values())}
-        timed = [r["latency_b64"] for r in these.values() if "latency_b64" in r]
-        if timed:
-            entry["latency_b64"], entry["latency_b64_sd"] = stats(timed)
-        for other, key in (("dense", "minus_dense"), ("torch-pruning", "minus_tp"),
-                           ("ours one-shot", "minus_one_shot")):
-            if method in (other, "dense") or (key == "minus_one_shot"
-                                              and not method.startswith(other + " (")):
-                continue
-            ref = by(model, other, 1.0 if other == "dense" else target)
+        measured = [r["latency_b64"] for r in these.values() if "latency_b64" in r]
+        if measured:
+            entry["latency_b64"], entry["latency_b64_sd"] = stats(measured)
+        if kind == "latency":
+            entry["target_kind"] = kind
+            by_callback = [r["latency_callback"] for r in these.values() if "latency_callback" in r]
+            if by_callback:  # (what the callback measured when it chose: its own timing)
+                entry["latency_callback"] = statistics.fmean(by_callback)
+            refs = [("dense", "minus_dense", by(model, "dense", 1.0))]
+            if method != LATENCY_TP:
+                matched = by(model, LATENCY_TP, target, kind)
+                refs.append((LATENCY_TP, "minus_tp",
+                             {k: r for k, r in matched.items() if r.get("matched") == method}))
+        else:
+            refs = []
+            for other, key in (("dense", "minus_dense"), ("torch-pruning", "minus_tp"),
+                               ("ours one-shot", "minus_one_shot")):
+                if method in (other, "dense") or (key == "minus_one_shot"
+                                                  and not method.startswith(other + " (")):
+                    continue
+                refs.append((other, key, by(model, other, 1.0 if other == "dense" else target)))
+        for _, key, ref in refs:
             pairs = [these[k]["acc"] - ref[k]["acc"] for k in these if k in ref]
             if pairs:
                 entry[key], entry[key + "_sd"] = stats(pairs)
                 entry[key + "_n"] = len(pairs)
+            if kind == "latency" and key == "minus_tp":
+                timed = [k for k in these if k in ref and "latency_b64" in these[k]
+                         and "latency_b64" in ref[k]]
+                if timed:
+                    entry["tp_latency_b64"] = statistics.fmean(ref[k]["latency_b64"] for k in timed)
+                    entry["minus_tp_latency_b64"], entry["minus_tp_latency_b64_sd"] = stats(
+                        [these[k]["latency_b64"] - ref[k]["latency_b64"] for k in timed])
         out.append(entry)
     return out
 
@@ -417,7 +653,10 @@ def markdown(rows: list[dict[str, Any]], rounding: list[dict[str, Any]], config:
         return f"{mean:+.4f}" + (f" ± {sd:.4f}" if sd is not None and sd == sd else "")
 
     entries = summary(rows)
+    at_latency = [e for e in entries if e.get("target_kind") == "latency"]
+    entries = [e for e in entries if e.get("target_kind") != "latency"]
     criteria = any("minus_one_shot" in e for e in entries)  # rows of --one-shot-importance: their pairs too
+    latency_rows = any(_kind(r) == "latency" for r in rows)  # (then the target column says of what)
     sources = config.get("sources") or []
     merged = "; merged from: " + "; ".join(f"`{c}`" for c in sources) if sources else ""
     lines = [f"`lp.ShapesDataModule` (difficulty {config['difficulty']}, {config['train_size']} training"
@@ -438,17 +677,51 @@ def markdown(rows: list[dict[str, Any]], rounding: list[dict[str, Any]], config:
                      f" | {pm(e.get('minus_dense'), e.get('minus_dense_sd'))}"
                      f" | {pm(e.get('minus_tp'), e.get('minus_tp_sd'))} |"
                      + (f" {pm(e.get('minus_one_shot'), e.get('minus_one_shot_sd'))} |" if criteria else ""))
+    if at_latency:
+        lines += ["", "At a latency target (`target_latency`, batch 64): torch-pruning at equal latency is"
+                  " its MetaPruner as above, its `pruning_ratio` bisected on the measured batch-64 latency"
+                  " until its model runs as fast as ours (the two and dense timed in one interleaved call),"
+                  " then the same fine-tuning; latency b64 from the final timing of every model. Paired"
+                  " differences (same seed):", "",
+                  "| model | method | target latency | seeds | test acc (mean ± sd) | latency b64"
+                  " | measured by the callback | FLOPs | - dense | - torch-pruning at equal latency"
+                  " | its latency b64 | latency - its |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for e in at_latency:
+            sd = f" ± {e['acc_sd']:.4f}" if e["acc_sd"] == e["acc_sd"] else ""
+            tp_latency = f"{e['tp_latency_b64']:.3f}" if "tp_latency_b64" in e else ""
+            by_callback = f"{e['latency_callback']:.3f}" if "latency_callback" in e else ""
+            lines.append(f"| `{e['model']}` | {e['method']} | {e['target']:g}"
+                         f" | {','.join(map(str, e['seeds']))} | {e['acc']:.4f}{sd}"
+                         f" | {e.get('latency_b64', float('nan')):.3f} | {by_callback} | {e['flops']:.3f}"
+                         f" | {pm(e.get('minus_dense'), e.get('minus_dense_sd'))}"
+                         f" | {pm(e.get('minus_tp'), e.get('minus_tp_sd'))} | {tp_latency}"
+                         f" | {pm(e.get('minus_tp_latency_b64'), e.get('minus_tp_latency_b64_sd'))} |")
+        matched = [r for r in rows if r["method"] == LATENCY_TP and "pruning_ratio" in r]
+        if matched:
+            lines += ["", "torch-pruning's match (at the probe kept: its latency and ours, one timing):", "",
+                      "| model | seed | target latency | matched to | pruning_ratio | its latency | ours"
+                      " | its / ours | probes |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+            lines += [f"| `{r['model']}` | {r['seed']} | {r['target']:g} | {r['matched']}"
+                      f" | {r['pruning_ratio']:.3f} | {r['latency_matched']:.3f} | {r['matched_to']:.3f}"
+                      f" | {r['latency_to_ours']:.3f} | {r['probes']} |" for r in matched]
     lines += ["", "Every run:", "",
-              "| model | seed | method | target FLOPs | test acc | FLOPs | params | latency b1"
-              " | latency b64 | b64 latency / FLOPs |",
+              "| model | seed | method | " + ("target" if latency_rows else "target FLOPs") + " | test acc"
+              " | FLOPs | params | latency b1 | latency b64 | b64 latency / FLOPs |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def target(r: dict[str, Any]) -> str:  # (which budget, once the file has both)
+        return f"{r['target']:g}" if not latency_rows or r["method"] == "dense" else \
+            f"{'latency' if _kind(r) == 'latency' else 'FLOPs'} {r['target']:g}"
+
     for r in rows:
         if "error" in r:
-            lines.append(f"| `{r['model']}` | {r['seed']} | {r['method']} | {r['target']}"
-                         f" | failed: {r['error']} | | | | | |")
+            lines.append(f"| `{r['model']}` | {r['seed']} | {r['method']} | "
+                         + (target(r) if latency_rows else f"{r['target']}")
+                         + f" | failed: {r['error']} | | | | | |")
             continue
         ratio = r.get("latency_b64", float("nan")) / r["flops"] if r["method"] != "dense" else 1.0
-        lines.append(f"| `{r['model']}` | {r['seed']} | {r['method']} | {r['target']:g} | {r['acc']:.4f}"
+        lines.append(f"| `{r['model']}` | {r['seed']} | {r['method']} | {target(r)} | {r['acc']:.4f}"
                      f" | {r['flops']:.3f} | {r['params']:.3f} | {r.get('latency_b1', float('nan')):.3f} |"
                      f" {r.get('latency_b64', float('nan')):.3f} | {ratio:.2f} |")
     if rounding:
@@ -459,8 +732,21 @@ def markdown(rows: list[dict[str, Any]], rounding: list[dict[str, Any]], config:
     return "\n".join(lines) + "\n"
 
 
+def _kind(row: dict[str, Any]) -> str:
+    """What a row's ``target`` is a fraction of: ``"flops"`` (rows written before latency targets too) or
+    ``"latency"`` (``--latency-targets``)."""
+    return row.get("target_kind", "flops")
+
+
 def _key(row: dict[str, Any]) -> tuple:
-    return row["model"], row["seed"], row["method"], row["target"]
+    return row["model"], row["seed"], row["method"], row["target"], _kind(row)
+
+
+def _net_key(row: dict[str, Any]) -> str:
+    """The row's model in ``run_model``'s ``nets`` (the final latency timing)."""
+    if row["method"] == "dense":
+        return "dense"
+    return f"{row['method']} {row['target']}" + (" latency" if _kind(row) == "latency" else "")
 
 
 def main() -> None:
@@ -483,9 +769,14 @@ def main() -> None:
     parser.add_argument("--calibration-batches", type=int, default=4,
                         help="OneShotPruning's calibration_batches (4, its default; another number is named"
                              " in the one-shot rows' method)")
+    parser.add_argument("--latency-targets", nargs="*", type=float, default=[], metavar="T",
+                        help="also prune to these fractions of the dense batch-64 latency (target_latency),"
+                             " with torch-pruning at the latency ours measured beside them. Default: none")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="run only these rows: ours, torch-pruning, one-shot, one-shot-NAME (a"
-                             " --one-shot-importance row); dense always runs (the snapshot). Default: all")
+                             " --one-shot-importance row); at --latency-targets: latency-one-shot,"
+                             " latency-ours, latency-torch-pruning (matched to latency-one-shot, else to"
+                             " latency-ours); dense always runs (the snapshot). Default: all")
     parser.add_argument("--out", default="channels-shapes")
     parser.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                         help="result files of separate runs to merge into --out (nothing is trained)")
@@ -493,12 +784,17 @@ def main() -> None:
                         help="also write <out>.png: accuracy against measured batch-64 latency, one panel"
                              " per model, one line per method (channels_plot.py)")
     args = parser.parse_args()
-    known = ["dense", "ours", "torch-pruning"] + [one_shot_key(c) for c in one_shot_criteria(args)]
+    known = ["dense", "ours", "torch-pruning"] + [one_shot_key(c) for c in one_shot_criteria(args)] \
+        + LATENCY_METHODS
     if args.methods is None:
         args.methods = known
     unknown = sorted(set(args.methods) - set(known))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; known: {known}")
+    if args.latency_targets and "latency-torch-pruning" in args.methods \
+            and not {"latency-one-shot", "latency-ours"} & set(args.methods):
+        parser.error("--methods latency-torch-pruning is matched to the latency of ours at the target: add"
+                     " latency-one-shot or latency-ours")
     started = time.time()
 
     def log(msg: str) -> None:
@@ -529,14 +825,14 @@ def main() -> None:
         config = {"epochs": args.epochs, "train_size": args.train_size, "difficulty": args.difficulty,
                   "targets": args.targets, "lr": args.lr, "taylor_batches": args.taylor_batches,
                   "methods": args.methods, "one_shot_importance": args.one_shot_importance,
-                  "calibration_batches": args.calibration_batches,
+                  "calibration_batches": args.calibration_batches, "latency_targets": args.latency_targets,
                   "reps": args.reps, "side": SIDE, "seconds": round(time.time() - started),
                   "command": "python benchmarks/channels.py " + " ".join(sys.argv[1:])}
     new = list({_key(r): r for r in new}.values())  # (merged files may share rows, e.g. dense: the last wins)
     keys = {_key(r) for r in new}
     rows = [r for r in rows if _key(r) not in keys] + new
     rows.sort(key=lambda r: (list(MODELS).index(r["model"]) if r["model"] in MODELS else 99, r["seed"],
-                             -r["target"], r["method"]))
+                             _kind(r) == "latency", -r["target"], r["method"]))
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps({"config": config, "rows": rows, "summary": summary(rows),
                                 "round_to": rounding}, indent=1))
