@@ -57,6 +57,18 @@ def _seeds(entries: list[dict[str, Any]]) -> str:
     return text + (" (fewer for some methods)" if len(sets) > 1 else "")
 
 
+def _targets(entries: list[dict[str, Any]]) -> str:
+    """``FLOPs target 0.5``, ``FLOPs targets 0.5, 0.25; latency target 0.5`` (``--latency-targets`` rows)."""
+    parts = []
+    for kind, label in (("flops", "FLOPs"), ("latency", "latency")):
+        budgets = sorted({e["target"] for e in entries if e["method"] != DENSE
+                          and e.get("target_kind", "flops") == kind}, reverse=True)
+        if budgets:
+            listed = ", ".join(f"{t:g}" for t in budgets)
+            parts.append(f"{label} target{'s' if len(budgets) > 1 else ''} {listed}")
+    return "; ".join(parts)
+
+
 def plot(entries: list[dict[str, Any]], path: Path | str) -> Path:
     """Write the figure of ``entries`` (``channels.summary`` rows) to ``path`` (PNG); returns the path.
 
@@ -92,9 +104,7 @@ def plot(entries: list[dict[str, Any]], path: Path | str) -> Path:
                         xerr=[_sd(e.get("latency_b64_sd")) for e in points],
                         yerr=[_sd(e.get("acc_sd")) for e in points], capsize=3, markersize=6,
                         elinewidth=0.8, label=method, **style[method])
-        budgets = sorted({e["target"] for e in mine if e["method"] != DENSE}, reverse=True)
-        ax.set_title(f"{model}\n{_seeds(mine)}; FLOPs target{'s' if len(budgets) > 1 else ''}"
-                     f" {', '.join(f'{t:g}' for t in budgets)}", fontsize=9)
+        ax.set_title(f"{model}\n{_seeds(mine)}; {_targets(mine)}", fontsize=9)
         ax.set_xlabel("batch-64 latency / dense (1 CPU thread)")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)

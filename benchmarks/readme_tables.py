@@ -323,6 +323,9 @@ def render_first_hour(data: dict[str, Any]) -> str:
 
 
 CHANNELS_DENSE, CHANNELS_PEER = "dense", "torch-pruning"
+#: torch-pruning pruned to the latency a latency-target row of ours measured (``channels.LATENCY_TP``)
+CHANNELS_PEER_AT_LATENCY = "torch-pruning (equal latency)"
+DENSE_TARGET = ("flops", 1.0)
 
 
 def _seed_list(seeds: list[int] | tuple[int, ...]) -> str:
@@ -342,24 +345,37 @@ def _accuracy(entry: dict[str, Any], seeds: list[int]) -> str:
 
 
 def _channels_entries(data: dict[str, Any]) -> tuple[list[str], dict[str, list[int]], dict[tuple, Any]]:
-    """The models (in the file's order), each model's dense seeds, the summary by (model, method, target)."""
-    entries = {(e["model"], e["method"], e["target"]): e for e in data["summary"]}
+    """The models (in the file's order), each model's dense seeds, the summary by (model, method, target):
+    a target is ``(kind, fraction)``, kind ``"flops"`` or ``"latency"`` (``--latency-targets`` rows)."""
+    entries = {(e["model"], e["method"], (e.get("target_kind", "flops"), e["target"])): e
+               for e in data["summary"]}
     models = list(dict.fromkeys(e["model"] for e in data["summary"]))
-    seeds = {m: (entries.get((m, CHANNELS_DENSE, 1.0)) or {}).get("seeds", []) for m in models}
+    seeds = {m: (entries.get((m, CHANNELS_DENSE, DENSE_TARGET)) or {}).get("seeds", []) for m in models}
     return models, seeds, entries
 
 
-def _target(target: Any) -> str:
-    return f"{target:g}" if isinstance(target, (int, float)) else str(target)
+def _target(target: tuple[str, Any]) -> str:
+    """``1`` (dense), ``FLOPs 0.5``, ``latency 0.5``."""
+    kind, fraction = target
+    text = f"{fraction:g}" if isinstance(fraction, (int, float)) else str(fraction)
+    return text if target == DENSE_TARGET else f"{'FLOPs' if kind == 'flops' else kind} {text}"
 
 
-def _by_target(target: Any) -> tuple:
-    """Budgets in decreasing order (a non-numeric target, should a benchmark write one, after them)."""
-    return (0, -target) if isinstance(target, (int, float)) else (1, str(target))
+def _by_target(target: tuple[str, Any]) -> tuple:
+    """FLOPs budgets in decreasing order, then latency targets (a non-numeric target, should a benchmark
+    write one, after its kind's)."""
+    kind, fraction = target
+    numeric = isinstance(fraction, (int, float))
+    return (kind != "flops", kind) + ((0, -fraction) if numeric else (1, str(fraction)))
 
 
 def _ours(method: str) -> bool:
-    return method not in (CHANNELS_DENSE, CHANNELS_PEER)
+    return method not in (CHANNELS_DENSE, CHANNELS_PEER, CHANNELS_PEER_AT_LATENCY)
+
+
+def _channels_peer(target: tuple[str, Any]) -> str:
+    """torch-pruning's row for a target: at the same FLOPs, or at the latency our model measured."""
+    return CHANNELS_PEER_AT_LATENCY if target[0] == "latency" else CHANNELS_PEER
 
 
 def render_channels_headline(data: dict[str, Any]) -> str:
@@ -367,15 +383,15 @@ def render_channels_headline(data: dict[str, Any]) -> str:
     among those run on the most seeds) and its paired difference to torch-pruning (the same seeds on both
     sides), from ``channels.py``'s summary."""
     models, seeds, entries = _channels_entries(data)
-    rows = [["model", "target FLOPs", "seeds", "dense", "torch-pruning", "best of ours", "its method",
+    rows = [["model", "target", "seeds", "dense", "torch-pruning", "best of ours", "its method",
              "best of ours - torch-pruning (paired)"]]
     for model in models:
-        dense = entries.get((model, CHANNELS_DENSE, 1.0))
-        targets = sorted({t for (m, _, t) in entries if m == model and t != 1.0}, key=_by_target)
+        dense = entries.get((model, CHANNELS_DENSE, DENSE_TARGET))
+        targets = sorted({t for (m, _, t) in entries if m == model and t != DENSE_TARGET}, key=_by_target)
         for target in targets:
             mine = [e for (m, _, t), e in entries.items() if m == model and t == target]
             ours = [e for e in mine if _ours(e["method"])]
-            peer = entries.get((model, CHANNELS_PEER, target))
+            peer = entries.get((model, _channels_peer(target), target))
             most = max((len(e["seeds"]) for e in ours), default=0)  # (a one-seed lucky draw is no best)
             best = max((e for e in ours if len(e["seeds"]) == most), key=lambda e: e["acc"], default=None)
             paired = "–"
@@ -397,8 +413,8 @@ def render_channels_methods(data: dict[str, Any]) -> str:
     batch-64 latency as a fraction of dense, from ``channels.py``'s summary."""
     models, seeds, entries = _channels_entries(data)
     methods = sorted({(method, target) for (_, method, target) in entries},
-                     key=lambda k: (_by_target(k[1]), k[0] != CHANNELS_DENSE, k[0] != CHANNELS_PEER, k[0]))
-    header = ["method", "target FLOPs"] + [
+                     key=lambda k: (_by_target(k[1]), k[0] != CHANNELS_DENSE, _ours(k[0]), k[0]))
+    header = ["method", "target"] + [
         f"`{m}` (seed{'s' if len(seeds[m]) > 1 else ''} {_seed_list(seeds[m])})" for m in models]
     rows = [header]
     for method, target in methods:

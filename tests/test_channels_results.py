@@ -38,6 +38,7 @@ def _row(model, seed, method, target, acc, latency=None):
     return row
 
 
+LATENCY_OURS = "ours one-shot (taylor, compensate=False, target_latency)"
 ROWS = [
     # model m, seeds 0 and 1 (ours B only seed 0)
     _row("m", 0, "dense", 1.0, 0.80, 1.0), _row("m", 1, "dense", 1.0, 0.82, 1.0),
@@ -48,6 +49,12 @@ ROWS = [
     _row("n", 0, "dense", 1.0, 0.70, 1.0),
     _row("n", 0, "torch-pruning", 0.5, 0.72, 0.8), _row("n", 0, "ours A", 0.5, 0.75, 0.7),
     _row("n", 0, "torch-pruning", 0.25, 0.66, 0.6), _row("n", 0, "ours A", 0.25, 0.64, 0.4),
+    # model m at a latency target of 0.5 (the same number as a FLOPs budget: kept apart), torch-pruning at
+    # the latency ours measured
+    *[{**_row("m", seed, LATENCY_OURS, 0.5, acc, 0.5), "target_kind": "latency"}
+      for seed, acc in ((0, 0.84), (1, 0.88))],
+    *[{**_row("m", seed, "torch-pruning (equal latency)", 0.5, acc, 0.5), "target_kind": "latency",
+       "matched": LATENCY_OURS} for seed, acc in ((0, 0.83), (1, 0.85))],
 ]
 
 
@@ -67,29 +74,34 @@ def test_the_summary_has_the_mean_latency(result):
 def test_the_headline_table(result, monkeypatch):
     tables = _script("readme_tables", monkeypatch)
     lines = tables.RENDERERS["channels-shapes#readme"](result).splitlines()
-    assert lines[0] == ("| model | target FLOPs | seeds | dense | torch-pruning | best of ours | its method"
+    assert lines[0] == ("| model | target | seeds | dense | torch-pruning | best of ours | its method"
                         " | best of ours - torch-pruning (paired) |")
     # means and sds over seeds 0,1; the best of ours by mean among those on both seeds (A, not B: 0.95 on
     # seed 0 alone), paired with torch-pruning: 0.01, 0.03
-    assert lines[2] == ("| `m` | 0.5 | 0,1 | 0.8100 ± 0.0141 | 0.8600 ± 0.0141 | 0.8800 ± 0.0283 | ours A"
+    assert lines[2] == ("| `m` | FLOPs 0.5 | 0,1 | 0.8100 ± 0.0141 | 0.8600 ± 0.0141 | 0.8800 ± 0.0283"
+                        " | ours A"
                         " | +0.0200 ± 0.0141 |")
     # one seed: no sd, the seeds column says so; budgets in decreasing order
-    assert lines[3] == "| `n` | 0.5 | 0 | 0.7000 | 0.7200 | 0.7500 | ours A | +0.0300 |"
-    assert lines[4] == "| `n` | 0.25 | 0 | 0.7000 | 0.6600 | 0.6400 | ours A | -0.0200 |"
-    assert len(lines) == 5
+    assert lines[3] == ("| `m` | latency 0.5 | 0,1 | 0.8100 ± 0.0141 | 0.8400 ± 0.0141 | 0.8600 ± 0.0283"
+                        f" | {LATENCY_OURS} | +0.0200 ± 0.0141 |")  # paired with torch-pruning at its latency
+    assert lines[4] == "| `n` | FLOPs 0.5 | 0 | 0.7000 | 0.7200 | 0.7500 | ours A | +0.0300 |"
+    assert lines[5] == "| `n` | FLOPs 0.25 | 0 | 0.7000 | 0.6600 | 0.6400 | ours A | -0.0200 |"
+    assert len(lines) == 6
 
 
 def test_the_methods_table(result, monkeypatch):
     tables = _script("readme_tables", monkeypatch)
     lines = tables.RENDERERS["channels-shapes#methods"](result).splitlines()
-    assert lines[0] == "| method | target FLOPs | `m` (seeds 0,1) | `n` (seed 0) |"
+    assert lines[0] == "| method | target | `m` (seeds 0,1) | `n` (seed 0) |"
     assert lines[2:] == [
         "| dense | 1 | 0.8100 ± 0.0141 · 1.00 | 0.7000 · 1.00 |",
-        "| torch-pruning | 0.5 | 0.8600 ± 0.0141 · 0.65 | 0.7200 · 0.80 |",
-        "| ours A | 0.5 | 0.8800 ± 0.0283 · 0.50 | 0.7500 · 0.70 |",
-        "| ours B | 0.5 | 0.9500 (seed 0) · 0.55 |  |",  # fewer seeds than the model's dense: named
-        "| torch-pruning | 0.25 |  | 0.6600 · 0.60 |",
-        "| ours A | 0.25 |  | 0.6400 · 0.40 |",
+        "| torch-pruning | FLOPs 0.5 | 0.8600 ± 0.0141 · 0.65 | 0.7200 · 0.80 |",
+        "| ours A | FLOPs 0.5 | 0.8800 ± 0.0283 · 0.50 | 0.7500 · 0.70 |",
+        "| ours B | FLOPs 0.5 | 0.9500 (seed 0) · 0.55 |  |",  # fewer seeds than the model's dense: named
+        "| torch-pruning | FLOPs 0.25 |  | 0.6600 · 0.60 |",
+        "| ours A | FLOPs 0.25 |  | 0.6400 · 0.40 |",
+        "| torch-pruning (equal latency) | latency 0.5 | 0.8400 ± 0.0141 · 0.50 |  |",
+        f"| {LATENCY_OURS} | latency 0.5 | 0.8600 ± 0.0283 · 0.50 |  |",
     ]
 
 
