@@ -20,9 +20,11 @@ these files but for the absolute ms, which the ratios divide out)::
         benchmarks/results/channels-shapes-r18-taylor-s0-nocomp.json \\
         benchmarks/results/channels-shapes-r18-nocomp-s{0,1,2}.json \\
         benchmarks/results/channels-shapes-r18-latency-s{0,1,2}.json \\
-        benchmarks/results/channels-shapes-r18-025-s0.json \\
+        benchmarks/results/channels-shapes-r18-025-s{0,1,2}.json \\
+        benchmarks/results/channels-shapes-r50-s0.json \\
+        benchmarks/results/channels-shapes-effb0-zi-s{0,1,2}.json \\
         benchmarks/results/channels-shapes-mbv3-s{0,1,2}.json \\
-        benchmarks/results/channels-shapes-effb0-zi-s{0,1,2}.json
+        benchmarks/results/channels-shapes-regnety-s0.json
     python benchmarks/readme_tables.py   # the README's blocks from the new file
 
 (not ``channels-shapes-effb0-s0.json``: timm's init, before the mobile recipe; not ``channels-shapes-r18b-*``:
