@@ -273,6 +273,8 @@ def _wandb_log_records(path: Path) -> list[bytes]:
             pos += block - pos % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written: the records before it are whole
+            break
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         # full/first start a record, middle/last extend it
         pending = chunk if kind in (1, 2) else pending + chunk
@@ -288,12 +290,15 @@ def read_wandb_offline_history(run_dir: str | Path, timeout: float = 30.0) -> li
     The file is a LevelDB-style log of protobuf ``Record`` messages: a 7-byte header (``:W&B``, magic,
     version), then 32 KiB blocks of chunks, each with a 7-byte header (checksum, length, type:
     full/first/middle/last). W&B's service may still be writing after ``wandb.finish()`` returns, so this
-    waits (up to ``timeout`` seconds) for the run's ``exit`` record. Values are decoded JSON; a histogram
-    ``h`` logged under ``key`` appears as ``key/_type == "histogram"``, ``key/values``, ``key/bins``.
+    waits (up to ``timeout`` seconds) for the run's ``exit`` record, reading again when it catches a record
+    half-written (a chunk shorter than its header says, or bytes that do not parse yet). Values are decoded
+    JSON; a histogram ``h`` logged under ``key`` appears as ``key/_type == "histogram"``, ``key/values``,
+    ``key/bins``.
     """
     import json
     import time
 
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
     files = sorted(Path(run_dir).glob("**/run-*.wandb"))
@@ -301,10 +306,16 @@ def read_wandb_offline_history(run_dir: str | Path, timeout: float = 30.0) -> li
     deadline = time.monotonic() + timeout
     while True:
         records = []
-        for raw in _wandb_log_records(files[-1]):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(raw)
-            records.append(record)
+        try:
+            for raw in _wandb_log_records(files[-1]):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(raw)
+                records.append(record)
+        except DecodeError:  # read while the service was writing a record: read again (a torn write)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
