@@ -1,4 +1,4 @@
-"""Channel pruning to a FLOPs budget on ``lp.ShapesDataModule``: group-LASSO gates against torch-pruning.
+r"""Channel pruning to a FLOPs budget on ``lp.ShapesDataModule``: group-LASSO gates against torch-pruning.
 
 For each model (timm ``resnet18``, ``resnet50``, ``efficientnet_b0``, ``mobilenetv3_large_100``,
 ``regnety_002``, ``convnext_atto``, ``vit_tiny_patch16_224`` at 32x32, each with its recipe,
@@ -62,8 +62,8 @@ Usage::
     # --plot: also <out>.png, accuracy against measured latency (channels_plot.py, whose docstring has the
     # merge command of the README's shapes tables and plot)
     # accuracy at equal measured latency: ours at target_latency=0.5 against torch-pruning at its latency
-    python benchmarks/channels.py --models resnet18 --latency-targets 0.5 \\
-        --methods latency-one-shot latency-torch-pruning
+    python benchmarks/channels.py --models resnet18 --latency-targets 0.5 --methods latency-one-shot \
+        latency-torch-pruning
 
 Writes ``benchmarks/results/<out>.{json,md}`` (default ``channels-shapes``; rows of the same model, seed,
 method and target (of the same kind) already there are replaced), with ``--plot`` also ``<out>.png``.

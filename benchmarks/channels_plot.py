@@ -1,4 +1,4 @@
-"""Accuracy against measured latency from a channels result file: one panel per model, one line per method.
+r"""Accuracy against measured latency from a channels result file: one panel per model, one line per method.
 
 Reads the ``summary`` that ``benchmarks/channels.py`` writes into its result JSON (per model, method and
 target: the mean and sd over seeds of the test accuracy and of the batch-64 latency as a fraction of the
@@ -14,16 +14,16 @@ method and target in two files: the later file's wins; the dense rows of one mod
 these files but for the absolute ms, which the ratios divide out)::
 
     rm -f benchmarks/results/channels-shapes.json
-    python benchmarks/channels.py --out channels-shapes --plot --merge \\
-        benchmarks/results/channels-shapes-r18c-s{0,1,2}.json \\
-        benchmarks/results/channels-shapes-r18-taylor-s{0,1,2}.json \\
-        benchmarks/results/channels-shapes-r18-taylor-s0-nocomp.json \\
-        benchmarks/results/channels-shapes-r18-nocomp-s{0,1,2}.json \\
-        benchmarks/results/channels-shapes-r18-latency-s{0,1,2}.json \\
-        benchmarks/results/channels-shapes-r18-025-s{0,1,2}.json \\
-        benchmarks/results/channels-shapes-r50-s0.json \\
-        benchmarks/results/channels-shapes-effb0-zi-s{0,1,2}.json \\
-        benchmarks/results/channels-shapes-mbv3-s{0,1,2}.json \\
+    python benchmarks/channels.py --out channels-shapes --plot --merge \
+        benchmarks/results/channels-shapes-r18c-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-r18-taylor-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-r18-taylor-s0-nocomp.json \
+        benchmarks/results/channels-shapes-r18-nocomp-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-r18-latency-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-r18-025-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-r50-s0.json \
+        benchmarks/results/channels-shapes-effb0-zi-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-mbv3-s{0,1,2}.json \
         benchmarks/results/channels-shapes-regnety-s0.json
     python benchmarks/readme_tables.py   # the README's blocks from the new file
 
