@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -21,8 +24,22 @@ from lightning_prune.graph.proof import compare_outputs
 from lightning_prune.testing import tiny_classifier
 
 ROOT = Path(__file__).parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 SCRIPT = Path(sys.executable).with_name("lightning-prune")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lightning_prune.cli"]
+
+
+def benchmark_script(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` imported from its path, its ``main`` not run (``benchmarks/`` is
+    not a package). The scripts put the repository first on ``sys.path`` (and ``benchmarks/``, for one
+    another's helpers) and set ``OMP_NUM_THREADS`` when unset: ``monkeypatch`` undoes both."""
+    monkeypatch.setattr(sys, "path", [str(BENCHMARKS), *sys.path])
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def lightning_prune_command(*args: object, env: dict[str, str] | None = None, cwd: Path = ROOT,

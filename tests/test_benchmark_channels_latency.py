@@ -7,31 +7,17 @@ FLOPs row of the same number.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.helpers import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def channels():
-    environ, path = os.environ.copy(), list(sys.path)
-    try:
-        spec = importlib.util.spec_from_file_location("_benchmark_channels_latency",
-                                                      BENCHMARKS / "channels.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:  # (the script sets OMP_NUM_THREADS when unset and puts the repository first on sys.path)
-        os.environ.clear()
-        os.environ.update(environ)
-        sys.path[:] = path
-    return module
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return benchmark_script("channels", monkeypatch)
 
 
 def test_bisect_ratio_below_is_torch_pruning_at_flops(channels) -> None:

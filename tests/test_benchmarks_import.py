@@ -7,15 +7,14 @@ next rerun of a published result.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.helpers import BENCHMARKS, benchmark_script
+
 SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
 
 
@@ -27,17 +26,10 @@ def test_there_are_scripts() -> None:
 def test_benchmark_script_imports(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = path.read_text(encoding="utf-8")
     assert 'if __name__ == "__main__":' in source, f"{path.name} would run when imported"
-    # the scripts put the repository (and benchmarks/, for one another's helpers) first on sys.path and
-    # set OMP_NUM_THREADS when unset: all undone after the test
-    monkeypatch.setattr(sys, "path", [str(BENCHMARKS), *sys.path])
-    monkeypatch.setattr(os, "environ", os.environ.copy())
     modules = set(sys.modules)
     try:
-        spec = importlib.util.spec_from_file_location(f"_benchmark_{path.stem}", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
         with warnings.catch_warnings():  # (deploy.py silences every warning at import)
-            spec.loader.exec_module(module)
+            module = benchmark_script(path.stem, monkeypatch)
     finally:
         # the benchmarks imported by plain name from another script (``from one_shot import accuracy``)
         for name in set(sys.modules) - modules:

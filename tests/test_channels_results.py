@@ -6,28 +6,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
-from pathlib import Path
 
 import lightning.pytorch  # noqa: F401  (channels.py's imports, loaded at collection as the suite's other
 import pytest
 import torch_pruning  # noqa: F401  test modules load theirs: the tests themselves train nothing)
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _script(name: str, monkeypatch: pytest.MonkeyPatch):
-    """A benchmark script imported from its path (benchmarks/ is not a package), its sys.path and
-    environment changes undone after the test."""
-    monkeypatch.setattr(sys, "path", [str(BENCHMARKS), *sys.path])
-    monkeypatch.setattr(os, "environ", os.environ.copy())
-    spec = importlib.util.spec_from_file_location(f"_test_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import benchmark_script
 
 
 def _row(model, seed, method, target, acc, latency=None):
@@ -61,7 +46,7 @@ ROWS = [
 @pytest.fixture
 def result(monkeypatch):
     """A result file's content as ``channels.py`` writes it (JSON round trip: NaN sds of one seed)."""
-    channels = _script("channels", monkeypatch)
+    channels = benchmark_script("channels", monkeypatch)
     return json.loads(json.dumps({"config": {}, "rows": ROWS, "summary": channels.summary(ROWS)}))
 
 
@@ -72,7 +57,7 @@ def test_the_summary_has_the_mean_latency(result):
 
 
 def test_the_headline_table(result, monkeypatch):
-    tables = _script("readme_tables", monkeypatch)
+    tables = benchmark_script("readme_tables", monkeypatch)
     lines = tables.RENDERERS["channels-shapes#readme"](result).splitlines()
     assert lines[0] == ("| model | target | seeds | dense | torch-pruning | best of ours | its method"
                         " | best of ours - torch-pruning (paired) |")
@@ -90,7 +75,7 @@ def test_the_headline_table(result, monkeypatch):
 
 
 def test_the_methods_table(result, monkeypatch):
-    tables = _script("readme_tables", monkeypatch)
+    tables = benchmark_script("readme_tables", monkeypatch)
     lines = tables.RENDERERS["channels-shapes#methods"](result).splitlines()
     assert lines[0] == "| method | target | `m` (seeds 0,1) | `n` (seed 0) |"
     assert lines[2:] == [
@@ -106,7 +91,7 @@ def test_the_methods_table(result, monkeypatch):
 
 
 def test_the_plot_writes_a_png(result, tmp_path, monkeypatch):
-    plot = _script("channels_plot", monkeypatch)
+    plot = benchmark_script("channels_plot", monkeypatch)
     failed = {"model": "n", "method": "failed", "target": 0.5, "seeds": [0], "acc": 0.1}
     entries = [*result["summary"], failed]
     out = plot.plot(entries, tmp_path / "shapes.png")  # (an entry without a latency has no x: left out)
