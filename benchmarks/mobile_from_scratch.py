@@ -15,7 +15,9 @@ Two parts:
   and accuracy per epoch and the test accuracy (``--bn-check``: also in train mode and after the BatchNorm
   statistics are recalibrated on 30 batches, which tells a training failure from a BatchNorm one). Each run
   is a row of ``benchmarks/results/<out>.{json,md}`` (default ``shapes-mobile``) with the command that made
-  it, its process CPU time and the machine's load average.
+  it, its process CPU time and the machine's load average. Any timm model trains this way (``--model-kwargs``
+  passes more ``timm.create_model`` arguments, e.g. a ViT's ``img_size``): the recipes of ``regnety_002`` and
+  ``convnext_atto`` in ``benchmarks/channels.py`` come from ``--out shapes-recipes``.
 
 Usage::
 
@@ -89,7 +91,7 @@ def init_statistics(models: list[str], out: str) -> None:
 
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = json.loads(args.model_kwargs) if args.model_kwargs else {}
     if args.drop_rate:
         kwargs["drop_rate"] = args.drop_rate
     if args.drop_path_rate:
@@ -114,7 +116,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     started = time.process_time()
     torch.manual_seed(args.seed)
-    data = lp.ShapesDataModule(batch_size=64, train_size=args.train_size, difficulty=args.difficulty,
+    data = lp.ShapesDataModule(batch_size=args.batch_size, train_size=args.train_size,
+                               difficulty=args.difficulty,
                                image_size=args.image_size, seed=args.seed)
     data.setup("fit")
     net = build(args)
@@ -186,7 +189,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 DEFAULTS = {"stem_stride": 0, "image_size": 32, "optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4,
             "no_decay_norm_dw": False, "warmup": 0.0, "drop_rate": 0.0, "drop_path_rate": 0.0,
-            "act_layer": "", "zero_init_last": False, "head_init": "fan_in"}
+            "act_layer": "", "model_kwargs": "", "batch_size": 64, "zero_init_last": False,
+            "head_init": "fan_in"}
 
 
 def describe(settings: dict[str, Any]) -> str:
@@ -204,7 +208,7 @@ def render(rows: list[dict[str, Any]]) -> str:
                      f" | {r['epochs']} x {r['train_size']}"
                      f" | {r['test_acc']:.4f} | {r['curve'][-1][0]:.3f} | {r['cpu_min']:.1f}"
                      f" | {r['load_before']} / {r['load_after']} | `{r['command']}` |")
-    return ("Dense mobile models from scratch on `lp.ShapesDataModule` (2,000 test images, data seed 0),"
+    return ("Dense models from scratch on `lp.ShapesDataModule` (2,000 test images, data seed 0),"
             " one change at a time from the channels benchmark's recipe (baseline: SGD Nesterov 0.9, lr 0.05,"
             " weight decay 5e-4 on every parameter, cosine per step, no warm-up, batch 64, 32x32, timm's"
             " architecture with `lp.ImageClassifier`'s fan-in classifier init), a plain training loop on one"
@@ -242,6 +246,9 @@ def main() -> None:
     parser.add_argument("--stem-stride", type=int, default=0, help="the stride of `conv_stem` (0: timm's, 2)")
     parser.add_argument("--drop-rate", type=float, default=0.0)
     parser.add_argument("--drop-path-rate", type=float, default=0.0)
+    parser.add_argument("--model-kwargs", default="",
+                        help='more `timm.create_model` arguments as JSON, e.g. \'{"img_size": 32}\'')
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--act-layer", default="", help="timm `act_layer` (e.g. relu; default: the model's)")
     parser.add_argument("--zero-init-last", action="store_true",
                         help="zero-init the last BatchNorm of each residual block")
