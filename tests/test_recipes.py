@@ -46,7 +46,7 @@ SLOW_RECIPES = {"one_shot"}
 def test_digits_recipe_runs(recipe, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     cli = run(["fit", "--config", str(recipe), "--trainer.limit_train_batches=1", "--trainer.max_steps=3",
-               f"--trainer.default_root_dir={tmp_path}", *COMMON])
+               f"--trainer.default_root_dir={tmp_path}", "--data.init_args.batch_size=16", *COMMON])
     _check_run(recipe, cli, 3, capsys.readouterr().out)
 
 
@@ -55,7 +55,8 @@ def test_shapes_recipe_runs_on_a_small_set(recipe, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(ROOT)
     cli = run(["fit", "--config", str(recipe), "--trainer.limit_train_batches=1", "--trainer.max_steps=2",
                f"--trainer.default_root_dir={tmp_path}", "--data.init_args.train_size=64",
-               "--data.init_args.val_size=16", "--data.init_args.test_size=16", *COMMON])
+               "--data.init_args.val_size=16", "--data.init_args.test_size=16",
+               "--data.init_args.batch_size=16", *COMMON])
     _check_run(recipe, cli, 2, capsys.readouterr().out)
 
 
