@@ -129,7 +129,7 @@ def test_a_digits_recipe_shortened_to_two_epochs_still_runs_its_algorithm(recipe
         warnings.simplefilter("always")
         cli = run(["fit", "--config", str(recipe), "--trainer.max_epochs=2",
                    "--trainer.limit_train_batches=10", f"--trainer.default_root_dir={tmp_path}",
-                   "--test_after_fit=false", *model, *COMMON])
+                   "--data.init_args.batch_size=16", "--test_after_fit=false", *model, *COMMON])
     assert _acted(recipe.stem, cli), f"{recipe.name} with --trainer.max_epochs 2 did not run its algorithm"
     ours = [str(w.message) for w in caught if "but this fit has" in str(w.message)
             or "LotteryTicket: `rounds=" in str(w.message)]
