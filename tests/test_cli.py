@@ -123,6 +123,7 @@ def test_an_unknown_timm_model_is_one_line_with_close_matches(capsys, monkeypatc
                     r" 'resnt18'\. Did you mean 'resnet18'", line), line
 
 
+@pytest.mark.slow  # the same line from the same code (cli.app) in a fresh process: the next test, by default
 def test_a_gpu_asked_for_without_one_is_one_line_saying_how_to_use_the_cpu():
     result = lightning_prune("fit", "--config", "recipes/digits/magnitude.yaml", *TINY,
                              "--trainer.accelerator", "gpu", env={"CUDA_VISIBLE_DEVICES": ""})
@@ -141,7 +142,9 @@ def test_python_m_cli_reports_a_mistake_in_one_line_too():
                              "recipes/digits/magnitude.yaml", *TINY, "--trainer.accelerator", "gpu"],
                             capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert "`trainer.accelerator` is 'gpu', but PyTorch sees no CUDA GPU" in one_error_line(result)
+    line = one_error_line(result)
+    assert "`trainer.accelerator` is 'gpu', but PyTorch sees no CUDA GPU on this machine" in line
+    assert "--trainer.accelerator cpu" in line
     assert result.returncode == 2
 
 

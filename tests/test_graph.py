@@ -27,11 +27,15 @@ STRUCTURES = {
     "test_convnext": ({}, 32, {"channel"}),                    # LayerNorm stream, depthwise, MLP hidden
     "test_vit": ({"img_size": 32}, 32, {"channel", "head"}),   # pos_embed/cls_token stream, heads, MLP
     "resnext26ts": ({}, 32, {"channel", "conv group"}),        # grouped convolutions
-    "regnety_002": ({}, 32, {"channel", "conv group"}),        # grouped convs + squeeze-excite
+    # grouped convs + squeeze-excite; depth 7: stages of 1-1-4-1 blocks instead of 1-1-4-7 (the same blocks)
+    "regnety_002": ({"depth": 7}, 32, {"channel", "conv group"}),
     "mobilenetv3_small_050": ({}, 32, {"channel"}),            # hard-swish/SE, depthwise
-    "densenet121": ({}, 32, {"channel"}),                      # concatenations read by pre-activation BNs
+    # concatenations read by pre-activation BNs; two layers a dense block instead of 6-12-24-16 (~20 s on 2
+    # busy cores; the whole densenet121: tests/test_compress.py::test_compress_real_timm_families, slow)
+    "densenet121": ({"block_config": (2, 2, 2, 2)}, 32, {"channel"}),
     "dla34": ({}, 32, {"channel"}),                            # tree aggregation (concatenations)
-    "convnextv2_atto": ({}, 32, {"channel"}),                  # GRN statistics over channels
+    # GRN statistics over channels; one block a stage instead of 2-2-6-2 (the same blocks and downsamples)
+    "convnextv2_atto": ({"depths": (1, 1, 1, 1)}, 32, {"channel"}),
 }
 
 

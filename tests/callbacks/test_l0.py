@@ -195,7 +195,11 @@ def test_non_finite_penalty_raises():
 
 
 # ------------------------------------------------------- finalisation and compression on several families
-@pytest.mark.parametrize("name", FAMILIES)
+#: L0 decides the units and GatePruningCallback.finalize folds and compresses them: the family-specific folds
+#: run for every family in test_group_lasso.py::test_fold_keeps_outputs_and_compress_equals_masked_model;
+#: here a convnet and the heads of a ViT, the other two families with -m slow
+@pytest.mark.parametrize("name", [n if n in ("test_resnet", "test_vit") else
+                                  pytest.param(n, marks=pytest.mark.slow) for n in FAMILIES])
 def test_finalize_folds_prunes_and_compresses(name, tmp_path):
     """At finalisation the test-time gate is folded (eval logits unchanged), closed channels are masked and
     stay zero through fine-tuning, and the compressed model computes what the masked one did."""

@@ -45,8 +45,14 @@ def _params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+#: momentum through a convnet's channels and Adam's moments through a ViT's heads and qkv; every optimizer's
+#: state on the kept units: tests/callbacks/test_shrink.py::test_every_optimizer_state_follows_the_kept_units;
+#: the other two pairs run with -m slow
+@pytest.mark.parametrize(("name", "optimizer"), [
+    ("test_resnet", "sgd"), ("test_vit", "adamw"),
+    pytest.param("test_resnet", "adamw", marks=pytest.mark.slow),
+    pytest.param("test_vit", "sgd", marks=pytest.mark.slow),
+])
 def test_training_after_compression_equals_the_masked_model(name, optimizer, tmp_path):
     """Same seed, same data: the fit that compresses right after finalisation and trains on the small model
     ends where the masked, uncompressed fit ends (compressed the same way afterwards) -- momentum / Adam

@@ -24,7 +24,11 @@ FAST = {"max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 1}
 INPUT_SIZE = r"`input_size` must be None or a sequence of positive ints"
 
 
-@pytest.mark.parametrize("model_name", list(TINY_MODELS))
+#: in a fit on a convnet and a ViT; the first-k masks of every family: test_baselines_channels.py::
+#: test_first_k_masks_cut_every_tensor_of_the_first_k_units, and RandomChannels' fit on every family (the same
+#: masks and compression): test_baselines_random.py; the other two families here with -m slow
+@pytest.mark.parametrize("model_name", [n if n in ("test_resnet", "test_vit") else
+                                        pytest.param(n, marks=pytest.mark.slow) for n in TINY_MODELS])
 def test_first_k_channels_prune_the_first_units_of_every_group_and_compress_exactly(tmp_path, model_name):
     pruner = FirstKChannels(target_sparsity=0.4, verbose=False)
     model = tiny_classifier(model_name, optimizer="sgd", momentum=0.9, weight_decay=1e-3, lr=0.05)

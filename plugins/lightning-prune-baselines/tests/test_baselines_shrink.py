@@ -38,8 +38,14 @@ def _eval(model, x):
         return model(x)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+#: momentum through a convnet's channels and Adam's moments through a ViT's heads and qkv; every optimizer's
+#: state on the kept units: tests/callbacks/test_shrink.py::test_every_optimizer_state_follows_the_kept_units;
+#: the other two pairs run with -m slow
+@pytest.mark.parametrize(("name", "optimizer"), [
+    ("test_resnet", "sgd"), ("test_vit", "adamw"),
+    pytest.param("test_resnet", "adamw", marks=pytest.mark.slow),
+    pytest.param("test_vit", "sgd", marks=pytest.mark.slow),
+])
 def test_first_k_trains_the_small_model_as_the_masked_one(name, optimizer, tmp_path):
     """Same seed, same data: pruned at step 2 and removed at once, the fit ends where the masked fit ends
     (sliced the same way afterwards): the optimizer state followed the kept units. In float64: the claim is
