@@ -99,6 +99,17 @@ def test_per_step_schedule_is_applied_and_logged(tmp_path):
     assert logged[-1][1] == 1.0
 
 
+def test_schedule_and_fusion_under_bf16_mixed_precision(tmp_path):
+    """The CIFAR-10 recipe's precision on a CPU (its 16-mixed on a GPU): λ follows the same schedule to 1,
+    and the weights stay float32 and finite under autocast."""
+    decay = ActivationDecay(begin_step=0.25, end_step=0.75, verbose=False)
+    probe = LambdaProbe(decay)
+    _, model = fit_tiny([decay, probe], tmp_path, max_epochs=2, precision="bf16-mixed", **FIT)
+    assert [lam for *_, lam in probe.seen] == [decay_lambda(s, 2, 6) for s in range(8)]
+    assert decay.lam == 1.0
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_per_epoch_schedule_on_vit(tmp_path):
     decay = ActivationDecay(begin_epoch=1, end_epoch=3, every_n_epochs=1, verbose=False)
     probe = LambdaProbe(decay)

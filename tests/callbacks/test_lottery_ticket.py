@@ -320,6 +320,18 @@ def test_one_shot(tmp_path):
     assert [(r["round"], r["first_epoch"], r["last_epoch"]) for r in lt.round_table] == [(0, 0, 0), (1, 1, 2)]
 
 
+def test_a_round_under_bf16_mixed_precision(tmp_path):
+    """The CIFAR-10 recipe's precision (16-mixed on a GPU, bf16-mixed on a CPU): the masks are cut and the
+    rewound weights stay in float32 under autocast."""
+    lt = LotteryTicket(rounds=1, target_sparsity=0.9, epochs_per_round=1)
+    _, model = fit_tiny([lt], tmp_path, max_epochs=2, precision="bf16-mixed", **FAST)
+    assert lt.round == 1 and lt.weights_remaining == pytest.approx(0.1, abs=1e-4)
+    weights = [p for n, p in model.named_parameters() if p.ndim > 1]
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in weights)
+    zeros = sum(int((p == 0).sum()) for p in weights) / sum(p.numel() for p in weights)
+    assert zeros >= 0.5, zeros
+
+
 # ---------------------------------------------------------------------------------------------- resume, DDP
 def test_conformance_with_defaults(tmp_path):
     check_callback_conformance(lambda: create_callback("lottery_ticket"), tmp_path)
