@@ -24,13 +24,17 @@ these files but for the absolute ms, which the ratios divide out)::
         benchmarks/results/channels-shapes-r50-s0.json \
         benchmarks/results/channels-shapes-effb0-zi-s{0,1,2}.json \
         benchmarks/results/channels-shapes-mbv3-s{0,1,2}.json \
-        benchmarks/results/channels-shapes-regnety-s0.json
+        benchmarks/results/channels-shapes-regnety-adamw-s{0,1,2}.json
     python benchmarks/readme_tables.py   # the README's blocks from the new file
 
-(not ``channels-shapes-effb0-s0.json``: timm's init, before the mobile recipe; not ``channels-shapes-r18b-*``:
-GroupLasso's old ``lam``; not ``channels-shapes-r18-taylor8-*``: an ablation of 8 calibration batches on seeds
-0-1, in ``channels-shapes-r18-taylor.md``; not the already merged ``channels-shapes-r18c.json`` and
-``-r18-taylor.json``.)
+(not ``channels-shapes-effb0-s0.json``: timm's init, before the mobile recipe; not
+``channels-shapes-regnety-s0.json``: SGD, before regnety_002's AdamW recipe (dense 0.2355); not
+``channels-shapes-convnext-s0.json``: convnext_atto with AdamW and 2x2 patches but no warm-up, dense at 0.153
+(near chance: no comparison); not ``channels-shapes-r18-latency-s3.json``: timed on a machine loaded 4x (the
+callback measured 0.497, torch-pruning's match 0.621 and the final timing 0.528 for the same model); not
+``channels-shapes-r18b-*``: GroupLasso's old ``lam``; not ``channels-shapes-r18-taylor8-*``: an ablation of 8
+calibration batches on seeds 0-1, in ``channels-shapes-r18-taylor.md``; not the already merged
+``channels-shapes-r18c.json`` and ``-r18-taylor.json``.)
 
 Usage, for a result file written without ``--plot``::
 

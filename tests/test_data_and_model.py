@@ -1,8 +1,11 @@
+import math
 import pickle
 
+import lightning.pytorch as pl
 import pytest
 import timm
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_prune import DigitsDataModule, ImageClassifier
@@ -53,6 +56,43 @@ def test_classifier_wraps_any_timm_model_and_trains(tmp_path):
         ImageClassifier("test_resnet", optimizer="lion")
     with pytest.raises(MisconfigurationException, match="`scheduler` must be one of"):
         ImageClassifier("test_resnet", scheduler="poly")
+
+
+class _LearningRates(pl.Callback):
+    """The first parameter group's learning rate before every training step."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "multistep", "none"])
+def test_classifier_warmup_then_its_schedule_every_step(tmp_path, scheduler):
+    """2 epochs of 4 steps, half an epoch of warm-up (2 steps): lr (s+1)/2 * 0.1, then the cosine over the 6
+    steps left, the x0.1 at epoch 1 or the constant; a resumed fit goes on with the same rates."""
+    make = lambda: ImageClassifier("test_resnet", num_classes=10, lr=0.1, scheduler=scheduler,  # noqa: E731
+                                   milestones=[1], warmup_epochs=0.5)
+    after = {"cosine": [0.05 * (1 + math.cos(math.pi * k / 6)) for k in range(6)],
+             "multistep": [0.1, 0.1, 0.01, 0.01, 0.01, 0.01], "none": [0.1] * 6}[scheduler]
+    probe, fit = _LearningRates(), {"max_epochs": 2, "limit_train_batches": 4, "limit_val_batches": 1}
+    saving = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    fit_tiny([probe, saving], tmp_path, model=make(), **fit)
+    assert probe.lrs == pytest.approx([0.05, 0.1] + after)
+    resumed = _LearningRates()
+    first_epoch = next((tmp_path / "ckpt").glob("epoch=0*.ckpt"))
+    fit_tiny([resumed], tmp_path / "resumed", model=make(), ckpt_path=first_epoch, **fit)
+    assert resumed.lrs == pytest.approx(probe.lrs[4:])
+
+
+def test_classifier_warmup_needs_a_number_and_a_length_in_epochs(tmp_path):
+    for bad in (-1, float("inf"), "1", True):
+        with pytest.raises(MisconfigurationException, match="`warmup_epochs` must be a number >= 0"):
+            ImageClassifier("test_resnet", warmup_epochs=bad)
+    model = ImageClassifier("test_resnet", num_classes=10, warmup_epochs=1)
+    with pytest.raises(MisconfigurationException, match="needs a finite training length in epochs"):
+        fit_tiny([], tmp_path, model=model, max_epochs=-1, max_steps=3, limit_val_batches=0)
 
 
 def test_classifier_head_starts_at_the_fan_in_scale():
