@@ -4,11 +4,13 @@ For each model (timm ``resnet18``, ``resnet50``, ``efficientnet_b0``, ``mobilene
 ``regnety_002``, ``convnext_atto``, ``vit_tiny_patch16_224`` at 32x32, each with its recipe,
 :data:`MODELS`: ``efficientnet_b0`` and ``mobilenetv3_large_100`` with
 ``ImageClassifier(zero_init_last=True)``, without which efficientnet_b0 barely trains here,
-``results/shapes-mobile.md``), each seed
+``results/shapes-mobile.md``; regnety_002 and convnext_atto with AdamW, ``results/shapes-recipes.md``), each
+seed
 (``--seeds``) and each budget (``target_flops`` 0.5 and 0.25 of the dense FLOPs, torch-pruning's
 ``count_ops_and_params``):
 
-* **dense**: ``E`` epochs of SGD (cosine LR) from scratch, the reference;
+* **dense**: ``E`` epochs from scratch (SGD, cosine LR, unless the model's recipe says otherwise), the
+  reference;
 * **ours**: ``GroupLassoPruning(target_flops=t, finalize_step=0.5, compress=True)``: the same ``E`` epochs; at
   the middle the units with the largest gates that fit the budget are kept (widths rounded to 8), the rest are
   removed; the second half fine-tunes the compressed model;

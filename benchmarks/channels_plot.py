@@ -24,7 +24,8 @@ these files but for the absolute ms, which the ratios divide out)::
         benchmarks/results/channels-shapes-r50-s0.json \
         benchmarks/results/channels-shapes-effb0-zi-s{0,1,2}.json \
         benchmarks/results/channels-shapes-mbv3-s{0,1,2}.json \
-        benchmarks/results/channels-shapes-regnety-adamw-s{0,1,2}.json
+        benchmarks/results/channels-shapes-regnety-adamw-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-convnext-wu-s{0,1,2}.json
     python benchmarks/readme_tables.py   # the README's blocks from the new file
 
 (not ``channels-shapes-effb0-s0.json``: timm's init, before the mobile recipe; not
