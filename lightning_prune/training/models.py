@@ -94,7 +94,7 @@ class ImageClassifier(pl.LightningModule):
             allowed), from ``lr / steps`` up to ``lr``; then the ``scheduler``, updated every step (the cosine
             over the steps that remain). ``0`` (default): no warm-up, the scheduler steps once an epoch.
             ConvNeXt trained from scratch with AdamW needed it on ``ShapesDataModule`` (dense 0.40 with one
-            epoch of warm-up, 0.15 without; ``benchmarks/results/shapes-recipes.md``).
+            epoch of warm-up, 0.18 without; ``benchmarks/results/shapes-recipes.md``).
         label_smoothing: for the cross-entropy.
         head_init: ``"fan_in"`` (default): a new classifier layer whose initial weights exceed PyTorch's
             default's standard deviation by more than ``sqrt(3)`` is re-drawn from PyTorch's default
