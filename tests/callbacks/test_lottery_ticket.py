@@ -324,7 +324,8 @@ def test_a_round_under_bf16_mixed_precision(tmp_path):
     """The CIFAR-10 recipe's precision (16-mixed on a GPU, bf16-mixed on a CPU): the masks are cut and the
     rewound weights stay in float32 under autocast."""
     lt = LotteryTicket(rounds=1, target_sparsity=0.9, epochs_per_round=1)
-    _, model = fit_tiny([lt], tmp_path, max_epochs=2, precision="bf16-mixed", **FAST)
+    _, model = fit_tiny([lt], tmp_path, max_epochs=2, precision="bf16-mixed",
+                        limit_train_batches=2, limit_val_batches=1)
     assert lt.round == 1 and lt.weights_remaining == pytest.approx(0.1, abs=1e-4)
     weights = [p for n, p in model.named_parameters() if p.ndim > 1]
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in weights)
