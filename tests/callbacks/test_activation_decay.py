@@ -99,7 +99,7 @@ def test_per_step_schedule_is_applied_and_logged(tmp_path):
     assert logged[-1][1] == 1.0
 
 
-def test_schedule_and_fusion_under_bf16_mixed_precision(tmp_path):
+def test_schedule_under_bf16_mixed_precision(tmp_path):
     """The CIFAR-10 recipe's precision on a CPU (its 16-mixed on a GPU): λ follows the same schedule to 1,
     and the weights stay float32 and finite under autocast."""
     decay = ActivationDecay(begin_step=0.25, end_step=0.75, verbose=False)
