@@ -50,6 +50,20 @@ def lightning_prune_command(*args: object, env: dict[str, str] | None = None, cw
                           check=False)
 
 
+def in_process_error(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """The exit status and the one stderr line of ``lightning-prune ARGS`` run in this process (its ``main``:
+    the console script's code without a fresh interpreter's ~10 s of imports)."""
+    from lightning_prune.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in args])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err) and "usage:" not in "\n".join(err), err
+    assert errors[0].startswith("lightning-prune: error: "), errors
+    return exited.value.code, errors[0]
+
+
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     """The run failed with one ``lightning-prune: error: ...`` line and no traceback or usage dump."""
     assert result.returncode != 0, result.stdout[-2000:]
@@ -204,14 +218,17 @@ class Invariants(Spy):
 KILL_FIT = {"max_epochs": 3, "limit_train_batches": 4, "limit_val_batches": 1}
 
 #: kill/resume cases (tests/test_kill_resume.py and its child tests/_kill_child.py), per case: the callback's
-#: arguments, the checkpoint cadence and the steps the kill is drawn from
+#: arguments, the checkpoint cadence and the steps the kill is drawn from. One runs by default (a real kill
+#: costs two fresh processes); the other callbacks' mid-schedule resumes are checked in this process by their
+#: own tests (e.g. test_magnitude.py::test_resume_mid_schedule_equals_uninterrupted_with_derived_schedule,
+#: test_lottery_ticket.py::test_resume_mid_round_ends_with_the_same_ticket)
 KILL_CASES = {
     # masks change every 2 steps until step 10
     "magnitude": {"name": "magnitude", "kwargs": {"every_n_steps": 2, "sparsity_end_step": 10},
-                  "every": 3, "kill": (4, 10)},
+                  "every": 3, "kill": (4, 10), "slow": True},
     # round 1 is epoch 1 (steps 4-7): killed inside it, after its prune and rewind
     "lottery_ticket": {"name": "lottery_ticket", "kwargs": {"rounds": 2, "rewind_step": 2},
-                       "every": 2, "kill": (5, 7)},
+                       "every": 2, "kill": (5, 7), "slow": True},
     # gates are captured from the first steps on, finalised at step 10
     "group_lasso": {"name": "group_lasso", "kwargs": {"lam": 0.05, "finalize_step": 10}, "every": 2,
                     "kill": (5, 9)},

@@ -9,21 +9,11 @@ import pytest
 from lightning_prune.cli import main
 from lightning_prune.testing import fit_tiny, tiny_classifier, tiny_datamodule
 from tests.helpers import ROOT
+from tests.helpers import in_process_error as _error
 
 RECIPE = "recipes/digits/magnitude.yaml"
 TINY = ["--model.init_args.model_name=test_resnet", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false"]
-
-
-def _error(capsys, *args: str) -> tuple[int, str]:
-    """The exit status and the one stderr line of ``lightning-prune ARGS`` (in this process)."""
-    with pytest.raises(SystemExit) as exited:
-        main(list(args))
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    errors = [line for line in err if "error" in line.lower()]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(err) and "usage:" not in "\n".join(err), err
-    assert errors[0].startswith("lightning-prune: error: "), errors
-    return exited.value.code, errors[0]
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 import lightning_prune as lp
 from lightning_prune.testing import fit_tiny, tiny_classifier
-from tests.helpers import lightning_prune_command, one_error_line
+from tests.helpers import ROOT, in_process_error
 
 
 class _CreatesMarker:
@@ -73,18 +73,19 @@ def test_the_distillation_teacher_file_is_refused_unless_asked(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["export", "sensitivity"])
-def test_the_commands_refuse_in_one_line(tmp_path, command):
+def test_the_commands_refuse_in_one_line(tmp_path, command, capsys, monkeypatch):
     path, marker = _booby_trapped(tmp_path)
-    result = lightning_prune_command(
-        command, "--config", "recipes/digits/magnitude.yaml", "--model.init_args.model_name=test_resnet",
-        f"--ckpt_path={path}", "--trainer.logger=false", f"--{command}.out_dir={tmp_path}"
+    monkeypatch.chdir(ROOT)
+    _, line = in_process_error(
+        capsys, command, "--config", "recipes/digits/magnitude.yaml",
+        "--model.init_args.model_name=test_resnet", f"--ckpt_path={path}", "--trainer.logger=false",
+        f"--{command}.out_dir={tmp_path}"
         if command == "sensitivity" else f"--export.output={tmp_path / 'm.onnx'}")
-    line = one_error_line(result)
     assert "holds Python objects" in line and "weights_only=False" in line, line
     assert not marker.exists()
 
 
-def test_a_missing_file_is_one_line_naming_it(tmp_path):
+def test_a_missing_file_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
     missing = tmp_path / "last.ckpt"
     for load in (lambda: lp.load_compressed(missing, tiny_classifier()),
                  lambda: lp.restore_run(missing, tiny_classifier()),
@@ -92,9 +93,10 @@ def test_a_missing_file_is_one_line_naming_it(tmp_path):
         with pytest.raises(FileNotFoundError, match=rf"^{missing}: no such file\.$") as info:
             load()
         assert info.value.__cause__ is None and info.value.__context__ is None
-    result = lightning_prune_command("export", "--config", "recipes/digits/magnitude.yaml",
-                                     f"--ckpt_path={missing}", f"--export.output={tmp_path / 'm.onnx'}")
-    assert one_error_line(result) == f"lightning-prune: error: {missing}: no such file."
+    monkeypatch.chdir(ROOT)
+    _, line = in_process_error(capsys, "export", "--config", "recipes/digits/magnitude.yaml",
+                               f"--ckpt_path={missing}", f"--export.output={tmp_path / 'm.onnx'}")
+    assert line == f"lightning-prune: error: {missing}: no such file."
 
 
 def test_a_damaged_file_says_so_without_blaming_pickled_code(tmp_path):
