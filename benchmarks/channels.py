@@ -242,14 +242,25 @@ def bisect_ratio(prune: Callable[[float], Any], measure: Callable[[Any], float],
     By default the last probe at most ``target`` (the largest value below it), stopping at the first one
     within ``tol`` below (torch-pruning at a FLOPs budget); if none is below, ``prune(hi)``. ``closest=True``:
     the probe closest to ``target`` on either side, stopping at the first one within ``tol`` of it (a noisy
-    measured latency matched to another model's: neither side favoured). Returns ``(model, ratio, value)``.
+    measured latency matched to another model's: neither side favoured). A ratio whose pruning fails (the
+    ViT's global head ranking can leave a layer no head: torch-pruning's model then breaks) is too much: the
+    bisection goes lower; with no probe at most ``target``, the highest ratio that worked is kept. Returns
+    ``(model, ratio, value)``.
     """
     lo = 0.0
     best: tuple[Any, float, float] | None = None
+    worked: tuple[Any, float, float] | None = None
+    failed: RuntimeError | None = None
     for _ in range(steps):
         mid = (lo + hi) / 2
-        pruned = prune(mid)
-        value = measure(pruned)
+        try:
+            pruned = prune(mid)
+            value = measure(pruned)
+        except RuntimeError as err:
+            hi, failed = mid, err
+            continue
+        if worked is None or mid > worked[1]:
+            worked = (pruned, mid, value)
         if closest:
             if best is None or abs(value - target) < abs(best[2] - target):
                 best = (pruned, mid, value)
@@ -263,6 +274,10 @@ def bisect_ratio(prune: Callable[[float], Any], measure: Callable[[Any], float],
             hi = mid
         else:
             lo = mid
+    if best is None and failed is not None:  # the most pruning that works, or the failure
+        if worked is None:
+            raise failed
+        best = worked
     if best is None:
         pruned = prune(hi)
         best = (pruned, hi, measure(pruned))

@@ -31,6 +31,23 @@ def test_bisect_ratio_below_is_torch_pruning_at_flops(channels) -> None:
     assert ratio == model == 0.95 and value == 1.0
 
 
+def test_bisect_ratio_goes_lower_where_pruning_fails(channels) -> None:
+    """A ratio whose pruning raises (torch-pruning's ViT left with a layer of no heads above 0.5) is too much:
+    the bisection goes lower; with no probe reaching the target, the highest ratio that worked is kept; with
+    none that worked, the error is raised."""
+    def prune(r):
+        if r > 0.5:
+            raise RuntimeError("shape '[1, 17, 3, 0, 64]' is invalid")
+        return r
+
+    model, ratio, value = channels.bisect_ratio(prune, lambda r: 1 - r / 2, 0.25)
+    assert 0.49 < ratio <= 0.5 and model == ratio and value == 1 - ratio / 2
+    model, ratio, value = channels.bisect_ratio(prune, lambda r: 1 - r, 0.6)  # reachable: as before
+    assert value <= 0.6 and 0.6 - value < 0.01
+    with pytest.raises(RuntimeError, match="is invalid"):
+        channels.bisect_ratio(prune, lambda r: 1.0, 0.5, hi=0.95, steps=1)
+
+
 def test_torch_pruning_at_latency_matches_the_measured_reference(channels) -> None:
     """The bisection on a measured latency: the candidate timed with the dense model and ours in one call
     of the injected timing; the probe kept is the closest to equal latency, within 2%, and the row's
