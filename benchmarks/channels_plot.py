@@ -30,7 +30,8 @@ these files but for the absolute ms, which the ratios divide out)::
         benchmarks/results/channels-shapes-mbv3-025-s{0,1,2}.json \
         benchmarks/results/channels-shapes-vit-s{0,1,2}.json \
         benchmarks/results/channels-shapes-vit-025-s{0,1,2}.json \
-        benchmarks/results/channels-shapes-vit-025-tp-s{0,2}.json
+        benchmarks/results/channels-shapes-vit-025-tp-s{0,2}.json \
+        benchmarks/results/channels-shapes-effb0-025-s{0,1,2}.json
     python benchmarks/readme_tables.py   # the README's blocks from the new file
 
 (not ``channels-shapes-effb0-s0.json``: timm's init, before the mobile recipe; not
@@ -44,7 +45,9 @@ calibration batches on seeds 0-1, in ``channels-shapes-r18-taylor.md``; not the 
 ``-vit-025-s{0,2}.json``: their torch-pruning rows replace those runs' failures, from before its bisection
 took a ratio that breaks its ViT as too much. mobilenetv3's dense rows differ between its 0.5 runs, made on
 an earlier machine (mean 0.9027), and its 0.25 runs (0.9142): the table shows the later ones; the paired
-differences to torch-pruning are within one run either way.)
+differences to torch-pruning are within one run either way. efficientnet_b0 likewise (dense 0.8217 in its 0.5
+runs, 0.7990 in its 0.25 runs); those ran three processes to the two cores: their batch-64 latencies are
+noisier than the others'.)
 
 Usage, for a result file written without ``--plot``::
 
