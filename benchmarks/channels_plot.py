@@ -20,6 +20,7 @@ these files but for the absolute ms, which the ratios divide out)::
         benchmarks/results/channels-shapes-r18-taylor-s0-nocomp.json \
         benchmarks/results/channels-shapes-r18-nocomp-s{0,1,2}.json \
         benchmarks/results/channels-shapes-r18-latency-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-r18-latency-q-s{3,4}.json \
         benchmarks/results/channels-shapes-r18-025-s{0,1,2}.json \
         benchmarks/results/channels-shapes-r50-s0.json \
         benchmarks/results/channels-shapes-effb0-zi-s{0,1,2}.json \
