@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 # Registers the ReduceNet-style models with timm, so `ImageClassifier("reducenet_20")` works.
 import lightning_prune.training.reducenet  # noqa: F401
+from lightning_prune.validation import check_nonnegative
 
 __all__ = ["ImageClassifier"]
 
@@ -148,9 +149,7 @@ class ImageClassifier(pl.LightningModule):
                 f"`scheduler` must be one of {list(_SCHEDULERS)}, got {scheduler!r}.")
         if lr <= 0:
             raise MisconfigurationException(f"`lr` must be > 0, got {lr}.")
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, (int, float)) \
-                or not 0 <= warmup_epochs < float("inf"):
-            raise MisconfigurationException(f"`warmup_epochs` must be a number >= 0, got {warmup_epochs!r}.")
+        check_nonnegative("warmup_epochs", warmup_epochs)
         if head_init not in _HEAD_INITS:
             raise MisconfigurationException(
                 f"`head_init` must be one of {list(_HEAD_INITS)}, got {head_init!r}.")
