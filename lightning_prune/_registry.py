@@ -292,11 +292,13 @@ def class_of_key(key: str) -> str:
 
 
 def warn_ignored_states(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
-    """Warn once per checkpoint when it holds the state of a lightning-prune callback that this Trainer does
-    not have (the weights, zeros included, still load)."""
+    """Warn once per checkpoint when a fit resumes from it without a lightning-prune callback whose state it
+    holds (the weights, zeros included, still load)."""
     from lightning.pytorch.utilities import rank_zero_warn
 
     states = checkpoint.get("callbacks") or {}
+    if trainer.state.fn != "fit":  # (test/validate/predict resume no schedule)
+        return
     if getattr(trainer, "_lightning_prune_checked", None) == id(checkpoint):
         return
     trainer._lightning_prune_checked = id(checkpoint)  # type: ignore[attr-defined]

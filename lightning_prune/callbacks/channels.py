@@ -829,9 +829,10 @@ class ChannelPruningCallback(PruningCallback):
             self.shrink.install_resume(trainer, self.state_key,
                                        lambda state: self._apply_recorded_removal(trainer, pl_module, state))
         super().setup(trainer, pl_module, stage)  # (refuses the strategies it cannot act under)
-        if (not self.shrink.enabled and trainer is not None and stage == "fit"
+        if (trainer is not None and not (self.shrink.enabled and stage == "fit")
                 and type(trainer.strategy).__name__ != SHARDED_STRATEGY):
-            # layers frozen before a checkpoint (lightning_prune.graph.frozen) are frozen again on resume
+            # layers frozen before a checkpoint (lightning_prune.graph.frozen) are frozen again on resume; a
+            # checkpoint of the compressed model loads in trainer.test/validate/predict too
             self.shrink.install_resume(trainer, self.state_key,
                                        lambda state: self._apply_recorded_removal(trainer, pl_module, state))
         self.restrict_norms()

@@ -271,6 +271,7 @@ class OneShotPruning(PruningCallback):
             refuse_removal_conflicts(trainer, self, f"{type(self).__name__}(method='channels')")
             if self.criterion is not None and self.criterion.needs_gradients:
                 self._refuse_manual_optimization(pl_module)
+        if trainer is not None:  # (a checkpoint of the compressed model loads in trainer.test/validate too)
             self.shrink.install_resume(trainer, self.state_key,
                                        lambda state: self._apply_removed(trainer, pl_module, state))
         if (self.groups is not None and self._channels is not None

@@ -54,8 +54,8 @@ from lightning_prune.graph import (
 from lightning_prune.validation import check_bool, check_int, check_optional, check_positive
 
 __all__ = ["CompressionError", "compress", "compressed_structure", "dead_units", "load_compressed",
-           "round_kept", "save_compressed", "shape_attributes", "silent_units", "take_recorded_removal",
-           "take_shapes", "take_structure"]
+           "round_kept", "save_compressed", "shape_attributes", "shapes_differ", "silent_units",
+           "take_recorded_removal", "take_shapes", "take_structure"]
 
 
 @torch.no_grad()
@@ -475,6 +475,14 @@ def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path:
     take_recorded_removal(module, payload, path)
     module.load_state_dict(payload["state_dict"], strict=True)
     return module
+
+
+def shapes_differ(module: nn.Module, state_dict: Mapping[str, Any]) -> bool:
+    """Whether a tensor of ``state_dict`` has another shape than ``module``'s tensor of the same name (a
+    checkpoint of a compressed model against a fresh, dense module)."""
+    own = module.state_dict()
+    return any(isinstance(v, Tensor) and k in own and tuple(own[k].shape) != tuple(v.shape)
+               for k, v in state_dict.items())
 
 
 def take_recorded_removal(module: nn.Module, checkpoint: Mapping[str, Any], path: str | Path) -> bool:

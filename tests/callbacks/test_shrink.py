@@ -127,6 +127,43 @@ def test_a_checkpoint_after_compression_loads_for_inference(tmp_path):
     torch.testing.assert_close(eval_logits(fresh, X), eval_logits(model, X))
 
 
+def _no_pruning_callback_warning(record) -> None:
+    texts = [str(w.message) for w in record]
+    assert not [t for t in texts if "pruning state of" in t or "size mismatch" in t], texts
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GroupLassoPruning(compress=True, **STRONG),
+    lambda: lp.OneShotPruning("channels", target_flops=0.5, prune_step=2, calibration_batches=1,
+                              verbose=False),
+], ids=["group_lasso", "one_shot"])
+def test_a_compressed_checkpoint_loads_in_trainer_test_validate_and_a_fit_onto_a_fresh_module(make, tmp_path):
+    """``trainer.test(fresh_module, ckpt_path=...)`` of a checkpoint written after the units were removed
+    inside the fit: with or without the pruning callback in the Trainer, the fresh module takes the smaller
+    shapes before Lightning loads the weights (no size mismatch), and tests as the trained model; a fit from
+    it without the callback goes on training the smaller model."""
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model = tiny_classifier()
+    fit_tiny([make(), saver], tmp_path, model=model, **FAST)
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    data = tiny_datamodule()
+    options = {"logger": False, "enable_progress_bar": False, "default_root_dir": str(tmp_path)}
+    expected = pl.Trainer(**options).test(model, datamodule=data, verbose=False)[0]["test/acc"]
+    for callbacks in ([], [make()]):
+        fresh = tiny_classifier()
+        with pytest.warns() as record:
+            got = pl.Trainer(callbacks=callbacks, **options).test(fresh, datamodule=data, ckpt_path=ckpt,
+                                                                   verbose=False)
+            pl.Trainer(callbacks=callbacks, **options).validate(fresh, datamodule=data, ckpt_path=ckpt,
+                                                                verbose=False)
+        _no_pruning_callback_warning(record)
+        assert _params(fresh) == _params(model) < _params(tiny_classifier())
+        assert got[0]["test/acc"] == pytest.approx(expected)
+    fresh = tiny_classifier()
+    fit_tiny([], tmp_path / "plain", model=fresh, ckpt_path=ckpt, **{**FAST, "max_epochs": 5})
+    assert _params(fresh) == _params(model)
+
+
 def test_the_optimizer_holds_the_new_parameters(tmp_path):
     def check(trainer, module, hook):
         if cb.shrink.removed is not None:
