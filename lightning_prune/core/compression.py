@@ -53,8 +53,8 @@ from lightning_prune.graph import (
 )
 from lightning_prune.validation import check_bool, check_int, check_optional, check_positive
 
-__all__ = ["CompressionError", "compress", "compressed_structure", "dead_units", "load_compressed",
-           "round_kept", "save_compressed", "shape_attributes", "shapes_differ", "silent_units",
+__all__ = ["CompressionError", "compress", "compressed_structure", "dead_units", "has_state_structure",
+           "load_compressed", "round_kept", "save_compressed", "shape_attributes", "silent_units",
            "take_recorded_removal", "take_shapes", "take_structure"]
 
 
@@ -477,12 +477,12 @@ def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path:
     return module
 
 
-def shapes_differ(module: nn.Module, state_dict: Mapping[str, Any]) -> bool:
-    """Whether a tensor of ``state_dict`` has another shape than ``module``'s tensor of the same name (a
-    checkpoint of a compressed model against a fresh, dense module)."""
+def has_state_structure(module: nn.Module, state_dict: Mapping[str, Any]) -> bool:
+    """Whether ``module``'s state dict has the names of ``state_dict`` and its tensors' shapes (false for a
+    fresh, dense module against a checkpoint of the compressed or frozen model)."""
     own = module.state_dict()
-    return any(isinstance(v, Tensor) and k in own and tuple(own[k].shape) != tuple(v.shape)
-               for k, v in state_dict.items())
+    return set(own) == set(state_dict) and all(
+        not isinstance(v, Tensor) or tuple(own[k].shape) == tuple(v.shape) for k, v in state_dict.items())
 
 
 def take_recorded_removal(module: nn.Module, checkpoint: Mapping[str, Any], path: str | Path) -> bool:
