@@ -367,6 +367,43 @@ def test_a_parameter_viewed_with_a_shape_attribute_updates_it():
     assert ("scale", "param") in {(s.module, s.role) for s in group.slices}
 
 
+class _BiasMlp(nn.Module):
+    """timm's ``RelPosMlp``: a small MLP maps coordinates to one bias per head; its ``get_bias`` views the
+    MLP's output with ``self.num_heads`` and ``self.bias_shape`` (not its forward: the caller's code)."""
+
+    def __init__(self, num_heads: int, tokens: int) -> None:
+        super().__init__()
+        self.num_heads, self.bias_shape = num_heads, (tokens, tokens, num_heads)
+        self.mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, num_heads))
+        self.register_buffer("coords", torch.randn(tokens, tokens, 2))
+
+    def get_bias(self):
+        return self.mlp(self.coords).view(-1, self.num_heads).view(self.bias_shape).permute(2, 0, 1)
+
+
+class _CalleeBias(_Heads):
+    """The attention adds the bias of ``self.rel_pos.get_bias()`` (vit_relpos, 0.33 coverage before: the
+    views ran as the attention's operators, whose ``num_heads`` alone was updated)."""
+
+    def __init__(self) -> None:
+        super().__init__(num_heads=2)
+        self.rel_pos = _BiasMlp(2, 5)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) + self.rel_pos.get_bias()).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.attn_dim))
+
+
+def test_sizes_viewed_in_a_submodule_method_called_by_the_owner_update_the_submodule():
+    analysis = _analyse(_Head(_CalleeBias()))
+    group = _group(analysis, "block.qkv")
+    assert group.size == 2  # the heads (with the bias MLP's outputs)
+    assert {("block", "num_heads", 1), ("block.rel_pos", "num_heads", 1),
+            ("block.rel_pos", "bias_shape[2]", 1)} <= set(group.attrs), group.attrs
+
+
 class _LiteralView(_ViewedScale):
     """A parameter viewed with a shape written in the code (``view(8, 1, 1)``): no attribute holds the size;
     looking for one attribute per entry met the entries that hold no unit positions (it raised on XCiT,

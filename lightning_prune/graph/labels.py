@@ -12,26 +12,28 @@ head dim keeps one label per element). A label lives in a *block*: the dims it v
 atoms; a dim along which the array is constant carries no label.
 
 Readers cut the dependency: a Conv/Linear module reading a labelled dim is an **input site** (a gate there
-masks the units), a LayerNorm / GroupNorm(1) / GRN computing statistics over it is a **norm site**
-(restricted statistics), a convolution sliding along it (ECA's conv1d over the channel vector) is a **slide
-site** (zeros at the removed units; sliced, it runs at the dense width: :mod:`lightning_prune.graph.along`),
-and a convolution whose kernel is 1 along it (stride 1, no padding: timm's ``LambdaLayer``) passes it
-through. A Conv/Linear module whose forward computes the weight it uses from its parameters
-(weight standardisation, ``weight_norm``) is an input site too: the group names it in ``frozen``, and it is
-replaced by a plain layer holding that weight before its input channels go
-(:mod:`lightning_prune.graph.frozen`). A GroupNorm with several groups makes each of its groups one unit
-(``num_groups`` drops with them). Parameters and buffers combined with a labelled dim (norm affines, biases,
-layer-scale gammas, ``pos_embed``/``cls_token``, relative-position bias tables along heads, BatchNorm
-statistics) are sliced with it; integer attributes of the module that reshapes, splits or slices with a size
-that shrinks with the units (``num_heads``, ``attn_dim``, split widths, a list of split sizes, a slice bound
-such as DPN's ``num_1x1_c``, the shape a parameter is viewed with) are found by their value on the module
-running the operator and updated, by the number of removed units' positions the size holds (a slice bound:
-those before it). A size held by several attributes of that module is tried one attribute at a time when
-updating all of them fails the proof. Split sizes that no list attribute holds are looked for one per piece
-(``[self.dim_conv3, self.dim_untouched]``), one piece at most computed from the whole (``[self.pdim, self.dim
-- self.pdim]``: the attribute holding the whole is updated). One attribute holds one size: where its uses
-carry different units (SHViT's ``pdim`` sizing a piece of the stream and ``v``), their positions are paired in
-the order of their units and the labels are propagated again.
+masks the units), a LayerNorm / GroupNorm(1) / GRN computing statistics over it is a **norm site** (restricted
+statistics), a convolution sliding along it (ECA's conv1d over the channel vector) is a **slide site** (zeros
+at the removed units; sliced, it runs at the dense width: :mod:`lightning_prune.graph.along`), and a
+convolution whose kernel is 1 along it (stride 1, no padding: timm's ``LambdaLayer``) passes it through. A
+Conv/Linear module whose forward computes the weight it uses from its parameters (weight standardisation,
+``weight_norm``) is an input site too: the group names it in ``frozen``, and it is replaced by a plain layer
+holding that weight before its input channels go (:mod:`lightning_prune.graph.frozen`). A GroupNorm with
+several groups makes each of its groups one unit (``num_groups`` drops with them). Parameters and buffers
+combined with a labelled dim (norm affines, biases, layer-scale gammas, ``pos_embed``/``cls_token``,
+relative-position bias tables along heads, BatchNorm statistics) are sliced with it; integer attributes of the
+module that reshapes, splits or slices with a size that shrinks with the units (``num_heads``, ``attn_dim``,
+split widths, a list of split sizes, a slice bound such as DPN's ``num_1x1_c``, the shape a parameter is
+viewed with) are found by their value on the module running the operator (and, for a reshape in a method of a
+submodule that the module calls instead of its forward -- timm's ``self.rel_pos.get_bias()`` viewing its MLP's
+output with ``self.num_heads`` and ``self.bias_shape`` -- on the submodule that made the reshaped tensor) and
+updated, by the number of removed units' positions the size holds (a slice bound: those before it). A size
+held by several attributes of that module is tried one attribute at a time when updating all of them fails the
+proof. Split sizes that no list attribute holds are looked for one per piece (``[self.dim_conv3,
+self.dim_untouched]``), one piece at most computed from the whole (``[self.pdim, self.dim - self.pdim]``: the
+attribute holding the whole is updated). One attribute holds one size: where its uses carry different units
+(SHViT's ``pdim`` sizing a piece of the stream and ``v``), their positions are paired in the order of their
+units and the labels are propagated again.
 An operator this module does not know that touches a labelled dim fixes those atoms (never removed) with the
 reason ``"aten.X on dim d"``; the model's outputs fix theirs. Labels are propagated until no atoms merge any
 more (a later contraction can make an earlier dim unlabelled), then the last pass records sites and slices.
@@ -1336,15 +1338,54 @@ class LabelGraph:
         shape_arg = node.args[1] if len(node.args) > 1 else None
         if not isinstance(shape_arg, (list, tuple)) or len(shape_arg) != len(lab.shape):
             return
+        labelled: dict[int, np.ndarray] = {}
         for d, value in enumerate(shape_arg):
             if not isinstance(value, int) or value <= 1 or d in taken:
                 continue
             for dims, arr in lab.blocks:
                 if d in dims:
                     axis = dims.index(d)
-                    per_pos = np.moveaxis(arr, axis, 0).reshape(arr.shape[axis], -1)
-                    self.records.sizes.append((self._owners(node), [(value, per_pos)],
-                                               f"aten.{op_name(node.target)}"))
+                    labelled[d] = np.moveaxis(arr, axis, 0).reshape(arr.shape[axis], -1)
+        if not labelled:
+            return
+        what = f"aten.{op_name(node.target)}"
+        owners = self._owners(node)
+        for d, per_pos in labelled.items():
+            self.records.sizes.append((owners, [(shape_arg[d], per_pos)], what))
+        # the code of a submodule called by the owner's forward (not its forward: ``self.rel_pos.get_bias()``,
+        # whose ``view(-1, self.num_heads)`` and ``view(self.bias_shape)`` run as the owner's): the
+        # submodule that made the viewed tensor holds the sizes too, as ints or the whole shape
+        empty = next(iter(labelled.values()))[:0]
+        whole = tuple(shape_arg)
+        pieces = [labelled.get(i, empty) for i in range(len(whole))]
+        for inner in ([owners[0]] + self._callee_modules(node, owners[0])) if owners else []:
+            held = _int_sizes(self.modules.get(inner))
+            if whole in held:
+                self.records.sizes.append(([inner], [(whole, pieces)], what))
+            if inner == owners[0]:
+                continue
+            ints = {d: per_pos for d, per_pos in labelled.items() if shape_arg[d] in held}
+            for d, per_pos in ints.items():
+                self.records.sizes.append(([inner], [(shape_arg[d], per_pos)], what))
+            if ints or whole in held:
+                return
+
+    def _callee_modules(self, node: Any, owner: str, hops: int = 8) -> list[str]:
+        """The submodules of ``owner`` with submodules of their own (outermost first) on the way to the
+        module that made the tensor ``node`` reads, found back along its first input through the owner's own
+        operators (at most ``hops``): a method of such a submodule called by the owner's forward runs as the
+        owner's code (its modules' calls are the only trace of it)."""
+        x = node.args[0] if node.args else None
+        for _ in range(hops):
+            if not hasattr(x, "meta"):
+                return []
+            inside = [p for p in self._owners(x) if p.startswith(owner + ".")]
+            if inside:
+                parts = inside[0][len(owner) + 1:].split(".")
+                paths = [f"{owner}.{'.'.join(parts[:i])}" for i in range(1, len(parts) + 1)]
+                return [p for p in paths if next(iter(self.modules[p].children()), None) is not None]
+            x = x.args[0] if getattr(x, "args", None) else None
+        return []
 
     def _permute(self, node: Any, lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
         n = len(lab.shape)
@@ -1890,6 +1931,21 @@ class LabelGraph:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _int_sizes(module: nn.Module | None) -> set[int | tuple[int, ...]]:
+    """The values of ``module``'s public int attributes and lists/tuples of ints (the latter as tuples)."""
+    if module is None:
+        return set()
+    held: set[int | tuple[int, ...]] = set()
+    for name, value in vars(module).items():
+        if name.startswith("_"):
+            continue
+        if type(value) is int:
+            held.add(value)
+        elif isinstance(value, (list, tuple)) and all(type(x) is int for x in value):
+            held.add(tuple(value))
+    return held
+
+
 def _letter_key(x: Any) -> tuple[str, str]:
     return (type(x).__name__, str(x))
 
