@@ -404,6 +404,25 @@ def test_sizes_viewed_in_a_submodule_method_called_by_the_owner_update_the_submo
             ("block.rel_pos", "bias_shape[2]", 1)} <= set(group.attrs), group.attrs
 
 
+def test_timm_vit_relpos_removes_heads_in_a_lightning_fit_with_its_bias_mlp(tmp_path):
+    """timm's ``vit_relpos`` (its ``RelPosMlp.get_bias`` called by the attention): OneShotPruning removes a
+    head inside the fit, and both ``num_heads`` follow (its whole stream was skipped before)."""
+    from lightning_prune.callbacks.one_shot import OneShotPruning
+    from lightning_prune.testing import fit_tiny, tiny_classifier
+
+    module = tiny_classifier("vit_relpos_small_patch16_224", optimizer="adamw", lr=1e-3, model_kwargs={
+        "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2})
+    dense = sum(p.numel() for p in module.parameters())
+    cb = OneShotPruning("channels", target_flops=0.5, prune_step=1, calibration_batches=1, verbose=False)
+    trainer, _ = fit_tiny([cb], tmp_path, model=module, max_epochs=1, limit_train_batches=3,
+                          limit_val_batches=0)
+    attn = module.model.blocks[0].attn
+    assert trainer.global_step == 3 and cb.flops_remaining <= 0.5
+    assert sum(p.numel() for p in module.parameters()) < dense
+    assert attn.num_heads == attn.rel_pos.num_heads == attn.rel_pos.bias_shape[2] == 1
+    assert module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 class _LiteralView(_ViewedScale):
     """A parameter viewed with a shape written in the code (``view(8, 1, 1)``): no attribute holds the size;
     looking for one attribute per entry met the entries that hold no unit positions (it raised on XCiT,
