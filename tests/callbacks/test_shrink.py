@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -151,7 +152,8 @@ def test_a_compressed_checkpoint_loads_in_trainer_test_validate_and_a_fit_onto_a
     expected = pl.Trainer(**options).test(model, datamodule=data, verbose=False)[0]["test/acc"]
     for callbacks in ([], [make()]):
         fresh = tiny_classifier()
-        with pytest.warns() as record:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
             got = pl.Trainer(callbacks=callbacks, **options).test(fresh, datamodule=data, ckpt_path=ckpt,
                                                                    verbose=False)
             pl.Trainer(callbacks=callbacks, **options).validate(fresh, datamodule=data, ckpt_path=ckpt,
