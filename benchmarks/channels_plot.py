@@ -22,7 +22,8 @@ these files but for the absolute ms, which the ratios divide out)::
         benchmarks/results/channels-shapes-r18-latency-s{0,1,2}.json \
         benchmarks/results/channels-shapes-r18-latency-q-s{3,4}.json \
         benchmarks/results/channels-shapes-r18-025-s{0,1,2}.json \
-        benchmarks/results/channels-shapes-r50-s0.json \
+        benchmarks/results/channels-shapes-r50-adamw-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-r50-adamw-ew-s{0,1,2}.json \
         benchmarks/results/channels-shapes-effb0-zi-s{0,1,2}.json \
         benchmarks/results/channels-shapes-mbv3-s{0,1,2}.json \
         benchmarks/results/channels-shapes-regnety-adamw-s{0,1,2}.json \
@@ -32,10 +33,13 @@ these files but for the absolute ms, which the ratios divide out)::
         benchmarks/results/channels-shapes-vit-s{0,1,2}.json \
         benchmarks/results/channels-shapes-vit-025-s{0,1,2}.json \
         benchmarks/results/channels-shapes-vit-025-tp-s{0,2}.json \
-        benchmarks/results/channels-shapes-effb0-025-s{0,1,2}.json
+        benchmarks/results/channels-shapes-effb0-025-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-convnext-025-ew-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-vit-025-ew-s{0,1,2}.json
     python benchmarks/readme_tables.py   # the README's blocks from the new file
 
 (not ``channels-shapes-effb0-s0.json``: timm's init, before the mobile recipe; not
+``channels-shapes-r50-s0.json``: resnet50 with SGD (dense 0.405), before its AdamW recipe; not
 ``channels-shapes-regnety-s0.json``: SGD, before regnety_002's AdamW recipe (dense 0.2355); not
 ``channels-shapes-convnext-s0.json``: convnext_atto with AdamW and 2x2 patches but no warm-up, dense at 0.153
 (near chance: no comparison); not ``channels-shapes-r18-latency-s3.json``: timed on a machine loaded 4x (the
