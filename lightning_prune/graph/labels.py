@@ -1383,7 +1383,8 @@ class LabelGraph:
             if inside:
                 parts = inside[0][len(owner) + 1:].split(".")
                 paths = [f"{owner}.{'.'.join(parts[:i])}" for i in range(1, len(parts) + 1)]
-                return [p for p in paths if next(iter(self.modules[p].children()), None) is not None]
+                return [p for p in paths if p in self.modules
+                        and next(iter(self.modules[p].children()), None) is not None]
             x = x.args[0] if getattr(x, "args", None) else None
         return []
 
