@@ -1355,16 +1355,18 @@ class LabelGraph:
         # the code of a submodule called by the owner's forward (not its forward: ``self.rel_pos.get_bias()``,
         # whose ``view(-1, self.num_heads)`` and ``view(self.bias_shape)`` run as the owner's): the
         # submodule that made the viewed tensor holds the sizes too, as ints or the whole shape
+        if not owners:
+            return
         empty = next(iter(labelled.values()))[:0]
         whole = tuple(shape_arg)
         pieces = [labelled.get(i, empty) for i in range(len(whole))]
-        for inner in ([owners[0]] + self._callee_modules(node, owners[0])) if owners else []:
+        if whole in _int_sizes(self.modules.get(owners[0])):
+            self.records.sizes.append(([owners[0]], [(whole, pieces)], what))
+        for inner in self._callee_modules(node, owners[0]):
             held = _int_sizes(self.modules.get(inner))
+            ints = {d: per_pos for d, per_pos in labelled.items() if shape_arg[d] in held}
             if whole in held:
                 self.records.sizes.append(([inner], [(whole, pieces)], what))
-            if inner == owners[0]:
-                continue
-            ints = {d: per_pos for d, per_pos in labelled.items() if shape_arg[d] in held}
             for d, per_pos in ints.items():
                 self.records.sizes.append(([inner], [(shape_arg[d], per_pos)], what))
             if ints or whole in held:
