@@ -32,16 +32,19 @@ the FLOPs rows:
 
 * **ours one-shot (taylor, compensate=False, target_latency)** (``--methods latency-one-shot``): the one-shot
   protocol above, ``OneShotPruning("channels", target_latency=T, latency_batch_size=64, round_to=8,
-  importance="taylor", compensate=False)`` (our best one-shot setting at a FLOPs target): the units chosen
-  with a per-layer latency table and the compressed copy timed against the dense model (thread CPU time,
-  one thread; what it measured is recorded, ``latency_callback``, beside the final timing);
+  importance="taylor", compensate=False)`` (our best one-shot setting at a FLOPs target; another
+  criterion with ``--latency-importance NAME``, a ``--one-shot-importance`` name, named in the row): the units
+  chosen with a per-layer latency table and the compressed copy timed against the dense model (thread CPU
+  time, one thread; what it measured is recorded, ``latency_callback``, beside the final timing);
 * **ours (target_latency)** (``latency-ours``): ``GroupLassoPruning(target_latency=T, latency_batch_size=64,
   finalize_step=0.5, compress=True)``, as the ``ours`` row;
 * **torch-pruning (equal latency)** (``latency-torch-pruning``): its MetaPruner as above, its
   ``pruning_ratio`` found by bisection on the *measured* batch-64 latency -- each probe timed with the dense
   model and ours in one interleaved call -- until its model runs as fast as the one ours reached (the
   one-shot row's, else ours'; what ours measured, not ``T``); the probe closest to equal latency, within 2%,
-  then ``E/2`` epochs of fine-tuning as above. Its row records the ratio and both latencies at the match.
+  then ``E/2`` epochs of fine-tuning as above. Its row records the ratio and both latencies at the match
+  (``matched``: our row); matched to a one-shot row of another ``--latency-importance`` it is named after it,
+  ``torch-pruning (equal latency to taylor_elementwise, compensate=False)``.
 
 The latency-target rows carry ``target_kind: "latency"`` (their ``target`` is ``T``): the summary pairs each
 with torch-pruning at equal latency (same seed), never with a FLOPs row of the same number.
@@ -421,7 +424,7 @@ def run_model(name: str, seed: int, args: argparse.Namespace, log: Any) -> list[
             if "error" not in rows[-1]:
                 reference = rows[-1]["method"], nets[_net_key(rows[-1])]
         if "latency-torch-pruning" in wanted:
-            method = LATENCY_TP
+            method = latency_tp_method(reference[0]) if reference is not None else LATENCY_TP
             try:
                 if reference is None:
                     raise RuntimeError("no model of ours at this latency target to match (--methods"
@@ -494,9 +497,26 @@ LATENCY_ONE_SHOT = "taylor-nocomp"
 LATENCY_METHODS = ["latency-one-shot", "latency-ours", "latency-torch-pruning"]
 
 
-def latency_one_shot_method(batches: int = 4) -> str:
-    """``ours one-shot (taylor, compensate=False, target_latency)``."""
-    return one_shot_method(LATENCY_ONE_SHOT, batches)[:-1] + ", target_latency)"
+def latency_one_shot_method(batches: int = 4, criterion: str = LATENCY_ONE_SHOT) -> str:
+    """``ours one-shot (taylor, compensate=False, target_latency)`` (``criterion``: a
+    ``--one-shot-importance`` name, ``--latency-importance``)."""
+    return one_shot_method(criterion, batches)[:-1] + ", target_latency)"
+
+
+def latency_tp_method(matched: str) -> str:
+    """torch-pruning's row at the latency of our row ``matched``: :data:`LATENCY_TP` where that is
+    GroupLasso's or the one-shot row of the default criterion, else named after it (``torch-pruning (equal
+    latency to taylor_elementwise, compensate=False)``), so that torch-pruning matched to two of our models
+    of one seed are two rows."""
+    default = (LATENCY_OURS, latency_one_shot_method())
+    if matched in default or not matched.startswith("ours one-shot ("):
+        return LATENCY_TP
+    return f"{LATENCY_TP[:-1]} to {matched[len('ours one-shot ('):-len(', target_latency)')]})"
+
+
+def is_latency_tp(method: str) -> bool:
+    """A torch-pruning row at equal latency (:func:`latency_tp_method`)."""
+    return method == LATENCY_TP or method.startswith(LATENCY_TP[:-1] + " to ")
 
 
 def latency_one_shot_row(name: str, seed: int, target: float, data: pl.LightningDataModule,
@@ -505,7 +525,8 @@ def latency_one_shot_row(name: str, seed: int, target: float, data: pl.Lightning
     """OneShotPruning to ``target_latency`` (batch 64: the thread CPU time of the compressed copy against the
     dense model's, one thread) on torch-pruning's protocol: the half-trained ``weights``, then ``E - E/2``
     epochs of fine-tuning with a fresh optimizer and schedule; a failure is a row too."""
-    method = latency_one_shot_method(args.calibration_batches)
+    criterion = args.latency_importance
+    method = latency_one_shot_method(args.calibration_batches, criterion)
     row: dict[str, Any] = {"model": name, "seed": seed, "method": method, "target": target,
                            "target_kind": "latency"}
     try:
@@ -513,8 +534,8 @@ def latency_one_shot_row(name: str, seed: int, target: float, data: pl.Lightning
         module = classifier(name, args.lr)
         module.model.load_state_dict(weights)
         one_shot = lp.OneShotPruning("channels", target_latency=target, latency_batch_size=64, prune_step=0,
-                                     round_to=8, importance=importance_of(LATENCY_ONE_SHOT),
-                                     compensate=_split(LATENCY_ONE_SHOT)[1],
+                                     round_to=8, importance=importance_of(criterion),
+                                     compensate=_split(criterion)[1],
                                      calibration_batches=args.calibration_batches, input_size=(3, SIDE, SIDE),
                                      verbose=False, log_media_every_n_epochs=0)
         metrics = Metrics()
@@ -634,10 +655,12 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if by_callback:  # (what the callback measured when it chose: its own timing)
                 entry["latency_callback"] = statistics.fmean(by_callback)
             refs = [("dense", "minus_dense", by(model, "dense", 1.0))]
-            if method != LATENCY_TP:
-                matched = by(model, LATENCY_TP, target, kind)
-                refs.append((LATENCY_TP, "minus_tp",
-                             {k: r for k, r in matched.items() if r.get("matched") == method}))
+            if is_latency_tp(method):
+                entry["matched"] = sorted({r["matched"] for r in these.values() if "matched" in r})
+            else:
+                peer = latency_tp_method(method)
+                refs.append((peer, "minus_tp", {k: r for k, r in by(model, peer, target, kind).items()
+                                                if r.get("matched") == method}))
         else:
             refs = []
             for other, key in (("dense", "minus_dense"), ("torch-pruning", "minus_tp"),
@@ -724,7 +747,7 @@ def markdown(rows: list[dict[str, Any]], rounding: list[dict[str, Any]], config:
                          f" | {pm(e.get('minus_dense'), e.get('minus_dense_sd'))}"
                          f" | {pm(e.get('minus_tp'), e.get('minus_tp_sd'))} | {tp_latency}"
                          f" | {pm(e.get('minus_tp_latency_b64'), e.get('minus_tp_latency_b64_sd'))} |")
-        matched = [r for r in rows if r["method"] == LATENCY_TP and "pruning_ratio" in r]
+        matched = [r for r in rows if is_latency_tp(r["method"]) and "pruning_ratio" in r]
         if matched:
             lines += ["", "torch-pruning's match (at the probe kept: its latency and ours, one timing):", "",
                       "| model | seed | target latency | matched to | pruning_ratio | its latency | ours"
@@ -796,6 +819,10 @@ def main() -> None:
     parser.add_argument("--calibration-batches", type=int, default=4,
                         help="OneShotPruning's calibration_batches (4, its default; another number is named"
                              " in the one-shot rows' method)")
+    parser.add_argument("--latency-importance", default=LATENCY_ONE_SHOT, metavar="NAME",
+                        help="the criterion of the latency-one-shot row, a --one-shot-importance name"
+                             f" (default {LATENCY_ONE_SHOT}); torch-pruning at equal latency is named after"
+                             " it where it is not the default")
     parser.add_argument("--latency-targets", nargs="*", type=float, default=[], metavar="T",
                         help="also prune to these fractions of the dense batch-64 latency (target_latency),"
                              " with torch-pruning at the latency ours measured beside them. Default: none")

@@ -373,13 +373,29 @@ def _by_target(target: tuple[str, Any]) -> tuple:
     return (kind != "flops", kind) + ((0, -fraction) if numeric else (1, str(fraction)))
 
 
+def _peer_at_latency(method: str) -> bool:
+    """torch-pruning at the latency of one of our models (``channels.latency_tp_method``: the plain name, or
+    ``torch-pruning (equal latency to ...)``)."""
+    return method == CHANNELS_PEER_AT_LATENCY or method.startswith(CHANNELS_PEER_AT_LATENCY[:-1] + " to ")
+
+
 def _ours(method: str) -> bool:
-    return method not in (CHANNELS_DENSE, CHANNELS_PEER, CHANNELS_PEER_AT_LATENCY)
+    return method not in (CHANNELS_DENSE, CHANNELS_PEER) and not _peer_at_latency(method)
 
 
-def _channels_peer(target: tuple[str, Any]) -> str:
-    """torch-pruning's row for a target: at the same FLOPs, or at the latency our model measured."""
-    return CHANNELS_PEER_AT_LATENCY if target[0] == "latency" else CHANNELS_PEER
+def _channels_peer(entries: dict[tuple, Any], model: str, target: tuple[str, Any],
+                   best: dict[str, Any] | None) -> dict[str, Any] | None:
+    """torch-pruning's entry for a target: at the same FLOPs, or at the latency that ``best`` (our row)
+    measured -- the one matched to it (``matched`` in ``channels.summary``), else the plain one."""
+    if target[0] != "latency":
+        return entries.get((model, CHANNELS_PEER, target))
+    peers = [e for (m, method, t), e in entries.items()
+             if m == model and t == target and _peer_at_latency(method)]
+    if best is not None:
+        matched = [e for e in peers if e.get("matched") == [best["method"]]]
+        if matched:
+            return matched[0]
+    return entries.get((model, CHANNELS_PEER_AT_LATENCY, target))
 
 
 def render_channels_headline(data: dict[str, Any]) -> str:
@@ -395,9 +411,9 @@ def render_channels_headline(data: dict[str, Any]) -> str:
         for target in targets:
             mine = [e for (m, _, t), e in entries.items() if m == model and t == target]
             ours = [e for e in mine if _ours(e["method"])]
-            peer = entries.get((model, _channels_peer(target), target))
             most = max((len(e["seeds"]) for e in ours), default=0)  # (a one-seed lucky draw is no best)
             best = max((e for e in ours if len(e["seeds"]) == most), key=lambda e: e["acc"], default=None)
+            peer = _channels_peer(entries, model, target, best)
             paired = "–"
             if best is not None and best.get("minus_tp") is not None:
                 n, sd = best.get("minus_tp_n", 1), best.get("minus_tp_sd")
