@@ -104,3 +104,30 @@ def test_the_plot_writes_a_png(result, tmp_path, monkeypatch):
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="no entry"):
         plot.plot([e for e in entries if "latency_b64" not in e], tmp_path / "none.png")
+
+
+def test_torch_pruning_matched_to_two_latency_rows_pairs_each_with_its_own(monkeypatch):
+    """``--latency-importance``: a second one-shot criterion at the latency target gets its own
+    torch-pruning match, named after it; the summary pairs each of ours with the match to it, and the
+    headline shows the peer matched to the best of ours."""
+    channels = benchmark_script("channels", monkeypatch)
+    tables = benchmark_script("readme_tables", monkeypatch)
+    other = channels.latency_one_shot_method(4, "taylor_elementwise-nocomp")
+    assert other == "ours one-shot (taylor_elementwise, compensate=False, target_latency)"
+    its_peer = channels.latency_tp_method(other)
+    assert its_peer == "torch-pruning (equal latency to taylor_elementwise, compensate=False)"
+    assert channels.latency_tp_method(LATENCY_OURS) == channels.LATENCY_TP
+    assert channels.latency_tp_method(channels.LATENCY_OURS) == channels.LATENCY_TP
+    latency = {"target_kind": "latency"}
+    rows = [r for r in ROWS if r["model"] == "m"] + [
+        *[{**_row("m", seed, other, 0.5, acc, 0.5), **latency} for seed, acc in ((0, 0.90), (1, 0.86))],
+        *[{**_row("m", seed, its_peer, 0.5, acc, 0.5), **latency, "matched": other}
+          for seed, acc in ((0, 0.87), (1, 0.88))]]
+    summary = json.loads(json.dumps(channels.summary(rows)))
+    entries = {(e["method"], e.get("target_kind")): e for e in summary}
+    assert entries[(other, "latency")]["minus_tp"] == pytest.approx(0.005)  # (0.03 - 0.02) / 2
+    assert entries[(LATENCY_OURS, "latency")]["minus_tp"] == pytest.approx(0.02)  # still its own match
+    assert entries[(its_peer, "latency")]["matched"] == [other]
+    lines = tables.RENDERERS["channels-shapes#readme"]({"summary": summary}).splitlines()
+    assert lines[3] == ("| `m` | latency 0.5 | 0,1 | 0.8100 ± 0.0141 | 0.8750 ± 0.0071 | 0.8800 ± 0.0283"
+                        f" | {other} | +0.0050 ± 0.0354 |")
