@@ -668,16 +668,19 @@ class ShrinkSchedule:
         before Lightning loads the optimizer states, a saved state tensor that still has a parameter's shape
         from before the removal is cut like the parameter (:func:`cut_saved_optimizer_states`, with a
         warning): a checkpoint written after a removal that left the optimizers behind resumes."""
+        from lightning_prune.core.compression import RESUME_REGISTRY
+
         strategy = trainer.strategy
-        registry = getattr(strategy, "_lightning_prune_resume", None)
+        registry = getattr(strategy, RESUME_REGISTRY, None)
         if registry is None:
-            registry = strategy._lightning_prune_resume = {}
+            registry = {}
+            setattr(strategy, RESUME_REGISTRY, registry)
             strategy._lightning_prune_resume_cuts = []
             original = strategy.load_model_state_dict
 
             def apply_all(callbacks: Mapping[str, Any]) -> None:
                 strategy._lightning_prune_resume_cuts = []
-                for key, fn in list(strategy._lightning_prune_resume.items()):
+                for key, fn in list(registry.items()):
                     state = callbacks.get(key)
                     shrink = state.get("shrink") if isinstance(state, Mapping) else None
                     if isinstance(shrink, Mapping) and (shrink.get("removed") or shrink.get("frozen")):

@@ -477,6 +477,18 @@ def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path:
     return module
 
 
+#: the attribute of a Lightning strategy where channel callbacks register the resume that gives the model a
+#: checkpoint's recorded structure before its weights load (``callbacks.shrink.ShrinkState.install_resume``):
+#: a dict from the callback's state key to its resume
+RESUME_REGISTRY = "_lightning_prune_resume"
+
+
+def resuming_state_keys(strategy: Any) -> set[str]:
+    """The checkpoint state keys of the callbacks that take a checkpoint's recorded structure on
+    ``strategy`` (empty when none installed its resume)."""
+    return set(getattr(strategy, RESUME_REGISTRY, None) or {})
+
+
 def has_state_structure(module: nn.Module, state_dict: Mapping[str, Any]) -> bool:
     """Whether ``module``'s state dict has the names of ``state_dict`` and its tensors' shapes (false for a
     fresh, dense module against a checkpoint of the compressed or frozen model)."""

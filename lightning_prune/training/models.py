@@ -205,14 +205,17 @@ class ImageClassifier(pl.LightningModule):
         return self(x).argmax(dim=-1)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from lightning_prune.core.compression import has_state_structure, take_recorded_removal
+        from lightning_prune.core.compression import (
+            has_state_structure,
+            resuming_state_keys,
+            take_recorded_removal,
+        )
 
         if self._trainer is not None:  # warn once when the pruning state of the checkpoint has no callback
             from lightning_prune._registry import warn_ignored_states
 
             warn_ignored_states(self._trainer, checkpoint)
-            taking = getattr(self._trainer.strategy, "_lightning_prune_resume", None) or {}
-            if set(taking) & set(checkpoint.get("callbacks") or {}) \
+            if resuming_state_keys(self._trainer.strategy) & set(checkpoint.get("callbacks") or {}) \
                     or has_state_structure(self, checkpoint.get("state_dict") or {}):
                 return  # the Trainer's channel callbacks take the checkpoint's shapes, or the model has them
         # load_from_checkpoint, or a Trainer without the callback (trainer.test(fresh_module, ckpt_path=...)):
