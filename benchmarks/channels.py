@@ -555,8 +555,8 @@ def latency_one_shot_row(name: str, seed: int, target: float, data: pl.Lightning
 
 
 #: ``--one-shot-importance`` names: ``activations`` is OneShotPruning's own ranking (``importance=None``, the
-#: "ours one-shot" row); ``taylor_elementwise`` is ``Taylor(elementwise=True)`` (torch-pruning's form,
-#: ``sum |w * dL/dw|``); any other name is passed as ``importance=``; a name ending in ``-nocomp`` is the
+#: "ours one-shot" row); any other name is passed as ``importance=`` (``taylor_elementwise``: torch-pruning's
+#: form, ``sum |w * dL/dw|``); a name ending in ``-nocomp`` is the
 #: same without the least-squares refit (``compensate=False``: the ablation)
 ONE_SHOT_DEFAULT = ["activations"]
 NO_COMPENSATION = "-nocomp"
@@ -587,13 +587,7 @@ def one_shot_key(criterion: str) -> str:
 
 def importance_of(criterion: str) -> Any:
     criterion = _split(criterion)[0]
-    if criterion == "activations":
-        return None
-    if criterion == "taylor_elementwise":
-        from lightning_prune.core.importance import Taylor
-
-        return Taylor(elementwise=True)
-    return criterion
+    return None if criterion == "activations" else criterion
 
 
 def round_to_sweep(reps: int, log: Any) -> list[dict[str, Any]]:

@@ -70,7 +70,7 @@ def test_taylor_scores_are_the_first_order_terms_summed_over_the_calibration_bat
     assert all(p.grad is None for p in net.parameters()) and net.training
     # prune_one_shot removes the lowest
     result = prune_one_shot(net, batches, method="channels", target_sparsity=0.5, calibration_batches=3,
-                            importance=criterion if elementwise else "taylor", loss_fn=_loss)
+                            importance="taylor_elementwise" if elementwise else "taylor", loss_fn=_loss)
     assert result.removed == {"0": sorted(raw.argsort()[:3].tolist())}
 
 
