@@ -166,6 +166,25 @@ def test_a_compressed_checkpoint_loads_in_trainer_test_validate_and_a_fit_onto_a
     assert _params(fresh) == _params(model)
 
 
+@pytest.mark.slow
+def test_a_compressed_checkpoint_loads_in_trainer_test_under_ddp_spawn(tmp_path):
+    """The same as above on two spawned processes: each worker's fresh module takes the checkpoint's
+    smaller shapes (the callback's resume, or the module's own without it) and the ranks test the trained
+    model."""
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model = tiny_classifier()
+    fit_tiny([GroupLassoPruning(compress=True, **STRONG), saver], tmp_path, model=model, **FAST)
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    data = tiny_datamodule()
+    options = {"logger": False, "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+               "accelerator": "cpu"}
+    expected = pl.Trainer(**options).test(model, datamodule=data, verbose=False)[0]["test/loss"]
+    for callbacks in ([], [GroupLassoPruning(compress=True, **STRONG)]):
+        got = pl.Trainer(callbacks=callbacks, strategy="ddp_spawn", devices=2, **options).test(
+            tiny_classifier(), datamodule=data, ckpt_path=ckpt, verbose=False)
+        assert got[0]["test/loss"] == pytest.approx(expected, rel=1e-4)  # (both halves of the test set)
+
+
 def test_the_optimizer_holds_the_new_parameters(tmp_path):
     def check(trainer, module, hook):
         if cb.shrink.removed is not None:
