@@ -35,7 +35,9 @@ these files but for the absolute ms, which the ratios divide out)::
         benchmarks/results/channels-shapes-vit-025-tp-s{0,2}.json \
         benchmarks/results/channels-shapes-effb0-025-s{0,1,2}.json \
         benchmarks/results/channels-shapes-convnext-025-ew-s{0,1,2}.json \
-        benchmarks/results/channels-shapes-vit-025-ew-s{0,1,2}.json
+        benchmarks/results/channels-shapes-vit-025-ew-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-r18-latency-ew-s{3,4,5,6,7}.json \
+        benchmarks/results/channels-shapes-r18-flops-s{3,4,5,6,7}.json
     python benchmarks/readme_tables.py   # the README's blocks from the new file
 
 (not ``channels-shapes-effb0-s0.json``: timm's init, before the mobile recipe; not
@@ -45,14 +47,16 @@ these files but for the absolute ms, which the ratios divide out)::
 (near chance: no comparison); not ``channels-shapes-r18-latency-s3.json``: timed on a machine loaded 4x (the
 callback measured 0.497, torch-pruning's match 0.621 and the final timing 0.528 for the same model); not
 ``channels-shapes-r18b-*``: GroupLasso's old ``lam``; not ``channels-shapes-r18-taylor8-*``: an ablation of 8
-calibration batches on seeds 0-1, in ``channels-shapes-r18-taylor.md``; not the already merged
-``channels-shapes-r18c.json`` and ``-r18-taylor.json``; ``channels-shapes-vit-025-tp-s{0,2}.json`` come after
-``-vit-025-s{0,2}.json``: their torch-pruning rows replace those runs' failures, from before its bisection
-took a ratio that breaks its ViT as too much. mobilenetv3's dense rows differ between its 0.5 runs, made on
-an earlier machine (mean 0.9027), and its 0.25 runs (0.9142): the table shows the later ones; the paired
-differences to torch-pruning are within one run either way. efficientnet_b0 likewise (dense 0.8217 in its 0.5
-runs, 0.7990 in its 0.25 runs); those ran three processes to the two cores: their batch-64 latencies are
-noisier than the others'.)
+calibration batches on seeds 0-1, in ``channels-shapes-r18-taylor.md``; not ``channels-shapes-r18-ew-s*``:
+resnet18's seeds 0-2 on a later machine, whose dense models differ from the merged seeds 0-2 (its seeds 3-7,
+``-r18-latency-q-s{3,4}``, ``-r18-latency-ew-*`` and ``-r18-flops-*``, all come from that later machine); not
+the already merged ``channels-shapes-r18c.json`` and ``-r18-taylor.json``;
+``channels-shapes-vit-025-tp-s{0,2}.json`` come after ``-vit-025-s{0,2}.json``: their torch-pruning rows
+replace those runs' failures, from before its bisection took a ratio that breaks its ViT as too much.
+mobilenetv3's dense rows differ between its 0.5 runs, made on an earlier machine (mean 0.9027), and its 0.25
+runs (0.9142): the table shows the later ones; the paired differences to torch-pruning are within one run
+either way. efficientnet_b0 likewise (dense 0.8217 in its 0.5 runs, 0.7990 in its 0.25 runs); those ran three
+processes to the two cores: their batch-64 latencies are noisier than the others'.)
 
 Usage, for a result file written without ``--plot``::
 
