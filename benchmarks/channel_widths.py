@@ -14,7 +14,7 @@ FLOPs
 and writes, per Conv/Linear layer, the output width each kept, with the FLOPs and parameters of each model as
 fractions of the dense one::
 
-    python benchmarks/channel_widths.py --model resnet18 --target 0.5   # results/channel-widths-resnet18-e1.md
+    python benchmarks/channel_widths.py --model resnet18 --target 0.5  # results/channel-widths-resnet18-e1.md
 """
 
 from __future__ import annotations

@@ -556,8 +556,8 @@ def latency_one_shot_row(name: str, seed: int, target: float, data: pl.Lightning
 
 #: ``--one-shot-importance`` names: ``activations`` is OneShotPruning's own ranking (``importance=None``, the
 #: "ours one-shot" row); any other name is passed as ``importance=`` (``taylor_elementwise``: torch-pruning's
-#: form, ``sum |w * dL/dw|``); a name ending in ``-nocomp`` is the
-#: same without the least-squares refit (``compensate=False``: the ablation)
+#: form, ``sum |w * dL/dw|``); a name ending in ``-nocomp`` is the same without the least-squares refit
+#: (``compensate=False``: the ablation)
 ONE_SHOT_DEFAULT = ["activations"]
 NO_COMPENSATION = "-nocomp"
 
