@@ -101,16 +101,18 @@ def test_bn_scale_is_abs_gamma_and_a_group_without_a_norm_falls_back_once():
     assert len(said) == 1  # said once
 
 
-def test_taylor_sums_the_per_step_absolute_first_order_terms():
+@pytest.mark.parametrize("name", ["taylor", "taylor_elementwise"])
+def test_taylor_sums_the_per_step_absolute_first_order_terms(name):
     net = Net()
-    criterion = get_importance("taylor")
+    criterion = get_importance(name)
+    entry = torch.abs if name == "taylor_elementwise" else torch.clone  # (|w * dL/dw| summed, elementwise)
     steps = []
     for seed in (1, 2):
         g = torch.Generator().manual_seed(seed)
         for p in net.parameters():
             p.grad = torch.randn(p.shape, generator=g)
         # by hand: per unit, sum of w * dL/dw over every entry it owns (weights and biases)
-        wg = lambda p: (p.detach() * p.grad).double()  # noqa: E731
+        wg = lambda p: entry((p.detach() * p.grad).double())  # noqa: E731
         conv = (wg(net.conv1.weight).flatten(1).sum(1) + wg(net.conv1.bias) + wg(net.bn1.weight)
                 + wg(net.bn1.bias) + wg(net.conv2.weight).sum((0, 2, 3)))
         heads = _per_unit(wg(net.fc1.weight).sum(1) + wg(net.fc1.bias), [0, 0, 1, 1], 2) \
@@ -126,7 +128,7 @@ def test_taylor_sums_the_per_step_absolute_first_order_terms():
     criterion.accumulate([CONV, HEADS], _context(net))
     state = criterion.state_dict()
     assert state["steps"] == 2
-    fresh = get_importance("taylor")
+    fresh = get_importance(name)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.scores([CONV], _context(net))["conv1"], scores["conv1"])
     criterion.reset()
