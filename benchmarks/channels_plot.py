@@ -37,7 +37,8 @@ these files but for the absolute ms, which the ratios divide out)::
         benchmarks/results/channels-shapes-convnext-025-ew-s{0,1,2}.json \
         benchmarks/results/channels-shapes-vit-025-ew-s{0,1,2}.json \
         benchmarks/results/channels-shapes-r18-latency-ew-s{3,4,5,6,7}.json \
-        benchmarks/results/channels-shapes-r18-flops-s{3,4,5,6,7}.json
+        benchmarks/results/channels-shapes-r18-flops-s{3,4,5,6,7}.json \
+        benchmarks/results/channels-shapes-effb0-flops-s{3,4,5}.json
     python benchmarks/readme_tables.py   # the README's blocks from the new file
 
 (not ``channels-shapes-effb0-s0.json``: timm's init, before the mobile recipe; not
@@ -56,7 +57,8 @@ replace those runs' failures, from before its bisection took a ratio that breaks
 mobilenetv3's dense rows differ between its 0.5 runs, made on an earlier machine (mean 0.9027), and its 0.25
 runs (0.9142): the table shows the later ones; the paired differences to torch-pruning are within one run
 either way. efficientnet_b0 likewise (dense 0.8217 in its 0.5 runs, 0.7990 in its 0.25 runs); those ran three
-processes to the two cores: their batch-64 latencies are noisier than the others'.)
+processes to the two cores: their batch-64 latencies are noisier than the others'; so do
+``-r18-flops-s{3,4,5,6,7}`` and ``-effb0-flops-s{3,4,5}`` (up to four processes), on the later machine.)
 
 Usage, for a result file written without ``--plot``::
 
