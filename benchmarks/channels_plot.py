@@ -115,10 +115,16 @@ def plot(entries: list[dict[str, Any]], path: Path | str) -> Path:
     if not models:
         raise ValueError("no entry with a measured latency_b64 to plot")
     methods = sorted({e["method"] for e in timed} - {DENSE, PEER})
-    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i not in (3, 7)]  # not red, grey
+    peers = [m for m in methods if m.startswith(PEER)]  # torch-pruning at equal latency: reds, dashed
+    ours = [m for m in methods if m not in peers]
+    tab20 = plt.get_cmap("tab20").colors  # (the strong shades first, then the light ones; no red, no grey)
+    palette = [tab20[i] for i in (0, 2, 4, 8, 10, 12, 16, 18, 1, 3, 5, 9, 11, 13, 17, 19)]
+    reds = ["darkred", "salmon", "firebrick"]
     style = {PEER: {"color": "tab:red", "marker": "s", "linestyle": "--"}}
+    style.update({m: {"color": reds[i % len(reds)], "marker": "s", "linestyle": "--"}
+                  for i, m in enumerate(peers)})
     style.update({m: {"color": palette[i % len(palette)], "marker": MARKERS[i % len(MARKERS)],
-                      "linestyle": "-"} for i, m in enumerate(methods)})
+                      "linestyle": "-"} for i, m in enumerate(ours)})
     cols = min(len(models), 3)
     rows = math.ceil(len(models) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.9 * rows), squeeze=False)
