@@ -478,8 +478,8 @@ def _load_lightning_checkpoint(payload: dict[str, Any], module: nn.Module, path:
 
 
 #: the attribute of a Lightning strategy where channel callbacks register the resume that gives the model a
-#: checkpoint's recorded structure before its weights load (``callbacks.shrink.ShrinkState.install_resume``):
-#: a dict from the callback's state key to its resume
+#: checkpoint's recorded structure before its weights load
+#: (``callbacks.shrink.ShrinkSchedule.install_resume``): a dict from the callback's state key to its resume
 RESUME_REGISTRY = "_lightning_prune_resume"
 
 
