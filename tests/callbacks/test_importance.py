@@ -327,9 +327,10 @@ def test_the_callback_recalibrates_after_its_decision(tmp_path):
 
 
 # ------------------------------------------------------------------ Taylor: resume and DDP
-def test_taylor_statistics_resume_exactly_mid_epoch(tmp_path):
+@pytest.mark.parametrize("name", ["taylor", "taylor_elementwise"])
+def test_taylor_statistics_resume_exactly_mid_epoch(tmp_path, name):
     state = check_mid_epoch_resume(
-        lambda: FirstKChannels(target_sparsity=0.5, prune_step=100, importance="taylor", verbose=False,
+        lambda: FirstKChannels(target_sparsity=0.5, prune_step=100, importance=name, verbose=False,
                                recalibrate_bn_batches=1),
         tmp_path, max_epochs=2, resume_step=5)
     assert state["importance"]["steps"] == 8
