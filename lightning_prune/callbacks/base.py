@@ -9,6 +9,7 @@ A subclass decides *when* and *which* weights to prune and calls :meth:`update_m
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,9 @@ class PruningCallback(CallbackState):
     supports_sharding: bool = False
     #: what the callback needs that shards do not give, said when it refuses ModelParallelStrategy
     sharding_refusal: str | None = None
+    #: attributes that stay the same objects when the callback starts over on another module
+    #: (:meth:`bind_module`): arguments that are not per-model state (a user's latency table)
+    shared_on_rebind: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -120,8 +124,42 @@ class PruningCallback(CallbackState):
         self.weight_names = [t.name for t in targets]
         return targets
 
+    # ------------------------------------------------------------------ the module it acts on
+    def bind_module(self, pl_module: pl.LightningModule) -> None:
+        """Act on ``pl_module`` from now on (the first thing every ``setup`` does). A callback that acted on
+        another LightningModule before -- ``trainer.test(other_module, ckpt_path=...)`` in the Trainer that
+        fitted the first, a second ``fit`` of a new module -- releases that module (:meth:`release_module`)
+        and starts again from its state as constructed: its targets, masks, gates, channel groups, removed
+        units and statistics belonged to the first module, and a checkpoint's state loads onto the new one as
+        onto a new callback's (a compressed checkpoint's smaller shapes included). The state as constructed is
+        a copy taken at the first ``setup`` (:attr:`shared_on_rebind` kept by reference)."""
+        bound = self.__dict__.get("_bound_module")
+        if bound is pl_module:
+            return
+        if bound is None:
+            state = {k: v for k, v in self.__dict__.items() if k != "_as_constructed"}
+            self._as_constructed = self._copy_constructed(state)
+        else:
+            self.release_module(bound)
+            constructed = self._as_constructed
+            self.__dict__.clear()
+            self.__dict__.update(self._copy_constructed(constructed))
+            self._as_constructed = constructed
+        self._bound_module = pl_module
+
+    def _copy_constructed(self, state: dict[str, Any]) -> dict[str, Any]:
+        memo = {id(state[k]): state[k] for k in self.shared_on_rebind if k in state}
+        return copy.deepcopy(state, memo)
+
+    def release_module(self, pl_module: pl.LightningModule) -> None:
+        """The callback leaves ``pl_module`` for another module (:meth:`bind_module`): take back what it
+        attached (its optimizer step hooks; subclasses: hooks and gates on the module). The weights, masked
+        or compressed, stay as they are."""
+        self._remove_hooks()
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.bind_module(pl_module)
         check_sharding(trainer, type(self).__name__, self.supports_sharding, self.sharding_refusal)
         resume_loader_position(trainer)
         if trainer is not None and stage == "fit":

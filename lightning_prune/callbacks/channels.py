@@ -192,6 +192,7 @@ class ChannelPruningCallback(PruningCallback):
     measures_size: bool = False
     #: what :meth:`on_fit_start` calls the moment the units are decided, in its error
     decision_phrase: str = "the masks are final (step {step})"
+    shared_on_rebind = ("latency_model",)
     #: the HINT of the error when the model has no removable channel group
     no_group_hint: str = "`include=[...]` selects other layers; `prune_coupled=True` prunes residual streams."
     #: (PruningCallback.removal_refusal: another channel callback beside compress=True)
@@ -617,6 +618,11 @@ class ChannelPruningCallback(PruningCallback):
                 and self._model is not None:
             self._norm_handles = restricted_norm_hooks(self._model, self.groups, self.removed_units())
 
+    @override
+    def release_module(self, pl_module: pl.LightningModule) -> None:
+        self.release_norms()
+        super().release_module(pl_module)
+
     def release_norms(self) -> None:
         for handle in self._norm_handles:
             handle.remove()
@@ -816,6 +822,7 @@ class ChannelPruningCallback(PruningCallback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.bind_module(pl_module)
         self._model = pl_module
         if stage == "fit" or self.groups is None:
             self.traced_size = traced_input_size(self.input_size, trainer, pl_module, type(self).__name__,

@@ -351,7 +351,14 @@ class GatePruningCallback(ChannelPruningCallback):
 
     # ------------------------------------------------------------------ setup
     @override
+    def release_module(self, pl_module: pl.LightningModule) -> None:
+        if self.gateset is not None:  # (its hooks on the module it leaves)
+            self.gateset.detach()
+        super().release_module(pl_module)
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.bind_module(pl_module)
         rebuilt = not (self.masks is not None and self.targets and self._targets_belong_to(pl_module))
         if rebuilt and self.gateset is not None:  # a new model: the old gates belong to the old one
             self.gateset.detach()

@@ -143,6 +143,7 @@ class OneShotPruning(PruningCallback):
         trainer = Trainer(callbacks=[OneShotPruning("channels", target_flops=0.5)])
     """
 
+    shared_on_rebind = ("latency_model",)
     #: ``"channels"`` under ModelParallelStrategy (FSDP2): refused at setup, with what to use instead
     sharding_refusal = ("method='channels' removes units physically at the pruning step with a"
                         " least-squares refit of their readers, and neither the unit scores and refit"

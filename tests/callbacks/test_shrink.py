@@ -166,6 +166,29 @@ def test_a_compressed_checkpoint_loads_in_trainer_test_validate_and_a_fit_onto_a
     assert _params(fresh) == _params(model)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: GroupLassoPruning(compress=True, **STRONG),
+    lambda: lp.OneShotPruning("channels", target_flops=0.5, prune_step=2, calibration_batches=1,
+                              verbose=False),
+], ids=["group_lasso", "one_shot"])
+def test_the_trainer_that_compressed_a_module_tests_a_fresh_one_from_the_checkpoint(make, tmp_path):
+    """The Trainer (and callback) of the fit that removed the units takes a *different* fresh module in
+    ``trainer.test(fresh, ckpt_path=...)``: the callback leaves the module it compressed and starts again as
+    constructed, so the fresh module takes the checkpoint's smaller shapes and tests as the trained model;
+    back on the first module, the callback tests it as it is."""
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model, data = tiny_classifier(), tiny_datamodule()
+    trainer = pl.Trainer(callbacks=[make(), saver], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path), **FAST)
+    trainer.fit(model, datamodule=data)
+    expected = trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]
+    fresh = tiny_classifier()
+    got = trainer.test(fresh, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt", verbose=False)
+    assert _params(fresh) == _params(model) < _params(tiny_classifier())
+    assert got[0]["test/acc"] == pytest.approx(expected)
+    assert trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"] == pytest.approx(expected)
+
+
 @pytest.mark.slow
 def test_a_compressed_checkpoint_loads_in_trainer_test_under_ddp_spawn(tmp_path):
     """The same as above on two spawned processes: each worker's fresh module takes the checkpoint's
