@@ -91,6 +91,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch_pruning as tp  # noqa: E402
+from channels_plot import PEER_AT_LATENCY, is_peer_at_latency  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import lightning_prune as lp  # noqa: E402
@@ -491,7 +492,7 @@ def ours_row(name: str, seed: int, target: float, data: pl.LightningDataModule, 
 #: the rows at a latency target (``--latency-targets``): their methods, and the one-shot criterion (Taylor
 #: without the least-squares refit: our best one-shot setting on this benchmark at a FLOPs target)
 LATENCY_OURS = "ours (target_latency)"
-LATENCY_TP = "torch-pruning (equal latency)"
+LATENCY_TP = PEER_AT_LATENCY
 LATENCY_ONE_SHOT = "taylor-nocomp"
 #: their ``--methods`` names
 LATENCY_METHODS = ["latency-one-shot", "latency-ours", "latency-torch-pruning"]
@@ -512,11 +513,6 @@ def latency_tp_method(matched: str) -> str:
     if matched in default or not matched.startswith("ours one-shot ("):
         return LATENCY_TP
     return f"{LATENCY_TP[:-1]} to {matched[len('ours one-shot ('):-len(', target_latency)')]})"
-
-
-def is_latency_tp(method: str) -> bool:
-    """A torch-pruning row at equal latency (:func:`latency_tp_method`)."""
-    return method == LATENCY_TP or method.startswith(LATENCY_TP[:-1] + " to ")
 
 
 def latency_one_shot_row(name: str, seed: int, target: float, data: pl.LightningDataModule,
@@ -649,7 +645,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if by_callback:  # (what the callback measured when it chose: its own timing)
                 entry["latency_callback"] = statistics.fmean(by_callback)
             refs = [("dense", "minus_dense", by(model, "dense", 1.0))]
-            if is_latency_tp(method):
+            if is_peer_at_latency(method):
                 entry["matched"] = sorted({r["matched"] for r in these.values() if "matched" in r})
             else:
                 peer = latency_tp_method(method)
@@ -741,7 +737,7 @@ def markdown(rows: list[dict[str, Any]], rounding: list[dict[str, Any]], config:
                          f" | {pm(e.get('minus_dense'), e.get('minus_dense_sd'))}"
                          f" | {pm(e.get('minus_tp'), e.get('minus_tp_sd'))} | {tp_latency}"
                          f" | {pm(e.get('minus_tp_latency_b64'), e.get('minus_tp_latency_b64_sd'))} |")
-        matched = [r for r in rows if is_latency_tp(r["method"]) and "pruning_ratio" in r]
+        matched = [r for r in rows if is_peer_at_latency(r["method"]) and "pruning_ratio" in r]
         if matched:
             lines += ["", "torch-pruning's match (at the probe kept: its latency and ours, one timing):", "",
                       "| model | seed | target latency | matched to | pruning_ratio | its latency | ours"

@@ -74,7 +74,22 @@ import math
 from pathlib import Path
 from typing import Any
 
-DENSE, PEER = "dense", "torch-pruning"
+# the method names the rows are told apart by: channels.py writes them, this plot and readme_tables.py read
+# them (neither imports channels.py, which imports torch and timm)
+DENSE = "dense"
+#: torch-pruning at the same FLOPs as ours
+PEER = "torch-pruning"
+#: torch-pruning pruned to the latency one of our latency-target rows measured; matched to a row of another
+#: criterion than the default it is named after it, ``torch-pruning (equal latency to taylor_elementwise,
+#: compensate=False)`` (``channels.latency_tp_method``)
+PEER_AT_LATENCY = "torch-pruning (equal latency)"
+
+
+def is_peer_at_latency(method: str) -> bool:
+    """A torch-pruning row at equal latency, under either name."""
+    return method == PEER_AT_LATENCY or method.startswith(PEER_AT_LATENCY[:-1] + " to ")
+
+
 MARKERS = "o^vP<>X*hdp"  # (no square: torch-pruning's)
 
 
@@ -116,7 +131,7 @@ def plot(entries: list[dict[str, Any]], path: Path | str) -> Path:
     if not models:
         raise ValueError("no entry with a measured latency_b64 to plot")
     methods = sorted({e["method"] for e in timed} - {DENSE, PEER})
-    peers = [m for m in methods if m.startswith(PEER)]  # torch-pruning at equal latency: reds, dashed
+    peers = [m for m in methods if is_peer_at_latency(m)]  # torch-pruning at equal latency: reds, dashed
     ours = [m for m in methods if m not in peers]
     tab20 = plt.get_cmap("tab20").colors  # (the strong shades first, then the light ones; no red, no grey)
     palette = [tab20[i] for i in (0, 2, 4, 8, 10, 12, 16, 18, 1, 3, 5, 9, 11, 13, 17, 19)]

@@ -39,6 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # (benchmarks/ is not a package)
+from channels_plot import DENSE, PEER, PEER_AT_LATENCY, is_peer_at_latency  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -322,9 +325,6 @@ def render_first_hour(data: dict[str, Any]) -> str:
     return _table(rows, "llrrll")
 
 
-CHANNELS_DENSE, CHANNELS_PEER = "dense", "torch-pruning"
-#: torch-pruning pruned to the latency a latency-target row of ours measured (``channels.LATENCY_TP``)
-CHANNELS_PEER_AT_LATENCY = "torch-pruning (equal latency)"
 DENSE_TARGET = ("flops", 1.0)
 
 
@@ -354,7 +354,7 @@ def _channels_entries(data: dict[str, Any]) -> tuple[list[str], dict[str, list[i
     entries = {(e["model"], e["method"], (e.get("target_kind", "flops"), e["target"])): e
                for e in data["summary"]}
     models = list(dict.fromkeys(e["model"] for e in data["summary"]))
-    seeds = {m: (entries.get((m, CHANNELS_DENSE, DENSE_TARGET)) or {}).get("seeds", []) for m in models}
+    seeds = {m: (entries.get((m, DENSE, DENSE_TARGET)) or {}).get("seeds", []) for m in models}
     return models, seeds, entries
 
 
@@ -373,14 +373,8 @@ def _by_target(target: tuple[str, Any]) -> tuple:
     return (kind != "flops", kind) + ((0, -fraction) if numeric else (1, str(fraction)))
 
 
-def _peer_at_latency(method: str) -> bool:
-    """torch-pruning at the latency of one of our models (``channels.latency_tp_method``: the plain name, or
-    ``torch-pruning (equal latency to ...)``)."""
-    return method == CHANNELS_PEER_AT_LATENCY or method.startswith(CHANNELS_PEER_AT_LATENCY[:-1] + " to ")
-
-
 def _ours(method: str) -> bool:
-    return method not in (CHANNELS_DENSE, CHANNELS_PEER) and not _peer_at_latency(method)
+    return method not in (DENSE, PEER) and not is_peer_at_latency(method)
 
 
 def _channels_peer(entries: dict[tuple, Any], model: str, target: tuple[str, Any],
@@ -388,14 +382,14 @@ def _channels_peer(entries: dict[tuple, Any], model: str, target: tuple[str, Any
     """torch-pruning's entry for a target: at the same FLOPs, or at the latency that ``best`` (our row)
     measured -- the one matched to it (``matched`` in ``channels.summary``), else the plain one."""
     if target[0] != "latency":
-        return entries.get((model, CHANNELS_PEER, target))
+        return entries.get((model, PEER, target))
     peers = [e for (m, method, t), e in entries.items()
-             if m == model and t == target and _peer_at_latency(method)]
+             if m == model and t == target and is_peer_at_latency(method)]
     if best is not None:
         matched = [e for e in peers if e.get("matched") == [best["method"]]]
         if matched:
             return matched[0]
-    return entries.get((model, CHANNELS_PEER_AT_LATENCY, target))
+    return entries.get((model, PEER_AT_LATENCY, target))
 
 
 def _best_rank(entry: dict[str, Any]) -> tuple[int, float]:
@@ -415,7 +409,7 @@ def render_channels_headline(data: dict[str, Any]) -> str:
     rows = [["model", "target", "seeds", "dense", "torch-pruning", "best of ours", "its method",
              "best of ours - torch-pruning (paired)"]]
     for model in models:
-        dense = entries.get((model, CHANNELS_DENSE, DENSE_TARGET))
+        dense = entries.get((model, DENSE, DENSE_TARGET))
         targets = sorted({t for (m, _, t) in entries if m == model and t != DENSE_TARGET}, key=_by_target)
         for target in targets:
             mine = [e for (m, _, t), e in entries.items() if m == model and t == target]
@@ -442,7 +436,7 @@ def render_channels_methods(data: dict[str, Any]) -> str:
     batch-64 latency as a fraction of dense, from ``channels.py``'s summary."""
     models, seeds, entries = _channels_entries(data)
     methods = sorted({(method, target) for (_, method, target) in entries},
-                     key=lambda k: (_by_target(k[1]), k[0] != CHANNELS_DENSE, _ours(k[0]), k[0]))
+                     key=lambda k: (_by_target(k[1]), k[0] != DENSE, _ours(k[0]), k[0]))
     header = ["method", "target"] + [
         f"`{m}` (seed{'s' if len(seeds[m]) > 1 else ''} {_seed_list(seeds[m])})" for m in models]
     rows = [header]
