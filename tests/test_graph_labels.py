@@ -847,3 +847,89 @@ def test_a_failing_coupling_step_is_named_in_the_skip_reasons(monkeypatch, step)
     reasons = [why for why in analysis.skipped.values() if "boom in the coupling" in why]
     assert reasons, analysis.skipped
     assert all("RuntimeError" in why for why in reasons)
+
+
+class _Blurred(nn.Module):
+    """timm's ``BlurPool2d`` (``F.conv2d(x, self.filt, groups=self.channels)``: a depthwise conv of a fixed
+    buffer) between two convs, and an antialiased bicubic interpolation of a positional parameter
+    (``F.interpolate(self.pos, antialias=True)``, NaFlexViT's learned position embedding) added to them."""
+
+    def __init__(self) -> None:
+        from timm.layers import BlurPool2d
+
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.blur = BlurPool2d(channels=8, stride=2)
+        self.pos = nn.Parameter(torch.randn(1, 8, 3, 3))
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.blur(self.conv(x))
+        pos = F.interpolate(self.pos, size=x.shape[-2:], mode="bicubic", antialias=True)
+        return self.out(x + pos)
+
+
+def test_a_depthwise_conv_of_a_module_buffer_and_an_interpolated_parameter_follow_the_channels():
+    """The blur's filter (a buffer) and the positional parameter are sliced with the conv's channels, and
+    the blur's ``channels`` (its conv's ``groups``) shrinks with them (it used to stop the group: ``a
+    convolution whose weight is not a Conv module's``, ``a tensor computed from parameters``)."""
+    model = _Blurred().eval()
+    analysis = _analyse(model, torch.randn(2, 3, 8, 8))
+    group = _group(analysis, "conv")
+    assert ("blur.filt", 0) in {(s.module, s.dim) for s in group.slices if s.role == "param"}
+    assert ("pos", 1) in {(s.module, s.dim) for s in group.slices if s.role == "param"}
+    assert ("blur", "channels", 1) in group.attrs
+    slice_units(model, [group], {"conv": [1, 4, 6]})
+    assert model.blur.channels == 5 == model.blur.filt.shape[0] == model.pos.shape[1]
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4, 4, 4)
+
+
+def test_timm_rmsnorm_on_the_residual_stream_is_a_norm_site(tmp_path):
+    """A ViT normalised by timm's ``RmsNorm`` (``aten.rms_norm``: AIMv2, EVA and the LLM-style ViTs): the
+    residual stream is a group whose norms compute their statistics over the kept channels (its whole
+    stream stayed before, named as the model's output), proven exact, and a one-shot removal inside a
+    Lightning fit shrinks every norm."""
+    from timm.layers import RmsNorm
+
+    from lightning_prune.callbacks.one_shot import OneShotPruning
+    from lightning_prune.testing import fit_tiny, tiny_classifier
+
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2,
+              "norm_layer": RmsNorm}
+    module = tiny_classifier("vit_tiny_patch16_224", optimizer="adamw", lr=1e-3, model_kwargs=kwargs)
+    analysis = _analyse(copy.deepcopy(module.model), torch.randn(2, 3, 32, 32))
+    stream = next(g for g in analysis.groups if g.coupled)
+    norms = {s.module for s in stream.sites if s.kind == "norm"}
+    assert norms >= {"blocks.0.norm1", "blocks.1.norm2", "norm"}
+    assert analysis.coverage == 1.0
+    cb = OneShotPruning("channels", target_flops=0.5, prune_step=1, calibration_batches=1, verbose=False)
+    trainer, _ = fit_tiny([cb], tmp_path, model=module, max_epochs=1, limit_train_batches=3,
+                          limit_val_batches=0)
+    norms = [m for m in module.model.modules() if isinstance(m, RmsNorm)]
+    assert trainer.global_step == 3 and cb.flops_remaining <= 0.5
+    assert len({m.normalized_shape[0] for m in norms}) == 1 and norms[0].normalized_shape[0] < 32
+    assert norms[0].weight.shape == norms[0].normalized_shape
+    assert module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+class _ChannelStatisticGate(nn.Module):
+    """CSATv2's spatial attention, reduced: the channel mean of the stream, one value per position, goes
+    through ``Linear(1, 3)`` split by ``unbind(-1)`` (whose pieces drop the last dim) and gates the stream:
+    the mean makes every channel one unit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.qkv, self.out = nn.Linear(16, 16), nn.Linear(1, 3, bias=False), nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.a(x)
+        q, k, v = self.qkv(x.mean(-1, keepdim=True)).unbind(-1)
+        gate = (q.unsqueeze(-1) @ k.unsqueeze(-2)).softmax(-1) @ v.unsqueeze(-1)
+        return self.out(x * gate)
+
+
+def test_an_unbind_of_the_last_dim_is_followed_and_a_merged_stream_is_named_by_its_operator():
+    analysis = _analyse(_ChannelStatisticGate(), X)
+    reason = analysis.skipped["a"]
+    assert "aten.mean over these channels makes them one unit" in reason, reason
+    assert "IndexError" not in " ".join(analysis.skipped.values())

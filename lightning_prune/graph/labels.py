@@ -82,7 +82,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_prune.graph.along import ALONG_TYPES, along_units_reason
 from lightning_prune.graph.frozen import freeze_reason
 from lightning_prune.graph.inputs import evaluating, example_arguments
-from lightning_prune.graph.layers import VIEW_OPS, channel_dim, is_grn, op_name
+from lightning_prune.graph.layers import VIEW_OPS, channel_dim, is_grn, is_rms_norm, op_name
 from lightning_prune.graph.shapes import shape_provenance
 from lightning_prune.graph.slicing import slice_extent
 from lightning_prune.graph.types import (
@@ -101,6 +101,7 @@ FIXED = 0
 _OUTPUT = "no layer reads these channels (model output)"
 _MAX_BLOCK = 4_000_000
 _MAX_VARIANTS = 8  # attribute choices tried for a group that fails its proof
+_MAX_MERGE_NOTES = 10_000  # operators that merged channels into one unit, kept to say why a group stays
 _MAX_PAIRING_PROPAGATIONS = 3  # propagations that pair more grouped convs across their groups (ResNeSt)
 
 
@@ -222,7 +223,9 @@ _POOL = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "
          "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
          "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
          "_adaptive_avg_pool2d", "upsample_nearest1d", "upsample_nearest2d", "upsample_bilinear2d",
-         "upsample_bicubic2d", "_upsample_nearest_exact2d", "upsample_linear1d", "lp_pool2d"}
+         "upsample_bicubic2d", "_upsample_nearest_exact2d", "upsample_linear1d", "lp_pool2d",
+         "_upsample_bicubic2d_aa", "_upsample_bilinear2d_aa", "upsample_trilinear3d", "upsample_nearest3d",
+         "_upsample_nearest_exact1d", "_upsample_nearest_exact3d"}
 _NEW = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros",
         "new_ones", "new_empty", "new_full", "arange", "zeros", "ones", "full", "empty", "scalar_tensor",
         "linspace", "tensor", "randn", "rand", "bernoulli", "empty_strided", "eye", "new_tensor"}
@@ -296,6 +299,8 @@ class LabelGraph:
         self.producer_atoms: dict[str, np.ndarray] = {}
         self.producer_order: list[str] = []
         self._grouped: dict[str, np.ndarray] = {}  # grouped convs (whole groups as units): their atoms
+        # atoms an operator merged into one unit, and which (over all passes: a later pass sees them merged)
+        self._merge_notes: list[tuple[np.ndarray, str]] = []
         # (parameter, dim) -> {view node: (owners, its shape argument, the dim, offset)}
         self._param_views: dict[tuple[str, int], dict[str, tuple[list[str], tuple[Any, ...], int, int]]] = {}
         # optimistic passes (parameters along a unit dim do not fix it yet) until no atoms merge, then one
@@ -330,10 +335,19 @@ class LabelGraph:
             for r in np.unique(self.atoms.roots(np.asarray(arr).ravel())).tolist():
                 if r != FIXED:
                     by_root.setdefault(int(r), why)
+        # a unit the model's output holds that an operator merged from many channels: that operator is why
+        merged_by_root: dict[int, str] = {}
+        for ids, why in self._merge_notes:
+            for r in np.unique(self.atoms.roots(ids)).tolist():
+                merged_by_root.setdefault(int(r), why)
         self._stay_reason: dict[str, str] = {}
         for key in self.producer_order:
             ids = self.producer_atoms[key]
-            whys = [by_root[r] for r in np.unique(self.atoms.roots(ids)).tolist() if r in by_root]
+            roots = [r for r in np.unique(self.atoms.roots(ids)).tolist() if r in by_root]
+            whys = [by_root[r] for r in roots]
+            if whys and all(w == _OUTPUT for w in whys):
+                whys = [f"{merged_by_root[r]}, which reaches the model's output" for r in roots
+                        if r in merged_by_root] or whys
             if whys:
                 owner = self.atoms.owner[int(ids[0])]
                 if self._stay_reason.get(owner, _OUTPUT) == _OUTPUT:
@@ -540,15 +554,21 @@ class LabelGraph:
             out = rest
         return out
 
-    def _collapse(self, letters: tuple[Any, ...], arr: np.ndarray, along: set[Any]
+    def _collapse(self, letters: tuple[Any, ...], arr: np.ndarray, along: set[Any], why: str = ""
                   ) -> tuple[tuple[Any, ...], np.ndarray]:
-        """Merge the atoms along the ``along`` letters (a contraction mixes them); drop those letters."""
+        """Merge the atoms along the ``along`` letters (a contraction mixes them); drop those letters.
+        ``why``: the note that says so, should the merged atoms end up as a group of one unit (otherwise
+        reported as the model's output)."""
         axes = [i for i, x in enumerate(letters) if x in along]
         if not axes:
             return letters, arr
         keep = [i for i in range(len(letters)) if i not in axes]
         moved = np.moveaxis(arr, axes, list(range(len(letters) - len(axes), len(letters))))
         flat = moved.reshape(*[arr.shape[i] for i in keep], -1)
+        if why and flat.shape[-1] > 1 and len(self._merge_notes) < _MAX_MERGE_NOTES:
+            ids = np.unique(arr)
+            if ids.size > 1:
+                self._merge_notes.append((ids, why))
         for j in range(1, flat.shape[-1]):
             self.atoms.union_arrays(flat[..., 0], flat[..., j])
         return tuple(letters[i] for i in keep), np.ascontiguousarray(flat[..., 0])
@@ -568,7 +588,8 @@ class LabelGraph:
         result = []
         for letters, arr in merged:
             if set(letters) & contracted:
-                letters, arr = self._collapse(letters, arr, contracted)
+                letters, arr = self._collapse(letters, arr, contracted,
+                                              f"aten.{what} contracts these channels into one unit")
             result.append((letters, arr))
         labelled = {x for ls, _ in result for x in ls}
         # parameters along labelled letters: sliced with them (or, if not followed, the letter is fixed)
@@ -764,7 +785,8 @@ class LabelGraph:
         blocks = []
         for bdims, arr in lab.blocks:
             if set(bdims) & dims:
-                letters, arr2 = self._collapse(bdims, arr, dims)
+                letters, arr2 = self._collapse(bdims, arr, dims, f"aten.{what} over these channels makes"
+                                                                 " them one unit")
                 # keep the (now constant) dims out; broadcast back is implicit
                 blocks.append((letters, arr2))
             else:
@@ -947,6 +969,8 @@ class LabelGraph:
                 if owner is not None and isinstance(self.modules.get(owner), CONV_TYPES):
                     std = owner
             if std is None:
+                if groups == x_lab.shape[1] == out_shape[1] and isinstance(w_lab, _Lab):
+                    return self._depthwise_with_tensors(node, labs, x_lab, w, bias, groups, out_shape)
                 raise _Fix("a convolution whose weight is not a Conv module's")
             mname, module = std, self.modules[std]
             computed = True
@@ -998,6 +1022,27 @@ class LabelGraph:
             self.atoms.union_all(np.concatenate([chan[g * ipg:(g + 1) * ipg], atoms[g * opg:(g + 1) * opg]]))
         self.records.slices.append((mname, "group", 0, atoms))
         return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
+
+    def _depthwise_with_tensors(self, node: Any, labs: dict, x_lab: _Lab, w: Any, bias: Any, groups: int,
+                                out_shape: tuple[int, ...]) -> _Lab:
+        """A depthwise convolution of a module's own tensors (``F.conv2d(x, self.filt, groups=C)``: timm's
+        ``BlurPool2d``, a fixed or computed filter per channel): channel by channel, like an elementwise op;
+        the filter (and bias) sliced along their first dim where they vary along it, and ``groups`` -- an
+        attribute of the module (``self.channels``) -- shrinks with the units."""
+        n = len(x_lab.shape)
+        if any(set(dims) & set(range(2, n)) for dims, _ in x_lab.blocks):
+            raise _Fix("a convolution whose weight is not a Conv module's, along a labelled spatial dim")
+        chan = self.dim_atoms(x_lab, 1)
+        other = [(d, a) for d, a in x_lab.blocks if 1 not in d]
+        if chan is None:
+            return self.canon(_Lab(out_shape, other))
+        what = "a depthwise convolution of a module's tensors"
+        for tensor in (w, bias):
+            lab = labs.get(tensor) if tensor is not None else None
+            if isinstance(lab, _Lab) and 0 in lab.derived:
+                self._param_along(labs, tensor, 0, chan, what)
+        self.records.sizes.append((self._owners(node), [(groups, chan.reshape(-1, 1))], "aten.conv groups"))
+        return self.canon(_Lab(out_shape, other + [((1,), chan)]))
 
     def _conv_along(self, node: Any, x_lab: _Lab, out_shape: tuple[int, ...], mname: str, module: nn.Module,
                     computed: bool) -> list[tuple[tuple[int, ...], np.ndarray]]:
@@ -1151,8 +1196,8 @@ class LabelGraph:
                 return wrap(self._same(x_lab))
             weight = args[2] if len(args) > 2 else None
             block = next(b for b in x_lab.blocks if n - 1 in b[0]) if k == 1 and labelled == [n - 1] else None
-            if (block is not None and name != "rms_norm" and isinstance(owner, nn.LayerNorm)
-                    and own(weight, "weight")):
+            norm_module = is_rms_norm(owner) if name == "rms_norm" else isinstance(owner, nn.LayerNorm)
+            if block is not None and norm_module and own(weight, "weight"):
                 chan = self._project(block[0], block[1], n - 1)
                 self.records.sites.append((owner_name, "norm", channel_dim(owner), chan))
                 self.records.slices.append((owner_name, "channel", 0, chan))
@@ -1469,11 +1514,12 @@ class LabelGraph:
         elif name == "select":
             i = args[2] % lab.shape[dim]
             pieces = [(i, i + 1, 1)]
+        elif name == "unbind":  # (its pieces have no ``dim``)
+            pieces = [(i, i + 1, 1) for i in range(lab.shape[dim])]
         else:
             sizes = [_shape_of(v)[dim] for v in val]
             starts = np.cumsum([0] + sizes[:-1]).tolist()
-            pieces = [(s, s + z, 1) for s, z in zip(starts, sizes)] if name != "unbind" else [
-                (i, i + 1, 1) for i in range(lab.shape[dim])]
+            pieces = [(s, s + z, 1) for s, z in zip(starts, sizes)]
         labelled = next(((dims, arr) for dims, arr in lab.blocks if dim in dims), None)
         if labelled is not None and len(pieces) > 1 and len({b - a for a, b, _ in pieces}) == 1:
             # equal pieces stay equal: their positions are paired

@@ -26,15 +26,24 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def channel_dim(module: nn.Module) -> int:
-    """The channel dimension of the tensors a module reads: last for Linear and plain LayerNorm/GRN
+    """The channel dimension of the tensors a module reads: last for Linear and plain LayerNorm/RMSNorm/GRN
     (channels-last), 1 for convolutions, BatchNorm, GroupNorm and timm's ``LayerNorm2d``."""
     if isinstance(module, nn.Linear):
         return -1
     if is_grn(module):
         return int(module.channel_dim)
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, nn.LayerNorm) or is_rms_norm(module):
         return 1 if "2d" in type(module).__name__.lower() else -1
     return 1
+
+
+def is_rms_norm(module: nn.Module | None) -> bool:
+    """An RMSNorm over one (the channel) dimension -- ``torch.nn.RMSNorm``, timm's ``RmsNorm`` -- whose
+    forward is ``F.rms_norm(x, normalized_shape, weight, eps)``."""
+    shape = getattr(module, "normalized_shape", None)
+    kind = type(module).__name__.lower().replace("_", "")
+    return (module is not None and "rmsnorm" in kind and isinstance(shape, (tuple, list)) and len(shape) == 1
+            and hasattr(module, "eps"))
 
 
 def is_grn(module: nn.Module) -> bool:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.graph.inputs import call_model, cast_example
-from lightning_prune.graph.layers import is_grn
+from lightning_prune.graph.layers import is_grn, is_rms_norm
 from lightning_prune.graph.slicing import restricted_norm_hooks, slice_units, zero_unit_hooks
 from lightning_prune.graph.types import ChannelGroup, GraphTimeoutError, code_location
 
@@ -42,10 +42,10 @@ def randomised_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.
             if module.running_mean is not None:
                 rand(module.running_mean, -0.5, 0.5)
                 rand(module.running_var, 0.5, 2.0)
-        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-            if module.weight is not None:
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or is_rms_norm(module):
+            if getattr(module, "weight", None) is not None:
                 rand(module.weight, 0.5, 1.5)
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 rand(module.bias, -0.5, 0.5)
         for pname, p in module.named_parameters(recurse=False):
             if p.dim() == 0:

@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.graph.along import ALONG_TYPES, keep_positions
 from lightning_prune.graph.frozen import freeze_modules
-from lightning_prune.graph.layers import CONV_TYPES, is_depthwise, is_grn
+from lightning_prune.graph.layers import CONV_TYPES, is_depthwise, is_grn, is_rms_norm
 from lightning_prune.graph.types import ChannelGroup, strip_prefix
 
 __all__ = ["cut_like", "drop_cached_tensors", "norm_size", "parameter_cuts", "reads_now",
@@ -87,7 +87,7 @@ def norm_size(module: nn.Module) -> int:
     """The channel count of a norm site (LayerNorm, GroupNorm, GRN)."""
     if isinstance(module, nn.GroupNorm):
         return int(module.num_channels)
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, nn.LayerNorm) or is_rms_norm(module):
         return int(module.normalized_shape[0])
     return int(module.weight.shape[0])
 
@@ -107,6 +107,8 @@ def restricted_forward(module: nn.Module, x: Tensor, keep: Tensor, dim: int) -> 
     bias = module.bias.index_select(0, keep) if getattr(module, "bias", None) is not None else None
     if isinstance(module, nn.GroupNorm):  # GroupNorm(1): statistics over (kept C, H, W)
         y = F.group_norm(kept.movedim(-1, 1), 1, weight, bias, module.eps).movedim(1, -1)
+    elif is_rms_norm(module):
+        y = F.rms_norm(kept, (kept.shape[-1],), weight, module.eps)
     else:
         y = F.layer_norm(kept, (kept.shape[-1],), weight, bias, module.eps)
     out = torch.zeros_like(moved)
@@ -247,7 +249,7 @@ def _slice_module(module: nn.Module, role: str, dead: set[int], dim: int = 0) ->
             for pname in ("weight", "bias", "running_mean", "running_var"):
                 _take(module, pname, 0, keep)
             module.num_features = len(keep)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, nn.LayerNorm) or is_rms_norm(module):
             keep = _keep(module.normalized_shape[0], dead)
             for pname in ("weight", "bias"):
                 _take(module, pname, 0, keep)
