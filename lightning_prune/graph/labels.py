@@ -82,7 +82,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_prune.graph.along import ALONG_TYPES, along_units_reason
 from lightning_prune.graph.frozen import freeze_reason
 from lightning_prune.graph.inputs import evaluating, example_arguments
-from lightning_prune.graph.layers import VIEW_OPS, channel_dim, is_grn, is_rms_norm, op_name
+from lightning_prune.graph.layers import (
+    TRANSPOSED_CONV_TYPES,
+    VIEW_OPS,
+    channel_dim,
+    is_grn,
+    is_rms_norm,
+    op_name,
+)
 from lightning_prune.graph.shapes import shape_provenance
 from lightning_prune.graph.slicing import slice_extent
 from lightning_prune.graph.types import (
@@ -689,7 +696,8 @@ class LabelGraph:
         tensors_in = [a for a in _flatten_args((node.args, tuple(node.kwargs.values()))) if hasattr(a, "op")]
         in_labs = [labs.get(a) for a in tensors_in]
         if not any(isinstance(x, _Lab) and (x.blocks or x.derived) for x in in_labs) and name not in (
-                "linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose2d", "_convolution"):
+                "linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+                "conv_transpose3d", "_convolution"):
             return self._unlabelled_output(node)  # nothing followed: nothing to do
         if name in _NEW or val is None:
             return self._unlabelled_output(node)
@@ -699,6 +707,9 @@ class LabelGraph:
         x_lab = self.canon(labs[args[0]]) if args and isinstance(labs.get(args[0]), _Lab) else None
         if name in ("linear",):
             return self._linear(node, labs)
+        if name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d") or (
+                name in ("convolution", "_convolution") and args[6]):
+            return self._conv_transpose(node, name, labs)
         if name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution"):
             return self._conv(node, labs)
         along = self.modules.get(self._owner(node) or "")
@@ -760,6 +771,8 @@ class LabelGraph:
             if isinstance(val, (list, tuple)):
                 return [lab] + [_plain(_shape_of(v) or ()) for v in val[1:]]
             return lab
+        if name == "unfold":  # windows along one dim (halo attention's blocks): the other dims' labels stay
+            return self._unfold(x_lab, get(1, "dimension"), _shape_of(val))
         if name in ("constant_pad_nd", "pad", "reflection_pad2d", "replication_pad2d", "roll", "flip",
                     "rot90", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "repeat",
                     "repeat_interleave", "tile"):
@@ -793,6 +806,16 @@ class LabelGraph:
                 blocks.append((bdims, arr))
         origins = [(n, {d: v for d, v in m.items() if d not in dims}) for n, m in lab.origins]
         return self.canon(_Lab(lab.shape, blocks, origins, lab.derived))
+
+    def _unfold(self, lab: _Lab, dim: int, out_shape: tuple[int, ...]) -> _Lab:
+        """``x.unfold(dim, size, step)``: ``dim`` becomes the window index, a new last dim the position in
+        the window; labels along other dims stay where they are."""
+        dim %= len(lab.shape)
+        if any(dim in dims for dims, _ in lab.blocks):
+            raise _Fix("aten.unfold along a unit dim")
+        origins = [(p, {d: v for d, v in m.items() if d != dim}) for p, m in lab.origins]
+        derived = {d for d in lab.derived if d != dim} | ({len(lab.shape)} if dim in lab.derived else set())
+        return _Lab(tuple(out_shape), list(lab.blocks), origins, frozenset(derived))
 
     def _positional(self, node: Any, name: str, lab: _Lab, out_shape: tuple[int, ...]) -> _Lab:
         """Ops that move positions along some dims (padding, rolls, flips, repeats): fine on unlabelled
@@ -1022,6 +1045,30 @@ class LabelGraph:
             self.atoms.union_all(np.concatenate([chan[g * ipg:(g + 1) * ipg], atoms[g * opg:(g + 1) * opg]]))
         self.records.slices.append((mname, "group", 0, atoms))
         return self.canon(_Lab(out_shape, other + [((1,), atoms)]))
+
+    def _conv_transpose(self, node: Any, name: str, labs: dict) -> _Lab:
+        """A transposed convolution: followed where it is a depthwise module of its own (``ConvTranspose2d(C,
+        C, groups=C)``, LowFormer's upsampling), channel by channel like a depthwise conv; any other keeps the
+        channels it reads and makes (its weight's rows are the input channels)."""
+        args = node.args
+        groups = args[8] if name in ("convolution", "_convolution") else (
+            args[6] if len(args) > 6 else node.kwargs.get("groups", 1))
+        bias = args[2] if len(args) > 2 else None
+        out_shape = _shape_of(node.meta["val"])
+        x_lab = self.canon(labs[args[0]])
+        mname, module = self._module_of(args[1])
+        if not (isinstance(module, TRANSPOSED_CONV_TYPES) and groups == x_lab.shape[1] == out_shape[1] > 1):
+            raise _Fix(f"aten.{name} (not depthwise)")
+        if any(set(dims) & set(range(2, len(x_lab.shape))) for dims, _ in x_lab.blocks):
+            raise _Fix(f"aten.{name} along a labelled spatial dim")
+        if bias is not None and self.placeholders.get(bias.name, ("", ""))[1] != f"{mname}.bias":
+            raise _Fix(f"aten.{name} with a computed bias")
+        chan = self.dim_atoms(x_lab, 1)
+        other = [(d, a) for d, a in x_lab.blocks if 1 not in d]
+        if chan is None:
+            return self.canon(_Lab(out_shape, other))
+        self.records.slices.append((mname, "channel", 0, chan))
+        return self.canon(_Lab(out_shape, other + [((1,), chan)]))
 
     def _depthwise_with_tensors(self, node: Any, labs: dict, x_lab: _Lab, w: Any, bias: Any, groups: int,
                                 out_shape: tuple[int, ...]) -> _Lab:

@@ -23,6 +23,7 @@ def op_name(target: Any) -> str:
 
 PRODUCER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def channel_dim(module: nn.Module) -> int:
@@ -53,6 +54,13 @@ def is_grn(module: nn.Module) -> bool:
 def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, CONV_TYPES) and module.groups > 1 and module.groups == module.in_channels == \
         module.out_channels
+
+
+def is_depthwise_transposed(module: nn.Module) -> bool:
+    """A depthwise transposed convolution (LowFormer's upsampling): channel by channel, its weight
+    ``(C, 1, k, k)`` like a depthwise conv's."""
+    return isinstance(module, TRANSPOSED_CONV_TYPES) and module.groups > 1 and \
+        module.groups == module.in_channels == module.out_channels
 
 
 def is_grouped(module: nn.Module) -> bool:

@@ -15,7 +15,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_prune.errors import InvalidArgumentError
 from lightning_prune.graph.along import ALONG_TYPES, keep_positions
 from lightning_prune.graph.frozen import freeze_modules
-from lightning_prune.graph.layers import CONV_TYPES, is_depthwise, is_grn, is_rms_norm
+from lightning_prune.graph.layers import (
+    CONV_TYPES,
+    is_depthwise,
+    is_depthwise_transposed,
+    is_grn,
+    is_rms_norm,
+)
 from lightning_prune.graph.types import ChannelGroup, strip_prefix
 
 __all__ = ["cut_like", "drop_cached_tensors", "norm_size", "parameter_cuts", "reads_now",
@@ -239,7 +245,7 @@ def _slice_module(module: nn.Module, role: str, dead: set[int], dim: int = 0) ->
         module.out_channels = module.groups * opg
         module.in_channels = module.groups * ipg
     elif role == "channel":
-        if is_depthwise(module):
+        if is_depthwise(module) or is_depthwise_transposed(module):
             keep = _keep(module.out_channels, dead)
             for pname in ("weight", "bias", "gain"):
                 _take(module, pname, 0, keep)
