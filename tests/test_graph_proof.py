@@ -80,3 +80,15 @@ def test_compare_outputs_is_the_largest_relative_difference():
     assert compare_outputs(a, b, 1e-6) != compare_outputs(a, b, 1e-6)  # NaN propagates
     assert compare_outputs(a, a[:1], 1e-6) == float("inf")
     assert compare_outputs((a, {"k": a}), (a, {"k": a}), 1e-6) == 0.0
+
+
+def test_a_zero_initialised_head_gets_random_weights_in_the_proof_copy():
+    """Mixer's, gMixer's and SAM2-Hiera's classifier heads start at zero: every output was the same whatever
+    was removed, and the masked-vs-sliced check passed by chance. The proof's copy draws them at random."""
+    from lightning_prune.graph.proof import randomised_copy
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    nn.init.zeros_(model[2].weight)
+    clone = randomised_copy(model)
+    assert float(clone[2].weight.std()) > 0.1 and float(model[2].weight.abs().sum()) == 0.0
+    assert torch.equal(clone[0].weight, model[0].weight.double())  # (a trained weight stays)

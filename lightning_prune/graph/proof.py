@@ -26,8 +26,9 @@ __all__ = ["check_removal", "masked_and_sliced", "proof_copies", "randomised_cop
 
 @torch.no_grad()
 def randomised_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
-    """A copy in eval mode and ``dtype`` with random biases, BatchNorm statistics, norm affines, gains and
-    layer scales, so that no zero and no negligible branch passes a check by chance."""
+    """A copy in eval mode and ``dtype`` with random biases, BatchNorm statistics, norm affines, gains, layer
+    scales and constant (zero-initialised) weights, so that no zero and no negligible branch passes a check
+    by chance."""
     gen = torch.Generator().manual_seed(seed)
     clone = copy.deepcopy(model).eval().to(dtype)
 
@@ -56,6 +57,12 @@ def randomised_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.
                 rand(p, 0.5, 1.5)
             elif is_grn(module):
                 rand(p, -0.5, 0.5)
+            elif p.numel() > 1 and bool((p == p.reshape(-1)[0]).all()):
+                # a constant (zero-initialised) weight -- a classifier head, a last conv -- would make every
+                # output the same whatever is removed: random values of its fan-in's scale
+                fan_in = p[0].numel() if p.dim() > 1 else 1
+                drawn = torch.randn(p.shape, generator=gen, dtype=torch.float64) / math.sqrt(fan_in)
+                p.copy_(drawn.to(p))
     return clone
 
 
