@@ -12,15 +12,18 @@ head dim keeps one label per element). A label lives in a *block*: the dims it v
 atoms; a dim along which the array is constant carries no label.
 
 Readers cut the dependency: a Conv/Linear module reading a labelled dim is an **input site** (a gate there
-masks the units), a LayerNorm / GroupNorm(1) / GRN computing statistics over it is a **norm site** (restricted
-statistics), a convolution sliding along it (ECA's conv1d over the channel vector) is a **slide site** (zeros
-at the removed units; sliced, it runs at the dense width: :mod:`lightning_prune.graph.along`), and a
-convolution whose kernel is 1 along it (stride 1, no padding: timm's ``LambdaLayer``) passes it through. A
-Conv/Linear module whose forward computes the weight it uses from its parameters (weight standardisation,
+masks the units), a LayerNorm / RMSNorm / GroupNorm(1) / GRN computing statistics over it is a **norm site**
+(restricted statistics), a convolution sliding along it (ECA's conv1d over the channel vector) is a **slide
+site** (zeros at the removed units; sliced, it runs at the dense width: :mod:`lightning_prune.graph.along`),
+and a convolution whose kernel is 1 along it (stride 1, no padding: timm's ``LambdaLayer``) passes it through.
+A Conv/Linear module whose forward computes the weight it uses from its parameters (weight standardisation,
 ``weight_norm``) is an input site too: the group names it in ``frozen``, and it is replaced by a plain layer
 holding that weight before its input channels go (:mod:`lightning_prune.graph.frozen`). A GroupNorm with
-several groups makes each of its groups one unit (``num_groups`` drops with them). Parameters and buffers
-combined with a labelled dim (norm affines, biases, layer-scale gammas, ``pos_embed``/``cls_token``,
+several groups makes each of its groups one unit (``num_groups`` drops with them). A depthwise convolution
+follows the channels one by one: a Conv module's, a ``ConvTranspose`` module's, or one of a module's own
+tensors (``F.conv2d(x, self.filt, groups=self.channels)``: timm's ``BlurPool2d``; the filter is sliced and the
+``groups`` attribute shrinks). Windows along other dims (``unfold``) keep a dim's labels. Parameters and
+buffers combined with a labelled dim (norm affines, biases, layer-scale gammas, ``pos_embed``/``cls_token``,
 relative-position bias tables along heads, BatchNorm statistics) are sliced with it; integer attributes of the
 module that reshapes, splits or slices with a size that shrinks with the units (``num_heads``, ``attn_dim``,
 split widths, a list of split sizes, a slice bound such as DPN's ``num_1x1_c``, the shape a parameter is
@@ -33,10 +36,11 @@ proof. Split sizes that no list attribute holds are looked for one per piece (``
 self.dim_untouched]``), one piece at most computed from the whole (``[self.pdim, self.dim - self.pdim]``: the
 attribute holding the whole is updated). One attribute holds one size: where its uses carry different units
 (SHViT's ``pdim`` sizing a piece of the stream and ``v``), their positions are paired in the order of their
-units and the labels are propagated again.
-An operator this module does not know that touches a labelled dim fixes those atoms (never removed) with the
-reason ``"aten.X on dim d"``; the model's outputs fix theirs. Labels are propagated until no atoms merge any
-more (a later contraction can make an earlier dim unlabelled), then the last pass records sites and slices.
+units and the labels are propagated again. An operator this module does not know that touches a labelled dim
+fixes those atoms (never removed) with the reason ``"aten.X on dim d"``; the model's outputs fix theirs (where
+an operator had merged the channels into one unit first -- a channel mean feeding a gate, a single-head
+attention's scores -- the reason names it). Labels are propagated until no atoms merge any more (a later
+contraction can make an earlier dim unlabelled), then the last pass records sites and slices.
 
 The exactness proof of :mod:`lightning_prune.graph.proof` stays the final judge.
 
