@@ -39,7 +39,10 @@ these files but for the absolute ms, which the ratios divide out)::
         benchmarks/results/channels-shapes-r18-latency-ew-s{3,4,5,6,7}.json \
         benchmarks/results/channels-shapes-r18-flops-s{3,4,5,6,7}.json \
         benchmarks/results/channels-shapes-effb0-flops-s{3,4,5}.json \
-        benchmarks/results/channels-shapes-mbv3-025-ew-s{0,1,2}.json
+        benchmarks/results/channels-shapes-mbv3-025-ew-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-regnety-ew-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-convnext-05-ew-s{0,1,2}.json \
+        benchmarks/results/channels-shapes-vit-05-ew-s{0,1,2}.json
     python benchmarks/readme_tables.py   # the README's blocks from the new file
 
 (not ``channels-shapes-effb0-s0.json``: timm's init, before the mobile recipe; not
