@@ -99,7 +99,9 @@ def norm_size(module: nn.Module) -> int:
 
 
 def restricted_forward(module: nn.Module, x: Tensor, keep: Tensor, dim: int) -> Tensor:
-    """The norm's output with its statistics over the kept channels only (zeros at the others)."""
+    """The norm's output with its statistics over the kept channels only (zeros at the others), followed by
+    the module's own dropout and activation where it has them (timm's ``LayerNormAct2d``,
+    ``GroupNormAct``)."""
     dim = dim % x.dim()
     if is_grn(module):
         x_g = x.norm(p=2, dim=module.spatial_dim, keepdim=True)
@@ -119,7 +121,12 @@ def restricted_forward(module: nn.Module, x: Tensor, keep: Tensor, dim: int) -> 
         y = F.layer_norm(kept, (kept.shape[-1],), weight, bias, module.eps)
     out = torch.zeros_like(moved)
     out[..., keep] = y.to(out.dtype)
-    return out.movedim(-1, dim)
+    out = out.movedim(-1, dim)
+    for after in ("drop", "act"):  # timm's norm + activation layers (LayerNormAct2d, GroupNormAct, ...)
+        layer = getattr(module, after, None)
+        if isinstance(layer, nn.Module):
+            out = layer(out)
+    return out
 
 
 def restricted_norm_hooks(model: nn.Module, groups: Iterable[ChannelGroup],
