@@ -128,16 +128,20 @@ def test_a_checkpoint_after_compression_loads_for_inference(tmp_path):
     torch.testing.assert_close(eval_logits(fresh, X), eval_logits(model, X))
 
 
+#: a gate callback and a one-shot removal, both removing units inside the fit
+COMPRESSING_CALLBACKS = pytest.mark.parametrize("make", [
+    lambda: GroupLassoPruning(compress=True, **STRONG),
+    lambda: lp.OneShotPruning("channels", target_flops=0.5, prune_step=2, calibration_batches=1,
+                              verbose=False),
+], ids=["group_lasso", "one_shot"])
+
+
 def _no_pruning_callback_warning(record) -> None:
     texts = [str(w.message) for w in record]
     assert not [t for t in texts if "pruning state of" in t or "size mismatch" in t], texts
 
 
-@pytest.mark.parametrize("make", [
-    lambda: GroupLassoPruning(compress=True, **STRONG),
-    lambda: lp.OneShotPruning("channels", target_flops=0.5, prune_step=2, calibration_batches=1,
-                              verbose=False),
-], ids=["group_lasso", "one_shot"])
+@COMPRESSING_CALLBACKS
 def test_a_compressed_checkpoint_loads_in_trainer_test_validate_and_a_fit_onto_a_fresh_module(make, tmp_path):
     """``trainer.test(fresh_module, ckpt_path=...)`` of a checkpoint written after the units were removed
     inside the fit: with or without the pruning callback in the Trainer, the fresh module takes the smaller
@@ -166,11 +170,7 @@ def test_a_compressed_checkpoint_loads_in_trainer_test_validate_and_a_fit_onto_a
     assert _params(fresh) == _params(model)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: GroupLassoPruning(compress=True, **STRONG),
-    lambda: lp.OneShotPruning("channels", target_flops=0.5, prune_step=2, calibration_batches=1,
-                              verbose=False),
-], ids=["group_lasso", "one_shot"])
+@COMPRESSING_CALLBACKS
 def test_the_trainer_that_compressed_a_module_tests_a_fresh_one_from_the_checkpoint(make, tmp_path):
     """The Trainer (and callback) of the fit that removed the units takes a *different* fresh module in
     ``trainer.test(fresh, ckpt_path=...)``: the callback leaves the module it compressed and starts again as
