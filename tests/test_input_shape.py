@@ -96,10 +96,12 @@ def _channel_callbacks():
         lp.L0Pruning(finalize_step=0.5),
         baselines.FirstKChannels(target_sparsity=0.5, prune_epoch=1),
         baselines.RandomChannels(target_sparsity=0.5),
+        lp.OneShotPruning("channels", target_flops=0.5, prune_step=1, calibration_batches=1),
     ]
 
 
-@pytest.mark.parametrize("index", range(4), ids=["group_lasso", "l0", "first_k", "random_channels"])
+@pytest.mark.parametrize("index", range(5),
+                         ids=["group_lasso", "l0", "first_k", "random_channels", "one_shot"])
 def test_channel_callbacks_measure_at_the_training_batch_shape(index, tmp_path, caplog):
     """test_resnet's pretrained input size is 160x160; the digits are 24x24 here: the callback traces,
     counts and logs at 24x24, and says so once."""
@@ -146,6 +148,21 @@ def test_target_flops_is_met_at_the_size_the_model_trains_on(name, tmp_path):
             steps.append(cb._cost.ratios(back)[0] - cb._cost.ratios(removed)[0])
     assert ratio <= 0.25
     assert ratio >= 0.25 - max(steps), (ratio, max(steps))
+
+
+def test_one_shot_target_flops_is_counted_at_the_size_the_model_trains_on(tmp_path):
+    """OneShotPruning("channels") traced at timm's pretrained size before: the FLOPs it reported (and met)
+    were those of 160x160 inputs, not of the 32x32 digits it trains on (on NaFlexViT 0.39 reported, 0.25
+    there)."""
+    model = tiny_classifier("test_resnet")
+    _, root = traced_root(model)
+    x = example_inputs_for(root, (3, 32, 32))
+    dense, _ = count_ops_and_params(root, x)
+    cb = lp.OneShotPruning("channels", target_flops=0.25, prune_step=1, calibration_batches=1, verbose=False)
+    fit_tiny([cb], tmp_path, model=model, **FAST)
+    flops, _ = count_ops_and_params(model.model, x)
+    assert cb.traced_size == (3, 32, 32)
+    assert flops / dense <= 0.25 and flops / dense == pytest.approx(cb.flops_remaining, abs=1e-6)
 
 
 def test_no_training_data_falls_back_to_timm_s_size():

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.input_shape import traced_input_size
 from lightning_prune.callbacks.logging import PREFIX, log_scalars
 from lightning_prune.callbacks.schedules import resolve_step, warn_if_after_training
 from lightning_prune.callbacks.shrink import (
@@ -134,7 +135,8 @@ class OneShotPruning(PruningCallback):
             or a plugin's criterion (:mod:`lightning_prune.core.importance`); each group's scores divided by
             their mean. The least-squares refit (``compensate``) runs whichever criterion ranked.
         input_size: ``(C, H, W)`` to trace the model for ``"channels"`` (default: ``example_input_array``,
-            else timm's ``pretrained_cfg["input_size"]``).
+            else the first training batch's shape, else timm's ``pretrained_cfg["input_size"]``): the FLOPs
+            of ``target_flops`` are counted there.
         include, exclude, types, log_media_every_n_epochs, verbose: see :class:`PruningCallback`.
 
     Example::
@@ -230,6 +232,8 @@ class OneShotPruning(PruningCallback):
         self.groups: list[Any] | None = None
         self._cost: Any = None
         self._channels: tuple[str, nn.Module, Any] | None = None  # (prefix, traced root, example)
+        #: the ``(C, H, W)`` the channels were traced at (None: the module's example input or timm's size)
+        self.traced_size: tuple[int, ...] | None = None
         self._batches: list[Any] | None = None  # the calibration batches, until the pruning step
 
     def _criterion(self, importance: Any) -> Any:
@@ -278,13 +282,18 @@ class OneShotPruning(PruningCallback):
         if (self.groups is not None and self._channels is not None
                 and self._channels[1] in set(pl_module.modules())):
             return
-        with as_misconfiguration(), input_size_errors(self.input_size):
+        # traced where the model trains: the first training batch's shape unless `input_size` or the module's
+        # example_input_array says otherwise (at timm's pretrained size, SAM2-Hiera's 896x896, the analysis
+        # did not finish and FLOPs were counted at the wrong size)
+        size = self.traced_size = traced_input_size(self.input_size, trainer, pl_module, type(self).__name__,
+                                                    self.verbose)
+        with as_misconfiguration(), input_size_errors(size):
             from lightning_prune.graph import example_inputs_for, traced_root
 
             _, root = traced_root(pl_module)
-            example = example_inputs_for(root, self.input_size)
+            example = example_inputs_for(root, size)
             prefix, root, groups, cost, example = find_channel_groups(
-                pl_module, self.include, self.exclude, self.input_size, example)
+                pl_module, self.include, self.exclude, size, example)
         self.groups, self._cost, self._channels = groups, cost, (prefix, root, example)
 
     # ------------------------------------------------------------------ hooks
