@@ -133,7 +133,7 @@ class PruningCallback(CallbackState):
         units and statistics belonged to the first module, and a checkpoint's state loads onto the new one as
         onto a new callback's (a compressed checkpoint's smaller shapes included). The state as constructed is
         a copy taken at the first ``setup`` (:attr:`shared_on_rebind` kept by reference)."""
-        bound = self.__dict__.get("_bound_module")
+        bound = self.bound_module
         if bound is pl_module:
             return
         if bound is None:
@@ -146,6 +146,12 @@ class PruningCallback(CallbackState):
             self.__dict__.update(self._copy_constructed(constructed))
             self._as_constructed = constructed
         self._bound_module = pl_module
+
+    @property
+    def bound_module(self) -> pl.LightningModule | None:
+        """The LightningModule this callback acts on (:meth:`bind_module`; ``None`` before its first
+        ``setup``)."""
+        return self.__dict__.get("_bound_module")
 
     def _copy_constructed(self, state: dict[str, Any]) -> dict[str, Any]:
         memo = {id(state[k]): state[k] for k in self.shared_on_rebind if k in state}

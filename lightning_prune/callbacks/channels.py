@@ -278,7 +278,6 @@ class ChannelPruningCallback(PruningCallback):
         self._cost: CostModel | None = None
         self._measured: tuple[dict[str, list[int]], tuple[float, float]] | None = None
         self._latency: LatencyPredictor | None = latency_model  # the measured table, at the fit's start
-        self._model: pl.LightningModule | None = None
         self._norm_handles: list[Any] = []
         self._param_count: int | None = None
         self._importance_rng: Tensor | None = None  # the seeded generator's state (importance="random")
@@ -615,8 +614,8 @@ class ChannelPruningCallback(PruningCallback):
         the compressed model will); nothing once the units are gone."""
         self.release_norms()
         if self.shrink.removed is None and self.groups is not None and self.keep is not None \
-                and self._model is not None:
-            self._norm_handles = restricted_norm_hooks(self._model, self.groups, self.removed_units())
+                and self.bound_module is not None:
+            self._norm_handles = restricted_norm_hooks(self.bound_module, self.groups, self.removed_units())
 
     @override
     def release_module(self, pl_module: pl.LightningModule) -> None:
@@ -823,7 +822,6 @@ class ChannelPruningCallback(PruningCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.bind_module(pl_module)
-        self._model = pl_module
         if stage == "fit" or self.groups is None:
             self.traced_size = traced_input_size(self.input_size, trainer, pl_module, type(self).__name__,
                                                  self.verbose)
@@ -872,8 +870,8 @@ class ChannelPruningCallback(PruningCallback):
         batch size), measured once (every DDP rank uses rank 0's numbers)."""
         if self._latency is not None:
             return self._latency
-        assert self._model is not None and self.groups is not None
-        prefix, root = traced_root(self._model)
+        assert self.bound_module is not None and self.groups is not None
+        prefix, root = traced_root(self.bound_module)
         device = self.latency_device or (trainer.strategy.root_device if trainer is not None else None)
         batch = self.latency_batch_size or train_batch_size(trainer)
         example = example_inputs_for(root, self.traced_size)

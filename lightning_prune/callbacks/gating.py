@@ -150,7 +150,7 @@ class GatePruningCallback(ChannelPruningCallback):
     def gate_scores(self) -> list[Tensor]:
         """Per group (in the order of :attr:`groups`), the gates' scores (higher = kept)."""
         assert self.groups is not None
-        scores = self.unit_scores(None, self._model)  # type: ignore[arg-type]
+        scores = self.unit_scores(None, self.bound_module)  # type: ignore[arg-type]
         return [scores[g.name].detach().float().cpu().reshape(-1) for g in self.groups]
 
     @override
