@@ -74,6 +74,7 @@ from lightning_prune.callbacks.shrink import (
     sharded_compression_problem,
 )
 from lightning_prune.callbacks.state import seeded_generator
+from lightning_prune.core.allocation import RankedRemoval, budget_plan
 from lightning_prune.core.batchnorm import batch_norms, recalibrate_batchnorm
 from lightning_prune.core.compression import round_kept
 from lightning_prune.core.gates import unit_masks
@@ -434,63 +435,29 @@ class ChannelPruningCallback(PruningCallback):
     def budget_keep(self, scores: list[Tensor]) -> list[Tensor]:
         """The kept units that meet ``target_flops``/``target_params``: the largest ``scores`` across all
         groups (each keeping :meth:`group_floor` units), as many as the budget allows, with channel widths
-        rounded up to ``round_to``; a target the
-        removable groups cannot reach is said to be unmet (what was reached, the most removal allows, the
+        rounded up to ``round_to`` (:func:`~lightning_prune.core.allocation.budget_plan`: where the last unit
+        removed overshoots the target, the most important removed units come back while it holds); a target
+        the removable groups cannot reach is said to be unmet (what was reached, the most removal allows, the
         largest layers no group covers)."""
         assert self.groups is not None and (self._cost is not None or self.target_latency is not None)
-        target = self.target_flops if self.target_flops is not None else self.target_params
-        which = 0 if self.target_flops is not None else 1
-        order = sorted(((float(s), gi, u) for gi, sc in enumerate(scores) for u, s in enumerate(sc.tolist())),
-                       key=lambda t: (t[0], t[1], t[2]))
-
         floors = [self.group_floor(g) for g in self.groups]
-
-        def removed_for(n: int) -> dict[str, list[int]]:
-            chosen: dict[int, list[int]] = {}
-            for _, gi, u in order:
-                if n <= 0:
-                    break
-                if len(chosen.get(gi, [])) < self.groups[gi].size - floors[gi]:
-                    chosen.setdefault(gi, []).append(u)
-                    n -= 1
-            out = {}
-            for gi, units in chosen.items():
-                group = self.groups[gi]
-                ranked = sorted(units, key=lambda u: -float(scores[gi][u]))  # the largest come back first
-                out[group.name] = round_kept(group, units, self.round_to, ranked)
-            return out
-
-        total = sum(g.size - f for g, f in zip(self.groups, floors))
+        removal = RankedRemoval(self.groups, scores, floors, self.round_to)
         if self.target_latency is not None:
-            plan = latency_plan(removed_for, total, self.latency_predictor(None), self.target_latency)
-            if plan.floor is not None and plan.measured is not None:
-                self.warn_target_unmet("target_latency", self.target_latency, plan.measured, plan.floor)
-            return [torch.tensor([u not in set(plan.removed.get(g.name, ())) for u in range(g.size)])
-                    for g in self.groups]
-        assert self._cost is not None and target is not None
-        goal = target
-        for _ in range(4):  # the prediction is within ~1% of the count: correct it with a measured count
-            lo, hi = 0, total
-            while lo < hi:  # the fewest removals that meet the budget
-                mid = (lo + hi) // 2
-                if self._cost.ratios(removed_for(mid))[which] <= goal:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            removed = removed_for(lo)
-            measured = self._cost.measured_ratios(removed)[which]
-            if measured <= target or lo == total:
-                break
-            goal *= target / measured
-        step = 1
-        while measured > target and lo < total:  # still above: remove more, with growing strides, until met
-            lo = min(lo + step, total)
-            step *= 2
-            removed = removed_for(lo)
-            measured = self._cost.measured_ratios(removed)[which]
-        if measured > target:
-            floor = measured if lo == total else self._cost.measured_ratios(removed_for(total))[which]
-            self.warn_target_unmet("target_flops" if which == 0 else "target_params", target, measured, floor)
+            latency = latency_plan(removal, removal.total, self.latency_predictor(None), self.target_latency)
+            if latency.floor is not None and latency.measured is not None:
+                self.warn_target_unmet("target_latency", self.target_latency, latency.measured, latency.floor)
+            removed = latency.removed
+        else:
+            cost, which = self._cost, 0 if self.target_flops is not None else 1
+            target = self.target_flops if self.target_flops is not None else self.target_params
+            assert cost is not None and target is not None
+            plan = budget_plan(removal, lambda p: cost.ratios(p)[which],
+                               lambda p: cost.measured_ratios(p)[which], target)
+            if not plan.met:
+                assert plan.floor is not None
+                name = "target_flops" if which == 0 else "target_params"
+                self.warn_target_unmet(name, target, plan.measured, plan.floor)
+            removed = plan.removed
         return [torch.tensor([u not in set(removed.get(g.name, ())) for u in range(g.size)])
                 for g in self.groups]
 

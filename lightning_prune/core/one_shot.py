@@ -570,34 +570,18 @@ def channel_plan(groups: Sequence[Any], scores: Sequence[Tensor], cost: Any, tar
                  target_params: float | None, sparsity: float, round_to: int = 1,
                  target_latency: float | None = None, latency: Any = None) -> dict[str, list[int]]:
     """The units to remove: the lowest ``scores`` across groups (each group keeps a unit), as few as meet
-    ``target_flops``/``target_params`` (fractions of the dense model; checked on a sliced copy) or
-    ``target_latency`` (with ``latency``, a :class:`~lightning_prune.graph.latency.LatencyPredictor`:
+    ``target_flops``/``target_params`` (fractions of the dense model; checked on a sliced copy, the most
+    important of them given back while the target holds: :func:`~lightning_prune.core.allocation.budget_plan`)
+    or ``target_latency`` (with ``latency``, a :class:`~lightning_prune.graph.latency.LatencyPredictor`:
     :func:`~lightning_prune.graph.latency.latency_plan`), or, with none, ``round(sparsity * units)`` of
     them."""
-    from lightning_prune.core.compression import round_kept
+    from lightning_prune.core.allocation import RankedRemoval, budget_plan
 
-    order = sorted(((float(s), gi, u) for gi, sc in enumerate(scores) for u, s in enumerate(sc.tolist())),
-                   key=lambda t: (t[0], t[1], t[2]))
-
-    def removed_for(n: int) -> dict[str, list[int]]:
-        chosen: dict[int, list[int]] = {}
-        for _, gi, u in order:
-            if n <= 0:
-                break
-            if len(chosen.get(gi, [])) < groups[gi].size - 1:
-                chosen.setdefault(gi, []).append(u)
-                n -= 1
-        out = {}
-        for gi, units in chosen.items():
-            ranked = sorted(units, key=lambda u: -float(scores[gi][u]))
-            out[groups[gi].name] = sorted(round_kept(groups[gi], units, round_to, ranked))
-        return out
-
-    total = sum(g.size - 1 for g in groups)
+    removal = RankedRemoval(groups, scores, [1] * len(groups), round_to)
     if target_latency is not None:
         from lightning_prune.graph.latency import latency_plan
 
-        plan = latency_plan(removed_for, total, latency, target_latency)
+        plan = latency_plan(removal, removal.total, latency, target_latency)
         if plan.floor is not None and plan.measured is not None:
             import warnings
 
@@ -606,25 +590,11 @@ def channel_plan(groups: Sequence[Any], scores: Sequence[Tensor], cost: Any, tar
                           f" but one per group would keep {plan.floor:.3f}).", UserWarning, stacklevel=2)
         return plan.removed
     if target_flops is None and target_params is None:
-        return removed_for(min(round(sparsity * sum(g.size for g in groups)), total))
-    target = target_flops if target_flops is not None else target_params
+        return removal(min(round(sparsity * sum(g.size for g in groups)), removal.total))
     which = 0 if target_flops is not None else 1
-    goal = float(target)  # type: ignore[arg-type]
-    removed: dict[str, list[int]] = {}
-    for _ in range(4):  # the predicted count is within ~1% of the measured one: correct it
-        lo, hi = 0, total
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if cost.ratios(removed_for(mid))[which] <= goal:
-                hi = mid
-            else:
-                lo = mid + 1
-        removed = removed_for(lo)
-        measured = cost.measured_ratios(removed)[which]
-        if measured <= target or lo == total:  # type: ignore[operator]
-            break
-        goal *= target / measured  # type: ignore[operator]
-    return removed
+    target = float(target_flops if target_flops is not None else target_params)  # type: ignore[arg-type]
+    return budget_plan(removal, lambda plan: cost.ratios(plan)[which],
+                       lambda plan: cost.measured_ratios(plan)[which], target).removed
 
 
 def refit_least_squares(weight: Tensor, bias: Tensor | None, hessian: Tensor, keep_columns: Tensor,
