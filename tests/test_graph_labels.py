@@ -993,3 +993,68 @@ def test_a_norm_with_its_own_activation_computes_the_activation_over_the_kept_ch
     the module does: the group is exact (it failed its proof by 1e-3 before)."""
     analysis = _analyse(_NormAct(), torch.randn(2, 3, 6, 6))
     assert "norm" in {s.module for s in _group(analysis, "conv").sites if s.kind == "norm"}
+
+
+class _FoldedHeads(nn.Module):
+    """Heads folded into the batch dim (timm's BottleneckAttn and HaloAttn): ``q.reshape(B *
+    self.num_heads, self.dim_head, -1)``, with a relative position table over the head dim shared by
+    every head (``q @ self.rel``)."""
+
+    def __init__(self, dim: int = 8, num_heads: int = 2, dim_head: int = 4, side: int = 3) -> None:
+        super().__init__()
+        self.num_heads, self.dim_head, self.dim_out = num_heads, dim_head, num_heads * dim_head
+        self.qkv = nn.Conv2d(dim, 3 * self.dim_out, 1)
+        self.rel = nn.Parameter(torch.randn(dim_head, side * side))
+        self.out = nn.Conv2d(self.dim_out, 5, 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        q, k, v = torch.split(self.qkv(x), [self.dim_out] * 3, dim=1)
+        q = q.reshape(b * self.num_heads, self.dim_head, -1).transpose(-1, -2)
+        k = k.reshape(b * self.num_heads, self.dim_head, -1)
+        v = v.reshape(b * self.num_heads, self.dim_head, -1).transpose(-1, -2)
+        attn = (q @ k + q @ self.rel).softmax(-1)
+        return self.out((attn @ v).transpose(-1, -2).reshape(b, self.dim_out, h, w))
+
+
+def test_heads_folded_into_the_batch_dim_are_units_with_their_count_updated():
+    """The number of heads is a literal multiple of the batch in the reshape's size: it shrinks with the
+    heads (``num_heads``: the group was rejected before, its sliced copy failing in the reshape), and the
+    table shared by the heads keeps its head dim."""
+    model = _FoldedHeads().eval()
+    x = torch.randn(2, 8, 3, 3)
+    analysis = _analyse(model, x)
+    group = _group(analysis, "qkv")
+    assert group.unit == "head" and group.size == 2
+    assert {("", "num_heads", 1), ("", "dim_out", 4)} <= set(group.attrs)
+    slice_units(model, [group], {"qkv": [0]})
+    assert model.num_heads == 1 and model.dim_out == 4 and model.rel.shape == (4, 9)
+    assert model(x).shape == (2, 5, 3, 3)
+
+
+@pytest.mark.parametrize("layer", ["bottleneck", "halo"])
+def test_timm_bottleneck_and_halo_attention_lose_heads_in_a_lightning_fit(tmp_path, layer):
+    """timm's BoTNet / HaloNet blocks (a small ``ByobNet``: one bottleneck block, one self-attention block):
+    their heads, folded into the batch, are removed by a one-shot step inside a fit (the whole block's qkv was
+    left alone before), and training goes on with the smaller model."""
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
+
+    from lightning_prune.callbacks.one_shot import OneShotPruning
+    from lightning_prune.testing import classifier_around, fit_tiny
+
+    kwargs = {"block_size": 2, "halo_size": 1} if layer == "halo" else {}
+    cfg = ByoModelCfg(blocks=(ByoBlockCfg(type="bottle", d=1, c=32, s=2, br=0.25),
+                              ByoBlockCfg(type="self_attn", d=1, c=64, s=2, br=0.5, self_attn_layer=layer,
+                                          self_attn_kwargs=kwargs)),
+                      stem_chs=16, stem_type="tiered", stem_pool="")
+    net = ByobNet(cfg, num_classes=10, **({"img_size": 32} if layer == "bottleneck" else {}))
+    attn = net.stages[1][0].self_attn
+    heads = attn.num_heads
+    cb = OneShotPruning("channels", target_flops=0.3, importance="weight_norm", prune_step=0,
+                        calibration_batches=1, verbose=False)
+    trainer, module = fit_tiny([cb], tmp_path, model=classifier_around(net), max_epochs=1,
+                               limit_train_batches=3, limit_val_batches=0)
+    assert trainer.global_step == 3 and cb.flops_remaining <= 0.3
+    assert any(g.unit == "head" for g in cb.groups)
+    assert attn.num_heads < heads and attn.dim_out_v == attn.num_heads * attn.dim_head_v
+    assert module(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -175,3 +175,21 @@ def test_no_training_data_falls_back_to_timm_s_size():
     assert traced_input_size(None, trainer, tiny_classifier("test_resnet"), "X") is None
     with pytest.raises(MisconfigurationException):
         lp.GroupLassoPruning(input_size=(3, 0, 32))
+
+
+def test_an_example_input_array_of_zeros_is_traced_at_random_values_of_its_shape():
+    """Lightning's habitual ``example_input_array = torch.zeros(...)``: traced on constants, every tensor of
+    one shape holds the same values and the analysis cannot tell which a reshape's size was read from
+    (BoTNet's heads were lost that way inside a fit); a seeded draw of the same shape is traced instead.
+    Integer inputs and inputs that vary are kept."""
+    module = tiny_classifier()
+    module.example_input_array = torch.zeros(2, 3, 32, 32)
+    traced = example_inputs_for(module)
+    assert traced.shape == (2, 3, 32, 32) and traced.dtype == torch.float32 and float(traced.std()) > 0.5
+    assert torch.equal(traced, example_inputs_for(module))  # seeded: every rank traces the same
+    module.example_input_array = {"x": torch.ones(2, 4), "ids": torch.zeros(2, 4, dtype=torch.long)}
+    traced = example_inputs_for(module)
+    assert float(traced["x"].std()) > 0.5 and torch.equal(traced["ids"], torch.zeros(2, 4, dtype=torch.long))
+    varying = torch.randn(2, 3, 32, 32)
+    module.example_input_array = varying
+    assert torch.equal(example_inputs_for(module), varying)

@@ -33,15 +33,17 @@ def traced_root(module: nn.Module) -> tuple[str, nn.Module]:
 
 def example_inputs_for(module: nn.Module, input_size: Sequence[int] | None = None,
                        batch_size: int = 2) -> Any:
-    """An input to trace ``module`` with: its ``example_input_array``, else a random batch of ``input_size``
-    (default: timm's ``pretrained_cfg["input_size"]``, at the ViT's fixed ``img_size`` when it has one)."""
+    """An input to trace ``module`` with: its ``example_input_array`` (a floating tensor of one value in it,
+    Lightning's habitual ``torch.zeros(...)``, drawn at random in its shape: :func:`varied_example`), else a
+    random batch of ``input_size`` (default: timm's ``pretrained_cfg["input_size"]``, at the ViT's fixed
+    ``img_size`` when it has one)."""
     example = getattr(module, "example_input_array", None)
     param = next(iter(module.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     if example is not None and input_size is None:  # (in the model's dtype: "bf16-true", "64-true" precision)
         moved = example.to(device) if isinstance(example, Tensor) else example
-        return cast_example(moved, dtype)
+        return varied_example(cast_example(moved, dtype))
     if input_size is None:
         cfg = getattr(module, "pretrained_cfg", None)
         if not isinstance(cfg, dict) or "input_size" not in cfg:
@@ -92,6 +94,24 @@ def like_model(example: Any, model: nn.Module) -> Any:
         return value
 
     return move(example)
+
+
+def varied_example(example: Any, seed: int = 0) -> Any:
+    """``example`` with every floating tensor that holds one value throughout (zeros) replaced by a seeded
+    normal draw of its shape, dtype and device: traced on constants, tensors of equal shape are equal too, and
+    which of them a size was read from (:mod:`lightning_prune.graph.shapes`) cannot be told; integer inputs
+    (token ids, masks) are kept."""
+    if isinstance(example, Tensor):
+        constant = example.numel() > 1 and not bool((example != example.flatten()[0]).any())
+        if not example.is_floating_point() or not constant:
+            return example
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(example.shape, generator=generator, dtype=torch.float32).to(example)
+    if isinstance(example, (list, tuple)):
+        return type(example)(varied_example(e, seed + i + 1) for i, e in enumerate(example))
+    if isinstance(example, dict):
+        return {k: varied_example(v, seed + i + 1) for i, (k, v) in enumerate(example.items())}
+    return example
 
 
 def cast_example(example: Any, dtype: torch.dtype) -> Any:

@@ -1351,7 +1351,7 @@ class LabelGraph:
         taken = self._shape_couplings(node, out, labs) if labs is not None else set()
         if taken:
             out = self.canon(out)
-        self._size_constants(node, out, taken)
+        self._size_constants(node, out, taken, lab)
         return out
 
     def _shape_couplings(self, node: Any, out: _Lab, labs: dict) -> set[int]:
@@ -1428,26 +1428,37 @@ class LabelGraph:
         full = np.broadcast_to(_expand_to(arr, letters, run), tuple(lab.shape[d] for d in run))
         return self.atoms.roots(np.ascontiguousarray(full).ravel())
 
-    def _size_constants(self, node: Any, lab: _Lab, taken: set[int] = frozenset()) -> None:
-        """Literal sizes in a reshape that shrink with the units: attributes of the module to update (not
-        the sizes ``taken`` from a tensor's shape: the code computes them)."""
+    def _size_constants(self, node: Any, lab: _Lab, taken: set[int] = frozenset(), source: _Lab | None = None
+                        ) -> None:
+        """Literal sizes in a reshape (output ``lab``, input ``source``) that shrink with the units:
+        attributes of the module to update (not the sizes ``taken`` from a tensor's shape: the code computes
+        them, but not the multiple of a batch it folds the units into)."""
         shape_arg = node.args[1] if len(node.args) > 1 else None
         if not isinstance(shape_arg, (list, tuple)) or len(shape_arg) != len(lab.shape):
             return
         labelled: dict[int, np.ndarray] = {}
         for d, value in enumerate(shape_arg):
-            if not isinstance(value, int) or value <= 1 or d in taken:
+            if not isinstance(value, int) or value <= 1:
                 continue
             for dims, arr in lab.blocks:
                 if d in dims:
                     axis = dims.index(d)
                     labelled[d] = np.moveaxis(arr, axis, 0).reshape(arr.shape[axis], -1)
-        if not labelled:
-            return
         what = f"aten.{op_name(node.target)}"
         owners = self._owners(node)
-        for d, per_pos in labelled.items():
-            self.records.sizes.append((owners, [(shape_arg[d], per_pos)], what))
+        folded = self._folded_multiples(lab, source, labelled) if source is not None else {}
+        for d in list(labelled):
+            # ``B * self.num_heads``: the literal multiple of the batch is an attribute (a size taken from a
+            # tensor's shape is computed by the code; its multiple is not)
+            alternatives = [] if d in taken else [(shape_arg[d], labelled[d])]
+            if d in folded:
+                alternatives.append((folded[d], labelled[d][:folded[d]]))
+            if alternatives:
+                self.records.sizes.append((owners, alternatives, what))
+            if d in taken:
+                del labelled[d]
+        if not labelled:
+            return
         # the code of a submodule called by the owner's forward (not its forward: ``self.rel_pos.get_bias()``,
         # whose ``view(-1, self.num_heads)`` and ``view(self.bias_shape)`` run as the owner's): the
         # submodule that made the viewed tensor holds the sizes too, as ints or the whole shape
@@ -1467,6 +1478,24 @@ class LabelGraph:
                 self.records.sizes.append(([inner], [(shape_arg[d], per_pos)], what))
             if ints or whole in held:
                 return
+
+    def _folded_multiples(self, lab: _Lab, source: _Lab, labelled: dict[int, np.ndarray]) -> dict[int, int]:
+        """The dims of a reshape (``source`` -> ``lab``) that fold an outer dim without units (the batch)
+        together with units: heads folded into the batch, ``q.reshape(B * self.num_heads, self.dim_head, -1)``
+        (BoTNet, HaloNet). dim -> its positions per position of the outer dim (what shrinks with the units),
+        where the labels repeat with that period."""
+        groups = _view_groups(source.shape, lab.shape)
+        unlabelled = set(range(len(source.shape))) - {d for dims, _ in source.blocks for d in dims}
+        out: dict[int, int] = {}
+        for ins, outs in groups or ():
+            real = [i for i in ins if source.shape[i] > 1]  # (size-1 dims carry nothing)
+            d = next((o for o in outs if lab.shape[o] > 1), None)
+            if len(real) < 2 or real[0] not in unlabelled or d not in labelled:
+                continue
+            multiple, rest = divmod(lab.shape[d], source.shape[real[0]])
+            if not rest and multiple > 1 and _periodic(labelled[d], multiple):
+                out[d] = multiple
+        return out
 
     def _callee_modules(self, node: Any, owner: str, hops: int = 8) -> list[str]:
         """The submodules of ``owner`` with submodules of their own (outermost first) on the way to the
@@ -2059,6 +2088,15 @@ def _expand_to(arr: np.ndarray, letters: tuple[Any, ...], union: list[Any]) -> n
     for x in union:
         shape.append(next(it) if x in letters else 1)
     return arr.reshape(shape)
+
+
+def _periodic(per_pos: np.ndarray, period: int) -> bool:
+    """The rows of ``per_pos`` (positions of a dim) repeat every ``period`` rows: the outer factor of the dim
+    (the batch) carries no units of its own."""
+    if period <= 0 or len(per_pos) % period:
+        return False
+    blocks = per_pos.reshape(len(per_pos) // period, period, -1)
+    return bool((blocks == blocks[:1]).all())
 
 
 def _view_groups(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
