@@ -1058,3 +1058,32 @@ def test_timm_bottleneck_and_halo_attention_lose_heads_in_a_lightning_fit(tmp_pa
     assert any(g.unit == "head" for g in cb.groups)
     assert attn.num_heads < heads and attn.dim_out_v == attn.num_heads * attn.dim_head_v
     assert module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_timm_mvitv2_pooled_heads_lose_heads_in_a_lightning_fit(tmp_path):
+    """MViTv2's attention pools q, k and v with depthwise convs over the head dim, the heads folded into the
+    batch (``reshape(-1, H, W, head_dim)``): the conv's weight is shared by the heads, so each head goes whole
+    and the conv keeps its channels (pairing channel c across the heads merged every head with the
+    contraction of q and k: ``mvitv2_tiny`` was at 0.79, all its attention left alone). A small MViTv2
+    (two stages of two and four heads) loses heads in a one-shot step inside a fit and trains on."""
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    from lightning_prune.callbacks.one_shot import OneShotPruning
+    from lightning_prune.testing import classifier_around, fit_tiny
+
+    cfg = MultiScaleVitCfg(depths=(1, 1), embed_dim=(16, 32), num_heads=(2, 4), stride_q=((1, 1), (2, 2)),
+                           stride_kv_adaptive=(2, 2))
+    net = MultiScaleVit(cfg, img_size=(32, 32), num_classes=10)
+    analysis = _analyse(copy.deepcopy(net).eval(), torch.randn(2, 3, 32, 32))
+    heads = [g for g in analysis.groups if g.unit == "head"]
+    assert [g.size for g in heads] == [2, 4]
+    assert ("stages.1.blocks.0.attn", "num_heads", 1) in heads[1].attrs
+    attn = net.stages[1].blocks[0].attn
+    cb = OneShotPruning("channels", target_flops=0.3, importance="weight_norm", prune_step=0,
+                        calibration_batches=1, verbose=False)
+    trainer, module = fit_tiny([cb], tmp_path, model=classifier_around(net), max_epochs=1,
+                               limit_train_batches=3, limit_val_batches=0)
+    assert trainer.global_step == 3 and cb.flops_remaining <= 0.3
+    assert attn.num_heads < 4 and attn.qkv.out_features == 3 * attn.dim_out
+    assert attn.pool_q.weight.shape[0] == attn.dim_out // attn.num_heads  # the pool keeps its channels
+    assert module(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -667,6 +667,21 @@ class LabelGraph:
             self.atoms.union_arrays(moved[:, 0], moved[:, j])
         return self.atoms.roots(moved[:, 0].copy())
 
+    def _batch_rows(self, lab: _Lab) -> tuple[tuple[int, ...], np.ndarray] | None:
+        """Where the channels' units also vary along the batch dim (heads folded into it: ``reshape(B *
+        heads, C, H, W)``, MViTv2's pooling) and a layer's weight is shared by the batch: each batch
+        position's channels made one unit (a head goes whole and the weight keeps its channels; pairing
+        channel ``c`` across the heads instead would merge every head, once their channels are contracted as
+        attention does). The block over the batch and channel dims, or None where the units do not vary
+        along the batch."""
+        for dims, arr in lab.blocks:
+            if set(dims) == {0, 1} and arr.shape[dims.index(0)] > 1:
+                axis = dims.index(0)
+                for i in range(arr.shape[axis]):
+                    self.atoms.union_all(np.take(arr, i, axis=axis).ravel())
+                return dims, arr
+        return None
+
     def dim_atoms(self, lab: _Lab, dim: int) -> np.ndarray | None:
         """Atoms per position of ``dim`` (merged along the block's other dims), or None if unlabelled."""
         for dims, arr in lab.blocks:
@@ -1010,6 +1025,10 @@ class LabelGraph:
         spatial = set(range(2, n))
         cin = x_lab.shape[1]
         cout = out_shape[1]
+        if groups == cin == cout and not computed:
+            rows = self._batch_rows(x_lab)
+            if rows is not None:  # units folded into the batch (heads): each goes whole, the weight stays
+                return self.canon(_Lab(out_shape, [b for b in x_lab.blocks if b[0] != rows[0]] + [rows]))
         other = [(d, a) for d, a in x_lab.blocks if not (set(d) & ({1} | spatial))]
         other += self._conv_along(node, x_lab, out_shape, mname, module, computed)
         chan = self.dim_atoms(x_lab, 1)
