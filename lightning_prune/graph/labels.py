@@ -22,9 +22,13 @@ holding that weight before its input channels go (:mod:`lightning_prune.graph.fr
 several groups makes each of its groups one unit (``num_groups`` drops with them). A depthwise convolution
 follows the channels one by one: a Conv module's, a ``ConvTranspose`` module's, or one of a module's own
 tensors (``F.conv2d(x, self.filt, groups=self.channels)``: timm's ``BlurPool2d``; the filter is sliced and the
-``groups`` attribute shrinks). Windows along other dims (``unfold``) keep a dim's labels. Parameters and
-buffers combined with a labelled dim (norm affines, biases, layer-scale gammas, ``pos_embed``/``cls_token``,
-relative-position bias tables along heads, BatchNorm statistics) are sliced with it; integer attributes of the
+``groups`` attribute shrinks). Heads folded into the batch dim (``q.reshape(B * self.num_heads, dim_head,
+-1)``: BoTNet, HaloNet, MViTv2) keep their labels there; the literal multiple of the batch is the attribute
+to update (``num_heads``), and a depthwise conv whose weight the folded heads share (MViTv2's q/k/v pooling)
+keeps each head whole and its own channels. Windows along other dims (``unfold``) keep a dim's labels.
+Parameters and buffers combined with a labelled dim (norm affines, biases, layer-scale gammas,
+``pos_embed``/``cls_token``, relative-position bias tables along heads, BatchNorm statistics) are sliced with
+it; integer attributes of the
 module that reshapes, splits or slices with a size that shrinks with the units (``num_heads``, ``attn_dim``,
 split widths, a list of split sizes, a slice bound such as DPN's ``num_1x1_c``, the shape a parameter is
 viewed with) are found by their value on the module running the operator (and, for a reshape in a method of a
