@@ -36,7 +36,7 @@ these files but for the absolute ms, which the ratios divide out)::
         benchmarks/results/channels-shapes-effb0-025-s{0,1,2}.json \
         benchmarks/results/channels-shapes-convnext-025-ew-s{0,1,2}.json \
         benchmarks/results/channels-shapes-vit-025-ew-s{0,1,2}.json \
-        benchmarks/results/channels-shapes-r18-latency-ew-s{3,4,5,6,7}.json \
+        benchmarks/results/channels-shapes-r18-latency-ew-s{3,4,5,6,7,8,9,10}.json \
         benchmarks/results/channels-shapes-r18-flops-s{3,4,5,6,7}.json \
         benchmarks/results/channels-shapes-effb0-flops-s{3,4,5}.json \
         benchmarks/results/channels-shapes-mbv3-025-ew-s{0,1,2}.json \
@@ -62,7 +62,9 @@ mobilenetv3's dense rows differ between its 0.5 runs, made on an earlier machine
 runs (0.9142): the table shows the later ones; the paired differences to torch-pruning are within one run
 either way. efficientnet_b0 likewise (dense 0.8217 in its 0.5 runs, 0.7990 in its 0.25 runs); those ran three
 processes to the two cores: their batch-64 latencies are noisier than the others'; so do
-``-r18-flops-s{3,4,5,6,7}`` and ``-effb0-flops-s{3,4,5}`` (up to four processes), on the later machine.)
+``-r18-flops-s{3,4,5,6,7}`` and ``-effb0-flops-s{3,4,5}`` (up to four processes), on the later machine, and
+``-r18-latency-ew-s{8,9,10}`` (three runs beside two coverage runs and tests: five or more processes; each
+latency a ratio to its dense model timed in the same interleaved call).)
 
 Usage, for a result file written without ``--plot``::
 
