@@ -60,3 +60,18 @@ def test_a_target_the_groups_cannot_reach_says_what_removing_everything_keeps():
     removal = RankedRemoval(_groups(), _scores(), [1, 1])
     plan = budget_plan(removal, _remaining, _remaining, 0.1)
     assert not plan.met and plan.floor == pytest.approx(1 - HEAD_COST - 15 * CHANNEL_COST)
+
+
+def test_a_group_whose_step_the_measurement_refuses_returns_no_more_and_the_others_still_do():
+    """The most important unit taken is one the prediction makes cheap (0.01 of the FLOPs, 0.04 counted):
+    given back first, it breaks the target; the give-back runs again without its group, and two of the
+    other group's channels come back (without the second round: 0.89, both steps refused together)."""
+    groups = [ChannelGroup(name, size, "channel", 1, (), (), (name,)) for name, size in (("x", 2), ("y", 8))]
+    scores = [torch.tensor([0.085, 9.0]), torch.arange(1, 9, dtype=torch.float64) / 100]
+
+    def cost(per_x):
+        return lambda plan: 1.0 - per_x * len(plan.get("x", ())) - 0.01 * len(plan.get("y", ()))
+
+    plan = budget_plan(RankedRemoval(groups, scores, [1, 1]), cost(0.01), cost(0.04), 0.9105)
+    assert plan.met and plan.removed == {"x": [0], "y": [0, 1, 2, 3, 4]}
+    assert plan.measured == pytest.approx(0.91)

@@ -52,16 +52,18 @@ class RankedRemoval:
     def _most_important_first(self, gi: int, units: Sequence[int]) -> list[int]:
         return sorted(units, key=lambda u: (-self.scores[gi][u], u))
 
-    def give_back(self, removed: Mapping[str, Sequence[int]], fits: Callable[[Plan], bool]) -> list[Plan]:
-        """The plans, one per step, of returning removed units to ``removed`` while ``fits(plan)`` holds: each
-        group's removed units, most important first, in steps that keep its width a multiple of
-        ``round_to`` (one unit where its units are not channels), the step with the most important unit over
-        all groups tried first; a group whose next step does not fit returns no more."""
+    def give_back(self, removed: Mapping[str, Sequence[int]], fits: Callable[[Plan], bool],
+                  closed: frozenset[str] = frozenset()) -> list[tuple[str, Plan]]:
+        """The plans, one per step, of returning removed units to ``removed`` while ``fits(plan)`` holds, each
+        with the group it returned units to: each group's removed units, most important first, in steps that
+        keep its width a multiple of ``round_to`` (one unit where its units are not channels), the step with
+        the most important unit over all groups tried first; a group whose next step does not fit returns no
+        more, nor do the ``closed`` groups."""
         plan = {name: list(units) for name, units in removed.items()}
         index = {g.name: gi for gi, g in enumerate(self.groups)}
         queues = {name: self._most_important_first(index[name], units) for name, units in plan.items()
-                  if units and name in index}
-        steps: list[Plan] = []
+                  if units and name in index and name not in closed}
+        steps: list[tuple[str, Plan]] = []
         while queues:
             name = max(queues, key=lambda k: (self.scores[index[k]][queues[k][0]], k))
             group, queue = self.groups[index[name]], queues[name]
@@ -72,7 +74,7 @@ class RankedRemoval:
                 del queues[name]
                 continue
             plan = trial
-            steps.append({k: v for k, v in plan.items() if v})
+            steps.append((name, {k: v for k, v in plan.items() if v}))
             queues[name] = [u for u in queue if u not in back and u in trial[name]]
             if not queues[name]:
                 del queues[name]
@@ -99,7 +101,8 @@ def budget_plan(removal: RankedRemoval, predict: Callable[[Plan], float], measur
     the prediction, its goal corrected by the measurement (up to four times); still above, more units go, in
     growing strides, until the measurement meets the target. The units given back are checked against the
     prediction (what each step adds to the measured plan's remaining fraction), then measured: the most steps
-    the measurement accepts stay (a bisection over the steps)."""
+    the measurement accepts stay (a bisection over the steps); where it refuses one, the give-back runs again
+    from there without that step's group (at most three rounds)."""
     measured_plans: dict[tuple, float] = {}  # rounding maps neighbouring counts to one plan: measured once
 
     def measure_once(plan: Plan) -> float:
@@ -136,15 +139,21 @@ def budget_plan(removal: RankedRemoval, predict: Callable[[Plan], float], measur
     if measured > target:
         floor = measured if n == total else measure_once(removal(total))
         return BudgetPlan(removed, measured, False, floor)
-    # what a step adds is predicted as a difference from the measured plan (the prediction's bias cancels)
-    base, slack = predict(removed), float(target) - measured
-    steps = removal.give_back(removed, lambda plan: predict(plan) - base <= slack)
-    lo, hi = 0, len(steps)  # the most steps whose measurement still meets the target (bisected)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        after = measure_once(steps[mid - 1])
-        if after <= target:
-            lo, removed, measured = mid, steps[mid - 1], after
-        else:
-            hi = mid - 1
+    closed: set[str] = set()  # groups whose step the measurement refused: they return no more
+    for _ in range(3):
+        # what a step adds is predicted as a difference from the measured plan (the prediction's bias cancels)
+        base, slack = predict(removed), float(target) - measured
+        steps = removal.give_back(removed, lambda plan, base=base, slack=slack: predict(plan) - base <= slack,
+                                  frozenset(closed))
+        lo, hi = 0, len(steps)  # the most steps whose measurement still meets the target (bisected)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            after = measure_once(steps[mid - 1][1])
+            if after <= target:
+                lo, removed, measured = mid, steps[mid - 1][1], after
+            else:
+                hi = mid - 1
+        if lo == len(steps):  # every step offered fits (or none was offered)
+            break
+        closed.add(steps[lo][0])  # the first refused step's group; the others may still fit
     return BudgetPlan(removed, measured, True)
