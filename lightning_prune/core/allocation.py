@@ -145,8 +145,10 @@ def budget_plan(removal: RankedRemoval, predict: Callable[[Plan], float], measur
         base, slack = predict(removed), float(target) - measured
         steps = removal.give_back(removed, lambda plan, base=base, slack=slack: predict(plan) - base <= slack,
                                   frozenset(closed))
-        lo, hi = 0, len(steps)  # the most steps whose measurement still meets the target (bisected)
-        while lo < hi:
+        lo, hi = 0, len(steps)  # the most steps whose measurement still meets the target
+        if steps and measure_once(steps[-1][1]) <= target:  # (the prediction is close: usually all of them)
+            lo, removed, measured = len(steps), steps[-1][1], measure_once(steps[-1][1])
+        while lo < hi:  # (bisected)
             mid = (lo + hi + 1) // 2
             after = measure_once(steps[mid - 1][1])
             if after <= target:
