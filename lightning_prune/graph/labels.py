@@ -731,7 +731,7 @@ class LabelGraph:
         if name in ("linear",):
             return self._linear(node, labs)
         if name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d") or (
-                name in ("convolution", "_convolution") and args[6]):
+                name in ("convolution", "_convolution") and args[6]):  # (``transposed``)
             return self._conv_transpose(node, name, labs)
         if name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution"):
             return self._conv(node, labs)
@@ -997,12 +997,7 @@ class LabelGraph:
         name = op_name(node.target)
         x, w = args[0], args[1]
         bias = args[2] if len(args) > 2 else None
-        if name in ("convolution", "_convolution"):
-            if args[6]:
-                raise _Fix("a transposed convolution")
-            groups = args[8]
-        else:
-            groups = args[6] if len(args) > 6 else node.kwargs.get("groups", 1)
+        groups = _conv_groups(node, name)  # (a transposed one went to _conv_transpose)
         out_shape = _shape_of(node.meta["val"])
         x_lab = self.canon(labs[x])
         mname, module = self._module_of(w)
@@ -1078,8 +1073,7 @@ class LabelGraph:
         C, groups=C)``, LowFormer's upsampling), channel by channel like a depthwise conv; any other keeps the
         channels it reads and makes (its weight's rows are the input channels)."""
         args = node.args
-        groups = args[8] if name in ("convolution", "_convolution") else (
-            args[6] if len(args) > 6 else node.kwargs.get("groups", 1))
+        groups = _conv_groups(node, name)
         bias = args[2] if len(args) > 2 else None
         out_shape = _shape_of(node.meta["val"])
         x_lab = self.canon(labs[args[0]])
@@ -1130,14 +1124,11 @@ class LabelGraph:
         if not blocks:
             return []
         args = node.args
-        name = op_name(node.target)
         stride_arg = args[3] if len(args) > 3 else node.kwargs.get("stride", 1)
         stride = [stride_arg] * (n - 2) if isinstance(stride_arg, int) else list(stride_arg)
         if len(stride) == 1:
             stride = stride * (n - 2)
         kernel = _shape_of(args[1].meta.get("val"))
-        if name in ("convolution", "_convolution") and args[6]:  # pragma: no cover - refused before
-            raise _Fix("a transposed convolution")
         slid = {dims[0] for dims, _ in blocks if len(dims) == 1
                 and not (kernel is not None and kernel[dims[0]] == 1 and int(stride[dims[0] - 2]) == 1
                          and out_shape[dims[0]] == x_lab.shape[dims[0]])}
@@ -2111,6 +2102,15 @@ def _expand_to(arr: np.ndarray, letters: tuple[Any, ...], union: list[Any]) -> n
     for x in union:
         shape.append(next(it) if x in letters else 1)
     return arr.reshape(shape)
+
+
+def _conv_groups(node: Any, name: str) -> int:
+    """The ``groups`` of a convolution node: ``aten.convolution``'s ninth argument, the seventh of
+    ``conv1d``-``conv3d`` and ``conv_transpose1d``-``conv_transpose3d``."""
+    args = node.args
+    if name in ("convolution", "_convolution"):
+        return args[8]
+    return args[6] if len(args) > 6 else node.kwargs.get("groups", 1)
 
 
 def _periodic(per_pos: np.ndarray, period: int) -> bool:
